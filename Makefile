@@ -1,0 +1,44 @@
+# One file a newcomer reads in a minute. Everything runs from the virtualenv in .venv.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PORT   ?= 8000
+
+.PHONY: run test lint typecheck pytest pytest-sqlite bench-api install clean
+
+## Set up and run the platform on the embedded default (SQLite, no services): http://127.0.0.1:$(PORT)
+run: install
+	PLATFORM_EMBEDDED=1 $(BIN)/python manage.py runplatform --port $(PORT)
+
+## Set up and run lint, type checks and the whole test suite
+test: install lint typecheck pytest
+
+install: $(BIN)/.installed
+
+# torch is pinned to 2.13.0: pip takes the CPU wheel on disk instead of gigabytes of CUDA packages.
+$(BIN)/.installed: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	touch $@
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	PLATFORM_EMBEDDED=1 PLATFORM_DATA_DIR=$(CURDIR)/var $(BIN)/mypy
+
+pytest: install
+	$(BIN)/python -m pytest
+
+## The suite again on SQLite with no services, whatever DATABASE_URL/REDIS_URL say
+pytest-sqlite: install
+	env -u DATABASE_URL -u REDIS_URL $(BIN)/python -m pytest
+
+## Request rate of an authenticated GET /v1/me against /healthz, on a real server
+bench-api: install
+	$(BIN)/python -m tests.bench.api_rate
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

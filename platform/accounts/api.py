@@ -1,0 +1,89 @@
+"""Platform API of the core: who am I, and the organization's API keys."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from django.db.models import QuerySet
+from drf_spectacular.utils import extend_schema
+from rest_framework import mixins, status, viewsets
+from rest_framework.exceptions import NotFound
+from rest_framework.pagination import CursorPagination
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from accounts.models import ApiKey, Scope, User
+from accounts.permissions import HasScope, request_api_key, request_organization
+from accounts.serializers import ApiKeyCreatedSerializer, ApiKeyCreateSerializer, ApiKeySerializer, MeSerializer
+from accounts.services import Actor, create_api_key, revoke_api_key
+
+
+def request_actor(request: Request) -> Actor:
+    api_key = request.auth if isinstance(request.auth, ApiKey) else None
+    return Actor(api_key=api_key, ip_address=request.META.get("REMOTE_ADDR"))
+
+
+def api_key_creator(request: Request) -> User | None:
+    # A key made through the API is attributed to the person behind the key that made it.
+    return request.auth.created_by if isinstance(request.auth, ApiKey) else None
+
+
+class NewestFirst(CursorPagination):
+    ordering = "-created_at"
+    page_size = 50
+    page_size_query_param = "limit"
+    max_page_size = 200
+
+
+class MeView(APIView):
+    permission_classes = (IsAuthenticated, HasScope)
+
+    @extend_schema(responses=MeSerializer, summary="The key, organization and user this request acts as")
+    def get(self, request: Request) -> Response:
+        api_key = request_api_key(request)
+        data = {"organization": api_key.organization, "api_key": api_key, "user": api_key.created_by}
+        return Response(MeSerializer(data).data)
+
+
+class ApiKeyViewSet(
+    mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet[ApiKey]
+):
+    """The organization's API keys. Needs the ``admin`` scope."""
+
+    permission_classes = (IsAuthenticated, HasScope)
+    required_scope = Scope.ADMIN
+    serializer_class = ApiKeySerializer
+    pagination_class = NewestFirst
+    lookup_value_regex = "[^/]+"
+
+    def get_queryset(self) -> QuerySet[ApiKey]:
+        return ApiKey.objects.filter(organization=request_organization(self.request)).select_related("created_by")
+
+    def get_object(self) -> ApiKey:
+        try:
+            uuid.UUID(str(self.kwargs["pk"]))
+        except ValueError:
+            raise NotFound() from None  # a malformed id is unknown like any other
+        return super().get_object()
+
+    @extend_schema(request=ApiKeyCreateSerializer, responses={201: ApiKeyCreatedSerializer}, summary="Create a key")
+    def create(self, request: Request) -> Response:
+        serializer = ApiKeyCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        api_key, token = create_api_key(
+            organization=request_organization(request),
+            created_by=api_key_creator(request),
+            actor=request_actor(request),
+            **serializer.validated_data,
+        )
+        payload: dict[str, Any] = dict(ApiKeyCreatedSerializer(api_key).data)
+        payload["key"] = token
+        return Response(payload, status=status.HTTP_201_CREATED)
+
+    @extend_schema(responses=ApiKeySerializer, summary="Revoke a key (effective on its next request)")
+    def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        api_key = revoke_api_key(api_key=self.get_object(), actor=request_actor(request))
+        return Response(ApiKeySerializer(api_key).data, status=status.HTTP_200_OK)

@@ -1,0 +1,9 @@
+from django.apps import AppConfig
+
+
+class AccountsConfig(AppConfig):
+    name = "accounts"
+    verbose_name = "Accounts and access"
+
+    def ready(self) -> None:
+        from accounts import schema, signals  # noqa: F401  (login-failure audit, OpenAPI auth scheme)

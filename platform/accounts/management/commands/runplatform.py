@@ -1,0 +1,93 @@
+"""The embedded run: migrate, create the demo account, then serve the ASGI app (and the worker).
+
+One command on a fresh machine, no services: SQLite, Celery's filesystem transport, local cache.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import BaseCommand
+
+
+class Command(BaseCommand):
+    help = "Set up and run the whole platform in the foreground (web server and worker)."
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+        parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+        parser.add_argument("--no-worker", action="store_true", help="Serve the web process only.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        call_command("migrate", interactive=False, verbosity=0)
+        call_command("collectstatic", interactive=False, verbosity=0)
+        call_command("bootstrap_demo")
+        base = f"http://{options['host']}:{options['port']}"
+        self.stdout.write(f"\nServing {base}  (API docs {base}/v1/docs, admin {base}/admin/, health {base}/readyz)\n")
+        commands = [
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "config.asgi:application",
+                "--host",
+                options["host"],
+                "--port",
+                str(options["port"]),
+                "--no-access-log",
+                "--timeout-graceful-shutdown",
+                "5",
+            ]
+        ]
+        if not options["no_worker"]:
+            # One worker on the cpu queue with the scheduler inside it (-B), as DESIGN §2 describes.
+            commands.append(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "--app",
+                    "config",
+                    "worker",
+                    "--beat",
+                    "--schedule",
+                    str(settings.DATA_DIR / "celerybeat-schedule"),
+                    "--queues",
+                    "cpu,default",
+                    "--concurrency",
+                    "1",
+                    "--prefetch-multiplier",
+                    "1",
+                    "--loglevel",
+                    "INFO",
+                ]
+            )
+        processes = [subprocess.Popen(command) for command in commands]
+
+        def stop(*_: Any) -> None:
+            for process in processes:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        try:
+            while all(process.poll() is None for process in processes):
+                time.sleep(0.5)
+        finally:
+            stop()
+            for process in processes:
+                try:
+                    process.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+        codes = [process.returncode for process in processes]
+        if any(code not in (0, -signal.SIGTERM, -signal.SIGINT) for code in codes):
+            raise SystemExit(1)

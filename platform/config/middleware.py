@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse
+
+
+def too_large_response(limit: int) -> JsonResponse:
+    return JsonResponse(
+        {"detail": f"Request body is larger than the limit of {limit} bytes.", "error_type": "payload_too_large"},
+        status=413,
+    )
+
+
+class BodySizeLimitMiddleware:
+    """Refuses a declared body over the limit before anything reads it (413, JSON).
+
+    Bodies without a Content-Length (chunked) are bounded by ``config.asgi.BodyLimit`` in front of Django.
+    """
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+        self.limit = settings.MAX_REQUEST_BODY_BYTES
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        declared = request.META.get("CONTENT_LENGTH") or "0"
+        try:
+            length = int(declared)
+        except ValueError:
+            return JsonResponse({"detail": "Invalid Content-Length header.", "error_type": "bad_request"}, status=400)
+        if length > self.limit:
+            return too_large_response(self.limit)
+        return self.get_response(request)

@@ -1,0 +1,27 @@
+"""The root URLconf: every app's URLs meet here."""
+
+from django.contrib import admin
+from django.urls import include, path
+from django.views.generic import RedirectView
+from drf_spectacular.views import SpectacularJSONAPIView, SpectacularRedocView, SpectacularSwaggerView
+
+from config import views
+
+admin.site.site_header = "Platform operations"
+admin.site.site_title = "Platform operations"
+admin.site.index_title = "Run the business"
+
+urlpatterns = [
+    path("healthz", views.healthz, name="healthz"),
+    path("readyz", views.readyz, name="readyz"),
+    path("admin/", admin.site.urls),
+    path("v1/openapi.json", SpectacularJSONAPIView.as_view(), name="openapi-schema"),
+    path("v1/docs", SpectacularSwaggerView.as_view(url_name="openapi-schema"), name="api-docs"),
+    path("v1/redoc", SpectacularRedocView.as_view(url_name="openapi-schema"), name="api-redoc"),
+    path("v1/", include("accounts.urls")),
+    path("", RedirectView.as_view(pattern_name="api-docs", permanent=False), name="home"),
+]
+
+handler400 = "config.views.bad_request"
+handler404 = "config.views.not_found"
+handler500 = "config.views.server_error"

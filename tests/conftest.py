@@ -1,0 +1,78 @@
+"""Test environment: real PostgreSQL and Redis when DATABASE_URL/REDIS_URL are set (CI), SQLite otherwise."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+
+# Before Django reads its settings (pytest-django sets Django up after this module is imported).
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+os.environ.setdefault("SECRET_KEY", "tests-only-" + uuid.uuid4().hex)
+os.environ.setdefault("PLATFORM_DATA_DIR", tempfile.mkdtemp(prefix="platform-tests-"))
+os.makedirs(os.path.join(os.environ["PLATFORM_DATA_DIR"], "static"), exist_ok=True)
+os.environ.setdefault("ALLOWED_HOSTS", "testserver,localhost,127.0.0.1")
+# Keys of this run never meet another run's in a shared Redis.
+os.environ.setdefault("CACHE_KEY_PREFIX", "test-" + uuid.uuid4().hex[:8])
+
+from collections.abc import Callable  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
+
+import django  # noqa: E402
+import pytest  # noqa: E402
+
+django.setup()  # so test modules can import models at the top; pytest-django takes it from here
+
+if TYPE_CHECKING:
+    from accounts.models import ApiKey, Organization, User
+
+
+@pytest.fixture
+def make_user(db: None) -> Callable[..., User]:
+    from accounts.services import sign_up
+
+    def make(email: str | None = None, password: str = "correct horse battery", **kwargs: Any) -> User:
+        return sign_up(email=email or f"user-{uuid.uuid4().hex[:10]}@example.com", password=password, **kwargs)
+
+    return make
+
+
+def personal_organization(user: User) -> Organization:
+    from accounts.models import Organization
+
+    return Organization.objects.get(memberships__user=user, is_personal=True)
+
+
+@pytest.fixture
+def make_key(db: None) -> Callable[..., tuple[ApiKey, str]]:
+    from accounts.models import Scope
+    from accounts.services import create_api_key
+
+    def make(organization: Organization, scopes: list[str] | None = None, **kwargs: Any) -> tuple[ApiKey, str]:
+        kwargs.setdefault("name", "test key")
+        kwargs.setdefault("created_by", None)
+        return create_api_key(organization=organization, scopes=scopes or [Scope.ADMIN], **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def tenant(make_user: Callable[..., User], make_key: Callable[..., tuple[ApiKey, str]]) -> dict[str, Any]:
+    """A person, their organization and an admin-scoped key with a ready client."""
+    return _new_tenant(make_user, make_key)
+
+
+@pytest.fixture
+def other_tenant(tenant: dict[str, Any], make_user: Callable[..., User], make_key: Callable[..., Any]) -> dict[str, Any]:
+    return _new_tenant(make_user, make_key)
+
+
+def _new_tenant(make_user: Callable[..., User], make_key: Callable[..., tuple[ApiKey, str]]) -> dict[str, Any]:
+    from rest_framework.test import APIClient
+
+    user = make_user()
+    organization = personal_organization(user)
+    api_key, token = make_key(organization, created_by=user)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Key {token}")
+    return {"user": user, "organization": organization, "api_key": api_key, "token": token, "client": client}
