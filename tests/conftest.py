@@ -11,6 +11,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 os.environ.setdefault("SECRET_KEY", "tests-only-" + uuid.uuid4().hex)
 os.environ.setdefault("PLATFORM_DATA_DIR", tempfile.mkdtemp(prefix="platform-tests-"))
 os.makedirs(os.path.join(os.environ["PLATFORM_DATA_DIR"], "static"), exist_ok=True)
+os.environ.setdefault("STATIC_MANIFEST", "0")  # no collectstatic before the suite
 os.environ.setdefault("ALLOWED_HOSTS", "testserver,localhost,127.0.0.1")
 # Keys of this run never meet another run's in a shared Redis.
 os.environ.setdefault("CACHE_KEY_PREFIX", "test-" + uuid.uuid4().hex[:8])
@@ -26,12 +27,20 @@ django.setup()  # so test modules can import models at the top; pytest-django ta
 if TYPE_CHECKING:
     from accounts.models import ApiKey, Organization, User
 
+TEST_PASSWORD = "correct horse battery"
+
+
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings: Any) -> None:
+    # PBKDF2 at production strength dominates a suite that makes hundreds of users.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
 
 @pytest.fixture
 def make_user(db: None) -> Callable[..., User]:
     from accounts.services import sign_up
 
-    def make(email: str | None = None, password: str = "correct horse battery", **kwargs: Any) -> User:
+    def make(email: str | None = None, password: str = TEST_PASSWORD, **kwargs: Any) -> User:
         return sign_up(email=email or f"user-{uuid.uuid4().hex[:10]}@example.com", password=password, **kwargs)
 
     return make
@@ -63,7 +72,9 @@ def tenant(make_user: Callable[..., User], make_key: Callable[..., tuple[ApiKey,
 
 
 @pytest.fixture
-def other_tenant(tenant: dict[str, Any], make_user: Callable[..., User], make_key: Callable[..., Any]) -> dict[str, Any]:
+def other_tenant(
+    tenant: dict[str, Any], make_user: Callable[..., User], make_key: Callable[..., Any]
+) -> dict[str, Any]:
     return _new_tenant(make_user, make_key)
 
 

@@ -1,8 +1,9 @@
 """The operators' console for the platform core: people, organizations, memberships, API keys, the audit log.
 
-Changes that have a domain rule or an audit trail go through ``accounts.services`` (sign-up, organization
-creation, role changes, suspension, key revocation); the admin collects input and shows the outcome. Key
-secrets never appear here: only the hint, because the hash is as good as the secret to anyone holding the table.
+Changes that have a domain rule or an audit trail go through ``accounts.services`` (sign-up, deactivation,
+organization creation, members and their roles, limits, suspension, key changes and revocation); the admin collects
+input, shows the outcome and never writes the audit log itself. Key secrets never appear here: only the hint,
+because the hash is as good as the secret to anyone holding the table.
 """
 
 from __future__ import annotations
@@ -14,29 +15,36 @@ from typing import TYPE_CHECKING, Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.models import LogEntry
+from django.contrib.admin.utils import quote
 from django.contrib.admin.widgets import AutocompleteSelect
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 from django.contrib.auth.forms import AdminUserCreationForm, UserChangeForm
-from django.db import transaction
 from django.db.models import Count, IntegerField, OuterRef, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.urls import NoReverseMatch, reverse
 from django.utils.html import format_html
 
-from accounts.models import ApiKey, AuditAction, AuditEvent, Membership, Organization, Role, User
+from accounts.models import ApiKey, AuditEvent, Membership, Organization, Role, User
 from accounts.services import (
     AccountsError,
     Actor,
+    add_member,
     change_member_role,
     create_organization,
-    record_audit,
+    deactivate_user,
+    remove_member,
     revoke_api_key,
+    set_concurrency_limit,
     set_organization_suspended,
     sign_up,
+    update_api_key,
+    validate_expires_at,
 )
 
 if TYPE_CHECKING:
+    _ServiceAdminBase = admin.ModelAdmin[Any]
     _UserAdminBase = DjangoUserAdmin[User]
     _UserAddFormBase = AdminUserCreationForm[User]
     _UserChangeFormBase = UserChangeForm[User]
@@ -48,19 +56,21 @@ if TYPE_CHECKING:
     _MembershipOfOrganizationInlineBase = admin.TabularInline[Membership, Organization]
     _ApiKeyOfOrganizationInlineBase = admin.TabularInline[ApiKey, Organization]
     _ApiKeyAdminBase = admin.ModelAdmin[ApiKey]
+    _ApiKeyFormBase = forms.ModelForm[ApiKey]
     _AuditEventAdminBase = admin.ModelAdmin[AuditEvent]
 else:
     # The stubs make these generic; Django's classes take no type arguments at runtime.
+    _ServiceAdminBase = admin.ModelAdmin
     _UserAdminBase = DjangoUserAdmin
     _UserAddFormBase = AdminUserCreationForm
     _UserChangeFormBase = UserChangeForm
     _OrganizationAdminBase = _MembershipAdminBase = _ApiKeyAdminBase = _AuditEventAdminBase = admin.ModelAdmin
-    _OrganizationFormBase = _MembershipFormBase = forms.ModelForm
+    _OrganizationFormBase = _MembershipFormBase = _ApiKeyFormBase = forms.ModelForm
     _MembershipOfUserInlineBase = _MembershipOfOrganizationInlineBase = admin.TabularInline
     _ApiKeyOfOrganizationInlineBase = admin.TabularInline
 
-# Set on the request when a role change was refused, so the change view stays put instead of reporting success.
-_ROLE_CHANGE_REFUSED = "_accounts_role_change_refused"
+# Set on the request when a service refused the change, so the view stays put instead of reporting success.
+_REFUSED = "_accounts_change_refused"
 
 
 def request_actor(request: HttpRequest) -> Actor:
@@ -75,20 +85,12 @@ def _count_per_organization(queryset: QuerySet[Any]) -> Coalesce:
     return Coalesce(Subquery(counted.annotate(n=Count("pk")).values("n"), output_field=IntegerField()), Value(0))
 
 
-def _jsonable(value: Any) -> Any:
-    return value.isoformat() if isinstance(value, datetime) else value
-
-
-def _field_changes(form: forms.BaseForm, obj: Any, names: Iterable[str]) -> dict[str, dict[str, Any]]:
-    return {
-        name: {"from": _jsonable(form.initial.get(name)), "to": _jsonable(getattr(obj, name))}
-        for name in names
-        if name in form.changed_data
-    }
-
-
 def _orphaning_removals(memberships: Iterable[Membership]) -> list[str]:
-    """Why removing these memberships must be refused: each one that is the last owner of its organization."""
+    """Why removing these memberships must be refused: each one that is the last owner of its organization.
+
+    For the delete confirmation page, which lists what is protected before anything happens; remove_member
+    applies the same rule, under lock, when the deletion is carried out.
+    """
     leaving = [m for m in memberships if m.role == Role.OWNER]
     if not leaving:
         return []
@@ -103,6 +105,60 @@ def _orphaning_removals(memberships: Iterable[Membership]) -> list[str]:
         for m in leaving
         if m.organization_id not in still_owned
     ]
+
+
+def _refused(request: HttpRequest) -> bool:
+    return bool(getattr(request, _REFUSED, False))
+
+
+class _ServiceAdmin(_ServiceAdminBase):
+    """An admin whose saves and deletes go through services, which may refuse: a domain rule the form cannot see,
+    or a race past the form's own checks. A refusal is shown as an error; the view then saves, records and
+    reports nothing more and goes back to the page it came from."""
+
+    def refuse(self, request: HttpRequest, message: str) -> None:
+        messages.error(request, message)
+        setattr(request, _REFUSED, True)
+
+    def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: Any) -> None:
+        if not _refused(request):
+            super().save_related(request, form, formsets, change)
+
+    def construct_change_message(
+        self, request: HttpRequest, form: forms.Form, formsets: Iterable[Any], add: bool = False
+    ) -> list[dict[str, dict[str, list[str]]]]:
+        if _refused(request):
+            return []
+        return super().construct_change_message(request, form, formsets, add)
+
+    def log_addition(self, request: HttpRequest, obj: Any, message: Any) -> LogEntry:
+        if _refused(request):
+            return LogEntry(change_message=message)  # nothing was added: not saved
+        return super().log_addition(request, obj, message)
+
+    def log_change(self, request: HttpRequest, obj: Any, message: Any) -> LogEntry:
+        if _refused(request):
+            return LogEntry(change_message=message)  # nothing was changed: not saved
+        return super().log_change(request, obj, message)
+
+    def response_add(self, request: HttpRequest, obj: Any, post_url_continue: str | None = None) -> HttpResponse:
+        if _refused(request):
+            return HttpResponseRedirect(request.get_full_path())
+        return super().response_add(request, obj, post_url_continue)
+
+    def response_change(self, request: HttpRequest, obj: Any) -> HttpResponse:
+        if _refused(request):
+            # Back to the form, which shows what is stored; the error message says why.
+            return HttpResponseRedirect(request.get_full_path())
+        return super().response_change(request, obj)
+
+    def response_delete(self, request: HttpRequest, obj_display: str, obj_id: Any) -> HttpResponse:
+        if _refused(request):
+            opts = self.opts
+            return HttpResponseRedirect(
+                reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[quote(obj_id)])
+            )
+        return super().response_delete(request, obj_display, obj_id)
 
 
 class _IsSetFilter(admin.SimpleListFilter):
@@ -179,7 +235,8 @@ class MembershipOfUserInline(_MembershipOfUserInlineBase):
     show_change_link = True
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Membership]:
-        return super().get_queryset(request).select_related("organization")
+        # Each row's title is the membership's str(), which names both ends.
+        return super().get_queryset(request).select_related("user", "organization")
 
     def has_add_permission(self, request: HttpRequest, obj: User | None) -> bool:  # type: ignore[override]
         return False
@@ -189,7 +246,7 @@ class MembershipOfUserInline(_MembershipOfUserInlineBase):
 
 
 @admin.register(User)
-class UserAdmin(_UserAdminBase):
+class UserAdmin(_ServiceAdmin, _UserAdminBase):
     form = UserEditForm
     add_form = UserAddForm
     fieldsets = (
@@ -207,6 +264,7 @@ class UserAdmin(_UserAdminBase):
     search_fields = ("email", "name")
     ordering = ("email",)
     inlines = (MembershipOfUserInline,)
+    actions = ("deactivate_selected",)
 
     def get_inlines(self, request: HttpRequest, obj: User | None) -> tuple[type[MembershipOfUserInline], ...]:
         # A new person's only membership is the personal organization that sign_up creates.
@@ -214,6 +272,18 @@ class UserAdmin(_UserAdminBase):
 
     def save_model(self, request: HttpRequest, obj: User, form: Any, change: Any) -> None:
         if change:
+            if "is_active" in form.changed_data and not obj.is_active:
+                # Through deactivate_user, which applies the ownership rule and suspends their solo organizations.
+                try:
+                    deactivate_user(user=obj, actor=request_actor(request))
+                except AccountsError as error:
+                    self.refuse(request, f"{obj} was not deactivated: {error}")
+                    return
+                columns = {field.name for field in User._meta.concrete_fields}
+                others = [name for name in form.changed_data if name in columns and name != "is_active"]
+                if others:
+                    obj.save(update_fields=others)
+                return
             super().save_model(request, obj, form, change)
             return
         # Through sign_up, so the person gets a personal organization and the audit log a sign-up row.
@@ -233,6 +303,22 @@ class UserAdmin(_UserAdminBase):
         )
         # Keys belong to organizations, so an ownerless one would keep working with nobody to answer for it.
         return deleted, counts, perms_needed, [*protected, *_orphaning_removals(ownerships)]
+
+    @admin.action(description="Deactivate selected users", permissions=["change"])
+    def deactivate_selected(self, request: HttpRequest, queryset: QuerySet[User]) -> None:
+        actor = request_actor(request)
+        candidates = list(queryset.filter(is_active=True))
+        deactivated = 0
+        for user in candidates:
+            try:
+                deactivate_user(user=user, actor=actor)
+            except AccountsError as error:
+                self.message_user(request, f"{user} stays active: {error}", messages.ERROR)
+            else:
+                deactivated += 1
+        unchanged = queryset.count() - len(candidates)
+        note = f" ({unchanged} already inactive)" if unchanged else ""
+        self.message_user(request, f"Deactivated {deactivated} user(s){note}.", messages.SUCCESS)
 
 
 # --- Organizations ------------------------------------------------------------------------------------------
@@ -260,8 +346,11 @@ class MembershipOfOrganizationForm(_MembershipFormBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.instance.pk is not None:
-            # A membership stays one person's; moving it to someone else would bypass the audit log.
-            self.fields["user"].disabled = True
+            # A membership stays one person's; moving it to someone else would bypass the audit log. A plain
+            # one-choice select shows who without the autocomplete widget's query per row.
+            user_field = self.fields["user"]
+            user_field.disabled = True
+            user_field.widget = forms.Select(choices=[(self.instance.user_id, str(self.instance.user))])
 
 
 class MembershipOfOrganizationInline(_MembershipOfOrganizationInlineBase):
@@ -278,7 +367,8 @@ class MembershipOfOrganizationInline(_MembershipOfOrganizationInlineBase):
     show_change_link = True
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Membership]:
-        return super().get_queryset(request).select_related("user")
+        # Each row's title is the membership's str(), which names both ends.
+        return super().get_queryset(request).select_related("user", "organization")
 
 
 class ApiKeyOfOrganizationInline(_ApiKeyOfOrganizationInlineBase):
@@ -304,7 +394,7 @@ class ApiKeyOfOrganizationInline(_ApiKeyOfOrganizationInlineBase):
 
 
 @admin.register(Organization)
-class OrganizationAdmin(_OrganizationAdminBase):
+class OrganizationAdmin(_ServiceAdmin, _OrganizationAdminBase):
     list_display = (
         "name",
         "slug",
@@ -372,10 +462,17 @@ class OrganizationAdmin(_OrganizationAdminBase):
             obj.refresh_from_db()
             obj._state.adding = False
             return
-        super().save_model(request, obj, form, change)
-        limits = _field_changes(form, obj, ["concurrency_limit"])
-        if limits:
-            record_audit(action=AuditAction.LIMITS_CHANGED, actor=actor, organization=obj, target=obj, metadata=limits)
+        if "concurrency_limit" in form.changed_data:
+            try:
+                set_concurrency_limit(organization=obj, limit=obj.concurrency_limit, actor=actor)
+            except AccountsError as error:
+                self.refuse(request, f"The organization was not changed: {error}")
+                return
+        # Only the other edited columns: a full save would write back a suspended_at read before a concurrent
+        # suspension, and the limit is the service's.
+        others = [name for name in form.changed_data if name != "concurrency_limit"]
+        if others:
+            obj.save(update_fields=others)
 
     def save_formset(self, request: HttpRequest, form: Any, formset: Any, change: Any) -> None:
         if formset.model is not Membership:
@@ -384,14 +481,12 @@ class OrganizationAdmin(_OrganizationAdminBase):
         actor = request_actor(request)
         for membership in formset.save(commit=False):
             if membership._state.adding:
-                membership.save()
-                record_audit(
-                    action=AuditAction.MEMBER_ADDED,
-                    actor=actor,
-                    organization=membership.organization,
-                    target=membership.user,
-                    metadata={"role": membership.role},
-                )
+                try:
+                    add_member(
+                        organization=membership.organization, user=membership.user, role=membership.role, actor=actor
+                    )
+                except AccountsError as error:
+                    messages.error(request, f"{membership.user} was not added: {error}")
         # Promotions to owner first, so handing ownership over in one save is not refused as removing the last owner.
         role_changes = [m for m, changed in formset.changed_objects if "role" in changed]
         for membership in sorted(role_changes, key=lambda m: m.role != Role.OWNER):
@@ -410,7 +505,7 @@ class OrganizationAdmin(_OrganizationAdminBase):
 
     def _set_suspended(self, request: HttpRequest, queryset: QuerySet[Organization], *, suspended: bool) -> None:
         actor = request_actor(request)
-        # Only those not already in that state: suspending twice would move suspended_at and audit a non-event.
+        # The service changes only those not already in that state; these are listed first for the message.
         to_change = list(queryset.filter(suspended_at__isnull=suspended))
         for organization in to_change:
             set_organization_suspended(organization=organization, suspended=suspended, actor=actor)
@@ -424,7 +519,7 @@ class OrganizationAdmin(_OrganizationAdminBase):
 
 
 @admin.register(Membership)
-class MembershipAdmin(_MembershipAdminBase):
+class MembershipAdmin(_ServiceAdmin, _MembershipAdminBase):
     list_display = ("user", "organization", "role", "created_at")
     list_filter = ("role",)
     search_fields = ("user__email", "organization__name")
@@ -441,35 +536,22 @@ class MembershipAdmin(_MembershipAdminBase):
     def save_model(self, request: HttpRequest, obj: Membership, form: Any, change: Any) -> None:
         actor = request_actor(request)
         if not change:
-            obj.save()
-            record_audit(
-                action=AuditAction.MEMBER_ADDED,
-                actor=actor,
-                organization=obj.organization,
-                target=obj.user,
-                metadata={"role": obj.role},
-            )
+            try:
+                created = add_member(organization=obj.organization, user=obj.user, role=obj.role, actor=actor)
+            except AccountsError as error:
+                self.refuse(request, f"The member was not added: {error}")
+                return
+            # The add view goes on with ``obj`` (log entry, redirect): make it the stored row.
+            obj.pk = created.pk
+            obj.refresh_from_db()
+            obj._state.adding = False
             return
         if "role" not in form.changed_data:
             return
         try:
             change_member_role(membership=obj, role=obj.role, actor=actor)
         except AccountsError as error:
-            messages.error(request, f"The role was not changed: {error}")
-            setattr(request, _ROLE_CHANGE_REFUSED, True)
-
-    def construct_change_message(
-        self, request: HttpRequest, form: forms.Form, formsets: Iterable[Any], add: bool = False
-    ) -> list[dict[str, dict[str, list[str]]]]:
-        if getattr(request, _ROLE_CHANGE_REFUSED, False):
-            return []
-        return super().construct_change_message(request, form, formsets, add)
-
-    def response_change(self, request: HttpRequest, obj: Membership) -> HttpResponse:
-        if getattr(request, _ROLE_CHANGE_REFUSED, False):
-            # Back to the form, whose role shows what is stored; the error message says why.
-            return HttpResponseRedirect(request.get_full_path())
-        return super().response_change(request, obj)
+            self.refuse(request, f"The role was not changed: {error}")
 
     def get_deleted_objects(
         self, objs: Sequence[Membership] | QuerySet[Membership], request: HttpRequest
@@ -478,27 +560,43 @@ class MembershipAdmin(_MembershipAdminBase):
         return deleted, counts, perms_needed, [*protected, *_orphaning_removals(objs)]
 
     def delete_model(self, request: HttpRequest, obj: Membership) -> None:
-        with transaction.atomic():
-            record_audit(
-                action=AuditAction.MEMBER_REMOVED,
-                actor=request_actor(request),
-                organization=obj.organization,
-                target=obj.user,
-                metadata={"role": obj.role},
-            )
-            obj.delete()
+        # get_deleted_objects has refused a last owner already; this refusal is for one who became so meanwhile
+        # (the delete view has written its log entry by now; the audit log has nothing).
+        try:
+            remove_member(membership=obj, actor=request_actor(request))
+        except AccountsError as error:
+            self.refuse(request, f"{obj.user} was not removed from {obj.organization}: {error}")
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Membership]) -> None:
-        with transaction.atomic():
-            for membership in queryset.select_related("user", "organization"):
-                self.delete_model(request, membership)
+        actor = request_actor(request)
+        for membership in queryset.select_related("user", "organization"):
+            try:
+                remove_member(membership=membership, actor=actor)
+            except AccountsError as error:
+                messages.error(request, f"{membership.user} was not removed from {membership.organization}: {error}")
 
 
 # --- API keys -----------------------------------------------------------------------------------------------
 
 
+class ApiKeyChangeForm(_ApiKeyFormBase):
+    class Meta:
+        model = ApiKey
+        fields = ("name", "requests_per_minute", "expires_at")
+
+    def clean_expires_at(self) -> datetime | None:
+        expires_at: datetime | None = self.cleaned_data["expires_at"]
+        if "expires_at" in self.changed_data:
+            # The service's rule, shown on the field; a past expiry that is left as it is stays.
+            try:
+                validate_expires_at(expires_at)
+            except AccountsError as error:
+                raise forms.ValidationError(str(error), code="expired") from None
+        return expires_at
+
+
 @admin.register(ApiKey)
-class ApiKeyAdmin(_ApiKeyAdminBase):
+class ApiKeyAdmin(_ServiceAdmin, _ApiKeyAdminBase):
     list_display = (
         "name",
         "organization",
@@ -512,6 +610,7 @@ class ApiKeyAdmin(_ApiKeyAdminBase):
     list_filter = (RevokedFilter, "created_at")
     search_fields = ("name", "id", "organization__name", "organization__slug")
     list_select_related = ("organization",)
+    form = ApiKeyChangeForm
     # Listed explicitly so that secret_hash can never appear, whatever is added to the model later.
     fields = (
         "id",
@@ -554,20 +653,14 @@ class ApiKeyAdmin(_ApiKeyAdminBase):
         return False
 
     def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: Any) -> None:
-        changed = [name for name in self.editable_fields if name in form.changed_data]
+        changed = {name: getattr(obj, name) for name in self.editable_fields if name in form.changed_data}
         if not changed:
             return
-        # Only the edited columns: a full save would write back a revoked_at read before a concurrent revocation.
-        obj.save(update_fields=changed)
-        limits = _field_changes(form, obj, ["requests_per_minute", "expires_at"])
-        if limits:
-            record_audit(
-                action=AuditAction.LIMITS_CHANGED,
-                actor=request_actor(request),
-                organization=obj.organization,
-                target=obj,
-                metadata=limits,
-            )
+        # The service writes only these columns and audits a change of rate or expiry.
+        try:
+            update_api_key(api_key=obj, actor=request_actor(request), **changed)
+        except AccountsError as error:
+            self.refuse(request, f"The key was not changed: {error}")
 
     @admin.action(description="Revoke selected keys", permissions=["change"])
     def revoke_selected(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:

@@ -38,7 +38,9 @@ def check_rate(*, bucket: str, limit: int, now: float | None = None) -> float:
     cache.decr(current_key)
     count -= 1
     if count >= limit:
-        return WINDOW_SECONDS - elapsed
+        # This window is full: wait for the next one, and then until this window's weight in it
+        # has shrunk enough for one more request: count * (1 - t/60) + 1 <= limit.
+        return (WINDOW_SECONDS - elapsed) + (1 - (limit - 1) / count) * WINDOW_SECONDS
     # The previous window's weight must shrink until one more request fits.
     needed_weight = (limit - count - 1) / previous
     return max((1 - needed_weight) * WINDOW_SECONDS - elapsed, 0.001)

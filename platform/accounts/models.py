@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser, BaseUserManager
 from django.contrib.auth.models import PermissionsMixin
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.db.models import Q
+from django.db.models.functions import Lower
 from django.utils import timezone
 
 if TYPE_CHECKING:
@@ -19,6 +21,10 @@ if TYPE_CHECKING:
 
 class UserManager(BaseUserManager["User"]):
     use_in_migrations = True
+
+    def get_by_natural_key(self, username: str | None) -> User:
+        # Addresses are stored lowercased; a person may type theirs with any capitals at login.
+        return self.get(email__iexact=username)
 
     def _create(self, email: str, password: str | None, **fields: Any) -> User:
         if not email:
@@ -41,6 +47,8 @@ class UserManager(BaseUserManager["User"]):
 class User(AbstractBaseUser, PermissionsMixin):
     """A person. Logs in with an email address; belongs to organizations through memberships."""
 
+    # unique=True as well as the case-insensitive constraint: Django's auth check (auth.E003) wants the
+    # USERNAME_FIELD itself unique, and an expression constraint does not count for it.
     email = models.EmailField(unique=True)
     name = models.CharField(max_length=150, blank=True)
     is_active = models.BooleanField(default=True)
@@ -58,6 +66,15 @@ class User(AbstractBaseUser, PermissionsMixin):
 
     class Meta:
         ordering = ("email",)
+        constraints = [
+            # Addresses are stored lower-cased (the manager, sign_up), but anything that writes the column
+            # directly must not be able to add a case variant of an existing one.
+            models.UniqueConstraint(
+                Lower("email"),
+                name="user_email_ci_unique",
+                violation_error_message="An account with this email address already exists.",
+            )
+        ]
 
     def __str__(self) -> str:
         return self.email
@@ -76,6 +93,7 @@ class Organization(models.Model):
     is_personal = models.BooleanField(default=False)
     concurrency_limit = models.PositiveIntegerField(
         default=default_concurrency_limit,
+        validators=[MinValueValidator(1)],
         help_text="Jobs of this organization that may run at once; the rest wait in the queue.",
     )
     suspended_at = models.DateTimeField(null=True, blank=True)
@@ -163,7 +181,9 @@ class ApiKey(models.Model):
     secret_hash = models.CharField(max_length=64, editable=False)
     secret_hint = models.CharField(max_length=8, editable=False, help_text="Last characters of the secret.")
     scopes = models.JSONField(default=list)
-    requests_per_minute = models.PositiveIntegerField(null=True, blank=True, help_text="Empty: the platform default.")
+    requests_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1)], help_text="Empty: the platform default."
+    )
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
@@ -204,6 +224,7 @@ class ApiKey(models.Model):
 
 class AuditAction(models.TextChoices):
     USER_SIGNED_UP = "user.signed_up", "User signed up"
+    USER_DEACTIVATED = "user.deactivated", "User deactivated"
     LOGIN_FAILED = "login.failed", "Login failed"
     KEY_CREATED = "api_key.created", "API key created"
     KEY_REVOKED = "api_key.revoked", "API key revoked"

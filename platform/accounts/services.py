@@ -5,12 +5,13 @@ Each is atomic and writes its audit row in the same transaction (Zulip's ``do_*`
 
 from __future__ import annotations
 
+import enum
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 from django.utils.text import slugify
@@ -64,8 +65,12 @@ def record_audit(
     )
 
 
+def _slug_base(name: str) -> str:
+    return slugify(name)[:48] or "org"
+
+
 def _unique_slug(name: str) -> str:
-    base = slugify(name)[:48] or "org"
+    base = _slug_base(name)
     slug, n = base, 1
     while Organization.objects.filter(slug=slug).exists():
         n += 1
@@ -73,17 +78,25 @@ def _unique_slug(name: str) -> str:
     return slug
 
 
+# A concurrent create can take the free slug between the check and the insert: then a random suffix, a few times.
+_SLUG_ATTEMPTS = 5
+
+
+def _insert_organization(*, name: str, is_personal: bool) -> Organization:
+    slug = _unique_slug(name)
+    for _ in range(_SLUG_ATTEMPTS - 1):
+        try:
+            with transaction.atomic():
+                return Organization.objects.create(name=name, slug=slug, is_personal=is_personal)
+        except IntegrityError:
+            slug = f"{_slug_base(name)}-{secrets.token_hex(3)}"
+    return Organization.objects.create(name=name, slug=slug, is_personal=is_personal)
+
+
 @transaction.atomic
 def create_organization(*, name: str, owner: User, is_personal: bool = False, actor: Actor = SYSTEM) -> Organization:
-    organization = Organization.objects.create(name=name, slug=_unique_slug(name), is_personal=is_personal)
-    Membership.objects.create(user=owner, organization=organization, role=Role.OWNER)
-    record_audit(
-        action=AuditAction.MEMBER_ADDED,
-        actor=actor,
-        organization=organization,
-        target=owner,
-        metadata={"role": Role.OWNER},
-    )
+    organization = _insert_organization(name=name, is_personal=is_personal)
+    add_member(organization=organization, user=owner, role=Role.OWNER, actor=actor)
     return organization
 
 
@@ -91,11 +104,68 @@ def create_organization(*, name: str, owner: User, is_personal: bool = False, ac
 def sign_up(*, email: str, password: str | None, name: str = "", actor: Actor = SYSTEM) -> User:
     """A new person and their personal organization, which they own."""
     email = User.objects.normalize_email(email).lower()
+    taken = AccountsError("An account with this email address already exists.")
     if User.objects.filter(email__iexact=email).exists():
-        raise AccountsError("An account with this email address already exists.")
-    user = User.objects.create_user(email=email, password=password, name=name)
+        raise taken
+    try:
+        # A concurrent sign-up can insert the same address after the check: the unique index has the last word.
+        with transaction.atomic():
+            user = User.objects.create_user(email=email, password=password, name=name)
+    except IntegrityError:
+        raise taken from None
     organization = create_organization(name=name or email.split("@")[0], owner=user, is_personal=True, actor=actor)
     record_audit(action=AuditAction.USER_SIGNED_UP, actor=actor, organization=organization, target=user)
+    return user
+
+
+@transaction.atomic
+def deactivate_user(*, user: User, actor: Actor = SYSTEM) -> User:
+    """The person can no longer log in; organizations where they are the only member are suspended.
+
+    Refused while they are the only owner of an organization that has other members: someone else must be made
+    owner first. Idempotent: deactivating an inactive person changes nothing and audits nothing.
+    """
+    if not User.objects.filter(pk=user.pk, is_active=True).exists():
+        user.refresh_from_db(fields=["is_active"])
+        return user
+    organization_ids = set(Membership.objects.filter(user=user).values_list("organization_id", flat=True))
+    # Lock the memberships of all their organizations in one fixed order (the primary key, as change_member_role
+    # does), so that nobody is demoted past the checks below.
+    members = list(
+        Membership.objects.select_for_update(of=("self",))
+        .filter(organization_id__in=organization_ids)
+        .select_related("organization")
+        .order_by("pk")
+    )
+    by_organization: dict[Any, list[Membership]] = {}
+    for membership in members:
+        by_organization.setdefault(membership.organization_id, []).append(membership)
+    orphaned, solo = [], []
+    for organization_members in by_organization.values():
+        organization = organization_members[0].organization
+        owners = [m.user_id for m in organization_members if m.role == Role.OWNER]
+        if len(organization_members) == 1:
+            solo.append(organization)
+        elif owners == [user.pk]:
+            orphaned.append(organization)
+    if orphaned:
+        names = ", ".join(sorted(str(o) for o in orphaned))
+        raise AccountsError(
+            f"{user} is the only owner of an organization with other members ({names}): make someone else owner first."
+        )
+    updated = User.objects.filter(pk=user.pk, is_active=True).update(is_active=False)
+    user.is_active = False
+    if not updated:
+        return user  # deactivated meanwhile by someone else, who did the rest
+    # Keys belong to organizations: one with no other member would keep working with nobody to answer for it.
+    for organization in sorted(solo, key=lambda o: str(o.pk)):
+        set_organization_suspended(organization=organization, suspended=True, actor=actor)
+    record_audit(
+        action=AuditAction.USER_DEACTIVATED,
+        actor=actor,
+        target=user,
+        metadata={"suspended_organizations": sorted(str(o.pk) for o in solo)},
+    )
     return user
 
 
@@ -106,6 +176,27 @@ def validate_scopes(scopes: list[str]) -> list[str]:
     if not scopes:
         raise AccountsError("A key needs at least one scope.")
     return sorted(set(scopes))
+
+
+def validate_key_name(name: str) -> str:
+    max_length = ApiKey._meta.get_field("name").max_length or 0
+    if not name.strip():
+        raise AccountsError("A key needs a name.")
+    if len(name) > max_length:
+        raise AccountsError(f"A key's name has at most {max_length} characters.")
+    return name
+
+
+def validate_expires_at(expires_at: datetime | None) -> datetime | None:
+    if expires_at is not None and expires_at <= timezone.now():
+        raise AccountsError("expires_at must be in the future.")
+    return expires_at
+
+
+def validate_requests_per_minute(requests_per_minute: int | None) -> int | None:
+    if requests_per_minute is not None and requests_per_minute < 1:
+        raise AccountsError("requests_per_minute must be at least 1, or empty for the platform default.")
+    return requests_per_minute
 
 
 @transaction.atomic
@@ -120,18 +211,16 @@ def create_api_key(
     actor: Actor = SYSTEM,
 ) -> tuple[ApiKey, str]:
     """Returns the key and its full token ``<id>:<secret>``, which is never shown again."""
-    if expires_at is not None and expires_at <= timezone.now():
-        raise AccountsError("expires_at must be in the future.")
     secret = secrets.token_hex(32)
     api_key = ApiKey.objects.create(
         organization=organization,
         created_by=created_by,
-        name=name,
+        name=validate_key_name(name),
         scopes=validate_scopes(scopes),
         secret_hash=hash_secret(secret),
         secret_hint=secret[-4:],
-        expires_at=expires_at,
-        requests_per_minute=requests_per_minute,
+        expires_at=validate_expires_at(expires_at),
+        requests_per_minute=validate_requests_per_minute(requests_per_minute),
     )
     record_audit(
         action=AuditAction.KEY_CREATED,
@@ -141,6 +230,60 @@ def create_api_key(
         metadata={"name": name, "scopes": api_key.scopes},
     )
     return api_key, f"{api_key.id}:{secret}"
+
+
+class _Unchanged(enum.Enum):
+    UNCHANGED = enum.auto()
+
+
+UNCHANGED: Final = _Unchanged.UNCHANGED
+
+
+def _jsonable(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+@transaction.atomic
+def update_api_key(
+    *,
+    api_key: ApiKey,
+    name: str | _Unchanged = UNCHANGED,
+    requests_per_minute: int | _Unchanged | None = UNCHANGED,
+    expires_at: datetime | _Unchanged | None = UNCHANGED,
+    actor: Actor = SYSTEM,
+) -> ApiKey:
+    """Writes only the given columns; a change of rate or expiry is audited from and to.
+
+    Only those columns: a full save would write back a ``revoked_at`` read before a concurrent revocation.
+    """
+    stored = ApiKey.objects.select_for_update().get(pk=api_key.pk)
+    wanted: dict[str, Any] = {}
+    if not isinstance(name, _Unchanged):
+        wanted["name"] = validate_key_name(name)
+    if not isinstance(requests_per_minute, _Unchanged):
+        wanted["requests_per_minute"] = validate_requests_per_minute(requests_per_minute)
+    if not isinstance(expires_at, _Unchanged) and expires_at != stored.expires_at:
+        wanted["expires_at"] = validate_expires_at(expires_at)
+    changes = {field: value for field, value in wanted.items() if getattr(stored, field) != value}
+    for field, value in wanted.items():
+        setattr(api_key, field, value)
+    if not changes:
+        return api_key
+    ApiKey.objects.filter(pk=api_key.pk).update(**changes)
+    limits = {
+        field: {"from": _jsonable(getattr(stored, field)), "to": _jsonable(value)}
+        for field, value in changes.items()
+        if field in ("requests_per_minute", "expires_at")
+    }
+    if limits:
+        record_audit(
+            action=AuditAction.LIMITS_CHANGED,
+            actor=actor,
+            organization=stored.organization,
+            target=api_key,
+            metadata=limits,
+        )
+    return api_key
 
 
 @transaction.atomic
@@ -153,15 +296,67 @@ def revoke_api_key(*, api_key: ApiKey, actor: Actor = SYSTEM) -> ApiKey:
     return api_key
 
 
-@transaction.atomic
-def change_member_role(*, membership: Membership, role: str, actor: Actor = SYSTEM) -> Membership:
+def _validate_role(role: str) -> str:
     if role not in Role.values:
         raise AccountsError(f"Unknown role {role!r}. Valid roles: {', '.join(Role.values)}.")
-    # Lock the organization's memberships in a fixed order so two demotions cannot race past the check.
+    return role
+
+
+def _locked_members(membership: Membership) -> tuple[Membership, list[Membership]]:
+    """The membership as stored and all of its organization's, locked in a fixed order (the primary key), so that
+    two changes to one organization's owners cannot both pass the last-owner check."""
     members = list(
         Membership.objects.select_for_update().filter(organization_id=membership.organization_id).order_by("pk")
     )
-    current = next(m for m in members if m.pk == membership.pk)
+    current = next((m for m in members if m.pk == membership.pk), None)
+    if current is None:
+        raise AccountsError("This membership no longer exists.")
+    return current, members
+
+
+@transaction.atomic
+def add_member(*, organization: Organization, user: User, role: str, actor: Actor = SYSTEM) -> Membership:
+    _validate_role(role)
+    already = AccountsError(f"{user} is already a member of {organization}.")
+    if Membership.objects.filter(organization=organization, user=user).exists():
+        raise already
+    try:
+        with transaction.atomic():  # a concurrent add of the same person: the unique constraint decides
+            membership = Membership.objects.create(user=user, organization=organization, role=role)
+    except IntegrityError:
+        raise already from None
+    record_audit(
+        action=AuditAction.MEMBER_ADDED,
+        actor=actor,
+        organization=organization,
+        target=user,
+        metadata={"role": role},
+    )
+    return membership
+
+
+@transaction.atomic
+def remove_member(*, membership: Membership, actor: Actor = SYSTEM) -> None:
+    current, members = _locked_members(membership)
+    owners = [m for m in members if m.role == Role.OWNER]
+    if current.role == Role.OWNER and len(owners) == 1:
+        raise AccountsError(
+            "An organization needs at least one owner; make someone else owner first, or delete the organization."
+        )
+    Membership.objects.filter(pk=current.pk).delete()
+    record_audit(
+        action=AuditAction.MEMBER_REMOVED,
+        actor=actor,
+        organization=current.organization,
+        target=current.user,
+        metadata={"role": current.role},
+    )
+
+
+@transaction.atomic
+def change_member_role(*, membership: Membership, role: str, actor: Actor = SYSTEM) -> Membership:
+    _validate_role(role)
+    current, members = _locked_members(membership)
     old_role = current.role
     if old_role == role:
         return current
@@ -181,15 +376,41 @@ def change_member_role(*, membership: Membership, role: str, actor: Actor = SYST
 
 
 @transaction.atomic
-def set_organization_suspended(*, organization: Organization, suspended: bool, actor: Actor = SYSTEM) -> None:
-    Organization.objects.filter(pk=organization.pk).update(suspended_at=timezone.now() if suspended else None)
+def set_organization_suspended(*, organization: Organization, suspended: bool, actor: Actor = SYSTEM) -> Organization:
+    """Idempotent: suspending a suspended organization (or unsuspending an active one) changes nothing and audits
+    nothing; in particular ``suspended_at`` keeps the time of the first suspension."""
+    updated = Organization.objects.filter(pk=organization.pk, suspended_at__isnull=suspended).update(
+        suspended_at=timezone.now() if suspended else None
+    )
     organization.refresh_from_db(fields=["suspended_at"])
+    if updated:
+        record_audit(
+            action=AuditAction.ORG_SUSPENDED if suspended else AuditAction.ORG_UNSUSPENDED,
+            actor=actor,
+            organization=organization,
+            target=organization,
+        )
+    return organization
+
+
+@transaction.atomic
+def set_concurrency_limit(*, organization: Organization, limit: int, actor: Actor = SYSTEM) -> Organization:
+    """How many of the organization's jobs may run at once (at least 1). Unchanged: nothing written or audited."""
+    if limit < 1:
+        raise AccountsError("The concurrency limit must be at least 1.")
+    stored = Organization.objects.select_for_update().only("concurrency_limit").get(pk=organization.pk)
+    organization.concurrency_limit = limit
+    if stored.concurrency_limit == limit:
+        return organization
+    Organization.objects.filter(pk=organization.pk).update(concurrency_limit=limit)
     record_audit(
-        action=AuditAction.ORG_SUSPENDED if suspended else AuditAction.ORG_UNSUSPENDED,
+        action=AuditAction.LIMITS_CHANGED,
         actor=actor,
         organization=organization,
         target=organization,
+        metadata={"concurrency_limit": {"from": stored.concurrency_limit, "to": limit}},
     )
+    return organization
 
 
 def organizations_of(user: User) -> list[Organization]:

@@ -19,8 +19,8 @@ Message = dict[str, Any]
 class BodyLimit:
     """Bounds request bodies before Django buffers them.
 
-    A declared Content-Length over the limit is refused at once; a chunked body is read up to the
-    limit and refused as soon as it passes it, so no client can make the server spool gigabytes.
+    A declared Content-Length over the limit is refused at once; a body of undeclared length is read
+    up to the limit and refused as soon as it passes it, so no client can make the server spool gigabytes.
     """
 
     def __init__(self, app: Any, limit: int) -> None:
@@ -39,9 +39,7 @@ class BodyLimit:
                 return
             await self.app(scope, receive, send)
             return
-        if b"chunked" not in headers.get(b"transfer-encoding", b""):
-            await self.app(scope, receive, send)
-            return
+        # No declared length (chunked, or HTTP/2 without one): count what arrives.
         buffered: list[Message] = []
         size = 0
         while True:

@@ -3,7 +3,7 @@
 from django.contrib import admin
 from django.urls import include, path
 from django.views.generic import RedirectView
-from drf_spectacular.views import SpectacularJSONAPIView, SpectacularRedocView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 
 from config import views
 
@@ -17,7 +17,6 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("v1/openapi.json", SpectacularJSONAPIView.as_view(), name="openapi-schema"),
     path("v1/docs", SpectacularSwaggerView.as_view(url_name="openapi-schema"), name="api-docs"),
-    path("v1/redoc", SpectacularRedocView.as_view(url_name="openapi-schema"), name="api-redoc"),
     path("v1/", include("accounts.urls")),
     path("", RedirectView.as_view(pattern_name="api-docs", permanent=False), name="home"),
 ]

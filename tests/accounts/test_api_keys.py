@@ -106,7 +106,10 @@ def test_wrong_scope_is_403(tenant: dict[str, Any], make_key: Any) -> None:
         client.delete(f"/v1/keys/{tenant['api_key'].id}"),
     ):
         assert response.status_code == 403
-        assert response.json() == {"detail": "This API key lacks the 'admin' scope.", "error_type": "insufficient_scope"}
+        assert response.json() == {
+            "detail": "This API key lacks the 'admin' scope.",
+            "error_type": "insufficient_scope",
+        }
     assert not tenant["api_key"].__class__.objects.get(pk=tenant["api_key"].pk).is_revoked
 
 

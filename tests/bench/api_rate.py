@@ -88,7 +88,7 @@ def make_key(env: dict[str, str]) -> str:
         "print(create_api_key(organization=o, name='bench', scopes=['inference'], created_by=u,"
         " requests_per_minute=10**9)[1])"
     )
-    output = subprocess.run(  # noqa: S603
+    output = subprocess.run(
         [sys.executable, "-c", script], env=env, cwd=REPO, check=True, capture_output=True, text=True
     ).stdout
     return output.strip().splitlines()[-1]
@@ -109,10 +109,10 @@ def main() -> None:
         "PLATFORM_DATA_DIR": data_dir,
         "LOG_LEVEL": "WARNING",
     }
-    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], env=env, cwd=REPO, check=True)  # noqa: S603
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], env=env, cwd=REPO, check=True)
     token = make_key(env)
     port = free_port()
-    server = subprocess.Popen(  # noqa: S603
+    server = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "config.asgi:application", "--port", str(port), "--no-access-log"],
         env=env,
         cwd=REPO,

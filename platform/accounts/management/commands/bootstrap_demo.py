@@ -15,7 +15,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand
 from django.db import transaction
 
-from accounts.models import Organization, Scope, User
+from accounts.models import ApiKey, Organization, Scope, User
 from accounts.services import create_api_key, sign_up
 
 DEVELOPER_EMAIL = "demo@example.com"
@@ -59,6 +59,21 @@ def create_demo() -> dict[str, str]:
     }
 
 
+def demo_key_works(token: str) -> bool:
+    """False once the database was reset or the demo key revoked: then make everything afresh."""
+    key_id = token.partition(":")[0]
+    return (
+        ApiKey.objects.usable()
+        .filter(
+            pk=key_id,
+            organization__suspended_at__isnull=True,
+            organization__memberships__user__email=DEVELOPER_EMAIL,
+            organization__memberships__user__is_active=True,
+        )
+        .exists()
+    )
+
+
 class Command(BaseCommand):
     help = "Create the demo organization, user, operator and API key (once) and print them."
 
@@ -68,7 +83,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         path = credentials_path()
         credentials = json.loads(path.read_text()) if path.exists() else None
-        if credentials is None or not User.objects.filter(email=credentials["developer_email"]).exists():
+        if credentials is None or not demo_key_works(credentials["api_key"]):
             credentials = create_demo()
             path.parent.mkdir(parents=True, exist_ok=True)
             path.touch(mode=0o600)

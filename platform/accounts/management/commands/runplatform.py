@@ -71,7 +71,13 @@ class Command(BaseCommand):
             )
         processes = [subprocess.Popen(command) for command in commands]
 
+        stopping = False
+
         def stop(*_: Any) -> None:
+            nonlocal stopping
+            if stopping:
+                return
+            stopping = True
             for process in processes:
                 if process.poll() is None:
                     process.send_signal(signal.SIGTERM)

@@ -1,0 +1,149 @@
+"""Running one request on a loaded pipeline: per-image seeds, progress, cancellation at step boundaries."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from inference.engine.loading import Pipeline, PipelineKind, pipeline_kind
+
+# Stable Diffusion's VAE works in blocks of 8 pixels.
+SIZE_MULTIPLE = 8
+MAX_SEED = 2**64 - 1
+
+OnStep = Callable[[int, int], None]
+ShouldCancel = Callable[[], bool]
+
+
+class Cancelled(Exception):
+    """The run stopped because `should_cancel()` answered True; `steps_done` denoising steps had run."""
+
+    def __init__(self, *, steps_done: int, total_steps: int, elapsed_ms: int) -> None:
+        super().__init__(f"cancelled after {steps_done} of {total_steps} steps")
+        self.steps_done = steps_done
+        self.total_steps = total_steps
+        self.elapsed_ms = elapsed_ms
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationRequest:
+    """What to generate: one image per (prompt, seed) pair. An `init_image` makes it image-to-image."""
+
+    prompts: list[str]
+    seeds: list[int]
+    width: int = 512
+    height: int = 512
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    negative_prompt: str = ""
+    init_image: Image.Image | None = None
+    # Image-to-image only: how much of the schedule runs on top of the init image (1.0: all of it).
+    strength: float = 0.8
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise ValueError("at least one prompt is needed")
+        if len(self.seeds) != len(self.prompts):
+            raise ValueError(f"one seed per image: {len(self.prompts)} prompts but {len(self.seeds)} seeds")
+        if any(not 0 <= seed <= MAX_SEED for seed in self.seeds):
+            raise ValueError(f"seeds must be between 0 and {MAX_SEED}")
+        for name, size in (("width", self.width), ("height", self.height)):
+            if size <= 0 or size % SIZE_MULTIPLE:
+                raise ValueError(f"{name} must be a positive multiple of {SIZE_MULTIPLE}, not {size}")
+        if self.num_inference_steps < 1:
+            raise ValueError("num_inference_steps must be at least 1")
+        if self.guidance_scale < 0:
+            raise ValueError("guidance_scale must not be negative")
+        if self.init_image is not None:
+            if not 0 < self.strength <= 1:
+                raise ValueError("strength must be in (0, 1]")
+            if int(self.num_inference_steps * self.strength) < 1:
+                raise ValueError("num_inference_steps * strength must allow at least one step")
+
+    @property
+    def kind(self) -> PipelineKind:
+        return PipelineKind.TEXT_TO_IMAGE if self.init_image is None else PipelineKind.IMAGE_TO_IMAGE
+
+    @property
+    def total_steps(self) -> int:
+        """Denoising steps the run will take (image-to-image skips the first `1 - strength` of the schedule)."""
+        if self.init_image is None:
+            return self.num_inference_steps
+        return min(int(self.num_inference_steps * self.strength), self.num_inference_steps)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    images: list[Image.Image]
+    steps: int
+    # Wall-clock time of the run (monotonic), from the call into the pipeline to decoded images.
+    run_ms: int
+
+
+def run_pipeline(
+    pipeline: Pipeline,
+    request: GenerationRequest,
+    *,
+    on_step: OnStep | None = None,
+    should_cancel: ShouldCancel | None = None,
+) -> GenerationResult:
+    """Generate `request`'s images.
+
+    `on_step(step, total)` is called after each denoising step (1..total). `should_cancel()` is asked before
+    the first step and after each one; when it answers True the run stops there and `Cancelled` is raised.
+    One run at a time per pipeline object: diffusers keeps per-call state on the pipeline.
+    """
+    if pipeline_kind(pipeline) is not request.kind:
+        raise ValueError(f"a {request.kind} request cannot run on a {pipeline_kind(pipeline)} pipeline")
+    started = time.perf_counter()
+
+    def elapsed_ms() -> int:
+        return math.ceil((time.perf_counter() - started) * 1000)
+
+    if should_cancel is not None and should_cancel():
+        raise Cancelled(steps_done=0, total_steps=request.total_steps, elapsed_ms=elapsed_ms())
+
+    def step_ended(pipe: Any, step_index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        steps_done = step_index + 1
+        total = pipe.num_timesteps
+        if on_step is not None:
+            on_step(steps_done, total)
+        if should_cancel is not None and should_cancel():
+            # Raised through diffusers' loop: nothing after this step runs, not even the VAE decode.
+            raise Cancelled(steps_done=steps_done, total_steps=total, elapsed_ms=elapsed_ms())
+        return tensors
+
+    # CPU generators: the same seed gives the same starting noise on every device. One per image, so an
+    # image depends only on its own seed, never on what else is in the batch.
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in request.seeds]
+    arguments: dict[str, Any] = {
+        "prompt": list(request.prompts),
+        "negative_prompt": [request.negative_prompt] * len(request.prompts),
+        "num_inference_steps": request.num_inference_steps,
+        "guidance_scale": request.guidance_scale,
+        "generator": generators,
+        "output_type": "pil",
+        "callback_on_step_end": step_ended,
+    }
+    if request.init_image is None:
+        arguments.update(width=request.width, height=request.height)
+    else:
+        # The img2img pipeline takes its size from the image.
+        arguments.update(image=_fit(request.init_image, request.width, request.height), strength=request.strength)
+
+    with torch.inference_mode():
+        output = pipeline(**arguments)
+    return GenerationResult(images=list(output.images), steps=request.total_steps, run_ms=elapsed_ms())
+
+
+def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    return image

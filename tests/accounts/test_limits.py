@@ -1,0 +1,185 @@
+from __future__ import annotations
+
+import uuid
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from django.test import override_settings
+from rest_framework.test import APIClient
+
+from accounts import limits
+from accounts.limits import check_rate
+from accounts.models import Organization
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def fast_password_hashing(settings: Any) -> None:
+    """These tests make many accounts; the strength of the hash is Django's concern, not theirs."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+# The start of a minute far from the wall clock, so these windows never meet real traffic.
+MINUTE = 60 * 20_000_000.0
+
+
+def fresh_bucket() -> str:
+    return f"test:{uuid.uuid4().hex}"
+
+
+def client_for(token: str) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Key {token}")
+    return client
+
+
+def test_a_key_gets_its_requests_per_minute_then_429(tenant: dict[str, Any], make_key: Any) -> None:
+    _, token = make_key(tenant["organization"], requests_per_minute=3)
+    client = client_for(token)
+    assert [client.get("/v1/me").status_code for _ in range(3)] == [200, 200, 200]
+    refused = client.get("/v1/me")
+    assert refused.status_code == 429
+    retry_after = refused["Retry-After"]
+    assert retry_after.isdigit()
+    assert int(retry_after) >= 1
+    body = refused.json()
+    assert set(body) == {"detail", "error_type"}
+    assert body["error_type"] == "rate_limited"
+    assert body["detail"]
+    # The limit is the key's, whatever endpoint it calls.
+    assert client.get("/v1/keys").status_code == 429
+
+
+def test_another_key_of_the_same_organization_is_unaffected(tenant: dict[str, Any], make_key: Any) -> None:
+    _, token = make_key(tenant["organization"], requests_per_minute=1)
+    limited = client_for(token)
+    assert limited.get("/v1/me").status_code == 200
+    assert limited.get("/v1/me").status_code == 429
+    for _ in range(5):
+        assert tenant["client"].get("/v1/me").status_code == 200
+    _, sibling_token = make_key(tenant["organization"], requests_per_minute=1)
+    assert client_for(sibling_token).get("/v1/me").status_code == 200
+
+
+def test_unauthenticated_requests_are_not_counted_against_a_key(tenant: dict[str, Any], make_key: Any) -> None:
+    _, token = make_key(tenant["organization"], requests_per_minute=1)
+    for _ in range(3):
+        assert APIClient().get("/v1/me").status_code == 401
+    assert client_for(token).get("/v1/me").status_code == 200
+
+
+def test_a_client_that_waits_retry_after_gets_through(
+    tenant: dict[str, Any], make_key: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [MINUTE + 10]
+    monkeypatch.setattr(limits, "time", SimpleNamespace(time=lambda: clock[0]))
+    _, token = make_key(tenant["organization"], requests_per_minute=3)
+    client = client_for(token)
+    assert [client.get("/v1/me").status_code for _ in range(3)] == [200, 200, 200]
+    refused = client.get("/v1/me")
+    assert refused.status_code == 429
+    clock[0] += int(refused["Retry-After"])
+    assert client.get("/v1/me").status_code == 200
+
+
+# check_rate itself, on a clock the test controls.
+
+
+def test_allows_the_limit_within_a_minute_then_refuses() -> None:
+    bucket = fresh_bucket()
+    assert [check_rate(bucket=bucket, limit=3, now=MINUTE + 5 + n) for n in range(3)] == [0.0, 0.0, 0.0]
+    wait = check_rate(bucket=bucket, limit=3, now=MINUTE + 9)
+    assert wait > 0
+
+
+def test_buckets_are_independent() -> None:
+    first, second = fresh_bucket(), fresh_bucket()
+    assert check_rate(bucket=first, limit=1, now=MINUTE + 1) == 0.0
+    assert check_rate(bucket=first, limit=1, now=MINUTE + 2) > 0
+    assert check_rate(bucket=second, limit=1, now=MINUTE + 2) == 0.0
+
+
+def test_previous_minute_counts_by_how_much_of_it_is_still_inside_the_window() -> None:
+    bucket = fresh_bucket()
+    assert all(check_rate(bucket=bucket, limit=10, now=MINUTE + 30) == 0.0 for _ in range(10))
+    # 15 s into the next minute, three quarters of the previous one still count: 7.5 + 2 <= 10 < 7.5 + 3.
+    assert [check_rate(bucket=bucket, limit=10, now=MINUTE + 75) for _ in range(2)] == [0.0, 0.0]
+    assert check_rate(bucket=bucket, limit=10, now=MINUTE + 75) > 0
+    # 45 s in, only a quarter does: 2.5 + 7 <= 10 < 2.5 + 8.
+    assert [check_rate(bucket=bucket, limit=10, now=MINUTE + 105) for _ in range(5)] == [0.0] * 5
+    assert check_rate(bucket=bucket, limit=10, now=MINUTE + 105) > 0
+
+
+def test_a_minute_with_no_traffic_before_it_starts_fresh() -> None:
+    bucket = fresh_bucket()
+    assert check_rate(bucket=bucket, limit=2, now=MINUTE + 1) == 0.0
+    assert check_rate(bucket=bucket, limit=2, now=MINUTE + 2) == 0.0
+    assert check_rate(bucket=bucket, limit=2, now=MINUTE + 3) > 0
+    # Two minutes later the old minute is out of the window altogether.
+    assert [check_rate(bucket=bucket, limit=2, now=MINUTE + 121) for _ in range(2)] == [0.0, 0.0]
+
+
+def test_refused_requests_are_not_counted() -> None:
+    bucket = fresh_bucket()
+    assert check_rate(bucket=bucket, limit=2, now=MINUTE) == 0.0
+    assert check_rate(bucket=bucket, limit=2, now=MINUTE) == 0.0
+    assert all(check_rate(bucket=bucket, limit=2, now=MINUTE + 1) > 0 for _ in range(20))
+    # Half-way through the next minute the previous one weighs 2 * 0.5 = 1: one more fits.
+    # Had the 20 refusals counted, it would weigh 11 and this would be refused.
+    assert check_rate(bucket=bucket, limit=2, now=MINUTE + 90) == 0.0
+    assert check_rate(bucket=bucket, limit=2, now=MINUTE + 90) > 0
+
+
+def test_waiting_as_told_lets_the_next_request_through_when_the_previous_minute_weighs() -> None:
+    bucket = fresh_bucket()
+    assert all(check_rate(bucket=bucket, limit=10, now=MINUTE + 30) == 0.0 for _ in range(10))
+    now = MINUTE + 75
+    assert [check_rate(bucket=bucket, limit=10, now=now) for _ in range(2)] == [0.0, 0.0]
+    wait = check_rate(bucket=bucket, limit=10, now=now)
+    assert wait == pytest.approx(3.0)
+    # Not much earlier (and asking does not count) ...
+    assert check_rate(bucket=bucket, limit=10, now=now + wait - 0.5) > 0
+    # ... but at the time it said.
+    assert check_rate(bucket=bucket, limit=10, now=now + wait + 1e-6) == 0.0
+
+
+def test_waiting_as_told_lets_the_next_request_through_after_a_full_minute() -> None:
+    bucket = fresh_bucket()
+    now = MINUTE + 10
+    assert [check_rate(bucket=bucket, limit=3, now=now) for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait = check_rate(bucket=bucket, limit=3, now=now)
+    assert wait > 0
+    assert check_rate(bucket=bucket, limit=3, now=now + wait - 0.5) > 0
+    assert check_rate(bucket=bucket, limit=3, now=now + wait + 1e-6) == 0.0
+
+
+def test_the_wait_ends_when_the_previous_minute_has_slid_far_enough_out() -> None:
+    bucket = fresh_bucket()
+    assert all(check_rate(bucket=bucket, limit=4, now=MINUTE + 50) == 0.0 for _ in range(4))
+    now = MINUTE + 62  # previous 4 * 58/60 = 3.87; nothing more fits until it drops to 3
+    wait = check_rate(bucket=bucket, limit=4, now=now)
+    assert wait == pytest.approx(13.0)
+    assert check_rate(bucket=bucket, limit=4, now=now + wait + 1e-6) == 0.0
+
+
+# The organization's concurrency limit (enforced by the dispatcher; the core owns the number).
+
+
+def test_organization_concurrency_defaults_to_two_and_is_shown_in_me(tenant: dict[str, Any]) -> None:
+    assert tenant["organization"].concurrency_limit == 2
+    assert tenant["client"].get("/v1/me").json()["organization"]["concurrency_limit"] == 2
+
+
+def test_organization_concurrency_default_comes_from_settings(make_user: Any) -> None:
+    from tests.conftest import personal_organization
+
+    with override_settings(ORGANIZATION_DEFAULT_CONCURRENCY=5):
+        organization = personal_organization(make_user())
+    assert organization.concurrency_limit == 5
+
+
+def test_a_raised_concurrency_limit_is_shown_in_me(tenant: dict[str, Any]) -> None:
+    Organization.objects.filter(pk=tenant["organization"].pk).update(concurrency_limit=7)
+    assert tenant["client"].get("/v1/me").json()["organization"]["concurrency_limit"] == 7
