@@ -87,3 +87,14 @@ def _new_tenant(make_user: Callable[..., User], make_key: Callable[..., tuple[Ap
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Key {token}")
     return {"user": user, "organization": organization, "api_key": api_key, "token": token, "client": client}
+
+
+@pytest.fixture
+def builtin_endpoint(db: None) -> Any:
+    """The built-in tiny text-to-image endpoint (a transactional test before this one may have emptied
+    the tables that migration inference/0002 filled)."""
+    from inference.catalog import ensure_builtin_endpoints
+    from inference.models import Endpoint
+
+    ensure_builtin_endpoints(Endpoint)
+    return Endpoint.objects.get(owner="platform", name="tiny-sd", path="")

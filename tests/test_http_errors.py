@@ -145,7 +145,16 @@ def test_an_unreadable_content_length_is_400(tenant: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize(
     "path",
-    ["/v1/nothing-here", "/v1/me/", "/v1/keys/", "/v1/keys/a/b", "/v1/", "/queue/acme/model", "/run/acme/model"],
+    [
+        "/v1/nothing-here",
+        "/v1/me/",
+        "/v1/keys/",
+        "/v1/keys/a/b",
+        "/v1/",
+        "/queue/acme",
+        "/run/acme",
+        "/queue/a/b/c/d/e",
+    ],
 )
 @pytest.mark.parametrize("authenticated", [True, False])
 def test_unknown_api_paths_are_json_404(tenant: dict[str, Any], path: str, authenticated: bool) -> None:

@@ -82,7 +82,12 @@ def authenticate_token(token: str) -> ApiKey:
 def touch_last_used(api_key: ApiKey) -> None:
     """Keeps ``last_used_at`` to within a minute with at most one write per key per minute."""
     resolution = settings.API_KEY_LAST_USED_RESOLUTION_SECONDS
-    if cache.add(f"apikey:touched:{api_key.pk}", 1, timeout=resolution):
+    try:
+        first_in_period = cache.add(f"apikey:touched:{api_key.pk}", 1, timeout=resolution)
+    except Exception as exc:  # a cache outage costs a write per request, not the request
+        logger.warning("last_used_at throttle unavailable: %s", exc)
+        first_in_period = True
+    if first_in_period:
         now = timezone.now()
         ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
         api_key.last_used_at = now

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import TYPE_CHECKING
@@ -14,6 +15,8 @@ from accounts.models import ApiKey
 
 if TYPE_CHECKING:
     from rest_framework.views import APIView
+
+logger = logging.getLogger(__name__)
 
 WINDOW_SECONDS = 60
 
@@ -29,9 +32,14 @@ def check_rate(*, bucket: str, limit: int, now: float | None = None) -> float:
     window = int(now // WINDOW_SECONDS)
     elapsed = now - window * WINDOW_SECONDS
     current_key = f"ratelimit:{bucket}:{window}"
-    cache.add(current_key, 0, timeout=2 * WINDOW_SECONDS)
-    count = cache.incr(current_key)
-    previous = int(cache.get(f"ratelimit:{bucket}:{window - 1}", 0))
+    try:
+        cache.add(current_key, 0, timeout=2 * WINDOW_SECONDS)
+        count = cache.incr(current_key)
+        previous = int(cache.get(f"ratelimit:{bucket}:{window - 1}", 0))
+    except Exception as exc:
+        # A cache outage must not take the API down with it: fail open, loudly.
+        logger.warning("rate limit not checked, the cache is unavailable: %s", exc)
+        return 0.0
     weight = (WINDOW_SECONDS - elapsed) / WINDOW_SECONDS
     if previous * weight + count <= limit:
         return 0.0

@@ -234,6 +234,8 @@ class AuditAction(models.TextChoices):
     ORG_SUSPENDED = "organization.suspended", "Organization suspended"
     ORG_UNSUSPENDED = "organization.unsuspended", "Organization unsuspended"
     LIMITS_CHANGED = "organization.limits_changed", "Limits changed"
+    JOB_CANCELLED_BY_OPERATOR = "job.cancelled_by_operator", "Request cancelled by an operator"
+    JOB_REQUEUED_BY_OPERATOR = "job.requeued_by_operator", "Request requeued by an operator"
 
 
 class AuditEvent(models.Model):

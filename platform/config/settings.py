@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
@@ -70,6 +71,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "accounts",
+    "inference",
 ]
 
 MIDDLEWARE = [
@@ -129,6 +131,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;",
         "transaction_mode": "IMMEDIATE",
     }
+    # A file, not memory, for the test database: end-to-end tests share it with real worker processes.
+    DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test-db.sqlite3")}
     DATA_DIR.mkdir(parents=True, exist_ok=True)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -147,10 +151,11 @@ else:
 
 # Celery (the app lives in config/celery.py). The database row is the truth; results are not stored.
 BROKER_DIR = DATA_DIR / "broker"
-CELERY_BROKER_URL = REDIS_URL or "filesystem://"
+# BROKER_URL sets the broker apart from the cache (another Redis, RabbitMQ); by default it is REDIS_URL.
+CELERY_BROKER_URL = env_str("BROKER_URL") or REDIS_URL or "filesystem://"
 CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = (
     {"visibility_timeout": 3600}
-    if REDIS_URL
+    if not CELERY_BROKER_URL.startswith("filesystem://")
     else {
         "data_folder_in": str(BROKER_DIR / "messages"),
         "data_folder_out": str(BROKER_DIR / "messages"),
@@ -158,7 +163,7 @@ CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = (
         "store_processed": False,
     }
 )
-if not REDIS_URL:
+if CELERY_BROKER_URL.startswith("filesystem://"):
     for _folder in ("messages", "control"):
         (BROKER_DIR / _folder).mkdir(parents=True, exist_ok=True)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
@@ -190,8 +195,29 @@ STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"
 # Hashed, compressed names need collectstatic first; the test suite and DEBUG serve files as they are.
 STATIC_MANIFEST = env_bool("STATIC_MANIFEST", not DEBUG)
+MEDIA_ROOT = DATA_DIR / "media"
+# Outputs live in Django's default storage: the filesystem, or any S3-compatible bucket through
+# django-storages when OUTPUT_BUCKET is set (signed, expiring URLs either way).
+OUTPUT_BUCKET = env_str("OUTPUT_BUCKET") or None
+_default_storage: dict[str, Any] = (
+    {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": OUTPUT_BUCKET,
+            "endpoint_url": env_str("OUTPUT_BUCKET_ENDPOINT_URL") or None,
+            "region_name": env_str("OUTPUT_BUCKET_REGION") or None,
+            "querystring_auth": True,
+            # SigV4 presigned URLs live at most 7 days.
+            "querystring_expire": min(env_int("OUTPUT_URL_TTL_SECONDS", 24 * 3600, minimum=60), 7 * 24 * 3600),
+            "signature_version": "s3v4",
+            "file_overwrite": False,
+        },
+    }
+    if OUTPUT_BUCKET
+    else {"BACKEND": "django.core.files.storage.FileSystemStorage"}
+)
 STORAGES = {
-    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "default": _default_storage,
     "staticfiles": {
         "BACKEND": "servestatic.storage.CompressedManifestStaticFilesStorage"
         if STATIC_MANIFEST
@@ -208,6 +234,33 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BODY_BYTES
 API_KEY_DEFAULT_REQUESTS_PER_MINUTE = env_int("API_KEY_DEFAULT_REQUESTS_PER_MINUTE", 600, minimum=1)
 API_KEY_LAST_USED_RESOLUTION_SECONDS = env_int("API_KEY_LAST_USED_RESOLUTION_SECONDS", 60, minimum=1)
 ORGANIZATION_DEFAULT_CONCURRENCY = env_int("ORGANIZATION_DEFAULT_CONCURRENCY", 2, minimum=1)
+
+# Inference: jobs, workers, outputs, webhooks (DESIGN §3, §5).
+PUBLIC_BASE_URL = (env_str("PUBLIC_BASE_URL") or "http://127.0.0.1:8000").rstrip("/")
+MODELS_DIR = Path(env_str("MODELS_DIR") or DATA_DIR / "models")
+LOCAL_MODELS_GPU_CLASS = env_str("LOCAL_MODELS_GPU_CLASS", "cpu") or "cpu"
+JOB_LEASE_SECONDS = env_int("JOB_LEASE_SECONDS", 30, minimum=2)
+JOB_HEARTBEAT_SECONDS = float(env_int("JOB_HEARTBEAT_MS", 1000, minimum=50)) / 1000
+JOB_MAX_ATTEMPTS = env_int("JOB_MAX_ATTEMPTS", 3, minimum=1)
+JOB_REDISPATCH_AFTER_SECONDS = env_int("JOB_REDISPATCH_AFTER_SECONDS", 60, minimum=1)
+JOB_SWEEP_SECONDS = env_int("JOB_SWEEP_SECONDS", 5, minimum=1)
+SYNC_RUN_WAIT_SECONDS = env_int("SYNC_RUN_WAIT_SECONDS", 60, minimum=0)
+OUTPUT_URL_TTL_SECONDS = env_int("OUTPUT_URL_TTL_SECONDS", 24 * 3600, minimum=60)
+OUTPUT_RETENTION_SECONDS = env_int("OUTPUT_RETENTION_SECONDS", 30 * 24 * 3600, minimum=60)
+WORKER_PIPELINE_CACHE_BYTES = env_int("WORKER_PIPELINE_CACHE_BYTES", 8 * 1024**3, minimum=1)
+# Outbound requests (webhooks, input images) to private, loopback or link-local addresses are
+# refused unless this is on: never in production, on for the embedded run on one machine.
+OUTBOUND_ALLOW_PRIVATE = env_bool("OUTBOUND_ALLOW_PRIVATE", EMBEDDED)
+WEBHOOK_TIMEOUT_SECONDS = env_int("WEBHOOK_TIMEOUT_SECONDS", 15, minimum=1)
+WEBHOOK_RETRY_WINDOW_SECONDS = env_int("WEBHOOK_RETRY_WINDOW_SECONDS", 26 * 3600, minimum=1)
+
+CELERY_TASK_ROUTES = {"inference.run_job": {"queue": "cpu"}, "inference.*": {"queue": "default"}}
+CELERY_BEAT_SCHEDULE = {
+    "inference-sweep": {"task": "inference.sweep", "schedule": float(JOB_SWEEP_SECONDS)},
+    "inference-webhooks": {"task": "inference.deliver_due_webhooks", "schedule": 5.0},
+    "inference-purge-outputs": {"task": "inference.purge_expired_outputs", "schedule": 3600.0},
+    "inference-sync-models": {"task": "inference.sync_models", "schedule": 60.0},
+}
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["accounts.authentication.ApiKeyAuthentication"],

@@ -6,6 +6,7 @@ from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 
 from config import views
+from inference import urls as inference_urls
 
 admin.site.site_header = "Platform operations"
 admin.site.site_title = "Platform operations"
@@ -18,6 +19,10 @@ urlpatterns = [
     path("v1/openapi.json", SpectacularJSONAPIView.as_view(), name="openapi-schema"),
     path("v1/docs", SpectacularSwaggerView.as_view(url_name="openapi-schema"), name="api-docs"),
     path("v1/", include("accounts.urls")),
+    path("v1/", include(inference_urls.v1_urlpatterns)),
+    path("queue/", include(inference_urls.queue_urlpatterns)),
+    path("run/", include(inference_urls.run_urlpatterns)),
+    path("", include("inference.file_urls")),
     path("", RedirectView.as_view(pattern_name="api-docs", permanent=False), name="home"),
 ]
 

@@ -265,7 +265,7 @@ def test_embedded_run_starts_the_worker_and_stops_cleanly(start_embedded: Any) -
     assert run.wait_until_ready()["status"] == "ready"
     assert_serves_the_api(run)
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
-    while not re.search(r"celery@\S+ ready\.", run.log_text()):
+    while not re.search(r"gpu@\S+ ready\.", run.log_text()):
         assert time.monotonic() < deadline, f"the worker never said it was ready:\n{run.log_text()}"
         assert run.process.poll() is None, run.log_text()
         time.sleep(0.25)

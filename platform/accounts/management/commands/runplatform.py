@@ -47,29 +47,30 @@ class Command(BaseCommand):
             ]
         ]
         if not options["no_worker"]:
-            # One worker on the cpu queue with the scheduler inside it (-B), as DESIGN §2 describes.
+            # DESIGN §2 embedded: a GPU worker on the cpu queue (concurrency 1, prefetch 1), and the
+            # scheduler (-B) in a second small worker for the housekeeping queue, so a sweep or a
+            # webhook never waits behind a long generation.
+            celery = [sys.executable, "-m", "celery", "--app", "config", "worker", "--loglevel", "INFO"]
+            commands.append(
+                [*celery, "--queues", "cpu", "--concurrency", "1", "--prefetch-multiplier", "1", "-n", "gpu@%h"]
+            )
             commands.append(
                 [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "--app",
-                    "config",
-                    "worker",
+                    *celery,
+                    "--queues",
+                    "default",
+                    "--concurrency",
+                    "1",
+                    "-n",
+                    "housekeeping@%h",
                     "--beat",
                     "--schedule",
                     str(settings.DATA_DIR / "celerybeat-schedule"),
-                    "--queues",
-                    "cpu,default",
-                    "--concurrency",
-                    "1",
-                    "--prefetch-multiplier",
-                    "1",
-                    "--loglevel",
-                    "INFO",
                 ]
             )
-        processes = [subprocess.Popen(command) for command in commands]
+        # Webhooks and other links the workers write point back at this server.
+        env = {**os.environ, "PUBLIC_BASE_URL": os.environ.get("PUBLIC_BASE_URL", base)}
+        processes = [subprocess.Popen(command, env=env) for command in commands]
 
         stopping = False
 

@@ -1,0 +1,358 @@
+"""fal's queue and sync APIs (DESIGN §5), and the platform's /v1/models and /v1/requests.
+
+Submit, status, result and cancel are short DRF views. The two that wait (the status stream and
+the sync run) are async views, so a waiting client holds no worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+from rest_framework import exceptions
+from rest_framework.permissions import AllowAny, IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from accounts.authentication import authenticate_token
+from accounts.limits import check_rate
+from accounts.models import ApiKey, Scope
+from accounts.permissions import HasScope, request_api_key
+from inference import files
+from inference.hooks import hooks
+from inference.inputs import InputError, input_schema
+from inference.models import Endpoint, Job, JobStatus
+from inference.presenters import base_url, handle_urls, queue_position, result_error, status_payload, usage_of
+from inference.services import SubmissionRefused, cancel_job, submit_job
+
+MAX_IDEMPOTENCY_KEY = 255
+
+
+class EndpointNotFound(exceptions.NotFound):
+    default_code = "endpoint_not_found"
+
+
+class RequestNotFound(exceptions.NotFound):
+    default_detail = "Request not found."
+    default_code = "request_not_found"
+
+
+def find_endpoint(owner: str, model: str, path: str = "") -> Endpoint:
+    endpoint = Endpoint.objects.by_path(owner, model, path)
+    if endpoint is None:
+        name = f"{owner}/{model}" + (f"/{path}" if path else "")
+        raise EndpointNotFound(f"Unknown endpoint {name}.")
+    return endpoint
+
+
+def find_job(organization_id: uuid.UUID, owner: str, model: str, request_id: str) -> Job:
+    """A request of this organization on this app, or 404 (never 403: ids do not leak)."""
+    try:
+        job_id = uuid.UUID(request_id)
+    except ValueError:
+        raise RequestNotFound() from None
+    job = (
+        Job.objects.select_related("endpoint")
+        .filter(pk=job_id, organization_id=organization_id, endpoint__owner=owner, endpoint__name=model)
+        .first()
+    )
+    if job is None:
+        raise RequestNotFound()
+    return job
+
+
+def lifecycle_seconds(header: str | None) -> int | None:
+    """fal's ``X-Fal-Object-Lifecycle-Preference: {"expiration_duration_seconds": N}``."""
+    if not header:
+        return None
+    try:
+        seconds = json.loads(header).get("expiration_duration_seconds")
+    except (ValueError, AttributeError):
+        raise InputError(
+            [{"loc": ["header", "X-Fal-Object-Lifecycle-Preference"], "msg": "Invalid JSON.", "type": "json"}]
+        ) from None
+    if seconds is None:
+        return None
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds < 60:
+        raise InputError(
+            [
+                {
+                    "loc": ["header", "X-Fal-Object-Lifecycle-Preference", "expiration_duration_seconds"],
+                    "msg": "Should be an integer of at least 60 seconds.",
+                    "type": "out_of_range",
+                }
+            ]
+        )
+    return seconds
+
+
+def submit_from_request(request: HttpRequest, api_key: ApiKey, endpoint: Endpoint, payload: Any) -> tuple[Job, bool]:
+    """Shared by the queue and sync APIs: webhook, idempotency key and retention from the request."""
+    webhook_url = request.GET.get("fal_webhook", "")
+    if isinstance(payload, dict) and "webhook_url" in payload:
+        payload = dict(payload)
+        body_webhook = payload.pop("webhook_url")
+        if not isinstance(body_webhook, str):
+            raise InputError([{"loc": ["body", "webhook_url"], "msg": "Should be a URL.", "type": "url_type"}])
+        webhook_url = webhook_url or body_webhook
+    idempotency_key = request.headers.get("Idempotency-Key") or None
+    if idempotency_key and len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
+        raise InputError(
+            [{"loc": ["header", "Idempotency-Key"], "msg": "At most 255 characters.", "type": "string_too_long"}]
+        )
+    return submit_job(
+        organization=api_key.organization,
+        api_key=api_key,
+        endpoint=endpoint,
+        payload=payload,
+        webhook_url=webhook_url,
+        idempotency_key=idempotency_key,
+        retention_seconds=lifecycle_seconds(request.headers.get("X-Fal-Object-Lifecycle-Preference")),
+    )
+
+
+def refusal_response(exc: InputError | SubmissionRefused) -> JsonResponse:
+    if isinstance(exc, InputError):
+        return JsonResponse({"detail": exc.detail, "error_type": "validation_error"}, status=exc.status)
+    return JsonResponse({"detail": exc.detail, "error_type": exc.error_type}, status=exc.status)
+
+
+def handle_payload(job: Job, request: HttpRequest) -> dict[str, Any]:
+    return {
+        "request_id": str(job.id),
+        **handle_urls(job, request),
+        "status": "IN_QUEUE",
+        "queue_position": queue_position(job),
+    }
+
+
+def with_request_id(response: HttpResponse, job: Job | None) -> HttpResponse:
+    if job is not None:
+        response["x-fal-request-id"] = str(job.id)
+    return response
+
+
+class InferenceView(APIView):
+    permission_classes = (IsAuthenticated, HasScope)
+    required_scope = Scope.INFERENCE
+
+
+class SubmitView(InferenceView):
+    def post(self, request: Request, owner: str, model: str, path: str = "") -> HttpResponse:
+        endpoint = find_endpoint(owner, model, path)
+        try:
+            job, created = submit_from_request(request, request_api_key(request), endpoint, request.data)
+        except (InputError, SubmissionRefused) as exc:
+            return refusal_response(exc)
+        response = Response(handle_payload(job, request))
+        if not created:
+            response["Idempotent-Replayed"] = "true"
+        return with_request_id(response, job)
+
+
+def wants_logs(request: HttpRequest) -> bool:
+    # fal's client sends logs=true/false; the docs say logs=1.
+    return request.GET.get("logs", "").lower() in ("1", "true", "yes")
+
+
+class StatusView(InferenceView):
+    def get(self, request: Request, owner: str, model: str, request_id: str) -> HttpResponse:
+        job = find_job(request_api_key(request).organization_id, owner, model, request_id)
+        return with_request_id(Response(status_payload(job, request, with_logs=wants_logs(request))), job)
+
+
+def result_response(job: Job, request: HttpRequest) -> JsonResponse:
+    if job.status != JobStatus.COMPLETED:
+        status, body = result_error(job)
+        return JsonResponse(body, status=status)
+    response = JsonResponse(files.render_result(job, base_url=base_url(request)) or {})
+    usage = usage_of(job)
+    if usage:
+        response["x-billable-units"] = str(usage.get("billable_units", ""))
+        response["x-cost-micros"] = str(usage.get("cost_micros", ""))
+    response["x-gpu-ms"] = str(job.gpu_ms)
+    return response
+
+
+class ResultView(InferenceView):
+    def get(self, request: Request, owner: str, model: str, request_id: str) -> HttpResponse:
+        job = find_job(request_api_key(request).organization_id, owner, model, request_id)
+        if not job.is_final:
+            response = JsonResponse(
+                {"detail": "The request is still in progress.", "error_type": "request_in_progress"}, status=400
+            )
+        else:
+            response = result_response(job, request)
+        return with_request_id(response, job)
+
+
+class CancelView(InferenceView):
+    def put(self, request: Request, owner: str, model: str, request_id: str) -> HttpResponse:
+        try:
+            job = find_job(request_api_key(request).organization_id, owner, model, request_id)
+        except RequestNotFound:
+            return JsonResponse(
+                {"status": "NOT_FOUND", "detail": "Request not found.", "error_type": "request_not_found"}, status=404
+            )
+        outcome = cancel_job(job=job)
+        return with_request_id(
+            JsonResponse({"status": outcome}, status=202 if outcome == "CANCELLATION_REQUESTED" else 400), job
+        )
+
+
+# The waiting views: async, with the same authentication, scope and rate limit as the DRF ones.
+
+
+async def authenticate_async(request: HttpRequest) -> ApiKey | JsonResponse:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if not header or scheme.lower() not in ("key", "bearer"):
+        return JsonResponse(
+            {"detail": "Authentication credentials were not provided.", "error_type": "unauthorized"},
+            status=401,
+            headers={"WWW-Authenticate": 'Key realm="api"'},
+        )
+    try:
+        api_key = await sync_to_async(authenticate_token)(token)
+    except exceptions.APIException as exc:
+        codes = exc.get_codes()
+        return JsonResponse(
+            {"detail": str(exc.detail), "error_type": codes if isinstance(codes, str) else "unauthorized"},
+            status=exc.status_code,
+            headers={"WWW-Authenticate": 'Key realm="api"'} if exc.status_code == 401 else None,
+        )
+    if not api_key.has_scope(Scope.INFERENCE):
+        return JsonResponse(
+            {"detail": "This API key lacks the 'inference' scope.", "error_type": "insufficient_scope"}, status=403
+        )
+    wait = await sync_to_async(check_rate)(bucket=f"key:{api_key.pk}", limit=api_key.rate_limit_per_minute)
+    if wait:
+        return JsonResponse(
+            {"detail": "Request was throttled.", "error_type": "rate_limited"},
+            status=429,
+            headers={"Retry-After": str(int(-(-wait // 1)))},
+        )
+    return api_key
+
+
+def _load_job(job_id: uuid.UUID) -> Job:
+    return Job.objects.select_related("endpoint").get(pk=job_id)
+
+
+async def wait_until_final(job: Job, deadline: float) -> Job:
+    """Polls the job row with a short, growing interval until it is final or the deadline passes."""
+    interval = 0.02
+    while not job.is_final and time.monotonic() < deadline:
+        await asyncio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+        interval = min(interval * 1.5, 0.25)
+        job = await sync_to_async(_load_job)(job.id)
+    return job
+
+
+@csrf_exempt
+async def run_sync(request: HttpRequest, owner: str, model: str, path: str = "") -> HttpResponse:
+    """``POST /run/{owner}/{model}``: waits for the result; past the wait limit answers 202 with the
+    queue handle, so a paid result is never lost."""
+    if request.method != "POST":
+        return JsonResponse({"detail": "Method not allowed.", "error_type": "method_not_allowed"}, status=405)
+    authenticated = await authenticate_async(request)
+    if isinstance(authenticated, JsonResponse):
+        return authenticated
+    endpoint = await sync_to_async(Endpoint.objects.by_path)(owner, model, path)
+    if endpoint is None:
+        return JsonResponse({"detail": "Unknown endpoint.", "error_type": "endpoint_not_found"}, status=404)
+    if request.content_type != "application/json":
+        return JsonResponse(
+            {"detail": "The body must be JSON (application/json).", "error_type": "unsupported_media_type"}, status=415
+        )
+    try:
+        payload = json.loads(request.body or b"{}")
+    except (ValueError, RecursionError):
+        return JsonResponse({"detail": "JSON parse error.", "error_type": "invalid_json"}, status=400)
+    try:
+        job, _ = await sync_to_async(submit_from_request)(request, authenticated, endpoint, payload)
+    except (InputError, SubmissionRefused) as exc:
+        return refusal_response(exc)
+    job = await wait_until_final(job, time.monotonic() + settings.SYNC_RUN_WAIT_SECONDS)
+    if job.is_final:
+        response = await sync_to_async(result_response)(job, request)
+    else:
+        handle = await sync_to_async(handle_payload)(job, request)
+        response = JsonResponse(handle, status=202)
+    return with_request_id(response, job)
+
+
+@csrf_exempt
+async def status_stream(request: HttpRequest, owner: str, model: str, request_id: str) -> HttpResponseBase:
+    """Server-sent events: one ``data:`` line of the status object whenever it changes (progress:
+    step k of n), until the request is COMPLETED."""
+    if request.method != "GET":
+        return JsonResponse({"detail": "Method not allowed.", "error_type": "method_not_allowed"}, status=405)
+    authenticated = await authenticate_async(request)
+    if isinstance(authenticated, JsonResponse):
+        return authenticated
+    try:
+        job = await sync_to_async(find_job)(authenticated.organization_id, owner, model, request_id)
+    except RequestNotFound:
+        return JsonResponse({"detail": "Request not found.", "error_type": "request_not_found"}, status=404)
+    with_logs = wants_logs(request)
+
+    async def events() -> AsyncIterator[bytes]:
+        last = ""
+        quiet_since = time.monotonic()
+        current = job
+        while True:
+            payload = await sync_to_async(status_payload)(current, request, with_logs=with_logs)
+            encoded = json.dumps(payload, separators=(",", ":"))
+            if encoded != last:
+                last = encoded
+                quiet_since = time.monotonic()
+                yield f"data: {encoded}\n\n".encode()
+            elif time.monotonic() - quiet_since > 15:
+                quiet_since = time.monotonic()
+                yield b": keep-alive\n\n"
+            if current.is_final:
+                return
+            await asyncio.sleep(0.1)
+            current = await sync_to_async(_load_job)(current.id)
+
+    response = StreamingHttpResponse(events(), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    response["x-fal-request-id"] = str(job.id)
+    return response
+
+
+# The platform API: the catalogue of models and the organization's requests.
+
+
+class ModelsView(APIView):
+    permission_classes = (AllowAny,)
+
+    def get(self, request: Request) -> Response:
+        endpoints = Endpoint.objects.active()
+        return Response(
+            {
+                "models": [
+                    {
+                        "endpoint_id": endpoint.endpoint_id,
+                        "title": endpoint.title,
+                        "description": endpoint.description,
+                        "kind": endpoint.kind,
+                        "gpu_class": endpoint.gpu_class,
+                        "input_schema": input_schema(endpoint),
+                        "price": hooks.price(endpoint) if hooks.price is not None else None,
+                    }
+                    for endpoint in endpoints
+                ]
+            }
+        )

@@ -1,0 +1,353 @@
+"""Outputs and input images, kept in Django's default storage, handed out as signed, expiring URLs.
+
+Names are ``outputs/<org>/<job>/<n>.<ext>`` and ``inputs/<org>/<job>/input.<ext>``. A stored name is
+internal: ``job.result`` keeps it as ``path``, and ``render_result`` swaps it for a URL on the way out.
+
+URLs depend on where the files live:
+- local storage (the filesystem; Django's in-memory storage in tests): this app serves them itself at
+  ``/files/<name>?expires=<unix>&signature=<hmac>`` (``serve_file``), signed with SECRET_KEY;
+- anything else (an S3-compatible bucket through django-storages): the storage's own URL, which
+  django-storages presigns with ``querystring_auth`` and ``querystring_expire`` (settings.py).
+
+Retention: a completed job's ``outputs_expire_at`` comes from ``retention_seconds``. Past it the
+API shows no URL, and ``purge_expired_outputs`` deletes the files and marks the result purged:
+each stored image keeps its metadata with ``path: None`` (so it renders as ``url: null``), inline
+data URIs are dropped the same way, and the result gains ``"outputs_purged": true``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import copy
+import inspect
+import logging
+import mimetypes
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from django.conf import settings
+from django.core.files.base import ContentFile
+from django.core.files.storage import FileSystemStorage, InMemoryStorage, Storage, default_storage
+from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
+from django.http.response import HttpResponseBase
+from django.utils import timezone
+from django.utils.crypto import constant_time_compare, salted_hmac
+
+from inference.engine.outputs import EncodedImage
+from inference.inputs import InlineImage
+from inference.models import Job, TenantSettings
+
+logger = logging.getLogger(__name__)
+
+OUTPUTS = "outputs"
+INPUTS = "inputs"
+SERVED_ROOTS = (OUTPUTS, INPUTS)
+# Its own salt, so no other HMAC made with SECRET_KEY (sessions, signing.dumps) can pass as a file URL.
+SIGNATURE_SALT = "inference.files.signed-url"
+PURGE_BATCH_SIZE = 200
+
+_EXTENSIONS = {
+    "image/png": "png",
+    "image/jpeg": "jpg",
+    "image/webp": "webp",
+    "image/gif": "gif",
+    "image/bmp": "bmp",
+    "image/tiff": "tiff",
+}
+
+
+def _unix_now() -> int:
+    return int(time.time())
+
+
+def _extension(content_type: str) -> str:
+    if content_type in _EXTENSIONS:
+        return _EXTENSIONS[content_type]
+    guessed = mimetypes.guess_extension(content_type)
+    return guessed.lstrip(".") if guessed else "bin"
+
+
+def _job_folder(root: str, organization_id: uuid.UUID | str, job_id: uuid.UUID | str) -> str:
+    return f"{root}/{organization_id}/{job_id}"
+
+
+# Storing and reading
+
+
+def save_input_image(organization_id: uuid.UUID | str, job_id: uuid.UUID | str, image: InlineImage) -> str:
+    """Stores an inline input image (a decoded data URI) and returns its storage name."""
+    name = f"{_job_folder(INPUTS, organization_id, job_id)}/input.{_extension(image.content_type)}"
+    return default_storage.save(name, ContentFile(image.data))
+
+
+def read_input(name: str) -> bytes:
+    with default_storage.open(name, "rb") as stored:
+        data: bytes = stored.read()
+    return data
+
+
+def save_outputs(job: Job, images: list[EncodedImage]) -> list[dict[str, Any]]:
+    """Stores the job's images; returns their internal form for ``job.result`` (``path`` never leaves us).
+
+    If a file of that name is already there (an earlier attempt died after storing), the storage
+    picks a free name; the returned ``path`` is the one actually written, and the purge clears the
+    whole job folder, strays included.
+    """
+    stored = []
+    for number, image in enumerate(images):
+        file_name = f"{number}.{_extension(image.content_type)}"
+        path = default_storage.save(
+            f"{_job_folder(OUTPUTS, job.organization_id, job.pk)}/{file_name}", ContentFile(image.data)
+        )
+        stored.append({"path": path, **_metadata(image, file_name)})
+    return stored
+
+
+def inline_outputs(images: list[EncodedImage]) -> list[dict[str, Any]]:
+    """``sync_mode``: the images themselves, as data URIs; nothing is stored."""
+    inline = []
+    for number, image in enumerate(images):
+        encoded = base64.b64encode(image.data).decode("ascii")
+        file_name = f"{number}.{_extension(image.content_type)}"
+        inline.append({"url": f"data:{image.content_type};base64,{encoded}", **_metadata(image, file_name)})
+    return inline
+
+
+def _metadata(image: EncodedImage, file_name: str) -> dict[str, Any]:
+    # fal's Image type: url, width, height, content_type, file_name, file_size.
+    return {
+        "width": image.width,
+        "height": image.height,
+        "content_type": image.content_type,
+        "file_name": file_name,
+        "file_size": len(image.data),
+    }
+
+
+# Signed URLs
+
+
+def _serves_locally(storage: Storage) -> bool:
+    """Storages without URLs of their own that a client could fetch: this app serves their files."""
+    return isinstance(storage, FileSystemStorage | InMemoryStorage)
+
+
+def _is_servable(name: str) -> bool:
+    """A plain relative name under outputs/ or inputs/: no traversal, no absolute path, no odd bytes."""
+    if "\x00" in name or "\\" in name:
+        return False
+    parts = name.split("/")
+    return len(parts) >= 2 and parts[0] in SERVED_ROOTS and all(part not in ("", ".", "..") for part in parts)
+
+
+def _signature(name: str, expires: int, secret: str | bytes | None = None) -> str:
+    return salted_hmac(SIGNATURE_SALT, f"{name}\n{expires}", secret=secret, algorithm="sha256").hexdigest()
+
+
+def signed_url(name: str, *, base_url: str, ttl: int | None = None) -> str:
+    """A URL that fetches the stored file for ``ttl`` seconds (default OUTPUT_URL_TTL_SECONDS)."""
+    storage = default_storage
+    if not _serves_locally(storage):
+        # django-storages presigns (querystring auth); `expire` overrides its configured lifetime.
+        if ttl is not None and "expire" in inspect.signature(storage.url).parameters:
+            return storage.url(name, expire=ttl)  # type: ignore[call-arg]
+        return storage.url(name)
+    if not _is_servable(name):
+        raise ValueError(f"not a servable storage name: {name!r}")
+    expires = _unix_now() + (settings.OUTPUT_URL_TTL_SECONDS if ttl is None else ttl)
+    query = urlencode({"expires": expires, "signature": _signature(name, expires)})
+    return f"{base_url.rstrip('/')}/files/{quote(name, safe='/')}?{query}"
+
+
+def verify_signature(name: str, expires: int | str, signature: str) -> bool:
+    """Whether ``signature`` is ours for this name and expiry (authenticity only: the caller checks the time).
+
+    Compared in constant time, against SECRET_KEY and its fallbacks, so a key rotation does not
+    break the URLs already handed out.
+    """
+    if isinstance(expires, str):
+        if not (expires.isascii() and expires.isdigit() and len(expires) <= 12):
+            return False
+        expires = int(expires)
+    secrets = [settings.SECRET_KEY, *settings.SECRET_KEY_FALLBACKS]
+    return any(constant_time_compare(_signature(name, expires, secret), signature) for secret in secrets)
+
+
+def _error(status: int, detail: str, error_type: str) -> JsonResponse:
+    return JsonResponse({"detail": detail, "error_type": error_type}, status=status)
+
+
+def serve_file(request: HttpRequest, name: str) -> HttpResponseBase:
+    """``GET /files/<name>?expires=&signature=``: a stored file, for as long as its signed URL lives."""
+    if request.method not in ("GET", "HEAD"):
+        refusal = _error(405, "Method not allowed.", "method_not_allowed")
+        refusal["Allow"] = "GET, HEAD"
+        return refusal
+    if not _is_servable(name):
+        return _error(404, "Not found.", "not_found")
+    expires = request.GET.get("expires", "")
+    if not verify_signature(name, expires, request.GET.get("signature", "")):
+        return _error(403, "The URL's signature is not valid.", "invalid_signature")
+    remaining = int(expires) - _unix_now()
+    if remaining <= 0:
+        return _error(403, "The URL has expired; fetch the result again for a fresh one.", "url_expired")
+    content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    try:
+        if request.method == "HEAD":
+            response: HttpResponseBase = HttpResponse(content_type=content_type)
+            response["Content-Length"] = str(default_storage.size(name))
+        else:
+            response = FileResponse(default_storage.open(name, "rb"), content_type=content_type)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return _error(404, "The file is no longer available (outputs are deleted after their retention).", "not_found")
+    response["Cache-Control"] = f"private, max-age={remaining}"
+    response["X-Content-Type-Options"] = "nosniff"
+    # A stored file is data, never a page: nothing in it may run if a browser opens it directly.
+    response["Content-Security-Policy"] = "default-src 'none'; sandbox"
+    return response
+
+
+# Results as the API shows them
+
+
+def _map_files(value: Any, change: Callable[[dict[str, Any]], dict[str, Any]]) -> Any:
+    """``value`` with every file object in it (a dict with ``content_type`` and ``url`` or ``path``) changed."""
+    if isinstance(value, dict):
+        if "content_type" in value and ("path" in value or "url" in value):
+            return change(value)
+        return {key: _map_files(item, change) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_map_files(item, change) for item in value]
+    return value
+
+
+def _outputs_gone(job: Job, now: datetime) -> bool:
+    if isinstance(job.result, dict) and job.result.get("outputs_purged"):
+        return True
+    return job.outputs_expire_at is not None and job.outputs_expire_at <= now
+
+
+def render_result(job: Job, *, base_url: str) -> dict[str, Any] | None:
+    """``job.result`` as the API shows it: stored images get a signed ``url`` and lose their ``path``.
+
+    Inline (sync_mode) images pass unchanged. Past the retention (purged, or expired and waiting for
+    the purge), every image shows ``url: null`` with its metadata. URLs never outlive the retention.
+    """
+    if job.result is None:
+        return None
+    now = timezone.now()
+    gone = _outputs_gone(job, now)
+    ttl = settings.OUTPUT_URL_TTL_SECONDS
+    if job.outputs_expire_at is not None:
+        ttl = max(1, min(ttl, int((job.outputs_expire_at - now).total_seconds())))
+
+    def show(file: dict[str, Any]) -> dict[str, Any]:
+        if "path" not in file:
+            is_inline = isinstance(file.get("url"), str) and file["url"].startswith("data:")
+            return {**file, "url": None} if gone and is_inline else file
+        shown = {key: item for key, item in file.items() if key != "path"}
+        path = file["path"]
+        shown["url"] = signed_url(path, base_url=base_url, ttl=ttl) if path and not gone else None
+        return shown
+
+    rendered: dict[str, Any] = _map_files(copy.deepcopy(job.result), show)
+    return rendered
+
+
+# Retention
+
+
+def retention_seconds(job: Job) -> int:
+    """How long this job's outputs are kept: the request's own choice, else its organization's, else ours."""
+    requested = job.input.get("retention_seconds") if isinstance(job.input, dict) else None
+    if isinstance(requested, int) and not isinstance(requested, bool) and requested > 0:
+        return requested
+    tenant_value = (
+        TenantSettings.objects.filter(organization_id=job.organization_id)
+        .values_list("output_retention_seconds", flat=True)
+        .first()
+    )
+    if tenant_value:
+        return tenant_value
+    return int(settings.OUTPUT_RETENTION_SECONDS)
+
+
+def _purged(result: Any) -> Any:
+    if not isinstance(result, dict):
+        return result
+
+    def forget(file: dict[str, Any]) -> dict[str, Any]:
+        if "path" in file:
+            return {**file, "path": None}
+        if isinstance(file.get("url"), str) and file["url"].startswith("data:"):
+            return {**file, "url": None}  # sync_mode outputs are outputs too: retention applies
+        return file
+
+    return {**_map_files(result, forget), "outputs_purged": True}
+
+
+def _referenced_paths(job: Job) -> Iterable[str]:
+    found: list[str] = []
+
+    def collect(file: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(file.get("path"), str):
+            found.append(file["path"])
+        return file
+
+    _map_files(job.result, collect)
+    image_path = job.input.get("image_path") if isinstance(job.input, dict) else None
+    if isinstance(image_path, str):
+        found.append(image_path)
+    return found
+
+
+def _delete_job_files(job: Job) -> None:
+    """Deletes everything stored for the job; files already gone are fine."""
+    storage = default_storage
+    names = set(_referenced_paths(job))
+    folders = [_job_folder(root, job.organization_id, job.pk) for root in SERVED_ROOTS]
+    for folder in folders:
+        with contextlib.suppress(FileNotFoundError, NotImplementedError):
+            names.update(f"{folder}/{file_name}" for file_name in storage.listdir(folder)[1])
+    for name in sorted(names):
+        with contextlib.suppress(FileNotFoundError):
+            storage.delete(name)
+    if isinstance(storage, FileSystemStorage):
+        # The filesystem keeps empty folders; one per job would pile up.
+        for folder in folders:
+            with contextlib.suppress(OSError):  # not empty, or already gone
+                os.rmdir(storage.path(folder))
+
+
+def purge_expired_outputs(now: datetime | None = None, *, limit: int = PURGE_BATCH_SIZE) -> int:
+    """Deletes the files of up to ``limit`` jobs past their retention; returns how many jobs it purged.
+
+    Files go first, then the row (a conditional UPDATE): a crash in between leaves the job to the next
+    run, which deletes again (a missing file is no error). Purging clears ``outputs_expire_at``, so
+    each job is purged once.
+    """
+    now = now or timezone.now()
+    expired = list(
+        Job.objects.filter(outputs_expire_at__isnull=False, outputs_expire_at__lte=now).order_by(
+            "outputs_expire_at", "id"
+        )[:limit]
+    )
+    purged = 0
+    for job in expired:
+        try:
+            _delete_job_files(job)
+        except Exception:
+            logger.exception("could not delete the stored files of job %s; the next purge tries again", job.pk)
+            continue
+        purged += Job.objects.filter(pk=job.pk, outputs_expire_at=job.outputs_expire_at).update(
+            result=_purged(job.result), outputs_expire_at=None
+        )
+    if purged:
+        logger.info("purged the outputs of %d jobs past their retention", purged)
+    return purged

@@ -1,0 +1,55 @@
+"""What inference asks of the layers above it, without knowing them (DESIGN §1).
+
+``inference`` knows nothing of money. ``billing`` registers these hooks when its app is ready;
+until then (or in a deployment without billing) every answer is permissive and free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from accounts.models import ApiKey, Organization
+    from inference.models import Endpoint, Job, JobAttempt
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why new work may not start (or go on): answered to the client as ``{detail, error_type}``."""
+
+    detail: str
+    error_type: str
+    status: int = 402
+
+
+AdmissionCheck = Callable[["Organization", "ApiKey | None", "Endpoint", dict[str, Any]], "Refusal | None"]
+HeartbeatCheck = Callable[["Job", int], "Refusal | None"]
+AttemptFinished = Callable[["Job", "JobAttempt"], None]
+JobUsage = Callable[["Job"], "dict[str, Any] | None"]
+EndpointPrice = Callable[["Endpoint"], "dict[str, Any] | None"]
+
+
+@dataclass
+class Hooks:
+    # May this organization (and key) start this job? Called inside the submission transaction.
+    admit: AdmissionCheck | None = None
+    # May this running job go on, having used ``gpu_ms`` so far? Called at each heartbeat.
+    may_continue: HeartbeatCheck | None = None
+    # This attempt is final; called inside the transaction that moves the job to its final state.
+    attempt_finished: AttemptFinished | None = None
+    # What did this job cost (the ``usage`` object of status and result), or None.
+    usage: JobUsage | None = None
+    # The price shown for an endpoint in /v1/models, or None.
+    price: EndpointPrice | None = None
+
+
+hooks = Hooks()
+
+
+def register(**implementations: Any) -> None:
+    for name, implementation in implementations.items():
+        if not hasattr(hooks, name):
+            raise AttributeError(f"No inference hook named {name!r}")
+        setattr(hooks, name, implementation)

@@ -1,0 +1,298 @@
+"""The input contract of the image endpoints, in fal's shape, checked against each endpoint's limits.
+
+Errors are collected, not raised one at a time, so a client learns about every bad field at once:
+``[{loc: ["body", field], msg, type}]`` as fal (FastAPI) answers them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import secrets
+from dataclasses import asdict, dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from inference.models import Endpoint, PipelineKind
+
+IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
+    "square_hd": (1024, 1024),
+    "square": (512, 512),
+    "portrait_4_3": (768, 1024),
+    "portrait_16_9": (576, 1024),
+    "landscape_4_3": (1024, 768),
+    "landscape_16_9": (1024, 576),
+}
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+MAX_GUIDANCE_SCALE = 20.0
+MAX_SEED = 2**32 - 1
+DATA_URI = re.compile(r"^data:(?P<mime>image/[a-z0-9.+-]+)?(?P<b64>;base64)?,(?P<data>.*)$", re.DOTALL | re.IGNORECASE)
+
+
+class InputError(Exception):
+    """The request's input is invalid: 422 (or 413 for an oversized image) with every problem listed."""
+
+    def __init__(self, detail: list[dict[str, Any]], status: int = 422) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.status = status
+
+
+@dataclass(frozen=True)
+class GenerationInput:
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+    num_images: int
+    output_format: str
+    sync_mode: bool
+    image_url: str | None = None  # as given (a data URI is replaced by the stored upload's name)
+    strength: float | None = None
+    seeds: list[int] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class InlineImage:
+    """An input image sent inline as a data URI, decoded and checked at submission."""
+
+    data: bytes
+    content_type: str
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.errors: list[dict[str, Any]] = []
+        self.too_large = False
+
+    def add(self, name: str | list[str | int], msg: str, kind: str) -> None:
+        loc = ["body", *([name] if isinstance(name, str) else name)]
+        self.errors.append({"loc": loc, "msg": msg, "type": kind})
+
+
+def _int(c: _Collector, payload: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
+    value = payload.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            c.add(name, "Input should be a valid integer.", "int_type")
+            return default
+    if not low <= value <= high:
+        c.add(name, f"Input should be between {low} and {high}.", "out_of_range")
+    return int(value)
+
+
+def _float(c: _Collector, payload: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
+    value = payload.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        c.add(name, "Input should be a valid number.", "float_type")
+        return default
+    if not low <= float(value) <= high:
+        c.add(name, f"Input should be between {low} and {high}.", "out_of_range")
+    return float(value)
+
+
+def _str(c: _Collector, payload: dict[str, Any], name: str, default: str, max_chars: int) -> str:
+    value = payload.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        c.add(name, "Input should be a valid string.", "string_type")
+        return default
+    if len(value) > max_chars:
+        c.add(name, f"String should have at most {max_chars} characters.", "string_too_long")
+    return value
+
+
+def _image_size(c: _Collector, payload: dict[str, Any], endpoint: Endpoint) -> tuple[int, int]:
+    value = payload.get("image_size")
+    default = (endpoint.default_width, endpoint.default_height)
+    if value is None:
+        return default
+    if isinstance(value, str):
+        if value not in IMAGE_SIZE_PRESETS:
+            c.add("image_size", f"Unknown preset; use one of {', '.join(IMAGE_SIZE_PRESETS)}.", "enum")
+            return default
+        width, height = IMAGE_SIZE_PRESETS[value]
+        loc: list[str | int] = ["image_size"]
+    elif isinstance(value, dict):
+        given = {axis: value.get(axis) for axis in ("width", "height")}
+        bad = [axis for axis, number in given.items() if isinstance(number, bool) or not isinstance(number, int)]
+        for axis in bad:
+            c.add(["image_size", axis], "Input should be a valid integer.", "int_type")
+        if bad:
+            return default
+        width, height = int(given["width"]), int(given["height"])  # type: ignore[arg-type]
+        loc = ["image_size"]
+    else:
+        c.add("image_size", "Input should be a preset name or {width, height}.", "model_type")
+        return default
+    for axis, number, limit in (("width", width, endpoint.max_width), ("height", height, endpoint.max_height)):
+        if not 8 <= number <= limit:
+            c.add([*loc, axis], f"{axis} should be between 8 and {limit} on this endpoint.", "out_of_range")
+        elif number % 8:
+            c.add([*loc, axis], f"{axis} should be a multiple of 8.", "multiple_of")
+    return width, height
+
+
+def _image_url(c: _Collector, payload: dict[str, Any], endpoint: Endpoint) -> tuple[str | None, InlineImage | None]:
+    value = payload.get("image_url")
+    if value is None:
+        c.add("image_url", "Field required.", "missing")
+        return None, None
+    if not isinstance(value, str) or not value:
+        c.add("image_url", "Input should be an http(s) URL or a data URI.", "url_type")
+        return None, None
+    match = DATA_URI.match(value)
+    if match:
+        if not match.group("b64"):
+            c.add("image_url", "A data URI must be base64-encoded.", "url_type")
+            return None, None
+        try:
+            data = base64.b64decode(match.group("data"), validate=True)
+        except (binascii.Error, ValueError):
+            c.add("image_url", "The data URI is not valid base64.", "url_type")
+            return None, None
+        if len(data) > endpoint.max_input_image_bytes:
+            c.too_large = True
+            c.add("image_url", f"The image is larger than {endpoint.max_input_image_bytes} bytes.", "too_large")
+            return None, None
+        content_type = _check_image(c, data)
+        return None, InlineImage(data=data, content_type=content_type) if content_type else None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        c.add("image_url", "Input should be an http(s) URL or a data URI.", "url_scheme")
+        return None, None
+    return value, None
+
+
+def _check_image(c: _Collector, data: bytes) -> str:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+            return Image.MIME.get(image.format or "", "application/octet-stream")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        c.add("image_url", "The data URI does not hold a readable image.", "image_invalid")
+        return ""
+
+
+def validate_input(endpoint: Endpoint, payload: Any) -> tuple[GenerationInput, InlineImage | None]:
+    """The request's input with defaults applied, or ``InputError`` listing every problem."""
+    c = _Collector()
+    if not isinstance(payload, dict):
+        raise InputError([{"loc": ["body"], "msg": "Input should be a JSON object.", "type": "model_type"}])
+    prompt = _str(c, payload, "prompt", "", endpoint.max_prompt_chars)
+    if "prompt" not in payload:
+        c.add("prompt", "Field required.", "missing")
+    elif isinstance(payload.get("prompt"), str) and not prompt.strip():
+        c.add("prompt", "String should not be empty.", "string_too_short")
+    negative_prompt = _str(c, payload, "negative_prompt", "", endpoint.max_prompt_chars)
+    width, height = _image_size(c, payload, endpoint)
+    steps = _int(c, payload, "num_inference_steps", endpoint.default_steps, 1, endpoint.max_steps)
+    guidance = _float(c, payload, "guidance_scale", endpoint.default_guidance_scale, 0.0, MAX_GUIDANCE_SCALE)
+    num_images = _int(c, payload, "num_images", 1, 1, endpoint.max_images)
+    seed = _int(c, payload, "seed", -1, 0, MAX_SEED) if payload.get("seed") is not None else secrets.randbelow(MAX_SEED)
+    output_format = payload.get("output_format", "png")
+    if output_format not in OUTPUT_FORMATS:
+        c.add("output_format", f"Input should be one of {', '.join(OUTPUT_FORMATS)}.", "enum")
+    sync_mode = payload.get("sync_mode", False)
+    if not isinstance(sync_mode, bool):
+        c.add("sync_mode", "Input should be a valid boolean.", "bool_type")
+    image_url: str | None = None
+    inline: InlineImage | None = None
+    strength: float | None = None
+    if endpoint.kind == PipelineKind.IMAGE_TO_IMAGE:
+        image_url, inline = _image_url(c, payload, endpoint)
+        strength = _float(c, payload, "strength", endpoint.default_strength, 0.01, 1.0)
+        if not c.errors and strength is not None and int(steps * strength) < 1:
+            c.add("strength", "strength * num_inference_steps must be at least 1.", "out_of_range")
+    if c.errors:
+        raise InputError(c.errors, status=413 if c.too_large else 422)
+    seeds = [(seed + index) % (MAX_SEED + 1) for index in range(num_images)]
+    generation = GenerationInput(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        width=width,
+        height=height,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        seed=seed,
+        num_images=num_images,
+        output_format=str(output_format),
+        sync_mode=bool(sync_mode),
+        image_url=image_url,
+        strength=strength,
+        seeds=seeds,
+    )
+    return generation, inline
+
+
+def input_schema(endpoint: Endpoint) -> dict[str, Any]:
+    """JSON Schema of the endpoint's input, with its own limits and defaults (for /v1/models)."""
+    properties: dict[str, Any] = {
+        "prompt": {"type": "string", "minLength": 1, "maxLength": endpoint.max_prompt_chars},
+        "negative_prompt": {"type": "string", "maxLength": endpoint.max_prompt_chars, "default": ""},
+        "image_size": {
+            "oneOf": [
+                {"type": "string", "enum": list(IMAGE_SIZE_PRESETS)},
+                {
+                    "type": "object",
+                    "properties": {
+                        "width": {"type": "integer", "minimum": 8, "maximum": endpoint.max_width, "multipleOf": 8},
+                        "height": {"type": "integer", "minimum": 8, "maximum": endpoint.max_height, "multipleOf": 8},
+                    },
+                    "required": ["width", "height"],
+                },
+            ],
+            "default": {"width": endpoint.default_width, "height": endpoint.default_height},
+        },
+        "num_inference_steps": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": endpoint.max_steps,
+            "default": endpoint.default_steps,
+        },
+        "guidance_scale": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": MAX_GUIDANCE_SCALE,
+            "default": endpoint.default_guidance_scale,
+        },
+        "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED, "description": "Random when left out."},
+        "num_images": {"type": "integer", "minimum": 1, "maximum": endpoint.max_images, "default": 1},
+        "output_format": {"type": "string", "enum": list(OUTPUT_FORMATS), "default": "png"},
+        "sync_mode": {
+            "type": "boolean",
+            "default": False,
+            "description": "Return images inline as data URIs instead of stored, signed URLs.",
+        },
+    }
+    required = ["prompt"]
+    if endpoint.kind == PipelineKind.IMAGE_TO_IMAGE:
+        properties["image_url"] = {
+            "type": "string",
+            "description": f"http(s) URL or base64 data URI, at most {endpoint.max_input_image_bytes} bytes.",
+        }
+        properties["strength"] = {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "maximum": 1,
+            "default": endpoint.default_strength,
+        }
+        required.append("image_url")
+    return {"type": "object", "properties": properties, "required": required}

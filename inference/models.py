@@ -1,0 +1,291 @@
+"""The model registry (endpoints) and jobs with their attempts: the heart of metering.
+
+The database row is the source of truth for a job (DESIGN §3); a Celery message carries only ids.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from django.core.validators import MinValueValidator
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+from accounts.models import ApiKey, TenantModel
+
+
+class PipelineKind(models.TextChoices):
+    TEXT_TO_IMAGE = "text-to-image", "Text to image"
+    IMAGE_TO_IMAGE = "image-to-image", "Image to image"
+
+
+class GpuClass(models.TextChoices):
+    """Each class has its own Celery queue, served by workers with that hardware (DESIGN §2)."""
+
+    H100 = "gpu-h100", "NVIDIA H100"
+    A10G = "gpu-a10g", "NVIDIA A10G"
+    CPU = "cpu", "CPU"
+
+
+class EndpointQuerySet(models.QuerySet["Endpoint"]):
+    def active(self) -> EndpointQuerySet:
+        return self.filter(is_active=True)
+
+    def by_path(self, owner: str, name: str, path: str = "") -> Endpoint | None:
+        return self.active().filter(owner=owner, name=name, path=path).first()
+
+
+class Endpoint(models.Model):
+    """A model served as an API: ``owner/name`` plus an optional sub-path (``/image-to-image``).
+
+    Adding a model is a row here, not code: ``weights`` is ``builtin:<name>`` or a local diffusers folder.
+    """
+
+    owner = models.SlugField(max_length=64)
+    name = models.SlugField(max_length=64)
+    path = models.SlugField(max_length=64, blank=True, help_text="Sub-path, e.g. image-to-image; empty for the root.")
+    title = models.CharField(max_length=120, blank=True)
+    description = models.TextField(blank=True)
+    kind = models.CharField(max_length=32, choices=PipelineKind.choices)
+    weights = models.CharField(
+        max_length=500, help_text="builtin:tiny-sd, or the path of a diffusers folder (model_index.json)."
+    )
+    gpu_class = models.CharField(max_length=16, choices=GpuClass.choices, default=GpuClass.CPU)
+    is_active = models.BooleanField(default=True)
+
+    # Parameter limits, enforced at submission (422 beyond them).
+    max_width = models.PositiveIntegerField(default=1024, validators=[MinValueValidator(8)])
+    max_height = models.PositiveIntegerField(default=1024, validators=[MinValueValidator(8)])
+    max_steps = models.PositiveIntegerField(default=50, validators=[MinValueValidator(1)])
+    max_images = models.PositiveIntegerField(default=4, validators=[MinValueValidator(1)])
+    max_prompt_chars = models.PositiveIntegerField(default=2000, validators=[MinValueValidator(1)])
+    max_input_image_bytes = models.PositiveIntegerField(default=8 * 1024 * 1024)
+
+    # Defaults for what a request leaves out.
+    default_width = models.PositiveIntegerField(default=512)
+    default_height = models.PositiveIntegerField(default=512)
+    default_steps = models.PositiveIntegerField(default=25)
+    default_guidance_scale = models.FloatField(default=7.5)
+    default_strength = models.FloatField(default=0.75)
+
+    optimization_profile = models.JSONField(
+        default=dict, blank=True, help_text="Engine optimizations switched on for this endpoint."
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    objects = EndpointQuerySet.as_manager()
+
+    class Meta:
+        ordering = ("owner", "name", "path")
+        constraints = [models.UniqueConstraint(fields=["owner", "name", "path"], name="endpoint_unique_path")]
+
+    def __str__(self) -> str:
+        return self.endpoint_id
+
+    @property
+    def app_id(self) -> str:
+        return f"{self.owner}/{self.name}"
+
+    @property
+    def endpoint_id(self) -> str:
+        return f"{self.app_id}/{self.path}" if self.path else self.app_id
+
+
+class JobStatus(models.TextChoices):
+    QUEUED = "QUEUED"
+    DISPATCHED = "DISPATCHED"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+ACTIVE_STATUSES = (JobStatus.DISPATCHED, JobStatus.RUNNING)
+FINAL_STATUSES = (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class Job(TenantModel):
+    """One request to a model. Its id is the public ``request_id``."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.PROTECT, related_name="jobs")
+    api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    gpu_class = models.CharField(max_length=16, choices=GpuClass.choices)
+    status = models.CharField(max_length=16, choices=JobStatus.choices, default=JobStatus.QUEUED)
+    input = models.JSONField()
+    webhook_url = models.URLField(max_length=2000, blank=True)
+    # NULL, not "": requests without a key must not collide in the unique constraint.
+    idempotency_key = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001
+    request_fingerprint = models.CharField(max_length=64, blank=True)
+
+    attempt = models.PositiveIntegerField(default=0, help_text="The attempt now dispatched or running.")
+    max_attempts = models.PositiveIntegerField(default=3)
+    worker = models.CharField(max_length=200, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
+
+    progress_step = models.PositiveIntegerField(default=0)
+    progress_total = models.PositiveIntegerField(default=0)
+    result = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    error_type = models.CharField(max_length=64, blank=True)
+    gpu_ms = models.PositiveBigIntegerField(default=0, help_text="Billable GPU time of the final attempt.")
+    cold_start_ms = models.PositiveBigIntegerField(default=0)
+
+    created_at = models.DateTimeField(default=timezone.now)
+    dispatched_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    outputs_expire_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ("-created_at",)
+        indexes = [
+            models.Index(fields=["organization", "status", "created_at"], name="job_org_status_created"),
+            models.Index(fields=["status", "gpu_class", "dispatched_at"], name="job_status_class_dispatched"),
+            models.Index(fields=["status", "lease_expires_at"], name="job_status_lease"),
+            models.Index(fields=["organization", "-created_at"], name="job_org_created"),
+            models.Index(fields=["-created_at"], name="job_created"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "idempotency_key"],
+                condition=Q(idempotency_key__isnull=False),
+                name="job_idempotency_key_unique",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.id} {self.status}"
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+
+class AttemptOutcome(models.TextChoices):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # the request's own fault (bad input the model refused): billed
+    ERRORED = "errored"  # the platform's fault (crash, out of memory): not billed
+    CANCELLED = "cancelled"  # the customer cancelled it while running: billed for the time used
+    LOST = "lost"  # the worker died (lease expired): not billed
+
+
+BILLABLE_OUTCOMES = (AttemptOutcome.SUCCEEDED, AttemptOutcome.FAILED, AttemptOutcome.CANCELLED)
+
+
+class JobAttempt(models.Model):
+    """One try of a job on a worker. GPU time is measured per attempt; billing reads it from here."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="attempts")
+    number = models.PositiveIntegerField()
+    worker = models.CharField(max_length=200, blank=True)
+    outcome = models.CharField(max_length=16, choices=AttemptOutcome.choices, default=AttemptOutcome.RUNNING)
+    gpu_ms = models.PositiveBigIntegerField(default=0)
+    cold_start_ms = models.PositiveBigIntegerField(default=0)
+    error = models.TextField(blank=True)
+    started_at = models.DateTimeField(default=timezone.now)
+    heartbeat_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ("job", "number")
+        constraints = [models.UniqueConstraint(fields=["job", "number"], name="attempt_unique_number")]
+
+    def __str__(self) -> str:
+        return f"{self.job_id} #{self.number} {self.outcome}"
+
+    @property
+    def billable(self) -> bool:
+        return self.outcome in BILLABLE_OUTCOMES
+
+
+class JobLog(models.Model):
+    """What the request's ``logs`` show: lines from the worker while the job runs."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="logs")
+    level = models.CharField(max_length=8, default="INFO")
+    source = models.CharField(max_length=16, default="worker")
+    message = models.TextField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ("job", "id")
+
+    def __str__(self) -> str:
+        return f"{self.created_at:%H:%M:%S} {self.level} {self.message}"
+
+    def as_fal(self) -> dict[str, Any]:
+        return {
+            "message": self.message,
+            "level": self.level,
+            "source": self.source,
+            "timestamp": self.created_at.isoformat(),
+        }
+
+
+class TenantSettings(models.Model):
+    """An organization's inference settings: output retention and the secret its webhooks are signed with."""
+
+    organization = models.OneToOneField(
+        "accounts.Organization", on_delete=models.CASCADE, related_name="inference_settings"
+    )
+    output_retention_seconds = models.PositiveIntegerField(
+        null=True, blank=True, help_text="How long outputs are kept; empty: the platform default."
+    )
+    webhook_secret = models.CharField(max_length=100, help_text="Standard Webhooks secret, whsec_<base64>.")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name_plural = "tenant settings"
+
+    def __str__(self) -> str:
+        return f"settings of {self.organization_id}"
+
+
+class WebhookStatus(models.TextChoices):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"  # gave up after the retry window
+
+
+class WebhookDelivery(models.Model):
+    """The webhook of one finished request: its state and the next try (retries are driven from here)."""
+
+    job = models.OneToOneField(Job, on_delete=models.CASCADE, related_name="webhook")
+    url = models.URLField(max_length=2000)
+    status = models.CharField(max_length=16, choices=WebhookStatus.choices, default=WebhookStatus.PENDING)
+    message_id = models.CharField(max_length=64, help_text="The webhook-id header: the same on every retry.")
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ("-created_at",)
+        verbose_name_plural = "webhook deliveries"
+
+    def __str__(self) -> str:
+        return f"webhook of {self.job_id} ({self.status})"
+
+
+class WebhookAttempt(models.Model):
+    """One try at delivering a webhook: the delivery log a developer reads in the API."""
+
+    delivery = models.ForeignKey(WebhookDelivery, on_delete=models.CASCADE, related_name="log")
+    number = models.PositiveIntegerField()
+    status_code = models.PositiveIntegerField(null=True, blank=True)
+    error = models.CharField(max_length=500, blank=True)
+    response_excerpt = models.CharField(max_length=500, blank=True)
+    duration_ms = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ("delivery", "number")
+        constraints = [models.UniqueConstraint(fields=["delivery", "number"], name="webhook_attempt_unique_number")]
+
+    def __str__(self) -> str:
+        return f"#{self.number} {self.status_code or self.error}"

@@ -1,0 +1,91 @@
+"""How jobs look from outside: fal's status and handle objects, queue positions, result errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.http import HttpRequest
+
+from inference.hooks import hooks
+from inference.models import Job, JobLog, JobStatus
+
+# fal's client knows three statuses; failed and cancelled requests are COMPLETED with an error.
+FAL_STATUS = {
+    JobStatus.QUEUED: "IN_QUEUE",
+    JobStatus.DISPATCHED: "IN_QUEUE",
+    JobStatus.RUNNING: "IN_PROGRESS",
+    JobStatus.COMPLETED: "COMPLETED",
+    JobStatus.FAILED: "COMPLETED",
+    JobStatus.CANCELLED: "COMPLETED",
+}
+
+# The HTTP status of a result URL whose request did not produce an output.
+RESULT_ERROR_STATUS = {
+    "cancelled": 400,
+    "image_load_error": 422,
+    "image_too_large": 413,
+    "insufficient_credits": 402,
+    "spend_limit_exceeded": 402,
+    "timeout": 504,
+    "model_unavailable": 503,
+}
+
+
+def queue_position(job: Job) -> int:
+    """0-based: the jobs that will start before this one on its GPU class."""
+    waiting_on_class = Job.objects.filter(status=JobStatus.DISPATCHED, gpu_class=job.gpu_class)
+    if job.status == JobStatus.DISPATCHED:
+        assert job.dispatched_at is not None  # noqa: S101  (set with the status)
+        return waiting_on_class.filter(dispatched_at__lt=job.dispatched_at).count()
+    if job.status == JobStatus.QUEUED:
+        ahead_in_tenant = Job.objects.filter(
+            organization_id=job.organization_id, status=JobStatus.QUEUED, created_at__lt=job.created_at
+        ).count()
+        return ahead_in_tenant + waiting_on_class.count()
+    return 0
+
+
+def base_url(request: HttpRequest) -> str:
+    return f"{request.scheme}://{request.get_host()}"
+
+
+def handle_urls(job: Job, request: HttpRequest) -> dict[str, str]:
+    """fal's client also builds these itself as ``{queue}/{owner}/{name}/requests/{id}`` (no sub-path)."""
+    root = f"{base_url(request)}/queue/{job.endpoint.app_id}/requests/{job.id}"
+    return {"response_url": root, "status_url": f"{root}/status", "cancel_url": f"{root}/cancel"}
+
+
+def logs_of(job: Job) -> list[dict[str, Any]]:
+    return [entry.as_fal() for entry in JobLog.objects.filter(job_id=job.id).order_by("id")]
+
+
+def usage_of(job: Job) -> dict[str, Any] | None:
+    if not job.is_final or hooks.usage is None:
+        return None
+    return hooks.usage(job)
+
+
+def status_payload(job: Job, request: HttpRequest, *, with_logs: bool) -> dict[str, Any]:
+    status = FAL_STATUS[JobStatus(job.status)]
+    payload: dict[str, Any] = {
+        "status": status,
+        "request_id": str(job.id),
+        **handle_urls(job, request),
+        "logs": logs_of(job) if with_logs else None,
+    }
+    if status == "IN_QUEUE":
+        payload["queue_position"] = queue_position(job)
+    elif status == "IN_PROGRESS":
+        payload["progress"] = {"step": job.progress_step, "total": job.progress_total}
+    else:
+        payload["metrics"] = {"inference_time": round(job.gpu_ms / 1000, 3)} if job.gpu_ms else {}
+        payload["error"] = job.error or None
+        payload["error_type"] = job.error_type or None
+    payload["usage"] = usage_of(job)
+    return payload
+
+
+def result_error(job: Job) -> tuple[int, dict[str, Any]]:
+    """The answer of a result URL for a request that ended without an output."""
+    status = RESULT_ERROR_STATUS.get(job.error_type, 500)
+    return status, {"detail": job.error or "The request failed.", "error_type": job.error_type or "internal_error"}

@@ -1,0 +1,122 @@
+"""``/v1/requests``: the organization's request history, and one request with everything about it."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from django.db.models import QuerySet
+from rest_framework import exceptions
+from rest_framework.pagination import CursorPagination
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from accounts.models import ApiKey, Scope
+from accounts.permissions import HasScope, request_organization
+from inference import files
+from inference.models import Job, JobStatus
+from inference.presenters import FAL_STATUS, base_url, logs_of, usage_of
+
+
+class RequestsPage(CursorPagination):
+    ordering = ("-created_at", "-id")
+    page_size = 50
+    page_size_query_param = "limit"
+    max_page_size = 200
+
+
+def summary(job: Job) -> dict[str, Any]:
+    return {
+        "request_id": str(job.id),
+        "endpoint_id": job.endpoint.endpoint_id,
+        "status": job.status,
+        "fal_status": FAL_STATUS[JobStatus(job.status)],
+        "error_type": job.error_type or None,
+        "gpu_ms": job.gpu_ms,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "api_key_id": str(job.api_key_id) if job.api_key_id else None,
+    }
+
+
+class UsageOrInference(HasScope):
+    """Reading request history: keys that run models, or that read usage."""
+
+    def has_permission(self, request: Request, view: Any) -> bool:
+        api_key = request.auth
+        if isinstance(api_key, ApiKey) and (api_key.has_scope(Scope.INFERENCE) or api_key.has_scope(Scope.USAGE_READ)):
+            return True
+        self.message = "This API key needs the 'inference' or 'usage:read' scope."
+        return False
+
+
+class RequestListView(APIView):
+    permission_classes = (IsAuthenticated, UsageOrInference)
+
+    def get(self, request: Request) -> Response:
+        jobs: QuerySet[Job] = Job.objects.filter(organization=request_organization(request)).select_related("endpoint")
+        status = request.query_params.get("status")
+        if status:
+            if status.upper() not in JobStatus.values:
+                raise exceptions.ValidationError({"status": [f"Use one of {', '.join(JobStatus.values)}."]})
+            jobs = jobs.filter(status=status.upper())
+        endpoint_id = request.query_params.get("endpoint_id")
+        if endpoint_id:
+            owner, _, rest = endpoint_id.partition("/")
+            name, _, path = rest.partition("/")
+            jobs = jobs.filter(endpoint__owner=owner, endpoint__name=name, endpoint__path=path)
+        paginator = RequestsPage()
+        page = paginator.paginate_queryset(jobs, request, view=self) or []
+        return paginator.get_paginated_response([summary(job) for job in page])
+
+
+class RequestDetailView(APIView):
+    permission_classes = (IsAuthenticated, UsageOrInference)
+
+    def get(self, request: Request, request_id: str) -> Response:
+        try:
+            job_id = uuid.UUID(request_id)
+        except ValueError:
+            raise exceptions.NotFound() from None
+        job = (
+            Job.objects.filter(pk=job_id, organization=request_organization(request)).select_related("endpoint").first()
+        )
+        if job is None:
+            raise exceptions.NotFound()
+        from inference.webhooks import delivery_log
+
+        public_input = {key: value for key, value in job.input.items() if key not in ("image_path", "seeds")}
+        return Response(
+            {
+                **summary(job),
+                "input": public_input,
+                "result": files.render_result(job, base_url=base_url(request)) if job.status == "COMPLETED" else None,
+                "error": job.error or None,
+                "logs": logs_of(job),
+                "timeline": {
+                    "queued_at": job.created_at,
+                    "dispatched_at": job.dispatched_at,
+                    "started_at": job.started_at,
+                    "finished_at": job.finished_at,
+                },
+                "attempts": [
+                    {
+                        "number": attempt.number,
+                        "outcome": attempt.outcome,
+                        "worker": attempt.worker,
+                        "gpu_ms": attempt.gpu_ms,
+                        "cold_start_ms": attempt.cold_start_ms,
+                        "billable": attempt.billable,
+                        "started_at": attempt.started_at,
+                        "finished_at": attempt.finished_at,
+                        "error": attempt.error or None,
+                    }
+                    for attempt in job.attempts.order_by("number")
+                ],
+                "usage": usage_of(job),
+                "webhook": delivery_log(job),
+            }
+        )

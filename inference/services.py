@@ -1,0 +1,451 @@
+"""The job lifecycle (DESIGN §3): submit, dispatch, claim, heartbeat, finish, reap, cancel.
+
+Every transition is one conditional UPDATE on the job row, checked by its row count
+(healthchecks' sendalerts), so two processes can never both move the same job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from celery import current_app
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import F, Value
+from django.db.models.functions import Coalesce, Greatest
+from django.utils import timezone
+
+from accounts.models import ApiKey, Organization
+from inference import files
+from inference.hooks import Refusal, hooks
+from inference.inputs import validate_input
+from inference.models import (
+    ACTIVE_STATUSES,
+    AttemptOutcome,
+    Endpoint,
+    Job,
+    JobAttempt,
+    JobLog,
+    JobStatus,
+    WebhookDelivery,
+)
+from inference.webhooks import WebhookUrlError, check_webhook_url
+
+logger = logging.getLogger(__name__)
+
+RUN_TASK = "inference.run_job"
+
+
+class SubmissionRefused(Exception):
+    def __init__(self, detail: str, error_type: str, status: int) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.error_type = error_type
+        self.status = status
+
+
+class IdempotencyConflict(SubmissionRefused):
+    def __init__(self) -> None:
+        super().__init__(
+            "This Idempotency-Key was already used with a different request body or endpoint.",
+            "idempotency_key_reused",
+            422,
+        )
+
+
+def log_job(job_id: uuid.UUID | str, message: str, *, level: str = "INFO", source: str = "platform") -> None:
+    JobLog.objects.create(job_id=job_id, message=message, level=level, source=source)
+
+
+def _fingerprint(endpoint: Endpoint, payload: Any, webhook_url: str) -> str:
+    canonical = json.dumps([endpoint.endpoint_id, payload, webhook_url], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def submit_job(
+    *,
+    organization: Organization,
+    api_key: ApiKey | None,
+    endpoint: Endpoint,
+    payload: Any,
+    webhook_url: str = "",
+    idempotency_key: str | None = None,
+    retention_seconds: int | None = None,
+) -> tuple[Job, bool]:
+    """The job for this request and whether it is new (False: an earlier one with the same key).
+
+    Raises ``InputError`` (422/413) or ``SubmissionRefused`` (402, 422...). Nothing is stored
+    for a refused request.
+    """
+    fingerprint = _fingerprint(endpoint, payload, webhook_url)
+    if idempotency_key:
+        earlier = _same_key(organization, idempotency_key, fingerprint)
+        if earlier is not None:
+            return earlier, False
+    generation, inline_image = validate_input(endpoint, payload)
+    if webhook_url:
+        try:
+            check_webhook_url(webhook_url)
+        except WebhookUrlError as exc:
+            raise SubmissionRefused(str(exc), "invalid_webhook_url", 422) from None
+    job_id = uuid.uuid4()
+    job_input = generation.as_json()
+    if retention_seconds is not None:
+        job_input["retention_seconds"] = retention_seconds
+    if inline_image is not None:
+        job_input["image_path"] = files.save_input_image(organization.pk, job_id, inline_image)
+    try:
+        with transaction.atomic():
+            if hooks.admit is not None:
+                refusal = hooks.admit(organization, api_key, endpoint, job_input)
+                if refusal is not None:
+                    raise SubmissionRefused(refusal.detail, refusal.error_type, refusal.status)
+            job = Job.objects.create(
+                id=job_id,
+                organization=organization,
+                api_key=api_key,
+                endpoint=endpoint,
+                gpu_class=endpoint.gpu_class,
+                input=job_input,
+                webhook_url=webhook_url,
+                idempotency_key=idempotency_key or None,
+                request_fingerprint=fingerprint,
+                max_attempts=settings.JOB_MAX_ATTEMPTS,
+            )
+            log_job(job.id, f"Request queued for {endpoint.endpoint_id}.")
+            transaction.on_commit(lambda: dispatch_organization(organization.pk))
+    except IntegrityError:
+        # Another request with the same Idempotency-Key won the race: answer with its job.
+        earlier = _same_key(organization, idempotency_key, fingerprint) if idempotency_key else None
+        if earlier is None:
+            raise
+        return earlier, False
+    return job, True
+
+
+def _same_key(organization: Organization, idempotency_key: str, fingerprint: str) -> Job | None:
+    earlier = Job.objects.filter(organization=organization, idempotency_key=idempotency_key).first()
+    if earlier is not None and earlier.request_fingerprint != fingerprint:
+        raise IdempotencyConflict()
+    return earlier
+
+
+def dispatch_organization(organization_id: uuid.UUID) -> int:
+    """Sends this organization's oldest queued jobs to the workers while it is under its limit.
+
+    The organization row is locked, so concurrent dispatchers cannot together exceed the limit.
+    Jobs over the limit wait in QUEUED; a tenant's burst never fills another tenant's slots.
+    """
+    to_send: list[tuple[str, int, str]] = []
+    with transaction.atomic():
+        organization = Organization.objects.select_for_update().filter(pk=organization_id).first()
+        if organization is None or organization.is_suspended:
+            return 0
+        active = Job.objects.filter(organization_id=organization_id, status__in=ACTIVE_STATUSES).count()
+        capacity = organization.concurrency_limit - active
+        if capacity <= 0:
+            return 0
+        ids = list(
+            Job.objects.filter(organization_id=organization_id, status=JobStatus.QUEUED)
+            .order_by("created_at", "id")
+            .values_list("id", flat=True)[:capacity]
+        )
+        if not ids:
+            return 0
+        Job.objects.filter(pk__in=ids, status=JobStatus.QUEUED).update(
+            status=JobStatus.DISPATCHED, attempt=F("attempt") + 1, dispatched_at=timezone.now()
+        )
+        to_send = [
+            (str(job_id), attempt, gpu_class)
+            for job_id, attempt, gpu_class in Job.objects.filter(pk__in=ids, status=JobStatus.DISPATCHED).values_list(
+                "id", "attempt", "gpu_class"
+            )
+        ]
+        transaction.on_commit(lambda: [send_run_message(*message) for message in to_send])
+    return len(to_send)
+
+
+def send_run_message(job_id: str, attempt: int, queue: str) -> bool:
+    """Hands a dispatched job to the broker. If the broker is down, the job goes back to the queue."""
+    try:
+        current_app.send_task(RUN_TASK, args=[job_id, attempt], queue=queue, retry=False)
+    except Exception as exc:
+        logger.warning("broker refused job %s attempt %s: %s; it waits for the next sweep", job_id, attempt, exc)
+        Job.objects.filter(pk=job_id, status=JobStatus.DISPATCHED, attempt=attempt).update(
+            status=JobStatus.QUEUED, attempt=attempt - 1, dispatched_at=None
+        )
+        return False
+    return True
+
+
+def lease_deadline() -> Any:
+    return timezone.now() + timedelta(seconds=settings.JOB_LEASE_SECONDS)
+
+
+def claim_job(*, job_id: str, attempt: int, worker: str) -> Job | None:
+    """The job, now RUNNING on this worker, or None if another message (or a cancel) got there first."""
+    now = timezone.now()
+    with transaction.atomic():
+        claimed = Job.objects.filter(pk=job_id, status=JobStatus.DISPATCHED, attempt=attempt).update(
+            status=JobStatus.RUNNING,
+            worker=worker,
+            lease_expires_at=lease_deadline(),
+            started_at=Coalesce(F("started_at"), Value(now)),
+            progress_step=0,
+            progress_total=0,
+        )
+        if not claimed:
+            return None
+        JobAttempt.objects.create(job_id=job_id, number=attempt, worker=worker, started_at=now, heartbeat_at=now)
+        log_job(job_id, f"Attempt {attempt} started on {worker}.", source="worker")
+    return Job.objects.select_related("endpoint", "organization").get(pk=job_id)
+
+
+@dataclass(frozen=True)
+class HeartbeatAnswer:
+    keep_going: bool
+    reason: str = ""
+    error_type: str = ""
+
+
+def heartbeat(*, job_id: str, attempt: int, step: int, total: int, gpu_ms: int) -> HeartbeatAnswer:
+    """Renews the lease and reports progress; says whether the job should go on."""
+    now = timezone.now()
+    renewed = Job.objects.filter(pk=job_id, status=JobStatus.RUNNING, attempt=attempt).update(
+        lease_expires_at=lease_deadline(), progress_step=step, progress_total=total
+    )
+    if not renewed:
+        return HeartbeatAnswer(False, "This attempt no longer owns the job.", "lost")
+    JobAttempt.objects.filter(job_id=job_id, number=attempt).update(heartbeat_at=now)
+    job = Job.objects.select_related("organization", "api_key", "endpoint").get(pk=job_id)
+    if job.cancel_requested_at is not None:
+        return HeartbeatAnswer(False, "Cancelled by request.", "cancelled")
+    if hooks.may_continue is not None:
+        refusal: Refusal | None = hooks.may_continue(job, gpu_ms)
+        if refusal is not None:
+            return HeartbeatAnswer(False, refusal.detail, refusal.error_type)
+    return HeartbeatAnswer(True)
+
+
+FINAL_STATUS = {
+    AttemptOutcome.SUCCEEDED: JobStatus.COMPLETED,
+    AttemptOutcome.FAILED: JobStatus.FAILED,
+    AttemptOutcome.ERRORED: JobStatus.FAILED,
+    AttemptOutcome.LOST: JobStatus.FAILED,
+    AttemptOutcome.CANCELLED: JobStatus.CANCELLED,
+}
+
+
+def finish_attempt(
+    *,
+    job_id: str,
+    attempt: int,
+    outcome: AttemptOutcome,
+    gpu_ms: int,
+    cold_start_ms: int = 0,
+    result: dict[str, Any] | None = None,
+    error: str = "",
+    error_type: str = "",
+    retry: bool = False,
+) -> Job | None:
+    """Closes the attempt and moves the job on, in one transaction with billing's hook.
+
+    ``retry``: the platform failed and the job may run again if attempts remain. Returns None if
+    the attempt had already been closed (its lease expired and the reaper took the job back).
+    """
+    with transaction.atomic():
+        job = Job.objects.select_for_update().filter(pk=job_id, status=JobStatus.RUNNING, attempt=attempt).first()
+        if job is None:
+            return None
+        attempt_row = JobAttempt.objects.select_for_update().get(job_id=job_id, number=attempt)
+        _close(
+            job, attempt_row, outcome=outcome, gpu_ms=gpu_ms, cold_start_ms=cold_start_ms, result=result,
+            error=error, error_type=error_type, retry=retry,
+        )  # fmt: skip
+    return job
+
+
+def _close(
+    job: Job,
+    attempt_row: JobAttempt,
+    *,
+    outcome: AttemptOutcome,
+    gpu_ms: int,
+    cold_start_ms: int,
+    result: dict[str, Any] | None,
+    error: str,
+    error_type: str,
+    retry: bool,
+) -> None:
+    now = timezone.now()
+    attempt_row.outcome = outcome
+    attempt_row.gpu_ms = gpu_ms
+    attempt_row.cold_start_ms = cold_start_ms
+    attempt_row.error = error
+    attempt_row.finished_at = now
+    attempt_row.save(update_fields=["outcome", "gpu_ms", "cold_start_ms", "error", "finished_at"])
+    job.worker = ""
+    job.lease_expires_at = None
+    job.cold_start_ms += cold_start_ms
+    if retry and job.attempt < job.max_attempts and job.cancel_requested_at is None:
+        job.status = JobStatus.QUEUED
+        job.dispatched_at = None
+        log_job(job.id, f"Attempt {job.attempt} failed ({error}); the request is queued again.", level="WARNING")
+    else:
+        job.status = FINAL_STATUS[outcome]
+        job.result = result
+        job.error = error
+        job.error_type = error_type
+        job.gpu_ms = gpu_ms if attempt_row.billable else 0
+        job.finished_at = now
+        # Outputs, and the input image of any final job, are deleted once retention has passed.
+        job.outputs_expire_at = now + timedelta(seconds=files.retention_seconds(job))
+        log_job(job.id, _final_line(job), level="INFO" if job.status == JobStatus.COMPLETED else "ERROR")
+    job.save()
+    if hooks.attempt_finished is not None:
+        hooks.attempt_finished(job, attempt_row)
+    organization_id = job.organization_id
+    final = job.is_final
+    job_id = job.id
+    transaction.on_commit(lambda: _after_attempt(organization_id, job_id, final))
+
+
+def _final_line(job: Job) -> str:
+    if job.status == JobStatus.COMPLETED:
+        return f"Completed in {job.gpu_ms} ms of GPU time."
+    if job.status == JobStatus.CANCELLED:
+        return f"Cancelled ({job.error})."
+    return f"Failed: {job.error}"
+
+
+def _after_attempt(organization_id: uuid.UUID, job_id: uuid.UUID, final: bool) -> None:
+    from inference.webhooks import schedule_webhook
+
+    if final:
+        schedule_webhook(job_id)
+    dispatch_organization(organization_id)
+
+
+def reap_expired_leases() -> int:
+    """Jobs whose worker stopped renewing its lease: close the attempt (unbilled) and retry or fail."""
+    now = timezone.now()
+    reaped = 0
+    for job_id, attempt in Job.objects.filter(status=JobStatus.RUNNING, lease_expires_at__lt=now).values_list(
+        "id", "attempt"
+    ):
+        with transaction.atomic():
+            job = (
+                Job.objects.select_for_update()
+                .filter(pk=job_id, status=JobStatus.RUNNING, attempt=attempt, lease_expires_at__lt=now)
+                .first()
+            )
+            if job is None:
+                continue
+            attempt_row = JobAttempt.objects.select_for_update().get(job_id=job_id, number=attempt)
+            # The GPU was held at least until the last heartbeat; record that, unbilled.
+            held_ms = max(0, math.ceil((attempt_row.heartbeat_at - attempt_row.started_at).total_seconds() * 1000))
+            _close(
+                job, attempt_row, outcome=AttemptOutcome.LOST, gpu_ms=held_ms, cold_start_ms=0, result=None,
+                error="The worker running this request stopped responding.", error_type="internal_error", retry=True,
+            )  # fmt: skip
+            reaped += 1
+    return reaped
+
+
+def redispatch_stale() -> int:
+    """Re-sends dispatched jobs no worker has claimed for a while: the broker may have lost them."""
+    cutoff = timezone.now() - timedelta(seconds=settings.JOB_REDISPATCH_AFTER_SECONDS)
+    stale = list(
+        Job.objects.filter(status=JobStatus.DISPATCHED, dispatched_at__lt=cutoff).values_list(
+            "id", "attempt", "gpu_class"
+        )
+    )
+    for job_id, attempt, gpu_class in stale:
+        Job.objects.filter(pk=job_id, status=JobStatus.DISPATCHED, attempt=attempt).update(dispatched_at=timezone.now())
+        send_run_message(str(job_id), attempt, gpu_class)
+    return len(stale)
+
+
+def sweep() -> dict[str, int]:
+    """The periodic safety net: reap dead workers, re-send lost messages, dispatch waiting work."""
+    reaped = reap_expired_leases()
+    resent = redispatch_stale()
+    dispatched = 0
+    for organization_id in (
+        Job.objects.filter(status=JobStatus.QUEUED).values_list("organization_id", flat=True).distinct()
+    ):
+        dispatched += dispatch_organization(organization_id)
+    return {"reaped": reaped, "resent": resent, "dispatched": dispatched}
+
+
+def cancel_job(*, job: Job) -> str:
+    """fal's answer: CANCELLATION_REQUESTED or ALREADY_COMPLETED. A job not yet running is cancelled
+    at once and never billed; a running one stops at its next denoising step."""
+    now = timezone.now()
+    with transaction.atomic():
+        cancelled = Job.objects.filter(pk=job.pk, status__in=(JobStatus.QUEUED, JobStatus.DISPATCHED)).update(
+            status=JobStatus.CANCELLED,
+            cancel_requested_at=now,
+            finished_at=now,
+            error="Cancelled before it started.",
+            error_type="cancelled",
+            lease_expires_at=None,
+        )
+        if cancelled and job.input.get("image_path"):
+            Job.objects.filter(pk=job.pk).update(
+                outputs_expire_at=now + timedelta(seconds=files.retention_seconds(job))
+            )
+        if cancelled:
+            log_job(job.pk, "Cancelled before it started.")
+            organization_id, job_id = job.organization_id, job.pk
+            transaction.on_commit(lambda: _after_attempt(organization_id, job_id, True))
+            return "CANCELLATION_REQUESTED"
+        requested = Job.objects.filter(pk=job.pk, status=JobStatus.RUNNING).update(
+            cancel_requested_at=Coalesce(F("cancel_requested_at"), Value(now))
+        )
+        if requested:
+            log_job(job.pk, "Cancellation requested; the request stops at its next step.")
+            return "CANCELLATION_REQUESTED"
+    return "ALREADY_COMPLETED"
+
+
+def requeue_job(*, job: Job, log_line: str = "Requeued by an operator.") -> bool:
+    """Puts a failed or cancelled request back in the queue; False if it is in any other state.
+
+    The attempt counter is kept, so a message for an earlier attempt still in the broker can never claim it; a job
+    that has used all its attempts gets one more. Its outcome (error, result, GPU time, times) is cleared, and so is
+    a cancel request, which the next attempt's heartbeat would otherwise obey at once.
+    """
+    with transaction.atomic():
+        requeued = Job.objects.filter(pk=job.pk, status__in=(JobStatus.FAILED, JobStatus.CANCELLED)).update(
+            status=JobStatus.QUEUED,
+            max_attempts=Greatest(F("max_attempts"), F("attempt") + 1),
+            result=None,
+            error="",
+            error_type="",
+            gpu_ms=0,
+            worker="",
+            lease_expires_at=None,
+            cancel_requested_at=None,
+            progress_step=0,
+            progress_total=0,
+            dispatched_at=None,
+            started_at=None,
+            finished_at=None,
+            outputs_expire_at=None,
+        )
+        if not requeued:
+            return False
+        # The next final state sends the webhook afresh, under a new message id.
+        WebhookDelivery.objects.filter(job_id=job.pk).delete()
+        log_job(job.pk, log_line)
+        organization_id = job.organization_id
+        transaction.on_commit(lambda: dispatch_organization(organization_id))
+    return True

@@ -1,0 +1,39 @@
+"""Celery tasks: thin, taking ids and calling a service (HackSoft styleguide)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import shared_task
+from celery.signals import worker_ready
+
+from inference import file_tasks, webhook_tasks  # noqa: F401  (their tasks register with Celery)
+
+
+@shared_task(name="inference.run_job", ignore_result=True, acks_late=True, reject_on_worker_lost=True)
+def run_job(job_id: str, attempt: int) -> None:
+    from inference.worker import execute
+
+    execute(job_id, attempt)
+
+
+@shared_task(name="inference.sweep", ignore_result=True)
+def sweep() -> dict[str, int]:
+    from inference.services import sweep as run_sweep
+
+    return run_sweep()
+
+
+@shared_task(name="inference.sync_models", ignore_result=True)
+def sync_models() -> Any:
+    from inference.registry import sync_local_models
+
+    return sync_local_models()
+
+
+@worker_ready.connect
+def register_local_models(**_: Any) -> None:
+    """A worker that starts makes the model folders it can see servable at once."""
+    from inference.registry import sync_local_models
+
+    sync_local_models()

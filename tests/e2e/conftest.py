@@ -1,0 +1,230 @@
+"""The platform as it runs: an HTTPS ASGI server and real Celery workers, against the test database.
+
+fal's official client reads its hosts from the environment when it is imported, so the port and
+the trust store are chosen here, at collection time, before any test imports ``fal_client``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trustme
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+PORT = free_port()
+CERT_DIR = Path(tempfile.mkdtemp(prefix="e2e-tls-"))
+_ca = trustme.CA()
+_ca.cert_pem.write_to_path(str(CERT_DIR / "ca.pem"))
+_server_cert = _ca.issue_cert("127.0.0.1", "localhost")
+_server_cert.private_key_pem.write_to_path(str(CERT_DIR / "server.key"))
+_server_cert.cert_chain_pems[0].write_to_path(str(CERT_DIR / "server.pem"))
+for extra in _server_cert.cert_chain_pems[1:]:
+    with open(CERT_DIR / "server.pem", "ab") as chain:
+        chain.write(extra.bytes())
+
+BASE_URL = f"https://127.0.0.1:{PORT}"
+os.environ["FAL_RUN_HOST"] = f"127.0.0.1:{PORT}/run"
+os.environ["FAL_QUEUE_RUN_HOST"] = f"127.0.0.1:{PORT}/queue"
+os.environ["SSL_CERT_FILE"] = str(CERT_DIR / "ca.pem")
+
+
+def database_url() -> str:
+    from django.db import connection
+
+    params = connection.settings_dict
+    if params["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{params['NAME']}"
+    user = params.get("USER") or "postgres"
+    password = f":{params['PASSWORD']}" if params.get("PASSWORD") else ""
+    return (
+        f"postgres://{user}{password}@{params.get('HOST') or '127.0.0.1'}:{params.get('PORT') or 5432}/{params['NAME']}"
+    )
+
+
+@dataclass
+class Broker:
+    """A private redis-server as the broker, so a test can take it down and bring it back."""
+
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )
+        wait_for(lambda: _port_open(self.port), 10, "the broker's redis-server")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_for(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except Exception:  # noqa: S110  (not up yet)
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} did not come up within {timeout} s")
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    data_dir: Path
+    broker: Broker | None
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    logs: dict[str, Path] = field(default_factory=dict)
+
+    base_url = BASE_URL
+    ca_file = str(CERT_DIR / "ca.pem")
+
+    def _start(self, name: str, argv: list[str]) -> None:
+        log = self.data_dir / f"{name}.log"
+        self.logs[name] = log
+        self.processes[name] = subprocess.Popen(
+            argv, cwd=REPO, env=self.env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def start_web(self) -> None:
+        self._start(
+            "web",
+            [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1", "--port", str(PORT),
+             "--ssl-keyfile", str(CERT_DIR / "server.key"), "--ssl-certfile", str(CERT_DIR / "server.pem"),
+             "--no-access-log"],
+        )  # fmt: skip
+        wait_for(lambda: self.client().get("/healthz").status_code == 200, 60, "the web server")
+
+    def start_gpu_worker(self) -> None:
+        self._start(
+            "gpu",
+            [sys.executable, "-m", "celery", "--app", "config", "worker", "--queues", "cpu", "--concurrency", "1",
+             "--prefetch-multiplier", "1", "-n", f"gpu-{os.getpid()}@%h", "--without-gossip", "--without-mingle",
+             "--loglevel", "INFO"],
+        )  # fmt: skip
+
+    def start_housekeeping(self) -> None:
+        self._start(
+            "housekeeping",
+            [sys.executable, "-m", "celery", "--app", "config", "worker", "--queues", "default", "--concurrency", "1",
+             "-n", f"housekeeping-{os.getpid()}@%h", "--without-gossip", "--without-mingle", "--beat",
+             "--schedule", str(self.data_dir / "beat-schedule"), "--loglevel", "INFO"],
+        )  # fmt: skip
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the process and its children (the prefork pool), as a crashed machine would."""
+        process = self.processes.pop(name)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+    def stop(self, name: str) -> None:
+        process = self.processes.pop(name, None)
+        if process is None:
+            return
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+
+    def client(self, key: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Key {key}"} if key else {}
+        return httpx.Client(base_url=BASE_URL, verify=self.ssl_context(), headers=headers, timeout=60)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.ca_file)
+
+    def log_tail(self, name: str, lines: int = 60) -> str:
+        return "\n".join(self.logs[name].read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture(scope="session")
+def stack(django_db_setup: Any, django_db_blocker: Any) -> Iterator[Stack]:
+    data_dir = Path(os.environ["PLATFORM_DATA_DIR"])
+    with django_db_blocker.unblock():
+        url = database_url()
+    broker = Broker() if shutil.which("redis-server") else None
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "PLATFORM_DATA_DIR": str(data_dir),
+        "PUBLIC_BASE_URL": BASE_URL,
+        "OUTBOUND_ALLOW_PRIVATE": "1",
+        "JOB_LEASE_SECONDS": "3",
+        "JOB_HEARTBEAT_MS": "200",
+        "JOB_SWEEP_SECONDS": "1",
+        "JOB_REDISPATCH_AFTER_SECONDS": "2",
+        "SYNC_RUN_WAIT_SECONDS": "30",
+        "DATABASE_POOL_MAX_SIZE": "4",
+        "LOG_LEVEL": "INFO",
+        "PYTHONUNBUFFERED": "1",
+    }
+    if broker is not None:
+        broker.start()
+        env["BROKER_URL"] = broker.url
+    stack = Stack(env=env, data_dir=data_dir, broker=broker)
+    try:
+        stack.start_web()
+        stack.start_housekeeping()
+        stack.start_gpu_worker()
+        yield stack
+    finally:
+        for name in list(stack.processes):
+            stack.stop(name)
+        if broker is not None:
+            broker.stop()
+
+
+@pytest.fixture
+def e2e_tenant(stack: Stack, transactional_db: None) -> dict[str, Any]:
+    """A developer, their organization and an inference key, committed so the server sees them."""
+    from accounts.models import Organization, Scope
+    from accounts.services import create_api_key, sign_up
+    from inference.catalog import ensure_builtin_endpoints
+    from inference.models import Endpoint
+
+    ensure_builtin_endpoints(Endpoint)
+    user = sign_up(email=f"e2e-{os.urandom(4).hex()}@example.com", password=None)
+    organization = Organization.objects.get(memberships__user=user)
+    _, key = create_api_key(
+        organization=organization, name="e2e", scopes=[Scope.INFERENCE, Scope.USAGE_READ], created_by=user
+    )
+    return {"user": user, "organization": organization, "key": key}
