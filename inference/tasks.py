@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from celery import shared_task
@@ -37,3 +38,9 @@ def register_local_models(**_: Any) -> None:
     from inference.registry import sync_local_models
 
     sync_local_models()
+
+
+@shared_task(name="inference.probe")
+def probe() -> float:
+    """Does nothing but tell when it ran: a bare Celery round trip, the queue benchmark's baseline."""
+    return time.time()
