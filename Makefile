@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 
-.PHONY: run test lint typecheck pytest pytest-sqlite bench-api install clean
+.PHONY: run test lint typecheck pytest pytest-sqlite bench-api bench-queue install clean
 
 ## Set up and run the platform on the embedded default (SQLite, no services): http://127.0.0.1:$(PORT)
 run: install
@@ -39,6 +39,10 @@ pytest-sqlite: install
 ## Request rate of an authenticated GET /v1/me against /healthz, on a real server
 bench-api: install
 	$(BIN)/python -m tests.bench.api_rate
+
+## Submit latency, queue overhead and sustained submits/s, against a bare Celery round trip
+bench-queue: install
+	$(BIN)/python -m tests.bench.queue_overhead
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -210,7 +210,16 @@ def start_embedded(tmp_path: Path) -> Iterator[Any]:
         log = tmp_path / "runplatform.log"
         with log.open("wb") as log_file:
             process = subprocess.Popen(
-                [sys.executable, "manage.py", "runplatform", "--port", str(port), *extra],
+                [
+                    sys.executable,
+                    "manage.py",
+                    "runplatform",
+                    "--port",
+                    str(port),
+                    "--tls-port",
+                    str(free_port()),
+                    *extra,
+                ],
                 cwd=REPO_ROOT,
                 env=embedded_env(tmp_path),
                 stdout=log_file,
