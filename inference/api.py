@@ -15,6 +15,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import connection
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions
@@ -28,6 +29,7 @@ from accounts.limits import check_rate
 from accounts.models import ApiKey, Scope
 from accounts.permissions import HasScope, request_api_key
 from inference import files
+from inference.files import MAX_RETENTION_SECONDS
 from inference.hooks import hooks
 from inference.inputs import InputError, input_schema
 from inference.models import Endpoint, Job, JobStatus
@@ -82,12 +84,12 @@ def lifecycle_seconds(header: str | None) -> int | None:
         ) from None
     if seconds is None:
         return None
-    if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds < 60:
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or not 60 <= seconds <= MAX_RETENTION_SECONDS:
         raise InputError(
             [
                 {
                     "loc": ["header", "X-Fal-Object-Lifecycle-Preference", "expiration_duration_seconds"],
-                    "msg": "Should be an integer of at least 60 seconds.",
+                    "msg": f"Should be an integer from 60 to {MAX_RETENTION_SECONDS} seconds.",
                     "type": "out_of_range",
                 }
             ]
@@ -174,8 +176,8 @@ def result_response(job: Job, request: HttpRequest) -> JsonResponse:
     if job.status != JobStatus.COMPLETED:
         status, body = result_error(job)
         return JsonResponse(body, status=status)
-    response = JsonResponse(files.render_result(job, base_url=base_url(request)) or {})
     usage = usage_of(job)
+    response = JsonResponse({**(files.render_result(job, base_url=base_url(request)) or {}), "usage": usage})
     if usage:
         response["x-billable-units"] = str(usage.get("billable_units", ""))
         response["x-cost-micros"] = str(usage.get("cost_micros", ""))
@@ -245,7 +247,18 @@ async def authenticate_async(request: HttpRequest) -> ApiKey | JsonResponse:
 
 
 def _load_job(job_id: uuid.UUID) -> Job:
-    return Job.objects.select_related("endpoint").get(pk=job_id)
+    # A waiting view polls for a long time: give the connection back to the pool after each look.
+    try:
+        return Job.objects.select_related("endpoint").get(pk=job_id)
+    finally:
+        connection.close()
+
+
+def _status_now(job: Job, request: HttpRequest, with_logs: bool) -> dict[str, Any]:
+    try:
+        return status_payload(job, request, with_logs=with_logs)
+    finally:
+        connection.close()
 
 
 async def wait_until_final(job: Job, deadline: float) -> Job:
@@ -311,7 +324,7 @@ async def status_stream(request: HttpRequest, owner: str, model: str, request_id
         quiet_since = time.monotonic()
         current = job
         while True:
-            payload = await sync_to_async(status_payload)(current, request, with_logs=with_logs)
+            payload = await sync_to_async(_status_now)(current, request, with_logs)
             encoded = json.dumps(payload, separators=(",", ":"))
             if encoded != last:
                 last = encoded

@@ -263,8 +263,15 @@ def render_result(job: Job, *, base_url: str) -> dict[str, Any] | None:
 # Retention
 
 
+MAX_RETENTION_SECONDS = 10 * 365 * 24 * 3600  # beyond this a date overflows nothing but intent
+
+
 def retention_seconds(job: Job) -> int:
     """How long this job's outputs are kept: the request's own choice, else its organization's, else ours."""
+    return min(_retention_seconds(job), MAX_RETENTION_SECONDS)
+
+
+def _retention_seconds(job: Job) -> int:
     requested = job.input.get("retention_seconds") if isinstance(job.input, dict) else None
     if isinstance(requested, int) and not isinstance(requested, bool) and requested > 0:
         return requested

@@ -31,6 +31,17 @@ MAX_SEED = 2**32 - 1
 DATA_URI = re.compile(r"^data:(?P<mime>image/[a-z0-9.+-]+)?(?P<b64>;base64)?,(?P<data>.*)$", re.DOTALL | re.IGNORECASE)
 
 
+def is_storable_text(value: str) -> bool:
+    """PostgreSQL's text and jsonb refuse NUL characters and unpaired surrogates: refuse them first."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class InputError(Exception):
     """The request's input is invalid: 422 (or 413 for an oversized image) with every problem listed."""
 
@@ -112,6 +123,9 @@ def _str(c: _Collector, payload: dict[str, Any], name: str, default: str, max_ch
     if not isinstance(value, str):
         c.add(name, "Input should be a valid string.", "string_type")
         return default
+    if not is_storable_text(value):
+        c.add(name, "Input should not contain NUL characters or unpaired surrogates.", "string_unicode")
+        return default
     if len(value) > max_chars:
         c.add(name, f"String should have at most {max_chars} characters.", "string_too_long")
     return value
@@ -153,7 +167,7 @@ def _image_url(c: _Collector, payload: dict[str, Any], endpoint: Endpoint) -> tu
     if value is None:
         c.add("image_url", "Field required.", "missing")
         return None, None
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value or not is_storable_text(value):
         c.add("image_url", "Input should be an http(s) URL or a data URI.", "url_type")
         return None, None
     match = DATA_URI.match(value)
@@ -180,13 +194,13 @@ def _image_url(c: _Collector, payload: dict[str, Any], endpoint: Endpoint) -> tu
 
 
 def _check_image(c: _Collector, data: bytes) -> str:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.verify()
             return Image.MIME.get(image.format or "", "application/octet-stream")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+    except Exception:  # Pillow raises many kinds (SyntaxError on a bad PNG checksum among them)
         c.add("image_url", "The data URI does not hold a readable image.", "image_invalid")
         return ""
 
@@ -199,7 +213,9 @@ def validate_input(endpoint: Endpoint, payload: Any) -> tuple[GenerationInput, I
     prompt = _str(c, payload, "prompt", "", endpoint.max_prompt_chars)
     if "prompt" not in payload:
         c.add("prompt", "Field required.", "missing")
-    elif isinstance(payload.get("prompt"), str) and not prompt.strip():
+    elif payload["prompt"] is None:
+        c.add("prompt", "Input should be a valid string.", "string_type")
+    elif isinstance(payload["prompt"], str) and not prompt.strip():
         c.add("prompt", "String should not be empty.", "string_too_short")
     negative_prompt = _str(c, payload, "negative_prompt", "", endpoint.max_prompt_chars)
     width, height = _image_size(c, payload, endpoint)

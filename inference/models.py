@@ -136,6 +136,7 @@ class Job(TenantModel):
 
     created_at = models.DateTimeField(default=timezone.now)
     dispatched_at = models.DateTimeField(null=True, blank=True)
+    sent_at = models.DateTimeField(null=True, blank=True, help_text="When its message last went to the broker.")
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     outputs_expire_at = models.DateTimeField(null=True, blank=True)
@@ -145,6 +146,7 @@ class Job(TenantModel):
         indexes = [
             models.Index(fields=["organization", "status", "created_at"], name="job_org_status_created"),
             models.Index(fields=["status", "gpu_class", "dispatched_at"], name="job_status_class_dispatched"),
+            models.Index(fields=["status", "sent_at"], name="job_status_sent"),
             models.Index(fields=["status", "lease_expires_at"], name="job_status_lease"),
             models.Index(fields=["organization", "-created_at"], name="job_org_created"),
             models.Index(fields=["-created_at"], name="job_created"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.db.models import Q
 from django.http import HttpRequest
 
 from inference.hooks import hooks
@@ -35,8 +36,11 @@ def queue_position(job: Job) -> int:
     """0-based: the jobs that will start before this one on its GPU class."""
     waiting_on_class = Job.objects.filter(status=JobStatus.DISPATCHED, gpu_class=job.gpu_class)
     if job.status == JobStatus.DISPATCHED:
-        assert job.dispatched_at is not None  # noqa: S101  (set with the status)
-        return waiting_on_class.filter(dispatched_at__lt=job.dispatched_at).count()
+        # Jobs dispatched together share dispatched_at and went to the broker in queue order.
+        ahead = Q(dispatched_at__lt=job.dispatched_at) | Q(
+            dispatched_at=job.dispatched_at, created_at__lt=job.created_at
+        )
+        return waiting_on_class.filter(ahead).count()
     if job.status == JobStatus.QUEUED:
         ahead_in_tenant = Job.objects.filter(
             organization_id=job.organization_id, status=JobStatus.QUEUED, created_at__lt=job.created_at

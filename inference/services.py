@@ -18,14 +18,14 @@ from typing import Any
 from celery import current_app
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F, Value
+from django.db.models import F, Min, Value
 from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
 from accounts.models import ApiKey, Organization
 from inference import files
 from inference.hooks import Refusal, hooks
-from inference.inputs import validate_input
+from inference.inputs import is_storable_text, validate_input
 from inference.models import (
     ACTIVE_STATUSES,
     AttemptOutcome,
@@ -91,6 +91,8 @@ def submit_job(
             return earlier, False
     generation, inline_image = validate_input(endpoint, payload)
     if webhook_url:
+        if not is_storable_text(webhook_url):
+            raise SubmissionRefused("webhook_url holds characters no URL has.", "invalid_webhook_url", 422)
         try:
             check_webhook_url(webhook_url)
         except WebhookUrlError as exc:
@@ -120,7 +122,7 @@ def submit_job(
                 max_attempts=settings.JOB_MAX_ATTEMPTS,
             )
             log_job(job.id, f"Request queued for {endpoint.endpoint_id}.")
-            transaction.on_commit(lambda: dispatch_organization(organization.pk))
+            transaction.on_commit(lambda: dispatch_organization(organization.pk), robust=True)
     except IntegrityError:
         # Another request with the same Idempotency-Key won the race: answer with its job.
         earlier = _same_key(organization, idempotency_key, fingerprint) if idempotency_key else None
@@ -159,16 +161,17 @@ def dispatch_organization(organization_id: uuid.UUID) -> int:
         )
         if not ids:
             return 0
+        now = timezone.now()
         Job.objects.filter(pk__in=ids, status=JobStatus.QUEUED).update(
-            status=JobStatus.DISPATCHED, attempt=F("attempt") + 1, dispatched_at=timezone.now()
+            status=JobStatus.DISPATCHED, attempt=F("attempt") + 1, dispatched_at=now, sent_at=now
         )
         to_send = [
             (str(job_id), attempt, gpu_class)
-            for job_id, attempt, gpu_class in Job.objects.filter(pk__in=ids, status=JobStatus.DISPATCHED).values_list(
-                "id", "attempt", "gpu_class"
-            )
+            for job_id, attempt, gpu_class in Job.objects.filter(pk__in=ids, status=JobStatus.DISPATCHED)
+            .order_by("created_at", "id")  # to the broker in the order they were queued
+            .values_list("id", "attempt", "gpu_class")
         ]
-        transaction.on_commit(lambda: [send_run_message(*message) for message in to_send])
+        transaction.on_commit(lambda: [send_run_message(*message) for message in to_send], robust=True)
     return len(to_send)
 
 
@@ -179,7 +182,7 @@ def send_run_message(job_id: str, attempt: int, queue: str) -> bool:
     except Exception as exc:
         logger.warning("broker refused job %s attempt %s: %s; it waits for the next sweep", job_id, attempt, exc)
         Job.objects.filter(pk=job_id, status=JobStatus.DISPATCHED, attempt=attempt).update(
-            status=JobStatus.QUEUED, attempt=attempt - 1, dispatched_at=None
+            status=JobStatus.QUEUED, attempt=attempt - 1, dispatched_at=None, sent_at=None
         )
         return False
     return True
@@ -296,10 +299,13 @@ def _close(
     job.cold_start_ms += cold_start_ms
     if retry and job.attempt < job.max_attempts and job.cancel_requested_at is None:
         job.status = JobStatus.QUEUED
-        job.dispatched_at = None
+        job.dispatched_at = job.sent_at = None
         log_job(job.id, f"Attempt {job.attempt} failed ({error}); the request is queued again.", level="WARNING")
     else:
         job.status = FINAL_STATUS[outcome]
+        if job.cancel_requested_at is not None and outcome in (AttemptOutcome.LOST, AttemptOutcome.ERRORED):
+            # The customer asked to stop it and it stopped: that is a cancellation, whatever ended it.
+            job.status, error, error_type = JobStatus.CANCELLED, "Cancelled by request.", "cancelled"
         job.result = result
         job.error = error
         job.error_type = error_type
@@ -314,7 +320,7 @@ def _close(
     organization_id = job.organization_id
     final = job.is_final
     job_id = job.id
-    transaction.on_commit(lambda: _after_attempt(organization_id, job_id, final))
+    transaction.on_commit(lambda: _after_attempt(organization_id, job_id, final), robust=True)
 
 
 def _final_line(job: Job) -> str:
@@ -340,35 +346,43 @@ def reap_expired_leases() -> int:
     for job_id, attempt in Job.objects.filter(status=JobStatus.RUNNING, lease_expires_at__lt=now).values_list(
         "id", "attempt"
     ):
-        with transaction.atomic():
-            job = (
-                Job.objects.select_for_update()
-                .filter(pk=job_id, status=JobStatus.RUNNING, attempt=attempt, lease_expires_at__lt=now)
-                .first()
-            )
-            if job is None:
-                continue
-            attempt_row = JobAttempt.objects.select_for_update().get(job_id=job_id, number=attempt)
-            # The GPU was held at least until the last heartbeat; record that, unbilled.
-            held_ms = max(0, math.ceil((attempt_row.heartbeat_at - attempt_row.started_at).total_seconds() * 1000))
-            _close(
-                job, attempt_row, outcome=AttemptOutcome.LOST, gpu_ms=held_ms, cold_start_ms=0, result=None,
-                error="The worker running this request stopped responding.", error_type="internal_error", retry=True,
-            )  # fmt: skip
-            reaped += 1
+        try:
+            reaped += _reap(job_id, attempt, now)
+        except Exception:  # one bad row must not stop the reaper for everyone else
+            logger.exception("could not reap job %s attempt %s", job_id, attempt)
     return reaped
+
+
+def _reap(job_id: uuid.UUID, attempt: int, now: Any) -> int:
+    with transaction.atomic():
+        job = (
+            Job.objects.select_for_update()
+            .filter(pk=job_id, status=JobStatus.RUNNING, attempt=attempt, lease_expires_at__lt=now)
+            .first()
+        )
+        if job is None:
+            return 0
+        attempt_row = JobAttempt.objects.select_for_update().get(job_id=job_id, number=attempt)
+        # The GPU was held at least until the last heartbeat; record that, unbilled.
+        held_ms = max(0, math.ceil((attempt_row.heartbeat_at - attempt_row.started_at).total_seconds() * 1000))
+        _close(
+            job, attempt_row, outcome=AttemptOutcome.LOST, gpu_ms=held_ms, cold_start_ms=0, result=None,
+            error="The worker running this request stopped responding.", error_type="internal_error", retry=True,
+        )  # fmt: skip
+    return 1
 
 
 def redispatch_stale() -> int:
     """Re-sends dispatched jobs no worker has claimed for a while: the broker may have lost them."""
     cutoff = timezone.now() - timedelta(seconds=settings.JOB_REDISPATCH_AFTER_SECONDS)
     stale = list(
-        Job.objects.filter(status=JobStatus.DISPATCHED, dispatched_at__lt=cutoff).values_list(
-            "id", "attempt", "gpu_class"
-        )
+        Job.objects.filter(status=JobStatus.DISPATCHED, sent_at__lt=cutoff)
+        .order_by("dispatched_at", "created_at")  # oldest first, as they were queued
+        .values_list("id", "attempt", "gpu_class")
     )
     for job_id, attempt, gpu_class in stale:
-        Job.objects.filter(pk=job_id, status=JobStatus.DISPATCHED, attempt=attempt).update(dispatched_at=timezone.now())
+        # dispatched_at keeps the job's place in line (queue_position); sent_at says when it last went out.
+        Job.objects.filter(pk=job_id, status=JobStatus.DISPATCHED, attempt=attempt).update(sent_at=timezone.now())
         send_run_message(str(job_id), attempt, gpu_class)
     return len(stale)
 
@@ -378,10 +392,18 @@ def sweep() -> dict[str, int]:
     reaped = reap_expired_leases()
     resent = redispatch_stale()
     dispatched = 0
-    for organization_id in (
-        Job.objects.filter(status=JobStatus.QUEUED).values_list("organization_id", flat=True).distinct()
-    ):
-        dispatched += dispatch_organization(organization_id)
+    # Organizations by their longest-waiting request, so the sweep itself is fair across tenants.
+    waiting = (
+        Job.objects.filter(status=JobStatus.QUEUED)
+        .values("organization_id")
+        .annotate(oldest=Min("created_at"))
+        .order_by("oldest")
+    )
+    for row in waiting:
+        try:
+            dispatched += dispatch_organization(row["organization_id"])
+        except Exception:
+            logger.exception("could not dispatch for organization %s", row["organization_id"])
     return {"reaped": reaped, "resent": resent, "dispatched": dispatched}
 
 
@@ -405,7 +427,7 @@ def cancel_job(*, job: Job) -> str:
         if cancelled:
             log_job(job.pk, "Cancelled before it started.")
             organization_id, job_id = job.organization_id, job.pk
-            transaction.on_commit(lambda: _after_attempt(organization_id, job_id, True))
+            transaction.on_commit(lambda: _after_attempt(organization_id, job_id, True), robust=True)
             return "CANCELLATION_REQUESTED"
         requested = Job.objects.filter(pk=job.pk, status=JobStatus.RUNNING).update(
             cancel_requested_at=Coalesce(F("cancel_requested_at"), Value(now))
@@ -437,6 +459,7 @@ def requeue_job(*, job: Job, log_line: str = "Requeued by an operator.") -> bool
             progress_step=0,
             progress_total=0,
             dispatched_at=None,
+            sent_at=None,
             started_at=None,
             finished_at=None,
             outputs_expire_at=None,

@@ -100,23 +100,33 @@ class Heartbeat(threading.Thread):
 
     def run(self) -> None:
         interval = settings.JOB_HEARTBEAT_SECONDS
+        last_renewed = time.monotonic()
         try:
             while not self._done.is_set():
                 self._wake.wait(interval)
                 self._wake.clear()
                 if self._done.is_set():
                     break
-                answer = services.heartbeat(
-                    job_id=self.job_id, attempt=self.attempt, step=self.step, total=self.total, gpu_ms=self.gpu_ms()
-                )
+                try:
+                    answer = services.heartbeat(
+                        job_id=self.job_id, attempt=self.attempt, step=self.step, total=self.total, gpu_ms=self.gpu_ms()
+                    )
+                    last_renewed = time.monotonic()
+                except Exception:
+                    # A passing database hiccup must not orphan the job; but once the lease has surely
+                    # lapsed the reaper owns it, and this attempt stops rather than run as a twin.
+                    logger.exception("heartbeat of job %s failed", self.job_id)
+                    connection.close()
+                    if time.monotonic() - last_renewed > settings.JOB_LEASE_SECONDS:
+                        answer = services.HeartbeatAnswer(False, "The lease could not be renewed.", "lost")
+                    else:
+                        continue
                 if not answer.keep_going and not self.cancelled.is_set():
                     self.stop_reason, self.stop_error_type = answer.reason, answer.error_type
                     self.cancelled.set()
                 # Progress may come faster than the database needs it: at most one write per 0.25 s.
                 # (Waiting on the stop event, not sleeping, so a finished job frees the worker at once.)
                 self._done.wait(min(interval, 0.25))
-        except Exception:
-            logger.exception("heartbeat of job %s failed", self.job_id)
         finally:
             connection.close()
 
@@ -249,7 +259,7 @@ def generation_request(job: Job) -> GenerationRequest:
 
 
 def load_input_image(job: Job) -> Any:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     from inference.netguard import TooLarge, UnsafeUrl, fetch_bytes
 
@@ -269,5 +279,5 @@ def load_input_image(job: Job) -> Any:
     try:
         with Image.open(BytesIO(data)) as image:
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+    except Exception:  # Pillow raises many kinds for a bad file: all are the input's fault
         raise InputProblem("image_url does not hold a readable image.", "image_load_error") from None

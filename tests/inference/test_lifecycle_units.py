@@ -1,0 +1,201 @@
+"""The job lifecycle through its services, without workers: dispatch order, reaping, cancel, inputs."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.utils import timezone
+from PIL import Image
+
+from accounts.models import Organization
+from inference import services
+from inference.models import AttemptOutcome, Endpoint, Job, JobAttempt, JobStatus
+from inference.presenters import queue_position
+
+pytestmark = pytest.mark.django_db
+
+SMALL = {"prompt": "a lighthouse", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 2}
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, str]]:
+    """What the dispatcher hands to the broker, in order (no broker needed)."""
+    messages: list[tuple[str, int, str]] = []
+
+    def record(job_id: str, attempt: int, queue: str) -> bool:
+        messages.append((job_id, attempt, queue))
+        return True
+
+    monkeypatch.setattr(services, "send_run_message", record)
+    return messages
+
+
+def submit(tenant: dict[str, Any], endpoint: Endpoint, **payload: Any) -> Job:
+    job, _ = services.submit_job(
+        organization=tenant["organization"], api_key=tenant["api_key"], endpoint=endpoint, payload={**SMALL, **payload}
+    )
+    return job
+
+
+def test_dispatch_sends_the_oldest_first_and_positions_are_distinct(
+    tenant: dict[str, Any],
+    builtin_endpoint: Endpoint,
+    sent: list[tuple[str, int, str]],
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    Organization.objects.filter(pk=tenant["organization"].pk).update(concurrency_limit=0)
+    with django_capture_on_commit_callbacks(execute=True):
+        jobs = [submit(tenant, builtin_endpoint, seed=n) for n in range(4)]
+    assert sent == []  # over the limit: they wait
+    Organization.objects.filter(pk=tenant["organization"].pk).update(concurrency_limit=10)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert services.dispatch_organization(tenant["organization"].pk) == 4
+    assert [job_id for job_id, _, _ in sent] == [str(job.id) for job in jobs]
+    positions = [queue_position(Job.objects.get(pk=job.pk)) for job in jobs]
+    assert positions == [0, 1, 2, 3]
+
+
+def test_the_concurrency_limit_holds(
+    tenant: dict[str, Any],
+    builtin_endpoint: Endpoint,
+    sent: list[tuple[str, int, str]],
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    with django_capture_on_commit_callbacks(execute=True):
+        for n in range(5):
+            submit(tenant, builtin_endpoint, seed=n)
+    assert len(sent) == 2  # the default limit
+    assert Job.objects.filter(status=JobStatus.QUEUED).count() == 3
+    queued = Job.objects.filter(status=JobStatus.QUEUED).order_by("created_at")
+    assert [queue_position(job) for job in queued] == [2, 3, 4]
+
+
+def test_redispatch_keeps_the_place_in_line(
+    tenant: dict[str, Any],
+    builtin_endpoint: Endpoint,
+    sent: list[tuple[str, int, str]],
+    django_capture_on_commit_callbacks: Any,
+    settings: Any,
+) -> None:
+    with django_capture_on_commit_callbacks(execute=True):
+        job = submit(tenant, builtin_endpoint)
+    before = Job.objects.get(pk=job.pk)
+    Job.objects.filter(pk=job.pk).update(sent_at=timezone.now() - timedelta(hours=1))
+    assert services.redispatch_stale() == 1
+    after = Job.objects.get(pk=job.pk)
+    assert after.dispatched_at == before.dispatched_at
+    assert after.sent_at > before.sent_at
+    assert sent[-1] == (str(job.id), 1, "cpu")
+
+
+def claimed(tenant: dict[str, Any], endpoint: Endpoint, sent: list[Any], capture: Any) -> Job:
+    with capture(execute=True):
+        job = submit(tenant, endpoint)
+    running = services.claim_job(job_id=str(job.id), attempt=1, worker="test")
+    assert running is not None
+    return running
+
+
+def test_a_cancelled_job_whose_worker_died_ends_cancelled(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, sent: list[Any], django_capture_on_commit_callbacks: Any
+) -> None:
+    job = claimed(tenant, builtin_endpoint, sent, django_capture_on_commit_callbacks)
+    assert services.cancel_job(job=job) == "CANCELLATION_REQUESTED"
+    Job.objects.filter(pk=job.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    with django_capture_on_commit_callbacks(execute=True):
+        assert services.reap_expired_leases() == 1
+    job.refresh_from_db()
+    assert job.status == JobStatus.CANCELLED
+    assert job.error_type == "cancelled"
+    assert JobAttempt.objects.get(job=job).outcome == AttemptOutcome.LOST
+
+
+def test_one_bad_job_does_not_stop_the_reaper(
+    tenant: dict[str, Any],
+    builtin_endpoint: Endpoint,
+    sent: list[Any],
+    django_capture_on_commit_callbacks: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first = claimed(tenant, builtin_endpoint, sent, django_capture_on_commit_callbacks)
+    second = claimed(tenant, builtin_endpoint, sent, django_capture_on_commit_callbacks)
+    Job.objects.filter(pk__in=[first.pk, second.pk]).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    real_close = services._close
+
+    def fail_for_first(job: Job, *args: Any, **kwargs: Any) -> None:
+        if job.pk == first.pk:
+            raise OverflowError("simulated")
+        real_close(job, *args, **kwargs)
+
+    monkeypatch.setattr(services, "_close", fail_for_first)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert services.reap_expired_leases() == 1
+    retried = Job.objects.get(pk=second.pk)
+    assert (retried.status, retried.attempt) == (JobStatus.DISPATCHED, 2)  # queued again and sent at once
+    assert Job.objects.get(pk=first.pk).status == JobStatus.RUNNING  # left for the next sweep
+
+
+def api_submit(tenant: dict[str, Any], body: Any, **headers: str) -> Any:
+    return tenant["client"].post(
+        "/queue/platform/tiny-sd/image-to-image" if "image_url" in body else "/queue/platform/tiny-sd",
+        data=json.dumps(body),
+        content_type="application/json",
+        **headers,
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "location"),
+    [
+        ({"prompt": None}, ["body", "prompt"]),
+        ({"prompt": "a\u0000b"}, ["body", "prompt"]),
+        ({"prompt": "x", "negative_prompt": "\ud800"}, ["body", "negative_prompt"]),
+    ],
+)
+def test_text_postgres_cannot_store_is_422(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, sent: list[Any], body: dict[str, Any], location: list[str]
+) -> None:
+    response = api_submit(tenant, body)
+    assert response.status_code == 422, response.content
+    assert location in [item["loc"] for item in response.json()["detail"]]
+    assert not Job.objects.exists()
+
+
+def test_a_corrupt_image_is_422(tenant: dict[str, Any], builtin_endpoint: Endpoint, sent: list[Any]) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buffer, format="PNG")
+    png = bytearray(buffer.getvalue())
+    png[29] ^= 0xFF  # inside the IHDR checksum: Pillow's verify() raises SyntaxError
+    uri = "data:image/png;base64," + base64.b64encode(bytes(png)).decode()
+    response = api_submit(tenant, {**SMALL, "image_url": uri})
+    assert response.status_code == 422, response.content
+    assert response.json()["detail"][0]["loc"] == ["body", "image_url"]
+
+
+def test_an_absurd_retention_is_422(tenant: dict[str, Any], builtin_endpoint: Endpoint, sent: list[Any]) -> None:
+    response = api_submit(
+        tenant,
+        SMALL,
+        HTTP_X_FAL_OBJECT_LIFECYCLE_PREFERENCE=json.dumps({"expiration_duration_seconds": 10**12}),
+    )
+    assert response.status_code == 422
+    assert not Job.objects.exists()
+
+
+def test_the_result_body_carries_its_usage(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, sent: list[Any], django_capture_on_commit_callbacks: Any
+) -> None:
+    job = claimed(tenant, builtin_endpoint, sent, django_capture_on_commit_callbacks)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.finish_attempt(
+            job_id=str(job.id), attempt=1, outcome=AttemptOutcome.SUCCEEDED, gpu_ms=12,
+            result={"images": [], "seed": 1, "timings": {}, "has_nsfw_concepts": [], "prompt": "x"},
+        )  # fmt: skip
+    body = tenant["client"].get(f"/queue/platform/tiny-sd/requests/{job.id}").json()
+    assert "usage" in body  # null until billing registers its hook
+    assert body["seed"] == 1
