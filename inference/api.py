@@ -33,7 +33,15 @@ from inference.files import MAX_RETENTION_SECONDS
 from inference.hooks import hooks
 from inference.inputs import InputError, input_schema
 from inference.models import Endpoint, Job, JobStatus
-from inference.presenters import base_url, handle_urls, queue_position, result_error, status_payload, usage_of
+from inference.presenters import (
+    FAL_STATUS,
+    base_url,
+    handle_urls,
+    queue_position,
+    result_error,
+    status_payload,
+    usage_of,
+)
 from inference.services import SubmissionRefused, cancel_job, submit_job
 
 MAX_IDEMPOTENCY_KEY = 255
@@ -129,10 +137,11 @@ def refusal_response(exc: InputError | SubmissionRefused) -> JsonResponse:
 
 
 def handle_payload(job: Job, request: HttpRequest) -> dict[str, Any]:
+    """The submit answer; an idempotent replay reports the request as it is now."""
     return {
         "request_id": str(job.id),
         **handle_urls(job, request),
-        "status": "IN_QUEUE",
+        "status": FAL_STATUS[JobStatus(job.status)],
         "queue_position": queue_position(job),
     }
 

@@ -1,0 +1,569 @@
+"""The job lifecycle end to end (DESIGN §3 and §5): fairness, idempotency, webhooks, the status
+stream, cancels, a worker killed mid-job, a broker outage and the sync API's fallback.
+
+Plain httpx against the HTTPS server, real Celery workers, and the database (which the test
+process shares with them) to observe what the API does not show.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+from standardwebhooks import Webhook
+
+from inference.models import Job, JobAttempt
+from tests.e2e.conftest import Stack
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+APP = "platform/tiny-sd"
+FINAL = ("COMPLETED", "FAILED", "CANCELLED")
+ACTIVE = ("DISPATCHED", "RUNNING")
+
+
+def request_body(size: int = 64, steps: int = 8, images: int = 1, **extra: Any) -> dict[str, Any]:
+    return {
+        "prompt": "a lighthouse at dusk",
+        "image_size": {"width": size, "height": size},
+        "num_inference_steps": steps,
+        "num_images": images,
+        **extra,
+    }
+
+
+QUICK = request_body()
+# Several seconds of work on this CPU (and many more under load): long enough to observe or kill.
+LONG = request_body(size=256, steps=50)
+
+
+# Tenants and observation helpers.
+
+
+def new_tenant(concurrency_limit: int | None = None) -> dict[str, Any]:
+    """Like the ``e2e_tenant`` fixture, for tests that need several tenants."""
+    from accounts.models import Organization, Scope
+    from accounts.services import create_api_key, sign_up
+
+    user = sign_up(email=f"e2e-{os.urandom(4).hex()}@example.com", password=None)
+    organization = Organization.objects.get(memberships__user=user)
+    if concurrency_limit is not None:
+        set_concurrency_limit(organization, concurrency_limit)
+    _, key = create_api_key(
+        organization=organization, name="e2e", scopes=[Scope.INFERENCE, Scope.USAGE_READ], created_by=user
+    )
+    return {"user": user, "organization": organization, "key": key}
+
+
+@pytest.fixture
+def make_tenant(e2e_tenant: dict[str, Any]) -> Callable[..., dict[str, Any]]:
+    return new_tenant  # e2e_tenant made sure the built-in endpoints exist
+
+
+def set_concurrency_limit(organization: Any, limit: int) -> None:
+    organization.concurrency_limit = limit
+    organization.save(update_fields=["concurrency_limit"])
+
+
+def job_row(request_id: str) -> Job:
+    return Job.objects.get(pk=request_id)
+
+
+def attempts_of(request_id: str) -> list[JobAttempt]:
+    return list(JobAttempt.objects.filter(job_id=request_id).order_by("number"))
+
+
+def wait_for_job(stack: Stack, request_id: str, condition: Callable[[Any], bool], timeout: float, what: str) -> Any:
+    """Polls the job row until ``condition(job)``; fails with the worker's log otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = job_row(request_id)
+        if condition(job):
+            return job
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{what}: job {request_id} is still {job.status} (step {job.progress_step}/{job.progress_total})"
+                f" after {timeout} s\n--- gpu worker ---\n{stack.log_tail('gpu')}"
+                f"\n--- housekeeping ---\n{stack.log_tail('housekeeping', 30)}"
+            )
+        time.sleep(0.05)
+
+
+def wait_final(stack: Stack, request_id: str, timeout: float = 90) -> Any:
+    return wait_for_job(stack, request_id, lambda job: job.status in FINAL, timeout, "never finished")
+
+
+def wait_running(stack: Stack, request_id: str, timeout: float = 60) -> Any:
+    return wait_for_job(
+        stack,
+        request_id,
+        lambda job: job.status == "RUNNING" and job.progress_step >= 1,
+        timeout,
+        "never ran its first step",
+    )
+
+
+def submit(client: httpx.Client, body: dict[str, Any], **kwargs: Any) -> str:
+    response = client.post(f"/queue/{APP}", json=body, **kwargs)
+    assert response.status_code == 200, response.text
+    return str(response.json()["request_id"])
+
+
+def fal_status(client: httpx.Client, request_id: str) -> dict[str, Any]:
+    response = client.get(f"/queue/{APP}/requests/{request_id}/status")
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def cancel(client: httpx.Client, request_id: str) -> httpx.Response:
+    return client.put(f"/queue/{APP}/requests/{request_id}/cancel")
+
+
+def ensure_gpu_worker(stack: Stack) -> None:
+    if "gpu" not in stack.processes:
+        stack.start_gpu_worker()
+
+
+# 1. Fairness: a tenant's burst waits behind its own limit, never in front of another tenant.
+
+
+def test_a_burst_waits_behind_its_own_limit_not_in_front_of_other_tenants(
+    stack: Stack, make_tenant: Callable[..., dict[str, Any]]
+) -> None:
+    busy, a, b = make_tenant(), make_tenant(concurrency_limit=1), make_tenant()
+    with (
+        stack.client(busy["key"]) as busy_client,
+        stack.client(a["key"]) as a_client,
+        stack.client(b["key"]) as b_client,
+    ):
+        # A third tenant keeps the only GPU worker busy, so the queue holds still while we look at it.
+        blocker = submit(busy_client, LONG)
+        wait_running(stack, blocker)
+
+        burst = [submit(a_client, {**QUICK, "seed": seed}) for seed in range(6)]
+        statuses = [fal_status(a_client, request_id) for request_id in burst]
+        assert job_row(blocker).status == "RUNNING", "the blocker finished while the queue was read"
+        assert [status["status"] for status in statuses] == ["IN_QUEUE"] * 6
+        positions = [status["queue_position"] for status in statuses]
+        # One of A's requests is dispatched (first in line on the GPU class); five wait behind it.
+        assert positions == [0, 1, 2, 3, 4, 5], positions
+        assert [job_row(request_id).status for request_id in burst] == ["DISPATCHED"] + ["QUEUED"] * 5
+
+        b_request = submit(b_client, QUICK)
+        assert job_row(b_request).status in ("DISPATCHED", "RUNNING", "COMPLETED")  # not behind A's burst
+        assert cancel(busy_client, blocker).status_code == 202
+
+        everything = [*burst, b_request]
+        most_active = 0
+        deadline = time.monotonic() + 120
+        while Job.objects.filter(pk__in=everything).exclude(status__in=FINAL).exists():
+            assert time.monotonic() < deadline, stack.log_tail("gpu")
+            most_active = max(
+                most_active, Job.objects.filter(organization=a["organization"], status__in=ACTIVE).count()
+            )
+            time.sleep(0.05)
+
+    jobs = {job.pk: job for job in Job.objects.filter(pk__in=everything)}
+    assert {job.status for job in jobs.values()} == {"COMPLETED"}
+    assert most_active == 1, f"tenant A had {most_active} jobs dispatched or running at once"
+    b_started = jobs[uuid.UUID(b_request)].started_at
+    started_after_b = [request_id for request_id in burst if jobs[uuid.UUID(request_id)].started_at > b_started]
+    assert len(started_after_b) >= 4, "B waited behind A's burst"
+    # A's own requests run in submission order.
+    a_starts = [jobs[uuid.UUID(request_id)].started_at for request_id in burst]
+    assert a_starts == sorted(a_starts)
+
+
+def test_requests_the_broker_lost_are_sent_again_oldest_first(
+    stack: Stack, make_tenant: Callable[..., dict[str, Any]]
+) -> None:
+    """The sweep re-sends what the broker lost in the order it was queued, not newest first
+    (before 0b25a25 redispatch_stale had no order_by, so Job.Meta.ordering sent the newest first)."""
+    if stack.broker is None:
+        pytest.skip("needs a private redis-server as the broker")
+    busy, a, b = make_tenant(), make_tenant(), make_tenant()
+    with (
+        stack.client(busy["key"]) as busy_client,
+        stack.client(a["key"]) as a_client,
+        stack.client(b["key"]) as b_client,
+    ):
+        blocker = submit(busy_client, LONG)
+        wait_running(stack, blocker)
+        older = submit(a_client, QUICK)
+        newer = submit(b_client, QUICK)
+        assert job_row(older).status == job_row(newer).status == "DISPATCHED"
+        stack.broker.stop()  # a broker without persistence: both messages are lost
+        try:
+            assert cancel(busy_client, blocker).status_code == 202
+            wait_final(stack, blocker)
+            time.sleep(3)  # both are now past JOB_REDISPATCH_AFTER_SECONDS
+        finally:
+            stack.broker.start()
+        wait_final(stack, older, timeout=90)
+        wait_final(stack, newer, timeout=90)
+    assert job_row(older).status == job_row(newer).status == "COMPLETED"
+    assert job_row(older).started_at < job_row(newer).started_at, "the newer request ran first"
+
+
+# 2. Idempotency-Key.
+
+
+def test_idempotency_key_replays_the_same_request(stack: Stack, e2e_tenant: dict[str, Any]) -> None:
+    organization = e2e_tenant["organization"]
+    body = {**QUICK, "seed": 11}
+    with stack.client(e2e_tenant["key"]) as client:
+        first = client.post(f"/queue/{APP}", json=body, headers={"Idempotency-Key": "order-1"})
+        second = client.post(f"/queue/{APP}", json=body, headers={"Idempotency-Key": "order-1"})
+        assert first.status_code == second.status_code == 200, (first.text, second.text)
+        assert "Idempotent-Replayed" not in first.headers
+        assert second.headers["Idempotent-Replayed"] == "true"
+        request_id = first.json()["request_id"]
+        assert second.json()["request_id"] == request_id
+        assert second.headers["x-fal-request-id"] == request_id
+        assert Job.objects.filter(organization=organization).count() == 1
+
+        reused = client.post(f"/queue/{APP}", json={**body, "seed": 12}, headers={"Idempotency-Key": "order-1"})
+        assert reused.status_code == 422, reused.text
+        assert reused.json()["error_type"] == "idempotency_key_reused"
+        assert Job.objects.filter(organization=organization).count() == 1
+
+        other = client.post(f"/queue/{APP}", json=body, headers={"Idempotency-Key": "order-2"})
+        assert other.status_code == 200, other.text
+        assert "Idempotent-Replayed" not in other.headers
+        assert other.json()["request_id"] != request_id
+
+        # Clients that retry at once, side by side, still make one request.
+        answers: list[httpx.Response] = []
+
+        def send() -> None:
+            with stack.client(e2e_tenant["key"]) as own:
+                answers.append(own.post(f"/queue/{APP}", json=body, headers={"Idempotency-Key": "order-3"}))
+
+        threads = [threading.Thread(target=send) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert [answer.status_code for answer in answers] == [200] * 4, [answer.text for answer in answers]
+        assert len({answer.json()["request_id"] for answer in answers}) == 1
+        assert sum(answer.headers.get("Idempotent-Replayed") == "true" for answer in answers) == 3
+        assert Job.objects.filter(organization=organization).count() == 3
+
+        # The replay of a finished request answers with the same request, not a new run.
+        wait_final(stack, request_id)
+        replay = client.post(f"/queue/{APP}", json=body, headers={"Idempotency-Key": "order-1"})
+        assert replay.json()["request_id"] == request_id
+        assert len(attempts_of(request_id)) == 1
+    for job in Job.objects.filter(organization=organization):
+        wait_final(stack, str(job.pk))
+
+
+# 3. Webhooks.
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1: every POST is queued as (path, headers, body)."""
+
+    def __init__(self) -> None:
+        self.received: queue.Queue[tuple[str, dict[str, str], bytes]] = queue.Queue()
+        received = self.received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                received.put((self.path, {key.lower(): value for key, value in self.headers.items()}, body))
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def next(self, timeout: float = 60) -> tuple[str, dict[str, str], bytes]:
+        return self.received.get(timeout=timeout)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def wait_for_delivery_log(client: httpx.Client, request_id: str, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        response = client.get(f"/v1/requests/{request_id}")
+        assert response.status_code == 200, response.text
+        webhook = response.json()["webhook"]
+        if webhook and webhook["status"] != "pending":
+            return dict(webhook)
+        assert time.monotonic() < deadline, webhook
+        time.sleep(0.1)
+
+
+def test_webhooks_are_signed_and_logged(stack: Stack, e2e_tenant: dict[str, Any], receiver: Receiver) -> None:
+    from inference.webhooks import webhook_secret_for
+
+    with stack.client(e2e_tenant["key"]) as client:
+        request_id = submit(client, QUICK, params={"fal_webhook": receiver.url})
+        path, headers, body = receiver.next()
+        assert path == "/hook"
+        signed = Webhook(webhook_secret_for(e2e_tenant["organization"].id)).verify(body, headers)
+        assert signed["request_id"] == request_id
+        assert signed["status"] == "OK"
+        assert signed["error"] is None
+        image_url = signed["payload"]["images"][0]["url"]
+        assert httpx.get(image_url, verify=stack.ssl_context(), timeout=30).status_code == 200
+        assert job_row(request_id).status == "COMPLETED"
+
+        webhook = wait_for_delivery_log(client, request_id)
+        assert webhook["status"] == "delivered"
+        assert webhook["url"] == receiver.url
+        assert webhook["attempts"] == 1
+        assert [(entry["attempt"], entry["status_code"]) for entry in webhook["log"]] == [(1, 200)]
+        assert webhook["log"][0]["response"] == "ok"
+
+        # A cancelled request sends an error webhook.
+        cancelled = submit(client, LONG, params={"fal_webhook": receiver.url})
+        assert cancel(client, cancelled).status_code == 202
+        path, headers, body = receiver.next()
+        signed = Webhook(webhook_secret_for(e2e_tenant["organization"].id)).verify(body, headers)
+        assert signed["request_id"] == cancelled
+        assert signed["status"] == "ERROR"
+        assert signed["error"]
+        assert signed["payload"]["error_type"] == "cancelled"
+        assert headers["webhook-id"].startswith("msg_")
+        assert wait_for_delivery_log(client, cancelled)["status"] == "delivered"
+        wait_final(stack, cancelled)
+    assert receiver.received.empty(), "a webhook was sent twice"
+
+
+# 4. The status stream.
+
+
+def test_status_stream_follows_the_request_until_it_completes(stack: Stack, e2e_tenant: dict[str, Any]) -> None:
+    set_concurrency_limit(e2e_tenant["organization"], 1)
+    steps = 6
+    with stack.client(e2e_tenant["key"]) as client:
+        ahead = submit(client, LONG)  # holds the tenant's only slot, so ours starts IN_QUEUE
+        wait_for_job(stack, ahead, lambda job: job.status == "RUNNING", 60, "never started")
+        request_id = submit(client, request_body(size=256, steps=steps, images=2))
+        events: list[dict[str, Any]] = []
+        started = time.monotonic()
+        with client.stream("GET", f"/queue/{APP}/requests/{request_id}/status/stream") as stream:
+            assert stream.status_code == 200
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            for line in stream.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                events.append(json.loads(line.removeprefix("data:")))
+                if len(events) == 1:
+                    assert cancel(client, ahead).status_code == 202  # let ours go
+                assert time.monotonic() - started < 120, events[-5:]
+        # The stream ended by itself, after the final event.
+    assert events
+    assert all(event["request_id"] == request_id for event in events)
+    phases = [event["status"] for event in events]
+    collapsed = [phase for i, phase in enumerate(phases) if i == 0 or phases[i - 1] != phase]
+    assert collapsed == ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"], phases
+    assert events[0]["queue_position"] == 0
+    progress = [event["progress"] for event in events if event["status"] == "IN_PROGRESS"]
+    counted = [entry for entry in progress if entry["total"]]
+    assert progress[: len(progress) - len(counted)] == [{"step": 0, "total": 0}] * (len(progress) - len(counted))
+    assert {entry["total"] for entry in counted} == {steps}
+    assert [entry["step"] for entry in counted] == list(range(1, steps + 1)), progress
+    assert events[-1]["error"] is None
+    assert job_row(request_id).status == "COMPLETED"
+
+
+# 5. Cancelling a queued request.
+
+
+def test_cancelling_a_queued_request_never_runs_or_bills_it(stack: Stack, e2e_tenant: dict[str, Any]) -> None:
+    set_concurrency_limit(e2e_tenant["organization"], 1)
+    with stack.client(e2e_tenant["key"]) as client:
+        running = submit(client, LONG)
+        wait_running(stack, running)
+        waiting = submit(client, QUICK)
+        assert job_row(waiting).status == "QUEUED"
+
+        response = cancel(client, waiting)
+        assert response.status_code == 202, response.text
+        assert response.json() == {"status": "CANCELLATION_REQUESTED"}
+        status = fal_status(client, waiting)
+        assert status["status"] == "COMPLETED"
+        assert status["error_type"] == "cancelled"
+        assert status["error"]
+        result = client.get(f"/queue/{APP}/requests/{waiting}")
+        assert result.status_code == 400
+        assert result.json()["error_type"] == "cancelled"
+
+        again = cancel(client, waiting)
+        assert again.status_code == 400
+        assert again.json() == {"status": "ALREADY_COMPLETED"}
+        unknown = cancel(client, str(uuid.uuid4()))
+        assert unknown.status_code == 404
+        assert unknown.json()["status"] == "NOT_FOUND"
+
+        # The running one stops at its next step and frees the slot; the cancelled one must not take it.
+        assert cancel(client, running).json() == {"status": "CANCELLATION_REQUESTED"}
+        stopped = wait_final(stack, running)
+        assert stopped.status == "CANCELLED"
+        assert [attempt.outcome for attempt in attempts_of(running)] == ["cancelled"]
+        time.sleep(2)  # a sweep or two
+        assert cancel(client, running).status_code == 400
+    job = job_row(waiting)
+    assert job.status == "CANCELLED"
+    assert job.error_type == "cancelled"
+    assert job.started_at is None
+    assert job.gpu_ms == 0
+    assert attempts_of(waiting) == []
+
+
+# 8. The sync API: waits, falls back to the queue handle, refuses bad input and bad keys.
+
+
+@pytest.mark.slow  # about 35 s: SYNC_RUN_WAIT_SECONDS (30 s) has to pass before the 202.
+def test_run_falls_back_to_the_queue_handle_after_its_wait_limit(stack: Stack, e2e_tenant: dict[str, Any]) -> None:
+    set_concurrency_limit(e2e_tenant["organization"], 1)
+    # Two long requests hold the tenant's only slot for well over 30 s; ours waits behind them.
+    four_images = request_body(size=256, steps=50, images=4)
+    with stack.client(e2e_tenant["key"]) as client:
+        running = submit(client, four_images)
+        behind = submit(client, four_images)
+        wait_running(stack, running)
+        started = time.monotonic()
+        response = client.post(f"/run/{APP}", json={**QUICK, "seed": 5}, timeout=90)
+        waited = time.monotonic() - started
+        assert response.status_code == 202, response.text
+        assert 29 <= waited < 60, waited
+        handle = response.json()
+        request_id = handle["request_id"]
+        assert response.headers["x-fal-request-id"] == request_id
+        assert handle["status"] == "IN_QUEUE"
+        assert handle["queue_position"] >= 0
+        assert handle["status_url"].endswith(f"/queue/{APP}/requests/{request_id}/status")
+        assert job_row(request_id).status == "QUEUED"
+
+        for blocker in (behind, running):  # the first may have finished by now
+            assert cancel(client, blocker).status_code in (202, 400)
+        # The result is not lost: the queue handle leads to it.
+        wait_final(stack, request_id)
+        assert client.get(handle["status_url"]).json()["status"] == "COMPLETED"
+        result = client.get(handle["response_url"])
+        assert result.status_code == 200, result.text
+        assert result.json()["seed"] == 5
+        assert len(result.json()["images"]) == 1
+
+        invalid = client.post(f"/run/{APP}", json={"num_inference_steps": 10_000})
+        assert invalid.status_code == 422, invalid.text
+        assert isinstance(invalid.json()["detail"], list)
+        locations = [item["loc"] for item in invalid.json()["detail"]]
+        assert ["body", "prompt"] in locations
+        assert ["body", "num_inference_steps"] in locations
+
+    key_id = e2e_tenant["key"].split(":", 1)[0]
+    for key in (f"{key_id}:wrong-secret", "nonsense"):
+        with stack.client(key) as stranger:
+            refused = stranger.post(f"/run/{APP}", json=QUICK)
+        assert refused.status_code == 401, refused.text
+        assert refused.json()["error_type"]
+    with stack.client() as anonymous:
+        assert anonymous.post(f"/run/{APP}", json=QUICK).status_code == 401
+
+
+# 6. A worker killed in the middle of a job.
+
+
+def test_a_worker_killed_mid_job_is_replaced_and_the_job_billed_once(stack: Stack, e2e_tenant: dict[str, Any]) -> None:
+    with stack.client(e2e_tenant["key"]) as client:
+        # Long enough to be killed in the middle; short enough that the rerun from scratch is quick.
+        request_id = submit(client, request_body(size=256, steps=20))
+        wait_running(stack, request_id)
+        try:
+            stack.kill("gpu")
+            killed_at = time.time()
+        finally:
+            ensure_gpu_worker(stack)
+        # Completion also waits for a new worker to start and rerun the job, slow on a loaded machine.
+        job = wait_for_job(stack, request_id, lambda job: job.status in FINAL, 120, "never finished after the kill")
+        status = fal_status(client, request_id)
+    assert job.status == "COMPLETED", job.error
+    assert status["status"] == "COMPLETED"
+    assert status["error"] is None
+    first, second = attempts_of(request_id)
+    assert (first.number, first.outcome) == (1, "lost")
+    assert first.finished_at is not None
+    # The reaper noticed within the lease (3 s) and a sweep (1 s), with room for a loaded machine.
+    reaped_after = first.finished_at.timestamp() - killed_at
+    assert 0 < reaped_after < 15, reaped_after
+    assert first.gpu_ms > 0  # the GPU time it held, recorded, unbilled
+    assert not first.billable
+    assert (second.number, second.outcome) == (2, "succeeded")
+    assert second.worker != first.worker
+    assert second.started_at >= first.finished_at
+    assert job.attempt == 2
+    assert job.gpu_ms == second.gpu_ms > 0
+    assert job.error == ""
+    assert job.finished_at.timestamp() - killed_at < 120
+
+
+# 7. The broker down when a request comes in.
+
+
+def test_a_request_submitted_while_the_broker_is_down_runs_once_it_is_back(
+    stack: Stack, e2e_tenant: dict[str, Any]
+) -> None:
+    if stack.broker is None:
+        pytest.skip("needs a private redis-server as the broker")
+    with stack.client(e2e_tenant["key"]) as client:
+        stack.broker.stop()
+        try:
+            started = time.monotonic()
+            response = client.post(f"/queue/{APP}", json=QUICK)
+            took = time.monotonic() - started
+            assert response.status_code == 200, response.text
+            request_id = response.json()["request_id"]
+            assert response.json()["status"] == "IN_QUEUE"
+            assert took < 15, f"submitting took {took:.1f} s with the broker down"
+            assert fal_status(client, request_id)["status"] == "IN_QUEUE"
+            seen = set()
+            for _ in range(20):
+                seen.add(job_row(request_id).status)
+                time.sleep(0.1)
+            assert seen <= {"QUEUED", "DISPATCHED"}, seen
+            job = job_row(request_id)
+            assert (job.status, job.attempt) == ("QUEUED", 0)
+        finally:
+            stack.broker.start()
+        assert f"broker refused job {request_id}" in stack.logs["web"].read_text(errors="replace")
+        job = wait_final(stack, request_id, timeout=60)
+        assert job.status == "COMPLETED", job.error
+        assert [attempt.outcome for attempt in attempts_of(request_id)] == ["succeeded"]
+        # The server's own connection to the broker recovered too: new requests run as usual.
+        after = submit(client, QUICK)
+        assert wait_final(stack, after, timeout=60).status == "COMPLETED"
+        assert f"broker refused job {after}" not in stack.logs["web"].read_text(errors="replace")
