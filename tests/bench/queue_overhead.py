@@ -106,7 +106,18 @@ def main() -> None:
         [*celery, "--queues", "default", "--concurrency", "1", "-n", "bench-hk@%h", "--beat", "--schedule",
          str(data_dir / "beat")],
     ]  # fmt: skip
-    processes = [subprocess.Popen(command, env=env, cwd=REPO, start_new_session=True) for command in commands]
+    # The processes' own output (shutdown chatter included) goes to files beside the data, not into the report.
+    processes = [
+        subprocess.Popen(
+            command,
+            env=env,
+            cwd=REPO,
+            start_new_session=True,
+            stdout=(data_dir / f"process-{number}.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        for number, command in enumerate(commands)
+    ]
     base = f"http://127.0.0.1:{port}"
     client = httpx.Client(base_url=base, headers={"Authorization": f"Key {key}"}, timeout=60)
     try:
