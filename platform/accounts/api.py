@@ -38,14 +38,42 @@ class NewestFirst(CursorPagination):
     max_page_size = 200
 
 
+def me_payload(api_key: ApiKey) -> dict[str, Any]:
+    """What MeSerializer describes, built directly: ModelSerializer rebuilds its fields on every
+    request, which cost more than the rest of this hot endpoint together."""
+    organization, user = api_key.organization, api_key.created_by
+    return {
+        "organization": {
+            "id": str(organization.id),
+            "name": organization.name,
+            "slug": organization.slug,
+            "is_personal": organization.is_personal,
+            "concurrency_limit": organization.concurrency_limit,
+            "created_at": organization.created_at,
+        },
+        "api_key": {
+            "id": str(api_key.id),
+            "name": api_key.name,
+            "scopes": api_key.scopes,
+            "status": api_key.status,
+            "secret_hint": api_key.secret_hint,
+            "rate_limit_per_minute": api_key.rate_limit_per_minute,
+            "expires_at": api_key.expires_at,
+            "revoked_at": api_key.revoked_at,
+            "last_used_at": api_key.last_used_at,
+            "created_at": api_key.created_at,
+            "created_by": user.email if user else None,
+        },
+        "user": {"id": user.pk, "email": user.email, "name": user.name} if user else None,
+    }
+
+
 class MeView(APIView):
     permission_classes = (IsAuthenticated, HasScope)
 
     @extend_schema(responses=MeSerializer, summary="The key, organization and user this request acts as")
     def get(self, request: Request) -> Response:
-        api_key = request_api_key(request)
-        data = {"organization": api_key.organization, "api_key": api_key, "user": api_key.created_by}
-        return Response(MeSerializer(data).data)
+        return Response(me_payload(request_api_key(request)))
 
 
 class ApiKeyViewSet(

@@ -4,7 +4,11 @@ from collections.abc import Awaitable, Callable
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
+from django.contrib.auth import middleware as _auth
+from django.contrib.messages import middleware as _messages
+from django.contrib.sessions import middleware as _session
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.middleware import clickjacking as _clickjacking
 
 
 def too_large_response(limit: int) -> JsonResponse:
@@ -49,3 +53,36 @@ class BodySizeLimitMiddleware:
         if length > self.limit:
             return too_large_response(self.limit)
         return None
+
+
+class BrowserOnly:
+    """Skips a browser-only middleware (sessions, CSRF cookies, auth, messages, framing) on API paths.
+
+    Under ASGI each of Django's sync middleware costs a hop to a thread per request; the API
+    authenticates with keys and never reads a session, so its requests go straight past them.
+    """
+
+    def __call__(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
+        if request.path.startswith(API_PATH_PREFIXES):
+            return self.get_response(request)  # type: ignore[attr-defined]
+        return super().__call__(request)  # type: ignore[misc]
+
+
+# The paths of the API (and the files it links to): key-authenticated, no cookies.
+API_PATH_PREFIXES = ("/v1/", "/queue/", "/run/", "/files/", "/healthz", "/readyz", "/billing/stripe/")
+
+
+class SessionMiddleware(BrowserOnly, _session.SessionMiddleware):
+    pass
+
+
+class AuthenticationMiddleware(BrowserOnly, _auth.AuthenticationMiddleware):
+    pass
+
+
+class MessageMiddleware(BrowserOnly, _messages.MessageMiddleware):
+    pass
+
+
+class XFrameOptionsMiddleware(BrowserOnly, _clickjacking.XFrameOptionsMiddleware):
+    pass

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.core.serializers.json import DjangoJSONEncoder
 from django.utils import timezone
 from rest_framework.test import APIClient
 
@@ -220,3 +222,16 @@ def test_last_used_is_kept_without_a_write_per_request(tenant: dict[str, Any], d
     with django_assert_num_queries(1):  # look the key up only
         tenant["client"].get("/v1/me")
     assert ApiKey.objects.get(pk=tenant["api_key"].pk).last_used_at == first
+
+
+def test_me_matches_its_documented_serializer(tenant: dict[str, Any]) -> None:
+    from accounts.serializers import MeSerializer
+
+    api_key = ApiKey.objects.select_related("organization", "created_by").get(pk=tenant["api_key"].pk)
+    tenant["client"].get("/v1/me")  # stamp last_used_at first, so both read the same row
+    api_key.refresh_from_db()
+    documented = MeSerializer(
+        {"organization": api_key.organization, "api_key": api_key, "user": api_key.created_by}
+    ).data
+    answered = tenant["client"].get("/v1/me").json()
+    assert answered == json.loads(json.dumps(documented, cls=DjangoJSONEncoder))
