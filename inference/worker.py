@@ -146,6 +146,17 @@ def execute(job_id: str, attempt: int) -> None:
     heartbeat = Heartbeat(job_id, attempt)
     heartbeat.start()
     cold_start_ms = 0
+
+    def finish(outcome: AttemptOutcome, *, gpu_ms: int | None = None, **fields: Any) -> None:
+        services.finish_attempt(
+            job_id=job_id,
+            attempt=attempt,
+            outcome=outcome,
+            gpu_ms=heartbeat.gpu_ms() if gpu_ms is None else gpu_ms,
+            cold_start_ms=cold_start_ms,
+            **fields,
+        )
+
     try:
         loaded = pipeline_cache().get(weights_source(job.endpoint), job.endpoint.kind)
         cold_start_ms = loaded.load_ms
@@ -158,13 +169,8 @@ def execute(job_id: str, attempt: int) -> None:
         )
         images = [encode_image(image, job.input["output_format"]) for image in result.images]
         stored = files.inline_outputs(images) if job.input.get("sync_mode") else files.save_outputs(job, images)
-        gpu_ms = heartbeat.gpu_ms()
-        services.finish_attempt(
-            job_id=job_id,
-            attempt=attempt,
-            outcome=AttemptOutcome.SUCCEEDED,
-            gpu_ms=gpu_ms,
-            cold_start_ms=cold_start_ms,
+        finish(
+            AttemptOutcome.SUCCEEDED,
             result={
                 "images": stored,
                 "seed": job.input["seed"],
@@ -179,57 +185,29 @@ def execute(job_id: str, attempt: int) -> None:
         if error_type == "lost":
             logger.warning("job %s attempt %s lost its lease; dropping its work", job_id, attempt)
             return
-        services.finish_attempt(
-            job_id=job_id,
-            attempt=attempt,
-            outcome=AttemptOutcome.CANCELLED,
-            gpu_ms=heartbeat.gpu_ms(),
-            cold_start_ms=cold_start_ms,
+        finish(
+            AttemptOutcome.CANCELLED,
             error=f"{reason} Stopped after step {cancelled.steps_done} of {cancelled.total_steps}.",
             error_type=error_type,
         )
     except InputProblem as problem:
-        services.finish_attempt(
-            job_id=job_id,
-            attempt=attempt,
-            outcome=AttemptOutcome.FAILED,
-            gpu_ms=heartbeat.gpu_ms(),
-            cold_start_ms=cold_start_ms,
-            error=str(problem),
-            error_type=problem.error_type,
-        )
+        finish(AttemptOutcome.FAILED, error=str(problem), error_type=problem.error_type)
     except SoftTimeLimitExceeded:
-        services.finish_attempt(
-            job_id=job_id,
-            attempt=attempt,
-            outcome=AttemptOutcome.ERRORED,
-            gpu_ms=heartbeat.gpu_ms(),
-            cold_start_ms=cold_start_ms,
-            error="The request ran past the worker's time limit.",
-            error_type="timeout",
-        )
+        finish(AttemptOutcome.ERRORED, error="The request ran past the worker's time limit.", error_type="timeout")
     except ModelSourceError as exc:
         # A registry entry whose weights cannot be loaded: retrying will not help.
         logger.error("job %s: model %s cannot be loaded: %s", job_id, job.endpoint.weights, exc)
-        services.finish_attempt(
-            job_id=job_id,
-            attempt=attempt,
-            outcome=AttemptOutcome.ERRORED,
+        finish(
+            AttemptOutcome.ERRORED,
             gpu_ms=0,
-            cold_start_ms=cold_start_ms,
             error="The model of this endpoint is not available on the worker.",
             error_type="model_unavailable",
         )
     except Exception as exc:
-        # The platform's fault (a model that will not load, a crash, out of memory): not billed,
-        # and retried while attempts remain.
+        # The platform's fault (a crash, out of memory): not billed, and retried while attempts remain.
         logger.exception("job %s attempt %s failed", job_id, attempt)
-        services.finish_attempt(
-            job_id=job_id,
-            attempt=attempt,
-            outcome=AttemptOutcome.ERRORED,
-            gpu_ms=heartbeat.gpu_ms(),
-            cold_start_ms=cold_start_ms,
+        finish(
+            AttemptOutcome.ERRORED,
             error=f"Internal error: {type(exc).__name__}.",
             error_type="internal_error",
             retry=True,
