@@ -272,28 +272,35 @@ _STATUS_COLOURS = {
 REQUEUEABLE_STATUSES = (JobStatus.FAILED, JobStatus.CANCELLED)
 
 
-class AttemptOfJobInline(_AttemptOfJobInlineBase):
-    model = JobAttempt
-    fields = (
-        "number",
-        "outcome",
-        "worker",
-        "gpu_ms",
-        "cold_start_ms",
-        "billable",
-        "started_at",
-        "heartbeat_at",
-        "finished_at",
-        "error",
-    )
-    readonly_fields = fields
-    extra = 0
-    can_delete = False
-    show_change_link = True
+ATTEMPT_FIELDS = (
+    "number",
+    "outcome",
+    "worker",
+    "gpu_ms",
+    "cold_start_ms",
+    "billable",
+    "started_at",
+    "heartbeat_at",
+    "finished_at",
+    "error",
+)
+
+
+class AttemptColumns:
+    """What both views of an attempt (inline on its job, and its own page) show."""
 
     @admin.display(description="billable", boolean=True)
     def billable(self, attempt: JobAttempt) -> bool:
         return attempt.billable
+
+
+class AttemptOfJobInline(AttemptColumns, _AttemptOfJobInlineBase):
+    model = JobAttempt
+    fields = ATTEMPT_FIELDS
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = True
 
     def has_add_permission(self, request: HttpRequest, obj: Job | None) -> bool:  # type: ignore[override]
         return False
@@ -466,7 +473,7 @@ class JobAdmin(_OperableAdmin, _JobAdminBase):
 
 
 @admin.register(JobAttempt)
-class JobAttemptAdmin(_OperableAdmin, _JobAttemptAdminBase):
+class JobAttemptAdmin(AttemptColumns, _OperableAdmin, _JobAttemptAdminBase):
     list_display = (
         "job",
         "number",
@@ -483,24 +490,8 @@ class JobAttemptAdmin(_OperableAdmin, _JobAttemptAdminBase):
     search_help_text = "A request id (whole), or part of a worker's name."
     list_select_related = ("job",)
     show_full_result_count = False
-    fields = (
-        "job",
-        "number",
-        "outcome",
-        "worker",
-        "gpu_ms",
-        "cold_start_ms",
-        "billable",
-        "started_at",
-        "heartbeat_at",
-        "finished_at",
-        "error",
-    )
+    fields = ("job", *ATTEMPT_FIELDS)
     readonly_fields = fields
-
-    @admin.display(description="billable", boolean=True)
-    def billable(self, attempt: JobAttempt) -> bool:
-        return attempt.billable
 
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[JobAttempt], search_term: str
