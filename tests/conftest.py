@@ -37,6 +37,15 @@ def _fast_password_hashing(settings: Any) -> None:
 
 
 @pytest.fixture
+def unhashed_static_files(settings: Any) -> None:
+    """Pages link static files through the manifest collectstatic writes; the suite has none."""
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }
+
+
+@pytest.fixture
 def make_user(db: None) -> Callable[..., User]:
     from accounts.services import sign_up
 

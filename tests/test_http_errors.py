@@ -18,12 +18,6 @@ from config.asgi import BodyLimit
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture(autouse=True)
-def fast_password_hashing(settings: Any) -> None:
-    """These tests make many accounts; the strength of the hash is Django's concern, not theirs."""
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 # (method, path) of every endpoint; {key} is a key of the tenant other than the one making the request.
 ENDPOINTS = [
     ("GET", "/v1/me"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import pytest
 from django.test import Client
@@ -13,15 +12,6 @@ from config.celery import app as celery_app
 pytestmark = pytest.mark.django_db
 
 CLOSED_PORT_BROKER = "redis://127.0.0.1:1/0"
-
-
-@pytest.fixture
-def unhashed_static_files(settings: Any) -> None:
-    """Pages link static files through the manifest that collectstatic writes; tests have none."""
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
-    }
 
 
 def test_healthz_is_ok_without_credentials() -> None:

@@ -51,12 +51,6 @@ def demo_data_dir(settings: Any, tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.fixture(autouse=True)
-def fast_password_hashing(settings: Any) -> None:
-    """The strength of the hash is Django's concern, not these tests'."""
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 def bootstrap_json() -> dict[str, str]:
     out = StringIO()
     call_command("bootstrap_demo", "--json", stdout=out)

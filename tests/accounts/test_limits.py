@@ -15,12 +15,6 @@ from accounts.models import Organization
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture(autouse=True)
-def fast_password_hashing(settings: Any) -> None:
-    """These tests make many accounts; the strength of the hash is Django's concern, not theirs."""
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 # The start of a minute far from the wall clock, so these windows never meet real traffic.
 MINUTE = 60 * 20_000_000.0
 

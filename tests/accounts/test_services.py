@@ -44,20 +44,6 @@ postgres_only = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def fast_password_hashing(settings: Any) -> None:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
-@pytest.fixture
-def unhashed_static_files(settings: Any) -> None:
-    """Admin pages link static files through the manifest that collectstatic writes; tests have none."""
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
-    }
-
-
 def audits(action: str) -> list[AuditEvent]:
     return list(AuditEvent.objects.filter(action=action).order_by("pk"))
 

@@ -35,21 +35,6 @@ pytestmark = pytest.mark.django_db
 PASSWORD = "correct horse battery"
 
 
-@pytest.fixture(autouse=True)
-def fast_password_hashing(settings: Any) -> None:
-    """These tests make many accounts; the strength of the hash is Django's concern, not theirs."""
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
-@pytest.fixture
-def unhashed_static_files(settings: Any) -> None:
-    """Pages link static files through the manifest that collectstatic writes; tests have none."""
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
-    }
-
-
 def add_member(organization: Organization, role: str, make_user: Any) -> Membership:
     return Membership.objects.create(user=make_user(), organization=organization, role=role)
 
