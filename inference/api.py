@@ -182,13 +182,15 @@ class StatusView(InferenceView):
 
 
 def result_response(job: Job, request: HttpRequest) -> JsonResponse:
+    usage = usage_of(job)
     if job.status != JobStatus.COMPLETED:
         status, body = result_error(job)
-        return JsonResponse(body, status=status)
-    usage = usage_of(job)
-    response = JsonResponse({**(files.render_result(job, base_url=base_url(request)) or {}), "usage": usage})
+        response = JsonResponse(body, status=status)
+    else:
+        response = JsonResponse({**(files.render_result(job, base_url=base_url(request)) or {}), "usage": usage})
+    # A cancelled request is billed for the time it ran: its error answer carries the cost too.
     if usage:
-        response["x-billable-units"] = str(usage.get("billable_units", ""))
+        response["x-fal-billable-units"] = response["x-billable-units"] = str(usage.get("billable_units", ""))
         response["x-cost-micros"] = str(usage.get("cost_micros", ""))
     response["x-gpu-ms"] = str(job.gpu_ms)
     return response

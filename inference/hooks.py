@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from accounts.models import ApiKey, Organization
     from inference.models import Endpoint, Job, JobAttempt
 
 
@@ -24,21 +23,25 @@ class Refusal:
     status: int = 402
 
 
-AdmissionCheck = Callable[["Organization", "ApiKey | None", "Endpoint", dict[str, Any]], "Refusal | None"]
+AdmissionCheck = Callable[["Job"], "Refusal | None"]
 HeartbeatCheck = Callable[["Job", int], "Refusal | None"]
 AttemptFinished = Callable[["Job", "JobAttempt"], None]
+EndedUnstarted = Callable[["Job"], None]
 JobUsage = Callable[["Job"], "dict[str, Any] | None"]
 EndpointPrice = Callable[["Endpoint"], "dict[str, Any] | None"]
 
 
 @dataclass
 class Hooks:
-    # May this organization (and key) start this job? Called inside the submission transaction.
+    # May this job (its organization, key, endpoint, input) be accepted? Called inside the submission
+    # transaction just after the job's row is inserted; a refusal rolls the insert back.
     admit: AdmissionCheck | None = None
     # May this running job go on, having used ``gpu_ms`` so far? Called at each heartbeat.
     may_continue: HeartbeatCheck | None = None
     # This attempt is final; called inside the transaction that moves the job to its final state.
     attempt_finished: AttemptFinished | None = None
+    # This job reached a final state without any attempt (cancelled in the queue); inside that transaction.
+    ended_unstarted: EndedUnstarted | None = None
     # What did this job cost (the ``usage`` object of status and result), or None.
     usage: JobUsage | None = None
     # The price shown for an endpoint in /v1/models, or None.

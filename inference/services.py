@@ -105,10 +105,6 @@ def submit_job(
         job_input["image_path"] = files.save_input_image(organization.pk, job_id, inline_image)
     try:
         with transaction.atomic():
-            if hooks.admit is not None:
-                refusal = hooks.admit(organization, api_key, endpoint, job_input)
-                if refusal is not None:
-                    raise SubmissionRefused(refusal.detail, refusal.error_type, refusal.status)
             job = Job.objects.create(
                 id=job_id,
                 organization=organization,
@@ -121,6 +117,11 @@ def submit_job(
                 request_fingerprint=fingerprint,
                 max_attempts=settings.JOB_MAX_ATTEMPTS,
             )
+            if hooks.admit is not None:
+                # After the insert, so billing can hold credit against the job; a refusal rolls it back.
+                refusal = hooks.admit(job)
+                if refusal is not None:
+                    raise SubmissionRefused(refusal.detail, refusal.error_type, refusal.status)
             log_job(job.id, f"Request queued for {endpoint.endpoint_id}.")
             transaction.on_commit(lambda: dispatch_organization(organization.pk), robust=True)
     except IntegrityError:
@@ -426,6 +427,8 @@ def cancel_job(*, job: Job) -> str:
             )
         if cancelled:
             log_job(job.pk, "Cancelled before it started.")
+            if hooks.ended_unstarted is not None:
+                hooks.ended_unstarted(Job.objects.get(pk=job.pk))
             organization_id, job_id = job.organization_id, job.pk
             transaction.on_commit(lambda: _after_attempt(organization_id, job_id, True), robust=True)
             return "CANCELLATION_REQUESTED"

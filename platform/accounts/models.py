@@ -236,6 +236,13 @@ class AuditAction(models.TextChoices):
     LIMITS_CHANGED = "organization.limits_changed", "Limits changed"
     JOB_CANCELLED_BY_OPERATOR = "job.cancelled_by_operator", "Request cancelled by an operator"
     JOB_REQUEUED_BY_OPERATOR = "job.requeued_by_operator", "Request requeued by an operator"
+    JOB_REFUNDED = "job.refunded", "Request refunded"
+    CREDITS_GRANTED = "credits.granted", "Credits granted"
+    CREDITS_ADJUSTED = "credits.adjusted", "Credits adjusted"
+    PRICE_CHANGED = "billing.price_changed", "Price changed"
+    SPEND_LIMITS_CHANGED = "billing.limits_changed", "Spend limits changed"
+    TOP_UP_CHANGED = "billing.top_up_changed", "Auto top-up settings changed"
+    STRIPE_EVENT_REPLAYED = "billing.stripe_event_replayed", "Stripe event replayed"
 
 
 class AuditEvent(models.Model):

@@ -72,6 +72,7 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "accounts",
     "inference",
+    "billing",
 ]
 
 MIDDLEWARE = [
@@ -259,7 +260,24 @@ OUTBOUND_ALLOW_PRIVATE = env_bool("OUTBOUND_ALLOW_PRIVATE", EMBEDDED)
 WEBHOOK_TIMEOUT_SECONDS = env_int("WEBHOOK_TIMEOUT_SECONDS", 15, minimum=1)
 WEBHOOK_RETRY_WINDOW_SECONDS = env_int("WEBHOOK_RETRY_WINDOW_SECONDS", 26 * 3600, minimum=1)
 
-CELERY_TASK_ROUTES = {"inference.run_job": {"queue": "cpu"}, "inference.*": {"queue": "default"}}
+# Billing (DESIGN §4): micro-dollars everywhere, cents only at Stripe.
+BILLING_SIGNUP_CREDITS_MICROS = env_int("BILLING_SIGNUP_CREDITS_MICROS", 1_000_000, minimum=0)
+# Admission holds the estimated cost of a job: measured GPU ms per work unit (steps x images x 512²
+# tiles) of the endpoint over the last week, this default before any is measured, plus a margin.
+BILLING_DEFAULT_MS_PER_WORK_UNIT = {"gpu-h100": 40, "gpu-a10g": 150, "cpu": 100}
+BILLING_HOLD_MARGIN_PERCENT = env_int("BILLING_HOLD_MARGIN_PERCENT", 120, minimum=100)
+# What a GPU-hour costs us, per class, in micro-dollars: the basis of gross margin.
+BILLING_GPU_COST_MICROS_PER_HOUR = {
+    "gpu-h100": env_int("BILLING_GPU_COST_H100_MICROS_PER_HOUR", 2_200_000, minimum=0),
+    "gpu-a10g": env_int("BILLING_GPU_COST_A10G_MICROS_PER_HOUR", 600_000, minimum=0),
+    "cpu": env_int("BILLING_GPU_COST_CPU_MICROS_PER_HOUR", 40_000, minimum=0),
+}
+
+CELERY_TASK_ROUTES = {
+    "inference.run_job": {"queue": "cpu"},
+    "inference.*": {"queue": "default"},
+    "billing.*": {"queue": "default"},
+}
 CELERY_BEAT_SCHEDULE = {
     "inference-sweep": {"task": "inference.sweep", "schedule": float(JOB_SWEEP_SECONDS)},
     "inference-webhooks": {"task": "inference.deliver_due_webhooks", "schedule": 5.0},

@@ -5,6 +5,7 @@ from django.urls import include, path
 from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 
+from billing import urls as billing_urls
 from config import views
 from inference import urls as inference_urls
 
@@ -20,6 +21,7 @@ urlpatterns = [
     path("v1/docs", SpectacularSwaggerView.as_view(url_name="openapi-schema"), name="api-docs"),
     path("v1/", include("accounts.urls")),
     path("v1/", include(inference_urls.v1_urlpatterns)),
+    path("v1/", include(billing_urls.v1_urlpatterns)),
     path("queue/", include(inference_urls.queue_urlpatterns)),
     path("run/", include(inference_urls.run_urlpatterns)),
     path("", include("inference.file_urls")),

@@ -49,7 +49,9 @@ def test_models_lists_the_builtins_with_their_limits(builtin_endpoint: Endpoint)
     schema = models["platform/tiny-sd"]["input_schema"]
     assert schema["required"] == ["prompt"]
     assert schema["properties"]["num_inference_steps"]["maximum"] == builtin_endpoint.max_steps
-    assert models["platform/tiny-sd"]["price"] is None  # until billing registers its price hook
+    assert models["platform/tiny-sd"]["price"] == {
+        "unit": "gpu_second", "unit_price_micros": 100, "currency": "usd", "effective_from": "2020-01-01T00:00:00+00:00"
+    }  # the opening rate card for the cpu class
 
 
 def test_an_input_image_over_the_endpoint_limit_is_413(tenant: dict[str, Any], builtin_endpoint: Endpoint) -> None:

@@ -169,7 +169,12 @@ def test_delivers_a_signed_fal_body(make_job: Callable[..., Job], receiver: Loca
         "status": "OK",
         "payload": {"images": [], "seed": 1, "prompt": "a cat"},
         "error": None,
-    }
+        # Made without an attempt, so nothing used: billing's usage object says so.
+        "usage": {
+            "gpu_class": "cpu", "gpu_ms": 0, "billable_units": 0.0, "unit": "gpu_second", "unit_price_micros": 100,
+            "cost_micros": 0,
+        },
+    }  # fmt: skip
     delivery.refresh_from_db()
     assert delivery.status == WebhookStatus.DELIVERED
     assert delivery.attempts == 1

@@ -1,0 +1,27 @@
+"""Holds: credit set aside for a queued or running job, released when the job reaches its end."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.utils import timezone
+
+from billing.models import Account, Hold
+
+
+def place(*, account: Account, hold: Hold) -> None:
+    """Saves a new hold on a locked account and adds it to the cached ``held_micros``."""
+    hold.save(force_insert=True)
+    account.held_micros += hold.amount_micros
+    account.save(update_fields=["held_micros"])
+
+
+def release(*, account: Account, job_id: uuid.UUID) -> int:
+    """Releases the job's open hold on a locked account; the amount released (0 if none was open)."""
+    hold = Hold.objects.filter(job_id=job_id, released_at=None).first()
+    if hold is None:
+        return 0
+    Hold.objects.filter(pk=hold.pk).update(released_at=timezone.now())
+    account.held_micros -= hold.amount_micros
+    account.save(update_fields=["held_micros"])
+    return hold.amount_micros

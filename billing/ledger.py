@@ -1,0 +1,145 @@
+"""The prepaid credit ledger: append entries, keep the cached balance true, grant and refund.
+
+Every function that moves credit locks the organization's ``Account`` row first, so the cached
+balance and holds change in a fixed order with the rows they summarise (one lock per organization).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from accounts.models import AuditAction, Organization
+from accounts.services import SYSTEM, Actor, record_audit
+from billing.models import Account, CreditEntry, EntryKind, Payment, UsageRecord
+from inference.models import Job
+
+
+class BillingError(Exception):
+    """A request the rules of money do not allow (answered as 400/409 with this message)."""
+
+
+def locked_account(organization_id: uuid.UUID) -> Account:
+    """The organization's account, locked for this transaction (created on first use)."""
+    account = Account.objects.select_for_update().filter(pk=organization_id).first()
+    if account is None:
+        try:
+            with transaction.atomic():
+                Account.objects.create(organization_id=organization_id)
+        except IntegrityError:
+            pass  # created by a concurrent transaction: lock that one
+        account = Account.objects.select_for_update().get(pk=organization_id)
+    return account
+
+
+def account_of(organization: Organization) -> Account:
+    """The account for reading (created on first use)."""
+    account, _ = Account.objects.get_or_create(organization=organization)
+    return account
+
+
+def post_entry(
+    *,
+    account: Account,
+    kind: str,
+    amount_micros: int,
+    idempotency_key: str,
+    description: str = "",
+    usage_record: UsageRecord | None = None,
+    payment: Payment | None = None,
+    job: Job | None = None,
+    created_by: Any = None,
+) -> tuple[CreditEntry, bool]:
+    """Appends one entry to a locked account, or returns the entry already posted under this key.
+
+    Must run inside the transaction that locked ``account``; updates its cached balance.
+    """
+    existing = CreditEntry.objects.filter(idempotency_key=idempotency_key).first()
+    if existing is not None:
+        if existing.organization_id != account.organization_id or existing.amount_micros != amount_micros:
+            raise BillingError(f"Idempotency key {idempotency_key} was used for a different movement.")
+        return existing, False
+    account.balance_micros += amount_micros
+    account.updated_at = timezone.now()
+    entry = CreditEntry.objects.create(
+        organization_id=account.organization_id,
+        kind=kind,
+        amount_micros=amount_micros,
+        balance_after_micros=account.balance_micros,
+        idempotency_key=idempotency_key,
+        usage_record=usage_record,
+        payment=payment,
+        job=job,
+        description=description[:300],
+        created_by=created_by,
+    )
+    account.save(update_fields=["balance_micros", "updated_at"])
+    return entry, True
+
+
+@transaction.atomic
+def grant_credits(
+    *,
+    organization: Organization,
+    amount_micros: int,
+    reason: str,
+    actor: Actor = SYSTEM,
+    idempotency_key: str | None = None,
+    kind: str = EntryKind.GRANT,
+) -> CreditEntry:
+    """Free credits (or, with ``kind=adjustment``, a correction of either sign) from an operator or the system."""
+    if kind not in (EntryKind.GRANT, EntryKind.ADJUSTMENT):
+        raise BillingError("Only grants and adjustments are made by hand.")
+    if amount_micros == 0 or (kind == EntryKind.GRANT and amount_micros < 0):
+        raise BillingError("A grant adds a positive amount; use an adjustment to remove credit.")
+    if not reason.strip():
+        raise BillingError("Say why: the reason is shown to the customer in their ledger.")
+    account = locked_account(organization.pk)
+    entry, created = post_entry(
+        account=account,
+        kind=kind,
+        amount_micros=amount_micros,
+        idempotency_key=idempotency_key or f"{kind}-{uuid.uuid4()}",
+        description=reason,
+        created_by=actor.user,
+    )
+    if created:
+        record_audit(
+            action=AuditAction.CREDITS_GRANTED if kind == EntryKind.GRANT else AuditAction.CREDITS_ADJUSTED,
+            actor=actor,
+            organization=organization,
+            target=entry,
+            metadata={"amount_micros": amount_micros, "reason": reason},
+        )
+    return entry
+
+
+@transaction.atomic
+def refund_job(*, job: Job, actor: Actor = SYSTEM, reason: str = "") -> CreditEntry:
+    """Gives back what a request cost, once (the usage records stay: the refund is a new entry)."""
+    charged = sum(record.cost_micros for record in job.usage_records.filter(billable=True))
+    if charged == 0:
+        raise BillingError("This request cost nothing; there is nothing to refund.")
+    account = locked_account(job.organization_id)
+    entry, created = post_entry(
+        account=account,
+        kind=EntryKind.REFUND,
+        amount_micros=charged,
+        idempotency_key=f"job-refund-{job.pk}",
+        description=reason or f"Refund of request {job.pk}",
+        job=job,
+        created_by=actor.user,
+    )
+    if not created:
+        raise BillingError("This request has already been refunded.")
+    record_audit(
+        action=AuditAction.JOB_REFUNDED,
+        actor=actor,
+        organization=job.organization,
+        target=job,
+        metadata={"amount_micros": charged, "reason": reason},
+    )
+    return entry

@@ -1,0 +1,138 @@
+"""The usage ledger: one record per closed attempt, its debit, and the hourly and daily rollups.
+
+``record_attempt`` is inference's ``attempt_finished`` hook: it runs inside the transaction that
+closes the attempt, so a job's final state, its usage record, its credit debit, the rollups and the
+release of its hold commit together or not at all.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from django.db import connection
+
+from billing import holds, pricing
+from billing.ledger import locked_account, post_entry
+from billing.models import NO_KEY, EntryKind, Granularity, UsageRecord, UsageRollup
+from billing.money import cost_micros
+from inference.models import Job, JobAttempt
+
+
+def _images_produced(job: Job) -> int:
+    if not job.result:
+        return 0
+    return len(job.result.get("images") or [])
+
+
+def record_attempt(job: Job, attempt: JobAttempt) -> UsageRecord:
+    """Writes the usage of a closed attempt (billed or not), debits its cost and settles the hold if final."""
+    started_at = job.started_at or attempt.started_at
+    quote = pricing.price_for(job.endpoint, started_at)
+    billable = attempt.billable
+    images = _images_produced(job) if billable else 0
+    units, cost = cost_micros(
+        unit=quote.unit,
+        unit_price_micros=quote.unit_price_micros,
+        gpu_ms=attempt.gpu_ms if billable else 0,
+        images=images,
+        pixels=pricing.output_pixels(job.input, images),
+    )
+    account = locked_account(job.organization_id)
+    record = UsageRecord.objects.create(
+        organization_id=job.organization_id,
+        job=job,
+        attempt_number=attempt.number,
+        api_key_id=job.api_key_id,
+        endpoint_id=job.endpoint_id,
+        gpu_class=job.gpu_class,
+        outcome=attempt.outcome,
+        billable=billable,
+        gpu_ms=attempt.gpu_ms if billable else 0,
+        unbilled_gpu_ms=attempt.cold_start_ms + (0 if billable else attempt.gpu_ms),
+        price=quote.price,
+        unit=quote.unit,
+        billable_units=units,
+        unit_price_micros=quote.unit_price_micros,
+        cost_micros=cost,
+        work_units=pricing.work_units(job.input) if billable else 0,
+        started_at=attempt.started_at,
+        recorded_at=attempt.finished_at or job.finished_at or started_at,
+    )
+    if job.is_final:
+        holds.release(account=account, job_id=job.pk)
+    if cost:
+        post_entry(
+            account=account,
+            kind=EntryKind.USAGE,
+            amount_micros=-cost,
+            idempotency_key=f"usage-{record.pk}",
+            description=f"{job.endpoint.endpoint_id}: {units} {quote.unit}",
+            usage_record=record,
+            job=job,
+        )
+    add_to_rollups(record)
+    return record
+
+
+_ROLLUP_COLUMNS = ("attempts", "billable_attempts", "gpu_ms", "unbilled_gpu_ms", "cost_micros", "work_units")
+
+
+def bucket_start(moment: datetime, granularity: str) -> datetime:
+    """The UTC hour or day that holds ``moment``."""
+    start = moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    return start.replace(hour=0) if granularity == Granularity.DAY else start
+
+
+def add_to_rollups(record: UsageRecord) -> None:
+    """Adds one record to its hour and day rows with one upsert each (PostgreSQL and SQLite alike)."""
+    amounts = {
+        "attempts": 1,
+        "billable_attempts": int(record.billable),
+        "gpu_ms": record.gpu_ms,
+        "unbilled_gpu_ms": record.unbilled_gpu_ms,
+        "cost_micros": record.cost_micros,
+        "work_units": record.work_units,
+    }
+    add_amounts_to_rollups(
+        recorded_at=record.recorded_at,
+        organization_id=record.organization_id,
+        endpoint_id=record.endpoint_id,
+        key_id=record.api_key_id or NO_KEY,
+        gpu_class=record.gpu_class,
+        amounts=amounts,
+    )
+
+
+def add_amounts_to_rollups(
+    *,
+    recorded_at: datetime,
+    organization_id: Any,
+    endpoint_id: int,
+    key_id: Any,
+    gpu_class: str,
+    amounts: dict[str, int],
+) -> None:
+    table = UsageRollup._meta.db_table
+    fields = {field.column: field for field in UsageRollup._meta.concrete_fields}
+    key_columns = ["granularity", "bucket_start", "organization_id", "endpoint_id", "key_id", "gpu_class"]
+    columns = key_columns + list(_ROLLUP_COLUMNS)
+    increments = ", ".join(f"{column} = {table}.{column} + excluded.{column}" for column in _ROLLUP_COLUMNS)
+    sql = (
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(['%s'] * len(columns))}) "  # noqa: S608
+        f"ON CONFLICT ({', '.join(key_columns)}) DO UPDATE SET {increments}"
+    )
+    rows = []
+    for granularity in (Granularity.HOUR, Granularity.DAY):
+        values = {
+            "granularity": granularity.value,
+            "bucket_start": bucket_start(recorded_at, granularity),
+            "organization_id": organization_id,
+            "endpoint_id": endpoint_id,
+            "key_id": key_id,
+            "gpu_class": gpu_class,
+            **amounts,
+        }
+        rows.append([fields[column].get_db_prep_value(values[column], connection) for column in columns])
+    with connection.cursor() as cursor:
+        cursor.executemany(sql, rows)

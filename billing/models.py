@@ -1,0 +1,368 @@
+"""Money: rate cards, the usage ledger, prepaid credits, holds, payments, the Stripe inbox.
+
+Amounts are integers in micro-dollars (1 USD = 1,000,000 micros), cents only at the Stripe
+boundary (``billing.money``). Ledgers are append-only: a mistake is corrected by a new entry.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+from accounts.models import ApiKey, Organization
+from inference.models import Endpoint, GpuClass, Job
+
+NO_KEY = uuid.UUID(int=0)  # usage without an API key (dashboard runs) rolls up under this id
+
+
+class PriceUnit(models.TextChoices):
+    GPU_SECOND = "gpu_second", "GPU second"
+    IMAGE = "image", "Image"
+    MEGAPIXEL = "megapixel", "Megapixel"
+
+
+class PriceQuerySet(models.QuerySet["Price"]):
+    def in_force(self, at: Any) -> PriceQuerySet:
+        return self.filter(effective_from__lte=at)
+
+
+class Price(models.Model):
+    """One version of a rate card line. Rows are never edited once in force: a new price is a new row.
+
+    A line applies to every endpoint of a GPU class, or to one endpoint (an override, which wins).
+    The price of a job is the newest line in force when the job started.
+    """
+
+    gpu_class = models.CharField(max_length=16, choices=GpuClass.choices, blank=True)
+    endpoint = models.ForeignKey(Endpoint, null=True, blank=True, on_delete=models.PROTECT, related_name="prices")
+    unit = models.CharField(max_length=16, choices=PriceUnit.choices, default=PriceUnit.GPU_SECOND)
+    unit_price_micros = models.PositiveBigIntegerField(
+        help_text="Micro-dollars per GPU-second, per image or per megapixel (1,000,000 = $1)."
+    )
+    effective_from = models.DateTimeField(default=timezone.now, db_index=True)
+    note = models.CharField(max_length=200, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    objects = PriceQuerySet.as_manager()
+
+    class Meta:
+        ordering = ("-effective_from", "-id")
+        constraints = [
+            models.CheckConstraint(
+                condition=(Q(endpoint__isnull=True) & ~Q(gpu_class="")) | (Q(endpoint__isnull=False) & Q(gpu_class="")),
+                name="price_for_class_or_endpoint",
+            ),
+            models.CheckConstraint(
+                condition=Q(endpoint__isnull=False) | Q(unit="gpu_second"),
+                name="price_class_lines_per_second",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["gpu_class", "effective_from"]),
+            models.Index(fields=["endpoint", "effective_from"]),
+        ]
+
+    def __str__(self) -> str:
+        target = self.endpoint.endpoint_id if self.endpoint_id and self.endpoint else self.gpu_class
+        return f"{target}: {self.unit_price_micros} µ$/{self.unit} from {self.effective_from:%Y-%m-%d %H:%M}"
+
+    def clean(self) -> None:
+        if bool(self.endpoint_id) == bool(self.gpu_class):
+            raise ValidationError("A price applies either to a GPU class or to one endpoint, not both.")
+        if not self.endpoint_id and self.unit != PriceUnit.GPU_SECOND:
+            raise ValidationError({"unit": "A GPU class is priced per GPU-second; bill by output per endpoint."})
+
+
+class Account(models.Model):
+    """The organization's billing side: its cached balance and holds, limits, Stripe ids, top-up settings.
+
+    ``balance_micros`` is the sum of the organization's credit entries and ``held_micros`` the sum of
+    its open holds, both written in the same transaction as the rows they summarise, under this row's lock.
+    """
+
+    organization = models.OneToOneField(
+        Organization, primary_key=True, on_delete=models.CASCADE, related_name="billing_account"
+    )
+    balance_micros = models.BigIntegerField(default=0)
+    held_micros = models.BigIntegerField(default=0)
+    currency = models.CharField(max_length=3, default="usd")
+    monthly_budget_micros = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="Spend allowed per calendar month (UTC); empty for no budget."
+    )
+    stripe_customer_id = models.CharField(max_length=255, blank=True, db_index=True)
+    default_payment_method_id = models.CharField(max_length=255, blank=True)
+    auto_top_up_enabled = models.BooleanField(default=False)
+    auto_top_up_threshold_micros = models.PositiveBigIntegerField(
+        default=5_000_000, help_text="Top up when the available balance falls below this."
+    )
+    auto_top_up_amount_cents = models.PositiveIntegerField(
+        default=2_000, validators=[MinValueValidator(500)], help_text="How much each top-up buys, in cents."
+    )
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ("organization__name",)
+
+    def __str__(self) -> str:
+        return f"Billing account of {self.organization}"
+
+    @property
+    def available_micros(self) -> int:
+        return self.balance_micros - self.held_micros
+
+
+class KeySpendLimit(models.Model):
+    """A monthly spending cap on one API key (UTC calendar month)."""
+
+    api_key = models.OneToOneField(ApiKey, primary_key=True, on_delete=models.CASCADE, related_name="spend_limit")
+    monthly_limit_micros = models.PositiveBigIntegerField()
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"{self.api_key_id}: {self.monthly_limit_micros} µ$/month"
+
+
+class UsageRecord(models.Model):
+    """What one closed attempt of a job used: exactly one row per attempt, billable or not.
+
+    Unbilled attempts (the platform's fault) and cold starts are kept as ``unbilled_gpu_ms`` at zero
+    cost, so the margin is honest. Written in the transaction that closes the attempt.
+    """
+
+    organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="+")
+    job = models.ForeignKey(Job, on_delete=models.PROTECT, related_name="usage_records")
+    attempt_number = models.PositiveIntegerField()
+    api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.PROTECT, related_name="+")
+    gpu_class = models.CharField(max_length=16, choices=GpuClass.choices)
+    outcome = models.CharField(max_length=16)
+    billable = models.BooleanField()
+    gpu_ms = models.PositiveBigIntegerField(help_text="Billed GPU time (0 when the attempt is not billable).")
+    unbilled_gpu_ms = models.PositiveBigIntegerField(help_text="Cold start, and all GPU time of unbilled attempts.")
+    price = models.ForeignKey(Price, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    unit = models.CharField(max_length=16, choices=PriceUnit.choices)
+    billable_units = models.DecimalField(max_digits=20, decimal_places=6)
+    unit_price_micros = models.PositiveBigIntegerField()
+    cost_micros = models.PositiveBigIntegerField()
+    work_units = models.PositiveBigIntegerField(default=0, help_text="Steps x images: the basis of cost estimates.")
+    started_at = models.DateTimeField()
+    recorded_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ("-recorded_at", "-id")
+        constraints = [
+            models.UniqueConstraint(fields=["job", "attempt_number"], name="usage_one_record_per_attempt"),
+            models.CheckConstraint(condition=Q(billable=True) | Q(cost_micros=0), name="usage_unbilled_costs_nothing"),
+        ]
+        indexes = [models.Index(fields=["organization", "recorded_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.job_id} #{self.attempt_number}: {self.cost_micros} µ$"
+
+
+class Granularity(models.TextChoices):
+    HOUR = "hour", "Hour"
+    DAY = "day", "Day"
+
+
+class UsageRollup(models.Model):
+    """Usage summed per hour and per day (UTC), organization, endpoint, key and GPU class.
+
+    Maintained by an upsert in the transaction that writes each usage record, so pages and
+    admission read these instead of scanning raw usage.
+    """
+
+    granularity = models.CharField(max_length=4, choices=Granularity.choices)
+    bucket_start = models.DateTimeField()
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.PROTECT, related_name="+")
+    key_id = models.UUIDField(default=NO_KEY, help_text="The API key, or all zeros for usage without a key.")
+    gpu_class = models.CharField(max_length=16, choices=GpuClass.choices)
+    attempts = models.PositiveBigIntegerField(default=0)
+    billable_attempts = models.PositiveBigIntegerField(default=0)
+    gpu_ms = models.PositiveBigIntegerField(default=0)
+    unbilled_gpu_ms = models.PositiveBigIntegerField(default=0)
+    cost_micros = models.PositiveBigIntegerField(default=0)
+    work_units = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        ordering = ("-bucket_start",)
+        constraints = [
+            models.UniqueConstraint(
+                fields=["granularity", "bucket_start", "organization", "endpoint", "key_id", "gpu_class"],
+                name="rollup_one_row_per_bucket",
+            )
+        ]
+        indexes = [
+            models.Index(fields=["organization", "granularity", "bucket_start"]),
+            models.Index(fields=["granularity", "bucket_start"]),
+            models.Index(fields=["key_id", "granularity", "bucket_start"]),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.granularity} {self.bucket_start:%Y-%m-%d %H:00} {self.organization_id}"
+
+
+class Hold(models.Model):
+    """Credits set aside for a job from admission until it finishes (then released; usage is debited)."""
+
+    job = models.OneToOneField(Job, primary_key=True, on_delete=models.CASCADE, related_name="credit_hold")
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")
+    api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    amount_micros = models.PositiveBigIntegerField()
+    unit_price_micros = models.PositiveBigIntegerField(help_text="The price at admission, for heartbeat checks.")
+    unit = models.CharField(max_length=16, choices=PriceUnit.choices)
+    created_at = models.DateTimeField(default=timezone.now)
+    released_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["organization"], condition=Q(released_at__isnull=True), name="hold_open")]
+
+    def __str__(self) -> str:
+        return f"{self.job_id}: {self.amount_micros} µ$"
+
+
+class PaymentKind(models.TextChoices):
+    PURCHASE = "purchase", "Purchase"
+    AUTO_TOP_UP = "auto_top_up", "Auto top-up"
+
+
+class PaymentStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+    CANCELED = "canceled", "Canceled"
+
+
+class Payment(models.Model):
+    """Money a customer paid (or is paying) us through Stripe for credits.
+
+    Created before Stripe is called, so the Stripe idempotency key (``payment-<id>``) is ours.
+    """
+
+    organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="+")
+    kind = models.CharField(max_length=16, choices=PaymentKind.choices)
+    status = models.CharField(max_length=16, choices=PaymentStatus.choices, default=PaymentStatus.PENDING)
+    amount_cents = models.PositiveIntegerField()
+    currency = models.CharField(max_length=3, default="usd")
+    amount_refunded_cents = models.PositiveIntegerField(default=0)
+    amount_disputed_cents = models.PositiveIntegerField(default=0)
+    stripe_payment_intent_id = models.CharField(max_length=255, null=True, blank=True, unique=True)
+    stripe_checkout_session_id = models.CharField(max_length=255, null=True, blank=True, unique=True)
+    failure_message = models.CharField(max_length=500, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    succeeded_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ("-created_at", "-id")
+
+    def __str__(self) -> str:
+        return f"payment-{self.pk} {self.amount_cents}¢ {self.status}"
+
+    @property
+    def idempotency_key(self) -> str:
+        return f"payment-{self.pk}"
+
+
+class EntryKind(models.TextChoices):
+    PURCHASE = "purchase", "Purchase"
+    AUTO_TOP_UP = "auto_top_up", "Auto top-up"
+    GRANT = "grant", "Grant"
+    USAGE = "usage", "Usage"
+    REFUND = "refund", "Refund"
+    DISPUTE = "dispute", "Dispute"
+    ADJUSTMENT = "adjustment", "Adjustment"
+
+
+class CreditEntry(models.Model):
+    """One movement of prepaid credit. Append-only; the balance is the sum of an organization's entries.
+
+    ``idempotency_key`` is derived from our own rows (``usage-<record id>``, ``payment-<id>``,
+    ``refund-<stripe id>``, ...), so the same movement can never be posted twice.
+    """
+
+    organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="+")
+    kind = models.CharField(max_length=16, choices=EntryKind.choices)
+    amount_micros = models.BigIntegerField(help_text="Positive adds credit, negative spends it.")
+    balance_after_micros = models.BigIntegerField()
+    idempotency_key = models.CharField(max_length=200, unique=True)
+    usage_record = models.OneToOneField(
+        UsageRecord, null=True, blank=True, on_delete=models.PROTECT, related_name="credit_entry"
+    )
+    payment = models.ForeignKey(Payment, null=True, blank=True, on_delete=models.PROTECT, related_name="entries")
+    job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    description = models.CharField(max_length=300, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ("-id",)
+        verbose_name_plural = "credit entries"
+        indexes = [models.Index(fields=["organization", "-id"])]
+        constraints = [
+            models.CheckConstraint(condition=~Q(amount_micros=0), name="credit_entry_moves_something"),
+            models.CheckConstraint(
+                condition=~Q(kind="usage") | Q(usage_record__isnull=False), name="credit_usage_has_record"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.amount_micros:+} µ$"
+
+
+class StripeEventStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    PROCESSED = "processed", "Processed"
+    IGNORED = "ignored", "Ignored"
+    FAILED = "failed", "Failed"
+
+
+class StripeEvent(models.Model):
+    """Every webhook event Stripe sent us, stored once (its id is unique) and processed off the request."""
+
+    id = models.CharField(max_length=255, primary_key=True)
+    type = models.CharField(max_length=100, db_index=True)
+    payload = models.JSONField()
+    livemode = models.BooleanField(default=False)
+    status = models.CharField(max_length=16, choices=StripeEventStatus.choices, default=StripeEventStatus.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    error = models.TextField(blank=True)
+    received_at = models.DateTimeField(default=timezone.now, db_index=True)
+    processed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ("-received_at",)
+
+    def __str__(self) -> str:
+        return f"{self.id} {self.type} {self.status}"
+
+
+class ReconciliationRun(models.Model):
+    """One proof of the books: what was checked and every drift found (expected: none)."""
+
+    started_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    ok = models.BooleanField(default=False)
+    checked = models.JSONField(default=dict, help_text="How many rows each check looked at.")
+    drift = models.JSONField(default=list, help_text="Each discrepancy found.")
+
+    class Meta:
+        ordering = ("-started_at",)
+
+    def __str__(self) -> str:
+        return f"reconciliation {self.started_at:%Y-%m-%d %H:%M} {'ok' if self.ok else 'DRIFT'}"

@@ -1,0 +1,54 @@
+"""Integer money. Micro-dollars inside the platform, cents at the Stripe boundary; never floats.
+
+The one rounding rule, used for every fraction of a unit: **round half up** (to the nearest unit,
+halves away from zero). ``micros_to_cents`` is the only conversion from micros to cents, and
+``cost_micros`` the only place a price meets a quantity.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+MICROS_PER_CENT = 10_000
+MICROS_PER_DOLLAR = 1_000_000
+
+
+def _divide_half_up(numerator: int, denominator: int) -> int:
+    """numerator / denominator rounded to the nearest integer, halves away from zero."""
+    if denominator <= 0:
+        raise ValueError("denominator must be positive")
+    magnitude = (abs(numerator) * 2 + denominator) // (2 * denominator)
+    return magnitude if numerator >= 0 else -magnitude
+
+
+def micros_to_cents(micros: int) -> int:
+    """The one conversion to Stripe's minor unit: 4,999 µ$ → 0¢, 5,000 µ$ → 1¢, -5,000 µ$ → -1¢."""
+    return _divide_half_up(micros, MICROS_PER_CENT)
+
+
+def cents_to_micros(cents: int) -> int:
+    return cents * MICROS_PER_CENT
+
+
+def format_micros(micros: int) -> str:
+    """Dollars for people, to the cent when whole cents, else to the micro-dollar: $12.50, $0.000123."""
+    sign = "-" if micros < 0 else ""
+    whole, fraction = divmod(abs(micros), MICROS_PER_DOLLAR)
+    if fraction % MICROS_PER_CENT == 0:
+        return f"{sign}${whole:,}.{fraction // MICROS_PER_CENT:02d}"
+    return f"{sign}${whole:,}.{fraction:06d}".rstrip("0")
+
+
+def cost_micros(*, unit: str, unit_price_micros: int, gpu_ms: int, images: int, pixels: int) -> tuple[Decimal, int]:
+    """Billable units and their cost for one attempt under one price line.
+
+    ``gpu_second``: units are seconds to the millisecond; ``image``: images produced; ``megapixel``:
+    width x height x images / 10⁶. The cost is rounded half up to the micro-dollar.
+    """
+    if unit == "gpu_second":
+        return Decimal(gpu_ms) / 1000, _divide_half_up(gpu_ms * unit_price_micros, 1000)
+    if unit == "image":
+        return Decimal(images), images * unit_price_micros
+    if unit == "megapixel":
+        return Decimal(pixels) / 1_000_000, _divide_half_up(pixels * unit_price_micros, 1_000_000)
+    raise ValueError(f"unknown price unit {unit!r}")

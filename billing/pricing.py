@@ -1,0 +1,91 @@
+"""Which price applies, and what a job will probably cost before it runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.core.cache import cache
+from django.db.models import Sum
+from django.utils import timezone
+
+from billing.models import Granularity, Price, PriceUnit, UsageRollup
+from inference.models import Endpoint
+
+
+@dataclass(frozen=True)
+class Quote:
+    """A price line resolved for one endpoint at one moment (``price`` None: nothing configured, free)."""
+
+    price: Price | None
+    unit: str
+    unit_price_micros: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "unit": self.unit,
+            "unit_price_micros": self.unit_price_micros,
+            "currency": "usd",
+            "effective_from": self.price.effective_from.isoformat() if self.price else None,
+        }
+
+
+FREE = Quote(price=None, unit=PriceUnit.GPU_SECOND, unit_price_micros=0)
+
+
+def price_for(endpoint: Endpoint, at: datetime) -> Quote:
+    """The newest price line in force at ``at``: the endpoint's own override, else its GPU class's."""
+    newest = ("-effective_from", "-id")
+    price = Price.objects.in_force(at).filter(endpoint=endpoint).order_by(*newest).first()
+    if price is None:
+        price = Price.objects.in_force(at).filter(endpoint=None, gpu_class=endpoint.gpu_class).order_by(*newest).first()
+    if price is None:
+        return FREE
+    return Quote(price=price, unit=price.unit, unit_price_micros=price.unit_price_micros)
+
+
+def work_units(job_input: dict[str, Any]) -> int:
+    """Steps x images x 512²-equivalents: what GPU time scales with, for estimates."""
+    pixels = int(job_input.get("width", 512)) * int(job_input.get("height", 512))
+    size = max(1, -(-pixels // (512 * 512)))
+    return int(job_input.get("num_inference_steps", 1)) * int(job_input.get("num_images", 1)) * size
+
+
+def output_pixels(job_input: dict[str, Any], images: int) -> int:
+    return int(job_input.get("width", 0)) * int(job_input.get("height", 0)) * images
+
+
+def ms_per_work_unit(endpoint: Endpoint) -> float:
+    """Measured GPU ms per work unit of this endpoint over the last week, else the configured default."""
+    cache_key = f"billing:ms-per-work:{endpoint.pk}"
+    cached = cache.get(cache_key)
+    if cached is not None:
+        return float(cached)
+    since = timezone.now() - timedelta(days=7)
+    totals = UsageRollup.objects.filter(
+        granularity=Granularity.DAY, endpoint=endpoint, bucket_start__gte=since.replace(hour=0, minute=0, second=0)
+    ).aggregate(gpu_ms=Sum("gpu_ms"), work=Sum("work_units"))
+    if totals["work"]:
+        measured = float(totals["gpu_ms"] or 0) / float(totals["work"])
+    else:
+        measured = float(settings.BILLING_DEFAULT_MS_PER_WORK_UNIT.get(endpoint.gpu_class, 1000))
+    cache.set(cache_key, measured, 300)
+    return measured
+
+
+def estimate_cost_micros(endpoint: Endpoint, job_input: dict[str, Any], quote: Quote) -> int:
+    """What admission holds for a job: exact for per-output prices, measured GPU time otherwise."""
+    from billing.money import cost_micros
+
+    images = int(job_input.get("num_images", 1))
+    gpu_ms = int(work_units(job_input) * ms_per_work_unit(endpoint) * settings.BILLING_HOLD_MARGIN_PERCENT / 100)
+    _, cost = cost_micros(
+        unit=quote.unit,
+        unit_price_micros=quote.unit_price_micros,
+        gpu_ms=gpu_ms,
+        images=images,
+        pixels=output_pixels(job_input, images),
+    )
+    return cost

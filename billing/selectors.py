@@ -1,0 +1,92 @@
+"""Reads of usage and credit that pages and the API share. Usage reads the rollups, never raw records."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+from django.db.models import Sum
+
+from accounts.models import ApiKey
+from billing.models import NO_KEY, Granularity, UsageRollup
+from inference.models import Endpoint
+
+DIMENSIONS = ("day", "hour", "endpoint", "key", "gpu_class")
+_COLUMNS = {"endpoint": "endpoint_id", "key": "key_id", "gpu_class": "gpu_class"}
+_SUMS = ("attempts", "billable_attempts", "gpu_ms", "unbilled_gpu_ms", "cost_micros")
+
+
+def day_start(day: date) -> datetime:
+    return datetime.combine(day, time.min, tzinfo=UTC)
+
+
+def usage(
+    *,
+    organization_id: Any,
+    start: date,
+    end: date,
+    group_by: Sequence[str] = ("day",),
+    endpoint_id: int | None = None,
+    key_id: Any = None,
+) -> dict[str, Any]:
+    """Usage of one organization from ``start`` to ``end`` (UTC days, both included), grouped.
+
+    One aggregate query over the rollups (hourly ones only when grouped by hour), then one query
+    each for the names of the endpoints and keys that appear.
+    """
+    granularity = Granularity.HOUR if "hour" in group_by else Granularity.DAY
+    rows = UsageRollup.objects.filter(
+        organization_id=organization_id,
+        granularity=granularity,
+        bucket_start__gte=day_start(start),
+        bucket_start__lt=day_start(end + timedelta(days=1)),
+    )
+    if endpoint_id is not None:
+        rows = rows.filter(endpoint_id=endpoint_id)
+    if key_id is not None:
+        rows = rows.filter(key_id=key_id)
+    keys = [("bucket_start" if dimension in ("day", "hour") else _COLUMNS[dimension]) for dimension in group_by]
+    grouped = rows.values(*keys).annotate(**{name: Sum(name) for name in _SUMS}).order_by(*keys)
+    data = [dict(row) for row in grouped]
+    totals = rows.aggregate(**{name: Sum(name) for name in _SUMS})
+    endpoints = _endpoint_names({row["endpoint_id"] for row in data if "endpoint_id" in row})
+    key_names = _key_names({row["key_id"] for row in data if "key_id" in row})
+    for row in data:
+        if "bucket_start" in row:
+            moment = row.pop("bucket_start").astimezone(UTC)
+            row["day" if granularity == Granularity.DAY else "hour"] = (
+                moment.date().isoformat() if granularity == Granularity.DAY else moment.isoformat()
+            )
+        if "endpoint_id" in row:
+            row["endpoint"] = endpoints.get(row.pop("endpoint_id"), "")
+        if "key_id" in row:
+            key = row.pop("key_id")
+            row["key_id"] = None if key == NO_KEY else str(key)
+            row["key_name"] = "(dashboard)" if key == NO_KEY else key_names.get(key, "(deleted key)")
+        _finish(row)
+    return {
+        "start": start.isoformat(),
+        "end": end.isoformat(),
+        "group_by": list(group_by),
+        "currency": "usd",
+        "totals": _finish({name: totals[name] for name in _SUMS}),
+        "data": data,
+    }
+
+
+def _finish(row: dict[str, Any]) -> dict[str, Any]:
+    for name in _SUMS:
+        row[name] = int(row.get(name) or 0)
+    row["requests"] = row.pop("billable_attempts")
+    row["gpu_seconds"] = round(row["gpu_ms"] / 1000, 3)
+    return row
+
+
+def _endpoint_names(ids: set[int]) -> dict[int, str]:
+    return {endpoint.pk: endpoint.endpoint_id for endpoint in Endpoint.objects.filter(pk__in=ids)} if ids else {}
+
+
+def _key_names(ids: set[Any]) -> dict[Any, str]:
+    ids.discard(NO_KEY)
+    return dict(ApiKey.objects.filter(pk__in=ids).values_list("pk", "name")) if ids else {}
