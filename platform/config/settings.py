@@ -294,6 +294,8 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "accounts.errors.api_exception_handler",
     "UNAUTHENTICATED_USER": None,
+    # ?format= is ours (CSV exports), not a renderer switch: every API answer is JSON unless a view says so.
+    "URL_FORMAT_OVERRIDE": None,
 }
 
 SPECTACULAR_SETTINGS = {

@@ -1,0 +1,397 @@
+"""The billing core through its public surface: prices, holds, the usage ledger, spend control, the API."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.utils import timezone
+
+from accounts.models import AuditEvent, Scope
+from billing import controls
+from billing.ledger import BillingError, grant_credits, refund_job
+from billing.models import (
+    Account,
+    CreditEntry,
+    EntryKind,
+    Granularity,
+    Hold,
+    KeySpendLimit,
+    Price,
+    PriceUnit,
+    UsageRecord,
+    UsageRollup,
+)
+from billing.rates import ensure_opening_prices
+from inference import services
+from inference.models import AttemptOutcome, Endpoint, Job, JobStatus
+
+pytestmark = pytest.mark.django_db
+
+SMALL = {"prompt": "a lighthouse", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 2}
+CPU_PRICE = 100  # the opening rate card: micro-dollars per CPU-second
+
+
+@pytest.fixture(autouse=True)
+def _no_broker(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(services, "send_run_message", lambda *args: True)
+    ensure_opening_prices(Price)
+
+
+def submit(tenant: dict[str, Any], endpoint: Endpoint, **payload: Any) -> Job:
+    job, _ = services.submit_job(
+        organization=tenant["organization"], api_key=tenant["api_key"], endpoint=endpoint, payload={**SMALL, **payload}
+    )
+    return job
+
+
+def start(job: Job) -> Job:
+    services.dispatch_organization(job.organization_id)
+    job.refresh_from_db()
+    claimed = services.claim_job(job_id=str(job.pk), attempt=job.attempt, worker="worker-1")
+    assert claimed is not None
+    return claimed
+
+
+def finish(job: Job, outcome: AttemptOutcome = AttemptOutcome.SUCCEEDED, gpu_ms: int = 1_234, **kwargs: Any) -> Job:
+    images = [{"url": "x", "width": 64, "height": 64}] * job.input["num_images"]
+    kwargs.setdefault("result", {"images": images, "seed": 1} if outcome == AttemptOutcome.SUCCEEDED else None)
+    finished = services.finish_attempt(
+        job_id=str(job.pk), attempt=job.attempt, outcome=outcome, gpu_ms=gpu_ms, **kwargs
+    )
+    assert finished is not None
+    return finished
+
+
+def account(tenant: dict[str, Any]) -> Account:
+    return Account.objects.get(pk=tenant["organization"].pk)
+
+
+def ledger_sum(tenant: dict[str, Any]) -> int:
+    return sum(CreditEntry.objects.filter(organization=tenant["organization"]).values_list("amount_micros", flat=True))
+
+
+def test_a_new_organization_starts_with_its_free_credits(tenant: dict[str, Any]) -> None:
+    [grant] = CreditEntry.objects.filter(organization=tenant["organization"])
+    assert (grant.kind, grant.amount_micros) == (EntryKind.GRANT, settings.BILLING_SIGNUP_CREDITS_MICROS)
+    assert account(tenant).balance_micros == settings.BILLING_SIGNUP_CREDITS_MICROS == grant.balance_after_micros
+
+
+def test_a_successful_run_is_billed_once_with_a_debit_and_rollups(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint
+) -> None:
+    job = submit(tenant, builtin_endpoint, num_images=2)
+    held = account(tenant).held_micros
+    assert held > 0
+    assert Hold.objects.get(job=job).amount_micros == held
+
+    finish(start(job), gpu_ms=1_235, cold_start_ms=400)
+
+    [record] = UsageRecord.objects.filter(job=job)
+    # 1.235 s x 100 µ$/s = 123.5 µ$, rounded half up to 124.
+    assert (record.billable, record.gpu_ms, record.cost_micros, record.unit_price_micros) == (True, 1_235, 124, 100)
+    assert record.unbilled_gpu_ms == 400  # the cold start: recorded, never billed
+    assert record.api_key_id == tenant["api_key"].pk
+    debit = CreditEntry.objects.get(usage_record=record)
+    assert (debit.kind, debit.amount_micros, debit.idempotency_key) == (EntryKind.USAGE, -124, f"usage-{record.pk}")
+    state = account(tenant)
+    assert state.held_micros == 0
+    assert Hold.objects.get(job=job).released_at is not None
+    assert state.balance_micros == settings.BILLING_SIGNUP_CREDITS_MICROS - 124 == ledger_sum(tenant)
+    for granularity in (Granularity.HOUR, Granularity.DAY):
+        rollup = UsageRollup.objects.get(organization=tenant["organization"], granularity=granularity)
+        assert (rollup.attempts, rollup.billable_attempts, rollup.gpu_ms, rollup.cost_micros) == (1, 1, 1_235, 124)
+        assert rollup.unbilled_gpu_ms == 400
+        assert rollup.key_id == tenant["api_key"].pk
+
+
+def test_platform_failures_are_recorded_unbilled_and_the_retry_is_billed(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint
+) -> None:
+    job = start(submit(tenant, builtin_endpoint))
+    finish(job, AttemptOutcome.ERRORED, gpu_ms=900, error="CUDA out of memory", retry=True)
+    job.refresh_from_db()
+    assert job.status == JobStatus.QUEUED
+    assert account(tenant).held_micros > 0  # still held for the retry
+    finish(start(job), gpu_ms=2_000)
+
+    first, second = UsageRecord.objects.filter(job=job).order_by("attempt_number")
+    assert (first.billable, first.cost_micros, first.unbilled_gpu_ms) == (False, 0, 900)
+    assert (second.billable, second.cost_micros) == (True, 200)
+    assert not CreditEntry.objects.filter(usage_record=first).exists()
+    assert account(tenant).held_micros == 0
+    usage = tenant["client"].get(f"/queue/platform/tiny-sd/requests/{job.pk}/status").json()["usage"]
+    assert usage == {
+        "gpu_class": "cpu", "gpu_ms": 2_000, "billable_units": 2.0, "unit": "gpu_second", "unit_price_micros": 100,
+        "cost_micros": 200,
+    }  # fmt: skip
+
+
+def test_a_request_cancelled_in_the_queue_costs_nothing_and_gives_its_hold_back(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint
+) -> None:
+    job = submit(tenant, builtin_endpoint)
+    assert account(tenant).held_micros > 0
+    assert services.cancel_job(job=job) == "CANCELLATION_REQUESTED"
+    assert account(tenant).held_micros == 0
+    assert not UsageRecord.objects.filter(job=job).exists()
+    assert account(tenant).balance_micros == settings.BILLING_SIGNUP_CREDITS_MICROS
+
+
+def test_a_running_request_cancelled_by_the_user_is_billed_for_the_time_it_ran(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint
+) -> None:
+    job = start(submit(tenant, builtin_endpoint))
+    services.cancel_job(job=job)
+    finish(job, AttemptOutcome.CANCELLED, gpu_ms=500, error="Cancelled by request.", error_type="cancelled")
+    [record] = UsageRecord.objects.filter(job=job)
+    assert (record.outcome, record.billable, record.cost_micros) == ("cancelled", True, 50)
+    response = tenant["client"].get(f"/queue/platform/tiny-sd/requests/{job.pk}")
+    assert response.status_code >= 400
+    assert response["x-cost-micros"] == "50"
+
+
+def test_the_price_in_force_when_the_job_started_applies(tenant: dict[str, Any], builtin_endpoint: Endpoint) -> None:
+    early = start(submit(tenant, builtin_endpoint))
+    Price.objects.create(gpu_class="cpu", unit_price_micros=1_000, effective_from=timezone.now())
+    late = start(submit(tenant, builtin_endpoint))
+    finish(early, gpu_ms=1_000)
+    finish(late, gpu_ms=1_000)
+    assert UsageRecord.objects.get(job=early).cost_micros == 100
+    assert UsageRecord.objects.get(job=late).cost_micros == 1_000
+    # A price that takes effect later changes nothing now.
+    Price.objects.create(gpu_class="cpu", unit_price_micros=5, effective_from=timezone.now() + timedelta(days=1))
+    finish(start(submit(tenant, builtin_endpoint)), gpu_ms=1_000)
+    assert UsageRecord.objects.order_by("-id").first().cost_micros == 1_000  # type: ignore[union-attr]
+
+
+def test_an_endpoint_billed_per_image_overrides_its_class(tenant: dict[str, Any], builtin_endpoint: Endpoint) -> None:
+    Price.objects.create(endpoint=builtin_endpoint, gpu_class="", unit=PriceUnit.IMAGE, unit_price_micros=3_000)
+    job = submit(tenant, builtin_endpoint, num_images=3)
+    assert Hold.objects.get(job=job).amount_micros == 9_000  # exact: priced by output
+    finish(start(job), gpu_ms=5_000)
+    record = UsageRecord.objects.get(job=job)
+    assert (record.unit, record.billable_units, record.cost_micros) == ("image", 3, 9_000)
+    models = tenant["client"].get("/v1/models").json()
+    [tiny] = [model for model in models["models"] if model["endpoint_id"] == "platform/tiny-sd"]
+    assert tiny["price"]["unit"] == "image"
+    assert tiny["price"]["unit_price_micros"] == 3_000
+
+
+def test_new_work_is_refused_without_credit_and_nothing_is_stored(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint
+) -> None:
+    grant_credits(
+        organization=tenant["organization"], amount_micros=-settings.BILLING_SIGNUP_CREDITS_MICROS,
+        reason="test: empty the balance", kind=EntryKind.ADJUSTMENT,
+    )  # fmt: skip
+    response = tenant["client"].post("/queue/platform/tiny-sd", SMALL, format="json")
+    assert response.status_code == 402, response.content
+    assert response.json()["error_type"] == "insufficient_credits"
+    assert "Add credits" in response.json()["detail"]
+    assert not Job.objects.exists()
+    assert not Hold.objects.exists()
+
+
+def test_holds_count_against_the_balance(tenant: dict[str, Any], builtin_endpoint: Endpoint) -> None:
+    first = submit(tenant, builtin_endpoint)
+    hold = Hold.objects.get(job=first).amount_micros
+    # Leave exactly one more hold's worth available.
+    grant_credits(
+        organization=tenant["organization"],
+        amount_micros=-(account(tenant).available_micros - hold),
+        reason="test", kind=EntryKind.ADJUSTMENT,
+    )  # fmt: skip
+    submit(tenant, builtin_endpoint)
+    response = tenant["client"].post("/queue/platform/tiny-sd", SMALL, format="json")
+    assert response.status_code == 402
+    assert response.json()["error_type"] == "insufficient_credits"
+
+
+def test_the_monthly_budget_and_a_key_limit_refuse_new_work(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, make_key: Any
+) -> None:
+    finish(start(submit(tenant, builtin_endpoint)), gpu_ms=10_000)  # 1,000 µ$ spent this month
+    controls.set_monthly_budget(organization=tenant["organization"], budget_micros=1_000)
+    refused = tenant["client"].post("/queue/platform/tiny-sd", SMALL, format="json")
+    assert refused.status_code == 402
+    assert refused.json()["error_type"] == "spend_limit_exceeded"
+    assert "monthly budget" in refused.json()["detail"]
+
+    controls.set_monthly_budget(organization=tenant["organization"], budget_micros=None)
+    controls.set_key_limit(api_key=tenant["api_key"], monthly_limit_micros=1_000)
+    refused = tenant["client"].post("/queue/platform/tiny-sd", SMALL, format="json")
+    assert refused.status_code == 402
+    assert "API key" in refused.json()["detail"]
+    other_key, _ = make_key(tenant["organization"])
+    assert services.submit_job(
+        organization=tenant["organization"], api_key=other_key, endpoint=builtin_endpoint, payload=SMALL
+    )[1]
+    assert AuditEvent.objects.filter(action="billing.limits_changed").count() == 3
+
+
+def test_a_running_job_that_exhausts_the_balance_is_stopped_at_its_heartbeat(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint
+) -> None:
+    job = start(submit(tenant, builtin_endpoint))
+    hold = Hold.objects.get(job=job).amount_micros
+    beat = services.heartbeat(job_id=str(job.pk), attempt=job.attempt, step=1, total=2, gpu_ms=100)
+    assert beat.keep_going
+    available = account(tenant).available_micros
+    # Time worth more than the hold and everything still available.
+    too_long = (hold + available + 1) * 1000 // CPU_PRICE + 10
+    beat = services.heartbeat(job_id=str(job.pk), attempt=job.attempt, step=2, total=2, gpu_ms=too_long)
+    assert (beat.keep_going, beat.error_type) == (False, "insufficient_credits")
+    controls.set_monthly_budget(organization=tenant["organization"], budget_micros=hold + 10)
+    within_hold = services.heartbeat(job_id=str(job.pk), attempt=job.attempt, step=2, total=2, gpu_ms=1)
+    assert within_hold.keep_going  # what is held was admitted already
+    over_budget = (hold + 20) * 1000 // CPU_PRICE
+    beat = services.heartbeat(job_id=str(job.pk), attempt=job.attempt, step=2, total=2, gpu_ms=over_budget)
+    assert (beat.keep_going, beat.error_type) == (False, "spend_limit_exceeded")
+
+
+def test_refunding_a_request_credits_its_cost_once_and_is_audited(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint
+) -> None:
+    job = finish(start(submit(tenant, builtin_endpoint)), gpu_ms=3_000)
+    entry = refund_job(job=job, reason="bad output")
+    assert (entry.kind, entry.amount_micros) == (EntryKind.REFUND, 300)
+    with pytest.raises(BillingError, match="already been refunded"):
+        refund_job(job=job)
+    assert account(tenant).balance_micros == settings.BILLING_SIGNUP_CREDITS_MICROS == ledger_sum(tenant)
+    assert AuditEvent.objects.filter(action="job.refunded", target_id=str(job.pk)).count() == 1
+
+
+def test_an_idempotency_key_posts_once(tenant: dict[str, Any]) -> None:
+    for _ in range(3):
+        grant_credits(organization=tenant["organization"], amount_micros=5, reason="promo", idempotency_key="promo-1")
+    assert CreditEntry.objects.filter(idempotency_key="promo-1").count() == 1
+    with pytest.raises(BillingError, match="different movement"):
+        grant_credits(organization=tenant["organization"], amount_micros=6, reason="promo", idempotency_key="promo-1")
+    with pytest.raises(BillingError, match="positive"):
+        grant_credits(organization=tenant["organization"], amount_micros=-5, reason="no")
+
+
+# The platform API.
+
+
+def run_some(tenant: dict[str, Any], endpoint: Endpoint, *gpu_ms: int) -> None:
+    for ms in gpu_ms:
+        finish(start(submit(tenant, endpoint)), gpu_ms=ms)
+
+
+def test_usage_by_day_endpoint_and_key_in_json_and_csv(
+    tenant: dict[str, Any], other_tenant: dict[str, Any], builtin_endpoint: Endpoint
+) -> None:
+    run_some(tenant, builtin_endpoint, 1_000, 2_500)
+    run_some(other_tenant, builtin_endpoint, 9_999)
+    today = timezone.now().date().isoformat()
+
+    report = tenant["client"].get("/v1/usage", {"group_by": "day,endpoint,key"}).json()
+    assert report["totals"]["requests"] == 2
+    assert report["totals"]["cost_micros"] == 350
+    assert report["totals"]["gpu_seconds"] == 3.5
+    [row] = report["data"]
+    assert (row["day"], row["endpoint"], row["key_id"], row["key_name"]) == (
+        today, "platform/tiny-sd", str(tenant["api_key"].pk), "test key"
+    )  # fmt: skip
+    assert (row["requests"], row["gpu_ms"], row["cost_micros"]) == (2, 3_500, 350)
+
+    response = tenant["client"].get("/v1/usage", {"group_by": "day", "format": "csv"})
+    assert response["Content-Type"].startswith("text/csv")
+    assert "attachment" in response["Content-Disposition"]
+    rows = list(csv.DictReader(io.StringIO(response.content.decode())))
+    assert rows == [
+        {"day": today, "requests": "2", "attempts": "2", "gpu_ms": "3500", "gpu_seconds": "3.5",
+         "unbilled_gpu_ms": "0", "cost_micros": "350"}
+    ]  # fmt: skip
+    hourly = tenant["client"].get("/v1/usage", {"group_by": "hour"}).json()
+    assert len(hourly["data"]) == 1
+    assert hourly["data"][0]["hour"].startswith(today)
+    empty = tenant["client"].get("/v1/usage", {"start": "2020-01-01", "end": "2020-01-31"}).json()
+    assert empty["data"] == []
+    assert empty["totals"]["cost_micros"] == 0
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ({"group_by": "day,hour"}, "group_by"),
+        ({"group_by": "colour"}, "group_by"),
+        ({"start": "2026-02-01", "end": "2026-01-01"}, "start"),
+        ({"start": "2020-01-01", "end": "2026-01-01"}, "end"),
+        ({"start": "yesterday"}, "start"),
+        ({"format": "xml"}, "format"),
+    ],
+)
+def test_usage_queries_that_make_no_sense_get_422(tenant: dict[str, Any], query: dict[str, str], field: str) -> None:
+    response = tenant["client"].get("/v1/usage", query)
+    assert response.status_code == 422, response.content
+    assert any(item["loc"][-1] == field for item in response.json()["detail"])
+
+
+def test_billing_reads_need_the_usage_scope(tenant: dict[str, Any], make_key: Any) -> None:
+    from rest_framework.test import APIClient
+
+    _, token = make_key(tenant["organization"], scopes=[Scope.INFERENCE])
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Key {token}")
+    for path in ("/v1/usage", "/v1/billing/balance", "/v1/billing/ledger", "/v1/billing/top-up"):
+        assert client.get(path).status_code == 403, path
+    _, reader = make_key(tenant["organization"], scopes=[Scope.USAGE_READ])
+    client.credentials(HTTP_AUTHORIZATION=f"Key {reader}")
+    assert client.get("/v1/billing/balance").status_code == 200
+    assert client.put("/v1/billing/top-up", {"enabled": False}, format="json").status_code == 403
+
+
+def test_balance_and_ledger(tenant: dict[str, Any], other_tenant: dict[str, Any], builtin_endpoint: Endpoint) -> None:
+    run_some(tenant, builtin_endpoint, 1_000)
+    running = submit(tenant, builtin_endpoint)
+    balance = tenant["client"].get("/v1/billing/balance").json()
+    held = Hold.objects.get(job=running).amount_micros
+    assert balance == {
+        "balance_micros": settings.BILLING_SIGNUP_CREDITS_MICROS - 100,
+        "held_micros": held,
+        "available_micros": settings.BILLING_SIGNUP_CREDITS_MICROS - 100 - held,
+        "currency": "usd",
+    }
+    page = tenant["client"].get("/v1/billing/ledger", {"limit": 1}).json()
+    [newest] = page["results"]
+    assert (newest["kind"], newest["amount_micros"]) == ("usage", -100)
+    assert newest["request_id"]
+    older = tenant["client"].get(page["next"]).json()["results"]
+    assert [entry["kind"] for entry in older] == ["grant"]
+    theirs = other_tenant["client"].get("/v1/billing/ledger").json()["results"]
+    assert [entry["kind"] for entry in theirs] == ["grant"]
+
+
+def test_top_up_and_limits_settings(tenant: dict[str, Any], other_tenant: dict[str, Any]) -> None:
+    client = tenant["client"]
+    assert client.get("/v1/billing/top-up").json() == {
+        "enabled": False, "threshold_micros": 5_000_000, "amount_cents": 2_000, "has_payment_method": False,
+    }  # fmt: skip
+    refused = client.put("/v1/billing/top-up", {"enabled": True}, format="json")
+    assert refused.status_code == 409
+    assert "Save a card" in refused.json()["detail"]
+    changed = client.put("/v1/billing/top-up", {"enabled": False, "amount_cents": 5_000}, format="json").json()
+    assert changed["amount_cents"] == 5_000
+    assert client.put("/v1/billing/top-up", {"enabled": False, "amount_cents": 1}, format="json").status_code == 422
+
+    key_id = str(tenant["api_key"].pk)
+    limits = client.put(
+        "/v1/billing/limits",
+        {"monthly_budget_micros": 50_000_000, "keys": [{"key_id": key_id, "monthly_limit_micros": 1_000_000}]},
+        format="json",
+    ).json()
+    assert limits["monthly_budget_micros"] == 50_000_000
+    assert limits["keys"] == [{"key_id": key_id, "monthly_limit_micros": 1_000_000}]
+    assert KeySpendLimit.objects.get(api_key=tenant["api_key"]).monthly_limit_micros == 1_000_000
+    theirs = {"keys": [{"key_id": str(other_tenant["api_key"].pk), "monthly_limit_micros": 1}]}
+    assert client.put("/v1/billing/limits", theirs, format="json").status_code == 404
+    no_limit = {"keys": [{"key_id": key_id, "monthly_limit_micros": None}]}
+    cleared = client.put("/v1/billing/limits", no_limit, format="json")
+    assert cleared.json()["keys"] == []
