@@ -328,7 +328,11 @@ async def status_stream(request: HttpRequest, owner: str, model: str, request_id
         job = await sync_to_async(find_job)(authenticated.organization_id, owner, model, request_id)
     except RequestNotFound:
         return JsonResponse({"detail": "Request not found.", "error_type": "request_not_found"}, status=404)
-    with_logs = wants_logs(request)
+    return status_event_stream(job, request, with_logs=wants_logs(request))
+
+
+def status_event_stream(job: Job, request: HttpRequest, *, with_logs: bool) -> StreamingHttpResponse:
+    """The SSE response of a request's status, shared by the queue API and the dashboard."""
 
     async def events() -> AsyncIterator[bytes]:
         last = ""

@@ -91,7 +91,7 @@ def test_api_docs_are_served_from_local_static_files(path: str) -> None:
     assert "/v1/openapi.json" in page
 
 
-def test_the_root_leads_to_the_api_docs() -> None:
+def test_the_root_leads_to_the_dashboard() -> None:
     response = Client().get("/")
     assert response.status_code == 302
-    assert response["Location"] == "/v1/docs"
+    assert response["Location"] == "/dashboard/"

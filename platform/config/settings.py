@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import dj_database_url
+from celery.schedules import crontab
 from django.core.exceptions import ImproperlyConfigured
 
 from config.env import env_bool, env_int, env_list, env_str
@@ -73,6 +74,7 @@ INSTALLED_APPS = [
     "accounts",
     "inference",
     "billing",
+    "dashboard",
 ]
 
 MIDDLEWARE = [
@@ -190,7 +192,20 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
-LOGIN_URL = "admin:login"
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "dashboard:home"
+LOGOUT_REDIRECT_URL = "login"
+
+# Email (password resets, invitations): the console in development, SMTP when EMAIL_HOST is set.
+EMAIL_HOST = env_str("EMAIL_HOST") or ""
+EMAIL_PORT = env_int("EMAIL_PORT", 587, minimum=1)
+EMAIL_HOST_USER = env_str("EMAIL_HOST_USER") or ""
+EMAIL_HOST_PASSWORD = env_str("EMAIL_HOST_PASSWORD") or ""
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", True)
+EMAIL_BACKEND = env_str("EMAIL_BACKEND") or (
+    "django.core.mail.backends.smtp.EmailBackend" if EMAIL_HOST else "django.core.mail.backends.console.EmailBackend"
+)
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL") or "Platform <no-reply@localhost>"
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
@@ -272,6 +287,24 @@ BILLING_GPU_COST_MICROS_PER_HOUR = {
     "gpu-a10g": env_int("BILLING_GPU_COST_A10G_MICROS_PER_HOUR", 600_000, minimum=0),
     "cpu": env_int("BILLING_GPU_COST_CPU_MICROS_PER_HOUR", 40_000, minimum=0),
 }
+# Stripe (billing.stripe_client is the one place the SDK is configured). No secret key: payments are off.
+STRIPE_SECRET_KEY = env_str("STRIPE_SECRET_KEY") or ""
+STRIPE_PUBLISHABLE_KEY = env_str("STRIPE_PUBLISHABLE_KEY") or ""
+STRIPE_WEBHOOK_SECRET = env_str("STRIPE_WEBHOOK_SECRET") or ""
+STRIPE_API_BASE = (env_str("STRIPE_API_BASE") or "").rstrip("/")  # empty: Stripe itself; tests: a fake
+STRIPE_TIMEOUT_SECONDS = env_int("STRIPE_TIMEOUT_SECONDS", 30, minimum=1)
+STRIPE_CURRENCY = "usd"
+# Credits bought at once, in cents, through the API or Checkout.
+BILLING_MIN_PURCHASE_CENTS = env_int("BILLING_MIN_PURCHASE_CENTS", 500, minimum=50)
+BILLING_MAX_PURCHASE_CENTS = env_int("BILLING_MAX_PURCHASE_CENTS", 1_000_000, minimum=50)
+# After a declined auto top-up, the next try waits this long (the card will not improve by the minute).
+BILLING_AUTO_TOP_UP_RETRY_SECONDS = env_int("BILLING_AUTO_TOP_UP_RETRY_SECONDS", 6 * 3600, minimum=60)
+# A payment still pending after this long is settled from Stripe's state by the sweep.
+BILLING_PAYMENT_SETTLE_AFTER_SECONDS = env_int("BILLING_PAYMENT_SETTLE_AFTER_SECONDS", 900, minimum=60)
+# Webhook events whose processing failed are retried by the sweep this many times, then wait for a replay.
+BILLING_STRIPE_EVENT_MAX_ATTEMPTS = env_int("BILLING_STRIPE_EVENT_MAX_ATTEMPTS", 8, minimum=1)
+# How far back the comparison with Stripe looks (PaymentIntents created since).
+BILLING_STRIPE_RECONCILE_DAYS = env_int("BILLING_STRIPE_RECONCILE_DAYS", 35, minimum=1)
 
 CELERY_TASK_ROUTES = {
     "inference.run_job": {"queue": "cpu"},
@@ -283,6 +316,9 @@ CELERY_BEAT_SCHEDULE = {
     "inference-webhooks": {"task": "inference.deliver_due_webhooks", "schedule": 5.0},
     "inference-purge-outputs": {"task": "inference.purge_expired_outputs", "schedule": 3600.0},
     "inference-sync-models": {"task": "inference.sync_models", "schedule": 60.0},
+    # The books' nightly proof (billing.reconciliation), at 03:00 UTC (Celery keeps UTC).
+    "billing-reconcile": {"task": "billing.reconcile", "schedule": crontab(hour=3, minute=0)},
+    "billing-stripe-sweep": {"task": "billing.stripe_sweep", "schedule": 60.0},
 }
 
 REST_FRAMEWORK = {

@@ -7,6 +7,7 @@ from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 
 from billing import urls as billing_urls
 from config import views
+from dashboard import urls as dashboard_urls
 from inference import urls as inference_urls
 
 admin.site.site_header = "Platform operations"
@@ -25,7 +26,9 @@ urlpatterns = [
     path("queue/", include(inference_urls.queue_urlpatterns)),
     path("run/", include(inference_urls.run_urlpatterns)),
     path("", include("inference.file_urls")),
-    path("", RedirectView.as_view(pattern_name="api-docs", permanent=False), name="home"),
+    path("auth/", include(dashboard_urls.auth_urlpatterns)),
+    path("dashboard/", include(dashboard_urls)),
+    path("", RedirectView.as_view(pattern_name="dashboard:home", permanent=False), name="home"),
 ]
 
 handler400 = "config.views.bad_request"

@@ -1,0 +1,86 @@
+"""Who is looking, for which organization, and what their role lets them do on the dashboard.
+
+The organization a person works in is kept in their session; every page reads it through
+``dashboard_view``, which also checks the role. Nothing outside a membership is ever shown.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from django.contrib.auth.views import redirect_to_login
+from django.core.exceptions import PermissionDenied
+from django.http import HttpRequest, HttpResponse
+
+from accounts.models import Membership, Organization, Role, User
+
+SESSION_KEY = "organization_id"
+
+EVERYONE = frozenset(Role)
+CAPABILITIES: dict[str, frozenset[str]] = {
+    "view": EVERYONE,
+    "manage_members": frozenset({Role.OWNER, Role.ADMIN}),
+    "manage_keys": frozenset({Role.OWNER, Role.ADMIN, Role.DEVELOPER}),
+    "run_models": frozenset({Role.OWNER, Role.ADMIN, Role.DEVELOPER}),
+    "manage_billing": frozenset({Role.OWNER, Role.ADMIN, Role.BILLING}),
+}
+
+
+@dataclass(frozen=True)
+class Context:
+    """The signed-in person, the organization they are acting in and their membership of it."""
+
+    user: User
+    membership: Membership
+    memberships: list[Membership]
+
+    @property
+    def organization(self) -> Organization:
+        return self.membership.organization
+
+    def can(self, capability: str) -> bool:
+        return self.membership.role in CAPABILITIES[capability]
+
+    def as_template(self) -> dict[str, Any]:
+        return {
+            "current": self,
+            "can": {name: self.can(name) for name in CAPABILITIES},
+        }
+
+
+def resolve(request: HttpRequest) -> Context | None:
+    """The person's memberships (one query) and the one their session points at (else the first)."""
+    user = request.user
+    if not isinstance(user, User):
+        return None
+    memberships = list(
+        Membership.objects.filter(user=user).select_related("organization").order_by("-organization__is_personal")
+    )
+    if not memberships:
+        return None
+    wanted = request.session.get(SESSION_KEY)
+    current = next((m for m in memberships if str(m.organization_id) == wanted), memberships[0])
+    return Context(user=user, membership=current, memberships=memberships)
+
+
+def dashboard_view(capability: str = "view") -> Callable[[Callable[..., HttpResponse]], Callable[..., HttpResponse]]:
+    """Signed in, a member of an organization, and allowed ``capability`` there; else login or 403."""
+
+    def decorate(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+        @functools.wraps(view)
+        def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            if not request.user.is_authenticated:
+                return redirect_to_login(request.get_full_path())
+            context = resolve(request)
+            if context is None:
+                raise PermissionDenied("You are not a member of any organization.")
+            if not context.can(capability):
+                raise PermissionDenied(f"Your role ({context.membership.get_role_display()}) cannot do this here.")
+            return view(request, context, *args, **kwargs)
+
+        return wrapped
+
+    return decorate

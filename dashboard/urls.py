@@ -1,0 +1,59 @@
+from django.contrib.auth import views as auth_views
+from django.urls import path, reverse_lazy
+
+from dashboard.views import auth, billing, requests, team, usage
+
+app_name = "dashboard"
+
+urlpatterns = [
+    path("", usage.home, name="home"),
+    path("organization", auth.switch_organization, name="switch-organization"),
+    path("playground", requests.playground, name="playground"),
+    path("playground/run", requests.playground_run, name="playground-run"),
+    path("requests", requests.request_list, name="requests"),
+    path("requests/<uuid:request_id>", requests.request_detail, name="request"),
+    path("requests/<uuid:request_id>/events", requests.request_events, name="request-events"),
+    path("requests/<uuid:request_id>/outcome", requests.request_outcome, name="request-outcome"),
+    path("usage", usage.usage, name="usage"),
+    path("keys", team.keys, name="keys"),
+    path("keys/<uuid:key_id>/revoke", team.revoke_key, name="revoke-key"),
+    path("members", team.members, name="members"),
+    path("members/invite", team.invite, name="invite"),
+    path("members/<int:membership_id>/role", team.change_role, name="change-role"),
+    path("members/<int:membership_id>/remove", team.remove, name="remove-member"),
+    path("billing", billing.billing, name="billing"),
+    path("billing/top-up", billing.top_up_settings, name="top-up-settings"),
+]
+
+auth_urlpatterns = [
+    path("signup", auth.signup, name="signup"),
+    path("login", auth_views.LoginView.as_view(template_name="dashboard/auth/login.html"), name="login"),
+    path("logout", auth_views.LogoutView.as_view(), name="logout"),
+    path(
+        "password-reset",
+        auth_views.PasswordResetView.as_view(
+            template_name="dashboard/auth/password_reset_form.html",
+            email_template_name="dashboard/auth/password_reset_email.txt",
+            success_url=reverse_lazy("password_reset_done"),
+        ),
+        name="password_reset",
+    ),
+    path(
+        "password-reset/sent",
+        auth_views.PasswordResetDoneView.as_view(template_name="dashboard/auth/password_reset_done.html"),
+        name="password_reset_done",
+    ),
+    path(
+        "password-reset/<uidb64>/<token>",
+        auth_views.PasswordResetConfirmView.as_view(
+            template_name="dashboard/auth/password_reset_confirm.html",
+            success_url=reverse_lazy("password_reset_complete"),
+        ),
+        name="password_reset_confirm",
+    ),
+    path(
+        "password-reset/done",
+        auth_views.PasswordResetCompleteView.as_view(template_name="dashboard/auth/password_reset_complete.html"),
+        name="password_reset_complete",
+    ),
+]

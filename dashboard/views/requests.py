@@ -1,0 +1,180 @@
+"""The playground (run a model from a form, watch its progress) and the history of requests."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.core.paginator import Paginator
+from django.db.models import IntegerField, OuterRef, Subquery, Sum
+from django.db.models.functions import Coalesce
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
+from django.shortcuts import get_object_or_404, render
+from django.urls import reverse
+from django.views.decorators.http import require_POST
+
+from billing.models import UsageRecord
+from dashboard.access import Context, dashboard_view, resolve
+from inference import files
+from inference.api import status_event_stream
+from inference.inputs import InputError, input_schema
+from inference.models import Endpoint, Job, JobStatus
+from inference.presenters import base_url, usage_of
+from inference.services import SubmissionRefused, submit_job
+
+PAGE_SIZE = 25
+
+
+def endpoint_choices() -> list[dict[str, Any]]:
+    return [
+        {"id": endpoint.endpoint_id, "title": endpoint.title or endpoint.endpoint_id, "schema": input_schema(endpoint)}
+        for endpoint in Endpoint.objects.active().order_by("owner", "name", "path")
+    ]
+
+
+@dashboard_view("run_models")
+def playground(request: HttpRequest, context: Context) -> HttpResponse:
+    endpoints = endpoint_choices()
+    chosen = request.GET.get("endpoint") or (endpoints[0]["id"] if endpoints else "")
+    return render(
+        request,
+        "dashboard/playground.html",
+        {**context.as_template(), "endpoints": endpoints, "chosen": chosen, "schemas": json.dumps(endpoints)},
+    )
+
+
+@require_POST
+@dashboard_view("run_models")
+def playground_run(request: HttpRequest, context: Context) -> JsonResponse:
+    """Submits the form's JSON as the organization (no API key: usage shows as “dashboard”)."""
+    try:
+        body = json.loads(request.body or b"{}")
+    except ValueError:
+        return JsonResponse({"detail": "The form did not send JSON.", "error_type": "invalid_json"}, status=400)
+    if not isinstance(body, dict) or not isinstance(body.get("input"), dict):
+        return JsonResponse({"detail": "Send {endpoint, input}.", "error_type": "validation_error"}, status=422)
+    owner, _, rest = str(body.get("endpoint", "")).partition("/")
+    name, _, path = rest.partition("/")
+    endpoint = Endpoint.objects.by_path(owner, name, path)
+    if endpoint is None:
+        return JsonResponse({"detail": "Unknown endpoint.", "error_type": "endpoint_not_found"}, status=404)
+    try:
+        job, _ = submit_job(organization=context.organization, api_key=None, endpoint=endpoint, payload=body["input"])
+    except InputError as exc:
+        return JsonResponse({"detail": exc.detail, "error_type": "validation_error"}, status=exc.status)
+    except SubmissionRefused as exc:
+        return JsonResponse({"detail": exc.detail, "error_type": exc.error_type}, status=exc.status)
+    return JsonResponse(
+        {
+            "request_id": str(job.pk),
+            "events_url": reverse("dashboard:request-events", args=[job.pk]),
+            "page_url": reverse("dashboard:request", args=[job.pk]),
+            "outcome_url": reverse("dashboard:request-outcome", args=[job.pk]),
+        },
+        status=202,
+    )
+
+
+async def request_events(request: HttpRequest, request_id: uuid.UUID) -> HttpResponseBase:
+    """The status stream of one of the organization's requests, for the signed-in browser."""
+    user = await request.auser()
+    if not user.is_authenticated:
+        return JsonResponse({"detail": "Log in first.", "error_type": "unauthorized"}, status=401)
+    request.user = user
+
+    def find() -> Job | None:
+        context = resolve(request)
+        if context is None:
+            return None
+        return Job.objects.filter(pk=request_id, organization=context.organization).select_related("endpoint").first()
+
+    job = await sync_to_async(find)()
+    if job is None:
+        return JsonResponse({"detail": "Request not found.", "error_type": "request_not_found"}, status=404)
+    return status_event_stream(job, request, with_logs=False)
+
+
+def with_cost(jobs: Any) -> Any:
+    cost = (
+        UsageRecord.objects.filter(job=OuterRef("pk"), billable=True)
+        .values("job")
+        .annotate(total=Sum("cost_micros"))
+        .values("total")
+    )
+    return jobs.annotate(cost_micros=Coalesce(Subquery(cost, output_field=IntegerField()), 0))
+
+
+def org_job(context: Context, request_id: uuid.UUID) -> Job:
+    return get_object_or_404(
+        with_cost(Job.objects.select_related("endpoint", "api_key")), pk=request_id, organization=context.organization
+    )
+
+
+def present(job: Job, request: HttpRequest) -> dict[str, Any]:
+    result = files.render_result(job, base_url=base_url(request)) or {}
+    images = [image for image in result.get("images") or [] if image.get("url")]
+    duration = (job.finished_at - job.created_at).total_seconds() if job.finished_at else None
+    return {"job": job, "images": images, "duration": duration}
+
+
+@dashboard_view()
+def request_outcome(request: HttpRequest, context: Context, request_id: uuid.UUID) -> HttpResponse:
+    """The images, GPU time and cost of a finished request (the playground swaps this in)."""
+    job = org_job(context, request_id)
+    if not job.is_final:
+        raise Http404("Not finished yet.")
+    return render(request, "dashboard/_outcome.html", {**present(job, request), "usage": usage_of(job)})
+
+
+STATUS_FILTERS = list(JobStatus.choices)
+
+
+@dashboard_view()
+def request_list(request: HttpRequest, context: Context) -> HttpResponse:
+    jobs = with_cost(Job.objects.filter(organization=context.organization).select_related("endpoint"))
+    status, endpoint = request.GET.get("status", ""), request.GET.get("endpoint", "")
+    if status in JobStatus.values:
+        jobs = jobs.filter(status=status)
+    endpoints = list(Endpoint.objects.order_by("owner", "name", "path"))
+    if endpoint:
+        jobs = jobs.filter(endpoint__in=[e for e in endpoints if e.endpoint_id == endpoint])
+    page = Paginator(jobs.order_by("-created_at", "-id"), PAGE_SIZE).get_page(request.GET.get("page"))
+    rows = [present(job, request) for job in page.object_list]
+    query = request.GET.copy()
+    query.pop("page", None)
+    return render(
+        request,
+        "dashboard/requests.html",
+        {
+            **context.as_template(),
+            "page": page,
+            "rows": rows,
+            "statuses": STATUS_FILTERS,
+            "endpoints": endpoints,
+            "status": status,
+            "endpoint": endpoint,
+            "query": query.urlencode(),
+        },
+    )
+
+
+@dashboard_view()
+def request_detail(request: HttpRequest, context: Context, request_id: uuid.UUID) -> HttpResponse:
+    job = org_job(context, request_id)
+    webhook = getattr(job, "webhook", None) if job.webhook_url else None
+    return render(
+        request,
+        "dashboard/request.html",
+        {
+            **context.as_template(),
+            **present(job, request),
+            "input": json.dumps({k: v for k, v in job.input.items() if k != "image_path"}, indent=2),
+            "logs": job.logs.order_by("id"),
+            "attempts": job.attempts.order_by("number"),
+            "webhook": webhook,
+            "webhook_log": webhook.log.order_by("number") if webhook else [],
+            "usage": usage_of(job),
+        },
+    )

@@ -1,0 +1,143 @@
+"""Members and roles, and API keys."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.tokens import default_token_generator
+from django.core.mail import send_mail
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.utils.encoding import force_bytes
+from django.utils.http import urlsafe_base64_encode
+from django.views.decorators.http import require_POST
+
+from accounts.models import ApiKey, Membership, User
+from accounts.services import (
+    AccountsError,
+    Actor,
+    add_member,
+    change_member_role,
+    create_api_key,
+    remove_member,
+    revoke_api_key,
+    sign_up,
+)
+from dashboard.access import Context, dashboard_view
+from dashboard.forms import InviteForm, KeyForm, RoleForm
+
+
+def actor_of(request: HttpRequest, context: Context) -> Actor:
+    return Actor(user=context.user, ip_address=request.META.get("REMOTE_ADDR"))
+
+
+@dashboard_view()
+def members(request: HttpRequest, context: Context) -> HttpResponse:
+    rows = Membership.objects.filter(organization=context.organization).select_related("user").order_by("user__email")
+    return render(
+        request,
+        "dashboard/members.html",
+        {**context.as_template(), "members": rows, "invite_form": InviteForm(), "role_form": RoleForm()},
+    )
+
+
+def send_invitation(request: HttpRequest, user: User, context: Context) -> None:
+    link = request.build_absolute_uri(
+        reverse(
+            "password_reset_confirm",
+            kwargs={
+                "uidb64": urlsafe_base64_encode(force_bytes(user.pk)),
+                "token": default_token_generator.make_token(user),
+            },
+        )
+    )
+    send_mail(
+        subject=f"You are invited to {context.organization.name}",
+        message=(
+            f"{context.user.email} invited you to the organization {context.organization.name}.\n\n"
+            f"Choose a password to start: {link}\n"
+        ),
+        from_email=settings.DEFAULT_FROM_EMAIL,
+        recipient_list=[user.email],
+    )
+
+
+@require_POST
+@dashboard_view("manage_members")
+def invite(request: HttpRequest, context: Context) -> HttpResponse:
+    form = InviteForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, "Give a valid email address and a role.")
+        return redirect("dashboard:members")
+    email, actor = form.cleaned_data["email"].lower(), actor_of(request, context)
+    user = User.objects.filter(email__iexact=email).first()
+    try:
+        if user is None:
+            user = sign_up(email=email, password=None, actor=actor)
+            send_invitation(request, user, context)
+        add_member(organization=context.organization, user=user, role=form.cleaned_data["role"], actor=actor)
+    except AccountsError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"{email} is now a member ({form.cleaned_data['role']}).")
+    return redirect("dashboard:members")
+
+
+@require_POST
+@dashboard_view("manage_members")
+def change_role(request: HttpRequest, context: Context, membership_id: int) -> HttpResponse:
+    membership = get_object_or_404(Membership, pk=membership_id, organization=context.organization)
+    form = RoleForm(request.POST)
+    if form.is_valid():
+        try:
+            change_member_role(membership=membership, role=form.cleaned_data["role"], actor=actor_of(request, context))
+            messages.success(request, f"{membership.user.email} is now {form.cleaned_data['role']}.")
+        except AccountsError as exc:
+            messages.error(request, str(exc))
+    return redirect("dashboard:members")
+
+
+@require_POST
+@dashboard_view("manage_members")
+def remove(request: HttpRequest, context: Context, membership_id: int) -> HttpResponse:
+    membership = get_object_or_404(Membership, pk=membership_id, organization=context.organization)
+    try:
+        remove_member(membership=membership, actor=actor_of(request, context))
+        messages.success(request, f"{membership.user.email} was removed.")
+    except AccountsError as exc:
+        messages.error(request, str(exc))
+    return redirect("dashboard:members")
+
+
+@dashboard_view("manage_keys")
+def keys(request: HttpRequest, context: Context) -> HttpResponse:
+    form = KeyForm(request.POST or None)
+    created = None
+    if request.method == "POST" and form.is_valid():
+        try:
+            api_key, token = create_api_key(
+                organization=context.organization,
+                name=form.cleaned_data["name"],
+                scopes=form.cleaned_data["scopes"],
+                created_by=context.user,
+                actor=actor_of(request, context),
+            )
+        except AccountsError as exc:
+            messages.error(request, str(exc))
+        else:
+            created = {"key": api_key, "token": token}
+            form = KeyForm()
+    rows = ApiKey.objects.filter(organization=context.organization).select_related("created_by").order_by("-created_at")
+    return render(
+        request, "dashboard/keys.html", {**context.as_template(), "keys": rows, "form": form, "created": created}
+    )
+
+
+@require_POST
+@dashboard_view("manage_keys")
+def revoke_key(request: HttpRequest, context: Context, key_id: str) -> HttpResponse:
+    api_key = get_object_or_404(ApiKey, pk=key_id, organization=context.organization)
+    revoke_api_key(api_key=api_key, actor=actor_of(request, context))
+    messages.success(request, f"The key “{api_key.name}” is revoked; requests with it fail from now on.")
+    return redirect("dashboard:keys")
