@@ -5,6 +5,7 @@ One command on a fresh machine, no services: SQLite, Celery's filesystem transpo
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -37,8 +38,15 @@ class Command(BaseCommand):
         call_command("migrate", interactive=False, verbosity=0)
         call_command("collectstatic", interactive=False, verbosity=0)
         call_command("bootstrap_demo")
+        # The demo organization starts with enough credit to try everything (granted once).
+        demo = json.loads((settings.DATA_DIR / "demo_credentials.json").read_text())["organization"]
+        call_command("grant_credits", demo, "25", reason="Demo credits", idempotency_key=f"demo-{demo}", verbosity=0)
         base = f"http://{options['host']}:{options['port']}"
-        self.stdout.write(f"\nServing {base}  (API docs {base}/v1/docs, admin {base}/admin/, health {base}/readyz)\n")
+        self.stdout.write(
+            f"\nServing {base}\n  dashboard {base}/dashboard/  (the developer above)\n"
+            f"  admin     {base}/admin/  and the run-rate page {base}/admin/run-rate/  (the operator above)\n"
+            f"  API docs  {base}/v1/docs   health {base}/readyz\n"
+        )
 
         def web(port: int, *tls: str) -> list[str]:
             return [
