@@ -7,6 +7,7 @@ from django.utils import timezone
 
 from accounts.models import ApiKey, AuditAction, Organization
 from accounts.services import SYSTEM, Actor, record_audit
+from billing import topups
 from billing.ledger import BillingError, locked_account
 from billing.models import Account, KeySpendLimit
 
@@ -37,6 +38,7 @@ def set_auto_top_up(
     account.auto_top_up_enabled = enabled
     account.updated_at = timezone.now()
     account.save()
+    topups.schedule_if_low(account)  # already below the new threshold: top up now, not at the next debit
     record_audit(
         action=AuditAction.TOP_UP_CHANGED,
         actor=actor,

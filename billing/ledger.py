@@ -77,6 +77,10 @@ def post_entry(
         created_by=created_by,
     )
     account.save(update_fields=["balance_micros", "updated_at"])
+    if amount_micros < 0:
+        from billing import topups  # lazily: the ledger needs no Celery to import
+
+        topups.schedule_if_low(account)
     return entry, True
 
 

@@ -268,6 +268,15 @@ class Payment(models.Model):
 
     class Meta:
         ordering = ("-created_at", "-id")
+        constraints = [
+            # Auto top-ups are created under the account's lock; this makes a second pending one impossible.
+            models.UniqueConstraint(
+                fields=["organization"],
+                condition=Q(kind="auto_top_up", status="pending"),
+                name="payment_one_pending_top_up",
+            )
+        ]
+        indexes = [models.Index(fields=["created_at"], condition=Q(status="pending"), name="payment_pending")]
 
     def __str__(self) -> str:
         return f"payment-{self.pk} {self.amount_cents}¢ {self.status}"

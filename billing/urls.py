@@ -1,6 +1,6 @@
 from django.urls import path
 
-from billing import api
+from billing import api, payment_api
 
 v1_urlpatterns = [
     path("usage", api.UsageView.as_view(), name="usage"),
@@ -8,4 +8,22 @@ v1_urlpatterns = [
     path("billing/ledger", api.LedgerView.as_view(), name="billing-ledger"),
     path("billing/top-up", api.TopUpView.as_view(), name="billing-top-up"),
     path("billing/limits", api.LimitsView.as_view(), name="billing-limits"),
+    path("billing/payment-methods", payment_api.PaymentMethodsView.as_view(), name="billing-payment-methods"),
+    path(
+        "billing/payment-methods/<str:payment_method_id>",
+        payment_api.PaymentMethodView.as_view(),
+        name="billing-payment-method",
+    ),
+    path(
+        "billing/payment-methods/<str:payment_method_id>/default",
+        payment_api.DefaultPaymentMethodView.as_view(),
+        name="billing-payment-method-default",
+    ),
+    path("billing/purchases", payment_api.PurchasesView.as_view(), name="billing-purchases"),
+    path("billing/statements/<str:month>", payment_api.StatementView.as_view(), name="billing-statement"),
+]
+
+# Mounted at /billing/stripe/ (outside /v1: Stripe signs its deliveries; no key, no session, no CSRF).
+stripe_urlpatterns = [
+    path("webhook", payment_api.stripe_webhook, name="stripe-webhook"),
 ]

@@ -293,6 +293,8 @@ STRIPE_PUBLISHABLE_KEY = env_str("STRIPE_PUBLISHABLE_KEY") or ""
 STRIPE_WEBHOOK_SECRET = env_str("STRIPE_WEBHOOK_SECRET") or ""
 STRIPE_API_BASE = (env_str("STRIPE_API_BASE") or "").rstrip("/")  # empty: Stripe itself; tests: a fake
 STRIPE_TIMEOUT_SECONDS = env_int("STRIPE_TIMEOUT_SECONDS", 30, minimum=1)
+# Retries of a request that got no answer; each keeps its idempotency key, so none pays twice.
+STRIPE_MAX_NETWORK_RETRIES = env_int("STRIPE_MAX_NETWORK_RETRIES", 2, minimum=0)
 STRIPE_CURRENCY = "usd"
 # Credits bought at once, in cents, through the API or Checkout.
 BILLING_MIN_PURCHASE_CENTS = env_int("BILLING_MIN_PURCHASE_CENTS", 500, minimum=50)

@@ -23,6 +23,7 @@ urlpatterns = [
     path("v1/", include("accounts.urls")),
     path("v1/", include(inference_urls.v1_urlpatterns)),
     path("v1/", include(billing_urls.v1_urlpatterns)),
+    path("billing/stripe/", include(billing_urls.stripe_urlpatterns)),
     path("queue/", include(inference_urls.queue_urlpatterns)),
     path("run/", include(inference_urls.run_urlpatterns)),
     path("", include("inference.file_urls")),

@@ -1,0 +1,255 @@
+"""Platform API of payments (saved cards, buying credits, monthly statements) and the Stripe webhook endpoint."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NoReturn
+
+import stripe
+from django.conf import settings
+from django.db import DatabaseError
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils import timezone
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_POST
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers, status
+from rest_framework.exceptions import APIException, NotFound
+from rest_framework.generics import ListAPIView
+from rest_framework.pagination import CursorPagination
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from accounts.api import request_actor
+from accounts.models import Scope
+from accounts.permissions import request_organization
+from billing import payments, statements, stripe_events
+from billing.api import BillingConflict, BillingView
+from billing.ledger import BillingError, account_of
+from billing.models import Payment
+from billing.stripe_client import payments_enabled
+
+logger = logging.getLogger(__name__)
+
+
+class PaymentsUnavailable(APIException):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = "Payments are not configured on this server."
+    default_code = "payments_unavailable"
+
+
+def _answer(exc: BillingError) -> NoReturn:
+    """A refused payment as the API's error: 402 card_declined, 404, 503, or 409 for the rules of money."""
+    if isinstance(exc, payments.PaymentError):
+        error = APIException(detail=str(exc), code=exc.error_type)
+        error.status_code = exc.status
+        raise error from None
+    raise BillingConflict(str(exc)) from None
+
+
+class MoneyView(BillingView):
+    """Reading needs ``usage:read``; anything that moves money or changes cards needs ``admin``."""
+
+    def get_permissions(self) -> Any:
+        self.required_scope = Scope.USAGE_READ if self.request.method == "GET" else Scope.ADMIN
+        return super().get_permissions()
+
+    reads_stripe = True  # GET asks Stripe too (saved cards live there)
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        super().initial(request, *args, **kwargs)
+        if (request.method != "GET" or self.reads_stripe) and not payments_enabled():
+            raise PaymentsUnavailable()
+
+
+class AttachPaymentMethod(serializers.Serializer[Any]):
+    payment_method = serializers.CharField(max_length=255, help_text="A PaymentMethod id, e.g. from Stripe.js.")
+    set_default = serializers.BooleanField(default=False)
+
+
+class PaymentMethodsView(MoneyView):
+    @extend_schema(summary="Saved cards, the default one, and the publishable key for Stripe.js")
+    def get(self, request: Request) -> Response:
+        organization = request_organization(request)
+        try:
+            methods = payments.list_payment_methods(organization)
+        except BillingError as exc:
+            _answer(exc)
+        return Response(
+            {
+                "data": methods,
+                "default_payment_method": account_of(organization).default_payment_method_id or None,
+                "publishable_key": settings.STRIPE_PUBLISHABLE_KEY,
+            }
+        )
+
+    @extend_schema(request=AttachPaymentMethod, summary="Save a card (admin scope); the first becomes the default")
+    def post(self, request: Request) -> Response:
+        body = AttachPaymentMethod(data=request.data)
+        body.is_valid(raise_exception=True)
+        try:
+            method = payments.attach_payment_method(
+                organization=request_organization(request),
+                payment_method_id=body.validated_data["payment_method"],
+                make_default=body.validated_data["set_default"],
+                actor=request_actor(request),
+            )
+        except BillingError as exc:
+            _answer(exc)
+        return Response(method, status=status.HTTP_201_CREATED)
+
+
+class PaymentMethodView(MoneyView):
+    @extend_schema(summary="Remove a saved card (admin scope); removing the default turns auto top-up off")
+    def delete(self, request: Request, payment_method_id: str) -> Response:
+        try:
+            payments.detach_payment_method(
+                organization=request_organization(request),
+                payment_method_id=payment_method_id,
+                actor=request_actor(request),
+            )
+        except BillingError as exc:
+            _answer(exc)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class DefaultPaymentMethodView(MoneyView):
+    @extend_schema(request=None, summary="Make a saved card the default (admin scope): auto top-ups charge it")
+    def post(self, request: Request, payment_method_id: str) -> Response:
+        try:
+            method = payments.set_default_payment_method(
+                organization=request_organization(request),
+                payment_method_id=payment_method_id,
+                actor=request_actor(request),
+            )
+        except BillingError as exc:
+            _answer(exc)
+        return Response(method)
+
+
+class PaymentSerializer(serializers.ModelSerializer[Payment]):
+    class Meta:
+        model = Payment
+        fields = (
+            "id",
+            "kind",
+            "status",
+            "amount_cents",
+            "currency",
+            "amount_refunded_cents",
+            "amount_disputed_cents",
+            "failure_message",
+            "created_at",
+            "succeeded_at",
+        )
+
+
+class PurchaseRequest(serializers.Serializer[Any]):
+    amount_cents = serializers.IntegerField(
+        min_value=settings.BILLING_MIN_PURCHASE_CENTS, max_value=settings.BILLING_MAX_PURCHASE_CENTS
+    )
+    mode = serializers.ChoiceField(choices=["card", "checkout"], default="card")
+    payment_method = serializers.CharField(
+        max_length=255, required=False, help_text="A saved card; the default one if absent."
+    )
+    success_url = serializers.URLField(required=False, help_text="Checkout: where Stripe sends the payer after.")
+    cancel_url = serializers.URLField(required=False, help_text="Checkout: where Stripe sends a payer who gives up.")
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if attrs["mode"] == "checkout":
+            missing = {name: "Checkout needs this." for name in ("success_url", "cancel_url") if not attrs.get(name)}
+            if missing:
+                raise serializers.ValidationError(missing)
+            if attrs.get("payment_method"):
+                raise serializers.ValidationError({"payment_method": "Checkout asks for the card itself."})
+        return attrs
+
+
+class PurchasePages(CursorPagination):
+    ordering = "-created_at"
+    page_size = 50
+    page_size_query_param = "limit"
+    max_page_size = 200
+
+
+class PurchasesView(ListAPIView[Payment], MoneyView):
+    serializer_class = PaymentSerializer
+    pagination_class = PurchasePages
+    reads_stripe = False
+
+    def get_queryset(self) -> Any:
+        return Payment.objects.filter(organization=request_organization(self.request))
+
+    @extend_schema(summary="Payments for credits, newest first")
+    def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().get(request, *args, **kwargs)
+
+    @extend_schema(
+        request=PurchaseRequest,
+        summary="Buy credits (admin scope): charge a saved card now, or get a Stripe Checkout URL",
+    )
+    def post(self, request: Request) -> Response:
+        body = PurchaseRequest(data=request.data)
+        body.is_valid(raise_exception=True)
+        params = body.validated_data
+        organization, actor = request_organization(request), request_actor(request)
+        try:
+            if params["mode"] == "checkout":
+                payment, url = payments.start_checkout(
+                    organization=organization,
+                    amount_cents=params["amount_cents"],
+                    success_url=params["success_url"],
+                    cancel_url=params["cancel_url"],
+                    actor=actor,
+                )
+                return Response({**PaymentSerializer(payment).data, "checkout_url": url}, status=201)
+            charged = payments.buy_credits(
+                organization=organization,
+                amount_cents=params["amount_cents"],
+                payment_method_id=params.get("payment_method"),
+                actor=actor,
+            )
+        except BillingError as exc:
+            _answer(exc)
+        answer = {**PaymentSerializer(charged.payment).data, "client_secret": charged.client_secret}
+        return Response(answer, status=201)
+
+
+class StatementQuery(serializers.Serializer[Any]):
+    format = serializers.ChoiceField(choices=["json", "csv"], required=False, default="json")
+
+
+class StatementView(BillingView):
+    @extend_schema(parameters=[StatementQuery], summary="The statement of a UTC month (YYYY-MM), JSON or CSV")
+    def get(self, request: Request, month: str) -> HttpResponse:
+        query = StatementQuery(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        try:
+            first_day = statements.parse_month(month)
+        except BillingError as exc:
+            raise NotFound(str(exc)) from None
+        if first_day > timezone.now().date():
+            raise NotFound("That month has not begun.")
+        organization = request_organization(request)
+        statement = statements.monthly_statement(organization_id=organization.pk, month=first_day)
+        if query.validated_data["format"] == "csv":
+            response = HttpResponse(statements.statement_csv(statement), content_type="text/csv; charset=utf-8")
+            response["Content-Disposition"] = f'attachment; filename="statement-{organization.slug}-{month}.csv"'
+            return response
+        return Response(statement)
+
+
+@csrf_exempt
+@require_POST
+def stripe_webhook(request: HttpRequest) -> HttpResponse:
+    """Stripe's deliveries: 400 for anything not signed with our secret, 200 once stored (new or not)."""
+    try:
+        event, created = stripe_events.receive_event(request.body, request.headers.get("Stripe-Signature", ""))
+    except (stripe.SignatureVerificationError, ValueError):
+        return JsonResponse(
+            {"detail": "Invalid Stripe signature or payload.", "error_type": "invalid_signature"}, status=400
+        )
+    except DatabaseError:
+        logger.exception("could not store a Stripe event")
+        return JsonResponse({"detail": "Could not store the event.", "error_type": "internal_error"}, status=500)
+    return JsonResponse({"id": event.id, "duplicate": not created})

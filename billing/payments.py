@@ -1,0 +1,720 @@
+"""Stripe's side of money: customers, saved cards, buying credits, auto top-ups, refunds and disputes.
+
+Stripe is the truth about what was paid. A ``Payment`` row is committed before Stripe is called, so
+the idempotency key ``payment-<id>`` is ours, and the ledger is credited once, under the entry key
+``payment-<id>``, when the PaymentIntent has succeeded: whether the synchronous answer or the webhook
+tells us first. Refunds and disputes are read from Stripe's current state, never from an event's
+snapshot, and each becomes one entry keyed by its Stripe id, so their effect never exceeds Stripe's.
+
+Functions named ``apply_*`` touch only the database (one transaction, the account row locked first);
+the reads from Stripe happen before them, so no lock is held across a network call.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import stripe
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Sum
+from django.utils import timezone
+
+from accounts.models import Membership, Organization, Role
+from accounts.services import SYSTEM, Actor
+from billing import controls, topups
+from billing.ledger import BillingError, account_of, locked_account, post_entry
+from billing.models import Account, CreditEntry, EntryKind, Payment, PaymentKind, PaymentStatus
+from billing.money import cents_to_micros, micros_to_cents
+from billing.stripe_client import field, idempotency, object_id, stripe_client
+
+logger = logging.getLogger(__name__)
+
+PURCHASE_ENTRY_KINDS = (EntryKind.PURCHASE, EntryKind.AUTO_TOP_UP)
+# Dispute states in which Stripe has taken the disputed amount back (inquiries, ``warning_*``, take nothing).
+DISPUTE_FUNDS_WITHDRAWN = frozenset({"needs_response", "under_review", "lost"})
+REFUND_COUNTED = frozenset({"succeeded", "pending"})
+REFUND_UNDONE = frozenset({"failed", "canceled"})
+
+
+class PaymentError(BillingError):
+    """Stripe declined, refused or could not be reached; ``status`` and ``error_type`` are the API's answer."""
+
+    def __init__(self, message: str, *, error_type: str, status: int, payment: Payment | None = None) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.status = status
+        self.payment = payment
+
+
+@dataclass(frozen=True)
+class Charged:
+    """A payment after Stripe's answer; ``client_secret`` is set when the customer must still act (3-D Secure)."""
+
+    payment: Payment
+    client_secret: str | None = None
+
+
+def _failure(exc: stripe.StripeError) -> PaymentError:
+    if isinstance(exc, stripe.CardError):
+        return PaymentError(exc.user_message or "Your card was declined.", error_type="card_declined", status=402)
+    if (
+        isinstance(exc, stripe.APIConnectionError | stripe.RateLimitError | stripe.AuthenticationError)
+        or (exc.http_status or 0) >= 500
+    ):
+        logger.warning("Stripe unavailable: %s", exc)
+        return PaymentError(
+            "The payment provider could not be reached; try again shortly.",
+            error_type="payment_provider_unavailable",
+            status=503,
+        )
+    return PaymentError(
+        exc.user_message or "The payment provider refused the request.", error_type="payment_refused", status=400
+    )
+
+
+def _metadata(payment: Payment) -> dict[str, str]:
+    return {"payment_id": str(payment.pk), "organization_id": str(payment.organization_id), "kind": payment.kind}
+
+
+def check_amount(amount_cents: int) -> None:
+    low, high = settings.BILLING_MIN_PURCHASE_CENTS, settings.BILLING_MAX_PURCHASE_CENTS
+    if not low <= amount_cents <= high:
+        raise BillingError(f"Buy between {low} and {high} cents of credit at a time.")
+
+
+# Customers and saved cards.
+
+
+def ensure_customer(organization: Organization) -> str:
+    """The organization's Stripe customer id, creating the customer on first use (once, however often called)."""
+    account = account_of(organization)
+    if account.stripe_customer_id:
+        return account.stripe_customer_id
+    params: dict[str, Any] = {"name": organization.name, "metadata": {"organization_id": str(organization.pk)}}
+    owner = (
+        Membership.objects.filter(organization=organization, role=Role.OWNER)
+        .select_related("user")
+        .order_by("created_at")
+        .first()
+    )
+    if owner is not None:
+        params["email"] = owner.user.email
+    try:
+        customer = stripe_client().v1.customers.create(
+            params=params,  # type: ignore[arg-type]
+            options=idempotency(f"customer-{organization.pk}"),
+        )
+    except stripe.StripeError as exc:
+        raise _failure(exc) from exc
+    with transaction.atomic():
+        account = locked_account(organization.pk)
+        if not account.stripe_customer_id:
+            account.stripe_customer_id = customer.id
+            account.updated_at = timezone.now()
+            account.save(update_fields=["stripe_customer_id", "updated_at"])
+    return account.stripe_customer_id
+
+
+def card_summary(method: stripe.PaymentMethod, *, default_id: str) -> dict[str, Any]:
+    card = field(method, "card")
+    return {
+        "id": method.id,
+        "type": method.type,
+        "brand": field(card, "brand"),
+        "last4": field(card, "last4"),
+        "exp_month": field(card, "exp_month"),
+        "exp_year": field(card, "exp_year"),
+        "is_default": method.id == default_id,
+    }
+
+
+def list_payment_methods(organization: Organization) -> list[dict[str, Any]]:
+    account = account_of(organization)
+    if not account.stripe_customer_id:
+        return []
+    try:
+        methods = stripe_client().v1.payment_methods.list(
+            params={"customer": account.stripe_customer_id, "type": "card", "limit": 100}
+        )
+        return [
+            card_summary(method, default_id=account.default_payment_method_id) for method in methods.auto_paging_iter()
+        ]
+    except stripe.StripeError as exc:
+        raise _failure(exc) from exc
+
+
+def _own_method(customer_id: str, payment_method_id: str) -> stripe.PaymentMethod:
+    """The saved payment method, if it belongs to this customer (never another organization's card)."""
+    try:
+        method = stripe_client().v1.payment_methods.retrieve(payment_method_id)
+    except stripe.InvalidRequestError:
+        method = None
+    except stripe.StripeError as exc:
+        raise _failure(exc) from exc
+    if method is None or object_id(method.customer) != customer_id:
+        raise PaymentError(f"No saved payment method {payment_method_id}.", error_type="not_found", status=404)
+    return method
+
+
+def attach_payment_method(
+    *, organization: Organization, payment_method_id: str, make_default: bool = False, actor: Actor = SYSTEM
+) -> dict[str, Any]:
+    """Saves a payment method (e.g. made by Stripe.js) to the organization; the first one becomes the default."""
+    customer_id = ensure_customer(organization)
+    try:
+        method = stripe_client().v1.payment_methods.attach(payment_method_id, params={"customer": customer_id})
+    except stripe.StripeError as exc:
+        raise _failure(exc) from exc
+    if make_default or not account_of(organization).default_payment_method_id:
+        _make_default(organization=organization, customer_id=customer_id, payment_method_id=method.id)
+    return card_summary(method, default_id=account_of(organization).default_payment_method_id)
+
+
+def set_default_payment_method(
+    *, organization: Organization, payment_method_id: str, actor: Actor = SYSTEM
+) -> dict[str, Any]:
+    customer_id = ensure_customer(organization)
+    method = _own_method(customer_id, payment_method_id)
+    _make_default(organization=organization, customer_id=customer_id, payment_method_id=method.id)
+    return card_summary(method, default_id=method.id)
+
+
+def _make_default(*, organization: Organization, customer_id: str, payment_method_id: str) -> None:
+    try:
+        stripe_client().v1.customers.update(
+            customer_id, params={"invoice_settings": {"default_payment_method": payment_method_id}}
+        )
+    except stripe.StripeError as exc:
+        raise _failure(exc) from exc
+    with transaction.atomic():
+        account = locked_account(organization.pk)
+        account.default_payment_method_id = payment_method_id
+        account.updated_at = timezone.now()
+        account.save(update_fields=["default_payment_method_id", "updated_at"])
+
+
+def detach_payment_method(*, organization: Organization, payment_method_id: str, actor: Actor = SYSTEM) -> None:
+    """Removes a saved card. Removing the default one turns auto top-up off (it would have nothing to charge)."""
+    account = account_of(organization)
+    if not account.stripe_customer_id:
+        raise PaymentError(f"No saved payment method {payment_method_id}.", error_type="not_found", status=404)
+    method = _own_method(account.stripe_customer_id, payment_method_id)
+    try:
+        stripe_client().v1.payment_methods.detach(method.id)
+    except stripe.StripeError as exc:
+        raise _failure(exc) from exc
+    with transaction.atomic():
+        account = locked_account(organization.pk)
+        if account.default_payment_method_id != method.id:
+            return
+        account.default_payment_method_id = ""
+        account.updated_at = timezone.now()
+        account.save(update_fields=["default_payment_method_id", "updated_at"])
+        if account.auto_top_up_enabled:
+            controls.set_auto_top_up(organization=organization, enabled=False, actor=actor)
+
+
+# Buying credits.
+
+
+def buy_credits(
+    *, organization: Organization, amount_cents: int, payment_method_id: str | None = None, actor: Actor = SYSTEM
+) -> Charged:
+    """Charges a saved card now (the default one unless told) and credits the ledger when Stripe says paid.
+
+    A decline marks the payment failed and raises ``PaymentError`` (402 ``card_declined``); nothing is credited.
+    """
+    check_amount(amount_cents)
+    customer_id = ensure_customer(organization)
+    account = account_of(organization)
+    method_id = payment_method_id or account.default_payment_method_id
+    if not method_id:
+        raise BillingError("Save a card first, or pay through Checkout.")
+    if method_id != account.default_payment_method_id:
+        _own_method(customer_id, method_id)
+    payment = Payment.objects.create(
+        organization=organization,
+        kind=PaymentKind.PURCHASE,
+        amount_cents=amount_cents,
+        currency=account.currency,
+        created_by=actor.user,
+    )
+    return _charge(payment, customer_id=customer_id, payment_method_id=method_id, off_session=False)
+
+
+def _charge(payment: Payment, *, customer_id: str, payment_method_id: str, off_session: bool) -> Charged:
+    params: dict[str, Any] = {
+        "amount": payment.amount_cents,
+        "currency": payment.currency,
+        "customer": customer_id,
+        "payment_method": payment_method_id,
+        "payment_method_types": ["card"],
+        "confirm": True,
+        "metadata": _metadata(payment),
+    }
+    if off_session:
+        params["off_session"] = True
+    try:
+        intent = stripe_client().v1.payment_intents.create(
+            params=params,  # type: ignore[arg-type]
+            options=idempotency(payment.idempotency_key),
+        )
+    except stripe.StripeError as exc:
+        failure = _failure(exc)
+        if failure.status < 500:  # Stripe answered no: nothing was charged
+            intent_id = object_id(exc.error.payment_intent) if exc.error is not None else None
+            _mark_failed(payment.pk, message=str(failure), payment_intent_id=intent_id)
+        # Otherwise the outcome is unknown: the payment stays pending until the webhook or the sweep settles it.
+        payment.refresh_from_db()
+        failure.payment = payment
+        raise failure from exc
+    settled = apply_payment_intent(intent) or payment
+    waiting = intent.status == "requires_action"
+    return Charged(payment=settled, client_secret=intent.client_secret if waiting else None)
+
+
+def _mark_failed(payment_id: int, *, message: str, payment_intent_id: str | None = None) -> None:
+    with transaction.atomic():
+        payment = Payment.objects.select_for_update().get(pk=payment_id)
+        if payment.status != PaymentStatus.PENDING:
+            return
+        payment.status = PaymentStatus.FAILED
+        payment.failure_message = message[:500]
+        if payment_intent_id and not payment.stripe_payment_intent_id:
+            payment.stripe_payment_intent_id = payment_intent_id
+        payment.save(update_fields=["status", "failure_message", "stripe_payment_intent_id"])
+
+
+def start_checkout(
+    *, organization: Organization, amount_cents: int, success_url: str, cancel_url: str, actor: Actor = SYSTEM
+) -> tuple[Payment, str]:
+    """A Stripe Checkout page that buys credits; the webhook credits the ledger when it is paid."""
+    check_amount(amount_cents)
+    customer_id = ensure_customer(organization)
+    payment = Payment.objects.create(
+        organization=organization,
+        kind=PaymentKind.PURCHASE,
+        amount_cents=amount_cents,
+        currency=account_of(organization).currency,
+        created_by=actor.user,
+    )
+    metadata = _metadata(payment)
+    params: dict[str, Any] = {
+        "mode": "payment",
+        "customer": customer_id,
+        "client_reference_id": str(payment.pk),
+        "line_items": [
+            {
+                "quantity": 1,
+                "price_data": {
+                    "currency": payment.currency,
+                    "unit_amount": amount_cents,
+                    "product_data": {"name": "Prepaid credits"},
+                },
+            }
+        ],
+        "success_url": success_url,
+        "cancel_url": cancel_url,
+        "metadata": metadata,
+        # The card is kept on the customer, so it can be made the default for auto top-ups.
+        "payment_intent_data": {"metadata": metadata, "setup_future_usage": "off_session"},
+    }
+    try:
+        session = stripe_client().v1.checkout.sessions.create(
+            params=params,  # type: ignore[arg-type]
+            options=idempotency(payment.idempotency_key),
+        )
+    except stripe.StripeError as exc:
+        failure = _failure(exc)
+        if failure.status < 500:
+            _mark_failed(payment.pk, message=str(failure))
+        raise failure from exc
+    Payment.objects.filter(pk=payment.pk).update(stripe_checkout_session_id=session.id)
+    payment.stripe_checkout_session_id = session.id
+    return payment, str(session.url)
+
+
+# Auto top-up.
+
+
+def auto_top_up(*, organization_id: uuid.UUID) -> Payment | None:
+    """Charges the default card off-session when the balance is below the threshold, at most one at a time.
+
+    The payment is created under the account's lock after checking that none is pending (and a unique
+    constraint backs that), and not within ``BILLING_AUTO_TOP_UP_RETRY_SECONDS`` of a declined one.
+    """
+    with transaction.atomic():
+        account = locked_account(organization_id)
+        if not topups.needs_top_up(account):
+            return None
+        mine = Payment.objects.filter(organization_id=organization_id, kind=PaymentKind.AUTO_TOP_UP)
+        if mine.filter(status=PaymentStatus.PENDING).exists():
+            return None
+        retry_after = timezone.now() - timedelta(seconds=settings.BILLING_AUTO_TOP_UP_RETRY_SECONDS)
+        if mine.filter(status=PaymentStatus.FAILED, created_at__gte=retry_after).exists():
+            return None
+        payment = Payment.objects.create(
+            organization_id=organization_id,
+            kind=PaymentKind.AUTO_TOP_UP,
+            amount_cents=account.auto_top_up_amount_cents,
+            currency=account.currency,
+        )
+        customer_id, method_id = account.stripe_customer_id, account.default_payment_method_id
+    try:
+        return _charge(payment, customer_id=customer_id, payment_method_id=method_id, off_session=True).payment
+    except PaymentError as exc:
+        logger.warning("auto top-up payment-%s of %s: %s", payment.pk, organization_id, exc)
+        return exc.payment or payment
+
+
+# Applying Stripe's state to our books (database only).
+
+
+def _payment_for(
+    *, metadata: Any, payment_intent_id: str | None = None, session_id: str | None = None
+) -> Payment | None:
+    payment_id = field(metadata, "payment_id")
+    if payment_id and str(payment_id).isdigit():
+        found = Payment.objects.filter(pk=int(payment_id)).first()
+        if found is not None:
+            return found
+    if payment_intent_id:
+        found = Payment.objects.filter(stripe_payment_intent_id=payment_intent_id).first()
+        if found is not None:
+            return found
+    if session_id:
+        return Payment.objects.filter(stripe_checkout_session_id=session_id).first()
+    return None
+
+
+def _lock(payment: Payment) -> tuple[Account, Payment]:
+    """The account, then the payment: the fixed order every writer of a payment takes."""
+    account = locked_account(payment.organization_id)
+    return account, Payment.objects.select_for_update().get(pk=payment.pk)
+
+
+def _check_customer(account: Account, customer: Any, what: str) -> None:
+    customer_id = object_id(customer)
+    if customer_id and account.stripe_customer_id and customer_id != account.stripe_customer_id:
+        raise BillingError(f"{what} belongs to customer {customer_id}, not {account.stripe_customer_id}.")
+
+
+@transaction.atomic
+def apply_payment_intent(intent: stripe.PaymentIntent) -> Payment | None:
+    """Brings our payment in line with the PaymentIntent's current state; credits the ledger once on success.
+
+    Returns ``None`` when the PaymentIntent is not one of ours.
+    """
+    found = _payment_for(metadata=field(intent, "metadata"), payment_intent_id=intent.id)
+    if found is None:
+        return None
+    account, payment = _lock(found)
+    _check_customer(account, field(intent, "customer"), f"PaymentIntent {intent.id}")
+    if payment.stripe_payment_intent_id and payment.stripe_payment_intent_id != intent.id:
+        raise BillingError(f"payment-{payment.pk} is paid by {payment.stripe_payment_intent_id}, not {intent.id}.")
+    payment.stripe_payment_intent_id = intent.id
+    if intent.status == "succeeded":
+        received = int(field(intent, "amount_received") or 0)
+        if received != payment.amount_cents or intent.currency != payment.currency:
+            raise BillingError(
+                f"PaymentIntent {intent.id} received {received} {intent.currency}; "
+                f"payment-{payment.pk} is for {payment.amount_cents} {payment.currency}."
+            )
+        auto = payment.kind == PaymentKind.AUTO_TOP_UP
+        post_entry(
+            account=account,
+            kind=EntryKind.AUTO_TOP_UP if auto else EntryKind.PURCHASE,
+            amount_micros=cents_to_micros(received),
+            idempotency_key=payment.idempotency_key,
+            description="Auto top-up" if auto else "Credits bought",
+            payment=payment,
+            created_by=payment.created_by,
+        )
+        if payment.status != PaymentStatus.SUCCEEDED:
+            payment.status = PaymentStatus.SUCCEEDED
+            payment.succeeded_at = timezone.now()
+            payment.failure_message = ""
+    elif payment.status == PaymentStatus.PENDING:
+        error = field(intent, "last_payment_error")
+        if intent.status == "canceled":
+            payment.status = PaymentStatus.CANCELED
+        elif intent.status == "requires_payment_method" and error:
+            payment.status = PaymentStatus.FAILED
+            payment.failure_message = str(field(error, "message") or "The payment failed.")[:500]
+    payment.save(update_fields=["stripe_payment_intent_id", "status", "succeeded_at", "failure_message"])
+    return payment
+
+
+@transaction.atomic
+def apply_checkout_session(session: Any, intent: stripe.PaymentIntent | None) -> Payment | None:
+    """A Checkout Session's state: linked to its payment, paid through its PaymentIntent, or expired."""
+    found = _payment_for(
+        metadata=field(session, "metadata"),
+        payment_intent_id=object_id(field(session, "payment_intent")),
+        session_id=session.id,
+    )
+    if found is None:
+        return None
+    account, payment = _lock(found)
+    _check_customer(account, field(session, "customer"), f"Checkout Session {session.id}")
+    if payment.stripe_checkout_session_id not in (None, "", session.id):
+        raise BillingError(f"payment-{payment.pk} is paid through {payment.stripe_checkout_session_id}.")
+    payment.stripe_checkout_session_id = session.id
+    if field(session, "status") == "expired" and payment.status == PaymentStatus.PENDING:
+        payment.status = PaymentStatus.CANCELED
+    payment.save(update_fields=["stripe_checkout_session_id", "status"])
+    if intent is not None:
+        return apply_payment_intent(intent)
+    return payment
+
+
+@transaction.atomic
+def apply_refunds(*, charge: Any, intent: stripe.PaymentIntent, refunds: Iterable[Any]) -> Payment | None:
+    """One negative entry per Stripe refund that has gone through (``refund-<id>``); one back if it later failed.
+
+    The PaymentIntent is applied first, so a refund seen before the payment's own event still finds it credited.
+    """
+    payment = apply_payment_intent(intent)
+    if payment is None:
+        return None
+    account = locked_account(payment.organization_id)  # already held: apply_payment_intent took it
+    _check_customer(account, field(charge, "customer"), f"Charge {charge.id}")
+    if payment.status != PaymentStatus.SUCCEEDED:
+        return payment
+    for refund in refunds:
+        key = f"refund-{refund.id}"
+        micros = cents_to_micros(int(refund.amount))
+        if refund.status in REFUND_COUNTED:
+            post_entry(
+                account=account,
+                kind=EntryKind.REFUND,
+                amount_micros=-micros,
+                idempotency_key=key,
+                description="Refunded to the card",
+                payment=payment,
+            )
+        elif refund.status in REFUND_UNDONE and CreditEntry.objects.filter(idempotency_key=key).exists():
+            post_entry(
+                account=account,
+                kind=EntryKind.REFUND,
+                amount_micros=micros,
+                idempotency_key=f"{key}-reversed",
+                description="Refund to the card failed",
+                payment=payment,
+            )
+    payment.amount_refunded_cents = _cents_out(payment, EntryKind.REFUND)
+    payment.save(update_fields=["amount_refunded_cents"])
+    return payment
+
+
+@transaction.atomic
+def apply_dispute(*, dispute: Any, intent: stripe.PaymentIntent) -> Payment | None:
+    """A dispute takes its amount back while open or lost (``dispute-<id>``) and returns it if won.
+
+    A new dispute also turns auto top-up off: charging, unattended, a card whose owner disputes a charge
+    invites the next dispute.
+    """
+    payment = apply_payment_intent(intent)
+    if payment is None:
+        return None
+    account = locked_account(payment.organization_id)
+    if payment.status != PaymentStatus.SUCCEEDED:
+        return payment
+    key = f"dispute-{dispute.id}"
+    micros = cents_to_micros(int(dispute.amount))
+    if dispute.status in DISPUTE_FUNDS_WITHDRAWN:
+        _, opened = post_entry(
+            account=account,
+            kind=EntryKind.DISPUTE,
+            amount_micros=-micros,
+            idempotency_key=key,
+            description=f"Payment disputed ({field(dispute, 'reason') or 'no reason given'})",
+            payment=payment,
+        )
+        if opened and account.auto_top_up_enabled:
+            controls.set_auto_top_up(organization=payment.organization, enabled=False)
+    elif dispute.status == "won" and CreditEntry.objects.filter(idempotency_key=key).exists():
+        post_entry(
+            account=account,
+            kind=EntryKind.DISPUTE,
+            amount_micros=micros,
+            idempotency_key=f"{key}-won",
+            description="Dispute won: the amount is back",
+            payment=payment,
+        )
+    payment.amount_disputed_cents = _cents_out(payment, EntryKind.DISPUTE)
+    payment.save(update_fields=["amount_disputed_cents"])
+    return payment
+
+
+def _cents_out(payment: Payment, kind: str) -> int:
+    total = CreditEntry.objects.filter(payment=payment, kind=kind).aggregate(total=Sum("amount_micros"))["total"]
+    return max(0, micros_to_cents(-(total or 0)))
+
+
+# Settling what was left pending (the sweep).
+
+
+def settle_stale_payments(*, older_than: timedelta | None = None, limit: int = 100) -> int:
+    """Settles payments still pending long after Stripe was called, from Stripe's own state.
+
+    An auto top-up that never got Stripe's answer is re-sent with the same idempotency key (Stripe
+    answers the first attempt's result, or makes it now); a purchase is marked failed (a late
+    success still credits it); a PaymentIntent left waiting for the customer a day is cancelled.
+    """
+    now = timezone.now()
+    cutoff = now - (older_than or timedelta(seconds=settings.BILLING_PAYMENT_SETTLE_AFTER_SECONDS))
+    settled = 0
+    client = stripe_client()
+    for payment in Payment.objects.filter(status=PaymentStatus.PENDING, created_at__lt=cutoff).order_by("created_at")[
+        :limit
+    ]:
+        try:
+            _settle(client, payment, abandon=payment.created_at < now - timedelta(days=1))
+            settled += 1
+        except (stripe.StripeError, BillingError) as exc:
+            logger.warning("could not settle payment-%s: %s", payment.pk, exc)
+    return settled
+
+
+def _settle(client: stripe.StripeClient, payment: Payment, *, abandon: bool) -> None:
+    if payment.stripe_payment_intent_id:
+        intent = client.v1.payment_intents.retrieve(payment.stripe_payment_intent_id)
+        if abandon and intent.status in ("requires_action", "requires_payment_method", "requires_confirmation"):
+            intent = client.v1.payment_intents.cancel(intent.id)
+        apply_payment_intent(intent)
+    elif payment.stripe_checkout_session_id:
+        session = client.v1.checkout.sessions.retrieve(payment.stripe_checkout_session_id)
+        intent_id = object_id(field(session, "payment_intent"))
+        apply_checkout_session(session, client.v1.payment_intents.retrieve(intent_id) if intent_id else None)
+    elif payment.kind == PaymentKind.AUTO_TOP_UP and not abandon:
+        account = account_of(payment.organization)
+        try:
+            _charge(
+                payment,
+                customer_id=account.stripe_customer_id,
+                payment_method_id=account.default_payment_method_id,
+                off_session=True,
+            )
+        except PaymentError as exc:
+            logger.warning("auto top-up payment-%s retried: %s", payment.pk, exc)
+    else:
+        _mark_failed(payment.pk, message="No answer from the payment provider.")
+
+
+# The proof that our payments and Stripe's agree (billing.reconciliation calls this).
+
+
+def compare_with_stripe(*, since: datetime | None = None) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """Counts checked and every drift between our succeeded payments and Stripe's succeeded PaymentIntents.
+
+    Ours → Stripe: each succeeded payment created since ``since`` has a succeeded PaymentIntent of
+    the same amount, currency and customer, its credit entry posted once with the right micros, and
+    refund entries that add up to what Stripe refunded. Stripe → ours: every succeeded PaymentIntent
+    of our customers created since ``since`` is a succeeded payment of ours.
+    """
+    since = since or timezone.now() - timedelta(days=settings.BILLING_STRIPE_RECONCILE_DAYS)
+    client = stripe_client()
+    customers = set(Account.objects.exclude(stripe_customer_id="").values_list("stripe_customer_id", flat=True))
+    listing = client.v1.payment_intents.list(
+        params={"created": {"gte": int(since.timestamp())}, "limit": 100, "expand": ["data.latest_charge"]}
+    )
+    intents = {
+        intent.id: intent
+        for intent in listing.auto_paging_iter()
+        if (object_id(field(intent, "customer")) or "") in customers
+    }
+    checked = {"payments": 0, "stripe_payment_intents": 0, "refunds": 0}
+    drift: list[dict[str, Any]] = []
+
+    def report(check: str, payment: Payment | None, intent_id: str | None, detail: str) -> None:
+        drift.append(
+            {
+                "check": check,
+                "payment_id": payment.pk if payment else None,
+                "organization_id": str(payment.organization_id) if payment else None,
+                "payment_intent": intent_id,
+                "detail": detail,
+            }
+        )
+
+    ours = Payment.objects.filter(status=PaymentStatus.SUCCEEDED, created_at__gte=since).select_related(
+        "organization__billing_account"
+    )
+    for payment in ours.order_by("pk"):
+        checked["payments"] += 1
+        checked["refunds"] += _compare_payment(client, payment, intents, report)
+
+    succeeded = {intent_id for intent_id, intent in intents.items() if intent.status == "succeeded"}
+    known = {
+        payment.stripe_payment_intent_id: payment
+        for payment in Payment.objects.filter(stripe_payment_intent_id__in=succeeded)
+    }
+    for intent_id in sorted(succeeded):
+        checked["stripe_payment_intents"] += 1
+        recorded = known.get(intent_id)
+        if recorded is None:
+            report("stripe_payment_missing", None, intent_id, "Stripe has this succeeded payment; our ledger does not.")
+        elif recorded.status != PaymentStatus.SUCCEEDED:
+            report("stripe_payment_missing", recorded, intent_id, f"Stripe says succeeded; we say {recorded.status}.")
+    return checked, drift
+
+
+def _compare_payment(client: stripe.StripeClient, payment: Payment, intents: dict[str, Any], report: Any) -> int:
+    """Reports the drifts of one payment; answers 1 if its refunds could be compared, else 0."""
+    intent_id = payment.stripe_payment_intent_id
+    if not intent_id:
+        report("payment_without_intent", payment, None, "A succeeded payment with no PaymentIntent.")
+        return 0
+    intent = intents.get(intent_id)
+    if intent is None:
+        try:
+            intent = client.v1.payment_intents.retrieve(intent_id, params={"expand": ["latest_charge"]})
+        except stripe.InvalidRequestError:
+            report("intent_missing", payment, intent_id, "Stripe has no such PaymentIntent.")
+            return 0
+    customer = payment.organization.billing_account.stripe_customer_id
+    received = int(field(intent, "amount_received") or 0)
+    if intent.status != "succeeded":
+        report("intent_not_succeeded", payment, intent_id, f"Stripe says {intent.status}.")
+    if received != payment.amount_cents or intent.currency != payment.currency:
+        report(
+            "amount",
+            payment,
+            intent_id,
+            f"Stripe received {received} {intent.currency}; we say {payment.amount_cents} {payment.currency}.",
+        )
+    if object_id(field(intent, "customer")) != customer:
+        report(
+            "customer",
+            payment,
+            intent_id,
+            f"Stripe's customer {object_id(field(intent, 'customer'))}, ours {customer}.",
+        )
+    posted = list(CreditEntry.objects.filter(payment=payment, kind__in=PURCHASE_ENTRY_KINDS))
+    expected = cents_to_micros(payment.amount_cents)
+    if len(posted) != 1 or posted[0].idempotency_key != payment.idempotency_key:
+        report("credit_count", payment, intent_id, f"{len(posted)} credit entries for the payment; expected one.")
+    elif posted[0].amount_micros != expected:
+        report("credit_amount", payment, intent_id, f"Credited {posted[0].amount_micros} µ$; paid {expected} µ$.")
+    charge = field(intent, "latest_charge")
+    if charge is None or isinstance(charge, str):
+        return 0
+    refunded_cents = int(field(charge, "amount_refunded") or 0)
+    entries = CreditEntry.objects.filter(payment=payment, kind=EntryKind.REFUND).aggregate(total=Sum("amount_micros"))
+    refunded_micros = -(entries["total"] or 0)
+    if refunded_micros != cents_to_micros(refunded_cents) or payment.amount_refunded_cents != refunded_cents:
+        report(
+            "refunds",
+            payment,
+            intent_id,
+            f"Stripe refunded {refunded_cents}¢; our entries {refunded_micros} µ$, "
+            f"our payment {payment.amount_refunded_cents}¢.",
+        )
+    return 1

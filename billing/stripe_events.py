@@ -1,0 +1,232 @@
+"""The Stripe webhook inbox: every event stored once, processed off the request path, replayable.
+
+Receiving verifies the signature with the SDK, stores the event (its id is the primary key, so a
+redelivery is answered 200 and not processed again) and queues its processing on commit.
+Processing re-fetches the object from Stripe and applies its *current* state (``payments.apply_*``)
+in one transaction with the event's own status, so events may arrive in any order and any number
+of times: every effect is a ledger entry with its own idempotency key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from celery import current_app
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from accounts.models import AuditAction
+from accounts.services import SYSTEM, Actor, record_audit
+from billing import payments, topups
+from billing.models import Account, Payment, StripeEvent, StripeEventStatus
+from billing.stripe_client import construct_event, field, object_id, payments_enabled, stripe_client
+
+logger = logging.getLogger(__name__)
+
+PROCESS_TASK = "billing.process_stripe_event"
+DONE = (StripeEventStatus.PROCESSED, StripeEventStatus.IGNORED)
+# An event not processed this long after it arrived lost its message: the sweep processes it.
+PENDING_GRACE = timedelta(seconds=60)
+
+Apply = Callable[[], Payment | None]
+
+
+def _payment_intent(intent_id: str) -> Apply:
+    intent = stripe_client().v1.payment_intents.retrieve(intent_id)
+    return lambda: payments.apply_payment_intent(intent)
+
+
+def _checkout_session(session_id: str) -> Apply:
+    client = stripe_client()
+    session = client.v1.checkout.sessions.retrieve(session_id)
+    intent_id = object_id(field(session, "payment_intent"))
+    intent = client.v1.payment_intents.retrieve(intent_id) if intent_id else None
+    return lambda: payments.apply_checkout_session(session, intent)
+
+
+def _charge(charge_id: str) -> Apply:
+    client = stripe_client()
+    charge = client.v1.charges.retrieve(charge_id)
+    intent_id = object_id(field(charge, "payment_intent"))
+    if not intent_id:
+        return lambda: None  # not a payment of ours: we charge only through PaymentIntents
+    intent = client.v1.payment_intents.retrieve(intent_id)
+    refunds = list(client.v1.refunds.list(params={"charge": charge.id, "limit": 100}).auto_paging_iter())
+    return lambda: payments.apply_refunds(charge=charge, intent=intent, refunds=refunds)
+
+
+def _refund(refund_id: str) -> Apply:
+    refund = stripe_client().v1.refunds.retrieve(refund_id)
+    charge_id = object_id(field(refund, "charge"))
+    return _charge(charge_id) if charge_id else (lambda: None)
+
+
+def _dispute(dispute_id: str) -> Apply:
+    client = stripe_client()
+    dispute = client.v1.disputes.retrieve(dispute_id)
+    intent_id = object_id(field(dispute, "payment_intent"))
+    if not intent_id:
+        charge = client.v1.charges.retrieve(str(object_id(dispute.charge)))
+        intent_id = object_id(field(charge, "payment_intent"))
+    if not intent_id:
+        return lambda: None
+    intent = client.v1.payment_intents.retrieve(intent_id)
+    return lambda: payments.apply_dispute(dispute=dispute, intent=intent)
+
+
+# Each handled event type, and how to read the current state of its object from Stripe.
+FETCHERS: dict[str, Callable[[str], Apply]] = {
+    **dict.fromkeys(
+        (
+            "payment_intent.succeeded",
+            "payment_intent.payment_failed",
+            "payment_intent.canceled",
+            "payment_intent.processing",
+            "payment_intent.requires_action",
+        ),
+        _payment_intent,
+    ),
+    **dict.fromkeys(
+        (
+            "checkout.session.completed",
+            "checkout.session.async_payment_succeeded",
+            "checkout.session.async_payment_failed",
+            "checkout.session.expired",
+        ),
+        _checkout_session,
+    ),
+    "charge.refunded": _charge,
+    **dict.fromkeys(("charge.refund.updated", "refund.created", "refund.updated", "refund.failed"), _refund),
+    **dict.fromkeys(
+        (
+            "charge.dispute.created",
+            "charge.dispute.updated",
+            "charge.dispute.closed",
+            "charge.dispute.funds_withdrawn",
+            "charge.dispute.funds_reinstated",
+        ),
+        _dispute,
+    ),
+}
+
+
+def receive_event(payload: bytes, signature: str) -> tuple[StripeEvent, bool]:
+    """Stores a signed event once (raises ``stripe.SignatureVerificationError`` or ``ValueError`` if forged).
+
+    Answers the stored event and whether it is new; a new one is queued for processing on commit.
+    """
+    event = construct_event(payload, signature)
+    try:
+        with transaction.atomic():
+            stored = StripeEvent.objects.create(
+                id=event.id, type=event.type, payload=json.loads(payload), livemode=bool(field(event, "livemode"))
+            )
+    except IntegrityError:
+        return StripeEvent.objects.get(pk=event.id), False
+    event_id = stored.id
+    transaction.on_commit(lambda: enqueue_event(event_id), robust=True)
+    return stored, True
+
+
+def enqueue_event(event_id: str) -> bool:
+    try:
+        current_app.send_task(PROCESS_TASK, args=[event_id], retry=False)
+    except Exception as exc:
+        logger.warning("broker refused Stripe event %s: %s; the sweep will process it", event_id, exc)
+        return False
+    return True
+
+
+def process_event(event_id: str, *, force: bool = False) -> StripeEvent:
+    """Applies one event's object as Stripe has it now; once, unless ``force`` (a replay).
+
+    A failure is recorded on the event (status failed, the error, one more attempt) and not raised:
+    the sweep retries it with backoff, and an operator can replay it.
+    """
+    event = StripeEvent.objects.get(pk=event_id)
+    if event.status in DONE and not force:
+        return event
+    fetch = FETCHERS.get(event.type)
+    target = ((event.payload.get("data") or {}).get("object") or {}).get("id")
+    try:
+        apply = fetch(str(target)) if fetch is not None and target else None  # read Stripe before taking locks
+        with transaction.atomic():
+            locked = StripeEvent.objects.select_for_update().get(pk=event_id)
+            if locked.status in DONE and not force:
+                return locked
+            payment = apply() if apply is not None else None
+            locked.status = StripeEventStatus.PROCESSED if payment is not None else StripeEventStatus.IGNORED
+            locked.attempts += 1
+            locked.error = ""
+            locked.processed_at = timezone.now()
+            locked.save(update_fields=["status", "attempts", "error", "processed_at"])
+            return locked
+    except Exception as exc:
+        logger.exception("Stripe event %s (%s) failed", event_id, event.type)
+        error = f"{type(exc).__name__}: {exc}"[:4000]
+        StripeEvent.objects.filter(pk=event_id).update(attempts=F("attempts") + 1, error=error)
+        StripeEvent.objects.filter(pk=event_id).exclude(status__in=DONE).update(status=StripeEventStatus.FAILED)
+        return StripeEvent.objects.get(pk=event_id)
+
+
+def replay_event(*, event_id: str, actor: Actor = SYSTEM) -> StripeEvent:
+    """Processes a stored event again from Stripe's current state (changes nothing if already applied); audited."""
+    before = StripeEvent.objects.get(pk=event_id).status
+    event = process_event(event_id, force=True)
+    record_audit(
+        action=AuditAction.STRIPE_EVENT_REPLAYED,
+        actor=actor,
+        target=event,
+        metadata={"type": event.type, "status_before": before, "status": event.status, "error": event.error[:500]},
+    )
+    return event
+
+
+def replay_events(
+    *, event_ids: list[str] | None = None, since: datetime | None = None, actor: Actor = SYSTEM
+) -> list[StripeEvent]:
+    """Replays the events named, or all received since a moment, or (by default) the failed ones."""
+    events = StripeEvent.objects.all()
+    if event_ids:
+        events = events.filter(pk__in=event_ids)
+    elif since is not None:
+        events = events.filter(received_at__gte=since)
+    else:
+        events = events.filter(status=StripeEventStatus.FAILED)
+    ids = list(events.order_by("received_at", "id").values_list("id", flat=True))
+    return [replay_event(event_id=event_id, actor=actor) for event_id in ids]
+
+
+def sweep(*, limit: int = 200) -> dict[str, int]:
+    """The scheduler's safety net: events whose message was lost or whose processing failed (with backoff),
+    payments left pending, and top-ups a lost message missed."""
+    if not payments_enabled():
+        return {}
+    now = timezone.now()
+    counts = {"events": 0, "payments": 0, "top_ups": 0}
+    due = StripeEvent.objects.filter(status=StripeEventStatus.PENDING, received_at__lt=now - PENDING_GRACE) | (
+        StripeEvent.objects.filter(
+            status=StripeEventStatus.FAILED, attempts__lt=settings.BILLING_STRIPE_EVENT_MAX_ATTEMPTS
+        )
+    )
+    for event in due.order_by("received_at")[:limit]:
+        if event.status == StripeEventStatus.FAILED and event.received_at + timedelta(minutes=2**event.attempts) > now:
+            continue
+        process_event(event.id)
+        counts["events"] += 1
+    counts["payments"] = payments.settle_stale_payments()
+    low = (
+        Account.objects.filter(auto_top_up_enabled=True)
+        .exclude(default_payment_method_id="")
+        .exclude(stripe_customer_id="")
+        .alias(available=F("balance_micros") - F("held_micros"))
+        .filter(available__lt=F("auto_top_up_threshold_micros"))
+    )
+    for organization_id in low.values_list("organization_id", flat=True)[:limit]:
+        counts["top_ups"] += topups.enqueue_top_up(str(organization_id))
+    return counts

@@ -1,0 +1,28 @@
+"""Celery tasks of billing: thin, taking ids and calling a service."""
+
+from __future__ import annotations
+
+import uuid
+
+from celery import shared_task
+
+
+@shared_task(name="billing.process_stripe_event", ignore_result=True, acks_late=True, time_limit=120)
+def process_stripe_event(event_id: str) -> None:
+    from billing.stripe_events import process_event
+
+    process_event(event_id)
+
+
+@shared_task(name="billing.auto_top_up", ignore_result=True, acks_late=True, time_limit=120)
+def auto_top_up(organization_id: str) -> None:
+    from billing.payments import auto_top_up as top_up
+
+    top_up(organization_id=uuid.UUID(organization_id))
+
+
+@shared_task(name="billing.stripe_sweep", ignore_result=True, time_limit=600)
+def stripe_sweep() -> dict[str, int]:
+    from billing.stripe_events import sweep
+
+    return sweep()

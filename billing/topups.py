@@ -1,0 +1,54 @@
+"""Auto top-up: when a debit leaves the available balance below the threshold, queue a charge of the saved card.
+
+``schedule_if_low`` runs inside the transaction that moved the balance (``ledger.post_entry``), so it
+only reads the locked account and queues the task on commit; the task (``payments.auto_top_up``)
+decides under the account's lock, where at most one pending top-up per organization can exist.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import current_app
+from django.core.cache import cache
+from django.db import transaction
+
+from billing.models import Account
+
+logger = logging.getLogger(__name__)
+
+TASK = "billing.auto_top_up"
+# One message per organization per this many seconds is plenty: the task re-checks under the lock,
+# and the sweep queues any top-up a lost message missed.
+QUEUE_DEDUP_SECONDS = 60
+
+
+def needs_top_up(account: Account) -> bool:
+    return (
+        account.auto_top_up_enabled
+        and bool(account.default_payment_method_id)
+        and bool(account.stripe_customer_id)
+        and account.available_micros < account.auto_top_up_threshold_micros
+    )
+
+
+def schedule_if_low(account: Account) -> bool:
+    """Queues a top-up once the surrounding transaction commits, if the account needs one."""
+    if not needs_top_up(account):
+        return False
+    organization_id = str(account.organization_id)
+    transaction.on_commit(lambda: enqueue_top_up(organization_id), robust=True)
+    return True
+
+
+def enqueue_top_up(organization_id: str) -> bool:
+    key = f"billing:top-up-queued:{organization_id}"
+    if not cache.add(key, 1, timeout=QUEUE_DEDUP_SECONDS):
+        return False
+    try:
+        current_app.send_task(TASK, args=[organization_id], retry=False)
+    except Exception as exc:
+        cache.delete(key)
+        logger.warning("broker refused the auto top-up of %s: %s; the sweep will queue it", organization_id, exc)
+        return False
+    return True
