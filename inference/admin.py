@@ -21,11 +21,12 @@ from django.db import transaction
 from django.db.models import Q, QuerySet, Subquery
 from django.http import HttpRequest
 from django.utils import timezone
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
 from accounts.models import AuditAction, User
 from accounts.services import Actor, record_audit
+from inference.engine.profile import DESCRIPTIONS as PROFILE_DESCRIPTIONS
 from inference.models import (
     Endpoint,
     Job,
@@ -208,7 +209,16 @@ class EndpointAdmin(_EndpointAdminBase):
                 )
             },
         ),
-        ("Optimization profile", {"fields": ("optimization_profile",)}),
+        (
+            "Optimization profile",
+            {
+                "fields": ("optimization_profile",),
+                "description": format_html(
+                    "A JSON object; keys left out take the worker's device defaults. {}",
+                    format_html_join("", "<br><code>{}</code>: {}", sorted(PROFILE_DESCRIPTIONS.items())),
+                ),
+            },
+        ),
     )
     actions = ("activate_selected", "deactivate_selected")
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
 from accounts.models import ApiKey, TenantModel
+from inference.engine.profile import ProfileError, validate_profile
 
 
 class PipelineKind(models.TextChoices):
@@ -83,6 +85,13 @@ class Endpoint(models.Model):
 
     def __str__(self) -> str:
         return self.endpoint_id
+
+    def clean(self) -> None:
+        super().clean()
+        try:
+            validate_profile(self.optimization_profile)
+        except ProfileError as exc:
+            raise ValidationError({"optimization_profile": exc.problems}) from None
 
     @property
     def app_id(self) -> str:

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -210,6 +211,37 @@ def claim_job(*, job_id: str, attempt: int, worker: str) -> Job | None:
         JobAttempt.objects.create(job_id=job_id, number=attempt, worker=worker, started_at=now, heartbeat_at=now)
         log_job(job_id, f"Attempt {attempt} started on {worker}.", source="worker")
     return Job.objects.select_related("endpoint", "organization").get(pk=job_id)
+
+
+def claim_batch_companions(
+    *, job: Job, worker: str, room: int, compatible: Callable[[dict[str, Any]], bool], scan: int = 32
+) -> list[Job]:
+    """Other dispatched jobs of `job`'s endpoint that can run in the same pipeline call, claimed for this worker.
+
+    Oldest first, while their images fit in `room` (images the batch can still take). Each is claimed on its own with
+    `claim_job`'s conditional UPDATE, so it gets its own attempt, lease and heartbeat; its Celery message, when it
+    arrives, finds the job taken and does nothing. Only jobs already dispatched are taken: the tenant's concurrency
+    limit, which counts them as active, still holds.
+    """
+    candidates = (
+        Job.objects.filter(endpoint_id=job.endpoint_id, gpu_class=job.gpu_class, status=JobStatus.DISPATCHED)
+        .exclude(pk=job.pk)
+        .order_by("dispatched_at", "created_at", "id")
+        .values_list("id", "attempt", "input")[:scan]
+    )
+    companions: list[Job] = []
+    for companion_id, attempt, job_input in candidates:
+        count = len(job_input.get("seeds") or ())
+        if not count or count > room or not compatible(job_input):
+            continue
+        claimed = claim_job(job_id=str(companion_id), attempt=attempt, worker=worker)
+        if claimed is None:
+            continue  # another worker (or a cancel) got there first
+        companions.append(claimed)
+        room -= count
+        if room <= 0:
+            break
+    return companions
 
 
 @dataclass(frozen=True)

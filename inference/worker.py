@@ -1,8 +1,13 @@
-"""What a GPU worker does with one job: claim it, keep its lease, run the engine, store, finish.
+"""What a GPU worker does with a job: claim it, keep its lease, run the engine, store, finish.
+
+A job may take compatible dispatched jobs of its endpoint along into one pipeline call (the endpoint's
+optimization profile says how many images and how long to wait for them). Each job of such a batch
+keeps everything it has alone: its own claim, lease, heartbeat, cancel and final transaction.
 
 GPU time is measured here with a monotonic clock, in milliseconds, from the moment the pipeline
-starts to the moment the outputs are stored (DESIGN §3). Loading a model is cold-start time,
-recorded apart and never billed.
+starts to the moment the outputs are stored (DESIGN §3); in a batch each job gets its share
+(`inference.engine.metering`), and the shares add up to exactly the batch's time. Loading a model
+(and compiling it) is cold-start time, recorded apart and never billed.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import os
 import socket
 import threading
 import time
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -23,13 +29,24 @@ from django.db import close_old_connections, connection
 
 from inference import files, services
 from inference.engine import (
+    BatchMeter,
     Cancelled,
+    Engine,
     GenerationRequest,
+    GenerationResult,
+    LoadOptions,
     ModelSourceError,
+    ModuleOptimizations,
+    OptimizationProfile,
     PipelineCache,
     PipelineKind,
+    ProfileError,
+    RunOptions,
+    batch_key,
+    configure_compile_cache,
+    default_device,
     encode_image,
-    run_pipeline,
+    resolve,
 )
 from inference.models import AttemptOutcome, Endpoint, Job
 
@@ -68,35 +85,62 @@ class InputProblem(Exception):
         self.error_type = error_type
 
 
-class Heartbeat(threading.Thread):
-    """Renews the lease, reports progress and hears about cancels while the engine works.
+@dataclass(eq=False)
+class Member:
+    """One job of the batch a worker runs (a batch of one is a job run alone)."""
 
-    Runs beside the pipeline so a long step or model load never lets the lease lapse. Progress
-    is flushed at most every ``JOB_HEARTBEAT_SECONDS``, or sooner when a step ends.
+    index: int
+    job: Job
+    attempt: int
+    # Cold start paid while this job waited for its model: only the job that loaded it.
+    cold_start_ms: int = 0
+    step: int = 0
+    total: int = 0
+    stop_reason: str = ""
+    stop_error_type: str = ""
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    done: bool = False
+
+    @property
+    def job_id(self) -> str:
+        return str(self.job.pk)
+
+
+class Heartbeat(threading.Thread):
+    """Renews the leases, reports progress and hears about cancels for every job of a batch while the engine works.
+
+    One thread (and one database connection) for the whole batch. Runs beside the pipeline so a long step or model
+    load never lets a lease lapse. Progress is flushed at most every ``JOB_HEARTBEAT_SECONDS``, or sooner when a
+    step ends.
     """
 
-    def __init__(self, job_id: str, attempt: int) -> None:
-        super().__init__(name=f"heartbeat-{job_id}", daemon=True)
-        self.job_id = job_id
-        self.attempt = attempt
-        self.step = 0
-        self.total = 0
-        self.gpu_started: float | None = None
-        self.stop_reason = ""
-        self.stop_error_type = ""
-        self.cancelled = threading.Event()
+    def __init__(self, members: list[Member]) -> None:
+        super().__init__(name=f"heartbeat-{members[0].job_id}", daemon=True)
+        self.members = list(members)
+        # Set when the GPU work starts: each job's share of the batch's time so far, for the spend check.
+        self.meter: BatchMeter | None = None
+        self._members_lock = threading.Lock()
         self._wake = threading.Event()
         self._done = threading.Event()
 
+    def add(self, members: list[Member]) -> None:
+        with self._members_lock:
+            self.members.extend(members)
+
     def progress(self, step: int, total: int) -> None:
-        self.step, self.total = step, total
+        for member in self.members:
+            member.step, member.total = step, total
         self._wake.set()
 
-    def should_cancel(self) -> bool:
-        return self.cancelled.is_set()
+    def should_cancel(self, index: int) -> bool:
+        return self.members[index].cancelled.is_set()
 
-    def gpu_ms(self) -> int:
-        return 0 if self.gpu_started is None else math.ceil((time.perf_counter() - self.gpu_started) * 1000)
+    def release(self, member: Member) -> None:
+        """This job is finished: no more heartbeats for it."""
+        member.done = True
+
+    def gpu_ms(self, member: Member) -> int:
+        return 0 if self.meter is None else self.meter.running_ms(member.index)
 
     def run(self) -> None:
         interval = settings.JOB_HEARTBEAT_SECONDS
@@ -107,28 +151,40 @@ class Heartbeat(threading.Thread):
                 self._wake.clear()
                 if self._done.is_set():
                     break
-                try:
-                    answer = services.heartbeat(
-                        job_id=self.job_id, attempt=self.attempt, step=self.step, total=self.total, gpu_ms=self.gpu_ms()
-                    )
+                with self._members_lock:
+                    members = [member for member in self.members if not member.done]
+                renewed = True
+                for member in members:
+                    renewed = self._beat(member, last_renewed) and renewed
+                if renewed:
                     last_renewed = time.monotonic()
-                except Exception:
-                    # A passing database hiccup must not orphan the job; but once the lease has surely
-                    # lapsed the reaper owns it, and this attempt stops rather than run as a twin.
-                    logger.exception("heartbeat of job %s failed", self.job_id)
-                    connection.close()
-                    if time.monotonic() - last_renewed > settings.JOB_LEASE_SECONDS:
-                        answer = services.HeartbeatAnswer(False, "The lease could not be renewed.", "lost")
-                    else:
-                        continue
-                if not answer.keep_going and not self.cancelled.is_set():
-                    self.stop_reason, self.stop_error_type = answer.reason, answer.error_type
-                    self.cancelled.set()
                 # Progress may come faster than the database needs it: at most one write per 0.25 s.
                 # (Waiting on the stop event, not sleeping, so a finished job frees the worker at once.)
                 self._done.wait(min(interval, 0.25))
         finally:
             connection.close()
+
+    def _beat(self, member: Member, last_renewed: float) -> bool:
+        try:
+            answer = services.heartbeat(
+                job_id=member.job_id,
+                attempt=member.attempt,
+                step=member.step,
+                total=member.total,
+                gpu_ms=self.gpu_ms(member),
+            )
+        except Exception:
+            # A passing database hiccup must not orphan the job; but once the lease has surely
+            # lapsed the reaper owns it, and this attempt stops rather than run as a twin.
+            logger.exception("heartbeat of job %s failed", member.job_id)
+            connection.close()
+            if time.monotonic() - last_renewed <= settings.JOB_LEASE_SECONDS:
+                return False
+            answer = services.HeartbeatAnswer(False, "The lease could not be renewed.", "lost")
+        if not answer.keep_going and not member.cancelled.is_set():
+            member.stop_reason, member.stop_error_type = answer.reason, answer.error_type
+            member.cancelled.set()
+        return True
 
     def stop(self) -> None:
         self._done.set()
@@ -136,93 +192,246 @@ class Heartbeat(threading.Thread):
         self.join(timeout=10)
 
 
+def endpoint_profile(endpoint: Endpoint) -> OptimizationProfile:
+    """The endpoint's profile on this worker's device. Raises ProfileError for a stored profile that is invalid."""
+    return resolve(endpoint.optimization_profile, device=default_device())
+
+
+def load_options(profile: OptimizationProfile) -> LoadOptions:
+    return LoadOptions(device=default_device(), dtype=profile.precision, optimizations=ModuleOptimizations.of(profile))
+
+
 def execute(job_id: str, attempt: int) -> None:
-    """Runs one dispatched attempt. Safe to call twice with the same message: only one claim wins."""
+    """Runs one dispatched attempt, with any compatible dispatched jobs as company in the same pipeline call.
+
+    Safe to call twice with the same message: only one claim wins.
+    """
     close_old_connections()
     job = services.claim_job(job_id=job_id, attempt=attempt, worker=worker_name())
     if job is None:
         logger.info("job %s attempt %s was not ours to run (claimed, cancelled or stale)", job_id, attempt)
         return
-    heartbeat = Heartbeat(job_id, attempt)
+    leader = Member(index=0, job=job, attempt=attempt)
+    heartbeat = Heartbeat([leader])
     heartbeat.start()
-    cold_start_ms = 0
-
-    def finish(outcome: AttemptOutcome, *, gpu_ms: int | None = None, **fields: Any) -> None:
-        services.finish_attempt(
-            job_id=job_id,
-            attempt=attempt,
-            outcome=outcome,
-            gpu_ms=heartbeat.gpu_ms() if gpu_ms is None else gpu_ms,
-            cold_start_ms=cold_start_ms,
-            **fields,
-        )
-
     try:
-        loaded = pipeline_cache().get(weights_source(job.endpoint), job.endpoint.kind)
-        cold_start_ms = loaded.load_ms
+        _run(leader, heartbeat)
+    finally:
+        heartbeat.stop()
+
+
+def _finish(
+    member: Member, heartbeat: Heartbeat, outcome: AttemptOutcome, *, gpu_ms: int | None = None, **fields: Any
+) -> None:
+    """Closes the member's attempt with its share of the batch's GPU time (or `gpu_ms`), and stops its heartbeat."""
+    if member.done:
+        return
+    share = gpu_ms if gpu_ms is not None else 0
+    meter = heartbeat.meter
+    if meter is not None and member.index in meter.active:
+        left = meter.leave([member.index])[member.index]
+        share = left if gpu_ms is None else gpu_ms
+    heartbeat.release(member)
+    services.finish_attempt(
+        job_id=member.job_id,
+        attempt=member.attempt,
+        outcome=outcome,
+        gpu_ms=share,
+        cold_start_ms=member.cold_start_ms,
+        **fields,
+    )
+
+
+def _finish_all(members: list[Member], heartbeat: Heartbeat, outcome: AttemptOutcome, **fields: Any) -> None:
+    """Closes every job still open at once: they share what is left of the batch's time (it sums exactly)."""
+    open_members = [member for member in members if not member.done]
+    meter = heartbeat.meter
+    shares: dict[int, int] = {}
+    if meter is not None:
+        shares = meter.leave([member.index for member in open_members if member.index in meter.active])
+    for member in open_members:
+        _finish(member, heartbeat, outcome, gpu_ms=shares.get(member.index, 0), **fields)
+
+
+def _run(leader: Member, heartbeat: Heartbeat) -> None:
+    job = leader.job
+    members = [leader]
+    try:
+        profile = endpoint_profile(job.endpoint)
+        options = load_options(profile)
+        if profile.compile != "off":
+            configure_compile_cache(Path(settings.DATA_DIR) / "compile-cache")
+        loaded = pipeline_cache().get(weights_source(job.endpoint), job.endpoint.kind, options=options)
+        leader.cold_start_ms = loaded.load_ms
         if not loaded.cache_hit:
-            services.log_job(job.id, f"Model loaded in {cold_start_ms} ms (cold start).", source="worker")
-        request = generation_request(job)
-        heartbeat.gpu_started = time.perf_counter()
-        result = run_pipeline(
-            loaded.pipeline, request, on_step=heartbeat.progress, should_cancel=heartbeat.should_cancel
+            leader.cold_start_ms += warm_up(loaded.engine, job.endpoint, profile)
+            services.log_job(job.id, f"Model loaded in {leader.cold_start_ms} ms (cold start).", source="worker")
+        requests = [generation_request(job)]
+        members += gather_companions(job, requests[0], profile)
+        heartbeat.add(members[1:])
+        requests += [generation_request(member.job) for member in members[1:]]
+        if len(members) > 1:
+            services.log_job(job.id, f"Running in a batch of {len(members)} requests.", source="worker")
+        heartbeat.meter = BatchMeter([len(request.seeds) for request in requests])
+
+        def on_cancelled(index: int, cancelled: Cancelled) -> None:
+            _close_cancelled(members[index], heartbeat, cancelled)
+
+        outcomes = loaded.engine.run_batch(
+            requests,
+            options=RunOptions.of(profile),
+            on_step=heartbeat.progress,
+            should_cancel=heartbeat.should_cancel,
+            on_cancelled=on_cancelled,
         )
-        images = [encode_image(image, job.input["output_format"]) for image in result.images]
-        stored = files.inline_outputs(images) if job.input.get("sync_mode") else files.save_outputs(job, images)
-        finish(
-            AttemptOutcome.SUCCEEDED,
-            result={
-                "images": stored,
-                "seed": job.input["seed"],
-                "timings": {"inference": round(result.run_ms / 1000, 4)},
-                "has_nsfw_concepts": [False] * len(stored),
-                "prompt": job.input["prompt"],
-            },
-        )
-    except Cancelled as cancelled:
-        error_type = heartbeat.stop_error_type or "cancelled"
-        reason = heartbeat.stop_reason or "Cancelled by request."
-        if error_type == "lost":
-            logger.warning("job %s attempt %s lost its lease; dropping its work", job_id, attempt)
-            return
-        finish(
-            AttemptOutcome.CANCELLED,
-            error=f"{reason} Stopped after step {cancelled.steps_done} of {cancelled.total_steps}.",
-            error_type=error_type,
-        )
+        for member, outcome in zip(members, outcomes, strict=True):
+            if isinstance(outcome, GenerationResult):
+                _store(member, outcome, heartbeat, batch_size=len(members))
     except InputProblem as problem:
-        finish(AttemptOutcome.FAILED, error=str(problem), error_type=problem.error_type)
+        _finish_all(members, heartbeat, AttemptOutcome.FAILED, error=str(problem), error_type=problem.error_type)
     except SoftTimeLimitExceeded:
-        finish(AttemptOutcome.ERRORED, error="The request ran past the worker's time limit.", error_type="timeout")
-    except ModelSourceError as exc:
-        # A registry entry whose weights cannot be loaded: retrying will not help.
-        logger.error("job %s: model %s cannot be loaded: %s", job_id, job.endpoint.weights, exc)
-        finish(
+        _finish_all(
+            members,
+            heartbeat,
+            AttemptOutcome.ERRORED,
+            error="The request ran past the worker's time limit.",
+            error_type="timeout",
+        )
+    except ProfileError as exc:
+        logger.error("job %s: endpoint %s has an invalid optimization profile: %s", job.id, job.endpoint, exc)
+        _finish_all(
+            members,
+            heartbeat,
             AttemptOutcome.ERRORED,
             gpu_ms=0,
+            error="The model of this endpoint is misconfigured on the platform.",
+            error_type="model_unavailable",
+        )
+    except ModelSourceError as exc:
+        # A registry entry whose weights cannot be loaded: retrying will not help.
+        logger.error("job %s: model %s cannot be loaded: %s", job.id, job.endpoint.weights, exc)
+        _finish_all(
+            members,
+            heartbeat,
+            AttemptOutcome.ERRORED,
             error="The model of this endpoint is not available on the worker.",
             error_type="model_unavailable",
         )
     except Exception as exc:
         # The platform's fault (a crash, out of memory): not billed, and retried while attempts remain.
-        logger.exception("job %s attempt %s failed", job_id, attempt)
-        finish(
+        logger.exception("job %s attempt %s failed", job.id, leader.attempt)
+        _finish_all(
+            members,
+            heartbeat,
             AttemptOutcome.ERRORED,
             error=f"Internal error: {type(exc).__name__}.",
             error_type="internal_error",
             retry=True,
         )
-    finally:
-        heartbeat.stop()
+
+
+def _close_cancelled(member: Member, heartbeat: Heartbeat, cancelled: Cancelled) -> None:
+    """A job that left its batch at a step boundary: closed at once with its share of the time so far."""
+    error_type = member.stop_error_type or "cancelled"
+    reason = member.stop_reason or "Cancelled by request."
+    if error_type == "lost":
+        logger.warning("job %s attempt %s lost its lease; dropping its work", member.job_id, member.attempt)
+        if heartbeat.meter is not None:
+            heartbeat.meter.leave([member.index])
+        heartbeat.release(member)
+        return
+    _finish(
+        member,
+        heartbeat,
+        AttemptOutcome.CANCELLED,
+        error=f"{reason} Stopped after step {cancelled.steps_done} of {cancelled.total_steps}.",
+        error_type=error_type,
+    )
+
+
+def _store(member: Member, result: GenerationResult, heartbeat: Heartbeat, *, batch_size: int) -> None:
+    """Encodes and stores one job's images (its own time, not shared) and closes it as succeeded."""
+    job = member.job
+    meter = heartbeat.meter
+    if meter is not None:
+        meter.exclusive(member.index)
+    images = [encode_image(image, job.input["output_format"]) for image in result.images]
+    stored = files.inline_outputs(images) if job.input.get("sync_mode") else files.save_outputs(job, images)
+    if batch_size > 1 and meter is not None:
+        services.log_job(
+            job.id,
+            f"Shared a pipeline call with {batch_size - 1} other request(s); "
+            f"GPU time is this request's share ({meter.running_ms(member.index)} ms so far).",
+            source="worker",
+        )
+    _finish(
+        member,
+        heartbeat,
+        AttemptOutcome.SUCCEEDED,
+        result={
+            "images": stored,
+            "seed": job.input["seed"],
+            "timings": {"inference": round(result.run_ms / 1000, 4)},
+            "has_nsfw_concepts": [False] * len(stored),
+            "prompt": job.input["prompt"],
+        },
+    )
+
+
+def gather_companions(job: Job, request: GenerationRequest, profile: OptimizationProfile) -> list[Member]:
+    """Compatible dispatched jobs to run with `job`, waiting at most the profile's `batch_wait_ms` for them."""
+    key = batch_key(request)
+    room = profile.max_batch_size - len(request.seeds)
+    if key is None or room <= 0:
+        return []
+    deadline = time.monotonic() + profile.batch_wait_ms / 1000
+
+    def compatible(job_input: dict[str, Any]) -> bool:
+        try:
+            return batch_key(request_from_input(job_input)) == key
+        except (KeyError, TypeError, ValueError):
+            return False
+
+    companions: list[Job] = []
+    while room > 0:
+        found = services.claim_batch_companions(job=job, worker=worker_name(), room=room, compatible=compatible)
+        companions += found
+        room -= sum(len(companion.input["seeds"]) for companion in found)
+        remaining = deadline - time.monotonic()
+        if room <= 0 or remaining <= 0:
+            break
+        time.sleep(min(remaining, 0.001))
+    return [
+        Member(index=index, job=companion, attempt=companion.attempt)
+        for index, companion in enumerate(companions, start=1)
+    ]
+
+
+def warm_up(engine: Engine, endpoint: Endpoint, profile: OptimizationProfile) -> int:
+    """Compile (and capture CUDA graphs) for the endpoint's default request before the first real one: cold start."""
+    if profile.compile == "off" and not profile.cuda_graphs:
+        return 0
+    started = time.perf_counter()
+    request = GenerationRequest(
+        prompts=["warm-up"],
+        seeds=[0],
+        width=endpoint.default_width,
+        height=endpoint.default_height,
+        num_inference_steps=2,
+        guidance_scale=endpoint.default_guidance_scale,
+    )
+    engine.run(request, options=RunOptions.of(profile))
+    return math.ceil((time.perf_counter() - started) * 1000)
 
 
 def generation_request(job: Job) -> GenerationRequest:
-    spec: dict[str, Any] = job.input
-    init_image = None
-    strength = 0.8
     if job.endpoint.kind == PipelineKind.IMAGE_TO_IMAGE:
-        init_image = load_input_image(job)
-        strength = float(spec["strength"])
+        return request_from_input(job.input, init_image=load_input_image(job), strength=float(job.input["strength"]))
+    return request_from_input(job.input)
+
+
+def request_from_input(spec: dict[str, Any], *, init_image: Any = None, strength: float = 0.8) -> GenerationRequest:
+    """The engine's request for a job's validated input (`inputs.GenerationInput.as_json`)."""
     return GenerationRequest(
         prompts=[spec["prompt"]] * len(spec["seeds"]),
         seeds=list(spec["seeds"]),

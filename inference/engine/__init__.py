@@ -1,4 +1,4 @@
-"""The diffusion engine GPU workers call: load (and keep warm) pipelines, run requests, encode outputs.
+"""The diffusion engine GPU workers run: load (and keep warm) optimized pipelines, run batches, encode outputs.
 
 Plain Python on diffusers and torch, no Django. Models come from the built-in tiny configs or a local
 diffusers folder; nothing here reaches the network.
@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from inference.engine.cache import LoadedPipeline, PipelineCache
+    from inference.engine.engine import BatchIncompatible, Engine, RunOptions, batch_key
     from inference.engine.loading import (
         BUILTIN_MODELS,
         LoadOptions,
@@ -16,25 +17,42 @@ if TYPE_CHECKING:
         Pipeline,
         PipelineKind,
         builtin_source,
+        default_device,
         load_pipeline,
         pipeline_nbytes,
         save_builtin_model,
     )
+    from inference.engine.metering import BatchMeter, largest_remainder
+    from inference.engine.optimize import ModuleOptimizations, configure_compile_cache
     from inference.engine.outputs import EncodedImage, encode_image
+    from inference.engine.profile import OptimizationProfile, ProfileError, resolve, validate_profile
     from inference.engine.runtime import Cancelled, GenerationRequest, GenerationResult, run_pipeline
     from inference.engine.tiny import PRESETS, TinyPreset, build_tiny_pipeline
 
 # Where each public name lives; the heavy modules (torch, diffusers) load on first use, so the
-# web process can use the light ones (outputs) without importing the engine.
+# web process can use the light ones (outputs, profile, metering) without importing the engine.
 _HOMES = {
     "LoadedPipeline": "cache",
     "PipelineCache": "cache",
+    "BatchIncompatible": "engine",
+    "Engine": "engine",
+    "RunOptions": "engine",
+    "batch_key": "engine",
+    "BatchMeter": "metering",
+    "largest_remainder": "metering",
+    "ModuleOptimizations": "optimize",
+    "configure_compile_cache": "optimize",
+    "OptimizationProfile": "profile",
+    "ProfileError": "profile",
+    "resolve": "profile",
+    "validate_profile": "profile",
     "BUILTIN_MODELS": "loading",
     "LoadOptions": "loading",
     "ModelSourceError": "loading",
     "Pipeline": "loading",
     "PipelineKind": "loading",
     "builtin_source": "loading",
+    "default_device": "loading",
     "load_pipeline": "loading",
     "pipeline_nbytes": "loading",
     "save_builtin_model": "loading",
@@ -59,22 +77,35 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BUILTIN_MODELS",
     "PRESETS",
+    "BatchIncompatible",
+    "BatchMeter",
     "Cancelled",
     "EncodedImage",
+    "Engine",
     "GenerationRequest",
     "GenerationResult",
     "LoadOptions",
     "LoadedPipeline",
     "ModelSourceError",
+    "ModuleOptimizations",
+    "OptimizationProfile",
     "Pipeline",
     "PipelineCache",
     "PipelineKind",
+    "ProfileError",
+    "RunOptions",
     "TinyPreset",
+    "batch_key",
     "build_tiny_pipeline",
     "builtin_source",
+    "configure_compile_cache",
+    "default_device",
     "encode_image",
+    "largest_remainder",
     "load_pipeline",
     "pipeline_nbytes",
+    "resolve",
     "run_pipeline",
     "save_builtin_model",
+    "validate_profile",
 ]

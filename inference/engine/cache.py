@@ -10,16 +10,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 
-from inference.engine.loading import (
-    LoadOptions,
-    Pipeline,
-    PipelineKind,
-    load_base_pipeline,
-    pipeline_for_kind,
-    pipeline_nbytes,
-)
+from inference.engine.engine import Engine
+from inference.engine.loading import LoadOptions, Pipeline, PipelineKind, load_base_pipeline, pipeline_nbytes
 
 CacheKey = tuple[str, LoadOptions]
 
@@ -39,13 +32,15 @@ class LoadedPipeline:
     load_ms: int
     nbytes: int
     cache_hit: bool
+    # The engine around the model: runs requests on it with the optimizations of `options` applied.
+    engine: Engine
 
 
 @dataclass
 class _Entry:
-    base: StableDiffusionPipeline
+    engine: Engine
     nbytes: int
-    by_kind: dict[PipelineKind, Pipeline] = field(default_factory=dict)
+    kinds: set[PipelineKind] = field(default_factory=set)
 
 
 class PipelineCache:
@@ -72,21 +67,25 @@ class PipelineCache:
         key = (source, options)
         with self._lock:
             entry = self._entries.get(key)
-            if entry is not None and kind in entry.by_kind:
+            if entry is not None and kind in entry.kinds:
                 self._entries.move_to_end(key)
-                return LoadedPipeline(entry.by_kind[kind], source, kind, options, 0, entry.nbytes, cache_hit=True)
+                return LoadedPipeline(
+                    entry.engine.pipeline(kind), source, kind, options, 0, entry.nbytes, True, entry.engine
+                )
 
             started = time.perf_counter()
             if entry is None:
                 base = load_base_pipeline(source, options=options)
-                entry = _Entry(base=base, nbytes=pipeline_nbytes(base))
+                # The engine applies the module optimizations in place: a model is cached per set of them.
+                entry = _Entry(engine=Engine(base, optimizations=options.optimizations), nbytes=pipeline_nbytes(base))
                 self._entries[key] = entry
             # Another kind of a warm model: a new pipeline object around the same modules (no weights load).
-            entry.by_kind[kind] = pipeline_for_kind(entry.base, kind)
+            pipeline = entry.engine.pipeline(kind)
+            entry.kinds.add(kind)
             load_ms = math.ceil((time.perf_counter() - started) * 1000)
             self._entries.move_to_end(key)
             self._evict_over_budget()
-            return LoadedPipeline(entry.by_kind[kind], source, kind, options, load_ms, entry.nbytes, cache_hit=False)
+            return LoadedPipeline(pipeline, source, kind, options, load_ms, entry.nbytes, False, entry.engine)
 
     @property
     def used_bytes(self) -> int:

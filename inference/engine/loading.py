@@ -13,6 +13,7 @@ import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import StableDiffusionImg2ImgPipeline
 
+from inference.engine.optimize import ModuleOptimizations
 from inference.engine.tiny import PRESETS, build_tiny_pipeline, quiet
 
 # What the engine loads, caches and runs: every kind derives from the text-to-image pipeline's modules.
@@ -24,6 +25,8 @@ BUILTIN_MODELS = {f"{preset}-sd": preset for preset in PRESETS}
 # Folders whose model_index.json names one of these hold SD 1.x/2.x-style components we know how to run.
 SUPPORTED_PIPELINE_CLASSES = frozenset({"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"})
 
+# No module optimization: the modules as diffusers builds them.
+STOCK_MODULES = ModuleOptimizations()
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -38,10 +41,11 @@ class ModelSourceError(ValueError):
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """How to place the weights. Hashable, so it can be part of a cache key."""
+    """How to place the weights and which optimizations change the modules. Hashable: part of a cache key."""
 
     device: str = "cpu"
     dtype: str = "float32"
+    optimizations: ModuleOptimizations = STOCK_MODULES
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -50,6 +54,11 @@ class LoadOptions:
     @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
+
+
+def default_device() -> str:
+    """Where this process runs models: the GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def builtin_source(name: str) -> str:

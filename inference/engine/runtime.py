@@ -92,8 +92,9 @@ def run_pipeline(
     *,
     on_step: OnStep | None = None,
     should_cancel: ShouldCancel | None = None,
+    inference_mode: bool = True,
 ) -> GenerationResult:
-    """Generate `request`'s images.
+    """Generate `request`'s images with diffusers' own pipeline call (the engine's loop is `Engine.run_batch`).
 
     `on_step(step, total)` is called after each denoising step (1..total). `should_cancel()` is asked before
     the first step and after each one; when it answers True the run stops there and `Cancelled` is raised.
@@ -137,7 +138,8 @@ def run_pipeline(
         # The img2img pipeline takes its size from the image.
         arguments.update(image=_fit(request.init_image, request.width, request.height), strength=request.strength)
 
-    with torch.inference_mode():
+    # Without inference mode this is the stock call: diffusers' pipelines run under no_grad.
+    with torch.inference_mode(inference_mode):
         output = pipeline(**arguments)
     return GenerationResult(images=list(output.images), steps=request.total_steps, run_ms=elapsed_ms())
 

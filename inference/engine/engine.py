@@ -1,0 +1,449 @@
+"""The engine the workers run: a warm pipeline with its optimizations applied, running batches of requests.
+
+Text to image runs through the engine's own denoising loop, which mirrors stock diffusers' `__call__` operation for
+operation (so with the lossless settings an image equals stock's up to float rounding, and in float32 on a CPU it is
+usually bit-identical), and adds what the stock loop cannot do: several requests in one call with their own seeds,
+prompts and guidance, prompt embeddings kept across requests, cancellation of one request in a batch (its rows leave
+the batch at the next step), feature caching and CUDA graphs. Image to image runs through diffusers' own pipeline on
+the same optimized modules, one request at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from inference.engine.feature_cache import FeatureCache, cached_unet_forward, check_supported
+from inference.engine.loading import Pipeline, PipelineKind, pipeline_for_kind
+from inference.engine.optimize import CudaGraphUNet, ModuleOptimizations, apply_module_optimizations
+from inference.engine.profile import OptimizationProfile
+from inference.engine.runtime import Cancelled, GenerationRequest, GenerationResult, OnStep, run_pipeline
+
+# Schedulers whose step treats every batch row on its own and keeps no per-row state between steps: rows of a
+# request that leaves the batch can be dropped from them. With others, the rows run on to the end, unused.
+ROW_INDEPENDENT_SCHEDULERS = frozenset(
+    {"DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"}
+)
+
+MemberCheck = Callable[[int], bool]
+MemberCancelled = Callable[[int, Cancelled], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """The part of a profile that applies per run (the rest is applied to the modules once, at load)."""
+
+    inference_mode: bool = True
+    prompt_cache: int = 0
+    feature_cache_interval: int = 0
+
+    @classmethod
+    def of(cls, profile: OptimizationProfile) -> RunOptions:
+        return cls(
+            inference_mode=profile.inference_mode,
+            prompt_cache=profile.prompt_cache,
+            feature_cache_interval=profile.feature_cache_interval,
+        )
+
+
+class BatchIncompatible(ValueError):
+    """Requests that cannot share one pipeline call were given as a batch."""
+
+
+def batch_key(request: GenerationRequest) -> tuple[Any, ...] | None:
+    """Requests with equal keys can run as one call; None: this request runs alone (image to image)."""
+    if request.init_image is not None:
+        return None
+    # Guidance on or off changes the batch's layout (two UNet rows per image, or one); its scale may differ.
+    return (request.width, request.height, request.num_inference_steps, request.guidance_scale > 1)
+
+
+@dataclass(frozen=True)
+class _PromptEmbeddings:
+    positive: torch.Tensor
+    negative: torch.Tensor | None
+    pooled: torch.Tensor | None = None
+    negative_pooled: torch.Tensor | None = None
+
+
+class Engine:
+    """One loaded model with its optimizations applied. One run at a time (diffusers keeps state on modules)."""
+
+    def __init__(
+        self, pipeline: StableDiffusionPipeline | StableDiffusionXLPipeline, *, optimizations: ModuleOptimizations
+    ) -> None:
+        if not isinstance(pipeline, StableDiffusionPipeline | StableDiffusionXLPipeline):
+            raise TypeError(f"the engine runs Stable Diffusion and SDXL pipelines, not {type(pipeline).__name__}")
+        self.base = pipeline
+        self.optimizations = optimizations
+        self.is_xl = isinstance(pipeline, StableDiffusionXLPipeline)
+        self.device = pipeline.unet.device
+        apply_module_optimizations(pipeline, optimizations)
+        if self.is_xl and pipeline.vae.dtype == torch.float16 and pipeline.vae.config.force_upcast:
+            # Stock SDXL moves its VAE to float32 for every decode and back after; keep it there instead.
+            pipeline.vae.to(dtype=torch.float32)
+        self._graphs = (
+            CudaGraphUNet(pipeline.unet) if optimizations.cuda_graphs and self.device.type == "cuda" else None
+        )
+        self._pipelines: dict[PipelineKind, Pipeline] = {}
+        self._prompts: OrderedDict[tuple[str, str, bool], _PromptEmbeddings] = OrderedDict()
+        self._lock = threading.Lock()
+        self.prompt_cache_hits = 0
+
+    def pipeline(self, kind: PipelineKind | str) -> Pipeline:
+        kind = PipelineKind(kind)
+        if kind is PipelineKind.TEXT_TO_IMAGE:
+            return self.base  # type: ignore[return-value]  # an SDXL base runs text to image only
+        if self.is_xl:
+            raise ValueError("image to image is not served for SDXL models")
+        if kind not in self._pipelines:
+            self._pipelines[kind] = pipeline_for_kind(self.base, kind)  # type: ignore[arg-type]
+        return self._pipelines[kind]
+
+    def run(
+        self,
+        request: GenerationRequest,
+        *,
+        options: RunOptions | None = None,
+        on_step: OnStep | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> GenerationResult:
+        """One request; raises `Cancelled` when `should_cancel()` answers True before or after a step."""
+        outcome = self.run_batch(
+            [request],
+            options=options,
+            on_step=on_step,
+            should_cancel=None if should_cancel is None else (lambda member: should_cancel()),
+        )[0]
+        if isinstance(outcome, Cancelled):
+            raise outcome
+        return outcome
+
+    def run_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        options: RunOptions | None = None,
+        on_step: OnStep | None = None,
+        should_cancel: MemberCheck | None = None,
+        on_cancelled: MemberCancelled | None = None,
+    ) -> list[GenerationResult | Cancelled]:
+        """Each request's result, or the `Cancelled` that ended it, in order.
+
+        `on_step(step, total)` follows the batch's steps. `should_cancel(member)` is asked for every request still in
+        the batch before the first step and after each one; a request it answers True for leaves the batch there:
+        `on_cancelled(member, cancelled)` is called at once, so its caller can close it while the others go on.
+        """
+        if not requests:
+            raise ValueError("an empty batch")
+        options = options or RunOptions()
+        if requests[0].init_image is not None:
+            if len(requests) > 1:
+                raise BatchIncompatible("image-to-image requests run one at a time")
+            return [self._image_to_image(requests[0], options, on_step, should_cancel, on_cancelled)]
+        keys = {batch_key(request) for request in requests}
+        if len(keys) != 1:
+            raise BatchIncompatible("a batch needs one size, one number of steps and guidance on or off for all")
+        grad_mode: AbstractContextManager[Any] = torch.inference_mode() if options.inference_mode else torch.no_grad()
+        with self._lock, grad_mode:
+            return _TextToImageRun(self, list(requests), options, on_step, should_cancel, on_cancelled).run()
+
+    def _image_to_image(
+        self,
+        request: GenerationRequest,
+        options: RunOptions,
+        on_step: OnStep | None,
+        should_cancel: MemberCheck | None,
+        on_cancelled: MemberCancelled | None,
+    ) -> GenerationResult | Cancelled:
+        pipeline = self.pipeline(PipelineKind.IMAGE_TO_IMAGE)
+        try:
+            with self._lock:
+                return run_pipeline(
+                    pipeline,
+                    request,
+                    on_step=on_step,
+                    should_cancel=None if should_cancel is None else (lambda: should_cancel(0)),
+                    inference_mode=options.inference_mode,
+                )
+        except Cancelled as cancelled:
+            if on_cancelled is not None:
+                on_cancelled(0, cancelled)
+            return cancelled
+
+    def prompt_embeddings(self, prompt: str, negative_prompt: str, *, guidance: bool, keep: int) -> _PromptEmbeddings:
+        """The text encoder's output for one prompt, from the cache when `keep` > 0 and it has it.
+
+        Encoded through the pipeline's own `encode_prompt`, one prompt at a time: a cached entry is the very tensor
+        a new encoding would give. An empty negative prompt is no negative prompt (SDXL then uses zeros, as stock).
+        """
+        key = (prompt, negative_prompt, guidance)
+        cached = self._prompts.get(key) if keep else None
+        if cached is not None:
+            self._prompts.move_to_end(key)
+            self.prompt_cache_hits += 1
+            return cached
+        negative = negative_prompt or None
+        if isinstance(self.base, StableDiffusionXLPipeline):
+            positive, negative_embeds, pooled, negative_pooled = self.base.encode_prompt(
+                prompt=prompt,
+                device=self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=guidance,
+                negative_prompt=negative,
+            )
+            embeddings = _PromptEmbeddings(positive, negative_embeds, pooled, negative_pooled)
+        else:
+            positive, negative_embeds = self.base.encode_prompt(
+                prompt, self.device, 1, guidance, negative_prompt=negative
+            )
+            embeddings = _PromptEmbeddings(positive, negative_embeds)
+        if keep:
+            self._prompts[key] = embeddings
+            while len(self._prompts) > keep:
+                self._prompts.popitem(last=False)
+        return embeddings
+
+    def predict_noise(
+        self,
+        model_input: torch.Tensor,
+        timestep: torch.Tensor,
+        embeddings: torch.Tensor,
+        added: dict[str, torch.Tensor] | None,
+        *,
+        feature_cache: FeatureCache | None,
+        step_index: int,
+    ) -> torch.Tensor:
+        if feature_cache is not None:
+            return cached_unet_forward(
+                self.base.unet,
+                model_input,
+                timestep,
+                embeddings,
+                cache=feature_cache,
+                step_index=step_index,
+                added_cond_kwargs=added,
+            )
+        if self._graphs is not None:
+            return self._graphs(model_input, timestep, embeddings, added)
+        prediction: torch.Tensor = self.base.unet(
+            model_input,
+            timestep,
+            encoder_hidden_states=embeddings,
+            timestep_cond=None,
+            cross_attention_kwargs=None,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
+        return prediction
+
+
+class _TextToImageRun:
+    """One batch through the denoising loop; the state that changes as requests leave."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        requests: list[GenerationRequest],
+        options: RunOptions,
+        on_step: OnStep | None,
+        should_cancel: MemberCheck | None,
+        on_cancelled: MemberCancelled | None,
+    ) -> None:
+        self.engine = engine
+        self.pipe = engine.base
+        self.requests = requests
+        self.options = options
+        self.on_step = on_step
+        self.should_cancel = should_cancel
+        self.on_cancelled = on_cancelled
+        first = requests[0]
+        self.total_steps = first.num_inference_steps
+        self.guidance = first.guidance_scale > 1
+        self.outcomes: list[GenerationResult | Cancelled | None] = [None] * len(requests)
+        self.active = list(range(len(requests)))
+        # Batch row -> the request it belongs to; each request has one row per image.
+        self.row_members = [member for member, request in enumerate(requests) for _ in request.seeds]
+        self.started = time.perf_counter()
+        self.drop_rows = (
+            type(self.pipe.scheduler).__name__ in ROW_INDEPENDENT_SCHEDULERS and engine._graphs is None
+        ) or options.feature_cache_interval > 1
+
+    def elapsed_ms(self) -> int:
+        return math.ceil((time.perf_counter() - self.started) * 1000)
+
+    def run(self) -> list[GenerationResult | Cancelled]:
+        pipe, first = self.pipe, self.requests[0]
+        if self._leave_if_cancelled(steps_done=0) and not self.active:
+            return self._outcomes()
+        device = self.engine.device
+        generators = [torch.Generator(device="cpu").manual_seed(seed) for r in self.requests for seed in r.seeds]
+        prompt_embeds, added = self._conditioning(first)
+        if self.guidance:
+            guidance: float | torch.Tensor = float(first.guidance_scale)
+            scales = {request.guidance_scale for request in self.requests}
+            if len(scales) > 1:
+                per_row = [self.requests[member].guidance_scale for member in self.row_members]
+                guidance = torch.tensor(per_row, dtype=prompt_embeds.dtype, device=device).view(-1, 1, 1, 1)
+
+        scheduler = pipe.scheduler
+        scheduler.set_timesteps(self.total_steps, device=device)
+        if self.engine.is_xl and hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        timesteps = scheduler.timesteps
+        shape = (
+            len(self.row_members),
+            pipe.unet.config.in_channels,
+            first.height // pipe.vae_scale_factor,
+            first.width // pipe.vae_scale_factor,
+        )
+        latents = randn_tensor(shape, generator=generators, device=device, dtype=prompt_embeds.dtype)
+        latents = latents * scheduler.init_noise_sigma
+        extra_step_kwargs = pipe.prepare_extra_step_kwargs(generators, 0.0)  # type: ignore[no-untyped-call]
+        feature_cache = (
+            FeatureCache(self.options.feature_cache_interval) if self.options.feature_cache_interval > 1 else None
+        )
+        if feature_cache is not None:
+            check_supported(pipe.unet)
+
+        for step_index, timestep in enumerate(timesteps):
+            model_input = torch.cat([latents] * 2) if self.guidance else latents
+            model_input = scheduler.scale_model_input(model_input, timestep)
+            noise_pred = self.engine.predict_noise(
+                model_input,
+                timestep,
+                prompt_embeds,
+                added,
+                feature_cache=feature_cache,
+                step_index=step_index,
+            )
+            if self.guidance:
+                noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                noise_pred = noise_pred_uncond + guidance * (noise_pred_text - noise_pred_uncond)
+            latents = scheduler.step(noise_pred, timestep, latents, **extra_step_kwargs, return_dict=False)[0]
+            if self.on_step is not None:
+                self.on_step(step_index + 1, self.total_steps)
+            if not self._leave_if_cancelled(steps_done=step_index + 1):
+                continue
+            if not self.active:
+                return self._outcomes()
+            if self.drop_rows:
+                keep = [row for row, member in enumerate(self.row_members) if member in self.active]
+                rows = torch.tensor(keep, device=device)
+                latents = latents.index_select(0, rows)
+                both = torch.cat([rows, rows + len(self.row_members)]) if self.guidance else rows
+                prompt_embeds = prompt_embeds.index_select(0, both)
+                if added is not None:
+                    added = {name: value.index_select(0, both) for name, value in added.items()}
+                if isinstance(guidance, torch.Tensor):
+                    guidance = guidance.index_select(0, rows)
+                if feature_cache is not None:
+                    feature_cache.keep_rows(both)
+                generators = [generators[row] for row in keep]
+                if "generator" in extra_step_kwargs:
+                    extra_step_kwargs["generator"] = generators
+                self.row_members = [self.row_members[row] for row in keep]
+
+        images = self._decode(latents, generators)
+        run_ms = self.elapsed_ms()
+        for member in self.active:
+            member_images = [image for image, owner in zip(images, self.row_members, strict=True) if owner == member]
+            self.outcomes[member] = GenerationResult(images=member_images, steps=self.total_steps, run_ms=run_ms)
+        return self._outcomes()
+
+    def _outcomes(self) -> list[GenerationResult | Cancelled]:
+        outcomes = [outcome for outcome in self.outcomes if outcome is not None]
+        if len(outcomes) != len(self.outcomes):
+            raise RuntimeError("a request of the batch got no outcome")
+        return outcomes
+
+    def _leave_if_cancelled(self, *, steps_done: int) -> bool:
+        if self.should_cancel is None:
+            return False
+        leaving = [member for member in self.active if self.should_cancel(member)]
+        for member in leaving:
+            self.active.remove(member)
+            cancelled = Cancelled(steps_done=steps_done, total_steps=self.total_steps, elapsed_ms=self.elapsed_ms())
+            self.outcomes[member] = cancelled
+            if self.on_cancelled is not None:
+                self.on_cancelled(member, cancelled)
+        return bool(leaving)
+
+    def _conditioning(self, first: GenerationRequest) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """Text embeddings for every row (negatives first, as stock concatenates them), and SDXL's extra inputs.
+
+        Each distinct prompt is encoded once and its embedding repeated for its images, as stock repeats it.
+        """
+        seen: dict[tuple[str, str], _PromptEmbeddings] = {}
+        rows: list[_PromptEmbeddings] = []
+        for request in self.requests:
+            for prompt in request.prompts:
+                key = (prompt, request.negative_prompt)
+                if key not in seen:
+                    seen[key] = self.engine.prompt_embeddings(
+                        prompt, request.negative_prompt, guidance=self.guidance, keep=self.options.prompt_cache
+                    )
+                rows.append(seen[key])
+        prompt_embeds = torch.cat([row.positive for row in rows])
+        if self.guidance:
+            prompt_embeds = torch.cat([torch.cat([_present(row.negative) for row in rows]), prompt_embeds])
+        if not self.engine.is_xl:
+            return prompt_embeds, None
+        text_embeds = torch.cat([_present(row.pooled) for row in rows])
+        if self.guidance:
+            text_embeds = torch.cat([torch.cat([_present(row.negative_pooled) for row in rows]), text_embeds])
+        return prompt_embeds, self._xl_added(first, prompt_embeds, text_embeds)
+
+    def _xl_added(
+        self, first: GenerationRequest, prompt_embeds: torch.Tensor, text_embeds: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        pipe = self.pipe
+        projection_dim = (
+            int(text_embeds.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
+        )
+        size = (first.height, first.width)
+        time_ids = pipe._get_add_time_ids(
+            size, (0, 0), size, dtype=prompt_embeds.dtype, text_encoder_projection_dim=projection_dim
+        )
+        # Stock repeats [negative ids, ids] per image; SDXL's negative ids equal its ids, so every row is the same.
+        time_ids = time_ids.to(self.engine.device).repeat(prompt_embeds.shape[0], 1)
+        return {"text_embeds": text_embeds.to(self.engine.device), "time_ids": time_ids}
+
+    def _decode(self, latents: torch.Tensor, generators: list[torch.Generator]) -> list[Image.Image]:
+        pipe = self.pipe
+        vae = pipe.vae
+        if self.engine.is_xl:
+            latents = latents.to(vae.dtype)
+            config = vae.config
+            if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+                mean = torch.tensor(config.latents_mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+                std = torch.tensor(config.latents_std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+                latents = latents * std / config.scaling_factor + mean
+            else:
+                latents = latents / config.scaling_factor
+            image = vae.decode(latents, return_dict=False)[0]
+            images: list[Image.Image] = pipe.image_processor.postprocess(image, output_type="pil")
+            return images
+        image = vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=generators)[0]
+        decoded: list[Image.Image] = pipe.image_processor.postprocess(
+            image, output_type="pil", do_denormalize=[True] * image.shape[0]
+        )
+        return decoded
+
+
+def _present(tensor: torch.Tensor | None) -> torch.Tensor:
+    if tensor is None:
+        raise ValueError("the pipeline gave no embedding where guidance needs one")
+    return tensor
