@@ -23,6 +23,9 @@ urlpatterns = [
     path("members/<int:membership_id>/remove", team.remove, name="remove-member"),
     path("billing", billing.billing, name="billing"),
     path("billing/top-up", billing.top_up_settings, name="top-up-settings"),
+    path("billing/buy", billing.buy_credits, name="buy-credits"),
+    path("billing/cards/<str:payment_method_id>", billing.card_action, name="card"),
+    path("billing/statements/<str:month>", billing.statement, name="statement"),
 ]
 
 auth_urlpatterns = [

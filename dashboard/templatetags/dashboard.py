@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django import template
 
-from billing.money import format_micros
+from billing.money import cents_to_micros, format_micros
 
 register = template.Library()
 
@@ -16,3 +16,18 @@ def dollars(micros: int | None) -> str:
 @register.filter
 def seconds(milliseconds: int | None) -> str:
     return f"{(milliseconds or 0) / 1000:,.3f} s"
+
+
+@register.filter
+def percent_bps(basis_points: int | None) -> str:
+    """Basis points as a percentage with two decimals: 1234 → 12.34 %."""
+    if basis_points is None:
+        return "—"
+    sign = "-" if basis_points < 0 else ""
+    whole, fraction = divmod(abs(basis_points), 100)
+    return f"{sign}{whole}.{fraction:02d} %"
+
+
+@register.filter
+def cents(amount: int | None) -> str:
+    return format_micros(cents_to_micros(int(amount or 0)))

@@ -2,25 +2,40 @@
 
 from __future__ import annotations
 
+from datetime import date
 from decimal import Decimal
+from typing import Any
 
 from django.contrib import messages
 from django.core.paginator import Paginator
-from django.http import HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from billing import controls
+from billing import controls, payments, statements
 from billing.ledger import BillingError, account_of
-from billing.models import CreditEntry
+from billing.models import CreditEntry, Payment
 from billing.money import MICROS_PER_DOLLAR
+from billing.stripe_client import payments_enabled
 from dashboard.access import Context, dashboard_view
-from dashboard.forms import TopUpForm
+from dashboard.forms import BuyCreditsForm, TopUpForm
 from dashboard.views.team import actor_of
+
+STATEMENT_MONTHS = 6
 
 
 def dollars_to_micros(amount: Decimal) -> int:
     return int(amount * MICROS_PER_DOLLAR)
+
+
+def recent_months(today: date, count: int) -> list[date]:
+    months, month = [], today.replace(day=1)
+    for _ in range(count):
+        months.append(month)
+        month = (month.replace(day=1) - date.resolution).replace(day=1)
+    return months
 
 
 @dashboard_view()
@@ -35,10 +50,29 @@ def billing(request: HttpRequest, context: Context) -> HttpResponse:
             "amount_dollars": Decimal(account.auto_top_up_amount_cents) / 100,
         }
     )
+    cards: list[dict[str, Any]] = []
+    cards_error = ""
+    enabled = payments_enabled()
+    if enabled and context.can("manage_billing"):
+        try:
+            cards = payments.list_payment_methods(context.organization)
+        except BillingError as exc:
+            cards_error = str(exc)
     return render(
         request,
         "dashboard/billing.html",
-        {**context.as_template(), "account": account, "page": page, "top_up": top_up},
+        {
+            **context.as_template(),
+            "account": account,
+            "page": page,
+            "top_up": top_up,
+            "buy": BuyCreditsForm(),
+            "payments_enabled": enabled,
+            "cards": cards,
+            "cards_error": cards_error,
+            "purchases": Payment.objects.filter(organization=context.organization).order_by("-created_at")[:10],
+            "months": recent_months(timezone.now().date(), STATEMENT_MONTHS),
+        },
     )
 
 
@@ -62,3 +96,68 @@ def top_up_settings(request: HttpRequest, context: Context) -> HttpResponse:
     else:
         messages.success(request, "Auto top-up settings saved.")
     return redirect("dashboard:billing")
+
+
+@require_POST
+@dashboard_view("manage_billing")
+def buy_credits(request: HttpRequest, context: Context) -> HttpResponse:
+    form = BuyCreditsForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, "Choose an amount between $5 and $10,000.")
+        return redirect("dashboard:billing")
+    amount_cents = int(form.cleaned_data["amount_dollars"] * 100)
+    actor = actor_of(request, context)
+    try:
+        if request.POST.get("method") == "checkout":
+            back = request.build_absolute_uri(reverse("dashboard:billing"))
+            _, url = payments.start_checkout(
+                organization=context.organization,
+                amount_cents=amount_cents,
+                success_url=f"{back}?paid=1",
+                cancel_url=back,
+                actor=actor,
+            )
+            return HttpResponseRedirect(url)
+        charged = payments.buy_credits(organization=context.organization, amount_cents=amount_cents, actor=actor)
+    except BillingError as exc:
+        messages.error(request, str(exc))
+        return redirect("dashboard:billing")
+    if charged.client_secret:
+        messages.warning(request, "Your bank asks you to confirm this payment; it is credited once confirmed.")
+    else:
+        messages.success(request, f"Paid ${amount_cents / 100:,.2f}; the credits are in your balance.")
+    return redirect("dashboard:billing")
+
+
+@require_POST
+@dashboard_view("manage_billing")
+def card_action(request: HttpRequest, context: Context, payment_method_id: str) -> HttpResponse:
+    actor = actor_of(request, context)
+    try:
+        if request.POST.get("action") == "remove":
+            payments.detach_payment_method(
+                organization=context.organization, payment_method_id=payment_method_id, actor=actor
+            )
+            messages.success(request, "Card removed.")
+        else:
+            payments.set_default_payment_method(
+                organization=context.organization, payment_method_id=payment_method_id, actor=actor
+            )
+            messages.success(request, "Default card changed.")
+    except BillingError as exc:
+        messages.error(request, str(exc))
+    return redirect("dashboard:billing")
+
+
+@dashboard_view()
+def statement(request: HttpRequest, context: Context, month: str) -> HttpResponse:
+    try:
+        first_day = statements.parse_month(month)
+    except BillingError:
+        raise Http404("No such month.") from None
+    report = statements.monthly_statement(organization_id=context.organization.pk, month=first_day)
+    if request.GET.get("format") == "csv":
+        response = HttpResponse(statements.statement_csv(report), content_type="text/csv; charset=utf-8")
+        response["Content-Disposition"] = f'attachment; filename="statement-{context.organization.slug}-{month}.csv"'
+        return response
+    return render(request, "dashboard/statement.html", {**context.as_template(), "statement": report})
