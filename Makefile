@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 
-.PHONY: run test lint typecheck pytest pytest-sqlite bench-api bench-queue install clean
+.PHONY: run test lint typecheck pytest pytest-sqlite browser bench-api bench-queue install clean
 
 ## Set up and run the platform on the embedded default (SQLite, no services): http://127.0.0.1:$(PORT)
 run: install
@@ -22,6 +22,12 @@ $(BIN)/.installed: pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
 	touch $@
 
+## Debian's chromium for the browser tests (tests/browser): Playwright drives it and never downloads one
+browser:
+	@test -x /usr/bin/chromium || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -29,11 +35,11 @@ lint: install
 typecheck: install
 	PLATFORM_EMBEDDED=1 PLATFORM_DATA_DIR=$(CURDIR)/var $(BIN)/mypy
 
-pytest: install
+pytest: install browser
 	$(BIN)/python -m pytest
 
 ## The suite again on SQLite with no services, whatever DATABASE_URL/REDIS_URL say
-pytest-sqlite: install
+pytest-sqlite: install browser
 	env -u DATABASE_URL -u REDIS_URL $(BIN)/python -m pytest
 
 ## Request rate of an authenticated GET /v1/me against /healthz, on a real server

@@ -16,7 +16,7 @@ os.environ.setdefault("ALLOWED_HOSTS", "testserver,localhost,127.0.0.1")
 # Keys of this run never meet another run's in a shared Redis.
 os.environ.setdefault("CACHE_KEY_PREFIX", "test-" + uuid.uuid4().hex[:8])
 
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from typing import TYPE_CHECKING, Any  # noqa: E402
 
 import django  # noqa: E402
@@ -26,6 +26,7 @@ django.setup()  # so test modules can import models at the top; pytest-django ta
 
 if TYPE_CHECKING:
     from accounts.models import ApiKey, Organization, User
+    from tests.e2e.conftest import Stack
 
 TEST_PASSWORD = "correct horse battery"
 
@@ -107,3 +108,14 @@ def builtin_endpoint(db: None) -> Any:
 
     ensure_builtin_endpoints(Endpoint)
     return Endpoint.objects.get(owner="platform", name="tiny-sd", path="")
+
+
+@pytest.fixture(scope="session")
+def stack(django_db_setup: None, django_db_blocker: Any) -> Iterator[Stack]:
+    """The platform as it runs (tests/e2e/conftest.py): one server and its workers for the session,
+    shared by the e2e and the browser tests. Imported here, when first used, so unit-test runs never
+    make its certificates."""
+    from tests.e2e.conftest import running_stack
+
+    with running_stack(django_db_blocker) as running:
+        yield running

@@ -41,7 +41,7 @@ def playground(request: HttpRequest, context: Context) -> HttpResponse:
     return render(
         request,
         "dashboard/playground.html",
-        {**context.as_template(), "endpoints": endpoints, "chosen": chosen, "schemas": json.dumps(endpoints)},
+        {**context.as_template(), "endpoints": endpoints, "chosen": chosen},
     )
 
 

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,8 +177,10 @@ class Stack:
         return "\n".join(self.logs[name].read_text(errors="replace").splitlines()[-lines:])
 
 
-@pytest.fixture(scope="session")
-def stack(django_db_setup: Any, django_db_blocker: Any) -> Iterator[Stack]:
+@contextmanager
+def running_stack(django_db_blocker: Any) -> Iterator[Stack]:
+    """The server and both workers against the test database; the session's ``stack`` fixture
+    (tests/conftest.py, so that the e2e and browser tests share one) holds it open."""
     data_dir = Path(os.environ["PLATFORM_DATA_DIR"])
     with django_db_blocker.unblock():
         url = database_url()

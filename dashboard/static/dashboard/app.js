@@ -166,6 +166,8 @@ function setupPlayground(form) {
 
 // Charts: the data is in a json_script block next to the canvas; the tables carry the same figures.
 const PALETTE = ["#4b3fd6", "#1b7f3b", "#d97706", "#b3261e", "#0e7490", "#7c3aed", "#64748b"];
+// Axis figures as people write them: 0.0001, not Chart.js's 1.00000E-4 once the axis is narrow.
+const plainTicks = { callback: (value) => Number(value).toLocaleString("en-US", { maximumSignificantDigits: 4 }) };
 
 function setupUsageChart(canvas) {
   if (!window.Chart) return;
@@ -183,7 +185,7 @@ function setupUsageChart(canvas) {
     options: {
       maintainAspectRatio: false,
       animation: false,
-      scales: { x: { stacked: true }, y: { stacked: true, title: { display: true, text: "USD" } } },
+      scales: { x: { stacked: true }, y: { stacked: true, ticks: plainTicks, title: { display: true, text: "USD" } } },
     },
   });
 }
@@ -200,7 +202,7 @@ function setupLineChart(canvas) {
         backgroundColor: PALETTE[n % PALETTE.length], tension: 0.2,
       })),
     },
-    options: { maintainAspectRatio: false, animation: false, scales: { y: { title: { display: true, text: data.unit || "" } } } },
+    options: { maintainAspectRatio: false, animation: false, scales: { y: { ticks: plainTicks, title: { display: true, text: data.unit || "" } } } },
   });
 }
 

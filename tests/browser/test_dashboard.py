@@ -1,0 +1,285 @@
+"""The dashboard as a person uses it, in headless Chromium against the running platform (DESIGN §7):
+a developer signs up, makes a key, runs a model in the playground and finds it in the history, the
+usage and the bill; the same pages at a phone's width; an operator opens the run-rate page.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from tests.browser.conftest import LAPTOP, PHONE, Tab, dollars
+from tests.conftest import TEST_PASSWORD
+from tests.e2e.conftest import BASE_URL, Stack
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+APP = "platform/tiny-sd"
+# The API calls only need to exist: the least work the model does.
+QUICK = {"prompt": "a lighthouse at dusk", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 2}
+PAGES = {
+    "overview": "/dashboard/",
+    "playground": "/dashboard/playground",
+    "requests": "/dashboard/requests",
+    "usage": "/dashboard/usage",
+    "keys": "/dashboard/keys",
+    "members": "/dashboard/members",
+    "billing": "/dashboard/billing",
+}
+
+
+def with_password(user: Any) -> Any:
+    """The server hashes with the production hasher; the suite's fast one (tests/conftest.py) would not verify there."""
+    from django.contrib.auth.hashers import PBKDF2PasswordHasher
+
+    hasher = PBKDF2PasswordHasher()
+    user.password = hasher.encode(TEST_PASSWORD, hasher.salt())
+    user.save(update_fields=["password"])
+    return user
+
+
+@pytest.fixture
+def developer(seeded: None) -> dict[str, Any]:
+    """Someone who can log in, with an inference key of their organization."""
+    from accounts.models import Organization, Scope
+    from accounts.services import create_api_key, sign_up
+
+    user = with_password(sign_up(email=f"developer-{uuid.uuid4().hex[:8]}@example.com", password=None))
+    organization = Organization.objects.get(memberships__user=user)
+    _, key = create_api_key(organization=organization, name="program key", scopes=[Scope.INFERENCE], created_by=user)
+    return {"email": user.email, "key": key}
+
+
+@pytest.fixture
+def operator(seeded: None) -> str:
+    from accounts.models import User
+
+    user = User.objects.create_superuser(email=f"ops-{uuid.uuid4().hex[:8]}@example.com")
+    return str(with_password(user).email)
+
+
+def run_with_key(stack: Stack, key: str) -> str:
+    """One request through the sync API, as a program would make it."""
+    with stack.client(key) as api:
+        response = api.post(f"/run/{APP}", json=QUICK)
+    assert response.status_code == 200, response.text
+    return str(response.headers["x-fal-request-id"])
+
+
+def side_link(page: Page, name: str) -> Any:
+    return page.locator("nav.side").get_by_role("link", name=name, exact=True)
+
+
+def loaded(page: Page, images: Any) -> None:
+    """Every image of the locator finished loading and decoded to something."""
+    assert images.count() > 0
+    for n in range(images.count()):
+        images.nth(n).scroll_into_view_if_needed()
+        page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=images.nth(n).element_handle())
+
+
+def log_in(tab: Tab, email: str, path: str = "/auth/login") -> None:
+    page = tab.open(path)
+    page.fill("#id_username", email)
+    page.fill("#id_password", TEST_PASSWORD)
+    tab.shot("log-in")
+    page.locator("form [type=submit]").click()
+
+
+# Records every text of the status line and every value of the progress bar, however fast they change.
+WATCH_PROGRESS = """() => {
+  window.progressSeen = [];
+  const status = document.getElementById("run-status");
+  const bar = document.querySelector("#run-state .progress");
+  const note = () => window.progressSeen.push({text: status.textContent, value: bar.getAttribute("aria-valuenow")});
+  new MutationObserver(note).observe(status, {childList: true, characterData: true, subtree: true});
+  new MutationObserver(note).observe(bar, {attributes: true, attributeFilter: ["aria-valuenow"]});
+}"""
+
+# A chart was drawn: Chart.js loaded, it owns the canvas, and the canvas has painted pixels.
+CHART_DRAWN = """canvas => {
+  if (!window.Chart || !window.Chart.getChart(canvas) || !canvas.width || !canvas.height) return false;
+  const pixels = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+  for (let i = 3; i < pixels.length; i += 4) if (pixels[i] !== 0) return true;
+  return false;
+}"""
+
+
+def intermediate_progress(seen: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    between = []
+    for state in seen:
+        step = re.fullmatch(r"Step (\d+) of (\d+)", state["text"] or "")
+        value = int(state["value"] or 0)
+        if (step and 0 < int(step[1]) < int(step[2])) or 0 < value < 100:
+            between.append(state)
+    return between
+
+
+def test_a_developer_signs_up_runs_a_model_and_finds_it_in_history_usage_and_billing(
+    seeded: None, stack: Stack, open_tab: Callable[..., Tab]
+) -> None:
+    tab = open_tab(LAPTOP)
+    page = tab.page
+
+    # Sign up through the form: straight to the overview, with the free credits.
+    tab.open("/auth/signup")
+    page.fill("#id_email", f"dev-{uuid.uuid4().hex[:8]}@example.com")
+    page.fill("#id_password", TEST_PASSWORD)
+    tab.shot("sign-up")
+    page.get_by_role("button", name="Sign up").click()
+    page.wait_for_url(f"{BASE_URL}/dashboard/")
+    free = dollars(page.get_by_test_id("available").inner_text())
+    assert free > 0
+    expect(page.get_by_text("No requests yet.")).to_be_visible()
+    tab.shot("overview")
+
+    # A key: its secret shown once, with a copy button that copies it.
+    side_link(page, "API keys").click()
+    page.fill("#id_name", "browser key")
+    page.get_by_role("button", name="Create key").click()
+    secret = page.get_by_test_id("new-key").inner_text().strip()
+    assert len(secret) > 20
+    copy = page.locator("button[data-copy='#new-key']")
+    expect(copy).to_be_visible()
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=BASE_URL)
+    copy.click()
+    expect(copy).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == secret
+    tab.shot("key-created")
+    tab.open("/dashboard/keys")
+    expect(page.get_by_test_id("new-key")).to_have_count(0)
+    expect(page.get_by_role("cell", name="browser key", exact=True)).to_be_visible()
+    assert secret not in page.content()
+
+    # A program uses the key once (the usage page shows it by key).
+    api_request = run_with_key(stack, secret)
+
+    # The playground: small settings, Run, and the bar moves through the steps.
+    side_link(page, "Playground").click()
+    page.select_option("#endpoint", APP)
+    page.fill("#field-image_size", "64")
+    page.fill("#field-image_size-height", "64")
+    page.fill("#field-num_inference_steps", "8")  # a second or more on a CPU: the bar has steps to show
+    page.fill("#field-prompt", "a red bicycle in the snow")
+    page.evaluate(WATCH_PROGRESS)
+    tab.shot("playground")
+    page.get_by_role("button", name="Run").click()
+    page.wait_for_function(
+        "/Step [1-9]/.test(document.getElementById('run-status').textContent)"
+        " || document.querySelector('[data-testid=outcome]')"
+    )
+    tab.shot("playground-running")
+    outcome = page.get_by_test_id("outcome")
+    expect(outcome).to_be_visible(timeout=90_000)
+    expect(outcome).to_have_attribute("data-status", "COMPLETED")
+    expect(page.locator("#run-status")).to_have_text("Done")
+    seen = page.evaluate("window.progressSeen")
+    assert intermediate_progress(seen), f"the bar never showed a step in between: {seen}"
+    loaded(page, outcome.locator(".gallery img"))
+    gpu_seconds = float(outcome.get_by_test_id("gpu-time").inner_text().removesuffix(" s").replace(",", ""))
+    assert gpu_seconds > 0
+    cost_text = outcome.get_by_test_id("cost").inner_text()
+    assert dollars(cost_text) > 0
+    playground_request = outcome.locator("a code").inner_text().strip()
+    tab.shot("playground-done")
+
+    # The history: both requests, the playground's with its thumbnail and the same cost.
+    side_link(page, "Requests").click()
+    rows = page.locator("table.requests tbody tr")
+    expect(rows).to_have_count(2)
+    row = rows.filter(has=page.locator(f"a[href='/dashboard/requests/{playground_request}']"))
+    expect(row).to_have_count(1)
+    expect(row.locator("td[data-label=Status]")).to_have_text("Completed")
+    expect(row.locator("td[data-label=Cost]")).to_have_text(cost_text)
+    loaded(page, row.locator("td.thumb img"))
+    expect(rows.filter(has=page.locator(f"a[href='/dashboard/requests/{api_request}']"))).to_have_count(1)
+    tab.shot("requests")
+
+    # Its page: the timeline, the image and the logs.
+    row.get_by_role("link").click()
+    page.wait_for_url(f"{BASE_URL}/dashboard/requests/{playground_request}")
+    timeline = page.locator("ol.timeline")
+    for event in ("Queued", "Dispatched", "Started", "Finished"):
+        expect(timeline).to_contain_text(event)
+    expect(page.locator("pre.logs")).not_to_have_text("No logs.")
+    expect(page.get_by_test_id("cost")).to_contain_text(cost_text)
+    loaded(page, page.locator(".gallery img"))
+    tab.shot("request")
+
+    # Usage: the chart drawn, and the same figures in tables (today's row; the key by name).
+    side_link(page, "Usage").click()
+    chart = page.locator("#usage-chart")
+    page.wait_for_function(CHART_DRAWN, arg=chart.element_handle())
+    today = datetime.now(UTC).date().isoformat()
+    day = page.get_by_test_id("per-day").locator("tbody tr").filter(has_text=today)
+    expect(day).to_have_count(1)
+    expect(day.locator("td[data-label=Requests]")).to_have_text("2")
+    assert dollars(day.locator("td[data-label=Cost]").inner_text()) > dollars(cost_text)
+    by_key = page.locator("h2:text-is('By key') + table tbody")
+    expect(by_key.locator("tr").filter(has_text="browser key")).to_have_count(1)
+    tab.shot("usage")
+
+    # Billing: the usage debits in the ledger, and less credit than the free grant.
+    side_link(page, "Billing").click()
+    ledger = page.get_by_test_id("ledger")
+    debits = ledger.locator("tbody tr").filter(has_text="Usage")
+    expect(debits).to_have_count(2)
+    for n in range(2):
+        assert dollars(debits.nth(n).locator("td[data-label=Amount]").inner_text()) < 0
+    assert dollars(page.get_by_test_id("available").inner_text()) < free
+    tab.shot("billing")
+
+
+def test_the_pages_fit_a_phone(developer: dict[str, Any], stack: Stack, open_tab: Callable[..., Tab]) -> None:
+    request_id = run_with_key(stack, developer["key"])
+    tab = open_tab(PHONE)
+    page = tab.page
+    log_in(tab, developer["email"])
+    page.wait_for_url(f"{BASE_URL}/dashboard/")
+    for name, path in [*PAGES.items(), ("request", f"/dashboard/requests/{request_id}")]:
+        tab.open(path)
+        if name == "usage":
+            page.wait_for_function(CHART_DRAWN, arg=page.locator("#usage-chart").element_handle())
+        if name == "playground":
+            expect(page.locator("#field-prompt")).to_be_visible()
+        tab.shot(name)
+        assert not tab.scrolls_sideways(), f"{path} scrolls sideways at {tab.width} px"
+        # Every section is a tap away: the navigation is on screen, not off its right edge.
+        for link in page.locator("nav.side a").all():
+            expect(link).to_be_visible()
+            box = link.bounding_box()
+            assert box is not None
+            assert box["x"] >= 0
+            assert box["x"] + box["width"] <= tab.width, f"{link.inner_text()} is off screen on {path}"
+    side_link(page, "Usage").click()
+    page.wait_for_url(f"{BASE_URL}/dashboard/usage")
+
+
+def test_an_operator_opens_the_run_rate_page(
+    developer: dict[str, Any], operator: str, stack: Stack, open_tab: Callable[..., Tab]
+) -> None:
+    run_with_key(stack, developer["key"])  # some revenue to show
+    tab = open_tab(LAPTOP)
+    page = tab.page
+    log_in(tab, operator, "/admin/login/?next=/admin/run-rate/")
+    page.wait_for_url(f"{BASE_URL}/admin/run-rate/")
+    for heading in ("Run-rate", "MRR"):
+        title = page.get_by_role("heading", name=heading, exact=True)
+        expect(title).to_be_visible()
+        figure = title.locator("xpath=following-sibling::*[1]")
+        assert dollars(figure.inner_text()) > 0, f"{heading}: {figure.inner_text()}"
+    for canvas in page.locator("canvas").all():
+        page.wait_for_function(CHART_DRAWN, arg=canvas.element_handle())
+    tab.shot("run-rate")
+    page.set_viewport_size(PHONE)
+    # Chart.js follows the new width on its next frame.
+    page.wait_for_function(
+        "[...document.querySelectorAll('canvas')].every(canvas => canvas.getBoundingClientRect().right <= innerWidth)"
+    )
+    tab.shot("run-rate")
