@@ -474,40 +474,61 @@ def apply_checkout_session(session: Any, intent: stripe.PaymentIntent | None) ->
     return payment
 
 
+def _take_back(
+    account: Account,
+    payment: Payment,
+    *,
+    kind: str,
+    key: str,
+    cents: int,
+    taken: bool,
+    given_back: bool,
+    description: str,
+    reversal: str,
+) -> bool:
+    """Money Stripe took back from a payment (a refund, a dispute): one negative entry ``key`` while it is
+    taken, and one entry ``key-reversed`` that returns it if Stripe gives it back after. Answers whether
+    the first was posted just now."""
+    if taken:
+        sign, entry_key, text = -1, key, description
+    elif given_back and CreditEntry.objects.filter(idempotency_key=key).exists():
+        sign, entry_key, text = 1, f"{key}-reversed", reversal
+    else:
+        return False
+    _, posted = post_entry(
+        account=account,
+        kind=kind,
+        amount_micros=sign * cents_to_micros(cents),
+        idempotency_key=entry_key,
+        description=text,
+        payment=payment,
+    )
+    return posted and taken
+
+
 @transaction.atomic
 def apply_refunds(*, charge: Any, intent: stripe.PaymentIntent, refunds: Iterable[Any]) -> Payment | None:
-    """One negative entry per Stripe refund that has gone through (``refund-<id>``); one back if it later failed.
+    """One negative entry per Stripe refund that has gone through (``refund-<id>``), returned if it later failed.
 
     The PaymentIntent is applied first, so a refund seen before the payment's own event still finds it credited.
     """
     payment = apply_payment_intent(intent)
-    if payment is None:
-        return None
+    if payment is None or payment.status != PaymentStatus.SUCCEEDED:
+        return payment
     account = locked_account(payment.organization_id)  # already held: apply_payment_intent took it
     _check_customer(account, field(charge, "customer"), f"Charge {charge.id}")
-    if payment.status != PaymentStatus.SUCCEEDED:
-        return payment
     for refund in refunds:
-        key = f"refund-{refund.id}"
-        micros = cents_to_micros(int(refund.amount))
-        if refund.status in REFUND_COUNTED:
-            post_entry(
-                account=account,
-                kind=EntryKind.REFUND,
-                amount_micros=-micros,
-                idempotency_key=key,
-                description="Refunded to the card",
-                payment=payment,
-            )
-        elif refund.status in REFUND_UNDONE and CreditEntry.objects.filter(idempotency_key=key).exists():
-            post_entry(
-                account=account,
-                kind=EntryKind.REFUND,
-                amount_micros=micros,
-                idempotency_key=f"{key}-reversed",
-                description="Refund to the card failed",
-                payment=payment,
-            )
+        _take_back(
+            account,
+            payment,
+            kind=EntryKind.REFUND,
+            key=f"refund-{refund.id}",
+            cents=int(refund.amount),
+            taken=refund.status in REFUND_COUNTED,
+            given_back=refund.status in REFUND_UNDONE,
+            description="Refunded to the card",
+            reversal="Refund to the card failed",
+        )
     payment.amount_refunded_cents = _cents_out(payment, EntryKind.REFUND)
     payment.save(update_fields=["amount_refunded_cents"])
     return payment
@@ -521,33 +542,22 @@ def apply_dispute(*, dispute: Any, intent: stripe.PaymentIntent) -> Payment | No
     invites the next dispute.
     """
     payment = apply_payment_intent(intent)
-    if payment is None:
-        return None
-    account = locked_account(payment.organization_id)
-    if payment.status != PaymentStatus.SUCCEEDED:
+    if payment is None or payment.status != PaymentStatus.SUCCEEDED:
         return payment
-    key = f"dispute-{dispute.id}"
-    micros = cents_to_micros(int(dispute.amount))
-    if dispute.status in DISPUTE_FUNDS_WITHDRAWN:
-        _, opened = post_entry(
-            account=account,
-            kind=EntryKind.DISPUTE,
-            amount_micros=-micros,
-            idempotency_key=key,
-            description=f"Payment disputed ({field(dispute, 'reason') or 'no reason given'})",
-            payment=payment,
-        )
-        if opened and account.auto_top_up_enabled:
-            controls.set_auto_top_up(organization=payment.organization, enabled=False)
-    elif dispute.status == "won" and CreditEntry.objects.filter(idempotency_key=key).exists():
-        post_entry(
-            account=account,
-            kind=EntryKind.DISPUTE,
-            amount_micros=micros,
-            idempotency_key=f"{key}-won",
-            description="Dispute won: the amount is back",
-            payment=payment,
-        )
+    account = locked_account(payment.organization_id)  # already held: apply_payment_intent took it
+    opened = _take_back(
+        account,
+        payment,
+        kind=EntryKind.DISPUTE,
+        key=f"dispute-{dispute.id}",
+        cents=int(dispute.amount),
+        taken=dispute.status in DISPUTE_FUNDS_WITHDRAWN,
+        given_back=dispute.status == "won",
+        description=f"Payment disputed ({field(dispute, 'reason') or 'no reason given'})",
+        reversal="Dispute won: the amount is back",
+    )
+    if opened and account.auto_top_up_enabled:
+        controls.set_auto_top_up(organization=payment.organization, enabled=False)
     payment.amount_disputed_cents = _cents_out(payment, EntryKind.DISPUTE)
     payment.save(update_fields=["amount_disputed_cents"])
     return payment
