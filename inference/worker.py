@@ -242,15 +242,21 @@ def _finish(
     )
 
 
-def _finish_all(members: list[Member], heartbeat: Heartbeat, outcome: AttemptOutcome, **fields: Any) -> None:
-    """Closes every job still open at once: they share what is left of the batch's time (it sums exactly)."""
+def _finish_all(
+    members: list[Member], heartbeat: Heartbeat, outcome: AttemptOutcome, *, gpu_ms: int | None = None, **fields: Any
+) -> None:
+    """Closes every job still open at once: they share what is left of the batch's time (it sums exactly).
+
+    `gpu_ms`: record this instead of their shares (0 when the failure is no GPU work's fault).
+    """
     open_members = [member for member in members if not member.done]
     meter = heartbeat.meter
     shares: dict[int, int] = {}
     if meter is not None:
         shares = meter.leave([member.index for member in open_members if member.index in meter.active])
     for member in open_members:
-        _finish(member, heartbeat, outcome, gpu_ms=shares.get(member.index, 0), **fields)
+        share = shares.get(member.index, 0) if gpu_ms is None else gpu_ms
+        _finish(member, heartbeat, outcome, gpu_ms=share, **fields)
 
 
 def _run(leader: Member, heartbeat: Heartbeat) -> None:

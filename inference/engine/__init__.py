@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from inference.engine.metering import BatchMeter, largest_remainder
     from inference.engine.optimize import ModuleOptimizations, configure_compile_cache
     from inference.engine.outputs import EncodedImage, encode_image
-    from inference.engine.profile import OptimizationProfile, ProfileError, resolve, validate_profile
+    from inference.engine.profile import STOCK_PROFILE, OptimizationProfile, ProfileError, resolve, validate_profile
     from inference.engine.runtime import Cancelled, GenerationRequest, GenerationResult, run_pipeline
     from inference.engine.tiny import PRESETS, TinyPreset, build_tiny_pipeline
 
@@ -43,6 +43,7 @@ _HOMES = {
     "ModuleOptimizations": "optimize",
     "configure_compile_cache": "optimize",
     "OptimizationProfile": "profile",
+    "STOCK_PROFILE": "profile",
     "ProfileError": "profile",
     "resolve": "profile",
     "validate_profile": "profile",
@@ -77,6 +78,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BUILTIN_MODELS",
     "PRESETS",
+    "STOCK_PROFILE",
     "BatchIncompatible",
     "BatchMeter",
     "Cancelled",

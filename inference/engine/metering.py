@@ -116,7 +116,7 @@ def largest_remainder(exact: dict[int, float], total: int) -> dict[int, int]:
         raise ValueError("nobody to share with")
     exact_sum = sum(exact.values())
     scaled = (
-        {key: value * total / exact_sum for key, value in exact.items()}
+        {key: total * (value / exact_sum) for key, value in exact.items()}
         if exact_sum > 0
         else {key: total / len(exact) for key in exact}
     )

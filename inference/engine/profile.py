@@ -75,7 +75,7 @@ class OptimizationProfile:
 
 
 # The stock stack as diffusers ships it, for comparisons: no engine optimization at all (SDPA is diffusers' default).
-STOCK = OptimizationProfile(
+STOCK_PROFILE = OptimizationProfile(
     inference_mode=False,
     fuse_qkv=False,
     prompt_cache=0,

@@ -292,6 +292,25 @@ def test_an_endpoint_is_edited_in_the_console(operator: Client, builtin_endpoint
     assert (builtin_endpoint.max_steps, builtin_endpoint.optimization_profile) == (30, {"channels_last": True})
 
 
+def test_an_optimization_profile_with_unknown_keys_or_bad_values_is_refused(
+    operator: Client, builtin_endpoint: Endpoint
+) -> None:
+    profile = '{"channel_last": true, "max_batch_size": 0, "precision": "fp8"}'
+    response = operator.post(
+        f"/admin/inference/endpoint/{builtin_endpoint.pk}/change/",
+        endpoint_form(builtin_endpoint, optimization_profile=profile),
+    )
+    assert response.status_code == 200  # the form again, with the errors
+    errors = response.context["adminform"].form.errors["optimization_profile"]
+    assert any("unknown optimization 'channel_last'" in error for error in errors)
+    assert any("max_batch_size must be a whole number from 1 to 64" in error for error in errors)
+    assert any("precision must be one of" in error for error in errors)
+    builtin_endpoint.refresh_from_db()
+    assert builtin_endpoint.optimization_profile == {}
+    page = operator.get(f"/admin/inference/endpoint/{builtin_endpoint.pk}/change/").content.decode()
+    assert "feature_cache_interval" in page  # every key is explained beside the field
+
+
 def test_endpoints_are_deactivated_and_activated(operator: Client, builtin_endpoint: Endpoint) -> None:
     response = run_action(operator, "endpoint", "deactivate_selected", [builtin_endpoint])
     assert response.status_code == 302

@@ -1,0 +1,363 @@
+"""Stock diffusers against the engine, on the same weights, parameters and seeds, in one process.
+
+    python -m tests.bench.engine [--rounds 3] [--quick] [--only NAME ...]      # CPU: the small built-in model
+    python -m tests.bench.engine --gpu [--rounds 3]                           # CUDA: SD 1.5 and SDXL architectures
+    python -m tests.bench.engine --gpu-dry-run                                # the GPU path at toy size, on a CPU
+
+Every configuration gets its own copy of the model (built from the same seed: the same weights), is warmed up
+(compiled, graphs captured) before timing, and then the configurations take turns, round after round, each
+generating the same requests (one image each, its own seed and prompt): stock diffusers as one pipeline call per
+request, the engine one call per request or one call per batch of requests. Reported for each configuration:
+images/s over all rounds, the p50 latency of a request (for a batch: of the call that carried it), the speedup in
+images/s over stock, and how far its images moved from stock's with the same seed (the largest absolute pixel
+difference in 0..255, and the PSNR over all images; "inf" when identical).
+
+On a CPU the model is the `small` built-in (UNet channels 64/128, 128x128, 20 steps, guidance 7.5, DDIM). On CUDA
+it is the real SD 1.5 and SDXL architectures with random weights (`inference.engine.architectures`), float16, at
+512x512 and 1024x1024, 30 steps with guidance, batches of 1 and 8; the UNet's it/s (denoising steps per second) is
+shown beside the best published figures on an H100 (stable-fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from inference.engine import (
+    STOCK_PROFILE,
+    Engine,
+    GenerationRequest,
+    ModuleOptimizations,
+    OptimizationProfile,
+    RunOptions,
+    build_tiny_pipeline,
+    configure_compile_cache,
+)
+from inference.engine.architectures import NATIVE_SIZE, build_architecture
+
+REPO = Path(__file__).resolve().parents[2]
+# Best published UNet iterations per second on an H100 (stable-fast's README), for the GPU table.
+PUBLISHED_H100_ITS = {"sd15": ("stable-fast, SD 1.5 512x512", 104.6), "sdxl": ("stable-fast, SDXL 1024x1024", 21.6)}
+LOSSLESS: dict[str, Any] = {"inference_mode": True, "fuse_qkv": True, "prompt_cache": 64}
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    profile: OptimizationProfile
+    batch: int = 1
+    # Stock diffusers' own pipeline call, not the engine.
+    stock: bool = False
+
+
+def cpu_configs() -> list[Config]:
+    base = replace(STOCK_PROFILE, **LOSSLESS)
+    return [
+        Config("stock diffusers", STOCK_PROFILE, stock=True),
+        Config("engine loop, no optimization", STOCK_PROFILE),
+        Config("inference_mode", replace(STOCK_PROFILE, inference_mode=True)),
+        Config("fused QKV", replace(STOCK_PROFILE, fuse_qkv=True)),
+        Config("channels_last", replace(STOCK_PROFILE, channels_last=True)),
+        Config("compile regional", replace(STOCK_PROFILE, compile="regional")),
+        Config("compile full (frozen)", replace(STOCK_PROFILE, compile="full")),
+        Config("lossless set", base),
+        Config("lossless set + compile full", replace(base, compile="full")),
+        Config("lossless set, batch of 4", replace(base, max_batch_size=4), batch=4),
+        Config("lossless + compile, batch of 4", replace(base, compile="full", max_batch_size=4), batch=4),
+        Config("bfloat16 (CPU: rounds)", replace(base, precision="bfloat16")),
+        Config("DeepCache k=2 (lossy)", replace(base, feature_cache_interval=2)),
+        Config(
+            "DeepCache k=3 + compile, batch of 4 (lossy)",
+            replace(base, compile="full", feature_cache_interval=3, max_batch_size=4),
+            batch=4,
+        ),
+    ]  # fmt: skip
+
+
+def gpu_configs(batch: int) -> list[Config]:
+    """Stock batches as the engine does (one call of `batch` images): the same work, a fair comparison."""
+    stock = replace(STOCK_PROFILE, precision="float16")
+    lossless = replace(stock, **LOSSLESS, channels_last=True, compile="regional", cuda_graphs=True)
+    return [
+        Config("stock diffusers", stock, batch=batch, stock=True),
+        Config("engine: fused QKV, inference_mode", replace(stock, **LOSSLESS), batch=batch),
+        Config("+ channels_last, regional compile, CUDA graphs", lossless, batch=batch),
+        Config("+ full compile instead (no graphs)", replace(lossless, compile="full", cuda_graphs=False), batch=batch),
+        Config("+ DeepCache k=3 (lossy)", replace(lossless, feature_cache_interval=3), batch=batch),
+    ]
+
+
+@dataclass
+class Measured:
+    config: Config
+    warmup_s: float = 0.0
+    seconds: float = 0.0
+    images: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    step_rates: list[float] = field(default_factory=list)
+    outputs: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+class Runner:
+    """One configuration's model and how it generates a list of requests."""
+
+    def __init__(self, config: Config, pipeline: Any, *, device: str, sync: Callable[[], None]) -> None:
+        self.config = config
+        self.device = device
+        self.sync = sync
+        self.pipeline = pipeline
+        self.engine = None if config.stock else Engine(pipeline, optimizations=ModuleOptimizations.of(config.profile))
+        self.options = RunOptions.of(config.profile)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> tuple[list[Image.Image], float]:
+        """The images and the UNet's steps per second (from the first step's end to the last's)."""
+        marks: list[float] = []
+        total = requests[0].num_inference_steps
+
+        def mark(step: int) -> None:
+            if step in (1, total):
+                self.sync()
+                marks.append(time.perf_counter())
+
+        if self.engine is None:
+
+            def on_step_end(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+                mark(index + 1)
+                return tensors
+
+            # Stock batches too, when given several prompts: one call, a generator per image.
+            first = requests[0]
+            images = self.pipeline(
+                prompt=[prompt for request in requests for prompt in request.prompts],
+                generator=[torch.Generator().manual_seed(seed) for request in requests for seed in request.seeds],
+                num_inference_steps=first.num_inference_steps,
+                guidance_scale=first.guidance_scale,
+                height=first.height,
+                width=first.width,
+                output_type="pil",
+                callback_on_step_end=on_step_end,
+            ).images
+        else:
+            outcomes = self.engine.run_batch(requests, options=self.options, on_step=lambda step, _: mark(step))
+            images = [image for outcome in outcomes for image in outcome.images]  # type: ignore[union-attr]
+        self.sync()
+        rate = (total - 1) / (marks[-1] - marks[0]) if len(marks) == 2 and marks[-1] > marks[0] else float("nan")
+        return images, rate
+
+
+def requests_for(seeds: Sequence[int], *, size: int, steps: int) -> list[GenerationRequest]:
+    # A prompt of its own per request: the prompt cache gains nothing it would not gain in service.
+    return [
+        GenerationRequest(
+            prompts=[f"a lighthouse at dusk, study {seed}"],
+            seeds=[seed],
+            width=size,
+            height=size,
+            num_inference_steps=steps,
+            guidance_scale=7.5,
+        )
+        for seed in seeds
+    ]
+
+
+def measure(
+    runners: list[Runner], *, rounds: int, per_round: int, size: int, steps: int, log: Callable[[str], None]
+) -> list[Measured]:
+    results = [Measured(runner.config) for runner in runners]
+    for runner, result in zip(runners, results, strict=True):
+        started = time.perf_counter()
+        warm = requests_for(range(10_000, 10_000 + runner.config.batch), size=size, steps=steps)
+        for _ in range(2):  # the second pass shows the first left nothing to compile or capture
+            runner.generate(warm)
+        result.warmup_s = time.perf_counter() - started
+        log(f"  warmed up {runner.config.name} in {result.warmup_s:.1f} s")
+    for round_number in range(rounds):
+        seeds = list(range(round_number * per_round, (round_number + 1) * per_round))
+        # Take turns in a rotating order, so no configuration always runs right after another.
+        order = list(range(len(runners)))
+        order = order[round_number % len(order) :] + order[: round_number % len(order)]
+        for index in order:
+            runner, result = runners[index], results[index]
+            batch = runner.config.batch
+            for start in range(0, per_round, batch):
+                chunk = requests_for(seeds[start : start + batch], size=size, steps=steps)
+                began = time.perf_counter()
+                images, rate = runner.generate(chunk)
+                elapsed = time.perf_counter() - began
+                result.seconds += elapsed
+                result.images += len(images)
+                result.latencies_ms += [elapsed * 1000] * len(chunk)
+                result.step_rates.append(rate)
+                for seed, image in zip(seeds[start : start + batch], images, strict=True):
+                    result.outputs[seed] = np.asarray(image, dtype=np.float64)
+        log(f"  round {round_number + 1}/{rounds} done")
+    return results
+
+
+def difference(result: Measured, stock: Measured) -> tuple[float, float]:
+    """Largest absolute pixel difference (0..255) and PSNR in dB against stock's images of the same seeds."""
+    errors = [result.outputs[seed] - stock.outputs[seed] for seed in stock.outputs]
+    largest = max(float(np.abs(error).max()) for error in errors)
+    mse = float(np.mean([np.mean(error**2) for error in errors]))
+    return largest, (math.inf if mse == 0 else 10 * math.log10(255**2 / mse))
+
+
+def table(results: list[Measured], *, gpu_model: str | None = None, steps: int = 0) -> str:
+    stock = results[0]
+    stock_rate = stock.images / stock.seconds
+    head = (
+        f"  {'configuration':46} {'batch':>5} {'images/s':>9} {'p50 ms':>8} {'speedup':>8} "
+        f"{'max|dpx|':>9} {'PSNR dB':>8}"
+    )
+    if gpu_model:
+        head += f" {'s/image':>8} {'UNet it/s':>9}"
+    head += f" {'warm-up s':>9}"
+    lines = [head, "  " + "-" * (len(head) - 2)]
+    for result in results:
+        rate = result.images / result.seconds
+        largest, psnr = difference(result, stock)
+        line = (
+            f"  {result.config.name:46} {result.config.batch:>5} {rate:>9.3f} "
+            f"{statistics.median(result.latencies_ms):>8.0f} {rate / stock_rate:>7.2f}x "
+            f"{largest:>9.0f} {psnr:>8.1f}"
+        )
+        if gpu_model:
+            its = statistics.median(result.step_rates)
+            line += f" {1 / rate:>8.3f} {its:>9.1f}"
+        line += f" {result.warmup_s:>9.1f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import diffusers
+
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return (
+        f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads){gpu}; "
+        f"torch {torch.__version__}, diffusers {diffusers.__version__}, Python {sys.version.split()[0]}"
+    )
+
+
+def run_cpu(args: argparse.Namespace, log: Callable[[str], None]) -> str:
+    configs = cpu_configs()
+    if args.quick:
+        keep = {"stock diffusers", "lossless set", "lossless set, batch of 4", "DeepCache k=2 (lossy)"}
+        configs = [config for config in configs if config.name in keep]
+    if args.only:
+        configs = [configs[0]] + [config for config in configs[1:] if any(part in config.name for part in args.only)]
+    runners = []
+    for config in configs:
+        pipeline = build_tiny_pipeline("small")  # seeded: every copy has the same weights
+        if config.profile.precision != "float32":
+            pipeline = pipeline.to(dtype=getattr(torch, config.profile.precision))
+        runners.append(Runner(config, pipeline, device="cpu", sync=lambda: None))
+    size, steps = 128, args.steps
+    log(f"CPU: the small built-in model, {size}x{size}, {steps} steps, guidance 7.5, DDIM; {args.rounds} rounds")
+    results = measure(runners, rounds=args.rounds, per_round=4, size=size, steps=steps, log=log)
+    return table(results)
+
+
+def run_gpu(args: argparse.Namespace, log: Callable[[str], None], *, dry_run: bool = False) -> str:
+    device = "cpu" if dry_run else "cuda"
+    dtype = torch.float32 if dry_run else torch.float16
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    sections = []
+    for name in args.architectures:
+        size = 64 if dry_run else NATIVE_SIZE[name]
+        steps = 2 if dry_run else args.steps
+        base = build_architecture(name, device=device, dtype=dtype, scale=10 if dry_run else 1)
+        for batch in (1, 2) if dry_run else args.batches:
+            configs = gpu_configs(batch)
+            if dry_run:
+                # No compiling or CUDA graphs on a CPU: the dry run checks the path, not the speed.
+                configs = [
+                    replace(config, profile=replace(config.profile, compile="off", precision="float32"))
+                    for config in configs
+                ]
+            runners = [
+                Runner(config, base if index == 0 else copy.deepcopy(base), device=device, sync=sync)
+                for index, config in enumerate(configs)
+            ]
+            log(f"{name}: {size}x{size}, {steps} steps, guidance 7.5, batch {batch}")
+            results = measure(
+                runners, rounds=1 if dry_run else args.rounds, per_round=batch * 2, size=size, steps=steps, log=log
+            )
+            title, published = PUBLISHED_H100_ITS[name]
+            sections.append(
+                f"{name} architecture, {size}x{size}, {steps} steps, guidance 7.5, batch {batch} "
+                f"(published: {title} {published} it/s on an H100)\n" + table(results, gpu_model=name, steps=steps)
+            )
+            del runners
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        del base
+    return "\n\n".join(sections)
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (each: 4 requests per configuration)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (CPU 20, GPU 30)")
+    parser.add_argument("--quick", action="store_true", help="CPU: four configurations only")
+    parser.add_argument("--only", nargs="*", help="CPU: stock and the configurations whose names contain these")
+    parser.add_argument("--gpu", action="store_true", help="the SD 1.5 / SDXL benchmark on CUDA")
+    parser.add_argument("--gpu-dry-run", action="store_true", help="the GPU benchmark's path at toy size on a CPU")
+    parser.add_argument("--architectures", nargs="*", default=["sd15", "sdxl"])
+    parser.add_argument("--batches", nargs="*", type=int, default=[1, 8])
+    parser.add_argument("--quiet", action="store_true", help="print the table only")
+    args = parser.parse_args(argv)
+
+    def log(message: str) -> None:
+        if not args.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    import diffusers.utils.logging
+
+    diffusers.utils.logging.set_verbosity_error()
+    configure_compile_cache(Path(os.environ.get("PLATFORM_DATA_DIR") or REPO / "var") / "compile-cache")
+    load_before = os.getloadavg()[0]
+    if args.gpu or args.gpu_dry_run:
+        if args.gpu and not torch.cuda.is_available():
+            parser.error("--gpu needs CUDA; --gpu-dry-run runs the same path on a CPU")
+        args.steps = args.steps or 30
+        body = run_gpu(args, log, dry_run=args.gpu_dry_run)
+    else:
+        args.steps = args.steps or 20
+        body = run_cpu(args, log)
+    report = (
+        f"Engine benchmark on {machine()}\n"
+        f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after\n\n{body}\n"
+    )
+    print(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,385 @@
+"""The optimized engine against stock diffusers on the tiny built-in model: profiles, images, batches, cancel, metering.
+
+Speed is the benchmark's business (`make bench-engine`); these check that every optimization keeps its promise
+about the images, and that GPU time split across a batch adds up.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
+from inference.engine import (
+    STOCK_PROFILE,
+    BatchIncompatible,
+    BatchMeter,
+    Cancelled,
+    Engine,
+    GenerationRequest,
+    ModuleOptimizations,
+    OptimizationProfile,
+    ProfileError,
+    RunOptions,
+    build_tiny_pipeline,
+    largest_remainder,
+    load_pipeline,
+    resolve,
+    run_pipeline,
+    validate_profile,
+)
+from inference.engine.architectures import build_architecture
+
+LOSSLESS = replace(STOCK_PROFILE, inference_mode=True, fuse_qkv=True, prompt_cache=8)
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def psnr(one: Image.Image, other: Image.Image) -> float:
+    mse = float(np.mean((pixels(one).astype(np.float64) - pixels(other)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def request(**overrides: object) -> GenerationRequest:
+    fields: dict[str, object] = {
+        "prompts": ["a lighthouse at dusk"],
+        "seeds": [7],
+        "width": 64,
+        "height": 64,
+        "num_inference_steps": 4,
+    }
+    fields.update(overrides)
+    return GenerationRequest(**fields)  # type: ignore[arg-type]
+
+
+def engine_for(profile: OptimizationProfile) -> Engine:
+    pipeline = build_tiny_pipeline("tiny")
+    if profile.precision != "float32":
+        pipeline = pipeline.to(dtype=getattr(torch, profile.precision))
+    return Engine(pipeline, optimizations=ModuleOptimizations.of(profile))
+
+
+@pytest.fixture(scope="module")
+def stock() -> Callable[[GenerationRequest], list[Image.Image]]:
+    """Stock diffusers' own pipeline call (no engine), one request at a time, memoized."""
+    pipeline = load_pipeline("builtin:tiny-sd")
+    seen: dict[str, list[Image.Image]] = {}
+
+    def generate(one: GenerationRequest) -> list[Image.Image]:
+        key = repr(one)  # text to image only: every field has a plain repr
+        if key not in seen:
+            seen[key] = run_pipeline(pipeline, one, inference_mode=False).images
+        return seen[key]
+
+    return generate
+
+
+@pytest.fixture(scope="module")
+def lossless() -> Engine:
+    return engine_for(LOSSLESS)
+
+
+# --- Profiles -----------------------------------------------------------------------------------------------
+
+
+def test_an_empty_profile_takes_the_device_defaults() -> None:
+    cpu = resolve({}, device="cpu")
+    cuda = resolve({}, device="cuda")
+    assert (cpu.precision, cpu.compile, cpu.cuda_graphs, cpu.feature_cache_interval) == ("float32", "off", False, 0)
+    assert (cuda.precision, cuda.compile, cuda.cuda_graphs, cuda.max_batch_size) == ("float16", "regional", True, 8)
+    assert (cpu.lossy, cuda.lossy) == (False, False)
+    assert (cpu.fuse_qkv, cpu.inference_mode, cpu.max_batch_size) == (True, True, 4)
+
+
+def test_a_profile_overrides_defaults_and_the_device_drops_what_it_cannot_do() -> None:
+    profile = resolve({"precision": "auto", "cuda_graphs": True, "feature_cache_interval": 3}, device="cpu")
+    assert (profile.precision, profile.cuda_graphs, profile.feature_cache_interval) == ("float32", False, 3)
+    assert profile.lossy
+    assert resolve({"precision": "auto"}, device="cuda:0").precision == "float16"
+    assert validate_profile(None) == {}
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        ({"channel_last": True}, "unknown optimization 'channel_last'"),
+        ({"fuse_qkv": 1}, "fuse_qkv must be true or false"),
+        ({"max_batch_size": True}, "max_batch_size must be a whole number from 1 to 64"),
+        ({"max_batch_size": 0}, "max_batch_size must be a whole number"),
+        ({"batch_wait_ms": 500}, "batch_wait_ms must be a whole number from 0 to 50"),
+        ({"precision": "float8"}, "precision must be one of auto, float32, float16, bfloat16"),
+        ({"compile": True}, "compile must be one of off, regional, full"),
+        ({"feature_cache_interval": 1}, "use 0 to switch it off"),
+        (["sdpa"], "must be a JSON object"),
+    ],
+)
+def test_bad_profiles_are_refused_with_every_problem_named(raw: object, problem: str) -> None:
+    with pytest.raises(ProfileError, match=problem):
+        validate_profile(raw)
+    with pytest.raises(ProfileError):
+        resolve(raw, device="cpu")
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    with pytest.raises(ProfileError) as refused:
+        validate_profile({"sdpa": "yes", "turbo": True})
+    assert len(refused.value.problems) == 2
+
+
+# --- Images -------------------------------------------------------------------------------------------------
+
+
+def test_the_same_seed_gives_the_same_image(lossless: Engine) -> None:
+    first = lossless.run(request(), options=RunOptions.of(LOSSLESS)).images[0]
+    second = lossless.run(request(), options=RunOptions.of(LOSSLESS)).images[0]
+    assert np.array_equal(pixels(first), pixels(second))
+    assert not np.array_equal(pixels(first), pixels(lossless.run(request(seeds=[8])).images[0]))
+
+
+def test_the_lossless_engine_draws_stock_diffusers_image(
+    lossless: Engine, stock: Callable[[GenerationRequest], list[Image.Image]]
+) -> None:
+    one = request(negative_prompt="blurry", guidance_scale=6.0)
+    engine_image = lossless.run(one, options=RunOptions.of(LOSSLESS)).images[0]
+    # Float32 on a CPU: the same operations in the same order give the same bits.
+    assert np.array_equal(pixels(engine_image), pixels(stock(one)[0]))
+
+
+def test_the_prompt_cache_returns_what_encoding_again_gives(lossless: Engine) -> None:
+    cached = RunOptions(prompt_cache=4)
+    first = lossless.run(request(prompts=["a cached prompt"]), options=cached).images[0]
+    hits = lossless.prompt_cache_hits
+    again = lossless.run(request(prompts=["a cached prompt"]), options=cached).images[0]
+    assert lossless.prompt_cache_hits == hits + 1
+    assert np.array_equal(pixels(first), pixels(again))
+
+
+def test_a_batch_gives_the_images_its_requests_give_alone(
+    lossless: Engine, stock: Callable[[GenerationRequest], list[Image.Image]]
+) -> None:
+    requests = [
+        request(prompts=["a red fox"], seeds=[11]),
+        request(prompts=["a blue whale", "a blue whale"], seeds=[12, 13], guidance_scale=5.0),
+        request(prompts=["a red fox"], seeds=[14], negative_prompt="fog"),
+    ]
+    outcomes = lossless.run_batch(requests, options=RunOptions.of(LOSSLESS))
+    for one, outcome in zip(requests, outcomes, strict=True):
+        assert not isinstance(outcome, Cancelled)
+        alone = stock(one)
+        assert len(outcome.images) == len(alone) == len(one.seeds)
+        for batched, single in zip(outcome.images, alone, strict=True):
+            assert np.abs(pixels(batched) - pixels(single)).max() <= 1
+
+
+def test_requests_that_cannot_share_a_call_are_refused(lossless: Engine) -> None:
+    with pytest.raises(BatchIncompatible):
+        lossless.run_batch([request(), request(width=96)])
+    with pytest.raises(BatchIncompatible):
+        lossless.run_batch([request(), request(guidance_scale=1.0)])
+    with pytest.raises(BatchIncompatible):
+        lossless.run_batch([request(init_image=Image.new("RGB", (64, 64))), request()])
+
+
+PROFILES = {
+    "stock": STOCK_PROFILE,
+    "lossless": LOSSLESS,
+    "classic attention": replace(STOCK_PROFILE, sdpa=False),
+    "channels_last": replace(LOSSLESS, channels_last=True),
+    "bfloat16": replace(LOSSLESS, precision="bfloat16"),
+    "feature cache": replace(LOSSLESS, feature_cache_interval=2),
+}
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_every_profile_draws_valid_images_of_the_requested_size(
+    name: str, stock: Callable[[GenerationRequest], list[Image.Image]]
+) -> None:
+    profile = PROFILES[name]
+    engine = engine_for(profile)
+    wide = request(width=96, height=64, seeds=[3, 4], prompts=["a fox"] * 2)
+    images = engine.run(wide, options=RunOptions.of(profile)).images
+    assert [(image.size, image.mode) for image in images] == [((96, 64), "RGB")] * 2
+    assert all(pixels(image).std() > 0 for image in images)
+    worst = min(psnr(image, reference) for image, reference in zip(images, stock(wide), strict=True))
+    if profile.lossy or profile.precision != "float32":
+        assert worst >= 30
+    else:
+        assert all(
+            np.abs(pixels(image) - pixels(reference)).max() <= 1
+            for image, reference in zip(images, stock(wide), strict=True)
+        )
+    image_to_image = request(init_image=images[0], strength=0.5, width=96, height=64)
+    assert engine.run(image_to_image, options=RunOptions.of(profile)).images[0].size == (96, 64)
+
+
+def test_regional_compilation_draws_stock_image(stock: Callable[[GenerationRequest], list[Image.Image]]) -> None:
+    profile = replace(LOSSLESS, compile="regional")
+    engine = engine_for(profile)
+    one = request(num_inference_steps=2)
+    image = engine.run(one, options=RunOptions.of(profile)).images[0]
+    assert np.abs(pixels(image) - pixels(stock(one)[0])).max() <= 1
+
+
+# --- Cancel -------------------------------------------------------------------------------------------------
+
+
+def test_cancel_stops_a_run_within_one_step(lossless: Engine) -> None:
+    seen: list[int] = []
+    with pytest.raises(Cancelled) as cancelled:
+        lossless.run(
+            request(num_inference_steps=6), on_step=lambda step, _: seen.append(step), should_cancel=lambda: 3 in seen
+        )
+    assert (cancelled.value.steps_done, cancelled.value.total_steps) == (3, 6)
+    assert seen == [1, 2, 3]
+    with pytest.raises(Cancelled) as before:
+        lossless.run(request(), should_cancel=lambda: True)
+    assert before.value.steps_done == 0
+
+
+@pytest.mark.parametrize("feature_cache_interval", [0, 2])
+def test_a_request_cancelled_in_a_batch_leaves_it_at_that_step_and_the_others_finish(
+    lossless: Engine, stock: Callable[[GenerationRequest], list[Image.Image]], feature_cache_interval: int
+) -> None:
+    requests = [request(seeds=[21]), request(seeds=[22], prompts=["a second prompt"]), request(seeds=[23])]
+    seen: list[int] = []
+    left: list[tuple[int, int, int]] = []
+    options = RunOptions(feature_cache_interval=feature_cache_interval)
+    outcomes = lossless.run_batch(
+        requests,
+        options=options,
+        on_step=lambda step, _: seen.append(step),
+        should_cancel=lambda member: member == 1 and 2 in seen,
+        on_cancelled=lambda member, cancelled: left.append((member, cancelled.steps_done, len(seen))),
+    )
+    # Told at once, at the step it was asked to stop at, while the batch goes on to its last step.
+    assert left == [(1, 2, 2)]
+    assert seen == [1, 2, 3, 4]
+    assert isinstance(outcomes[1], Cancelled)
+    for index in (0, 2):
+        outcome = outcomes[index]
+        assert not isinstance(outcome, Cancelled)
+        alone = lossless.run(requests[index], options=options).images[0]
+        assert np.abs(pixels(outcome.images[0]) - pixels(alone)).max() <= 1
+        if not feature_cache_interval:
+            assert np.abs(pixels(outcome.images[0]) - pixels(stock(requests[index])[0])).max() <= 1
+
+
+def test_a_batch_whose_requests_all_leave_stops() -> None:
+    engine = engine_for(LOSSLESS)
+    seen: list[int] = []
+    outcomes = engine.run_batch(
+        [request(seeds=[1]), request(seeds=[2])],
+        on_step=lambda step, _: seen.append(step),
+        should_cancel=lambda member: len(seen) >= member + 1,
+    )
+    assert [outcome.steps_done for outcome in outcomes if isinstance(outcome, Cancelled)] == [1, 2]
+    assert seen == [1, 2]
+
+
+# --- GPU time of a batch -------------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, ms: float) -> None:
+        self.now += ms / 1000
+
+
+def test_shares_follow_images_and_add_up_to_the_batch_time() -> None:
+    clock = Clock()
+    meter = BatchMeter([1, 2, 1], clock=clock)
+    clock.advance(400.3)
+    assert meter.running_ms(1) == math.ceil(400.3 / 2)
+    # The first request is cancelled here: it takes a quarter of the time so far, rounded down.
+    assert meter.leave([0]) == {0: 100}
+    clock.advance(300)
+    meter.exclusive(2)  # storing the third request's images: its time alone
+    clock.advance(10.4)
+    assert meter.leave([2]) == {2: math.floor(100.075 + 100 + 10.4)}
+    clock.advance(5)
+    final = meter.leave([1])
+    assert sum(meter.allocated.values()) == meter.total_ms() == math.ceil(400.3 + 300 + 10.4 + 5)
+    assert final[1] >= 200.15 + 200 + 5
+
+
+def test_requests_that_finish_together_split_by_largest_remainder() -> None:
+    clock = Clock()
+    meter = BatchMeter([1, 1, 1], clock=clock)
+    clock.advance(100)
+    shares = meter.leave([0, 1, 2])
+    assert shares == {0: 34, 1: 33, 2: 33}  # 100 ms: the spare millisecond goes to the first
+    assert meter.total_ms() == 100
+
+
+@given(
+    weights=st.lists(st.integers(min_value=1, max_value=8), min_size=1, max_size=8),
+    intervals=st.lists(st.floats(min_value=0, max_value=5000, allow_nan=False), min_size=1, max_size=12),
+    seed=st.integers(min_value=0, max_value=2**16),
+)
+def test_shares_always_sum_exactly_to_the_batch_time(weights: list[int], intervals: list[float], seed: int) -> None:
+    clock = Clock()
+    meter = BatchMeter(weights, clock=clock)
+    started = clock.now
+    rng = np.random.default_rng(seed)
+    for elapsed in intervals:
+        clock.advance(elapsed)
+        active = meter.active
+        if len(active) > 1 and rng.random() < 0.4:
+            meter.leave([int(rng.choice(active))])
+    meter.leave(meter.active)
+    shares = meter.allocated
+    assert sorted(shares) == list(range(len(weights)))
+    assert all(share >= 0 for share in shares.values())
+    assert sum(shares.values()) == math.ceil((clock.now - started) * 1000)
+
+
+@given(
+    exact=st.lists(st.floats(min_value=0, max_value=1e6, allow_nan=False), min_size=1, max_size=10),
+    total=st.integers(min_value=0, max_value=10**7),
+)
+def test_largest_remainder_is_exact_and_fair(exact: list[float], total: int) -> None:
+    shares = largest_remainder(dict(enumerate(exact)), total)
+    assert sum(shares.values()) == total
+    exact_sum = sum(exact)
+    for key, value in enumerate(exact):
+        ideal = total * (value / exact_sum) if exact_sum else total / len(exact)
+        assert abs(shares[key] - ideal) < 1 + 1e-6
+
+
+# --- The GPU benchmark's models, at toy size -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl"])
+def test_the_real_architectures_build_and_the_engine_draws_stock_images(name: str) -> None:
+    stock_pipeline = build_architecture(name, scale=10)
+    engine = Engine(build_architecture(name, scale=10), optimizations=ModuleOptimizations(fuse_qkv=True))
+    assert engine.is_xl == (name == "sdxl")
+    one = request(num_inference_steps=2, guidance_scale=7.5)
+    reference = stock_pipeline(
+        prompt=one.prompts,
+        generator=[torch.Generator().manual_seed(seed) for seed in one.seeds],
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        height=64,
+        width=64,
+        output_type="pil",
+    ).images[0]
+    image = engine.run(one).images[0]
+    assert image.size == (64, 64)
+    assert np.abs(pixels(image) - pixels(reference)).max() <= 1
+    cached = engine.run(replace(one, num_inference_steps=3), options=RunOptions(feature_cache_interval=2))
+    assert cached.images[0].size == (64, 64)

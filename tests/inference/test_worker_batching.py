@@ -1,0 +1,142 @@
+"""The worker running the engine: compatible dispatched jobs share a pipeline call, each keeping its own lifecycle.
+
+Transactional: the heartbeat renews leases from its own thread and database connection, which must see the jobs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from inference import services, worker
+from inference.engine import BatchMeter
+from inference.models import AttemptOutcome, Endpoint, Job, JobAttempt, JobStatus
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+SMALL = {"prompt": "a lighthouse", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 2}
+
+
+@pytest.fixture
+def dispatch(tenant: dict[str, Any], builtin_endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Submits jobs and dispatches them at once (no broker: the messages are only recorded)."""
+    monkeypatch.setattr(services, "send_run_message", lambda *message: True)
+    organization = tenant["organization"]
+    type(organization).objects.filter(pk=organization.pk).update(concurrency_limit=20)
+
+    def submit(**payload: Any) -> Job:
+        job, _ = services.submit_job(
+            organization=organization,
+            api_key=tenant["api_key"],
+            endpoint=builtin_endpoint,
+            payload={**SMALL, **payload},
+        )
+        services.dispatch_organization(organization.pk)
+        return Job.objects.get(pk=job.pk)
+
+    return submit
+
+
+@pytest.fixture
+def meters(monkeypatch: pytest.MonkeyPatch) -> list[BatchMeter]:
+    """Every batch meter the worker makes, to compare the jobs' GPU time with their batch's."""
+    made: list[BatchMeter] = []
+
+    class RecordedMeter(BatchMeter):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(worker, "BatchMeter", RecordedMeter)
+    return made
+
+
+def attempt_of(job: Job) -> JobAttempt:
+    return JobAttempt.objects.get(job=job)
+
+
+def test_compatible_jobs_run_as_one_batch_and_their_gpu_time_adds_up(dispatch: Any, meters: list[BatchMeter]) -> None:
+    first, second, third = (dispatch(seed=seed) for seed in (1, 2, 3))
+    four_images = dispatch(seed=4, num_images=2)  # with the others it would make five images: over the batch size
+    other_size = dispatch(seed=5, image_size={"width": 72, "height": 64})
+    assert {job.status for job in (first, second, third, four_images, other_size)} == {JobStatus.DISPATCHED}
+
+    worker.execute(str(first.id), first.attempt)
+
+    batch = [Job.objects.get(pk=job.pk) for job in (first, second, third)]
+    assert [job.status for job in batch] == [JobStatus.COMPLETED] * 3
+    assert Job.objects.get(pk=four_images.pk).status == JobStatus.DISPATCHED
+    assert Job.objects.get(pk=other_size.pk).status == JobStatus.DISPATCHED
+    attempts = [attempt_of(job) for job in batch]
+    assert [attempt.outcome for attempt in attempts] == [AttemptOutcome.SUCCEEDED] * 3
+    assert all(attempt.gpu_ms > 0 for attempt in attempts)
+    [meter] = meters
+    assert meter.active == []
+    assert sum(attempt.gpu_ms for attempt in attempts) == meter.total_ms()
+    assert [job.gpu_ms for job in batch] == [attempt.gpu_ms for attempt in attempts]
+    # Only the job that waited for the model paid its cold start.
+    assert [attempt.cold_start_ms for attempt in attempts[1:]] == [0, 0]
+    for job in batch:
+        assert [(image["width"], image["height"]) for image in job.result["images"]] == [(64, 64)]
+        assert job.logs.filter(message__contains="Shared a pipeline call with 2 other request(s)").exists()
+
+    # The companions' own messages arrive later and find their jobs taken: nothing runs twice.
+    worker.execute(str(second.id), second.attempt)
+    assert JobAttempt.objects.filter(job=second).count() == 1
+    assert Job.objects.get(pk=second.pk).gpu_ms == attempts[1].gpu_ms
+
+    worker.execute(str(other_size.id), other_size.attempt)
+    alone = Job.objects.get(pk=other_size.pk)
+    assert alone.status == JobStatus.COMPLETED
+    assert alone.gpu_ms == meters[-1].total_ms()
+    assert (alone.result["images"][0]["width"], alone.result["images"][0]["height"]) == (72, 64)
+
+
+def test_a_job_cancelled_inside_a_batch_stops_and_pays_its_share(
+    dispatch: Any, meters: list[BatchMeter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = [dispatch(seed=seed, num_inference_steps=12) for seed in (1, 2, 3)]
+    real_claim = services.claim_batch_companions
+
+    def claim_then_cancel_one(**kwargs: Any) -> list[Job]:
+        companions = real_claim(**kwargs)
+        for companion in companions:
+            if companion.pk == jobs[1].pk:
+                assert services.cancel_job(job=companion) == "CANCELLATION_REQUESTED"
+        return companions
+
+    monkeypatch.setattr(services, "claim_batch_companions", claim_then_cancel_one)
+    worker.execute(str(jobs[0].id), jobs[0].attempt)
+
+    cancelled = Job.objects.get(pk=jobs[1].pk)
+    assert cancelled.status == JobStatus.CANCELLED
+    assert cancelled.error_type == "cancelled"
+    assert "Stopped after step" in cancelled.error
+    assert "of 12." in cancelled.error
+    assert attempt_of(cancelled).outcome == AttemptOutcome.CANCELLED
+    assert cancelled.gpu_ms == attempt_of(cancelled).gpu_ms > 0  # billed for the steps it used
+    finished = [Job.objects.get(pk=jobs[index].pk) for index in (0, 2)]
+    assert [job.status for job in finished] == [JobStatus.COMPLETED] * 2
+    [meter] = meters
+    assert sum(attempt_of(job).gpu_ms for job in jobs) == meter.total_ms()
+    # It left the batch early: it paid less than those that ran to the end.
+    assert cancelled.gpu_ms < min(job.gpu_ms for job in finished)
+
+
+def test_an_endpoint_without_batching_runs_its_jobs_one_by_one(dispatch: Any, builtin_endpoint: Endpoint) -> None:
+    Endpoint.objects.filter(pk=builtin_endpoint.pk).update(optimization_profile={"max_batch_size": 1})
+    first, second = dispatch(seed=1), dispatch(seed=2)
+    worker.execute(str(first.id), first.attempt)
+    assert Job.objects.get(pk=first.pk).status == JobStatus.COMPLETED
+    assert Job.objects.get(pk=second.pk).status == JobStatus.DISPATCHED
+
+
+def test_an_invalid_stored_profile_fails_the_job_unbilled(dispatch: Any, builtin_endpoint: Endpoint) -> None:
+    # Saved around the admin's checks (straight into the table): the worker checks again.
+    Endpoint.objects.filter(pk=builtin_endpoint.pk).update(optimization_profile={"turbo": True})
+    job = dispatch(seed=1)
+    worker.execute(str(job.id), job.attempt)
+    job.refresh_from_db()
+    assert (job.status, job.error_type, job.gpu_ms) == (JobStatus.FAILED, "model_unavailable", 0)
+    assert attempt_of(job).outcome == AttemptOutcome.ERRORED
