@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 
-.PHONY: run test lint typecheck pytest pytest-sqlite browser bench-api bench-queue install clean
+.PHONY: run test lint typecheck pytest pytest-sqlite browser bench-api bench-queue bench-engine install clean
 
 ## Set up and run the platform on the embedded default (SQLite, no services): http://127.0.0.1:$(PORT)
 run: install
@@ -49,6 +49,10 @@ bench-api: install
 ## Submit latency, queue overhead and sustained submits/s, against a bare Celery round trip
 bench-queue: install
 	$(BIN)/python -m tests.bench.queue_overhead
+
+## Stock diffusers against the engine: same weights, seeds and parameters (ARGS=--gpu on CUDA, ARGS=--quick)
+bench-engine: install
+	$(BIN)/python -m tests.bench.engine $(ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
