@@ -11,3 +11,5 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 app = Celery("platform")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+# Modules beside an app's tasks.py that hold tasks of their own (imported by name, not by tasks.py).
+app.autodiscover_tasks(["billing"], related_name="reconciliation_tasks")

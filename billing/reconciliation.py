@@ -1,0 +1,557 @@
+"""Reconciliation: every night, prove that the books agree with themselves and with Stripe.
+
+Each check compares two records of the same money or time that are written together (a closed attempt and
+its usage record, a usage record and its debit, the entries and the cached balance, raw usage and its
+rollups, a payment and its credit) and reports every disagreement. Expected: none. Each check is a fixed
+number of aggregate queries, whatever the number of rows; Python only compares grouped sums.
+
+What a run stores (``ReconciliationRun``):
+
+- ``checked``: ``{check: {"checked": rows looked at, "drift": discrepancies found, ...}}``, plus a check's
+  own figures (``unbilled_never_started`` for jobs; ``skipped`` with the reason when a check could not run);
+- ``drift``: one item per kind of discrepancy, ``{"check", "kind", "count", "examples"}``, with at most
+  ``EXAMPLES_PER_KIND`` example rows (ids, both sides, the difference);
+- ``ok``: no drift in any check. A skipped check (Stripe without a key) is recorded as skipped, not passed.
+
+On PostgreSQL the database checks read one REPEATABLE READ snapshot, so work that commits meanwhile cannot
+show up as drift. On SQLite (the embedded run, where a transaction would take the write lock and stall the
+worker) each query reads the latest commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import (
+    BigIntegerField,
+    Count,
+    Exists,
+    F,
+    FilteredRelation,
+    OuterRef,
+    Q,
+    QuerySet,
+    Subquery,
+    Sum,
+    Value,
+    Window,
+)
+from django.db.models.functions import Coalesce, Lag, TruncDay
+from django.utils import timezone
+
+from billing.models import (
+    Account,
+    CreditEntry,
+    EntryKind,
+    Granularity,
+    Hold,
+    Payment,
+    PaymentStatus,
+    ReconciliationRun,
+    UsageRecord,
+    UsageRollup,
+)
+from billing.money import MICROS_PER_CENT
+from inference.models import BILLABLE_OUTCOMES, FINAL_STATUSES, AttemptOutcome, Job, JobAttempt, JobStatus
+
+logger = logging.getLogger(__name__)
+
+EXAMPLES_PER_KIND = 20
+ROLLUP_SUMS = ("attempts", "billable_attempts", "gpu_ms", "unbilled_gpu_ms", "cost_micros", "work_units")
+CREDITED_KINDS = (EntryKind.PURCHASE, EntryKind.AUTO_TOP_UP)  # the entry that buys credits with a payment
+
+
+@dataclass
+class Check:
+    """One check's findings: how many rows it looked at, and each kind of drift with examples."""
+
+    name: str
+    checked: int = 0
+    drift_count: int = 0
+    drift: list[dict[str, Any]] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
+    skipped: str = ""
+
+    def found(self, kind: str, count: int, examples: Iterable[Mapping[str, Any]]) -> None:
+        if count:
+            self.drift_count += count
+            shown = [_plain(example) for _, example in zip(range(EXAMPLES_PER_KIND), examples, strict=False)]
+            self.drift.append({"check": self.name, "kind": kind, "count": count, "examples": shown})
+
+    def found_in(self, kind: str, rows: QuerySet[Any], *fields: str) -> None:
+        """Drift of this kind is every row of ``rows`` (counted in SQL; a few fetched as examples)."""
+        count = rows.count()
+        if count:
+            self.found(kind, count, rows.values(*fields)[:EXAMPLES_PER_KIND])
+
+    def summary(self) -> dict[str, Any]:
+        summary: dict[str, Any] = {"checked": self.checked, "drift": self.drift_count, **self.figures}
+        if self.skipped:
+            summary["skipped"] = self.skipped
+        return summary
+
+
+def _plain(value: Any) -> Any:
+    """JSON for the run's drift list: ids and moments as strings, amounts as integers."""
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID | Decimal):
+        return str(value)
+    return value
+
+
+def _total(column: str) -> Coalesce:
+    return Coalesce(Sum(column), Value(0), output_field=BigIntegerField())
+
+
+def _sum_per_organization(queryset: QuerySet[Any], column: str) -> Coalesce:
+    """A correlated SUM over ``queryset`` for each account row (0 when it has none)."""
+    summed = queryset.filter(organization_id=OuterRef("pk")).order_by().values("organization_id")
+    subquery = Subquery(summed.annotate(total=Sum(column)).values("total"), output_field=BigIntegerField())
+    return Coalesce(subquery, Value(0), output_field=BigIntegerField())
+
+
+# --- Jobs, attempts and usage records ----------------------------------------------------------------------
+
+
+def check_jobs() -> Check:
+    """Every final job ran at least one attempt, or ended (cancelled or failed) before it ever started."""
+    check = Check("jobs")
+    final = Job.objects.filter(status__in=FINAL_STATUSES)
+    has_attempt = Exists(JobAttempt.objects.filter(job_id=OuterRef("pk")))
+    counts = final.aggregate(
+        jobs=Count("pk"),
+        never_started=Count("pk", filter=~Q(has_attempt) & ~Q(status=JobStatus.COMPLETED)),
+    )
+    check.checked = counts["jobs"]
+    check.figures["unbilled_never_started"] = counts["never_started"]
+    fields = ("id", "organization_id", "status", "finished_at")
+    check.found_in("completed_without_attempt", final.filter(~has_attempt, status=JobStatus.COMPLETED), *fields)
+    open_attempt = Exists(JobAttempt.objects.filter(job_id=OuterRef("pk"), outcome=AttemptOutcome.RUNNING))
+    check.found_in("final_job_with_open_attempt", final.filter(open_attempt), *fields)
+    return check
+
+
+def check_attempts() -> Check:
+    """Every closed attempt (final or retried) has exactly one usage record (the unique constraint: at most one)."""
+    check = Check("attempts")
+    closed = JobAttempt.objects.exclude(outcome=AttemptOutcome.RUNNING)
+    check.checked = closed.count()
+    recorded = Exists(UsageRecord.objects.filter(job_id=OuterRef("job_id"), attempt_number=OuterRef("number")))
+    check.found_in(
+        "closed_attempt_without_usage", closed.filter(~recorded), "job_id", "number", "outcome", "gpu_ms", "finished_at"
+    )
+    return check
+
+
+def check_usage_records() -> Check:
+    """Every usage record belongs to a closed attempt of its job, and says what that attempt says."""
+    check = Check("usage_records")
+    # The attempt's columns as plain values of one LEFT JOIN: conditions on them never fan out into subqueries.
+    records = UsageRecord.objects.annotate(
+        attempt=FilteredRelation("job__attempts", condition=Q(job__attempts__number=F("attempt_number")))
+    ).annotate(
+        attempt_id=F("attempt__id"),
+        attempt_outcome=F("attempt__outcome"),
+        attempt_gpu_ms=F("attempt__gpu_ms"),
+        attempt_cold_start_ms=F("attempt__cold_start_ms"),
+        job_organization_id=F("job__organization_id"),
+        total_ms=F("gpu_ms") + F("unbilled_gpu_ms"),
+    )
+    check.checked = UsageRecord.objects.count()
+    fields = ("id", "job_id", "attempt_number", "organization_id", "outcome", "gpu_ms", "unbilled_gpu_ms")
+    unclosed = Q(attempt_id__isnull=True) | Q(attempt_outcome=AttemptOutcome.RUNNING)
+    check.found_in("usage_without_closed_attempt", records.filter(unclosed).order_by("id"), *fields)
+    attempt_billable = Q(attempt_outcome__in=BILLABLE_OUTCOMES)
+    disagrees = (
+        ~Q(organization_id=F("job_organization_id"))
+        | ~Q(outcome=F("attempt_outcome"))
+        | (Q(billable=True) & ~attempt_billable)
+        | (Q(billable=False) & attempt_billable)
+        # GPU time is conserved: billed plus unbilled is the attempt's whole time, cold start included...
+        | ~Q(total_ms=F("attempt_gpu_ms") + F("attempt_cold_start_ms"))
+        # ...and a billable attempt's GPU time is billed in full.
+        | (Q(billable=True) & ~Q(gpu_ms=F("attempt_gpu_ms")))
+    )
+    check.found_in(
+        "usage_disagrees_with_attempt",
+        records.exclude(unclosed).filter(disagrees).order_by("id"),
+        *fields,
+        "job_organization_id",
+        "attempt_outcome",
+        "attempt_gpu_ms",
+        "attempt_cold_start_ms",
+    )
+    return check
+
+
+# --- Usage against the credit ledger ----------------------------------------------------------------------
+
+
+def check_usage_debits() -> Check:
+    """Each billable record's cost is debited once, as exactly its cost; per organization the totals agree."""
+    check = Check("usage_debits")
+    billable = UsageRecord.objects.filter(billable=True)
+    debits = CreditEntry.objects.filter(kind=EntryKind.USAGE)
+    check.checked = billable.count() + debits.count()
+    check.found_in(
+        "billable_usage_without_debit",
+        billable.filter(cost_micros__gt=0, credit_entry__isnull=True),
+        "id",
+        "job_id",
+        "attempt_number",
+        "organization_id",
+        "cost_micros",
+    )
+    check.found_in(
+        "debit_differs_from_cost",
+        debits.exclude(
+            amount_micros=-F("usage_record__cost_micros"), organization_id=F("usage_record__organization_id")
+        )
+        .annotate(cost_micros=F("usage_record__cost_micros"), record_organization_id=F("usage_record__organization_id"))
+        .order_by("id"),
+        "id",
+        "usage_record_id",
+        "organization_id",
+        "amount_micros",
+        "cost_micros",
+        "record_organization_id",
+    )
+    check.found_in(
+        "usage_record_on_other_entry",
+        CreditEntry.objects.filter(usage_record__isnull=False).exclude(kind=EntryKind.USAGE).order_by("id"),
+        "id",
+        "kind",
+        "usage_record_id",
+        "amount_micros",
+    )
+    costs = dict(billable.order_by().values_list("organization_id").annotate(total=_total("cost_micros")))
+    debited = dict(debits.order_by().values_list("organization_id").annotate(total=_total("amount_micros")))
+    differences = [
+        {
+            "organization_id": organization_id,
+            "usage_cost_micros": costs.get(organization_id, 0),
+            "usage_debits_micros": -debited.get(organization_id, 0),
+            "difference_micros": costs.get(organization_id, 0) + debited.get(organization_id, 0),
+        }
+        for organization_id in sorted(costs.keys() | debited.keys(), key=str)
+        if costs.get(organization_id, 0) + debited.get(organization_id, 0) != 0
+    ]
+    check.found("organization_usage_not_debited", len(differences), differences)
+    return check
+
+
+def check_balances() -> Check:
+    """The cached balance is the sum of the organization's entries and the latest entry's balance_after."""
+    check = Check("balances")
+    accounts = Account.objects.annotate(
+        entries_micros=_sum_per_organization(CreditEntry.objects.all(), "amount_micros"),
+        last_balance_after_micros=Subquery(
+            CreditEntry.objects.filter(organization_id=OuterRef("pk"))
+            .order_by("-id")
+            .values("balance_after_micros")[:1]
+        ),
+    )
+    check.checked = accounts.count()
+    fields = ("organization_id", "balance_micros", "entries_micros", "last_balance_after_micros")
+    check.found_in(
+        "balance_not_sum_of_entries",
+        accounts.exclude(balance_micros=F("entries_micros")).order_by("pk"),
+        *fields,
+    )
+    check.found_in(
+        "balance_not_last_balance_after",
+        accounts.filter(last_balance_after_micros__isnull=False)
+        .exclude(balance_micros=F("last_balance_after_micros"))
+        .order_by("pk"),
+        *fields,
+    )
+    orphans = (
+        CreditEntry.objects.filter(~Exists(Account.objects.filter(pk=OuterRef("organization_id"))))
+        .order_by()
+        .values("organization_id")
+        .annotate(entries=Count("id"), entries_micros=_total("amount_micros"))
+    )
+    orphan_rows = list(orphans)
+    check.found("entries_without_account", len(orphan_rows), orphan_rows)
+    return check
+
+
+def check_ledger_chain() -> Check:
+    """Each entry's balance_after is the previous entry's (of its organization, by id) plus its amount."""
+    check = Check("ledger_chain")
+    check.checked = CreditEntry.objects.count()
+    chained = CreditEntry.objects.annotate(
+        previous_balance_after_micros=Window(
+            Lag("balance_after_micros"), partition_by=F("organization_id"), order_by=F("id").asc()
+        )
+    )
+    broken = chained.exclude(
+        balance_after_micros=Coalesce(F("previous_balance_after_micros"), Value(0), output_field=BigIntegerField())
+        + F("amount_micros")
+    ).order_by("id")
+    check.found_in(
+        "balance_after_breaks_the_chain",
+        broken,
+        "id",
+        "organization_id",
+        "kind",
+        "amount_micros",
+        "balance_after_micros",
+        "previous_balance_after_micros",
+    )
+    return check
+
+
+def check_holds() -> Check:
+    """Held credit is the sum of open holds; a final job holds nothing; a hold belongs to its job's organization."""
+    check = Check("holds")
+    open_holds = Hold.objects.filter(released_at__isnull=True)
+    accounts = Account.objects.annotate(open_holds_micros=_sum_per_organization(open_holds, "amount_micros"))
+    check.checked = accounts.count() + open_holds.count()
+    check.found_in(
+        "held_not_sum_of_open_holds",
+        accounts.exclude(held_micros=F("open_holds_micros")).order_by("pk"),
+        "organization_id",
+        "held_micros",
+        "open_holds_micros",
+    )
+    check.found_in(
+        "open_hold_for_final_job",
+        open_holds.filter(job__status__in=FINAL_STATUSES).annotate(job_status=F("job__status")).order_by("pk"),
+        "job_id",
+        "organization_id",
+        "amount_micros",
+        "job_status",
+        "created_at",
+    )
+    check.found_in(
+        "hold_of_another_organization",
+        Hold.objects.exclude(organization_id=F("job__organization_id"))
+        .annotate(job_organization_id=F("job__organization_id"))
+        .order_by("pk"),
+        "job_id",
+        "organization_id",
+        "job_organization_id",
+    )
+    return check
+
+
+# --- Rollups against raw usage ----------------------------------------------------------------------------
+
+
+def _rollup_sums() -> dict[str, Any]:
+    return {name: _total(name) for name in ROLLUP_SUMS}
+
+
+def _differences(
+    expected: dict[tuple[Any, ...], dict[str, int]],
+    actual: dict[tuple[Any, ...], dict[str, int]],
+    key_names: tuple[str, ...],
+    expected_name: str,
+    actual_name: str,
+) -> list[dict[str, Any]]:
+    zero = dict.fromkeys(ROLLUP_SUMS, 0)
+    found = []
+    for key in sorted(expected.keys() | actual.keys(), key=str):
+        want, have = expected.get(key, zero), actual.get(key, zero)
+        differing = {
+            name: {expected_name: want[name], actual_name: have[name]}
+            for name in ROLLUP_SUMS
+            if want[name] != have[name]
+        }
+        if differing:
+            found.append({**dict(zip(key_names, key, strict=True)), "differences": differing})
+    return found
+
+
+def _grouped(rows: Iterable[Mapping[str, Any]], key: Callable[[Mapping[str, Any]], tuple[Any, ...]]) -> dict[Any, Any]:
+    return {key(row): {name: int(row[name]) for name in ROLLUP_SUMS} for row in rows}
+
+
+def check_rollups() -> Check:
+    """Daily rollups are the sums of raw usage (per organization, UTC day, endpoint, GPU class), and the hourly
+    rollups of each day add up to that day's rows (per key too).
+
+    Raw usage is compared without the key: a deleted API key empties its records' key (SET NULL) but not
+    the rollups' ``key_id``; the hourly-against-daily comparison covers the key.
+    """
+    check = Check("rollups")
+    raw = (
+        UsageRecord.objects.order_by()
+        .annotate(day=TruncDay("recorded_at", tzinfo=UTC))
+        .values("organization_id", "day", "endpoint_id", "gpu_class")
+        .annotate(
+            attempts=Count("id"),
+            billable_attempts=Count("id", filter=Q(billable=True)),
+            **{name: _total(name) for name in ROLLUP_SUMS if name not in ("attempts", "billable_attempts")},
+        )
+    )
+    days = UsageRollup.objects.filter(granularity=Granularity.DAY).order_by()
+    by_class = days.values("organization_id", "bucket_start", "endpoint_id", "gpu_class").annotate(**_rollup_sums())
+    full_days = days.values("organization_id", "bucket_start", "endpoint_id", "key_id", "gpu_class").annotate(
+        **_rollup_sums()
+    )
+    hours = (
+        UsageRollup.objects.filter(granularity=Granularity.HOUR)
+        .order_by()
+        .annotate(day=TruncDay("bucket_start", tzinfo=UTC))
+        .values("organization_id", "day", "endpoint_id", "key_id", "gpu_class")
+        .annotate(**_rollup_sums())
+    )
+
+    def on_day(moment: datetime) -> date:
+        return moment.astimezone(UTC).date()
+
+    raw_sums = _grouped(raw, lambda r: (r["organization_id"], on_day(r["day"]), r["endpoint_id"], r["gpu_class"]))
+    day_sums = _grouped(
+        by_class, lambda r: (r["organization_id"], on_day(r["bucket_start"]), r["endpoint_id"], r["gpu_class"])
+    )
+    full_day_sums = _grouped(
+        full_days,
+        lambda r: (r["organization_id"], on_day(r["bucket_start"]), r["endpoint_id"], r["key_id"], r["gpu_class"]),
+    )
+    hour_sums = _grouped(
+        hours, lambda r: (r["organization_id"], on_day(r["day"]), r["endpoint_id"], r["key_id"], r["gpu_class"])
+    )
+    check.checked = sum(group["attempts"] for group in raw_sums.values()) + len(full_day_sums)
+    check.figures["groups"] = len(raw_sums)
+    day_key = ("organization_id", "day", "endpoint_id", "gpu_class")
+    differences = _differences(raw_sums, day_sums, day_key, "usage_records", "day_rollups")
+    check.found("day_rollup_differs_from_usage", len(differences), differences)
+    hour_key = ("organization_id", "day", "endpoint_id", "key_id", "gpu_class")
+    differences = _differences(full_day_sums, hour_sums, hour_key, "day_rollup", "hour_rollups")
+    check.found("hour_rollups_differ_from_day", len(differences), differences)
+    return check
+
+
+# --- Payments ---------------------------------------------------------------------------------------------
+
+
+def check_payments() -> Check:
+    """A succeeded payment bought exactly its amount of credit, once; any other payment bought none."""
+    check = Check("payments")
+    credited = (
+        CreditEntry.objects.filter(payment_id=OuterRef("pk"), kind__in=CREDITED_KINDS)
+        .order_by()
+        .values("payment_id")
+        .annotate(total=Sum("amount_micros"))
+        .values("total")
+    )
+    payments = Payment.objects.annotate(
+        credited_micros=Coalesce(Subquery(credited, output_field=BigIntegerField()), Value(0)),
+        paid_micros=F("amount_cents") * MICROS_PER_CENT,
+    )
+    check.checked = payments.count()
+    fields = ("id", "organization_id", "status", "amount_cents", "credited_micros")
+    check.found_in(
+        "succeeded_payment_not_credited_its_amount",
+        payments.filter(status=PaymentStatus.SUCCEEDED).exclude(credited_micros=F("paid_micros")).order_by("pk"),
+        *fields,
+    )
+    check.found_in(
+        "credit_for_unpaid_payment",
+        payments.exclude(status=PaymentStatus.SUCCEEDED).exclude(credited_micros=0).order_by("pk"),
+        *fields,
+    )
+    return check
+
+
+def check_stripe() -> Check:
+    """Our payments against Stripe's (``billing.payments.compare_with_stripe``); skipped without a Stripe key."""
+    check = Check("stripe")
+    if not settings.STRIPE_SECRET_KEY:
+        check.skipped = "STRIPE_SECRET_KEY is not set: payments were not compared with Stripe"
+        return check
+    from billing.payments import compare_with_stripe
+
+    counts, drifts = compare_with_stripe()
+    check.checked = sum(counts.values())
+    check.figures["counts"] = dict(counts)
+    kinds: dict[str, list[dict[str, Any]]] = {}
+    for drift in drifts:
+        kinds.setdefault(str(drift.get("check") or "differs_from_stripe"), []).append(drift)
+    for kind, found in sorted(kinds.items()):
+        check.found(kind, len(found), found)
+    return check
+
+
+DATABASE_CHECKS: tuple[Callable[[], Check], ...] = (
+    check_jobs,
+    check_attempts,
+    check_usage_records,
+    check_usage_debits,
+    check_balances,
+    check_ledger_chain,
+    check_holds,
+    check_rollups,
+    check_payments,
+)
+
+
+# --- The run ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _snapshot() -> Iterator[None]:
+    """One consistent view for every database check (PostgreSQL; see the module's docstring)."""
+    if connection.vendor != "postgresql" or connection.in_atomic_block:
+        yield
+        return
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        yield
+
+
+def _run_one(run_check: Callable[[], Check]) -> Check:
+    """A check that fails is reported as drift of its own (the books were not proven), not raised."""
+    name = run_check.__name__.removeprefix("check_")
+    savepoint = transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext()
+    try:
+        with savepoint:
+            return run_check()
+    except Exception as exc:
+        logger.exception("reconciliation check %s failed", name)
+        failed = Check(name)
+        failed.found("check_failed", 1, [{"error": f"{type(exc).__name__}: {exc}"}])
+        return failed
+
+
+def run_reconciliation() -> ReconciliationRun:
+    """Runs every check and stores the run: what was checked, every drift found, and whether the books are ok."""
+    started_at = timezone.now()
+    with _snapshot():
+        checks = [_run_one(run_check) for run_check in DATABASE_CHECKS]
+    checks.append(_run_one(check_stripe))  # outside the snapshot: no transaction held open across the network
+    drift = [item for check in checks for item in check.drift]
+    run = ReconciliationRun.objects.create(
+        started_at=started_at,
+        finished_at=timezone.now(),
+        ok=not drift,
+        checked={check.name: check.summary() for check in checks},
+        drift=drift,
+    )
+    if drift:
+        logger.error(
+            "reconciliation %s found drift: %s",
+            run.pk,
+            ", ".join(f"{d['check']}.{d['kind']}={d['count']}" for d in drift),
+        )
+    return run
+
+
+__all__ = ["Check", "run_reconciliation"]
