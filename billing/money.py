@@ -2,7 +2,8 @@
 
 The one rounding rule, used for every fraction of a unit: **round half up** (to the nearest unit,
 halves away from zero). ``micros_to_cents`` is the only conversion from micros to cents, and
-``cost_micros`` the only place a price meets a quantity.
+``cost_micros`` the only place a price meets a quantity; ``divide_half_up`` applies the same rule to
+any other integer ratio (run-rates, GPU cost per hour in ``billing.metrics``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ MICROS_PER_CENT = 10_000
 MICROS_PER_DOLLAR = 1_000_000
 
 
-def _divide_half_up(numerator: int, denominator: int) -> int:
+def divide_half_up(numerator: int, denominator: int) -> int:
     """numerator / denominator rounded to the nearest integer, halves away from zero."""
     if denominator <= 0:
         raise ValueError("denominator must be positive")
@@ -23,7 +24,7 @@ def _divide_half_up(numerator: int, denominator: int) -> int:
 
 def micros_to_cents(micros: int) -> int:
     """The one conversion to Stripe's minor unit: 4,999 µ$ → 0¢, 5,000 µ$ → 1¢, -5,000 µ$ → -1¢."""
-    return _divide_half_up(micros, MICROS_PER_CENT)
+    return divide_half_up(micros, MICROS_PER_CENT)
 
 
 def cents_to_micros(cents: int) -> int:
@@ -46,9 +47,9 @@ def cost_micros(*, unit: str, unit_price_micros: int, gpu_ms: int, images: int, 
     width x height x images / 10⁶. The cost is rounded half up to the micro-dollar.
     """
     if unit == "gpu_second":
-        return Decimal(gpu_ms) / 1000, _divide_half_up(gpu_ms * unit_price_micros, 1000)
+        return Decimal(gpu_ms) / 1000, divide_half_up(gpu_ms * unit_price_micros, 1000)
     if unit == "image":
         return Decimal(images), images * unit_price_micros
     if unit == "megapixel":
-        return Decimal(pixels) / 1_000_000, _divide_half_up(pixels * unit_price_micros, 1_000_000)
+        return Decimal(pixels) / 1_000_000, divide_half_up(pixels * unit_price_micros, 1_000_000)
     raise ValueError(f"unknown price unit {unit!r}")

@@ -1,0 +1,357 @@
+"""Revenue metrics for the operators' run-rate page: plain functions over the daily rollups and payments.
+
+Every amount is an integer in micro-dollars; days are UTC days, ranges include both ends. Each function
+runs one query (revenue by endpoint and top organizations join their names in it), whatever the number
+of rows: usage is read from the daily ``UsageRollup`` rows, never from raw usage records.
+
+Definitions:
+
+- **Recognized revenue** of a day: the cost of the usage recorded that day, which is debited from
+  prepaid credit in the same transaction (``billing.metering``): revenue is recognized when usage is
+  debited, not when credits are bought. It includes usage paid with granted credits; a refund of a
+  request (``billing.ledger.refund_job``) returns credit in the ledger and is not netted here.
+- **MRR**: recognized revenue of the 30 days ending on ``as_of`` (inclusive). There are no
+  subscriptions, so the monthly recurring figure of usage-based revenue is its trailing 30 days.
+- **Run-rate**: MRR x 365 / 30, rounded half up to the micro-dollar (``billing.money.divide_half_up``).
+  ``as_of`` defaults to yesterday, the last complete UTC day.
+- **Cash collected** on a day: succeeded payments (by the day they succeeded) less what was refunded
+  on them. A payment keeps its refunded total, not when each refund happened, so refunds count on the
+  payment's day. Disputed amounts are shown apart and not subtracted.
+- **GPU cost** of a GPU class: (billed + unbilled GPU ms) x ``BILLING_GPU_COST_MICROS_PER_HOUR`` of the
+  class / 3,600,000, rounded half up. **Gross margin** = recognized revenue - GPU cost; its share of
+  revenue in basis points (1 bp = 0.01 %), rounded half up, or None without revenue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, timedelta
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.db.models import BigIntegerField, QuerySet, Sum, Value
+from django.db.models.functions import Coalesce, TruncDay
+from django.utils import timezone
+
+from billing.models import Account, Granularity, Payment, PaymentStatus, UsageRollup
+from billing.money import MICROS_PER_CENT, divide_half_up
+from billing.selectors import day_start
+from inference.models import GpuClass
+
+TRAILING_DAYS = 30
+DAYS_PER_YEAR = 365
+MS_PER_HOUR = 3_600_000
+BASIS_POINTS = 10_000
+
+
+@dataclass(frozen=True)
+class DayAmount:
+    day: date
+    micros: int
+
+
+@dataclass(frozen=True)
+class RunRate:
+    as_of: date
+    window_start: date  # the first of the 30 days summed
+    last_30_days_micros: int  # = MRR
+    annualized_micros: int
+
+
+@dataclass(frozen=True)
+class CashDay:
+    day: date
+    paid_micros: int
+    refunded_micros: int
+    disputed_micros: int
+
+    @property
+    def net_micros(self) -> int:
+        return self.paid_micros - self.refunded_micros
+
+
+@dataclass(frozen=True)
+class CashCollected:
+    days: list[CashDay]
+    paid_micros: int
+    refunded_micros: int
+    disputed_micros: int
+    net_micros: int
+
+
+@dataclass(frozen=True)
+class EndpointRevenue:
+    endpoint_pk: int
+    endpoint: str  # owner/name[/path]
+    requests: int  # billable attempts
+    gpu_ms: int
+    revenue_micros: int
+
+
+@dataclass(frozen=True)
+class OrganizationRevenue:
+    organization_id: Any
+    name: str
+    slug: str
+    requests: int
+    gpu_ms: int
+    revenue_micros: int
+
+
+@dataclass(frozen=True)
+class GpuClassFigures:
+    gpu_class: str
+    billed_gpu_ms: int
+    unbilled_gpu_ms: int
+    revenue_micros: int
+    cost_per_hour_micros: int
+    gpu_cost_micros: int
+
+    @property
+    def total_gpu_ms(self) -> int:
+        return self.billed_gpu_ms + self.unbilled_gpu_ms
+
+    @property
+    def billed_hours(self) -> Decimal:
+        return gpu_hours(self.billed_gpu_ms)
+
+    @property
+    def unbilled_hours(self) -> Decimal:
+        return gpu_hours(self.unbilled_gpu_ms)
+
+    @property
+    def margin_micros(self) -> int:
+        return self.revenue_micros - self.gpu_cost_micros
+
+    @property
+    def margin_bps(self) -> int | None:
+        return share_bps(self.margin_micros, self.revenue_micros)
+
+
+@dataclass(frozen=True)
+class GrossMargin:
+    by_class: list[GpuClassFigures]
+    revenue_micros: int
+    gpu_cost_micros: int
+    margin_micros: int
+    margin_bps: int | None
+    billed_gpu_ms: int
+    unbilled_gpu_ms: int
+
+    @property
+    def unbilled_share_bps(self) -> int | None:
+        """Unbilled GPU time as a share of all GPU time, in basis points."""
+        return share_bps(self.unbilled_gpu_ms, self.billed_gpu_ms + self.unbilled_gpu_ms)
+
+
+def gpu_hours(gpu_ms: int) -> Decimal:
+    """GPU-hours to the thousandth (3.6 s), for people; the figures stay in integer ms."""
+    return (Decimal(gpu_ms) / MS_PER_HOUR).quantize(Decimal("0.001"))
+
+
+def share_bps(part: int, whole: int) -> int | None:
+    """``part`` as basis points of ``whole``, rounded half up; None when ``whole`` is zero or less."""
+    return divide_half_up(part * BASIS_POINTS, whole) if whole > 0 else None
+
+
+def gpu_cost_micros(gpu_class: str, gpu_ms: int) -> int:
+    """What ``gpu_ms`` of this class cost us, from the configured hourly rate (0 for a class without one)."""
+    rate = int(settings.BILLING_GPU_COST_MICROS_PER_HOUR.get(gpu_class, 0))
+    return divide_half_up(gpu_ms * rate, MS_PER_HOUR)
+
+
+def last_complete_day() -> date:
+    return timezone.now().astimezone(UTC).date() - timedelta(days=1)
+
+
+def _days(start: date, end: date) -> list[date]:
+    return [start + timedelta(days=offset) for offset in range((end - start).days + 1)]
+
+
+def _day_rollups(start: date, end: date) -> QuerySet[UsageRollup]:
+    return UsageRollup.objects.filter(
+        granularity=Granularity.DAY,
+        bucket_start__gte=day_start(start),
+        bucket_start__lt=day_start(end + timedelta(days=1)),
+    ).order_by()
+
+
+def _total(column: str) -> Coalesce:
+    return Coalesce(Sum(column), Value(0), output_field=BigIntegerField())
+
+
+def _revenue_per_day(start: date, end: date) -> dict[date, int]:
+    rows = _day_rollups(start, end).values("bucket_start").annotate(revenue=_total("cost_micros"))
+    revenue: dict[date, int] = {}
+    for row in rows:
+        day = row["bucket_start"].astimezone(UTC).date()
+        revenue[day] = revenue.get(day, 0) + int(row["revenue"])
+    return revenue
+
+
+def recognized_revenue(start: date, end: date) -> list[DayAmount]:
+    """Recognized revenue of each day from ``start`` to ``end``, zero on days without usage."""
+    revenue = _revenue_per_day(start, end)
+    return [DayAmount(day, revenue.get(day, 0)) for day in _days(start, end)]
+
+
+def mrr(as_of: date | None = None) -> int:
+    """Recognized revenue of the 30 days ending on ``as_of`` (default: yesterday)."""
+    return run_rate(as_of).last_30_days_micros
+
+
+def _run_rate(as_of: date, revenue: dict[date, int]) -> RunRate:
+    window_start = as_of - timedelta(days=TRAILING_DAYS - 1)
+    last_30 = sum(revenue.get(day, 0) for day in _days(window_start, as_of))
+    return RunRate(
+        as_of=as_of,
+        window_start=window_start,
+        last_30_days_micros=last_30,
+        annualized_micros=divide_half_up(last_30 * DAYS_PER_YEAR, TRAILING_DAYS),
+    )
+
+
+def run_rate(as_of: date | None = None) -> RunRate:
+    """The annual revenue run-rate: the last 30 days' recognized revenue x 365 / 30."""
+    as_of = as_of or last_complete_day()
+    return _run_rate(as_of, _revenue_per_day(as_of - timedelta(days=TRAILING_DAYS - 1), as_of))
+
+
+def run_rate_trend(as_of: date | None = None, *, points: int = 12, step_days: int = 7) -> list[RunRate]:
+    """The run-rate at ``points`` days ``step_days`` apart, oldest first, the last one on ``as_of``.
+
+    Weekly by default (12 weeks); ``step_days=1`` gives a daily trend. One query for the whole span.
+    """
+    if points < 1 or step_days < 1:
+        raise ValueError("points and step_days must be positive")
+    as_of = as_of or last_complete_day()
+    first = as_of - timedelta(days=step_days * (points - 1))
+    revenue = _revenue_per_day(first - timedelta(days=TRAILING_DAYS - 1), as_of)
+    return [_run_rate(first + timedelta(days=step_days * n), revenue) for n in range(points)]
+
+
+def cash_collected(start: date, end: date) -> CashCollected:
+    """Succeeded payments less their refunds, for each day from ``start`` to ``end`` and in total."""
+    rows = (
+        Payment.objects.filter(
+            status=PaymentStatus.SUCCEEDED,
+            succeeded_at__gte=day_start(start),
+            succeeded_at__lt=day_start(end + timedelta(days=1)),
+        )
+        .order_by()
+        .annotate(day=TruncDay("succeeded_at", tzinfo=UTC))
+        .values("day")
+        .annotate(
+            paid=_total("amount_cents"),
+            refunded=_total("amount_refunded_cents"),
+            disputed=_total("amount_disputed_cents"),
+        )
+    )
+    per_day = {row["day"].astimezone(UTC).date(): row for row in rows}
+    zero = {"paid": 0, "refunded": 0, "disputed": 0}
+    days = [
+        CashDay(
+            day=day,
+            paid_micros=int(per_day.get(day, zero)["paid"]) * MICROS_PER_CENT,
+            refunded_micros=int(per_day.get(day, zero)["refunded"]) * MICROS_PER_CENT,
+            disputed_micros=int(per_day.get(day, zero)["disputed"]) * MICROS_PER_CENT,
+        )
+        for day in _days(start, end)
+    ]
+    paid = sum(day.paid_micros for day in days)
+    refunded = sum(day.refunded_micros for day in days)
+    return CashCollected(
+        days=days,
+        paid_micros=paid,
+        refunded_micros=refunded,
+        disputed_micros=sum(day.disputed_micros for day in days),
+        net_micros=paid - refunded,
+    )
+
+
+def revenue_by_endpoint(start: date, end: date) -> list[EndpointRevenue]:
+    """Recognized revenue, requests and billed GPU time of each endpoint used in the range, highest first."""
+    rows = (
+        _day_rollups(start, end)
+        .values("endpoint_id", "endpoint__owner", "endpoint__name", "endpoint__path")
+        .annotate(revenue=_total("cost_micros"), requests=_total("billable_attempts"), gpu_ms=_total("gpu_ms"))
+        .order_by("-revenue", "endpoint_id")
+    )
+    return [
+        EndpointRevenue(
+            endpoint_pk=row["endpoint_id"],
+            endpoint="/".join(
+                part for part in (row["endpoint__owner"], row["endpoint__name"], row["endpoint__path"]) if part
+            ),
+            requests=int(row["requests"]),
+            gpu_ms=int(row["gpu_ms"]),
+            revenue_micros=int(row["revenue"]),
+        )
+        for row in rows
+    ]
+
+
+def top_organizations(start: date, end: date, *, limit: int = 10) -> list[OrganizationRevenue]:
+    """The organizations with the most recognized revenue in the range, highest first."""
+    rows = (
+        _day_rollups(start, end)
+        .values("organization_id", "organization__name", "organization__slug")
+        .annotate(revenue=_total("cost_micros"), requests=_total("billable_attempts"), gpu_ms=_total("gpu_ms"))
+        .order_by("-revenue", "organization__slug")[:limit]
+    )
+    return [
+        OrganizationRevenue(
+            organization_id=row["organization_id"],
+            name=row["organization__name"],
+            slug=row["organization__slug"],
+            requests=int(row["requests"]),
+            gpu_ms=int(row["gpu_ms"]),
+            revenue_micros=int(row["revenue"]),
+        )
+        for row in rows
+    ]
+
+
+def gross_margin(start: date, end: date) -> GrossMargin:
+    """GPU time (billed and unbilled), revenue, GPU cost and margin of each GPU class, and in total.
+
+    Every class in ``GpuClass`` is listed, in its declared order, with zeros when it was not used.
+    """
+    rows = (
+        _day_rollups(start, end)
+        .values("gpu_class")
+        .annotate(revenue=_total("cost_micros"), billed=_total("gpu_ms"), unbilled=_total("unbilled_gpu_ms"))
+    )
+    found = {row["gpu_class"]: row for row in rows}
+    classes = [*GpuClass.values, *sorted(set(found) - set(GpuClass.values))]
+    by_class = []
+    for gpu_class in classes:
+        row = found.get(gpu_class, {"revenue": 0, "billed": 0, "unbilled": 0})
+        billed, unbilled = int(row["billed"]), int(row["unbilled"])
+        by_class.append(
+            GpuClassFigures(
+                gpu_class=gpu_class,
+                billed_gpu_ms=billed,
+                unbilled_gpu_ms=unbilled,
+                revenue_micros=int(row["revenue"]),
+                cost_per_hour_micros=int(settings.BILLING_GPU_COST_MICROS_PER_HOUR.get(gpu_class, 0)),
+                gpu_cost_micros=gpu_cost_micros(gpu_class, billed + unbilled),
+            )
+        )
+    revenue = sum(figures.revenue_micros for figures in by_class)
+    cost = sum(figures.gpu_cost_micros for figures in by_class)
+    return GrossMargin(
+        by_class=by_class,
+        revenue_micros=revenue,
+        gpu_cost_micros=cost,
+        margin_micros=revenue - cost,
+        margin_bps=share_bps(revenue - cost, revenue),
+        billed_gpu_ms=sum(figures.billed_gpu_ms for figures in by_class),
+        unbilled_gpu_ms=sum(figures.unbilled_gpu_ms for figures in by_class),
+    )
+
+
+def outstanding_credit() -> int:
+    """Prepaid credit not yet used, over all accounts: revenue still to be recognized (deferred)."""
+    return int(Account.objects.aggregate(total=_total("balance_micros"))["total"])

@@ -1,0 +1,297 @@
+"""Properties of the books under random sequences of everything that moves money or GPU time.
+
+A Hypothesis state machine submits, starts, finishes (any outcome, any GPU time, retried or not), cancels
+queued and running jobs, lets leases expire, grants and adjusts credit, refunds requests and changes the
+price, all through the real services. After every step the ledger invariants hold; at the end, with
+every job brought to a final state, nothing is held and reconciliation finds no drift (Stripe skipped).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.db import transaction
+from django.db.models import OuterRef, Subquery, Sum
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from accounts.models import Organization
+from billing.ledger import BillingError, grant_credits, refund_job
+from billing.models import Account, CreditEntry, EntryKind, Hold, Price, PriceUnit, UsageRecord
+from billing.rates import ensure_opening_prices
+from billing.reconciliation import run_reconciliation
+from inference import services
+from inference.models import FINAL_STATUSES, AttemptOutcome, Endpoint, Job, JobStatus
+from tests.billing.lifecycle import SMALL
+
+pytestmark = pytest.mark.django_db
+
+OUTCOMES = [outcome.value for outcome in AttemptOutcome if outcome != AttemptOutcome.RUNNING]
+NOT_FINAL = (JobStatus.QUEUED, JobStatus.DISPATCHED, JobStatus.RUNNING)
+# How an attempt ends: its outcome, GPU ms, cold start ms, and whether the platform may retry it.
+ATTEMPTS = st.tuples(st.sampled_from(OUTCOMES), st.integers(0, 120_000), st.sampled_from([0, 0, 1_500]), st.booleans())
+
+
+def total(queryset: Any, column: str) -> int:
+    return int(queryset.aggregate(total=Sum(column))["total"] or 0)
+
+
+@pytest.fixture
+def world(tenant: dict[str, Any], other_tenant: dict[str, Any], builtin_endpoint: Endpoint, settings: Any) -> Any:
+    """Two organizations and three endpoints: priced per CPU-second (the class), per image and per megapixel."""
+    settings.STRIPE_SECRET_KEY = ""
+    ensure_opening_prices(Price)
+    organizations = [tenant["organization"], other_tenant["organization"]]
+    Organization.objects.filter(pk__in=[o.pk for o in organizations]).update(concurrency_limit=1_000)
+    endpoints = [builtin_endpoint]
+    for name, unit, micros in (("per-image", PriceUnit.IMAGE, 2_500), ("per-megapixel", PriceUnit.MEGAPIXEL, 7_777)):
+        endpoint = Endpoint.objects.create(owner="test", name=name, kind="text-to-image", weights="builtin:tiny-sd")
+        Price.objects.create(endpoint=endpoint, unit=unit, unit_price_micros=micros)
+        endpoints.append(endpoint)
+    return organizations, endpoints
+
+
+class Books(RuleBasedStateMachine):
+    organizations: list[Organization]
+    endpoints: list[Endpoint]
+
+    @initialize()
+    def open_books(self) -> None:
+        # Each example runs in a savepoint of the test's transaction and is rolled back at teardown.
+        self.example = transaction.atomic()
+        self.example.__enter__()
+        self.jobs: list[Any] = []
+        self.refunded: set[Any] = set()
+
+    def teardown(self) -> None:
+        if not hasattr(self, "example"):
+            return
+        try:
+            self.bring_every_job_to_an_end()
+        finally:
+            transaction.set_rollback(True)
+            self.example.__exit__(None, None, None)
+
+    def bring_every_job_to_an_end(self) -> None:
+        for job in Job.objects.filter(pk__in=self.jobs, status__in=NOT_FINAL):
+            services.cancel_job(job=job)
+        for job in Job.objects.filter(pk__in=self.jobs, status=JobStatus.RUNNING):
+            services.finish_attempt(
+                job_id=str(job.pk), attempt=job.attempt, outcome=AttemptOutcome.CANCELLED, gpu_ms=10
+            )
+        assert not Job.objects.filter(pk__in=self.jobs, status__in=NOT_FINAL).exists()
+        assert total(Account.objects.filter(pk__in=[o.pk for o in self.organizations]), "held_micros") == 0
+        assert not Hold.objects.filter(released_at__isnull=True).exists()
+        run = run_reconciliation()
+        assert run.drift == []
+        assert run.ok
+        assert run.checked["stripe"]["skipped"]
+
+    def pick(self, data: st.DataObject, statuses: tuple[str, ...]) -> Job:
+        candidates = list(Job.objects.filter(pk__in=self.jobs, status__in=statuses).order_by("created_at", "pk"))
+        return data.draw(st.sampled_from(candidates))
+
+    def any_in(self, *statuses: str) -> bool:
+        return Job.objects.filter(pk__in=self.jobs, status__in=statuses).exists()
+
+    # --- What customers, workers and operators do ------------------------------------------------------------
+
+    @rule(
+        organization=st.integers(0, 1),
+        endpoint=st.integers(0, 2),
+        num_images=st.integers(1, 3),
+        steps=st.integers(1, 8),
+    )
+    def submit(self, organization: int, endpoint: int, num_images: int, steps: int) -> None:
+        self.submit_request(organization, endpoint, num_images, steps)
+
+    def submit_request(self, organization: int, endpoint: int, num_images: int, steps: int) -> Job | None:
+        payload = {**SMALL, "num_images": num_images, "num_inference_steps": steps}
+        try:
+            job, _ = services.submit_job(
+                organization=self.organizations[organization],
+                api_key=None,
+                endpoint=self.endpoints[endpoint],
+                payload=payload,
+            )
+        except services.SubmissionRefused as refused:
+            if (refused.status, refused.error_type) != (402, "insufficient_credits"):
+                raise  # running out of credit is the only refusal these requests may meet
+            return None
+        self.jobs.append(job.pk)
+        return job
+
+    @rule(
+        organization=st.integers(0, 1),
+        endpoint=st.integers(0, 2),
+        num_images=st.integers(1, 3),
+        attempts=st.lists(ATTEMPTS, min_size=1, max_size=3),
+        cancel_first=st.booleans(),
+    )
+    def a_whole_request(
+        self,
+        organization: int,
+        endpoint: int,
+        num_images: int,
+        attempts: list[tuple[str, int, int, bool]],
+        cancel_first: bool,
+    ) -> None:
+        """One request from submission to its end (most steps of a run are these; the rules below interleave)."""
+        job = self.submit_request(organization, endpoint, num_images, 2)
+        if job is None:
+            return
+        if cancel_first and len(attempts) == 1:
+            services.cancel_job(job=job)  # in the queue: never started, never billed
+            return
+        for outcome, gpu_ms, cold_start_ms, retry in attempts:
+            job = self.start_job(job)
+            self.finish_job(job, outcome, gpu_ms, cold_start_ms, retry)
+            job.refresh_from_db()
+            if job.is_final:
+                return
+
+    def start_job(self, job: Job) -> Job:
+        services.dispatch_organization(job.organization_id)
+        job.refresh_from_db()
+        running = services.claim_job(job_id=str(job.pk), attempt=job.attempt, worker="worker-1")
+        assert running is not None
+        return running
+
+    def finish_job(self, job: Job, outcome: str, gpu_ms: int, cold_start_ms: int, retry: bool) -> None:
+        images = [{"url": "x", "width": 64, "height": 64}] * int(job.input["num_images"])
+        finished = services.finish_attempt(
+            job_id=str(job.pk),
+            attempt=job.attempt,
+            outcome=AttemptOutcome(outcome),
+            gpu_ms=gpu_ms,
+            cold_start_ms=cold_start_ms,
+            result={"images": images, "seed": 1} if outcome == AttemptOutcome.SUCCEEDED else None,
+            error="" if outcome == AttemptOutcome.SUCCEEDED else "it went wrong",
+            retry=retry and outcome in (AttemptOutcome.ERRORED, AttemptOutcome.LOST),
+        )
+        assert finished is not None
+
+    @precondition(lambda self: self.any_in(JobStatus.QUEUED, JobStatus.DISPATCHED))
+    @rule(data=st.data())
+    def start(self, data: st.DataObject) -> None:
+        self.start_job(self.pick(data, (JobStatus.QUEUED, JobStatus.DISPATCHED)))
+
+    @precondition(lambda self: self.any_in(JobStatus.RUNNING))
+    @rule(data=st.data(), attempt=ATTEMPTS)
+    def finish(self, data: st.DataObject, attempt: tuple[str, int, int, bool]) -> None:
+        self.finish_job(self.pick(data, (JobStatus.RUNNING,)), *attempt)
+
+    @precondition(lambda self: self.any_in(*NOT_FINAL))
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        job = self.pick(data, NOT_FINAL)
+        assert services.cancel_job(job=job) == "CANCELLATION_REQUESTED"
+
+    @precondition(lambda self: self.any_in(JobStatus.RUNNING))
+    @rule(data=st.data(), held_ms=st.integers(0, 30_000))
+    def worker_dies(self, data: st.DataObject, held_ms: int) -> None:
+        job = self.pick(data, (JobStatus.RUNNING,))
+        attempt = job.attempts.get(number=job.attempt)
+        job.attempts.filter(pk=attempt.pk).update(heartbeat_at=attempt.started_at + timedelta(milliseconds=held_ms))
+        Job.objects.filter(pk=job.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+        assert services.reap_expired_leases() == 1
+
+    @rule(organization=st.integers(0, 1), amount=st.integers(-500_000, 3_000_000).filter(bool))
+    def credit(self, organization: int, amount: int) -> None:
+        """A grant, or an operator's adjustment of either sign (a negative one may take the balance below zero)."""
+        kind = EntryKind.GRANT if amount > 0 and amount % 2 else EntryKind.ADJUSTMENT
+        grant_credits(organization=self.organizations[organization], amount_micros=amount, reason="test", kind=kind)
+
+    @precondition(lambda self: self.any_in(*FINAL_STATUSES))
+    @rule(data=st.data())
+    def refund(self, data: st.DataObject) -> None:
+        job = self.pick(data, FINAL_STATUSES)
+        charged = total(UsageRecord.objects.filter(job=job, billable=True), "cost_micros")
+        if charged == 0 or job.pk in self.refunded:
+            with pytest.raises(BillingError):
+                refund_job(job=job, reason="property test")
+            return
+        entry = refund_job(job=job, reason="property test")
+        assert (entry.kind, entry.amount_micros) == (EntryKind.REFUND, charged)
+        self.refunded.add(job.pk)
+
+    @rule(micros=st.integers(0, 5_000))
+    def change_the_cpu_price(self, micros: int) -> None:
+        Price.objects.create(gpu_class="cpu", unit_price_micros=micros)
+
+    # --- What must hold after every step ---------------------------------------------------------------------
+
+    @invariant()
+    def balances_are_the_ledger(self) -> None:
+        entries = CreditEntry.objects.filter(organization_id=OuterRef("pk")).order_by("-id")
+        accounts = Account.objects.filter(pk__in=[o.pk for o in self.organizations]).annotate(
+            entries_sum=Subquery(
+                entries.order_by().values("organization_id").annotate(total=Sum("amount_micros")).values("total")
+            ),
+            latest_balance_after=Subquery(entries.values("balance_after_micros")[:1]),
+        )
+        for balance, entries_sum, latest in accounts.values_list(
+            "balance_micros", "entries_sum", "latest_balance_after"
+        ):
+            assert balance == entries_sum == latest  # every organization has its sign-up grant at least
+
+    @invariant()
+    def usage_costs_are_the_usage_debits(self) -> None:
+        costs = dict(
+            UsageRecord.objects.filter(billable=True)
+            .values_list("organization_id")
+            .annotate(total=Sum("cost_micros"))
+            .order_by()
+        )
+        debits = dict(
+            CreditEntry.objects.filter(kind=EntryKind.USAGE)
+            .values_list("organization_id")
+            .annotate(total=-Sum("amount_micros"))
+            .order_by()
+        )
+        assert {organization: cost for organization, cost in costs.items() if cost} == debits  # free runs debit nothing
+        # No usage without its job, nor of a job that never ran (the constraint keeps unbilled records at zero cost).
+        assert UsageRecord.objects.filter(job__in=self.jobs, job__attempt__gt=0).count() == UsageRecord.objects.count()
+
+    @invariant()
+    def held_is_the_open_holds(self) -> None:
+        open_holds = Hold.objects.filter(organization_id=OuterRef("pk"), released_at__isnull=True).order_by()
+        accounts = Account.objects.filter(pk__in=[o.pk for o in self.organizations]).annotate(
+            open_sum=Coalesce(
+                Subquery(open_holds.values("organization_id").annotate(total=Sum("amount_micros")).values("total")), 0
+            )
+        )
+        held = list(accounts.values_list("held_micros", "open_sum"))
+        assert all(held_micros == open_sum for held_micros, open_sum in held)
+        assert not Hold.objects.filter(released_at__isnull=True, job__status__in=FINAL_STATUSES).exists()
+        if not self.any_in(*NOT_FINAL):
+            assert all(held_micros == 0 for held_micros, _ in held)
+
+
+def test_the_books_balance_under_any_sequence_of_operations(
+    world: tuple[list[Organization], list[Endpoint]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(services, "send_run_message", lambda *args: True)
+    Books.organizations, Books.endpoints = world
+    run_state_machine_as_test(
+        Books,
+        settings=settings(
+            max_examples=25,
+            stateful_step_count=15,
+            deadline=None,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )

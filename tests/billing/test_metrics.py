@@ -1,0 +1,183 @@
+"""Revenue metrics on known rollups and payments, with the exact figures each definition gives."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from django.conf import settings as django_settings
+from django.utils import timezone
+
+from billing import metrics
+from billing.models import NO_KEY, Granularity, Payment, PaymentKind, PaymentStatus, Price, UsageRecord, UsageRollup
+from billing.rates import ensure_opening_prices
+from inference import services
+from inference.models import Endpoint, GpuClass
+from tests.billing.lifecycle import run
+
+pytestmark = pytest.mark.django_db
+
+AS_OF = date(2026, 3, 31)
+
+
+@pytest.fixture(autouse=True)
+def _gpu_rates(settings: Any) -> None:
+    settings.BILLING_GPU_COST_MICROS_PER_HOUR = {"gpu-h100": 2_200_000, "gpu-a10g": 600_000, "cpu": 40_000}
+
+
+@pytest.fixture
+def h100_endpoint(db: None) -> Endpoint:
+    return Endpoint.objects.create(owner="test", name="big", kind="text-to-image", weights="builtin:tiny-sd",
+                                   gpu_class=GpuClass.H100)  # fmt: skip
+
+
+def rollup(organization: Any, endpoint: Endpoint, day: date, granularity: str = Granularity.DAY, **sums: int) -> None:
+    UsageRollup.objects.create(
+        granularity=granularity,
+        bucket_start=datetime(day.year, day.month, day.day, tzinfo=UTC),
+        organization=organization,
+        endpoint=endpoint,
+        key_id=NO_KEY,
+        gpu_class=endpoint.gpu_class,
+        **sums,
+    )
+
+
+@pytest.fixture
+def usage(
+    tenant: dict[str, Any], other_tenant: dict[str, Any], builtin_endpoint: Endpoint, h100_endpoint: Endpoint
+) -> dict[str, Any]:
+    acme, beta = tenant["organization"], other_tenant["organization"]
+    rollup(acme, builtin_endpoint, AS_OF, cost_micros=1_000_000, gpu_ms=10_000_000, unbilled_gpu_ms=3_600_000,
+           billable_attempts=10, attempts=11)  # fmt: skip
+    rollup(acme, builtin_endpoint, AS_OF, Granularity.HOUR, cost_micros=999, gpu_ms=999)  # never read
+    # The first day of the 30 ending on AS_OF, and the day before it.
+    rollup(beta, h100_endpoint, date(2026, 3, 2), cost_micros=2_000_003, gpu_ms=7_200_000, billable_attempts=3)
+    rollup(acme, h100_endpoint, date(2026, 3, 1), cost_micros=500_000, gpu_ms=1_800_000, billable_attempts=1)
+    return {"acme": acme, "beta": beta}
+
+
+def test_recognized_revenue_per_day_fills_days_without_usage(
+    usage: dict[str, Any], django_assert_num_queries: Any
+) -> None:
+    with django_assert_num_queries(1):
+        days = metrics.recognized_revenue(date(2026, 2, 28), date(2026, 3, 3))
+    assert [(day.day.isoformat(), day.micros) for day in days] == [
+        ("2026-02-28", 0), ("2026-03-01", 500_000), ("2026-03-02", 2_000_003), ("2026-03-03", 0),
+    ]  # fmt: skip
+
+
+def test_mrr_and_run_rate_round_half_up(usage: dict[str, Any], django_assert_num_queries: Any) -> None:
+    with django_assert_num_queries(1):
+        rate = metrics.run_rate(AS_OF)
+    # 03-02 .. 03-31: 1,000,000 + 2,000,003; x 365 / 30 = 36,500,036.5, rounded half up.
+    assert rate == metrics.RunRate(
+        as_of=AS_OF, window_start=date(2026, 3, 2), last_30_days_micros=3_000_003, annualized_micros=36_500_037
+    )
+    assert metrics.mrr(AS_OF) == 3_000_003
+
+
+def test_run_rate_trend(usage: dict[str, Any], django_assert_num_queries: Any) -> None:
+    with django_assert_num_queries(1):
+        trend = metrics.run_rate_trend(AS_OF, points=3, step_days=1)
+    assert [(point.as_of.day, point.last_30_days_micros, point.annualized_micros) for point in trend] == [
+        (29, 2_500_003, 30_416_703),  # 02-28 .. 03-29: still holds 03-01
+        (30, 2_500_003, 30_416_703),
+        (31, 3_000_003, 36_500_037),  # 03-01 has left the window, 03-31 came in
+    ]
+    weekly = metrics.run_rate_trend(AS_OF, points=2)
+    assert [point.as_of for point in weekly] == [date(2026, 3, 24), AS_OF]
+    with pytest.raises(ValueError, match="positive"):
+        metrics.run_rate_trend(AS_OF, points=0)
+
+
+def test_the_run_rate_defaults_to_the_last_complete_day(usage: dict[str, Any], monkeypatch: Any) -> None:
+    monkeypatch.setattr(timezone, "now", lambda: datetime(2026, 4, 1, 0, 30, tzinfo=UTC))
+    assert metrics.run_rate().as_of == AS_OF
+    assert metrics.mrr() == 3_000_003
+
+
+def test_revenue_by_endpoint_and_top_organizations(usage: dict[str, Any], django_assert_num_queries: Any) -> None:
+    march = (date(2026, 3, 1), AS_OF)
+    with django_assert_num_queries(1):
+        endpoints = metrics.revenue_by_endpoint(*march)
+    assert [(e.endpoint, e.requests, e.gpu_ms, e.revenue_micros) for e in endpoints] == [
+        ("test/big", 4, 9_000_000, 2_500_003),
+        ("platform/tiny-sd", 10, 10_000_000, 1_000_000),
+    ]
+    with django_assert_num_queries(1):
+        top = metrics.top_organizations(*march, limit=1)
+    assert [(o.organization_id, o.revenue_micros, o.requests) for o in top] == [(usage["beta"].pk, 2_000_003, 3)]
+    assert top[0].name == usage["beta"].name
+    second = metrics.top_organizations(*march)[1]
+    assert (second.organization_id, second.revenue_micros, second.gpu_ms) == (usage["acme"].pk, 1_500_000, 11_800_000)
+    assert metrics.top_organizations(date(2026, 3, 3), date(2026, 3, 30)) == []
+
+
+def test_gpu_time_cost_and_gross_margin_per_class(usage: dict[str, Any], django_assert_num_queries: Any) -> None:
+    with django_assert_num_queries(1):
+        margin = metrics.gross_margin(date(2026, 3, 1), AS_OF)
+    h100, a10g, cpu = margin.by_class
+    assert [figures.gpu_class for figures in margin.by_class] == ["gpu-h100", "gpu-a10g", "cpu"]
+    # CPU: (10,000,000 + 3,600,000) ms x 40,000 µ$/h / 3,600,000 = 151,111.1 -> 151,111.
+    assert (cpu.billed_gpu_ms, cpu.unbilled_gpu_ms, cpu.gpu_cost_micros) == (10_000_000, 3_600_000, 151_111)
+    assert (cpu.billed_hours, cpu.unbilled_hours) == (Decimal("2.778"), Decimal("1.000"))
+    assert (cpu.revenue_micros, cpu.margin_micros, cpu.margin_bps) == (1_000_000, 848_889, 8_489)
+    # H100: 9,000,000 ms = 2.5 h x 2,200,000 = 5,500,000 against 2,500,003 of revenue: a loss.
+    assert (h100.total_gpu_ms, h100.gpu_cost_micros, h100.margin_micros) == (9_000_000, 5_500_000, -2_999_997)
+    assert h100.margin_bps == -12_000  # -11,999.97 bp, half away from zero
+    assert (a10g.total_gpu_ms, a10g.gpu_cost_micros, a10g.margin_bps) == (0, 0, None)
+    assert (margin.revenue_micros, margin.gpu_cost_micros, margin.margin_micros) == (3_500_003, 5_651_111, -2_151_108)
+    assert margin.margin_bps == -6_146
+    assert (margin.billed_gpu_ms, margin.unbilled_gpu_ms, margin.unbilled_share_bps) == (19_000_000, 3_600_000, 1_593)
+
+
+def test_cash_collected_is_succeeded_payments_less_refunds(
+    tenant: dict[str, Any], django_assert_num_queries: Any
+) -> None:
+    organization = tenant["organization"]
+
+    def pay(day: int | None, cents: int, status: str = PaymentStatus.SUCCEEDED, **amounts: int) -> None:
+        succeeded_at = datetime(2026, 3, day, 23, 59, tzinfo=UTC) if day else datetime(2026, 2, 28, 12, tzinfo=UTC)
+        Payment.objects.create(organization=organization, kind=PaymentKind.PURCHASE, status=status,
+                               amount_cents=cents, succeeded_at=succeeded_at, **amounts)  # fmt: skip
+
+    pay(2, 5_000, amount_refunded_cents=1_000)
+    pay(2, 2_000)
+    pay(5, 10_000, amount_disputed_cents=10_000)
+    pay(3, 9_999, status=PaymentStatus.PENDING)
+    pay(4, 9_999, status=PaymentStatus.FAILED)
+    pay(None, 7_777)  # the day before the range
+    with django_assert_num_queries(1):
+        cash = metrics.cash_collected(date(2026, 3, 1), date(2026, 3, 5))
+    assert [(d.day.day, d.paid_micros, d.refunded_micros, d.net_micros, d.disputed_micros) for d in cash.days] == [
+        (1, 0, 0, 0, 0),
+        (2, 70_000_000, 10_000_000, 60_000_000, 0),
+        (3, 0, 0, 0, 0),
+        (4, 0, 0, 0, 0),
+        (5, 100_000_000, 0, 100_000_000, 100_000_000),
+    ]
+    assert (cash.paid_micros, cash.refunded_micros, cash.net_micros, cash.disputed_micros) == (
+        170_000_000, 10_000_000, 160_000_000, 100_000_000,
+    )  # fmt: skip
+
+
+def test_revenue_from_real_usage_is_what_was_debited(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(services, "send_run_message", lambda *args: True)
+    ensure_opening_prices(Price)
+    for gpu_ms in (1_235, 2_000, 17):
+        run(tenant["organization"], builtin_endpoint, gpu_ms=gpu_ms)
+    today = timezone.now().astimezone(UTC).date()
+    # 1.235 s -> 124 µ$ (123.5 rounded half up), 2 s -> 200, 0.017 s -> 2 (1.7): at 100 µ$ per CPU-second.
+    assert metrics.recognized_revenue(today, today)[0].micros == 326
+    assert sum(record.cost_micros for record in UsageRecord.objects.all()) == 326
+    figures = metrics.gross_margin(today, today).by_class[2]
+    assert (figures.gpu_class, figures.billed_gpu_ms, figures.gpu_cost_micros) == ("cpu", 3_252, 36)
+
+
+def test_outstanding_credit_is_the_sum_of_balances(tenant: dict[str, Any], other_tenant: dict[str, Any]) -> None:
+    assert metrics.outstanding_credit() == 2 * django_settings.BILLING_SIGNUP_CREDITS_MICROS
