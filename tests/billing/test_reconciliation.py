@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.db import connection
 from django.db.models import F
 from django.utils import timezone
 
@@ -362,3 +363,25 @@ def test_old_books_are_checked_too(books: dict[str, Any]) -> None:
     run_ = reconciliation.run_reconciliation()
     assert kinds(run_) == {"rollups.day_rollup_differs_from_usage"}
     assert drift_of(run_, "rollups.day_rollup_differs_from_usage")["count"] == 2  # gone from today, new on that day
+
+
+@pytest.mark.django_db(transaction=True)
+def test_outside_a_transaction_the_checks_read_one_snapshot(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run(tenant["organization"], builtin_endpoint)
+    seen: list[Any] = []
+
+    def check_isolation() -> reconciliation.Check:
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SHOW transaction_isolation")
+                seen.append(cursor.fetchone()[0])
+        else:
+            seen.append(connection.in_atomic_block)  # SQLite: no transaction, so no write lock held
+        return reconciliation.Check("isolation")
+
+    monkeypatch.setattr(reconciliation, "DATABASE_CHECKS", (*reconciliation.DATABASE_CHECKS, check_isolation))
+    run_ = reconciliation.run_reconciliation()
+    assert run_.ok, run_.drift
+    assert seen == (["repeatable read"] if connection.vendor == "postgresql" else [False])

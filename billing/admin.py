@@ -1,0 +1,584 @@
+"""The operators' console for money: prices, accounts, the usage and credit ledgers, holds, payments, Stripe
+events and reconciliation runs.
+
+Ledgers are history: usage records, rollups, credit entries and holds are never added, edited or deleted here.
+Money moves only through ``billing.ledger`` (grants, adjustments, refunds), each audited by the service. A price
+in force is never edited: a new version (a new row) is how a price changes, and adding or editing a price that
+is not yet in force is audited here (``PRICE_CHANGED``). An account's balance and holds are read-only; its
+monthly budget is set through ``billing.controls``, which audits it.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import timedelta
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+from django.core.exceptions import PermissionDenied
+from django.db.models import Q, QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString
+
+from accounts.admin import request_actor
+from accounts.models import AuditAction
+from accounts.services import record_audit
+from billing.controls import set_monthly_budget
+from billing.ledger import BillingError, grant_credits, refund_job
+from billing.models import (
+    Account,
+    CreditEntry,
+    EntryKind,
+    Hold,
+    KeySpendLimit,
+    Payment,
+    Price,
+    ReconciliationRun,
+    StripeEvent,
+    UsageRecord,
+    UsageRollup,
+)
+from billing.money import MICROS_PER_DOLLAR, format_micros
+from billing.reconciliation import run_reconciliation
+from inference.models import Job
+
+if TYPE_CHECKING:
+    _PriceAdminBase = admin.ModelAdmin[Price]
+    _PriceFormBase = forms.ModelForm[Price]
+    _AccountAdminBase = admin.ModelAdmin[Account]
+    _AccountFormBase = forms.ModelForm[Account]
+    _HistoryAdminBase = admin.ModelAdmin[Any]
+else:
+    # The stubs make these generic; Django's classes take no type arguments at runtime.
+    _PriceAdminBase = _AccountAdminBase = _HistoryAdminBase = admin.ModelAdmin
+    _PriceFormBase = _AccountFormBase = forms.ModelForm
+
+# How far in the past a new price's start may be (the form's default is the moment it was opened); it then
+# starts when saved. Earlier than this is refused: a price never applies to work that has already started.
+PRICE_BACKDATING_GRACE = timedelta(minutes=15)
+
+
+def _money(micros: int | None) -> str:
+    return "-" if micros is None else format_micros(micros)
+
+
+def _pretty_json(value: Any) -> SafeString:
+    return format_html("<pre>{}</pre>", json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False))
+
+
+def _as_uuid(term: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(term.strip())
+    except ValueError:
+        return None
+
+
+class _HistoryAdmin(_HistoryAdminBase):
+    """Rows that only the platform writes: listed and viewed, never added, edited or deleted here.
+
+    Operators act on them only through actions (``permissions=["operate"]``), granted with the model's change
+    permission; the change page itself stays a view.
+    """
+
+    show_full_result_count = False  # these tables only grow: no second COUNT(*) over them per page
+
+    def has_operate_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm(f"{self.opts.app_label}.change_{self.opts.model_name}")
+
+    def has_add_permission(self, request: HttpRequest, *args: Any) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+# --- Prices -------------------------------------------------------------------------------------------------
+
+
+def _in_force(price: Price) -> bool:
+    return price.pk is not None and price.effective_from <= timezone.now()
+
+
+def _price_facts(price: Price) -> dict[str, Any]:
+    return {
+        "gpu_class": price.gpu_class,
+        "endpoint": price.endpoint.endpoint_id if price.endpoint_id and price.endpoint else None,
+        "unit": price.unit,
+        "unit_price_micros": price.unit_price_micros,
+        "effective_from": price.effective_from.isoformat(),
+        "note": price.note,
+    }
+
+
+class PriceForm(_PriceFormBase):
+    class Meta:
+        model = Price
+        fields = ("gpu_class", "endpoint", "unit", "unit_price_micros", "effective_from", "note")
+
+    def clean_effective_from(self) -> Any:
+        effective_from = self.cleaned_data["effective_from"]
+        now = timezone.now()
+        if effective_from < now - PRICE_BACKDATING_GRACE:
+            raise forms.ValidationError(
+                "A price cannot start in the past: work already started keeps the price it started under.",
+                code="backdated",
+            )
+        return max(effective_from, now)
+
+
+@admin.register(Price)
+class PriceAdmin(_PriceAdminBase):
+    """Versions of the rate card. A version in force is read-only; a scheduled one may be edited until it starts."""
+
+    form = PriceForm
+    list_display = ("target", "unit", "price", "effective_from", "state", "note", "created_by")
+    list_filter = ("unit", "gpu_class", "endpoint")
+    list_select_related = ("endpoint", "created_by")
+    search_fields = ("note", "endpoint__owner", "endpoint__name")
+    readonly_fields = ("created_by", "created_at")
+    fieldsets = (
+        (
+            None,
+            {
+                "fields": ("gpu_class", "endpoint", "unit", "unit_price_micros", "effective_from", "note"),
+                "description": "A line applies to a whole GPU class (per GPU-second) or to one endpoint (per "
+                "GPU-second, image or megapixel), from its start. To change a price in force, add a new version.",
+            },
+        ),
+        ("Record", {"fields": ("created_by", "created_at")}),
+    )
+
+    @admin.display(description="applies to")
+    def target(self, price: Price) -> str:
+        return price.endpoint.endpoint_id if price.endpoint_id and price.endpoint else f"class {price.gpu_class}"
+
+    @admin.display(description="price", ordering="unit_price_micros")
+    def price(self, price: Price) -> str:
+        return f"{format_micros(price.unit_price_micros)} per {price.get_unit_display().lower()}"
+
+    @admin.display(description="state")
+    def state(self, price: Price) -> str:
+        return "in force (read-only)" if _in_force(price) else "scheduled"
+
+    def has_change_permission(self, request: HttpRequest, obj: Price | None = None) -> bool:
+        if obj is not None and _in_force(obj):
+            return False  # the page is a view; add a new version instead
+        return super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Price | None = None) -> bool:
+        return False  # append-only: a scheduled mistake is superseded by a newer version
+
+    def save_model(self, request: HttpRequest, obj: Price, form: Any, change: bool) -> None:
+        before = _price_facts(Price.objects.select_related("endpoint").get(pk=obj.pk)) if change else None
+        if not change:
+            obj.created_by = request_actor(request).user
+            obj.created_at = timezone.now()
+        super().save_model(request, obj, form, change)
+        metadata: dict[str, Any] = {"price_id": obj.pk, "change": "edited" if change else "added", **_price_facts(obj)}
+        if before is not None:
+            metadata["before"] = before
+        record_audit(action=AuditAction.PRICE_CHANGED, actor=request_actor(request), target=obj, metadata=metadata)
+
+
+# --- Accounts -----------------------------------------------------------------------------------------------
+
+
+class AccountForm(_AccountFormBase):
+    class Meta:
+        model = Account
+        fields = ("monthly_budget_micros",)
+
+
+class GrantCreditsForm(forms.Form):
+    kind = forms.ChoiceField(
+        choices=[
+            (EntryKind.GRANT, "Grant (free credits, positive)"),
+            (EntryKind.ADJUSTMENT, "Adjustment (either sign)"),
+        ]
+    )
+    amount_usd = forms.DecimalField(
+        label="Amount (USD)", max_digits=14, decimal_places=6, help_text="E.g. 25 or 0.50; negative only to adjust."
+    )
+    reason = forms.CharField(max_length=300, help_text="Shown to the customer in their ledger.")
+    # Made when the form is first shown: posting the same form twice grants once (the ledger's idempotency key).
+    request_id = forms.UUIDField(widget=forms.HiddenInput)
+
+    def clean_amount_usd(self) -> Decimal:
+        amount: Decimal = self.cleaned_data["amount_usd"]
+        if amount == 0:
+            raise forms.ValidationError("The amount cannot be zero.")
+        return amount
+
+    def clean(self) -> dict[str, Any]:
+        cleaned: dict[str, Any] = super().clean() or {}
+        amount = cleaned.get("amount_usd")
+        if cleaned.get("kind") == EntryKind.GRANT and amount is not None and amount < 0:
+            self.add_error("amount_usd", "A grant adds credit; use an adjustment to take some away.")
+        return cleaned
+
+    @property
+    def amount_micros(self) -> int:
+        return int(self.cleaned_data["amount_usd"] * MICROS_PER_DOLLAR)  # exact: at most 6 decimal places
+
+
+@admin.register(Account)
+class AccountAdmin(_AccountAdminBase):
+    form = AccountForm
+    list_display = ("organization", "balance", "held", "available", "budget", "auto_top_up_enabled", "updated_at")
+    list_filter = ("auto_top_up_enabled",)
+    search_fields = ("organization__name", "organization__slug", "stripe_customer_id")
+    list_select_related = ("organization",)
+    show_full_result_count = False
+    fieldsets = (
+        (None, {"fields": ("organization", "balance", "held", "available", "ledger", "currency")}),
+        ("Spend control", {"fields": ("monthly_budget_micros",)}),
+        (
+            "Stripe and auto top-up (set by the customer)",
+            {
+                "fields": (
+                    "stripe_customer_id",
+                    "default_payment_method_id",
+                    "auto_top_up_enabled",
+                    "auto_top_up_threshold_micros",
+                    "auto_top_up_amount_cents",
+                    "updated_at",
+                )
+            },
+        ),
+    )
+    readonly_fields = (
+        "organization", "balance", "held", "available", "ledger", "currency", "stripe_customer_id",
+        "default_payment_method_id", "auto_top_up_enabled", "auto_top_up_threshold_micros",
+        "auto_top_up_amount_cents", "updated_at",
+    )  # fmt: skip
+    actions = ("grant_credits_action",)
+
+    @admin.display(description="balance", ordering="balance_micros")
+    def balance(self, account: Account) -> str:
+        return format_micros(account.balance_micros)
+
+    @admin.display(description="held", ordering="held_micros")
+    def held(self, account: Account) -> str:
+        return format_micros(account.held_micros)
+
+    @admin.display(description="available")
+    def available(self, account: Account) -> str:
+        return format_micros(account.available_micros)
+
+    @admin.display(description="monthly budget", ordering="monthly_budget_micros")
+    def budget(self, account: Account) -> str:
+        return _money(account.monthly_budget_micros)
+
+    @admin.display(description="credit ledger")
+    def ledger(self, account: Account) -> SafeString:
+        url = reverse("admin:billing_creditentry_changelist") + f"?organization__id__exact={account.pk}"
+        return format_html('<a href="{}">Entries of this organization</a>', url)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # every organization gets its account when it is made
+
+    def has_delete_permission(self, request: HttpRequest, obj: Account | None = None) -> bool:
+        return False
+
+    def has_operate_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("billing.change_account")
+
+    def save_model(self, request: HttpRequest, obj: Account, form: Any, change: bool) -> None:
+        # Only the budget, through its service: a full save would write back the balance as it was when the
+        # page was opened, over every movement since.
+        if "monthly_budget_micros" in form.changed_data:
+            set_monthly_budget(
+                organization=obj.organization,
+                budget_micros=form.cleaned_data["monthly_budget_micros"],
+                actor=request_actor(request),
+            )
+
+    @admin.action(description="Grant or adjust credits…", permissions=["operate"])
+    def grant_credits_action(self, request: HttpRequest, queryset: QuerySet[Account]) -> HttpResponse | None:
+        accounts = list(queryset.select_related("organization"))
+        if "apply" in request.POST:
+            form = GrantCreditsForm(request.POST)
+            if form.is_valid():
+                self._grant(request, accounts, form)
+                return None  # back to the list, with the messages
+        else:
+            form = GrantCreditsForm(initial={"kind": EntryKind.GRANT, "request_id": uuid.uuid4()})
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Grant or adjust credits",
+            "opts": self.opts,
+            "form": form,
+            "rows": [(account, format_micros(account.balance_micros)) for account in accounts],
+            "action": "grant_credits_action",
+            "action_checkbox_name": ACTION_CHECKBOX_NAME,
+        }
+        return TemplateResponse(request, "admin/billing/account/grant_credits.html", context)
+
+    def _grant(self, request: HttpRequest, accounts: list[Account], form: GrantCreditsForm) -> None:
+        kind, reason, request_id = (
+            form.cleaned_data["kind"],
+            form.cleaned_data["reason"],
+            form.cleaned_data["request_id"],
+        )
+        done = 0
+        for account in accounts:
+            try:
+                grant_credits(
+                    organization=account.organization,
+                    amount_micros=form.amount_micros,
+                    reason=reason,
+                    actor=request_actor(request),
+                    idempotency_key=f"{kind}-admin-{request_id}-{account.pk}",
+                    kind=kind,
+                )
+            except BillingError as refused:
+                self.message_user(request, f"{account.organization}: {refused}", messages.ERROR)
+                continue
+            done += 1
+        verb = "Granted" if kind == EntryKind.GRANT else "Adjusted by"
+        self.message_user(
+            request, f"{verb} {format_micros(form.amount_micros)} on {done} account(s).", messages.SUCCESS
+        )
+
+
+@admin.register(KeySpendLimit)
+class KeySpendLimitAdmin(_HistoryAdmin):
+    """Set by the organization's admins in the dashboard or the API (audited there)."""
+
+    list_display = ("api_key", "limit", "updated_at")
+    list_select_related = ("api_key",)
+
+    @admin.display(description="monthly limit", ordering="monthly_limit_micros")
+    def limit(self, spend_limit: KeySpendLimit) -> str:
+        return format_micros(spend_limit.monthly_limit_micros)
+
+
+# --- The usage ledger ---------------------------------------------------------------------------------------
+
+
+@admin.register(UsageRecord)
+class UsageRecordAdmin(_HistoryAdmin):
+    list_display = (
+        "recorded_at", "organization", "job", "attempt_number", "endpoint", "gpu_class", "outcome", "billable",
+        "gpu_ms", "unbilled_gpu_ms", "cost",
+    )  # fmt: skip
+    list_filter = ("billable", "outcome", "gpu_class", "unit")
+    list_select_related = ("organization", "endpoint", "job")
+    search_fields = ("organization__name", "organization__slug")
+    search_help_text = "A request id or organization id (whole), or part of an organization's name or slug."
+    actions = ("refund_requests",)
+
+    @admin.display(description="cost", ordering="cost_micros")
+    def cost(self, record: UsageRecord) -> str:
+        return format_micros(record.cost_micros)
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[UsageRecord], search_term: str
+    ) -> tuple[QuerySet[UsageRecord], bool]:
+        wanted = _as_uuid(search_term)
+        if wanted is not None:
+            return queryset.filter(Q(job_id=wanted) | Q(organization_id=wanted)), False
+        return super().get_search_results(request, queryset, search_term)
+
+    @admin.action(description="Refund the requests of the selected records", permissions=["operate"])
+    def refund_requests(self, request: HttpRequest, queryset: QuerySet[UsageRecord]) -> None:
+        actor = request_actor(request)
+        operator = actor.user.email if actor.user is not None else "an operator"
+        refunded, total, refused = 0, 0, []
+        # Each request once, however many of its attempts were selected.
+        for job in Job.objects.filter(pk__in=queryset.values("job_id")).select_related("organization").order_by("pk"):
+            try:
+                entry = refund_job(job=job, actor=actor, reason=f"Refunded by {operator}")
+            except BillingError as reason:
+                refused.append(f"{job.pk}: {reason}")
+                continue
+            refunded += 1
+            total += entry.amount_micros
+        self.message_user(request, f"Refunded {refunded} request(s), {format_micros(total)} in all.", messages.SUCCESS)
+        if refused:
+            self.message_user(request, "Not refunded: " + " ".join(refused), messages.WARNING)
+
+
+@admin.register(UsageRollup)
+class UsageRollupAdmin(_HistoryAdmin):
+    list_display = (
+        "bucket_start", "granularity", "organization", "endpoint", "gpu_class", "attempts", "billable_attempts",
+        "gpu_ms", "unbilled_gpu_ms", "cost",
+    )  # fmt: skip
+    list_filter = ("granularity", "gpu_class")
+    list_select_related = ("organization", "endpoint")
+
+    @admin.display(description="cost", ordering="cost_micros")
+    def cost(self, rollup: UsageRollup) -> str:
+        return format_micros(rollup.cost_micros)
+
+
+# --- The credit ledger and holds ----------------------------------------------------------------------------
+
+
+@admin.register(CreditEntry)
+class CreditEntryAdmin(_HistoryAdmin):
+    list_display = ("created_at", "organization", "kind", "amount", "balance_after", "description", "idempotency_key")
+    list_filter = ("kind",)
+    list_select_related = ("organization",)
+    search_fields = ("organization__name", "organization__slug", "=idempotency_key")
+
+    @admin.display(description="amount", ordering="amount_micros")
+    def amount(self, entry: CreditEntry) -> str:
+        return format_micros(entry.amount_micros)
+
+    @admin.display(description="balance after")
+    def balance_after(self, entry: CreditEntry) -> str:
+        return format_micros(entry.balance_after_micros)
+
+
+class HoldStateFilter(admin.SimpleListFilter):
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("open", "Open"), ("released", "Released")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        if self.value() in ("open", "released"):
+            return queryset.filter(released_at__isnull=self.value() == "open")
+        return queryset
+
+
+@admin.register(Hold)
+class HoldAdmin(_HistoryAdmin):
+    list_display = ("job", "organization", "amount", "unit", "created_at", "released_at")
+    list_filter = (HoldStateFilter, "unit")
+    list_select_related = ("organization", "job")
+
+    @admin.display(description="held", ordering="amount_micros")
+    def amount(self, hold: Hold) -> str:
+        return format_micros(hold.amount_micros)
+
+
+# --- Payments and Stripe ------------------------------------------------------------------------------------
+
+
+@admin.register(Payment)
+class PaymentAdmin(_HistoryAdmin):
+    list_display = (
+        "id", "organization", "kind", "status", "amount_cents", "amount_refunded_cents", "amount_disputed_cents",
+        "created_at", "succeeded_at",
+    )  # fmt: skip
+    list_filter = ("status", "kind")
+    list_select_related = ("organization",)
+    search_fields = ("organization__name", "organization__slug", "=stripe_payment_intent_id")
+
+
+@admin.register(StripeEvent)
+class StripeEventAdmin(_HistoryAdmin):
+    """Stripe's webhook inbox, as received. Replaying an event (billing's Stripe work) is an action added here."""
+
+    list_display = ("id", "type", "status", "attempts", "received_at", "processed_at")
+    list_filter = ("status", "type", "livemode")
+    search_fields = ("=id",)
+    fields = ("id", "type", "status", "livemode", "attempts", "error", "received_at", "processed_at", "payload_json")
+    readonly_fields = fields
+    actions: tuple[str, ...] = ()  # the replay action goes here
+
+    @admin.display(description="payload")
+    def payload_json(self, event: StripeEvent) -> SafeString:
+        return _pretty_json(event.payload)
+
+
+# --- Reconciliation -----------------------------------------------------------------------------------------
+
+
+@admin.register(ReconciliationRun)
+class ReconciliationRunAdmin(_HistoryAdmin):
+    """Every proof of the books, newest first; "Run reconciliation now" runs one at once."""
+
+    list_display = ("started_at", "result", "discrepancies", "checks_run", "skipped", "duration")
+    list_filter = ("ok",)
+    ordering = ("-started_at",)
+    fields = ("started_at", "finished_at", "duration", "result", "checks_table", "drift_json")
+    readonly_fields = fields
+    change_list_template = "admin/billing/reconciliationrun/change_list.html"
+
+    @admin.display(description="result", ordering="ok")
+    def result(self, run: ReconciliationRun) -> SafeString:
+        colour, text = ("#198754", "no drift") if run.ok else ("#dc3545", "DRIFT")
+        return format_html('<strong style="color:{}">{}</strong>', colour, text)
+
+    @admin.display(description="drift")
+    def discrepancies(self, run: ReconciliationRun) -> int:
+        return sum(int(item.get("count", 1)) for item in run.drift)
+
+    @admin.display(description="checks")
+    def checks_run(self, run: ReconciliationRun) -> int:
+        return sum(1 for summary in run.checked.values() if not summary.get("skipped"))
+
+    @admin.display(description="skipped")
+    def skipped(self, run: ReconciliationRun) -> str:
+        return ", ".join(name for name, summary in run.checked.items() if summary.get("skipped")) or "-"
+
+    @admin.display(description="duration")
+    def duration(self, run: ReconciliationRun) -> str:
+        if run.finished_at is None:
+            return "-"
+        return f"{(run.finished_at - run.started_at).total_seconds():.1f} s"
+
+    @admin.display(description="checks")
+    def checks_table(self, run: ReconciliationRun) -> SafeString:
+        rows = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    name,
+                    "-" if summary.get("skipped") else f"{summary.get('checked', 0):,}",
+                    "-" if summary.get("skipped") else summary.get("drift", 0),
+                    summary.get("skipped")
+                    or ", ".join(
+                        f"{key}: {value}" for key, value in summary.items() if key not in ("checked", "drift")
+                    ),
+                )
+                for name, summary in run.checked.items()
+            ),
+        )
+        return format_html(
+            "<table><thead><tr><th>check</th><th>rows checked</th><th>drift</th><th>notes</th></tr></thead>"
+            "<tbody>{}</tbody></table>",
+            rows,
+        )
+
+    @admin.display(description="drift found")
+    def drift_json(self, run: ReconciliationRun) -> SafeString | str:
+        return _pretty_json(run.drift) if run.drift else "None."
+
+    def get_urls(self) -> list[URLPattern]:
+        run_now = path("run/", self.admin_site.admin_view(self.run_now_view), name="billing_reconciliationrun_run")
+        return [run_now, *super().get_urls()]
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        extra_context = {**(extra_context or {}), "can_run_now": self.has_operate_permission(request)}
+        return super().changelist_view(request, extra_context)
+
+    def run_now_view(self, request: HttpRequest) -> HttpResponse:
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        if not self.has_operate_permission(request):
+            raise PermissionDenied
+        run = run_reconciliation()
+        self.log_addition(request, run, [{"added": {}}])
+        if run.ok:
+            self.message_user(request, "Reconciliation ran: no drift.", messages.SUCCESS)
+        else:
+            self.message_user(request, f"Reconciliation found {self.discrepancies(run)} discrepancies.", messages.ERROR)
+        return HttpResponseRedirect(reverse("admin:billing_reconciliationrun_change", args=[run.pk]))
