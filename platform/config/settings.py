@@ -62,7 +62,7 @@ SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    "config.apps.PlatformAdminConfig",  # django.contrib.admin with the operators' pages
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",

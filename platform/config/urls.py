@@ -10,10 +10,6 @@ from config import views
 from dashboard import urls as dashboard_urls
 from inference import urls as inference_urls
 
-admin.site.site_header = "Platform operations"
-admin.site.site_title = "Platform operations"
-admin.site.index_title = "Run the business"
-
 urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),

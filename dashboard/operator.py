@@ -1,0 +1,58 @@
+"""The operators' revenue run-rate page (staff only, inside the admin console)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django.contrib.admin import AdminSite
+from django.core.exceptions import PermissionDenied
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
+from django.utils import timezone
+
+from billing import metrics
+from billing.models import ReconciliationRun
+
+
+def run_rate(request: HttpRequest, site: AdminSite) -> HttpResponse:
+    if not request.user.is_staff:
+        raise PermissionDenied
+    today = timezone.now().date()
+    start = today - timedelta(days=metrics.TRAILING_DAYS - 1)
+    current = metrics.run_rate(today)
+    trend = metrics.run_rate_trend(today, points=12, step_days=7)
+    revenue = metrics.recognized_revenue(start, today)
+    margin = metrics.gross_margin(start, today)
+    cash = metrics.cash_collected(start, today)
+    previous = trend[-2] if len(trend) > 1 else None
+    charts: dict[str, Any] = {
+        "trend": {
+            "labels": [point.as_of.isoformat() for point in trend],
+            "unit": "USD per year",
+            "series": [{"label": "Run-rate", "values": [point.annualized_micros / 1e6 for point in trend]}],
+        },
+        "revenue": {
+            "labels": [day.day.isoformat() for day in revenue],
+            "unit": "USD",
+            "series": [{"label": "Recognized revenue", "values": [day.micros / 1e6 for day in revenue]}],
+        },
+    }
+    context = {
+        **site.each_context(request),
+        "title": "Revenue run-rate",
+        "today": today,
+        "start": start,
+        "current": current,
+        "previous": previous,
+        "change_micros": current.annualized_micros - previous.annualized_micros if previous else None,
+        "trend": trend,
+        "revenue": revenue,
+        "by_endpoint": metrics.revenue_by_endpoint(start, today),
+        "top_organizations": metrics.top_organizations(start, today, limit=10),
+        "margin": margin,
+        "cash": cash,
+        "charts": charts,
+        "reconciliation": ReconciliationRun.objects.order_by("-started_at").first(),
+    }
+    return render(request, "admin/run_rate.html", context)

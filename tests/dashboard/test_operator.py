@@ -1,0 +1,52 @@
+"""The operators' run-rate page: staff only, figures from the rollups, bounded queries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+
+from billing.models import Price
+from billing.rates import ensure_opening_prices
+from inference import services
+from inference.models import Endpoint
+from tests.dashboard.test_pages import run_job
+
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("unhashed_static_files")]
+
+
+@pytest.fixture(autouse=True)
+def _setup(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(services, "send_run_message", lambda *args: True)
+    ensure_opening_prices(Price)
+
+
+def test_only_staff_see_the_run_rate(tenant: dict[str, Any], client: Client) -> None:
+    assert client.get("/admin/run-rate/").status_code == 302
+    client.force_login(tenant["user"])
+    assert client.get("/admin/run-rate/").status_code == 302  # not staff: the admin login
+
+
+def test_run_rate_figures_and_bounded_queries(
+    tenant: dict[str, Any], other_tenant: dict[str, Any], builtin_endpoint: Endpoint, admin_user: Any, client: Client
+) -> None:
+    client.force_login(admin_user)
+    run_job(tenant, builtin_endpoint, gpu_ms=3_000_000)  # 3,000 s x 100 µ$/s = $0.30
+    with CaptureQueriesContext(connection) as first:
+        page = client.get("/admin/run-rate/")
+    body = page.content.decode()
+    assert page.status_code == 200
+    assert 'data-testid="mrr">$0.30<' in body
+    assert 'data-testid="run-rate">$3.65<' in body  # 0.30 x 365 / 30
+    assert "platform/tiny-sd" in body
+    assert tenant["organization"].name in body
+    for _ in range(3):
+        run_job(other_tenant, builtin_endpoint)
+    with CaptureQueriesContext(connection) as second:
+        client.get("/admin/run-rate/")
+    assert len(first) == len(second) <= 15
+    index = client.get("/admin/").content.decode()
+    assert "/admin/run-rate/" in index
