@@ -4,108 +4,27 @@ pointed at it, and webhook deliveries signed with the SDK's own scheme."""
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import stripe
 from celery import current_app
 
-SECRET_KEY = "sk_test_platform"
-PUBLISHABLE_KEY = "pk_test_platform"
-WEBHOOK_SECRET = "whsec_test_platform"
-WEBHOOK_PATH = "/billing/stripe/webhook"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@dataclass
-class FakeStripe:
-    """The fake's address, and what a test does to it that an API call cannot (open a dispute, pay Checkout)."""
-
-    url: str
-    log: Path
-
-    def call(self, method: str, path: str, **data: Any) -> Any:
-        response = httpx.request(
-            method, self.url + path, data=data, headers={"Authorization": f"Bearer {SECRET_KEY}"}, timeout=10
-        )
-        response.raise_for_status()
-        return response.json() if response.content else None
-
-    def open_dispute(self, charge_id: str, amount: int | None = None) -> dict[str, Any]:
-        data = {"charge": charge_id} | ({"amount": amount} if amount is not None else {})
-        return self.call("POST", "/_test/disputes", **data)
-
-    def close_dispute(self, dispute_id: str, status: str) -> dict[str, Any]:
-        return self.call("POST", f"/_test/disputes/{dispute_id}/close", status=status)
-
-    def pay_checkout(self, session_id: str) -> dict[str, Any]:
-        return self.call("POST", f"/_test/checkout/sessions/{session_id}/pay")
-
-    def expire_checkout(self, session_id: str) -> dict[str, Any]:
-        return self.call("POST", f"/_test/checkout/sessions/{session_id}/expire")
-
-    def events(self, *object_ids: str, types: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-        """The events Stripe made about these objects, oldest first (what it would deliver, in its order)."""
-        found: list[dict[str, Any]] = []
-        after: str | None = None
-        while True:
-            page = self.call("GET", "/v1/events?limit=100" + (f"&starting_after={after}" if after else ""))
-            for event in page["data"]:
-                if event["data"]["object"].get("id") in object_ids and (not types or event["type"] in types):
-                    found.append(event)
-            if not page["has_more"]:
-                return found
-            after = page["data"][-1]["id"]
-
-    def send_webhooks_to(self, url: str | None, types: tuple[str, ...] = ()) -> None:
-        """Deliveries of these event types (all if none) to ``url``; ``None`` stops deliveries."""
-        events = list(types) if url else ["none.none"]
-        data: dict[str, Any] = {"url": url or "http://127.0.0.1:9/", "secret": WEBHOOK_SECRET}
-        if events:
-            data["events"] = events
-        response = httpx.post(self.url + "/_config/webhooks/platform", json=data, timeout=10)
-        response.raise_for_status()
+from tests.stripe_support import (
+    PUBLISHABLE_KEY,
+    SECRET_KEY,
+    WEBHOOK_PATH,
+    WEBHOOK_SECRET,
+    FakeStripe,
+    running_fake_stripe,
+)
 
 
 @pytest.fixture(scope="session")
 def fake_stripe_server() -> Iterator[FakeStripe]:
-    port = free_port()
-    log = Path(tempfile.mkdtemp(prefix="fake-stripe-")) / "fake-stripe.log"
-    process = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("fake_stripe.py")), "--port", str(port)],
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
-    fake = FakeStripe(url=f"http://127.0.0.1:{port}", log=log)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            fake.call("GET", "/v1/balance")
-            break
-        except httpx.HTTPError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                raise RuntimeError(f"the fake Stripe did not start: {log.read_text()[-2000:]}") from None
-            time.sleep(0.1)
-    try:
+    with running_fake_stripe() as fake:
         yield fake
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 @pytest.fixture

@@ -38,7 +38,8 @@ from billing.stripe_client import stripe_client
 from inference import services
 from inference.models import Endpoint
 from tests.billing import lifecycle
-from tests.billing.conftest import WEBHOOK_SECRET, FakeStripe, deliver, signed
+from tests.billing.conftest import deliver, signed
+from tests.stripe_support import WEBHOOK_SECRET, FakeStripe
 
 pytestmark = pytest.mark.django_db
 

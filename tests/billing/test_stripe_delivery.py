@@ -21,7 +21,7 @@ from django.db import connection
 from billing import payments, stripe_events
 from billing.models import Account, CreditEntry, Payment, StripeEvent, StripeEventStatus
 from billing.stripe_client import stripe_client
-from tests.billing.conftest import SECRET_KEY, WEBHOOK_PATH, WEBHOOK_SECRET, FakeStripe, free_port
+from tests.stripe_support import SECRET_KEY, WEBHOOK_PATH, WEBHOOK_SECRET, FakeStripe, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from billing import stripe_events
 from billing.models import Account, CreditEntry, Payment
 from billing.stripe_client import stripe_client
-from tests.billing.conftest import FakeStripe, deliver
+from tests.billing.conftest import deliver
+from tests.stripe_support import FakeStripe
 
 pytestmark = pytest.mark.django_db
 

@@ -25,6 +25,8 @@ import httpx
 import pytest
 import trustme
 
+from tests.stripe_support import PUBLISHABLE_KEY, SECRET_KEY, WEBHOOK_SECRET, FakeStripe, running_fake_stripe
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -111,6 +113,7 @@ class Stack:
     env: dict[str, str]
     data_dir: Path
     broker: Broker | None
+    stripe: FakeStripe
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: dict[str, Path] = field(default_factory=dict)
 
@@ -185,35 +188,41 @@ def running_stack(django_db_blocker: Any) -> Iterator[Stack]:
     with django_db_blocker.unblock():
         url = database_url()
     broker = Broker() if shutil.which("redis-server") else None
-    env = {
-        **os.environ,
-        "DATABASE_URL": url,
-        "PLATFORM_DATA_DIR": str(data_dir),
-        "PUBLIC_BASE_URL": BASE_URL,
-        "OUTBOUND_ALLOW_PRIVATE": "1",
-        "JOB_LEASE_SECONDS": "3",
-        "JOB_HEARTBEAT_MS": "200",
-        "JOB_SWEEP_SECONDS": "1",
-        "JOB_REDISPATCH_AFTER_SECONDS": "2",
-        "SYNC_RUN_WAIT_SECONDS": "30",
-        "DATABASE_POOL_MAX_SIZE": "4",
-        "LOG_LEVEL": "INFO",
-        "PYTHONUNBUFFERED": "1",
-    }
-    if broker is not None:
-        broker.start()
-        env["BROKER_URL"] = broker.url
-    stack = Stack(env=env, data_dir=data_dir, broker=broker)
-    try:
-        stack.start_web()
-        stack.start_housekeeping()
-        stack.start_gpu_worker()
-        yield stack
-    finally:
-        for name in list(stack.processes):
-            stack.stop(name)
+    with running_fake_stripe() as fake_stripe:
+        env = {
+            **os.environ,
+            "DATABASE_URL": url,
+            "PLATFORM_DATA_DIR": str(data_dir),
+            "PUBLIC_BASE_URL": BASE_URL,
+            "OUTBOUND_ALLOW_PRIVATE": "1",
+            "JOB_LEASE_SECONDS": "3",
+            "JOB_HEARTBEAT_MS": "200",
+            "JOB_SWEEP_SECONDS": "1",
+            "JOB_REDISPATCH_AFTER_SECONDS": "2",
+            "SYNC_RUN_WAIT_SECONDS": "30",
+            "DATABASE_POOL_MAX_SIZE": "4",
+            "LOG_LEVEL": "INFO",
+            "PYTHONUNBUFFERED": "1",
+            # Payments against the fake Stripe, whose webhooks the tests deliver to the server.
+            "STRIPE_SECRET_KEY": SECRET_KEY,
+            "STRIPE_PUBLISHABLE_KEY": PUBLISHABLE_KEY,
+            "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "STRIPE_API_BASE": fake_stripe.url,
+        }
         if broker is not None:
-            broker.stop()
+            broker.start()
+            env["BROKER_URL"] = broker.url
+        stack = Stack(env=env, data_dir=data_dir, broker=broker, stripe=fake_stripe)
+        try:
+            stack.start_web()
+            stack.start_housekeeping()
+            stack.start_gpu_worker()
+            yield stack
+        finally:
+            for name in list(stack.processes):
+                stack.stop(name)
+            if broker is not None:
+                broker.stop()
 
 
 @pytest.fixture
