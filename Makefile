@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 
-.PHONY: run test lint typecheck pytest pytest-sqlite browser bench-api bench-queue bench-engine install clean
+.PHONY: run test lint typecheck pytest pytest-sqlite browser bench-api bench-queue bench-engine bench-billing install clean
 
 ## Set up and run the platform on the embedded default (SQLite, no services): http://127.0.0.1:$(PORT)
 run: install
@@ -53,6 +53,10 @@ bench-queue: install
 ## Stock diffusers against the engine: same weights, seeds and parameters (ARGS=--gpu on CUDA, ARGS=--quick)
 bench-engine: install
 	$(BIN)/python -m tests.bench.engine $(ARGS)
+
+## Usage records written per second through metering, and the usage page at 1M records: rollups against raw
+bench-billing: install
+	$(BIN)/python -m tests.bench.billing $(ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
