@@ -28,8 +28,8 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
-from accounts.admin import request_actor
-from accounts.models import AuditAction
+from accounts.admin import OrganizationAdmin, request_actor
+from accounts.models import AuditAction, Organization
 from accounts.services import record_audit
 from billing.controls import set_monthly_budget
 from billing.ledger import BillingError, grant_credits, refund_job
@@ -56,10 +56,12 @@ if TYPE_CHECKING:
     _AccountAdminBase = admin.ModelAdmin[Account]
     _AccountFormBase = forms.ModelForm[Account]
     _HistoryAdminBase = admin.ModelAdmin[Any]
+    _AccountInlineBase = admin.StackedInline[Account, Organization]
 else:
     # The stubs make these generic; Django's classes take no type arguments at runtime.
     _PriceAdminBase = _AccountAdminBase = _HistoryAdminBase = admin.ModelAdmin
     _PriceFormBase = _AccountFormBase = forms.ModelForm
+    _AccountInlineBase = admin.StackedInline
 
 # How far in the past a new price's start may be (the form's default is the moment it was opened); it then
 # starts when saved. Earlier than this is refused: a price never applies to work that has already started.
@@ -490,11 +492,22 @@ class StripeEventAdmin(_HistoryAdmin):
     search_fields = ("=id",)
     fields = ("id", "type", "status", "livemode", "attempts", "error", "received_at", "processed_at", "payload_json")
     readonly_fields = fields
-    actions: tuple[str, ...] = ()  # the replay action goes here
+    actions = ("replay",)
 
     @admin.display(description="payload")
     def payload_json(self, event: StripeEvent) -> SafeString:
         return _pretty_json(event.payload)
+
+    @admin.action(description="Replay the selected events (from Stripe's current state)", permissions=["operate"])
+    def replay(self, request: HttpRequest, queryset: QuerySet[StripeEvent]) -> None:
+        from billing.stripe_events import replay_event
+
+        actor = request_actor(request)
+        outcomes = [replay_event(event_id=event.pk, actor=actor) for event in queryset.order_by("received_at")]
+        failed = [event.pk for event in outcomes if event.status == "failed"]
+        self.message_user(request, f"Replayed {len(outcomes)} event(s).", messages.SUCCESS)
+        if failed:
+            self.message_user(request, "Still failing: " + ", ".join(failed), messages.WARNING)
 
 
 # --- Reconciliation -----------------------------------------------------------------------------------------
@@ -582,3 +595,57 @@ class ReconciliationRunAdmin(_HistoryAdmin):
         else:
             self.message_user(request, f"Reconciliation found {self.discrepancies(run)} discrepancies.", messages.ERROR)
         return HttpResponseRedirect(reverse("admin:billing_reconciliationrun_change", args=[run.pk]))
+
+
+# --- Organizations, with their money ----------------------------------------------------------------------
+
+
+class AccountOfOrganizationInline(_AccountInlineBase):
+    """The organization's credit on its own page; budgets and grants are made on the billing account."""
+
+    model = Account
+    can_delete = False
+    fields = ("balance", "held", "available", "monthly_budget_micros", "auto_top_up_enabled", "account_link")
+    readonly_fields = fields
+    verbose_name_plural = "Billing"
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description="balance")
+    def balance(self, account: Account) -> str:
+        return _money(account.balance_micros)
+
+    @admin.display(description="held")
+    def held(self, account: Account) -> str:
+        return _money(account.held_micros)
+
+    @admin.display(description="available")
+    def available(self, account: Account) -> str:
+        return _money(account.available_micros)
+
+    @admin.display(description="")
+    def account_link(self, account: Account) -> SafeString:
+        url = reverse("admin:billing_account_change", args=[account.pk])
+        return format_html('<a href="{}">Budget, grants and the ledger →</a>', url)
+
+
+admin.site.unregister(Organization)
+
+
+@admin.register(Organization)
+class OrganizationWithBillingAdmin(OrganizationAdmin):
+    def get_list_display(self, request: HttpRequest) -> Any:
+        columns = list(super().get_list_display(request))
+        return [*columns[:4], "available_credit", *columns[4:]]
+
+    def get_inlines(self, request: HttpRequest, obj: Organization | None) -> Any:
+        return [*super().get_inlines(request, obj), AccountOfOrganizationInline]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Organization]:
+        return super().get_queryset(request).select_related("billing_account")
+
+    @admin.display(description="available credit")
+    def available_credit(self, organization: Organization) -> str:
+        account = getattr(organization, "billing_account", None)
+        return _money(account.available_micros) if account is not None else "—"

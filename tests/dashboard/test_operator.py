@@ -50,3 +50,29 @@ def test_run_rate_figures_and_bounded_queries(
     assert len(first) == len(second) <= 15
     index = client.get("/admin/").content.decode()
     assert "/admin/run-rate/" in index
+
+
+def test_an_organization_page_shows_its_credit(tenant: dict[str, Any], admin_user: Any, client: Client) -> None:
+    client.force_login(admin_user)
+    listing = client.get("/admin/accounts/organization/").content.decode()
+    assert "available credit" in listing.lower()
+    assert "$1.00" in listing  # the free credits
+    page = client.get(f"/admin/accounts/organization/{tenant['organization'].pk}/change/").content.decode()
+    assert "Budget, grants and the ledger" in page
+
+
+def test_an_operator_replays_a_stripe_event(admin_user: Any, client: Client) -> None:
+    from accounts.models import AuditEvent
+    from billing.models import StripeEvent
+
+    event = StripeEvent.objects.create(
+        id="evt_unknown", type="customer.created", payload={"id": "evt_unknown", "type": "customer.created"}
+    )
+    client.force_login(admin_user)
+    answer = client.post(
+        "/admin/billing/stripeevent/", {"action": "replay", "_selected_action": [event.pk]}, follow=True
+    )
+    assert "Replayed 1 event(s)." in answer.content.decode()
+    event.refresh_from_db()
+    assert event.status in ("ignored", "processed")
+    assert AuditEvent.objects.filter(action="billing.stripe_event_replayed", target_id="evt_unknown").exists()
