@@ -50,7 +50,10 @@ def test_models_lists_the_builtins_with_their_limits(builtin_endpoint: Endpoint)
     assert schema["required"] == ["prompt"]
     assert schema["properties"]["num_inference_steps"]["maximum"] == builtin_endpoint.max_steps
     assert models["platform/tiny-sd"]["price"] == {
-        "unit": "gpu_second", "unit_price_micros": 100, "currency": "usd", "effective_from": "2020-01-01T00:00:00+00:00"
+        "unit": "gpu_second",
+        "unit_price_micros": 100,
+        "currency": "usd",
+        "effective_from": "2020-01-01T00:00:00+00:00",
     }  # the opening rate card for the cpu class
 
 
