@@ -97,6 +97,13 @@ class Engine:
         self._graphs = (
             CudaGraphUNet(pipeline.unet) if optimizations.cuda_graphs and self.device.type == "cuda" else None
         )
+        # Feature caching calls the UNet's blocks itself, around a fully compiled UNet: compile that path too
+        # (two graphs: the refreshing step and the shallow one).
+        self._cached_forward: Callable[..., Any] = (
+            torch.compile(cached_unet_forward, fullgraph=True, options={"freezing": True})
+            if optimizations.compile == "full"
+            else cached_unet_forward
+        )
         self._pipelines: dict[PipelineKind, Pipeline] = {}
         self._prompts: OrderedDict[tuple[str, str, bool], _PromptEmbeddings] = OrderedDict()
         self._lock = threading.Lock()
@@ -227,12 +234,12 @@ class Engine:
         step_index: int,
     ) -> torch.Tensor:
         if feature_cache is not None:
-            return cached_unet_forward(
+            return feature_cache.predict(
+                self._cached_forward,
                 self.base.unet,
                 model_input,
                 timestep,
                 embeddings,
-                cache=feature_cache,
                 step_index=step_index,
                 added_cond_kwargs=added,
             )

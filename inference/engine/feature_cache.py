@@ -17,6 +17,8 @@ import torch
 
 @dataclass
 class FeatureCache:
+    """The deep features of one run, and when to recompute them."""
+
     interval: int
     features: torch.Tensor | None = None
 
@@ -26,6 +28,13 @@ class FeatureCache:
 
     def refresh_due(self, step_index: int) -> bool:
         return self.features is None or step_index % self.interval == 0
+
+    def predict(self, forward: Any, unet: Any, *args: Any, step_index: int, **kwargs: Any) -> torch.Tensor:
+        """`forward` is `cached_unet_forward` or a compiled version of it (which sees only tensors and a flag)."""
+        refresh = self.refresh_due(step_index)
+        prediction, features = forward(unet, *args, features=None if refresh else self.features, **kwargs)
+        self.features = features
+        return prediction  # type: ignore[no-any-return]
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """The batch lost some rows (a request left it): drop theirs from the kept features too."""
@@ -57,12 +66,11 @@ def cached_unet_forward(
     timestep: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
     *,
-    cache: FeatureCache,
-    step_index: int,
+    features: torch.Tensor | None,
     added_cond_kwargs: dict[str, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """The UNet's noise prediction; deep features recomputed only on the cache's refresh steps."""
-    refresh = cache.refresh_due(step_index)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet's noise prediction and the deep features it used: recomputed when `features` is None."""
+    refresh = features is None
     added = added_cond_kwargs or {}
     upsample_factor = 2**unet.num_upsamplers
     forward_upsample_size = any(size % upsample_factor != 0 for size in sample.shape[-2:])
@@ -109,9 +117,9 @@ def cached_unet_forward(
                 sample = block(
                     hidden_states=sample, temb=emb, res_hidden_states_tuple=block_residuals, upsample_size=upsample_size
                 )
-        cache.features = sample
-    elif cache.features is not None:  # refresh_due is True while nothing is kept
-        sample = cache.features
+        features = sample
+    else:
+        sample = features
     # The last up block takes the first level's residuals: conv_in's output and the first down block's.
     block_residuals = residuals[: len(last_block.resnets)]
     if getattr(last_block, "has_cross_attention", False):
@@ -129,4 +137,4 @@ def cached_unet_forward(
         sample = unet.conv_norm_out(sample)
         sample = unet.conv_act(sample)
     result: torch.Tensor = unet.conv_out(sample)
-    return result
+    return result, features

@@ -50,9 +50,15 @@ def configure_compile_cache(folder: str | Path) -> Path:
     """Keep what torch.compile produces (Inductor's FX graph and kernel caches, Triton's) under `folder`.
 
     A worker that starts again, or a second worker on the machine, then loads compiled code instead of compiling.
-    An explicit TORCHINDUCTOR_CACHE_DIR in the environment wins.
+    An explicit TORCHINDUCTOR_CACHE_DIR in the environment wins. (Inductor writes its default, a temporary
+    folder, into the environment the first time it looks: that one is replaced.)
     """
-    path = Path(os.environ.setdefault(COMPILE_CACHE_ENV, str(folder)))
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get(COMPILE_CACHE_ENV)
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ[COMPILE_CACHE_ENV] = os.path.abspath(folder)
+    path = Path(os.environ[COMPILE_CACHE_ENV])
     path.mkdir(parents=True, exist_ok=True)
     return path
 
