@@ -441,19 +441,27 @@ def check_rollups() -> Check:
 # --- Payments ---------------------------------------------------------------------------------------------
 
 
-def check_payments() -> Check:
-    """A succeeded payment bought exactly its amount of credit, once; any other payment bought none."""
-    check = Check("payments")
-    credited = (
-        CreditEntry.objects.filter(payment_id=OuterRef("pk"), kind__in=CREDITED_KINDS)
+def _entries_of_payment(kinds: Iterable[str]) -> Coalesce:
+    """The sum of the payment's entries of these kinds, for each payment row (0 when it has none)."""
+    summed = (
+        CreditEntry.objects.filter(payment_id=OuterRef("pk"), kind__in=list(kinds))
         .order_by()
         .values("payment_id")
         .annotate(total=Sum("amount_micros"))
         .values("total")
     )
+    return Coalesce(Subquery(summed, output_field=BigIntegerField()), Value(0), output_field=BigIntegerField())
+
+
+def check_payments() -> Check:
+    """A succeeded payment bought exactly its amount of credit, once, and any other payment none; what a payment
+    says was refunded or disputed is what its refund and dispute entries took back."""
+    check = Check("payments")
     payments = Payment.objects.annotate(
-        credited_micros=Coalesce(Subquery(credited, output_field=BigIntegerField()), Value(0)),
+        credited_micros=_entries_of_payment(CREDITED_KINDS),
         paid_micros=F("amount_cents") * MICROS_PER_CENT,
+        refund_entries_micros=_entries_of_payment([EntryKind.REFUND]),
+        dispute_entries_micros=_entries_of_payment([EntryKind.DISPUTE]),
     )
     check.checked = payments.count()
     fields = ("id", "organization_id", "status", "amount_cents", "credited_micros")
@@ -467,6 +475,16 @@ def check_payments() -> Check:
         payments.exclude(status=PaymentStatus.SUCCEEDED).exclude(credited_micros=0).order_by("pk"),
         *fields,
     )
+    for taken, entries in (("refunded", "refund_entries_micros"), ("disputed", "dispute_entries_micros")):
+        column = f"amount_{taken}_cents"
+        check.found_in(
+            f"{taken}_amount_differs_from_entries",
+            payments.exclude(**{entries: -F(column) * MICROS_PER_CENT}).order_by("pk"),
+            "id",
+            "organization_id",
+            column,
+            entries,
+        )
     return check
 
 

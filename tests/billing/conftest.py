@@ -59,3 +59,15 @@ def deliver(client: Any, event: dict[str, Any], secret: str = WEBHOOK_SECRET) ->
     """Posts ``event`` to our webhook endpoint as Stripe does (Django's test client)."""
     payload, signature = signed(event, secret)
     return client.post(WEBHOOK_PATH, data=payload, content_type="application/json", HTTP_STRIPE_SIGNATURE=signature)
+
+
+@pytest.fixture
+def quiet_books(monkeypatch: pytest.MonkeyPatch, settings: Any) -> None:
+    """Jobs dispatched with no broker, the opening rate card in force, Stripe off (reconciliation skips it)."""
+    from billing.models import Price
+    from billing.rates import ensure_opening_prices
+    from inference import services
+
+    monkeypatch.setattr(services, "send_run_message", lambda *args: True)
+    settings.STRIPE_SECRET_KEY = ""
+    ensure_opening_prices(Price)

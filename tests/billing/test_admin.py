@@ -32,21 +32,12 @@ from billing.models import (
     UsageRecord,
     UsageRollup,
 )
-from billing.rates import ensure_opening_prices
-from inference import services
 from inference.models import AttemptOutcome, Endpoint, Job
 from tests.billing.lifecycle import finish, run, start, submit
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("quiet_books")]
 
 OPERATOR_EMAIL = "ops@example.com"
-
-
-@pytest.fixture(autouse=True)
-def _no_broker(monkeypatch: pytest.MonkeyPatch, settings: Any) -> None:
-    monkeypatch.setattr(services, "send_run_message", lambda *args: True)
-    settings.STRIPE_SECRET_KEY = ""
-    ensure_opening_prices(Price)
 
 
 @pytest.fixture

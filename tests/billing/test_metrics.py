@@ -11,9 +11,7 @@ from django.conf import settings as django_settings
 from django.utils import timezone
 
 from billing import metrics
-from billing.models import NO_KEY, Granularity, Payment, PaymentKind, PaymentStatus, Price, UsageRecord, UsageRollup
-from billing.rates import ensure_opening_prices
-from inference import services
+from billing.models import NO_KEY, Granularity, Payment, PaymentKind, PaymentStatus, UsageRecord, UsageRollup
 from inference.models import Endpoint, GpuClass
 from tests.billing.lifecycle import run
 
@@ -164,11 +162,8 @@ def test_cash_collected_is_succeeded_payments_less_refunds(
     )  # fmt: skip
 
 
-def test_revenue_from_real_usage_is_what_was_debited(
-    tenant: dict[str, Any], builtin_endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(services, "send_run_message", lambda *args: True)
-    ensure_opening_prices(Price)
+@pytest.mark.usefixtures("quiet_books")
+def test_revenue_from_real_usage_is_what_was_debited(tenant: dict[str, Any], builtin_endpoint: Endpoint) -> None:
     for gpu_ms in (1_235, 2_000, 17):
         run(tenant["organization"], builtin_endpoint, gpu_ms=gpu_ms)
     today = timezone.now().astimezone(UTC).date()

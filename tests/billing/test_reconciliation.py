@@ -24,24 +24,15 @@ from billing.models import (
     Payment,
     PaymentKind,
     PaymentStatus,
-    Price,
     ReconciliationRun,
     UsageRecord,
     UsageRollup,
 )
-from billing.rates import ensure_opening_prices
 from inference import services
 from inference.models import AttemptOutcome, Endpoint, Job, JobAttempt, JobStatus
 from tests.billing.lifecycle import finish, run, start, submit
 
-pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def _no_broker(monkeypatch: pytest.MonkeyPatch, settings: Any) -> None:
-    monkeypatch.setattr(services, "send_run_message", lambda *args: True)
-    settings.STRIPE_SECRET_KEY = ""
-    ensure_opening_prices(Price)
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("quiet_books")]
 
 
 @pytest.fixture
@@ -257,6 +248,27 @@ def test_payments_and_their_credit(books: dict[str, Any]) -> None:
     assert kinds(run_) == {"payments.credit_for_unpaid_payment"}
     [example] = drift_of(run_, "payments.credit_for_unpaid_payment")["examples"]
     assert (example["id"], example["status"], example["credited_micros"]) == (pending.pk, "pending", 5_000_000)
+
+
+def test_a_payments_refunded_and_disputed_totals_are_its_entries(books: dict[str, Any]) -> None:
+    organization = books["organization"]
+    paid = Payment.objects.create(
+        organization=organization, kind=PaymentKind.PURCHASE, status=PaymentStatus.SUCCEEDED, amount_cents=2_000
+    )
+    account = locked_account(organization.pk)
+    post_entry(account=account, kind=EntryKind.PURCHASE, amount_micros=20_000_000, idempotency_key="p", payment=paid)
+    post_entry(account=account, kind=EntryKind.REFUND, amount_micros=-5_000_000, idempotency_key="r", payment=paid)
+    post_entry(account=account, kind=EntryKind.DISPUTE, amount_micros=-1_000_000, idempotency_key="d", payment=paid)
+    Payment.objects.filter(pk=paid.pk).update(amount_refunded_cents=500, amount_disputed_cents=100)
+    assert reconciliation.run_reconciliation().ok
+    Payment.objects.filter(pk=paid.pk).update(amount_refunded_cents=400, amount_disputed_cents=0)
+    run_ = reconciliation.run_reconciliation()
+    assert kinds(run_) == {
+        "payments.refunded_amount_differs_from_entries",
+        "payments.disputed_amount_differs_from_entries",
+    }
+    [example] = drift_of(run_, "payments.refunded_amount_differs_from_entries")["examples"]
+    assert (example["amount_refunded_cents"], example["refund_entries_micros"]) == (400, -5_000_000)
 
 
 def test_stripe_is_compared_when_configured(
