@@ -56,12 +56,10 @@ if TYPE_CHECKING:
     _AccountAdminBase = admin.ModelAdmin[Account]
     _AccountFormBase = forms.ModelForm[Account]
     _HistoryAdminBase = admin.ModelAdmin[Any]
-    _AccountInlineBase = admin.StackedInline[Account, Organization]
 else:
     # The stubs make these generic; Django's classes take no type arguments at runtime.
     _PriceAdminBase = _AccountAdminBase = _HistoryAdminBase = admin.ModelAdmin
     _PriceFormBase = _AccountFormBase = forms.ModelForm
-    _AccountInlineBase = admin.StackedInline
 
 # How far in the past a new price's start may be (the form's default is the moment it was opened); it then
 # starts when saved. Earlier than this is refused: a price never applies to work that has already started.
@@ -600,36 +598,6 @@ class ReconciliationRunAdmin(_HistoryAdmin):
 # --- Organizations, with their money ----------------------------------------------------------------------
 
 
-class AccountOfOrganizationInline(_AccountInlineBase):
-    """The organization's credit on its own page; budgets and grants are made on the billing account."""
-
-    model = Account
-    can_delete = False
-    fields = ("balance", "held", "available", "monthly_budget_micros", "auto_top_up_enabled", "account_link")
-    readonly_fields = fields
-    verbose_name_plural = "Billing"
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    @admin.display(description="balance")
-    def balance(self, account: Account) -> str:
-        return _money(account.balance_micros)
-
-    @admin.display(description="held")
-    def held(self, account: Account) -> str:
-        return _money(account.held_micros)
-
-    @admin.display(description="available")
-    def available(self, account: Account) -> str:
-        return _money(account.available_micros)
-
-    @admin.display(description="")
-    def account_link(self, account: Account) -> SafeString:
-        url = reverse("admin:billing_account_change", args=[account.pk])
-        return format_html('<a href="{}">Budget, grants and the ledger →</a>', url)
-
-
 admin.site.unregister(Organization)
 
 
@@ -639,8 +607,28 @@ class OrganizationWithBillingAdmin(OrganizationAdmin):
         columns = list(super().get_list_display(request))
         return [*columns[:4], "available_credit", *columns[4:]]
 
-    def get_inlines(self, request: HttpRequest, obj: Organization | None) -> Any:
-        return [*super().get_inlines(request, obj), AccountOfOrganizationInline]
+    def get_fieldsets(self, request: HttpRequest, obj: Organization | None = None) -> Any:
+        fieldsets = list(super().get_fieldsets(request, obj))
+        if obj is None:
+            return fieldsets
+        return [*fieldsets, ("Billing", {"fields": ("billing_summary",)})]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Organization | None = None) -> Any:
+        return [*super().get_readonly_fields(request, obj), "billing_summary"]
+
+    @admin.display(description="credit")
+    def billing_summary(self, organization: Organization) -> SafeString:
+        account = getattr(organization, "billing_account", None)
+        if account is None:
+            return format_html("{}", "No billing account yet.")
+        return format_html(
+            'Balance {}, held {}, available {}; monthly budget {}. <a href="{}">Budget, grants and the ledger →</a>',
+            _money(account.balance_micros),
+            _money(account.held_micros),
+            _money(account.available_micros),
+            _money(account.monthly_budget_micros),
+            reverse("admin:billing_account_change", args=[account.pk]),
+        )
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Organization]:
         return super().get_queryset(request).select_related("billing_account")
