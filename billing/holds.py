@@ -16,12 +16,16 @@ def place(*, account: Account, hold: Hold) -> None:
     account.save(update_fields=["held_micros"])
 
 
-def release(*, account: Account, job_id: uuid.UUID) -> int:
-    """Releases the job's open hold on a locked account; the amount released (0 if none was open)."""
+def release(*, account: Account, job_id: uuid.UUID, save: bool = True) -> int:
+    """Releases the job's open hold on a locked account; the amount released (0 if none was open).
+
+    ``save=False``: the caller saves the account itself in this transaction (``ledger.post_entry`` does).
+    """
     hold = Hold.objects.filter(job_id=job_id, released_at=None).first()
     if hold is None:
         return 0
     Hold.objects.filter(pk=hold.pk).update(released_at=timezone.now())
     account.held_micros -= hold.amount_micros
-    account.save(update_fields=["held_micros"])
+    if save:
+        account.save(update_fields=["held_micros"])
     return hold.amount_micros

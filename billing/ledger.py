@@ -52,12 +52,15 @@ def post_entry(
     payment: Payment | None = None,
     job: Job | None = None,
     created_by: Any = None,
+    key_is_new: bool = False,
 ) -> tuple[CreditEntry, bool]:
     """Appends one entry to a locked account, or returns the entry already posted under this key.
 
-    Must run inside the transaction that locked ``account``; updates its cached balance.
+    Must run inside the transaction that locked ``account``; saves its cached balance (and its held
+    amount, which a caller may have changed under the same lock). ``key_is_new``: the key names a row
+    made in this transaction, so no earlier entry can hold it (the unique index still guards it).
     """
-    existing = CreditEntry.objects.filter(idempotency_key=idempotency_key).first()
+    existing = None if key_is_new else CreditEntry.objects.filter(idempotency_key=idempotency_key).first()
     if existing is not None:
         if existing.organization_id != account.organization_id or existing.amount_micros != amount_micros:
             raise BillingError(f"Idempotency key {idempotency_key} was used for a different movement.")
@@ -76,7 +79,7 @@ def post_entry(
         description=description[:300],
         created_by=created_by,
     )
-    account.save(update_fields=["balance_micros", "updated_at"])
+    account.save(update_fields=["balance_micros", "held_micros", "updated_at"])
     if amount_micros < 0:
         from billing import topups  # lazily: the ledger needs no Celery to import
 

@@ -60,8 +60,9 @@ def record_attempt(job: Job, attempt: JobAttempt) -> UsageRecord:
         recorded_at=attempt.finished_at or job.finished_at or started_at,
     )
     if job.is_final:
-        holds.release(account=account, job_id=job.pk)
+        holds.release(account=account, job_id=job.pk, save=not cost)
     if cost:
+        # Saves the account's balance and the held amount just released in one UPDATE.
         post_entry(
             account=account,
             kind=EntryKind.USAGE,
@@ -70,6 +71,7 @@ def record_attempt(job: Job, attempt: JobAttempt) -> UsageRecord:
             description=f"{job.endpoint.endpoint_id}: {units} {quote.unit}",
             usage_record=record,
             job=job,
+            key_is_new=True,
         )
     add_to_rollups(record)
     return record

@@ -8,7 +8,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.cache import cache
-from django.db.models import Sum
+from django.db.models import F, Q, Sum
 from django.utils import timezone
 
 from billing.models import Granularity, Price, PriceUnit, UsageRollup
@@ -37,10 +37,13 @@ FREE = Quote(price=None, unit=PriceUnit.GPU_SECOND, unit_price_micros=0)
 
 def price_for(endpoint: Endpoint, at: datetime) -> Quote:
     """The newest price line in force at ``at``: the endpoint's own override, else its GPU class's."""
-    newest = ("-effective_from", "-id")
-    price = Price.objects.in_force(at).filter(endpoint=endpoint).order_by(*newest).first()
-    if price is None:
-        price = Price.objects.in_force(at).filter(endpoint=None, gpu_class=endpoint.gpu_class).order_by(*newest).first()
+    # One query: the endpoint's own lines sort before its class's, newest first within each.
+    price = (
+        Price.objects.in_force(at)
+        .filter(Q(endpoint=endpoint) | Q(endpoint=None, gpu_class=endpoint.gpu_class))
+        .order_by(F("endpoint").desc(nulls_last=True), "-effective_from", "-id")
+        .first()
+    )
     if price is None:
         return FREE
     return Quote(price=price, unit=price.unit, unit_price_micros=price.unit_price_micros)
