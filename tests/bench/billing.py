@@ -120,6 +120,20 @@ def run_benchmark(args: argparse.Namespace) -> None:
         assert from_raw == comparable(from_rollups), "the rollups and raw usage disagree"
         rows.append((" + ".join(group_by), rollup_ms, raw_ms, len(from_rollups["data"])))
 
+    # The operators' run-rate page: every figure it shows, over all organizations, from the rollups.
+    from billing import metrics
+
+    def run_rate_page() -> None:
+        metrics.run_rate(end)
+        metrics.run_rate_trend(end, points=12, step_days=7)
+        metrics.recognized_revenue(start, end)
+        metrics.revenue_by_endpoint(start, end)
+        metrics.top_organizations(start, end)
+        metrics.gross_margin(start, end)
+        metrics.cash_collected(start, end)
+
+    run_rate_ms, _ = p50_ms(run_rate_page, args.runs)
+
     reconcile_seconds, drift, checked = None, None, None
     if not args.no_reconcile:
         from billing.reconciliation import run_reconciliation
@@ -140,6 +154,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
     print(f"    {'grouped by':<16} {'rollups':>10} {'raw records':>12} {'speed-up':>9} {'rows':>6}")
     for name, rollup_ms, raw_ms, count in rows:
         print(f"    {name:<16} {rollup_ms:8.1f} ms {raw_ms:9.1f} ms {raw_ms / rollup_ms:8.0f}x {count:6}")
+    print(f"  run-rate page, every figure for all organizations, {PAGE_DAYS} days: {run_rate_ms:.1f} ms (p50)")
     if reconcile_seconds is not None and checked is not None:
         print(f"  reconciliation of everything: {reconcile_seconds:.1f} s, drift {drift} (expected 0)")
         print("    " + ", ".join(f"{name} {summary.get('checked', 0):,}" for name, summary in checked.items()))
