@@ -292,7 +292,7 @@ def _run(leader: Member, heartbeat: Heartbeat) -> None:
         )
         for member, outcome in zip(members, outcomes, strict=True):
             if isinstance(outcome, GenerationResult):
-                _store(member, outcome, heartbeat, batch_size=len(members))
+                _store_or_fail(member, outcome, heartbeat, batch_size=len(members))
     except InputProblem as problem:
         _finish_all(members, heartbeat, AttemptOutcome.FAILED, error=str(problem), error_type=problem.error_type)
     except SoftTimeLimitExceeded:
@@ -320,6 +320,7 @@ def _run(leader: Member, heartbeat: Heartbeat) -> None:
             members,
             heartbeat,
             AttemptOutcome.ERRORED,
+            gpu_ms=0,
             error="The model of this endpoint is not available on the worker.",
             error_type="model_unavailable",
         )
@@ -353,6 +354,24 @@ def _close_cancelled(member: Member, heartbeat: Heartbeat, cancelled: Cancelled)
         error=f"{reason} Stopped after step {cancelled.steps_done} of {cancelled.total_steps}.",
         error_type=error_type,
     )
+
+
+def _store_or_fail(member: Member, result: GenerationResult, heartbeat: Heartbeat, *, batch_size: int) -> None:
+    """Stores one job's images; a failure there fails that job alone (retried), not the rest of its batch."""
+    try:
+        _store(member, result, heartbeat, batch_size=batch_size)
+    except SoftTimeLimitExceeded:
+        raise
+    except Exception as exc:
+        logger.exception("job %s attempt %s: its outputs could not be stored", member.job_id, member.attempt)
+        _finish(
+            member,
+            heartbeat,
+            AttemptOutcome.ERRORED,
+            error=f"Internal error: {type(exc).__name__}.",
+            error_type="internal_error",
+            retry=True,
+        )
 
 
 def _store(member: Member, result: GenerationResult, heartbeat: Heartbeat, *, batch_size: int) -> None:
