@@ -34,7 +34,7 @@ class FeatureCache:
         refresh = self.refresh_due(step_index)
         prediction, features = forward(unet, *args, features=None if refresh else self.features, **kwargs)
         self.features = features
-        return prediction  # type: ignore[no-any-return]
+        return prediction
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """The batch lost some rows (a request left it): drop theirs from the kept features too."""
@@ -70,7 +70,8 @@ def cached_unet_forward(
     added_cond_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The UNet's noise prediction and the deep features it used: recomputed when `features` is None."""
-    refresh = features is None
+    refresh = features is None  # a refreshing step: the whole UNet runs
+    deep: torch.Tensor
     added = added_cond_kwargs or {}
     upsample_factor = 2**unet.num_upsamplers
     forward_upsample_size = any(size % upsample_factor != 0 for size in sample.shape[-2:])
@@ -95,7 +96,7 @@ def cached_unet_forward(
         residuals += block_residuals
 
     last_block = unet.up_blocks[-1]
-    if refresh:
+    if features is None:
         if unet.mid_block is not None:
             if getattr(unet.mid_block, "has_cross_attention", False):
                 sample = unet.mid_block(sample, emb, encoder_hidden_states=encoder_hidden_states)
@@ -117,9 +118,10 @@ def cached_unet_forward(
                 sample = block(
                     hidden_states=sample, temb=emb, res_hidden_states_tuple=block_residuals, upsample_size=upsample_size
                 )
-        features = sample
+        deep = sample
     else:
-        sample = features
+        deep = features
+    sample = deep
     # The last up block takes the first level's residuals: conv_in's output and the first down block's.
     block_residuals = residuals[: len(last_block.resnets)]
     if getattr(last_block, "has_cross_attention", False):
@@ -137,4 +139,4 @@ def cached_unet_forward(
         sample = unet.conv_norm_out(sample)
         sample = unet.conv_act(sample)
     result: torch.Tensor = unet.conv_out(sample)
-    return result, features
+    return result, deep
