@@ -325,16 +325,8 @@ def _run(leader: Member, heartbeat: Heartbeat) -> None:
             error_type="model_unavailable",
         )
     except Exception as exc:
-        # The platform's fault (a crash, out of memory): not billed, and retried while attempts remain.
         logger.exception("job %s attempt %s failed", job.id, leader.attempt)
-        _finish_all(
-            members,
-            heartbeat,
-            AttemptOutcome.ERRORED,
-            error=f"Internal error: {type(exc).__name__}.",
-            error_type="internal_error",
-            retry=True,
-        )
+        _finish_all(members, heartbeat, AttemptOutcome.ERRORED, **_platform_fault(exc))
 
 
 def _close_cancelled(member: Member, heartbeat: Heartbeat, cancelled: Cancelled) -> None:
@@ -364,14 +356,12 @@ def _store_or_fail(member: Member, result: GenerationResult, heartbeat: Heartbea
         raise
     except Exception as exc:
         logger.exception("job %s attempt %s: its outputs could not be stored", member.job_id, member.attempt)
-        _finish(
-            member,
-            heartbeat,
-            AttemptOutcome.ERRORED,
-            error=f"Internal error: {type(exc).__name__}.",
-            error_type="internal_error",
-            retry=True,
-        )
+        _finish(member, heartbeat, AttemptOutcome.ERRORED, **_platform_fault(exc))
+
+
+def _platform_fault(exc: Exception) -> dict[str, Any]:
+    """The platform's fault (a crash, out of memory): not billed, and retried while attempts remain."""
+    return {"error": f"Internal error: {type(exc).__name__}.", "error_type": "internal_error", "retry": True}
 
 
 def _store(member: Member, result: GenerationResult, heartbeat: Heartbeat, *, batch_size: int) -> None:

@@ -86,54 +86,39 @@ def cached_unet_forward(
         encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added
     )
 
+    def run(block: Any, *args: Any, **kwargs: Any) -> Any:
+        # Blocks with attention take the text embeddings; the others do not accept them.
+        if getattr(block, "has_cross_attention", False):
+            kwargs["encoder_hidden_states"] = encoder_hidden_states
+        return block(*args, **kwargs)
+
     sample = unet.conv_in(sample)
     residuals: tuple[torch.Tensor, ...] = (sample,)
     for block in unet.down_blocks if refresh else unet.down_blocks[:1]:
-        if getattr(block, "has_cross_attention", False):
-            sample, block_residuals = block(hidden_states=sample, temb=emb, encoder_hidden_states=encoder_hidden_states)
-        else:
-            sample, block_residuals = block(hidden_states=sample, temb=emb)
+        sample, block_residuals = run(block, hidden_states=sample, temb=emb)
         residuals += block_residuals
 
-    last_block = unet.up_blocks[-1]
     if features is None:
         if unet.mid_block is not None:
-            if getattr(unet.mid_block, "has_cross_attention", False):
-                sample = unet.mid_block(sample, emb, encoder_hidden_states=encoder_hidden_states)
-            else:
-                sample = unet.mid_block(sample, emb)
+            sample = run(unet.mid_block, sample, emb)
         for block in unet.up_blocks[:-1]:
             block_residuals = residuals[-len(block.resnets) :]
             residuals = residuals[: -len(block.resnets)]
             upsample_size = residuals[-1].shape[2:] if forward_upsample_size else None
-            if getattr(block, "has_cross_attention", False):
-                sample = block(
-                    hidden_states=sample,
-                    temb=emb,
-                    res_hidden_states_tuple=block_residuals,
-                    encoder_hidden_states=encoder_hidden_states,
-                    upsample_size=upsample_size,
-                )
-            else:
-                sample = block(
-                    hidden_states=sample, temb=emb, res_hidden_states_tuple=block_residuals, upsample_size=upsample_size
-                )
+            sample = run(
+                block,
+                hidden_states=sample,
+                temb=emb,
+                res_hidden_states_tuple=block_residuals,
+                upsample_size=upsample_size,
+            )
         deep = sample
     else:
         deep = features
-    sample = deep
     # The last up block takes the first level's residuals: conv_in's output and the first down block's.
+    last_block = unet.up_blocks[-1]
     block_residuals = residuals[: len(last_block.resnets)]
-    if getattr(last_block, "has_cross_attention", False):
-        sample = last_block(
-            hidden_states=sample,
-            temb=emb,
-            res_hidden_states_tuple=block_residuals,
-            encoder_hidden_states=encoder_hidden_states,
-            upsample_size=None,
-        )
-    else:
-        sample = last_block(hidden_states=sample, temb=emb, res_hidden_states_tuple=block_residuals, upsample_size=None)
+    sample = run(last_block, hidden_states=deep, temb=emb, res_hidden_states_tuple=block_residuals, upsample_size=None)
 
     if unet.conv_norm_out is not None:
         sample = unet.conv_norm_out(sample)

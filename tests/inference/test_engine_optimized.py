@@ -39,12 +39,10 @@ from inference.engine import (
     validate_profile,
 )
 from inference.engine.architectures import build_architecture
+from tests.inference.test_engine import pixels
+from tests.inference.test_engine import request as base_request
 
 LOSSLESS = replace(STOCK_PROFILE, inference_mode=True, fuse_qkv=True, prompt_cache=8)
-
-
-def pixels(image: Image.Image) -> np.ndarray:
-    return np.asarray(image, dtype=np.int16)
 
 
 def psnr(one: Image.Image, other: Image.Image) -> float:
@@ -53,15 +51,8 @@ def psnr(one: Image.Image, other: Image.Image) -> float:
 
 
 def request(**overrides: object) -> GenerationRequest:
-    fields: dict[str, object] = {
-        "prompts": ["a lighthouse at dusk"],
-        "seeds": [7],
-        "width": 64,
-        "height": 64,
-        "num_inference_steps": 4,
-    }
-    fields.update(overrides)
-    return GenerationRequest(**fields)  # type: ignore[arg-type]
+    """test_engine's request (a 64x64 image of one prompt and seed), in four steps."""
+    return base_request(**{"num_inference_steps": 4, **overrides})
 
 
 def engine_for(profile: OptimizationProfile) -> Engine:
