@@ -318,8 +318,9 @@ def run_gpu(args: argparse.Namespace, log: Callable[[str], None], *, dry_run: bo
                 runners, rounds=1 if dry_run else args.rounds, per_round=batch, size=size, steps=steps, log=log
             )
             title, published = PUBLISHED_H100_ITS[name]
+            note = " DRY RUN at toy size on a CPU: float32, no compile, no CUDA graphs;" if dry_run else ""
             sections.append(
-                f"{name} architecture, {size}x{size}, {steps} steps, guidance 7.5, batch {batch} "
+                f"{name} architecture,{note} {size}x{size}, {steps} steps, guidance 7.5, batch {batch} "
                 f"(published: {title} {published} it/s on an H100)\n" + table(results, gpu_model=name, steps=steps)
             )
             del runners
