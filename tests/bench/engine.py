@@ -84,6 +84,11 @@ def cpu_configs() -> list[Config]:
         Config("DeepCache k=3 (lossy)", replace(base, feature_cache_interval=3)),
         Config("DeepCache k=3, compiled, batch of 4 (lossy)", replace(compiled_batch, feature_cache_interval=3), 4),
         Config("DeepCache k=5, compiled, batch of 4 (lossy)", replace(compiled_batch, feature_cache_interval=5), 4),
+        Config(
+            "DeepCache k=3 + bfloat16, compiled, batch of 4",
+            replace(compiled_batch, feature_cache_interval=3, precision="bfloat16"),
+            4,
+        ),
     ]  # fmt: skip
 
 
