@@ -284,9 +284,9 @@ class _TextToImageRun:
         # Batch row -> the request it belongs to; each request has one row per image.
         self.row_members = [member for member, request in enumerate(requests) for _ in request.seeds]
         self.started = time.perf_counter()
-        self.drop_rows = (
-            type(self.pipe.scheduler).__name__ in ROW_INDEPENDENT_SCHEDULERS and engine._graphs is None
-        ) or options.feature_cache_interval > 1
+        # A captured graph has fixed shapes (feature caching runs without graphs): its rows stay to the end.
+        replays_graphs = engine._graphs is not None and options.feature_cache_interval < 2
+        self.drop_rows = type(self.pipe.scheduler).__name__ in ROW_INDEPENDENT_SCHEDULERS and not replays_graphs
 
     def elapsed_ms(self) -> int:
         return math.ceil((time.perf_counter() - self.started) * 1000)
@@ -298,8 +298,8 @@ class _TextToImageRun:
         device = self.engine.device
         generators = [torch.Generator(device="cpu").manual_seed(seed) for r in self.requests for seed in r.seeds]
         prompt_embeds, added = self._conditioning(first)
+        guidance: float | torch.Tensor = float(first.guidance_scale)
         if self.guidance:
-            guidance: float | torch.Tensor = float(first.guidance_scale)
             scales = {request.guidance_scale for request in self.requests}
             if len(scales) > 1:
                 per_row = [self.requests[member].guidance_scale for member in self.row_members]
@@ -310,6 +310,8 @@ class _TextToImageRun:
         if self.engine.is_xl and hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)
         timesteps = scheduler.timesteps
+        # Some schedulers take more model calls than steps (PNDM's warm-up): progress counts calls, as stock does.
+        self.total_steps = len(timesteps)
         shape = (
             len(self.row_members),
             pipe.unet.config.in_channels,
