@@ -10,7 +10,6 @@ monthly budget is set through ``billing.controls``, which audits it.
 
 from __future__ import annotations
 
-import json
 import uuid
 from datetime import timedelta
 from decimal import Decimal
@@ -46,8 +45,9 @@ from billing.models import (
     UsageRecord,
     UsageRollup,
 )
-from billing.money import MICROS_PER_DOLLAR, format_micros
+from billing.money import dollars_to_micros, format_micros
 from billing.reconciliation import run_reconciliation
+from inference.admin import OperableAdmin, as_uuid, pretty_json
 from inference.models import Job
 
 if TYPE_CHECKING:
@@ -70,37 +70,11 @@ def _money(micros: int | None) -> str:
     return "-" if micros is None else format_micros(micros)
 
 
-def _pretty_json(value: Any) -> SafeString:
-    return format_html("<pre>{}</pre>", json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False))
-
-
-def _as_uuid(term: str) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(term.strip())
-    except ValueError:
-        return None
-
-
-class _HistoryAdmin(_HistoryAdminBase):
-    """Rows that only the platform writes: listed and viewed, never added, edited or deleted here.
-
-    Operators act on them only through actions (``permissions=["operate"]``), granted with the model's change
-    permission; the change page itself stays a view.
-    """
+class _HistoryAdmin(OperableAdmin, _HistoryAdminBase):
+    """Rows that only the platform writes: listed and viewed, never added, edited or deleted here; operators act
+    on them only through actions (``OperableAdmin``)."""
 
     show_full_result_count = False  # these tables only grow: no second COUNT(*) over them per page
-
-    def has_operate_permission(self, request: HttpRequest) -> bool:
-        return request.user.has_perm(f"{self.opts.app_label}.change_{self.opts.model_name}")
-
-    def has_add_permission(self, request: HttpRequest, *args: Any) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 # --- Prices -------------------------------------------------------------------------------------------------
@@ -229,7 +203,7 @@ class GrantCreditsForm(forms.Form):
 
     @property
     def amount_micros(self) -> int:
-        return int(self.cleaned_data["amount_usd"] * MICROS_PER_DOLLAR)  # exact: at most 6 decimal places
+        return dollars_to_micros(self.cleaned_data["amount_usd"])  # exact: at most 6 decimal places
 
 
 @admin.register(Account)
@@ -386,7 +360,7 @@ class UsageRecordAdmin(_HistoryAdmin):
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[UsageRecord], search_term: str
     ) -> tuple[QuerySet[UsageRecord], bool]:
-        wanted = _as_uuid(search_term)
+        wanted = as_uuid(search_term)
         if wanted is not None:
             return queryset.filter(Q(job_id=wanted) | Q(organization_id=wanted)), False
         return super().get_search_results(request, queryset, search_term)
@@ -494,7 +468,7 @@ class StripeEventAdmin(_HistoryAdmin):
 
     @admin.display(description="payload")
     def payload_json(self, event: StripeEvent) -> SafeString:
-        return _pretty_json(event.payload)
+        return pretty_json(event.payload)
 
     @admin.action(description="Replay the selected events (from Stripe's current state)", permissions=["operate"])
     def replay(self, request: HttpRequest, queryset: QuerySet[StripeEvent]) -> None:
@@ -571,7 +545,7 @@ class ReconciliationRunAdmin(_HistoryAdmin):
 
     @admin.display(description="drift found")
     def drift_json(self, run: ReconciliationRun) -> SafeString | str:
-        return _pretty_json(run.drift) if run.drift else "None."
+        return pretty_json(run.drift) if run.drift else "None."
 
     def get_urls(self) -> list[URLPattern]:
         run_now = path("run/", self.admin_site.admin_view(self.run_now_view), name="billing_reconciliationrun_run")

@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from billing import holds, pricing
 from billing.ledger import locked_account
-from billing.models import NO_KEY, Account, Granularity, Hold, KeySpendLimit, PriceUnit, UsageRecord, UsageRollup
+from billing.models import Account, Granularity, Hold, KeySpendLimit, PriceUnit, UsageRecord, UsageRollup
 from billing.money import cost_micros, format_micros
 from inference.hooks import Refusal
 from inference.models import Endpoint, Job
@@ -145,6 +145,3 @@ def job_usage(job: Job) -> dict[str, Any] | None:
 def endpoint_price(endpoint: Endpoint) -> dict[str, Any] | None:
     """Inference's ``price`` hook: the price in force now, as /v1/models shows it."""
     return pricing.price_for(endpoint, timezone.now()).as_json()
-
-
-__all__ = ["NO_KEY", "admit", "ended_unstarted", "endpoint_price", "job_usage", "may_continue", "spent_this_month"]

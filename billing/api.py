@@ -168,11 +168,15 @@ def top_up_payload(account: Any) -> dict[str, Any]:
     }
 
 
-class TopUpView(BillingView):
+class MoneyView(BillingView):
+    """Reading needs ``usage:read``; anything that moves money or changes its settings needs ``admin``."""
+
     def get_permissions(self) -> Any:
         self.required_scope = Scope.USAGE_READ if self.request.method == "GET" else Scope.ADMIN
         return super().get_permissions()
 
+
+class TopUpView(MoneyView):
     @extend_schema(summary="Auto top-up settings")
     def get(self, request: Request) -> Response:
         return Response(top_up_payload(account_of(request_organization(request))))
@@ -200,11 +204,7 @@ class LimitsSettings(serializers.Serializer[Any]):
     keys = KeyLimit(many=True, required=False)
 
 
-class LimitsView(BillingView):
-    def get_permissions(self) -> Any:
-        self.required_scope = Scope.USAGE_READ if self.request.method == "GET" else Scope.ADMIN
-        return super().get_permissions()
-
+class LimitsView(MoneyView):
     def payload(self, request: Request) -> dict[str, Any]:
         organization = request_organization(request)
         account = account_of(organization)

@@ -31,6 +31,11 @@ def cents_to_micros(cents: int) -> int:
     return cents * MICROS_PER_CENT
 
 
+def dollars_to_micros(dollars: Decimal) -> int:
+    """Dollars typed by a person (a Decimal, to the micro-dollar at most) in micros; finer digits are dropped."""
+    return int(dollars * MICROS_PER_DOLLAR)
+
+
 def format_micros(micros: int) -> str:
     """Dollars for people, to the cent when whole cents, else to the micro-dollar: $12.50, $0.000123."""
     sign = "-" if micros < 0 else ""

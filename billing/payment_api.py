@@ -21,10 +21,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from accounts.api import request_actor
-from accounts.models import Scope
 from accounts.permissions import request_organization
 from billing import payments, statements, stripe_events
-from billing.api import BillingConflict, BillingView
+from billing.api import BillingConflict, BillingView, MoneyView
 from billing.ledger import BillingError, account_of
 from billing.models import Payment
 from billing.stripe_client import payments_enabled
@@ -47,12 +46,8 @@ def _answer(exc: BillingError) -> NoReturn:
     raise BillingConflict(str(exc)) from None
 
 
-class MoneyView(BillingView):
-    """Reading needs ``usage:read``; anything that moves money or changes cards needs ``admin``."""
-
-    def get_permissions(self) -> Any:
-        self.required_scope = Scope.USAGE_READ if self.request.method == "GET" else Scope.ADMIN
-        return super().get_permissions()
+class StripeMoneyView(MoneyView):
+    """A money view backed by Stripe: refused with 503 while payments are not configured."""
 
     reads_stripe = True  # GET asks Stripe too (saved cards live there)
 
@@ -67,7 +62,7 @@ class AttachPaymentMethod(serializers.Serializer[Any]):
     set_default = serializers.BooleanField(default=False)
 
 
-class PaymentMethodsView(MoneyView):
+class PaymentMethodsView(StripeMoneyView):
     @extend_schema(summary="Saved cards, the default one, and the publishable key for Stripe.js")
     def get(self, request: Request) -> Response:
         organization = request_organization(request)
@@ -99,7 +94,7 @@ class PaymentMethodsView(MoneyView):
         return Response(method, status=status.HTTP_201_CREATED)
 
 
-class PaymentMethodView(MoneyView):
+class PaymentMethodView(StripeMoneyView):
     @extend_schema(summary="Remove a saved card (admin scope); removing the default turns auto top-up off")
     def delete(self, request: Request, payment_method_id: str) -> Response:
         try:
@@ -113,7 +108,7 @@ class PaymentMethodView(MoneyView):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
-class DefaultPaymentMethodView(MoneyView):
+class DefaultPaymentMethodView(StripeMoneyView):
     @extend_schema(request=None, summary="Make a saved card the default (admin scope): auto top-ups charge it")
     def post(self, request: Request, payment_method_id: str) -> Response:
         try:
@@ -172,7 +167,7 @@ class PurchasePages(CursorPagination):
     max_page_size = 200
 
 
-class PurchasesView(ListAPIView[Payment], MoneyView):
+class PurchasesView(ListAPIView[Payment], StripeMoneyView):
     serializer_class = PaymentSerializer
     pagination_class = PurchasePages
     reads_stripe = False

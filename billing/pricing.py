@@ -12,6 +12,7 @@ from django.db.models import F, Q, Sum
 from django.utils import timezone
 
 from billing.models import Granularity, Price, PriceUnit, UsageRollup
+from billing.money import cost_micros
 from inference.models import Endpoint
 
 
@@ -80,8 +81,6 @@ def ms_per_work_unit(endpoint: Endpoint) -> float:
 
 def estimate_cost_micros(endpoint: Endpoint, job_input: dict[str, Any], quote: Quote) -> int:
     """What admission holds for a job: exact for per-output prices, measured GPU time otherwise."""
-    from billing.money import cost_micros
-
     images = int(job_input.get("num_images", 1))
     gpu_ms = int(work_units(job_input) * ms_per_work_unit(endpoint) * settings.BILLING_HOLD_MARGIN_PERCENT / 100)
     _, cost = cost_micros(

@@ -24,8 +24,9 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
-from accounts.models import AuditAction, User
-from accounts.services import Actor, record_audit
+from accounts.admin import request_actor
+from accounts.models import AuditAction
+from accounts.services import record_audit
 from inference.engine.profile import DESCRIPTIONS as PROFILE_DESCRIPTIONS
 from inference.models import (
     Endpoint,
@@ -63,24 +64,18 @@ else:
 JOB_LOG_LINES_SHOWN = 200
 
 
-def request_actor(request: HttpRequest) -> Actor:
-    """The operator behind an admin request, as the audit log records them."""
-    user = request.user if isinstance(request.user, User) else None
-    return Actor(user=user, ip_address=request.META.get("REMOTE_ADDR") or None)
-
-
-def _as_uuid(term: str) -> uuid.UUID | None:
+def as_uuid(term: str) -> uuid.UUID | None:
     try:
         return uuid.UUID(term.strip())
     except ValueError:
         return None
 
 
-def _pretty_json(value: Any) -> SafeString:
+def pretty_json(value: Any) -> SafeString:
     return format_html("<pre>{}</pre>", json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False))
 
 
-class _OperableAdmin:
+class OperableAdmin:
     """Rows nobody edits by hand but operators act on through actions (``permissions=["operate"]``).
 
     The change permission of the model grants the actions; the change page itself stays a view.
@@ -337,7 +332,7 @@ class LogOfJobInline(_LogOfJobInlineBase):
 
 
 @admin.register(Job)
-class JobAdmin(_OperableAdmin, _JobAdminBase):
+class JobAdmin(OperableAdmin, _JobAdminBase):
     """Requests are history: viewed, cancelled or requeued here, never edited, added or deleted."""
 
     list_display = (
@@ -386,7 +381,7 @@ class JobAdmin(_OperableAdmin, _JobAdminBase):
         self, request: HttpRequest, queryset: QuerySet[Job], search_term: str
     ) -> tuple[QuerySet[Job], bool]:
         # Ids are matched whole, through their indexes; a LIKE over the text of every id would scan the table.
-        wanted = _as_uuid(search_term)
+        wanted = as_uuid(search_term)
         if wanted is not None:
             return queryset.filter(Q(pk=wanted) | Q(api_key_id=wanted) | Q(organization_id=wanted)), False
         return super().get_search_results(request, queryset, search_term)
@@ -409,11 +404,11 @@ class JobAdmin(_OperableAdmin, _JobAdminBase):
 
     @admin.display(description="input")
     def input_json(self, job: Job) -> SafeString:
-        return _pretty_json(job.input)
+        return pretty_json(job.input)
 
     @admin.display(description="result")
     def result_json(self, job: Job) -> SafeString | str:
-        return "-" if job.result is None else _pretty_json(job.result)
+        return "-" if job.result is None else pretty_json(job.result)
 
     def get_formset_kwargs(self, request: HttpRequest, obj: Job, inline: Any, prefix: str) -> dict[str, Any]:
         kwargs: dict[str, Any] = super().get_formset_kwargs(request, obj, inline, prefix)
@@ -483,7 +478,7 @@ class JobAdmin(_OperableAdmin, _JobAdminBase):
 
 
 @admin.register(JobAttempt)
-class JobAttemptAdmin(AttemptColumns, _OperableAdmin, _JobAttemptAdminBase):
+class JobAttemptAdmin(AttemptColumns, OperableAdmin, _JobAttemptAdminBase):
     list_display = (
         "job",
         "number",
@@ -506,7 +501,7 @@ class JobAttemptAdmin(AttemptColumns, _OperableAdmin, _JobAttemptAdminBase):
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[JobAttempt], search_term: str
     ) -> tuple[QuerySet[JobAttempt], bool]:
-        wanted = _as_uuid(search_term)
+        wanted = as_uuid(search_term)
         if wanted is not None:
             return queryset.filter(job_id=wanted), False
         return super().get_search_results(request, queryset, search_term)
@@ -531,7 +526,7 @@ class AttemptOfDeliveryInline(_AttemptOfDeliveryInlineBase):
 
 
 @admin.register(WebhookDelivery)
-class WebhookDeliveryAdmin(_OperableAdmin, _WebhookDeliveryAdminBase):
+class WebhookDeliveryAdmin(OperableAdmin, _WebhookDeliveryAdminBase):
     list_display = ("job", "url", "status", "attempts", "next_attempt_at", "delivered_at", "created_at")
     list_filter = ("status",)
     search_fields = ("url",)
@@ -546,7 +541,7 @@ class WebhookDeliveryAdmin(_OperableAdmin, _WebhookDeliveryAdminBase):
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[WebhookDelivery], search_term: str
     ) -> tuple[QuerySet[WebhookDelivery], bool]:
-        wanted = _as_uuid(search_term)
+        wanted = as_uuid(search_term)
         if wanted is not None:
             return queryset.filter(job_id=wanted), False
         return super().get_search_results(request, queryset, search_term)

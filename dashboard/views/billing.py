@@ -17,17 +17,13 @@ from django.views.decorators.http import require_POST
 from billing import controls, payments, statements
 from billing.ledger import BillingError, account_of
 from billing.models import CreditEntry, Payment
-from billing.money import MICROS_PER_DOLLAR
+from billing.money import MICROS_PER_DOLLAR, dollars_to_micros
 from billing.stripe_client import payments_enabled
 from dashboard.access import Context, dashboard_view
 from dashboard.forms import BuyCreditsForm, TopUpForm
 from dashboard.views.team import actor_of
 
 STATEMENT_MONTHS = 6
-
-
-def dollars_to_micros(amount: Decimal) -> int:
-    return int(amount * MICROS_PER_DOLLAR)
 
 
 def recent_months(today: date, count: int) -> list[date]:

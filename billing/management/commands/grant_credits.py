@@ -9,7 +9,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from accounts.models import Organization
 from billing.ledger import BillingError, grant_credits
-from billing.money import MICROS_PER_DOLLAR, format_micros
+from billing.money import dollars_to_micros, format_micros
 
 
 class Command(BaseCommand):
@@ -26,7 +26,7 @@ class Command(BaseCommand):
         if organization is None:
             raise CommandError(f"No organization {options['organization']!r}.")
         try:
-            micros = int(Decimal(options["amount"]) * MICROS_PER_DOLLAR)
+            micros = dollars_to_micros(Decimal(options["amount"]))
         except InvalidOperation:
             raise CommandError("The amount is a number of dollars, e.g. 25 or 2.50.") from None
         key = options["idempotency_key"]
