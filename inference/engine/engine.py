@@ -27,7 +27,7 @@ from PIL import Image
 
 from inference.engine.feature_cache import FeatureCache, cached_unet_forward, check_supported
 from inference.engine.loading import Pipeline, PipelineKind, pipeline_for_kind
-from inference.engine.optimize import CudaGraphUNet, ModuleOptimizations, apply_module_optimizations
+from inference.engine.optimize import CudaGraphUNet, ModuleOptimizations, apply_module_optimizations, compiling
 from inference.engine.profile import OptimizationProfile
 from inference.engine.runtime import Cancelled, GenerationRequest, GenerationResult, OnStep, run_pipeline
 
@@ -100,7 +100,7 @@ class Engine:
         # Feature caching calls the UNet's blocks itself, around a fully compiled UNet: compile that path too
         # (two graphs: the refreshing step and the shallow one).
         self._cached_forward: Callable[..., Any] = (
-            torch.compile(cached_unet_forward, fullgraph=True, options={"freezing": True})
+            torch.compile(cached_unet_forward, fullgraph=True)
             if optimizations.compile == "full"
             else cached_unet_forward
         )
@@ -164,7 +164,7 @@ class Engine:
         if len(keys) != 1:
             raise BatchIncompatible("a batch needs one size, one number of steps and guidance on or off for all")
         grad_mode: AbstractContextManager[Any] = torch.inference_mode() if options.inference_mode else torch.no_grad()
-        with self._lock, grad_mode:
+        with self._lock, grad_mode, compiling(self.optimizations):
             return _TextToImageRun(self, list(requests), options, on_step, should_cancel, on_cancelled).run()
 
     def _image_to_image(
@@ -177,7 +177,7 @@ class Engine:
     ) -> GenerationResult | Cancelled:
         pipeline = self.pipeline(PipelineKind.IMAGE_TO_IMAGE)
         try:
-            with self._lock:
+            with self._lock, compiling(self.optimizations):
                 return run_pipeline(
                     pipeline,
                     request,

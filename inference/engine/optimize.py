@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -81,10 +82,24 @@ def apply_module_optimizations(pipeline: Any, optimizations: ModuleOptimizations
         # so a compile takes seconds rather than minutes.
         unet.compile_repeated_blocks(fullgraph=True)
     elif optimizations.compile == "full":
-        # Frozen weights let Inductor fold constants and pre-pack convolution and linear weights (oneDNN on CPU).
-        options = {"freezing": True}
-        unet.compile(fullgraph=True, options=options)
-        vae.decoder.compile(fullgraph=True, options=options)
+        unet.compile(fullgraph=True)
+        vae.decoder.compile(fullgraph=True)
+
+
+def compiling(optimizations: ModuleOptimizations) -> AbstractContextManager[Any]:
+    """The context every call of compiled modules runs in: Inductor's freezing switched on.
+
+    Frozen weights are constants to Inductor: it folds them, and on a CPU pre-packs convolution and linear weights
+    for oneDNN and MKL and fuses the activations that follow into them. Dynamo reads the switch when it traces (the
+    first call of each shape), before `torch.compile(options=...)` would reach Inductor, so passing it there does
+    nothing (pytorch/pytorch#139272); it has to be in force around the call. Freezing applies only where gradients
+    are off, as they always are in the engine.
+    """
+    if optimizations.compile == "off":
+        return nullcontext()
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(freezing=True)
 
 
 class CudaGraphUNet:

@@ -241,6 +241,29 @@ def test_regional_compilation_draws_stock_image(
     assert np.abs(pixels(image) - pixels(stock(one)[0])).max() <= 1
 
 
+def test_full_compilation_traces_with_weights_frozen(
+    stock: Callable[[GenerationRequest], list[Image.Image]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Inductor folds and pre-packs weights only if its freezing switch is on when Dynamo traces; passed as a
+    # torch.compile option it was silently ignored. A backend that notes the switch and runs the graph eagerly.
+    traced_frozen: list[bool] = []
+
+    def noting_backend(graph: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., object]:
+        traced_frozen.append(bool(torch._inductor.config.freezing))
+        return graph.forward
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=noting_backend))
+    profile = replace(LOSSLESS, compile="full")
+    engine = engine_for(profile)
+    one = request(num_inference_steps=2)
+    image = engine.run(one, options=RunOptions.of(profile)).images[0]
+    # The UNet and the VAE decoder each traced at least once, every time with freezing on.
+    assert len(traced_frozen) >= 2
+    assert all(traced_frozen)
+    assert np.abs(pixels(image) - pixels(stock(one)[0])).max() <= 1
+    assert not torch._inductor.config.freezing, "the switch is on only around the engine's calls"
+
+
 # --- Cancel -------------------------------------------------------------------------------------------------
 
 
