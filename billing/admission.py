@@ -75,8 +75,12 @@ def _check_limits(account: Account, job: Job, extra_micros: int, *, running: boo
 
 
 def admit(job: Job) -> Refusal | None:
-    """Inference's ``admit`` hook: holds the job's estimated cost, or says why it may not start."""
-    quote = pricing.price_for(job.endpoint, job.created_at)
+    """Inference's ``admit`` hook: holds the job's estimated cost, or says why it may not start.
+
+    Called for a submission and again for an operator's requeue, so the estimate is priced when admitted (a job
+    requeued days later holds today's price, which the heartbeat checks compare against).
+    """
+    quote = pricing.price_for(job.endpoint, timezone.now())
     estimate = pricing.estimate_cost_micros(job.endpoint, job.input, quote)
     account = locked_account(job.organization_id)
     refusal = _check_limits(account, job, estimate, running=False)

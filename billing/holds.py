@@ -10,8 +10,21 @@ from billing.models import Account, Hold
 
 
 def place(*, account: Account, hold: Hold) -> None:
-    """Saves a new hold on a locked account and adds it to the cached ``held_micros``."""
-    hold.save(force_insert=True)
+    """Saves the job's hold on a locked account and adds it to the cached ``held_micros``.
+
+    A job has one hold row (keyed by the job). A job an operator requeued had its earlier hold released when that run
+    ended: the row is opened again for the new run, with the new amount. Were it still open (a final job holds
+    nothing: books reconciliation already flags), it is replaced, never counted twice.
+    """
+    earlier = Hold.objects.filter(job_id=hold.job_id).values_list("amount_micros", "released_at").first()
+    if earlier is None:
+        hold.save(force_insert=True)
+    else:
+        earlier_micros, earlier_released_at = earlier
+        if earlier_released_at is None:
+            account.held_micros -= earlier_micros
+        hold.released_at = None
+        hold.save(force_update=True)
     account.held_micros += hold.amount_micros
     account.save(update_fields=["held_micros"])
 

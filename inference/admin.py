@@ -26,7 +26,7 @@ from django.utils.safestring import SafeString
 
 from accounts.admin import request_actor
 from accounts.models import AuditAction
-from accounts.services import record_audit
+from accounts.services import Actor, record_audit
 from inference.engine.profile import DESCRIPTIONS as PROFILE_DESCRIPTIONS
 from inference.models import (
     Endpoint,
@@ -39,7 +39,7 @@ from inference.models import (
     WebhookDelivery,
     WebhookStatus,
 )
-from inference.services import cancel_job, requeue_job
+from inference.services import RequeueRefused, cancel_job, requeue_job
 from inference.webhooks import enqueue_delivery, new_webhook_secret
 
 if TYPE_CHECKING:
@@ -447,26 +447,19 @@ class JobAdmin(OperableAdmin, _JobAdminBase):
         operator = actor.user.email if actor.user is not None else "unknown"
         requeued = 0
         skipped: list[str] = []
+        refused: list[str] = []
         for job in queryset.select_related("organization"):
             if job.status not in REQUEUEABLE_STATUSES:
                 skipped.append(f"{job.pk} ({job.status})")
                 continue
-            with transaction.atomic():
-                if not requeue_job(job=job, log_line=f"Requeued by operator {operator}."):
-                    skipped.append(f"{job.pk} (no longer failed or cancelled)")
-                    continue
-                record_audit(
-                    action=AuditAction.JOB_REQUEUED_BY_OPERATOR,
-                    actor=actor,
-                    organization=job.organization,
-                    target=job,
-                    metadata={
-                        "status_before": job.status,
-                        "error_type_before": job.error_type,
-                        "attempt": job.attempt,
-                        "max_attempts_before": job.max_attempts,
-                    },
-                )
+            try:
+                requeued_now = self._requeue(job, actor=actor, operator=operator)
+            except RequeueRefused as refusal:
+                refused.append(f"{job.pk}: {refusal.detail} ({refusal.error_type})")
+                continue
+            if not requeued_now:
+                skipped.append(f"{job.pk} (no longer failed or cancelled)")
+                continue
             requeued += 1
         self.message_user(request, f"Requeued {requeued} request(s).", messages.SUCCESS)
         if skipped:
@@ -475,6 +468,28 @@ class JobAdmin(OperableAdmin, _JobAdminBase):
                 f"Skipped {len(skipped)} request(s) that are not failed or cancelled: {', '.join(skipped)}.",
                 messages.WARNING,
             )
+        for reason in refused:
+            self.message_user(request, f"Not requeued, refused by admission: {reason}", messages.ERROR)
+
+    @staticmethod
+    def _requeue(job: Job, *, actor: Actor, operator: str) -> bool:
+        """Requeues one job and audits it, in one transaction; raises ``RequeueRefused`` with nothing changed."""
+        with transaction.atomic():
+            if not requeue_job(job=job, log_line=f"Requeued by operator {operator}."):
+                return False
+            record_audit(
+                action=AuditAction.JOB_REQUEUED_BY_OPERATOR,
+                actor=actor,
+                organization=job.organization,
+                target=job,
+                metadata={
+                    "status_before": job.status,
+                    "error_type_before": job.error_type,
+                    "attempt": job.attempt,
+                    "max_attempts_before": job.max_attempts,
+                },
+            )
+        return True
 
 
 @admin.register(JobAttempt)

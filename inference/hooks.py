@@ -33,8 +33,9 @@ EndpointPrice = Callable[["Endpoint"], "dict[str, Any] | None"]
 
 @dataclass
 class Hooks:
-    # May this job (its organization, key, endpoint, input) be accepted? Called inside the submission
-    # transaction just after the job's row is inserted; a refusal rolls the insert back.
+    # May this job (its organization, key, endpoint, input) be queued to run? Called inside the transaction that
+    # queues it: a submission's, just after the job's row is inserted, and an operator's requeue, just after a failed
+    # or cancelled job is moved back to QUEUED. A refusal rolls that transaction back (no job, or the job as it was).
     admit: AdmissionCheck | None = None
     # May this running job go on, having used ``gpu_ms`` so far? Called at each heartbeat.
     may_continue: HeartbeatCheck | None = None

@@ -52,6 +52,10 @@ class SubmissionRefused(Exception):
         self.status = status
 
 
+class RequeueRefused(SubmissionRefused):
+    """Admission refused to queue a failed or cancelled job again (credits, a spend limit); it was left as it was."""
+
+
 class IdempotencyConflict(SubmissionRefused):
     def __init__(self) -> None:
         super().__init__(
@@ -479,6 +483,9 @@ def requeue_job(*, job: Job, log_line: str = "Requeued by an operator.") -> bool
     The attempt counter is kept, so a message for an earlier attempt still in the broker can never claim it; a job
     that has used all its attempts gets one more. Its outcome (error, result, GPU time, times) is cleared, and so is
     a cancel request, which the next attempt's heartbeat would otherwise obey at once.
+
+    It goes through the same admission as a submission (billing holds credit for the new run against the balance and
+    spend limits): raises ``RequeueRefused`` when admission refuses, and then nothing has changed.
     """
     with transaction.atomic():
         requeued = Job.objects.filter(pk=job.pk, status__in=(JobStatus.FAILED, JobStatus.CANCELLED)).update(
@@ -501,6 +508,11 @@ def requeue_job(*, job: Job, log_line: str = "Requeued by an operator.") -> bool
         )
         if not requeued:
             return False
+        if hooks.admit is not None:
+            # After the UPDATE, which holds the row against a second requeue; a refusal rolls the requeue back.
+            refusal = hooks.admit(Job.objects.select_related("endpoint").get(pk=job.pk))
+            if refusal is not None:
+                raise RequeueRefused(refusal.detail, refusal.error_type, refusal.status)
         # The next final state sends the webhook afresh, under a new message id.
         WebhookDelivery.objects.filter(job_id=job.pk).delete()
         log_job(job.pk, log_line)
