@@ -25,8 +25,8 @@ from django.db import transaction
 from django.db.models import Sum
 from django.utils import timezone
 
-from accounts.models import Membership, Organization, Role
-from accounts.services import SYSTEM, Actor
+from accounts.models import AuditAction, Membership, Organization, Role
+from accounts.services import SYSTEM, Actor, record_audit
 from billing import controls, topups
 from billing.ledger import BillingError, account_of, locked_account, post_entry
 from billing.models import Account, CreditEntry, EntryKind, Payment, PaymentKind, PaymentStatus
@@ -162,6 +162,31 @@ def _own_method(customer_id: str, payment_method_id: str) -> stripe.PaymentMetho
     return method
 
 
+def _record_card_change(
+    action: AuditAction,
+    *,
+    account: Account,
+    organization: Organization,
+    actor: Actor,
+    method: stripe.PaymentMethod,
+    **details: Any,
+) -> None:
+    """Audits a saved-card change inside the transaction that stores it: which card, never what could charge it."""
+    card = field(method, "card")
+    record_audit(
+        action=action,
+        actor=actor,
+        organization=organization,
+        target=account,
+        metadata={
+            "payment_method_id": method.id,
+            "brand": field(card, "brand"),
+            "last4": field(card, "last4"),
+            **details,
+        },
+    )
+
+
 def attach_payment_method(
     *, organization: Organization, payment_method_id: str, make_default: bool = False, actor: Actor = SYSTEM
 ) -> dict[str, Any]:
@@ -171,9 +196,18 @@ def attach_payment_method(
         method = stripe_client().v1.payment_methods.attach(payment_method_id, params={"customer": customer_id})
     except stripe.StripeError as exc:
         raise _failure(exc) from exc
-    if make_default or not account_of(organization).default_payment_method_id:
-        _make_default(organization=organization, customer_id=customer_id, payment_method_id=method.id)
-    return card_summary(method, default_id=account_of(organization).default_payment_method_id)
+    made_default = make_default or not account_of(organization).default_payment_method_id
+    if made_default:
+        _make_stripe_default(customer_id=customer_id, payment_method_id=method.id)
+    with transaction.atomic():
+        account = locked_account(organization.pk)
+        if made_default:
+            _save_default(account, method.id)
+        _record_card_change(
+            AuditAction.PAYMENT_METHOD_ADDED, account=account, organization=organization, actor=actor, method=method,
+            made_default=made_default,
+        )  # fmt: skip
+    return card_summary(method, default_id=account.default_payment_method_id)
 
 
 def set_default_payment_method(
@@ -181,22 +215,34 @@ def set_default_payment_method(
 ) -> dict[str, Any]:
     customer_id = ensure_customer(organization)
     method = _own_method(customer_id, payment_method_id)
-    _make_default(organization=organization, customer_id=customer_id, payment_method_id=method.id)
+    _make_stripe_default(customer_id=customer_id, payment_method_id=method.id)
+    with transaction.atomic():
+        account = locked_account(organization.pk)
+        previous_id = _save_default(account, method.id)
+        _record_card_change(
+            AuditAction.PAYMENT_METHOD_DEFAULT_CHANGED, account=account, organization=organization, actor=actor,
+            method=method, previous_default_id=previous_id or None,
+        )  # fmt: skip
     return card_summary(method, default_id=method.id)
 
 
-def _make_default(*, organization: Organization, customer_id: str, payment_method_id: str) -> None:
+def _make_stripe_default(*, customer_id: str, payment_method_id: str) -> None:
+    """The card Stripe charges by default (before the database says so: no lock is held across the call)."""
     try:
         stripe_client().v1.customers.update(
             customer_id, params={"invoice_settings": {"default_payment_method": payment_method_id}}
         )
     except stripe.StripeError as exc:
         raise _failure(exc) from exc
-    with transaction.atomic():
-        account = locked_account(organization.pk)
-        account.default_payment_method_id = payment_method_id
-        account.updated_at = timezone.now()
-        account.save(update_fields=["default_payment_method_id", "updated_at"])
+
+
+def _save_default(account: Account, payment_method_id: str) -> str:
+    """Records the default card on a locked account; the id of the one it replaces ("" if none)."""
+    previous_id = account.default_payment_method_id
+    account.default_payment_method_id = payment_method_id
+    account.updated_at = timezone.now()
+    account.save(update_fields=["default_payment_method_id", "updated_at"])
+    return previous_id
 
 
 def detach_payment_method(*, organization: Organization, payment_method_id: str, actor: Actor = SYSTEM) -> None:
@@ -211,12 +257,14 @@ def detach_payment_method(*, organization: Organization, payment_method_id: str,
         raise _failure(exc) from exc
     with transaction.atomic():
         account = locked_account(organization.pk)
-        if account.default_payment_method_id != method.id:
-            return
-        account.default_payment_method_id = ""
-        account.updated_at = timezone.now()
-        account.save(update_fields=["default_payment_method_id", "updated_at"])
-        if account.auto_top_up_enabled:
+        was_default = account.default_payment_method_id == method.id
+        if was_default:
+            _save_default(account, "")
+        _record_card_change(
+            AuditAction.PAYMENT_METHOD_REMOVED, account=account, organization=organization, actor=actor, method=method,
+            was_default=was_default,
+        )  # fmt: skip
+        if was_default and account.auto_top_up_enabled:
             controls.set_auto_top_up(organization=organization, enabled=False, actor=actor)
 
 

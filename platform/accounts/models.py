@@ -243,6 +243,9 @@ class AuditAction(models.TextChoices):
     SPEND_LIMITS_CHANGED = "billing.limits_changed", "Spend limits changed"
     TOP_UP_CHANGED = "billing.top_up_changed", "Auto top-up settings changed"
     STRIPE_EVENT_REPLAYED = "billing.stripe_event_replayed", "Stripe event replayed"
+    PAYMENT_METHOD_ADDED = "billing.payment_method_added", "Payment method added"
+    PAYMENT_METHOD_DEFAULT_CHANGED = "billing.payment_method_default", "Default payment method changed"
+    PAYMENT_METHOD_REMOVED = "billing.payment_method_removed", "Payment method removed"
 
 
 class AuditEvent(models.Model):
