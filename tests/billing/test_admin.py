@@ -33,7 +33,7 @@ from billing.models import (
     UsageRollup,
 )
 from inference.models import AttemptOutcome, Endpoint, Job
-from tests.billing.lifecycle import finish, run, start, submit
+from tests.lifecycle import finish, run, start, submit
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("quiet_books")]
 

@@ -29,10 +29,10 @@ from billing.models import (
 from billing.rates import ensure_opening_prices
 from inference import services
 from inference.models import AttemptOutcome, Endpoint, Job, JobStatus
+from tests.lifecycle import SMALL, finish, run_as, start, submit_as
 
 pytestmark = pytest.mark.django_db
 
-SMALL = {"prompt": "a lighthouse", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 2}
 CPU_PRICE = 100  # the opening rate card: micro-dollars per CPU-second
 
 
@@ -40,31 +40,6 @@ CPU_PRICE = 100  # the opening rate card: micro-dollars per CPU-second
 def _no_broker(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(services, "send_run_message", lambda *args: True)
     ensure_opening_prices(Price)
-
-
-def submit(tenant: dict[str, Any], endpoint: Endpoint, **payload: Any) -> Job:
-    job, _ = services.submit_job(
-        organization=tenant["organization"], api_key=tenant["api_key"], endpoint=endpoint, payload={**SMALL, **payload}
-    )
-    return job
-
-
-def start(job: Job) -> Job:
-    services.dispatch_organization(job.organization_id)
-    job.refresh_from_db()
-    claimed = services.claim_job(job_id=str(job.pk), attempt=job.attempt, worker="worker-1")
-    assert claimed is not None
-    return claimed
-
-
-def finish(job: Job, outcome: AttemptOutcome = AttemptOutcome.SUCCEEDED, gpu_ms: int = 1_234, **kwargs: Any) -> Job:
-    images = [{"url": "x", "width": 64, "height": 64}] * job.input["num_images"]
-    kwargs.setdefault("result", {"images": images, "seed": 1} if outcome == AttemptOutcome.SUCCEEDED else None)
-    finished = services.finish_attempt(
-        job_id=str(job.pk), attempt=job.attempt, outcome=outcome, gpu_ms=gpu_ms, **kwargs
-    )
-    assert finished is not None
-    return finished
 
 
 def account(tenant: dict[str, Any]) -> Account:
@@ -84,7 +59,7 @@ def test_a_new_organization_starts_with_its_free_credits(tenant: dict[str, Any])
 def test_a_successful_run_is_billed_once_with_a_debit_and_rollups(
     tenant: dict[str, Any], builtin_endpoint: Endpoint
 ) -> None:
-    job = submit(tenant, builtin_endpoint, num_images=2)
+    job = submit_as(tenant, builtin_endpoint, num_images=2)
     held = account(tenant).held_micros
     assert held > 0
     assert Hold.objects.get(job=job).amount_micros == held
@@ -112,7 +87,7 @@ def test_a_successful_run_is_billed_once_with_a_debit_and_rollups(
 def test_platform_failures_are_recorded_unbilled_and_the_retry_is_billed(
     tenant: dict[str, Any], builtin_endpoint: Endpoint
 ) -> None:
-    job = start(submit(tenant, builtin_endpoint))
+    job = start(submit_as(tenant, builtin_endpoint))
     finish(job, AttemptOutcome.ERRORED, gpu_ms=900, error="CUDA out of memory", retry=True)
     job.refresh_from_db()
     assert job.status == JobStatus.QUEUED
@@ -134,7 +109,7 @@ def test_platform_failures_are_recorded_unbilled_and_the_retry_is_billed(
 def test_a_request_cancelled_in_the_queue_costs_nothing_and_gives_its_hold_back(
     tenant: dict[str, Any], builtin_endpoint: Endpoint
 ) -> None:
-    job = submit(tenant, builtin_endpoint)
+    job = submit_as(tenant, builtin_endpoint)
     assert account(tenant).held_micros > 0
     assert services.cancel_job(job=job) == "CANCELLATION_REQUESTED"
     assert account(tenant).held_micros == 0
@@ -145,7 +120,7 @@ def test_a_request_cancelled_in_the_queue_costs_nothing_and_gives_its_hold_back(
 def test_a_running_request_cancelled_by_the_user_is_billed_for_the_time_it_ran(
     tenant: dict[str, Any], builtin_endpoint: Endpoint
 ) -> None:
-    job = start(submit(tenant, builtin_endpoint))
+    job = start(submit_as(tenant, builtin_endpoint))
     services.cancel_job(job=job)
     finish(job, AttemptOutcome.CANCELLED, gpu_ms=500, error="Cancelled by request.", error_type="cancelled")
     [record] = UsageRecord.objects.filter(job=job)
@@ -156,22 +131,22 @@ def test_a_running_request_cancelled_by_the_user_is_billed_for_the_time_it_ran(
 
 
 def test_the_price_in_force_when_the_job_started_applies(tenant: dict[str, Any], builtin_endpoint: Endpoint) -> None:
-    early = start(submit(tenant, builtin_endpoint))
+    early = start(submit_as(tenant, builtin_endpoint))
     Price.objects.create(gpu_class="cpu", unit_price_micros=1_000, effective_from=timezone.now())
-    late = start(submit(tenant, builtin_endpoint))
+    late = start(submit_as(tenant, builtin_endpoint))
     finish(early, gpu_ms=1_000)
     finish(late, gpu_ms=1_000)
     assert UsageRecord.objects.get(job=early).cost_micros == 100
     assert UsageRecord.objects.get(job=late).cost_micros == 1_000
     # A price that takes effect later changes nothing now.
     Price.objects.create(gpu_class="cpu", unit_price_micros=5, effective_from=timezone.now() + timedelta(days=1))
-    finish(start(submit(tenant, builtin_endpoint)), gpu_ms=1_000)
+    run_as(tenant, builtin_endpoint, gpu_ms=1_000)
     assert UsageRecord.objects.order_by("-id").first().cost_micros == 1_000  # type: ignore[union-attr]
 
 
 def test_an_endpoint_billed_per_image_overrides_its_class(tenant: dict[str, Any], builtin_endpoint: Endpoint) -> None:
     Price.objects.create(endpoint=builtin_endpoint, gpu_class="", unit=PriceUnit.IMAGE, unit_price_micros=3_000)
-    job = submit(tenant, builtin_endpoint, num_images=3)
+    job = submit_as(tenant, builtin_endpoint, num_images=3)
     assert Hold.objects.get(job=job).amount_micros == 9_000  # exact: priced by output
     finish(start(job), gpu_ms=5_000)
     record = UsageRecord.objects.get(job=job)
@@ -198,7 +173,7 @@ def test_new_work_is_refused_without_credit_and_nothing_is_stored(
 
 
 def test_holds_count_against_the_balance(tenant: dict[str, Any], builtin_endpoint: Endpoint) -> None:
-    first = submit(tenant, builtin_endpoint)
+    first = submit_as(tenant, builtin_endpoint)
     hold = Hold.objects.get(job=first).amount_micros
     # Leave exactly one more hold's worth available.
     grant_credits(
@@ -206,7 +181,7 @@ def test_holds_count_against_the_balance(tenant: dict[str, Any], builtin_endpoin
         amount_micros=-(account(tenant).available_micros - hold),
         reason="test", kind=EntryKind.ADJUSTMENT,
     )  # fmt: skip
-    submit(tenant, builtin_endpoint)
+    submit_as(tenant, builtin_endpoint)
     response = tenant["client"].post("/queue/platform/tiny-sd", SMALL, format="json")
     assert response.status_code == 402
     assert response.json()["error_type"] == "insufficient_credits"
@@ -215,7 +190,7 @@ def test_holds_count_against_the_balance(tenant: dict[str, Any], builtin_endpoin
 def test_the_monthly_budget_and_a_key_limit_refuse_new_work(
     tenant: dict[str, Any], builtin_endpoint: Endpoint, make_key: Any
 ) -> None:
-    finish(start(submit(tenant, builtin_endpoint)), gpu_ms=10_000)  # 1,000 µ$ spent this month
+    run_as(tenant, builtin_endpoint, gpu_ms=10_000)  # 1,000 µ$ spent this month
     controls.set_monthly_budget(organization=tenant["organization"], budget_micros=1_000)
     refused = tenant["client"].post("/queue/platform/tiny-sd", SMALL, format="json")
     assert refused.status_code == 402
@@ -237,7 +212,7 @@ def test_the_monthly_budget_and_a_key_limit_refuse_new_work(
 def test_a_running_job_that_exhausts_the_balance_is_stopped_at_its_heartbeat(
     tenant: dict[str, Any], builtin_endpoint: Endpoint
 ) -> None:
-    job = start(submit(tenant, builtin_endpoint))
+    job = start(submit_as(tenant, builtin_endpoint))
     hold = Hold.objects.get(job=job).amount_micros
     beat = services.heartbeat(job_id=str(job.pk), attempt=job.attempt, step=1, total=2, gpu_ms=100)
     assert beat.keep_going
@@ -257,7 +232,7 @@ def test_a_running_job_that_exhausts_the_balance_is_stopped_at_its_heartbeat(
 def test_refunding_a_request_credits_its_cost_once_and_is_audited(
     tenant: dict[str, Any], builtin_endpoint: Endpoint
 ) -> None:
-    job = finish(start(submit(tenant, builtin_endpoint)), gpu_ms=3_000)
+    job = run_as(tenant, builtin_endpoint, gpu_ms=3_000)
     entry = refund_job(job=job, reason="bad output")
     assert (entry.kind, entry.amount_micros) == (EntryKind.REFUND, 300)
     with pytest.raises(BillingError, match="already been refunded"):
@@ -281,7 +256,7 @@ def test_an_idempotency_key_posts_once(tenant: dict[str, Any]) -> None:
 
 def run_some(tenant: dict[str, Any], endpoint: Endpoint, *gpu_ms: int) -> None:
     for ms in gpu_ms:
-        finish(start(submit(tenant, endpoint)), gpu_ms=ms)
+        run_as(tenant, endpoint, gpu_ms=ms)
 
 
 def test_usage_by_day_endpoint_and_key_in_json_and_csv(
@@ -350,7 +325,7 @@ def test_billing_reads_need_the_usage_scope(tenant: dict[str, Any], make_key: An
 
 def test_balance_and_ledger(tenant: dict[str, Any], other_tenant: dict[str, Any], builtin_endpoint: Endpoint) -> None:
     run_some(tenant, builtin_endpoint, 1_000)
-    running = submit(tenant, builtin_endpoint)
+    running = submit_as(tenant, builtin_endpoint)
     balance = tenant["client"].get("/v1/billing/balance").json()
     held = Hold.objects.get(job=running).amount_micros
     assert balance == {

@@ -33,7 +33,7 @@ from billing.models import Account, CreditEntry, EntryKind, Hold, Price, PriceUn
 from billing.reconciliation import run_reconciliation
 from inference import services
 from inference.models import FINAL_STATUSES, AttemptOutcome, Endpoint, Job, JobStatus
-from tests.billing.lifecycle import SMALL
+from tests import lifecycle
 
 pytestmark = pytest.mark.django_db
 
@@ -115,13 +115,12 @@ class Books(RuleBasedStateMachine):
         self.submit_request(organization, endpoint, num_images, steps)
 
     def submit_request(self, organization: int, endpoint: int, num_images: int, steps: int) -> Job | None:
-        payload = {**SMALL, "num_images": num_images, "num_inference_steps": steps}
         try:
-            job, _ = services.submit_job(
-                organization=self.organizations[organization],
-                api_key=None,
-                endpoint=self.endpoints[endpoint],
-                payload=payload,
+            job = lifecycle.submit(
+                self.organizations[organization],
+                self.endpoints[endpoint],
+                num_images=num_images,
+                num_inference_steps=steps,
             )
         except services.SubmissionRefused as refused:
             if (refused.status, refused.error_type) != (402, "insufficient_credits"):
@@ -153,37 +152,26 @@ class Books(RuleBasedStateMachine):
             services.cancel_job(job=job)  # in the queue: never started, never billed
             return
         for outcome, gpu_ms, cold_start_ms, retry in attempts:
-            job = self.start_job(job)
+            job = lifecycle.start(job)
             self.finish_job(job, outcome, gpu_ms, cold_start_ms, retry)
             job.refresh_from_db()
             if job.is_final:
                 return
 
-    def start_job(self, job: Job) -> Job:
-        services.dispatch_organization(job.organization_id)
-        job.refresh_from_db()
-        running = services.claim_job(job_id=str(job.pk), attempt=job.attempt, worker="worker-1")
-        assert running is not None
-        return running
-
     def finish_job(self, job: Job, outcome: str, gpu_ms: int, cold_start_ms: int, retry: bool) -> None:
-        images = [{"url": "x", "width": 64, "height": 64}] * int(job.input["num_images"])
-        finished = services.finish_attempt(
-            job_id=str(job.pk),
-            attempt=job.attempt,
-            outcome=AttemptOutcome(outcome),
+        lifecycle.finish(
+            job,
+            outcome,
             gpu_ms=gpu_ms,
             cold_start_ms=cold_start_ms,
-            result={"images": images, "seed": 1} if outcome == AttemptOutcome.SUCCEEDED else None,
             error="" if outcome == AttemptOutcome.SUCCEEDED else "it went wrong",
             retry=retry and outcome in (AttemptOutcome.ERRORED, AttemptOutcome.LOST),
         )
-        assert finished is not None
 
     @precondition(lambda self: self.any_in(JobStatus.QUEUED, JobStatus.DISPATCHED))
     @rule(data=st.data())
     def start(self, data: st.DataObject) -> None:
-        self.start_job(self.pick(data, (JobStatus.QUEUED, JobStatus.DISPATCHED)))
+        lifecycle.start(self.pick(data, (JobStatus.QUEUED, JobStatus.DISPATCHED)))
 
     @precondition(lambda self: self.any_in(JobStatus.RUNNING))
     @rule(data=st.data(), attempt=ATTEMPTS)

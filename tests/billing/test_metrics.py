@@ -13,7 +13,7 @@ from django.utils import timezone
 from billing import metrics
 from billing.models import NO_KEY, Granularity, Payment, PaymentKind, PaymentStatus, UsageRecord, UsageRollup
 from inference.models import Endpoint, GpuClass
-from tests.billing.lifecycle import run
+from tests.lifecycle import run
 
 pytestmark = pytest.mark.django_db
 

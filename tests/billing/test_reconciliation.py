@@ -30,7 +30,7 @@ from billing.models import (
 )
 from inference import services
 from inference.models import AttemptOutcome, Endpoint, Job, JobAttempt, JobStatus
-from tests.billing.lifecycle import finish, run, start, submit
+from tests.lifecycle import finish, run, start, submit
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("quiet_books")]
 

@@ -37,7 +37,7 @@ from billing.rates import ensure_opening_prices
 from billing.stripe_client import stripe_client
 from inference import services
 from inference.models import Endpoint
-from tests.billing import lifecycle
+from tests import lifecycle
 from tests.billing.conftest import deliver, signed
 from tests.stripe_support import WEBHOOK_SECRET, FakeStripe
 

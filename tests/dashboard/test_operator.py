@@ -13,7 +13,7 @@ from billing.models import Price
 from billing.rates import ensure_opening_prices
 from inference import services
 from inference.models import Endpoint
-from tests.dashboard.test_pages import run_job
+from tests.lifecycle import run_as
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("unhashed_static_files")]
 
@@ -34,7 +34,7 @@ def test_run_rate_figures_and_bounded_queries(
     tenant: dict[str, Any], other_tenant: dict[str, Any], builtin_endpoint: Endpoint, admin_user: Any, client: Client
 ) -> None:
     client.force_login(admin_user)
-    run_job(tenant, builtin_endpoint, gpu_ms=3_000_000)  # 3,000 s x 100 µ$/s = $0.30
+    run_as(tenant, builtin_endpoint, gpu_ms=3_000_000)  # 3,000 s x 100 µ$/s = $0.30
     with CaptureQueriesContext(connection) as first:
         page = client.get("/admin/run-rate/")
     body = page.content.decode()
@@ -44,7 +44,7 @@ def test_run_rate_figures_and_bounded_queries(
     assert "platform/tiny-sd" in body
     assert tenant["organization"].name in body
     for _ in range(3):
-        run_job(other_tenant, builtin_endpoint)
+        run_as(other_tenant, builtin_endpoint, gpu_ms=1_500)
     with CaptureQueriesContext(connection) as second:
         client.get("/admin/run-rate/")
     assert len(first) == len(second) <= 15

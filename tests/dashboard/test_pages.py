@@ -16,8 +16,9 @@ from accounts.services import add_member
 from billing.models import Price
 from billing.rates import ensure_opening_prices
 from inference import services
-from inference.models import AttemptOutcome, Endpoint, Job
+from inference.models import Endpoint, Job
 from tests.conftest import TEST_PASSWORD
+from tests.lifecycle import run_as
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("unhashed_static_files")]
 
@@ -44,23 +45,6 @@ def csrf(client: Client, page: str = "/dashboard/") -> str:
 def switch(client: Client, organization: Any) -> None:
     token = csrf(client)
     client.post("/dashboard/organization", {"organization": str(organization.pk), "csrfmiddlewaretoken": token})
-
-
-def run_job(tenant: dict[str, Any], endpoint: Endpoint, gpu_ms: int = 1_500) -> Job:
-    job, _ = services.submit_job(
-        organization=tenant["organization"],
-        api_key=tenant["api_key"],
-        endpoint=endpoint,
-        payload={"prompt": "a cat", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 2},
-    )
-    services.dispatch_organization(job.organization_id)
-    job.refresh_from_db()
-    services.claim_job(job_id=str(job.pk), attempt=job.attempt, worker="w")
-    services.finish_attempt(
-        job_id=str(job.pk), attempt=job.attempt, outcome=AttemptOutcome.SUCCEEDED, gpu_ms=gpu_ms,
-        result={"images": [{"url": "data:image/png;base64,AA==", "width": 64, "height": 64}], "seed": 1},
-    )  # fmt: skip
-    return job
 
 
 def test_anonymous_visitors_are_sent_to_log_in(client: Client) -> None:
@@ -106,7 +90,7 @@ def test_password_reset_sends_a_working_link(client: Client, make_user: Any) -> 
 
 
 def test_every_page_renders_for_every_role(tenant: dict[str, Any], make_user: Any, builtin_endpoint: Endpoint) -> None:
-    run_job(tenant, builtin_endpoint)
+    run_as(tenant, builtin_endpoint, gpu_ms=1_500)
     for role in Role:
         person = make_user()
         add_member(organization=tenant["organization"], user=person, role=role)
@@ -144,7 +128,7 @@ def test_posts_without_csrf_are_refused(tenant: dict[str, Any]) -> None:
 def test_no_page_shows_another_organizations_data(
     tenant: dict[str, Any], other_tenant: dict[str, Any], builtin_endpoint: Endpoint
 ) -> None:
-    theirs = run_job(other_tenant, builtin_endpoint)
+    theirs = run_as(other_tenant, builtin_endpoint, gpu_ms=1_500)
     client = browser(tenant["user"])
     their_pages = [
         f"/dashboard/requests/{theirs.pk}",
@@ -220,7 +204,7 @@ def test_list_pages_answer_in_a_bounded_number_of_queries(tenant: dict[str, Any]
     counts = []
     for jobs in (1, 6):
         while Job.objects.filter(organization=tenant["organization"]).count() < jobs:
-            run_job(tenant, builtin_endpoint)
+            run_as(tenant, builtin_endpoint, gpu_ms=1_500)
         per_page = {}
         for page in PAGES:
             with CaptureQueriesContext(connection) as queries:
@@ -232,7 +216,7 @@ def test_list_pages_answer_in_a_bounded_number_of_queries(tenant: dict[str, Any]
 
 
 def test_usage_page_and_csv(tenant: dict[str, Any], builtin_endpoint: Endpoint) -> None:
-    run_job(tenant, builtin_endpoint, gpu_ms=2_000)
+    run_as(tenant, builtin_endpoint, gpu_ms=2_000)
     client = browser(tenant["user"])
     page = client.get("/dashboard/usage").content.decode()
     assert "$0.0002" in page  # 2 s x 100 µ$/s

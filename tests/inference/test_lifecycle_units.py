@@ -16,10 +16,9 @@ from accounts.models import Organization
 from inference import services
 from inference.models import AttemptOutcome, Endpoint, Job, JobAttempt, JobStatus
 from inference.presenters import queue_position
+from tests.lifecycle import SMALL, submit_as
 
 pytestmark = pytest.mark.django_db
-
-SMALL = {"prompt": "a lighthouse", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 2}
 
 
 @pytest.fixture
@@ -35,13 +34,6 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, str]]:
     return messages
 
 
-def submit(tenant: dict[str, Any], endpoint: Endpoint, **payload: Any) -> Job:
-    job, _ = services.submit_job(
-        organization=tenant["organization"], api_key=tenant["api_key"], endpoint=endpoint, payload={**SMALL, **payload}
-    )
-    return job
-
-
 def test_dispatch_sends_the_oldest_first_and_positions_are_distinct(
     tenant: dict[str, Any],
     builtin_endpoint: Endpoint,
@@ -50,7 +42,7 @@ def test_dispatch_sends_the_oldest_first_and_positions_are_distinct(
 ) -> None:
     Organization.objects.filter(pk=tenant["organization"].pk).update(concurrency_limit=0)
     with django_capture_on_commit_callbacks(execute=True):
-        jobs = [submit(tenant, builtin_endpoint, seed=n) for n in range(4)]
+        jobs = [submit_as(tenant, builtin_endpoint, seed=n) for n in range(4)]
     assert sent == []  # over the limit: they wait
     Organization.objects.filter(pk=tenant["organization"].pk).update(concurrency_limit=10)
     with django_capture_on_commit_callbacks(execute=True):
@@ -68,7 +60,7 @@ def test_the_concurrency_limit_holds(
 ) -> None:
     with django_capture_on_commit_callbacks(execute=True):
         for n in range(5):
-            submit(tenant, builtin_endpoint, seed=n)
+            submit_as(tenant, builtin_endpoint, seed=n)
     assert len(sent) == 2  # the default limit
     assert Job.objects.filter(status=JobStatus.QUEUED).count() == 3
     queued = Job.objects.filter(status=JobStatus.QUEUED).order_by("created_at")
@@ -83,7 +75,7 @@ def test_redispatch_keeps_the_place_in_line(
     settings: Any,
 ) -> None:
     with django_capture_on_commit_callbacks(execute=True):
-        job = submit(tenant, builtin_endpoint)
+        job = submit_as(tenant, builtin_endpoint)
     before = Job.objects.get(pk=job.pk)
     Job.objects.filter(pk=job.pk).update(sent_at=timezone.now() - timedelta(hours=1))
     assert services.redispatch_stale() == 1
@@ -95,7 +87,7 @@ def test_redispatch_keeps_the_place_in_line(
 
 def claimed(tenant: dict[str, Any], endpoint: Endpoint, sent: list[Any], capture: Any) -> Job:
     with capture(execute=True):
-        job = submit(tenant, endpoint)
+        job = submit_as(tenant, endpoint)
     running = services.claim_job(job_id=str(job.id), attempt=1, worker="test")
     assert running is not None
     return running

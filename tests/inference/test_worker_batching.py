@@ -12,10 +12,9 @@ import pytest
 from inference import services, worker
 from inference.engine import BatchMeter
 from inference.models import AttemptOutcome, Endpoint, Job, JobAttempt, JobStatus
+from tests.lifecycle import submit_as
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-SMALL = {"prompt": "a lighthouse", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 2}
 
 
 @pytest.fixture
@@ -26,12 +25,7 @@ def dispatch(tenant: dict[str, Any], builtin_endpoint: Endpoint, monkeypatch: py
     type(organization).objects.filter(pk=organization.pk).update(concurrency_limit=20)
 
     def submit(**payload: Any) -> Job:
-        job, _ = services.submit_job(
-            organization=organization,
-            api_key=tenant["api_key"],
-            endpoint=builtin_endpoint,
-            payload={**SMALL, **payload},
-        )
+        job = submit_as(tenant, builtin_endpoint, **payload)
         services.dispatch_organization(organization.pk)
         return Job.objects.get(pk=job.pk)
 

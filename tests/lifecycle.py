@@ -1,0 +1,65 @@
+"""Jobs driven through inference's services with no worker or broker: submitted, claimed as a worker claims
+them and finished, so that billing writes its usage record, debit and rollups through the real services.
+
+Callers patch ``inference.services.send_run_message`` (no broker) and put a price in force themselves.
+``tenant`` is the fixture of that name in tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from accounts.models import ApiKey, Organization
+from inference import services
+from inference.models import AttemptOutcome, Endpoint, Job
+
+SMALL = {"prompt": "a lighthouse", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 2}
+
+
+def submit(organization: Organization, endpoint: Endpoint, *, api_key: ApiKey | None = None, **payload: Any) -> Job:
+    """A request for ``SMALL`` with ``payload`` laid over it."""
+    job, _ = services.submit_job(
+        organization=organization, api_key=api_key, endpoint=endpoint, payload={**SMALL, **payload}
+    )
+    return job
+
+
+def submit_as(tenant: dict[str, Any], endpoint: Endpoint, **payload: Any) -> Job:
+    """``submit`` with the tenant's organization and API key."""
+    return submit(tenant["organization"], endpoint, api_key=tenant["api_key"], **payload)
+
+
+def start(job: Job) -> Job:
+    """Dispatches the job (its on-commit hand-off never runs inside a test's transaction) and claims it."""
+    services.dispatch_organization(job.organization_id)
+    job.refresh_from_db()
+    claimed = services.claim_job(job_id=str(job.pk), attempt=job.attempt, worker="worker-1")
+    assert claimed is not None, f"{job.pk} could not be claimed ({job.status})"
+    return claimed
+
+
+def finish(job: Job, outcome: str = AttemptOutcome.SUCCEEDED, *, gpu_ms: int = 1_000, **kwargs: Any) -> Job:
+    """Closes the running attempt as a worker does, with one 64x64 image per requested image on success.
+
+    ``kwargs`` go to ``finish_attempt`` as they are: ``cold_start_ms``, ``error``, ``error_type``, ``retry``,
+    or a ``result`` of the caller's own.
+    """
+    if outcome == AttemptOutcome.SUCCEEDED:
+        images = [{"url": "x", "width": 64, "height": 64}] * int(job.input.get("num_images", 1))
+        kwargs.setdefault("result", {"images": images, "seed": 1})
+    finished = services.finish_attempt(
+        job_id=str(job.pk), attempt=job.attempt, outcome=AttemptOutcome(outcome), gpu_ms=gpu_ms, **kwargs
+    )
+    assert finished is not None
+    return finished
+
+
+def run(organization: Organization, endpoint: Endpoint, *, api_key: ApiKey | None = None, **kwargs: Any) -> Job:
+    """A request for ``SMALL`` submitted, started and finished; ``kwargs`` go to ``finish`` (``outcome``,
+    ``gpu_ms``...): it succeeds unless ``outcome`` says otherwise."""
+    return finish(start(submit(organization, endpoint, api_key=api_key)), **kwargs)
+
+
+def run_as(tenant: dict[str, Any], endpoint: Endpoint, **kwargs: Any) -> Job:
+    """``run`` with the tenant's organization and API key."""
+    return run(tenant["organization"], endpoint, api_key=tenant["api_key"], **kwargs)
