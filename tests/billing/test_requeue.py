@@ -19,7 +19,7 @@ from billing.ledger import grant_credits
 from billing.models import Account, CreditEntry, EntryKind, Hold, Price, UsageRecord
 from inference import services
 from inference.models import AttemptOutcome, Endpoint, Job, JobLog, JobStatus
-from tests.billing.lifecycle import finish, run, start, submit
+from tests.lifecycle import finish, run, start, submit
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("quiet_books")]
 
