@@ -47,6 +47,20 @@ def unhashed_static_files(settings: Any) -> None:
 
 
 @pytest.fixture
+def sent_tasks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[Any]]]:
+    """Messages handed to the broker (none really sent: unit tests call the task functions themselves)."""
+    from celery import current_app
+
+    sent: list[tuple[str, list[Any]]] = []
+
+    def send_task(name: str, args: list[Any] | None = None, **options: Any) -> None:
+        sent.append((name, list(args or [])))
+
+    monkeypatch.setattr(current_app, "send_task", send_task)
+    return sent
+
+
+@pytest.fixture
 def make_user(db: None) -> Callable[..., User]:
     from accounts.services import sign_up
 

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import stripe
-from celery import current_app
 
 from tests.stripe_support import (
     PUBLISHABLE_KEY,
@@ -35,18 +34,6 @@ def fake_stripe(fake_stripe_server: FakeStripe, settings: Any) -> FakeStripe:
     settings.STRIPE_WEBHOOK_SECRET = WEBHOOK_SECRET
     settings.STRIPE_API_BASE = fake_stripe_server.url
     return fake_stripe_server
-
-
-@pytest.fixture
-def sent_tasks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[Any]]]:
-    """Messages handed to the broker (none really sent: tests call the task functions themselves)."""
-    sent: list[tuple[str, list[Any]]] = []
-
-    def send_task(name: str, args: list[Any] | None = None, **options: Any) -> None:
-        sent.append((name, list(args or [])))
-
-    monkeypatch.setattr(current_app, "send_task", send_task)
-    return sent
 
 
 def signed(event: dict[str, Any], secret: str = WEBHOOK_SECRET) -> tuple[str, str]:

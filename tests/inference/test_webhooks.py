@@ -47,18 +47,6 @@ def receiver(settings: Any) -> Iterator[LocalServer]:
 
 
 @pytest.fixture
-def sent_tasks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[Any]]]:
-    """Messages handed to the broker (none really sent: unit tests call the task functions)."""
-    sent: list[tuple[str, list[Any]]] = []
-
-    def send_task(name: str, args: list[Any] | None = None, **options: Any) -> None:
-        sent.append((name, list(args or [])))
-
-    monkeypatch.setattr(current_app, "send_task", send_task)
-    return sent
-
-
-@pytest.fixture
 def make_job(tenant: dict[str, Any], builtin_endpoint: Endpoint) -> Callable[..., Job]:
     endpoint = builtin_endpoint
 
