@@ -27,7 +27,13 @@ from PIL import Image
 
 from inference.engine.feature_cache import FeatureCache, cached_unet_forward, check_supported
 from inference.engine.loading import Pipeline, PipelineKind, pipeline_for_kind
-from inference.engine.optimize import CudaGraphUNet, ModuleOptimizations, apply_module_optimizations, compiling
+from inference.engine.optimize import (
+    CudaGraphUNet,
+    ModuleOptimizations,
+    apply_module_optimizations,
+    compiling,
+    pad_text_tokens,
+)
 from inference.engine.profile import OptimizationProfile
 from inference.engine.runtime import Cancelled, GenerationRequest, GenerationResult, OnStep, run_pipeline
 
@@ -48,11 +54,14 @@ class RunOptions:
     inference_mode: bool = True
     prompt_cache: int = 0
     feature_cache_interval: int = 0
+    # Applied on a CPU only (see `optimize.pad_text_tokens`).
+    pad_text_tokens: bool = False
 
     @classmethod
     def of(cls, profile: OptimizationProfile) -> RunOptions:
         return cls(
             inference_mode=profile.inference_mode,
+            pad_text_tokens=profile.pad_text_tokens,
             prompt_cache=profile.prompt_cache,
             feature_cache_interval=profile.feature_cache_interval,
         )
@@ -230,9 +239,11 @@ class Engine:
         embeddings: torch.Tensor,
         added: dict[str, torch.Tensor] | None,
         *,
+        text_mask: torch.Tensor | None = None,
         feature_cache: FeatureCache | None,
         step_index: int,
     ) -> torch.Tensor:
+        """`text_mask`: which text tokens are real where `embeddings` were padded (`optimize.pad_text_tokens`)."""
         if feature_cache is not None:
             return feature_cache.predict(
                 self._cached_forward,
@@ -242,8 +253,11 @@ class Engine:
                 embeddings,
                 step_index=step_index,
                 added_cond_kwargs=added,
+                encoder_attention_mask=text_mask,
             )
         if self._graphs is not None:
+            if text_mask is not None:
+                raise ValueError("padded text tokens are a CPU optimization; CUDA graphs capture no mask")
             return self._graphs(model_input, timestep, embeddings, added)
         prediction: torch.Tensor = self.base.unet(
             model_input,
@@ -252,6 +266,7 @@ class Engine:
             timestep_cond=None,
             cross_attention_kwargs=None,
             added_cond_kwargs=added,
+            encoder_attention_mask=text_mask,
             return_dict=False,
         )[0]
         return prediction
@@ -298,6 +313,9 @@ class _TextToImageRun:
         device = self.engine.device
         generators = [torch.Generator(device="cpu").manual_seed(seed) for r in self.requests for seed in r.seeds]
         prompt_embeds, added = self._conditioning(first)
+        text_mask: torch.Tensor | None = None
+        if self.options.pad_text_tokens and device.type == "cpu":
+            prompt_embeds, text_mask = pad_text_tokens(prompt_embeds)
         guidance: float | torch.Tensor = float(first.guidance_scale)
         if self.guidance:
             scales = {request.guidance_scale for request in self.requests}
@@ -335,6 +353,7 @@ class _TextToImageRun:
                 timestep,
                 prompt_embeds,
                 added,
+                text_mask=text_mask,
                 feature_cache=feature_cache,
                 step_index=step_index,
             )
@@ -354,6 +373,8 @@ class _TextToImageRun:
                 latents = latents.index_select(0, rows)
                 both = torch.cat([rows, rows + len(self.row_members)]) if self.guidance else rows
                 prompt_embeds = prompt_embeds.index_select(0, both)
+                if text_mask is not None:
+                    text_mask = text_mask.index_select(0, both)
                 if added is not None:
                     added = {name: value.index_select(0, both) for name, value in added.items()}
                 if isinstance(guidance, torch.Tensor):

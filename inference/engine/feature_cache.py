@@ -3,8 +3,9 @@
 Between neighbouring steps the UNet's deep features barely change. Every `interval` steps the whole UNet runs and
 the input of its last up block (everything below the first level) is kept; the steps in between run only the
 shallow path (conv_in, the first down block, the last up block, conv_out) on the kept features. The forward below
-mirrors diffusers' `UNet2DConditionModel.forward` for plain SD 1.x / SDXL UNets (no ControlNet, adapters or masks),
-so a refreshing step computes exactly what the stock forward does.
+mirrors diffusers' `UNet2DConditionModel.forward` for plain SD 1.x / SDXL UNets (no ControlNet, adapters or image
+masks; a text-token mask is passed on as stock passes it), so a refreshing step computes exactly what the stock
+forward does.
 """
 
 from __future__ import annotations
@@ -68,8 +69,12 @@ def cached_unet_forward(
     *,
     features: torch.Tensor | None,
     added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    encoder_attention_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The UNet's noise prediction and the deep features it used: recomputed when `features` is None."""
+    """The UNet's noise prediction and the deep features it used: recomputed when `features` is None.
+
+    `encoder_attention_mask` (1: a text token to attend to, 0: padding) is turned into a bias as stock does.
+    """
     refresh = features is None  # a refreshing step: the whole UNet runs
     deep: torch.Tensor
     added = added_cond_kwargs or {}
@@ -85,11 +90,15 @@ def cached_unet_forward(
     encoder_hidden_states = unet.process_encoder_hidden_states(
         encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added
     )
+    text_bias = None
+    if encoder_attention_mask is not None:
+        text_bias = ((1 - encoder_attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
 
     def run(block: Any, *args: Any, **kwargs: Any) -> Any:
         # Blocks with attention take the text embeddings; the others do not accept them.
         if getattr(block, "has_cross_attention", False):
             kwargs["encoder_hidden_states"] = encoder_hidden_states
+            kwargs["encoder_attention_mask"] = text_bias
         return block(*args, **kwargs)
 
     sample = unet.conv_in(sample)

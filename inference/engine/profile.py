@@ -29,6 +29,8 @@ DESCRIPTIONS: Mapping[str, str] = {
     "sdpa": "scaled-dot-product attention kernels (false: diffusers' classic attention); lossless",
     "channels_last": "NHWC memory format for the UNet and VAE convolutions; lossless",
     "fuse_qkv": "one projection for query, key and value (key and value for cross-attention); lossless",
+    "pad_text_tokens": "pad the text embeddings to a multiple of 16 tokens (77 -> 80, the extra keys masked out): "
+    "the CPU attention kernel is 1.4-2.5x faster on them (CPU only; ignored on CUDA); lossless",
     "precision": "auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16",
     "compile": "torch.compile: off, regional (the repeated transformer blocks) or full (UNet and VAE decoder, "
     "weights frozen); compiled code is kept in a persistent cache",
@@ -57,6 +59,7 @@ class OptimizationProfile:
     sdpa: bool = True
     channels_last: bool = False
     fuse_qkv: bool = True
+    pad_text_tokens: bool = True
     precision: Precision = "float32"
     compile: CompileMode = "off"
     cuda_graphs: bool = False
@@ -78,13 +81,14 @@ class OptimizationProfile:
 STOCK_PROFILE = OptimizationProfile(
     inference_mode=False,
     fuse_qkv=False,
+    pad_text_tokens=False,
     prompt_cache=0,
     max_batch_size=1,
     batch_wait_ms=0,
 )
 
 _KEYS = tuple(field.name for field in fields(OptimizationProfile))
-_BOOLEANS = ("inference_mode", "sdpa", "channels_last", "fuse_qkv", "cuda_graphs")
+_BOOLEANS = ("inference_mode", "sdpa", "channels_last", "fuse_qkv", "pad_text_tokens", "cuda_graphs")
 _INTEGERS: Mapping[str, tuple[int, int]] = {
     "prompt_cache": (0, MAX_PROMPT_CACHE),
     "max_batch_size": (1, MAX_BATCH_SIZE),
@@ -128,12 +132,18 @@ def device_defaults(device: str) -> OptimizationProfile:
     """What an endpoint that sets nothing runs on this device.
 
     On CUDA: half precision, regional compilation and CUDA graphs, batches of up to 8. On a CPU, the lossless set
-    that pays off there without a warm-up: fused projections, the prompt cache, batches of up to 4. Compiling is
+    that pays off there without a warm-up: fused projections, text embeddings padded for the attention kernel, the
+    prompt cache, batches of up to 4. Compiling is
     opt-in on a CPU, since every new shape costs a compile of tens of seconds. Lossy feature caching is always opt-in.
     """
     if device.startswith("cuda"):
         return OptimizationProfile(
-            precision="float16", compile="regional", cuda_graphs=True, max_batch_size=8, batch_wait_ms=5
+            precision="float16",
+            compile="regional",
+            cuda_graphs=True,
+            pad_text_tokens=False,
+            max_batch_size=8,
+            batch_wait_ms=5,
         )
     return OptimizationProfile()
 
@@ -148,6 +158,8 @@ def resolve(raw: Any, *, device: str) -> OptimizationProfile:
     cuda = device.startswith("cuda")
     if values["precision"] == "auto":
         values["precision"] = "float16" if cuda else "float32"
-    if not cuda:
+    if cuda:
+        values["pad_text_tokens"] = False
+    else:
         values["cuda_graphs"] = False
     return OptimizationProfile(**values)

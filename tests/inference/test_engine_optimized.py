@@ -43,7 +43,7 @@ from inference.engine.architectures import build_architecture
 from tests.inference.test_engine import pixels
 from tests.inference.test_engine import request as base_request
 
-LOSSLESS = replace(STOCK_PROFILE, inference_mode=True, fuse_qkv=True, prompt_cache=8)
+LOSSLESS = replace(STOCK_PROFILE, inference_mode=True, fuse_qkv=True, pad_text_tokens=True, prompt_cache=8)
 
 
 def psnr(one: Image.Image, other: Image.Image) -> float:
@@ -93,6 +93,16 @@ def test_an_empty_profile_takes_the_device_defaults() -> None:
     assert (cuda.precision, cuda.compile, cuda.cuda_graphs, cuda.max_batch_size) == ("float16", "regional", True, 8)
     assert (cpu.lossy, cuda.lossy) == (False, False)
     assert (cpu.fuse_qkv, cpu.inference_mode, cpu.max_batch_size) == (True, True, 4)
+    # Padding text tokens is for the CPU attention kernel.
+    assert (
+        cpu.pad_text_tokens,
+        cuda.pad_text_tokens,
+        resolve({"pad_text_tokens": True}, device="cuda").pad_text_tokens,
+    ) == (
+        True,
+        False,
+        False,
+    )
 
 
 def test_a_profile_overrides_defaults_and_the_device_drops_what_it_cannot_do() -> None:
@@ -156,9 +166,40 @@ def test_the_lossless_engine_draws_stock_diffusers_image(
     lossless: Engine, stock: Callable[[GenerationRequest], list[Image.Image]]
 ) -> None:
     one = request(negative_prompt="blurry", guidance_scale=6.0)
-    engine_image = lossless.run(one, options=RunOptions.of(LOSSLESS)).images[0]
+    unpadded = lossless.run(one, options=RunOptions.of(replace(LOSSLESS, pad_text_tokens=False))).images[0]
     # Float32 on a CPU: the same operations in the same order give the same bits.
-    assert np.array_equal(pixels(engine_image), pixels(stock(one)[0]))
+    assert np.array_equal(pixels(unpadded), pixels(stock(one)[0]))
+    # Padded text tokens add exact zeros to the attention's sums, in another order: rounding only.
+    engine_image = lossless.run(one, options=RunOptions.of(LOSSLESS)).images[0]
+    assert np.abs(pixels(engine_image) - pixels(stock(one)[0])).max() <= 1
+
+
+@pytest.mark.parametrize("feature_cache_interval", [0, 2])
+def test_padded_text_tokens_reach_the_unet_masked_and_move_images_by_rounding_only(
+    lossless: Engine, feature_cache_interval: int
+) -> None:
+    seen: list[tuple[int, float | None]] = []
+
+    def note(module: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+        # The first cross-attention layer's key and value inputs, and the mask's bias on them.
+        context, mask = kwargs["encoder_hidden_states"], kwargs.get("attention_mask")
+        assert isinstance(context, torch.Tensor)
+        seen.append((context.shape[1], None if mask is None else float(torch.as_tensor(mask)[..., 77:].max())))
+
+    attention = next(module for name, module in lossless.base.unet.named_modules() if name.endswith("attn2"))
+    hook = attention.register_forward_pre_hook(note, with_kwargs=True)
+    try:
+        one = request(prompts=["a padded prompt"] * 2, seeds=[5, 6])
+        images = {}
+        for pad in (False, True):
+            options = RunOptions(pad_text_tokens=pad, feature_cache_interval=feature_cache_interval)
+            images[pad] = lossless.run(one, options=options).images
+    finally:
+        hook.remove()
+    steps = one.num_inference_steps
+    assert seen == [(77, None)] * steps + [(80, -10000.0)] * steps
+    for padded, plain in zip(images[True], images[False], strict=True):
+        assert np.abs(pixels(padded) - pixels(plain)).max() <= 1
 
 
 def test_the_prompt_cache_returns_what_encoding_again_gives(lossless: Engine) -> None:
@@ -300,7 +341,8 @@ def test_a_request_cancelled_in_a_batch_leaves_it_at_that_step_and_the_others_fi
     ]
     seen: list[int] = []
     left: list[tuple[int, int, int]] = []
-    options = RunOptions(feature_cache_interval=feature_cache_interval)
+    # Text tokens padded: their mask leaves the batch with the rows too.
+    options = RunOptions(feature_cache_interval=feature_cache_interval, pad_text_tokens=True)
     outcomes = engine.run_batch(
         requests,
         options=options,
@@ -425,6 +467,7 @@ def test_the_real_architectures_build_and_the_engine_draws_stock_images(name: st
         width=64,
         output_type="pil",
     ).images[0]
-    image = engine.run(one).images[0]
-    assert image.size == (64, 64)
-    assert np.abs(pixels(image) - pixels(reference)).max() <= 1
+    for options in (RunOptions(), RunOptions(pad_text_tokens=True)):
+        image = engine.run(one, options=options).images[0]
+        assert image.size == (64, 64)
+        assert np.abs(pixels(image) - pixels(reference)).max() <= 1
