@@ -47,6 +47,17 @@ def unhashed_static_files(settings: Any) -> None:
 
 
 @pytest.fixture
+def priced_without_broker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Jobs are dispatched with no broker (unit tests run the lifecycle themselves); the opening rate card holds."""
+    from billing.models import Price
+    from billing.rates import ensure_opening_prices
+    from inference import services
+
+    monkeypatch.setattr(services, "send_run_message", lambda *args: True)
+    ensure_opening_prices(Price)
+
+
+@pytest.fixture
 def sent_tasks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[Any]]]:
     """Messages handed to the broker (none really sent: unit tests call the task functions themselves)."""
     from celery import current_app

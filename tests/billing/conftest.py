@@ -49,12 +49,6 @@ def deliver(client: Any, event: dict[str, Any], secret: str = WEBHOOK_SECRET) ->
 
 
 @pytest.fixture
-def quiet_books(monkeypatch: pytest.MonkeyPatch, settings: Any) -> None:
+def quiet_books(priced_without_broker: None, settings: Any) -> None:
     """Jobs dispatched with no broker, the opening rate card in force, Stripe off (reconciliation skips it)."""
-    from billing.models import Price
-    from billing.rates import ensure_opening_prices
-    from inference import services
-
-    monkeypatch.setattr(services, "send_run_message", lambda *args: True)
     settings.STRIPE_SECRET_KEY = ""
-    ensure_opening_prices(Price)

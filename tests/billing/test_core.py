@@ -26,20 +26,13 @@ from billing.models import (
     UsageRecord,
     UsageRollup,
 )
-from billing.rates import ensure_opening_prices
 from inference import services
 from inference.models import AttemptOutcome, Endpoint, Job, JobStatus
 from tests.lifecycle import SMALL, finish, run_as, start, submit_as
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("priced_without_broker")]
 
 CPU_PRICE = 100  # the opening rate card: micro-dollars per CPU-second
-
-
-@pytest.fixture(autouse=True)
-def _no_broker(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(services, "send_run_message", lambda *args: True)
-    ensure_opening_prices(Price)
 
 
 def account(tenant: dict[str, Any]) -> Account:

@@ -9,19 +9,10 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
-from billing.models import Price
-from billing.rates import ensure_opening_prices
-from inference import services
 from inference.models import Endpoint
 from tests.lifecycle import run_as
 
-pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("unhashed_static_files")]
-
-
-@pytest.fixture(autouse=True)
-def _setup(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(services, "send_run_message", lambda *args: True)
-    ensure_opening_prices(Price)
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("unhashed_static_files", "priced_without_broker")]
 
 
 def test_only_staff_see_the_run_rate(tenant: dict[str, Any], client: Client) -> None:

@@ -13,22 +13,13 @@ from django.test.utils import CaptureQueriesContext
 
 from accounts.models import ApiKey, Membership, Role
 from accounts.services import add_member
-from billing.models import Price
-from billing.rates import ensure_opening_prices
-from inference import services
 from inference.models import Endpoint, Job
 from tests.conftest import TEST_PASSWORD
 from tests.lifecycle import run_as
 
-pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("unhashed_static_files")]
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("unhashed_static_files", "priced_without_broker")]
 
 PAGES = ["/dashboard/", "/dashboard/requests", "/dashboard/usage", "/dashboard/members", "/dashboard/billing"]
-
-
-@pytest.fixture(autouse=True)
-def _setup(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(services, "send_run_message", lambda *args: True)
-    ensure_opening_prices(Price)
 
 
 def browser(user: Any) -> Client:
