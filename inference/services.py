@@ -53,7 +53,8 @@ class SubmissionRefused(Exception):
 
 
 class RequeueRefused(SubmissionRefused):
-    """Admission refused to queue a failed or cancelled job again (credits, a spend limit); it was left as it was."""
+    """A failed or cancelled job was not queued again (credits, a spend limit, a suspended organization); it was left
+    as it was."""
 
 
 class IdempotencyConflict(SubmissionRefused):
@@ -485,7 +486,8 @@ def requeue_job(*, job: Job, log_line: str = "Requeued by an operator.") -> bool
     a cancel request, which the next attempt's heartbeat would otherwise obey at once.
 
     It goes through the same admission as a submission (billing holds credit for the new run against the balance and
-    spend limits): raises ``RequeueRefused`` when admission refuses, and then nothing has changed.
+    spend limits), and a suspended organization's job is refused: raises ``RequeueRefused`` when either refuses, and
+    then nothing has changed.
     """
     with transaction.atomic():
         requeued = Job.objects.filter(pk=job.pk, status__in=(JobStatus.FAILED, JobStatus.CANCELLED)).update(
@@ -508,6 +510,13 @@ def requeue_job(*, job: Job, log_line: str = "Requeued by an operator.") -> bool
         )
         if not requeued:
             return False
+        if Organization.objects.filter(pk=job.organization_id, suspended_at__isnull=False).exists():
+            # Dispatch skips a suspended organization: the job would wait in the queue, holding credit.
+            raise RequeueRefused(
+                "The organization is suspended; unsuspend it before requeueing its requests.",
+                "organization_suspended",
+                403,
+            )
         if hooks.admit is not None:
             # After the UPDATE, which holds the row against a second requeue; a refusal rolls the requeue back.
             refusal = hooks.admit(Job.objects.select_related("endpoint").get(pk=job.pk))

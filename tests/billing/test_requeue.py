@@ -14,6 +14,7 @@ from django.test import Client
 from django.utils import timezone
 
 from accounts.models import AuditEvent, Organization, User
+from accounts.services import set_organization_suspended
 from billing import controls, reconciliation
 from billing.ledger import grant_credits
 from billing.models import Account, CreditEntry, EntryKind, Hold, Price, UsageRecord
@@ -120,6 +121,29 @@ def test_a_requeue_without_credit_is_refused_and_changes_nothing(
     assert Account.objects.filter(pk=organization.pk).values().get() == account_before
     assert JobLog.objects.filter(job=job).count() == logs_before
     assert reconciliation.run_reconciliation().drift == []
+
+
+def test_a_suspended_organizations_job_is_not_requeued_until_it_is_unsuspended(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint
+) -> None:
+    organization = tenant["organization"]
+    job = ended("failed", organization, builtin_endpoint)
+    set_organization_suspended(organization=organization, suspended=True)
+    job_before = Job.objects.filter(pk=job.pk).values().get()
+    account_before = Account.objects.filter(pk=organization.pk).values().get()
+
+    with pytest.raises(services.RequeueRefused) as refused:
+        services.requeue_job(job=job)
+
+    # It would have waited in the queue holding credit: dispatch skips suspended organizations.
+    assert (refused.value.error_type, refused.value.status) == ("organization_suspended", 403)
+    assert Job.objects.filter(pk=job.pk).values().get() == job_before
+    assert Account.objects.filter(pk=organization.pk).values().get() == account_before
+    assert open_holds(job) == []
+
+    set_organization_suspended(organization=organization, suspended=False)
+    assert services.requeue_job(job=job)
+    assert len(open_holds(job)) == 1
 
 
 def test_the_admin_requeues_what_admission_allows_and_says_why_the_rest_was_refused(
