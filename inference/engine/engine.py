@@ -256,8 +256,7 @@ class Engine:
                 encoder_attention_mask=text_mask,
             )
         if self._graphs is not None:
-            if text_mask is not None:
-                raise ValueError("padded text tokens are a CPU optimization; CUDA graphs capture no mask")
+            # CUDA only, where text tokens are never padded (`_TextToImageRun.run`): no mask to capture.
             return self._graphs(model_input, timestep, embeddings, added)
         prediction: torch.Tensor = self.base.unet(
             model_input,
