@@ -32,6 +32,7 @@ class ModuleOptimizations:
     sdpa: bool = True
     channels_last: bool = False
     fuse_qkv: bool = False
+    small_head_attention: bool = False
     compile: Literal["off", "regional", "full"] = "off"
     cuda_graphs: bool = False
 
@@ -42,6 +43,7 @@ class ModuleOptimizations:
             channels_last=profile.channels_last,
             # The fused processor is an SDPA processor: without SDPA the projections stay apart.
             fuse_qkv=profile.fuse_qkv and profile.sdpa,
+            small_head_attention=profile.small_head_attention,
             compile=profile.compile,
             cuda_graphs=profile.cuda_graphs,
         )
@@ -74,6 +76,12 @@ def apply_module_optimizations(pipeline: Any, optimizations: ModuleOptimizations
         unet.fuse_qkv_projections()
     else:
         unet.set_attn_processor(AttnProcessor2_0())  # type: ignore[no-untyped-call]  # untyped in diffusers
+    if optimizations.small_head_attention and unet.device.type == "cpu":
+        # Imported here: the kernel's module reads this one's cache folder setting.
+        from inference.engine.attention import use_small_head_attention
+
+        switched = use_small_head_attention(unet)
+        logger.info("small-head attention kernel on %d attention modules", switched)
     if optimizations.channels_last:
         unet.to(memory_format=torch.channels_last)
         vae.to(memory_format=torch.channels_last)

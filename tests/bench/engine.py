@@ -53,7 +53,13 @@ from inference.engine.architectures import NATIVE_SIZE, build_architecture
 REPO = Path(__file__).resolve().parents[2]
 # Best published UNet iterations per second on an H100 (stable-fast's README), for the GPU table.
 PUBLISHED_H100_ITS = {"sd15": ("stable-fast, SD 1.5 512x512", 104.6), "sdxl": ("stable-fast, SDXL 1024x1024", 21.6)}
-LOSSLESS: dict[str, Any] = {"inference_mode": True, "fuse_qkv": True, "pad_text_tokens": True, "prompt_cache": 64}
+LOSSLESS: dict[str, Any] = {
+    "inference_mode": True,
+    "fuse_qkv": True,
+    "pad_text_tokens": True,
+    "small_head_attention": True,
+    "prompt_cache": 64,
+}
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,7 @@ def cpu_configs() -> list[Config]:
         Config("inference_mode", replace(STOCK_PROFILE, inference_mode=True)),
         Config("fused QKV", replace(STOCK_PROFILE, fuse_qkv=True)),
         Config("text tokens padded 77 -> 80", replace(STOCK_PROFILE, pad_text_tokens=True)),
+        Config("small-head attention kernel", replace(STOCK_PROFILE, small_head_attention=True)),
         Config("channels_last", replace(STOCK_PROFILE, channels_last=True)),
         Config("compile regional", replace(STOCK_PROFILE, compile="regional")),
         Config("compile full (frozen)", replace(STOCK_PROFILE, compile="full")),

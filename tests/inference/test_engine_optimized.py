@@ -43,7 +43,9 @@ from inference.engine.architectures import build_architecture
 from tests.inference.test_engine import pixels
 from tests.inference.test_engine import request as base_request
 
-LOSSLESS = replace(STOCK_PROFILE, inference_mode=True, fuse_qkv=True, pad_text_tokens=True, prompt_cache=8)
+LOSSLESS = replace(
+    STOCK_PROFILE, inference_mode=True, fuse_qkv=True, pad_text_tokens=True, small_head_attention=True, prompt_cache=8
+)
 
 
 def psnr(one: Image.Image, other: Image.Image) -> float:
@@ -103,6 +105,12 @@ def test_an_empty_profile_takes_the_device_defaults() -> None:
         False,
         False,
     )
+    # So is the small-head attention kernel.
+    assert (
+        cpu.small_head_attention,
+        cuda.small_head_attention,
+        resolve({"small_head_attention": True}, device="cuda").small_head_attention,
+    ) == (True, False, False)
 
 
 def test_a_profile_overrides_defaults_and_the_device_drops_what_it_cannot_do() -> None:
@@ -166,10 +174,12 @@ def test_the_lossless_engine_draws_stock_diffusers_image(
     lossless: Engine, stock: Callable[[GenerationRequest], list[Image.Image]]
 ) -> None:
     one = request(negative_prompt="blurry", guidance_scale=6.0)
-    unpadded = lossless.run(one, options=RunOptions.of(replace(LOSSLESS, pad_text_tokens=False))).images[0]
+    exact = replace(LOSSLESS, pad_text_tokens=False, small_head_attention=False)
+    unpadded = engine_for(exact).run(one, options=RunOptions.of(exact)).images[0]
     # Float32 on a CPU: the same operations in the same order give the same bits.
     assert np.array_equal(pixels(unpadded), pixels(stock(one)[0]))
-    # Padded text tokens add exact zeros to the attention's sums, in another order: rounding only.
+    # Padded text tokens add exact zeros to the attention's sums, and the small-head kernel adds the same products
+    # in another order: rounding only.
     engine_image = lossless.run(one, options=RunOptions.of(LOSSLESS)).images[0]
     assert np.abs(pixels(engine_image) - pixels(stock(one)[0])).max() <= 1
 
