@@ -19,13 +19,16 @@ import functools
 import hashlib
 import logging
 import os
+import platform
+import shlex
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
 
 from inference.engine.optimize import COMPILE_CACHE_ENV
 
@@ -33,8 +36,12 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "kernels" / "small_head_attention.c"
 HEAD_SIZES = frozenset({8, 16})
-# What GCC and Clang target for each of PyTorch's CPU capabilities; the baseline builds anywhere.
-ISA_FLAGS = {"AVX512": ["-march=x86-64-v4"], "AVX2": ["-march=x86-64-v3"]}
+# What GCC and Clang target for each of PyTorch's CPU capabilities (exactly the extensions PyTorch checked for: an
+# -march level would also assume others, BMI2 for one, that a virtual machine may hide); the baseline builds anywhere.
+ISA_FLAGS = {
+    "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
 BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=fast", "-std=gnu11"]
 
 
@@ -47,10 +54,17 @@ def build_flags() -> list[str]:
 
 
 def kernel_folder() -> Path:
-    """Beside torch.compile's cache when the engine configured one (`configure_compile_cache`), else in /tmp."""
+    """Beside torch.compile's cache (the engine configures it: `configure_compile_cache`), else under ~/.cache."""
     configured = os.environ.get(COMPILE_CACHE_ENV)
-    base = Path(configured) if configured else Path(tempfile.gettempdir()) / f"platform-kernels-{os.getuid()}"
-    return base / "kernels"
+    return (Path(configured) if configured else Path.home() / ".cache" / "platform") / "kernels"
+
+
+def _private_folder(folder: Path) -> None:
+    """Create `folder` for this user only, and refuse one that someone else could have put a library into."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    status = folder.stat()
+    if status.st_uid != os.getuid() or status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise KernelUnavailable(f"{folder} is not this user's alone: no library is loaded from it")
 
 
 def build(folder: Path, *, compiler: str | None = None) -> Path:
@@ -58,25 +72,29 @@ def build(folder: Path, *, compiler: str | None = None) -> Path:
 
     Raises `KernelUnavailable` with the compiler's complaint when the build fails.
     """
-    compiler = compiler or os.environ.get("CC") or "cc"
+    command = shlex.split(compiler or os.environ.get("CC") or "cc")
     flags = build_flags()
     source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + "\0".join([compiler, *flags]).encode()).hexdigest()[:16]
-    target = folder / f"small_head_attention-{digest}.so"
+    recipe = "\0".join([platform.machine(), *command, *flags]).encode()
+    target = folder / f"small_head_attention-{hashlib.sha256(source + recipe).hexdigest()[:16]}.so"
+    _private_folder(folder)
     if target.exists():
         return target
-    folder.mkdir(parents=True, exist_ok=True)
-    # Built beside the target and renamed into place: a concurrent build or a crash never leaves half a library.
-    partial = folder / f".{target.name}.{os.getpid()}.partial"
-    command = [compiler, *flags, str(SOURCE), "-o", str(partial)]
+    # Built beside the target under a name of its own and renamed into place: concurrent builds and crashes never
+    # leave half a library where it would be loaded.
+    handle, name = tempfile.mkstemp(dir=folder, prefix=f".{target.stem}.", suffix=".partial")
+    os.close(handle)
+    partial = Path(name)
+    command = [*command, *flags, str(SOURCE), "-o", str(partial)]
     try:
         finished = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)  # noqa: S603
+        if finished.returncode != 0:
+            raise KernelUnavailable(f"{shlex.join(command)} failed: {finished.stderr.strip()[-2000:]}")
+        partial.replace(target)
     except (OSError, subprocess.TimeoutExpired) as error:
-        raise KernelUnavailable(f"{' '.join(command)}: {error}") from error
-    if finished.returncode != 0:
+        raise KernelUnavailable(f"{shlex.join(command)}: {error}") from error
+    finally:
         partial.unlink(missing_ok=True)
-        raise KernelUnavailable(f"{' '.join(command)} failed: {finished.stderr.strip()[-2000:]}")
-    partial.replace(target)
     return target
 
 
@@ -129,12 +147,16 @@ def small_head_attention(
     if key.shape != value.shape or key.shape[0] != batch or key.shape[2:] != query.shape[2:]:
         raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} do not fit query {tuple(query.shape)}")
     if bias is not None:
-        if bias.shape != (batch, keys) or bias.dtype != torch.float32:
-            raise ValueError(f"bias must be float32 [{batch}, {keys}], not {bias.dtype} {tuple(bias.shape)}")
+        if bias.shape != (batch, keys) or bias.dtype != torch.float32 or bias.device.type != "cpu":
+            raise ValueError(
+                f"bias must be a float32 CPU tensor [{batch}, {keys}], not {bias.dtype} {tuple(bias.shape)} "
+                f"on {bias.device}"
+            )
         bias = bias.contiguous()
     out = query.new_empty((batch, queries, heads * size))
-    if out.numel() == 0:
-        return out
+    if out.numel() == 0 or keys == 0:
+        # No keys: nothing to attend to, as SDPA answers.
+        return out.zero_()
     status = _kernel()(
         query.data_ptr(),
         key.data_ptr(),
@@ -172,9 +194,12 @@ def head_size(attn: Attention) -> int:
 
 
 def eligible(attn: Attention) -> bool:
-    """What the processor below computes: plain multi-head attention (no extra norms or projections)."""
+    """What the processor below computes: plain multi-head attention (no extra norms or projections) at SDPA's
+    scale, where diffusers runs its SDPA processors (anything else, an IP-Adapter's processor say, is left alone)."""
     return (
-        head_size(attn) in HEAD_SIZES
+        isinstance(attn.processor, AttnProcessor2_0 | FusedAttnProcessor2_0)
+        and head_size(attn) in HEAD_SIZES
+        and attn.scale_qk
         and attn.spatial_norm is None
         and attn.group_norm is None
         and attn.norm_q is None

@@ -43,7 +43,8 @@ class ModuleOptimizations:
             channels_last=profile.channels_last,
             # The fused processor is an SDPA processor: without SDPA the projections stay apart.
             fuse_qkv=profile.fuse_qkv and profile.sdpa,
-            small_head_attention=profile.small_head_attention,
+            # It stands in for SDPA where heads are small: `sdpa: false` (classic attention) keeps it out.
+            small_head_attention=profile.small_head_attention and profile.sdpa,
             compile=profile.compile,
             cuda_graphs=profile.cuda_graphs,
         )

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-from inference.engine import build_tiny_pipeline
+from inference.engine import STOCK_PROFILE, ModuleOptimizations, build_tiny_pipeline
 from inference.engine.attention import (
     KernelUnavailable,
     SmallHeadAttnProcessor,
     build,
+    eligible,
     kernel_available,
     small_head_attention,
     use_small_head_attention,
@@ -67,16 +71,44 @@ def test_the_kernel_gives_what_sdpa_gives(batch: int, queries: int, keys: int, s
     torch.testing.assert_close(got, sdpa(query, key, value, None), atol=1e-5, rtol=1e-5)
 
 
-def test_a_key_bias_is_added_and_masked_keys_weigh_nothing() -> None:
-    query, key, value = projections(4, 64, 80, 8, 8, self_attention=False)
+@pytest.mark.parametrize("size", [8, 16])
+def test_a_key_bias_is_added_and_masked_keys_weigh_nothing(size: int) -> None:
+    query, key, value = projections(4, 64, 80, 8, size, self_attention=False)
     bias = torch.randn(4, 80)
     bias[:, 77:] = -10000.0  # diffusers' padding mask, as the engine passes it for padded text tokens
-    got = small_head_attention(query, key, value, bias, 8**-0.5)
+    got = small_head_attention(query, key, value, bias, size**-0.5)
     torch.testing.assert_close(got, sdpa(query, key, value, bias), atol=1e-5, rtol=1e-5)
     # What the masked keys hold changes nothing.
     key, value = key.clone(), value.clone()
     key[:, 77:], value[:, 77:] = 100.0, -100.0
-    torch.testing.assert_close(small_head_attention(query, key, value, bias, 8**-0.5), got, atol=0, rtol=0)
+    torch.testing.assert_close(small_head_attention(query, key, value, bias, size**-0.5), got, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("lowest", [torch.finfo(torch.float32).min, -1e30])
+def test_a_row_whose_keys_are_all_masked_averages_them_as_sdpa_does(lowest: float) -> None:
+    # 13 keys: three more pad them to a multiple of eight inside the kernel, and those must not win either.
+    query, key, value = projections(2, 5, 13, 4, 8, self_attention=False)
+    bias = torch.full((2, 13), lowest)
+    got = small_head_attention(query, key, value, bias, 8**-0.5)
+    torch.testing.assert_close(got, sdpa(query, key, value, bias), atol=1e-5, rtol=1e-5)
+    assert got.abs().max() > 0.01
+
+
+@pytest.mark.parametrize("where", ["query", "key", "value", "bias"])
+def test_a_nan_comes_out_as_nan_as_with_sdpa(where: str) -> None:
+    query, key, value = (part.clone() for part in projections(1, 4, 16, 2, 8, self_attention=False))
+    bias = torch.zeros(1, 16)
+    {"query": query, "key": key, "value": value, "bias": bias}[where].view(-1)[0] = math.nan
+    got = small_head_attention(query, key, value, bias, 8**-0.5)
+    expected = sdpa(query, key, value, bias)
+    assert got.isnan().any()
+    assert torch.equal(got.isnan(), expected.isnan())
+
+
+def test_no_keys_attend_to_nothing() -> None:
+    query = torch.randn(2, 3, 4, 8)
+    empty = torch.randn(2, 0, 4, 8)
+    assert torch.equal(small_head_attention(query, empty, empty, None, 0.3), torch.zeros(2, 3, 32))
 
 
 def test_the_result_does_not_depend_on_the_number_of_threads(one_thread: None) -> None:
@@ -95,6 +127,14 @@ def test_contiguous_and_strided_inputs_agree() -> None:
     # Heads not D apart (a transposed view) are copied into place first.
     transposed = query.transpose(1, 2).contiguous().transpose(1, 2)
     torch.testing.assert_close(small_head_attention(transposed, key, value, None, 0.3), strided, atol=0, rtol=0)
+    # One set of keys and values broadcast over the batch (stride 0 between batches).
+    shared_key, shared_value = key[:1].expand_as(key), value[:1].expand_as(value)
+    torch.testing.assert_close(
+        small_head_attention(query, shared_key, shared_value, None, 0.3),
+        small_head_attention(query, shared_key.contiguous(), shared_value.contiguous(), None, 0.3),
+        atol=0,
+        rtol=0,
+    )
 
 
 @pytest.mark.parametrize(
@@ -102,7 +142,8 @@ def test_contiguous_and_strided_inputs_agree() -> None:
     [
         ({"size": 40}, "heads of [8, 16] channels"),
         ({"dtype": torch.float64}, "float32 CPU tensor"),
-        ({"bias": torch.zeros(2, 5)}, "bias must be float32 [2, 10]"),
+        ({"bias": torch.zeros(2, 5)}, "bias must be a float32 CPU tensor [2, 10]"),
+        ({"bias": torch.zeros(2, 10, dtype=torch.float64)}, "not torch.float64 (2, 10) on cpu"),
         ({"keys": 9}, "do not fit"),
     ],
 )
@@ -111,7 +152,7 @@ def test_what_the_kernel_cannot_take_is_refused_clearly(change: dict, problem: s
     query = torch.randn(2, 10, 4, size, dtype=change.get("dtype", torch.float32))
     key = torch.randn(2, 10, 4, size, dtype=query.dtype)
     value = torch.randn(2, change.get("keys", 10), 4, size, dtype=query.dtype)
-    with pytest.raises(ValueError, match=problem.replace("[", r"\[")):
+    with pytest.raises(ValueError, match=re.escape(problem)):
         small_head_attention(query, key, value, change.get("bias"), 0.5)
 
 
@@ -138,7 +179,10 @@ def test_the_processor_computes_what_diffusers_sdpa_processor_does(fused: bool, 
     hidden = torch.randn(3, 50, 64)
     context = torch.randn(3, 77, 32) if cross else None
     # The UNet's padded-token mask arrives as a [B, 1, S] bias.
-    mask = torch.zeros(3, 1, 77) if cross else None
+    mask = None
+    if cross:
+        mask = torch.randn(3, 1, 77)
+        mask[:, :, 70:] = -10000.0
     with torch.inference_mode():
         expected = AttnProcessor2_0()(attn, hidden, context, mask)
         got = SmallHeadAttnProcessor(AttnProcessor2_0())(attn, hidden, context, mask)
@@ -166,6 +210,20 @@ def test_the_processor_hands_back_what_the_kernel_does_not_take() -> None:
         # A mask per query is not a bias per key.
         processor(attn.to(torch.float32), torch.randn(2, 16, 64), None, torch.zeros(2, 16, 16))
     assert fallback.calls == 2
+
+
+def test_only_modules_diffusers_runs_on_sdpa_at_sdpa_scale_are_eligible() -> None:
+    plain = Attention(64, heads=8, dim_head=8)
+    assert eligible(plain)
+    # Without scaling the scores, diffusers keeps its classic processor (SDPA would scale them).
+    assert not eligible(Attention(64, heads=8, dim_head=8, scale_qk=False))
+    assert not eligible(Attention(64, heads=2, dim_head=32))
+    assert not eligible(Attention(64, heads=8, dim_head=8, processor=AttnProcessor()))
+    assert not eligible(Attention(64, heads=8, dim_head=8, residual_connection=True))
+    # A profile with `sdpa: false` asks for classic attention everywhere.
+    classic = replace(STOCK_PROFILE, sdpa=False, small_head_attention=True)
+    assert not ModuleOptimizations.of(classic).small_head_attention
+    assert ModuleOptimizations.of(replace(classic, sdpa=True)).small_head_attention
 
 
 def test_the_engine_puts_small_heads_on_the_kernel_and_leaves_the_others() -> None:

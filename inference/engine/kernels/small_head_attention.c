@@ -24,15 +24,18 @@ typedef int32_t v8i __attribute__((vector_size(32), aligned(32)));
 /* Queries per task: a task re-reads its head's transposed keys and values only when the head changes. */
 #define QUERY_BLOCK 32
 #define LOG2_E 1.4426950408889634f
-/* Scores of the keys that only pad the key count to a multiple of eight. */
-#define NO_KEY (-3.0e38f)
+/* Scores of the keys that only pad the key count to a multiple of eight: no weight. */
+#define NO_KEY (-__builtin_inff())
+/* Biases are clamped here first, so that scaled to base 2 they stay finite (float32's lowest, a common mask value,
+ * would overflow): a key so biased still weighs 2^-126 of the top key, nothing at float32's precision. */
+#define LOWEST_BIAS (-1.0e30f)
 
 static inline v8f splat(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
 
-static inline v8f vmax(v8f a, v8f b) {
-    v8i greater = a > b;
-    return (v8f)(((v8i)a & greater) | ((v8i)b & ~greater));
-}
+/* Where `pick`, a; elsewhere b. */
+static inline v8f choose(v8i pick, v8f a, v8f b) { return (v8f)(((v8i)a & pick) | ((v8i)b & ~pick)); }
+
+static inline v8f vmax(v8f a, v8f b) { return choose(a > b, a, b); }
 
 static inline float hmax(v8f a) {
     float m = a[0];
@@ -43,9 +46,10 @@ static inline float hmax(v8f a) {
 static inline float hsum(v8f a) { return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])); }
 
 /* 2^x for x <= 0: x = n + f with n whole and |f| <= 1/2, 2^f by a degree-6 polynomial (relative error about
- * 1e-7), n added to the exponent bits. Below -126 the result is 2^-126 (1e-38): the weight of a masked key. */
-static inline v8f vexp2(v8f x) {
-    x = vmax(x, splat(-126.0f));
+ * 1e-7), n added to the exponent bits. Below -126 the result is 2^-126 (1e-38): the weight of a masked key. NaN
+ * stays NaN, so a NaN score makes its row NaN, as in PyTorch. */
+static inline v8f vexp2(v8f in) {
+    const v8f x = choose(in < splat(-126.0f), splat(-126.0f), in);
     const v8f magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to a whole number, kept in the low bits */
     const v8f t = x + magic;
     const v8f f = x - (t - magic);
@@ -56,7 +60,7 @@ static inline v8f vexp2(v8f x) {
     p = p * f + splat(2.402264791363012e-1f);
     p = p * f + splat(6.931472028550421e-1f);
     p = p * f + splat(1.0f);
-    return (v8f)((v8i)p + ((v8i)t << 23));
+    return choose(in != in, in, (v8f)((v8i)p + ((v8i)t << 23)));
 }
 
 /* Lane i of the result: the sum of the eight lanes of a<i>. */
@@ -166,7 +170,8 @@ int small_head_attention(const float *q, const float *k, const float *v, const f
                         kt[d * keys + j] = j < S ? kh[j * k_token + d] * key_scale : 0.f;
                         vt[d * keys + j] = j < S ? vh[j * v_token + d] : 0.f;
                     }
-                    kb[j] = j >= S ? NO_KEY : bias ? bias[b * bias_batch + j] * LOG2_E : 0.f;
+                    const float given = bias ? bias[b * bias_batch + j] : 0.f;
+                    kb[j] = j >= S ? NO_KEY : (given < LOWEST_BIAS ? LOWEST_BIAS : given) * LOG2_E;
                 }
                 loaded = head;
             }
