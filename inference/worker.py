@@ -265,7 +265,8 @@ def _run(leader: Member, heartbeat: Heartbeat) -> None:
     try:
         profile = endpoint_profile(job.endpoint)
         options = load_options(profile)
-        if profile.compile != "off":
+        if profile.compile != "off" or profile.small_head_attention:
+            # Compiled code, and the attention kernel built beside it, kept with the platform's data.
             configure_compile_cache(Path(settings.DATA_DIR) / "compile-cache")
         loaded = pipeline_cache().get(weights_source(job.endpoint), job.endpoint.kind, options=options)
         leader.cold_start_ms = loaded.load_ms
