@@ -20,6 +20,7 @@ from inference.engine.attention import (
     build,
     eligible,
     kernel_available,
+    load,
     small_head_attention,
     use_small_head_attention,
 )
@@ -260,3 +261,17 @@ def test_a_build_is_reused_and_new_flags_build_anew(tmp_path: Path, monkeypatch:
     second = build(tmp_path)
     assert second != first
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted([first.name, second.name])
+
+
+def test_the_baseline_build_gives_what_the_tuned_one_gives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A CPU PyTorch finds neither AVX2 nor AVX-512 on gets the plain build: the same C, other instructions.
+    query, key, value = projections(2, 40, 77, 8, 16, self_attention=False)
+    bias = torch.randn(2, 77)
+    bias[0, 0] = math.nan
+    tuned = small_head_attention(query, key, value, bias, 0.25)
+    monkeypatch.setattr("inference.engine.attention.ISA_FLAGS", {})
+    baseline = load(build(tmp_path))
+    monkeypatch.setattr("inference.engine.attention._kernel", lambda: baseline)
+    plain = small_head_attention(query, key, value, bias, 0.25)
+    assert plain[0].isnan().all()
+    torch.testing.assert_close(plain[1], tuned[1], atol=1e-6, rtol=1e-6)
