@@ -1,4 +1,4 @@
-"""The small-head attention kernel: attention for heads of 8 or 16 channels on a CPU, 2.5-3x PyTorch's.
+"""The small-head attention kernel: attention for heads of 8 or 16 channels on a CPU (2.5-2.9x PyTorch's on 8).
 
 PyTorch's CPU flash-attention kernel works in matrix-multiply blocks, which with heads this narrow (the built-in
 models: 64 or 128 channels over 8 heads) are mostly overhead. `kernels/small_head_attention.c` computes a row of

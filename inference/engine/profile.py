@@ -32,7 +32,7 @@ DESCRIPTIONS: Mapping[str, str] = {
     "pad_text_tokens": "pad the text embeddings to a multiple of 16 tokens (77 -> 80, the extra keys masked out): "
     "the CPU attention kernel is 1.4-2.5x faster on them (CPU only; ignored on CUDA); lossless",
     "small_head_attention": "attention heads of 8 or 16 channels (the built-in models) run in the engine's own "
-    "kernel, 2.5-3x faster than PyTorch's there; other heads keep SDPA (CPU only; ignored on CUDA); lossless",
+    "kernel, up to 2.9x faster than PyTorch's there; other heads keep SDPA (CPU only; ignored on CUDA); lossless",
     "precision": "auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16",
     "compile": "torch.compile: off, regional (the repeated transformer blocks) or full (UNet and VAE decoder, "
     "weights frozen); compiled code is kept in a persistent cache",
