@@ -297,10 +297,13 @@ def test_full_compilation_traces_with_weights_frozen(
 ) -> None:
     # Inductor folds and pre-packs weights only if its freezing switch is on when Dynamo traces; passed as a
     # torch.compile option it was silently ignored. A backend that notes the switch and runs the graph eagerly.
+    # Weights are not pre-packed for oneDNN: packed ones would keep the graph out of the persistent cache.
     traced_frozen: list[bool] = []
+    traced_packed: list[bool] = []
 
     def noting_backend(graph: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., object]:
         traced_frozen.append(bool(torch._inductor.config.freezing))
+        traced_packed.append(bool(torch._inductor.config.cpp.weight_prepack))
         return graph.forward
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=noting_backend))
@@ -311,8 +314,10 @@ def test_full_compilation_traces_with_weights_frozen(
     # The UNet and the VAE decoder each traced at least once, every time with freezing on.
     assert len(traced_frozen) >= 2
     assert all(traced_frozen)
+    assert not any(traced_packed)
     assert np.abs(pixels(image) - pixels(stock(one)[0])).max() <= 1
     assert not torch._inductor.config.freezing, "the switch is on only around the engine's calls"
+    assert torch._inductor.config.cpp.weight_prepack
 
 
 # --- Cancel -------------------------------------------------------------------------------------------------
