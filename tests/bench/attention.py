@@ -31,6 +31,7 @@ SHAPES = [
 
 
 def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The reference: PyTorch's attention on the kernel's [B, tokens, H, D] tensors, as [B, L, H * D]."""
     mask = None if bias is None else bias[:, None, None, :]
     out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask)
     return out.transpose(1, 2).flatten(2)

@@ -295,7 +295,7 @@ def test_regional_compilation_draws_stock_image(
 def test_full_compilation_traces_with_weights_frozen(
     stock: Callable[[GenerationRequest], list[Image.Image]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Inductor folds and pre-packs weights only if its freezing switch is on when Dynamo traces; passed as a
+    # Inductor folds weights only if its freezing switch is on when Dynamo traces; passed as a
     # torch.compile option it was silently ignored. A backend that notes the switch and runs the graph eagerly.
     # Weights are not pre-packed for oneDNN: packed ones would keep the graph out of the persistent cache.
     traced_frozen: list[bool] = []

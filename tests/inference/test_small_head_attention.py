@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from inference.engine import STOCK_PROFILE, ModuleOptimizations, build_tiny_pipeline
@@ -24,6 +23,7 @@ from inference.engine.attention import (
     small_head_attention,
     use_small_head_attention,
 )
+from tests.bench.attention import sdpa
 
 
 @pytest.fixture(autouse=True)
@@ -38,13 +38,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The reference: PyTorch's attention on the same [B, tokens, H, D] tensors, as [B, L, H * D]."""
-    mask = None if bias is None else bias[:, None, None, :]
-    out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask)
-    return out.transpose(1, 2).flatten(2)
 
 
 def projections(batch: int, queries: int, keys: int, heads: int, size: int, *, self_attention: bool) -> tuple:
