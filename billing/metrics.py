@@ -1,15 +1,19 @@
 """Revenue metrics for the operators' run-rate page: plain functions over the daily rollups and payments.
 
 Every amount is an integer in micro-dollars; days are UTC days, ranges include both ends. Each function
-runs one query (revenue by endpoint and top organizations join their names in it), whatever the number
-of rows: usage is read from the daily ``UsageRollup`` rows, never from raw usage records.
+runs a fixed number of queries (at most two; revenue by endpoint and top organizations join their names in
+them), whatever the number of rows: usage is read from the daily ``UsageRollup`` rows, never from raw usage
+records, and request refunds from their credit entries (a partial index holds only those).
 
 Definitions:
 
 - **Recognized revenue** of a day: the cost of the usage recorded that day, which is debited from
-  prepaid credit in the same transaction (``billing.metering``): revenue is recognized when usage is
-  debited, not when credits are bought. It includes usage paid with granted credits; a refund of a
-  request (``billing.ledger.refund_job``) returns credit in the ledger and is not netted here.
+  prepaid credit in the same transaction (``billing.metering``), less the requests refunded that day
+  (``billing.ledger.refund_job``): revenue is recognized when usage is debited, not when credits are
+  bought, and a refund reverses it on the day it is given (past days never change). It includes usage
+  paid with granted credits. A day, an endpoint or an organization can show negative revenue when it
+  refunded more than it earned. Per endpoint, organization and GPU class, a refund nets against the
+  refunded request's own.
 - **MRR**: recognized revenue of the 30 days ending on ``as_of`` (inclusive). There are no
   subscriptions, so the monthly recurring figure of usage-based revenue is its trailing 30 days.
 - **Run-rate**: MRR x 365 / 30, rounded half up to the micro-dollar (``billing.money.divide_half_up``).
@@ -30,11 +34,11 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db.models import BigIntegerField, QuerySet, Sum, Value
+from django.db.models import BigIntegerField, F, QuerySet, Sum, Value
 from django.db.models.functions import Coalesce, TruncDay
 from django.utils import timezone
 
-from billing.models import Account, Granularity, Payment, PaymentStatus, UsageRollup
+from billing.models import Account, CreditEntry, EntryKind, Granularity, Payment, PaymentStatus, UsageRollup
 from billing.money import MICROS_PER_CENT, divide_half_up
 from billing.selectors import day_start
 from inference.models import GpuClass
@@ -46,9 +50,15 @@ BASIS_POINTS = 10_000
 
 
 @dataclass(frozen=True)
-class DayAmount:
+class RevenueDay:
     day: date
-    micros: int
+    usage_micros: int  # the cost of the usage recorded that day
+    refunded_micros: int  # requests refunded that day
+
+    @property
+    def micros(self) -> int:
+        """Recognized revenue: usage less refunds."""
+        return self.usage_micros - self.refunded_micros
 
 
 @dataclass(frozen=True)
@@ -86,7 +96,8 @@ class EndpointRevenue:
     endpoint: str  # owner/name[/path]
     requests: int  # billable attempts
     gpu_ms: int
-    revenue_micros: int
+    revenue_micros: int  # net of refunds
+    refunded_micros: int = 0
 
 
 @dataclass(frozen=True)
@@ -96,7 +107,8 @@ class OrganizationRevenue:
     slug: str
     requests: int
     gpu_ms: int
-    revenue_micros: int
+    revenue_micros: int  # net of refunds
+    refunded_micros: int = 0
 
 
 @dataclass(frozen=True)
@@ -104,9 +116,10 @@ class GpuClassFigures:
     gpu_class: str
     billed_gpu_ms: int
     unbilled_gpu_ms: int
-    revenue_micros: int
+    revenue_micros: int  # net of refunds
     cost_per_hour_micros: int
     gpu_cost_micros: int
+    refunded_micros: int = 0
 
     @property
     def total_gpu_ms(self) -> int:
@@ -138,6 +151,7 @@ class GrossMargin:
     margin_bps: int | None
     billed_gpu_ms: int
     unbilled_gpu_ms: int
+    refunded_micros: int = 0
 
     @property
     def unbilled_share_bps(self) -> int | None:
@@ -177,23 +191,42 @@ def _day_rollups(start: date, end: date) -> QuerySet[UsageRollup]:
     ).order_by()
 
 
+def _job_refunds(start: date, end: date) -> QuerySet[CreditEntry]:
+    """The credit given back for requests (``billing.ledger.refund_job``) from ``start`` to ``end``."""
+    return CreditEntry.objects.filter(
+        kind=EntryKind.REFUND,
+        job__isnull=False,
+        created_at__gte=day_start(start),
+        created_at__lt=day_start(end + timedelta(days=1)),
+    ).order_by()
+
+
 def _total(column: str) -> Coalesce:
     return Coalesce(Sum(column), Value(0), output_field=BigIntegerField())
 
 
-def _revenue_per_day(start: date, end: date) -> dict[date, int]:
-    rows = _day_rollups(start, end).values("bucket_start").annotate(revenue=_total("cost_micros"))
-    revenue: dict[date, int] = {}
-    for row in rows:
+def _usage_and_refunds_per_day(start: date, end: date) -> tuple[dict[date, int], dict[date, int]]:
+    usage: dict[date, int] = {}
+    for row in _day_rollups(start, end).values("bucket_start").annotate(revenue=_total("cost_micros")):
         day = row["bucket_start"].astimezone(UTC).date()
-        revenue[day] = revenue.get(day, 0) + int(row["revenue"])
-    return revenue
+        usage[day] = usage.get(day, 0) + int(row["revenue"])
+    refunds: dict[date, int] = {}
+    days = _job_refunds(start, end).annotate(day=TruncDay("created_at", tzinfo=UTC)).values("day")
+    for refund in days.annotate(refunded=_total("amount_micros")):
+        day = refund["day"].astimezone(UTC).date()
+        refunds[day] = refunds.get(day, 0) + int(refund["refunded"])
+    return usage, refunds
 
 
-def recognized_revenue(start: date, end: date) -> list[DayAmount]:
-    """Recognized revenue of each day from ``start`` to ``end``, zero on days without usage."""
-    revenue = _revenue_per_day(start, end)
-    return [DayAmount(day, revenue.get(day, 0)) for day in _days(start, end)]
+def _revenue_per_day(start: date, end: date) -> dict[date, int]:
+    usage, refunds = _usage_and_refunds_per_day(start, end)
+    return {day: usage.get(day, 0) - refunds.get(day, 0) for day in usage.keys() | refunds.keys()}
+
+
+def recognized_revenue(start: date, end: date) -> list[RevenueDay]:
+    """Recognized revenue of each day from ``start`` to ``end`` (usage less refunds), zero on days without either."""
+    usage, refunds = _usage_and_refunds_per_day(start, end)
+    return [RevenueDay(day, usage.get(day, 0), refunds.get(day, 0)) for day in _days(start, end)]
 
 
 def mrr(as_of: date | None = None) -> int:
@@ -271,46 +304,75 @@ def cash_collected(start: date, end: date) -> CashCollected:
 
 
 def revenue_by_endpoint(start: date, end: date) -> list[EndpointRevenue]:
-    """Recognized revenue, requests and billed GPU time of each endpoint used in the range, highest first."""
-    rows = (
+    """Recognized revenue (net of the refunds of its requests), requests and billed GPU time of each endpoint used
+    or refunded in the range, highest revenue first."""
+    names = ("endpoint__owner", "endpoint__name", "endpoint__path")
+    used = (
         _day_rollups(start, end)
-        .values("endpoint_id", "endpoint__owner", "endpoint__name", "endpoint__path")
+        .values("endpoint_id", *names)
         .annotate(revenue=_total("cost_micros"), requests=_total("billable_attempts"), gpu_ms=_total("gpu_ms"))
-        .order_by("-revenue", "endpoint_id")
     )
-    return [
+    refunded = (
+        _job_refunds(start, end)
+        .values(endpoint_id=F("job__endpoint_id"), **{name: F(f"job__{name}") for name in names})
+        .annotate(refunded=_total("amount_micros"))
+    )
+    rows: dict[int, dict[str, Any]] = {}
+    for row in [*used, *refunded]:
+        merged = rows.setdefault(row["endpoint_id"], {"revenue": 0, "requests": 0, "gpu_ms": 0, "refunded": 0})
+        merged.update({name: row[name] for name in names})
+        for figure in ("revenue", "requests", "gpu_ms", "refunded"):
+            merged[figure] += int(row.get(figure, 0))
+    result = [
         EndpointRevenue(
-            endpoint_pk=row["endpoint_id"],
-            endpoint="/".join(
-                part for part in (row["endpoint__owner"], row["endpoint__name"], row["endpoint__path"]) if part
-            ),
-            requests=int(row["requests"]),
-            gpu_ms=int(row["gpu_ms"]),
-            revenue_micros=int(row["revenue"]),
+            endpoint_pk=endpoint_pk,
+            endpoint="/".join(part for part in (row[name] for name in names) if part),
+            requests=row["requests"],
+            gpu_ms=row["gpu_ms"],
+            revenue_micros=row["revenue"] - row["refunded"],
+            refunded_micros=row["refunded"],
         )
-        for row in rows
+        for endpoint_pk, row in rows.items()
     ]
+    return sorted(result, key=lambda endpoint: (-endpoint.revenue_micros, endpoint.endpoint_pk))
 
 
 def top_organizations(start: date, end: date, *, limit: int = 10) -> list[OrganizationRevenue]:
-    """The organizations with the most recognized revenue in the range, highest first."""
-    rows = (
+    """The organizations with the most recognized revenue (net of their refunds) in the range, highest first.
+
+    Refunds only lower an organization's revenue, so the top ``limit`` after netting are among the top ``limit``
+    plus the number of refunded organizations before it: two queries, whatever the number of organizations.
+    """
+    names = ("organization__name", "organization__slug")
+    refunded = {
+        row["organization_id"]: row
+        for row in _job_refunds(start, end).values("organization_id", *names).annotate(refunded=_total("amount_micros"))
+    }
+    used = (
         _day_rollups(start, end)
-        .values("organization_id", "organization__name", "organization__slug")
+        .values("organization_id", *names)
         .annotate(revenue=_total("cost_micros"), requests=_total("billable_attempts"), gpu_ms=_total("gpu_ms"))
-        .order_by("-revenue", "organization__slug")[:limit]
+        .order_by("-revenue", "organization__slug")[: limit + len(refunded)]
     )
-    return [
-        OrganizationRevenue(
-            organization_id=row["organization_id"],
-            name=row["organization__name"],
-            slug=row["organization__slug"],
-            requests=int(row["requests"]),
-            gpu_ms=int(row["gpu_ms"]),
-            revenue_micros=int(row["revenue"]),
+    rows = {row["organization_id"]: row for row in used}
+    for organization_id, row in refunded.items():
+        rows.setdefault(organization_id, {**row, "revenue": 0, "requests": 0, "gpu_ms": 0})
+    result = []
+    for organization_id, row in rows.items():
+        refund = int(refunded[organization_id]["refunded"]) if organization_id in refunded else 0
+        result.append(
+            OrganizationRevenue(
+                organization_id=organization_id,
+                name=row["organization__name"],
+                slug=row["organization__slug"],
+                requests=int(row["requests"]),
+                gpu_ms=int(row["gpu_ms"]),
+                revenue_micros=int(row["revenue"]) - refund,
+                refunded_micros=refund,
+            )
         )
-        for row in rows
-    ]
+    result.sort(key=lambda organization: (-organization.revenue_micros, organization.slug))
+    return result[:limit]
 
 
 def gross_margin(start: date, end: date) -> GrossMargin:
@@ -324,19 +386,26 @@ def gross_margin(start: date, end: date) -> GrossMargin:
         .annotate(revenue=_total("cost_micros"), billed=_total("gpu_ms"), unbilled=_total("unbilled_gpu_ms"))
     )
     found = {row["gpu_class"]: row for row in rows}
-    classes = [*GpuClass.values, *sorted(set(found) - set(GpuClass.values))]
+    refunds = {
+        row["gpu_class"]: int(row["refunded"])
+        for row in _job_refunds(start, end)
+        .values(gpu_class=F("job__gpu_class"))
+        .annotate(refunded=_total("amount_micros"))
+    }
+    classes = [*GpuClass.values, *sorted((set(found) | set(refunds)) - set(GpuClass.values))]
     by_class = []
     for gpu_class in classes:
         row = found.get(gpu_class, {"revenue": 0, "billed": 0, "unbilled": 0})
-        billed, unbilled = int(row["billed"]), int(row["unbilled"])
+        billed, unbilled, refunded = int(row["billed"]), int(row["unbilled"]), refunds.get(gpu_class, 0)
         by_class.append(
             GpuClassFigures(
                 gpu_class=gpu_class,
                 billed_gpu_ms=billed,
                 unbilled_gpu_ms=unbilled,
-                revenue_micros=int(row["revenue"]),
+                revenue_micros=int(row["revenue"]) - refunded,
                 cost_per_hour_micros=int(settings.BILLING_GPU_COST_MICROS_PER_HOUR.get(gpu_class, 0)),
                 gpu_cost_micros=gpu_cost_micros(gpu_class, billed + unbilled),
+                refunded_micros=refunded,
             )
         )
     revenue = sum(figures.revenue_micros for figures in by_class)
@@ -349,6 +418,7 @@ def gross_margin(start: date, end: date) -> GrossMargin:
         margin_bps=share_bps(revenue - cost, revenue),
         billed_gpu_ms=sum(figures.billed_gpu_ms for figures in by_class),
         unbilled_gpu_ms=sum(figures.unbilled_gpu_ms for figures in by_class),
+        refunded_micros=sum(figures.refunded_micros for figures in by_class),
     )
 
 

@@ -20,8 +20,8 @@ def run_rate(request: HttpRequest, site: AdminSite) -> HttpResponse:
         raise PermissionDenied
     today = timezone.now().date()
     start = today - timedelta(days=metrics.TRAILING_DAYS - 1)
-    current = metrics.run_rate(today)
     trend = metrics.run_rate_trend(today, points=12, step_days=7)
+    current = trend[-1]  # the trend ends on today
     revenue = metrics.recognized_revenue(start, today)
     margin = metrics.gross_margin(start, today)
     cash = metrics.cash_collected(start, today)

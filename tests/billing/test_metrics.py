@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -11,7 +11,18 @@ from django.conf import settings as django_settings
 from django.utils import timezone
 
 from billing import metrics
-from billing.models import NO_KEY, Granularity, Payment, PaymentKind, PaymentStatus, UsageRecord, UsageRollup
+from billing.ledger import grant_credits, refund_job
+from billing.models import (
+    NO_KEY,
+    CreditEntry,
+    EntryKind,
+    Granularity,
+    Payment,
+    PaymentKind,
+    PaymentStatus,
+    UsageRecord,
+    UsageRollup,
+)
 from inference.models import Endpoint, GpuClass
 from tests.lifecycle import run
 
@@ -60,7 +71,7 @@ def usage(
 def test_recognized_revenue_per_day_fills_days_without_usage(
     usage: dict[str, Any], django_assert_num_queries: Any
 ) -> None:
-    with django_assert_num_queries(1):
+    with django_assert_num_queries(2):  # the rollups, and the refunds
         days = metrics.recognized_revenue(date(2026, 2, 28), date(2026, 3, 3))
     assert [(day.day.isoformat(), day.micros) for day in days] == [
         ("2026-02-28", 0), ("2026-03-01", 500_000), ("2026-03-02", 2_000_003), ("2026-03-03", 0),
@@ -68,7 +79,7 @@ def test_recognized_revenue_per_day_fills_days_without_usage(
 
 
 def test_mrr_and_run_rate_round_half_up(usage: dict[str, Any], django_assert_num_queries: Any) -> None:
-    with django_assert_num_queries(1):
+    with django_assert_num_queries(2):
         rate = metrics.run_rate(AS_OF)
     # 03-02 .. 03-31: 1,000,000 + 2,000,003; x 365 / 30 = 36,500,036.5, rounded half up.
     assert rate == metrics.RunRate(
@@ -78,7 +89,7 @@ def test_mrr_and_run_rate_round_half_up(usage: dict[str, Any], django_assert_num
 
 
 def test_run_rate_trend(usage: dict[str, Any], django_assert_num_queries: Any) -> None:
-    with django_assert_num_queries(1):
+    with django_assert_num_queries(2):
         trend = metrics.run_rate_trend(AS_OF, points=3, step_days=1)
     assert [(point.as_of.day, point.last_30_days_micros, point.annualized_micros) for point in trend] == [
         (29, 2_500_003, 30_416_703),  # 02-28 .. 03-29: still holds 03-01
@@ -99,13 +110,13 @@ def test_the_run_rate_defaults_to_the_last_complete_day(usage: dict[str, Any], m
 
 def test_revenue_by_endpoint_and_top_organizations(usage: dict[str, Any], django_assert_num_queries: Any) -> None:
     march = (date(2026, 3, 1), AS_OF)
-    with django_assert_num_queries(1):
+    with django_assert_num_queries(2):
         endpoints = metrics.revenue_by_endpoint(*march)
     assert [(e.endpoint, e.requests, e.gpu_ms, e.revenue_micros) for e in endpoints] == [
         ("test/big", 4, 9_000_000, 2_500_003),
         ("platform/tiny-sd", 10, 10_000_000, 1_000_000),
     ]
-    with django_assert_num_queries(1):
+    with django_assert_num_queries(2):
         top = metrics.top_organizations(*march, limit=1)
     assert [(o.organization_id, o.revenue_micros, o.requests) for o in top] == [(usage["beta"].pk, 2_000_003, 3)]
     assert top[0].name == usage["beta"].name
@@ -115,7 +126,7 @@ def test_revenue_by_endpoint_and_top_organizations(usage: dict[str, Any], django
 
 
 def test_gpu_time_cost_and_gross_margin_per_class(usage: dict[str, Any], django_assert_num_queries: Any) -> None:
-    with django_assert_num_queries(1):
+    with django_assert_num_queries(2):
         margin = metrics.gross_margin(date(2026, 3, 1), AS_OF)
     h100, a10g, cpu = margin.by_class
     assert [figures.gpu_class for figures in margin.by_class] == ["gpu-h100", "gpu-a10g", "cpu"]
@@ -130,6 +141,71 @@ def test_gpu_time_cost_and_gross_margin_per_class(usage: dict[str, Any], django_
     assert (margin.revenue_micros, margin.gpu_cost_micros, margin.margin_micros) == (3_500_003, 5_651_111, -2_151_108)
     assert margin.margin_bps == -6_146
     assert (margin.billed_gpu_ms, margin.unbilled_gpu_ms, margin.unbilled_share_bps) == (19_000_000, 3_600_000, 1_593)
+
+
+def refunded_on(job: Any, moment: datetime) -> CreditEntry:
+    """The request refunded through the ledger, the refund dated ``moment``."""
+    entry = refund_job(job=job, reason="bad output")
+    CreditEntry.objects.filter(pk=entry.pk).update(created_at=moment)
+    return entry
+
+
+@pytest.mark.usefixtures("quiet_books")
+def test_request_refunds_net_against_revenue_on_the_day_they_are_given(
+    usage: dict[str, Any], builtin_endpoint: Endpoint, django_assert_num_queries: Any
+) -> None:
+    acme, beta = usage["acme"], usage["beta"]
+    job = run(acme, builtin_endpoint, gpu_ms=2_000)  # 200 µ$, recorded today, outside the range
+    refunded_on(job, datetime(2026, 3, 31, 12, tzinfo=UTC))
+    # A refund of a card payment takes credit back (not a request refund): it is cash, not revenue.
+    CreditEntry.objects.create(organization=beta, kind=EntryKind.REFUND, amount_micros=-5_000_000,
+                               balance_after_micros=0, idempotency_key="refund-re_1",
+                               created_at=datetime(2026, 3, 31, 13, tzinfo=UTC))  # fmt: skip
+    march = (date(2026, 3, 1), AS_OF)
+
+    with django_assert_num_queries(2):
+        [day] = metrics.recognized_revenue(AS_OF, AS_OF)
+    assert (day.usage_micros, day.refunded_micros, day.micros) == (1_000_000, 200, 999_800)
+    assert metrics.recognized_revenue(date(2026, 3, 30), date(2026, 3, 30))[0].refunded_micros == 0
+    assert metrics.run_rate(AS_OF).last_30_days_micros == 3_000_003 - 200
+    endpoints = {
+        e.endpoint: (e.requests, e.revenue_micros, e.refunded_micros) for e in metrics.revenue_by_endpoint(*march)
+    }
+    assert endpoints == {"test/big": (4, 2_500_003, 0), "platform/tiny-sd": (10, 999_800, 200)}
+    organizations = {
+        o.organization_id: (o.revenue_micros, o.refunded_micros) for o in metrics.top_organizations(*march)
+    }
+    assert organizations == {acme.pk: (1_499_800, 200), beta.pk: (2_000_003, 0)}
+    margin = metrics.gross_margin(*march)
+    cpu = margin.by_class[2]
+    assert (cpu.gpu_class, cpu.revenue_micros, cpu.refunded_micros, cpu.margin_micros) == ("cpu", 999_800, 200, 848_689)
+    assert (margin.revenue_micros, margin.refunded_micros) == (3_500_003 - 200, 200)
+
+
+@pytest.mark.usefixtures("quiet_books")
+def test_a_refund_can_reorder_the_top_organizations_and_list_one_with_only_refunds(
+    tenant: dict[str, Any], other_tenant: dict[str, Any], builtin_endpoint: Endpoint
+) -> None:
+    acme, beta = tenant["organization"], other_tenant["organization"]
+    for organization in (acme, beta):
+        grant_credits(organization=organization, amount_micros=10_000_000, reason="test")
+    big = run(acme, builtin_endpoint, gpu_ms=30_000_000)  # $3.00
+    run(beta, builtin_endpoint, gpu_ms=20_000_000)  # $2.00
+    today = timezone.now().astimezone(UTC).date()
+    assert [o.organization_id for o in metrics.top_organizations(today, today, limit=1)] == [acme.pk]
+
+    refund_job(job=big)
+
+    [top] = metrics.top_organizations(today, today, limit=1)
+    assert (top.organization_id, top.revenue_micros) == (beta.pk, 2_000_000)
+    # Tomorrow acme used nothing but gave a refund: it is listed, with negative revenue, and so is its endpoint.
+    tomorrow = today + timedelta(days=1)
+    CreditEntry.objects.filter(job=big).update(created_at=datetime.combine(tomorrow, time(1), tzinfo=UTC))
+    [only] = metrics.top_organizations(tomorrow, tomorrow)
+    assert (only.organization_id, only.name, only.requests, only.revenue_micros) == (acme.pk, acme.name, 0, -3_000_000)
+    [endpoint] = metrics.revenue_by_endpoint(tomorrow, tomorrow)
+    assert (endpoint.endpoint, endpoint.requests, endpoint.revenue_micros) == ("platform/tiny-sd", 0, -3_000_000)
+    assert metrics.recognized_revenue(tomorrow, tomorrow)[0].micros == -3_000_000
 
 
 def test_cash_collected_is_succeeded_payments_less_refunds(

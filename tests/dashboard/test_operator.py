@@ -9,6 +9,7 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
+from billing.ledger import refund_job
 from inference.models import Endpoint
 from tests.lifecycle import run_as
 
@@ -26,12 +27,14 @@ def test_run_rate_figures_and_bounded_queries(
 ) -> None:
     client.force_login(admin_user)
     run_as(tenant, builtin_endpoint, gpu_ms=3_000_000)  # 3,000 s x 100 µ$/s = $0.30
+    refund_job(job=run_as(tenant, builtin_endpoint, gpu_ms=600_000))  # $0.06, refunded
     with CaptureQueriesContext(connection) as first:
         page = client.get("/admin/run-rate/")
     body = page.content.decode()
     assert page.status_code == 200
-    assert 'data-testid="mrr">$0.30<' in body
+    assert 'data-testid="mrr">$0.30<' in body  # $0.36 of usage less the $0.06 refunded
     assert 'data-testid="run-rate">$3.65<' in body  # 0.30 x 365 / 30
+    assert "after $0.06 of request refunds" in body
     assert "platform/tiny-sd" in body
     assert tenant["organization"].name in body
     for _ in range(3):
