@@ -53,8 +53,8 @@ class SubmissionRefused(Exception):
 
 
 class RequeueRefused(SubmissionRefused):
-    """A failed or cancelled job was not queued again (credits, a spend limit, a suspended organization); it was left
-    as it was."""
+    """A failed or cancelled job was not queued again (credits, a spend limit, a suspended organization, a revoked API
+    key); it was left as it was."""
 
 
 class IdempotencyConflict(SubmissionRefused):
@@ -486,8 +486,8 @@ def requeue_job(*, job: Job, log_line: str = "Requeued by an operator.") -> bool
     a cancel request, which the next attempt's heartbeat would otherwise obey at once.
 
     It goes through the same admission as a submission (billing holds credit for the new run against the balance and
-    spend limits), and a suspended organization's job is refused: raises ``RequeueRefused`` when either refuses, and
-    then nothing has changed.
+    spend limits); a suspended organization's job, and one sent with an API key since revoked, are refused: raises
+    ``RequeueRefused`` when any of these refuses, and then nothing has changed.
     """
     with transaction.atomic():
         requeued = Job.objects.filter(pk=job.pk, status__in=(JobStatus.FAILED, JobStatus.CANCELLED)).update(
@@ -515,6 +515,13 @@ def requeue_job(*, job: Job, log_line: str = "Requeued by an operator.") -> bool
             raise RequeueRefused(
                 "The organization is suspended; unsuspend it before requeueing its requests.",
                 "organization_suspended",
+                403,
+            )
+        if job.api_key_id is not None and ApiKey.objects.filter(pk=job.api_key_id, revoked_at__isnull=False).exists():
+            # A revoked key may have leaked: what was sent with it is not run again on the organization's money.
+            raise RequeueRefused(
+                "The API key this request was sent with has been revoked; submit it again with an active key.",
+                "api_key_revoked",
                 403,
             )
         if hooks.admit is not None:

@@ -14,7 +14,7 @@ from django.test import Client
 from django.utils import timezone
 
 from accounts.models import AuditEvent, Organization, User
-from accounts.services import set_organization_suspended
+from accounts.services import revoke_api_key, set_organization_suspended
 from billing import controls, reconciliation
 from billing.ledger import grant_credits
 from billing.models import Account, CreditEntry, EntryKind, Hold, Price, UsageRecord
@@ -144,6 +144,34 @@ def test_a_suspended_organizations_job_is_not_requeued_until_it_is_unsuspended(
     set_organization_suspended(organization=organization, suspended=False)
     assert services.requeue_job(job=job)
     assert len(open_holds(job)) == 1
+
+
+def test_a_request_sent_with_a_key_since_revoked_is_not_requeued(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint
+) -> None:
+    organization = tenant["organization"]
+    job = finish(
+        start(submit(organization, builtin_endpoint, api_key=tenant["api_key"])),
+        AttemptOutcome.FAILED,
+        gpu_ms=400,
+        error="bad input",
+    )
+    revoke_api_key(api_key=tenant["api_key"])
+    job_before = Job.objects.filter(pk=job.pk).values().get()
+    account_before = Account.objects.filter(pk=organization.pk).values().get()
+
+    with pytest.raises(services.RequeueRefused) as refused:
+        services.requeue_job(job=job)
+
+    # The key may have leaked: what was sent with it is not run again on the organization's credit.
+    assert (refused.value.error_type, refused.value.status) == ("api_key_revoked", 403)
+    assert "revoked" in refused.value.detail
+    assert Job.objects.filter(pk=job.pk).values().get() == job_before
+    assert Account.objects.filter(pk=organization.pk).values().get() == account_before
+    assert open_holds(job) == []
+    # A request sent without a key (the dashboard's playground) is not affected.
+    keyless = ended("failed", organization, builtin_endpoint)
+    assert services.requeue_job(job=keyless)
 
 
 def test_the_admin_requeues_what_admission_allows_and_says_why_the_rest_was_refused(
