@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +24,9 @@ from inference.engine.profile import OptimizationProfile
 logger = logging.getLogger(__name__)
 
 COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+# Graphs Dynamo may keep for one compiled function (its default, 8, is reached by SD 1.5's regional compilation
+# with three batch sizes; `compiling`). Past it a `fullgraph` compile fails the call.
+RECOMPILE_LIMIT = 64
 
 
 @dataclass(frozen=True)
@@ -96,13 +100,23 @@ def apply_module_optimizations(pipeline: Any, optimizations: ModuleOptimizations
 
 
 def compiling(optimizations: ModuleOptimizations) -> AbstractContextManager[Any]:
-    """The context every call of compiled modules runs in: Inductor's freezing switched on.
+    """The context every call of compiled modules runs in: for full compilation, Inductor's freezing switched on.
 
     Frozen weights are constants to Inductor: it folds them and fuses the activations that follow into the
     convolutions and linear layers that use them. Dynamo reads the switch when it traces (the
     first call of each shape), before `torch.compile(options=...)` would reach Inductor, so passing it there does
     nothing (pytorch/pytorch#139272); it has to be in force around the call. Freezing applies only where gradients
     are off, as they always are in the engine.
+
+    Regional compilation is never frozen. Frozen, every parameter is guarded by identity, so each instance of the
+    repeated block is a graph of its own: SD 1.5 has 16 of them and SDXL 70, and past Dynamo's `recompile_limit`
+    (8) the ninth instance fails outright under `fullgraph=True` (FailOnRecompileLimitHit). Unfrozen, the weights
+    are graph inputs and one compiled block serves every instance of its shapes.
+
+    Dynamo's recompile limit is raised around the calls (`RECOMPILE_LIMIT`). Even unfrozen, a block's channel
+    width is fixed by its weights, a batch of one row is always specialized, and a batch size seen second turns
+    dynamic: SD 1.5's three widths make three graphs per kind of batch, and the ninth graph (two rows with
+    guidance, one without, then four) failed a request outright. Frozen full compilation adds graphs per model.
 
     Weights are not pre-packed on a CPU (`cpp.weight_prepack` off): oneDNN-packed weights cannot be stored in
     Inductor's graph cache ("mkldnn tensors unpickleable"), so with them every worker start compiled afresh
@@ -111,9 +125,20 @@ def compiling(optimizations: ModuleOptimizations) -> AbstractContextManager[Any]
     """
     if optimizations.compile == "off":
         return nullcontext()
+    return _compile_switches(frozen=optimizations.compile == "full")
+
+
+@contextmanager
+def _compile_switches(*, frozen: bool) -> Iterator[None]:
+    import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
-    return inductor_config.patch({"freezing": True, "cpp.weight_prepack": False})
+    with dynamo_config.patch(recompile_limit=max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)):
+        if frozen:
+            with inductor_config.patch({"freezing": True, "cpp.weight_prepack": False}):
+                yield
+        else:
+            yield
 
 
 # The CPU flash-attention kernel's fast path wants key lengths in multiples of 16: with CLIP's 77 text tokens it
@@ -141,8 +166,14 @@ class CudaGraphUNet:
     """The UNet's forward replayed as a captured CUDA graph, one per input shape.
 
     Diffusion calls the UNet with the same shapes at every step, so after one capture each step is a single graph
-    launch instead of hundreds of kernel launches from Python. Inputs are copied into the graph's static buffers;
-    the output buffer is the graph's own, overwritten by the next replay (the caller consumes it before then).
+    launch instead of hundreds of kernel launches from Python. Inputs are copied into the graph's static buffers.
+    The output buffer is the graph's own and the next replay (of this shape, or of another sharing the memory
+    pool) overwrites it, so callers get a copy: schedulers keep model outputs across steps (PNDM's `ets`, which
+    without guidance is the UNet's output itself), and a kept buffer would silently change under them.
+
+    Capture, copies and replays run in inference mode whatever the caller's grad mode: the static buffers are then
+    inference tensors, which a later run under plain `no_grad` (an endpoint with `inference_mode: false` sharing
+    the warm model) could not copy into.
     """
 
     def __init__(self, unet: torch.nn.Module, *, warmup_runs: int = 2) -> None:
@@ -163,18 +194,21 @@ class CudaGraphUNet:
         encoder_hidden_states: torch.Tensor,
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        # The timestep is a graph input like the others: on the GPU, never a number baked into the capture.
+        timestep = torch.as_tensor(timestep, device=sample.device)
         inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
         for name, tensor in (added_cond_kwargs or {}).items():
             inputs[f"added.{name}"] = tensor
         key = tuple((name, tuple(tensor.shape), tensor.dtype) for name, tensor in sorted(inputs.items()))
         with self._lock:
-            captured = self._graphs.get(key)
-            if captured is None:
-                captured = self._graphs[key] = self._capture(inputs)
-            for name, tensor in inputs.items():
-                captured.inputs[name].copy_(tensor)
-            captured.graph.replay()
-            return captured.output
+            with torch.inference_mode():
+                captured = self._graphs.get(key)
+                if captured is None:
+                    captured = self._graphs[key] = self._capture(inputs)
+                for name, tensor in inputs.items():
+                    captured.inputs[name].copy_(tensor)
+                captured.graph.replay()
+            return captured.output.clone()
 
     def _forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         added = {name.removeprefix("added."): value for name, value in inputs.items() if name.startswith("added.")}
@@ -188,18 +222,20 @@ class CudaGraphUNet:
 
     def _capture(self, inputs: dict[str, torch.Tensor]) -> _Captured:
         static = {name: tensor.detach().clone() for name, tensor in inputs.items()}
-        # Warm up on a side stream (lazy initialisations, autotuning, compiled regions) before capturing.
-        side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup_runs):
-                self._forward(static)
-        torch.cuda.current_stream().wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            output = self._forward(static)
+        # Streams, the memory pool and the graph belong to the current device: the UNet's, on a machine of several.
+        with torch.cuda.device(static["sample"].device):
+            # Warm up on a side stream (lazy initialisations, autotuning, compiled regions) before capturing.
+            side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup_runs):
+                    self._forward(static)
+            torch.cuda.current_stream().wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                output = self._forward(static)
         logger.info("captured a CUDA graph of the UNet for %s", {name: tuple(t.shape) for name, t in static.items()})
         return _Captured(graph=graph, inputs=static, output=output)
 

@@ -2,6 +2,8 @@
 
     python -m tests.bench.engine [--rounds 3] [--quick] [--only NAME ...]      # CPU: the small built-in model
     python -m tests.bench.engine --gpu [--rounds 3]                           # CUDA: SD 1.5 and SDXL architectures
+    python -m tests.bench.engine --gpu --architectures sd15 --batches 1 --only regional   # one part (a GPU lease's
+                                                                              # commands are limited to 10 minutes)
     python -m tests.bench.engine --gpu-dry-run                                # the GPU path at toy size, on a CPU
 
 Every configuration gets its own copy of the model (built from the same seed: the same weights), is warmed up
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import gc
 import math
 import os
 import platform
@@ -33,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
@@ -51,8 +56,14 @@ from inference.engine import (
 from inference.engine.architectures import NATIVE_SIZE, build_architecture
 
 REPO = Path(__file__).resolve().parents[2]
-# Best published UNet iterations per second on an H100 (stable-fast's README), for the GPU table.
+# Best published UNet iterations per second on an H100 (stable-fast's README), for the GPU table. Its figures are
+# denoising steps per second of one image (batch 1) at 30 steps with guidance (each step one UNet call on the two
+# rows), timed with CUDA events from the first step's end to the last's (its
+# examples/optimize_stable_diffusion_pipeline.py): what the "UNet it/s" column measures. At batch 8 a step carries
+# eight images, so those rows are not comparable.
 PUBLISHED_H100_ITS = {"sd15": ("stable-fast, SD 1.5 512x512", 104.6), "sdxl": ("stable-fast, SDXL 1024x1024", 21.6)}
+# The engine's targets on an H100, seconds per image at batch 1 (30 steps with guidance, VAE decode included).
+TARGET_S_PER_IMAGE = {"sd15": 0.25, "sdxl": 1.3}
 LOSSLESS: dict[str, Any] = {
     "inference_mode": True,
     "fuse_qkv": True,
@@ -237,7 +248,8 @@ def difference(result: Measured, stock: Measured) -> tuple[float, float]:
     return largest, (math.inf if mse == 0 else 10 * math.log10(255**2 / mse))
 
 
-def table(results: list[Measured], *, gpu_model: str | None = None, steps: int = 0) -> str:
+def table(results: list[Measured], *, gpu_model: str | None = None, published_its: float | None = None) -> str:
+    """`published_its`: a published UNet it/s to set each row's beside (batch 1 only: see PUBLISHED_H100_ITS)."""
     stock = results[0]
     stock_rate = images_per_second(stock)
     head = (
@@ -246,6 +258,8 @@ def table(results: list[Measured], *, gpu_model: str | None = None, steps: int =
     )
     if gpu_model:
         head += f" {'s/image':>8} {'UNet it/s':>9}"
+        if published_its:
+            head += f" {'/ publ.':>7}"
     head += f" {'warm-up s':>9}"
     lines = [head, "  " + "-" * (len(head) - 2)]
     for result in results:
@@ -259,6 +273,8 @@ def table(results: list[Measured], *, gpu_model: str | None = None, steps: int =
         if gpu_model:
             its = statistics.median(result.step_rates)
             line += f" {1 / rate:>8.3f} {its:>9.1f}"
+            if published_its:
+                line += f" {its / published_its:>6.2f}x"
         line += f" {result.warmup_s:>9.1f}"
         lines.append(line)
     return "\n".join(lines)
@@ -306,6 +322,16 @@ def run_cpu(args: argparse.Namespace, log: Callable[[str], None]) -> str:
 
 
 def run_gpu(args: argparse.Namespace, log: Callable[[str], None], *, dry_run: bool = False) -> str:
+    if not dry_run:
+        return "\n\n".join(gpu_sections(args, log, dry_run=False))
+    # The dry run compiles with Dynamo's capture alone (Inductor's code generation would take many minutes on a CPU):
+    # at toy size it meets what compiling the real architectures meets in Dynamo (graph breaks under fullgraph,
+    # guards, recompile limits), at no speed. CUDA graphs stay off: there is no GPU.
+    with mock.patch.object(torch, "compile", functools.partial(torch.compile, backend="eager")):
+        return "\n\n".join(gpu_sections(args, log, dry_run=True))
+
+
+def gpu_sections(args: argparse.Namespace, log: Callable[[str], None], *, dry_run: bool) -> list[str]:
     device = "cpu" if dry_run else "cuda"
     dtype = torch.float32 if dry_run else torch.float16
 
@@ -313,21 +339,39 @@ def run_gpu(args: argparse.Namespace, log: Callable[[str], None], *, dry_run: bo
         if device == "cuda":
             torch.cuda.synchronize()
 
+    def release() -> None:
+        # Pipelines with compiled modules hold reference cycles, and Dynamo's cache keeps frozen weights (full
+        # compilation) alive past their model: without this, each section's engines stay on the GPU beside the
+        # next section's (an SDXL engine is about 6 GiB).
+        gc.collect()
+        torch._dynamo.reset()
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
     sections = []
     for name in args.architectures:
         size = 64 if dry_run else NATIVE_SIZE[name]
         steps = 2 if dry_run else args.steps
         base = build_architecture(name, device=device, dtype=dtype, scale=10 if dry_run else 1)
+        # The engine changes only the UNet and the VAE (fused projections, memory format, compilation, SDXL's VAE in
+        # float32): every copy shares the stock pipeline's text encoders and tokenizers (SDXL's: 1.5 GiB a copy).
+        shared = {
+            id(module): module
+            for module in (base.text_encoder, getattr(base, "text_encoder_2", None), base.tokenizer)
+            if module is not None
+        }
         for batch in (1, 2) if dry_run else args.batches:
             configs = gpu_configs(batch)
+            if args.only:
+                configs = [configs[0]] + [c for c in configs[1:] if any(part in c.name for part in args.only)]
             if dry_run:
-                # No compiling or CUDA graphs on a CPU: the dry run checks the path, not the speed.
-                configs = [
-                    replace(config, profile=replace(config.profile, compile="off", precision="float32"))
-                    for config in configs
-                ]
+                # Float32 on a CPU: the dry run checks the path, not the speed.
+                configs = [replace(c, profile=replace(c.profile, precision="float32")) for c in configs]
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             runners = [
-                Runner(config, base if index == 0 else copy.deepcopy(base), device=device, sync=sync)
+                Runner(config, base if index == 0 else copy.deepcopy(base, dict(shared)), device=device, sync=sync)
                 for index, config in enumerate(configs)
             ]
             log(f"{name}: {size}x{size}, {steps} steps, guidance 7.5, batch {batch}")
@@ -335,16 +379,25 @@ def run_gpu(args: argparse.Namespace, log: Callable[[str], None], *, dry_run: bo
                 runners, rounds=1 if dry_run else args.rounds, per_round=batch, size=size, steps=steps, log=log
             )
             title, published = PUBLISHED_H100_ITS[name]
-            note = " DRY RUN at toy size on a CPU: float32, no compile, no CUDA graphs;" if dry_run else ""
+            note = " DRY RUN at toy size on a CPU: float32, Dynamo's capture only, no CUDA graphs;" if dry_run else ""
+            memory = (
+                f"; peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB on the GPU" if device == "cuda" else ""
+            )
+            comparable = (
+                f"published: {title} {published} it/s on an H100, batch 1; target {TARGET_S_PER_IMAGE[name]} s/image"
+                if batch == 1
+                else f"it/s: steps of {batch} images, not comparable with {title}'s batch-1 {published} it/s"
+            )
             sections.append(
                 f"{name} architecture,{note} {size}x{size}, {steps} steps, guidance 7.5, batch {batch} "
-                f"(published: {title} {published} it/s on an H100)\n" + table(results, gpu_model=name, steps=steps)
+                f"({comparable}{memory})\n"
+                + table(results, gpu_model=name, published_its=published if batch == 1 else None)
             )
             del runners
-            if device == "cuda":
-                torch.cuda.empty_cache()
-        del base
-    return "\n\n".join(sections)
+            release()
+        del base, shared
+        release()
+    return sections
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -352,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds (CPU: 4 requests per configuration)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (CPU 20, GPU 30)")
     parser.add_argument("--quick", action="store_true", help="CPU: four configurations only")
-    parser.add_argument("--only", nargs="*", help="CPU: stock and the configurations whose names contain these")
+    parser.add_argument("--only", nargs="*", help="stock and the configurations whose names contain these")
     parser.add_argument("--gpu", action="store_true", help="the SD 1.5 / SDXL benchmark on CUDA")
     parser.add_argument("--gpu-dry-run", action="store_true", help="the GPU benchmark's path at toy size on a CPU")
     parser.add_argument("--architectures", nargs="*", default=["sd15", "sdxl"])
