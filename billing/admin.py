@@ -41,6 +41,7 @@ from billing.models import (
     Payment,
     Price,
     ReconciliationRun,
+    ReconciliationScope,
     StripeEvent,
     UsageRecord,
     UsageRollup,
@@ -487,12 +488,21 @@ class StripeEventAdmin(_HistoryAdmin):
 
 @admin.register(ReconciliationRun)
 class ReconciliationRunAdmin(_HistoryAdmin):
-    """Every proof of the books, newest first; "Run reconciliation now" runs one at once."""
+    """Every proof of the books, newest first; "Run reconciliation now" runs one at once (incremental, or full)."""
 
-    list_display = ("started_at", "result", "discrepancies", "checks_run", "skipped", "duration")
-    list_filter = ("ok",)
+    list_display = ("started_at", "result", "scope", "discrepancies", "checks_run", "skipped", "duration")
+    list_filter = ("ok", "scope")
     ordering = ("-started_at",)
-    fields = ("started_at", "finished_at", "duration", "result", "checks_table", "drift_json")
+    fields = (
+        "started_at",
+        "finished_at",
+        "duration",
+        "result",
+        "coverage",
+        "watermark",
+        "checks_table",
+        "drift_json",
+    )
     readonly_fields = fields
     change_list_template = "admin/billing/reconciliationrun/change_list.html"
 
@@ -560,12 +570,16 @@ class ReconciliationRunAdmin(_HistoryAdmin):
             return HttpResponseNotAllowed(["POST"])
         if not self.has_operate_permission(request):
             raise PermissionDenied
-        run = run_reconciliation()
+        run = run_reconciliation(full=request.POST.get("scope") == ReconciliationScope.FULL)
         self.log_addition(request, run, [{"added": {}}])
         if run.ok:
-            self.message_user(request, "Reconciliation ran: no drift.", messages.SUCCESS)
+            self.message_user(request, f"Reconciliation ran ({run.coverage}): no drift.", messages.SUCCESS)
         else:
-            self.message_user(request, f"Reconciliation found {self.discrepancies(run)} discrepancies.", messages.ERROR)
+            self.message_user(
+                request,
+                f"Reconciliation ({run.coverage}) found {self.discrepancies(run)} discrepancies.",
+                messages.ERROR,
+            )
         return HttpResponseRedirect(reverse("admin:billing_reconciliationrun_change", args=[run.pk]))
 
 

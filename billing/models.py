@@ -7,6 +7,7 @@ boundary (``billing.money``). Ledgers are append-only: a mistake is corrected by
 from __future__ import annotations
 
 import uuid
+from datetime import UTC
 from typing import Any
 
 from django.conf import settings
@@ -226,7 +227,11 @@ class Hold(models.Model):
     released_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
-        indexes = [models.Index(fields=["organization"], condition=Q(released_at__isnull=True), name="hold_open")]
+        indexes = [
+            models.Index(fields=["organization"], condition=Q(released_at__isnull=True), name="hold_open"),
+            # Holds placed (or placed again, on a requeue) since the last proven reconciliation: one per job.
+            models.Index(fields=["created_at"], name="hold_created"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.job_id}: {self.amount_micros} µ$"
@@ -276,7 +281,12 @@ class Payment(models.Model):
                 name="payment_one_pending_top_up",
             )
         ]
-        indexes = [models.Index(fields=["created_at"], condition=Q(status="pending"), name="payment_pending")]
+        indexes = [
+            models.Index(fields=["created_at"], condition=Q(status="pending"), name="payment_pending"),
+            # Payments made or paid since the last proven reconciliation; created_at also serves the Stripe comparison.
+            models.Index(fields=["created_at"], name="payment_created"),
+            models.Index(fields=["succeeded_at"], name="payment_succeeded"),
+        ]
 
     def __str__(self) -> str:
         return f"payment-{self.pk} {self.amount_cents}¢ {self.status}"
@@ -367,17 +377,50 @@ class StripeEvent(models.Model):
         return f"{self.id} {self.type} {self.status}"
 
 
+class ReconciliationScope(models.TextChoices):
+    FULL = "full", "Full"
+    INCREMENTAL = "incremental", "Incremental"
+
+
+class ReconciliationRunQuerySet(models.QuerySet["ReconciliationRun"]):
+    def proven(self) -> ReconciliationRunQuerySet:
+        """Runs whose database checks all ran and found nothing, newest watermark first."""
+        return self.filter(watermark__isnull=False).order_by("-watermark")
+
+
 class ReconciliationRun(models.Model):
-    """One proof of the books: what was checked and every drift found (expected: none)."""
+    """One proof of the books: what was checked and every drift found (expected: none).
+
+    A full run checks every row; an incremental one the rows written from ``since`` on (``billing.reconciliation``).
+    """
 
     started_at = models.DateTimeField(default=timezone.now)
     finished_at = models.DateTimeField(null=True, blank=True)
     ok = models.BooleanField(default=False)
+    scope = models.CharField(max_length=16, choices=ReconciliationScope.choices, default=ReconciliationScope.FULL)
+    since = models.DateTimeField(
+        null=True, blank=True, help_text="Incremental: the rows written from this moment on were checked."
+    )
+    watermark = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="Set when every database check ran and found no drift: the books are proven up to this moment, "
+        "and the next incremental run checks from here (less an overlap).",
+    )
     checked = models.JSONField(default=dict, help_text="How many rows each check looked at.")
     drift = models.JSONField(default=list, help_text="Each discrepancy found.")
+
+    objects = ReconciliationRunQuerySet.as_manager()
 
     class Meta:
         ordering = ("-started_at",)
 
     def __str__(self) -> str:
-        return f"reconciliation {self.started_at:%Y-%m-%d %H:%M} {'ok' if self.ok else 'DRIFT'}"
+        return f"reconciliation {self.started_at:%Y-%m-%d %H:%M} {self.scope} {'ok' if self.ok else 'DRIFT'}"
+
+    @property
+    def coverage(self) -> str:
+        """What the run looked at, in words (the admin and the run-rate page show it)."""
+        if self.scope == ReconciliationScope.INCREMENTAL and self.since is not None:
+            return f"incremental: rows written since {self.since.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
+        return "full: every row"

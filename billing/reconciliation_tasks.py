@@ -16,8 +16,9 @@ RECONCILE_TIME_LIMIT_SECONDS = 3600
     time_limit=RECONCILE_TIME_LIMIT_SECONDS,
     soft_time_limit=RECONCILE_TIME_LIMIT_SECONDS - 60,
 )
-def reconcile() -> dict[str, Any]:
+def reconcile(full: bool = False) -> dict[str, Any]:
+    """What was written since the last proven run; every row with ``full`` (the weekly run)."""
     from billing.reconciliation import run_reconciliation
 
-    run = run_reconciliation()
-    return {"run": run.pk, "ok": run.ok, "drift": sum(item["count"] for item in run.drift)}
+    run = run_reconciliation(full=full)
+    return {"run": run.pk, "scope": run.scope, "ok": run.ok, "drift": sum(item["count"] for item in run.drift)}

@@ -12,7 +12,7 @@ from django.shortcuts import render
 from django.utils import timezone
 
 from billing import metrics
-from billing.models import ReconciliationRun
+from billing.models import ReconciliationRun, ReconciliationScope
 
 
 def run_rate(request: HttpRequest, site: AdminSite) -> HttpResponse:
@@ -54,5 +54,9 @@ def run_rate(request: HttpRequest, site: AdminSite) -> HttpResponse:
         "cash": cash,
         "charts": charts,
         "reconciliation": ReconciliationRun.objects.order_by("-started_at").first(),
+        # Old rows are proven by the weekly full run only: its result stays in view after nightly incremental ones.
+        "full_reconciliation": ReconciliationRun.objects.filter(scope=ReconciliationScope.FULL)
+        .order_by("-started_at")
+        .first(),
     }
     return render(request, "admin/run_rate.html", context)

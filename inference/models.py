@@ -159,6 +159,8 @@ class Job(TenantModel):
             models.Index(fields=["status", "lease_expires_at"], name="job_status_lease"),
             models.Index(fields=["organization", "-created_at"], name="job_org_created"),
             models.Index(fields=["-created_at"], name="job_created"),
+            # Jobs that ended since the last proven reconciliation (billing.reconciliation's incremental run).
+            models.Index(fields=["finished_at"], name="job_finished"),
         ]
         constraints = [
             models.UniqueConstraint(
@@ -205,6 +207,12 @@ class JobAttempt(models.Model):
     class Meta:
         ordering = ("job", "number")
         constraints = [models.UniqueConstraint(fields=["job", "number"], name="attempt_unique_number")]
+        indexes = [
+            # Attempts closed since the last proven reconciliation (billing.reconciliation's incremental run).
+            models.Index(fields=["finished_at"], name="attempt_finished"),
+            # The attempts running now, a handful among millions: reconciliation's final jobs with an open attempt.
+            models.Index(fields=["job"], condition=Q(outcome="running"), name="attempt_running"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.job_id} #{self.number} {self.outcome}"

@@ -307,6 +307,12 @@ BILLING_PAYMENT_SETTLE_AFTER_SECONDS = env_int("BILLING_PAYMENT_SETTLE_AFTER_SEC
 BILLING_STRIPE_EVENT_MAX_ATTEMPTS = env_int("BILLING_STRIPE_EVENT_MAX_ATTEMPTS", 8, minimum=1)
 # How far back the comparison with Stripe looks (PaymentIntents created since).
 BILLING_STRIPE_RECONCILE_DAYS = env_int("BILLING_STRIPE_RECONCILE_DAYS", 35, minimum=1)
+# An incremental reconciliation checks the rows stamped from the last proven run's snapshot less this much: a row is
+# stamped (timezone.now() in Python) before its transaction commits, so one that committed after that snapshot may
+# carry an earlier time. It bounds the stamp-to-commit delay (and clock skew between machines) the runs tolerate.
+BILLING_RECONCILE_OVERLAP_SECONDS = env_int("BILLING_RECONCILE_OVERLAP_SECONDS", 3600, minimum=0)
+# With no run proving the books for this long, the next one is full (and an incremental window never gets longer).
+BILLING_RECONCILE_MAX_WINDOW_DAYS = env_int("BILLING_RECONCILE_MAX_WINDOW_DAYS", 7, minimum=1)
 
 CELERY_TASK_ROUTES = {
     "inference.run_job": {"queue": "cpu"},
@@ -318,8 +324,17 @@ CELERY_BEAT_SCHEDULE = {
     "inference-webhooks": {"task": "inference.deliver_due_webhooks", "schedule": 5.0},
     "inference-purge-outputs": {"task": "inference.purge_expired_outputs", "schedule": 3600.0},
     "inference-sync-models": {"task": "inference.sync_models", "schedule": 60.0},
-    # The books' nightly proof (billing.reconciliation), at 03:00 UTC (Celery keeps UTC).
-    "billing-reconcile": {"task": "billing.reconcile", "schedule": crontab(hour=3, minute=0)},
+    # The books' nightly proof (billing.reconciliation), at 03:00 UTC (Celery keeps UTC): what was written since the
+    # last proven run on weeknights and Saturday, everything on Sunday (old rows an incremental run cannot see).
+    "billing-reconcile": {
+        "task": "billing.reconcile",
+        "schedule": crontab(hour=3, minute=0, day_of_week="mon-sat"),
+    },
+    "billing-reconcile-full": {
+        "task": "billing.reconcile",
+        "schedule": crontab(hour=3, minute=0, day_of_week="sun"),
+        "kwargs": {"full": True},
+    },
     "billing-stripe-sweep": {"task": "billing.stripe_sweep", "schedule": 60.0},
 }
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
-from datetime import timedelta
+from collections.abc import Iterator
+from datetime import UTC, timedelta
 from typing import Any
 
 import pytest
@@ -92,6 +94,8 @@ def test_clean_books_have_no_drift_and_stripe_is_recorded_as_skipped(books: dict
     assert checked["rollups"]["checked"] > 5
     assert checked["stripe"]["skipped"].startswith("STRIPE_SECRET_KEY is not set")
     assert ReconciliationRun.objects.get() == run_
+    # The first run ever checks everything, and proves the books up to its start.
+    assert (run_.scope, run_.since, run_.watermark) == ("full", None, run_.started_at)
 
 
 def test_a_completed_job_without_an_attempt(books: dict[str, Any]) -> None:
@@ -308,7 +312,7 @@ def test_stripe_that_cannot_be_reached_is_drift_not_a_pass(
 def test_a_check_that_fails_is_drift_and_the_others_still_run(
     books: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken() -> reconciliation.Check:
+    def broken(scope: reconciliation.Scope) -> reconciliation.Check:
         Job.objects.raw("SELECT no_such_column FROM no_such_table")[0]  # a real database error
         raise AssertionError("unreachable")
 
@@ -333,6 +337,7 @@ def test_the_command_prints_each_check_and_exits_1_on_drift(books: dict[str, Any
     out = io.StringIO()
     call_command("reconcile", stdout=out)
     printed = out.getvalue()
+    assert "scope: full: every row" in printed
     assert "rollups" in printed
     assert "stripe" in printed
     assert "skipped: STRIPE_SECRET_KEY is not set" in printed
@@ -352,12 +357,19 @@ def test_the_nightly_task_is_registered_and_scheduled_at_three_utc(books: dict[s
 
     app.loader.import_default_modules()
     assert "billing.reconcile" in app.tasks
-    entry = app.conf.beat_schedule["billing-reconcile"]
-    assert entry["task"] == "billing.reconcile"
-    assert entry["schedule"] == crontab(hour=3, minute=0)
+    nightly, weekly = app.conf.beat_schedule["billing-reconcile"], app.conf.beat_schedule["billing-reconcile-full"]
+    assert nightly["task"] == weekly["task"] == "billing.reconcile"
+    # Incremental six nights a week, full on the seventh (not both on Sunday).
+    assert nightly["schedule"] == crontab(hour=3, minute=0, day_of_week="mon-sat")
+    assert "kwargs" not in nightly
+    assert weekly["schedule"] == crontab(hour=3, minute=0, day_of_week="sun")
+    assert weekly["kwargs"] == {"full": True}
     assert app.conf.timezone == "UTC"
-    result = app.tasks["billing.reconcile"].run()
-    assert result == {"run": ReconciliationRun.objects.get().pk, "ok": True, "drift": 0}
+    task = app.tasks["billing.reconcile"]
+    first = task.run()  # nothing proven yet: full
+    assert first == {"run": ReconciliationRun.objects.get().pk, "scope": "full", "ok": True, "drift": 0}
+    assert task.run()["scope"] == "incremental"
+    assert task.run(**weekly["kwargs"])["scope"] == "full"
 
 
 def _rechain(organization_id: Any) -> None:
@@ -384,7 +396,7 @@ def test_outside_a_transaction_the_checks_read_one_snapshot(
     run(tenant["organization"], builtin_endpoint)
     seen: list[Any] = []
 
-    def check_isolation() -> reconciliation.Check:
+    def check_isolation(scope: reconciliation.Scope) -> reconciliation.Check:
         if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
                 cursor.execute("SHOW transaction_isolation")
@@ -397,3 +409,276 @@ def test_outside_a_transaction_the_checks_read_one_snapshot(
     run_ = reconciliation.run_reconciliation()
     assert run_.ok, run_.drift
     assert seen == (["repeatable read"] if connection.vendor == "postgresql" else [False])
+
+
+# --- Incremental runs: what was written since the last proven run ------------------------------------------
+
+
+@pytest.fixture
+def no_overlap(settings: Any) -> None:
+    """The window starts at the last proven run's start exactly: a row written before it is old, after it new."""
+    settings.BILLING_RECONCILE_OVERLAP_SECONDS = 0
+
+
+def rows_checked(run_: ReconciliationRun) -> dict[str, int]:
+    return {name: summary["checked"] for name, summary in run_.checked.items() if not summary.get("skipped")}
+
+
+@pytest.mark.usefixtures("no_overlap")
+def test_an_incremental_run_checks_only_what_was_written_since_the_last_proven_run(
+    books: dict[str, Any], tenant: dict[str, Any], builtin_endpoint: Endpoint
+) -> None:
+    full = reconciliation.run_reconciliation()
+    assert rows_checked(full)["usage_records"] == 5
+    new = run(tenant["organization"], builtin_endpoint, gpu_ms=1_000)
+    run_ = reconciliation.run_reconciliation()
+    assert run_.ok, run_.drift
+    assert (run_.scope, run_.since) == ("incremental", full.watermark)
+    assert run_.watermark == run_.started_at
+    checked = rows_checked(run_)
+    # One job, its attempt, its record and its debit; none of the books' rows before it.
+    assert (checked["jobs"], checked["attempts"], checked["usage_records"]) == (1, 1, 1)
+    assert checked["usage_debits"] == 2
+    assert checked["ledger_chain"] == CreditEntry.objects.filter(job=new).count() == 1
+    assert checked["balances"] == Account.objects.count()  # every account: one indexed lookup each
+    assert checked["payments"] == 0
+    # Rollups: the day of the new record, compared whole (the books' records of today too).
+    assert run_.checked["rollups"]["days"] == [timezone.now().astimezone(UTC).date().isoformat()]
+    assert checked["rollups"] >= UsageRecord.objects.count()
+    # Nothing written since: nothing to look at but the accounts and what is open.
+    quiet = reconciliation.run_reconciliation()
+    assert quiet.since == run_.watermark
+    assert {name: count for name, count in rows_checked(quiet).items() if count} == {
+        "balances": Account.objects.count(),
+        "holds": Account.objects.count() + Hold.objects.filter(released_at__isnull=True).count(),
+    }
+
+
+@pytest.mark.usefixtures("no_overlap")
+def test_an_incremental_run_finds_drift_in_new_rows(
+    books: dict[str, Any], tenant: dict[str, Any], builtin_endpoint: Endpoint
+) -> None:
+    assert reconciliation.run_reconciliation().ok
+    organization = books["organization"]
+    before = CreditEntry.objects.filter(organization=organization).latest("id")
+    new = run(organization, builtin_endpoint, gpu_ms=1_000)
+    JobAttempt.objects.filter(job=new).update(gpu_ms=F("gpu_ms") + 1)
+    JobAttempt.objects.create(job=books["failed"], number=9, outcome=AttemptOutcome.ERRORED, finished_at=timezone.now())
+    grant = grant_credits(organization=organization, amount_micros=1_000, reason="goodwill")
+    CreditEntry.objects.filter(pk=grant.pk).update(balance_after_micros=F("balance_after_micros") + 10)
+    Account.objects.filter(pk=organization.pk).update(balance_micros=F("balance_micros") + 10)
+    Hold.objects.filter(job=new).update(organization=books["still_running"].organization)
+    run_ = reconciliation.run_reconciliation()
+    assert run_.scope == "incremental"
+    assert kinds(run_) == {
+        "usage_records.usage_disagrees_with_attempt",
+        "attempts.closed_attempt_without_usage",
+        "ledger_chain.balance_after_breaks_the_chain",
+        "holds.hold_of_another_organization",
+    }
+    assert drift_of(run_, "usage_records.usage_disagrees_with_attempt")["examples"][0]["job_id"] == str(new.pk)
+    # The new entry is checked against the one before it, which is older than the window.
+    [broken] = drift_of(run_, "ledger_chain.balance_after_breaks_the_chain")["examples"]
+    assert broken["id"] == grant.pk
+    assert broken["previous_balance_after_micros"] == CreditEntry.objects.get(job=new).balance_after_micros
+    assert before.pk < CreditEntry.objects.get(job=new).pk < grant.pk
+    assert run_.watermark is None  # drift: nothing proven
+
+
+@pytest.mark.usefixtures("no_overlap")
+def test_a_cached_balance_overwritten_without_an_entry_is_found_by_an_incremental_run(books: dict[str, Any]) -> None:
+    assert reconciliation.run_reconciliation().ok
+    Account.objects.filter(pk=books["organization"].pk).update(balance_micros=F("balance_micros") + 1)
+    run_ = reconciliation.run_reconciliation()
+    assert run_.scope == "incremental"
+    assert kinds(run_) == {"balances.balance_not_last_balance_after"}
+    [example] = drift_of(run_, "balances.balance_not_last_balance_after")["examples"]
+    assert example["balance_micros"] == example["last_balance_after_micros"] + 1
+    assert "entries_micros" not in example  # the sum over every entry is a full run's
+
+
+@pytest.mark.usefixtures("no_overlap")
+def test_drift_in_old_rows_an_incremental_run_cannot_see_is_found_by_the_next_full_run(books: dict[str, Any]) -> None:
+    assert reconciliation.run_reconciliation().ok
+    # Edits of rows written before the last proven run: no writer does this, but a bad migration or a hand could.
+    JobAttempt.objects.filter(job=books["retried"], number=2).update(gpu_ms=F("gpu_ms") + 1)
+    goodwill = CreditEntry.objects.filter(organization=books["organization"], kind=EntryKind.GRANT).latest("id")
+    CreditEntry.objects.filter(pk=goodwill.pk).update(amount_micros=F("amount_micros") - 3)
+    Hold.objects.filter(job=books["billed"]).update(organization=books["still_running"].organization)  # released
+    ten_days_ago = (timezone.now() - timedelta(days=10)).replace(hour=0, minute=0, second=0, microsecond=0)
+    UsageRollup.objects.create(
+        granularity=Granularity.DAY,
+        bucket_start=ten_days_ago,
+        organization=books["organization"],
+        endpoint=books["billed"].endpoint,
+        gpu_class="cpu",
+        attempts=1,
+    )
+    incremental = reconciliation.run_reconciliation()
+    assert incremental.scope == "incremental"
+    assert incremental.ok, incremental.drift
+    assert rows_checked(incremental)["usage_records"] == 0
+    full = reconciliation.run_reconciliation(full=True)
+    assert (full.scope, full.since) == ("full", None)
+    assert kinds(full) == {
+        "usage_records.usage_disagrees_with_attempt",
+        "balances.balance_not_sum_of_entries",
+        "ledger_chain.balance_after_breaks_the_chain",
+        "rollups.day_rollup_differs_from_usage",
+        "rollups.hour_rollups_differ_from_day",
+        "holds.hold_of_another_organization",
+    }
+    assert full.watermark is None
+    # The next incremental run starts from the last proven run, not from the full run that found drift.
+    assert reconciliation.run_reconciliation().since == incremental.watermark
+
+
+@pytest.mark.usefixtures("no_overlap")
+def test_the_watermark_moves_only_when_a_run_completed_and_proved_the_books(
+    books: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proven = reconciliation.run_reconciliation()
+
+    def broken(scope: reconciliation.Scope) -> reconciliation.Check:
+        raise RuntimeError("the database went away")
+
+    broken.__name__ = "check_holds"
+    with monkeypatch.context() as patched:
+        checks = tuple(broken if c is reconciliation.check_holds else c for c in reconciliation.DATABASE_CHECKS)
+        patched.setattr(reconciliation, "DATABASE_CHECKS", checks)
+        failed = reconciliation.run_reconciliation()
+    assert kinds(failed) == {"holds.check_failed"}
+    assert (failed.since, failed.watermark) == (proven.watermark, None)
+
+    @contextlib.contextmanager
+    def killed(scope: reconciliation.Scope) -> Iterator[None]:
+        raise SystemExit("time limit")  # the worker killed mid-run: nothing is stored
+        yield
+
+    with monkeypatch.context() as patched:
+        patched.setattr(reconciliation, "_snapshot", killed)
+        with pytest.raises(SystemExit):
+            reconciliation.run_reconciliation()
+    assert ReconciliationRun.objects.count() == 2
+
+    # Drift in a new row: reported, nothing proven, and reported again by the next run until it is corrected.
+    job = Job.objects.create(
+        organization=books["organization"],
+        endpoint=books["billed"].endpoint,
+        gpu_class="cpu",
+        input={},
+        status=JobStatus.COMPLETED,
+        finished_at=timezone.now(),
+    )
+    for _ in range(2):
+        drifted = reconciliation.run_reconciliation()
+        assert kinds(drifted) == {"jobs.completed_without_attempt"}
+        assert (drifted.since, drifted.watermark) == (proven.watermark, None)
+    Job.objects.filter(pk=job.pk).update(status=JobStatus.CANCELLED)
+    corrected = reconciliation.run_reconciliation()
+    assert corrected.ok
+    assert (corrected.since, corrected.watermark) == (proven.watermark, corrected.started_at)
+    assert reconciliation.run_reconciliation().since == corrected.watermark
+
+
+def test_a_proof_older_than_the_longest_window_is_followed_by_a_full_run(books: dict[str, Any], settings: Any) -> None:
+    settings.BILLING_RECONCILE_MAX_WINDOW_DAYS = 7
+    proven = reconciliation.run_reconciliation()
+    ReconciliationRun.objects.filter(pk=proven.pk).update(watermark=timezone.now() - timedelta(days=6, hours=23))
+    assert reconciliation.run_reconciliation().scope == "incremental"
+    ReconciliationRun.objects.update(watermark=timezone.now() - timedelta(days=7, minutes=1))
+    run_ = reconciliation.run_reconciliation()
+    assert (run_.scope, run_.since, run_.watermark) == ("full", None, run_.started_at)
+
+
+def test_the_overlap_catches_a_row_committed_after_the_last_run_with_an_earlier_stamp(
+    books: dict[str, Any], settings: Any
+) -> None:
+    settings.BILLING_RECONCILE_OVERLAP_SECONDS = 3600
+    proven = reconciliation.run_reconciliation()
+    # Attempts stamped before that run started whose transactions committed after its snapshot: the first within
+    # the overlap, the second an hour and a half late (beyond what the overlap tolerates).
+    late = JobAttempt.objects.create(
+        job=books["failed"],
+        number=7,
+        outcome=AttemptOutcome.ERRORED,
+        finished_at=proven.started_at - timedelta(minutes=30),
+    )
+    JobAttempt.objects.create(
+        job=books["failed"],
+        number=8,
+        outcome=AttemptOutcome.ERRORED,
+        finished_at=proven.started_at - timedelta(minutes=90),
+    )
+    run_ = reconciliation.run_reconciliation()
+    assert run_.since == proven.watermark - timedelta(hours=1)
+    item = drift_of(run_, "attempts.closed_attempt_without_usage")
+    assert [example["number"] for example in item["examples"]] == [late.number]
+    full = reconciliation.run_reconciliation(full=True)
+    assert drift_of(full, "attempts.closed_attempt_without_usage")["count"] == 2
+
+
+@pytest.mark.usefixtures("no_overlap")
+def test_an_incremental_run_checks_new_and_pending_payments(books: dict[str, Any]) -> None:
+    organization = books["organization"]
+    old = Payment.objects.create(
+        organization=organization, kind=PaymentKind.PURCHASE, status=PaymentStatus.FAILED, amount_cents=900
+    )
+    assert reconciliation.run_reconciliation().ok
+    pending = Payment.objects.create(organization=organization, kind=PaymentKind.PURCHASE, amount_cents=500)
+    paid = Payment.objects.create(
+        organization=organization,
+        kind=PaymentKind.PURCHASE,
+        status=PaymentStatus.SUCCEEDED,
+        amount_cents=2_000,
+        succeeded_at=timezone.now(),
+    )
+    run_ = reconciliation.run_reconciliation()
+    assert run_.checked["payments"] == {"checked": 2, "drift": 1}
+    assert drift_of(run_, "payments.succeeded_payment_not_credited_its_amount")["examples"][0]["id"] == paid.pk
+    # An entry posted since brings its payment into the window, however old the payment.
+    account = locked_account(organization.pk)
+    post_entry(account=account, kind=EntryKind.PURCHASE, amount_micros=20_000_000, idempotency_key="p", payment=paid)
+    post_entry(account=account, kind=EntryKind.PURCHASE, amount_micros=9_000_000, idempotency_key="o", payment=old)
+    run_ = reconciliation.run_reconciliation()
+    assert kinds(run_) == {"payments.credit_for_unpaid_payment"}
+    assert drift_of(run_, "payments.credit_for_unpaid_payment")["examples"][0]["id"] == old.pk
+    assert run_.checked["payments"]["checked"] == 3  # pending, paid, and old
+    assert pending.status == PaymentStatus.PENDING
+
+
+def test_the_command_and_the_admin_can_ask_for_a_full_run(books: dict[str, Any], admin_user: Any, client: Any) -> None:
+    call_command("reconcile", stdout=io.StringIO())
+    out = io.StringIO()
+    call_command("reconcile", stdout=out)
+    assert "scope: incremental: rows written since " in out.getvalue()
+    out = io.StringIO()
+    call_command("reconcile", "--full", stdout=out)
+    assert "scope: full: every row" in out.getvalue()
+    client.force_login(admin_user)
+    listing = client.get("/admin/billing/reconciliationrun/").content.decode()
+    assert "Run a full reconciliation" in listing
+    client.post("/admin/billing/reconciliationrun/run/")
+    assert ReconciliationRun.objects.latest("started_at").scope == "incremental"
+    response = client.post("/admin/billing/reconciliationrun/run/", {"scope": "full"})
+    latest = ReconciliationRun.objects.latest("started_at")
+    assert latest.scope == "full"
+    page = client.get(response["Location"]).content.decode()
+    assert "full: every row" in page
+
+
+def test_the_run_rate_page_says_what_the_latest_runs_covered(
+    books: dict[str, Any], admin_user: Any, client: Any
+) -> None:
+    client.force_login(admin_user)
+    full = reconciliation.run_reconciliation()
+    Account.objects.filter(pk=books["organization"].pk).update(held_micros=1)
+    assert not reconciliation.run_reconciliation(full=True).ok
+    Account.objects.filter(pk=books["organization"].pk).update(held_micros=0)
+    incremental = reconciliation.run_reconciliation()
+    assert incremental.ok
+    assert incremental.since == full.watermark - timedelta(hours=1)
+    body = client.get("/admin/run-rate/").content.decode()
+    assert "incremental: rows written since" in body
+    assert "no drift. Latest full run:" in body
+    assert "1 drift(s)" in body
