@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+from django.db import connection
 from django.utils import timezone
 
 from billing.models import Account, Hold
@@ -34,11 +35,20 @@ def release(*, account: Account, job_id: uuid.UUID, save: bool = True) -> int:
 
     ``save=False``: the caller saves the account itself in this transaction (``ledger.post_entry`` does).
     """
-    hold = Hold.objects.filter(job_id=job_id, released_at=None).first()
-    if hold is None:
+    # One statement closes the open hold and says how much it held (PostgreSQL, and SQLite from 3.35).
+    fields = {field.name: field for field in Hold._meta.concrete_fields}
+    released_at, job, amount = fields["released_at"], fields["job"], fields["amount_micros"]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {Hold._meta.db_table} SET {released_at.column} = %s "  # noqa: S608
+            f"WHERE {job.column} = %s AND {released_at.column} IS NULL RETURNING {amount.column}",
+            [released_at.get_db_prep_value(timezone.now(), connection), job.get_db_prep_value(job_id, connection)],
+        )
+        released = cursor.fetchall()
+    if not released:
         return 0
-    Hold.objects.filter(pk=hold.pk).update(released_at=timezone.now())
-    account.held_micros -= hold.amount_micros
+    amount_micros: int = released[0][0]
+    account.held_micros -= amount_micros
     if save:
         account.save(update_fields=["held_micros"])
-    return hold.amount_micros
+    return amount_micros

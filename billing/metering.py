@@ -87,7 +87,7 @@ def bucket_start(moment: datetime, granularity: str) -> datetime:
 
 
 def add_to_rollups(record: UsageRecord) -> None:
-    """Adds one record to its hour and day rows with one upsert each (PostgreSQL and SQLite alike)."""
+    """Adds one record to its hour and day rows with one two-row upsert (PostgreSQL and SQLite alike)."""
     amounts = {
         "attempts": 1,
         "billable_attempts": int(record.billable),
@@ -120,12 +120,16 @@ def add_amounts_to_rollups(
     key_columns = ["granularity", "bucket_start", "organization_id", "endpoint_id", "key_id", "gpu_class"]
     columns = key_columns + list(_ROLLUP_COLUMNS)
     increments = ", ".join(f"{column} = {table}.{column} + excluded.{column}" for column in _ROLLUP_COLUMNS)
+    granularities = (Granularity.HOUR, Granularity.DAY)
+    # Both rows in one statement (one round trip); they never meet in ON CONFLICT, their granularities differ.
+    row_placeholders = f"({', '.join(['%s'] * len(columns))})"
     sql = (
-        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(['%s'] * len(columns))}) "  # noqa: S608
+        f"INSERT INTO {table} ({', '.join(columns)}) "  # noqa: S608
+        f"VALUES {', '.join([row_placeholders] * len(granularities))} "
         f"ON CONFLICT ({', '.join(key_columns)}) DO UPDATE SET {increments}"
     )
-    rows = []
-    for granularity in (Granularity.HOUR, Granularity.DAY):
+    parameters: list[Any] = []
+    for granularity in granularities:
         values = {
             "granularity": granularity.value,
             "bucket_start": bucket_start(recorded_at, granularity),
@@ -135,6 +139,6 @@ def add_amounts_to_rollups(
             "gpu_class": gpu_class,
             **amounts,
         }
-        rows.append([fields[column].get_db_prep_value(values[column], connection) for column in columns])
+        parameters += [fields[column].get_db_prep_value(values[column], connection) for column in columns]
     with connection.cursor() as cursor:
-        cursor.executemany(sql, rows)
+        cursor.execute(sql, parameters)

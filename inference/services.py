@@ -302,7 +302,13 @@ def finish_attempt(
     the attempt had already been closed (its lease expired and the reaper took the job back).
     """
     with transaction.atomic():
-        job = Job.objects.select_for_update().filter(pk=job_id, status=JobStatus.RUNNING, attempt=attempt).first()
+        # The endpoint comes in the same query (billing prices by it); only the job's row is locked.
+        job = (
+            Job.objects.select_for_update(of=("self",))
+            .select_related("endpoint")
+            .filter(pk=job_id, status=JobStatus.RUNNING, attempt=attempt)
+            .first()
+        )
         if job is None:
             return None
         attempt_row = JobAttempt.objects.select_for_update().get(job_id=job_id, number=attempt)
@@ -335,9 +341,12 @@ def _close(
     job.worker = ""
     job.lease_expires_at = None
     job.cold_start_ms += cold_start_ms
+    # Only what changes is written: the row's input (and whatever else) stays as it is under the lock.
+    changed = ["worker", "lease_expires_at", "cold_start_ms", "status"]
     if retry and job.attempt < job.max_attempts and job.cancel_requested_at is None:
         job.status = JobStatus.QUEUED
         job.dispatched_at = job.sent_at = None
+        changed += ["dispatched_at", "sent_at"]
         log_job(job.id, f"Attempt {job.attempt} failed ({error}); the request is queued again.", level="WARNING")
     else:
         job.status = FINAL_STATUS[outcome]
@@ -351,14 +360,16 @@ def _close(
         job.finished_at = now
         # Outputs, and the input image of any final job, are deleted once retention has passed.
         job.outputs_expire_at = now + timedelta(seconds=files.retention_seconds(job))
+        changed += ["result", "error", "error_type", "gpu_ms", "finished_at", "outputs_expire_at"]
         log_job(job.id, _final_line(job), level="INFO" if job.status == JobStatus.COMPLETED else "ERROR")
-    job.save()
+    job.save(update_fields=changed)
     if hooks.attempt_finished is not None:
         hooks.attempt_finished(job, attempt_row)
     organization_id = job.organization_id
     final = job.is_final
     job_id = job.id
-    transaction.on_commit(lambda: _after_attempt(organization_id, job_id, final), robust=True)
+    has_webhook = bool(job.webhook_url)
+    transaction.on_commit(lambda: _after_attempt(organization_id, job_id, final, has_webhook=has_webhook), robust=True)
 
 
 def _final_line(job: Job) -> str:
@@ -369,12 +380,20 @@ def _final_line(job: Job) -> str:
     return f"Failed: {job.error}"
 
 
-def _after_attempt(organization_id: uuid.UUID, job_id: uuid.UUID, final: bool) -> None:
+def _after_attempt(organization_id: uuid.UUID, job_id: uuid.UUID, final: bool, *, has_webhook: bool = True) -> None:
+    """On commit of a job's move: its webhook if it ended, and the organization's waiting jobs into the freed slot.
+
+    ``has_webhook=False``: the caller read the job (its ``webhook_url`` never changes) and it has none to send.
+    """
     from inference.webhooks import schedule_webhook
 
-    if final:
+    if final and has_webhook:
         schedule_webhook(job_id)
-    dispatch_organization(organization_id)
+    # Most finishes leave nothing waiting: one indexed read instead of locking the organization to find none. A job
+    # queued after this read dispatches itself when its own transaction commits (submission, requeue, retry) or at
+    # the sweep, as it would had it been queued just after dispatch_organization's own read.
+    if Job.objects.filter(organization_id=organization_id, status=JobStatus.QUEUED).exists():
+        dispatch_organization(organization_id)
 
 
 def reap_expired_leases() -> int:

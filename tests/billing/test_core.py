@@ -77,6 +77,23 @@ def test_a_successful_run_is_billed_once_with_a_debit_and_rollups(
         assert rollup.key_id == tenant["api_key"].pk
 
 
+def test_closing_a_billed_run_sends_a_fixed_number_of_statements(
+    tenant: dict[str, Any],
+    builtin_endpoint: Endpoint,
+    django_assert_num_queries: Any,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    # Every request ends in this transaction: what it sends is latency on top of the model, on every request.
+    job = start(submit_as(tenant, builtin_endpoint))
+    # In the test's transaction: a savepoint and its release; the job (with its endpoint) and attempt locks; the
+    # attempt; the retention setting; the log line; the job; the price; the account lock; the usage record; the
+    # hold; the debit; the account; both rollups. On commit, one read finds no waiting work and no webhook to send.
+    with django_assert_num_queries(16), django_capture_on_commit_callbacks(execute=True):
+        finish(job, gpu_ms=1_235)
+    assert UsageRecord.objects.get(job=job).cost_micros == 124
+    assert account(tenant).held_micros == 0
+
+
 def test_platform_failures_are_recorded_unbilled_and_the_retry_is_billed(
     tenant: dict[str, Any], builtin_endpoint: Endpoint
 ) -> None:

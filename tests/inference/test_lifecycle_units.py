@@ -67,6 +67,35 @@ def test_the_concurrency_limit_holds(
     assert [queue_position(job) for job in queued] == [2, 3, 4]
 
 
+def test_a_finished_job_hands_its_slot_to_the_oldest_waiting_one(
+    tenant: dict[str, Any],
+    builtin_endpoint: Endpoint,
+    sent: list[tuple[str, int, str]],
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    with django_capture_on_commit_callbacks(execute=True):
+        jobs = [submit_as(tenant, builtin_endpoint, seed=n) for n in range(4)]
+    assert [job_id for job_id, _, _ in sent] == [str(jobs[0].pk), str(jobs[1].pk)]  # the default limit of 2
+    for job in jobs[:2]:
+        assert services.claim_job(job_id=str(job.pk), attempt=1, worker="test") is not None
+
+    for finished, waiting in ((jobs[0], jobs[2]), (jobs[1], jobs[3])):
+        with django_capture_on_commit_callbacks(execute=True):
+            services.finish_attempt(
+                job_id=str(finished.pk), attempt=1, outcome=AttemptOutcome.SUCCEEDED, gpu_ms=500, result={}
+            )
+        assert sent[-1] == (str(waiting.pk), 1, "cpu")
+    assert not Job.objects.filter(status=JobStatus.QUEUED).exists()
+    # A retry waits in the queue too, and takes the slot its own attempt freed.
+    assert services.claim_job(job_id=str(jobs[2].pk), attempt=1, worker="test") is not None
+    with django_capture_on_commit_callbacks(execute=True):
+        services.finish_attempt(
+            job_id=str(jobs[2].pk), attempt=1, outcome=AttemptOutcome.ERRORED, gpu_ms=500, error="lost", retry=True
+        )
+    assert sent[-1] == (str(jobs[2].pk), 2, "cpu")
+    assert len(sent) == 5
+
+
 def test_redispatch_keeps_the_place_in_line(
     tenant: dict[str, Any],
     builtin_endpoint: Endpoint,
