@@ -381,6 +381,7 @@ def check_ledger_chain(scope: Scope = FULL) -> Check:
     window, which may be older than the window (the (organization, -id) index).
     """
     check = Check("ledger_chain")
+    in_scope = scope.written(CreditEntry.objects.all(), "created_at")
     chained: QuerySet[Any]
     if scope.full:
         chained = CreditEntry.objects.annotate(
@@ -394,10 +395,8 @@ def check_ledger_chain(scope: Scope = FULL) -> Check:
             .order_by("-id")
             .values("balance_after_micros")[:1]
         )
-        chained = scope.written(CreditEntry.objects.all(), "created_at").annotate(
-            previous_balance_after_micros=Subquery(previous, output_field=BigIntegerField())
-        )
-    check.checked = scope.written(CreditEntry.objects.all(), "created_at").count()
+        chained = in_scope.annotate(previous_balance_after_micros=Subquery(previous, output_field=BigIntegerField()))
+    check.checked = in_scope.count()
     broken = chained.exclude(
         balance_after_micros=Coalesce(F("previous_balance_after_micros"), Value(0), output_field=BigIntegerField())
         + F("amount_micros")
@@ -527,7 +526,7 @@ def check_rollups(scope: Scope = FULL) -> Check:
     records = UsageRecord.objects.order_by()
     rollups = UsageRollup.objects.order_by()
     if not scope.full:
-        stamped = scope.written(UsageRecord.objects.order_by(), "recorded_at")
+        stamped = scope.written(records, "recorded_at")
         touched = sorted(
             {
                 _on_day(day)
@@ -559,18 +558,16 @@ def check_rollups(scope: Scope = FULL) -> Check:
         .values("organization_id", "day", "endpoint_id", "key_id", "gpu_class")
         .annotate(**_rollup_sums())
     )
-    on_day = _on_day
-
-    raw_sums = _grouped(raw, lambda r: (r["organization_id"], on_day(r["day"]), r["endpoint_id"], r["gpu_class"]))
+    raw_sums = _grouped(raw, lambda r: (r["organization_id"], _on_day(r["day"]), r["endpoint_id"], r["gpu_class"]))
     day_sums = _grouped(
-        by_class, lambda r: (r["organization_id"], on_day(r["bucket_start"]), r["endpoint_id"], r["gpu_class"])
+        by_class, lambda r: (r["organization_id"], _on_day(r["bucket_start"]), r["endpoint_id"], r["gpu_class"])
     )
     full_day_sums = _grouped(
         full_days,
-        lambda r: (r["organization_id"], on_day(r["bucket_start"]), r["endpoint_id"], r["key_id"], r["gpu_class"]),
+        lambda r: (r["organization_id"], _on_day(r["bucket_start"]), r["endpoint_id"], r["key_id"], r["gpu_class"]),
     )
     hour_sums = _grouped(
-        hours, lambda r: (r["organization_id"], on_day(r["day"]), r["endpoint_id"], r["key_id"], r["gpu_class"])
+        hours, lambda r: (r["organization_id"], _on_day(r["day"]), r["endpoint_id"], r["key_id"], r["gpu_class"])
     )
     check.checked = sum(group["attempts"] for group in raw_sums.values()) + len(full_day_sums)
     check.figures["groups"] = len(raw_sums)

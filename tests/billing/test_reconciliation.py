@@ -75,6 +75,18 @@ def drift_of(run_: ReconciliationRun, kind: str) -> dict[str, Any]:
     return item
 
 
+def completed_without_attempt(books: dict[str, Any]) -> Job:
+    """A job marked completed that never ran an attempt (nothing billed it)."""
+    return Job.objects.create(
+        organization=books["organization"],
+        endpoint=books["billed"].endpoint,
+        gpu_class="cpu",
+        input={},
+        status=JobStatus.COMPLETED,
+        finished_at=timezone.now(),
+    )
+
+
 def test_clean_books_have_no_drift_and_stripe_is_recorded_as_skipped(books: dict[str, Any]) -> None:
     run_ = reconciliation.run_reconciliation()
     assert run_.drift == []
@@ -99,14 +111,7 @@ def test_clean_books_have_no_drift_and_stripe_is_recorded_as_skipped(books: dict
 
 
 def test_a_completed_job_without_an_attempt(books: dict[str, Any]) -> None:
-    job = Job.objects.create(
-        organization=books["organization"],
-        endpoint=books["billed"].endpoint,
-        gpu_class="cpu",
-        input={},
-        status=JobStatus.COMPLETED,
-        finished_at=timezone.now(),
-    )
+    job = completed_without_attempt(books)
     run_ = reconciliation.run_reconciliation()
     assert kinds(run_) == {"jobs.completed_without_attempt"}
     assert drift_of(run_, "jobs.completed_without_attempt")["examples"][0]["id"] == str(job.pk)
@@ -562,14 +567,7 @@ def test_the_watermark_moves_only_when_a_run_completed_and_proved_the_books(
     assert ReconciliationRun.objects.count() == 2
 
     # Drift in a new row: reported, nothing proven, and reported again by the next run until it is corrected.
-    job = Job.objects.create(
-        organization=books["organization"],
-        endpoint=books["billed"].endpoint,
-        gpu_class="cpu",
-        input={},
-        status=JobStatus.COMPLETED,
-        finished_at=timezone.now(),
-    )
+    job = completed_without_attempt(books)
     for _ in range(2):
         drifted = reconciliation.run_reconciliation()
         assert kinds(drifted) == {"jobs.completed_without_attempt"}
