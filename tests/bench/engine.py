@@ -298,13 +298,19 @@ def machine() -> str:
     )
 
 
+def only(configs: list[Config], parts: Sequence[str] | None) -> list[Config]:
+    """Stock (always the first) and the configurations whose names contain one of ``parts`` (all without any)."""
+    if not parts:
+        return configs
+    return [configs[0]] + [config for config in configs[1:] if any(part in config.name for part in parts)]
+
+
 def run_cpu(args: argparse.Namespace, log: Callable[[str], None]) -> str:
     configs = cpu_configs()
     if args.quick:
         keep = {"stock diffusers", "lossless set", "lossless set, batch of 4", "DeepCache k=3 (lossy)"}
         configs = [config for config in configs if config.name in keep]
-    if args.only:
-        configs = [configs[0]] + [config for config in configs[1:] if any(part in config.name for part in args.only)]
+    configs = only(configs, args.only)
     if not torch.cpu._is_avx512_bf16_supported():
         # Emulated, bfloat16 runs about 30x slower than float32 (0.03x stock measured on an AVX2 EPYC): no news.
         configs = [config for config in configs if config.profile.precision != "bfloat16"]
@@ -363,8 +369,7 @@ def gpu_sections(args: argparse.Namespace, log: Callable[[str], None], *, dry_ru
         }
         for batch in (1, 2) if dry_run else args.batches:
             configs = gpu_configs(batch)
-            if args.only:
-                configs = [configs[0]] + [c for c in configs[1:] if any(part in c.name for part in args.only)]
+            configs = only(configs, args.only)
             if dry_run:
                 # Float32 on a CPU: the dry run checks the path, not the speed.
                 configs = [replace(c, profile=replace(c.profile, precision="float32")) for c in configs]
