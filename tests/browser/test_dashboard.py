@@ -165,7 +165,9 @@ def test_a_developer_signs_up_runs_a_model_and_finds_it_in_history_usage_and_bil
     page.select_option("#endpoint", APP)
     page.fill("#field-image_size", "64")
     page.fill("#field-image_size-height", "64")
-    page.fill("#field-num_inference_steps", "8")  # a second or more on a CPU: the bar has steps to show
+    # The endpoint's most steps: about a second even on a fast CPU with the engine's kernel (8 steps took under
+    # 0.2 s, and the status stream, polling every 0.1 s, could miss every step between). The bar has steps to show.
+    page.fill("#field-num_inference_steps", "50")
     page.fill("#field-prompt", "a red bicycle in the snow")
     page.evaluate(WATCH_PROGRESS)
     tab.shot("playground")
