@@ -1,8 +1,10 @@
 """Spend control in real time: what inference asks billing before and while a job runs.
 
 Admission holds the job's estimated cost against the organization's available credit (balance less
-holds), its monthly budget and its key's monthly limit; a heartbeat checks the time used so far
-against the same three; the end of a job settles (``billing.metering``).
+holds), its monthly budget and its key's monthly limit. Before each further unit of work the worker asks
+``reserve``: the hold grows to cover it, within the same three limits, or the job stops there. The end of a job
+settles (``billing.metering``), never debiting more than the hold. So usage never takes a prepaid balance below
+zero, nor spending past a budget or a key's limit.
 """
 
 from __future__ import annotations
@@ -10,18 +12,20 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from django.db.models import Sum
+from django.db.models import F, Sum
 from django.utils import timezone
 
+from accounts.locking import retrying_atomic
 from billing import holds, pricing
 from billing.ledger import locked_account
 from billing.models import Account, Granularity, Hold, KeySpendLimit, PriceUnit, UsageRecord, UsageRollup
-from billing.money import cost_micros, format_micros
-from inference.hooks import Refusal
+from billing.money import format_micros, gpu_cost_micros, gpu_ms_within
+from inference.hooks import Refusal, Reservation
 from inference.models import Endpoint, Job
 
 INSUFFICIENT = "insufficient_credits"
 OVER_LIMIT = "spend_limit_exceeded"
+UNLIMITED = Reservation(covered_gpu_ms=None)
 
 
 def month_start(moment: datetime | None = None) -> datetime:
@@ -42,49 +46,68 @@ def _key_held(key_id: Any) -> int:
     )
 
 
-def _check_limits(account: Account, job: Job, extra_micros: int, *, running: bool) -> Refusal | None:
-    """Would spending ``extra_micros`` more (beyond what is held) break the balance, budget or key limit?"""
-    needed = format_micros(extra_micros)
-    if account.available_micros < extra_micros:
-        detail = (
+def _spend_room(account: Account, job: Job, *, running: bool) -> tuple[int, Refusal]:
+    """How much more the job may hold beyond what is held now, and the refusal that names the tightest limit.
+
+    Three limits, each less what is spent and held against it: the available credit (balance less every open hold
+    of the organization), the organization's monthly budget, and the monthly limit of the job's API key.
+    """
+    available = account.available_micros
+    room, refusal = (
+        available,
+        Refusal(
             "Credits ran out while this request ran."
             if running
-            else f"Not enough credits: this request needs about {needed} and "
-            f"{format_micros(max(account.available_micros, 0))} is available. Add credits in billing."
-        )
-        return Refusal(detail, INSUFFICIENT)
+            else f"Not enough credits: {format_micros(max(available, 0))} is available. Add credits in billing.",
+            INSUFFICIENT,
+        ),
+    )
     if account.monthly_budget_micros is not None:
         spent = spent_this_month(organization_id=account.organization_id)
-        if spent + account.held_micros + extra_micros > account.monthly_budget_micros:
-            return Refusal(
-                f"The organization's monthly budget of {format_micros(account.monthly_budget_micros)} is spent "
-                f"({format_micros(spent)} used, {format_micros(account.held_micros)} held by running requests).",
-                OVER_LIMIT,
+        budget_room = account.monthly_budget_micros - spent - account.held_micros
+        if budget_room < room:
+            room, refusal = (
+                budget_room,
+                Refusal(
+                    f"The organization's monthly budget of {format_micros(account.monthly_budget_micros)} is spent "
+                    f"({format_micros(spent)} used, {format_micros(account.held_micros)} held by running requests).",
+                    OVER_LIMIT,
+                ),
             )
     if job.api_key_id is not None:
         limit = KeySpendLimit.objects.filter(api_key_id=job.api_key_id).first()
         if limit is not None:
             spent = spent_this_month(organization_id=account.organization_id, key_id=job.api_key_id)
-            if spent + _key_held(job.api_key_id) + extra_micros > limit.monthly_limit_micros:
-                return Refusal(
-                    f"This API key's monthly limit of {format_micros(limit.monthly_limit_micros)} is spent "
-                    f"({format_micros(spent)} used).",
-                    OVER_LIMIT,
+            key_room = limit.monthly_limit_micros - spent - _key_held(job.api_key_id)
+            if key_room < room:
+                room, refusal = (
+                    key_room,
+                    Refusal(
+                        f"This API key's monthly limit of {format_micros(limit.monthly_limit_micros)} is spent "
+                        f"({format_micros(spent)} used).",
+                        OVER_LIMIT,
+                    ),
                 )
-    return None
+    return room, refusal
 
 
 def admit(job: Job) -> Refusal | None:
     """Inference's ``admit`` hook: holds the job's estimated cost, or says why it may not start.
 
     Called for a submission and again for an operator's requeue, so the estimate is priced when admitted (a job
-    requeued days later holds today's price, which the heartbeat checks compare against).
+    requeued days later holds today's price, which the hold's extensions and the settlement then use).
     """
     quote = pricing.price_for(job.endpoint, timezone.now())
     estimate = pricing.estimate_cost_micros(job.endpoint, job.input, quote)
     account = locked_account(job.organization_id)
-    refusal = _check_limits(account, job, estimate, running=False)
-    if refusal is not None:
+    room, refusal = _spend_room(account, job, running=False)
+    if estimate > room:
+        if refusal.error_type == INSUFFICIENT:
+            refusal = Refusal(
+                f"Not enough credits: this request needs about {format_micros(estimate)} and "
+                f"{format_micros(max(account.available_micros, 0))} is available. Add credits in billing.",
+                INSUFFICIENT,
+            )
         return refusal
     holds.place(
         account=account,
@@ -100,24 +123,72 @@ def admit(job: Job) -> Refusal | None:
     return None
 
 
+def _coverage(hold: Hold) -> Reservation:
+    if hold.unit != PriceUnit.GPU_SECOND or hold.unit_price_micros == 0:
+        return UNLIMITED  # priced by output (held whole at admission), or free
+    return Reservation(covered_gpu_ms=gpu_ms_within(hold.amount_micros, hold.unit_price_micros))
+
+
+def _in_the_red(organization_id: Any) -> Refusal | None:
+    """A refusal when the organization's balance no longer covers what it holds (a refund or dispute took it)."""
+    row = Account.objects.filter(pk=organization_id).values_list("balance_micros", "held_micros").first()
+    if row is None or row[0] >= row[1]:
+        return None
+    return Refusal(
+        "The organization's balance no longer covers the credit held for its requests (a payment was refunded or "
+        "disputed); add credits in billing.",
+        INSUFFICIENT,
+    )
+
+
+def reserve(job: Job, gpu_ms: int, ahead_ms: int) -> Reservation | Refusal:
+    """Inference's ``reserve`` hook: the job's hold grows before the work it pays for is done.
+
+    The hold is extended to cover ``gpu_ms`` of GPU time in total, and up to ``ahead_ms`` more while the credit,
+    the budget and the key's limit leave room (so the next steps need no call). When even ``gpu_ms`` does not
+    fit, the job stops before that work. A hold that already covers ``gpu_ms`` is answered from two reads.
+    """
+    hold = Hold.objects.filter(job_id=job.pk, released_at=None).first()
+    if hold is None:
+        return UNLIMITED  # nothing held (no price in force when admitted): settlement bills nothing beyond it
+    red = _in_the_red(job.organization_id)
+    if red is not None:
+        return red
+    coverage = _coverage(hold)
+    if coverage.covered_gpu_ms is None or gpu_ms <= coverage.covered_gpu_ms:
+        return coverage
+    return _extend(job, gpu_ms, ahead_ms)
+
+
+@retrying_atomic
+def _extend(job: Job, gpu_ms: int, ahead_ms: int) -> Reservation | Refusal:
+    account = locked_account(job.organization_id)
+    hold = Hold.objects.filter(job_id=job.pk, released_at=None).first()  # stable: holds change under the account
+    if hold is None:
+        return UNLIMITED
+    price = hold.unit_price_micros
+    needed = gpu_cost_micros(gpu_ms, price) - hold.amount_micros
+    if needed <= 0:
+        return _coverage(hold)
+    wanted = gpu_cost_micros(gpu_ms + max(ahead_ms, 0), price) - hold.amount_micros
+    room, refusal = _spend_room(account, job, running=True)
+    if needed > room:
+        return refusal
+    extra = min(wanted, room)
+    Hold.objects.filter(job_id=job.pk, released_at=None).update(amount_micros=F("amount_micros") + extra)
+    hold.amount_micros += extra
+    account.held_micros += extra
+    account.save(update_fields=["held_micros"])
+    return _coverage(hold)
+
+
 def may_continue(job: Job, gpu_ms: int) -> Refusal | None:
-    """Inference's ``may_continue`` hook: may this running job go on, having used ``gpu_ms``?"""
-    hold = Hold.objects.filter(job=job, released_at=None).first()
-    if hold is not None:
-        unit, unit_price, held = hold.unit, hold.unit_price_micros, hold.amount_micros
-    else:
-        quote = pricing.price_for(job.endpoint, job.started_at or timezone.now())
-        unit, unit_price, held = quote.unit, quote.unit_price_micros, 0
-    if unit != PriceUnit.GPU_SECOND:
-        return None  # priced by output: the hold is the whole cost
-    _, so_far = cost_micros(unit=unit, unit_price_micros=unit_price, gpu_ms=gpu_ms, images=0, pixels=0)
-    extra = so_far - held
-    if extra <= 0:
-        return None
-    account = Account.objects.filter(pk=job.organization_id).first()
-    if account is None:
-        return None
-    return _check_limits(account, job, extra, running=True)
+    """Inference's ``may_continue`` hook, at each heartbeat: stops a running job whose organization went into the red.
+
+    Holds are placed against the balance; a refunded or disputed payment can take the balance below what is held,
+    and the work those holds stand for is then no longer paid for. (Work beyond the hold is ``reserve``'s to refuse.)
+    """
+    return _in_the_red(job.organization_id)
 
 
 def ended_unstarted(job: Job) -> None:

@@ -14,6 +14,7 @@ class BillingConfig(AppConfig):
 
         register(
             admit=admission.admit,
+            reserve=admission.reserve,
             may_continue=admission.may_continue,
             attempt_finished=metering.record_attempt,
             ended_unstarted=admission.ended_unstarted,

@@ -1,7 +1,8 @@
 """The prepaid credit ledger: append entries, keep the cached balance true, grant and refund.
 
 Every function that moves credit locks the organization's ``Account`` row first, so the cached
-balance and holds change in a fixed order with the rows they summarise (one lock per organization).
+balance and holds change in a fixed order with the rows they summarise (one lock per organization; where the
+account comes in the platform's lock order: ``accounts.locking``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from accounts.locking import locked
 from accounts.models import AuditAction, Organization
 from accounts.services import SYSTEM, Actor, record_audit
 from billing.models import Account, CreditEntry, EntryKind, Payment, UsageRecord
@@ -23,15 +25,15 @@ class BillingError(Exception):
 
 
 def locked_account(organization_id: uuid.UUID) -> Account:
-    """The organization's account, locked for this transaction (created on first use)."""
-    account = Account.objects.select_for_update().filter(pk=organization_id).first()
+    """The organization's account, locked for this transaction (created on first use); only its own row."""
+    account = locked(Account.objects.filter(pk=organization_id)).first()
     if account is None:
         try:
             with transaction.atomic():
                 Account.objects.create(organization_id=organization_id)
         except IntegrityError:
             pass  # created by a concurrent transaction: lock that one
-        account = Account.objects.select_for_update().get(pk=organization_id)
+        account = locked(Account.objects.filter(pk=organization_id)).get()
     return account
 
 

@@ -14,8 +14,8 @@ from django.db import connection
 
 from billing import holds, pricing
 from billing.ledger import locked_account, post_entry
-from billing.models import NO_KEY, EntryKind, Granularity, UsageRecord, UsageRollup
-from billing.money import cost_micros
+from billing.models import NO_KEY, EntryKind, Granularity, Hold, UsageRecord, UsageRollup
+from billing.money import cost_within
 from inference.models import Job, JobAttempt
 
 
@@ -26,19 +26,29 @@ def _images_produced(job: Job) -> int:
 
 
 def record_attempt(job: Job, attempt: JobAttempt) -> UsageRecord:
-    """Writes the usage of a closed attempt (billed or not), debits its cost and settles the hold if final."""
+    """Writes the usage of a closed attempt (billed or not), debits its cost and settles the hold if final.
+
+    The debit is never more than the job's hold, nor more than the balance (so usage never takes it below zero):
+    GPU time beyond what the hold covers is recorded unbilled. The worker extends the hold before each step, so
+    this ceiling binds only when a measurement outruns the reservation (or a refund took the balance away).
+    """
     started_at = job.started_at or attempt.started_at
     quote = pricing.price_for(job.endpoint, started_at)
     billable = attempt.billable
     images = _images_produced(job) if billable else 0
-    units, cost = cost_micros(
+    account = locked_account(job.organization_id)
+    if job.is_final:
+        held = holds.release(account=account, job_id=job.pk, save=False)
+    else:
+        held = Hold.objects.filter(job_id=job.pk, released_at=None).values_list("amount_micros", flat=True).first() or 0
+    units, cost, billed_ms = cost_within(
         unit=quote.unit,
         unit_price_micros=quote.unit_price_micros,
         gpu_ms=attempt.gpu_ms if billable else 0,
         images=images,
         pixels=pricing.output_pixels(job.input, images),
+        ceiling_micros=min(held, max(account.balance_micros, 0)),
     )
-    account = locked_account(job.organization_id)
     record = UsageRecord.objects.create(
         organization_id=job.organization_id,
         job=job,
@@ -48,8 +58,8 @@ def record_attempt(job: Job, attempt: JobAttempt) -> UsageRecord:
         gpu_class=job.gpu_class,
         outcome=attempt.outcome,
         billable=billable,
-        gpu_ms=attempt.gpu_ms if billable else 0,
-        unbilled_gpu_ms=attempt.cold_start_ms + (0 if billable else attempt.gpu_ms),
+        gpu_ms=billed_ms,
+        unbilled_gpu_ms=attempt.cold_start_ms + attempt.gpu_ms - billed_ms,
         price=quote.price,
         unit=quote.unit,
         billable_units=units,
@@ -59,8 +69,6 @@ def record_attempt(job: Job, attempt: JobAttempt) -> UsageRecord:
         started_at=attempt.started_at,
         recorded_at=attempt.finished_at or job.finished_at or started_at,
     )
-    if job.is_final:
-        holds.release(account=account, job_id=job.pk, save=not cost)
     if cost:
         # Saves the account's balance and the held amount just released in one UPDATE.
         post_entry(
@@ -73,6 +81,8 @@ def record_attempt(job: Job, attempt: JobAttempt) -> UsageRecord:
             job=job,
             key_is_new=True,
         )
+    elif held and job.is_final:
+        account.save(update_fields=["held_micros"])
     add_to_rollups(record)
     return record
 

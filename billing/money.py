@@ -45,6 +45,21 @@ def format_micros(micros: int) -> str:
     return f"{sign}${whole:,}.{fraction:06d}".rstrip("0")
 
 
+def gpu_cost_micros(gpu_ms: int, unit_price_micros: int) -> int:
+    """What ``gpu_ms`` costs at a price per GPU-second (``cost_micros``' rule)."""
+    return divide_half_up(gpu_ms * unit_price_micros, 1000)
+
+
+def gpu_ms_within(amount_micros: int, unit_price_micros: int) -> int:
+    """The most GPU milliseconds whose cost at this price per GPU-second is at most ``amount_micros``.
+
+    ``gpu_cost_micros(ms) <= amount`` exactly when ``ms * price < amount * 1000 + 500`` (halves round up).
+    """
+    if unit_price_micros <= 0:
+        raise ValueError("a free price covers any time")
+    return max(0, (amount_micros * 1000 + 499) // unit_price_micros)
+
+
 def cost_micros(*, unit: str, unit_price_micros: int, gpu_ms: int, images: int, pixels: int) -> tuple[Decimal, int]:
     """Billable units and their cost for one attempt under one price line.
 
@@ -57,4 +72,38 @@ def cost_micros(*, unit: str, unit_price_micros: int, gpu_ms: int, images: int, 
         return Decimal(images), images * unit_price_micros
     if unit == "megapixel":
         return Decimal(pixels) / 1_000_000, divide_half_up(pixels * unit_price_micros, 1_000_000)
+    raise ValueError(f"unknown price unit {unit!r}")
+
+
+def cost_within(
+    *, unit: str, unit_price_micros: int, gpu_ms: int, images: int, pixels: int, ceiling_micros: int
+) -> tuple[Decimal, int, int]:
+    """``cost_micros`` of an attempt, but never more than ``ceiling_micros``; and the GPU ms that cost pays for.
+
+    Beyond the ceiling the attempt is billed for what fits under it: whole milliseconds for a price per GPU-second,
+    whole images per image, whole pixels per megapixel; the GPU time billed shrinks in the same proportion (the
+    rest is recorded unbilled).
+    """
+    units, cost = cost_micros(
+        unit=unit, unit_price_micros=unit_price_micros, gpu_ms=gpu_ms, images=images, pixels=pixels
+    )
+    if cost <= ceiling_micros:
+        return units, cost, gpu_ms
+    ceiling = max(ceiling_micros, 0)
+    if unit == "gpu_second":
+        billed_ms = min(gpu_ms, gpu_ms_within(ceiling, unit_price_micros))
+        units, cost = cost_micros(unit=unit, unit_price_micros=unit_price_micros, gpu_ms=billed_ms, images=0, pixels=0)
+        return units, cost, billed_ms
+    if unit == "image":
+        billed_images = min(images, ceiling // unit_price_micros)
+        units, cost = cost_micros(
+            unit=unit, unit_price_micros=unit_price_micros, gpu_ms=0, images=billed_images, pixels=0
+        )
+        return units, cost, gpu_ms * billed_images // images
+    if unit == "megapixel":
+        billed_pixels = min(pixels, (ceiling * 1_000_000 + 499_999) // unit_price_micros)
+        units, cost = cost_micros(
+            unit=unit, unit_price_micros=unit_price_micros, gpu_ms=0, images=0, pixels=billed_pixels
+        )
+        return units, cost, gpu_ms * billed_pixels // pixels
     raise ValueError(f"unknown price unit {unit!r}")

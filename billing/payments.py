@@ -25,6 +25,7 @@ from django.db import transaction
 from django.db.models import Sum
 from django.utils import timezone
 
+from accounts.locking import locked
 from accounts.models import AuditAction, Membership, Organization, Role
 from accounts.services import SYSTEM, Actor, record_audit
 from billing import controls, topups
@@ -329,7 +330,7 @@ def _charge(payment: Payment, *, customer_id: str, payment_method_id: str, off_s
 
 def _mark_failed(payment_id: int, *, message: str, payment_intent_id: str | None = None) -> None:
     with transaction.atomic():
-        payment = Payment.objects.select_for_update().get(pk=payment_id)
+        payment = locked(Payment.objects.filter(pk=payment_id)).get()
         if payment.status != PaymentStatus.PENDING:
             return
         payment.status = PaymentStatus.FAILED
@@ -444,7 +445,7 @@ def _payment_for(
 def _lock(payment: Payment) -> tuple[Account, Payment]:
     """The account, then the payment: the fixed order every writer of a payment takes."""
     account = locked_account(payment.organization_id)
-    return account, Payment.objects.select_for_update().get(pk=payment.pk)
+    return account, locked(Payment.objects.filter(pk=payment.pk)).get()
 
 
 def _check_customer(account: Account, customer: Any, what: str) -> None:

@@ -15,6 +15,10 @@ from billing.models import Granularity, Price, PriceUnit, UsageRollup
 from billing.money import cost_micros
 from inference.models import Endpoint
 
+# A class missing from BILLING_UNMEASURED_MS_PER_WORK_UNIT: as slow as the slowest class there.
+UNMEASURED_FALLBACK_MS = 5_000
+MEASURED_CACHE_SECONDS = 60
+
 
 @dataclass(frozen=True)
 class Quote:
@@ -62,7 +66,11 @@ def output_pixels(job_input: dict[str, Any], images: int) -> int:
 
 
 def ms_per_work_unit(endpoint: Endpoint) -> float:
-    """Measured GPU ms per work unit of this endpoint over the last week, else the configured default."""
+    """GPU ms per work unit of this endpoint: measured over the last week, else the class's conservative bound.
+
+    A measurement is kept in the cache for a minute. The bound is not cached: the first usage recorded replaces it
+    at the next admission (a default cached before any usage existed held a fraction of what jobs then cost).
+    """
     cache_key = f"billing:ms-per-work:{endpoint.pk}"
     cached = cache.get(cache_key)
     if cached is not None:
@@ -71,11 +79,10 @@ def ms_per_work_unit(endpoint: Endpoint) -> float:
     totals = UsageRollup.objects.filter(
         granularity=Granularity.DAY, endpoint=endpoint, bucket_start__gte=since.replace(hour=0, minute=0, second=0)
     ).aggregate(gpu_ms=Sum("gpu_ms"), work=Sum("work_units"))
-    if totals["work"]:
-        measured = float(totals["gpu_ms"] or 0) / float(totals["work"])
-    else:
-        measured = float(settings.BILLING_DEFAULT_MS_PER_WORK_UNIT.get(endpoint.gpu_class, 1000))
-    cache.set(cache_key, measured, 300)
+    if not totals["work"]:
+        return float(settings.BILLING_UNMEASURED_MS_PER_WORK_UNIT.get(endpoint.gpu_class, UNMEASURED_FALLBACK_MS))
+    measured = float(totals["gpu_ms"] or 0) / float(totals["work"])
+    cache.set(cache_key, measured, MEASURED_CACHE_SECONDS)
     return measured
 
 

@@ -20,6 +20,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from accounts.locking import locked
 from accounts.models import AuditAction
 from accounts.services import SYSTEM, Actor, record_audit
 from billing import payments, topups
@@ -156,16 +157,16 @@ def process_event(event_id: str, *, force: bool = False) -> StripeEvent:
     try:
         apply = fetch(str(target)) if fetch is not None and target else None  # read Stripe before taking locks
         with transaction.atomic():
-            locked = StripeEvent.objects.select_for_update().get(pk=event_id)
-            if locked.status in DONE and not force:
-                return locked
+            locked_event = locked(StripeEvent.objects.filter(pk=event_id)).get()
+            if locked_event.status in DONE and not force:
+                return locked_event
             payment = apply() if apply is not None else None
-            locked.status = StripeEventStatus.PROCESSED if payment is not None else StripeEventStatus.IGNORED
-            locked.attempts += 1
-            locked.error = ""
-            locked.processed_at = timezone.now()
-            locked.save(update_fields=["status", "attempts", "error", "processed_at"])
-            return locked
+            locked_event.status = StripeEventStatus.PROCESSED if payment is not None else StripeEventStatus.IGNORED
+            locked_event.attempts += 1
+            locked_event.error = ""
+            locked_event.processed_at = timezone.now()
+            locked_event.save(update_fields=["status", "attempts", "error", "processed_at"])
+            return locked_event
     except Exception as exc:
         logger.exception("Stripe event %s (%s) failed", event_id, event.type)
         error = f"{type(exc).__name__}: {exc}"[:4000]

@@ -23,7 +23,15 @@ class Refusal:
     status: int = 402
 
 
+@dataclass(frozen=True)
+class Reservation:
+    """How much GPU time a running job's hold now covers, in total; None: no limit (priced per output, held whole)."""
+
+    covered_gpu_ms: int | None
+
+
 AdmissionCheck = Callable[["Job"], "Refusal | None"]
+ReserveWork = Callable[["Job", int, int], "Reservation | Refusal"]
 HeartbeatCheck = Callable[["Job", int], "Refusal | None"]
 AttemptFinished = Callable[["Job", "JobAttempt"], None]
 EndedUnstarted = Callable[["Job"], None]
@@ -37,6 +45,9 @@ class Hooks:
     # queues it: a submission's, just after the job's row is inserted, and an operator's requeue, just after a failed
     # or cancelled job is moved back to QUEUED. A refusal rolls that transaction back (no job, or the job as it was).
     admit: AdmissionCheck | None = None
+    # Before further work of a running job: extend its hold to cover ``gpu_ms`` of GPU time in total (and, credit
+    # allowing, ``ahead_ms`` more, so the next steps need no call). A refusal stops the job before that work.
+    reserve: ReserveWork | None = None
     # May this running job go on, having used ``gpu_ms`` so far? Called at each heartbeat.
     may_continue: HeartbeatCheck | None = None
     # This attempt is final; called inside the transaction that moves the job to its final state.

@@ -23,10 +23,12 @@ from django.db.models import F, Min, Value
 from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
+from accounts.locking import lock_organization, retrying_atomic
 from accounts.models import ApiKey, Organization
 from inference import files
-from inference.hooks import Refusal, hooks
+from inference.hooks import Refusal, Reservation, hooks
 from inference.inputs import is_storable_text, validate_input
+from inference.locks import lock_attempt, lock_job, lock_job_with_endpoint
 from inference.models import (
     ACTIVE_STATUSES,
     AttemptOutcome,
@@ -110,8 +112,8 @@ def submit_job(
     if inline_image is not None:
         job_input["image_path"] = files.save_input_image(organization.pk, job_id, inline_image)
     try:
-        with transaction.atomic():
-            job = Job.objects.create(
+        job = _insert_and_admit(
+            Job(
                 id=job_id,
                 organization=organization,
                 api_key=api_key,
@@ -123,13 +125,7 @@ def submit_job(
                 request_fingerprint=fingerprint,
                 max_attempts=settings.JOB_MAX_ATTEMPTS,
             )
-            if hooks.admit is not None:
-                # After the insert, so billing can hold credit against the job; a refusal rolls it back.
-                refusal = hooks.admit(job)
-                if refusal is not None:
-                    raise SubmissionRefused(refusal.detail, refusal.error_type, refusal.status)
-            log_job(job.id, f"Request queued for {endpoint.endpoint_id}.")
-            transaction.on_commit(lambda: dispatch_organization(organization.pk), robust=True)
+        )
     except IntegrityError:
         # Another request with the same Idempotency-Key won the race: answer with its job.
         earlier = _same_key(organization, idempotency_key, fingerprint) if idempotency_key else None
@@ -137,6 +133,20 @@ def submit_job(
             raise
         return earlier, False
     return job, True
+
+
+@retrying_atomic
+def _insert_and_admit(job: Job) -> Job:
+    job.save(force_insert=True)
+    if hooks.admit is not None:
+        # After the insert, so billing can hold credit against the job; a refusal rolls it back.
+        refusal = hooks.admit(job)
+        if refusal is not None:
+            raise SubmissionRefused(refusal.detail, refusal.error_type, refusal.status)
+    log_job(job.id, f"Request queued for {job.endpoint.endpoint_id}.")
+    organization_id = job.organization_id
+    transaction.on_commit(lambda: dispatch_organization(organization_id), robust=True)
+    return job
 
 
 def _same_key(organization: Organization, idempotency_key: str, fingerprint: str) -> Job | None:
@@ -152,34 +162,38 @@ def dispatch_organization(organization_id: uuid.UUID) -> int:
     The organization row is locked, so concurrent dispatchers cannot together exceed the limit.
     Jobs over the limit wait in QUEUED; a tenant's burst never fills another tenant's slots.
     """
-    to_send: list[tuple[str, int, str]] = []
-    with transaction.atomic():
-        organization = Organization.objects.select_for_update().filter(pk=organization_id).first()
-        if organization is None or organization.is_suspended:
-            return 0
-        active = Job.objects.filter(organization_id=organization_id, status__in=ACTIVE_STATUSES).count()
-        capacity = organization.concurrency_limit - active
-        if capacity <= 0:
-            return 0
-        ids = list(
-            Job.objects.filter(organization_id=organization_id, status=JobStatus.QUEUED)
-            .order_by("created_at", "id")
-            .values_list("id", flat=True)[:capacity]
-        )
-        if not ids:
-            return 0
-        now = timezone.now()
-        Job.objects.filter(pk__in=ids, status=JobStatus.QUEUED).update(
-            status=JobStatus.DISPATCHED, attempt=F("attempt") + 1, dispatched_at=now, sent_at=now
-        )
-        to_send = [
-            (str(job_id), attempt, gpu_class)
-            for job_id, attempt, gpu_class in Job.objects.filter(pk__in=ids, status=JobStatus.DISPATCHED)
-            .order_by("created_at", "id")  # to the broker in the order they were queued
-            .values_list("id", "attempt", "gpu_class")
-        ]
-        transaction.on_commit(lambda: [send_run_message(*message) for message in to_send], robust=True)
+    to_send = _dispatch(organization_id)
     return len(to_send)
+
+
+@retrying_atomic
+def _dispatch(organization_id: uuid.UUID) -> list[tuple[str, int, str]]:
+    organization = lock_organization(organization_id)
+    if organization is None or organization.is_suspended:
+        return []
+    active = Job.objects.filter(organization_id=organization_id, status__in=ACTIVE_STATUSES).count()
+    capacity = organization.concurrency_limit - active
+    if capacity <= 0:
+        return []
+    ids = list(
+        Job.objects.filter(organization_id=organization_id, status=JobStatus.QUEUED)
+        .order_by("created_at", "id")
+        .values_list("id", flat=True)[:capacity]
+    )
+    if not ids:
+        return []
+    now = timezone.now()
+    Job.objects.filter(pk__in=ids, status=JobStatus.QUEUED).update(
+        status=JobStatus.DISPATCHED, attempt=F("attempt") + 1, dispatched_at=now, sent_at=now
+    )
+    to_send = [
+        (str(job_id), attempt, gpu_class)
+        for job_id, attempt, gpu_class in Job.objects.filter(pk__in=ids, status=JobStatus.DISPATCHED)
+        .order_by("created_at", "id")  # to the broker in the order they were queued
+        .values_list("id", "attempt", "gpu_class")
+    ]
+    transaction.on_commit(lambda: [send_run_message(*message) for message in to_send], robust=True)
+    return to_send
 
 
 def send_run_message(job_id: str, attempt: int, queue: str) -> bool:
@@ -201,21 +215,27 @@ def lease_deadline() -> Any:
 
 def claim_job(*, job_id: str, attempt: int, worker: str) -> Job | None:
     """The job, now RUNNING on this worker, or None if another message (or a cancel) got there first."""
-    now = timezone.now()
-    with transaction.atomic():
-        claimed = Job.objects.filter(pk=job_id, status=JobStatus.DISPATCHED, attempt=attempt).update(
-            status=JobStatus.RUNNING,
-            worker=worker,
-            lease_expires_at=lease_deadline(),
-            started_at=Coalesce(F("started_at"), Value(now)),
-            progress_step=0,
-            progress_total=0,
-        )
-        if not claimed:
-            return None
-        JobAttempt.objects.create(job_id=job_id, number=attempt, worker=worker, started_at=now, heartbeat_at=now)
-        log_job(job_id, f"Attempt {attempt} started on {worker}.", source="worker")
+    if not _claim(job_id, attempt, worker):
+        return None
     return Job.objects.select_related("endpoint", "organization").get(pk=job_id)
+
+
+@retrying_atomic
+def _claim(job_id: str, attempt: int, worker: str) -> bool:
+    now = timezone.now()
+    claimed = Job.objects.filter(pk=job_id, status=JobStatus.DISPATCHED, attempt=attempt).update(
+        status=JobStatus.RUNNING,
+        worker=worker,
+        lease_expires_at=lease_deadline(),
+        started_at=Coalesce(F("started_at"), Value(now)),
+        progress_step=0,
+        progress_total=0,
+    )
+    if not claimed:
+        return False
+    JobAttempt.objects.create(job_id=job_id, number=attempt, worker=worker, started_at=now, heartbeat_at=now)
+    log_job(job_id, f"Attempt {attempt} started on {worker}.", source="worker")
+    return True
 
 
 def claim_batch_companions(
@@ -275,6 +295,13 @@ def heartbeat(*, job_id: str, attempt: int, step: int, total: int, gpu_ms: int) 
     return HeartbeatAnswer(True)
 
 
+def reserve_work(*, job: Job, gpu_ms: int, ahead_ms: int = 0) -> Reservation | Refusal:
+    """Before further work of a running job: may its hold cover ``gpu_ms`` of GPU time in total (billing's hook)?"""
+    if hooks.reserve is None:
+        return Reservation(covered_gpu_ms=None)
+    return hooks.reserve(job, gpu_ms, ahead_ms)
+
+
 FINAL_STATUS = {
     AttemptOutcome.SUCCEEDED: JobStatus.COMPLETED,
     AttemptOutcome.FAILED: JobStatus.FAILED,
@@ -301,21 +328,18 @@ def finish_attempt(
     ``retry``: the platform failed and the job may run again if attempts remain. Returns None if
     the attempt had already been closed (its lease expired and the reaper took the job back).
     """
-    with transaction.atomic():
-        # The endpoint comes in the same query (billing prices by it); only the job's row is locked.
-        job = (
-            Job.objects.select_for_update(of=("self",))
-            .select_related("endpoint")
-            .filter(pk=job_id, status=JobStatus.RUNNING, attempt=attempt)
-            .first()
-        )
-        if job is None:
-            return None
-        attempt_row = JobAttempt.objects.select_for_update().get(job_id=job_id, number=attempt)
-        _close(
-            job, attempt_row, outcome=outcome, gpu_ms=gpu_ms, cold_start_ms=cold_start_ms, result=result,
-            error=error, error_type=error_type, retry=retry,
-        )  # fmt: skip
+    return _finish_locked(
+        job_id, attempt, outcome=outcome, gpu_ms=gpu_ms, cold_start_ms=cold_start_ms, result=result, error=error,
+        error_type=error_type, retry=retry,
+    )  # fmt: skip
+
+
+@retrying_atomic
+def _finish_locked(job_id: str, attempt: int, **closing: Any) -> Job | None:
+    job = lock_job_with_endpoint(job_id, status=JobStatus.RUNNING, attempt=attempt)
+    if job is None:
+        return None
+    _close(job, lock_attempt(job_id, attempt), **closing)
     return job
 
 
@@ -410,22 +434,18 @@ def reap_expired_leases() -> int:
     return reaped
 
 
+@retrying_atomic
 def _reap(job_id: uuid.UUID, attempt: int, now: Any) -> int:
-    with transaction.atomic():
-        job = (
-            Job.objects.select_for_update()
-            .filter(pk=job_id, status=JobStatus.RUNNING, attempt=attempt, lease_expires_at__lt=now)
-            .first()
-        )
-        if job is None:
-            return 0
-        attempt_row = JobAttempt.objects.select_for_update().get(job_id=job_id, number=attempt)
-        # The GPU was held at least until the last heartbeat; record that, unbilled.
-        held_ms = max(0, math.ceil((attempt_row.heartbeat_at - attempt_row.started_at).total_seconds() * 1000))
-        _close(
-            job, attempt_row, outcome=AttemptOutcome.LOST, gpu_ms=held_ms, cold_start_ms=0, result=None,
-            error="The worker running this request stopped responding.", error_type="internal_error", retry=True,
-        )  # fmt: skip
+    job = lock_job_with_endpoint(job_id, status=JobStatus.RUNNING, attempt=attempt, lease_expires_at__lt=now)
+    if job is None:
+        return 0
+    attempt_row = lock_attempt(job_id, attempt)
+    # The GPU was held at least until the last heartbeat; record that, unbilled.
+    held_ms = max(0, math.ceil((attempt_row.heartbeat_at - attempt_row.started_at).total_seconds() * 1000))
+    _close(
+        job, attempt_row, outcome=AttemptOutcome.LOST, gpu_ms=held_ms, cold_start_ms=0, result=None,
+        error="The worker running this request stopped responding.", error_type="internal_error", retry=True,
+    )  # fmt: skip
     return 1
 
 
@@ -464,37 +484,42 @@ def sweep() -> dict[str, int]:
     return {"reaped": reaped, "resent": resent, "dispatched": dispatched}
 
 
+@retrying_atomic
 def cancel_job(*, job: Job) -> str:
     """fal's answer: CANCELLATION_REQUESTED or ALREADY_COMPLETED. A job not yet running is cancelled
-    at once and never billed; a running one stops at its next denoising step."""
+    at once and never billed; a running one stops at its next denoising step.
+
+    The job's row is locked first, so the answer is decided on its state as last committed: a cancel racing a
+    finish, a retry or a reap is either recorded before it (and every closing path then honours it: no requeue,
+    no second run) or sees the job final. Once accepted, ``cancel_requested_at`` stays set.
+    """
     now = timezone.now()
-    with transaction.atomic():
-        cancelled = Job.objects.filter(pk=job.pk, status__in=(JobStatus.QUEUED, JobStatus.DISPATCHED)).update(
-            status=JobStatus.CANCELLED,
-            cancel_requested_at=now,
-            finished_at=now,
-            error="Cancelled before it started.",
-            error_type="cancelled",
-            lease_expires_at=None,
-        )
-        if cancelled and job.input.get("image_path"):
-            Job.objects.filter(pk=job.pk).update(
-                outputs_expire_at=now + timedelta(seconds=files.retention_seconds(job))
-            )
-        if cancelled:
-            log_job(job.pk, "Cancelled before it started.")
-            if hooks.ended_unstarted is not None:
-                hooks.ended_unstarted(Job.objects.get(pk=job.pk))
-            organization_id, job_id = job.organization_id, job.pk
-            transaction.on_commit(lambda: _after_attempt(organization_id, job_id, True), robust=True)
-            return "CANCELLATION_REQUESTED"
-        requested = Job.objects.filter(pk=job.pk, status=JobStatus.RUNNING).update(
-            cancel_requested_at=Coalesce(F("cancel_requested_at"), Value(now))
-        )
-        if requested:
+    locked_job = lock_job(job.pk)
+    if locked_job is None or locked_job.is_final:
+        return "ALREADY_COMPLETED"
+    if locked_job.status == JobStatus.RUNNING:
+        if locked_job.cancel_requested_at is None:
+            Job.objects.filter(pk=job.pk).update(cancel_requested_at=now)
             log_job(job.pk, "Cancellation requested; the request stops at its next step.")
-            return "CANCELLATION_REQUESTED"
-    return "ALREADY_COMPLETED"
+        return "CANCELLATION_REQUESTED"
+    # Queued, or dispatched but not claimed: a claim is a conditional UPDATE on DISPATCHED, so none can follow.
+    changed: dict[str, Any] = {
+        "status": JobStatus.CANCELLED,
+        "cancel_requested_at": now,
+        "finished_at": now,
+        "error": "Cancelled before it started.",
+        "error_type": "cancelled",
+        "lease_expires_at": None,
+    }
+    if locked_job.input.get("image_path"):
+        changed["outputs_expire_at"] = now + timedelta(seconds=files.retention_seconds(locked_job))
+    Job.objects.filter(pk=job.pk).update(**changed)
+    log_job(job.pk, "Cancelled before it started.")
+    if hooks.ended_unstarted is not None:
+        hooks.ended_unstarted(Job.objects.get(pk=job.pk))
+    organization_id, job_id = locked_job.organization_id, locked_job.pk
+    transaction.on_commit(lambda: _after_attempt(organization_id, job_id, True), robust=True)
+    return "CANCELLATION_REQUESTED"
 
 
 def requeue_job(*, job: Job, log_line: str = "Requeued by an operator.") -> bool:
@@ -508,49 +533,53 @@ def requeue_job(*, job: Job, log_line: str = "Requeued by an operator.") -> bool
     spend limits); a suspended organization's job, and one sent with an API key since revoked, are refused: raises
     ``RequeueRefused`` when any of these refuses, and then nothing has changed.
     """
-    with transaction.atomic():
-        requeued = Job.objects.filter(pk=job.pk, status__in=(JobStatus.FAILED, JobStatus.CANCELLED)).update(
-            status=JobStatus.QUEUED,
-            max_attempts=Greatest(F("max_attempts"), F("attempt") + 1),
-            result=None,
-            error="",
-            error_type="",
-            gpu_ms=0,
-            worker="",
-            lease_expires_at=None,
-            cancel_requested_at=None,
-            progress_step=0,
-            progress_total=0,
-            dispatched_at=None,
-            sent_at=None,
-            started_at=None,
-            finished_at=None,
-            outputs_expire_at=None,
+    return _requeue(job, log_line)
+
+
+@retrying_atomic
+def _requeue(job: Job, log_line: str) -> bool:
+    requeued = Job.objects.filter(pk=job.pk, status__in=(JobStatus.FAILED, JobStatus.CANCELLED)).update(
+        status=JobStatus.QUEUED,
+        max_attempts=Greatest(F("max_attempts"), F("attempt") + 1),
+        result=None,
+        error="",
+        error_type="",
+        gpu_ms=0,
+        worker="",
+        lease_expires_at=None,
+        cancel_requested_at=None,
+        progress_step=0,
+        progress_total=0,
+        dispatched_at=None,
+        sent_at=None,
+        started_at=None,
+        finished_at=None,
+        outputs_expire_at=None,
+    )
+    if not requeued:
+        return False
+    if Organization.objects.filter(pk=job.organization_id, suspended_at__isnull=False).exists():
+        # Dispatch skips a suspended organization: the job would wait in the queue, holding credit.
+        raise RequeueRefused(
+            "The organization is suspended; unsuspend it before requeueing its requests.",
+            "organization_suspended",
+            403,
         )
-        if not requeued:
-            return False
-        if Organization.objects.filter(pk=job.organization_id, suspended_at__isnull=False).exists():
-            # Dispatch skips a suspended organization: the job would wait in the queue, holding credit.
-            raise RequeueRefused(
-                "The organization is suspended; unsuspend it before requeueing its requests.",
-                "organization_suspended",
-                403,
-            )
-        if job.api_key_id is not None and ApiKey.objects.filter(pk=job.api_key_id, revoked_at__isnull=False).exists():
-            # A revoked key may have leaked: what was sent with it is not run again on the organization's money.
-            raise RequeueRefused(
-                "The API key this request was sent with has been revoked; submit it again with an active key.",
-                "api_key_revoked",
-                403,
-            )
-        if hooks.admit is not None:
-            # After the UPDATE, which holds the row against a second requeue; a refusal rolls the requeue back.
-            refusal = hooks.admit(Job.objects.select_related("endpoint").get(pk=job.pk))
-            if refusal is not None:
-                raise RequeueRefused(refusal.detail, refusal.error_type, refusal.status)
-        # The next final state sends the webhook afresh, under a new message id.
-        WebhookDelivery.objects.filter(job_id=job.pk).delete()
-        log_job(job.pk, log_line)
-        organization_id = job.organization_id
-        transaction.on_commit(lambda: dispatch_organization(organization_id))
+    if job.api_key_id is not None and ApiKey.objects.filter(pk=job.api_key_id, revoked_at__isnull=False).exists():
+        # A revoked key may have leaked: what was sent with it is not run again on the organization's money.
+        raise RequeueRefused(
+            "The API key this request was sent with has been revoked; submit it again with an active key.",
+            "api_key_revoked",
+            403,
+        )
+    if hooks.admit is not None:
+        # After the UPDATE, which holds the row against a second requeue; a refusal rolls the requeue back.
+        refusal = hooks.admit(Job.objects.select_related("endpoint").get(pk=job.pk))
+        if refusal is not None:
+            raise RequeueRefused(refusal.detail, refusal.error_type, refusal.status)
+    # The next final state sends the webhook afresh, under a new message id.
+    WebhookDelivery.objects.filter(job_id=job.pk).delete()
+    log_job(job.pk, log_line)
+    organization_id = job.organization_id
+    transaction.on_commit(lambda: dispatch_organization(organization_id))
     return True

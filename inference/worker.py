@@ -48,9 +48,13 @@ from inference.engine import (
     encode_image,
     resolve,
 )
+from inference.hooks import Refusal
 from inference.models import AttemptOutcome, Endpoint, Job
 
 logger = logging.getLogger(__name__)
+
+# Decoding and storing a job's images, after its last step, reserved as this many steps' time.
+FINISHING_STEPS = 2
 
 _cache: PipelineCache | None = None
 _cache_lock = threading.Lock()
@@ -100,6 +104,8 @@ class Member:
     stop_error_type: str = ""
     cancelled: threading.Event = field(default_factory=threading.Event)
     done: bool = False
+    # GPU time the job's hold covers (None: no limit; -1: not asked yet). See `Heartbeat.covers_next_step`.
+    covered_ms: int | None = -1
 
     @property
     def job_id(self) -> str:
@@ -133,7 +139,40 @@ class Heartbeat(threading.Thread):
         self._wake.set()
 
     def should_cancel(self, index: int) -> bool:
-        return self.members[index].cancelled.is_set()
+        """Asked by the engine before each further step of a job: stop it here?"""
+        member = self.members[index]
+        return member.cancelled.is_set() or not self.covers_next_step(member)
+
+    def covers_next_step(self, member: Member) -> bool:
+        """Is the job's next step paid for? Work is reserved before it is done (DESIGN §4).
+
+        The next step is projected from the job's own time per step so far (its share, in a batch); the last step
+        also carries decoding and storing, which cannot be stopped once the last step is done. When the hold falls
+        short, billing is asked to extend it (for the rest of the job when credit allows, the next step at least);
+        refused, the job stops before the step and is billed for what it used.
+        """
+        meter = self.meter
+        if meter is None:
+            return True
+        used_ms = meter.running_ms(member.index)
+        steps_done = member.step
+        per_step = used_ms / steps_done if steps_done else 0.0
+        left = max(1, (member.total or steps_done + 1) - steps_done)
+        if member.covered_ms == -1:
+            projected = used_ms  # before the first step: is anything covered at all (and is the account in credit)?
+        else:
+            if member.covered_ms is None or not steps_done:
+                return True
+            projected = math.ceil(used_ms + per_step * (1 + (FINISHING_STEPS if left == 1 else 0)))
+            if projected <= member.covered_ms:
+                return True
+        ahead = math.ceil(per_step * (left + FINISHING_STEPS))
+        answer = services.reserve_work(job=member.job, gpu_ms=projected, ahead_ms=ahead)
+        if isinstance(answer, Refusal):
+            member.stop_reason, member.stop_error_type = answer.detail, answer.error_type
+            return False
+        member.covered_ms = answer.covered_gpu_ms
+        return True
 
     def release(self, member: Member) -> None:
         """This job is finished: no more heartbeats for it."""

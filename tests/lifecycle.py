@@ -38,12 +38,17 @@ def start(job: Job) -> Job:
     return claimed
 
 
-def finish(job: Job, outcome: str = AttemptOutcome.SUCCEEDED, *, gpu_ms: int = 1_000, **kwargs: Any) -> Job:
+def finish(
+    job: Job, outcome: str = AttemptOutcome.SUCCEEDED, *, gpu_ms: int = 1_000, reserve: bool = True, **kwargs: Any
+) -> Job:
     """Closes the running attempt as a worker does, with one 64x64 image per requested image on success.
 
-    ``kwargs`` go to ``finish_attempt`` as they are: ``cold_start_ms``, ``error``, ``error_type``, ``retry``,
-    or a ``result`` of the caller's own.
+    ``reserve``: first extend the job's hold to cover ``gpu_ms``, as a worker does step by step (credit allowing;
+    without it, settlement bills only what the hold covers). ``kwargs`` go to ``finish_attempt`` as they are:
+    ``cold_start_ms``, ``error``, ``error_type``, ``retry``, or a ``result`` of the caller's own.
     """
+    if reserve:
+        services.reserve_work(job=job, gpu_ms=gpu_ms)
     if outcome == AttemptOutcome.SUCCEEDED:
         images = [{"url": "x", "width": 64, "height": 64}] * int(job.input.get("num_images", 1))
         kwargs.setdefault("result", {"images": images, "seed": 1})

@@ -159,7 +159,8 @@ class Engine:
         """Each request's result, or the `Cancelled` that ended it, in order.
 
         `on_step(step, total)` follows the batch's steps. `should_cancel(member)` is asked for every request still in
-        the batch before the first step and after each one; a request it answers True for leaves the batch there:
+        the batch before each step (the first, and after each one but the last: a request past its last step is
+        decoded and delivered whatever comes); a request it answers True for leaves the batch there:
         `on_cancelled(member, cancelled)` is called at once, so its caller can close it while the others go on.
         """
         if not requests:
@@ -362,7 +363,8 @@ class _TextToImageRun:
             latents = scheduler.step(noise_pred, timestep, latents, **extra_step_kwargs, return_dict=False)[0]
             if self.on_step is not None:
                 self.on_step(step_index + 1, self.total_steps)
-            if not self._leave_if_cancelled(steps_done=step_index + 1):
+            # After the last step the work is done: it is decoded and delivered whatever stop comes now.
+            if step_index + 1 == self.total_steps or not self._leave_if_cancelled(steps_done=step_index + 1):
                 continue
             if not self.active:
                 return self._outcomes()

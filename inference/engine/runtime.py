@@ -97,7 +97,8 @@ def run_pipeline(
     """Generate `request`'s images with diffusers' own pipeline call (the engine's loop is `Engine.run_batch`).
 
     `on_step(step, total)` is called after each denoising step (1..total). `should_cancel()` is asked before
-    the first step and after each one; when it answers True the run stops there and `Cancelled` is raised.
+    each step (before the first, and after each one but the last); when it answers True the run stops there and
+    `Cancelled` is raised.
     One run at a time per pipeline object: diffusers keeps per-call state on the pipeline.
     """
     if pipeline_kind(pipeline) is not request.kind:
@@ -115,7 +116,8 @@ def run_pipeline(
         total = pipe.num_timesteps
         if on_step is not None:
             on_step(steps_done, total)
-        if should_cancel is not None and should_cancel():
+        # Asked before each further step only: past the last one the work is done, and is decoded and delivered.
+        if should_cancel is not None and steps_done < total and should_cancel():
             # Raised through diffusers' loop: nothing after this step runs, not even the VAE decode.
             raise Cancelled(steps_done=steps_done, total_steps=total, elapsed_ms=elapsed_ms())
         return tensors

@@ -278,8 +278,10 @@ WEBHOOK_RETRY_WINDOW_SECONDS = env_int("WEBHOOK_RETRY_WINDOW_SECONDS", 26 * 3600
 # Billing (DESIGN §4): micro-dollars everywhere, cents only at Stripe.
 BILLING_SIGNUP_CREDITS_MICROS = env_int("BILLING_SIGNUP_CREDITS_MICROS", 1_000_000, minimum=0)
 # Admission holds the estimated cost of a job: measured GPU ms per work unit (steps x images x 512²
-# tiles) of the endpoint over the last week, this default before any is measured, plus a margin.
-BILLING_DEFAULT_MS_PER_WORK_UNIT = {"gpu-h100": 40, "gpu-a10g": 150, "cpu": 100}
+# tiles) of the endpoint over the last week plus a margin; before any is measured, this bound per class: about
+# twice what a Stable Diffusion-class model takes per 512² step there (SD 1.5 on an H100 ~50 ms, an A10G ~250 ms,
+# a 2-core CPU ~2.5 s). The hold grows before each further step anyway; the bound keeps admission honest.
+BILLING_UNMEASURED_MS_PER_WORK_UNIT = {"gpu-h100": 100, "gpu-a10g": 500, "cpu": 5_000}
 BILLING_HOLD_MARGIN_PERCENT = env_int("BILLING_HOLD_MARGIN_PERCENT", 120, minimum=100)
 # What a GPU-hour costs us, per class, in micro-dollars: the basis of gross margin.
 BILLING_GPU_COST_MICROS_PER_HOUR = {

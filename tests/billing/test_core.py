@@ -26,7 +26,9 @@ from billing.models import (
     UsageRecord,
     UsageRollup,
 )
+from billing.money import gpu_ms_within
 from inference import services
+from inference.hooks import Refusal, Reservation
 from inference.models import AttemptOutcome, Endpoint, Job, JobStatus
 from tests.lifecycle import SMALL, finish, run_as, start, submit_as
 
@@ -89,7 +91,7 @@ def test_closing_a_billed_run_sends_a_fixed_number_of_statements(
     # attempt; the retention setting; the log line; the job; the price; the account lock; the usage record; the
     # hold; the debit; the account; both rollups. On commit, one read finds no waiting work and no webhook to send.
     with django_assert_num_queries(16), django_capture_on_commit_callbacks(execute=True):
-        finish(job, gpu_ms=1_235)
+        finish(job, gpu_ms=1_235, reserve=False)
     assert UsageRecord.objects.get(job=job).cost_micros == 124
     assert account(tenant).held_micros == 0
 
@@ -219,24 +221,60 @@ def test_the_monthly_budget_and_a_key_limit_refuse_new_work(
     assert AuditEvent.objects.filter(action="billing.limits_changed").count() == 3
 
 
-def test_a_running_job_that_exhausts_the_balance_is_stopped_at_its_heartbeat(
+def test_a_running_job_grows_its_hold_before_more_work_and_stops_where_credit_or_budget_ends(
     tenant: dict[str, Any], builtin_endpoint: Endpoint
 ) -> None:
     job = start(submit_as(tenant, builtin_endpoint))
     hold = Hold.objects.get(job=job).amount_micros
-    beat = services.heartbeat(job_id=str(job.pk), attempt=job.attempt, step=1, total=2, gpu_ms=100)
-    assert beat.keep_going
+    covered = services.reserve_work(job=job, gpu_ms=1)
+    assert isinstance(covered, Reservation)
+    assert covered.covered_gpu_ms == gpu_ms_within(hold, CPU_PRICE)
     available = account(tenant).available_micros
-    # Time worth more than the hold and everything still available.
+    # More time than the hold and everything still available can pay for: refused, nothing changes.
     too_long = (hold + available + 1) * 1000 // CPU_PRICE + 10
-    beat = services.heartbeat(job_id=str(job.pk), attempt=job.attempt, step=2, total=2, gpu_ms=too_long)
+    refused = services.reserve_work(job=job, gpu_ms=too_long)
+    assert isinstance(refused, Refusal)
+    assert refused.error_type == "insufficient_credits"
+    assert (Hold.objects.get(job=job).amount_micros, account(tenant).available_micros) == (hold, available)
+    # The organization's monthly budget binds first here (spent + held + extra): the hold grows within it, and no
+    # further even when asked to look far ahead.
+    controls.set_monthly_budget(organization=tenant["organization"], budget_micros=hold + 30)
+    within_budget = services.reserve_work(job=job, gpu_ms=(hold + 20) * 1000 // CPU_PRICE, ahead_ms=10**9)
+    assert isinstance(within_budget, Reservation)
+    assert Hold.objects.get(job=job).amount_micros == hold + 30
+    refused = services.reserve_work(job=job, gpu_ms=(hold + 40) * 1000 // CPU_PRICE)
+    assert isinstance(refused, Refusal)
+    assert refused.error_type == "spend_limit_exceeded"
+    # Without a budget, the available credit binds: the hold grows to all of it and no further.
+    controls.set_monthly_budget(organization=tenant["organization"], budget_micros=None)
+    grown = services.reserve_work(job=job, gpu_ms=(hold + 50) * 1000 // CPU_PRICE, ahead_ms=10**9)
+    assert isinstance(grown, Reservation)
+    assert Hold.objects.get(job=job).amount_micros == hold + available
+    assert account(tenant).available_micros == 0
+    assert grown.covered_gpu_ms == gpu_ms_within(hold + available, CPU_PRICE)
+    # Settled: never more than the hold, whatever the worker measured.
+    finish(job, gpu_ms=10**9, reserve=False)
+    assert UsageRecord.objects.get(job=job).cost_micros == hold + available
+    assert account(tenant).balance_micros == 0
+
+
+def test_a_running_job_stops_at_its_heartbeat_when_a_refund_takes_the_balance_below_its_holds(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint
+) -> None:
+    job = start(submit_as(tenant, builtin_endpoint))
+    assert services.heartbeat(job_id=str(job.pk), attempt=job.attempt, step=1, total=2, gpu_ms=100).keep_going
+    books = account(tenant)
+    grant_credits(
+        organization=tenant["organization"],
+        amount_micros=-(books.balance_micros - books.held_micros + 1),
+        reason="disputed payment",
+        kind=EntryKind.ADJUSTMENT,
+    )
+    beat = services.heartbeat(job_id=str(job.pk), attempt=job.attempt, step=1, total=2, gpu_ms=100)
     assert (beat.keep_going, beat.error_type) == (False, "insufficient_credits")
-    controls.set_monthly_budget(organization=tenant["organization"], budget_micros=hold + 10)
-    within_hold = services.heartbeat(job_id=str(job.pk), attempt=job.attempt, step=2, total=2, gpu_ms=1)
-    assert within_hold.keep_going  # what is held was admitted already
-    over_budget = (hold + 20) * 1000 // CPU_PRICE
-    beat = services.heartbeat(job_id=str(job.pk), attempt=job.attempt, step=2, total=2, gpu_ms=over_budget)
-    assert (beat.keep_going, beat.error_type) == (False, "spend_limit_exceeded")
+    refused = services.reserve_work(job=job, gpu_ms=1)
+    assert isinstance(refused, Refusal)
+    assert refused.error_type == "insufficient_credits"
 
 
 def test_refunding_a_request_credits_its_cost_once_and_is_audited(

@@ -161,6 +161,28 @@ def test_cancel_stops_at_the_step_it_was_asked() -> None:
     assert len(run_pipeline(pipeline, request(num_inference_steps=2)).images) == 1
 
 
+def test_a_stop_asked_after_the_last_step_is_not_heard_the_images_are_delivered(
+    txt2img: Pipeline, img2img: Pipeline
+) -> None:
+    # Past the last step the work is done (and paid for): it is decoded, whatever a cancel or a credit check says.
+    seen: list[int] = []
+    result = run_pipeline(
+        txt2img,
+        request(num_inference_steps=3),
+        on_step=lambda step, total: seen.append(step),
+        should_cancel=lambda: len(seen) == 3,
+    )
+    assert len(result.images) == 1
+    assert seen == [1, 2, 3]
+    image_request = request(num_inference_steps=4, strength=0.5, init_image=Image.new("RGB", (64, 64)))
+    steps: list[int] = []
+    result = run_pipeline(
+        img2img, image_request, on_step=lambda step, total: steps.append(step), should_cancel=lambda: steps == [1, 2]
+    )
+    assert len(result.images) == 1
+    assert steps == [1, 2]
+
+
 def test_cancel_before_the_first_step(txt2img: Pipeline) -> None:
     with pytest.raises(Cancelled) as cancelled:
         run_pipeline(txt2img, request(), should_cancel=lambda: True)

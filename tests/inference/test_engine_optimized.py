@@ -378,6 +378,16 @@ def test_a_request_cancelled_in_a_batch_leaves_it_at_that_step_and_the_others_fi
         assert np.abs(pixels(outcome.images[0]) - pixels(alone)).max() <= 1
 
 
+def test_requests_asked_to_stop_after_the_last_step_are_delivered(lossless: Engine) -> None:
+    seen: list[int] = []
+    outcomes = lossless.run_batch(
+        [request(seeds=[1], num_inference_steps=3), request(seeds=[2], num_inference_steps=3)],
+        on_step=lambda step, _: seen.append(step),
+        should_cancel=lambda member: len(seen) == 3,
+    )
+    assert [len(outcome.images) for outcome in outcomes if not isinstance(outcome, Cancelled)] == [1, 1]
+
+
 def test_a_batch_whose_requests_all_leave_stops() -> None:
     engine = engine_for(LOSSLESS)
     seen: list[int] = []

@@ -134,3 +134,82 @@ def test_an_invalid_stored_profile_fails_the_job_unbilled(dispatch: Any, builtin
     job.refresh_from_db()
     assert (job.status, job.error_type, job.gpu_ms) == (JobStatus.FAILED, "model_unavailable", 0)
     assert attempt_of(job).outcome == AttemptOutcome.ERRORED
+
+
+def test_a_job_stops_before_the_step_its_credit_cannot_pay_for_and_is_billed_within_its_hold(
+    dispatch: Any, tenant: dict[str, Any], priced_without_broker: None
+) -> None:
+    from billing.ledger import grant_credits
+    from billing.models import Account, EntryKind, Hold, UsageRecord
+
+    job = dispatch(seed=1, num_inference_steps=12)
+    # A hold from an estimate far below what the job will take (1 µ$: about 14 ms at a CPU-second's price), and
+    # no credit left beside it.
+    organization = tenant["organization"]
+    Hold.objects.filter(job=job).update(amount_micros=1)
+    Account.objects.filter(pk=organization.pk).update(held_micros=1)
+    books = Account.objects.get(pk=organization.pk)
+    grant_credits(
+        organization=organization,
+        amount_micros=-(books.balance_micros - 1),
+        reason="spent elsewhere",
+        kind=EntryKind.ADJUSTMENT,
+    )
+
+    worker.execute(str(job.id), job.attempt)
+
+    stopped = Job.objects.get(pk=job.pk)
+    assert (stopped.status, stopped.error_type) == (JobStatus.CANCELLED, "insufficient_credits")
+    assert "Credits ran out while this request ran. Stopped after step" in stopped.error
+    assert "of 12." in stopped.error
+    assert "step 12 of 12" not in stopped.error
+    record = UsageRecord.objects.get(job=job)
+    assert record.cost_micros <= 1  # never more than the hold
+    assert record.unbilled_gpu_ms >= attempt_of(stopped).gpu_ms - record.gpu_ms  # the rest recorded unbilled
+    books = Account.objects.get(pk=organization.pk)
+    assert (books.balance_micros, books.held_micros) == (1 - record.cost_micros, 0)
+
+
+def test_a_job_whose_hold_falls_short_grows_it_before_each_step_and_completes(
+    dispatch: Any, tenant: dict[str, Any], priced_without_broker: None
+) -> None:
+    from billing.models import Account, Hold, UsageRecord
+
+    job = dispatch(seed=1, num_inference_steps=12)
+    organization = tenant["organization"]
+    Hold.objects.filter(job=job).update(amount_micros=1)  # an estimate far below what the job takes
+    Account.objects.filter(pk=organization.pk).update(held_micros=1)
+
+    worker.execute(str(job.id), job.attempt)
+
+    done = Job.objects.get(pk=job.pk)
+    assert done.status == JobStatus.COMPLETED
+    record = UsageRecord.objects.get(job=job)
+    # Reserved ahead of the work: the whole measured time was covered, so all of it is billed.
+    assert record.gpu_ms == attempt_of(done).gpu_ms > 0
+    assert record.cost_micros > 1
+    assert Account.objects.get(pk=organization.pk).held_micros == 0
+
+
+def test_a_stop_that_arrives_after_the_last_step_still_delivers_the_output(
+    dispatch: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = dispatch(seed=1, num_inference_steps=4)
+    real_progress = worker.Heartbeat.progress
+
+    def cancel_at_the_last_step(self: worker.Heartbeat, step: int, total: int) -> None:
+        real_progress(self, step, total)
+        if step == total:
+            assert services.cancel_job(job=job) == "CANCELLATION_REQUESTED"
+            for member in self.members:  # as the heartbeat does when it hears of the cancel
+                member.stop_reason, member.stop_error_type = "Cancelled by request.", "cancelled"
+                member.cancelled.set()
+
+    monkeypatch.setattr(worker.Heartbeat, "progress", cancel_at_the_last_step)
+    worker.execute(str(job.id), job.attempt)
+
+    delivered = Job.objects.get(pk=job.pk)
+    assert delivered.status == JobStatus.COMPLETED
+    assert delivered.cancel_requested_at is not None
+    assert len(delivered.result["images"]) == 1
+    assert attempt_of(delivered).outcome == AttemptOutcome.SUCCEEDED

@@ -1,0 +1,91 @@
+"""Row locks in one order, and transactions that survive losing a lock race.
+
+**The lock order.** A transaction that locks more than one kind of row takes them in this order, and never
+goes back to an earlier kind once it holds a later one:
+
+1. the Stripe event being applied (``billing.stripe_events``),
+2. the organization (``lock_organization``: dispatch, limits),
+3. jobs, in ``created_at, id`` order when several (``inference.locks.lock_job``),
+4. the job's attempt (``inference.locks.lock_attempt``),
+5. the organization's billing account (``billing.ledger.locked_account``),
+6. the job's hold, then payments (always under the account's lock).
+
+Inference's rows come before billing's because billing's hooks run inside inference's transactions, after the
+job is locked (DESIGN §1: inference knows nothing of money, so it cannot lock an account first).
+
+Every lock names what it locks (``of=("self",)``: no join drags another table's rows in) and is
+``FOR NO KEY UPDATE``: none of these transactions changes a primary key, and a plain ``FOR UPDATE`` would also
+wait on (and make wait) every insert of a row that points at the locked one, such as a job's log line or an
+organization's usage record, whose foreign key check takes ``FOR KEY SHARE``.
+
+**Retries.** A top-level action runs in ``retrying_atomic``: when PostgreSQL kills its transaction to break a
+deadlock or a serialization conflict (or SQLite finds its database locked), the whole transaction is run again,
+so the finished work it carried (a job's output and usage) is never dropped. Nested in a caller's transaction
+it is a plain savepoint: only the outermost transaction can be retried, and the caller's own retry covers it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+
+from django.db import OperationalError, connection, transaction
+from django.db.models import Model, QuerySet
+
+from accounts.models import Organization
+
+logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+M = TypeVar("M", bound=Model)
+
+# SQLSTATE of the errors that mean "run the transaction again": deadlock_detected, serialization_failure.
+RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
+MAX_ATTEMPTS = 8
+
+
+def locked(queryset: QuerySet[M]) -> QuerySet[M]:
+    """The rows of ``queryset`` locked for this transaction: its own table only, in primary-key order."""
+    return queryset.select_for_update(of=("self",), no_key=True).order_by("pk")
+
+
+def lock_organization(organization_id: Any) -> Organization | None:
+    return locked(Organization.objects.filter(pk=organization_id)).first()
+
+
+def is_retryable(error: BaseException) -> bool:
+    """A lost lock race (PostgreSQL's deadlock or serialization failure, SQLite's busy database)."""
+    if not isinstance(error, OperationalError):
+        return False
+    cause = error.__cause__
+    sqlstate = getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)
+    if sqlstate in RETRYABLE_SQLSTATES:
+        return True
+    return connection.vendor == "sqlite" and "database is locked" in str(error)
+
+
+def retrying_atomic(function: Callable[P, R]) -> Callable[P, R]:
+    """Runs ``function`` in a transaction, again (a few times, with jittered backoff) if it loses a lock race."""
+
+    @functools.wraps(function)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        if connection.in_atomic_block:
+            with transaction.atomic():
+                return function(*args, **kwargs)
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                with transaction.atomic():
+                    return function(*args, **kwargs)
+            except OperationalError as error:
+                if attempt == MAX_ATTEMPTS or not is_retryable(error):
+                    raise
+                logger.warning("%s lost a lock race (%s); running it again (%d)", function.__qualname__, error, attempt)
+                time.sleep(random.uniform(0, 0.01 * 2**attempt))  # noqa: S311 - jitter, not a secret
+        raise AssertionError("unreachable")
+
+    return run
