@@ -216,6 +216,17 @@ def check_jobs(scope: Scope = FULL) -> Check:
     )
     open_attempt = Exists(JobAttempt.objects.filter(job_id=OuterRef("pk"), outcome=AttemptOutcome.RUNNING))
     check.found_in("final_job_with_open_attempt", [part.filter(open_attempt) for part in final], *fields)
+    # An accepted cancel is never lost: no attempt may start after it (an operator's requeue clears the request).
+    started_after_cancel = scope.ended(
+        JobAttempt.objects.filter(
+            job__cancel_requested_at__isnull=False, started_at__gt=F("job__cancel_requested_at")
+        ).annotate(cancel_requested_at=F("job__cancel_requested_at"))
+    )
+    check.found_in(
+        "ran_after_its_cancel_was_accepted",
+        started_after_cancel,
+        *("job_id", "number", "started_at", "cancel_requested_at", "outcome"),
+    )
     return check
 
 
@@ -410,6 +421,17 @@ def check_ledger_chain(scope: Scope = FULL) -> Check:
         "amount_micros",
         "balance_after_micros",
         "previous_balance_after_micros",
+    )
+    # Usage is debited within the job's hold and never below zero (DESIGN §4): only a refunded or disputed payment
+    # may take a balance negative.
+    check.found_in(
+        "usage_took_the_balance_below_zero",
+        in_scope.filter(kind=EntryKind.USAGE, balance_after_micros__lt=0).order_by("id"),
+        "id",
+        "organization_id",
+        "job_id",
+        "amount_micros",
+        "balance_after_micros",
     )
     return check
 

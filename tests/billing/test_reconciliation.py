@@ -197,6 +197,27 @@ def test_a_broken_balance_after_chain(books: dict[str, Any]) -> None:
     assert [example["id"] for example in item["examples"]] == [middle.pk, entries[3].pk]
 
 
+def test_a_job_that_ran_again_after_its_cancel_was_accepted(books: dict[str, Any]) -> None:
+    # The lost-cancel race: the owner's cancel was accepted, then a requeue ran the job once more.
+    job = books["cancelled_running"]
+    JobAttempt.objects.create(
+        job=job, number=job.attempt + 1, worker="w", started_at=job.cancel_requested_at + timedelta(seconds=1)
+    )
+    run_ = reconciliation.run_reconciliation()
+    assert "jobs.ran_after_its_cancel_was_accepted" in kinds(run_)
+    [example] = drift_of(run_, "jobs.ran_after_its_cancel_was_accepted")["examples"]
+    assert (example["job_id"], example["number"]) == (str(job.pk), job.attempt + 1)
+
+
+def test_usage_that_took_a_balance_below_zero(books: dict[str, Any]) -> None:
+    usage = CreditEntry.objects.filter(organization=books["organization"], kind=EntryKind.USAGE).latest("id")
+    CreditEntry.objects.filter(pk=usage.pk).update(balance_after_micros=-1)
+    run_ = reconciliation.run_reconciliation()
+    assert "ledger_chain.usage_took_the_balance_below_zero" in kinds(run_)
+    [example] = drift_of(run_, "ledger_chain.usage_took_the_balance_below_zero")["examples"]
+    assert (example["id"], example["balance_after_micros"]) == (usage.pk, -1)
+
+
 def test_held_credit_that_is_not_the_open_holds(books: dict[str, Any]) -> None:
     Account.objects.filter(pk=books["organization"].pk).update(held_micros=123)
     run_ = reconciliation.run_reconciliation()
