@@ -6,22 +6,28 @@ import uuid
 
 from celery import shared_task
 
+# A task that sets time_limit sets soft_time_limit below it too: a soft limit left unset is filled from
+# CELERY_TASK_SOFT_TIME_LIMIT, which may exceed this hard limit, and Celery then refuses to send the task
+# (beat logs "Couldn't apply scheduled task" and skips it). The soft limit leaves the task time to roll back.
 
-@shared_task(name="billing.process_stripe_event", ignore_result=True, acks_late=True, time_limit=120)
+
+@shared_task(
+    name="billing.process_stripe_event", ignore_result=True, acks_late=True, soft_time_limit=100, time_limit=120
+)
 def process_stripe_event(event_id: str) -> None:
     from billing.stripe_events import process_event
 
     process_event(event_id)
 
 
-@shared_task(name="billing.auto_top_up", ignore_result=True, acks_late=True, time_limit=120)
+@shared_task(name="billing.auto_top_up", ignore_result=True, acks_late=True, soft_time_limit=100, time_limit=120)
 def auto_top_up(organization_id: str) -> None:
     from billing.payments import auto_top_up as top_up
 
     top_up(organization_id=uuid.UUID(organization_id))
 
 
-@shared_task(name="billing.stripe_sweep", ignore_result=True, time_limit=600)
+@shared_task(name="billing.stripe_sweep", ignore_result=True, soft_time_limit=540, time_limit=600)
 def stripe_sweep() -> dict[str, int]:
     from billing.stripe_events import sweep
 

@@ -11,6 +11,8 @@ from celery.signals import worker_ready
 from inference import file_tasks, webhook_tasks  # noqa: F401  (their tasks register with Celery)
 
 
+# run_job takes both limits from CELERY_TASK_TIME_LIMIT / CELERY_TASK_SOFT_TIME_LIMIT: they are a GPU job's deadline.
+# The scheduled tasks below set their own pair, so tuning that deadline never leaves beat a soft limit above a hard one.
 @shared_task(name="inference.run_job", ignore_result=True, acks_late=True, reject_on_worker_lost=True)
 def run_job(job_id: str, attempt: int) -> None:
     from inference.worker import execute
@@ -18,14 +20,14 @@ def run_job(job_id: str, attempt: int) -> None:
     execute(job_id, attempt)
 
 
-@shared_task(name="inference.sweep", ignore_result=True)
+@shared_task(name="inference.sweep", ignore_result=True, soft_time_limit=240, time_limit=300)
 def sweep() -> dict[str, int]:
     from inference.services import sweep as run_sweep
 
     return run_sweep()
 
 
-@shared_task(name="inference.sync_models", ignore_result=True)
+@shared_task(name="inference.sync_models", ignore_result=True, soft_time_limit=240, time_limit=300)
 def sync_models() -> Any:
     from inference.registry import sync_local_models
 

@@ -4,6 +4,7 @@ pointed at it, and webhook deliveries signed with the SDK's own scheme."""
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,8 +29,10 @@ def fake_stripe_server() -> Iterator[FakeStripe]:
 
 @pytest.fixture
 def fake_stripe(fake_stripe_server: FakeStripe, settings: Any) -> FakeStripe:
-    """Payments on, against the fake Stripe."""
-    settings.STRIPE_SECRET_KEY = SECRET_KEY
+    """Payments on, against the fake Stripe, each test as its own Stripe account."""
+    # The fake scopes idempotency keys to the API key, as Stripe does, and ours (payment-<id>) repeat from one
+    # test to the next wherever the test database hands out the same ids again (SQLite rolls its counters back).
+    settings.STRIPE_SECRET_KEY = f"{SECRET_KEY}_{uuid.uuid4().hex}"
     settings.STRIPE_PUBLISHABLE_KEY = PUBLISHABLE_KEY
     settings.STRIPE_WEBHOOK_SECRET = WEBHOOK_SECRET
     settings.STRIPE_API_BASE = fake_stripe_server.url

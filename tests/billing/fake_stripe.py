@@ -13,6 +13,15 @@ Run as ``python tests/billing/fake_stripe.py --port N``. What is added or change
 - Checkout Sessions, absent from localstripe: ``POST/GET /v1/checkout/sessions``; a test pays one with
   ``POST /_test/checkout/sessions/{id}/pay`` (a PaymentIntent with the session's
   ``payment_intent_data``, then ``checkout.session.completed``) or lets it expire with ``.../expire``.
+- Idempotent requests (localstripe ignores ``Idempotency-Key``): a POST whose key was seen before, under the
+  same API key, replays the first answer with ``Idempotent-Replayed: true`` if its method, path and parameters
+  are the same, and answers 400 ``idempotency_error`` if they are not (409 while the first is still running).
+  As at Stripe, an answer is kept once the endpoint ran (a success, a declined card), not when the request was
+  refused before (a validation error): that key may be used again. Keys are never forgotten (Stripe: 24 hours).
+- Lost answers: ``POST /_test/faults`` (``request_path``, ``count``) makes the next ``count`` POSTs to it be
+  processed and then answered with a dropped connection, as when Stripe acted but its answer never arrived
+  (the SDK's network retries then resend the request with its key); ``GET /_test/faults`` lists those still
+  to fire and ``DELETE /_test/faults`` clears them.
 
 Stripe's real behaviour is the reference for each; only the fields our code reads are modelled.
 """
@@ -20,7 +29,9 @@ Stripe's real behaviour is the reference for each; only the fields our code read
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl
 
 from aiohttp import web
 from localstripe import resources, server
@@ -176,6 +187,148 @@ def _expire_checkout(id: str, **_: Any) -> CheckoutSession:  # noqa: A002
     return session
 
 
+# Stripe's messages, word for word: the SDK raises IdempotencyError on their type.
+IDEMPOTENCY_MISMATCH = (
+    "Keys for idempotent requests can only be used with the same parameters they were first used with. "
+    "Try using a key other than '{key}' if you meant to execute a different request."
+)
+IDEMPOTENCY_IN_PROGRESS = (
+    "There is currently another in-progress request using this Idempotent Key (that probably means you "
+    "submitted twice, and the other request is still going through): {key}. Please try again later."
+)
+
+
+@dataclass
+class _Answer:
+    status: int
+    body: bytes
+    content_type: str
+
+
+@dataclass
+class _KeyUse:
+    request: tuple[str, str, Any]  # method, path with query, parameters
+    answer: _Answer | None = None  # None while the first request runs
+
+
+# (API key, connected account, Idempotency-Key) -> its first use.
+_key_uses: dict[tuple[str, str, str], _KeyUse] = {}
+
+
+def _kept(response: web.StreamResponse) -> bool:
+    """Stripe keeps the answer of an endpoint that ran: a success, or a declined card (402). A request refused
+    before (bad parameters, no such object) keeps nothing."""
+    return (
+        isinstance(response, web.Response)
+        and isinstance(response.body, bytes | None)
+        and (response.status < 400 or response.status == 402)
+    )
+
+
+async def _parameters(request: web.Request) -> Any:
+    body = await request.read()
+    if request.content_type == "application/x-www-form-urlencoded":
+        # Stripe compares parameters, not bytes: the same ones in another order are the same request.
+        return tuple(sorted(parse_qsl(body.decode(), keep_blank_values=True)))
+    return body
+
+
+def _idempotency_error(status: int, message: str) -> web.Response:
+    return server.json_response({"error": {"type": "idempotency_error", "message": message}}, status=status)
+
+
+@web.middleware
+async def idempotency_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    key = request.headers.get("Idempotency-Key")
+    if request.method != "POST" or not key:
+        return await handler(request)
+    scope = (
+        server.get_api_key(request) or request.headers.get("Authorization", ""),
+        request.headers.get("Stripe-Account", ""),
+        key,
+    )
+    this_request = (request.method, request.path_qs, await _parameters(request))
+    first = _key_uses.get(scope)
+    if first is not None:
+        if first.request != this_request:
+            return _idempotency_error(400, IDEMPOTENCY_MISMATCH.format(key=key))
+        if first.answer is None:
+            return _idempotency_error(409, IDEMPOTENCY_IN_PROGRESS.format(key=key))
+        return web.Response(
+            status=first.answer.status,
+            body=first.answer.body,
+            headers={"Content-Type": first.answer.content_type, "Idempotency-Key": key, "Idempotent-Replayed": "true"},
+        )
+    use = _key_uses[scope] = _KeyUse(request=this_request)
+    try:
+        try:
+            response = await handler(request)
+        except UserError as exc:  # answered here, not by localstripe's outer middleware, so it can be kept
+            response = exc.to_response()
+    except BaseException:
+        del _key_uses[scope]
+        raise
+    if _kept(response):
+        use.answer = _Answer(response.status, response.body or b"", response.headers.get("Content-Type", ""))
+    else:
+        del _key_uses[scope]
+    response.headers["Idempotency-Key"] = key
+    return response
+
+
+@dataclass
+class _Fault:
+    path: str
+    remaining: int
+
+
+_faults: list[_Fault] = []
+
+
+@web.middleware
+async def fault_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Processes the request, then drops the connection instead of answering if a fault is set for it."""
+    try:
+        response = await handler(request)
+    except UserError as exc:
+        response = exc.to_response()
+    fault = next((f for f in _faults if request.method == "POST" and f.path == request.path), None)
+    if fault is None:
+        return response
+    fault.remaining -= 1
+    if fault.remaining <= 0:
+        _faults.remove(fault)
+    assert request.transport is not None
+    request.transport.abort()  # no answer at all: the client sees the connection reset
+    return response
+
+
+async def _set_fault(request: web.Request) -> web.Response:
+    data = await server.get_post_data(request) or {}
+    path, count = data.get("request_path"), data.get("count", "1")
+    if not isinstance(path, str) or not path.startswith("/v1/") or not str(count).isdigit() or int(count) < 1:
+        raise UserError(400, "Bad request")
+    _faults.append(_Fault(path=path, remaining=int(count)))
+    return server.json_response({"path": path, "count": int(count)})
+
+
+async def _list_faults(request: web.Request) -> web.Response:
+    return server.json_response({"data": [{"path": f.path, "remaining": f.remaining} for f in _faults]})
+
+
+async def _clear_faults(request: web.Request) -> web.Response:
+    _faults.clear()
+    return server.json_response({"cleared": True})
+
+
+def add_middlewares(app: web.Application) -> None:
+    """After localstripe's authentication (a key is scoped to its API key) and before its handlers: a fault
+    drops the answer after the idempotency layer has kept it, so the SDK's retry gets the replay."""
+    position = list(app.middlewares).index(server.auth_middleware) + 1
+    app.middlewares.insert(position, idempotency_middleware)
+    app.middlewares.insert(position, fault_middleware)
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_route("GET", "/v1/disputes/{id}", server.api_retrieve(Dispute, "/v1/disputes"))
     app.router.add_route("POST", "/_test/disputes", server.api_extra(_open_dispute, "/_test/disputes"))
@@ -184,6 +337,9 @@ def add_routes(app: web.Application) -> None:
     app.router.add_route("GET", "/v1/checkout/sessions/{id}", server.api_retrieve(CheckoutSession, ""))
     app.router.add_route("POST", "/_test/checkout/sessions/{id}/pay", server.api_extra(_pay_checkout, ""))
     app.router.add_route("POST", "/_test/checkout/sessions/{id}/expire", server.api_extra(_expire_checkout, ""))
+    app.router.add_route("POST", "/_test/faults", _set_fault)
+    app.router.add_route("GET", "/_test/faults", _list_faults)
+    app.router.add_route("DELETE", "/_test/faults", _clear_faults)
 
 
 def main() -> None:
@@ -191,6 +347,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     add_routes(server.app)
+    add_middlewares(server.app)
     web.run_app(server.app, host="127.0.0.1", port=args.port, access_log=None, print=None)
 
 

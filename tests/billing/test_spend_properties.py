@@ -1,0 +1,207 @@
+"""The money guarantee under any interleaving of one organization's jobs (DESIGN §4).
+
+A Hypothesis state machine runs several jobs of one organization with little credit, a monthly budget and a
+key's monthly limit, step by step as workers do: each step first asks billing to extend the job's hold
+(``services.reserve_work``) and stops the job where it is refused; a finished job may measure more GPU time than
+it reserved; operators grant credit or take it back (a refunded or disputed payment); prices change. After every
+step:
+
+- usage never took the balance below zero (every usage debit leaves it >= 0);
+- no job was debited more than its hold;
+- spending stays within the budget and the key's limit;
+- what is held is the sum of open holds, and never more than the balance unless credit was taken back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.db import transaction
+from django.db.models import Sum
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from accounts.models import ApiKey, Organization
+from billing import controls
+from billing.admission import spent_this_month
+from billing.ledger import grant_credits
+from billing.models import Account, CreditEntry, EntryKind, Hold, Price, UsageRecord
+from inference import services
+from inference.hooks import Refusal
+from inference.models import AttemptOutcome, Endpoint, Job, JobStatus
+from tests import lifecycle
+
+pytestmark = pytest.mark.django_db
+
+
+class Spending(RuleBasedStateMachine):
+    organization: Organization
+    api_key: ApiKey
+    endpoint: Endpoint
+
+    @initialize(
+        credit=st.integers(0, 60_000),
+        budget=st.one_of(st.none(), st.integers(0, 80_000)),
+        key_limit=st.one_of(st.none(), st.integers(0, 80_000)),
+    )
+    def open_books(self, credit: int, budget: int | None, key_limit: int | None) -> None:
+        self.example = transaction.atomic()
+        self.example.__enter__()
+        account = Account.objects.get(pk=self.organization.pk)
+        # Start from exactly ``credit`` (the sign-up grant taken back or topped up).
+        if account.balance_micros != credit:
+            grant_credits(
+                organization=self.organization,
+                amount_micros=credit - account.balance_micros,
+                reason="start",
+                kind=EntryKind.ADJUSTMENT,
+            )
+        controls.set_monthly_budget(organization=self.organization, budget_micros=budget)
+        controls.set_key_limit(api_key=self.api_key, monthly_limit_micros=key_limit)
+        self.budget, self.key_limit = budget, key_limit
+        self.taken_back = False
+        # Per running job: GPU ms used so far by its current attempt.
+        self.used: dict[Any, int] = {}
+        self.jobs: list[Any] = []
+
+    def teardown(self) -> None:
+        if hasattr(self, "example"):
+            transaction.set_rollback(True)
+            self.example.__exit__(None, None, None)
+
+    def running(self) -> list[Job]:
+        return list(Job.objects.filter(pk__in=self.jobs, status=JobStatus.RUNNING).order_by("created_at", "pk"))
+
+    def waiting(self) -> list[Job]:
+        return list(
+            Job.objects.filter(pk__in=self.jobs, status__in=(JobStatus.QUEUED, JobStatus.DISPATCHED)).order_by(
+                "created_at", "pk"
+            )
+        )
+
+    # --- What customers, workers and operators do ------------------------------------------------------------
+
+    @rule(steps=st.integers(1, 8), with_key=st.booleans())
+    def submit(self, steps: int, with_key: bool) -> None:
+        try:
+            job = lifecycle.submit(
+                self.organization,
+                self.endpoint,
+                api_key=self.api_key if with_key else None,
+                num_inference_steps=steps,
+            )
+        except services.SubmissionRefused as refused:
+            if refused.status != 402:
+                raise  # credit, budget or the key's limit are the only refusals these requests may meet
+            return
+        self.jobs.append(job.pk)
+
+    @precondition(lambda self: bool(self.waiting()))
+    @rule(data=st.data())
+    def start(self, data: st.DataObject) -> None:
+        job = lifecycle.start(data.draw(st.sampled_from(self.waiting())))
+        self.used[job.pk] = 0
+
+    @precondition(lambda self: bool(self.running()))
+    @rule(data=st.data(), step_ms=st.integers(1, 40_000), ahead_ms=st.integers(0, 100_000))
+    def step(self, data: st.DataObject, step_ms: int, ahead_ms: int) -> None:
+        """A worker about to run one more step: reserved first, or the job stops before it."""
+        job = data.draw(st.sampled_from(self.running()))
+        answer = services.reserve_work(job=job, gpu_ms=self.used[job.pk] + step_ms, ahead_ms=ahead_ms)
+        if isinstance(answer, Refusal):
+            self.close(job, AttemptOutcome.CANCELLED, self.used[job.pk])
+            return
+        if answer.covered_gpu_ms is not None:
+            assert answer.covered_gpu_ms >= self.used[job.pk] + step_ms
+        self.used[job.pk] += step_ms
+
+    @precondition(lambda self: bool(self.running()))
+    @rule(data=st.data(), overrun_ms=st.integers(0, 20_000), outcome=st.sampled_from(list(AttemptOutcome)[1:]))
+    def finish(self, data: st.DataObject, overrun_ms: int, outcome: AttemptOutcome) -> None:
+        """The attempt ends, having measured up to ``overrun_ms`` more than it reserved (decoding, storing)."""
+        job = data.draw(st.sampled_from(self.running()))
+        self.close(job, outcome, self.used[job.pk] + overrun_ms)
+
+    def close(self, job: Job, outcome: AttemptOutcome, gpu_ms: int) -> None:
+        held = Hold.objects.get(job=job).amount_micros
+        charged_before = self.charged(job)
+        lifecycle.finish(job, outcome, gpu_ms=gpu_ms, reserve=False, retry=outcome == AttemptOutcome.ERRORED)
+        # Never debited more than its hold.
+        assert self.charged(job) - charged_before <= held
+        self.used.pop(job.pk, None)
+
+    @staticmethod
+    def charged(job: Job) -> int:
+        return int(UsageRecord.objects.filter(job=job).aggregate(total=Sum("cost_micros"))["total"] or 0)
+
+    @precondition(lambda self: bool(self.waiting() or self.running()))
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        job = data.draw(st.sampled_from(self.waiting() + self.running()))
+        assert services.cancel_job(job=job) == "CANCELLATION_REQUESTED"
+        if job.status == JobStatus.RUNNING:
+            self.close(job, AttemptOutcome.CANCELLED, self.used[job.pk])
+
+    @rule(amount=st.integers(1, 40_000), take_back=st.booleans())
+    def credit(self, amount: int, take_back: bool) -> None:
+        """A grant, or credit taken back (a refunded or disputed payment: the balance may go below zero)."""
+        grant_credits(
+            organization=self.organization,
+            amount_micros=-amount if take_back else amount,
+            reason="property test",
+            kind=EntryKind.ADJUSTMENT if take_back else EntryKind.GRANT,
+        )
+        self.taken_back |= take_back
+
+    @rule(micros=st.integers(0, 5_000))
+    def change_the_price(self, micros: int) -> None:
+        Price.objects.create(gpu_class="cpu", unit_price_micros=micros)
+
+    # --- What must hold after every step ---------------------------------------------------------------------
+
+    @invariant()
+    def usage_never_takes_the_balance_below_zero(self) -> None:
+        usage = CreditEntry.objects.filter(organization=self.organization, kind=EntryKind.USAGE)
+        assert not usage.filter(balance_after_micros__lt=0).exists()
+
+    @invariant()
+    def spending_stays_within_the_budget_and_the_keys_limit(self) -> None:
+        if hasattr(self, "budget") and self.budget is not None:
+            assert spent_this_month(organization_id=self.organization.pk) <= self.budget
+        if hasattr(self, "key_limit") and self.key_limit is not None:
+            assert spent_this_month(organization_id=self.organization.pk, key_id=self.api_key.pk) <= self.key_limit
+
+    @invariant()
+    def held_is_the_open_holds_and_backed_by_the_balance(self) -> None:
+        account = Account.objects.get(pk=self.organization.pk)
+        open_holds = Hold.objects.filter(organization=self.organization, released_at__isnull=True)
+        assert account.held_micros == int(open_holds.aggregate(total=Sum("amount_micros"))["total"] or 0)
+        if not getattr(self, "taken_back", True):
+            assert account.balance_micros >= account.held_micros
+
+
+def test_usage_stays_within_credit_holds_budget_and_key_limit(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, quiet_books: None
+) -> None:
+    organization = tenant["organization"]
+    Organization.objects.filter(pk=organization.pk).update(concurrency_limit=1_000)
+    Spending.organization, Spending.api_key, Spending.endpoint = organization, tenant["api_key"], builtin_endpoint
+    run_state_machine_as_test(
+        Spending,
+        settings=settings(
+            max_examples=40,
+            stateful_step_count=25,
+            deadline=None,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )

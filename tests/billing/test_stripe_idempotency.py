@@ -1,0 +1,273 @@
+"""Idempotency keys against a fake Stripe that honours them (``fake_stripe.py``), and what that buys us:
+a charge whose answer was lost and is sent again, by the SDK's retries or by our sweep, charges once.
+
+Our keys come from our own rows (``payment-<id>``, committed before Stripe is called), so a resend of
+the same payment is the same request to Stripe; these tests lose Stripe's answer on purpose (the fake
+processes the request, then drops the connection) and count the PaymentIntents Stripe ends up with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+import stripe
+from django.conf import settings
+from django.utils import timezone
+
+from billing import controls, payments
+from billing.models import Account, CreditEntry, EntryKind, Payment, PaymentKind, PaymentStatus
+from billing.stripe_client import stripe_client
+from billing.tasks import stripe_sweep
+from tests.stripe_support import FakeStripe
+
+pytestmark = pytest.mark.django_db
+
+DOLLARS_20 = 20_000_000  # micros
+PAYMENT_INTENTS = "/v1/payment_intents"
+
+
+@pytest.fixture
+def lost_answers(fake_stripe: FakeStripe) -> Iterator[Any]:
+    """``lose(path, count)``: the next ``count`` POSTs to ``path`` are processed by Stripe, their answers lost."""
+    fake_stripe.call("DELETE", "/_test/faults")
+
+    def lose(path: str, count: int = 1) -> None:
+        fake_stripe.call("POST", "/_test/faults", request_path=path, count=count)
+
+    yield lose
+    fake_stripe.call("DELETE", "/_test/faults")  # a test that failed early leaves none for the next
+
+
+def faults_left(fake_stripe: FakeStripe) -> list[dict[str, Any]]:
+    return fake_stripe.call("GET", "/_test/faults")["data"]
+
+
+def intent_params(customer_id: str, amount: int = 2_000) -> dict[str, Any]:
+    return {
+        "amount": amount,
+        "currency": "usd",
+        "customer": customer_id,
+        "payment_method": "pm_card_visa",
+        "payment_method_types": ["card"],
+        "confirm": True,
+    }
+
+
+def intents_of(customer_id: str) -> list[Any]:
+    return list(stripe_client().v1.payment_intents.list(params={"customer": customer_id, "limit": 100}).data)
+
+
+def stripe_client_key() -> str:
+    """The API key of this test's Stripe account (the ``fake_stripe`` fixture gives each test its own)."""
+    return str(settings.STRIPE_SECRET_KEY)
+
+
+def new_customer() -> str:
+    return stripe_client().v1.customers.create(params={"name": "idempotency"}).id
+
+
+# The fake itself.
+
+
+def test_the_same_key_and_parameters_replay_the_first_answer(fake_stripe: FakeStripe) -> None:
+    customer_id = new_customer()
+    first = stripe_client().v1.payment_intents.create(
+        params=intent_params(customer_id),  # type: ignore[arg-type]
+        options={"idempotency_key": "order-1"},
+    )
+    again = stripe_client().v1.payment_intents.create(
+        params=intent_params(customer_id),  # type: ignore[arg-type]
+        options={"idempotency_key": "order-1"},
+    )
+    assert again.id == first.id
+    assert (again.status, again.amount_received) == ("succeeded", 2_000)
+    assert again.last_response.headers.get("Idempotent-Replayed") == "true"
+    assert first.last_response.headers.get("Idempotent-Replayed") is None
+    assert [intent.id for intent in intents_of(customer_id)] == [first.id]
+
+    # The same parameters in another order are the same request (Stripe compares parameters, not bytes).
+    form = {"currency": "usd", "amount": "2000", "confirm": "true", "payment_method": "pm_card_visa"}
+    replayed = httpx.post(
+        fake_stripe.url + PAYMENT_INTENTS,
+        data={"customer": customer_id, "payment_method_types[0]": "card", **form},
+        headers={"Authorization": f"Bearer {stripe_client_key()}", "Idempotency-Key": "order-1"},
+    )
+    assert (replayed.status_code, replayed.headers.get("Idempotent-Replayed")) == (200, "true")
+    assert replayed.json()["id"] == first.id
+
+
+def test_the_same_key_with_other_parameters_or_path_is_an_idempotency_error(fake_stripe: FakeStripe) -> None:
+    customer_id = new_customer()
+    first = stripe_client().v1.payment_intents.create(
+        params=intent_params(customer_id),  # type: ignore[arg-type]
+        options={"idempotency_key": "order-2"},
+    )
+    with pytest.raises(stripe.IdempotencyError) as other_body:
+        stripe_client().v1.payment_intents.create(
+            params=intent_params(customer_id, amount=2_001),  # type: ignore[arg-type]
+            options={"idempotency_key": "order-2"},
+        )
+    assert other_body.value.http_status == 400
+    assert (other_body.value.user_message or "").startswith(
+        "Keys for idempotent requests can only be used with the same parameters they were first used with."
+    )
+    with pytest.raises(stripe.IdempotencyError):
+        stripe_client().v1.customers.create(params={"name": "idempotency"}, options={"idempotency_key": "order-2"})
+    assert [intent.id for intent in intents_of(customer_id)] == [first.id]  # neither made anything
+
+    raw = httpx.post(
+        fake_stripe.url + PAYMENT_INTENTS,
+        data={"amount": "1", "currency": "usd"},
+        headers={"Authorization": f"Bearer {stripe_client_key()}", "Idempotency-Key": "order-2"},
+    )
+    assert raw.status_code == 400
+    assert raw.json()["error"]["type"] == "idempotency_error"
+
+
+def test_keys_belong_to_one_api_key_and_a_refused_request_keeps_none(fake_stripe: FakeStripe) -> None:
+    customer_id = new_customer()
+    mine = stripe_client().v1.payment_intents.create(
+        params=intent_params(customer_id),  # type: ignore[arg-type]
+        options={"idempotency_key": "order-3"},
+    )
+    another_account = stripe.StripeClient(stripe_client_key() + "_other", base_addresses={"api": fake_stripe.url})
+    theirs = another_account.v1.payment_intents.create(
+        params=intent_params(customer_id),  # type: ignore[arg-type]
+        options={"idempotency_key": "order-3"},
+    )
+    assert theirs.id != mine.id
+
+    # Stripe keeps no answer for a request it refused before acting (here: no such customer), so the key is free.
+    with pytest.raises(stripe.InvalidRequestError):
+        stripe_client().v1.payment_intents.create(
+            params=intent_params("cus_missing"),  # type: ignore[arg-type]
+            options={"idempotency_key": "order-4"},
+        )
+    made = stripe_client().v1.payment_intents.create(
+        params=intent_params(customer_id),  # type: ignore[arg-type]
+        options={"idempotency_key": "order-4"},
+    )
+    assert made.last_response.headers.get("Idempotent-Replayed") is None
+    assert {intent.id for intent in intents_of(customer_id)} == {mine.id, theirs.id, made.id}
+
+
+def test_a_lost_answer_is_retried_by_the_sdk_and_replayed(fake_stripe: FakeStripe, lost_answers: Any) -> None:
+    customer_id = new_customer()
+    lost_answers(PAYMENT_INTENTS)
+    intent = stripe_client().v1.payment_intents.create(
+        params=intent_params(customer_id),  # type: ignore[arg-type]
+        options={"idempotency_key": "order-5"},
+    )
+    assert faults_left(fake_stripe) == []  # the first answer was really lost
+    assert intent.last_response.headers.get("Idempotent-Replayed") == "true"
+    assert [found.id for found in intents_of(customer_id)] == [intent.id]
+
+
+# The product: a charge sent again is the same charge.
+
+
+def save_card(organization: Any) -> str:
+    payments.attach_payment_method(organization=organization, payment_method_id="pm_card_visa")
+    return Account.objects.get(pk=organization.pk).stripe_customer_id
+
+
+def credited(payment: Payment) -> list[tuple[str, int, str]]:
+    return [
+        (entry.kind, entry.amount_micros, entry.idempotency_key)
+        for entry in CreditEntry.objects.filter(payment=payment).order_by("pk")
+    ]
+
+
+def test_a_purchase_whose_answer_is_lost_charges_and_credits_once(
+    fake_stripe: FakeStripe, tenant: dict[str, Any], lost_answers: Any
+) -> None:
+    customer_id = save_card(tenant["organization"])
+    before = Account.objects.get(pk=tenant["organization"].pk).balance_micros
+    lost_answers(PAYMENT_INTENTS)
+
+    response = tenant["client"].post("/v1/billing/purchases", {"amount_cents": 2_000}, format="json")
+
+    assert response.status_code == 201, response.json()
+    assert faults_left(fake_stripe) == []
+    [intent] = intents_of(customer_id)  # Stripe made one charge, however many times it was asked
+    [payment] = Payment.objects.filter(organization=tenant["organization"])
+    assert intent.metadata["payment_id"] == str(payment.pk)
+    assert (payment.status, payment.stripe_payment_intent_id) == (PaymentStatus.SUCCEEDED, intent.id)
+    assert credited(payment) == [(EntryKind.PURCHASE, DOLLARS_20, f"payment-{payment.pk}")]
+    assert Account.objects.get(pk=tenant["organization"].pk).balance_micros == before + DOLLARS_20
+
+
+def test_an_auto_top_up_with_no_answer_is_resent_by_the_sweep_and_charges_once(
+    fake_stripe: FakeStripe, tenant: dict[str, Any], lost_answers: Any, sent_tasks: list[Any]
+) -> None:
+    organization = tenant["organization"]
+    customer_id = save_card(organization)
+    account = Account.objects.get(pk=organization.pk)
+    before = account.balance_micros
+    # Just below the threshold now, above it after one top-up: a second charge could only be a duplicate.
+    threshold = account.available_micros + 1
+    controls.set_auto_top_up(organization=organization, enabled=True, threshold_micros=threshold, amount_cents=2_000)
+    # Every try the SDK makes loses its answer: the top-up ends with its outcome unknown.
+    lost_answers(PAYMENT_INTENTS, count=settings.STRIPE_MAX_NETWORK_RETRIES + 1)
+
+    pending = payments.auto_top_up(organization_id=organization.pk)
+
+    assert pending is not None
+    assert faults_left(fake_stripe) == []
+    pending.refresh_from_db()
+    assert (pending.kind, pending.status) == (PaymentKind.AUTO_TOP_UP, PaymentStatus.PENDING)
+    assert not pending.stripe_payment_intent_id  # we never heard which PaymentIntent it made
+    [charged] = intents_of(customer_id)  # Stripe did charge, on the first try
+    assert charged.status == "succeeded"
+    assert payments.auto_top_up(organization_id=organization.pk) is None  # one pending top-up at a time
+
+    # Once it is old enough, the sweep sends the pending top-up again (same payment row, same key): Stripe
+    # answers with the charge it made the first time.
+    stale = timezone.now() - timedelta(seconds=settings.BILLING_PAYMENT_SETTLE_AFTER_SECONDS + 1)
+    Payment.objects.filter(pk=pending.pk).update(created_at=stale)
+    assert stripe_sweep()["payments"] == 1
+    pending.refresh_from_db()
+    assert (pending.status, pending.stripe_payment_intent_id) == (PaymentStatus.SUCCEEDED, charged.id)
+    assert [intent.id for intent in intents_of(customer_id)] == [charged.id]
+    assert credited(pending) == [(EntryKind.AUTO_TOP_UP, DOLLARS_20, f"payment-{pending.pk}")]
+    assert Account.objects.get(pk=organization.pk).balance_micros == before + DOLLARS_20
+
+    # Nothing more happens however often the sweep or the task runs again.
+    assert stripe_sweep() == {"events": 0, "payments": 0, "top_ups": 0}
+    assert payments.auto_top_up(organization_id=organization.pk) is None
+    assert [intent.id for intent in intents_of(customer_id)] == [charged.id]
+    assert len(credited(pending)) == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the sweep resends a lost auto top-up with the card that is the default now, not the one first sent: "
+    "Stripe refuses the key (idempotency_error) and the payment is marked failed although Stripe charged it",
+)
+def test_an_auto_top_up_resent_after_the_default_card_changed_still_settles_from_the_first_charge(
+    fake_stripe: FakeStripe, tenant: dict[str, Any], lost_answers: Any, sent_tasks: list[Any]
+) -> None:
+    organization = tenant["organization"]
+    customer_id = save_card(organization)
+    account = Account.objects.get(pk=organization.pk)
+    controls.set_auto_top_up(
+        organization=organization, enabled=True, threshold_micros=account.available_micros + 1, amount_cents=2_000
+    )
+    lost_answers(PAYMENT_INTENTS, count=settings.STRIPE_MAX_NETWORK_RETRIES + 1)
+    pending = payments.auto_top_up(organization_id=organization.pk)
+    assert pending is not None
+    [charged] = intents_of(customer_id)
+    payments.attach_payment_method(organization=organization, payment_method_id="pm_card_visa", make_default=True)
+    stale = timezone.now() - timedelta(seconds=settings.BILLING_PAYMENT_SETTLE_AFTER_SECONDS + 1)
+    Payment.objects.filter(pk=pending.pk).update(created_at=stale)
+
+    stripe_sweep()
+
+    pending.refresh_from_db()
+    assert [intent.id for intent in intents_of(customer_id)] == [charged.id]
+    assert (pending.status, pending.stripe_payment_intent_id) == (PaymentStatus.SUCCEEDED, charged.id)
+    assert credited(pending) == [(EntryKind.AUTO_TOP_UP, DOLLARS_20, f"payment-{pending.pk}")]
