@@ -99,6 +99,8 @@ def admit(job: Job) -> Refusal | None:
     """
     quote = pricing.price_for(job.endpoint, timezone.now())
     estimate = pricing.estimate_cost_micros(job.endpoint, job.input, quote)
+    if quote.unit_price_micros:
+        estimate = max(estimate, 1)  # priced work needs some credit, however cheap its estimate
     account = locked_account(job.organization_id)
     room, refusal = _spend_room(account, job, running=False)
     if estimate > room:

@@ -271,8 +271,8 @@ def check_usage_records(scope: Scope = FULL) -> Check:
         | (Q(billable=False) & attempt_billable)
         # GPU time is conserved: billed plus unbilled is the attempt's whole time, cold start included...
         | ~Q(total_ms=F("attempt_gpu_ms") + F("attempt_cold_start_ms"))
-        # ...and a billable attempt's GPU time is billed in full.
-        | (Q(billable=True) & ~Q(gpu_ms=F("attempt_gpu_ms")))
+        # ...and a billable attempt is billed for no more than its time (less where its hold ran out first).
+        | (Q(billable=True) & Q(gpu_ms__gt=F("attempt_gpu_ms")))
     )
     check.found_in(
         "usage_disagrees_with_attempt",

@@ -55,6 +55,9 @@ logger = logging.getLogger(__name__)
 
 # Decoding and storing a job's images, after its last step, reserved as this many steps' time.
 FINISHING_STEPS = 2
+# The time one image's denoising step last took here, per (endpoint, width, height): a job's first step is
+# reserved from it (from the admission estimate alone on a worker that never ran that shape).
+_step_ms_per_image: dict[tuple[Any, Any, Any], float] = {}
 
 _cache: PipelineCache | None = None
 _cache_lock = threading.Lock()
@@ -156,16 +159,20 @@ class Heartbeat(threading.Thread):
             return True
         used_ms = meter.running_ms(member.index)
         steps_done = member.step
-        per_step = used_ms / steps_done if steps_done else 0.0
-        left = max(1, (member.total or steps_done + 1) - steps_done)
-        if member.covered_ms == -1:
-            projected = used_ms  # before the first step: is anything covered at all (and is the account in credit)?
+        images = len(member.job.input.get("seeds") or ()) or 1
+        shape = (member.job.endpoint_id, member.job.input.get("width"), member.job.input.get("height"))
+        if steps_done:
+            per_step = used_ms / steps_done
+            _step_ms_per_image[shape] = per_step / images
         else:
-            if member.covered_ms is None or not steps_done:
-                return True
-            projected = math.ceil(used_ms + per_step * (1 + (FINISHING_STEPS if left == 1 else 0)))
-            if projected <= member.covered_ms:
-                return True
+            # Before the first step: as long as a step of this shape last took on this worker (0 if never seen).
+            per_step = _step_ms_per_image.get(shape, 0.0) * images
+        planned = member.total or int(member.job.input.get("num_inference_steps") or 1)
+        left = max(1, planned - steps_done)
+        projected = math.ceil(used_ms + per_step * (1 + (FINISHING_STEPS if left == 1 else 0)))
+        # The first call always asks (is anything covered, is the account in credit); later ones when short.
+        if member.covered_ms != -1 and (member.covered_ms is None or projected <= member.covered_ms):
+            return True
         ahead = math.ceil(per_step * (left + FINISHING_STEPS))
         answer = services.reserve_work(job=member.job, gpu_ms=projected, ahead_ms=ahead)
         if isinstance(answer, Refusal):
