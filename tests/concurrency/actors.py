@@ -1,0 +1,139 @@
+"""What each actor process does in a round, through the platform's own services.
+
+Each actor is a function of JSON-able arguments that loads its rows (before the barrier) and returns the call to
+make once the actors are released; that call answers a small dict of plain values: the service's answer and what the
+actor read right after it, in a statement of its own (so after its transaction committed).
+
+Imported only in actor processes, after ``django.setup()``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from accounts.models import Organization
+from billing.ledger import BillingError, grant_credits, refund_job
+from inference import services
+from inference.models import ACTIVE_STATUSES, AttemptOutcome, Endpoint, Job
+from tests.concurrency.harness import Act
+from tests.lifecycle import SMALL
+
+
+def active_jobs(organization_id: Any) -> int:
+    """The organization's jobs that count against its concurrency limit, in one statement (one snapshot)."""
+    return Job.objects.filter(organization_id=organization_id, status__in=ACTIVE_STATUSES).count()
+
+
+def idle() -> Act:
+    """Takes part in the barrier and does nothing (a round with fewer calls than processes)."""
+    return lambda: None
+
+
+def cancel(*, job_id: str) -> Act:
+    """``cancel_job`` as the API's cancel endpoint calls it, then the job's state as the caller could read it next."""
+    job = Job.objects.get(pk=job_id)
+
+    def act() -> dict[str, Any]:
+        answer = services.cancel_job(job=job)
+        seen = Job.objects.values("status", "attempt", "cancel_requested_at").get(pk=job_id)
+        return {
+            "answer": answer,
+            "seen_status": seen["status"],
+            "seen_attempt": seen["attempt"],
+            "seen_cancel_requested": seen["cancel_requested_at"] is not None,
+            "active_after": active_jobs(job.organization_id),
+        }
+
+    return act
+
+
+def finish(*, job_id: str, attempt: int, outcome: str = AttemptOutcome.SUCCEEDED, retry: bool = False) -> Act:
+    """The worker closing its attempt: succeeded with one image per requested image, or failed (``retry``: the
+    platform's fault, so the job may run again)."""
+    job = Job.objects.get(pk=job_id)
+    kwargs: dict[str, Any] = {"gpu_ms": 1_500, "cold_start_ms": 0, "retry": retry}
+    # The hold grew to cover the work before it was done, as the worker reserves step by step (tests.lifecycle.finish).
+    services.reserve_work(job=job, gpu_ms=kwargs["gpu_ms"])
+    if outcome == AttemptOutcome.SUCCEEDED:
+        images = [{"url": "x", "width": 64, "height": 64}] * int(job.input.get("num_images", 1))
+        kwargs["result"] = {"images": images, "seed": 1}
+    else:
+        kwargs.update(error="The GPU fell off the bus.", error_type="internal_error")
+
+    def act() -> dict[str, Any]:
+        closed = services.finish_attempt(job_id=job_id, attempt=attempt, outcome=AttemptOutcome(outcome), **kwargs)
+        return {
+            "closed": closed is not None,
+            "status": closed.status if closed is not None else None,
+            "active_after": active_jobs(job.organization_id),
+        }
+
+    return act
+
+
+def reap() -> Act:
+    """The sweep's reaper: closes the attempts whose lease expired and retries or fails their jobs."""
+    return lambda: {"reaped": services.reap_expired_leases()}
+
+
+def submit(*, organization_id: str, endpoint_id: int) -> Act:
+    """A new request of ``tests.lifecycle.SMALL`` (its on-commit hand-off dispatches the organization)."""
+    organization = Organization.objects.get(pk=organization_id)
+    endpoint = Endpoint.objects.get(pk=endpoint_id)
+
+    def act() -> dict[str, Any]:
+        try:
+            job, _ = services.submit_job(organization=organization, api_key=None, endpoint=endpoint, payload=SMALL)
+        except services.SubmissionRefused as refused:
+            return {"refused": refused.error_type, "active_after": active_jobs(organization_id)}
+        return {"job_id": str(job.pk), "active_after": active_jobs(organization_id)}
+
+    return act
+
+
+def dispatch(*, organization_id: str) -> Act:
+    """The dispatcher (as the sweep and every on-commit hand-off call it)."""
+
+    def act() -> dict[str, Any]:
+        sent = services.dispatch_organization(uuid.UUID(organization_id))
+        return {"dispatched": sent, "active_after": active_jobs(organization_id)}
+
+    return act
+
+
+def refund(*, job_id: str) -> Act:
+    """An operator refunding a finished request; a second refund is answered with ``BillingError``, not made."""
+    job = Job.objects.select_related("organization").get(pk=job_id)
+
+    def act() -> dict[str, Any]:
+        try:
+            entry = refund_job(job=job, reason="race")
+        except BillingError as refused:
+            return {"refunded": False, "reason": str(refused)}
+        return {"refunded": True, "entry_id": entry.pk, "amount_micros": entry.amount_micros}
+
+    return act
+
+
+def grant(*, organization_id: str, amount_micros: int) -> Act:
+    """An operator granting credits."""
+    organization = Organization.objects.get(pk=organization_id)
+
+    def act() -> dict[str, Any]:
+        entry = grant_credits(organization=organization, amount_micros=amount_micros, reason="race")
+        return {"entry_id": entry.pk, "amount_micros": entry.amount_micros}
+
+    return act
+
+
+ACTORS: dict[str, Any] = {
+    "idle": idle,
+    "cancel": cancel,
+    "finish": finish,
+    "reap": reap,
+    "submit": submit,
+    "dispatch": dispatch,
+    "refund": refund,
+    "grant": grant,
+}

@@ -1,0 +1,458 @@
+"""The races, one round at a time: set the rows up through the services, release the actors, check the contract.
+
+The checks state the contract of DESIGN §3 and §4, not what the code does today:
+
+- a cancel is recorded whatever state the job is in, and honoured by every path that closes, requeues or resumes it:
+  once a cancel has answered (CANCELLATION_REQUESTED, or ALREADY_COMPLETED because the job had ended), the job is
+  never QUEUED or DISPATCHED again; an accepted cancel sets ``cancel_requested_at`` and the job ends CANCELLED, or
+  COMPLETED when it was past its last step (work that is done is delivered); ALREADY_COMPLETED is only true of a job
+  that has ended;
+- a transaction that loses a deadlock or serialization race is retried, never dropped: no 40P01 or 40001 reaches a
+  caller, nor is one caught and logged in place of the work (one run again is counted, as ``retried``, not failed);
+  every ``finish_attempt`` that answered committed its job's final state with its usage record;
+- a tenant never has more jobs dispatched or running than its concurrency limit;
+- the books agree: a final job's hold is released (once), the account's ``held_micros`` is the sum of its open
+  holds and its balance the sum of its ledger entries, and ``billing.reconciliation`` finds no new drift.
+
+Each round makes a new organization (``new_organization``, from the tests' fixtures), so one round's leftovers
+never cause the next round's findings; reconciliation runs over the whole database, so only drift it had not
+reported before the round counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from typing import Any
+
+from django.db.models import Sum
+from django.utils import timezone
+
+from accounts.models import Organization
+from accounts.services import set_concurrency_limit
+from billing import reconciliation
+from billing.ledger import grant_credits
+from billing.models import Account, CreditEntry, EntryKind, Hold, UsageRecord
+from inference import services
+from inference.models import ACTIVE_STATUSES, FINAL_STATUSES, AttemptOutcome, Endpoint, Job, JobStatus
+from tests.concurrency.harness import (
+    CONCURRENCY_SQLSTATES,
+    DEADLOCK,
+    SERIALIZATION_FAILURE,
+    ActorPool,
+    Call,
+    Outcome,
+)
+from tests.lifecycle import run, start, submit
+
+CANCELLATION_REQUESTED = "CANCELLATION_REQUESTED"
+ALREADY_COMPLETED = "ALREADY_COMPLETED"
+WAITING_TO_RUN = (JobStatus.QUEUED, JobStatus.DISPATCHED)
+EXAMPLES_KEPT = 12
+
+NewOrganization = Callable[[], Organization]
+
+
+@dataclass
+class RoundReport:
+    """What one round broke, each item a sentence about one finding (``retried``: a count, not a finding)."""
+
+    deadlocks: list[str] = field(default_factory=list)  # 40P01 raised to an actor, or logged in place of work
+    serialization_failures: list[str] = field(default_factory=list)  # 40001, likewise
+    other_errors: list[str] = field(default_factory=list)  # any other exception, refusal or error logged and dropped
+    lost_cancels: list[str] = field(default_factory=list)
+    lost_work: list[str] = field(default_factory=list)  # finishes that raised, or answered but did not commit
+    over_limit: list[str] = field(default_factory=list)
+    drift: list[str] = field(default_factory=list)
+    retried: int = 0  # statements PostgreSQL killed (40P01, 40001) whose call ran its transaction again and answered
+
+    def record_errors(self, outcomes: list[Outcome]) -> None:
+        for outcome in outcomes:
+            lost_races = 0
+            for swallowed in outcome.swallowed:
+                line = (
+                    f"{outcome.actor}{outcome.arguments} logged and dropped {swallowed['error']} "
+                    f"[{swallowed['sqlstate'] or 'no sqlstate'}] ({swallowed['logger']}: {swallowed['message']})"
+                )
+                self._file(swallowed["sqlstate"], line)
+                lost_races += swallowed["sqlstate"] in CONCURRENCY_SQLSTATES
+            if not outcome.ok:
+                self._file(outcome.sqlstate, outcome.describe())
+                lost_races += outcome.sqlstate in CONCURRENCY_SQLSTATES
+            self.retried += max(0, len(outcome.lock_races) - lost_races)
+
+    def _file(self, sqlstate: str, line: str) -> None:
+        if sqlstate == DEADLOCK:
+            self.deadlocks.append(line)
+        elif sqlstate == SERIALIZATION_FAILURE:
+            self.serialization_failures.append(line)
+        else:
+            self.other_errors.append(line)
+
+
+@dataclass
+class Tally:
+    """One race over its repetitions: how many rounds (or findings) of each kind, and the first few examples."""
+
+    race: str
+    repetitions: int = 0
+    deadlocks: int = 0  # transactions killed by the deadlock detector whose work was lost (raised or dropped)
+    serialization_failures: int = 0
+    lost_cancels: int = 0  # rounds in which an answered cancel was not honoured
+    lost_work: int = 0  # finish_attempt calls whose work did not commit
+    over_limit: int = 0  # rounds in which the concurrency limit was exceeded
+    drift: int = 0  # rounds after which the books disagreed
+    other_errors: int = 0
+    retried: int = 0  # lock races the code survived by running its transaction again: not a finding
+    examples: list[str] = field(default_factory=list)
+
+    COUNTERS = (
+        "deadlocks",
+        "serialization_failures",
+        "lost_cancels",
+        "lost_work",
+        "over_limit",
+        "drift",
+        "other_errors",
+    )
+
+    def add(self, report: RoundReport) -> None:
+        self.repetitions += 1
+        self.deadlocks += len(report.deadlocks)
+        self.serialization_failures += len(report.serialization_failures)
+        self.retried += report.retried
+        self.lost_cancels += bool(report.lost_cancels)
+        self.lost_work += len(report.lost_work)
+        self.over_limit += bool(report.over_limit)
+        self.drift += bool(report.drift)
+        self.other_errors += len(report.other_errors)
+        for kind in self.COUNTERS:
+            for line in getattr(report, kind):
+                if len(self.examples) < EXAMPLES_KEPT:
+                    self.examples.append(f"round {self.repetitions}, {kind}: {line}")
+
+    @property
+    def findings(self) -> int:
+        return sum(getattr(self, kind) for kind in self.COUNTERS)
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{kind}={getattr(self, kind)}" for kind in self.COUNTERS)
+        examples = "".join(f"\n  - {example}" for example in self.examples)
+        return f"{self.race}: {self.repetitions} rounds, {counts}, retried={self.retried}{examples}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "race": self.race,
+            "repetitions": self.repetitions,
+            **{kind: getattr(self, kind) for kind in self.COUNTERS},
+            "retried": self.retried,
+            "examples": self.examples,
+        }
+
+    def write_report(self) -> None:
+        """Appends this tally to the JSON-lines file named by ``RACE_REPORT`` (the ``run`` command's table)."""
+        path = os.environ.get("RACE_REPORT")
+        if path:
+            with open(path, "a", encoding="utf-8") as report:
+                report.write(json.dumps(self.as_json()) + "\n")
+
+
+# --- Checks shared by the races ------------------------------------------------------------------------------
+
+
+class Books:
+    """The books of the round's organizations, and any reconciliation drift not reported before."""
+
+    def __init__(self) -> None:
+        self._reported: dict[str, int] = {}
+
+    def problems(self, organization_ids: list[uuid.UUID]) -> list[str]:
+        found = []
+        for account in Account.objects.filter(pk__in=organization_ids):
+            open_holds = Hold.objects.filter(organization_id=account.pk, released_at=None)
+            held = int(open_holds.aggregate(total=Sum("amount_micros"))["total"] or 0)
+            if account.held_micros != held:
+                found.append(f"held_micros is {account.held_micros} but the open holds add up to {held}")
+            entries = CreditEntry.objects.filter(organization_id=account.pk)
+            ledger = int(entries.aggregate(total=Sum("amount_micros"))["total"] or 0)
+            if account.balance_micros != ledger:
+                found.append(f"balance_micros is {account.balance_micros} but the ledger adds up to {ledger}")
+        for drift in reconciliation.run_reconciliation(full=True).drift:
+            kind = f"{drift['check']}.{drift['kind']}"
+            if drift["count"] > self._reported.get(kind, 0):
+                found.append(f"reconciliation: {kind} x{drift['count']}: {drift['examples'][:2]}")
+                self._reported[kind] = drift["count"]
+        return found
+
+
+def hold_problems(job: Job) -> list[str]:
+    """A job holds credit from admission until it is final, and then holds none."""
+    hold = Hold.objects.filter(job=job).first()
+    if hold is None:
+        return [f"job {job.pk} has no hold"]
+    if job.status in FINAL_STATUSES and hold.released_at is None:
+        return [f"job {job.pk} is {job.status} and still holds {hold.amount_micros} µ$"]
+    if job.status not in FINAL_STATUSES and hold.released_at is not None:
+        return [f"job {job.pk} is {job.status} but its hold was released"]
+    return []
+
+
+def cancel_problems(job: Job, cancels: list[Outcome], *, must_end: bool) -> list[str]:
+    """How the cancels that answered were not honoured (``job`` read after the round).
+
+    ``must_end``: everything else that acts on this job in the round answered (its worker's finish, the reaper), so
+    with a cancel answered the job has reached its end: CANCELLED, or COMPLETED when it was past its last step.
+    """
+    found: list[str] = []
+    answered = [outcome for outcome in cancels if outcome.ok]
+    for outcome in answered:
+        seen = outcome.answer
+        answer, seen_status, seen_attempt = seen["answer"], seen["seen_status"], seen["seen_attempt"]
+        if answer not in (CANCELLATION_REQUESTED, ALREADY_COMPLETED):
+            found.append(f"a cancel answered {answer!r}")
+        elif answer == ALREADY_COMPLETED and seen_status not in FINAL_STATUSES:
+            found.append(f"a cancel answered ALREADY_COMPLETED and right after the job was {seen_status}")
+        elif answer == CANCELLATION_REQUESTED and seen_status in WAITING_TO_RUN:
+            found.append(f"a cancel answered CANCELLATION_REQUESTED and right after the job was {seen_status}")
+        elif answer == CANCELLATION_REQUESTED and not seen["seen_cancel_requested"]:
+            found.append(f"a cancel answered CANCELLATION_REQUESTED and right after the job was {seen_status} unmarked")
+        if job.attempt > seen_attempt:
+            found.append(
+                f"the job was dispatched again (attempt {job.attempt}) after a cancel answered {answer} "
+                f"at attempt {seen_attempt}"
+            )
+    accepted = [outcome for outcome in answered if outcome.answer["answer"] == CANCELLATION_REQUESTED]
+    if answered and job.status in WAITING_TO_RUN:
+        answers = sorted({outcome.answer["answer"] for outcome in answered})
+        found.append(f"the job is {job.status} (attempt {job.attempt}) after cancels answered {answers}")
+    if accepted and job.cancel_requested_at is None:
+        found.append("a cancel was accepted but cancel_requested_at is not set")
+    if must_end and answered:
+        if job.status not in FINAL_STATUSES:
+            found.append(f"the job is {job.status}, not ended, after the cancels and its worker or reaper answered")
+        elif accepted and job.status not in (JobStatus.CANCELLED, JobStatus.COMPLETED):
+            found.append(f"a cancel was accepted and the job ended {job.status}")
+    return list(dict.fromkeys(found))
+
+
+def finish_problems(job: Job, outcome: Outcome) -> list[str]:
+    """A worker's successful ``finish_attempt`` of a job nothing else closes: it answers, and the job's output is
+    delivered (COMPLETED, whatever cancel arrived meanwhile) with its usage record, all committed."""
+    attempt = outcome.arguments["attempt"]
+    if not outcome.ok:
+        return [f"finish_attempt of job {job.pk} raised {outcome.error}: the finished work was rolled back"]
+    if not outcome.answer["closed"]:
+        return [f"finish_attempt of job {job.pk} found its attempt {attempt} already closed"]
+    if job.status != JobStatus.COMPLETED:
+        return [f"finish_attempt of job {job.pk} answered {outcome.answer['status']} but the job is {job.status}"]
+    if not UsageRecord.objects.filter(job=job, attempt_number=attempt).exists():
+        return [f"finish_attempt of job {job.pk} answered but attempt {attempt} has no usage record"]
+    return []
+
+
+def active_jobs(organization: Organization) -> int:
+    return Job.objects.filter(organization=organization, status__in=ACTIVE_STATUSES).count()
+
+
+# --- a. Cancel against finish, fail-and-retry and reap -------------------------------------------------------
+
+CANCELLERS = 3
+CANCEL_RIVALS = ("finish", "retry", "reap")
+
+
+def cancel_round(
+    pool: ActorPool,
+    books: Books,
+    *,
+    new_organization: NewOrganization,
+    endpoint: Endpoint,
+    rival: str,
+    inside_rival: bool = False,
+) -> RoundReport:
+    """Three cancels of a running job against its worker finishing it (``finish``), its worker failing with a retry
+    (``retry``), or the reaper taking it back after its lease expired (``reap``).
+
+    ``inside_rival``: the cancels start once the rival's transaction has locked rows, so they meet it open (the
+    interleaving that lost cancels); otherwise all four start together and the machine decides the order.
+    """
+    organization = new_organization()
+    job = start(submit(organization, endpoint))
+    job_id = str(job.pk)
+    if rival == "reap":
+        # Its worker died: the lease ran out without a heartbeat.
+        Job.objects.filter(pk=job.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    rival_call = {
+        "finish": Call("finish", {"job_id": job_id, "attempt": job.attempt}),
+        "retry": Call(
+            "finish", {"job_id": job_id, "attempt": job.attempt, "outcome": AttemptOutcome.ERRORED.value, "retry": True}
+        ),
+        "reap": Call("reap"),
+    }[rival]
+    rival_call = replace(rival_call, signals_lock=inside_rival)
+    cancel_call = Call("cancel", {"job_id": job_id}, awaits_lock=inside_rival)
+    outcomes = pool.run_round([cancel_call] * CANCELLERS + [rival_call])
+    report = RoundReport()
+    report.record_errors(outcomes)
+    cancels, rival_outcome = outcomes[:CANCELLERS], outcomes[CANCELLERS]
+    if rival == "reap":
+        # The next sweep: takes the job back if the racing reaper dropped it (reported as an error).
+        services.reap_expired_leases()
+    job.refresh_from_db()
+    report.lost_cancels += cancel_problems(job, cancels, must_end=rival_outcome.ok)
+    if rival == "finish":
+        report.lost_work += finish_problems(job, rival_outcome)
+    elif rival == "retry" and rival_outcome.ok and not rival_outcome.answer["closed"]:
+        report.other_errors.append(f"finish_attempt (retry) of job {job_id} found its attempt already closed")
+    report.drift += hold_problems(job) + books.problems([organization.pk])
+    return report
+
+
+# --- b. Submit, dispatch, finish and cancel on one organization ---------------------------------------------
+
+LIFECYCLE_ROLES = ("finish", "submit", "cancel", "dispatch")
+CANCEL_TARGETS = ("queued", "running", "dispatched")
+SETUP_CREDITS_MICROS = 100_000_000
+
+
+def lifecycle_round(
+    pool: ActorPool, books: Books, *, new_organization: NewOrganization, endpoint: Endpoint, actors: int
+) -> RoundReport:
+    """``actors`` processes on one organization at its concurrency limit: workers finishing their jobs, clients
+    submitting and cancelling (queued, running and dispatched jobs), dispatchers."""
+    roles = [LIFECYCLE_ROLES[index % len(LIFECYCLE_ROLES)] for index in range(actors)]
+    targets = [CANCEL_TARGETS[index % len(CANCEL_TARGETS)] for index in range(roles.count("cancel"))]
+    running = roles.count("finish") + targets.count("running")
+    limit = running + targets.count("dispatched")
+    waiting = targets.count("queued") + 1  # one more than the cancels take, waiting for a freed slot
+
+    organization = new_organization()
+    set_concurrency_limit(organization=organization, limit=limit)
+    organization.refresh_from_db()
+    grant_credits(organization=organization, amount_micros=SETUP_CREDITS_MICROS, reason="race setup")
+    jobs = [submit(organization, endpoint) for _ in range(limit + waiting)]  # each dispatches on commit
+    for job in jobs:
+        job.refresh_from_db()
+    dispatched = [job for job in jobs if job.status == JobStatus.DISPATCHED]
+    queued = [job for job in jobs if job.status == JobStatus.QUEUED]
+    assert (len(dispatched), len(queued)) == (limit, waiting), "setup: the organization is not at its limit"
+    started = [start(job) for job in dispatched[:running]]
+    still_dispatched = dispatched[running:]
+
+    to_finish = started[: roles.count("finish")]
+    cancel_targets = {"running": started[roles.count("finish") :], "dispatched": still_dispatched, "queued": queued}
+    calls: list[Call] = []
+    cancelled: list[tuple[Job, str]] = []
+    for role in roles:
+        if role == "finish":
+            job = to_finish.pop()
+            calls.append(Call("finish", {"job_id": str(job.pk), "attempt": job.attempt}))
+        elif role == "cancel":
+            target = targets[len(cancelled)]
+            job = cancel_targets[target].pop()
+            cancelled.append((job, target))
+            calls.append(Call("cancel", {"job_id": str(job.pk)}))
+        elif role == "submit":
+            calls.append(Call("submit", {"organization_id": str(organization.pk), "endpoint_id": endpoint.pk}))
+        else:
+            calls.append(Call("dispatch", {"organization_id": str(organization.pk)}))
+
+    outcomes = pool.run_round(calls)
+    report = RoundReport()
+    report.record_errors(outcomes)
+    cancel_outcomes = iter([outcome for outcome in outcomes if outcome.actor == "cancel"])
+    for job, target in cancelled:
+        job.refresh_from_db()
+        # A running job with no worker in the round stays RUNNING, its cancel recorded for the next heartbeat.
+        report.lost_cancels += cancel_problems(job, [next(cancel_outcomes)], must_end=target != "running")
+    for outcome in outcomes:
+        if outcome.actor == "finish":
+            report.lost_work += finish_problems(Job.objects.get(pk=outcome.arguments["job_id"]), outcome)
+        elif outcome.actor == "submit" and outcome.ok and "refused" in outcome.answer:
+            report.other_errors.append(f"a submission was refused: {outcome.answer['refused']}")
+    seen_active = [
+        outcome.answer["active_after"] for outcome in outcomes if outcome.ok and isinstance(outcome.answer, dict)
+    ]
+    seen_active.append(active_jobs(organization))
+    if max(seen_active) > limit:
+        report.over_limit.append(f"{max(seen_active)} jobs dispatched or running at once, limit {limit}")
+    report.drift += books.problems([organization.pk])
+    return report
+
+
+# --- c. A refund against settlements and a grant ------------------------------------------------------------
+
+REFUNDERS = 2
+SETTLERS = 2
+GRANT_MICROS = 1_000_000
+
+
+def refund_round(
+    pool: ActorPool, books: Books, *, new_organization: NewOrganization, endpoint: Endpoint
+) -> RoundReport:
+    """Two refunds of a finished request against two other requests of the organization settling and a grant."""
+    organization = new_organization()
+    set_concurrency_limit(organization=organization, limit=SETTLERS + 1)
+    grant_credits(organization=organization, amount_micros=SETUP_CREDITS_MICROS, reason="race setup")
+    paid = run(organization, endpoint, gpu_ms=2_000)
+    running = [start(submit(organization, endpoint)) for _ in range(SETTLERS)]
+    balance_before = Account.objects.get(pk=organization.pk).balance_micros
+
+    calls = [Call("refund", {"job_id": str(paid.pk)})] * REFUNDERS
+    calls += [Call("finish", {"job_id": str(job.pk), "attempt": job.attempt}) for job in running]
+    calls.append(Call("grant", {"organization_id": str(organization.pk), "amount_micros": GRANT_MICROS}))
+    outcomes = pool.run_round(calls)
+    report = RoundReport()
+    report.record_errors(outcomes)
+
+    cost = int(paid.usage_records.filter(billable=True).aggregate(total=Sum("cost_micros"))["total"] or 0)
+    refunds = [outcome for outcome in outcomes if outcome.actor == "refund" and outcome.ok]
+    made = [outcome for outcome in refunds if outcome.answer["refunded"]]
+    entries = list(CreditEntry.objects.filter(job=paid, kind=EntryKind.REFUND).values_list("amount_micros", flat=True))
+    if len(refunds) == REFUNDERS and len(made) != 1:
+        report.drift.append(f"{len(made)} of {REFUNDERS} refunds answered that they refunded")
+    if entries != [cost]:
+        report.drift.append(f"the refund entries of a request that cost {cost} µ$ are {entries}")
+    for outcome in outcomes:
+        if outcome.actor == "finish":
+            report.lost_work += finish_problems(Job.objects.get(pk=outcome.arguments["job_id"]), outcome)
+    granted = sum(outcome.answer["amount_micros"] for outcome in outcomes if outcome.actor == "grant" and outcome.ok)
+    settled = int(
+        UsageRecord.objects.filter(job__in=running, billable=True).aggregate(total=Sum("cost_micros"))["total"] or 0
+    )
+    expected = balance_before + granted + sum(entries) - settled
+    balance = Account.objects.get(pk=organization.pk).balance_micros
+    if balance != expected:
+        report.drift.append(
+            f"balance {balance} µ$, expected {expected} ({balance_before} + grant {granted} + refunds {sum(entries)} "
+            f"- settled {settled})"
+        )
+    report.drift += books.problems([organization.pk])
+    return report
+
+
+# --- Running a race ----------------------------------------------------------------------------------------
+
+
+def repetitions() -> int:
+    """Rounds per race: ``RACE_REPETITIONS``, 5 unless set (CI); the ``run`` command sets 100."""
+    return max(1, int(os.environ.get("RACE_REPETITIONS", "5")))
+
+
+def lifecycle_actors() -> int:
+    """Actor processes in the one-organization race: ``RACE_ACTORS``, 8 unless set."""
+    return max(len(LIFECYCLE_ROLES), int(os.environ.get("RACE_ACTORS", "8")))
+
+
+def run_race(race: str, rounds: int, play_round: Callable[[Books, int], RoundReport]) -> Tally:
+    """``rounds`` rounds of one race (``play_round(books, round_number)``), tallied; the tally is written to
+    ``RACE_REPORT`` when that is set."""
+    tally = Tally(race)
+    books = Books()
+    for round_number in range(1, rounds + 1):
+        tally.add(play_round(books, round_number))
+    tally.write_report()
+    return tally
