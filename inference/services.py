@@ -192,8 +192,21 @@ def _dispatch(organization_id: uuid.UUID) -> list[tuple[str, int, str]]:
         .order_by("created_at", "id")  # to the broker in the order they were queued
         .values_list("id", "attempt", "gpu_class")
     ]
-    transaction.on_commit(lambda: [send_run_message(*message) for message in to_send], robust=True)
+    transaction.on_commit(lambda: send_run_messages(to_send), robust=True)
     return to_send
+
+
+def send_run_messages(messages: list[tuple[str, int, str]]) -> None:
+    """Hands dispatched jobs to the broker in order; after the first refusal the rest go back to the queue unsent.
+
+    A broker that refused one message will refuse the next: trying each would cost every submission a timeout
+    per waiting job while the broker is down. The sweep sends them all once it is back.
+    """
+    for index, (job_id, attempt, queue) in enumerate(messages):
+        if not send_run_message(job_id, attempt, queue):
+            for unsent_id, unsent_attempt, _ in messages[index + 1 :]:
+                _back_to_queue(unsent_id, unsent_attempt)
+            return
 
 
 def send_run_message(job_id: str, attempt: int, queue: str) -> bool:
@@ -202,11 +215,15 @@ def send_run_message(job_id: str, attempt: int, queue: str) -> bool:
         current_app.send_task(RUN_TASK, args=[job_id, attempt], queue=queue, retry=False)
     except Exception as exc:
         logger.warning("broker refused job %s attempt %s: %s; it waits for the next sweep", job_id, attempt, exc)
-        Job.objects.filter(pk=job_id, status=JobStatus.DISPATCHED, attempt=attempt).update(
-            status=JobStatus.QUEUED, attempt=attempt - 1, dispatched_at=None, sent_at=None
-        )
+        _back_to_queue(job_id, attempt)
         return False
     return True
+
+
+def _back_to_queue(job_id: str, attempt: int) -> None:
+    Job.objects.filter(pk=job_id, status=JobStatus.DISPATCHED, attempt=attempt).update(
+        status=JobStatus.QUEUED, attempt=attempt - 1, dispatched_at=None, sent_at=None
+    )
 
 
 def lease_deadline() -> Any:
@@ -460,7 +477,8 @@ def redispatch_stale() -> int:
     for job_id, attempt, gpu_class in stale:
         # dispatched_at keeps the job's place in line (queue_position); sent_at says when it last went out.
         Job.objects.filter(pk=job_id, status=JobStatus.DISPATCHED, attempt=attempt).update(sent_at=timezone.now())
-        send_run_message(str(job_id), attempt, gpu_class)
+        if not send_run_message(str(job_id), attempt, gpu_class):
+            break  # the broker is down: the rest stay dispatched for the next sweep
     return len(stale)
 
 

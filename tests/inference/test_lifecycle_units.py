@@ -52,6 +52,33 @@ def test_dispatch_sends_the_oldest_first_and_positions_are_distinct(
     assert positions == [0, 1, 2, 3]
 
 
+def test_a_broker_that_refuses_is_asked_once_and_every_dispatched_job_waits_in_the_queue(
+    tenant: dict[str, Any],
+    builtin_endpoint: Endpoint,
+    monkeypatch: pytest.MonkeyPatch,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    from celery import current_app
+
+    attempts: list[str] = []
+
+    def refuse(name: str, args: list[Any], **options: Any) -> None:
+        attempts.append(args[0])
+        raise ConnectionError("the broker is down")
+
+    monkeypatch.setattr(current_app, "send_task", refuse)
+    Organization.objects.filter(pk=tenant["organization"].pk).update(concurrency_limit=0)
+    with django_capture_on_commit_callbacks(execute=True):
+        jobs = [submit_as(tenant, builtin_endpoint, seed=n) for n in range(4)]
+    Organization.objects.filter(pk=tenant["organization"].pk).update(concurrency_limit=10)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert services.dispatch_organization(tenant["organization"].pk) == 4
+    # One refusal is enough to know: the submission does not wait on the broker once per waiting job.
+    assert attempts == [str(jobs[0].id)]
+    assert [Job.objects.get(pk=job.pk).status for job in jobs] == [JobStatus.QUEUED] * 4
+    assert [Job.objects.get(pk=job.pk).attempt for job in jobs] == [0] * 4
+
+
 def test_the_concurrency_limit_holds(
     tenant: dict[str, Any],
     builtin_endpoint: Endpoint,
