@@ -90,6 +90,7 @@ def test_closing_a_billed_run_sends_a_fixed_number_of_statements(
     # In the test's transaction: a savepoint and its release; the job (with its endpoint) and attempt locks; the
     # attempt; the retention setting; the log line; the job; the price; the account lock; the usage record; the
     # hold; the debit; the account; both rollups. On commit, one read finds no waiting work and no webhook to send.
+    services.reserve_work(job=job, gpu_ms=1_235)  # as the worker did before the steps it ran
     with django_assert_num_queries(16), django_capture_on_commit_callbacks(execute=True):
         finish(job, gpu_ms=1_235, reserve=False)
     assert UsageRecord.objects.get(job=job).cost_micros == 124
