@@ -125,10 +125,11 @@ def admit(job: Job) -> Refusal | None:
     return None
 
 
-def _coverage(hold: Hold) -> Reservation:
-    if hold.unit != PriceUnit.GPU_SECOND or hold.unit_price_micros == 0:
+def _coverage(held_micros: int, quote: pricing.Quote) -> Reservation:
+    """The GPU time ``held_micros`` pays for at the price the job will be billed at (the one in force at its start)."""
+    if quote.unit != PriceUnit.GPU_SECOND or quote.unit_price_micros == 0:
         return UNLIMITED  # priced by output (held whole at admission), or free
-    return Reservation(covered_gpu_ms=gpu_ms_within(hold.amount_micros, hold.unit_price_micros))
+    return Reservation(covered_gpu_ms=gpu_ms_within(held_micros, quote.unit_price_micros))
 
 
 def _in_the_red(organization_id: Any) -> Refusal | None:
@@ -148,7 +149,7 @@ def reserve(job: Job, gpu_ms: int, ahead_ms: int) -> Reservation | Refusal:
 
     The hold is extended to cover ``gpu_ms`` of GPU time in total, and up to ``ahead_ms`` more while the credit,
     the budget and the key's limit leave room (so the next steps need no call). When even ``gpu_ms`` does not
-    fit, the job stops before that work. A hold that already covers ``gpu_ms`` is answered from two reads.
+    fit, the job stops before that work. A hold that already covers ``gpu_ms`` is answered from three reads.
     """
     hold = Hold.objects.filter(job_id=job.pk, released_at=None).first()
     if hold is None:
@@ -156,32 +157,33 @@ def reserve(job: Job, gpu_ms: int, ahead_ms: int) -> Reservation | Refusal:
     red = _in_the_red(job.organization_id)
     if red is not None:
         return red
-    coverage = _coverage(hold)
+    # Settlement prices the job at the price in force when it started, which may differ from the admission's.
+    quote = pricing.price_for(job.endpoint, job.started_at or timezone.now())
+    coverage = _coverage(hold.amount_micros, quote)
     if coverage.covered_gpu_ms is None or gpu_ms <= coverage.covered_gpu_ms:
         return coverage
-    return _extend(job, gpu_ms, ahead_ms)
+    return _extend(job, quote, gpu_ms, ahead_ms)
 
 
 @retrying_atomic
-def _extend(job: Job, gpu_ms: int, ahead_ms: int) -> Reservation | Refusal:
+def _extend(job: Job, quote: pricing.Quote, gpu_ms: int, ahead_ms: int) -> Reservation | Refusal:
     account = locked_account(job.organization_id)
     hold = Hold.objects.filter(job_id=job.pk, released_at=None).first()  # stable: holds change under the account
     if hold is None:
         return UNLIMITED
-    price = hold.unit_price_micros
+    price = quote.unit_price_micros
     needed = gpu_cost_micros(gpu_ms, price) - hold.amount_micros
     if needed <= 0:
-        return _coverage(hold)
+        return _coverage(hold.amount_micros, quote)
     wanted = gpu_cost_micros(gpu_ms + max(ahead_ms, 0), price) - hold.amount_micros
     room, refusal = _spend_room(account, job, running=True)
     if needed > room:
         return refusal
     extra = min(wanted, room)
     Hold.objects.filter(job_id=job.pk, released_at=None).update(amount_micros=F("amount_micros") + extra)
-    hold.amount_micros += extra
     account.held_micros += extra
     account.save(update_fields=["held_micros"])
-    return _coverage(hold)
+    return _coverage(hold.amount_micros + extra, quote)
 
 
 def may_continue(job: Job, gpu_ms: int) -> Refusal | None:

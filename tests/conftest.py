@@ -32,6 +32,29 @@ TEST_PASSWORD = "correct horse battery"
 
 
 @pytest.fixture(autouse=True)
+def _fresh_cache() -> None:
+    """Each test starts with an empty shared cache: a measurement, counter or lock one test leaves (a price
+    estimate cached for a minute, a login throttle) must not decide another's outcome. In Redis only this run's
+    keys go (its CACHE_KEY_PREFIX is its own), never anything else the server holds."""
+    from django.core.cache import cache
+
+    if "locmem" in type(cache).__module__:
+        cache.clear()
+        return
+    prefix = cache.make_key("")
+    local = getattr(cache, "_local", None)
+    if local is not None:
+        local.clear()  # what the fail-soft backend answered from memory during an outage
+    try:
+        client = cache._cache.get_client(write=True)  # type: ignore[attr-defined]
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    except Exception:  # noqa: S110 - a Redis that is down (an outage test) has nothing to clear
+        pass
+
+
+@pytest.fixture(autouse=True)
 def _fast_password_hashing(settings: Any) -> None:
     # PBKDF2 at production strength dominates a suite that makes hundreds of users.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
