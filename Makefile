@@ -4,9 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 
-.PHONY: run test lint typecheck pytest pytest-sqlite browser bench-api bench-queue bench-engine bench-billing install clean
+.PHONY: run test lint typecheck pytest pytest-sqlite browser bench-api bench-queue bench-engine bench-billing race soak mutation install clean
 
-## Set up and run the platform on the embedded default (SQLite, no services): http://127.0.0.1:$(PORT)
+## Set up and run the platform on the embedded default (SQLite, a private Redis it starts): http://127.0.0.1:$(PORT)
 run: install
 	PLATFORM_EMBEDDED=1 $(BIN)/python manage.py runplatform --port $(PORT)
 
@@ -57,6 +57,18 @@ bench-engine: install
 ## Usage records written per second through metering, and the usage page at 1M records: rollups against raw
 bench-billing: install
 	$(BIN)/python -m tests.bench.billing $(ARGS)
+
+## Mutation testing of the money modules against their fast tests, like a benchmark, never in CI (ARGS="--jobs 2")
+mutation: install
+	$(BIN)/python -m tests.bench.mutation $(ARGS)
+
+## Lifecycle and ledger races on PostgreSQL, 100 rounds each: deadlocks, lost cancels, drift (DATABASE_URL=postgres://...)
+race: install
+	$(BIN)/python -m tests.concurrency.run --repetitions 100 $(ARGS)
+
+## The embedded run (`make run`) under mixed traffic and idle spells; fails if a process dies (ARGS="--minutes 30")
+soak: install
+	$(BIN)/python -m tests.bench.soak $(ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

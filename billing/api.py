@@ -9,11 +9,11 @@ from typing import Any
 
 from django.http import HttpResponse
 from django.utils import timezone
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.exceptions import APIException, NotFound
 from rest_framework.generics import ListAPIView
-from rest_framework.pagination import CursorPagination
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -21,12 +21,18 @@ from rest_framework.views import APIView
 
 from accounts.api import request_actor
 from accounts.models import ApiKey, Scope
+from accounts.parsers import StrictCursorPagination, query_params
 from accounts.permissions import HasScope, request_organization
+from accounts.schema import ApiAutoSchema, error
+from accounts.serializers import BoundedDateField, StrictBooleanField, StrictIntegerField
 from billing import controls, selectors
 from billing.admission import spent_this_month
 from billing.ledger import BillingError, account_of
 from billing.models import CreditEntry, KeySpendLimit
 from inference.models import Endpoint
+
+# The most money one setting may name: a billion dollars, far inside a 64-bit column.
+MAX_MICROS = 10**15
 
 
 class BillingConflict(APIException):
@@ -34,14 +40,18 @@ class BillingConflict(APIException):
     default_code = "billing_conflict"
 
 
+CONFLICT = error("Not allowed by the rules of money now (`billing_conflict`), e.g. auto top-up with no saved card.")
+
+
 class BillingView(APIView):
     permission_classes = (IsAuthenticated, HasScope)
     required_scope = Scope.USAGE_READ
+    schema = ApiAutoSchema()
 
 
 class UsageQuery(serializers.Serializer[Any]):
-    start = serializers.DateField(required=False, help_text="First UTC day included (default: 29 days before end).")
-    end = serializers.DateField(required=False, help_text="Last UTC day included (default: today).")
+    start = BoundedDateField(required=False, help_text="First UTC day included (default: 29 days before end).")
+    end = BoundedDateField(required=False, help_text="Last UTC day included (default: today).")
     group_by = serializers.CharField(
         required=False, default="day", help_text="Comma-separated: day or hour, endpoint, key, gpu_class."
     )
@@ -67,11 +77,17 @@ class UsageQuery(serializers.Serializer[Any]):
 
 
 class UsageView(BillingView):
-    @extend_schema(parameters=[UsageQuery], summary="GPU time and cost of this organization, grouped (JSON or CSV)")
+    @extend_schema(
+        parameters=[UsageQuery],
+        responses={
+            (200, "application/json"): OpenApiTypes.OBJECT,
+            (200, "text/csv"): OpenApiTypes.STR,
+            404: error("No such endpoint (`endpoint`)."),
+        },
+        summary="GPU time and cost of this organization, grouped (JSON or CSV)",
+    )
     def get(self, request: Request) -> HttpResponse:
-        query = UsageQuery(data=request.query_params)
-        query.is_valid(raise_exception=True)
-        params = query.validated_data
+        params = query_params(request, UsageQuery)
         organization = request_organization(request)
         endpoint_id = None
         if params.get("endpoint"):
@@ -108,8 +124,15 @@ def usage_csv(report: dict[str, Any], *, filename: str) -> HttpResponse:
     return response
 
 
+class BalanceSerializer(serializers.Serializer[Any]):
+    balance_micros = serializers.IntegerField()
+    held_micros = serializers.IntegerField()
+    available_micros = serializers.IntegerField()
+    currency = serializers.CharField()
+
+
 class BalanceView(BillingView):
-    @extend_schema(summary="Prepaid credit: balance, held by running requests, available")
+    @extend_schema(responses=BalanceSerializer, summary="Prepaid credit: balance, held by running requests, available")
     def get(self, request: Request) -> Response:
         account = account_of(request_organization(request))
         return Response(
@@ -130,16 +153,15 @@ class CreditEntrySerializer(serializers.ModelSerializer[CreditEntry]):
         fields = ("id", "kind", "amount_micros", "balance_after_micros", "description", "request_id", "created_at")
 
 
-class LedgerPages(CursorPagination):
+class LedgerPages(StrictCursorPagination):
     ordering = "-id"
     page_size = 50
-    page_size_query_param = "limit"
-    max_page_size = 200
 
 
 class LedgerView(ListAPIView[CreditEntry]):
     permission_classes = (IsAuthenticated, HasScope)
     required_scope = Scope.USAGE_READ
+    schema = ApiAutoSchema()
     serializer_class = CreditEntrySerializer
     pagination_class = LedgerPages
 
@@ -152,11 +174,18 @@ class LedgerView(ListAPIView[CreditEntry]):
 
 
 class TopUpSettings(serializers.Serializer[Any]):
-    enabled = serializers.BooleanField()
-    threshold_micros = serializers.IntegerField(min_value=0, required=False)
-    amount_cents = serializers.IntegerField(
+    enabled = StrictBooleanField()
+    threshold_micros = StrictIntegerField(min_value=0, max_value=MAX_MICROS, required=False)
+    amount_cents = StrictIntegerField(
         min_value=controls.MIN_TOP_UP_CENTS, max_value=controls.MAX_TOP_UP_CENTS, required=False
     )
+
+
+class TopUpStatus(serializers.Serializer[Any]):
+    enabled = serializers.BooleanField()
+    threshold_micros = serializers.IntegerField()
+    amount_cents = serializers.IntegerField()
+    has_payment_method = serializers.BooleanField()
 
 
 def top_up_payload(account: Any) -> dict[str, Any]:
@@ -177,11 +206,15 @@ class MoneyView(BillingView):
 
 
 class TopUpView(MoneyView):
-    @extend_schema(summary="Auto top-up settings")
+    @extend_schema(responses=TopUpStatus, summary="Auto top-up settings")
     def get(self, request: Request) -> Response:
         return Response(top_up_payload(account_of(request_organization(request))))
 
-    @extend_schema(request=TopUpSettings, summary="Change auto top-up (needs a saved card to enable; admin scope)")
+    @extend_schema(
+        request=TopUpSettings,
+        responses={200: TopUpStatus, 409: CONFLICT},
+        summary="Change auto top-up (needs a saved card to enable; admin scope)",
+    )
     def put(self, request: Request) -> Response:
         body = TopUpSettings(data=request.data)
         body.is_valid(raise_exception=True)
@@ -196,12 +229,23 @@ class TopUpView(MoneyView):
 
 class KeyLimit(serializers.Serializer[Any]):
     key_id = serializers.UUIDField()
-    monthly_limit_micros = serializers.IntegerField(min_value=0, allow_null=True)
+    monthly_limit_micros = StrictIntegerField(min_value=0, max_value=MAX_MICROS, allow_null=True)
 
 
 class LimitsSettings(serializers.Serializer[Any]):
-    monthly_budget_micros = serializers.IntegerField(min_value=0, allow_null=True, required=False)
-    keys = KeyLimit(many=True, required=False)
+    monthly_budget_micros = StrictIntegerField(min_value=0, max_value=MAX_MICROS, allow_null=True, required=False)
+    keys = serializers.ListField(child=KeyLimit(), required=False, max_length=1000)
+
+
+class KeyLimitStatus(serializers.Serializer[Any]):
+    key_id = serializers.UUIDField()
+    monthly_limit_micros = serializers.IntegerField()
+
+
+class LimitsStatus(serializers.Serializer[Any]):
+    monthly_budget_micros = serializers.IntegerField(allow_null=True)
+    spent_this_month_micros = serializers.IntegerField()
+    keys = KeyLimitStatus(many=True)
 
 
 class LimitsView(MoneyView):
@@ -218,11 +262,15 @@ class LimitsView(MoneyView):
             ],
         }
 
-    @extend_schema(summary="The monthly budget and per-key monthly limits")
+    @extend_schema(responses=LimitsStatus, summary="The monthly budget and per-key monthly limits")
     def get(self, request: Request) -> Response:
         return Response(self.payload(request))
 
-    @extend_schema(request=LimitsSettings, summary="Change the monthly budget or key limits (admin scope)")
+    @extend_schema(
+        request=LimitsSettings,
+        responses={200: LimitsStatus, 404: error("A key named is not one of this organization's.")},
+        summary="Change the monthly budget or key limits (admin scope)",
+    )
     def put(self, request: Request) -> Response:
         body = LimitsSettings(data=request.data)
         body.is_valid(raise_exception=True)

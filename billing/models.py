@@ -265,6 +265,14 @@ class Payment(models.Model):
     stripe_payment_intent_id = models.CharField(max_length=255, null=True, blank=True, unique=True)
     stripe_checkout_session_id = models.CharField(max_length=255, null=True, blank=True, unique=True)
     failure_message = models.CharField(max_length=500, blank=True)
+    # What the first request to Stripe named, so that a re-send is the identical request (Stripe answers a reused
+    # idempotency key with other parameters by refusing it): the customer, and the card (empty for Checkout).
+    stripe_customer_id = models.CharField(max_length=255, blank=True)
+    stripe_payment_method_id = models.CharField(max_length=255, blank=True)
+    # A purchase's Idempotency-Key from the client, and a digest of what that request asked for. NULL, not "":
+    # purchases without a key must not collide in the unique constraint.
+    client_idempotency_key = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001
+    request_fingerprint = models.CharField(max_length=64, blank=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
@@ -279,7 +287,13 @@ class Payment(models.Model):
                 fields=["organization"],
                 condition=Q(kind="auto_top_up", status="pending"),
                 name="payment_one_pending_top_up",
-            )
+            ),
+            # A client's retry of a purchase finds the payment its first try made, never a second one.
+            models.UniqueConstraint(
+                fields=["organization", "client_idempotency_key"],
+                condition=Q(client_idempotency_key__isnull=False),
+                name="payment_client_idempotency_key_unique",
+            ),
         ]
         indexes = [
             models.Index(fields=["created_at"], condition=Q(status="pending"), name="payment_pending"),

@@ -12,16 +12,19 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.exceptions import APIException, NotFound
 from rest_framework.generics import ListAPIView
-from rest_framework.pagination import CursorPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from accounts.api import request_actor
+from accounts.parsers import StrictCursorPagination, query_params
 from accounts.permissions import request_organization
+from accounts.schema import error
+from accounts.serializers import StrictBooleanField, StrictCharField, StrictIntegerField
 from billing import payments, statements, stripe_events
 from billing.api import BillingConflict, BillingView, MoneyView
 from billing.ledger import BillingError, account_of
@@ -30,11 +33,34 @@ from billing.stripe_client import payments_enabled
 
 logger = logging.getLogger(__name__)
 
+MAX_IDEMPOTENCY_KEY = 255
+IDEMPOTENCY_KEY = OpenApiParameter(
+    "Idempotency-Key",
+    str,
+    OpenApiParameter.HEADER,
+    description=(
+        "Makes retries of one purchase safe (at most 255 characters, unique per organization): a retry with the same "
+        "key and body answers the payment the first try made, with `Idempotent-Replayed: true`, and never charges "
+        "twice (a payment whose outcome is still unknown is asked of Stripe again under its own key); a failed one "
+        "answers 402 `payment_failed`. The same key with another body answers 422 `idempotency_key_reused`."
+    ),
+)
+
 
 class PaymentsUnavailable(APIException):
     status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     default_detail = "Payments are not configured on this server."
     default_code = "payments_unavailable"
+
+
+# What a Stripe-backed operation may answer besides its success and the API's own errors.
+PAYMENT_ERRORS = {
+    400: error("The payment provider refused the request (`payment_refused`)."),
+    402: error("The card was declined (`card_declined`) or the payment failed (`payment_failed`)."),
+    404: error("No such saved card (`not_found`)."),
+    409: error("Not allowed by the rules of money now, or a payment still settling (`payment_in_progress`)."),
+    503: error("Payments are not configured on this server, or the payment provider could not be reached."),
+}
 
 
 def _answer(exc: BillingError) -> NoReturn:
@@ -58,12 +84,15 @@ class StripeMoneyView(MoneyView):
 
 
 class AttachPaymentMethod(serializers.Serializer[Any]):
-    payment_method = serializers.CharField(max_length=255, help_text="A PaymentMethod id, e.g. from Stripe.js.")
-    set_default = serializers.BooleanField(default=False)
+    payment_method = StrictCharField(max_length=255, help_text="A PaymentMethod id, e.g. from Stripe.js.")
+    set_default = StrictBooleanField(default=False)
 
 
 class PaymentMethodsView(StripeMoneyView):
-    @extend_schema(summary="Saved cards, the default one, and the publishable key for Stripe.js")
+    @extend_schema(
+        responses={200: OpenApiTypes.OBJECT, **PAYMENT_ERRORS},
+        summary="Saved cards, the default one, and the publishable key for Stripe.js",
+    )
     def get(self, request: Request) -> Response:
         organization = request_organization(request)
         try:
@@ -78,7 +107,11 @@ class PaymentMethodsView(StripeMoneyView):
             }
         )
 
-    @extend_schema(request=AttachPaymentMethod, summary="Save a card (admin scope); the first becomes the default")
+    @extend_schema(
+        request=AttachPaymentMethod,
+        responses={201: OpenApiTypes.OBJECT, **PAYMENT_ERRORS},
+        summary="Save a card (admin scope); the first becomes the default",
+    )
     def post(self, request: Request) -> Response:
         body = AttachPaymentMethod(data=request.data)
         body.is_valid(raise_exception=True)
@@ -95,7 +128,10 @@ class PaymentMethodsView(StripeMoneyView):
 
 
 class PaymentMethodView(StripeMoneyView):
-    @extend_schema(summary="Remove a saved card (admin scope); removing the default turns auto top-up off")
+    @extend_schema(
+        responses={204: None, **PAYMENT_ERRORS},
+        summary="Remove a saved card (admin scope); removing the default turns auto top-up off",
+    )
     def delete(self, request: Request, payment_method_id: str) -> Response:
         try:
             payments.detach_payment_method(
@@ -109,7 +145,11 @@ class PaymentMethodView(StripeMoneyView):
 
 
 class DefaultPaymentMethodView(StripeMoneyView):
-    @extend_schema(request=None, summary="Make a saved card the default (admin scope): auto top-ups charge it")
+    @extend_schema(
+        request=None,
+        responses={200: OpenApiTypes.OBJECT, **PAYMENT_ERRORS},
+        summary="Make a saved card the default (admin scope): auto top-ups charge it",
+    )
     def post(self, request: Request, payment_method_id: str) -> Response:
         try:
             method = payments.set_default_payment_method(
@@ -140,11 +180,11 @@ class PaymentSerializer(serializers.ModelSerializer[Payment]):
 
 
 class PurchaseRequest(serializers.Serializer[Any]):
-    amount_cents = serializers.IntegerField(
+    amount_cents = StrictIntegerField(
         min_value=settings.BILLING_MIN_PURCHASE_CENTS, max_value=settings.BILLING_MAX_PURCHASE_CENTS
     )
     mode = serializers.ChoiceField(choices=["card", "checkout"], default="card")
-    payment_method = serializers.CharField(
+    payment_method = StrictCharField(
         max_length=255, required=False, help_text="A saved card; the default one if absent."
     )
     success_url = serializers.URLField(required=False, help_text="Checkout: where Stripe sends the payer after.")
@@ -160,11 +200,9 @@ class PurchaseRequest(serializers.Serializer[Any]):
         return attrs
 
 
-class PurchasePages(CursorPagination):
+class PurchasePages(StrictCursorPagination):
     ordering = "-created_at"
     page_size = 50
-    page_size_query_param = "limit"
-    max_page_size = 200
 
 
 class PurchasesView(ListAPIView[Payment], StripeMoneyView):
@@ -181,33 +219,54 @@ class PurchasesView(ListAPIView[Payment], StripeMoneyView):
 
     @extend_schema(
         request=PurchaseRequest,
+        parameters=[IDEMPOTENCY_KEY],
+        responses={201: OpenApiTypes.OBJECT, **PAYMENT_ERRORS},
         summary="Buy credits (admin scope): charge a saved card now, or get a Stripe Checkout URL",
     )
     def post(self, request: Request) -> Response:
         body = PurchaseRequest(data=request.data)
         body.is_valid(raise_exception=True)
         params = body.validated_data
+        idempotency_key = request.headers.get("Idempotency-Key") or None
+        if idempotency_key and len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
+            return _header_error(f"At most {MAX_IDEMPOTENCY_KEY} characters.", "string_too_long", "validation_error")
         organization, actor = request_organization(request), request_actor(request)
         try:
             if params["mode"] == "checkout":
-                payment, url = payments.start_checkout(
+                started = payments.start_checkout(
                     organization=organization,
                     amount_cents=params["amount_cents"],
                     success_url=params["success_url"],
                     cancel_url=params["cancel_url"],
                     actor=actor,
+                    idempotency_key=idempotency_key,
                 )
-                return Response({**PaymentSerializer(payment).data, "checkout_url": url}, status=201)
+                answer = {**PaymentSerializer(started.payment).data, "checkout_url": started.url}
+                return _created(answer, replayed=started.replayed)
             charged = payments.buy_credits(
                 organization=organization,
                 amount_cents=params["amount_cents"],
                 payment_method_id=params.get("payment_method"),
                 actor=actor,
+                idempotency_key=idempotency_key,
             )
+        except payments.IdempotencyKeyReused as exc:
+            return _header_error(str(exc), "idempotency_key_reused", "idempotency_key_reused")
         except BillingError as exc:
             _answer(exc)
         answer = {**PaymentSerializer(charged.payment).data, "client_secret": charged.client_secret}
-        return Response(answer, status=201)
+        return _created(answer, replayed=charged.replayed)
+
+
+def _created(answer: dict[str, Any], *, replayed: bool) -> Response:
+    """201 for a purchase, the first answer or a retry's (which says so, as the queue API does)."""
+    return Response(answer, status=201, headers={"Idempotent-Replayed": "true"} if replayed else None)
+
+
+def _header_error(message: str, problem: str, error_type: str) -> Response:
+    """A 422 about the Idempotency-Key header, its ``detail`` located there as every 422's is."""
+    detail = [{"loc": ["header", "Idempotency-Key"], "msg": message, "type": problem}]
+    return Response({"detail": detail, "error_type": error_type}, status=422)
 
 
 class StatementQuery(serializers.Serializer[Any]):
@@ -215,10 +274,17 @@ class StatementQuery(serializers.Serializer[Any]):
 
 
 class StatementView(BillingView):
-    @extend_schema(parameters=[StatementQuery], summary="The statement of a UTC month (YYYY-MM), JSON or CSV")
+    @extend_schema(
+        parameters=[StatementQuery],
+        responses={
+            (200, "application/json"): OpenApiTypes.OBJECT,
+            (200, "text/csv"): OpenApiTypes.STR,
+            404: error("Not a month (YYYY-MM), or one that has not begun."),
+        },
+        summary="The statement of a UTC month (YYYY-MM), JSON or CSV",
+    )
     def get(self, request: Request, month: str) -> HttpResponse:
-        query = StatementQuery(data=request.query_params)
-        query.is_valid(raise_exception=True)
+        query = query_params(request, StatementQuery)
         try:
             first_day = statements.parse_month(month)
         except BillingError as exc:
@@ -227,7 +293,7 @@ class StatementView(BillingView):
             raise NotFound("That month has not begun.")
         organization = request_organization(request)
         statement = statements.monthly_statement(organization_id=organization.pk, month=first_day)
-        if query.validated_data["format"] == "csv":
+        if query["format"] == "csv":
             response = HttpResponse(statements.statement_csv(statement), content_type="text/csv; charset=utf-8")
             response["Content-Disposition"] = f'attachment; filename="statement-{organization.slug}-{month}.csv"'
             return response

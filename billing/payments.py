@@ -6,22 +6,31 @@ the idempotency key ``payment-<id>`` is ours, and the ledger is credited once, u
 tells us first. Refunds and disputes are read from Stripe's current state, never from an event's
 snapshot, and each becomes one entry keyed by its Stripe id, so their effect never exceeds Stripe's.
 
+A request sent again under a key Stripe has seen must be the identical request, or Stripe refuses it
+(400 ``idempotency_error``): the payment row records what its first request named (customer, card) and
+every send is built from the row alone. Such a refusal is never a decline: Stripe has seen the payment,
+so its PaymentIntent is looked up (by the ``payment_id`` in its metadata) and applied.
+
+A client's purchase may carry an ``Idempotency-Key``: its retries answer the payment the first try made.
+
 Functions named ``apply_*`` touch only the database (one transaction, the account row locked first);
 the reads from Stripe happen before them, so no lock is held across a network call.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 import stripe
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Sum
 from django.utils import timezone
 
@@ -41,6 +50,10 @@ PURCHASE_ENTRY_KINDS = (EntryKind.PURCHASE, EntryKind.AUTO_TOP_UP)
 DISPUTE_FUNDS_WITHDRAWN = frozenset({"needs_response", "under_review", "lost"})
 REFUND_COUNTED = frozenset({"succeeded", "pending"})
 REFUND_UNDONE = frozenset({"failed", "canceled"})
+# Stripe keeps an idempotency key at least 24 hours; past that a re-send could charge anew, so none is sent.
+RESEND_WITHIN = timedelta(hours=23)
+# How much earlier than our row Stripe's clock may date the PaymentIntent made for it.
+CLOCK_SKEW = timedelta(minutes=10)
 
 
 class PaymentError(BillingError):
@@ -53,15 +66,41 @@ class PaymentError(BillingError):
         self.payment = payment
 
 
+class IdempotencyKeyReused(BillingError):
+    """A client's Idempotency-Key already bought something else (another amount, card or mode)."""
+
+    def __init__(self) -> None:
+        super().__init__("This Idempotency-Key was already used with a different purchase.")
+
+
 @dataclass(frozen=True)
 class Charged:
-    """A payment after Stripe's answer; ``client_secret`` is set when the customer must still act (3-D Secure)."""
+    """A payment after Stripe's answer; ``client_secret`` is set when the customer must still act (3-D Secure).
+
+    ``replayed``: the payment of an earlier request with the same Idempotency-Key, answered again.
+    """
 
     payment: Payment
     client_secret: str | None = None
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
+class CheckoutStarted:
+    """A purchase through Stripe Checkout: the page the payer is sent to (``None`` once it is closed)."""
+
+    payment: Payment
+    url: str | None
+    replayed: bool = False
 
 
 def _failure(exc: stripe.StripeError) -> PaymentError:
+    if isinstance(exc, stripe.IdempotencyError):
+        return PaymentError(
+            "The payment provider is still settling an earlier attempt of this payment; try again shortly.",
+            error_type="payment_in_progress",
+            status=409,
+        )
     if isinstance(exc, stripe.CardError):
         return PaymentError(exc.user_message or "Your card was declined.", error_type="card_declined", status=402)
     if (
@@ -77,6 +116,12 @@ def _failure(exc: stripe.StripeError) -> PaymentError:
     return PaymentError(
         exc.user_message or "The payment provider refused the request.", error_type="payment_refused", status=400
     )
+
+
+def _refused(exc: stripe.StripeError, failure: PaymentError) -> bool:
+    """Whether Stripe answered no, so nothing was charged. An ``idempotency_error`` is not a no: Stripe has seen
+    the key (the request made something, or is making it); a 5xx or no answer leaves the outcome unknown."""
+    return failure.status < 500 and not isinstance(exc, stripe.IdempotencyError)
 
 
 def _metadata(payment: Payment) -> dict[str, str]:
@@ -163,6 +208,23 @@ def _own_method(customer_id: str, payment_method_id: str) -> stripe.PaymentMetho
     return method
 
 
+def _check_attachable(customer_id: str, payment_method_id: str) -> None:
+    """Refuses a card already saved to another customer: Stripe's attach would move it, and another
+    organization's card would then pay for this one. A card on no customer yet (fresh from Stripe.js) is fine.
+
+    Answered as an unknown id (404), so that probing says nothing about other organizations' cards.
+    """
+    try:
+        method = stripe_client().v1.payment_methods.retrieve(payment_method_id)
+    except stripe.InvalidRequestError:
+        raise PaymentError(f"No payment method {payment_method_id}.", error_type="not_found", status=404) from None
+    except stripe.StripeError as exc:
+        raise _failure(exc) from exc
+    owner = object_id(method.customer)
+    if owner and owner != customer_id:
+        raise PaymentError(f"No payment method {payment_method_id}.", error_type="not_found", status=404)
+
+
 def _record_card_change(
     action: AuditAction,
     *,
@@ -193,6 +255,7 @@ def attach_payment_method(
 ) -> dict[str, Any]:
     """Saves a payment method (e.g. made by Stripe.js) to the organization; the first one becomes the default."""
     customer_id = ensure_customer(organization)
+    _check_attachable(customer_id, payment_method_id)
     try:
         method = stripe_client().v1.payment_methods.attach(payment_method_id, params={"customer": customer_id})
     except stripe.StripeError as exc:
@@ -273,13 +336,25 @@ def detach_payment_method(*, organization: Organization, payment_method_id: str,
 
 
 def buy_credits(
-    *, organization: Organization, amount_cents: int, payment_method_id: str | None = None, actor: Actor = SYSTEM
+    *,
+    organization: Organization,
+    amount_cents: int,
+    payment_method_id: str | None = None,
+    actor: Actor = SYSTEM,
+    idempotency_key: str | None = None,
 ) -> Charged:
     """Charges a saved card now (the default one unless told) and credits the ledger when Stripe says paid.
 
     A decline marks the payment failed and raises ``PaymentError`` (402 ``card_declined``); nothing is credited.
+    With ``idempotency_key`` (the client's), a purchase made before with that key is answered again
+    (``_charge_again``) and never charged twice; used before for another purchase, it raises ``IdempotencyKeyReused``.
     """
     check_amount(amount_cents)
+    fingerprint = _fingerprint("card", amount_cents, payment_method_id or None)
+    if idempotency_key:
+        earlier = _earlier_purchase(organization, idempotency_key, fingerprint)
+        if earlier is not None:
+            return _charge_again(earlier)
     customer_id = ensure_customer(organization)
     account = account_of(organization)
     method_id = payment_method_id or account.default_payment_method_id
@@ -287,45 +362,158 @@ def buy_credits(
         raise BillingError("Save a card first, or pay through Checkout.")
     if method_id != account.default_payment_method_id:
         _own_method(customer_id, method_id)
-    payment = Payment.objects.create(
+    payment, created = _new_purchase(
         organization=organization,
-        kind=PaymentKind.PURCHASE,
         amount_cents=amount_cents,
         currency=account.currency,
         created_by=actor.user,
+        stripe_customer_id=customer_id,
+        stripe_payment_method_id=method_id,
+        client_idempotency_key=idempotency_key,
+        fingerprint=fingerprint,
     )
-    return _charge(payment, customer_id=customer_id, payment_method_id=method_id, off_session=False)
+    return _charge(payment) if created else _charge_again(payment)
 
 
-def _charge(payment: Payment, *, customer_id: str, payment_method_id: str, off_session: bool) -> Charged:
+def _fingerprint(*request: Any) -> str:
+    """A digest of what a purchase asked for, which a retry under the same Idempotency-Key must repeat."""
+    canonical = json.dumps(request, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _earlier_purchase(organization: Organization, idempotency_key: str, fingerprint: str) -> Payment | None:
+    earlier = Payment.objects.filter(organization=organization, client_idempotency_key=idempotency_key).first()
+    if earlier is not None and earlier.request_fingerprint != fingerprint:
+        raise IdempotencyKeyReused()
+    return earlier
+
+
+def _new_purchase(
+    *, organization: Organization, client_idempotency_key: str | None, fingerprint: str, **fields: Any
+) -> tuple[Payment, bool]:
+    """A new purchase, committed before Stripe is called; or, when another try of the client's with the same
+    Idempotency-Key made one first, that one (``False``)."""
+    try:
+        with transaction.atomic():
+            payment = Payment.objects.create(
+                organization=organization,
+                kind=PaymentKind.PURCHASE,
+                client_idempotency_key=client_idempotency_key or None,
+                request_fingerprint=fingerprint if client_idempotency_key else "",
+                **fields,
+            )
+    except IntegrityError:
+        earlier = (
+            _earlier_purchase(organization, client_idempotency_key, fingerprint) if client_idempotency_key else None
+        )
+        if earlier is None:
+            raise
+        return earlier, False
+    return payment, True
+
+
+def _charge_again(payment: Payment) -> Charged:
+    """A card purchase made before under the same Idempotency-Key, as it stands now. One whose outcome is
+    unknown is sent to Stripe again, the identical request under the same key: Stripe answers with the
+    first attempt's result (or makes the charge now if the first never reached it), so it charges once."""
+    if payment.status == PaymentStatus.SUCCEEDED:
+        return Charged(payment=payment, replayed=True)
+    if payment.stripe_payment_intent_id and payment.status == PaymentStatus.PENDING:  # e.g. waiting for 3-D Secure
+        try:
+            intent = stripe_client().v1.payment_intents.retrieve(payment.stripe_payment_intent_id)
+        except stripe.StripeError as exc:
+            raise _failure(exc) from exc
+        return replace(_charged(payment, intent), replayed=True)
+    _check_resendable(payment)
+    return replace(_charge(payment), replayed=True)
+
+
+def _intent_params(payment: Payment) -> dict[str, Any]:
+    """The request that charges ``payment``, built from the row alone, so that every send of it is the same."""
     params: dict[str, Any] = {
         "amount": payment.amount_cents,
         "currency": payment.currency,
-        "customer": customer_id,
-        "payment_method": payment_method_id,
+        "customer": payment.stripe_customer_id,
+        "payment_method": payment.stripe_payment_method_id,
         "payment_method_types": ["card"],
         "confirm": True,
         "metadata": _metadata(payment),
     }
-    if off_session:
-        params["off_session"] = True
+    if payment.kind == PaymentKind.AUTO_TOP_UP:
+        params["off_session"] = True  # nobody is there to confirm it
+    return params
+
+
+def _charge(payment: Payment) -> Charged:
+    """Sends the charge of ``payment`` to Stripe (first, or again under the same key) and applies the answer."""
     try:
         intent = stripe_client().v1.payment_intents.create(
-            params=params,  # type: ignore[arg-type]
+            params=_intent_params(payment),  # type: ignore[arg-type]
             options=idempotency(payment.idempotency_key),
         )
+    except stripe.IdempotencyError as exc:
+        return _charged_before(payment, exc)
     except stripe.StripeError as exc:
         failure = _failure(exc)
-        if failure.status < 500:  # Stripe answered no: nothing was charged
+        if _refused(exc, failure):
             intent_id = object_id(exc.error.payment_intent) if exc.error is not None else None
             _mark_failed(payment.pk, message=str(failure), payment_intent_id=intent_id)
         # Otherwise the outcome is unknown: the payment stays pending until the webhook or the sweep settles it.
         payment.refresh_from_db()
         failure.payment = payment
         raise failure from exc
+    return _charged(payment, intent)
+
+
+def _charged(payment: Payment, intent: stripe.PaymentIntent) -> Charged:
     settled = apply_payment_intent(intent) or payment
     waiting = intent.status == "requires_action"
     return Charged(payment=settled, client_secret=intent.client_secret if waiting else None)
+
+
+def _charged_before(payment: Payment, exc: stripe.IdempotencyError) -> Charged:
+    """Stripe refused the key because it has seen it: the PaymentIntent an earlier send made is the outcome.
+
+    If none can be found (the earlier send still running), the payment stays pending for the next sweep.
+    """
+    try:
+        intent = _find_payment_intent(stripe_client(), payment)
+    except stripe.StripeError as lookup_error:
+        logger.warning("payment-%s: could not look for its PaymentIntent: %s", payment.pk, lookup_error)
+        intent = None
+    if intent is not None:
+        logger.info("payment-%s: Stripe had seen its key; settled from %s", payment.pk, intent.id)
+        return _charged(payment, intent)
+    logger.warning(
+        "payment-%s: Stripe has seen its key (%s) but no PaymentIntent of it was found; left pending",
+        payment.pk,
+        exc.user_message,
+    )
+    payment.refresh_from_db()
+    failure = _failure(exc)
+    failure.payment = payment
+    raise failure from exc
+
+
+def _find_payment_intent(client: stripe.StripeClient, payment: Payment) -> stripe.PaymentIntent | None:
+    """The PaymentIntent Stripe made for ``payment``, found among its customer's by the metadata we set on it."""
+    customer_id = payment.stripe_customer_id or account_of(payment.organization).stripe_customer_id
+    if not customer_id:
+        return None
+    since = payment.created_at - CLOCK_SKEW
+    listing = client.v1.payment_intents.list(
+        params={"customer": customer_id, "created": {"gte": int(since.timestamp())}, "limit": 100}
+    )
+    found = [
+        intent
+        for intent in listing.auto_paging_iter()
+        if field(field(intent, "metadata"), "payment_id") == str(payment.pk)
+        and field(field(intent, "metadata"), "organization_id") == str(payment.organization_id)
+    ]
+    if len(found) > 1:
+        logger.error("payment-%s has %d PaymentIntents: %s", payment.pk, len(found), [i.id for i in found])
+    # A succeeded one is what the customer paid; otherwise the newest (Stripe lists newest first).
+    return next((intent for intent in found if intent.status == "succeeded"), found[0] if found else None)
 
 
 def _mark_failed(payment_id: int, *, message: str, payment_intent_id: str | None = None) -> None:
@@ -341,29 +529,53 @@ def _mark_failed(payment_id: int, *, message: str, payment_intent_id: str | None
 
 
 def start_checkout(
-    *, organization: Organization, amount_cents: int, success_url: str, cancel_url: str, actor: Actor = SYSTEM
-) -> tuple[Payment, str]:
-    """A Stripe Checkout page that buys credits; the webhook credits the ledger when it is paid."""
+    *,
+    organization: Organization,
+    amount_cents: int,
+    success_url: str,
+    cancel_url: str,
+    actor: Actor = SYSTEM,
+    idempotency_key: str | None = None,
+) -> CheckoutStarted:
+    """A Stripe Checkout page that buys credits; the webhook credits the ledger when it is paid.
+
+    With ``idempotency_key`` (the client's), a retry answers the page its first try opened, as ``buy_credits`` does.
+    """
     check_amount(amount_cents)
+    fingerprint = _fingerprint("checkout", amount_cents, success_url, cancel_url)
+    if idempotency_key:
+        earlier = _earlier_purchase(organization, idempotency_key, fingerprint)
+        if earlier is not None:
+            return _checkout_again(earlier, success_url=success_url, cancel_url=cancel_url)
     customer_id = ensure_customer(organization)
-    payment = Payment.objects.create(
+    payment, created = _new_purchase(
         organization=organization,
-        kind=PaymentKind.PURCHASE,
         amount_cents=amount_cents,
         currency=account_of(organization).currency,
         created_by=actor.user,
+        stripe_customer_id=customer_id,
+        client_idempotency_key=idempotency_key,
+        fingerprint=fingerprint,
     )
+    if not created:
+        return _checkout_again(payment, success_url=success_url, cancel_url=cancel_url)
+    return CheckoutStarted(payment=payment, url=_open_checkout(payment, success_url=success_url, cancel_url=cancel_url))
+
+
+def _open_checkout(payment: Payment, *, success_url: str, cancel_url: str) -> str | None:
+    """Sends the Checkout Session of ``payment`` to Stripe (built from the row and the client's URLs, so a re-send
+    under the same key is the same request); answers the page's URL."""
     metadata = _metadata(payment)
     params: dict[str, Any] = {
         "mode": "payment",
-        "customer": customer_id,
+        "customer": payment.stripe_customer_id,
         "client_reference_id": str(payment.pk),
         "line_items": [
             {
                 "quantity": 1,
                 "price_data": {
                     "currency": payment.currency,
-                    "unit_amount": amount_cents,
+                    "unit_amount": payment.amount_cents,
                     "product_data": {"name": "Prepaid credits"},
                 },
             }
@@ -381,12 +593,45 @@ def start_checkout(
         )
     except stripe.StripeError as exc:
         failure = _failure(exc)
-        if failure.status < 500:
+        if _refused(exc, failure):
             _mark_failed(payment.pk, message=str(failure))
+        payment.refresh_from_db()
+        failure.payment = payment
         raise failure from exc
     Payment.objects.filter(pk=payment.pk).update(stripe_checkout_session_id=session.id)
     payment.stripe_checkout_session_id = session.id
-    return payment, str(session.url)
+    url = field(session, "url")
+    return str(url) if url else None
+
+
+def _checkout_again(payment: Payment, *, success_url: str, cancel_url: str) -> CheckoutStarted:
+    """A Checkout purchase made before under the same Idempotency-Key: its page as Stripe has it now (no URL once
+    paid or expired), or, if the first try never heard of one, the identical request sent again."""
+    if payment.stripe_checkout_session_id:
+        try:
+            session = stripe_client().v1.checkout.sessions.retrieve(payment.stripe_checkout_session_id)
+        except stripe.StripeError as exc:
+            raise _failure(exc) from exc
+        url = field(session, "url")
+        return CheckoutStarted(payment=payment, url=str(url) if url else None, replayed=True)
+    _check_resendable(payment)
+    url = _open_checkout(payment, success_url=success_url, cancel_url=cancel_url)
+    return CheckoutStarted(payment=payment, url=url, replayed=True)
+
+
+def _check_resendable(payment: Payment) -> None:
+    """Raises the answer for a payment of a client's retry that must not be sent to Stripe again: one that failed,
+    or one whose first send is older than Stripe keeps its key (the sweep settles it from Stripe's state)."""
+    if payment.status != PaymentStatus.PENDING:
+        message = payment.failure_message or "The payment did not go through."
+        raise PaymentError(message, error_type="payment_failed", status=402, payment=payment)
+    if payment.created_at < timezone.now() - RESEND_WITHIN:
+        raise PaymentError(
+            "This payment's outcome is not known yet; it is settled shortly.",
+            error_type="payment_in_progress",
+            status=409,
+            payment=payment,
+        )
 
 
 # Auto top-up.
@@ -413,10 +658,11 @@ def auto_top_up(*, organization_id: uuid.UUID) -> Payment | None:
             kind=PaymentKind.AUTO_TOP_UP,
             amount_cents=account.auto_top_up_amount_cents,
             currency=account.currency,
+            stripe_customer_id=account.stripe_customer_id,
+            stripe_payment_method_id=account.default_payment_method_id,
         )
-        customer_id, method_id = account.stripe_customer_id, account.default_payment_method_id
     try:
-        return _charge(payment, customer_id=customer_id, payment_method_id=method_id, off_session=True).payment
+        return _charge(payment).payment
     except PaymentError as exc:
         logger.warning("auto top-up payment-%s of %s: %s", payment.pk, organization_id, exc)
         return exc.payment or payment
@@ -623,12 +869,16 @@ def _cents_out(payment: Payment, kind: str) -> int:
 def settle_stale_payments(*, older_than: timedelta | None = None, limit: int = 100) -> int:
     """Settles payments still pending long after Stripe was called, from Stripe's own state.
 
-    An auto top-up that never got Stripe's answer is re-sent with the same idempotency key (Stripe
-    answers the first attempt's result, or makes it now); a purchase is marked failed (a late
-    success still credits it); a PaymentIntent left waiting for the customer a day is cancelled.
+    An auto top-up that never got Stripe's answer is re-sent, the identical request under the same
+    idempotency key (Stripe answers the first attempt's result, or makes it now). Any other payment
+    with no PaymentIntent known is looked up at Stripe by its metadata (the answer and the webhook
+    may both have been lost) and marked failed only if Stripe has none (a late success still
+    credits it); a PaymentIntent left waiting for the customer a day is cancelled.
     """
     now = timezone.now()
-    cutoff = now - (older_than or timedelta(seconds=settings.BILLING_PAYMENT_SETTLE_AFTER_SECONDS))
+    if older_than is None:
+        older_than = timedelta(seconds=settings.BILLING_PAYMENT_SETTLE_AFTER_SECONDS)
+    cutoff = now - older_than
     settled = 0
     client = stripe_client()
     for payment in Payment.objects.filter(status=PaymentStatus.PENDING, created_at__lt=cutoff).order_by("created_at")[
@@ -643,28 +893,32 @@ def settle_stale_payments(*, older_than: timedelta | None = None, limit: int = 1
 
 
 def _settle(client: stripe.StripeClient, payment: Payment, *, abandon: bool) -> None:
-    if payment.stripe_payment_intent_id:
-        intent = client.v1.payment_intents.retrieve(payment.stripe_payment_intent_id)
-        if abandon and intent.status in ("requires_action", "requires_payment_method", "requires_confirmation"):
-            intent = client.v1.payment_intents.cancel(intent.id)
-        apply_payment_intent(intent)
-    elif payment.stripe_checkout_session_id:
+    if payment.stripe_checkout_session_id and not payment.stripe_payment_intent_id:
         session = client.v1.checkout.sessions.retrieve(payment.stripe_checkout_session_id)
         intent_id = object_id(field(session, "payment_intent"))
         apply_checkout_session(session, client.v1.payment_intents.retrieve(intent_id) if intent_id else None)
-    elif payment.kind == PaymentKind.AUTO_TOP_UP and not abandon:
-        account = account_of(payment.organization)
+        return
+    resend = payment.kind == PaymentKind.AUTO_TOP_UP and payment.created_at >= timezone.now() - RESEND_WITHIN
+    if not payment.stripe_payment_intent_id and resend:
+        if not payment.stripe_customer_id:  # made before payments recorded their request: the best guess
+            account = account_of(payment.organization)
+            payment.stripe_customer_id = account.stripe_customer_id
+            payment.stripe_payment_method_id = account.default_payment_method_id
         try:
-            _charge(
-                payment,
-                customer_id=account.stripe_customer_id,
-                payment_method_id=account.default_payment_method_id,
-                off_session=True,
-            )
+            _charge(payment)
         except PaymentError as exc:
             logger.warning("auto top-up payment-%s retried: %s", payment.pk, exc)
+        return
+    if payment.stripe_payment_intent_id:
+        intent: stripe.PaymentIntent | None = client.v1.payment_intents.retrieve(payment.stripe_payment_intent_id)
     else:
+        intent = _find_payment_intent(client, payment)
+    if intent is None:  # Stripe made nothing for it: nothing was charged
         _mark_failed(payment.pk, message="No answer from the payment provider.")
+        return
+    if abandon and intent.status in ("requires_action", "requires_payment_method", "requires_confirmation"):
+        intent = client.v1.payment_intents.cancel(intent.id)
+    apply_payment_intent(intent)
 
 
 # The proof that our payments and Stripe's agree (billing.reconciliation calls this).

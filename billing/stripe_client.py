@@ -6,6 +6,7 @@ money passes an idempotency key derived from our own rows (``idempotency("paymen
 
 from __future__ import annotations
 
+import time
 from functools import lru_cache
 from typing import Any
 
@@ -44,11 +45,27 @@ def idempotency(key: str) -> RequestOptions:
     return {"idempotency_key": key}
 
 
+# How far a signature's timestamp may lie from now, either way. The SDK refuses only old ones (replays); one
+# from the future would stay "fresh" until then, so a signed delivery leaked today could be replayed for that long.
+SIGNATURE_TOLERANCE_SECONDS = stripe.Webhook.DEFAULT_TOLERANCE
+
+
 def construct_event(payload: bytes, signature: str) -> stripe.Event:
-    """The event, if ``signature`` is Stripe's for ``payload`` (raises ``SignatureVerificationError``)."""
+    """The event, if ``signature`` is Stripe's for ``payload`` and was made within the tolerance of now, before or
+    after (raises ``SignatureVerificationError``)."""
     if not settings.STRIPE_WEBHOOK_SECRET:
         raise stripe.SignatureVerificationError("STRIPE_WEBHOOK_SECRET is not set.", signature)  # type: ignore[no-untyped-call]
-    return stripe.Webhook.construct_event(payload, signature, settings.STRIPE_WEBHOOK_SECRET)
+    event = stripe.Webhook.construct_event(
+        payload, signature, settings.STRIPE_WEBHOOK_SECRET, tolerance=SIGNATURE_TOLERANCE_SECONDS
+    )
+    # The timestamp the SDK has just verified: the first ``t=`` of the header, as it reads it.
+    items = (part.partition("=") for part in signature.split(","))
+    timestamp = next(int(value) for key, _, value in items if key == "t")
+    if timestamp > time.time() + SIGNATURE_TOLERANCE_SECONDS:
+        raise stripe.SignatureVerificationError(  # type: ignore[no-untyped-call]
+            f"Timestamp is in the future, outside the tolerance zone ({timestamp}).", signature
+        )
+    return event
 
 
 def field(stripe_object: Any, name: str) -> Any:

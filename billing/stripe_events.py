@@ -9,11 +9,15 @@ of times: every effect is a ledger entry with its own idempotency key.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Any
 
+import stripe
 from celery import current_app
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -119,9 +123,24 @@ FETCHERS: dict[str, Callable[[str], Apply]] = {
 def receive_event(payload: bytes, signature: str) -> tuple[StripeEvent, bool]:
     """Stores a signed event once (raises ``stripe.SignatureVerificationError`` or ``ValueError`` if forged).
 
-    Answers the stored event and whether it is new; a new one is queued for processing on commit.
+    Answers the stored event and whether it is new; a new one is queued for processing on commit. A signed body
+    that is no event Stripe sends is stored too, as ignored with why (``receive_malformed``), and never processed.
     """
-    event = construct_event(payload, signature)
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("The body is not UTF-8.") from None  # before the signature could be checked: forged
+    try:
+        event = construct_event(payload, signature)
+    except stripe.SignatureVerificationError:
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as exc:
+        # The SDK checks the signature of the text before it reads it: what fails after that is signed.
+        return receive_malformed(payload, f"not an event ({type(exc).__name__})")
+    data = json.loads(payload)
+    malformation = _malformation(data)
+    if malformation is not None:
+        return receive_malformed(payload, malformation)
     try:
         with transaction.atomic():
             stored = StripeEvent.objects.create(
@@ -131,6 +150,68 @@ def receive_event(payload: bytes, signature: str) -> tuple[StripeEvent, bool]:
         return StripeEvent.objects.get(pk=event.id), False
     event_id = stored.id
     transaction.on_commit(lambda: enqueue_event(event_id), robust=True)
+    return stored, True
+
+
+MAX_EVENT_ID = 255
+MAX_EVENT_TYPE = 100
+
+
+def _storable(value: Any) -> Any:
+    """``value`` as a JSON column holds it: PostgreSQL refuses NUL characters, unpaired surrogates, NaN and
+    infinities, which Python's JSON parser lets through; those become text that shows what was sent."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\u0000")
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {_storable(key): _storable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_storable(item) for item in value]
+    return value
+
+
+def _malformation(data: Any) -> str | None:
+    """Why a signed body is no event Stripe sends (``None`` when it is one)."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    event_id, event_type, body = data.get("id"), data.get("type"), data.get("data")
+    if not isinstance(event_id, str) or not 0 < len(event_id) <= MAX_EVENT_ID:
+        return "no event id"
+    if not isinstance(event_type, str) or not 0 < len(event_type) <= MAX_EVENT_TYPE:
+        return "no event type"
+    if not isinstance(body, dict) or not isinstance(body.get("object"), dict):
+        return "no data.object"
+    if _storable(data) != data:  # NaN is unequal even to itself: caught here too
+        return "values a JSON column cannot hold"
+    return None
+
+
+def receive_malformed(payload: bytes, reason: str) -> tuple[StripeEvent, bool]:
+    """Stores a signed body that is no event, ignored (``error`` says why), under its id when it has a usable
+    one, otherwise under one made from the body, so a redelivery is a duplicate. Its sender holds our signing
+    secret; a retry would not mend it, so it is answered as received."""
+    try:
+        data: Any = json.loads(payload)
+    except (ValueError, RecursionError):
+        data = {"body": payload.decode("utf-8")[:10_000]}
+    event_id = data.get("id") if isinstance(data, dict) else None
+    if not (isinstance(event_id, str) and 0 < len(event_id) <= MAX_EVENT_ID and _storable(event_id) == event_id):
+        event_id = f"malformed_{hashlib.sha256(payload).hexdigest()}"
+    event_type = data.get("type") if isinstance(data, dict) else None
+    try:
+        with transaction.atomic():
+            stored = StripeEvent.objects.create(
+                id=event_id,
+                type=_storable(event_type)[:MAX_EVENT_TYPE] if isinstance(event_type, str) else "",
+                payload=_storable(data) if isinstance(data, dict) else {"body": _storable(data)},
+                status=StripeEventStatus.IGNORED,
+                error=f"Malformed event: {reason}.",
+                processed_at=timezone.now(),
+            )
+    except IntegrityError:
+        return StripeEvent.objects.get(pk=event_id), False
+    logger.warning("stored malformed Stripe event %s: %s", event_id, reason)
     return stored, True
 
 

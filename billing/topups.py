@@ -42,6 +42,10 @@ def schedule_if_low(account: Account) -> bool:
 
 
 def enqueue_top_up(organization_id: str) -> bool:
+    # A duplicate message costs a locked read, never a second charge (the task decides under the lock).
+    # While Redis is down the cache keeps this guard in process memory (config/cache.py): each process
+    # still sends at most one message per organization a minute, neither one per debit nor none; a
+    # message the broker refused frees the guard, so the next debit (or the sweep) sends it again.
     key = f"billing:top-up-queued:{organization_id}"
     if not cache.add(key, 1, timeout=QUEUE_DEDUP_SECONDS):
         return False

@@ -15,18 +15,13 @@ from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse
 
-from accounts.models import Membership, Organization, Role, User
+from accounts import policy
+from accounts.models import Membership, Organization, User
 
 SESSION_KEY = "organization_id"
 
-EVERYONE = frozenset(Role)
-CAPABILITIES: dict[str, frozenset[str]] = {
-    "view": EVERYONE,
-    "manage_members": frozenset({Role.OWNER, Role.ADMIN}),
-    "manage_keys": frozenset({Role.OWNER, Role.ADMIN, Role.DEVELOPER}),
-    "run_models": frozenset({Role.OWNER, Role.ADMIN, Role.DEVELOPER}),
-    "manage_billing": frozenset({Role.OWNER, Role.ADMIN, Role.BILLING}),
-}
+# The dashboard asks the one policy every door asks (accounts.policy); a capability is one of its actions.
+CAPABILITIES: tuple[str, ...] = policy.ACTIONS
 
 
 @dataclass(frozen=True)
@@ -42,7 +37,11 @@ class Context:
         return self.membership.organization
 
     def can(self, capability: str) -> bool:
-        return self.membership.role in CAPABILITIES[capability]
+        return policy.role_can(self.membership.role, capability)
+
+    @property
+    def grantable_scopes(self) -> frozenset[str]:
+        return policy.grantable_scopes(self.membership.role)
 
     def as_template(self) -> dict[str, Any]:
         return {

@@ -1,34 +1,51 @@
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, cast
 
 from django import forms
+from django.contrib.auth import forms as auth_forms
 from django.contrib.auth.password_validation import validate_password
 
+from accounts.login_protection import may_email
 from accounts.models import Role, Scope, User
 
 
 class SignUpForm(forms.Form):
+    """Who signs up: the emailed link proves the address, and a password is chosen there.
+
+    Whether the address already has an account is never checked here: the form answers the same either way.
+    """
+
     name = forms.CharField(max_length=150, required=False)
     email = forms.EmailField()
-    password = forms.CharField(widget=forms.PasswordInput, strip=False)
 
     def clean_email(self) -> str:
-        email = self.cleaned_data["email"].lower()
-        if User.objects.filter(email__iexact=email).exists():
-            raise forms.ValidationError("An account with this email address already exists. Log in instead.")
-        return email
+        return str(User.objects.normalize_email(self.cleaned_data["email"])).lower()
 
-    def clean(self) -> dict[str, Any]:
-        cleaned = super().clean() or {}
-        if cleaned.get("password"):
-            try:
-                validate_password(
-                    cleaned["password"], User(email=cleaned.get("email", ""), name=cleaned.get("name", ""))
-                )
-            except forms.ValidationError as exc:
-                self.add_error("password", exc)
-        return cleaned
+
+class ChoosePasswordForm(forms.Form):
+    """The password of an account being created from a sign-up link."""
+
+    password = forms.CharField(widget=forms.PasswordInput(attrs={"autocomplete": "new-password"}), strip=False)
+
+    def __init__(self, *args: Any, email: str, name: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.person = User(email=email, name=name)
+
+    def clean_password(self) -> str:
+        password = str(self.cleaned_data["password"])
+        validate_password(password, self.person)
+        return password
+
+
+class PasswordResetForm(auth_forms.PasswordResetForm):
+    """Django's, with the emails to any one address capped (silently: the page answers the same)."""
+
+    def get_users(self, email: str) -> Iterator[Any]:
+        for user in super().get_users(email):
+            if may_email(email):
+                yield user
 
 
 class InviteForm(forms.Form):
@@ -45,6 +62,13 @@ class KeyForm(forms.Form):
     scopes = forms.MultipleChoiceField(
         choices=Scope.choices, initial=[Scope.INFERENCE], widget=forms.CheckboxSelectMultiple
     )
+
+    def __init__(self, *args: Any, grantable: frozenset[str] | None = None, **kwargs: Any) -> None:
+        """``grantable``: the scopes the member's role may grant (accounts.policy); only those are offered."""
+        super().__init__(*args, **kwargs)
+        if grantable is not None:
+            field = cast(forms.MultipleChoiceField, self.fields["scopes"])
+            field.choices = [(value, label) for value, label in Scope.choices if value in grantable]
 
 
 class DateRangeForm(forms.Form):

@@ -1,5 +1,5 @@
 from django.contrib.auth import views as auth_views
-from django.urls import path, reverse_lazy
+from django.urls import path
 
 from dashboard.views import auth, billing, requests, team, usage
 
@@ -30,17 +30,11 @@ urlpatterns = [
 
 auth_urlpatterns = [
     path("signup", auth.signup, name="signup"),
-    path("login", auth_views.LoginView.as_view(template_name="dashboard/auth/login.html"), name="login"),
+    path("signup/sent", auth.signup_sent, name="signup_sent"),
+    path("signup/confirm/<str:token>", auth.signup_confirm, name="signup_confirm"),
+    path("login", auth.LoginView.as_view(), name="login"),
     path("logout", auth_views.LogoutView.as_view(), name="logout"),
-    path(
-        "password-reset",
-        auth_views.PasswordResetView.as_view(
-            template_name="dashboard/auth/password_reset_form.html",
-            email_template_name="dashboard/auth/password_reset_email.txt",
-            success_url=reverse_lazy("password_reset_done"),
-        ),
-        name="password_reset",
-    ),
+    path("password-reset", auth.PasswordResetView.as_view(), name="password_reset"),
     path(
         "password-reset/sent",
         auth_views.PasswordResetDoneView.as_view(template_name="dashboard/auth/password_reset_done.html"),
@@ -48,10 +42,7 @@ auth_urlpatterns = [
     ),
     path(
         "password-reset/<uidb64>/<token>",
-        auth_views.PasswordResetConfirmView.as_view(
-            template_name="dashboard/auth/password_reset_confirm.html",
-            success_url=reverse_lazy("password_reset_complete"),
-        ),
+        auth.PasswordResetConfirmView.as_view(),
         name="password_reset_confirm",
     ),
     path(

@@ -18,16 +18,20 @@ from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
-from rest_framework import exceptions
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import exceptions, serializers
 from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.authentication import authenticate_token
+from accounts.errors import problem
 from accounts.limits import check_rate
 from accounts.models import ApiKey, Scope
 from accounts.permissions import HasScope, request_api_key
+from accounts.schema import ApiAutoSchema, error, validation_error
 from inference import files
 from inference.files import MAX_RETENTION_SECONDS
 from inference.hooks import hooks
@@ -105,35 +109,62 @@ def lifecycle_seconds(header: str | None) -> int | None:
     return seconds
 
 
+class LocatedRefusal(SubmissionRefused):
+    """A 422 refusal of one value, with where that value came from (``detail`` a list, as every 422's)."""
+
+    def __init__(self, refused: SubmissionRefused, loc: list[str | int]) -> None:
+        super().__init__(refused.detail, refused.error_type, refused.status)
+        self.problems = [problem(loc, refused.detail, refused.error_type)]
+
+
 def submit_from_request(request: HttpRequest, api_key: ApiKey, endpoint: Endpoint, payload: Any) -> tuple[Job, bool]:
     """Shared by the queue and sync APIs: webhook, idempotency key and retention from the request."""
+    if len(request.GET.getlist("fal_webhook")) > 1:
+        raise InputError([problem(["query", "fal_webhook"], "Give this parameter once.", "duplicate")])
     webhook_url = request.GET.get("fal_webhook", "")
+    webhook_loc: list[str | int] = ["query", "fal_webhook"]
     if isinstance(payload, dict) and "webhook_url" in payload:
         payload = dict(payload)
         body_webhook = payload.pop("webhook_url")
         if not isinstance(body_webhook, str):
             raise InputError([{"loc": ["body", "webhook_url"], "msg": "Should be a URL.", "type": "url_type"}])
-        webhook_url = webhook_url or body_webhook
+        if not webhook_url:
+            webhook_url, webhook_loc = body_webhook, ["body", "webhook_url"]
     idempotency_key = request.headers.get("Idempotency-Key") or None
     if idempotency_key and len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
         raise InputError(
             [{"loc": ["header", "Idempotency-Key"], "msg": "At most 255 characters.", "type": "string_too_long"}]
         )
-    return submit_job(
-        organization=api_key.organization,
-        api_key=api_key,
-        endpoint=endpoint,
-        payload=payload,
-        webhook_url=webhook_url,
-        idempotency_key=idempotency_key,
-        retention_seconds=lifecycle_seconds(request.headers.get("X-Fal-Object-Lifecycle-Preference")),
-    )
+    try:
+        return submit_job(
+            organization=api_key.organization,
+            api_key=api_key,
+            endpoint=endpoint,
+            payload=payload,
+            webhook_url=webhook_url,
+            idempotency_key=idempotency_key,
+            retention_seconds=lifecycle_seconds(request.headers.get("X-Fal-Object-Lifecycle-Preference")),
+        )
+    except SubmissionRefused as exc:
+        if exc.status != 422:
+            raise
+        # The service names the rule; only the request knows where the refused value was written.
+        locations: dict[str, list[str | int]] = {
+            "invalid_webhook_url": webhook_loc,
+            "idempotency_key_reused": ["header", "Idempotency-Key"],
+        }
+        raise LocatedRefusal(exc, locations.get(exc.error_type, ["body"])) from None
 
 
 def refusal_response(exc: InputError | SubmissionRefused) -> JsonResponse:
     if isinstance(exc, InputError):
         return JsonResponse({"detail": exc.detail, "error_type": "validation_error"}, status=exc.status)
-    return JsonResponse({"detail": exc.detail, "error_type": exc.error_type}, status=exc.status)
+    if isinstance(exc, LocatedRefusal):
+        return JsonResponse({"detail": exc.problems, "error_type": exc.error_type}, status=exc.status)
+    detail: Any = exc.detail
+    if exc.status == 422:  # a refusal the request could not locate is about the body as a whole
+        detail = [problem(["body"], exc.detail, exc.error_type)]
+    return JsonResponse({"detail": detail, "error_type": exc.error_type}, status=exc.status)
 
 
 def handle_payload(job: Job, request: HttpRequest) -> dict[str, Any]:
@@ -155,9 +186,65 @@ def with_request_id(response: HttpResponse, job: Job | None) -> HttpResponse:
 class InferenceView(APIView):
     permission_classes = (IsAuthenticated, HasScope)
     required_scope = Scope.INFERENCE
+    schema = ApiAutoSchema()
+
+
+class QueueHandle(serializers.Serializer[Any]):
+    request_id = serializers.UUIDField()
+    response_url = serializers.URLField()
+    status_url = serializers.URLField()
+    cancel_url = serializers.URLField()
+    status = serializers.ChoiceField(choices=["IN_QUEUE", "IN_PROGRESS", "COMPLETED"])
+    queue_position = serializers.IntegerField(min_value=0)
+
+
+class QueueStatus(serializers.Serializer[Any]):
+    """fal's status object; ``queue_position`` while queued, ``progress`` while running, ``error`` once done."""
+
+    status = serializers.ChoiceField(choices=["IN_QUEUE", "IN_PROGRESS", "COMPLETED"])
+    request_id = serializers.UUIDField()
+    response_url = serializers.URLField()
+    status_url = serializers.URLField()
+    cancel_url = serializers.URLField()
+    logs = serializers.ListField(child=serializers.DictField(), allow_null=True)
+    usage = serializers.DictField(allow_null=True, help_text="Null until the request has finished.")
+
+
+class CancelOutcome(serializers.Serializer[Any]):
+    status = serializers.ChoiceField(choices=["CANCELLATION_REQUESTED", "ALREADY_COMPLETED", "NOT_FOUND"])
+
+
+SUBMIT_PARAMETERS = [
+    OpenApiParameter("fal_webhook", str, OpenApiParameter.QUERY, description="POSTed the result when it is done."),
+    OpenApiParameter(
+        "Idempotency-Key",
+        str,
+        OpenApiParameter.HEADER,
+        description="A retry with the same key and body answers the first request (at most 255 characters).",
+    ),
+    OpenApiParameter(
+        "X-Fal-Object-Lifecycle-Preference",
+        str,
+        OpenApiParameter.HEADER,
+        description='How long outputs are kept: `{"expiration_duration_seconds": N}`.',
+    ),
+]
+REFUSED = error("Not enough credit (`insufficient_credits`) or over a spend limit (`spend_limit_exceeded`).")
 
 
 class SubmitView(InferenceView):
+    @extend_schema(
+        request={"application/json": OpenApiTypes.OBJECT},
+        parameters=SUBMIT_PARAMETERS,
+        responses={
+            200: QueueHandle,
+            402: REFUSED,
+            404: error("No such endpoint (`endpoint_not_found`)."),
+            413: error("An inline image over the endpoint's limit."),
+            422: validation_error("Refused input (the endpoint's `input_schema` at /v1/models), webhook or header."),
+        },
+        summary="Queue a request (fal's queue API)",
+    )
     def post(self, request: Request, owner: str, model: str, path: str = "") -> HttpResponse:
         endpoint = find_endpoint(owner, model, path)
         try:
@@ -176,6 +263,11 @@ def wants_logs(request: HttpRequest) -> bool:
 
 
 class StatusView(InferenceView):
+    @extend_schema(
+        parameters=[OpenApiParameter("logs", str, OpenApiParameter.QUERY, description="`1` or `true`: with logs.")],
+        responses={200: QueueStatus, 404: error("No such request of this organization (`request_not_found`).")},
+        summary="A request's status",
+    )
     def get(self, request: Request, owner: str, model: str, request_id: str) -> HttpResponse:
         job = find_job(request_api_key(request).organization_id, owner, model, request_id)
         return with_request_id(Response(status_payload(job, request, with_logs=wants_logs(request))), job)
@@ -185,6 +277,8 @@ def result_response(job: Job, request: HttpRequest) -> JsonResponse:
     usage = usage_of(job)
     if job.status != JobStatus.COMPLETED:
         status, body = result_error(job)
+        if status == 422:  # the worker could not use an input (image_url): located as every 422 is
+            body = {**body, "detail": [problem(["body", "image_url"], body["detail"], body["error_type"])]}
         response = JsonResponse(body, status=status)
     else:
         response = JsonResponse({**(files.render_result(job, base_url=base_url(request)) or {}), "usage": usage})
@@ -197,6 +291,20 @@ def result_response(job: Job, request: HttpRequest) -> JsonResponse:
 
 
 class ResultView(InferenceView):
+    @extend_schema(
+        responses={
+            200: OpenApiResponse(OpenApiTypes.OBJECT, description="The model's output, with its `usage`."),
+            400: error("Still in progress (`request_in_progress`), or cancelled (`cancelled`)."),
+            402: REFUSED,
+            404: error("No such request of this organization (`request_not_found`)."),
+            413: error("The request's input image was too large (`image_too_large`)."),
+            422: validation_error("The request's input could not be used (`image_load_error`)."),
+            500: error("The request failed through the platform's fault (`internal_error`); it was not billed."),
+            503: error("The model could not be loaded (`model_unavailable`)."),
+            504: error("The request ran past its time limit (`timeout`)."),
+        },
+        summary="A finished request's output, or the error it ended with",
+    )
     def get(self, request: Request, owner: str, model: str, request_id: str) -> HttpResponse:
         job = find_job(request_api_key(request).organization_id, owner, model, request_id)
         if not job.is_final:
@@ -209,6 +317,15 @@ class ResultView(InferenceView):
 
 
 class CancelView(InferenceView):
+    @extend_schema(
+        request=None,
+        responses={
+            202: CancelOutcome,
+            400: OpenApiResponse(CancelOutcome, description="`ALREADY_COMPLETED`."),
+            404: error("`status: NOT_FOUND` for an unknown request, besides `detail` and `error_type`."),
+        },
+        summary="Cancel a request",
+    )
     def put(self, request: Request, owner: str, model: str, request_id: str) -> HttpResponse:
         try:
             job = find_job(request_api_key(request).organization_id, owner, model, request_id)
@@ -363,9 +480,25 @@ def status_event_stream(job: Job, request: HttpRequest, *, with_logs: bool) -> S
 # The platform API: the catalogue of models and the organization's requests.
 
 
+class ModelSummary(serializers.Serializer[Any]):
+    endpoint_id = serializers.CharField()
+    title = serializers.CharField(allow_blank=True)
+    description = serializers.CharField(allow_blank=True)
+    kind = serializers.CharField()
+    gpu_class = serializers.CharField()
+    input_schema = serializers.DictField(help_text="JSON Schema of the input, with this endpoint's limits.")
+    price = serializers.DictField(allow_null=True)
+
+
+class ModelList(serializers.Serializer[Any]):
+    models = ModelSummary(many=True)
+
+
 class ModelsView(APIView):
     permission_classes = (AllowAny,)
+    schema = ApiAutoSchema()
 
+    @extend_schema(responses=ModelList, summary="The models this platform serves, with their inputs and prices")
     def get(self, request: Request) -> Response:
         endpoints = Endpoint.objects.active()
         return Response(

@@ -11,9 +11,12 @@ import binascii
 import io
 import re
 import secrets
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
+
+from django.conf import settings
 
 from inference.models import Endpoint, PipelineKind
 
@@ -193,9 +196,38 @@ def _image_url(c: _Collector, payload: dict[str, Any], endpoint: Endpoint) -> tu
     return value, None
 
 
+def image_pixels_problem(data: bytes) -> str | None:
+    """Why the image in ``data`` must not be decoded (over ``MAX_INPUT_IMAGE_PIXELS`` pixels), or ``None``.
+
+    Reads the header only: Pillow opens lazily and knows the size before it decodes a pixel, and a 17 KB PNG can
+    declare 12000x12000 pixels (430 MB decoded). A header Pillow cannot read is left to the decoder to refuse.
+    """
+    from PIL import Image
+
+    limit = settings.MAX_INPUT_IMAGE_PIXELS
+    # Pillow's own guard as well, for every later decode in this process: it refuses outright past twice this.
+    Image.MAX_IMAGE_PIXELS = limit
+    too_large = f"The image has more than {limit} pixels, the most an input image may have."
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return too_large
+    except Exception:  # not an image Pillow reads: not this check's to say
+        return None
+    return too_large if width * height > limit else None
+
+
 def _check_image(c: _Collector, data: bytes) -> str:
     from PIL import Image
 
+    problem = image_pixels_problem(data)
+    if problem is not None:
+        c.too_large = True
+        c.add("image_url", problem, "too_large")
+        return ""
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.verify()
@@ -302,7 +334,10 @@ def input_schema(endpoint: Endpoint) -> dict[str, Any]:
     if endpoint.kind == PipelineKind.IMAGE_TO_IMAGE:
         properties["image_url"] = {
             "type": "string",
-            "description": f"http(s) URL or base64 data URI, at most {endpoint.max_input_image_bytes} bytes.",
+            "description": (
+                f"http(s) URL or base64 data URI, at most {endpoint.max_input_image_bytes} bytes"
+                f" and {settings.MAX_INPUT_IMAGE_PIXELS} pixels (width x height)."
+            ),
         }
         properties["strength"] = {
             "type": "number",

@@ -6,25 +6,26 @@ import uuid
 from typing import Any
 
 from django.db.models import QuerySet
-from rest_framework import exceptions
-from rest_framework.pagination import CursorPagination
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema
+from rest_framework import exceptions, serializers
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.models import ApiKey, Scope
+from accounts.parsers import StrictCursorPagination, query_params
 from accounts.permissions import HasScope, request_organization
+from accounts.schema import ApiAutoSchema, error
 from inference import files
 from inference.models import Job, JobStatus
 from inference.presenters import FAL_STATUS, base_url, logs_of, usage_of
 
 
-class RequestsPage(CursorPagination):
+class RequestsPage(StrictCursorPagination):
     ordering = ("-created_at", "-id")
     page_size = 50
-    page_size_query_param = "limit"
-    max_page_size = 200
 
 
 def summary(job: Job) -> dict[str, Any]:
@@ -53,17 +54,43 @@ class UsageOrInference(HasScope):
         return False
 
 
+class RequestQuery(serializers.Serializer[Any]):
+    status = serializers.CharField(required=False, help_text=f"One of {', '.join(JobStatus.values)} (any case).")
+    endpoint_id = serializers.CharField(required=False, max_length=300, help_text="e.g. platform/tiny-sd.")
+
+    def validate_status(self, value: str) -> str:
+        if value.upper() not in JobStatus.values:
+            raise serializers.ValidationError(f"Use one of {', '.join(JobStatus.values)}.", code="enum")
+        return value.upper()
+
+
+class RequestSummary(serializers.Serializer[Any]):
+    request_id = serializers.UUIDField()
+    endpoint_id = serializers.CharField()
+    status = serializers.ChoiceField(choices=JobStatus.values)
+    fal_status = serializers.ChoiceField(choices=["IN_QUEUE", "IN_PROGRESS", "COMPLETED"])
+    error_type = serializers.CharField(allow_null=True)
+    gpu_ms = serializers.IntegerField()
+    created_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+    api_key_id = serializers.UUIDField(allow_null=True)
+
+
 class RequestListView(APIView):
     permission_classes = (IsAuthenticated, UsageOrInference)
+    schema = ApiAutoSchema()
+    pagination_class = RequestsPage
 
+    @extend_schema(
+        parameters=[RequestQuery], responses=RequestSummary(many=True), summary="This organization's requests"
+    )
     def get(self, request: Request) -> Response:
         jobs: QuerySet[Job] = Job.objects.filter(organization=request_organization(request)).select_related("endpoint")
-        status = request.query_params.get("status")
-        if status:
-            if status.upper() not in JobStatus.values:
-                raise exceptions.ValidationError({"status": [f"Use one of {', '.join(JobStatus.values)}."]})
-            jobs = jobs.filter(status=status.upper())
-        endpoint_id = request.query_params.get("endpoint_id")
+        query = query_params(request, RequestQuery, paginated=True)
+        if query.get("status"):
+            jobs = jobs.filter(status=query["status"])
+        endpoint_id = query.get("endpoint_id")
         if endpoint_id:
             owner, _, rest = endpoint_id.partition("/")
             name, _, path = rest.partition("/")
@@ -75,7 +102,12 @@ class RequestListView(APIView):
 
 class RequestDetailView(APIView):
     permission_classes = (IsAuthenticated, UsageOrInference)
+    schema = ApiAutoSchema()
 
+    @extend_schema(
+        responses={200: OpenApiTypes.OBJECT, 404: error("No such request of this organization.")},
+        summary="One request: input, result, logs, attempts, usage and webhook deliveries",
+    )
     def get(self, request: Request, request_id: str) -> Response:
         try:
             job_id = uuid.UUID(request_id)

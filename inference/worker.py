@@ -49,6 +49,7 @@ from inference.engine import (
     resolve,
 )
 from inference.hooks import Refusal
+from inference.inputs import image_pixels_problem
 from inference.models import AttemptOutcome, Endpoint, Job
 
 logger = logging.getLogger(__name__)
@@ -525,6 +526,8 @@ def load_input_image(job: Job) -> Any:
             raise InputProblem(f"image_url is not allowed: {exc}", "image_load_error") from None
         except Exception as exc:
             raise InputProblem(f"image_url could not be downloaded: {exc}", "image_load_error") from None
+    if problem := image_pixels_problem(data):
+        raise InputProblem(problem, "image_too_large")  # known only now: the job fails, unbilled work is none
     try:
         with Image.open(BytesIO(data)) as image:
             return image.convert("RGB")

@@ -1,33 +1,142 @@
-"""Sign up, and the organization switcher. Log in, log out and password reset are Django's own views."""
+"""Sign up, log in, password reset and the organization switcher.
+
+Log in and password reset are Django's views with throttled forms (accounts/login_protection.py). Sign-up
+proves the address before anything is created: the form only sends an email, the same page follows whether
+or not the address has an account (a link to choose a password, or a note to the owner that someone tried),
+so neither sign-up nor password reset tells anyone which addresses have accounts.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+from django.conf import settings
 from django.contrib.auth import login
+from django.contrib.auth import views as auth_views
+from django.core import signing
+from django.core.mail import send_mail
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import redirect, render
-from django.urls import reverse
+from django.template.loader import render_to_string
+from django.urls import reverse, reverse_lazy
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
-from accounts.services import Actor, sign_up
+from accounts.login_protection import (
+    ThrottledAuthenticationForm,
+    check_form_post,
+    may_email,
+    refused_with_retry_after,
+    throttled_login_response,
+    unlock_account,
+)
+from accounts.models import User
+from accounts.services import AccountsError, Actor, sign_up
 from dashboard.access import SESSION_KEY, resolve
-from dashboard.forms import SignUpForm
+from dashboard.forms import ChoosePasswordForm, PasswordResetForm, SignUpForm
+
+SIGNUP_SALT = "dashboard.signup"
+
+
+class LoginView(auth_views.LoginView):
+    template_name = "dashboard/auth/login.html"
+    authentication_form = ThrottledAuthenticationForm
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        return throttled_login_response(super().post(request, *args, **kwargs))
+
+
+class PasswordResetView(auth_views.PasswordResetView):
+    template_name = "dashboard/auth/password_reset_form.html"
+    email_template_name = "dashboard/auth/password_reset_email.txt"
+    form_class = PasswordResetForm
+    success_url = reverse_lazy("password_reset_done")
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        refusal = check_form_post(request, "password-reset")
+        if refusal is None:
+            return super().post(request, *args, **kwargs)
+        form = self.get_form()
+        form.is_valid()
+        form.add_error(None, refusal)
+        return refused_with_retry_after(self.form_invalid(form), refusal.retry_after)
+
+
+class PasswordResetConfirmView(auth_views.PasswordResetConfirmView):
+    template_name = "dashboard/auth/password_reset_confirm.html"
+    success_url = reverse_lazy("password_reset_complete")
+
+    def form_valid(self, form: Any) -> HttpResponse:
+        response = super().form_valid(form)
+        # Someone else's failures may have locked the account: its owner, with a new password, may log in now.
+        unlock_account(form.user.email)
+        return response
 
 
 def signup(request: HttpRequest) -> HttpResponse:
     if request.user.is_authenticated:
         return redirect("dashboard:home")
     form = SignUpForm(request.POST or None)
+    if request.method == "POST":
+        refusal = check_form_post(request, "signup")
+        if refusal is not None:
+            form.is_valid()
+            form.add_error(None, refusal)
+            response = render(request, "dashboard/auth/signup.html", {"form": form})
+            refused_with_retry_after(response, refusal.retry_after)
+            return response
+        if form.is_valid():
+            send_signup_email(request, email=form.cleaned_data["email"], name=form.cleaned_data["name"])
+            return redirect("signup_sent")
+    return render(request, "dashboard/auth/signup.html", {"form": form})
+
+
+def send_signup_email(request: HttpRequest, *, email: str, name: str) -> None:
+    """The link that creates the account, or, if the address has one, a note to its owner (one email either way)."""
+    if User.objects.filter(email__iexact=email).exists():
+        subject, template = "Someone tried to sign up with your email address", "dashboard/auth/signup_exists_email.txt"
+        context = {
+            "email": email,
+            "login_url": request.build_absolute_uri(reverse("login")),
+            "reset_url": request.build_absolute_uri(reverse("password_reset")),
+        }
+    else:
+        token = signing.dumps({"email": email, "name": name}, salt=SIGNUP_SALT, compress=True)
+        subject, template = "Confirm your email address", "dashboard/auth/signup_email.txt"
+        context = {"email": email, "link": request.build_absolute_uri(reverse("signup_confirm", args=[token]))}
+    if may_email(email):
+        send_mail(subject, render_to_string(template, context), None, [email])
+
+
+def signup_sent(request: HttpRequest) -> HttpResponse:
+    return render(
+        request, "dashboard/auth/signup_sent.html", {"link_hours": max(settings.SIGNUP_LINK_MAX_AGE_SECONDS // 3600, 1)}
+    )
+
+
+def signup_confirm(request: HttpRequest, token: str) -> HttpResponse:
+    """The emailed link: choose a password, and the account is created and logged in."""
+    try:
+        claim = signing.loads(token, salt=SIGNUP_SALT, max_age=settings.SIGNUP_LINK_MAX_AGE_SECONDS)
+        email, name = str(claim["email"]), str(claim.get("name") or "")
+    except (signing.BadSignature, KeyError, TypeError):
+        return render(request, "dashboard/auth/signup_confirm.html", {"state": "invalid"})
+    if User.objects.filter(email__iexact=email).exists():
+        return render(request, "dashboard/auth/signup_confirm.html", {"state": "used"})
+    form = ChoosePasswordForm(request.POST or None, email=email, name=name)
     if request.method == "POST" and form.is_valid():
-        user = sign_up(
-            email=form.cleaned_data["email"],
-            password=form.cleaned_data["password"],
-            name=form.cleaned_data["name"],
-            actor=Actor(ip_address=request.META.get("REMOTE_ADDR")),
-        )
+        try:
+            user = sign_up(
+                email=email,
+                password=form.cleaned_data["password"],
+                name=name,
+                actor=Actor(ip_address=request.META.get("REMOTE_ADDR")),
+            )
+        except AccountsError:  # the same link used twice at once
+            return render(request, "dashboard/auth/signup_confirm.html", {"state": "used"})
         login(request, user, backend="django.contrib.auth.backends.ModelBackend")
         return redirect("dashboard:home")
-    return render(request, "dashboard/auth/signup.html", {"form": form})
+    return render(request, "dashboard/auth/signup_confirm.html", {"state": "valid", "form": form, "email": email})
 
 
 @require_POST

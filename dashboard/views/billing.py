@@ -106,14 +106,14 @@ def buy_credits(request: HttpRequest, context: Context) -> HttpResponse:
     try:
         if request.POST.get("method") == "checkout":
             back = request.build_absolute_uri(reverse("dashboard:billing"))
-            _, url = payments.start_checkout(
+            started = payments.start_checkout(
                 organization=context.organization,
                 amount_cents=amount_cents,
                 success_url=f"{back}?paid=1",
                 cancel_url=back,
                 actor=actor,
             )
-            return HttpResponseRedirect(url)
+            return HttpResponseRedirect(started.url or back)
         charged = payments.buy_credits(organization=context.organization, amount_cents=amount_cents, actor=actor)
     except BillingError as exc:
         messages.error(request, str(exc))

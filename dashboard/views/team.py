@@ -112,7 +112,7 @@ def remove(request: HttpRequest, context: Context, membership_id: int) -> HttpRe
 
 @dashboard_view("manage_keys")
 def keys(request: HttpRequest, context: Context) -> HttpResponse:
-    form = KeyForm(request.POST or None)
+    form = KeyForm(request.POST or None, grantable=context.grantable_scopes)
     created = None
     if request.method == "POST" and form.is_valid():
         try:
@@ -127,7 +127,7 @@ def keys(request: HttpRequest, context: Context) -> HttpResponse:
             messages.error(request, str(exc))
         else:
             created = {"key": api_key, "token": token}
-            form = KeyForm()
+            form = KeyForm(grantable=context.grantable_scopes)
     rows = ApiKey.objects.filter(organization=context.organization).select_related("created_by").order_by("-created_at")
     return render(
         request, "dashboard/keys.html", {**context.as_template(), "keys": rows, "form": form, "created": created}

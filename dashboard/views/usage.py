@@ -39,7 +39,7 @@ def chart_series(report: dict[str, Any], start: date, end: date) -> dict[str, An
     return {"days": days, "series": [{"endpoint": name, **values} for name, values in sorted(series.items())]}
 
 
-@dashboard_view()
+@dashboard_view("read_usage")
 def usage(request: HttpRequest, context: Context) -> HttpResponse:
     form, start, end = date_range(request)
     organization_id = context.organization.pk

@@ -8,17 +8,19 @@ from typing import Any
 from django.db.models import QuerySet
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, status, viewsets
-from rest_framework.exceptions import NotFound
-from rest_framework.pagination import CursorPagination
+from rest_framework.exceptions import NotFound, PermissionDenied
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from accounts.errors import InvalidInput, problem
 from accounts.models import ApiKey, Scope, User
+from accounts.parsers import StrictCursorPagination
 from accounts.permissions import HasScope, request_api_key, request_organization
+from accounts.schema import ApiAutoSchema, error, validation_error
 from accounts.serializers import ApiKeyCreatedSerializer, ApiKeyCreateSerializer, ApiKeySerializer, MeSerializer
-from accounts.services import Actor, create_api_key, revoke_api_key
+from accounts.services import Actor, InsufficientRole, TooManyKeys, create_api_key, revoke_api_key
 
 
 def request_actor(request: Request) -> Actor:
@@ -31,11 +33,9 @@ def api_key_creator(request: Request) -> User | None:
     return request.auth.created_by if isinstance(request.auth, ApiKey) else None
 
 
-class NewestFirst(CursorPagination):
+class NewestFirst(StrictCursorPagination):
     ordering = "-created_at"
     page_size = 50
-    page_size_query_param = "limit"
-    max_page_size = 200
 
 
 def me_payload(api_key: ApiKey) -> dict[str, Any]:
@@ -70,6 +70,7 @@ def me_payload(api_key: ApiKey) -> dict[str, Any]:
 
 class MeView(APIView):
     permission_classes = (IsAuthenticated, HasScope)
+    schema = ApiAutoSchema()
 
     @extend_schema(responses=MeSerializer, summary="The key, organization and user this request acts as")
     def get(self, request: Request) -> Response:
@@ -83,6 +84,7 @@ class ApiKeyViewSet(
 
     permission_classes = (IsAuthenticated, HasScope)
     required_scope = Scope.ADMIN
+    schema = ApiAutoSchema()
     serializer_class = ApiKeySerializer
     pagination_class = NewestFirst
     lookup_value_regex = "[^/]+"
@@ -97,21 +99,34 @@ class ApiKeyViewSet(
             raise NotFound() from None  # a malformed id is unknown like any other
         return super().get_object()
 
-    @extend_schema(request=ApiKeyCreateSerializer, responses={201: ApiKeyCreatedSerializer}, summary="Create a key")
+    @extend_schema(
+        request=ApiKeyCreateSerializer,
+        responses={
+            201: ApiKeyCreatedSerializer,
+            403: error("`insufficient_role`: a scope the key's maker's role may not grant (or `insufficient_scope`)."),
+            422: validation_error("Refused input, or `too_many_keys`: the organization has its most active keys."),
+        },
+        summary="Create a key",
+    )
     def create(self, request: Request) -> Response:
         serializer = ApiKeyCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        api_key, token = create_api_key(
-            organization=request_organization(request),
-            created_by=api_key_creator(request),
-            actor=request_actor(request),
-            **serializer.validated_data,
-        )
+        try:
+            api_key, token = create_api_key(
+                organization=request_organization(request),
+                created_by=api_key_creator(request),
+                actor=request_actor(request),
+                **serializer.validated_data,
+            )
+        except InsufficientRole as exc:
+            raise PermissionDenied(str(exc), code="insufficient_role") from None
+        except TooManyKeys as exc:
+            raise InvalidInput([problem(["body"], str(exc), "too_many_keys")], error_type="too_many_keys") from None
         payload: dict[str, Any] = dict(ApiKeyCreatedSerializer(api_key).data)
         payload["key"] = token
         return Response(payload, status=status.HTTP_201_CREATED)
 
-    @extend_schema(responses=ApiKeySerializer, summary="Revoke a key (effective on its next request)")
+    @extend_schema(responses={200: ApiKeySerializer}, summary="Revoke a key (effective on its next request)")
     def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         api_key = revoke_api_key(api_key=self.get_object(), actor=request_actor(request))
         return Response(ApiKeySerializer(api_key).data, status=status.HTTP_200_OK)

@@ -15,6 +15,7 @@ from rest_framework.authentication import BaseAuthentication, get_authorization_
 from rest_framework.request import Request
 
 from accounts.models import ApiKey, Organization, User, hash_secret
+from accounts.policy import maker_role
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ def authenticate_token(token: str) -> ApiKey:
         key_uuid = None
     if not sep or key_uuid is None or not secret:
         raise InvalidApiKey("Malformed API key: expected '<key_id>:<secret>'.")
-    api_key = ApiKey.objects.select_related("organization", "created_by").filter(pk=key_uuid).first()
+    # The maker's current role comes in the same query (a subquery), so the policy costs no extra round trip.
+    api_key = ApiKey.objects.select_related("organization", "created_by").with_maker_role().filter(pk=key_uuid).first()
     stored_hash = api_key.secret_hash if api_key else _DUMMY_HASH
     if not hmac.compare_digest(stored_hash, hash_secret(secret)) or api_key is None:
         raise InvalidApiKey()
@@ -75,16 +77,25 @@ def authenticate_token(token: str) -> ApiKey:
         raise InvalidApiKey("This API key has expired.", code="api_key_expired")
     if api_key.organization.is_suspended:
         raise OrganizationSuspended()
+    if api_key.created_by_id is not None and maker_role(api_key) is None:
+        # As GitHub and fal do: a person's keys stop when they leave the organization or are deactivated.
+        raise InvalidApiKey(
+            "The member who made this API key is no longer in the organization.", code="api_key_maker_removed"
+        )
     touch_last_used(api_key)
     return api_key
 
 
 def touch_last_used(api_key: ApiKey) -> None:
-    """Keeps ``last_used_at`` to within a minute with at most one write per key per minute."""
+    """Keeps ``last_used_at`` to within a minute with at most one write per key per minute.
+
+    While Redis is down the cache keeps this guard in process memory (config/cache.py): one write
+    per key per minute per process, so the outage neither skips the touch nor writes per request.
+    """
     resolution = settings.API_KEY_LAST_USED_RESOLUTION_SECONDS
     try:
         first_in_period = cache.add(f"apikey:touched:{api_key.pk}", 1, timeout=resolution)
-    except Exception as exc:  # a cache outage costs a write per request, not the request
+    except Exception as exc:  # any other cache error costs a write, not the request
         logger.warning("last_used_at throttle unavailable: %s", exc)
         first_in_period = True
     if first_in_period:

@@ -1,4 +1,5 @@
-"""Every API error is JSON ``{detail, error_type}``; validation errors are 422 with a ``detail`` list."""
+"""Every API error is JSON ``{detail, error_type}``; every 422 has a ``detail`` list of ``{loc, msg, type}``
+whose ``loc`` starts with where the value came from: ``body``, ``query``, ``path`` or ``header``."""
 
 from __future__ import annotations
 
@@ -29,6 +30,31 @@ class PayloadTooLarge(exceptions.APIException):
     status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
     default_detail = "Request body is too large."
     default_code = "payload_too_large"
+
+
+class InvalidInput(exceptions.APIException):
+    """A 422 whose ``detail`` is already located: ``[{loc, msg, type}]``, each ``loc`` starting with where the
+    value came from. ``error_type`` names the rule that refused it where one word says more than
+    ``validation_error`` (``too_many_keys``)."""
+
+    status_code = 422
+    default_code = "validation_error"
+
+    def __init__(self, problems: list[dict[str, Any]], *, error_type: str = "validation_error") -> None:
+        super().__init__(detail="; ".join(str(item["msg"]) for item in problems), code=error_type)
+        self.problems = problems
+        self.error_type = error_type
+
+    @classmethod
+    def from_errors(cls, errors: Any, *, location: str) -> InvalidInput:
+        """A serializer's errors about input read from ``location`` (``query``, ``header``...)."""
+        full = exceptions.ValidationError(errors).get_full_details()
+        return cls(validation_detail(_full_details(full), (location,)))
+
+
+def problem(loc: list[str | int], msg: str, problem_type: str) -> dict[str, Any]:
+    """One item of a 422's ``detail``."""
+    return {"loc": loc, "msg": msg, "type": problem_type}
 
 
 def validation_detail(detail: Any, loc: tuple[str | int, ...] = ("body",)) -> list[dict[str, Any]]:
@@ -66,7 +92,10 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     elif isinstance(exc, DjangoPermissionDenied):
         exc = exceptions.PermissionDenied()
 
+    if isinstance(exc, InvalidInput):
+        return Response({"detail": exc.problems, "error_type": exc.error_type}, status=422)
     if isinstance(exc, exceptions.ValidationError):
+        # Raised from a view's body serializer: a query, path or header is parsed through InvalidInput.
         detail = validation_detail(_full_details(exc.get_full_details()))
         return Response({"detail": detail, "error_type": "validation_error"}, status=422)
 
@@ -80,5 +109,9 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     api_exc = cast(exceptions.APIException, exc)  # DRF answers only its own exceptions
     codes = api_exc.get_codes()
     code = codes if isinstance(codes, str) else api_exc.default_code
-    response.data = {"detail": str(api_exc.detail), "error_type": ERROR_TYPES.get(code, code)}
+    error_type = ERROR_TYPES.get(code, code)
+    message = str(api_exc.detail)
+    # A 422 raised as a plain APIException still answers the list every client parses.
+    located = [problem(["body"], message, error_type)] if response.status_code == 422 else None
+    response.data = {"detail": located or message, "error_type": error_type}
     return response

@@ -1,4 +1,10 @@
-"""Per-key request rate limits (a sliding-window counter in the shared cache)."""
+"""Per-key request rate limits (a sliding-window counter in the shared cache).
+
+While Redis is down the cache counts in each process's memory (config/cache.py), so the limit
+still holds, per web process: a key gets at most (processes x limit) requests a minute until Redis
+is back. Chosen over failing closed (an outage would refuse every request) and over failing open
+(an outage would lift every limit at once). Any other cache error fails open for that request.
+"""
 
 from __future__ import annotations
 
@@ -36,14 +42,15 @@ def check_rate(*, bucket: str, limit: int, now: float | None = None) -> float:
         cache.add(current_key, 0, timeout=2 * WINDOW_SECONDS)
         count = cache.incr(current_key)
         previous = int(cache.get(f"ratelimit:{bucket}:{window - 1}", 0))
+        weight = (WINDOW_SECONDS - elapsed) / WINDOW_SECONDS
+        if previous * weight + count <= limit:
+            return 0.0
+        cache.decr(current_key)
     except Exception as exc:
-        # A cache outage must not take the API down with it: fail open, loudly.
-        logger.warning("rate limit not checked, the cache is unavailable: %s", exc)
+        # Not an outage (the cache answers those from process memory) but, say, a counter added in
+        # Redis just before the cache switched to process memory, where incr finds no key.
+        logger.warning("rate limit not checked for %s: %s", bucket, exc)
         return 0.0
-    weight = (WINDOW_SECONDS - elapsed) / WINDOW_SECONDS
-    if previous * weight + count <= limit:
-        return 0.0
-    cache.decr(current_key)
     count -= 1
     if count >= limit:
         # This window is full: wait for the next one, and then until this window's weight in it

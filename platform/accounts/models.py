@@ -11,7 +11,7 @@ from django.contrib.auth.base_user import AbstractBaseUser, BaseUserManager
 from django.contrib.auth.models import PermissionsMixin
 from django.core.validators import MinValueValidator
 from django.db import models
-from django.db.models import Q
+from django.db.models import OuterRef, Q, Subquery
 from django.db.models.functions import Lower
 from django.utils import timezone
 
@@ -168,6 +168,16 @@ class ApiKeyQuerySet(models.QuerySet["ApiKey"]):
             Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now())
         )
 
+    def with_maker_role(self) -> ApiKeyQuerySet:
+        """Annotates ``maker_role``: the maker's role in the key's organization, in the same query as the key.
+
+        None when the maker has left the organization or is deactivated (see accounts.policy).
+        """
+        role = Membership.objects.filter(
+            user_id=OuterRef("created_by_id"), organization_id=OuterRef("organization_id"), user__is_active=True
+        ).values("role")[:1]
+        return self.annotate(maker_role=Subquery(role))
+
 
 class ApiKey(models.Model):
     """``<id>:<secret>`` as fal shapes it. Only a hash of the secret is stored; the secret is shown once."""
@@ -215,7 +225,11 @@ class ApiKey(models.Model):
         return "active"
 
     def has_scope(self, scope: str) -> bool:
-        return scope in self.scopes or Scope.ADMIN in self.scopes
+        """Whether the key may act with ``scope`` now: its scopes that its maker's current role still grants."""
+        from accounts.policy import effective_scopes  # the policy is built on this module's Role and Scope
+
+        granted = effective_scopes(self)
+        return scope in granted or Scope.ADMIN in granted
 
     @property
     def rate_limit_per_minute(self) -> int:

@@ -11,11 +11,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 from django.utils.text import slugify
 
+from accounts import policy
+from accounts.locking import lock_organization
 from accounts.models import (
     ApiKey,
     AuditAction,
@@ -31,6 +34,17 @@ from accounts.models import (
 
 class AccountsError(Exception):
     """A request that is well-formed but not allowed by the rules of the domain."""
+
+
+class InsufficientRole(AccountsError):
+    """The maker asked for scopes their role may not grant (accounts.policy): a key never outranks its maker."""
+
+
+class TooManyKeys(AccountsError):
+    """The organization already has as many usable keys as it may (``API_KEYS_PER_ORGANIZATION``)."""
+
+
+DEFAULT_KEYS_PER_ORGANIZATION = 100
 
 
 @dataclass(frozen=True)
@@ -210,13 +224,34 @@ def create_api_key(
     requests_per_minute: int | None = None,
     actor: Actor = SYSTEM,
 ) -> tuple[ApiKey, str]:
-    """Returns the key and its full token ``<id>:<secret>``, which is never shown again."""
+    """Returns the key and its full token ``<id>:<secret>``, which is never shown again.
+
+    A key made by a person carries only scopes their role grants (``InsufficientRole`` otherwise);
+    ``created_by=None`` makes a system key, which the policy leaves as asked.
+    """
+    scopes = validate_scopes(scopes)
+    if created_by is not None:
+        role = (
+            Membership.objects.filter(user=created_by, organization=organization, user__is_active=True)
+            .values_list("role", flat=True)
+            .first()
+        )
+        beyond = policy.scopes_beyond(role, scopes)
+        if beyond:
+            raise InsufficientRole(
+                f"Your role ({role or 'not a member'}) cannot grant the scope(s): {', '.join(beyond)}. "
+                f"It may grant: {', '.join(sorted(policy.grantable_scopes(role))) or 'none'}."
+            )
+    limit = getattr(settings, "API_KEYS_PER_ORGANIZATION", DEFAULT_KEYS_PER_ORGANIZATION)
+    lock_organization(organization.pk)  # two concurrent creations cannot both take the last place
+    if ApiKey.objects.filter(organization=organization).usable().count() >= limit:
+        raise TooManyKeys(f"An organization has at most {limit} active keys: revoke one first.")
     secret = secrets.token_hex(32)
     api_key = ApiKey.objects.create(
         organization=organization,
         created_by=created_by,
         name=validate_key_name(name),
-        scopes=validate_scopes(scopes),
+        scopes=scopes,
         secret_hash=hash_secret(secret),
         secret_hint=secret[-4:],
         expires_at=validate_expires_at(expires_at),

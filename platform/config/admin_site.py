@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.contrib import admin
+from django.http import HttpRequest, HttpResponse
 from django.urls import URLPattern, URLResolver, path
+
+from accounts.login_protection import ThrottledAdminAuthenticationForm, throttled_login_response
 
 
 class PlatformAdminSite(admin.AdminSite):
@@ -11,6 +16,11 @@ class PlatformAdminSite(admin.AdminSite):
     site_title = "Platform operations"
     index_title = "Run the business"
     index_template = "admin/platform_index.html"
+    # The same failure counts as /auth/login (accounts/login_protection.py): one account, one limit.
+    login_form = ThrottledAdminAuthenticationForm
+
+    def login(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        return throttled_login_response(super().login(request, extra_context))
 
     def get_urls(self) -> list[URLResolver | URLPattern]:
         from dashboard.operator import run_rate

@@ -1,15 +1,60 @@
-"""Django's Redis cache, keeping one client per connection pool.
+"""Django's Redis cache, made cheap per call and safe when Redis is down.
 
-Django builds a new ``redis.Redis`` for every cache operation; redis-py's constructor fills a table
-of ~170 response callbacks each time, which showed up as a fifth of an API request's time. The
-client is thread-safe (connections come from the pool), so one per pool serves every thread.
+``ReusingRedisCache`` keeps one client per connection pool: Django builds a new ``redis.Redis`` for
+every cache operation, and redis-py's constructor fills a table of ~170 response callbacks each
+time, which showed up as a fifth of an API request's time. The client is thread-safe (connections
+come from the pool), so one per pool serves every thread.
+
+``FailSoftRedisCache`` is the one the platform runs (DESIGN §4: a request path never fails because
+Redis is down). When Redis refuses, drops or stalls an operation, the operation is answered from a
+per-process local-memory cache instead, and for ``BREAKER_SECONDS`` after that failure Redis is not
+asked at all (then one caller probes it again), so an outage costs each process one failed call
+per period, not a timeout per request. What that means for each operation:
+
+- ``get``/``get_many``/``has_key`` miss (unless this process stored the key during the outage): the
+  caller falls back to the database, as for any miss;
+- ``set``/``add``/``incr``/``delete``/``touch`` act on this process's memory, so counters and
+  at-most-once-per-period guards still hold per process (the rate limit, the ``last_used_at``
+  throttle, the auto top-up dedup) instead of failing open or closed for everyone;
+- ``clear`` is not a request-path operation: it raises, so nobody believes Redis was emptied.
+
+The readiness probe must see the outage that requests no longer do: ``check_reachable`` asks Redis
+itself. Programming errors (``WRONGTYPE``, a value that does not pickle) still raise. The first
+failure is logged at once, a continuing outage every ``LOG_EVERY_SECONDS``, and the recovery once.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
+from django.core.cache.backends.base import DEFAULT_TIMEOUT
+from django.core.cache.backends.locmem import LocMemCache
 from django.core.cache.backends.redis import RedisCache, RedisCacheClient
+from redis import exceptions as redis_errors
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Errors that mean "Redis is not serving now", as opposed to a bad command or value.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    redis_errors.ConnectionError,  # refused, reset, still loading its data set, too many clients
+    redis_errors.TimeoutError,
+    redis_errors.ReadOnlyError,  # a replica during failover
+    redis_errors.OutOfMemoryError,
+    redis_errors.ClusterDownError,
+    redis_errors.TryAgainError,
+    OSError,  # a socket error redis-py did not wrap
+)
+BREAKER_SECONDS = 1.5
+LOG_EVERY_SECONDS = 30.0
+# The fallback only has to carry a process through an outage: its keys are few and short-lived.
+FALLBACK_MAX_ENTRIES = 10_000
 
 
 class ReusingRedisCacheClient(RedisCacheClient):
@@ -31,3 +76,210 @@ class ReusingRedisCache(RedisCache):
     def __init__(self, server: str, params: dict[str, Any]) -> None:
         super().__init__(server, params)
         self._class = ReusingRedisCacheClient
+
+
+class RedisHealth:
+    """What this process knows of one Redis: whether to ask it now, and what it has logged.
+
+    One per location and process (Django gives each thread its own cache object), so every thread
+    skips Redis once any of them has seen it fail.
+    """
+
+    def __init__(self, location: str, breaker_seconds: float) -> None:
+        self.location = location
+        self.breaker_seconds = breaker_seconds
+        self._lock = threading.Lock()
+        self._skip_until = 0.0
+        self._down_since: float | None = None
+        self._last_logged = 0.0
+        self._failures = 0
+        self._served_locally = 0
+
+    @property
+    def is_down(self) -> bool:
+        return self._down_since is not None
+
+    def should_ask(self) -> bool:
+        """False while the breaker is open; after it, one caller at a time probes Redis."""
+        if self._down_since is None:
+            return True
+        now = time.monotonic()
+        with self._lock:
+            if self._down_since is None:
+                return True
+            if now < self._skip_until:
+                self._served_locally += 1
+                return False
+            # This caller probes; the others keep to local memory until it reports.
+            self._skip_until = now + self.breaker_seconds
+            return True
+
+    def failed(self, operation: str, exc: BaseException) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._skip_until = now + self.breaker_seconds
+            self._failures += 1
+            if self._down_since is None:
+                self._down_since = self._last_logged = now
+                logger.warning(
+                    "cache unavailable (%s on %s: %s): serving from process memory, retrying every %.1f s",
+                    type(exc).__name__, operation, exc, self.breaker_seconds,
+                )  # fmt: skip
+            elif now - self._last_logged >= LOG_EVERY_SECONDS:
+                self._last_logged = now
+                logger.warning(
+                    "cache still unavailable after %.0f s (%d failed calls, %d served from process memory): %s",
+                    now - self._down_since, self._failures, self._served_locally, exc,
+                )  # fmt: skip
+
+    def recovered(self) -> bool:
+        """Records a successful call; True if it ended an outage."""
+        if self._down_since is None:
+            return False
+        with self._lock:
+            if self._down_since is None:
+                return False
+            logger.info(
+                "cache available again after %.1f s (%d failed calls, %d served from process memory)",
+                time.monotonic() - self._down_since, self._failures, self._served_locally,
+            )  # fmt: skip
+            self._down_since = None
+            self._skip_until = 0.0
+            self._failures = self._served_locally = 0
+            return True
+
+
+_health: dict[str, RedisHealth] = {}
+_health_lock = threading.Lock()
+
+
+def redis_health(location: str, breaker_seconds: float = BREAKER_SECONDS) -> RedisHealth:
+    with _health_lock:
+        health = _health.get(location)
+        if health is None:
+            health = _health[location] = RedisHealth(location, breaker_seconds)
+        return health
+
+
+class FailSoftRedisCache(ReusingRedisCache):
+    """``ReusingRedisCache`` that answers from process memory while Redis is unavailable (see above).
+
+    ``OPTIONS["BREAKER_SECONDS"]`` sets how long Redis is skipped after a failure; the other
+    OPTIONS go to redis-py as usual (set short socket timeouts, or a stalled Redis stalls requests).
+    """
+
+    def __init__(self, server: str, params: dict[str, Any]) -> None:
+        options = dict(params.get("OPTIONS") or {})
+        breaker_seconds = float(options.pop("BREAKER_SECONDS", BREAKER_SECONDS))
+        super().__init__(server, {**params, "OPTIONS": options})
+        location = server if isinstance(server, str) else ",".join(server)
+        self._health = redis_health(location, breaker_seconds)
+        # Same key prefix, version and default timeout as Redis; stored per process under the location.
+        shared: dict[str, Any] = {
+            name: params[name] for name in ("TIMEOUT", "KEY_PREFIX", "VERSION", "KEY_FUNCTION") if name in params
+        }
+        self._local = LocMemCache(f"fail-soft:{location}", {**shared, "OPTIONS": {"MAX_ENTRIES": FALLBACK_MAX_ENTRIES}})
+
+    def _fail_soft(self, operation: str, on_redis: Callable[[], T], locally: Callable[[], T]) -> T:
+        if self._health.should_ask():
+            try:
+                result = on_redis()
+            except UNAVAILABLE as exc:
+                self._health.failed(operation, exc)
+            except Exception:
+                self._answered()  # Redis is back, or never left: the error is the caller's (incr of a miss)
+                raise
+            else:
+                self._answered()
+                return result
+        return locally()
+
+    def _answered(self) -> None:
+        if self._health.recovered():
+            # What this process kept during the outage is not Redis' truth: the next outage starts clean.
+            self._local.clear()
+
+    @property
+    def redis_unavailable(self) -> bool:
+        """True from a failed call until a call succeeds again: operations are served from process memory."""
+        return self._health.is_down
+
+    def check_reachable(self) -> None:
+        """Writes and reads a key on Redis itself, raising if it cannot; for the readiness probe."""
+        key = "readyz"
+        super().set(key, 1, timeout=5)
+        if super().get(key) != 1:
+            raise RuntimeError("the cache did not return what was written")
+        self._answered()
+
+    def add(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
+        return self._fail_soft(
+            "add",
+            functools.partial(super().add, key, value, timeout, version),
+            functools.partial(self._local.add, key, value, timeout, version),
+        )
+
+    def get(self, key: Any, default: Any = None, version: int | None = None) -> Any:
+        return self._fail_soft(
+            "get",
+            functools.partial(super().get, key, default, version),
+            functools.partial(self._local.get, key, default, version),
+        )
+
+    def set(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> None:
+        self._fail_soft(
+            "set",
+            functools.partial(super().set, key, value, timeout, version),
+            functools.partial(self._local.set, key, value, timeout, version),
+        )
+
+    def touch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
+        return self._fail_soft(
+            "touch",
+            functools.partial(super().touch, key, timeout, version),
+            functools.partial(self._local.touch, key, timeout, version),
+        )
+
+    def delete(self, key: Any, version: int | None = None) -> bool:
+        return self._fail_soft(
+            "delete",
+            functools.partial(super().delete, key, version),
+            functools.partial(self._local.delete, key, version),
+        )
+
+    def get_many(self, keys: Iterable[Any], version: int | None = None) -> dict[Any, Any]:
+        keys = list(keys)
+        return self._fail_soft(
+            "get_many",
+            functools.partial(super().get_many, keys, version),
+            functools.partial(self._local.get_many, keys, version),
+        )
+
+    def has_key(self, key: Any, version: int | None = None) -> bool:
+        return self._fail_soft(
+            "has_key",
+            functools.partial(super().has_key, key, version),
+            functools.partial(self._local.has_key, key, version),
+        )
+
+    def incr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
+        return self._fail_soft(
+            "incr",
+            functools.partial(super().incr, key, delta, version),
+            functools.partial(self._local.incr, key, delta, version),
+        )
+
+    def set_many(self, data: dict[Any, Any], timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> list[Any]:
+        return self._fail_soft(
+            "set_many",
+            functools.partial(super().set_many, data, timeout, version),
+            functools.partial(self._local.set_many, data, timeout, version),
+        )
+
+    def delete_many(self, keys: Iterable[Any], version: int | None = None) -> None:
+        keys = list(keys)
+        self._fail_soft(
+            "delete_many",
+            functools.partial(super().delete_many, keys, version),
+            functools.partial(self._local.delete_many, keys, version),
+        )

@@ -8,7 +8,6 @@ from django.contrib.auth import middleware as _auth
 from django.contrib.messages import middleware as _messages
 from django.contrib.sessions import middleware as _session
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.middleware import clickjacking as _clickjacking
 
 
 def too_large_response(limit: int) -> JsonResponse:
@@ -84,5 +83,40 @@ class MessageMiddleware(BrowserOnly, _messages.MessageMiddleware):
     pass
 
 
-class XFrameOptionsMiddleware(BrowserOnly, _clickjacking.XFrameOptionsMiddleware):
-    pass
+class ContentSecurityPolicyMiddleware:
+    """Sends ``CONTENT_SECURITY_POLICY`` and ``X-Frame-Options`` with every HTML response, on any path.
+
+    A page that sets its own policy keeps it. ``X-Frame-Options`` backs up ``frame-ancestors`` for
+    browsers that do not read CSP; a view marked ``xframe_options_exempt`` goes without it. Other
+    answers (JSON, files, event streams) are not documents a browser renders in a frame: they pass
+    as they are (stored files set their own sandboxing policy, inference/files.py).
+    """
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse | Awaitable[HttpResponse]]) -> None:
+        self.get_response = get_response
+        self.policy = "; ".join(
+            " ".join([directive, *sources]) for directive, sources in settings.CONTENT_SECURITY_POLICY.items()
+        )
+        self.frame_options = settings.X_FRAME_OPTIONS
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
+        if self.is_async:
+            return self._acall(request)
+        return self.protect(self.get_response(request))  # type: ignore[arg-type]
+
+    async def _acall(self, request: HttpRequest) -> HttpResponse:
+        return self.protect(await self.get_response(request))  # type: ignore[misc]
+
+    def protect(self, response: HttpResponse) -> HttpResponse:
+        if not response.get("Content-Type", "").startswith("text/html"):
+            return response
+        response.headers.setdefault("Content-Security-Policy", self.policy)
+        if not getattr(response, "xframe_options_exempt", False):
+            response.headers.setdefault("X-Frame-Options", self.frame_options)
+        return response

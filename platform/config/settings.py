@@ -1,7 +1,7 @@
 """The one settings module. Every value comes from the environment, with safe defaults.
 
-The embedded default (a fresh machine, no services) is SQLite, Celery's filesystem transport and a
-local-memory cache. Production sets DATABASE_URL, REDIS_URL, SECRET_KEY and ALLOWED_HOSTS.
+The embedded default (a fresh machine, no services) is SQLite, with the private Redis the run command
+starts passed in as REDIS_URL. Production sets DATABASE_URL, REDIS_URL, SECRET_KEY and ALLOWED_HOSTS.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import dj_database_url
 from celery.schedules import crontab
@@ -56,10 +57,39 @@ if env_bool("TRUST_X_FORWARDED_PROTO", False):
 USE_X_FORWARDED_HOST = env_bool("USE_X_FORWARDED_HOST", False)
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
 SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
-SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0, minimum=0)
+# HSTS (sent on HTTPS responses only): a year in production, off for plain-HTTP local runs.
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0 if (DEBUG or EMBEDDED) else 365 * 24 * 3600, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
+# Content-Security-Policy of every HTML page (config.middleware.ContentSecurityPolicyMiddleware, which also
+# sends X-Frame-Options on them, API paths included): our own scripts and styles only, nothing inline, no framing.
+# Stripe Checkout is where the "buy credits" form redirects; output images may come from the bucket.
+CONTENT_SECURITY_POLICY: dict[str, list[str]] = {
+    "default-src": ["'self'"],
+    "script-src": ["'self'"],
+    "style-src": ["'self'"],
+    "img-src": ["'self'", "data:", *env_list("CSP_IMG_SRC", [])],
+    "font-src": ["'self'"],
+    "connect-src": ["'self'"],
+    "object-src": ["'none'"],
+    "base-uri": ["'none'"],
+    "form-action": ["'self'", "https://checkout.stripe.com"],
+    "frame-ancestors": ["'none'"],
+}
+
+# Log-in, sign-up and password-reset forms (accounts/login_protection.py), counted in the shared cache. A log-in
+# is refused (429) for LOGIN_LOCKOUT_SECONDS once an account, or a client address, has failed this often within it.
+LOGIN_FAILURES_PER_ACCOUNT = env_int("LOGIN_FAILURES_PER_ACCOUNT", 10, minimum=1)
+LOGIN_FAILURES_PER_ADDRESS = env_int("LOGIN_FAILURES_PER_ADDRESS", 30, minimum=1)
+LOGIN_LOCKOUT_SECONDS = env_int("LOGIN_LOCKOUT_SECONDS", 15 * 60, minimum=1)
+# Sign-up and password-reset submissions per client address an hour, and the emails they send one address an hour
+# (beyond it nothing is sent, and the page says the same: it never tells whether an account exists).
+AUTH_FORM_POSTS_PER_ADDRESS = env_int("AUTH_FORM_POSTS_PER_ADDRESS", 20, minimum=1)
+AUTH_EMAILS_PER_RECIPIENT = env_int("AUTH_EMAILS_PER_RECIPIENT", 3, minimum=1)
+# A sign-up is confirmed from the emailed link within this time.
+SIGNUP_LINK_MAX_AGE_SECONDS = env_int("SIGNUP_LINK_MAX_AGE_SECONDS", 24 * 3600, minimum=60)
 
 INSTALLED_APPS = [
     "config.apps.PlatformAdminConfig",  # django.contrib.admin with the operators' pages
@@ -80,6 +110,8 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "config.middleware.BodySizeLimitMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    # CSP and X-Frame-Options on every HTML page, whatever its path (the API's docs page included).
+    "config.middleware.ContentSecurityPolicyMiddleware",
     "servestatic.middleware.ServeStaticMiddleware",
     # Browser-only middleware, skipped on the API paths (config.middleware.BrowserOnly).
     "config.middleware.SessionMiddleware",
@@ -87,7 +119,6 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "config.middleware.AuthenticationMiddleware",
     "config.middleware.MessageMiddleware",
-    "config.middleware.XFrameOptionsMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -140,38 +171,37 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATA_DIR.mkdir(parents=True, exist_ok=True)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-# Redis is the broker, cache and pub/sub when REDIS_URL is set; otherwise everything stays local.
+# Redis is the broker, cache and pub/sub when REDIS_URL is set: in production, and in the embedded run,
+# which starts a private redis-server and hands its URL to every process (config/embedded_redis.py).
+# Without it (unit tests, one-off commands) the cache is this process's memory.
 REDIS_URL = env_str("REDIS_URL") or None
 if REDIS_URL:
     CACHES = {
         "default": {
-            "BACKEND": "config.cache.ReusingRedisCache",
+            # Answers from process memory while Redis is down or slow (DESIGN §4): no request fails with it.
+            "BACKEND": "config.cache.FailSoftRedisCache",
             "LOCATION": REDIS_URL,
             "KEY_PREFIX": env_str("CACHE_KEY_PREFIX", "gm") or "gm",
+            "OPTIONS": {
+                # A cache call takes well under a millisecond; redis-py's default 5 s would stall
+                # each request that much when Redis hangs.
+                "socket_connect_timeout": env_int("CACHE_CONNECT_TIMEOUT_MS", 500, minimum=1) / 1000,
+                "socket_timeout": env_int("CACHE_SOCKET_TIMEOUT_MS", 500, minimum=1) / 1000,
+                # After a failure, skip Redis this long before one call probes it again.
+                "BREAKER_SECONDS": 1.5,
+            },
         }
     }
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "platform"}}
 
 # Celery (the app lives in config/celery.py). The database row is the truth; results are not stored.
-BROKER_DIR = DATA_DIR / "broker"
 # BROKER_URL sets the broker apart from the cache (another Redis, RabbitMQ); by default it is REDIS_URL.
-CELERY_BROKER_URL = env_str("BROKER_URL") or REDIS_URL or "filesystem://"
-CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = (
-    {"visibility_timeout": 3600}
-    if not CELERY_BROKER_URL.startswith("filesystem://")
-    else {
-        "data_folder_in": str(BROKER_DIR / "messages"),
-        "data_folder_out": str(BROKER_DIR / "messages"),
-        "control_folder": str(BROKER_DIR / "control"),
-        "store_processed": False,
-        # The filesystem transport polls its folder: keep the wait for a new job short.
-        "polling_interval": 0.05,
-    }
-)
-if CELERY_BROKER_URL.startswith("filesystem://"):
-    for _folder in ("messages", "control"):
-        (BROKER_DIR / _folder).mkdir(parents=True, exist_ok=True)
+# With neither, Celery's in-memory transport keeps messages inside this process, where no worker sees
+# them: unit tests call task functions themselves, and whatever runs workers (the embedded run, the
+# end-to-end tests) starts a Redis first.
+CELERY_BROKER_URL = env_str("BROKER_URL") or REDIS_URL or "memory://"
+CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {"visibility_timeout": 3600}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_IGNORE_RESULT = True
 # Only benchmarks read task results (a bare Celery round trip as their baseline).
@@ -183,7 +213,21 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 900, minimum=1)
 CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 840, minimum=1)
+if CELERY_TASK_SOFT_TIME_LIMIT >= CELERY_TASK_TIME_LIMIT:
+    # Celery refuses to send a task whose soft limit passes its hard one: fail at start, not at every send.
+    raise ImproperlyConfigured("CELERY_TASK_SOFT_TIME_LIMIT must be below CELERY_TASK_TIME_LIMIT.")
 CELERY_TASK_DEFAULT_QUEUE = "default"
+# A request that publishes while the broker is down must fail fast: the job stays QUEUED and the sweep
+# sends it later. kombu otherwise reconnects inside the publish (measured: send_task(retry=False) took
+# 6 s per call with Redis killed, 2 ms with max_retries 0) and waits forever on a Redis that hangs.
+# Workers and beat reconnect with their own retry settings (broker_connection_max_retries), not these.
+CELERY_BROKER_TRANSPORT_OPTIONS = {**CELERY_BROKER_TRANSPORT_OPTIONS, "max_retries": 0}
+if CELERY_BROKER_URL.startswith(("redis://", "rediss://", "unix://")):
+    CELERY_BROKER_TRANSPORT_OPTIONS |= {
+        "socket_connect_timeout": env_int("BROKER_CONNECT_TIMEOUT_MS", 1000, minimum=1) / 1000,
+        # Above the consumers' 1 s BRPOP wait, so an idle worker's blocking read never times out.
+        "socket_timeout": env_int("BROKER_SOCKET_TIMEOUT_MS", 2000, minimum=1) / 1000,
+    }
 
 AUTH_USER_MODEL = "accounts.User"
 AUTH_PASSWORD_VALIDATORS = [
@@ -246,6 +290,17 @@ STORAGES = {
     },
 }
 SERVESTATIC_USE_FINDERS = not STATIC_MANIFEST
+if OUTPUT_BUCKET:
+    # Pages show output images by the bucket's presigned URLs (path-style or virtual-hosted).
+    _bucket_endpoint = urlsplit(env_str("OUTPUT_BUCKET_ENDPOINT_URL") or "")
+    CONTENT_SECURITY_POLICY["img-src"] += (
+        [
+            f"{_bucket_endpoint.scheme}://{_bucket_endpoint.netloc}",
+            f"{_bucket_endpoint.scheme}://*.{_bucket_endpoint.netloc}",
+        ]
+        if _bucket_endpoint.netloc
+        else ["https://*.amazonaws.com"]
+    )
 
 # Request bodies: one limit for every endpoint, enforced before the body is read (413).
 MAX_REQUEST_BODY_BYTES = env_int("MAX_REQUEST_BODY_BYTES", 10 * 1024 * 1024, minimum=1024)
@@ -253,6 +308,8 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BODY_BYTES
 
 # API keys and limits.
 API_KEY_DEFAULT_REQUESTS_PER_MINUTE = env_int("API_KEY_DEFAULT_REQUESTS_PER_MINUTE", 600, minimum=1)
+# Usable (unrevoked, unexpired) keys an organization may hold at once; one more is a 422 too_many_keys.
+API_KEYS_PER_ORGANIZATION = env_int("API_KEYS_PER_ORGANIZATION", 100, minimum=1)
 API_KEY_LAST_USED_RESOLUTION_SECONDS = env_int("API_KEY_LAST_USED_RESOLUTION_SECONDS", 60, minimum=1)
 ORGANIZATION_DEFAULT_CONCURRENCY = env_int("ORGANIZATION_DEFAULT_CONCURRENCY", 2, minimum=1)
 
@@ -269,6 +326,9 @@ SYNC_RUN_WAIT_SECONDS = env_int("SYNC_RUN_WAIT_SECONDS", 60, minimum=0)
 OUTPUT_URL_TTL_SECONDS = env_int("OUTPUT_URL_TTL_SECONDS", 24 * 3600, minimum=60)
 OUTPUT_RETENTION_SECONDS = env_int("OUTPUT_RETENTION_SECONDS", 30 * 24 * 3600, minimum=60)
 WORKER_PIPELINE_CACHE_BYTES = env_int("WORKER_PIPELINE_CACHE_BYTES", 8 * 1024**3, minimum=1)
+# Input images are refused past this many pixels, read from their header before anything is decoded (a small
+# compressed file can declare a huge image): 4096x4096 decodes to 64 MB as RGBA.
+MAX_INPUT_IMAGE_PIXELS = env_int("MAX_INPUT_IMAGE_PIXELS", 4096 * 4096, minimum=64 * 64)
 # Outbound requests (webhooks, input images) to private, loopback or link-local addresses are
 # refused unless this is on: never in production, on for the embedded run on one machine.
 OUTBOUND_ALLOW_PRIVATE = env_bool("OUTBOUND_ALLOW_PRIVATE", EMBEDDED)
@@ -360,6 +420,8 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    # No badge from validator.swagger.io: it would send our schema's URL away, and the page's CSP refuses its image.
+    "SWAGGER_UI_SETTINGS": {"deepLinking": True, "validatorUrl": None},
     "REDOC_DIST": "SIDECAR",
 }
 

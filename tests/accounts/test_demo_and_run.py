@@ -19,11 +19,13 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from django.core.management import call_command
 from django.test import Client
 from rest_framework.test import APIClient
 
 from accounts.models import Organization, Scope, User
+from config.embedded_redis import EmbeddedRedis
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # What tests/conftest.py or CI may have set: the embedded run must work with none of it.
@@ -34,6 +36,7 @@ SETTINGS_VARIABLES = (
     "PLATFORM_DATA_DIR",
     "DATABASE_URL",
     "REDIS_URL",
+    "BROKER_URL",
     "ALLOWED_HOSTS",
     "CACHE_KEY_PREFIX",
     "STATIC_MANIFEST",
@@ -142,9 +145,8 @@ def embedded_env(data_dir: Path) -> dict[str, str]:
     return env
 
 
-def process_group(pgid: int) -> dict[int, str]:
-    """Live members of a process group, pid to command line (Linux's /proc; zombies excluded)."""
-    members: dict[int, str] = {}
+def live_processes() -> Iterator[tuple[int, int, int, str]]:
+    """pid, parent pid, process group and command line of every live process (Linux's /proc; no zombies)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -153,10 +155,26 @@ def process_group(pgid: int) -> dict[int, str]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue  # it ended while we looked
-        state, group = fields[0], int(fields[2])
-        if group == pgid and state != "Z":
-            members[int(entry.name)] = cmdline
-    return members
+        if fields[0] != "Z":
+            yield int(entry.name), int(fields[1]), int(fields[2]), cmdline
+
+
+def process_group(pgid: int) -> dict[int, str]:
+    """Live members of a process group, pid to command line."""
+    return {pid: cmdline for pid, _, group, cmdline in live_processes() if group == pgid}
+
+
+def children(pid: int) -> dict[int, str]:
+    return {child: cmdline for child, parent, _, cmdline in live_processes() if parent == pid}
+
+
+def environment(pid: int) -> dict[str, str]:
+    variables = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+    return dict(item.decode(errors="replace").partition("=")[::2] for item in variables if item)
+
+
+def is_alive(pid: int) -> bool:
+    return any(live == pid for live, _, _, _ in live_processes())
 
 
 class EmbeddedRun:
@@ -190,6 +208,18 @@ class EmbeddedRun:
             base_url=self.base_url, headers={"Authorization": f"Key {credentials['api_key']}"}, timeout=10
         )
 
+    def redis_server(self) -> int:
+        """The pid of the redis-server the run started (in a session of its own, so not in its group)."""
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            servers = [pid for pid, command in children(self.process.pid).items() if "redis-server" in command]
+            if servers:
+                assert len(servers) == 1, servers
+                return servers[0]
+            assert self.process.poll() is None, self.log_text()
+            time.sleep(0.1)
+        pytest.fail(f"no redis-server under runplatform:\n{self.log_text()}")
+
     def terminate(self) -> int:
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
@@ -199,8 +229,11 @@ class EmbeddedRun:
 def start_embedded(tmp_path: Path) -> Iterator[Any]:
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(*extra: str) -> EmbeddedRun:
+    def start(*extra: str, redis_url: str | None = None) -> EmbeddedRun:
         port = free_port()
+        env = embedded_env(tmp_path)
+        if redis_url:
+            env["REDIS_URL"] = redis_url
         log = tmp_path / "runplatform.log"
         with log.open("wb") as log_file:
             process = subprocess.Popen(
@@ -215,7 +248,7 @@ def start_embedded(tmp_path: Path) -> Iterator[Any]:
                     *extra,
                 ],
                 cwd=REPO_ROOT,
-                env=embedded_env(tmp_path),
+                env=env,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: the cleanup below reaches the whole tree
@@ -251,6 +284,35 @@ def assert_group_ends(pgid: int) -> None:
     assert process_group(pgid) == {}
 
 
+def assert_ends(pid: int) -> None:
+    deadline = time.monotonic() + 5
+    while is_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not is_alive(pid)
+
+
+def assert_children_share_its_redis(run: EmbeddedRun, *, expected: int) -> str:
+    """Every process the run started holds the URL of the run's own Redis, which answers there (with its
+    password only) and holds the shared cache and, when there are workers, the queues."""
+    redis_pid = run.redis_server()
+    served = {pid: command for pid, command in children(run.process.pid).items() if pid != redis_pid}
+    assert len(served) == expected, served
+    urls = {environment(pid).get("REDIS_URL") for pid in served}
+    assert len(urls) == 1, urls
+    url = urls.pop()
+    assert url is not None
+    port = url.rpartition(":")[2].partition("/")[0]
+    assert f"127.0.0.1:{port}" in children(run.process.pid)[redis_pid]  # redis-server's process title
+    with redis.Redis.from_url(url) as client:
+        assert client.ping()
+        assert client.config_get("save") == {"save": ""}
+        assert httpx.get(f"{run.base_url}/readyz", timeout=10).status_code == 200
+        assert client.keys("*readyz"), "the web process's cache is not the run's Redis"
+    with pytest.raises(redis.AuthenticationError), redis.Redis(port=int(port)) as anonymous:
+        anonymous.ping()
+    return url
+
+
 @pytest.mark.slow
 def test_embedded_web_process_serves_the_api(start_embedded: Any) -> None:
     run: EmbeddedRun = start_embedded("--no-worker")
@@ -258,8 +320,11 @@ def test_embedded_web_process_serves_the_api(start_embedded: Any) -> None:
     assert ready == {"status": "ready", "checks": {"database": "ok", "broker": "ok", "cache": "ok"}}
     assert_serves_the_api(run)
     assert not any("celery" in command for command in process_group(run.process.pid).values())
+    assert_children_share_its_redis(run, expected=2)  # the plain and the TLS web servers
+    redis_pid = run.redis_server()
     assert run.terminate() == 0, run.log_text()
     assert_group_ends(run.process.pid)
+    assert_ends(redis_pid)
 
 
 @pytest.mark.slow
@@ -275,5 +340,47 @@ def test_embedded_run_starts_the_worker_and_stops_cleanly(start_embedded: Any) -
     commands = process_group(run.process.pid).values()
     assert any("uvicorn" in command for command in commands)
     assert any("celery" in command and " worker" in command and "--beat" in command for command in commands)
+    url = assert_children_share_its_redis(run, expected=4)  # two web servers, two workers
+    with redis.Redis.from_url(url) as client:
+        assert client.exists("_kombu.binding.cpu", "_kombu.binding.default") == 2  # both workers' queues
+    redis_pid = run.redis_server()
     assert run.terminate() == 0, run.log_text()
     assert_group_ends(run.process.pid)
+    assert_ends(redis_pid)
+
+
+@pytest.mark.slow
+def test_embedded_run_brings_its_redis_back_and_never_leaves_it_behind(start_embedded: Any) -> None:
+    run: EmbeddedRun = start_embedded("--no-worker")
+    run.wait_until_ready()
+    url = assert_children_share_its_redis(run, expected=2)
+    first = run.redis_server()
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    while (second := run.redis_server()) == first:
+        assert time.monotonic() < deadline, run.log_text()
+        time.sleep(0.1)
+    # Back on the same port with the same password: the URL every process holds still works.
+    assert assert_children_share_its_redis(run, expected=2) == url
+    assert "Redis exited with -9; starting it again" in run.log_text()
+    assert run.process.poll() is None
+    # A run killed outright (no chance to stop anything) takes its Redis with it.
+    os.killpg(run.process.pid, signal.SIGKILL)
+    run.process.wait(timeout=STOP_TIMEOUT_SECONDS)
+    assert_ends(second)
+
+
+@pytest.mark.slow
+def test_embedded_run_uses_a_redis_it_is_given_instead_of_starting_one(start_embedded: Any, tmp_path: Path) -> None:
+    with EmbeddedRedis(tmp_path / "given") as given:
+        run: EmbeddedRun = start_embedded("--no-worker", redis_url=given.url)
+        run.wait_until_ready()
+        assert_serves_the_api(run)
+        started = children(run.process.pid)
+        assert not any("redis-server" in command for command in started.values()), started
+        assert {environment(pid).get("REDIS_URL") for pid in started} == {given.url}
+        assert httpx.get(f"{run.base_url}/readyz", timeout=10).status_code == 200
+        with redis.Redis.from_url(given.url) as client:
+            assert client.keys("*readyz")  # the web process's cache
+        assert run.terminate() == 0, run.log_text()
+        assert given.alive()  # not the run's to stop

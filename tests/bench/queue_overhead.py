@@ -4,7 +4,7 @@
 
 Starts the platform as the embedded run does (uvicorn, a GPU worker on the ``cpu`` queue, the
 housekeeping worker with beat) against a fresh database (a SQLite file, or DATABASE_URL) and the
-broker (REDIS_URL, or Celery's filesystem transport), then measures, one job at a time on the
+broker (REDIS_URL, or a private redis-server as the embedded run starts), then measures, one job at a time on the
 tiny model (64x64, 2 steps):
 
 - submit latency: the client's POST /queue/... round trip;
@@ -63,6 +63,13 @@ def main() -> None:
     args = parser.parse_args()
 
     data_dir = Path(tempfile.mkdtemp(prefix="bench-queue-"))
+    redis_server = None
+    if not os.environ.get("REDIS_URL"):
+        from config.embedded_redis import EmbeddedRedis
+
+        redis_server = EmbeddedRedis(data_dir)
+        redis_server.start()
+        os.environ["REDIS_URL"] = redis_server.url
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings",
@@ -70,9 +77,8 @@ def main() -> None:
         "PLATFORM_DATA_DIR": str(data_dir),
         "LOG_LEVEL": "WARNING",
         "JOB_HEARTBEAT_MS": "500",
-        "CELERY_RESULT_BACKEND": os.environ.get("REDIS_URL") or f"file://{data_dir / 'results'}",
+        "CELERY_RESULT_BACKEND": os.environ["REDIS_URL"],
     }
-    (data_dir / "results").mkdir()
     scratch_database = None
     if os.environ.get("DATABASE_URL", "").startswith("postgres"):
         # A database of its own, dropped at the end: the benchmark never writes into yours.
@@ -188,7 +194,7 @@ def main() -> None:
         rate = asyncio.run(sustained())
 
         database = "PostgreSQL" if os.environ.get("DATABASE_URL", "").startswith("postgres") else "SQLite"
-        broker = "Redis" if os.environ.get("REDIS_URL") else "filesystem transport"
+        broker = "a private Redis, as make run starts" if redis_server else "Redis (REDIS_URL)"
         print(
             f"uvicorn (1 process) + GPU worker + housekeeping worker; database {database}, broker {broker};"
             f" {os.cpu_count()} cores; {args.jobs} jobs one at a time, tiny model 64x64, 2 steps"
@@ -211,6 +217,8 @@ def main() -> None:
                 process.wait(20)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
+        if redis_server is not None:
+            redis_server.stop()
         if scratch_database:
             from django.db import connections
 

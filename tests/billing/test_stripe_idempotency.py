@@ -243,11 +243,6 @@ def test_an_auto_top_up_with_no_answer_is_resent_by_the_sweep_and_charges_once(
     assert len(credited(pending)) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the sweep resends a lost auto top-up with the card that is the default now, not the one first sent: "
-    "Stripe refuses the key (idempotency_error) and the payment is marked failed although Stripe charged it",
-)
 def test_an_auto_top_up_resent_after_the_default_card_changed_still_settles_from_the_first_charge(
     fake_stripe: FakeStripe, tenant: dict[str, Any], lost_answers: Any, sent_tasks: list[Any]
 ) -> None:
@@ -271,3 +266,102 @@ def test_an_auto_top_up_resent_after_the_default_card_changed_still_settles_from
     assert [intent.id for intent in intents_of(customer_id)] == [charged.id]
     assert (pending.status, pending.stripe_payment_intent_id) == (PaymentStatus.SUCCEEDED, charged.id)
     assert credited(pending) == [(EntryKind.AUTO_TOP_UP, DOLLARS_20, f"payment-{pending.pk}")]
+
+
+def pending_top_up(organization: Any) -> Payment:
+    """An auto top-up row as ``auto_top_up`` commits it before calling Stripe, with the request it names."""
+    account = Account.objects.get(pk=organization.pk)
+    return Payment.objects.create(
+        organization=organization,
+        kind=PaymentKind.AUTO_TOP_UP,
+        amount_cents=2_000,
+        currency="usd",
+        stripe_customer_id=account.stripe_customer_id,
+        stripe_payment_method_id=account.default_payment_method_id,
+    )
+
+
+def test_an_idempotency_error_settles_from_the_payment_intent_the_first_send_made(
+    fake_stripe: FakeStripe, tenant: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    organization = tenant["organization"]
+    customer_id = save_card(organization)
+    before = Account.objects.get(pk=organization.pk).balance_micros
+    payment = pending_top_up(organization)
+    # An earlier send of this payment (say, by the release before this one) named other parameters: Stripe
+    # charged it, and refuses our send under the same key with 400 idempotency_error.
+    earlier = stripe_client().v1.payment_intents.create(
+        params={
+            **intent_params(customer_id),
+            "payment_method": payment.stripe_payment_method_id,
+            "metadata": {"payment_id": str(payment.pk), "organization_id": str(organization.pk), "kind": payment.kind},
+        },  # type: ignore[arg-type]
+        options={"idempotency_key": payment.idempotency_key},
+    )
+    assert earlier.status == "succeeded"
+
+    # older_than=0 settles this payment now (not after the default age).
+    assert payments.settle_stale_payments(older_than=timedelta(0)) == 1
+
+    payment.refresh_from_db()
+    assert (payment.status, payment.stripe_payment_intent_id) == (PaymentStatus.SUCCEEDED, earlier.id)
+    assert payment.failure_message == ""
+    assert [intent.id for intent in intents_of(customer_id)] == [earlier.id]
+    assert credited(payment) == [(EntryKind.AUTO_TOP_UP, DOLLARS_20, f"payment-{payment.pk}")]
+    assert Account.objects.get(pk=organization.pk).balance_micros == before + DOLLARS_20
+    assert f"payment-{payment.pk}: Stripe had seen its key; settled from {earlier.id}" in caplog.text
+
+
+def test_an_idempotency_error_with_no_payment_intent_found_leaves_the_payment_pending(
+    fake_stripe: FakeStripe, tenant: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    organization = tenant["organization"]
+    customer_id = save_card(organization)
+    payment = pending_top_up(organization)
+    # Stripe has seen the key, on a request that made no PaymentIntent of ours.
+    stripe_client().v1.customers.create(params={"name": "other"}, options={"idempotency_key": payment.idempotency_key})
+
+    for _ in range(2):  # every sweep sends it again, and leaves it pending again
+        assert payments.settle_stale_payments(older_than=timedelta(0)) == 1
+        payment.refresh_from_db()
+        assert (payment.status, payment.failure_message) == (PaymentStatus.PENDING, "")
+        assert not payment.stripe_payment_intent_id
+    assert intents_of(customer_id) == []
+    assert f"payment-{payment.pk}: Stripe has seen its key" in caplog.text
+    assert not CreditEntry.objects.filter(payment=payment).exists()
+
+    # Once Stripe no longer keeps the key a re-send could charge anew, so none is sent: Stripe's PaymentIntents
+    # say what happened, and with none for the payment it failed.
+    Payment.objects.filter(pk=payment.pk).update(created_at=timezone.now() - payments.RESEND_WITHIN)
+    payments.settle_stale_payments(older_than=timedelta(0))
+    payment.refresh_from_db()
+    assert (payment.status, payment.failure_message) == (PaymentStatus.FAILED, "No answer from the payment provider.")
+    assert intents_of(customer_id) == []
+
+
+def test_a_purchase_whose_answers_and_webhook_were_lost_is_settled_from_stripe_not_failed(
+    fake_stripe: FakeStripe, tenant: dict[str, Any], lost_answers: Any
+) -> None:
+    organization = tenant["organization"]
+    customer_id = save_card(organization)
+    before = Account.objects.get(pk=organization.pk).balance_micros
+    lost_answers(PAYMENT_INTENTS, count=settings.STRIPE_MAX_NETWORK_RETRIES + 1)
+
+    response = tenant["client"].post("/v1/billing/purchases", {"amount_cents": 2_000}, format="json")
+
+    assert response.status_code == 503, response.json()
+    assert response.json()["error_type"] == "payment_provider_unavailable"
+    [payment] = Payment.objects.filter(organization=organization)
+    assert (payment.status, payment.stripe_payment_intent_id) == (PaymentStatus.PENDING, None)
+    [charged] = intents_of(customer_id)
+    assert charged.status == "succeeded"
+
+    # No webhook comes: the sweep finds Stripe's PaymentIntent by the payment id in its metadata.
+    stale = timezone.now() - timedelta(seconds=settings.BILLING_PAYMENT_SETTLE_AFTER_SECONDS + 1)
+    Payment.objects.filter(pk=payment.pk).update(created_at=stale)
+    assert payments.settle_stale_payments() == 1
+    payment.refresh_from_db()
+    assert (payment.status, payment.stripe_payment_intent_id) == (PaymentStatus.SUCCEEDED, charged.id)
+    assert credited(payment) == [(EntryKind.PURCHASE, DOLLARS_20, f"payment-{payment.pk}")]
+    assert Account.objects.get(pk=organization.pk).balance_micros == before + DOLLARS_20
+    assert [intent.id for intent in intents_of(customer_id)] == [charged.id]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -29,6 +30,18 @@ SCREENSHOTS = REPO / "var" / "screenshots"
 LAPTOP: ViewportSize = {"width": 1366, "height": 768}
 PHONE: ViewportSize = {"width": 390, "height": 844}
 TIMEOUT_MS = 30_000
+
+
+def wait_in_page(page: Page, expression: str, arg: Any = None, timeout_ms: int = TIMEOUT_MS) -> None:
+    """Waits until ``expression`` (a JavaScript expression or function, as ``page.evaluate`` takes it) is truthy.
+
+    Not Playwright's ``wait_for_function``: its predicate runs through ``eval`` inside the page, which the pages'
+    Content-Security-Policy refuses (no 'unsafe-eval'); ``evaluate`` goes through the DevTools protocol.
+    """
+    deadline = time.monotonic() + timeout_ms / 1000
+    while not page.evaluate(expression, arg):
+        assert time.monotonic() < deadline, f"still false after {timeout_ms} ms: {expression}"
+        time.sleep(0.05)
 
 
 def chromium_path() -> str:

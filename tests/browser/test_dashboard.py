@@ -6,6 +6,7 @@ usage and the bill; the same pages at a phone's width; an operator opens the run
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.browser.conftest import LAPTOP, PHONE, Tab, dollars
+from tests.browser.conftest import LAPTOP, PHONE, Tab, dollars, wait_in_page
 from tests.conftest import TEST_PASSWORD
 from tests.e2e.conftest import BASE_URL, Stack
 
@@ -81,7 +82,21 @@ def loaded(page: Page, images: Any) -> None:
     assert images.count() > 0
     for n in range(images.count()):
         images.nth(n).scroll_into_view_if_needed()
-        page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=images.nth(n).element_handle())
+        wait_in_page(page, "img => img.complete && img.naturalWidth > 0", images.nth(n).element_handle())
+
+
+def emailed_link(stack: Stack, to: str, path: str) -> str:
+    """The path of the link to ``path`` in the last email sent to ``to``: the server's console email backend
+    writes its emails to the server's log."""
+    deadline = time.monotonic() + 10
+    while True:
+        log = stack.logs["web"].read_text(errors="replace")
+        sent = log.rfind(f"To: {to}")
+        link = re.search(rf"https?://[^/\s]+({re.escape(path)}\S+)", log[sent:]) if sent >= 0 else None
+        if link:
+            return link.group(1)
+        assert time.monotonic() < deadline, f"no email to {to} with a link to {path} in the server's log"
+        time.sleep(0.1)
 
 
 def log_in(tab: Tab, email: str, path: str = "/auth/login") -> None:
@@ -127,12 +142,18 @@ def test_a_developer_signs_up_runs_a_model_and_finds_it_in_history_usage_and_bil
     tab = open_tab(LAPTOP)
     page = tab.page
 
-    # Sign up through the form: straight to the overview, with the free credits.
+    # Sign up through the form, then the emailed link: a password, and straight to the overview with the free credits.
+    email = f"dev-{uuid.uuid4().hex[:8]}@example.com"
     tab.open("/auth/signup")
-    page.fill("#id_email", f"dev-{uuid.uuid4().hex[:8]}@example.com")
-    page.fill("#id_password", TEST_PASSWORD)
+    page.fill("#id_email", email)
     tab.shot("sign-up")
     page.get_by_role("button", name="Sign up").click()
+    page.wait_for_url(f"{BASE_URL}/auth/signup/sent")
+    expect(page.get_by_role("heading", name="Check your email")).to_be_visible()
+    tab.open(emailed_link(stack, email, "/auth/signup/confirm/"))
+    page.fill("#id_password", TEST_PASSWORD)
+    tab.shot("choose-password")
+    page.get_by_role("button", name="Create account").click()
     page.wait_for_url(f"{BASE_URL}/dashboard/")
     free = dollars(page.get_by_test_id("available").inner_text())
     assert free > 0
@@ -172,9 +193,10 @@ def test_a_developer_signs_up_runs_a_model_and_finds_it_in_history_usage_and_bil
     page.evaluate(WATCH_PROGRESS)
     tab.shot("playground")
     page.get_by_role("button", name="Run").click()
-    page.wait_for_function(
+    wait_in_page(
+        page,
         "/Step [1-9]/.test(document.getElementById('run-status').textContent)"
-        " || document.querySelector('[data-testid=outcome]')"
+        " || document.querySelector('[data-testid=outcome]') !== null",
     )
     tab.shot("playground-running")
     outcome = page.get_by_test_id("outcome")
@@ -217,7 +239,7 @@ def test_a_developer_signs_up_runs_a_model_and_finds_it_in_history_usage_and_bil
     # Usage: the chart drawn, and the same figures in tables (today's row; the key by name).
     side_link(page, "Usage").click()
     chart = page.locator("#usage-chart")
-    page.wait_for_function(CHART_DRAWN, arg=chart.element_handle())
+    wait_in_page(page, CHART_DRAWN, chart.element_handle())
     today = datetime.now(UTC).date().isoformat()
     day = page.get_by_test_id("per-day").locator("tbody tr").filter(has_text=today)
     expect(day).to_have_count(1)
@@ -247,7 +269,7 @@ def test_the_pages_fit_a_phone(developer: dict[str, Any], stack: Stack, open_tab
     for name, path in [*PAGES.items(), ("request", f"/dashboard/requests/{request_id}")]:
         tab.open(path)
         if name == "usage":
-            page.wait_for_function(CHART_DRAWN, arg=page.locator("#usage-chart").element_handle())
+            wait_in_page(page, CHART_DRAWN, page.locator("#usage-chart").element_handle())
         if name == "playground":
             expect(page.locator("#field-prompt")).to_be_visible()
         tab.shot(name)
@@ -277,11 +299,12 @@ def test_an_operator_opens_the_run_rate_page(
         figure = title.locator("xpath=following-sibling::*[1]")
         assert dollars(figure.inner_text()) > 0, f"{heading}: {figure.inner_text()}"
     for canvas in page.locator("canvas").all():
-        page.wait_for_function(CHART_DRAWN, arg=canvas.element_handle())
+        wait_in_page(page, CHART_DRAWN, canvas.element_handle())
     tab.shot("run-rate")
     page.set_viewport_size(PHONE)
     # Chart.js follows the new width on its next frame.
-    page.wait_for_function(
-        "[...document.querySelectorAll('canvas')].every(canvas => canvas.getBoundingClientRect().right <= innerWidth)"
+    wait_in_page(
+        page,
+        "[...document.querySelectorAll('canvas')].every(canvas => canvas.getBoundingClientRect().right <= innerWidth)",
     )
     tab.shot("run-rate")

@@ -49,17 +49,26 @@ def test_anonymous_visitors_are_sent_to_log_in(client: Client) -> None:
 def test_sign_up_log_out_and_log_in(client: Client) -> None:
     page = client.get("/auth/signup")
     assert page.status_code == 200
-    weak = client.post("/auth/signup", {"email": "new@example.com", "password": "123"})
+    sent = client.post("/auth/signup", {"email": "New@Example.com", "name": "Ada"})
+    assert (sent.status_code, sent["Location"]) == (302, "/auth/signup/sent")
+    assert "Check your email" in client.get(sent["Location"]).content.decode()
+    [message] = mail.outbox
+    link = re.search(r"https?://[^/]+(/auth/signup/confirm/\S+)", message.body)
+    assert link is not None
+    weak = client.post(link.group(1), {"password": "123"})
     assert weak.status_code == 200
     assert "too short" in weak.content.decode()
-    created = client.post("/auth/signup", {"email": "New@Example.com", "name": "Ada", "password": TEST_PASSWORD})
+    created = client.post(link.group(1), {"password": TEST_PASSWORD})
     assert created.status_code == 302
     home = client.get("/dashboard/")
     assert "Available credit" in home.content.decode()
+    assert "new@example.com" in home.content.decode()  # the address as the link carried it, lower-cased
     client.post("/auth/logout")
     assert client.get("/dashboard/").status_code == 302
-    again = client.post("/auth/signup", {"email": "new@example.com", "password": TEST_PASSWORD})
-    assert "already exists" in again.content.decode()
+    # The link made its account once; signing up again never says the address is taken (tests/accounts).
+    assert "has an account already" in client.get(link.group(1)).content.decode()
+    again = client.post("/auth/signup", {"email": "new@example.com"})
+    assert (again.status_code, again["Location"]) == (302, "/auth/signup/sent")
     logged_in = client.post("/auth/login", {"username": "NEW@example.com", "password": TEST_PASSWORD})
     assert logged_in.status_code == 302
 

@@ -7,7 +7,6 @@ the trust store are chosen here, at collection time, before any test imports ``f
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import ssl
@@ -25,6 +24,7 @@ import httpx
 import pytest
 import trustme
 
+from config.embedded_redis import EmbeddedRedis
 from tests.stripe_support import PUBLISHABLE_KEY, SECRET_KEY, WEBHOOK_SECRET, FakeStripe, running_fake_stripe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,36 +66,6 @@ def database_url() -> str:
     )
 
 
-@dataclass
-class Broker:
-    """A private redis-server as the broker, so a test can take it down and bring it back."""
-
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-        )
-        wait_for(lambda: _port_open(self.port), 10, "the broker's redis-server")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
-
-
 def wait_for(condition: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -112,7 +82,9 @@ def wait_for(condition: Any, timeout: float, what: str) -> None:
 class Stack:
     env: dict[str, str]
     data_dir: Path
-    broker: Broker | None
+    # A private redis-server, the one the embedded run starts (config/embedded_redis.py), as the broker:
+    # a test can take it down and bring it back (same port, no persistence: its messages are lost).
+    broker: EmbeddedRedis
     stripe: FakeStripe
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: dict[str, Path] = field(default_factory=dict)
@@ -169,6 +141,31 @@ class Stack:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(10)
 
+    @contextmanager
+    def restarted(self, **env: str | None) -> Iterator[Stack]:
+        """The server and both workers restarted with ``env`` over the stack's environment (None
+        removes a variable), and restarted as they were afterwards: e.g. ``REDIS_URL=stack.broker.url``
+        runs the cache on the broker's Redis, as production does."""
+        previous = {name: self.env.get(name) for name in env}
+
+        def restart_with(values: dict[str, str | None]) -> None:
+            for name in ("gpu", "housekeeping", "web"):
+                self.stop(name)
+            for name, value in values.items():
+                if value is None:
+                    self.env.pop(name, None)
+                else:
+                    self.env[name] = value
+            self.start_web()
+            self.start_housekeeping()
+            self.start_gpu_worker()
+
+        restart_with(env)
+        try:
+            yield self
+        finally:
+            restart_with(previous)
+
     def client(self, key: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Key {key}"} if key else {}
         return httpx.Client(base_url=BASE_URL, verify=self.ssl_context(), headers=headers, timeout=60)
@@ -187,7 +184,7 @@ def running_stack(django_db_blocker: Any) -> Iterator[Stack]:
     data_dir = Path(os.environ["PLATFORM_DATA_DIR"])
     with django_db_blocker.unblock():
         url = database_url()
-    broker = Broker() if shutil.which("redis-server") else None
+    broker = EmbeddedRedis(data_dir)
     with running_fake_stripe() as fake_stripe:
         env = {
             **os.environ,
@@ -209,9 +206,8 @@ def running_stack(django_db_blocker: Any) -> Iterator[Stack]:
             "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
             "STRIPE_API_BASE": fake_stripe.url,
         }
-        if broker is not None:
-            broker.start()
-            env["BROKER_URL"] = broker.url
+        broker.start()
+        env["BROKER_URL"] = broker.url
         stack = Stack(env=env, data_dir=data_dir, broker=broker, stripe=fake_stripe)
         try:
             stack.start_web()
@@ -221,8 +217,7 @@ def running_stack(django_db_blocker: Any) -> Iterator[Stack]:
         finally:
             for name in list(stack.processes):
                 stack.stop(name)
-            if broker is not None:
-                broker.stop()
+            broker.stop()
 
 
 @pytest.fixture

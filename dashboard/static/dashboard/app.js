@@ -16,6 +16,17 @@ document.addEventListener("click", (event) => {
   );
 });
 
+// Behaviour the markup asks for with data attributes (the pages' Content-Security-Policy refuses inline handlers):
+// a form with data-confirm asks before it is sent; a select with data-autosubmit sends its form when changed.
+document.addEventListener("submit", (event) => {
+  const question = event.target.dataset.confirm;
+  if (question && !window.confirm(question)) event.preventDefault();
+});
+
+document.addEventListener("change", (event) => {
+  if (event.target.matches("select[data-autosubmit]")) event.target.form.requestSubmit();
+});
+
 // Playground: a form generated from the endpoint's input schema (the one /v1/models publishes).
 function fieldFor(name, schema, required) {
   const wrapper = document.createElement("p");

