@@ -84,8 +84,6 @@ def test_usage_never_overdraws_and_finished_work_is_delivered_with_a_worker_kill
         while Job.objects.filter(pk__in=request_ids).exclude(status__in=FINAL).exists():
             assert time.monotonic() < deadline, f"not all final\n{stack.log_tail('gpu')}"
             time.sleep(0.1)
-        # Once credit is gone, new work is refused at the door.
-        assert client.post(f"/queue/{APP}", json=request_body(size=128, steps=30)).status_code == 402
 
     jobs = list(Job.objects.filter(pk__in=request_ids))
     usage = CreditEntry.objects.filter(organization=organization, kind=EntryKind.USAGE)
