@@ -21,6 +21,15 @@ from tests.lifecycle import SMALL, submit_as
 pytestmark = pytest.mark.django_db
 
 
+@pytest.fixture(autouse=True)
+def _no_usage_history(db: None) -> None:
+    """These tests queue several requests on the sign-up credit: what admission holds for each must not depend on
+    usage another test's workers recorded for the endpoint (in the shared test database) after it ended."""
+    from billing.models import UsageRollup
+
+    UsageRollup.objects.all().delete()
+
+
 @pytest.fixture
 def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, str]]:
     """What the dispatcher hands to the broker, in order (no broker needed)."""
