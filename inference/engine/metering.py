@@ -43,7 +43,7 @@ class BatchMeter:
         self._allocated: dict[int, int] = {}
         self._exclusive: int | None = None
         self._started: float | None = None
-        self._mark = 0.0
+        self._mark: float  # charged up to here; set when the work starts
         self._lock = threading.Lock()
         if weights is not None:
             for member, weight in enumerate(weights):
@@ -142,8 +142,6 @@ class BatchMeter:
             return
         elapsed_ms = max(0.0, (now - self._mark) * 1000)
         self._mark = now
-        if not self._active or not elapsed_ms:
-            return
         if self._exclusive is not None:
             self._exact_ms[self._exclusive] += elapsed_ms
             return

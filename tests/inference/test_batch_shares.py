@@ -247,6 +247,7 @@ def test_joins_and_starts_that_make_no_sense_are_refused() -> None:
     assert meter.leave([0, 1]) == {0: 32, 1: 31}
     with pytest.raises(ValueError, match="the batch is over"):
         meter.join(2, 1)
+    assert meter.leave([]) == {}
     assert meter.allocated == {0: 32, 1: 31}
 
 
