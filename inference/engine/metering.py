@@ -43,7 +43,6 @@ class BatchMeter:
         self._allocated: dict[int, int] = {}
         self._exclusive: int | None = None
         self._started: float | None = None
-        self._mark: float  # charged up to here; set when the work starts
         self._lock = threading.Lock()
         if weights is not None:
             for member, weight in enumerate(weights):
@@ -82,6 +81,7 @@ class BatchMeter:
                 raise ValueError("the batch has already started")
             if not self._active:
                 raise ValueError("a batch starts with at least one image")
+            # Time is charged to the members up to `_mark`, from the start on.
             self._started = self._mark = self._clock() if at is None else at
 
     def running_ms(self, member: int) -> int:
