@@ -29,7 +29,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
 from accounts.admin import OrganizationSection, add_organization_section
-from accounts.admin_base import OperableAdmin, Tool, request_actor
+from accounts.admin_base import OperableAdmin, Tool, form_data, request_actor
 from accounts.models import AuditAction, Organization
 from accounts.services import record_audit
 from billing.controls import set_monthly_budget
@@ -267,7 +267,9 @@ class AccountAdmin(OperableAdmin):
 
     def budget_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
         account: Account = self.object_to_operate(request, object_id)
-        form = BudgetForm(request.POST if request.method == "POST" else None, instance=account)
+        form = BudgetForm(form_data(request), instance=account)
+        if form.is_valid() and not form.has_changed():
+            return self.change_page(account)  # nothing to set, nothing to audit
         if form.is_valid():
             budget_micros = form.cleaned_data["monthly_budget_micros"]
             try:

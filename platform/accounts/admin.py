@@ -29,7 +29,7 @@ from django.utils.decorators import method_decorator
 from django.utils.html import format_html
 from django.views.decorators.debug import sensitive_post_parameters
 
-from accounts.admin_base import FormViewsAdmin, OperableAdmin, Tool, request_actor
+from accounts.admin_base import FormViewsAdmin, OperableAdmin, Tool, form_data, request_actor
 from accounts.admin_forms import (
     ApiKeyForm,
     MembershipFormSet,
@@ -94,11 +94,6 @@ def _orphaning_removals(memberships: Iterable[Membership]) -> list[str]:
         for m in leaving
         if m.organization_id not in still_owned
     ]
-
-
-def _form_data(request: HttpRequest) -> Any:
-    """What a form view's form is bound to: the posted data, or nothing (an unbound form) on a GET."""
-    return request.POST if request.method == "POST" else None
 
 
 class _IsSetFilter(admin.SimpleListFilter):
@@ -203,7 +198,7 @@ class UserAdmin(FormViewsAdmin, _UserAdminBase):
     def sign_up_view(self, request: HttpRequest) -> HttpResponse:
         if not self.has_create_permission(request):
             raise PermissionDenied
-        form = UserAddForm(_form_data(request))
+        form = UserAddForm(form_data(request))
         if form.is_valid():
             try:
                 user = sign_up(
@@ -441,7 +436,7 @@ class OrganizationAdmin(OperableAdmin):
     def create_view(self, request: HttpRequest) -> HttpResponse:
         if not self.has_create_permission(request):
             raise PermissionDenied
-        form = OrganizationCreateForm(_form_data(request))
+        form = OrganizationCreateForm(form_data(request))
         if form.is_valid():
             organization = create_organization(
                 name=form.cleaned_data["name"], owner=form.cleaned_data["owner"], actor=request_actor(request)
@@ -459,7 +454,7 @@ class OrganizationAdmin(OperableAdmin):
 
     def edit_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
         organization: Organization = self.object_to_operate(request, object_id)
-        data = _form_data(request)
+        data = form_data(request)
         form = OrganizationForm(data, instance=organization)
         members = MembershipFormSet(data, instance=organization, queryset=Membership.objects.select_related("user"))
         if all([form.is_valid(), members.is_valid()]):
@@ -675,7 +670,7 @@ class ApiKeyAdmin(OperableAdmin):
 
     def edit_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
         api_key: ApiKey = self.object_to_operate(request, object_id)
-        form = ApiKeyForm(_form_data(request), instance=api_key)
+        form = ApiKeyForm(form_data(request), instance=api_key)
         if form.is_valid():
             changes = {name: form.cleaned_data[name] for name in form.changed_data}
             try:

@@ -40,6 +40,11 @@ def request_actor(request: HttpRequest) -> Actor:
     return Actor(user=user, ip_address=request.META.get("REMOTE_ADDR") or None)
 
 
+def form_data(request: HttpRequest) -> Any:
+    """What a form view's form is bound to: the posted data, or nothing (an unbound form) on a GET."""
+    return request.POST if request.method == "POST" else None
+
+
 class Tool(NamedTuple):
     """A link at the top right of a page (the admin's object tools) to a form view."""
 
