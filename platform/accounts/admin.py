@@ -29,6 +29,7 @@ from django.utils.decorators import method_decorator
 from django.utils.html import format_html
 from django.views.decorators.debug import sensitive_post_parameters
 
+from accounts import key_cache
 from accounts.admin_base import FormViewsAdmin, OperableAdmin, Tool, form_data, request_actor
 from accounts.admin_forms import (
     ApiKeyForm,
@@ -278,6 +279,7 @@ class UserAdmin(FormViewsAdmin, _UserAdminBase):
         # They may log in again; organizations suspended with them stay suspended until unsuspended.
         to_change = list(queryset.filter(is_active=False))
         User.objects.filter(pk__in=[user.pk for user in to_change]).update(is_active=True)
+        key_cache.forget_all()  # their keys work again
         for user in to_change:
             self.log_change(request, user, [{"changed": {"fields": ["is_active"]}}])
         unchanged = queryset.count() - len(to_change)

@@ -311,6 +311,9 @@ API_KEY_DEFAULT_REQUESTS_PER_MINUTE = env_int("API_KEY_DEFAULT_REQUESTS_PER_MINU
 # Usable (unrevoked, unexpired) keys an organization may hold at once; one more is a 422 too_many_keys.
 API_KEYS_PER_ORGANIZATION = env_int("API_KEYS_PER_ORGANIZATION", 100, minimum=1)
 API_KEY_LAST_USED_RESOLUTION_SECONDS = env_int("API_KEY_LAST_USED_RESOLUTION_SECONDS", 60, minimum=1)
+# How long a verified key is kept in memory and in Redis (accounts/key_cache.py); any change to keys, organizations
+# or members stops every kept key at once. 0: every request reads the database.
+API_KEY_CACHE_SECONDS = env_int("API_KEY_CACHE_SECONDS", 60, minimum=0)
 ORGANIZATION_DEFAULT_CONCURRENCY = env_int("ORGANIZATION_DEFAULT_CONCURRENCY", 2, minimum=1)
 
 # Inference: jobs, workers, outputs, webhooks (docs/lifecycle.md).
