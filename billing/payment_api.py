@@ -25,11 +25,12 @@ from accounts.parsers import StrictCursorPagination, query_params
 from accounts.permissions import request_organization
 from accounts.schema import error
 from accounts.serializers import StrictBooleanField, StrictCharField, StrictIntegerField
-from billing import payments, statements, stripe_events
+from billing import cards, charges, statements, stripe_events
 from billing.api import BillingConflict, BillingView, MoneyView
 from billing.ledger import BillingError, account_of
 from billing.models import Payment
 from billing.stripe_client import payments_enabled
+from billing.stripe_errors import PaymentError
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ PAYMENT_ERRORS = {
 
 def _answer(exc: BillingError) -> NoReturn:
     """A refused payment as the API's error: 402 card_declined, 404, 503, or 409 for the rules of money."""
-    if isinstance(exc, payments.PaymentError):
+    if isinstance(exc, PaymentError):
         error = APIException(detail=str(exc), code=exc.error_type)
         error.status_code = exc.status
         raise error from None
@@ -96,7 +97,7 @@ class PaymentMethodsView(StripeMoneyView):
     def get(self, request: Request) -> Response:
         organization = request_organization(request)
         try:
-            methods = payments.list_payment_methods(organization)
+            methods = cards.list_payment_methods(organization)
         except BillingError as exc:
             _answer(exc)
         return Response(
@@ -116,7 +117,7 @@ class PaymentMethodsView(StripeMoneyView):
         body = AttachPaymentMethod(data=request.data)
         body.is_valid(raise_exception=True)
         try:
-            method = payments.attach_payment_method(
+            method = cards.attach_payment_method(
                 organization=request_organization(request),
                 payment_method_id=body.validated_data["payment_method"],
                 make_default=body.validated_data["set_default"],
@@ -134,7 +135,7 @@ class PaymentMethodView(StripeMoneyView):
     )
     def delete(self, request: Request, payment_method_id: str) -> Response:
         try:
-            payments.detach_payment_method(
+            cards.detach_payment_method(
                 organization=request_organization(request),
                 payment_method_id=payment_method_id,
                 actor=request_actor(request),
@@ -152,7 +153,7 @@ class DefaultPaymentMethodView(StripeMoneyView):
     )
     def post(self, request: Request, payment_method_id: str) -> Response:
         try:
-            method = payments.set_default_payment_method(
+            method = cards.set_default_payment_method(
                 organization=request_organization(request),
                 payment_method_id=payment_method_id,
                 actor=request_actor(request),
@@ -233,7 +234,7 @@ class PurchasesView(ListAPIView[Payment], StripeMoneyView):
         organization, actor = request_organization(request), request_actor(request)
         try:
             if params["mode"] == "checkout":
-                started = payments.start_checkout(
+                started = charges.start_checkout(
                     organization=organization,
                     amount_cents=params["amount_cents"],
                     success_url=params["success_url"],
@@ -243,14 +244,14 @@ class PurchasesView(ListAPIView[Payment], StripeMoneyView):
                 )
                 answer = {**PaymentSerializer(started.payment).data, "checkout_url": started.url}
                 return _created(answer, replayed=started.replayed)
-            charged = payments.buy_credits(
+            charged = charges.buy_credits(
                 organization=organization,
                 amount_cents=params["amount_cents"],
                 payment_method_id=params.get("payment_method"),
                 actor=actor,
                 idempotency_key=idempotency_key,
             )
-        except payments.IdempotencyKeyReused as exc:
+        except charges.IdempotencyKeyReused as exc:
             return _header_error(str(exc), "idempotency_key_reused", "idempotency_key_reused")
         except BillingError as exc:
             _answer(exc)
