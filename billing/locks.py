@@ -1,4 +1,5 @@
-"""Locks on billing's rows, in the platform's one lock order (``accounts.locking``): the account, then its payments.
+"""Locks on billing's rows, in the platform's one lock order (``accounts.locking``): a Stripe event before
+anything else, later the organization's account, then its payments.
 
 A transaction that writes money locks the organization's ``Account`` first: the cached balance and held amount
 change with the rows they summarise, one writer per organization at a time. A job's hold and a payment are
@@ -13,7 +14,12 @@ import uuid
 from django.db import IntegrityError, transaction
 
 from accounts.locking import locked
-from billing.models import Account, Payment
+from billing.models import Account, Payment, StripeEvent
+
+
+def locked_stripe_event(event_id: str) -> StripeEvent:
+    """The stored Stripe event, locked while its effects are applied (one processing of it at a time)."""
+    return locked(StripeEvent.objects.filter(pk=event_id)).get()
 
 
 def locked_account(organization_id: uuid.UUID) -> Account:

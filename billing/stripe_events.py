@@ -24,10 +24,10 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from accounts.locking import locked
 from accounts.models import AuditAction
 from accounts.services import SYSTEM, Actor, record_audit
 from billing import stale_payments, stripe_state, topups
+from billing.locks import locked_stripe_event
 from billing.models import Account, Payment, StripeEvent, StripeEventStatus
 from billing.stripe_client import construct_event, field, object_id, payments_enabled, stripe_client
 
@@ -238,7 +238,7 @@ def process_event(event_id: str, *, force: bool = False) -> StripeEvent:
     try:
         apply = fetch(str(target)) if fetch is not None and target else None  # read Stripe before taking locks
         with transaction.atomic():
-            locked_event = locked(StripeEvent.objects.filter(pk=event_id)).get()
+            locked_event = locked_stripe_event(event_id)
             if locked_event.status in DONE and not force:
                 return locked_event
             payment = apply() if apply is not None else None

@@ -3,7 +3,7 @@
 **The lock order.** A transaction that locks more than one kind of row takes them in this order, and never
 goes back to an earlier kind once it holds a later one:
 
-1. the Stripe event being applied (``billing.stripe_events``),
+1. the Stripe event being applied (``billing.locks.locked_stripe_event``),
 2. the organization (``lock_organization``: dispatch, limits),
 3. jobs, in ``created_at, id`` order when several (``inference.locks.lock_job``),
 4. the job's attempt (``inference.locks.lock_attempt``),
