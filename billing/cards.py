@@ -82,7 +82,7 @@ def own_method(customer_id: str, payment_method_id: str) -> stripe.PaymentMethod
     except stripe.InvalidRequestError:
         method = None
     if method is None or object_id(method.customer) != customer_id:
-        raise PaymentError(f"No saved payment method {payment_method_id}.", error_type="not_found", status=404)
+        raise PaymentError(f"No saved payment method {payment_method_id}.", error_type="not_found", status_code=404)
     return method
 
 
@@ -96,10 +96,10 @@ def _check_attachable(customer_id: str, payment_method_id: str) -> None:
     try:
         method = stripe_client().v1.payment_methods.retrieve(payment_method_id)
     except stripe.InvalidRequestError:
-        raise PaymentError(f"No payment method {payment_method_id}.", error_type="not_found", status=404) from None
+        raise PaymentError(f"No payment method {payment_method_id}.", error_type="not_found", status_code=404) from None
     owner = object_id(method.customer)
     if owner and owner != customer_id:
-        raise PaymentError(f"No payment method {payment_method_id}.", error_type="not_found", status=404)
+        raise PaymentError(f"No payment method {payment_method_id}.", error_type="not_found", status_code=404)
 
 
 def _record_card_change(
@@ -187,7 +187,7 @@ def detach_payment_method(*, organization: Organization, payment_method_id: str,
     """Removes a saved card. Removing the default one turns auto top-up off (it would have nothing to charge)."""
     account = account_of(organization)
     if not account.stripe_customer_id:
-        raise PaymentError(f"No saved payment method {payment_method_id}.", error_type="not_found", status=404)
+        raise PaymentError(f"No saved payment method {payment_method_id}.", error_type="not_found", status_code=404)
     method = own_method(account.stripe_customer_id, payment_method_id)
     stripe_client().v1.payment_methods.detach(method.id)
     with transaction.atomic(durable=True):

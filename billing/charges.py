@@ -26,6 +26,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from accounts.errors import problem
 from accounts.models import Organization
 from accounts.services import SYSTEM, Actor
 from billing.cards import ensure_customer, own_method
@@ -45,10 +46,15 @@ CLOCK_SKEW = timedelta(minutes=10)
 
 
 class IdempotencyKeyReused(BillingError):
-    """A client's Idempotency-Key already bought something else (another amount, card or mode)."""
+    """A client's Idempotency-Key already bought something else (another amount, card or mode): a 422 located at
+    the ``Idempotency-Key`` header, which carries the key."""
+
+    status_code = 422
+    error_type = "idempotency_key_reused"
 
     def __init__(self) -> None:
-        super().__init__("This Idempotency-Key was already used with a different purchase.")
+        message = "This Idempotency-Key was already used with a different purchase."
+        super().__init__([problem(["header", "Idempotency-Key"], message, self.error_type)])
 
 
 @dataclass(frozen=True)
@@ -282,12 +288,12 @@ def _check_resendable(payment: Payment) -> None:
     or one whose first send is older than Stripe keeps its key (the sweep settles it from Stripe's state)."""
     if payment.status != PaymentStatus.PENDING:
         message = payment.failure_message or "The payment did not go through."
-        raise PaymentError(message, error_type="payment_failed", status=402)
+        raise PaymentError(message, error_type="payment_failed", status_code=402)
     if payment.created_at < timezone.now() - RESEND_WITHIN:
         raise PaymentError(
             "This payment's outcome is not known yet; it is settled shortly.",
             error_type="payment_in_progress",
-            status=409,
+            status_code=409,
         )
 
 

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 class PaymentError(BillingError):
-    """Stripe declined, refused or could not be reached; ``status`` and ``error_type`` are the API's answer.
+    """Stripe declined, refused or could not be reached; ``status_code`` and ``error_type`` are the API's answer.
 
     ``refused``: Stripe answered no, so nothing was charged (an unreachable Stripe leaves the outcome unknown).
     ``payment_intent_id``: the PaymentIntent Stripe's refusal names, if any.
@@ -32,13 +32,11 @@ class PaymentError(BillingError):
         message: str,
         *,
         error_type: str,
-        status: int,
+        status_code: int,
         refused: bool = False,
         payment_intent_id: str | None = None,
     ) -> None:
-        super().__init__(message)
-        self.error_type = error_type
-        self.status = status
+        super().__init__(message, error_type=error_type, status_code=status_code)
         self.refused = refused
         self.payment_intent_id = payment_intent_id
 
@@ -51,7 +49,7 @@ class PaymentInProgress(PaymentError):
         super().__init__(
             "The payment provider is still settling an earlier attempt of this payment; try again shortly.",
             error_type="payment_in_progress",
-            status=409,
+            status_code=409,
         )
 
 
@@ -64,7 +62,7 @@ def payment_error(exc: stripe.StripeError) -> PaymentError:
         return PaymentError(
             exc.user_message or "Your card was declined.",
             error_type="card_declined",
-            status=402,
+            status_code=402,
             refused=True,
             payment_intent_id=intent_id,
         )
@@ -76,12 +74,12 @@ def payment_error(exc: stripe.StripeError) -> PaymentError:
         return PaymentError(
             "The payment provider could not be reached; try again shortly.",
             error_type="payment_provider_unavailable",
-            status=503,
+            status_code=503,
         )
     return PaymentError(
         exc.user_message or "The payment provider refused the request.",
         error_type="payment_refused",
-        status=400,
+        status_code=400,
         refused=True,
         payment_intent_id=intent_id,
     )
