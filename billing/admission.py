@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from accounts.locking import retrying_atomic
 from billing import holds, pricing
-from billing.ledger import locked_account
+from billing.locks import locked_account
 from billing.models import Account, Granularity, Hold, KeySpendLimit, PriceUnit, UsageRecord, UsageRollup
 from billing.money import format_micros, gpu_cost_micros, gpu_ms_within
 from inference.hooks import ListedPrice, Refusal, Reservation, Usage

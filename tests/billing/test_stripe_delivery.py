@@ -18,7 +18,7 @@ import httpx
 import pytest
 from django.db import connection
 
-from billing import payments, stripe_events
+from billing import cards, charges, stripe_events
 from billing.models import Account, CreditEntry, Payment, StripeEvent, StripeEventStatus
 from billing.stripe_client import stripe_client
 from tests.stripe_support import SECRET_KEY, WEBHOOK_PATH, WEBHOOK_SECRET, FakeStripe, free_port
@@ -88,9 +88,9 @@ def test_stripe_delivers_the_payment_and_its_refund_and_they_are_applied_once(
     organization = tenant["organization"]
     fake_stripe.send_webhooks_to(web + WEBHOOK_PATH, types=("payment_intent.succeeded", "charge.refunded"))
     try:
-        payments.attach_payment_method(organization=organization, payment_method_id="pm_card_visa")
+        cards.attach_payment_method(organization=organization, payment_method_id="pm_card_visa")
         before = Account.objects.get(pk=organization.pk).balance_micros
-        payment = payments.buy_credits(organization=organization, amount_cents=2_000).payment
+        payment = charges.buy_credits(organization=organization, amount_cents=2_000).payment
         stripe_client().v1.refunds.create(params={"payment_intent": payment.stripe_payment_intent_id, "amount": 250})
         delivered = wait_for_events(2)
     finally:

@@ -15,7 +15,7 @@ import pytest
 import stripe
 from django.db.models import Sum
 
-from billing import controls, payments
+from billing import cards, charges, controls
 from billing.ledger import account_of
 from billing.models import (
     Account,
@@ -53,7 +53,7 @@ def test_reconciliation_finds_no_drift_after_real_work(stack: Stack, e2e_tenant:
 
     ensure_opening_prices(Price)
     organization = e2e_tenant["organization"]
-    payments.attach_payment_method(organization=organization, payment_method_id="pm_card_visa")
+    cards.attach_payment_method(organization=organization, payment_method_id="pm_card_visa")
     # Any debit leaves the available balance under the threshold: the next usage triggers a top-up.
     threshold = account_of(organization).available_micros
     controls.set_auto_top_up(organization=organization, enabled=True, threshold_micros=threshold, amount_cents=500)
@@ -69,7 +69,7 @@ def test_reconciliation_finds_no_drift_after_real_work(stack: Stack, e2e_tenant:
         "the auto top-up never succeeded",
         stack,
     )
-    bought = payments.buy_credits(organization=organization, amount_cents=700)
+    bought = charges.buy_credits(organization=organization, amount_cents=700)
     assert bought.payment.status == PaymentStatus.SUCCEEDED
 
     # Stripe's events about both payments, delivered to the running server twice each, newest first.
