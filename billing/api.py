@@ -11,8 +11,8 @@ from django.http import HttpResponse
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
-from rest_framework import serializers, status
-from rest_framework.exceptions import APIException, NotFound
+from rest_framework import serializers
+from rest_framework.exceptions import NotFound
 from rest_framework.generics import ListAPIView
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
@@ -33,11 +33,6 @@ from inference.models import Endpoint
 
 # The most money one setting may name: a billion dollars, far inside a 64-bit column.
 MAX_MICROS = 10**15
-
-
-class BillingConflict(APIException):
-    status_code = status.HTTP_409_CONFLICT
-    default_code = "billing_conflict"
 
 
 CONFLICT = error("Not allowed by the rules of money now (`billing_conflict`), e.g. auto top-up with no saved card.")
