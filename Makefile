@@ -35,6 +35,7 @@ browser:
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: install
 	PLATFORM_EMBEDDED=1 PLATFORM_DATA_DIR=$(CURDIR)/var $(BIN)/mypy

@@ -27,7 +27,7 @@ from accounts.schema import ApiAutoSchema, error
 from accounts.serializers import BoundedDateField, StrictBooleanField, StrictIntegerField
 from billing import controls, selectors
 from billing.admission import spent_this_month
-from billing.ledger import BillingError, account_of
+from billing.ledger import account_of
 from billing.models import CreditEntry, KeySpendLimit
 from inference.models import Endpoint
 
@@ -218,12 +218,9 @@ class TopUpView(MoneyView):
     def put(self, request: Request) -> Response:
         body = TopUpSettings(data=request.data)
         body.is_valid(raise_exception=True)
-        try:
-            account = controls.set_auto_top_up(
-                organization=request_organization(request), actor=request_actor(request), **body.validated_data
-            )
-        except BillingError as exc:
-            raise BillingConflict(str(exc)) from None
+        account = controls.set_auto_top_up(
+            organization=request_organization(request), actor=request_actor(request), **body.validated_data
+        )
         return Response(top_up_payload(account))
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from accounts.errors import AppError
 from accounts.locking import locked
 from accounts.models import AuditAction, Organization
 from accounts.services import SYSTEM, Actor, record_audit
@@ -20,8 +21,11 @@ from billing.models import Account, CreditEntry, EntryKind, Payment, UsageRecord
 from inference.models import Job
 
 
-class BillingError(Exception):
-    """A request the rules of money do not allow (answered as 400/409 with this message)."""
+class BillingError(AppError):
+    """A request the rules of money do not allow now (auto top-up with no saved card, a refund made twice)."""
+
+    status_code = 409
+    error_type = "billing_conflict"
 
 
 def locked_account(organization_id: uuid.UUID) -> Account:

@@ -11,7 +11,7 @@ goes back to an earlier kind once it holds a later one:
 6. the job's hold, then payments (always under the account's lock).
 
 Inference's rows come before billing's because billing's hooks run inside inference's transactions, after the
-job is locked (DESIGN §1: inference knows nothing of money, so it cannot lock an account first).
+job is locked (inference knows nothing of money, so it cannot lock an account first: docs/architecture.md).
 
 Every lock names what it locks (``of=("self",)``: no join drags another table's rows in) and is
 ``FOR NO KEY UPDATE``: none of these transactions changes a primary key, and a plain ``FOR UPDATE`` would also

@@ -18,6 +18,7 @@ from django.utils import timezone
 from django.utils.text import slugify
 
 from accounts import policy
+from accounts.errors import AppError
 from accounts.locking import lock_organization
 from accounts.models import (
     ApiKey,
@@ -32,16 +33,24 @@ from accounts.models import (
 )
 
 
-class AccountsError(Exception):
+class AccountsError(AppError):
     """A request that is well-formed but not allowed by the rules of the domain."""
+
+    status_code = 422
+    error_type = "validation_error"
 
 
 class InsufficientRole(AccountsError):
     """The maker asked for scopes their role may not grant (accounts.policy): a key never outranks its maker."""
 
+    status_code = 403
+    error_type = "insufficient_role"
+
 
 class TooManyKeys(AccountsError):
     """The organization already has as many usable keys as it may (``API_KEYS_PER_ORGANIZATION``)."""
+
+    error_type = "too_many_keys"
 
 
 DEFAULT_KEYS_PER_ORGANIZATION = 100

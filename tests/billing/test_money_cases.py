@@ -81,7 +81,7 @@ def refused(organization: Organization, endpoint: Endpoint, api_key: ApiKey | No
     with pytest.raises(services.SubmissionRefused) as refusal:
         submit(organization, endpoint, api_key=api_key, **payload)
     assert Job.objects.count() == jobs_before
-    assert refusal.value.status == 402
+    assert refusal.value.status_code == 402
     return refusal.value
 
 
