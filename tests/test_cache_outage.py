@@ -1,4 +1,4 @@
-"""Redis down: every cache operation on the request path still answers (DESIGN §4), the readiness probe
+"""Redis down: every cache operation on the request path still answers, the readiness probe
 says so, and a submit is accepted. The cache is the real backend pointed at a closed port, or at a
 server that hangs up on every connection (a Redis that is restarting), never a mock.
 """

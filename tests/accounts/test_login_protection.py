@@ -1,4 +1,4 @@
-"""Log-in throttling and account enumeration, through the pages (DESIGN §5 limits: 429 with Retry-After).
+"""Log-in throttling and account enumeration, through the pages (429 with Retry-After).
 
 Every test comes from addresses of its own (``REMOTE_ADDR``), so the counters it fills in the shared cache
 never meet another test's.

@@ -1,4 +1,4 @@
-"""The dashboard as a person uses it, in headless Chromium against the running platform (DESIGN §7):
+"""The dashboard as a person uses it, in headless Chromium against the running platform:
 a developer signs up, makes a key, runs a model in the playground and finds it in the history, the
 usage and the bill; the same pages at a phone's width; an operator opens the run-rate page.
 """

@@ -1,4 +1,4 @@
-"""The job lifecycle end to end (DESIGN §3 and §5): fairness, idempotency, webhooks, the status
+"""The job lifecycle end to end (docs/lifecycle.md): fairness, idempotency, webhooks, the status
 stream, cancels, a worker killed mid-job, a broker outage and the sync API's fallback.
 
 Plain httpx against the HTTPS server, real Celery workers, and the database (which the test

@@ -3,7 +3,7 @@
 The stack as production runs it: one Redis (the stack's private redis-server) is the cache and the
 broker of the HTTPS server and both workers. Clients keep submitting while it is SIGKILLed and for a
 few seconds after; it comes back on the same port with nothing in it (no persistence), and the sweep
-dispatches what waited in QUEUED and re-sends what the broker lost (DESIGN §3, §4).
+dispatches what waited in QUEUED and re-sends what the broker lost (docs/lifecycle.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The money guarantee on real processes (DESIGN §4), with a worker killed in the middle.
+"""The money guarantee on real processes (docs/money.md), with a worker killed in the middle.
 
 One organization with a few cents of credit sends more work than it can pay for, while the estimate admission
 holds is far too low (as when a default held a fraction of what jobs cost). Holds must grow before each step and
