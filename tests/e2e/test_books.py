@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import ssl
-import time
 from typing import Any
 
 import fal_client
@@ -32,18 +31,15 @@ from billing.rates import ensure_opening_prices
 from billing.reconciliation import run_reconciliation
 from tests.e2e.conftest import Stack
 from tests.stripe_support import PUBLISHABLE_KEY, SECRET_KEY, WEBHOOK_PATH, WEBHOOK_SECRET
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
 BODY = {"prompt": "books", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 2}
 
 
-def wait_until(condition: Any, timeout: float, what: str, stack: Stack) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}\n--- housekeeping ---\n{stack.log_tail('housekeeping', 40)}")
-        time.sleep(0.1)
+def housekeeping_log(stack: Stack) -> str:
+    return f"--- housekeeping ---\n{stack.log_tail('housekeeping', 40)}"
 
 
 def test_reconciliation_finds_no_drift_after_real_work(stack: Stack, e2e_tenant: dict[str, Any], settings: Any) -> None:
@@ -65,9 +61,8 @@ def test_reconciliation_finds_no_drift_after_real_work(stack: Stack, e2e_tenant:
         lambda: Payment.objects.filter(
             organization=organization, kind=PaymentKind.AUTO_TOP_UP, status=PaymentStatus.SUCCEEDED
         ).exists(),
-        60,
-        "the auto top-up never succeeded",
-        stack,
+        timeout=60,
+        message=lambda: f"the auto top-up to succeed\n{housekeeping_log(stack)}",
     )
     bought = charges.buy_credits(organization=organization, amount_cents=700)
     assert bought.payment.status == PaymentStatus.SUCCEEDED
@@ -90,9 +85,8 @@ def test_reconciliation_finds_no_drift_after_real_work(stack: Stack, e2e_tenant:
     done = (StripeEventStatus.PROCESSED, StripeEventStatus.IGNORED)
     wait_until(
         lambda: StripeEvent.objects.filter(pk__in=[e["id"] for e in events], status__in=done).count() == len(events),
-        60,
-        "the housekeeping worker did not process the webhooks",
-        stack,
+        timeout=60,
+        message=lambda: f"the housekeeping worker to process the webhooks\n{housekeeping_log(stack)}",
     )
 
     # Each payment credited exactly once; usage debited once per billable attempt; the cache is the sum.
