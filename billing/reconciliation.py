@@ -425,7 +425,7 @@ def check_ledger_chain(scope: Scope = FULL) -> Check:
         "balance_after_micros",
         "previous_balance_after_micros",
     )
-    # Usage is debited within the job's hold and never below zero (DESIGN §4): only a refunded or disputed payment
+    # Usage is debited within the job's hold and never below zero (docs/money.md): only a refunded or disputed payment
     # may take a balance negative.
     check.found_in(
         "usage_took_the_balance_below_zero",
