@@ -27,6 +27,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import close_old_connections, connection
 
+from accounts.errors import AppError
 from inference import files, services
 from inference.engine import (
     BatchMeter,
@@ -85,12 +86,13 @@ def weights_source(endpoint: Endpoint) -> str:
     return str(path if path.is_absolute() else Path(settings.MODELS_DIR) / path)
 
 
-class InputProblem(Exception):
+class InputProblem(AppError):
     """The request's own input made the job fail (for example an image URL that cannot be read)."""
 
+    status_code = 422
+
     def __init__(self, message: str, error_type: str) -> None:
-        super().__init__(message)
-        self.error_type = error_type
+        super().__init__(message, error_type=error_type)
 
 
 @dataclass(eq=False)
