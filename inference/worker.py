@@ -5,7 +5,7 @@ optimization profile says how many images and how long to wait for them). Each j
 keeps everything it has alone: its own claim, lease, heartbeat, cancel and final transaction.
 
 GPU time is measured here with a monotonic clock, in milliseconds, from the moment the pipeline
-starts to the moment the outputs are stored (DESIGN §3); in a batch each job gets its share
+starts to the moment the outputs are stored (docs/lifecycle.md); in a batch each job gets its share
 (`inference.engine.metering`), and the shares add up to exactly the batch's time. Loading a model
 (and compiling it) is cold-start time, recorded apart and never billed.
 """
@@ -158,7 +158,7 @@ class Heartbeat(threading.Thread):
         return member.cancelled.is_set() or not self.covers_next_step(member)
 
     def covers_next_step(self, member: Member) -> bool:
-        """Is the job's next step paid for? Work is reserved before it is done (DESIGN §4).
+        """Is the job's next step paid for? Work is reserved before it is done (docs/money.md).
 
         The next step is projected from the job's own time per step so far (its share, in a batch); the last step
         also carries decoding and storing, which cannot be stopped once the last step is done. When the hold falls
