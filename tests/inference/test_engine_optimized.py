@@ -293,6 +293,7 @@ def test_regional_compilation_draws_stock_image(
     assert np.abs(pixels(image) - pixels(stock(one)[0])).max() <= 1
 
 
+@pytest.mark.slow  # torch.compile traces the model: the longest tests of the engine
 def test_full_compilation_traces_with_weights_frozen(
     stock: Callable[[GenerationRequest], list[Image.Image]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -576,6 +577,7 @@ def test_largest_remainder_is_exact_and_fair(exact: list[float], total: int) -> 
 # --- The GPU benchmark's models, at toy size -----------------------------------------------------------------
 
 
+@pytest.mark.slow  # torch.compile traces the model: the longest tests of the engine
 def test_regional_compilation_of_sd15_survives_every_batch_shape(monkeypatch: pytest.MonkeyPatch) -> None:
     # SD 1.5 repeats its transformer block 16 times over three channel widths. Frozen, every instance was a graph
     # of its own and the ninth failed (Dynamo's recompile limit of 8 under fullgraph); unfrozen, each width still

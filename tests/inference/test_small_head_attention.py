@@ -150,6 +150,7 @@ def test_what_the_kernel_cannot_take_is_refused_clearly(change: dict, problem: s
         small_head_attention(query, key, value, change.get("bias"), 0.5)
 
 
+@pytest.mark.slow  # torch.compile traces the model: the longest tests of the engine
 def test_the_operator_is_registered_for_torch_compile() -> None:
     query, key, value = projections(2, 48, 77, 4, 8, self_attention=False)
     bias = torch.zeros(2, 77)
