@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 
-.PHONY: run test lint typecheck pytest pytest-sqlite browser bench-api bench-queue bench-engine bench-billing race soak mutation install clean
+.PHONY: run test test-quick lint typecheck pytest pytest-sqlite browser bench-api bench-queue bench-engine bench-billing race soak mutation install clean
 
 ## Set up and run the platform on the embedded default (SQLite, a private Redis it starts): http://127.0.0.1:$(PORT)
 run: install
@@ -12,6 +12,10 @@ run: install
 
 ## Set up and run lint, type checks and the whole test suite
 test: install lint typecheck pytest
+
+## The inner loop: pytest without lint, slow (real processes), browser and end-to-end tests
+test-quick: install
+	$(BIN)/python -m pytest -m "not slow and not browser" --ignore=tests/e2e --ignore=tests/browser
 
 install: $(BIN)/.installed
 
@@ -31,6 +35,7 @@ browser:
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: install
 	PLATFORM_EMBEDDED=1 PLATFORM_DATA_DIR=$(CURDIR)/var $(BIN)/mypy

@@ -5,7 +5,8 @@ Ledgers are history: usage records, rollups, credit entries and holds are never 
 Money moves only through ``billing.ledger`` (grants, adjustments, refunds), each audited by the service. A price
 in force is never edited: a new version (a new row) is how a price changes, and adding or editing a price that
 is not yet in force is audited here (``PRICE_CHANGED``). An account's balance and holds are read-only; its
-monthly budget is set through ``billing.controls``, which audits it.
+monthly budget is set on a form view through ``billing.controls``, which audits it. An organization's page shows its
+credit through the section billing adds to it (``add_organization_section``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
-from accounts.admin import OrganizationAdmin, request_actor
+from accounts.admin import OrganizationSection, add_organization_section
+from accounts.admin_base import OperableAdmin, Tool, form_data, request_actor
 from accounts.models import AuditAction, Organization
 from accounts.services import record_audit
 from billing.controls import set_monthly_budget
@@ -48,18 +50,16 @@ from billing.models import (
 )
 from billing.money import dollars_to_micros, format_micros
 from billing.reconciliation import run_reconciliation
-from inference.admin import OperableAdmin, as_uuid, pretty_json
+from inference.admin import as_uuid, pretty_json
 from inference.models import Job
 
 if TYPE_CHECKING:
     _PriceAdminBase = admin.ModelAdmin[Price]
     _PriceFormBase = forms.ModelForm[Price]
-    _AccountAdminBase = admin.ModelAdmin[Account]
     _AccountFormBase = forms.ModelForm[Account]
-    _HistoryAdminBase = admin.ModelAdmin[Any]
 else:
     # The stubs make these generic; Django's classes take no type arguments at runtime.
-    _PriceAdminBase = _AccountAdminBase = _HistoryAdminBase = admin.ModelAdmin
+    _PriceAdminBase = admin.ModelAdmin
     _PriceFormBase = _AccountFormBase = forms.ModelForm
 
 # How far in the past a new price's start may be (the form's default is the moment it was opened); it then
@@ -71,9 +71,9 @@ def _money(micros: int | None) -> str:
     return "-" if micros is None else format_micros(micros)
 
 
-class _HistoryAdmin(OperableAdmin, _HistoryAdminBase):
+class _HistoryAdmin(OperableAdmin):
     """Rows that only the platform writes: listed and viewed, never added, edited or deleted here; operators act
-    on them only through actions (``OperableAdmin``)."""
+    on them only through actions."""
 
     show_full_result_count = False  # these tables only grow: no second COUNT(*) over them per page
 
@@ -169,7 +169,7 @@ class PriceAdmin(_PriceAdminBase):
 # --- Accounts -----------------------------------------------------------------------------------------------
 
 
-class AccountForm(_AccountFormBase):
+class BudgetForm(_AccountFormBase):
     class Meta:
         model = Account
         fields = ("monthly_budget_micros",)
@@ -208,8 +208,10 @@ class GrantCreditsForm(forms.Form):
 
 
 @admin.register(Account)
-class AccountAdmin(_AccountAdminBase):
-    form = AccountForm
+class AccountAdmin(OperableAdmin):
+    """Balances and holds are the ledgers' (read-only); the budget is set on a form view, credit granted from the
+    list's action."""
+
     list_display = ("organization", "balance", "held", "available", "budget", "auto_top_up_enabled", "updated_at")
     list_filter = ("auto_top_up_enabled",)
     search_fields = ("organization__name", "organization__slug", "stripe_customer_id")
@@ -232,12 +234,15 @@ class AccountAdmin(_AccountAdminBase):
             },
         ),
     )
-    readonly_fields = (
-        "organization", "balance", "held", "available", "ledger", "currency", "stripe_customer_id",
-        "default_payment_method_id", "auto_top_up_enabled", "auto_top_up_threshold_micros",
-        "auto_top_up_amount_cents", "updated_at",
-    )  # fmt: skip
     actions = ("grant_credits_action",)
+
+    def get_urls(self) -> list[URLPattern]:
+        return [self.form_view_path("<path:object_id>/budget/", self.budget_view, "budget"), *super().get_urls()]
+
+    def get_object_tools(self, request: HttpRequest, obj: Account) -> list[Tool]:
+        if not self.has_operate_permission(request):
+            return []
+        return [Tool("Set the monthly budget", self.form_view_url("budget", obj.pk))]
 
     @admin.display(description="balance", ordering="balance_micros")
     def balance(self, account: Account) -> str:
@@ -260,24 +265,36 @@ class AccountAdmin(_AccountAdminBase):
         url = reverse("admin:billing_creditentry_changelist") + f"?organization__id__exact={account.pk}"
         return format_html('<a href="{}">Entries of this organization</a>', url)
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False  # every organization gets its account when it is made
-
-    def has_delete_permission(self, request: HttpRequest, obj: Account | None = None) -> bool:
-        return False
-
-    def has_operate_permission(self, request: HttpRequest) -> bool:
-        return request.user.has_perm("billing.change_account")
-
-    def save_model(self, request: HttpRequest, obj: Account, form: Any, change: bool) -> None:
-        # Only the budget, through its service: a full save would write back the balance as it was when the
-        # page was opened, over every movement since.
-        if "monthly_budget_micros" in form.changed_data:
-            set_monthly_budget(
-                organization=obj.organization,
-                budget_micros=form.cleaned_data["monthly_budget_micros"],
-                actor=request_actor(request),
-            )
+    def budget_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        account: Account = self.object_to_operate(request, object_id)
+        form = BudgetForm(form_data(request), instance=account)
+        if form.is_valid() and not form.has_changed():
+            return self.change_page(account)  # nothing to set, nothing to audit
+        if form.is_valid():
+            budget_micros = form.cleaned_data["monthly_budget_micros"]
+            try:
+                # Only the budget, through its service, which writes that column alone under the account's lock.
+                set_monthly_budget(
+                    organization=account.organization, budget_micros=budget_micros, actor=request_actor(request)
+                )
+            except BillingError as refused:
+                form.add_error("monthly_budget_micros", str(refused))
+            else:
+                self.log_form_change(request, account, form)
+                self.message_user(
+                    request,
+                    f"The monthly budget of {account.organization} is {_money(budget_micros)}.",
+                    messages.SUCCESS,
+                )
+                return self.change_page(account)
+        return self.render_form_view(
+            request,
+            title="Set the monthly budget",
+            form=form,
+            obj=account,
+            intro=f"Available credit {format_micros(account.available_micros)}. Requests are refused once the calendar "
+            "month's spend (UTC) reaches the budget; empty for no budget.",
+        )
 
     @admin.action(description="Grant or adjust credits…", permissions=["operate"])
     def grant_credits_action(self, request: HttpRequest, queryset: QuerySet[Account]) -> HttpResponse | None:
@@ -590,42 +607,29 @@ class ReconciliationRunAdmin(_HistoryAdmin):
 # --- Organizations, with their money ----------------------------------------------------------------------
 
 
-admin.site.unregister(Organization)
+@admin.display(description="credit")
+def _credit_summary(organization: Organization) -> SafeString:
+    account = getattr(organization, "billing_account", None)
+    if account is None:
+        return format_html("{}", "No billing account yet.")
+    return format_html(
+        'Balance {}, held {}, available {}; monthly budget {}. <a href="{}">Budget, grants and the ledger →</a>',
+        _money(account.balance_micros),
+        _money(account.held_micros),
+        _money(account.available_micros),
+        _money(account.monthly_budget_micros),
+        reverse("admin:billing_account_change", args=[account.pk]),
+    )
 
 
-@admin.register(Organization)
-class OrganizationWithBillingAdmin(OrganizationAdmin):
-    def get_list_display(self, request: HttpRequest) -> Any:
-        columns = list(super().get_list_display(request))
-        return [*columns[:4], "available_credit", *columns[4:]]
+@admin.display(description="available credit")
+def _available_credit(organization: Organization) -> str:
+    account = getattr(organization, "billing_account", None)
+    return _money(account.available_micros) if account is not None else "—"
 
-    def get_fieldsets(self, request: HttpRequest, obj: Organization | None = None) -> Any:
-        fieldsets = list(super().get_fieldsets(request, obj))
-        if obj is None:
-            return fieldsets
-        return [*fieldsets, ("Billing", {"fields": ("billing_summary",)})]
 
-    def get_readonly_fields(self, request: HttpRequest, obj: Organization | None = None) -> Any:
-        return [*super().get_readonly_fields(request, obj), "billing_summary"]
-
-    @admin.display(description="credit")
-    def billing_summary(self, organization: Organization) -> SafeString:
-        account = getattr(organization, "billing_account", None)
-        if account is None:
-            return format_html("{}", "No billing account yet.")
-        return format_html(
-            'Balance {}, held {}, available {}; monthly budget {}. <a href="{}">Budget, grants and the ledger →</a>',
-            _money(account.balance_micros),
-            _money(account.held_micros),
-            _money(account.available_micros),
-            _money(account.monthly_budget_micros),
-            reverse("admin:billing_account_change", args=[account.pk]),
-        )
-
-    def get_queryset(self, request: HttpRequest) -> QuerySet[Organization]:
-        return super().get_queryset(request).select_related("billing_account")
-
-    @admin.display(description="available credit")
-    def available_credit(self, organization: Organization) -> str:
-        account = getattr(organization, "billing_account", None)
-        return _money(account.available_micros) if account is not None else "—"
+add_organization_section(
+    OrganizationSection(
+        title="Billing", fields=(_credit_summary,), columns=(_available_credit,), related=("billing_account",)
+    )
+)

@@ -17,10 +17,10 @@ from django.utils import timezone
 
 from accounts.locking import retrying_atomic
 from billing import holds, pricing
-from billing.ledger import locked_account
+from billing.locks import locked_account
 from billing.models import Account, Granularity, Hold, KeySpendLimit, PriceUnit, UsageRecord, UsageRollup
 from billing.money import format_micros, gpu_cost_micros, gpu_ms_within
-from inference.hooks import Refusal, Reservation
+from inference.hooks import ListedPrice, Refusal, Reservation, Usage
 from inference.models import Endpoint, Job
 
 INSUFFICIENT = "insufficient_credits"
@@ -192,7 +192,7 @@ def ended_unstarted(job: Job) -> None:
     holds.release(account=locked_account(job.organization_id), job_id=job.pk)
 
 
-def job_usage(job: Job) -> dict[str, Any] | None:
+def job_usage(job: Job) -> Usage | None:
     """Inference's ``usage`` hook: the ``usage`` object of a finished request's status and result."""
     if not job.is_final:
         return None
@@ -213,6 +213,6 @@ def job_usage(job: Job) -> dict[str, Any] | None:
     }
 
 
-def endpoint_price(endpoint: Endpoint) -> dict[str, Any] | None:
+def endpoint_price(endpoint: Endpoint) -> ListedPrice | None:
     """Inference's ``price`` hook: the price in force now, as /v1/models shows it."""
     return pricing.price_for(endpoint, timezone.now()).as_json()

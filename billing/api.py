@@ -11,8 +11,8 @@ from django.http import HttpResponse
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
-from rest_framework import serializers, status
-from rest_framework.exceptions import APIException, NotFound
+from rest_framework import serializers
+from rest_framework.exceptions import NotFound
 from rest_framework.generics import ListAPIView
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
@@ -27,17 +27,12 @@ from accounts.schema import ApiAutoSchema, error
 from accounts.serializers import BoundedDateField, StrictBooleanField, StrictIntegerField
 from billing import controls, selectors
 from billing.admission import spent_this_month
-from billing.ledger import BillingError, account_of
+from billing.ledger import account_of
 from billing.models import CreditEntry, KeySpendLimit
 from inference.models import Endpoint
 
 # The most money one setting may name: a billion dollars, far inside a 64-bit column.
 MAX_MICROS = 10**15
-
-
-class BillingConflict(APIException):
-    status_code = status.HTTP_409_CONFLICT
-    default_code = "billing_conflict"
 
 
 CONFLICT = error("Not allowed by the rules of money now (`billing_conflict`), e.g. auto top-up with no saved card.")
@@ -218,12 +213,9 @@ class TopUpView(MoneyView):
     def put(self, request: Request) -> Response:
         body = TopUpSettings(data=request.data)
         body.is_valid(raise_exception=True)
-        try:
-            account = controls.set_auto_top_up(
-                organization=request_organization(request), actor=request_actor(request), **body.validated_data
-            )
-        except BillingError as exc:
-            raise BillingConflict(str(exc)) from None
+        account = controls.set_auto_top_up(
+            organization=request_organization(request), actor=request_actor(request), **body.validated_data
+        )
         return Response(top_up_payload(account))
 
 

@@ -8,7 +8,8 @@ from django.utils import timezone
 from accounts.models import ApiKey, AuditAction, Organization
 from accounts.services import SYSTEM, Actor, record_audit
 from billing import topups
-from billing.ledger import BillingError, locked_account
+from billing.ledger import BillingError
+from billing.locks import locked_account
 from billing.models import Account, KeySpendLimit
 
 MIN_TOP_UP_CENTS = 500

@@ -1,8 +1,7 @@
 """The prepaid credit ledger: append entries, keep the cached balance true, grant and refund.
 
-Every function that moves credit locks the organization's ``Account`` row first, so the cached
-balance and holds change in a fixed order with the rows they summarise (one lock per organization; where the
-account comes in the platform's lock order: ``accounts.locking``).
+Every function that moves credit locks the organization's ``Account`` row first (``billing.locks``), so the
+cached balance and holds change in a fixed order with the rows they summarise.
 """
 
 from __future__ import annotations
@@ -10,31 +9,22 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from django.db import IntegrityError, transaction
+from django.db import transaction
 from django.utils import timezone
 
-from accounts.locking import locked
+from accounts.errors import AppError
 from accounts.models import AuditAction, Organization
 from accounts.services import SYSTEM, Actor, record_audit
+from billing.locks import locked_account
 from billing.models import Account, CreditEntry, EntryKind, Payment, UsageRecord
 from inference.models import Job
 
 
-class BillingError(Exception):
-    """A request the rules of money do not allow (answered as 400/409 with this message)."""
+class BillingError(AppError):
+    """A request the rules of money do not allow now (auto top-up with no saved card, a refund made twice)."""
 
-
-def locked_account(organization_id: uuid.UUID) -> Account:
-    """The organization's account, locked for this transaction (created on first use); only its own row."""
-    account = locked(Account.objects.filter(pk=organization_id)).first()
-    if account is None:
-        try:
-            with transaction.atomic():
-                Account.objects.create(organization_id=organization_id)
-        except IntegrityError:
-            pass  # created by a concurrent transaction: lock that one
-        account = locked(Account.objects.filter(pk=organization_id)).get()
-    return account
+    status_code = 409
+    error_type = "billing_conflict"
 
 
 def account_of(organization: Organization) -> Account:

@@ -13,7 +13,8 @@ from typing import Any
 from django.db import connection
 
 from billing import holds, pricing
-from billing.ledger import locked_account, post_entry
+from billing.ledger import post_entry
+from billing.locks import locked_account
 from billing.models import NO_KEY, EntryKind, Granularity, Hold, UsageRecord, UsageRollup
 from billing.money import cost_within
 from inference.models import Job, JobAttempt

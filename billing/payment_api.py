@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, NoReturn
+from typing import Any
 
 import stripe
 from django.conf import settings
@@ -21,12 +21,13 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from accounts.api import request_actor
+from accounts.errors import InvalidInput, problem
 from accounts.parsers import StrictCursorPagination, query_params
 from accounts.permissions import request_organization
 from accounts.schema import error
 from accounts.serializers import StrictBooleanField, StrictCharField, StrictIntegerField
-from billing import payments, statements, stripe_events
-from billing.api import BillingConflict, BillingView, MoneyView
+from billing import cards, charges, statements, stripe_events
+from billing.api import BillingView, MoneyView
 from billing.ledger import BillingError, account_of
 from billing.models import Payment
 from billing.stripe_client import payments_enabled
@@ -63,15 +64,6 @@ PAYMENT_ERRORS = {
 }
 
 
-def _answer(exc: BillingError) -> NoReturn:
-    """A refused payment as the API's error: 402 card_declined, 404, 503, or 409 for the rules of money."""
-    if isinstance(exc, payments.PaymentError):
-        error = APIException(detail=str(exc), code=exc.error_type)
-        error.status_code = exc.status
-        raise error from None
-    raise BillingConflict(str(exc)) from None
-
-
 class StripeMoneyView(MoneyView):
     """A money view backed by Stripe: refused with 503 while payments are not configured."""
 
@@ -95,10 +87,7 @@ class PaymentMethodsView(StripeMoneyView):
     )
     def get(self, request: Request) -> Response:
         organization = request_organization(request)
-        try:
-            methods = payments.list_payment_methods(organization)
-        except BillingError as exc:
-            _answer(exc)
+        methods = cards.list_payment_methods(organization)
         return Response(
             {
                 "data": methods,
@@ -115,15 +104,12 @@ class PaymentMethodsView(StripeMoneyView):
     def post(self, request: Request) -> Response:
         body = AttachPaymentMethod(data=request.data)
         body.is_valid(raise_exception=True)
-        try:
-            method = payments.attach_payment_method(
-                organization=request_organization(request),
-                payment_method_id=body.validated_data["payment_method"],
-                make_default=body.validated_data["set_default"],
-                actor=request_actor(request),
-            )
-        except BillingError as exc:
-            _answer(exc)
+        method = cards.attach_payment_method(
+            organization=request_organization(request),
+            payment_method_id=body.validated_data["payment_method"],
+            make_default=body.validated_data["set_default"],
+            actor=request_actor(request),
+        )
         return Response(method, status=status.HTTP_201_CREATED)
 
 
@@ -133,14 +119,11 @@ class PaymentMethodView(StripeMoneyView):
         summary="Remove a saved card (admin scope); removing the default turns auto top-up off",
     )
     def delete(self, request: Request, payment_method_id: str) -> Response:
-        try:
-            payments.detach_payment_method(
-                organization=request_organization(request),
-                payment_method_id=payment_method_id,
-                actor=request_actor(request),
-            )
-        except BillingError as exc:
-            _answer(exc)
+        cards.detach_payment_method(
+            organization=request_organization(request),
+            payment_method_id=payment_method_id,
+            actor=request_actor(request),
+        )
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -151,14 +134,11 @@ class DefaultPaymentMethodView(StripeMoneyView):
         summary="Make a saved card the default (admin scope): auto top-ups charge it",
     )
     def post(self, request: Request, payment_method_id: str) -> Response:
-        try:
-            method = payments.set_default_payment_method(
-                organization=request_organization(request),
-                payment_method_id=payment_method_id,
-                actor=request_actor(request),
-            )
-        except BillingError as exc:
-            _answer(exc)
+        method = cards.set_default_payment_method(
+            organization=request_organization(request),
+            payment_method_id=payment_method_id,
+            actor=request_actor(request),
+        )
         return Response(method)
 
 
@@ -229,31 +209,27 @@ class PurchasesView(ListAPIView[Payment], StripeMoneyView):
         params = body.validated_data
         idempotency_key = request.headers.get("Idempotency-Key") or None
         if idempotency_key and len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
-            return _header_error(f"At most {MAX_IDEMPOTENCY_KEY} characters.", "string_too_long", "validation_error")
+            message = f"At most {MAX_IDEMPOTENCY_KEY} characters."
+            raise InvalidInput([problem(["header", "Idempotency-Key"], message, "string_too_long")])
         organization, actor = request_organization(request), request_actor(request)
-        try:
-            if params["mode"] == "checkout":
-                started = payments.start_checkout(
-                    organization=organization,
-                    amount_cents=params["amount_cents"],
-                    success_url=params["success_url"],
-                    cancel_url=params["cancel_url"],
-                    actor=actor,
-                    idempotency_key=idempotency_key,
-                )
-                answer = {**PaymentSerializer(started.payment).data, "checkout_url": started.url}
-                return _created(answer, replayed=started.replayed)
-            charged = payments.buy_credits(
+        if params["mode"] == "checkout":
+            started = charges.start_checkout(
                 organization=organization,
                 amount_cents=params["amount_cents"],
-                payment_method_id=params.get("payment_method"),
+                success_url=params["success_url"],
+                cancel_url=params["cancel_url"],
                 actor=actor,
                 idempotency_key=idempotency_key,
             )
-        except payments.IdempotencyKeyReused as exc:
-            return _header_error(str(exc), "idempotency_key_reused", "idempotency_key_reused")
-        except BillingError as exc:
-            _answer(exc)
+            answer = {**PaymentSerializer(started.payment).data, "checkout_url": started.url}
+            return _created(answer, replayed=started.replayed)
+        charged = charges.buy_credits(
+            organization=organization,
+            amount_cents=params["amount_cents"],
+            payment_method_id=params.get("payment_method"),
+            actor=actor,
+            idempotency_key=idempotency_key,
+        )
         answer = {**PaymentSerializer(charged.payment).data, "client_secret": charged.client_secret}
         return _created(answer, replayed=charged.replayed)
 
@@ -261,12 +237,6 @@ class PurchasesView(ListAPIView[Payment], StripeMoneyView):
 def _created(answer: dict[str, Any], *, replayed: bool) -> Response:
     """201 for a purchase, the first answer or a retry's (which says so, as the queue API does)."""
     return Response(answer, status=201, headers={"Idempotent-Replayed": "true"} if replayed else None)
-
-
-def _header_error(message: str, problem: str, error_type: str) -> Response:
-    """A 422 about the Idempotency-Key header, its ``detail`` located there as every 422's is."""
-    detail = [{"loc": ["header", "Idempotency-Key"], "msg": message, "type": problem}]
-    return Response({"detail": detail, "error_type": error_type}, status=422)
 
 
 class StatementQuery(serializers.Serializer[Any]):

@@ -13,6 +13,7 @@ from django.utils import timezone
 
 from billing.models import Granularity, Price, PriceUnit, UsageRollup
 from billing.money import cost_micros
+from inference.hooks import ListedPrice
 from inference.models import Endpoint
 
 # A class missing from BILLING_UNMEASURED_MS_PER_WORK_UNIT: as slow as the slowest class there.
@@ -28,7 +29,7 @@ class Quote:
     unit: str
     unit_price_micros: int
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self) -> ListedPrice:
         return {
             "unit": self.unit,
             "unit_price_micros": self.unit_price_micros,

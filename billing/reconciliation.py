@@ -65,6 +65,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import stripe
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import (
@@ -97,7 +98,9 @@ from billing.models import (
     UsageRecord,
     UsageRollup,
 )
-from billing.money import MICROS_PER_CENT
+from billing.money import MICROS_PER_CENT, cents_to_micros
+from billing.stripe_client import field as stripe_field
+from billing.stripe_client import object_id, stripe_client
 from inference.models import BILLABLE_OUTCOMES, FINAL_STATUSES, AttemptOutcome, Job, JobAttempt, JobStatus
 
 logger = logging.getLogger(__name__)
@@ -422,7 +425,7 @@ def check_ledger_chain(scope: Scope = FULL) -> Check:
         "balance_after_micros",
         "previous_balance_after_micros",
     )
-    # Usage is debited within the job's hold and never below zero (DESIGN §4): only a refunded or disputed payment
+    # Usage is debited within the job's hold and never below zero (docs/money.md): only a refunded or disputed payment
     # may take a balance negative.
     check.found_in(
         "usage_took_the_balance_below_zero",
@@ -673,7 +676,7 @@ def check_payments(scope: Scope = FULL) -> Check:
 
 
 def check_stripe(scope: Scope = FULL) -> Check:
-    """Our payments against Stripe's (``billing.payments.compare_with_stripe``); skipped without a Stripe key.
+    """Our payments against Stripe's (``compare_with_stripe``); skipped without a Stripe key.
 
     Either scope compares the last ``BILLING_STRIPE_RECONCILE_DAYS`` of payments: Stripe's side is a listing over the
     network, and what changes on it (refunds, disputes) changes payments of those weeks.
@@ -682,8 +685,6 @@ def check_stripe(scope: Scope = FULL) -> Check:
     if not settings.STRIPE_SECRET_KEY:
         check.skipped = "STRIPE_SECRET_KEY is not set: payments were not compared with Stripe"
         return check
-    from billing.payments import compare_with_stripe
-
     counts, drifts = compare_with_stripe()
     check.checked = sum(counts.values())
     check.figures["counts"] = dict(counts)
@@ -693,6 +694,115 @@ def check_stripe(scope: Scope = FULL) -> Check:
     for kind, found in sorted(kinds.items()):
         check.found(kind, len(found), found)
     return check
+
+
+def compare_with_stripe(*, since: datetime | None = None) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """Counts checked and every drift between our succeeded payments and Stripe's succeeded PaymentIntents.
+
+    Ours → Stripe: each succeeded payment created since ``since`` has a succeeded PaymentIntent of
+    the same amount, currency and customer, its credit entry posted once with the right micros, and
+    refund entries that add up to what Stripe refunded. Stripe → ours: every succeeded PaymentIntent
+    of our customers created since ``since`` is a succeeded payment of ours.
+    """
+    since = since or timezone.now() - timedelta(days=settings.BILLING_STRIPE_RECONCILE_DAYS)
+    client = stripe_client()
+    customers = set(Account.objects.exclude(stripe_customer_id="").values_list("stripe_customer_id", flat=True))
+    listing = client.v1.payment_intents.list(
+        params={"created": {"gte": int(since.timestamp())}, "limit": 100, "expand": ["data.latest_charge"]}
+    )
+    intents = {
+        intent.id: intent
+        for intent in listing.auto_paging_iter()
+        if (object_id(stripe_field(intent, "customer")) or "") in customers
+    }
+    checked = {"payments": 0, "stripe_payment_intents": 0, "refunds": 0}
+    drift: list[dict[str, Any]] = []
+
+    def report(check: str, payment: Payment | None, intent_id: str | None, detail: str) -> None:
+        drift.append(
+            {
+                "check": check,
+                "payment_id": payment.pk if payment else None,
+                "organization_id": str(payment.organization_id) if payment else None,
+                "payment_intent": intent_id,
+                "detail": detail,
+            }
+        )
+
+    ours = Payment.objects.filter(status=PaymentStatus.SUCCEEDED, created_at__gte=since).select_related(
+        "organization__billing_account"
+    )
+    for payment in ours.order_by("pk"):
+        checked["payments"] += 1
+        checked["refunds"] += _compare_payment(client, payment, intents, report)
+
+    succeeded = {intent_id for intent_id, intent in intents.items() if intent.status == "succeeded"}
+    known = {
+        payment.stripe_payment_intent_id: payment
+        for payment in Payment.objects.filter(stripe_payment_intent_id__in=succeeded)
+    }
+    for intent_id in sorted(succeeded):
+        checked["stripe_payment_intents"] += 1
+        recorded = known.get(intent_id)
+        if recorded is None:
+            report("stripe_payment_missing", None, intent_id, "Stripe has this succeeded payment; our ledger does not.")
+        elif recorded.status != PaymentStatus.SUCCEEDED:
+            report("stripe_payment_missing", recorded, intent_id, f"Stripe says succeeded; we say {recorded.status}.")
+    return checked, drift
+
+
+def _compare_payment(client: stripe.StripeClient, payment: Payment, intents: dict[str, Any], report: Any) -> int:
+    """Reports the drifts of one payment; answers 1 if its refunds could be compared, else 0."""
+    intent_id = payment.stripe_payment_intent_id
+    if not intent_id:
+        report("payment_without_intent", payment, None, "A succeeded payment with no PaymentIntent.")
+        return 0
+    intent = intents.get(intent_id)
+    if intent is None:
+        try:
+            intent = client.v1.payment_intents.retrieve(intent_id, params={"expand": ["latest_charge"]})
+        except stripe.InvalidRequestError:
+            report("intent_missing", payment, intent_id, "Stripe has no such PaymentIntent.")
+            return 0
+    customer = payment.organization.billing_account.stripe_customer_id
+    received = int(stripe_field(intent, "amount_received") or 0)
+    if intent.status != "succeeded":
+        report("intent_not_succeeded", payment, intent_id, f"Stripe says {intent.status}.")
+    if received != payment.amount_cents or intent.currency != payment.currency:
+        report(
+            "amount",
+            payment,
+            intent_id,
+            f"Stripe received {received} {intent.currency}; we say {payment.amount_cents} {payment.currency}.",
+        )
+    if object_id(stripe_field(intent, "customer")) != customer:
+        report(
+            "customer",
+            payment,
+            intent_id,
+            f"Stripe's customer {object_id(stripe_field(intent, 'customer'))}, ours {customer}.",
+        )
+    posted = list(CreditEntry.objects.filter(payment=payment, kind__in=CREDITED_KINDS))
+    expected = cents_to_micros(payment.amount_cents)
+    if len(posted) != 1 or posted[0].idempotency_key != payment.idempotency_key:
+        report("credit_count", payment, intent_id, f"{len(posted)} credit entries for the payment; expected one.")
+    elif posted[0].amount_micros != expected:
+        report("credit_amount", payment, intent_id, f"Credited {posted[0].amount_micros} µ$; paid {expected} µ$.")
+    charge = stripe_field(intent, "latest_charge")
+    if charge is None or isinstance(charge, str):
+        return 0
+    refunded_cents = int(stripe_field(charge, "amount_refunded") or 0)
+    entries = CreditEntry.objects.filter(payment=payment, kind=EntryKind.REFUND).aggregate(total=Sum("amount_micros"))
+    refunded_micros = -(entries["total"] or 0)
+    if refunded_micros != cents_to_micros(refunded_cents) or payment.amount_refunded_cents != refunded_cents:
+        report(
+            "refunds",
+            payment,
+            intent_id,
+            f"Stripe refunded {refunded_cents}¢; our entries {refunded_micros} µ$, "
+            f"our payment {payment.amount_refunded_cents}¢.",
+        )
+    return 1
 
 
 DATABASE_CHECKS: tuple[Callable[[Scope], Check], ...] = (

@@ -8,7 +8,8 @@ from django.conf import settings
 from django.db import transaction
 
 from accounts.models import Organization
-from billing.ledger import locked_account, post_entry
+from billing.ledger import post_entry
+from billing.locks import locked_account
 from billing.models import EntryKind
 
 

@@ -2,7 +2,7 @@
 
 Receiving verifies the signature with the SDK, stores the event (its id is the primary key, so a
 redelivery is answered 200 and not processed again) and queues its processing on commit.
-Processing re-fetches the object from Stripe and applies its *current* state (``payments.apply_*``)
+Processing re-fetches the object from Stripe and applies its *current* state (``stripe_state.apply_*``)
 in one transaction with the event's own status, so events may arrive in any order and any number
 of times: every effect is a ledger entry with its own idempotency key.
 """
@@ -24,10 +24,10 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from accounts.locking import locked
 from accounts.models import AuditAction
 from accounts.services import SYSTEM, Actor, record_audit
-from billing import payments, topups
+from billing import stale_payments, stripe_state, topups
+from billing.locks import locked_stripe_event
 from billing.models import Account, Payment, StripeEvent, StripeEventStatus
 from billing.stripe_client import construct_event, field, object_id, payments_enabled, stripe_client
 
@@ -43,7 +43,7 @@ Apply = Callable[[], Payment | None]
 
 def _payment_intent(intent_id: str) -> Apply:
     intent = stripe_client().v1.payment_intents.retrieve(intent_id)
-    return lambda: payments.apply_payment_intent(intent)
+    return lambda: stripe_state.apply_payment_intent(intent)
 
 
 def _checkout_session(session_id: str) -> Apply:
@@ -51,7 +51,7 @@ def _checkout_session(session_id: str) -> Apply:
     session = client.v1.checkout.sessions.retrieve(session_id)
     intent_id = object_id(field(session, "payment_intent"))
     intent = client.v1.payment_intents.retrieve(intent_id) if intent_id else None
-    return lambda: payments.apply_checkout_session(session, intent)
+    return lambda: stripe_state.apply_checkout_session(session, intent)
 
 
 def _charge(charge_id: str) -> Apply:
@@ -62,7 +62,7 @@ def _charge(charge_id: str) -> Apply:
         return lambda: None  # not a payment of ours: we charge only through PaymentIntents
     intent = client.v1.payment_intents.retrieve(intent_id)
     refunds = list(client.v1.refunds.list(params={"charge": charge.id, "limit": 100}).auto_paging_iter())
-    return lambda: payments.apply_refunds(charge=charge, intent=intent, refunds=refunds)
+    return lambda: stripe_state.apply_refunds(charge=charge, intent=intent, refunds=refunds)
 
 
 def _refund(refund_id: str) -> Apply:
@@ -81,7 +81,7 @@ def _dispute(dispute_id: str) -> Apply:
     if not intent_id:
         return lambda: None
     intent = client.v1.payment_intents.retrieve(intent_id)
-    return lambda: payments.apply_dispute(dispute=dispute, intent=intent)
+    return lambda: stripe_state.apply_dispute(dispute=dispute, intent=intent)
 
 
 # Each handled event type, and how to read the current state of its object from Stripe.
@@ -238,7 +238,7 @@ def process_event(event_id: str, *, force: bool = False) -> StripeEvent:
     try:
         apply = fetch(str(target)) if fetch is not None and target else None  # read Stripe before taking locks
         with transaction.atomic():
-            locked_event = locked(StripeEvent.objects.filter(pk=event_id)).get()
+            locked_event = locked_stripe_event(event_id)
             if locked_event.status in DONE and not force:
                 return locked_event
             payment = apply() if apply is not None else None
@@ -301,7 +301,7 @@ def sweep(*, limit: int = 200) -> dict[str, int]:
             continue
         process_event(event.id)
         counts["events"] += 1
-    counts["payments"] = payments.settle_stale_payments()
+    counts["payments"] = stale_payments.settle_stale_payments()
     low = (
         Account.objects.filter(auto_top_up_enabled=True)
         .exclude(default_payment_method_id="")

@@ -22,7 +22,7 @@ def process_stripe_event(event_id: str) -> None:
 
 @shared_task(name="billing.auto_top_up", ignore_result=True, acks_late=True, soft_time_limit=100, time_limit=120)
 def auto_top_up(organization_id: str) -> None:
-    from billing.payments import auto_top_up as top_up
+    from billing.topups import auto_top_up as top_up
 
     top_up(organization_id=uuid.UUID(organization_id))
 

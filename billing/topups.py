@@ -1,19 +1,25 @@
-"""Auto top-up: when a debit leaves the available balance below the threshold, queue a charge of the saved card.
+"""Auto top-up: when a debit leaves the available balance below the threshold, charge the saved card.
 
 ``schedule_if_low`` runs inside the transaction that moved the balance (``ledger.post_entry``), so it
-only reads the locked account and queues the task on commit; the task (``payments.auto_top_up``)
-decides under the account's lock, where at most one pending top-up per organization can exist.
+only reads the locked account and queues the task on commit; the task (``auto_top_up``) decides under
+the account's lock, where at most one pending top-up per organization can exist, and then charges.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
+from datetime import timedelta
 
 from celery import current_app
+from django.conf import settings
 from django.core.cache import cache
 from django.db import transaction
+from django.utils import timezone
 
-from billing.models import Account
+from billing.locks import locked_account
+from billing.models import Account, Payment, PaymentKind, PaymentStatus
+from billing.stripe_errors import PaymentError
 
 logger = logging.getLogger(__name__)
 
@@ -56,3 +62,36 @@ def enqueue_top_up(organization_id: str) -> bool:
         logger.warning("broker refused the auto top-up of %s: %s; the sweep will queue it", organization_id, exc)
         return False
     return True
+
+
+def auto_top_up(*, organization_id: uuid.UUID) -> Payment | None:
+    """Charges the default card off-session when the balance is below the threshold, at most one at a time.
+
+    The payment is created under the account's lock after checking that none is pending (and a unique
+    constraint backs that), and not within ``BILLING_AUTO_TOP_UP_RETRY_SECONDS`` of a declined one.
+    """
+    from billing.charges import charge  # imported here: charging imports ``controls``, which imports this module
+
+    with transaction.atomic(durable=True):
+        account = locked_account(organization_id)
+        if not needs_top_up(account):
+            return None
+        mine = Payment.objects.filter(organization_id=organization_id, kind=PaymentKind.AUTO_TOP_UP)
+        if mine.filter(status=PaymentStatus.PENDING).exists():
+            return None
+        retry_after = timezone.now() - timedelta(seconds=settings.BILLING_AUTO_TOP_UP_RETRY_SECONDS)
+        if mine.filter(status=PaymentStatus.FAILED, created_at__gte=retry_after).exists():
+            return None
+        payment = Payment.objects.create(
+            organization_id=organization_id,
+            kind=PaymentKind.AUTO_TOP_UP,
+            amount_cents=account.auto_top_up_amount_cents,
+            currency=account.currency,
+            stripe_customer_id=account.stripe_customer_id,
+            stripe_payment_method_id=account.default_payment_method_id,
+        )
+    try:
+        return charge(payment).payment
+    except PaymentError as exc:
+        logger.warning("auto top-up payment-%s of %s: %s", payment.pk, organization_id, exc)
+        return payment  # as the failed charge left it (refreshed)

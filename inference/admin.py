@@ -24,7 +24,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
-from accounts.admin import request_actor
+from accounts.admin_base import OperableAdmin, request_actor
 from accounts.models import AuditAction
 from accounts.services import Actor, record_audit
 from inference.engine.profile import DESCRIPTIONS as PROFILE_DESCRIPTIONS
@@ -45,17 +45,13 @@ from inference.webhooks import enqueue_delivery, new_webhook_secret
 if TYPE_CHECKING:
     _EndpointAdminBase = admin.ModelAdmin[Endpoint]
     _EndpointFormBase = forms.ModelForm[Endpoint]
-    _JobAdminBase = admin.ModelAdmin[Job]
     _AttemptOfJobInlineBase = admin.TabularInline[JobAttempt, Job]
     _LogOfJobInlineBase = admin.TabularInline[JobLog, Job]
-    _JobAttemptAdminBase = admin.ModelAdmin[JobAttempt]
-    _WebhookDeliveryAdminBase = admin.ModelAdmin[WebhookDelivery]
     _AttemptOfDeliveryInlineBase = admin.TabularInline[WebhookAttempt, WebhookDelivery]
     _TenantSettingsAdminBase = admin.ModelAdmin[TenantSettings]
 else:
     # The stubs make these generic; Django's classes take no type arguments at runtime.
-    _EndpointAdminBase = _JobAdminBase = _JobAttemptAdminBase = admin.ModelAdmin
-    _WebhookDeliveryAdminBase = _TenantSettingsAdminBase = admin.ModelAdmin
+    _EndpointAdminBase = _TenantSettingsAdminBase = admin.ModelAdmin
     _EndpointFormBase = forms.ModelForm
     _AttemptOfJobInlineBase = _LogOfJobInlineBase = _AttemptOfDeliveryInlineBase = admin.TabularInline
 
@@ -73,27 +69,6 @@ def as_uuid(term: str) -> uuid.UUID | None:
 
 def pretty_json(value: Any) -> SafeString:
     return format_html("<pre>{}</pre>", json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False))
-
-
-class OperableAdmin:
-    """Rows nobody edits by hand but operators act on through actions (``permissions=["operate"]``).
-
-    The change permission of the model grants the actions; the change page itself stays a view.
-    """
-
-    opts: Any
-
-    def has_operate_permission(self, request: HttpRequest) -> bool:
-        return request.user.has_perm(f"{self.opts.app_label}.change_{self.opts.model_name}")
-
-    def has_add_permission(self, request: HttpRequest, *args: Any) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 # --- Model registry -----------------------------------------------------------------------------------------
@@ -324,7 +299,7 @@ class LogOfJobInline(_LogOfJobInlineBase):
 
 
 @admin.register(Job)
-class JobAdmin(OperableAdmin, _JobAdminBase):
+class JobAdmin(OperableAdmin):
     class Media:
         css = {"all": ["dashboard/admin.css"]}
 
@@ -485,7 +460,7 @@ class JobAdmin(OperableAdmin, _JobAdminBase):
 
 
 @admin.register(JobAttempt)
-class JobAttemptAdmin(AttemptColumns, OperableAdmin, _JobAttemptAdminBase):
+class JobAttemptAdmin(AttemptColumns, OperableAdmin):
     list_display = (
         "job",
         "number",
@@ -533,7 +508,7 @@ class AttemptOfDeliveryInline(_AttemptOfDeliveryInlineBase):
 
 
 @admin.register(WebhookDelivery)
-class WebhookDeliveryAdmin(OperableAdmin, _WebhookDeliveryAdminBase):
+class WebhookDeliveryAdmin(OperableAdmin):
     list_display = ("job", "url", "status", "attempts", "next_attempt_at", "delivered_at", "created_at")
     list_filter = ("status",)
     search_fields = ("url",)

@@ -1,4 +1,4 @@
-"""fal's queue and sync APIs (DESIGN §5), and the platform's /v1/models and /v1/requests.
+"""fal's queue and sync APIs, and the platform's /v1/models and /v1/requests.
 
 Submit, status, result and cancel are short DRF views. The two that wait (the status stream and
 the sync run) are async views, so a waiting client holds no worker thread.
@@ -26,9 +26,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from accounts.authentication import authenticate_token
-from accounts.errors import problem
-from accounts.limits import check_rate
+from accounts.errors import InvalidInput, problem
 from accounts.models import ApiKey, Scope
 from accounts.permissions import HasScope, request_api_key
 from accounts.schema import ApiAutoSchema, error, validation_error
@@ -109,14 +107,6 @@ def lifecycle_seconds(header: str | None) -> int | None:
     return seconds
 
 
-class LocatedRefusal(SubmissionRefused):
-    """A 422 refusal of one value, with where that value came from (``detail`` a list, as every 422's)."""
-
-    def __init__(self, refused: SubmissionRefused, loc: list[str | int]) -> None:
-        super().__init__(refused.detail, refused.error_type, refused.status)
-        self.problems = [problem(loc, refused.detail, refused.error_type)]
-
-
 def submit_from_request(request: HttpRequest, api_key: ApiKey, endpoint: Endpoint, payload: Any) -> tuple[Job, bool]:
     """Shared by the queue and sync APIs: webhook, idempotency key and retention from the request."""
     if len(request.GET.getlist("fal_webhook")) > 1:
@@ -146,25 +136,15 @@ def submit_from_request(request: HttpRequest, api_key: ApiKey, endpoint: Endpoin
             retention_seconds=lifecycle_seconds(request.headers.get("X-Fal-Object-Lifecycle-Preference")),
         )
     except SubmissionRefused as exc:
-        if exc.status != 422:
+        if exc.status_code != 422:
             raise
         # The service names the rule; only the request knows where the refused value was written.
         locations: dict[str, list[str | int]] = {
             "invalid_webhook_url": webhook_loc,
             "idempotency_key_reused": ["header", "Idempotency-Key"],
         }
-        raise LocatedRefusal(exc, locations.get(exc.error_type, ["body"])) from None
-
-
-def refusal_response(exc: InputError | SubmissionRefused) -> JsonResponse:
-    if isinstance(exc, InputError):
-        return JsonResponse({"detail": exc.detail, "error_type": "validation_error"}, status=exc.status)
-    if isinstance(exc, LocatedRefusal):
-        return JsonResponse({"detail": exc.problems, "error_type": exc.error_type}, status=exc.status)
-    detail: Any = exc.detail
-    if exc.status == 422:  # a refusal the request could not locate is about the body as a whole
-        detail = [problem(["body"], exc.detail, exc.error_type)]
-    return JsonResponse({"detail": detail, "error_type": exc.error_type}, status=exc.status)
+        loc = locations.get(exc.error_type, ["body"])
+        raise InvalidInput([problem(loc, str(exc), exc.error_type)], error_type=exc.error_type) from None
 
 
 def handle_payload(job: Job, request: HttpRequest) -> dict[str, Any]:
@@ -247,10 +227,7 @@ class SubmitView(InferenceView):
     )
     def post(self, request: Request, owner: str, model: str, path: str = "") -> HttpResponse:
         endpoint = find_endpoint(owner, model, path)
-        try:
-            job, created = submit_from_request(request, request_api_key(request), endpoint, request.data)
-        except (InputError, SubmissionRefused) as exc:
-            return refusal_response(exc)
+        job, created = submit_from_request(request, request_api_key(request), endpoint, request.data)
         response = Response(handle_payload(job, request))
         if not created:
             response["Idempotent-Replayed"] = "true"
@@ -339,39 +316,11 @@ class CancelView(InferenceView):
         )
 
 
-# The waiting views: async, with the same authentication, scope and rate limit as the DRF ones.
-
-
-async def authenticate_async(request: HttpRequest) -> ApiKey | JsonResponse:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if not header or scheme.lower() not in ("key", "bearer"):
-        return JsonResponse(
-            {"detail": "Authentication credentials were not provided.", "error_type": "unauthorized"},
-            status=401,
-            headers={"WWW-Authenticate": 'Key realm="api"'},
-        )
-    try:
-        api_key = await sync_to_async(authenticate_token)(token)
-    except exceptions.APIException as exc:
-        codes = exc.get_codes()
-        return JsonResponse(
-            {"detail": str(exc.detail), "error_type": codes if isinstance(codes, str) else "unauthorized"},
-            status=exc.status_code,
-            headers={"WWW-Authenticate": 'Key realm="api"'} if exc.status_code == 401 else None,
-        )
-    if not api_key.has_scope(Scope.INFERENCE):
-        return JsonResponse(
-            {"detail": "This API key lacks the 'inference' scope.", "error_type": "insufficient_scope"}, status=403
-        )
-    wait = await sync_to_async(check_rate)(bucket=f"key:{api_key.pk}", limit=api_key.rate_limit_per_minute)
-    if wait:
-        return JsonResponse(
-            {"detail": "Request was throttled.", "error_type": "rate_limited"},
-            status=429,
-            headers={"Retry-After": str(int(-(-wait // 1)))},
-        )
-    return api_key
+# The waiting views are async, so a waiting client holds no worker thread. What they do before they wait is a DRF
+# view's work (the API key, its scope and rate limit, parsing, the submit or the lookup, every error answer): they
+# run that view, in one hop to a thread, and wait only once it has answered 200.
+submit_view = SubmitView.as_view()
+status_view = StatusView.as_view()
 
 
 def _load_job(job_id: uuid.UUID) -> Job:
@@ -389,46 +338,34 @@ def _status_now(job: Job, request: HttpRequest, with_logs: bool) -> dict[str, An
         connection.close()
 
 
-async def wait_until_final(job: Job, deadline: float) -> Job:
-    """Polls the job row with a short, growing interval until it is final or the deadline passes."""
+async def wait_until_final(job_id: uuid.UUID, deadline: float) -> Job:
+    """The job, polled with a short, growing interval until it is final or the deadline passes."""
     interval = 0.02
+    job = await sync_to_async(_load_job)(job_id)
     while not job.is_final and time.monotonic() < deadline:
         await asyncio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
         interval = min(interval * 1.5, 0.25)
-        job = await sync_to_async(_load_job)(job.id)
+        job = await sync_to_async(_load_job)(job_id)
     return job
 
 
 @csrf_exempt
-async def run_sync(request: HttpRequest, owner: str, model: str, path: str = "") -> HttpResponse:
-    """``POST /run/{owner}/{model}``: waits for the result; past the wait limit answers 202 with the
-    queue handle, so a paid result is never lost."""
-    if request.method != "POST":
-        return JsonResponse({"detail": "Method not allowed.", "error_type": "method_not_allowed"}, status=405)
-    authenticated = await authenticate_async(request)
-    if isinstance(authenticated, JsonResponse):
-        return authenticated
-    endpoint = await sync_to_async(Endpoint.objects.by_path)(owner, model, path)
-    if endpoint is None:
-        return JsonResponse({"detail": "Unknown endpoint.", "error_type": "endpoint_not_found"}, status=404)
-    if request.content_type != "application/json":
-        return JsonResponse(
-            {"detail": "The body must be JSON (application/json).", "error_type": "unsupported_media_type"}, status=415
-        )
-    try:
-        payload = json.loads(request.body or b"{}")
-    except (ValueError, RecursionError):
-        return JsonResponse({"detail": "JSON parse error.", "error_type": "invalid_json"}, status=400)
-    try:
-        job, _ = await sync_to_async(submit_from_request)(request, authenticated, endpoint, payload)
-    except (InputError, SubmissionRefused) as exc:
-        return refusal_response(exc)
-    job = await wait_until_final(job, time.monotonic() + settings.SYNC_RUN_WAIT_SECONDS)
+async def run_sync(request: HttpRequest, owner: str, model: str, path: str = "") -> HttpResponseBase:
+    """``POST /run/{owner}/{model}``: submits as the queue API does, then waits for the result; past the wait limit
+    answers 202 with the queue handle, so a paid result is never lost."""
+    deadline = time.monotonic() + settings.SYNC_RUN_WAIT_SECONDS
+    submitted = await sync_to_async(submit_view)(request, owner=owner, model=model, path=path)
+    if submitted.status_code != 200:
+        return submitted
+    handle = submitted.data
+    # An idempotent replay may answer a request that has already finished.
+    if handle["status"] != FAL_STATUS[JobStatus.COMPLETED] and time.monotonic() >= deadline:
+        return JsonResponse(handle, status=202, headers={"x-fal-request-id": handle["request_id"]})
+    job = await wait_until_final(uuid.UUID(handle["request_id"]), deadline)
     if job.is_final:
         response = await sync_to_async(result_response)(job, request)
     else:
-        handle = await sync_to_async(handle_payload)(job, request)
-        response = JsonResponse(handle, status=202)
+        response = JsonResponse(await sync_to_async(handle_payload)(job, request), status=202)
     return with_request_id(response, job)
 
 
@@ -436,15 +373,10 @@ async def run_sync(request: HttpRequest, owner: str, model: str, path: str = "")
 async def status_stream(request: HttpRequest, owner: str, model: str, request_id: str) -> HttpResponseBase:
     """Server-sent events: one ``data:`` line of the status object whenever it changes (progress:
     step k of n), until the request is COMPLETED."""
-    if request.method != "GET":
-        return JsonResponse({"detail": "Method not allowed.", "error_type": "method_not_allowed"}, status=405)
-    authenticated = await authenticate_async(request)
-    if isinstance(authenticated, JsonResponse):
-        return authenticated
-    try:
-        job = await sync_to_async(find_job)(authenticated.organization_id, owner, model, request_id)
-    except RequestNotFound:
-        return JsonResponse({"detail": "Request not found.", "error_type": "request_not_found"}, status=404)
+    found = await sync_to_async(status_view)(request, owner=owner, model=model, request_id=request_id)
+    if found.status_code != 200:
+        return found
+    job = await sync_to_async(_load_job)(uuid.UUID(found.data["request_id"]))
     return status_event_stream(job, request, with_logs=wants_logs(request))
 
 

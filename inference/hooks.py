@@ -1,4 +1,4 @@
-"""What inference asks of the layers above it, without knowing them (DESIGN §1).
+"""What inference asks of the layers above it, without knowing them.
 
 ``inference`` knows nothing of money. ``billing`` registers these hooks when its app is ready;
 until then (or in a deployment without billing) every answer is permissive and free.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 if TYPE_CHECKING:
     from inference.models import Endpoint, Job, JobAttempt
@@ -20,7 +20,27 @@ class Refusal:
 
     detail: str
     error_type: str
-    status: int = 402
+    status_code: int = 402
+
+
+class Usage(TypedDict):
+    """What a finished request cost: the ``usage`` object of its status, result and webhook."""
+
+    gpu_class: str
+    gpu_ms: int
+    billable_units: float
+    unit: str
+    unit_price_micros: int
+    cost_micros: int
+
+
+class ListedPrice(TypedDict):
+    """An endpoint's price in force now, as /v1/models shows it."""
+
+    unit: str
+    unit_price_micros: int
+    currency: str
+    effective_from: str | None
 
 
 @dataclass(frozen=True)
@@ -35,8 +55,8 @@ ReserveWork = Callable[["Job", int, int], "Reservation | Refusal"]
 HeartbeatCheck = Callable[["Job", int], "Refusal | None"]
 AttemptFinished = Callable[["Job", "JobAttempt"], None]
 EndedUnstarted = Callable[["Job"], None]
-JobUsage = Callable[["Job"], "dict[str, Any] | None"]
-EndpointPrice = Callable[["Endpoint"], "dict[str, Any] | None"]
+JobUsage = Callable[["Job"], "Usage | None"]
+EndpointPrice = Callable[["Endpoint"], "ListedPrice | None"]
 
 
 @dataclass

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 
+from accounts.errors import InvalidInput
 from inference.models import Endpoint, PipelineKind
 
 IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
@@ -45,13 +46,8 @@ def is_storable_text(value: str) -> bool:
     return True
 
 
-class InputError(Exception):
-    """The request's input is invalid: 422 (or 413 for an oversized image) with every problem listed."""
-
-    def __init__(self, detail: list[dict[str, Any]], status: int = 422) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.status = status
+class InputError(InvalidInput):
+    """The request's input is invalid: 422 (413 for an oversized image) with every problem listed."""
 
 
 @dataclass(frozen=True)
@@ -270,7 +266,7 @@ def validate_input(endpoint: Endpoint, payload: Any) -> tuple[GenerationInput, I
         if not c.errors and strength is not None and int(steps * strength) < 1:
             c.add("strength", "strength * num_inference_steps must be at least 1.", "out_of_range")
     if c.errors:
-        raise InputError(c.errors, status=413 if c.too_large else 422)
+        raise InputError(c.errors, status_code=413 if c.too_large else 422)
     seeds = [(seed + index) % (MAX_SEED + 1) for index in range(num_images)]
     generation = GenerationInput(
         prompt=prompt,

@@ -1,6 +1,6 @@
 """The model registry (endpoints) and jobs with their attempts: the heart of metering.
 
-The database row is the source of truth for a job (DESIGN §3); a Celery message carries only ids.
+The database row is the source of truth for a job (docs/lifecycle.md); a Celery message carries only ids.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class PipelineKind(models.TextChoices):
 
 
 class GpuClass(models.TextChoices):
-    """Each class has its own Celery queue, served by workers with that hardware (DESIGN §2)."""
+    """Each class has its own Celery queue, served by workers with that hardware (docs/architecture.md)."""
 
     H100 = "gpu-h100", "NVIDIA H100"
     A10G = "gpu-a10g", "NVIDIA A10G"

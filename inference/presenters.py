@@ -7,7 +7,7 @@ from typing import Any
 from django.db.models import Q
 from django.http import HttpRequest
 
-from inference.hooks import hooks
+from inference.hooks import Usage, hooks
 from inference.models import Job, JobLog, JobStatus
 
 # fal's client knows three statuses; failed and cancelled requests are COMPLETED with an error.
@@ -63,7 +63,7 @@ def logs_of(job: Job) -> list[dict[str, Any]]:
     return [entry.as_fal() for entry in JobLog.objects.filter(job_id=job.id).order_by("id")]
 
 
-def usage_of(job: Job) -> dict[str, Any] | None:
+def usage_of(job: Job) -> Usage | None:
     if not job.is_final or hooks.usage is None:
         return None
     return hooks.usage(job)

@@ -1,4 +1,4 @@
-"""The job lifecycle (DESIGN §3): submit, dispatch, claim, heartbeat, finish, reap, cancel.
+"""The job lifecycle: submit, dispatch, claim, heartbeat, finish, reap, cancel, requeue.
 
 Every transition is one conditional UPDATE on the job row, checked by its row count
 (healthchecks' sendalerts), so two processes can never both move the same job.
@@ -23,9 +23,10 @@ from django.db.models import F, Min, Value
 from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
+from accounts.errors import AppError
 from accounts.locking import lock_organization, retrying_atomic
 from accounts.models import ApiKey, Organization
-from inference import files
+from inference import files, transitions
 from inference.hooks import Refusal, Reservation, hooks
 from inference.inputs import is_storable_text, validate_input
 from inference.locks import lock_attempt, lock_job, lock_job_with_endpoint
@@ -46,12 +47,15 @@ logger = logging.getLogger(__name__)
 RUN_TASK = "inference.run_job"
 
 
-class SubmissionRefused(Exception):
-    def __init__(self, detail: str, error_type: str, status: int) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.error_type = error_type
-        self.status = status
+class SubmissionRefused(AppError):
+    """The request was not queued, and nothing of it was stored: not enough credit, a spend limit, a refused
+    webhook URL."""
+
+    status_code = 402
+
+    @classmethod
+    def of(cls, refusal: Refusal) -> SubmissionRefused:
+        return cls(refusal.detail, error_type=refusal.error_type, status_code=refusal.status_code)
 
 
 class RequeueRefused(SubmissionRefused):
@@ -63,8 +67,8 @@ class IdempotencyConflict(SubmissionRefused):
     def __init__(self) -> None:
         super().__init__(
             "This Idempotency-Key was already used with a different request body or endpoint.",
-            "idempotency_key_reused",
-            422,
+            error_type="idempotency_key_reused",
+            status_code=422,
         )
 
 
@@ -100,11 +104,13 @@ def submit_job(
     generation, inline_image = validate_input(endpoint, payload)
     if webhook_url:
         if not is_storable_text(webhook_url):
-            raise SubmissionRefused("webhook_url holds characters no URL has.", "invalid_webhook_url", 422)
+            raise SubmissionRefused(
+                "webhook_url holds characters no URL has.", error_type="invalid_webhook_url", status_code=422
+            )
         try:
             check_webhook_url(webhook_url)
         except WebhookUrlError as exc:
-            raise SubmissionRefused(str(exc), "invalid_webhook_url", 422) from None
+            raise SubmissionRefused(str(exc), error_type="invalid_webhook_url", status_code=422) from None
     job_id = uuid.uuid4()
     job_input = generation.as_json()
     if retention_seconds is not None:
@@ -142,7 +148,7 @@ def _insert_and_admit(job: Job) -> Job:
         # After the insert, so billing can hold credit against the job; a refusal rolls it back.
         refusal = hooks.admit(job)
         if refusal is not None:
-            raise SubmissionRefused(refusal.detail, refusal.error_type, refusal.status)
+            raise SubmissionRefused.of(refusal)
     log_job(job.id, f"Request queued for {job.endpoint.endpoint_id}.")
     organization_id = job.organization_id
     transaction.on_commit(lambda: dispatch_organization(organization_id), robust=True)
@@ -379,31 +385,29 @@ def _close(
     attempt_row.error = error
     attempt_row.finished_at = now
     attempt_row.save(update_fields=["outcome", "gpu_ms", "cold_start_ms", "error", "finished_at"])
-    job.worker = ""
-    job.lease_expires_at = None
     job.cold_start_ms += cold_start_ms
-    # Only what changes is written: the row's input (and whatever else) stays as it is under the lock.
-    changed = ["worker", "lease_expires_at", "cold_start_ms", "status"]
+    # Only what the move writes is saved: the row's input (and whatever else) stays as it is under the lock.
     if retry and job.attempt < job.max_attempts and job.cancel_requested_at is None:
-        job.status = JobStatus.QUEUED
-        job.dispatched_at = job.sent_at = None
-        changed += ["dispatched_at", "sent_at"]
+        changed = transitions.assign(job, transitions.retried())
         log_job(job.id, f"Attempt {job.attempt} failed ({error}); the request is queued again.", level="WARNING")
     else:
-        job.status = FINAL_STATUS[outcome]
+        status = FINAL_STATUS[outcome]
         if job.cancel_requested_at is not None and outcome in (AttemptOutcome.LOST, AttemptOutcome.ERRORED):
             # The customer asked to stop it and it stopped: that is a cancellation, whatever ended it.
-            job.status, error, error_type = JobStatus.CANCELLED, "Cancelled by request.", "cancelled"
-        job.result = result
-        job.error = error
-        job.error_type = error_type
-        job.gpu_ms = gpu_ms if attempt_row.billable else 0
-        job.finished_at = now
-        # Outputs, and the input image of any final job, are deleted once retention has passed.
-        job.outputs_expire_at = now + timedelta(seconds=files.retention_seconds(job))
-        changed += ["result", "error", "error_type", "gpu_ms", "finished_at", "outputs_expire_at"]
+            status, error, error_type = JobStatus.CANCELLED, "Cancelled by request.", "cancelled"
+        ending = transitions.ended(
+            status,
+            result=result,
+            error=error,
+            error_type=error_type,
+            gpu_ms=gpu_ms if attempt_row.billable else 0,
+            finished_at=now,
+            # Outputs, and the input image of any final job, are deleted once retention has passed.
+            outputs_expire_at=now + timedelta(seconds=files.retention_seconds(job)),
+        )
+        changed = transitions.assign(job, ending)
         log_job(job.id, _final_line(job), level="INFO" if job.status == JobStatus.COMPLETED else "ERROR")
-    job.save(update_fields=changed)
+    job.save(update_fields=[*changed, "cold_start_ms"])
     if hooks.attempt_finished is not None:
         hooks.attempt_finished(job, attempt_row)
     organization_id = job.organization_id
@@ -521,17 +525,12 @@ def cancel_job(*, job: Job) -> str:
             log_job(job.pk, "Cancellation requested; the request stops at its next step.")
         return "CANCELLATION_REQUESTED"
     # Queued, or dispatched but not claimed: a claim is a conditional UPDATE on DISPATCHED, so none can follow.
-    changed: dict[str, Any] = {
-        "status": JobStatus.CANCELLED,
-        "cancel_requested_at": now,
-        "finished_at": now,
-        "error": "Cancelled before it started.",
-        "error_type": "cancelled",
-        "lease_expires_at": None,
-    }
+    ending = transitions.ended(
+        JobStatus.CANCELLED, finished_at=now, error="Cancelled before it started.", error_type="cancelled"
+    )
     if locked_job.input.get("image_path"):
-        changed["outputs_expire_at"] = now + timedelta(seconds=files.retention_seconds(locked_job))
-    Job.objects.filter(pk=job.pk).update(**changed)
+        ending["outputs_expire_at"] = now + timedelta(seconds=files.retention_seconds(locked_job))
+    Job.objects.filter(pk=job.pk).update(cancel_requested_at=now, **ending)
     log_job(job.pk, "Cancelled before it started.")
     if hooks.ended_unstarted is not None:
         hooks.ended_unstarted(Job.objects.get(pk=job.pk))
@@ -557,22 +556,7 @@ def requeue_job(*, job: Job, log_line: str = "Requeued by an operator.") -> bool
 @retrying_atomic
 def _requeue(job: Job, log_line: str) -> bool:
     requeued = Job.objects.filter(pk=job.pk, status__in=(JobStatus.FAILED, JobStatus.CANCELLED)).update(
-        status=JobStatus.QUEUED,
-        max_attempts=Greatest(F("max_attempts"), F("attempt") + 1),
-        result=None,
-        error="",
-        error_type="",
-        gpu_ms=0,
-        worker="",
-        lease_expires_at=None,
-        cancel_requested_at=None,
-        progress_step=0,
-        progress_total=0,
-        dispatched_at=None,
-        sent_at=None,
-        started_at=None,
-        finished_at=None,
-        outputs_expire_at=None,
+        max_attempts=Greatest(F("max_attempts"), F("attempt") + 1), **transitions.requeued()
     )
     if not requeued:
         return False
@@ -580,21 +564,21 @@ def _requeue(job: Job, log_line: str) -> bool:
         # Dispatch skips a suspended organization: the job would wait in the queue, holding credit.
         raise RequeueRefused(
             "The organization is suspended; unsuspend it before requeueing its requests.",
-            "organization_suspended",
-            403,
+            error_type="organization_suspended",
+            status_code=403,
         )
     if job.api_key_id is not None and ApiKey.objects.filter(pk=job.api_key_id, revoked_at__isnull=False).exists():
         # A revoked key may have leaked: what was sent with it is not run again on the organization's money.
         raise RequeueRefused(
             "The API key this request was sent with has been revoked; submit it again with an active key.",
-            "api_key_revoked",
-            403,
+            error_type="api_key_revoked",
+            status_code=403,
         )
     if hooks.admit is not None:
         # After the UPDATE, which holds the row against a second requeue; a refusal rolls the requeue back.
         refusal = hooks.admit(Job.objects.select_related("endpoint").get(pk=job.pk))
         if refusal is not None:
-            raise RequeueRefused(refusal.detail, refusal.error_type, refusal.status)
+            raise RequeueRefused.of(refusal)
     # The next final state sends the webhook afresh, under a new message id.
     WebhookDelivery.objects.filter(job_id=job.pk).delete()
     log_job(job.pk, log_line)

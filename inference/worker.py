@@ -5,7 +5,7 @@ optimization profile says how many images and how long to wait for them). Each j
 keeps everything it has alone: its own claim, lease, heartbeat, cancel and final transaction.
 
 GPU time is measured here with a monotonic clock, in milliseconds, from the moment the pipeline
-starts to the moment the outputs are stored (DESIGN §3); in a batch each job gets its share
+starts to the moment the outputs are stored (docs/lifecycle.md); in a batch each job gets its share
 (`inference.engine.metering`), and the shares add up to exactly the batch's time. Loading a model
 (and compiling it) is cold-start time, recorded apart and never billed.
 """
@@ -27,6 +27,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import close_old_connections, connection
 
+from accounts.errors import AppError
 from inference import files, services
 from inference.engine import (
     BatchMeter,
@@ -85,12 +86,13 @@ def weights_source(endpoint: Endpoint) -> str:
     return str(path if path.is_absolute() else Path(settings.MODELS_DIR) / path)
 
 
-class InputProblem(Exception):
+class InputProblem(AppError):
     """The request's own input made the job fail (for example an image URL that cannot be read)."""
 
+    status_code = 422
+
     def __init__(self, message: str, error_type: str) -> None:
-        super().__init__(message)
-        self.error_type = error_type
+        super().__init__(message, error_type=error_type)
 
 
 @dataclass(eq=False)
@@ -115,6 +117,11 @@ class Member:
     def job_id(self) -> str:
         return str(self.job.pk)
 
+    @property
+    def images(self) -> int:
+        """How many images the job makes: its weight in the batch."""
+        return len(self.job.input.get("seeds") or ()) or 1
+
 
 class Heartbeat(threading.Thread):
     """Renews the leases, reports progress and hears about cancels for every job of a batch while the engine works.
@@ -126,14 +133,17 @@ class Heartbeat(threading.Thread):
 
     def __init__(self, members: list[Member]) -> None:
         super().__init__(name=f"heartbeat-{members[0].job_id}", daemon=True)
-        self.members = list(members)
-        # Set when the GPU work starts: each job's share of the batch's time so far, for the spend check.
-        self.meter: BatchMeter | None = None
+        self.members: list[Member] = []
+        # Each job's share of the batch's GPU time (none before the work starts), for the spend check and its bill.
+        self.meter = BatchMeter()
         self._members_lock = threading.Lock()
         self._wake = threading.Event()
         self._done = threading.Event()
+        self.add(members)
 
     def add(self, members: list[Member]) -> None:
+        for member in members:
+            self.meter.join(member.index, member.images)
         with self._members_lock:
             self.members.extend(members)
 
@@ -148,19 +158,16 @@ class Heartbeat(threading.Thread):
         return member.cancelled.is_set() or not self.covers_next_step(member)
 
     def covers_next_step(self, member: Member) -> bool:
-        """Is the job's next step paid for? Work is reserved before it is done (DESIGN §4).
+        """Is the job's next step paid for? Work is reserved before it is done (docs/money.md).
 
         The next step is projected from the job's own time per step so far (its share, in a batch); the last step
         also carries decoding and storing, which cannot be stopped once the last step is done. When the hold falls
         short, billing is asked to extend it (for the rest of the job when credit allows, the next step at least);
         refused, the job stops before the step and is billed for what it used.
         """
-        meter = self.meter
-        if meter is None:
-            return True
-        used_ms = meter.running_ms(member.index)
+        used_ms = self.meter.running_ms(member.index)
         steps_done = member.step
-        images = len(member.job.input.get("seeds") or ()) or 1
+        images = member.images
         shape = (member.job.endpoint_id, member.job.input.get("width"), member.job.input.get("height"))
         if steps_done:
             per_step = used_ms / steps_done
@@ -187,7 +194,7 @@ class Heartbeat(threading.Thread):
         member.done = True
 
     def gpu_ms(self, member: Member) -> int:
-        return 0 if self.meter is None else self.meter.running_ms(member.index)
+        return self.meter.running_ms(member.index)
 
     def run(self) -> None:
         interval = settings.JOB_HEARTBEAT_SECONDS
@@ -267,43 +274,30 @@ def execute(job_id: str, attempt: int) -> None:
         heartbeat.stop()
 
 
-def _finish(
-    member: Member, heartbeat: Heartbeat, outcome: AttemptOutcome, *, gpu_ms: int | None = None, **fields: Any
-) -> None:
-    """Closes the member's attempt with its share of the batch's GPU time (or `gpu_ms`), and stops its heartbeat."""
-    if member.done:
-        return
-    share = gpu_ms if gpu_ms is not None else 0
-    meter = heartbeat.meter
-    if meter is not None and member.index in meter.active:
-        left = meter.leave([member.index])[member.index]
-        share = left if gpu_ms is None else gpu_ms
-    heartbeat.release(member)
-    services.finish_attempt(
-        job_id=member.job_id,
-        attempt=member.attempt,
-        outcome=outcome,
-        gpu_ms=share,
-        cold_start_ms=member.cold_start_ms,
-        **fields,
-    )
+def _finish(member: Member, heartbeat: Heartbeat, outcome: AttemptOutcome, **fields: Any) -> None:
+    """Closes the member's attempt with its share of the batch's GPU time, and stops its heartbeat."""
+    _finish_all([member], heartbeat, outcome, **fields)
 
 
 def _finish_all(
     members: list[Member], heartbeat: Heartbeat, outcome: AttemptOutcome, *, gpu_ms: int | None = None, **fields: Any
 ) -> None:
-    """Closes every job still open at once: they share what is left of the batch's time (it sums exactly).
+    """Closes every job still open at once: they leave the batch together and share what is left of its time.
 
     `gpu_ms`: record this instead of their shares (0 when the failure is no GPU work's fault).
     """
     open_members = [member for member in members if not member.done]
-    meter = heartbeat.meter
-    shares: dict[int, int] = {}
-    if meter is not None:
-        shares = meter.leave([member.index for member in open_members if member.index in meter.active])
+    shares = heartbeat.meter.leave(member.index for member in open_members)
     for member in open_members:
-        share = shares.get(member.index, 0) if gpu_ms is None else gpu_ms
-        _finish(member, heartbeat, outcome, gpu_ms=share, **fields)
+        heartbeat.release(member)
+        services.finish_attempt(
+            job_id=member.job_id,
+            attempt=member.attempt,
+            outcome=outcome,
+            gpu_ms=shares[member.index] if gpu_ms is None else gpu_ms,
+            cold_start_ms=member.cold_start_ms,
+            **fields,
+        )
 
 
 def _run(leader: Member, heartbeat: Heartbeat) -> None:
@@ -326,7 +320,7 @@ def _run(leader: Member, heartbeat: Heartbeat) -> None:
         requests += [generation_request(member.job) for member in members[1:]]
         if len(members) > 1:
             services.log_job(job.id, f"Running in a batch of {len(members)} requests.", source="worker")
-        heartbeat.meter = BatchMeter([len(request.seeds) for request in requests])
+        heartbeat.meter.start()
 
         def on_cancelled(index: int, cancelled: Cancelled) -> None:
             _close_cancelled(members[index], heartbeat, cancelled)
@@ -383,8 +377,7 @@ def _close_cancelled(member: Member, heartbeat: Heartbeat, cancelled: Cancelled)
     reason = member.stop_reason or "Cancelled by request."
     if error_type == "lost":
         logger.warning("job %s attempt %s lost its lease; dropping its work", member.job_id, member.attempt)
-        if heartbeat.meter is not None:
-            heartbeat.meter.leave([member.index])
+        heartbeat.meter.leave([member.index])  # its share goes with its work
         heartbeat.release(member)
         return
     _finish(
@@ -415,16 +408,14 @@ def _platform_fault(exc: Exception) -> dict[str, Any]:
 def _store(member: Member, result: GenerationResult, heartbeat: Heartbeat, *, batch_size: int) -> None:
     """Encodes and stores one job's images (its own time, not shared) and closes it as succeeded."""
     job = member.job
-    meter = heartbeat.meter
-    if meter is not None:
-        meter.exclusive(member.index)
+    heartbeat.meter.exclusive(member.index)
     images = [encode_image(image, job.input["output_format"]) for image in result.images]
     stored = files.inline_outputs(images) if job.input.get("sync_mode") else files.save_outputs(job, images)
-    if batch_size > 1 and meter is not None:
+    if batch_size > 1:
         services.log_job(
             job.id,
             f"Shared a pipeline call with {batch_size - 1} other request(s); "
-            f"GPU time is this request's share ({meter.running_ms(member.index)} ms so far).",
+            f"GPU time is this request's share ({heartbeat.meter.running_ms(member.index)} ms so far).",
             source="worker",
         )
     _finish(

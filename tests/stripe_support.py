@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tests.waiting import wait_until
 
 SECRET_KEY = "sk_test_platform"
 PUBLISHABLE_KEY = "pk_test_platform"
@@ -89,17 +90,19 @@ def running_fake_stripe() -> Iterator[FakeStripe]:
         stderr=subprocess.STDOUT,
     )
     fake = FakeStripe(url=f"http://127.0.0.1:{port}", log=log)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            fake.call("GET", "/v1/balance")
-            break
-        except httpx.HTTPError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                raise RuntimeError(f"the fake Stripe did not start: {log.read_text()[-2000:]}") from None
-            time.sleep(0.1)
+
+    def answers() -> bool:
+        assert process.poll() is None, f"the fake Stripe exited: {log.read_text()[-2000:]}"
+        fake.call("GET", "/v1/balance")
+        return True
+
     try:
+        wait_until(
+            answers,
+            timeout=20,
+            ignoring=(httpx.HTTPError,),
+            message=lambda: f"the fake Stripe to answer: {log.read_text()[-2000:]}",
+        )
         yield fake
     finally:
         process.terminate()

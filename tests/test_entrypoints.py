@@ -1,4 +1,4 @@
-"""DESIGN §1: ``platform`` is the standard library's in every entry point; settings fail loudly (§2)."""
+"""``platform`` is the standard library's in every entry point (docs/architecture.md); settings fail loudly."""
 
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from billing import controls, payments, statements
+from billing import charges, controls, statements
+from billing.cards import detach_payment_method, list_payment_methods, set_default_payment_method
 from billing.ledger import BillingError, account_of
 from billing.models import CreditEntry, Payment
 from billing.money import MICROS_PER_DOLLAR, dollars_to_micros
@@ -51,7 +52,7 @@ def billing(request: HttpRequest, context: Context) -> HttpResponse:
     enabled = payments_enabled()
     if enabled and context.can("manage_billing"):
         try:
-            cards = payments.list_payment_methods(context.organization)
+            cards = list_payment_methods(context.organization)
         except BillingError as exc:
             cards_error = str(exc)
     return render(
@@ -106,7 +107,7 @@ def buy_credits(request: HttpRequest, context: Context) -> HttpResponse:
     try:
         if request.POST.get("method") == "checkout":
             back = request.build_absolute_uri(reverse("dashboard:billing"))
-            started = payments.start_checkout(
+            started = charges.start_checkout(
                 organization=context.organization,
                 amount_cents=amount_cents,
                 success_url=f"{back}?paid=1",
@@ -114,7 +115,7 @@ def buy_credits(request: HttpRequest, context: Context) -> HttpResponse:
                 actor=actor,
             )
             return HttpResponseRedirect(started.url or back)
-        charged = payments.buy_credits(organization=context.organization, amount_cents=amount_cents, actor=actor)
+        charged = charges.buy_credits(organization=context.organization, amount_cents=amount_cents, actor=actor)
     except BillingError as exc:
         messages.error(request, str(exc))
         return redirect("dashboard:billing")
@@ -131,12 +132,10 @@ def card_action(request: HttpRequest, context: Context, payment_method_id: str) 
     actor = actor_of(request, context)
     try:
         if request.POST.get("action") == "remove":
-            payments.detach_payment_method(
-                organization=context.organization, payment_method_id=payment_method_id, actor=actor
-            )
+            detach_payment_method(organization=context.organization, payment_method_id=payment_method_id, actor=actor)
             messages.success(request, "Card removed.")
         else:
-            payments.set_default_payment_method(
+            set_default_payment_method(
                 organization=context.organization, payment_method_id=payment_method_id, actor=actor
             )
             messages.success(request, "Default card changed.")

@@ -15,14 +15,15 @@ from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
+from accounts.errors import AppError
 from billing.models import UsageRecord
 from dashboard.access import Context, dashboard_view, resolve
 from inference import files
 from inference.api import status_event_stream
-from inference.inputs import InputError, input_schema
+from inference.inputs import input_schema
 from inference.models import Endpoint, Job, JobStatus
 from inference.presenters import base_url, usage_of
-from inference.services import SubmissionRefused, submit_job
+from inference.services import submit_job
 
 PAGE_SIZE = 25
 
@@ -62,10 +63,8 @@ def playground_run(request: HttpRequest, context: Context) -> JsonResponse:
         return JsonResponse({"detail": "Unknown endpoint.", "error_type": "endpoint_not_found"}, status=404)
     try:
         job, _ = submit_job(organization=context.organization, api_key=None, endpoint=endpoint, payload=body["input"])
-    except InputError as exc:
-        return JsonResponse({"detail": exc.detail, "error_type": "validation_error"}, status=exc.status)
-    except SubmissionRefused as exc:
-        return JsonResponse({"detail": exc.detail, "error_type": exc.error_type}, status=exc.status)
+    except AppError as exc:
+        return JsonResponse(exc.body(), status=exc.status_code)
     return JsonResponse(
         {
             "request_id": str(job.pk),

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
@@ -117,6 +117,11 @@ class Engine:
         self._prompts: OrderedDict[tuple[str, str, bool], _PromptEmbeddings] = OrderedDict()
         self._lock = threading.Lock()
         self.prompt_cache_hits = 0
+
+    @property
+    def replays_graphs(self) -> bool:
+        """The UNet runs as captured CUDA graphs (fixed shapes)."""
+        return self._graphs is not None
 
     def pipeline(self, kind: PipelineKind | str) -> Pipeline:
         kind = PipelineKind(kind)
@@ -272,8 +277,51 @@ class Engine:
         return prediction
 
 
+@dataclass(kw_only=True, eq=False)
+class _Rows:
+    """Everything a batch holds per image row, so that rows leave together (`keep`) when their request leaves.
+
+    The UNet sees each row twice when guided (the unconditional rows first, then the conditional ones, as stock
+    concatenates them): the text inputs and the feature cache are laid out that way; the rest has one entry per row.
+    """
+
+    guided: bool
+    members: list[int]  # row -> the request it belongs to
+    generators: list[torch.Generator]
+    latents: torch.Tensor
+    prompt_embeds: torch.Tensor
+    text_mask: torch.Tensor | None  # which text tokens are real where the embeddings were padded
+    added: dict[str, torch.Tensor] | None  # SDXL's extra UNet inputs
+    guidance: float | torch.Tensor  # one scale for every row, or one per row
+    step_kwargs: dict[str, Any]  # the scheduler's extra arguments: the rows' generators, where it takes them
+    feature_cache: FeatureCache | None
+
+    def of(self, members: Sequence[int]) -> list[int]:
+        """The rows of these requests, in order."""
+        return [row for row, member in enumerate(self.members) if member in members]
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Only these rows go on: everything per row is cut to them at once."""
+        single = torch.tensor(list(rows), device=self.latents.device)
+        both = torch.cat([single, single + len(self.members)]) if self.guided else single
+        self.latents = self.latents.index_select(0, single)
+        self.prompt_embeds = self.prompt_embeds.index_select(0, both)
+        if self.text_mask is not None:
+            self.text_mask = self.text_mask.index_select(0, both)
+        if self.added is not None:
+            self.added = {name: value.index_select(0, both) for name, value in self.added.items()}
+        if isinstance(self.guidance, torch.Tensor):
+            self.guidance = self.guidance.index_select(0, single)
+        if self.feature_cache is not None:
+            self.feature_cache.keep_rows(both)
+        self.generators = [self.generators[row] for row in rows]
+        if "generator" in self.step_kwargs:
+            self.step_kwargs["generator"] = self.generators
+        self.members = [self.members[row] for row in rows]
+
+
 class _TextToImageRun:
-    """One batch through the denoising loop; the state that changes as requests leave."""
+    """One batch through the denoising loop; which requests are still in it, and their rows (`_Rows`)."""
 
     def __init__(
         self,
@@ -293,74 +341,23 @@ class _TextToImageRun:
         self.on_cancelled = on_cancelled
         first = requests[0]
         self.total_steps = first.num_inference_steps
-        self.guidance = first.guidance_scale > 1
+        self.guided = first.guidance_scale > 1
         self.outcomes: list[GenerationResult | Cancelled | None] = [None] * len(requests)
         self.active = list(range(len(requests)))
-        # Batch row -> the request it belongs to; each request has one row per image.
-        self.row_members = [member for member, request in enumerate(requests) for _ in request.seeds]
         self.started = time.perf_counter()
         # A captured graph has fixed shapes (feature caching runs without graphs): its rows stay to the end.
-        replays_graphs = engine._graphs is not None and options.feature_cache_interval < 2
+        replays_graphs = engine.replays_graphs and options.feature_cache_interval < 2
         self.drop_rows = type(self.pipe.scheduler).__name__ in ROW_INDEPENDENT_SCHEDULERS and not replays_graphs
 
     def elapsed_ms(self) -> int:
         return math.ceil((time.perf_counter() - self.started) * 1000)
 
     def run(self) -> list[GenerationResult | Cancelled]:
-        pipe, first = self.pipe, self.requests[0]
         if self._leave_if_cancelled(steps_done=0) and not self.active:
             return self._outcomes()
-        device = self.engine.device
-        generators = [torch.Generator(device="cpu").manual_seed(seed) for r in self.requests for seed in r.seeds]
-        prompt_embeds, added = self._conditioning(first)
-        text_mask: torch.Tensor | None = None
-        if self.options.pad_text_tokens and device.type == "cpu":
-            prompt_embeds, text_mask = pad_text_tokens(prompt_embeds)
-        guidance: float | torch.Tensor = float(first.guidance_scale)
-        if self.guidance:
-            scales = {request.guidance_scale for request in self.requests}
-            if len(scales) > 1:
-                per_row = [self.requests[member].guidance_scale for member in self.row_members]
-                guidance = torch.tensor(per_row, dtype=prompt_embeds.dtype, device=device).view(-1, 1, 1, 1)
-
-        scheduler = pipe.scheduler
-        scheduler.set_timesteps(self.total_steps, device=device)
-        if self.engine.is_xl and hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)
-        timesteps = scheduler.timesteps
-        # Some schedulers take more model calls than steps (PNDM's warm-up): progress counts calls, as stock does.
-        self.total_steps = len(timesteps)
-        shape = (
-            len(self.row_members),
-            pipe.unet.config.in_channels,
-            first.height // pipe.vae_scale_factor,
-            first.width // pipe.vae_scale_factor,
-        )
-        latents = randn_tensor(shape, generator=generators, device=device, dtype=prompt_embeds.dtype)
-        latents = latents * scheduler.init_noise_sigma
-        extra_step_kwargs = pipe.prepare_extra_step_kwargs(generators, 0.0)  # type: ignore[no-untyped-call]
-        feature_cache = (
-            FeatureCache(self.options.feature_cache_interval) if self.options.feature_cache_interval > 1 else None
-        )
-        if feature_cache is not None:
-            check_supported(pipe.unet)
-
+        rows, timesteps = self._start()
         for step_index, timestep in enumerate(timesteps):
-            model_input = torch.cat([latents] * 2) if self.guidance else latents
-            model_input = scheduler.scale_model_input(model_input, timestep)
-            noise_pred = self.engine.predict_noise(
-                model_input,
-                timestep,
-                prompt_embeds,
-                added,
-                text_mask=text_mask,
-                feature_cache=feature_cache,
-                step_index=step_index,
-            )
-            if self.guidance:
-                noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-                noise_pred = noise_pred_uncond + guidance * (noise_pred_text - noise_pred_uncond)
-            latents = scheduler.step(noise_pred, timestep, latents, **extra_step_kwargs, return_dict=False)[0]
+            self._step(rows, step_index, timestep)
             if self.on_step is not None:
                 self.on_step(step_index + 1, self.total_steps)
             # After the last step the work is done: it is decoded and delivered whatever stop comes now.
@@ -369,30 +366,86 @@ class _TextToImageRun:
             if not self.active:
                 return self._outcomes()
             if self.drop_rows:
-                keep = [row for row, member in enumerate(self.row_members) if member in self.active]
-                rows = torch.tensor(keep, device=device)
-                latents = latents.index_select(0, rows)
-                both = torch.cat([rows, rows + len(self.row_members)]) if self.guidance else rows
-                prompt_embeds = prompt_embeds.index_select(0, both)
-                if text_mask is not None:
-                    text_mask = text_mask.index_select(0, both)
-                if added is not None:
-                    added = {name: value.index_select(0, both) for name, value in added.items()}
-                if isinstance(guidance, torch.Tensor):
-                    guidance = guidance.index_select(0, rows)
-                if feature_cache is not None:
-                    feature_cache.keep_rows(both)
-                generators = [generators[row] for row in keep]
-                if "generator" in extra_step_kwargs:
-                    extra_step_kwargs["generator"] = generators
-                self.row_members = [self.row_members[row] for row in keep]
+                rows.keep(rows.of(self.active))
 
-        images = self._decode(latents, generators)
+        images = self._decode(rows.latents, rows.generators)
         run_ms = self.elapsed_ms()
         for member in self.active:
-            member_images = [image for image, owner in zip(images, self.row_members, strict=True) if owner == member]
+            member_images = [image for image, owner in zip(images, rows.members, strict=True) if owner == member]
             self.outcomes[member] = GenerationResult(images=member_images, steps=self.total_steps, run_ms=run_ms)
         return self._outcomes()
+
+    def _start(self) -> tuple[_Rows, torch.Tensor]:
+        """Every request's rows at their first step (its seeds' noise, its prompts), and the scheduler's timesteps."""
+        pipe, first = self.pipe, self.requests[0]
+        device = self.engine.device
+        # Each request has one row per image.
+        members = [member for member, request in enumerate(self.requests) for _ in request.seeds]
+        generators = [torch.Generator(device="cpu").manual_seed(seed) for r in self.requests for seed in r.seeds]
+        prompt_embeds, added = self._conditioning(first)
+        text_mask: torch.Tensor | None = None
+        if self.options.pad_text_tokens and device.type == "cpu":
+            prompt_embeds, text_mask = pad_text_tokens(prompt_embeds)
+        guidance: float | torch.Tensor = float(first.guidance_scale)
+        if self.guided:
+            scales = {request.guidance_scale for request in self.requests}
+            if len(scales) > 1:
+                per_row = [self.requests[member].guidance_scale for member in members]
+                guidance = torch.tensor(per_row, dtype=prompt_embeds.dtype, device=device).view(-1, 1, 1, 1)
+
+        scheduler = pipe.scheduler
+        scheduler.set_timesteps(self.total_steps, device=device)
+        if self.engine.is_xl and hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        timesteps: torch.Tensor = scheduler.timesteps
+        # Some schedulers take more model calls than steps (PNDM's warm-up): progress counts calls, as stock does.
+        self.total_steps = len(timesteps)
+        shape = (
+            len(members),
+            pipe.unet.config.in_channels,
+            first.height // pipe.vae_scale_factor,
+            first.width // pipe.vae_scale_factor,
+        )
+        latents = randn_tensor(shape, generator=generators, device=device, dtype=prompt_embeds.dtype)
+        latents = latents * scheduler.init_noise_sigma
+        step_kwargs = pipe.prepare_extra_step_kwargs(generators, 0.0)  # type: ignore[no-untyped-call]
+        feature_cache = (
+            FeatureCache(self.options.feature_cache_interval) if self.options.feature_cache_interval > 1 else None
+        )
+        if feature_cache is not None:
+            check_supported(pipe.unet)
+        rows = _Rows(
+            members=members,
+            generators=generators,
+            latents=latents,
+            prompt_embeds=prompt_embeds,
+            text_mask=text_mask,
+            added=added,
+            guidance=guidance,
+            step_kwargs=step_kwargs,
+            feature_cache=feature_cache,
+            guided=self.guided,
+        )
+        return rows, timesteps
+
+    def _step(self, rows: _Rows, step_index: int, timestep: torch.Tensor) -> None:
+        """One denoising step of every row (as stock's loop makes it)."""
+        scheduler = self.pipe.scheduler
+        model_input = torch.cat([rows.latents] * 2) if self.guided else rows.latents
+        model_input = scheduler.scale_model_input(model_input, timestep)
+        noise_pred = self.engine.predict_noise(
+            model_input,
+            timestep,
+            rows.prompt_embeds,
+            rows.added,
+            text_mask=rows.text_mask,
+            feature_cache=rows.feature_cache,
+            step_index=step_index,
+        )
+        if self.guided:
+            noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+            noise_pred = noise_pred_uncond + rows.guidance * (noise_pred_text - noise_pred_uncond)
+        rows.latents = scheduler.step(noise_pred, timestep, rows.latents, **rows.step_kwargs, return_dict=False)[0]
 
     def _outcomes(self) -> list[GenerationResult | Cancelled]:
         outcomes = [outcome for outcome in self.outcomes if outcome is not None]
@@ -424,16 +477,16 @@ class _TextToImageRun:
                 key = (prompt, request.negative_prompt)
                 if key not in seen:
                     seen[key] = self.engine.prompt_embeddings(
-                        prompt, request.negative_prompt, guidance=self.guidance, keep=self.options.prompt_cache
+                        prompt, request.negative_prompt, guidance=self.guided, keep=self.options.prompt_cache
                     )
                 rows.append(seen[key])
         prompt_embeds = torch.cat([row.positive for row in rows])
-        if self.guidance:
+        if self.guided:
             prompt_embeds = torch.cat([torch.cat([_present(row.negative) for row in rows]), prompt_embeds])
         if not self.engine.is_xl:
             return prompt_embeds, None
         text_embeds = torch.cat([_present(row.pooled) for row in rows])
-        if self.guidance:
+        if self.guided:
             text_embeds = torch.cat([torch.cat([_present(row.negative_pooled) for row in rows]), text_embeds])
         return prompt_embeds, self._xl_added(first, prompt_embeds, text_embeds)
 
@@ -445,9 +498,7 @@ class _TextToImageRun:
             int(text_embeds.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
         )
         size = (first.height, first.width)
-        time_ids = pipe._get_add_time_ids(
-            size, (0, 0), size, dtype=prompt_embeds.dtype, text_encoder_projection_dim=projection_dim
-        )
+        time_ids = _sdxl_time_ids(cast(StableDiffusionXLPipeline, pipe), size, prompt_embeds.dtype, projection_dim)
         # Stock repeats [negative ids, ids] per image; SDXL's negative ids equal its ids, so every row is the same.
         time_ids = time_ids.to(self.engine.device).repeat(prompt_embeds.shape[0], 1)
         return {"text_embeds": text_embeds.to(self.engine.device), "time_ids": time_ids}
@@ -472,6 +523,21 @@ class _TextToImageRun:
             image, output_type="pil", do_denormalize=[True] * image.shape[0]
         )
         return decoded
+
+
+def _sdxl_time_ids(
+    pipe: StableDiffusionXLPipeline, size: tuple[int, int], dtype: torch.dtype, projection_dim: int
+) -> torch.Tensor:
+    """SDXL's size conditioning for an uncropped image of `size` (original size, crop corner, target size): one row.
+
+    Diffusers has no public function for it; its pipeline computes it in the private `_get_add_time_ids`, which
+    also checks that the UNet's added embedding takes that many values. Calling that very method keeps these ids
+    what stock passes its UNet; this is the only place the engine reaches into a private part of diffusers.
+    """
+    time_ids: torch.Tensor = pipe._get_add_time_ids(  # type: ignore[no-untyped-call]
+        size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=projection_dim
+    )
+    return time_ids
 
 
 def _present(tensor: torch.Tensor | None) -> torch.Tensor:

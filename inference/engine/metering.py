@@ -1,10 +1,16 @@
 """GPU time of a batch, split among the requests in it so that metering stays exact.
 
-While the batch runs, every interval of wall-clock time (monotonic) is shared by the requests still in it, in
-proportion to their images. A request that leaves early (cancelled at a step) takes its share so far, rounded down
-to whole milliseconds; the requests that leave last share what remains of the batch's measured time, rounded up as
-a single job's is, by the largest-remainder rule (ties to the earlier request). So the shares are whole
-milliseconds and always add up to exactly the batch's measured milliseconds.
+`BatchMeter` is the one place a request's share of a batch is computed; the worker tells it what happens (a member
+joins, the work starts, a member's outputs are being stored, members leave) and records the shares it answers.
+
+Members join the batch (the job that claimed the work, then the companions it gathered), then its GPU work starts.
+From then on, every interval of wall-clock time (monotonic) is shared by the members still in it, in proportion to
+their images; while one member's outputs are stored, that time is its alone. A member that leaves while others stay
+(cancelled at a step, finished first, failed, lost) takes its share so far, rounded down to whole milliseconds; the
+members that leave last share what remains of the batch's measured time, rounded up as a single job's is, by the
+largest-remainder rule (ties to the lower member number). A member that leaves before the work starts used no GPU
+time: its share is 0. So the shares are whole milliseconds and always add up to exactly the batch's measured
+milliseconds.
 """
 
 from __future__ import annotations
@@ -16,25 +22,32 @@ from collections.abc import Callable, Iterable, Sequence
 
 
 class BatchMeter:
-    """Shares of one batch's GPU time. Members are numbered 0..n-1 in batch order.
+    """Shares of one batch's GPU time, for members numbered by the caller (their place in the batch).
 
     Thread-safe: the heartbeat reads running shares while the run goes on.
     """
 
     def __init__(
-        self, weights: Sequence[int], *, started: float | None = None, clock: Callable[[], float] = time.perf_counter
+        self,
+        weights: Sequence[int] | None = None,
+        *,
+        started: float | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        if not weights or any(weight < 1 for weight in weights):
-            raise ValueError("every member weighs at least one image")
+        """`weights`: members 0..n-1 of so many images each, in a batch whose work started at `started` (the clock's
+        now by default). Without them the batch is empty and waits: members `join` it, then it `start`s."""
         self._clock = clock
-        self._weights = list(weights)
-        self._started = clock() if started is None else started
-        self._mark = self._started
-        self._exact_ms = [0.0] * len(weights)
-        self._active = set(range(len(weights)))
+        self._weights: dict[int, int] = {}
+        self._exact_ms: dict[int, float] = {}
+        self._active: set[int] = set()
         self._allocated: dict[int, int] = {}
         self._exclusive: int | None = None
+        self._started: float | None = None
         self._lock = threading.Lock()
+        if weights is not None:
+            for member, weight in enumerate(weights):
+                self.join(member, weight)
+            self.start(started)
 
     @property
     def active(self) -> list[int]:
@@ -46,6 +59,30 @@ class BatchMeter:
         """Whole milliseconds given to each member that has left."""
         with self._lock:
             return dict(self._allocated)
+
+    def join(self, member: int, weight: int) -> None:
+        """`member`, of `weight` images, is in the batch from now on (from the start, if the work has not started)."""
+        if weight < 1:
+            raise ValueError("every member weighs at least one image")
+        with self._lock:
+            if member in self._weights:
+                raise ValueError(f"member {member} has already joined the batch")
+            if self._started is not None and not self._active:
+                raise ValueError("the batch is over: every member has left it")
+            self._charge(self._clock())
+            self._weights[member] = weight
+            self._exact_ms[member] = 0.0
+            self._active.add(member)
+
+    def start(self, at: float | None = None) -> None:
+        """The batch's GPU work starts (at `at` by the meter's clock, now by default): its time counts from here."""
+        with self._lock:
+            if self._started is not None:
+                raise ValueError("the batch has already started")
+            if not self._active:
+                raise ValueError("a batch starts with at least one image")
+            # Time is charged to the members up to `_mark`, from the start on.
+            self._started = self._mark = self._clock() if at is None else at
 
     def running_ms(self, member: int) -> int:
         """The member's share so far (rounded up, as a heartbeat reports a single job's time)."""
@@ -62,8 +99,13 @@ class BatchMeter:
             self._exclusive = member
 
     def leave(self, members: Iterable[int]) -> dict[int, int]:
-        """Members that are done (finished, cancelled, failed): their whole-millisecond shares, now final."""
+        """Members that are done (finished, cancelled, failed, lost): their whole-millisecond shares, now final.
+
+        Members that finish together leave in one call: they share what is left of the batch's time.
+        """
         leaving = sorted(set(members))
+        if not leaving:
+            return {}
         with self._lock:
             now = self._clock()
             self._charge(now)
@@ -73,7 +115,9 @@ class BatchMeter:
             self._active.difference_update(leaving)
             if self._exclusive in leaving:
                 self._exclusive = None
-            if self._active:
+            if self._started is None:
+                shares = dict.fromkeys(leaving, 0)  # no GPU work yet
+            elif self._active:
                 shares = {member: math.floor(self._exact_ms[member]) for member in leaving}
             else:
                 # The last to leave close the batch: they share what the others were not given, so the total is
@@ -89,13 +133,15 @@ class BatchMeter:
         with self._lock:
             if not self._active:
                 return sum(self._allocated.values())
+            if self._started is None:
+                return 0
             return math.ceil((self._clock() - self._started) * 1000)
 
     def _charge(self, now: float) -> None:
+        if self._started is None:
+            return
         elapsed_ms = max(0.0, (now - self._mark) * 1000)
         self._mark = now
-        if not self._active or not elapsed_ms:
-            return
         if self._exclusive is not None:
             self._exact_ms[self._exclusive] += elapsed_ms
             return

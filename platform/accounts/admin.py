@@ -1,31 +1,44 @@
 """The operators' console for the platform core: people, organizations, memberships, API keys, the audit log.
 
 Changes that have a domain rule or an audit trail go through ``accounts.services`` (sign-up, deactivation,
-organization creation, members and their roles, limits, suspension, key changes and revocation); the admin collects
-input, shows the outcome and never writes the audit log itself. Key secrets never appear here: only the hint,
-because the hash is as good as the secret to anyone holding the table.
+organization creation, members and their roles, limits, suspension, key changes and revocation), from actions and
+form views (accounts/admin_base.py); the admin collects input, shows the outcome and never writes the audit log
+itself. A person's own columns (name, email, staff rights, password) are edited on Django's user page. Key secrets
+never appear here: only the hint, because the hash is as good as the secret to anyone holding the table.
+
+Another app shows its side of an organization on the organizations' pages through ``add_organization_section``,
+so that this module imports nothing above the platform core.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
-from datetime import datetime
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from django import forms
 from django.contrib import admin, messages
-from django.contrib.admin.models import LogEntry
-from django.contrib.admin.utils import quote
-from django.contrib.admin.widgets import AutocompleteSelect
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
-from django.contrib.auth.forms import AdminUserCreationForm, UserChangeForm
+from django.core.exceptions import PermissionDenied
 from django.db.models import Count, IntegerField, OuterRef, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
-from django.urls import NoReverseMatch, reverse
+from django.urls import NoReverseMatch, URLPattern, reverse
+from django.utils.decorators import method_decorator
 from django.utils.html import format_html
+from django.views.decorators.debug import sensitive_post_parameters
 
+from accounts import key_cache
+from accounts.admin_base import FormViewsAdmin, OperableAdmin, Tool, form_data, request_actor
+from accounts.admin_forms import (
+    ApiKeyForm,
+    MembershipFormSet,
+    OrganizationCreateForm,
+    OrganizationForm,
+    UserAddForm,
+    UserEditForm,
+)
 from accounts.models import ApiKey, AuditEvent, Membership, Organization, Role, User
 from accounts.services import (
     AccountsError,
@@ -40,43 +53,20 @@ from accounts.services import (
     set_organization_suspended,
     sign_up,
     update_api_key,
-    validate_expires_at,
 )
 
 if TYPE_CHECKING:
-    _ServiceAdminBase = admin.ModelAdmin[Any]
+    from django.forms.models import BaseInlineFormSet
+
     _UserAdminBase = DjangoUserAdmin[User]
-    _UserAddFormBase = AdminUserCreationForm[User]
-    _UserChangeFormBase = UserChangeForm[User]
-    _OrganizationAdminBase = admin.ModelAdmin[Organization]
-    _OrganizationFormBase = forms.ModelForm[Organization]
-    _MembershipAdminBase = admin.ModelAdmin[Membership]
-    _MembershipFormBase = forms.ModelForm[Membership]
     _MembershipOfUserInlineBase = admin.TabularInline[Membership, User]
     _MembershipOfOrganizationInlineBase = admin.TabularInline[Membership, Organization]
     _ApiKeyOfOrganizationInlineBase = admin.TabularInline[ApiKey, Organization]
-    _ApiKeyAdminBase = admin.ModelAdmin[ApiKey]
-    _ApiKeyFormBase = forms.ModelForm[ApiKey]
-    _AuditEventAdminBase = admin.ModelAdmin[AuditEvent]
 else:
     # The stubs make these generic; Django's classes take no type arguments at runtime.
-    _ServiceAdminBase = admin.ModelAdmin
     _UserAdminBase = DjangoUserAdmin
-    _UserAddFormBase = AdminUserCreationForm
-    _UserChangeFormBase = UserChangeForm
-    _OrganizationAdminBase = _MembershipAdminBase = _ApiKeyAdminBase = _AuditEventAdminBase = admin.ModelAdmin
-    _OrganizationFormBase = _MembershipFormBase = _ApiKeyFormBase = forms.ModelForm
     _MembershipOfUserInlineBase = _MembershipOfOrganizationInlineBase = admin.TabularInline
     _ApiKeyOfOrganizationInlineBase = admin.TabularInline
-
-# Set on the request when a service refused the change, so the view stays put instead of reporting success.
-_REFUSED = "_accounts_change_refused"
-
-
-def request_actor(request: HttpRequest) -> Actor:
-    """The operator behind an admin request, as the audit log records them."""
-    user = request.user if isinstance(request.user, User) else None
-    return Actor(user=user, ip_address=request.META.get("REMOTE_ADDR") or None)
 
 
 def _count_per_organization(queryset: QuerySet[Any]) -> Coalesce:
@@ -88,8 +78,8 @@ def _count_per_organization(queryset: QuerySet[Any]) -> Coalesce:
 def _orphaning_removals(memberships: Iterable[Membership]) -> list[str]:
     """Why removing these memberships must be refused: each one that is the last owner of its organization.
 
-    For the delete confirmation page, which lists what is protected before anything happens; remove_member
-    applies the same rule, under lock, when the deletion is carried out.
+    For the pages that ask before a removal or a deletion, which list what is refused before anything happens;
+    remove_member applies the same rule, under lock, when the removal is carried out.
     """
     leaving = [m for m in memberships if m.role == Role.OWNER]
     if not leaving:
@@ -105,60 +95,6 @@ def _orphaning_removals(memberships: Iterable[Membership]) -> list[str]:
         for m in leaving
         if m.organization_id not in still_owned
     ]
-
-
-def _refused(request: HttpRequest) -> bool:
-    return bool(getattr(request, _REFUSED, False))
-
-
-class _ServiceAdmin(_ServiceAdminBase):
-    """An admin whose saves and deletes go through services, which may refuse: a domain rule the form cannot see,
-    or a race past the form's own checks. A refusal is shown as an error; the view then saves, records and
-    reports nothing more and goes back to the page it came from."""
-
-    def refuse(self, request: HttpRequest, message: str) -> None:
-        messages.error(request, message)
-        setattr(request, _REFUSED, True)
-
-    def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: Any) -> None:
-        if not _refused(request):
-            super().save_related(request, form, formsets, change)
-
-    def construct_change_message(
-        self, request: HttpRequest, form: forms.Form, formsets: Iterable[Any], add: bool = False
-    ) -> list[dict[str, dict[str, list[str]]]]:
-        if _refused(request):
-            return []
-        return super().construct_change_message(request, form, formsets, add)
-
-    def log_addition(self, request: HttpRequest, obj: Any, message: Any) -> LogEntry:
-        if _refused(request):
-            return LogEntry(change_message=message)  # nothing was added: not saved
-        return super().log_addition(request, obj, message)
-
-    def log_change(self, request: HttpRequest, obj: Any, message: Any) -> LogEntry:
-        if _refused(request):
-            return LogEntry(change_message=message)  # nothing was changed: not saved
-        return super().log_change(request, obj, message)
-
-    def response_add(self, request: HttpRequest, obj: Any, post_url_continue: str | None = None) -> HttpResponse:
-        if _refused(request):
-            return HttpResponseRedirect(request.get_full_path())
-        return super().response_add(request, obj, post_url_continue)
-
-    def response_change(self, request: HttpRequest, obj: Any) -> HttpResponse:
-        if _refused(request):
-            # Back to the form, which shows what is stored; the error message says why.
-            return HttpResponseRedirect(request.get_full_path())
-        return super().response_change(request, obj)
-
-    def response_delete(self, request: HttpRequest, obj_display: str, obj_id: Any) -> HttpResponse:
-        if _refused(request):
-            opts = self.opts
-            return HttpResponseRedirect(
-                reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[quote(obj_id)])
-            )
-        return super().response_delete(request, obj_display, obj_id)
 
 
 class _IsSetFilter(admin.SimpleListFilter):
@@ -189,42 +125,11 @@ class RevokedFilter(_IsSetFilter):
     field_name = "revoked_at"
 
 
-def _clean_new_email(email: str, *, exclude_pk: int | None = None) -> str:
-    # Emails are stored lower-cased (sign_up, the manager); compare the same way so case variants can't coexist.
-    email = User.objects.normalize_email(email).lower()
-    others = User.objects.filter(email__iexact=email)
-    if exclude_pk is not None:
-        others = others.exclude(pk=exclude_pk)
-    if others.exists():
-        raise forms.ValidationError("An account with this email address already exists.", code="unique")
-    return email
-
-
 # --- People -------------------------------------------------------------------------------------------------
 
 
-class UserAddForm(_UserAddFormBase):
-    """Email and password (or none: the person then sets one by a reset); the rest is edited afterwards."""
-
-    class Meta:
-        model = User
-        fields = ("email", "name")
-
-    def clean_email(self) -> str:
-        return _clean_new_email(self.cleaned_data["email"])
-
-
-class UserEditForm(_UserChangeFormBase):
-    class Meta:
-        model = User
-        fields = ("email",)
-
-    def clean_email(self) -> str:
-        return _clean_new_email(self.cleaned_data["email"], exclude_pk=self.instance.pk)
-
-
 class MembershipOfUserInline(_MembershipOfUserInlineBase):
-    """Where this person belongs. Roles change on the membership's own page, which applies the owner rule."""
+    """Where this person belongs. Roles change on the organization's edit page, which applies the owner rule."""
 
     model = Membership
     fk_name = "user"
@@ -246,53 +151,102 @@ class MembershipOfUserInline(_MembershipOfUserInlineBase):
 
 
 @admin.register(User)
-class UserAdmin(_ServiceAdmin, _UserAdminBase):
+class UserAdmin(FormViewsAdmin, _UserAdminBase):
+    """A person's own columns are edited on Django's user page. Adding someone (``sign_up``, which makes their
+    personal organization) and deactivating them (``deactivate_user``, which applies the ownership rule) are form
+    views and actions."""
+
     form = UserEditForm
-    add_form = UserAddForm
     fieldsets = (
         (None, {"fields": ("email", "password")}),
         ("Personal info", {"fields": ("name",)}),
-        ("Permissions", {"fields": ("is_active", "is_staff", "is_superuser", "groups", "user_permissions")}),
+        (
+            "Permissions",
+            {
+                "fields": ("is_active", "is_staff", "is_superuser", "groups", "user_permissions"),
+                "description": "Deactivate with the Deactivate button above, or from the list's actions.",
+            },
+        ),
         ("Important dates", {"fields": ("last_login", "date_joined")}),
     )
-    add_fieldsets = (
-        (None, {"classes": ("wide",), "fields": ("email", "name", "usable_password", "password1", "password2")}),
-    )
-    readonly_fields = ("last_login", "date_joined")
+    readonly_fields = ("is_active", "last_login", "date_joined")
     list_display = ("email", "name", "is_active", "is_staff", "is_superuser", "date_joined", "last_login")
     list_filter = ("is_staff", "is_active", "is_superuser", "groups")
     search_fields = ("email", "name")
     ordering = ("email",)
     inlines = (MembershipOfUserInline,)
-    actions = ("deactivate_selected",)
+    actions = ("deactivate_selected", "reactivate_selected")
 
-    def get_inlines(self, request: HttpRequest, obj: User | None) -> tuple[type[MembershipOfUserInline], ...]:
-        # A new person's only membership is the personal organization that sign_up creates.
-        return () if obj is None else (MembershipOfUserInline,)
+    def get_urls(self) -> list[URLPattern]:
+        return [
+            self.form_view_path("sign-up/", self.sign_up_view, "sign_up"),
+            self.form_view_path("<path:object_id>/deactivate/", self.deactivate_view, "deactivate"),
+            *super().get_urls(),
+        ]
 
-    def save_model(self, request: HttpRequest, obj: User, form: Any, change: Any) -> None:
-        if change:
-            if "is_active" in form.changed_data and not obj.is_active:
-                # Through deactivate_user, which applies the ownership rule and suspends their solo organizations.
-                try:
-                    deactivate_user(user=obj, actor=request_actor(request))
-                except AccountsError as error:
-                    self.refuse(request, f"{obj} was not deactivated: {error}")
-                    return
-                columns = {field.name for field in User._meta.concrete_fields}
-                others = [name for name in form.changed_data if name in columns and name != "is_active"]
-                if others:
-                    obj.save(update_fields=others)
-                return
-            super().save_model(request, obj, form, change)
-            return
-        # Through sign_up, so the person gets a personal organization and the audit log a sign-up row.
-        password = form.cleaned_data.get("password1") if form.cleaned_data.get("set_usable_password", True) else None
-        created = sign_up(email=obj.email, password=password or None, name=obj.name, actor=request_actor(request))
-        # The add view goes on with ``obj`` (log entry, redirect to its change page): make it the stored row.
-        obj.pk = created.pk
-        obj.refresh_from_db()
-        obj._state.adding = False
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # people are added by the sign-up form view
+
+    def get_list_tools(self, request: HttpRequest) -> list[Tool]:
+        return [Tool("Add user", self.form_view_url("sign_up"))] if self.has_create_permission(request) else []
+
+    def get_object_tools(self, request: HttpRequest, obj: User) -> list[Tool]:
+        if not (obj.is_active and self.has_operate_permission(request)):
+            return []
+        return [Tool("Deactivate", self.form_view_url("deactivate", obj.pk))]
+
+    @method_decorator(sensitive_post_parameters())
+    def sign_up_view(self, request: HttpRequest) -> HttpResponse:
+        if not self.has_create_permission(request):
+            raise PermissionDenied
+        form = UserAddForm(form_data(request))
+        if form.is_valid():
+            try:
+                user = sign_up(
+                    email=form.cleaned_data["email"],
+                    password=form.password,
+                    name=form.cleaned_data["name"],
+                    actor=request_actor(request),
+                )
+            except AccountsError as error:  # the same address, signed up meanwhile
+                form.add_error("email", str(error))
+            else:
+                self.log_addition(request, user, [{"added": {}}])
+                self.message_user(request, f"Added {user}, with their personal organization.", messages.SUCCESS)
+                return self.change_page(user)
+        return self.render_form_view(
+            request,
+            title="Add user",
+            form=form,
+            intro="The person gets a personal organization, which they own. Staff rights and the rest are set on "
+            "their page afterwards.",
+            submit_label="Add user",
+        )
+
+    def deactivate_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        user: User = self.object_to_operate(request, object_id)
+        if request.method == "POST":
+            if not user.is_active:
+                self.message_user(request, f"{user} is already inactive.", messages.INFO)
+                return self.change_page(user)
+            try:
+                deactivate_user(user=user, actor=request_actor(request))
+            except AccountsError as error:
+                self.message_user(request, f"{user} was not deactivated: {error}", messages.ERROR)
+            else:
+                self.log_change(request, user, [{"changed": {"fields": ["is_active"]}}])
+                self.message_user(request, f"Deactivated {user}.", messages.SUCCESS)
+            return self.change_page(user)
+        return self.render_form_view(
+            request,
+            title="Deactivate",
+            form=forms.Form(),
+            obj=user,
+            intro=f"{user} will no longer be able to log in, and organizations where they are the only member are "
+            "suspended. Refused while they are the only owner of an organization with other members.",
+            refusal="" if user.is_active else f"{user} is already inactive.",
+            submit_label="Deactivate",
+        )
 
     def get_deleted_objects(
         self, objs: Sequence[User] | QuerySet[User], request: HttpRequest
@@ -304,7 +258,7 @@ class UserAdmin(_ServiceAdmin, _UserAdminBase):
         # Keys belong to organizations, so an ownerless one would keep working with nobody to answer for it.
         return deleted, counts, perms_needed, [*protected, *_orphaning_removals(ownerships)]
 
-    @admin.action(description="Deactivate selected users", permissions=["change"])
+    @admin.action(description="Deactivate selected users", permissions=["operate"])
     def deactivate_selected(self, request: HttpRequest, queryset: QuerySet[User]) -> None:
         actor = request_actor(request)
         candidates = list(queryset.filter(is_active=True))
@@ -320,48 +274,52 @@ class UserAdmin(_ServiceAdmin, _UserAdminBase):
         note = f" ({unchanged} already inactive)" if unchanged else ""
         self.message_user(request, f"Deactivated {deactivated} user(s){note}.", messages.SUCCESS)
 
+    @admin.action(description="Reactivate selected users", permissions=["operate"])
+    def reactivate_selected(self, request: HttpRequest, queryset: QuerySet[User]) -> None:
+        # They may log in again; organizations suspended with them stay suspended until unsuspended.
+        to_change = list(queryset.filter(is_active=False))
+        User.objects.filter(pk__in=[user.pk for user in to_change]).update(is_active=True)
+        key_cache.forget_all()  # their keys work again
+        for user in to_change:
+            self.log_change(request, user, [{"changed": {"fields": ["is_active"]}}])
+        unchanged = queryset.count() - len(to_change)
+        note = f" ({unchanged} already active)" if unchanged else ""
+        self.message_user(request, f"Reactivated {len(to_change)} user(s){note}.", messages.SUCCESS)
+
 
 # --- Organizations ------------------------------------------------------------------------------------------
 
 
-class OrganizationAddForm(_OrganizationFormBase):
-    """A team organization for a customer, created with its first owner."""
+@dataclass(frozen=True)
+class OrganizationSection:
+    """What another app shows on the organizations' pages (billing: the credit), without accounts importing it.
 
-    owner = forms.ModelChoiceField(
-        queryset=User.objects.all(),
-        widget=AutocompleteSelect(Membership._meta.get_field("user"), admin.site),
-        help_text="Becomes the organization's owner.",
-    )
+    ``fields`` are read-only rows of a section titled ``title`` on an organization's page and ``columns`` are added
+    to the list, each a function of the organization (decorated with ``admin.display``); ``related`` names what
+    they read, loaded with the organizations (``select_related``).
+    """
 
-    class Meta:
-        model = Organization
-        fields = ("name",)
+    title: str
+    fields: tuple[Callable[[Organization], Any], ...] = ()
+    columns: tuple[Callable[[Organization], Any], ...] = ()
+    related: tuple[str, ...] = ()
 
 
-class MembershipOfOrganizationForm(_MembershipFormBase):
-    class Meta:
-        model = Membership
-        fields = ("user", "role")
+_organization_sections: list[OrganizationSection] = []
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if self.instance.pk is not None:
-            # A membership stays one person's; moving it to someone else would bypass the audit log. A plain
-            # one-choice select shows who without the autocomplete widget's query per row.
-            user_field = self.fields["user"]
-            user_field.disabled = True
-            user_field.widget = forms.Select(choices=[(self.instance.user_id, str(self.instance.user))])
+
+def add_organization_section(section: OrganizationSection) -> None:
+    """Shows ``section`` on the organizations' pages; called by another app's admin module as it loads."""
+    _organization_sections.append(section)
 
 
 class MembershipOfOrganizationInline(_MembershipOfOrganizationInlineBase):
-    """Members; additions are audited and role changes go through the owner rule (see save_formset)."""
+    """Members; added and given roles on the organization's edit page, removed from a membership's page."""
 
     model = Membership
-    form = MembershipOfOrganizationForm
     fk_name = "organization"
     fields = ("user", "role", "created_at")
-    readonly_fields = ("created_at",)
-    autocomplete_fields = ("user",)
+    readonly_fields = fields
     extra = 0
     can_delete = False
     show_change_link = True
@@ -369,6 +327,12 @@ class MembershipOfOrganizationInline(_MembershipOfOrganizationInlineBase):
     def get_queryset(self, request: HttpRequest) -> QuerySet[Membership]:
         # Each row's title is the membership's str(), which names both ends.
         return super().get_queryset(request).select_related("user", "organization")
+
+    def has_add_permission(self, request: HttpRequest, obj: Organization | None) -> bool:  # type: ignore[override]
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Organization | None = None) -> bool:
+        return False
 
 
 class ApiKeyOfOrganizationInline(_ApiKeyOfOrganizationInlineBase):
@@ -394,7 +358,10 @@ class ApiKeyOfOrganizationInline(_ApiKeyOfOrganizationInlineBase):
 
 
 @admin.register(Organization)
-class OrganizationAdmin(_ServiceAdmin, _OrganizationAdminBase):
+class OrganizationAdmin(OperableAdmin):
+    """Made with its owner (``create_organization``) and edited with its members on form views; suspended from the
+    list's actions. Deleting one is Django's own delete, which takes its rows with it."""
+
     list_display = (
         "name",
         "slug",
@@ -407,25 +374,54 @@ class OrganizationAdmin(_ServiceAdmin, _OrganizationAdminBase):
     )
     list_filter = ("is_personal", SuspendedFilter, "created_at")
     search_fields = ("name", "slug", "id")
-    readonly_fields = ("id", "is_personal", "suspended_at", "created_at")
     fieldsets = (
         (None, {"fields": ("id", "name", "slug", "is_personal", "created_at")}),
         ("Limits", {"fields": ("concurrency_limit",)}),
         ("Status", {"fields": ("suspended_at",), "description": "Suspend or unsuspend from the list's actions."}),
     )
-    add_fieldsets = ((None, {"fields": ("name", "owner")}),)
     inlines = (MembershipOfOrganizationInline, ApiKeyOfOrganizationInline)
     actions = ("suspend_selected", "unsuspend_selected")
 
+    def get_urls(self) -> list[URLPattern]:
+        return [
+            self.form_view_path("create/", self.create_view, "create"),
+            self.form_view_path("<path:object_id>/edit/", self.edit_view, "edit"),
+            *super().get_urls(),
+        ]
+
+    def has_delete_permission(self, request: HttpRequest, obj: Organization | None = None) -> bool:
+        return self.has_model_permission(request, "delete")
+
     def get_queryset(self, request: HttpRequest) -> QuerySet[Organization]:
+        related = [name for section in _organization_sections for name in section.related]
         return (
             super()
             .get_queryset(request)
+            .select_related(*related)
             .annotate(
                 member_count=_count_per_organization(Membership.objects.all()),
                 active_key_count=_count_per_organization(ApiKey.objects.usable()),
             )
         )
+
+    def get_list_display(self, request: HttpRequest) -> Any:
+        columns: list[str | Callable[[Organization], Any]] = list(super().get_list_display(request))
+        added = [column for section in _organization_sections for column in section.columns]
+        return [*columns[:4], *added, *columns[4:]]
+
+    def get_fieldsets(self, request: HttpRequest, obj: Organization | None = None) -> Any:
+        sections = [(section.title, {"fields": section.fields}) for section in _organization_sections]
+        return [*super().get_fieldsets(request, obj), *sections]
+
+    def get_list_tools(self, request: HttpRequest) -> list[Tool]:
+        if not self.has_create_permission(request):
+            return []
+        return [Tool("Add organization", self.form_view_url("create"))]
+
+    def get_object_tools(self, request: HttpRequest, obj: Organization) -> list[Tool]:
+        if not self.has_operate_permission(request):
+            return []
+        return [Tool("Edit name, limit and members", self.form_view_url("edit", obj.pk))]
 
     @admin.display(description="members", ordering="member_count")
     def member_count(self, organization: Organization) -> int:
@@ -439,67 +435,81 @@ class OrganizationAdmin(_ServiceAdmin, _OrganizationAdminBase):
     def suspended(self, organization: Organization) -> bool:
         return organization.is_suspended
 
-    def get_fieldsets(self, request: HttpRequest, obj: Organization | None = None) -> Any:
-        return self.add_fieldsets if obj is None else super().get_fieldsets(request, obj)
+    def create_view(self, request: HttpRequest) -> HttpResponse:
+        if not self.has_create_permission(request):
+            raise PermissionDenied
+        form = OrganizationCreateForm(form_data(request))
+        if form.is_valid():
+            organization = create_organization(
+                name=form.cleaned_data["name"], owner=form.cleaned_data["owner"], actor=request_actor(request)
+            )
+            self.log_addition(request, organization, [{"added": {}}])
+            self.message_user(request, f"Added the organization {organization}.", messages.SUCCESS)
+            return self.change_page(organization)
+        return self.render_form_view(
+            request,
+            title="Add organization",
+            form=form,
+            intro="A team organization for a customer; more members are added on its edit page.",
+            submit_label="Add organization",
+        )
 
-    def get_form(
-        self, request: HttpRequest, obj: Organization | None = None, change: bool = False, **kwargs: Any
-    ) -> Any:
-        if obj is None:
-            kwargs["form"] = OrganizationAddForm
-        return super().get_form(request, obj, change=change, **kwargs)
+    def edit_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        organization: Organization = self.object_to_operate(request, object_id)
+        data = form_data(request)
+        form = OrganizationForm(data, instance=organization)
+        members = MembershipFormSet(data, instance=organization, queryset=Membership.objects.select_related("user"))
+        if all([form.is_valid(), members.is_valid()]):
+            response = self._save(request, organization, form, members)
+            if response is not None:
+                return response
+        return self.render_form_view(
+            request,
+            title="Edit name, limit and members",
+            form=form,
+            obj=organization,
+            formset=members,
+            formset_title="Members",
+            intro="Fill the last row to add a member. An organization always keeps an owner: to hand it over, make "
+            "the new owner owner and the old one something else in the same save.",
+        )
 
-    def get_inlines(self, request: HttpRequest, obj: Organization | None) -> Any:
-        # A new organization's first member is its owner, chosen on the add form.
-        return () if obj is None else self.inlines
-
-    def save_model(self, request: HttpRequest, obj: Organization, form: Any, change: Any) -> None:
+    def _save(
+        self,
+        request: HttpRequest,
+        organization: Organization,
+        form: OrganizationForm,
+        members: BaseInlineFormSet[Membership, Organization, Any],
+    ) -> HttpResponse | None:
+        """Saves a valid edit through the services; None when the limit was refused (the form shows why)."""
         actor = request_actor(request)
-        if not change:
-            created = create_organization(name=obj.name, owner=form.cleaned_data["owner"], actor=actor)
-            # The add view goes on with ``obj`` (log entry, redirect): make it the stored row.
-            obj.pk = created.pk
-            obj.refresh_from_db()
-            obj._state.adding = False
-            return
         if "concurrency_limit" in form.changed_data:
             try:
-                set_concurrency_limit(organization=obj, limit=obj.concurrency_limit, actor=actor)
+                set_concurrency_limit(
+                    organization=organization, limit=form.cleaned_data["concurrency_limit"], actor=actor
+                )
             except AccountsError as error:
-                self.refuse(request, f"The organization was not changed: {error}")
-                return
+                form.add_error("concurrency_limit", str(error))
+                return None
         # Only the other edited columns: a full save would write back a suspended_at read before a concurrent
         # suspension, and the limit is the service's.
-        others = [name for name in form.changed_data if name != "concurrency_limit"]
-        if others:
-            obj.save(update_fields=others)
+        columns = [name for name in form.changed_data if name != "concurrency_limit"]
+        if columns:
+            organization.save(update_fields=columns)
+        refusals = _save_members(organization, members, actor)
+        self.log_form_change(request, organization, form)
+        for refusal in refusals:
+            self.message_user(request, refusal, messages.ERROR)
+        if refusals:
+            return HttpResponseRedirect(self.form_view_url("edit", organization.pk))
+        self.message_user(request, f"The organization {organization} was changed.", messages.SUCCESS)
+        return self.change_page(organization)
 
-    def save_formset(self, request: HttpRequest, form: Any, formset: Any, change: Any) -> None:
-        if formset.model is not Membership:
-            super().save_formset(request, form, formset, change)
-            return
-        actor = request_actor(request)
-        for membership in formset.save(commit=False):
-            if membership._state.adding:
-                try:
-                    add_member(
-                        organization=membership.organization, user=membership.user, role=membership.role, actor=actor
-                    )
-                except AccountsError as error:
-                    messages.error(request, f"{membership.user} was not added: {error}")
-        # Promotions to owner first, so handing ownership over in one save is not refused as removing the last owner.
-        role_changes = [m for m, changed in formset.changed_objects if "role" in changed]
-        for membership in sorted(role_changes, key=lambda m: m.role != Role.OWNER):
-            try:
-                change_member_role(membership=membership, role=membership.role, actor=actor)
-            except AccountsError as error:
-                messages.error(request, f"{membership.user} keeps the role they had: {error}")
-
-    @admin.action(description="Suspend selected organizations", permissions=["change"])
+    @admin.action(description="Suspend selected organizations", permissions=["operate"])
     def suspend_selected(self, request: HttpRequest, queryset: QuerySet[Organization]) -> None:
         self._set_suspended(request, queryset, suspended=True)
 
-    @admin.action(description="Unsuspend selected organizations", permissions=["change"])
+    @admin.action(description="Unsuspend selected organizations", permissions=["operate"])
     def unsuspend_selected(self, request: HttpRequest, queryset: QuerySet[Organization]) -> None:
         self._set_suspended(request, queryset, suspended=False)
 
@@ -515,88 +525,102 @@ class OrganizationAdmin(_ServiceAdmin, _OrganizationAdminBase):
         self.message_user(request, f"{verb} {len(to_change)} organization(s){note}.", messages.SUCCESS)
 
 
+def _save_members(
+    organization: Organization, members: BaseInlineFormSet[Membership, Organization, Any], actor: Actor
+) -> list[str]:
+    """Adds the new members and changes roles through the services; returns why each refused row was refused."""
+    members.save(commit=False)  # fills new_objects and changed_objects; the services write
+    refusals = []
+    for membership in members.new_objects:
+        try:
+            add_member(organization=organization, user=membership.user, role=membership.role, actor=actor)
+        except AccountsError as error:
+            refusals.append(f"{membership.user} was not added: {error}")
+    # Promotions to owner first, so handing ownership over in one save is not refused as removing the last owner.
+    role_changes = [membership for membership, changed in members.changed_objects if "role" in changed]
+    for membership in sorted(role_changes, key=lambda m: m.role != Role.OWNER):
+        try:
+            change_member_role(membership=membership, role=membership.role, actor=actor)
+        except AccountsError as error:
+            refusals.append(f"{membership.user} keeps the role they had: {error}")
+    return refusals
+
+
 # --- Memberships --------------------------------------------------------------------------------------------
 
 
 @admin.register(Membership)
-class MembershipAdmin(_ServiceAdmin, _MembershipAdminBase):
+class MembershipAdmin(OperableAdmin):
+    """Members are added and given roles on their organization's edit page, and removed here (``remove_member``,
+    which keeps an owner)."""
+
     list_display = ("user", "organization", "role", "created_at")
     list_filter = ("role",)
     search_fields = ("user__email", "organization__name")
-    list_select_related = ("user", "organization")
-    autocomplete_fields = ("user", "organization")
+    fields = ("user", "organization", "role", "created_at")
+    actions = ("remove_selected",)
 
-    def get_fields(self, request: HttpRequest, obj: Membership | None = None) -> Any:
-        return ("user", "organization", "role") if obj is None else ("user", "organization", "role", "created_at")
+    def get_urls(self) -> list[URLPattern]:
+        return [self.form_view_path("<path:object_id>/remove/", self.remove_view, "remove"), *super().get_urls()]
 
-    def get_readonly_fields(self, request: HttpRequest, obj: Membership | None = None) -> Any:
-        # Once made, a membership only changes role; moving it between people or organizations is not a thing.
-        return () if obj is None else ("user", "organization", "created_at")
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Membership]:
+        # A membership's str() and its page name both ends.
+        return super().get_queryset(request).select_related("user", "organization")
 
-    def save_model(self, request: HttpRequest, obj: Membership, form: Any, change: Any) -> None:
-        actor = request_actor(request)
-        if not change:
+    def get_object_tools(self, request: HttpRequest, obj: Membership) -> list[Tool]:
+        if not self.has_operate_permission(request):
+            return []
+        return [
+            Tool(
+                "Change role", reverse(f"{self.admin_site.name}:accounts_organization_edit", args=[obj.organization_id])
+            ),
+            Tool("Remove from the organization", self.form_view_url("remove", obj.pk)),
+        ]
+
+    def remove_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        membership: Membership = self.object_to_operate(request, object_id)
+        if request.method == "POST":
             try:
-                created = add_member(organization=obj.organization, user=obj.user, role=obj.role, actor=actor)
+                remove_member(membership=membership, actor=request_actor(request))
             except AccountsError as error:
-                self.refuse(request, f"The member was not added: {error}")
-                return
-            # The add view goes on with ``obj`` (log entry, redirect): make it the stored row.
-            obj.pk = created.pk
-            obj.refresh_from_db()
-            obj._state.adding = False
-            return
-        if "role" not in form.changed_data:
-            return
-        try:
-            change_member_role(membership=obj, role=obj.role, actor=actor)
-        except AccountsError as error:
-            self.refuse(request, f"The role was not changed: {error}")
+                message = f"{membership.user} was not removed from {membership.organization}: {error}"
+                self.message_user(request, message, messages.ERROR)
+                return self.change_page(membership)
+            self.message_user(request, f"Removed {membership.user} from {membership.organization}.", messages.SUCCESS)
+            return HttpResponseRedirect(self.form_view_url("changelist"))
+        return self.render_form_view(
+            request,
+            title="Remove from the organization",
+            form=forms.Form(),
+            obj=membership,
+            intro=f"{membership.user} will no longer have access to {membership.organization}.",
+            refusal=" ".join(_orphaning_removals([membership])),
+            submit_label="Remove",
+        )
 
-    def get_deleted_objects(
-        self, objs: Sequence[Membership] | QuerySet[Membership], request: HttpRequest
-    ) -> tuple[list[str], dict[str, int], set[str], list[str]]:
-        deleted, counts, perms_needed, protected = super().get_deleted_objects(objs, request)
-        return deleted, counts, perms_needed, [*protected, *_orphaning_removals(objs)]
-
-    def delete_model(self, request: HttpRequest, obj: Membership) -> None:
-        # get_deleted_objects has refused a last owner already; this refusal is for one who became so meanwhile
-        # (the delete view has written its log entry by now; the audit log has nothing).
-        try:
-            remove_member(membership=obj, actor=request_actor(request))
-        except AccountsError as error:
-            self.refuse(request, f"{obj.user} was not removed from {obj.organization}: {error}")
-
-    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Membership]) -> None:
+    @admin.action(description="Remove selected members from their organizations", permissions=["operate"])
+    def remove_selected(self, request: HttpRequest, queryset: QuerySet[Membership]) -> None:
         actor = request_actor(request)
+        removed = 0
         for membership in queryset.select_related("user", "organization"):
             try:
                 remove_member(membership=membership, actor=actor)
             except AccountsError as error:
-                messages.error(request, f"{membership.user} was not removed from {membership.organization}: {error}")
+                message = f"{membership.user} was not removed from {membership.organization}: {error}"
+                self.message_user(request, message, messages.ERROR)
+            else:
+                removed += 1
+        self.message_user(request, f"Removed {removed} member(s).", messages.SUCCESS)
 
 
 # --- API keys -----------------------------------------------------------------------------------------------
 
 
-class ApiKeyChangeForm(_ApiKeyFormBase):
-    class Meta:
-        model = ApiKey
-        fields = ("name", "requests_per_minute", "expires_at")
-
-    def clean_expires_at(self) -> datetime | None:
-        expires_at: datetime | None = self.cleaned_data["expires_at"]
-        if "expires_at" in self.changed_data:
-            # The service's rule, shown on the field; a past expiry that is left as it is stays.
-            try:
-                validate_expires_at(expires_at)
-            except AccountsError as error:
-                raise forms.ValidationError(str(error), code="expired") from None
-        return expires_at
-
-
 @admin.register(ApiKey)
-class ApiKeyAdmin(_ServiceAdmin, _ApiKeyAdminBase):
+class ApiKeyAdmin(OperableAdmin):
+    """Made by the API and the dashboard, the only places that can show the secret once; edited here through
+    ``update_api_key`` (which audits a change of rate or expiry) and revoked from the list's actions."""
+
     list_display = (
         "name",
         "organization",
@@ -610,7 +634,6 @@ class ApiKeyAdmin(_ServiceAdmin, _ApiKeyAdminBase):
     list_filter = (RevokedFilter, "created_at")
     search_fields = ("name", "id", "organization__name", "organization__slug")
     list_select_related = ("organization",)
-    form = ApiKeyChangeForm
     # Listed explicitly so that secret_hash can never appear, whatever is added to the model later.
     fields = (
         "id",
@@ -626,19 +649,18 @@ class ApiKeyAdmin(_ServiceAdmin, _ApiKeyAdminBase):
         "created_by",
         "created_at",
     )
-    editable_fields = ("name", "requests_per_minute", "expires_at")
-    readonly_fields = (
-        "id",
-        "organization",
-        "status",
-        "scope_list",
-        "secret_hint",
-        "revoked_at",
-        "last_used_at",
-        "created_by",
-        "created_at",
-    )
     actions = ("revoke_selected",)
+
+    def get_urls(self) -> list[URLPattern]:
+        return [self.form_view_path("<path:object_id>/edit/", self.edit_view, "edit"), *super().get_urls()]
+
+    def has_delete_permission(self, request: HttpRequest, obj: ApiKey | None = None) -> bool:
+        return self.has_model_permission(request, "delete")
+
+    def get_object_tools(self, request: HttpRequest, obj: ApiKey) -> list[Tool]:
+        if not self.has_operate_permission(request):
+            return []
+        return [Tool("Edit name, rate and expiry", self.form_view_url("edit", obj.pk))]
 
     @admin.display(description="status")
     def status(self, api_key: ApiKey) -> str:
@@ -648,21 +670,22 @@ class ApiKeyAdmin(_ServiceAdmin, _ApiKeyAdminBase):
     def scope_list(self, api_key: ApiKey) -> str:
         return ", ".join(api_key.scopes)
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        # Keys are made by the API and the dashboard, the only places that can show the secret once.
-        return False
+    def edit_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        api_key: ApiKey = self.object_to_operate(request, object_id)
+        form = ApiKeyForm(form_data(request), instance=api_key)
+        if form.is_valid():
+            changes = {name: form.cleaned_data[name] for name in form.changed_data}
+            try:
+                update_api_key(api_key=api_key, actor=request_actor(request), **changes)
+            except AccountsError as error:
+                form.add_error(None, str(error))
+            else:
+                self.log_form_change(request, api_key, form)
+                self.message_user(request, f"The key {api_key.name} was changed.", messages.SUCCESS)
+                return self.change_page(api_key)
+        return self.render_form_view(request, title="Edit name, rate and expiry", form=form, obj=api_key)
 
-    def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: Any) -> None:
-        changed = {name: getattr(obj, name) for name in self.editable_fields if name in form.changed_data}
-        if not changed:
-            return
-        # The service writes only these columns and audits a change of rate or expiry.
-        try:
-            update_api_key(api_key=obj, actor=request_actor(request), **changed)
-        except AccountsError as error:
-            self.refuse(request, f"The key was not changed: {error}")
-
-    @admin.action(description="Revoke selected keys", permissions=["change"])
+    @admin.action(description="Revoke selected keys", permissions=["operate"])
     def revoke_selected(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
         actor = request_actor(request)
         to_revoke = list(queryset.filter(revoked_at__isnull=True).select_related("organization"))
@@ -677,7 +700,7 @@ class ApiKeyAdmin(_ServiceAdmin, _ApiKeyAdminBase):
 
 
 @admin.register(AuditEvent)
-class AuditEventAdmin(_AuditEventAdminBase):
+class AuditEventAdmin(OperableAdmin):
     """Append-only: nobody edits or deletes history from the console."""
 
     list_display = (
@@ -723,12 +746,3 @@ class AuditEventAdmin(_AuditEventAdminBase):
     @admin.display(description="metadata")
     def metadata_json(self, event: AuditEvent) -> str:
         return format_html("<pre>{}</pre>", json.dumps(event.metadata, indent=2, sort_keys=True))
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: AuditEvent | None = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: AuditEvent | None = None) -> bool:
-        return False

@@ -8,19 +8,18 @@ from typing import Any
 from django.db.models import QuerySet
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, status, viewsets
-from rest_framework.exceptions import NotFound, PermissionDenied
+from rest_framework.exceptions import NotFound
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from accounts.errors import InvalidInput, problem
 from accounts.models import ApiKey, Scope, User
 from accounts.parsers import StrictCursorPagination
 from accounts.permissions import HasScope, request_api_key, request_organization
 from accounts.schema import ApiAutoSchema, error, validation_error
 from accounts.serializers import ApiKeyCreatedSerializer, ApiKeyCreateSerializer, ApiKeySerializer, MeSerializer
-from accounts.services import Actor, InsufficientRole, TooManyKeys, create_api_key, revoke_api_key
+from accounts.services import Actor, create_api_key, revoke_api_key
 
 
 def request_actor(request: Request) -> Actor:
@@ -111,17 +110,12 @@ class ApiKeyViewSet(
     def create(self, request: Request) -> Response:
         serializer = ApiKeyCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        try:
-            api_key, token = create_api_key(
-                organization=request_organization(request),
-                created_by=api_key_creator(request),
-                actor=request_actor(request),
-                **serializer.validated_data,
-            )
-        except InsufficientRole as exc:
-            raise PermissionDenied(str(exc), code="insufficient_role") from None
-        except TooManyKeys as exc:
-            raise InvalidInput([problem(["body"], str(exc), "too_many_keys")], error_type="too_many_keys") from None
+        api_key, token = create_api_key(
+            organization=request_organization(request),
+            created_by=api_key_creator(request),
+            actor=request_actor(request),
+            **serializer.validated_data,
+        )
         payload: dict[str, Any] = dict(ApiKeyCreatedSerializer(api_key).data)
         payload["key"] = token
         return Response(payload, status=status.HTTP_201_CREATED)

@@ -12,7 +12,6 @@ from django.http import Http404
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.settings import api_settings
-from rest_framework.views import exception_handler
 
 logger = logging.getLogger(__name__)
 
@@ -26,24 +25,61 @@ ERROR_TYPES = {
 }
 
 
+class AppError(Exception):
+    """A request the platform's rules refuse, raised by services and answered once: ``{detail, error_type}`` with
+    ``status_code``, by the API's exception handler (``api_exception_handler``, which the async views reach through
+    DRF's views too) and by the dashboard's JSON views (``body``).
+
+    Subclasses name their ``error_type`` and ``status_code``; an instance may override either. ``detail`` is a
+    message, or for a 422 the located list ``[{loc, msg, type}]``; a 422 given a message is about the body."""
+
+    status_code: int = status.HTTP_400_BAD_REQUEST
+    error_type: str = "bad_request"
+
+    def __init__(
+        self, detail: str | list[dict[str, Any]], *, error_type: str | None = None, status_code: int | None = None
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        if error_type is not None:
+            self.error_type = error_type
+        if status_code is not None:
+            self.status_code = status_code
+
+    def __str__(self) -> str:
+        if isinstance(self.detail, list):
+            return "; ".join(str(item["msg"]) for item in self.detail)
+        return self.detail
+
+    def body(self) -> dict[str, Any]:
+        detail = self.detail
+        if self.status_code == 422 and not isinstance(detail, list):
+            detail = [problem(["body"], detail, self.error_type)]
+        return {"detail": detail, "error_type": self.error_type}
+
+
 class PayloadTooLarge(exceptions.APIException):
     status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
     default_detail = "Request body is too large."
     default_code = "payload_too_large"
 
 
-class InvalidInput(exceptions.APIException):
+class InvalidInput(AppError):
     """A 422 whose ``detail`` is already located: ``[{loc, msg, type}]``, each ``loc`` starting with where the
     value came from. ``error_type`` names the rule that refused it where one word says more than
     ``validation_error`` (``too_many_keys``)."""
 
     status_code = 422
-    default_code = "validation_error"
+    error_type = "validation_error"
 
-    def __init__(self, problems: list[dict[str, Any]], *, error_type: str = "validation_error") -> None:
-        super().__init__(detail="; ".join(str(item["msg"]) for item in problems), code=error_type)
-        self.problems = problems
-        self.error_type = error_type
+    def __init__(
+        self, problems: list[dict[str, Any]], *, error_type: str | None = None, status_code: int | None = None
+    ) -> None:
+        super().__init__(problems, error_type=error_type, status_code=status_code)
+
+    @property
+    def problems(self) -> list[dict[str, Any]]:
+        return cast(list[dict[str, Any]], self.detail)
 
     @classmethod
     def from_errors(cls, errors: Any, *, location: str) -> InvalidInput:
@@ -85,6 +121,9 @@ def _full_details(detail: Any) -> Any:
 
 
 def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    # Imported here: rest_framework.views reads the API settings, whose parsers import this module.
+    from rest_framework.views import exception_handler
+
     if isinstance(exc, RequestDataTooBig):
         exc = PayloadTooLarge()
     elif isinstance(exc, Http404):
@@ -92,8 +131,8 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     elif isinstance(exc, DjangoPermissionDenied):
         exc = exceptions.PermissionDenied()
 
-    if isinstance(exc, InvalidInput):
-        return Response({"detail": exc.problems, "error_type": exc.error_type}, status=422)
+    if isinstance(exc, AppError):
+        return Response(exc.body(), status=exc.status_code)
     if isinstance(exc, exceptions.ValidationError):
         # Raised from a view's body serializer: a query, path or header is parsed through InvalidInput.
         detail = validation_detail(_full_details(exc.get_full_details()))

@@ -3,15 +3,15 @@
 **The lock order.** A transaction that locks more than one kind of row takes them in this order, and never
 goes back to an earlier kind once it holds a later one:
 
-1. the Stripe event being applied (``billing.stripe_events``),
+1. the Stripe event being applied (``billing.locks.locked_stripe_event``),
 2. the organization (``lock_organization``: dispatch, limits),
 3. jobs, in ``created_at, id`` order when several (``inference.locks.lock_job``),
 4. the job's attempt (``inference.locks.lock_attempt``),
-5. the organization's billing account (``billing.ledger.locked_account``),
-6. the job's hold, then payments (always under the account's lock).
+5. the organization's billing account (``billing.locks.locked_account``),
+6. the job's hold, then payments (always under the account's lock: ``billing.locks.locked_payment``).
 
 Inference's rows come before billing's because billing's hooks run inside inference's transactions, after the
-job is locked (DESIGN §1: inference knows nothing of money, so it cannot lock an account first).
+job is locked (inference knows nothing of money, so it cannot lock an account first: docs/architecture.md).
 
 Every lock names what it locks (``of=("self",)``: no join drags another table's rows in) and is
 ``FOR NO KEY UPDATE``: none of these transactions changes a primary key, and a plain ``FOR UPDATE`` would also

@@ -17,7 +17,8 @@ from django.db.models import Q
 from django.utils import timezone
 from django.utils.text import slugify
 
-from accounts import policy
+from accounts import key_cache, policy
+from accounts.errors import AppError
 from accounts.locking import lock_organization
 from accounts.models import (
     ApiKey,
@@ -32,16 +33,24 @@ from accounts.models import (
 )
 
 
-class AccountsError(Exception):
+class AccountsError(AppError):
     """A request that is well-formed but not allowed by the rules of the domain."""
+
+    status_code = 422
+    error_type = "validation_error"
 
 
 class InsufficientRole(AccountsError):
     """The maker asked for scopes their role may not grant (accounts.policy): a key never outranks its maker."""
 
+    status_code = 403
+    error_type = "insufficient_role"
+
 
 class TooManyKeys(AccountsError):
     """The organization already has as many usable keys as it may (``API_KEYS_PER_ORGANIZATION``)."""
+
+    error_type = "too_many_keys"
 
 
 DEFAULT_KEYS_PER_ORGANIZATION = 100
@@ -168,6 +177,7 @@ def deactivate_user(*, user: User, actor: Actor = SYSTEM) -> User:
             f"{user} is the only owner of an organization with other members ({names}): make someone else owner first."
         )
     updated = User.objects.filter(pk=user.pk, is_active=True).update(is_active=False)
+    key_cache.forget_all()
     user.is_active = False
     if not updated:
         return user  # deactivated meanwhile by someone else, who did the rest
@@ -305,6 +315,7 @@ def update_api_key(
     if not changes:
         return api_key
     ApiKey.objects.filter(pk=api_key.pk).update(**changes)
+    key_cache.forget_all()
     limits = {
         field: {"from": _jsonable(getattr(stored, field)), "to": _jsonable(value)}
         for field, value in changes.items()
@@ -325,6 +336,7 @@ def update_api_key(
 def revoke_api_key(*, api_key: ApiKey, actor: Actor = SYSTEM) -> ApiKey:
     """Idempotent: revoking a revoked key changes nothing and audits nothing."""
     updated = ApiKey.objects.filter(pk=api_key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+    key_cache.forget_all()
     api_key.refresh_from_db(fields=["revoked_at"])
     if updated:
         record_audit(action=AuditAction.KEY_REVOKED, actor=actor, organization=api_key.organization, target=api_key)
@@ -417,6 +429,7 @@ def set_organization_suspended(*, organization: Organization, suspended: bool, a
     updated = Organization.objects.filter(pk=organization.pk, suspended_at__isnull=suspended).update(
         suspended_at=timezone.now() if suspended else None
     )
+    key_cache.forget_all()
     organization.refresh_from_db(fields=["suspended_at"])
     if updated:
         record_audit(

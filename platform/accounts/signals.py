@@ -3,11 +3,28 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib.auth.signals import user_login_failed
+from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 from django.http import HttpRequest
 
-from accounts.models import AuditAction
+from accounts import key_cache
+from accounts.models import ApiKey, AuditAction, Membership, Organization, User
 from accounts.services import Actor, record_audit
+
+
+@receiver([post_save, post_delete], sender=ApiKey)
+@receiver([post_save, post_delete], sender=Organization)
+@receiver([post_save, post_delete], sender=Membership)
+@receiver([post_save, post_delete], sender=User)
+def forget_verified_keys(sender: Any, instance: Any, created: bool = False, **kwargs: Any) -> None:
+    """Whatever authentication reads changed: no process may answer from a key it kept (accounts/key_cache.py).
+    A new key, a new person and a log-in change nothing a kept key carries."""
+    update_fields = kwargs.get("update_fields")
+    if created and sender in (ApiKey, User):
+        return
+    if update_fields is not None and set(update_fields) <= {"last_login", "last_used_at"}:
+        return
+    key_cache.forget_all()
 
 
 @receiver(user_login_failed)

@@ -5,7 +5,7 @@ every cache operation, and redis-py's constructor fills a table of ~170 response
 time, which showed up as a fifth of an API request's time. The client is thread-safe (connections
 come from the pool), so one per pool serves every thread.
 
-``FailSoftRedisCache`` is the one the platform runs (DESIGN §4: a request path never fails because
+``FailSoftRedisCache`` is the one the platform runs (docs/money.md: a request path never fails because
 Redis is down). When Redis refuses, drops or stalls an operation, the operation is answered from a
 per-process local-memory cache instead, and for ``BREAKER_SECONDS`` after that failure Redis is not
 asked at all (then one caller probes it again), so an outage costs each process one failed call

@@ -1,4 +1,4 @@
-"""A private redis-server for one run: the embedded run's broker, cache and pub/sub (DESIGN §2).
+"""A private redis-server for one run: the embedded run's broker, cache and pub/sub (docs/architecture.md, Processes).
 
 The embedded run (``manage.py runplatform``) and the end-to-end tests start one on loopback, on a free
 port, behind a password of its own (any local user can reach a loopback port) and with no persistence:

@@ -178,7 +178,7 @@ REDIS_URL = env_str("REDIS_URL") or None
 if REDIS_URL:
     CACHES = {
         "default": {
-            # Answers from process memory while Redis is down or slow (DESIGN §4): no request fails with it.
+            # Answers from process memory while Redis is down or slow: no request fails with it (docs/money.md).
             "BACKEND": "config.cache.FailSoftRedisCache",
             "LOCATION": REDIS_URL,
             "KEY_PREFIX": env_str("CACHE_KEY_PREFIX", "gm") or "gm",
@@ -311,9 +311,12 @@ API_KEY_DEFAULT_REQUESTS_PER_MINUTE = env_int("API_KEY_DEFAULT_REQUESTS_PER_MINU
 # Usable (unrevoked, unexpired) keys an organization may hold at once; one more is a 422 too_many_keys.
 API_KEYS_PER_ORGANIZATION = env_int("API_KEYS_PER_ORGANIZATION", 100, minimum=1)
 API_KEY_LAST_USED_RESOLUTION_SECONDS = env_int("API_KEY_LAST_USED_RESOLUTION_SECONDS", 60, minimum=1)
+# How long a verified key is kept in memory and in Redis (accounts/key_cache.py); any change to keys, organizations
+# or members stops every kept key at once. 0: every request reads the database.
+API_KEY_CACHE_SECONDS = env_int("API_KEY_CACHE_SECONDS", 60, minimum=0)
 ORGANIZATION_DEFAULT_CONCURRENCY = env_int("ORGANIZATION_DEFAULT_CONCURRENCY", 2, minimum=1)
 
-# Inference: jobs, workers, outputs, webhooks (DESIGN §3, §5).
+# Inference: jobs, workers, outputs, webhooks (docs/lifecycle.md).
 PUBLIC_BASE_URL = (env_str("PUBLIC_BASE_URL") or "http://127.0.0.1:8000").rstrip("/")
 MODELS_DIR = Path(env_str("MODELS_DIR") or DATA_DIR / "models")
 LOCAL_MODELS_GPU_CLASS = env_str("LOCAL_MODELS_GPU_CLASS", "cpu") or "cpu"
@@ -335,7 +338,7 @@ OUTBOUND_ALLOW_PRIVATE = env_bool("OUTBOUND_ALLOW_PRIVATE", EMBEDDED)
 WEBHOOK_TIMEOUT_SECONDS = env_int("WEBHOOK_TIMEOUT_SECONDS", 15, minimum=1)
 WEBHOOK_RETRY_WINDOW_SECONDS = env_int("WEBHOOK_RETRY_WINDOW_SECONDS", 26 * 3600, minimum=1)
 
-# Billing (DESIGN §4): micro-dollars everywhere, cents only at Stripe.
+# Billing (docs/money.md): micro-dollars everywhere, cents only at Stripe.
 BILLING_SIGNUP_CREDITS_MICROS = env_int("BILLING_SIGNUP_CREDITS_MICROS", 1_000_000, minimum=0)
 # Admission holds the estimated cost of a job: measured GPU ms per work unit (steps x images x 512²
 # tiles) of the endpoint over the last week plus a margin; before any is measured, this bound per class: about

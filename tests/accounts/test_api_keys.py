@@ -80,10 +80,12 @@ def test_revocation_is_effective_on_the_next_request(tenant: dict[str, Any], mak
     assert AuditEvent.objects.filter(action=AuditAction.KEY_REVOKED, target_id=str(victim.id)).count() == 1
 
 
-def test_expired_key_is_401(tenant: dict[str, Any], make_key: Any) -> None:
-    api_key, token = make_key(tenant["organization"], expires_at=timezone.now() + timedelta(hours=1))
+def test_expired_key_is_401(tenant: dict[str, Any], make_key: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, token = make_key(tenant["organization"], expires_at=timezone.now() + timedelta(hours=1))
     assert client_for(token).get("/v1/me").status_code == 200
-    ApiKey.objects.filter(pk=api_key.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    # Two hours later: a key kept since the first request (accounts/key_cache.py) expires all the same.
+    later = timezone.now() + timedelta(hours=2)
+    monkeypatch.setattr(timezone, "now", lambda: later)
     response = client_for(token).get("/v1/me")
     assert response.status_code == 401
     assert response.json()["error_type"] == "api_key_expired"
@@ -213,7 +215,10 @@ def test_unknown_or_malformed_key_ids_are_404(tenant: dict[str, Any], key_id: st
     assert tenant["client"].delete(f"/v1/keys/{key_id}").status_code == 404
 
 
-def test_last_used_is_kept_without_a_write_per_request(tenant: dict[str, Any], django_assert_num_queries: Any) -> None:
+def test_last_used_is_kept_without_a_write_per_request(
+    tenant: dict[str, Any], django_assert_num_queries: Any, settings: Any
+) -> None:
+    settings.API_KEY_CACHE_SECONDS = 0  # every request reads the key (tests/accounts/test_key_cache.py keeps it)
     assert ApiKey.objects.get(pk=tenant["api_key"].pk).last_used_at is None
     with django_assert_num_queries(2):  # look the key up, stamp last_used_at
         tenant["client"].get("/v1/me")

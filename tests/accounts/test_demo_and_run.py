@@ -11,7 +11,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from io import StringIO
 from pathlib import Path
@@ -26,6 +25,7 @@ from rest_framework.test import APIClient
 
 from accounts.models import Organization, Scope, User
 from config.embedded_redis import EmbeddedRedis
+from tests.waiting import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # What tests/conftest.py or CI may have set: the embedded run must work with none of it.
@@ -187,20 +187,25 @@ class EmbeddedRun:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def running(self) -> bool:
+        """True while runplatform runs; fails the test at once if it has exited."""
+        if self.process.poll() is not None:
+            pytest.fail(f"runplatform exited with {self.process.returncode}:\n{self.log_text()}")
+        return True
+
     def wait_until_ready(self) -> dict[str, Any]:
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"runplatform exited with {self.process.returncode}:\n{self.log_text()}")
-            try:
-                response = httpx.get(f"{self.base_url}/readyz", timeout=2)
-                if response.status_code == 200:
-                    ready: dict[str, Any] = response.json()
-                    return ready
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        pytest.fail(f"/readyz did not answer 200 within {START_TIMEOUT_SECONDS} s:\n{self.log_text()}")
+        def readiness() -> dict[str, Any] | None:
+            self.running()
+            response = httpx.get(f"{self.base_url}/readyz", timeout=2)
+            return dict(response.json()) if response.status_code == 200 else None
+
+        return wait_until(
+            readiness,
+            timeout=START_TIMEOUT_SECONDS,
+            interval=0.25,
+            ignoring=(httpx.TransportError,),
+            message=lambda: f"/readyz to answer 200\n{self.log_text()}",
+        )
 
     def api_client(self) -> httpx.Client:
         credentials = json.loads((self.data_dir / "demo_credentials.json").read_text())
@@ -210,15 +215,18 @@ class EmbeddedRun:
 
     def redis_server(self) -> int:
         """The pid of the redis-server the run started (in a session of its own, so not in its group)."""
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while time.monotonic() < deadline:
+
+        def server() -> int | None:
+            self.running()
             servers = [pid for pid, command in children(self.process.pid).items() if "redis-server" in command]
-            if servers:
-                assert len(servers) == 1, servers
-                return servers[0]
-            assert self.process.poll() is None, self.log_text()
-            time.sleep(0.1)
-        pytest.fail(f"no redis-server under runplatform:\n{self.log_text()}")
+            assert len(servers) <= 1, servers
+            return servers[0] if servers else None
+
+        return wait_until(
+            server,
+            timeout=START_TIMEOUT_SECONDS,
+            message=lambda: f"a redis-server under runplatform\n{self.log_text()}",
+        )
 
     def terminate(self) -> int:
         self.process.send_signal(signal.SIGTERM)
@@ -278,17 +286,15 @@ def assert_serves_the_api(run: EmbeddedRun) -> None:
 
 
 def assert_group_ends(pgid: int) -> None:
-    deadline = time.monotonic() + 5
-    while process_group(pgid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert process_group(pgid) == {}
+    wait_until(
+        lambda: process_group(pgid) == {},
+        timeout=5,
+        message=lambda: f"process group {pgid} to end; still there: {process_group(pgid)}",
+    )
 
 
 def assert_ends(pid: int) -> None:
-    deadline = time.monotonic() + 5
-    while is_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not is_alive(pid)
+    wait_until(lambda: not is_alive(pid), timeout=5, message=f"process {pid} to end")
 
 
 def assert_children_share_its_redis(run: EmbeddedRun, *, expected: int) -> str:
@@ -332,11 +338,12 @@ def test_embedded_run_starts_the_worker_and_stops_cleanly(start_embedded: Any) -
     run: EmbeddedRun = start_embedded()
     assert run.wait_until_ready()["status"] == "ready"
     assert_serves_the_api(run)
-    deadline = time.monotonic() + START_TIMEOUT_SECONDS
-    while not re.search(r"gpu@\S+ ready\.", run.log_text()):
-        assert time.monotonic() < deadline, f"the worker never said it was ready:\n{run.log_text()}"
-        assert run.process.poll() is None, run.log_text()
-        time.sleep(0.25)
+    wait_until(
+        lambda: run.running() and re.search(r"gpu@\S+ ready\.", run.log_text()),
+        timeout=START_TIMEOUT_SECONDS,
+        interval=0.25,
+        message=lambda: f"the worker to say it is ready\n{run.log_text()}",
+    )
     commands = process_group(run.process.pid).values()
     assert any("uvicorn" in command for command in commands)
     assert any("celery" in command and " worker" in command and "--beat" in command for command in commands)
@@ -356,10 +363,16 @@ def test_embedded_run_brings_its_redis_back_and_never_leaves_it_behind(start_emb
     url = assert_children_share_its_redis(run, expected=2)
     first = run.redis_server()
     os.kill(first, signal.SIGKILL)
-    deadline = time.monotonic() + START_TIMEOUT_SECONDS
-    while (second := run.redis_server()) == first:
-        assert time.monotonic() < deadline, run.log_text()
-        time.sleep(0.1)
+
+    def restarted_server() -> int | None:
+        pid = run.redis_server()
+        return pid if pid != first else None
+
+    second = wait_until(
+        restarted_server,
+        timeout=START_TIMEOUT_SECONDS,
+        message=lambda: f"a new redis-server under runplatform\n{run.log_text()}",
+    )
     # Back on the same port with the same password: the URL every process holds still works.
     assert assert_children_share_its_redis(run, expected=2) == url
     assert "Redis exited with -9; starting it again" in run.log_text()

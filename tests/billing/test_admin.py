@@ -244,13 +244,13 @@ def test_the_budget_is_set_through_its_service_and_the_balance_is_untouched(
     operator: Client, organization: Organization
 ) -> None:
     account = Account.objects.get(pk=organization.pk)
-    page = operator.get(f"/admin/billing/account/{organization.pk}/change/").content.decode()
+    page = operator.get(f"/admin/billing/account/{organization.pk}/budget/").content.decode()
     assert 'name="monthly_budget_micros"' in page
     assert 'name="balance_micros"' not in page
     # Credit moves while the page is open; saving the budget must not write the old balance back.
     grant_credits(organization=organization, amount_micros=3_000_000, reason="meanwhile")
     response = operator.post(
-        f"/admin/billing/account/{organization.pk}/change/", account_form(account, monthly_budget_micros=50_000_000)
+        f"/admin/billing/account/{organization.pk}/budget/", account_form(account, monthly_budget_micros=50_000_000)
     )
     assert response.status_code == 302
     account = Account.objects.get(pk=organization.pk)

@@ -123,7 +123,7 @@ class Books(RuleBasedStateMachine):
                 num_inference_steps=steps,
             )
         except services.SubmissionRefused as refused:
-            if (refused.status, refused.error_type) != (402, "insufficient_credits"):
+            if (refused.status_code, refused.error_type) != (402, "insufficient_credits"):
                 raise  # running out of credit is the only refusal these requests may meet
             return None
         self.jobs.append(job.pk)

@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 
 from accounts.models import ApiKey, AuditAction, AuditEvent, Organization
 from billing import admission, controls, holds, pricing, topups
-from billing.ledger import BillingError, account_of, grant_credits, locked_account, refund_job
+from billing.ledger import BillingError, account_of, grant_credits, refund_job
+from billing.locks import locked_account
 from billing.metering import add_amounts_to_rollups, add_to_rollups, bucket_start
 from billing.models import (
     NO_KEY,
@@ -81,7 +82,7 @@ def refused(organization: Organization, endpoint: Endpoint, api_key: ApiKey | No
     with pytest.raises(services.SubmissionRefused) as refusal:
         submit(organization, endpoint, api_key=api_key, **payload)
     assert Job.objects.count() == jobs_before
-    assert refusal.value.status == 402
+    assert refusal.value.status_code == 402
     return refusal.value
 
 

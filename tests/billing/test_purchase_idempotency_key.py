@@ -14,7 +14,7 @@ from django.db import connection
 from django.test import Client
 from rest_framework.test import APIClient
 
-from billing import payments
+from billing import charges
 from billing.models import Account, CreditEntry, EntryKind, Payment, PaymentStatus
 from billing.stripe_client import stripe_client
 from tests.stripe_support import FakeStripe
@@ -262,13 +262,13 @@ def test_two_tries_at_once_with_one_key_make_one_payment_and_one_charge(
     customer_id = save_card(tenant)
     before = balance(tenant)
     both_checked = threading.Barrier(2, timeout=10)
-    ensure_customer = payments.ensure_customer
+    ensure_customer = charges.ensure_customer
 
     def after_both_checked(organization: Any) -> str:
         both_checked.wait()  # both have looked for a payment with the key and found none
         return ensure_customer(organization)
 
-    monkeypatch.setattr(payments, "ensure_customer", after_both_checked)
+    monkeypatch.setattr(charges, "ensure_customer", after_both_checked)
     answers: list[Any] = [None, None]
 
     def try_once(index: int) -> None:

@@ -16,7 +16,8 @@ from django.utils import timezone
 
 from accounts.models import Organization
 from billing import reconciliation
-from billing.ledger import grant_credits, locked_account, post_entry, refund_job
+from billing.ledger import grant_credits, post_entry, refund_job
+from billing.locks import locked_account
 from billing.models import (
     Account,
     CreditEntry,
@@ -304,13 +305,11 @@ def test_a_payments_refunded_and_disputed_totals_are_its_entries(books: dict[str
 def test_stripe_is_compared_when_configured(
     books: dict[str, Any], settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from billing import payments
-
     settings.STRIPE_SECRET_KEY = "sk_test_reconcile"
     missing = {"check": "stripe_payment_missing", "payment_id": None, "payment_intent": "pi_1", "detail": "..."}
     unnamed = {"payment_id": 1, "detail": "amount differs"}
     counts = {"payments": 3, "refunds": 1}
-    monkeypatch.setattr(payments, "compare_with_stripe", lambda: (counts, [missing, unnamed, missing]))
+    monkeypatch.setattr(reconciliation, "compare_with_stripe", lambda: (counts, [missing, unnamed, missing]))
     run_ = reconciliation.run_reconciliation()
     assert run_.checked["stripe"] == {"checked": 4, "drift": 3, "counts": counts}
     assert kinds(run_) == {"stripe.stripe_payment_missing", "stripe.differs_from_stripe"}
@@ -321,13 +320,11 @@ def test_stripe_is_compared_when_configured(
 def test_stripe_that_cannot_be_reached_is_drift_not_a_pass(
     books: dict[str, Any], settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from billing import payments
-
     def unreachable() -> Any:
         raise ConnectionError("api.stripe.com unreachable")
 
     settings.STRIPE_SECRET_KEY = "sk_test_reconcile"
-    monkeypatch.setattr(payments, "compare_with_stripe", unreachable)
+    monkeypatch.setattr(reconciliation, "compare_with_stripe", unreachable)
     run_ = reconciliation.run_reconciliation()
     assert not run_.ok
     assert drift_of(run_, "stripe.check_failed")["examples"] == [

@@ -142,7 +142,7 @@ def test_a_suspended_organizations_job_is_not_requeued_until_it_is_unsuspended(
         services.requeue_job(job=job)
 
     # It would have waited in the queue holding credit: dispatch skips suspended organizations.
-    assert (refused.value.error_type, refused.value.status) == ("organization_suspended", 403)
+    assert (refused.value.error_type, refused.value.status_code) == ("organization_suspended", 403)
     assert Job.objects.filter(pk=job.pk).values().get() == job_before
     assert Account.objects.filter(pk=organization.pk).values().get() == account_before
     assert open_holds(job) == []
@@ -170,7 +170,7 @@ def test_a_request_sent_with_a_key_since_revoked_is_not_requeued(
         services.requeue_job(job=job)
 
     # The key may have leaked: what was sent with it is not run again on the organization's credit.
-    assert (refused.value.error_type, refused.value.status) == ("api_key_revoked", 403)
+    assert (refused.value.error_type, refused.value.status_code) == ("api_key_revoked", 403)
     assert "revoked" in refused.value.detail
     assert Job.objects.filter(pk=job.pk).values().get() == job_before
     assert Account.objects.filter(pk=organization.pk).values().get() == account_before

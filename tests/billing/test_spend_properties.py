@@ -1,4 +1,4 @@
-"""The money guarantee under any interleaving of one organization's jobs (DESIGN §4).
+"""The money guarantee under any interleaving of one organization's jobs (docs/money.md).
 
 A Hypothesis state machine runs several jobs of one organization with little credit, a monthly budget and a
 key's monthly limit, step by step as workers do: each step first asks billing to extend the job's hold
@@ -100,7 +100,7 @@ class Spending(RuleBasedStateMachine):
                 num_inference_steps=steps,
             )
         except services.SubmissionRefused as refused:
-            if refused.status != 402:
+            if refused.status_code != 402:
                 raise  # credit, budget or the key's limit are the only refusals these requests may meet
             return
         self.jobs.append(job.pk)

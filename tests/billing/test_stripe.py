@@ -18,7 +18,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from accounts.models import AuditAction, AuditEvent, Scope
-from billing import controls, payments, stripe_events, tasks
+from billing import cards, controls, reconciliation, stripe_events, stripe_state, tasks, topups
 from billing.ledger import grant_credits
 from billing.models import (
     Account,
@@ -70,8 +70,8 @@ def deliver_all(client: Any, events: list[dict[str, Any]]) -> list[StripeEvent]:
 
 
 def test_a_customer_is_made_once_per_organization(fake_stripe: FakeStripe, tenant: dict[str, Any]) -> None:
-    first = payments.ensure_customer(tenant["organization"])
-    assert payments.ensure_customer(tenant["organization"]) == first
+    first = cards.ensure_customer(tenant["organization"])
+    assert cards.ensure_customer(tenant["organization"]) == first
     customer = stripe_client().v1.customers.retrieve(first)
     assert customer.metadata["organization_id"] == str(tenant["organization"].pk)
     assert customer.email == tenant["user"].email
@@ -239,7 +239,7 @@ def test_refunds_and_disputes_follow_stripe_in_any_order(fake_stripe: FakeStripe
     payment.refresh_from_db()
     assert payment.amount_disputed_cents == 0
     assert balance(tenant) == before + DOLLARS_20 - 5_000_000
-    assert payments.compare_with_stripe()[1] == []
+    assert reconciliation.compare_with_stripe()[1] == []
 
 
 def test_forged_or_unsigned_deliveries_are_refused_and_change_nothing(
@@ -332,10 +332,10 @@ def test_a_declined_auto_top_up_waits_before_trying_again(
     organization = tenant["organization"]
     save_card(tenant, "pm_card_chargeCustomerFail")
     controls.set_auto_top_up(organization=organization, enabled=True, threshold_micros=50_000_000)
-    assert payments.auto_top_up(organization_id=organization.pk).status == PaymentStatus.FAILED  # type: ignore[union-attr]
-    assert payments.auto_top_up(organization_id=organization.pk) is None
+    assert topups.auto_top_up(organization_id=organization.pk).status == PaymentStatus.FAILED  # type: ignore[union-attr]
+    assert topups.auto_top_up(organization_id=organization.pk) is None
     Payment.objects.update(created_at=timezone.now() - timedelta(seconds=settings.BILLING_AUTO_TOP_UP_RETRY_SECONDS))
-    assert payments.auto_top_up(organization_id=organization.pk) is not None
+    assert topups.auto_top_up(organization_id=organization.pk) is not None
     assert Payment.objects.filter(organization=organization).count() == 2
     assert not CreditEntry.objects.filter(payment__organization=organization).exists()
 
@@ -345,14 +345,14 @@ def test_at_most_one_auto_top_up_is_pending(fake_stripe: FakeStripe, tenant: dic
     save_card(tenant)
     controls.set_auto_top_up(organization=organization, enabled=True, threshold_micros=50_000_000)
     Payment.objects.create(organization=organization, kind=PaymentKind.AUTO_TOP_UP, amount_cents=2_000)
-    assert payments.auto_top_up(organization_id=organization.pk) is None  # one is on its way
+    assert topups.auto_top_up(organization_id=organization.pk) is None  # one is on its way
     assert Payment.objects.filter(organization=organization).count() == 1
 
 
 def test_comparing_with_stripe_finds_every_drift(fake_stripe: FakeStripe, tenant: dict[str, Any]) -> None:
     save_card(tenant)
     paid = Payment.objects.get(pk=buy(tenant).json()["id"])
-    assert payments.compare_with_stripe() == ({"payments": 1, "stripe_payment_intents": 1, "refunds": 1}, [])
+    assert reconciliation.compare_with_stripe() == ({"payments": 1, "stripe_payment_intents": 1, "refunds": 1}, [])
 
     account = Account.objects.get(pk=tenant["organization"].pk)
     stripe_client().v1.payment_intents.create(
@@ -366,7 +366,7 @@ def test_comparing_with_stripe_finds_every_drift(fake_stripe: FakeStripe, tenant
     )  # paid at Stripe, never recorded by us
     CreditEntry.objects.filter(payment=paid).update(amount_micros=DOLLARS_20 + 1)
     stripe_client().v1.refunds.create(params={"payment_intent": paid.stripe_payment_intent_id, "amount": 100})
-    checked, drift = payments.compare_with_stripe()
+    checked, drift = reconciliation.compare_with_stripe()
     assert checked == {"payments": 1, "stripe_payment_intents": 2, "refunds": 1}
     assert sorted(item["check"] for item in drift) == ["credit_amount", "refunds", "stripe_payment_missing"]
 
@@ -424,11 +424,11 @@ def test_a_refund_that_fails_after_being_counted_gives_the_credit_back(
     intent = client.v1.payment_intents.retrieve(payment.stripe_payment_intent_id)
     refund = client.v1.refunds.create(params={"payment_intent": intent.id, "amount": 400})
     after_purchase = balance(tenant)
-    payments.apply_refunds(charge=intent.latest_charge, intent=intent, refunds=[refund])
+    stripe_state.apply_refunds(charge=intent.latest_charge, intent=intent, refunds=[refund])
     assert balance(tenant) == after_purchase - 4_000_000
     failed = SimpleNamespace(id=refund.id, amount=400, status="failed")
     for _ in range(2):
-        payments.apply_refunds(charge=intent.latest_charge, intent=intent, refunds=[failed])
+        stripe_state.apply_refunds(charge=intent.latest_charge, intent=intent, refunds=[failed])
     payment.refresh_from_db()
     assert (payment.amount_refunded_cents, balance(tenant)) == (0, after_purchase)
     assert CreditEntry.objects.get(idempotency_key=f"refund-{refund.id}-reversed").amount_micros == 4_000_000

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,10 +17,11 @@ import httpx
 import pytest
 from django.db import connection
 
-from billing import payments, stripe_events
+from billing import cards, charges, stripe_events
 from billing.models import Account, CreditEntry, Payment, StripeEvent, StripeEventStatus
 from billing.stripe_client import stripe_client
 from tests.stripe_support import SECRET_KEY, WEBHOOK_PATH, WEBHOOK_SECRET, FakeStripe, free_port
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -54,18 +54,18 @@ def web(django_db_setup: Any, django_db_blocker: Any, fake_stripe_server: FakeSt
     argv = [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1", "--port", str(port)]
     process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(base_url + "/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline or process.poll() is not None:
-            process.kill()
-            raise RuntimeError(f"the web server did not start: {log.read_text()[-3000:]}")
-        time.sleep(0.1)
+
+    def healthy() -> bool:
+        assert process.poll() is None, f"the web server exited: {log.read_text()[-3000:]}"
+        return httpx.get(base_url + "/healthz", timeout=2).status_code == 200
+
     try:
+        wait_until(
+            healthy,
+            timeout=60,
+            ignoring=(httpx.HTTPError,),
+            message=lambda: f"the web server to answer /healthz: {log.read_text()[-3000:]}",
+        )
         yield base_url
     finally:
         process.terminate()
@@ -73,13 +73,15 @@ def web(django_db_setup: Any, django_db_blocker: Any, fake_stripe_server: FakeSt
 
 
 def wait_for_events(count: int, timeout: float = 15) -> list[StripeEvent]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def delivered() -> list[StripeEvent] | None:
         events = list(StripeEvent.objects.order_by("received_at"))
-        if len(events) >= count:
-            return events
-        time.sleep(0.1)
-    raise AssertionError(f"{count} deliveries expected, {StripeEvent.objects.count()} arrived")
+        return events if len(events) >= count else None
+
+    return wait_until(
+        delivered,
+        timeout=timeout,
+        message=lambda: f"{count} deliveries; {StripeEvent.objects.count()} arrived",
+    )
 
 
 def test_stripe_delivers_the_payment_and_its_refund_and_they_are_applied_once(
@@ -88,9 +90,9 @@ def test_stripe_delivers_the_payment_and_its_refund_and_they_are_applied_once(
     organization = tenant["organization"]
     fake_stripe.send_webhooks_to(web + WEBHOOK_PATH, types=("payment_intent.succeeded", "charge.refunded"))
     try:
-        payments.attach_payment_method(organization=organization, payment_method_id="pm_card_visa")
+        cards.attach_payment_method(organization=organization, payment_method_id="pm_card_visa")
         before = Account.objects.get(pk=organization.pk).balance_micros
-        payment = payments.buy_credits(organization=organization, amount_cents=2_000).payment
+        payment = charges.buy_credits(organization=organization, amount_cents=2_000).payment
         stripe_client().v1.refunds.create(params={"payment_intent": payment.stripe_payment_intent_id, "amount": 250})
         delivered = wait_for_events(2)
     finally:

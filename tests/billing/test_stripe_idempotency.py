@@ -18,7 +18,7 @@ import stripe
 from django.conf import settings
 from django.utils import timezone
 
-from billing import controls, payments
+from billing import cards, charges, controls, stale_payments, topups
 from billing.models import Account, CreditEntry, EntryKind, Payment, PaymentKind, PaymentStatus
 from billing.stripe_client import stripe_client
 from billing.tasks import stripe_sweep
@@ -171,7 +171,7 @@ def test_a_lost_answer_is_retried_by_the_sdk_and_replayed(fake_stripe: FakeStrip
 
 
 def save_card(organization: Any) -> str:
-    payments.attach_payment_method(organization=organization, payment_method_id="pm_card_visa")
+    cards.attach_payment_method(organization=organization, payment_method_id="pm_card_visa")
     return Account.objects.get(pk=organization.pk).stripe_customer_id
 
 
@@ -214,7 +214,7 @@ def test_an_auto_top_up_with_no_answer_is_resent_by_the_sweep_and_charges_once(
     # Every try the SDK makes loses its answer: the top-up ends with its outcome unknown.
     lost_answers(PAYMENT_INTENTS, count=settings.STRIPE_MAX_NETWORK_RETRIES + 1)
 
-    pending = payments.auto_top_up(organization_id=organization.pk)
+    pending = topups.auto_top_up(organization_id=organization.pk)
 
     assert pending is not None
     assert faults_left(fake_stripe) == []
@@ -223,7 +223,7 @@ def test_an_auto_top_up_with_no_answer_is_resent_by_the_sweep_and_charges_once(
     assert not pending.stripe_payment_intent_id  # we never heard which PaymentIntent it made
     [charged] = intents_of(customer_id)  # Stripe did charge, on the first try
     assert charged.status == "succeeded"
-    assert payments.auto_top_up(organization_id=organization.pk) is None  # one pending top-up at a time
+    assert topups.auto_top_up(organization_id=organization.pk) is None  # one pending top-up at a time
 
     # Once it is old enough, the sweep sends the pending top-up again (same payment row, same key): Stripe
     # answers with the charge it made the first time.
@@ -238,7 +238,7 @@ def test_an_auto_top_up_with_no_answer_is_resent_by_the_sweep_and_charges_once(
 
     # Nothing more happens however often the sweep or the task runs again.
     assert stripe_sweep() == {"events": 0, "payments": 0, "top_ups": 0}
-    assert payments.auto_top_up(organization_id=organization.pk) is None
+    assert topups.auto_top_up(organization_id=organization.pk) is None
     assert [intent.id for intent in intents_of(customer_id)] == [charged.id]
     assert len(credited(pending)) == 1
 
@@ -253,10 +253,10 @@ def test_an_auto_top_up_resent_after_the_default_card_changed_still_settles_from
         organization=organization, enabled=True, threshold_micros=account.available_micros + 1, amount_cents=2_000
     )
     lost_answers(PAYMENT_INTENTS, count=settings.STRIPE_MAX_NETWORK_RETRIES + 1)
-    pending = payments.auto_top_up(organization_id=organization.pk)
+    pending = topups.auto_top_up(organization_id=organization.pk)
     assert pending is not None
     [charged] = intents_of(customer_id)
-    payments.attach_payment_method(organization=organization, payment_method_id="pm_card_visa", make_default=True)
+    cards.attach_payment_method(organization=organization, payment_method_id="pm_card_visa", make_default=True)
     stale = timezone.now() - timedelta(seconds=settings.BILLING_PAYMENT_SETTLE_AFTER_SECONDS + 1)
     Payment.objects.filter(pk=pending.pk).update(created_at=stale)
 
@@ -301,7 +301,7 @@ def test_an_idempotency_error_settles_from_the_payment_intent_the_first_send_mad
     assert earlier.status == "succeeded"
 
     # older_than=0 settles this payment now (not after the default age).
-    assert payments.settle_stale_payments(older_than=timedelta(0)) == 1
+    assert stale_payments.settle_stale_payments(older_than=timedelta(0)) == 1
 
     payment.refresh_from_db()
     assert (payment.status, payment.stripe_payment_intent_id) == (PaymentStatus.SUCCEEDED, earlier.id)
@@ -322,7 +322,7 @@ def test_an_idempotency_error_with_no_payment_intent_found_leaves_the_payment_pe
     stripe_client().v1.customers.create(params={"name": "other"}, options={"idempotency_key": payment.idempotency_key})
 
     for _ in range(2):  # every sweep sends it again, and leaves it pending again
-        assert payments.settle_stale_payments(older_than=timedelta(0)) == 1
+        assert stale_payments.settle_stale_payments(older_than=timedelta(0)) == 1
         payment.refresh_from_db()
         assert (payment.status, payment.failure_message) == (PaymentStatus.PENDING, "")
         assert not payment.stripe_payment_intent_id
@@ -332,8 +332,8 @@ def test_an_idempotency_error_with_no_payment_intent_found_leaves_the_payment_pe
 
     # Once Stripe no longer keeps the key a re-send could charge anew, so none is sent: Stripe's PaymentIntents
     # say what happened, and with none for the payment it failed.
-    Payment.objects.filter(pk=payment.pk).update(created_at=timezone.now() - payments.RESEND_WITHIN)
-    payments.settle_stale_payments(older_than=timedelta(0))
+    Payment.objects.filter(pk=payment.pk).update(created_at=timezone.now() - charges.RESEND_WITHIN)
+    stale_payments.settle_stale_payments(older_than=timedelta(0))
     payment.refresh_from_db()
     assert (payment.status, payment.failure_message) == (PaymentStatus.FAILED, "No answer from the payment provider.")
     assert intents_of(customer_id) == []
@@ -359,7 +359,7 @@ def test_a_purchase_whose_answers_and_webhook_were_lost_is_settled_from_stripe_n
     # No webhook comes: the sweep finds Stripe's PaymentIntent by the payment id in its metadata.
     stale = timezone.now() - timedelta(seconds=settings.BILLING_PAYMENT_SETTLE_AFTER_SECONDS + 1)
     Payment.objects.filter(pk=payment.pk).update(created_at=stale)
-    assert payments.settle_stale_payments() == 1
+    assert stale_payments.settle_stale_payments() == 1
     payment.refresh_from_db()
     assert (payment.status, payment.stripe_payment_intent_id) == (PaymentStatus.SUCCEEDED, charged.id)
     assert credited(payment) == [(EntryKind.PURCHASE, DOLLARS_20, f"payment-{payment.pk}")]

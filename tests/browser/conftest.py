@@ -3,8 +3,8 @@ Playwright, against the e2e stack (the HTTPS server and real workers, tests/e2e/
 
 Playwright's sync API keeps an event loop running on this thread while it is open, and Django refuses
 ORM calls under a running loop. So each test opens its own Playwright after its database fixtures
-(ask for them before ``browser``) and closes it before they are torn down; the test body itself only
-uses the browser and HTTP. A launch costs about a second.
+(ask for them before ``browser``) and closes it before they are torn down; the test body itself uses
+the browser and HTTP, and reads the database only through ``off_the_loop``. A launch costs about a second.
 
 Every page a test looks at is saved as a full-page screenshot under var/screenshots/, named
 ``<test>-<nn>-<what>-<width>.png``; the run prints the folder.
@@ -14,22 +14,26 @@ from __future__ import annotations
 
 import re
 import shutil
-import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
+from django.db import connection
 from playwright.sync_api import Browser, BrowserContext, Page, ViewportSize, sync_playwright
 
 from tests.e2e.conftest import BASE_URL, REPO
+from tests.waiting import wait_until
 
 SCREENSHOTS = REPO / "var" / "screenshots"
 LAPTOP: ViewportSize = {"width": 1366, "height": 768}
 PHONE: ViewportSize = {"width": 390, "height": 844}
 TIMEOUT_MS = 30_000
+
+T = TypeVar("T")
 
 
 def wait_in_page(page: Page, expression: str, arg: Any = None, timeout_ms: int = TIMEOUT_MS) -> None:
@@ -38,10 +42,22 @@ def wait_in_page(page: Page, expression: str, arg: Any = None, timeout_ms: int =
     Not Playwright's ``wait_for_function``: its predicate runs through ``eval`` inside the page, which the pages'
     Content-Security-Policy refuses (no 'unsafe-eval'); ``evaluate`` goes through the DevTools protocol.
     """
-    deadline = time.monotonic() + timeout_ms / 1000
-    while not page.evaluate(expression, arg):
-        assert time.monotonic() < deadline, f"still false after {timeout_ms} ms: {expression}"
-        time.sleep(0.05)
+    wait_until(
+        lambda: page.evaluate(expression, arg), timeout=timeout_ms / 1000, message=f"the page to say: {expression}"
+    )
+
+
+def off_the_loop(function: Callable[[], T]) -> T:
+    """Calls ``function`` on a thread of its own, where the ORM works while Playwright's loop runs on this one."""
+
+    def call() -> T:
+        try:
+            return function()
+        finally:
+            connection.close()  # the thread's own connection
+
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        return thread.submit(call).result()
 
 
 def chromium_path() -> str:

@@ -1,6 +1,6 @@
 """The races, one round at a time: set the rows up through the services, release the actors, check the contract.
 
-The checks state the contract of DESIGN §3 and §4, not what the code does today:
+The checks state the contract of docs/lifecycle.md and docs/money.md, not what the code happens to do:
 
 - a cancel is recorded whatever state the job is in, and honoured by every path that closes, requeues or resumes it:
   once a cancel has answered (CANCELLATION_REQUESTED, or ALREADY_COMPLETED because the job had ended), the job is

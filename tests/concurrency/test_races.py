@@ -1,4 +1,4 @@
-"""Races of the job lifecycle and the credit ledger on real PostgreSQL (DESIGN §3, §4; issue 22).
+"""Races of the job lifecycle and the credit ledger on real PostgreSQL (docs/lifecycle.md, docs/money.md).
 
 Each test runs its race ``RACE_REPETITIONS`` times (5 unless set; ``python -m tests.concurrency.run`` runs 100) with
 actors in separate processes released together, and fails with the tally of every round that broke the contract

@@ -13,7 +13,6 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import trustme
 
 from config.embedded_redis import EmbeddedRedis
 from tests.stripe_support import PUBLISHABLE_KEY, SECRET_KEY, WEBHOOK_SECRET, FakeStripe, running_fake_stripe
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -66,18 +66,6 @@ def database_url() -> str:
     )
 
 
-def wait_for(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if condition():
-                return
-        except Exception:  # noqa: S110  (not up yet)
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{what} did not come up within {timeout} s")
-
-
 @dataclass
 class Stack:
     env: dict[str, str]
@@ -106,7 +94,22 @@ class Stack:
              "--ssl-keyfile", str(CERT_DIR / "server.key"), "--ssl-certfile", str(CERT_DIR / "server.pem"),
              "--no-access-log"],
         )  # fmt: skip
-        wait_for(lambda: self.client().get("/healthz").status_code == 200, 60, "the web server")
+        wait_until(
+            lambda: self.running("web") and self.healthy(),
+            timeout=60,
+            message=lambda: f"the web server to answer /healthz\n{self.log_tail('web')}",
+            ignoring=(httpx.TransportError,),
+        )
+
+    def healthy(self) -> bool:
+        with self.client() as client:
+            return client.get("/healthz").status_code == 200
+
+    def running(self, name: str) -> bool:
+        """True while the process runs; fails the test at once if it has exited."""
+        returncode = self.processes[name].poll()
+        assert returncode is None, f"{name} exited with {returncode}\n{self.log_tail(name)}"
+        return True
 
     def start_gpu_worker(self) -> None:
         self._start(
@@ -142,23 +145,35 @@ class Stack:
             process.wait(10)
 
     @contextmanager
-    def restarted(self, **env: str | None) -> Iterator[Stack]:
-        """The server and both workers restarted with ``env`` over the stack's environment (None
-        removes a variable), and restarted as they were afterwards: e.g. ``REDIS_URL=stack.broker.url``
-        runs the cache on the broker's Redis, as production does."""
-        previous = {name: self.env.get(name) for name in env}
+    def paused(self, name: str) -> Iterator[None]:
+        """The process and its children stopped (SIGSTOP) until the block ends, then continued: a worker that
+        takes no message meanwhile. Keep it shorter than a lease (JOB_LEASE_SECONDS) if it holds a job."""
+        process = self.processes[name]
+        os.killpg(process.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.killpg(process.pid, signal.SIGCONT)
+
+    @contextmanager
+    def restarted(self, *names: str, **env: str | None) -> Iterator[Stack]:
+        """The processes ``names`` (the server and both workers if none) restarted with ``env`` over the stack's
+        environment (None removes a variable), and restarted as they were afterwards: e.g.
+        ``REDIS_URL=stack.broker.url`` runs the cache on the broker's Redis, as production does."""
+        previous = {variable: self.env.get(variable) for variable in env}
+        starts = {"web": self.start_web, "housekeeping": self.start_housekeeping, "gpu": self.start_gpu_worker}
+        chosen = [name for name in starts if not names or name in names]
 
         def restart_with(values: dict[str, str | None]) -> None:
-            for name in ("gpu", "housekeeping", "web"):
+            for name in reversed(chosen):
                 self.stop(name)
-            for name, value in values.items():
+            for variable, value in values.items():
                 if value is None:
-                    self.env.pop(name, None)
+                    self.env.pop(variable, None)
                 else:
-                    self.env[name] = value
-            self.start_web()
-            self.start_housekeeping()
-            self.start_gpu_worker()
+                    self.env[variable] = value
+            for name in chosen:
+                starts[name]()
 
         restart_with(env)
         try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import ssl
-import time
 from typing import Any
 
 import fal_client
@@ -15,7 +14,7 @@ import pytest
 import stripe
 from django.db.models import Sum
 
-from billing import controls, payments
+from billing import cards, charges, controls
 from billing.ledger import account_of
 from billing.models import (
     Account,
@@ -32,18 +31,15 @@ from billing.rates import ensure_opening_prices
 from billing.reconciliation import run_reconciliation
 from tests.e2e.conftest import Stack
 from tests.stripe_support import PUBLISHABLE_KEY, SECRET_KEY, WEBHOOK_PATH, WEBHOOK_SECRET
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
 BODY = {"prompt": "books", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 2}
 
 
-def wait_until(condition: Any, timeout: float, what: str, stack: Stack) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}\n--- housekeeping ---\n{stack.log_tail('housekeeping', 40)}")
-        time.sleep(0.1)
+def housekeeping_log(stack: Stack) -> str:
+    return f"--- housekeeping ---\n{stack.log_tail('housekeeping', 40)}"
 
 
 def test_reconciliation_finds_no_drift_after_real_work(stack: Stack, e2e_tenant: dict[str, Any], settings: Any) -> None:
@@ -53,7 +49,7 @@ def test_reconciliation_finds_no_drift_after_real_work(stack: Stack, e2e_tenant:
 
     ensure_opening_prices(Price)
     organization = e2e_tenant["organization"]
-    payments.attach_payment_method(organization=organization, payment_method_id="pm_card_visa")
+    cards.attach_payment_method(organization=organization, payment_method_id="pm_card_visa")
     # Any debit leaves the available balance under the threshold: the next usage triggers a top-up.
     threshold = account_of(organization).available_micros
     controls.set_auto_top_up(organization=organization, enabled=True, threshold_micros=threshold, amount_cents=500)
@@ -65,11 +61,10 @@ def test_reconciliation_finds_no_drift_after_real_work(stack: Stack, e2e_tenant:
         lambda: Payment.objects.filter(
             organization=organization, kind=PaymentKind.AUTO_TOP_UP, status=PaymentStatus.SUCCEEDED
         ).exists(),
-        60,
-        "the auto top-up never succeeded",
-        stack,
+        timeout=60,
+        message=lambda: f"the auto top-up to succeed\n{housekeeping_log(stack)}",
     )
-    bought = payments.buy_credits(organization=organization, amount_cents=700)
+    bought = charges.buy_credits(organization=organization, amount_cents=700)
     assert bought.payment.status == PaymentStatus.SUCCEEDED
 
     # Stripe's events about both payments, delivered to the running server twice each, newest first.
@@ -90,9 +85,8 @@ def test_reconciliation_finds_no_drift_after_real_work(stack: Stack, e2e_tenant:
     done = (StripeEventStatus.PROCESSED, StripeEventStatus.IGNORED)
     wait_until(
         lambda: StripeEvent.objects.filter(pk__in=[e["id"] for e in events], status__in=done).count() == len(events),
-        60,
-        "the housekeeping worker did not process the webhooks",
-        stack,
+        timeout=60,
+        message=lambda: f"the housekeeping worker to process the webhooks\n{housekeeping_log(stack)}",
     )
 
     # Each payment credited exactly once; usage debited once per billable attempt; the cache is the sum.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import time
 from typing import Any
 
 import fal_client
@@ -14,6 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.e2e.conftest import Stack
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -43,17 +43,14 @@ def fetch_image(stack: Stack, url: str) -> Image.Image:
 def test_submit_status_and_result(stack: Stack, fal: fal_client.SyncClient) -> None:
     handle = fal.submit(APP, {**SMALL, "seed": 7, "num_images": 2})
     assert handle.request_id
-    seen = set()
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+
+    def completed() -> fal_client.Completed | None:
         status = handle.status(with_logs=True)
-        seen.add(type(status).__name__)
         if isinstance(status, fal_client.Queued):
             assert status.position >= 0
-        if isinstance(status, fal_client.Completed):
-            break
-        time.sleep(0.05)
-    assert isinstance(status, fal_client.Completed), stack.log_tail("gpu")
+        return status if isinstance(status, fal_client.Completed) else None
+
+    status = wait_until(completed, timeout=120, message=lambda: f"the request to complete\n{stack.log_tail('gpu')}")
     assert status.error is None
     assert status.logs
     assert any("Completed" in line["message"] for line in status.logs)
@@ -101,15 +98,22 @@ def test_image_to_image_from_a_data_uri(stack: Stack, fal: fal_client.SyncClient
 
 def test_cancel_a_running_request(stack: Stack, fal: fal_client.SyncClient) -> None:
     handle = fal.submit(APP, {**SMALL, "num_inference_steps": 50, "image_size": {"width": 256, "height": 256}})
-    deadline = time.monotonic() + 120
-    while not isinstance(handle.status(), fal_client.InProgress) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(
+        lambda: isinstance(handle.status(), fal_client.InProgress),
+        timeout=120,
+        message=lambda: f"the request to start\n{stack.log_tail('gpu')}",
+    )
     handle.cancel()
-    status = handle.status()
-    while not isinstance(status, fal_client.Completed) and time.monotonic() < deadline:
-        time.sleep(0.05)
+
+    def completed() -> fal_client.Completed | None:
         status = handle.status()
-    assert isinstance(status, fal_client.Completed)
+        return status if isinstance(status, fal_client.Completed) else None
+
+    status = wait_until(
+        completed,
+        timeout=120,
+        message=lambda: f"the cancelled request to complete\n{stack.log_tail('gpu')}",
+    )
     assert status.error_type == "cancelled"
     with pytest.raises(fal_client.client.FalClientHTTPError) as raised:
         handle.get()

@@ -1,4 +1,4 @@
-"""The job lifecycle end to end (DESIGN §3 and §5): fairness, idempotency, webhooks, the status
+"""The job lifecycle end to end (docs/lifecycle.md): fairness, idempotency, webhooks, the status
 stream, cancels, a worker killed mid-job, a broker outage and the sync API's fallback.
 
 Plain httpx against the HTTPS server, real Celery workers, and the database (which the test
@@ -10,19 +10,23 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import pytest
+from django.utils import timezone
 from standardwebhooks import Webhook
 
 from inference.models import Job, JobAttempt
 from tests.e2e.conftest import Stack
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -83,23 +87,25 @@ def attempts_of(request_id: str) -> list[JobAttempt]:
 
 
 def wait_for_job(stack: Stack, request_id: str, condition: Callable[[Any], bool], timeout: float, what: str) -> Any:
-    """Polls the job row until ``condition(job)``; fails with the worker's log otherwise."""
-    deadline = time.monotonic() + timeout
-    while True:
-        job = job_row(request_id)
-        if condition(job):
-            return job
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"{what}: job {request_id} is still {job.status} (step {job.progress_step}/{job.progress_total})"
-                f" after {timeout} s\n--- gpu worker ---\n{stack.log_tail('gpu')}"
-                f"\n--- housekeeping ---\n{stack.log_tail('housekeeping', 30)}"
-            )
-        time.sleep(0.05)
+    """Polls the job row until ``condition(job)`` and returns the row; fails with the workers' logs otherwise."""
+    seen: list[Job] = []
+
+    def job_if_ready() -> Job | None:
+        seen[:] = [job_row(request_id)]
+        return seen[0] if condition(seen[0]) else None
+
+    def state() -> str:
+        job = seen[0]
+        return (
+            f"job {request_id} to {what}; it is {job.status} (step {job.progress_step}/{job.progress_total})"
+            f"\n--- gpu worker ---\n{stack.log_tail('gpu')}\n--- housekeeping ---\n{stack.log_tail('housekeeping', 30)}"
+        )
+
+    return wait_until(job_if_ready, timeout=timeout, message=state)
 
 
 def wait_final(stack: Stack, request_id: str, timeout: float = 90) -> Any:
-    return wait_for_job(stack, request_id, lambda job: job.status in FINAL, timeout, "never finished")
+    return wait_for_job(stack, request_id, lambda job: job.status in FINAL, timeout, "finish")
 
 
 def wait_running(stack: Stack, request_id: str, timeout: float = 60) -> Any:
@@ -108,8 +114,14 @@ def wait_running(stack: Stack, request_id: str, timeout: float = 60) -> Any:
         request_id,
         lambda job: job.status == "RUNNING" and job.progress_step >= 1,
         timeout,
-        "never ran its first step",
+        "run its first step",
     )
+
+
+def sweeps_since(stack: Stack, offset: int) -> int:
+    """Sweeps the housekeeping worker finished after ``offset`` bytes of its log."""
+    log = stack.logs["housekeeping"].read_bytes()[offset:]
+    return len(re.findall(rb"Task inference\.sweep\[[^\]]+\] succeeded", log))
 
 
 def submit(client: httpx.Client, body: dict[str, Any], **kwargs: Any) -> str:
@@ -163,14 +175,14 @@ def test_a_burst_waits_behind_its_own_limit_not_in_front_of_other_tenants(
         assert cancel(busy_client, blocker).status_code == 202
 
         everything = [*burst, b_request]
-        most_active = 0
-        deadline = time.monotonic() + 120
-        while Job.objects.filter(pk__in=everything).exclude(status__in=FINAL).exists():
-            assert time.monotonic() < deadline, stack.log_tail("gpu")
-            most_active = max(
-                most_active, Job.objects.filter(organization=a["organization"], status__in=ACTIVE).count()
-            )
-            time.sleep(0.05)
+        active_counts: list[int] = []
+
+        def all_final() -> bool:
+            active_counts.append(Job.objects.filter(organization=a["organization"], status__in=ACTIVE).count())
+            return not Job.objects.filter(pk__in=everything).exclude(status__in=FINAL).exists()
+
+        wait_until(all_final, timeout=120, message=lambda: f"every request to finish\n{stack.log_tail('gpu')}")
+        most_active = max(active_counts)
 
     jobs = {job.pk: job for job in Job.objects.filter(pk__in=everything)}
     assert {job.status for job in jobs.values()} == {"COMPLETED"}
@@ -205,7 +217,18 @@ def test_requests_the_broker_lost_are_sent_again_oldest_first(
         try:
             assert cancel(busy_client, blocker).status_code == 202
             wait_final(stack, blocker)
-            time.sleep(3)  # both are now past JOB_REDISPATCH_AFTER_SECONDS
+            # Both are stale by the sweep's rule before the broker is back, so one sweep re-sends both.
+            resend_after = timedelta(seconds=int(stack.env["JOB_REDISPATCH_AFTER_SECONDS"]))
+            wait_until(
+                lambda: (
+                    Job.objects.filter(
+                        pk__in=[older, newer], status="DISPATCHED", sent_at__lt=timezone.now() - resend_after
+                    ).count()
+                    == 2
+                ),
+                timeout=60,
+                message="both requests to be unclaimed for longer than JOB_REDISPATCH_AFTER_SECONDS",
+            )
         finally:
             stack.broker.start()
         wait_final(stack, older, timeout=90)
@@ -313,15 +336,17 @@ def receiver() -> Iterator[Receiver]:
 
 
 def wait_for_delivery_log(client: httpx.Client, request_id: str, timeout: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
+    last: list[Any] = [None]
+
+    def settled_webhook() -> dict[str, Any] | None:
         response = client.get(f"/v1/requests/{request_id}")
         assert response.status_code == 200, response.text
-        webhook = response.json()["webhook"]
-        if webhook and webhook["status"] != "pending":
-            return dict(webhook)
-        assert time.monotonic() < deadline, webhook
-        time.sleep(0.1)
+        last[0] = webhook = response.json()["webhook"]
+        return dict(webhook) if webhook and webhook["status"] != "pending" else None
+
+    return wait_until(
+        settled_webhook, timeout=timeout, message=lambda: f"the webhook's delivery to be logged; last seen {last[0]}"
+    )
 
 
 def test_webhooks_are_signed_and_logged(stack: Stack, e2e_tenant: dict[str, Any], receiver: Receiver) -> None:
@@ -373,18 +398,31 @@ def test_status_stream_follows_the_request_until_it_completes(stack: Stack, e2e_
         # As large as the endpoint takes, so that most steps outlast the stream's 100 ms poll on a fast machine too.
         request_id = submit(client, request_body(size=256, steps=steps, images=4))
         events: list[dict[str, Any]] = []
-        started = time.monotonic()
-        with client.stream("GET", f"/queue/{APP}/requests/{request_id}/status/stream") as stream:
-            assert stream.status_code == 200
-            assert stream.headers["content-type"].startswith("text/event-stream")
-            for line in stream.iter_lines():
-                if not line.startswith("data:"):
-                    continue
-                events.append(json.loads(line.removeprefix("data:")))
-                if len(events) == 1:
-                    assert cancel(client, ahead).status_code == 202  # let ours go
-                assert time.monotonic() - started < 120, events[-5:]
-        # The stream ended by itself, after the final event.
+        failures: list[BaseException] = []
+
+        def follow_stream() -> None:
+            try:
+                with client.stream("GET", f"/queue/{APP}/requests/{request_id}/status/stream") as stream:
+                    assert stream.status_code == 200
+                    assert stream.headers["content-type"].startswith("text/event-stream")
+                    for line in stream.iter_lines():
+                        if line.startswith("data:"):
+                            events.append(json.loads(line.removeprefix("data:")))
+            except BaseException as exc:  # raised again in the test's own thread
+                failures.append(exc)
+
+        reader = threading.Thread(target=follow_stream, daemon=True)
+        reader.start()
+        wait_until(lambda: events or failures, timeout=60, message="the stream's first event")
+        assert cancel(client, ahead).status_code == 202  # let ours go
+        # The stream ends by itself, after the final event.
+        wait_until(
+            lambda: not reader.is_alive(),
+            timeout=120,
+            message=lambda: f"the stream to end after the final event; the last ones: {events[-5:]}",
+        )
+        if failures:
+            raise failures[0]
     assert events
     assert all(event["request_id"] == request_id for event in events)
     phases = [event["status"] for event in events]
@@ -439,7 +477,13 @@ def test_cancelling_a_queued_request_never_runs_or_bills_it(stack: Stack, e2e_te
         stopped = wait_final(stack, running)
         assert stopped.status == "CANCELLED"
         assert [attempt.outcome for attempt in attempts_of(running)] == ["cancelled"]
-        time.sleep(2)  # a sweep or two
+        # The slot is free: two sweeps finished since, and neither gave it to the cancelled request.
+        offset = stack.logs["housekeeping"].stat().st_size
+        wait_until(
+            lambda: sweeps_since(stack, offset) >= 2,
+            timeout=60,
+            message=lambda: f"two sweeps after the stop\n{stack.log_tail('housekeeping', 30)}",
+        )
         assert cancel(client, running).status_code == 400
     job = job_row(waiting)
     assert job.status == "CANCELLED"
@@ -452,30 +496,40 @@ def test_cancelling_a_queued_request_never_runs_or_bills_it(stack: Stack, e2e_te
 # 8. The sync API: waits, falls back to the queue handle, refuses bad input and bad keys.
 
 
-@pytest.mark.slow  # about 35 s: SYNC_RUN_WAIT_SECONDS (30 s) has to pass before the 202.
-def test_run_falls_back_to_the_queue_handle_after_its_wait_limit(stack: Stack, e2e_tenant: dict[str, Any]) -> None:
-    set_concurrency_limit(e2e_tenant["organization"], 1)
-    # Requests as large as the endpoint takes hold the tenant's only slot for well over 30 s (two of them took less
-    # on a fast CPU, so six); ours waits behind them. They are cancelled as soon as the 202 is in.
-    largest = request_body(size=256, steps=50, images=4)
-    with stack.client(e2e_tenant["key"]) as client:
-        blockers = [submit(client, largest) for _ in range(6)]
-        wait_running(stack, blockers[0])
-        started = time.monotonic()
-        response = client.post(f"/run/{APP}", json={**QUICK, "seed": 5}, timeout=90)
-        waited = time.monotonic() - started
-        assert response.status_code == 202, response.text
-        assert 29 <= waited < 60, waited
-        handle = response.json()
-        request_id = handle["request_id"]
-        assert response.headers["x-fal-request-id"] == request_id
-        assert handle["status"] == "IN_QUEUE"
-        assert handle["queue_position"] >= 0
-        assert handle["status_url"].endswith(f"/queue/{APP}/requests/{request_id}/status")
-        assert job_row(request_id).status == "QUEUED"
+SYNC_RUN_WAIT_SECONDS = 2
 
-        for blocker in reversed(blockers):  # the first ones may have finished by now
-            assert cancel(client, blocker).status_code in (202, 400)
+
+@pytest.fixture
+def short_sync_wait(stack: Stack) -> Iterator[Stack]:
+    """The server with a wait limit of SYNC_RUN_WAIT_SECONDS for the sync API."""
+    with stack.restarted("web", SYNC_RUN_WAIT_SECONDS=str(SYNC_RUN_WAIT_SECONDS)) as restarted:
+        yield restarted
+
+
+def test_run_falls_back_to_the_queue_handle_after_its_wait_limit(
+    short_sync_wait: Stack, e2e_tenant: dict[str, Any]
+) -> None:
+    stack = short_sync_wait
+    set_concurrency_limit(e2e_tenant["organization"], 1)
+    with stack.client(e2e_tenant["key"]) as client:
+        # With the GPU worker paused, a dispatched request holds the tenant's only slot until it is cancelled,
+        # however fast the machine: ours waits in the queue behind it for the whole wait limit.
+        with stack.paused("gpu"):
+            blocker = submit(client, QUICK)
+            assert job_row(blocker).status == "DISPATCHED"
+            started = time.monotonic()
+            response = client.post(f"/run/{APP}", json={**QUICK, "seed": 5}, timeout=90)
+            waited = time.monotonic() - started
+            assert response.status_code == 202, response.text
+            assert waited >= SYNC_RUN_WAIT_SECONDS, waited
+            handle = response.json()
+            request_id = handle["request_id"]
+            assert response.headers["x-fal-request-id"] == request_id
+            assert handle["status"] == "IN_QUEUE"
+            assert handle["queue_position"] >= 0
+            assert handle["status_url"].endswith(f"/queue/{APP}/requests/{request_id}/status")
+            assert job_row(request_id).status == "QUEUED"
+            assert cancel(client, blocker).status_code == 202
         # The result is not lost: the queue handle leads to it.
         wait_final(stack, request_id)
         assert client.get(handle["status_url"]).json()["status"] == "COMPLETED"
@@ -514,8 +568,14 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_billed_once(stack: Stac
             killed_at = time.time()
         finally:
             ensure_gpu_worker(stack)
+        # The reaper notices once the lease (3 s) has lapsed, at the next sweep (every second).
+        wait_until(
+            lambda: [attempt.outcome for attempt in attempts_of(request_id)][:1] == ["lost"],
+            timeout=30,
+            message=lambda: f"the reaper to close the killed attempt\n{stack.log_tail('housekeeping', 30)}",
+        )
         # Completion also waits for a new worker to start and rerun the job, slow on a loaded machine.
-        job = wait_for_job(stack, request_id, lambda job: job.status in FINAL, 120, "never finished after the kill")
+        job = wait_for_job(stack, request_id, lambda job: job.status in FINAL, 120, "finish after the kill")
         status = fal_status(client, request_id)
     assert job.status == "COMPLETED", job.error
     assert status["status"] == "COMPLETED"
@@ -523,9 +583,7 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_billed_once(stack: Stac
     first, second = attempts_of(request_id)
     assert (first.number, first.outcome) == (1, "lost")
     assert first.finished_at is not None
-    # The reaper noticed within the lease (3 s) and a sweep (1 s), with room for a loaded machine.
-    reaped_after = first.finished_at.timestamp() - killed_at
-    assert 0 < reaped_after < 15, reaped_after
+    assert first.finished_at.timestamp() > killed_at
     assert first.gpu_ms > 0  # the GPU time it held, recorded, unbilled
     assert not first.billable
     assert (second.number, second.outcome) == (2, "succeeded")
@@ -534,7 +592,6 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_billed_once(stack: Stac
     assert job.attempt == 2
     assert job.gpu_ms == second.gpu_ms > 0
     assert job.error == ""
-    assert job.finished_at.timestamp() - killed_at < 120
 
 
 # 7. The broker down when a request comes in.
@@ -548,24 +605,17 @@ def test_a_request_submitted_while_the_broker_is_down_runs_once_it_is_back(
     with stack.client(e2e_tenant["key"]) as client:
         stack.broker.stop()
         try:
-            started = time.monotonic()
-            response = client.post(f"/queue/{APP}", json=QUICK)
-            took = time.monotonic() - started
+            # The broker's connect timeout is a second: the submit answers long before this one.
+            response = client.post(f"/queue/{APP}", json=QUICK, timeout=15)
             assert response.status_code == 200, response.text
             request_id = response.json()["request_id"]
             assert response.json()["status"] == "IN_QUEUE"
-            assert took < 15, f"submitting took {took:.1f} s with the broker down"
             assert fal_status(client, request_id)["status"] == "IN_QUEUE"
-            seen = set()
-            for _ in range(20):
-                seen.add(job_row(request_id).status)
-                time.sleep(0.1)
-            assert seen <= {"QUEUED", "DISPATCHED"}, seen
+            assert f"broker refused job {request_id}" in stack.logs["web"].read_text(errors="replace")
             job = job_row(request_id)
             assert (job.status, job.attempt) == ("QUEUED", 0)
         finally:
             stack.broker.start()
-        assert f"broker refused job {request_id}" in stack.logs["web"].read_text(errors="replace")
         job = wait_final(stack, request_id, timeout=60)
         assert job.status == "COMPLETED", job.error
         assert [attempt.outcome for attempt in attempts_of(request_id)] == ["succeeded"]

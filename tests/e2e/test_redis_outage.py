@@ -3,7 +3,7 @@
 The stack as production runs it: one Redis (the stack's private redis-server) is the cache and the
 broker of the HTTPS server and both workers. Clients keep submitting while it is SIGKILLed and for a
 few seconds after; it comes back on the same port with nothing in it (no persistence), and the sweep
-dispatches what waited in QUEUED and re-sends what the broker lost (DESIGN §3, §4).
+dispatches what waited in QUEUED and re-sends what the broker lost (docs/lifecycle.md).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -19,6 +19,7 @@ import pytest
 
 from inference.models import Job
 from tests.e2e.conftest import Stack
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -83,14 +84,6 @@ class Submitters:
             return sum(1 for answered_at, *_ in self.answers if answered_at >= moment)
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} within {timeout} s")
-        time.sleep(0.05)
-
-
 def readiness(stack: Stack) -> tuple[int, dict[str, Any]]:
     with stack.client() as client:
         response = client.get("/readyz")
@@ -115,7 +108,7 @@ def test_submits_survive_redis_killed_and_every_accepted_request_completes(
 
     with Submitters(stack, e2e_tenant["key"]) as load:
         started = time.monotonic()
-        wait_until(lambda: load.count_since(started) >= BEFORE, 60, "the first submits were not answered")
+        wait_until(lambda: load.count_since(started) >= BEFORE, timeout=60, message="answers to the first submits")
 
         broker = stack.broker
         assert broker.process is not None
@@ -124,8 +117,8 @@ def test_submits_survive_redis_killed_and_every_accepted_request_completes(
         killed_at = time.monotonic()
         wait_until(
             lambda: load.count_since(killed_at) >= DURING and time.monotonic() - killed_at >= OUTAGE_SECONDS,
-            120,
-            "submits stopped being answered with Redis down",
+            timeout=120,
+            message=f"{DURING} answers with Redis down, for {OUTAGE_SECONDS:g} s at least",
         )
         # The probe's job is to say it; the cache check sees Redis itself, not the fail-soft answers.
         status, body = readiness(stack)
@@ -135,8 +128,10 @@ def test_submits_survive_redis_killed_and_every_accepted_request_completes(
 
         broker.start()  # same port and password, empty
         restarted_at = time.monotonic()
-        wait_until(lambda: readiness(stack)[0] == 200, 60, "readiness did not recover")
-        wait_until(lambda: load.count_since(restarted_at) >= AFTER, 60, "submits after the restart were not answered")
+        wait_until(lambda: readiness(stack)[0] == 200, timeout=60, message="readiness to recover")
+        wait_until(
+            lambda: load.count_since(restarted_at) >= AFTER, timeout=60, message="answers to submits after the restart"
+        )
 
     assert load.errors == [], load.errors[:5]
     failed = [(status, body) for _, status, body, _ in load.answers if status >= 300]
@@ -147,18 +142,24 @@ def test_submits_survive_redis_killed_and_every_accepted_request_completes(
     assert len(accepted) == len(load.answers) == len(set(accepted))
 
     # Every accepted request runs once Redis is back: queued ones by the sweep, lost messages re-sent.
-    deadline = time.monotonic() + 120 + 3 * len(accepted)
-    while True:
+    unfinished: dict[str, str] = {}
+
+    def all_completed() -> bool:
         statuses = dict(Job.objects.filter(pk__in=accepted).values_list("id", "status"))
-        unfinished = {str(job_id): status for job_id, status in statuses.items() if status != "COMPLETED"}
-        if len(statuses) == len(accepted) and not unfinished:
-            break
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"{len(unfinished)} of {len(accepted)} accepted requests unfinished: {list(unfinished.items())[:5]}"
-                f"\n--- gpu worker ---\n{stack.log_tail('gpu')}\n--- housekeeping ---\n{stack.log_tail('housekeeping')}"
-            )
-        time.sleep(0.25)
+        unfinished.clear()
+        unfinished.update({str(job_id): status for job_id, status in statuses.items() if status != "COMPLETED"})
+        return len(statuses) == len(accepted) and not unfinished
+
+    wait_until(
+        all_completed,
+        timeout=120 + 3 * len(accepted),
+        interval=0.25,
+        message=lambda: (
+            f"every accepted request to complete; {len(unfinished)} of {len(accepted)} unfinished:"
+            f" {list(unfinished.items())[:5]}"
+            f"\n--- gpu worker ---\n{stack.log_tail('gpu')}\n--- housekeeping ---\n{stack.log_tail('housekeeping')}"
+        ),
+    )
 
     outage_log = web_log.read_bytes()[log_offset:].decode(errors="replace")
     # The outage is in the server's log, once (not a line per request), and so is the recovery.

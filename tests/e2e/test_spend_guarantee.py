@@ -1,4 +1,4 @@
-"""The money guarantee on real processes (DESIGN §4), with a worker killed in the middle.
+"""The money guarantee on real processes (docs/money.md), with a worker killed in the middle.
 
 One organization with a few cents of credit sends more work than it can pay for, while the estimate admission
 holds is far too low (as when a default held a fraction of what jobs cost). Holds must grow before each step and
@@ -12,7 +12,6 @@ stop jobs where the credit ends; a GPU worker is SIGKILLed mid-job. Afterwards:
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Any
 
@@ -27,6 +26,7 @@ from billing.reconciliation import run_reconciliation
 from inference.models import Endpoint, Job
 from tests.e2e.conftest import Stack
 from tests.e2e.test_lifecycle import APP, ensure_gpu_worker, request_body, set_concurrency_limit
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -72,18 +72,20 @@ def test_usage_never_overdraws_and_finished_work_is_delivered_with_a_worker_kill
             request_ids.append(str(response.json()["request_id"]))
         assert request_ids, "admission refused everything: the test needs some admitted work"
         # Kill the GPU worker in the middle of the first job, then bring one back.
-        deadline = time.monotonic() + 90
-        while not Job.objects.filter(pk__in=request_ids, status="RUNNING", progress_step__gte=1).exists():
-            assert time.monotonic() < deadline, stack.log_tail("gpu")
-            time.sleep(0.05)
+        wait_until(
+            lambda: Job.objects.filter(pk__in=request_ids, status="RUNNING", progress_step__gte=1).exists(),
+            timeout=90,
+            message=lambda: f"a job to run its first step\n{stack.log_tail('gpu')}",
+        )
         try:
             stack.kill("gpu")
         finally:
             ensure_gpu_worker(stack)
-        deadline = time.monotonic() + 240
-        while Job.objects.filter(pk__in=request_ids).exclude(status__in=FINAL).exists():
-            assert time.monotonic() < deadline, f"not all final\n{stack.log_tail('gpu')}"
-            time.sleep(0.1)
+        wait_until(
+            lambda: not Job.objects.filter(pk__in=request_ids).exclude(status__in=FINAL).exists(),
+            timeout=240,
+            message=lambda: f"every job to finish\n{stack.log_tail('gpu')}",
+        )
 
     jobs = list(Job.objects.filter(pk__in=request_ids))
     usage = CreditEntry.objects.filter(organization=organization, kind=EntryKind.USAGE)

@@ -12,6 +12,7 @@ import math
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from inference.engine.metering import BatchMeter, largest_remainder
 
@@ -177,3 +178,191 @@ def test_early_shares_are_their_exact_share_rounded_down_and_all_add_up(
     for member, share in final.items():
         ideal = remaining * exact[member] / left_exact if left_exact else remaining / len(final)
         assert abs(share - ideal) < 1 + 1e-9
+
+
+def test_members_join_a_waiting_batch_and_its_time_counts_from_the_start() -> None:
+    clock = Clock()
+    meter = BatchMeter(clock=clock)
+    meter.join(0, 1)
+    clock.advance(1.0)  # the model loading: no GPU work of the batch yet
+    assert (meter.running_ms(0), meter.total_ms(), meter.active) == (0, 0, [0])
+    meter.join(1, 3)
+    meter.start()
+    clock.advance(0.125)  # 125 ms shared 1:3 -> 31.25 and 93.75
+    assert (meter.running_ms(0), meter.running_ms(1), meter.total_ms()) == (32, 94, 125)
+    assert meter.leave([1, 0]) == {0: 31, 1: 94}
+    assert meter.total_ms() == 125
+
+
+def test_a_member_that_leaves_before_the_work_starts_used_no_gpu_time() -> None:
+    clock = Clock()
+    meter = BatchMeter(clock=clock)
+    meter.join(0, 1)
+    meter.join(1, 1)
+    clock.advance(0.5)
+    assert meter.leave([1]) == {1: 0}
+    meter.start()
+    clock.advance(0.0625)  # member 0 alone
+    assert meter.leave([0]) == {0: 63}
+    assert meter.allocated == {0: 63, 1: 0}
+    assert meter.total_ms() == 63
+
+
+def test_a_batch_everyone_left_before_its_start_never_starts() -> None:
+    clock = Clock()
+    meter = BatchMeter(clock=clock)
+    meter.join(3, 2)
+    assert meter.leave([3]) == {3: 0}
+    clock.advance(1.0)
+    assert (meter.total_ms(), meter.active, meter.allocated) == (0, [], {3: 0})
+    with pytest.raises(ValueError, match="at least one image"):
+        meter.start()
+
+
+def test_a_member_that_joins_a_running_batch_shares_the_time_from_then_on() -> None:
+    clock = Clock()
+    meter = BatchMeter([1], clock=clock)
+    clock.advance(0.0625)  # 62.5 to member 0 alone
+    meter.join(1, 1)
+    clock.advance(0.0625)  # 31.25 each: member 0 93.75, member 1 31.25
+    assert (meter.running_ms(0), meter.running_ms(1)) == (94, 32)
+    assert meter.leave([1]) == {1: 31}
+    clock.advance(0.0625)  # member 0 alone again
+    assert meter.leave([0]) == {0: 157}  # ceil(187.5) = 188, less the 31 given
+    assert meter.total_ms() == 188
+
+
+def test_joins_and_starts_that_make_no_sense_are_refused() -> None:
+    clock = Clock()
+    meter = BatchMeter([1, 1], clock=clock)
+    with pytest.raises(ValueError, match="member 1 has already joined the batch"):
+        meter.join(1, 1)
+    with pytest.raises(ValueError, match="at least one image"):
+        meter.join(2, 0)
+    with pytest.raises(ValueError, match="already started"):
+        meter.start()
+    clock.advance(0.0625)
+    assert meter.leave([]) == {}  # nobody leaves: nothing changes
+    assert meter.active == [0, 1]
+    assert meter.leave([0, 1]) == {0: 32, 1: 31}
+    with pytest.raises(ValueError, match="the batch is over"):
+        meter.join(2, 1)
+    assert meter.leave([]) == {}
+    assert meter.allocated == {0: 32, 1: 31}
+
+
+class BatchLife(RuleBasedStateMachine):
+    """A batch under any sequence of joins, its start, time passing, outputs stored, cancels and finishes.
+
+    Its members' shares are checked against their exact share of the time (kept here in parallel, in sixteenths of
+    a second so no rounding creeps in), and once the batch is over they add up to exactly its measured time.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = Clock()
+        self.meter = BatchMeter(clock=self.clock)
+        self.weights: dict[int, int] = {}
+        self.exact_ms: dict[int, float] = {}
+        self.active: set[int] = set()
+        self.shares: dict[int, int] = {}
+        self.started: float | None = None
+        self.batch_ms = 0  # once it is over
+        self.storing: int | None = None
+
+    def over(self) -> bool:
+        return self.started is not None and not self.active
+
+    @precondition(lambda self: not self.over())
+    @rule(weight=st.integers(min_value=1, max_value=6))
+    def join(self, weight: int) -> None:
+        member = len(self.weights)
+        self.meter.join(member, weight)
+        self.weights[member], self.exact_ms[member] = weight, 0.0
+        self.active.add(member)
+
+    @precondition(lambda self: self.started is None and self.active)
+    @rule()
+    def start(self) -> None:
+        self.meter.start()
+        self.started = self.clock.now
+
+    @rule(sixteenths=st.integers(min_value=0, max_value=40))
+    def time_passes(self, sixteenths: int) -> None:
+        self.clock.advance(sixteenths / 16)
+        if self.started is None or not self.active:
+            return
+        elapsed_ms = sixteenths * 62.5
+        if self.storing is not None:
+            self.exact_ms[self.storing] += elapsed_ms
+            return
+        weight = sum(self.weights[member] for member in self.active)
+        for member in self.active:
+            self.exact_ms[member] += elapsed_ms * self.weights[member] / weight
+
+    @precondition(lambda self: self.active)
+    @rule(data=st.data())
+    def store_outputs(self, data: st.DataObject) -> None:
+        member = data.draw(st.sampled_from(sorted(self.active)))
+        self.meter.exclusive(member)
+        self.storing = member
+
+    @precondition(lambda self: self.storing is not None)
+    @rule()
+    def share_again(self) -> None:
+        self.meter.exclusive(None)
+        self.storing = None
+
+    @precondition(lambda self: self.active)
+    @rule(data=st.data())
+    def leave(self, data: st.DataObject) -> None:
+        """Members cancelled, failed, lost or finished: one, several together, or all that are left."""
+        leaving = data.draw(st.sets(st.sampled_from(sorted(self.active)), min_size=1))
+        given_before = sum(self.shares.values())
+        shares = self.meter.leave(leaving)
+        assert sorted(shares) == sorted(leaving)
+        self.active -= leaving
+        if self.storing in leaving:
+            self.storing = None
+        if self.started is None:
+            assert set(shares.values()) == {0}
+        elif self.active:
+            for member, share in shares.items():  # rounded down
+                assert self.exact_ms[member] - 1 < share <= self.exact_ms[member] + 1e-6
+        else:
+            total_ms = math.ceil((self.clock.now - self.started) * 1000)
+            assert sum(shares.values()) == total_ms - given_before
+            self.batch_ms = total_ms
+            left_exact = sum(self.exact_ms[member] for member in leaving)
+            for member, share in shares.items():
+                ideal = (total_ms - given_before) * (
+                    self.exact_ms[member] / left_exact if left_exact else 1 / len(leaving)
+                )
+                assert abs(share - ideal) < 1 + 1e-6
+        self.shares.update(shares)
+
+    @invariant()
+    def shares_add_up(self) -> None:
+        assert self.meter.active == sorted(self.active)
+        assert self.meter.allocated == self.shares
+        assert all(share >= 0 for share in self.shares.values())
+        if self.over():
+            assert sum(self.shares.values()) == self.meter.total_ms() == self.batch_ms
+        elif self.started is None:
+            assert self.meter.total_ms() == 0
+        else:
+            assert self.meter.total_ms() == math.ceil((self.clock.now - self.started) * 1000)
+            for member in self.active:
+                assert self.exact_ms[member] - 1e-6 <= self.meter.running_ms(member) < self.exact_ms[member] + 1 + 1e-6
+
+    def teardown(self) -> None:
+        """Whatever happened, the batch ends: those still in it finish together and the shares are the batch's time."""
+        if self.started is None or not self.active:
+            return
+        self.meter.leave(self.active)
+        total_ms = math.ceil((self.clock.now - self.started) * 1000)
+        assert sum(self.meter.allocated.values()) == self.meter.total_ms() == total_ms
+
+
+def test_shares_add_up_to_the_batch_time_whatever_joins_leaves_and_cancels() -> None:
+    run_state_machine_as_test(BatchLife, settings=settings(database=None, deadline=None, max_examples=200))

@@ -378,6 +378,32 @@ def test_a_request_cancelled_in_a_batch_leaves_it_at_that_step_and_the_others_fi
         assert np.abs(pixels(outcome.images[0]) - pixels(alone)).max() <= 1
 
 
+def test_a_request_leaving_a_batch_takes_its_own_guidance_and_noise_along() -> None:
+    # Each request its own guidance scale (one per row), a scheduler that draws noise from the rows' generators at
+    # every step, and two images for the request that stays: the rows that go on keep their own scale and generator.
+    engine = engine_for(LOSSLESS)
+    engine.base.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(engine.base.scheduler.config)
+    requests = [
+        request(seeds=[41], prompts=["a first prompt"], guidance_scale=7.5),
+        request(seeds=[42, 43], prompts=["a second prompt", "a third prompt"], guidance_scale=3.0),
+        request(seeds=[44], prompts=["a first prompt"], guidance_scale=5.0),
+    ]
+    seen: list[int] = []
+    outcomes = engine.run_batch(
+        requests,
+        on_step=lambda step, _: seen.append(step),
+        should_cancel=lambda member: member == 0 and 1 in seen,
+    )
+    assert isinstance(outcomes[0], Cancelled)
+    for index in (1, 2):
+        outcome = outcomes[index]
+        assert not isinstance(outcome, Cancelled)
+        alone = engine.run(requests[index]).images
+        assert len(outcome.images) == len(alone)
+        for image, expected in zip(outcome.images, alone, strict=True):
+            assert np.abs(pixels(image) - pixels(expected)).max() <= 1
+
+
 def test_requests_asked_to_stop_after_the_last_step_are_delivered(lossless: Engine) -> None:
     seen: list[int] = []
     outcomes = lossless.run_batch(

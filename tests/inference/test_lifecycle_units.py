@@ -22,12 +22,12 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture(autouse=True)
-def _no_usage_history(db: None) -> None:
-    """These tests queue several requests on the sign-up credit: what admission holds for each must not depend on
-    usage another test's workers recorded for the endpoint (in the shared test database) after it ended."""
-    from billing.models import UsageRollup
+def _credit_for_every_request(tenant: dict[str, Any]) -> None:
+    """These tests queue several requests of the tenant: each must be admitted whatever admission holds for it (the
+    price in force and the usage recorded for the endpoint depend on the tests that ran before in this database)."""
+    from billing.ledger import grant_credits
 
-    UsageRollup.objects.all().delete()
+    grant_credits(organization=tenant["organization"], amount_micros=100_000_000, reason="Dispatch tests")
 
 
 @pytest.fixture

@@ -84,7 +84,7 @@ class Command(BaseCommand):
                 f" (trust it with SSL_CERT_FILE={ca})\n"
             )
         if not options["no_worker"]:
-            # DESIGN §2 embedded: a GPU worker on the cpu queue (concurrency 1, prefetch 1), and the
+            # The embedded run: a GPU worker on the cpu queue (concurrency 1, prefetch 1), and the
             # scheduler (-B) in a second small worker for the housekeeping queue, so a sweep or a
             # webhook never waits behind a long generation.
             celery = [sys.executable, "-m", "celery", "--app", "config", "worker", "--loglevel", "INFO"]

@@ -1,0 +1,74 @@
+"""The sweep of payments left pending: each settled from Stripe's own state when no answer or webhook settled it."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import stripe
+from django.conf import settings
+from django.utils import timezone
+
+from billing.charges import RESEND_WITHIN, charge, find_payment_intent, mark_failed
+from billing.ledger import BillingError, account_of
+from billing.models import Payment, PaymentKind, PaymentStatus
+from billing.stripe_client import field, object_id, stripe_client
+from billing.stripe_errors import PaymentError
+from billing.stripe_state import apply_checkout_session, apply_payment_intent
+
+logger = logging.getLogger(__name__)
+
+
+def settle_stale_payments(*, older_than: timedelta | None = None, limit: int = 100) -> int:
+    """Settles payments still pending long after Stripe was called, from Stripe's own state.
+
+    An auto top-up that never got Stripe's answer is re-sent, the identical request under the same
+    idempotency key (Stripe answers the first attempt's result, or makes it now). Any other payment
+    with no PaymentIntent known is looked up at Stripe by its metadata (the answer and the webhook
+    may both have been lost) and marked failed only if Stripe has none (a late success still
+    credits it); a PaymentIntent left waiting for the customer a day is cancelled.
+    """
+    now = timezone.now()
+    if older_than is None:
+        older_than = timedelta(seconds=settings.BILLING_PAYMENT_SETTLE_AFTER_SECONDS)
+    cutoff = now - older_than
+    settled = 0
+    client = stripe_client()
+    for payment in Payment.objects.filter(status=PaymentStatus.PENDING, created_at__lt=cutoff).order_by("created_at")[
+        :limit
+    ]:
+        try:
+            _settle(client, payment, abandon=payment.created_at < now - timedelta(days=1))
+            settled += 1
+        except (stripe.StripeError, BillingError) as exc:
+            logger.warning("could not settle payment-%s: %s", payment.pk, exc)
+    return settled
+
+
+def _settle(client: stripe.StripeClient, payment: Payment, *, abandon: bool) -> None:
+    if payment.stripe_checkout_session_id and not payment.stripe_payment_intent_id:
+        session = client.v1.checkout.sessions.retrieve(payment.stripe_checkout_session_id)
+        intent_id = object_id(field(session, "payment_intent"))
+        apply_checkout_session(session, client.v1.payment_intents.retrieve(intent_id) if intent_id else None)
+        return
+    resend = payment.kind == PaymentKind.AUTO_TOP_UP and payment.created_at >= timezone.now() - RESEND_WITHIN
+    if not payment.stripe_payment_intent_id and resend:
+        if not payment.stripe_customer_id:  # made before payments recorded their request: the best guess
+            account = account_of(payment.organization)
+            payment.stripe_customer_id = account.stripe_customer_id
+            payment.stripe_payment_method_id = account.default_payment_method_id
+        try:
+            charge(payment)
+        except PaymentError as exc:
+            logger.warning("auto top-up payment-%s retried: %s", payment.pk, exc)
+        return
+    if payment.stripe_payment_intent_id:
+        intent: stripe.PaymentIntent | None = client.v1.payment_intents.retrieve(payment.stripe_payment_intent_id)
+    else:
+        intent = find_payment_intent(client, payment)
+    if intent is None:  # Stripe made nothing for it: nothing was charged
+        mark_failed(payment, message="No answer from the payment provider.")
+        return
+    if abandon and intent.status in ("requires_action", "requires_payment_method", "requires_confirmation"):
+        intent = client.v1.payment_intents.cancel(intent.id)
+    apply_payment_intent(intent)

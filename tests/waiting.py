@@ -1,0 +1,43 @@
+"""Waiting in tests: poll for the condition a test needs, up to a deadline, never a fixed sleep.
+
+This is the one place in the suite that sleeps, between two looks at a condition.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def wait_until(
+    condition: Callable[[], T],
+    *,
+    timeout: float,
+    message: str | Callable[[], str],
+    interval: float = 0.05,
+    ignoring: tuple[type[Exception], ...] = (),
+) -> T:
+    """Calls ``condition`` every ``interval`` seconds until it returns something truthy, and returns that.
+
+    After ``timeout`` seconds raises an AssertionError saying what it waited for: ``message``, or what
+    ``message()`` returns then (a log tail, the state last seen). An exception of a type in ``ignoring`` means
+    "not yet" (a server still starting); the last one is chained to the error. Any other exception ends the wait:
+    a condition raises to give up early, e.g. when the process it waits for has exited.
+    """
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        try:
+            value = condition()
+        except ignoring as exc:
+            last_error = exc
+        else:
+            if value:
+                return value
+        if time.monotonic() >= deadline:
+            waited_for = message() if callable(message) else message
+            raise AssertionError(f"waited {timeout:g} s for {waited_for}") from last_error
+        time.sleep(interval)
