@@ -46,22 +46,14 @@ def _key_held(key_id: Any) -> int:
     )
 
 
-def _spend_room(account: Account, job: Job, *, running: bool) -> tuple[int, Refusal]:
+def _spend_room(account: Account, job: Job) -> tuple[int, Refusal]:
     """How much more the job may hold beyond what is held now, and the refusal that names the tightest limit.
 
     Three limits, each less what is spent and held against it: the available credit (balance less every open hold
-    of the organization), the organization's monthly budget, and the monthly limit of the job's API key.
+    of the organization), the organization's monthly budget, and the monthly limit of the job's API key. The credit's
+    refusal is worded for a running job; admission words its own, with the estimate.
     """
-    available = account.available_micros
-    room, refusal = (
-        available,
-        Refusal(
-            "Credits ran out while this request ran."
-            if running
-            else f"Not enough credits: {format_micros(max(available, 0))} is available. Add credits in billing.",
-            INSUFFICIENT,
-        ),
-    )
+    room, refusal = account.available_micros, Refusal("Credits ran out while this request ran.", INSUFFICIENT)
     if account.monthly_budget_micros is not None:
         spent = spent_this_month(organization_id=account.organization_id)
         budget_room = account.monthly_budget_micros - spent - account.held_micros
@@ -102,7 +94,7 @@ def admit(job: Job) -> Refusal | None:
     if quote.unit_price_micros:
         estimate = max(estimate, 1)  # priced work needs some credit, however cheap its estimate
     account = locked_account(job.organization_id)
-    room, refusal = _spend_room(account, job, running=False)
+    room, refusal = _spend_room(account, job)
     if estimate > room:
         if refusal.error_type == INSUFFICIENT:
             refusal = Refusal(
@@ -176,11 +168,11 @@ def _extend(job: Job, quote: pricing.Quote, gpu_ms: int, ahead_ms: int) -> Reser
     if needed <= 0:
         return _coverage(hold.amount_micros, quote)
     wanted = gpu_cost_micros(gpu_ms + max(ahead_ms, 0), price) - hold.amount_micros
-    room, refusal = _spend_room(account, job, running=True)
+    room, refusal = _spend_room(account, job)
     if needed > room:
         return refusal
     extra = min(wanted, room)
-    Hold.objects.filter(job_id=job.pk, released_at=None).update(amount_micros=F("amount_micros") + extra)
+    Hold.objects.filter(pk=hold.pk).update(amount_micros=F("amount_micros") + extra)
     account.held_micros += extra
     account.save(update_fields=["held_micros"])
     return _coverage(hold.amount_micros + extra, quote)

@@ -90,20 +90,16 @@ def cost_within(
     if cost <= ceiling_micros:
         return units, cost, gpu_ms
     ceiling = max(ceiling_micros, 0)
+    billed_ms, billed_images, billed_pixels = gpu_ms, images, pixels
     if unit == "gpu_second":
         billed_ms = min(gpu_ms, gpu_ms_within(ceiling, unit_price_micros))
-        units, cost = cost_micros(unit=unit, unit_price_micros=unit_price_micros, gpu_ms=billed_ms, images=0, pixels=0)
-        return units, cost, billed_ms
-    if unit == "image":
+    elif unit == "image":
         billed_images = min(images, ceiling // unit_price_micros)
-        units, cost = cost_micros(
-            unit=unit, unit_price_micros=unit_price_micros, gpu_ms=0, images=billed_images, pixels=0
-        )
-        return units, cost, gpu_ms * billed_images // images
-    if unit == "megapixel":
+        billed_ms = gpu_ms * billed_images // images
+    else:  # megapixel: cost_micros refused any other unit
         billed_pixels = min(pixels, (ceiling * 1_000_000 + 499_999) // unit_price_micros)
-        units, cost = cost_micros(
-            unit=unit, unit_price_micros=unit_price_micros, gpu_ms=0, images=0, pixels=billed_pixels
-        )
-        return units, cost, gpu_ms * billed_pixels // pixels
-    raise ValueError(f"unknown price unit {unit!r}")
+        billed_ms = gpu_ms * billed_pixels // pixels
+    units, cost = cost_micros(
+        unit=unit, unit_price_micros=unit_price_micros, gpu_ms=billed_ms, images=billed_images, pixels=billed_pixels
+    )
+    return units, cost, billed_ms

@@ -69,6 +69,7 @@ MONEY_MODULES = (
 MONEY_TESTS = (
     "tests/billing/test_money.py",
     "tests/billing/test_money_cases.py",
+    "tests/billing/test_reservations.py",
     "tests/billing/test_core.py",
     "tests/billing/test_requeue.py",
     "tests/billing/test_ledger_properties.py",
