@@ -1,9 +1,9 @@
 """A running job's hold, grown before each unit of work (``services.reserve_work``), to the micro-dollar.
 
 The hold is reserved at the price the job is billed at, the one in force when it started, whatever price comes
-into force while it runs. A reservation reads the hold, then locks the account and reads it again: what another
-transaction changed in between (the job ended, its hold grew, a budget was lowered) decides the answer, as if that
-transaction committed while this one waited for the lock.
+into force while it runs; each job's reservation grows its own hold and no other. A reservation reads the hold,
+then locks the account and reads it again: what another transaction changed in between (the job ended, its hold
+grew, a budget was lowered) decides the answer, as if that transaction committed while this one waited for the lock.
 
 The built-in endpoint's opening price is 100 µ$ per CPU-second: 1 µ$ buys 10 ms, and ``h`` µ$ cover
 ``h x 10 + 4`` ms (4 ms more still cost ``h + 0.4``, which rounds down to ``h``).
@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from django.conf import settings
 
+from accounts.models import Organization
 from billing import admission, controls
 from billing.models import Account, Hold, Price, UsageRecord
 from inference import services
@@ -74,6 +75,25 @@ def test_a_price_change_while_a_job_runs_changes_neither_what_its_hold_covers_no
         settings.BILLING_SIGNUP_CREDITS_MICROS - held - 500,
         0,
     )
+
+
+def test_running_jobs_of_two_organizations_each_grow_their_own_hold(
+    tenant: dict[str, Any], other_tenant: dict[str, Any], builtin_endpoint: Endpoint
+) -> None:
+    mine, theirs = tenant["organization"], other_tenant["organization"]
+    Organization.objects.filter(pk=mine.pk).update(concurrency_limit=1_000)
+    jobs = [
+        start(submit(mine, builtin_endpoint, api_key=tenant["api_key"])),
+        start(submit(mine, builtin_endpoint, api_key=tenant["api_key"])),
+        start(submit(theirs, builtin_endpoint, api_key=other_tenant["api_key"])),
+    ]
+    held = [held_for(job) for job in jobs]
+    # 100, 200 and 300 µ$ of work beyond each hold, in turn: each hold grows by its own job's need, no other.
+    for job, amount, more in zip(jobs, held, (100, 200, 300), strict=True):
+        gpu_ms = (amount + more) * 10
+        assert services.reserve_work(job=job, gpu_ms=gpu_ms) == Reservation(covered_gpu_ms=gpu_ms + 4)
+    assert [held_for(job) for job in jobs] == [held[0] + 100, held[1] + 200, held[2] + 300]
+    assert (books(jobs[0]).held_micros, books(jobs[2]).held_micros) == (held[0] + held[1] + 300, held[2] + 300)
 
 
 def test_a_reservation_that_meets_the_jobs_end_at_the_lock_holds_nothing_more(
