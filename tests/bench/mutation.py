@@ -62,6 +62,7 @@ MONEY_MODULES = (
     "billing/ledger.py",
     "billing/metering.py",
     "billing/admission.py",
+    "billing/locks.py",
     "inference/engine/metering.py",
 )
 # The fast tests that pin what a customer pays (the engine's own suite imports torch: its meter tests are mirrored,
@@ -74,6 +75,10 @@ MONEY_TESTS = (
     "tests/billing/test_requeue.py",
     "tests/billing/test_ledger_properties.py",
     "tests/inference/test_batch_shares.py",
+    # The Stripe event's and a payment's locks (billing/locks.py) are taken only on these paths.
+    "tests/billing/test_stripe.py",
+    "tests/billing/test_payment_transactions.py",
+    "tests/billing/test_stripe_properties.py",
 )
 PROJECT_PACKAGES = ("accounts", "billing", "config", "dashboard", "inference", "tests")
 COPY_IGNORE = shutil.ignore_patterns(
