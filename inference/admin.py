@@ -27,6 +27,7 @@ from django.utils.safestring import SafeString
 from accounts.admin_base import OperableAdmin, request_actor
 from accounts.models import AuditAction
 from accounts.services import Actor, record_audit
+from inference.closing import cancel_job
 from inference.engine.profile import DESCRIPTIONS as PROFILE_DESCRIPTIONS
 from inference.models import (
     Endpoint,
@@ -39,7 +40,7 @@ from inference.models import (
     WebhookDelivery,
     WebhookStatus,
 )
-from inference.services import RequeueRefused, cancel_job, requeue_job
+from inference.requeue import RequeueRefused, requeue_job
 from inference.webhooks import enqueue_delivery, new_webhook_secret
 
 if TYPE_CHECKING:

@@ -31,6 +31,7 @@ from accounts.models import ApiKey, Scope
 from accounts.permissions import HasScope, request_api_key
 from accounts.schema import ApiAutoSchema, error, validation_error
 from inference import files
+from inference.closing import cancel_job
 from inference.files import MAX_RETENTION_SECONDS
 from inference.hooks import hooks
 from inference.inputs import InputError, input_schema
@@ -44,7 +45,7 @@ from inference.presenters import (
     status_payload,
     usage_of,
 )
-from inference.services import SubmissionRefused, cancel_job, submit_job
+from inference.submission import SubmissionRefused, submit_job
 
 MAX_IDEMPOTENCY_KEY = 255
 

@@ -22,7 +22,7 @@ def run_job(job_id: str, attempt: int) -> None:
 
 @shared_task(name="inference.sweep", ignore_result=True, soft_time_limit=240, time_limit=300)
 def sweep() -> dict[str, int]:
-    from inference.services import sweep as run_sweep
+    from inference.sweep import sweep as run_sweep
 
     return run_sweep()
 

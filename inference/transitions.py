@@ -1,4 +1,5 @@
-"""Which of a job's columns each move of its lifecycle writes, declared once; inference/services.py makes the moves.
+"""Which of a job's columns each move of its lifecycle writes, declared once; the modules named
+after them make the moves (submission, dispatch, attempts, closing, requeue).
 
 Every column of ``Job`` belongs to exactly one group (tests/inference/test_transitions.py checks it), so a new
 column must say here how the moves treat it:

@@ -28,7 +28,7 @@ from django.conf import settings
 from django.db import close_old_connections, connection
 
 from accounts.errors import AppError
-from inference import files, services
+from inference import attempts, closing, files
 from inference.engine import (
     BatchMeter,
     Cancelled,
@@ -51,6 +51,7 @@ from inference.engine import (
 )
 from inference.hooks import Refusal
 from inference.inputs import image_pixels_problem
+from inference.job_logs import log_job
 from inference.models import AttemptOutcome, Endpoint, Job
 
 logger = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ class Heartbeat(threading.Thread):
         if member.covered_ms != -1 and (member.covered_ms is None or projected <= member.covered_ms):
             return True
         ahead = math.ceil(per_step * (left + FINISHING_STEPS))
-        answer = services.reserve_work(job=member.job, gpu_ms=projected, ahead_ms=ahead)
+        answer = attempts.reserve_work(job=member.job, gpu_ms=projected, ahead_ms=ahead)
         if isinstance(answer, Refusal):
             member.stop_reason, member.stop_error_type = answer.detail, answer.error_type
             return False
@@ -220,7 +221,7 @@ class Heartbeat(threading.Thread):
 
     def _beat(self, member: Member, last_renewed: float) -> bool:
         try:
-            answer = services.heartbeat(
+            answer = attempts.heartbeat(
                 job_id=member.job_id,
                 attempt=member.attempt,
                 step=member.step,
@@ -234,7 +235,7 @@ class Heartbeat(threading.Thread):
             connection.close()
             if time.monotonic() - last_renewed <= settings.JOB_LEASE_SECONDS:
                 return False
-            answer = services.HeartbeatAnswer(False, "The lease could not be renewed.", "lost")
+            answer = attempts.HeartbeatAnswer(False, "The lease could not be renewed.", "lost")
         if not answer.keep_going and not member.cancelled.is_set():
             member.stop_reason, member.stop_error_type = answer.reason, answer.error_type
             member.cancelled.set()
@@ -261,7 +262,7 @@ def execute(job_id: str, attempt: int) -> None:
     Safe to call twice with the same message: only one claim wins.
     """
     close_old_connections()
-    job = services.claim_job(job_id=job_id, attempt=attempt, worker=worker_name())
+    job = attempts.claim_job(job_id=job_id, attempt=attempt, worker=worker_name())
     if job is None:
         logger.info("job %s attempt %s was not ours to run (claimed, cancelled or stale)", job_id, attempt)
         return
@@ -290,7 +291,7 @@ def _finish_all(
     shares = heartbeat.meter.leave(member.index for member in open_members)
     for member in open_members:
         heartbeat.release(member)
-        services.finish_attempt(
+        closing.finish_attempt(
             job_id=member.job_id,
             attempt=member.attempt,
             outcome=outcome,
@@ -313,13 +314,13 @@ def _run(leader: Member, heartbeat: Heartbeat) -> None:
         leader.cold_start_ms = loaded.load_ms
         if not loaded.cache_hit:
             leader.cold_start_ms += warm_up(loaded.engine, job.endpoint, profile)
-            services.log_job(job.id, f"Model loaded in {leader.cold_start_ms} ms (cold start).", source="worker")
+            log_job(job.id, f"Model loaded in {leader.cold_start_ms} ms (cold start).", source="worker")
         requests = [generation_request(job)]
         members += gather_companions(job, requests[0], profile)
         heartbeat.add(members[1:])
         requests += [generation_request(member.job) for member in members[1:]]
         if len(members) > 1:
-            services.log_job(job.id, f"Running in a batch of {len(members)} requests.", source="worker")
+            log_job(job.id, f"Running in a batch of {len(members)} requests.", source="worker")
         heartbeat.meter.start()
 
         def on_cancelled(index: int, cancelled: Cancelled) -> None:
@@ -412,7 +413,7 @@ def _store(member: Member, result: GenerationResult, heartbeat: Heartbeat, *, ba
     images = [encode_image(image, job.input["output_format"]) for image in result.images]
     stored = files.inline_outputs(images) if job.input.get("sync_mode") else files.save_outputs(job, images)
     if batch_size > 1:
-        services.log_job(
+        log_job(
             job.id,
             f"Shared a pipeline call with {batch_size - 1} other request(s); "
             f"GPU time is this request's share ({heartbeat.meter.running_ms(member.index)} ms so far).",
@@ -448,7 +449,7 @@ def gather_companions(job: Job, request: GenerationRequest, profile: Optimizatio
 
     companions: list[Job] = []
     while room > 0:
-        found = services.claim_batch_companions(job=job, worker=worker_name(), room=room, compatible=compatible)
+        found = attempts.claim_batch_companions(job=job, worker=worker_name(), room=room, compatible=compatible)
         companions += found
         room -= sum(len(companion.input["seeds"]) for companion in found)
         remaining = deadline - time.monotonic()

@@ -74,9 +74,9 @@ def priced_without_broker(monkeypatch: pytest.MonkeyPatch) -> None:
     """Jobs are dispatched with no broker (unit tests run the lifecycle themselves); the opening rate card holds."""
     from billing.models import Price
     from billing.rates import ensure_opening_prices
-    from inference import services
+    from inference import dispatch
 
-    monkeypatch.setattr(services, "send_run_message", lambda *args: True)
+    monkeypatch.setattr(dispatch, "send_run_message", lambda *args: True)
     ensure_opening_prices(Price)
 
 

@@ -1,7 +1,7 @@
 """Jobs driven through inference's services with no worker or broker: submitted, claimed as a worker claims
 them and finished, so that billing writes its usage record, debit and rollups through the real services.
 
-Callers patch ``inference.services.send_run_message`` (no broker) and put a price in force themselves.
+Callers patch ``inference.dispatch.send_run_message`` (no broker) and put a price in force themselves.
 ``tenant`` is the fixture of that name in tests/conftest.py.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from accounts.models import ApiKey, Organization
-from inference import services
+from inference import attempts, closing, dispatch, submission
 from inference.models import AttemptOutcome, Endpoint, Job
 
 SMALL = {"prompt": "a lighthouse", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 2}
@@ -18,7 +18,7 @@ SMALL = {"prompt": "a lighthouse", "image_size": {"width": 64, "height": 64}, "n
 
 def submit(organization: Organization, endpoint: Endpoint, *, api_key: ApiKey | None = None, **payload: Any) -> Job:
     """A request for ``SMALL`` with ``payload`` laid over it."""
-    job, _ = services.submit_job(
+    job, _ = submission.submit_job(
         organization=organization, api_key=api_key, endpoint=endpoint, payload={**SMALL, **payload}
     )
     return job
@@ -31,9 +31,9 @@ def submit_as(tenant: dict[str, Any], endpoint: Endpoint, **payload: Any) -> Job
 
 def start(job: Job) -> Job:
     """Dispatches the job (its on-commit hand-off never runs inside a test's transaction) and claims it."""
-    services.dispatch_organization(job.organization_id)
+    dispatch.dispatch_organization(job.organization_id)
     job.refresh_from_db()
-    claimed = services.claim_job(job_id=str(job.pk), attempt=job.attempt, worker="worker-1")
+    claimed = attempts.claim_job(job_id=str(job.pk), attempt=job.attempt, worker="worker-1")
     assert claimed is not None, f"{job.pk} could not be claimed ({job.status})"
     return claimed
 
@@ -48,11 +48,11 @@ def finish(
     ``cold_start_ms``, ``error``, ``error_type``, ``retry``, or a ``result`` of the caller's own.
     """
     if reserve:
-        services.reserve_work(job=job, gpu_ms=gpu_ms)
+        attempts.reserve_work(job=job, gpu_ms=gpu_ms)
     if outcome == AttemptOutcome.SUCCEEDED:
         images = [{"url": "x", "width": 64, "height": 64}] * int(job.input.get("num_images", 1))
         kwargs.setdefault("result", {"images": images, "seed": 1})
-    finished = services.finish_attempt(
+    finished = closing.finish_attempt(
         job_id=str(job.pk), attempt=job.attempt, outcome=AttemptOutcome(outcome), gpu_ms=gpu_ms, **kwargs
     )
     assert finished is not None

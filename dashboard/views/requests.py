@@ -23,7 +23,7 @@ from inference.api import status_event_stream
 from inference.inputs import input_schema
 from inference.models import Endpoint, Job, JobStatus
 from inference.presenters import base_url, usage_of
-from inference.services import submit_job
+from inference.submission import submit_job
 
 PAGE_SIZE = 25
 

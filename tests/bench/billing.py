@@ -9,7 +9,7 @@ Against DATABASE_URL (PostgreSQL: a scratch database of its own, dropped at the 
    rollups summed from them: the books the real path writes, loaded in bulk (COPY on PostgreSQL).
 2. Write rate, on top of those books: ``--writes`` closed attempts recorded one transaction each through
    ``billing.metering.record_attempt`` (price lookup, usage record, hold release under the account lock, the
-   debit, two rollup upserts), and as many more through ``inference.services.finish_attempt`` end to end
+   debit, two rollup upserts), and as many more through ``inference.closing.finish_attempt`` end to end
    (locks, the attempt and job rows, the log line, the same hook) for context.
 3. The usage page: ``billing.selectors.usage`` for the big tenant over 30 days, by day and by day and endpoint,
    p50 of ``--runs``, next to the same report computed from raw usage records; both must agree.
@@ -440,10 +440,10 @@ def write_rates(world: dict[str, Any], writes: int) -> tuple[float, float, int]:
     from django.test.utils import CaptureQueriesContext
 
     from billing.metering import record_attempt
-    from inference import services
+    from inference import closing, dispatch
     from inference.models import AttemptOutcome, Job, JobAttempt, JobStatus
 
-    services.send_run_message = lambda *args: True  # type: ignore[assignment]  # no broker: nothing is queued
+    dispatch.send_run_message = lambda *args: True  # type: ignore[assignment]  # no broker: nothing is queued
     organization = world["organizations"][1]
     endpoint = world["endpoints"][0]
 
@@ -469,7 +469,7 @@ def write_rates(world: dict[str, Any], writes: int) -> tuple[float, float, int]:
     finish_jobs = running_jobs(organization, endpoint, writes)
     started = time.perf_counter()
     for job_id in finish_jobs:
-        services.finish_attempt(
+        closing.finish_attempt(
             job_id=str(job_id),
             attempt=1,
             outcome=AttemptOutcome.SUCCEEDED,

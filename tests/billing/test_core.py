@@ -27,7 +27,7 @@ from billing.models import (
     UsageRollup,
 )
 from billing.money import gpu_ms_within
-from inference import services
+from inference import attempts, closing, submission
 from inference.hooks import Refusal, Reservation
 from inference.models import AttemptOutcome, Endpoint, Job, JobStatus
 from tests.lifecycle import SMALL, finish, run_as, start, submit_as
@@ -90,7 +90,7 @@ def test_closing_a_billed_run_sends_a_fixed_number_of_statements(
     # In the test's transaction: a savepoint and its release; the job (with its endpoint) and attempt locks; the
     # attempt; the retention setting; the log line; the job; the price; the account lock; the usage record; the
     # hold; the debit; the account; both rollups. On commit, one read finds no waiting work and no webhook to send.
-    services.reserve_work(job=job, gpu_ms=1_235)  # as the worker did before the steps it ran
+    attempts.reserve_work(job=job, gpu_ms=1_235)  # as the worker did before the steps it ran
     with django_assert_num_queries(16), django_capture_on_commit_callbacks(execute=True):
         finish(job, gpu_ms=1_235, reserve=False)
     assert UsageRecord.objects.get(job=job).cost_micros == 124
@@ -124,7 +124,7 @@ def test_a_request_cancelled_in_the_queue_costs_nothing_and_gives_its_hold_back(
 ) -> None:
     job = submit_as(tenant, builtin_endpoint)
     assert account(tenant).held_micros > 0
-    assert services.cancel_job(job=job) == "CANCELLATION_REQUESTED"
+    assert closing.cancel_job(job=job) == "CANCELLATION_REQUESTED"
     assert account(tenant).held_micros == 0
     assert not UsageRecord.objects.filter(job=job).exists()
     assert account(tenant).balance_micros == settings.BILLING_SIGNUP_CREDITS_MICROS
@@ -134,7 +134,7 @@ def test_a_running_request_cancelled_by_the_user_is_billed_for_the_time_it_ran(
     tenant: dict[str, Any], builtin_endpoint: Endpoint
 ) -> None:
     job = start(submit_as(tenant, builtin_endpoint))
-    services.cancel_job(job=job)
+    closing.cancel_job(job=job)
     finish(job, AttemptOutcome.CANCELLED, gpu_ms=500, error="Cancelled by request.", error_type="cancelled")
     [record] = UsageRecord.objects.filter(job=job)
     assert (record.outcome, record.billable, record.cost_micros) == ("cancelled", True, 50)
@@ -216,7 +216,7 @@ def test_the_monthly_budget_and_a_key_limit_refuse_new_work(
     assert refused.status_code == 402
     assert "API key" in refused.json()["detail"]
     other_key, _ = make_key(tenant["organization"])
-    assert services.submit_job(
+    assert submission.submit_job(
         organization=tenant["organization"], api_key=other_key, endpoint=builtin_endpoint, payload=SMALL
     )[1]
     assert AuditEvent.objects.filter(action="billing.limits_changed").count() == 3
@@ -227,28 +227,28 @@ def test_a_running_job_grows_its_hold_before_more_work_and_stops_where_credit_or
 ) -> None:
     job = start(submit_as(tenant, builtin_endpoint))
     hold = Hold.objects.get(job=job).amount_micros
-    covered = services.reserve_work(job=job, gpu_ms=1)
+    covered = attempts.reserve_work(job=job, gpu_ms=1)
     assert isinstance(covered, Reservation)
     assert covered.covered_gpu_ms == gpu_ms_within(hold, CPU_PRICE)
     available = account(tenant).available_micros
     # More time than the hold and everything still available can pay for: refused, nothing changes.
     too_long = (hold + available + 1) * 1000 // CPU_PRICE + 10
-    refused = services.reserve_work(job=job, gpu_ms=too_long)
+    refused = attempts.reserve_work(job=job, gpu_ms=too_long)
     assert isinstance(refused, Refusal)
     assert refused.error_type == "insufficient_credits"
     assert (Hold.objects.get(job=job).amount_micros, account(tenant).available_micros) == (hold, available)
     # The organization's monthly budget binds first here (spent + held + extra): the hold grows within it, and no
     # further even when asked to look far ahead.
     controls.set_monthly_budget(organization=tenant["organization"], budget_micros=hold + 30)
-    within_budget = services.reserve_work(job=job, gpu_ms=(hold + 20) * 1000 // CPU_PRICE, ahead_ms=10**9)
+    within_budget = attempts.reserve_work(job=job, gpu_ms=(hold + 20) * 1000 // CPU_PRICE, ahead_ms=10**9)
     assert isinstance(within_budget, Reservation)
     assert Hold.objects.get(job=job).amount_micros == hold + 30
-    refused = services.reserve_work(job=job, gpu_ms=(hold + 40) * 1000 // CPU_PRICE)
+    refused = attempts.reserve_work(job=job, gpu_ms=(hold + 40) * 1000 // CPU_PRICE)
     assert isinstance(refused, Refusal)
     assert refused.error_type == "spend_limit_exceeded"
     # Without a budget, the available credit binds: the hold grows to all of it and no further.
     controls.set_monthly_budget(organization=tenant["organization"], budget_micros=None)
-    grown = services.reserve_work(job=job, gpu_ms=(hold + 50) * 1000 // CPU_PRICE, ahead_ms=10**9)
+    grown = attempts.reserve_work(job=job, gpu_ms=(hold + 50) * 1000 // CPU_PRICE, ahead_ms=10**9)
     assert isinstance(grown, Reservation)
     assert Hold.objects.get(job=job).amount_micros == hold + available
     assert account(tenant).available_micros == 0
@@ -263,7 +263,7 @@ def test_a_running_job_stops_at_its_heartbeat_when_a_refund_takes_the_balance_be
     tenant: dict[str, Any], builtin_endpoint: Endpoint
 ) -> None:
     job = start(submit_as(tenant, builtin_endpoint))
-    assert services.heartbeat(job_id=str(job.pk), attempt=job.attempt, step=1, total=2, gpu_ms=100).keep_going
+    assert attempts.heartbeat(job_id=str(job.pk), attempt=job.attempt, step=1, total=2, gpu_ms=100).keep_going
     books = account(tenant)
     grant_credits(
         organization=tenant["organization"],
@@ -271,9 +271,9 @@ def test_a_running_job_stops_at_its_heartbeat_when_a_refund_takes_the_balance_be
         reason="disputed payment",
         kind=EntryKind.ADJUSTMENT,
     )
-    beat = services.heartbeat(job_id=str(job.pk), attempt=job.attempt, step=1, total=2, gpu_ms=100)
+    beat = attempts.heartbeat(job_id=str(job.pk), attempt=job.attempt, step=1, total=2, gpu_ms=100)
     assert (beat.keep_going, beat.error_type) == (False, "insufficient_credits")
-    refused = services.reserve_work(job=job, gpu_ms=1)
+    refused = attempts.reserve_work(job=job, gpu_ms=1)
     assert isinstance(refused, Refusal)
     assert refused.error_type == "insufficient_credits"
 

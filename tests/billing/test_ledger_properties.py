@@ -31,7 +31,7 @@ from accounts.models import Organization
 from billing.ledger import BillingError, grant_credits, refund_job
 from billing.models import Account, CreditEntry, EntryKind, Hold, Price, PriceUnit, UsageRecord
 from billing.reconciliation import run_reconciliation
-from inference import services
+from inference import closing, submission
 from inference.models import FINAL_STATUSES, AttemptOutcome, Endpoint, Job, JobStatus
 from tests import lifecycle
 
@@ -83,11 +83,9 @@ class Books(RuleBasedStateMachine):
 
     def bring_every_job_to_an_end(self) -> None:
         for job in Job.objects.filter(pk__in=self.jobs, status__in=NOT_FINAL):
-            services.cancel_job(job=job)
+            closing.cancel_job(job=job)
         for job in Job.objects.filter(pk__in=self.jobs, status=JobStatus.RUNNING):
-            services.finish_attempt(
-                job_id=str(job.pk), attempt=job.attempt, outcome=AttemptOutcome.CANCELLED, gpu_ms=10
-            )
+            closing.finish_attempt(job_id=str(job.pk), attempt=job.attempt, outcome=AttemptOutcome.CANCELLED, gpu_ms=10)
         assert not Job.objects.filter(pk__in=self.jobs, status__in=NOT_FINAL).exists()
         assert total(Account.objects.filter(pk__in=[o.pk for o in self.organizations]), "held_micros") == 0
         assert not Hold.objects.filter(released_at__isnull=True).exists()
@@ -122,7 +120,7 @@ class Books(RuleBasedStateMachine):
                 num_images=num_images,
                 num_inference_steps=steps,
             )
-        except services.SubmissionRefused as refused:
+        except submission.SubmissionRefused as refused:
             if (refused.status_code, refused.error_type) != (402, "insufficient_credits"):
                 raise  # running out of credit is the only refusal these requests may meet
             return None
@@ -149,7 +147,7 @@ class Books(RuleBasedStateMachine):
         if job is None:
             return
         if cancel_first and len(attempts) == 1:
-            services.cancel_job(job=job)  # in the queue: never started, never billed
+            closing.cancel_job(job=job)  # in the queue: never started, never billed
             return
         for outcome, gpu_ms, cold_start_ms, retry in attempts:
             job = lifecycle.start(job)
@@ -182,7 +180,7 @@ class Books(RuleBasedStateMachine):
     @rule(data=st.data())
     def cancel(self, data: st.DataObject) -> None:
         job = self.pick(data, NOT_FINAL)
-        assert services.cancel_job(job=job) == "CANCELLATION_REQUESTED"
+        assert closing.cancel_job(job=job) == "CANCELLATION_REQUESTED"
 
     @precondition(lambda self: self.any_in(JobStatus.RUNNING))
     @rule(data=st.data(), held_ms=st.integers(0, 30_000))
@@ -191,7 +189,7 @@ class Books(RuleBasedStateMachine):
         attempt = job.attempts.get(number=job.attempt)
         job.attempts.filter(pk=attempt.pk).update(heartbeat_at=attempt.started_at + timedelta(milliseconds=held_ms))
         Job.objects.filter(pk=job.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
-        assert services.reap_expired_leases() == 1
+        assert closing.reap_expired_leases() == 1
 
     @rule(organization=st.integers(0, 1), amount=st.integers(-500_000, 3_000_000).filter(bool))
     def credit(self, organization: int, amount: int) -> None:

@@ -47,7 +47,7 @@ from billing.money import (
     gpu_cost_micros,
     gpu_ms_within,
 )
-from inference import services
+from inference import attempts, closing, requeue, submission
 from inference.hooks import Refusal, Reservation
 from inference.models import AttemptOutcome, Endpoint, Job, JobAttempt, JobStatus
 from tests.lifecycle import finish, start, submit
@@ -79,7 +79,7 @@ def set_balance(organization: Organization, micros: int) -> None:
 def refused(organization: Organization, endpoint: Endpoint, api_key: ApiKey | None, **payload: Any) -> Any:
     """The refusal of a submission that must be refused (nothing stored)."""
     jobs_before = Job.objects.count()
-    with pytest.raises(services.SubmissionRefused) as refusal:
+    with pytest.raises(submission.SubmissionRefused) as refusal:
         submit(organization, endpoint, api_key=api_key, **payload)
     assert Job.objects.count() == jobs_before
     assert refusal.value.status_code == 402
@@ -90,7 +90,7 @@ def admitted(organization: Organization, endpoint: Endpoint, api_key: ApiKey | N
     """Submits a request that must be admitted, then cancels it in the queue; the amount it held."""
     job = submit(organization, endpoint, api_key=api_key, **payload)
     held = Hold.objects.get(job=job).amount_micros
-    assert services.cancel_job(job=job) == "CANCELLATION_REQUESTED"  # gives its hold back, costs nothing
+    assert closing.cancel_job(job=job) == "CANCELLATION_REQUESTED"  # gives its hold back, costs nothing
     return held
 
 
@@ -247,10 +247,10 @@ def test_a_hold_extension_meets_each_limit_exactly_and_counts_only_its_own(
     a, b, a1, a2, b1 = (two_organizations[name] for name in ("a", "b", "a1", "a2", "b1"))
     run_seconds(b, builtin_endpoint, b1, 10_000)  # B spends 1,000
     theirs = start(submit(b, builtin_endpoint, api_key=b1))
-    assert isinstance(services.reserve_work(job=theirs, gpu_ms=500_000), Reservation)  # B holds 50,000 for it
+    assert isinstance(attempts.reserve_work(job=theirs, gpu_ms=500_000), Reservation)  # B holds 50,000 for it
     run_seconds(a, builtin_endpoint, a2, 20_000)  # key A2 spends 2,000
     sibling = start(submit(a, builtin_endpoint, api_key=a2))
-    assert isinstance(services.reserve_work(job=sibling, gpu_ms=400_000), Reservation)  # A2 holds 40,000
+    assert isinstance(attempts.reserve_work(job=sibling, gpu_ms=400_000), Reservation)  # A2 holds 40,000
     run_seconds(a, builtin_endpoint, a1, 3_000)  # key A1 spends 300
     job = start(submit(a, builtin_endpoint, api_key=a1))
     held = Hold.objects.get(job=job).amount_micros
@@ -261,19 +261,19 @@ def test_a_hold_extension_meets_each_limit_exactly_and_counts_only_its_own(
     # still round down to the hold).
     covered = gpu_ms_within(held, CPU_PRICE)
     assert covered == held * 10 + 4
-    assert services.reserve_work(job=job, gpu_ms=covered) == Reservation(covered_gpu_ms=covered)
+    assert attempts.reserve_work(job=job, gpu_ms=covered) == Reservation(covered_gpu_ms=covered)
     assert Hold.objects.get(job=job).amount_micros == held
 
     # Key A1's limit: 300 spent + `held` held + 50 more exactly: the extension fits, then not a micro-dollar more.
     # With no look-ahead the hold grows by what the work needs: (held + 40) x 10 + 4 ms cost held + 40.4 -> held + 40.
     controls.set_key_limit(api_key=a1, monthly_limit_micros=300 + held + 50)
-    grown = services.reserve_work(job=job, gpu_ms=(held + 40) * 10 + 4)
+    grown = attempts.reserve_work(job=job, gpu_ms=(held + 40) * 10 + 4)
     assert grown == Reservation(covered_gpu_ms=(held + 40) * 10 + 4)
     assert Hold.objects.get(job=job).amount_micros == held + 40
-    grown = services.reserve_work(job=job, gpu_ms=(held + 50) * 10, ahead_ms=10**9)
+    grown = attempts.reserve_work(job=job, gpu_ms=(held + 50) * 10, ahead_ms=10**9)
     assert grown == Reservation(covered_gpu_ms=(held + 50) * 10 + 4)
     assert Hold.objects.get(job=job).amount_micros == held + 50
-    refusal = services.reserve_work(job=job, gpu_ms=(held + 51) * 10)
+    refusal = attempts.reserve_work(job=job, gpu_ms=(held + 51) * 10)
     assert isinstance(refusal, Refusal)
     assert refusal.error_type == "spend_limit_exceeded"
     assert Hold.objects.get(job=job).amount_micros == held + 50
@@ -282,10 +282,10 @@ def test_a_hold_extension_meets_each_limit_exactly_and_counts_only_its_own(
     # A's budget: 2,300 spent + 40,000 and held + 50 held + 70 more; B's spending and holds are not A's. Asked to
     # look far ahead, the hold grows to all the room (70), not only the 20 the work needs.
     controls.set_monthly_budget(organization=a, budget_micros=2_300 + 40_000 + held + 50 + 70)
-    ahead = services.reserve_work(job=job, gpu_ms=(held + 70) * 10, ahead_ms=10**9)
+    ahead = attempts.reserve_work(job=job, gpu_ms=(held + 70) * 10, ahead_ms=10**9)
     assert ahead == Reservation(covered_gpu_ms=(held + 120) * 10 + 4)
     assert Hold.objects.get(job=job).amount_micros == held + 120
-    refusal = services.reserve_work(job=job, gpu_ms=(held + 121) * 10)
+    refusal = attempts.reserve_work(job=job, gpu_ms=(held + 121) * 10)
     assert isinstance(refusal, Refusal)
     assert refusal.error_type == "spend_limit_exceeded"
     controls.set_monthly_budget(organization=a, budget_micros=None)
@@ -293,11 +293,11 @@ def test_a_hold_extension_meets_each_limit_exactly_and_counts_only_its_own(
     # The available credit: exactly 31 more, what (held + 150) x 10 + 5 ms cost (held + 150.5 -> held + 151) beyond
     # the hold. A negative look-ahead never shrinks what the work itself needs.
     set_balance(a, books(a).held_micros + 31)
-    assert services.reserve_work(job=job, gpu_ms=(held + 150) * 10 + 5, ahead_ms=-10_000) == Reservation(
+    assert attempts.reserve_work(job=job, gpu_ms=(held + 150) * 10 + 5, ahead_ms=-10_000) == Reservation(
         covered_gpu_ms=(held + 151) * 10 + 4
     )
     assert books(a).available_micros == 0
-    refusal = services.reserve_work(job=job, gpu_ms=(held + 151) * 10 + 5)  # 0.5 µ$ more rounds up to 1
+    refusal = attempts.reserve_work(job=job, gpu_ms=(held + 151) * 10 + 5)  # 0.5 µ$ more rounds up to 1
     assert isinstance(refusal, Refusal)
     assert (refusal.error_type, refusal.detail) == ("insufficient_credits", "Credits ran out while this request ran.")
     # Only this job's hold ever grew.
@@ -310,7 +310,7 @@ def test_a_hold_extension_meets_each_limit_exactly_and_counts_only_its_own(
     assert (record.gpu_ms, record.cost_micros, record.unbilled_gpu_ms) == ((held + 150) * 10 + 5, held + 151, 0)
     assert (books(a).balance_micros, books(a).held_micros) == (balance - held - 151, 40_000)
     # Ended, it holds nothing: there is nothing left to extend.
-    assert services.reserve_work(job=job, gpu_ms=1) == Reservation(covered_gpu_ms=None)
+    assert attempts.reserve_work(job=job, gpu_ms=1) == Reservation(covered_gpu_ms=None)
 
 
 def test_a_hold_that_already_covers_the_work_is_answered_from_three_reads(
@@ -320,7 +320,7 @@ def test_a_hold_that_already_covers_the_work_is_answered_from_three_reads(
     covered = gpu_ms_within(Hold.objects.get(job=job).amount_micros, CPU_PRICE)
     # The job's open hold, the account's balance and holds, the price in force when the job started.
     with django_assert_num_queries(3):
-        assert services.reserve_work(job=job, gpu_ms=covered) == Reservation(covered_gpu_ms=covered)
+        assert attempts.reserve_work(job=job, gpu_ms=covered) == Reservation(covered_gpu_ms=covered)
 
 
 def test_a_balance_exactly_equal_to_what_is_held_keeps_running_jobs_going(
@@ -329,16 +329,16 @@ def test_a_balance_exactly_equal_to_what_is_held_keeps_running_jobs_going(
     organization = tenant["organization"]
     job = start(submit(organization, builtin_endpoint, api_key=tenant["api_key"]))
     set_balance(organization, books(organization).held_micros)  # nothing available, nothing owed
-    beat = services.heartbeat(job_id=str(job.pk), attempt=job.attempt, step=1, total=2, gpu_ms=10)
+    beat = attempts.heartbeat(job_id=str(job.pk), attempt=job.attempt, step=1, total=2, gpu_ms=10)
     assert beat.keep_going
-    assert isinstance(services.reserve_work(job=job, gpu_ms=1), Reservation)
+    assert isinstance(attempts.reserve_work(job=job, gpu_ms=1), Reservation)
     set_balance(organization, books(organization).held_micros - 1)  # a refund took one micro-dollar of it
-    beat = services.heartbeat(job_id=str(job.pk), attempt=job.attempt, step=1, total=2, gpu_ms=10)
+    beat = attempts.heartbeat(job_id=str(job.pk), attempt=job.attempt, step=1, total=2, gpu_ms=10)
     assert (beat.keep_going, beat.error_type) == (False, "insufficient_credits")
     # Another organization's books are its own: its job goes on.
     other = other_tenant["organization"]
     theirs = start(submit(other, builtin_endpoint, api_key=other_tenant["api_key"]))
-    assert services.heartbeat(job_id=str(theirs.pk), attempt=theirs.attempt, step=1, total=2, gpu_ms=10).keep_going
+    assert attempts.heartbeat(job_id=str(theirs.pk), attempt=theirs.attempt, step=1, total=2, gpu_ms=10).keep_going
 
 
 # --- A price change between attempts, and between admission and start --------------------------------------------
@@ -426,7 +426,7 @@ def test_the_usage_of_a_job_that_was_never_billed_shows_the_price_when_it_starte
     queued = submit(organization, builtin_endpoint, api_key=key)
     Price.objects.create(gpu_class="cpu", unit_price_micros=1_000)
     finish(start(failed), AttemptOutcome.ERRORED, gpu_ms=700, error="CUDA out of memory")  # no retry: it failed
-    services.cancel_job(job=queued)  # never started
+    closing.cancel_job(job=queued)  # never started
     nothing = {"gpu_class": "cpu", "gpu_ms": 0, "billable_units": 0.0, "unit": "gpu_second", "cost_micros": 0}
     assert usage_of(failed) == {**nothing, "unit_price_micros": 1_000}  # the price when it started
     assert usage_of(queued) == {**nothing, "unit_price_micros": 100}  # the price when it was submitted
@@ -437,10 +437,10 @@ def test_a_requeued_job_billed_twice_shows_the_sum_at_its_last_price(
 ) -> None:
     organization = tenant["organization"]
     job = start(submit(organization, builtin_endpoint, api_key=tenant["api_key"]))
-    services.cancel_job(job=job)
+    closing.cancel_job(job=job)
     finish(job, AttemptOutcome.CANCELLED, gpu_ms=500, error="Cancelled by request.", error_type="cancelled")
     Price.objects.create(gpu_class="cpu", unit_price_micros=1_000)
-    assert services.requeue_job(job=job)
+    assert requeue.requeue_job(job=job)
     finish(start(Job.objects.get(pk=job.pk)), gpu_ms=2_000)
     first, second = UsageRecord.objects.filter(job=job).order_by("attempt_number")
     assert (first.unit_price_micros, first.cost_micros) == (100, 50)  # 0.5 s at 100 µ$/s
@@ -479,10 +479,10 @@ def test_per_image_success_cancel_platform_failure_and_capped_settlement(
     # Cancelled while running: billable, but no image was produced, so it costs nothing; its hold is given back.
     cancelled = start(submit(organization, per_image, api_key=key, num_images=3))
     # Priced by output, the hold was whole at admission: any GPU time is covered, nothing to extend.
-    assert services.reserve_work(job=cancelled, gpu_ms=10**9) == Reservation(covered_gpu_ms=None)
+    assert attempts.reserve_work(job=cancelled, gpu_ms=10**9) == Reservation(covered_gpu_ms=None)
     assert Hold.objects.get(job=cancelled).amount_micros == 7_500
     assert books(organization).held_micros == 7_500
-    services.cancel_job(job=cancelled)
+    closing.cancel_job(job=cancelled)
     finish(cancelled, AttemptOutcome.CANCELLED, gpu_ms=700, error="Cancelled by request.", error_type="cancelled")
     record = UsageRecord.objects.get(job=cancelled)
     assert (record.billable, record.billable_units, record.cost_micros) == (True, Decimal(0), 0)
@@ -536,7 +536,7 @@ def test_per_megapixel_success_cancel_and_capped_settlement(tenant: dict[str, An
     )
 
     cancelled = start(submit(organization, per_megapixel, api_key=key, num_images=3))
-    services.cancel_job(job=cancelled)
+    closing.cancel_job(job=cancelled)
     finish(cancelled, AttemptOutcome.CANCELLED, gpu_ms=600, error="Cancelled by request.", error_type="cancelled")
     record = UsageRecord.objects.get(job=cancelled)
     assert (record.billable_units, record.cost_micros, record.gpu_ms) == (Decimal(0), 0, 600)
@@ -561,7 +561,7 @@ def test_a_gpu_second_settlement_capped_by_the_balance_never_takes_it_below_zero
 ) -> None:
     organization = tenant["organization"]
     job = start(submit(organization, builtin_endpoint, api_key=tenant["api_key"]))
-    services.reserve_work(job=job, gpu_ms=10_000)  # the worker reserved all of it...
+    attempts.reserve_work(job=job, gpu_ms=10_000)  # the worker reserved all of it...
     assert Hold.objects.get(job=job).amount_micros >= 1_000
     set_balance(organization, 333)  # ...then a refunded payment took the balance down to 333 µ$
     finish(job, gpu_ms=10_000, reserve=False)  # 1,000 µ$ of work
@@ -785,7 +785,7 @@ def test_a_job_cancelled_in_the_queue_is_never_billed_even_after_its_organizatio
     a, b, a1, b1 = (two_organizations[name] for name in ("a", "b", "a1", "b1"))
     queued = submit(a, per_image, api_key=a1, num_images=2)
     run_images(b, per_image, b1, 1)
-    assert services.cancel_job(job=Job.objects.get(pk=queued.pk)) == "CANCELLATION_REQUESTED"
+    assert closing.cancel_job(job=Job.objects.get(pk=queued.pk)) == "CANCELLATION_REQUESTED"
     assert not UsageRecord.objects.filter(job=queued).exists()
     assert (books(a).balance_micros, books(a).held_micros) == (settings.BILLING_SIGNUP_CREDITS_MICROS, 0)
     assert Job.objects.get(pk=queued.pk).status == JobStatus.CANCELLED
@@ -834,17 +834,17 @@ def test_a_requeue_holds_once_whether_the_earlier_hold_was_released_or_left_open
     beside = Hold.objects.get(job=waiting).amount_micros
     assert books(organization).held_micros == beside
 
-    assert services.requeue_job(job=job)  # its hold was released when it failed: opened again, counted once
+    assert requeue.requeue_job(job=job)  # its hold was released when it failed: opened again, counted once
     hold = Hold.objects.get(job=job)
     assert hold.released_at is None
     assert books(organization).held_micros == beside + hold.amount_micros
-    services.cancel_job(job=Job.objects.get(pk=job.pk))
+    closing.cancel_job(job=Job.objects.get(pk=job.pk))
     assert books(organization).held_micros == beside
 
     # Books that reconciliation flags (a final job still holding 777): a requeue replaces that hold, never adds to it.
     Hold.objects.filter(job=job).update(released_at=None, amount_micros=777)
     Account.objects.filter(pk=organization.pk).update(held_micros=beside + 777)
-    assert services.requeue_job(job=job)
+    assert requeue.requeue_job(job=job)
     hold = Hold.objects.get(job=job)
     assert hold.amount_micros != 777
     assert books(organization).held_micros == beside + hold.amount_micros
@@ -858,14 +858,14 @@ def test_a_free_price_holds_nothing_extends_nothing_and_bills_nothing(
     free = Price.objects.create(gpu_class="cpu", unit_price_micros=0)
     job = start(submit(organization, builtin_endpoint, api_key=tenant["api_key"]))
     assert Hold.objects.get(job=job).amount_micros == 0
-    assert services.reserve_work(job=job, gpu_ms=10**9) == Reservation(covered_gpu_ms=None)
+    assert attempts.reserve_work(job=job, gpu_ms=10**9) == Reservation(covered_gpu_ms=None)
     finish(job, gpu_ms=5_000)
     record = UsageRecord.objects.get(job=job)
     assert (record.price_id, record.gpu_ms, record.cost_micros, record.unbilled_gpu_ms) == (free.pk, 5_000, 0, 0)
     assert not CreditEntry.objects.filter(usage_record=record).exists()
     assert books(organization).balance_micros == settings.BILLING_SIGNUP_CREDITS_MICROS
     # Once it has ended its hold is released: nothing is left to extend, and nothing more will be billed.
-    assert services.reserve_work(job=job, gpu_ms=10**9) == Reservation(covered_gpu_ms=None)
+    assert attempts.reserve_work(job=job, gpu_ms=10**9) == Reservation(covered_gpu_ms=None)
 
 
 def test_the_rounding_rule_with_a_denominator_of_one_and_dollars_typed_by_a_person() -> None:
@@ -902,7 +902,7 @@ def test_a_balance_at_or_below_zero_settles_at_no_cost_and_never_lower(
     assert (record.cost_micros, record.gpu_ms, record.unbilled_gpu_ms) == (0, 4, 2_996)  # 4 ms round to 0 µ$
     assert books(organization).balance_micros == 0
     set_balance(organization, -5)  # and more: below zero (only a dispute or a refunded purchase does that)
-    services.cancel_job(job=imaged)
+    closing.cancel_job(job=imaged)
     finish(imaged, AttemptOutcome.CANCELLED, gpu_ms=900, error="Cancelled by request.", error_type="cancelled")
     record = UsageRecord.objects.get(job=imaged)
     assert (record.billable, record.cost_micros, record.gpu_ms) == (True, 0, 900)  # no image, nothing owed
@@ -929,10 +929,10 @@ def test_the_usage_of_a_job_whose_last_attempt_was_not_billed_shows_the_price_it
 ) -> None:
     organization = tenant["organization"]
     job = start(submit(organization, builtin_endpoint, api_key=tenant["api_key"]))
-    services.cancel_job(job=job)
+    closing.cancel_job(job=job)
     finish(job, AttemptOutcome.CANCELLED, gpu_ms=500, error="Cancelled by request.", error_type="cancelled")
     Price.objects.create(gpu_class="cpu", unit_price_micros=1_000)
-    assert services.requeue_job(job=job)
+    assert requeue.requeue_job(job=job)
     finish(start(Job.objects.get(pk=job.pk)), AttemptOutcome.ERRORED, gpu_ms=3_000, error="CUDA out of memory")
     assert usage_of(job) == {
         "gpu_class": "cpu", "gpu_ms": 500, "billable_units": 0.5, "unit": "gpu_second", "unit_price_micros": 100,

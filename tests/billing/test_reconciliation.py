@@ -31,7 +31,7 @@ from billing.models import (
     UsageRecord,
     UsageRollup,
 )
-from inference import services
+from inference import closing
 from inference.models import AttemptOutcome, Endpoint, Job, JobAttempt, JobStatus
 from tests.lifecycle import finish, run, start, submit
 
@@ -49,10 +49,10 @@ def books(tenant: dict[str, Any], other_tenant: dict[str, Any], builtin_endpoint
     retried = finish(start(retried), gpu_ms=2_000)
     failed = run(organization, builtin_endpoint, outcome=AttemptOutcome.FAILED, gpu_ms=400, error="bad input")
     running = start(submit(organization, builtin_endpoint))
-    services.cancel_job(job=running)
+    closing.cancel_job(job=running)
     cancelled_running = finish(running, AttemptOutcome.CANCELLED, gpu_ms=900)
     cancelled_queued = submit(organization, builtin_endpoint)
-    services.cancel_job(job=cancelled_queued)
+    closing.cancel_job(job=cancelled_queued)
     still_running = start(submit(other_tenant["organization"], builtin_endpoint))
     grant_credits(organization=organization, amount_micros=5_000_000, reason="goodwill")
     refund_job(job=billed, reason="the output was wrong")

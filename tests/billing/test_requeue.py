@@ -18,7 +18,7 @@ from accounts.services import revoke_api_key, set_organization_suspended
 from billing import controls, pricing, reconciliation
 from billing.ledger import grant_credits
 from billing.models import Account, CreditEntry, EntryKind, Hold, Price, UsageRecord
-from inference import services
+from inference import closing, requeue
 from inference.models import AttemptOutcome, Endpoint, Job, JobLog, JobStatus
 from tests.lifecycle import finish, run, start, submit
 
@@ -46,10 +46,10 @@ def ended(how: str, organization: Organization, endpoint: Endpoint) -> Job:
         return run(organization, endpoint, outcome=AttemptOutcome.FAILED, gpu_ms=400, error="bad input")
     if how == "cancelled_running":
         running = start(submit(organization, endpoint))
-        services.cancel_job(job=running)
+        closing.cancel_job(job=running)
         return finish(running, AttemptOutcome.CANCELLED, gpu_ms=900)
     queued = submit(organization, endpoint)
-    services.cancel_job(job=queued)
+    closing.cancel_job(job=queued)
     return Job.objects.get(pk=queued.pk)
 
 
@@ -63,7 +63,7 @@ def test_a_requeued_job_holds_credit_again_and_the_books_reconcile_once_it_finis
     assert first_hold.released_at is not None  # released when the job ended
     assert account(organization).held_micros == 0
 
-    assert services.requeue_job(job=job)
+    assert requeue.requeue_job(job=job)
 
     [hold] = open_holds(job)
     # What admission holds for this request now (the estimate learns from the usage recorded since).
@@ -96,7 +96,7 @@ def test_a_requeue_holds_the_price_in_force_when_it_is_admitted(
     job = ended("failed", tenant["organization"], builtin_endpoint)
     assert Hold.objects.get(job=job).unit_price_micros == 100
     Price.objects.create(gpu_class="cpu", unit_price_micros=1_000, effective_from=timezone.now())
-    assert services.requeue_job(job=job)
+    assert requeue.requeue_job(job=job)
     [hold] = open_holds(job)
     # The heartbeat compares the time used with this price: the one the new run will be billed at.
     assert hold.unit_price_micros == 1_000
@@ -116,8 +116,8 @@ def test_a_requeue_without_credit_is_refused_and_changes_nothing(
     account_before = Account.objects.filter(pk=organization.pk).values().get()
     logs_before = JobLog.objects.filter(job=job).count()
 
-    with pytest.raises(services.RequeueRefused) as refused:
-        services.requeue_job(job=job)
+    with pytest.raises(requeue.RequeueRefused) as refused:
+        requeue.requeue_job(job=job)
 
     assert refused.value.error_type == "insufficient_credits"
     assert "Not enough credits" in refused.value.detail
@@ -138,8 +138,8 @@ def test_a_suspended_organizations_job_is_not_requeued_until_it_is_unsuspended(
     job_before = Job.objects.filter(pk=job.pk).values().get()
     account_before = Account.objects.filter(pk=organization.pk).values().get()
 
-    with pytest.raises(services.RequeueRefused) as refused:
-        services.requeue_job(job=job)
+    with pytest.raises(requeue.RequeueRefused) as refused:
+        requeue.requeue_job(job=job)
 
     # It would have waited in the queue holding credit: dispatch skips suspended organizations.
     assert (refused.value.error_type, refused.value.status_code) == ("organization_suspended", 403)
@@ -148,7 +148,7 @@ def test_a_suspended_organizations_job_is_not_requeued_until_it_is_unsuspended(
     assert open_holds(job) == []
 
     set_organization_suspended(organization=organization, suspended=False)
-    assert services.requeue_job(job=job)
+    assert requeue.requeue_job(job=job)
     assert len(open_holds(job)) == 1
 
 
@@ -166,8 +166,8 @@ def test_a_request_sent_with_a_key_since_revoked_is_not_requeued(
     job_before = Job.objects.filter(pk=job.pk).values().get()
     account_before = Account.objects.filter(pk=organization.pk).values().get()
 
-    with pytest.raises(services.RequeueRefused) as refused:
-        services.requeue_job(job=job)
+    with pytest.raises(requeue.RequeueRefused) as refused:
+        requeue.requeue_job(job=job)
 
     # The key may have leaked: what was sent with it is not run again on the organization's credit.
     assert (refused.value.error_type, refused.value.status_code) == ("api_key_revoked", 403)
@@ -177,7 +177,7 @@ def test_a_request_sent_with_a_key_since_revoked_is_not_requeued(
     assert open_holds(job) == []
     # A request sent without a key (the dashboard's playground) is not affected.
     keyless = ended("failed", organization, builtin_endpoint)
-    assert services.requeue_job(job=keyless)
+    assert requeue.requeue_job(job=keyless)
 
 
 def test_the_admin_requeues_what_admission_allows_and_says_why_the_rest_was_refused(
@@ -228,7 +228,7 @@ def test_a_hold_left_open_by_a_final_job_is_replaced_on_requeue_never_counted_tw
     Hold.objects.filter(job=job).update(released_at=None)
     Account.objects.filter(pk=organization.pk).update(held_micros=amount)
 
-    assert services.requeue_job(job=job)
+    assert requeue.requeue_job(job=job)
 
     [hold] = open_holds(job)
     assert account(organization).held_micros == hold.amount_micros == admission_estimate(job)

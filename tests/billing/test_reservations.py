@@ -1,4 +1,4 @@
-"""A running job's hold, grown before each unit of work (``services.reserve_work``), to the micro-dollar.
+"""A running job's hold, grown before each unit of work (``attempts.reserve_work``), to the micro-dollar.
 
 The hold is reserved at the price the job is billed at, the one in force when it started, whatever price comes
 into force while it runs; each job's reservation grows its own hold and no other. A reservation reads the hold,
@@ -20,7 +20,7 @@ from django.conf import settings
 from accounts.models import Organization
 from billing import admission, controls
 from billing.models import Account, Hold, Price, UsageRecord
-from inference import services
+from inference import attempts
 from inference.hooks import Refusal, Reservation
 from inference.models import Endpoint, Job
 from tests.lifecycle import finish, start, submit
@@ -56,10 +56,10 @@ def test_a_price_change_while_a_job_runs_changes_neither_what_its_hold_covers_no
     Price.objects.create(gpu_class="cpu", unit_price_micros=1_000)  # 10x, in force from now on
 
     # At the 100 µ$/s the job started at, its hold covers held x 10 + 4 ms: answered without growing it.
-    assert services.reserve_work(job=job, gpu_ms=held * 10 + 4) == Reservation(covered_gpu_ms=held * 10 + 4)
+    assert attempts.reserve_work(job=job, gpu_ms=held * 10 + 4) == Reservation(covered_gpu_ms=held * 10 + 4)
     assert held_for(job) == held
     # 5 s more cost 500 µ$ at 100 µ$/s (5,000 at the new price): the hold grows by 500.
-    grown = services.reserve_work(job=job, gpu_ms=held * 10 + 5_000)
+    grown = attempts.reserve_work(job=job, gpu_ms=held * 10 + 5_000)
     assert grown == Reservation(covered_gpu_ms=(held + 500) * 10 + 4)
     assert (held_for(job), books(job).held_micros) == (held + 500, held + 500)
 
@@ -91,7 +91,7 @@ def test_running_jobs_of_two_organizations_each_grow_their_own_hold(
     # 100, 200 and 300 µ$ of work beyond each hold, in turn: each hold grows by its own job's need, no other.
     for job, amount, more in zip(jobs, held, (100, 200, 300), strict=True):
         gpu_ms = (amount + more) * 10
-        assert services.reserve_work(job=job, gpu_ms=gpu_ms) == Reservation(covered_gpu_ms=gpu_ms + 4)
+        assert attempts.reserve_work(job=job, gpu_ms=gpu_ms) == Reservation(covered_gpu_ms=gpu_ms + 4)
     assert [held_for(job) for job in jobs] == [held[0] + 100, held[1] + 200, held[2] + 300]
     assert (books(jobs[0]).held_micros, books(jobs[2]).held_micros) == (held[0] + held[1] + 300, held[2] + 300)
 
@@ -103,7 +103,7 @@ def test_a_reservation_that_meets_the_jobs_end_at_the_lock_holds_nothing_more(
     held = held_for(job)
     # The hold covers held x 10 + 4 ms, so 100 µ$ more of work needs the lock; the job ends first: 10 ms, 1 µ$.
     meanwhile(monkeypatch, lambda: finish(job, gpu_ms=10, reserve=False))
-    assert services.reserve_work(job=job, gpu_ms=(held + 100) * 10) == Reservation(covered_gpu_ms=None)
+    assert attempts.reserve_work(job=job, gpu_ms=(held + 100) * 10) == Reservation(covered_gpu_ms=None)
 
     hold = Hold.objects.get(job=job)
     assert (hold.amount_micros, hold.released_at is not None) == (held, True)  # released, never grown
@@ -121,15 +121,15 @@ def test_work_that_the_hold_covers_by_the_time_of_the_lock_is_never_refused_nor_
 
     def covered_then_budget_spent() -> None:
         # Another reservation of the same work grew the hold by exactly those 100 µ$...
-        assert services.reserve_work(job=job, gpu_ms=gpu_ms) == Reservation(covered_gpu_ms=gpu_ms + 4)
+        assert attempts.reserve_work(job=job, gpu_ms=gpu_ms) == Reservation(covered_gpu_ms=gpu_ms + 4)
         # ...and the budget was cut to nothing: no further credit may be set aside.
         controls.set_monthly_budget(organization=organization, budget_micros=0)
 
     meanwhile(monkeypatch, covered_then_budget_spent)
-    assert services.reserve_work(job=job, gpu_ms=gpu_ms, ahead_ms=60_000) == Reservation(covered_gpu_ms=gpu_ms + 4)
+    assert attempts.reserve_work(job=job, gpu_ms=gpu_ms, ahead_ms=60_000) == Reservation(covered_gpu_ms=gpu_ms + 4)
     assert (held_for(job), books(job).held_micros) == (held + 100, held + 100)
     # 5 ms more cost 0.5 µ$, which rounds up to 1: beyond the budget, refused.
-    refusal = services.reserve_work(job=job, gpu_ms=gpu_ms + 5)
+    refusal = attempts.reserve_work(job=job, gpu_ms=gpu_ms + 5)
     assert isinstance(refusal, Refusal)
     assert refusal.error_type == "spend_limit_exceeded"
     assert held_for(job) == held + 100

@@ -2,7 +2,7 @@
 
 A Hypothesis state machine runs several jobs of one organization with little credit, a monthly budget and a
 key's monthly limit, step by step as workers do: each step first asks billing to extend the job's hold
-(``services.reserve_work``) and stops the job where it is refused; a finished job may measure more GPU time than
+(``attempts.reserve_work``) and stops the job where it is refused; a finished job may measure more GPU time than
 it reserved; operators grant credit or take it back (a refunded or disputed payment); prices change. After every
 step:
 
@@ -35,7 +35,7 @@ from billing import controls
 from billing.admission import spent_this_month
 from billing.ledger import grant_credits
 from billing.models import Account, CreditEntry, EntryKind, Hold, Price, UsageRecord
-from inference import services
+from inference import attempts, closing, submission
 from inference.hooks import Refusal
 from inference.models import AttemptOutcome, Endpoint, Job, JobStatus
 from tests import lifecycle
@@ -99,7 +99,7 @@ class Spending(RuleBasedStateMachine):
                 api_key=self.api_key if with_key else None,
                 num_inference_steps=steps,
             )
-        except services.SubmissionRefused as refused:
+        except submission.SubmissionRefused as refused:
             if refused.status_code != 402:
                 raise  # credit, budget or the key's limit are the only refusals these requests may meet
             return
@@ -116,7 +116,7 @@ class Spending(RuleBasedStateMachine):
     def step(self, data: st.DataObject, step_ms: int, ahead_ms: int) -> None:
         """A worker about to run one more step: reserved first, or the job stops before it."""
         job = data.draw(st.sampled_from(self.running()))
-        answer = services.reserve_work(job=job, gpu_ms=self.used[job.pk] + step_ms, ahead_ms=ahead_ms)
+        answer = attempts.reserve_work(job=job, gpu_ms=self.used[job.pk] + step_ms, ahead_ms=ahead_ms)
         if isinstance(answer, Refusal):
             self.close(job, AttemptOutcome.CANCELLED, self.used[job.pk])
             return
@@ -147,7 +147,7 @@ class Spending(RuleBasedStateMachine):
     @rule(data=st.data())
     def cancel(self, data: st.DataObject) -> None:
         job = data.draw(st.sampled_from(self.waiting() + self.running()))
-        assert services.cancel_job(job=job) == "CANCELLATION_REQUESTED"
+        assert closing.cancel_job(job=job) == "CANCELLATION_REQUESTED"
         if job.status == JobStatus.RUNNING:
             self.close(job, AttemptOutcome.CANCELLED, self.used[job.pk])
 

@@ -35,7 +35,7 @@ from billing.models import (
 )
 from billing.rates import ensure_opening_prices
 from billing.stripe_client import stripe_client
-from inference import services
+from inference import dispatch
 from inference.models import Endpoint
 from tests import lifecycle
 from tests.billing.conftest import deliver, signed
@@ -300,7 +300,7 @@ def test_auto_top_up_fires_when_a_usage_debit_crosses_the_threshold_and_credits_
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     ensure_opening_prices(Price)
-    monkeypatch.setattr(services, "send_run_message", lambda *args: True)
+    monkeypatch.setattr(dispatch, "send_run_message", lambda *args: True)
     organization = tenant["organization"]
     save_card(tenant)
     start = balance(tenant)

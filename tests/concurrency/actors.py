@@ -14,7 +14,8 @@ from typing import Any
 
 from accounts.models import Organization
 from billing.ledger import BillingError, grant_credits, refund_job
-from inference import services
+from inference import attempts, closing, submission
+from inference.dispatch import dispatch_organization
 from inference.models import ACTIVE_STATUSES, AttemptOutcome, Endpoint, Job
 from tests.concurrency.harness import Act
 from tests.lifecycle import SMALL
@@ -35,7 +36,7 @@ def cancel(*, job_id: str) -> Act:
     job = Job.objects.get(pk=job_id)
 
     def act() -> dict[str, Any]:
-        answer = services.cancel_job(job=job)
+        answer = closing.cancel_job(job=job)
         seen = Job.objects.values("status", "attempt", "cancel_requested_at").get(pk=job_id)
         return {
             "answer": answer,
@@ -54,7 +55,7 @@ def finish(*, job_id: str, attempt: int, outcome: str = AttemptOutcome.SUCCEEDED
     job = Job.objects.get(pk=job_id)
     kwargs: dict[str, Any] = {"gpu_ms": 1_500, "cold_start_ms": 0, "retry": retry}
     # The hold grew to cover the work before it was done, as the worker reserves step by step (tests.lifecycle.finish).
-    services.reserve_work(job=job, gpu_ms=kwargs["gpu_ms"])
+    attempts.reserve_work(job=job, gpu_ms=kwargs["gpu_ms"])
     if outcome == AttemptOutcome.SUCCEEDED:
         images = [{"url": "x", "width": 64, "height": 64}] * int(job.input.get("num_images", 1))
         kwargs["result"] = {"images": images, "seed": 1}
@@ -62,7 +63,7 @@ def finish(*, job_id: str, attempt: int, outcome: str = AttemptOutcome.SUCCEEDED
         kwargs.update(error="The GPU fell off the bus.", error_type="internal_error")
 
     def act() -> dict[str, Any]:
-        closed = services.finish_attempt(job_id=job_id, attempt=attempt, outcome=AttemptOutcome(outcome), **kwargs)
+        closed = closing.finish_attempt(job_id=job_id, attempt=attempt, outcome=AttemptOutcome(outcome), **kwargs)
         return {
             "closed": closed is not None,
             "status": closed.status if closed is not None else None,
@@ -74,7 +75,7 @@ def finish(*, job_id: str, attempt: int, outcome: str = AttemptOutcome.SUCCEEDED
 
 def reap() -> Act:
     """The sweep's reaper: closes the attempts whose lease expired and retries or fails their jobs."""
-    return lambda: {"reaped": services.reap_expired_leases()}
+    return lambda: {"reaped": closing.reap_expired_leases()}
 
 
 def submit(*, organization_id: str, endpoint_id: int) -> Act:
@@ -84,8 +85,8 @@ def submit(*, organization_id: str, endpoint_id: int) -> Act:
 
     def act() -> dict[str, Any]:
         try:
-            job, _ = services.submit_job(organization=organization, api_key=None, endpoint=endpoint, payload=SMALL)
-        except services.SubmissionRefused as refused:
+            job, _ = submission.submit_job(organization=organization, api_key=None, endpoint=endpoint, payload=SMALL)
+        except submission.SubmissionRefused as refused:
             return {"refused": refused.error_type, "active_after": active_jobs(organization_id)}
         return {"job_id": str(job.pk), "active_after": active_jobs(organization_id)}
 
@@ -96,7 +97,7 @@ def dispatch(*, organization_id: str) -> Act:
     """The dispatcher (as the sweep and every on-commit hand-off call it)."""
 
     def act() -> dict[str, Any]:
-        sent = services.dispatch_organization(uuid.UUID(organization_id))
+        sent = dispatch_organization(uuid.UUID(organization_id))
         return {"dispatched": sent, "active_after": active_jobs(organization_id)}
 
     return act

@@ -13,7 +13,7 @@ The processes live as long as the pool (one ``django.setup()`` each, not one per
 every process takes part in every round, idle ones with the ``idle`` actor. Nothing here sleeps: the parent waits
 on queues with deadlines, the actors on the barrier with a timeout.
 
-Actor processes never reach a broker: ``inference.services.send_run_message`` answers True without sending (as the
+Actor processes never reach a broker: ``inference.dispatch.send_run_message`` answers True without sending (as the
 ``priced_without_broker`` fixture does in the test process), and any other task goes to kombu's in-memory transport,
 so nothing lands in a shared Redis.
 """
@@ -178,10 +178,10 @@ def _serve(
         django.setup()
         from django.db import close_old_connections, connection
 
-        from inference import services
+        from inference import dispatch
         from tests.concurrency.actors import ACTORS
 
-        services.send_run_message = lambda *message: True
+        dispatch.send_run_message = lambda *message: True
         root = logging.getLogger()
         for handler in list(root.handlers):
             root.removeHandler(handler)  # what matters comes back in the outcome, not as noise on stderr

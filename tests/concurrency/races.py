@@ -37,7 +37,7 @@ from accounts.services import set_concurrency_limit
 from billing import reconciliation
 from billing.ledger import grant_credits
 from billing.models import Account, CreditEntry, EntryKind, Hold, UsageRecord
-from inference import services
+from inference import closing
 from inference.models import ACTIVE_STATUSES, FINAL_STATUSES, AttemptOutcome, Endpoint, Job, JobStatus
 from tests.concurrency.harness import (
     CONCURRENCY_SQLSTATES,
@@ -300,7 +300,7 @@ def cancel_round(
     cancels, rival_outcome = outcomes[:CANCELLERS], outcomes[CANCELLERS]
     if rival == "reap":
         # The next sweep: takes the job back if the racing reaper dropped it (reported as an error).
-        services.reap_expired_leases()
+        closing.reap_expired_leases()
     job.refresh_from_db()
     report.lost_cancels += cancel_problems(job, cancels, must_end=rival_outcome.ok)
     if rival == "finish":

@@ -165,7 +165,7 @@ def test_submits_survive_redis_killed_and_every_accepted_request_completes(
     # The outage is in the server's log, once (not a line per request), and so is the recovery.
     assert outage_log.count("cache unavailable (") == 1, outage_log[-3000:]
     assert "cache available again" in outage_log
-    # Submits during the outage reached the broker and were left QUEUED for the sweep (services.py).
+    # Submits during the outage reached the broker and were left QUEUED for the sweep (inference/dispatch.py).
     assert "broker refused job" in outage_log
     # Figures for the record, not assertions: how long a submit took with Redis down.
     during.sort()

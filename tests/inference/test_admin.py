@@ -379,7 +379,7 @@ def test_requeue_action_puts_a_failed_job_back_in_the_queue(
         sent.append((job_id, attempt, queue))
         return True
 
-    monkeypatch.setattr("inference.services.send_run_message", send_run_message)
+    monkeypatch.setattr("inference.dispatch.send_run_message", send_run_message)
     job = failed_job(make_job)
     with django_capture_on_commit_callbacks(execute=True):
         response = run_action(operator, "job", "requeue_selected", [job])
@@ -412,7 +412,7 @@ def test_requeue_with_no_broker_leaves_the_job_queued(
     def broker_down(*args: Any, **kwargs: Any) -> None:
         raise ConnectionRefusedError("no broker")
 
-    monkeypatch.setattr("inference.services.current_app.send_task", broker_down)
+    monkeypatch.setattr("inference.dispatch.current_app.send_task", broker_down)
     job = failed_job(make_job, max_attempts=5)
     with django_capture_on_commit_callbacks(execute=True):
         response = run_action(operator, "job", "requeue_selected", [job])

@@ -1,4 +1,4 @@
-"""The job lifecycle through its services, without workers: dispatch order, reaping, cancel, inputs."""
+"""The job lifecycle through its modules, without workers: dispatch order, reaping, cancel, inputs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from django.utils import timezone
 from PIL import Image
 
 from accounts.models import Organization
-from inference import services
+from inference import attempts, closing, dispatch
 from inference.models import AttemptOutcome, Endpoint, Job, JobAttempt, JobStatus
 from inference.presenters import queue_position
 from tests.lifecycle import SMALL, submit_as
@@ -39,7 +39,7 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, str]]:
         messages.append((job_id, attempt, queue))
         return True
 
-    monkeypatch.setattr(services, "send_run_message", record)
+    monkeypatch.setattr(dispatch, "send_run_message", record)
     return messages
 
 
@@ -55,7 +55,7 @@ def test_dispatch_sends_the_oldest_first_and_positions_are_distinct(
     assert sent == []  # over the limit: they wait
     Organization.objects.filter(pk=tenant["organization"].pk).update(concurrency_limit=10)
     with django_capture_on_commit_callbacks(execute=True):
-        assert services.dispatch_organization(tenant["organization"].pk) == 4
+        assert dispatch.dispatch_organization(tenant["organization"].pk) == 4
     assert [job_id for job_id, _, _ in sent] == [str(job.id) for job in jobs]
     positions = [queue_position(Job.objects.get(pk=job.pk)) for job in jobs]
     assert positions == [0, 1, 2, 3]
@@ -81,7 +81,7 @@ def test_a_broker_that_refuses_is_asked_once_and_every_dispatched_job_waits_in_t
         jobs = [submit_as(tenant, builtin_endpoint, seed=n) for n in range(4)]
     Organization.objects.filter(pk=tenant["organization"].pk).update(concurrency_limit=10)
     with django_capture_on_commit_callbacks(execute=True):
-        assert services.dispatch_organization(tenant["organization"].pk) == 4
+        assert dispatch.dispatch_organization(tenant["organization"].pk) == 4
     # One refusal is enough to know: the submission does not wait on the broker once per waiting job.
     assert attempts == [str(jobs[0].id)]
     assert [Job.objects.get(pk=job.pk).status for job in jobs] == [JobStatus.QUEUED] * 4
@@ -113,19 +113,19 @@ def test_a_finished_job_hands_its_slot_to_the_oldest_waiting_one(
         jobs = [submit_as(tenant, builtin_endpoint, seed=n) for n in range(4)]
     assert [job_id for job_id, _, _ in sent] == [str(jobs[0].pk), str(jobs[1].pk)]  # the default limit of 2
     for job in jobs[:2]:
-        assert services.claim_job(job_id=str(job.pk), attempt=1, worker="test") is not None
+        assert attempts.claim_job(job_id=str(job.pk), attempt=1, worker="test") is not None
 
     for finished, waiting in ((jobs[0], jobs[2]), (jobs[1], jobs[3])):
         with django_capture_on_commit_callbacks(execute=True):
-            services.finish_attempt(
+            closing.finish_attempt(
                 job_id=str(finished.pk), attempt=1, outcome=AttemptOutcome.SUCCEEDED, gpu_ms=500, result={}
             )
         assert sent[-1] == (str(waiting.pk), 1, "cpu")
     assert not Job.objects.filter(status=JobStatus.QUEUED).exists()
     # A retry waits in the queue too, and takes the slot its own attempt freed.
-    assert services.claim_job(job_id=str(jobs[2].pk), attempt=1, worker="test") is not None
+    assert attempts.claim_job(job_id=str(jobs[2].pk), attempt=1, worker="test") is not None
     with django_capture_on_commit_callbacks(execute=True):
-        services.finish_attempt(
+        closing.finish_attempt(
             job_id=str(jobs[2].pk), attempt=1, outcome=AttemptOutcome.ERRORED, gpu_ms=500, error="lost", retry=True
         )
     assert sent[-1] == (str(jobs[2].pk), 2, "cpu")
@@ -143,7 +143,7 @@ def test_redispatch_keeps_the_place_in_line(
         job = submit_as(tenant, builtin_endpoint)
     before = Job.objects.get(pk=job.pk)
     Job.objects.filter(pk=job.pk).update(sent_at=timezone.now() - timedelta(hours=1))
-    assert services.redispatch_stale() == 1
+    assert dispatch.redispatch_stale() == 1
     after = Job.objects.get(pk=job.pk)
     assert after.dispatched_at == before.dispatched_at
     assert after.sent_at > before.sent_at
@@ -153,7 +153,7 @@ def test_redispatch_keeps_the_place_in_line(
 def claimed(tenant: dict[str, Any], endpoint: Endpoint, sent: list[Any], capture: Any) -> Job:
     with capture(execute=True):
         job = submit_as(tenant, endpoint)
-    running = services.claim_job(job_id=str(job.id), attempt=1, worker="test")
+    running = attempts.claim_job(job_id=str(job.id), attempt=1, worker="test")
     assert running is not None
     return running
 
@@ -162,10 +162,10 @@ def test_a_cancelled_job_whose_worker_died_ends_cancelled(
     tenant: dict[str, Any], builtin_endpoint: Endpoint, sent: list[Any], django_capture_on_commit_callbacks: Any
 ) -> None:
     job = claimed(tenant, builtin_endpoint, sent, django_capture_on_commit_callbacks)
-    assert services.cancel_job(job=job) == "CANCELLATION_REQUESTED"
+    assert closing.cancel_job(job=job) == "CANCELLATION_REQUESTED"
     Job.objects.filter(pk=job.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
     with django_capture_on_commit_callbacks(execute=True):
-        assert services.reap_expired_leases() == 1
+        assert closing.reap_expired_leases() == 1
     job.refresh_from_db()
     assert job.status == JobStatus.CANCELLED
     assert job.error_type == "cancelled"
@@ -182,16 +182,16 @@ def test_one_bad_job_does_not_stop_the_reaper(
     first = claimed(tenant, builtin_endpoint, sent, django_capture_on_commit_callbacks)
     second = claimed(tenant, builtin_endpoint, sent, django_capture_on_commit_callbacks)
     Job.objects.filter(pk__in=[first.pk, second.pk]).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
-    real_close = services._close
+    real_close = closing._close
 
     def fail_for_first(job: Job, *args: Any, **kwargs: Any) -> None:
         if job.pk == first.pk:
             raise OverflowError("simulated")
         real_close(job, *args, **kwargs)
 
-    monkeypatch.setattr(services, "_close", fail_for_first)
+    monkeypatch.setattr(closing, "_close", fail_for_first)
     with django_capture_on_commit_callbacks(execute=True):
-        assert services.reap_expired_leases() == 1
+        assert closing.reap_expired_leases() == 1
     retried = Job.objects.get(pk=second.pk)
     assert (retried.status, retried.attempt) == (JobStatus.DISPATCHED, 2)  # queued again and sent at once
     assert Job.objects.get(pk=first.pk).status == JobStatus.RUNNING  # left for the next sweep
@@ -249,7 +249,7 @@ def test_the_result_body_carries_its_usage(
 ) -> None:
     job = claimed(tenant, builtin_endpoint, sent, django_capture_on_commit_callbacks)
     with django_capture_on_commit_callbacks(execute=True):
-        services.finish_attempt(
+        closing.finish_attempt(
             job_id=str(job.id), attempt=1, outcome=AttemptOutcome.SUCCEEDED, gpu_ms=12,
             result={"images": [], "seed": 1, "timings": {}, "has_nsfw_concepts": [], "prompt": "x"},
         )  # fmt: skip

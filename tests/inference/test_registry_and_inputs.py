@@ -82,9 +82,9 @@ def test_unknown_endpoint_is_404(tenant: dict[str, Any]) -> None:
 def test_another_tenants_request_is_404(
     tenant: dict[str, Any], other_tenant: dict[str, Any], builtin_endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from inference import services
+    from inference import dispatch
 
-    monkeypatch.setattr(services, "send_run_message", lambda *args: True)
+    monkeypatch.setattr(dispatch, "send_run_message", lambda *args: True)
     submitted = tenant["client"].post("/queue/platform/tiny-sd", data={"prompt": "x"}, format="json").json()
     request_id = submitted["request_id"]
     for method, suffix in (("get", "/status"), ("get", ""), ("put", "/cancel")):

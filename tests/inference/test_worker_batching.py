@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
-from inference import services, worker
+from inference import attempts, closing, worker
+from inference import dispatch as dispatching
+from inference.dispatch import dispatch_organization
 from inference.engine import BatchMeter
 from inference.models import AttemptOutcome, Endpoint, Job, JobAttempt, JobStatus
 from tests.lifecycle import submit_as
@@ -20,13 +22,13 @@ pytestmark = pytest.mark.django_db(transaction=True)
 @pytest.fixture
 def dispatch(tenant: dict[str, Any], builtin_endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch) -> Any:
     """Submits jobs and dispatches them at once (no broker: the messages are only recorded)."""
-    monkeypatch.setattr(services, "send_run_message", lambda *message: True)
+    monkeypatch.setattr(dispatching, "send_run_message", lambda *message: True)
     organization = tenant["organization"]
     type(organization).objects.filter(pk=organization.pk).update(concurrency_limit=20)
 
     def submit(**payload: Any) -> Job:
         job = submit_as(tenant, builtin_endpoint, **payload)
-        services.dispatch_organization(organization.pk)
+        dispatch_organization(organization.pk)
         return Job.objects.get(pk=job.pk)
 
     return submit
@@ -91,16 +93,16 @@ def test_a_job_cancelled_inside_a_batch_stops_and_pays_its_share(
     dispatch: Any, meters: list[BatchMeter], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     jobs = [dispatch(seed=seed, num_inference_steps=12) for seed in (1, 2, 3)]
-    real_claim = services.claim_batch_companions
+    real_claim = attempts.claim_batch_companions
 
     def claim_then_cancel_one(**kwargs: Any) -> list[Job]:
         companions = real_claim(**kwargs)
         for companion in companions:
             if companion.pk == jobs[1].pk:
-                assert services.cancel_job(job=companion) == "CANCELLATION_REQUESTED"
+                assert closing.cancel_job(job=companion) == "CANCELLATION_REQUESTED"
         return companions
 
-    monkeypatch.setattr(services, "claim_batch_companions", claim_then_cancel_one)
+    monkeypatch.setattr(attempts, "claim_batch_companions", claim_then_cancel_one)
     worker.execute(str(jobs[0].id), jobs[0].attempt)
 
     cancelled = Job.objects.get(pk=jobs[1].pk)
@@ -200,7 +202,7 @@ def test_a_stop_that_arrives_after_the_last_step_still_delivers_the_output(
     def cancel_at_the_last_step(self: worker.Heartbeat, step: int, total: int) -> None:
         real_progress(self, step, total)
         if step == total:
-            assert services.cancel_job(job=job) == "CANCELLATION_REQUESTED"
+            assert closing.cancel_job(job=job) == "CANCELLATION_REQUESTED"
             for member in self.members:  # as the heartbeat does when it hears of the cancel
                 member.stop_reason, member.stop_error_type = "Cancelled by request.", "cancelled"
                 member.cancelled.set()

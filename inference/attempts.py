@@ -1,0 +1,118 @@
+"""An attempt on a worker: claimed, its lease renewed by heartbeats, its work reserved against the hold."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db.models import F, Value
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+
+from accounts.locking import retrying_atomic
+from inference.hooks import Refusal, Reservation, hooks
+from inference.job_logs import log_job
+from inference.models import (
+    Job,
+    JobAttempt,
+    JobStatus,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def lease_deadline() -> Any:
+    return timezone.now() + timedelta(seconds=settings.JOB_LEASE_SECONDS)
+
+
+def claim_job(*, job_id: str, attempt: int, worker: str) -> Job | None:
+    """The job, now RUNNING on this worker, or None if another message (or a cancel) got there first."""
+    if not _claim(job_id, attempt, worker):
+        return None
+    return Job.objects.select_related("endpoint", "organization").get(pk=job_id)
+
+
+@retrying_atomic
+def _claim(job_id: str, attempt: int, worker: str) -> bool:
+    now = timezone.now()
+    claimed = Job.objects.filter(pk=job_id, status=JobStatus.DISPATCHED, attempt=attempt).update(
+        status=JobStatus.RUNNING,
+        worker=worker,
+        lease_expires_at=lease_deadline(),
+        started_at=Coalesce(F("started_at"), Value(now)),
+        progress_step=0,
+        progress_total=0,
+    )
+    if not claimed:
+        return False
+    JobAttempt.objects.create(job_id=job_id, number=attempt, worker=worker, started_at=now, heartbeat_at=now)
+    log_job(job_id, f"Attempt {attempt} started on {worker}.", source="worker")
+    return True
+
+
+def claim_batch_companions(
+    *, job: Job, worker: str, room: int, compatible: Callable[[dict[str, Any]], bool], scan: int = 32
+) -> list[Job]:
+    """Other dispatched jobs of `job`'s endpoint that can run in the same pipeline call, claimed for this worker.
+
+    Oldest first, while their images fit in `room` (images the batch can still take). Each is claimed on its own with
+    `claim_job`'s conditional UPDATE, so it gets its own attempt, lease and heartbeat; its Celery message, when it
+    arrives, finds the job taken and does nothing. Only jobs already dispatched are taken: the tenant's concurrency
+    limit, which counts them as active, still holds.
+    """
+    candidates = (
+        Job.objects.filter(endpoint_id=job.endpoint_id, gpu_class=job.gpu_class, status=JobStatus.DISPATCHED)
+        .exclude(pk=job.pk)
+        .order_by("dispatched_at", "created_at", "id")
+        .values_list("id", "attempt", "input")[:scan]
+    )
+    companions: list[Job] = []
+    for companion_id, attempt, job_input in candidates:
+        count = len(job_input.get("seeds") or ())
+        if not count or count > room or not compatible(job_input):
+            continue
+        claimed = claim_job(job_id=str(companion_id), attempt=attempt, worker=worker)
+        if claimed is None:
+            continue  # another worker (or a cancel) got there first
+        companions.append(claimed)
+        room -= count
+        if room <= 0:
+            break
+    return companions
+
+
+@dataclass(frozen=True)
+class HeartbeatAnswer:
+    keep_going: bool
+    reason: str = ""
+    error_type: str = ""
+
+
+def heartbeat(*, job_id: str, attempt: int, step: int, total: int, gpu_ms: int) -> HeartbeatAnswer:
+    """Renews the lease and reports progress; says whether the job should go on."""
+    now = timezone.now()
+    renewed = Job.objects.filter(pk=job_id, status=JobStatus.RUNNING, attempt=attempt).update(
+        lease_expires_at=lease_deadline(), progress_step=step, progress_total=total
+    )
+    if not renewed:
+        return HeartbeatAnswer(False, "This attempt no longer owns the job.", "lost")
+    JobAttempt.objects.filter(job_id=job_id, number=attempt).update(heartbeat_at=now)
+    job = Job.objects.select_related("organization", "api_key", "endpoint").get(pk=job_id)
+    if job.cancel_requested_at is not None:
+        return HeartbeatAnswer(False, "Cancelled by request.", "cancelled")
+    if hooks.may_continue is not None:
+        refusal: Refusal | None = hooks.may_continue(job, gpu_ms)
+        if refusal is not None:
+            return HeartbeatAnswer(False, refusal.detail, refusal.error_type)
+    return HeartbeatAnswer(True)
+
+
+def reserve_work(*, job: Job, gpu_ms: int, ahead_ms: int = 0) -> Reservation | Refusal:
+    """Before further work of a running job: may its hold cover ``gpu_ms`` of GPU time in total (billing's hook)?"""
+    if hooks.reserve is None:
+        return Reservation(covered_gpu_ms=None)
+    return hooks.reserve(job, gpu_ms, ahead_ms)

@@ -1,0 +1,204 @@
+"""Where a job is closed: an attempt finished by its worker, reaped when its lease expired, or a cancel."""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from accounts.locking import retrying_atomic
+from inference import files, transitions
+from inference.dispatch import dispatch_organization
+from inference.hooks import hooks
+from inference.job_logs import log_job
+from inference.locks import lock_attempt, lock_job, lock_job_with_endpoint
+from inference.models import (
+    AttemptOutcome,
+    Job,
+    JobAttempt,
+    JobStatus,
+)
+
+logger = logging.getLogger(__name__)
+
+FINAL_STATUS = {
+    AttemptOutcome.SUCCEEDED: JobStatus.COMPLETED,
+    AttemptOutcome.FAILED: JobStatus.FAILED,
+    AttemptOutcome.ERRORED: JobStatus.FAILED,
+    AttemptOutcome.LOST: JobStatus.FAILED,
+    AttemptOutcome.CANCELLED: JobStatus.CANCELLED,
+}
+
+
+def finish_attempt(
+    *,
+    job_id: str,
+    attempt: int,
+    outcome: AttemptOutcome,
+    gpu_ms: int,
+    cold_start_ms: int = 0,
+    result: dict[str, Any] | None = None,
+    error: str = "",
+    error_type: str = "",
+    retry: bool = False,
+) -> Job | None:
+    """Closes the attempt and moves the job on, in one transaction with billing's hook.
+
+    ``retry``: the platform failed and the job may run again if attempts remain. Returns None if
+    the attempt had already been closed (its lease expired and the reaper took the job back).
+    """
+    return _finish_locked(
+        job_id, attempt, outcome=outcome, gpu_ms=gpu_ms, cold_start_ms=cold_start_ms, result=result, error=error,
+        error_type=error_type, retry=retry,
+    )  # fmt: skip
+
+
+@retrying_atomic
+def _finish_locked(job_id: str, attempt: int, **closing: Any) -> Job | None:
+    job = lock_job_with_endpoint(job_id, status=JobStatus.RUNNING, attempt=attempt)
+    if job is None:
+        return None
+    _close(job, lock_attempt(job_id, attempt), **closing)
+    return job
+
+
+def _close(
+    job: Job,
+    attempt_row: JobAttempt,
+    *,
+    outcome: AttemptOutcome,
+    gpu_ms: int,
+    cold_start_ms: int,
+    result: dict[str, Any] | None,
+    error: str,
+    error_type: str,
+    retry: bool,
+) -> None:
+    now = timezone.now()
+    attempt_row.outcome = outcome
+    attempt_row.gpu_ms = gpu_ms
+    attempt_row.cold_start_ms = cold_start_ms
+    attempt_row.error = error
+    attempt_row.finished_at = now
+    attempt_row.save(update_fields=["outcome", "gpu_ms", "cold_start_ms", "error", "finished_at"])
+    job.cold_start_ms += cold_start_ms
+    # Only what the move writes is saved: the row's input (and whatever else) stays as it is under the lock.
+    if retry and job.attempt < job.max_attempts and job.cancel_requested_at is None:
+        changed = transitions.assign(job, transitions.retried())
+        log_job(job.id, f"Attempt {job.attempt} failed ({error}); the request is queued again.", level="WARNING")
+    else:
+        status = FINAL_STATUS[outcome]
+        if job.cancel_requested_at is not None and outcome in (AttemptOutcome.LOST, AttemptOutcome.ERRORED):
+            # The customer asked to stop it and it stopped: that is a cancellation, whatever ended it.
+            status, error, error_type = JobStatus.CANCELLED, "Cancelled by request.", "cancelled"
+        ending = transitions.ended(
+            status,
+            result=result,
+            error=error,
+            error_type=error_type,
+            gpu_ms=gpu_ms if attempt_row.billable else 0,
+            finished_at=now,
+            # Outputs, and the input image of any final job, are deleted once retention has passed.
+            outputs_expire_at=now + timedelta(seconds=files.retention_seconds(job)),
+        )
+        changed = transitions.assign(job, ending)
+        log_job(job.id, _final_line(job), level="INFO" if job.status == JobStatus.COMPLETED else "ERROR")
+    job.save(update_fields=[*changed, "cold_start_ms"])
+    if hooks.attempt_finished is not None:
+        hooks.attempt_finished(job, attempt_row)
+    organization_id = job.organization_id
+    final = job.is_final
+    job_id = job.id
+    has_webhook = bool(job.webhook_url)
+    transaction.on_commit(lambda: _after_attempt(organization_id, job_id, final, has_webhook=has_webhook), robust=True)
+
+
+def _final_line(job: Job) -> str:
+    if job.status == JobStatus.COMPLETED:
+        return f"Completed in {job.gpu_ms} ms of GPU time."
+    if job.status == JobStatus.CANCELLED:
+        return f"Cancelled ({job.error})."
+    return f"Failed: {job.error}"
+
+
+def _after_attempt(organization_id: uuid.UUID, job_id: uuid.UUID, final: bool, *, has_webhook: bool = True) -> None:
+    """On commit of a job's move: its webhook if it ended, and the organization's waiting jobs into the freed slot.
+
+    ``has_webhook=False``: the caller read the job (its ``webhook_url`` never changes) and it has none to send.
+    """
+    from inference.webhooks import schedule_webhook
+
+    if final and has_webhook:
+        schedule_webhook(job_id)
+    # Most finishes leave nothing waiting: one indexed read instead of locking the organization to find none. A job
+    # queued after this read dispatches itself when its own transaction commits (submission, requeue, retry) or at
+    # the sweep, as it would had it been queued just after dispatch_organization's own read.
+    if Job.objects.filter(organization_id=organization_id, status=JobStatus.QUEUED).exists():
+        dispatch_organization(organization_id)
+
+
+def reap_expired_leases() -> int:
+    """Jobs whose worker stopped renewing its lease: close the attempt (unbilled) and retry or fail."""
+    now = timezone.now()
+    reaped = 0
+    for job_id, attempt in Job.objects.filter(status=JobStatus.RUNNING, lease_expires_at__lt=now).values_list(
+        "id", "attempt"
+    ):
+        try:
+            reaped += _reap(job_id, attempt, now)
+        except Exception:  # one bad row must not stop the reaper for everyone else
+            logger.exception("could not reap job %s attempt %s", job_id, attempt)
+    return reaped
+
+
+@retrying_atomic
+def _reap(job_id: uuid.UUID, attempt: int, now: Any) -> int:
+    job = lock_job_with_endpoint(job_id, status=JobStatus.RUNNING, attempt=attempt, lease_expires_at__lt=now)
+    if job is None:
+        return 0
+    attempt_row = lock_attempt(job_id, attempt)
+    # The GPU was held at least until the last heartbeat; record that, unbilled.
+    held_ms = max(0, math.ceil((attempt_row.heartbeat_at - attempt_row.started_at).total_seconds() * 1000))
+    _close(
+        job, attempt_row, outcome=AttemptOutcome.LOST, gpu_ms=held_ms, cold_start_ms=0, result=None,
+        error="The worker running this request stopped responding.", error_type="internal_error", retry=True,
+    )  # fmt: skip
+    return 1
+
+
+@retrying_atomic
+def cancel_job(*, job: Job) -> str:
+    """fal's answer: CANCELLATION_REQUESTED or ALREADY_COMPLETED. A job not yet running is cancelled
+    at once and never billed; a running one stops at its next denoising step.
+
+    The job's row is locked first, so the answer is decided on its state as last committed: a cancel racing a
+    finish, a retry or a reap is either recorded before it (and every closing path then honours it: no requeue,
+    no second run) or sees the job final. Once accepted, ``cancel_requested_at`` stays set.
+    """
+    now = timezone.now()
+    locked_job = lock_job(job.pk)
+    if locked_job is None or locked_job.is_final:
+        return "ALREADY_COMPLETED"
+    if locked_job.status == JobStatus.RUNNING:
+        if locked_job.cancel_requested_at is None:
+            Job.objects.filter(pk=job.pk).update(cancel_requested_at=now)
+            log_job(job.pk, "Cancellation requested; the request stops at its next step.")
+        return "CANCELLATION_REQUESTED"
+    # Queued, or dispatched but not claimed: a claim is a conditional UPDATE on DISPATCHED, so none can follow.
+    ending = transitions.ended(
+        JobStatus.CANCELLED, finished_at=now, error="Cancelled before it started.", error_type="cancelled"
+    )
+    if locked_job.input.get("image_path"):
+        ending["outputs_expire_at"] = now + timedelta(seconds=files.retention_seconds(locked_job))
+    Job.objects.filter(pk=job.pk).update(cancel_requested_at=now, **ending)
+    log_job(job.pk, "Cancelled before it started.")
+    if hooks.ended_unstarted is not None:
+        hooks.ended_unstarted(Job.objects.get(pk=job.pk))
+    organization_id, job_id = locked_job.organization_id, locked_job.pk
+    transaction.on_commit(lambda: _after_attempt(organization_id, job_id, True), robust=True)
+    return "CANCELLATION_REQUESTED"

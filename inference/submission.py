@@ -1,0 +1,134 @@
+"""Submission: a request validated, stored and admitted (billing holds its credit), or refused with nothing stored."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+
+from accounts.errors import AppError
+from accounts.locking import retrying_atomic
+from accounts.models import ApiKey, Organization
+from inference import files
+from inference.dispatch import dispatch_organization
+from inference.hooks import Refusal, hooks
+from inference.inputs import is_storable_text, validate_input
+from inference.job_logs import log_job
+from inference.models import (
+    Endpoint,
+    Job,
+)
+from inference.webhooks import WebhookUrlError, check_webhook_url
+
+logger = logging.getLogger(__name__)
+
+
+class SubmissionRefused(AppError):
+    """The request was not queued, and nothing of it was stored: not enough credit, a spend limit, a refused
+    webhook URL."""
+
+    status_code = 402
+
+    @classmethod
+    def of(cls, refusal: Refusal) -> SubmissionRefused:
+        return cls(refusal.detail, error_type=refusal.error_type, status_code=refusal.status_code)
+
+
+class IdempotencyConflict(SubmissionRefused):
+    def __init__(self) -> None:
+        super().__init__(
+            "This Idempotency-Key was already used with a different request body or endpoint.",
+            error_type="idempotency_key_reused",
+            status_code=422,
+        )
+
+
+def _fingerprint(endpoint: Endpoint, payload: Any, webhook_url: str) -> str:
+    canonical = json.dumps([endpoint.endpoint_id, payload, webhook_url], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def submit_job(
+    *,
+    organization: Organization,
+    api_key: ApiKey | None,
+    endpoint: Endpoint,
+    payload: Any,
+    webhook_url: str = "",
+    idempotency_key: str | None = None,
+    retention_seconds: int | None = None,
+) -> tuple[Job, bool]:
+    """The job for this request and whether it is new (False: an earlier one with the same key).
+
+    Raises ``InputError`` (422/413) or ``SubmissionRefused`` (402, 422...). Nothing is stored
+    for a refused request.
+    """
+    fingerprint = _fingerprint(endpoint, payload, webhook_url)
+    if idempotency_key:
+        earlier = _same_key(organization, idempotency_key, fingerprint)
+        if earlier is not None:
+            return earlier, False
+    generation, inline_image = validate_input(endpoint, payload)
+    if webhook_url:
+        if not is_storable_text(webhook_url):
+            raise SubmissionRefused(
+                "webhook_url holds characters no URL has.", error_type="invalid_webhook_url", status_code=422
+            )
+        try:
+            check_webhook_url(webhook_url)
+        except WebhookUrlError as exc:
+            raise SubmissionRefused(str(exc), error_type="invalid_webhook_url", status_code=422) from None
+    job_id = uuid.uuid4()
+    job_input = generation.as_json()
+    if retention_seconds is not None:
+        job_input["retention_seconds"] = retention_seconds
+    if inline_image is not None:
+        job_input["image_path"] = files.save_input_image(organization.pk, job_id, inline_image)
+    try:
+        job = _insert_and_admit(
+            Job(
+                id=job_id,
+                organization=organization,
+                api_key=api_key,
+                endpoint=endpoint,
+                gpu_class=endpoint.gpu_class,
+                input=job_input,
+                webhook_url=webhook_url,
+                idempotency_key=idempotency_key or None,
+                request_fingerprint=fingerprint,
+                max_attempts=settings.JOB_MAX_ATTEMPTS,
+            )
+        )
+    except IntegrityError:
+        # Another request with the same Idempotency-Key won the race: answer with its job.
+        earlier = _same_key(organization, idempotency_key, fingerprint) if idempotency_key else None
+        if earlier is None:
+            raise
+        return earlier, False
+    return job, True
+
+
+@retrying_atomic
+def _insert_and_admit(job: Job) -> Job:
+    job.save(force_insert=True)
+    if hooks.admit is not None:
+        # After the insert, so billing can hold credit against the job; a refusal rolls it back.
+        refusal = hooks.admit(job)
+        if refusal is not None:
+            raise SubmissionRefused.of(refusal)
+    log_job(job.id, f"Request queued for {job.endpoint.endpoint_id}.")
+    organization_id = job.organization_id
+    transaction.on_commit(lambda: dispatch_organization(organization_id), robust=True)
+    return job
+
+
+def _same_key(organization: Organization, idempotency_key: str, fingerprint: str) -> Job | None:
+    earlier = Job.objects.filter(organization=organization, idempotency_key=idempotency_key).first()
+    if earlier is not None and earlier.request_fingerprint != fingerprint:
+        raise IdempotencyConflict()
+    return earlier
