@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
+from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
@@ -30,8 +32,8 @@ from accounts.errors import InvalidInput, problem
 from accounts.models import ApiKey, Scope
 from accounts.permissions import HasScope, request_api_key
 from accounts.schema import ApiAutoSchema, error, validation_error
-from inference import files
-from inference.closing import cancel_job
+from inference import files, job_events
+from inference.closing import cancel_job, expire_unstarted
 from inference.files import MAX_RETENTION_SECONDS
 from inference.hooks import hooks
 from inference.inputs import InputError, input_schema
@@ -108,6 +110,32 @@ def lifecycle_seconds(header: str | None) -> int | None:
     return seconds
 
 
+MIN_START_TIMEOUT_SECONDS = 0.1
+MAX_START_TIMEOUT_SECONDS = 24 * 3600
+
+
+def start_timeout_seconds(header: str | None) -> float | None:
+    """fal's ``X-Fal-Request-Timeout: N``: the request must start within N seconds (queue wait included)."""
+    if header is None or not header.strip():
+        return None
+    try:
+        seconds = float(header)
+    except ValueError:
+        seconds = math.nan
+    if not MIN_START_TIMEOUT_SECONDS < seconds <= MAX_START_TIMEOUT_SECONDS:  # also refuses nan and inf
+        raise InputError(
+            [
+                problem(
+                    ["header", "X-Fal-Request-Timeout"],
+                    f"Should be a number of seconds above {MIN_START_TIMEOUT_SECONDS} and at most "
+                    f"{MAX_START_TIMEOUT_SECONDS}.",
+                    "out_of_range",
+                )
+            ]
+        )
+    return seconds
+
+
 def submit_from_request(request: HttpRequest, api_key: ApiKey, endpoint: Endpoint, payload: Any) -> tuple[Job, bool]:
     """Shared by the queue and sync APIs: webhook, idempotency key and retention from the request."""
     if len(request.GET.getlist("fal_webhook")) > 1:
@@ -135,6 +163,7 @@ def submit_from_request(request: HttpRequest, api_key: ApiKey, endpoint: Endpoin
             webhook_url=webhook_url,
             idempotency_key=idempotency_key,
             retention_seconds=lifecycle_seconds(request.headers.get("X-Fal-Object-Lifecycle-Preference")),
+            start_timeout=start_timeout_seconds(request.headers.get("X-Fal-Request-Timeout")),
         )
     except SubmissionRefused as exc:
         if exc.status_code != 422:
@@ -290,7 +319,7 @@ class ResultView(InferenceView):
                 {"detail": "The request is still in progress.", "error_type": "request_in_progress"}, status=400
             )
         else:
-            response = result_response(job, request)
+            response = result_or_error(job, request)
         return with_request_id(response, job)
 
 
@@ -324,49 +353,98 @@ submit_view = SubmitView.as_view()
 status_view = StatusView.as_view()
 
 
+def _release_connection() -> None:
+    # A waiting view looks for a long time: it gives the connection back to the pool after each look (unless a
+    # test runs it inside its transaction).
+    if not connection.in_atomic_block:
+        connection.close()
+
+
 def _load_job(job_id: uuid.UUID) -> Job:
-    # A waiting view polls for a long time: give the connection back to the pool after each look.
     try:
         return Job.objects.select_related("endpoint").get(pk=job_id)
     finally:
-        connection.close()
+        _release_connection()
 
 
 def _status_now(job: Job, request: HttpRequest, with_logs: bool) -> dict[str, Any]:
     try:
         return status_payload(job, request, with_logs=with_logs)
     finally:
-        connection.close()
+        _release_connection()
 
 
 async def wait_until_final(job_id: uuid.UUID, deadline: float) -> Job:
-    """The job, polled with a short, growing interval until it is final or the deadline passes."""
-    interval = 0.02
-    job = await sync_to_async(_load_job)(job_id)
-    while not job.is_final and time.monotonic() < deadline:
-        await asyncio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
-        interval = min(interval * 1.5, 0.25)
+    """The job once it is final, or as it is when the deadline (``time.monotonic()``) passes.
+
+    It wakes on the job's own moves (``job_events``), so the answer leaves as soon as the job ends, and holds no
+    thread while it waits. A request whose start deadline passes while it waits is ended at that moment.
+    """
+    async with job_events.watching(job_id) as watch:
         job = await sync_to_async(_load_job)(job_id)
+        while not job.is_final and time.monotonic() < deadline:
+            wake_at = deadline
+            if job.start_deadline is not None and job.status in (JobStatus.QUEUED, JobStatus.DISPATCHED):
+                until_start_deadline = (job.start_deadline - timezone.now()).total_seconds()
+                if until_start_deadline <= 0:
+                    await sync_to_async(_expire_now)(job_id)
+                    job = await sync_to_async(_load_job)(job_id)
+                    continue
+                wake_at = min(wake_at, time.monotonic() + until_start_deadline)
+            await watch.changed(wake_at - time.monotonic())
+            job = await sync_to_async(_load_job)(job_id)
     return job
+
+
+def _expire_now(job_id: uuid.UUID) -> None:
+    try:
+        expire_unstarted(job_id=job_id)
+    finally:
+        _release_connection()
+
+
+def timed_out(job: Job, request: HttpRequest) -> JsonResponse:
+    """The sync run's answer when its wait ends first: the request goes on, and its result waits at its URL."""
+    seconds = settings.SYNC_RUN_TIMEOUT_SECONDS
+    return JsonResponse(
+        {
+            "detail": f"The request did not finish within {seconds} s. It goes on; its result will be at response_url.",
+            "error_type": "timeout",
+            "request_id": str(job.id),
+            **handle_urls(job, request),
+        },
+        status=504,
+    )
+
+
+def result_or_error(job: Job, request: HttpRequest) -> JsonResponse:
+    response = result_response(job, request)
+    if job.error_type == "timeout" and job.started_at is None:
+        # fal's mark of a timeout the caller set (X-Fal-Request-Timeout): its clients do not retry it.
+        response["X-Fal-Request-Timeout-Type"] = "user"
+    return response
 
 
 @csrf_exempt
 async def run_sync(request: HttpRequest, owner: str, model: str, path: str = "") -> HttpResponseBase:
-    """``POST /run/{owner}/{model}``: submits as the queue API does, then waits for the result; past the wait limit
-    answers 202 with the queue handle, so a paid result is never lost."""
-    deadline = time.monotonic() + settings.SYNC_RUN_WAIT_SECONDS
+    """``POST /run/{owner}/{model}``: submits as the queue API does, then answers the request's result (or the error
+    it ended with) once it is final.
+
+    It never answers a queue handle as if it were the output. If the request is still going after
+    ``SYNC_RUN_TIMEOUT_SECONDS``, the answer is 504 ``{detail, error_type: "timeout", request_id}``: the request goes
+    on, is billed as usual, and its result stays at the queue's response URL. A client that disconnects changes
+    nothing either. A request with ``X-Fal-Request-Timeout`` that has not started by then ends unbilled: 504 with
+    ``X-Fal-Request-Timeout-Type: user``.
+    """
     submitted = await sync_to_async(submit_view)(request, owner=owner, model=model, path=path)
     if submitted.status_code != 200:
         return submitted
-    handle = submitted.data
-    # An idempotent replay may answer a request that has already finished.
-    if handle["status"] != FAL_STATUS[JobStatus.COMPLETED] and time.monotonic() >= deadline:
-        return JsonResponse(handle, status=202, headers={"x-fal-request-id": handle["request_id"]})
-    job = await wait_until_final(uuid.UUID(handle["request_id"]), deadline)
+    deadline = time.monotonic() + settings.SYNC_RUN_TIMEOUT_SECONDS
+    job = await wait_until_final(uuid.UUID(submitted.data["request_id"]), deadline)
     if job.is_final:
-        response = await sync_to_async(result_response)(job, request)
+        response = await sync_to_async(result_or_error)(job, request)
     else:
-        response = JsonResponse(await sync_to_async(handle_payload)(job, request), status=202)
+        response = await sync_to_async(timed_out)(job, request)
     return with_request_id(response, job)
 
 

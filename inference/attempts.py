@@ -9,12 +9,13 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db.models import F, Value
+from django.db.models import F, Q, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from accounts.locking import retrying_atomic
 from inference.hooks import Refusal, Reservation, hooks
+from inference.job_events import publish
 from inference.job_logs import log_job
 from inference.models import (
     Job,
@@ -39,7 +40,13 @@ def claim_job(*, job_id: str, attempt: int, worker: str) -> Job | None:
 @retrying_atomic
 def _claim(job_id: str, attempt: int, worker: str) -> bool:
     now = timezone.now()
-    claimed = Job.objects.filter(pk=job_id, status=JobStatus.DISPATCHED, attempt=attempt).update(
+    # A request whose start deadline has passed is not started: the sweep (or its waiting sync run) ends it.
+    claimed = Job.objects.filter(
+        Q(start_deadline__isnull=True) | Q(start_deadline__gt=now),
+        pk=job_id,
+        status=JobStatus.DISPATCHED,
+        attempt=attempt,
+    ).update(
         status=JobStatus.RUNNING,
         worker=worker,
         lease_expires_at=lease_deadline(),
@@ -100,6 +107,7 @@ def heartbeat(*, job_id: str, attempt: int, step: int, total: int, gpu_ms: int) 
     )
     if not renewed:
         return HeartbeatAnswer(False, "This attempt no longer owns the job.", "lost")
+    publish(job_id)  # progress: waiting streams show it now
     JobAttempt.objects.filter(job_id=job_id, number=attempt).update(heartbeat_at=now)
     job = Job.objects.select_related("organization", "api_key", "endpoint").get(pk=job_id)
     if job.cancel_requested_at is not None:

@@ -26,6 +26,8 @@ from inference.models import (
 
 logger = logging.getLogger(__name__)
 
+EXPIRE_BATCH_SIZE = 500
+
 FINAL_STATUS = {
     AttemptOutcome.SUCCEEDED: JobStatus.COMPLETED,
     AttemptOutcome.FAILED: JobStatus.FAILED,
@@ -190,15 +192,58 @@ def cancel_job(*, job: Job) -> str:
             log_job(job.pk, "Cancellation requested; the request stops at its next step.")
         return "CANCELLATION_REQUESTED"
     # Queued, or dispatched but not claimed: a claim is a conditional UPDATE on DISPATCHED, so none can follow.
-    ending = transitions.ended(
-        JobStatus.CANCELLED, finished_at=now, error="Cancelled before it started.", error_type="cancelled"
+    _end_unstarted(
+        locked_job, now, error="Cancelled before it started.", error_type="cancelled", cancel_requested_at=now
     )
-    if locked_job.input.get("image_path"):
-        ending["outputs_expire_at"] = now + timedelta(seconds=files.retention_seconds(locked_job))
-    Job.objects.filter(pk=job.pk).update(cancel_requested_at=now, **ending)
-    log_job(job.pk, "Cancelled before it started.")
+    return "CANCELLATION_REQUESTED"
+
+
+def _end_unstarted(job: Job, now: Any, *, error: str, error_type: str, **also: Any) -> None:
+    """Ends a locked job that never started (queued, or dispatched and not claimed): never billed, its hold released,
+    its webhook sent and its organization's slot handed on once this commits."""
+    ending = transitions.ended(JobStatus.CANCELLED, finished_at=now, error=error, error_type=error_type)
+    if job.input.get("image_path"):
+        ending["outputs_expire_at"] = now + timedelta(seconds=files.retention_seconds(job))
+    Job.objects.filter(pk=job.pk).update(**ending, **also)
+    log_job(job.pk, error)
     if hooks.ended_unstarted is not None:
         hooks.ended_unstarted(Job.objects.get(pk=job.pk))
-    organization_id, job_id = locked_job.organization_id, locked_job.pk
+    organization_id, job_id = job.organization_id, job.pk
     transaction.on_commit(lambda: _after_attempt(organization_id, job_id, True), robust=True)
-    return "CANCELLATION_REQUESTED"
+
+
+def expire_unstarted(now: Any = None, *, job_id: uuid.UUID | None = None) -> int:
+    """Requests whose start deadline (``X-Fal-Request-Timeout``) passed before a worker started them: ended as
+    CANCELLED with ``error_type: timeout``, never billed. The sweep calls it for all of them; a sync run waiting on
+    one calls it for that one, the moment its deadline passes. A claim made before the deadline wins: a started
+    request runs as long as it needs."""
+    now = now or timezone.now()
+    waiting = Job.objects.filter(
+        status__in=(JobStatus.QUEUED, JobStatus.DISPATCHED), start_deadline__isnull=False, start_deadline__lte=now
+    )
+    if job_id is not None:
+        waiting = waiting.filter(pk=job_id)
+    expired = 0
+    for expiring_id in waiting.order_by("start_deadline").values_list("id", flat=True)[:EXPIRE_BATCH_SIZE]:
+        try:
+            expired += _expire(expiring_id, now)
+        except Exception:  # one bad row must not stop the sweep for everyone else
+            logger.exception("could not expire job %s", expiring_id)
+    return expired
+
+
+@retrying_atomic
+def _expire(job_id: uuid.UUID, now: Any) -> int:
+    job = lock_job(job_id)
+    if job is None or job.status not in (JobStatus.QUEUED, JobStatus.DISPATCHED):
+        return 0
+    if job.start_deadline is None or job.start_deadline > now:
+        return 0
+    seconds = (job.start_deadline - job.created_at).total_seconds()
+    _end_unstarted(
+        job,
+        now,
+        error=f"The request did not start within its start timeout of {round(seconds, 1):g} s.",
+        error_type="timeout",
+    )
+    return 1

@@ -43,14 +43,15 @@ def _dispatch(organization_id: uuid.UUID) -> list[tuple[str, int, str]]:
     capacity = organization.concurrency_limit - active
     if capacity <= 0:
         return []
+    now = timezone.now()
     ids = list(
         Job.objects.filter(organization_id=organization_id, status=JobStatus.QUEUED)
+        .exclude(start_deadline__lte=now)  # past its start deadline: the sweep ends it, it takes no slot
         .order_by("created_at", "id")
         .values_list("id", flat=True)[:capacity]
     )
     if not ids:
         return []
-    now = timezone.now()
     Job.objects.filter(pk__in=ids, status=JobStatus.QUEUED).update(
         status=JobStatus.DISPATCHED, attempt=F("attempt") + 1, dispatched_at=now, sent_at=now
     )

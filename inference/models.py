@@ -128,6 +128,9 @@ class Job(TenantModel):
     # NULL, not "": requests without a key must not collide in the unique constraint.
     idempotency_key = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001
     request_fingerprint = models.CharField(max_length=64, blank=True)
+    start_deadline = models.DateTimeField(
+        null=True, blank=True, help_text="X-Fal-Request-Timeout: not started by then, it ends unbilled (timeout)."
+    )
 
     attempt = models.PositiveIntegerField(default=0, help_text="The attempt now dispatched or running.")
     max_attempts = models.PositiveIntegerField(default=3)
@@ -161,6 +164,12 @@ class Job(TenantModel):
             models.Index(fields=["-created_at"], name="job_created"),
             # Jobs that ended since the last proven reconciliation (billing.reconciliation's incremental run).
             models.Index(fields=["finished_at"], name="job_finished"),
+            # The sweep's look for requests whose start deadline passed while they waited.
+            models.Index(
+                fields=["start_deadline"],
+                condition=Q(start_deadline__isnull=False, status__in=["QUEUED", "DISPATCHED"]),
+                name="job_waiting_deadline",
+            ),
         ]
         constraints = [
             models.UniqueConstraint(

@@ -6,10 +6,12 @@ import hashlib
 import json
 import logging
 import uuid
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
 from accounts.errors import AppError
 from accounts.locking import retrying_atomic
@@ -62,8 +64,12 @@ def submit_job(
     webhook_url: str = "",
     idempotency_key: str | None = None,
     retention_seconds: int | None = None,
+    start_timeout: float | None = None,
 ) -> tuple[Job, bool]:
     """The job for this request and whether it is new (False: an earlier one with the same key).
+
+    ``start_timeout`` (fal's ``X-Fal-Request-Timeout``): seconds from now by which a worker must have started the
+    request, or it ends unbilled with ``error_type: timeout``; once started it runs as long as it needs.
 
     Raises ``InputError`` (422/413) or ``SubmissionRefused`` (402, 422...). Nothing is stored
     for a refused request.
@@ -102,6 +108,7 @@ def submit_job(
                 idempotency_key=idempotency_key or None,
                 request_fingerprint=fingerprint,
                 max_attempts=settings.JOB_MAX_ATTEMPTS,
+                start_deadline=None if start_timeout is None else timezone.now() + timedelta(seconds=start_timeout),
             )
         )
     except IntegrityError:

@@ -6,7 +6,7 @@ import logging
 
 from django.db.models import Min
 
-from inference.closing import reap_expired_leases
+from inference.closing import expire_unstarted, reap_expired_leases
 from inference.dispatch import dispatch_organization, redispatch_stale
 from inference.models import (
     Job,
@@ -17,8 +17,10 @@ logger = logging.getLogger(__name__)
 
 
 def sweep() -> dict[str, int]:
-    """The periodic safety net: reap dead workers, re-send lost messages, dispatch waiting work."""
+    """The periodic safety net: reap dead workers, end requests past their start deadline, re-send lost messages,
+    dispatch waiting work."""
     reaped = reap_expired_leases()
+    expired = expire_unstarted()
     resent = redispatch_stale()
     dispatched = 0
     # Organizations by their longest-waiting request, so the sweep itself is fair across tenants.
@@ -33,4 +35,4 @@ def sweep() -> dict[str, int]:
             dispatched += dispatch_organization(row["organization_id"])
         except Exception:
             logger.exception("could not dispatch for organization %s", row["organization_id"])
-    return {"reaped": reaped, "resent": resent, "dispatched": dispatched}
+    return {"reaped": reaped, "expired": expired, "resent": resent, "dispatched": dispatched}

@@ -36,6 +36,7 @@ REQUEST = frozenset(
         "webhook_url",
         "idempotency_key",
         "request_fingerprint",
+        "start_deadline",
         "created_at",
     }
 )

@@ -5,6 +5,7 @@ This is the one place in the suite that sleeps, between two looks at a condition
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -41,3 +42,15 @@ def wait_until(
             waited_for = message() if callable(message) else message
             raise AssertionError(f"waited {timeout:g} s for {waited_for}") from last_error
         time.sleep(interval)
+
+
+async def wait_until_async(condition: Callable[[], T], *, timeout: float, message: str, interval: float = 0.01) -> T:
+    """``wait_until`` for a coroutine: the event loop goes on running (background tasks) between two looks."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"waited {timeout:g} s for {message}")
+        await asyncio.sleep(interval)

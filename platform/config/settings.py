@@ -325,7 +325,8 @@ JOB_HEARTBEAT_SECONDS = float(env_int("JOB_HEARTBEAT_MS", 1000, minimum=50)) / 1
 JOB_MAX_ATTEMPTS = env_int("JOB_MAX_ATTEMPTS", 3, minimum=1)
 JOB_REDISPATCH_AFTER_SECONDS = env_int("JOB_REDISPATCH_AFTER_SECONDS", 60, minimum=1)
 JOB_SWEEP_SECONDS = env_int("JOB_SWEEP_SECONDS", 5, minimum=1)
-SYNC_RUN_WAIT_SECONDS = env_int("SYNC_RUN_WAIT_SECONDS", 60, minimum=0)
+# The longest POST /run/... waits for its request to end before answering 504 (the request goes on).
+SYNC_RUN_TIMEOUT_SECONDS = env_int("SYNC_RUN_TIMEOUT_SECONDS", 3600, minimum=1)
 OUTPUT_URL_TTL_SECONDS = env_int("OUTPUT_URL_TTL_SECONDS", 24 * 3600, minimum=60)
 OUTPUT_RETENTION_SECONDS = env_int("OUTPUT_RETENTION_SECONDS", 30 * 24 * 3600, minimum=60)
 WORKER_PIPELINE_CACHE_BYTES = env_int("WORKER_PIPELINE_CACHE_BYTES", 8 * 1024**3, minimum=1)

@@ -9,16 +9,19 @@ step:
 - usage never took the balance below zero (every usage debit leaves it >= 0);
 - no job was debited more than its hold;
 - spending stays within the budget and the key's limit;
-- what is held is the sum of open holds, and never more than the balance unless credit was taken back.
+- what is held is the sum of open holds, and never more than the balance unless credit was taken back;
+- a request whose start deadline passes before it started ends unbilled with its hold released; a started one runs on.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.db import transaction
 from django.db.models import Sum
+from django.utils import timezone
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -150,6 +153,22 @@ class Spending(RuleBasedStateMachine):
         assert closing.cancel_job(job=job) == "CANCELLATION_REQUESTED"
         if job.status == JobStatus.RUNNING:
             self.close(job, AttemptOutcome.CANCELLED, self.used[job.pk])
+
+    @precondition(lambda self: bool(self.waiting() or self.running()))
+    @rule(data=st.data())
+    def a_start_deadline_passes(self, data: st.DataObject) -> None:
+        """The request's X-Fal-Request-Timeout runs out: one still waiting ends unbilled, a started one runs on."""
+        job = data.draw(st.sampled_from(self.waiting() + self.running()))
+        Job.objects.filter(pk=job.pk).update(start_deadline=timezone.now() - timedelta(seconds=1))
+        closing.expire_unstarted()
+        job.refresh_from_db()
+        if job.pk in self.used:  # it had started
+            assert job.status == JobStatus.RUNNING
+            return
+        assert (job.status, job.error_type) == (JobStatus.CANCELLED, "timeout")
+        assert job.started_at is None
+        assert self.charged(job) == 0
+        assert not Hold.objects.filter(job=job, released_at__isnull=True).exists()
 
     @rule(amount=st.integers(1, 40_000), take_back=st.booleans())
     def credit(self, amount: int, take_back: bool) -> None:

@@ -211,7 +211,7 @@ def running_stack(django_db_blocker: Any) -> Iterator[Stack]:
             "JOB_HEARTBEAT_MS": "200",
             "JOB_SWEEP_SECONDS": "1",
             "JOB_REDISPATCH_AFTER_SECONDS": "2",
-            "SYNC_RUN_WAIT_SECONDS": "30",
+            "SYNC_RUN_TIMEOUT_SECONDS": "300",
             "DATABASE_POOL_MAX_SIZE": "4",
             "LOG_LEVEL": "INFO",
             "PYTHONUNBUFFERED": "1",

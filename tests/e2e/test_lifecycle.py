@@ -493,50 +493,95 @@ def test_cancelling_a_queued_request_never_runs_or_bills_it(stack: Stack, e2e_te
     assert attempts_of(waiting) == []
 
 
-# 8. The sync API: waits, falls back to the queue handle, refuses bad input and bad keys.
+# 8. The sync API: waits as long as the request takes, answers 504 (never a queue handle) past its timeout, ends a
+# request that missed its start deadline unbilled, refuses bad input and bad keys.
 
 
-SYNC_RUN_WAIT_SECONDS = 2
+SYNC_RUN_TIMEOUT_SECONDS = 2
 
 
 @pytest.fixture
-def short_sync_wait(stack: Stack) -> Iterator[Stack]:
-    """The server with a wait limit of SYNC_RUN_WAIT_SECONDS for the sync API."""
-    with stack.restarted("web", SYNC_RUN_WAIT_SECONDS=str(SYNC_RUN_WAIT_SECONDS)) as restarted:
+def short_sync_timeout(stack: Stack) -> Iterator[Stack]:
+    """The server with a sync-run timeout of SYNC_RUN_TIMEOUT_SECONDS."""
+    with stack.restarted("web", SYNC_RUN_TIMEOUT_SECONDS=str(SYNC_RUN_TIMEOUT_SECONDS)) as restarted:
         yield restarted
 
 
-def test_run_falls_back_to_the_queue_handle_after_its_wait_limit(
-    short_sync_wait: Stack, e2e_tenant: dict[str, Any]
+def test_run_past_its_timeout_answers_504_and_the_request_goes_on(
+    short_sync_timeout: Stack, e2e_tenant: dict[str, Any]
 ) -> None:
-    stack = short_sync_wait
+    from billing.models import Account
+
+    stack = short_sync_timeout
     set_concurrency_limit(e2e_tenant["organization"], 1)
     with stack.client(e2e_tenant["key"]) as client:
         # With the GPU worker paused, a dispatched request holds the tenant's only slot until it is cancelled,
-        # however fast the machine: ours waits in the queue behind it for the whole wait limit.
+        # however fast the machine: ours waits in the queue behind it past the sync run's timeout.
         with stack.paused("gpu"):
             blocker = submit(client, QUICK)
             assert job_row(blocker).status == "DISPATCHED"
-            started = time.monotonic()
             response = client.post(f"/run/{APP}", json={**QUICK, "seed": 5}, timeout=90)
-            waited = time.monotonic() - started
-            assert response.status_code == 202, response.text
-            assert waited >= SYNC_RUN_WAIT_SECONDS, waited
-            handle = response.json()
-            request_id = handle["request_id"]
+            assert response.status_code == 504, response.text
+            answer = response.json()
+            request_id = answer["request_id"]
+            assert answer["error_type"] == "timeout"
+            assert answer["detail"]
+            assert "images" not in answer
             assert response.headers["x-fal-request-id"] == request_id
-            assert handle["status"] == "IN_QUEUE"
-            assert handle["queue_position"] >= 0
-            assert handle["status_url"].endswith(f"/queue/{APP}/requests/{request_id}/status")
+            assert "X-Fal-Request-Timeout-Type" not in response.headers  # the server's limit, not the caller's
             assert job_row(request_id).status == "QUEUED"
+
+            # A start deadline that passes while the request waits ends it at that moment, unbilled.
+            held_before = Account.objects.get(organization=e2e_tenant["organization"]).held_micros
+            late = client.post(
+                f"/run/{APP}", json={**QUICK, "seed": 6}, headers={"X-Fal-Request-Timeout": "1.5"}, timeout=90
+            )
+            assert late.status_code == 504, late.text
+            assert late.headers["X-Fal-Request-Timeout-Type"] == "user"
+            assert late.json()["error_type"] == "timeout"
+            late_job = job_row(late.headers["x-fal-request-id"])
+            assert late_job.status == "CANCELLED"
+            assert late_job.error_type == "timeout"
+            assert late_job.started_at is None
+            assert late_job.gpu_ms == 0
+            assert attempts_of(str(late_job.pk)) == []
+            assert Account.objects.get(organization=e2e_tenant["organization"]).held_micros == held_before
             assert cancel(client, blocker).status_code == 202
-        # The result is not lost: the queue handle leads to it.
+        # The request that outlived the sync run was not lost: it runs, and its result is at its URL.
         wait_final(stack, request_id)
-        assert client.get(handle["status_url"]).json()["status"] == "COMPLETED"
-        result = client.get(handle["response_url"])
+        assert client.get(answer["status_url"]).json()["status"] == "COMPLETED"
+        result = client.get(answer["response_url"])
         assert result.status_code == 200, result.text
         assert result.json()["seed"] == 5
         assert len(result.json()["images"]) == 1
+        expired = client.get(f"/queue/{APP}/requests/{late_job.pk}")
+        assert expired.status_code == 504, expired.text
+        assert expired.headers["X-Fal-Request-Timeout-Type"] == "user"
+
+
+def test_run_waits_as_long_as_the_request_takes_and_refuses_bad_calls(stack: Stack, e2e_tenant: dict[str, Any]) -> None:
+    with stack.client(e2e_tenant["key"]) as client:
+        outcome: dict[str, httpx.Response] = {}
+        with stack.paused("gpu"):
+            runner = threading.Thread(
+                target=lambda: outcome.update(
+                    response=client.post(f"/run/{APP}", json={**QUICK, "seed": 9}, timeout=120)
+                )
+            )
+            runner.start()
+            # The run waits on a request no worker can take until the worker is resumed.
+            waiting = wait_until(
+                lambda: Job.objects.filter(organization=e2e_tenant["organization"], input__seed=9).first(),
+                timeout=30,
+                message="the sync run's request to be stored",
+            )
+            wait_until(lambda: job_row(str(waiting.pk)).status == "DISPATCHED", timeout=30, message="its dispatch")
+            assert "response" not in outcome
+        runner.join(timeout=120)
+        response = outcome["response"]
+        assert response.status_code == 200, response.text
+        assert response.json()["seed"] == 9
+        assert response.headers["x-fal-request-id"] == str(waiting.pk)
 
         invalid = client.post(f"/run/{APP}", json={"num_inference_steps": 10_000})
         assert invalid.status_code == 422, invalid.text
