@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 from django.db import connection
+from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.urls import resolve
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from accounts.models import Scope
+from accounts.models import AuditAction, AuditEvent, Scope
 from billing import pricing_api
 from billing.models import Hold, Price, PriceUnit, UsageRecord
 from inference import api as inference_api
@@ -383,3 +384,31 @@ def test_with_no_history_a_call_costs_what_admission_holds_for_a_request_of_defa
     held = Hold.objects.get(job=job).amount_micros
     assert answer["endpoints"][TINY]["cost_micros"] == 3 * held
     assert answer["total_cost_micros"] == sum(line["cost_micros"] for line in answer["endpoints"].values())
+
+
+def test_an_operator_negotiates_a_price_in_the_console(
+    tenant: dict[str, Any], other_tenant: dict[str, Any], builtin_endpoint: Endpoint, django_user_model: Any
+) -> None:
+    operator = Client()
+    operator.force_login(django_user_model.objects.create_superuser(email="ops@example.com", password="ops pass 1"))
+    now = timezone.now()
+    form = {
+        "gpu_class": "",
+        "endpoint": builtin_endpoint.pk,
+        "organization": tenant["organization"].pk,
+        "unit": PriceUnit.IMAGE,
+        "unit_price_micros": 1_800,
+        "effective_from_0": now.strftime("%Y-%m-%d"),
+        "effective_from_1": now.strftime("%H:%M:%S"),
+        "note": "Volume deal",
+    }
+    class_wide = {**form, "endpoint": "", "gpu_class": "cpu", "unit": PriceUnit.GPU_SECOND}
+    without_endpoint = operator.post("/admin/billing/price/add/", class_wide)
+    assert without_endpoint.status_code == 200
+    assert "organization" in without_endpoint.context["adminform"].form.errors
+    assert not Price.objects.filter(note="Volume deal").exists()
+    assert operator.post("/admin/billing/price/add/", form).status_code == 302
+    event = AuditEvent.objects.get(action=AuditAction.PRICE_CHANGED)
+    assert event.metadata["organization"] == str(tenant["organization"].pk)
+    assert prices(tenant["client"], f"endpoint_id={TINY}")[TINY]["unit_price_micros"] == 1_800
+    assert prices(other_tenant["client"], f"endpoint_id={TINY}")[TINY]["negotiated"] is False
