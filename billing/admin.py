@@ -89,6 +89,7 @@ def _price_facts(price: Price) -> dict[str, Any]:
     return {
         "gpu_class": price.gpu_class,
         "endpoint": price.endpoint.endpoint_id if price.endpoint_id and price.endpoint else None,
+        "organization": str(price.organization_id) if price.organization_id else None,
         "unit": price.unit,
         "unit_price_micros": price.unit_price_micros,
         "effective_from": price.effective_from.isoformat(),
@@ -99,7 +100,7 @@ def _price_facts(price: Price) -> dict[str, Any]:
 class PriceForm(_PriceFormBase):
     class Meta:
         model = Price
-        fields = ("gpu_class", "endpoint", "unit", "unit_price_micros", "effective_from", "note")
+        fields = ("gpu_class", "endpoint", "organization", "unit", "unit_price_micros", "effective_from", "note")
 
     def clean_effective_from(self) -> Any:
         effective_from = self.cleaned_data["effective_from"]
@@ -119,16 +120,26 @@ class PriceAdmin(_PriceAdminBase):
     form = PriceForm
     list_display = ("target", "unit", "price", "effective_from", "state", "note", "created_by")
     list_filter = ("unit", "gpu_class", "endpoint")
-    list_select_related = ("endpoint", "created_by")
+    list_select_related = ("endpoint", "organization", "created_by")
+    raw_id_fields = ("organization",)
     search_fields = ("note", "endpoint__owner", "endpoint__name")
     readonly_fields = ("created_by", "created_at")
     fieldsets = (
         (
             None,
             {
-                "fields": ("gpu_class", "endpoint", "unit", "unit_price_micros", "effective_from", "note"),
+                "fields": (
+                    "gpu_class",
+                    "endpoint",
+                    "organization",
+                    "unit",
+                    "unit_price_micros",
+                    "effective_from",
+                    "note",
+                ),
                 "description": "A line applies to a whole GPU class (per GPU-second) or to one endpoint (per "
-                "GPU-second, image or megapixel), from its start. To change a price in force, add a new version.",
+                "GPU-second, image or megapixel), from its start; naming an organization as well makes it that "
+                "organization's negotiated price of the endpoint. To change a price in force, add a new version.",
             },
         ),
         ("Record", {"fields": ("created_by", "created_at")}),
@@ -136,7 +147,11 @@ class PriceAdmin(_PriceAdminBase):
 
     @admin.display(description="applies to")
     def target(self, price: Price) -> str:
-        return price.endpoint.endpoint_id if price.endpoint_id and price.endpoint else f"class {price.gpu_class}"
+        if not (price.endpoint_id and price.endpoint):
+            return f"class {price.gpu_class}"
+        if price.organization_id and price.organization:
+            return f"{price.endpoint.endpoint_id} for {price.organization.name}"
+        return price.endpoint.endpoint_id
 
     @admin.display(description="price", ordering="unit_price_micros")
     def price(self, price: Price) -> str:

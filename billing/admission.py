@@ -89,10 +89,8 @@ def admit(job: Job) -> Refusal | None:
     Called for a submission and again for an operator's requeue, so the estimate is priced when admitted (a job
     requeued days later holds today's price, which the hold's extensions and the settlement then use).
     """
-    quote = pricing.price_for(job.endpoint, timezone.now())
-    estimate = pricing.estimate_cost_micros(job.endpoint, job.input, quote)
-    if quote.unit_price_micros:
-        estimate = max(estimate, 1)  # priced work needs some credit, however cheap its estimate
+    quote = pricing.price_for(job.endpoint, timezone.now(), job.organization_id)
+    estimate = pricing.hold_micros(job.endpoint, job.input, quote)
     account = locked_account(job.organization_id)
     room, refusal = _spend_room(account, job)
     if estimate > room:
@@ -150,7 +148,7 @@ def reserve(job: Job, gpu_ms: int, ahead_ms: int) -> Reservation | Refusal:
     if red is not None:
         return red
     # Settlement prices the job at the price in force when it started, which may differ from the admission's.
-    quote = pricing.price_for(job.endpoint, job.started_at or timezone.now())
+    quote = pricing.price_for(job.endpoint, job.started_at or timezone.now(), job.organization_id)
     coverage = _coverage(hold.amount_micros, quote)
     if coverage.covered_gpu_ms is None or gpu_ms <= coverage.covered_gpu_ms:
         return coverage
@@ -201,7 +199,7 @@ def job_usage(job: Job) -> Usage | None:
         last = records[-1]
         unit, unit_price = last.unit, last.unit_price_micros
     else:
-        quote = pricing.price_for(job.endpoint, job.started_at or job.created_at)
+        quote = pricing.price_for(job.endpoint, job.started_at or job.created_at, job.organization_id)
         unit, unit_price = quote.unit, quote.unit_price_micros
     return {
         "gpu_class": job.gpu_class,
@@ -214,5 +212,5 @@ def job_usage(job: Job) -> Usage | None:
 
 
 def endpoint_price(endpoint: Endpoint) -> ListedPrice | None:
-    """Inference's ``price`` hook: the price in force now, as /v1/models shows it."""
+    """Inference's ``price`` hook: the public price in force now, as /v1/models shows it (no negotiated price)."""
     return pricing.price_for(endpoint, timezone.now()).as_json()

@@ -34,7 +34,7 @@ def record_attempt(job: Job, attempt: JobAttempt) -> UsageRecord:
     this ceiling binds only when a measurement outruns the reservation (or a refund took the balance away).
     """
     started_at = job.started_at or attempt.started_at
-    quote = pricing.price_for(job.endpoint, started_at)
+    quote = pricing.price_for(job.endpoint, started_at, job.organization_id)
     billable = attempt.billable
     images = _images_produced(job) if billable else 0
     account = locked_account(job.organization_id)

@@ -37,12 +37,21 @@ class PriceQuerySet(models.QuerySet["Price"]):
 class Price(models.Model):
     """One version of a rate card line. Rows are never edited once in force: a new price is a new row.
 
-    A line applies to every endpoint of a GPU class, or to one endpoint (an override, which wins).
-    The price of a job is the newest line in force when the job started.
+    A line applies to every endpoint of a GPU class, or to one endpoint (an override, which wins over its class), or
+    to one endpoint for one organization (a negotiated price, which wins over both for that organization and is
+    shown to no other). The price of a job is the newest line in force, of the most specific kind, when it started.
     """
 
     gpu_class = models.CharField(max_length=16, choices=GpuClass.choices, blank=True)
     endpoint = models.ForeignKey(Endpoint, null=True, blank=True, on_delete=models.PROTECT, related_name="prices")
+    organization = models.ForeignKey(
+        Organization,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        help_text="A negotiated price: applies to this organization's requests of the endpoint only.",
+    )
     unit = models.CharField(max_length=16, choices=PriceUnit.choices, default=PriceUnit.GPU_SECOND)
     unit_price_micros = models.PositiveBigIntegerField(
         help_text="Micro-dollars per GPU-second, per image or per megapixel (1,000,000 = $1)."
@@ -67,6 +76,10 @@ class Price(models.Model):
                 condition=Q(endpoint__isnull=False) | Q(unit="gpu_second"),
                 name="price_class_lines_per_second",
             ),
+            models.CheckConstraint(
+                condition=Q(organization__isnull=True) | Q(endpoint__isnull=False),
+                name="price_negotiated_per_endpoint",
+            ),
         ]
         indexes = [
             models.Index(fields=["gpu_class", "effective_from"]),
@@ -75,6 +88,8 @@ class Price(models.Model):
 
     def __str__(self) -> str:
         target = self.endpoint.endpoint_id if self.endpoint_id and self.endpoint else self.gpu_class
+        if self.organization_id:
+            target = f"{target} for {self.organization_id}"
         return f"{target}: {self.unit_price_micros} µ$/{self.unit} from {self.effective_from:%Y-%m-%d %H:%M}"
 
     def clean(self) -> None:
@@ -82,6 +97,8 @@ class Price(models.Model):
             raise ValidationError("A price applies either to a GPU class or to one endpoint, not both.")
         if not self.endpoint_id and self.unit != PriceUnit.GPU_SECOND:
             raise ValidationError({"unit": "A GPU class is priced per GPU-second; bill by output per endpoint."})
+        if self.organization_id and not self.endpoint_id:
+            raise ValidationError({"organization": "A negotiated price names the endpoint it applies to."})
 
 
 class Account(models.Model):

@@ -36,6 +36,13 @@ def dollars_to_micros(dollars: Decimal) -> int:
     return int(dollars * MICROS_PER_DOLLAR)
 
 
+def micros_to_dollars(micros: int) -> Decimal:
+    """Micros as an exact decimal of dollars, without trailing zeros (for fal's amounts): 1,100 µ$ → 0.0011."""
+    whole, fraction = divmod(abs(micros), MICROS_PER_DOLLAR)
+    sign = "-" if micros < 0 else ""
+    return Decimal(f"{sign}{whole}.{fraction:06d}".rstrip("0").rstrip("."))  # from text: exact at any size
+
+
 def format_micros(micros: int) -> str:
     """Dollars for people, to the cent when whole cents, else to the micro-dollar: $12.50, $0.000123."""
     sign = "-" if micros < 0 else ""

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
 from django.core.cache import cache
-from django.db.models import F, Q, Sum
+from django.db.models import F, OuterRef, Q, QuerySet, Subquery, Sum
 from django.utils import timezone
 
 from billing.models import Granularity, Price, PriceUnit, UsageRollup
@@ -41,18 +42,45 @@ class Quote:
 FREE = Quote(price=None, unit=PriceUnit.GPU_SECOND, unit_price_micros=0)
 
 
-def price_for(endpoint: Endpoint, at: datetime) -> Quote:
-    """The newest price line in force at ``at``: the endpoint's own override, else its GPU class's."""
-    # One query: the endpoint's own lines sort before its class's, newest first within each.
-    price = (
+def _lines(at: datetime, *, endpoint: Any, gpu_class: Any, organization_id: Any) -> QuerySet[Price]:
+    """The lines that could price ``endpoint`` at ``at``, the one that applies first.
+
+    The most specific kind wins, then the newest: the organization's negotiated line for the endpoint, the
+    endpoint's own line, its GPU class's line. ``endpoint`` and ``gpu_class`` may be ``OuterRef``s.
+    """
+    scope = Q(endpoint=endpoint, organization=None) | Q(endpoint=None, gpu_class=gpu_class)
+    if organization_id is not None:
+        scope |= Q(endpoint=endpoint, organization_id=organization_id)
+    return (
         Price.objects.in_force(at)
-        .filter(Q(endpoint=endpoint) | Q(endpoint=None, gpu_class=endpoint.gpu_class))
-        .order_by(F("endpoint").desc(nulls_last=True), "-effective_from", "-id")
-        .first()
+        .filter(scope)
+        .order_by(
+            F("organization").desc(nulls_last=True), F("endpoint").desc(nulls_last=True), "-effective_from", "-id"
+        )
     )
+
+
+def _quote(price: Price | None) -> Quote:
     if price is None:
         return FREE
     return Quote(price=price, unit=price.unit, unit_price_micros=price.unit_price_micros)
+
+
+def price_for(endpoint: Endpoint, at: datetime, organization_id: Any = None) -> Quote:
+    """The price of ``endpoint`` at ``at`` for ``organization_id`` (None: the public price), in one query."""
+    return _quote(_lines(at, endpoint=endpoint, gpu_class=endpoint.gpu_class, organization_id=organization_id).first())
+
+
+def prices_for(endpoints: Sequence[Endpoint], at: datetime, organization_id: Any = None) -> dict[Any, Quote]:
+    """``price_for`` of each endpoint, keyed by its pk: two queries, however many endpoints."""
+    best = _lines(at, endpoint=OuterRef("pk"), gpu_class=OuterRef("gpu_class"), organization_id=organization_id)
+    chosen = dict(
+        Endpoint.objects.filter(pk__in=[endpoint.pk for endpoint in endpoints])
+        .annotate(price_id=Subquery(best.values("pk")[:1]))
+        .values_list("pk", "price_id")
+    )
+    lines = Price.objects.in_bulk([price_id for price_id in chosen.values() if price_id is not None])
+    return {endpoint.pk: _quote(lines.get(chosen.get(endpoint.pk))) for endpoint in endpoints}
 
 
 def work_units(job_input: dict[str, Any]) -> int:
@@ -99,3 +127,9 @@ def estimate_cost_micros(endpoint: Endpoint, job_input: dict[str, Any], quote: Q
         pixels=output_pixels(job_input, images),
     )
     return cost
+
+
+def hold_micros(endpoint: Endpoint, job_input: dict[str, Any], quote: Quote) -> int:
+    """What admission holds before a job runs: its estimated cost, and at least a micro-dollar for priced work."""
+    estimate = estimate_cost_micros(endpoint, job_input, quote)
+    return max(estimate, 1) if quote.unit_price_micros else estimate

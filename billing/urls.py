@@ -1,8 +1,11 @@
 from django.urls import path
 
-from billing import api, payment_api
+from billing import api, payment_api, pricing_api
 
+# /v1/models itself is inference's (the catalogue); its pricing sub-paths are billing's.
 v1_urlpatterns = [
+    path("models/pricing", pricing_api.ModelPricingView.as_view(), name="models-pricing"),
+    path("models/pricing/estimate", pricing_api.PricingEstimateView.as_view(), name="models-pricing-estimate"),
     path("usage", api.UsageView.as_view(), name="usage"),
     path("billing/balance", api.BalanceView.as_view(), name="billing-balance"),
     path("billing/ledger", api.LedgerView.as_view(), name="billing-ledger"),
