@@ -3,7 +3,9 @@ against the platform over HTTPS with real workers. Its only configuration is its
 the platform's ``/fal/proxy`` (inference/fal_proxy.py); the key is the client's own ``FAL_KEY``.
 
 The Node side is tests/e2e/js/scenario.mjs: each test runs one scenario and reads what the client returned, saw or
-threw. ``npm ci`` installs the client when tests/e2e/js/node_modules is missing or older than the lock file.
+threw. ``npm ci`` installs the client when tests/e2e/js/node_modules is missing or older than the lock file. The
+browser side is the same client bundled by esbuild (tests/e2e/js/browser.mjs), in a page of another origin in
+headless Chromium, configured with ``proxyUrl`` and its ``credentials``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ import json
 import os
 import shutil
 import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +30,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from tests.browser.conftest import chromium_path
 from tests.e2e.conftest import Stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -241,3 +249,80 @@ def test_upload_then_image_to_image(stack: Stack, node_client: Path, key: str) -
     image = seen["result"]["data"]["images"][0]
     assert (image["width"], image["height"]) == (64, 64)
     assert fetch_image(stack, image["url"]).size == (64, 64)
+
+
+# In a browser: a page of another origin, as a web app calls the platform.
+
+BROWSER_SCENARIO = """
+async ({ proxyUrl, key, app, input }) => {
+  const { fal, ApiError } = window.falClient;
+  fal.config({ proxyUrl, credentials: key });
+  const statuses = [];
+  const onQueueUpdate = (update) => statuses.push(update.status);
+  const result = await fal.subscribe(app, { input, logs: true, onQueueUpdate });
+  fal.config({ proxyUrl, credentials: key.split(":")[0] + ":wrong" });
+  let refused = null;
+  try {
+    await fal.queue.submit(app, { input });
+  } catch (error) {
+    refused = { isApiError: error instanceof ApiError, status: error.status, body: error.body };
+  }
+  return { origin: location.origin, statuses, result, refused };
+}
+"""
+
+
+@contextmanager
+def serving(folder: Path) -> Iterator[str]:
+    """``folder`` over plain HTTP on a loopback port of its own: an origin that is not the platform's."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.fixture
+def web_app(node_client: Path, tmp_path: Path) -> Path:
+    """A page with fal's client in it, bundled from the installed package as a web app's build would."""
+    bundled = subprocess.run(
+        [str(node_client / "node_modules" / ".bin" / "esbuild"), "browser.mjs", "--bundle", "--format=iife",
+         "--global-name=falClient", "--platform=browser", "--log-level=warning", f"--outfile={tmp_path / 'fal.js'}"],
+        cwd=node_client, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert bundled.returncode == 0, bundled.stderr
+    (tmp_path / "index.html").write_text('<!doctype html><title>web app</title><script src="fal.js"></script>\n')
+    return tmp_path
+
+
+@pytest.mark.browser
+def test_a_web_page_on_another_origin(stack: Stack, web_app: Path, key: str) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with serving(web_app) as origin, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path())
+        try:
+            # The page trusts the test CA's certificate as a browser trusts a real one.
+            page = browser.new_context(ignore_https_errors=True).new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(f"{origin}/index.html")
+            seen = page.evaluate(
+                BROWSER_SCENARIO, {"proxyUrl": f"{stack.base_url}/fal/proxy", "key": key, "app": APP, "input": SMALL}
+            )
+        finally:
+            browser.close()
+    assert not errors
+    assert seen["origin"] == origin != stack.base_url
+    assert seen["statuses"][-1] == "COMPLETED"
+    # The request id comes from a response header: readable across origins only because the proxy exposes it.
+    assert seen["result"]["requestId"]
+    image = seen["result"]["data"]["images"][0]
+    assert (image["width"], image["height"]) == (64, 64)
+    assert fetch_image(stack, image["url"]).size == (64, 64)
+    refused = seen["refused"]
+    assert (refused["isApiError"], refused["status"], refused["body"]["error_type"]) == (True, 401, "invalid_api_key")
