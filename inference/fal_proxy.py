@@ -58,7 +58,7 @@ FAL_HOSTS = {
 
 NOT_FOUND = {"detail": "Not found.", "error_type": "not_found"}
 # A preflight's Access-Control-Request-Headers, echoed back only when it is a plain list of header names.
-HEADER_LIST = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*$")
+HEADER_LIST = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+([ \t]*,[ \t]*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*")
 # What a request may carry along that a copy for the target's view must not: ambient authority and the target.
 NOT_FORWARDED = ("HTTP_COOKIE", "HTTP_X_FAL_TARGET_URL")
 
@@ -154,7 +154,7 @@ def preflight(request: HttpRequest) -> HttpResponse:
     asked = request.headers.get("Access-Control-Request-Headers", "").strip()
     # Authorization is never covered by a wildcard: a browser sends it only when the preflight names it.
     response["Access-Control-Allow-Headers"] = (
-        asked if HEADER_LIST.match(asked) else f"authorization, content-type, accept, {TARGET_URL_HEADER}"
+        asked if HEADER_LIST.fullmatch(asked) else f"authorization, content-type, accept, {TARGET_URL_HEADER}"
     )
     response["Access-Control-Max-Age"] = "600"
     return response
