@@ -8,6 +8,7 @@ from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerSpli
 from billing import urls as billing_urls
 from config import views
 from dashboard import urls as dashboard_urls
+from inference import fal_proxy
 from inference import urls as inference_urls
 
 urlpatterns = [
@@ -27,6 +28,8 @@ urlpatterns = [
     path("billing/stripe/", include(billing_urls.stripe_urlpatterns)),
     path("queue/", include(inference_urls.queue_urlpatterns)),
     path("run/", include(inference_urls.run_urlpatterns)),
+    # fal's proxy protocol (@fal-ai/client's proxyUrl): inference/fal_proxy.py
+    path("fal/proxy", fal_proxy.proxy, name="fal-proxy"),
     path("", include("inference.file_urls")),
     path("auth/", include(dashboard_urls.auth_urlpatterns)),
     path("dashboard/", include(dashboard_urls)),

@@ -14,7 +14,7 @@ from config.cache import FailSoftRedisCache
 
 logger = logging.getLogger(__name__)
 
-API_PREFIXES = ("/v1/", "/queue/", "/run/", "/billing/")
+API_PREFIXES = ("/v1/", "/queue/", "/run/", "/fal/", "/billing/")
 
 
 @require_GET
