@@ -90,6 +90,7 @@ def submit_job(
     webhook_url: str = "",
     idempotency_key: str | None = None,
     retention_seconds: int | None = None,
+    base_url: str = "",
 ) -> tuple[Job, bool]:
     """The job for this request and whether it is new (False: an earlier one with the same key).
 
@@ -127,6 +128,7 @@ def submit_job(
                 gpu_class=endpoint.gpu_class,
                 input=job_input,
                 webhook_url=webhook_url,
+                base_url=base_url,
                 idempotency_key=idempotency_key or None,
                 request_fingerprint=fingerprint,
                 max_attempts=settings.JOB_MAX_ATTEMPTS,
