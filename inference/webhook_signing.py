@@ -137,11 +137,12 @@ class KeySet(serializers.Serializer[Any]):
 
 
 class JwksView(APIView):
-    """The public keys of fal-style webhook signatures: the JWKS fal publishes at ``rest.fal.ai``, for us."""
+    """The public keys of fal-style webhook signatures: the JWKS fal publishes at ``rest.fal.ai``, for us.
 
-    authentication_classes = ()
+    Public, like the model catalogue: it needs no key, and a request that carries one is authenticated and
+    throttled as every API request is."""
+
     permission_classes = (AllowAny,)
-    throttle_classes = ()
     schema = ApiAutoSchema()
 
     @extend_schema(

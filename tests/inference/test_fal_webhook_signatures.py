@@ -1,9 +1,9 @@
 """fal's webhook signatures (X-Fal-Webhook-*, ED25519, keys as a JWKS): a receiver built from fal's documentation.
 
 ``FalDocsReceiver`` follows, step for step, the Python verifier fal publishes under "Verifying Your Webhook"
-(https://docs.fal.ai/model-apis/model-endpoints/webhooks, with PyNaCl as fal's code uses it). The only thing a fal
-user changes to receive ours is the JWKS address, which here is our server's ``/.well-known/jwks.json``, fetched
-over HTTP by ``requests`` as in fal's code. The calls that decide whether our headers and keys interoperate are
+(https://fal.ai/docs/documentation/model-apis/inference/webhooks), with PyNaCl as fal's code uses it. The only
+thing a fal user changes to receive ours is the JWKS address, which here is our server's ``/.well-known/jwks.json``,
+fetched over HTTP by ``requests`` as in fal's code. The calls that decide whether our headers and keys interoperate are
 fal's own: ``int(timestamp)`` within 300 s of the receiver's clock, ``hashlib.sha256(body).hexdigest()`` as the
 fourth of four ``\\n``-joined lines, ``bytes.fromhex`` of the signature, ``base64.urlsafe_b64decode(x)`` of each
 key (no padding added: fal's code relies on the key carrying it), ``VerifyKey(hex, encoder=HexEncoder).verify``.
@@ -100,9 +100,9 @@ class FalDocsReceiver:
         """The handler's part: the four headers (any case) and the raw body, as fal's docs say to pass them."""
         lowered = {name.lower(): value for name, value in headers.items()}
         return self.verify_webhook_signature(
-            lowered.get("x-fal-webhook-request-id"),  # type: ignore[arg-type]
-            lowered.get("x-fal-webhook-user-id"),  # type: ignore[arg-type]
-            lowered.get("x-fal-webhook-timestamp"),  # type: ignore[arg-type]
+            lowered.get("x-fal-webhook-request-id"),
+            lowered.get("x-fal-webhook-user-id"),
+            lowered.get("x-fal-webhook-timestamp"),
             lowered.get("x-fal-webhook-signature", ""),
             body,
         )
