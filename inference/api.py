@@ -164,6 +164,7 @@ def submit_from_request(request: HttpRequest, api_key: ApiKey, endpoint: Endpoin
             idempotency_key=idempotency_key,
             retention_seconds=lifecycle_seconds(request.headers.get("X-Fal-Object-Lifecycle-Preference")),
             start_timeout=start_timeout_seconds(request.headers.get("X-Fal-Request-Timeout")),
+            base_url=base_url(request),
         )
     except SubmissionRefused as exc:
         if exc.status_code != 422:
@@ -178,9 +179,11 @@ def submit_from_request(request: HttpRequest, api_key: ApiKey, endpoint: Endpoin
 
 
 def handle_payload(job: Job, request: HttpRequest) -> dict[str, Any]:
-    """The submit answer; an idempotent replay reports the request as it is now."""
+    """The submit answer; an idempotent replay reports the request as it is now. ``gateway_request_id`` is fal's
+    id of the request's last try; a retried request keeps its id here, so the two are the same."""
     return {
         "request_id": str(job.id),
+        "gateway_request_id": str(job.id),
         **handle_urls(job, request),
         "status": FAL_STATUS[JobStatus(job.status)],
         "queue_position": queue_position(job),
@@ -201,6 +204,7 @@ class InferenceView(APIView):
 
 class QueueHandle(serializers.Serializer[Any]):
     request_id = serializers.UUIDField()
+    gateway_request_id = serializers.UUIDField()
     response_url = serializers.URLField()
     status_url = serializers.URLField()
     cancel_url = serializers.URLField()

@@ -125,6 +125,9 @@ class Job(TenantModel):
     status = models.CharField(max_length=16, choices=JobStatus.choices, default=JobStatus.QUEUED)
     input = models.JSONField()
     webhook_url = models.URLField(max_length=2000, blank=True)
+    # The scheme and host the request was submitted to: the base of the output URLs in its webhook, as in the API's
+    # own answers. Empty for a request made outside the HTTP API (PUBLIC_BASE_URL then).
+    base_url = models.CharField(max_length=300, blank=True)
     # NULL, not "": requests without a key must not collide in the unique constraint.
     idempotency_key = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001
     request_fingerprint = models.CharField(max_length=64, blank=True)

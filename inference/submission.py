@@ -65,6 +65,7 @@ def submit_job(
     idempotency_key: str | None = None,
     retention_seconds: int | None = None,
     start_timeout: float | None = None,
+    base_url: str = "",
 ) -> tuple[Job, bool]:
     """The job for this request and whether it is new (False: an earlier one with the same key).
 
@@ -105,6 +106,7 @@ def submit_job(
                 gpu_class=endpoint.gpu_class,
                 input=job_input,
                 webhook_url=webhook_url,
+                base_url=base_url,
                 idempotency_key=idempotency_key or None,
                 request_fingerprint=fingerprint,
                 max_attempts=settings.JOB_MAX_ATTEMPTS,

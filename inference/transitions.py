@@ -37,6 +37,7 @@ REQUEST = frozenset(
         "idempotency_key",
         "request_fingerprint",
         "start_deadline",
+        "base_url",
         "created_at",
     }
 )

@@ -1,4 +1,4 @@
-"""Customer webhooks: fal's body, signed with the Standard Webhooks scheme, retried with backoff.
+"""Customer webhooks: fal's body, signed twice (Standard Webhooks, and fal's ED25519 headers), retried with backoff.
 
 A finished request with a ``webhook_url`` gets one ``WebhookDelivery`` row; every try is a
 ``WebhookAttempt`` row (the delivery log developers read in the API). The row drives retries:
@@ -25,7 +25,7 @@ from django.db import transaction
 from django.utils import timezone
 from standardwebhooks import Webhook
 
-from inference import netguard
+from inference import netguard, webhook_signing
 from inference.hooks import hooks
 from inference.models import Job, JobStatus, TenantSettings, WebhookAttempt, WebhookDelivery, WebhookStatus
 
@@ -117,7 +117,11 @@ def enqueue_delivery(delivery_id: int) -> bool:
 
 
 def webhook_body(job: Job) -> dict[str, Any]:
-    """fal's webhook body. On error fal puts the error details in ``payload``."""
+    """fal's webhook body. On error fal puts the error details in ``payload``.
+
+    Output URLs start with the address the request was submitted to, as the API's own answers do;
+    ``PUBLIC_BASE_URL`` only for a request made without one (outside the HTTP API).
+    """
     from inference.files import render_result
 
     succeeded = job.status == JobStatus.COMPLETED
@@ -126,7 +130,7 @@ def webhook_body(job: Job) -> dict[str, Any]:
         "gateway_request_id": str(job.id),
         "status": "OK" if succeeded else "ERROR",
         "payload": (
-            render_result(job, base_url=settings.PUBLIC_BASE_URL)
+            render_result(job, base_url=job.base_url or settings.PUBLIC_BASE_URL)
             if succeeded
             else {"detail": job.error, "error_type": job.error_type}
         ),
@@ -216,6 +220,7 @@ def _post(delivery: WebhookDelivery) -> tuple[int | None, str, str, int]:
         # Logged as a failed try (and retried) rather than lost with the claim.
         logger.exception("could not build the body of webhook %s", delivery.pk)
         return None, f"Could not build the webhook body: {type(exc).__name__}.", "", 0
+    content = payload.encode()
     sent_at = timezone.now()
     headers = {
         "content-type": "application/json",
@@ -224,6 +229,12 @@ def _post(delivery: WebhookDelivery) -> tuple[int | None, str, str, int]:
         "webhook-timestamp": str(int(sent_at.timestamp())),
         "webhook-signature": Webhook(webhook_secret_for(job.organization_id)).sign(
             delivery.message_id, sent_at, payload
+        ),
+        **webhook_signing.signature_headers(
+            request_id=str(job.id),
+            user_id=str(job.organization_id),
+            timestamp=int(sent_at.timestamp()),
+            body=content,
         ),
     }
     timeout = float(settings.WEBHOOK_TIMEOUT_SECONDS)
@@ -235,7 +246,7 @@ def _post(delivery: WebhookDelivery) -> tuple[int | None, str, str, int]:
         netguard.check_url(delivery.url)  # the clearest message; the client checks again at connect
         with (
             netguard.open_client(timeout=timeout) as client,
-            client.stream("POST", delivery.url, content=payload.encode(), headers=headers) as response,
+            client.stream("POST", delivery.url, content=content, headers=headers) as response,
         ):
             status_code = response.status_code
             excerpt = _read_excerpt(response, deadline=started + timeout)

@@ -6,6 +6,8 @@ starts passed in as REDIS_URL. Production sets DATABASE_URL, REDIS_URL, SECRET_K
 
 from __future__ import annotations
 
+import base64
+import binascii
 import secrets
 from pathlib import Path
 from typing import Any
@@ -338,6 +340,28 @@ MAX_INPUT_IMAGE_PIXELS = env_int("MAX_INPUT_IMAGE_PIXELS", 4096 * 4096, minimum=
 OUTBOUND_ALLOW_PRIVATE = env_bool("OUTBOUND_ALLOW_PRIVATE", EMBEDDED)
 WEBHOOK_TIMEOUT_SECONDS = env_int("WEBHOOK_TIMEOUT_SECONDS", 15, minimum=1)
 WEBHOOK_RETRY_WINDOW_SECONDS = env_int("WEBHOOK_RETRY_WINDOW_SECONDS", 26 * 3600, minimum=1)
+
+
+def _ed25519_key(name: str, written: str) -> bytes:
+    """An ED25519 key (a private key's 32-byte seed, or a public key) written in base64url or base64, padded or
+    not; anything else stops start-up. The message never repeats the value: it may be a private key."""
+    text = written.strip().replace("+", "-").replace("/", "_")
+    try:
+        decoded = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        decoded = b""
+    if len(decoded) != 32:
+        raise ImproperlyConfigured(f"{name} must be 32 bytes in base64url (an ED25519 key).")
+    return decoded
+
+
+# fal's webhook signatures (inference/webhook_signing.py). The private key that signs, as its 32-byte seed; unset,
+# one derived from SECRET_KEY. Beside its public key the JWKS publishes these (a rotation's next and previous keys).
+_webhook_signing_key = env_str("WEBHOOK_SIGNING_KEY") or ""
+WEBHOOK_SIGNING_KEY = _ed25519_key("WEBHOOK_SIGNING_KEY", _webhook_signing_key) if _webhook_signing_key else None
+WEBHOOK_EXTRA_PUBLIC_KEYS = [
+    _ed25519_key("WEBHOOK_EXTRA_PUBLIC_KEYS", key) for key in env_list("WEBHOOK_EXTRA_PUBLIC_KEYS", [])
+]
 
 # Billing (docs/money.md): micro-dollars everywhere, cents only at Stripe.
 BILLING_SIGNUP_CREDITS_MICROS = env_int("BILLING_SIGNUP_CREDITS_MICROS", 1_000_000, minimum=0)

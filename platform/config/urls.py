@@ -10,11 +10,14 @@ from config import views
 from dashboard import urls as dashboard_urls
 from inference import fal_proxy
 from inference import urls as inference_urls
+from inference.webhook_signing import JwksView
 
 urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),
     path("admin/", admin.site.urls),
+    # The public keys of webhook signatures, where fal serves its own (rest.fal.ai/.well-known/jwks.json).
+    path(".well-known/jwks.json", JwksView.as_view(), name="jwks"),
     path("v1/openapi.json", SpectacularJSONAPIView.as_view(), name="openapi-schema"),
     # Its script served apart (?script), and no inline style: the page keeps the site's Content-Security-Policy.
     path(

@@ -32,7 +32,7 @@ def _credit(tenant: dict[str, Any]) -> None:
 @pytest.fixture
 def sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Jobs handed to the broker (none: no broker in unit tests)."""
-    from inference import services
+    from inference import dispatch
 
     messages: list[str] = []
 
@@ -40,7 +40,7 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         messages.append(job_id)
         return True
 
-    monkeypatch.setattr(services, "send_run_message", record)
+    monkeypatch.setattr(dispatch, "send_run_message", record)
     return messages
 
 

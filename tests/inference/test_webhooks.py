@@ -1,10 +1,12 @@
-"""Customer webhooks: fal's body, Standard Webhooks signatures, retries over a day, SSRF refusals.
+"""Customer webhooks: fal's body, Standard Webhooks and fal signatures, retries over a day, SSRF refusals.
 
 Deliveries go to a real HTTP receiver on 127.0.0.1 (OUTBOUND_ALLOW_PRIVATE on for that reason).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import itertools
 import json
 from collections.abc import Callable, Iterator
@@ -13,12 +15,13 @@ from typing import Any
 
 import pytest
 from celery import current_app
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from django.db import connection
 from django.db.models import F
 from django.utils import timezone
 from standardwebhooks import Webhook
 
-from inference import webhooks
+from inference import webhook_signing, webhooks
 from inference.hooks import hooks
 from inference.models import Endpoint, Job, JobStatus, TenantSettings, WebhookDelivery, WebhookStatus
 from inference.webhook_tasks import deliver_due_webhooks as deliver_due_task
@@ -151,6 +154,22 @@ def test_delivers_a_signed_fal_body(make_job: Callable[..., Job], receiver: Loca
     assert request.headers["content-type"] == "application/json"
     assert request.headers["webhook-id"] == f"msg_{job.id.hex}"
     body = verified_body(job, request)
+    # Signed fal's way too (tests/inference/test_fal_webhook_signatures.py verifies it with fal's own code).
+    assert request.headers["x-fal-webhook-request-id"] == str(job.id)
+    assert request.headers["x-fal-webhook-user-id"] == str(job.organization_id)
+    assert request.headers["x-fal-webhook-timestamp"] == request.headers["webhook-timestamp"]
+    [key] = webhook_signing.jwks()["keys"]
+    Ed25519PublicKey.from_public_bytes(base64.urlsafe_b64decode(key["x"])).verify(
+        bytes.fromhex(request.headers["x-fal-webhook-signature"]),
+        b"\n".join(
+            [
+                str(job.id).encode(),
+                str(job.organization_id).encode(),
+                request.headers["x-fal-webhook-timestamp"].encode(),
+                hashlib.sha256(request.body).hexdigest().encode(),
+            ]
+        ),
+    )
     assert body == {
         "request_id": str(job.id),
         "gateway_request_id": str(job.id),
