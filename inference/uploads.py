@@ -52,6 +52,8 @@ IMAGE_TYPES = {
 UNTYPED = ("application/octet-stream", "binary/octet-stream", "")
 STORAGE_TYPES = ("fal-cdn-v3", "fal-cdn", "gcs")
 CDN_TOKEN_SECONDS = 30 * 60
+# The client renews a token at the expiry it is told: told a little early, it never sends one just refused.
+CDN_TOKEN_MARGIN_SECONDS = 60
 UPLOAD_URL_SECONDS = 60 * 60
 MAX_PARTS = 10_000
 MAX_FILE_NAME = 100
@@ -153,6 +155,8 @@ def image_type_of(data: bytes) -> str:
             content_type = Image.MIME.get(image.format or "", "")
     except Exception:  # Pillow raises many kinds for what is not an image it reads
         content_type = ""
+    if content_type == "image/mpo":  # a phone camera's JPEG with extra frames: a JPEG to every reader
+        content_type = "image/jpeg"
     if content_type not in IMAGE_TYPES:
         raise InvalidInput(
             [problem(["body"], f"The file is not an image we can use ({', '.join(IMAGE_TYPES)}).", "unsupported_type")],
@@ -333,7 +337,8 @@ class InvalidCdnToken(AppError):
 def issue_cdn_token(api_key: ApiKey) -> CdnToken:
     """A token that uploads for this key's organization, for ``CDN_TOKEN_SECONDS``, while the key stays usable."""
     token = signing.dumps({"key": str(api_key.pk), "org": str(api_key.organization_id)}, salt=_CDN_TOKEN_SALT)
-    return CdnToken(token=token, expires_at=timezone.now() + timedelta(seconds=CDN_TOKEN_SECONDS))
+    told = CDN_TOKEN_SECONDS - CDN_TOKEN_MARGIN_SECONDS
+    return CdnToken(token=token, expires_at=timezone.now() + timedelta(seconds=told))
 
 
 def api_key_of_cdn_token(token: str) -> ApiKey:

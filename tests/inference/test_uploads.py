@@ -165,6 +165,17 @@ def test_an_untyped_blob_is_typed_by_its_bytes(tenant: dict[str, Any]) -> None:
     assert fetch_file(file_url)["Content-Type"] == "image/jpeg"
 
 
+def test_a_phone_cameras_jpeg_is_a_jpeg(tenant: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(
+        buffer, format="MPO", save_all=True, append_images=[Image.new("RGB", (16, 16), "blue")]
+    )
+    with Image.open(io.BytesIO(buffer.getvalue())) as opened:
+        assert opened.format == "MPO"
+    js_upload(tenant, buffer.getvalue(), content_type="image/jpeg", name="phone.jpg")
+    assert Upload.objects.get().content_type == "image/jpeg"
+
+
 def test_what_is_not_an_image_is_refused_with_a_located_422(tenant: dict[str, Any]) -> None:
     declared = initiate(tenant, {"content_type": "application/pdf", "file_name": "a.pdf"})
     assert declared.status_code == 422, declared.content
