@@ -344,10 +344,10 @@ class EstimateResult(serializers.Serializer[Any]):
     endpoints = serializers.DictField(child=EstimateLine())
 
 
-def _input_for(endpoint: Endpoint, payload: dict[str, Any], endpoint_id: str) -> dict[str, Any]:
+def _input_for(endpoint: Endpoint, payload: dict[str, Any], endpoint_id: str, organization_id: Any) -> dict[str, Any]:
     """The input as a submission would store it, or its problems located under the endpoint's entry."""
     try:
-        generation, _ = validate_input(endpoint, payload)
+        generation, _ = validate_input(endpoint, payload, organization_id=organization_id)
     except InputError as error:
         where = ["body", "endpoints", endpoint_id, "input"]
         raise InvalidInput([{**item, "loc": [*where, *item["loc"][1:]]} for item in error.problems]) from None
@@ -388,7 +388,7 @@ class PricingEstimateView(PricingView):
             elif "input" in quantities:
                 basis = "input"
                 try:
-                    job_input = _input_for(endpoint, quantities["input"], endpoint_id)
+                    job_input = _input_for(endpoint, quantities["input"], endpoint_id, organization.pk)
                 except InvalidInput as refusal:
                     problems.extend(refusal.problems)
                     continue

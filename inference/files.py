@@ -1,18 +1,25 @@
-"""Outputs and input images, kept in Django's default storage, handed out as signed, expiring URLs.
+"""Outputs, input images and uploads, kept in Django's default storage, handed out as URLs.
 
-Names are ``outputs/<org>/<job>/<n>.<ext>`` and ``inputs/<org>/<job>/input.<ext>``. A stored name is
-internal: ``job.result`` keeps it as ``path``, and ``render_result`` swaps it for a URL on the way out.
+Names are ``outputs/<org>/<job>/<n>.<ext>``, ``inputs/<org>/<job>/input.<ext>`` and
+``uploads/<org>/<upload>/<file_name>`` (files sent through fal's upload protocols, inference/uploads.py). A stored
+name is internal: ``job.result`` keeps it as ``path``, and ``render_result`` swaps it for a URL on the way out.
 
 URLs depend on where the files live:
 - local storage (the filesystem; Django's in-memory storage in tests): this app serves them itself at
   ``/files/<name>?expires=<unix>&signature=<hmac>`` (``serve_file``), signed with SECRET_KEY;
 - anything else (an S3-compatible bucket through django-storages): the storage's own URL, which
   django-storages presigns with ``querystring_auth`` and ``querystring_expire`` (settings.py).
+An upload's URL is ``/files/uploads/<upload>/<file_name>`` wherever it lives (``serve_upload``): unguessable, like
+fal's CDN URLs, and alive until the upload's retention ends (behind a bucket it redirects to a presigned URL).
+
+Any of these URLs given back as a request's input (``image_url``) is read from storage, never over HTTP, and only
+for the organization that owns the file (``stored_name_of_url``).
 
 Retention: a completed job's ``outputs_expire_at`` comes from ``retention_seconds``. Past it the
 API shows no URL, and ``purge_expired_outputs`` deletes the files and marks the result purged:
 each stored image keeps its metadata with ``path: None`` (so it renders as ``url: null``), inline
-data URIs are dropped the same way, and the result gains ``"outputs_purged": true``.
+data URIs are dropped the same way, and the result gains ``"outputs_purged": true``. Uploads expire the same way
+(``Upload.expires_at``, from the same retention), and the same purge deletes them.
 """
 
 from __future__ import annotations
@@ -24,30 +31,36 @@ import inspect
 import logging
 import mimetypes
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import Any
-from urllib.parse import quote, urlencode
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import FileSystemStorage, InMemoryStorage, Storage, default_storage
-from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
+from django.http import FileResponse, HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
+from django.http.request import validate_host
 from django.http.response import HttpResponseBase
 from django.utils import timezone
 from django.utils.crypto import constant_time_compare, salted_hmac
 
 from inference.engine.outputs import EncodedImage
-from inference.inputs import InlineImage
-from inference.models import Job, TenantSettings
+from inference.models import Job, TenantSettings, Upload, UploadPart, UploadStatus
+
+if TYPE_CHECKING:
+    from inference.inputs import InlineImage
 
 logger = logging.getLogger(__name__)
 
 OUTPUTS = "outputs"
 INPUTS = "inputs"
+UPLOADS = "uploads"
 SERVED_ROOTS = (OUTPUTS, INPUTS)
+ORGANIZATION_ROOTS = (OUTPUTS, INPUTS, UPLOADS)
 # Its own salt, so no other HMAC made with SECRET_KEY (sessions, signing.dumps) can pass as a file URL.
 SIGNATURE_SALT = "inference.files.signed-url"
 PURGE_BATCH_SIZE = 200
@@ -90,6 +103,10 @@ def read_input(name: str) -> bytes:
     with default_storage.open(name, "rb") as stored:
         data: bytes = stored.read()
     return data
+
+
+def stored_size(name: str) -> int:
+    return int(default_storage.size(name))
 
 
 def save_outputs(job: Job, images: list[EncodedImage]) -> list[dict[str, Any]]:
@@ -186,9 +203,7 @@ def _error(status: int, detail: str, error_type: str) -> JsonResponse:
 def serve_file(request: HttpRequest, name: str) -> HttpResponseBase:
     """``GET /files/<name>?expires=&signature=``: a stored file, for as long as its signed URL lives."""
     if request.method not in ("GET", "HEAD"):
-        refusal = _error(405, "Method not allowed.", "method_not_allowed")
-        refusal["Allow"] = "GET, HEAD"
-        return refusal
+        return _method_not_allowed()
     if not _is_servable(name):
         return _error(404, "Not found.", "not_found")
     expires = request.GET.get("expires", "")
@@ -198,6 +213,42 @@ def serve_file(request: HttpRequest, name: str) -> HttpResponseBase:
     if remaining <= 0:
         return _error(403, "The URL has expired; fetch the result again for a fresh one.", "url_expired")
     content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    return _stored_file_response(request, name, content_type, remaining)
+
+
+def serve_upload(request: HttpRequest, upload_id: uuid.UUID, file_name: str) -> HttpResponseBase:
+    """``GET /files/uploads/<upload>/<file_name>``: an uploaded file, until its retention ends.
+
+    No signature: the upload's random id is the secret, as in fal's CDN URLs. Behind a bucket, a redirect to a
+    presigned URL of the object.
+    """
+    if request.method not in ("GET", "HEAD"):
+        return _method_not_allowed()
+    now = timezone.now()
+    upload = Upload.objects.filter(
+        pk=upload_id, file_name=file_name, status=UploadStatus.READY, expires_at__gt=now
+    ).first()
+    if upload is None:
+        return _error(404, "No such file (uploads are deleted after their retention).", "not_found")
+    remaining = max(1, int((upload.expires_at - now).total_seconds()))
+    if not _serves_locally(default_storage):
+        ttl = min(settings.OUTPUT_URL_TTL_SECONDS, remaining)
+        response: HttpResponseBase = HttpResponseRedirect(signed_url(upload.storage_name, base_url="", ttl=ttl))
+        response["Cache-Control"] = f"private, max-age={ttl}"
+    else:
+        response = _stored_file_response(request, upload.storage_name, upload.content_type, remaining)
+    # Public by design (the URL is the secret): a page on any origin may show it.
+    response["Access-Control-Allow-Origin"] = "*"
+    return response
+
+
+def _method_not_allowed() -> JsonResponse:
+    refusal = _error(405, "Method not allowed.", "method_not_allowed")
+    refusal["Allow"] = "GET, HEAD"
+    return refusal
+
+
+def _stored_file_response(request: HttpRequest, name: str, content_type: str, remaining: int) -> HttpResponseBase:
     try:
         if request.method == "HEAD":
             response: HttpResponseBase = HttpResponse(content_type=content_type)
@@ -211,6 +262,112 @@ def serve_file(request: HttpRequest, name: str) -> HttpResponseBase:
     # A stored file is data, never a page: nothing in it may run if a browser opens it directly.
     response["Content-Security-Policy"] = "default-src 'none'; sandbox"
     return response
+
+
+# Our own URLs given back as inputs
+
+
+class UnusableFile(Exception):
+    """One of our own file URLs that this request may not use as an input: ``kind`` names why."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+_UPLOAD_PATH = re.compile(
+    r"^/files/uploads/(?P<upload_id>[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12})/(?P<file_name>[^/]+)$"
+)
+_ANOTHER_ORGANIZATION = "The file at this URL belongs to another organization: only its own requests may use it."
+
+
+def stored_name_of_url(url: str, *, organization_id: uuid.UUID | str) -> str | None:
+    """The storage name behind ``url`` when it is one of our own file URLs; None for any other URL.
+
+    Ours are an upload's URL or a signed ``/files/...`` URL on one of this platform's hosts (``ALLOWED_HOSTS`` or
+    ``PUBLIC_BASE_URL``'s), and behind a bucket, the bucket's URL of a stored object. Raises ``UnusableFile``
+    when it is ours but this organization may not use it: another organization's file, a forged signature, an
+    upload not yet complete, a file past its retention. A signed URL past its own expiry is still good for the
+    organization that owns the file, while the file is kept.
+    """
+    parts = urlsplit(url)
+    if _is_our_host(parts.netloc):
+        upload_path = _UPLOAD_PATH.match(parts.path)
+        if upload_path:
+            return _upload_name(uuid.UUID(upload_path["upload_id"]), unquote(upload_path["file_name"]), organization_id)
+        if parts.path.startswith("/files/"):
+            name = unquote(parts.path.removeprefix("/files/"))
+            if _is_servable(name):
+                return _signed_name(name, parts.query, organization_id)
+    if not _serves_locally(default_storage):
+        bucket_name = _bucket_name(url)
+        if bucket_name is not None:
+            _check_owner(bucket_name, organization_id)
+            _check_present(bucket_name)
+            return bucket_name
+    return None
+
+
+def _is_our_host(netloc: str) -> bool:
+    host = netloc.rpartition("@")[2].lower()
+    if not host:
+        return False
+    if host == urlsplit(settings.PUBLIC_BASE_URL).netloc.lower():
+        return True
+    hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    return validate_host(hostname, settings.ALLOWED_HOSTS)
+
+
+def _upload_name(upload_id: uuid.UUID, file_name: str, organization_id: uuid.UUID | str) -> str:
+    upload = Upload.objects.filter(pk=upload_id, file_name=file_name).first()
+    if upload is None:
+        raise UnusableFile("No uploaded file has this URL.", "upload_not_found")
+    if str(upload.organization_id) != str(organization_id):
+        raise UnusableFile(_ANOTHER_ORGANIZATION, "file_of_another_organization")
+    if upload.status == UploadStatus.PENDING:
+        raise UnusableFile("This upload has not been completed: PUT its bytes first.", "upload_incomplete")
+    if upload.status == UploadStatus.EXPIRED or upload.expires_at <= timezone.now():
+        raise UnusableFile(
+            "This uploaded file has expired (uploads are deleted after their retention).", "file_expired"
+        )
+    return upload.storage_name
+
+
+def _signed_name(name: str, query: str, organization_id: uuid.UUID | str) -> str:
+    params = {key: values[0] for key, values in parse_qs(query).items()}
+    expires = params.get("expires", "")
+    if not verify_signature(name, expires, params.get("signature", "")):
+        raise UnusableFile("The file URL's signature is not valid.", "invalid_signature")
+    # Past its expiry too: the URL's lifetime bounds anonymous downloads, and this is the owner, authenticated.
+    _check_owner(name, organization_id)
+    _check_present(name)
+    return name
+
+
+def _bucket_name(url: str) -> str | None:
+    """The storage name of a URL of the bucket's own (presigned or not), or None."""
+    probe = "probe-of-the-bucket-url"
+    prefix = urlsplit(default_storage.url(probe))._replace(query="", fragment="").geturl().removesuffix(probe)
+    given = urlsplit(url)._replace(query="", fragment="").geturl()
+    if not prefix or not given.startswith(prefix):
+        return None
+    name = unquote(given.removeprefix(prefix))
+    if "\x00" in name or "\\" in name:
+        return None
+    segments = name.split("/")
+    if len(segments) < 3 or segments[0] not in ORGANIZATION_ROOTS or any(s in ("", ".", "..") for s in segments):
+        return None
+    return name
+
+
+def _check_owner(name: str, organization_id: uuid.UUID | str) -> None:
+    if name.split("/")[1] != str(organization_id):
+        raise UnusableFile(_ANOTHER_ORGANIZATION, "file_of_another_organization")
+
+
+def _check_present(name: str) -> None:
+    if not default_storage.exists(name):
+        raise UnusableFile("The file is no longer available (files are deleted after their retention).", "file_expired")
 
 
 # Results as the API shows them
@@ -268,21 +425,20 @@ MAX_RETENTION_SECONDS = 10 * 365 * 24 * 3600  # beyond this a date overflows not
 
 def retention_seconds(job: Job) -> int:
     """How long this job's outputs are kept: the request's own choice, else its organization's, else ours."""
-    return min(_retention_seconds(job), MAX_RETENTION_SECONDS)
-
-
-def _retention_seconds(job: Job) -> int:
     requested = job.input.get("retention_seconds") if isinstance(job.input, dict) else None
     if isinstance(requested, int) and not isinstance(requested, bool) and requested > 0:
-        return requested
+        return min(requested, MAX_RETENTION_SECONDS)
+    return organization_retention_seconds(job.organization_id)
+
+
+def organization_retention_seconds(organization_id: uuid.UUID | str) -> int:
+    """How long the organization's files are kept when a request does not say: its own setting, else ours."""
     tenant_value = (
-        TenantSettings.objects.filter(organization_id=job.organization_id)
+        TenantSettings.objects.filter(organization_id=organization_id)
         .values_list("output_retention_seconds", flat=True)
         .first()
     )
-    if tenant_value:
-        return tenant_value
-    return int(settings.OUTPUT_RETENTION_SECONDS)
+    return min(tenant_value or int(settings.OUTPUT_RETENTION_SECONDS), MAX_RETENTION_SECONDS)
 
 
 def _purged(result: Any) -> Any:
@@ -333,11 +489,12 @@ def _delete_job_files(job: Job) -> None:
 
 
 def purge_expired_outputs(now: datetime | None = None, *, limit: int = PURGE_BATCH_SIZE) -> int:
-    """Deletes the files of up to ``limit`` jobs past their retention; returns how many jobs it purged.
+    """Deletes the files of up to ``limit`` jobs and ``limit`` uploads past their retention; returns how many of
+    them it purged.
 
     Files go first, then the row (a conditional UPDATE): a crash in between leaves the job to the next
     run, which deletes again (a missing file is no error). Purging clears ``outputs_expire_at``, so
-    each job is purged once.
+    each job is purged once; an upload is marked expired.
     """
     now = now or timezone.now()
     expired = list(
@@ -357,4 +514,43 @@ def purge_expired_outputs(now: datetime | None = None, *, limit: int = PURGE_BAT
         )
     if purged:
         logger.info("purged the outputs of %d jobs past their retention", purged)
+    return purged + purge_expired_uploads(now, limit=limit)
+
+
+def purge_expired_uploads(now: datetime, *, limit: int = PURGE_BATCH_SIZE) -> int:
+    """Deletes the files of up to ``limit`` uploads past their retention (completed or not) and marks them expired."""
+    expired = list(
+        Upload.objects.filter(status__in=(UploadStatus.PENDING, UploadStatus.READY), expires_at__lte=now).order_by(
+            "expires_at", "id"
+        )[:limit]
+    )
+    purged = 0
+    for upload in expired:
+        try:
+            delete_upload_files(upload)
+        except Exception:
+            logger.exception("could not delete the files of upload %s; the next purge tries again", upload.pk)
+            continue
+        purged += Upload.objects.filter(pk=upload.pk, status=upload.status).update(status=UploadStatus.EXPIRED)
+        UploadPart.objects.filter(upload=upload).delete()
+    if purged:
+        logger.info("purged %d uploads past their retention", purged)
     return purged
+
+
+def delete_upload_files(upload: Upload) -> None:
+    """Deletes an upload's file and any parts of it still stored; files already gone are fine."""
+    storage = default_storage
+    names = {name for name in [upload.storage_name] if name}
+    names.update(UploadPart.objects.filter(upload=upload).values_list("storage_name", flat=True))
+    folders = [upload.folder, f"{upload.folder}/parts"]
+    for folder in folders:
+        with contextlib.suppress(FileNotFoundError, NotImplementedError):
+            names.update(f"{folder}/{file_name}" for file_name in storage.listdir(folder)[1])
+    for name in sorted(names):
+        with contextlib.suppress(FileNotFoundError):
+            storage.delete(name)
+    if isinstance(storage, FileSystemStorage):
+        for folder in reversed(folders):
+            with contextlib.suppress(OSError):
+                os.rmdir(storage.path(folder))

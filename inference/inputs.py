@@ -2,6 +2,10 @@
 
 Errors are collected, not raised one at a time, so a client learns about every bad field at once:
 ``[{loc: ["body", field], msg, type}]`` as fal (FastAPI) answers them.
+
+``image_url`` may be a data URI, one of our own file URLs (an upload, an output's signed URL, the bucket's URL of a
+stored file: read from storage now, for the organization that owns it only), or any other http(s) URL (the worker
+downloads it). Image to image with no ``image_size`` keeps the input image's size, as fal does.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from urllib.parse import urlsplit
 from django.conf import settings
 
 from accounts.errors import InvalidInput
+from inference import files
 from inference.models import Endpoint, PipelineKind
 
 IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
@@ -62,20 +67,35 @@ class GenerationInput:
     num_images: int
     output_format: str
     sync_mode: bool
-    image_url: str | None = None  # as given (a data URI is replaced by the stored upload's name)
+    image_url: str | None = None  # as given; None for a data URI (the job keeps the image as its ``image_path``)
     strength: float | None = None
     seeds: list[int] = field(default_factory=list)
+    # The output takes the size of an image only the worker will see (a URL it downloads): width and height are the
+    # endpoint's largest until then, what admission holds credit for.
+    size_from_image: bool = False
 
     def as_json(self) -> dict[str, Any]:
-        return asdict(self)
+        fields = asdict(self)
+        if not self.size_from_image:
+            del fields["size_from_image"]
+        return fields
 
 
 @dataclass(frozen=True)
 class InlineImage:
-    """An input image sent inline as a data URI, decoded and checked at submission."""
+    """An input image read at submission (a data URI, or a file of ours), decoded and checked: the job keeps a copy."""
 
     data: bytes
     content_type: str
+    width: int = 0
+    height: int = 0
+
+
+def output_size_for_image(endpoint: Endpoint, width: int, height: int) -> tuple[int, int]:
+    """The output size for an input image of this size: the same, scaled down to fit the endpoint's largest if it is
+    larger (aspect ratio kept), each side rounded down to a multiple of 8 (what the VAE takes), at least 8."""
+    scale = min(1.0, endpoint.max_width / max(width, 1), endpoint.max_height / max(height, 1))
+    return max(8, int(width * scale) // 8 * 8), max(8, int(height * scale) // 8 * 8)
 
 
 class _Collector:
@@ -161,7 +181,9 @@ def _image_size(c: _Collector, payload: dict[str, Any], endpoint: Endpoint) -> t
     return width, height
 
 
-def _image_url(c: _Collector, payload: dict[str, Any], endpoint: Endpoint) -> tuple[str | None, InlineImage | None]:
+def _image_url(
+    c: _Collector, payload: dict[str, Any], endpoint: Endpoint, organization_id: Any
+) -> tuple[str | None, InlineImage | None]:
     value = payload.get("image_url")
     if value is None:
         c.add("image_url", "Field required.", "missing")
@@ -183,13 +205,23 @@ def _image_url(c: _Collector, payload: dict[str, Any], endpoint: Endpoint) -> tu
             c.too_large = True
             c.add("image_url", f"The image is larger than {endpoint.max_input_image_bytes} bytes.", "too_large")
             return None, None
-        content_type = _check_image(c, data)
-        return None, InlineImage(data=data, content_type=content_type) if content_type else None
+        return None, _check_image(c, data, "The data URI does not hold a readable image.")
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         c.add("image_url", "Input should be an http(s) URL or a data URI.", "url_scheme")
         return None, None
-    return value, None
+    try:
+        name = files.stored_name_of_url(value, organization_id=organization_id)
+    except files.UnusableFile as refusal:
+        c.add("image_url", str(refusal), refusal.kind)
+        return None, None
+    if name is None:
+        return value, None  # someone else's URL: the worker downloads it
+    if files.stored_size(name) > endpoint.max_input_image_bytes:
+        c.too_large = True
+        c.add("image_url", f"The image is larger than {endpoint.max_input_image_bytes} bytes.", "too_large")
+        return None, None
+    return value, _check_image(c, files.read_input(name), "The file at image_url is not a readable image.")
 
 
 def image_pixels_problem(data: bytes) -> str | None:
@@ -216,25 +248,32 @@ def image_pixels_problem(data: bytes) -> str | None:
     return too_large if width * height > limit else None
 
 
-def _check_image(c: _Collector, data: bytes) -> str:
+def _check_image(c: _Collector, data: bytes, unreadable: str) -> InlineImage | None:
     from PIL import Image
 
     problem = image_pixels_problem(data)
     if problem is not None:
         c.too_large = True
         c.add("image_url", problem, "too_large")
-        return ""
+        return None
     try:
         with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
             image.verify()
-            return Image.MIME.get(image.format or "", "application/octet-stream")
+            content_type = Image.MIME.get(image.format or "", "application/octet-stream")
     except Exception:  # Pillow raises many kinds (SyntaxError on a bad PNG checksum among them)
-        c.add("image_url", "The data URI does not hold a readable image.", "image_invalid")
-        return ""
+        c.add("image_url", unreadable, "image_invalid")
+        return None
+    return InlineImage(data=data, content_type=content_type, width=width, height=height)
 
 
-def validate_input(endpoint: Endpoint, payload: Any) -> tuple[GenerationInput, InlineImage | None]:
-    """The request's input with defaults applied, or ``InputError`` listing every problem."""
+def validate_input(
+    endpoint: Endpoint, payload: Any, *, organization_id: Any
+) -> tuple[GenerationInput, InlineImage | None]:
+    """The request's input with defaults applied, or ``InputError`` listing every problem.
+
+    ``organization_id`` is the organization asking: our own file URLs in it are usable by their owner only.
+    """
     c = _Collector()
     if not isinstance(payload, dict):
         raise InputError([{"loc": ["body"], "msg": "Input should be a JSON object.", "type": "model_type"}])
@@ -260,9 +299,15 @@ def validate_input(endpoint: Endpoint, payload: Any) -> tuple[GenerationInput, I
     image_url: str | None = None
     inline: InlineImage | None = None
     strength: float | None = None
+    size_from_image = False
     if endpoint.kind == PipelineKind.IMAGE_TO_IMAGE:
-        image_url, inline = _image_url(c, payload, endpoint)
+        image_url, inline = _image_url(c, payload, endpoint, organization_id)
         strength = _float(c, payload, "strength", endpoint.default_strength, 0.01, 1.0)
+        if payload.get("image_size") is None:
+            if inline is not None:
+                width, height = output_size_for_image(endpoint, inline.width, inline.height)
+            elif image_url is not None:
+                width, height, size_from_image = endpoint.max_width, endpoint.max_height, True
         if not c.errors and strength is not None and int(steps * strength) < 1:
             c.add("strength", "strength * num_inference_steps must be at least 1.", "out_of_range")
     if c.errors:
@@ -282,6 +327,7 @@ def validate_input(endpoint: Endpoint, payload: Any) -> tuple[GenerationInput, I
         image_url=image_url,
         strength=strength,
         seeds=seeds,
+        size_from_image=size_from_image,
     )
     return generation, inline
 
@@ -331,8 +377,9 @@ def input_schema(endpoint: Endpoint) -> dict[str, Any]:
         properties["image_url"] = {
             "type": "string",
             "description": (
-                f"http(s) URL or base64 data URI, at most {endpoint.max_input_image_bytes} bytes"
-                f" and {settings.MAX_INPUT_IMAGE_PIXELS} pixels (width x height)."
+                "http(s) URL (an uploaded file's URL or an earlier output's included) or base64 data URI, at most"
+                f" {endpoint.max_input_image_bytes} bytes and {settings.MAX_INPUT_IMAGE_PIXELS} pixels"
+                " (width x height)."
             ),
         }
         properties["strength"] = {
@@ -342,4 +389,9 @@ def input_schema(endpoint: Endpoint) -> dict[str, Any]:
             "default": endpoint.default_strength,
         }
         required.append("image_url")
+        image_size = properties["image_size"]
+        del image_size["default"]
+        image_size["description"] = (
+            "Left out: the input image's size, scaled down to fit this endpoint's largest, each side a multiple of 8."
+        )
     return {"type": "object", "properties": properties, "required": required}

@@ -320,3 +320,57 @@ class WebhookAttempt(models.Model):
 
     def __str__(self) -> str:
         return f"#{self.number} {self.status_code or self.error}"
+
+
+class UploadStatus(models.TextChoices):
+    PENDING = "pending"  # initiated: its upload URL waits for the bytes
+    READY = "ready"  # stored and checked: its URL serves it and is usable as an input
+    EXPIRED = "expired"  # past its retention: its files are deleted
+
+
+class Upload(TenantModel):
+    """A file a client sent through fal's storage upload protocols (inference/uploads.py).
+
+    Its id is the public part of its URL, ``/files/uploads/<id>/<file_name>``; the bytes live in the default
+    storage as ``storage_name`` (``uploads/<org>/<id>/<file_name>``) and are purged with the outputs.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    status = models.CharField(max_length=16, choices=UploadStatus.choices, default=UploadStatus.PENDING)
+    file_name = models.CharField(max_length=120)
+    content_type = models.CharField(max_length=100, help_text="As declared until the bytes arrive, then as read.")
+    storage_name = models.CharField(max_length=500, blank=True)
+    size = models.PositiveBigIntegerField(default=0)
+    multipart = models.BooleanField(default=False)
+    created_at = models.DateTimeField(default=timezone.now)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ("-created_at",)
+        indexes = [models.Index(fields=["status", "expires_at"], name="upload_status_expires")]
+
+    def __str__(self) -> str:
+        return f"{self.id} {self.file_name} {self.status}"
+
+    @property
+    def folder(self) -> str:
+        return f"uploads/{self.organization_id}/{self.id}"
+
+
+class UploadPart(models.Model):
+    """One part of a multipart upload, stored apart until the upload is completed."""
+
+    upload = models.ForeignKey(Upload, on_delete=models.CASCADE, related_name="parts")
+    number = models.PositiveIntegerField()
+    size = models.PositiveBigIntegerField()
+    etag = models.CharField(max_length=64)
+    storage_name = models.CharField(max_length=500)
+
+    class Meta:
+        ordering = ("upload", "number")
+        constraints = [models.UniqueConstraint(fields=["upload", "number"], name="upload_part_unique_number")]
+
+    def __str__(self) -> str:
+        return f"{self.upload_id} part {self.number}"

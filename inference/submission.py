@@ -80,7 +80,7 @@ def submit_job(
         earlier = _same_key(organization, idempotency_key, fingerprint)
         if earlier is not None:
             return earlier, False
-    generation, inline_image = validate_input(endpoint, payload)
+    generation, inline_image = validate_input(endpoint, payload, organization_id=organization.pk)
     if webhook_url:
         if not is_storable_text(webhook_url):
             raise SubmissionRefused(

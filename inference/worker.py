@@ -50,7 +50,7 @@ from inference.engine import (
     resolve,
 )
 from inference.hooks import Refusal
-from inference.inputs import image_pixels_problem
+from inference.inputs import image_pixels_problem, output_size_for_image
 from inference.job_logs import log_job
 from inference.models import AttemptOutcome, Endpoint, Job
 
@@ -481,8 +481,19 @@ def warm_up(engine: Engine, endpoint: Endpoint, profile: OptimizationProfile) ->
 
 def generation_request(job: Job) -> GenerationRequest:
     if job.endpoint.kind == PipelineKind.IMAGE_TO_IMAGE:
-        return request_from_input(job.input, init_image=load_input_image(job), strength=float(job.input["strength"]))
+        init_image = load_input_image(job)
+        if job.input.get("size_from_image"):
+            take_size_of_image(job, init_image.size)
+        return request_from_input(job.input, init_image=init_image, strength=float(job.input["strength"]))
     return request_from_input(job.input)
+
+
+def take_size_of_image(job: Job, size: tuple[int, int]) -> None:
+    """A downloaded input image with no ``image_size`` asked: the output takes its size, known only now. The job's
+    input says so, and what the job is billed for follows (admission held credit for the endpoint's largest)."""
+    width, height = output_size_for_image(job.endpoint, *size)
+    job.input = {**job.input, "width": width, "height": height}
+    Job.objects.filter(pk=job.pk).update(input=job.input)
 
 
 def request_from_input(spec: dict[str, Any], *, init_image: Any = None, strength: float = 0.8) -> GenerationRequest:

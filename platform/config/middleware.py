@@ -68,7 +68,17 @@ class BrowserOnly:
 
 
 # The paths of the API (and the files it links to): key-authenticated, no cookies.
-API_PATH_PREFIXES = ("/v1/", "/queue/", "/run/", "/fal/", "/files/", "/healthz", "/readyz", "/billing/stripe/")
+API_PATH_PREFIXES = (
+    "/v1/",
+    "/queue/",
+    "/run/",
+    "/fal/",
+    "/files/",
+    "/storage/",
+    "/healthz",
+    "/readyz",
+    "/billing/stripe/",
+)
 
 
 class SessionMiddleware(BrowserOnly, _session.SessionMiddleware):

@@ -335,6 +335,9 @@ WORKER_PIPELINE_CACHE_BYTES = env_int("WORKER_PIPELINE_CACHE_BYTES", 8 * 1024**3
 # Input images are refused past this many pixels, read from their header before anything is decoded (a small
 # compressed file can declare a huge image): 4096x4096 decodes to 64 MB as RGBA.
 MAX_INPUT_IMAGE_PIXELS = env_int("MAX_INPUT_IMAGE_PIXELS", 4096 * 4096, minimum=64 * 64)
+# Files sent through fal's storage upload protocols (inference/uploads.py): images only, at most this many bytes
+# (a single PUT or POST is also bounded by MAX_REQUEST_BODY_BYTES; multipart parts add up to this).
+UPLOAD_MAX_BYTES = env_int("UPLOAD_MAX_BYTES", 10 * 1024 * 1024, minimum=1024)
 # Outbound requests (webhooks, input images) to private, loopback or link-local addresses are
 # refused unless this is on: never in production, on for the embedded run on one machine.
 OUTBOUND_ALLOW_PRIVATE = env_bool("OUTBOUND_ALLOW_PRIVATE", EMBEDDED)

@@ -232,7 +232,6 @@ def test_subscribe_streaming_shows_each_log_line_once(stack: Stack, node_client:
     assert messages(seen["updates"][-1]["logs"]) == final
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16: storage routes")
 def test_upload_then_image_to_image(stack: Stack, node_client: Path, key: str) -> None:
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="PNG")
