@@ -64,7 +64,7 @@ class LatentProjection:
         if channels < 1:
             raise ValueError("latents need at least one channel")
         if channels < 3:  # grey: every channel feeds every colour
-            return cls(((0.5 / channels,) * 3,) * channels)  # type: ignore[arg-type]  # three entries per row
+            return cls(((0.5 / channels,) * 3,) * channels)
         # Channel c feeds colour c mod 3, every colour receiving the same total weight.
         per_colour = [len(range(colour, channels, 3)) for colour in range(3)]
         rows = []

@@ -326,6 +326,8 @@ JOB_MAX_ATTEMPTS = env_int("JOB_MAX_ATTEMPTS", 3, minimum=1)
 JOB_REDISPATCH_AFTER_SECONDS = env_int("JOB_REDISPATCH_AFTER_SECONDS", 60, minimum=1)
 JOB_SWEEP_SECONDS = env_int("JOB_SWEEP_SECONDS", 5, minimum=1)
 SYNC_RUN_WAIT_SECONDS = env_int("SYNC_RUN_WAIT_SECONDS", 60, minimum=0)
+# A request submitted through a /stream route gets a preview of its latents every this many steps (0: none).
+STREAM_PREVIEW_EVERY_STEPS = env_int("STREAM_PREVIEW_EVERY_STEPS", 2, minimum=0)
 OUTPUT_URL_TTL_SECONDS = env_int("OUTPUT_URL_TTL_SECONDS", 24 * 3600, minimum=60)
 OUTPUT_RETENTION_SECONDS = env_int("OUTPUT_RETENTION_SECONDS", 30 * 24 * 3600, minimum=60)
 WORKER_PIPELINE_CACHE_BYTES = env_int("WORKER_PIPELINE_CACHE_BYTES", 8 * 1024**3, minimum=1)
