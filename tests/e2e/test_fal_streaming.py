@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import itertools
 import os
 import re
 from typing import Any
@@ -42,7 +43,9 @@ def log_lines(events: list[dict[str, Any]]) -> list[str]:
     return [line["message"] for event in events for line in (event.get("logs") or [])]
 
 
-def test_stream_yields_progress_step_logs_previews_and_the_output_last(stack: Stack, fal: fal_client.SyncClient) -> None:
+def test_stream_yields_progress_step_logs_previews_and_the_output_last(
+    stack: Stack, fal: fal_client.SyncClient
+) -> None:
     events = list(fal.stream(APP, arguments={**STREAMED, "seed": 11}))
     output = events[-1]
     assert "type" not in output
@@ -67,7 +70,8 @@ def test_stream_yields_progress_step_logs_previews_and_the_output_last(stack: St
     steps = [int(match[1]) for line in lines if (match := re.fullmatch(rf"Step (\d+)/{STEPS}", line))]
     assert steps == sorted(set(steps))
     assert steps[-1] == STEPS
-    assert lines.index(f"Step {STEPS}/{STEPS}") < next(index for index, line in enumerate(lines) if line.startswith("Completed"))
+    completed = next(index for index, line in enumerate(lines) if line.startswith("Completed"))
+    assert lines.index(f"Step {STEPS}/{STEPS}") < completed
 
     previews = [event for event in updates if event["type"] == "preview"]
     if SHARED_CACHE:
@@ -134,9 +138,8 @@ def test_subscribe_with_logs_shows_the_steps(stack: Stack, fal: fal_client.SyncC
     }
     assert seen_steps
     assert all(re.fullmatch(rf"Step \d+/{steps}", line) for line in seen_steps)
-    for earlier, later in zip(in_progress, in_progress[1:], strict=False):
-        assert [line["message"] for line in later.logs or []][: len(earlier.logs or [])] == [
-            line["message"] for line in earlier.logs or []
-        ]
+    for earlier, later in itertools.pairwise(in_progress):
+        before = [line["message"] for line in earlier.logs or []]
+        assert [line["message"] for line in later.logs or []][: len(before)] == before
     positions = [update.position for update in updates if isinstance(update, fal_client.Queued)]
     assert positions == sorted(positions, reverse=True)
