@@ -42,6 +42,7 @@ from inference.presenters import (
     FAL_STATUS,
     base_url,
     handle_urls,
+    logs_after,
     queue_position,
     result_error,
     status_payload,
@@ -136,8 +137,11 @@ def start_timeout_seconds(header: str | None) -> float | None:
     return seconds
 
 
-def submit_from_request(request: HttpRequest, api_key: ApiKey, endpoint: Endpoint, payload: Any) -> tuple[Job, bool]:
-    """Shared by the queue and sync APIs: webhook, idempotency key and retention from the request."""
+def submit_from_request(
+    request: HttpRequest, api_key: ApiKey, endpoint: Endpoint, payload: Any, *, previews: bool = False
+) -> tuple[Job, bool]:
+    """Shared by the queue, sync and streaming APIs: webhook, idempotency key and retention from the request.
+    ``previews``: the worker draws previews of the request while it runs (the streaming API)."""
     if len(request.GET.getlist("fal_webhook")) > 1:
         raise InputError([problem(["query", "fal_webhook"], "Give this parameter once.", "duplicate")])
     webhook_url = request.GET.get("fal_webhook", "")
@@ -165,6 +169,7 @@ def submit_from_request(request: HttpRequest, api_key: ApiKey, endpoint: Endpoin
             retention_seconds=lifecycle_seconds(request.headers.get("X-Fal-Object-Lifecycle-Preference")),
             start_timeout=start_timeout_seconds(request.headers.get("X-Fal-Request-Timeout")),
             base_url=base_url(request),
+            previews=previews,
         )
     except SubmissionRefused as exc:
         if exc.status_code != 422:
@@ -284,15 +289,21 @@ class StatusView(InferenceView):
         return with_request_id(Response(status_payload(job, request, with_logs=wants_logs(request))), job)
 
 
-def result_response(job: Job, request: HttpRequest) -> JsonResponse:
-    usage = usage_of(job)
+def result_body(job: Job, request: HttpRequest, usage: Any) -> tuple[int, dict[str, Any]]:
+    """What a final request's result URL answers: its HTTP status and body (the output with its ``usage``, or the
+    error it ended with)."""
     if job.status != JobStatus.COMPLETED:
         status, body = result_error(job)
         if status == 422:  # the worker could not use an input (image_url): located as every 422 is
             body = {**body, "detail": [problem(["body", "image_url"], body["detail"], body["error_type"])]}
-        response = JsonResponse(body, status=status)
-    else:
-        response = JsonResponse({**(files.render_result(job, base_url=base_url(request)) or {}), "usage": usage})
+        return status, body
+    return 200, {**(files.render_result(job, base_url=base_url(request)) or {}), "usage": usage}
+
+
+def result_response(job: Job, request: HttpRequest) -> JsonResponse:
+    usage = usage_of(job)
+    status, body = result_body(job, request, usage)
+    response = JsonResponse(body, status=status)
     # A cancelled request is billed for the time it ran: its error answer carries the cost too.
     if usage:
         response["x-fal-billable-units"] = response["x-billable-units"] = str(usage.get("billable_units", ""))
@@ -371,9 +382,11 @@ def _load_job(job_id: uuid.UUID) -> Job:
         _release_connection()
 
 
-def _status_now(job: Job, request: HttpRequest, with_logs: bool) -> dict[str, Any]:
+def _status_now(job: Job, request: HttpRequest, with_logs: bool, last_log_id: int) -> tuple[dict[str, Any], int]:
+    """The status object with the log lines written after ``last_log_id`` only, and the id of the last line."""
     try:
-        return status_payload(job, request, with_logs=with_logs)
+        logs, last_log_id = logs_after(job, last_log_id) if with_logs else ([], last_log_id)
+        return status_payload(job, request, with_logs=with_logs, logs=logs), last_log_id
     finally:
         _release_connection()
 
@@ -464,19 +477,25 @@ async def status_stream(request: HttpRequest, owner: str, model: str, request_id
 
 
 def status_event_stream(job: Job, request: HttpRequest, *, with_logs: bool) -> StreamingHttpResponse:
-    """The SSE response of a request's status, shared by the queue API and the dashboard."""
+    """The SSE response of a request's status, shared by the queue API and the dashboard.
+
+    An event is sent when the status changes or new log lines come, and carries only the lines that are new since
+    the event before (fal's JavaScript client appends each event's ``logs`` to what it has; the polled status
+    endpoint answers all of them).
+    """
 
     async def events() -> AsyncIterator[bytes]:
         last = ""
+        last_log_id = 0
         quiet_since = time.monotonic()
         current = job
         while True:
-            payload = await sync_to_async(_status_now)(current, request, with_logs)
-            encoded = json.dumps(payload, separators=(",", ":"))
-            if encoded != last:
-                last = encoded
+            payload, last_log_id = await sync_to_async(_status_now)(current, request, with_logs, last_log_id)
+            state = json.dumps({**payload, "logs": None}, separators=(",", ":"))
+            if state != last or payload["logs"]:
+                last = state
                 quiet_since = time.monotonic()
-                yield f"data: {encoded}\n\n".encode()
+                yield f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
             elif time.monotonic() - quiet_since > 15:
                 quiet_since = time.monotonic()
                 yield b": keep-alive\n\n"

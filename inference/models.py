@@ -31,6 +31,10 @@ class GpuClass(models.TextChoices):
     CPU = "cpu", "CPU"
 
 
+# Sub-paths the API's routes take after ``owner/name``: no endpoint can be served under them.
+RESERVED_PATHS = frozenset({"stream"})
+
+
 class EndpointQuerySet(models.QuerySet["Endpoint"]):
     def active(self) -> EndpointQuerySet:
         return self.filter(is_active=True)
@@ -88,6 +92,8 @@ class Endpoint(models.Model):
 
     def clean(self) -> None:
         super().clean()
+        if self.path in RESERVED_PATHS:
+            raise ValidationError({"path": f"{self.path!r} is a route of the API (.../{self.path}), not a sub-path."})
         try:
             validate_profile(self.optimization_profile)
         except ProfileError as exc:

@@ -33,8 +33,12 @@ RESULT_ERROR_STATUS = {
 
 
 def queue_position(job: Job) -> int:
-    """0-based: the jobs that will start before this one on its GPU class."""
-    waiting_on_class = Job.objects.filter(status=JobStatus.DISPATCHED, gpu_class=job.gpu_class)
+    """0-based: the jobs that will start before this one on its GPU class.
+
+    Never the job itself: a submission answers with the job it inserted, which the dispatcher may have sent on
+    (DISPATCHED in the database) by the time this counts.
+    """
+    waiting_on_class = Job.objects.filter(status=JobStatus.DISPATCHED, gpu_class=job.gpu_class).exclude(pk=job.pk)
     if job.status == JobStatus.DISPATCHED:
         # Jobs dispatched together share dispatched_at and went to the broker in queue order.
         ahead = Q(dispatched_at__lt=job.dispatched_at) | Q(
@@ -63,24 +67,47 @@ def logs_of(job: Job) -> list[dict[str, Any]]:
     return [entry.as_fal() for entry in JobLog.objects.filter(job_id=job.id).order_by("id")]
 
 
+def logs_after(job: Job, last_id: int) -> tuple[list[dict[str, Any]], int]:
+    """The job's log lines written after the line ``last_id`` (0: all of them), and the id of the last one."""
+    entries = list(JobLog.objects.filter(job_id=job.id, id__gt=last_id).order_by("id"))
+    return [entry.as_fal() for entry in entries], (entries[-1].id if entries else last_id)
+
+
+def planned_steps(job_input: dict[str, Any]) -> int:
+    """The denoising steps a job's input asks for: all of them, or image to image's share (``strength``) of them."""
+    steps = int(job_input.get("num_inference_steps") or 0)
+    strength = job_input.get("strength")
+    if strength is None:
+        return steps
+    return min(int(steps * float(strength)), steps)
+
+
+def progress_of(job: Job) -> dict[str, int]:
+    """Step k of n; before the worker reports its first step, n is the steps the input plans."""
+    return {"step": job.progress_step, "total": job.progress_total or planned_steps(job.input)}
+
+
 def usage_of(job: Job) -> Usage | None:
     if not job.is_final or hooks.usage is None:
         return None
     return hooks.usage(job)
 
 
-def status_payload(job: Job, request: HttpRequest, *, with_logs: bool) -> dict[str, Any]:
+def status_payload(
+    job: Job, request: HttpRequest, *, with_logs: bool, logs: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """fal's status object. ``logs``: the lines to show (the status streams send only new ones); all by default."""
     status = FAL_STATUS[JobStatus(job.status)]
     payload: dict[str, Any] = {
         "status": status,
         "request_id": str(job.id),
         **handle_urls(job, request),
-        "logs": logs_of(job) if with_logs else None,
+        "logs": (logs_of(job) if logs is None else logs) if with_logs else None,
     }
     if status == "IN_QUEUE":
         payload["queue_position"] = queue_position(job)
     elif status == "IN_PROGRESS":
-        payload["progress"] = {"step": job.progress_step, "total": job.progress_total}
+        payload["progress"] = progress_of(job)
     else:
         payload["metrics"] = {"inference_time": round(job.gpu_ms / 1000, 3)} if job.gpu_ms else {}
         payload["error"] = job.error or None

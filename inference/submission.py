@@ -25,6 +25,7 @@ from inference.models import (
     Endpoint,
     Job,
 )
+from inference.previews import PREVIEWS_FLAG
 from inference.webhooks import WebhookUrlError, check_webhook_url
 
 logger = logging.getLogger(__name__)
@@ -66,11 +67,14 @@ def submit_job(
     retention_seconds: int | None = None,
     start_timeout: float | None = None,
     base_url: str = "",
+    previews: bool = False,
 ) -> tuple[Job, bool]:
     """The job for this request and whether it is new (False: an earlier one with the same key).
 
     ``start_timeout`` (fal's ``X-Fal-Request-Timeout``): seconds from now by which a worker must have started the
     request, or it ends unbilled with ``error_type: timeout``; once started it runs as long as it needs.
+
+    ``previews``: the worker draws previews of it while it runs (a request submitted through a stream).
 
     Raises ``InputError`` (422/413) or ``SubmissionRefused`` (402, 422...). Nothing is stored
     for a refused request.
@@ -94,6 +98,8 @@ def submit_job(
     job_input = generation.as_json()
     if retention_seconds is not None:
         job_input["retention_seconds"] = retention_seconds
+    if previews:
+        job_input[PREVIEWS_FLAG] = True
     if inline_image is not None:
         job_input["image_path"] = files.save_input_image(organization.pk, job_id, inline_image)
     try:

@@ -41,6 +41,8 @@ from inference.engine import (
     OptimizationProfile,
     PipelineCache,
     PipelineKind,
+    Preview,
+    PreviewOptions,
     ProfileError,
     RunOptions,
     batch_key,
@@ -53,11 +55,17 @@ from inference.hooks import Refusal
 from inference.inputs import image_pixels_problem, output_size_for_image
 from inference.job_logs import log_job
 from inference.models import AttemptOutcome, Endpoint, Job
+from inference.presenters import planned_steps
+from inference.previews import PREVIEWS_FLAG, publish_preview
 
 logger = logging.getLogger(__name__)
 
 # Decoding and storing a job's images, after its last step, reserved as this many steps' time.
 FINISHING_STEPS = 2
+# "Step k/n" log lines per attempt, at most (and one more for the last step): every step of a short job, every
+# n/20th of a long one, so a job of thousands of steps writes about 20 rows, not thousands. They are written by the
+# heartbeat thread, so also at most one per heartbeat (four a second), never by the engine between steps.
+STEP_LOG_LINES = 20
 # The time one image's denoising step last took here, per (endpoint, width, height): a job's first step is
 # reserved from it (from the admission estimate alone on a worker that never ran that shape).
 _step_ms_per_image: dict[tuple[Any, Any, Any], float] = {}
@@ -106,13 +114,26 @@ class Member:
     # Cold start paid while this job waited for its model: only the job that loaded it.
     cold_start_ms: int = 0
     step: int = 0
-    total: int = 0
+    # The steps the job will take: planned from its input until the engine reports its count.
+    total: int = -1
     stop_reason: str = ""
     stop_error_type: str = ""
     cancelled: threading.Event = field(default_factory=threading.Event)
     done: bool = False
     # GPU time the job's hold covers (None: no limit; -1: not asked yet). See `Heartbeat.covers_next_step`.
     covered_ms: int | None = -1
+    # The latest preview not yet published (streamed jobs only), and the last step written to the job's logs.
+    pending_preview: Preview | None = None
+    logged_step: int = 0
+    log_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        if self.total < 0:
+            self.total = planned_steps(self.job.input)
+
+    @property
+    def wants_previews(self) -> bool:
+        return bool(self.job.input.get(PREVIEWS_FLAG))
 
     @property
     def job_id(self) -> str:
@@ -152,6 +173,35 @@ class Heartbeat(threading.Thread):
         for member in self.members:
             member.step, member.total = step, total
         self._wake.set()
+
+    def preview(self, index: int, preview: Preview) -> None:
+        """A job's latest preview, from the engine's thread: encoded and published on this one (a newer preview
+        replaces one still waiting)."""
+        self.members[index].pending_preview = preview
+        self._wake.set()
+
+    def log_steps(self, member: Member) -> None:
+        """Writes "Step k/n" to the job's logs when k has passed the next mark (`STEP_LOG_LINES`) or is the last."""
+        with member.log_lock:
+            step, total = member.step, member.total
+            if not total or step <= member.logged_step:
+                return
+            stride = max(1, math.ceil(total / STEP_LOG_LINES))
+            if step < total and step // stride == member.logged_step // stride:
+                return
+            member.logged_step = step
+            log_job(member.job.id, f"Step {step}/{total}", source="worker")
+
+    def _report(self, member: Member) -> None:
+        """What a stream shows of a job between heartbeats: its latest preview and its step log lines."""
+        preview, member.pending_preview = member.pending_preview, None
+        try:
+            if preview is not None:
+                publish_preview(member.job_id, preview.as_json())
+            self.log_steps(member)
+        except Exception:
+            # Progress reports must never cost the job its heartbeat.
+            logger.exception("progress report of job %s failed", member.job_id)
 
     def should_cancel(self, index: int) -> bool:
         """Asked by the engine before each further step of a job: stop it here?"""
@@ -211,6 +261,7 @@ class Heartbeat(threading.Thread):
                 renewed = True
                 for member in members:
                     renewed = self._beat(member, last_renewed) and renewed
+                    self._report(member)
                 if renewed:
                     last_renewed = time.monotonic()
                 # Progress may come faster than the database needs it: at most one write per 0.25 s.
@@ -332,6 +383,7 @@ def _run(leader: Member, heartbeat: Heartbeat) -> None:
             on_step=heartbeat.progress,
             should_cancel=heartbeat.should_cancel,
             on_cancelled=on_cancelled,
+            previews=preview_options(members, heartbeat),
         )
         for member, outcome in zip(members, outcomes, strict=True):
             if isinstance(outcome, GenerationResult):
@@ -372,6 +424,15 @@ def _run(leader: Member, heartbeat: Heartbeat) -> None:
         _finish_all(members, heartbeat, AttemptOutcome.ERRORED, **_platform_fault(exc))
 
 
+def preview_options(members: list[Member], heartbeat: Heartbeat) -> PreviewOptions | None:
+    """Previews every `STREAM_PREVIEW_EVERY_STEPS` steps for the jobs submitted through a stream; none for others."""
+    every = settings.STREAM_PREVIEW_EVERY_STEPS
+    wanted = frozenset(member.index for member in members if member.wants_previews)
+    if not every or not wanted:
+        return None
+    return PreviewOptions(every=every, members=wanted, on_preview=heartbeat.preview)
+
+
 def _close_cancelled(member: Member, heartbeat: Heartbeat, cancelled: Cancelled) -> None:
     """A job that left its batch at a step boundary: closed at once with its share of the time so far."""
     error_type = member.stop_error_type or "cancelled"
@@ -410,6 +471,7 @@ def _store(member: Member, result: GenerationResult, heartbeat: Heartbeat, *, ba
     """Encodes and stores one job's images (its own time, not shared) and closes it as succeeded."""
     job = member.job
     heartbeat.meter.exclusive(member.index)
+    heartbeat.log_steps(member)  # the last step, before the line that says the job completed
     images = [encode_image(image, job.input["output_format"]) for image in result.images]
     stored = files.inline_outputs(images) if job.input.get("sync_mode") else files.save_outputs(job, images)
     if batch_size > 1:

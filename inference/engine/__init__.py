@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from inference.engine.metering import BatchMeter, largest_remainder
     from inference.engine.optimize import ModuleOptimizations, configure_compile_cache
     from inference.engine.outputs import EncodedImage, encode_image
+    from inference.engine.previews import LatentProjection, Preview, PreviewOptions, latents_to_rgb, make_preview
     from inference.engine.profile import STOCK_PROFILE, OptimizationProfile, ProfileError, resolve, validate_profile
     from inference.engine.runtime import Cancelled, GenerationRequest, GenerationResult, run_pipeline
     from inference.engine.tiny import PRESETS, TinyPreset, build_tiny_pipeline
@@ -58,6 +59,11 @@ _HOMES = {
     "pipeline_nbytes": "loading",
     "save_builtin_model": "loading",
     "EncodedImage": "outputs",
+    "LatentProjection": "previews",
+    "Preview": "previews",
+    "PreviewOptions": "previews",
+    "latents_to_rgb": "previews",
+    "make_preview": "previews",
     "encode_image": "outputs",
     "Cancelled": "runtime",
     "GenerationRequest": "runtime",
@@ -86,6 +92,7 @@ __all__ = [
     "Engine",
     "GenerationRequest",
     "GenerationResult",
+    "LatentProjection",
     "LoadOptions",
     "LoadedPipeline",
     "ModelSourceError",
@@ -94,6 +101,8 @@ __all__ = [
     "Pipeline",
     "PipelineCache",
     "PipelineKind",
+    "Preview",
+    "PreviewOptions",
     "ProfileError",
     "RunOptions",
     "TinyPreset",
@@ -104,7 +113,9 @@ __all__ = [
     "default_device",
     "encode_image",
     "largest_remainder",
+    "latents_to_rgb",
     "load_pipeline",
+    "make_preview",
     "pipeline_nbytes",
     "resolve",
     "run_pipeline",

@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import torch
@@ -34,6 +34,7 @@ from inference.engine.optimize import (
     compiling,
     pad_text_tokens,
 )
+from inference.engine.previews import LatentProjection, PreviewOptions, make_preview
 from inference.engine.profile import OptimizationProfile
 from inference.engine.runtime import Cancelled, GenerationRequest, GenerationResult, OnStep, run_pipeline
 
@@ -117,6 +118,7 @@ class Engine:
         self._prompts: OrderedDict[tuple[str, str, bool], _PromptEmbeddings] = OrderedDict()
         self._lock = threading.Lock()
         self.prompt_cache_hits = 0
+        self.preview_projection = LatentProjection.for_pipeline(pipeline)
 
     @property
     def replays_graphs(self) -> bool:
@@ -140,6 +142,7 @@ class Engine:
         options: RunOptions | None = None,
         on_step: OnStep | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        previews: PreviewOptions | None = None,
     ) -> GenerationResult:
         """One request; raises `Cancelled` when `should_cancel()` answers True before or after a step."""
         outcome = self.run_batch(
@@ -147,6 +150,7 @@ class Engine:
             options=options,
             on_step=on_step,
             should_cancel=None if should_cancel is None else (lambda member: should_cancel()),
+            previews=previews,
         )[0]
         if isinstance(outcome, Cancelled):
             raise outcome
@@ -160,6 +164,7 @@ class Engine:
         on_step: OnStep | None = None,
         should_cancel: MemberCheck | None = None,
         on_cancelled: MemberCancelled | None = None,
+        previews: PreviewOptions | None = None,
     ) -> list[GenerationResult | Cancelled]:
         """Each request's result, or the `Cancelled` that ended it, in order.
 
@@ -167,6 +172,7 @@ class Engine:
         the batch before each step (the first, and after each one but the last: a request past its last step is
         decoded and delivered whatever comes); a request it answers True for leaves the batch there:
         `on_cancelled(member, cancelled)` is called at once, so its caller can close it while the others go on.
+        `previews` (`inference.engine.previews`): the requests that want a picture of their latents every few steps.
         """
         if not requests:
             raise ValueError("an empty batch")
@@ -174,13 +180,13 @@ class Engine:
         if requests[0].init_image is not None:
             if len(requests) > 1:
                 raise BatchIncompatible("image-to-image requests run one at a time")
-            return [self._image_to_image(requests[0], options, on_step, should_cancel, on_cancelled)]
+            return [self._image_to_image(requests[0], options, on_step, should_cancel, on_cancelled, previews)]
         keys = {batch_key(request) for request in requests}
         if len(keys) != 1:
             raise BatchIncompatible("a batch needs one size, one number of steps and guidance on or off for all")
         grad_mode: AbstractContextManager[Any] = torch.inference_mode() if options.inference_mode else torch.no_grad()
         with self._lock, grad_mode, compiling(self.optimizations):
-            return _TextToImageRun(self, list(requests), options, on_step, should_cancel, on_cancelled).run()
+            return _TextToImageRun(self, list(requests), options, on_step, should_cancel, on_cancelled, previews).run()
 
     def _image_to_image(
         self,
@@ -189,6 +195,7 @@ class Engine:
         on_step: OnStep | None,
         should_cancel: MemberCheck | None,
         on_cancelled: MemberCancelled | None,
+        previews: PreviewOptions | None,
     ) -> GenerationResult | Cancelled:
         pipeline = self.pipeline(PipelineKind.IMAGE_TO_IMAGE)
         try:
@@ -199,6 +206,7 @@ class Engine:
                     on_step=on_step,
                     should_cancel=None if should_cancel is None else (lambda: should_cancel(0)),
                     inference_mode=options.inference_mode,
+                    previews=previews,
                 )
         except Cancelled as cancelled:
             if on_cancelled is not None:
@@ -331,6 +339,7 @@ class _TextToImageRun:
         on_step: OnStep | None,
         should_cancel: MemberCheck | None,
         on_cancelled: MemberCancelled | None,
+        previews: PreviewOptions | None = None,
     ) -> None:
         self.engine = engine
         self.pipe = engine.base
@@ -339,6 +348,7 @@ class _TextToImageRun:
         self.on_step = on_step
         self.should_cancel = should_cancel
         self.on_cancelled = on_cancelled
+        self.previews = previews
         first = requests[0]
         self.total_steps = first.num_inference_steps
         self.guided = first.guidance_scale > 1
@@ -357,9 +367,11 @@ class _TextToImageRun:
             return self._outcomes()
         rows, timesteps = self._start()
         for step_index, timestep in enumerate(timesteps):
-            self._step(rows, step_index, timestep)
+            denoised = self._step(rows, step_index, timestep)
             if self.on_step is not None:
                 self.on_step(step_index + 1, self.total_steps)
+            if self.previews is not None and self.previews.due(step_index + 1, self.total_steps):
+                self._preview(self.previews, rows, rows.latents if denoised is None else denoised, step_index + 1)
             # After the last step the work is done: it is decoded and delivered whatever stop comes now.
             if step_index + 1 == self.total_steps or not self._leave_if_cancelled(steps_done=step_index + 1):
                 continue
@@ -428,8 +440,9 @@ class _TextToImageRun:
         )
         return rows, timesteps
 
-    def _step(self, rows: _Rows, step_index: int, timestep: torch.Tensor) -> None:
-        """One denoising step of every row (as stock's loop makes it)."""
+    def _step(self, rows: _Rows, step_index: int, timestep: torch.Tensor) -> torch.Tensor | None:
+        """One denoising step of every row (as stock's loop makes it); the scheduler's estimate of the denoised
+        latents, where it gives one (DDIM, Euler and DDPM do; PNDM and DPM-Solver do not)."""
         scheduler = self.pipe.scheduler
         model_input = torch.cat([rows.latents] * 2) if self.guided else rows.latents
         model_input = scheduler.scale_model_input(model_input, timestep)
@@ -445,7 +458,28 @@ class _TextToImageRun:
         if self.guided:
             noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
             noise_pred = noise_pred_uncond + rows.guidance * (noise_pred_text - noise_pred_uncond)
-        rows.latents = scheduler.step(noise_pred, timestep, rows.latents, **rows.step_kwargs, return_dict=False)[0]
+        stepped = scheduler.step(noise_pred, timestep, rows.latents, **rows.step_kwargs, return_dict=False)
+        rows.latents = stepped[0]
+        return stepped[1] if len(stepped) > 1 and isinstance(stepped[1], torch.Tensor) else None
+
+    def _preview(self, previews: PreviewOptions, rows: _Rows, latents: torch.Tensor, step: int) -> None:
+        """The requests that want one get the picture of their rows of `latents` (one projection for all of them)."""
+        wanted = [member for member in self.active if member in previews.members]
+        if not wanted:
+            return
+        selected = rows.of(wanted)
+        picked = latents.index_select(0, torch.tensor(selected, device=latents.device))
+        preview = make_preview(
+            picked,
+            self.engine.preview_projection,
+            step=step,
+            total=self.total_steps,
+            scale=self.pipe.vae_scale_factor,
+        )
+        owners = [rows.members[row] for row in selected]
+        for member in wanted:
+            mine = [pixels for pixels, owner in zip(preview.pixels, owners, strict=True) if owner == member]
+            previews.on_preview(member, replace(preview, pixels=mine))
 
     def _outcomes(self) -> list[GenerationResult | Cancelled]:
         outcomes = [outcome for outcome in self.outcomes if outcome is not None]

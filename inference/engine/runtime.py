@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from inference.engine.loading import Pipeline, PipelineKind, pipeline_kind
+from inference.engine.previews import LatentProjection, PreviewOptions, make_preview
 
 # Stable Diffusion's VAE works in blocks of 8 pixels.
 SIZE_MULTIPLE = 8
@@ -93,12 +94,14 @@ def run_pipeline(
     on_step: OnStep | None = None,
     should_cancel: ShouldCancel | None = None,
     inference_mode: bool = True,
+    previews: PreviewOptions | None = None,
 ) -> GenerationResult:
     """Generate `request`'s images with diffusers' own pipeline call (the engine's loop is `Engine.run_batch`).
 
     `on_step(step, total)` is called after each denoising step (1..total). `should_cancel()` is asked before
     each step (before the first, and after each one but the last); when it answers True the run stops there and
-    `Cancelled` is raised.
+    `Cancelled` is raised. `previews` asks for a picture of the current latents every few steps (the request is
+    member 0 of `previews.members`).
     One run at a time per pipeline object: diffusers keeps per-call state on the pipeline.
     """
     if pipeline_kind(pipeline) is not request.kind:
@@ -116,6 +119,15 @@ def run_pipeline(
         total = pipe.num_timesteps
         if on_step is not None:
             on_step(steps_done, total)
+        if previews is not None and 0 in previews.members and previews.due(steps_done, total):
+            preview = make_preview(
+                tensors["latents"],
+                LatentProjection.for_pipeline(pipe),
+                step=steps_done,
+                total=total,
+                scale=pipe.vae_scale_factor,
+            )
+            previews.on_preview(0, preview)
         # Asked before each further step only: past the last one the work is done, and is decoded and delivered.
         if should_cancel is not None and steps_done < total and should_cancel():
             # Raised through diffusers' loop: nothing after this step runs, not even the VAE decode.

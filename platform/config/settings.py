@@ -329,6 +329,8 @@ JOB_REDISPATCH_AFTER_SECONDS = env_int("JOB_REDISPATCH_AFTER_SECONDS", 60, minim
 JOB_SWEEP_SECONDS = env_int("JOB_SWEEP_SECONDS", 5, minimum=1)
 # The longest POST /run/... waits for its request to end before answering 504 (the request goes on).
 SYNC_RUN_TIMEOUT_SECONDS = env_int("SYNC_RUN_TIMEOUT_SECONDS", 3600, minimum=1)
+# A request submitted through a /stream route gets a preview of its latents every this many steps (0: none).
+STREAM_PREVIEW_EVERY_STEPS = env_int("STREAM_PREVIEW_EVERY_STEPS", 2, minimum=0)
 OUTPUT_URL_TTL_SECONDS = env_int("OUTPUT_URL_TTL_SECONDS", 24 * 3600, minimum=60)
 OUTPUT_RETENTION_SECONDS = env_int("OUTPUT_RETENTION_SECONDS", 30 * 24 * 3600, minimum=60)
 WORKER_PIPELINE_CACHE_BYTES = env_int("WORKER_PIPELINE_CACHE_BYTES", 8 * 1024**3, minimum=1)

@@ -1,0 +1,165 @@
+"""fal's streaming API: ``POST /run/{owner}/{model}[/{path}]/stream``, and the same under ``/queue/``.
+
+fal's clients call it with ``fal_client.stream(...)`` (Python: ``https://{FAL_RUN_HOST}/{app}/stream``) and
+``fal.stream(...)`` (JavaScript: ``https://fal.run/{app}/stream``, through the proxy). The request is submitted as the
+queue and sync APIs submit it, by the same DRF view work (the key, its scope and rate limit, the input, idempotency,
+credit): every refusal is the usual JSON error with its status, answered before any event. Then the answer is
+server-sent events, one JSON object per ``data:`` line, until the request is final:
+
+- ``{"type": "status", ...fal's status object}``: whenever the status, queue position or progress changes or new log
+  lines come, with only the lines new since the event before (the worker writes "Step k/n" lines as it goes);
+- ``{"type": "preview", "request_id", "status": "IN_PROGRESS", "progress": {"step", "total"}, "images": [...]}``:
+  every ``STREAM_PREVIEW_EVERY_STEPS`` steps, a picture of each image's latents (``inference.engine.previews``) as
+  fal image objects with JPEG data URIs. Previews travel through the shared cache (``inference.previews``): without
+  Redis a stream has status events and the output, but no previews;
+- last, for a request that produced its output, a ``status`` event saying COMPLETED and then the output exactly as
+  the result URL renders it (with its ``usage``): what ``fal.stream(...).done()`` resolves to, and the last event
+  ``fal_client.stream`` yields;
+- or, for a request that ended without an output (failed, cancelled, timed out), one last event
+  ``{"type": "error", ...the COMPLETED status object (error, error_type, usage), "detail", "status_code"}``, with the
+  body and HTTP status its result URL answers. Neither client raises on an event: a caller checks ``type``.
+
+A client that disconnects leaves the request running (and billed, as a sync run's is); its result stays at its
+queue URLs. The view waits without holding a thread: it looks at the job every ``POLL_SECONDS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.db import connection
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+from rest_framework.negotiation import DefaultContentNegotiation
+from rest_framework.renderers import BaseRenderer
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from accounts.permissions import request_api_key
+from inference.api import SubmitView, find_endpoint, handle_payload, result_body, submit_from_request, with_request_id
+from inference.models import Job, JobStatus
+from inference.presenters import logs_after, progress_of, status_payload, usage_of
+from inference.previews import latest_preview
+
+POLL_SECONDS = 0.1
+KEEP_ALIVE_SECONDS = 10.0
+
+
+class JsonWhateverAccepted(DefaultContentNegotiation):
+    """The stream's submission answers JSON (its refusals are what the client sees) whatever ``Accept`` says: the
+    clients ask for ``text/event-stream`` alone, which no DRF renderer serves."""
+
+    def select_renderer(
+        self, request: Request, renderers: Iterable[BaseRenderer], format_suffix: str | None = None
+    ) -> tuple[BaseRenderer, str]:
+        renderer = next(iter(renderers))
+        return renderer, renderer.media_type
+
+
+class StreamSubmitView(SubmitView):
+    """The queue API's submission, for a request whose progress is streamed: the worker draws its previews."""
+
+    content_negotiation_class = JsonWhateverAccepted
+
+    def post(self, request: Request, owner: str, model: str, path: str = "") -> HttpResponse:
+        endpoint = find_endpoint(owner, model, path)
+        job, created = submit_from_request(request, request_api_key(request), endpoint, request.data, previews=True)
+        response = Response(handle_payload(job, request))
+        if not created:
+            response["Idempotent-Replayed"] = "true"
+        return with_request_id(response, job)
+
+
+stream_submit_view = StreamSubmitView.as_view()
+
+
+@csrf_exempt
+async def run_stream(request: HttpRequest, owner: str, model: str, path: str = "") -> HttpResponseBase:
+    """Submits the request, then streams its progress, previews and output (see the module's docstring)."""
+    submitted = await sync_to_async(stream_submit_view)(request, owner=owner, model=model, path=path)
+    if submitted.status_code != 200:
+        return submitted
+    job_id = uuid.UUID(submitted.data["request_id"])
+    response = StreamingHttpResponse(_events(job_id, request), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    response["x-fal-request-id"] = str(job_id)
+    if submitted.get("Idempotent-Replayed"):
+        response["Idempotent-Replayed"] = "true"
+    return response
+
+
+@dataclass
+class _Look:
+    """What one look at the job found: the events to send, and where the next look starts."""
+
+    events: list[dict[str, Any]]
+    last_log_id: int
+    state: str
+    preview_step: int
+    final: bool
+
+
+def _look(job_id: uuid.UUID, request: HttpRequest, *, last_log_id: int, state: str, preview_step: int) -> _Look:
+    """The events since the last look (its log cursor, status and preview step), from one short database visit."""
+    try:
+        job = Job.objects.select_related("endpoint").get(pk=job_id)
+        logs, last_log_id = logs_after(job, last_log_id)
+        events: list[dict[str, Any]] = []
+        if job.is_final:
+            usage = usage_of(job)
+            status_code, body = result_body(job, request, usage)
+            payload = status_payload(job, request, with_logs=True, logs=logs)
+            if job.status == JobStatus.COMPLETED:
+                events += [{"type": "status", **payload}, body]
+            else:
+                events.append({"type": "error", **payload, "detail": body["detail"], "status_code": status_code})
+            return _Look(events, last_log_id, state, preview_step, final=True)
+        payload = status_payload(job, request, with_logs=True, logs=logs)
+        now = json.dumps({**payload, "logs": None}, sort_keys=True)
+        if now != state or logs:
+            events.append({"type": "status", **payload})
+        preview = latest_preview(job.id) if job.status == JobStatus.RUNNING else None
+        if preview is not None and int(preview.get("step", 0)) > preview_step:
+            preview_step = int(preview["step"])
+            progress = {"step": preview_step, "total": int(preview.get("total") or progress_of(job)["total"])}
+            events.append(
+                {
+                    "type": "preview",
+                    "request_id": str(job.id),
+                    "status": "IN_PROGRESS",
+                    "progress": progress,
+                    "images": preview.get("images") or [],
+                }
+            )
+        return _Look(events, last_log_id, now, preview_step, final=False)
+    finally:
+        # A stream looks for a long time: the connection goes back to the pool after each look.
+        connection.close()
+
+
+async def _events(job_id: uuid.UUID, request: HttpRequest) -> AsyncIterator[bytes]:
+    last_log_id, state, preview_step = 0, "", 0
+    quiet_since = time.monotonic()
+    while True:
+        look = await sync_to_async(_look)(
+            job_id, request, last_log_id=last_log_id, state=state, preview_step=preview_step
+        )
+        last_log_id, state, preview_step = look.last_log_id, look.state, look.preview_step
+        for event in look.events:
+            yield f"data: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
+        if look.events:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since > KEEP_ALIVE_SECONDS:
+            quiet_since = time.monotonic()
+            yield b": keep-alive\n\n"
+        if look.final:
+            return
+        await asyncio.sleep(POLL_SECONDS)
