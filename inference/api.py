@@ -6,7 +6,6 @@ the sync run) are async views, so a waiting client holds no worker thread.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import time
@@ -51,6 +50,7 @@ from inference.presenters import (
 from inference.submission import SubmissionRefused, submit_job
 
 MAX_IDEMPOTENCY_KEY = 255
+STREAM_KEEP_ALIVE_SECONDS = 15.0
 
 
 class EndpointNotFound(exceptions.NotFound):
@@ -485,6 +485,11 @@ def status_event_stream(job: Job, request: HttpRequest, *, with_logs: bool) -> S
     """
 
     async def events() -> AsyncIterator[bytes]:
+        async with job_events.watching(job.id) as watch:
+            async for event in looks(watch):
+                yield event
+
+    async def looks(watch: job_events.Watch) -> AsyncIterator[bytes]:
         last = ""
         last_log_id = 0
         quiet_since = time.monotonic()
@@ -496,12 +501,12 @@ def status_event_stream(job: Job, request: HttpRequest, *, with_logs: bool) -> S
                 last = state
                 quiet_since = time.monotonic()
                 yield f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
-            elif time.monotonic() - quiet_since > 15:
+            elif time.monotonic() - quiet_since > STREAM_KEEP_ALIVE_SECONDS:
                 quiet_since = time.monotonic()
                 yield b": keep-alive\n\n"
             if current.is_final:
                 return
-            await asyncio.sleep(0.1)
+            await watch.changed(STREAM_KEEP_ALIVE_SECONDS)
             current = await sync_to_async(_load_job)(current.id)
 
     response = StreamingHttpResponse(events(), content_type="text/event-stream")

@@ -13,6 +13,8 @@ from typing import Any
 
 from django.core.cache import cache
 
+from inference import job_events
+
 # The key in a job's input that asks the worker for previews.
 PREVIEWS_FLAG = "stream_previews"
 PREVIEW_TTL_SECONDS = 60
@@ -25,6 +27,7 @@ def _key(job_id: uuid.UUID | str) -> str:
 def publish_preview(job_id: uuid.UUID | str, preview: dict[str, Any]) -> None:
     """``preview``: ``{step, total, images: [{url, width, height, content_type}]}``."""
     cache.set(_key(job_id), preview, PREVIEW_TTL_SECONDS)
+    job_events.publish(job_id)  # its stream sends it now
 
 
 def latest_preview(job_id: uuid.UUID | str) -> dict[str, Any] | None:

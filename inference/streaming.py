@@ -20,12 +20,11 @@ server-sent events, one JSON object per ``data:`` line, until the request is fin
   body and HTTP status its result URL answers. Neither client raises on an event: a caller checks ``type``.
 
 A client that disconnects leaves the request running (and billed, as a sync run's is); its result stays at its
-queue URLs. The view waits without holding a thread: it looks at the job every ``POLL_SECONDS``.
+queue URLs. The view waits without holding a thread: it looks at the job at each of its moves (``job_events``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -43,12 +42,12 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from accounts.permissions import request_api_key
+from inference import job_events
 from inference.api import SubmitView, find_endpoint, handle_payload, result_body, submit_from_request, with_request_id
 from inference.models import Job, JobStatus
 from inference.presenters import logs_after, progress_of, status_payload, usage_of
 from inference.previews import latest_preview
 
-POLL_SECONDS = 0.1
 KEEP_ALIVE_SECONDS = 10.0
 
 
@@ -146,6 +145,12 @@ def _look(job_id: uuid.UUID, request: HttpRequest, *, last_log_id: int, state: s
 
 
 async def _events(job_id: uuid.UUID, request: HttpRequest) -> AsyncIterator[bytes]:
+    async with job_events.watching(job_id) as watch:
+        async for event in _looks(job_id, request, watch):
+            yield event
+
+
+async def _looks(job_id: uuid.UUID, request: HttpRequest, watch: job_events.Watch) -> AsyncIterator[bytes]:
     last_log_id, state, preview_step = 0, "", 0
     quiet_since = time.monotonic()
     while True:
@@ -162,4 +167,4 @@ async def _events(job_id: uuid.UUID, request: HttpRequest) -> AsyncIterator[byte
             yield b": keep-alive\n\n"
         if look.final:
             return
-        await asyncio.sleep(POLL_SECONDS)
+        await watch.changed(KEEP_ALIVE_SECONDS)

@@ -192,7 +192,7 @@ class Heartbeat(threading.Thread):
             member.logged_step = step
             log_job(member.job.id, f"Step {step}/{total}", source="worker")
 
-    def _report(self, member: Member) -> None:
+    def report(self, member: Member) -> None:
         """What a stream shows of a job between heartbeats: its latest preview and its step log lines."""
         preview, member.pending_preview = member.pending_preview, None
         try:
@@ -261,7 +261,7 @@ class Heartbeat(threading.Thread):
                 renewed = True
                 for member in members:
                     renewed = self._beat(member, last_renewed) and renewed
-                    self._report(member)
+                    self.report(member)
                 if renewed:
                     last_renewed = time.monotonic()
                 # Progress may come faster than the database needs it: at most one write per 0.25 s.
@@ -471,7 +471,7 @@ def _store(member: Member, result: GenerationResult, heartbeat: Heartbeat, *, ba
     """Encodes and stores one job's images (its own time, not shared) and closes it as succeeded."""
     job = member.job
     heartbeat.meter.exclusive(member.index)
-    heartbeat.log_steps(member)  # the last step, before the line that says the job completed
+    heartbeat.report(member)  # its last preview and step, before the line that says the job completed
     images = [encode_image(image, job.input["output_format"]) for image in result.images]
     stored = files.inline_outputs(images) if job.input.get("sync_mode") else files.save_outputs(job, images)
     if batch_size > 1:

@@ -217,7 +217,6 @@ def test_the_status_stream_arrives_while_the_request_runs(stack: Stack, node_cli
     assert (seen["done"]["status"], seen["done"]["error_type"]) == ("COMPLETED", "cancelled")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16: status stream resends logs")
 def test_subscribe_streaming_shows_each_log_line_once(stack: Stack, node_client: Path, key: str) -> None:
     seen = run_scenario(
         stack, node_client, "subscribe", key, input={**SMALL, "num_inference_steps": 6}, mode="streaming"
