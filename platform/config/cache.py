@@ -283,3 +283,30 @@ class FailSoftRedisCache(ReusingRedisCache):
             functools.partial(super().delete_many, keys, version),
             functools.partial(self._local.delete_many, keys, version),
         )
+
+    def count_in_window(self, current: str, previous: str, timeout: int) -> tuple[int, int]:
+        """Adds one to the counter ``current`` (created with ``timeout``) and reads ``previous``: one round trip.
+
+        The rate limit's sliding window (accounts/limits.py) asks this on every API request; three cache calls
+        would be three round trips.
+        """
+        return self._fail_soft(
+            "count_in_window",
+            functools.partial(self._count_on_redis, current, previous, timeout),
+            functools.partial(self._count_locally, current, previous, timeout),
+        )
+
+    def _count_on_redis(self, current: str, previous: str, timeout: int) -> tuple[int, int]:
+        current_key = self.make_and_validate_key(current)
+        previous_key = self.make_and_validate_key(previous)
+        pipeline = self._cache.get_client(current_key, write=True).pipeline(transaction=False)
+        # The counter is a plain Redis integer, as Django's incr leaves it; NX keeps a live window's expiry.
+        pipeline.incr(current_key)
+        pipeline.expire(current_key, timeout, nx=True)
+        pipeline.get(previous_key)
+        count, _, earlier = pipeline.execute()
+        return int(count), int(earlier or 0)
+
+    def _count_locally(self, current: str, previous: str, timeout: int) -> tuple[int, int]:
+        self._local.add(current, 0, timeout=timeout)
+        return int(self._local.incr(current)), int(self._local.get(previous, 0))
