@@ -12,7 +12,8 @@ bind = os.environ.get("BIND", "0.0.0.0:8000")
 # ASGI workers: waiting clients (sync run, status streams) do not pin a process, so a few suffice.
 workers = int(os.environ.get("WEB_CONCURRENCY", str(min(2 * multiprocessing.cpu_count() + 1, 9))))
 worker_class = "uvicorn_worker.UvicornWorker"
-# A sync /run request may wait this long for its result before answering 202 with the queue handle.
+# How long a worker may go silent before gunicorn replaces it (uvicorn workers report while requests wait: a sync
+# run or a status stream may last far longer, up to SYNC_RUN_TIMEOUT_SECONDS).
 timeout = int(os.environ.get("WEB_TIMEOUT", "120"))
 graceful_timeout = int(os.environ.get("WEB_GRACEFUL_TIMEOUT", "30"))
 keepalive = int(os.environ.get("WEB_KEEPALIVE", "75"))  # above the load balancer's idle timeout
