@@ -1,7 +1,7 @@
 """The hot tenant: one organization's submits and finishes per second against as many organizations' at once.
 
-    DATABASE_URL=postgres://... python -m tests.bench.hot_tenant [--processes 4] [--seconds 15] [--warmup 2]
-        [--concurrency-limit 1000000] [--sample-ms 50]
+    DATABASE_URL=postgres://... python -m tests.bench.hot_tenant [--processes 4] [--seconds 15] [--rounds 2]
+        [--warmup 2] [--concurrency-limit 1000000] [--sample-ms 50]
 
 Against PostgreSQL only (a scratch database named after DATABASE_URL's, dropped at the end), with billing installed
 as in production: the opening rate card in force, every organization granted far more credit than the run uses, and
@@ -14,16 +14,21 @@ admission and, on commit, the organization's dispatch), and N finishing processe
 each message: ``inference.attempts.claim_job``, one ``reserve_work`` and ``inference.closing.finish_attempt`` with a
 small result (billing's settlement inside). ``inference.dispatch.send_run_message`` is patched in every process to
 put the message on an in-memory queue of the organization (a multiprocessing queue standing in for the broker) and
-answer True. Two phases of ``--seconds`` each, after ``--warmup`` seconds not counted:
+answer True. Two configurations, ``--seconds`` counted for each:
 
-1. one organization: every process works for it;
-2. N organizations: submitter i and finisher i work for organization i.
+- one organization: every process works for it;
+- N organizations: submitter i and finisher i work for organization i.
 
-It prints submits/s and finishes/s of each phase and the ratio one / N (each ratio from this one run), then where
-the time goes, so the profile says why one tenant is slower:
+The time is split into ``--rounds`` windows per configuration, in the order one, N, N, one... (so a load that grows
+or fades on a shared machine weighs on both alike), each after ``--warmup`` seconds not counted, each with
+organizations and message queues of its own. It prints submits/s and finishes/s of each configuration and the ratio
+one / N (each ratio from this one run), then where the time goes, so the profile says why one tenant is slower:
 
 - per call, measured in each process: milliseconds in each kind of statement (a row lock by table, an upsert, ...),
   in COMMIT, and outside the database (Python, the pool, the queue);
+- the organization's own rows (its account, the organization): how long each transaction held the lock, from the
+  locking statement's answer to its COMMIT's, the row's locked time per job and the share of the time it was
+  locked; an exclusive lock held that long per job caps one organization at 1000 / (ms per job) jobs/s;
 - per process, sampled from ``pg_stat_activity`` every ``--sample-ms``: the share of time its backend waited on a
   row lock (by the table its waiting statement names), worked in PostgreSQL, waited on PostgreSQL itself (WAL,
   I/O, LWLocks), or sat idle inside a transaction (locks held while the client runs Python) or outside one.
@@ -59,6 +64,8 @@ GPU_MS = 1_000  # what each finished attempt reports, within the hold admission 
 SMALL = {"prompt": "a lighthouse", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 2}
 RESULT = {"images": [{"url": "x", "width": 64, "height": 64}], "seed": 1}
 ROLES = ("submit", "finish")
+# Tables with one row per organization that a job's transactions lock: every job of a tenant meets on these rows.
+ORGANIZATION_ROWS = ("billing_account", "accounts_organization")
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,8 @@ class Report:
     waiting_s: float = 0.0  # a finisher waiting for a message
     statement_s: dict[str, float] = field(default_factory=dict)  # by kind of statement, COMMIT included
     statements: int = 0
+    held_s: dict[str, float] = field(default_factory=dict)  # by table: from its row lock to the COMMIT
+    holds: dict[str, int] = field(default_factory=dict)  # by table: transactions that locked one of its rows
     lock_races: int = 0  # statements PostgreSQL killed for a deadlock or serialization failure (retried)
     lost_claims: int = 0
     errors: int = 0
@@ -125,47 +134,67 @@ def _overlap(start: float, end: float, begin: float, finish: float) -> float:
 
 
 class _Meter:
-    """Times every statement and COMMIT of this process's connection, by kind, for the call under way."""
+    """Times every statement and COMMIT of this process's connection, by kind, for the call under way, and how long
+    each transaction held the row locks it took (from the locking statement's answer to the COMMIT's)."""
 
     def __init__(self) -> None:
         self.pending: dict[str, float] = defaultdict(float)
         self.count = 0
         self.races = 0
+        self.locked_at: dict[str, float] = {}  # by table, in the transaction under way
+        self.held: dict[str, float] = defaultdict(float)
+        self.holds: Counter[str] = Counter()
 
     def __call__(self, execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any) -> Any:
         from tests.concurrency.harness import CONCURRENCY_SQLSTATES, sqlstate_of
 
+        kind = statement_kind(sql)
         started = time.perf_counter()
         try:
-            return execute(sql, params, many, context)
+            result = execute(sql, params, many, context)
         except Exception as exc:
             if sqlstate_of(exc) in CONCURRENCY_SQLSTATES:
                 self.races += 1
             raise
         finally:
-            self.pending[statement_kind(sql)] += time.perf_counter() - started
+            ended = time.perf_counter()
+            self.pending[kind] += ended - started
             self.count += 1
+        if kind.startswith("lock ") and context["connection"].in_atomic_block:
+            self.locked_at.setdefault(kind.removeprefix("lock "), ended)
+        return result
 
     @contextmanager
     def installed(self) -> Iterator[None]:
         from django.db import connections
 
         wrapper = connections["default"]
-        commit = wrapper.commit
+        commit, rollback = wrapper.commit, wrapper.rollback
 
         def timed_commit() -> None:
             started = time.perf_counter()
             try:
                 commit()
             finally:
-                self.pending["COMMIT"] += time.perf_counter() - started
+                ended = time.perf_counter()
+                self.pending["COMMIT"] += ended - started
+                for table, locked_at in self.locked_at.items():
+                    self.held[table] += ended - locked_at
+                    self.holds[table] += 1
+                self.locked_at.clear()
 
-        wrapper.commit = timed_commit  # type: ignore[method-assign]  # this process's only connection
+        def forgetting_rollback() -> None:
+            self.locked_at.clear()  # a lost lock race: its transaction runs again and is timed then
+            rollback()
+
+        # This process's only connection: its transactions end through these two.
+        wrapper.commit = timed_commit  # type: ignore[method-assign]
+        wrapper.rollback = forgetting_rollback  # type: ignore[method-assign]
         try:
             with wrapper.execute_wrapper(self):
                 yield
         finally:
-            del wrapper.commit
+            del wrapper.commit, wrapper.rollback
 
     def close_call(self, report: Report, counted: bool) -> None:
         if counted:
@@ -173,7 +202,12 @@ class _Meter:
                 report.statement_s[kind] = report.statement_s.get(kind, 0.0) + seconds
             report.statements += self.count
             report.lock_races += self.races
+            for table, seconds in self.held.items():
+                report.held_s[table] = report.held_s.get(table, 0.0) + seconds
+                report.holds[table] = report.holds.get(table, 0) + self.holds[table]
         self.pending.clear()
+        self.held.clear()
+        self.holds.clear()
         self.count = self.races = 0
 
 
@@ -391,10 +425,13 @@ class Pool:
 
 @dataclass
 class PhaseResult:
+    """One configuration (one organization, or N), summed over its windows."""
+
     name: str
-    seconds: float
-    reports: list[Report]
-    samples: dict[str, Counter[str]]  # by role: how many backend samples fell in each state
+    organizations: int
+    seconds: float = 0.0
+    reports: list[Report] = field(default_factory=list)
+    samples: dict[str, Counter[str]] = field(default_factory=lambda: {role: Counter() for role in ROLES})
 
     def of(self, role: str) -> list[Report]:
         return [report for report in self.reports if report.role == role]
@@ -416,21 +453,27 @@ def sample_state(state: str, wait_type: str | None, wait_event: str | None, quer
     return "client outside a transaction"
 
 
-def run_phase(
-    pool: Pool, name: str, assignments: list[tuple[Tenant, int]], endpoint_id: str, args: argparse.Namespace, url: str
-) -> PhaseResult:
-    """Each process pair works for its tenant: ``assignments[slot]`` is (tenant, message queue) of pair ``slot``."""
+def run_window(
+    pool: Pool,
+    into: PhaseResult,
+    assignments: list[tuple[Tenant, int]],
+    endpoint_id: str,
+    seconds: float,
+    args: argparse.Namespace,
+    url: str,
+) -> None:
+    """One window of ``seconds`` after the warm-up, added to ``into``: each process pair works for its tenant
+    (``assignments[slot]`` is the tenant of pair ``slot`` and the queue its messages go on)."""
     import psycopg
 
     start = time.monotonic() + 1.0
     begin = start + args.warmup
-    end = begin + args.seconds
+    end = begin + seconds
     for slot, (tenant, queue_index) in enumerate(assignments):
         for role in ROLES:
             pool.send(role, slot, Phase(tenant, endpoint_id, queue_index, begin=begin, end=end, start=start))
-    samples: dict[str, Counter[str]] = {role: Counter() for role in ROLES}
-    reports: list[Report] = []
-    expected = len(assignments) * len(ROLES)
+    samples, reports = into.samples, into.reports
+    expected = len(reports) + len(assignments) * len(ROLES)
     deadline = end + 120
     with psycopg.connect(url, autocommit=True) as sampler:
         while len(reports) < expected:
@@ -450,9 +493,9 @@ def run_phase(
                     raise SystemExit(f"the {role} process {slot} failed: {payload}")
                 reports.append(Report(**payload))
             if now > deadline:
-                raise SystemExit(f"phase {name}: {expected - len(reports)} processes never reported")
+                raise SystemExit(f"{into.name}: {expected - len(reports)} processes never reported")
             time.sleep(args.sample_ms / 1000 if begin <= now <= end else 0.05)
-    return PhaseResult(name=name, seconds=args.seconds, reports=reports, samples=samples)
+    into.seconds += seconds
 
 
 def check_books(tenants: list[Tenant]) -> list[str]:
@@ -488,15 +531,40 @@ def _ms_per_call(reports: list[Report]) -> tuple[dict[str, float], float, float]
     return by_kind, mean, statistics.median(durations) if durations else 0.0
 
 
+def _mean_hold_ms(phase: PhaseResult, role: str, table: str) -> float:
+    reports = phase.of(role)
+    holds = sum(report.holds.get(table, 0) for report in reports)
+    return sum(report.held_s.get(table, 0.0) for report in reports) * 1000 / holds if holds else 0.0
+
+
+def _row_ms_per_job(phase: PhaseResult, table: str) -> float:
+    """How long one organization's row of ``table`` is locked for each job: by its submit and by its finish."""
+    total = 0.0
+    for role in ROLES:
+        reports = phase.of(role)
+        calls = sum(report.calls for report in reports)
+        if calls:
+            total += sum(report.held_s.get(table, 0.0) for report in reports) * 1000 / calls
+    return total
+
+
+def _row_busy(phase: PhaseResult, table: str) -> float:
+    """The share of the time the rows of ``table`` were locked, per organization (an exclusive lock: at most 100%
+    for a row only one organization's transactions lock, such as its account)."""
+    held = sum(report.held_s.get(table, 0.0) for report in phase.reports)
+    return held / (phase.seconds * phase.organizations) if phase.seconds else 0.0
+
+
 def print_results(one: PhaseResult, many: PhaseResult, args: argparse.Namespace, drift: list[str]) -> None:
     from django.db import connection
 
     version = connection.pg_version  # type: ignore[attr-defined]
     n = args.processes
     print(
-        f"hot tenant: {n} submitting + {n} finishing processes, {args.seconds:g} s per phase after {args.warmup:g} s"
-        f" of warm-up; PostgreSQL {version // 10000}.{version % 10000}, billing on (opening rate card, ample credit),"
-        f" concurrency limit {args.concurrency_limit:,}; {os.cpu_count()} cores"
+        f"hot tenant: {n} submitting + {n} finishing processes; {args.seconds:g} s counted for each configuration in"
+        f" {args.rounds} windows (one org first, then alternating), each after {args.warmup:g} s of warm-up;"
+        f" PostgreSQL {version // 10000}.{version % 10000}, billing on (opening rate card, ample credit), concurrency"
+        f" limit {args.concurrency_limit:,}; {os.cpu_count()} cores"
     )
     header = f"  {'':22}{'submits/s':>10}{'finishes/s':>12}{'submit ms p50':>15}{'finish ms p50':>15}"
     print(header)
@@ -526,7 +594,7 @@ def print_results(one: PhaseResult, many: PhaseResult, args: argparse.Namespace,
     books = "balance and holds match the ledger" if not drift else f"DRIFT in {drift}"
     print(f"  books: {books} for every organization")
 
-    print(f"\nwhere a call's time goes, ms per call (client side; '{n} orgs' is phase 2):")
+    print("\nwhere a call's time goes, ms per call (measured in the processes):")
     for role in ROLES:
         one_kinds, one_mean, _ = _ms_per_call(one.of(role))
         many_kinds, many_mean, _ = _ms_per_call(many.of(role))
@@ -544,6 +612,24 @@ def print_results(one: PhaseResult, many: PhaseResult, args: argparse.Namespace,
         print(f"    {'outside the database (Python...)':34}{outside_one:9.2f}{outside_many:9.2f}")
         print(f"    {'the whole call (mean)':34}{one_mean:9.2f}{many_mean:9.2f}")
 
+    print(
+        "\nrows one per organization: ms each transaction held the lock (to COMMIT), ms per job, share of time locked:"
+    )
+    print(f"  {'':30}{'one org':>10}{f'{n} orgs':>10}")
+    for table in ORGANIZATION_ROWS:
+        print(f"  {table}")
+        for role in ROLES:
+            one_ms, many_ms = _mean_hold_ms(one, role, table), _mean_hold_ms(many, role, table)
+            print(f"    {'held by a ' + role:28}{one_ms:10.2f}{many_ms:10.2f}")
+        print(f"    {'row time per job, ms':28}{_row_ms_per_job(one, table):10.2f}{_row_ms_per_job(many, table):10.2f}")
+        print(f"    {'time the row was locked':28}{_row_busy(one, table):10.0%}{_row_busy(many, table):10.0%}")
+    for table in ORGANIZATION_ROWS:
+        row_ms = _row_ms_per_job(one, table)
+        print(
+            f"  {table}: locked {row_ms:.1f} ms per job in the one-org run, it caps one organization at"
+            f" {1000 / max(row_ms, 1e-9):.0f} jobs/s at those hold times, however many processes serve it"
+        )
+
     print(f"\nwhat the processes' PostgreSQL backends were doing (pg_stat_activity every {args.sample_ms} ms):")
     for role in ROLES:
         one_total = sum(one.samples[role].values()) or 1
@@ -560,7 +646,8 @@ def print_results(one: PhaseResult, many: PhaseResult, args: argparse.Namespace,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--processes", type=int, default=4, help="submitting processes, and as many finishing")
-    parser.add_argument("--seconds", type=float, default=15, help="the window counted in each phase")
+    parser.add_argument("--seconds", type=float, default=15, help="the time counted for each configuration")
+    parser.add_argument("--rounds", type=int, default=2, help="windows per configuration, alternating one/N, N/one")
     parser.add_argument("--warmup", type=float, default=2, help="seconds run before each window, not counted")
     parser.add_argument(
         "--concurrency-limit", type=int, default=1_000_000, help="each organization's (2 is the platform's default)"
@@ -593,16 +680,21 @@ def main() -> None:
         import django
 
         django.setup()
-        n = args.processes
-        tenants, endpoint_id = make_tenants(n + 1, args.concurrency_limit)
-        hot, others = tenants[0], tenants[1:]
-        pool = Pool(n, env, queue_count=1 + n)
+        n, rounds = args.processes, args.rounds
+        # Fresh organizations and message queues for every window: none inherits another's backlog.
+        tenants, endpoint_id = make_tenants(rounds * (1 + n), args.concurrency_limit)
+        pool = Pool(n, env, queue_count=len(tenants))
         pool.start()
-        one = run_phase(pool, "one organization", [(hot, 0)] * n, endpoint_id, args, scratch_url)
-        many = run_phase(
-            pool, f"{n} organizations", [(tenant, 1 + i) for i, tenant in enumerate(others)], endpoint_id, args,
-            scratch_url,
-        )  # fmt: skip
+        one, many = PhaseResult("one organization", 1), PhaseResult(f"{n} organizations", n)
+        fresh = iter(range(len(tenants)))
+        for number in range(rounds):
+            for phase in (one, many) if number % 2 == 0 else (many, one):  # one, N, N, one...: drift cancels
+                if phase is one:
+                    index = next(fresh)
+                    assignments = [(tenants[index], index)] * n
+                else:
+                    assignments = [(tenants[index], index) for index in (next(fresh) for _ in range(n))]
+                run_window(pool, phase, assignments, endpoint_id, args.seconds / rounds, args, scratch_url)
         pool.close()
         pool = None
         print_results(one, many, args, check_books(tenants))
