@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 
-.PHONY: run test test-quick lint typecheck pytest pytest-sqlite browser bench-api bench-queue bench-engine bench-billing race soak mutation install clean
+.PHONY: run test test-quick lint typecheck pytest pytest-sqlite browser bench-api bench-queue bench-tenants bench-engine bench-billing race soak mutation install clean
 
 ## Set up and run the platform on the embedded default (SQLite, a private Redis it starts): http://127.0.0.1:$(PORT)
 run: install
@@ -54,6 +54,10 @@ bench-api: install
 ## Submit latency, queue overhead and sustained submits/s, against a bare Celery round trip
 bench-queue: install
 	$(BIN)/python -m tests.bench.queue_overhead
+
+## One organization's submits and finishes per second against N organizations', and why (DATABASE_URL=postgres://...; ARGS="--processes 4 --seconds 15")
+bench-tenants: install
+	$(BIN)/python -m tests.bench.hot_tenant $(ARGS)
 
 ## Stock diffusers against the engine: same weights, seeds and parameters (ARGS=--gpu on CUDA, ARGS=--quick)
 bench-engine: install

@@ -1,0 +1,124 @@
+"""Statements per job: what each step of one job's life sends to the database on the fast path, with billing on.
+
+Every statement is a round trip on top of the model's time, on every request. Each step's count may only go down:
+the ceilings are the counts measured when this test was written; lower one when a change saves a statement.
+
+The test runs inside pytest-django's transaction, so each top-level transaction of a step is a savepoint and its
+release here, where production sends BEGIN and COMMIT: the same number of round trips. The shared cache starts
+empty: admission reads the endpoint's measured GPU time from the rollups (production reads it once a minute per
+endpoint once the endpoint has usage, and at every admission before it has any).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from billing.ledger import grant_credits
+from billing.models import Hold, UsageRecord
+from billing.money import gpu_ms_within
+from billing.pricing import price_for
+from inference import attempts, closing, submission
+from inference.hooks import Reservation
+from inference.models import AttemptOutcome, Endpoint, Job, JobStatus
+from tests.lifecycle import SMALL
+
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("priced_without_broker")]
+
+STEPS = ("submit", "dispatch", "claim", "heartbeat", "reserve", "finish")
+
+# The most statements each step may send: the counts measured when this test was written, the same on PostgreSQL
+# and SQLite, a transaction's savepoint and release included.
+CEILINGS = {
+    # The job's insert; admission: the price in force, the endpoint's measured GPU time (the cache is cold), the
+    # account's lock, the key's spend limit, the hold (any earlier one, the insert, the account's held amount); the
+    # log line.
+    "submit": 11,
+    # The organization's lock, its active jobs counted, the queued ones picked, moved to DISPATCHED and read back.
+    "dispatch": 7,
+    # The conditional UPDATE, the attempt row, the log line; then the job read with its endpoint and organization.
+    "claim": 6,
+    # The lease renewed, the attempt's heartbeat time, the job read again, and billing's look at the balance.
+    "heartbeat": 4,
+    # The job's open hold, the account's balance and holds, the price in force when the job started.
+    "reserve": 3,
+    # The job and attempt locks, the attempt, the retention setting, the log line, the job; settlement: the price,
+    # the account's lock, the hold released, the usage record, the debit, the account, the rollups; on commit, one
+    # read that finds no waiting job to dispatch.
+    "finish": 16,
+}
+
+
+def test_each_step_of_a_job_sends_no_more_statements_than_it_does_today(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, django_capture_on_commit_callbacks: Callable[..., Any]
+) -> None:
+    organization, api_key = tenant["organization"], tenant["api_key"]
+    # Whatever earlier tests in this database recorded for the endpoint, admission can hold its estimate.
+    grant_credits(organization=organization, amount_micros=100_000_000, reason="Round trip test")
+    statements: dict[str, list[str]] = {}
+
+    @contextmanager
+    def counted(step: str) -> Iterator[None]:
+        """Counts the statements of the step's call and of what it runs once it commits."""
+        with CaptureQueriesContext(connection) as queries, django_capture_on_commit_callbacks(execute=True):
+            yield
+        statements[step] = [query["sql"] for query in queries.captured_queries]
+
+    # Submit: the insert and billing's admission (the hold) in one transaction; on commit it dispatches.
+    with django_capture_on_commit_callbacks() as on_submit_commit, CaptureQueriesContext(connection) as submit:
+        job, created = submission.submit_job(
+            organization=organization, api_key=api_key, endpoint=builtin_endpoint, payload=SMALL
+        )
+    statements["submit"] = [query["sql"] for query in submit.captured_queries]
+    assert created
+    assert Hold.objects.get(job=job).released_at is None
+
+    # Dispatch: what the submission runs once it commits (the organization's dispatch; the broker is patched out).
+    with counted("dispatch"):
+        for callback in on_submit_commit:
+            callback()
+    job.refresh_from_db()
+    assert (job.status, job.attempt) == (JobStatus.DISPATCHED, 1)
+
+    # Claim: the worker's conditional UPDATE, its attempt row and log line, then the job it runs.
+    with counted("claim"):
+        claimed = attempts.claim_job(job_id=str(job.pk), attempt=1, worker="worker-1")
+    assert claimed is not None
+    assert claimed.status == JobStatus.RUNNING
+
+    quote = price_for(builtin_endpoint, claimed.started_at, organization.pk)
+    assert quote.unit_price_micros
+    covered = gpu_ms_within(Hold.objects.get(job=job).amount_micros, quote.unit_price_micros)
+
+    # One heartbeat: the lease renewed, progress, and whether it may go on.
+    with counted("heartbeat"):
+        answer = attempts.heartbeat(job_id=str(job.pk), attempt=1, step=1, total=2, gpu_ms=covered // 2)
+    assert answer.keep_going
+
+    # One reservation that the admission's hold already covers (the fast path: no lock, no write).
+    with counted("reserve"):
+        reservation = attempts.reserve_work(job=claimed, gpu_ms=covered)
+    assert reservation == Reservation(covered_gpu_ms=covered)
+
+    # Finish: the attempt closed, the job completed and billing's settlement, then what runs once it commits.
+    with counted("finish"):
+        finished = closing.finish_attempt(
+            job_id=str(job.pk), attempt=1, outcome=AttemptOutcome.SUCCEEDED, gpu_ms=covered,
+            result={"images": [{"url": "x", "width": 64, "height": 64}], "seed": 1},
+        )  # fmt: skip
+    assert finished is not None
+    assert finished.status == JobStatus.COMPLETED
+    assert UsageRecord.objects.get(job=job).cost_micros > 0
+    assert Job.objects.get(pk=job.pk).status == JobStatus.COMPLETED
+
+    counts = {step: len(statements[step]) for step in STEPS}
+    print(f"\nstatements per step on {connection.vendor}: {counts}, {sum(counts.values())} in all")
+    for step in STEPS:
+        assert counts[step] <= CEILINGS[step], (
+            f"{step} sends {counts[step]} statements, more than its {CEILINGS[step]}:\n" + "\n".join(statements[step])
+        )
