@@ -131,12 +131,14 @@ def submit_job(
 @retrying_atomic
 def _insert_and_admit(job: Job) -> Job:
     job.save(force_insert=True)
+    log_job(job.id, f"Request queued for {job.endpoint.endpoint_id}.")
     if hooks.admit is not None:
-        # After the insert, so billing can hold credit against the job; a refusal rolls it back.
+        # Last: billing locks the organization's account, which every submission and settlement of the organization
+        # waits for, until this commits. After the insert, so it can hold credit against the job; a refusal rolls
+        # the whole submission back.
         refusal = hooks.admit(job)
         if refusal is not None:
             raise SubmissionRefused.of(refusal)
-    log_job(job.id, f"Request queued for {job.endpoint.endpoint_id}.")
     organization_id = job.organization_id
     transaction.on_commit(lambda: dispatch_organization(organization_id), robust=True)
     return job
