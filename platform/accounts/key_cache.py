@@ -4,10 +4,13 @@ A key's row (with its organization, its maker and the maker's current role) is k
 in the shared cache for ``API_KEY_CACHE_SECONDS``. Every entry is stamped with the **generation**: a random token
 in the shared cache that every change touching authentication replaces (a key revoked, edited or deleted; an
 organization suspended; a member removed or given another role; a person deactivated: ``forget_all``, called on
-commit by accounts.signals and the services). Each request reads the generation (one cache round trip) and uses an
-entry only if it carries the current one, so a change stops the old answer on every process at its very next
-request, not when a TTL runs out. A random token, not a counter: after the cache loses it (a restart), no old entry
-can match a new one.
+commit by accounts.signals and the services), and publishes the new one on Redis. Each process hears it on one
+subscription (a daemon thread) and drops what it kept at once, so a request reads the generation from memory, with
+no round trip, and uses an entry only if it carries the current one: a change stops the old answer on every process
+as soon as the message arrives (Redis delivers it to every subscriber on publish), not when a TTL runs out. While a
+process is not subscribed (starting, or its subscription lost) each request reads the generation from the cache
+instead, one round trip; on subscribing it starts again with nothing kept. A random token, not a counter: after the
+cache loses it (a restart), no old entry can match a new one.
 
 The caller still checks everything that can change with time alone on the kept row (the secret's hash, expiry).
 
@@ -22,6 +25,7 @@ at most ``API_KEY_CACHE_SECONDS`` after it was kept.
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import secrets
 import threading
@@ -29,6 +33,7 @@ import time
 import uuid
 from typing import Any, cast
 
+import redis
 from django.conf import settings
 from django.core.cache import cache, caches
 from django.core.cache.backends.redis import RedisCache
@@ -60,6 +65,88 @@ def _enabled() -> bool:
     return not getattr(caches["default"], "redis_unavailable", False)
 
 
+class _Subscription(threading.Thread):
+    """This process's ear for generation changes: ``current`` is the generation while ``live``."""
+
+    def __init__(self, location: str, channel: str) -> None:
+        super().__init__(name="api-key-generations", daemon=True)
+        self.location, self.channel = location, channel
+        self.pid = os.getpid()
+        self.connected = False  # subscribed: any change from now on arrives as a message
+        self.live = False  # connected, and holding the generation
+        self.current: str | None = None
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        backoff = 0.1
+        while not self.stopped.is_set():
+            try:
+                client = redis.Redis.from_url(self.location, socket_connect_timeout=0.5, health_check_interval=15)
+                pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+                pubsub.subscribe(self.channel)
+                if pubsub.get_message(ignore_subscribe_messages=False, timeout=5.0) is None:  # the confirmation
+                    raise TimeoutError("no subscription confirmation")
+                self.connected = True
+                self.refresh()  # subscribed first, then read: a change after the read arrives as a message
+                backoff = 0.1
+                while not self.stopped.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        self.refresh()
+            except Exception as exc:  # Redis down or gone: requests read the generation from the cache meanwhile
+                logger.info("API key generation subscription lost: %s", exc)
+            with _local_lock:
+                self.connected = self.live = False
+                self.current = None
+                _local.clear()
+            self.stopped.wait(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    def refresh(self) -> None:
+        """Holds the generation the cache has now. A message only says it changed: reading it, rather than taking
+        the message's token, keeps the latest when two processes' changes cross."""
+        current = cache.get(GENERATION_KEY)
+        self.adopt(None if current is None else str(current))
+
+    def adopt(self, current: str | None) -> None:
+        with _local_lock:
+            if current != self.current:
+                _local.clear()
+            self.current = current
+            self.live = self.connected and current is not None
+
+
+_subscription: _Subscription | None = None
+_subscription_lock = threading.Lock()
+
+
+def _channel() -> str:
+    return f"{caches['default'].make_key(GENERATION_KEY)}:changed"
+
+
+def _subscribed() -> _Subscription | None:
+    """This process's subscription to the current cache's generation channel, started on first use."""
+    global _subscription
+    servers = getattr(caches["default"], "_servers", None)  # Django's RedisCache: the first is the primary
+    if not isinstance(servers, list | tuple) or not servers:
+        return None
+    location = str(servers[0])
+    channel = _channel()
+    current = _subscription
+    if current is not None and (current.pid, current.location, current.channel) == (os.getpid(), location, channel):
+        return current
+    with _subscription_lock:
+        if _subscription is not None and (_subscription.pid, _subscription.location, _subscription.channel) == (
+            os.getpid(), location, channel,
+        ):  # fmt: skip
+            return _subscription
+        if _subscription is not None:
+            _subscription.stopped.set()
+        _subscription = _Subscription(location, channel)
+        _subscription.start()
+        return _subscription
+
+
 def generation() -> str | None:
     """The current generation, or None when keys may not be kept now (no shared cache, or it is not answering)."""
     global _announce_pending
@@ -70,6 +157,9 @@ def generation() -> str | None:
         return None
     if _announce_pending and not _new_generation():
         return None
+    heard = _subscribed()
+    if heard is not None and heard.live and heard.current is not None:
+        return heard.current
     try:
         current = cache.get(GENERATION_KEY)
         if current is None:
@@ -79,7 +169,11 @@ def generation() -> str | None:
         logger.warning("API key cache unavailable: %s", exc)
         return None
     # An answer from process memory (Redis went down during the call) cannot carry another process's change.
-    return str(current) if current is not None and _enabled() else None
+    if current is None or not _enabled():
+        return None
+    if heard is not None and heard.connected and not heard.live:
+        heard.adopt(str(current))  # read after subscribing: whatever changes next arrives as a message
+    return str(current)
 
 
 def lookup(key_id: uuid.UUID, current: str) -> ApiKey | None:
@@ -125,14 +219,31 @@ def _new_generation() -> bool:
         _local.clear()
     try:
         if _enabled():
-            cache.set(GENERATION_KEY, secrets.token_hex(8), timeout=None)
+            token = secrets.token_hex(8)
+            cache.set(GENERATION_KEY, token, timeout=None)
             if _enabled():
                 _announce_pending = False
+                _publish(token)
                 return True
     except Exception as exc:
         logger.warning("API key cache generation not replaced: %s", exc)
     _announce_pending = _shared()
     return False
+
+
+def _publish(token: str) -> None:
+    """Tells every process's subscription (this one's at once); a process that misses it reads the cache."""
+    heard = _subscribed()
+    if heard is not None and heard.connected:
+        heard.refresh()
+    try:
+        client = caches["default"]._cache.get_client(write=True)  # type: ignore[attr-defined]
+        client.publish(_channel(), token)
+    except Exception as exc:
+        # Subscribed processes did not hear it: this process replaces (and publishes) it again at its next request.
+        global _announce_pending
+        _announce_pending = True
+        logger.warning("API key generation not published: %s", exc)
 
 
 def _keep_locally(key_id: uuid.UUID, current: str, api_key: ApiKey) -> None:

@@ -24,6 +24,7 @@ from accounts.services import (
     update_api_key,
 )
 from config.cache import FailSoftRedisCache
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db
 
@@ -48,9 +49,26 @@ def shared_cache(settings: Any) -> FailSoftRedisCache:
     return cache
 
 
-def another_process_changes_something() -> None:
-    """What another process's ``forget_all`` leaves here: a new generation in Redis, this process's memory intact."""
-    caches["default"].set(key_cache.GENERATION_KEY, "from-another-process", timeout=None)
+def another_process_changes_something() -> str:
+    """What another process's ``forget_all`` does, seen from here: a new generation in Redis, published; this
+    process's memory is left as it was until its subscription hears it (at once, when it is subscribed)."""
+    cache = caches["default"]
+    token = "from-another-process"
+    cache.set(key_cache.GENERATION_KEY, token, timeout=None)
+    cache._cache.get_client(write=True).publish(key_cache._channel(), token)  # type: ignore[attr-defined]
+    heard = key_cache._subscription
+    if heard is not None and heard.live:
+        wait_until(lambda: heard.current == token, timeout=10, message="the subscription to hear the change")
+    return token
+
+
+def subscribed() -> key_cache._Subscription:
+    """This process's subscription to generation changes, once it is listening."""
+    heard = key_cache._subscribed()
+    assert heard is not None
+    # Live once it is subscribed and holds the generation (read at subscribing, or by the next request after it).
+    wait_until(lambda: key_cache.generation() and heard.live, timeout=10, message="the generation subscription")
+    return heard
 
 
 def test_a_kept_key_costs_no_query(
@@ -162,3 +180,50 @@ def test_no_key_is_kept_while_redis_is_down_and_the_generation_changes_once_it_i
     monkeypatch.undo()
     authenticate_token(tenant["token"])
     assert shared_cache.get(key_cache.GENERATION_KEY) not in (None, before)
+
+
+def test_a_subscribed_process_reads_the_generation_from_memory(
+    tenant: dict[str, Any],
+    shared_cache: FailSoftRedisCache,
+    monkeypatch: pytest.MonkeyPatch,
+    django_assert_num_queries: Callable[..., Any],
+) -> None:
+    authenticate_token(tenant["token"])
+    heard = subscribed()
+    authenticate_token(tenant["token"])  # kept again under the generation the subscription holds
+
+    def no_round_trip(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the generation was read from Redis")
+
+    monkeypatch.setattr(FailSoftRedisCache, "get", no_round_trip)
+    assert key_cache.generation() == heard.current
+    with django_assert_num_queries(0):
+        authenticate_token(tenant["token"])
+
+
+def test_a_change_published_by_another_process_stops_the_kept_key_here(
+    tenant: dict[str, Any], shared_cache: FailSoftRedisCache
+) -> None:
+    authenticate_token(tenant["token"])
+    subscribed()
+    authenticate_token(tenant["token"])
+    ApiKey.objects.filter(pk=tenant["api_key"].pk).update(revoked_at="2026-01-01T00:00:00Z")
+    token = another_process_changes_something()
+    assert key_cache.generation() == token
+    with pytest.raises(AuthenticationFailed) as refused:
+        authenticate_token(tenant["token"])
+    assert refused.value.get_codes() == "api_key_revoked"
+
+
+def test_the_subscription_follows_the_cache_when_changes_cross_or_the_cache_is_emptied(
+    shared_cache: FailSoftRedisCache,
+) -> None:
+    key_cache.generation()
+    heard = subscribed()
+    shared_cache.set(key_cache.GENERATION_KEY, "the-latest", timeout=None)
+    shared_cache._cache.get_client(write=True).publish(key_cache._channel(), "an-earlier-one")  # type: ignore[attr-defined]
+    wait_until(lambda: heard.current == "the-latest", timeout=10, message="the subscription to read the cache")
+    shared_cache.clear()
+    key_cache.forget_all()
+    assert heard.current not in (None, "the-latest")
+    assert key_cache.generation() == shared_cache.get(key_cache.GENERATION_KEY)
