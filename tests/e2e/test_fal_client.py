@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import threading
+from datetime import timedelta
 from typing import Any
 
 import fal_client
 import httpx
 import pytest
+from django.db.models import DateTimeField, ExpressionWrapper
+from django.db.models.functions import Now
 from PIL import Image
 
+from inference.models import Job, JobAttempt
 from tests.e2e.conftest import Stack
 from tests.waiting import wait_until
 
@@ -19,6 +24,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 APP = "platform/tiny-sd"
 SMALL = {"prompt": "a lighthouse at dusk", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 3}
+# How long a sync run's request is kept from starting before its worker resumes. The server answers a run only when
+# its request is final (or after SYNC_RUN_TIMEOUT_SECONDS, 300 in the stack): no shorter wait limit hands the client
+# a queue handle in place of the output.
+WAITED_SECONDS = 5
 
 
 @pytest.fixture
@@ -38,6 +47,20 @@ def fetch_image(stack: Stack, url: str) -> Image.Image:
     response = httpx.get(url, verify=stack.ssl_context(), timeout=30)
     assert response.status_code == 200, response.text
     return Image.open(io.BytesIO(response.content))
+
+
+def waited_unstarted(organization: Any, *, seed: int, seconds: float) -> Job | None:
+    """The organization's request with this seed, once it has waited ``seconds`` without starting, by the database's
+    clock."""
+    cutoff = ExpressionWrapper(Now() - timedelta(seconds=seconds), output_field=DateTimeField())
+    return Job.objects.filter(
+        organization=organization, input__seed=seed, started_at__isnull=True, created_at__lte=cutoff
+    ).first()
+
+
+def set_concurrency_limit(organization: Any, limit: int) -> None:
+    organization.concurrency_limit = limit
+    organization.save(update_fields=["concurrency_limit"])
 
 
 def test_submit_status_and_result(stack: Stack, fal: fal_client.SyncClient) -> None:
@@ -142,3 +165,92 @@ def test_invalid_input_is_422_naming_the_field(stack: Stack, fal: fal_client.Syn
     locations = [item["loc"] for item in response.json()["detail"]]
     assert ["body", "prompt"] in locations
     assert ["body", "num_images"] in locations
+
+
+def test_run_returns_the_output_however_long_the_request_waits(
+    stack: Stack, fal: fal_client.SyncClient, e2e_tenant: dict[str, Any]
+) -> None:
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["output"] = fal.run(APP, arguments={**SMALL, "seed": 21})
+        except Exception as error:  # reported by the assertions below
+            outcome["error"] = error
+
+    runner = threading.Thread(target=run, daemon=True)
+    # No worker takes the request until it has waited: its job stays DISPATCHED (no lease runs out meanwhile).
+    with stack.paused("gpu"):
+        runner.start()
+        waited = wait_until(
+            lambda: waited_unstarted(e2e_tenant["organization"], seed=21, seconds=WAITED_SECONDS),
+            timeout=60,
+            message=f"the run's request to wait {WAITED_SECONDS} s unstarted",
+        )
+        assert runner.is_alive(), outcome
+    runner.join(timeout=120)
+    assert not runner.is_alive(), "fal_client.run did not return once the worker resumed"
+    assert "error" not in outcome, outcome
+    output = outcome["output"]
+    # The model's output, not a queue handle standing in for it.
+    assert not {"request_id", "status_url", "response_url"} & set(output), output
+    assert output["seed"] == 21
+    [image] = output["images"]
+    assert fetch_image(stack, image["url"]).size == (64, 64)
+    job = Job.objects.get(pk=waited.pk)
+    assert job.status == "COMPLETED"
+    assert (job.finished_at - job.created_at).total_seconds() >= WAITED_SECONDS
+
+
+def test_start_timeout_ends_a_request_that_could_not_start_unbilled(
+    stack: Stack, fal: fal_client.SyncClient, e2e_tenant: dict[str, Any]
+) -> None:
+    from billing.models import Account, UsageRecord
+
+    organization = e2e_tenant["organization"]
+    set_concurrency_limit(organization, 1)
+    # With the GPU worker paused, a dispatched request holds the tenant's only slot until it is cancelled: the run
+    # waits in the queue behind it past its start timeout, however fast the machine.
+    with stack.paused("gpu"):
+        blocker = fal.submit(APP, {**SMALL, "seed": 1})
+        wait_until(
+            lambda: Job.objects.get(pk=blocker.request_id).status == "DISPATCHED",
+            timeout=30,
+            message="the blocker to take the only slot",
+        )
+        held_before = Account.objects.get(organization=organization).held_micros
+        with pytest.raises(fal_client.client.FalClientHTTPError) as raised:
+            fal.run(APP, arguments={**SMALL, "seed": 2}, start_timeout=1.5)
+        blocker.cancel()
+    error = raised.value
+    assert (error.status_code, error.error_type) == (504, "timeout")
+    assert "start timeout" in str(error)
+    # fal's mark of a timeout the caller set: its clients do not retry it.
+    assert error.response.headers["x-fal-request-timeout-type"] == "user"
+    job = Job.objects.get(pk=error.response.headers["x-fal-request-id"])
+    assert job.input["seed"] == 2
+    assert (job.status, job.error_type, job.started_at, job.gpu_ms) == ("CANCELLED", "timeout", None, 0)
+    assert not JobAttempt.objects.filter(job=job).exists()
+    assert not UsageRecord.objects.filter(job=job).exists()
+    assert Account.objects.get(organization=organization).held_micros == held_before
+    with pytest.raises(fal_client.client.FalClientHTTPError) as result:
+        fal.result(APP, str(job.pk))
+    assert (result.value.status_code, result.value.error_type) == (504, "timeout")
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "error_type"),
+    [("bad key", 401, "invalid_api_key"), ("unknown app", 404, "endpoint_not_found")],
+)
+def test_refusals_are_the_clients_http_errors_with_our_body(
+    stack: Stack, fal: fal_client.SyncClient, case: str, status: int, error_type: str
+) -> None:
+    if case == "bad key":
+        client, app = fal_client.SyncClient(key=f"{fal.key.split(':')[0]}:wrong"), APP
+    else:
+        client, app = fal, "platform/no-such-model"
+    for call in (lambda: client.submit(app, SMALL), lambda: client.run(app, arguments=SMALL)):
+        with pytest.raises(fal_client.client.FalClientHTTPError) as raised:
+            call()
+        assert (raised.value.status_code, raised.value.error_type) == (status, error_type)
+        assert str(raised.value)  # our detail

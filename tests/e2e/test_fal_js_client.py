@@ -30,8 +30,12 @@ import httpx
 import pytest
 from PIL import Image
 
+from inference.models import Job, JobAttempt
 from tests.browser.conftest import chromium_path
 from tests.e2e.conftest import Stack
+from tests.e2e.test_fal_client import WAITED_SECONDS, set_concurrency_limit, waited_unstarted
+from tests.e2e.test_fal_streaming import SHARED_CACHE
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -40,6 +44,9 @@ APP = "platform/tiny-sd"
 SMALL = {"prompt": "a lighthouse at dusk", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 3}
 # Long enough to be caught running, however fast the machine.
 LONG = {**SMALL, "num_inference_steps": 50, "image_size": {"width": 256, "height": 256}}
+# Steps long enough (attention over 32x32 latents) that the stream sees most of them, and previews between them.
+STREAM_STEPS = 6
+STREAMED = {**SMALL, "image_size": {"width": 256, "height": 256}, "num_inference_steps": STREAM_STEPS}
 # What a scenario may take at most, waits included (it waits on conditions, with deadlines of its own).
 SCENARIO_TIMEOUT_SECONDS = 300
 
@@ -72,8 +79,8 @@ def node_client() -> Path:
     return JS
 
 
-def run_scenario(stack: Stack, node_client: Path, name: str, key: str, **given: Any) -> dict[str, Any]:
-    """Runs ``scenario.mjs <name>`` with the client's ``proxyUrl`` on this stack; what it printed, as JSON."""
+def start_scenario(stack: Stack, node_client: Path, name: str, key: str, **given: Any) -> subprocess.Popen[str]:
+    """Starts ``scenario.mjs <name>`` with the client's ``proxyUrl`` on this stack."""
     env = {
         # No FAL_* of the Python client's (tests/e2e/conftest.py): the proxy URL is the only configuration.
         **{name: value for name, value in os.environ.items() if not name.startswith("FAL_")},
@@ -82,21 +89,41 @@ def run_scenario(stack: Stack, node_client: Path, name: str, key: str, **given: 
         "FAL_KEY": key,
         "SCENARIO_INPUT": json.dumps({"app": APP, **given}),
     }
-    finished = subprocess.run(
+    return subprocess.Popen(
         ["node", "scenario.mjs", name],
         cwd=node_client,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=SCENARIO_TIMEOUT_SECONDS,
-        check=False,
     )
-    assert finished.returncode == 0, (
-        f"scenario {name} failed:\n{finished.stderr}\n{finished.stdout}\nserver:\n{stack.log_tail('web')}"
+
+
+def scenario_output(stack: Stack, scenario: subprocess.Popen[str]) -> dict[str, Any]:
+    """What a started scenario printed, as JSON, once it has exited."""
+    try:
+        stdout, stderr = scenario.communicate(timeout=SCENARIO_TIMEOUT_SECONDS)
+    finally:
+        if scenario.poll() is None:
+            scenario.kill()
+            scenario.communicate()
+    assert scenario.returncode == 0, (
+        f"scenario {scenario.args[2]} failed:\n{stderr}\n{stdout}\nserver:\n{stack.log_tail('web')}"
         f"\nworker:\n{stack.log_tail('gpu')}"
     )
-    result: dict[str, Any] = json.loads(finished.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
     return result
+
+
+def run_scenario(stack: Stack, node_client: Path, name: str, key: str, **given: Any) -> dict[str, Any]:
+    """Runs ``scenario.mjs <name>`` with the client's ``proxyUrl`` on this stack; what it printed, as JSON."""
+    return scenario_output(stack, start_scenario(stack, node_client, name, key, **given))
+
+
+def still_running(scenario: subprocess.Popen[str]) -> bool:
+    """True while the scenario runs; a condition that gives up at once if it has exited."""
+    assert scenario.poll() is None, f"the scenario exited early:\n{''.join(scenario.communicate())}"
+    return True
 
 
 @pytest.fixture
@@ -154,6 +181,66 @@ def test_run_waits_for_the_result(stack: Stack, node_client: Path, key: str) -> 
     assert image["content_type"] == "image/jpeg"
     assert fetch_image(stack, image["url"]).format == "JPEG"
     assert ran["value"]["requestId"]
+
+
+def test_run_returns_the_output_however_long_the_request_waits(
+    stack: Stack, node_client: Path, key: str, e2e_tenant: dict[str, Any]
+) -> None:
+    # No worker takes the request until it has waited: its job stays DISPATCHED (no lease runs out meanwhile).
+    with stack.paused("gpu"):
+        running = start_scenario(stack, node_client, "run", key, input={**SMALL, "seed": 23})
+        waited = wait_until(
+            lambda: (
+                still_running(running) and waited_unstarted(e2e_tenant["organization"], seed=23, seconds=WAITED_SECONDS)
+            ),
+            timeout=60,
+            message=f"the run's request to wait {WAITED_SECONDS} s unstarted",
+        )
+    ran = scenario_output(stack, running)
+    assert "error" not in ran, ran
+    assert ran["value"]["requestId"] == str(waited.pk)
+    output = ran["value"]["data"]
+    # The model's output, not a queue handle standing in for it.
+    assert not {"request_id", "status_url", "response_url"} & set(output), output
+    assert output["seed"] == 23
+    [image] = output["images"]
+    assert fetch_image(stack, image["url"]).size == (64, 64)
+    job = Job.objects.get(pk=waited.pk)
+    assert job.status == "COMPLETED"
+    assert (job.finished_at - job.created_at).total_seconds() >= WAITED_SECONDS
+
+
+def test_start_timeout_ends_a_request_that_could_not_start_unbilled(
+    stack: Stack, node_client: Path, key: str, e2e_tenant: dict[str, Any]
+) -> None:
+    from billing.models import Account, UsageRecord
+
+    organization = e2e_tenant["organization"]
+    set_concurrency_limit(organization, 1)
+    # With the GPU worker paused, a dispatched request holds the tenant's only slot until it is cancelled: the run
+    # waits in the queue behind it past its start timeout, however fast the machine.
+    with stack.client(key) as client, stack.paused("gpu"):
+        blocker = client.post(f"/queue/{APP}", json={**SMALL, "seed": 1}).json()["request_id"]
+        wait_until(
+            lambda: Job.objects.get(pk=blocker).status == "DISPATCHED",
+            timeout=30,
+            message="the blocker to take the only slot",
+        )
+        held_before = Account.objects.get(organization=organization).held_micros
+        ran = run_scenario(stack, node_client, "run", key, input={**SMALL, "seed": 2}, startTimeout=1.5)
+        assert client.put(f"/queue/{APP}/requests/{blocker}/cancel").status_code == 202
+    error = ran["error"]
+    assert (error["name"], error["isApiError"], error["status"]) == ("ApiError", True, 504)
+    # The client's mark of a timeout the caller set, which it does not retry.
+    assert (error["timeoutType"], error["isUserTimeout"]) == ("user", True)
+    assert error["body"]["error_type"] == "timeout"
+    assert "start timeout" in error["body"]["detail"]
+    job = Job.objects.get(pk=error["requestId"])
+    assert job.input["seed"] == 2
+    assert (job.status, job.error_type, job.started_at, job.gpu_ms) == ("CANCELLED", "timeout", None, 0)
+    assert not JobAttempt.objects.filter(job=job).exists()
+    assert not UsageRecord.objects.filter(job=job).exists()
+    assert Account.objects.get(organization=organization).held_micros == held_before
 
 
 def test_cancel_a_running_request(stack: Stack, node_client: Path, key: str) -> None:
@@ -229,6 +316,83 @@ def test_subscribe_streaming_shows_each_log_line_once(stack: Stack, node_client:
     assert final
     # The client appends each event's logs to what it showed before: the application sees each line once.
     assert messages(seen["updates"][-1]["logs"]) == final
+
+
+def test_stream_yields_progress_previews_and_the_output_last(stack: Stack, node_client: Path, key: str) -> None:
+    seen = run_scenario(stack, node_client, "stream", key, input={**STREAMED, "seed": 11})
+    events, done = seen["events"], seen["done"]
+    output = events[-1]
+    # done() resolves with the last event: the output, as the result URL renders it.
+    assert done == {"value": output}
+    assert "type" not in output
+    assert output["seed"] == 11
+    [image] = output["images"]
+    assert (image["width"], image["height"]) == (256, 256)
+    assert fetch_image(stack, image["url"]).size == (256, 256)
+    assert output["usage"]["gpu_ms"] > 0
+
+    updates = events[:-1]
+    assert {event["type"] for event in updates} <= {"status", "preview"}
+    assert {event["request_id"] for event in updates} == {seen["requestId"]}
+    phases = [event["status"] for event in updates if event["type"] == "status"]
+    assert phases[-1] == "COMPLETED"
+    assert "IN_PROGRESS" in phases
+    assert all(event["progress"]["total"] == STREAM_STEPS for event in updates if event["status"] == "IN_PROGRESS")
+    lines = [line["message"] for event in updates for line in event.get("logs") or []]
+    assert len(lines) == len(set(lines)), lines  # each event carries only its new lines
+    assert f"Step {STREAM_STEPS}/{STREAM_STEPS}" in lines
+
+    previews = [event for event in updates if event["type"] == "preview"]
+    if SHARED_CACHE:  # previews travel through the shared cache (inference/streaming.py)
+        assert previews, [(event["type"], event.get("progress")) for event in updates]
+    for preview in previews:
+        assert 0 < preview["progress"]["step"] < STREAM_STEPS
+        for shown in preview["images"]:
+            header, data = shown["url"].split(",", 1)
+            assert header == "data:image/jpeg;base64"
+            assert Image.open(io.BytesIO(base64.b64decode(data))).size == (shown["width"], shown["height"])
+    preview_steps = [preview["progress"]["step"] for preview in previews]
+    assert preview_steps == sorted(set(preview_steps))
+
+
+def test_a_cancelled_stream_ends_with_an_error_event(stack: Stack, node_client: Path, key: str) -> None:
+    seen = run_scenario(stack, node_client, "stream", key, input={**STREAMED, "num_inference_steps": 50}, cancel=True)
+    last = seen["events"][-1]
+    # The client raises on no event: done() resolves with the error event, which the application checks.
+    assert seen["done"] == {"value": last}
+    assert last["type"] == "error"
+    assert last["request_id"] == seen["requestId"]
+    assert (last["status"], last["error_type"], last["status_code"]) == ("COMPLETED", "cancelled", 400)
+    assert last["detail"].startswith("Cancelled by request.")
+    # The result URL answers the same error, as the client's ApiError.
+    error = seen["result"]["error"]
+    assert (error["isApiError"], error["status"]) == (True, last["status_code"])
+    assert error["body"] == {"detail": last["detail"], "error_type": "cancelled"}
+
+
+@pytest.mark.parametrize(
+    ("case", "name", "status", "error_type"),
+    [
+        ("bad key", "ApiError", 401, "invalid_api_key"),
+        ("invalid input", "ValidationError", 422, "validation_error"),
+    ],
+)
+def test_stream_refusals_come_before_any_event_as_the_clients_errors(
+    stack: Stack, node_client: Path, e2e_tenant: dict[str, Any], case: str, name: str, status: int, error_type: str
+) -> None:
+    key = str(e2e_tenant["key"])
+    if case == "bad key":
+        used_key, given = f"{key.split(':')[0]}:wrong", STREAMED
+    else:
+        used_key, given = key, {"num_images": "two", "num_inference_steps": 10_000}
+    seen = run_scenario(stack, node_client, "stream", used_key, input=given)
+    assert seen["events"] == []
+    error = seen["done"]["error"]
+    assert (error["name"], error["isApiError"], error["status"]) == (name, True, status)
+    assert error["body"]["error_type"] == error_type
+    if status == 422:
+        assert ["body", "prompt"] in [item["loc"] for item in error["fieldErrors"]]
+    assert not Job.objects.filter(organization=e2e_tenant["organization"]).exists()
 
 
 def test_upload_then_image_to_image(stack: Stack, node_client: Path, key: str) -> None:

@@ -20,6 +20,7 @@ import httpx_sse
 import pytest
 from PIL import Image
 
+from inference.models import Job
 from tests.e2e.conftest import Stack
 from tests.e2e.test_fal_client import fetch_image
 
@@ -102,14 +103,24 @@ def test_a_cancelled_stream_ends_with_an_error_event(stack: Stack, fal: fal_clie
     assert raised.value.status_code == last["status_code"]
 
 
-def test_stream_refusals_come_before_any_event(stack: Stack, fal: fal_client.SyncClient) -> None:
+def test_stream_refusals_come_before_any_event(
+    stack: Stack, fal: fal_client.SyncClient, e2e_tenant: dict[str, Any]
+) -> None:
     # A JSON error, not a stream: fal's Python client reports it as a response that is not an event stream.
     with pytest.raises(httpx_sse.SSEError, match="application/json"):
         list(fal.stream(APP, arguments={"prompt": "x", "num_inference_steps": 10_000}))
+    stranger = fal_client.SyncClient(key=f"{fal.key.split(':')[0]}:wrong")
+    with pytest.raises(httpx_sse.SSEError, match="application/json"):
+        list(stranger.stream(APP, arguments=STREAMED))
+    assert not Job.objects.filter(organization=e2e_tenant["organization"]).exists()
+    # What the client does not show: the status and the body.
     with stack.client(fal.key) as client:
         refused = client.post(f"/run/{APP}/stream", json={"num_inference_steps": 10_000})
     assert refused.status_code == 422
     assert ["body", "prompt"] in [item["loc"] for item in refused.json()["detail"]]
+    with stack.client(stranger.key) as client:
+        unauthorized = client.post(f"/run/{APP}/stream", json=STREAMED)
+    assert (unauthorized.status_code, unauthorized.json()["error_type"]) == (401, "invalid_api_key")
 
 
 def test_the_async_client_streams_too(stack: Stack, fal: fal_client.SyncClient) -> None:

@@ -31,6 +31,8 @@ function described(error) {
     status: error.status,
     body: error.body,
     requestId: error.requestId,
+    timeoutType: error.timeoutType,
+    isUserTimeout: error.isUserTimeout,
     isApiError: error instanceof ApiError,
     isValidationError: error instanceof ValidationError,
     fieldErrors: error instanceof ValidationError ? error.fieldErrors : undefined,
@@ -76,8 +78,11 @@ const scenarios = {
     return { enqueued, updates, result, final };
   },
 
+  // fal.run: one request that answers once the request is final (startTimeout: the x-fal-request-timeout header)
   async run() {
-    return settled(fal.run(given.app, { input: given.input }));
+    const options = { input: given.input };
+    if (given.startTimeout !== undefined) options.startTimeout = given.startTimeout;
+    return settled(fal.run(given.app, options));
   },
 
   async submit() {
@@ -113,6 +118,28 @@ const scenarios = {
     await fal.queue.cancel(given.app, { requestId });
     const done = await stream.done();
     return { requestId, first: await firstSeen, events, done };
+  },
+
+  // fal.stream: every event the client yields, in order, then what done() settles with. With `cancel`, the request is
+  // cancelled at its first IN_PROGRESS event and its result asked for once the stream has ended.
+  async stream() {
+    const stream = await fal.stream(given.app, { input: given.input });
+    // Listened to at once: a refusal rejects it before any event.
+    const done = settled(stream.done());
+    const events = [];
+    let cancelled = false;
+    for await (const event of stream) {
+      events.push(event);
+      if (given.cancel && !cancelled && event.status === "IN_PROGRESS") {
+        cancelled = true;
+        await fal.queue.cancel(given.app, { requestId: event.request_id });
+      }
+    }
+    const seen = { requestId: stream.requestId, events, done: await done };
+    if (cancelled) {
+      seen.result = await settled(fal.queue.result(given.app, { requestId: seen.requestId }));
+    }
+    return seen;
   },
 
   // fal.storage.upload (initiate, then PUT to the URL it answers), then the URL as an image-to-image input
