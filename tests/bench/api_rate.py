@@ -99,6 +99,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000, help="requests per round")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--server",
+        choices=["uvicorn", "gunicorn"],
+        default="uvicorn",
+        help="uvicorn: one process, as the embedded run; gunicorn: deploy/gunicorn.conf.py, the production server",
+    )
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn's uvicorn workers (WEB_CONCURRENCY)")
     args = parser.parse_args()
 
     data_dir = tempfile.mkdtemp(prefix="bench-api-")
@@ -112,10 +119,15 @@ def main() -> None:
     subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], env=env, cwd=REPO, check=True)
     token = make_key(env)
     port = free_port()
+    if args.server == "gunicorn":
+        command = [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py", "config.asgi:application"]
+        env = {**env, "BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": str(args.workers)}
+        described = f"gunicorn with {args.workers} uvicorn workers (deploy/gunicorn.conf.py)"
+    else:
+        command = [sys.executable, "-m", "uvicorn", "config.asgi:application", "--port", str(port), "--no-access-log"]
+        described = "uvicorn, 1 process"
     server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "config.asgi:application", "--port", str(port), "--no-access-log"],
-        env=env,
-        cwd=REPO,
+        command, env=env, cwd=REPO, stdout=subprocess.DEVNULL if args.server == "gunicorn" else None
     )
     try:
         deadline = time.monotonic() + 60
@@ -128,7 +140,7 @@ def main() -> None:
         database = "PostgreSQL" if os.environ.get("DATABASE_URL", "").startswith("postgres") else "SQLite"
         cache = "Redis" if os.environ.get("REDIS_URL") else "local memory"
         print(
-            f"uvicorn, 1 process; database {database}, cache {cache}; {os.cpu_count()} cores shared with the client;"
+            f"{described}; database {database}, cache {cache}; {os.cpu_count()} cores shared with the client;"
             f" {args.requests} requests a round over {args.concurrency} keep-alive connections"
         )
         auth = f"Authorization: Key {token}\r\n"
