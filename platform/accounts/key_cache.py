@@ -31,6 +31,7 @@ import secrets
 import threading
 import time
 import uuid
+from urllib.parse import urlsplit
 from typing import Any, cast
 
 import redis
@@ -121,7 +122,10 @@ _subscription_lock = threading.Lock()
 
 
 def _channel() -> str:
-    return f"{caches['default'].make_key(GENERATION_KEY)}:changed"
+    # Channels are server-wide, not per database: the database number keeps deployments sharing a server apart.
+    servers = getattr(caches["default"], "_servers", None) or [""]
+    database = urlsplit(str(servers[0])).path.strip("/") or "0"
+    return f"{caches['default'].make_key(GENERATION_KEY)}:changed:{database}"
 
 
 def _subscribed() -> _Subscription | None:
