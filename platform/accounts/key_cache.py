@@ -31,8 +31,8 @@ import secrets
 import threading
 import time
 import uuid
-from urllib.parse import urlsplit
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import redis
 from django.conf import settings
