@@ -11,10 +11,10 @@ merge the web processes' files (a shared ``PROMETHEUS_MULTIPROC_DIR`` per machin
 the workers' on other machines, and it would count events, which drift from the rows that record them whenever a
 process dies between the two. The database rows are the truth the platform bills from, so every value here is a
 query over them at scrape time: any web process answers the same, a restart loses nothing, and the figures agree
-with the database by construction. The cost is a few queries per scrape, each
-bounded: it reads through an index only the rows that are waiting, in flight, pending, or inside a short recent
-window, never a whole table of history (tests/test_metrics.py checks every plan on PostgreSQL). Scrape one
-target (the Service, not every pod): every process answers the same, and each scrape costs the database.
+with the database by construction. The cost is a few queries per scrape, each bounded: it reads through an index
+only the rows that are waiting, in flight, pending, or inside a short recent window, never a whole table of history
+(tests/test_metrics.py checks every plan on PostgreSQL). Scrape one target (the Service, not every pod): every
+process answers the same, and each scrape costs the database.
 
 Shapes, given that each value is a snapshot:
 
