@@ -403,6 +403,15 @@ class StripeEvent(models.Model):
 
     class Meta:
         ordering = ("-received_at",)
+        indexes = [
+            # The inbox's backlog (pending, or failed and retried), a few rows among every event ever received: the
+            # sweep's and /metrics' reads.
+            models.Index(
+                fields=["received_at"],
+                condition=Q(status__in=["pending", "failed"]),
+                name="stripe_event_unprocessed",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.id} {self.type} {self.status}"

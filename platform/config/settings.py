@@ -58,7 +58,8 @@ if env_bool("TRUST_X_FORWARDED_PROTO", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 USE_X_FORWARDED_HOST = env_bool("USE_X_FORWARDED_HOST", False)
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
-SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
+# Probes and Prometheus reach the pods inside the cluster over plain HTTP.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
 # HSTS (sent on HTTPS responses only): a year in production, off for plain-HTTP local runs.
 SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0 if (DEBUG or EMBEDDED) else 365 * 24 * 3600, minimum=0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
@@ -80,6 +81,12 @@ CONTENT_SECURITY_POLICY: dict[str, list[str]] = {
     "form-action": ["'self'", "https://checkout.stripe.com"],
     "frame-ancestors": ["'none'"],
 }
+
+# /metrics (config/metrics.py) answers only requests bearing this token (Authorization: Bearer ...); empty, it is off
+# (404). Long enough not to be guessed: `python -c "import secrets; print(secrets.token_urlsafe(32))"`.
+METRICS_TOKEN = env_str("METRICS_TOKEN") or ""
+if METRICS_TOKEN and len(METRICS_TOKEN) < 32:
+    raise ImproperlyConfigured("METRICS_TOKEN must be at least 32 characters long.")
 
 # Log-in, sign-up and password-reset forms (accounts/login_protection.py), counted in the shared cache. A log-in
 # is refused (429) for LOGIN_LOCKOUT_SECONDS once an account, or a client address, has failed this often within it.

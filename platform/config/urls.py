@@ -6,7 +6,7 @@ from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerSplitView
 
 from billing import urls as billing_urls
-from config import views
+from config import metrics, views
 from dashboard import urls as dashboard_urls
 from inference import fal_proxy
 from inference import urls as inference_urls
@@ -15,6 +15,8 @@ from inference.webhook_signing import JwksView
 urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),
+    # Prometheus, KEDA and alerts; bearer token METRICS_TOKEN (config/metrics.py).
+    path("metrics", metrics.metrics_view, name="metrics"),
     path("admin/", admin.site.urls),
     # The public keys of webhook signatures, where fal serves its own (rest.fal.ai/.well-known/jwks.json).
     path(".well-known/jwks.json", JwksView.as_view(), name="jwks"),
