@@ -10,7 +10,8 @@ from billing.stripe_client import PaymentMode
 from billing.stripe_client import payment_mode as current_payment_mode
 
 NOTICES = {
-    PaymentMode.TEST: "Test mode: payments go to Stripe's test mode. Use Stripe's test cards; no real money moves.",
+    PaymentMode.TEST: "Test mode: payments go to Stripe in test mode (a test key). Only test cards work; no real "
+    "money moves.",
     PaymentMode.FAKE: "Test mode: payments go to a fake Stripe running on this machine (localstripe). "
     "Nothing leaves it and no real money moves.",
 }
