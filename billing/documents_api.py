@@ -205,9 +205,13 @@ class StatementListEntry(serializers.Serializer[Any]):
     issued_at = serializers.DateTimeField(allow_null=True)
 
 
+class StatementIndex(serializers.Serializer[Any]):
+    data = StatementListEntry(many=True)
+
+
 class StatementsView(DocumentsView):
     @extend_schema(
-        responses={200: StatementListEntry(many=True), 403: NOT_A_BILLING_MEMBER},
+        responses={200: StatementIndex, 403: NOT_A_BILLING_MEMBER},
         summary="The months that have a statement: from the organization's creation to this one, newest first",
     )
     def get(self, request: Request) -> Response:
