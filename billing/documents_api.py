@@ -11,7 +11,7 @@ from typing import Any
 
 from django.http import HttpResponse
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import serializers
 from rest_framework.exceptions import NotFound
 from rest_framework.generics import ListAPIView
@@ -205,13 +205,13 @@ class StatementListEntry(serializers.Serializer[Any]):
     issued_at = serializers.DateTimeField(allow_null=True)
 
 
-class StatementIndex(serializers.Serializer[Any]):
-    data = StatementListEntry(many=True)
+# ``{"data": [...]}``: a field named ``data`` would hide a declared serializer's own ``data``, so it is built here.
+STATEMENT_INDEX = inline_serializer("StatementIndex", fields={"data": StatementListEntry(many=True)})
 
 
 class StatementsView(DocumentsView):
     @extend_schema(
-        responses={200: StatementIndex, 403: NOT_A_BILLING_MEMBER},
+        responses={200: STATEMENT_INDEX, 403: NOT_A_BILLING_MEMBER},
         summary="The months that have a statement: from the organization's creation to this one, newest first",
     )
     def get(self, request: Request) -> Response:

@@ -298,6 +298,11 @@ def test_the_dashboard_lists_receipts_and_serves_their_pdf_to_billing_people_onl
     pdf = owner.get(link)
     assert (pdf.status_code, pdf["Content-Type"]) == (200, "application/pdf")
     assert receipt.number in pdf_text(pdf.content)
+    # A payment paid before receipts existed links to its receipt, issued when first asked for.
+    earlier = paid_without_receipt(tenant["organization"])
+    assert f"/dashboard/billing/payments/{earlier.pk}/receipt" in owner.get("/dashboard/billing").content.decode()
+    answer = owner.get(f"/dashboard/billing/payments/{earlier.pk}/receipt")
+    assert answer["Location"] == f"/dashboard/billing/receipts/{Receipt.objects.get(payment=earlier).pk}"
 
     developer = make_user()
     add_member(organization=tenant["organization"], user=developer, role=Role.DEVELOPER)

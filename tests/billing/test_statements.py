@@ -241,6 +241,9 @@ def test_statements_start_with_the_organization(tenant: dict[str, Any]) -> None:
     assert f"/dashboard/billing/statements/{this_month}" in page
     assert f"/dashboard/billing/statements/{before}" not in page
     assert owner.get(f"/dashboard/billing/statements/{before}").status_code == 404
+    pdf = owner.get(f"/dashboard/billing/statements/{this_month}?format=pdf")
+    assert pdf["Content-Type"] == "application/pdf"
+    assert "Provisional statement" in pdf_text(pdf.content)
 
     # Made three months ago: those months and this one, newest first.
     created_months_ago(tenant["organization"], 3)
