@@ -464,3 +464,114 @@ class ReconciliationRun(models.Model):
         if self.scope == ReconciliationScope.INCREMENTAL and self.since is not None:
             return f"incremental: rows written since {self.since.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
         return "full: every row"
+
+
+class BillingDetails(models.Model):
+    """Who the organization's receipts and statements are made out to. Each document copies them when issued."""
+
+    organization = models.OneToOneField(
+        Organization, primary_key=True, on_delete=models.CASCADE, related_name="billing_details"
+    )
+    legal_name = models.CharField(max_length=200, blank=True, help_text="Empty: the organization's name.")
+    address = models.TextField(max_length=500, blank=True, help_text="As printed: street, city, postcode, country.")
+    tax_id = models.CharField(max_length=64, blank=True, help_text="VAT number, EIN, ABN...: printed as written.")
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name_plural = "billing details"
+
+    def __str__(self) -> str:
+        return f"Billing details of {self.organization_id}"
+
+
+class DocumentSeries(models.TextChoices):
+    RECEIPT = "receipt", "Receipt"
+    STATEMENT = "statement", "Statement"
+    TEST_RECEIPT = "test_receipt", "Test-mode receipt"
+    TEST_STATEMENT = "test_statement", "Test-mode statement"
+
+
+class DocumentSequence(models.Model):
+    """The last number an issuer gave in one series of documents (``billing.documents.allocate_number``).
+
+    Incremented under this row's lock in the transaction that creates the document, so a number is used once
+    a transaction commits and given again if it rolls back: the numbers of a series have no gaps.
+    """
+
+    issuer = models.CharField(max_length=32)
+    series = models.CharField(max_length=16, choices=DocumentSeries.choices)
+    last_number = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["issuer", "series"], name="document_sequence_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.issuer} {self.series}: {self.last_number}"
+
+
+class IssuedDocument(models.Model):
+    """What receipts and statements share: a number of their issuer's series, and the billing details printed."""
+
+    organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="+")
+    issuer = models.CharField(max_length=32)
+    series = models.CharField(max_length=16, choices=DocumentSeries.choices)
+    sequence_number = models.PositiveBigIntegerField()
+    number = models.CharField(max_length=64, unique=True, help_text="As printed, e.g. GM-R-000042.")
+    test_mode = models.BooleanField(help_text="Made with Stripe's test mode or the fake Stripe: no real money.")
+    billed_to_name = models.CharField(max_length=200)
+    billed_to_address = models.TextField(blank=True)
+    billed_to_tax_id = models.CharField(max_length=64, blank=True)
+    issued_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        abstract = True
+
+
+class Receipt(IssuedDocument):
+    """Proof of one succeeded payment for credits (a purchase or an auto top-up); issued when it succeeds."""
+
+    payment = models.OneToOneField(Payment, on_delete=models.PROTECT, related_name="receipt")
+    kind = models.CharField(max_length=16, choices=PaymentKind.choices)
+    amount_cents = models.PositiveIntegerField()
+    currency = models.CharField(max_length=3)
+    paid_at = models.DateTimeField()
+    stripe_payment_intent_id = models.CharField(max_length=255, blank=True)
+
+    class Meta:
+        ordering = ("-issued_at", "-id")
+        constraints = [
+            models.UniqueConstraint(fields=["issuer", "series", "sequence_number"], name="receipt_number_unique")
+        ]
+        indexes = [
+            models.Index(fields=["organization", "-issued_at"], name="receipt_org_issued"),
+            models.Index(fields=["issued_at"], name="receipt_issued"),  # reconciliation's window
+        ]
+
+    def __str__(self) -> str:
+        return self.number
+
+
+class Statement(IssuedDocument):
+    """The statement of a closed UTC month with activity, with its figures as issued (``content``).
+
+    ``opening_balance_micros`` and ``closing_balance_micros`` are the ledger's balances at the month's two ends and
+    ``content["movements"]`` its entries summed by kind; reconciliation checks they still are.
+    """
+
+    month = models.DateField(help_text="The month's first day.")
+    period_start = models.DateTimeField(help_text="The month's first instant (UTC).")
+    period_end = models.DateTimeField(help_text="The next month's first instant (UTC): excluded.")
+    opening_balance_micros = models.BigIntegerField()
+    closing_balance_micros = models.BigIntegerField()
+    content = models.JSONField(help_text="The statement as issued (billing.statements.monthly_statement).")
+
+    class Meta:
+        ordering = ("-month", "-id")
+        constraints = [
+            models.UniqueConstraint(fields=["organization", "month"], name="statement_one_per_month"),
+            models.UniqueConstraint(fields=["issuer", "series", "sequence_number"], name="statement_number_unique"),
+        ]
+        indexes = [models.Index(fields=["month"], name="statement_month")]
+
+    def __str__(self) -> str:
+        return self.number

@@ -1,4 +1,4 @@
-"""Platform API of payments (saved cards, buying credits, monthly statements) and the Stripe webhook endpoint."""
+"""Platform API of payments (saved cards, buying credits) and the Stripe webhook endpoint."""
 
 from __future__ import annotations
 
@@ -9,26 +9,25 @@ import stripe
 from django.conf import settings
 from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
-from rest_framework.exceptions import APIException, NotFound
+from rest_framework.exceptions import APIException
 from rest_framework.generics import ListAPIView
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from accounts.api import request_actor
 from accounts.errors import InvalidInput, problem
-from accounts.parsers import StrictCursorPagination, query_params
+from accounts.parsers import StrictCursorPagination
 from accounts.permissions import request_organization
 from accounts.schema import error
 from accounts.serializers import StrictBooleanField, StrictCharField, StrictIntegerField
-from billing import cards, charges, statements, stripe_events
-from billing.api import BillingView, MoneyView
-from billing.ledger import BillingError, account_of
+from billing import cards, charges, stripe_events
+from billing.api import MoneyView
+from billing.ledger import account_of
 from billing.models import Payment
 from billing.stripe_client import payments_enabled
 
@@ -237,37 +236,6 @@ class PurchasesView(ListAPIView[Payment], StripeMoneyView):
 def _created(answer: dict[str, Any], *, replayed: bool) -> Response:
     """201 for a purchase, the first answer or a retry's (which says so, as the queue API does)."""
     return Response(answer, status=201, headers={"Idempotent-Replayed": "true"} if replayed else None)
-
-
-class StatementQuery(serializers.Serializer[Any]):
-    format = serializers.ChoiceField(choices=["json", "csv"], required=False, default="json")
-
-
-class StatementView(BillingView):
-    @extend_schema(
-        parameters=[StatementQuery],
-        responses={
-            (200, "application/json"): OpenApiTypes.OBJECT,
-            (200, "text/csv"): OpenApiTypes.STR,
-            404: error("Not a month (YYYY-MM), or one that has not begun."),
-        },
-        summary="The statement of a UTC month (YYYY-MM), JSON or CSV",
-    )
-    def get(self, request: Request, month: str) -> HttpResponse:
-        query = query_params(request, StatementQuery)
-        try:
-            first_day = statements.parse_month(month)
-        except BillingError as exc:
-            raise NotFound(str(exc)) from None
-        if first_day > timezone.now().date():
-            raise NotFound("That month has not begun.")
-        organization = request_organization(request)
-        statement = statements.monthly_statement(organization_id=organization.pk, month=first_day)
-        if query["format"] == "csv":
-            response = HttpResponse(statements.statement_csv(statement), content_type="text/csv; charset=utf-8")
-            response["Content-Disposition"] = f'attachment; filename="statement-{organization.slug}-{month}.csv"'
-            return response
-        return Response(statement)
 
 
 @csrf_exempt

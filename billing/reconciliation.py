@@ -50,7 +50,9 @@ of an old row, which no writer makes, is what the weekly full run is for):
 - rollups: the UTC days of the usage records stamped since, each compared in full (raw records of those days
   against their day rollups, their hour rollups against those days);
 - payments: those created, paid (``succeeded_at``) or credited, refunded or disputed (an entry) since, and every
-  pending one.
+  pending one;
+- receipts: the payments paid since (each has its receipt) and the receipts issued since (each matches its payment);
+- statements: those issued since, and those of months ending after the window opens, against the ledger.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ from django.db.models import (
     Value,
     Window,
 )
-from django.db.models.functions import Coalesce, Lag, TruncDay
+from django.db.models.functions import Coalesce, Lag, TruncDay, TruncMonth
 from django.utils import timezone
 
 from billing.models import (
@@ -93,15 +95,17 @@ from billing.models import (
     Hold,
     Payment,
     PaymentStatus,
+    Receipt,
     ReconciliationRun,
     ReconciliationScope,
+    Statement,
     UsageRecord,
     UsageRollup,
 )
 from billing.money import MICROS_PER_CENT, cents_to_micros
 from billing.stripe_client import field as stripe_field
 from billing.stripe_client import object_id, stripe_client
-from inference.models import BILLABLE_OUTCOMES, FINAL_STATUSES, AttemptOutcome, Job, JobAttempt, JobStatus
+from inference.models import BILLABLE_OUTCOMES, FINAL_STATUSES, AttemptOutcome, Endpoint, Job, JobAttempt, JobStatus
 
 logger = logging.getLogger(__name__)
 
@@ -675,6 +679,146 @@ def check_payments(scope: Scope = FULL) -> Check:
     return check
 
 
+def check_receipts(scope: Scope = FULL) -> Check:
+    """Every payment paid (succeeded, with the moment stamped) has its receipt, for its amount, and no other payment
+    has one.
+
+    An incremental run checks the payments paid since and the receipts issued since.
+    """
+    check = Check("receipts")
+    paid = Payment.objects.filter(status=PaymentStatus.SUCCEEDED, succeeded_at__isnull=False)
+    succeeded = scope.written(paid, "succeeded_at")
+    receipts = scope.written(Receipt.objects.all(), "issued_at")
+    check.checked = succeeded.count() + receipts.count()
+    check.found_in(
+        "succeeded_payment_without_receipt",
+        succeeded.filter(receipt__isnull=True).order_by("pk"),
+        "id",
+        "organization_id",
+        "amount_cents",
+        "succeeded_at",
+    )
+    check.found_in(
+        "receipt_differs_from_payment",
+        receipts.exclude(
+            payment__status=PaymentStatus.SUCCEEDED,
+            payment__amount_cents=F("amount_cents"),
+            payment__organization_id=F("organization_id"),
+            payment__kind=F("kind"),
+        ).order_by("pk"),
+        "id",
+        "number",
+        "payment_id",
+        "amount_cents",
+        "payment__amount_cents",
+        "payment__status",
+    )
+    return check
+
+
+def _ledger_balance_before(moment: str) -> Coalesce:
+    """The running balance of the statement's organization after its last entry before the statement's ``moment``
+    (``period_start`` or ``period_end``): the statement's own definition of a balance (0 with none)."""
+    last = CreditEntry.objects.filter(organization_id=OuterRef("organization_id"), created_at__lt=OuterRef(moment))
+    return Coalesce(
+        Subquery(last.order_by("-created_at", "-id").values("balance_after_micros")[:1]),
+        Value(0),
+        output_field=BigIntegerField(),
+    )
+
+
+def check_statements(scope: Scope = FULL) -> Check:
+    """Every issued statement's figures are still the ledger's: its opening and closing balances, its movements by
+    kind and what each endpoint's usage debited. One query for the balances (an indexed lookup per statement) and
+    one aggregate each for the movements and the usage of the statements' months.
+
+    The ledger is append-only, so a statement can only fall out of line through an entry stamped inside its month
+    after it was issued. An incremental run checks the statements issued since and those of months that end after
+    the window opens (where an entry written since may be stamped).
+    """
+    from billing.statements import MOVEMENTS  # the statement's own definition of each movement
+
+    check = Check("statements")
+    statements = Statement.objects.all()
+    if not scope.full:
+        statements = statements.filter(Q(issued_at__gte=scope.since) | Q(period_end__gt=scope.since))
+    statements = statements.annotate(
+        ledger_opening=_ledger_balance_before("period_start"), ledger_closing=_ledger_balance_before("period_end")
+    ).order_by("pk")
+    issued = list(
+        statements.values(
+            "id", "number", "organization_id", "month", "period_start", "period_end", "opening_balance_micros",
+            "closing_balance_micros", "ledger_opening", "ledger_closing", "content",
+        )
+    )  # fmt: skip
+    check.checked = len(issued)
+    if not issued:
+        return check
+    balances = [
+        {key: row[key] for key in ("id", "number", "organization_id", "month")}
+        | {"issued": (row["opening_balance_micros"], row["closing_balance_micros"])}
+        | {"ledger": (row["ledger_opening"], row["ledger_closing"])}
+        for row in issued
+        if (row["opening_balance_micros"], row["closing_balance_micros"])
+        != (row["ledger_opening"], row["ledger_closing"])
+    ]
+    check.found("balances_differ_from_ledger", len(balances), balances)
+    entries = CreditEntry.objects.filter(
+        organization_id__in={row["organization_id"] for row in issued},
+        created_at__gte=min(row["period_start"] for row in issued),
+        created_at__lt=max(row["period_end"] for row in issued),
+    ).annotate(month=TruncMonth("created_at", tzinfo=UTC))
+    movements: dict[tuple[Any, date], dict[str, Any]] = {
+        (row["organization_id"], _as_day(row["month"])): dict(row)
+        for row in entries.order_by()
+        .values("organization_id", "month")
+        .annotate(**{name: _total_where("amount_micros", condition) for name, condition in MOVEMENTS.items()})
+    }
+    debits: dict[tuple[Any, date], dict[int, int]] = {}
+    usage_debits: Any = (
+        entries.filter(kind=EntryKind.USAGE)
+        .order_by()
+        .values("organization_id", "month", "usage_record__endpoint_id")
+        .annotate(debited=Sum("amount_micros"))
+    )
+    for debit in usage_debits:
+        by_endpoint = debits.setdefault((debit["organization_id"], _as_day(debit["month"])), {})
+        by_endpoint[debit["usage_record__endpoint_id"]] = -int(debit["debited"] or 0)
+    endpoint_ids = {endpoint_id for by_endpoint in debits.values() for endpoint_id in by_endpoint}
+    names = {endpoint.pk: endpoint.endpoint_id for endpoint in Endpoint.objects.filter(pk__in=endpoint_ids)}
+    moved, used = [], []
+    for row in issued:
+        key = (row["organization_id"], row["month"])
+        ledger = {name: int((movements.get(key) or {}).get(name) or 0) for name in MOVEMENTS}
+        if ledger != row["content"].get("movements"):
+            moved.append(
+                {"id": row["id"], "number": row["number"], "issued": row["content"].get("movements"), "ledger": ledger}
+            )
+        ledger_usage = {
+            names.get(endpoint_id, str(endpoint_id)): debited
+            for endpoint_id, debited in debits.get(key, {}).items()
+            if debited
+        }
+        issued_usage = {
+            usage["endpoint"]: usage["debited_micros"]
+            for usage in row["content"].get("usage", [])
+            if usage.get("debited_micros")
+        }
+        if ledger_usage != issued_usage:
+            used.append({"id": row["id"], "number": row["number"], "issued": issued_usage, "ledger": ledger_usage})
+    check.found("movements_differ_from_ledger", len(moved), moved)
+    check.found("usage_differs_from_ledger", len(used), used)
+    return check
+
+
+def _total_where(column: str, condition: Q) -> Coalesce:
+    return Coalesce(Sum(column, filter=condition), Value(0), output_field=BigIntegerField())
+
+
+def _as_day(value: date | datetime) -> date:
+    return value.astimezone(UTC).date() if isinstance(value, datetime) else value
+
+
 def check_stripe(scope: Scope = FULL) -> Check:
     """Our payments against Stripe's (``compare_with_stripe``); skipped without a Stripe key.
 
@@ -815,6 +959,8 @@ DATABASE_CHECKS: tuple[Callable[[Scope], Check], ...] = (
     check_holds,
     check_rollups,
     check_payments,
+    check_receipts,
+    check_statements,
 )
 
 

@@ -41,6 +41,31 @@ def payments_enabled() -> bool:
     return bool(settings.STRIPE_SECRET_KEY)
 
 
+class PaymentMode:
+    """Which Stripe the payments go to, as pages, receipts and statements say it."""
+
+    LIVE = "live"  # a live key: real money
+    TEST = "test"  # a test key: Stripe's test mode, test cards only
+    FAKE = "fake"  # the fake Stripe the embedded run starts on loopback (config/fake_stripe.py)
+    OFF = "off"  # no key: no card payments (credits are granted)
+
+
+def payment_mode() -> str:
+    """``PaymentMode`` of this deployment: from ``STRIPE_FAKE`` and the secret key's prefix (``sk_live_``/``rk_live_``
+    is live; any other key is treated as test mode, so nothing unknown is ever labelled real money)."""
+    key = settings.STRIPE_SECRET_KEY
+    if not key:
+        return PaymentMode.OFF
+    if settings.STRIPE_FAKE:
+        return PaymentMode.FAKE
+    return PaymentMode.LIVE if key.startswith(("sk_live_", "rk_live_")) else PaymentMode.TEST
+
+
+def is_test_mode() -> bool:
+    """Payments here move no real money (Stripe's test mode or the fake)."""
+    return payment_mode() in (PaymentMode.TEST, PaymentMode.FAKE)
+
+
 def idempotency(key: str) -> RequestOptions:
     return {"idempotency_key": key}
 

@@ -1,7 +1,8 @@
 """Stripe's state applied to our books: a PaymentIntent's outcome, a Checkout Session, refunds and disputes.
 
-Refunds and disputes are read from Stripe's current state, never from an event's snapshot, and each becomes one
-entry keyed by its Stripe id, so their effect never exceeds Stripe's.
+A payment that succeeds gets its receipt in the same transaction (``billing.receipts``). Refunds and disputes are
+read from Stripe's current state, never from an event's snapshot, and each becomes one entry keyed by its Stripe
+id, so their effect never exceeds Stripe's.
 
 These functions touch only the database: the reads from Stripe happen before them, so no lock is held across a
 network call. Each runs in one transaction, the payment's account and then the payment locked first
@@ -26,6 +27,7 @@ from billing.ledger import BillingError, post_entry
 from billing.locks import locked_payment
 from billing.models import Account, CreditEntry, EntryKind, Payment, PaymentKind, PaymentStatus
 from billing.money import cents_to_micros, micros_to_cents
+from billing.receipts import issue_receipt
 from billing.stripe_client import field, object_id
 
 # Dispute states in which Stripe has taken the disputed amount back (inquiries, ``warning_*``, take nothing).
@@ -82,6 +84,7 @@ def _apply_intent(account: Account, payment: Payment, intent: stripe.PaymentInte
     if payment.stripe_payment_intent_id and payment.stripe_payment_intent_id != intent.id:
         raise BillingError(f"payment-{payment.pk} is paid by {payment.stripe_payment_intent_id}, not {intent.id}.")
     payment.stripe_payment_intent_id = intent.id
+    newly_paid = False
     if intent.status == "succeeded":
         received = int(field(intent, "amount_received") or 0)
         if received != payment.amount_cents or intent.currency != payment.currency:
@@ -99,7 +102,8 @@ def _apply_intent(account: Account, payment: Payment, intent: stripe.PaymentInte
             payment=payment,
             created_by=payment.created_by,
         )
-        if payment.status != PaymentStatus.SUCCEEDED:
+        newly_paid = payment.status != PaymentStatus.SUCCEEDED
+        if newly_paid:
             payment.status = PaymentStatus.SUCCEEDED
             payment.succeeded_at = timezone.now()
             payment.failure_message = ""
@@ -111,6 +115,9 @@ def _apply_intent(account: Account, payment: Payment, intent: stripe.PaymentInte
             payment.status = PaymentStatus.FAILED
             payment.failure_message = str(field(error, "message") or "The payment failed.")[:500]
     payment.save(update_fields=["stripe_payment_intent_id", "status", "succeeded_at", "failure_message"])
+    if intent.status == "succeeded" and newly_paid:
+        # Stripe says whether this money is real: a test-mode PaymentIntent (or the fake's) is not live.
+        issue_receipt(payment, test_mode=field(intent, "livemode") is not True)
     return payment
 
 

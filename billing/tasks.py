@@ -32,3 +32,11 @@ def stripe_sweep() -> dict[str, int]:
     from billing.stripe_events import sweep
 
     return sweep()
+
+
+@shared_task(name="billing.issue_statements", ignore_result=True, soft_time_limit=840, time_limit=900)
+def issue_statements() -> dict[str, int]:
+    from billing.receipts import issue_missing_receipts
+    from billing.statements import issue_due_statements
+
+    return {"statements": issue_due_statements(), "receipts": issue_missing_receipts()}

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from billing import api, payment_api, pricing_api
+from billing import api, documents_api, payment_api, pricing_api
 
 # /v1/models itself is inference's (the catalogue); its pricing sub-paths are billing's.
 v1_urlpatterns = [
@@ -23,7 +23,16 @@ v1_urlpatterns = [
         name="billing-payment-method-default",
     ),
     path("billing/purchases", payment_api.PurchasesView.as_view(), name="billing-purchases"),
-    path("billing/statements/<str:month>", payment_api.StatementView.as_view(), name="billing-statement"),
+    path(
+        "billing/purchases/<int:payment_id>/receipt",
+        documents_api.PaymentReceiptView.as_view(),
+        name="billing-purchase-receipt",
+    ),
+    path("billing/receipts", documents_api.ReceiptsView.as_view(), name="billing-receipts"),
+    path("billing/receipts/<int:receipt_id>", documents_api.ReceiptView.as_view(), name="billing-receipt"),
+    path("billing/statements", documents_api.StatementsView.as_view(), name="billing-statements"),
+    path("billing/statements/<str:month>", documents_api.StatementView.as_view(), name="billing-statement"),
+    path("billing/details", documents_api.BillingDetailsView.as_view(), name="billing-details"),
 ]
 
 # Mounted at /billing/stripe/ (outside /v1: Stripe signs its deliveries; no key, no session, no CSRF).

@@ -95,3 +95,11 @@ class TopUpForm(forms.Form):
 
 class BuyCreditsForm(forms.Form):
     amount_dollars = forms.DecimalField(min_value=5, max_value=10_000, max_digits=7, decimal_places=2, initial=20)
+
+
+class BillingDetailsForm(forms.Form):
+    legal_name = forms.CharField(max_length=200, required=False, help_text="Empty: the organization's name is printed.")
+    address = forms.CharField(
+        max_length=500, required=False, widget=forms.Textarea(attrs={"rows": 4}), help_text="As it is printed."
+    )
+    tax_id = forms.CharField(max_length=64, required=False, label="Tax ID", help_text="VAT number, EIN, ABN...")

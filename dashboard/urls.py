@@ -26,6 +26,9 @@ urlpatterns = [
     path("billing/buy", billing.buy_credits, name="buy-credits"),
     path("billing/cards/<str:payment_method_id>", billing.card_action, name="card"),
     path("billing/statements/<str:month>", billing.statement, name="statement"),
+    path("billing/receipts/<int:receipt_id>", billing.receipt, name="receipt"),
+    path("billing/payments/<int:payment_id>/receipt", billing.payment_receipt, name="payment-receipt"),
+    path("billing/details", billing.billing_details, name="billing-details"),
 ]
 
 auth_urlpatterns = [

@@ -1,11 +1,10 @@
-"""The fake Stripe the tests run: localstripe (extended by tests/billing/fake_stripe.py) on a loopback
-port. Shared by the billing tests and the running platform of the e2e tests."""
+"""The fake Stripe the tests run: localstripe (extended by platform/config/fake_stripe.py) on a loopback port,
+started as the embedded run starts its own (config/embedded_stripe.py). Shared by the billing tests and the running
+platform of the e2e tests."""
 
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from tests.waiting import wait_until
+from config.embedded_stripe import EmbeddedStripe
 
 SECRET_KEY = "sk_test_platform"
 PUBLISHABLE_KEY = "pk_test_platform"
@@ -81,29 +80,10 @@ class FakeStripe:
 
 @contextmanager
 def running_fake_stripe() -> Iterator[FakeStripe]:
-    """localstripe, extended by tests/billing/fake_stripe.py, on a free loopback port until the block ends."""
-    port = free_port()
-    log = Path(tempfile.mkdtemp(prefix="fake-stripe-")) / "fake-stripe.log"
-    process = subprocess.Popen(
-        [sys.executable, str(Path(__file__).parent / "billing" / "fake_stripe.py"), "--port", str(port)],
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
-    fake = FakeStripe(url=f"http://127.0.0.1:{port}", log=log)
-
-    def answers() -> bool:
-        assert process.poll() is None, f"the fake Stripe exited: {log.read_text()[-2000:]}"
-        fake.call("GET", "/v1/balance")
-        return True
-
+    """localstripe, extended by config/fake_stripe.py, on a free loopback port until the block ends."""
+    server = EmbeddedStripe(Path(tempfile.mkdtemp(prefix="fake-stripe-")), secret_key=SECRET_KEY)
+    server.start()
     try:
-        wait_until(
-            answers,
-            timeout=20,
-            ignoring=(httpx.HTTPError,),
-            message=lambda: f"the fake Stripe to answer: {log.read_text()[-2000:]}",
-        )
-        yield fake
+        yield FakeStripe(url=server.url, log=server.log_file)
     finally:
-        process.terminate()
-        process.wait(10)
+        server.stop()

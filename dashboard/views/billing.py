@@ -1,8 +1,8 @@
-"""Billing: balance, buying credits, auto top-up, payment methods, the credit ledger, statements."""
+"""Billing: balance, buying credits, auto top-up, payment methods, the credit ledger, receipts, statements and the
+billing details printed on them (receipts, statements and details are for people who may manage billing)."""
 
 from __future__ import annotations
 
-from datetime import date
 from decimal import Decimal
 from typing import Any
 
@@ -11,28 +11,22 @@ from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import redirect, render
 from django.urls import reverse
-from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from billing import charges, controls, statements
 from billing.cards import detach_payment_method, list_payment_methods, set_default_payment_method
+from billing.documents import billing_details_of, set_billing_details
 from billing.ledger import BillingError, account_of
-from billing.models import CreditEntry, Payment
+from billing.models import CreditEntry, Payment, PaymentStatus, Receipt
 from billing.money import MICROS_PER_DOLLAR, dollars_to_micros
+from billing.receipts import receipt_of, receipt_pdf
 from billing.stripe_client import payments_enabled
 from dashboard.access import Context, dashboard_view
-from dashboard.forms import BuyCreditsForm, TopUpForm
+from dashboard.forms import BillingDetailsForm, BuyCreditsForm, TopUpForm
 from dashboard.views.team import actor_of
 
-STATEMENT_MONTHS = 6
-
-
-def recent_months(today: date, count: int) -> list[date]:
-    months, month = [], today.replace(day=1)
-    for _ in range(count):
-        months.append(month)
-        month = (month.replace(day=1) - date.resolution).replace(day=1)
-    return months
+# The billing page lists this many months of statements (the organization's first month at the earliest).
+STATEMENT_MONTHS = 12
 
 
 @dashboard_view()
@@ -55,6 +49,20 @@ def billing(request: HttpRequest, context: Context) -> HttpResponse:
             cards = list_payment_methods(context.organization)
         except BillingError as exc:
             cards_error = str(exc)
+    purchases = list(Payment.objects.filter(organization=context.organization).order_by("-created_at")[:10])
+    documents: dict[str, Any] = {}
+    receipts: dict[int, Receipt] = {}
+    if context.can("manage_billing"):
+        details = billing_details_of(context.organization)
+        issued = Receipt.objects.filter(payment__in=purchases).only("pk", "number", "payment_id")
+        receipts = {receipt.payment_id: receipt for receipt in issued}
+        documents = {
+            "statements": statements.statement_index(context.organization)[:STATEMENT_MONTHS],
+            "details": details,
+            "details_form": BillingDetailsForm(
+                initial={"legal_name": details.legal_name, "address": details.address, "tax_id": details.tax_id}
+            ),
+        }
     return render(
         request,
         "dashboard/billing.html",
@@ -67,8 +75,9 @@ def billing(request: HttpRequest, context: Context) -> HttpResponse:
             "payments_enabled": enabled,
             "cards": cards,
             "cards_error": cards_error,
-            "purchases": Payment.objects.filter(organization=context.organization).order_by("-created_at")[:10],
-            "months": recent_months(timezone.now().date(), STATEMENT_MONTHS),
+            "purchases": [(payment, receipts.get(payment.pk)) for payment in purchases],
+            "paid": request.GET.get("paid") == "1",
+            **documents,
         },
     )
 
@@ -144,15 +153,56 @@ def card_action(request: HttpRequest, context: Context, payment_method_id: str) 
     return redirect("dashboard:billing")
 
 
-@dashboard_view()
+@dashboard_view("manage_billing")
 def statement(request: HttpRequest, context: Context, month: str) -> HttpResponse:
     try:
-        first_day = statements.parse_month(month)
-    except BillingError:
-        raise Http404("No such month.") from None
-    report = statements.monthly_statement(organization_id=context.organization.pk, month=first_day)
+        report = statements.statement_for(organization=context.organization, month=statements.parse_month(month))
+    except BillingError as exc:
+        raise Http404(str(exc)) from None
+    name = f"statement-{context.organization.slug}-{month}"
+    if request.GET.get("format") == "pdf":
+        return attachment(statements.statement_pdf(report), "application/pdf", f"{report['number'] or name}.pdf")
     if request.GET.get("format") == "csv":
-        response = HttpResponse(statements.statement_csv(report), content_type="text/csv; charset=utf-8")
-        response["Content-Disposition"] = f'attachment; filename="statement-{context.organization.slug}-{month}.csv"'
-        return response
+        return attachment(statements.statement_csv(report).encode(), "text/csv; charset=utf-8", f"{name}.csv")
     return render(request, "dashboard/statement.html", {**context.as_template(), "statement": report})
+
+
+@dashboard_view("manage_billing")
+def receipt(request: HttpRequest, context: Context, receipt_id: int) -> HttpResponse:
+    found = Receipt.objects.filter(organization=context.organization, pk=receipt_id).first()
+    if found is None:
+        raise Http404("No such receipt.")
+    return attachment(receipt_pdf(found), "application/pdf", f"receipt-{found.number}.pdf")
+
+
+@dashboard_view("manage_billing")
+def payment_receipt(request: HttpRequest, context: Context, payment_id: int) -> HttpResponse:
+    """The receipt of a paid payment (one paid before receipts existed gets its own now)."""
+    payment = Payment.objects.filter(
+        organization=context.organization, pk=payment_id, status=PaymentStatus.SUCCEEDED
+    ).first()
+    if payment is None:
+        raise Http404("No such paid payment.")
+    return redirect("dashboard:receipt", receipt_id=receipt_of(payment).pk)
+
+
+@require_POST
+@dashboard_view("manage_billing")
+def billing_details(request: HttpRequest, context: Context) -> HttpResponse:
+    form = BillingDetailsForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, "; ".join(str(error) for errors in form.errors.values() for error in errors))
+        return redirect("dashboard:billing")
+    try:
+        set_billing_details(organization=context.organization, actor=actor_of(request, context), **form.cleaned_data)
+    except BillingError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, "Billing details saved: receipts and statements issued from now on carry them.")
+    return redirect("dashboard:billing")
+
+
+def attachment(content: bytes, content_type: str, filename: str) -> HttpResponse:
+    response = HttpResponse(content, content_type=content_type)
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response

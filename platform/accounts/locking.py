@@ -8,7 +8,9 @@ goes back to an earlier kind once it holds a later one:
 3. jobs, in ``created_at, id`` order when several (``inference.locks.lock_job``),
 4. the job's attempt (``inference.locks.lock_attempt``),
 5. the organization's billing account (``billing.locks.locked_account``),
-6. the job's hold, then payments (always under the account's lock: ``billing.locks.locked_payment``).
+6. the job's hold, then payments (always under the account's lock: ``billing.locks.locked_payment``),
+7. an issuer's series of document numbers (``billing.documents.allocate_number``: a receipt or statement is
+   numbered last in the transaction that creates it).
 
 Inference's rows come before billing's because billing's hooks run inside inference's transactions, after the
 job is locked (inference knows nothing of money, so it cannot lock an account first: docs/architecture.md).

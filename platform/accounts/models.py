@@ -260,6 +260,7 @@ class AuditAction(models.TextChoices):
     PAYMENT_METHOD_ADDED = "billing.payment_method_added", "Payment method added"
     PAYMENT_METHOD_DEFAULT_CHANGED = "billing.payment_method_default", "Default payment method changed"
     PAYMENT_METHOD_REMOVED = "billing.payment_method_removed", "Payment method removed"
+    BILLING_DETAILS_CHANGED = "billing.details_changed", "Billing details changed"
 
 
 class AuditEvent(models.Model):

@@ -144,6 +144,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "dashboard.context_processors.payment_mode",
             ],
         },
     },
@@ -398,6 +399,16 @@ STRIPE_TIMEOUT_SECONDS = env_int("STRIPE_TIMEOUT_SECONDS", 30, minimum=1)
 # Retries of a request that got no answer; each keeps its idempotency key, so none pays twice.
 STRIPE_MAX_NETWORK_RETRIES = env_int("STRIPE_MAX_NETWORK_RETRIES", 2, minimum=0)
 STRIPE_CURRENCY = "usd"
+# The fake Stripe of the embedded run (config/fake_stripe.py: localstripe on loopback), which `runplatform` starts and
+# names here when no STRIPE_SECRET_KEY is given: every page, receipt and statement then says it is test mode, and its
+# Checkout page (served by the fake, at STRIPE_API_BASE) is where the "buy credits" form may send the browser.
+STRIPE_FAKE = env_bool("STRIPE_FAKE", False)
+if STRIPE_FAKE:
+    if STRIPE_SECRET_KEY.startswith(("sk_live_", "rk_live_")):
+        raise ImproperlyConfigured("STRIPE_FAKE=1 with a live Stripe key: the fake Stripe never takes real payments.")
+    if urlsplit(STRIPE_API_BASE).hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise ImproperlyConfigured("STRIPE_FAKE=1 needs STRIPE_API_BASE on loopback: the fake Stripe runs here.")
+    CONTENT_SECURITY_POLICY["form-action"].append(STRIPE_API_BASE)
 # Credits bought at once, in cents, through the API or Checkout.
 BILLING_MIN_PURCHASE_CENTS = env_int("BILLING_MIN_PURCHASE_CENTS", 500, minimum=50)
 BILLING_MAX_PURCHASE_CENTS = env_int("BILLING_MAX_PURCHASE_CENTS", 1_000_000, minimum=50)
@@ -415,6 +426,15 @@ BILLING_STRIPE_RECONCILE_DAYS = env_int("BILLING_STRIPE_RECONCILE_DAYS", 35, min
 BILLING_RECONCILE_OVERLAP_SECONDS = env_int("BILLING_RECONCILE_OVERLAP_SECONDS", 3600, minimum=0)
 # With no run proving the books for this long, the next one is full (and an incremental window never gets longer).
 BILLING_RECONCILE_MAX_WINDOW_DAYS = env_int("BILLING_RECONCILE_MAX_WINDOW_DAYS", 7, minimum=1)
+
+# Who issues receipts and statements: printed at their top. The code prefixes their numbers and names the issuer's
+# gapless number series (billing/documents.py): change it only for a new issuer, whose numbers start again at 1.
+BILLING_ISSUER_CODE = env_str("BILLING_ISSUER_CODE") or "GM"
+if not BILLING_ISSUER_CODE.isalnum() or not BILLING_ISSUER_CODE.isascii() or len(BILLING_ISSUER_CODE) > 12:
+    raise ImproperlyConfigured(f"BILLING_ISSUER_CODE={BILLING_ISSUER_CODE!r}: up to 12 ASCII letters and digits.")
+BILLING_ISSUER_NAME = env_str("BILLING_ISSUER_NAME") or "Generative Media Platform"
+BILLING_ISSUER_ADDRESS = (env_str("BILLING_ISSUER_ADDRESS") or "").replace("\\n", "\n")
+BILLING_ISSUER_TAX_ID = env_str("BILLING_ISSUER_TAX_ID") or ""
 
 CELERY_TASK_ROUTES = {
     "inference.run_job": {"queue": "cpu"},
@@ -438,6 +458,8 @@ CELERY_BEAT_SCHEDULE = {
         "kwargs": {"full": True},
     },
     "billing-stripe-sweep": {"task": "billing.stripe_sweep", "schedule": 60.0},
+    # Statements of the month just closed, for every organization with activity in it (billing.statements).
+    "billing-issue-statements": {"task": "billing.issue_statements", "schedule": crontab(hour=2, minute=0)},
 }
 
 REST_FRAMEWORK = {
@@ -471,5 +493,6 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
-    "loggers": {"django.db.backends": {"level": "INFO"}},
+    # fontTools (fpdf2 subsetting the fonts of every receipt and statement) logs each table it prunes at INFO.
+    "loggers": {"django.db.backends": {"level": "INFO"}, "fontTools": {"level": "WARNING"}},
 }

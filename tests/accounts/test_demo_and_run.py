@@ -237,11 +237,12 @@ class EmbeddedRun:
 def start_embedded(tmp_path: Path) -> Iterator[Any]:
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(*extra: str, redis_url: str | None = None) -> EmbeddedRun:
+    def start(*extra: str, redis_url: str | None = None, **variables: str) -> EmbeddedRun:
         port = free_port()
         env = embedded_env(tmp_path)
         if redis_url:
             env["REDIS_URL"] = redis_url
+        env.update(variables)
         log = tmp_path / "runplatform.log"
         with log.open("wb") as log_file:
             process = subprocess.Popen(
@@ -301,7 +302,11 @@ def assert_children_share_its_redis(run: EmbeddedRun, *, expected: int) -> str:
     """Every process the run started holds the URL of the run's own Redis, which answers there (with its
     password only) and holds the shared cache and, when there are workers, the queues."""
     redis_pid = run.redis_server()
-    served = {pid: command for pid, command in children(run.process.pid).items() if pid != redis_pid}
+    served = {
+        pid: command
+        for pid, command in children(run.process.pid).items()
+        if pid != redis_pid and "config.fake_stripe" not in command  # the fake Stripe uses no Redis
+    }
     assert len(served) == expected, served
     urls = {environment(pid).get("REDIS_URL") for pid in served}
     assert len(urls) == 1, urls
@@ -397,3 +402,42 @@ def test_embedded_run_uses_a_redis_it_is_given_instead_of_starting_one(start_emb
             assert client.keys("*readyz")  # the web process's cache
         assert run.terminate() == 0, run.log_text()
         assert given.alive()  # not the run's to stop
+
+
+# Payments in the embedded run: a fake Stripe without a key, nothing fake with one.
+
+
+@pytest.mark.slow
+def test_embedded_run_without_a_stripe_key_pays_against_a_fake_stripe_in_test_mode(start_embedded: Any) -> None:
+    run: EmbeddedRun = start_embedded("--no-worker")
+    run.wait_until_ready()
+    [fake] = [pid for pid, command in children(run.process.pid).items() if "config.fake_stripe" in command]
+    [web] = [
+        pid for pid, command in children(run.process.pid).items() if "uvicorn" in command and "--ssl" not in command
+    ]
+    settings = environment(web)
+    assert settings["STRIPE_FAKE"] == "1"
+    assert settings["STRIPE_SECRET_KEY"].startswith("sk_test_fake_")
+    assert settings["STRIPE_API_BASE"].startswith("http://127.0.0.1:")
+    assert "Payments: TEST MODE, against a fake Stripe (localstripe)" in run.log_text()
+    with run.api_client() as client:
+        cards = client.get("/v1/billing/payment-methods")
+        assert cards.status_code == 200, cards.text  # payments are on
+        assert cards.json()["publishable_key"] == "pk_test_fake"
+    assert "a fake Stripe running on this machine" in httpx.get(f"{run.base_url}/auth/login", timeout=10).text
+    assert run.terminate() == 0, run.log_text()
+    assert_ends(fake)
+
+
+@pytest.mark.slow
+def test_embedded_run_with_a_stripe_key_starts_nothing_fake(start_embedded: Any) -> None:
+    run: EmbeddedRun = start_embedded("--no-worker", STRIPE_SECRET_KEY="sk_test_given_by_the_developer")
+    run.wait_until_ready()
+    started = children(run.process.pid)
+    assert not any("config.fake_stripe" in command for command in started.values()), started
+    assert all("STRIPE_FAKE" not in environment(pid) for pid in started)
+    assert "fake Stripe" not in run.log_text()
+    login = httpx.get(f"{run.base_url}/auth/login", timeout=10).text
+    assert "payments go to Stripe in test mode" in login
+    assert "fake Stripe" not in login
+    assert run.terminate() == 0, run.log_text()

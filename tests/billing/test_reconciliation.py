@@ -15,7 +15,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from accounts.models import Organization
-from billing import reconciliation
+from billing import receipts, reconciliation
 from billing.ledger import grant_credits, post_entry, refund_job
 from billing.locks import locked_account
 from billing.models import (
@@ -96,7 +96,7 @@ def test_clean_books_have_no_drift_and_stripe_is_recorded_as_skipped(books: dict
     checked = run_.checked
     assert set(checked) == {
         "jobs", "attempts", "usage_records", "usage_debits", "balances", "ledger_chain", "holds", "rollups",
-        "payments", "stripe",
+        "payments", "receipts", "statements", "stripe",
     }  # fmt: skip
     assert all(summary["drift"] == 0 for summary in checked.values())
     # 4 final jobs that ran, 1 cancelled in the queue (never started, never billed).
@@ -649,6 +649,7 @@ def test_an_incremental_run_checks_new_and_pending_payments(books: dict[str, Any
         amount_cents=2_000,
         succeeded_at=timezone.now(),
     )
+    receipts.issue_receipt(paid, test_mode=False)  # as the payment's success issues it
     run_ = reconciliation.run_reconciliation()
     assert run_.checked["payments"] == {"checked": 2, "drift": 1}
     assert drift_of(run_, "payments.succeeded_payment_not_credited_its_amount")["examples"][0]["id"] == paid.pk

@@ -17,7 +17,7 @@ from django.core.management import call_command
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from accounts.models import AuditAction, AuditEvent, Scope
+from accounts.models import AuditAction, AuditEvent, Organization, Scope
 from billing import cards, controls, reconciliation, stripe_events, stripe_state, tasks, topups
 from billing.ledger import grant_credits
 from billing.models import (
@@ -375,6 +375,7 @@ def test_the_monthly_statement_balances(tenant: dict[str, Any], builtin_endpoint
     organization = tenant["organization"]
     last_month = (timezone.now().replace(day=1) - timedelta(days=1)).replace(day=1, hour=12)
     CreditEntry.objects.filter(organization=organization).update(created_at=last_month)  # the signup grant
+    Organization.objects.filter(pk=organization.pk).update(created_at=last_month)  # statements start with it
     grant_credits(organization=organization, amount_micros=3_000_000, reason="Thanks")
     grant_credits(organization=organization, amount_micros=-500_000, reason="Fix", kind=EntryKind.ADJUSTMENT)
     today = timezone.now().replace(hour=0, minute=0, second=0, microsecond=0)
@@ -401,7 +402,7 @@ def test_the_monthly_statement_balances(tenant: dict[str, Any], builtin_endpoint
     )
     assert statement["usage"] == [
         {"endpoint": builtin_endpoint.endpoint_id, "attempts": 3, "billable_attempts": 2, "gpu_ms": 2_500,
-         "unbilled_gpu_ms": 0, "cost_micros": 250},
+         "unbilled_gpu_ms": 0, "cost_micros": 250, "debited_micros": 0},
     ]  # fmt: skip
     previous = tenant["client"].get(f"/v1/billing/statements/{last_month:%Y-%m}").json()
     assert (previous["opening_balance_micros"], previous["closing_balance_micros"]) == (0, 1_000_000)

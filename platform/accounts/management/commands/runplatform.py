@@ -6,6 +6,11 @@ on a free loopback port with a password of its own and no persistence. Every chi
 its URL as REDIS_URL, so rate limits, locks and the queue are shared as in production; it stops last.
 A REDIS_URL already in the environment is used instead, and nothing is started.
 
+With no STRIPE_SECRET_KEY, payments go to a fake Stripe it starts on loopback (config/embedded_stripe.py:
+localstripe, a development dependency), so buying credits, Checkout, saved cards and auto top-up work offline;
+every page, receipt and statement then says test mode. With a real key (sk_test_/sk_live_) nothing fake runs, and
+``--no-fake-stripe`` leaves card payments off instead.
+
 If the private Redis dies, it is started again on the same port: nothing in it has to survive (the
 job rows are the truth, the dispatcher's sweep re-sends lost messages, a cache miss reads the
 database, and the workers reconnect by themselves). More than a few deaths in a minute stop the run,
@@ -29,6 +34,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
 from config.embedded_redis import EmbeddedRedis, RedisUnavailable
+from config.embedded_stripe import EmbeddedStripe, StripeUnavailable
 
 # A Redis that dies more often than this is not a hiccup: stop the run and say so.
 REDIS_RESTARTS_PER_MINUTE = 3
@@ -41,6 +47,11 @@ class Command(BaseCommand):
         parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
         parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
         parser.add_argument("--no-worker", action="store_true", help="Serve the web process only.")
+        parser.add_argument(
+            "--no-fake-stripe",
+            action="store_true",
+            help="With no STRIPE_SECRET_KEY, leave card payments off instead of starting the fake Stripe.",
+        )
         parser.add_argument(
             "--tls-port",
             type=int,
@@ -56,6 +67,12 @@ class Command(BaseCommand):
                 redis_server = EmbeddedRedis(Path(settings.DATA_DIR))  # fails now if there is none to start
             except RedisUnavailable as exc:
                 raise CommandError(str(exc)) from None
+        fake_stripe = None
+        if not os.environ.get("STRIPE_SECRET_KEY") and not options["no_fake_stripe"]:
+            if EmbeddedStripe.available():
+                fake_stripe = EmbeddedStripe(Path(settings.DATA_DIR))
+            else:
+                self.stdout.write("No STRIPE_SECRET_KEY and no localstripe to fake it with: card payments are off.\n")
         call_command("migrate", interactive=False, verbosity=0)
         call_command("collectstatic", interactive=False, verbosity=0)
         call_command("bootstrap_demo")
@@ -112,13 +129,35 @@ class Command(BaseCommand):
                 raise CommandError(str(exc)) from None
             env["REDIS_URL"] = redis_server.url
             self.stdout.write(f"Redis (broker, cache, pub/sub): {redis_server.describe()}\n")
+        processes: dict[str, subprocess.Popen[bytes]] = {}
         try:
-            self.supervise(
-                {name: subprocess.Popen(command, env=env) for name, command in commands.items()}, redis_server
-            )
+            if fake_stripe is not None:
+                processes["fake Stripe"] = self.start_fake_stripe(fake_stripe, env, base)
+            processes.update({name: subprocess.Popen(command, env=env) for name, command in commands.items()})
+            self.supervise(processes, redis_server)
         finally:
+            if fake_stripe is not None:
+                fake_stripe.stop()
             if redis_server is not None:
                 redis_server.stop()
+
+    def start_fake_stripe(self, fake_stripe: EmbeddedStripe, env: dict[str, str], base: str) -> subprocess.Popen[bytes]:
+        """Starts the fake, has it deliver its webhooks to this run's server, and hands its keys to the processes."""
+        try:
+            fake_stripe.start()
+            fake_stripe.deliver_webhooks_to(f"{base}/billing/stripe/webhook")
+            process = fake_stripe.process
+            if process is None:
+                raise StripeUnavailable("it stopped as it started")
+        except (StripeUnavailable, OSError) as exc:
+            fake_stripe.stop()
+            raise CommandError(f"the fake Stripe did not start: {exc} (or run with --no-fake-stripe)") from None
+        env.update(fake_stripe.environment())
+        self.stdout.write(
+            f"Payments: TEST MODE, against {fake_stripe.describe()}. No real money moves; every page and receipt "
+            "says so. Set STRIPE_SECRET_KEY (sk_test_... or sk_live_...) to use Stripe itself.\n"
+        )
+        return process
 
     def supervise(self, processes: dict[str, subprocess.Popen[bytes]], redis_server: EmbeddedRedis | None) -> None:
         """Wait until a signal or a process ends the run, bringing Redis back if it dies; then stop them all."""

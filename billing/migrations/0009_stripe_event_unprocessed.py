@@ -12,7 +12,7 @@ class Migration(migrations.Migration):
     atomic = False  # CREATE INDEX CONCURRENTLY cannot run inside a transaction
 
     dependencies = [
-        ("billing", "0007_price_negotiated"),
+        ("billing", "0008_billing_documents"),
     ]
 
     operations = [

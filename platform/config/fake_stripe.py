@@ -1,6 +1,9 @@
-"""localstripe (a stateful fake Stripe from PyPI) with the few things our tests need that it lacks.
+"""localstripe (a stateful fake Stripe from PyPI) with the few things the platform needs that it lacks.
 
-Run as ``python tests/billing/fake_stripe.py --port N``. What is added or changed, and why:
+The tests run it (tests/stripe_support.py), and so does the embedded run when it is given no Stripe key
+(``config.embedded_stripe``), so that buying credits, saved cards and auto top-up can be tried offline. It lives
+here, in the project's wiring, because the embedded run starts it; localstripe is a development dependency, which
+``make install`` installs. Run as ``python -m config.fake_stripe --port N``. What is added or changed, and why:
 
 - The store stays in memory: localstripe pickles it to ``/tmp/localstripe.pickle`` on every write,
   one file shared by every process on the machine.
@@ -13,6 +16,10 @@ Run as ``python tests/billing/fake_stripe.py --port N``. What is added or change
 - Checkout Sessions, absent from localstripe: ``POST/GET /v1/checkout/sessions``; a test pays one with
   ``POST /_test/checkout/sessions/{id}/pay`` (a PaymentIntent with the session's
   ``payment_intent_data``, then ``checkout.session.completed``) or lets it expire with ``.../expire``.
+  A person pays one on the session's ``url``: a page of the fake's own (``/checkout/{id}``, no API key, like
+  Stripe's hosted page), whose button pays with the test card 4242 and goes on to the session's ``success_url``.
+  As at Stripe, a session whose ``payment_intent_data`` asks for ``setup_future_usage`` saves the card it was paid
+  with to its customer.
 - Idempotent requests (localstripe ignores ``Idempotency-Key``): a POST whose key was seen before, under the
   same API key, replays the first answer with ``Idempotent-Replayed: true`` if its method, path and parameters
   are the same, and answers 400 ``idempotency_error`` if they are not (409 while the first is still running).
@@ -29,7 +36,9 @@ Stripe's real behaviour is the reference for each; only the fields our code read
 from __future__ import annotations
 
 import argparse
+import html
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -38,6 +47,10 @@ from localstripe import resources, server
 from localstripe.errors import UserError
 
 resources.Store.dump_to_disk = lambda self: None
+
+# Where this fake answers (``main`` sets it): the base of the Checkout pages' URLs.
+PUBLIC_URL = "http://127.0.0.1"
+TEST_CARD = "4242424242424242"
 
 
 def _amount_received(self: Any) -> int:
@@ -153,16 +166,26 @@ class CheckoutSession(resources.StripeObject):
         self.cancel_url = cancel_url
         self.metadata = metadata or {}
         self._payment_intent_metadata = (payment_intent_data or {}).get("metadata") or {}
+        self._saves_card = bool((payment_intent_data or {}).get("setup_future_usage"))
         self.payment_intent: str | None = None
         self.status = "open"
         self.payment_status = "unpaid"
-        self.url = f"https://checkout.stripe.test/c/pay/{self.id}"
+        self.url = f"{PUBLIC_URL}/checkout/{self.id}"
+
+
+def _saved_test_card(customer: str) -> Any:
+    """A new card (the test card 4242) saved to ``customer``, as Checkout saves the card it is paid with."""
+    card = {"number": TEST_CARD, "exp_month": 12, "exp_year": datetime.now(UTC).year + 5, "cvc": "123"}
+    method = resources.PaymentMethod(type="card", card=card)
+    return resources.PaymentMethod._api_attach(method.id, customer=customer)
 
 
 def _pay_checkout(id: str, payment_method: Any = None, **_: Any) -> CheckoutSession:  # noqa: A002
     session = CheckoutSession._api_retrieve(id)
     if session.status != "open":
         raise UserError(400, "Bad request")
+    if payment_method is None and session._saves_card and session.customer:
+        payment_method = _saved_test_card(session.customer).id
     intent = resources.PaymentIntent._api_create(
         confirm=True,
         amount=session.amount_total,
@@ -298,8 +321,8 @@ async def fault_middleware(request: web.Request, handler: Any) -> web.StreamResp
     fault.remaining -= 1
     if fault.remaining <= 0:
         _faults.remove(fault)
-    assert request.transport is not None
-    request.transport.abort()  # no answer at all: the client sees the connection reset
+    if request.transport is not None:
+        request.transport.abort()  # no answer at all: the client sees the connection reset
     return response
 
 
@@ -321,12 +344,71 @@ async def _clear_faults(request: web.Request) -> web.Response:
     return server.json_response({"cleared": True})
 
 
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Checkout (test mode)</title><style>
+body {{ font: 16px/1.5 system-ui, sans-serif; margin: 0; background: #f6f8fa; color: #1d2330; }}
+.test-mode {{ margin: 0; padding: .5rem; background: #ffecb3; color: #783c00; font-weight: 600; text-align: center; }}
+main {{ max-width: 26rem; margin: 3rem auto; background: #fff; border: 1px solid #dde2e8; border-radius: 10px;
+  padding: 1.5rem; }}
+button {{ font: inherit; padding: .6rem 1rem; border: 0; border-radius: 6px; background: #4b3fd6; color: #fff;
+  width: 100%; }}
+.muted {{ color: #5f6b7a; }}
+</style></head><body>
+<p class="test-mode" data-testid="test-mode">Test mode: a fake Stripe on this machine. No real money moves.</p>
+<main>{body}</main></body></html>"""
+
+
+def _amount(session: CheckoutSession) -> str:
+    return (
+        f"${session.amount_total / 100:,.2f}"
+        if session.currency == "usd"
+        else f"{session.amount_total} {session.currency}"
+    )
+
+
+def _checkout_page(session: CheckoutSession) -> web.Response:
+    amount = html.escape(_amount(session))
+    if session.status == "open":
+        body = (
+            f"<h1>Pay {amount}</h1><p>Prepaid credits</p>"
+            f'<form method="post"><p class="muted">Card: 4242 4242 4242 4242 (a test card), '
+            f'12/{datetime.now(UTC).year + 5}</p><button type="submit">Pay {amount}</button></form>'
+            f'<p><a href="{html.escape(session.cancel_url)}">Cancel and go back</a></p>'
+        )
+    else:
+        body = (
+            f"<h1>{'Paid' if session.status == 'complete' else 'Expired'}</h1>"
+            f'<p><a href="{html.escape(session.success_url)}">Go back</a></p>'
+        )
+    return web.Response(text=_PAGE.format(body=body), content_type="text/html")
+
+
+@web.middleware
+async def checkout_page_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """``/checkout/{id}``: the page a payer is sent to, without an API key (Stripe's hosted page needs none)."""
+    prefix, _, session_id = request.path.partition("/checkout/")
+    if prefix or not session_id or "/" in session_id:
+        return await handler(request)
+    try:
+        session = CheckoutSession._api_retrieve(session_id)
+    except UserError:
+        return web.Response(status=404, text="No such Checkout Session.")
+    if request.method == "POST" and session.status == "open":
+        _pay_checkout(session_id)
+        raise web.HTTPSeeOther(session.success_url.replace("{CHECKOUT_SESSION_ID}", session.id))
+    if request.method not in ("GET", "POST"):
+        return web.Response(status=405)
+    return _checkout_page(session)
+
+
 def add_middlewares(app: web.Application) -> None:
     """After localstripe's authentication (a key is scoped to its API key) and before its handlers: a fault
     drops the answer after the idempotency layer has kept it, so the SDK's retry gets the replay."""
     position = list(app.middlewares).index(server.auth_middleware) + 1
     app.middlewares.insert(position, idempotency_middleware)
     app.middlewares.insert(position, fault_middleware)
+    app.middlewares.insert(0, checkout_page_middleware)
 
 
 def add_routes(app: web.Application) -> None:
@@ -343,9 +425,11 @@ def add_routes(app: web.Application) -> None:
 
 
 def main() -> None:
+    global PUBLIC_URL
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
+    PUBLIC_URL = f"http://127.0.0.1:{args.port}"
     add_routes(server.app)
     add_middlewares(server.app)
     web.run_app(server.app, host="127.0.0.1", port=args.port, access_log=None, print=None)
