@@ -3,6 +3,18 @@
 ``record_attempt`` is inference's ``attempt_finished`` hook: it runs inside the transaction that
 closes the attempt, so a job's final state, its usage record, its credit debit, the rollups and the
 release of its hold commit together or not at all.
+
+**Settlement takes the organization's account row last.** Every settlement and admission of the organization
+writes that row, and its lock is held from the statement that takes it to COMMIT, so a busy tenant's jobs
+queue for it. The job's own rows come first, uncontended: its hold released, its usage record. The debit is then
+one conditional UPDATE of the account (``ledger.debit_usage``: ``balance -= cost`` where ``balance >= cost``),
+followed only by the debit's entry (which records the balance that UPDATE left, so it must follow it) and the
+rollups' upsert (their rows are shared by the organization's settlements too, so they are written under the
+account's lock rather than before it, where they would be locked longer). The cost is computed before the lock
+with the hold as its ceiling: wherever the balance covers that cost, ``cost_within`` with the balance as a further
+ceiling gives the same answer (``tests/billing/test_settlement_properties.py``), so the condition is exactly what
+the debit needs. Where the balance does not cover it (a refund or dispute took credit back), the settlement is
+decided on the locked account as before and the record corrected to the smaller cost.
 """
 
 from __future__ import annotations
@@ -13,7 +25,7 @@ from typing import Any
 from django.db import connection
 
 from billing import holds, pricing
-from billing.ledger import post_entry
+from billing.ledger import debit_usage, post_entry
 from billing.locks import locked_account
 from billing.models import NO_KEY, EntryKind, Granularity, Hold, UsageRecord, UsageRollup
 from billing.money import cost_within
@@ -37,18 +49,22 @@ def record_attempt(job: Job, attempt: JobAttempt) -> UsageRecord:
     quote = pricing.price_for(job.endpoint, started_at, job.organization_id)
     billable = attempt.billable
     images = _images_produced(job) if billable else 0
-    account = locked_account(job.organization_id)
+    gpu_ms = attempt.gpu_ms if billable else 0
+    pixels = pricing.output_pixels(job.input, images)
+    # The job's hold first (the lock order: the hold, then the account).
     if job.is_final:
-        held = holds.release(account=account, job_id=job.pk, save=False)
+        held = released = holds.release(job_id=job.pk)
     else:
         held = Hold.objects.filter(job_id=job.pk, released_at=None).values_list("amount_micros", flat=True).first() or 0
+        released = 0
+    # Priced as if the balance covers the hold; ``debit_usage`` debits it only where the balance covers the cost.
     units, cost, billed_ms = cost_within(
         unit=quote.unit,
         unit_price_micros=quote.unit_price_micros,
-        gpu_ms=attempt.gpu_ms if billable else 0,
+        gpu_ms=gpu_ms,
         images=images,
-        pixels=pricing.output_pixels(job.input, images),
-        ceiling_micros=min(held, max(account.balance_micros, 0)),
+        pixels=pixels,
+        ceiling_micros=held,
     )
     record = UsageRecord.objects.create(
         organization_id=job.organization_id,
@@ -70,6 +86,35 @@ def record_attempt(job: Job, attempt: JobAttempt) -> UsageRecord:
         started_at=attempt.started_at,
         recorded_at=attempt.finished_at or job.finished_at or started_at,
     )
+    description = f"{job.endpoint.endpoint_id}: {units} {quote.unit}"
+    if not cost:
+        holds.take_off_held(organization_id=job.organization_id, amount_micros=released)
+    elif debit_usage(usage_record=record, released_micros=released, job=job, description=description) is None:
+        _settle_on_the_locked_account(
+            record, job, held=held, released=released, gpu_ms=gpu_ms, images=images, pixels=pixels
+        )
+    add_to_rollups(record)
+    return record
+
+
+def _settle_on_the_locked_account(
+    record: UsageRecord, job: Job, *, held: int, released: int, gpu_ms: int, images: int, pixels: int
+) -> None:
+    """The debit where the balance no longer covers the record's cost: the balance, read under the account's lock,
+    is a further ceiling; the record is corrected to what fits under it, and the account saved."""
+    account = locked_account(job.organization_id)
+    units, cost, billed_ms = cost_within(
+        unit=record.unit,
+        unit_price_micros=record.unit_price_micros,
+        gpu_ms=gpu_ms,
+        images=images,
+        pixels=pixels,
+        ceiling_micros=min(held, max(account.balance_micros, 0)),
+    )
+    record.unbilled_gpu_ms += record.gpu_ms - billed_ms
+    record.billable_units, record.cost_micros, record.gpu_ms = units, cost, billed_ms
+    record.save(update_fields=["billable_units", "cost_micros", "gpu_ms", "unbilled_gpu_ms"])
+    account.held_micros -= released
     if cost:
         # Saves the account's balance and the held amount just released in one UPDATE.
         post_entry(
@@ -77,15 +122,13 @@ def record_attempt(job: Job, attempt: JobAttempt) -> UsageRecord:
             kind=EntryKind.USAGE,
             amount_micros=-cost,
             idempotency_key=f"usage-{record.pk}",
-            description=f"{job.endpoint.endpoint_id}: {units} {quote.unit}",
+            description=f"{job.endpoint.endpoint_id}: {units} {record.unit}",
             usage_record=record,
             job=job,
             key_is_new=True,
         )
-    elif held and job.is_final:
+    elif released:
         account.save(update_fields=["held_micros"])
-    add_to_rollups(record)
-    return record
 
 
 _ROLLUP_COLUMNS = ("attempts", "billable_attempts", "gpu_ms", "unbilled_gpu_ms", "cost_micros", "work_units")

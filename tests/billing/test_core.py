@@ -88,10 +88,11 @@ def test_closing_a_billed_run_sends_a_fixed_number_of_statements(
     # Every request ends in this transaction: what it sends is latency on top of the model, on every request.
     job = start(submit_as(tenant, builtin_endpoint))
     # In the test's transaction: a savepoint and its release; the job (with its endpoint) and attempt locks; the
-    # attempt; the retention setting; the log line; the job; the price; the account lock; the usage record; the
-    # hold; the debit; the account; both rollups. On commit, one read finds no waiting work and no webhook to send.
+    # attempt; the retention setting; the log line; the job; the price; the hold released; the usage record; the
+    # account's debit (the statement that locks it); the debit's entry; both rollups. On commit, one read finds no
+    # waiting work and no webhook to send.
     attempts.reserve_work(job=job, gpu_ms=1_235)  # as the worker did before the steps it ran
-    with django_assert_num_queries(16), django_capture_on_commit_callbacks(execute=True):
+    with django_assert_num_queries(15), django_capture_on_commit_callbacks(execute=True):
         finish(job, gpu_ms=1_235, reserve=False)
     assert UsageRecord.objects.get(job=job).cost_micros == 124
     assert account(tenant).held_micros == 0
