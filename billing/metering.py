@@ -89,11 +89,14 @@ def record_attempt(job: Job, attempt: JobAttempt) -> UsageRecord:
     description = f"{job.endpoint.endpoint_id}: {units} {quote.unit}"
     if not cost:
         holds.take_off_held(organization_id=job.organization_id, amount_micros=released)
-    elif debit_usage(usage_record=record, released_micros=released, job=job, description=description) is None:
+        add_to_rollups(record)
+    elif not debit_usage(
+        usage_record=record, released_micros=released, job=job, description=description, along=rollup_upsert
+    ):
         _settle_on_the_locked_account(
             record, job, held=held, released=released, gpu_ms=gpu_ms, images=images, pixels=pixels
         )
-    add_to_rollups(record)
+        add_to_rollups(record)
     return record
 
 
@@ -142,6 +145,14 @@ def bucket_start(moment: datetime, granularity: str) -> datetime:
 
 def add_to_rollups(record: UsageRecord) -> None:
     """Adds one record to its hour and day rows with one two-row upsert (PostgreSQL and SQLite alike)."""
+    sql, parameters = rollup_upsert(record)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, parameters)
+
+
+def rollup_upsert(record: UsageRecord, *, only_where: str = "") -> tuple[str, list[Any]]:
+    """The two-row upsert that adds ``record`` to its hour and day rows; ``only_where``: a condition the rows are
+    added under (a statement of its own, or a part of a larger one that decides whether they are)."""
     amounts = {
         "attempts": 1,
         "billable_attempts": int(record.billable),
@@ -150,13 +161,14 @@ def add_to_rollups(record: UsageRecord) -> None:
         "cost_micros": record.cost_micros,
         "work_units": record.work_units,
     }
-    add_amounts_to_rollups(
+    return _rollups_statement(
         recorded_at=record.recorded_at,
         organization_id=record.organization_id,
         endpoint_id=record.endpoint_id,
         key_id=record.api_key_id or NO_KEY,
         gpu_class=record.gpu_class,
         amounts=amounts,
+        only_where=only_where,
     )
 
 
@@ -169,6 +181,28 @@ def add_amounts_to_rollups(
     gpu_class: str,
     amounts: dict[str, int],
 ) -> None:
+    sql, parameters = _rollups_statement(
+        recorded_at=recorded_at,
+        organization_id=organization_id,
+        endpoint_id=endpoint_id,
+        key_id=key_id,
+        gpu_class=gpu_class,
+        amounts=amounts,
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, parameters)
+
+
+def _rollups_statement(
+    *,
+    recorded_at: datetime,
+    organization_id: Any,
+    endpoint_id: int,
+    key_id: Any,
+    gpu_class: str,
+    amounts: dict[str, int],
+    only_where: str = "",
+) -> tuple[str, list[Any]]:
     table = UsageRollup._meta.db_table
     fields = {field.column: field for field in UsageRollup._meta.concrete_fields}
     key_columns = ["granularity", "bucket_start", "organization_id", "endpoint_id", "key_id", "gpu_class"]
@@ -177,9 +211,11 @@ def add_amounts_to_rollups(
     granularities = (Granularity.HOUR, Granularity.DAY)
     # Both rows in one statement (one round trip); they never meet in ON CONFLICT, their granularities differ.
     row_placeholders = f"({', '.join(['%s'] * len(columns))})"
+    rows = f"VALUES {', '.join([row_placeholders] * len(granularities))}"
+    if only_where:
+        rows = f"SELECT * FROM ({rows}) AS additions WHERE {only_where}"  # noqa: S608
     sql = (
-        f"INSERT INTO {table} ({', '.join(columns)}) "  # noqa: S608
-        f"VALUES {', '.join([row_placeholders] * len(granularities))} "
+        f"INSERT INTO {table} ({', '.join(columns)}) {rows} "
         f"ON CONFLICT ({', '.join(key_columns)}) DO UPDATE SET {increments}"
     )
     parameters: list[Any] = []
@@ -194,5 +230,4 @@ def add_amounts_to_rollups(
             **amounts,
         }
         parameters += [fields[column].get_db_prep_value(values[column], connection) for column in columns]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, parameters)
+    return sql, parameters
