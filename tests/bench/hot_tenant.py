@@ -118,9 +118,11 @@ def statement_kind(sql: str) -> str:
     """``lock billing_account``, ``upsert billing_usagerollup``, ``select inference_job``, ``SAVEPOINT``..."""
     text = sql.lstrip()
     verb = text.split(None, 1)[0].upper() if text else ""
+    if verb == "WITH" and "(" in text:  # named by the statement of its first part, such as an UPDATE
+        verb = text.split("(", 1)[1].split(None, 1)[0].upper()
     match = _TABLE_AFTER.search(text)
     table = match.group(1) if match else ""
-    if " FOR NO KEY UPDATE" in text or " FOR UPDATE" in text:
+    if " FOR NO KEY UPDATE" in text or " FOR UPDATE" in text or " FOR KEY SHARE" in text:
         return f"lock {table}"
     if verb == "INSERT" and "ON CONFLICT" in text and "DO UPDATE" in text:
         return f"upsert {table}"
