@@ -150,7 +150,7 @@ def debit_usage(
     now = timezone.now()
     columns = {field.name: field for field in Account._meta.concrete_fields}
     balance, held, key = columns["balance_micros"].column, columns["held_micros"].column, columns["organization"]
-    returning = ", ".join(columns[name].column for name in _DEBITED_COLUMNS)
+    returning = ", ".join(f"{columns[name].column}" for name in _DEBITED_COLUMNS)
     debit = (
         f"UPDATE {Account._meta.db_table} SET {balance} = {balance} - %s, {held} = {held} - %s, "  # noqa: S608
         f"{columns['updated_at'].column} = %s WHERE {key.column} = %s AND {balance} >= %s RETURNING {returning}"
@@ -178,7 +178,7 @@ def debit_usage(
         names = [*values, "balance_after_micros"]
         sql = (
             f"WITH debited AS ({debit}), entry AS (INSERT INTO {CreditEntry._meta.db_table} "  # noqa: S608
-            f"({', '.join(entries[name].column for name in names)}) "
+            f"({', '.join(f'{entries[name].column}' for name in names)}) "
             f"SELECT {', '.join(['%s'] * len(values))}, {balance} FROM debited)"
         )
         parameters += [entries[name].get_db_prep_value(value, connection) for name, value in values.items()]

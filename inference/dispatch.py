@@ -47,8 +47,11 @@ def dispatch_organization(organization_id: uuid.UUID) -> int:
     return len(to_send)
 
 
+_FIELDS = {field.name: field for field in Job._meta.concrete_fields}
+
+
 def _column(name: str) -> str:
-    return Job._meta.get_field(name).column  # type: ignore[union-attr]
+    return f"{_FIELDS[name].column}"
 
 
 # After the organization's lock, in one statement (PostgreSQL, and SQLite from 3.35): its jobs that count against
@@ -74,13 +77,11 @@ def _dispatch(organization_id: uuid.UUID) -> list[tuple[str, int, str]]:
     organization = lock_organization(organization_id)
     if organization is None or organization.is_suspended:
         return []
-    field = Job._meta.get_field
-    now = field("dispatched_at").get_db_prep_value(timezone.now(), connection)  # type: ignore[union-attr]
     parameters = {
         "dispatched": JobStatus.DISPATCHED.value,
         "queued": JobStatus.QUEUED.value,
-        "now": now,
-        "organization": field("organization").get_db_prep_value(organization_id, connection),  # type: ignore[union-attr]
+        "now": _FIELDS["dispatched_at"].get_db_prep_value(timezone.now(), connection),
+        "organization": _FIELDS["organization"].get_db_prep_value(organization_id, connection),
         "limit": organization.concurrency_limit,
         **{f"active_{index}": status for index, status in enumerate(ACTIVE_STATUSES)},
     }
