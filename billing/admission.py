@@ -7,17 +7,19 @@ settles (``billing.metering``), never debiting more than the hold. So usage neve
 zero, nor spending past a budget or a key's limit.
 
 **One tenant's admissions do not queue behind each other for a whole transaction.** All of them write the
-organization's account row (its cached held amount), so its lock is held, each time, from the statement that
-takes it to COMMIT. Admission takes it last, with one statement: everything else (the price, the estimate, the
-key's limit, the job's own hold row) is done first, and when the organization has no budget and the key no limit,
-``_hold_within_credit`` is one conditional UPDATE: ``held += estimate`` where ``balance - held >= estimate`` and no
+organization's account row (its cached held amount), and its lock is held from the statement that takes it to
+COMMIT: one organization's admissions and settlements (measured with ``make bench-tenants``) used to wait for it
+most of the time. Admission takes it last, with one statement: everything else (the price, the estimate, the key's
+limit, the job's own hold row) is done first, and when the organization has no budget and the key no limit,
+``_hold_within_credit`` is one conditional UPDATE, ``held += estimate`` where ``balance - held >= estimate`` and no
 budget is set. PostgreSQL checks that condition again on the row as committed when the UPDATE had to wait for its
-lock, and it reads only the row's own columns, so two admissions can never both take the same credit. A budget or
-a key's limit is checked through other rows (the month's spend in the rollups, the key's open holds), which such a
-re-check would not see change: those admissions, and any the condition refuses (to word the refusal, or to find
-the credit a settlement just freed), decide under the account's lock as before (``_admit_under_the_lock``). The
-alternatives measured or weighed: splitting the credit over sub-rows would make every refusal and every budget
-read sum the rows; keeping the held amount in Redis would make the database no longer the truth for money.
+lock, and it reads only the row's own columns, so two admissions never take the same credit. A budget or a key's
+limit is checked through other rows (the month's spend in the rollups, the key's open holds), which that re-check
+would not see change: those admissions, and any the condition refuses (to word the refusal, or to find the credit
+a settlement just freed), are decided on the locked account as before (``_admit_under_the_lock``). The key's limit
+is read behind a share lock on the key, which a new limit takes exclusively (``billing.locks.share_key``). Weighed
+and not taken: the credit split over sub-rows (every refusal and budget check would sum them), the held amount kept
+in Redis (the database would no longer be the truth for money).
 """
 
 from __future__ import annotations
@@ -207,12 +209,12 @@ def _extend(job: Job, quote: pricing.Quote, gpu_ms: int, ahead_ms: int) -> Reser
     hold = locked_open_hold(job.pk)  # the job's hold, then its account (the lock order)
     if hold is None:
         return UNLIMITED
-    account = locked_account(job.organization_id)
     price = quote.unit_price_micros
     needed = gpu_cost_micros(gpu_ms, price) - hold.amount_micros
     if needed <= 0:
         return _coverage(hold.amount_micros, quote)
     wanted = gpu_cost_micros(gpu_ms + max(ahead_ms, 0), price) - hold.amount_micros
+    account = locked_account(job.organization_id)
     limit = KeySpendLimit.objects.filter(api_key_id=job.api_key_id).first() if job.api_key_id is not None else None
     room, refusal = _spend_room(account, job, limit)
     if needed > room:
