@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from django.conf import settings
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from accounts.models import AuditEvent, Scope
@@ -98,6 +99,29 @@ def test_closing_a_billed_run_sends_a_fixed_number_of_statements(
         finish(job, gpu_ms=1_235, reserve=False)
     assert UsageRecord.objects.get(job=job).cost_micros == 124
     assert account(tenant).held_micros == 0
+
+
+def test_admission_writes_the_account_with_its_last_statement_and_reads_a_key_limit_only_for_a_key(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint
+) -> None:
+    # With no budget and no key limit, the account's lock, which every admission and settlement of the organization
+    # waits for, is taken by one conditional UPDATE, the last statement before the transaction ends.
+    for api_key in (tenant["api_key"], None):
+        with CaptureQueriesContext(connection) as captured:
+            job, _ = submission.submit_job(
+                organization=tenant["organization"], api_key=api_key, endpoint=builtin_endpoint, payload=SMALL
+            )
+        statements = [query["sql"] for query in captured.captured_queries]
+        on_the_account = [index for index, sql in enumerate(statements) if "billing_account" in sql]
+        assert on_the_account == [len(statements) - 2], statements  # then the savepoint's release (COMMIT)
+        assert statements[on_the_account[0]].startswith("UPDATE")
+        assert any("billing_keyspendlimit" in sql for sql in statements) == (api_key is not None)
+        assert Hold.objects.get(job=job).amount_micros > 0
+    assert account(tenant).held_micros == sum(
+        Hold.objects.filter(organization=tenant["organization"], released_at=None).values_list(
+            "amount_micros", flat=True
+        )
+    )
 
 
 def test_platform_failures_are_recorded_unbilled_and_the_retry_is_billed(

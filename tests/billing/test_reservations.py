@@ -135,3 +135,16 @@ def test_work_that_the_hold_covers_by_the_time_of_the_lock_is_never_refused_nor_
     assert isinstance(refusal, Refusal)
     assert refusal.error_type == "spend_limit_exceeded"
     assert held_for(job) == held + 100
+
+
+def test_a_limit_on_another_key_of_the_organization_does_not_limit_this_keys_reservations(
+    tenant: dict[str, Any], make_key: Callable[..., Any], builtin_endpoint: Endpoint
+) -> None:
+    organization = tenant["organization"]
+    other_key, _ = make_key(organization)
+    controls.set_key_limit(api_key=other_key, monthly_limit_micros=0)
+    job = start(submit(organization, builtin_endpoint, api_key=tenant["api_key"]))
+    held = held_for(job)
+    # 100 µ$ beyond the hold: the other key's limit has no room at all, this key has no limit.
+    assert attempts.reserve_work(job=job, gpu_ms=(held + 100) * 10) == Reservation(covered_gpu_ms=(held + 100) * 10 + 4)
+    assert held_for(job) == held + 100
