@@ -8,10 +8,12 @@ moves them to DISPATCHED and returns them, and then COMMIT. The count cannot be 
 lock itself: PostgreSQL would read it in the snapshot taken before the statement waited for the lock, and miss what
 the dispatcher it waited for had just dispatched. A job a dispatcher picks is moved only if it is still QUEUED (the
 condition is checked again on the row if another transaction, a cancel, held it), so two dispatchers never send
-the same job. The alternatives weighed: ``SKIP LOCKED`` on the organization's row (a dispatcher that finds it taken
-leaves its job to the one that holds it) needs that holder to look again after its COMMIT, for as long as jobs
-keep coming, in the submission's own request; concurrency slots kept in Redis or on a counter row would have to be
-kept in step by every way a job ends. Neither is needed while one statement is all the lock covers.
+the same job. Measured (``make bench-tenants``, README): one busy organization's row is locked about 5 ms per job,
+half the time, and a submission waits about 1 ms for it. The alternatives weighed: ``SKIP LOCKED`` on the
+organization's row (a dispatcher that finds it taken leaves its job to the one that holds it) needs that holder to
+look again after its COMMIT, for as long as jobs keep coming, in the submission's own request; concurrency slots
+kept in Redis or on a counter row would have to be kept in step by every way a job ends; committing dispatch
+without waiting for the WAL (a lost dispatch is redone by the sweep) saved under 1 ms of the 5.
 """
 
 from __future__ import annotations
