@@ -4,7 +4,8 @@ Every movement writes the organization's ``Account`` row (its cached balance) be
 ``balance_after_micros`` is the balance that write left: the account's lock orders the entries of an organization
 as it orders their balances. Grants, refunds and payments lock the account first (``billing.locks``) and then
 decide; a settlement's debit, decided by the balance alone, is the one conditional UPDATE that takes the lock
-(``debit_usage``), so the lock is held for that statement, the entry's insert and the COMMIT.
+(``debit_usage``), and on PostgreSQL the same statement appends its entry and the rollups, so the lock is held for
+the rest of that statement and the COMMIT.
 """
 
 from __future__ import annotations
