@@ -9,7 +9,7 @@ from accounts.models import ApiKey, AuditAction, Organization
 from accounts.services import SYSTEM, Actor, record_audit
 from billing import topups
 from billing.ledger import BillingError
-from billing.locks import locked_account
+from billing.locks import lock_key, locked_account
 from billing.models import Account, KeySpendLimit
 
 MIN_TOP_UP_CENTS = 500
@@ -74,6 +74,7 @@ def set_monthly_budget(*, organization: Organization, budget_micros: int | None,
 
 @transaction.atomic
 def set_key_limit(*, api_key: ApiKey, monthly_limit_micros: int | None, actor: Actor = SYSTEM) -> None:
+    lock_key(api_key.pk)  # waits for the admissions reading the key's limit; later ones read this one
     if monthly_limit_micros is None:
         KeySpendLimit.objects.filter(api_key=api_key).delete()
     elif monthly_limit_micros < 0:

@@ -1,17 +1,25 @@
-"""Holds: credit set aside for a queued or running job, released when the job reaches its end."""
+"""Holds: credit set aside for a queued or running job, released when the job reaches its end.
+
+A job's hold row is written before its organization's account, whose ``held_micros`` caches the sum of the open
+holds (the lock order of ``accounts.locking``: the job's hold, then the account). The hold row is the job's own:
+nobody else waits for it, so writing it first keeps it out of the time the account's row stays locked, which every
+admission and settlement of the organization shares. These functions write the hold row and answer how much the
+account's held amount changes; the caller moves the account by that much in the same transaction.
+"""
 
 from __future__ import annotations
 
 import uuid
 
 from django.db import connection
+from django.db.models import F
 from django.utils import timezone
 
 from billing.models import Account, Hold
 
 
-def place(*, account: Account, hold: Hold) -> None:
-    """Saves the job's hold on a locked account and adds it to the cached ``held_micros``.
+def place(*, hold: Hold) -> int:
+    """Saves the job's hold, open; the change to the account's held amount (the caller applies it).
 
     ``hold`` is a new, open row object. A job has one hold row (keyed by the job). A job an operator requeued had its
     earlier hold released when that run ended: the row is overwritten, open again, with the new amount. Were it still
@@ -20,20 +28,15 @@ def place(*, account: Account, hold: Hold) -> None:
     earlier = Hold.objects.filter(job_id=hold.job_id).values_list("amount_micros", "released_at").first()
     if earlier is None:
         hold.save(force_insert=True)
-    else:
-        earlier_micros, earlier_released_at = earlier
-        if earlier_released_at is None:
-            account.held_micros -= earlier_micros
-        hold.save(force_update=True)
-    account.held_micros += hold.amount_micros
-    account.save(update_fields=["held_micros"])
+        return hold.amount_micros
+    earlier_micros, earlier_released_at = earlier
+    hold.save(force_update=True)
+    return hold.amount_micros - (earlier_micros if earlier_released_at is None else 0)
 
 
-def release(*, account: Account, job_id: uuid.UUID, save: bool = True) -> int:
-    """Releases the job's open hold on a locked account; the amount released (0 if none was open).
-
-    ``save=False``: the caller saves the account itself in this transaction (``ledger.post_entry`` does).
-    """
+def release(*, job_id: uuid.UUID) -> int:
+    """Releases the job's open hold; the amount released (0 if none was open), which the caller takes off the
+    account's held amount in the same transaction."""
     # One statement closes the job's open hold (one row at most) and says how much it held (PostgreSQL, and SQLite
     # from 3.35).
     fields = {field.name: field for field in Hold._meta.concrete_fields}
@@ -45,10 +48,11 @@ def release(*, account: Account, job_id: uuid.UUID, save: bool = True) -> int:
             [released_at.get_db_prep_value(timezone.now(), connection), job.get_db_prep_value(job_id, connection)],
         )
         released = cursor.fetchone()
-    if released is None:
-        return 0
-    (amount_micros,) = released
-    account.held_micros -= amount_micros
-    if save:
-        account.save(update_fields=["held_micros"])
-    return amount_micros
+    return 0 if released is None else int(released[0])
+
+
+def take_off_held(*, organization_id: uuid.UUID, amount_micros: int) -> None:
+    """Takes a released hold off the account's held amount: one UPDATE, the statement that locks the account (no
+    limit can refuse credit given back, so nothing is read under the lock first)."""
+    if amount_micros:
+        Account.objects.filter(pk=organization_id).update(held_micros=F("held_micros") - amount_micros)

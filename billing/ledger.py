@@ -1,15 +1,20 @@
 """The prepaid credit ledger: append entries, keep the cached balance true, grant and refund.
 
-Every function that moves credit locks the organization's ``Account`` row first (``billing.locks``), so the
-cached balance and holds change in a fixed order with the rows they summarise.
+Every movement writes the organization's ``Account`` row (its cached balance) before its entry, whose
+``balance_after_micros`` is the balance that write left: the account's lock orders the entries of an organization
+as it orders their balances. Grants, refunds and payments lock the account first (``billing.locks``) and then
+decide; a settlement's debit, decided by the balance alone, is the one conditional UPDATE that takes the lock
+(``debit_usage``), and on PostgreSQL the same statement appends its entry and the rollups, so the lock is held for
+the rest of that statement and the COMMIT.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from accounts.errors import AppError
@@ -59,6 +64,35 @@ def post_entry(
         return existing, False
     account.balance_micros += amount_micros
     account.updated_at = timezone.now()
+    entry = _entry_of_moved_balance(
+        account=account,
+        kind=kind,
+        amount_micros=amount_micros,
+        idempotency_key=idempotency_key,
+        description=description,
+        usage_record=usage_record,
+        payment=payment,
+        job=job,
+        created_by=created_by,
+    )
+    account.save(update_fields=["balance_micros", "held_micros", "updated_at"])
+    return entry, True
+
+
+def _entry_of_moved_balance(
+    *,
+    account: Account,
+    kind: str,
+    amount_micros: int,
+    idempotency_key: str,
+    description: str,
+    usage_record: UsageRecord | None = None,
+    payment: Payment | None = None,
+    job: Job | None = None,
+    created_by: Any = None,
+) -> CreditEntry:
+    """The entry of a movement ``account``'s balance already shows (its row written or to be written in this
+    transaction, under its lock); a debit that leaves the account low queues an auto top-up."""
     entry = CreditEntry.objects.create(
         organization_id=account.organization_id,
         kind=kind,
@@ -71,12 +105,123 @@ def post_entry(
         description=description[:300],
         created_by=created_by,
     )
-    account.save(update_fields=["balance_micros", "held_micros", "updated_at"])
     if amount_micros < 0:
         from billing import topups  # lazily: the ledger needs no Celery to import
 
         topups.schedule_if_low(account)
-    return entry, True
+    return entry
+
+
+# What a settlement's debit reads back from the account it wrote: the balance its entry records, and what decides
+# an auto top-up.
+_DEBITED_COLUMNS = (
+    "balance_micros",
+    "held_micros",
+    "auto_top_up_enabled",
+    "auto_top_up_threshold_micros",
+    "default_payment_method_id",
+    "stripe_customer_id",
+)
+
+
+def debit_usage(
+    *,
+    usage_record: UsageRecord,
+    released_micros: int,
+    job: Job,
+    description: str,
+    along: Callable[..., tuple[str, list[Any]]] | None = None,
+) -> bool:
+    """Debits a settlement's usage (``usage_record.cost_micros``, more than 0) and takes the hold it released off the
+    held amount, where the balance covers the debit; then appends the debit's entry. False, and nothing written:
+    the balance does not cover the cost (credit was taken back), and the caller settles on the locked account.
+
+    The account's UPDATE is the statement that takes its lock: ``balance -= cost, held -= released`` where
+    ``balance >= cost``, a condition PostgreSQL checks again on the row as committed when it had to wait for the
+    lock. So usage never takes the balance below zero, and the debit is the one ``cost_within`` gives with the
+    balance as a further ceiling (the cost fits under it). The entry records the balance that UPDATE left.
+
+    ``along(usage_record, only_where=...)``: a further upsert summarising the debit (the usage rollups), written
+    under the same lock and only if the debit is made. On PostgreSQL the UPDATE, the entry and that upsert are one
+    statement, so the lock is held for the rest of that statement and the COMMIT, no client round trip; elsewhere
+    (SQLite, one writer at a time) they are three.
+    """
+    cost = usage_record.cost_micros
+    organization_id = usage_record.organization_id
+    now = timezone.now()
+    columns = {field.name: field for field in Account._meta.concrete_fields}
+    balance, held, key = columns["balance_micros"].column, columns["held_micros"].column, columns["organization"]
+    returning = ", ".join(f"{columns[name].column}" for name in _DEBITED_COLUMNS)
+    debit = (
+        f"UPDATE {Account._meta.db_table} SET {balance} = {balance} - %s, {held} = {held} - %s, "  # noqa: S608
+        f"{columns['updated_at'].column} = %s WHERE {key.column} = %s AND {balance} >= %s RETURNING {returning}"
+    )
+    parameters: list[Any] = [
+        cost,
+        released_micros,
+        columns["updated_at"].get_db_prep_value(now, connection),
+        key.get_db_prep_value(organization_id, connection),
+        cost,
+    ]
+    idempotency_key = f"usage-{usage_record.pk}"
+    if connection.vendor == "postgresql":
+        entries = {field.name: field for field in CreditEntry._meta.concrete_fields}
+        values = {
+            "organization": organization_id,
+            "kind": EntryKind.USAGE.value,
+            "amount_micros": -cost,
+            "idempotency_key": idempotency_key,
+            "usage_record": usage_record.pk,
+            "job": job.pk,
+            "description": description[:300],
+            "created_at": now,
+        }
+        names = [*values, "balance_after_micros"]
+        sql = (
+            f"WITH debited AS ({debit}), entry AS (INSERT INTO {CreditEntry._meta.db_table} "  # noqa: S608
+            f"({', '.join(f'{entries[name].column}' for name in names)}) "
+            f"SELECT {', '.join(['%s'] * len(values))}, {balance} FROM debited)"
+        )
+        parameters += [entries[name].get_db_prep_value(value, connection) for name, value in values.items()]
+        if along is not None:
+            summary, summary_parameters = along(usage_record, only_where="EXISTS (SELECT 1 FROM debited)")
+            sql += f", summary AS ({summary})"
+            parameters += summary_parameters
+        sql += " SELECT * FROM debited"
+        with connection.cursor() as cursor:
+            cursor.execute(sql, parameters)
+            row = cursor.fetchone()
+        if row is None:
+            return False
+        account = _debited_account(organization_id, now, row)
+        from billing import topups  # lazily: the ledger needs no Celery to import
+
+        topups.schedule_if_low(account)
+        return True
+    with connection.cursor() as cursor:
+        cursor.execute(debit, parameters)
+        row = cursor.fetchone()
+    if row is None:
+        return False
+    _entry_of_moved_balance(
+        account=_debited_account(organization_id, now, row),
+        kind=EntryKind.USAGE,
+        amount_micros=-cost,
+        idempotency_key=idempotency_key,
+        description=description,
+        usage_record=usage_record,
+        job=job,
+    )
+    if along is not None:
+        summary, summary_parameters = along(usage_record)
+        with connection.cursor() as cursor:
+            cursor.execute(summary, summary_parameters)
+    return True
+
+
+def _debited_account(organization_id: Any, updated_at: Any, row: tuple[Any, ...]) -> Account:
+    debited = dict(zip(_DEBITED_COLUMNS, row, strict=True))
+    return Account(organization_id=organization_id, updated_at=updated_at, **debited)
 
 
 @transaction.atomic

@@ -1,25 +1,61 @@
 """Locks on billing's rows, in the platform's one lock order (``accounts.locking``): a Stripe event before
-anything else, later the organization's account, then its payments.
+anything else; then, after inference's rows, the job's API key (shared), the job's hold, the organization's
+account, then its payments.
 
-A transaction that writes money locks the organization's ``Account`` first: the cached balance and held amount
-change with the rows they summarise, one writer per organization at a time. A job's hold and a payment are
-written only under that lock; a payment row is locked after it, so each writer of a payment takes both in the
-same order.
+The organization's ``Account`` row caches the balance and the held amount, so every admission and settlement of
+the organization writes it: its lock is the one a busy tenant's work queues for. A transaction therefore takes it
+as late as it can and keeps the work after it small. Rows nobody else contends for (the job's hold, its usage
+record) are written first; where a decision needs only the account's own columns (is the credit there, is there no
+budget; does the balance cover this debit) it is the condition of the one UPDATE that takes the lock, which
+PostgreSQL checks again on the row as committed when it had to wait for it. A decision that reads other rows (a
+budget's or a key's spend, from the rollups and holds) is made under the lock (``locked_account``), where nothing
+it reads can change until it commits: every writer of a hold or of spend writes the account in the same
+transaction. A payment row is locked after the account, so each writer of a payment takes both in the same order.
 """
 
 from __future__ import annotations
 
 import uuid
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 
 from accounts.locking import locked
-from billing.models import Account, Payment, StripeEvent
+from accounts.models import ApiKey
+from billing.models import Account, Hold, Payment, StripeEvent
 
 
 def locked_stripe_event(event_id: str) -> StripeEvent:
     """The stored Stripe event, locked while its effects are applied (one processing of it at a time)."""
     return locked(StripeEvent.objects.filter(pk=event_id)).get()
+
+
+def share_key(api_key_id: uuid.UUID) -> None:
+    """Share-locks the API key's row for this transaction, before its spend limit is read.
+
+    Every admission under the key may hold this lock at once; a new or changed limit (``lock_key``) waits for the
+    admissions that hold it to commit, and the admissions after it wait for the limit to commit. So an admission
+    that read "no limit" committed its hold before the limit took effect, and the next admission under the limit
+    counts that hold. (A plain SELECT: SQLite runs one writer at a time.)
+    """
+    if not connection.features.has_select_for_update:
+        return
+    pk = ApiKey._meta.pk
+    assert pk is not None  # noqa: S101 - every model has one
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT 1 FROM {ApiKey._meta.db_table} WHERE {pk.column} = %s FOR KEY SHARE",  # noqa: S608
+            [pk.get_db_prep_value(api_key_id, connection)],
+        )
+
+
+def lock_key(api_key_id: uuid.UUID) -> None:
+    """Locks the API key's row exclusively for this transaction, while its spend limit changes (``share_key``)."""
+    list(ApiKey.objects.select_for_update(of=("self",)).filter(pk=api_key_id).values_list("pk", flat=True))
+
+
+def locked_open_hold(job_id: uuid.UUID) -> Hold | None:
+    """The job's open hold (None: none is open), locked for this transaction, before its account's lock."""
+    return locked(Hold.objects.filter(job_id=job_id, released_at=None)).first()
 
 
 def locked_account(organization_id: uuid.UUID) -> Account:

@@ -3,6 +3,18 @@
 ``record_attempt`` is inference's ``attempt_finished`` hook: it runs inside the transaction that
 closes the attempt, so a job's final state, its usage record, its credit debit, the rollups and the
 release of its hold commit together or not at all.
+
+**Settlement takes the organization's account row last.** Every settlement and admission of the organization
+writes that row, and its lock is held from the statement that takes it to COMMIT, so a busy tenant's jobs
+queue for it. The job's own rows come first, uncontended: its hold released, its usage record. The debit is then
+one conditional UPDATE of the account (``ledger.debit_usage``: ``balance -= cost`` where ``balance >= cost``),
+followed only by the debit's entry (which records the balance that UPDATE left, so it must follow it) and the
+rollups' upsert (their rows are shared by the organization's settlements too, so they are written under the
+account's lock rather than before it, where they would be locked longer). The cost is computed before the lock
+with the hold as its ceiling: wherever the balance covers that cost, ``cost_within`` with the balance as a further
+ceiling gives the same answer (``tests/billing/test_settlement_properties.py``), so the condition is exactly what
+the debit needs. Where the balance does not cover it (a refund or dispute took credit back), the settlement is
+decided on the locked account as before and the record corrected to the smaller cost.
 """
 
 from __future__ import annotations
@@ -13,7 +25,7 @@ from typing import Any
 from django.db import connection
 
 from billing import holds, pricing
-from billing.ledger import post_entry
+from billing.ledger import debit_usage, post_entry
 from billing.locks import locked_account
 from billing.models import NO_KEY, EntryKind, Granularity, Hold, UsageRecord, UsageRollup
 from billing.money import cost_within
@@ -37,18 +49,22 @@ def record_attempt(job: Job, attempt: JobAttempt) -> UsageRecord:
     quote = pricing.price_for(job.endpoint, started_at, job.organization_id)
     billable = attempt.billable
     images = _images_produced(job) if billable else 0
-    account = locked_account(job.organization_id)
+    gpu_ms = attempt.gpu_ms if billable else 0
+    pixels = pricing.output_pixels(job.input, images)
+    # The job's hold first (the lock order: the hold, then the account).
     if job.is_final:
-        held = holds.release(account=account, job_id=job.pk, save=False)
+        held = released = holds.release(job_id=job.pk)
     else:
         held = Hold.objects.filter(job_id=job.pk, released_at=None).values_list("amount_micros", flat=True).first() or 0
+        released = 0
+    # Priced as if the balance covers the hold; ``debit_usage`` debits it only where the balance covers the cost.
     units, cost, billed_ms = cost_within(
         unit=quote.unit,
         unit_price_micros=quote.unit_price_micros,
-        gpu_ms=attempt.gpu_ms if billable else 0,
+        gpu_ms=gpu_ms,
         images=images,
-        pixels=pricing.output_pixels(job.input, images),
-        ceiling_micros=min(held, max(account.balance_micros, 0)),
+        pixels=pixels,
+        ceiling_micros=held,
     )
     record = UsageRecord.objects.create(
         organization_id=job.organization_id,
@@ -70,6 +86,38 @@ def record_attempt(job: Job, attempt: JobAttempt) -> UsageRecord:
         started_at=attempt.started_at,
         recorded_at=attempt.finished_at or job.finished_at or started_at,
     )
+    description = f"{job.endpoint.endpoint_id}: {units} {quote.unit}"
+    if not cost:
+        holds.take_off_held(organization_id=job.organization_id, amount_micros=released)
+        add_to_rollups(record)
+    elif not debit_usage(
+        usage_record=record, released_micros=released, job=job, description=description, along=rollup_upsert
+    ):
+        _settle_on_the_locked_account(
+            record, job, held=held, released=released, gpu_ms=gpu_ms, images=images, pixels=pixels
+        )
+        add_to_rollups(record)
+    return record
+
+
+def _settle_on_the_locked_account(
+    record: UsageRecord, job: Job, *, held: int, released: int, gpu_ms: int, images: int, pixels: int
+) -> None:
+    """The debit where the balance no longer covers the record's cost: the balance, read under the account's lock,
+    is a further ceiling; the record is corrected to what fits under it, and the account saved."""
+    account = locked_account(job.organization_id)
+    units, cost, billed_ms = cost_within(
+        unit=record.unit,
+        unit_price_micros=record.unit_price_micros,
+        gpu_ms=gpu_ms,
+        images=images,
+        pixels=pixels,
+        ceiling_micros=min(held, max(account.balance_micros, 0)),
+    )
+    record.unbilled_gpu_ms += record.gpu_ms - billed_ms
+    record.billable_units, record.cost_micros, record.gpu_ms = units, cost, billed_ms
+    record.save(update_fields=["billable_units", "cost_micros", "gpu_ms", "unbilled_gpu_ms"])
+    account.held_micros -= released
     if cost:
         # Saves the account's balance and the held amount just released in one UPDATE.
         post_entry(
@@ -77,15 +125,13 @@ def record_attempt(job: Job, attempt: JobAttempt) -> UsageRecord:
             kind=EntryKind.USAGE,
             amount_micros=-cost,
             idempotency_key=f"usage-{record.pk}",
-            description=f"{job.endpoint.endpoint_id}: {units} {quote.unit}",
+            description=f"{job.endpoint.endpoint_id}: {units} {record.unit}",
             usage_record=record,
             job=job,
             key_is_new=True,
         )
-    elif held and job.is_final:
+    elif released:
         account.save(update_fields=["held_micros"])
-    add_to_rollups(record)
-    return record
 
 
 _ROLLUP_COLUMNS = ("attempts", "billable_attempts", "gpu_ms", "unbilled_gpu_ms", "cost_micros", "work_units")
@@ -99,6 +145,14 @@ def bucket_start(moment: datetime, granularity: str) -> datetime:
 
 def add_to_rollups(record: UsageRecord) -> None:
     """Adds one record to its hour and day rows with one two-row upsert (PostgreSQL and SQLite alike)."""
+    sql, parameters = rollup_upsert(record)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, parameters)
+
+
+def rollup_upsert(record: UsageRecord, *, only_where: str = "") -> tuple[str, list[Any]]:
+    """The two-row upsert that adds ``record`` to its hour and day rows; ``only_where``: a condition the rows are
+    added under (a statement of its own, or a part of a larger one that decides whether they are)."""
     amounts = {
         "attempts": 1,
         "billable_attempts": int(record.billable),
@@ -107,13 +161,14 @@ def add_to_rollups(record: UsageRecord) -> None:
         "cost_micros": record.cost_micros,
         "work_units": record.work_units,
     }
-    add_amounts_to_rollups(
+    return _rollups_statement(
         recorded_at=record.recorded_at,
         organization_id=record.organization_id,
         endpoint_id=record.endpoint_id,
         key_id=record.api_key_id or NO_KEY,
         gpu_class=record.gpu_class,
         amounts=amounts,
+        only_where=only_where,
     )
 
 
@@ -126,6 +181,28 @@ def add_amounts_to_rollups(
     gpu_class: str,
     amounts: dict[str, int],
 ) -> None:
+    sql, parameters = _rollups_statement(
+        recorded_at=recorded_at,
+        organization_id=organization_id,
+        endpoint_id=endpoint_id,
+        key_id=key_id,
+        gpu_class=gpu_class,
+        amounts=amounts,
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, parameters)
+
+
+def _rollups_statement(
+    *,
+    recorded_at: datetime,
+    organization_id: Any,
+    endpoint_id: int,
+    key_id: Any,
+    gpu_class: str,
+    amounts: dict[str, int],
+    only_where: str = "",
+) -> tuple[str, list[Any]]:
     table = UsageRollup._meta.db_table
     fields = {field.column: field for field in UsageRollup._meta.concrete_fields}
     key_columns = ["granularity", "bucket_start", "organization_id", "endpoint_id", "key_id", "gpu_class"]
@@ -134,9 +211,11 @@ def add_amounts_to_rollups(
     granularities = (Granularity.HOUR, Granularity.DAY)
     # Both rows in one statement (one round trip); they never meet in ON CONFLICT, their granularities differ.
     row_placeholders = f"({', '.join(['%s'] * len(columns))})"
+    rows = f"VALUES {', '.join([row_placeholders] * len(granularities))}"
+    if only_where:
+        rows = f"SELECT * FROM ({rows}) AS additions WHERE {only_where}"  # noqa: S608
     sql = (
-        f"INSERT INTO {table} ({', '.join(columns)}) "  # noqa: S608
-        f"VALUES {', '.join([row_placeholders] * len(granularities))} "
+        f"INSERT INTO {table} ({', '.join(columns)}) {rows} "
         f"ON CONFLICT ({', '.join(key_columns)}) DO UPDATE SET {increments}"
     )
     parameters: list[Any] = []
@@ -151,5 +230,4 @@ def add_amounts_to_rollups(
             **amounts,
         }
         parameters += [fields[column].get_db_prep_value(values[column], connection) for column in columns]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, parameters)
+    return sql, parameters

@@ -1,4 +1,20 @@
-"""Dispatch: an organization's queued jobs sent to the workers while it is under its concurrency limit."""
+"""Dispatch: an organization's queued jobs sent to the workers while it is under its concurrency limit.
+
+**The organization's lock, held for one statement.** Every submission of an organization dispatches it when it
+commits, so the organization's row lock, which makes concurrent dispatchers count one after another, is what a
+busy tenant's submissions queue for; it is held from the statement that takes it to COMMIT. So the lock is followed
+by one statement (``_DISPATCH``) that counts the active jobs, picks the oldest queued ones that fit under the limit,
+moves them to DISPATCHED and returns them, and then COMMIT. The count cannot be part of a statement that takes the
+lock itself: PostgreSQL would read it in the snapshot taken before the statement waited for the lock, and miss what
+the dispatcher it waited for had just dispatched. A job a dispatcher picks is moved only if it is still QUEUED (the
+condition is checked again on the row if another transaction, a cancel, held it), so two dispatchers never send
+the same job. Measured (``make bench-tenants``, README): one busy organization's row is locked about 5 ms per job,
+half the time, and a submission waits about 1 ms for it. The alternatives weighed: ``SKIP LOCKED`` on the
+organization's row (a dispatcher that finds it taken leaves its job to the one that holds it) needs that holder to
+look again after its COMMIT, for as long as jobs keep coming, in the submission's own request; concurrency slots
+kept in Redis or on a counter row would have to be kept in step by every way a job ends; committing dispatch
+without waiting for the WAL (a lost dispatch is redone by the sweep) saved under 1 ms of the 5.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +24,7 @@ from datetime import timedelta
 
 from celery import current_app
 from django.conf import settings
-from django.db import transaction
-from django.db.models import F
+from django.db import connection, transaction
 from django.utils import timezone
 
 from accounts.locking import lock_organization, retrying_atomic
@@ -34,34 +49,52 @@ def dispatch_organization(organization_id: uuid.UUID) -> int:
     return len(to_send)
 
 
+_FIELDS = {field.name: field for field in Job._meta.concrete_fields}
+
+
+def _column(name: str) -> str:
+    return f"{_FIELDS[name].column}"
+
+
+# After the organization's lock, in one statement (PostgreSQL, and SQLite from 3.35): its jobs that count against
+# the limit counted, the oldest queued ones that fit picked (not those past their start deadline: the sweep ends
+# them, they take no slot), moved to DISPATCHED and returned.
+_DISPATCH = (
+    f"UPDATE {Job._meta.db_table} SET {_column('status')} = %(dispatched)s, {_column('attempt')} = "  # noqa: S608
+    f"{_column('attempt')} + 1, {_column('dispatched_at')} = %(now)s, {_column('sent_at')} = %(now)s "
+    f"WHERE {_column('status')} = %(queued)s AND {_column('id')} IN ("
+    f"SELECT {_column('id')} FROM {Job._meta.db_table} WHERE {_column('organization')} = %(organization)s "
+    f"AND {_column('status')} = %(queued)s "
+    f"AND ({_column('start_deadline')} IS NULL OR {_column('start_deadline')} > %(now)s) "
+    f"ORDER BY {_column('created_at')}, {_column('id')} "
+    f"LIMIT (SELECT CASE WHEN COUNT(*) < %(limit)s THEN %(limit)s - COUNT(*) ELSE 0 END "
+    f"FROM {Job._meta.db_table} WHERE {_column('organization')} = %(organization)s "
+    f"AND {_column('status')} IN ({', '.join(f'%(active_{index})s' for index in range(len(ACTIVE_STATUSES)))})))"
+    f" RETURNING {_column('id')}, {_column('attempt')}, {_column('gpu_class')}, {_column('created_at')}"
+)
+
+
 @retrying_atomic
 def _dispatch(organization_id: uuid.UUID) -> list[tuple[str, int, str]]:
     organization = lock_organization(organization_id)
     if organization is None or organization.is_suspended:
         return []
-    active = Job.objects.filter(organization_id=organization_id, status__in=ACTIVE_STATUSES).count()
-    capacity = organization.concurrency_limit - active
-    if capacity <= 0:
-        return []
-    now = timezone.now()
-    ids = list(
-        Job.objects.filter(organization_id=organization_id, status=JobStatus.QUEUED)
-        .exclude(start_deadline__lte=now)  # past its start deadline: the sweep ends it, it takes no slot
-        .order_by("created_at", "id")
-        .values_list("id", flat=True)[:capacity]
-    )
-    if not ids:
-        return []
-    Job.objects.filter(pk__in=ids, status=JobStatus.QUEUED).update(
-        status=JobStatus.DISPATCHED, attempt=F("attempt") + 1, dispatched_at=now, sent_at=now
-    )
-    to_send = [
-        (str(job_id), attempt, gpu_class)
-        for job_id, attempt, gpu_class in Job.objects.filter(pk__in=ids, status=JobStatus.DISPATCHED)
-        .order_by("created_at", "id")  # to the broker in the order they were queued
-        .values_list("id", "attempt", "gpu_class")
-    ]
-    transaction.on_commit(lambda: send_run_messages(to_send), robust=True)
+    parameters = {
+        "dispatched": JobStatus.DISPATCHED.value,
+        "queued": JobStatus.QUEUED.value,
+        "now": _FIELDS["dispatched_at"].get_db_prep_value(timezone.now(), connection),
+        "organization": _FIELDS["organization"].get_db_prep_value(organization_id, connection),
+        "limit": organization.concurrency_limit,
+        **{f"active_{index}": status for index, status in enumerate(ACTIVE_STATUSES)},
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(_DISPATCH, parameters)
+        dispatched = cursor.fetchall()
+    # To the broker in the order they were queued.
+    dispatched.sort(key=lambda row: (row[3], row[0]))
+    to_send = [(str(uuid.UUID(str(job_id))), attempt, gpu_class) for job_id, attempt, gpu_class, _ in dispatched]
+    if to_send:
+        transaction.on_commit(lambda: send_run_messages(to_send), robust=True)
     return to_send
 
 

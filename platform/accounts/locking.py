@@ -7,18 +7,27 @@ goes back to an earlier kind once it holds a later one:
 2. the organization (``lock_organization``: dispatch, limits),
 3. jobs, in ``created_at, id`` order when several (``inference.locks.lock_job``),
 4. the job's attempt (``inference.locks.lock_attempt``),
-5. the organization's billing account (``billing.locks.locked_account``),
-6. the job's hold, then payments (always under the account's lock: ``billing.locks.locked_payment``),
-7. an issuer's series of document numbers (``billing.documents.allocate_number``: a receipt or statement is
+5. the job's API key, shared (``billing.locks.share_key``: admission, before it reads the key's spending limit),
+6. the job's hold (written by admission, released by settlement, locked by a reservation:
+   ``billing.locks.locked_open_hold``), the job's own row that no other job's transaction waits for,
+7. the organization's billing account (``billing.locks.locked_account``, or the conditional UPDATE that admission
+   and settlement take it with, the last statement they send on it),
+8. then the organization's usage rollups (settlement's upsert), or payments (``billing.locks.locked_payment``).
+9. an issuer's series of document numbers (``billing.documents.allocate_number``: a receipt or statement is
    numbered last in the transaction that creates it).
 
 Inference's rows come before billing's because billing's hooks run inside inference's transactions, after the
-job is locked (inference knows nothing of money, so it cannot lock an account first: docs/architecture.md).
+job is locked (inference knows nothing of money, so it cannot lock an account first: docs/architecture.md). Within
+billing the account comes after the job's own rows because it is the one row every admission and settlement of an
+organization writes: a transaction holds it from the statement that takes it to COMMIT, so it takes it last.
 
 Every lock names what it locks (``of=("self",)``: no join drags another table's rows in) and is
 ``FOR NO KEY UPDATE``: none of these transactions changes a primary key, and a plain ``FOR UPDATE`` would also
 wait on (and make wait) every insert of a row that points at the locked one, such as a job's log line or an
-organization's usage record, whose foreign key check takes ``FOR KEY SHARE``.
+organization's usage record, whose foreign key check takes ``FOR KEY SHARE``. Two locks on an API key are the
+exception, on purpose: admission share-locks the key (``FOR KEY SHARE``) before reading its spending limit, and a
+new limit (``billing.locks.lock_key``, which locks nothing else) takes it with a plain ``FOR UPDATE`` so that it
+waits for exactly those admissions.
 
 **Retries.** A top-level action runs in ``retrying_atomic``: when PostgreSQL kills its transaction to break a
 deadlock or a serialization conflict (or SQLite finds its database locked), the whole transaction is run again,

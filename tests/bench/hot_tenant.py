@@ -26,9 +26,10 @@ one / N (each ratio from this one run), then where the time goes, so the profile
 
 - per call, measured in each process: milliseconds in each kind of statement (a row lock by table, an upsert, ...),
   in COMMIT, and outside the database (Python, the pool, the queue);
-- the organization's own rows (its account, the organization): how long each transaction held the lock, from the
-  locking statement's answer to its COMMIT's, the row's locked time per job and the share of the time it was
-  locked; an exclusive lock held that long per job caps one organization at 1000 / (ms per job) jobs/s;
+- the organization's own rows (its account, the organization, its usage rollups): how long each transaction held
+  the lock, from the answer of the statement that took it (a locking read, or the UPDATE or upsert that wrote the
+  row) to its COMMIT's, the row's locked time per job and the share of the time it was locked; an exclusive lock
+  held that long per job caps one organization at 1000 / (ms per job) jobs/s;
 - per process, sampled from ``pg_stat_activity`` every ``--sample-ms``: the share of time its backend waited on a
   row lock (by the table its waiting statement names), worked in PostgreSQL, waited on PostgreSQL itself (WAL,
   I/O, LWLocks), or sat idle inside a transaction (locks held while the client runs Python) or outside one.
@@ -64,8 +65,10 @@ GPU_MS = 1_000  # what each finished attempt reports, within the hold admission 
 SMALL = {"prompt": "a lighthouse", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 2}
 RESULT = {"images": [{"url": "x", "width": 64, "height": 64}], "seed": 1}
 ROLES = ("submit", "finish")
-# Tables with one row per organization that a job's transactions lock: every job of a tenant meets on these rows.
-ORGANIZATION_ROWS = ("billing_account", "accounts_organization")
+# Tables with one row per organization that a job's transactions lock: every job of a tenant meets on these rows
+# (the usage rollups: one hour row and one day row per organization, endpoint, key and GPU class, which is one pair
+# per organization here).
+ORGANIZATION_ROWS = ("billing_account", "accounts_organization", "billing_usagerollup")
 
 
 @dataclass(frozen=True)
@@ -108,16 +111,18 @@ class Report:
 
 # --- Kinds of statement ------------------------------------------------------------------------------------
 
-_TABLE_AFTER = re.compile(r'(?:FROM|UPDATE|INTO)\s+"(\w+)"')
+_TABLE_AFTER = re.compile(r'(?:FROM|UPDATE|INTO)\s+"?(\w+)"?')
 
 
 def statement_kind(sql: str) -> str:
     """``lock billing_account``, ``upsert billing_usagerollup``, ``select inference_job``, ``SAVEPOINT``..."""
     text = sql.lstrip()
     verb = text.split(None, 1)[0].upper() if text else ""
+    if verb == "WITH" and "(" in text:  # named by the statement of its first part, such as an UPDATE
+        verb = text.split("(", 1)[1].split(None, 1)[0].upper()
     match = _TABLE_AFTER.search(text)
     table = match.group(1) if match else ""
-    if " FOR NO KEY UPDATE" in text or " FOR UPDATE" in text:
+    if " FOR NO KEY UPDATE" in text or " FOR UPDATE" in text or " FOR KEY SHARE" in text:
         return f"lock {table}"
     if verb == "INSERT" and "ON CONFLICT" in text and "DO UPDATE" in text:
         return f"upsert {table}"
@@ -160,8 +165,11 @@ class _Meter:
             ended = time.perf_counter()
             self.pending[kind] += ended - started
             self.count += 1
-        if kind.startswith("lock ") and context["connection"].in_atomic_block:
-            self.locked_at.setdefault(kind.removeprefix("lock "), ended)
+        # A row lock is taken by a locking read, or by the UPDATE or upsert that writes the row.
+        verb, _, table = kind.partition(" ")
+        locks = verb == "lock" or (verb in ("update", "upsert") and table in ORGANIZATION_ROWS)
+        if locks and context["connection"].in_atomic_block:
+            self.locked_at.setdefault(table, ended)
         return result
 
     @contextmanager

@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 from django.conf import settings
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from accounts.models import AuditEvent, Scope
@@ -88,13 +90,38 @@ def test_closing_a_billed_run_sends_a_fixed_number_of_statements(
     # Every request ends in this transaction: what it sends is latency on top of the model, on every request.
     job = start(submit_as(tenant, builtin_endpoint))
     # In the test's transaction: a savepoint and its release; the job (with its endpoint) and attempt locks; the
-    # attempt; the retention setting; the log line; the job; the price; the account lock; the usage record; the
-    # hold; the debit; the account; both rollups. On commit, one read finds no waiting work and no webhook to send.
+    # attempt; the retention setting; the log line; the job; the price; the hold released; the usage record; the
+    # account's debit (the statement that locks it) with the debit's entry and both rollups, one statement on
+    # PostgreSQL and three on SQLite. On commit, one read finds no waiting work and no webhook to send.
     attempts.reserve_work(job=job, gpu_ms=1_235)  # as the worker did before the steps it ran
-    with django_assert_num_queries(16), django_capture_on_commit_callbacks(execute=True):
+    statements = 13 if connection.vendor == "postgresql" else 15
+    with django_assert_num_queries(statements), django_capture_on_commit_callbacks(execute=True):
         finish(job, gpu_ms=1_235, reserve=False)
     assert UsageRecord.objects.get(job=job).cost_micros == 124
     assert account(tenant).held_micros == 0
+
+
+def test_admission_writes_the_account_with_its_last_statement_and_reads_a_key_limit_only_for_a_key(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint
+) -> None:
+    # With no budget and no key limit, the account's lock, which every admission and settlement of the organization
+    # waits for, is taken by one conditional UPDATE, the last statement before the transaction ends.
+    for api_key in (tenant["api_key"], None):
+        with CaptureQueriesContext(connection) as captured:
+            job, _ = submission.submit_job(
+                organization=tenant["organization"], api_key=api_key, endpoint=builtin_endpoint, payload=SMALL
+            )
+        statements = [query["sql"] for query in captured.captured_queries]
+        on_the_account = [index for index, sql in enumerate(statements) if "billing_account" in sql]
+        assert on_the_account == [len(statements) - 2], statements  # then the savepoint's release (COMMIT)
+        assert statements[on_the_account[0]].startswith("UPDATE")
+        assert any("billing_keyspendlimit" in sql for sql in statements) == (api_key is not None)
+        assert Hold.objects.get(job=job).amount_micros > 0
+    assert account(tenant).held_micros == sum(
+        Hold.objects.filter(organization=tenant["organization"], released_at=None).values_list(
+            "amount_micros", flat=True
+        )
+    )
 
 
 def test_platform_failures_are_recorded_unbilled_and_the_retry_is_billed(

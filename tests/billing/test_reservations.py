@@ -2,8 +2,9 @@
 
 The hold is reserved at the price the job is billed at, the one in force when it started, whatever price comes
 into force while it runs; each job's reservation grows its own hold and no other. A reservation reads the hold,
-then locks the account and reads it again: what another transaction changed in between (the job ended, its hold
-grew, a budget was lowered) decides the answer, as if that transaction committed while this one waited for the lock.
+then locks it and the account and reads them again: what another transaction changed in between (the job ended,
+its hold grew, a budget was lowered) decides the answer, as if that transaction committed while this one waited for
+the locks.
 
 The built-in endpoint's opening price is 100 µ$ per CPU-second: 1 µ$ buys 10 ms, and ``h`` µ$ cover
 ``h x 10 + 4`` ms (4 ms more still cost ``h + 0.4``, which rounds down to ``h``).
@@ -37,15 +38,16 @@ def held_for(job: Job) -> int:
 
 
 def meanwhile(monkeypatch: pytest.MonkeyPatch, change: Callable[[], Any]) -> None:
-    """Runs ``change`` once, right before the next reservation locks the account (after its first read)."""
-    lock = admission.locked_account
+    """Runs ``change`` once, right before the next reservation locks the job's hold and then the account (after its
+    first read)."""
+    lock = admission.locked_open_hold
 
-    def lock_after_the_change(organization_id: Any) -> Account:
-        monkeypatch.setattr(admission, "locked_account", lock)
+    def lock_after_the_change(job_id: Any) -> Hold | None:
+        monkeypatch.setattr(admission, "locked_open_hold", lock)
         change()
-        return lock(organization_id)
+        return lock(job_id)
 
-    monkeypatch.setattr(admission, "locked_account", lock_after_the_change)
+    monkeypatch.setattr(admission, "locked_open_hold", lock_after_the_change)
 
 
 def test_a_price_change_while_a_job_runs_changes_neither_what_its_hold_covers_nor_what_it_pays(
@@ -132,4 +134,17 @@ def test_work_that_the_hold_covers_by_the_time_of_the_lock_is_never_refused_nor_
     refusal = attempts.reserve_work(job=job, gpu_ms=gpu_ms + 5)
     assert isinstance(refusal, Refusal)
     assert refusal.error_type == "spend_limit_exceeded"
+    assert held_for(job) == held + 100
+
+
+def test_a_limit_on_another_key_of_the_organization_does_not_limit_this_keys_reservations(
+    tenant: dict[str, Any], make_key: Callable[..., Any], builtin_endpoint: Endpoint
+) -> None:
+    organization = tenant["organization"]
+    other_key, _ = make_key(organization)
+    controls.set_key_limit(api_key=other_key, monthly_limit_micros=0)
+    job = start(submit(organization, builtin_endpoint, api_key=tenant["api_key"]))
+    held = held_for(job)
+    # 100 µ$ beyond the hold: the other key's limit has no room at all, this key has no limit.
+    assert attempts.reserve_work(job=job, gpu_ms=(held + 100) * 10) == Reservation(covered_gpu_ms=(held + 100) * 10 + 4)
     assert held_for(job) == held + 100

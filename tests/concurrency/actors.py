@@ -12,7 +12,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from accounts.models import Organization
+from accounts.models import ApiKey, Organization
+from billing import controls
 from billing.ledger import BillingError, grant_credits, refund_job
 from inference import attempts, closing, submission
 from inference.dispatch import dispatch_organization
@@ -78,14 +79,16 @@ def reap() -> Act:
     return lambda: {"reaped": closing.reap_expired_leases()}
 
 
-def submit(*, organization_id: str, endpoint_id: int) -> Act:
-    """A new request of ``tests.lifecycle.SMALL`` (its on-commit hand-off dispatches the organization)."""
+def submit(*, organization_id: str, endpoint_id: int, api_key_id: str | None = None) -> Act:
+    """A new request of ``tests.lifecycle.SMALL`` (its on-commit hand-off dispatches the organization), sent with
+    the API key ``api_key_id`` or none."""
     organization = Organization.objects.get(pk=organization_id)
     endpoint = Endpoint.objects.get(pk=endpoint_id)
+    api_key = ApiKey.objects.get(pk=api_key_id) if api_key_id else None
 
     def act() -> dict[str, Any]:
         try:
-            job, _ = submission.submit_job(organization=organization, api_key=None, endpoint=endpoint, payload=SMALL)
+            job, _ = submission.submit_job(organization=organization, api_key=api_key, endpoint=endpoint, payload=SMALL)
         except submission.SubmissionRefused as refused:
             return {"refused": refused.error_type, "active_after": active_jobs(organization_id)}
         return {"job_id": str(job.pk), "active_after": active_jobs(organization_id)}
@@ -117,6 +120,17 @@ def refund(*, job_id: str) -> Act:
     return act
 
 
+def key_limit(*, api_key_id: str, monthly_limit_micros: int) -> Act:
+    """A customer setting a monthly spending limit on an API key."""
+    api_key = ApiKey.objects.get(pk=api_key_id)
+
+    def act() -> dict[str, Any]:
+        controls.set_key_limit(api_key=api_key, monthly_limit_micros=monthly_limit_micros)
+        return {"monthly_limit_micros": monthly_limit_micros}
+
+    return act
+
+
 def grant(*, organization_id: str, amount_micros: int) -> Act:
     """An operator granting credits."""
     organization = Organization.objects.get(pk=organization_id)
@@ -137,4 +151,5 @@ ACTORS: dict[str, Any] = {
     "dispatch": dispatch,
     "refund": refund,
     "grant": grant,
+    "key_limit": key_limit,
 }

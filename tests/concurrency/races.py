@@ -11,6 +11,8 @@ The checks state the contract of docs/lifecycle.md and docs/money.md, not what t
   caller, nor is one caught and logged in place of the work (one run again is counted, as ``retried``, not failed);
   every ``finish_attempt`` that answered committed its job's final state with its usage record;
 - a tenant never has more jobs dispatched or running than its concurrency limit;
+- admissions never hold credit twice: with no credit taken back, what is held never exceeds the balance; a key's new
+  spending limit holds for every admission that began after it was set;
 - the books agree: a final job's hold is released (once), the account's ``held_micros`` is the sum of its open
   holds and its balance the sum of its ledger entries, and ``billing.reconciliation`` finds no new drift.
 
@@ -32,12 +34,13 @@ from typing import Any
 from django.db.models import Sum
 from django.utils import timezone
 
-from accounts.models import Organization
-from accounts.services import set_concurrency_limit
+from accounts.models import Organization, Scope
+from accounts.services import create_api_key, set_concurrency_limit
 from billing import reconciliation
+from billing.admission import INSUFFICIENT, OVER_LIMIT, spent_this_month
 from billing.ledger import grant_credits
 from billing.models import Account, CreditEntry, EntryKind, Hold, UsageRecord
-from inference import closing
+from inference import attempts, closing
 from inference.models import ACTIVE_STATUSES, FINAL_STATUSES, AttemptOutcome, Endpoint, Job, JobStatus
 from tests.concurrency.harness import (
     CONCURRENCY_SQLSTATES,
@@ -49,6 +52,7 @@ from tests.concurrency.harness import (
 )
 from tests.lifecycle import run, start, submit
 
+SPEND_REFUSALS = (INSUFFICIENT, OVER_LIMIT)
 CANCELLATION_REQUESTED = "CANCELLATION_REQUESTED"
 ALREADY_COMPLETED = "ALREADY_COMPLETED"
 WAITING_TO_RUN = (JobStatus.QUEUED, JobStatus.DISPATCHED)
@@ -430,6 +434,72 @@ def refund_round(
             f"balance {balance} µ$, expected {expected} ({balance_before} + grant {granted} + refunds {sum(entries)} "
             f"- settled {settled})"
         )
+    report.drift += books.problems([organization.pk])
+    return report
+
+
+# --- d. Admissions at the edge of the credit and of a key's new limit -------------------------------------
+
+ADMITTERS = 5
+CREDIT_FOR_JOBS = 3  # the available credit covers this many more estimates, and half of one
+
+
+def admission_round(
+    pool: ActorPool, books: Books, *, new_organization: NewOrganization, endpoint: Endpoint, limit_first: bool
+) -> RoundReport:
+    """Five submissions under one API key of an organization whose available credit covers three and a half of their
+    estimates, against the settlement of the key's running job (which gives credit back) and a new monthly limit on
+    the key that leaves room for one and a half more.
+
+    Admission holds credit with one conditional UPDATE of the account and no lock before it, so the five meet on the
+    account's row: however they interleave, the credit is never held twice (``held <= balance``: no credit is taken
+    back here) and the books agree. ``limit_first``: the submissions start once the limit's transaction has locked
+    the key, so each reads the limit (it waits for the key while the limit is uncommitted) and the key's spend and
+    holds stay within it; otherwise all start together, and those that read no limit committed before it did.
+    """
+    organization = new_organization()
+    set_concurrency_limit(organization=organization, limit=ADMITTERS + 2)
+    api_key, _ = create_api_key(organization=organization, scopes=[Scope.ADMIN], name="race", created_by=None)
+    queued = submit(organization, endpoint, api_key=api_key)
+    estimate = Hold.objects.get(job=queued).amount_micros  # every submission of SMALL holds as much
+    running = start(queued)
+    attempts.reserve_work(job=running, gpu_ms=1_500)  # what its worker reserves before finishing (actors.finish)
+    account = Account.objects.get(pk=organization.pk)
+    wanted = account.held_micros + CREDIT_FOR_JOBS * estimate + estimate // 2
+    if wanted != account.balance_micros:
+        grant_credits(organization=organization, amount_micros=wanted - account.balance_micros, reason="race setup",
+                      kind=EntryKind.ADJUSTMENT)  # fmt: skip
+    key_spent = spent_this_month(organization_id=organization.pk, key_id=api_key.pk)
+    limit = key_spent + Hold.objects.get(job=running).amount_micros + estimate + estimate // 2
+
+    submission = Call("submit", {"organization_id": str(organization.pk), "endpoint_id": endpoint.pk,
+                                 "api_key_id": str(api_key.pk)}, awaits_lock=limit_first)  # fmt: skip
+    calls = [submission] * ADMITTERS
+    calls.append(Call("finish", {"job_id": str(running.pk), "attempt": running.attempt}))
+    calls.append(
+        Call("key_limit", {"api_key_id": str(api_key.pk), "monthly_limit_micros": limit}, signals_lock=limit_first)
+    )
+    outcomes = pool.run_round(calls)
+    report = RoundReport()
+    report.record_errors(outcomes)
+    for outcome in outcomes:
+        if outcome.actor == "submit" and outcome.ok and outcome.answer.get("refused") not in (None, *SPEND_REFUSALS):
+            report.other_errors.append(f"a submission was refused: {outcome.answer['refused']}")
+        elif outcome.actor == "finish":
+            report.lost_work += finish_problems(Job.objects.get(pk=running.pk), outcome)
+    account = Account.objects.get(pk=organization.pk)
+    if account.held_micros > account.balance_micros:
+        admitted = sum(1 for outcome in outcomes if outcome.actor == "submit" and "job_id" in (outcome.answer or {}))
+        report.drift.append(
+            f"{account.held_micros} µ$ held against a balance of {account.balance_micros} ({admitted} of "
+            f"{ADMITTERS} admitted, credit for {CREDIT_FOR_JOBS}.5 estimates of {estimate} and the settlement's)"
+        )
+    key_held = int(
+        Hold.objects.filter(api_key=api_key, released_at=None).aggregate(total=Sum("amount_micros"))["total"] or 0
+    )
+    key_total = spent_this_month(organization_id=organization.pk, key_id=api_key.pk) + key_held
+    if limit_first and key_total > limit:
+        report.drift.append(f"the key spent and holds {key_total} µ$, over the limit of {limit} set before")
     report.drift += books.problems([organization.pk])
     return report
 

@@ -17,6 +17,7 @@ from inference.models import Endpoint
 from tests.concurrency.harness import ActorPool
 from tests.concurrency.races import (
     CANCEL_RIVALS,
+    admission_round,
     cancel_round,
     lifecycle_actors,
     lifecycle_round,
@@ -77,5 +78,23 @@ def test_a_refund_racing_settlements_and_a_grant_is_made_once_and_the_books_agre
         "refund vs settle and grant",
         repetitions(),
         lambda books, _: refund_round(actor_pool, books, new_organization=new_organization, endpoint=builtin_endpoint),
+    )
+    assert tally.findings == 0, tally.summary()
+
+
+def test_admissions_at_the_edge_of_the_credit_and_of_a_new_key_limit_never_hold_more_than_they_may(
+    actor_pool: ActorPool, new_organization: Callable[[], Any], builtin_endpoint: Endpoint
+) -> None:
+    tally = run_race(
+        "admissions vs credit and a key limit",
+        repetitions(),
+        # Every other round the submissions start once the new limit has locked the key; the rest are free-for-all.
+        lambda books, round_number: admission_round(
+            actor_pool,
+            books,
+            new_organization=new_organization,
+            endpoint=builtin_endpoint,
+            limit_first=round_number % 2 == 0,
+        ),
     )
     assert tally.findings == 0, tally.summary()
