@@ -36,9 +36,11 @@ def _fresh_cache() -> None:
     """Each test starts with an empty shared cache: a measurement, counter or lock one test leaves (a price
     estimate cached for a minute, a login throttle) must not decide another's outcome. In Redis only this run's
     keys go (its CACHE_KEY_PREFIX is its own), never anything else the server holds."""
-    from django.core.cache import cache
+    from django.core.cache import caches
+    from django.core.cache.backends.locmem import LocMemCache
 
-    if "locmem" in type(cache).__module__:
+    cache = caches["default"]  # the backend itself (``django.core.cache.cache`` is a proxy to it)
+    if isinstance(cache, LocMemCache):
         cache.clear()
         return
     prefix = cache.make_key("")
