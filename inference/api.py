@@ -309,6 +309,9 @@ def result_response(job: Job, request: HttpRequest) -> JsonResponse:
         response["x-fal-billable-units"] = response["x-billable-units"] = str(usage.get("billable_units", ""))
         response["x-cost-micros"] = str(usage.get("cost_micros", ""))
     response["x-gpu-ms"] = str(job.gpu_ms)
+    if job.error_type == "timeout" and job.started_at is None:
+        # fal's mark of a timeout the caller set (X-Fal-Request-Timeout): its clients do not retry it.
+        response["X-Fal-Request-Timeout-Type"] = "user"
     return response
 
 
@@ -334,7 +337,7 @@ class ResultView(InferenceView):
                 {"detail": "The request is still in progress.", "error_type": "request_in_progress"}, status=400
             )
         else:
-            response = result_or_error(job, request)
+            response = result_response(job, request)
         return with_request_id(response, job)
 
 
@@ -434,14 +437,6 @@ def timed_out(job: Job, request: HttpRequest) -> JsonResponse:
     )
 
 
-def result_or_error(job: Job, request: HttpRequest) -> JsonResponse:
-    response = result_response(job, request)
-    if job.error_type == "timeout" and job.started_at is None:
-        # fal's mark of a timeout the caller set (X-Fal-Request-Timeout): its clients do not retry it.
-        response["X-Fal-Request-Timeout-Type"] = "user"
-    return response
-
-
 @csrf_exempt
 async def run_sync(request: HttpRequest, owner: str, model: str, path: str = "") -> HttpResponseBase:
     """``POST /run/{owner}/{model}``: submits as the queue API does, then answers the request's result (or the error
@@ -459,7 +454,7 @@ async def run_sync(request: HttpRequest, owner: str, model: str, path: str = "")
     deadline = time.monotonic() + settings.SYNC_RUN_TIMEOUT_SECONDS
     job = await wait_until_final(uuid.UUID(submitted.data["request_id"]), deadline)
     if job.is_final:
-        response = await sync_to_async(result_or_error)(job, request)
+        response = await sync_to_async(result_response)(job, request)
     else:
         response = await sync_to_async(timed_out)(job, request)
     return with_request_id(response, job)
