@@ -24,6 +24,8 @@ import pytest  # noqa: E402
 
 django.setup()  # so test modules can import models at the top; pytest-django takes it from here
 
+from accounts import key_cache  # noqa: E402
+
 if TYPE_CHECKING:
     from accounts.models import ApiKey, Organization, User
     from tests.e2e.conftest import Stack
@@ -54,6 +56,13 @@ def _fresh_cache() -> None:
             client.delete(*keys)
     except Exception:  # noqa: S110 - a Redis that is down (an outage test) has nothing to clear
         pass
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _key_subscription_stopped() -> Iterator[None]:
+    """The API key cache's subscription thread ends with the session, before pytest closes the log streams."""
+    yield
+    key_cache.stop_listening()
 
 
 @pytest.fixture(autouse=True)

@@ -24,6 +24,7 @@ at most ``API_KEY_CACHE_SECONDS`` after it was kept.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import pickle
@@ -95,7 +96,8 @@ class _Subscription(threading.Thread):
                     if message is not None and message.get("type") == "message":
                         self.refresh()
             except Exception as exc:  # Redis down or gone: requests read the generation from the cache meanwhile
-                logger.info("API key generation subscription lost: %s", exc)
+                if not self.stopped.is_set():
+                    logger.info("API key generation subscription lost: %s", exc)
             with _local_lock:
                 self.connected = self.live = False
                 self.current = None
@@ -119,6 +121,13 @@ class _Subscription(threading.Thread):
 
 _subscription: _Subscription | None = None
 _subscription_lock = threading.Lock()
+
+
+@atexit.register
+def stop_listening() -> None:
+    """Stops this process's subscription (at exit, before the streams its logging writes to are closed)."""
+    if _subscription is not None:
+        _subscription.stopped.set()
 
 
 def _channel() -> str:

@@ -72,9 +72,22 @@ def web(django_db_setup: Any, django_db_blocker: Any, fake_stripe_server: FakeSt
         process.wait(20)
 
 
-def wait_for_events(count: int, timeout: float = 15) -> list[StripeEvent]:
+def concerns(event: StripeEvent, payment_intent_id: str) -> bool:
+    """Whether ``event`` is about this payment intent (itself, or one of its charges)."""
+    stripe_object = event.payload["data"]["object"]
+    return payment_intent_id in (stripe_object.get("id"), stripe_object.get("payment_intent"))
+
+
+def wait_for_events(count: int, payment_intent_id: str, timeout: float = 15) -> list[StripeEvent]:
+    """The first ``count`` deliveries about this payment intent.
+
+    The fake Stripe is shared by the whole session and sends an event a moment after it happens, to the
+    URL configured at that moment: an event left by an earlier test can arrive here too, as one from
+    another account would never do on Stripe. Only this test's own events count.
+    """
+
     def delivered() -> list[StripeEvent] | None:
-        events = list(StripeEvent.objects.order_by("received_at"))
+        events = [event for event in StripeEvent.objects.order_by("received_at") if concerns(event, payment_intent_id)]
         return events if len(events) >= count else None
 
     return wait_until(
@@ -94,7 +107,7 @@ def test_stripe_delivers_the_payment_and_its_refund_and_they_are_applied_once(
         before = Account.objects.get(pk=organization.pk).balance_micros
         payment = charges.buy_credits(organization=organization, amount_cents=2_000).payment
         stripe_client().v1.refunds.create(params={"payment_intent": payment.stripe_payment_intent_id, "amount": 250})
-        delivered = wait_for_events(2)
+        delivered = wait_for_events(2, payment.stripe_payment_intent_id)
     finally:
         fake_stripe.send_webhooks_to(None)
 
@@ -102,7 +115,7 @@ def test_stripe_delivers_the_payment_and_its_refund_and_they_are_applied_once(
     assert {event.status for event in delivered} == {StripeEventStatus.PENDING}  # stored, left to the worker
     for event in delivered * 2:
         stripe_events.process_event(event.id)
-    assert {event.status for event in StripeEvent.objects.all()} == {StripeEventStatus.PROCESSED}
+    assert {StripeEvent.objects.get(pk=event.pk).status for event in delivered} == {StripeEventStatus.PROCESSED}
     payment = Payment.objects.get(pk=payment.pk)
     assert (payment.status, payment.amount_refunded_cents) == ("succeeded", 250)
     assert CreditEntry.objects.filter(payment=payment).count() == 2
