@@ -4,7 +4,6 @@ platform of the e2e tests."""
 
 from __future__ import annotations
 
-import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,12 +19,6 @@ SECRET_KEY = "sk_test_platform"
 PUBLISHABLE_KEY = "pk_test_platform"
 WEBHOOK_SECRET = "whsec_test_platform"
 WEBHOOK_PATH = "/billing/stripe/webhook"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass

@@ -17,18 +17,17 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 
 import redis
 
+from config.embedded_process import EmbeddedProcess, free_port
+
 START_TIMEOUT_SECONDS = 15.0
-STOP_TIMEOUT_SECONDS = 10.0
 # A port picked as free can be taken before redis-server binds it; a fresh one is tried this many times.
 PORT_ATTEMPTS = 3
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -54,12 +53,6 @@ def redis_server_executable() -> str:
     )
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
-
-
 def _die_with_parent() -> Callable[[], None] | None:
     """On Linux, a hook that has the kernel stop the child when the process that started it dies: a
     SIGKILLed run leaves no redis-server behind, although the server sits in a session of its own."""
@@ -81,7 +74,7 @@ def _quoted(value: str) -> str:
     return f'"{escaped}"'
 
 
-class EmbeddedRedis:
+class EmbeddedRedis(EmbeddedProcess):
     """One redis-server process; ``start()`` again after it stopped or died brings it back on the same
     port with the same password, so the URL every other process holds stays valid."""
 
@@ -120,9 +113,6 @@ class EmbeddedRedis:
         ]
         return ("\n".join(lines) + "\n").encode()
 
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
     def start(self, timeout: float = START_TIMEOUT_SECONDS) -> None:
         """Start redis-server and return once it answers PING."""
         if self.alive():
@@ -160,7 +150,7 @@ class EmbeddedRedis:
         try:
             while True:
                 if self.process.poll() is not None:
-                    log = self._log_since(log_start)
+                    log = self.log_since(log_start)
                     if "Address already in use" in log:
                         raise _PortTaken
                     raise RedisUnavailable(f"redis-server exited with {self.process.returncode}: {log[-2000:]}")
@@ -177,35 +167,6 @@ class EmbeddedRedis:
                 time.sleep(0.02)
         finally:
             client.close()
-
-    def _log_since(self, offset: int) -> str:
-        try:
-            with self.log_file.open("rb") as log:
-                log.seek(offset)
-                return log.read().decode(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = STOP_TIMEOUT_SECONDS) -> None:
-        process, self.process = self.process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout)
-
-    def __enter__(self) -> EmbeddedRedis:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 class _PortTaken(Exception):

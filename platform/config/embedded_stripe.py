@@ -16,30 +16,23 @@ from __future__ import annotations
 import importlib.util
 import json
 import secrets
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
+
+from config.embedded_process import EmbeddedProcess, free_port
 
 START_TIMEOUT_SECONDS = 30.0
-STOP_TIMEOUT_SECONDS = 10.0
 
 
 class StripeUnavailable(RuntimeError):
     """There is no localstripe to start, or the fake started does not answer."""
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
-
-
-class EmbeddedStripe:
+class EmbeddedStripe(EmbeddedProcess):
     """One fake Stripe process on loopback, with a secret key and a webhook signing secret of its own."""
 
     host = "127.0.0.1"
@@ -74,9 +67,6 @@ class EmbeddedStripe:
 
     def describe(self) -> str:
         return f"a fake Stripe (localstripe) on {self.url}, log {self.log_file}"
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
 
     def start(self, timeout: float = START_TIMEOUT_SECONDS) -> None:
         """Starts the fake and returns once it answers an authenticated request."""
@@ -121,28 +111,4 @@ class EmbeddedStripe:
         self.request("POST", "/_config/webhooks/platform", {"url": url, "secret": self.webhook_secret})
 
     def _log_tail(self) -> str:
-        try:
-            return self.log_file.read_text(errors="replace")[-2000:]
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = STOP_TIMEOUT_SECONDS) -> None:
-        process, self.process = self.process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout)
-
-    def __enter__(self) -> EmbeddedStripe:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.stop()
+        return self.log_since()[-2000:]

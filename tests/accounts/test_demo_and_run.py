@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from django.test import Client
 from rest_framework.test import APIClient
 
 from accounts.models import Organization, Scope, User
+from config.embedded_process import free_port
 from config.embedded_redis import EmbeddedRedis
 from tests.waiting import wait_until
 
@@ -130,13 +130,6 @@ def test_bootstrap_demo_prints_readable_credentials(demo_data_dir: Path) -> None
 
 
 # The real embedded run, as a subprocess.
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def embedded_env(data_dir: Path) -> dict[str, str]:

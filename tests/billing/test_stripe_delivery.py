@@ -20,7 +20,8 @@ from django.db import connection
 from billing import cards, charges, stripe_events
 from billing.models import Account, CreditEntry, Payment, StripeEvent, StripeEventStatus
 from billing.stripe_client import stripe_client
-from tests.stripe_support import SECRET_KEY, WEBHOOK_PATH, WEBHOOK_SECRET, FakeStripe, free_port
+from config.embedded_process import free_port
+from tests.stripe_support import SECRET_KEY, WEBHOOK_PATH, WEBHOOK_SECRET, FakeStripe
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]

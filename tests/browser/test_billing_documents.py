@@ -22,7 +22,8 @@ import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 from pypdf import PdfReader
 
-from tests.accounts.test_demo_and_run import REPO_ROOT, STOP_TIMEOUT_SECONDS, EmbeddedRun, embedded_env, free_port
+from config.embedded_process import free_port
+from tests.accounts.test_demo_and_run import REPO_ROOT, STOP_TIMEOUT_SECONDS, EmbeddedRun, embedded_env
 from tests.browser.conftest import LAPTOP, TIMEOUT_MS, Tab, chromium_path
 from tests.waiting import wait_until
 
