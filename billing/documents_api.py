@@ -147,6 +147,13 @@ class DocumentQuery(serializers.Serializer[Any]):
     format = serializers.ChoiceField(choices=["json", "pdf"], required=False, default="json")
 
 
+def receipt_answer(receipt: Receipt, document_format: str) -> HttpResponse:
+    """A receipt as its PDF (``pdf``) or as JSON, however it was found."""
+    if document_format == "pdf":
+        return pdf_response(receipt_pdf(receipt), f"receipt-{receipt.number}.pdf")
+    return Response(receipt_payload(receipt))
+
+
 class ReceiptView(DocumentsView):
     @extend_schema(
         parameters=[DocumentQuery],
@@ -163,9 +170,7 @@ class ReceiptView(DocumentsView):
         receipt = Receipt.objects.filter(organization=request_organization(request), pk=receipt_id).first()
         if receipt is None:
             raise NotFound(f"No receipt {receipt_id}.")
-        if query["format"] == "pdf":
-            return pdf_response(receipt_pdf(receipt), f"receipt-{receipt.number}.pdf")
-        return Response(receipt_payload(receipt))
+        return receipt_answer(receipt, query["format"])
 
 
 class PaymentReceiptView(DocumentsView):
@@ -186,10 +191,7 @@ class PaymentReceiptView(DocumentsView):
         ).first()
         if payment is None:
             raise NotFound(f"No paid payment {payment_id}.")
-        receipt = receipt_of(payment)
-        if query["format"] == "pdf":
-            return pdf_response(receipt_pdf(receipt), f"receipt-{receipt.number}.pdf")
-        return Response(receipt_payload(receipt))
+        return receipt_answer(receipt_of(payment), query["format"])
 
 
 # Statements.
