@@ -33,6 +33,14 @@ if TYPE_CHECKING:
 TEST_PASSWORD = "correct horse battery"
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that run the platform's own processes (the session's ``stack``) go last, after pytest-django's
+    ordering: once started, its housekeeping sweeps the shared test database and re-sends any job left DISPATCHED,
+    and its worker claims it, so a test that ran after them could find its jobs taken from under it."""
+    items.sort(key=lambda item: "stack" in getattr(item, "fixturenames", ()))
+
+
 @pytest.fixture(autouse=True)
 def _fresh_cache() -> None:
     """Each test starts with an empty shared cache: a measurement, counter or lock one test leaves (a price
