@@ -9,7 +9,7 @@ class BillingConfig(AppConfig):
         from django.db.models.signals import post_save
 
         from accounts.models import Organization
-        from billing import admission, metering, signup
+        from billing import admission, metering, signals, signup  # noqa: F401  (signals connects its receivers)
         from inference.hooks import register
 
         register(

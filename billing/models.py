@@ -17,6 +17,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from accounts import key_cache
 from accounts.models import ApiKey, Organization
 from inference.models import Endpoint, GpuClass, Job
 
@@ -30,6 +31,13 @@ class PriceUnit(models.TextChoices):
 
 
 class PriceQuerySet(models.QuerySet["Price"]):
+    def update(self, **kwargs: Any) -> int:
+        """A bulk change sends no ``post_save``: it announces itself to the processes that keep prices."""
+        changed = super().update(**kwargs)
+        if changed:
+            key_cache.forget_all()
+        return changed
+
     def in_force(self, at: Any) -> PriceQuerySet:
         return self.filter(effective_from__lte=at)
 

@@ -9,9 +9,10 @@ from typing import Any
 
 from django.conf import settings
 from django.core.cache import cache
-from django.db.models import F, OuterRef, Q, QuerySet, Subquery, Sum
+from django.db.models import F, Min, OuterRef, Q, QuerySet, Subquery, Sum
 from django.utils import timezone
 
+from accounts.memo import GenerationMemo
 from billing.models import Granularity, Price, PriceUnit, UsageRollup
 from billing.money import cost_micros
 from inference.hooks import ListedPrice
@@ -42,18 +43,23 @@ class Quote:
 FREE = Quote(price=None, unit=PriceUnit.GPU_SECOND, unit_price_micros=0)
 
 
+def _scope(*, endpoint: Any, gpu_class: Any, organization_id: Any) -> Q:
+    """Every line that could price ``endpoint``, at any moment: its own, its class's, the organization's."""
+    scope = Q(endpoint=endpoint, organization=None) | Q(endpoint=None, gpu_class=gpu_class)
+    if organization_id is not None:
+        scope |= Q(endpoint=endpoint, organization_id=organization_id)
+    return scope
+
+
 def _lines(at: datetime, *, endpoint: Any, gpu_class: Any, organization_id: Any) -> QuerySet[Price]:
     """The lines that could price ``endpoint`` at ``at``, the one that applies first.
 
     The most specific kind wins, then the newest: the organization's negotiated line for the endpoint, the
     endpoint's own line, its GPU class's line. ``endpoint`` and ``gpu_class`` may be ``OuterRef``s.
     """
-    scope = Q(endpoint=endpoint, organization=None) | Q(endpoint=None, gpu_class=gpu_class)
-    if organization_id is not None:
-        scope |= Q(endpoint=endpoint, organization_id=organization_id)
     return (
         Price.objects.in_force(at)
-        .filter(scope)
+        .filter(_scope(endpoint=endpoint, gpu_class=gpu_class, organization_id=organization_id))
         .order_by(
             F("organization").desc(nulls_last=True), F("endpoint").desc(nulls_last=True), "-effective_from", "-id"
         )
@@ -66,9 +72,59 @@ def _quote(price: Price | None) -> Quote:
     return Quote(price=price, unit=price.unit, unit_price_micros=price.unit_price_micros)
 
 
+@dataclass(frozen=True)
+class _Period:
+    """The line that prices an endpoint at every moment from ``start`` to ``end``: no line in scope begins between.
+
+    ``start``: the latest beginning of a line in scope at or before the moment asked (None: no line began yet);
+    ``end``: the first beginning after it (None: none is scheduled).
+    """
+
+    price: Price | None
+    start: datetime | None
+    end: datetime | None
+
+    def covers(self, at: datetime) -> bool:
+        return (self.start is None or self.start <= at) and (self.end is None or at < self.end)
+
+
+# Every submission and every settlement prices its job; rate cards change a few times a month. A period is kept in
+# process memory until a price line or an endpoint changes anywhere (billing/signals.py, accounts/memo.py).
+_periods: GenerationMemo[_Period] = GenerationMemo("price periods")
+
+
+def _period(endpoint: Endpoint, at: datetime, organization_id: Any, kept: bool) -> _Period:
+    """The line that prices ``endpoint`` at ``at`` and, when it is to be kept, its period: in the same statement."""
+    lines = _lines(at, endpoint=endpoint, gpu_class=endpoint.gpu_class, organization_id=organization_id)
+    if not kept:
+        return _Period(price=lines.first(), start=None, end=None)
+    in_scope = _scope(endpoint=endpoint, gpu_class=endpoint.gpu_class, organization_id=organization_id)
+    scope = Price.objects.filter(in_scope)
+    price = lines.annotate(
+        period_start=Subquery(
+            scope.filter(effective_from__lte=at).order_by("-effective_from").values("effective_from")[:1]
+        ),
+        period_end=Subquery(
+            scope.filter(effective_from__gt=at).order_by("effective_from").values("effective_from")[:1]
+        ),
+    ).first()
+    if price is None:  # no line has begun: the period ends where the first one begins
+        return _Period(price=None, start=None, end=scope.aggregate(end=Min("effective_from"))["end"])
+    return _Period(price=price, start=price.period_start, end=price.period_end)
+
+
 def price_for(endpoint: Endpoint, at: datetime, organization_id: Any = None) -> Quote:
-    """The price of ``endpoint`` at ``at`` for ``organization_id`` (None: the public price), in one query."""
-    return _quote(_lines(at, endpoint=endpoint, gpu_class=endpoint.gpu_class, organization_id=organization_id).first())
+    """The price of ``endpoint`` at ``at`` for ``organization_id`` (None: the public price).
+
+    No query while the period that covers ``at`` is kept (accounts/memo.py), one otherwise: which line applies and
+    the moments between which no other line begins, so the answer is kept for every moment in that period.
+    """
+    period = _periods.get(
+        (endpoint.pk, endpoint.gpu_class, organization_id),
+        lambda kept: _period(endpoint, at, organization_id, kept),
+        valid=lambda kept: kept.covers(at),
+    )
+    return _quote(period.price)
 
 
 def prices_for(endpoints: Sequence[Endpoint], at: datetime, organization_id: Any = None) -> dict[Any, Quote]:

@@ -28,6 +28,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.errors import InvalidInput, problem
+from accounts.memo import GenerationMemo
 from accounts.models import ApiKey, Scope
 from accounts.permissions import HasScope, request_api_key
 from accounts.schema import ApiAutoSchema, error, validation_error
@@ -62,8 +63,13 @@ class RequestNotFound(exceptions.NotFound):
     default_code = "request_not_found"
 
 
+# Every submission reads its endpoint; operators change endpoints a few times a month (inference/signals.py).
+_endpoints: GenerationMemo[Endpoint | None] = GenerationMemo("endpoints")
+
+
 def find_endpoint(owner: str, model: str, path: str = "") -> Endpoint:
-    endpoint = Endpoint.objects.by_path(owner, model, path)
+    """The active endpoint served at ``owner/model[/path]``, from this process's memory while no endpoint changed."""
+    endpoint = _endpoints.get((owner, model, path), lambda _kept: Endpoint.objects.by_path(owner, model, path))
     if endpoint is None:
         name = f"{owner}/{model}" + (f"/{path}" if path else "")
         raise EndpointNotFound(f"Unknown endpoint {name}.")

@@ -14,6 +14,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from accounts import key_cache
 from accounts.models import ApiKey, TenantModel
 from inference.engine.profile import ProfileError, validate_profile
 
@@ -36,6 +37,13 @@ RESERVED_PATHS = frozenset({"stream"})
 
 
 class EndpointQuerySet(models.QuerySet["Endpoint"]):
+    def update(self, **kwargs: Any) -> int:
+        """A bulk change sends no ``post_save``: it announces itself to the processes that keep endpoints."""
+        changed = super().update(**kwargs)
+        if changed:
+            key_cache.forget_all()
+        return changed
+
     def active(self) -> EndpointQuerySet:
         return self.filter(is_active=True)
 

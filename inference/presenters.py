@@ -46,10 +46,11 @@ def queue_position(job: Job) -> int:
         )
         return waiting_on_class.filter(ahead).count()
     if job.status == JobStatus.QUEUED:
-        ahead_in_tenant = Job.objects.filter(
-            organization_id=job.organization_id, status=JobStatus.QUEUED, created_at__lt=job.created_at
-        ).count()
-        return ahead_in_tenant + waiting_on_class.count()
+        # Its tenant's queued jobs before it, then everything already sent to its class: one count, as the two sets
+        # (QUEUED, DISPATCHED) never share a job.
+        ahead_in_tenant = Q(organization_id=job.organization_id, status=JobStatus.QUEUED, created_at__lt=job.created_at)
+        waiting = Q(status=JobStatus.DISPATCHED, gpu_class=job.gpu_class)
+        return Job.objects.filter(ahead_in_tenant | waiting).exclude(pk=job.pk).count()
     return 0
 
 

@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 
 django.setup()  # so test modules can import models at the top; pytest-django takes it from here
 
-from accounts import key_cache  # noqa: E402
+from accounts import key_cache, memo  # noqa: E402
 
 if TYPE_CHECKING:
     from accounts.models import ApiKey, Organization, User
@@ -49,6 +49,7 @@ def _fresh_cache() -> None:
     from django.core.cache import caches
     from django.core.cache.backends.locmem import LocMemCache
 
+    memo.clear_all()  # rows kept in process memory under a generation that outlives the test's tables
     cache = caches["default"]  # the backend itself (``django.core.cache.cache`` is a proxy to it)
     if isinstance(cache, LocMemCache):
         cache.clear()
