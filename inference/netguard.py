@@ -14,8 +14,11 @@ the address, to the TLS layer.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import os
 import socket
+import ssl
 import time
 from collections.abc import Iterable
 
@@ -169,6 +172,18 @@ class _GuardedBackend(httpcore.NetworkBackend):
         self._sockets.sleep(seconds)
 
 
+@functools.lru_cache(maxsize=4)
+def _ssl_context(cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
+    return httpx.create_ssl_context()  # certifi, or SSL_CERT_FILE/SSL_CERT_DIR when set
+
+
+def shared_ssl_context() -> ssl.SSLContext:
+    """This process's TLS client context: loading the CA bundle costs about 20 ms of CPU, which a context made per
+    client (two per client, before) spent on every webhook delivery and image fetch. Made again only when
+    SSL_CERT_FILE or SSL_CERT_DIR changes. An ``SSLContext`` may be shared by threads and connections."""
+    return _ssl_context(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+
+
 class GuardedTransport(httpx.HTTPTransport):
     """``httpx.HTTPTransport`` whose connection pool connects through ``_GuardedBackend``.
 
@@ -178,9 +193,10 @@ class GuardedTransport(httpx.HTTPTransport):
     """
 
     def __init__(self, *, allow_private: bool, max_connections: int = 10) -> None:
-        super().__init__()
+        context = shared_ssl_context()
+        super().__init__(verify=context)  # the pool it builds is replaced below: no context of its own
         self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(),  # certifi, or SSL_CERT_FILE/SSL_CERT_DIR when set
+            ssl_context=context,
             max_connections=max_connections,
             max_keepalive_connections=max_connections,
             network_backend=_GuardedBackend(allow_private=allow_private),
