@@ -4,14 +4,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 
-.PHONY: run test test-quick lint typecheck pytest pytest-sqlite browser bench-api bench-queue bench-tenants bench-engine bench-billing race soak mutation install clean
+.PHONY: run test test-quick lint typecheck deploy-check pytest pytest-sqlite browser bench-api bench-queue bench-tenants bench-engine bench-billing bench-capacity race soak mutation install clean
 
 ## Set up and run the platform on the embedded default (SQLite, a private Redis it starts): http://127.0.0.1:$(PORT)
 run: install
 	PLATFORM_EMBEDDED=1 $(BIN)/python manage.py runplatform --port $(PORT)
 
-## Set up and run lint, type checks and the whole test suite
-test: install lint typecheck pytest
+## Set up and run lint, type checks, the deployment's validation and the whole test suite
+test: install lint typecheck deploy-check pytest
 
 ## The inner loop: pytest without lint, slow (real processes), browser and end-to-end tests
 test-quick: install
@@ -40,6 +40,13 @@ lint: install
 typecheck: install
 	PLATFORM_EMBEDDED=1 PLATFORM_DATA_DIR=$(CURDIR)/var $(BIN)/mypy
 
+## The deployment, without a cluster: yamllint, every Kubernetes overlay rendered and validated strictly against
+## Kubernetes' schemas and KEDA's API (npm's @kubernetes-models/keda with TypeScript: needs Node.js 20 and npm), the
+## Dockerfile's rules and its RUN commands (deploy/k8s/README.md, deploy/keda/README.md)
+deploy-check: install
+	$(BIN)/yamllint --strict -c deploy/.yamllint.yaml deploy
+	$(BIN)/python -m pytest -q tests/deploy/test_manifests.py tests/deploy/test_image.py
+
 pytest: install browser
 	$(BIN)/python -m pytest
 
@@ -66,6 +73,10 @@ bench-engine: install
 ## Usage records written per second through metering, and the usage page at 1M records: rollups against raw
 bench-billing: install
 	$(BIN)/python -m tests.bench.billing $(ARGS)
+
+## CPU per request and per job of each process type and of PostgreSQL, the figures of deploy/CAPACITY.md (DATABASE_URL=postgres://...)
+bench-capacity: install
+	$(BIN)/python -m tests.bench.capacity $(ARGS)
 
 ## Mutation testing of the money modules against their fast tests, like a benchmark, never in CI (ARGS="--jobs 2")
 mutation: install

@@ -168,6 +168,13 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_boo
         "max_size": env_int("DATABASE_POOL_MAX_SIZE", 10, minimum=1),
         "timeout": env_int("DATABASE_POOL_TIMEOUT", 10, minimum=1),
     }
+# Behind PgBouncer in transaction mode (deploy/k8s/components/pgbouncer) each transaction may run on another server
+# connection, so nothing may outlive a transaction on one: no server-side cursors (QuerySet.iterator() would open a
+# named cursor and read it in later round trips). Prepared statements are off already: Django's psycopg backend sets
+# prepare_threshold to None and binds parameters client-side.
+DATABASE_TRANSACTION_POOLING = env_bool("DATABASE_TRANSACTION_POOLING", False)
+if DATABASE_TRANSACTION_POOLING:
+    DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = True
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # The embedded web process and worker share one file: WAL lets readers run beside a writer,
     # and IMMEDIATE transactions take the write lock up front instead of failing on upgrade.
@@ -267,7 +274,9 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = DATA_DIR / "static"
+# The container image bakes the collected files in at build time (deploy/Dockerfile), apart from the data directory,
+# which is a writable volume there.
+STATIC_ROOT = Path(env_str("STATIC_ROOT") or DATA_DIR / "static")
 # Hashed, compressed names need collectstatic first; the test suite and DEBUG serve files as they are.
 STATIC_MANIFEST = env_bool("STATIC_MANIFEST", not DEBUG)
 MEDIA_ROOT = DATA_DIR / "media"

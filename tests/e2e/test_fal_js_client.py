@@ -11,12 +11,9 @@ headless Chromium, configured with ``proxyUrl`` and its ``credentials``.
 from __future__ import annotations
 
 import base64
-import fcntl
-import hashlib
 import io
 import json
 import os
-import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -35,6 +32,7 @@ from tests.browser.conftest import chromium_path
 from tests.e2e.conftest import Stack
 from tests.e2e.test_fal_client import WAITED_SECONDS, set_concurrency_limit, waited_unstarted
 from tests.e2e.test_fal_streaming import SHARED_CACHE
+from tests.npm import npm_ci
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -51,32 +49,10 @@ STREAMED = {**SMALL, "image_size": {"width": 256, "height": 256}, "num_inference
 SCENARIO_TIMEOUT_SECONDS = 300
 
 
-def lock_digest() -> str:
-    return hashlib.sha256((JS / "package.json").read_bytes() + (JS / "package-lock.json").read_bytes()).hexdigest()
-
-
 @pytest.fixture(scope="session")
 def node_client() -> Path:
     """tests/e2e/js with its node_modules installed from the lock file (``npm ci``) unless they already match it."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.fail("Node.js 20 and npm are needed for fal's JavaScript client (tests/e2e/js).")
-    stamp = JS / "node_modules" / ".installed-from"
-    with (JS / ".npm-ci.lock").open("w") as guard:  # one install at a time, whatever runs the suite
-        fcntl.flock(guard, fcntl.LOCK_EX)
-        digest = lock_digest()
-        if not stamp.exists() or stamp.read_text() != digest:
-            installed = subprocess.run(
-                [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-                cwd=JS,
-                capture_output=True,
-                text=True,
-                timeout=600,
-                check=False,
-            )
-            assert installed.returncode == 0, f"npm ci failed:\n{installed.stdout}\n{installed.stderr}"
-            stamp.write_text(digest)
-    return JS
+    return npm_ci(JS, needed_for="fal's JavaScript client (tests/e2e/js)")
 
 
 def start_scenario(stack: Stack, node_client: Path, name: str, key: str, **given: Any) -> subprocess.Popen[str]:
