@@ -285,7 +285,7 @@ def message_id_of(alert: SpendAlert) -> str:
     return f"msg_alert_{alert.pk}"
 
 
-def _key_names(alerts: Iterable[SpendAlert]) -> dict[str, str]:
+def key_names(alerts: Iterable[SpendAlert]) -> dict[str, str]:
     ids = {alert.subject for alert in alerts if alert.scope == AlertScope.KEY}
     valid = [key for key in ids if _is_uuid(key)]
     return {str(pk): name for pk, name in ApiKey.objects.filter(pk__in=valid).values_list("pk", "name")}
@@ -302,7 +302,7 @@ def _is_uuid(value: str) -> bool:
 def event_body(alert: SpendAlert, key_name: str | None = None) -> dict[str, Any]:
     """The webhook's body: Standard Webhooks' ``{type, timestamp, data}``."""
     if alert.scope == AlertScope.KEY and key_name is None:
-        key_name = _key_names([alert]).get(alert.subject, "")
+        key_name = key_names([alert]).get(alert.subject, "")
     return {
         "type": alert.event_type,
         "timestamp": alert.created_at.isoformat(),
@@ -382,7 +382,7 @@ def send_alert_email(alert_id: int) -> bool:
     alert = SpendAlert.objects.select_related("organization").get(pk=alert_id)
     to = recipients_of(alert.organization_id)
     if to:
-        key_name = _key_names([alert]).get(alert.subject) if alert.scope == AlertScope.KEY else None
+        key_name = key_names([alert]).get(alert.subject) if alert.scope == AlertScope.KEY else None
         subject = {
             AlertEvent.THRESHOLD_REACHED: f"{alert.threshold}% of your spend limit reached",
             AlertEvent.BUDGET_EXHAUSTED: "Spend limit used up",
@@ -415,16 +415,21 @@ def send_due_alert_emails(limit: int = 100) -> int:
 # --- What the dashboard shows ---------------------------------------------------------------------------------
 
 
-def recent_alerts(organization_id: Any, *, days: int = 31, limit: int = 5) -> list[dict[str, Any]]:
-    """The organization's alerts of the last ``days`` that nobody dismissed, newest first, each with its sentence."""
+RECENT_ALERT_DAYS = 31
+RECENT_ALERTS_SHOWN = 5
+
+
+def recent_alerts(organization_id: Any) -> list[dict[str, Any]]:
+    """The organization's alerts of the last ``RECENT_ALERT_DAYS`` that nobody dismissed, newest first (at most
+    ``RECENT_ALERTS_SHOWN``), each with its sentence: the notices on top of every dashboard page."""
     alerts = list(
         SpendAlert.objects.filter(
             organization_id=organization_id,
             dismissed_at__isnull=True,
-            created_at__gte=timezone.now() - timedelta(days=days),
-        )[:limit]
+            created_at__gte=timezone.now() - timedelta(days=RECENT_ALERT_DAYS),
+        )[:RECENT_ALERTS_SHOWN]
     )
-    names = _key_names(alerts)
+    names = key_names(alerts)
     return [{"alert": alert, "message": describe(alert, key_name=names.get(alert.subject))} for alert in alerts]
 
 
