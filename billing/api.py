@@ -42,6 +42,7 @@ from billing.models import (
 )
 from inference.models import END_USER_MAX_LENGTH, Endpoint
 from inference.submission import END_USER_RULE, valid_end_user
+from inference.webhooks import WebhookUrlError, check_webhook_url
 
 # The most money one setting may name: a billion dollars, far inside a 64-bit column.
 MAX_MICROS = 10**15
@@ -408,8 +409,17 @@ class AlertSettingsChange(serializers.Serializer[Any]):
         allow_blank=True,
         required=False,
         help_text="Where billing.threshold_reached, billing.budget_exhausted and billing.credits_low are POSTed, "
-        "signed as request webhooks are; empty: none.",
+        "signed as request webhooks are; empty: none. No private or loopback address.",
     )
+
+    def validate_webhook_url(self, value: str) -> str:
+        url = value.strip()
+        if url:
+            try:
+                check_webhook_url(url)
+            except WebhookUrlError as exc:
+                raise serializers.ValidationError(str(exc), code="invalid_webhook_url") from None
+        return url
 
 
 class AlertSettingsStatus(serializers.Serializer[Any]):
@@ -435,7 +445,7 @@ class AlertSettingsView(MoneyView):
 
     @extend_schema(
         request=AlertSettingsChange,
-        responses={200: AlertSettingsStatus, 409: error("A refused webhook URL (`billing_conflict`).")},
+        responses={200: AlertSettingsStatus},
         summary="Change the alert thresholds, the credit floor or the billing webhook URL (admin scope; audited)",
     )
     def put(self, request: Request) -> Response:
