@@ -12,7 +12,8 @@ holds each request's estimate, so spend seldom meets a budget to the micro-dolla
 that closed the attempt), never by polling. Each look is a level, not an edge: it finds every threshold the
 organization's committed spend has reached, not only those this settlement crossed. Settlements commit one after
 another on the account's row, so the last to commit sees all of them: a threshold is never missed, and a look lost
-with its process is made good by the next settlement.
+with its process is made good by the next settlement that costs something (a free one moves no spend, and does not
+look).
 
 **Exactly once.** Several settlements may see the same threshold reached at once. Each inserts its row with
 ``INSERT ... ON CONFLICT DO NOTHING RETURNING``, and the unique constraint on (organization, scope, subject,
