@@ -34,24 +34,26 @@ from inference.submission import END_USER_RULE, valid_end_user
 def limit_for_admission(organization_id: Any, end_user: str) -> int | None:
     """The tag's monthly limit, read behind a share lock on the organization's row (None: no limit).
 
-    One statement on PostgreSQL; SQLite, one writer at a time, needs no lock."""
+    Two statements: the lock, then the read. One ``SELECT ... FOR KEY SHARE`` joined to the limits would not do: when
+    it waits for a new limit's transaction, PostgreSQL re-reads the locked row after that commits, but the joined
+    rows from the statement's first snapshot, so it would miss the limit it waited for (``make race`` caught it).
+    (A plain read on SQLite, which runs one writer at a time.)"""
+    share_organization(organization_id)
+    return limit_of(organization_id, end_user)
+
+
+def share_organization(organization_id: Any) -> None:
+    """Share-locks the organization's row for this transaction (``FOR KEY SHARE``: dispatch's ``FOR NO KEY UPDATE``
+    and other admissions pass; ``lock_organization_exclusively`` waits for it, and it for that)."""
     if not connection.features.has_select_for_update:
-        return limit_of(organization_id, end_user)
-    organizations, limits = Organization._meta.db_table, EndUserLimit._meta.db_table
-    fields = {field.name: field for field in EndUserLimit._meta.concrete_fields}
+        return
     pk = Organization._meta.pk
     assert pk is not None  # noqa: S101 - every model has one
-    organization_id = pk.get_db_prep_value(organization_id, connection)
-    sql = (
-        f"SELECT tag_limit.{fields['monthly_limit_micros'].column} FROM {organizations} "  # noqa: S608
-        f"LEFT JOIN {limits} AS tag_limit ON tag_limit.{fields['organization'].column} = {organizations}.{pk.column} "
-        f"AND tag_limit.{fields['end_user'].column} = %s "
-        f"WHERE {organizations}.{pk.column} = %s FOR KEY SHARE OF {organizations}"
-    )
     with connection.cursor() as cursor:
-        cursor.execute(sql, [end_user, organization_id])
-        row = cursor.fetchone()
-    return None if row is None or row[0] is None else int(row[0])
+        cursor.execute(
+            f"SELECT 1 FROM {Organization._meta.db_table} WHERE {pk.column} = %s FOR KEY SHARE",  # noqa: S608
+            [pk.get_db_prep_value(organization_id, connection)],
+        )
 
 
 def limit_of(organization_id: Any, end_user: str) -> int | None:
