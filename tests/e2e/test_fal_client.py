@@ -262,8 +262,10 @@ def test_an_end_user_tag_rides_on_the_clients_own_headers_and_its_limit_refuses_
     """fal's client sends any header it is given (``headers=``), unmodified: the request, its usage and the usage by
     end user carry the tag; a tag over its monthly limit is refused as the client reports any HTTP error."""
     from billing.end_users import set_end_user_limit
-    from billing.models import UsageRecord
+    from billing.models import Price, UsageRecord
+    from billing.rates import ensure_opening_prices
 
+    ensure_opening_prices(Price)  # a transactional test before this one may have emptied the rate card: work is priced
     headers = {"X-Fal-End-User": "customer-42"}
     handle = fal.submit(APP, arguments=SMALL, headers=headers)
     assert fal.subscribe(APP, arguments=SMALL, headers=headers)["images"]
