@@ -92,7 +92,11 @@ def set_key_limit(*, api_key: ApiKey, monthly_limit_micros: int | None, actor: A
         KeySpendLimit.objects.update_or_create(
             api_key=api_key, defaults={"monthly_limit_micros": monthly_limit_micros, "updated_at": timezone.now()}
         )
-        _arm_alerts(api_key.organization_id)  # after the key: the lock order
+        # Once this commits, by a statement of its own: this transaction locks the key alone. A settlement holds the
+        # account from its debit to its COMMIT, where the foreign key of its usage record share-locks the key; taking
+        # the account here, after the key, would deadlock with it (``make race`` caught it).
+        organization_id = api_key.organization_id
+        transaction.on_commit(lambda: _arm_alerts(organization_id))
     record_audit(
         action=AuditAction.SPEND_LIMITS_CHANGED,
         actor=actor,

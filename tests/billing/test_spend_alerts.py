@@ -179,12 +179,16 @@ def test_the_budgets_thresholds_are_each_told_once_by_email_webhook_and_dashboar
 
 
 def test_a_keys_limit_is_watched_at_its_own_thresholds(
-    tenant: dict[str, Any], builtin_endpoint: Endpoint, settle: Callable[..., Job]
+    tenant: dict[str, Any],
+    builtin_endpoint: Endpoint,
+    settle: Callable[..., Job],
+    django_capture_on_commit_callbacks: Callable[..., Any],
 ) -> None:
     organization, api_key = tenant["organization"], tenant["api_key"]
     settle(tenant, builtin_endpoint)
     controls.set_alert_settings(organization=organization, key_thresholds=[25, 90])
-    controls.set_key_limit(api_key=api_key, monthly_limit_micros=20 * JOB_COST)
+    with django_capture_on_commit_callbacks(execute=True):  # the key's limit arms the alerts once it commits
+        controls.set_key_limit(api_key=api_key, monthly_limit_micros=20 * JOB_COST)
     assert Account.objects.get(pk=organization.pk).alerts_armed
     for _ in range(4):
         settle(tenant, builtin_endpoint)
