@@ -37,6 +37,7 @@ from billing.ledger import BillingError, grant_credits, refund_job
 from billing.models import (
     Account,
     CreditEntry,
+    EndUserLimit,
     EntryKind,
     Hold,
     KeySpendLimit,
@@ -44,6 +45,7 @@ from billing.models import (
     Price,
     ReconciliationRun,
     ReconciliationScope,
+    SpendAlert,
     StripeEvent,
     UsageRecord,
     UsageRollup,
@@ -369,6 +371,28 @@ class KeySpendLimitAdmin(_HistoryAdmin):
     @admin.display(description="monthly limit", ordering="monthly_limit_micros")
     def limit(self, spend_limit: KeySpendLimit) -> str:
         return format_micros(spend_limit.monthly_limit_micros)
+
+
+@admin.register(EndUserLimit)
+class EndUserLimitAdmin(_HistoryAdmin):
+    """Set by the organization's owners, admins and billing members in the dashboard or the API (audited there)."""
+
+    list_display = ("organization", "end_user", "limit", "updated_at")
+    list_select_related = ("organization",)
+    search_fields = ("end_user",)
+
+    @admin.display(description="monthly limit", ordering="monthly_limit_micros")
+    def limit(self, spend_limit: EndUserLimit) -> str:
+        return format_micros(spend_limit.monthly_limit_micros)
+
+
+@admin.register(SpendAlert)
+class SpendAlertAdmin(_HistoryAdmin):
+    """Recorded once per threshold and period by the settlements that reached them (billing.alerts)."""
+
+    list_display = ("created_at", "organization", "event_type", "scope", "threshold", "period", "emailed_at")
+    list_filter = ("event_type", "scope")
+    list_select_related = ("organization",)
 
 
 # --- The usage ledger ---------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from django.db.models import F, Sum
 from django.utils import timezone
 
 from accounts.locking import retrying_atomic
-from billing import holds, pricing
+from billing import end_users, holds, pricing
 from billing.locks import locked_account, locked_open_hold, share_key
 from billing.models import Account, Granularity, Hold, KeySpendLimit, PriceUnit, UsageRecord, UsageRollup
 from billing.money import format_micros, gpu_cost_micros, gpu_ms_within
@@ -40,6 +40,7 @@ from inference.models import Endpoint, Job
 
 INSUFFICIENT = "insufficient_credits"
 OVER_LIMIT = "spend_limit_exceeded"
+END_USER_OVER_LIMIT = "end_user_limit_exceeded"
 UNLIMITED = Reservation(covered_gpu_ms=None)
 
 
@@ -70,14 +71,20 @@ def _key_limit(job: Job) -> KeySpendLimit | None:
 
 
 def _spend_room(
-    account: Account, job: Job, limit: KeySpendLimit | None, *, admitting: bool = False
+    account: Account,
+    job: Job,
+    limit: KeySpendLimit | None,
+    *,
+    end_user_limit: int | None = None,
+    admitting: bool = False,
 ) -> tuple[int, Refusal]:
     """How much more the job may hold beyond what is held now, and the refusal that names the tightest limit.
 
-    Three limits, each less what is spent and held against it: the available credit (balance less every open hold
-    of the organization), the organization's monthly budget, and ``limit``, the monthly limit of the job's API key.
-    The credit's refusal is worded for a running job; admission words its own, with the estimate. ``admitting``: the
-    job's hold row already holds the new estimate (the account does not yet), so the key's holds leave it out.
+    Four limits, each less what is spent and held against it: the available credit (balance less every open hold
+    of the organization), the organization's monthly budget, ``limit``, the monthly limit of the job's API key, and
+    ``end_user_limit``, that of the job's end user tag. The credit's refusal is worded for a running job; admission
+    words its own, with the estimate. ``admitting``: the job's hold row already holds the new estimate (the account
+    does not yet), so the key's and the tag's holds leave it out.
     """
     room, refusal = account.available_micros, Refusal("Credits ran out while this request ran.", INSUFFICIENT)
     if account.monthly_budget_micros is not None:
@@ -105,6 +112,20 @@ def _spend_room(
                     OVER_LIMIT,
                 ),
             )
+    if end_user_limit is not None:
+        spent = end_users.spent_in_month(organization_id=account.organization_id, end_user=job.end_user,
+                                         month=month_start())  # fmt: skip
+        tag_held = end_users.held(account.organization_id, job.end_user, besides_job_id=job.pk if admitting else None)
+        tag_room = end_user_limit - spent - tag_held
+        if tag_room < room:
+            room, refusal = (
+                tag_room,
+                Refusal(
+                    f"The monthly limit of end user {job.end_user!r} ({format_micros(end_user_limit)}) is spent "
+                    f"({format_micros(spent)} used, {format_micros(tag_held)} held by its running requests).",
+                    END_USER_OVER_LIMIT,
+                ),
+            )
     return room, refusal
 
 
@@ -116,6 +137,8 @@ def admit(job: Job) -> Refusal | None:
     """
     quote = pricing.price_for(job.endpoint, timezone.now(), job.organization_id)
     estimate = pricing.hold_micros(job.endpoint, job.input, quote)
+    # The end user's limit behind the organization's share lock, then the key's behind the key's (the lock order).
+    end_user_limit = end_users.limit_for_admission(job.organization_id, job.end_user) if job.end_user else None
     limit = _key_limit(job)
     # The job's own hold row first: no other transaction waits for it. A refusal rolls it back with the caller's
     # transaction (the hook's contract).
@@ -124,14 +147,21 @@ def admit(job: Job) -> Refusal | None:
             job=job,
             organization_id=job.organization_id,
             api_key_id=job.api_key_id,
+            end_user=job.end_user,
             amount_micros=estimate,
             unit_price_micros=quote.unit_price_micros,
             unit=quote.unit,
         ),
     )
-    if limit is None and _hold_within_credit(job.organization_id, estimate=estimate, held_change=held_change):
+    if (
+        limit is None
+        and end_user_limit is None
+        and _hold_within_credit(job.organization_id, estimate=estimate, held_change=held_change)
+    ):
         return None
-    return _admit_under_the_lock(job, estimate=estimate, held_change=held_change, limit=limit)
+    return _admit_under_the_lock(
+        job, estimate=estimate, held_change=held_change, limit=limit, end_user_limit=end_user_limit
+    )
 
 
 def _hold_within_credit(organization_id: Any, *, estimate: int, held_change: int) -> bool:
@@ -147,10 +177,13 @@ def _hold_within_credit(organization_id: Any, *, estimate: int, held_change: int
     )
 
 
-def _admit_under_the_lock(job: Job, *, estimate: int, held_change: int, limit: KeySpendLimit | None) -> Refusal | None:
-    """Admission decided on the locked account: the budget's and the key's spend and holds cannot change under it."""
+def _admit_under_the_lock(
+    job: Job, *, estimate: int, held_change: int, limit: KeySpendLimit | None, end_user_limit: int | None
+) -> Refusal | None:
+    """Admission decided on the locked account: the budget's, the key's and the end user's spend and holds cannot
+    change under it."""
     account = locked_account(job.organization_id)
-    room, refusal = _spend_room(account, job, limit, admitting=True)
+    room, refusal = _spend_room(account, job, limit, end_user_limit=end_user_limit, admitting=True)
     if estimate > room:
         if refusal.error_type == INSUFFICIENT:
             refusal = Refusal(
@@ -216,7 +249,8 @@ def _extend(job: Job, quote: pricing.Quote, gpu_ms: int, ahead_ms: int) -> Reser
     wanted = gpu_cost_micros(gpu_ms + max(ahead_ms, 0), price) - hold.amount_micros
     account = locked_account(job.organization_id)
     limit = KeySpendLimit.objects.filter(api_key_id=job.api_key_id).first() if job.api_key_id is not None else None
-    room, refusal = _spend_room(account, job, limit)
+    end_user_limit = end_users.limit_of(job.organization_id, job.end_user) if job.end_user else None
+    room, refusal = _spend_room(account, job, limit, end_user_limit=end_user_limit)
     if needed > room:
         return refusal
     extra = min(wanted, room)

@@ -7,6 +7,7 @@ import io
 from datetime import timedelta
 from typing import Any
 
+from django.db.models import Sum
 from django.http import HttpResponse
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
@@ -24,12 +25,24 @@ from accounts.models import ApiKey, Scope
 from accounts.parsers import StrictCursorPagination, query_params
 from accounts.permissions import HasScope, request_organization
 from accounts.schema import ApiAutoSchema, error
-from accounts.serializers import BoundedDateField, StrictBooleanField, StrictIntegerField
-from billing import controls, selectors
-from billing.admission import spent_this_month
+from accounts.serializers import BoundedDateField, StrictBooleanField, StrictCharField, StrictIntegerField
+from billing import alerts, controls, end_users, selectors
+from billing.admission import month_start, spent_this_month
 from billing.ledger import account_of
-from billing.models import CreditEntry, KeySpendLimit
-from inference.models import Endpoint
+from billing.models import (
+    AlertScope,
+    AlertSettings,
+    CreditEntry,
+    EndUserLimit,
+    EndUserRollup,
+    Granularity,
+    KeySpendLimit,
+    SpendAlert,
+    UsageRollup,
+)
+from inference.models import END_USER_MAX_LENGTH, Endpoint
+from inference.submission import END_USER_RULE, valid_end_user
+from inference.webhooks import WebhookUrlError, check_webhook_url
 
 # The most money one setting may name: a billion dollars, far inside a 64-bit column.
 MAX_MICROS = 10**15
@@ -48,10 +61,16 @@ class UsageQuery(serializers.Serializer[Any]):
     start = BoundedDateField(required=False, help_text="First UTC day included (default: 29 days before end).")
     end = BoundedDateField(required=False, help_text="Last UTC day included (default: today).")
     group_by = serializers.CharField(
-        required=False, default="day", help_text="Comma-separated: day or hour, endpoint, key, gpu_class."
+        required=False,
+        default="day",
+        help_text="Comma-separated: day or hour, endpoint, key, gpu_class, end_user (the X-Fal-End-User tag: "
+        "with day and endpoint only; tagged requests only).",
     )
     endpoint = serializers.CharField(required=False, help_text="Only this endpoint, e.g. platform/tiny-sd.")
     key_id = serializers.UUIDField(required=False, help_text="Only this API key.")
+    end_user = serializers.CharField(
+        required=False, max_length=END_USER_MAX_LENGTH, help_text="Only this end user tag (tagged requests only)."
+    )
     format = serializers.ChoiceField(choices=["json", "csv"], required=False, default="json")
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
@@ -65,6 +84,13 @@ class UsageQuery(serializers.Serializer[Any]):
             dimensions = ", ".join(selectors.DIMENSIONS)
             message = f"Use distinct dimensions of {dimensions}, not day and hour."
             raise serializers.ValidationError({"group_by": message})
+        if ("end_user" in group_by or attrs.get("end_user")) and not set(group_by) <= set(
+            selectors.END_USER_DIMENSIONS
+        ):
+            message = f"Usage by end user is grouped by {', '.join(selectors.END_USER_DIMENSIONS)} only."
+            raise serializers.ValidationError({"group_by": message})
+        if attrs.get("end_user") and attrs.get("key_id"):
+            raise serializers.ValidationError({"key_id": "Usage by end user is not split by key."})
         limit = 31 if "hour" in group_by else 366
         if (end - start).days + 1 > limit:
             raise serializers.ValidationError({"end": f"At most {limit} days at a time for this grouping."})
@@ -92,14 +118,24 @@ class UsageView(BillingView):
             if endpoint is None:
                 raise NotFound(f"No endpoint {params['endpoint']}.")
             endpoint_id = endpoint.pk
-        report = selectors.usage(
-            organization_id=organization.pk,
-            start=params["start"],
-            end=params["end"],
-            group_by=params["group_by"],
-            endpoint_id=endpoint_id,
-            key_id=params.get("key_id"),
-        )
+        if "end_user" in params["group_by"] or params.get("end_user"):
+            report = selectors.end_user_usage(
+                organization_id=organization.pk,
+                start=params["start"],
+                end=params["end"],
+                group_by=params["group_by"],
+                endpoint_id=endpoint_id,
+                end_user=params.get("end_user"),
+            )
+        else:
+            report = selectors.usage(
+                organization_id=organization.pk,
+                start=params["start"],
+                end=params["end"],
+                group_by=params["group_by"],
+                endpoint_id=endpoint_id,
+                key_id=params.get("key_id"),
+            )
         if params["format"] == "csv":
             return usage_csv(report, filename=f"usage-{organization.slug}-{params['start']}-{params['end']}.csv")
         return Response(report)
@@ -224,20 +260,60 @@ class KeyLimit(serializers.Serializer[Any]):
     monthly_limit_micros = StrictIntegerField(min_value=0, max_value=MAX_MICROS, allow_null=True)
 
 
+class EndUserLimitChange(serializers.Serializer[Any]):
+    end_user = StrictCharField(max_length=END_USER_MAX_LENGTH, help_text=f"The tag: {END_USER_RULE}")
+    monthly_limit_micros = StrictIntegerField(min_value=0, max_value=MAX_MICROS, allow_null=True)
+
+    def validate_end_user(self, value: str) -> str:
+        if not valid_end_user(value):
+            raise serializers.ValidationError(f"Should be {END_USER_RULE}", code="invalid_end_user")
+        return value
+
+
 class LimitsSettings(serializers.Serializer[Any]):
     monthly_budget_micros = StrictIntegerField(min_value=0, max_value=MAX_MICROS, allow_null=True, required=False)
     keys = serializers.ListField(child=KeyLimit(), required=False, max_length=1000)
+    end_users = serializers.ListField(
+        child=EndUserLimitChange(),
+        required=False,
+        max_length=1000,
+        help_text="Monthly limits of end user tags (X-Fal-End-User); null removes one.",
+    )
 
 
 class KeyLimitStatus(serializers.Serializer[Any]):
     key_id = serializers.UUIDField()
     monthly_limit_micros = serializers.IntegerField()
+    spent_this_month_micros = serializers.IntegerField()
+
+
+class EndUserLimitStatus(serializers.Serializer[Any]):
+    end_user = serializers.CharField()
+    monthly_limit_micros = serializers.IntegerField()
+    spent_this_month_micros = serializers.IntegerField()
 
 
 class LimitsStatus(serializers.Serializer[Any]):
     monthly_budget_micros = serializers.IntegerField(allow_null=True)
     spent_this_month_micros = serializers.IntegerField()
     keys = KeyLimitStatus(many=True)
+    end_users = EndUserLimitStatus(many=True)
+
+
+def key_spend_this_month(organization_id: Any) -> dict[str, int]:
+    """Each key's cost this month (keys with usage only), from the daily rollups in one grouped query."""
+    rows = UsageRollup.objects.filter(
+        organization_id=organization_id, granularity=Granularity.DAY, bucket_start__gte=month_start()
+    )
+    grouped = rows.values("key_id").annotate(total=Sum("cost_micros")).order_by()
+    return {str(row["key_id"]): int(row["total"] or 0) for row in grouped}
+
+
+def end_user_spend_this_month(organization_id: Any) -> dict[str, int]:
+    """Each end user tag's cost this month, from the tags' day rows in one grouped query."""
+    rows = EndUserRollup.objects.filter(organization_id=organization_id, bucket_start__gte=month_start())
+    grouped = rows.values("end_user").annotate(total=Sum("cost_micros")).order_by()
+    return {row["end_user"]: int(row["total"] or 0) for row in grouped}
 
 
 class LimitsView(MoneyView):
@@ -245,23 +321,38 @@ class LimitsView(MoneyView):
         organization = request_organization(request)
         account = account_of(organization)
         limits = KeySpendLimit.objects.filter(api_key__organization=organization).order_by("api_key__created_at")
+        key_spend = key_spend_this_month(organization.pk) if limits else {}
+        tag_limits = EndUserLimit.objects.filter(organization=organization).order_by("end_user")
+        tag_spend = end_user_spend_this_month(organization.pk) if tag_limits else {}
         return {
             "monthly_budget_micros": account.monthly_budget_micros,
             "spent_this_month_micros": spent_this_month(organization_id=organization.pk),
             "keys": [
-                {"key_id": str(limit.api_key_id), "monthly_limit_micros": limit.monthly_limit_micros}
+                {
+                    "key_id": str(limit.api_key_id),
+                    "monthly_limit_micros": limit.monthly_limit_micros,
+                    "spent_this_month_micros": key_spend.get(str(limit.api_key_id), 0),
+                }
                 for limit in limits
+            ],
+            "end_users": [
+                {
+                    "end_user": limit.end_user,
+                    "monthly_limit_micros": limit.monthly_limit_micros,
+                    "spent_this_month_micros": tag_spend.get(limit.end_user, 0),
+                }
+                for limit in tag_limits
             ],
         }
 
-    @extend_schema(responses=LimitsStatus, summary="The monthly budget and per-key monthly limits")
+    @extend_schema(responses=LimitsStatus, summary="The monthly budget and the keys' and end users' monthly limits")
     def get(self, request: Request) -> Response:
         return Response(self.payload(request))
 
     @extend_schema(
         request=LimitsSettings,
         responses={200: LimitsStatus, 404: error("A key named is not one of this organization's.")},
-        summary="Change the monthly budget or key limits (admin scope)",
+        summary="Change the monthly budget, key limits or end user limits (admin scope); each change is audited",
     )
     def put(self, request: Request) -> Response:
         body = LimitsSettings(data=request.data)
@@ -280,4 +371,149 @@ class LimitsView(MoneyView):
             controls.set_key_limit(
                 api_key=keys[change["key_id"]], monthly_limit_micros=change["monthly_limit_micros"], actor=actor
             )
+        for change in body.validated_data.get("end_users", []):
+            end_users.set_end_user_limit(
+                organization=organization,
+                end_user=change["end_user"],
+                monthly_limit_micros=change["monthly_limit_micros"],
+                actor=actor,
+            )
         return Response(self.payload(request))
+
+
+# Spend alerts (billing.alerts).
+
+
+class AlertSettingsChange(serializers.Serializer[Any]):
+    budget_thresholds = serializers.ListField(
+        child=StrictIntegerField(min_value=1, max_value=100),
+        required=False,
+        max_length=controls.MAX_THRESHOLDS,
+        help_text="Percentages of the monthly budget that raise an alert (default 50, 80, 100).",
+    )
+    key_thresholds = serializers.ListField(
+        child=StrictIntegerField(min_value=1, max_value=100),
+        required=False,
+        max_length=controls.MAX_THRESHOLDS,
+        help_text="Percentages of each API key's monthly limit that raise an alert (default 50, 80, 100).",
+    )
+    credit_floor_micros = StrictIntegerField(
+        min_value=0,
+        max_value=MAX_MICROS,
+        allow_null=True,
+        required=False,
+        help_text="An alert when the available credit falls below this, once per refill; null: none.",
+    )
+    webhook_url = StrictCharField(
+        max_length=2000,
+        allow_blank=True,
+        required=False,
+        help_text="Where billing.threshold_reached, billing.budget_exhausted and billing.credits_low are POSTed, "
+        "signed as request webhooks are; empty: none. No private or loopback address.",
+    )
+
+    def validate_webhook_url(self, value: str) -> str:
+        url = value.strip()
+        if url:
+            try:
+                check_webhook_url(url)
+            except WebhookUrlError as exc:
+                raise serializers.ValidationError(str(exc), code="invalid_webhook_url") from None
+        return url
+
+
+class AlertSettingsStatus(serializers.Serializer[Any]):
+    budget_thresholds = serializers.ListField(child=serializers.IntegerField())
+    key_thresholds = serializers.ListField(child=serializers.IntegerField())
+    credit_floor_micros = serializers.IntegerField(allow_null=True)
+    webhook_url = serializers.CharField(allow_blank=True)
+
+
+def alert_settings_payload(watched: AlertSettings) -> dict[str, Any]:
+    return {
+        "budget_thresholds": list(watched.budget_thresholds),
+        "key_thresholds": list(watched.key_thresholds),
+        "credit_floor_micros": watched.credit_floor_micros,
+        "webhook_url": watched.webhook_url,
+    }
+
+
+class AlertSettingsView(MoneyView):
+    @extend_schema(responses=AlertSettingsStatus, summary="What spend alerts watch, and the billing webhook URL")
+    def get(self, request: Request) -> Response:
+        return Response(alert_settings_payload(alerts.settings_of(request_organization(request).pk)))
+
+    @extend_schema(
+        request=AlertSettingsChange,
+        responses={200: AlertSettingsStatus},
+        summary="Change the alert thresholds, the credit floor or the billing webhook URL (admin scope; audited)",
+    )
+    def put(self, request: Request) -> Response:
+        body = AlertSettingsChange(data=request.data)
+        body.is_valid(raise_exception=True)
+        watched = controls.set_alert_settings(
+            organization=request_organization(request), actor=request_actor(request), **body.validated_data
+        )
+        return Response(alert_settings_payload(watched))
+
+
+class SpendAlertSerializer(serializers.Serializer[Any]):
+    id = serializers.IntegerField()
+    type = serializers.CharField(source="event_type", help_text="The webhook's event type.")
+    scope = serializers.ChoiceField(choices=AlertScope.values)
+    api_key_id = serializers.CharField(allow_null=True)
+    threshold_percent = serializers.IntegerField(allow_null=True)
+    credit_floor_micros = serializers.IntegerField(allow_null=True)
+    period = serializers.CharField(help_text="The UTC month (YYYY-MM), or credit-<entry id> for the credit floor.")
+    spent_micros = serializers.IntegerField()
+    limit_micros = serializers.IntegerField(allow_null=True)
+    available_micros = serializers.IntegerField()
+    message = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    emailed_at = serializers.DateTimeField(allow_null=True)
+    dismissed_at = serializers.DateTimeField(allow_null=True)
+
+
+class AlertPages(StrictCursorPagination):
+    ordering = ("-created_at", "-id")
+    page_size = 50
+
+
+class AlertsView(ListAPIView[SpendAlert]):
+    permission_classes = (IsAuthenticated, HasScope)
+    required_scope = Scope.USAGE_READ
+    schema = ApiAutoSchema()
+    serializer_class = SpendAlertSerializer
+    pagination_class = AlertPages
+
+    @extend_schema(summary="Spend alerts raised, newest first (each threshold once per period)")
+    def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().get(request, *args, **kwargs)
+
+    def get_queryset(self) -> Any:
+        return SpendAlert.objects.filter(organization=request_organization(self.request))
+
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        page = self.paginate_queryset(self.get_queryset()) or []
+        names = alerts.key_names(page)
+        return self.get_paginated_response([alert_payload(alert, names) for alert in page])
+
+
+def alert_payload(alert: SpendAlert, key_names: dict[str, str]) -> dict[str, Any]:
+    floor = alert.scope == AlertScope.CREDITS
+    return {
+        "id": alert.pk,
+        "type": alert.event_type,
+        "scope": alert.scope,
+        "api_key_id": alert.subject if alert.scope == AlertScope.KEY else None,
+        "threshold_percent": None if floor else alert.threshold,
+        "credit_floor_micros": alert.threshold if floor else None,
+        "period": alert.period,
+        "spent_micros": alert.spent_micros,
+        "limit_micros": alert.limit_micros,
+        "available_micros": alert.available_micros,
+        "message": alerts.describe(alert, key_name=key_names.get(alert.subject)),
+        "created_at": alert.created_at,
+        "emailed_at": alert.emailed_at,
+        "dismissed_at": alert.dismissed_at,
+    }

@@ -1,16 +1,24 @@
-"""Settings a customer (or operator) changes: auto top-up, the monthly budget, per-key limits. Each audited."""
+"""Settings a customer (or operator) changes: auto top-up, the monthly budget, per-key limits, spend alerts. Each
+audited. (An end user's limit is ``billing.end_users.set_end_user_limit``.)"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from django.db import transaction
 from django.utils import timezone
 
+from accounts.locking import locked
 from accounts.models import ApiKey, AuditAction, Organization
 from accounts.services import SYSTEM, Actor, record_audit
 from billing import topups
 from billing.ledger import BillingError
 from billing.locks import lock_key, locked_account
-from billing.models import Account, KeySpendLimit
+from billing.models import Account, AlertSettings, KeySpendLimit
+from inference.webhooks import WebhookUrlError, check_webhook_url
+
+MAX_THRESHOLDS = 10
+UNSET: Any = object()
 
 MIN_TOP_UP_CENTS = 500
 MAX_TOP_UP_CENTS = 1_000_000
@@ -60,8 +68,9 @@ def set_monthly_budget(*, organization: Organization, budget_micros: int | None,
         raise BillingError("A budget cannot be negative.")
     account = locked_account(organization.pk)
     account.monthly_budget_micros = budget_micros
+    account.alerts_armed |= budget_micros is not None
     account.updated_at = timezone.now()
-    account.save(update_fields=["monthly_budget_micros", "updated_at"])
+    account.save(update_fields=["monthly_budget_micros", "alerts_armed", "updated_at"])
     record_audit(
         action=AuditAction.SPEND_LIMITS_CHANGED,
         actor=actor,
@@ -83,6 +92,11 @@ def set_key_limit(*, api_key: ApiKey, monthly_limit_micros: int | None, actor: A
         KeySpendLimit.objects.update_or_create(
             api_key=api_key, defaults={"monthly_limit_micros": monthly_limit_micros, "updated_at": timezone.now()}
         )
+        # Once this commits, by a statement of its own: this transaction locks the key alone. A settlement holds the
+        # account from its debit to its COMMIT, where the foreign key of its usage record share-locks the key; taking
+        # the account here, after the key, would deadlock with it (``make race`` caught it).
+        organization_id = api_key.organization_id
+        transaction.on_commit(lambda: _arm_alerts(organization_id))
     record_audit(
         action=AuditAction.SPEND_LIMITS_CHANGED,
         actor=actor,
@@ -90,3 +104,69 @@ def set_key_limit(*, api_key: ApiKey, monthly_limit_micros: int | None, actor: A
         target=api_key,
         metadata={"monthly_limit_micros": monthly_limit_micros},
     )
+
+
+def _arm_alerts(organization_id: Any) -> None:
+    """Settlements of the organization look for spend alerts from now on (``Account.alerts_armed``): one UPDATE, the
+    statement that locks the account, only when it is not armed yet."""
+    Account.objects.filter(pk=organization_id, alerts_armed=False).update(alerts_armed=True)
+
+
+def valid_thresholds(thresholds: Any) -> list[int]:
+    """Percentages, 1 to 100, at most ``MAX_THRESHOLDS``, each once; sorted."""
+    if (
+        not isinstance(thresholds, list | tuple)
+        or len(thresholds) > MAX_THRESHOLDS
+        or any(isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100 for value in thresholds)
+    ):
+        raise BillingError(f"Thresholds are up to {MAX_THRESHOLDS} whole percentages from 1 to 100.")
+    return sorted(set(thresholds))
+
+
+@transaction.atomic
+def set_alert_settings(
+    *,
+    organization: Organization,
+    budget_thresholds: Any = UNSET,
+    key_thresholds: Any = UNSET,
+    credit_floor_micros: Any = UNSET,
+    webhook_url: Any = UNSET,
+    actor: Actor = SYSTEM,
+) -> AlertSettings:
+    """Changes what the organization's spend alerts watch and where its billing webhooks go (what is left out stays).
+
+    The webhook URL is checked as a request's is (``inference.webhooks.check_webhook_url``: no private or loopback
+    address unless ``OUTBOUND_ALLOW_PRIVATE``), and again when each delivery connects."""
+    changes: dict[str, Any] = {}
+    if budget_thresholds is not UNSET:
+        changes["budget_thresholds"] = valid_thresholds(budget_thresholds)
+    if key_thresholds is not UNSET:
+        changes["key_thresholds"] = valid_thresholds(key_thresholds)
+    if credit_floor_micros is not UNSET:
+        if credit_floor_micros is not None and credit_floor_micros < 0:
+            raise BillingError("The credit floor cannot be negative.")
+        changes["credit_floor_micros"] = credit_floor_micros
+    if webhook_url is not UNSET:
+        url = (webhook_url or "").strip()
+        if url:
+            try:
+                check_webhook_url(url)
+            except WebhookUrlError as exc:
+                raise BillingError(str(exc)) from None
+        changes["webhook_url"] = url
+    AlertSettings.objects.get_or_create(organization=organization)
+    watched = locked(AlertSettings.objects.filter(pk=organization.pk)).get()  # one change at a time
+    for name, value in changes.items():
+        setattr(watched, name, value)
+    watched.updated_at = timezone.now()
+    watched.save()
+    if watched.credit_floor_micros is not None:
+        _arm_alerts(organization.pk)
+    record_audit(
+        action=AuditAction.ALERT_SETTINGS_CHANGED,
+        actor=actor,
+        organization=organization,
+        target=watched,
+        metadata=changes,
+    )
+    return watched

@@ -112,8 +112,8 @@ def _entry_of_moved_balance(
     return entry
 
 
-# What a settlement's debit reads back from the account it wrote: the balance its entry records, and what decides
-# an auto top-up.
+# What a settlement's debit reads back from the account it wrote: the balance its entry records, what decides
+# an auto top-up, and whether spend alerts watch the organization (billing.alerts).
 _DEBITED_COLUMNS = (
     "balance_micros",
     "held_micros",
@@ -121,7 +121,10 @@ _DEBITED_COLUMNS = (
     "auto_top_up_threshold_micros",
     "default_payment_method_id",
     "stripe_customer_id",
+    "alerts_armed",
 )
+
+Statements = Callable[..., list[tuple[str, list[Any]]]]
 
 
 def debit_usage(
@@ -130,21 +133,22 @@ def debit_usage(
     released_micros: int,
     job: Job,
     description: str,
-    along: Callable[..., tuple[str, list[Any]]] | None = None,
-) -> bool:
+    along: Statements | None = None,
+) -> Account | None:
     """Debits a settlement's usage (``usage_record.cost_micros``, more than 0) and takes the hold it released off the
-    held amount, where the balance covers the debit; then appends the debit's entry. False, and nothing written:
-    the balance does not cover the cost (credit was taken back), and the caller settles on the locked account.
+    held amount, where the balance covers the debit; then appends the debit's entry. Answers the account as the debit
+    left it (the columns of ``_DEBITED_COLUMNS``). None, and nothing written: the balance does not cover the cost
+    (credit was taken back), and the caller settles on the locked account.
 
     The account's UPDATE is the statement that takes its lock: ``balance -= cost, held -= released`` where
     ``balance >= cost``, a condition PostgreSQL checks again on the row as committed when it had to wait for the
     lock. So usage never takes the balance below zero, and the debit is the one ``cost_within`` gives with the
     balance as a further ceiling (the cost fits under it). The entry records the balance that UPDATE left.
 
-    ``along(usage_record, only_where=...)``: a further upsert summarising the debit (the usage rollups), written
-    under the same lock and only if the debit is made. On PostgreSQL the UPDATE, the entry and that upsert are one
-    statement, so the lock is held for the rest of that statement and the COMMIT, no client round trip; elsewhere
-    (SQLite, one writer at a time) they are three.
+    ``along(usage_record, only_where=...)``: further upserts summarising the debit (the usage rollups, and an end
+    user's), written under the same lock and only if the debit is made. On PostgreSQL the UPDATE, the entry and those
+    upserts are one statement, so the lock is held for the rest of that statement and the COMMIT, no client round
+    trip; elsewhere (SQLite, one writer at a time) they are one statement each.
     """
     cost = usage_record.cost_micros
     organization_id = usage_record.organization_id
@@ -183,28 +187,29 @@ def debit_usage(
             f"SELECT {', '.join(['%s'] * len(values))}, {balance} FROM debited)"
         )
         parameters += [entries[name].get_db_prep_value(value, connection) for name, value in values.items()]
-        if along is not None:
-            summary, summary_parameters = along(usage_record, only_where="EXISTS (SELECT 1 FROM debited)")
-            sql += f", summary AS ({summary})"
+        summaries = along(usage_record, only_where="EXISTS (SELECT 1 FROM debited)") if along is not None else []
+        for number, (summary, summary_parameters) in enumerate(summaries):
+            sql += f", summary_{number} AS ({summary})"
             parameters += summary_parameters
         sql += " SELECT * FROM debited"
         with connection.cursor() as cursor:
             cursor.execute(sql, parameters)
             row = cursor.fetchone()
         if row is None:
-            return False
+            return None
         account = _debited_account(organization_id, now, row)
         from billing import topups  # lazily: the ledger needs no Celery to import
 
         topups.schedule_if_low(account)
-        return True
+        return account
     with connection.cursor() as cursor:
         cursor.execute(debit, parameters)
         row = cursor.fetchone()
     if row is None:
-        return False
+        return None
+    account = _debited_account(organization_id, now, row)
     _entry_of_moved_balance(
-        account=_debited_account(organization_id, now, row),
+        account=account,
         kind=EntryKind.USAGE,
         amount_micros=-cost,
         idempotency_key=idempotency_key,
@@ -212,11 +217,10 @@ def debit_usage(
         usage_record=usage_record,
         job=job,
     )
-    if along is not None:
-        summary, summary_parameters = along(usage_record)
+    for summary, summary_parameters in along(usage_record) if along is not None else []:
         with connection.cursor() as cursor:
             cursor.execute(summary, summary_parameters)
-    return True
+    return account
 
 
 def _debited_account(organization_id: Any, updated_at: Any, row: tuple[Any, ...]) -> Account:

@@ -20,7 +20,7 @@ import uuid
 from django.db import IntegrityError, connection, transaction
 
 from accounts.locking import locked
-from accounts.models import ApiKey
+from accounts.models import ApiKey, Organization
 from billing.models import Account, Hold, Payment, StripeEvent
 
 
@@ -51,6 +51,13 @@ def share_key(api_key_id: uuid.UUID) -> None:
 def lock_key(api_key_id: uuid.UUID) -> None:
     """Locks the API key's row exclusively for this transaction, while its spend limit changes (``share_key``)."""
     list(ApiKey.objects.select_for_update(of=("self",)).filter(pk=api_key_id).values_list("pk", flat=True))
+
+
+def lock_organization_exclusively(organization_id: uuid.UUID) -> None:
+    """Locks the organization's row with a plain ``FOR UPDATE`` while an end user's limit changes: it waits for the
+    admissions that share-locked the row to read a tag's limit (``billing.end_users``), and they for it."""
+    rows = Organization.objects.select_for_update(of=("self",)).filter(pk=organization_id)
+    list(rows.values_list("pk", flat=True))
 
 
 def locked_open_hold(job_id: uuid.UUID) -> Hold | None:

@@ -24,10 +24,10 @@ from typing import Any
 
 from django.db import connection
 
-from billing import holds, pricing
+from billing import alerts, holds, pricing
 from billing.ledger import debit_usage, post_entry
 from billing.locks import locked_account
-from billing.models import NO_KEY, EntryKind, Granularity, Hold, UsageRecord, UsageRollup
+from billing.models import NO_KEY, Account, EndUserRollup, EntryKind, Granularity, Hold, UsageRecord, UsageRollup
 from billing.money import cost_within
 from inference.models import Job, JobAttempt
 
@@ -72,6 +72,7 @@ def record_attempt(job: Job, attempt: JobAttempt) -> UsageRecord:
         attempt_number=attempt.number,
         api_key_id=job.api_key_id,
         endpoint_id=job.endpoint_id,
+        end_user=job.end_user,
         gpu_class=job.gpu_class,
         outcome=attempt.outcome,
         billable=billable,
@@ -90,19 +91,24 @@ def record_attempt(job: Job, attempt: JobAttempt) -> UsageRecord:
     if not cost:
         holds.take_off_held(organization_id=job.organization_id, amount_micros=released)
         add_to_rollups(record)
-    elif not debit_usage(
-        usage_record=record, released_micros=released, job=job, description=description, along=rollup_upsert
-    ):
-        _settle_on_the_locked_account(
+        return record
+    account = debit_usage(
+        usage_record=record, released_micros=released, job=job, description=description, along=summaries
+    )
+    if account is None:
+        account = _settle_on_the_locked_account(
             record, job, held=held, released=released, gpu_ms=gpu_ms, images=images, pixels=pixels
         )
         add_to_rollups(record)
+    if account.alerts_armed and record.cost_micros:
+        # Spend moved: once this commits, see whether it crossed a threshold the organization watches.
+        alerts.look_after_settlement(record, hold_micros=held)
     return record
 
 
 def _settle_on_the_locked_account(
     record: UsageRecord, job: Job, *, held: int, released: int, gpu_ms: int, images: int, pixels: int
-) -> None:
+) -> Account:
     """The debit where the balance no longer covers the record's cost: the balance, read under the account's lock,
     is a further ceiling; the record is corrected to what fits under it, and the account saved."""
     account = locked_account(job.organization_id)
@@ -132,6 +138,7 @@ def _settle_on_the_locked_account(
         )
     elif released:
         account.save(update_fields=["held_micros"])
+    return account
 
 
 _ROLLUP_COLUMNS = ("attempts", "billable_attempts", "gpu_ms", "unbilled_gpu_ms", "cost_micros", "work_units")
@@ -144,10 +151,51 @@ def bucket_start(moment: datetime, granularity: str) -> datetime:
 
 
 def add_to_rollups(record: UsageRecord) -> None:
-    """Adds one record to its hour and day rows with one two-row upsert (PostgreSQL and SQLite alike)."""
-    sql, parameters = rollup_upsert(record)
+    """Adds one record to its hour and day rows with one two-row upsert (PostgreSQL and SQLite alike), and a tagged
+    one to its end user's day row."""
     with connection.cursor() as cursor:
-        cursor.execute(sql, parameters)
+        for sql, parameters in summaries(record):
+            cursor.execute(sql, parameters)
+
+
+def summaries(record: UsageRecord, *, only_where: str = "") -> list[tuple[str, list[Any]]]:
+    """The upserts that add ``record`` to the rollups: its hour and day rows, and its end user's day if tagged."""
+    statements = [rollup_upsert(record, only_where=only_where)]
+    if record.end_user:
+        statements.append(end_user_upsert(record, only_where=only_where))
+    return statements
+
+
+_END_USER_COLUMNS = ("attempts", "billable_attempts", "gpu_ms", "unbilled_gpu_ms", "cost_micros", "work_units")
+
+
+def end_user_upsert(record: UsageRecord, *, only_where: str = "") -> tuple[str, list[Any]]:
+    """The upsert that adds a tagged ``record`` to its end user's row of the day (``EndUserRollup``)."""
+    table = EndUserRollup._meta.db_table
+    fields = {field.column: field for field in EndUserRollup._meta.concrete_fields}
+    key_columns = ["organization_id", "end_user", "bucket_start", "endpoint_id"]
+    columns = key_columns + list(_END_USER_COLUMNS)
+    values = {
+        "organization_id": record.organization_id,
+        "end_user": record.end_user,
+        "bucket_start": bucket_start(record.recorded_at, Granularity.DAY),
+        "endpoint_id": record.endpoint_id,
+        "attempts": 1,
+        "billable_attempts": int(record.billable),
+        "gpu_ms": record.gpu_ms,
+        "unbilled_gpu_ms": record.unbilled_gpu_ms,
+        "cost_micros": record.cost_micros,
+        "work_units": record.work_units,
+    }
+    rows = f"VALUES ({', '.join(['%s'] * len(columns))})"
+    if only_where:
+        rows = f"SELECT * FROM ({rows}) AS additions WHERE {only_where}"  # noqa: S608
+    increments = ", ".join(f"{column} = {table}.{column} + excluded.{column}" for column in _END_USER_COLUMNS)
+    sql = (
+        f"INSERT INTO {table} ({', '.join(columns)}) {rows} "
+        f"ON CONFLICT ({', '.join(key_columns)}) DO UPDATE SET {increments}"
+    )
+    return sql, [fields[column].get_db_prep_value(values[column], connection) for column in columns]
 
 
 def rollup_upsert(record: UsageRecord, *, only_where: str = "") -> tuple[str, list[Any]]:

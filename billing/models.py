@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from accounts import key_cache
 from accounts.models import ApiKey, Organization
-from inference.models import Endpoint, GpuClass, Job
+from inference.models import END_USER_MAX_LENGTH, Endpoint, GpuClass, Job
 
 NO_KEY = uuid.UUID(int=0)  # usage without an API key (dashboard runs) rolls up under this id
 
@@ -134,6 +134,12 @@ class Account(models.Model):
     auto_top_up_amount_cents = models.PositiveIntegerField(
         default=2_000, validators=[MinValueValidator(500)], help_text="How much each top-up buys, in cents."
     )
+    alerts_armed = models.BooleanField(
+        default=False,
+        help_text="A budget, a key's limit or a credit floor was set once: settlements look for spend alerts "
+        "(billing.alerts). Read back by the settlement's debit, so an organization with nothing to watch pays "
+        "nothing for them.",
+    )
     updated_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -158,6 +164,22 @@ class KeySpendLimit(models.Model):
         return f"{self.api_key_id}: {self.monthly_limit_micros} µ$/month"
 
 
+class EndUserLimit(models.Model):
+    """A monthly spending cap on one end user tag of an organization (UTC calendar month), like a key's."""
+
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")
+    end_user = models.CharField(max_length=END_USER_MAX_LENGTH)
+    monthly_limit_micros = models.PositiveBigIntegerField()
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ("organization", "end_user")
+        constraints = [models.UniqueConstraint(fields=["organization", "end_user"], name="end_user_limit_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.end_user}: {self.monthly_limit_micros} µ$/month"
+
+
 class UsageRecord(models.Model):
     """What one closed attempt of a job used: exactly one row per attempt, billable or not.
 
@@ -170,6 +192,7 @@ class UsageRecord(models.Model):
     attempt_number = models.PositiveIntegerField()
     api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     endpoint = models.ForeignKey(Endpoint, on_delete=models.PROTECT, related_name="+")
+    end_user = models.CharField(max_length=END_USER_MAX_LENGTH, blank=True, default="", help_text="The job's tag.")
     gpu_class = models.CharField(max_length=16, choices=GpuClass.choices)
     outcome = models.CharField(max_length=16)
     billable = models.BooleanField()
@@ -239,12 +262,44 @@ class UsageRollup(models.Model):
         return f"{self.granularity} {self.bucket_start:%Y-%m-%d %H:00} {self.organization_id}"
 
 
+class EndUserRollup(models.Model):
+    """Usage of tagged requests summed per UTC day, organization, end user tag and endpoint.
+
+    Apart from ``UsageRollup``, so a reseller's many tags never multiply the rows a budget check sums. Upserted with
+    the usage rollups by the settlement of each tagged attempt; an end user's limit reads its month from here.
+    """
+
+    bucket_start = models.DateTimeField(help_text="The UTC day.")
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")
+    end_user = models.CharField(max_length=END_USER_MAX_LENGTH)
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.PROTECT, related_name="+")
+    attempts = models.PositiveBigIntegerField(default=0)
+    billable_attempts = models.PositiveBigIntegerField(default=0)
+    gpu_ms = models.PositiveBigIntegerField(default=0)
+    unbilled_gpu_ms = models.PositiveBigIntegerField(default=0)
+    cost_micros = models.PositiveBigIntegerField(default=0)
+    work_units = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        ordering = ("-bucket_start",)
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "end_user", "bucket_start", "endpoint"], name="end_user_rollup_one_row"
+            )
+        ]
+        indexes = [models.Index(fields=["organization", "bucket_start"], name="end_user_rollup_org_day")]
+
+    def __str__(self) -> str:
+        return f"{self.bucket_start:%Y-%m-%d} {self.organization_id} {self.end_user}"
+
+
 class Hold(models.Model):
     """Credits set aside for a job from admission until it finishes (then released; usage is debited)."""
 
     job = models.OneToOneField(Job, primary_key=True, on_delete=models.CASCADE, related_name="credit_hold")
     organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")
     api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    end_user = models.CharField(max_length=END_USER_MAX_LENGTH, blank=True, default="", help_text="The job's tag.")
     amount_micros = models.PositiveBigIntegerField()
     unit_price_micros = models.PositiveBigIntegerField(help_text="The price at admission, for heartbeat checks.")
     unit = models.CharField(max_length=16, choices=PriceUnit.choices)
@@ -254,6 +309,12 @@ class Hold(models.Model):
     class Meta:
         indexes = [
             models.Index(fields=["organization"], condition=Q(released_at__isnull=True), name="hold_open"),
+            # What an end user's running requests hold, against the tag's monthly limit.
+            models.Index(
+                fields=["organization", "end_user"],
+                condition=Q(released_at__isnull=True) & ~Q(end_user=""),
+                name="hold_open_end_user",
+            ),
             # Holds placed (or placed again, on a requeue) since the last proven reconciliation: one per job.
             models.Index(fields=["created_at"], name="hold_created"),
         ]
@@ -373,6 +434,8 @@ class CreditEntry(models.Model):
         verbose_name_plural = "credit entries"
         indexes = [
             models.Index(fields=["organization", "-id"]),
+            # The last entry that added credit: the period of a low-credit alert (billing.alerts), one index lookup.
+            models.Index(fields=["organization", "-id"], condition=Q(amount_micros__gt=0), name="credit_entry_added"),
             # Request refunds by day, which the revenue metrics net against usage; a few rows among millions.
             models.Index(
                 fields=["created_at"], condition=Q(kind="refund", job__isnull=False), name="credit_entry_job_refunds"
@@ -583,3 +646,86 @@ class Statement(IssuedDocument):
 
     def __str__(self) -> str:
         return self.number
+
+
+DEFAULT_THRESHOLDS = (50, 80, 100)
+
+
+def default_thresholds() -> list[int]:
+    return list(DEFAULT_THRESHOLDS)
+
+
+class AlertSettings(models.Model):
+    """When an organization is told about its spend (``billing.alerts``) and where its billing webhooks go."""
+
+    organization = models.OneToOneField(
+        Organization, primary_key=True, on_delete=models.CASCADE, related_name="alert_settings"
+    )
+    budget_thresholds = models.JSONField(
+        default=default_thresholds, help_text="Percentages of the monthly budget that raise an alert."
+    )
+    key_thresholds = models.JSONField(
+        default=default_thresholds, help_text="Percentages of each API key's monthly limit that raise an alert."
+    )
+    credit_floor_micros = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="An alert when the available credit falls below this; empty: none."
+    )
+    webhook_url = models.URLField(max_length=2000, blank=True, help_text="Where billing.* events are POSTed.")
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name_plural = "alert settings"
+
+    def __str__(self) -> str:
+        return f"Alert settings of {self.organization_id}"
+
+
+class AlertScope(models.TextChoices):
+    BUDGET = "budget", "Monthly budget"
+    KEY = "key", "API key's monthly limit"
+    CREDITS = "credits", "Available credit"
+
+
+class AlertEvent(models.TextChoices):
+    THRESHOLD_REACHED = "billing.threshold_reached", "Threshold reached"
+    BUDGET_EXHAUSTED = "billing.budget_exhausted", "Budget exhausted"
+    CREDITS_LOW = "billing.credits_low", "Credits low"
+
+
+class SpendAlert(models.Model):
+    """One threshold an organization's spend reached in one period: the dashboard's notice, the email and the webhook.
+
+    One row per (organization, scope, subject, threshold, period), by a unique constraint: whichever settlements see
+    a threshold reached, however many at once, one inserts the row and only that one notifies. ``period`` is the UTC
+    month (``2026-12``) of a budget or a key's limit, and for the credit floor the last entry that added credit
+    (``credit-<entry id>``): low once per refill.
+    """
+
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")
+    scope = models.CharField(max_length=16, choices=AlertScope.choices)
+    subject = models.CharField(max_length=64, blank=True, help_text="The API key's id for a key's limit; else empty.")
+    threshold = models.PositiveBigIntegerField(help_text="A percentage, or the credit floor in micro-dollars.")
+    period = models.CharField(max_length=32)
+    event_type = models.CharField(max_length=32, choices=AlertEvent.choices)
+    spent_micros = models.BigIntegerField(help_text="Spent in the period when it was reached (0 for credits).")
+    limit_micros = models.BigIntegerField(null=True, blank=True, help_text="The budget or the key's limit.")
+    available_micros = models.BigIntegerField(help_text="Available credit when it was reached.")
+    created_at = models.DateTimeField(default=timezone.now)
+    email_claimed_at = models.DateTimeField(null=True, blank=True)
+    emailed_at = models.DateTimeField(null=True, blank=True)
+    dismissed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ("-created_at", "-id")
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "scope", "subject", "threshold", "period"], name="spend_alert_once_per_period"
+            )
+        ]
+        indexes = [
+            models.Index(fields=["organization", "-created_at"], name="spend_alert_org_created"),
+            models.Index(fields=["created_at"], condition=Q(emailed_at__isnull=True), name="spend_alert_unmailed"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event_type} {self.scope} {self.threshold} {self.period}"

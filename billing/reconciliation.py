@@ -48,7 +48,7 @@ of an old row, which no writer makes, is what the weekly full run is for):
 - holds: every account's held amount against its open holds, every open hold (few: jobs in flight), and the holds
   placed since (``created_at``, set again on a requeue's new hold);
 - rollups: the UTC days of the usage records stamped since, each compared in full (raw records of those days
-  against their day rollups, their hour rollups against those days);
+  against their day rollups, their hour rollups against those days); the end user tags' day rows likewise;
 - payments: those created, paid (``succeeded_at``) or credited, refunded or disputed (an entry) since, and every
   pending one;
 - receipts: the payments paid since (each has its receipt) and the receipts issued since (each matches its payment);
@@ -90,6 +90,7 @@ from django.utils import timezone
 from billing.models import (
     Account,
     CreditEntry,
+    EndUserRollup,
     EntryKind,
     Granularity,
     Hold,
@@ -609,6 +610,50 @@ def check_rollups(scope: Scope = FULL) -> Check:
     return check
 
 
+def check_end_user_rollups(scope: Scope = FULL) -> Check:
+    """Each end user tag's day rows are the sums of its raw usage (per organization, UTC day, tag, endpoint).
+
+    An incremental run compares the days its window's tagged usage records fall on, each day whole, as
+    ``check_rollups`` does."""
+    check = Check("end_user_rollups")
+    records = UsageRecord.objects.order_by().exclude(end_user="")
+    rollups = EndUserRollup.objects.order_by()
+    if not scope.full:
+        stamped = scope.written(records, "recorded_at")
+        touched = sorted(
+            {
+                _on_day(day)
+                for day in stamped.annotate(day=TruncDay("recorded_at", tzinfo=UTC))
+                .values_list("day", flat=True)
+                .distinct()
+            }
+        )
+        check.figures["days"] = [day.isoformat() for day in touched]
+        records = records.filter(_within_days("recorded_at", touched))
+        rollups = rollups.filter(_within_days("bucket_start", touched))
+    raw = (
+        records.annotate(day=TruncDay("recorded_at", tzinfo=UTC))
+        .values("organization_id", "day", "end_user", "endpoint_id")
+        .annotate(
+            attempts=Count("id"),
+            billable_attempts=Count("id", filter=Q(billable=True)),
+            **{name: _total(name) for name in ROLLUP_SUMS if name not in ("attempts", "billable_attempts")},
+        )
+    )
+    days = rollups.values("organization_id", "bucket_start", "end_user", "endpoint_id").annotate(
+        **{name: _total(name) for name in ROLLUP_SUMS}
+    )
+    raw_sums = _grouped(raw, lambda r: (r["organization_id"], _on_day(r["day"]), r["end_user"], r["endpoint_id"]))
+    day_sums = _grouped(
+        days, lambda r: (r["organization_id"], _on_day(r["bucket_start"]), r["end_user"], r["endpoint_id"])
+    )
+    check.checked = sum(group["attempts"] for group in raw_sums.values())
+    key = ("organization_id", "day", "end_user", "endpoint_id")
+    differences = _differences(raw_sums, day_sums, key, "usage_records", "end_user_rollups")
+    check.found("end_user_rollup_differs_from_usage", len(differences), differences)
+    return check
+
+
 # --- Payments ---------------------------------------------------------------------------------------------
 
 
@@ -958,6 +1003,7 @@ DATABASE_CHECKS: tuple[Callable[[Scope], Check], ...] = (
     check_ledger_chain,
     check_holds,
     check_rollups,
+    check_end_user_rollups,
     check_payments,
     check_receipts,
     check_statements,

@@ -9,10 +9,12 @@ from typing import Any
 from django.db.models import Sum
 
 from accounts.models import ApiKey
-from billing.models import NO_KEY, Granularity, UsageRollup
+from billing.models import NO_KEY, EndUserRollup, Granularity, UsageRollup
 from inference.models import Endpoint
 
-DIMENSIONS = ("day", "hour", "endpoint", "key", "gpu_class")
+DIMENSIONS = ("day", "hour", "endpoint", "key", "gpu_class", "end_user")
+# Usage by end user tag comes from its own day rows (``EndUserRollup``), which know the day and the endpoint only.
+END_USER_DIMENSIONS = ("day", "endpoint", "end_user")
 _COLUMNS = {"endpoint": "endpoint_id", "key": "key_id", "gpu_class": "gpu_class"}
 _SUMS = ("attempts", "billable_attempts", "gpu_ms", "unbilled_gpu_ms", "cost_micros")
 
@@ -64,6 +66,54 @@ def usage(
             key = row.pop("key_id")
             row["key_id"] = None if key == NO_KEY else str(key)
             row["key_name"] = "(dashboard)" if key == NO_KEY else key_names.get(key, "(deleted key)")
+        _finish(row)
+    return {
+        "start": start.isoformat(),
+        "end": end.isoformat(),
+        "group_by": list(group_by),
+        "currency": "usd",
+        "totals": _finish({name: totals[name] for name in _SUMS}),
+        "data": data,
+    }
+
+
+def end_user_usage(
+    *,
+    organization_id: Any,
+    start: date,
+    end: date,
+    group_by: Sequence[str] = ("end_user",),
+    endpoint_id: int | None = None,
+    end_user: str | None = None,
+) -> dict[str, Any]:
+    """Usage of the organization's tagged requests from ``start`` to ``end`` (UTC days, both included), grouped by
+    any of ``END_USER_DIMENSIONS``: the shape of ``usage``, one aggregate query over the tags' day rows."""
+    if not set(group_by) <= set(END_USER_DIMENSIONS):
+        raise ValueError(f"end user usage is grouped by {', '.join(END_USER_DIMENSIONS)} only")
+    rows = EndUserRollup.objects.filter(
+        organization_id=organization_id,
+        bucket_start__gte=day_start(start),
+        bucket_start__lt=day_start(end + timedelta(days=1)),
+    )
+    if endpoint_id is not None:
+        rows = rows.filter(endpoint_id=endpoint_id)
+    if end_user is not None:
+        rows = rows.filter(end_user=end_user)
+    columns = {"day": "bucket_start", "endpoint": "endpoint_id", "end_user": "end_user"}
+    keys = [columns[dimension] for dimension in group_by]
+    if keys:
+        grouped = rows.values(*keys).annotate(**{name: Sum(name) for name in _SUMS}).order_by(*keys)
+        data = [dict(row) for row in grouped]
+        # Every tagged row falls in one group: the totals are the groups' sums, no second query.
+        totals = {name: sum(int(row[name] or 0) for row in data) for name in _SUMS}
+    else:
+        data, totals = [], rows.aggregate(**{name: Sum(name) for name in _SUMS})
+    endpoints = _endpoint_names({row["endpoint_id"] for row in data if "endpoint_id" in row})
+    for row in data:
+        if "bucket_start" in row:
+            row["day"] = row.pop("bucket_start").astimezone(UTC).date().isoformat()
+        if "endpoint_id" in row:
+            row["endpoint"] = endpoints.get(row.pop("endpoint_id"), "")
         _finish(row)
     return {
         "start": start.isoformat(),

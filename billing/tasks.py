@@ -40,3 +40,17 @@ def issue_statements() -> dict[str, int]:
     from billing.statements import issue_due_statements
 
     return {"statements": issue_due_statements(), "receipts": issue_missing_receipts()}
+
+
+@shared_task(name="billing.send_alert_email", ignore_result=True, acks_late=True, soft_time_limit=50, time_limit=60)
+def send_alert_email(alert_id: int) -> None:
+    from billing.alerts import send_alert_email as send
+
+    send(alert_id)
+
+
+@shared_task(name="billing.send_due_alert_emails", ignore_result=True, soft_time_limit=100, time_limit=120)
+def send_due_alert_emails() -> int:
+    from billing.alerts import send_due_alert_emails as sweep
+
+    return sweep()

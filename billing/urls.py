@@ -11,6 +11,8 @@ v1_urlpatterns = [
     path("billing/ledger", api.LedgerView.as_view(), name="billing-ledger"),
     path("billing/top-up", api.TopUpView.as_view(), name="billing-top-up"),
     path("billing/limits", api.LimitsView.as_view(), name="billing-limits"),
+    path("billing/alerts", api.AlertsView.as_view(), name="billing-alerts"),
+    path("billing/alerts/settings", api.AlertSettingsView.as_view(), name="billing-alert-settings"),
     path("billing/payment-methods", payment_api.PaymentMethodsView.as_view(), name="billing-payment-methods"),
     path(
         "billing/payment-methods/<str:payment_method_id>",

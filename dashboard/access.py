@@ -14,9 +14,11 @@ from typing import Any
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse
+from django.utils.functional import SimpleLazyObject
 
 from accounts import policy
 from accounts.models import Membership, Organization, User
+from billing import alerts
 
 SESSION_KEY = "organization_id"
 
@@ -44,9 +46,12 @@ class Context:
         return policy.grantable_scopes(self.membership.role)
 
     def as_template(self) -> dict[str, Any]:
+        organization_id = self.organization.pk
         return {
             "current": self,
             "can": {name: self.can(name) for name in CAPABILITIES},
+            # The spend alerts every page shows on top, read only when a page renders them.
+            "spend_alerts": SimpleLazyObject(lambda: alerts.recent_alerts(organization_id)),
         }
 
 

@@ -103,3 +103,54 @@ class BillingDetailsForm(forms.Form):
         max_length=500, required=False, widget=forms.Textarea(attrs={"rows": 4}), help_text="As it is printed."
     )
     tax_id = forms.CharField(max_length=64, required=False, label="Tax ID", help_text="VAT number, EIN, ABN...")
+
+
+def _dollars(label: str, help_text: str = "") -> forms.DecimalField:
+    """An amount of money in dollars, to the micro-dollar; empty for none."""
+    return forms.DecimalField(
+        required=False, min_value=0, max_digits=16, decimal_places=6, label=label, help_text=help_text
+    )
+
+
+class ThresholdsField(forms.CharField):
+    """Percentages as people type them: ``50, 80, 100``."""
+
+    def to_python(self, value: Any) -> list[int]:  # type: ignore[override]
+        text = str(super().to_python(value) or "")
+        parts = [part.strip().rstrip("%").strip() for part in text.replace(";", ",").split(",") if part.strip()]
+        try:
+            values = [int(part) for part in parts]
+        except ValueError:
+            raise forms.ValidationError("Whole percentages separated by commas, e.g. 50, 80, 100.") from None
+        if len(values) > 10 or any(not 1 <= value <= 100 for value in values):
+            raise forms.ValidationError("Up to 10 whole percentages from 1 to 100.")
+        return sorted(set(values))
+
+
+class SpendSettingsForm(forms.Form):
+    """The monthly budget and what spend alerts watch (billing.controls)."""
+
+    budget_dollars = _dollars("Monthly budget ($)", "Spend allowed per calendar month (UTC); empty for none.")
+    budget_thresholds = ThresholdsField(
+        required=False, label="Alert at these % of the budget", help_text="e.g. 50, 80, 100; empty for none."
+    )
+    key_thresholds = ThresholdsField(
+        required=False, label="Alert at these % of a key's limit", help_text="e.g. 50, 80, 100; empty for none."
+    )
+    credit_floor_dollars = _dollars("Alert when available credit falls below ($)", "Empty for no alert.")
+    webhook_url = forms.URLField(
+        required=False,
+        max_length=2000,
+        assume_scheme="https",
+        label="Billing webhook URL",
+        help_text="billing.threshold_reached, billing.budget_exhausted and billing.credits_low are POSTed here.",
+    )
+
+
+class KeyLimitForm(forms.Form):
+    limit_dollars = _dollars("Monthly limit ($)", "Empty for no limit.")
+
+
+class EndUserLimitForm(forms.Form):
+    end_user = forms.CharField(max_length=64, label="End user tag", help_text="The X-Fal-End-User value.")
+    limit_dollars = _dollars("Monthly limit ($)", "Empty removes the limit.")

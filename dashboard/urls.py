@@ -29,6 +29,10 @@ urlpatterns = [
     path("billing/receipts/<int:receipt_id>", billing.receipt, name="receipt"),
     path("billing/payments/<int:payment_id>/receipt", billing.payment_receipt, name="payment-receipt"),
     path("billing/details", billing.billing_details, name="billing-details"),
+    path("billing/spend", billing.spend_settings, name="spend-settings"),
+    path("billing/keys/<uuid:key_id>/limit", billing.key_limit, name="key-limit"),
+    path("billing/end-users/limit", billing.end_user_limit, name="end-user-limit"),
+    path("billing/alerts/<int:alert_id>/dismiss", billing.dismiss_alert, name="dismiss-alert"),
 ]
 
 auth_urlpatterns = [

@@ -510,13 +510,25 @@ class AttemptOfDeliveryInline(_AttemptOfDeliveryInlineBase):
 
 @admin.register(WebhookDelivery)
 class WebhookDeliveryAdmin(OperableAdmin):
-    list_display = ("job", "url", "status", "attempts", "next_attempt_at", "delivered_at", "created_at")
-    list_filter = ("status",)
+    list_display = ("job", "event_type", "url", "status", "attempts", "next_attempt_at", "delivered_at", "created_at")
+    list_filter = ("status", "event_type")
     search_fields = ("url",)
     search_help_text = "A request id (whole), or part of the URL."
     list_select_related = ("job",)
     show_full_result_count = False
-    fields = ("job", "url", "status", "message_id", "attempts", "next_attempt_at", "created_at", "delivered_at")
+    fields = (
+        "job",
+        "organization",
+        "event_type",
+        "payload",
+        "url",
+        "status",
+        "message_id",
+        "attempts",
+        "next_attempt_at",
+        "created_at",
+        "delivered_at",
+    )
     readonly_fields = fields
     inlines = (AttemptOfDeliveryInline,)
     actions = ("retry_now",)

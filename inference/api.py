@@ -48,7 +48,7 @@ from inference.presenters import (
     status_payload,
     usage_of,
 )
-from inference.submission import SubmissionRefused, submit_job
+from inference.submission import END_USER_RULE, SubmissionRefused, submit_job, valid_end_user
 
 MAX_IDEMPOTENCY_KEY = 255
 STREAM_KEEP_ALIVE_SECONDS = 15.0
@@ -143,6 +143,22 @@ def start_timeout_seconds(header: str | None) -> float | None:
     return seconds
 
 
+END_USER_HEADER = "X-Fal-End-User"
+
+
+def end_user_tag(header: str | None) -> str:
+    """The ``X-Fal-End-User`` header: the end user or project a request is for (empty: untagged).
+
+    A header, not a body field: the body is the model's input, which fal's clients send as it is; every fal client
+    can add a header (Python's ``headers=``; JavaScript's ``requestMiddleware``), and fal's server proxy forwards
+    ``x-fal-*`` headers only.
+    """
+    tag = (header or "").strip()
+    if tag and not valid_end_user(tag):
+        raise InputError([problem(["header", END_USER_HEADER], f"Should be {END_USER_RULE}", "invalid_end_user")])
+    return tag
+
+
 def submit_from_request(
     request: HttpRequest, api_key: ApiKey, endpoint: Endpoint, payload: Any, *, previews: bool = False
 ) -> tuple[Job, bool]:
@@ -176,6 +192,7 @@ def submit_from_request(
             start_timeout=start_timeout_seconds(request.headers.get("X-Fal-Request-Timeout")),
             base_url=base_url(request),
             previews=previews,
+            end_user=end_user_tag(request.headers.get(END_USER_HEADER)),
         )
     except SubmissionRefused as exc:
         if exc.status_code != 422:
@@ -184,6 +201,7 @@ def submit_from_request(
         locations: dict[str, list[str | int]] = {
             "invalid_webhook_url": webhook_loc,
             "idempotency_key_reused": ["header", "Idempotency-Key"],
+            "invalid_end_user": ["header", END_USER_HEADER],
         }
         loc = locations.get(exc.error_type, ["body"])
         raise InvalidInput([problem(loc, str(exc), exc.error_type)], error_type=exc.error_type) from None
@@ -253,8 +271,18 @@ SUBMIT_PARAMETERS = [
         OpenApiParameter.HEADER,
         description='How long outputs are kept: `{"expiration_duration_seconds": N}`.',
     ),
+    OpenApiParameter(
+        END_USER_HEADER,
+        str,
+        OpenApiParameter.HEADER,
+        description="The end user or project the request is for (a reseller's own user): usage is grouped and "
+        f"exported by it, and held to its monthly limit (402 `end_user_limit_exceeded`). {END_USER_RULE}",
+    ),
 ]
-REFUSED = error("Not enough credit (`insufficient_credits`) or over a spend limit (`spend_limit_exceeded`).")
+REFUSED = error(
+    "Not enough credit (`insufficient_credits`), over a spend limit (`spend_limit_exceeded`), or over the end "
+    "user's monthly limit (`end_user_limit_exceeded`)."
+)
 
 
 class SubmitView(InferenceView):

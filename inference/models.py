@@ -126,6 +126,7 @@ class JobStatus(models.TextChoices):
 
 
 ACTIVE_STATUSES = (JobStatus.DISPATCHED, JobStatus.RUNNING)
+END_USER_MAX_LENGTH = 64
 FINAL_STATUSES = (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
@@ -139,6 +140,9 @@ class Job(TenantModel):
     status = models.CharField(max_length=16, choices=JobStatus.choices, default=JobStatus.QUEUED)
     input = models.JSONField()
     webhook_url = models.URLField(max_length=2000, blank=True)
+    # Who the request is for, as the caller tags it (``X-Fal-End-User``): an end user or project of a customer who
+    # resells the platform. Opaque to inference; billing groups and limits usage by it. Empty: untagged.
+    end_user = models.CharField(max_length=END_USER_MAX_LENGTH, blank=True, default="")
     # The scheme and host the request was submitted to: the base of the output URLs in its webhook, as in the API's
     # own answers. Empty for a request made outside the HTTP API (PUBLIC_BASE_URL then).
     base_url = models.CharField(max_length=300, blank=True)
@@ -179,6 +183,10 @@ class Job(TenantModel):
             models.Index(fields=["status", "lease_expires_at"], name="job_status_lease"),
             models.Index(fields=["organization", "-created_at"], name="job_org_created"),
             models.Index(fields=["-created_at"], name="job_created"),
+            # A reseller's requests of one end user (``/v1/requests?end_user=``): tagged jobs only.
+            models.Index(
+                fields=["organization", "end_user", "-created_at"], condition=~Q(end_user=""), name="job_org_end_user"
+            ),
             # Jobs that ended since the last proven reconciliation (billing.reconciliation's incremental run).
             models.Index(fields=["finished_at"], name="job_finished"),
             # The sweep's look for requests whose start deadline passed while they waited.
@@ -298,9 +306,19 @@ class WebhookStatus(models.TextChoices):
 
 
 class WebhookDelivery(models.Model):
-    """The webhook of one finished request: its state and the next try (retries are driven from here)."""
+    """One webhook to deliver: its state and the next try (retries are driven from here).
 
-    job = models.OneToOneField(Job, on_delete=models.CASCADE, related_name="webhook")
+    Either the webhook of one finished request (``job``: its body is built from the job when each try is sent), or
+    an event of an organization (``organization``, ``event_type`` and the body itself in ``payload``), which the
+    layers above send to a URL the organization set (billing's alerts): inference signs and retries both alike.
+    """
+
+    job = models.OneToOneField(Job, null=True, blank=True, on_delete=models.CASCADE, related_name="webhook")
+    organization = models.ForeignKey(
+        "accounts.Organization", null=True, blank=True, on_delete=models.CASCADE, related_name="+"
+    )
+    event_type = models.CharField(max_length=64, blank=True, help_text="An event's type; empty for a request's.")
+    payload = models.JSONField(null=True, blank=True, help_text="An event's body, as sent; null for a request's.")
     url = models.URLField(max_length=2000)
     status = models.CharField(max_length=16, choices=WebhookStatus.choices, default=WebhookStatus.PENDING)
     message_id = models.CharField(max_length=64, help_text="The webhook-id header: the same on every retry.")
@@ -312,8 +330,20 @@ class WebhookDelivery(models.Model):
     class Meta:
         ordering = ("-created_at",)
         verbose_name_plural = "webhook deliveries"
+        constraints = [
+            models.CheckConstraint(
+                condition=(Q(job__isnull=False) & Q(organization__isnull=True) & Q(payload__isnull=True))
+                | (Q(job__isnull=True) & Q(organization__isnull=False) & Q(payload__isnull=False) & ~Q(event_type="")),
+                name="webhook_of_a_request_or_an_event",
+            ),
+            models.UniqueConstraint(
+                fields=["message_id"], condition=Q(job__isnull=True), name="webhook_event_message_unique"
+            ),
+        ]
 
     def __str__(self) -> str:
+        if self.job_id is None:
+            return f"{self.event_type} to {self.organization_id} ({self.status})"
         return f"webhook of {self.job_id} ({self.status})"
 
 

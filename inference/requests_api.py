@@ -19,7 +19,7 @@ from accounts.parsers import StrictCursorPagination, query_params
 from accounts.permissions import HasScope, request_organization
 from accounts.schema import ApiAutoSchema, error
 from inference import files
-from inference.models import Job, JobStatus
+from inference.models import END_USER_MAX_LENGTH, Job, JobStatus
 from inference.presenters import FAL_STATUS, base_url, logs_of, usage_of
 
 
@@ -40,6 +40,7 @@ def summary(job: Job) -> dict[str, Any]:
         "started_at": job.started_at,
         "finished_at": job.finished_at,
         "api_key_id": str(job.api_key_id) if job.api_key_id else None,
+        "end_user": job.end_user or None,
     }
 
 
@@ -57,6 +58,9 @@ class UsageOrInference(HasScope):
 class RequestQuery(serializers.Serializer[Any]):
     status = serializers.CharField(required=False, help_text=f"One of {', '.join(JobStatus.values)} (any case).")
     endpoint_id = serializers.CharField(required=False, max_length=300, help_text="e.g. platform/tiny-sd.")
+    end_user = serializers.CharField(
+        required=False, max_length=END_USER_MAX_LENGTH, help_text="Only the requests of this end user tag."
+    )
 
     def validate_status(self, value: str) -> str:
         if value.upper() not in JobStatus.values:
@@ -75,6 +79,7 @@ class RequestSummary(serializers.Serializer[Any]):
     started_at = serializers.DateTimeField(allow_null=True)
     finished_at = serializers.DateTimeField(allow_null=True)
     api_key_id = serializers.UUIDField(allow_null=True)
+    end_user = serializers.CharField(allow_null=True, help_text="The X-Fal-End-User tag it was submitted with.")
 
 
 class RequestListView(APIView):
@@ -90,6 +95,9 @@ class RequestListView(APIView):
         query = query_params(request, RequestQuery, paginated=True)
         if query.get("status"):
             jobs = jobs.filter(status=query["status"])
+        if query.get("end_user"):
+            # The partial index of tagged jobs serves it: the exclusion tells the planner so.
+            jobs = jobs.filter(end_user=query["end_user"]).exclude(end_user="")
         endpoint_id = query.get("endpoint_id")
         if endpoint_id:
             owner, _, rest = endpoint_id.partition("/")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -22,6 +23,7 @@ from inference.hooks import Refusal, hooks
 from inference.inputs import is_storable_text, validate_input
 from inference.job_logs import log_job
 from inference.models import (
+    END_USER_MAX_LENGTH,
     Endpoint,
     Job,
 )
@@ -51,8 +53,23 @@ class IdempotencyConflict(SubmissionRefused):
         )
 
 
-def _fingerprint(endpoint: Endpoint, payload: Any, webhook_url: str) -> str:
-    canonical = json.dumps([endpoint.endpoint_id, payload, webhook_url], sort_keys=True, separators=(",", ":"))
+# An end user's tag (``X-Fal-End-User``): what a reseller calls its own user or project. It starts with a letter or
+# digit, so no tag is read as a formula where a spreadsheet opens the usage CSV.
+END_USER_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._:@+/-]{{0,{END_USER_MAX_LENGTH - 1}}}")
+END_USER_RULE = (
+    f"1 to {END_USER_MAX_LENGTH} characters: letters, digits and . _ : @ + / -, starting with a letter or digit."
+)
+
+
+def valid_end_user(tag: str) -> bool:
+    return END_USER_PATTERN.fullmatch(tag) is not None
+
+
+def _fingerprint(endpoint: Endpoint, payload: Any, webhook_url: str, end_user: str = "") -> str:
+    request: list[Any] = [endpoint.endpoint_id, payload, webhook_url]
+    if end_user:  # only then: the fingerprints of untagged requests stay what they were
+        request.append(end_user)
+    canonical = json.dumps(request, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -68,6 +85,7 @@ def submit_job(
     start_timeout: float | None = None,
     base_url: str = "",
     previews: bool = False,
+    end_user: str = "",
 ) -> tuple[Job, bool]:
     """The job for this request and whether it is new (False: an earlier one with the same key).
 
@@ -76,10 +94,16 @@ def submit_job(
 
     ``previews``: the worker draws previews of it while it runs (a request submitted through a stream).
 
+    ``end_user``: the end user or project the request is for (``X-Fal-End-User``); billing groups usage by it and
+    holds it to the tag's monthly limit. Empty: untagged.
+
     Raises ``InputError`` (422/413) or ``SubmissionRefused`` (402, 422...). Nothing is stored
     for a refused request.
     """
-    fingerprint = _fingerprint(endpoint, payload, webhook_url)
+    if end_user and not valid_end_user(end_user):
+        raise SubmissionRefused(f"The end user tag must be {END_USER_RULE}", error_type="invalid_end_user",
+                                status_code=422)  # fmt: skip
+    fingerprint = _fingerprint(endpoint, payload, webhook_url, end_user)
     if idempotency_key:
         earlier = _same_key(organization, idempotency_key, fingerprint)
         if earlier is not None:
@@ -112,6 +136,7 @@ def submit_job(
                 gpu_class=endpoint.gpu_class,
                 input=job_input,
                 webhook_url=webhook_url,
+                end_user=end_user,
                 base_url=base_url,
                 idempotency_key=idempotency_key or None,
                 request_fingerprint=fingerprint,

@@ -34,6 +34,7 @@ REQUEST = frozenset(
         "gpu_class",
         "input",
         "webhook_url",
+        "end_user",
         "idempotency_key",
         "request_fingerprint",
         "start_deadline",

@@ -4,6 +4,9 @@ A finished request with a ``webhook_url`` gets one ``WebhookDelivery`` row; ever
 ``WebhookAttempt`` row (the delivery log developers read in the API). The row drives retries:
 a try is claimed with a conditional UPDATE (no lock is held during the HTTP call), and the
 periodic ``deliver_due_webhooks`` sweep picks up whatever is due, including messages the broker lost.
+
+An organization's events (``schedule_event``: billing's spend alerts) travel the same way: a row with the event's
+body, signed with the same two schemes (fal's request id header carries the event's message id), retried alike.
 """
 
 from __future__ import annotations
@@ -104,6 +107,29 @@ def schedule_webhook(job_id: uuid.UUID | str) -> WebhookDelivery | None:
     if created:
         delivery_id = delivery.pk
         transaction.on_commit(lambda: enqueue_delivery(delivery_id))
+    return delivery
+
+
+def schedule_event(
+    *, organization_id: uuid.UUID, url: str, event_type: str, message_id: str, payload: dict[str, Any]
+) -> WebhookDelivery:
+    """Creates the delivery of one event of an organization to ``url`` and queues its first try on commit.
+
+    Called inside the transaction that records the event, so the event and its delivery commit together;
+    ``message_id`` is unique among events (the ``webhook-id`` a receiver deduplicates with), so an event is
+    delivered once whoever records it. If the broker is down, the delivery is due now and the sweep sends it.
+    """
+    webhook_secret_for(organization_id)  # so the secret exists before the first signature
+    delivery = WebhookDelivery.objects.create(
+        organization_id=organization_id,
+        event_type=event_type,
+        payload=payload,
+        url=url,
+        message_id=message_id,
+        next_attempt_at=timezone.now(),
+    )
+    delivery_id = delivery.pk
+    transaction.on_commit(lambda: enqueue_delivery(delivery_id), robust=True)
     return delivery
 
 
@@ -213,9 +239,17 @@ def deliver(delivery_id: int, *, force: bool = False) -> bool:
 
 def _post(delivery: WebhookDelivery) -> tuple[int | None, str, str, int]:
     """Sends the signed body once: (status code or None, error, response excerpt, duration in ms)."""
-    job = Job.objects.select_related("endpoint").get(pk=delivery.job_id)
+    if delivery.job_id is None:
+        # An organization's event: its body as recorded; fal's request id header carries the event's message id.
+        assert delivery.organization_id is not None  # noqa: S101 - the row's check constraint
+        organization_id, request_id = delivery.organization_id, delivery.message_id
+        body: Any = delivery.payload
+    else:
+        job = Job.objects.select_related("endpoint").get(pk=delivery.job_id)
+        organization_id, request_id = job.organization_id, str(job.id)
+        body = None
     try:
-        payload = json.dumps(webhook_body(job), cls=DjangoJSONEncoder, separators=(",", ":"))
+        payload = json.dumps(webhook_body(job) if body is None else body, cls=DjangoJSONEncoder, separators=(",", ":"))
     except Exception as exc:
         # Logged as a failed try (and retried) rather than lost with the claim.
         logger.exception("could not build the body of webhook %s", delivery.pk)
@@ -227,12 +261,10 @@ def _post(delivery: WebhookDelivery) -> tuple[int | None, str, str, int]:
         "user-agent": "genmedia-webhooks/1",
         "webhook-id": delivery.message_id,
         "webhook-timestamp": str(int(sent_at.timestamp())),
-        "webhook-signature": Webhook(webhook_secret_for(job.organization_id)).sign(
-            delivery.message_id, sent_at, payload
-        ),
+        "webhook-signature": Webhook(webhook_secret_for(organization_id)).sign(delivery.message_id, sent_at, payload),
         **webhook_signing.signature_headers(
-            request_id=str(job.id),
-            user_id=str(job.organization_id),
+            request_id=request_id,
+            user_id=str(organization_id),
             timestamp=int(sent_at.timestamp()),
             body=content,
         ),

@@ -16,10 +16,12 @@ from inference.models import AttemptOutcome, Endpoint, Job
 SMALL = {"prompt": "a lighthouse", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 2}
 
 
-def submit(organization: Organization, endpoint: Endpoint, *, api_key: ApiKey | None = None, **payload: Any) -> Job:
-    """A request for ``SMALL`` with ``payload`` laid over it."""
+def submit(
+    organization: Organization, endpoint: Endpoint, *, api_key: ApiKey | None = None, end_user: str = "", **payload: Any
+) -> Job:
+    """A request for ``SMALL`` with ``payload`` laid over it (``end_user``: its X-Fal-End-User tag)."""
     job, _ = submission.submit_job(
-        organization=organization, api_key=api_key, endpoint=endpoint, payload={**SMALL, **payload}
+        organization=organization, api_key=api_key, endpoint=endpoint, payload={**SMALL, **payload}, end_user=end_user
     )
     return job
 

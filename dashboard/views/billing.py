@@ -3,30 +3,43 @@ billing details printed on them (receipts, statements and details are for people
 
 from __future__ import annotations
 
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
 from django.contrib import messages
 from django.core.paginator import Paginator
+from django.db.models import F
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import redirect, render
 from django.urls import reverse
+from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from billing import charges, controls, statements
+from accounts.models import ApiKey
+from billing import alerts, charges, controls, end_users, statements
+from billing.api import end_user_spend_this_month, key_spend_this_month
 from billing.cards import detach_payment_method, list_payment_methods, set_default_payment_method
 from billing.documents import billing_details_of, set_billing_details
 from billing.ledger import BillingError, account_of
-from billing.models import CreditEntry, Payment, PaymentStatus, Receipt
+from billing.models import CreditEntry, EndUserLimit, Payment, PaymentStatus, Receipt, SpendAlert
 from billing.money import MICROS_PER_DOLLAR, dollars_to_micros
 from billing.receipts import receipt_of, receipt_pdf
 from billing.stripe_client import payments_enabled
 from dashboard.access import Context, dashboard_view
-from dashboard.forms import BillingDetailsForm, BuyCreditsForm, TopUpForm
+from dashboard.forms import (
+    BillingDetailsForm,
+    BuyCreditsForm,
+    EndUserLimitForm,
+    KeyLimitForm,
+    SpendSettingsForm,
+    TopUpForm,
+)
 from dashboard.views.team import actor_of
 
 # The billing page lists this many months of statements (the organization's first month at the earliest).
 STATEMENT_MONTHS = 12
+RECENT_ALERTS = timedelta(days=alerts.RECENT_ALERT_DAYS)
 
 
 @dashboard_view()
@@ -68,6 +81,7 @@ def billing(request: HttpRequest, context: Context) -> HttpResponse:
         "dashboard/billing.html",
         {
             **context.as_template(),
+            **spend_controls(context, account),
             "account": account,
             "page": page,
             "top_up": top_up,
@@ -80,6 +94,149 @@ def billing(request: HttpRequest, context: Context) -> HttpResponse:
             **documents,
         },
     )
+
+
+def as_dollars(micros: int | None) -> Decimal | None:
+    return None if micros is None else Decimal(micros) / MICROS_PER_DOLLAR
+
+
+def as_micros(dollars: Decimal | None) -> int | None:
+    return None if dollars is None else dollars_to_micros(dollars)
+
+
+def spend_controls(context: Context, account: Any) -> dict[str, Any]:
+    """The budget, its alerts, the keys' and end users' limits with their spend this month, the alert history."""
+    organization = context.organization
+    watched = alerts.settings_of(organization.pk)
+    keys = list(
+        ApiKey.objects.filter(organization=organization, revoked_at__isnull=True)
+        .annotate(monthly_limit=F("spend_limit__monthly_limit_micros"))
+        .order_by("-created_at")
+    )
+    key_spend = key_spend_this_month(organization.pk)  # every key's, and the month's total with them
+    tag_limits = list(EndUserLimit.objects.filter(organization=organization).order_by("end_user"))
+    tag_spend = end_user_spend_this_month(organization.pk) if tag_limits else {}
+    history = list(SpendAlert.objects.filter(organization=organization)[:20])
+    names = alerts.key_names(history)
+    described: list[dict[str, Any]] = [
+        {"alert": alert, "message": alerts.describe(alert, key_name=names.get(alert.subject))} for alert in history
+    ]
+    return {
+        "spent_this_month": sum(key_spend.values()),
+        "spend_form": SpendSettingsForm(
+            initial={
+                "budget_dollars": as_dollars(account.monthly_budget_micros),
+                "budget_thresholds": ", ".join(str(value) for value in watched.budget_thresholds),
+                "key_thresholds": ", ".join(str(value) for value in watched.key_thresholds),
+                "credit_floor_dollars": as_dollars(watched.credit_floor_micros),
+                "webhook_url": watched.webhook_url,
+            }
+        ),
+        "key_limits": [
+            {
+                "key": key,
+                "spent": key_spend.get(str(key.pk), 0),
+                "limit": key.monthly_limit,  # type: ignore[attr-defined]
+                "form": KeyLimitForm(
+                    initial={"limit_dollars": as_dollars(key.monthly_limit)},  # type: ignore[attr-defined]
+                    prefix=str(key.pk),
+                ),
+            }
+            for key in keys
+        ],
+        "end_user_limits": [
+            {"end_user": limit.end_user, "limit": limit.monthly_limit_micros, "spent": tag_spend.get(limit.end_user, 0)}
+            for limit in tag_limits
+        ],
+        "end_user_form": EndUserLimitForm(),
+        "alert_history": described,
+        # The notices on top of the page, from the history just read (alerts.recent_alerts' rule).
+        "spend_alerts": [
+            item
+            for item in described
+            if item["alert"].dismissed_at is None and item["alert"].created_at >= timezone.now() - RECENT_ALERTS
+        ][: alerts.RECENT_ALERTS_SHOWN],
+    }
+
+
+def form_errors(form: Any) -> str:
+    return "; ".join(str(error) for errors in form.errors.values() for error in errors)
+
+
+@require_POST
+@dashboard_view("manage_billing")
+def spend_settings(request: HttpRequest, context: Context) -> HttpResponse:
+    """The monthly budget and the alert settings, each change audited (billing.controls)."""
+    form = SpendSettingsForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, form_errors(form))
+        return redirect("dashboard:billing")
+    actor, data = actor_of(request, context), form.cleaned_data
+    budget = as_micros(data["budget_dollars"])
+    try:
+        if budget != account_of(context.organization).monthly_budget_micros:
+            controls.set_monthly_budget(organization=context.organization, budget_micros=budget, actor=actor)
+        controls.set_alert_settings(
+            organization=context.organization,
+            budget_thresholds=data["budget_thresholds"],
+            key_thresholds=data["key_thresholds"],
+            credit_floor_micros=as_micros(data["credit_floor_dollars"]),
+            webhook_url=data["webhook_url"],
+            actor=actor,
+        )
+    except BillingError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, "Budget and alerts saved.")
+    return redirect("dashboard:billing")
+
+
+@require_POST
+@dashboard_view("manage_billing")
+def key_limit(request: HttpRequest, context: Context, key_id: str) -> HttpResponse:
+    api_key = ApiKey.objects.filter(organization=context.organization, pk=key_id).first()
+    if api_key is None:
+        raise Http404("No such key.")
+    form = KeyLimitForm(request.POST, prefix=str(api_key.pk))
+    if not form.is_valid():
+        messages.error(request, form_errors(form))
+        return redirect("dashboard:billing")
+    limit = as_micros(form.cleaned_data["limit_dollars"])
+    controls.set_key_limit(api_key=api_key, monthly_limit_micros=limit, actor=actor_of(request, context))
+    messages.success(request, f"The monthly limit of “{api_key.name}” is {'removed' if limit is None else 'saved'}.")
+    return redirect("dashboard:keys" if request.POST.get("next") == "keys" else "dashboard:billing")
+
+
+@require_POST
+@dashboard_view("manage_billing")
+def end_user_limit(request: HttpRequest, context: Context) -> HttpResponse:
+    form = EndUserLimitForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, form_errors(form))
+        return redirect("dashboard:billing")
+    tag, limit = form.cleaned_data["end_user"], as_micros(form.cleaned_data["limit_dollars"])
+    try:
+        end_users.set_end_user_limit(
+            organization=context.organization,
+            end_user=tag,
+            monthly_limit_micros=limit,
+            actor=actor_of(request, context),
+        )
+    except BillingError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(
+            request, f"The monthly limit of end user “{tag}” is {'removed' if limit is None else 'saved'}."
+        )
+    return redirect("dashboard:billing")
+
+
+@require_POST
+@dashboard_view("manage_billing")
+def dismiss_alert(request: HttpRequest, context: Context, alert_id: int) -> HttpResponse:
+    alerts.dismiss(organization_id=context.organization.pk, alert_id=alert_id)
+    back = request.POST.get("next", "")
+    return redirect(back if back.startswith("/dashboard/") else reverse("dashboard:billing"))
 
 
 @require_POST

@@ -24,6 +24,8 @@ from accounts.services import (
     revoke_api_key,
     sign_up,
 )
+from billing.api import key_spend_this_month
+from billing.models import KeySpendLimit
 from dashboard.access import Context, dashboard_view
 from dashboard.forms import InviteForm, KeyForm, RoleForm
 
@@ -128,7 +130,15 @@ def keys(request: HttpRequest, context: Context) -> HttpResponse:
         else:
             created = {"key": api_key, "token": token}
             form = KeyForm(grantable=context.grantable_scopes)
-    rows = ApiKey.objects.filter(organization=context.organization).select_related("created_by").order_by("-created_at")
+    rows = list(
+        ApiKey.objects.filter(organization=context.organization).select_related("created_by").order_by("-created_at")
+    )
+    # Each key's spend this month and its monthly limit: two queries, whatever the number of keys.
+    spend = key_spend_this_month(context.organization.pk)
+    limits = dict(KeySpendLimit.objects.filter(api_key__in=rows).values_list("api_key_id", "monthly_limit_micros"))
+    for row in rows:
+        row.spent_this_month = spend.get(str(row.pk), 0)  # type: ignore[attr-defined]
+        row.monthly_limit = limits.get(row.pk)  # type: ignore[attr-defined]
     return render(
         request, "dashboard/keys.html", {**context.as_template(), "keys": rows, "form": form, "created": created}
     )

@@ -43,12 +43,18 @@ def chart_series(report: dict[str, Any], start: date, end: date) -> dict[str, An
 def usage(request: HttpRequest, context: Context) -> HttpResponse:
     form, start, end = date_range(request)
     organization_id = context.organization.pk
+    if request.GET.get("format") == "csv" and request.GET.get("by") == "end_user":
+        tagged = selectors.end_user_usage(
+            organization_id=organization_id, start=start, end=end, group_by=("day", "end_user", "endpoint")
+        )
+        return usage_csv(tagged, filename=f"usage-by-end-user-{context.organization.slug}-{start}-{end}.csv")
     by_day = selectors.usage(organization_id=organization_id, start=start, end=end, group_by=("day", "endpoint"))
     if request.GET.get("format") == "csv":
         return usage_csv(by_day, filename=f"usage-{context.organization.slug}-{start}-{end}.csv")
     by_endpoint = selectors.usage(organization_id=organization_id, start=start, end=end, group_by=("endpoint",))
     by_key = selectors.usage(organization_id=organization_id, start=start, end=end, group_by=("key",))
     per_day = selectors.usage(organization_id=organization_id, start=start, end=end, group_by=("day",))
+    by_end_user = selectors.end_user_usage(organization_id=organization_id, start=start, end=end)
     return render(
         request,
         "dashboard/usage.html",
@@ -61,6 +67,7 @@ def usage(request: HttpRequest, context: Context) -> HttpResponse:
             "per_day": per_day["data"],
             "by_endpoint": by_endpoint["data"],
             "by_key": by_key["data"],
+            "by_end_user": by_end_user["data"],
             "chart": chart_series(by_day, start, end),
             "csv_query": f"start={start}&end={end}&format=csv",
         },

@@ -4,15 +4,19 @@
 goes back to an earlier kind once it holds a later one:
 
 1. the Stripe event being applied (``billing.locks.locked_stripe_event``),
-2. the organization (``lock_organization``: dispatch, limits),
+2. the organization (``lock_organization``: dispatch, limits; share-locked, ``FOR KEY SHARE``, by the admission of a
+   request tagged with an end user before it reads the tag's limit, and locked ``FOR UPDATE`` by a new end user
+   limit: ``billing.end_users``),
 3. jobs, in ``created_at, id`` order when several (``inference.locks.lock_job``),
 4. the job's attempt (``inference.locks.lock_attempt``),
 5. the job's API key, shared (``billing.locks.share_key``: admission, before it reads the key's spending limit),
 6. the job's hold (written by admission, released by settlement, locked by a reservation:
    ``billing.locks.locked_open_hold``), the job's own row that no other job's transaction waits for,
 7. the organization's billing account (``billing.locks.locked_account``, or the conditional UPDATE that admission
-   and settlement take it with, the last statement they send on it),
-8. then the organization's usage rollups (settlement's upsert), or payments (``billing.locks.locked_payment``).
+   and settlement take it with, the last statement they send on it; a change of the alert settings locks their row
+   first, ``billing.controls.set_alert_settings``),
+8. then the organization's usage rollups and its end users' day rows (settlement's upserts, in that order), or
+   payments (``billing.locks.locked_payment``).
 9. an issuer's series of document numbers (``billing.documents.allocate_number``: a receipt or statement is
    numbered last in the transaction that creates it).
 
@@ -27,7 +31,8 @@ wait on (and make wait) every insert of a row that points at the locked one, suc
 organization's usage record, whose foreign key check takes ``FOR KEY SHARE``. Two locks on an API key are the
 exception, on purpose: admission share-locks the key (``FOR KEY SHARE``) before reading its spending limit, and a
 new limit (``billing.locks.lock_key``, which locks nothing else) takes it with a plain ``FOR UPDATE`` so that it
-waits for exactly those admissions.
+waits for exactly those admissions. The organization's row is the same for an end user's limit, which has no row of
+its own to share (``billing.locks.lock_organization_exclusively``).
 
 **Retries.** A top-level action runs in ``retrying_atomic``: when PostgreSQL kills its transaction to break a
 deadlock or a serialization conflict (or SQLite finds its database locked), the whole transaction is run again,

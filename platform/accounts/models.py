@@ -261,6 +261,7 @@ class AuditAction(models.TextChoices):
     PAYMENT_METHOD_DEFAULT_CHANGED = "billing.payment_method_default", "Default payment method changed"
     PAYMENT_METHOD_REMOVED = "billing.payment_method_removed", "Payment method removed"
     BILLING_DETAILS_CHANGED = "billing.details_changed", "Billing details changed"
+    ALERT_SETTINGS_CHANGED = "billing.alerts_changed", "Spend alert settings changed"
 
 
 class AuditEvent(models.Model):

@@ -467,6 +467,8 @@ CELERY_BEAT_SCHEDULE = {
         "kwargs": {"full": True},
     },
     "billing-stripe-sweep": {"task": "billing.stripe_sweep", "schedule": 60.0},
+    # Spend alert emails whose task the broker lost, or whose worker died (billing.alerts).
+    "billing-alert-emails": {"task": "billing.send_due_alert_emails", "schedule": 60.0},
     # Statements of the month just closed, for every organization with activity in it (billing.statements).
     "billing-issue-statements": {"task": "billing.issue_statements", "schedule": crontab(hour=2, minute=0)},
 }

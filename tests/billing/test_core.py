@@ -441,7 +441,8 @@ def test_top_up_and_limits_settings(tenant: dict[str, Any], other_tenant: dict[s
         format="json",
     ).json()
     assert limits["monthly_budget_micros"] == 50_000_000
-    assert limits["keys"] == [{"key_id": key_id, "monthly_limit_micros": 1_000_000}]
+    assert limits["keys"] == [{"key_id": key_id, "monthly_limit_micros": 1_000_000, "spent_this_month_micros": 0}]
+    assert limits["end_users"] == []
     assert KeySpendLimit.objects.get(api_key=tenant["api_key"]).monthly_limit_micros == 1_000_000
     theirs = {"keys": [{"key_id": str(other_tenant["api_key"].pk), "monthly_limit_micros": 1}]}
     assert client.put("/v1/billing/limits", theirs, format="json").status_code == 404

@@ -96,6 +96,7 @@ def test_clean_books_have_no_drift_and_stripe_is_recorded_as_skipped(books: dict
     checked = run_.checked
     assert set(checked) == {
         "jobs", "attempts", "usage_records", "usage_debits", "balances", "ledger_chain", "holds", "rollups",
+        "end_user_rollups",
         "payments", "receipts", "statements", "stripe",
     }  # fmt: skip
     assert all(summary["drift"] == 0 for summary in checked.values())

@@ -91,7 +91,7 @@ def under_the_lock_only() -> Iterator[None]:
     account."""
     with (
         mock.patch.object(admission, "_hold_within_credit", return_value=False),
-        mock.patch.object(metering, "debit_usage", return_value=False),
+        mock.patch.object(metering, "debit_usage", return_value=None),
     ):
         yield
 

@@ -1,14 +1,16 @@
 """The money guarantee under any interleaving of one organization's jobs (docs/money.md).
 
-A Hypothesis state machine runs several jobs of one organization with little credit, a monthly budget and a
-key's monthly limit, step by step as workers do: each step first asks billing to extend the job's hold
-(``attempts.reserve_work``) and stops the job where it is refused; a finished job may measure more GPU time than
-it reserved; operators grant credit or take it back (a refunded or disputed payment); prices change. After every
-step:
+A Hypothesis state machine runs several jobs of one organization with little credit, a monthly budget, a key's
+monthly limit and end user tags with limits of their own (which the reseller raises), step by step as workers do:
+each step first asks billing to extend the job's hold (``attempts.reserve_work``) and stops the job where it is
+refused; a finished job may measure more GPU time than it reserved; operators grant credit or take it back (a
+refunded or disputed payment); prices change. After every step:
 
 - usage never took the balance below zero (every usage debit leaves it >= 0);
 - no job was debited more than its hold;
 - spending stays within the budget and the key's limit;
+- each end user tag's spend plus what its running requests hold stays within the tag's limit (the hold invariant
+  of a tag: admission and every reservation hold within it, and a settlement never debits beyond the hold);
 - what is held is the sum of open holds, and never more than the balance unless credit was taken back;
 - a request whose start deadline passes before it started ends unbilled with its hold released; a started one runs on.
 """
@@ -35,8 +37,8 @@ from hypothesis.stateful import (
 )
 
 from accounts.models import ApiKey, Organization
-from billing import controls
-from billing.admission import spent_this_month
+from billing import controls, end_users
+from billing.admission import month_start, spent_this_month
 from billing.ledger import grant_credits
 from billing.models import Account, CreditEntry, EntryKind, Hold, Price, UsageRecord
 from inference import attempts, closing, submission
@@ -45,6 +47,8 @@ from inference.models import AttemptOutcome, Endpoint, Job, JobStatus
 from tests import lifecycle
 
 pytestmark = pytest.mark.django_db
+
+TAGS = ("alice", "bob")
 
 
 class Spending(RuleBasedStateMachine):
@@ -56,8 +60,11 @@ class Spending(RuleBasedStateMachine):
         credit=st.integers(0, 60_000),
         budget=st.one_of(st.none(), st.integers(0, 80_000)),
         key_limit=st.one_of(st.none(), st.integers(0, 80_000)),
+        tag_limits=st.fixed_dictionaries({tag: st.one_of(st.none(), st.integers(0, 40_000)) for tag in TAGS}),
     )
-    def open_books(self, credit: int, budget: int | None, key_limit: int | None) -> None:
+    def open_books(
+        self, credit: int, budget: int | None, key_limit: int | None, tag_limits: dict[str, int | None]
+    ) -> None:
         # What the cache keeps (admission's measured GPU time per work unit) outlives the rolled-back example: each
         # example starts without it, so a replay of an example decides exactly as the example did.
         cache.delete(f"billing:ms-per-work:{self.endpoint.pk}")
@@ -74,7 +81,10 @@ class Spending(RuleBasedStateMachine):
             )
         controls.set_monthly_budget(organization=self.organization, budget_micros=budget)
         controls.set_key_limit(api_key=self.api_key, monthly_limit_micros=key_limit)
-        self.budget, self.key_limit = budget, key_limit
+        for tag, limit in tag_limits.items():
+            if limit is not None:
+                end_users.set_end_user_limit(organization=self.organization, end_user=tag, monthly_limit_micros=limit)
+        self.budget, self.key_limit, self.tag_limits = budget, key_limit, tag_limits
         self.taken_back = False
         # Per running job: GPU ms used so far by its current attempt.
         self.used: dict[Any, int] = {}
@@ -97,18 +107,19 @@ class Spending(RuleBasedStateMachine):
 
     # --- What customers, workers and operators do ------------------------------------------------------------
 
-    @rule(steps=st.integers(1, 8), with_key=st.booleans())
-    def submit(self, steps: int, with_key: bool) -> None:
+    @rule(steps=st.integers(1, 8), with_key=st.booleans(), end_user=st.sampled_from(["", *TAGS]))
+    def submit(self, steps: int, with_key: bool, end_user: str) -> None:
         try:
             job = lifecycle.submit(
                 self.organization,
                 self.endpoint,
                 api_key=self.api_key if with_key else None,
+                end_user=end_user,
                 num_inference_steps=steps,
             )
         except submission.SubmissionRefused as refused:
             if refused.status_code != 402:
-                raise  # credit, budget or the key's limit are the only refusals these requests may meet
+                raise  # credit, budget, the key's or the tag's limit are the only refusals these requests may meet
             return
         self.jobs.append(job.pk)
 
@@ -185,6 +196,14 @@ class Spending(RuleBasedStateMachine):
         )
         self.taken_back |= take_back
 
+    @precondition(lambda self: hasattr(self, "tag_limits"))
+    @rule(tag=st.sampled_from(TAGS), more=st.integers(0, 20_000))
+    def raise_a_tags_limit(self, tag: str, more: int) -> None:
+        """A reseller gives its end user more room (or a limit where there was none)."""
+        limit = (self.tag_limits[tag] or 0) + more
+        end_users.set_end_user_limit(organization=self.organization, end_user=tag, monthly_limit_micros=limit)
+        self.tag_limits[tag] = limit
+
     @rule(micros=st.integers(0, 5_000))
     def change_the_price(self, micros: int) -> None:
         Price.objects.create(gpu_class="cpu", unit_price_micros=micros)
@@ -202,6 +221,15 @@ class Spending(RuleBasedStateMachine):
             assert spent_this_month(organization_id=self.organization.pk) <= self.budget
         if hasattr(self, "key_limit") and self.key_limit is not None:
             assert spent_this_month(organization_id=self.organization.pk, key_id=self.api_key.pk) <= self.key_limit
+
+    @invariant()
+    def each_tag_spends_and_holds_within_its_limit(self) -> None:
+        month = month_start()
+        for tag, limit in getattr(self, "tag_limits", {}).items():
+            if limit is None:
+                continue
+            spent = end_users.spent_in_month(organization_id=self.organization.pk, end_user=tag, month=month)
+            assert spent + end_users.held(self.organization.pk, tag) <= limit, (tag, limit)
 
     @invariant()
     def held_is_the_open_holds_and_backed_by_the_balance(self) -> None:

@@ -13,7 +13,7 @@ import uuid
 from typing import Any
 
 from accounts.models import ApiKey, Organization
-from billing import controls
+from billing import controls, end_users
 from billing.ledger import BillingError, grant_credits, refund_job
 from inference import attempts, closing, submission
 from inference.dispatch import dispatch_organization
@@ -79,16 +79,18 @@ def reap() -> Act:
     return lambda: {"reaped": closing.reap_expired_leases()}
 
 
-def submit(*, organization_id: str, endpoint_id: int, api_key_id: str | None = None) -> Act:
+def submit(*, organization_id: str, endpoint_id: int, api_key_id: str | None = None, end_user: str = "") -> Act:
     """A new request of ``tests.lifecycle.SMALL`` (its on-commit hand-off dispatches the organization), sent with
-    the API key ``api_key_id`` or none."""
+    the API key ``api_key_id`` or none, tagged ``end_user`` or not."""
     organization = Organization.objects.get(pk=organization_id)
     endpoint = Endpoint.objects.get(pk=endpoint_id)
     api_key = ApiKey.objects.get(pk=api_key_id) if api_key_id else None
 
     def act() -> dict[str, Any]:
         try:
-            job, _ = submission.submit_job(organization=organization, api_key=api_key, endpoint=endpoint, payload=SMALL)
+            job, _ = submission.submit_job(
+                organization=organization, api_key=api_key, endpoint=endpoint, payload=SMALL, end_user=end_user
+            )
         except submission.SubmissionRefused as refused:
             return {"refused": refused.error_type, "active_after": active_jobs(organization_id)}
         return {"job_id": str(job.pk), "active_after": active_jobs(organization_id)}
@@ -131,6 +133,19 @@ def key_limit(*, api_key_id: str, monthly_limit_micros: int) -> Act:
     return act
 
 
+def end_user_limit(*, organization_id: str, end_user: str, monthly_limit_micros: int) -> Act:
+    """A reseller setting a monthly spending limit on one of its end user tags."""
+    organization = Organization.objects.get(pk=organization_id)
+
+    def act() -> dict[str, Any]:
+        end_users.set_end_user_limit(
+            organization=organization, end_user=end_user, monthly_limit_micros=monthly_limit_micros
+        )
+        return {"monthly_limit_micros": monthly_limit_micros}
+
+    return act
+
+
 def grant(*, organization_id: str, amount_micros: int) -> Act:
     """An operator granting credits."""
     organization = Organization.objects.get(pk=organization_id)
@@ -152,4 +167,5 @@ ACTORS: dict[str, Any] = {
     "refund": refund,
     "grant": grant,
     "key_limit": key_limit,
+    "end_user_limit": end_user_limit,
 }

@@ -33,15 +33,17 @@ from typing import Any
 
 from django.db.models import Sum
 from django.utils import timezone
+from standardwebhooks import Webhook
 
 from accounts.models import Organization, Scope
 from accounts.services import create_api_key, set_concurrency_limit
-from billing import reconciliation
-from billing.admission import INSUFFICIENT, OVER_LIMIT, spent_this_month
+from billing import controls, end_users, reconciliation
+from billing.admission import END_USER_OVER_LIMIT, INSUFFICIENT, OVER_LIMIT, month_start, spent_this_month
 from billing.ledger import grant_credits
-from billing.models import Account, CreditEntry, EntryKind, Hold, UsageRecord
+from billing.models import Account, CreditEntry, EntryKind, Hold, SpendAlert, UsageRecord
 from inference import attempts, closing
-from inference.models import ACTIVE_STATUSES, FINAL_STATUSES, AttemptOutcome, Endpoint, Job, JobStatus
+from inference.models import ACTIVE_STATUSES, FINAL_STATUSES, AttemptOutcome, Endpoint, Job, JobStatus, WebhookDelivery
+from inference.webhooks import deliver, webhook_secret_for
 from tests.concurrency.harness import (
     CONCURRENCY_SQLSTATES,
     DEADLOCK,
@@ -50,9 +52,11 @@ from tests.concurrency.harness import (
     Call,
     Outcome,
 )
+from tests.inference.local_http import LocalServer
 from tests.lifecycle import run, start, submit
 
 SPEND_REFUSALS = (INSUFFICIENT, OVER_LIMIT)
+END_USER = "reseller-customer-7"
 CANCELLATION_REQUESTED = "CANCELLATION_REQUESTED"
 ALREADY_COMPLETED = "ALREADY_COMPLETED"
 WAITING_TO_RUN = (JobStatus.QUEUED, JobStatus.DISPATCHED)
@@ -500,6 +504,114 @@ def admission_round(
     key_total = spent_this_month(organization_id=organization.pk, key_id=api_key.pk) + key_held
     if limit_first and key_total > limit:
         report.drift.append(f"the key spent and holds {key_total} µ$, over the limit of {limit} set before")
+    report.drift += books.problems([organization.pk])
+    return report
+
+
+# --- e. Admissions at the edge of an end user's new limit ---------------------------------------------------
+
+
+def end_user_admission_round(
+    pool: ActorPool, books: Books, *, new_organization: NewOrganization, endpoint: Endpoint, limit_first: bool
+) -> RoundReport:
+    """Five submissions tagged with one end user against the settlement of the tag's running job and a new monthly
+    limit on the tag that leaves room for one and a half more of their estimates.
+
+    A tag has no row of its own: admission reads its limit behind a share lock on the organization's row, which the
+    new limit takes exclusively. ``limit_first``: the submissions start once the limit's transaction has locked the
+    organization, so each reads the limit and the tag's spend plus holds stay within it; otherwise all start
+    together, and those that read no limit committed before the limit did.
+    """
+    organization = new_organization()
+    set_concurrency_limit(organization=organization, limit=ADMITTERS + 2)
+    grant_credits(organization=organization, amount_micros=SETUP_CREDITS_MICROS, reason="race setup")
+    queued = submit(organization, endpoint, end_user=END_USER)
+    estimate = Hold.objects.get(job=queued).amount_micros
+    running = start(queued)
+    attempts.reserve_work(job=running, gpu_ms=1_500)  # what its worker reserves before finishing (actors.finish)
+    month = month_start()
+    spent = end_users.spent_in_month(organization_id=organization.pk, end_user=END_USER, month=month)
+    limit = spent + Hold.objects.get(job=running).amount_micros + estimate + estimate // 2
+
+    submission = Call("submit", {"organization_id": str(organization.pk), "endpoint_id": endpoint.pk,
+                                 "end_user": END_USER}, awaits_lock=limit_first)  # fmt: skip
+    calls = [submission] * ADMITTERS
+    calls.append(Call("finish", {"job_id": str(running.pk), "attempt": running.attempt}))
+    limit_call = {"organization_id": str(organization.pk), "end_user": END_USER, "monthly_limit_micros": limit}
+    calls.append(Call("end_user_limit", limit_call, signals_lock=limit_first))
+    outcomes = pool.run_round(calls)
+    report = RoundReport()
+    report.record_errors(outcomes)
+    for outcome in outcomes:
+        refused = (outcome.answer or {}).get("refused") if outcome.actor == "submit" and outcome.ok else None
+        if refused not in (None, END_USER_OVER_LIMIT):
+            report.other_errors.append(f"a submission was refused: {refused}")
+        elif outcome.actor == "finish":
+            report.lost_work += finish_problems(Job.objects.get(pk=running.pk), outcome)
+    total = end_users.spent_in_month(organization_id=organization.pk, end_user=END_USER, month=month)
+    total += end_users.held(organization.pk, END_USER)
+    if limit_first and total > limit:
+        report.drift.append(f"the end user spent and holds {total} µ$, over the limit of {limit} set before")
+    report.drift += books.problems([organization.pk])
+    return report
+
+
+# --- f. Settlements crossing spend alert thresholds together -------------------------------------------------
+
+SETTLEMENTS_CROSSING = 6
+ALERT_THRESHOLDS = [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+
+
+def alert_round(
+    pool: ActorPool, books: Books, *, new_organization: NewOrganization, endpoint: Endpoint, receiver: LocalServer
+) -> RoundReport:
+    """Six settlements of one organization released together, whose spend crosses a budget's thresholds (every 10%)
+    at once: each commits and looks on commit, in its own process.
+
+    Every threshold the final spend reached is recorded once (none is missed: the last settlement to commit sees
+    all of them), with exactly one webhook delivery each; delivered to ``receiver`` (an HTTP server on loopback),
+    each arrives once, signed with the organization's Standard Webhooks secret.
+    """
+    webhook_url = receiver.url("/billing-events")
+    organization = new_organization()
+    set_concurrency_limit(organization=organization, limit=SETTLEMENTS_CROSSING + 1)
+    grant_credits(organization=organization, amount_micros=SETUP_CREDITS_MICROS, reason="race setup")
+    run(organization, endpoint, gpu_ms=1_500)  # measured: admission holds a little more than each costs
+    running = [start(submit(organization, endpoint)) for _ in range(SETTLEMENTS_CROSSING)]
+    per_job = UsageRecord.objects.get(job__organization=organization).cost_micros
+    final = per_job * (SETTLEMENTS_CROSSING + 1)
+    budget = final + per_job // 3  # 95%-odd once all have settled; what is left covers no request like them
+    controls.set_monthly_budget(organization=organization, budget_micros=budget)
+    controls.set_alert_settings(organization=organization, budget_thresholds=ALERT_THRESHOLDS, webhook_url=webhook_url)
+
+    calls = [Call("finish", {"job_id": str(job.pk), "attempt": job.attempt}) for job in running]
+    outcomes = pool.run_round(calls)
+    report = RoundReport()
+    report.record_errors(outcomes)
+    for outcome in outcomes:
+        report.lost_work += finish_problems(Job.objects.get(pk=outcome.arguments["job_id"]), outcome)
+    spent = spent_this_month(organization_id=organization.pk)
+    expected = sorted(p for p in ALERT_THRESHOLDS if spent * 100 >= p * budget or p >= 100)
+    recorded = list(
+        SpendAlert.objects.filter(organization=organization).order_by("threshold").values_list("threshold", "pk")
+    )
+    thresholds = [threshold for threshold, _ in recorded]
+    if thresholds != expected:
+        report.drift.append(f"alerts at {thresholds}% after spending {spent} of {budget} µ$; expected {expected}")
+    deliveries = sorted(WebhookDelivery.objects.filter(organization=organization).values_list("message_id", flat=True))
+    wanted = sorted(f"msg_alert_{pk}" for _, pk in recorded)
+    if deliveries != wanted:
+        report.drift.append(f"webhook deliveries {deliveries} for alerts {wanted}")
+    for delivery_id in WebhookDelivery.objects.filter(organization=organization).values_list("pk", flat=True):
+        deliver(delivery_id)
+    secret = Webhook(webhook_secret_for(organization.pk))
+    arrived = []
+    for request in receiver.received:
+        if request.headers.get("x-fal-webhook-user-id") == str(organization.pk):
+            event = secret.verify(request.body, request.headers)
+            arrived.append((request.headers["webhook-id"], event["data"]["threshold_percent"]))
+    if sorted(arrived) != sorted((f"msg_alert_{pk}", threshold) for threshold, pk in recorded):
+        report.drift.append(f"the receiver got {sorted(arrived)} for alerts at {thresholds}%")
     report.drift += books.problems([organization.pk])
     return report
 

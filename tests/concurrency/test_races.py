@@ -18,13 +18,16 @@ from tests.concurrency.harness import ActorPool
 from tests.concurrency.races import (
     CANCEL_RIVALS,
     admission_round,
+    alert_round,
     cancel_round,
+    end_user_admission_round,
     lifecycle_actors,
     lifecycle_round,
     refund_round,
     repetitions,
     run_race,
 )
+from tests.inference.local_http import local_server
 
 pytestmark = [
     pytest.mark.slow,
@@ -97,4 +100,36 @@ def test_admissions_at_the_edge_of_the_credit_and_of_a_new_key_limit_never_hold_
             limit_first=round_number % 2 == 0,
         ),
     )
+    assert tally.findings == 0, tally.summary()
+
+
+def test_admissions_at_the_edge_of_an_end_users_new_limit_never_hold_more_than_it_allows(
+    actor_pool: ActorPool, new_organization: Callable[[], Any], builtin_endpoint: Endpoint
+) -> None:
+    tally = run_race(
+        "tagged admissions vs an end user's new limit",
+        repetitions(),
+        lambda books, round_number: end_user_admission_round(
+            actor_pool,
+            books,
+            new_organization=new_organization,
+            endpoint=builtin_endpoint,
+            limit_first=round_number % 2 == 0,
+        ),
+    )
+    assert tally.findings == 0, tally.summary()
+
+
+def test_settlements_crossing_alert_thresholds_together_tell_each_one_once(
+    actor_pool: ActorPool, new_organization: Callable[[], Any], builtin_endpoint: Endpoint, settings: Any
+) -> None:
+    settings.OUTBOUND_ALLOW_PRIVATE = True  # the receiver is on 127.0.0.1
+    with local_server() as receiver:
+        tally = run_race(
+            "settlements crossing spend alert thresholds",
+            repetitions(),
+            lambda books, _: alert_round(
+                actor_pool, books, new_organization=new_organization, endpoint=builtin_endpoint, receiver=receiver
+            ),
+        )
     assert tally.findings == 0, tally.summary()

@@ -254,3 +254,32 @@ def test_refusals_are_the_clients_http_errors_with_our_body(
             call()
         assert (raised.value.status_code, raised.value.error_type) == (status, error_type)
         assert str(raised.value)  # our detail
+
+
+def test_an_end_user_tag_rides_on_the_clients_own_headers_and_its_limit_refuses_with_our_body(
+    stack: Stack, fal: fal_client.SyncClient, e2e_tenant: dict[str, Any]
+) -> None:
+    """fal's client sends any header it is given (``headers=``), unmodified: the request, its usage and the usage by
+    end user carry the tag; a tag over its monthly limit is refused as the client reports any HTTP error."""
+    from billing.end_users import set_end_user_limit
+    from billing.models import Price, UsageRecord
+    from billing.rates import ensure_opening_prices
+
+    ensure_opening_prices(Price)  # a transactional test before this one may have emptied the rate card: work is priced
+    headers = {"X-Fal-End-User": "customer-42"}
+    handle = fal.submit(APP, arguments=SMALL, headers=headers)
+    assert fal.subscribe(APP, arguments=SMALL, headers=headers)["images"]
+    assert fal.run(APP, arguments=SMALL, headers=headers)["images"]
+    handle.get()
+    tagged = Job.objects.filter(end_user="customer-42", organization=e2e_tenant["organization"])
+    assert tagged.count() == 3
+    assert UsageRecord.objects.filter(job__in=tagged, end_user="customer-42").count() == 3
+    with stack.client(e2e_tenant["key"]) as api:
+        report = api.get("/v1/usage", params={"group_by": "end_user"}).json()
+    assert [(row["end_user"], row["requests"]) for row in report["data"]] == [("customer-42", 3)]
+
+    set_end_user_limit(organization=e2e_tenant["organization"], end_user="customer-42", monthly_limit_micros=0)
+    with pytest.raises(fal_client.client.FalClientHTTPError) as raised:
+        fal.run(APP, arguments=SMALL, headers=headers)
+    assert (raised.value.status_code, raised.value.error_type) == (402, "end_user_limit_exceeded")
+    assert fal.run(APP, arguments=SMALL, headers={"X-Fal-End-User": "customer-43"})["images"]

@@ -1,0 +1,213 @@
+"""Spend alerts are exactly once, under any sequence of what an organization's settlements and people do.
+
+A Hypothesis state machine settles requests of random cost with or without the organization's limited key, and in
+between changes the budget, the thresholds and the key's limit, moves credit, replays a settlement's look (what
+concurrent settlements and a redelivered callback do) and loses one (a process that died after its COMMIT). After
+every step:
+
+- at most once: one alert per (scope, subject, threshold, period), one webhook delivery and one queued email each,
+  whatever was looked at how often;
+- at least once: after a settlement that cost something and whose look ran, every threshold the organization watches
+  that its spend has reached is recorded (a lost look is made good by the next one);
+- never early: each alert's figures show its threshold reached when it was recorded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from unittest import mock
+
+import hypothesis
+import pytest
+from django.core.cache import cache
+from django.db import transaction
+from django.test import TestCase
+from hypothesis import HealthCheck
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from accounts.models import ApiKey, Organization
+from billing import alerts, controls
+from billing.admission import spent_this_month
+from billing.ledger import grant_credits
+from billing.models import Account, AlertScope, EntryKind, SpendAlert, UsageRecord
+from inference.models import Endpoint, WebhookDelivery
+from inference.submission import SubmissionRefused
+from tests import lifecycle
+
+pytestmark = pytest.mark.django_db
+
+THRESHOLDS = st.lists(st.integers(1, 100), min_size=0, max_size=4, unique=True)
+
+
+class Alerting(RuleBasedStateMachine):
+    organization: Organization
+    api_key: ApiKey
+    endpoint: Endpoint
+
+    @initialize(
+        budget=st.integers(500, 4_000),
+        key_limit=st.one_of(st.none(), st.integers(300, 3_000)),
+        budget_thresholds=THRESHOLDS,
+        key_thresholds=THRESHOLDS,
+    )
+    def open_books(
+        self, budget: int, key_limit: int | None, budget_thresholds: list[int], key_thresholds: list[int]
+    ) -> None:
+        cache.delete(f"billing:ms-per-work:{self.endpoint.pk}")
+        self.example = transaction.atomic()
+        self.example.__enter__()
+        self.emails: list[int] = []
+        self.patch = mock.patch.object(
+            alerts, "enqueue_email", side_effect=lambda alert_id: self.emails.append(alert_id)
+        )
+        self.patch.start()
+        controls.set_monthly_budget(organization=self.organization, budget_micros=budget)
+        controls.set_key_limit(api_key=self.api_key, monthly_limit_micros=key_limit)
+        controls.set_alert_settings(
+            organization=self.organization,
+            budget_thresholds=budget_thresholds,
+            key_thresholds=key_thresholds,
+            webhook_url="http://127.0.0.1:9/billing",  # never called here: deliveries are only counted
+        )
+        self.looked = False  # the last step was a settlement whose look ran
+
+    def teardown(self) -> None:
+        if hasattr(self, "example"):
+            self.patch.stop()
+            transaction.set_rollback(True)
+            self.example.__exit__(None, None, None)
+
+    # --- What happens ------------------------------------------------------------------------------------------
+
+    @rule(gpu_ms=st.integers(0, 3_000), with_key=st.booleans(), look_runs=st.booleans())
+    def settle(self, gpu_ms: int, with_key: bool, look_runs: bool) -> None:
+        """A request runs to its end; its commit's work runs, or is lost with its process."""
+        api_key = self.api_key if with_key else None
+        with TestCase.captureOnCommitCallbacks(execute=look_runs):
+            try:
+                job = lifecycle.run(self.organization, self.endpoint, api_key=api_key, gpu_ms=gpu_ms)
+            except SubmissionRefused:
+                self.looked = False
+                return
+        # Only a settlement that moved spend looks (a free one cannot have reached anything new).
+        self.looked = look_runs and UsageRecord.objects.filter(job=job, cost_micros__gt=0).exists()
+
+    @rule(with_key=st.booleans(), hold_micros=st.integers(0, 500))
+    def look_again(self, with_key: bool, hold_micros: int) -> None:
+        """What a concurrent settlement's look, or a redelivered callback, does: nothing new (the spend is the same)."""
+        before = SpendAlert.objects.filter(organization=self.organization).count()
+        with TestCase.captureOnCommitCallbacks(execute=True):
+            alerts.look(
+                organization_id=self.organization.pk,
+                api_key_id=self.api_key.pk if with_key else None,
+                hold_micros=hold_micros,
+            )
+        if self.looked:  # everything reached is already recorded; only exhaustion may depend on the hold given
+            made = SpendAlert.objects.filter(organization=self.organization).exclude(threshold__gte=100)
+            assert made.count() <= before
+        self.looked = False
+
+    @rule(budget=st.integers(300, 4_000))
+    def change_the_budget(self, budget: int) -> None:
+        controls.set_monthly_budget(organization=self.organization, budget_micros=budget)
+        self.looked = False
+
+    @rule(budget_thresholds=THRESHOLDS, key_thresholds=THRESHOLDS)
+    def change_the_thresholds(self, budget_thresholds: list[int], key_thresholds: list[int]) -> None:
+        controls.set_alert_settings(
+            organization=self.organization, budget_thresholds=budget_thresholds, key_thresholds=key_thresholds
+        )
+        self.looked = False
+
+    @rule(amount=st.integers(1, 2_000), take_back=st.booleans())
+    def move_credit(self, amount: int, take_back: bool) -> None:
+        grant_credits(
+            organization=self.organization,
+            amount_micros=-amount if take_back else amount,
+            reason="property test",
+            kind=EntryKind.ADJUSTMENT if take_back else EntryKind.GRANT,
+        )
+
+    @precondition(lambda self: hasattr(self, "example"))
+    @rule(floor=st.one_of(st.none(), st.integers(0, 1_000_000)))
+    def change_the_floor(self, floor: int | None) -> None:
+        controls.set_alert_settings(organization=self.organization, credit_floor_micros=floor)
+        self.looked = False
+
+    # --- What must hold ----------------------------------------------------------------------------------------
+
+    def alerts(self) -> list[SpendAlert]:
+        return list(SpendAlert.objects.filter(organization=self.organization))
+
+    @invariant()
+    def each_alert_is_told_once(self) -> None:
+        if not hasattr(self, "example"):
+            return
+        made = self.alerts()
+        keys = [(alert.scope, alert.subject, alert.threshold, alert.period) for alert in made]
+        assert len(keys) == len(set(keys))
+        deliveries = WebhookDelivery.objects.filter(organization=self.organization)
+        assert sorted(deliveries.values_list("message_id", flat=True)) == sorted(
+            alerts.message_id_of(alert) for alert in made
+        )
+        assert sorted(self.emails) == sorted(alert.pk for alert in made)
+
+    @invariant()
+    def no_alert_before_its_threshold(self) -> None:
+        if not hasattr(self, "example"):
+            return
+        for alert in self.alerts():
+            if alert.scope == AlertScope.CREDITS:
+                assert alert.available_micros < alert.threshold
+            elif alert.threshold < 100:
+                assert alert.limit_micros is not None
+                assert alert.spent_micros * 100 >= alert.threshold * alert.limit_micros
+
+    @invariant()
+    def every_threshold_reached_is_recorded_once_a_look_ran(self) -> None:
+        if not getattr(self, "looked", False):
+            return
+        account = Account.objects.get(pk=self.organization.pk)
+        watched = alerts.settings_of(self.organization.pk)
+        period = alerts.period_of(alerts.month_start(lifecycle_now()))
+        recorded = {(alert.scope, alert.subject, alert.threshold) for alert in self.alerts() if alert.period == period}
+        spent = spent_this_month(organization_id=self.organization.pk)
+        budget = account.monthly_budget_micros
+        assert budget is not None
+        for percent in watched.budget_thresholds:
+            if spent * 100 >= percent * budget:
+                assert (AlertScope.BUDGET, "", percent) in recorded, (spent, budget, percent)
+
+
+def lifecycle_now() -> Any:
+    from django.utils import timezone
+
+    return timezone.now()
+
+
+def test_spend_alerts_are_exactly_once(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, quiet_books: None, settings: Any
+) -> None:
+    settings.OUTBOUND_ALLOW_PRIVATE = True
+    organization = tenant["organization"]
+    Organization.objects.filter(pk=organization.pk).update(concurrency_limit=1_000)
+    grant_credits(organization=organization, amount_micros=1_000_000, reason="property test")
+    Alerting.organization, Alerting.api_key, Alerting.endpoint = organization, tenant["api_key"], builtin_endpoint
+    run_state_machine_as_test(
+        Alerting,
+        settings=hypothesis.settings(
+            max_examples=30,
+            stateful_step_count=20,
+            deadline=None,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )

@@ -1,0 +1,365 @@
+"""Spend alerts (billing/alerts.py): each threshold an organization watches is told once per period, by email to the
+people who manage its billing, by a signed webhook to its billing webhook URL and on the dashboard; found after a
+settlement commits; and set, audited, on the dashboard and through ``/v1/billing/alerts/settings``.
+
+Jobs run through the real services (tests/lifecycle.py) and their on-commit work runs as it would after COMMIT
+(``django_capture_on_commit_callbacks(execute=True)``); webhooks go to a real HTTP receiver on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+from unittest import mock
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from django.core import mail
+from django.test import Client
+from rest_framework.test import APIClient
+from standardwebhooks import Webhook
+
+from accounts.models import AuditAction, AuditEvent, Membership, Role, Scope
+from accounts.services import add_member, create_api_key
+from billing import alerts, controls
+from billing.ledger import grant_credits
+from billing.models import Account, AlertEvent, AlertScope, EntryKind, Hold, SpendAlert
+from inference import webhook_signing
+from inference.models import Endpoint, Job, WebhookDelivery
+from inference.submission import SubmissionRefused
+from inference.webhooks import deliver, webhook_secret_for
+from tests.inference.local_http import LocalServer, Received, local_server
+from tests.lifecycle import run_as
+
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("quiet_books")]
+
+JOB_MS = 2_000  # at the opening CPU price of 100 µ$ per GPU-second: 200 µ$ a job
+JOB_COST = 200
+EMAIL_TASK = "billing.send_alert_email"
+
+
+@pytest.fixture
+def receiver(settings: Any) -> Iterator[LocalServer]:
+    settings.OUTBOUND_ALLOW_PRIVATE = True  # the receiver is on 127.0.0.1
+    with local_server() as server:
+        yield server
+
+
+@pytest.fixture
+def settle(
+    django_capture_on_commit_callbacks: Callable[..., Any], sent_tasks: list[tuple[str, list[Any]]]
+) -> Callable[..., Job]:
+    """One request of the tenant run to its end, then what its commit runs (the alerts' look among it)."""
+
+    def run(tenant: dict[str, Any], endpoint: Endpoint, **kwargs: Any) -> Job:
+        with django_capture_on_commit_callbacks(execute=True):
+            return run_as(tenant, endpoint, gpu_ms=kwargs.pop("gpu_ms", JOB_MS), **kwargs)
+
+    return run
+
+
+def alert_rows(organization: Any) -> list[tuple[str, str, int, str]]:
+    rows = SpendAlert.objects.filter(organization=organization).order_by("scope", "threshold", "period")
+    return list(rows.values_list("scope", "event_type", "threshold", "period"))
+
+
+def verify_standard_webhooks(organization_id: Any, request: Received) -> dict[str, Any]:
+    secret = webhook_secret_for(organization_id)
+    return dict(Webhook(secret).verify(request.body, request.headers))
+
+
+def verify_fal_signature(request: Received) -> None:
+    """fal's ED25519 scheme: request id, user id, timestamp and the body's SHA-256, signed with a published key."""
+    headers = request.headers
+    message = webhook_signing.signed_message(
+        request_id=headers["x-fal-webhook-request-id"],
+        user_id=headers["x-fal-webhook-user-id"],
+        timestamp=headers["x-fal-webhook-timestamp"],
+        body=request.body,
+    )
+    public = webhook_signing.signing_keys().published[0]
+    Ed25519PublicKey.from_public_bytes(public).verify(bytes.fromhex(headers["x-fal-webhook-signature"]), message)
+
+
+def this_month() -> str:
+    return datetime.now(UTC).strftime("%Y-%m")
+
+
+def test_the_budgets_thresholds_are_each_told_once_by_email_webhook_and_dashboard(
+    tenant: dict[str, Any],
+    builtin_endpoint: Endpoint,
+    settle: Callable[..., Job],
+    receiver: LocalServer,
+    sent_tasks: list[tuple[str, list[Any]]],
+) -> None:
+    organization = tenant["organization"]
+    settle(tenant, builtin_endpoint)  # measured: admission now holds 240 µ$ for each of these requests
+    controls.set_monthly_budget(organization=organization, budget_micros=10 * JOB_COST)
+    controls.set_alert_settings(organization=organization, webhook_url=receiver.url("/billing-hooks"))
+    billing_member = add_member(
+        organization=organization,
+        user=tenant["user"].__class__.objects.create_user("books@example.com"),
+        role="billing",
+    )
+    developer = tenant["user"].__class__.objects.create_user("dev@example.com")
+    add_member(organization=organization, user=developer, role=Role.DEVELOPER)
+
+    spent = JOB_COST
+    refused = None
+    while refused is None:
+        try:
+            settle(tenant, builtin_endpoint)
+        except SubmissionRefused as exc:
+            refused = exc
+        else:
+            spent += JOB_COST
+            reached = {row[2] for row in alert_rows(organization)}
+            # Each threshold is recorded by the settlement that reached it, not before, not later.
+            assert reached == {p for p in (50, 80) if spent * 100 >= p * 10 * JOB_COST} | (
+                {100} if 10 * JOB_COST - spent < 240 else set()
+            ), (spent, reached)
+    assert refused.error_type == "spend_limit_exceeded"
+    assert spent == 9 * JOB_COST  # the tenth request's hold no longer fit: what is left of the budget is 200 µ$
+
+    month = this_month()
+    assert alert_rows(organization) == [
+        (AlertScope.BUDGET, AlertEvent.THRESHOLD_REACHED, 50, month),
+        (AlertScope.BUDGET, AlertEvent.THRESHOLD_REACHED, 80, month),
+        (AlertScope.BUDGET, AlertEvent.BUDGET_EXHAUSTED, 100, month),
+    ]
+    made = list(SpendAlert.objects.filter(organization=organization).order_by("threshold"))
+
+    # Email: one task per alert, each sent once to the owner and the billing member (not the developer).
+    queued = [args[0] for name, args in sent_tasks if name == EMAIL_TASK]
+    assert sorted(queued) == [alert.pk for alert in made]
+    for alert_id in queued + queued:  # a duplicate message sends nothing more
+        alerts.send_alert_email(alert_id)
+    assert len(mail.outbox) == 3
+    for email in mail.outbox:
+        assert sorted(email.to) == sorted([tenant["user"].email, billing_member.user.email])
+    assert "80% of the monthly budget ($0.002) is spent" in mail.outbox[1].body
+    assert "used up" in mail.outbox[2].body
+
+    # Webhooks: one delivery per alert, signed both ways, Standard Webhooks' event shape.
+    deliveries = list(WebhookDelivery.objects.filter(organization=organization).order_by("pk"))
+    assert [delivery.event_type for delivery in deliveries] == [alert.event_type for alert in made]
+    for delivery in deliveries:
+        assert deliver(delivery.pk)
+    assert len(receiver.received) == 3
+    seen = []
+    for request in receiver.received:
+        body = verify_standard_webhooks(organization.pk, request)
+        verify_fal_signature(request)
+        assert request.headers["x-fal-webhook-user-id"] == str(organization.pk)
+        assert request.headers["webhook-id"] == request.headers["x-fal-webhook-request-id"]
+        seen.append((body["type"], body["data"]["threshold_percent"], body["data"]["limit_micros"]))
+        assert body["data"]["scope"] == "budget"
+        assert body["data"]["period"] == month
+    assert seen == [
+        ("billing.threshold_reached", 50, 2000),
+        ("billing.threshold_reached", 80, 2000),
+        ("billing.budget_exhausted", 100, 2000),
+    ]
+
+    # The dashboard: every page shows them; a developer sees them but may not dismiss them.
+    page = Client()
+    page.force_login(tenant["user"])
+    overview = page.get("/dashboard/").content.decode()
+    assert 'data-testid="spend-alerts"' in overview
+    assert "80% of the monthly budget ($0.002) is spent" in overview
+    assert "is used up for" in overview
+    onlooker = Client()
+    onlooker.force_login(developer)
+    assert "is used up for" in onlooker.get("/dashboard/requests").content.decode()
+    assert onlooker.post(f"/dashboard/billing/alerts/{made[0].pk}/dismiss").status_code == 403
+    assert page.post(f"/dashboard/billing/alerts/{made[0].pk}/dismiss", {"next": "/dashboard/"}).status_code == 302
+    assert "50% of the monthly budget" not in page.get("/dashboard/").content.decode()
+
+
+def test_a_keys_limit_is_watched_at_its_own_thresholds(
+    tenant: dict[str, Any],
+    builtin_endpoint: Endpoint,
+    settle: Callable[..., Job],
+    django_capture_on_commit_callbacks: Callable[..., Any],
+) -> None:
+    organization, api_key = tenant["organization"], tenant["api_key"]
+    settle(tenant, builtin_endpoint)
+    controls.set_alert_settings(organization=organization, key_thresholds=[25, 90])
+    with django_capture_on_commit_callbacks(execute=True):  # the key's limit arms the alerts once it commits
+        controls.set_key_limit(api_key=api_key, monthly_limit_micros=20 * JOB_COST)
+    assert Account.objects.get(pk=organization.pk).alerts_armed
+    for _ in range(4):
+        settle(tenant, builtin_endpoint)
+    assert alert_rows(organization) == [(AlertScope.KEY, AlertEvent.THRESHOLD_REACHED, 25, this_month())]
+    alert = SpendAlert.objects.get(organization=organization)
+    assert alert.subject == str(api_key.pk)
+    assert alert.limit_micros == 20 * JOB_COST
+    assert alerts.event_body(alert)["data"]["api_key"] == {"id": str(api_key.pk), "name": api_key.name}
+    assert "the monthly limit of key “test key”" in alerts.describe(alert, key_name=api_key.name)
+    # Work under another key (or none) does not count against this key's limit.
+    other, _ = create_api_key(organization=organization, scopes=[Scope.ADMIN], name="other", created_by=None)
+    for _ in range(16):
+        settle({**tenant, "api_key": other}, builtin_endpoint)
+    assert len(alert_rows(organization)) == 1
+
+
+def test_low_credit_is_told_once_per_refill(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, settle: Callable[..., Job]
+) -> None:
+    organization = tenant["organization"]
+    settle(tenant, builtin_endpoint)
+    account = Account.objects.get(pk=organization.pk)
+    # Leave 1,000 µ$ available, with an alert floor at 700: the second request's settlement goes below it.
+    grant_credits(organization=organization, amount_micros=1_000 - account.available_micros, reason="test",
+                  kind=EntryKind.ADJUSTMENT)  # fmt: skip
+    controls.set_alert_settings(organization=organization, credit_floor_micros=700)
+    settle(tenant, builtin_endpoint)
+    assert alert_rows(organization) == []
+    settle(tenant, builtin_endpoint)
+    settle(tenant, builtin_endpoint)
+    first = list(SpendAlert.objects.filter(organization=organization))
+    assert [(alert.scope, alert.event_type, alert.threshold) for alert in first] == [
+        (AlertScope.CREDITS, AlertEvent.CREDITS_LOW, 700)
+    ]
+    assert first[0].available_micros == 600
+    grant_credits(organization=organization, amount_micros=500, reason="top up")  # a refill re-arms it
+    settle(tenant, builtin_endpoint)
+    assert SpendAlert.objects.filter(organization=organization).count() == 1  # 900 available: above the floor
+    settle(tenant, builtin_endpoint)
+    settle(tenant, builtin_endpoint)
+    periods = list(SpendAlert.objects.filter(organization=organization).order_by("pk").values_list("period", flat=True))
+    assert len(periods) == 2
+    assert periods[0] != periods[1]
+
+
+def test_an_organization_that_watches_nothing_never_looks(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, settle: Callable[..., Job]
+) -> None:
+    with mock.patch.object(alerts, "look", side_effect=AssertionError("looked")):
+        settle(tenant, builtin_endpoint)
+        controls.set_alert_settings(organization=tenant["organization"], budget_thresholds=[10])  # no budget: unarmed
+        settle(tenant, builtin_endpoint)
+    assert not Account.objects.get(pk=tenant["organization"].pk).alerts_armed
+
+
+def test_a_look_lost_with_its_process_is_made_good_by_the_next_settlement_and_looks_never_repeat_an_alert(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, settle: Callable[..., Job]
+) -> None:
+    organization = tenant["organization"]
+    settle(tenant, builtin_endpoint)
+    controls.set_monthly_budget(organization=organization, budget_micros=6 * JOB_COST)
+    run_as(tenant, builtin_endpoint, gpu_ms=JOB_MS)  # its commit's work never runs: the process died
+    assert alert_rows(organization) == []
+    settle(tenant, builtin_endpoint)  # 600 of 1,200: the 50% is found now
+    assert [row[2] for row in alert_rows(organization)] == [50]
+    # Any number of looks at the same spend (concurrent settlements, a replayed callback) add nothing.
+    for _ in range(3):
+        assert alerts.look(organization_id=organization.pk, hold_micros=240) == []
+    assert SpendAlert.objects.filter(organization=organization).count() == 1
+    assert WebhookDelivery.objects.filter(organization=organization).count() == 0  # no webhook URL set
+
+
+def test_alert_settings_through_the_api_with_the_permission_model_and_audited(
+    tenant: dict[str, Any], make_key: Callable[..., Any], settings: Any
+) -> None:
+    organization, client = tenant["organization"], tenant["client"]
+    assert client.get("/v1/billing/alerts/settings").json() == {
+        "budget_thresholds": [50, 80, 100],
+        "key_thresholds": [50, 80, 100],
+        "credit_floor_micros": None,
+        "webhook_url": "",
+    }
+    settings.OUTBOUND_ALLOW_PRIVATE = False
+    refused = client.put("/v1/billing/alerts/settings", {"webhook_url": "http://127.0.0.1:9/hook"}, format="json")
+    assert refused.status_code == 422
+    assert refused.json()["detail"][0]["loc"] == ["body", "webhook_url"]
+    bad = client.put("/v1/billing/alerts/settings", {"budget_thresholds": [0, 101, "50"]}, format="json")
+    assert bad.status_code == 422
+    changed = client.put(
+        "/v1/billing/alerts/settings",
+        {"budget_thresholds": [90, 75, 90], "credit_floor_micros": 5_000_000},
+        format="json",
+    )
+    assert changed.status_code == 200, changed.content
+    assert changed.json()["budget_thresholds"] == [75, 90]
+    assert Account.objects.get(pk=organization.pk).alerts_armed  # a floor is watched from now on
+    event = AuditEvent.objects.filter(organization=organization, action=AuditAction.ALERT_SETTINGS_CHANGED).get()
+    assert event.metadata == {"budget_thresholds": [75, 90], "credit_floor_micros": 5_000_000}
+    assert event.actor_api_key_id == tenant["api_key"].pk
+
+    # Reading needs usage:read; changing needs admin (owners and admins grant it; billing members use the dashboard).
+    _, reader = make_key(organization, scopes=[Scope.USAGE_READ], created_by=tenant["user"])
+    reading = APIClient()
+    reading.credentials(HTTP_AUTHORIZATION=f"Key {reader}")
+    assert reading.get("/v1/billing/alerts/settings").status_code == 200
+    assert reading.get("/v1/billing/alerts").json()["results"] == []
+    assert reading.put("/v1/billing/alerts/settings", {"key_thresholds": [10]}, format="json").status_code == 403
+
+
+def test_the_dashboard_sets_budget_alerts_and_limits_for_owners_and_billing_members_only(
+    tenant: dict[str, Any], settings: Any
+) -> None:
+    organization = tenant["organization"]
+    User = tenant["user"].__class__
+    billing_member, developer = User.objects.create_user("books@example.com"), User.objects.create_user("d@x.com")
+    add_member(organization=organization, user=billing_member, role=Role.BILLING)
+    add_member(organization=organization, user=developer, role=Role.DEVELOPER)
+    form = {
+        "budget_dollars": "12.50",
+        "budget_thresholds": "50, 90%",
+        "key_thresholds": "80",
+        "credit_floor_dollars": "",
+        "webhook_url": "",
+    }
+    refused = Client()
+    refused.force_login(developer)
+    assert refused.post("/dashboard/billing/spend", form).status_code == 403
+    assert refused.post(f"/dashboard/billing/keys/{tenant['api_key'].pk}/limit", {}).status_code == 403
+    books = Client()
+    books.force_login(billing_member)
+    assert books.post("/dashboard/billing/spend", form).status_code == 302
+    prefix = str(tenant["api_key"].pk)
+    assert books.post(f"/dashboard/billing/keys/{prefix}/limit", {f"{prefix}-limit_dollars": "3"}).status_code == 302
+    assert (
+        books.post("/dashboard/billing/end-users/limit", {"end_user": "alice", "limit_dollars": "1.5"}).status_code
+        == 302
+    )
+    account = Account.objects.get(pk=organization.pk)
+    assert account.monthly_budget_micros == 12_500_000
+    assert alerts.settings_of(organization.pk).budget_thresholds == [50, 90]
+    page = books.get("/dashboard/billing").content.decode()
+    assert "$12.50" in page
+    assert "<code>alice</code>" in page
+    assert "$1.50" in page
+    actions = sorted(
+        AuditEvent.objects.filter(organization=organization, actor_user=billing_member).values_list("action", flat=True)
+    )
+    assert actions == sorted(
+        [AuditAction.SPEND_LIMITS_CHANGED] * 3 + [AuditAction.ALERT_SETTINGS_CHANGED]
+    )  # the budget, the key, the end user, and the alert settings
+    # The keys page shows each key's limit and its spend so far.
+    owner = Client()
+    owner.force_login(tenant["user"])
+    keys_page = owner.get("/dashboard/keys").content.decode()
+    assert "Spent this month" in keys_page
+    assert "$3.00" in keys_page
+    assert Membership.objects.filter(organization=organization).count() == 3
+
+
+def test_alerts_are_listed_in_the_api(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, settle: Callable[..., Job]
+) -> None:
+    organization = tenant["organization"]
+    settle(tenant, builtin_endpoint)
+    controls.set_monthly_budget(organization=organization, budget_micros=4 * JOB_COST)
+    settle(tenant, builtin_endpoint)
+    listed = tenant["client"].get("/v1/billing/alerts").json()["results"]
+    assert [(item["type"], item["threshold_percent"], item["scope"]) for item in listed] == [
+        ("billing.threshold_reached", 50, "budget")
+    ]
+    assert listed[0]["spent_micros"] == 2 * JOB_COST
+    assert listed[0]["limit_micros"] == 4 * JOB_COST
+    assert json.dumps(listed[0])  # plain JSON
+    assert Hold.objects.filter(organization=organization, released_at=None).count() == 0

@@ -1,0 +1,138 @@
+"""A spend alert as a customer meets it, in headless Chromium against the running platform (real workers): the owner
+sets a monthly budget on the billing page, a program's requests spend it until 80%, and the alert is on the page.
+
+The alert is found by the GPU worker after the settlement of the request that crossed the threshold commits
+(billing/alerts.py), never by the page itself; the page only shows what was recorded.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from playwright.sync_api import expect
+
+from billing.money import format_micros
+from tests.browser.conftest import LAPTOP, PHONE, Tab, off_the_loop
+from tests.browser.test_dashboard import log_in, run_with_key, with_password
+from tests.e2e.conftest import Stack
+from tests.waiting import wait_until
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+# The budget: what the first requests spent, plus this many times what one costs, and at least this many of the
+# holds admission places for one (each about 1.2 times a request's measured cost), so what is left at 80% still
+# admits the next request.
+BUDGET_IN_REQUESTS = 16
+BUDGET_IN_HOLDS = 6
+MOST_REQUESTS = 120
+WARM_UP_REQUESTS = 3
+
+
+@pytest.fixture
+def owner(seeded: None) -> dict[str, Any]:
+    """Someone who owns an organization (their personal one), with an inference key its programs use."""
+    from accounts.models import Organization, Scope
+    from accounts.services import create_api_key, sign_up
+
+    user = with_password(sign_up(email=f"owner-{uuid.uuid4().hex[:8]}@example.com", password=None))
+    organization = Organization.objects.get(memberships__user=user)
+    _, key = create_api_key(organization=organization, name="program key", scopes=[Scope.INFERENCE], created_by=user)
+    return {"email": user.email, "key": key, "organization_id": organization.pk}
+
+
+def spent(organization_id: Any) -> int:
+    from billing.admission import spent_this_month
+
+    return spent_this_month(organization_id=organization_id)
+
+
+def last_request(organization_id: Any) -> tuple[int, int]:
+    """What the organization's last request cost, and what it held (admission's estimate, grown by the worker's
+    reservations ahead of its steps)."""
+    from billing.models import Hold, UsageRecord
+
+    record = UsageRecord.objects.filter(organization_id=organization_id).latest("recorded_at")
+    return record.cost_micros, Hold.objects.get(job_id=record.job_id).amount_micros
+
+
+def thresholds_recorded(organization_id: Any) -> list[int]:
+    from billing.models import SpendAlert
+
+    return sorted(SpendAlert.objects.filter(organization_id=organization_id).values_list("threshold", flat=True))
+
+
+def test_an_owner_sets_a_budget_and_sees_the_80_percent_alert(
+    owner: dict[str, Any], stack: Stack, open_tab: Callable[..., Tab]
+) -> None:
+    organization_id = owner["organization_id"]
+    # What a request costs once the worker is warm, and what one holds once its GPU time is measured.
+    for _ in range(WARM_UP_REQUESTS):
+        run_with_key(stack, owner["key"])
+    first = off_the_loop(lambda: spent(organization_id))
+    cost, hold = off_the_loop(lambda: last_request(organization_id))
+    assert cost > 0
+    budget_micros = first + max(BUDGET_IN_REQUESTS * cost, BUDGET_IN_HOLDS * hold)
+
+    tab = open_tab(LAPTOP)
+    page = tab.page
+    log_in(tab, owner["email"])
+    page.wait_for_url("**/dashboard/")
+    tab.open("/dashboard/billing")
+    settings = page.get_by_test_id("spend-settings")
+    settings.locator("#id_budget_dollars").fill(str(Decimal(budget_micros) / 1_000_000))
+    expect(settings.locator("#id_budget_thresholds")).to_have_value("50, 80, 100")
+    tab.shot("budget")
+    settings.get_by_role("button", name="Save").click()
+    expect(page.get_by_text("Budget and alerts saved.")).to_be_visible()
+    expect(page.get_by_test_id("budget")).to_have_text(format_micros(budget_micros))
+
+    # A program's requests, one at a time, until the worker has recorded the 80% alert (or the budget refuses one).
+    for _ in range(MOST_REQUESTS):
+        if 80 in off_the_loop(lambda: thresholds_recorded(organization_id)):
+            break
+        run_with_key(stack, owner["key"])
+        # The alert is recorded once the settlement's transaction commits in the worker, just after the answer.
+        now_spent = off_the_loop(lambda: spent(organization_id))
+        if now_spent * 100 >= 80 * budget_micros:
+            wait_until(
+                lambda: 80 in off_the_loop(lambda: thresholds_recorded(organization_id)),
+                timeout=15,
+                message="the worker to record the 80% alert",
+            )
+    else:
+        figures = off_the_loop(lambda: (spent(organization_id), thresholds_recorded(organization_id)))
+        pytest.fail(
+            f"{MOST_REQUESTS} requests did not reach 80% of the budget: {figures} of {budget_micros} µ$; the first "
+            f"{WARM_UP_REQUESTS} cost {first}, the last of them {cost}, holding {hold}"
+        )
+    assert off_the_loop(lambda: thresholds_recorded(organization_id))[:2] == [50, 80]
+
+    # On every page, on top: the 80% alert (and the 50% one before it), with the budget and the spend.
+    tab.open("/dashboard/")
+    notices = page.get_by_test_id("spend-alerts")
+    expect(notices).to_be_visible()
+    expect(notices.get_by_role("alert").filter(has_text="80% of the monthly budget")).to_have_count(1)
+    expect(notices.get_by_role("alert").filter(has_text="50% of the monthly budget")).to_have_count(1)
+    tab.shot("alert-on-overview")
+    tab.open("/dashboard/billing")
+    expect(page.get_by_test_id("alert-history").get_by_text("80% of the monthly budget")).to_be_visible()
+    tab.shot("alert-history")
+
+    # Dismissed, it leaves the notices (the history keeps it).
+    eighty = notices.get_by_role("alert").filter(has_text="80% of the monthly budget")
+    eighty.get_by_role("button", name="Dismiss").click()
+    page.wait_for_url("**/dashboard/billing")
+    expect(page.get_by_test_id("spend-alerts").get_by_text("80% of the monthly budget")).to_have_count(0)
+    expect(page.get_by_test_id("alert-history").get_by_text("80% of the monthly budget")).to_be_visible()
+
+    # The same notice fits a phone.
+    phone = open_tab(PHONE)
+    log_in(phone, owner["email"])
+    phone.page.wait_for_url("**/dashboard/")
+    expect(phone.page.get_by_test_id("spend-alerts").get_by_role("alert")).to_have_count(1)
+    assert not phone.scrolls_sideways()
+    phone.shot("alert-on-phone")
