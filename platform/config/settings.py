@@ -350,6 +350,8 @@ SYNC_RUN_TIMEOUT_SECONDS = env_int("SYNC_RUN_TIMEOUT_SECONDS", 3600, minimum=1)
 STREAM_PREVIEW_EVERY_STEPS = env_int("STREAM_PREVIEW_EVERY_STEPS", 2, minimum=0)
 OUTPUT_URL_TTL_SECONDS = env_int("OUTPUT_URL_TTL_SECONDS", 24 * 3600, minimum=60)
 OUTPUT_RETENTION_SECONDS = env_int("OUTPUT_RETENTION_SECONDS", 30 * 24 * 3600, minimum=60)
+# Days a finished job's log lines are kept (inference/job_logs.py); its usage and money records are kept regardless.
+JOB_LOG_RETENTION_DAYS = env_int("JOB_LOG_RETENTION_DAYS", 30, minimum=1)
 WORKER_PIPELINE_CACHE_BYTES = env_int("WORKER_PIPELINE_CACHE_BYTES", 8 * 1024**3, minimum=1)
 # Input images are refused past this many pixels, read from their header before anything is decoded (a small
 # compressed file can declare a huge image): 4096x4096 decodes to 64 MB as RGBA.
@@ -454,6 +456,7 @@ CELERY_BEAT_SCHEDULE = {
     "inference-sweep": {"task": "inference.sweep", "schedule": float(JOB_SWEEP_SECONDS)},
     "inference-webhooks": {"task": "inference.deliver_due_webhooks", "schedule": 5.0},
     "inference-purge-outputs": {"task": "inference.purge_expired_outputs", "schedule": 3600.0},
+    "inference-prune-job-logs": {"task": "inference.prune_job_logs", "schedule": 3600.0},
     "inference-sync-models": {"task": "inference.sync_models", "schedule": 60.0},
     # The books' nightly proof (billing.reconciliation), at 03:00 UTC (Celery keeps UTC): what was written since the
     # last proven run on weeknights and Saturday, everything on Sunday (old rows an incremental run cannot see).
