@@ -14,7 +14,7 @@ from inference.models import Endpoint
 
 DIMENSIONS = ("day", "hour", "endpoint", "key", "gpu_class")
 _COLUMNS = {"endpoint": "endpoint_id", "key": "key_id", "gpu_class": "gpu_class"}
-_SUMS = ("attempts", "billable_attempts", "gpu_ms", "unbilled_gpu_ms", "cost_micros")
+_SUMS = ("attempts", "billable_attempts", "gpu_ms", "unbilled_gpu_ms", "cost_micros", "video_ms", "audio_ms")
 
 
 def day_start(day: date) -> datetime:
@@ -80,6 +80,9 @@ def _finish(row: dict[str, Any]) -> dict[str, Any]:
         row[name] = int(row.get(name) or 0)
     row["requests"] = row.pop("billable_attempts")
     row["gpu_seconds"] = round(row["gpu_ms"] / 1000, 3)
+    # Seconds of video and of audio delivered: what a price per second of output bills.
+    row["video_seconds"] = round(row["video_ms"] / 1000, 3)
+    row["audio_seconds"] = round(row["audio_ms"] / 1000, 3)
     return row
 
 

@@ -9,8 +9,9 @@ Two choices are ours, not the tests':
 - LTX's video VAE gets every ``decoder_*`` argument explicitly. Left out, they take the full model's defaults
   (a 237M-parameter decoder of the wrong depth, decoding frames of another size than the encoder's).
 - Its decoder is causal in time (``decoder_causal=True``, a setting of the real architecture). Then the first
-  decoded frame depends on the first latent frame only, which image to video holds fixed to the encoded start image:
-  the video's first frame is the model's rendering of the start image alone, whatever the prompt.
+  decoded frame depends on the first latent frame only, which image to video holds fixed to the encoded start image;
+  with the encoder's posterior made narrow (as a trained one is: below), the video's first frame is the model's
+  rendering of the start image alone, whatever the prompt and the seed.
 
 Tokenizers are made offline too: T5's from a generated Unigram vocabulary (every printable ASCII character, alone and
 starting a word, and a few common words), so any prompt tokenizes (characters outside it become ``<unk>``).
@@ -44,6 +45,8 @@ from inference.engine.tiny import quiet
 # T5's fixed ids: padding 0, end of sequence 1, unknown 2 (the Unigram model's unk_id).
 _T5_SPECIALS = (("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0))
 _WORD_START = "▁"
+# The log-variance of the tiny video VAE's posterior: a standard deviation of e^-15, as good as none.
+_NARROW_LOG_VARIANCE = -30.0
 _COMMON_WORDS = ("a", "the", "of", "and", "in", "on", "at", "with", "sound", "video", "light", "rain", "sea", "city")
 
 
@@ -151,6 +154,11 @@ def build_tiny_video_pipeline(preset: str | TinyVideoPreset = "tiny") -> LTXPipe
             encoder_causal=True,
             decoder_causal=True,
         )
+    with torch.no_grad():
+        # A trained VAE's posterior is narrow; a random one's variance is about 1, and an encoded start image would be
+        # mostly the generator's noise. Its log-variance (the encoder's last output channel) is pinned near zero
+        # width instead, so the start image's latent, and the first frame decoded from it, is the image's alone.
+        vae.encoder.conv_out.conv.bias[-1] = _NARROW_LOG_VARIANCE
     # The whole clip in one pass: at this size framewise coding only adds overhead.
     vae.use_framewise_encoding = False
     vae.use_framewise_decoding = False

@@ -176,10 +176,13 @@ def test_image_to_video_starts_from_the_image(cache: PipelineCache) -> None:
     engine = cache.get(VIDEO, PipelineKind.IMAGE_TO_VIDEO).engine
     image = start_image(1)
     one = engine.run(video_request(init_image=image, width=64, height=64)).videos[0]
-    # Another prompt, same image and seed: the first frame is the model's rendering of the image alone.
+    # Another prompt or seed, same image: the first frame is the model's rendering of the image alone.
     other_prompt = engine.run(video_request(init_image=image, width=64, height=64, prompts=["a dog"])).videos[0]
+    other_seed = engine.run(video_request(init_image=image, width=64, height=64, seeds=[99])).videos[0]
     other_image = engine.run(video_request(init_image=start_image(2), width=64, height=64)).videos[0]
     assert np.array_equal(one[0], other_prompt[0])
+    assert np.array_equal(one[0], other_seed[0])
+    assert largest_difference(one[1:], other_seed[1:]) > 10
     assert largest_difference(one[1:], other_prompt[1:]) > 0
     assert largest_difference(one[0], other_image[0]) > 20
     request = video_request(init_image=image, width=64, height=64)
