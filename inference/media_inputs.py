@@ -44,7 +44,9 @@ ASPECT_RATIOS: dict[str, tuple[int, int]] = {
     "1:1": (1, 1),
 }
 AUTO = "auto"  # image to video: the start image's aspect ratio
-RESOLUTION = re.compile(r"^(?P<short_side>[1-9][0-9]{1,4})p$")
+# The shorter side and "p": the schema's pattern, which JSON Schema and browsers read as ECMAScript, and ours.
+RESOLUTION_PATTERN = r"^[1-9][0-9]{1,4}p$"
+RESOLUTION = re.compile(RESOLUTION_PATTERN)
 AUDIO_FORMATS = ("wav", "mp3")
 
 
@@ -172,7 +174,7 @@ def _video_size(
         if match is None:
             c.add("resolution", "Input should be the shorter side in pixels followed by p, like 480p.", "pattern")
         else:
-            short_side = int(match["short_side"])
+            short_side = int(resolution.removesuffix("p"))
             largest = min(endpoint.max_width, endpoint.max_height)
             if short_side % VIDEO_SIZE_MULTIPLE or not VIDEO_SIZE_MULTIPLE <= short_side <= largest:
                 c.add(
@@ -308,7 +310,7 @@ def video_schema(endpoint: Endpoint) -> dict[str, Any]:
         **_prompt_schema(endpoint),
         "resolution": {
             "type": "string",
-            "pattern": RESOLUTION.pattern,
+            "pattern": RESOLUTION_PATTERN,
             "default": f"{default_short}p",
             "description": f"The shorter side in pixels, a multiple of {VIDEO_SIZE_MULTIPLE} up to "
             f"{min(endpoint.max_width, endpoint.max_height)} (like 480p).",
