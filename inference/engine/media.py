@@ -15,13 +15,15 @@ the image engine adds around its loop, as far as these pipelines allow:
 - video frames delivered exactly as asked: LTX makes ``k * r + 1`` frames (``r`` its VAE's temporal compression),
   so the engine asks for the smallest such count that covers the request and drops the extra frames at the end;
 - the optimization profile's keys that apply to these models: ``inference_mode``, ``precision``, ``compile``
-  (the transformer: its repeated blocks, or whole), ``prompt_cache``, ``max_batch_size`` and ``batch_wait_ms``.
-  The UNet-specific keys (attention kernels, fused projections, padded text tokens, channels-last, CUDA graphs,
+  (the transformer: its repeated blocks, or whole), ``prompt_cache``, ``max_batch_size``, ``batch_wait_ms``, and
+  ``small_head_attention`` (LTX-Video's attention heads of 8 or 16 channels in the engine's CPU kernel, the tiny
+  model's among them). The UNet-specific keys (fused projections, padded text tokens, channels-last, CUDA graphs,
   feature caching) do not apply and are left alone.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -42,6 +44,8 @@ from inference.engine.loading import Pipeline, base_family, pipeline_for_kind
 from inference.engine.optimize import ModuleOptimizations, compiling
 from inference.engine.previews import PreviewOptions
 from inference.engine.runtime import BatchIncompatible, Cancelled, GenerationRequest, GenerationResult, OnStep
+
+logger = logging.getLogger(__name__)
 
 MemberCheck = Callable[[int], bool]
 MemberCancelled = Callable[[int, Cancelled], None]
@@ -126,6 +130,13 @@ class MediaEngine:
         self.optimizations = optimizations
         self.device = pipeline.transformer.device
         transformer = pipeline.transformer
+        if optimizations.small_head_attention and self.device.type == "cpu" and self.family is Family.VIDEO:
+            # Imported here: the kernel's module reads the compile cache's folder setting.
+            from inference.engine.attention import use_small_head_attention_ltx
+
+            logger.info(
+                "small-head attention kernel on %d attention modules", use_small_head_attention_ltx(transformer)
+            )
         if optimizations.compile == "regional" and getattr(transformer, "_repeated_blocks", None):
             transformer.compile_repeated_blocks(fullgraph=True)
         elif optimizations.compile != "off":

@@ -310,3 +310,18 @@ def test_audio_is_wav_or_mp3(output_format: str, content_type: str) -> None:
         assert np.abs(data[:, 1] - np.clip(clip[1], -1, 1)).max() < 1e-3
     else:
         assert abs(data.shape[0] - 32_000) < 16_000 * 0.2  # MP3's frames round the length up a little
+
+
+def test_the_small_head_attention_kernel_runs_ltx_attention_losslessly(video: MediaEngine) -> None:
+    from inference.engine import LoadOptions, ModuleOptimizations
+    from inference.engine.attention import LTXSmallHeadAttnProcessor, kernel_available
+
+    if not kernel_available():
+        pytest.skip("no C compiler here: the engine keeps SDPA (and says so in its log)")
+    options = LoadOptions(optimizations=ModuleOptimizations(small_head_attention=True))
+    engine = PipelineCache(budget_bytes=1 << 30).get(VIDEO, PipelineKind.TEXT_TO_VIDEO, options=options).engine
+    processors = [module.processor for module in engine.base.transformer.modules() if hasattr(module, "processor")]
+    assert processors
+    assert all(isinstance(processor, LTXSmallHeadAttnProcessor) for processor in processors)
+    request = video_request(negative_prompt="blurry")  # cross-attention with a padding mask, self-attention with rope
+    assert largest_difference(engine.run(request).videos[0], video.run(request).videos[0]) <= 1
