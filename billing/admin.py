@@ -94,6 +94,7 @@ def _price_facts(price: Price) -> dict[str, Any]:
         "organization": str(price.organization_id) if price.organization_id else None,
         "unit": price.unit,
         "unit_price_micros": price.unit_price_micros,
+        "resolution_tiers": price.resolution_tiers,
         "effective_from": price.effective_from.isoformat(),
         "note": price.note,
     }
@@ -102,7 +103,16 @@ def _price_facts(price: Price) -> dict[str, Any]:
 class PriceForm(_PriceFormBase):
     class Meta:
         model = Price
-        fields = ("gpu_class", "endpoint", "organization", "unit", "unit_price_micros", "effective_from", "note")
+        fields = (
+            "gpu_class",
+            "endpoint",
+            "organization",
+            "unit",
+            "unit_price_micros",
+            "resolution_tiers",
+            "effective_from",
+            "note",
+        )
 
     def clean_effective_from(self) -> Any:
         effective_from = self.cleaned_data["effective_from"]
@@ -136,12 +146,15 @@ class PriceAdmin(_PriceAdminBase):
                     "organization",
                     "unit",
                     "unit_price_micros",
+                    "resolution_tiers",
                     "effective_from",
                     "note",
                 ),
                 "description": "A line applies to a whole GPU class (per GPU-second) or to one endpoint (per "
-                "GPU-second, image or megapixel), from its start; naming an organization as well makes it that "
-                "organization's negotiated price of the endpoint. To change a price in force, add a new version.",
+                "GPU-second, image, megapixel, video, or second of video or audio), from its start; naming an "
+                "organization as well makes it that organization's negotiated price of the endpoint. Per-output "
+                "lines may price by resolution tier (the output's shorter side). To change a price in force, add a "
+                "new version.",
             },
         ),
         ("Record", {"fields": ("created_by", "created_at")}),
@@ -157,7 +170,14 @@ class PriceAdmin(_PriceAdminBase):
 
     @admin.display(description="price", ordering="unit_price_micros")
     def price(self, price: Price) -> str:
-        return f"{format_micros(price.unit_price_micros)} per {price.get_unit_display().lower()}"
+        per = price.get_unit_display().lower()
+        tiers = [
+            f"{format_micros(tier['unit_price_micros'])} up to {tier['max_short_side']}p"
+            for tier in price.resolution_tiers or ()
+        ]
+        return f"{format_micros(price.unit_price_micros)} per {per}" + (
+            f" ({', '.join(tiers)}; above)" if tiers else ""
+        )
 
     @admin.display(description="state")
     def state(self, price: Price) -> str:

@@ -35,6 +35,7 @@ from billing import end_users, holds, pricing
 from billing.locks import locked_account, locked_open_hold, share_key
 from billing.models import Account, Granularity, Hold, KeySpendLimit, PriceUnit, UsageRecord, UsageRollup
 from billing.money import format_micros, gpu_cost_micros, gpu_ms_within
+from inference.deliveries import asked
 from inference.hooks import ListedPrice, Refusal, Reservation, Usage
 from inference.models import Endpoint, Job
 
@@ -137,6 +138,7 @@ def admit(job: Job) -> Refusal | None:
     """
     quote = pricing.price_for(job.endpoint, timezone.now(), job.organization_id)
     estimate = pricing.hold_micros(job.endpoint, job.input, quote)
+    quote = quote.for_outputs(asked(job.input))  # the price of its resolution tier, where the line has tiers
     # The end user's limit behind the organization's share lock, then the key's behind the key's (the lock order).
     end_user_limit = end_users.limit_for_admission(job.organization_id, job.end_user) if job.end_user else None
     limit = _key_limit(job)
@@ -284,6 +286,7 @@ def job_usage(job: Job) -> Usage | None:
         unit, unit_price = last.unit, last.unit_price_micros
     else:
         quote = pricing.price_for(job.endpoint, job.started_at or job.created_at, job.organization_id)
+        quote = quote.for_outputs(asked(job.input))
         unit, unit_price = quote.unit, quote.unit_price_micros
     return {
         "gpu_class": job.gpu_class,

@@ -105,7 +105,7 @@ class UsageView(BillingView):
             (200, "text/csv"): OpenApiTypes.STR,
             404: error("No such endpoint (`endpoint`)."),
         },
-        summary="GPU time and cost of this organization, grouped (JSON or CSV)",
+        summary="GPU time, seconds of video and audio delivered, and cost of this organization, grouped (JSON or CSV)",
     )
     def get(self, request: Request) -> HttpResponse:
         params = query_params(request, UsageQuery)
@@ -146,6 +146,7 @@ def usage_csv(report: dict[str, Any], *, filename: str) -> HttpResponse:
     for dimension in report["group_by"]:
         columns += {"key": ["key_id", "key_name"]}.get(dimension, [dimension])
     columns += ["requests", "attempts", "gpu_ms", "gpu_seconds", "unbilled_gpu_ms", "cost_micros"]
+    columns += ["video_seconds", "audio_seconds"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()

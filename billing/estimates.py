@@ -3,7 +3,8 @@
 Every estimate prices with the rate card admission uses (``pricing.price_for``, the organization's negotiated price
 where it has one) and meets price and quantity only in ``money.cost_micros``, so its rounding is the bill's.
 
-- ``unit_price_cost``: a number of billing units (images, megapixels, GPU-seconds) at the unit price.
+- ``unit_price_cost``: a number of billing units (images, megapixels, videos, seconds of video or audio,
+  GPU-seconds) at the unit price (a line with resolution tiers: its own price, for outputs above every tier).
 - ``input_cost``: calls with a given input, each costing what admission holds for it (``pricing.hold_micros``):
   exact for a price per image or megapixel; for a price per GPU-second, the endpoint's measured GPU time per work
   unit (or its class's bound) plus the hold margin, an upper estimate.
@@ -45,18 +46,28 @@ class History:
 
 
 def unit_price_cost(quote: pricing.Quote, units: Decimal) -> int:
-    """``units`` of the quote's unit at its price: whole images, megapixels to the pixel, GPU-seconds to the ms."""
-    images = pixels = gpu_ms = 0
-    if quote.unit == PriceUnit.IMAGE:
-        images = _whole(units, "An image is billed whole: give a whole number of images.")
-    elif quote.unit == PriceUnit.MEGAPIXEL:
-        pixels = _whole(units * PIXELS_PER_MEGAPIXEL, "Megapixels are billed to the pixel: at most 6 decimals.")
+    """``units`` of the quote's unit at its price: whole images and videos, megapixels to the pixel, GPU-seconds
+    and seconds of video or audio to the millisecond."""
+    return cost_micros(unit=quote.unit, unit_price_micros=quote.unit_price_micros, **_quantities(quote.unit, units))[1]
+
+
+def _quantities(unit: str, units: Decimal) -> dict[str, int]:
+    """``cost_micros``' quantities for ``units`` of ``unit``, refused (``NotWholeUnits``) finer than a bill counts."""
+    quantities = {"gpu_ms": 0, "images": 0, "pixels": 0, "videos": 0, "video_ms": 0, "audio_ms": 0}
+    if unit == PriceUnit.IMAGE:
+        quantities["images"] = _whole(units, "An image is billed whole: give a whole number of images.")
+    elif unit == PriceUnit.VIDEO:
+        quantities["videos"] = _whole(units, "A video is billed whole: give a whole number of videos.")
+    elif unit == PriceUnit.MEGAPIXEL:
+        quantities["pixels"] = _whole(
+            units * PIXELS_PER_MEGAPIXEL, "Megapixels are billed to the pixel: at most 6 decimals."
+        )
+    elif unit in (PriceUnit.VIDEO_SECOND, PriceUnit.AUDIO_SECOND):
+        key = "video_ms" if unit == PriceUnit.VIDEO_SECOND else "audio_ms"
+        quantities[key] = _whole(units * 1000, "Seconds of output are billed to the millisecond: at most 3 decimals.")
     else:
-        gpu_ms = _whole(units * 1000, "GPU time is billed to the millisecond: at most 3 decimals.")
-    _, cost = cost_micros(
-        unit=quote.unit, unit_price_micros=quote.unit_price_micros, gpu_ms=gpu_ms, images=images, pixels=pixels
-    )
-    return cost
+        quantities["gpu_ms"] = _whole(units * 1000, "GPU time is billed to the millisecond: at most 3 decimals.")
+    return quantities
 
 
 def _whole(quantity: Decimal, message: str) -> int:
@@ -66,13 +77,15 @@ def _whole(quantity: Decimal, message: str) -> int:
 
 
 def default_input(endpoint: Endpoint) -> dict[str, Any]:
-    """What a request that leaves every parameter out runs with, as far as its cost goes (``pricing.work_units``)."""
-    return {
-        "width": endpoint.default_width,
-        "height": endpoint.default_height,
-        "num_inference_steps": endpoint.default_steps,
-        "num_images": 1,
-    }
+    """What a request that leaves every parameter out runs with, as far as its cost goes (``pricing.work_units``,
+    ``inference.deliveries.asked``)."""
+    defaults: dict[str, Any] = {"num_inference_steps": endpoint.default_steps, "num_images": 1}
+    if endpoint.makes == "audio":
+        return {**defaults, "seconds_total": endpoint.default_audio_seconds}
+    defaults.update(width=endpoint.default_width, height=endpoint.default_height)
+    if endpoint.makes == "video":
+        defaults.update(num_frames=endpoint.default_num_frames, fps=endpoint.default_fps)
+    return defaults
 
 
 def input_cost(endpoint: Endpoint, quote: pricing.Quote, job_input: dict[str, Any], calls: int) -> int:
@@ -105,17 +118,19 @@ def histories(organization_id: Any, endpoints: list[Endpoint]) -> dict[tuple[Any
 def history_cost(quote: pricing.Quote, history: History, calls: int) -> int:
     """``calls`` requests using what ``history``'s requests used on average, at the quote's price.
 
-    The total quantity is rounded half up to the unit's grain (a millisecond, an image, a pixel), then priced once.
+    The total quantity is rounded half up to the unit's grain (a millisecond, an image or video, a pixel), then priced
+    once. (A line with resolution tiers: at its own price, the largest outputs'.)
     """
-    images = pixels = gpu_ms = 0
-    if quote.unit == PriceUnit.IMAGE:
-        images = divide_half_up(int(history.billable_units) * calls, history.requests)
+    quantities = {"gpu_ms": 0, "images": 0, "pixels": 0, "videos": 0, "video_ms": 0, "audio_ms": 0}
+    if quote.unit in (PriceUnit.IMAGE, PriceUnit.VIDEO):
+        key = "images" if quote.unit == PriceUnit.IMAGE else "videos"
+        quantities[key] = divide_half_up(int(history.billable_units) * calls, history.requests)
     elif quote.unit == PriceUnit.MEGAPIXEL:
         total_pixels = int(history.billable_units * PIXELS_PER_MEGAPIXEL)
-        pixels = divide_half_up(total_pixels * calls, history.requests)
+        quantities["pixels"] = divide_half_up(total_pixels * calls, history.requests)
+    elif quote.unit in (PriceUnit.VIDEO_SECOND, PriceUnit.AUDIO_SECOND):
+        key = "video_ms" if quote.unit == PriceUnit.VIDEO_SECOND else "audio_ms"
+        quantities[key] = divide_half_up(int(history.billable_units * 1000) * calls, history.requests)
     else:
-        gpu_ms = divide_half_up(history.gpu_ms * calls, history.requests)
-    _, cost = cost_micros(
-        unit=quote.unit, unit_price_micros=quote.unit_price_micros, gpu_ms=gpu_ms, images=images, pixels=pixels
-    )
-    return cost
+        quantities["gpu_ms"] = divide_half_up(history.gpu_ms * calls, history.requests)
+    return cost_micros(unit=quote.unit, unit_price_micros=quote.unit_price_micros, **quantities)[1]

@@ -20,6 +20,7 @@ decided on the locked account as before and the record corrected to the smaller 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from django.db import connection
@@ -27,30 +28,41 @@ from django.db import connection
 from billing import alerts, holds, pricing
 from billing.ledger import debit_usage, post_entry
 from billing.locks import locked_account
-from billing.models import NO_KEY, Account, EndUserRollup, EntryKind, Granularity, Hold, UsageRecord, UsageRollup
+from billing.models import (
+    NO_KEY,
+    Account,
+    EndUserRollup,
+    EntryKind,
+    Granularity,
+    Hold,
+    PriceUnit,
+    UsageRecord,
+    UsageRollup,
+)
 from billing.money import cost_within
+from inference.deliveries import NOTHING, asked, delivered
 from inference.models import Job, JobAttempt
-
-
-def _images_produced(job: Job) -> int:
-    if not job.result:
-        return 0
-    return len(job.result.get("images") or [])
 
 
 def record_attempt(job: Job, attempt: JobAttempt) -> UsageRecord:
     """Writes the usage of a closed attempt (billed or not), debits its cost and settles the hold if final.
+
+    A price per output bills what the attempt delivered (``inference.deliveries``): its images, its video's
+    seconds as the frames written to the file make them, its audio's seconds; a run that failed or stopped before
+    storing its output delivered nothing and costs nothing. Its GPU time is recorded either way.
 
     The debit is never more than the job's hold, nor more than the balance (so usage never takes it below zero):
     GPU time beyond what the hold covers is recorded unbilled. The worker extends the hold before each step, so
     this ceiling binds only when a measurement outruns the reservation (or a refund took the balance away).
     """
     started_at = job.started_at or attempt.started_at
-    quote = pricing.price_for(job.endpoint, started_at, job.organization_id)
     billable = attempt.billable
-    images = _images_produced(job) if billable else 0
+    outputs = delivered(job) if billable else NOTHING
+    # The tier of the size asked (what the outputs have, or would have had: a request that delivered nothing is
+    # shown at the price it was held at).
+    quote = pricing.price_for(job.endpoint, started_at, job.organization_id).for_outputs(asked(job.input))
     gpu_ms = attempt.gpu_ms if billable else 0
-    pixels = pricing.output_pixels(job.input, images)
+    quantities = pricing.billed_quantities(quote, outputs, gpu_ms)
     # The job's hold first (the lock order: the hold, then the account).
     if job.is_final:
         held = released = holds.release(job_id=job.pk)
@@ -58,14 +70,8 @@ def record_attempt(job: Job, attempt: JobAttempt) -> UsageRecord:
         held = Hold.objects.filter(job_id=job.pk, released_at=None).values_list("amount_micros", flat=True).first() or 0
         released = 0
     # Priced as if the balance covers the hold; ``debit_usage`` debits it only where the balance covers the cost.
-    units, cost, billed_ms = cost_within(
-        unit=quote.unit,
-        unit_price_micros=quote.unit_price_micros,
-        gpu_ms=gpu_ms,
-        images=images,
-        pixels=pixels,
-        ceiling_micros=held,
-    )
+    units, cost, billed_ms = cost_within(**quantities, ceiling_micros=held)
+    video_ms, audio_ms = output_ms(quote.unit, units, quantities)
     record = UsageRecord.objects.create(
         organization_id=job.organization_id,
         job=job,
@@ -84,6 +90,8 @@ def record_attempt(job: Job, attempt: JobAttempt) -> UsageRecord:
         unit_price_micros=quote.unit_price_micros,
         cost_micros=cost,
         work_units=pricing.work_units(job.input) if billable else 0,
+        video_ms=video_ms,
+        audio_ms=audio_ms,
         started_at=attempt.started_at,
         recorded_at=attempt.finished_at or job.finished_at or started_at,
     )
@@ -96,9 +104,7 @@ def record_attempt(job: Job, attempt: JobAttempt) -> UsageRecord:
         usage_record=record, released_micros=released, job=job, description=description, along=summaries
     )
     if account is None:
-        account = _settle_on_the_locked_account(
-            record, job, held=held, released=released, gpu_ms=gpu_ms, images=images, pixels=pixels
-        )
+        account = _settle_on_the_locked_account(record, job, held=held, released=released, quantities=quantities)
         add_to_rollups(record)
     if account.alerts_armed and record.cost_micros:
         # Spend moved: once this commits, see whether it crossed a threshold the organization watches.
@@ -107,22 +113,16 @@ def record_attempt(job: Job, attempt: JobAttempt) -> UsageRecord:
 
 
 def _settle_on_the_locked_account(
-    record: UsageRecord, job: Job, *, held: int, released: int, gpu_ms: int, images: int, pixels: int
+    record: UsageRecord, job: Job, *, held: int, released: int, quantities: dict[str, Any]
 ) -> Account:
     """The debit where the balance no longer covers the record's cost: the balance, read under the account's lock,
     is a further ceiling; the record is corrected to what fits under it, and the account saved."""
     account = locked_account(job.organization_id)
-    units, cost, billed_ms = cost_within(
-        unit=record.unit,
-        unit_price_micros=record.unit_price_micros,
-        gpu_ms=gpu_ms,
-        images=images,
-        pixels=pixels,
-        ceiling_micros=min(held, max(account.balance_micros, 0)),
-    )
+    units, cost, billed_ms = cost_within(**quantities, ceiling_micros=min(held, max(account.balance_micros, 0)))
     record.unbilled_gpu_ms += record.gpu_ms - billed_ms
     record.billable_units, record.cost_micros, record.gpu_ms = units, cost, billed_ms
-    record.save(update_fields=["billable_units", "cost_micros", "gpu_ms", "unbilled_gpu_ms"])
+    record.video_ms, record.audio_ms = output_ms(record.unit, units, quantities)
+    record.save(update_fields=["billable_units", "cost_micros", "gpu_ms", "unbilled_gpu_ms", "video_ms", "audio_ms"])
     account.held_micros -= released
     if cost:
         # Saves the account's balance and the held amount just released in one UPDATE.
@@ -141,7 +141,25 @@ def _settle_on_the_locked_account(
     return account
 
 
-_ROLLUP_COLUMNS = ("attempts", "billable_attempts", "gpu_ms", "unbilled_gpu_ms", "cost_micros", "work_units")
+def output_ms(unit: str, units: Decimal, quantities: dict[str, Any]) -> tuple[int, int]:
+    """Seconds of video and of audio a record counts, in ms: what was billed for a price per second of them (the
+    hold may have cut it), what was delivered otherwise."""
+    billed = int(units * 1000)
+    video_ms = billed if unit == PriceUnit.VIDEO_SECOND else int(quantities["video_ms"])
+    audio_ms = billed if unit == PriceUnit.AUDIO_SECOND else int(quantities["audio_ms"])
+    return video_ms, audio_ms
+
+
+_ROLLUP_COLUMNS = (
+    "attempts",
+    "billable_attempts",
+    "gpu_ms",
+    "unbilled_gpu_ms",
+    "cost_micros",
+    "work_units",
+    "video_ms",
+    "audio_ms",
+)
 
 
 def bucket_start(moment: datetime, granularity: str) -> datetime:
@@ -208,6 +226,8 @@ def rollup_upsert(record: UsageRecord, *, only_where: str = "") -> tuple[str, li
         "unbilled_gpu_ms": record.unbilled_gpu_ms,
         "cost_micros": record.cost_micros,
         "work_units": record.work_units,
+        "video_ms": record.video_ms,
+        "audio_ms": record.audio_ms,
     }
     return _rollups_statement(
         recorded_at=record.recorded_at,
@@ -229,13 +249,14 @@ def add_amounts_to_rollups(
     gpu_class: str,
     amounts: dict[str, int],
 ) -> None:
+    """Adds ``amounts`` to one hour's and one day's rollups; a column left out adds nothing."""
     sql, parameters = _rollups_statement(
         recorded_at=recorded_at,
         organization_id=organization_id,
         endpoint_id=endpoint_id,
         key_id=key_id,
         gpu_class=gpu_class,
-        amounts=amounts,
+        amounts={**dict.fromkeys(_ROLLUP_COLUMNS, 0), **amounts},
     )
     with connection.cursor() as cursor:
         cursor.execute(sql, parameters)

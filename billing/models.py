@@ -28,6 +28,39 @@ class PriceUnit(models.TextChoices):
     GPU_SECOND = "gpu_second", "GPU second"
     IMAGE = "image", "Image"
     MEGAPIXEL = "megapixel", "Megapixel"
+    VIDEO = "video", "Video"
+    VIDEO_SECOND = "video_second", "Second of video"
+    AUDIO_SECOND = "audio_second", "Second of audio"
+
+
+# Per-output units: billed on what was delivered, held whole at admission (no per-step reservation).
+OUTPUT_UNITS = (PriceUnit.IMAGE, PriceUnit.MEGAPIXEL, PriceUnit.VIDEO, PriceUnit.VIDEO_SECOND, PriceUnit.AUDIO_SECOND)
+# Units a resolution tier can price: outputs with a width and a height.
+TIERED_UNITS = (PriceUnit.IMAGE, PriceUnit.MEGAPIXEL, PriceUnit.VIDEO, PriceUnit.VIDEO_SECOND)
+MAX_TIERS = 16
+
+
+def tiers_problem(tiers: Any, unit: str) -> str | None:
+    """Why ``tiers`` is not a valid ``Price.resolution_tiers`` for ``unit`` (None: it is)."""
+    if tiers in (None, []):
+        return None
+    if unit not in TIERED_UNITS:
+        return f"Resolution tiers price outputs with a size: {', '.join(TIERED_UNITS)}, not {unit}."
+    if not isinstance(tiers, list) or len(tiers) > MAX_TIERS:
+        return f"Give a list of at most {MAX_TIERS} tiers."
+    sides = []
+    for tier in tiers:
+        if not isinstance(tier, dict) or set(tier) != {"max_short_side", "unit_price_micros"}:
+            return 'Each tier is {"max_short_side": pixels, "unit_price_micros": price}.'
+        values = (tier["max_short_side"], tier["unit_price_micros"])
+        if any(isinstance(value, bool) or not isinstance(value, int) or value < 0 for value in values):
+            return "A tier's side and price are whole numbers, not negative."
+        if not 1 <= tier["max_short_side"] <= 100_000 or tier["unit_price_micros"] > 10**15:
+            return "A tier's side is 1 to 100,000 pixels and its price at most 10^15 micro-dollars."
+        sides.append(tier["max_short_side"])
+    if sides != sorted(set(sides)):
+        return "Tiers go from the smallest side up, each side once."
+    return None
 
 
 class PriceQuerySet(models.QuerySet["Price"]):
@@ -62,7 +95,14 @@ class Price(models.Model):
     )
     unit = models.CharField(max_length=16, choices=PriceUnit.choices, default=PriceUnit.GPU_SECOND)
     unit_price_micros = models.PositiveBigIntegerField(
-        help_text="Micro-dollars per GPU-second, per image or per megapixel (1,000,000 = $1)."
+        help_text="Micro-dollars per GPU-second, per image, per megapixel, per video or per second of video or audio "
+        "(1,000,000 = $1); outputs larger than every resolution tier pay this."
+    )
+    resolution_tiers = models.JSONField(
+        default=list,
+        blank=True,
+        help_text='Per-output prices by resolution: [{"max_short_side": 480, "unit_price_micros": 20000}, ...], '
+        "smallest first; an output whose shorter side is at most a tier's pays the first such tier's price.",
     )
     effective_from = models.DateTimeField(default=timezone.now, db_index=True)
     note = models.CharField(max_length=200, blank=True)
@@ -107,6 +147,16 @@ class Price(models.Model):
             raise ValidationError({"unit": "A GPU class is priced per GPU-second; bill by output per endpoint."})
         if self.organization_id and not self.endpoint_id:
             raise ValidationError({"organization": "A negotiated price names the endpoint it applies to."})
+        if (problem := tiers_problem(self.resolution_tiers, self.unit)) is not None:
+            raise ValidationError({"resolution_tiers": problem})
+
+    def unit_price_for(self, short_side: int) -> int:
+        """The price of one unit of an output whose shorter side is ``short_side`` pixels (0: no size, the line's)."""
+        if short_side:
+            for tier in self.resolution_tiers or ():
+                if short_side <= tier["max_short_side"]:
+                    return int(tier["unit_price_micros"])
+        return self.unit_price_micros
 
 
 class Account(models.Model):
@@ -201,9 +251,13 @@ class UsageRecord(models.Model):
     price = models.ForeignKey(Price, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
     unit = models.CharField(max_length=16, choices=PriceUnit.choices)
     billable_units = models.DecimalField(max_digits=20, decimal_places=6)
-    unit_price_micros = models.PositiveBigIntegerField()
+    unit_price_micros = models.PositiveBigIntegerField(help_text="The price billed: the line's, or its tier's.")
     cost_micros = models.PositiveBigIntegerField()
-    work_units = models.PositiveBigIntegerField(default=0, help_text="Steps x images: the basis of cost estimates.")
+    work_units = models.PositiveBigIntegerField(default=0, help_text="Steps x outputs x size: the basis of estimates.")
+    # Seconds of video and of audio delivered, to the millisecond: what a price per second of output bills (cut to
+    # what the hold covered, if a measurement ever outran it); recorded whatever the price's unit.
+    video_ms = models.PositiveBigIntegerField(default=0, help_text="Seconds of video delivered and billed, in ms.")
+    audio_ms = models.PositiveBigIntegerField(default=0, help_text="Seconds of audio delivered and billed, in ms.")
     started_at = models.DateTimeField()
     recorded_at = models.DateTimeField(default=timezone.now, db_index=True)
 
@@ -243,6 +297,8 @@ class UsageRollup(models.Model):
     unbilled_gpu_ms = models.PositiveBigIntegerField(default=0)
     cost_micros = models.PositiveBigIntegerField(default=0)
     work_units = models.PositiveBigIntegerField(default=0)
+    video_ms = models.PositiveBigIntegerField(default=0)
+    audio_ms = models.PositiveBigIntegerField(default=0)
 
     class Meta:
         ordering = ("-bucket_start",)

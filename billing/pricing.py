@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
@@ -14,7 +15,8 @@ from django.utils import timezone
 
 from accounts.memo import GenerationMemo
 from billing.models import Granularity, Price, PriceUnit, UsageRollup
-from billing.money import cost_micros
+from billing.money import cost_micros, seconds_to_ms
+from inference.deliveries import Outputs, asked
 from inference.hooks import ListedPrice
 from inference.models import Endpoint
 
@@ -25,11 +27,25 @@ MEASURED_CACHE_SECONDS = 60
 
 @dataclass(frozen=True)
 class Quote:
-    """A price line resolved for one endpoint at one moment (``price`` None: nothing configured, free)."""
+    """A price line resolved for one endpoint at one moment (``price`` None: nothing configured, free).
+
+    ``unit_price_micros`` is the line's own price; a line with resolution tiers prices each output by its size
+    (``for_outputs``): that is the quote a job is held, billed and estimated at.
+    """
 
     price: Price | None
     unit: str
     unit_price_micros: int
+
+    @property
+    def resolution_tiers(self) -> list[dict[str, int]]:
+        return list(self.price.resolution_tiers or []) if self.price is not None else []
+
+    def for_outputs(self, outputs: Outputs) -> Quote:
+        """The quote for outputs of this size: the price of the first tier that holds their shorter side."""
+        if self.price is None or not self.price.resolution_tiers:
+            return self
+        return Quote(price=self.price, unit=self.unit, unit_price_micros=self.price.unit_price_for(outputs.short_side))
 
     def as_json(self) -> ListedPrice:
         return {
@@ -37,6 +53,7 @@ class Quote:
             "unit_price_micros": self.unit_price_micros,
             "currency": "usd",
             "effective_from": self.price.effective_from.isoformat() if self.price else None,
+            "resolution_tiers": self.resolution_tiers,
         }
 
 
@@ -140,14 +157,41 @@ def prices_for(endpoints: Sequence[Endpoint], at: datetime, organization_id: Any
 
 
 def work_units(job_input: dict[str, Any]) -> int:
-    """Steps x images x 512²-equivalents: what GPU time scales with, for estimates."""
-    pixels = int(job_input.get("width", 512)) * int(job_input.get("height", 512))
+    """Steps x outputs x size: what GPU time scales with, for estimates (compared within one endpoint only).
+
+    The size of an image is its 512²-equivalents; of a video, its frames' 512²-equivalents together; of an audio
+    clip, its whole seconds (its model denoises a fixed length, so this is an upper bound).
+    """
+    steps = int(job_input.get("num_inference_steps", 1))
+    if job_input.get("seconds_total") is not None:
+        return steps * max(1, -(-int(float(job_input["seconds_total"]) * 1000) // 1000))
+    pixels = int(job_input.get("width", 512)) * int(job_input.get("height", 512)) * int(job_input.get("num_frames", 1))
     size = max(1, -(-pixels // (512 * 512)))
-    return int(job_input.get("num_inference_steps", 1)) * int(job_input.get("num_images", 1)) * size
+    return steps * int(job_input.get("num_images", 1)) * size
 
 
 def output_pixels(job_input: dict[str, Any], images: int) -> int:
     return int(job_input.get("width", 0)) * int(job_input.get("height", 0)) * images
+
+
+def price_outputs(quote: Quote, outputs: Outputs, gpu_ms: int = 0) -> tuple[Decimal, int]:
+    """Billable units and cost of these outputs (and GPU time) at the quote: ``money.cost_micros`` with the seconds
+    of video and audio to the millisecond."""
+    return cost_micros(**billed_quantities(quote, outputs, gpu_ms))
+
+
+def billed_quantities(quote: Quote, outputs: Outputs, gpu_ms: int) -> dict[str, Any]:
+    """The keyword arguments of ``money.cost_micros`` and ``cost_within`` for these outputs at this quote."""
+    return {
+        "unit": quote.unit,
+        "unit_price_micros": quote.unit_price_micros,
+        "gpu_ms": gpu_ms,
+        "images": outputs.images,
+        "pixels": outputs.image_pixels,
+        "videos": outputs.videos,
+        "video_ms": seconds_to_ms(outputs.video_seconds),
+        "audio_ms": seconds_to_ms(outputs.audio_seconds),
+    }
 
 
 def ms_per_work_unit(endpoint: Endpoint) -> float:
@@ -172,20 +216,16 @@ def ms_per_work_unit(endpoint: Endpoint) -> float:
 
 
 def estimate_cost_micros(endpoint: Endpoint, job_input: dict[str, Any], quote: Quote) -> int:
-    """What admission holds for a job: exact for per-output prices, measured GPU time otherwise."""
-    images = int(job_input.get("num_images", 1))
+    """What admission holds for a job: exact for per-output prices (what a success delivers, at its resolution
+    tier's price), measured GPU time otherwise."""
+    outputs = asked(job_input)
+    if quote.unit != PriceUnit.GPU_SECOND:
+        return price_outputs(quote.for_outputs(outputs), outputs)[1]
     gpu_ms = int(work_units(job_input) * ms_per_work_unit(endpoint) * settings.BILLING_HOLD_MARGIN_PERCENT / 100)
-    _, cost = cost_micros(
-        unit=quote.unit,
-        unit_price_micros=quote.unit_price_micros,
-        gpu_ms=gpu_ms,
-        images=images,
-        pixels=output_pixels(job_input, images),
-    )
-    return cost
+    return price_outputs(quote, outputs, gpu_ms)[1]
 
 
 def hold_micros(endpoint: Endpoint, job_input: dict[str, Any], quote: Quote) -> int:
     """What admission holds before a job runs: its estimated cost, and at least a micro-dollar for priced work."""
     estimate = estimate_cost_micros(endpoint, job_input, quote)
-    return max(estimate, 1) if quote.unit_price_micros else estimate
+    return max(estimate, 1) if quote.for_outputs(asked(job_input)).unit_price_micros else estimate

@@ -45,6 +45,7 @@ from accounts.permissions import HasScope, request_organization
 from accounts.schema import ApiAutoSchema, error
 from accounts.serializers import StrictIntegerField
 from billing import estimates, pricing
+from billing.models import PriceUnit
 from billing.money import micros_to_dollars
 from inference.inputs import InputError, validate_input
 from inference.models import Endpoint
@@ -116,12 +117,23 @@ def resolve_endpoints(endpoint_ids: list[str]) -> dict[str, Endpoint]:
 
 
 def quote_body(quote: pricing.Quote) -> dict[str, Any]:
+    """fal's price (``unit_price``, ``unit``, ``currency``) with our micros beside it, and the line's resolution
+    tiers: an output whose shorter side is at most a tier's ``max_short_side`` pays that tier's price, larger ones
+    ``unit_price``."""
     return {
         "unit_price": micros_to_dollars(quote.unit_price_micros),
         "unit": quote.unit,
         "currency": CURRENCY,
         "unit_price_micros": quote.unit_price_micros,
         "negotiated": quote.price is not None and quote.price.organization_id is not None,
+        "resolution_tiers": [
+            {
+                "max_short_side": tier["max_short_side"],
+                "unit_price": micros_to_dollars(tier["unit_price_micros"]),
+                "unit_price_micros": tier["unit_price_micros"],
+            }
+            for tier in quote.resolution_tiers
+        ],
     }
 
 
@@ -147,13 +159,20 @@ NOT_FOUND = error(
 # --- Prices ----------------------------------------------------------------------------------------------------
 
 
+class ResolutionTier(serializers.Serializer[Any]):
+    max_short_side = serializers.IntegerField(help_text="Outputs whose shorter side is at most this many pixels.")
+    unit_price = DollarsField(help_text="Their price per unit in US dollars, exact.")
+    unit_price_micros = serializers.IntegerField()
+
+
 class EndpointPrice(serializers.Serializer[Any]):
     endpoint_id = serializers.CharField()
-    unit_price = DollarsField(help_text="Price per unit in US dollars, exact.")
-    unit = serializers.ChoiceField(choices=["gpu_second", "image", "megapixel"])
+    unit_price = DollarsField(help_text="Price per unit in US dollars, exact (outputs above every tier).")
+    unit = serializers.ChoiceField(choices=PriceUnit.values)
     currency = serializers.CharField(help_text="`USD`")
     unit_price_micros = serializers.IntegerField(help_text="The same price in micro-dollars.")
     negotiated = serializers.BooleanField(help_text="This organization's own price for the endpoint.")
+    resolution_tiers = ResolutionTier(many=True, help_text="Per-output prices by resolution, smallest first.")
     effective_from = serializers.DateTimeField(allow_null=True, help_text="Null when no price applies (free).")
 
 
@@ -281,7 +300,9 @@ class CallQuantity(ClosedSerializer):
 
 
 class UnitQuantity(ClosedSerializer):
-    unit_quantity = UnitQuantityField(help_text="Billing units: images, megapixels or GPU-seconds (the `unit`).")
+    unit_quantity = UnitQuantityField(
+        help_text="Billing units: images, megapixels, videos, seconds of video or audio, or GPU-seconds (the `unit`)."
+    )
 
 
 @extend_schema_field({"type": "object", "minProperties": 1, "maxProperties": MAX_ENDPOINTS})
@@ -320,11 +341,12 @@ ESTIMATE_REQUEST = PolymorphicProxySerializer(
 
 
 class EstimateLine(serializers.Serializer[Any]):
-    unit = serializers.ChoiceField(choices=["gpu_second", "image", "megapixel"])
+    unit = serializers.ChoiceField(choices=PriceUnit.values)
     unit_price = DollarsField()
     currency = serializers.CharField()
     unit_price_micros = serializers.IntegerField()
     negotiated = serializers.BooleanField()
+    resolution_tiers = ResolutionTier(many=True)
     cost = DollarsField(help_text="This endpoint's part of the total, in US dollars.")
     cost_micros = serializers.IntegerField()
     basis = serializers.ChoiceField(

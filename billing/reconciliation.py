@@ -111,7 +111,16 @@ from inference.models import BILLABLE_OUTCOMES, FINAL_STATUSES, AttemptOutcome, 
 logger = logging.getLogger(__name__)
 
 EXAMPLES_PER_KIND = 20
-ROLLUP_SUMS = ("attempts", "billable_attempts", "gpu_ms", "unbilled_gpu_ms", "cost_micros", "work_units")
+ROLLUP_SUMS = (
+    "attempts",
+    "billable_attempts",
+    "gpu_ms",
+    "unbilled_gpu_ms",
+    "cost_micros",
+    "work_units",
+    "video_ms",
+    "audio_ms",
+)
 CREDITED_KINDS = (EntryKind.PURCHASE, EntryKind.AUTO_TOP_UP)  # the entry that buys credits with a payment
 
 

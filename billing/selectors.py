@@ -16,7 +16,7 @@ DIMENSIONS = ("day", "hour", "endpoint", "key", "gpu_class", "end_user")
 # Usage by end user tag comes from its own day rows (``EndUserRollup``), which know the day and the endpoint only.
 END_USER_DIMENSIONS = ("day", "endpoint", "end_user")
 _COLUMNS = {"endpoint": "endpoint_id", "key": "key_id", "gpu_class": "gpu_class"}
-_SUMS = ("attempts", "billable_attempts", "gpu_ms", "unbilled_gpu_ms", "cost_micros")
+_SUMS = ("attempts", "billable_attempts", "gpu_ms", "unbilled_gpu_ms", "cost_micros", "video_ms", "audio_ms")
 
 
 def day_start(day: date) -> datetime:
@@ -130,6 +130,9 @@ def _finish(row: dict[str, Any]) -> dict[str, Any]:
         row[name] = int(row.get(name) or 0)
     row["requests"] = row.pop("billable_attempts")
     row["gpu_seconds"] = round(row["gpu_ms"] / 1000, 3)
+    # Seconds of video and of audio delivered: what a price per second of output bills.
+    row["video_seconds"] = round(row["video_ms"] / 1000, 3)
+    row["audio_seconds"] = round(row["audio_ms"] / 1000, 3)
     return row
 
 

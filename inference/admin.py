@@ -165,8 +165,11 @@ class EndpointAdmin(_EndpointAdminBase):
                     "max_images",
                     "max_prompt_chars",
                     "max_input_image_bytes",
+                    ("max_frames", "max_fps"),
+                    "max_audio_seconds",
                 ),
-                "description": "Requests beyond these are refused at submission (422).",
+                "description": "Requests beyond these are refused at submission (422). Frames and fps: video "
+                "endpoints; seconds: audio endpoints.",
             },
         ),
         (
@@ -177,6 +180,8 @@ class EndpointAdmin(_EndpointAdminBase):
                     "default_steps",
                     "default_guidance_scale",
                     "default_strength",
+                    ("default_num_frames", "default_fps"),
+                    "default_audio_seconds",
                 )
             },
         ),
@@ -199,10 +204,14 @@ class EndpointAdmin(_EndpointAdminBase):
 
     @admin.display(description="limits")
     def limits(self, endpoint: Endpoint) -> str:
-        return (
-            f"{endpoint.max_width}x{endpoint.max_height}, {endpoint.max_steps} steps, "
-            f"{endpoint.max_images} images, {endpoint.max_prompt_chars} prompt chars"
-        )
+        if endpoint.makes == "audio":
+            return (
+                f"{endpoint.max_audio_seconds} s, {endpoint.max_steps} steps, {endpoint.max_prompt_chars} prompt chars"
+            )
+        size = f"{endpoint.max_width}x{endpoint.max_height}, {endpoint.max_steps} steps"
+        if endpoint.makes == "video":
+            return f"{size}, {endpoint.max_frames} frames at up to {endpoint.max_fps} fps"
+        return f"{size}, {endpoint.max_images} images, {endpoint.max_prompt_chars} prompt chars"
 
     def save_model(self, request: HttpRequest, obj: Endpoint, form: Any, change: Any) -> None:
         super().save_model(request, obj, form, change)

@@ -48,7 +48,7 @@ from django.http.response import HttpResponseBase
 from django.utils import timezone
 from django.utils.crypto import constant_time_compare, salted_hmac
 
-from inference.engine.outputs import EncodedImage
+from inference.engine.outputs import EncodedAudio, EncodedImage, EncodedVideo
 from inference.models import Job, TenantSettings, Upload, UploadPart, UploadStatus
 
 if TYPE_CHECKING:
@@ -72,7 +72,14 @@ _EXTENSIONS = {
     "image/gif": "gif",
     "image/bmp": "bmp",
     "image/tiff": "tiff",
+    "video/mp4": "mp4",
+    "audio/wav": "wav",
+    "audio/mpeg": "mp3",
 }
+# What a stored file is served as, by its extension: ours first (Python's table says audio/x-wav, and differs
+# between machines), then Python's.
+_SERVED_TYPES = {extension: content_type for content_type, extension in _EXTENSIONS.items()}
+EncodedFile = EncodedImage | EncodedVideo | EncodedAudio
 
 
 def _unix_now() -> int:
@@ -116,35 +123,56 @@ def save_outputs(job: Job, images: list[EncodedImage]) -> list[dict[str, Any]]:
     picks a free name; the returned ``path`` is the one actually written, and the purge clears the
     whole job folder, strays included.
     """
-    stored = []
-    for number, image in enumerate(images):
-        file_name = f"{number}.{_extension(image.content_type)}"
-        path = default_storage.save(
-            f"{_job_folder(OUTPUTS, job.organization_id, job.pk)}/{file_name}", ContentFile(image.data)
-        )
-        stored.append({"path": path, **_metadata(image, file_name)})
-    return stored
+    return [save_output(job, image, str(number)) for number, image in enumerate(images)]
 
 
 def inline_outputs(images: list[EncodedImage]) -> list[dict[str, Any]]:
     """``sync_mode``: the images themselves, as data URIs; nothing is stored."""
-    inline = []
-    for number, image in enumerate(images):
-        encoded = base64.b64encode(image.data).decode("ascii")
-        file_name = f"{number}.{_extension(image.content_type)}"
-        inline.append({"url": f"data:{image.content_type};base64,{encoded}", **_metadata(image, file_name)})
-    return inline
+    return [inline_file(image, str(number)) for number, image in enumerate(images)]
 
 
-def _metadata(image: EncodedImage, file_name: str) -> dict[str, Any]:
-    # fal's Image type: url, width, height, content_type, file_name, file_size.
-    return {
-        "width": image.width,
-        "height": image.height,
-        "content_type": image.content_type,
-        "file_name": file_name,
-        "file_size": len(image.data),
-    }
+def save_output(job: Job, encoded: EncodedFile, stem: str) -> dict[str, Any]:
+    """Stores one output file of the job as ``<stem>.<ext>``; its internal form for ``job.result``."""
+    file_name = f"{stem}.{_extension(encoded.content_type)}"
+    path = default_storage.save(
+        f"{_job_folder(OUTPUTS, job.organization_id, job.pk)}/{file_name}", ContentFile(encoded.data)
+    )
+    return {"path": path, **_metadata(encoded, file_name)}
+
+
+def inline_file(encoded: EncodedFile, stem: str) -> dict[str, Any]:
+    """``sync_mode``: one output as a data URI; nothing is stored."""
+    data = base64.b64encode(encoded.data).decode("ascii")
+    file_name = f"{stem}.{_extension(encoded.content_type)}"
+    return {"url": f"data:{encoded.content_type};base64,{data}", **_metadata(encoded, file_name)}
+
+
+def _metadata(encoded: EncodedFile, file_name: str) -> dict[str, Any]:
+    """fal's File (url, content_type, file_name, file_size) with what the kind of file adds.
+
+    Images: fal's Image (width, height). Videos: fal's VideoFile (width, height, fps, num_frames, duration).
+    Audio: sample_rate, channels, num_samples and duration. ``duration`` is in seconds for people and players; what
+    a bill counts is the whole frames or samples (``inference.deliveries``).
+    """
+    common = {"content_type": encoded.content_type, "file_name": file_name, "file_size": len(encoded.data)}
+    if isinstance(encoded, EncodedVideo):
+        return {
+            **common,
+            "width": encoded.width,
+            "height": encoded.height,
+            "fps": encoded.fps,
+            "num_frames": encoded.num_frames,
+            "duration": round(encoded.num_frames / encoded.fps, 6),
+        }
+    if isinstance(encoded, EncodedAudio):
+        return {
+            **common,
+            "sample_rate": encoded.sample_rate,
+            "channels": encoded.channels,
+            "num_samples": encoded.num_samples,
+            "duration": round(encoded.num_samples / encoded.sample_rate, 6),
+        }
+    return {"width": encoded.width, "height": encoded.height, **common}
 
 
 # Signed URLs
@@ -212,8 +240,13 @@ def serve_file(request: HttpRequest, name: str) -> HttpResponseBase:
     remaining = int(expires) - _unix_now()
     if remaining <= 0:
         return _error(403, "The URL has expired; fetch the result again for a fresh one.", "url_expired")
-    content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
-    return _stored_file_response(request, name, content_type, remaining)
+    return _stored_file_response(request, name, served_type(name), remaining)
+
+
+def served_type(name: str) -> str:
+    """The Content-Type a stored file is served with, from its extension."""
+    extension = name.rpartition(".")[2].lower()
+    return _SERVED_TYPES.get(extension) or mimetypes.guess_type(name)[0] or "application/octet-stream"
 
 
 def serve_upload(request: HttpRequest, upload_id: uuid.UUID, file_name: str) -> HttpResponseBase:
@@ -248,15 +281,53 @@ def _method_not_allowed() -> JsonResponse:
     return refusal
 
 
+_BYTE_RANGE = re.compile(r"^bytes=(?P<first>[0-9]{0,15})-(?P<last>[0-9]{0,15})$")
+
+
+def _byte_range(header: str, size: int) -> tuple[int, int] | None:
+    """The one range ``Range: bytes=first-last`` asks of a file of ``size`` bytes, clamped to it; None for no
+    range or one this server does not take (several ranges, another unit: the whole file is answered, as RFC 9110
+    allows). Raises ValueError for a range past the end (416)."""
+    match = _BYTE_RANGE.match(header.strip())
+    if match is None or (not match["first"] and not match["last"]):
+        return None
+    if not match["first"]:  # the last N bytes
+        length = int(match["last"])
+        if length == 0:
+            raise ValueError("an empty suffix range")
+        return max(0, size - length), size - 1
+    first = int(match["first"])
+    last = min(int(match["last"]), size - 1) if match["last"] else size - 1
+    if first >= size or last < first:
+        raise ValueError("the range starts past the end of the file")
+    return first, last
+
+
 def _stored_file_response(request: HttpRequest, name: str, content_type: str, remaining: int) -> HttpResponseBase:
+    """The stored file, or the one byte range asked of it (206): players seek in videos and audio that way, and
+    Chromium's media player asks for ranges before it plays."""
     try:
+        size = default_storage.size(name)
+        requested = _byte_range(request.headers.get("Range", ""), size)
         if request.method == "HEAD":
             response: HttpResponseBase = HttpResponse(content_type=content_type)
-            response["Content-Length"] = str(default_storage.size(name))
+            response["Content-Length"] = str(size)
+        elif requested is not None:
+            first, last = requested
+            with default_storage.open(name, "rb") as stored:
+                stored.seek(first)
+                part = stored.read(last - first + 1)
+            response = HttpResponse(part, content_type=content_type, status=206)
+            response["Content-Range"] = f"bytes {first}-{last}/{size}"
         else:
             response = FileResponse(default_storage.open(name, "rb"), content_type=content_type)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return _error(404, "The file is no longer available (outputs are deleted after their retention).", "not_found")
+    except ValueError:
+        refusal = _error(416, "The range asked for is not in the file.", "range_not_satisfiable")
+        refusal["Content-Range"] = f"bytes */{size}"
+        return refusal
+    response["Accept-Ranges"] = "bytes"
     response["Cache-Control"] = f"private, max-age={remaining}"
     response["X-Content-Type-Options"] = "nosniff"
     # A stored file is data, never a page: nothing in it may run if a browser opens it directly.
@@ -374,10 +445,12 @@ def _check_present(name: str) -> None:
 
 
 def _map_files(value: Any, change: Callable[[dict[str, Any]], dict[str, Any]]) -> Any:
-    """``value`` with every file object in it (a dict with ``content_type`` and ``url`` or ``path``) changed."""
+    """``value`` with every file object in it (a dict with ``content_type`` and ``url`` or ``path``) changed,
+    files inside files too (a video's poster)."""
     if isinstance(value, dict):
         if "content_type" in value and ("path" in value or "url" in value):
-            return change(value)
+            changed = change(value)
+            return {key: _map_files(item, change) if isinstance(item, dict) else item for key, item in changed.items()}
         return {key: _map_files(item, change) for key, item in value.items()}
     if isinstance(value, list):
         return [_map_files(item, change) for item in value]

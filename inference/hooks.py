@@ -35,12 +35,14 @@ class Usage(TypedDict):
 
 
 class ListedPrice(TypedDict):
-    """An endpoint's price in force now, as /v1/models shows it."""
+    """An endpoint's price in force now, as /v1/models shows it; per-output prices may have resolution tiers
+    (``[{max_short_side, unit_price_micros}]``, smallest first; larger outputs pay ``unit_price_micros``)."""
 
     unit: str
     unit_price_micros: int
     currency: str
     effective_from: str | None
+    resolution_tiers: list[dict[str, int]]
 
 
 @dataclass(frozen=True)

@@ -17,14 +17,14 @@ import re
 import secrets
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from django.conf import settings
 
 from accounts.errors import InvalidInput
 from inference import files
-from inference.models import Endpoint, PipelineKind
+from inference.models import VIDEO_KINDS, Endpoint, PipelineKind
 
 IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
     "square_hd": (1024, 1024),
@@ -53,6 +53,14 @@ def is_storable_text(value: str) -> bool:
 
 class InputError(InvalidInput):
     """The request's input is invalid: 422 (413 for an oversized image) with every problem listed."""
+
+
+class ValidatedInput(Protocol):
+    """A request's input checked against its endpoint, defaults applied (images, video or audio)."""
+
+    def as_json(self) -> dict[str, Any]:
+        """What the job stores as its ``input``."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -269,14 +277,28 @@ def _check_image(c: _Collector, data: bytes, unreadable: str) -> InlineImage | N
 
 def validate_input(
     endpoint: Endpoint, payload: Any, *, organization_id: Any
-) -> tuple[GenerationInput, InlineImage | None]:
+) -> tuple[ValidatedInput, InlineImage | None]:
     """The request's input with defaults applied, or ``InputError`` listing every problem.
 
     ``organization_id`` is the organization asking: our own file URLs in it are usable by their owner only.
     """
-    c = _Collector()
     if not isinstance(payload, dict):
         raise InputError([{"loc": ["body"], "msg": "Input should be a JSON object.", "type": "model_type"}])
+    # Imported here: the media contract builds on this module's fields.
+    from inference import media_inputs
+
+    if endpoint.kind in VIDEO_KINDS:
+        return media_inputs.validate_video(endpoint, payload, organization_id=organization_id)
+    if endpoint.kind == PipelineKind.TEXT_TO_AUDIO:
+        return media_inputs.validate_audio(endpoint, payload), None
+    return validate_image_input(endpoint, payload, organization_id=organization_id)
+
+
+def validate_image_input(
+    endpoint: Endpoint, payload: dict[str, Any], *, organization_id: Any
+) -> tuple[GenerationInput, InlineImage | None]:
+    """An image endpoint's input (text to image, image to image)."""
+    c = _Collector()
     prompt = _str(c, payload, "prompt", "", endpoint.max_prompt_chars)
     if "prompt" not in payload:
         c.add("prompt", "Field required.", "missing")
@@ -334,6 +356,12 @@ def validate_input(
 
 def input_schema(endpoint: Endpoint) -> dict[str, Any]:
     """JSON Schema of the endpoint's input, with its own limits and defaults (for /v1/models)."""
+    from inference import media_inputs
+
+    if endpoint.kind in VIDEO_KINDS:
+        return media_inputs.video_schema(endpoint)
+    if endpoint.kind == PipelineKind.TEXT_TO_AUDIO:
+        return media_inputs.audio_schema(endpoint)
     properties: dict[str, Any] = {
         "prompt": {"type": "string", "minLength": 1, "maxLength": endpoint.max_prompt_chars},
         "negative_prompt": {"type": "string", "maxLength": endpoint.max_prompt_chars, "default": ""},

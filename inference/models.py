@@ -22,6 +22,14 @@ from inference.engine.profile import ProfileError, validate_profile
 class PipelineKind(models.TextChoices):
     TEXT_TO_IMAGE = "text-to-image", "Text to image"
     IMAGE_TO_IMAGE = "image-to-image", "Image to image"
+    TEXT_TO_VIDEO = "text-to-video", "Text to video"
+    IMAGE_TO_VIDEO = "image-to-video", "Image to video"
+    TEXT_TO_AUDIO = "text-to-audio", "Text to audio"
+
+
+VIDEO_KINDS = (PipelineKind.TEXT_TO_VIDEO, PipelineKind.IMAGE_TO_VIDEO)
+# Kinds that start from an input image (``image_url``).
+IMAGE_INPUT_KINDS = (PipelineKind.IMAGE_TO_IMAGE, PipelineKind.IMAGE_TO_VIDEO)
 
 
 class GpuClass(models.TextChoices):
@@ -76,6 +84,12 @@ class Endpoint(models.Model):
     max_images = models.PositiveIntegerField(default=4, validators=[MinValueValidator(1)])
     max_prompt_chars = models.PositiveIntegerField(default=2000, validators=[MinValueValidator(1)])
     max_input_image_bytes = models.PositiveIntegerField(default=8 * 1024 * 1024)
+    # Video and audio: how long an output may be (width and height above bound a video's frames too).
+    max_frames = models.PositiveIntegerField(default=121, validators=[MinValueValidator(1)])
+    max_fps = models.PositiveIntegerField(default=30, validators=[MinValueValidator(1)])
+    max_audio_seconds = models.PositiveIntegerField(
+        default=47, validators=[MinValueValidator(1)], help_text="Text to audio: the longest clip (seconds_total)."
+    )
 
     # Defaults for what a request leaves out.
     default_width = models.PositiveIntegerField(default=512)
@@ -83,6 +97,9 @@ class Endpoint(models.Model):
     default_steps = models.PositiveIntegerField(default=25)
     default_guidance_scale = models.FloatField(default=7.5)
     default_strength = models.FloatField(default=0.75)
+    default_num_frames = models.PositiveIntegerField(default=121, validators=[MinValueValidator(1)])
+    default_fps = models.PositiveIntegerField(default=24, validators=[MinValueValidator(1)])
+    default_audio_seconds = models.PositiveIntegerField(default=30, validators=[MinValueValidator(1)])
 
     optimization_profile = models.JSONField(
         default=dict, blank=True, help_text="Engine optimizations switched on for this endpoint."
@@ -106,6 +123,18 @@ class Endpoint(models.Model):
             validate_profile(self.optimization_profile)
         except ProfileError as exc:
             raise ValidationError({"optimization_profile": exc.problems}) from None
+        beyond = {
+            "default_num_frames": (self.default_num_frames, self.max_frames, "max_frames"),
+            "default_fps": (self.default_fps, self.max_fps, "max_fps"),
+            "default_audio_seconds": (self.default_audio_seconds, self.max_audio_seconds, "max_audio_seconds"),
+        }
+        problems = {
+            field: f"The default is beyond this endpoint's {limit_name} ({limit})."
+            for field, (default, limit, limit_name) in beyond.items()
+            if default is not None and limit is not None and default > limit
+        }
+        if problems:
+            raise ValidationError(problems)
 
     @property
     def app_id(self) -> str:
@@ -114,6 +143,13 @@ class Endpoint(models.Model):
     @property
     def endpoint_id(self) -> str:
         return f"{self.app_id}/{self.path}" if self.path else self.app_id
+
+    @property
+    def makes(self) -> str:
+        """What its outputs are: ``image``, ``video`` or ``audio``."""
+        if self.kind in VIDEO_KINDS:
+            return "video"
+        return "audio" if self.kind == PipelineKind.TEXT_TO_AUDIO else "image"
 
 
 class JobStatus(models.TextChoices):

@@ -30,9 +30,9 @@ from django.db import close_old_connections, connection
 from accounts.errors import AppError
 from inference import attempts, closing, files
 from inference.engine import (
+    AnyEngine,
     BatchMeter,
     Cancelled,
-    Engine,
     GenerationRequest,
     GenerationResult,
     LoadOptions,
@@ -40,7 +40,6 @@ from inference.engine import (
     ModuleOptimizations,
     OptimizationProfile,
     PipelineCache,
-    PipelineKind,
     Preview,
     PreviewOptions,
     ProfileError,
@@ -48,13 +47,17 @@ from inference.engine import (
     batch_key,
     configure_compile_cache,
     default_device,
+    encode_audio,
     encode_image,
+    encode_video,
     resolve,
+    video_poster,
 )
 from inference.hooks import Refusal
 from inference.inputs import image_pixels_problem, output_size_for_image
 from inference.job_logs import log_job
-from inference.models import AttemptOutcome, Endpoint, Job
+from inference.media_inputs import video_size_for_image
+from inference.models import IMAGE_INPUT_KINDS, AttemptOutcome, Endpoint, Job, PipelineKind
 from inference.presenters import planned_steps
 from inference.previews import PREVIEWS_FLAG, publish_preview
 
@@ -79,8 +82,24 @@ def pipeline_cache() -> PipelineCache:
     global _cache
     with _cache_lock:
         if _cache is None:
+            apply_thread_policy()
             _cache = PipelineCache(budget_bytes=settings.WORKER_PIPELINE_CACHE_BYTES)
         return _cache
+
+
+def apply_thread_policy() -> None:
+    """The worker's intra-op threads for torch: ``WORKER_TORCH_THREADS`` (0: torch's own default, one per core).
+
+    One by default. A worker runs one job at a time, and on a CPU shares its cores with the web and housekeeping
+    processes (and, in a shared machine, with anyone else's): OpenMP's spinning threads then wait on a peer the
+    system has put to sleep, and a step that takes 60 ms on one thread took 150-400 ms on two, the small model's
+    20-step run 1.2 s against 2.3-6 s (measured in alternating worker processes under load; README, engine
+    benchmark). On a GPU the CPU only feeds the device.
+    """
+    import torch
+
+    if settings.WORKER_TORCH_THREADS:
+        torch.set_num_threads(settings.WORKER_TORCH_THREADS)
 
 
 def worker_name() -> str:
@@ -141,7 +160,7 @@ class Member:
 
     @property
     def images(self) -> int:
-        """How many images the job makes: its weight in the batch."""
+        """How many outputs (images, videos, clips) the job makes: its weight in the batch."""
         return len(self.job.input.get("seeds") or ()) or 1
 
 
@@ -468,12 +487,11 @@ def _platform_fault(exc: Exception) -> dict[str, Any]:
 
 
 def _store(member: Member, result: GenerationResult, heartbeat: Heartbeat, *, batch_size: int) -> None:
-    """Encodes and stores one job's images (its own time, not shared) and closes it as succeeded."""
+    """Encodes and stores one job's outputs (its own time, not shared) and closes it as succeeded."""
     job = member.job
     heartbeat.meter.exclusive(member.index)
     heartbeat.report(member)  # its last preview and step, before the line that says the job completed
-    images = [encode_image(image, job.input["output_format"]) for image in result.images]
-    stored = files.inline_outputs(images) if job.input.get("sync_mode") else files.save_outputs(job, images)
+    output = _encoded_output(job, result)
     if batch_size > 1:
         log_job(
             job.id,
@@ -481,18 +499,39 @@ def _store(member: Member, result: GenerationResult, heartbeat: Heartbeat, *, ba
             f"GPU time is this request's share ({heartbeat.meter.running_ms(member.index)} ms so far).",
             source="worker",
         )
-    _finish(
-        member,
-        heartbeat,
-        AttemptOutcome.SUCCEEDED,
-        result={
-            "images": stored,
-            "seed": job.input["seed"],
-            "timings": {"inference": round(result.run_ms / 1000, 4)},
-            "has_nsfw_concepts": [False] * len(stored),
-            "prompt": job.input["prompt"],
-        },
-    )
+    _finish(member, heartbeat, AttemptOutcome.SUCCEEDED, result=output)
+
+
+def _encoded_output(job: Job, result: GenerationResult) -> dict[str, Any]:
+    """The job's result in fal's shape, its files encoded and stored (or inline, with ``sync_mode``).
+
+    Images: ``{images, seed, timings, has_nsfw_concepts, prompt}``. Video (fal's LTX-Video): ``{video, seed,
+    timings}``, the video an H.264 MP4 with its poster (the first frame, a JPEG) inside its file object. Audio (fal's
+    Stable Audio): ``{audio_file, seed, timings}``, WAV or MP3.
+    """
+    inline = bool(job.input.get("sync_mode"))
+    timings = {"inference": round(result.run_ms / 1000, 4)}
+    if result.videos:
+        frames = result.videos[0]
+        video, poster = encode_video(frames, result.frame_rate), video_poster(frames)
+        stored_video = files.inline_file(video, "0") if inline else files.save_output(job, video, "0")
+        stored_video["poster"] = (
+            files.inline_file(poster, "0.poster") if inline else files.save_output(job, poster, "0.poster")
+        )
+        return {"video": stored_video, "seed": job.input["seed"], "timings": timings}
+    if result.audios:
+        clip = encode_audio(result.audios[0], result.sample_rate, job.input.get("output_format") or "wav")
+        stored_clip = files.inline_file(clip, "0") if inline else files.save_output(job, clip, "0")
+        return {"audio_file": stored_clip, "seed": job.input["seed"], "timings": timings}
+    images = [encode_image(image, job.input["output_format"]) for image in result.images]
+    stored = files.inline_outputs(images) if inline else files.save_outputs(job, images)
+    return {
+        "images": stored,
+        "seed": job.input["seed"],
+        "timings": timings,
+        "has_nsfw_concepts": [False] * len(stored),
+        "prompt": job.input["prompt"],
+    }
 
 
 def gather_companions(job: Job, request: GenerationRequest, profile: OptimizationProfile) -> list[Member]:
@@ -524,52 +563,68 @@ def gather_companions(job: Job, request: GenerationRequest, profile: Optimizatio
     ]
 
 
-def warm_up(engine: Engine, endpoint: Endpoint, profile: OptimizationProfile) -> int:
+def warm_up(engine: AnyEngine, endpoint: Endpoint, profile: OptimizationProfile) -> int:
     """Compile (and capture CUDA graphs) for the endpoint's default request before the first real one: cold start."""
     if profile.compile == "off" and not profile.cuda_graphs:
         return 0
     started = time.perf_counter()
-    request = GenerationRequest(
-        prompts=["warm-up"],
-        seeds=[0],
-        width=endpoint.default_width,
-        height=endpoint.default_height,
-        num_inference_steps=2,
-        guidance_scale=endpoint.default_guidance_scale,
-    )
-    engine.run(request, options=RunOptions.of(profile))
+    default = {
+        "prompt": "warm-up",
+        "seeds": [0],
+        "width": endpoint.default_width,
+        "height": endpoint.default_height,
+        "num_inference_steps": 2,
+        "guidance_scale": endpoint.default_guidance_scale,
+    }
+    if endpoint.kind == PipelineKind.TEXT_TO_VIDEO:
+        default.update(num_frames=endpoint.default_num_frames, fps=endpoint.default_fps)
+    elif endpoint.kind == PipelineKind.TEXT_TO_AUDIO:
+        default.update(seconds_total=endpoint.default_audio_seconds)
+    elif endpoint.kind != PipelineKind.TEXT_TO_IMAGE:
+        return 0  # image to image and to video run diffusers' pipelines at the input's size: nothing to warm
+    engine.run(request_from_input(default), options=RunOptions.of(profile))
     return math.ceil((time.perf_counter() - started) * 1000)
 
 
 def generation_request(job: Job) -> GenerationRequest:
-    if job.endpoint.kind == PipelineKind.IMAGE_TO_IMAGE:
+    if job.endpoint.kind in IMAGE_INPUT_KINDS:
         init_image = load_input_image(job)
         if job.input.get("size_from_image"):
             take_size_of_image(job, init_image.size)
-        return request_from_input(job.input, init_image=init_image, strength=float(job.input["strength"]))
+        strength = float(job.input.get("strength") or 1.0)
+        return request_from_input(job.input, init_image=init_image, strength=strength)
     return request_from_input(job.input)
 
 
 def take_size_of_image(job: Job, size: tuple[int, int]) -> None:
-    """A downloaded input image with no ``image_size`` asked: the output takes its size, known only now. The job's
-    input says so, and what the job is billed for follows (admission held credit for the endpoint's largest)."""
-    width, height = output_size_for_image(job.endpoint, *size)
+    """A downloaded input image with no size asked (image to image with no ``image_size``, image to video with
+    ``aspect_ratio: auto``): the output takes its size (or its aspect ratio), known only now. The job's input says
+    so, and what the job is billed for follows (admission held credit for the endpoint's largest)."""
+    if job.endpoint.kind == PipelineKind.IMAGE_TO_VIDEO:
+        width, height = video_size_for_image(int(job.input["short_side"]), *size)
+        width, height = min(width, job.endpoint.max_width), min(height, job.endpoint.max_height)
+    else:
+        width, height = output_size_for_image(job.endpoint, *size)
     job.input = {**job.input, "width": width, "height": height}
     Job.objects.filter(pk=job.pk).update(input=job.input)
 
 
 def request_from_input(spec: dict[str, Any], *, init_image: Any = None, strength: float = 0.8) -> GenerationRequest:
-    """The engine's request for a job's validated input (`inputs.GenerationInput.as_json`)."""
+    """The engine's request for a job's validated input (``as_json`` of ``inputs.GenerationInput``,
+    ``media_inputs.VideoInput`` or ``media_inputs.AudioInput``)."""
     return GenerationRequest(
         prompts=[spec["prompt"]] * len(spec["seeds"]),
         seeds=list(spec["seeds"]),
-        width=int(spec["width"]),
-        height=int(spec["height"]),
+        width=int(spec.get("width") or 512),
+        height=int(spec.get("height") or 512),
         num_inference_steps=int(spec["num_inference_steps"]),
         guidance_scale=float(spec["guidance_scale"]),
         negative_prompt=spec.get("negative_prompt") or "",
         init_image=init_image,
         strength=strength,
+        num_frames=int(spec.get("num_frames") or 0),
+        frame_rate=int(spec.get("fps") or 0),
+        audio_seconds=float(spec.get("seconds_total") or 0),
     )
 
 

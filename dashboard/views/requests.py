@@ -112,10 +112,18 @@ def org_job(context: Context, request_id: uuid.UUID) -> Job:
 
 
 def present(job: Job, request: HttpRequest) -> dict[str, Any]:
+    """A request's outputs as pages show them: its images, or its video (with its poster) or audio clip, while their
+    URLs live (None past the retention)."""
     result = files.render_result(job, base_url=base_url(request)) or {}
     images = [image for image in result.get("images") or [] if image.get("url")]
+    video = result.get("video") if isinstance(result.get("video"), dict) and result["video"].get("url") else None
+    audio = (
+        result.get("audio_file")
+        if isinstance(result.get("audio_file"), dict) and result["audio_file"].get("url")
+        else None
+    )
     duration = (job.finished_at - job.created_at).total_seconds() if job.finished_at else None
-    return {"job": job, "images": images, "duration": duration}
+    return {"job": job, "images": images, "video": video, "audio": audio, "duration": duration}
 
 
 @dashboard_view()

@@ -39,6 +39,16 @@ def chart_series(report: dict[str, Any], start: date, end: date) -> dict[str, An
     return {"days": days, "series": [{"endpoint": name, **values} for name, values in sorted(series.items())]}
 
 
+def output_delivered(row: dict[str, Any]) -> str:
+    """Seconds of video and of audio an endpoint delivered (what a price per second of output bills), for people."""
+    parts = [
+        f"{row[key]:g} s of {what}"
+        for key, what in (("video_seconds", "video"), ("audio_seconds", "audio"))
+        if row[key]
+    ]
+    return ", ".join(parts) or "—"
+
+
 @dashboard_view("read_usage")
 def usage(request: HttpRequest, context: Context) -> HttpResponse:
     form, start, end = date_range(request)
@@ -65,7 +75,7 @@ def usage(request: HttpRequest, context: Context) -> HttpResponse:
             "end": end,
             "totals": by_day["totals"],
             "per_day": per_day["data"],
-            "by_endpoint": by_endpoint["data"],
+            "by_endpoint": [{**row, "output": output_delivered(row)} for row in by_endpoint["data"]],
             "by_key": by_key["data"],
             "by_end_user": by_end_user["data"],
             "chart": chart_series(by_day, start, end),

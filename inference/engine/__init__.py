@@ -8,34 +8,45 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from inference.engine.cache import LoadedPipeline, PipelineCache
+    from inference.engine.cache import AnyEngine, LoadedPipeline, PipelineCache
     from inference.engine.engine import BatchIncompatible, Engine, RunOptions, batch_key
+    from inference.engine.kinds import BUILTIN_MODELS, KINDS_OF_FAMILY, SUB_PATHS, Family, PipelineKind
     from inference.engine.loading import (
-        BUILTIN_MODELS,
         LoadOptions,
         ModelSourceError,
         Pipeline,
-        PipelineKind,
         builtin_source,
         default_device,
         load_pipeline,
         pipeline_nbytes,
         save_builtin_model,
+        source_family,
     )
+    from inference.engine.media import MediaEngine, frames_to_generate, media_batch_key
     from inference.engine.metering import BatchMeter, largest_remainder
     from inference.engine.optimize import ModuleOptimizations, configure_compile_cache
-    from inference.engine.outputs import EncodedImage, encode_image
+    from inference.engine.outputs import (
+        EncodedAudio,
+        EncodedImage,
+        EncodedVideo,
+        encode_audio,
+        encode_image,
+        encode_video,
+        video_poster,
+    )
     from inference.engine.previews import LatentProjection, Preview, PreviewOptions, latents_to_rgb, make_preview
     from inference.engine.profile import STOCK_PROFILE, OptimizationProfile, ProfileError, resolve, validate_profile
     from inference.engine.runtime import Cancelled, GenerationRequest, GenerationResult, run_pipeline
     from inference.engine.tiny import PRESETS, TinyPreset, build_tiny_pipeline
+    from inference.engine.tiny_media import build_tiny_audio_pipeline, build_tiny_video_pipeline
 
 # Where each public name lives; the heavy modules (torch, diffusers) load on first use, so the
 # web process can use the light ones (outputs, profile, metering) without importing the engine.
 _HOMES = {
+    "AnyEngine": "cache",
     "LoadedPipeline": "cache",
     "PipelineCache": "cache",
-    "BatchIncompatible": "engine",
+    "BatchIncompatible": "runtime",
     "Engine": "engine",
     "RunOptions": "engine",
     "batch_key": "engine",
@@ -48,11 +59,25 @@ _HOMES = {
     "ProfileError": "profile",
     "resolve": "profile",
     "validate_profile": "profile",
-    "BUILTIN_MODELS": "loading",
+    "BUILTIN_MODELS": "kinds",
+    "Family": "kinds",
+    "KINDS_OF_FAMILY": "kinds",
+    "SUB_PATHS": "kinds",
+    "source_family": "loading",
+    "MediaEngine": "media",
+    "frames_to_generate": "media",
+    "media_batch_key": "media",
+    "EncodedAudio": "outputs",
+    "EncodedVideo": "outputs",
+    "encode_audio": "outputs",
+    "encode_video": "outputs",
+    "video_poster": "outputs",
+    "build_tiny_audio_pipeline": "tiny_media",
+    "build_tiny_video_pipeline": "tiny_media",
     "LoadOptions": "loading",
     "ModelSourceError": "loading",
     "Pipeline": "loading",
-    "PipelineKind": "loading",
+    "PipelineKind": "kinds",
     "builtin_source": "loading",
     "default_device": "loading",
     "load_pipeline": "loading",
@@ -83,18 +108,25 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BUILTIN_MODELS",
+    "KINDS_OF_FAMILY",
     "PRESETS",
     "STOCK_PROFILE",
+    "SUB_PATHS",
+    "AnyEngine",
     "BatchIncompatible",
     "BatchMeter",
     "Cancelled",
+    "EncodedAudio",
     "EncodedImage",
+    "EncodedVideo",
     "Engine",
+    "Family",
     "GenerationRequest",
     "GenerationResult",
     "LatentProjection",
     "LoadOptions",
     "LoadedPipeline",
+    "MediaEngine",
     "ModelSourceError",
     "ModuleOptimizations",
     "OptimizationProfile",
@@ -107,18 +139,26 @@ __all__ = [
     "RunOptions",
     "TinyPreset",
     "batch_key",
+    "build_tiny_audio_pipeline",
     "build_tiny_pipeline",
+    "build_tiny_video_pipeline",
     "builtin_source",
     "configure_compile_cache",
     "default_device",
+    "encode_audio",
     "encode_image",
+    "encode_video",
+    "frames_to_generate",
     "largest_remainder",
     "latents_to_rgb",
     "load_pipeline",
     "make_preview",
+    "media_batch_key",
     "pipeline_nbytes",
     "resolve",
     "run_pipeline",
     "save_builtin_model",
+    "source_family",
     "validate_profile",
+    "video_poster",
 ]

@@ -283,3 +283,65 @@ def use_small_head_attention(unet: torch.nn.Module) -> int:
         # diffusers types processors as a union of its own classes; any callable of that signature is one.
         module.set_processor(SmallHeadAttnProcessor(module.processor))  # type: ignore[arg-type]
     return len(modules)
+
+
+class LTXSmallHeadAttnProcessor:
+    """LTX-Video's attention processor's computation (RMS norms of query and key, rotary embeddings), with the kernel
+    doing the attention. The tiny built-in video model has heads of 8 channels, like the image models'."""
+
+    def __init__(self, fallback: Any) -> None:
+        self.fallback = fallback
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: Any = None,
+    ) -> torch.Tensor:
+        from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
+
+        batch = hidden_states.shape[0]
+        bias = None if attention_mask is None else _key_bias(attention_mask, batch)
+        if (
+            hidden_states.dim() != 3
+            or hidden_states.dtype != torch.float32
+            or hidden_states.device.type != "cpu"
+            or (attention_mask is not None and bias is None)
+        ):
+            result: torch.Tensor = self.fallback(
+                attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
+            )
+            return result
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query = attn.norm_q(attn.to_q(hidden_states))
+        key = attn.norm_k(attn.to_k(context))
+        value = attn.to_v(context)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb)  # type: ignore[no-untyped-call]  # untyped in diffusers
+            key = apply_rotary_emb(key, image_rotary_emb)  # type: ignore[no-untyped-call]
+        size = query.shape[-1] // attn.heads
+        query, key, value = (tensor.unflatten(2, (attn.heads, size)) for tensor in (query, key, value))
+        # SDPA's default scale, as LTX's processor uses.
+        out = torch.ops.platform_engine.small_head_attention(query, key, value, bias, size**-0.5)
+        out = attn.to_out[0](out)
+        dropout: torch.Tensor = attn.to_out[1](out)
+        return dropout
+
+
+def use_small_head_attention_ltx(transformer: torch.nn.Module) -> int:
+    """Switch every attention module of an LTX-Video transformer with heads of 8 or 16 channels (and as many key as
+    query heads) to the kernel; how many were switched (0 without it)."""
+    modules = [
+        module
+        for module in transformer.modules()
+        if type(getattr(module, "processor", None)).__name__ == "LTXVideoAttnProcessor"
+        and getattr(module, "head_dim", 0) in HEAD_SIZES
+        and getattr(module, "inner_kv_dim", None) == getattr(module, "inner_dim", 0)
+    ]
+    if not modules or not kernel_available():
+        return 0
+    for module in modules:
+        module.set_processor(LTXSmallHeadAttnProcessor(module.processor))  # type: ignore[operator]  # an LTXAttention
+    return len(modules)

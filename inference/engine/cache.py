@@ -12,9 +12,26 @@ from dataclasses import dataclass, field
 import torch
 
 from inference.engine.engine import Engine
-from inference.engine.loading import LoadOptions, Pipeline, PipelineKind, load_base_pipeline, pipeline_nbytes
+from inference.engine.kinds import Family, PipelineKind
+from inference.engine.loading import (
+    BasePipeline,
+    LoadOptions,
+    Pipeline,
+    base_family,
+    load_base_pipeline,
+    pipeline_nbytes,
+)
+from inference.engine.media import MediaEngine
 
 CacheKey = tuple[str, LoadOptions]
+AnyEngine = Engine | MediaEngine
+
+
+def engine_for(base: BasePipeline, options: LoadOptions) -> AnyEngine:
+    """The engine around a loaded model: the image engine's own loop, or diffusers' video and audio pipelines."""
+    if base_family(base) is Family.IMAGE:
+        return Engine(base, optimizations=options.optimizations)  # type: ignore[arg-type]  # an SD pipeline
+    return MediaEngine(base, optimizations=options.optimizations)  # type: ignore[arg-type]  # LTX or Stable Audio
 
 
 @dataclass(frozen=True)
@@ -33,12 +50,12 @@ class LoadedPipeline:
     nbytes: int
     cache_hit: bool
     # The engine around the model: runs requests on it with the optimizations of `options` applied.
-    engine: Engine
+    engine: AnyEngine
 
 
 @dataclass
 class _Entry:
-    engine: Engine
+    engine: AnyEngine
     nbytes: int
     kinds: set[PipelineKind] = field(default_factory=set)
 
@@ -77,7 +94,7 @@ class PipelineCache:
             if entry is None:
                 base = load_base_pipeline(source, options=options)
                 # The engine applies the module optimizations in place: a model is cached per set of them.
-                entry = _Entry(engine=Engine(base, optimizations=options.optimizations), nbytes=pipeline_nbytes(base))
+                entry = _Entry(engine=engine_for(base, options), nbytes=pipeline_nbytes(base))
                 self._entries[key] = entry
             # Another kind of a warm model: a new pipeline object around the same modules (no weights load).
             pipeline = entry.engine.pipeline(kind)

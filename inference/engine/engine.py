@@ -26,7 +26,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from inference.engine.feature_cache import FeatureCache, cached_unet_forward, check_supported
-from inference.engine.loading import Pipeline, PipelineKind, pipeline_for_kind
+from inference.engine.kinds import PipelineKind
+from inference.engine.loading import Pipeline, pipeline_for_kind
+from inference.engine.media import media_batch_key
 from inference.engine.optimize import (
     CudaGraphUNet,
     ModuleOptimizations,
@@ -36,7 +38,14 @@ from inference.engine.optimize import (
 )
 from inference.engine.previews import LatentProjection, PreviewOptions, make_preview
 from inference.engine.profile import OptimizationProfile
-from inference.engine.runtime import Cancelled, GenerationRequest, GenerationResult, OnStep, run_pipeline
+from inference.engine.runtime import (
+    BatchIncompatible,
+    Cancelled,
+    GenerationRequest,
+    GenerationResult,
+    OnStep,
+    run_pipeline,
+)
 
 # Schedulers whose step treats every batch row on its own and keeps no per-row state between steps: rows of a
 # request that leaves the batch can be dropped from them. With others, the rows run on to the end, unused.
@@ -68,12 +77,13 @@ class RunOptions:
         )
 
 
-class BatchIncompatible(ValueError):
-    """Requests that cannot share one pipeline call were given as a batch."""
+__all__ = ["BatchIncompatible", "Engine", "RunOptions", "batch_key"]
 
 
 def batch_key(request: GenerationRequest) -> tuple[Any, ...] | None:
-    """Requests with equal keys can run as one call; None: this request runs alone (image to image)."""
+    """Requests with equal keys can run as one call; None: this request runs alone (image to image or video)."""
+    if request.kind not in (PipelineKind.TEXT_TO_IMAGE, PipelineKind.IMAGE_TO_IMAGE):
+        return media_batch_key(request)
     if request.init_image is not None:
         return None
     # Guidance on or off changes the batch's layout (two UNet rows per image, or one); its scale may differ.

@@ -5,13 +5,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
-from inference.engine.loading import Pipeline, PipelineKind, pipeline_kind
+from inference.engine.kinds import PipelineKind
+from inference.engine.loading import Pipeline, pipeline_kind
 from inference.engine.previews import LatentProjection, PreviewOptions, make_preview
 
 # Stable Diffusion's VAE works in blocks of 8 pixels.
@@ -20,6 +22,10 @@ MAX_SEED = 2**64 - 1
 
 OnStep = Callable[[int, int], None]
 ShouldCancel = Callable[[], bool]
+
+
+class BatchIncompatible(ValueError):
+    """Requests that cannot share one pipeline call were given as a batch."""
 
 
 class Cancelled(Exception):
@@ -34,7 +40,11 @@ class Cancelled(Exception):
 
 @dataclass(frozen=True, kw_only=True)
 class GenerationRequest:
-    """What to generate: one image per (prompt, seed) pair. An `init_image` makes it image-to-image."""
+    """What to generate: one output per (prompt, seed) pair.
+
+    Images by default; an `init_image` makes it image to image. `num_frames` makes each output a video of that many
+    frames at `frame_rate` (an `init_image` is then its start frame), `audio_seconds` an audio clip that long.
+    """
 
     prompts: list[str]
     seeds: list[int]
@@ -46,6 +56,11 @@ class GenerationRequest:
     init_image: Image.Image | None = None
     # Image-to-image only: how much of the schedule runs on top of the init image (1.0: all of it).
     strength: float = 0.8
+    # Video: frames delivered and their rate (0: not a video).
+    num_frames: int = 0
+    frame_rate: int = 0
+    # Audio: the clip's length in seconds (0: not audio).
+    audio_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -61,7 +76,13 @@ class GenerationRequest:
             raise ValueError("num_inference_steps must be at least 1")
         if self.guidance_scale < 0:
             raise ValueError("guidance_scale must not be negative")
-        if self.init_image is not None:
+        if self.num_frames < 0 or (self.num_frames and self.frame_rate < 1):
+            raise ValueError("a video needs a positive number of frames and a frame rate of at least 1")
+        if self.audio_seconds < 0 or (self.audio_seconds and self.num_frames):
+            raise ValueError("audio_seconds must be positive, and a request is a video or audio, not both")
+        if self.audio_seconds and self.init_image is not None:
+            raise ValueError("audio is generated from text only")
+        if self.init_image is not None and not self.num_frames:
             if not 0 < self.strength <= 1:
                 raise ValueError("strength must be in (0, 1]")
             if int(self.num_inference_steps * self.strength) < 1:
@@ -69,12 +90,16 @@ class GenerationRequest:
 
     @property
     def kind(self) -> PipelineKind:
+        if self.audio_seconds:
+            return PipelineKind.TEXT_TO_AUDIO
+        if self.num_frames:
+            return PipelineKind.TEXT_TO_VIDEO if self.init_image is None else PipelineKind.IMAGE_TO_VIDEO
         return PipelineKind.TEXT_TO_IMAGE if self.init_image is None else PipelineKind.IMAGE_TO_IMAGE
 
     @property
     def total_steps(self) -> int:
         """Denoising steps the run will take (image-to-image skips the first `1 - strength` of the schedule)."""
-        if self.init_image is None:
+        if self.kind is not PipelineKind.IMAGE_TO_IMAGE:
             return self.num_inference_steps
         return min(int(self.num_inference_steps * self.strength), self.num_inference_steps)
 
@@ -83,8 +108,14 @@ class GenerationRequest:
 class GenerationResult:
     images: list[Image.Image]
     steps: int
-    # Wall-clock time of the run (monotonic), from the call into the pipeline to decoded images.
+    # Wall-clock time of the run (monotonic), from the call into the pipeline to decoded outputs.
     run_ms: int
+    # Videos: one uint8 array of (frames, height, width, 3) each, at `frame_rate` frames per second.
+    videos: list[np.ndarray] = field(default_factory=list)
+    frame_rate: int = 0
+    # Audio clips: one float32 array of (channels, samples) in [-1, 1] each, at `sample_rate` samples per second.
+    audios: list[np.ndarray] = field(default_factory=list)
+    sample_rate: int = 0
 
 
 def run_pipeline(

@@ -2,16 +2,16 @@ from typing import Any
 
 from django.db import migrations
 
-from inference.catalog import BUILTIN_ENDPOINTS, ensure_builtin_endpoints
+from inference.catalog import IMAGE_ENDPOINTS, ensure_builtin_endpoints
 
 
 def create(apps: Any, schema_editor: Any) -> None:
-    ensure_builtin_endpoints(apps.get_model("inference", "Endpoint"))
+    ensure_builtin_endpoints(apps.get_model("inference", "Endpoint"), IMAGE_ENDPOINTS)
 
 
 def remove(apps: Any, schema_editor: Any) -> None:
     Endpoint = apps.get_model("inference", "Endpoint")
-    for spec in BUILTIN_ENDPOINTS:
+    for spec in IMAGE_ENDPOINTS:
         Endpoint.objects.filter(owner=spec["owner"], name=spec["name"], path=spec["path"]).delete()
 
 

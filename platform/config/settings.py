@@ -68,12 +68,13 @@ SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
 # Content-Security-Policy of every HTML page (config.middleware.ContentSecurityPolicyMiddleware, which also
 # sends X-Frame-Options on them, API paths included): our own scripts and styles only, nothing inline, no framing.
-# Stripe Checkout is where the "buy credits" form redirects; output images may come from the bucket.
+# Stripe Checkout is where the "buy credits" form redirects; output images, videos and audio may come from the bucket.
 CONTENT_SECURITY_POLICY: dict[str, list[str]] = {
     "default-src": ["'self'"],
     "script-src": ["'self'"],
     "style-src": ["'self'"],
     "img-src": ["'self'", "data:", *env_list("CSP_IMG_SRC", [])],
+    "media-src": ["'self'", "data:"],
     "font-src": ["'self'"],
     "connect-src": ["'self'"],
     "object-src": ["'none'"],
@@ -310,9 +311,10 @@ STORAGES = {
 }
 SERVESTATIC_USE_FINDERS = not STATIC_MANIFEST
 if OUTPUT_BUCKET:
-    # Pages show output images by the bucket's presigned URLs (path-style or virtual-hosted).
+    # Pages show output images, and play output videos and audio, by the bucket's presigned URLs (path-style or
+    # virtual-hosted).
     _bucket_endpoint = urlsplit(env_str("OUTPUT_BUCKET_ENDPOINT_URL") or "")
-    CONTENT_SECURITY_POLICY["img-src"] += (
+    _bucket_origins = (
         [
             f"{_bucket_endpoint.scheme}://{_bucket_endpoint.netloc}",
             f"{_bucket_endpoint.scheme}://*.{_bucket_endpoint.netloc}",
@@ -320,6 +322,8 @@ if OUTPUT_BUCKET:
         if _bucket_endpoint.netloc
         else ["https://*.amazonaws.com"]
     )
+    CONTENT_SECURITY_POLICY["img-src"] += _bucket_origins
+    CONTENT_SECURITY_POLICY["media-src"] += _bucket_origins
 
 # Request bodies: one limit for every endpoint, enforced before the body is read (413).
 MAX_REQUEST_BODY_BYTES = env_int("MAX_REQUEST_BODY_BYTES", 10 * 1024 * 1024, minimum=1024)
@@ -353,6 +357,8 @@ OUTPUT_RETENTION_SECONDS = env_int("OUTPUT_RETENTION_SECONDS", 30 * 24 * 3600, m
 # Days a finished job's log lines are kept (inference/job_logs.py); its usage and money records are kept regardless.
 JOB_LOG_RETENTION_DAYS = env_int("JOB_LOG_RETENTION_DAYS", 30, minimum=1)
 WORKER_PIPELINE_CACHE_BYTES = env_int("WORKER_PIPELINE_CACHE_BYTES", 8 * 1024**3, minimum=1)
+# Torch's intra-op threads in a GPU worker (inference.worker.apply_thread_policy); 0: torch's default, one per core.
+WORKER_TORCH_THREADS = env_int("WORKER_TORCH_THREADS", 1, minimum=0)
 # Input images are refused past this many pixels, read from their header before anything is decoded (a small
 # compressed file can declare a huge image): 4096x4096 decodes to 64 MB as RGBA.
 MAX_INPUT_IMAGE_PIXELS = env_int("MAX_INPUT_IMAGE_PIXELS", 4096 * 4096, minimum=64 * 64)

@@ -1,6 +1,8 @@
 """Stock diffusers against the engine, on the same weights, parameters and seeds, in one process.
 
-    python -m tests.bench.engine [--rounds 3] [--quick] [--only NAME ...]      # CPU: the small built-in model
+    python -m tests.bench.engine [--rounds 3] [--quick] [--only NAME ...]      # CPU: the small built-in model, then
+                                                                              # the tiny video and audio models
+    python -m tests.bench.engine --sections video audio [--threads 1]         # some of the CPU sections
     python -m tests.bench.engine --gpu [--rounds 3]                           # CUDA: SD 1.5 and SDXL architectures
     python -m tests.bench.engine --gpu --architectures sd15 --batches 1 --only regional   # one part (a GPU lease's
                                                                               # commands are limited to 10 minutes)
@@ -15,7 +17,15 @@ latency of a request (for a batch: of the call that carried it), the speedup in 
 its images moved from stock's with the same seed (the largest absolute pixel difference in 0..255, and the PSNR
 over all images; "inf" when identical).
 
-On a CPU the model is the `small` built-in (UNet channels 64/128, 128x128, 20 steps, guidance 7.5, DDIM). On CUDA
+Every row is compared with its like: a row that runs requests one at a time with stock's one call per request, a
+batched row with stock's own batched call of as many requests (stock diffusers batches too: a list of prompts, a
+generator per output), so the speedup is what the engine adds, not what batching alone gives.
+
+On a CPU the image model is the `small` built-in (UNet channels 64/128, 128x128, 20 steps, guidance 7.5, DDIM); the
+video model the tiny LTX-Video (64x64, 16 frames at 8 fps, guidance 3) and the audio model the tiny Stable Audio
+Open (2 s at 16 kHz, guidance 7): diffusers' own pipelines, so their rows measure what the engine adds around them
+(inference mode, the prompt cache, batching with one generator per request, compilation) and the thread policy
+(`--threads`). A video's difference is over every frame (0..255), an audio clip's in 16-bit steps. On CUDA
 it is the real SD 1.5 and SDXL architectures with random weights (`inference.engine.architectures`), float16, at
 512x512 and 1024x1024, 30 steps with guidance, batches of 1 and 8; the UNet's it/s (denoising steps per second) is
 shown beside the best published figures on an H100 (stable-fast).
@@ -33,6 +43,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -47,13 +58,18 @@ from inference.engine import (
     STOCK_PROFILE,
     Engine,
     GenerationRequest,
+    MediaEngine,
     ModuleOptimizations,
     OptimizationProfile,
     RunOptions,
+    build_tiny_audio_pipeline,
     build_tiny_pipeline,
+    build_tiny_video_pipeline,
     configure_compile_cache,
+    frames_to_generate,
 )
 from inference.engine.architectures import NATIVE_SIZE, build_architecture
+from inference.engine.media import to_uint8_frames
 
 REPO = Path(__file__).resolve().parents[2]
 # Best published UNet iterations per second on an H100 (stable-fast's README), for the GPU table. Its figures are
@@ -80,6 +96,12 @@ class Config:
     batch: int = 1
     # Stock diffusers' own pipeline call, not the engine.
     stock: bool = False
+    # The stock row its speed is compared with: the first row (stock, one request a call), or stock's own batched
+    # call of as many requests for a batched row.
+    baseline: str = ""
+
+
+STOCK_BATCH_OF_4 = "stock diffusers, batch of 4"
 
 
 def cpu_configs() -> list[Config]:
@@ -97,17 +119,44 @@ def cpu_configs() -> list[Config]:
         Config("compile full (frozen)", replace(STOCK_PROFILE, compile="full")),
         Config("lossless set", base),
         Config("lossless set + compile full", replace(base, compile="full")),
-        Config("lossless set, batch of 4", replace(base, max_batch_size=4), batch=4),
-        Config("lossless + compile, batch of 4", compiled_batch, batch=4),
+        Config(STOCK_BATCH_OF_4, STOCK_PROFILE, batch=4, stock=True),
+        Config("lossless set, batch of 4", replace(base, max_batch_size=4), batch=4, baseline=STOCK_BATCH_OF_4),
+        Config("lossless + compile, batch of 4", compiled_batch, batch=4, baseline=STOCK_BATCH_OF_4),
         Config("bfloat16 (CPU: rounds)", replace(base, precision="bfloat16")),
         Config("DeepCache k=3 (lossy)", replace(base, feature_cache_interval=3)),
-        Config("DeepCache k=3, compiled, batch of 4 (lossy)", replace(compiled_batch, feature_cache_interval=3), 4),
-        Config("DeepCache k=5, compiled, batch of 4 (lossy)", replace(compiled_batch, feature_cache_interval=5), 4),
+        Config("DeepCache k=3, compiled, batch of 4 (lossy)", replace(compiled_batch, feature_cache_interval=3), 4,
+               baseline=STOCK_BATCH_OF_4),
+        Config("DeepCache k=5, compiled, batch of 4 (lossy)", replace(compiled_batch, feature_cache_interval=5), 4,
+               baseline=STOCK_BATCH_OF_4),
         Config(
             "DeepCache k=3 + bfloat16, compiled, batch of 4",
             replace(compiled_batch, feature_cache_interval=3, precision="bfloat16"),
             4,
+            baseline=STOCK_BATCH_OF_4,
         ),
+    ]  # fmt: skip
+
+
+# What the engine applies to a video or audio model (`inference.engine.media`): the rest of a profile is the UNet's.
+MEDIA_LOSSLESS: dict[str, Any] = {"inference_mode": True, "prompt_cache": 64, "small_head_attention": True}
+
+
+def media_configs() -> list[Config]:
+    """The same rows for the video and the audio model; batched rows against stock's own call of four requests.
+    (The small-head attention kernel applies to the video model only: the audio model's rows run without it.)"""
+    base = replace(STOCK_PROFILE, **MEDIA_LOSSLESS)
+    return [
+        Config("stock diffusers", STOCK_PROFILE, stock=True),
+        Config("engine, no optimization", STOCK_PROFILE),
+        Config("engine: inference_mode, prompt cache", replace(base, small_head_attention=False)),
+        Config("engine: small-head attention kernel", replace(STOCK_PROFILE, small_head_attention=True)),
+        Config("engine: lossless set", base),
+        Config("engine + compile regional", replace(base, compile="regional")),
+        Config("engine + compile full", replace(base, compile="full")),
+        Config(STOCK_BATCH_OF_4, STOCK_PROFILE, batch=4, stock=True),
+        Config("engine, batch of 4", replace(base, max_batch_size=4), batch=4, baseline=STOCK_BATCH_OF_4),
+        Config("engine + compile full, batch of 4", replace(base, compile="full", max_batch_size=4), batch=4,
+               baseline=STOCK_BATCH_OF_4),
     ]  # fmt: skip
 
 
@@ -182,6 +231,67 @@ class Runner:
         return images, rate
 
 
+class MediaRunner:
+    """One configuration of a video or audio model: stock's pipeline call, or the engine's (`MediaEngine`)."""
+
+    def __init__(self, config: Config, pipeline: Any) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        self.engine = (
+            None if config.stock else MediaEngine(pipeline, optimizations=ModuleOptimizations.of(config.profile))
+        )
+        self.options = RunOptions.of(config.profile)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> tuple[list[np.ndarray], float]:
+        """Each request's output as an array (video frames in 0..255, audio in 16-bit steps), and nan for the rate."""
+        first = requests[0]
+        if self.engine is not None:
+            outcomes = self.engine.run_batch(requests, options=self.options)
+            results = [outcome for outcome in outcomes if not isinstance(outcome, Exception)]
+            if first.audio_seconds:
+                return [result.audios[0] * 32767.0 for result in results], float("nan")
+            return [result.videos[0].astype(np.float64) for result in results], float("nan")
+        # Stock: the pipeline as its documentation calls it, one call for the batch, a generator per output.
+        arguments: dict[str, Any] = {
+            "prompt": [request.prompts[0] for request in requests],
+            "generator": [torch.Generator().manual_seed(request.seeds[0]) for request in requests],
+            "num_inference_steps": first.num_inference_steps,
+            "guidance_scale": first.guidance_scale,
+            "output_type": "np",
+        }
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Should have")  # torchsde's, on every step of Stable Audio
+            if first.audio_seconds:
+                audios = self.pipeline(audio_end_in_s=first.audio_seconds, **arguments).audios
+                return [np.asarray(audio, dtype=np.float64) * 32767.0 for audio in audios], float("nan")
+            frames = self.pipeline(
+                width=first.width,
+                height=first.height,
+                num_frames=frames_to_generate(first.num_frames, self.pipeline.vae.temporal_compression_ratio),
+                frame_rate=first.frame_rate,
+                **arguments,
+            ).frames
+        return [to_uint8_frames(np.asarray(video)[: first.num_frames]).astype(np.float64) for video in frames], float(
+            "nan"
+        )
+
+
+def video_requests(seeds: Sequence[int], *, steps: int) -> list[GenerationRequest]:
+    return [
+        GenerationRequest(prompts=[f"waves on a beach at dusk, study {seed}"], seeds=[seed], width=64, height=64,
+                          num_inference_steps=steps, guidance_scale=3.0, num_frames=16, frame_rate=8)
+        for seed in seeds
+    ]  # fmt: skip
+
+
+def audio_requests(seeds: Sequence[int], *, steps: int) -> list[GenerationRequest]:
+    return [
+        GenerationRequest(prompts=[f"rain on a tin roof, take {seed}"], seeds=[seed], num_inference_steps=steps,
+                          guidance_scale=7.0, audio_seconds=2.0)
+        for seed in seeds
+    ]  # fmt: skip
+
+
 def requests_for(seeds: Sequence[int], *, size: int, steps: int) -> list[GenerationRequest]:
     # A prompt of its own per request: the prompt cache gains nothing it would not gain in service.
     return [
@@ -198,16 +308,25 @@ def requests_for(seeds: Sequence[int], *, size: int, steps: int) -> list[Generat
 
 
 def measure(
-    runners: list[Runner], *, rounds: int, per_round: int, size: int, steps: int, log: Callable[[str], None]
+    runners: Sequence[Runner | MediaRunner],
+    *,
+    rounds: int,
+    per_round: int,
+    steps: int,
+    log: Callable[[str], None],
+    size: int = 0,
+    make_requests: Callable[..., list[GenerationRequest]] | None = None,
 ) -> list[Measured]:
+    """``make_requests(seeds, steps=...)``: the requests (images of ``size`` by default)."""
+    make = make_requests or functools.partial(requests_for, size=size)
     results = [Measured(runner.config) for runner in runners]
     for runner, result in zip(runners, results, strict=True):
         started = time.perf_counter()
         seeds = list(range(10_000, 10_000 + runner.config.batch))
         # Two steps compile every shape (and capture every graph) a full run needs; the full run then shows
         # nothing is left to prepare.
-        runner.generate(requests_for(seeds, size=size, steps=2))
-        runner.generate(requests_for(seeds, size=size, steps=steps))
+        runner.generate(make(seeds, steps=2))
+        runner.generate(make(seeds, steps=steps))
         result.warmup_s = time.perf_counter() - started
         log(f"  warmed up {runner.config.name} in {result.warmup_s:.1f} s")
     for round_number in range(rounds):
@@ -222,7 +341,7 @@ def measure(
                 batch = runner.config.batch
                 if start % batch:
                     continue
-                chunk = requests_for(seeds[start : start + batch], size=size, steps=steps)
+                chunk = make(seeds[start : start + batch], steps=steps)
                 began = time.perf_counter()
                 images, rate = runner.generate(chunk)
                 elapsed = time.perf_counter() - began
@@ -240,21 +359,34 @@ def images_per_second(result: Measured) -> float:
     return result.config.batch / statistics.median(result.calls_s)
 
 
-def difference(result: Measured, stock: Measured) -> tuple[float, float]:
-    """Largest absolute pixel difference (0..255) and PSNR in dB against stock's images of the same seeds."""
+def difference(result: Measured, stock: Measured, *, peak: float = 255.0) -> tuple[float, float]:
+    """Largest absolute difference (pixels 0..255, or audio's 16-bit steps) and PSNR in dB against stock's outputs of
+    the same seeds (``peak``: the largest value, 255 or 32767)."""
     errors = [result.outputs[seed] - stock.outputs[seed] for seed in stock.outputs]
     largest = max(float(np.abs(error).max()) for error in errors)
     mse = float(np.mean([np.mean(error**2) for error in errors]))
-    return largest, (math.inf if mse == 0 else 10 * math.log10(255**2 / mse))
+    return largest, (math.inf if mse == 0 else 10 * math.log10(peak**2 / mse))
 
 
-def table(results: list[Measured], *, gpu_model: str | None = None, published_its: float | None = None) -> str:
-    """`published_its`: a published UNet it/s to set each row's beside (batch 1 only: see PUBLISHED_H100_ITS)."""
+def table(
+    results: list[Measured],
+    *,
+    gpu_model: str | None = None,
+    published_its: float | None = None,
+    outputs: str = "images/s",
+    difference_label: str = "max|dpx|",
+    peak: float = 255.0,
+) -> str:
+    """`published_its`: a published UNet it/s to set each row's beside (batch 1 only: see PUBLISHED_H100_ITS).
+
+    The speedup is over the row's baseline (`Config.baseline`: stock's own batched call for a batched row); the
+    difference is from stock's one-request calls (the first row), output by output.
+    """
     stock = results[0]
-    stock_rate = images_per_second(stock)
+    by_name = {result.config.name: result for result in results}
     head = (
-        f"  {'configuration':46} {'batch':>5} {'images/s':>9} {'p50 ms':>8} {'speedup':>8} "
-        f"{'max|dpx|':>9} {'PSNR dB':>8}"
+        f"  {'configuration':46} {'batch':>5} {outputs:>9} {'p50 ms':>8} {'speedup':>8} {'vs':>8} "
+        f"{difference_label:>9} {'PSNR dB':>8}"
     )
     if gpu_model:
         head += f" {'s/image':>8} {'UNet it/s':>9}"
@@ -264,11 +396,12 @@ def table(results: list[Measured], *, gpu_model: str | None = None, published_it
     lines = [head, "  " + "-" * (len(head) - 2)]
     for result in results:
         rate = images_per_second(result)
-        largest, psnr = difference(result, stock)
+        baseline = by_name.get(result.config.baseline, stock)
+        largest, psnr = difference(result, stock, peak=peak)
         line = (
             f"  {result.config.name:46} {result.config.batch:>5} {rate:>9.3f} "
-            f"{statistics.median(result.calls_s) * 1000:>8.0f} {rate / stock_rate:>7.2f}x "
-            f"{largest:>9.0f} {psnr:>8.1f}"
+            f"{statistics.median(result.calls_s) * 1000:>8.0f} {rate / images_per_second(baseline):>7.2f}x "
+            f"{'stock x' + str(baseline.config.batch):>8} {largest:>9.0f} {psnr:>8.1f}"
         )
         if gpu_model:
             its = statistics.median(result.step_rates)
@@ -299,10 +432,13 @@ def machine() -> str:
 
 
 def only(configs: list[Config], parts: Sequence[str] | None) -> list[Config]:
-    """Stock (always the first) and the configurations whose names contain one of ``parts`` (all without any)."""
+    """Stock (always the first), the configurations whose names contain one of ``parts`` (all without any), and the
+    stock rows those are compared with."""
     if not parts:
         return configs
-    return [configs[0]] + [config for config in configs[1:] if any(part in config.name for part in parts)]
+    chosen = [config for config in configs[1:] if any(part in config.name for part in parts)]
+    baselines = {config.baseline for config in chosen}
+    return [configs[0]] + [config for config in configs[1:] if config in chosen or config.name in baselines]
 
 
 def run_cpu(args: argparse.Namespace, log: Callable[[str], None]) -> str:
@@ -324,7 +460,27 @@ def run_cpu(args: argparse.Namespace, log: Callable[[str], None]) -> str:
     size, steps = 128, args.steps
     log(f"CPU: the small built-in model, {size}x{size}, {steps} steps, guidance 7.5, DDIM; {args.rounds} rounds")
     results = measure(runners, rounds=args.rounds, per_round=4, size=size, steps=steps, log=log)
-    return table(results)
+    return "images: the small built-in model, 128x128, 20 steps, guidance 7.5, DDIM\n" + table(results)
+
+
+def run_media(args: argparse.Namespace, section: str, log: Callable[[str], None]) -> str:
+    """The tiny video or audio model: stock diffusers' pipeline against the engine, in one process."""
+    configs = only(media_configs(), args.only)
+    if args.quick:
+        configs = [config for config in configs if "compile" not in config.name]
+    build = build_tiny_video_pipeline if section == "video" else build_tiny_audio_pipeline
+    runners = [MediaRunner(config, build("tiny")) for config in configs]  # seeded: the same weights in every copy
+    steps = args.media_steps
+    if section == "video":
+        title = f"video: the tiny LTX-Video, 64x64, 16 frames (17 made) at 8 fps, {steps} steps, guidance 3"
+        make, label, peak = video_requests, "videos/s", 255.0
+    else:
+        title = f"audio: the tiny Stable Audio Open, 2 s at 16 kHz stereo, {steps} steps, guidance 7"
+        make, label, peak = audio_requests, "clips/s", 32767.0
+    log(f"CPU, {title}; {args.rounds} rounds")
+    results = measure(runners, rounds=args.rounds, per_round=4, steps=steps, make_requests=make, log=log)
+    difference_label = "max|dpx|" if section == "video" else "max|d16|"
+    return f"{title}\n" + table(results, outputs=label, difference_label=difference_label, peak=peak)
 
 
 def run_gpu(args: argparse.Namespace, log: Callable[[str], None], *, dry_run: bool = False) -> str:
@@ -416,7 +572,17 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--architectures", nargs="*", default=["sd15", "sdxl"])
     parser.add_argument("--batches", nargs="*", type=int, default=[1, 8])
     parser.add_argument("--quiet", action="store_true", help="print the table only")
+    parser.add_argument(
+        "--sections", nargs="*", default=["images", "video", "audio"], choices=["images", "video", "audio"],
+        help="CPU: which models",
+    )  # fmt: skip
+    parser.add_argument("--media-steps", type=int, default=10, help="denoising steps of the video and audio rows")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch's intra-op threads (0: its default, one per core)"
+    )
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     def log(message: str) -> None:
         if not args.quiet:
@@ -434,7 +600,9 @@ def main(argv: Sequence[str] | None = None) -> str:
         body = run_gpu(args, log, dry_run=args.gpu_dry_run)
     else:
         args.steps = args.steps or 20
-        body = run_cpu(args, log)
+        sections = [run_cpu(args, log)] if "images" in args.sections else []
+        sections += [run_media(args, section, log) for section in ("video", "audio") if section in args.sections]
+        body = "\n\n".join(sections)
     report = (
         f"Engine benchmark on {machine()}\n"
         f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after\n\n{body}\n"

@@ -360,7 +360,7 @@ def test_usage_by_day_endpoint_and_key_in_json_and_csv(
     rows = list(csv.DictReader(io.StringIO(response.content.decode())))
     assert rows == [
         {"day": today, "requests": "2", "attempts": "2", "gpu_ms": "3500", "gpu_seconds": "3.5",
-         "unbilled_gpu_ms": "0", "cost_micros": "350"}
+         "unbilled_gpu_ms": "0", "cost_micros": "350", "video_seconds": "0.0", "audio_seconds": "0.0"}
     ]  # fmt: skip
     hourly = tenant["client"].get("/v1/usage", {"group_by": "hour"}).json()
     assert len(hourly["data"]) == 1

@@ -90,6 +90,7 @@ def test_prices_are_the_organizations_own_and_a_negotiated_one_is_shown_to_no_ot
         "currency": "USD",
         "unit_price_micros": 2_500,
         "negotiated": True,
+        "resolution_tiers": [],
         "effective_from": negotiated.effective_from.isoformat().replace("+00:00", "Z"),
     }
     class_line = Price.objects.get(gpu_class="cpu", endpoint=None)

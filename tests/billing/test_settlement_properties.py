@@ -48,7 +48,7 @@ DATABASE_EXAMPLES = settings(
 
 @st.composite
 def attempts_to_price(draw: st.DrawFn) -> dict[str, Any]:
-    unit = draw(st.sampled_from(["gpu_second", "image", "megapixel"]))
+    unit = draw(st.sampled_from(["gpu_second", "image", "megapixel", "video", "video_second", "audio_second"]))
     images = draw(st.integers(0, 8))
     side = draw(st.integers(1, 2048))
     return {
@@ -57,6 +57,9 @@ def attempts_to_price(draw: st.DrawFn) -> dict[str, Any]:
         "gpu_ms": draw(st.integers(0, 10_000_000)),
         "images": images,
         "pixels": side * draw(st.integers(1, 2048)) * images,
+        "videos": draw(st.integers(0, 4)),
+        "video_ms": draw(st.integers(0, 600_000)),
+        "audio_ms": draw(st.integers(0, 600_000)),
     }
 
 

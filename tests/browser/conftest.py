@@ -165,12 +165,13 @@ def open_tab(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Calla
 def seeded(transactional_db: None) -> None:
     """The built-in endpoints and the opening prices (a transactional test before this one emptied the tables)."""
     from billing.models import Price
-    from billing.rates import ensure_opening_prices
+    from billing.rates import ensure_media_prices, ensure_opening_prices
     from inference.catalog import ensure_builtin_endpoints
     from inference.models import Endpoint
 
     ensure_builtin_endpoints(Endpoint)
     ensure_opening_prices(Price)
+    ensure_media_prices(Price, Endpoint)
 
 
 def dollars(text: str) -> Decimal:

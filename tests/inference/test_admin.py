@@ -221,11 +221,17 @@ def endpoint_form(endpoint: Endpoint | None = None, **changes: Any) -> dict[str,
         "max_images": 4,
         "max_prompt_chars": 2000,
         "max_input_image_bytes": 8 * 1024 * 1024,
+        "max_frames": 121,
+        "max_fps": 30,
+        "max_audio_seconds": 47,
         "default_width": 512,
         "default_height": 512,
         "default_steps": 25,
         "default_guidance_scale": 7.5,
         "default_strength": 0.75,
+        "default_num_frames": 121,
+        "default_fps": 24,
+        "default_audio_seconds": 30,
         "optimization_profile": "{}",
     }
     if endpoint is not None:
@@ -497,3 +503,11 @@ def test_tenant_settings_made_in_the_console_get_a_secret(operator: Client, orga
     made = TenantSettings.objects.get(organization=organization)
     assert made.output_retention_seconds == 60
     assert made.webhook_secret.startswith("whsec_")
+
+
+def test_an_endpoint_default_beyond_its_limit_is_refused(operator: Client) -> None:
+    form = endpoint_form(kind="text-to-video", weights="builtin:tiny-ltx-video", max_frames=33, default_num_frames=34)
+    response = operator.post("/admin/inference/endpoint/add/", form)
+    assert response.status_code == 200  # the form again
+    assert "max_frames" in " ".join(response.context["adminform"].form.errors["default_num_frames"])
+    assert not Endpoint.objects.filter(owner="local", name="my-model").exists()

@@ -54,6 +54,7 @@ def test_models_lists_the_builtins_with_their_limits(builtin_endpoint: Endpoint)
         "unit_price_micros": 100,
         "currency": "usd",
         "effective_from": "2020-01-01T00:00:00+00:00",
+        "resolution_tiers": [],
     }  # the opening rate card for the cpu class
 
 

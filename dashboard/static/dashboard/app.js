@@ -51,6 +51,8 @@ function fieldFor(name, schema, required) {
     input.dataset.name = name;
   } else if (schema.enum) {
     input = document.createElement("select");
+    // No default in the schema: the endpoint decides (the first choice would otherwise always be sent).
+    if (def === undefined) input.add(new Option("(endpoint's default)", "", false, true));
     for (const value of schema.enum) input.add(new Option(value, value, false, value === def));
   } else if (schema.type === "boolean") {
     input = document.createElement("input");
@@ -63,6 +65,25 @@ function fieldFor(name, schema, required) {
     if (schema.minimum !== undefined) input.min = schema.minimum;
     if (schema.maximum !== undefined) input.max = schema.maximum;
     if (def !== undefined) input.value = def;
+  } else if (name === "image_url") {
+    // A URL or a data URI; a file chosen here is sent as a data URI.
+    input = document.createElement("span");
+    const url = document.createElement("input");
+    Object.assign(url, { type: "text", id: `field-${name}`, placeholder: "https://… or data:image/png;base64,…" });
+    url.dataset.name = name;
+    url.dataset.type = "string";
+    if (required) url.required = true;
+    const file = document.createElement("input");
+    Object.assign(file, { type: "file", accept: "image/*" });
+    file.setAttribute("aria-label", "or choose an image");
+    file.addEventListener("change", () => {
+      const chosen = file.files && file.files[0];
+      if (!chosen) return;
+      const reader = new FileReader();
+      reader.onload = () => { url.value = String(reader.result); };
+      reader.readAsDataURL(chosen);
+    });
+    input.append(url, " ", file);
   } else if (name.includes("prompt")) {
     input = document.createElement("textarea");
     input.maxLength = schema.maxLength || 2000;
@@ -70,10 +91,14 @@ function fieldFor(name, schema, required) {
   } else {
     input = document.createElement("input");
     input.type = "text";
+    if (def !== undefined) input.value = def;
+    if (schema.pattern) input.pattern = schema.pattern.replace(/^\^|\$$/g, "");
   }
-  if (!input.dataset.name) { input.id = `field-${name}`; input.name = name; }
-  input.dataset.name = name;
-  input.dataset.type = schema.type || "";
+  if (name !== "image_url") {
+    if (!input.dataset.name) { input.id = `field-${name}`; input.name = name; }
+    input.dataset.name = name;
+    input.dataset.type = schema.type || "";
+  }
   if (required && input.tagName !== "SPAN") input.required = true;
   wrapper.append(input);
   if (schema.description) {
