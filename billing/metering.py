@@ -184,7 +184,7 @@ def summaries(record: UsageRecord, *, only_where: str = "") -> list[tuple[str, l
     return statements
 
 
-_END_USER_COLUMNS = ("attempts", "billable_attempts", "gpu_ms", "unbilled_gpu_ms", "cost_micros", "work_units")
+_END_USER_COLUMNS = _ROLLUP_COLUMNS
 
 
 def end_user_upsert(record: UsageRecord, *, only_where: str = "") -> tuple[str, list[Any]]:
@@ -204,6 +204,8 @@ def end_user_upsert(record: UsageRecord, *, only_where: str = "") -> tuple[str, 
         "unbilled_gpu_ms": record.unbilled_gpu_ms,
         "cost_micros": record.cost_micros,
         "work_units": record.work_units,
+        "video_ms": record.video_ms,
+        "audio_ms": record.audio_ms,
     }
     rows = f"VALUES ({', '.join(['%s'] * len(columns))})"
     if only_where:

@@ -335,6 +335,8 @@ class EndUserRollup(models.Model):
     unbilled_gpu_ms = models.PositiveBigIntegerField(default=0)
     cost_micros = models.PositiveBigIntegerField(default=0)
     work_units = models.PositiveBigIntegerField(default=0)
+    video_ms = models.PositiveBigIntegerField(default=0, help_text="Seconds of video delivered, in ms.")
+    audio_ms = models.PositiveBigIntegerField(default=0, help_text="Seconds of audio delivered, in ms.")
 
     class Meta:
         ordering = ("-bucket_start",)
