@@ -92,9 +92,9 @@ def apply_thread_policy() -> None:
 
     One by default. A worker runs one job at a time, and on a CPU shares its cores with the web and housekeeping
     processes (and, in a shared machine, with anyone else's): OpenMP's spinning threads then wait on a peer the
-    system has put to sleep, and a step that takes 60 ms on one thread took 150-400 ms on two, the small model's
-    20-step run 1.2 s against 2.3-6 s (measured in alternating worker processes under load; README, engine
-    benchmark). On a GPU the CPU only feeds the device.
+    system has put to sleep. Measured on two shared cores (README, engine benchmark), every model ran 2.5-7x slower
+    on two threads than on one: the small image model's 20 steps 7.6 s against 1.05 s, the tiny video 2.8 s against
+    1.06 s. On a GPU the CPU only feeds the device.
     """
     import torch
 
@@ -503,28 +503,24 @@ def _store(member: Member, result: GenerationResult, heartbeat: Heartbeat, *, ba
 
 
 def _encoded_output(job: Job, result: GenerationResult) -> dict[str, Any]:
-    """The job's result in fal's shape, its files encoded and stored (or inline, with ``sync_mode``).
+    """The job's result in fal's shape, its files encoded and stored (images inline instead, with ``sync_mode``).
 
     Images: ``{images, seed, timings, has_nsfw_concepts, prompt}``. Video (fal's LTX-Video): ``{video, seed,
     timings}``, the video an H.264 MP4 with its poster (the first frame, a JPEG) inside its file object. Audio (fal's
-    Stable Audio): ``{audio_file, seed, timings}``, WAV or MP3.
+    Stable Audio): ``{audio_file, seed, timings}``, WAV or MP3. Videos and clips are always stored: their inputs
+    take no ``sync_mode``, as fal's video and audio endpoints' mostly do not.
     """
-    inline = bool(job.input.get("sync_mode"))
     timings = {"inference": round(result.run_ms / 1000, 4)}
     if result.videos:
         frames = result.videos[0]
-        video, poster = encode_video(frames, result.frame_rate), video_poster(frames)
-        stored_video = files.inline_file(video, "0") if inline else files.save_output(job, video, "0")
-        stored_video["poster"] = (
-            files.inline_file(poster, "0.poster") if inline else files.save_output(job, poster, "0.poster")
-        )
+        stored_video = files.save_output(job, encode_video(frames, result.frame_rate), "0")
+        stored_video["poster"] = files.save_output(job, video_poster(frames), "0.poster")
         return {"video": stored_video, "seed": job.input["seed"], "timings": timings}
     if result.audios:
         clip = encode_audio(result.audios[0], result.sample_rate, job.input.get("output_format") or "wav")
-        stored_clip = files.inline_file(clip, "0") if inline else files.save_output(job, clip, "0")
-        return {"audio_file": stored_clip, "seed": job.input["seed"], "timings": timings}
+        return {"audio_file": files.save_output(job, clip, "0"), "seed": job.input["seed"], "timings": timings}
     images = [encode_image(image, job.input["output_format"]) for image in result.images]
-    stored = files.inline_outputs(images) if inline else files.save_outputs(job, images)
+    stored = files.inline_outputs(images) if job.input.get("sync_mode") else files.save_outputs(job, images)
     return {
         "images": stored,
         "seed": job.input["seed"],
