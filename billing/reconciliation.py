@@ -565,18 +565,7 @@ def check_rollups(scope: Scope = FULL) -> Check:
     records = UsageRecord.objects.order_by()
     rollups = UsageRollup.objects.order_by()
     if not scope.full:
-        stamped = scope.written(records, "recorded_at")
-        touched = sorted(
-            {
-                _on_day(day)
-                for day in stamped.annotate(day=TruncDay("recorded_at", tzinfo=UTC))
-                .values_list("day", flat=True)
-                .distinct()
-            }
-        )
-        check.figures["days"] = [day.isoformat() for day in touched]
-        records = records.filter(_within_days("recorded_at", touched))
-        rollups = rollups.filter(_within_days("bucket_start", touched))
+        records, rollups = _whole_days_written(check, scope, records, rollups)
     raw = (
         records.annotate(day=TruncDay("recorded_at", tzinfo=UTC))
         .values("organization_id", "day", "endpoint_id", "gpu_class")
@@ -619,6 +608,22 @@ def check_rollups(scope: Scope = FULL) -> Check:
     return check
 
 
+def _whole_days_written(check: Check, scope: Scope, records: Any, rollups: Any) -> tuple[Any, Any]:
+    """An incremental run's records and day rows: every day its window's usage records fall on, each day whole (a
+    day row sums all of that day's records, old and new); the days go in the check's figures."""
+    stamped = scope.written(records, "recorded_at")
+    touched = sorted(
+        {
+            _on_day(day)
+            for day in stamped.annotate(day=TruncDay("recorded_at", tzinfo=UTC))
+            .values_list("day", flat=True)
+            .distinct()
+        }
+    )
+    check.figures["days"] = [day.isoformat() for day in touched]
+    return records.filter(_within_days("recorded_at", touched)), rollups.filter(_within_days("bucket_start", touched))
+
+
 def check_end_user_rollups(scope: Scope = FULL) -> Check:
     """Each end user tag's day rows are the sums of its raw usage (per organization, UTC day, tag, endpoint).
 
@@ -628,18 +633,7 @@ def check_end_user_rollups(scope: Scope = FULL) -> Check:
     records = UsageRecord.objects.order_by().exclude(end_user="")
     rollups = EndUserRollup.objects.order_by()
     if not scope.full:
-        stamped = scope.written(records, "recorded_at")
-        touched = sorted(
-            {
-                _on_day(day)
-                for day in stamped.annotate(day=TruncDay("recorded_at", tzinfo=UTC))
-                .values_list("day", flat=True)
-                .distinct()
-            }
-        )
-        check.figures["days"] = [day.isoformat() for day in touched]
-        records = records.filter(_within_days("recorded_at", touched))
-        rollups = rollups.filter(_within_days("bucket_start", touched))
+        records, rollups = _whole_days_written(check, scope, records, rollups)
     raw = (
         records.annotate(day=TruncDay("recorded_at", tzinfo=UTC))
         .values("organization_id", "day", "end_user", "endpoint_id")
