@@ -90,7 +90,7 @@ def _close(
     attempt_row.save(update_fields=["outcome", "gpu_ms", "cold_start_ms", "error", "finished_at"])
     job.cold_start_ms += cold_start_ms
     # Only what the move writes is saved: the row's input (and whatever else) stays as it is under the lock.
-    if retry and job.attempt < job.max_attempts and job.cancel_requested_at is None:
+    if retry and _may_retry(job, now):
         changed = transitions.assign(job, transitions.retried())
         log_job(job.id, f"Attempt {job.attempt} failed ({error}); the request is queued again.", level="WARNING")
     else:
@@ -118,6 +118,18 @@ def _close(
     job_id = job.id
     has_webhook = bool(job.webhook_url)
     transaction.on_commit(lambda: _after_attempt(organization_id, job_id, final, has_webhook=has_webhook), robust=True)
+
+
+def _may_retry(job: Job, now: Any) -> bool:
+    """Whether the platform runs a failed attempt again: attempts remain, the customer has not asked to stop, and the
+    request's start deadline (X-Fal-Request-Timeout) has not passed. As on fal, the start timeout covers retries
+    too: once it is reached no further attempt starts, and the attempt's own failure is the request's outcome."""
+    if job.attempt >= job.max_attempts or job.cancel_requested_at is not None:
+        return False
+    if job.start_deadline is not None and job.start_deadline <= now:
+        log_job(job.id, "Its start timeout has passed: the request is not retried.", level="WARNING")
+        return False
+    return True
 
 
 def _final_line(job: Job) -> str:
@@ -239,11 +251,12 @@ def _expire(job_id: uuid.UUID, now: Any) -> int:
         return 0
     if job.start_deadline is None or job.start_deadline > now:
         return 0
-    seconds = (job.start_deadline - job.created_at).total_seconds()
-    _end_unstarted(
-        job,
-        now,
-        error=f"The request did not start within its start timeout of {round(seconds, 1):g} s.",
-        error_type="timeout",
+    seconds = f"{round((job.start_deadline - job.created_at).total_seconds(), 1):g} s"
+    # A retried request (started before, failed by the platform) is not started again past the deadline either.
+    error = (
+        f"The request's retry did not start within its start timeout of {seconds}."
+        if job.started_at is not None
+        else f"The request did not start within its start timeout of {seconds}."
     )
+    _end_unstarted(job, now, error=error, error_type="timeout")
     return 1

@@ -225,6 +225,13 @@ def forget_all() -> None:
         transaction.on_commit(_new_generation)
 
 
+def changed_in_this_transaction() -> bool:
+    """Whether the transaction in progress on this thread's connection changed something ``forget_all`` announces:
+    what it reads now may be rolled back, so nothing read now may be kept under any generation."""
+    connection = transaction.get_connection()
+    return connection.in_atomic_block and any(entry[1] is _new_generation for entry in connection.run_on_commit)
+
+
 def _new_generation() -> bool:
     """Replaces the generation; False when the shared cache did not take it (then it is replaced when it answers)."""
     global _announce_pending

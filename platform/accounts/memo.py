@@ -9,9 +9,10 @@ the TTL (``seconds``) only bounds what a change no signal sees (a data migration
 The callers' models announce their changes through ``key_cache.forget_all`` (``post_save``/``post_delete``
 receivers, and the few queryset ``update()`` calls by hand).
 
-Nothing is kept where the generation is not shared and answering (a local-memory cache, Redis down): then every
-call reads the database, as before. Values are kept pickled, so each caller gets objects of its own that it may
-change without touching another request's.
+Nothing is kept where the generation is not shared and answering (a local-memory cache, Redis down), nor by a
+transaction that has itself changed a row the memos keep (it may roll back, and what it read must not outlive it):
+then every call reads the database, as before. Values are kept pickled, so each caller gets objects of its own that
+it may change without touching another request's.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class GenerationMemo(Generic[Value]):
         one period of time, asked about another moment); an answer it refuses is loaded again and replaces it.
         """
         current = key_cache.generation()
-        if current is None:
+        if current is None or key_cache.changed_in_this_transaction():
+            # Not shared, or read in a transaction that changed a kept row: what it reads may never commit.
             return load(False)
         now = time.monotonic()
         entry = self._entries.get(key)

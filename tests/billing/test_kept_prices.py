@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from django.core.cache import caches
+from django.db import transaction
 from django.utils import timezone
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -157,3 +158,15 @@ def test_a_new_price_line_is_charged_from_the_next_call(
         assert pricing.price_for(builtin_endpoint, now) == before
     line = Price.objects.create(endpoint=builtin_endpoint, unit_price_micros=before.unit_price_micros + 7)
     assert pricing.price_for(builtin_endpoint, timezone.now()).price == line
+
+
+def test_a_price_line_rolled_back_is_never_kept(shared_cache: None, builtin_endpoint: Endpoint) -> None:
+    """A transaction that adds a line and prices a request with it, then rolls back: no process keeps that line."""
+    now = timezone.now()
+    before = pricing.price_for(builtin_endpoint, now)
+    with transaction.atomic():
+        line = Price.objects.create(endpoint=builtin_endpoint, unit_price_micros=before.unit_price_micros + 7)
+        assert pricing.price_for(builtin_endpoint, timezone.now()).price == line
+        transaction.set_rollback(True)  # the operator's save failed after the line was written
+    assert not Price.objects.filter(pk=line.pk).exists()
+    assert pricing.price_for(builtin_endpoint, timezone.now()) == before

@@ -88,6 +88,8 @@ class Spending(RuleBasedStateMachine):
         self.taken_back = False
         # Per running job: GPU ms used so far by its current attempt.
         self.used: dict[Any, int] = {}
+        self.started: set[Any] = set()
+        self.past_deadline: set[Any] = set()  # jobs whose start deadline the test made pass
         self.jobs: list[Any] = []
 
     def teardown(self) -> None:
@@ -104,6 +106,10 @@ class Spending(RuleBasedStateMachine):
                 "created_at", "pk"
             )
         )
+
+    def startable(self) -> list[Job]:
+        """Waiting jobs a worker may still claim: none past its start deadline (a retry included) is started."""
+        return [job for job in self.waiting() if job.pk not in self.past_deadline]
 
     # --- What customers, workers and operators do ------------------------------------------------------------
 
@@ -123,11 +129,12 @@ class Spending(RuleBasedStateMachine):
             return
         self.jobs.append(job.pk)
 
-    @precondition(lambda self: bool(self.waiting()))
+    @precondition(lambda self: bool(self.startable()))
     @rule(data=st.data())
     def start(self, data: st.DataObject) -> None:
-        job = lifecycle.start(data.draw(st.sampled_from(self.waiting())))
+        job = lifecycle.start(data.draw(st.sampled_from(self.startable())))
         self.used[job.pk] = 0
+        self.started.add(job.pk)
 
     @precondition(lambda self: bool(self.running()))
     @rule(data=st.data(), step_ms=st.integers(1, 40_000), ahead_ms=st.integers(0, 100_000))
@@ -156,6 +163,9 @@ class Spending(RuleBasedStateMachine):
         # Never debited more than its hold.
         assert self.charged(job) - charged_before <= held
         self.used.pop(job.pk, None)
+        job.refresh_from_db()
+        if job.status == JobStatus.QUEUED:  # retried: only while its start deadline has not passed
+            assert job.pk not in self.past_deadline
 
     @staticmethod
     def charged(job: Job) -> int:
@@ -174,15 +184,19 @@ class Spending(RuleBasedStateMachine):
     def a_start_deadline_passes(self, data: st.DataObject) -> None:
         """The request's X-Fal-Request-Timeout runs out: one still waiting ends unbilled, a started one runs on."""
         job = data.draw(st.sampled_from(self.waiting() + self.running()))
+        charged_before = self.charged(job)
         Job.objects.filter(pk=job.pk).update(start_deadline=timezone.now() - timedelta(seconds=1))
+        self.past_deadline.add(job.pk)
         closing.expire_unstarted()
         job.refresh_from_db()
-        if job.pk in self.used:  # it had started
+        if job.pk in self.used:  # it is running: it runs on (and, should the platform fail it, is not retried)
             assert job.status == JobStatus.RUNNING
             return
+        # Waiting (never started, or queued again after the platform failed an attempt): it ends, and this adds
+        # no charge (a failed attempt was never billed either).
         assert (job.status, job.error_type) == (JobStatus.CANCELLED, "timeout")
-        assert job.started_at is None
-        assert self.charged(job) == 0
+        assert (job.started_at is None) == (job.pk not in self.started)
+        assert self.charged(job) == charged_before == 0
         assert not Hold.objects.filter(job=job, released_at__isnull=True).exists()
 
     @rule(amount=st.integers(1, 40_000), take_back=st.booleans())
@@ -200,7 +214,11 @@ class Spending(RuleBasedStateMachine):
     @rule(tag=st.sampled_from(TAGS), more=st.integers(0, 20_000))
     def raise_a_tags_limit(self, tag: str, more: int) -> None:
         """A reseller gives its end user more room (or a limit where there was none)."""
-        limit = (self.tag_limits[tag] or 0) + more
+        current = self.tag_limits[tag]
+        if current is None:  # a limit where there was none starts from what the tag already spends and holds
+            spent = end_users.spent_in_month(organization_id=self.organization.pk, end_user=tag, month=month_start())
+            current = spent + end_users.held(self.organization.pk, tag)
+        limit = current + more
         end_users.set_end_user_limit(organization=self.organization, end_user=tag, monthly_limit_micros=limit)
         self.tag_limits[tag] = limit
 

@@ -17,7 +17,7 @@ from rest_framework.test import APIClient
 
 from billing.models import Account, Hold, UsageRecord
 from inference import attempts, closing, dispatch, job_events
-from inference.models import Endpoint, Job, JobStatus, WebhookDelivery
+from inference.models import AttemptOutcome, Endpoint, Job, JobStatus, WebhookDelivery
 from inference.sweep import sweep
 from tests import lifecycle
 from tests.waiting import wait_until, wait_until_async
@@ -152,6 +152,36 @@ def test_the_sweep_ends_queued_and_dispatched_requests_past_their_start_deadline
     assert result.status_code == 504, result.content
     assert result["X-Fal-Request-Timeout-Type"] == "user"
     assert result.json()["error_type"] == "timeout"
+
+
+@pytest.mark.django_db
+def test_the_start_timeout_covers_retries(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, priced_without_broker: None
+) -> None:
+    """As on fal, the start timeout caps retries too: an attempt the platform fails before the deadline is retried;
+    a retry still waiting when it passes ends as a timeout; an attempt failing after it is not retried."""
+    past = timezone.now() - timedelta(seconds=1)
+    retried = lifecycle.start(lifecycle.submit_as(tenant, builtin_endpoint))
+    Job.objects.filter(pk=retried.pk).update(start_deadline=timezone.now() + timedelta(minutes=5))
+    lifecycle.finish(retried, AttemptOutcome.ERRORED, reserve=False, error="worker lost its GPU", retry=True)
+    retried.refresh_from_db()
+    assert retried.status == JobStatus.QUEUED
+    Job.objects.filter(pk=retried.pk).update(start_deadline=past)
+    assert closing.expire_unstarted() == 1
+    retried.refresh_from_db()
+    assert (retried.status, retried.error_type) == (JobStatus.CANCELLED, "timeout")
+    assert retried.error.startswith("The request's retry did not start")
+    assert Hold.objects.get(job=retried).released_at is not None
+
+    late = lifecycle.start(lifecycle.submit_as(tenant, builtin_endpoint))
+    Job.objects.filter(pk=late.pk).update(start_deadline=past)
+    late.refresh_from_db()
+    lifecycle.finish(late, AttemptOutcome.ERRORED, reserve=False, error="worker lost its GPU", retry=True)
+    late.refresh_from_db()
+    assert (late.status, late.error) == (JobStatus.FAILED, "worker lost its GPU")
+    assert late.attempt == 1
+    assert Hold.objects.get(job=late).released_at is not None
+    assert "not retried" in " ".join(late.logs.values_list("message", flat=True))
 
 
 @pytest.mark.django_db
