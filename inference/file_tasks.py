@@ -1,10 +1,13 @@
-"""Retention: the periodic purge of outputs past their expiry and of old jobs' log lines (scheduled in
-CELERY_BEAT_SCHEDULE)."""
+"""Retention: the periodic purge of outputs past their expiry, of old jobs' log lines, and the archive of old requests
+(scheduled in CELERY_BEAT_SCHEDULE)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from celery import shared_task
 
+from inference.archive import ARCHIVE_BATCH_SIZE, archive_old_jobs
 from inference.files import PURGE_BATCH_SIZE, purge_expired_outputs
 from inference.job_logs import PRUNE_BATCH_SIZE, prune_job_logs
 
@@ -13,23 +16,27 @@ from inference.job_logs import PRUNE_BATCH_SIZE, prune_job_logs
 MAX_BATCHES_PER_RUN = 25
 
 
+def _drain(batch: Callable[..., int], size: int) -> int:
+    """Runs ``batch(limit=size)`` until one comes back short (or for ``MAX_BATCHES_PER_RUN``); the total done."""
+    done = 0
+    for _ in range(MAX_BATCHES_PER_RUN):
+        count = batch(limit=size)
+        done += count
+        if count < size:
+            break
+    return done
+
+
 @shared_task(name="inference.purge_expired_outputs", ignore_result=True, soft_time_limit=600, time_limit=660)
 def purge_expired_outputs_task() -> int:
-    purged = 0
-    for _ in range(MAX_BATCHES_PER_RUN):
-        batch = purge_expired_outputs(limit=PURGE_BATCH_SIZE)
-        purged += batch
-        if batch < PURGE_BATCH_SIZE:
-            break
-    return purged
+    return _drain(purge_expired_outputs, PURGE_BATCH_SIZE)
 
 
 @shared_task(name="inference.prune_job_logs", ignore_result=True, soft_time_limit=600, time_limit=660)
 def prune_job_logs_task() -> int:
-    pruned = 0
-    for _ in range(MAX_BATCHES_PER_RUN):
-        batch = prune_job_logs(limit=PRUNE_BATCH_SIZE)
-        pruned += batch
-        if batch < PRUNE_BATCH_SIZE:
-            break
-    return pruned
+    return _drain(prune_job_logs, PRUNE_BATCH_SIZE)
+
+
+@shared_task(name="inference.archive_old_jobs", ignore_result=True, soft_time_limit=600, time_limit=660)
+def archive_old_jobs_task() -> int:
+    return _drain(archive_old_jobs, ARCHIVE_BATCH_SIZE)

@@ -209,6 +209,11 @@ class Job(TenantModel):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     outputs_expire_at = models.DateTimeField(null=True, blank=True)
+    archived_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="Past JOB_RETENTION_DAYS its input was cut to its settings (inference/archive.py).",
+    )
 
     class Meta:
         ordering = ("-created_at",)
@@ -225,6 +230,12 @@ class Job(TenantModel):
             ),
             # Jobs that ended since the last proven reconciliation (billing.reconciliation's incremental run).
             models.Index(fields=["finished_at"], name="job_finished"),
+            # The retention task's look for ended jobs to archive, oldest first (inference/archive.py).
+            models.Index(
+                fields=["finished_at", "id"],
+                condition=Q(archived_at__isnull=True, finished_at__isnull=False),
+                name="job_to_archive",
+            ),
             # The sweep's look for requests whose start deadline passed while they waited.
             models.Index(
                 fields=["start_deadline"],

@@ -45,10 +45,16 @@ def requeue_job(*, job: Job, log_line: str = "Requeued by an operator.") -> bool
 
 @retrying_atomic
 def _requeue(job: Job, log_line: str) -> bool:
-    requeued = Job.objects.filter(pk=job.pk, status__in=(JobStatus.FAILED, JobStatus.CANCELLED)).update(
-        max_attempts=Greatest(F("max_attempts"), F("attempt") + 1), **transitions.requeued()
-    )
+    requeued = Job.objects.filter(
+        pk=job.pk, status__in=(JobStatus.FAILED, JobStatus.CANCELLED), archived_at__isnull=True
+    ).update(max_attempts=Greatest(F("max_attempts"), F("attempt") + 1), **transitions.requeued())
     if not requeued:
+        if Job.objects.filter(pk=job.pk, archived_at__isnull=False).exists():
+            raise RequeueRefused(
+                "This request was archived after its retention period (its input is gone); submit it again.",
+                error_type="request_archived",
+                status_code=409,
+            )
         return False
     if Organization.objects.filter(pk=job.organization_id, suspended_at__isnull=False).exists():
         # Dispatch skips a suspended organization: the job would wait in the queue, holding credit.

@@ -16,6 +16,8 @@ column must say here how the moves treat it:
   customer's cancel request (once accepted, every later move honours it). Cleared only by an operator's requeue,
   which starts a new run.
 - ``OUTCOME``: how the job ended. Every end writes all of it (``ended``); an operator's requeue clears it.
+- ``ARCHIVE``: when the request's input was cut to its settings after its retention period (inference/archive.py).
+  Written once, by the archive; an archived job never runs again, so no move clears it.
 - ``status``: every move sets it.
 """
 
@@ -43,6 +45,7 @@ REQUEST = frozenset(
     }
 )
 COUNTERS = frozenset({"attempt", "max_attempts", "cold_start_ms"})
+ARCHIVE = frozenset({"archived_at"})
 LEASE: dict[str, Any] = {"worker": "", "lease_expires_at": None}
 DISPATCH: dict[str, Any] = {"dispatched_at": None, "sent_at": None}
 PROGRESS: dict[str, Any] = {"progress_step": 0, "progress_total": 0}

@@ -178,6 +178,7 @@ def request_detail(request: HttpRequest, context: Context, request_id: uuid.UUID
             **context.as_template(),
             **present(job, request),
             "input": json.dumps({k: v for k, v in job.input.items() if k != "image_path"}, indent=2),
+            "archived_at": job.archived_at,
             "logs": job.logs.order_by("id"),
             "attempts": job.attempts.order_by("number"),
             "webhook": webhook,

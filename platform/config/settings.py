@@ -356,6 +356,9 @@ OUTPUT_URL_TTL_SECONDS = env_int("OUTPUT_URL_TTL_SECONDS", 24 * 3600, minimum=60
 OUTPUT_RETENTION_SECONDS = env_int("OUTPUT_RETENTION_SECONDS", 30 * 24 * 3600, minimum=60)
 # Days a finished job's log lines are kept (inference/job_logs.py); its usage and money records are kept regardless.
 JOB_LOG_RETENTION_DAYS = env_int("JOB_LOG_RETENTION_DAYS", 30, minimum=1)
+# Days after which an ended request is archived: its input cut to its settings, its webhook deliveries deleted (a
+# request that never started is deleted); the row stays for the money trail (inference/archive.py).
+JOB_RETENTION_DAYS = env_int("JOB_RETENTION_DAYS", 90, minimum=1)
 WORKER_PIPELINE_CACHE_BYTES = env_int("WORKER_PIPELINE_CACHE_BYTES", 8 * 1024**3, minimum=1)
 # Torch's intra-op threads in a GPU worker (inference.worker.apply_thread_policy); 0: torch's default, one per core.
 WORKER_TORCH_THREADS = env_int("WORKER_TORCH_THREADS", 1, minimum=0)
@@ -463,6 +466,7 @@ CELERY_BEAT_SCHEDULE = {
     "inference-webhooks": {"task": "inference.deliver_due_webhooks", "schedule": 5.0},
     "inference-purge-outputs": {"task": "inference.purge_expired_outputs", "schedule": 3600.0},
     "inference-prune-job-logs": {"task": "inference.prune_job_logs", "schedule": 3600.0},
+    "inference-archive-jobs": {"task": "inference.archive_old_jobs", "schedule": 3600.0},
     "inference-sync-models": {"task": "inference.sync_models", "schedule": 60.0},
     # The books' nightly proof (billing.reconciliation), at 03:00 UTC (Celery keeps UTC): what was written since the
     # last proven run on weeknights and Saturday, everything on Sunday (old rows an incremental run cannot see).

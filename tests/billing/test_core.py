@@ -82,6 +82,9 @@ def test_a_successful_run_is_billed_once_with_a_debit_and_rollups(
         assert rollup.key_id == tenant["api_key"].pk
 
 
+# Committed, as a deployed rate card is: a memo keeps nothing a transaction read after changing a kept row (the
+# test's own transaction, had the fixtures written the endpoints and prices inside it).
+@pytest.mark.django_db(transaction=True)
 def test_closing_a_billed_run_sends_a_fixed_number_of_statements(
     tenant: dict[str, Any],
     builtin_endpoint: Endpoint,

@@ -314,6 +314,9 @@ def test_a_hold_extension_meets_each_limit_exactly_and_counts_only_its_own(
     assert attempts.reserve_work(job=job, gpu_ms=1) == Reservation(covered_gpu_ms=None)
 
 
+# Committed, as a deployed rate card is: a memo keeps nothing a transaction read after changing a kept row (the
+# test's own transaction, had the fixtures written the endpoints and prices inside it).
+@pytest.mark.django_db(transaction=True)
 def test_a_hold_that_already_covers_the_work_is_answered_from_three_reads(
     tenant: dict[str, Any], builtin_endpoint: Endpoint, django_assert_num_queries: Any
 ) -> None:

@@ -17,6 +17,7 @@ def test_every_column_of_a_job_belongs_to_exactly_one_group() -> None:
         "PROGRESS": set(transitions.PROGRESS),
         "RUN": set(transitions.RUN),
         "OUTCOME": set(transitions.OUTCOME),
+        "ARCHIVE": set(transitions.ARCHIVE),
         "status": {"status"},
     }
     columns = {field.name for field in Job._meta.concrete_fields}
