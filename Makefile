@@ -54,13 +54,14 @@ pytest: install browser
 pytest-sqlite: install browser
 	env -u DATABASE_URL -u REDIS_URL $(BIN)/python -m pytest
 
-## Request rate of an authenticated GET /v1/me against /healthz, on a real server
+## Request rate of an authenticated GET /v1/me against /healthz, on a real server (ARGS="--server gunicorn --workers 2")
 bench-api: install
-	$(BIN)/python -m tests.bench.api_rate
+	$(BIN)/python -m tests.bench.api_rate $(ARGS)
 
-## Submit latency, queue overhead and sustained submits/s, against a bare Celery round trip
+## Submit latency, queue overhead and sustained submits/s, against a bare Celery round trip; the web process as
+## deploy/ starts it (ARGS="--servers uvicorn,gunicorn:1,gunicorn:2 --web-cpus 0" compares server configurations)
 bench-queue: install
-	$(BIN)/python -m tests.bench.queue_overhead
+	$(BIN)/python -m tests.bench.queue_overhead $(ARGS)
 
 ## One organization's submits and finishes per second against N organizations', and why (DATABASE_URL=postgres://...; ARGS="--processes 4 --seconds 15")
 bench-tenants: install

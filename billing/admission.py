@@ -130,11 +130,12 @@ def _spend_room(
     return room, refusal
 
 
-def admit(job: Job) -> Refusal | None:
+def admit(job: Job, *, new: bool = False) -> Refusal | None:
     """Inference's ``admit`` hook: holds the job's estimated cost, or says why it may not start.
 
     Called for a submission and again for an operator's requeue, so the estimate is priced when admitted (a job
-    requeued days later holds today's price, which the hold's extensions and the settlement then use).
+    requeued days later holds today's price, which the hold's extensions and the settlement then use). ``new``: a
+    submission's job, inserted by this transaction, which has no hold row to look for.
     """
     quote = pricing.price_for(job.endpoint, timezone.now(), job.organization_id)
     estimate = pricing.hold_micros(job.endpoint, job.input, quote)
@@ -154,6 +155,7 @@ def admit(job: Job) -> Refusal | None:
             unit_price_micros=quote.unit_price_micros,
             unit=quote.unit,
         ),
+        new=new,
     )
     if (
         limit is None

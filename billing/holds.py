@@ -18,13 +18,20 @@ from django.utils import timezone
 from billing.models import Account, Hold
 
 
-def place(*, hold: Hold) -> int:
+def place(*, hold: Hold, new: bool = False) -> int:
     """Saves the job's hold, open; the change to the account's held amount (the caller applies it).
 
     ``hold`` is a new, open row object. A job has one hold row (keyed by the job). A job an operator requeued had its
     earlier hold released when that run ended: the row is overwritten, open again, with the new amount. Were it still
     open (a final job holds nothing: books reconciliation already flags), it is replaced, never counted twice.
+
+    ``new``: the job was inserted by this transaction (a submission), so no earlier row can exist and none is looked
+    for: the insert alone, one statement of every submission fewer. Were one there after all, the insert fails on
+    the job's unique key and the submission rolls back; nothing is counted twice.
     """
+    if new:
+        hold.save(force_insert=True)
+        return hold.amount_micros
     earlier = Hold.objects.filter(job_id=hold.job_id).values_list("amount_micros", "released_at").first()
     if earlier is None:
         hold.save(force_insert=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 if TYPE_CHECKING:
     from inference.models import Endpoint, Job, JobAttempt
@@ -52,7 +52,13 @@ class Reservation:
     covered_gpu_ms: int | None
 
 
-AdmissionCheck = Callable[["Job"], "Refusal | None"]
+class AdmissionCheck(Protocol):
+    """``new``: the job's row was inserted by the caller's transaction (a submission), so nothing of it can exist
+    yet in the layers above (no hold to look for); False for a job that has been queued before (a requeue)."""
+
+    def __call__(self, job: Job, /, *, new: bool = False) -> Refusal | None: ...
+
+
 ReserveWork = Callable[["Job", int, int], "Reservation | Refusal"]
 HeartbeatCheck = Callable[["Job", int], "Refusal | None"]
 AttemptFinished = Callable[["Job", "JobAttempt"], None]

@@ -161,7 +161,7 @@ def _insert_and_admit(job: Job) -> Job:
         # Last: billing locks the organization's account, which every submission and settlement of the organization
         # waits for, until this commits. After the insert, so it can hold credit against the job; a refusal rolls
         # the whole submission back.
-        refusal = hooks.admit(job)
+        refusal = hooks.admit(job, new=True)
         if refusal is not None:
             raise SubmissionRefused.of(refusal)
     organization_id = job.organization_id

@@ -7,7 +7,11 @@ from django.conf import settings
 from django.contrib.auth import middleware as _auth
 from django.contrib.messages import middleware as _messages
 from django.contrib.sessions import middleware as _session
+from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.middleware import common as _common
+from django.middleware import csrf as _csrf
+from django.middleware import security as _security
 
 
 def too_large_response(limit: int) -> JsonResponse:
@@ -83,6 +87,38 @@ API_PATH_PREFIXES = (
 
 class SessionMiddleware(BrowserOnly, _session.SessionMiddleware):
     pass
+
+
+class InlineUnderAsgi:
+    """Runs a Django middleware's ``process_request`` and ``process_response`` on the event loop under ASGI.
+
+    Django's ``MiddlewareMixin`` hops to the request's thread and back for each of them (two hops a request per
+    middleware, about 60 µs each here, more under load, and the GIL handed back and forth). Only for middleware whose
+    two hooks do no I/O, so they cannot stall the loop: the security headers and redirects, ``CommonMiddleware``'s
+    host check, slash redirect (a URL resolution) and Content-Length, and the CSRF cookie read and set (kept in a
+    cookie, not the session: ``CSRF_USE_SESSIONS`` is off). The CSRF check itself (``process_view``, which may read a
+    form's body) still runs in the thread. Under WSGI nothing changes.
+    """
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponse:
+        response = self.process_request(request)  # type: ignore[attr-defined]
+        response = response or await self.get_response(request)  # type: ignore[attr-defined]
+        return self.process_response(request, response)  # type: ignore[attr-defined]
+
+
+class SecurityMiddleware(InlineUnderAsgi, _security.SecurityMiddleware):
+    pass
+
+
+class CommonMiddleware(InlineUnderAsgi, _common.CommonMiddleware):
+    pass
+
+
+class CsrfViewMiddleware(InlineUnderAsgi, _csrf.CsrfViewMiddleware):
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse | Awaitable[HttpResponse]]) -> None:
+        if settings.CSRF_USE_SESSIONS:  # the token would be read from the session: database I/O on the loop
+            raise ImproperlyConfigured("config.middleware.CsrfViewMiddleware keeps the CSRF token in a cookie only")
+        super().__init__(get_response)
 
 
 class AuthenticationMiddleware(BrowserOnly, _auth.AuthenticationMiddleware):

@@ -119,14 +119,16 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "config.middleware.BodySizeLimitMiddleware",
-    "django.middleware.security.SecurityMiddleware",
+    # Django's security, common and CSRF middleware, run without thread hops under ASGI
+    # (config.middleware.InlineUnderAsgi); `manage.py check --deploy` looks for Django's own names and warns.
+    "config.middleware.SecurityMiddleware",
     # CSP and X-Frame-Options on every HTML page, whatever its path (the API's docs page included).
     "config.middleware.ContentSecurityPolicyMiddleware",
     "servestatic.middleware.ServeStaticMiddleware",
     # Browser-only middleware, skipped on the API paths (config.middleware.BrowserOnly).
     "config.middleware.SessionMiddleware",
-    "django.middleware.common.CommonMiddleware",
-    "django.middleware.csrf.CsrfViewMiddleware",
+    "config.middleware.CommonMiddleware",
+    "config.middleware.CsrfViewMiddleware",
     "config.middleware.AuthenticationMiddleware",
     "config.middleware.MessageMiddleware",
 ]

@@ -10,12 +10,13 @@ import pytest
 from django.conf import settings
 from django.contrib.messages import get_messages
 from django.core.management import call_command
+from django.db import IntegrityError, transaction
 from django.test import Client
 from django.utils import timezone
 
 from accounts.models import AuditEvent, Organization, User
 from accounts.services import revoke_api_key, set_organization_suspended
-from billing import controls, pricing, reconciliation
+from billing import controls, holds, pricing, reconciliation
 from billing.ledger import grant_credits
 from billing.models import Account, CreditEntry, EntryKind, Hold, Price, UsageRecord
 from inference import closing, requeue
@@ -233,3 +234,26 @@ def test_a_hold_left_open_by_a_final_job_is_replaced_on_requeue_never_counted_tw
     [hold] = open_holds(job)
     assert account(organization).held_micros == hold.amount_micros == admission_estimate(job)
     assert reconciliation.run_reconciliation().drift == []
+
+
+def test_a_hold_placed_for_a_new_job_never_replaces_one_already_there(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint
+) -> None:
+    """A submission's admission inserts its hold without looking for an earlier one (``holds.place(new=True)``, one
+    statement fewer): were one there, the insert fails on the job's key and rolls back, never counting twice."""
+    organization = tenant["organization"]
+    queued = submit(organization, builtin_endpoint)
+    placed = Hold.objects.get(job=queued)
+    held_before = account(organization).held_micros
+    second = Hold(
+        job=queued,
+        organization_id=placed.organization_id,
+        api_key_id=placed.api_key_id,
+        amount_micros=placed.amount_micros + 5,
+        unit_price_micros=placed.unit_price_micros,
+        unit=placed.unit,
+    )
+    with pytest.raises(IntegrityError), transaction.atomic():
+        holds.place(hold=second, new=True)
+    assert account(organization).held_micros == held_before
+    assert [hold.amount_micros for hold in open_holds(queued)] == [placed.amount_micros]

@@ -36,9 +36,9 @@ STEPS = ("submit", "dispatch", "claim", "heartbeat", "reserve", "finish")
 # included.
 CEILINGS = {
     # The job's insert, its log line; admission: the price in force, the endpoint's measured GPU time (the cache is
-    # cold), the key's share lock and its spend limit, the hold (any earlier one, the insert), then the account's
-    # conditional UPDATE, the one statement that locks it.
-    "submit": 11,
+    # cold), the key's share lock and its spend limit, the hold's insert (a new job has no earlier hold to look for),
+    # then the account's conditional UPDATE, the one statement that locks it.
+    "submit": 10,
     # The organization's lock, then one statement: its active jobs counted, the queued ones that fit picked, moved
     # to DISPATCHED and returned.
     "dispatch": 4,
@@ -55,7 +55,7 @@ CEILINGS = {
 }
 # SQLite (one writer at a time): admission sends no share lock on the key; the settlement's debit, its entry and the
 # rollups are three statements (SQLite has no data-modifying WITH).
-SQLITE_CEILINGS = {**CEILINGS, "submit": 10, "finish": 15}
+SQLITE_CEILINGS = {**CEILINGS, "submit": 9, "finish": 15}
 
 
 def test_each_step_of_a_job_sends_no_more_statements_than_it_does_today(
