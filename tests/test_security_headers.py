@@ -172,3 +172,22 @@ def test_https_pages_carry_hsts_when_it_is_on(settings: Any) -> None:
     response = Client().get("/auth/login", secure=True)
     assert response["Strict-Transport-Security"] == "max-age=31536000"
     assert "Strict-Transport-Security" not in Client().get("/auth/login")  # only ever sent over HTTPS
+
+
+def test_the_deployment_checks_see_djangos_middleware_under_our_names(settings: Any) -> None:
+    """``check --deploy`` checks HSTS and secure cookies through config.middleware's names (config/checks.py), and
+    still says so when the security middleware is really missing."""
+    from django.core.checks import run_checks
+
+    def ids() -> set[str]:
+        found = run_checks(include_deployment_checks=True, tags=["security"])
+        return {message.id for message in found if not message.is_silenced()}  # as `manage.py check` reports
+
+    settings.SECURE_HSTS_SECONDS, settings.CSRF_COOKIE_SECURE = 0, False
+    found = ids()
+    assert {"config.security.W004", "config.security.W016"} <= found  # checked, not skipped
+    assert not {"security.W001", "security.W003", "config.security.W001", "config.security.W003"} & found
+    settings.SECURE_HSTS_SECONDS, settings.CSRF_COOKIE_SECURE = 3600, True
+    assert not {"config.security.W004", "config.security.W016"} & ids()
+    settings.MIDDLEWARE = [name for name in settings.MIDDLEWARE if not name.endswith(".SecurityMiddleware")]
+    assert "config.security.W001" in ids()

@@ -7,3 +7,4 @@ class AccountsConfig(AppConfig):
 
     def ready(self) -> None:
         from accounts import schema, signals  # noqa: F401  (login-failure audit, OpenAPI auth scheme)
+        from config import checks  # noqa: F401  (the deployment checks of Django's middleware under our names)

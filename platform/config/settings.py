@@ -66,6 +66,9 @@ SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", Fals
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
+# Django's "SecurityMiddleware / CsrfViewMiddleware not in MIDDLEWARE": they are, under config.middleware's names;
+# config.checks runs those deployment checks again reading our names as Django's (config.security.W001 if absent).
+SILENCED_SYSTEM_CHECKS = ["security.W001", "security.W003"]
 # Content-Security-Policy of every HTML page (config.middleware.ContentSecurityPolicyMiddleware, which also
 # sends X-Frame-Options on them, API paths included): our own scripts and styles only, nothing inline, no framing.
 # Stripe Checkout is where the "buy credits" form redirects; output images, videos and audio may come from the bucket.
@@ -120,7 +123,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "config.middleware.BodySizeLimitMiddleware",
     # Django's security, common and CSRF middleware, run without thread hops under ASGI
-    # (config.middleware.InlineUnderAsgi); `manage.py check --deploy` looks for Django's own names and warns.
+    # (config.middleware.InlineUnderAsgi); `manage.py check --deploy` checks them under these names (config.checks).
     "config.middleware.SecurityMiddleware",
     # CSP and X-Frame-Options on every HTML page, whatever its path (the API's docs page included).
     "config.middleware.ContentSecurityPolicyMiddleware",
