@@ -282,7 +282,10 @@ def job_usage(job: Job) -> Usage | None:
     """Inference's ``usage`` hook: the ``usage`` object of a finished request's status and result."""
     if not job.is_final:
         return None
-    records = list(UsageRecord.objects.filter(job=job, billable=True).order_by("attempt_number"))
+    # A record is written after its job was created: the bound prunes earlier months' partitions (billing.partitions).
+    records = list(
+        UsageRecord.objects.filter(job=job, billable=True, recorded_at__gte=job.created_at).order_by("attempt_number")
+    )
     if records:
         last = records[-1]
         unit, unit_price = last.unit, last.unit_price_micros

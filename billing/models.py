@@ -273,6 +273,28 @@ class UsageRecord(models.Model):
         return f"{self.job_id} #{self.attempt_number}: {self.cost_micros} µ$"
 
 
+class UsageRecordKey(models.Model):
+    """The identity of a usage record where its table is partitioned by month (PostgreSQL): one row per record.
+
+    PostgreSQL enforces a partitioned table's unique constraints only when they include the partition key, so the
+    guarantees that span months live on this narrow, unpartitioned table: its primary key is the record's id (which
+    a debit's ``CreditEntry.usage_record`` references) and the database's unique constraint
+    ``usage_one_record_per_attempt`` is on ``(job_id, attempt_number)`` here. A trigger on the usage records writes
+    the row in the record's own INSERT and removes it with the record; nothing in Python writes it. On SQLite the
+    usage records are one plain table with those constraints, and this table is not created (``billing.partitions``).
+    """
+
+    id = models.BigIntegerField(primary_key=True, help_text="The usage record's id.")
+    job_id = models.UUIDField()
+    attempt_number = models.PositiveIntegerField()
+
+    class Meta:
+        db_table = "billing_usagerecordkey"
+
+    def __str__(self) -> str:
+        return f"{self.job_id} #{self.attempt_number}"
+
+
 class Granularity(models.TextChoices):
     HOUR = "hour", "Hour"
     DAY = "day", "Day"

@@ -54,3 +54,10 @@ def send_due_alert_emails() -> int:
     from billing.alerts import send_due_alert_emails as sweep
 
     return sweep()
+
+
+@shared_task(name="billing.create_partitions_ahead", ignore_result=True, soft_time_limit=100, time_limit=120)
+def create_partitions_ahead() -> list[str]:
+    from billing.partitions import create_partitions_ahead as create_ahead
+
+    return create_ahead()

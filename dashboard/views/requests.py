@@ -97,7 +97,8 @@ async def request_events(request: HttpRequest, request_id: uuid.UUID) -> HttpRes
 
 def with_cost(jobs: Any) -> Any:
     cost = (
-        UsageRecord.objects.filter(job=OuterRef("pk"), billable=True)
+        # Bounded by the job's creation: prunes the months of usage before it (billing.partitions).
+        UsageRecord.objects.filter(job=OuterRef("pk"), billable=True, recorded_at__gte=OuterRef("created_at"))
         .values("job")
         .annotate(total=Sum("cost_micros"))
         .values("total")

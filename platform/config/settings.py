@@ -489,6 +489,9 @@ CELERY_BEAT_SCHEDULE = {
     "billing-alert-emails": {"task": "billing.send_due_alert_emails", "schedule": 60.0},
     # Statements of the month just closed, for every organization with activity in it (billing.statements).
     "billing-issue-statements": {"task": "billing.issue_statements", "schedule": crontab(hour=2, minute=0)},
+    # The usage records' monthly partitions, this month's and the next three (billing.partitions); every hour so a
+    # run that gave up on its lock, or a beat that was down, is made up long before a month needs its partition.
+    "billing-create-partitions": {"task": "billing.create_partitions_ahead", "schedule": 3600.0},
 }
 
 REST_FRAMEWORK = {

@@ -1,6 +1,10 @@
 """Billing at scale: usage records written per second through the real path, and the usage page at 1M records.
 
-    python -m tests.bench.billing [--records 1000000] [--writes 2000] [--runs 7] [--no-reconcile]
+    python -m tests.bench.billing [--records 1000000] [--writes 2000] [--runs 7] [--no-reconcile] [--keep]
+    python -m tests.bench.billing --reuse bench_NNNN   # the database a --keep run left, migrated first
+
+10M records (``--records 10000000``) take about 45 minutes to load on two shared cores and 14 GB of disk; ``--keep``
+and ``--reuse`` measure those books again after a migration (the monthly partitions of billing/0013 were measured so).
 
 Against DATABASE_URL (PostgreSQL: a scratch database of its own, dropped at the end) or a fresh SQLite file:
 
@@ -22,9 +26,12 @@ Against DATABASE_URL (PostgreSQL: a scratch database of its own, dropped at the 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -32,7 +39,7 @@ import tempfile
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -62,6 +69,14 @@ def main() -> None:
     parser.add_argument("--writes", type=int, default=2_000, help="attempts recorded one by one, per path")
     parser.add_argument("--runs", type=int, default=7, help="runs of each page query (p50 reported)")
     parser.add_argument("--no-reconcile", action="store_true", help="skip the reconciliation passes")
+    parser.add_argument(
+        "--keep", action="store_true", help="PostgreSQL: keep the scratch database (its name is printed) for --reuse"
+    )
+    parser.add_argument(
+        "--reuse",
+        metavar="NAME",
+        help="PostgreSQL: measure a database a --keep run left (migrated first, nothing loaded; kept afterwards)",
+    )
     args = parser.parse_args()
 
     data_dir = Path(tempfile.mkdtemp(prefix="bench-billing-"))
@@ -75,17 +90,24 @@ def main() -> None:
         }
     )
     scratch_database = None
-    if os.environ.get("DATABASE_URL", "").startswith("postgres"):
+    if args.reuse:
+        os.environ["DATABASE_URL"] = os.environ["DATABASE_URL"].rsplit("/", 1)[0] + f"/{args.reuse}"
+    elif os.environ.get("DATABASE_URL", "").startswith("postgres"):
         # A database of its own, dropped at the end: the benchmark never writes into yours.
         os.environ["DATABASE_URL"], scratch_database = scratch_postgres(os.environ["DATABASE_URL"])
     try:
+        started = time.perf_counter()
         subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], env=os.environ, cwd=REPO, check=True)
+        if args.reuse:
+            print(f"migrated {args.reuse} in {time.perf_counter() - started:.1f} s")
         import django
 
         django.setup()
         run_benchmark(args)
     finally:
-        if scratch_database:
+        if args.keep and scratch_database:
+            print(f"kept the database {scratch_database}: --reuse {scratch_database}")
+        elif scratch_database:
             from django.db import connections
 
             connections.close_all()
@@ -98,10 +120,14 @@ def run_benchmark(args: argparse.Namespace) -> None:
     from billing import selectors
     from billing.models import UsageRecord
 
-    world = make_world()
-    started = time.perf_counter()
-    load_books(world, args.records)
-    load_seconds = time.perf_counter() - started
+    if args.reuse:
+        world, load_seconds = found_world(), 0.0
+    else:
+        world = make_world()
+        started = time.perf_counter()
+        load_books(world, args.records)
+        load_seconds = time.perf_counter() - started
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     hook_rate, finish_rate, statements = write_rates(world, args.writes)
 
@@ -155,7 +181,8 @@ def run_benchmark(args: argparse.Namespace) -> None:
 
     database = "PostgreSQL" if connection.vendor == "postgresql" else "SQLite"
     total = UsageRecord.objects.count()
-    print(f"billing benchmark on {database}; {total:,} usage records ({args.records:,} loaded in {load_seconds:.0f} s)")
+    loaded = "none loaded: --reuse" if args.reuse else f"{args.records:,} loaded in {load_seconds:.0f} s"
+    print(f"billing benchmark on {database}; {total:,} usage records ({loaded}; peak memory {peak_mib:,.0f} MiB)")
     print(f"  writes, one transaction per closed attempt ({args.writes:,} each):")
     print(f"    billing.metering.record_attempt    {hook_rate:8.0f} records/s  ({statements} statements each)")
     print(f"    inference finish_attempt (whole)   {finish_rate:8.0f} records/s")
@@ -208,6 +235,25 @@ def make_world() -> dict[str, Any]:
     return {"organizations": organizations, "endpoints": endpoints, "keys": keys, "prices": prices}
 
 
+def found_world() -> dict[str, Any]:
+    """The world a ``--keep`` run made, read back from its database."""
+    from accounts.models import ApiKey, Organization
+    from billing.pricing import price_for
+    from inference.models import Endpoint
+
+    organizations = sorted(
+        Organization.objects.filter(memberships__user__email__startswith="bench-"),
+        key=lambda organization: int(organization.memberships.get().user.email.split("-")[1].split("@")[0]),
+    )
+    endpoints = list(Endpoint.objects.filter(owner__in=("platform", "bench")).order_by("owner", "name"))
+    keys = {
+        organization.pk: [*ApiKey.objects.filter(organization=organization).values_list("pk", flat=True), None]
+        for organization in organizations
+    }
+    prices = {endpoint.pk: price_for(endpoint, datetime.now(UTC)) for endpoint in endpoints}
+    return {"organizations": organizations, "endpoints": endpoints, "keys": keys, "prices": prices}
+
+
 def load_books(world: dict[str, Any], count: int) -> None:
     """Jobs, attempts, usage records, debits and rollups for ``count`` closed attempts, as the real path writes them."""
     from django.core.management.color import no_style
@@ -215,18 +261,38 @@ def load_books(world: dict[str, Any], count: int) -> None:
     from django.db.models import Max
 
     from billing.metering import bucket_start
-    from billing.models import NO_KEY, Account, CreditEntry, UsageRecord, UsageRollup
+    from billing.models import NO_KEY, Account, CreditEntry, UsageRecord, UsageRecordKey, UsageRollup
     from billing.money import cost_micros
     from inference.models import Job, JobAttempt
 
     rng = random.Random(42)
     organization_ids, endpoints = [organization.pk for organization in world["organizations"]], world["endpoints"]
     weights = [ORGANIZATIONS - 1] + [1] * (ORGANIZATIONS - 1)  # the first tenant holds half of all usage
+    cum_weights = list(itertools.accumulate(weights))  # what choices() would sum on every call
     now = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
-    moments = sorted(now - timedelta(seconds=rng.uniform(0, DAYS * 86_400)) for _ in range(count))
-    next_record = (UsageRecord.objects.aggregate(top=Max("id"))["top"] or 0) + 1
+    next_record = first_record = (UsageRecord.objects.aggregate(top=Max("id"))["top"] or 0) + 1
     next_entry = (CreditEntry.objects.aggregate(top=Max("id"))["top"] or 0) + 1
     balances = {account.pk: account.balance_micros for account in Account.objects.all()}
+    # Credit enough for all of it, granted before the first usage: usage never takes a balance below zero, and
+    # reconciliation checks that on every debit.
+    grants = []
+    for organization_id in organization_ids:
+        balances[organization_id] += GRANT_MICROS
+        grants.append(
+            (
+                next_entry,
+                organization_id,
+                "grant",
+                GRANT_MICROS,
+                balances[organization_id],
+                f"bench-grant-{organization_id}",
+                None,
+                None,
+                "bench credit",
+                now - timedelta(days=DAYS + 1),
+            )
+        )
+        next_entry += 1
     rollups: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0] * len(SUMS))
     job_input = {"prompt": "bench", "num_inference_steps": 4, "num_images": 1, "width": 64, "height": 64}
     tables: dict[str, list[tuple[Any, ...]]] = {"jobs": [], "attempts": [], "records": [], "entries": []}
@@ -239,9 +305,10 @@ def load_books(world: dict[str, Any], count: int) -> None:
         for rows in tables.values():
             rows.clear()
 
-    with transaction.atomic():
-        for number, recorded_at in enumerate(moments):
-            organization_id = rng.choices(organization_ids, weights)[0]
+    with transaction.atomic(), bulk_load_mode([Job, JobAttempt, UsageRecord, CreditEntry]):
+        insert(CreditEntry, ENTRY_COLUMNS, grants)
+        for number, recorded_at in enumerate(spread_moments(rng, now, count)):
+            organization_id = rng.choices(organization_ids, cum_weights=cum_weights)[0]
             endpoint = rng.choice(endpoints)
             key = rng.choice(world["keys"][organization_id])
             quote = world["prices"][endpoint.pk]
@@ -336,6 +403,15 @@ def load_books(world: dict[str, Any], count: int) -> None:
                 flush()
         flush()
         insert(UsageRollup, ROLLUP_COLUMNS, [(*bucket, *sums) for bucket, sums in rollups.items()])
+        keys = UsageRecordKey._meta.db_table
+        if connection.vendor == "postgresql" and keys in connection.introspection.table_names():
+            # The key rows the usage records' trigger writes (billing.partitions); triggers are off for the load.
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    f"INSERT INTO {keys} (id, job_id, attempt_number) "  # noqa: S608
+                    f"SELECT id, job_id, attempt_number FROM {UsageRecord._meta.db_table} WHERE id >= %s",
+                    [first_record],
+                )
         for organization_id, balance in balances.items():
             Account.objects.filter(pk=organization_id).update(balance_micros=balance)
         with connection.cursor() as cursor:
@@ -344,6 +420,25 @@ def load_books(world: dict[str, Any], count: int) -> None:
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
             cursor.execute("ANALYZE")
+
+
+GRANT_MICROS = 10**15  # a billion dollars per organization
+
+
+def spread_moments(rng: random.Random, now: datetime, count: int) -> Iterable[datetime]:
+    """``count`` moments uniformly over the ``DAYS`` before ``now``, oldest first, made a segment at a time.
+
+    The span is cut into segments of about ``BATCH`` moments each, drawn and sorted one by one: memory stays that of
+    one segment (10M datetimes at once would be over half a gigabyte), and the rows still come in time order, as the
+    real path writes them (the time indexes fill at their right edge).
+    """
+    span = DAYS * 86_400
+    segments = max(1, count // BATCH)
+    for segment in range(segments):
+        size = count // segments + (1 if segment < count % segments else 0)
+        low = span * segment / segments
+        offsets = sorted(rng.uniform(low, low + span / segments) for _ in range(size))
+        yield from (now - timedelta(seconds=span - offset) for offset in offsets)
 
 
 JOB_COLUMNS = (
@@ -361,6 +456,40 @@ ENTRY_COLUMNS = (
     "job_id", "description", "created_at",
 )  # fmt: skip
 ROLLUP_COLUMNS = ("granularity", "bucket_start", "organization_id", "endpoint_id", "key_id", "gpu_class", *SUMS)
+
+
+@contextlib.contextmanager
+def bulk_load_mode(models: Sequence[Any]) -> Iterator[None]:
+    """On PostgreSQL, inside the load's transaction: the tables' secondary indexes dropped and built again once the
+    rows are in (a sorted build instead of 10M random insertions into each), and triggers off (the foreign keys'
+    checks, queued to COMMIT, are 100M+ lookups at 10M records; the books are consistent by construction).
+    ``session_replication_role`` needs a superuser, as the scratch database's owner is here. Elsewhere: nothing.
+    """
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        yield
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL session_replication_role = replica")
+        cursor.execute(
+            "SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid) FROM pg_index "
+            "WHERE indrelid = ANY(%s::regclass[]) "
+            "AND NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conindid = indexrelid) "
+            "AND NOT EXISTS (SELECT 1 FROM pg_inherits WHERE inhrelid = indexrelid)",
+            [[model._meta.db_table for model in models]],
+        )
+        indexes = cursor.fetchall()
+        for name, _ in indexes:
+            cursor.execute(f"DROP INDEX {name}")
+    yield
+    started = time.perf_counter()
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL maintenance_work_mem = '512MB'")
+        for _, definition in indexes:
+            cursor.execute(definition)
+        cursor.execute("SET LOCAL session_replication_role = DEFAULT")
+    print(f"  {len(indexes)} indexes built in {time.perf_counter() - started:.0f} s")
 
 
 def insert(model: Any, columns: Sequence[str], rows: Iterable[tuple[Any, ...]]) -> None:
@@ -394,15 +523,46 @@ def insert(model: Any, columns: Sequence[str], rows: Iterable[tuple[Any, ...]]) 
 
     table = model._meta.db_table
     if connection.vendor == "postgresql":
+        # COPY's text format written by hand, one formatter per column decided once: psycopg's write_row looks up a
+        # dumper for every value, a third of the load's time at 10M records.
+        formats = [_copy_text(fields[column]) for column in columns]
+        tail = "".join(
+            "\t" + (NULL if value is None else _copy_text(fields[column])(value)) for column, value in defaults.items()
+        )
         with connection.cursor() as cursor:
             raw = cursor.cursor  # psycopg's own cursor, for COPY
             with raw.copy(f'COPY "{table}" ({", ".join(names)}) FROM STDIN') as copy:
+                lines = []
                 for row in rows:
-                    copy.write_row(prepared(row))
+                    text = "\t".join(
+                        [NULL if value is None else write(value) for write, value in zip(formats, row, strict=True)]
+                    )
+                    lines.append(text + tail + "\n")
+                copy.write("".join(lines))
         return
     sql = f'INSERT INTO "{table}" ({", ".join(names)}) VALUES ({", ".join(["%s"] * len(names))})'  # noqa: S608
     with connection.cursor() as cursor:
         cursor.executemany(sql, [prepared(row) for row in rows])
+
+
+NULL = "\\N"
+_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _copy_text(field: Any) -> Callable[[Any], str]:
+    """How a Python value of this column is written in COPY's text format (None is written as NULL beforehand)."""
+    if field.is_relation:
+        field = field.target_field
+    kind = field.get_internal_type()
+    if kind == "JSONField":
+        return lambda value: json.dumps(value).translate(_ESCAPES)
+    if kind == "BooleanField":
+        return lambda value: "t" if value else "f"
+    if kind == "DateTimeField":
+        return lambda value: value.isoformat()
+    if kind in ("CharField", "TextField"):
+        return lambda value: str(value).translate(_ESCAPES)
+    return str  # integers, decimals, UUIDs
 
 
 def _adapter(field: Any, vendor: str) -> Callable[[Any], Any] | None:
