@@ -264,6 +264,9 @@ class UsageRecord(models.Model):
     class Meta:
         ordering = ("-recorded_at", "-id")
         constraints = [
+            # On PostgreSQL this constraint lives on UsageRecordKey's table (migration 0013, billing/partitions.py):
+            # a partitioned table cannot hold it. Django's state keeps it here, so SQLite's plain table has it; a
+            # migration that alters it must do so by hand on PostgreSQL.
             models.UniqueConstraint(fields=["job", "attempt_number"], name="usage_one_record_per_attempt"),
             models.CheckConstraint(condition=Q(billable=True) | Q(cost_micros=0), name="usage_unbilled_costs_nothing"),
         ]

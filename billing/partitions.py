@@ -3,7 +3,7 @@
 ``billing_usagerecord`` is a table partitioned by RANGE on ``recorded_at``, one partition per UTC month
 (``billing_usagerecord_p2026_12``), and a DEFAULT partition that catches a row whose month has no partition yet
 (a beat that stopped for months): a usage record is never refused for want of a partition. The scheduler
-(``billing.create_partitions_ahead``, daily) creates the current month and the ``MONTHS_AHEAD`` after it, so the
+(``billing.create_partitions_ahead``, hourly) creates the current month and the ``MONTHS_AHEAD`` after it, so the
 default partition stays empty. SQLite keeps a plain table: migration 0013 converts only on PostgreSQL.
 
 Why the table is split, and what keeps its guarantees:
@@ -22,8 +22,9 @@ Why the table is split, and what keeps its guarantees:
 - ``CreditEntry.usage_record`` (one entry per record, its unique index on the unpartitioned entries) references the
   key row: an entry cannot name a record that does not exist, and a record whose debit names it cannot be deleted
   (its key's delete is refused).
-- A record's ``id``, job, attempt number and ``recorded_at`` are not updated (a ``BEFORE UPDATE`` trigger refuses):
-  the key row is its identity, and moving a row between months would be a delete and an insert.
+- A record's ``id``, job and attempt number are never changed (a ``BEFORE UPDATE`` trigger refuses): the key row is
+  its identity. Its ``recorded_at`` may be (an operator's correction, a test's old books): PostgreSQL moves the row
+  to that month's partition (a delete and an insert in one statement), and the triggers keep its key row, as itself.
 - Reads that do not name a month visit every partition's index: a lookup by job (its usage object) is bounded
   below by the job's creation, which prunes the months before it (``billing.admission.job_usage``).
 
