@@ -18,6 +18,7 @@ from inference.hooks import Refusal, Reservation, hooks
 from inference.job_events import publish
 from inference.job_logs import log_job
 from inference.models import (
+    AttemptOutcome,
     Job,
     JobAttempt,
     JobStatus,
@@ -102,13 +103,15 @@ class HeartbeatAnswer:
 def heartbeat(*, job_id: str, attempt: int, step: int, total: int, gpu_ms: int) -> HeartbeatAnswer:
     """Renews the lease and reports progress; says whether the job should go on."""
     now = timezone.now()
+    # The attempt's heartbeat first: the progress a reader sees on the job is never newer than the GPU time a reap of
+    # this attempt records (held until its last heartbeat), whichever statement a dying worker got to.
+    JobAttempt.objects.filter(job_id=job_id, number=attempt, outcome=AttemptOutcome.RUNNING).update(heartbeat_at=now)
     renewed = Job.objects.filter(pk=job_id, status=JobStatus.RUNNING, attempt=attempt).update(
         lease_expires_at=lease_deadline(), progress_step=step, progress_total=total
     )
     if not renewed:
         return HeartbeatAnswer(False, "This attempt no longer owns the job.", "lost")
     publish(job_id)  # progress: waiting streams show it now
-    JobAttempt.objects.filter(job_id=job_id, number=attempt).update(heartbeat_at=now)
     job = Job.objects.select_related("organization", "api_key", "endpoint").get(pk=job_id)
     if job.cancel_requested_at is not None:
         return HeartbeatAnswer(False, "Cancelled by request.", "cancelled")
