@@ -10,9 +10,7 @@ the same optimized modules, one request at a time.
 
 from __future__ import annotations
 
-import math
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -40,9 +38,12 @@ from inference.engine.previews import LatentProjection, PreviewOptions, make_pre
 from inference.engine.profile import OptimizationProfile
 from inference.engine.runtime import (
     BatchIncompatible,
+    BatchRun,
     Cancelled,
     GenerationRequest,
     GenerationResult,
+    MemberCancelled,
+    MemberCheck,
     OnStep,
     run_pipeline,
 )
@@ -52,9 +53,6 @@ from inference.engine.runtime import (
 ROW_INDEPENDENT_SCHEDULERS = frozenset(
     {"DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"}
 )
-
-MemberCheck = Callable[[int], bool]
-MemberCancelled = Callable[[int, Cancelled], None]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -338,7 +336,7 @@ class _Rows:
         self.members = [self.members[row] for row in rows]
 
 
-class _TextToImageRun:
+class _TextToImageRun(BatchRun):
     """One batch through the denoising loop; which requests are still in it, and their rows (`_Rows`)."""
 
     def __init__(
@@ -351,26 +349,14 @@ class _TextToImageRun:
         on_cancelled: MemberCancelled | None,
         previews: PreviewOptions | None = None,
     ) -> None:
+        super().__init__(requests, on_step, should_cancel, on_cancelled)
         self.engine = engine
         self.pipe = engine.base
-        self.requests = requests
         self.options = options
-        self.on_step = on_step
-        self.should_cancel = should_cancel
-        self.on_cancelled = on_cancelled
         self.previews = previews
-        first = requests[0]
-        self.total_steps = first.num_inference_steps
-        self.guided = first.guidance_scale > 1
-        self.outcomes: list[GenerationResult | Cancelled | None] = [None] * len(requests)
-        self.active = list(range(len(requests)))
-        self.started = time.perf_counter()
         # A captured graph has fixed shapes (feature caching runs without graphs): its rows stay to the end.
         replays_graphs = engine.replays_graphs and options.feature_cache_interval < 2
         self.drop_rows = type(self.pipe.scheduler).__name__ in ROW_INDEPENDENT_SCHEDULERS and not replays_graphs
-
-    def elapsed_ms(self) -> int:
-        return math.ceil((time.perf_counter() - self.started) * 1000)
 
     def run(self) -> list[GenerationResult | Cancelled]:
         if self._leave_if_cancelled(steps_done=0) and not self.active:
@@ -490,24 +476,6 @@ class _TextToImageRun:
         for member in wanted:
             mine = [pixels for pixels, owner in zip(preview.pixels, owners, strict=True) if owner == member]
             previews.on_preview(member, replace(preview, pixels=mine))
-
-    def _outcomes(self) -> list[GenerationResult | Cancelled]:
-        outcomes = [outcome for outcome in self.outcomes if outcome is not None]
-        if len(outcomes) != len(self.outcomes):
-            raise RuntimeError("a request of the batch got no outcome")
-        return outcomes
-
-    def _leave_if_cancelled(self, *, steps_done: int) -> bool:
-        if self.should_cancel is None:
-            return False
-        leaving = [member for member in self.active if self.should_cancel(member)]
-        for member in leaving:
-            self.active.remove(member)
-            cancelled = Cancelled(steps_done=steps_done, total_steps=self.total_steps, elapsed_ms=self.elapsed_ms())
-            self.outcomes[member] = cancelled
-            if self.on_cancelled is not None:
-                self.on_cancelled(member, cancelled)
-        return bool(leaving)
 
     def _conditioning(self, first: GenerationRequest) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         """Text embeddings for every row (negatives first, as stock concatenates them), and SDXL's extra inputs.

@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -43,12 +42,19 @@ from inference.engine.kinds import Family, PipelineKind
 from inference.engine.loading import Pipeline, base_family, pipeline_for_kind
 from inference.engine.optimize import ModuleOptimizations, compiling
 from inference.engine.previews import PreviewOptions
-from inference.engine.runtime import BatchIncompatible, Cancelled, GenerationRequest, GenerationResult, OnStep
+from inference.engine.runtime import (
+    BatchIncompatible,
+    BatchRun,
+    Cancelled,
+    GenerationRequest,
+    GenerationResult,
+    MemberCancelled,
+    MemberCheck,
+    OnStep,
+)
 
 logger = logging.getLogger(__name__)
 
-MemberCheck = Callable[[int], bool]
-MemberCancelled = Callable[[int, Cancelled], None]
 
 # LTX's pipeline takes frame sizes in multiples of 32 (its transformer's patches over the VAE's 32x compression).
 VIDEO_SIZE_MULTIPLE = 32
@@ -278,7 +284,7 @@ class MediaEngine:
         return _Encoded(positive, positive_mask, negative, negative_mask)
 
 
-class _MediaRun:
+class _MediaRun(BatchRun):
     """One batch through one pipeline call: which requests are still in it, and the callback between steps."""
 
     def __init__(
@@ -290,21 +296,10 @@ class _MediaRun:
         should_cancel: MemberCheck | None,
         on_cancelled: MemberCancelled | None,
     ) -> None:
+        super().__init__(requests, on_step, should_cancel, on_cancelled)
         self.engine = engine
-        self.requests = requests
         self.keep = keep
-        self.on_step = on_step
-        self.should_cancel = should_cancel
-        self.on_cancelled = on_cancelled
         self.first = requests[0]
-        self.total_steps = self.first.num_inference_steps
-        self.guided = self.first.guidance_scale > 1
-        self.outcomes: list[GenerationResult | Cancelled | None] = [None] * len(requests)
-        self.active = list(range(len(requests)))
-        self.started = time.perf_counter()
-
-    def elapsed_ms(self) -> int:
-        return math.ceil((time.perf_counter() - self.started) * 1000)
 
     def run(self, inference_mode: bool) -> list[GenerationResult | Cancelled]:
         if self._leave_if_cancelled(steps_done=0) and not self.active:
@@ -408,21 +403,3 @@ class _MediaRun:
         # Asked before each further step only: past the last one the work is done, and is decoded and delivered.
         if steps_done < self.total_steps and self._leave_if_cancelled(steps_done=steps_done) and not self.active:
             raise _AllLeft
-
-    def _leave_if_cancelled(self, *, steps_done: int) -> bool:
-        if self.should_cancel is None:
-            return False
-        leaving = [member for member in self.active if self.should_cancel(member)]
-        for member in leaving:
-            self.active.remove(member)
-            cancelled = Cancelled(steps_done=steps_done, total_steps=self.total_steps, elapsed_ms=self.elapsed_ms())
-            self.outcomes[member] = cancelled
-            if self.on_cancelled is not None:
-                self.on_cancelled(member, cancelled)
-        return bool(leaving)
-
-    def _outcomes(self) -> list[GenerationResult | Cancelled]:
-        outcomes = [outcome for outcome in self.outcomes if outcome is not None]
-        if len(outcomes) != len(self.outcomes):
-            raise RuntimeError("a request of the batch got no outcome")
-        return outcomes

@@ -194,3 +194,50 @@ def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.LANCZOS)
     return image
+
+
+MemberCheck = Callable[[int], bool]
+MemberCancelled = Callable[[int, Cancelled], None]
+
+
+class BatchRun:
+    """What every engine's run of one batch keeps about its requests: which are still in it, each one's outcome, and
+    the requests that leave it when their job is cancelled between steps (``should_cancel`` asks per request)."""
+
+    def __init__(
+        self,
+        requests: list[GenerationRequest],
+        on_step: OnStep | None,
+        should_cancel: MemberCheck | None,
+        on_cancelled: MemberCancelled | None,
+    ) -> None:
+        self.requests = requests
+        self.on_step = on_step
+        self.should_cancel = should_cancel
+        self.on_cancelled = on_cancelled
+        self.total_steps = requests[0].num_inference_steps
+        self.guided = requests[0].guidance_scale > 1
+        self.outcomes: list[GenerationResult | Cancelled | None] = [None] * len(requests)
+        self.active = list(range(len(requests)))
+        self.started = time.perf_counter()
+
+    def elapsed_ms(self) -> int:
+        return math.ceil((time.perf_counter() - self.started) * 1000)
+
+    def _leave_if_cancelled(self, *, steps_done: int) -> bool:
+        if self.should_cancel is None:
+            return False
+        leaving = [member for member in self.active if self.should_cancel(member)]
+        for member in leaving:
+            self.active.remove(member)
+            cancelled = Cancelled(steps_done=steps_done, total_steps=self.total_steps, elapsed_ms=self.elapsed_ms())
+            self.outcomes[member] = cancelled
+            if self.on_cancelled is not None:
+                self.on_cancelled(member, cancelled)
+        return bool(leaving)
+
+    def _outcomes(self) -> list[GenerationResult | Cancelled]:
+        outcomes = [outcome for outcome in self.outcomes if outcome is not None]
+        if len(outcomes) != len(self.outcomes):
+            raise RuntimeError("a request of the batch got no outcome")
+        return outcomes
