@@ -362,9 +362,14 @@ def test_embedded_run_brings_its_redis_back_and_never_leaves_it_behind(start_emb
     first = run.redis_server()
     os.kill(first, signal.SIGKILL)
 
+    port = url.rpartition(":")[2].partition("/")[0]
+
     def restarted_server() -> int | None:
+        """The new redis-server once it serves: it sets its process title (with its port) when it has started."""
         pid = run.redis_server()
-        return pid if pid != first else None
+        if pid == first:
+            return None
+        return pid if f"127.0.0.1:{port}" in children(run.process.pid).get(pid, "") else None
 
     second = wait_until(
         restarted_server,
