@@ -28,11 +28,10 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.errors import InvalidInput, problem
-from accounts.memo import GenerationMemo
 from accounts.models import ApiKey, Scope
 from accounts.permissions import HasScope, request_api_key
 from accounts.schema import ApiAutoSchema, error, validation_error
-from inference import files, job_events
+from inference import endpoints, files, job_events
 from inference.closing import cancel_job, expire_unstarted
 from inference.files import MAX_RETENTION_SECONDS
 from inference.hooks import hooks
@@ -63,13 +62,9 @@ class RequestNotFound(exceptions.NotFound):
     default_code = "request_not_found"
 
 
-# Every submission reads its endpoint; operators change endpoints a few times a month (inference/signals.py).
-_endpoints: GenerationMemo[Endpoint | None] = GenerationMemo("endpoints")
-
-
 def find_endpoint(owner: str, model: str, path: str = "") -> Endpoint:
     """The active endpoint served at ``owner/model[/path]``, from this process's memory while no endpoint changed."""
-    endpoint = _endpoints.get((owner, model, path), lambda _kept: Endpoint.objects.by_path(owner, model, path))
+    endpoint = endpoints.active_by_path(owner, model, path)
     if endpoint is None:
         name = f"{owner}/{model}" + (f"/{path}" if path else "")
         raise EndpointNotFound(f"Unknown endpoint {name}.")
@@ -568,7 +563,7 @@ class ModelsView(APIView):
 
     @extend_schema(responses=ModelList, summary="The models this platform serves, with their inputs and prices")
     def get(self, request: Request) -> Response:
-        endpoints = Endpoint.objects.active()
+        served = Endpoint.objects.active()
         return Response(
             {
                 "models": [
@@ -581,7 +576,7 @@ class ModelsView(APIView):
                         "input_schema": input_schema(endpoint),
                         "price": hooks.price(endpoint) if hooks.price is not None else None,
                     }
-                    for endpoint in endpoints
+                    for endpoint in served
                 ]
             }
         )

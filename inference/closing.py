@@ -16,11 +16,10 @@ from inference import files, transitions
 from inference.dispatch import dispatch_organization
 from inference.hooks import hooks
 from inference.job_logs import log_job
-from inference.locks import lock_attempt, lock_job, lock_job_with_endpoint
+from inference.locks import close_attempt, lock_attempt, lock_job, lock_running_job
 from inference.models import (
     AttemptOutcome,
     Job,
-    JobAttempt,
     JobStatus,
 )
 
@@ -62,16 +61,16 @@ def finish_attempt(
 
 @retrying_atomic
 def _finish_locked(job_id: str, attempt: int, **closing: Any) -> Job | None:
-    job = lock_job_with_endpoint(job_id, status=JobStatus.RUNNING, attempt=attempt)
-    if job is None:
+    running = lock_running_job(job_id, attempt)
+    if running is None:
         return None
-    _close(job, lock_attempt(job_id, attempt), **closing)
-    return job
+    _close(*running, **closing)
+    return running.job
 
 
 def _close(
     job: Job,
-    attempt_row: JobAttempt,
+    tenant_retention_seconds: int | None,
     *,
     outcome: AttemptOutcome,
     gpu_ms: int,
@@ -81,13 +80,11 @@ def _close(
     error_type: str,
     retry: bool,
 ) -> None:
+    """Closes the running attempt of ``job`` (locked by ``lock_running_job``) and moves the job on."""
     now = timezone.now()
-    attempt_row.outcome = outcome
-    attempt_row.gpu_ms = gpu_ms
-    attempt_row.cold_start_ms = cold_start_ms
-    attempt_row.error = error
-    attempt_row.finished_at = now
-    attempt_row.save(update_fields=["outcome", "gpu_ms", "cold_start_ms", "error", "finished_at"])
+    attempt_row = close_attempt(
+        job.pk, job.attempt, outcome=outcome, gpu_ms=gpu_ms, cold_start_ms=cold_start_ms, error=error, finished_at=now
+    )
     job.cold_start_ms += cold_start_ms
     # Only what the move writes is saved: the row's input (and whatever else) stays as it is under the lock.
     if retry and _may_retry(job, now):
@@ -106,7 +103,8 @@ def _close(
             gpu_ms=gpu_ms if attempt_row.billable else 0,
             finished_at=now,
             # Outputs, and the input image of any final job, are deleted once retention has passed.
-            outputs_expire_at=now + timedelta(seconds=files.retention_seconds(job)),
+            outputs_expire_at=now
+            + timedelta(seconds=files.retention_seconds(job, tenant_seconds=tenant_retention_seconds)),
         )
         changed = transitions.assign(job, ending)
         log_job(job.id, _final_line(job), level="INFO" if job.status == JobStatus.COMPLETED else "ERROR")
@@ -172,14 +170,14 @@ def reap_expired_leases() -> int:
 
 @retrying_atomic
 def _reap(job_id: uuid.UUID, attempt: int, now: Any) -> int:
-    job = lock_job_with_endpoint(job_id, status=JobStatus.RUNNING, attempt=attempt, lease_expires_at__lt=now)
-    if job is None:
+    running = lock_running_job(job_id, attempt, lease_expired_before=now)
+    if running is None:
         return 0
     attempt_row = lock_attempt(job_id, attempt)
     # The GPU was held at least until the last heartbeat; record that, unbilled.
     held_ms = max(0, math.ceil((attempt_row.heartbeat_at - attempt_row.started_at).total_seconds() * 1000))
     _close(
-        job, attempt_row, outcome=AttemptOutcome.LOST, gpu_ms=held_ms, cold_start_ms=0, result=None,
+        *running, outcome=AttemptOutcome.LOST, gpu_ms=held_ms, cold_start_ms=0, result=None,
         error="The worker running this request stopped responding.", error_type="internal_error", retry=True,
     )  # fmt: skip
     return 1

@@ -496,12 +496,20 @@ def render_result(job: Job, *, base_url: str) -> dict[str, Any] | None:
 MAX_RETENTION_SECONDS = 10 * 365 * 24 * 3600  # beyond this a date overflows nothing but intent
 
 
-def retention_seconds(job: Job) -> int:
-    """How long this job's outputs are kept: the request's own choice, else its organization's, else ours."""
+_UNREAD: Any = object()
+
+
+def retention_seconds(job: Job, *, tenant_seconds: int | None = _UNREAD) -> int:
+    """How long this job's outputs are kept: the request's own choice, else its organization's, else ours.
+
+    ``tenant_seconds``: the organization's own setting where the caller has already read it (None: it has none).
+    """
     requested = job.input.get("retention_seconds") if isinstance(job.input, dict) else None
     if isinstance(requested, int) and not isinstance(requested, bool) and requested > 0:
         return min(requested, MAX_RETENTION_SECONDS)
-    return organization_retention_seconds(job.organization_id)
+    if tenant_seconds is _UNREAD:
+        return organization_retention_seconds(job.organization_id)
+    return _tenant_or_platform(tenant_seconds)
 
 
 def organization_retention_seconds(organization_id: uuid.UUID | str) -> int:
@@ -511,7 +519,11 @@ def organization_retention_seconds(organization_id: uuid.UUID | str) -> int:
         .values_list("output_retention_seconds", flat=True)
         .first()
     )
-    return min(tenant_value or int(settings.OUTPUT_RETENTION_SECONDS), MAX_RETENTION_SECONDS)
+    return _tenant_or_platform(tenant_value)
+
+
+def _tenant_or_platform(tenant_seconds: int | None) -> int:
+    return min(tenant_seconds or int(settings.OUTPUT_RETENTION_SECONDS), MAX_RETENTION_SECONDS)
 
 
 def _purged(result: Any) -> Any:
