@@ -1,4 +1,5 @@
-"""The built-in video and audio endpoints: their input contract, the worker running them, their stored outputs.
+"""The video and audio endpoints: their input contract, the worker running them (and stopping one before work its hold
+cannot pay for), their stored outputs.
 
 Transactional where the worker runs: its heartbeat renews leases from its own thread and database connection.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -286,3 +288,62 @@ def test_text_to_video_requests_share_a_pipeline_call(dispatched: Any) -> None:
     assert statuses == {first.pk: JobStatus.COMPLETED, second.pk: JobStatus.COMPLETED, longer.pk: JobStatus.DISPATCHED}
     assert Job.objects.get(pk=second.pk).logs.filter(message__contains="Shared a pipeline call").exists()
     assert default_storage.exists(Job.objects.get(pk=second.pk).result["video"]["path"])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_local_video_model_billed_per_gpu_second_stops_before_the_step_its_hold_cannot_pay_for(
+    tenant: dict[str, Any], media: Path, tmp_path: Path, settings: Any, priced_without_broker: None
+) -> None:
+    """A ``local/`` video folder has no price per output: it is billed per GPU-second, and its hold grows before
+    each step as an image model's does (a price per output is held whole at admission instead). When the hold
+    cannot grow, the job stops before the step, stores nothing and is billed only the GPU time its hold covers;
+    the rest of its GPU time is recorded unbilled."""
+    from billing.ledger import grant_credits
+    from billing.models import Account, EntryKind, Hold, UsageRecord
+    from billing.money import gpu_cost_micros, gpu_ms_within
+    from billing.rates import OPENING_PRICES
+
+    settings.MODELS_DIR = tmp_path / "models"
+    save_builtin_model("tiny-ltx-video", settings.MODELS_DIR / "clips")
+    sync_local_models()
+    endpoint = Endpoint.objects.get(owner="local", name="clips", path="")
+    assert endpoint.kind == "text-to-video"
+    job, _ = submit_job(
+        organization=tenant["organization"], api_key=tenant["api_key"], endpoint=endpoint,
+        payload={"prompt": "a lighthouse", "num_frames": 9, "fps": 8, "resolution": "64p", "aspect_ratio": "1:1",
+                 "num_inference_steps": 8, "seed": 1},
+    )  # fmt: skip
+    dispatch_organization(tenant["organization"].pk)
+    job = Job.objects.get(pk=job.pk)
+    # A hold far below what the video takes (1 µ$: 14 ms at a CPU-second's price), and no credit beside it.
+    organization = tenant["organization"]
+    Hold.objects.filter(job=job).update(amount_micros=1)
+    Account.objects.filter(pk=organization.pk).update(held_micros=1)
+    books = Account.objects.get(pk=organization.pk)
+    grant_credits(organization=organization, amount_micros=-(books.balance_micros - 1), reason="spent elsewhere",
+                  kind=EntryKind.ADJUSTMENT)  # fmt: skip
+
+    worker.execute(str(job.id), job.attempt)
+
+    stopped = Job.objects.get(pk=job.pk)
+    assert (stopped.status, stopped.error_type) == (JobStatus.CANCELLED, "insufficient_credits")
+    assert "Credits ran out while this request ran." in stopped.error
+    steps = re.search(r"Stopped after step (\d+) of (\d+)\.", stopped.error)
+    assert steps is not None, stopped.error
+    assert int(steps[1]) < int(steps[2]) == 8  # before its last step: no video was made
+    assert not stopped.result
+    assert [path for path in media.rglob("*") if path.is_file()] == []
+    attempt = stopped.attempts.get()
+    assert attempt.outcome == AttemptOutcome.CANCELLED
+    assert attempt.gpu_ms > 0
+    record = UsageRecord.objects.get(job=job)
+    price = OPENING_PRICES[endpoint.gpu_class]
+    assert (record.unit, record.unit_price_micros, record.billable) == ("gpu_second", price, True)
+    # The GPU time the hold covers, at most, is billed; the rest of the attempt's is recorded unbilled.
+    assert record.gpu_ms == min(attempt.gpu_ms, gpu_ms_within(1, price))
+    assert record.cost_micros == gpu_cost_micros(record.gpu_ms, price) <= 1
+    assert record.gpu_ms + record.unbilled_gpu_ms == attempt.cold_start_ms + attempt.gpu_ms
+    assert (record.video_ms, record.work_units > 0) == (0, True)
+    assert Hold.objects.get(job=job).amount_micros == 1  # never extended, and released
+    books = Account.objects.get(pk=organization.pk)
+    assert (books.balance_micros, books.held_micros) == (1 - record.cost_micros, 0)
