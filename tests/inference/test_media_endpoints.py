@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -20,6 +21,7 @@ import pytest
 import soundfile
 from django.core.files.storage import FileSystemStorage, default_storage, storages
 from django.test import Client
+from django.utils import timezone
 from PIL import Image
 from rest_framework.test import APIClient
 
@@ -276,6 +278,62 @@ def test_an_audio_request_runs_and_is_served_as_wav(dispatched: Any) -> None:
     data, rate = soundfile.read(io.BytesIO(b"".join(served.streaming_content)))
     assert rate == 16_000
     assert data.shape == (20_000, 2)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("endpoint", "payload", "key", "names"),
+    [
+        ("video", {"prompt": "a", "num_frames": 5, "num_inference_steps": 2}, "video", {"0.mp4", "0.poster.jpg"}),
+        ("audio", {"prompt": "a", "seconds_total": 0.5, "steps": 2}, "audio_file", {"0.wav"}),
+    ],
+    ids=["video", "audio"],
+)
+def test_the_purge_deletes_a_video_its_poster_and_a_clip_after_their_retention(
+    dispatched: Any, tenant: dict[str, Any], media: Path, endpoint: str, payload: dict[str, Any], key: str,
+    names: set[str],
+) -> None:  # fmt: skip
+    job = dispatched(endpoint, **payload)
+    worker.execute(str(job.id), job.attempt)
+    job.refresh_from_db()
+    assert job.status == JobStatus.COMPLETED, job.error
+    assert job.outputs_expire_at is not None
+    folder = media / "outputs" / str(job.organization_id) / str(job.pk)
+    assert {path.name for path in folder.iterdir()} == names
+    before = files.render_result(job, base_url=BASE)
+    assert before is not None
+    links = [before[key]["url"]] + ([before[key]["poster"]["url"]] if key == "video" else [])
+    client = Client()
+    assert [fetch(client, url).status_code for url in links] == [200] * len(links)
+    assert files.purge_expired_outputs() == 0  # not yet expired
+
+    assert files.purge_expired_outputs(now=job.outputs_expire_at + timedelta(seconds=1)) == 1
+
+    assert not folder.exists()
+    assert [path for path in media.rglob("*") if path.is_file()] == []
+    job.refresh_from_db()
+    assert job.outputs_expire_at is None
+    assert job.result is not None
+    assert job.result["outputs_purged"] is True
+    stored = job.result[key]
+    assert stored["path"] is None
+    assert stored["file_size"] > 0  # what it was stays described
+    if key == "video":
+        assert (stored["num_frames"], stored["width"], stored["poster"]["path"]) == (5, 64, None)
+    rendered = files.render_result(job, base_url=BASE)
+    assert rendered is not None
+    assert rendered["outputs_purged"] is True
+    assert rendered[key]["url"] is None
+    if key == "video":
+        assert rendered["video"]["poster"]["url"] is None
+    assert "path" not in str(rendered)
+    # The API's answer says so too, and the links handed out before the purge now find nothing.
+    path = "/queue/platform/tiny-ltx-video" if key == "video" else "/queue/platform/tiny-stable-audio"
+    answer = tenant["client"].get(f"{path}/requests/{job.pk}")
+    assert answer.status_code == 200, answer.content
+    assert answer.json()[key]["url"] is None
+    assert [fetch(client, url).status_code for url in links] == [404] * len(links)
+    assert files.purge_expired_outputs(now=timezone.now() + timedelta(days=365)) == 0
 
 
 @pytest.mark.django_db(transaction=True)
