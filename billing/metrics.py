@@ -23,7 +23,9 @@ Definitions:
   payment's day. Disputed amounts are shown apart and not subtracted.
 - **GPU cost** of a GPU class: (billed + unbilled GPU ms) x ``BILLING_GPU_COST_MICROS_PER_HOUR`` of the
   class / 3,600,000, rounded half up. **Gross margin** = recognized revenue - GPU cost; its share of
-  revenue in basis points (1 bp = 0.01 %), rounded half up, or None without revenue.
+  revenue in basis points (1 bp = 0.01 %), rounded half up, or None without revenue. An endpoint's GPU
+  cost is the sum of that figure over the GPU classes it ran on (each rounded on its own), whatever unit
+  its revenue is billed in (GPU-seconds, images, seconds of video or audio delivered, videos).
 """
 
 from __future__ import annotations
@@ -95,9 +97,23 @@ class EndpointRevenue:
     endpoint_pk: int
     endpoint: str  # owner/name[/path]
     requests: int  # billable attempts
-    gpu_ms: int
+    gpu_ms: int  # billed
     revenue_micros: int  # net of refunds
     refunded_micros: int = 0
+    unbilled_gpu_ms: int = 0
+    gpu_cost_micros: int = 0  # of all its GPU time, billed and unbilled, each GPU class at its own rate
+
+    @property
+    def total_gpu_ms(self) -> int:
+        return self.gpu_ms + self.unbilled_gpu_ms
+
+    @property
+    def margin_micros(self) -> int:
+        return self.revenue_micros - self.gpu_cost_micros
+
+    @property
+    def margin_bps(self) -> int | None:
+        return share_bps(self.margin_micros, self.revenue_micros)
 
 
 @dataclass(frozen=True)
@@ -304,25 +320,37 @@ def cash_collected(start: date, end: date) -> CashCollected:
 
 
 def revenue_by_endpoint(start: date, end: date) -> list[EndpointRevenue]:
-    """Recognized revenue (net of the refunds of its requests), requests and billed GPU time of each endpoint used
-    or refunded in the range, highest revenue first."""
+    """Recognized revenue (net of the refunds of its requests), requests, GPU time (billed and unbilled), GPU cost
+    and margin of each endpoint used or refunded in the range, highest revenue first.
+
+    The GPU cost is that of ``gross_margin``, taken per GPU class the endpoint ran on: an endpoint billed per output
+    (per second of video or audio, per video) earns by what it delivered and costs by the GPU time of every attempt.
+    """
     names = ("endpoint__owner", "endpoint__name", "endpoint__path")
     used = (
         _day_rollups(start, end)
-        .values("endpoint_id", *names)
-        .annotate(revenue=_total("cost_micros"), requests=_total("billable_attempts"), gpu_ms=_total("gpu_ms"))
+        .values("endpoint_id", "gpu_class", *names)
+        .annotate(
+            revenue=_total("cost_micros"),
+            requests=_total("billable_attempts"),
+            gpu_ms=_total("gpu_ms"),
+            unbilled_gpu_ms=_total("unbilled_gpu_ms"),
+        )
     )
     refunded = (
         _job_refunds(start, end)
         .values(endpoint_id=F("job__endpoint_id"), **{name: F(f"job__{name}") for name in names})
         .annotate(refunded=_total("amount_micros"))
     )
+    figures = ("revenue", "requests", "gpu_ms", "unbilled_gpu_ms", "refunded", "gpu_cost")
     rows: dict[int, dict[str, Any]] = {}
     for row in [*used, *refunded]:
-        merged = rows.setdefault(row["endpoint_id"], {"revenue": 0, "requests": 0, "gpu_ms": 0, "refunded": 0})
+        merged = rows.setdefault(row["endpoint_id"], dict.fromkeys(figures, 0))
         merged.update({name: row[name] for name in names})
-        for figure in ("revenue", "requests", "gpu_ms", "refunded"):
+        for figure in figures:
             merged[figure] += int(row.get(figure, 0))
+        if "gpu_class" in row:
+            merged["gpu_cost"] += gpu_cost_micros(row["gpu_class"], int(row["gpu_ms"]) + int(row["unbilled_gpu_ms"]))
     result = [
         EndpointRevenue(
             endpoint_pk=endpoint_pk,
@@ -331,6 +359,8 @@ def revenue_by_endpoint(start: date, end: date) -> list[EndpointRevenue]:
             gpu_ms=row["gpu_ms"],
             revenue_micros=row["revenue"] - row["refunded"],
             refunded_micros=row["refunded"],
+            unbilled_gpu_ms=row["unbilled_gpu_ms"],
+            gpu_cost_micros=row["gpu_cost"],
         )
         for endpoint_pk, row in rows.items()
     ]

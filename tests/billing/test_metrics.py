@@ -20,10 +20,13 @@ from billing.models import (
     Payment,
     PaymentKind,
     PaymentStatus,
+    Price,
     UsageRecord,
     UsageRollup,
 )
-from inference.models import Endpoint, GpuClass
+from billing.rates import ensure_media_prices
+from inference.models import AttemptOutcome, Endpoint, GpuClass, JobStatus
+from tests import lifecycle
 from tests.lifecycle import run
 
 pytestmark = pytest.mark.django_db
@@ -248,6 +251,47 @@ def test_revenue_from_real_usage_is_what_was_debited(tenant: dict[str, Any], bui
     assert sum(record.cost_micros for record in UsageRecord.objects.all()) == 326
     figures = metrics.gross_margin(today, today).by_class[2]
     assert (figures.gpu_class, figures.billed_gpu_ms, figures.gpu_cost_micros) == ("cpu", 3_252, 36)
+
+
+@pytest.mark.usefixtures("quiet_books")
+def test_an_endpoint_billed_per_second_of_video_has_its_margin_from_all_its_gpu_time(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, django_assert_num_queries: Any
+) -> None:
+    """Revenue per second of video delivered, GPU cost per millisecond held, by every attempt: the one the platform
+    failed (unbilled, retried) as well as the one that delivered."""
+    ensure_media_prices(Price, Endpoint)
+    video = Endpoint.objects.get(owner="platform", name="tiny-ltx-video", path="")
+    Endpoint.objects.filter(pk=video.pk).update(gpu_class=GpuClass.H100)
+    video.refresh_from_db()
+    organization = tenant["organization"]
+    grant_credits(organization=organization, amount_micros=10_000_000, reason="test")
+    job = lifecycle.start(lifecycle.submit(organization, video, prompt="x", num_frames=17, fps=8))
+    job = lifecycle.finish(job, AttemptOutcome.ERRORED, gpu_ms=3_600, reserve=False, retry=True)
+    assert job.status == JobStatus.QUEUED
+    frames = {"path": "x", "content_type": "video/mp4", "width": 64, "height": 64, "fps": 8, "num_frames": 17}
+    lifecycle.finish(lifecycle.start(job), gpu_ms=9_000, reserve=False, result={"video": frames, "seed": 1})
+    run(organization, builtin_endpoint, gpu_ms=2_000)  # an image endpoint billed per GPU-second, beside it
+    records = UsageRecord.objects.filter(job=job).order_by("attempt_number")
+    assert [(r.unit, r.cost_micros, r.gpu_ms, r.unbilled_gpu_ms) for r in records] == [
+        ("video_second", 0, 0, 3_600), ("video_second", 21_250, 9_000, 0)
+    ]  # fmt: skip
+    today = timezone.now().astimezone(UTC).date()
+
+    with django_assert_num_queries(2):
+        endpoints = {e.endpoint: e for e in metrics.revenue_by_endpoint(today, today)}
+    by_video = endpoints["platform/tiny-ltx-video"]
+    # 17 frames at 8 fps = 2.125 s at the 64p tier's 10,000 µ$/s; 12.6 s of H100 at 2,200,000 µ$/h = 7,700 µ$.
+    assert (by_video.requests, by_video.revenue_micros) == (1, 21_250)
+    assert (by_video.gpu_ms, by_video.unbilled_gpu_ms, by_video.total_gpu_ms) == (9_000, 3_600, 12_600)
+    assert (by_video.gpu_cost_micros, by_video.margin_micros, by_video.margin_bps) == (7_700, 13_550, 6_376)
+    by_image = endpoints["platform/tiny-sd"]
+    # 2 s of CPU at 100 µ$/s, costing 2 s at 40,000 µ$/h = 22.2 µ$.
+    assert (by_image.revenue_micros, by_image.total_gpu_ms, by_image.gpu_cost_micros) == (200, 2_000, 22)
+    # The per-endpoint figures add up to the per-class ones (one endpoint per class here, so no rounding apart).
+    margin = metrics.gross_margin(today, today)
+    h100 = margin.by_class[0]
+    assert (h100.gpu_class, h100.total_gpu_ms, h100.gpu_cost_micros) == ("gpu-h100", 12_600, 7_700)
+    assert margin.gpu_cost_micros == sum(e.gpu_cost_micros for e in endpoints.values())
 
 
 def test_outstanding_credit_is_the_sum_of_balances(tenant: dict[str, Any], other_tenant: dict[str, Any]) -> None:

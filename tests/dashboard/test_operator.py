@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -23,8 +24,14 @@ def test_only_staff_see_the_run_rate(tenant: dict[str, Any], client: Client) -> 
 
 
 def test_run_rate_figures_and_bounded_queries(
-    tenant: dict[str, Any], other_tenant: dict[str, Any], builtin_endpoint: Endpoint, admin_user: Any, client: Client
+    tenant: dict[str, Any],
+    other_tenant: dict[str, Any],
+    builtin_endpoint: Endpoint,
+    admin_user: Any,
+    client: Client,
+    settings: Any,
 ) -> None:
+    settings.BILLING_GPU_COST_MICROS_PER_HOUR = {"cpu": 40_000}
     client.force_login(admin_user)
     run_as(tenant, builtin_endpoint, gpu_ms=3_000_000)  # 3,000 s x 100 µ$/s = $0.30
     refund_job(job=run_as(tenant, builtin_endpoint, gpu_ms=600_000))  # $0.06, refunded
@@ -35,7 +42,10 @@ def test_run_rate_figures_and_bounded_queries(
     assert 'data-testid="mrr">$0.30<' in body  # $0.36 of usage less the $0.06 refunded
     assert 'data-testid="run-rate">$3.65<' in body  # 0.30 x 365 / 30
     assert "after $0.06 of request refunds" in body
-    assert "platform/tiny-sd" in body
+    # The endpoint's margin: $0.30 of revenue against 3,600 s of CPU at $0.04 an hour, the refunded request's too.
+    [row] = re.findall(r"<tr><td>platform/tiny-sd</td>.*?</tr>", body)
+    cells = re.findall(r'<td class="n[^"]*">([^<]*)</td>', row)
+    assert cells == ["2", "3,600.000 s", "3,600.000 s", "$0.06", "$0.30", "$0.04", "$0.26 (86.67 %)"]
     assert tenant["organization"].name in body
     for _ in range(3):
         run_as(other_tenant, builtin_endpoint, gpu_ms=1_500)

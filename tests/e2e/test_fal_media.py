@@ -8,6 +8,7 @@ import base64
 import io
 from decimal import Decimal
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import av
 import fal_client
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import soundfile
 from PIL import Image
+from standardwebhooks import Webhook
 
 from billing.models import Price, UsageRecord
 from billing.money import divide_half_up
@@ -25,6 +27,9 @@ from billing.reconciliation import run_reconciliation
 from inference.engine import GenerationRequest, PipelineCache, PipelineKind
 from inference.models import Endpoint, Job
 from tests.e2e.conftest import Stack
+from tests.inference.local_http import local_server
+from tests.inference.test_fal_webhook_signatures import FalDocsReceiver
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -159,6 +164,72 @@ def test_text_to_audio(stack: Stack, fal: fal_client.SyncClient, output_format: 
     billed_exactly(result, handle.request_id, seconds=Decimal("1.25"), unit="audio_second", price=1_000)
 
 
+def forged(url: str) -> str:
+    """The same link with one character of its signature changed."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    query["signature"] = ("0" if query["signature"][0] != "0" else "1") + query["signature"][1:]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+@pytest.mark.parametrize(
+    ("app", "arguments"),
+    [
+        (VIDEO, {"prompt": "a lighthouse", "num_frames": 10, "fps": 8, "resolution": "64p", "aspect_ratio": "1:1",
+                 "num_inference_steps": 2, "seed": 3}),
+        (AUDIO, {"prompt": "rain", "seconds_total": 0.75, "steps": 2, "seed": 3}),
+    ],
+    ids=["video", "audio"],
+)  # fmt: skip
+def test_a_webhook_carries_signed_links_to_the_video_its_poster_and_the_clip(
+    stack: Stack,
+    fal: fal_client.SyncClient,
+    e2e_tenant: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    app: str,
+    arguments: dict[str, Any],
+) -> None:
+    """The worker's webhook, checked as a receiver does (fal's documented verifier against the server's JWKS, and
+    Standard Webhooks with the organization's secret); its links are signed, served over HTTPS with the file's
+    type and size, and refused once their signature is changed."""
+    pytest.importorskip("nacl.signing", reason="PyNaCl, which fal's verifier uses, is not installed")
+    from inference.webhooks import webhook_secret_for
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", stack.ca_file)  # the verifier fetches the JWKS with requests
+    with local_server() as receiver:
+        handle = fal.submit(app, arguments, webhook_url=receiver.url("/hook"))
+        [request] = wait_until(
+            lambda: list(receiver.received),
+            timeout=120,
+            message=lambda: f"the webhook\n{stack.log_tail('gpu')}\n{stack.log_tail('housekeeping')}",
+        )
+    assert FalDocsReceiver(f"{stack.base_url}/.well-known/jwks.json").accepts(request.headers, request.body)
+    body = Webhook(webhook_secret_for(e2e_tenant["organization"].pk)).verify(request.body, request.headers)
+    assert (body["request_id"], body["status"], body["error"]) == (handle.request_id, "OK", None)
+    payload = body["payload"]
+    if app == VIDEO:
+        video = payload["video"]
+        links = [(video, "video/mp4"), (video["poster"], "image/jpeg")]
+    else:
+        links = [(payload["audio_file"], "audio/wav")]
+    for file, content_type in links:
+        assert file["url"].startswith(f"{stack.base_url}/files/outputs/")
+        assert file["content_type"] == content_type
+        served = download(stack, file["url"])
+        assert served.headers["content-type"] == content_type
+        assert len(served.content) == file["file_size"]
+        refused = httpx.get(forged(file["url"]), verify=stack.ssl_context(), timeout=30)
+        assert (refused.status_code, refused.json()["error_type"]) == (403, "invalid_signature")
+        if content_type == "video/mp4":
+            frames, duration, codec = decoded_frames(served.content)
+            assert (len(frames), frames[0].shape, codec, duration) == (10, (64, 64, 3), "h264", pytest.approx(1.25))
+        elif content_type == "image/jpeg":
+            assert Image.open(io.BytesIO(served.content)).size == (64, 64)
+        else:
+            samples, rate = soundfile.read(io.BytesIO(served.content))
+            assert (rate, samples.shape) == (16_000, (12_000, 2))  # 0.75 s of stereo
+
+
 def test_the_books_reconcile_after_video_and_audio(stack: Stack, fal: fal_client.SyncClient) -> None:
     fal.subscribe(VIDEO, arguments={"prompt": "x", "duration": 1, "fps": 8, "num_inference_steps": 2})
     fal.subscribe(AUDIO, arguments={"prompt": "x", "seconds_total": 0.5, "steps": 2})
@@ -166,8 +237,6 @@ def test_the_books_reconcile_after_video_and_audio(stack: Stack, fal: fal_client
                                    "num_inference_steps": 50})  # fmt: skip
     cancelled.cancel()
     final = ("COMPLETED", "CANCELLED", "FAILED")
-    from tests.waiting import wait_until
-
     wait_until(lambda: Job.objects.get(pk=cancelled.request_id).status in final, timeout=120,
                message=lambda: stack.log_tail("gpu"))  # fmt: skip
     # A video cancelled before it delivered anything costs nothing, whatever its GPU time.

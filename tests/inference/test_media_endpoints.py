@@ -1,4 +1,5 @@
-"""The built-in video and audio endpoints: their input contract, the worker running them, their stored outputs.
+"""The video and audio endpoints: their input contract, the worker running them (and stopping one before work its hold
+cannot pay for), their stored outputs.
 
 Transactional where the worker runs: its heartbeat renews leases from its own thread and database connection.
 """
@@ -8,6 +9,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -18,6 +21,7 @@ import pytest
 import soundfile
 from django.core.files.storage import FileSystemStorage, default_storage, storages
 from django.test import Client
+from django.utils import timezone
 from PIL import Image
 from rest_framework.test import APIClient
 
@@ -277,6 +281,62 @@ def test_an_audio_request_runs_and_is_served_as_wav(dispatched: Any) -> None:
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("endpoint", "payload", "key", "names"),
+    [
+        ("video", {"prompt": "a", "num_frames": 5, "num_inference_steps": 2}, "video", {"0.mp4", "0.poster.jpg"}),
+        ("audio", {"prompt": "a", "seconds_total": 0.5, "steps": 2}, "audio_file", {"0.wav"}),
+    ],
+    ids=["video", "audio"],
+)
+def test_the_purge_deletes_a_video_its_poster_and_a_clip_after_their_retention(
+    dispatched: Any, tenant: dict[str, Any], media: Path, endpoint: str, payload: dict[str, Any], key: str,
+    names: set[str],
+) -> None:  # fmt: skip
+    job = dispatched(endpoint, **payload)
+    worker.execute(str(job.id), job.attempt)
+    job.refresh_from_db()
+    assert job.status == JobStatus.COMPLETED, job.error
+    assert job.outputs_expire_at is not None
+    folder = media / "outputs" / str(job.organization_id) / str(job.pk)
+    assert {path.name for path in folder.iterdir()} == names
+    before = files.render_result(job, base_url=BASE)
+    assert before is not None
+    links = [before[key]["url"]] + ([before[key]["poster"]["url"]] if key == "video" else [])
+    client = Client()
+    assert [fetch(client, url).status_code for url in links] == [200] * len(links)
+    assert files.purge_expired_outputs() == 0  # not yet expired
+
+    assert files.purge_expired_outputs(now=job.outputs_expire_at + timedelta(seconds=1)) == 1
+
+    assert not folder.exists()
+    assert [path for path in media.rglob("*") if path.is_file()] == []
+    job.refresh_from_db()
+    assert job.outputs_expire_at is None
+    assert job.result is not None
+    assert job.result["outputs_purged"] is True
+    stored = job.result[key]
+    assert stored["path"] is None
+    assert stored["file_size"] > 0  # what it was stays described
+    if key == "video":
+        assert (stored["num_frames"], stored["width"], stored["poster"]["path"]) == (5, 64, None)
+    rendered = files.render_result(job, base_url=BASE)
+    assert rendered is not None
+    assert rendered["outputs_purged"] is True
+    assert rendered[key]["url"] is None
+    if key == "video":
+        assert rendered["video"]["poster"]["url"] is None
+    assert "path" not in str(rendered)
+    # The API's answer says so too, and the links handed out before the purge now find nothing.
+    path = "/queue/platform/tiny-ltx-video" if key == "video" else "/queue/platform/tiny-stable-audio"
+    answer = tenant["client"].get(f"{path}/requests/{job.pk}")
+    assert answer.status_code == 200, answer.content
+    assert answer.json()[key]["url"] is None
+    assert [fetch(client, url).status_code for url in links] == [404] * len(links)
+    assert files.purge_expired_outputs(now=timezone.now() + timedelta(days=365)) == 0
+
+
+@pytest.mark.django_db(transaction=True)
 def test_text_to_video_requests_share_a_pipeline_call(dispatched: Any) -> None:
     first = dispatched("video", prompt="a", num_frames=5, num_inference_steps=2, seed=1)
     second = dispatched("video", prompt="b", num_frames=5, num_inference_steps=2, seed=2)
@@ -286,3 +346,62 @@ def test_text_to_video_requests_share_a_pipeline_call(dispatched: Any) -> None:
     assert statuses == {first.pk: JobStatus.COMPLETED, second.pk: JobStatus.COMPLETED, longer.pk: JobStatus.DISPATCHED}
     assert Job.objects.get(pk=second.pk).logs.filter(message__contains="Shared a pipeline call").exists()
     assert default_storage.exists(Job.objects.get(pk=second.pk).result["video"]["path"])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_local_video_model_billed_per_gpu_second_stops_before_the_step_its_hold_cannot_pay_for(
+    tenant: dict[str, Any], media: Path, tmp_path: Path, settings: Any, priced_without_broker: None
+) -> None:
+    """A ``local/`` video folder has no price per output: it is billed per GPU-second, and its hold grows before
+    each step as an image model's does (a price per output is held whole at admission instead). When the hold
+    cannot grow, the job stops before the step, stores nothing and is billed only the GPU time its hold covers;
+    the rest of its GPU time is recorded unbilled."""
+    from billing.ledger import grant_credits
+    from billing.models import Account, EntryKind, Hold, UsageRecord
+    from billing.money import gpu_cost_micros, gpu_ms_within
+    from billing.rates import OPENING_PRICES
+
+    settings.MODELS_DIR = tmp_path / "models"
+    save_builtin_model("tiny-ltx-video", settings.MODELS_DIR / "clips")
+    sync_local_models()
+    endpoint = Endpoint.objects.get(owner="local", name="clips", path="")
+    assert endpoint.kind == "text-to-video"
+    job, _ = submit_job(
+        organization=tenant["organization"], api_key=tenant["api_key"], endpoint=endpoint,
+        payload={"prompt": "a lighthouse", "num_frames": 9, "fps": 8, "resolution": "64p", "aspect_ratio": "1:1",
+                 "num_inference_steps": 8, "seed": 1},
+    )  # fmt: skip
+    dispatch_organization(tenant["organization"].pk)
+    job = Job.objects.get(pk=job.pk)
+    # A hold far below what the video takes (1 µ$: 14 ms at a CPU-second's price), and no credit beside it.
+    organization = tenant["organization"]
+    Hold.objects.filter(job=job).update(amount_micros=1)
+    Account.objects.filter(pk=organization.pk).update(held_micros=1)
+    books = Account.objects.get(pk=organization.pk)
+    grant_credits(organization=organization, amount_micros=-(books.balance_micros - 1), reason="spent elsewhere",
+                  kind=EntryKind.ADJUSTMENT)  # fmt: skip
+
+    worker.execute(str(job.id), job.attempt)
+
+    stopped = Job.objects.get(pk=job.pk)
+    assert (stopped.status, stopped.error_type) == (JobStatus.CANCELLED, "insufficient_credits")
+    assert "Credits ran out while this request ran." in stopped.error
+    steps = re.search(r"Stopped after step (\d+) of (\d+)\.", stopped.error)
+    assert steps is not None, stopped.error
+    assert int(steps[1]) < int(steps[2]) == 8  # before its last step: no video was made
+    assert not stopped.result
+    assert [path for path in media.rglob("*") if path.is_file()] == []
+    attempt = stopped.attempts.get()
+    assert attempt.outcome == AttemptOutcome.CANCELLED
+    assert attempt.gpu_ms > 0
+    record = UsageRecord.objects.get(job=job)
+    price = OPENING_PRICES[endpoint.gpu_class]
+    assert (record.unit, record.unit_price_micros, record.billable) == ("gpu_second", price, True)
+    # The GPU time the hold covers, at most, is billed; the rest of the attempt's is recorded unbilled.
+    assert record.gpu_ms == min(attempt.gpu_ms, gpu_ms_within(1, price))
+    assert record.cost_micros == gpu_cost_micros(record.gpu_ms, price) <= 1
+    assert record.gpu_ms + record.unbilled_gpu_ms == attempt.cold_start_ms + attempt.gpu_ms
+    assert (record.video_ms, record.work_units > 0) == (0, True)
+    assert Hold.objects.get(job=job).amount_micros == 1  # never extended, and released
+    books = Account.objects.get(pk=organization.pk)
+    assert (books.balance_micros, books.held_micros) == (1 - record.cost_micros, 0)
