@@ -52,7 +52,8 @@ def billing(request: HttpRequest, context: Context) -> HttpResponse:
             "enabled": account.auto_top_up_enabled,
             "threshold_dollars": Decimal(account.auto_top_up_threshold_micros) / MICROS_PER_DOLLAR,
             "amount_dollars": Decimal(account.auto_top_up_amount_cents) / 100,
-        }
+        },
+        auto_id="id_top_up_%s",  # its "amount_dollars" beside the buy form's on the page: ids (and labels) of its own
     )
     cards: list[dict[str, Any]] = []
     cards_error = ""

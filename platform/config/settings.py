@@ -143,7 +143,9 @@ ASGI_APPLICATION = "config.asgi.application"
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [],
+        # Before the apps' folders: dashboard/templates/admin/base_site.html (the test-mode banner on every page of
+        # the admin console) stands in for django.contrib.admin's, which comes first in INSTALLED_APPS.
+        "DIRS": [BASE_DIR / "dashboard" / "templates"],
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [

@@ -13,6 +13,7 @@ import httpx
 import pytest
 from django.test import Client
 
+from accounts.models import User
 from billing import stripe_events
 from billing.models import Payment, PaymentStatus, Receipt
 from billing.stripe_client import PaymentMode, payment_mode
@@ -52,15 +53,27 @@ def test_the_payment_mode_follows_the_key(settings: Any, key: str, fake: bool, m
 def test_every_page_says_when_payments_are_test_mode(
     settings: Any, tenant: dict[str, Any], key: str, fake: bool, banner: str | None
 ) -> None:
+    """The dashboard's pages, the API docs (drf-spectacular's Swagger page) and the admin console's (Django admin)."""
     settings.STRIPE_SECRET_KEY, settings.STRIPE_FAKE = key, fake
     client = Client()
-    login = client.get("/auth/login").content.decode()
+    pages = {"/auth/login": client.get("/auth/login"), "/admin/login/": client.get("/admin/login/")}
     client.force_login(tenant["user"])
-    for page in (login, client.get("/dashboard/").content.decode(), client.get("/dashboard/usage").content.decode()):
+    for path in ("/dashboard/", "/dashboard/usage", "/v1/docs"):
+        pages[path] = client.get(path)
+    operator = Client()
+    operator.force_login(User.objects.create_superuser(email="operator@example.com", password="operator password 1"))
+    for path in ("/admin/", "/admin/billing/payment/", "/admin/inference/job/", "/admin/accounts/organization/"):
+        pages[path] = operator.get(path)
+    for path, response in pages.items():
+        assert response.status_code == 200, path
+        page = response.content.decode()
         if banner is None:
-            assert 'data-testid="test-mode"' not in page
+            assert 'data-testid="test-mode"' not in page, path
         else:
-            assert banner in page
+            assert page.count('data-testid="test-mode"') == 1, path
+            assert banner in page, path
+    assert 'id="swagger-ui"' in pages["/v1/docs"].content.decode()  # the banner above the docs, not instead
+    assert "Select payment to view" in pages["/admin/billing/payment/"].content.decode()
 
 
 def settings_of(tmp_path: Path, **variables: str) -> subprocess.CompletedProcess[str]:

@@ -9,6 +9,7 @@ Jobs run through the real services (tests/lifecycle.py) and their on-commit work
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -346,6 +347,36 @@ def test_the_dashboard_sets_budget_alerts_and_limits_for_owners_and_billing_memb
     assert "Spent this month" in keys_page
     assert "$3.00" in keys_page
     assert Membership.objects.filter(organization=organization).count() == 3
+
+
+def keys_table(page: str) -> dict[str, dict[str, str]]:
+    """The keys page's table: each key's name to its cells, by their ``data-label``."""
+    table = re.search(r'<table[^>]*data-testid="keys".*?</table>', page, re.DOTALL)
+    assert table, page
+    rows = {}
+    for row in re.findall(r"<tr>(.*?)</tr>", table.group(0), re.DOTALL):
+        cells = dict(re.findall(r'<td data-label="([^"]+)">(.*?)</td>', row, re.DOTALL))
+        if cells:
+            rows[cells["Name"]] = cells
+    return rows
+
+
+def test_the_keys_page_shows_what_each_key_spent_this_month(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, settle: Callable[..., Job]
+) -> None:
+    organization = tenant["organization"]
+    busy, _ = create_api_key(organization=organization, scopes=[Scope.ADMIN], name="busy key", created_by=None)
+    create_api_key(organization=organization, scopes=[Scope.ADMIN], name="idle key", created_by=None)
+    settle(tenant, builtin_endpoint)
+    for gpu_ms in (JOB_MS, 12_345):
+        settle({**tenant, "api_key": busy}, builtin_endpoint, gpu_ms=gpu_ms)
+    owner = Client()
+    owner.force_login(tenant["user"])
+    rows = keys_table(owner.get("/dashboard/keys").content.decode())
+    # 2 s and 12.345 s at 100 µ$ a GPU-second: 200 + 1,235 µ$ (halves round up).
+    assert rows["busy key"]["Spent this month"] == "$0.001435"
+    assert rows["test key"]["Spent this month"] == "$0.0002"
+    assert rows["idle key"]["Spent this month"] == "$0.00"
 
 
 def test_alerts_are_listed_in_the_api(

@@ -28,6 +28,8 @@ from billing.money import MICROS_PER_DOLLAR
 from billing.receipts import issue_receipt
 from inference.models import Endpoint
 from tests import lifecycle
+from tests.billing.test_receipts import buy, save_card
+from tests.stripe_support import FakeStripe
 
 pytestmark = pytest.mark.django_db
 
@@ -299,6 +301,54 @@ def test_a_closed_month_is_issued_once_and_a_quiet_one_not_at_all(
         "/v1/billing/details", {"legal_name": "Later Name", "address": "", "tax_id": ""}, format="json"
     )
     assert tenant["client"].get(f"/v1/billing/statements/{month:%Y-%m}").json()["billed_to"] == first["billed_to"]
+
+
+def test_a_test_mode_statement_says_so_and_is_made_out_to_the_billing_details(
+    fake_stripe: FakeStripe, settings: Any, tenant: dict[str, Any]
+) -> None:
+    """The fake Stripe of ``make run`` without a key: credits bought on it, a statement in the test series, its PDF
+    labelled test mode and made out to the organization's legal name, address and tax id."""
+    settings.STRIPE_FAKE = True
+    organization, client = tenant["organization"], tenant["client"]
+    details = {"legal_name": "Pixel Forge Ltd", "address": "1 High Street\nLondon EC1A 1AA\nUnited Kingdom"}
+    changed = client.put("/v1/billing/details", {**details, "tax_id": "GB 123 4567 89"}, format="json")
+    assert changed.status_code == 200, changed.json()
+    save_card(client)
+    payment = buy(client, 2_000)
+    receipt_number = Payment.objects.get(pk=payment["id"]).receipt.number
+    assert receipt_number == "GM-TEST-R-000001"
+    # The signup grant and the purchase, moved into a closed month.
+    month = closed_month()
+    created_months_ago(organization, 3)
+    move_into(month, CreditEntry.objects.filter(organization=organization))
+    Payment.objects.filter(pk=payment["id"]).update(
+        succeeded_at=datetime(month.year, month.month, 10, 9, 30, tzinfo=UTC)
+    )
+
+    response = client.get(f"/v1/billing/statements/{month:%Y-%m}?format=pdf")
+    assert response.status_code == 200
+    statement = Statement.objects.get(organization=organization, month=month)
+    assert (statement.number, statement.test_mode) == ("GM-TEST-S-000001", True)
+    assert response["Content-Disposition"] == 'attachment; filename="GM-TEST-S-000001.pdf"'
+    text = pdf_text(response.content)
+    for expected in (
+        "TEST MODE - no real money moved. This document is not valid for accounting.",
+        "Statement number: GM-TEST-S-000001",
+        "Pixel Forge Ltd",
+        "1 High Street",
+        "London EC1A 1AA",
+        "United Kingdom",
+        "Tax ID: GB 123 4567 89",
+        receipt_number,  # the month's payment, by its test receipt's number
+    ):
+        assert expected in text, (expected, text)
+    assert printed(text, "Credits purchased") == 20_000_000
+    assert printed(text, "Closing balance") == 21_000_000  # with the signup grant
+
+    # The statement as JSON says the same.
+    answer = client.get(f"/v1/billing/statements/{month:%Y-%m}").json()
+    assert (answer["number"], answer["test_mode"]) == ("GM-TEST-S-000001", True)
+    assert answer["billed_to"] == {"name": "Pixel Forge Ltd", "address": details["address"], "tax_id": "GB 123 4567 89"}
 
 
 def test_reconciliation_finds_a_statement_that_no_longer_matches_the_ledger(

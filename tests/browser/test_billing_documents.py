@@ -1,6 +1,8 @@
 """Billing offline, as a newcomer tries it: the embedded run (``manage.py runplatform``, what ``make run`` starts)
 with no Stripe key, in headless Chromium. The demo developer sets the billing details, buys credits on the fake
-Stripe's Checkout page, downloads the receipt PDF and reads it, then pays again with the card Checkout saved.
+Stripe's Checkout page, downloads the receipt PDF and reads it, pays again with the card Checkout saved, turns auto
+top-up on and spends below its threshold, and downloads the top-up's receipt; the API docs and the admin console say
+test mode too.
 
 No database fixture: the run has its own SQLite file; everything is seen through the browser and the PDF.
 """
@@ -30,6 +32,9 @@ from tests.waiting import wait_until
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 RECEIPT_NUMBER = re.compile(r"GM-TEST-R-\d{6}")
+SMALL_REQUEST = {"prompt": "a lighthouse at dusk", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 2}
+# The run's first request loads the model in its worker.
+RUN_TIMEOUT_SECONDS = 180
 
 
 @pytest.fixture
@@ -150,6 +155,54 @@ def test_buying_credits_in_the_embedded_run_gives_a_receipt_pdf(embedded_run: Em
             _, text = download_receipt(page, second)
             assert "$7.50" in text
             assert second in text
+
+            # Auto top-up, on at what is available now: one request takes the balance below it, and the run's worker
+            # charges the default card on the fake Stripe, off-session, with a receipt of its own.
+            available = page.get_by_test_id("available").inner_text()
+            top_up = page.locator("form", has=page.get_by_role("heading", name="Auto top-up"))
+            top_up.get_by_label("Top up automatically").check()
+            top_up.get_by_label("When available falls below ($)").fill(available.lstrip("$").replace(",", ""))
+            top_up.get_by_label("Buy ($)").fill("10")
+            top_up.get_by_role("button", name="Save").click()
+            expect(page.locator(".messages")).to_contain_text("Auto top-up settings saved")
+            expect(page.get_by_test_id("available")).to_have_text(available)  # not below it yet: nothing charged
+            assert "Auto top-up" not in page.get_by_test_id("payments").inner_text()
+            tab.shot("auto-top-up-on")
+            with embedded_run.api_client() as api:
+                ran = api.post("/run/platform/tiny-sd", json=SMALL_REQUEST, timeout=RUN_TIMEOUT_SECONDS)
+                assert ran.status_code == 200, ran.text
+                assert ran.json()["usage"]["cost_micros"] > 0
+
+            def topped_up() -> str | None:
+                page.reload()
+                row = page.get_by_test_id("payments").locator("tr", has_text="Auto top-up")
+                found = RECEIPT_NUMBER.search(row.inner_text()) if row.count() else None
+                return found.group(0) if found else None
+
+            third = wait_until(
+                topped_up, timeout=60, message=lambda: f"an auto top-up receipt\n{embedded_run.log_text()[-3000:]}"
+            )
+            assert int(third[-6:]) == int(second[-6:]) + 1
+            tab.shot("auto-top-up-receipt")
+            filename, text = download_receipt(page, third)
+            assert filename == f"receipt-{third}.pdf"
+            for expected in (third, "TEST MODE", "Prepaid credits (auto top-up)", "$10.00", "Pixel Forge Ltd"):
+                assert expected in text, (expected, text)
+
+            # The API docs and the admin console say test mode too.
+            page.goto("/v1/docs")
+            expect(page.get_by_test_id("test-mode")).to_contain_text("a fake Stripe running on this machine")
+            expect(page.locator("#swagger-ui")).to_contain_text("Generative media platform API")
+            tab.shot("api-docs-in-test-mode")
+            page.goto("/admin/login/")
+            expect(page.get_by_test_id("test-mode")).to_contain_text("a fake Stripe running on this machine")
+            page.fill("#id_username", credentials["operator_email"])
+            page.fill("#id_password", credentials["operator_password"])
+            page.locator("form [type=submit]").click()
+            page.goto("/admin/billing/payment/")
+            expect(page.get_by_test_id("test-mode")).to_contain_text("a fake Stripe running on this machine")
+            expect(page.locator("#result_list tbody tr")).to_have_count(3)
+            tab.shot("admin-in-test-mode")
         finally:
             context.close()
             browser.close()
