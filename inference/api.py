@@ -11,6 +11,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from asgiref.sync import SyncToAsync, sync_to_async
@@ -336,9 +337,12 @@ def result_body(job: Job, request: HttpRequest, usage: Any) -> tuple[int, dict[s
     return 200, {**(files.render_result(job, base_url=base_url(request)) or {}), "usage": usage}
 
 
-def result_response(job: Job, request: HttpRequest) -> JsonResponse:
+def result_response(job: Job, request: HttpRequest, *, sync_run: bool = False) -> JsonResponse:
+    """The result URL's answer; a sync run's timeout also says which request it was (``request_id``), as fal's does."""
     usage = usage_of(job)
     status, body = result_body(job, request, usage)
+    if sync_run and job.error_type == "timeout":
+        body = {**body, "request_id": str(job.id)}
     response = JsonResponse(body, status=status)
     # A cancelled request is billed for the time it ran: its error answer carries the cost too.
     if usage:
@@ -476,14 +480,40 @@ def _status_now(job: Job, request: HttpRequest, with_logs: bool, last_log_id: in
         _release_connection()
 
 
-async def wait_until_final(job_id: uuid.UUID, deadline: float) -> Job:
-    """The job once it is final, or as it is when the deadline (``time.monotonic()``) passes.
+def latest_end(job: Job) -> datetime | None:
+    """The moment by which the request's own limits have ended it, if they do: None for a request with no start
+    deadline, which may wait in its queue for as long as its organization's concurrency keeps it there.
+
+    A request with ``X-Fal-Request-Timeout`` starts its last attempt by its start deadline (an attempt failing after
+    it is not retried, a retry not started by then ends as a timeout); an attempt runs at most the worker's hard time
+    limit (``CELERY_TASK_TIME_LIMIT``); an attempt whose worker died is closed once its lease lapses and the sweep
+    passes (``JOB_LEASE_SECONDS`` + ``JOB_SWEEP_SECONDS``).
+    """
+    if job.start_deadline is None:
+        return None
+    run_limit = settings.CELERY_TASK_TIME_LIMIT + settings.JOB_LEASE_SECONDS + settings.JOB_SWEEP_SECONDS
+    return job.start_deadline + timedelta(seconds=run_limit)
+
+
+def wait_deadline(job: Job, ceiling: float) -> float:
+    """When a sync run stops waiting for ``job`` (``time.monotonic()``): once the request's own limits have ended it
+    (``latest_end``), and at ``ceiling`` (the server's ``SYNC_RUN_TIMEOUT_SECONDS``) at the latest."""
+    end = latest_end(job)
+    if end is None:
+        return ceiling
+    return min(ceiling, time.monotonic() + (end - timezone.now()).total_seconds())
+
+
+async def wait_until_final(job_id: uuid.UUID, ceiling: float) -> Job:
+    """The job once it is final, or as it is when its wait deadline passes (``wait_deadline``: its own limits, then
+    ``ceiling``, a ``time.monotonic()`` moment).
 
     It wakes on the job's own moves (``job_events``), so the answer leaves as soon as the job ends, and holds no
     thread while it waits. A request whose start deadline passes while it waits is ended at that moment.
     """
     async with job_events.watching(job_id) as watch:
         job = await look_in_shared_threads(_load_job)(job_id)
+        deadline = wait_deadline(job, ceiling)
         while not job.is_final and time.monotonic() < deadline:
             wake_at = deadline
             if job.start_deadline is not None and job.status in (JobStatus.QUEUED, JobStatus.DISPATCHED):
@@ -505,12 +535,12 @@ def _expire_now(job_id: uuid.UUID) -> None:
         _release_connection()
 
 
-def timed_out(job: Job, request: HttpRequest) -> JsonResponse:
-    """The sync run's answer when its wait ends first: the request goes on, and its result waits at its URL."""
-    seconds = settings.SYNC_RUN_TIMEOUT_SECONDS
+def timed_out(job: Job, request: HttpRequest, waited_seconds: float) -> JsonResponse:
+    """The sync run's answer when its wait ends first: the request's result (or error) will be at its URL."""
     return JsonResponse(
         {
-            "detail": f"The request did not finish within {seconds} s. It goes on; its result will be at response_url.",
+            "detail": f"The request did not finish within the {waited_seconds:.0f} s this run waited for it. It goes "
+            "on; its result will be at response_url.",
             "error_type": "timeout",
             "request_id": str(job.id),
             **handle_urls(job, request),
@@ -524,27 +554,29 @@ async def run_sync(request: HttpRequest, owner: str, model: str, path: str = "")
     """``POST /run/{owner}/{model}``: submits as the queue API does, then answers the request's result (or the error
     it ended with) once it is final.
 
-    It never answers a queue handle as if it were the output. If the request is still going after
-    ``SYNC_RUN_TIMEOUT_SECONDS``, the answer is 504 ``{detail, error_type: "timeout", request_id}``: the request goes
-    on, is billed as usual, and its result stays at the queue's response URL. A client that disconnects changes
-    nothing either. A request with ``X-Fal-Request-Timeout`` that has not started by then ends unbilled: 504 with
+    It never answers a queue handle as if it were the output. It waits for as long as the request's own limits let it
+    run (``latest_end``: its ``X-Fal-Request-Timeout`` start deadline plus the longest an attempt may take), at most
+    ``SYNC_RUN_TIMEOUT_SECONDS``; a request with no start deadline waits that long. Past it, the answer is 504
+    ``{detail, error_type: "timeout", request_id}``: the request goes on, is billed as usual, and its result stays at
+    the queue's response URL. A client that disconnects changes nothing either. A request with
+    ``X-Fal-Request-Timeout`` that has not started by its deadline ends unbilled: 504 with
     ``X-Fal-Request-Timeout-Type: user``.
     """
     submitted = await run_before_waiting(submit_view, request, owner=owner, model=model, path=path)
     if submitted.status_code != 200:
         return submitted
-    deadline = time.monotonic() + settings.SYNC_RUN_TIMEOUT_SECONDS
-    job = await wait_until_final(uuid.UUID(submitted.data["request_id"]), deadline)
+    began = time.monotonic()
+    job = await wait_until_final(uuid.UUID(submitted.data["request_id"]), began + settings.SYNC_RUN_TIMEOUT_SECONDS)
     if job.is_final:
         response = await look_in_shared_threads(_answer_final)(job, request)
     else:
-        response = timed_out(job, request)
+        response = timed_out(job, request, time.monotonic() - began)
     return with_request_id(response, job)
 
 
 def _answer_final(job: Job, request: HttpRequest) -> JsonResponse:
     try:
-        return result_response(job, request)
+        return result_response(job, request, sync_run=True)
     finally:
         _release_connection()
 
