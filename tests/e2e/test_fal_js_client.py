@@ -371,22 +371,31 @@ def test_stream_refusals_come_before_any_event_as_the_clients_errors(
     assert not Job.objects.filter(organization=e2e_tenant["organization"]).exists()
 
 
-def test_upload_then_image_to_image(stack: Stack, node_client: Path, key: str) -> None:
+def png_base64(size: tuple[int, int]) -> str:
     buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="PNG")
+    Image.new("RGB", size, (200, 30, 30)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+# An input image whose size is no default's: image-to-image without `image_size` keeps it, as fal's does.
+INPUT_SIZE = (48, 40)
+IMAGE_TO_IMAGE = {"prompt": "a lighthouse at dusk", "num_inference_steps": 3, "strength": 0.5}
+
+
+def test_upload_then_image_to_image(stack: Stack, node_client: Path, key: str) -> None:
     seen = run_scenario(
         stack,
         node_client,
         "uploadThenImageToImage",
         key,
         app=f"{APP}/image-to-image",
-        png_base64=base64.b64encode(buffer.getvalue()).decode(),
-        input={**SMALL, "strength": 0.5},
+        png_base64=png_base64(INPUT_SIZE),
+        input=IMAGE_TO_IMAGE,
     )
-    assert seen["url"].startswith("https://")
-    image = seen["result"]["data"]["images"][0]
-    assert (image["width"], image["height"]) == (64, 64)
-    assert fetch_image(stack, image["url"]).size == (64, 64)
+    assert seen["url"].startswith(f"{stack.base_url}/files/uploads/")
+    [image] = seen["result"]["data"]["images"]
+    assert (image["width"], image["height"]) == INPUT_SIZE
+    assert fetch_image(stack, image["url"]).size == INPUT_SIZE
 
 
 # In a browser: a page of another origin, as a web app calls the platform.
