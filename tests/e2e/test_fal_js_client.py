@@ -27,7 +27,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from inference.models import Job, JobAttempt
+from inference.models import Job, JobAttempt, Upload, UploadStatus
 from tests.browser.conftest import chromium_path
 from tests.e2e.conftest import Stack
 from tests.e2e.test_fal_client import WAITED_SECONDS, set_concurrency_limit, waited_unstarted
@@ -396,6 +396,31 @@ def test_upload_then_image_to_image(stack: Stack, node_client: Path, key: str) -
     [image] = seen["result"]["data"]["images"]
     assert (image["width"], image["height"]) == INPUT_SIZE
     assert fetch_image(stack, image["url"]).size == INPUT_SIZE
+
+
+def test_a_blob_inside_input_is_uploaded_by_the_client(
+    stack: Stack, node_client: Path, key: str, e2e_tenant: dict[str, Any]
+) -> None:
+    size = (40, 56)
+    encoded = png_base64(size)
+    seen = run_scenario(
+        stack, node_client, "blobInInput", key, app=f"{APP}/image-to-image", png_base64=encoded, input=IMAGE_TO_IMAGE
+    )
+    result = seen["result"]
+    [image] = result["data"]["images"]
+    assert (image["width"], image["height"]) == size
+    assert fetch_image(stack, image["url"]).size == size
+    # The request got the URL of the client's own upload in place of the Blob.
+    job = Job.objects.get(pk=result["requestId"])
+    sent = job.input["image_url"]
+    assert sent.startswith(f"{stack.base_url}/files/uploads/")
+    upload = Upload.objects.get(organization=e2e_tenant["organization"])
+    assert str(upload.id) in sent
+    assert (upload.status, upload.content_type, upload.size) == (
+        UploadStatus.READY,
+        "image/png",
+        len(base64.b64decode(encoded)),
+    )
 
 
 # In a browser: a page of another origin, as a web app calls the platform.

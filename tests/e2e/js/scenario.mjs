@@ -149,6 +149,12 @@ const scenarios = {
     const result = await fal.subscribe(given.app, { input: { ...given.input, image_url: url } });
     return { url, result };
   },
+
+  // a Blob inside `input`: the client uploads it itself (initiate through the proxy, then PUT) and sends its URL
+  async blobInInput() {
+    const image = new Blob([Buffer.from(given.png_base64, "base64")], { type: "image/png" });
+    return { result: await fal.subscribe(given.app, { input: { ...given.input, image_url: image } }) };
+  },
 };
 
 const name = process.argv[2];
