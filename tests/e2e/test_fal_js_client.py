@@ -423,6 +423,19 @@ def test_a_blob_inside_input_is_uploaded_by_the_client(
     )
 
 
+def test_stream_in_client_mode_is_refused_saying_why(
+    stack: Stack, node_client: Path, key: str, e2e_tenant: dict[str, Any]
+) -> None:
+    """``connectionMode: "client"`` asks fal's REST host for a token to reach fal.run past the proxy: refused with the
+    reason (inference/fal_proxy.py), which the client throws as its ApiError."""
+    seen = run_scenario(stack, node_client, "streamClientMode", key, input=SMALL)
+    error = seen["done"]["error"]
+    assert (error["isApiError"], error["status"]) == (True, 501)
+    assert error["body"]["error_type"] == "proxy_target_unsupported"
+    assert 'connectionMode ("server")' in error["body"]["detail"]
+    assert not Job.objects.filter(organization=e2e_tenant["organization"]).exists()
+
+
 # In a browser: a page of another origin, as a web app calls the platform.
 
 BROWSER_SCENARIO = """
