@@ -10,10 +10,11 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
-from asgiref.sync import sync_to_async
+from asgiref.sync import SyncToAsync, sync_to_async
 from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
@@ -48,6 +49,8 @@ from inference.presenters import (
     usage_of,
 )
 from inference.submission import END_USER_RULE, SubmissionRefused, submit_job, valid_end_user
+
+T = TypeVar("T")
 
 MAX_IDEMPOTENCY_KEY = 255
 STREAM_KEEP_ALIVE_SECONDS = 15.0
@@ -329,9 +332,12 @@ def result_body(job: Job, request: HttpRequest, usage: Any) -> tuple[int, dict[s
     return 200, {**(files.render_result(job, base_url=base_url(request)) or {}), "usage": usage}
 
 
-def result_response(job: Job, request: HttpRequest) -> JsonResponse:
+def result_response(job: Job, request: HttpRequest, *, sync_run: bool = False) -> JsonResponse:
+    """The result URL's answer; a sync run's timeout also says which request it was (``request_id``), as fal's does."""
     usage = usage_of(job)
     status, body = result_body(job, request, usage)
+    if sync_run and job.error_type == "timeout":
+        body = {**body, "request_id": str(job.id)}
     response = JsonResponse(body, status=status)
     # A cancelled request is billed for the time it ran: its error answer carries the cost too.
     if usage:
@@ -393,9 +399,15 @@ class CancelView(InferenceView):
         )
 
 
-# The waiting views are async, so a waiting client holds no worker thread. What they do before they wait is a DRF
-# view's work (the API key, its scope and rate limit, parsing, the submit or the lookup, every error answer): they
-# run that view, in one hop to a thread, and wait only once it has answered 200.
+# The waiting views are async, so a waiting client holds no thread. What they do before they wait is a DRF view's work
+# (the API key, its scope and rate limit, parsing, the submit or the lookup, every error answer): they run that view,
+# in one hop to the request's thread as Django runs a sync view, and wait only once it has answered 200.
+#
+# Django's ASGI handler gives each request a thread of its own for its sync calls (asgiref's ThreadSensitiveContext),
+# kept until the request ends: a waiting request would keep one idle thread each. So once the view before the wait has
+# answered, a waiting view hands that thread back (``hand_back_request_thread``), and its looks at the job run on the
+# event loop's shared executor (asyncio's default: at most min(32, cores + 4) threads), each giving its database
+# connection back to the pool. Between two looks a waiting request holds no thread and no connection.
 submit_view = SubmitView.as_view()
 status_view = StatusView.as_view()
 
@@ -405,6 +417,46 @@ def _release_connection() -> None:
     # test runs it inside its transaction).
     if not connection.in_atomic_block:
         connection.close()
+
+
+def hand_back_request_thread() -> None:
+    """Ends the thread Django's ASGI handler keeps for this request's sync calls, before the request starts waiting.
+
+    The thread has finished its work (its database connection already given back): it exits now instead of idling
+    until the request ends. A later thread-sensitive call of the request (Django closing the response) starts a new
+    one. Outside a request's own context (a sync test client, or a context given an executor by its caller) it does
+    nothing.
+    """
+    try:
+        context = SyncToAsync.thread_sensitive_context.get()
+    except LookupError:
+        return
+    if getattr(context, "_executor", None) is not None:
+        return  # its caller owns the executor
+    executor = SyncToAsync.context_to_thread_executor.pop(context, None)
+    if executor is not None:
+        executor.shutdown(wait=False)
+
+
+async def run_before_waiting(view: Callable[..., Any], request: HttpRequest, **kwargs: str) -> Any:
+    """``view(request, **kwargs)`` in the request's thread, then that thread and its connection handed back: the wait
+    that follows holds neither. The DRF view's response, rendered later by Django if it is returned as it is."""
+
+    def run() -> Any:
+        try:
+            return view(request, **kwargs)
+        finally:
+            _release_connection()
+
+    response = await sync_to_async(run)()
+    hand_back_request_thread()
+    return response
+
+
+def look_in_shared_threads(func: Callable[..., T]) -> Callable[..., Awaitable[T]]:
+    """``func`` (a short look at the database that gives its connection back) run on the event loop's shared
+    executor, not the request's own thread."""
+    return sync_to_async(func, thread_sensitive=False)
 
 
 def _load_job(job_id: uuid.UUID) -> Job:
@@ -423,25 +475,51 @@ def _status_now(job: Job, request: HttpRequest, with_logs: bool, last_log_id: in
         _release_connection()
 
 
-async def wait_until_final(job_id: uuid.UUID, deadline: float) -> Job:
-    """The job once it is final, or as it is when the deadline (``time.monotonic()``) passes.
+def latest_end(job: Job) -> datetime | None:
+    """The moment by which the request's own limits have ended it, if they do: None for a request with no start
+    deadline, which may wait in its queue for as long as its organization's concurrency keeps it there.
+
+    A request with ``X-Fal-Request-Timeout`` starts its last attempt by its start deadline (an attempt failing after
+    it is not retried, a retry not started by then ends as a timeout); an attempt runs at most the worker's hard time
+    limit (``CELERY_TASK_TIME_LIMIT``); an attempt whose worker died is closed once its lease lapses and the sweep
+    passes (``JOB_LEASE_SECONDS`` + ``JOB_SWEEP_SECONDS``).
+    """
+    if job.start_deadline is None:
+        return None
+    run_limit = settings.CELERY_TASK_TIME_LIMIT + settings.JOB_LEASE_SECONDS + settings.JOB_SWEEP_SECONDS
+    return job.start_deadline + timedelta(seconds=run_limit)
+
+
+def wait_deadline(job: Job, ceiling: float) -> float:
+    """When a sync run stops waiting for ``job`` (``time.monotonic()``): once the request's own limits have ended it
+    (``latest_end``), and at ``ceiling`` (the server's ``SYNC_RUN_TIMEOUT_SECONDS``) at the latest."""
+    end = latest_end(job)
+    if end is None:
+        return ceiling
+    return min(ceiling, time.monotonic() + (end - timezone.now()).total_seconds())
+
+
+async def wait_until_final(job_id: uuid.UUID, ceiling: float) -> Job:
+    """The job once it is final, or as it is when its wait deadline passes (``wait_deadline``: its own limits, then
+    ``ceiling``, a ``time.monotonic()`` moment).
 
     It wakes on the job's own moves (``job_events``), so the answer leaves as soon as the job ends, and holds no
     thread while it waits. A request whose start deadline passes while it waits is ended at that moment.
     """
     async with job_events.watching(job_id) as watch:
-        job = await sync_to_async(_load_job)(job_id)
+        job = await look_in_shared_threads(_load_job)(job_id)
+        deadline = wait_deadline(job, ceiling)
         while not job.is_final and time.monotonic() < deadline:
             wake_at = deadline
             if job.start_deadline is not None and job.status in (JobStatus.QUEUED, JobStatus.DISPATCHED):
                 until_start_deadline = (job.start_deadline - timezone.now()).total_seconds()
                 if until_start_deadline <= 0:
-                    await sync_to_async(_expire_now)(job_id)
-                    job = await sync_to_async(_load_job)(job_id)
+                    await look_in_shared_threads(_expire_now)(job_id)
+                    job = await look_in_shared_threads(_load_job)(job_id)
                     continue
                 wake_at = min(wake_at, time.monotonic() + until_start_deadline)
             await watch.changed(wake_at - time.monotonic())
-            job = await sync_to_async(_load_job)(job_id)
+            job = await look_in_shared_threads(_load_job)(job_id)
     return job
 
 
@@ -452,12 +530,12 @@ def _expire_now(job_id: uuid.UUID) -> None:
         _release_connection()
 
 
-def timed_out(job: Job, request: HttpRequest) -> JsonResponse:
-    """The sync run's answer when its wait ends first: the request goes on, and its result waits at its URL."""
-    seconds = settings.SYNC_RUN_TIMEOUT_SECONDS
+def timed_out(job: Job, request: HttpRequest, waited_seconds: float) -> JsonResponse:
+    """The sync run's answer when its wait ends first: the request's result (or error) will be at its URL."""
     return JsonResponse(
         {
-            "detail": f"The request did not finish within {seconds} s. It goes on; its result will be at response_url.",
+            "detail": f"The request did not finish within the {waited_seconds:.0f} s this run waited for it. It goes "
+            "on; its result will be at response_url.",
             "error_type": "timeout",
             "request_id": str(job.id),
             **handle_urls(job, request),
@@ -471,32 +549,41 @@ async def run_sync(request: HttpRequest, owner: str, model: str, path: str = "")
     """``POST /run/{owner}/{model}``: submits as the queue API does, then answers the request's result (or the error
     it ended with) once it is final.
 
-    It never answers a queue handle as if it were the output. If the request is still going after
-    ``SYNC_RUN_TIMEOUT_SECONDS``, the answer is 504 ``{detail, error_type: "timeout", request_id}``: the request goes
-    on, is billed as usual, and its result stays at the queue's response URL. A client that disconnects changes
-    nothing either. A request with ``X-Fal-Request-Timeout`` that has not started by then ends unbilled: 504 with
+    It never answers a queue handle as if it were the output. It waits for as long as the request's own limits let it
+    run (``latest_end``: its ``X-Fal-Request-Timeout`` start deadline plus the longest an attempt may take), at most
+    ``SYNC_RUN_TIMEOUT_SECONDS``; a request with no start deadline waits that long. Past it, the answer is 504
+    ``{detail, error_type: "timeout", request_id}``: the request goes on, is billed as usual, and its result stays at
+    the queue's response URL. A client that disconnects changes nothing either. A request with
+    ``X-Fal-Request-Timeout`` that has not started by its deadline ends unbilled: 504 with
     ``X-Fal-Request-Timeout-Type: user``.
     """
-    submitted = await sync_to_async(submit_view)(request, owner=owner, model=model, path=path)
+    submitted = await run_before_waiting(submit_view, request, owner=owner, model=model, path=path)
     if submitted.status_code != 200:
         return submitted
-    deadline = time.monotonic() + settings.SYNC_RUN_TIMEOUT_SECONDS
-    job = await wait_until_final(uuid.UUID(submitted.data["request_id"]), deadline)
+    began = time.monotonic()
+    job = await wait_until_final(uuid.UUID(submitted.data["request_id"]), began + settings.SYNC_RUN_TIMEOUT_SECONDS)
     if job.is_final:
-        response = await sync_to_async(result_response)(job, request)
+        response = await look_in_shared_threads(_answer_final)(job, request)
     else:
-        response = await sync_to_async(timed_out)(job, request)
+        response = timed_out(job, request, time.monotonic() - began)
     return with_request_id(response, job)
+
+
+def _answer_final(job: Job, request: HttpRequest) -> JsonResponse:
+    try:
+        return result_response(job, request, sync_run=True)
+    finally:
+        _release_connection()
 
 
 @csrf_exempt
 async def status_stream(request: HttpRequest, owner: str, model: str, request_id: str) -> HttpResponseBase:
     """Server-sent events: one ``data:`` line of the status object whenever it changes (progress:
     step k of n), until the request is COMPLETED."""
-    found = await sync_to_async(status_view)(request, owner=owner, model=model, request_id=request_id)
+    found = await run_before_waiting(status_view, request, owner=owner, model=model, request_id=request_id)
     if found.status_code != 200:
         return found
-    job = await sync_to_async(_load_job)(uuid.UUID(found.data["request_id"]))
+    job = await look_in_shared_threads(_load_job)(uuid.UUID(found.data["request_id"]))
     return status_event_stream(job, request, with_logs=wants_logs(request))
 
 
@@ -519,7 +606,7 @@ def status_event_stream(job: Job, request: HttpRequest, *, with_logs: bool) -> S
         quiet_since = time.monotonic()
         current = job
         while True:
-            payload, last_log_id = await sync_to_async(_status_now)(current, request, with_logs, last_log_id)
+            payload, last_log_id = await look_in_shared_threads(_status_now)(current, request, with_logs, last_log_id)
             state = json.dumps({**payload, "logs": None}, separators=(",", ":"))
             if state != last or payload["logs"]:
                 last = state
@@ -531,7 +618,7 @@ def status_event_stream(job: Job, request: HttpRequest, *, with_logs: bool) -> S
             if current.is_final:
                 return
             await watch.changed(STREAM_KEEP_ALIVE_SECONDS)
-            current = await sync_to_async(_load_job)(current.id)
+            current = await look_in_shared_threads(_load_job)(current.id)
 
     response = StreamingHttpResponse(events(), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"

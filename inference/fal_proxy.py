@@ -8,15 +8,28 @@ that route's view in this process, on a copy of the request that has the target'
 The view authenticates the key the request carries, exactly as when it is called directly, and its answer passes
 through as it is: status, headers and body, event streams unbuffered.
 
-| target (https, default port) | served by |
-|---|---|
-| ``queue.fal.run/{path}`` | ``/queue/{path}`` |
-| ``fal.run/{path}`` | ``/run/{path}`` |
-| ``rest.fal.ai/storage/...``, ``rest.alpha.fal.ai/storage/...`` | ``/storage/...`` |
-| ``api.fal.ai/v1/...`` | ``/v1/...`` |
+Every request ``@fal-ai/client`` 1.10.1 sends through a proxy, and what serves it:
+
+| target (https, default port) | the client's call | served by |
+|---|---|---|
+| ``queue.fal.run/{app}[/{path}]`` | ``queue.submit``, ``subscribe`` | ``/queue/...`` |
+| ``queue.fal.run/{owner}/{model}/requests/{id}[...]`` | status, its stream, result, cancel | ``/queue/...`` |
+| ``fal.run/{app}[/{path}]`` | ``run`` | ``/run/...`` |
+| ``fal.run/{app}/stream`` | ``stream`` (its default ``connectionMode: "server"``) | ``/run/.../stream`` |
+| ``rest.fal.ai/storage/upload/initiate[-multipart]`` | ``storage.upload``, Blobs in ``input`` | ``/storage/...`` |
+| ``rest.fal.ai/tokens/`` | ``realtime.connect``, ``stream`` with ``connectionMode: "client"`` | 501 |
+| ``api.fal.ai/v1/...`` | (fal's platform API, e.g. pricing; not the client) | ``/v1/...`` |
+
+``rest.alpha.fal.ai`` is served as ``rest.fal.ai`` (fal's Python client names it). The upload URLs that initiating
+hands out are the platform's own, and the client PUTs the bytes there directly.
+
+The temporary tokens of ``rest.fal.ai/tokens/`` are refused with 501 ``proxy_target_unsupported``, a detail saying why
+and what to use instead (``REALTIME_REFUSAL``): with a token the client connects to ``wss://fal.run`` (realtime) or
+``https://fal.run/{app}/stream?fal_jwt_token=...`` itself, past the proxy, so nothing the platform could hand out
+would reach it. The client throws that answer as its ``ApiError``.
 
 Any other target is refused with 403 ``proxy_target_refused``: the platform is no open proxy. A fal target with no
-route here answers 404 ``not_found``, as an unknown path does.
+route here answers 404 ``not_found`` with a detail naming the target and what its host serves.
 
 Browsers: every answer allows any origin (CORS, preflight included). Nothing here is authorized by cookies, only by
 the key a request carries, so a web app on any origin passes its key in the client's ``credentials`` option.
@@ -42,21 +55,40 @@ TARGET_URL_HEADER = "x-fal-target-url"
 @dataclass(frozen=True)
 class HostRoutes:
     """Where a fal host's paths land: ``prefix`` is put before the target's path, and the route that serves the
-    result must lie under ``routes`` (so a host reaches only its own part of the platform)."""
+    result must lie under ``routes`` (so a host reaches only its own part of the platform). ``serves`` says what, for
+    the answer to a target with no route here."""
 
     prefix: str
     routes: str
+    serves: str
 
 
+REST = HostRoutes(
+    prefix="",
+    routes="storage/",
+    serves="fal's storage uploads: POST /storage/upload/initiate and /storage/upload/initiate-multipart",
+)
 FAL_HOSTS = {
-    "queue.fal.run": HostRoutes(prefix="/queue", routes="queue/"),
-    "fal.run": HostRoutes(prefix="/run", routes="run/"),
-    "rest.fal.ai": HostRoutes(prefix="", routes="storage/"),
-    "rest.alpha.fal.ai": HostRoutes(prefix="", routes="storage/"),
-    "api.fal.ai": HostRoutes(prefix="", routes="v1/"),
+    "queue.fal.run": HostRoutes(
+        prefix="/queue",
+        routes="queue/",
+        serves="fal's queue API: /{owner}/{model}[/{path}], /{owner}/{model}/requests/{id}[/status[/stream]|/cancel]",
+    ),
+    "fal.run": HostRoutes(
+        prefix="/run", routes="run/", serves="fal's sync and streaming runs: /{owner}/{model}[/{path}][/stream]"
+    ),
+    "rest.fal.ai": REST,
+    "rest.alpha.fal.ai": REST,
+    "api.fal.ai": HostRoutes(prefix="", routes="v1/", serves="the platform API: /v1/..."),
 }
 
-NOT_FOUND = {"detail": "Not found.", "error_type": "not_found"}
+REALTIME_AUTH_PATHS = ("/tokens", "/tokens/")
+REALTIME_REFUSAL = (
+    "fal's temporary tokens (rest.fal.ai/tokens/) are for fal.realtime.connect and for fal.stream with "
+    'connectionMode "client": with one, the client connects to fal.run itself, not through this proxy, so this '
+    'platform serves neither. Stream with fal.stream\'s default connectionMode ("server"), which goes through the '
+    "proxy; realtime (websocket) apps are not served."
+)
 # A preflight's Access-Control-Request-Headers, echoed back only when it is a plain list of header names.
 HEADER_LIST = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+([ \t]*,[ \t]*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*")
 # What a request may carry along that a copy for the target's view must not: ambient authority and the target.
@@ -68,8 +100,17 @@ class ProxyTargetRefused(AppError):
     error_type = "proxy_target_refused"
 
 
+class ProxyTargetUnsupported(AppError):
+    """A fal target the client can name that the platform does not serve, said so (``REALTIME_REFUSAL``)."""
+
+    status_code = 501
+    error_type = "proxy_target_unsupported"
+
+
 @dataclass(frozen=True)
 class LocalTarget:
+    host: str
+    target_path: str
     path: str
     query: str
     routes: str
@@ -91,7 +132,23 @@ def local_target(target_url: str) -> LocalTarget:
     path = unquote(parts.path) or "/"
     if any(segment in (".", "..") for segment in path.split("/")):
         raise refused
-    return LocalTarget(path=host.prefix + path, query=parts.query, routes=host.routes)
+    hostname = (parts.hostname or "").lower()
+    return LocalTarget(host=hostname, target_path=path, path=host.prefix + path, query=parts.query, routes=host.routes)
+
+
+def unsupported(target: LocalTarget) -> ProxyTargetUnsupported | None:
+    """The refusal of a fal target the platform knowingly does not serve, or None."""
+    if FAL_HOSTS[target.host] is REST and target.target_path in REALTIME_AUTH_PATHS:
+        return ProxyTargetUnsupported(REALTIME_REFUSAL)
+    return None
+
+
+def not_found(target: LocalTarget) -> dict[str, str]:
+    return {
+        "detail": f"Nothing here serves https://{target.host}{target.target_path[:200]} through the proxy; "
+        f"{target.host} serves {FAL_HOSTS[target.host].serves}.",
+        "error_type": "not_found",
+    }
 
 
 def find_view(target: LocalTarget) -> ResolverMatch | None:
@@ -137,9 +194,12 @@ async def forward(request: HttpRequest) -> HttpResponseBase:
         target = local_target(target_url)
     except ProxyTargetRefused as refused:
         return JsonResponse(refused.body(), status=refused.status_code)
+    refusal = unsupported(target)
+    if refusal is not None:
+        return JsonResponse(refusal.body(), status=refusal.status_code)
     match = find_view(target)
     if match is None:
-        return JsonResponse(NOT_FOUND, status=404)
+        return JsonResponse(not_found(target), status=404)
     inner = request_for(request, target, match)
     if iscoroutinefunction(match.func):
         response: HttpResponseBase = await match.func(inner, *match.args, **match.kwargs)

@@ -20,7 +20,8 @@ server-sent events, one JSON object per ``data:`` line, until the request is fin
   body and HTTP status its result URL answers. Neither client raises on an event: a caller checks ``type``.
 
 A client that disconnects leaves the request running (and billed, as a sync run's is); its result stays at its
-queue URLs. The view waits without holding a thread: it looks at the job at each of its moves (``job_events``).
+queue URLs. The view waits without holding a thread: it looks at the job at each of its moves (``job_events``), on the
+event loop's shared threads (``inference.api.run_before_waiting``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
@@ -43,7 +43,16 @@ from rest_framework.response import Response
 
 from accounts.permissions import request_api_key
 from inference import job_events
-from inference.api import SubmitView, find_endpoint, handle_payload, result_body, submit_from_request, with_request_id
+from inference.api import (
+    SubmitView,
+    find_endpoint,
+    handle_payload,
+    look_in_shared_threads,
+    result_body,
+    run_before_waiting,
+    submit_from_request,
+    with_request_id,
+)
 from inference.models import Job, JobStatus
 from inference.presenters import logs_after, progress_of, status_payload, usage_of
 from inference.previews import latest_preview
@@ -82,7 +91,7 @@ stream_submit_view = StreamSubmitView.as_view()
 @csrf_exempt
 async def run_stream(request: HttpRequest, owner: str, model: str, path: str = "") -> HttpResponseBase:
     """Submits the request, then streams its progress, previews and output (see the module's docstring)."""
-    submitted = await sync_to_async(stream_submit_view)(request, owner=owner, model=model, path=path)
+    submitted = await run_before_waiting(stream_submit_view, request, owner=owner, model=model, path=path)
     if submitted.status_code != 200:
         return submitted
     job_id = uuid.UUID(submitted.data["request_id"])
@@ -154,7 +163,7 @@ async def _looks(job_id: uuid.UUID, request: HttpRequest, watch: job_events.Watc
     last_log_id, state, preview_step = 0, "", 0
     quiet_since = time.monotonic()
     while True:
-        look = await sync_to_async(_look)(
+        look = await look_in_shared_threads(_look)(
             job_id, request, last_log_id=last_log_id, state=state, preview_step=preview_step
         )
         last_log_id, state, preview_step = look.last_log_id, look.state, look.preview_step

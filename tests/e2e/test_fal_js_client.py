@@ -27,7 +27,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from inference.models import Job, JobAttempt
+from inference.models import Job, JobAttempt, Upload, UploadStatus
 from tests.browser.conftest import chromium_path
 from tests.e2e.conftest import Stack
 from tests.e2e.test_fal_client import WAITED_SECONDS, set_concurrency_limit, waited_unstarted
@@ -371,22 +371,69 @@ def test_stream_refusals_come_before_any_event_as_the_clients_errors(
     assert not Job.objects.filter(organization=e2e_tenant["organization"]).exists()
 
 
-def test_upload_then_image_to_image(stack: Stack, node_client: Path, key: str) -> None:
+def png_base64(size: tuple[int, int]) -> str:
     buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="PNG")
+    Image.new("RGB", size, (200, 30, 30)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+# An input image whose size is no default's: image-to-image without `image_size` keeps it, as fal's does.
+INPUT_SIZE = (48, 40)
+IMAGE_TO_IMAGE = {"prompt": "a lighthouse at dusk", "num_inference_steps": 3, "strength": 0.5}
+
+
+def test_upload_then_image_to_image(stack: Stack, node_client: Path, key: str) -> None:
     seen = run_scenario(
         stack,
         node_client,
         "uploadThenImageToImage",
         key,
         app=f"{APP}/image-to-image",
-        png_base64=base64.b64encode(buffer.getvalue()).decode(),
-        input={**SMALL, "strength": 0.5},
+        png_base64=png_base64(INPUT_SIZE),
+        input=IMAGE_TO_IMAGE,
     )
-    assert seen["url"].startswith("https://")
-    image = seen["result"]["data"]["images"][0]
-    assert (image["width"], image["height"]) == (64, 64)
-    assert fetch_image(stack, image["url"]).size == (64, 64)
+    assert seen["url"].startswith(f"{stack.base_url}/files/uploads/")
+    [image] = seen["result"]["data"]["images"]
+    assert (image["width"], image["height"]) == INPUT_SIZE
+    assert fetch_image(stack, image["url"]).size == INPUT_SIZE
+
+
+def test_a_blob_inside_input_is_uploaded_by_the_client(
+    stack: Stack, node_client: Path, key: str, e2e_tenant: dict[str, Any]
+) -> None:
+    size = (40, 56)
+    encoded = png_base64(size)
+    seen = run_scenario(
+        stack, node_client, "blobInInput", key, app=f"{APP}/image-to-image", png_base64=encoded, input=IMAGE_TO_IMAGE
+    )
+    result = seen["result"]
+    [image] = result["data"]["images"]
+    assert (image["width"], image["height"]) == size
+    assert fetch_image(stack, image["url"]).size == size
+    # The request got the URL of the client's own upload in place of the Blob.
+    job = Job.objects.get(pk=result["requestId"])
+    sent = job.input["image_url"]
+    assert sent.startswith(f"{stack.base_url}/files/uploads/")
+    upload = Upload.objects.get(organization=e2e_tenant["organization"])
+    assert str(upload.id) in sent
+    assert (upload.status, upload.content_type, upload.size) == (
+        UploadStatus.READY,
+        "image/png",
+        len(base64.b64decode(encoded)),
+    )
+
+
+def test_stream_in_client_mode_is_refused_saying_why(
+    stack: Stack, node_client: Path, key: str, e2e_tenant: dict[str, Any]
+) -> None:
+    """``connectionMode: "client"`` asks fal's REST host for a token to reach fal.run past the proxy: refused with the
+    reason (inference/fal_proxy.py), which the client throws as its ApiError."""
+    seen = run_scenario(stack, node_client, "streamClientMode", key, input=SMALL)
+    error = seen["done"]["error"]
+    assert (error["isApiError"], error["status"]) == (True, 501)
+    assert error["body"]["error_type"] == "proxy_target_unsupported"
+    assert 'connectionMode ("server")' in error["body"]["detail"]
+    assert not Job.objects.filter(organization=e2e_tenant["organization"]).exists()
 
 
 # In a browser: a page of another origin, as a web app calls the platform.

@@ -12,7 +12,14 @@ from django.http import StreamingHttpResponse
 from django.test import AsyncClient, Client
 from rest_framework.test import APIClient
 
-from inference.fal_proxy import FAL_HOSTS, ProxyTargetRefused, find_view, local_target, request_for
+from inference.fal_proxy import (
+    FAL_HOSTS,
+    REALTIME_REFUSAL,
+    ProxyTargetRefused,
+    find_view,
+    local_target,
+    request_for,
+)
 from inference.models import Endpoint, Job, JobStatus
 from tests.lifecycle import SMALL, start, submit_as
 
@@ -203,21 +210,62 @@ def test_errors_of_the_target_pass_through(tenant: dict[str, Any], builtin_endpo
 
 
 @pytest.mark.parametrize(
-    "target",
+    ("target", "host"),
     [
-        "https://rest.fal.ai/tokens/",  # fal's, not served here
-        "https://queue.fal.run/platform",
-        "https://fal.run/",
-        "https://api.fal.ai/queue/platform/tiny-sd",  # a route of the platform, but not of this host
-        "https://rest.fal.ai/v1/me",
-        "https://api.fal.ai/dashboard/",
-        "https://api.fal.ai/fal/proxy",
+        ("https://queue.fal.run/platform", "queue.fal.run"),
+        ("https://fal.run/", "fal.run"),
+        ("https://api.fal.ai/queue/platform/tiny-sd", "api.fal.ai"),  # a route of the platform, not of this host
+        ("https://rest.fal.ai/v1/me", "rest.fal.ai"),
+        ("https://rest.alpha.fal.ai/storage/nothing", "rest.alpha.fal.ai"),
+        ("https://api.fal.ai/dashboard/", "api.fal.ai"),
+        ("https://api.fal.ai/fal/proxy", "api.fal.ai"),
     ],
 )
-def test_fal_targets_with_no_route_here_are_404(tenant: dict[str, Any], target: str) -> None:
+def test_fal_targets_with_no_route_here_are_404_saying_what_the_host_serves(
+    tenant: dict[str, Any], target: str, host: str
+) -> None:
     response = through_proxy(tenant["client"], "POST", target, {})
     assert response.status_code == 404, response.content
-    assert response.json() == {"detail": "Not found.", "error_type": "not_found"}
+    body = response.json()
+    assert body["error_type"] == "not_found"
+    assert body["detail"].startswith(f"Nothing here serves {target} through the proxy; {host} serves ")
+    assert FAL_HOSTS[host].serves in body["detail"]
+
+
+@pytest.mark.parametrize(
+    "target", ["https://rest.fal.ai/tokens/", "https://rest.fal.ai/tokens", "https://rest.alpha.fal.ai/tokens/"]
+)
+def test_realtime_tokens_are_refused_saying_why(tenant: dict[str, Any], target: str) -> None:
+    """What the client asks before ``fal.realtime.connect`` or ``fal.stream(..., {connectionMode: "client"})``: both
+    then connect to fal.run past the proxy, so the platform hands out no token and says what to use instead."""
+    response = through_proxy(tenant["client"], "POST", target, {"allowed_apps": ["tiny-sd"], "token_expiration": 120})
+    assert response.status_code == 501, response.content
+    assert response.json() == {"detail": REALTIME_REFUSAL, "error_type": "proxy_target_unsupported"}
+    assert 'connectionMode ("server")' in REALTIME_REFUSAL
+    assert response["Access-Control-Allow-Origin"] == "*"
+
+
+@pytest.mark.parametrize("route", ["initiate", "initiate-multipart"])
+def test_storage_uploads_are_initiated_through_the_proxy(tenant: dict[str, Any], route: str) -> None:
+    """``fal.storage.upload`` (and a Blob in ``input``) initiates through the proxy, then PUTs to the platform's own
+    URL, which needs no proxy."""
+    response = through_proxy(
+        tenant["client"],
+        "POST",
+        f"https://rest.fal.ai/storage/upload/{route}?storage_type=fal-cdn-v3",
+        {"content_type": "image/png", "file_name": "photo.png"},
+    )
+    assert response.status_code == 200, response.content
+    answer = response.json()
+    assert answer["upload_url"].startswith("http://testserver/storage/upload/")
+    assert answer["file_url"].startswith("http://testserver/files/uploads/")
+    refused = through_proxy(
+        tenant["client"],
+        "POST",
+        f"https://rest.fal.ai/storage/upload/{route}?storage_type=fal-cdn-v3",
+        {"content_type": "application/pdf", "file_name": "a.pdf"},
+    )
+    assert refused.status_code == 422, refused.content
 
 
 @pytest.mark.parametrize(

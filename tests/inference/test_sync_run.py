@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -17,6 +18,7 @@ from rest_framework.test import APIClient
 
 from billing.models import Account, Hold, UsageRecord
 from inference import attempts, closing, dispatch, job_events
+from inference.api import latest_end, wait_deadline
 from inference.models import AttemptOutcome, Endpoint, Job, JobStatus, WebhookDelivery
 from inference.sweep import sweep
 from tests import lifecycle
@@ -85,18 +87,36 @@ def test_run_past_its_timeout_answers_504_and_the_request_goes_on(
     assert result.status_code == 200, result.content
 
 
+def run_in_background(tenant: dict[str, Any], seed: int, **headers: str) -> dict[str, Any]:
+    """``POST /run`` in a thread of its own; the dict gets its ``response`` once it answers."""
+    answer: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            answer["response"] = client_of(tenant).post(
+                f"/run/{APP}", {**SMALL, "seed": seed}, format="json", **headers
+            )
+        finally:
+            connection.close()
+
+    threading.Thread(target=run, daemon=True).start()
+    return answer
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_start_deadline_passing_while_the_run_waits_ends_the_request_unbilled(
     tenant: dict[str, Any], builtin_endpoint: Endpoint, priced_without_broker: None, settings: Any
 ) -> None:
-    settings.SYNC_RUN_TIMEOUT_SECONDS = 120
+    # The server's own ceiling is far: the answer comes when the request's start deadline passes.
+    settings.SYNC_RUN_TIMEOUT_SECONDS = 3600
     held_before = held(tenant)
-    response = client_of(tenant).post(
-        f"/run/{APP}", {**SMALL, "seed": 43}, format="json", HTTP_X_FAL_REQUEST_TIMEOUT="0.5"
-    )
+    answer = run_in_background(tenant, 43, HTTP_X_FAL_REQUEST_TIMEOUT="0.5")
+    response = wait_until(lambda: answer.get("response"), timeout=60, message="the run to answer")
     assert response.status_code == 504, response.content
     assert response["X-Fal-Request-Timeout-Type"] == "user"
-    assert response.json()["error_type"] == "timeout"
+    body = response.json()
+    assert (body["error_type"], body["request_id"]) == ("timeout", response["x-fal-request-id"])
+    assert "start timeout" in body["detail"]
     job = Job.objects.get(pk=response["x-fal-request-id"])
     assert (job.status, job.error_type) == (JobStatus.CANCELLED, "timeout")
     assert job.started_at is None
@@ -104,6 +124,57 @@ def test_a_start_deadline_passing_while_the_run_waits_ends_the_request_unbilled(
     assert not UsageRecord.objects.filter(job=job).exists()
     assert Hold.objects.get(job=job).released_at is not None
     assert held(tenant) == held_before
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_run_waits_as_long_as_its_requests_own_limits_then_answers_504(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, priced_without_broker: None, settings: Any
+) -> None:
+    """A request that started before its start deadline but never ends (a worker stuck, nothing reaping it) is over by
+    its own limits at its start deadline plus the longest an attempt may take: the run answers then, not at the
+    server's ceiling."""
+    settings.SYNC_RUN_TIMEOUT_SECONDS = 3600
+    settings.CELERY_TASK_TIME_LIMIT = 2
+    settings.JOB_LEASE_SECONDS = 2
+    settings.JOB_SWEEP_SECONDS = 1
+    answer = run_in_background(tenant, 44, HTTP_X_FAL_REQUEST_TIMEOUT="3")
+    job = wait_until(lambda: Job.objects.filter(input__seed=44).first(), timeout=30, message="the run's request")
+    lifecycle.start(job)  # claimed in time; it never finishes
+    response = wait_until(lambda: answer.get("response"), timeout=60, message="the run to answer")
+    assert response.status_code == 504, response.content
+    body = response.json()
+    assert (body["error_type"], body["request_id"]) == ("timeout", str(job.pk))
+    assert response["x-fal-request-id"] == str(job.pk)
+    assert body["response_url"].endswith(f"/queue/{APP}/requests/{job.pk}")
+    assert "X-Fal-Request-Timeout-Type" not in response  # not the caller's start timeout: the request had started
+    job.refresh_from_db()
+    assert job.status == JobStatus.RUNNING  # the run stopped waiting; the request is the sweep's to end
+    assert job.start_deadline is not None
+    # It waited until the request's own limits were spent, by the database's clock.
+    limits = timedelta(
+        seconds=settings.CELERY_TASK_TIME_LIMIT + settings.JOB_LEASE_SECONDS + settings.JOB_SWEEP_SECONDS
+    )
+    assert timezone.now() >= job.start_deadline + limits - timedelta(milliseconds=50)
+
+
+@pytest.mark.django_db
+def test_a_request_without_a_start_deadline_has_no_limit_of_its_own(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, priced_without_broker: None, settings: Any
+) -> None:
+    settings.CELERY_TASK_TIME_LIMIT = 900
+    settings.JOB_LEASE_SECONDS = 30
+    settings.JOB_SWEEP_SECONDS = 5
+    waiting = lifecycle.submit_as(tenant, builtin_endpoint)
+    assert latest_end(waiting) is None
+    now = time.monotonic()
+    assert wait_deadline(waiting, now + 60) == now + 60
+    deadline = timezone.now() + timedelta(seconds=10)
+    Job.objects.filter(pk=waiting.pk).update(start_deadline=deadline)
+    waiting.refresh_from_db()
+    assert latest_end(waiting) == deadline + timedelta(seconds=900 + 30 + 5)
+    # The server's ceiling caps it.
+    assert wait_deadline(waiting, now + 60) == now + 60
+    assert now + 940 < wait_deadline(waiting, now + 3600) < now + 950
 
 
 @pytest.mark.django_db

@@ -149,6 +149,19 @@ const scenarios = {
     const result = await fal.subscribe(given.app, { input: { ...given.input, image_url: url } });
     return { url, result };
   },
+
+  // a Blob inside `input`: the client uploads it itself (initiate through the proxy, then PUT) and sends its URL
+  async blobInInput() {
+    const image = new Blob([Buffer.from(given.png_base64, "base64")], { type: "image/png" });
+    return { result: await fal.subscribe(given.app, { input: { ...given.input, image_url: image } }) };
+  },
+
+  // fal.stream with connectionMode "client": the client first asks fal's REST host for a temporary token (through
+  // the proxy) to connect to fal.run with; what done() settles with
+  async streamClientMode() {
+    const stream = await fal.stream(given.app, { input: given.input, connectionMode: "client" });
+    return { done: await settled(stream.done()) };
+  },
 };
 
 const name = process.argv[2];
