@@ -531,8 +531,13 @@ def _expire_now(job_id: uuid.UUID) -> None:
 
 
 def timed_out(job: Job, request: HttpRequest, waited_seconds: float) -> JsonResponse:
-    """The sync run's answer when its wait ends first: the request's result (or error) will be at its URL."""
-    return JsonResponse(
+    """The sync run's answer when its wait ends first: the request's result (or error) will be at its URL.
+
+    Marked ``X-Fal-Request-Timeout-Type: user``, the one mark fal's clients read as "do not send this again":
+    ``@fal-ai/client`` resends any other 504, and since the request goes on, each resend would be a second request,
+    run and billed again.
+    """
+    response = JsonResponse(
         {
             "detail": f"The request did not finish within the {waited_seconds:.0f} s this run waited for it. It goes "
             "on; its result will be at response_url.",
@@ -542,6 +547,8 @@ def timed_out(job: Job, request: HttpRequest, waited_seconds: float) -> JsonResp
         },
         status=504,
     )
+    response["X-Fal-Request-Timeout-Type"] = "user"
+    return response
 
 
 @csrf_exempt
@@ -554,8 +561,8 @@ async def run_sync(request: HttpRequest, owner: str, model: str, path: str = "")
     ``SYNC_RUN_TIMEOUT_SECONDS``; a request with no start deadline waits that long. Past it, the answer is 504
     ``{detail, error_type: "timeout", request_id}``: the request goes on, is billed as usual, and its result stays at
     the queue's response URL. A client that disconnects changes nothing either. A request with
-    ``X-Fal-Request-Timeout`` that has not started by its deadline ends unbilled: 504 with
-    ``X-Fal-Request-Timeout-Type: user``.
+    ``X-Fal-Request-Timeout`` that has not started by its deadline ends unbilled. Both 504s carry
+    ``X-Fal-Request-Timeout-Type: user``, so fal's clients never resend the request.
     """
     submitted = await run_before_waiting(submit_view, request, owner=owner, model=model, path=path)
     if submitted.status_code != 200:

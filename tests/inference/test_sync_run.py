@@ -79,7 +79,8 @@ def test_run_past_its_timeout_answers_504_and_the_request_goes_on(
     assert answer["error_type"] == "timeout"
     assert answer["request_id"] == response["x-fal-request-id"]
     assert answer["response_url"].endswith(f"/queue/{APP}/requests/{answer['request_id']}")
-    assert "X-Fal-Request-Timeout-Type" not in response
+    # The request goes on: fal's clients must not send it again (a second request, billed again).
+    assert response["X-Fal-Request-Timeout-Type"] == "user"
     job = Job.objects.get(pk=answer["request_id"])
     assert not job.is_final  # it goes on
     lifecycle.finish(lifecycle.start(job))
@@ -146,7 +147,7 @@ def test_a_run_waits_as_long_as_its_requests_own_limits_then_answers_504(
     assert (body["error_type"], body["request_id"]) == ("timeout", str(job.pk))
     assert response["x-fal-request-id"] == str(job.pk)
     assert body["response_url"].endswith(f"/queue/{APP}/requests/{job.pk}")
-    assert "X-Fal-Request-Timeout-Type" not in response  # not the caller's start timeout: the request had started
+    assert response["X-Fal-Request-Timeout-Type"] == "user"  # it goes on: a resend would run and bill it twice
     job.refresh_from_db()
     assert job.status == JobStatus.RUNNING  # the run stopped waiting; the request is the sweep's to end
     assert job.start_deadline is not None
