@@ -204,6 +204,8 @@ def test_start_timeout_ends_a_request_that_could_not_start_unbilled(
         )
         held_before = Account.objects.get(organization=organization).held_micros
         ran = run_scenario(stack, node_client, "run", key, input={**SMALL, "seed": 2}, startTimeout=1.5)
+        # Read before the blocker's cancel releases the blocker's own hold.
+        held_after = Account.objects.get(organization=organization).held_micros
         assert client.put(f"/queue/{APP}/requests/{blocker}/cancel").status_code == 202
     error = ran["error"]
     assert (error["name"], error["isApiError"], error["status"]) == ("ApiError", True, 504)
@@ -216,7 +218,33 @@ def test_start_timeout_ends_a_request_that_could_not_start_unbilled(
     assert (job.status, job.error_type, job.started_at, job.gpu_ms) == ("CANCELLED", "timeout", None, 0)
     assert not JobAttempt.objects.filter(job=job).exists()
     assert not UsageRecord.objects.filter(job=job).exists()
-    assert Account.objects.get(organization=organization).held_micros == held_before
+    assert held_after == held_before
+
+
+def test_a_run_past_the_servers_wait_is_never_sent_again(
+    stack: Stack, node_client: Path, key: str, e2e_tenant: dict[str, Any]
+) -> None:
+    # The client resends a 504 unless it is marked as the caller's own timeout; the request goes on past the run's
+    # wait, so a resend would be a second request, run and billed again.
+    set_concurrency_limit(e2e_tenant["organization"], 1)
+    with (
+        stack.restarted("web", SYNC_RUN_TIMEOUT_SECONDS="2") as restarted,
+        restarted.client(key) as client,
+        restarted.paused("gpu"),
+    ):
+        blocker = client.post(f"/queue/{APP}", json={**SMALL, "seed": 30}).json()["request_id"]
+        wait_until(
+            lambda: Job.objects.get(pk=blocker).status == "DISPATCHED",
+            timeout=30,
+            message="the blocker to take the only slot",
+        )
+        ran = run_scenario(restarted, node_client, "run", key, input={**SMALL, "seed": 31})
+        assert client.put(f"/queue/{APP}/requests/{blocker}/cancel").status_code == 202
+    error = ran["error"]
+    assert (error["name"], error["status"], error["isUserTimeout"]) == ("ApiError", 504, True), error
+    assert error["body"]["error_type"] == "timeout"
+    [job] = Job.objects.filter(organization=e2e_tenant["organization"], input__seed=31)
+    assert str(job.pk) == error["requestId"]
 
 
 def test_cancel_a_running_request(stack: Stack, node_client: Path, key: str) -> None:
