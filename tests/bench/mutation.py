@@ -66,7 +66,7 @@ MONEY_MODULES = (
     "billing/metering.py",
     "billing/admission.py",
     "billing/locks.py",
-    "inference/engine/metering.py",
+    "inference/engine/batch_shares.py",
 )
 # The fast tests that pin what a customer pays (the engine's own suite imports torch: its meter tests are mirrored,
 # without it, in test_batch_shares.py).
