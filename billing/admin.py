@@ -2,9 +2,10 @@
 events and reconciliation runs.
 
 Ledgers are history: usage records, rollups, credit entries and holds are never added, edited or deleted here.
-Money moves only through ``billing.ledger`` (grants, adjustments, refunds), each audited by the service. A price
-in force is never edited: a new version (a new row) is how a price changes, and adding or editing a price that
-is not yet in force is audited here (``PRICE_CHANGED``). An account's balance and holds are read-only; its
+Money moves only through ``billing.ledger`` (grants, adjustments, refunds), each audited by the service. Prices are
+read-only too: a new version (a new row) is how a price changes, added on a form view through
+``billing.price_changes``, which also corrects a version not yet in force and audits both (``PRICE_CHANGED``).
+An account's balance and holds are read-only; its
 monthly budget is set on a form view through ``billing.controls``, which audits it. An organization's page shows its
 credit through the section billing adds to it (``add_organization_section``).
 """
@@ -12,14 +13,13 @@ credit through the section billing adds to it (``add_organization_section``).
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.template.response import TemplateResponse
@@ -30,8 +30,7 @@ from django.utils.safestring import SafeString
 
 from accounts.admin import OrganizationSection, add_organization_section
 from accounts.admin_base import OperableAdmin, Tool, form_data, request_actor
-from accounts.models import AuditAction, Organization
-from accounts.services import record_audit
+from accounts.models import Organization
 from billing.controls import set_monthly_budget
 from billing.ledger import BillingError, grant_credits, refund_job
 from billing.models import (
@@ -51,22 +50,17 @@ from billing.models import (
     UsageRollup,
 )
 from billing.money import dollars_to_micros, format_micros
+from billing.price_changes import PriceTerms, add_price, change_scheduled_price
 from billing.reconciliation import run_reconciliation
 from inference.admin import as_uuid, pretty_json
 from inference.models import Job
 
 if TYPE_CHECKING:
-    _PriceAdminBase = admin.ModelAdmin[Price]
     _PriceFormBase = forms.ModelForm[Price]
     _AccountFormBase = forms.ModelForm[Account]
 else:
     # The stubs make these generic; Django's classes take no type arguments at runtime.
-    _PriceAdminBase = admin.ModelAdmin
     _PriceFormBase = _AccountFormBase = forms.ModelForm
-
-# How far in the past a new price's start may be (the form's default is the moment it was opened); it then
-# starts when saved. Earlier than this is refused: a price never applies to work that has already started.
-PRICE_BACKDATING_GRACE = timedelta(minutes=15)
 
 
 def _money(micros: int | None) -> str:
@@ -84,23 +78,12 @@ class _HistoryAdmin(OperableAdmin):
 
 
 def _in_force(price: Price) -> bool:
-    return price.pk is not None and price.effective_from <= timezone.now()
-
-
-def _price_facts(price: Price) -> dict[str, Any]:
-    return {
-        "gpu_class": price.gpu_class,
-        "endpoint": price.endpoint.endpoint_id if price.endpoint_id and price.endpoint else None,
-        "organization": str(price.organization_id) if price.organization_id else None,
-        "unit": price.unit,
-        "unit_price_micros": price.unit_price_micros,
-        "resolution_tiers": price.resolution_tiers,
-        "effective_from": price.effective_from.isoformat(),
-        "note": price.note,
-    }
+    return price.effective_from <= timezone.now()
 
 
 class PriceForm(_PriceFormBase):
+    """A price line's terms, as the operator gives them; ``billing.price_changes`` decides whether they may be."""
+
     class Meta:
         model = Price
         fields = (
@@ -114,20 +97,32 @@ class PriceForm(_PriceFormBase):
             "note",
         )
 
-    def clean_effective_from(self) -> Any:
-        effective_from = self.cleaned_data["effective_from"]
-        now = timezone.now()
-        if effective_from < now - PRICE_BACKDATING_GRACE:
-            raise forms.ValidationError(
-                "A price cannot start in the past: work already started keeps the price it started under.",
-                code="backdated",
-            )
-        return max(effective_from, now)
+    def terms(self) -> PriceTerms:
+        cleaned = self.cleaned_data
+        return PriceTerms(
+            gpu_class=cleaned["gpu_class"],
+            endpoint=cleaned["endpoint"],
+            organization=cleaned["organization"],
+            unit=cleaned["unit"],
+            unit_price_micros=cleaned["unit_price_micros"],
+            resolution_tiers=cleaned["resolution_tiers"] or [],
+            effective_from=cleaned["effective_from"],
+            note=cleaned["note"],
+        )
+
+
+PRICE_HELP = (
+    "A line applies to a whole GPU class (per GPU-second) or to one endpoint (per GPU-second, image, megapixel, video, "
+    "or second of video or audio), from its start; naming an organization as well makes it that organization's "
+    "negotiated price of the endpoint. Per-output lines may price by resolution tier (the output's shorter side). "
+    "To change a price in force, add a new version."
+)
 
 
 @admin.register(Price)
-class PriceAdmin(_PriceAdminBase):
-    """Versions of the rate card. A version in force is read-only; a scheduled one may be edited until it starts."""
+class PriceAdmin(OperableAdmin):
+    """Versions of the rate card, read-only here: a new version is added, and one not yet in force corrected, on form
+    views calling ``billing.price_changes`` (which audits each)."""
 
     form = PriceForm
     list_display = ("target", "unit", "price", "effective_from", "state", "note", "created_by")
@@ -135,30 +130,27 @@ class PriceAdmin(_PriceAdminBase):
     list_select_related = ("endpoint", "organization", "created_by")
     raw_id_fields = ("organization",)
     search_fields = ("note", "endpoint__owner", "endpoint__name")
-    readonly_fields = ("created_by", "created_at")
     fieldsets = (
-        (
-            None,
-            {
-                "fields": (
-                    "gpu_class",
-                    "endpoint",
-                    "organization",
-                    "unit",
-                    "unit_price_micros",
-                    "resolution_tiers",
-                    "effective_from",
-                    "note",
-                ),
-                "description": "A line applies to a whole GPU class (per GPU-second) or to one endpoint (per "
-                "GPU-second, image, megapixel, video, or second of video or audio), from its start; naming an "
-                "organization as well makes it that organization's negotiated price of the endpoint. Per-output "
-                "lines may price by resolution tier (the output's shorter side). To change a price in force, add a "
-                "new version.",
-            },
-        ),
+        (None, {"fields": PriceForm.Meta.fields, "description": PRICE_HELP}),
         ("Record", {"fields": ("created_by", "created_at")}),
     )
+
+    def get_urls(self) -> list[URLPattern]:
+        return [
+            self.form_view_path("create/", self.create_view, "create"),
+            self.form_view_path("<path:object_id>/edit/", self.edit_view, "edit"),
+            *super().get_urls(),
+        ]
+
+    def get_list_tools(self, request: HttpRequest) -> list[Tool]:
+        if not self.has_create_permission(request):
+            return []
+        return [Tool("Add a price version", self.form_view_url("create"))]
+
+    def get_object_tools(self, request: HttpRequest, obj: Price) -> list[Tool]:
+        if not self.has_operate_permission(request) or _in_force(obj):
+            return []
+        return [Tool("Edit this scheduled price", self.form_view_url("edit", obj.pk))]
 
     @admin.display(description="applies to")
     def target(self, price: Price) -> str:
@@ -183,24 +175,52 @@ class PriceAdmin(_PriceAdminBase):
     def state(self, price: Price) -> str:
         return "in force (read-only)" if _in_force(price) else "scheduled"
 
-    def has_change_permission(self, request: HttpRequest, obj: Price | None = None) -> bool:
-        if obj is not None and _in_force(obj):
-            return False  # the page is a view; add a new version instead
-        return super().has_change_permission(request, obj)
+    def _price_form(self, request: HttpRequest) -> type[PriceForm]:
+        """``PriceForm`` with the admin's widgets (split date and time, the organization by id)."""
+        return cast(type[PriceForm], self.get_form(request, fields=PriceForm.Meta.fields))
 
-    def has_delete_permission(self, request: HttpRequest, obj: Price | None = None) -> bool:
-        return False  # append-only: a scheduled mistake is superseded by a newer version
+    def create_view(self, request: HttpRequest) -> HttpResponse:
+        if not self.has_create_permission(request):
+            raise PermissionDenied
+        form = self._price_form(request)(form_data(request))
+        if form.is_valid():
+            try:
+                price = add_price(terms=form.terms(), actor=request_actor(request))
+            except ValidationError as refused:
+                form.add_error(None, refused)
+            else:
+                self.log_addition(request, price, [{"added": {}}])
+                self.message_user(request, f"Added the price {price}.", messages.SUCCESS)
+                return self.change_page(price)
+        return self.render_form_view(
+            request, title="Add a price version", form=form, intro=PRICE_HELP, submit_label="Add price"
+        )
 
-    def save_model(self, request: HttpRequest, obj: Price, form: Any, change: bool) -> None:
-        before = _price_facts(Price.objects.select_related("endpoint").get(pk=obj.pk)) if change else None
-        if not change:
-            obj.created_by = request_actor(request).user
-            obj.created_at = timezone.now()
-        super().save_model(request, obj, form, change)
-        metadata: dict[str, Any] = {"price_id": obj.pk, "change": "edited" if change else "added", **_price_facts(obj)}
-        if before is not None:
-            metadata["before"] = before
-        record_audit(action=AuditAction.PRICE_CHANGED, actor=request_actor(request), target=obj, metadata=metadata)
+    def edit_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        price: Price = self.object_to_operate(request, object_id)
+        in_force = _in_force(price)  # before the form is bound: binding sets its fields on ``price``
+        form = self._price_form(request)(form_data(request), instance=price)
+        if form.is_valid() and not form.has_changed():
+            return self.change_page(price)  # nothing to change, nothing to audit
+        if form.is_valid():
+            try:
+                changed = change_scheduled_price(price=price, terms=form.terms(), actor=request_actor(request))
+            except ValidationError as refused:
+                form.add_error(None, refused)
+            except BillingError as refused:
+                form.add_error(None, str(refused))
+            else:
+                self.log_form_change(request, changed, form)
+                self.message_user(request, f"The scheduled price is now {changed}.", messages.SUCCESS)
+                return self.change_page(changed)
+        return self.render_form_view(
+            request,
+            title="Edit a scheduled price",
+            form=form,
+            obj=price,
+            intro="A price not in force yet may be corrected until it starts.",
+            refusal="This price is in force and is never edited: add a new version to change it." if in_force else "",
+        )
 
 
 # --- Accounts -----------------------------------------------------------------------------------------------

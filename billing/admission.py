@@ -8,18 +8,18 @@ zero, nor spending past a budget or a key's limit.
 
 **One tenant's admissions do not queue behind each other for a whole transaction.** All of them write the
 organization's account row (its cached held amount), and its lock is held from the statement that takes it to
-COMMIT: one organization's admissions and settlements (measured with ``make bench-tenants``) used to wait for it
-most of the time. Admission takes it last, with one statement: everything else (the price, the estimate, the key's
-limit, the job's own hold row) is done first, and when the organization has no budget and the key no limit,
-``_hold_within_credit`` is one conditional UPDATE, ``held += estimate`` where ``balance - held >= estimate`` and no
-budget is set. PostgreSQL checks that condition again on the row as committed when the UPDATE had to wait for its
-lock, and it reads only the row's own columns, so two admissions never take the same credit. A budget or a key's
-limit is checked through other rows (the month's spend in the rollups, the key's open holds), which that re-check
-would not see change: those admissions, and any the condition refuses (to word the refusal, or to find the credit
-a settlement just freed), are decided on the locked account as before (``_admit_under_the_lock``). The key's limit
-is read behind a share lock on the key, which a new limit takes exclusively (``billing.locks.share_key``). Weighed
-and not taken: the credit split over sub-rows (every refusal and budget check would sum them), the held amount kept
-in Redis (the database would no longer be the truth for money).
+COMMIT, so one organization's admissions and settlements (measured with ``make bench-tenants``) wait for each other
+on it for as long as each holds it. Admission takes it last, with one statement: everything else (the price, the
+estimate, the key's limit, the job's own hold row) is done first, and when the organization has no budget and the
+key no limit, ``_hold_within_credit`` is one conditional UPDATE, ``held += estimate`` where
+``balance - held >= estimate`` and no budget is set. PostgreSQL checks that condition again on the row as committed
+when the UPDATE had to wait for its lock, and it reads only the row's own columns, so two admissions never take the
+same credit. A budget or a key's limit is checked through other rows (the month's spend in the rollups, the key's
+open holds), which that re-check would not see change: those admissions, and any the condition refuses (to word the
+refusal, or to find the credit a settlement just freed), are decided on the locked account
+(``_admit_under_the_lock``). The key's limit is read behind a share lock on the key, which a new limit takes
+exclusively (``billing.locks.share_key``). Weighed and not taken: the credit split over sub-rows (every refusal and
+budget check would sum them), the held amount kept in Redis (the database would no longer be the truth for money).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Charging: buying credits with a saved card or through Stripe Checkout, and sending a payment's charge to Stripe.
+"""Charging: buying credits with a saved card and sending a payment's charge to Stripe; and what a purchase through
+Stripe Checkout (``billing.checkout``) shares with it: the row made for it, the client's Idempotency-Key, a refusal.
 
 Stripe is the truth about what was paid. A ``Payment`` row is committed before Stripe is called, so the
 idempotency key ``payment-<id>`` is ours; the ledger is credited when Stripe says the payment succeeded
@@ -69,20 +70,13 @@ class Charged:
     replayed: bool = False
 
 
-@dataclass(frozen=True)
-class CheckoutStarted:
-    """A purchase through Stripe Checkout: the page the payer is sent to (``None`` once it is closed)."""
-
-    payment: Payment
-    url: str | None
-    replayed: bool = False
-
-
-def _metadata(payment: Payment) -> dict[str, str]:
+def payment_metadata(payment: Payment) -> dict[str, str]:
+    """What our requests to Stripe tag a payment's objects with, so that they can be found again."""
     return {"payment_id": str(payment.pk), "organization_id": str(payment.organization_id), "kind": payment.kind}
 
 
 def check_amount(amount_cents: int) -> None:
+    """Refuses a purchase outside ``BILLING_MIN_PURCHASE_CENTS`` to ``BILLING_MAX_PURCHASE_CENTS``."""
     low, high = settings.BILLING_MIN_PURCHASE_CENTS, settings.BILLING_MAX_PURCHASE_CENTS
     if not low <= amount_cents <= high:
         raise BillingError(f"Buy between {low} and {high} cents of credit at a time.")
@@ -106,9 +100,9 @@ def buy_credits(
     (``_charge_again``) and never charged twice; used before for another purchase, it raises ``IdempotencyKeyReused``.
     """
     check_amount(amount_cents)
-    fingerprint = _fingerprint("card", amount_cents, payment_method_id or None)
+    fingerprint = purchase_fingerprint("card", amount_cents, payment_method_id or None)
     if idempotency_key:
-        earlier = _earlier_purchase(organization, idempotency_key, fingerprint)
+        earlier = earlier_purchase(organization, idempotency_key, fingerprint)
         if earlier is not None:
             return _charge_again(earlier)
     customer_id = ensure_customer(organization)
@@ -118,7 +112,7 @@ def buy_credits(
         raise BillingError("Save a card first, or pay through Checkout.")
     if method_id != account.default_payment_method_id:
         own_method(customer_id, method_id)
-    payment, created = _new_purchase(
+    payment, created = new_purchase(
         organization=organization,
         amount_cents=amount_cents,
         currency=account.currency,
@@ -131,20 +125,22 @@ def buy_credits(
     return charge(payment) if created else _charge_again(payment)
 
 
-def _fingerprint(*request: Any) -> str:
+def purchase_fingerprint(*request: Any) -> str:
     """A digest of what a purchase asked for, which a retry under the same Idempotency-Key must repeat."""
     canonical = json.dumps(request, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _earlier_purchase(organization: Organization, idempotency_key: str, fingerprint: str) -> Payment | None:
+def earlier_purchase(organization: Organization, idempotency_key: str, fingerprint: str) -> Payment | None:
+    """The purchase an earlier try with the client's ``idempotency_key`` made, if any; ``IdempotencyKeyReused`` when
+    that try asked for something else."""
     earlier = Payment.objects.filter(organization=organization, client_idempotency_key=idempotency_key).first()
     if earlier is not None and earlier.request_fingerprint != fingerprint:
         raise IdempotencyKeyReused()
     return earlier
 
 
-def _new_purchase(
+def new_purchase(
     *, organization: Organization, client_idempotency_key: str | None, fingerprint: str, **fields: Any
 ) -> tuple[Payment, bool]:
     """A new purchase, committed before Stripe is called; or, when another try of the client's with the same
@@ -160,7 +156,7 @@ def _new_purchase(
             )
     except IntegrityError:
         earlier = (
-            _earlier_purchase(organization, client_idempotency_key, fingerprint) if client_idempotency_key else None
+            earlier_purchase(organization, client_idempotency_key, fingerprint) if client_idempotency_key else None
         )
         if earlier is None:
             raise
@@ -178,7 +174,7 @@ def _charge_again(payment: Payment) -> Charged:
     if payment.stripe_payment_intent_id and payment.status == PaymentStatus.PENDING:  # e.g. waiting for 3-D Secure
         intent = stripe_client().v1.payment_intents.retrieve(payment.stripe_payment_intent_id)
         return replace(_charged(payment, intent), replayed=True)
-    _check_resendable(payment)
+    check_resendable(payment)
     return replace(charge(payment), replayed=True)
 
 
@@ -191,7 +187,7 @@ def _intent_params(payment: Payment) -> dict[str, Any]:
         "payment_method": payment.stripe_payment_method_id,
         "payment_method_types": ["card"],
         "confirm": True,
-        "metadata": _metadata(payment),
+        "metadata": payment_metadata(payment),
     }
     if payment.kind == PaymentKind.AUTO_TOP_UP:
         params["off_session"] = True  # nobody is there to confirm it
@@ -283,7 +279,7 @@ def mark_failed(payment: Payment, *, message: str, payment_intent_id: str | None
         row.save(update_fields=["status", "failure_message", "stripe_payment_intent_id"])
 
 
-def _check_resendable(payment: Payment) -> None:
+def check_resendable(payment: Payment) -> None:
     """Raises the answer for a payment of a client's retry that must not be sent to Stripe again: one that failed,
     or one whose first send is older than Stripe keeps its key (the sweep settles it from Stripe's state)."""
     if payment.status != PaymentStatus.PENDING:
@@ -295,94 +291,3 @@ def _check_resendable(payment: Payment) -> None:
             error_type="payment_in_progress",
             status_code=409,
         )
-
-
-# Buying credits through Stripe Checkout.
-
-
-def start_checkout(
-    *,
-    organization: Organization,
-    amount_cents: int,
-    success_url: str,
-    cancel_url: str,
-    actor: Actor = SYSTEM,
-    idempotency_key: str | None = None,
-) -> CheckoutStarted:
-    """A Stripe Checkout page that buys credits; the webhook credits the ledger when it is paid.
-
-    With ``idempotency_key`` (the client's), a retry answers the page its first try opened, as ``buy_credits`` does.
-    """
-    check_amount(amount_cents)
-    fingerprint = _fingerprint("checkout", amount_cents, success_url, cancel_url)
-    if idempotency_key:
-        earlier = _earlier_purchase(organization, idempotency_key, fingerprint)
-        if earlier is not None:
-            return _checkout_again(earlier, success_url=success_url, cancel_url=cancel_url)
-    customer_id = ensure_customer(organization)
-    payment, created = _new_purchase(
-        organization=organization,
-        amount_cents=amount_cents,
-        currency=account_of(organization).currency,
-        created_by=actor.user,
-        stripe_customer_id=customer_id,
-        client_idempotency_key=idempotency_key,
-        fingerprint=fingerprint,
-    )
-    if not created:
-        return _checkout_again(payment, success_url=success_url, cancel_url=cancel_url)
-    return CheckoutStarted(payment=payment, url=_open_checkout(payment, success_url=success_url, cancel_url=cancel_url))
-
-
-def _open_checkout(payment: Payment, *, success_url: str, cancel_url: str) -> str | None:
-    """Sends the Checkout Session of ``payment`` to Stripe (built from the row and the client's URLs, so a re-send
-    under the same key is the same request); answers the page's URL. A refusal marks the payment failed."""
-    metadata = _metadata(payment)
-    params: dict[str, Any] = {
-        "mode": "payment",
-        "customer": payment.stripe_customer_id,
-        "client_reference_id": str(payment.pk),
-        "line_items": [
-            {
-                "quantity": 1,
-                "price_data": {
-                    "currency": payment.currency,
-                    "unit_amount": payment.amount_cents,
-                    "product_data": {"name": "Prepaid credits"},
-                },
-            }
-        ],
-        "success_url": success_url,
-        "cancel_url": cancel_url,
-        "metadata": metadata,
-        # The card is kept on the customer, so it can be made the default for auto top-ups.
-        "payment_intent_data": {"metadata": metadata, "setup_future_usage": "off_session"},
-    }
-    try:
-        with catch_stripe_errors():
-            session = stripe_client().v1.checkout.sessions.create(
-                params=params,  # type: ignore[arg-type]
-                options=idempotency(payment.idempotency_key),
-            )
-    except PaymentError as failure:
-        if failure.refused:
-            mark_failed(payment, message=str(failure))
-        payment.refresh_from_db()
-        raise
-    Payment.objects.filter(pk=payment.pk).update(stripe_checkout_session_id=session.id)
-    payment.stripe_checkout_session_id = session.id
-    url = field(session, "url")
-    return str(url) if url else None
-
-
-@catch_stripe_errors()
-def _checkout_again(payment: Payment, *, success_url: str, cancel_url: str) -> CheckoutStarted:
-    """A Checkout purchase made before under the same Idempotency-Key: its page as Stripe has it now (no URL once
-    paid or expired), or, if the first try never heard of one, the identical request sent again."""
-    if payment.stripe_checkout_session_id:
-        session = stripe_client().v1.checkout.sessions.retrieve(payment.stripe_checkout_session_id)
-        url = field(session, "url")
-        return CheckoutStarted(payment=payment, url=str(url) if url else None, replayed=True)
-    _check_resendable(payment)
-    url = _open_checkout(payment, success_url=success_url, cancel_url=cancel_url)
-    return CheckoutStarted(payment=payment, url=url, replayed=True)

@@ -94,7 +94,7 @@ def set_key_limit(*, api_key: ApiKey, monthly_limit_micros: int | None, actor: A
         )
         # Once this commits, by a statement of its own: this transaction locks the key alone. A settlement holds the
         # account from its debit to its COMMIT, where the foreign key of its usage record share-locks the key; taking
-        # the account here, after the key, would deadlock with it (``make race`` caught it).
+        # the account here, after the key, would deadlock with it (``make race`` races a new key limit against one).
         organization_id = api_key.organization_id
         transaction.on_commit(lambda: _arm_alerts(organization_id))
     record_audit(

@@ -36,7 +36,8 @@ def limit_for_admission(organization_id: Any, end_user: str) -> int | None:
 
     Two statements: the lock, then the read. One ``SELECT ... FOR KEY SHARE`` joined to the limits would not do: when
     it waits for a new limit's transaction, PostgreSQL re-reads the locked row after that commits, but the joined
-    rows from the statement's first snapshot, so it would miss the limit it waited for (``make race`` caught it).
+    rows from the statement's first snapshot, so it would miss the limit it waited for (``make race`` races admissions
+    against a new limit of the end user).
     (A plain read on SQLite, which runs one writer at a time.)"""
     share_organization(organization_id)
     return limit_of(organization_id, end_user)

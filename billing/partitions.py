@@ -15,10 +15,10 @@ Why the table is split, and what keeps its guarantees:
   ``(job, attempt_number)`` cannot be unique on the usage records themselves, nor ``id`` alone. The narrow,
   unpartitioned ``billing_usagerecordkey`` (``UsageRecordKey``: id, job, attempt number) carries both: its primary
   key is the record's id, and the unique constraint ``usage_one_record_per_attempt`` lives on it. A ``BEFORE
-  INSERT`` row trigger on the usage records inserts the key row in the same statement as the record, so the hot
-  path sends no extra statement and a second record of an attempt fails with the same unique violation as before;
-  each record references its key (a foreign key from every partition), and an ``AFTER DELETE`` trigger removes the
-  key with its record. The usage records' primary key is ``(id, recorded_at)``.
+  INSERT`` row trigger on the usage records inserts the key row in the same statement as the record, so the hot path
+  sends no extra statement and a second record of an attempt violates ``usage_one_record_per_attempt``, as on
+  SQLite's plain table; each record references its key (a foreign key from every partition), and an ``AFTER DELETE``
+  trigger removes the key with its record. The usage records' primary key is ``(id, recorded_at)``.
 - ``CreditEntry.usage_record`` (one entry per record, its unique index on the unpartitioned entries) references the
   key row: an entry cannot name a record that does not exist, and a record whose debit names it cannot be deleted
   (its key's delete is refused).

@@ -25,7 +25,7 @@ from accounts.parsers import StrictCursorPagination
 from accounts.permissions import request_organization
 from accounts.schema import error
 from accounts.serializers import StrictBooleanField, StrictCharField, StrictIntegerField
-from billing import cards, charges, stripe_events
+from billing import cards, charges, checkout, stripe_events
 from billing.api import MoneyView
 from billing.ledger import account_of
 from billing.models import Payment
@@ -212,7 +212,7 @@ class PurchasesView(ListAPIView[Payment], StripeMoneyView):
             raise InvalidInput([problem(["header", "Idempotency-Key"], message, "string_too_long")])
         organization, actor = request_organization(request), request_actor(request)
         if params["mode"] == "checkout":
-            started = charges.start_checkout(
+            started = checkout.start_checkout(
                 organization=organization,
                 amount_cents=params["amount_cents"],
                 success_url=params["success_url"],

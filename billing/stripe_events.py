@@ -26,10 +26,10 @@ from django.utils import timezone
 
 from accounts.models import AuditAction
 from accounts.services import SYSTEM, Actor, record_audit
-from billing import stale_payments, stripe_state, topups
+from billing import stripe_state
 from billing.locks import locked_stripe_event
-from billing.models import Account, Payment, StripeEvent, StripeEventStatus
-from billing.stripe_client import construct_event, field, object_id, payments_enabled, stripe_client
+from billing.models import Payment, StripeEvent, StripeEventStatus
+from billing.stripe_client import construct_event, field, object_id, stripe_client
 
 logger = logging.getLogger(__name__)
 
@@ -284,13 +284,11 @@ def replay_events(
     return [replay_event(event_id=event_id, actor=actor) for event_id in ids]
 
 
-def sweep(*, limit: int = 200) -> dict[str, int]:
-    """The scheduler's safety net: events whose message was lost or whose processing failed (with backoff),
-    payments left pending, and top-ups a lost message missed."""
-    if not payments_enabled():
-        return {}
+def process_due_events(*, limit: int = 200) -> int:
+    """Processes the events whose message was lost (pending past ``PENDING_GRACE``) and the failed ones due a retry
+    (backing off 2^attempts minutes, up to ``BILLING_STRIPE_EVENT_MAX_ATTEMPTS``); how many were processed."""
     now = timezone.now()
-    counts = {"events": 0, "payments": 0, "top_ups": 0}
+    processed = 0
     due = StripeEvent.objects.filter(status=StripeEventStatus.PENDING, received_at__lt=now - PENDING_GRACE) | (
         StripeEvent.objects.filter(
             status=StripeEventStatus.FAILED, attempts__lt=settings.BILLING_STRIPE_EVENT_MAX_ATTEMPTS
@@ -300,15 +298,5 @@ def sweep(*, limit: int = 200) -> dict[str, int]:
         if event.status == StripeEventStatus.FAILED and event.received_at + timedelta(minutes=2**event.attempts) > now:
             continue
         process_event(event.id)
-        counts["events"] += 1
-    counts["payments"] = stale_payments.settle_stale_payments()
-    low = (
-        Account.objects.filter(auto_top_up_enabled=True)
-        .exclude(default_payment_method_id="")
-        .exclude(stripe_customer_id="")
-        .alias(available=F("balance_micros") - F("held_micros"))
-        .filter(available__lt=F("auto_top_up_threshold_micros"))
-    )
-    for organization_id in low.values_list("organization_id", flat=True)[:limit]:
-        counts["top_ups"] += topups.enqueue_top_up(str(organization_id))
-    return counts
+        processed += 1
+    return processed

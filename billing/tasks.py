@@ -29,7 +29,7 @@ def auto_top_up(organization_id: str) -> None:
 
 @shared_task(name="billing.stripe_sweep", ignore_result=True, soft_time_limit=540, time_limit=600)
 def stripe_sweep() -> dict[str, int]:
-    from billing.stripe_events import sweep
+    from billing.stripe_sweep import sweep
 
     return sweep()
 

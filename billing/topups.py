@@ -15,6 +15,7 @@ from celery import current_app
 from django.conf import settings
 from django.core.cache import cache
 from django.db import transaction
+from django.db.models import F, QuerySet
 from django.utils import timezone
 
 from billing.locks import locked_account
@@ -35,6 +36,17 @@ def needs_top_up(account: Account) -> bool:
         and bool(account.default_payment_method_id)
         and bool(account.stripe_customer_id)
         and account.available_micros < account.auto_top_up_threshold_micros
+    )
+
+
+def accounts_needing_top_up() -> QuerySet[Account]:
+    """The accounts ``needs_top_up`` holds for, in one query: the sweep queues their top-ups when a message was lost."""
+    return (
+        Account.objects.filter(auto_top_up_enabled=True)
+        .exclude(default_payment_method_id="")
+        .exclude(stripe_customer_id="")
+        .alias(available=F("balance_micros") - F("held_micros"))
+        .filter(available__lt=F("auto_top_up_threshold_micros"))
     )
 
 

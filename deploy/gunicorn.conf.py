@@ -21,8 +21,8 @@ def cores() -> int:
 # processes competing for them: 4 workers on 2 cores submitted 0.66x and 0.90x the rate of one process and spent
 # 19.8-21.2 ms of CPU per submission against 15.6-17.6, and on a single core 1, 2 and 3 workers were within the
 # run's noise of each other. Two rather than one on a one-core pod, so that a worker being recycled
-# (WEB_MAX_REQUESTS) never leaves the pod without one. The old default, 2 x cores + 1 (up to 9), is the rule for
-# blocking sync workers, and it counted the node's cores, not the pod's. Kubernetes sets WEB_CONCURRENCY for its
+# (WEB_MAX_REQUESTS) never leaves the pod without one. gunicorn's usual 2 x cores + 1 is the rule for blocking sync
+# workers, and os.cpu_count() counts the node's cores, not the pod's. Kubernetes sets WEB_CONCURRENCY for its
 # one-core pods (deploy/k8s/base/web.yaml). gunicorn's threaded WSGI workers spent about 12% less CPU per
 # submission but would hold a thread for every waiting client, and run the async views through an event loop per
 # request: not taken.

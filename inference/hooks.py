@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypedDict
+from typing import TYPE_CHECKING, Protocol, TypedDict
 
 if TYPE_CHECKING:
     from inference.models import Endpoint, Job, JobAttempt
@@ -61,7 +61,7 @@ class AdmissionCheck(Protocol):
 
 ReserveWork = Callable[["Job", int, int], "Reservation | Refusal"]
 HeartbeatCheck = Callable[["Job", int], "Refusal | None"]
-AttemptFinished = Callable[["Job", "JobAttempt"], None]
+AttemptFinished = Callable[["Job", "JobAttempt"], object]  # what it answers is not read
 EndedUnstarted = Callable[["Job"], None]
 JobUsage = Callable[["Job"], "Usage | None"]
 EndpointPrice = Callable[["Endpoint"], "ListedPrice | None"]
@@ -91,8 +91,26 @@ class Hooks:
 hooks = Hooks()
 
 
-def register(**implementations: Any) -> None:
-    for name, implementation in implementations.items():
-        if not hasattr(hooks, name):
-            raise AttributeError(f"No inference hook named {name!r}")
-        setattr(hooks, name, implementation)
+def register(
+    *,
+    admit: AdmissionCheck | None = None,
+    reserve: ReserveWork | None = None,
+    may_continue: HeartbeatCheck | None = None,
+    attempt_finished: AttemptFinished | None = None,
+    ended_unstarted: EndedUnstarted | None = None,
+    usage: JobUsage | None = None,
+    price: EndpointPrice | None = None,
+) -> None:
+    """Sets the hooks given (``Hooks`` says when each is called); one left out keeps what it was."""
+    given = {
+        "admit": admit,
+        "reserve": reserve,
+        "may_continue": may_continue,
+        "attempt_finished": attempt_finished,
+        "ended_unstarted": ended_unstarted,
+        "usage": usage,
+        "price": price,
+    }
+    for name, implementation in given.items():
+        if implementation is not None:
+            setattr(hooks, name, implementation)

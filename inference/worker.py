@@ -6,7 +6,7 @@ keeps everything it has alone: its own claim, lease, heartbeat, cancel and final
 
 GPU time is measured here with a monotonic clock, in milliseconds, from the moment the pipeline
 starts to the moment the outputs are stored (docs/lifecycle.md); in a batch each job gets its share
-(`inference.engine.metering`), and the shares add up to exactly the batch's time. Loading a model
+(`inference.engine.batch_shares`), and the shares add up to exactly the batch's time. Loading a model
 (and compiling it) is cold-start time, recorded apart and never billed.
 """
 

@@ -17,7 +17,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from accounts.models import ApiKey
-from billing import alerts, charges, controls, end_users, statements
+from billing import alerts, charges, checkout, controls, end_users, statements
 from billing.api import end_user_spend_this_month, key_spend_this_month
 from billing.cards import detach_payment_method, list_payment_methods, set_default_payment_method
 from billing.documents import billing_details_of, set_billing_details
@@ -274,7 +274,7 @@ def buy_credits(request: HttpRequest, context: Context) -> HttpResponse:
     try:
         if request.POST.get("method") == "checkout":
             back = request.build_absolute_uri(reverse("dashboard:billing"))
-            started = charges.start_checkout(
+            started = checkout.start_checkout(
                 organization=context.organization,
                 amount_cents=amount_cents,
                 success_url=f"{back}?paid=1",

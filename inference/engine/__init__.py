@@ -8,6 +8,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from inference.engine.batch_shares import BatchMeter, largest_remainder
     from inference.engine.cache import AnyEngine, LoadedPipeline, PipelineCache
     from inference.engine.engine import BatchIncompatible, Engine, RunOptions, batch_key
     from inference.engine.kinds import BUILTIN_MODELS, KINDS_OF_FAMILY, SUB_PATHS, Family, PipelineKind
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
         source_family,
     )
     from inference.engine.media import MediaEngine, frames_to_generate, media_batch_key
-    from inference.engine.metering import BatchMeter, largest_remainder
     from inference.engine.optimize import ModuleOptimizations, configure_compile_cache
     from inference.engine.outputs import (
         EncodedAudio,
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from inference.engine.tiny_media import build_tiny_audio_pipeline, build_tiny_video_pipeline
 
 # Where each public name lives; the heavy modules (torch, diffusers) load on first use, so the
-# web process can use the light ones (outputs, profile, metering) without importing the engine.
+# web process can use the light ones (outputs, profile, batch_shares) without importing the engine.
 _HOMES = {
     "AnyEngine": "cache",
     "LoadedPipeline": "cache",
@@ -50,8 +50,8 @@ _HOMES = {
     "Engine": "engine",
     "RunOptions": "engine",
     "batch_key": "engine",
-    "BatchMeter": "metering",
-    "largest_remainder": "metering",
+    "BatchMeter": "batch_shares",
+    "largest_remainder": "batch_shares",
     "ModuleOptimizations": "optimize",
     "configure_compile_cache": "optimize",
     "OptimizationProfile": "profile",

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
 from diffusers.utils.torch_utils import randn_tensor
@@ -510,7 +511,7 @@ class _TextToImageRun(BatchRun):
             int(text_embeds.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
         )
         size = (first.height, first.width)
-        time_ids = _sdxl_time_ids(cast(StableDiffusionXLPipeline, pipe), size, prompt_embeds.dtype, projection_dim)
+        time_ids = sdxl_time_ids(pipe.unet, size, prompt_embeds.dtype, projection_dim)
         # Stock repeats [negative ids, ids] per image; SDXL's negative ids equal its ids, so every row is the same.
         time_ids = time_ids.to(self.engine.device).repeat(prompt_embeds.shape[0], 1)
         return {"text_embeds": text_embeds.to(self.engine.device), "time_ids": time_ids}
@@ -537,19 +538,26 @@ class _TextToImageRun(BatchRun):
         return decoded
 
 
-def _sdxl_time_ids(
-    pipe: StableDiffusionXLPipeline, size: tuple[int, int], dtype: torch.dtype, projection_dim: int
+def sdxl_time_ids(
+    unet: UNet2DConditionModel, size: tuple[int, int], dtype: torch.dtype, projection_dim: int
 ) -> torch.Tensor:
-    """SDXL's size conditioning for an uncropped image of `size` (original size, crop corner, target size): one row.
+    """SDXL's size conditioning for an uncropped image of ``size`` (height, width): one row of the original size, the
+    crop's top-left corner (0, 0) and the target size, the ids diffusers' SDXL pipeline gives its UNet.
 
-    Diffusers has no public function for it; its pipeline computes it in the private `_get_add_time_ids`, which
-    also checks that the UNet's added embedding takes that many values. Calling that very method keeps these ids
-    what stock passes its UNet; this is the only place the engine reaches into a private part of diffusers.
+    The UNet embeds each id in ``addition_time_embed_dim`` values and appends the pooled text embedding
+    (``projection_dim`` values); its added embedding takes exactly that many, or the model's parts do not fit
+    together: refused as diffusers refuses it.
     """
-    time_ids: torch.Tensor = pipe._get_add_time_ids(  # type: ignore[no-untyped-call]
-        size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=projection_dim
-    )
-    return time_ids
+    time_ids = [*size, 0, 0, *size]
+    passed_dim = unet.config["addition_time_embed_dim"] * len(time_ids) + projection_dim
+    expected_dim = cast(torch.nn.Linear, unet.add_embedding.linear_1).in_features
+    if passed_dim != expected_dim:
+        raise ValueError(
+            f"Model expects an added time embedding vector of length {expected_dim}, but a vector of {passed_dim} "
+            "was created. The model has an incorrect config. Please check `unet.config.time_embedding_type` and "
+            "`text_encoder_2.config.projection_dim`."
+        )
+    return torch.tensor([time_ids], dtype=dtype)
 
 
 def _present(tensor: torch.Tensor | None) -> torch.Tensor:

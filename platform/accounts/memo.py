@@ -11,7 +11,7 @@ receivers, and the few queryset ``update()`` calls by hand).
 
 Nothing is kept where the generation is not shared and answering (a local-memory cache, Redis down), nor by a
 transaction that has itself changed a row the memos keep (it may roll back, and what it read must not outlive it):
-then every call reads the database, as before. Values are kept pickled, so each caller gets objects of its own that
+then every call reads the database. Values are kept pickled, so each caller gets objects of its own that
 it may change without touching another request's.
 """
 

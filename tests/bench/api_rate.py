@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 
 from config.embedded_process import free_port
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -125,13 +126,14 @@ def main() -> None:
         command, env=env, cwd=REPO, stdout=subprocess.DEVNULL if args.server == "gunicorn" else None
     )
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_until(
+            lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200,
+            timeout=60,
+            message=f"{described} to answer /healthz",
+            interval=0.2,
+            ignoring=(httpx.HTTPError,),
+            failure=SystemExit,
+        )
         database = "PostgreSQL" if os.environ.get("DATABASE_URL", "").startswith("postgres") else "SQLite"
         cache = "Redis" if os.environ.get("REDIS_URL") else "local memory"
         print(

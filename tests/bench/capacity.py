@@ -42,12 +42,15 @@ import psycopg
 
 from tests.bench.queue_overhead import drop_postgres, scratch_postgres
 from tests.deploy.processes import Platform, base_env, free_port
+from tests.waiting import pace, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 TICKS = os.sysconf("SC_CLK_TCK")
 # The benchmark's own connections (setting up rows, watching jobs end) are left out of PostgreSQL's figures.
 OWN_NAME = "capacity-benchmark"
 BODY = {"prompt": "a lighthouse", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 2}
+# Longer than PostgreSQL keeps an idle backend's counts before reporting them (PGSTAT_MIN_INTERVAL, 1 s).
+STATS_SETTLE_SECONDS = 1.5
 
 
 def process_cpu(pid: int) -> float:
@@ -92,7 +95,7 @@ class Backends:
         with psycopg.connect(self.admin_url, autocommit=True) as connection:
             while not self._stop.is_set():
                 self.sample(connection)
-                time.sleep(0.5)
+                pace(0.5)
 
     def sample(self, connection: psycopg.Connection[Any]) -> None:
         rows = connection.execute(
@@ -167,12 +170,39 @@ class Receiver(BaseHTTPRequestHandler):
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, pods: Platform) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
+    """Polls ``condition`` until it holds; a pod that exits (``all_running`` raises) or the deadline ends the run."""
+
+    def met() -> bool:
+        if condition():
+            return True
         pods.all_running()
-        if time.monotonic() > deadline:
-            raise SystemExit(f"waited {timeout:g} s for {what}\n{pods.all_logs()}")
-        time.sleep(0.5)
+        return False
+
+    wait_until(met, timeout=timeout, message=lambda: f"{what}\n{pods.all_logs()}", interval=0.5, failure=SystemExit)
+
+
+def wait_for_settled_commits(admin_url: str, database: str, timeout: float = 60) -> None:
+    """Polls the commits counted for ``database`` until they stop changing. A backend reports its counts when it
+    idles, at most once a second (PostgreSQL's PGSTAT_MIN_INTERVAL): two readings STATS_SETTLE_SECONDS apart that
+    agree mean the counts of the work just done are in. Read from the admin database, so the readings do not count
+    themselves."""
+    readings: list[int] = []
+    with psycopg.connect(admin_url, autocommit=True) as connection:
+
+        def unchanged() -> bool:
+            row = connection.execute(
+                "SELECT xact_commit FROM pg_stat_database WHERE datname = %s", [database]
+            ).fetchone()
+            readings.append(int(row[0]) if row else 0)
+            return len(readings) >= 2 and readings[-1] == readings[-2]
+
+        wait_until(
+            unchanged,
+            timeout=timeout,
+            interval=STATS_SETTLE_SECONDS,
+            message=lambda: f"the commit count of {database} to settle (read {readings[-5:]})",
+            failure=SystemExit,
+        )
 
 
 def main() -> None:
@@ -303,7 +333,7 @@ def run(args: argparse.Namespace, pods: Platform, backends: Backends, receiver_p
     )
     connection.close()
     before, idle_commits = meter.read(), commits()
-    time.sleep(args.idle)
+    pace(args.idle)  # the idle window measured
     idle, idle_commits = spent(before, meter.read()), commits() - idle_commits
 
     webhook = f"http://127.0.0.1:{receiver_port}/hook"
@@ -332,7 +362,7 @@ def run(args: argparse.Namespace, pods: Platform, backends: Backends, receiver_p
     )
     elapsed = time.monotonic() - started
     jobs = spent(before, meter.read())
-    time.sleep(2)  # the pods' backends report their last counts when they idle
+    wait_for_settled_commits(backends.admin_url, backends.database)  # the pods' backends report them when they idle
     job_commits = commits() - job_commits
     transactions = (job_commits - idle_commits / args.idle * elapsed) / args.jobs
     gpu_ms = sorted(Job.objects.filter(pk__in=submitted).values_list("gpu_ms", flat=True))

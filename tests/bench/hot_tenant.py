@@ -57,6 +57,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tests.bench.queue_overhead import drop_postgres
+from tests.waiting import pace, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 APP_PREFIX = "hot-tenant-"  # application_name of every benchmark process's connections
@@ -256,10 +257,8 @@ def _serve(role: str, slot: int, env: dict[str, str], tasks: Any, results: Any, 
         results.put(("report", role, slot, asdict(report)))
 
 
-def _wait_until(moment: float) -> None:
-    delay = moment - time.monotonic()
-    if delay > 0:
-        time.sleep(delay)  # the benchmark's start line, shared by every process
+def _start_at(moment: float) -> None:
+    pace(moment - time.monotonic())  # the benchmark's start line, shared by every process
 
 
 def _note_error(report: Report, exc: BaseException) -> None:
@@ -276,7 +275,7 @@ def _submit(slot: int, phase: Phase, messages: Any) -> Report:
     api_key = ApiKey.objects.get(pk=phase.tenant.api_key_id)
     endpoint = Endpoint.objects.get(pk=phase.endpoint_id)
     report, meter = Report(role="submit", slot=slot), _Meter()
-    _wait_until(phase.start)
+    _start_at(phase.start)
     with meter.installed():
         while (started := time.monotonic()) < phase.end:
             try:
@@ -298,7 +297,7 @@ def _finish(slot: int, phase: Phase, messages: Any) -> Report:
     from inference.models import AttemptOutcome
 
     report, meter = Report(role="finish", slot=slot), _Meter()
-    _wait_until(phase.start)
+    _start_at(phase.start)
     with meter.installed():
         while (waited_from := time.monotonic()) < phase.end:
             try:
@@ -482,11 +481,15 @@ def run_window(
             pool.send(role, slot, Phase(tenant, endpoint_id, queue_index, begin=begin, end=end, start=start))
     samples, reports = into.samples, into.reports
     expected = len(reports) + len(assignments) * len(ROLES)
-    deadline = end + 120
+
+    def in_window() -> bool:
+        return begin <= time.monotonic() <= end
+
     with psycopg.connect(url, autocommit=True) as sampler:
-        while len(reports) < expected:
-            now = time.monotonic()
-            if begin <= now <= end:
+
+        def all_reported() -> bool:
+            """Samples what the backends are doing (in the window), then takes the reports in; True once all are."""
+            if in_window():
                 rows = sampler.execute(
                     "SELECT application_name, state, wait_event_type, wait_event, query FROM pg_stat_activity"
                     " WHERE datname = current_database() AND application_name LIKE %s",
@@ -500,9 +503,15 @@ def run_window(
                 if kind == "failed":
                     raise SystemExit(f"the {role} process {slot} failed: {payload}")
                 reports.append(Report(**payload))
-            if now > deadline:
-                raise SystemExit(f"{into.name}: {expected - len(reports)} processes never reported")
-            time.sleep(args.sample_ms / 1000 if begin <= now <= end else 0.05)
+            return len(reports) >= expected
+
+        wait_until(
+            all_reported,
+            timeout=end + 120 - time.monotonic(),
+            message=lambda: f"{into.name}'s reports: {expected - len(reports)} processes never reported",
+            interval=lambda: args.sample_ms / 1000 if in_window() else 0.05,
+            failure=SystemExit,
+        )
     into.seconds += seconds
 
 

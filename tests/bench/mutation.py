@@ -38,6 +38,7 @@ import argparse
 import ast
 import contextlib
 import copy
+import functools
 import json
 import os
 import queue
@@ -55,6 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.waiting import wait_until
+
 ROOT = Path(__file__).resolve().parents[2]
 MONEY_MODULES = (
     "billing/money.py",
@@ -63,7 +66,7 @@ MONEY_MODULES = (
     "billing/metering.py",
     "billing/admission.py",
     "billing/locks.py",
-    "inference/engine/metering.py",
+    "inference/engine/batch_shares.py",
 )
 # The fast tests that pin what a customer pays (the engine's own suite imports torch: its meter tests are mirrored,
 # without it, in test_batch_shares.py).
@@ -427,6 +430,12 @@ PRELOAD = (
 )  # fmt: skip
 
 
+def _reaped(pid: int) -> tuple[int, int] | None:
+    """``os.waitpid``'s answer once the child ``pid`` has ended (its zombie reaped), None while it runs."""
+    done, status = os.waitpid(pid, os.WNOHANG)
+    return (done, status) if done else None
+
+
 def serve() -> None:
     """Reads one JSON command a line on stdin; forks a child that runs pytest.main on it; answers rc and time."""
     for name in PRELOAD:
@@ -476,19 +485,20 @@ def serve() -> None:
                 os._exit(code)
         running[:] = [pid]
         timed_out = False
-        deadline = started + command["timeout"]
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if time.monotonic() > deadline:
-                timed_out = True
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                status = -1
-                break
-            time.sleep(0.02)
+        try:
+            _, status = wait_until(
+                functools.partial(_reaped, pid),
+                timeout=started + command["timeout"] - time.monotonic(),
+                message=f"the test run (process {pid}) to end",
+                interval=0.02,
+                failure=TimeoutError,
+            )
+        except TimeoutError:
+            timed_out = True
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            status = -1
         rc = os.waitstatus_to_exitcode(status) if status != -1 else -9
         sys.stdout.write(json.dumps({"rc": rc, "timed_out": timed_out, "seconds": time.monotonic() - started}) + "\n")
         sys.stdout.flush()

@@ -44,8 +44,11 @@ from pathlib import Path
 
 import httpx
 
+from tests.waiting import wait_until
+
 REPO = Path(__file__).resolve().parents[2]
 JOB = {"prompt": "a lighthouse", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 2}
+JOB_TIMEOUT_SECONDS = 600  # one job of JOB, the model's first load included
 
 
 def free_port() -> int:
@@ -156,16 +159,14 @@ def main() -> None:
     client = httpx.Client(base_url=base, headers={"Authorization": f"Key {key}"}, timeout=60)
     try:
         for server in servers:
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{server.port}/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"{server.spec} did not start")
-                time.sleep(0.2)
+            wait_until(
+                lambda port=server.port: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200,
+                timeout=90,
+                message=f"{server.spec} to start",
+                interval=0.2,
+                ignoring=(httpx.HTTPError,),
+                failure=SystemExit,
+            )
 
         def run_one() -> tuple[float, Job]:
             started = time.perf_counter()
@@ -173,13 +174,21 @@ def main() -> None:
             submit_ms = (time.perf_counter() - started) * 1000
             response.raise_for_status()
             job_id = response.json()["request_id"]
-            while True:
+
+            def ended() -> Job | None:
                 job = Job.objects.get(pk=job_id)
-                if job.is_final:
-                    if job.status != JobStatus.COMPLETED:
-                        raise SystemExit(f"job {job_id} ended {job.status}: {job.error}")
-                    return submit_ms, job
-                time.sleep(0.01)
+                return job if job.is_final else None
+
+            job = wait_until(
+                ended,
+                timeout=JOB_TIMEOUT_SECONDS,
+                message=f"job {job_id} to end",
+                interval=0.01,
+                failure=SystemExit,
+            )
+            if job.status != JobStatus.COMPLETED:
+                raise SystemExit(f"job {job_id} ended {job.status}: {job.error}")
+            return submit_ms, job
 
         # Warm-up: the first job loads the model (cold start) and warms every path.
         for _ in range(3):

@@ -38,6 +38,8 @@ from typing import Any
 
 import httpx
 
+from tests.waiting import pace, wait_until
+
 REPO = Path(__file__).resolve().parents[2]
 # What the caller's shell may have set: the soak runs the embedded default, as `make run` on a fresh machine.
 SETTINGS_VARIABLES = (
@@ -174,21 +176,22 @@ class Client:
         if submitted is None or not submitted.is_success:
             return
         handle = submitted.json()
-        time.sleep(self.rng.uniform(0, 2))
+        pace(self.rng.uniform(0, 2))  # a client cancels some time after it sent
         self.call("cancel", "PUT", handle["cancel_url"])
         self.follow(handle, stop, expect="cancelled")
 
     def follow(self, handle: dict[str, Any], stop: threading.Event, *, expect: str) -> None:
-        """Poll the status until the request is done, then read its result."""
-        deadline = time.monotonic() + JOB_TIMEOUT_SECONDS
-        while time.monotonic() < deadline and not stop.is_set():
-            time.sleep(self.rng.uniform(0.2, 1.0))
+        """Poll the status, at a person's irregular pace, until the request is done, then read its result."""
+
+        def done() -> bool:
+            if stop.is_set():
+                return True
             status = self.call("queue status", "GET", handle["status_url"], params={"logs": "1"})
             if status is None or status.status_code != 200:
-                continue
+                return False
             body = status.json()
             if body["status"] != "COMPLETED":
-                continue
+                return False
             result = self.call("queue result", "GET", handle["response_url"])
             error_type = body.get("error_type")
             if error_type is None and result is not None and result.status_code == 200:
@@ -197,9 +200,23 @@ class Client:
                 self.tally.count_job("cancelled")
             else:
                 self.tally.count_job(f"ended {error_type or 'without a result'}")
-            return
-        if not stop.is_set():
-            self.tally.note_unexpected(f"{handle['request_id']} ({expect}) not done after {JOB_TIMEOUT_SECONDS} s")
+            return True
+
+        def between_looks() -> float:
+            return self.rng.uniform(0.2, 1.0)
+
+        pace(between_looks())  # the first look, too, comes a moment after the request was sent
+        try:
+            wait_until(
+                done,
+                timeout=JOB_TIMEOUT_SECONDS,
+                message=f"{handle['request_id']} to end",
+                interval=between_looks,
+                failure=TimeoutError,
+            )
+        except TimeoutError:
+            if not stop.is_set():
+                self.tally.note_unexpected(f"{handle['request_id']} ({expect}) not done after {JOB_TIMEOUT_SECONDS} s")
 
     def me(self, stop: threading.Event) -> None:
         self.call("GET /v1/me", "GET", "/v1/me")
@@ -241,15 +258,19 @@ def embedded_env(data_dir: Path, repo: Path) -> dict[str, str]:
 
 
 def wait_until_ready(run: subprocess.Popen[bytes], base_url: str, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_SECONDS
-    while time.monotonic() < deadline:
+    def ready() -> bool:
         if run.poll() is not None:
             raise SystemExit(f"runplatform exited with {run.returncode} while starting:\n{tail(log)}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
-                return
-        time.sleep(0.5)
-    raise SystemExit(f"runplatform was not ready within {START_TIMEOUT_SECONDS} s:\n{tail(log)}")
+        return httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200
+
+    wait_until(
+        ready,
+        timeout=START_TIMEOUT_SECONDS,
+        message=lambda: f"runplatform to be ready:\n{tail(log)}",
+        interval=0.5,
+        ignoring=(httpx.HTTPError,),
+        failure=SystemExit,
+    )
 
 
 def tail(log: Path, lines: int = 40) -> str:
@@ -344,7 +365,7 @@ def main() -> None:
                     f" {'traffic' if traffic.is_set() else 'quiet'}, runplatform up",
                     flush=True,
                 )
-            time.sleep(1)
+            pace(1)  # the monitor's rhythm: a look at the run each second
     finally:
         stop.set()
         traffic.set()

@@ -96,7 +96,7 @@ def test_every_billing_page_renders(operator: Client, organization: Organization
     for model, pk in pages.items():
         assert operator.get(f"/admin/billing/{model}/").status_code == 200, model
         assert operator.get(f"/admin/billing/{model}/{pk}/change/").status_code == 200, model
-    assert operator.get("/admin/billing/price/add/").status_code == 200
+    assert operator.get("/admin/billing/price/create/").status_code == 200
     index = operator.get("/admin/").content.decode()
     assert "Reconciliation runs" in index
     assert "Credit entries" in index
@@ -157,7 +157,7 @@ def test_an_entry_is_found_by_its_idempotency_key(operator: Client, billed: Job)
     assert [record.job_id for record in by_job.context["cl"].result_list] == [billed.pk]
 
 
-# Prices are append-only.
+# Prices are read-only; versions are added, and scheduled ones corrected, through billing.price_changes.
 
 
 def price_form(**changes: Any) -> dict[str, Any]:
@@ -179,9 +179,13 @@ def at(moment: Any) -> dict[str, str]:
 
 
 def test_a_new_price_version_is_added_and_audited(operator: Client) -> None:
-    response = operator.post("/admin/billing/price/add/", price_form(**at(timezone.now())))
+    listing = operator.get("/admin/billing/price/").content.decode()
+    assert "/admin/billing/price/create/" in listing
+    assert "/admin/billing/price/add/" not in listing
+    response = operator.post("/admin/billing/price/create/", price_form(**at(timezone.now())))
     assert response.status_code == 302, response.content.decode()[:3000]
     price = Price.objects.get(note="CPU price rise")
+    assert response["Location"] == f"/admin/billing/price/{price.pk}/change/"
     assert price.created_by is not None
     assert price.created_by.email == OPERATOR_EMAIL
     assert price.effective_from <= timezone.now()
@@ -197,9 +201,20 @@ def test_a_price_in_force_is_read_only(operator: Client) -> None:
     assert price is not None
     page = operator.get(f"/admin/billing/price/{price.pk}/change/").content.decode()
     assert 'name="_save"' not in page
+    assert f"/admin/billing/price/{price.pk}/edit/" not in page
     response = operator.post(f"/admin/billing/price/{price.pk}/change/", price_form(unit_price_micros=1))
     assert response.status_code == 403
+    # Its form view refuses it too, shown and posted: the service checks under the row's lock.
+    edit_page = operator.get(f"/admin/billing/price/{price.pk}/edit/")
+    assert "is in force and is never edited" in edit_page.content.decode()
+    assert 'value="Save"' not in edit_page.content.decode()
+    posted = operator.post(
+        f"/admin/billing/price/{price.pk}/edit/", price_form(unit_price_micros=1, **at(timezone.now()))
+    )
+    assert posted.status_code == 200
+    assert "is in force and is never edited" in str(posted.context["form"].errors)
     assert Price.objects.get(pk=price.pk).unit_price_micros == 100
+    assert operator.get("/admin/billing/price/add/").status_code == 403
     assert operator.get(f"/admin/billing/price/{price.pk}/delete/").status_code == 403
     assert not audits("billing.price_changed")
 
@@ -207,28 +222,51 @@ def test_a_price_in_force_is_read_only(operator: Client) -> None:
 def test_a_scheduled_price_may_be_edited_until_it_starts(operator: Client) -> None:
     tomorrow = timezone.now() + timedelta(days=1)
     scheduled = Price.objects.create(gpu_class="cpu", unit_price_micros=120, effective_from=tomorrow)
+    page = operator.get(f"/admin/billing/price/{scheduled.pk}/change/").content.decode()
+    assert f"/admin/billing/price/{scheduled.pk}/edit/" in page
+    assert 'value="Save"' in operator.get(f"/admin/billing/price/{scheduled.pk}/edit/").content.decode()
     response = operator.post(
-        f"/admin/billing/price/{scheduled.pk}/change/", price_form(unit_price_micros=125, **at(tomorrow))
+        f"/admin/billing/price/{scheduled.pk}/edit/", price_form(unit_price_micros=125, **at(tomorrow))
     )
     assert response.status_code == 302
     assert Price.objects.get(pk=scheduled.pk).unit_price_micros == 125
     (event,) = audits("billing.price_changed")
     assert (event.metadata["change"], event.metadata["before"]["unit_price_micros"]) == ("edited", 120)
+    assert event.actor_user is not None
+    assert event.actor_user.email == OPERATOR_EMAIL
+    # Moved into the past, it is refused like a new version would be.
+    backdated = price_form(unit_price_micros=130, **at(timezone.now() - timedelta(days=1)))
+    refused = operator.post(f"/admin/billing/price/{scheduled.pk}/edit/", backdated)
+    assert "cannot start in the past" in str(refused.context["form"].errors)
+    assert Price.objects.get(pk=scheduled.pk).unit_price_micros == 125
+    assert len(audits("billing.price_changed")) == 1
 
 
 def test_a_backdated_price_is_refused(operator: Client) -> None:
-    response = operator.post("/admin/billing/price/add/", price_form(**at(timezone.now() - timedelta(days=1))))
+    response = operator.post("/admin/billing/price/create/", price_form(**at(timezone.now() - timedelta(days=1))))
     assert response.status_code == 200
     assert "cannot start in the past" in str(response.context["adminform"].form.errors)
     assert not Price.objects.filter(note="CPU price rise").exists()
 
 
 def test_a_class_price_cannot_be_per_image(operator: Client, builtin_endpoint: Endpoint) -> None:
-    response = operator.post("/admin/billing/price/add/", price_form(unit=PriceUnit.IMAGE, **at(timezone.now())))
+    response = operator.post("/admin/billing/price/create/", price_form(unit=PriceUnit.IMAGE, **at(timezone.now())))
     assert response.status_code == 200
     assert not Price.objects.filter(note="CPU price rise").exists()
     per_image = price_form(gpu_class="", endpoint=builtin_endpoint.pk, unit=PriceUnit.IMAGE, **at(timezone.now()))
-    assert operator.post("/admin/billing/price/add/", per_image).status_code == 302
+    assert operator.post("/admin/billing/price/create/", per_image).status_code == 302
+
+
+def test_only_operators_who_may_add_prices_add_them(billed: Job) -> None:
+    viewer = User.objects.create_user(email="viewer@example.com", password="viewer password 1", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_price"))
+    client = Client()
+    client.force_login(viewer)
+    listing = client.get("/admin/billing/price/")
+    assert listing.status_code == 200
+    assert "/admin/billing/price/create/" not in listing.content.decode()
+    assert client.post("/admin/billing/price/create/", price_form(**at(timezone.now()))).status_code == 403
+    assert not Price.objects.filter(note="CPU price rise").exists()
 
 
 # Accounts.

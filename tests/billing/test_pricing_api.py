@@ -404,11 +404,11 @@ def test_an_operator_negotiates_a_price_in_the_console(
         "note": "Volume deal",
     }
     class_wide = {**form, "endpoint": "", "gpu_class": "cpu", "unit": PriceUnit.GPU_SECOND}
-    without_endpoint = operator.post("/admin/billing/price/add/", class_wide)
+    without_endpoint = operator.post("/admin/billing/price/create/", class_wide)
     assert without_endpoint.status_code == 200
     assert "organization" in without_endpoint.context["adminform"].form.errors
     assert not Price.objects.filter(note="Volume deal").exists()
-    assert operator.post("/admin/billing/price/add/", form).status_code == 302
+    assert operator.post("/admin/billing/price/create/", form).status_code == 302
     event = AuditEvent.objects.get(action=AuditAction.PRICE_CHANGED)
     assert event.metadata["organization"] == str(tenant["organization"].pk)
     assert prices(tenant["client"], f"endpoint_id={TINY}")[TINY]["unit_price_micros"] == 1_800

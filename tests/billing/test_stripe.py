@@ -8,6 +8,7 @@ fakes in ``fake_stripe.py`` stand in for them at the HTTP boundary, the SDK call
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -18,7 +19,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from accounts.models import AuditAction, AuditEvent, Organization, Scope
-from billing import cards, controls, reconciliation, stripe_events, stripe_state, tasks, topups
+from billing import cards, controls, reconciliation, stripe_events, stripe_state, stripe_sweep, tasks, topups
 from billing.ledger import grant_credits
 from billing.models import (
     Account,
@@ -39,6 +40,7 @@ from inference import dispatch
 from inference.models import Endpoint
 from tests import lifecycle
 from tests.billing.conftest import deliver, signed
+from tests.conftest import personal_organization
 from tests.stripe_support import WEBHOOK_SECRET, FakeStripe
 
 pytestmark = pytest.mark.django_db
@@ -455,9 +457,31 @@ def test_the_sweep_processes_lost_events_settles_stale_payments_and_queues_misse
     StripeEvent.objects.update(received_at=long_ago)
     before = balance(tenant)
 
-    assert stripe_events.sweep() == {"events": 1, "payments": 1, "top_ups": 1}
+    assert stripe_sweep.sweep() == {"events": 1, "payments": 1, "top_ups": 1}
     stale.refresh_from_db()
     assert (stale.status, stale.stripe_payment_intent_id is not None) == (PaymentStatus.SUCCEEDED, True)
     assert StripeEvent.objects.get().status == StripeEventStatus.PROCESSED
     assert balance(tenant) == before + 2 * DOLLARS_20
     assert sent_tasks == [("billing.auto_top_up", [str(other_tenant["organization"].pk)])]
+
+
+def test_the_sweeps_query_finds_exactly_the_accounts_that_need_a_top_up(make_user: Any) -> None:
+    """``accounts_needing_top_up`` is ``needs_top_up`` as one query, for every combination of its conditions: enabled,
+    a default card, a Stripe customer, and the available credit (balance less holds) below, at or above the
+    threshold."""
+    for enabled, card, customer, available in itertools.product(
+        (True, False), ("pm_card", ""), ("cus_1", ""), (29, 30, 31)
+    ):
+        organization = personal_organization(make_user())
+        Account.objects.filter(pk=organization.pk).update(
+            auto_top_up_enabled=enabled,
+            default_payment_method_id=card,
+            stripe_customer_id=customer,
+            auto_top_up_threshold_micros=30,
+            balance_micros=available + 7,
+            held_micros=7,
+        )
+    accounts = list(Account.objects.all())
+    expected = {account.pk for account in accounts if topups.needs_top_up(account)}
+    assert len(expected) == 1
+    assert set(topups.accounts_needing_top_up().values_list("pk", flat=True)) == expected

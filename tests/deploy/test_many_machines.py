@@ -100,7 +100,8 @@ def new_tenant(name: str) -> dict[str, Any]:
 
 
 def a10g_endpoint() -> None:
-    """The tiny model registered a second time, on the gpu-a10g class: a registry entry, not code (DESIGN §6)."""
+    """The tiny model registered a second time, on the gpu-a10g class: a registry entry, not code
+    (docs/architecture.md, "The model registry")."""
     from inference.catalog import COMMON, ensure_builtin_endpoints
     from inference.models import Endpoint, GpuClass
 

@@ -1,4 +1,4 @@
-"""Each member's share of a batch's GPU time, to the millisecond (inference/engine/metering.py).
+"""Each member's share of a batch's GPU time, to the millisecond (inference/engine/batch_shares.py).
 
 What a request in a batch is billed is its share: these pin the exact shares for given weights and leave times, not
 only their total. A fake clock moves in binary fractions of a second (62.5 ms = 1/16 s...), so the meter's float
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-from inference.engine.metering import BatchMeter, largest_remainder
+from inference.engine.batch_shares import BatchMeter, largest_remainder
 
 
 class Clock:

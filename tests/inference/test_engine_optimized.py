@@ -40,6 +40,7 @@ from inference.engine import (
     validate_profile,
 )
 from inference.engine.architectures import build_architecture
+from inference.engine.engine import sdxl_time_ids
 from inference.engine.optimize import CudaGraphUNet, _Captured
 from tests.inference.test_engine import pixels
 from tests.inference.test_engine import request as base_request
@@ -617,3 +618,22 @@ def test_the_real_architectures_build_and_the_engine_draws_stock_images(name: st
         image = engine.run(one, options=options).images[0]
         assert image.size == (64, 64)
         assert np.abs(pixels(image) - pixels(reference)).max() <= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_sdxl_time_ids_are_the_ones_diffusers_computes(dtype: torch.dtype) -> None:
+    pipeline = build_architecture("sdxl", scale=10)
+    projection_dim = pipeline.text_encoder_2.config.projection_dim
+    for size in [(64, 64), (64, 96), (96, 64), (1024, 1024), (768, 1344)]:
+        ours = sdxl_time_ids(pipeline.unet, size, dtype, projection_dim)
+        stock = pipeline._get_add_time_ids(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=projection_dim)
+        assert ours.dtype == stock.dtype == dtype
+        assert torch.equal(ours, stock), size
+    # A text encoder whose pooled embedding the UNet's added embedding does not take: both refuse it.
+    with pytest.raises(ValueError, match="incorrect config") as stock_refusal:
+        pipeline._get_add_time_ids(
+            (64, 64), (0, 0), (64, 64), dtype=dtype, text_encoder_projection_dim=projection_dim + 1
+        )
+    with pytest.raises(ValueError, match="incorrect config") as our_refusal:
+        sdxl_time_ids(pipeline.unet, (64, 64), dtype, projection_dim + 1)
+    assert str(our_refusal.value) == str(stock_refusal.value)

@@ -1,0 +1,24 @@
+"""The Stripe sweep, the scheduler's safety net for payments (``billing.stripe_sweep``, every minute): what a lost
+message, a failed processing or a lost answer from Stripe left undone is done here.
+
+Each part belongs to its own module: the inbox's events (``stripe_events.process_due_events``), the payments left
+pending (``stale_payments.settle_stale_payments``), and the auto top-ups whose message was lost
+(``topups.accounts_needing_top_up``, queued as a debit queues them).
+"""
+
+from __future__ import annotations
+
+from billing import stale_payments, stripe_events, topups
+from billing.stripe_client import payments_enabled
+
+
+def sweep(*, limit: int = 200) -> dict[str, int]:
+    """Events whose message was lost or whose processing failed (with backoff), payments left pending, and top-ups a
+    lost message missed; how many of each. Nothing while payments are off."""
+    if not payments_enabled():
+        return {}
+    counts = {"events": stripe_events.process_due_events(limit=limit), "payments": 0, "top_ups": 0}
+    counts["payments"] = stale_payments.settle_stale_payments()
+    for organization_id in topups.accounts_needing_top_up().values_list("organization_id", flat=True)[:limit]:
+        counts["top_ups"] += topups.enqueue_top_up(str(organization_id))
+    return counts
