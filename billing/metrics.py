@@ -92,8 +92,23 @@ class CashCollected:
     net_micros: int
 
 
+class _Margin:
+    """What a row earned against what its GPU time cost: the revenue net of refunds less the GPU cost."""
+
+    revenue_micros: int
+    gpu_cost_micros: int
+
+    @property
+    def margin_micros(self) -> int:
+        return self.revenue_micros - self.gpu_cost_micros
+
+    @property
+    def margin_bps(self) -> int | None:
+        return share_bps(self.margin_micros, self.revenue_micros)
+
+
 @dataclass(frozen=True)
-class EndpointRevenue:
+class EndpointRevenue(_Margin):
     endpoint_pk: int
     endpoint: str  # owner/name[/path]
     requests: int  # billable attempts
@@ -106,14 +121,6 @@ class EndpointRevenue:
     @property
     def total_gpu_ms(self) -> int:
         return self.gpu_ms + self.unbilled_gpu_ms
-
-    @property
-    def margin_micros(self) -> int:
-        return self.revenue_micros - self.gpu_cost_micros
-
-    @property
-    def margin_bps(self) -> int | None:
-        return share_bps(self.margin_micros, self.revenue_micros)
 
 
 @dataclass(frozen=True)
@@ -128,7 +135,7 @@ class OrganizationRevenue:
 
 
 @dataclass(frozen=True)
-class GpuClassFigures:
+class GpuClassFigures(_Margin):
     gpu_class: str
     billed_gpu_ms: int
     unbilled_gpu_ms: int
@@ -148,14 +155,6 @@ class GpuClassFigures:
     @property
     def unbilled_hours(self) -> Decimal:
         return gpu_hours(self.unbilled_gpu_ms)
-
-    @property
-    def margin_micros(self) -> int:
-        return self.revenue_micros - self.gpu_cost_micros
-
-    @property
-    def margin_bps(self) -> int | None:
-        return share_bps(self.margin_micros, self.revenue_micros)
 
 
 @dataclass(frozen=True)
