@@ -344,8 +344,9 @@ def result_response(job: Job, request: HttpRequest, *, sync_run: bool = False) -
         response["x-fal-billable-units"] = response["x-billable-units"] = str(usage.get("billable_units", ""))
         response["x-cost-micros"] = str(usage.get("cost_micros", ""))
     response["x-gpu-ms"] = str(job.gpu_ms)
-    if job.error_type == "timeout" and job.started_at is None:
-        # fal's mark of a timeout the caller set (X-Fal-Request-Timeout): its clients do not retry it.
+    if job.error_type == "timeout":
+        # fal's mark of a timeout the caller set (X-Fal-Request-Timeout), which its clients never resend: a retry that
+        # missed the deadline too, after an attempt that started, is the caller's timeout as well.
         response["X-Fal-Request-Timeout-Type"] = "user"
     return response
 

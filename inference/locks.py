@@ -70,4 +70,7 @@ def close_attempt(job_id: Any, number: int, **closed: Any) -> JobAttempt:
         f"UPDATE {JobAttempt._meta.db_table} SET {', '.join(assignments)} "  # noqa: S608 - column names only
         "WHERE job_id = %s AND number = %s RETURNING *"
     )
-    return next(iter(JobAttempt.objects.raw(sql, params)))
+    closed_row = next(iter(JobAttempt.objects.raw(sql, params)), None)
+    if closed_row is None:
+        raise JobAttempt.DoesNotExist(f"Job {job_id} has no attempt {number}.")
+    return closed_row

@@ -244,6 +244,10 @@ def test_the_start_timeout_covers_retries(
     assert (retried.status, retried.error_type) == (JobStatus.CANCELLED, "timeout")
     assert retried.error.startswith("The request's retry did not start")
     assert Hold.objects.get(job=retried).released_at is not None
+    # The caller's timeout though an attempt had started: fal's clients must not send the request again.
+    result = client_of(tenant).get(f"/queue/{APP}/requests/{retried.pk}")
+    assert result.status_code == 504, result.content
+    assert result["X-Fal-Request-Timeout-Type"] == "user"
 
     late = lifecycle.start(lifecycle.submit_as(tenant, builtin_endpoint))
     Job.objects.filter(pk=late.pk).update(start_deadline=past)
