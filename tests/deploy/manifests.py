@@ -140,11 +140,11 @@ def keda_problems(documents: Sequence[dict[str, Any]]) -> tuple[KedaProblem, ...
 def _keda_problems(payload: str) -> tuple[KedaProblem, ...]:
     needed_for = "validating KEDA's objects (tests/deploy/keda, make deploy-check)"
     node, _ = node_and_npm(needed_for)
-    npm_ci(KEDA_MODELS, needed_for=needed_for)
+    installed = npm_ci(KEDA_MODELS, needed_for=needed_for)
     result = subprocess.run(
         [node, "validate.mjs"],
         input=payload,
-        cwd=KEDA_MODELS,
+        cwd=installed,
         capture_output=True,
         text=True,
         timeout=120,

@@ -3,9 +3,10 @@ against the platform over HTTPS with real workers. Its only configuration is its
 the platform's ``/fal/proxy`` (inference/fal_proxy.py); the key is the client's own ``FAL_KEY``.
 
 The Node side is tests/e2e/js/scenario.mjs: each test runs one scenario and reads what the client returned, saw or
-threw. ``npm ci`` installs the client when tests/e2e/js/node_modules is missing or older than the lock file. The
-browser side is the same client bundled by esbuild (tests/e2e/js/browser.mjs), in a page of another origin in
-headless Chromium, configured with ``proxyUrl`` and its ``credentials``.
+threw. It runs from the folder's copy under var/npm/ (tests/npm.py), where ``npm ci`` installs the client when the
+copy's node_modules is missing or older than the lock file. The browser side is the same client bundled by esbuild
+(tests/e2e/js/browser.mjs), in a page of another origin in headless Chromium, configured with ``proxyUrl`` and its
+``credentials``.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ SCENARIO_TIMEOUT_SECONDS = 300
 
 @pytest.fixture(scope="session")
 def node_client() -> Path:
-    """tests/e2e/js with its node_modules installed from the lock file (``npm ci``) unless they already match it."""
+    """tests/e2e/js, copied under var/npm/ with its node_modules installed from the lock file (``npm ci``)."""
     return npm_ci(JS, needed_for="fal's JavaScript client (tests/e2e/js)")
 
 

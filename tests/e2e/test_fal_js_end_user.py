@@ -26,7 +26,7 @@ END_USER = "customer-42"
 
 @pytest.fixture(scope="session")
 def node_client() -> Path:
-    """tests/e2e/js with its node_modules installed from the lock file (``npm ci``) unless they already match it."""
+    """tests/e2e/js, copied under var/npm/ with its node_modules installed from the lock file (``npm ci``)."""
     return npm_ci(JS, needed_for="fal's JavaScript client (tests/e2e/js)")
 
 
