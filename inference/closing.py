@@ -156,7 +156,7 @@ def _after_attempt(organization_id: uuid.UUID, job_id: uuid.UUID, final: bool, *
 
 def _has_queued_jobs(organization_id: uuid.UUID) -> bool:
     """Whether the organization has a job waiting: ``Job.objects.filter(...).exists()`` written out, as every
-    finish asks it and the ORM spent ten times the statement's own CPU building it (``tests/bench/billing.py``)."""
+    finish asks it and the ORM's building of it took 0.44 ms of CPU against 0.11 ms for this (README "Benchmarks")."""
     organization = Job._meta.get_field("organization")
     with connection.cursor() as cursor:
         cursor.execute(
