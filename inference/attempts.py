@@ -13,10 +13,11 @@ from django.db.models import F, Q, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from accounts import statements
 from accounts.locking import retrying_atomic
 from inference.hooks import Refusal, Reservation, hooks
 from inference.job_events import publish
-from inference.job_logs import log_job
+from inference.job_logs import log_line
 from inference.models import (
     AttemptOutcome,
     Job,
@@ -57,8 +58,11 @@ def _claim(job_id: str, attempt: int, worker: str) -> bool:
     )
     if not claimed:
         return False
-    JobAttempt.objects.create(job_id=job_id, number=attempt, worker=worker, started_at=now, heartbeat_at=now)
-    log_job(job_id, f"Attempt {attempt} started on {worker}.", source="worker")
+    # The attempt and its log line: one statement on PostgreSQL (``accounts.statements``).
+    started = JobAttempt(job_id=job_id, number=attempt, worker=worker, started_at=now, heartbeat_at=now)
+    statements.insert(
+        started, want_pk=False, along=log_line(job_id, f"Attempt {attempt} started on {worker}.", source="worker")
+    )
     return True
 
 

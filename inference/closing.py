@@ -11,11 +11,12 @@ from typing import Any
 from django.db import connection, transaction
 from django.utils import timezone
 
+from accounts import statements
 from accounts.locking import retrying_atomic
 from inference import files, transitions
 from inference.dispatch import dispatch_organization
 from inference.hooks import hooks
-from inference.job_logs import log_job
+from inference.job_logs import log_job, log_line
 from inference.locks import close_attempt, lock_attempt, lock_job, lock_running_job
 from inference.models import (
     AttemptOutcome,
@@ -89,7 +90,8 @@ def _close(
     # Only what the move writes is saved: the row's input (and whatever else) stays as it is under the lock.
     if retry and _may_retry(job, now):
         changed = transitions.assign(job, transitions.retried())
-        log_job(job.id, f"Attempt {job.attempt} failed ({error}); the request is queued again.", level="WARNING")
+        again = f"Attempt {job.attempt} failed ({error}); the request is queued again."
+        line = log_line(job.id, again, level="WARNING")
     else:
         status = FINAL_STATUS[outcome]
         if job.cancel_requested_at is not None and outcome in (AttemptOutcome.LOST, AttemptOutcome.ERRORED):
@@ -107,8 +109,9 @@ def _close(
             + timedelta(seconds=files.retention_seconds(job, tenant_seconds=tenant_retention_seconds)),
         )
         changed = transitions.assign(job, ending)
-        log_job(job.id, _final_line(job), level="INFO" if job.status == JobStatus.COMPLETED else "ERROR")
-    job.save(update_fields=[*changed, "cold_start_ms"])
+        line = log_line(job.id, _final_line(job), level="INFO" if job.status == JobStatus.COMPLETED else "ERROR")
+    # The job's move and the line telling of it: one statement on PostgreSQL.
+    statements.update(job, [*changed, "cold_start_ms"], along=line)
     if hooks.attempt_finished is not None:
         hooks.attempt_finished(job, attempt_row)
     organization_id = job.organization_id

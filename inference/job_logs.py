@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.utils import timezone
 
+from accounts import statements
 from inference.job_events import publish_on_commit
 from inference.models import JobLog
 
@@ -22,8 +23,15 @@ PRUNE_BATCH_SIZE = 5_000
 
 def log_job(job_id: uuid.UUID | str, message: str, *, level: str = "INFO", source: str = "platform") -> None:
     """Every move of a job writes a line, so the line also tells its waiters (``job_events``) to look again."""
-    JobLog.objects.create(job_id=job_id, message=message, level=level, source=source)
+    # Written out (``accounts.statements``): every move of every job sends it, and no one reads it back by its key.
+    statements.insert(log_line(job_id, message, level=level, source=source), want_pk=False)
+
+
+def log_line(job_id: uuid.UUID | str, message: str, *, level: str = "INFO", source: str = "platform") -> JobLog:
+    """The line ``log_job`` writes, for its caller to write (with the job's own update: ``statements.update``'s
+    ``along``); once the transaction commits, the job's waiters are told to look again, as ``log_job``'s are."""
     publish_on_commit(job_id)
+    return JobLog(job_id=job_id, message=message, level=level, source=source)
 
 
 def prune_job_logs(now: datetime | None = None, *, limit: int = PRUNE_BATCH_SIZE) -> int:

@@ -14,6 +14,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from accounts import statements
 from accounts.errors import AppError
 from accounts.locking import retrying_atomic
 from accounts.models import ApiKey, Organization
@@ -21,7 +22,7 @@ from inference import files
 from inference.dispatch import dispatch_organization
 from inference.hooks import Refusal, hooks
 from inference.inputs import is_storable_text, validate_input
-from inference.job_logs import log_job
+from inference.job_logs import log_line
 from inference.models import (
     END_USER_MAX_LENGTH,
     Endpoint,
@@ -155,8 +156,8 @@ def submit_job(
 
 @retrying_atomic
 def _insert_and_admit(job: Job) -> Job:
-    job.save(force_insert=True)
-    log_job(job.id, f"Request queued for {job.endpoint.endpoint_id}.")
+    # The job and its first log line: one statement on PostgreSQL (``accounts.statements``).
+    statements.insert(job, along=log_line(job.id, f"Request queued for {job.endpoint.endpoint_id}."))
     if hooks.admit is not None:
         # Last: billing locks the organization's account, which every submission and settlement of the organization
         # waits for, until this commits. After the insert, so it can hold credit against the job; a refusal rolls

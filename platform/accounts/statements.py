@@ -1,0 +1,115 @@
+"""A model instance inserted or updated by one statement written out, for the few rows every request writes.
+
+Django's ``save()`` and ``create()`` build each statement anew through the query compiler, about half a
+millisecond of CPU for a row of twenty columns; a finished job writes three such rows (its usage record, its log
+line, its own update) and a submission as many. These functions send the same statement, built once per model and
+columns: the values pass through each field's ``pre_save`` and ``get_db_prep_save`` exactly as the compiler passes
+them, so what lands in the row is what ``save()`` writes (``tests/accounts/test_statements.py`` compares the two).
+
+What they do not do, and ``save()`` does: send ``pre_save``/``post_save`` (a model whose changes others hear of
+through signals, such as API keys and prices, is never written here), take expressions as values, or save parents
+of a multi-table model. A table needing any of those goes through the ORM.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.models import Field, Model
+
+
+@cache
+def _insert_statement(model: type[Model], vendor: str, returning: bool) -> tuple[str, tuple[Field[Any, Any], ...]]:
+    meta = model._meta
+    fields = tuple(
+        field for field in meta.local_concrete_fields if not field.generated and field is not meta.auto_field
+    )
+    quote = connections[DEFAULT_DB_ALIAS].ops.quote_name
+    sql = (
+        f"INSERT INTO {quote(meta.db_table)} ({', '.join(quote(str(field.column)) for field in fields)}) "  # noqa: S608
+        f"VALUES ({', '.join(['%s'] * len(fields))})"
+    )
+    if returning:
+        sql += f" RETURNING {quote(str(meta.pk.column))}"
+    return sql, fields
+
+
+def insert(instance: Model, *, want_pk: bool = True, along: Model | None = None) -> None:
+    """INSERTs ``instance`` as ``save()`` would (its defaults, ``auto_now_add`` and field conversions) and gives it
+    the primary key the database chose. ``want_pk=False``: a row no one reads back by its key (a log line), and the
+    statement returns nothing. ``along``: as for ``update``."""
+    db = connections[DEFAULT_DB_ALIAS]
+    sql, values, returning = _insertion(db, instance, want_pk=want_pk)
+    sql, values = _with(db, along, sql, values)
+    with db.cursor() as cursor:
+        cursor.execute(sql, values)
+        if want_pk and instance._meta.auto_field is not None:
+            pk = cursor.fetchone()[0] if returning else cursor.lastrowid
+            instance.pk = instance._meta.pk.to_python(pk)
+    _saved(instance, db)
+
+
+def _insertion(db: BaseDatabaseWrapper, instance: Model, *, want_pk: bool) -> tuple[str, list[Any], bool]:
+    meta = instance._meta
+    auto = meta.auto_field is not None
+    if auto and instance.pk is not None:
+        raise ValueError(f"{meta.label} already has a primary key: an explicit key goes through save()")
+    returning = want_pk and auto and db.features.can_return_columns_from_insert
+    sql, fields = _insert_statement(type(instance), db.vendor, returning)
+    return sql, [field.get_db_prep_save(field.pre_save(instance, True), db) for field in fields], returning
+
+
+def _saved(instance: Model, db: BaseDatabaseWrapper) -> None:
+    instance._state.adding = False
+    instance._state.db = db.alias
+
+
+@cache
+def _update_statement(
+    model: type[Model], vendor: str, names: tuple[str, ...]
+) -> tuple[str, tuple[Field[Any, Any], ...]]:
+    meta = model._meta
+    fields = tuple(meta.get_field(name) for name in names)
+    for field in fields:
+        if not field.concrete or field.primary_key:
+            raise ValueError(f"{meta.label}.{field.name} is not a column this update may write")
+    quote = connections[DEFAULT_DB_ALIAS].ops.quote_name
+    assignments = ", ".join(f"{quote(str(field.column))} = %s" for field in fields)  # type: ignore[union-attr]
+    sql = f"UPDATE {quote(meta.db_table)} SET {assignments} WHERE {quote(str(meta.pk.column))} = %s"  # noqa: S608
+    return sql, fields  # type: ignore[return-value]
+
+
+def update(instance: Model, fields: list[str] | tuple[str, ...], *, along: Model | None = None) -> None:
+    """``instance.save(update_fields=fields)`` as one statement built once: raises ``DatabaseError``, as that does,
+    when no row has the instance's key.
+
+    ``along``: a new row (one no one reads back by its key, such as the log line that tells of the change) inserted
+    with the update, in the same statement on PostgreSQL (a data-modifying ``WITH``: one round trip, not two), just
+    before it elsewhere. It may point at the instance: PostgreSQL checks foreign keys at the statement's end.
+    """
+    db = connections[DEFAULT_DB_ALIAS]
+    sql, concrete = _update_statement(type(instance), db.vendor, tuple(dict.fromkeys(fields)))
+    values = [field.get_db_prep_save(field.pre_save(instance, False), db) for field in concrete]
+    values.append(instance._meta.pk.get_db_prep_value(instance.pk, db))
+    sql, values = _with(db, along, sql, values)
+    with db.cursor() as cursor:
+        cursor.execute(sql, values)
+        if cursor.rowcount == 0:
+            raise DatabaseError(f"{instance._meta.label} {instance.pk} is not there to update.")
+
+
+def _with(db: BaseDatabaseWrapper, along: Model | None, sql: str, values: list[Any]) -> tuple[str, list[Any]]:
+    """``sql`` with ``along``'s insert in front of it: inside it on PostgreSQL, sent on its own elsewhere."""
+    if along is None:
+        return sql, values
+    along_sql, along_values, _ = _insertion(db, along, want_pk=False)
+    if db.vendor == "postgresql":
+        sql, values = f"WITH along AS ({along_sql}) {sql}", [*along_values, *values]
+    else:
+        with db.cursor() as cursor:
+            cursor.execute(along_sql, along_values)
+    _saved(along, db)
+    return sql, values

@@ -1,0 +1,143 @@
+"""``accounts.statements`` writes the row ``save()`` writes: every column compared, read back from the database."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from django.db import DatabaseError, connection
+from django.db.models import Model
+from django.test.utils import CaptureQueriesContext
+
+from accounts import statements
+
+
+def _columns(instance: Model) -> dict[str, Any]:
+    """The row as the database holds it, every concrete column but the primary key."""
+    row = type(instance)._default_manager.filter(pk=instance.pk).values().get()
+    row.pop(type(instance)._meta.pk.attname)
+    return row
+
+
+def _job(tenant: dict[str, Any], endpoint: Any, **fields: Any) -> Any:
+    from inference.models import Job
+
+    return Job(
+        organization=tenant["organization"],
+        api_key=tenant["api_key"],
+        endpoint=endpoint,
+        gpu_class=endpoint.gpu_class,
+        input={"prompt": "a lighthouse", "num_images": 2, "seed": 7},
+        end_user="customer-9",
+        **fields,
+    )
+
+
+@pytest.mark.django_db
+def test_an_insert_writes_the_row_that_save_writes(tenant: dict[str, Any], builtin_endpoint: Any) -> None:
+    from billing.models import UsageRecord
+    from inference.models import Job, JobAttempt, JobLog
+
+    moment = datetime(2026, 12, 5, 12, 30, tzinfo=UTC)
+    saved_job, written_job = _job(tenant, builtin_endpoint), _job(tenant, builtin_endpoint)
+    saved_job.save()
+    statements.insert(written_job)
+    assert written_job.pk is not None
+    assert written_job.pk != saved_job.pk
+    assert Job.objects.get(pk=written_job.pk).input == saved_job.input
+    expected, written = _columns(saved_job), _columns(written_job)
+    for moment_column in ("created_at",):  # each row took its own "now"
+        assert abs(expected.pop(moment_column) - written.pop(moment_column)) < timedelta(seconds=60)
+    assert written == expected
+
+    JobAttempt.objects.create(job=saved_job, number=1, worker="w", started_at=moment, heartbeat_at=moment)
+    statements.insert(JobAttempt(job=written_job, number=1, worker="w", started_at=moment, heartbeat_at=moment))
+    attempts = [_columns(JobAttempt.objects.get(job=job)) for job in (saved_job, written_job)]
+    assert [attempt.pop("job_id") for attempt in attempts] == [saved_job.pk, written_job.pk]
+    assert attempts[0] == attempts[1]
+
+    record_fields: dict[str, Any] = {
+        "organization": tenant["organization"], "attempt_number": 1, "api_key": tenant["api_key"],
+        "endpoint": builtin_endpoint, "end_user": "customer-9", "gpu_class": builtin_endpoint.gpu_class,
+        "outcome": "succeeded", "billable": True, "gpu_ms": 1_234, "unbilled_gpu_ms": 56, "unit": "image",
+        "billable_units": Decimal("2.500000"), "unit_price_micros": 400, "cost_micros": 1_000, "work_units": 9,
+        "started_at": moment, "recorded_at": moment + timedelta(seconds=3),
+    }  # fmt: skip
+    saved_record = UsageRecord.objects.create(job=saved_job, **record_fields)
+    written_record = UsageRecord(job=written_job, **record_fields)
+    statements.insert(written_record)
+    assert isinstance(written_record.pk, int)
+    assert written_record.pk > saved_record.pk
+    assert not written_record._state.adding
+    records = [_columns(saved_record), _columns(written_record)]
+    assert [record.pop("job_id") for record in records] == [saved_job.pk, written_job.pk]
+    assert records[0] == records[1]
+    assert records[1]["billable_units"] == Decimal("2.5")
+    assert records[1]["price_id"] is None
+
+    saved_line = JobLog.objects.create(job=saved_job, message="Completed.", level="INFO", source="platform")
+    statements.insert(JobLog(job=written_job, message="Completed.", level="INFO", source="platform"), want_pk=False)
+    lines = [_columns(saved_line), _columns(JobLog.objects.get(job=written_job))]
+    assert abs(lines[0].pop("created_at") - lines[1].pop("created_at")) < timedelta(seconds=60)
+    assert [line.pop("job_id") for line in lines] == [saved_job.pk, written_job.pk]
+    assert lines[0] == lines[1]
+
+
+@pytest.mark.django_db
+def test_an_update_writes_what_save_with_update_fields_writes(tenant: dict[str, Any], builtin_endpoint: Any) -> None:
+    from inference.models import Job, JobStatus
+
+    created = datetime(2026, 12, 5, 12, 59, tzinfo=UTC)
+    jobs = [_job(tenant, builtin_endpoint, created_at=created), _job(tenant, builtin_endpoint, created_at=created)]
+    for job in jobs:
+        job.save()
+    finished = datetime(2026, 12, 5, 13, 0, tzinfo=UTC)
+    for job in jobs:
+        job.status, job.result, job.finished_at, job.gpu_ms = JobStatus.COMPLETED, {"images": [1]}, finished, 900
+        job.error = "not written: not among the fields"
+    jobs[0].save(update_fields=["status", "result", "finished_at", "gpu_ms"])
+    with CaptureQueriesContext(connection) as sent:
+        statements.update(jobs[1], ["status", "result", "finished_at", "gpu_ms", "status"])
+    assert len(sent) == 1
+    rows = [_columns(Job.objects.get(pk=job.pk)) for job in jobs]
+    assert rows[0] == rows[1]
+    assert rows[1]["status"] == JobStatus.COMPLETED
+    assert rows[1]["error"] == ""
+    assert rows[1]["gpu_ms"] == 900
+
+
+@pytest.mark.django_db
+def test_what_the_statements_refuse(tenant: dict[str, Any], builtin_endpoint: Any) -> None:
+    from inference.models import JobLog
+
+    job = _job(tenant, builtin_endpoint)
+    job.save()
+    line = JobLog.objects.create(job=job, message="queued")
+    with pytest.raises(ValueError, match="already has a primary key"):
+        statements.insert(line)
+    with pytest.raises(ValueError, match="not a column"):
+        statements.update(job, ["id"])
+    type(job).objects.filter(pk=job.pk).delete()
+    with pytest.raises(DatabaseError, match="not there to update"):
+        statements.update(job, ["status"])
+
+
+@pytest.mark.django_db
+def test_a_row_along_lands_with_its_statement_in_one_round_trip_on_postgresql(
+    tenant: dict[str, Any], builtin_endpoint: Any
+) -> None:
+    from inference.models import Job, JobLog, JobStatus
+
+    job = _job(tenant, builtin_endpoint)
+    with CaptureQueriesContext(connection) as sent:
+        statements.insert(job, along=JobLog(job=job, message="Request queued.", source="platform"))
+    job.status = JobStatus.CANCELLED
+    with CaptureQueriesContext(connection) as sent_too:
+        statements.update(job, ["status"], along=JobLog(job=job, message="Cancelled.", source="platform"))
+    one_statement = connection.vendor == "postgresql"
+    assert (len(sent), len(sent_too)) == ((1, 1) if one_statement else (2, 2))
+    assert Job.objects.get(pk=job.pk).status == JobStatus.CANCELLED
+    lines = JobLog.objects.filter(job=job).order_by("id")
+    assert [line.message for line in lines] == ["Request queued.", "Cancelled."]
