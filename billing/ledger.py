@@ -17,6 +17,7 @@ from typing import Any
 from django.db import connection, transaction
 from django.utils import timezone
 
+from accounts import statements
 from accounts.errors import AppError
 from accounts.models import AuditAction, Organization
 from accounts.services import SYSTEM, Actor, record_audit
@@ -137,8 +138,11 @@ def debit_usage(
 ) -> Account | None:
     """Debits a settlement's usage (``usage_record.cost_micros``, more than 0) and takes the hold it released off the
     held amount, where the balance covers the debit; then appends the debit's entry. Answers the account as the debit
-    left it (the columns of ``_DEBITED_COLUMNS``). None, and nothing written: the balance does not cover the cost
-    (credit was taken back), and the caller settles on the locked account.
+    left it (the columns of ``_DEBITED_COLUMNS``). None, and nothing written but the record: the balance does not
+    cover the cost (credit was taken back), and the caller settles on the locked account.
+
+    ``usage_record`` without a key yet is inserted first (in every case: the record exists whether or not the debit
+    is made): on PostgreSQL by the same statement.
 
     The account's UPDATE is the statement that takes its lock: ``balance -= cost, held -= released`` where
     ``balance >= cost``, a condition PostgreSQL checks again on the row as committed when it had to wait for the
@@ -146,9 +150,9 @@ def debit_usage(
     balance as a further ceiling (the cost fits under it). The entry records the balance that UPDATE left.
 
     ``along(usage_record, only_where=...)``: further upserts summarising the debit (the usage rollups, and an end
-    user's), written under the same lock and only if the debit is made. On PostgreSQL the UPDATE, the entry and those
-    upserts are one statement, so the lock is held for the rest of that statement and the COMMIT, no client round
-    trip; elsewhere (SQLite, one writer at a time) they are one statement each.
+    user's), written under the same lock and only if the debit is made. On PostgreSQL the record's insert, the UPDATE,
+    the entry and those upserts are one statement, so the lock is held for the rest of that statement and the COMMIT,
+    no client round trip; elsewhere (SQLite, one writer at a time) they are one statement each.
     """
     cost = usage_record.cost_micros
     organization_id = usage_record.organization_id
@@ -167,41 +171,52 @@ def debit_usage(
         key.get_db_prep_value(organization_id, connection),
         cost,
     ]
-    idempotency_key = f"usage-{usage_record.pk}"
     if connection.vendor == "postgresql":
+        # The record (unless the caller wrote it) and the entry naming it: the entry's key is the record's.
+        if usage_record.pk is None:
+            record_sql, record_parameters = statements.insertion(usage_record)
+            record_id = "(SELECT id FROM record)"
+            sql, parameters = f"WITH record AS ({record_sql}), ", [*record_parameters, *parameters]
+        else:
+            record_id, sql = "%s", "WITH "
         entries = {field.name: field for field in CreditEntry._meta.concrete_fields}
         values = {
             "organization": organization_id,
             "kind": EntryKind.USAGE.value,
             "amount_micros": -cost,
-            "idempotency_key": idempotency_key,
-            "usage_record": usage_record.pk,
             "job": job.pk,
             "description": description[:300],
             "created_at": now,
         }
-        names = [*values, "balance_after_micros"]
-        sql = (
-            f"WITH debited AS ({debit}), entry AS (INSERT INTO {CreditEntry._meta.db_table} "  # noqa: S608
+        names = [*values, "usage_record", "idempotency_key", "balance_after_micros"]
+        sql += (
+            f"debited AS ({debit}), entry AS (INSERT INTO {CreditEntry._meta.db_table} "  # noqa: S608
             f"({', '.join(f'{entries[name].column}' for name in names)}) "
-            f"SELECT {', '.join(['%s'] * len(values))}, {balance} FROM debited)"
+            f"SELECT {', '.join(['%s'] * len(values))}, {record_id}, 'usage-' || {record_id}, {balance} FROM debited)"
         )
         parameters += [entries[name].get_db_prep_value(value, connection) for name, value in values.items()]
+        if usage_record.pk is not None:
+            parameters += [usage_record.pk, usage_record.pk]
         summaries = along(usage_record, only_where="EXISTS (SELECT 1 FROM debited)") if along is not None else []
         for number, (summary, summary_parameters) in enumerate(summaries):
             sql += f", summary_{number} AS ({summary})"
             parameters += summary_parameters
-        sql += " SELECT * FROM debited"
+        sql += f" SELECT {record_id}, debited.* FROM (SELECT 1) AS settled LEFT JOIN debited ON true"  # noqa: S608
+        if usage_record.pk is not None:
+            parameters.append(usage_record.pk)
         with connection.cursor() as cursor:
             cursor.execute(sql, parameters)
-            row = cursor.fetchone()
-        if row is None:
+            record_pk, *row = cursor.fetchone()
+        statements.written(usage_record, record_pk)
+        if row[0] is None:  # the balance, never NULL where the debit was made
             return None
-        account = _debited_account(organization_id, now, row)
+        account = _debited_account(organization_id, now, tuple(row))
         from billing import topups  # lazily: the ledger needs no Celery to import
 
         topups.schedule_if_low(account)
         return account
+    if usage_record.pk is None:
+        statements.insert(usage_record)
     with connection.cursor() as cursor:
         cursor.execute(debit, parameters)
         row = cursor.fetchone()
@@ -212,7 +227,7 @@ def debit_usage(
         account=account,
         kind=EntryKind.USAGE,
         amount_micros=-cost,
-        idempotency_key=idempotency_key,
+        idempotency_key=f"usage-{usage_record.pk}",
         description=description,
         usage_record=usage_record,
         job=job,

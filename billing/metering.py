@@ -4,17 +4,17 @@
 closes the attempt, so a job's final state, its usage record, its credit debit, the rollups and the
 release of its hold commit together or not at all.
 
-**Settlement takes the organization's account row last.** Every settlement and admission of the organization
-writes that row, and its lock is held from the statement that takes it to COMMIT, so a busy tenant's jobs
-queue for it. The job's own rows come first, uncontended: its hold released, its usage record. The debit is then
-one conditional UPDATE of the account (``ledger.debit_usage``: ``balance -= cost`` where ``balance >= cost``),
-followed only by the debit's entry (which records the balance that UPDATE left, so it must follow it) and the
-rollups' upsert (their rows are shared by the organization's settlements too, so they are written under the
-account's lock rather than before it, where they would be locked longer). The cost is computed before the lock
+**Settlement takes the organization's account row last.** Every settlement and admission of the organization writes that
+row, and its lock is held from the statement that takes it to COMMIT, so a busy tenant's jobs queue for it. The job's
+own rows come first, uncontended: its hold released, its usage record. The debit is then one conditional UPDATE of the
+account (``ledger.debit_usage``: ``balance -= cost`` where ``balance >= cost``; on PostgreSQL the usage record's insert
+is part of that statement), followed only by the debit's entry (which records the balance that UPDATE left, so it must
+follow it) and the rollups' upsert (their rows are shared by the organization's settlements too, so they are written
+under the account's lock rather than before it, where they would be locked longer). The cost is computed before the lock
 with the hold as its ceiling: wherever the balance covers that cost, ``cost_within`` with the balance as a further
-ceiling gives the same answer (``tests/billing/test_settlement_properties.py``), so the condition is exactly what
-the debit needs. Where the balance does not cover it (a refund or dispute took credit back), the settlement is
-decided on the locked account as before and the record corrected to the smaller cost.
+ceiling gives the same answer (``tests/billing/test_settlement_properties.py``), so the condition is exactly what the
+debit needs. Where the balance does not cover it (a refund or dispute took credit back), the settlement is decided on
+the locked account as before and the record corrected to the smaller cost.
 """
 
 from __future__ import annotations
@@ -96,12 +96,13 @@ def record_attempt(job: Job, attempt: JobAttempt) -> UsageRecord:
         started_at=attempt.started_at,
         recorded_at=attempt.finished_at or job.finished_at or started_at,
     )
-    statements.insert(record)  # the ORM's create() built this INSERT anew each time: 0.5 ms of CPU a settlement
     description = f"{job.endpoint.endpoint_id}: {units} {quote.unit}"
     if not cost:
+        statements.insert(record)
         holds.take_off_held(organization_id=job.organization_id, amount_micros=released)
         add_to_rollups(record)
         return record
+    # The record is inserted by the debit's own statement (PostgreSQL), whether or not the debit is made.
     account = debit_usage(
         usage_record=record, released_micros=released, job=job, description=description, along=summaries
     )
@@ -124,7 +125,11 @@ def _settle_on_the_locked_account(
     record.unbilled_gpu_ms += record.gpu_ms - billed_ms
     record.billable_units, record.cost_micros, record.gpu_ms = units, cost, billed_ms
     record.video_ms, record.audio_ms = output_ms(record.unit, units, quantities)
-    record.save(update_fields=["billable_units", "cost_micros", "gpu_ms", "unbilled_gpu_ms", "video_ms", "audio_ms"])
+    if record.pk is None:  # no debit statement wrote it (none was sent)
+        statements.insert(record)
+    else:
+        corrected = ["billable_units", "cost_micros", "gpu_ms", "unbilled_gpu_ms", "video_ms", "audio_ms"]
+        record.save(update_fields=corrected)
     account.held_micros -= released
     if cost:
         # Saves the account's balance and the held amount just released in one UPDATE.

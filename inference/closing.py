@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import connection, transaction
@@ -17,10 +17,11 @@ from inference import files, transitions
 from inference.dispatch import dispatch_organization
 from inference.hooks import hooks
 from inference.job_logs import log_job, log_line
-from inference.locks import close_attempt, lock_attempt, lock_job, lock_running_job
+from inference.locks import close_attempt, lock_and_close_attempt, lock_attempt, lock_job, lock_running_job
 from inference.models import (
     AttemptOutcome,
     Job,
+    JobAttempt,
     JobStatus,
 )
 
@@ -61,18 +62,28 @@ def finish_attempt(
 
 
 @retrying_atomic
-def _finish_locked(job_id: str, attempt: int, **closing: Any) -> Job | None:
-    running = lock_running_job(job_id, attempt)
-    if running is None:
+def _finish_locked(
+    job_id: str, attempt: int, *, outcome: AttemptOutcome, gpu_ms: int, cold_start_ms: int, error: str, **closing: Any
+) -> Job | None:
+    now = timezone.now()
+    # The job's lock and the attempt's close: one statement (``inference.locks``).
+    closed = lock_and_close_attempt(
+        job_id, attempt, outcome=outcome, gpu_ms=gpu_ms, cold_start_ms=cold_start_ms, error=error, finished_at=now
+    )
+    if closed is None:
         return None
-    _close(*running, **closing)
+    running, attempt_row = closed
+    _close(*running, attempt_row, now=now, outcome=outcome, gpu_ms=gpu_ms, cold_start_ms=cold_start_ms, error=error,
+           **closing)  # fmt: skip
     return running.job
 
 
 def _close(
     job: Job,
     tenant_retention_seconds: int | None,
+    attempt_row: JobAttempt,
     *,
+    now: datetime,
     outcome: AttemptOutcome,
     gpu_ms: int,
     cold_start_ms: int,
@@ -81,11 +92,7 @@ def _close(
     error_type: str,
     retry: bool,
 ) -> None:
-    """Closes the running attempt of ``job`` (locked by ``lock_running_job``) and moves the job on."""
-    now = timezone.now()
-    attempt_row = close_attempt(
-        job.pk, job.attempt, outcome=outcome, gpu_ms=gpu_ms, cold_start_ms=cold_start_ms, error=error, finished_at=now
-    )
+    """Moves ``job`` (locked by ``lock_running_job``) on from its attempt ``attempt_row``, closed at ``now``."""
     job.cold_start_ms += cold_start_ms
     # Only what the move writes is saved: the row's input (and whatever else) stays as it is under the lock.
     if retry and _may_retry(job, now):
@@ -191,9 +198,13 @@ def _reap(job_id: uuid.UUID, attempt: int, now: Any) -> int:
     attempt_row = lock_attempt(job_id, attempt)
     # The GPU was held at least until the last heartbeat; record that, unbilled.
     held_ms = max(0, math.ceil((attempt_row.heartbeat_at - attempt_row.started_at).total_seconds() * 1000))
+    error = "The worker running this request stopped responding."
+    attempt_row = close_attempt(
+        job_id, attempt, outcome=AttemptOutcome.LOST, gpu_ms=held_ms, cold_start_ms=0, error=error, finished_at=now
+    )
     _close(
-        *running, outcome=AttemptOutcome.LOST, gpu_ms=held_ms, cold_start_ms=0, result=None,
-        error="The worker running this request stopped responding.", error_type="internal_error", retry=True,
+        *running, attempt_row, now=now, outcome=AttemptOutcome.LOST, gpu_ms=held_ms, cold_start_ms=0, result=None,
+        error=error, error_type="internal_error", retry=True,
     )  # fmt: skip
     return 1
 

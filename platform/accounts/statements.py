@@ -13,6 +13,7 @@ of a multi-table model. A table needing any of those goes through the ORM.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
@@ -50,6 +51,18 @@ def insert(instance: Model, *, want_pk: bool = True, along: Model | None = None)
             pk = cursor.fetchone()[0] if returning else cursor.lastrowid
             instance.pk = instance._meta.pk.to_python(pk)
     _saved(instance, db)
+
+
+def insertion(instance: Model) -> tuple[str, list[Any]]:
+    """The statement ``insert`` sends, returning the new row's key (PostgreSQL), for a caller that makes it part of a
+    larger statement; ``written(instance, key)`` once that has run."""
+    sql, values, _ = _insertion(connections[DEFAULT_DB_ALIAS], instance, want_pk=True)
+    return sql, values
+
+
+def written(instance: Model, pk: Any) -> None:
+    instance.pk = instance._meta.pk.to_python(pk)
+    _saved(instance, connections[DEFAULT_DB_ALIAS])
 
 
 def _insertion(db: BaseDatabaseWrapper, instance: Model, *, want_pk: bool) -> tuple[str, list[Any], bool]:
@@ -113,3 +126,41 @@ def _with(db: BaseDatabaseWrapper, along: Model | None, sql: str, values: list[A
             cursor.execute(along_sql, along_values)
     _saved(along, db)
     return sql, values
+
+
+@cache
+def _reading(model: type[Model], vendor: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[Any, ...], ...]]:
+    db = connections[DEFAULT_DB_ALIAS]
+    fields = tuple(field for field in model._meta.concrete_fields if not field.generated)
+    converters = []
+    for field in fields:
+        column = field.get_col(model._meta.db_table)
+        converters.append((tuple(db.ops.get_db_converters(column) + column.get_db_converters(db)), column))
+    return (
+        tuple(db.ops.quote_name(str(field.column)) for field in fields),
+        tuple(field.attname for field in fields),
+        tuple(converters),
+    )
+
+
+def columns(model: type[Model], alias: str = "") -> str:
+    """Every column of ``model``'s table (under ``alias``), in the order ``built`` takes them: a select or RETURNING
+    list, also where a statement returns several tables' rows side by side."""
+    names, _, _ = _reading(model, connections[DEFAULT_DB_ALIAS].vendor)
+    return ", ".join(f"{alias}.{name}" if alias else name for name in names)
+
+
+def width(model: type[Model]) -> int:
+    return len(_reading(model, connections[DEFAULT_DB_ALIAS].vendor)[0])
+
+
+def built(model: type[Model], values: Sequence[Any]) -> Model:
+    """The instance a row selected with ``columns(model, ...)`` holds, its values converted as the ORM converts
+    them (a JSON column decoded, SQLite's text made a datetime)."""
+    db = connections[DEFAULT_DB_ALIAS]
+    _, attnames, converters = _reading(model, db.vendor)
+    converted = list(values)
+    for position, (field_converters, column) in enumerate(converters):
+        for converter in field_converters:
+            converted[position] = converter(converted[position], column, db)
+    return model.from_db(db.alias, attnames, converted)

@@ -35,9 +35,9 @@ STEPS = ("submit", "dispatch", "claim", "heartbeat", "reserve", "finish")
 # The most statements each step may send on PostgreSQL: the counts measured, a transaction's savepoint and release
 # included.
 CEILINGS = {
-    # The job's insert with its log line (one statement); admission: the price in force, the endpoint's measured GPU time (the cache is
-    # cold), the key's share lock and its spend limit, the hold's insert (a new job has no earlier hold to look for),
-    # then the account's conditional UPDATE, the one statement that locks it.
+    # The job's insert with its log line (one statement); admission: the price in force, the endpoint's measured GPU
+    # time (the cache is cold), the key's share lock and its spend limit, the hold's insert (a new job has no earlier
+    # hold to look for), then the account's conditional UPDATE, the one statement that locks it.
     "submit": 9,
     # The organization's lock, then one statement: its active jobs counted, the queued ones that fit picked, moved
     # to DISPATCHED and returned.
@@ -49,15 +49,16 @@ CEILINGS = {
     "heartbeat": 4,
     # The job's open hold, the account's balance and holds, the price in force when the job started.
     "reserve": 3,
-    # The job's lock with its organization's retention setting, the endpoint (kept in memory between transactions
-    # that change none: read here, in the test's), the attempt locked and closed by one UPDATE, the job's update with
-    # its log line (one statement); settlement: the price, the hold released, the usage record, then one statement: the account's conditional
-    # debit (which locks it), the debit's entry and the rollups; on commit, one read that finds no waiting job to
-    # dispatch.
-    "finish": 11,
+    # The job's lock with its organization's retention setting and the attempt's close (one statement: the job's lock
+    # a subquery the attempt's UPDATE waits for), the endpoint (kept in memory between transactions that change none:
+    # read here, in the test's), the job's update with its log line (one statement); settlement: the price, the hold
+    # released, then one statement: the usage record, the account's conditional debit (which locks it), the debit's
+    # entry and the rollups; on commit, one read that finds no waiting job to dispatch.
+    "finish": 9,
 }
 # SQLite (one writer at a time) has no data-modifying WITH: a log line is a statement of its own (submit, claim,
-# finish), and the settlement's debit, its entry and the rollups are three; admission sends no share lock on the key.
+# finish), so are the attempt's close and the settlement's debit, its entry and the rollups; admission sends no share
+# lock on the key.
 SQLITE_CEILINGS = {**CEILINGS, "submit": 9, "claim": 6, "finish": 14}
 
 
