@@ -8,7 +8,8 @@ goes back to an earlier kind once it holds a later one:
    request tagged with an end user before it reads the tag's limit, and locked ``FOR UPDATE`` by a new end user
    limit: ``billing.end_users``),
 3. jobs, in ``created_at, id`` order when several (``inference.locks.lock_job``),
-4. the job's attempt (``inference.locks.lock_attempt``, or ``close_attempt``: one UPDATE that locks and closes it),
+4. the job's attempt (``inference.locks.lock_attempt``, or ``close_attempt``: one UPDATE that locks and closes it;
+   ``lock_and_close_attempt`` takes steps 3 and 4 in one statement, the job's lock a subquery the UPDATE waits for),
 5. the job's API key, shared (``billing.locks.share_key``: admission, before it reads the key's spending limit),
 6. the job's hold (written by admission, released by settlement, locked by a reservation:
    ``billing.locks.locked_open_hold``), the job's own row that no other job's transaction waits for,
