@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+import redis
 
 from billing.models import CreditEntry, Price, UsageRecord
 from billing.money import divide_half_up
@@ -183,3 +184,21 @@ def test_many_sync_runs_wait_at_once_without_a_thread_each(stack: Stack, e2e_ten
         assert isinstance(answer, httpx.Response), answer
         assert answer.status_code == 200, answer.text
         assert answer.json()["seed"] == seed
+
+
+def test_api_requests_reuse_the_servers_connections_to_redis(stack: Stack, e2e_tenant: dict[str, Any]) -> None:
+    # Django makes a cache object per request under ASGI; the rate limit's Redis round trip of each authenticated
+    # request went over a new connection of its own (config/cache.py keeps one client per server and process).
+    if not stack.env.get("REDIS_URL"):
+        pytest.skip("the cache is in process memory without REDIS_URL")
+    cache_redis = redis.Redis.from_url(stack.env["REDIS_URL"])
+
+    def connections_received() -> int:
+        return int(cache_redis.info("stats")["total_connections_received"])
+
+    with stack.client(e2e_tenant["key"]) as client:
+        assert client.get("/v1/me").status_code == 200
+        before = connections_received()
+        assert [client.get("/v1/me").status_code for _ in range(50)] == [200] * 50
+    # The workers share that Redis: a few connections of theirs may arrive meanwhile, not one per request.
+    assert connections_received() - before <= 5
