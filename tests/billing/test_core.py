@@ -94,11 +94,11 @@ def test_closing_a_billed_run_sends_a_fixed_number_of_statements(
     # Every request ends in this transaction: what it sends is latency on top of the model, on every request.
     job = start(submit_as(tenant, builtin_endpoint))
     # In the test's transaction: a savepoint and its release; the job's lock with its organization's retention
-    # setting and the attempt's close (one statement on PostgreSQL, two on SQLite); the job with its log line (one statement on PostgreSQL,
-    # two on SQLite); the hold released; the usage record and the account's debit (the statement that locks it) with
-    # the debit's entry and both rollups, one statement on PostgreSQL and four on SQLite. The endpoint and the price come from memory where the submission's lookups
-    # are kept (accounts/memo.py, with a shared cache), else one read each. On commit, one read finds no waiting
-    # work and no webhook to send.
+    # setting and the attempt's close (one statement on PostgreSQL, two on SQLite); the job with its log line (one
+    # statement on PostgreSQL, two on SQLite); the hold released; the usage record and the account's debit (the
+    # statement that locks it) with the debit's entry and both rollups, one statement on PostgreSQL and four on SQLite.
+    # The endpoint and the price come from memory where the submission's lookups are kept (accounts/memo.py, with a
+    # shared cache), else one read each. On commit, one read finds no waiting work and no webhook to send.
     attempts.reserve_work(job=job, gpu_ms=1_235)  # as the worker did before the steps it ran
     endpoints.by_id(builtin_endpoint.pk)  # as a worker that has closed a request to this endpoint before
     statements = (7 if connection.vendor == "postgresql" else 12) + (2 if key_cache.generation() is None else 0)
