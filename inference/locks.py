@@ -63,10 +63,11 @@ def lock_and_close_attempt(job_id: Any, attempt: int, **closed: Any) -> tuple[Ru
         row = cursor.fetchone()
     if row is None:
         return None
-    if row[-1] is None:
-        raise JobAttempt.DoesNotExist(f"Job {job_id} has no attempt {attempt}.")
     job_width = statements.width(Job) + 1
-    return _running(row[:job_width]), cast(JobAttempt, statements.built(JobAttempt, row[job_width:]))
+    closed_row = row[job_width:]
+    if all(value is None for value in closed_row):  # the LEFT JOIN found no attempt to close
+        raise JobAttempt.DoesNotExist(f"Job {job_id} has no attempt {attempt}.")
+    return _running(row[:job_width]), cast(JobAttempt, statements.built(JobAttempt, closed_row))
 
 
 def _running_job(job_id: Any, attempt: int, lease_expired_before: datetime | None) -> tuple[str, list[Any]]:

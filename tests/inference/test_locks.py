@@ -79,3 +79,15 @@ def test_a_running_job_without_its_attempt_row_is_an_error_not_a_silent_close(
     JobAttempt.objects.filter(job=job).delete()
     with pytest.raises(JobAttempt.DoesNotExist), transaction.atomic():
         locks.lock_and_close_attempt(job.pk, job.attempt, outcome=AttemptOutcome.SUCCEEDED)
+
+
+def test_an_attempt_closed_without_a_finish_time_is_still_the_attempt(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint
+) -> None:
+    # Its last column (finished_at) stays NULL: the statement's answer still holds the attempt.
+    job = start(submit_as(tenant, builtin_endpoint))
+    with transaction.atomic():
+        closed = locks.lock_and_close_attempt(job.pk, job.attempt, gpu_ms=7)
+    assert closed is not None
+    _, attempt = closed
+    assert (attempt.job_id, attempt.gpu_ms, attempt.finished_at) == (job.pk, 7, None)
