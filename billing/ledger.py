@@ -141,7 +141,7 @@ def debit_usage(
     left it (the columns of ``_DEBITED_COLUMNS``). None, and nothing written but the record: the balance does not
     cover the cost (credit was taken back), and the caller settles on the locked account.
 
-    ``usage_record`` without a key yet is inserted first (in every case: the record exists whether or not the debit
+    ``usage_record``, not yet written, is inserted first (in every case: the record exists whether or not the debit
     is made): on PostgreSQL by the same statement.
 
     The account's UPDATE is the statement that takes its lock: ``balance -= cost, held -= released`` where
@@ -172,13 +172,10 @@ def debit_usage(
         cost,
     ]
     if connection.vendor == "postgresql":
-        # The record (unless the caller wrote it) and the entry naming it: the entry's key is the record's.
-        if usage_record.pk is None:
-            record_sql, record_parameters = statements.insertion(usage_record)
-            record_id = "(SELECT id FROM record)"
-            sql, parameters = f"WITH record AS ({record_sql}), ", [*record_parameters, *parameters]
-        else:
-            record_id, sql = "%s", "WITH "
+        # The record and the entry naming it: the entry's key is the record's.
+        record_sql, record_parameters = statements.insertion(usage_record)
+        record_id = "(SELECT id FROM record)"
+        parameters = [*record_parameters, *parameters]
         entries = {field.name: field for field in CreditEntry._meta.concrete_fields}
         values = {
             "organization": organization_id,
@@ -189,21 +186,17 @@ def debit_usage(
             "created_at": now,
         }
         names = [*values, "usage_record", "idempotency_key", "balance_after_micros"]
-        sql += (
-            f"debited AS ({debit}), entry AS (INSERT INTO {CreditEntry._meta.db_table} "  # noqa: S608
+        sql = (
+            f"WITH record AS ({record_sql}), debited AS ({debit}), entry AS (INSERT INTO {CreditEntry._meta.db_table} "  # noqa: S608
             f"({', '.join(f'{entries[name].column}' for name in names)}) "
             f"SELECT {', '.join(['%s'] * len(values))}, {record_id}, 'usage-' || {record_id}, {balance} FROM debited)"
         )
         parameters += [entries[name].get_db_prep_value(value, connection) for name, value in values.items()]
-        if usage_record.pk is not None:
-            parameters += [usage_record.pk, usage_record.pk]
         summaries = along(usage_record, only_where="EXISTS (SELECT 1 FROM debited)") if along is not None else []
         for number, (summary, summary_parameters) in enumerate(summaries):
             sql += f", summary_{number} AS ({summary})"
             parameters += summary_parameters
         sql += f" SELECT {record_id}, debited.* FROM (SELECT 1) AS settled LEFT JOIN debited ON true"  # noqa: S608
-        if usage_record.pk is not None:
-            parameters.append(usage_record.pk)
         with connection.cursor() as cursor:
             cursor.execute(sql, parameters)
             record_pk, *row = cursor.fetchone()
@@ -215,8 +208,7 @@ def debit_usage(
 
         topups.schedule_if_low(account)
         return account
-    if usage_record.pk is None:
-        statements.insert(usage_record)
+    statements.insert(usage_record)
     with connection.cursor() as cursor:
         cursor.execute(debit, parameters)
         row = cursor.fetchone()

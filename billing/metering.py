@@ -125,11 +125,7 @@ def _settle_on_the_locked_account(
     record.unbilled_gpu_ms += record.gpu_ms - billed_ms
     record.billable_units, record.cost_micros, record.gpu_ms = units, cost, billed_ms
     record.video_ms, record.audio_ms = output_ms(record.unit, units, quantities)
-    if record.pk is None:  # no debit statement wrote it (none was sent)
-        statements.insert(record)
-    else:
-        corrected = ["billable_units", "cost_micros", "gpu_ms", "unbilled_gpu_ms", "video_ms", "audio_ms"]
-        record.save(update_fields=corrected)
+    record.save(update_fields=["billable_units", "cost_micros", "gpu_ms", "unbilled_gpu_ms", "video_ms", "audio_ms"])
     account.held_micros -= released
     if cost:
         # Saves the account's balance and the held amount just released in one UPDATE.

@@ -30,9 +30,9 @@ def lock_running_job(job_id: Any, attempt: int, *, lease_expired_before: datetim
     then), locked, with what closing it reads: its endpoint (kept in memory, ``inference.endpoints``: billing prices
     by it) and its organization's own output retention. None once the job no longer runs that attempt.
 
-    One statement, written out: every closed attempt sends it, and the ORM's form of it (the job with its endpoint
-    joined, then the organization's retention) took three times the CPU and a second round trip (``python -m
-    tests.bench.billing``, README "Benchmarks").
+    One statement, written out: the ORM's form of it (the job with its endpoint joined, then the organization's
+    retention) took three times the CPU and a second round trip (``python -m tests.bench.billing``, README
+    "Benchmarks"). A reap sends it; a worker's finish sends ``lock_and_close_attempt``.
     """
     sql, params = _running_job(job_id, attempt, lease_expired_before)
     with connection.cursor() as cursor:

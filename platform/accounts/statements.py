@@ -48,8 +48,8 @@ def insert(instance: Model, *, want_pk: bool = True, along: Model | None = None)
     with db.cursor() as cursor:
         cursor.execute(sql, values)
         if want_pk and instance._meta.auto_field is not None:
-            pk = cursor.fetchone()[0] if returning else cursor.lastrowid
-            instance.pk = instance._meta.pk.to_python(pk)
+            written(instance, cursor.fetchone()[0] if returning else cursor.lastrowid)
+            return
     _saved(instance, db)
 
 

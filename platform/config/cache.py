@@ -66,17 +66,25 @@ _shared_clients_lock = threading.Lock()
 
 
 class ReusingRedisCacheClient(RedisCacheClient):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._clients: dict[int, Any] = {}  # this object's, found once in the process's
+
     def get_client(self, key: Any = None, *, write: bool = False) -> Any:
         # Django's private helpers and attributes, which its stubs leave out.
         index = self._get_connection_pool_index(write)  # type: ignore[attr-defined]
-        shared = (self._servers[index], repr(sorted(self._pool_options.items())))  # type: ignore[attr-defined]
-        client = _shared_clients.get(shared)
+        client = self._clients.get(index)
         if client is None:
-            with _shared_clients_lock:
-                client = _shared_clients.get(shared)
-                if client is None:
-                    pool = self._get_connection_pool(write)  # type: ignore[attr-defined]
-                    client = _shared_clients[shared] = self._client(connection_pool=pool)  # type: ignore[attr-defined]
+            client = self._clients[index] = self._shared_client(index, write)
+        return client
+
+    def _shared_client(self, index: int, write: bool) -> Any:
+        shared = (self._servers[index], repr(sorted(self._pool_options.items())))  # type: ignore[attr-defined]
+        with _shared_clients_lock:
+            client = _shared_clients.get(shared)
+            if client is None:
+                pool = self._get_connection_pool(write)  # type: ignore[attr-defined]
+                client = _shared_clients[shared] = self._client(connection_pool=pool)  # type: ignore[attr-defined]
         return client
 
 

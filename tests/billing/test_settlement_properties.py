@@ -26,6 +26,7 @@ from django.db.models import Sum
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from accounts import statements
 from accounts.models import ApiKey, Organization
 from billing import admission, controls, metering, pricing
 from billing.admission import spent_this_month
@@ -88,13 +89,18 @@ def rolled_back() -> Iterator[None]:
         transaction.set_rollback(True)
 
 
+def _debit_refused(*, usage_record: UsageRecord, **_: Any) -> None:
+    """``ledger.debit_usage`` where the balance does not cover the cost: the record written, nothing else."""
+    statements.insert(usage_record)
+
+
 @contextmanager
 def under_the_lock_only() -> Iterator[None]:
     """Admission and settlement with their conditional statements refused: every decision made on the locked
     account."""
     with (
         mock.patch.object(admission, "_hold_within_credit", return_value=False),
-        mock.patch.object(metering, "debit_usage", return_value=None),
+        mock.patch.object(metering, "debit_usage", side_effect=_debit_refused),
     ):
         yield
 
