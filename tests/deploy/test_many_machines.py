@@ -21,7 +21,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -314,25 +314,37 @@ def check_outputs_through_each_web(
 
 
 def check_metrics_agree_with_the_database(webs: list[str]) -> None:
-    """With every job ended: nothing queued or in flight, and today's GPU seconds are the usage records' sums,
-    through both web processes alike."""
+    """With every job ended: nothing queued or in flight, and the GPU seconds of the counter's day (it restarts at
+    00:00 UTC) are the sums of the usage records recorded that day, through both web processes alike."""
     from billing.models import UsageRecord
 
-    usage = {
-        row["gpu_class"]: row
-        for row in UsageRecord.objects.values("gpu_class").annotate(
-            billed=Sum("gpu_ms"), unbilled=Sum("unbilled_gpu_ms")
-        )
-    }
-    assert set(usage) == {"cpu", "gpu-a10g"}
+    overall = UsageRecord.objects.aggregate(billed=Sum("gpu_ms"))
+    assert overall["billed"] > 0
+    assert set(UsageRecord.objects.values_list("gpu_class", flat=True).distinct()) == {"cpu", "gpu-a10g"}
     for base in webs:
         samples = scrape(base)
+        # The day the counter counts is its creation time: a run that crosses midnight compares that day's records.
+        day_start = datetime.fromtimestamp(
+            value(samples, "platform_gpu_seconds_created", gpu_class="cpu", billed="true"), tz=UTC
+        )
+        usage = {
+            row["gpu_class"]: row
+            for row in UsageRecord.objects.filter(
+                recorded_at__gte=day_start, recorded_at__lt=day_start + timedelta(days=1)
+            )
+            .values("gpu_class")
+            .annotate(billed=Sum("gpu_ms"), unbilled=Sum("unbilled_gpu_ms"))
+        }
         for gpu_class in ("cpu", "gpu-a10g"):
             assert value(samples, "platform_jobs_queued", gpu_class=gpu_class) == 0
             assert value(samples, "platform_jobs_in_flight", gpu_class=gpu_class) == 0
+            assert (
+                value(samples, "platform_gpu_seconds_created", gpu_class=gpu_class, billed="false")
+                == day_start.timestamp()
+            )
             billed = value(samples, "platform_gpu_seconds_total", gpu_class=gpu_class, billed="true")
             unbilled = value(samples, "platform_gpu_seconds_total", gpu_class=gpu_class, billed="false")
-            assert billed == pytest.approx(usage[gpu_class]["billed"] / 1000)
-            assert unbilled == pytest.approx(usage[gpu_class]["unbilled"] / 1000)
-            assert billed > 0
+            day = usage.get(gpu_class, {})
+            assert billed == pytest.approx((day.get("billed") or 0) / 1000)
+            assert unbilled == pytest.approx((day.get("unbilled") or 0) / 1000)
         assert value(samples, "platform_webhook_deliveries_pending") == 0
