@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from asgiref.sync import SyncToAsync, sync_to_async
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
@@ -32,6 +32,7 @@ from accounts.errors import InvalidInput, problem
 from accounts.models import ApiKey, Scope
 from accounts.permissions import HasScope, request_api_key
 from accounts.schema import ApiAutoSchema, error, validation_error
+from config.request_threads import hand_back
 from inference import endpoints, files, job_events
 from inference.closing import cancel_job, expire_unstarted
 from inference.files import MAX_RETENTION_SECONDS
@@ -404,11 +405,11 @@ class CancelView(InferenceView):
 # (the API key, its scope and rate limit, parsing, the submit or the lookup, every error answer): they run that view,
 # in one hop to the request's thread as Django runs a sync view, and wait only once it has answered 200.
 #
-# Django's ASGI handler gives each request a thread of its own for its sync calls (asgiref's ThreadSensitiveContext),
-# kept until the request ends: a waiting request would keep one idle thread each. So once the view before the wait has
-# answered, a waiting view hands that thread back (``hand_back_request_thread``), and its looks at the job run on the
-# event loop's shared executor (asyncio's default: at most min(32, cores + 4) threads), each giving its database
-# connection back to the pool. Between two looks a waiting request holds no thread and no connection.
+# Each request has a thread of its own for its sync calls (config/request_threads.py), kept until the request ends: a
+# waiting request would keep one idle thread each. So once the view before the wait has answered, a waiting view hands
+# that thread back (``config.request_threads.hand_back``), and its looks at the job run on the event loop's shared
+# executor (asyncio's default: at most min(32, cores + 4) threads), each giving its database connection back to the
+# pool. Between two looks a waiting request holds no thread and no connection.
 submit_view = SubmitView.as_view()
 status_view = StatusView.as_view()
 
@@ -418,25 +419,6 @@ def _release_connection() -> None:
     # test runs it inside its transaction).
     if not connection.in_atomic_block:
         connection.close()
-
-
-def hand_back_request_thread() -> None:
-    """Ends the thread Django's ASGI handler keeps for this request's sync calls, before the request starts waiting.
-
-    The thread has finished its work (its database connection already given back): it exits now instead of idling
-    until the request ends. A later thread-sensitive call of the request (Django closing the response) starts a new
-    one. Outside a request's own context (a sync test client, or a context given an executor by its caller) it does
-    nothing.
-    """
-    try:
-        context = SyncToAsync.thread_sensitive_context.get()
-    except LookupError:
-        return
-    if getattr(context, "_executor", None) is not None:
-        return  # its caller owns the executor
-    executor = SyncToAsync.context_to_thread_executor.pop(context, None)
-    if executor is not None:
-        executor.shutdown(wait=False)
 
 
 async def run_before_waiting(view: Callable[..., Any], request: HttpRequest, **kwargs: str) -> Any:
@@ -450,7 +432,7 @@ async def run_before_waiting(view: Callable[..., Any], request: HttpRequest, **k
             _release_connection()
 
     response = await sync_to_async(run)()
-    hand_back_request_thread()
+    hand_back()
     return response
 
 

@@ -56,23 +56,29 @@ _local_lock = threading.Lock()
 _announce_pending = False
 
 
-def _shared() -> bool:
-    return settings.API_KEY_CACHE_SECONDS > 0 and isinstance(caches["default"], RedisCache)
+# Each function takes the default cache from its caller where it can: finding it (a per-request lookup under ASGI)
+# several times over was a tenth of what authenticating a request costs.
 
 
-def _enabled() -> bool:
-    if not _shared():
+def _shared(default: Any) -> bool:
+    return settings.API_KEY_CACHE_SECONDS > 0 and isinstance(default, RedisCache)
+
+
+def _enabled(default: Any = None) -> bool:
+    default = caches["default"] if default is None else default
+    if not _shared(default):
         return False
     # FailSoftRedisCache answers from process memory while Redis is down.
-    return not getattr(caches["default"], "redis_unavailable", False)
+    return not getattr(default, "redis_unavailable", False)
 
 
 class _Subscription(threading.Thread):
     """This process's ear for generation changes: ``current`` is the generation while ``live``."""
 
-    def __init__(self, location: str, channel: str) -> None:
+    def __init__(self, location: str, channel: str, cache: Any) -> None:
         super().__init__(name="api-key-generations", daemon=True)
         self.location, self.channel = location, channel
+        self.cache = cache  # the cache object it was started for: the same one again needs no comparing
         self.pid = os.getpid()
         self.connected = False  # subscribed: any change from now on arrives as a message
         self.live = False  # connected, and holding the generation
@@ -130,22 +136,26 @@ def stop_listening() -> None:
         _subscription.stopped.set()
 
 
-def _channel() -> str:
+def _channel(default: Any = None) -> str:
     # Channels are server-wide, not per database: the database number keeps deployments sharing a server apart.
-    servers = getattr(caches["default"], "_servers", None) or [""]
+    default = caches["default"] if default is None else default
+    servers = getattr(default, "_servers", None) or [""]
     database = urlsplit(str(servers[0])).path.strip("/") or "0"
-    return f"{caches['default'].make_key(GENERATION_KEY)}:changed:{database}"
+    return f"{default.make_key(GENERATION_KEY)}:changed:{database}"
 
 
-def _subscribed() -> _Subscription | None:
+def _subscribed(default: Any = None) -> _Subscription | None:
     """This process's subscription to the current cache's generation channel, started on first use."""
     global _subscription
-    servers = getattr(caches["default"], "_servers", None)  # Django's RedisCache: the first is the primary
+    default = caches["default"] if default is None else default
+    current = _subscription
+    if current is not None and current.cache is default and current.pid == os.getpid():
+        return current  # the platform's cache is one object per process (config/cache.py)
+    servers = getattr(default, "_servers", None)  # Django's RedisCache: the first is the primary
     if not isinstance(servers, list | tuple) or not servers:
         return None
     location = str(servers[0])
-    channel = _channel()
-    current = _subscription
+    channel = _channel(default)
     if current is not None and (current.pid, current.location, current.channel) == (os.getpid(), location, channel):
         return current
     with _subscription_lock:
@@ -155,7 +165,7 @@ def _subscribed() -> _Subscription | None:
             return _subscription
         if _subscription is not None:
             _subscription.stopped.set()
-        _subscription = _Subscription(location, channel)
+        _subscription = _Subscription(location, channel, default)
         _subscription.start()
         return _subscription
 
@@ -163,14 +173,15 @@ def _subscribed() -> _Subscription | None:
 def generation() -> str | None:
     """The current generation, or None when keys may not be kept now (no shared cache, or it is not answering)."""
     global _announce_pending
-    if not _enabled():
+    default = caches["default"]
+    if not _enabled(default):
         # Another process may change a key while Redis is down and be unable to say so: once Redis is back, the
         # first request of every process that saw the outage replaces the generation.
-        _announce_pending = _shared()
+        _announce_pending = _shared(default)
         return None
     if _announce_pending and not _new_generation():
         return None
-    heard = _subscribed()
+    heard = _subscribed(default)
     if heard is not None and heard.live and heard.current is not None:
         return heard.current
     try:
@@ -182,7 +193,7 @@ def generation() -> str | None:
         logger.warning("API key cache unavailable: %s", exc)
         return None
     # An answer from process memory (Redis went down during the call) cannot carry another process's change.
-    if current is None or not _enabled():
+    if current is None or not _enabled(default):
         return None
     if heard is not None and heard.connected and not heard.live:
         heard.adopt(str(current))  # read after subscribing: whatever changes next arrives as a message
@@ -247,7 +258,7 @@ def _new_generation() -> bool:
                 return True
     except Exception as exc:
         logger.warning("API key cache generation not replaced: %s", exc)
-    _announce_pending = _shared()
+    _announce_pending = _shared(caches["default"])
     return False
 
 

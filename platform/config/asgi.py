@@ -12,6 +12,8 @@ django_application = get_asgi_application()
 
 from django.conf import settings  # noqa: E402  (after Django is set up)
 
+from config.request_threads import RequestThreads  # noqa: E402
+
 Scope = dict[str, Any]
 Message = dict[str, Any]
 
@@ -74,4 +76,5 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-application = BodyLimit(django_application, settings.MAX_REQUEST_BODY_BYTES)
+# Outermost: the pooled request threads (config/request_threads.py) serve everything inside, Django's handler included.
+application = RequestThreads(BodyLimit(django_application, settings.MAX_REQUEST_BODY_BYTES))

@@ -3,7 +3,8 @@
 ``ReusingRedisCache`` keeps one client per connection pool: Django builds a new ``redis.Redis`` for
 every cache operation, and redis-py's constructor fills a table of ~170 response callbacks each
 time, which showed up as a fifth of an API request's time. The client is thread-safe (connections
-come from the pool), so one per pool serves every thread.
+come from the pool), so one per pool serves every thread; and the cache object itself is one per
+process (Django makes one per request under ASGI), so its pools are too.
 
 ``FailSoftRedisCache`` is the one the platform runs (docs/money.md: a request path never fails because
 Redis is down). When Redis refuses, drops or stalls an operation, the operation is answered from a
@@ -57,41 +58,69 @@ LOG_EVERY_SECONDS = 30.0
 FALLBACK_MAX_ENTRIES = 10_000
 
 
-# One redis-py client, and so one connection pool, per server and options in the process. Django makes a cache object
-# (and with it a client and its pools) per thread and, under ASGI, per request: with pools of their own, every API
-# request opened a new connection to Redis for its rate limit (103 connections for 100 requests, measured with Redis'
-# ``total_connections_received``), its handshake about 1 ms of the request's CPU.
-_shared_clients: dict[tuple[str, str], Any] = {}
-_shared_clients_lock = threading.Lock()
-
-
 class ReusingRedisCacheClient(RedisCacheClient):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._clients: dict[int, Any] = {}  # this object's, found once in the process's
+        self._clients: dict[int, Any] = {}
+        self._clients_lock = threading.Lock()
 
     def get_client(self, key: Any = None, *, write: bool = False) -> Any:
         # Django's private helpers and attributes, which its stubs leave out.
         index = self._get_connection_pool_index(write)  # type: ignore[attr-defined]
         client = self._clients.get(index)
         if client is None:
-            client = self._clients[index] = self._shared_client(index, write)
+            with self._clients_lock:
+                client = self._clients.get(index)
+                if client is None:
+                    pool = self._get_connection_pool(write)  # type: ignore[attr-defined]
+                    client = self._clients[index] = self._client(connection_pool=pool)  # type: ignore[attr-defined]
         return client
 
-    def _shared_client(self, index: int, write: bool) -> Any:
-        shared = (self._servers[index], repr(sorted(self._pool_options.items())))  # type: ignore[attr-defined]
-        with _shared_clients_lock:
-            client = _shared_clients.get(shared)
-            if client is None:
-                pool = self._get_connection_pool(write)  # type: ignore[attr-defined]
-                client = _shared_clients[shared] = self._client(connection_pool=pool)  # type: ignore[attr-defined]
-        return client
+
+# One cache object per backend, location and parameters in the process. Django makes one per thread and, under ASGI,
+# per request (its ``caches`` lives in a per-context ``Local``): each brought its own connection pool, so every API
+# request opened a new connection to Redis for its rate limit (103 connections for 100 requests, measured with Redis'
+# ``total_connections_received``, its handshake about 1 ms of the request's CPU), and even sharing the pool, building
+# the object (its options parsed, its fallback cache made) was a tenth of a request's time. Everything in it is
+# thread-safe (redis-py's clients take a connection from the pool per call; the fallback locks), so one serves all.
+_shared_caches: dict[tuple[type, str, str], ReusingRedisCache] = {}
+_shared_caches_lock = threading.Lock()
 
 
 class ReusingRedisCache(RedisCache):
+    def __new__(cls, server: str, params: dict[str, Any]) -> ReusingRedisCache:
+        # Django's own parameters, as settings.CACHES gives them: equal settings, one object (override_settings in a
+        # test makes new ones).
+        shared = (cls, repr(server), repr(params))
+        cache = _shared_caches.get(shared)
+        if cache is None:
+            with _shared_caches_lock:
+                cache = _shared_caches.get(shared)
+                if cache is None:
+                    cache = super().__new__(cls)
+                    cache._setting_up(server, params)
+                    _shared_caches[shared] = cache
+        return cache
+
     def __init__(self, server: str, params: dict[str, Any]) -> None:
+        pass  # set up once, by __new__: Python calls __init__ again on the shared object each time
+
+    def _setting_up(self, server: str, params: dict[str, Any]) -> None:
         super().__init__(server, params)
         self._class = ReusingRedisCacheClient
+        # Django's cached_property, made now; its attributes, which its stubs leave out.
+        self.__dict__["_cache"] = self._class(self._servers, **self._options)  # type: ignore[attr-defined]
+
+
+# The sliding window's count in one command (a pipeline of INCR, EXPIRE and GET cost three commands' packing and
+# parsing in the web process, a fifth of an authenticated request's CPU). The counter is a plain Redis integer, as
+# Django's incr leaves it; EXPIRE NX keeps a live window's expiry. Sent as EVALSHA (redis-py's Script loads it once
+# per server, again after a restart).
+COUNT_IN_WINDOW = """
+local count = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[1], 'NX')
+return {count, tonumber(redis.call('GET', KEYS[2])) or 0}
+"""
 
 
 class RedisHealth:
@@ -184,16 +213,17 @@ class FailSoftRedisCache(ReusingRedisCache):
     OPTIONS go to redis-py as usual (set short socket timeouts, or a stalled Redis stalls requests).
     """
 
-    def __init__(self, server: str, params: dict[str, Any]) -> None:
+    def _setting_up(self, server: str, params: dict[str, Any]) -> None:
         options = dict(params.get("OPTIONS") or {})
         breaker_seconds = float(options.pop("BREAKER_SECONDS", BREAKER_SECONDS))
-        super().__init__(server, {**params, "OPTIONS": options})
+        super()._setting_up(server, {**params, "OPTIONS": options})
         location = server if isinstance(server, str) else ",".join(server)
         self._health = redis_health(location, breaker_seconds)
         # Same key prefix, version and default timeout as Redis; stored per process under the location.
         shared: dict[str, Any] = {
             name: params[name] for name in ("TIMEOUT", "KEY_PREFIX", "VERSION", "KEY_FUNCTION") if name in params
         }
+        self._count_script: Any = None
         self._local = LocMemCache(f"fail-soft:{location}", {**shared, "OPTIONS": {"MAX_ENTRIES": FALLBACK_MAX_ENTRIES}})
 
     def _fail_soft(self, operation: str, on_redis: Callable[[], T], locally: Callable[[], T]) -> T:
@@ -301,7 +331,8 @@ class FailSoftRedisCache(ReusingRedisCache):
         )
 
     def count_in_window(self, current: str, previous: str, timeout: int) -> tuple[int, int]:
-        """Adds one to the counter ``current`` (created with ``timeout``) and reads ``previous``: one round trip.
+        """Adds one to the counter ``current`` (created with ``timeout``) and reads ``previous``: one round trip, one
+        command (``COUNT_IN_WINDOW``).
 
         The rate limit's sliding window (accounts/limits.py) asks this on every API request; three cache calls
         would be three round trips.
@@ -315,13 +346,11 @@ class FailSoftRedisCache(ReusingRedisCache):
     def _count_on_redis(self, current: str, previous: str, timeout: int) -> tuple[int, int]:
         current_key = self.make_and_validate_key(current)
         previous_key = self.make_and_validate_key(previous)
-        pipeline = self._cache.get_client(current_key, write=True).pipeline(transaction=False)
-        # The counter is a plain Redis integer, as Django's incr leaves it; NX keeps a live window's expiry.
-        pipeline.incr(current_key)
-        pipeline.expire(current_key, timeout, nx=True)
-        pipeline.get(previous_key)
-        count, _, earlier = pipeline.execute()
-        return int(count), int(earlier or 0)
+        client = self._cache.get_client(current_key, write=True)
+        if self._count_script is None:
+            self._count_script = client.register_script(COUNT_IN_WINDOW)  # the same text and hash for every client
+        count, earlier = self._count_script(keys=[current_key, previous_key], args=[timeout], client=client)
+        return int(count), int(earlier)
 
     def _count_locally(self, current: str, previous: str, timeout: int) -> tuple[int, int]:
         self._local.add(current, 0, timeout=timeout)

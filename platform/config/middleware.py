@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.conf import settings
 from django.contrib.auth import middleware as _auth
 from django.contrib.messages import middleware as _messages
@@ -106,6 +107,10 @@ class InlineUnderAsgi:
         return self.process_response(request, response)  # type: ignore[attr-defined]
 
 
+# The methods Django's CSRF check lets through without looking at the request (RFC 9110's safe methods).
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS", "TRACE")
+
+
 class SecurityMiddleware(InlineUnderAsgi, _security.SecurityMiddleware):
     pass
 
@@ -115,10 +120,26 @@ class CommonMiddleware(InlineUnderAsgi, _common.CommonMiddleware):
 
 
 class CsrfViewMiddleware(InlineUnderAsgi, _csrf.CsrfViewMiddleware):
+    """Django's CSRF middleware; under ASGI its check (``process_view``) hops to the request's thread only when it
+    may read a form's body: an unsafe method to a view not exempt from it. The API's views are all exempt (they
+    authenticate with keys) and every GET is safe, so their requests are checked on the event loop, as Django's
+    check would decide in the thread (it returns before any I/O in both cases)."""
+
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse | Awaitable[HttpResponse]]) -> None:
         if settings.CSRF_USE_SESSIONS:  # the token would be read from the session: database I/O on the loop
             raise ImproperlyConfigured("config.middleware.CsrfViewMiddleware keeps the CSRF token in a cookie only")
         super().__init__(get_response)
+        if iscoroutinefunction(get_response):
+            # Django adapts a coroutine ``process_view`` as it is; a sync one it would run in the thread each time.
+            self.process_view = self._process_view_async  # type: ignore[method-assign,assignment]
+
+    async def _process_view_async(
+        self, request: HttpRequest, callback: Any, callback_args: Any, callback_kwargs: Any
+    ) -> HttpResponse | None:
+        check = super().process_view
+        if getattr(callback, "csrf_exempt", False) or request.method in SAFE_METHODS:
+            return check(request, callback, callback_args, callback_kwargs)
+        return await sync_to_async(check, thread_sensitive=True)(request, callback, callback_args, callback_kwargs)
 
 
 class AuthenticationMiddleware(BrowserOnly, _auth.AuthenticationMiddleware):

@@ -5,6 +5,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from django.conf import settings
+from django.core.cache import caches
 from django.test import override_settings
 from rest_framework.test import APIClient
 
@@ -124,6 +126,27 @@ def test_refused_requests_are_not_counted() -> None:
     # Had the 20 refusals counted, it would weigh 11 and this would be refused.
     assert check_rate(bucket=bucket, limit=2, now=MINUTE + 90) == 0.0
     assert check_rate(bucket=bucket, limit=2, now=MINUTE + 90) > 0
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="the counter's script runs on Redis")
+def test_the_counter_on_redis_expires_with_its_window_and_keeps_counting_after_redis_forgets_the_script() -> None:
+    redis_cache = caches["default"]
+    client = redis_cache._cache.get_client(write=True)  # type: ignore[attr-defined]
+    bucket = fresh_bucket()
+    window = int(MINUTE // limits.WINDOW_SECONDS)
+    current = redis_cache.make_and_validate_key(f"ratelimit:{bucket}:{window}")
+    assert check_rate(bucket=bucket, limit=5, now=MINUTE + 1) == 0.0
+    assert client.get(current) == b"1"  # a plain integer, as Django's incr and decr read it
+    assert 0 < client.ttl(current) <= 2 * limits.WINDOW_SECONDS
+    client.expire(current, 30)
+    assert check_rate(bucket=bucket, limit=5, now=MINUTE + 2) == 0.0
+    assert client.ttl(current) <= 30  # a live window keeps its expiry
+    client.script_flush()  # as after a restart of Redis: the script is loaded again
+    assert check_rate(bucket=bucket, limit=5, now=MINUTE + 3) == 0.0
+    assert client.get(current) == b"3"
+    # The next minute reads this one's count: 1 s in, it weighs 3 * 59/60, so two more fit and a third does not.
+    assert [check_rate(bucket=bucket, limit=5, now=MINUTE + 61) for _ in range(2)] == [0.0, 0.0]
+    assert check_rate(bucket=bucket, limit=5, now=MINUTE + 61) > 0
 
 
 def test_waiting_as_told_lets_the_next_request_through_when_the_previous_minute_weighs() -> None:

@@ -1,0 +1,205 @@
+"""Requests' sync calls under ASGI run on pooled threads (config/request_threads.py): one thread per request at a time,
+kept from one request to the next, never handed on busy."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
+
+from config.request_threads import RequestThreads, ThreadPool, hand_back
+from tests.waiting import wait_until
+
+
+def ident() -> int:
+    return threading.get_ident()
+
+
+class SyncCalls:
+    """An ASGI app that makes ``calls`` thread-sensitive sync calls and records the threads they ran on."""
+
+    def __init__(self, calls: int = 3, hand_back_after: int | None = None) -> None:
+        self.calls = calls
+        self.hand_back_after = hand_back_after
+        self.threads: list[list[int]] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen: list[int] = []
+        self.threads.append(seen)
+        for number in range(self.calls):
+            if number == self.hand_back_after:
+                hand_back()
+            seen.append(await sync_to_async(ident, thread_sensitive=True)())
+
+
+def request(app: Any) -> Any:
+    return app({"type": "http"}, None, None)
+
+
+def test_every_call_of_a_request_runs_on_one_thread_and_the_next_request_reuses_it() -> None:
+    inner = SyncCalls()
+    app = RequestThreads(inner, ThreadPool())
+
+    async def two_requests() -> None:
+        await request(app)
+        await request(app)
+
+    asyncio.run(two_requests())
+    first, second = inner.threads
+    assert len(set(first)) == 1
+    assert first == second
+    assert first[0] != threading.get_ident()
+    assert app.pool.started == 1
+    assert app.pool.idle == 1
+
+
+def test_concurrent_requests_never_share_a_thread() -> None:
+    inner = SyncCalls(calls=5)
+    app = RequestThreads(inner, ThreadPool())
+
+    async def together() -> None:
+        await asyncio.gather(*(request(app) for _ in range(8)))
+
+    asyncio.run(together())
+    assert all(len(set(seen)) == 1 for seen in inner.threads)
+    assert len({seen[0] for seen in inner.threads}) == 8
+    assert app.pool.started == 8
+    asyncio.run(together())  # the same eight threads serve the next eight
+    assert app.pool.started == 8
+    assert len({seen[0] for seen in inner.threads}) == 8
+
+
+def test_idle_threads_beyond_the_pools_bound_exit() -> None:
+    inner = SyncCalls(calls=1)
+    app = RequestThreads(inner, ThreadPool(max_idle=2))
+
+    async def together() -> None:
+        await asyncio.gather(*(request(app) for _ in range(6)))
+
+    before = threading.active_count()
+    asyncio.run(together())
+    assert app.pool.started == 6
+    assert app.pool.idle == 2
+    wait_until(lambda: threading.active_count() <= before + 2, timeout=30, message="the extra threads to exit")
+
+
+def test_a_thread_still_running_a_cancelled_requests_call_is_not_handed_to_the_next_request() -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def blocking() -> int:
+        started.set()
+        release.wait(30)
+        return threading.get_ident()
+
+    class Cancelled:
+        async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+            await sync_to_async(blocking, thread_sensitive=True)()
+
+    pool = ThreadPool()
+    stuck, inner = RequestThreads(Cancelled(), pool), SyncCalls(calls=1)
+    after = RequestThreads(inner, pool)
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(request(stuck))
+        await asyncio.to_thread(started.wait, 30)
+        task.cancel()  # a client gone: the request ends while its sync call still runs
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert pool.idle == 0  # the busy thread is not in the pool
+        await request(after)
+        release.set()
+
+    asyncio.run(scenario())
+    assert pool.started == 2
+    wait_until(lambda: pool.idle == 2, timeout=30, message="the busy thread to come back once its call ended")
+
+
+def test_hand_back_frees_the_thread_while_a_request_waits_and_a_later_call_takes_one_again() -> None:
+    waiting = SyncCalls(calls=2, hand_back_after=1)
+    app = RequestThreads(waiting, ThreadPool())
+    other = SyncCalls(calls=1)
+    app_other = RequestThreads(other, app.pool)
+    holding: asyncio.Event
+
+    class Waits:
+        async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+            await sync_to_async(ident, thread_sensitive=True)()
+            hand_back()
+            await holding.wait()  # the waiting: no thread held
+            await sync_to_async(ident, thread_sensitive=True)()
+
+    waits = RequestThreads(Waits(), app.pool)
+
+    async def scenario() -> None:
+        nonlocal holding
+        holding = asyncio.Event()
+        task = asyncio.ensure_future(request(waits))
+        while app.pool.started == 0 or app.pool.idle == 0:
+            await asyncio.sleep(0)
+        await request(app_other)  # served by the thread the waiting request gave back
+        holding.set()
+        await task
+
+    asyncio.run(scenario())
+    assert app.pool.started == 1
+    asyncio.run(request(app))
+    assert len(waiting.threads[0]) == 2
+
+
+def test_without_the_pool_hand_back_ends_djangos_per_request_thread() -> None:
+    seen: list[int] = []
+
+    async def scenario() -> None:
+        async with ThreadSensitiveContext():
+            seen.append(await sync_to_async(ident, thread_sensitive=True)())
+            hand_back()
+            seen.append(await sync_to_async(ident, thread_sensitive=True)())
+
+    asyncio.run(scenario())
+    assert seen[0] != seen[1]  # a new thread for the call after the hand-back
+
+
+def test_the_asgi_application_serves_requests_on_pooled_threads() -> None:
+    from config.asgi import application
+
+    assert isinstance(application, RequestThreads)
+    pool = application.pool
+    sent: list[dict[str, Any]] = []
+    received: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        received.append(1)
+        if len(received) % 2:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.Event().wait()  # the client stays: Django stops listening once it has answered
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/healthz",
+        "raw_path": b"/healthz",
+        "query_string": b"",
+        "headers": [(b"host", b"localhost")],
+        "server": ("localhost", 80),
+        "client": ("127.0.0.1", 1234),
+        "scheme": "http",
+        "root_path": "",
+        "http_version": "1.1",
+        "asgi": {"version": "3.0"},
+    }
+
+    async def three() -> None:
+        for _ in range(3):
+            await application(dict(scope), receive, send)
+
+    started = pool.started
+    asyncio.run(three())
+    assert [message["status"] for message in sent if message["type"] == "http.response.start"] == [200, 200, 200]
+    assert pool.started - started <= 1  # one thread served the three requests
