@@ -14,6 +14,7 @@ from rest_framework.test import APIClient
 
 from accounts.models import ApiKey, Scope
 from config.asgi import BodyLimit
+from config.request_threads import RequestThreads
 
 pytestmark = pytest.mark.django_db
 
@@ -319,8 +320,9 @@ def test_other_scopes_pass_through_untouched() -> None:
 def test_the_served_asgi_application_bounds_chunked_bodies_at_the_setting() -> None:
     from config.asgi import application
 
-    assert isinstance(application, BodyLimit)
-    assert application.limit == settings.MAX_REQUEST_BODY_BYTES
+    assert isinstance(application, RequestThreads)  # in front of everything (config/request_threads.py)
+    assert isinstance(application.app, BodyLimit)
+    assert application.app.limit == settings.MAX_REQUEST_BODY_BYTES
     chunk = b"x" * (1024 * 1024)
     chunks = [chunk] * (settings.MAX_REQUEST_BODY_BYTES // len(chunk) + 2)
     sent, reads = run_asgi(application, http_scope([(b"transfer-encoding", b"chunked")]), chunks)
