@@ -17,6 +17,7 @@ os.environ.setdefault("ALLOWED_HOSTS", "testserver,localhost,127.0.0.1")
 os.environ.setdefault("CACHE_KEY_PREFIX", "test-" + uuid.uuid4().hex[:8])
 
 from collections.abc import Callable, Iterator  # noqa: E402
+from datetime import datetime, timedelta  # noqa: E402
 from typing import TYPE_CHECKING, Any  # noqa: E402
 
 import django  # noqa: E402
@@ -78,6 +79,24 @@ def _key_subscription_stopped() -> Iterator[None]:
 def _fast_password_hashing(settings: Any) -> None:
     # PBKDF2 at production strength dominates a suite that makes hundreds of users.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture
+def clock_held_in_the_hour(monkeypatch: pytest.MonkeyPatch) -> datetime:
+    """Django's clock as usual, except that it stops at the last microsecond of the UTC hour this fixture started in
+    rather than leave it: what the services stamp with ``timezone.now()`` (a usage record's time, and so its hour and
+    day rollups; holds; the month ``spent_this_month`` counts; an alert's period; a statement's month) stays in that
+    hour, day and month when the test crosses the hour, midnight or a month's end. Returns the instant it started.
+
+    Fields declared ``default=timezone.now`` keep the real clock (a row's ``created_at``, a price's
+    ``effective_from``): ask for this after the fixtures that make such rows."""
+    from django.utils import timezone
+
+    real = timezone.now
+    started = real()
+    last = started.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1) - timedelta(microseconds=1)
+    monkeypatch.setattr(timezone, "now", lambda: min(real(), last))
+    return started
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -89,7 +90,10 @@ def test_the_same_idempotency_key_with_another_tag_is_refused(
     assert other.json()["error_type"] == "idempotency_key_reused"
 
 
-def test_usage_is_grouped_and_exported_by_end_user(tenant: dict[str, Any], builtin_endpoint: Endpoint) -> None:
+# Django's clock held in its hour: one day's usage even when the test crosses midnight.
+def test_usage_is_grouped_and_exported_by_end_user(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, clock_held_in_the_hour: datetime
+) -> None:
     for end_user in ("alice", "alice", "bob"):
         tagged(tenant, builtin_endpoint, end_user)
     run(tenant["organization"], builtin_endpoint, api_key=tenant["api_key"], gpu_ms=2_000)  # untagged: not counted
@@ -132,8 +136,9 @@ def test_usage_is_grouped_and_exported_by_end_user(tenant: dict[str, Any], built
     assert run_.ok, run_.drift
 
 
+# Django's clock held in its hour: one month's spend even when the test crosses a month's end.
 def test_a_tags_monthly_limit_refuses_its_requests_at_admission_and_no_one_elses(
-    tenant: dict[str, Any], builtin_endpoint: Endpoint
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, clock_held_in_the_hour: datetime
 ) -> None:
     tagged(tenant, builtin_endpoint, "alice")  # measured: each request now holds 240 µ$
     client = tenant["client"]
@@ -168,8 +173,9 @@ def test_a_tags_monthly_limit_refuses_its_requests_at_admission_and_no_one_elses
     assert bad.json()["detail"][0]["loc"] == ["body", "end_users", 0, "end_user"]
 
 
+# Django's clock held in its hour: one month's spend even when the test crosses a month's end.
 def test_a_running_request_stops_where_its_tags_limit_cannot_cover_the_next_step(
-    tenant: dict[str, Any], builtin_endpoint: Endpoint
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, clock_held_in_the_hour: datetime
 ) -> None:
     tagged(tenant, builtin_endpoint, "alice")
     end_users.set_end_user_limit(organization=tenant["organization"], end_user="alice", monthly_limit_micros=700)

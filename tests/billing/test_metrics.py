@@ -39,6 +39,16 @@ def _gpu_rates(settings: Any) -> None:
     settings.BILLING_GPU_COST_MICROS_PER_HOUR = {"gpu-h100": 2_200_000, "gpu-a10g": 600_000, "cpu": 40_000}
 
 
+def today() -> date:
+    return timezone.now().astimezone(UTC).date()
+
+
+def usage_days() -> tuple[date, date]:
+    """The first and last UTC day of the usage recorded: the same day unless the test crossed midnight."""
+    days = [moment.astimezone(UTC).date() for moment in UsageRecord.objects.values_list("recorded_at", flat=True)]
+    return min(days), max(days)
+
+
 @pytest.fixture
 def h100_endpoint(db: None) -> Endpoint:
     return Endpoint.objects.create(owner="test", name="big", kind="text-to-image", weights="builtin:tiny-sd",
@@ -194,15 +204,16 @@ def test_a_refund_can_reorder_the_top_organizations_and_list_one_with_only_refun
         grant_credits(organization=organization, amount_micros=10_000_000, reason="test")
     big = run(acme, builtin_endpoint, gpu_ms=30_000_000)  # $3.00
     run(beta, builtin_endpoint, gpu_ms=20_000_000)  # $2.00
-    today = timezone.now().astimezone(UTC).date()
-    assert [o.organization_id for o in metrics.top_organizations(today, today, limit=1)] == [acme.pk]
+    # From the day of the first usage to the day it is now: one day, or two when the test crossed midnight.
+    first = UsageRecord.objects.earliest("recorded_at").recorded_at.astimezone(UTC).date()
+    assert [o.organization_id for o in metrics.top_organizations(first, today(), limit=1)] == [acme.pk]
 
     refund_job(job=big)
 
-    [top] = metrics.top_organizations(today, today, limit=1)
+    [top] = metrics.top_organizations(first, today(), limit=1)
     assert (top.organization_id, top.revenue_micros) == (beta.pk, 2_000_000)
     # Tomorrow acme used nothing but gave a refund: it is listed, with negative revenue, and so is its endpoint.
-    tomorrow = today + timedelta(days=1)
+    tomorrow = today() + timedelta(days=1)
     CreditEntry.objects.filter(job=big).update(created_at=datetime.combine(tomorrow, time(1), tzinfo=UTC))
     [only] = metrics.top_organizations(tomorrow, tomorrow)
     assert (only.organization_id, only.name, only.requests, only.revenue_micros) == (acme.pk, acme.name, 0, -3_000_000)
@@ -245,11 +256,11 @@ def test_cash_collected_is_succeeded_payments_less_refunds(
 def test_revenue_from_real_usage_is_what_was_debited(tenant: dict[str, Any], builtin_endpoint: Endpoint) -> None:
     for gpu_ms in (1_235, 2_000, 17):
         run(tenant["organization"], builtin_endpoint, gpu_ms=gpu_ms)
-    today = timezone.now().astimezone(UTC).date()
+    start, end = usage_days()
     # 1.235 s -> 124 µ$ (123.5 rounded half up), 2 s -> 200, 0.017 s -> 2 (1.7): at 100 µ$ per CPU-second.
-    assert metrics.recognized_revenue(today, today)[0].micros == 326
+    assert sum(day.micros for day in metrics.recognized_revenue(start, end)) == 326
     assert sum(record.cost_micros for record in UsageRecord.objects.all()) == 326
-    figures = metrics.gross_margin(today, today).by_class[2]
+    figures = metrics.gross_margin(start, end).by_class[2]
     assert (figures.gpu_class, figures.billed_gpu_ms, figures.gpu_cost_micros) == ("cpu", 3_252, 36)
 
 
@@ -275,10 +286,10 @@ def test_an_endpoint_billed_per_second_of_video_has_its_margin_from_all_its_gpu_
     assert [(r.unit, r.cost_micros, r.gpu_ms, r.unbilled_gpu_ms) for r in records] == [
         ("video_second", 0, 0, 3_600), ("video_second", 21_250, 9_000, 0)
     ]  # fmt: skip
-    today = timezone.now().astimezone(UTC).date()
+    start, end = usage_days()
 
     with django_assert_num_queries(2):
-        endpoints = {e.endpoint: e for e in metrics.revenue_by_endpoint(today, today)}
+        endpoints = {e.endpoint: e for e in metrics.revenue_by_endpoint(start, end)}
     by_video = endpoints["platform/tiny-ltx-video"]
     # 17 frames at 8 fps = 2.125 s at the 64p tier's 10,000 µ$/s; 12.6 s of H100 at 2,200,000 µ$/h = 7,700 µ$.
     assert (by_video.requests, by_video.revenue_micros) == (1, 21_250)
@@ -288,7 +299,7 @@ def test_an_endpoint_billed_per_second_of_video_has_its_margin_from_all_its_gpu_
     # 2 s of CPU at 100 µ$/s, costing 2 s at 40,000 µ$/h = 22.2 µ$.
     assert (by_image.revenue_micros, by_image.total_gpu_ms, by_image.gpu_cost_micros) == (200, 2_000, 22)
     # The per-endpoint figures add up to the per-class ones (one endpoint per class here, so no rounding apart).
-    margin = metrics.gross_margin(today, today)
+    margin = metrics.gross_margin(start, end)
     h100 = margin.by_class[0]
     assert (h100.gpu_class, h100.total_gpu_ms, h100.gpu_cost_micros) == ("gpu-h100", 12_600, 7_700)
     assert margin.gpu_cost_micros == sum(e.gpu_cost_micros for e in endpoints.values())

@@ -135,8 +135,9 @@ def two_organizations(tenant: dict[str, Any], other_tenant: dict[str, Any], make
 # --- Two organizations, two keys: each limit counts only its own ---------------------------------------------------
 
 
+# Django's clock held in its hour: one month's spend even when the test crosses a month's end.
 def test_budget_key_limit_and_holds_count_only_their_own_organization_and_key(
-    two_organizations: dict[str, Any], per_image: Endpoint
+    two_organizations: dict[str, Any], per_image: Endpoint, clock_held_in_the_hour: datetime
 ) -> None:
     a, b, a1, a2, b1 = (two_organizations[name] for name in ("a", "b", "a1", "a2", "b1"))
     run_images(b, per_image, b1, 4)  # B spends 4 x 2,500 = 10,000
@@ -221,8 +222,9 @@ def test_when_two_limits_are_equally_tight_the_credit_is_named_then_the_budget(
     assert "organization's monthly budget" in refusal.detail  # the budget was the tightest first
 
 
+# Django's clock held in its hour: one month's spend even when the test crosses a month's end.
 def test_spent_this_month_starts_at_midnight_utc_on_the_first(
-    two_organizations: dict[str, Any], builtin_endpoint: Endpoint
+    two_organizations: dict[str, Any], builtin_endpoint: Endpoint, clock_held_in_the_hour: datetime
 ) -> None:
     a, a1 = two_organizations["a"], two_organizations["a1"]
     start_of_month = admission.month_start()
@@ -242,8 +244,9 @@ def test_spent_this_month_starts_at_midnight_utc_on_the_first(
 # --- Hold extensions while a job runs: the same limits, to the micro-dollar ---------------------------------------
 
 
+# Django's clock held in its hour: one month's spend even when the test crosses a month's end.
 def test_a_hold_extension_meets_each_limit_exactly_and_counts_only_its_own(
-    two_organizations: dict[str, Any], builtin_endpoint: Endpoint
+    two_organizations: dict[str, Any], builtin_endpoint: Endpoint, clock_held_in_the_hour: datetime
 ) -> None:
     a, b, a1, a2, b1 = (two_organizations[name] for name in ("a", "b", "a1", "a2", "b1"))
     run_seconds(b, builtin_endpoint, b1, 10_000)  # B spends 1,000

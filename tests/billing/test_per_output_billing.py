@@ -9,13 +9,13 @@ it delivered nothing (failed, cancelled); and its GPU time recorded all the same
 
 from __future__ import annotations
 
+from datetime import UTC
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
 import pytest
 from django.db import transaction
-from django.utils import timezone
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -260,9 +260,12 @@ def test_the_books_reconcile_after_media_billing(media: dict[str, Any]) -> None:
     )
     # 17/8 s at the 64p tier (10,000 µ$/s); 11/8 s above it (20,000 µ$/s); 2.5 s of audio at 1,000 µ$/s.
     assert costs == [21_250, 27_500, 2_500]
-    # Usage by endpoint counts the seconds delivered (the rollups, which reconciliation checks against the records).
-    today = timezone.now().date()
-    report = selectors.usage(organization_id=organization.pk, start=today, end=today, group_by=("endpoint",))
+    # Usage by endpoint counts the seconds delivered (the rollups, which reconciliation checks against the records),
+    # over the days the records were written on: one, or two when the run crossed midnight.
+    days = [
+        record.recorded_at.astimezone(UTC).date() for record in UsageRecord.objects.filter(organization=organization)
+    ]
+    report = selectors.usage(organization_id=organization.pk, start=min(days), end=max(days), group_by=("endpoint",))
     by_endpoint = {row["endpoint"]: (row["video_seconds"], row["audio_seconds"]) for row in report["data"]}
     assert by_endpoint == {"platform/tiny-ltx-video": (3.5, 0.0), "platform/tiny-stable-audio": (0.0, 2.5)}
     run = run_reconciliation(full=True)

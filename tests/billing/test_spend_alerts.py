@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from unittest import mock
 
@@ -19,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from django.core import mail
 from django.test import Client
+from django.utils import timezone
 from rest_framework.test import APIClient
 from standardwebhooks import Webhook
 
@@ -85,15 +86,18 @@ def verify_fal_signature(request: Received) -> None:
 
 
 def this_month() -> str:
-    return datetime.now(UTC).strftime("%Y-%m")
+    """The month of Django's clock (held in its hour by the tests that ask: ``clock_held_in_the_hour``)."""
+    return f"{timezone.now():%Y-%m}"
 
 
+# Django's clock held in its hour: one month's spend even when the test crosses a month's end.
 def test_the_budgets_thresholds_are_each_told_once_by_email_webhook_and_dashboard(
     tenant: dict[str, Any],
     builtin_endpoint: Endpoint,
     settle: Callable[..., Job],
     receiver: LocalServer,
     sent_tasks: list[tuple[str, list[Any]]],
+    clock_held_in_the_hour: datetime,
 ) -> None:
     organization = tenant["organization"]
     settle(tenant, builtin_endpoint)  # measured: admission now holds 240 µ$ for each of these requests
@@ -179,11 +183,13 @@ def test_the_budgets_thresholds_are_each_told_once_by_email_webhook_and_dashboar
     assert "50% of the monthly budget" not in page.get("/dashboard/").content.decode()
 
 
+# Django's clock held in its hour: one month's spend even when the test crosses a month's end.
 def test_a_keys_limit_is_watched_at_its_own_thresholds(
     tenant: dict[str, Any],
     builtin_endpoint: Endpoint,
     settle: Callable[..., Job],
     django_capture_on_commit_callbacks: Callable[..., Any],
+    clock_held_in_the_hour: datetime,
 ) -> None:
     organization, api_key = tenant["organization"], tenant["api_key"]
     settle(tenant, builtin_endpoint)
@@ -245,8 +251,9 @@ def test_an_organization_that_watches_nothing_never_looks(
     assert not Account.objects.get(pk=tenant["organization"].pk).alerts_armed
 
 
+# Django's clock held in its hour: one month's spend even when the test crosses a month's end.
 def test_a_look_lost_with_its_process_is_made_good_by_the_next_settlement_and_looks_never_repeat_an_alert(
-    tenant: dict[str, Any], builtin_endpoint: Endpoint, settle: Callable[..., Job]
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, settle: Callable[..., Job], clock_held_in_the_hour: datetime
 ) -> None:
     organization = tenant["organization"]
     settle(tenant, builtin_endpoint)
@@ -361,8 +368,9 @@ def keys_table(page: str) -> dict[str, dict[str, str]]:
     return rows
 
 
+# Django's clock held in its hour: one month's spend even when the test crosses a month's end.
 def test_the_keys_page_shows_what_each_key_spent_this_month(
-    tenant: dict[str, Any], builtin_endpoint: Endpoint, settle: Callable[..., Job]
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, settle: Callable[..., Job], clock_held_in_the_hour: datetime
 ) -> None:
     organization = tenant["organization"]
     busy, _ = create_api_key(organization=organization, scopes=[Scope.ADMIN], name="busy key", created_by=None)
@@ -379,8 +387,9 @@ def test_the_keys_page_shows_what_each_key_spent_this_month(
     assert rows["idle key"]["Spent this month"] == "$0.00"
 
 
+# Django's clock held in its hour: one month's spend even when the test crosses a month's end.
 def test_alerts_are_listed_in_the_api(
-    tenant: dict[str, Any], builtin_endpoint: Endpoint, settle: Callable[..., Job]
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, settle: Callable[..., Job], clock_held_in_the_hour: datetime
 ) -> None:
     organization = tenant["organization"]
     settle(tenant, builtin_endpoint)

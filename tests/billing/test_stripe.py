@@ -9,7 +9,7 @@ fakes in ``fake_stripe.py`` stand in for them at the HTTP boundary, the SDK call
 from __future__ import annotations
 
 import itertools
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -288,7 +288,8 @@ def test_a_failed_event_is_kept_and_the_replay_command_applies_it_once(
     assert "1 replayed, 0 failed." in capsys.readouterr().out
     assert StripeEvent.objects.get(pk=succeeded["id"]).status == StripeEventStatus.PROCESSED
     call_command("replay_stripe_events", "--id", succeeded["id"])
-    call_command("replay_stripe_events", "--since", f"{timezone.now():%Y-%m-%d}")
+    received = StripeEvent.objects.get(pk=succeeded["id"]).received_at  # the day it came (today, or yesterday)
+    call_command("replay_stripe_events", "--since", f"{received:%Y-%m-%d}")
     assert balance(tenant) == before + DOLLARS_20
     assert AuditEvent.objects.filter(action=AuditAction.STRIPE_EVENT_REPLAYED, target_id=succeeded["id"]).count() == 3
 
@@ -375,12 +376,16 @@ def test_comparing_with_stripe_finds_every_drift(fake_stripe: FakeStripe, tenant
 
 def test_the_monthly_statement_balances(tenant: dict[str, Any], builtin_endpoint: Endpoint) -> None:
     organization = tenant["organization"]
-    last_month = (timezone.now().replace(day=1) - timedelta(days=1)).replace(day=1, hour=12)
-    CreditEntry.objects.filter(organization=organization).update(created_at=last_month)  # the signup grant
+    [signup] = CreditEntry.objects.filter(organization=organization)
+    thanks = grant_credits(organization=organization, amount_micros=3_000_000, reason="Thanks")
+    fix = grant_credits(organization=organization, amount_micros=-500_000, reason="Fix", kind=EntryKind.ADJUSTMENT)
+    # This month is the grant's: the adjustment joins it there (a month may have ended between the two).
+    now = thanks.created_at
+    CreditEntry.objects.filter(pk=fix.pk).update(created_at=now)
+    last_month = (now.replace(day=1) - timedelta(days=1)).replace(day=1, hour=12)
+    CreditEntry.objects.filter(pk=signup.pk).update(created_at=last_month)
     Organization.objects.filter(pk=organization.pk).update(created_at=last_month)  # statements start with it
-    grant_credits(organization=organization, amount_micros=3_000_000, reason="Thanks")
-    grant_credits(organization=organization, amount_micros=-500_000, reason="Fix", kind=EntryKind.ADJUSTMENT)
-    today = timezone.now().replace(hour=0, minute=0, second=0, microsecond=0)
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
     UsageRollup.objects.create(
         granularity=Granularity.DAY,
         bucket_start=today,
@@ -392,7 +397,7 @@ def test_the_monthly_statement_balances(tenant: dict[str, Any], builtin_endpoint
         gpu_ms=2_500,
         cost_micros=250,
     )
-    month = f"{timezone.now():%Y-%m}"
+    month = f"{now:%Y-%m}"
     statement = tenant["client"].get(f"/v1/billing/statements/{month}").json()
     assert statement["opening_balance_micros"] == 1_000_000
     assert statement["closing_balance_micros"] == 3_500_000
@@ -413,8 +418,8 @@ def test_the_monthly_statement_balances(tenant: dict[str, Any], builtin_endpoint
     assert "balance,opening,,,1000000" in csv_text
     assert f"usage,{builtin_endpoint.endpoint_id},3,2500,250" in csv_text
     assert tenant["client"].get("/v1/billing/statements/2025-13").status_code == 404
-    next_year = datetime.now(tz=UTC).year + 1
-    assert tenant["client"].get(f"/v1/billing/statements/{next_year}-01").status_code == 404
+    not_begun = now.year + 2  # a month still ahead when the test ends, even on New Year's Eve
+    assert tenant["client"].get(f"/v1/billing/statements/{not_begun}-01").status_code == 404
 
 
 def test_a_refund_that_fails_after_being_counted_gives_the_credit_back(

@@ -529,8 +529,7 @@ def end_user_admission_round(
     estimate = Hold.objects.get(job=queued).amount_micros
     running = start(queued)
     attempts.reserve_work(job=running, gpu_ms=1_500)  # what its worker reserves before finishing (actors.finish)
-    month = month_start()
-    spent = end_users.spent_in_month(organization_id=organization.pk, end_user=END_USER, month=month)
+    spent = end_users.spent_in_month(organization_id=organization.pk, end_user=END_USER, month=month_start())
     limit = spent + Hold.objects.get(job=running).amount_micros + estimate + estimate // 2
 
     submission = Call("submit", {"organization_id": str(organization.pk), "endpoint_id": endpoint.pk,
@@ -548,7 +547,9 @@ def end_user_admission_round(
             report.other_errors.append(f"a submission was refused: {refused}")
         elif outcome.actor == "finish":
             report.lost_work += finish_problems(Job.objects.get(pk=running.pk), outcome)
-    total = end_users.spent_in_month(organization_id=organization.pk, end_user=END_USER, month=month)
+    # The month admission counts now: a round that crossed a month's end counts only the new month's spend (the
+    # limit bounds each month's), not the settlement made the month before.
+    total = end_users.spent_in_month(organization_id=organization.pk, end_user=END_USER, month=month_start())
     total += end_users.held(organization.pk, END_USER)
     if limit_first and total > limit:
         report.drift.append(f"the end user spent and holds {total} µ$, over the limit of {limit} set before")
