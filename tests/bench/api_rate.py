@@ -8,6 +8,8 @@ limit, then alternates rounds of /healthz (no auth, no database: the framework's
 (key lookup, hash check, serializers) through keep-alive HTTP/1.1 connections. It prints each
 round and the median req/s, p50 and p99 latency, and /v1/me's rate as a ratio of /healthz's.
 The load generator shares the machine's cores with the server, so absolute figures are a floor.
+Each round also prints the CPU it cost per request (from /proc, Linux): the server's processes,
+and this machine's PostgreSQL and Redis processes (all of them: run it on a machine otherwise idle).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -52,6 +55,32 @@ async def one_connection(
                 errors.append(status)
     finally:
         writer.close()
+
+
+def cpu_seconds(match: Callable[[int, str], bool]) -> float:
+    """User and system CPU seconds of this machine's processes that ``match(pid, name)`` (Linux's /proc)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            name = (entry / "comm").read_text().strip()
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            parent = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if match(int(entry.name), name) or match(parent, ""):
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def process_families(server: int) -> dict[str, Callable[[int, str], bool]]:
+    """The server (its workers are its children) and the services it talks to, by process name."""
+    return {
+        "server": lambda pid, name: pid == server,
+        "postgres": lambda pid, name: name.startswith("postgres"),
+        "redis": lambda pid, name: name.startswith("redis"),
+    }
 
 
 async def run_round(port: int, path: str, headers: str, total: int, concurrency: int) -> dict[str, float]:
@@ -145,11 +174,18 @@ def main() -> None:
         results: dict[str, list[dict[str, float]]] = {"/healthz": [], "/v1/me": []}
         for number in range(1, args.rounds + 1):
             for path, headers in (("/healthz", ""), ("/v1/me", auth)):
+                families = process_families(server.pid)
+                before = {family: cpu_seconds(match) for family, match in families.items()}
                 result = asyncio.run(run_round(port, path, headers, args.requests, args.concurrency))
+                cpu = {
+                    family: (cpu_seconds(match) - before[family]) / args.requests * 1000
+                    for family, match in families.items()
+                }
                 results[path].append(result)
                 print(
                     f"  round {number} {path:9} {result['rps']:8.0f} req/s"
                     f"  p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:6.2f} ms"
+                    "  CPU per request: " + ", ".join(f"{family} {ms:.2f} ms" for family, ms in cpu.items())
                 )
         summary = {
             path: {key: statistics.median(r[key] for r in rounds) for key in ("rps", "p50_ms", "p99_ms")}
