@@ -40,3 +40,11 @@ def test_other_settings_make_another_cache_object() -> None:
         assert other is not first
         assert other.make_key("k") != first.make_key("k")
         assert caches.create_connection("default") is other
+
+
+def test_a_copy_of_the_cache_is_the_cache() -> None:
+    import copy
+
+    first = caches["default"]
+    assert copy.copy(first) is first
+    assert copy.deepcopy({"cache": first})["cache"] is first

@@ -45,6 +45,8 @@ def test_every_call_of_a_request_runs_on_one_thread_and_the_next_request_reuses_
 
     async def two_requests() -> None:
         await request(app)
+        # The thread goes back once its last call (which gives its connections back) has run, just after the request.
+        await asyncio.to_thread(wait_until, lambda: app.pool.idle == 1, timeout=30, message="the thread back")
         await request(app)
 
     asyncio.run(two_requests())
@@ -53,7 +55,7 @@ def test_every_call_of_a_request_runs_on_one_thread_and_the_next_request_reuses_
     assert first == second
     assert first[0] != threading.get_ident()
     assert app.pool.started == 1
-    assert app.pool.idle == 1
+    wait_until(lambda: app.pool.idle == 1, timeout=30, message="the thread back in the pool")
 
 
 def test_concurrent_requests_never_share_a_thread() -> None:
@@ -67,6 +69,7 @@ def test_concurrent_requests_never_share_a_thread() -> None:
     assert all(len(set(seen)) == 1 for seen in inner.threads)
     assert len({seen[0] for seen in inner.threads}) == 8
     assert app.pool.started == 8
+    wait_until(lambda: app.pool.idle == 8, timeout=30, message="the threads back in the pool")
     asyncio.run(together())  # the same eight threads serve the next eight
     assert app.pool.started == 8
     assert len({seen[0] for seen in inner.threads}) == 8
@@ -82,6 +85,7 @@ def test_idle_threads_beyond_the_pools_bound_exit() -> None:
     before = threading.active_count()
     asyncio.run(together())
     assert app.pool.started == 6
+    wait_until(lambda: app.pool.ended == 4, timeout=30, message="the threads beyond the bound to be let go")
     assert app.pool.idle == 2
     wait_until(lambda: threading.active_count() <= before + 2, timeout=30, message="the extra threads to exit")
 
@@ -138,8 +142,10 @@ def test_hand_back_frees_the_thread_while_a_request_waits_and_a_later_call_takes
         holding = asyncio.Event()
         task = asyncio.ensure_future(request(waits))
         while app.pool.started == 0 or app.pool.idle == 0:
-            await asyncio.sleep(0)
+            await asyncio.sleep(0.001)
         await request(app_other)  # served by the thread the waiting request gave back
+        while app.pool.idle == 0:
+            await asyncio.sleep(0.001)
         holding.set()
         await task
 
@@ -198,8 +204,81 @@ def test_the_asgi_application_serves_requests_on_pooled_threads() -> None:
     async def three() -> None:
         for _ in range(3):
             await application(dict(scope), receive, send)
+            # Its thread goes back just after the request, once its last call has run there.
+            await asyncio.to_thread(wait_until, lambda: pool.idle >= 1, timeout=30, message="the thread back")
 
     started = pool.started
     asyncio.run(three())
     assert [message["status"] for message in sent if message["type"] == "http.response.start"] == [200, 200, 200]
     assert pool.started - started <= 1  # one thread served the three requests
+
+
+def test_a_thread_whose_cancelled_request_left_a_call_queued_is_handed_on_only_once_all_has_run() -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def blocking() -> int:
+        started.set()
+        release.wait(30)
+        return threading.get_ident()
+
+    class TwoCalls:
+        async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+            first = asyncio.ensure_future(sync_to_async(blocking, thread_sensitive=True)())
+            await asyncio.sleep(0)
+            await asyncio.gather(first, sync_to_async(ident, thread_sensitive=True)())  # the second queues behind
+
+    pool = ThreadPool()
+    stuck, inner = RequestThreads(TwoCalls(), pool), SyncCalls(calls=1)
+    after = RequestThreads(inner, pool)
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(request(stuck))
+        await asyncio.to_thread(started.wait, 30)
+        task.cancel()  # the queued call is cancelled (so "done"), the first still runs
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert pool.idle == 0
+        await request(after)  # on a thread of its own, not queued behind the running call
+        release.set()
+
+    asyncio.run(scenario())
+    assert pool.started == 2
+    wait_until(lambda: pool.idle == 2, timeout=30, message="the busy thread to come back once its call ended")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_cancelled_requests_thread_left_inside_a_transaction_serves_no_other_request() -> None:
+    from django.db import connection, transaction
+
+    inside, release = threading.Event(), threading.Event()
+
+    def begin_and_leave_open() -> None:
+        transaction.atomic().__enter__()  # never left: the thread's Django state says "in a transaction"
+        connection.ensure_connection()
+        inside.set()
+        release.wait(30)
+
+    class LeavesATransaction:
+        async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+            await sync_to_async(begin_and_leave_open, thread_sensitive=True)()
+
+    pool = ThreadPool()
+    leaves, inner = RequestThreads(LeavesATransaction(), pool), SyncCalls(calls=1)
+    after = RequestThreads(inner, pool)
+
+    async def cancelled() -> None:
+        task = asyncio.ensure_future(request(leaves))
+        await asyncio.to_thread(inside.wait, 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+
+    asyncio.run(cancelled())
+    wait_until(lambda: pool.ended == 1, timeout=30, message="the thread to be let go")
+    assert pool.idle == 0
+    with connection.cursor() as cursor:  # its connection closed, its transaction rolled back: nothing is locked
+        cursor.execute("SELECT 1")
+    asyncio.run(request(after))
+    assert pool.started == 2  # a new thread, with no transaction in it
+    wait_until(lambda: pool.idle == 1, timeout=30, message="the clean thread to be pooled")

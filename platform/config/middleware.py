@@ -98,7 +98,8 @@ class InlineUnderAsgi:
     two hooks do no I/O, so they cannot stall the loop: the security headers and redirects, ``CommonMiddleware``'s
     host check, slash redirect (a URL resolution) and Content-Length, and the CSRF cookie read and set (kept in a
     cookie, not the session: ``CSRF_USE_SESSIONS`` is off). The CSRF check itself (``process_view``, which may read a
-    form's body) still runs in the thread. Under WSGI nothing changes.
+    form's body) runs in the thread unless it cannot read one (``CsrfViewMiddleware`` below). Under WSGI nothing
+    changes.
     """
 
     async def __acall__(self, request: HttpRequest) -> HttpResponse:

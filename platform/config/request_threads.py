@@ -15,18 +15,23 @@ WSGI server's threads serve one request after another; Django's per-thread state
 given back to its pool at each request's end by ``request_finished``) is made for it.
 
 A thread goes back to the pool only once everything the request sent it has finished (a request cancelled while its
-sync call still runs, a client gone, does not hand on a busy thread). A waiting view hands its thread back before it
+sync call still runs, a client gone, does not hand on a busy thread), and with its database connections given back
+(one left inside a transaction ends the thread instead). A waiting view hands its thread back before it
 waits (``hand_back``), so a waiting request holds no thread; a later sync call of that request takes one again.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 
 from asgiref.sync import SyncToAsync, ThreadSensitiveContext
+from django.db import connections
+
+logger = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -47,6 +52,7 @@ class ThreadPool:
         self._idle: list[ThreadPoolExecutor] = []
         self._lock = threading.Lock()
         self.started = 0  # threads this pool has made, for tests and the curious
+        self.ended = 0  # and those it has let go (beyond the bound, or not fit to serve again)
 
     def take(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -55,16 +61,38 @@ class ThreadPool:
             self.started += 1
         return ThreadPoolExecutor(max_workers=1, thread_name_prefix="request")
 
-    def give_back(self, worker: ThreadPoolExecutor) -> None:
+    def give_back(self, worker: ThreadPoolExecutor, reusable: bool = True) -> None:
         with self._lock:
-            if len(self._idle) < self.max_idle:
+            if reusable and len(self._idle) < self.max_idle:
                 self._idle.append(worker)
                 return
+            self.ended += 1
         worker.shutdown(wait=False)  # its thread exits once idle; nothing waits for it
 
     @property
     def idle(self) -> int:
         return len(self._idle)
+
+
+def _tidy() -> bool:
+    """Run on a cancelled request's thread after its last call: whether the thread may serve another request.
+
+    Django gives the thread's database connections back at the request's end (``request_finished``); a cancelled
+    request leaves them here, and they are given back now (a request that ended otherwise without it, an exception
+    out of a streaming body, leaves them to the next request's ``request_started``, which closes them first thing). One still inside a transaction (its request cancelled in the middle of it) is closed, which rolls
+    the transaction back, and the thread, whose Django state still says it is inside one, serves no other request."""
+    reusable = True
+    try:
+        for connection in connections.all(initialized_only=True):
+            if connection.in_atomic_block:
+                reusable = False
+                connection.close()
+            else:
+                connection.close_if_unusable_or_obsolete()
+    except Exception:  # a connection that cannot even be closed: this thread serves no one else
+        logger.exception("a request thread's database connection could not be given back")
+        return False
+    return reusable
 
 
 class RequestThread(Executor):
@@ -74,26 +102,27 @@ class RequestThread(Executor):
     def __init__(self, pool: ThreadPool) -> None:
         self._pool = pool
         self._worker: ThreadPoolExecutor | None = None
-        self._last: Future[Any] | None = None
+        self._sent: list[Future[Any]] = []
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         if self._worker is None:
             self._worker = self._pool.take()
         future = self._worker.submit(fn, *args, **kwargs)
-        self._last = future
+        self._sent.append(future)
         return future
 
     def release(self) -> None:
-        """Gives the thread back: now if it is idle, else when the last call sent to it finishes (one thread runs
-        the calls in order, so then all have)."""
-        worker, last = self._worker, self._last
-        self._worker = self._last = None
+        """Gives the thread back. Where every call sent to it ran to its end (Django's ``request_finished`` among
+        them, which gives the database connections back), at once. Otherwise (the request was cancelled: a call
+        still runs, or was cancelled while queued) once ``_tidy``, queued behind them, has run."""
+        worker, sent = self._worker, self._sent
+        self._worker, self._sent = None, []
         if worker is None:
             return
-        if last is None or last.done():
+        if all(future.done() and not future.cancelled() for future in sent):
             self._pool.give_back(worker)
-        else:
-            last.add_done_callback(lambda _: self._pool.give_back(worker))
+            return
+        worker.submit(_tidy).add_done_callback(lambda tidied: self._pool.give_back(worker, tidied.result()))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self.release()  # the pool owns the thread

@@ -167,8 +167,9 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_bool("DATABASE_POOL", True):
-    # Under ASGI every request runs its ORM calls on a fresh thread, so per-thread persistent
-    # connections pile up until PostgreSQL refuses more. psycopg's pool shares a bounded set.
+    # Under ASGI requests run their ORM calls on many threads (config/request_threads.py keeps up to 16 idle, a burst
+    # starts more), so per-thread persistent connections pile up until PostgreSQL refuses more. psycopg's pool shares
+    # a bounded set.
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = False
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
