@@ -39,6 +39,15 @@ def request(app: Any) -> Any:
     return app({"type": "http"}, None, None)
 
 
+async def cancel_once_running(app: Any, running: threading.Event) -> None:
+    """A request to ``app`` cancelled (its client gone) once its sync call has set ``running``."""
+    task = asyncio.ensure_future(request(app))
+    await asyncio.to_thread(running.wait, 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 def test_every_call_of_a_request_runs_on_one_thread_and_the_next_request_reuses_it() -> None:
     inner = SyncCalls()
     app = RequestThreads(inner, ThreadPool())
@@ -88,37 +97,6 @@ def test_idle_threads_beyond_the_pools_bound_exit() -> None:
     wait_until(lambda: app.pool.ended == 4, timeout=30, message="the threads beyond the bound to be let go")
     assert app.pool.idle == 2
     wait_until(lambda: threading.active_count() <= before + 2, timeout=30, message="the extra threads to exit")
-
-
-def test_a_thread_still_running_a_cancelled_requests_call_is_not_handed_to_the_next_request() -> None:
-    started, release = threading.Event(), threading.Event()
-
-    def blocking() -> int:
-        started.set()
-        release.wait(30)
-        return threading.get_ident()
-
-    class Cancelled:
-        async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-            await sync_to_async(blocking, thread_sensitive=True)()
-
-    pool = ThreadPool()
-    stuck, inner = RequestThreads(Cancelled(), pool), SyncCalls(calls=1)
-    after = RequestThreads(inner, pool)
-
-    async def scenario() -> None:
-        task = asyncio.ensure_future(request(stuck))
-        await asyncio.to_thread(started.wait, 30)
-        task.cancel()  # a client gone: the request ends while its sync call still runs
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert pool.idle == 0  # the busy thread is not in the pool
-        await request(after)
-        release.set()
-
-    asyncio.run(scenario())
-    assert pool.started == 2
-    wait_until(lambda: pool.idle == 2, timeout=30, message="the busy thread to come back once its call ended")
 
 
 def test_hand_back_frees_the_thread_while_a_request_waits_and_a_later_call_takes_one_again() -> None:
@@ -213,7 +191,8 @@ def test_the_asgi_application_serves_requests_on_pooled_threads() -> None:
     assert pool.started - started <= 1  # one thread served the three requests
 
 
-def test_a_thread_whose_cancelled_request_left_a_call_queued_is_handed_on_only_once_all_has_run() -> None:
+@pytest.mark.parametrize("queued", [False, True], ids=["a-call-running", "a-call-running-and-one-queued"])
+def test_a_cancelled_requests_thread_is_handed_on_only_once_all_it_was_sent_has_run(queued: bool) -> None:
     started, release = threading.Event(), threading.Event()
 
     def blocking() -> int:
@@ -221,23 +200,21 @@ def test_a_thread_whose_cancelled_request_left_a_call_queued_is_handed_on_only_o
         release.wait(30)
         return threading.get_ident()
 
-    class TwoCalls:
+    class Cancelled:
         async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-            first = asyncio.ensure_future(sync_to_async(blocking, thread_sensitive=True)())
+            running = asyncio.ensure_future(sync_to_async(blocking, thread_sensitive=True)())
             await asyncio.sleep(0)
-            await asyncio.gather(first, sync_to_async(ident, thread_sensitive=True)())  # the second queues behind
+            if queued:  # a second call waits behind the first; cancelled, it counts as "done"
+                await asyncio.gather(running, sync_to_async(ident, thread_sensitive=True)())
+            await running
 
     pool = ThreadPool()
-    stuck, inner = RequestThreads(TwoCalls(), pool), SyncCalls(calls=1)
+    stuck, inner = RequestThreads(Cancelled(), pool), SyncCalls(calls=1)
     after = RequestThreads(inner, pool)
 
     async def scenario() -> None:
-        task = asyncio.ensure_future(request(stuck))
-        await asyncio.to_thread(started.wait, 30)
-        task.cancel()  # the queued call is cancelled (so "done"), the first still runs
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert pool.idle == 0
+        await cancel_once_running(stuck, started)  # a client gone: the request ends while its sync call still runs
+        assert pool.idle == 0  # the busy thread is not in the pool
         await request(after)  # on a thread of its own, not queued behind the running call
         release.set()
 
@@ -267,11 +244,7 @@ def test_a_cancelled_requests_thread_left_inside_a_transaction_serves_no_other_r
     after = RequestThreads(inner, pool)
 
     async def cancelled() -> None:
-        task = asyncio.ensure_future(request(leaves))
-        await asyncio.to_thread(inside.wait, 30)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_once_running(leaves, inside)
         release.set()
 
     asyncio.run(cancelled())
