@@ -79,8 +79,9 @@ def _tidy() -> bool:
 
     Django gives the thread's database connections back at the request's end (``request_finished``); a cancelled
     request leaves them here, and they are given back now (a request that ended otherwise without it, an exception
-    out of a streaming body, leaves them to the next request's ``request_started``, which closes them first thing). One still inside a transaction (its request cancelled in the middle of it) is closed, which rolls
-    the transaction back, and the thread, whose Django state still says it is inside one, serves no other request."""
+    out of a streaming body, leaves them to the next request's ``request_started``, which closes them first thing).
+    One still inside a transaction (its request cancelled in the middle of it) is closed, which rolls the transaction
+    back, and the thread, whose Django state still says it is inside one, serves no other request."""
     reusable = True
     try:
         for connection in connections.all(initialized_only=True):
