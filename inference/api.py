@@ -414,9 +414,9 @@ submit_view = SubmitView.as_view()
 status_view = StatusView.as_view()
 
 
-def _release_connection() -> None:
-    # A waiting view looks for a long time: it gives the connection back to the pool after each look (unless a
-    # test runs it inside its transaction).
+def release_connection() -> None:
+    """Gives this thread's database connection back (to the pool, or closed), for a view that waits: after each of its
+    looks at the database, so that its waiting holds no connection. Inside a transaction (a test's) it stays."""
     if not connection.in_atomic_block:
         connection.close()
 
@@ -429,7 +429,7 @@ async def run_before_waiting(view: Callable[..., Any], request: HttpRequest, **k
         try:
             return view(request, **kwargs)
         finally:
-            _release_connection()
+            release_connection()
 
     response = await sync_to_async(run)()
     hand_back()
@@ -446,7 +446,7 @@ def _load_job(job_id: uuid.UUID) -> Job:
     try:
         return Job.objects.select_related("endpoint").get(pk=job_id)
     finally:
-        _release_connection()
+        release_connection()
 
 
 def _status_now(job: Job, request: HttpRequest, with_logs: bool, last_log_id: int) -> tuple[dict[str, Any], int]:
@@ -455,7 +455,7 @@ def _status_now(job: Job, request: HttpRequest, with_logs: bool, last_log_id: in
         logs, last_log_id = logs_after(job, last_log_id) if with_logs else ([], last_log_id)
         return status_payload(job, request, with_logs=with_logs, logs=logs), last_log_id
     finally:
-        _release_connection()
+        release_connection()
 
 
 def latest_end(job: Job) -> datetime | None:
@@ -510,7 +510,7 @@ def _expire_now(job_id: uuid.UUID) -> None:
     try:
         expire_unstarted(job_id=job_id)
     finally:
-        _release_connection()
+        release_connection()
 
 
 def timed_out(job: Job, request: HttpRequest, waited_seconds: float) -> JsonResponse:
@@ -563,7 +563,7 @@ def _answer_final(job: Job, request: HttpRequest) -> JsonResponse:
     try:
         return result_response(job, request, sync_run=True)
     finally:
-        _release_connection()
+        release_connection()
 
 
 @csrf_exempt
@@ -583,9 +583,14 @@ def status_event_stream(job: Job, request: HttpRequest, *, with_logs: bool) -> S
     An event is sent when the status changes or new log lines come, and carries only the lines that are new since
     the event before (fal's JavaScript client appends each event's ``logs`` to what it has; the polled status
     endpoint answers all of them).
+
+    The view gives its connection back before it returns this (``release_connection``). The stream hands the
+    request's thread back as it begins, once the middleware has run there too (the dashboard's session and messages
+    hop to it after the view): while the page stays open it holds neither.
     """
 
     async def events() -> AsyncIterator[bytes]:
+        hand_back()
         async with job_events.watching(job.id) as watch:
             async for event in looks(watch):
                 yield event

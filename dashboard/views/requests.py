@@ -19,7 +19,7 @@ from accounts.errors import AppError
 from billing.models import UsageRecord
 from dashboard.access import Context, dashboard_view, resolve
 from inference import files
-from inference.api import status_event_stream
+from inference.api import release_connection, status_event_stream
 from inference.inputs import input_schema
 from inference.models import Endpoint, Job, JobStatus
 from inference.presenters import base_url, usage_of
@@ -84,10 +84,14 @@ async def request_events(request: HttpRequest, request_id: uuid.UUID) -> HttpRes
     request.user = user
 
     def find() -> Job | None:
-        context = resolve(request)
-        if context is None:
-            return None
-        return Job.objects.filter(pk=request_id, organization=context.organization).select_related("endpoint").first()
+        try:
+            context = resolve(request)
+            if context is None:
+                return None
+            jobs = Job.objects.filter(pk=request_id, organization=context.organization)
+            return jobs.select_related("endpoint").first()
+        finally:
+            release_connection()
 
     job = await sync_to_async(find)()
     if job is None:

@@ -12,9 +12,8 @@ django_application = get_asgi_application()
 
 from django.conf import settings  # noqa: E402  (after Django is set up)
 
-from config.request_threads import RequestThreads  # noqa: E402
+from config.request_threads import RequestThreads, Scope  # noqa: E402
 
-Scope = dict[str, Any]
 Message = dict[str, Any]
 
 
