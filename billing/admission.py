@@ -24,7 +24,6 @@ budget check would sum them), the held amount kept in Redis (the database would 
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from django.db.models import F, Sum
@@ -35,6 +34,7 @@ from billing import end_users, holds, pricing
 from billing.locks import locked_account, locked_open_hold, share_key
 from billing.models import Account, Granularity, Hold, KeySpendLimit, PriceUnit, UsageRecord, UsageRollup
 from billing.money import format_micros, gpu_cost_micros, gpu_ms_within
+from billing.periods import month_bounds, month_start
 from inference.deliveries import asked
 from inference.hooks import ListedPrice, Refusal, Reservation, Usage
 from inference.models import Endpoint, Job
@@ -45,14 +45,10 @@ END_USER_OVER_LIMIT = "end_user_limit_exceeded"
 UNLIMITED = Reservation(covered_gpu_ms=None)
 
 
-def month_start(moment: datetime | None = None) -> datetime:
-    moment = moment or timezone.now()
-    return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-
-
 def spent_this_month(*, organization_id: Any, key_id: Any = None) -> int:
-    """Cost recorded since the start of this UTC month, from the daily rollups (one indexed query)."""
-    rows = UsageRollup.objects.filter(granularity=Granularity.DAY, bucket_start__gte=month_start())
+    """Cost recorded in this UTC month, from the daily rollups (one indexed query)."""
+    start, end = month_bounds()
+    rows = UsageRollup.objects.filter(granularity=Granularity.DAY, bucket_start__gte=start, bucket_start__lt=end)
     rows = rows.filter(key_id=key_id) if key_id is not None else rows.filter(organization_id=organization_id)
     return int(rows.aggregate(total=Sum("cost_micros"))["total"] or 0)
 

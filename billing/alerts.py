@@ -59,6 +59,7 @@ from billing.models import (
     UsageRollup,
 )
 from billing.money import format_micros
+from billing.periods import month_bounds, month_start
 from inference.webhooks import schedule_event
 
 logger = logging.getLogger(__name__)
@@ -89,13 +90,10 @@ class Reached:
         return (self.scope, self.subject, self.threshold, self.period)
 
 
-def month_start(moment: datetime) -> datetime:
-    return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-
-
 def period_of(moment: datetime) -> str:
-    """The UTC month of ``moment``: the period of a budget's and a key's alerts."""
-    return f"{moment:%Y-%m}"
+    """The UTC month of ``moment``: the period of a budget's and a key's alerts (in UTC whatever zone ``moment`` is
+    written in, as the spend it counts is)."""
+    return f"{month_start(moment):%Y-%m}"
 
 
 def settings_of(organization_id: Any) -> AlertSettings:
@@ -167,16 +165,11 @@ def _percent_events(
 
 
 def spent_in_month(*, organization_id: Any, month: datetime, key_id: Any = None) -> int:
-    """Cost recorded in the UTC month starting at ``month``, from the daily rollups (one indexed query)."""
-    rows = UsageRollup.objects.filter(
-        granularity=Granularity.DAY, bucket_start__gte=month, bucket_start__lt=_next_month(month)
-    )
+    """Cost recorded in the UTC month of ``month``, from the daily rollups (one indexed query)."""
+    start, end = month_bounds(month)
+    rows = UsageRollup.objects.filter(granularity=Granularity.DAY, bucket_start__gte=start, bucket_start__lt=end)
     rows = rows.filter(key_id=key_id) if key_id is not None else rows.filter(organization_id=organization_id)
     return int(rows.aggregate(total=Sum("cost_micros"))["total"] or 0)
-
-
-def _next_month(month: datetime) -> datetime:
-    return (month + timedelta(days=32)).replace(day=1)
 
 
 def reached_thresholds(*, organization_id: Any, api_key_id: Any, at: datetime, hold_micros: int) -> list[Reached]:

@@ -27,7 +27,7 @@ from accounts.permissions import HasScope, request_organization
 from accounts.schema import ApiAutoSchema, error
 from accounts.serializers import BoundedDateField, StrictBooleanField, StrictCharField, StrictIntegerField
 from billing import alerts, controls, end_users, selectors
-from billing.admission import month_start, spent_this_month
+from billing.admission import spent_this_month
 from billing.ledger import account_of
 from billing.models import (
     AlertScope,
@@ -40,6 +40,7 @@ from billing.models import (
     SpendAlert,
     UsageRollup,
 )
+from billing.periods import month_bounds
 from inference.models import END_USER_MAX_LENGTH, Endpoint
 from inference.submission import END_USER_RULE, valid_end_user
 from inference.webhooks import WebhookUrlError, check_webhook_url
@@ -303,8 +304,9 @@ class LimitsStatus(serializers.Serializer[Any]):
 
 def key_spend_this_month(organization_id: Any) -> dict[str, int]:
     """Each key's cost this month (keys with usage only), from the daily rollups in one grouped query."""
+    start, end = month_bounds()
     rows = UsageRollup.objects.filter(
-        organization_id=organization_id, granularity=Granularity.DAY, bucket_start__gte=month_start()
+        organization_id=organization_id, granularity=Granularity.DAY, bucket_start__gte=start, bucket_start__lt=end
     )
     grouped = rows.values("key_id").annotate(total=Sum("cost_micros")).order_by()
     return {str(row["key_id"]): int(row["total"] or 0) for row in grouped}
@@ -312,7 +314,8 @@ def key_spend_this_month(organization_id: Any) -> dict[str, int]:
 
 def end_user_spend_this_month(organization_id: Any) -> dict[str, int]:
     """Each end user tag's cost this month, from the tags' day rows in one grouped query."""
-    rows = EndUserRollup.objects.filter(organization_id=organization_id, bucket_start__gte=month_start())
+    start, end = month_bounds()
+    rows = EndUserRollup.objects.filter(organization_id=organization_id, bucket_start__gte=start, bucket_start__lt=end)
     grouped = rows.values("end_user").annotate(total=Sum("cost_micros")).order_by()
     return {row["end_user"]: int(row["total"] or 0) for row in grouped}
 

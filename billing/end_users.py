@@ -28,6 +28,7 @@ from accounts.services import SYSTEM, Actor, record_audit
 from billing.ledger import BillingError
 from billing.locks import lock_organization_exclusively
 from billing.models import EndUserLimit, EndUserRollup, Hold
+from billing.periods import month_bounds
 from inference.submission import END_USER_RULE, valid_end_user
 
 
@@ -67,8 +68,12 @@ def limit_of(organization_id: Any, end_user: str) -> int | None:
 
 
 def spent_in_month(*, organization_id: Any, end_user: str, month: datetime) -> int:
-    """Cost of the tag's requests recorded since ``month`` (its first instant), from its day rows."""
-    rows = EndUserRollup.objects.filter(organization_id=organization_id, end_user=end_user, bucket_start__gte=month)
+    """Cost of the tag's requests recorded in the UTC month of ``month``, from its day rows: bounded at both ends,
+    so a past month's spend is that month's alone, not everything since it began."""
+    start, end = month_bounds(month)
+    rows = EndUserRollup.objects.filter(
+        organization_id=organization_id, end_user=end_user, bucket_start__gte=start, bucket_start__lt=end
+    )
     return int(rows.aggregate(total=Sum("cost_micros"))["total"] or 0)
 
 

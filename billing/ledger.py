@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from django.db import connection, transaction
@@ -51,12 +52,15 @@ def post_entry(
     job: Job | None = None,
     created_by: Any = None,
     key_is_new: bool = False,
+    created_at: datetime | None = None,
 ) -> tuple[CreditEntry, bool]:
     """Appends one entry to a locked account, or returns the entry already posted under this key.
 
     Must run inside the transaction that locked ``account``; saves its cached balance (and its held
     amount, which a caller may have changed under the same lock). ``key_is_new``: the key names a row
     made in this transaction, so no earlier entry can hold it (the unique index still guards it).
+    ``created_at``: the instant of what the entry records, where that has one (a usage debit is stamped with its
+    record's ``recorded_at``, so both fall in the same day and month); now otherwise.
     """
     existing = None if key_is_new else CreditEntry.objects.filter(idempotency_key=idempotency_key).first()
     if existing is not None:
@@ -66,6 +70,7 @@ def post_entry(
     account.balance_micros += amount_micros
     account.updated_at = timezone.now()
     entry = _entry_of_moved_balance(
+        created_at=account.updated_at if created_at is None else created_at,
         account=account,
         kind=kind,
         amount_micros=amount_micros,
@@ -82,6 +87,7 @@ def post_entry(
 
 def _entry_of_moved_balance(
     *,
+    created_at: datetime,
     account: Account,
     kind: str,
     amount_micros: int,
@@ -105,6 +111,7 @@ def _entry_of_moved_balance(
         job=job,
         description=description[:300],
         created_by=created_by,
+        created_at=created_at,
     )
     if amount_micros < 0:
         from billing import topups  # lazily: the ledger needs no Celery to import
@@ -153,10 +160,15 @@ def debit_usage(
     user's), written under the same lock and only if the debit is made. On PostgreSQL the record's insert, the UPDATE,
     the entry and those upserts are one statement, so the lock is held for the rest of that statement and the COMMIT,
     no client round trip; elsewhere (SQLite, one writer at a time) they are one statement each.
+
+    The entry is stamped with the record's ``recorded_at``, the instant the rollups are bucketed by, not with the
+    moment of this statement: stamped apart, a settlement that straddles midnight would put its cost in one month's
+    usage and the next month's ledger (its statement, its reconciliation).
     """
     cost = usage_record.cost_micros
     organization_id = usage_record.organization_id
     now = timezone.now()
+    settled_at = usage_record.recorded_at
     columns = {field.name: field for field in Account._meta.concrete_fields}
     balance, held, key = columns["balance_micros"].column, columns["held_micros"].column, columns["organization"]
     returning = ", ".join(f"{columns[name].column}" for name in _DEBITED_COLUMNS)
@@ -183,7 +195,7 @@ def debit_usage(
             "amount_micros": -cost,
             "job": job.pk,
             "description": description[:300],
-            "created_at": now,
+            "created_at": settled_at,
         }
         names = [*values, "usage_record", "idempotency_key", "balance_after_micros"]
         sql = (
@@ -216,6 +228,7 @@ def debit_usage(
         return None
     account = _debited_account(organization_id, now, row)
     _entry_of_moved_balance(
+        created_at=settled_at,
         account=account,
         kind=EntryKind.USAGE,
         amount_micros=-cost,

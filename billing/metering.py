@@ -41,6 +41,7 @@ from billing.models import (
     UsageRollup,
 )
 from billing.money import cost_within
+from billing.periods import day_start
 from inference.deliveries import NOTHING, asked, delivered
 from inference.models import Job, JobAttempt
 
@@ -94,6 +95,8 @@ def record_attempt(job: Job, attempt: JobAttempt) -> UsageRecord:
         video_ms=video_ms,
         audio_ms=audio_ms,
         started_at=attempt.started_at,
+        # The settlement's one instant: its debit's entry is stamped with it and its rollup rows are its hour and day,
+        # so the record, the ledger and the rollups put the cost in the same UTC day and month (``debit_usage``).
         recorded_at=attempt.finished_at or job.finished_at or started_at,
     )
     description = f"{job.endpoint.endpoint_id}: {units} {quote.unit}"
@@ -138,6 +141,7 @@ def _settle_on_the_locked_account(
             usage_record=record,
             job=job,
             key_is_new=True,
+            created_at=record.recorded_at,
         )
     elif released:
         account.save(update_fields=["held_micros"])
@@ -167,8 +171,9 @@ _ROLLUP_COLUMNS = (
 
 def bucket_start(moment: datetime, granularity: str) -> datetime:
     """The UTC hour or day that holds ``moment``."""
-    start = moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
-    return start.replace(hour=0) if granularity == Granularity.DAY else start
+    if granularity == Granularity.DAY:
+        return day_start(moment)
+    return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
 
 
 def add_to_rollups(record: UsageRecord) -> None:

@@ -37,11 +37,13 @@ What was measured is in docs/money.md and the README's benchmarks.
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from datetime import datetime
 
 from django.db import connection, transaction
 from django.db.backends.utils import CursorWrapper
 from django.utils import timezone
+
+from billing.periods import month_start, next_month  # migration 0013 reads them here too
 
 logger = logging.getLogger(__name__)
 
@@ -51,16 +53,6 @@ MONTHS_AHEAD = 3
 # How long creating a partition waits for its lock on the table (it needs the parent exclusively for an instant):
 # behind a long read it gives up and the next run tries again, instead of queueing every settlement behind it.
 LOCK_TIMEOUT = "2s"
-
-
-def month_start(moment: datetime) -> datetime:
-    """The first instant of ``moment``'s UTC month."""
-    moment = moment.astimezone(UTC)
-    return datetime(moment.year, moment.month, 1, tzinfo=UTC)
-
-
-def next_month(start: datetime) -> datetime:
-    return datetime(start.year + start.month // 12, start.month % 12 + 1, 1, tzinfo=UTC)
 
 
 def partition_name(table: str, month: datetime) -> str:

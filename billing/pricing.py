@@ -16,6 +16,7 @@ from django.utils import timezone
 from accounts.memo import GenerationMemo
 from billing.models import Granularity, Price, PriceUnit, UsageRollup
 from billing.money import cost_micros, seconds_to_ms
+from billing.periods import day_start
 from inference.deliveries import Outputs, asked
 from inference.hooks import ListedPrice
 from inference.models import Endpoint
@@ -204,9 +205,10 @@ def ms_per_work_unit(endpoint: Endpoint) -> float:
     cached = cache.get(cache_key)
     if cached is not None:
         return float(cached)
-    since = timezone.now() - timedelta(days=7)
+    # The day rows from the UTC day a week ago, that day's own row included.
+    since = day_start(timezone.now() - timedelta(days=7))
     totals = UsageRollup.objects.filter(
-        granularity=Granularity.DAY, endpoint=endpoint, bucket_start__gte=since.replace(hour=0, minute=0, second=0)
+        granularity=Granularity.DAY, endpoint=endpoint, bucket_start__gte=since
     ).aggregate(gpu_ms=Sum("gpu_ms"), work=Sum("work_units"))
     if not totals["work"]:
         return float(settings.BILLING_UNMEASURED_MS_PER_WORK_UNIT.get(endpoint.gpu_class, UNMEASURED_FALLBACK_MS))

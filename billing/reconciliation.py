@@ -37,9 +37,9 @@ of an old row, which no writer makes, is what the weekly full run is for):
 
 - jobs, attempts: those that ended since (``finished_at``; indexed), and any final or closed one never stamped;
 - usage records and their debits: records stamped since (``recorded_at``), entries posted since (``created_at``),
-  each against its other half wherever that lies. The per-organization totals follow from those row checks (a
-  one-to-one pairing of equal amounts) and are compared in full runs only: over a window they would compare two
-  different sets of rows, as a record and its debit are stamped moments apart;
+  each against its other half wherever that lies (a debit carries its record's stamp, so both halves fall in the
+  same window, day and month). The per-organization totals follow from those row checks (a one-to-one pairing of
+  equal amounts) and are compared in full runs only;
 - the ledger chain: each entry posted since against the entry before it, which may be older (one indexed lookup
   per entry). With the chain proven to the newest entry, the latest ``balance_after_micros`` is the sum of all
   entries, so every account's cached balance is compared with its latest entry (one indexed lookup per account):

@@ -27,6 +27,7 @@ from django.db.models import Max, Q, QuerySet, Sum
 from django.utils import timezone
 
 from accounts.models import Organization
+from billing import periods
 from billing.documents import DocumentPdf, allocate_number, billed_to, issuer_lines, series_for, utc_day
 from billing.ledger import BillingError
 from billing.models import CreditEntry, EntryKind, Granularity, Payment, PaymentStatus, Receipt, Statement, UsageRollup
@@ -80,13 +81,13 @@ def parse_month(text: str) -> date:
 
 
 def month_bounds(month: date) -> tuple[datetime, datetime]:
-    start = datetime(month.year, month.month, 1, tzinfo=UTC)
-    end = datetime(month.year + month.month // 12, month.month % 12 + 1, 1, tzinfo=UTC)
-    return start, end
+    """The UTC month whose first day is ``month``: its first instant, and the next month's (excluded)."""
+    return periods.month_bounds(datetime(month.year, month.month, 1, tzinfo=UTC))
 
 
 def month_of(moment: datetime) -> date:
-    return moment.astimezone(UTC).date().replace(day=1)
+    """The first day of the UTC month of ``moment``."""
+    return periods.month_start(moment).date()
 
 
 def previous_month(month: date) -> date:
