@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
 
-from config.request_threads import RequestThreads, ThreadPool, hand_back
+from config.request_threads import RequestThread, RequestThreads, ThreadPool, hand_back
 from tests.waiting import wait_until
 
 
@@ -146,29 +146,12 @@ def test_without_the_pool_hand_back_ends_djangos_per_request_thread() -> None:
     assert seen[0] != seen[1]  # a new thread for the call after the hand-back
 
 
-def test_the_asgi_application_serves_requests_on_pooled_threads() -> None:
-    from config.asgi import application
-
-    assert isinstance(application, RequestThreads)
-    pool = application.pool
-    sent: list[dict[str, Any]] = []
-    received: list[int] = []
-
-    async def receive() -> dict[str, Any]:
-        received.append(1)
-        if len(received) % 2:
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await asyncio.Event().wait()  # the client stays: Django stops listening once it has answered
-        raise AssertionError("unreachable")
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {
+def http_scope(path: str) -> dict[str, Any]:
+    return {
         "type": "http",
         "method": "GET",
-        "path": "/healthz",
-        "raw_path": b"/healthz",
+        "path": path,
+        "raw_path": path.encode(),
         "query_string": b"",
         "headers": [(b"host", b"localhost")],
         "server": ("localhost", 80),
@@ -179,9 +162,34 @@ def test_the_asgi_application_serves_requests_on_pooled_threads() -> None:
         "asgi": {"version": "3.0"},
     }
 
+
+async def serve(app: Any, path: str, sent: list[dict[str, Any]]) -> None:
+    """One GET of ``path`` through ``app``, its messages appended to ``sent``; the client stays till the answer."""
+    received: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        received.append(1)
+        if len(received) == 1:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.Event().wait()  # the client stays: Django stops listening once it has answered
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(http_scope(path), receive, send)
+
+
+def test_the_asgi_application_serves_requests_on_pooled_threads() -> None:
+    from config.asgi import application
+
+    assert isinstance(application, RequestThreads)
+    pool = application.pool
+    sent: list[dict[str, Any]] = []
+
     async def three() -> None:
         for _ in range(3):
-            await application(dict(scope), receive, send)
+            await serve(application, "/healthz", sent)
             # Its thread goes back just after the request, once its last call has run there.
             await asyncio.to_thread(wait_until, lambda: pool.idle >= 1, timeout=30, message="the thread back")
 
@@ -189,6 +197,33 @@ def test_the_asgi_application_serves_requests_on_pooled_threads() -> None:
     asyncio.run(three())
     assert [message["status"] for message in sent if message["type"] == "http.response.start"] == [200, 200, 200]
     assert pool.started - started <= 1  # one thread served the three requests
+
+
+def test_an_api_answer_is_rendered_on_the_views_own_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same answer as Django's own handler gives, with one call on the request's thread fewer (the render)."""
+    from django.core.handlers.asgi import ASGIHandler
+
+    from config.asgi import django_application
+
+    calls: list[str] = []
+    submit = RequestThread.submit
+
+    def counted(self: RequestThread, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        calls.append(getattr(fn, "__qualname__", repr(fn)))
+        return submit(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(RequestThread, "submit", counted)
+    answers: dict[str, tuple[list[dict[str, Any]], list[str]]] = {}
+    for name, handler in (("django", ASGIHandler()), ("ours", django_application)):
+        calls.clear()
+        sent: list[dict[str, Any]] = []
+        asyncio.run(serve(RequestThreads(handler, ThreadPool()), "/v1/me", sent))
+        answers[name] = (sent, list(calls))
+    (django_sent, django_calls), (our_sent, our_calls) = answers["django"], answers["ours"]
+    assert our_sent == django_sent  # the same status, headers and body (DRF's 401, rendered as JSON)
+    assert django_sent[0]["status"] == 401
+    assert b'"error_type"' in django_sent[1]["body"]
+    assert len(our_calls) == len(django_calls) - 1
 
 
 @pytest.mark.parametrize("queued", [False, True], ids=["a-call-running", "a-call-running-and-one-queued"])

@@ -5,14 +5,16 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from django.core.asgi import get_asgi_application
+import django
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
-django_application = get_asgi_application()
+django.setup(set_prefix=False)  # as django.core.asgi.get_asgi_application does, before the handler loads middleware
 
 from django.conf import settings  # noqa: E402  (after Django is set up)
 
-from config.request_threads import RequestThreads, Scope  # noqa: E402
+from config.request_threads import RenderingHandler, RequestThreads, Scope  # noqa: E402
+
+django_application = RenderingHandler()
 
 Message = dict[str, Any]
 
