@@ -19,7 +19,7 @@ the locked account as before and the record corrected to the smaller cost.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -41,7 +41,7 @@ from billing.models import (
     UsageRollup,
 )
 from billing.money import cost_within
-from billing.periods import day_start
+from billing.periods import day_start, hour_start
 from inference.deliveries import NOTHING, asked, delivered
 from inference.models import Job, JobAttempt
 
@@ -173,7 +173,7 @@ def bucket_start(moment: datetime, granularity: str) -> datetime:
     """The UTC hour or day that holds ``moment``."""
     if granularity == Granularity.DAY:
         return day_start(moment)
-    return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    return hour_start(moment)
 
 
 def add_to_rollups(record: UsageRecord) -> None:

@@ -20,6 +20,11 @@ def _in_utc(moment: datetime | None) -> datetime:
     return moment.astimezone(UTC)
 
 
+def hour_start(moment: datetime | None = None) -> datetime:
+    """The first instant of the UTC hour of ``moment`` (now by default)."""
+    return _in_utc(moment).replace(minute=0, second=0, microsecond=0)
+
+
 def day_start(moment: datetime | None = None) -> datetime:
     """The first instant of the UTC day of ``moment`` (now by default)."""
     return _in_utc(moment).replace(hour=0, minute=0, second=0, microsecond=0)

@@ -50,7 +50,10 @@ def _fresh_cache() -> None:
     from django.core.cache import caches
     from django.core.cache.backends.locmem import LocMemCache
 
+    from accounts import limits
+
     memo.clear_all()  # rows kept in process memory under a generation that outlives the test's tables
+    limits.forget_leases()  # requests leased from counters this fixture clears
     cache = caches["default"]  # the backend itself (``django.core.cache.cache`` is a proxy to it)
     if isinstance(cache, LocMemCache):
         cache.clear()

@@ -4,6 +4,7 @@ kept from one request to the next, never handed on busy."""
 from __future__ import annotations
 
 import asyncio
+import pickle
 import threading
 from typing import Any
 
@@ -224,6 +225,25 @@ def test_an_api_answer_is_rendered_on_the_views_own_call(monkeypatch: pytest.Mon
     assert django_sent[0]["status"] == 401
     assert b'"error_type"' in django_sent[1]["body"]
     assert len(our_calls) == len(django_calls) - 1
+
+
+def test_a_response_rendered_on_the_views_call_leaves_the_handler_a_plain_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from config.asgi import django_application
+    from config.request_threads import RenderingHandler
+
+    handed: list[Any] = []
+    send_response = RenderingHandler.send_response
+
+    async def recorded(self: RenderingHandler, response: Any, send: Any) -> None:
+        handed.append(response)
+        await send_response(self, response, send)
+
+    monkeypatch.setattr(RenderingHandler, "send_response", recorded)
+    asyncio.run(serve(RequestThreads(django_application, ThreadPool()), "/v1/me", []))
+    [response] = handed
+    assert "render" not in response.__dict__  # no coroutine for a later render(), nothing pickle cannot load
+    assert response.render() is response
+    assert pickle.loads(pickle.dumps(response)).content == response.content  # noqa: S301 - this test's own bytes
 
 
 @pytest.mark.parametrize("queued", [False, True], ids=["a-call-running", "a-call-running-and-one-queued"])

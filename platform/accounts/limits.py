@@ -5,13 +5,14 @@ request: a process takes a lease of requests from the window's counter (one Lua 
 lease, only as far as the limit allows) and answers the next requests of that key from it in memory. A lease starts
 at one request and doubles, up to ``MOST_LEASED``, while the process spends each lease within ``LEASE_SECONDS``, so a
 key sending a request now and then is counted one by one and a busy key costs one round trip per 16 requests (the
-round trip was a fifth of an authenticated request's CPU). No lease takes more than a quarter of the room left under
-the limit, so near the limit leases shrink to one request and every process still gets its share.
+round trip was a fifth of an authenticated request's CPU). No lease takes more than a 64th of the room left under the
+limit (``config.cache.LEASE_SHARE``), so below 128 left leases are of one request and every process still gets its
+share: a key whose client sends exactly its limit, each request to any of up to 32 processes, is refused none of it.
 
 What leases change: a key is never let past its limit (every request served is one the counter granted, checked
 against the limit when it was granted, and the window only frees room as time passes). A lease a process does not
 spend before the minute ends counts as used, so a key that sends a burst and stops may be refused a few requests
-sooner than by an exact count: at most a quarter of the room left per process, and none once it sends steadily.
+sooner than by an exact count: at most a 64th of the room left per process.
 A key's new limit applies from its next lease.
 
 While Redis is down the cache counts in each process's memory (config/cache.py), so the limit
@@ -86,8 +87,8 @@ class Limiter:
         try:
             count, previous, granted = _lease(current_key, previous_key, limit=limit, weight=weight, want=want)
         except Exception as exc:
-            # Not an outage (the cache answers those from process memory) but, say, a counter added in
-            # Redis just before the cache switched to process memory, where incr finds no key.
+            # Not an outage (the cache answers those from process memory) but an error of the cache itself: the
+            # request goes through uncounted rather than fail.
             logger.warning("rate limit not checked for %s: %s", bucket, exc)
             return 0.0
         if granted:
@@ -100,6 +101,10 @@ class Limiter:
         # The previous window's weight must shrink until one more request fits.
         needed_weight = (limit - count - 1) / previous
         return max((1 - needed_weight) * WINDOW_SECONDS - elapsed, 0.001)
+
+    def forget(self) -> None:
+        with self._lock:
+            self._leases.clear()
 
     def unspent(self, bucket: str, window: int) -> int:
         """Requests of ``bucket`` leased in ``window`` this process has not served yet."""
@@ -114,11 +119,21 @@ class Limiter:
                 lease.left += kept.left  # another thread's lease of the same window, not yet spent
             self._leases[bucket] = lease
             if len(self._leases) > LEASES_KEPT:
-                for stale in [name for name, kept in self._leases.items() if kept.window < lease.window]:
-                    del self._leases[stale]
+                # Past windows' leases are spent or void; if all are this window's, all go (what they held unspent
+                # counts as used, as at a minute's end). Either way the next prune is thousands of leases away.
+                stale = [name for name, kept in self._leases.items() if kept.window < lease.window]
+                if len(self._leases) - len(stale) > LEASES_KEPT // 2:
+                    stale = [name for name in self._leases if name != bucket]
+                for name in stale:
+                    del self._leases[name]
 
 
 _limiter = Limiter()
+
+
+def forget_leases() -> None:
+    """Drops this process's leases (a test that clears the counters they were taken from)."""
+    _limiter.forget()
 
 
 def check_rate(*, bucket: str, limit: int, now: float | None = None) -> float:

@@ -184,6 +184,12 @@ class RenderingHandler(django.core.handlers.asgi.ASGIHandler):
     the view's, handled as Django handles either.
     """
 
+    async def get_response_async(self, request: Any) -> Any:
+        response = await super().get_response_async(request)
+        # Rendered and past the middleware: a plain response again (its class's render, pickled as Django's).
+        response.__dict__.pop("render", None)
+        return response
+
     def make_view_atomic(self, view: Callable[..., Any]) -> Callable[..., Any]:
         view = super().make_view_atomic(view)
         if iscoroutinefunction(view) or self._template_response_middleware:  # type: ignore[attr-defined]

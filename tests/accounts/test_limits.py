@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import random
 import uuid
 from types import SimpleNamespace
 from typing import Any
@@ -16,6 +17,7 @@ from rest_framework.test import APIClient
 from accounts import limits
 from accounts.limits import check_rate
 from accounts.models import Organization
+from config.cache import LEASE_SHARE, lease_size
 
 pytestmark = pytest.mark.django_db
 
@@ -252,26 +254,50 @@ def test_a_key_sending_now_and_then_is_counted_one_request_at_a_time(monkeypatch
 
 
 @pytest.mark.skipif(not leased_on_redis(), reason="leases are taken on the platform's Redis cache")
-def test_near_the_limit_a_lease_takes_a_quarter_of_the_room_at_most(monkeypatch: pytest.MonkeyPatch) -> None:
-    granted: list[int] = []
+def test_near_the_limit_leases_shrink_to_one_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    leases: list[tuple[int, int, int]] = []  # (room before, wanted, granted)
     leasing = caches["default"].lease_in_window  # type: ignore[attr-defined]
 
     def recorded(*args: Any, **kwargs: Any) -> tuple[int, int, int]:
-        answer = leasing(*args, **kwargs)
-        granted.append(answer[2])
-        return answer  # type: ignore[no-any-return]
+        count, previous, granted = leasing(*args, **kwargs)
+        leases.append((kwargs["limit"] - count, kwargs["want"], granted))
+        return count, previous, granted
 
     monkeypatch.setattr(caches["default"], "lease_in_window", recorded)
     bucket = fresh_bucket()
     now = MINUTE + 1
     served = 0
-    while check_rate(bucket=bucket, limit=40, now=now) == 0.0:
+    while check_rate(bucket=bucket, limit=2000, now=now) == 0.0:
         served += 1
     # Exactly the limit, whatever the leases were ...
-    assert served == 40
-    assert counter(bucket, now) == 40
-    # ... and past 8 (room 25 of 40) each lease a quarter of the room left, so another process still finds its share.
-    assert granted == [1, 2, 4, 8, 6, 4, 3, 3, 2, 1, 1, 1, 1, 1, 1, 1, 0]
+    assert served == 2000
+    assert counter(bucket, now) == 2000
+    # ... each at most a 64th of the room left (the script's rule is the Python one), 16 while the room was large and
+    # one at a time below 128 left.
+    assert all(granted == lease_size(room=room, want=wanted) for room, wanted, granted in leases)
+    assert all(granted <= max(1, room // LEASE_SHARE) for room, _, granted in leases)
+    assert max(granted for _, _, granted in leases) == limits.MOST_LEASED
+    assert all(granted == 1 for room, _, granted in leases if 0 < room < 2 * LEASE_SHARE)
+    assert (leases[-1][0], leases[-1][2]) == (0, 0)  # the limit reached: nothing granted
+
+
+@pytest.mark.skipif(not leased_on_redis(), reason="leases are taken on the platform's Redis cache")
+@pytest.mark.parametrize(("processes", "limit", "seconds"), [(16, 60, 5), (16, 600, 5), (32, 600, 55), (8, 6000, 20)])
+def test_a_client_sending_exactly_its_limit_to_many_processes_is_refused_none(
+    processes: int, limit: int, seconds: int
+) -> None:
+    """Leases held unspent in the processes a request did not go to never make another process refuse it."""
+    chosen = random.Random(f"{processes}-{limit}")
+    bucket = fresh_bucket()
+    limiters = [limits.Limiter() for _ in range(processes)]
+    waits = [
+        limiters[chosen.randrange(processes)].check(bucket=bucket, limit=limit, now=MINUTE + 1 + seconds * n / limit)
+        for n in range(limit)
+    ]
+    assert [wait for wait in waits if wait] == []
+    assert limiters[0].check(bucket=bucket, limit=limit, now=MINUTE + 1 + seconds) > 0 or any(
+        limiter.unspent(bucket, int(MINUTE // limits.WINDOW_SECONDS)) for limiter in limiters
+    )
 
 
 @pytest.mark.skipif(not leased_on_redis(), reason="leases are taken on the platform's Redis cache")
@@ -322,3 +348,21 @@ def test_leases_never_let_a_key_past_its_limit(limit: int, steps: list[tuple[int
             unspent_before = counter(bucket, now - limits.WINDOW_SECONDS) - served.get(window - 1, 0)
             assert served.get(window, 0) + in_hand + (served.get(window - 1, 0) + unspent_before) * weight + 1 > limit
         assert counter(bucket, now) == served.get(window, 0) + in_hand
+
+
+def test_a_process_keeps_a_bounded_number_of_leases(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(limits, "LEASES_KEPT", 10)
+    limiter = limits.Limiter()
+    # Past the bound, a past window's leases go first ...
+    earlier, later = [fresh_bucket() for _ in range(9)], [fresh_bucket() for _ in range(2)]
+    for bucket in earlier:
+        assert limiter.check(bucket=bucket, limit=1000, now=MINUTE + 1) == 0.0
+    for bucket in later:
+        assert limiter.check(bucket=bucket, limit=1000, now=MINUTE + 61) == 0.0
+    assert set(limiter._leases) == set(later)
+    # ... and when this window's alone would still be many, all but the newest go at once (what they held unspent
+    # counts as used), so the next prune is half the bound away, not one lease.
+    crowd = [fresh_bucket() for _ in range(9)]
+    for bucket in crowd:
+        assert limiter.check(bucket=bucket, limit=1000, now=MINUTE + 62) == 0.0
+    assert set(limiter._leases) == {crowd[-1]}
