@@ -764,34 +764,25 @@ def check_receipts(scope: Scope = FULL) -> Check:
     return check
 
 
-def _ledger_balance_before(moment: str) -> Coalesce:
-    """The running balance of the statement's organization after its last entry before the statement's ``moment``
-    (``period_start`` or ``period_end``): the statement's own definition of a balance (0 with none)."""
-    last = CreditEntry.objects.filter(organization_id=OuterRef("organization_id"), created_at__lt=OuterRef(moment))
-    return Coalesce(
-        Subquery(last.order_by("-created_at", "-id").values("balance_after_micros")[:1]),
-        Value(0),
-        output_field=BigIntegerField(),
-    )
-
-
 def check_statements(scope: Scope = FULL) -> Check:
     """Every issued statement's figures are still the ledger's: its opening and closing balances, its movements by
-    kind and what each endpoint's usage debited. One query for the balances (an indexed lookup per statement) and
-    one aggregate each for the movements and the usage of the statements' months.
+    kind and what each endpoint's usage debited. One query for the balances (``statements.balance_before``: a few
+    bounded range reads per statement) and one aggregate each for the movements and the usage of the statements' months.
 
     The ledger is append-only, so a statement can only fall out of line through an entry stamped inside its month
     after it was issued. An incremental run checks the statements issued since and those of months that end after
     the window opens (where an entry written since may be stamped).
     """
-    from billing.statements import MOVEMENTS  # the statement's own definition of each movement
+    # The statement's own definitions of a balance and of each movement.
+    from billing.statements import MOVEMENTS, balance_before
 
     check = Check("statements")
     statements = Statement.objects.all()
     if not scope.full:
         statements = statements.filter(Q(issued_at__gte=scope.since) | Q(period_end__gt=scope.since))
     statements = statements.annotate(
-        ledger_opening=_ledger_balance_before("period_start"), ledger_closing=_ledger_balance_before("period_end")
+        ledger_opening=balance_before(OuterRef("organization_id"), OuterRef("period_start")),
+        ledger_closing=balance_before(OuterRef("organization_id"), OuterRef("period_end")),
     ).order_by("pk")
     issued = list(
         statements.values(

@@ -1,10 +1,10 @@
 """The monthly statement of an organization: its balances, its credit movements by kind, usage by endpoint.
 
-Balances come from the credit ledger: the opening and closing balances are the running balances
-(``balance_after_micros``) of the last entries before each end of the month, and the movements are
-the month's entries summed by kind, so ``opening + movements == closing`` checks the ledger's own
-arithmetic (``balanced``). Usage by endpoint reads the daily rollups for requests and GPU time, and the
-ledger's usage entries for what each endpoint debited, so its total is the ledger's usage movement.
+Balances come from the credit ledger: the balance before a moment is the sum of the entries stamped before it
+(``balance_before``, read off the running balances), and the movements are the month's entries summed by kind, so
+``opening + movements == closing`` holds where the running balances are the sums of the amounts (``balanced``;
+reconciliation proves the chain entry by entry). Usage by endpoint reads the daily rollups for requests and GPU time,
+and the ledger's usage entries for what each endpoint debited, so its total is the ledger's usage movement.
 
 Statements exist for the months since the organization was created. The current month's is provisional. A month
 is closed ``CLOSING_GRACE`` after it ends (a debit stamped just before midnight may commit just after); then its
@@ -23,7 +23,9 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from django.db import transaction
-from django.db.models import Max, Q, QuerySet, Sum
+from django.db.models import BigIntegerField, DurationField, Max, OuterRef, Q, QuerySet, Subquery, Sum, Value
+from django.db.models.expressions import CombinedExpression
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from accounts.models import Organization
@@ -118,9 +120,46 @@ def check_month(organization: Organization, month: date, *, now: datetime | None
         raise NoSuchStatement(f"The organization was created in {created}: it has no statement before.")
 
 
-def _balance_before(entries: QuerySet[CreditEntry], moment: datetime) -> int:
-    last = entries.filter(created_at__lt=moment).order_by("-created_at", "-id").first()
-    return last.balance_after_micros if last is not None else 0
+def balance_before(organization_id: Any, moment: Any, *, newest: Any = None) -> CombinedExpression:
+    """The organization's balance before ``moment``, by definition the sum of its entries stamped before it (of those
+    up to entry ``newest``); an expression, each argument a value or an ``OuterRef`` to the row it annotates.
+
+    Read off the running balances, which follow the ids (the order entries took the account's lock), not the stamps:
+    a debit carries its attempt's close, read before its transaction waited for the lock, so it may follow an entry
+    stamped after it. A stamp is out of that order by at most a settling transaction, far less than ``CLOSING_GRACE``.
+    So the newest entry (by id) stamped before ``moment`` is stamped within the grace of the latest stamp before it,
+    and of the entries stamped from ``moment`` on, its running balance counts only older ones stamped within the grace
+    after it: those are taken off. Bounded range reads on the stamps, however long the ledger.
+    """
+    newest_id = _newest_stamped_before(_deeper(organization_id), _deeper(moment), "id", _deeper(newest))
+    stamped_after = _entries(organization_id, newest).filter(
+        created_at__gte=moment, created_at__lt=moment + CLOSING_GRACE, id__lt=newest_id
+    )
+    counted_after = stamped_after.order_by().values("organization_id").annotate(total=Sum("amount_micros"))
+    running = _newest_stamped_before(organization_id, moment, "balance_after_micros", newest)
+    return Coalesce(running, 0, output_field=BigIntegerField()) - Coalesce(
+        Subquery(counted_after.values("total")), 0, output_field=BigIntegerField()
+    )
+
+
+def _newest_stamped_before(organization_id: Any, moment: Any, column: str, newest: Any) -> Subquery:
+    """``column`` of the newest entry (by id) stamped before ``moment``: among those stamped at most ``CLOSING_GRACE``
+    before the latest stamp before it (NULL without any)."""
+    stamped_before = _entries(_deeper(organization_id), _deeper(newest)).filter(created_at__lt=_deeper(moment))
+    latest = stamped_before.order_by("-created_at", "-id").values("created_at")[:1]
+    since = Subquery(latest) - Value(CLOSING_GRACE, output_field=DurationField())
+    close_to_it = _entries(organization_id, newest).filter(created_at__gte=since, created_at__lt=moment)
+    return Subquery(close_to_it.order_by("-id").values(column)[:1], output_field=BigIntegerField())
+
+
+def _entries(organization_id: Any, newest: Any) -> QuerySet[CreditEntry]:
+    entries = CreditEntry.objects.filter(organization_id=organization_id)
+    return entries if newest is None else entries.filter(id__lte=newest)
+
+
+def _deeper(value: Any) -> Any:
+    """``value`` as a subquery one level further down sees it: an outer reference reaches one level further out."""
+    return OuterRef(value) if isinstance(value, OuterRef) else value
 
 
 def monthly_statement(*, organization_id: uuid.UUID, month: date) -> dict[str, Any]:
@@ -130,8 +169,15 @@ def monthly_statement(*, organization_id: uuid.UUID, month: date) -> dict[str, A
     # Entries appended while the statement is read (the current month) are left out of every figure.
     newest = entries.aggregate(newest=Max("id"))["newest"] or 0
     entries = entries.filter(id__lte=newest)
-    opening = _balance_before(entries, start)
-    closing = _balance_before(entries, end)
+    opening, closing = (
+        Organization.objects.filter(pk=organization_id)
+        .annotate(
+            opening=balance_before(organization_id, start, newest=newest),
+            closing=balance_before(organization_id, end, newest=newest),
+        )
+        .values_list("opening", "closing")
+        .get()
+    )
     in_month = entries.filter(created_at__gte=start, created_at__lt=end)
     sums = in_month.aggregate(**{name: Sum("amount_micros", filter=condition) for name, condition in MOVEMENTS.items()})
     movements = {name: int(sums[name] or 0) for name in MOVEMENTS}
