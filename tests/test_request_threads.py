@@ -147,15 +147,16 @@ def test_without_the_pool_hand_back_ends_djangos_per_request_thread() -> None:
     assert seen[0] != seen[1]  # a new thread for the call after the hand-back
 
 
-def http_scope(path: str) -> dict[str, Any]:
+def http_scope(path: str, headers: list[tuple[bytes, bytes]] | None = None, host: str = "localhost") -> dict[str, Any]:
+    """An HTTP GET of ``path`` as an ASGI server hands it on."""
     return {
         "type": "http",
         "method": "GET",
         "path": path,
         "raw_path": path.encode(),
         "query_string": b"",
-        "headers": [(b"host", b"localhost")],
-        "server": ("localhost", 80),
+        "headers": [(b"host", host.encode()), *(headers or [])],
+        "server": (host, 80),
         "client": ("127.0.0.1", 1234),
         "scheme": "http",
         "root_path": "",

@@ -9,20 +9,17 @@ UTC's, and a month's spend is that month's alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from unittest import mock
 from zoneinfo import ZoneInfo
 
 import pytest
-from django.db import transaction
 from django.utils import timezone
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from accounts import statements as rows
 from accounts.models import Organization
 from billing import admission, alerts, api, end_users, metering, partitions, periods, reconciliation, statements
 from billing.ledger import grant_credits
@@ -31,15 +28,12 @@ from billing.money import MICROS_PER_DOLLAR
 from inference import attempts
 from inference.models import Endpoint, Job
 from tests import lifecycle
+from tests.billing import test_settlement_properties as settlement_properties
+from tests.billing.test_settlement_properties import debit_refused, rolled_back
 
 pytestmark = pytest.mark.django_db
 
-DATABASE_EXAMPLES = settings(
-    max_examples=40,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+DATABASE_EXAMPLES = settings(settlement_properties.DATABASE_EXAMPLES, max_examples=40)
 GPU_MS = 2_000
 TAG = "alice"
 # Zones whose local midnight is far from UTC's, both sides of it, and some a half or a quarter hour off.
@@ -62,20 +56,6 @@ class SteppingClock:
         return (self.first + later).astimezone(self.zone)
 
 
-@contextmanager
-def rolled_back() -> Iterator[None]:
-    """A savepoint undone at the end: each example starts from the same books."""
-    with transaction.atomic():
-        yield
-        transaction.set_rollback(True)
-
-
-def _debit_refused(*, usage_record: UsageRecord, **_: Any) -> None:
-    """``ledger.debit_usage`` where the balance does not cover the cost: the record written, nothing else, so the
-    settlement is made on the locked account (``metering._settle_on_the_locked_account``)."""
-    rows.insert(usage_record)
-
-
 @pytest.fixture
 def world(tenant: dict[str, Any], builtin_endpoint: Endpoint, quiet_books: None) -> dict[str, Any]:
     Organization.objects.filter(pk=tenant["organization"].pk).update(concurrency_limit=1_000)
@@ -90,7 +70,7 @@ def settle(world: dict[str, Any], clock: Any, *, end_user: str = "", locked: boo
     job = lifecycle.submit(world["organization"], world["endpoint"], api_key=world["api_key"], end_user=end_user)
     running = lifecycle.start(job)
     attempts.reserve_work(job=running, gpu_ms=GPU_MS)
-    refused = mock.patch.object(metering, "debit_usage", side_effect=_debit_refused) if locked else nullcontext()
+    refused = mock.patch.object(metering, "debit_usage", side_effect=debit_refused) if locked else nullcontext()
     with mock.patch.object(timezone, "now", clock), refused:
         lifecycle.finish(running, gpu_ms=GPU_MS, reserve=False)
     return UsageRecord.objects.get(job=job)

@@ -89,7 +89,7 @@ def rolled_back() -> Iterator[None]:
         transaction.set_rollback(True)
 
 
-def _debit_refused(*, usage_record: UsageRecord, **_: Any) -> None:
+def debit_refused(*, usage_record: UsageRecord, **_: Any) -> None:
     """``ledger.debit_usage`` where the balance does not cover the cost: the record written, nothing else."""
     statements.insert(usage_record)
 
@@ -100,7 +100,7 @@ def under_the_lock_only() -> Iterator[None]:
     account."""
     with (
         mock.patch.object(admission, "_hold_within_credit", return_value=False),
-        mock.patch.object(metering, "debit_usage", side_effect=_debit_refused),
+        mock.patch.object(metering, "debit_usage", side_effect=debit_refused),
     ):
         yield
 

@@ -24,6 +24,7 @@ from config.request_threads import RequestThreads, ThreadPool
 from inference.closing import cancel_job
 from inference.models import Endpoint, Job
 from tests.lifecycle import submit_as
+from tests.test_request_threads import http_scope
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("priced_without_broker")]
@@ -57,23 +58,6 @@ def opened() -> Iterator[Opened]:
         yield opened
     finally:
         connection_created.disconnect(opened)
-
-
-def request_scope(path: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "method": "GET",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "headers": [(b"host", b"testserver"), *headers],
-        "server": ("testserver", 80),
-        "client": ("127.0.0.1", 1234),
-        "scheme": "http",
-        "root_path": "",
-        "http_version": "1.1",
-        "asgi": {"version": "3.0"},
-    }
 
 
 def cancel(job: Job) -> None:
@@ -111,7 +95,7 @@ def stream_while_waiting(path: str, headers: list[tuple[bytes, bytes]], job: Job
         return pool.started > 0 and pool.idle == pool.started and not opened.held()
 
     async def scenario() -> None:
-        streaming = asyncio.ensure_future(app(request_scope(path, headers), receive, send))
+        streaming = asyncio.ensure_future(app(http_scope(path, headers, host="testserver"), receive, send))
         await asyncio.wait_for(first_event.wait(), TIMEOUT)
         # Between two looks at the job the stream holds nothing; a stream that kept its thread or its connection
         # would hold it for as long as it stays open.
