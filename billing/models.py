@@ -517,6 +517,8 @@ class CreditEntry(models.Model):
         verbose_name_plural = "credit entries"
         indexes = [
             models.Index(fields=["organization", "-id"]),
+            # A balance before a moment (statements, their reconciliation): the entries stamped around it, one range.
+            models.Index(fields=["organization", "created_at"], name="credit_entry_stamped"),
             # The last entry that added credit: the period of a low-credit alert (billing.alerts), one index lookup.
             models.Index(fields=["organization", "-id"], condition=Q(amount_micros__gt=0), name="credit_entry_added"),
             # Request refunds by day, which the revenue metrics net against usage; a few rows among millions.
