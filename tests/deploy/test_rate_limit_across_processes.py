@@ -30,6 +30,7 @@ LIMIT = 300
 SENT = LIMIT * 3 // 2
 # The burst must not straddle a minute's end, where the sliding window lets the previous minute's count weigh less.
 LATEST_SECOND_TO_START = 30
+ATTEMPTS = 3
 
 
 def statuses(api: httpx.Client, key: str, count: int) -> Counter[int]:
@@ -51,9 +52,13 @@ def test_a_keys_limit_holds_across_processes_and_through_a_redis_outage(tmp_path
 
     user = sign_up(email="limited@example.com", password=None)
     organization = Organization.objects.get(memberships__user=user)
-    _, key = create_api_key(
-        organization=organization, name="limited", scopes=[Scope.INFERENCE], created_by=user, requests_per_minute=LIMIT
-    )
+
+    def new_key() -> str:
+        return create_api_key(
+            organization=organization, name="limited", scopes=[Scope.INFERENCE], created_by=user,
+            requests_per_minute=LIMIT,
+        )[1]  # fmt: skip
+
     with EmbeddedRedis(tmp_path / "redis") as redis:
         env = base_env(SECRET_KEY="rate-limits-" + "s" * 40, DATABASE_URL=database_url(), REDIS_URL=redis.url)
         with platform(tmp_path / "machines", env) as machines:
@@ -70,15 +75,19 @@ def test_a_keys_limit_holds_across_processes_and_through_a_redis_outage(tmp_path
                     base_url=balancer.url, timeout=30, limits=httpx.Limits(max_keepalive_connections=0)
                 ) as api,
             ):
-                wait_until(
-                    lambda: time.time() % 60 < LATEST_SECOND_TO_START,
-                    timeout=61,
-                    message="the start of a minute's first half",
-                )
-                window = int(time.time() // 60)
-                answers = statuses(api, key, SENT)
-                if int(time.time() // 60) != window:
-                    pytest.fail(f"the burst took over {60 - LATEST_SECOND_TO_START} s: {answers}")
+                for _ in range(ATTEMPTS):
+                    wait_until(
+                        lambda: time.time() % 60 < LATEST_SECOND_TO_START,
+                        timeout=61,
+                        message="the start of a minute's first half",
+                    )
+                    key, window = new_key(), int(time.time() // 60)
+                    answers = statuses(api, key, SENT)
+                    if int(time.time() // 60) == window:
+                        break
+                    # The burst ran past the minute's end (a slow machine): again, with a key of its own.
+                else:
+                    pytest.fail(f"no burst of {SENT} requests fitted in {60 - LATEST_SECOND_TO_START} s: {answers}")
                 assert answers == {200: LIMIT, 429: SENT - LIMIT}, machines.all_logs()
 
                 # Redis stops: every process answers from its own count (the key is let through again, at most
