@@ -54,10 +54,14 @@ def test_a_keys_limit_holds_across_processes_and_through_a_redis_outage(tmp_path
     organization = Organization.objects.get(memberships__user=user)
 
     def new_key() -> str:
-        return create_api_key(
-            organization=organization, name="limited", scopes=[Scope.INFERENCE], created_by=user,
+        _, key = create_api_key(
+            organization=organization,
+            name="limited",
+            scopes=[Scope.INFERENCE],
+            created_by=user,
             requests_per_minute=LIMIT,
-        )[1]  # fmt: skip
+        )
+        return key
 
     with EmbeddedRedis(tmp_path / "redis") as redis:
         env = base_env(SECRET_KEY="rate-limits-" + "s" * 40, DATABASE_URL=database_url(), REDIS_URL=redis.url)
