@@ -46,7 +46,7 @@ WINDOW_SECONDS = 60
 # The most requests one lease takes, and how soon a lease must be spent for the next one to be twice as big.
 MOST_LEASED = 16
 LEASE_SECONDS = 1.0
-# Leases kept in a process before those of past windows are dropped.
+# Leases a process keeps: past it, those of past windows go, or all but the newest if this window's alone are many.
 LEASES_KEPT = 10_000
 
 
