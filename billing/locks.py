@@ -16,6 +16,7 @@ transaction. A payment row is locked after the account, so each writer of a paym
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from django.db import IntegrityError, connection, transaction
 
@@ -39,13 +40,19 @@ def share_key(api_key_id: uuid.UUID) -> None:
     """
     if not connection.features.has_select_for_update:
         return
+    with connection.cursor() as cursor:
+        cursor.execute(*key_share_lock(api_key_id))
+
+
+def key_share_lock(api_key_id: uuid.UUID) -> tuple[str, list[Any]]:
+    """The statement ``share_key`` sends (PostgreSQL), for a caller that sends it with the next one
+    (``accounts.statements.in_turn``)."""
     pk = ApiKey._meta.pk
     assert pk is not None  # noqa: S101 - every model has one
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT 1 FROM {ApiKey._meta.db_table} WHERE {pk.column} = %s FOR KEY SHARE",  # noqa: S608
-            [pk.get_db_prep_value(api_key_id, connection)],
-        )
+    return (
+        f"SELECT 1 FROM {ApiKey._meta.db_table} WHERE {pk.column} = %s FOR KEY SHARE",  # noqa: S608
+        [pk.get_db_prep_value(api_key_id, connection)],
+    )
 
 
 def lock_key(api_key_id: uuid.UUID) -> None:

@@ -1,19 +1,22 @@
 """Dispatch: an organization's queued jobs sent to the workers while it is under its concurrency limit.
 
 **The organization's lock, held for one statement.** Every submission of an organization dispatches it when it
-commits, so the organization's row lock, which makes concurrent dispatchers count one after another, is what a
-busy tenant's submissions queue for; it is held from the statement that takes it to COMMIT. So the lock is followed
-by one statement (``_DISPATCH``) that counts the active jobs, picks the oldest queued ones that fit under the limit,
+commits, so the organization's row lock, which makes concurrent dispatchers count one after another, is what a busy
+tenant's submissions queue for; it is held from the statement that takes it to COMMIT. So the lock is followed by
+one statement (``_DISPATCH``) that counts the active jobs, picks the oldest queued ones that fit under the limit,
 moves them to DISPATCHED and returns them, and then COMMIT. The count cannot be part of a statement that takes the
 lock itself: PostgreSQL would read it in the snapshot taken before the statement waited for the lock, and miss what
-the dispatcher it waited for had just dispatched. A job a dispatcher picks is moved only if it is still QUEUED (the
-condition is checked again on the row if another transaction, a cancel, held it), so two dispatchers never send
-the same job. Measured (``make bench-tenants``, README): one busy organization's row is locked about 5 ms per job,
-half the time, and a submission waits about 1 ms for it. The alternatives weighed: ``SKIP LOCKED`` on the
-organization's row (a dispatcher that finds it taken leaves its job to the one that holds it) needs that holder to
-look again after its COMMIT, for as long as jobs keep coming, in the submission's own request; concurrency slots
-kept in Redis or on a counter row would have to be kept in step by every way a job ends; committing dispatch
-without waiting for the WAL (a lost dispatch is redone by the sweep) saved under 1 ms of the 5.
+the dispatcher it waited for had just dispatched. The two statements go in one round trip as one query
+(``accounts.statements.in_turn``: each statement of it takes its own snapshot), and the limit and suspension are
+read by the second from the organization's row, so no Python runs while the lock is held but the COMMIT. A job a
+dispatcher picks is moved only if it is still QUEUED (the condition is checked again on the row if another
+transaction, a cancel, held it), so two dispatchers never send the same job. Measured (``make bench-tenants``,
+README): one busy organization's row is locked about 5 ms per job, half the time, and a submission waits about 1 ms
+for it. The alternatives weighed: ``SKIP LOCKED`` on the organization's row (a dispatcher that finds it taken leaves
+its job to the one that holds it) needs that holder to look again after its COMMIT, for as long as jobs keep coming,
+in the submission's own request; concurrency slots kept in Redis or on a counter row would have to be kept in step
+by every way a job ends; committing dispatch without waiting for the WAL (a lost dispatch is redone by the sweep)
+saved under 1 ms of the 5.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from accounts.locking import lock_organization, retrying_atomic
+from accounts import statements
+from accounts.locking import retrying_atomic
+from accounts.models import Organization
 from inference.models import (
     ACTIVE_STATUSES,
     Job,
@@ -56,9 +61,22 @@ def _column(name: str) -> str:
     return f"{_FIELDS[name].column}"
 
 
+_ORGANIZATION = {field.name: field for field in Organization._meta.concrete_fields}
+
+
+def _organization_column(name: str) -> str:
+    return f"{_ORGANIZATION[name].column}"
+
+
+# The organization's lock: its row, FOR NO KEY UPDATE as ``accounts.locking.lock_organization`` takes it.
+_LOCK = (
+    f"SELECT 1 FROM {Organization._meta.db_table} WHERE {_organization_column('id')} = %(organization)s "  # noqa: S608
+    "FOR NO KEY UPDATE"
+)
 # After the organization's lock, in one statement (PostgreSQL, and SQLite from 3.35): its jobs that count against
 # the limit counted, the oldest queued ones that fit picked (not those past their start deadline: the sweep ends
-# them, they take no slot), moved to DISPATCHED and returned.
+# them, they take no slot), moved to DISPATCHED and returned. The limit is the organization's row as committed when
+# the lock was granted (none for a suspended or missing organization).
 _DISPATCH = (
     f"UPDATE {Job._meta.db_table} SET {_column('status')} = %(dispatched)s, {_column('attempt')} = "  # noqa: S608
     f"{_column('attempt')} + 1, {_column('dispatched_at')} = %(now)s, {_column('sent_at')} = %(now)s "
@@ -67,28 +85,32 @@ _DISPATCH = (
     f"AND {_column('status')} = %(queued)s "
     f"AND ({_column('start_deadline')} IS NULL OR {_column('start_deadline')} > %(now)s) "
     f"ORDER BY {_column('created_at')}, {_column('id')} "
-    f"LIMIT (SELECT CASE WHEN COUNT(*) < %(limit)s THEN %(limit)s - COUNT(*) ELSE 0 END "
+    f"LIMIT COALESCE((SELECT CASE WHEN {_organization_column('suspended_at')} IS NULL "
+    f"AND active.running < {_organization_column('concurrency_limit')} "
+    f"THEN {_organization_column('concurrency_limit')} - active.running ELSE 0 END "
+    f"FROM {Organization._meta.db_table}, (SELECT COUNT(*) AS running "
     f"FROM {Job._meta.db_table} WHERE {_column('organization')} = %(organization)s "
-    f"AND {_column('status')} IN ({', '.join(f'%(active_{index})s' for index in range(len(ACTIVE_STATUSES)))})))"
+    f"AND {_column('status')} IN ({', '.join(f'%(active_{index})s' for index in range(len(ACTIVE_STATUSES)))})"
+    f") AS active WHERE {Organization._meta.db_table}.{_organization_column('id')} = %(organization)s), 0))"
     f" RETURNING {_column('id')}, {_column('attempt')}, {_column('gpu_class')}, {_column('created_at')}"
 )
 
 
 @retrying_atomic
 def _dispatch(organization_id: uuid.UUID) -> list[tuple[str, int, str]]:
-    organization = lock_organization(organization_id)
-    if organization is None or organization.is_suspended:
-        return []
     parameters = {
         "dispatched": JobStatus.DISPATCHED.value,
         "queued": JobStatus.QUEUED.value,
         "now": _FIELDS["dispatched_at"].get_db_prep_value(timezone.now(), connection),
         "organization": _FIELDS["organization"].get_db_prep_value(organization_id, connection),
-        "limit": organization.concurrency_limit,
         **{f"active_{index}": status for index, status in enumerate(ACTIVE_STATUSES)},
     }
     with connection.cursor() as cursor:
-        cursor.execute(_DISPATCH, parameters)
+        # The lock, then the dispatch reading what the lock's last holder committed: one round trip on PostgreSQL.
+        if connection.features.has_select_for_update:
+            statements.in_turn(cursor, (_LOCK, parameters), (_DISPATCH, parameters))
+        else:  # SQLite: one writer at a time
+            cursor.execute(_DISPATCH, parameters)
         dispatched = cursor.fetchall()
     # To the broker in the order they were queued.
     dispatched.sort(key=lambda row: (row[3], row[0]))

@@ -13,13 +13,16 @@ of a multi-table model. A table needing any of those goes through the ORM.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cache
 from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Field, Model
+
+# A statement and its parameters, positional or named.
+Statement = tuple[str, Sequence[Any] | Mapping[str, Any]]
 
 
 @cache
@@ -112,6 +115,38 @@ def update(instance: Model, fields: list[str] | tuple[str, ...], *, along: Model
         cursor.execute(sql, values)
         if cursor.rowcount == 0:
             raise DatabaseError(f"{instance._meta.label} {instance.pk} is not there to update.")
+
+
+def after_inserting(along: Model, sql: str, values: list[Any]) -> tuple[str, list[Any]]:
+    """``sql`` (a statement of the caller's) with ``along``'s insert in front of it, as ``update`` sends its ``along``:
+    inside it on PostgreSQL (a data-modifying ``WITH``; ``sql`` must not start with its own), sent on its own, now,
+    elsewhere. The row is inserted whatever ``sql`` then changes."""
+    return _with(connections[DEFAULT_DB_ALIAS], along, sql, values)
+
+
+def in_turn(cursor: Any, first: Statement, then: Statement) -> None:
+    """Runs ``first``, then ``then`` reading the database as it is once ``first`` has run: after the lock ``first``
+    took (and may have waited for), so ``then`` sees what that lock's holder committed. The cursor is left on
+    ``then``'s result.
+
+    On PostgreSQL both go in one round trip, as one query of two statements (the simple query protocol, which
+    Django's client-side binding cursor uses for a query with several): under READ COMMITTED each statement of such a
+    query takes its own snapshot when it starts, as it would sent alone. One statement holding both the lock and the
+    read could not do this: its one snapshot is taken before it waits for the lock
+    (``tests/accounts/test_statements.py`` shows the difference). Elsewhere, two executes.
+    """
+    (first_sql, first_values), (then_sql, then_values) = first, then
+    if cursor.db.vendor == "postgresql":
+        values: Sequence[Any] | Mapping[str, Any] = (
+            {**first_values, **then_values}  # named parameters: one mapping serves both
+            if isinstance(first_values, Mapping) and isinstance(then_values, Mapping)
+            else [*first_values, *then_values]
+        )
+        cursor.execute(f"{first_sql}; {then_sql}", values)
+        cursor.nextset()
+        return
+    cursor.execute(first_sql, first_values)
+    cursor.execute(then_sql, then_values)
 
 
 def _with(db: BaseDatabaseWrapper, along: Model | None, sql: str, values: list[Any]) -> tuple[str, list[Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -12,6 +13,7 @@ from django.db.models import Model
 from django.test.utils import CaptureQueriesContext
 
 from accounts import statements
+from tests.waiting import wait_until
 
 
 def _columns(instance: Model) -> dict[str, Any]:
@@ -141,3 +143,61 @@ def test_a_row_along_lands_with_its_statement_in_one_round_trip_on_postgresql(
     assert Job.objects.get(pk=job.pk).status == JobStatus.CANCELLED
     lines = JobLog.objects.filter(job=job).order_by("id")
     assert [line.message for line in lines] == ["Request queued.", "Cancelled."]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_statement_in_turn_reads_what_the_lock_it_waited_for_committed() -> None:
+    """``in_turn``: the second statement sees what the holder of the lock the first waited for committed (one round
+    trip on PostgreSQL); one statement holding both the lock and the read would not (its snapshot predates the
+    wait), which is why admission and dispatch send two."""
+    if connection.vendor != "postgresql":
+        pytest.skip("row locks and snapshots: PostgreSQL (SQLite runs one writer at a time)")
+    import psycopg
+    from django.db import transaction
+
+    params = connection.get_connection_params()
+    conninfo = {key: params[key] for key in ("dbname", "user", "password", "host", "port") if params.get(key)}
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE turn_lock (id int PRIMARY KEY); CREATE TABLE turn_rows (id int)")
+        cursor.execute("INSERT INTO turn_lock VALUES (1)")
+    seen: dict[str, int] = {}
+
+    def reader(name: str) -> None:
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                if name == "in turn":
+                    statements.in_turn(
+                        cursor,
+                        ("SELECT 1 FROM turn_lock WHERE id = %s FOR KEY SHARE", [1]),
+                        ("SELECT count(*) FROM turn_rows", []),
+                    )
+                else:
+                    cursor.execute(
+                        "SELECT (SELECT count(*) FROM turn_rows) FROM turn_lock WHERE id = %s FOR KEY SHARE", [1]
+                    )
+                seen[name] = cursor.fetchone()[0]
+        finally:
+            connection.close()
+
+    try:
+        with psycopg.connect(**conninfo) as holder, psycopg.connect(**conninfo, autocommit=True) as watcher:
+            holder.execute("SELECT 1 FROM turn_lock WHERE id = 1 FOR UPDATE")
+            holder.execute("INSERT INTO turn_rows VALUES (1)")
+            threads = [threading.Thread(target=reader, args=(name,)) for name in ("in turn", "one statement")]
+            for thread in threads:
+                thread.start()
+            waiting = (
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%turn_lock%'"
+            )
+            wait_until(
+                lambda: watcher.execute(waiting).fetchone()[0] == 2,  # type: ignore[index]
+                timeout=30,
+                message="both readers to wait for the lock",
+            )
+            holder.commit()
+            for thread in threads:
+                thread.join(timeout=30)
+        assert seen == {"in turn": 1, "one statement": 0}
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("DROP TABLE IF EXISTS turn_lock; DROP TABLE IF EXISTS turn_rows")
