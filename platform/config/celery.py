@@ -6,9 +6,12 @@ import os
 
 from celery import Celery
 
+from config.broker import AMQP
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
-app = Celery("platform")
+# AMQP: the broker publishes through one Redis client per channel, not one per message (config/broker.py).
+app = Celery("platform", amqp=AMQP)
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 # Modules beside an app's tasks.py that hold tasks of their own (imported by name, not by tasks.py).
