@@ -94,15 +94,36 @@ def retrying_atomic(function: Callable[P, R]) -> Callable[P, R]:
         if connection.in_atomic_block:
             with transaction.atomic():
                 return function(*args, **kwargs)
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            try:
-                with transaction.atomic():
-                    return function(*args, **kwargs)
-            except OperationalError as error:
-                if attempt == MAX_ATTEMPTS or not is_retryable(error):
-                    raise
-                logger.warning("%s lost a lock race (%s); running it again (%d)", function.__qualname__, error, attempt)
-                time.sleep(random.uniform(0, 0.01 * 2**attempt))  # noqa: S311 - jitter, not a secret
-        raise AssertionError("unreachable")
+
+        def in_a_transaction() -> R:
+            with transaction.atomic():
+                return function(*args, **kwargs)
+
+        return _again_after_a_lost_race(function.__qualname__, in_a_transaction)
 
     return run
+
+
+def retrying(function: Callable[P, R]) -> Callable[P, R]:
+    """Runs ``function`` again (as ``retrying_atomic`` does) if it loses a lock race, in no transaction of Django's:
+    for a function that sends one query of several statements with no transaction open, which PostgreSQL runs as a
+    transaction of its own, committed when the query ends and rolled back whole when a statement of it fails (one
+    round trip instead of BEGIN, the query and COMMIT)."""
+
+    @functools.wraps(function)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        return _again_after_a_lost_race(function.__qualname__, lambda: function(*args, **kwargs))
+
+    return run
+
+
+def _again_after_a_lost_race(name: str, call: Callable[[], R]) -> R:
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        try:
+            return call()
+        except OperationalError as error:
+            if attempt == MAX_ATTEMPTS or not is_retryable(error):
+                raise
+            logger.warning("%s lost a lock race (%s); running it again (%d)", name, error, attempt)
+            time.sleep(random.uniform(0, 0.01 * 2**attempt))  # noqa: S311 - jitter, not a secret
+    raise AssertionError("unreachable")

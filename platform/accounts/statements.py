@@ -133,7 +133,8 @@ def in_turn(cursor: Any, first: Statement, then: Statement) -> None:
     Django's client-side binding cursor uses for a query with several): under READ COMMITTED each statement of such a
     query takes its own snapshot when it starts, as it would sent alone. One statement holding both the lock and the
     read could not do this: its one snapshot is taken before it waits for the lock
-    (``tests/accounts/test_statements.py`` shows the difference). Elsewhere, two executes.
+    (``tests/accounts/test_statements.py`` shows the difference). Sent with no transaction open, the query is a
+    transaction of its own, committed as it ends (``accounts.locking.retrying``). Elsewhere, two executes.
     """
     (first_sql, first_values), (then_sql, then_values) = first, then
     if cursor.db.vendor == "postgresql":
