@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from celery import Celery
+from celery.signals import task_prerun
+from django.db import close_old_connections
 
 from config.broker import AMQP
 
@@ -16,3 +19,11 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 # Modules beside an app's tasks.py that hold tasks of their own (imported by name, not by tasks.py).
 app.autodiscover_tasks(["billing"], related_name="reconciliation_tasks")
+
+
+@task_prerun.connect(dispatch_uid="platform-connection-from-the-pool")
+def connection_from_the_pool(**_: Any) -> None:
+    """Each task starts on a connection from psycopg's pool, which keeps the pool's connections warm between tasks
+    (``CELERY_DB_REUSE_MAX`` in settings): the one the last task held goes back to the pool (Django's
+    ``CONN_MAX_AGE`` is 0 with the pool), which drops it if it broke, and the task takes one when it first asks."""
+    close_old_connections()
