@@ -19,12 +19,12 @@ which that re-check would not see change: those admissions, and any the conditio
 to find the credit a settlement just freed), are decided on the locked account (``_admit_under_the_lock``). The
 key's limit is read behind a share lock on the key, which a new limit takes exclusively
 (``billing.locks.share_key``). A submission's job with no end user tag, the common case, is admitted in one round
-trip on PostgreSQL (``_held_at_once``): the key's share lock, then one statement inserting the hold and adding it to
-the account where, besides the credit and no budget, the key has no limit (read once the share lock is granted);
-where that changed nothing the decision is made under the lock as above. Those statements are written out once, not
-built by the ORM per admission: built per call they cost more of the web process's CPU than the database's work.
-Weighed and not taken: the credit split over sub-rows (every refusal and budget check would sum them), the held
-amount kept in Redis (the database would no longer be the truth for money).
+trip on PostgreSQL (``_held_at_once``): the key's share lock, the hold's insert, then the account's conditional
+UPDATE which also requires that the key has no limit (read once the share lock is granted); where that changed
+nothing the decision is made under the lock as above. Those statements are written out once, not built by the ORM
+per admission: built per call they cost more of the web process's CPU than the database's work. Weighed and not
+taken: the credit split over sub-rows (every refusal and budget check would sum them), the held amount kept in Redis
+(the database would no longer be the truth for money).
 """
 
 from __future__ import annotations
@@ -218,11 +218,12 @@ def _hold_within_credit(organization_id: Any, *, estimate: int, held_change: int
 
 def _held_at_once(hold: Hold) -> bool:
     """A new job's admission on the common path, in one round trip on PostgreSQL: the key share-locked
-    (``share_key``), then in one statement the hold's insert and the account's conditional UPDATE, which adds the hold
-    where the credit covers it, no budget is set and the key has no spend limit. That statement's snapshot is taken
-    once the key's share lock is granted (``accounts.statements.in_turn``), so it sees any limit committed before
-    it; none can be committed after, until this transaction commits. False: the hold row is in, the key
-    share-locked, and the account unchanged.
+    (``share_key``), the hold's insert, then the account's conditional UPDATE, which adds the hold where the credit
+    covers it, no budget is set and the key has no spend limit (``accounts.statements.in_turn``: three statements of
+    one query, each in its own snapshot). The UPDATE's is taken once the key's share lock is granted, so it sees any
+    limit committed before it, and none can be committed after until this transaction commits; and the hold's insert
+    (its foreign keys checked) is done before the UPDATE takes the account's lock, which is held from there to COMMIT.
+    False: the hold row is in, the key share-locked, and the account unchanged.
     """
     key_id = hold.api_key_id
     values: list[Any] = [
@@ -232,12 +233,12 @@ def _held_at_once(hold: Hold) -> bool:
     ]
     if key_id is not None:
         values.append(_KEY_LIMIT["api_key"].get_db_prep_value(key_id, connection))
-    update = statements.after_inserting(hold, _within_credit(connection.vendor, key_id is not None), values)
+    update = (_within_credit(connection.vendor, key_id is not None), values)
     with connection.cursor() as cursor:
         if key_id is not None and connection.features.has_select_for_update:
-            statements.in_turn(cursor, key_share_lock(key_id), update)
+            statements.in_turn(cursor, key_share_lock(key_id), statements.insertion(hold), update)
         else:  # no key; or SQLite, one writer at a time: no share lock
-            cursor.execute(*update)
+            statements.in_turn(cursor, statements.insertion(hold), update)
         return bool(cursor.rowcount)
 
 

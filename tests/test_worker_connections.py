@@ -21,9 +21,19 @@ def test_a_task_starts_by_giving_the_last_task_s_connection_back() -> None:
     connection.ensure_connection()
     held = connection.connection
     assert held is not None
-    task_prerun.send(sender=None, task_id="t", task=None, args=(), kwargs={})
+    task_prerun.send(sender=None, task_id="t", task=None, args=(), kwargs={})  # a worker's task
     # Given back (to the pool on PostgreSQL, where CONN_MAX_AGE is 0; closed on SQLite, as every task did before).
     assert connection.connection is None
     with connection.cursor() as cursor:  # the next statement takes a connection again
         cursor.execute("SELECT 1")
         assert cursor.fetchone() == (1,)
+
+
+@pytest.mark.django_db
+def test_a_task_run_eagerly_keeps_its_caller_s_connection() -> None:
+    from billing.tasks import create_partitions_ahead
+
+    connection.ensure_connection()
+    held = connection.connection
+    create_partitions_ahead.apply()  # in the caller's transaction (the test's)
+    assert connection.connection is held

@@ -117,37 +117,33 @@ def update(instance: Model, fields: list[str] | tuple[str, ...], *, along: Model
             raise DatabaseError(f"{instance._meta.label} {instance.pk} is not there to update.")
 
 
-def after_inserting(along: Model, sql: str, values: list[Any]) -> tuple[str, list[Any]]:
-    """``sql`` (a statement of the caller's) with ``along``'s insert in front of it, as ``update`` sends its ``along``:
-    inside it on PostgreSQL (a data-modifying ``WITH``; ``sql`` must not start with its own), sent on its own, now,
-    elsewhere. The row is inserted whatever ``sql`` then changes."""
-    return _with(connections[DEFAULT_DB_ALIAS], along, sql, values)
+def in_turn(cursor: Any, first: Statement, *then: Statement) -> None:
+    """Runs ``first``, then each of ``then`` in order, each reading the database as it is once those before it have
+    run: after the lock ``first`` took (and may have waited for), so what follows sees what that lock's holder
+    committed. The cursor is left on the last statement's result.
 
-
-def in_turn(cursor: Any, first: Statement, then: Statement) -> None:
-    """Runs ``first``, then ``then`` reading the database as it is once ``first`` has run: after the lock ``first``
-    took (and may have waited for), so ``then`` sees what that lock's holder committed. The cursor is left on
-    ``then``'s result.
-
-    On PostgreSQL both go in one round trip, as one query of two statements (the simple query protocol, which
+    On PostgreSQL they go in one round trip, as one query of several statements (the simple query protocol, which
     Django's client-side binding cursor uses for a query with several): under READ COMMITTED each statement of such a
     query takes its own snapshot when it starts, as it would sent alone. One statement holding both the lock and the
     read could not do this: its one snapshot is taken before it waits for the lock
     (``tests/accounts/test_statements.py`` shows the difference). Sent with no transaction open, the query is a
-    transaction of its own, committed as it ends (``accounts.locking.retrying``). Elsewhere, two executes.
+    transaction of its own, committed as it ends (``accounts.locking.retrying``). Elsewhere, one execute each.
     """
-    (first_sql, first_values), (then_sql, then_values) = first, then
+    sent = (first, *then)
     if cursor.db.vendor == "postgresql":
-        values: Sequence[Any] | Mapping[str, Any] = (
-            {**first_values, **then_values}  # named parameters: one mapping serves both
-            if isinstance(first_values, Mapping) and isinstance(then_values, Mapping)
-            else [*first_values, *then_values]
-        )
-        cursor.execute(f"{first_sql}; {then_sql}", values)
-        cursor.nextset()
+        values: Sequence[Any] | Mapping[str, Any]
+        if all(isinstance(statement_values, Mapping) for _, statement_values in sent):
+            values = {}  # named parameters: one mapping serves them all
+            for _, statement_values in sent:
+                values.update(statement_values)
+        else:
+            values = [value for _, statement_values in sent for value in statement_values]
+        cursor.execute("; ".join(sql for sql, _ in sent), values)
+        for _ in then:
+            cursor.nextset()
         return
-    cursor.execute(first_sql, first_values)
-    cursor.execute(then_sql, then_values)
+    for sql, statement_values in sent:
+        cursor.execute(sql, statement_values)
 
 
 def _with(db: BaseDatabaseWrapper, along: Model | None, sql: str, values: list[Any]) -> tuple[str, list[Any]]:

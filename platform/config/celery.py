@@ -22,8 +22,12 @@ app.autodiscover_tasks(["billing"], related_name="reconciliation_tasks")
 
 
 @task_prerun.connect(dispatch_uid="platform-connection-from-the-pool")
-def connection_from_the_pool(**_: Any) -> None:
-    """Each task starts on a connection from psycopg's pool, which keeps the pool's connections warm between tasks
-    (``CELERY_DB_REUSE_MAX`` in settings): the one the last task held goes back to the pool (Django's
-    ``CONN_MAX_AGE`` is 0 with the pool), which drops it if it broke, and the task takes one when it first asks."""
+def connection_from_the_pool(sender: Any = None, **_: Any) -> None:
+    """Each task a worker runs starts on a connection from psycopg's pool, which keeps the pool's connections warm
+    between tasks (``CELERY_DB_REUSE_MAX`` in settings): the one the last task held goes back to the pool (Django's
+    ``CONN_MAX_AGE`` is 0 with the pool), which drops it if it broke, and the task takes one when it first asks. A
+    task run eagerly, in its caller's process and transaction, keeps its caller's connection (as Celery's fixup
+    does)."""
+    if getattr(getattr(sender, "request", None), "is_eager", False):
+        return
     close_old_connections()

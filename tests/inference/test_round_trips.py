@@ -36,8 +36,8 @@ STEPS = ("submit", "dispatch", "claim", "heartbeat", "reserve", "finish")
 # included.
 CEILINGS = {
     # The job's insert with its log line (one statement); admission: the endpoint's measured GPU time (the cache is
-    # cold), then one query: the key's share lock, then the hold's insert (a new job has no earlier hold to look for)
-    # with the account's conditional UPDATE (the one statement that locks it), which also checks the key has no limit.
+    # cold), then one query: the key's share lock, the hold's insert (a new job has no earlier hold to look for) and
+    # the account's conditional UPDATE (the one statement that locks it), which also checks the key has no limit.
     "submit": 6,
     # One query: the organization's lock, then its active jobs counted, the queued ones that fit picked, moved to
     # DISPATCHED and returned.
