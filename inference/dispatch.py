@@ -107,7 +107,8 @@ def _dispatch(organization_id: uuid.UUID) -> list[tuple[str, int, str]]:
         "organization": _FIELDS["organization"].get_db_prep_value(organization_id, connection),
         **{f"active_{index}": status for index, status in enumerate(ACTIVE_STATUSES)},
     }
-    if connection.vendor == "postgresql" and not connection.in_atomic_block:
+    # No transaction open (not only no atomic block: Django's manual transactions turn autocommit off too).
+    if statements.in_one_query(connection) and connection.get_autocommit():
         dispatched = _dispatched_by_one_query(parameters)  # committed as it returns
     else:
         dispatched = _dispatched_in_a_transaction(parameters)

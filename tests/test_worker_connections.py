@@ -37,3 +37,31 @@ def test_a_task_run_eagerly_keeps_its_caller_s_connection() -> None:
     held = connection.connection
     create_partitions_ahead.apply()  # in the caller's transaction (the test's)
     assert connection.connection is held
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_task_after_the_database_dropped_the_pool_s_idle_connection_runs() -> None:
+    # A database restart, a failover or an idle timeout ends the connections the pool keeps between tasks: the next
+    # task's first statement still works (the pool's idle connections are checked at the task's start).
+    if connection.vendor != "postgresql":
+        pytest.skip("psycopg's pool: PostgreSQL")
+    import psycopg
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (held,) = cursor.fetchone()
+    task_prerun.send(sender=None, task_id="t1", task=None, args=(), kwargs={})  # back to the pool, idle
+    params = connection.get_connection_params()
+    conninfo = {key: params[key] for key in ("dbname", "user", "password", "host", "port") if params.get(key)}
+    # Every connection this process's pool keeps idle, and only those: other processes (a test's servers) share the
+    # database. (The pool's own list of idle connections: psycopg_pool has no public one.)
+    ended = {idle.info.backend_pid for idle in connection.pool._pool}
+    assert held in ended
+    with psycopg.connect(**conninfo, autocommit=True) as admin:
+        for pid in ended:
+            admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+    task_prerun.send(sender=None, task_id="t2", task=None, args=(), kwargs={})  # the next task
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (now,) = cursor.fetchone()
+    assert now not in ended

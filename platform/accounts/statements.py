@@ -117,6 +117,12 @@ def update(instance: Model, fields: list[str] | tuple[str, ...], *, along: Model
             raise DatabaseError(f"{instance._meta.label} {instance.pk} is not there to update.")
 
 
+def in_one_query(db: BaseDatabaseWrapper) -> bool:
+    """Whether ``in_turn`` sends its statements as one query: PostgreSQL with Django's client-side binding (its
+    default). With ``server_side_binding`` the extended protocol takes one statement per query."""
+    return db.vendor == "postgresql" and not db.settings_dict["OPTIONS"].get("server_side_binding")
+
+
 def in_turn(cursor: Any, first: Statement, *then: Statement) -> None:
     """Runs ``first``, then each of ``then`` in order, each reading the database as it is once those before it have
     run: after the lock ``first`` took (and may have waited for), so what follows sees what that lock's holder
@@ -126,16 +132,21 @@ def in_turn(cursor: Any, first: Statement, *then: Statement) -> None:
     Django's client-side binding cursor uses for a query with several): under READ COMMITTED each statement of such a
     query takes its own snapshot when it starts, as it would sent alone. One statement holding both the lock and the
     read could not do this: its one snapshot is taken before it waits for the lock
-    (``tests/accounts/test_statements.py`` shows the difference). Sent with no transaction open, the query is a
-    transaction of its own, committed as it ends (``accounts.locking.retrying``). Elsewhere, one execute each.
+    (``tests/accounts/test_statements.py`` shows the difference). Sent as one query with no transaction open, they
+    are a transaction of their own, committed as the query ends (``accounts.locking.retrying``; only where
+    ``in_one_query``). Elsewhere, one execute each.
     """
     sent = (first, *then)
-    if cursor.db.vendor == "postgresql":
+    if in_one_query(cursor.db):
         values: Sequence[Any] | Mapping[str, Any]
         if all(isinstance(statement_values, Mapping) for _, statement_values in sent):
-            values = {}  # named parameters: one mapping serves them all
+            merged: dict[str, Any] = {}  # named parameters: one mapping serves them all
             for _, statement_values in sent:
-                values.update(statement_values)
+                for name, value in statement_values.items():  # type: ignore[union-attr]
+                    if name in merged and merged[name] != value:
+                        raise ValueError(f"Two statements name the parameter {name!r} with different values.")
+                    merged[name] = value
+            values = merged
         else:
             values = [value for _, statement_values in sent for value in statement_values]
         cursor.execute("; ".join(sql for sql, _ in sent), values)

@@ -240,9 +240,9 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # Celery's Django fixup closes the database connections before and after every task, and under the prefork pool with
 # psycopg's pool it closes the pool too, so every task waited for a new PostgreSQL connection: about 10 ms of the
 # 13-17 from a job's dispatch to its worker's claim (``make bench-queue``, py-spy of the GPU worker). Given a reuse
-# count it closes them every 2 x that many tasks instead; a child still drops what it inherited from its parent when it
-# starts (the fixup's ``worker_process_init``), and each task starts on a connection from the pool
-# (``config.celery.connection_from_the_pool``).
+# count it closes them about every that many tasks instead (it counts twice a task); a child still drops what it
+# inherited from its parent when it starts (the fixup's ``worker_process_init``), and each task starts on a checked
+# connection from the pool (``config.celery.connection_from_the_pool``).
 CELERY_DB_REUSE_MAX = 1_000
 CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 900, minimum=1)
 CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 840, minimum=1)
