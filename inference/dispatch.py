@@ -132,7 +132,8 @@ def _dispatched_by_one_query(parameters: dict[str, Any]) -> list[tuple[Any, ...]
 
 @retrying_atomic
 def _dispatched_in_a_transaction(parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
-    """Inside a caller's transaction, or on SQLite (one writer at a time: no lock to take)."""
+    """Inside a caller's transaction, on SQLite (one writer at a time: no lock to take), or where statements go one
+    per query (``server_side_binding``)."""
     with connection.cursor() as cursor:
         if connection.features.has_select_for_update:
             statements.in_turn(cursor, (_LOCK, parameters), (_DISPATCH, parameters))
