@@ -189,7 +189,7 @@ _KEY_LIMIT = {field.name: field for field in KeySpendLimit._meta.concrete_fields
 
 
 @cache
-def _within_credit(vendor: str, with_key: bool) -> str:
+def _within_credit(with_key: bool) -> str:
     """``_hold_within_credit``'s UPDATE written out (built once; the ORM's would be built anew for every admission),
     with, when the job has a key, the condition that the key has no spend limit."""
     column = {name: field.column for name, field in _ACCOUNT.items()}
@@ -212,7 +212,7 @@ def _hold_within_credit(organization_id: Any, *, estimate: int, held_change: int
     nothing (no credit, a budget, or no account yet)."""
     values = [held_change, _ACCOUNT["organization"].get_db_prep_value(organization_id, connection), estimate]
     with connection.cursor() as cursor:
-        cursor.execute(_within_credit(connection.vendor, with_key=False), values)
+        cursor.execute(_within_credit(with_key=False), values)
         return bool(cursor.rowcount)
 
 
@@ -220,9 +220,9 @@ def _held_at_once(hold: Hold) -> bool:
     """A new job's admission on the common path, in one round trip on PostgreSQL: the key share-locked
     (``share_key``), the hold's insert, then the account's conditional UPDATE, which adds the hold where the credit
     covers it, no budget is set and the key has no spend limit (``accounts.statements.in_turn``: three statements of
-    one query, each in its own snapshot). The UPDATE's is taken once the key's share lock is granted, so it sees any
-    limit committed before it, and none can be committed after until this transaction commits; and the hold's insert
-    (its foreign keys checked) is done before the UPDATE takes the account's lock, which is held from there to COMMIT.
+    one query, each in its own snapshot). The UPDATE's snapshot is taken once the key's share lock is granted, so it
+    sees any limit committed before it, and none can be committed after until this transaction commits; and the hold's
+    insert (its foreign keys checked) is done before the UPDATE takes the account's lock, held from there to COMMIT.
     False: the hold row is in, the key share-locked, and the account unchanged.
     """
     key_id = hold.api_key_id
@@ -233,7 +233,7 @@ def _held_at_once(hold: Hold) -> bool:
     ]
     if key_id is not None:
         values.append(_KEY_LIMIT["api_key"].get_db_prep_value(key_id, connection))
-    update = (_within_credit(connection.vendor, key_id is not None), values)
+    update = (_within_credit(key_id is not None), values)
     with connection.cursor() as cursor:
         if key_id is not None and connection.features.has_select_for_update:
             statements.in_turn(cursor, key_share_lock(key_id), statements.insertion(hold), update)
