@@ -148,18 +148,8 @@ def admit(job: Job, *, new: bool = False) -> Refusal | None:
     requeued days later holds today's price, which the hold's extensions and the settlement then use). ``new``: a
     submission's job, inserted by this transaction, which has no hold row to look for.
     """
-    quote = pricing.price_for(job.endpoint, timezone.now(), job.organization_id)
-    estimate = pricing.hold_micros(job.endpoint, job.input, quote)
-    quote = quote.for_outputs(asked(job.input))  # the price of its resolution tier, where the line has tiers
-    hold = Hold(
-        job=job,
-        organization_id=job.organization_id,
-        api_key_id=job.api_key_id,
-        end_user=job.end_user,
-        amount_micros=estimate,
-        unit_price_micros=quote.unit_price_micros,
-        unit=quote.unit,
-    )
+    hold = _hold_for(job)
+    estimate = hold.amount_micros
     if new and not job.end_user:
         if _held_at_once(hold):
             return None
@@ -182,6 +172,36 @@ def admit(job: Job, *, new: bool = False) -> Refusal | None:
     return _admit_under_the_lock(
         job, estimate=estimate, held_change=held_change, limit=limit, end_user_limit=end_user_limit
     )
+
+
+def _hold_for(job: Job) -> Hold:
+    """The hold a job's admission places: its estimated cost at the price in force now (the price of its resolution
+    tier, where the line has tiers)."""
+    quote = pricing.price_for(job.endpoint, timezone.now(), job.organization_id)
+    estimate = pricing.hold_micros(job.endpoint, job.input, quote)
+    quote = quote.for_outputs(asked(job.input))
+    return Hold(
+        job=job,
+        organization_id=job.organization_id,
+        api_key_id=job.api_key_id,
+        end_user=job.end_user,
+        amount_micros=estimate,
+        unit_price_micros=quote.unit_price_micros,
+        unit=quote.unit,
+    )
+
+
+def admit_in_query(job: Job) -> list[statements.Statement] | None:
+    """Inference's ``admit_in_query`` hook: a new job's admission on the common path (no end user tag) as the
+    statements of ``_held_at_once``, sent in the submission's own one-query transaction after the job's insert, the
+    account's conditional UPDATE made to fail that query where it changes nothing (``statements.or_unmet``): no
+    credit, a budget, a key's limit, no account. The submission then runs again in a transaction, where ``admit``
+    decides it under the account's lock. With no transaction of the client's around it, the account's lock is held
+    from that UPDATE to the end of the query, in the database: no round trip of the client's (COMMIT) inside it."""
+    if job.end_user:
+        return None
+    held_at_once = _at_once(_hold_for(job))
+    return [*held_at_once[:-1], statements.or_unmet(held_at_once[-1])]
 
 
 _ACCOUNT = {field.name: field for field in Account._meta.concrete_fields}
@@ -225,6 +245,13 @@ def _held_at_once(hold: Hold) -> bool:
     insert (its foreign keys checked) is done before the UPDATE takes the account's lock, held from there to COMMIT.
     False: the hold row is in, the key share-locked, and the account unchanged.
     """
+    with connection.cursor() as cursor:
+        statements.in_turn(cursor, *_at_once(hold))
+        return bool(cursor.rowcount)
+
+
+def _at_once(hold: Hold) -> list[statements.Statement]:
+    """``_held_at_once``'s statements, the account's UPDATE last."""
     key_id = hold.api_key_id
     values: list[Any] = [
         hold.amount_micros,
@@ -234,12 +261,9 @@ def _held_at_once(hold: Hold) -> bool:
     if key_id is not None:
         values.append(_KEY_LIMIT["api_key"].get_db_prep_value(key_id, connection))
     update = (_within_credit(key_id is not None), values)
-    with connection.cursor() as cursor:
-        if key_id is not None and connection.features.has_select_for_update:
-            statements.in_turn(cursor, key_share_lock(key_id), statements.insertion(hold), update)
-        else:  # no key; or SQLite, one writer at a time: no share lock
-            statements.in_turn(cursor, statements.insertion(hold), update)
-        return bool(cursor.rowcount)
+    if key_id is not None and connection.features.has_select_for_update:
+        return [key_share_lock(key_id), statements.insertion(hold), update]
+    return [statements.insertion(hold), update]  # no key; or SQLite, one writer at a time: no share lock
 
 
 def _admit_under_the_lock(

@@ -14,6 +14,7 @@ class BillingConfig(AppConfig):
 
         register(
             admit=admission.admit,
+            admit_in_query=admission.admit_in_query,
             reserve=admission.reserve,
             may_continue=admission.may_continue,
             attempt_finished=metering.record_attempt,

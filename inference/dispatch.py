@@ -99,20 +99,41 @@ _DISPATCH = (
 )
 
 
-def _dispatch(organization_id: uuid.UUID) -> list[tuple[str, int, str]]:
-    parameters = {
+def _parameters(organization_id: uuid.UUID) -> dict[str, Any]:
+    return {
         "dispatched": JobStatus.DISPATCHED.value,
         "queued": JobStatus.QUEUED.value,
         "now": _FIELDS["dispatched_at"].get_db_prep_value(timezone.now(), connection),
         "organization": _FIELDS["organization"].get_db_prep_value(organization_id, connection),
         **{f"active_{index}": status for index, status in enumerate(ACTIVE_STATUSES)},
     }
+
+
+def lock_statement(organization_id: uuid.UUID) -> statements.Statement:
+    """The organization's lock, for a one-query transaction that dispatches (``dispatch_statement``) after more work
+    than the dispatch: the lock first (the lock order, ``accounts.locking``)."""
+    return _LOCK, {"organization": _FIELDS["organization"].get_db_prep_value(organization_id, connection)}
+
+
+def dispatch_statement(organization_id: uuid.UUID) -> statements.Statement:
+    """The dispatch, for a one-query transaction that took the organization's lock (``lock_statement``) before it;
+    its rows go to ``send_once_committed``."""
+    return _DISPATCH, _parameters(organization_id)
+
+
+def _dispatch(organization_id: uuid.UUID) -> list[tuple[str, int, str]]:
+    parameters = _parameters(organization_id)
     # No transaction open (not only no atomic block: Django's manual transactions turn autocommit off too).
     if statements.in_one_query(connection) and connection.get_autocommit():
         dispatched = _dispatched_by_one_query(parameters)  # committed as it returns
     else:
         dispatched = _dispatched_in_a_transaction(parameters)
-    # To the broker in the order they were queued, once committed.
+    return send_once_committed(dispatched)
+
+
+def send_once_committed(dispatched: list[tuple[Any, ...]]) -> list[tuple[str, int, str]]:
+    """The jobs a dispatch statement returned, handed to the broker once its transaction commits (at once where it
+    has), in the order they were queued."""
     dispatched.sort(key=lambda row: (row[3], row[0]))
     to_send = [(str(uuid.UUID(str(job_id))), attempt, gpu_class) for job_id, attempt, gpu_class, _ in dispatched]
     if to_send:
@@ -158,7 +179,9 @@ def send_run_messages(messages: list[tuple[str, int, str]]) -> None:
 def send_run_message(job_id: str, attempt: int, queue: str) -> bool:
     """Hands a dispatched job to the broker. If the broker is down, the job goes back to the queue."""
     try:
-        current_app.send_task(RUN_TASK, args=[job_id, attempt], queue=queue, retry=False)
+        # No result is kept: with a result backend set (the benchmarks set one) Celery would otherwise subscribe to
+        # every message's result.
+        current_app.send_task(RUN_TASK, args=[job_id, attempt], queue=queue, retry=False, ignore_result=True)
     except Exception as exc:
         logger.warning("broker refused job %s attempt %s: %s; it waits for the next sweep", job_id, attempt, exc)
         _back_to_queue(job_id, attempt)

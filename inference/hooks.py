@@ -6,9 +6,9 @@ until then (or in a deployment without billing) every answer is permissive and f
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 if TYPE_CHECKING:
     from inference.models import Endpoint, Job, JobAttempt
@@ -59,6 +59,9 @@ class AdmissionCheck(Protocol):
     def __call__(self, job: Job, /, *, new: bool = False) -> Refusal | None: ...
 
 
+# A statement and its parameters (``accounts.statements.Statement``).
+Statement = tuple[str, "Sequence[Any] | Mapping[str, Any]"]
+AdmissionStatements = Callable[["Job"], "list[Statement] | None"]
 ReserveWork = Callable[["Job", int, int], "Reservation | Refusal"]
 HeartbeatCheck = Callable[["Job", int], "Refusal | None"]
 AttemptFinished = Callable[["Job", "JobAttempt"], object]  # what it answers is not read
@@ -73,6 +76,11 @@ class Hooks:
     # queues it: a submission's, just after the job's row is inserted, and an operator's requeue, just after a failed
     # or cancelled job is moved back to QUEUED. A refusal rolls that transaction back (no job, or the job as it was).
     admit: AdmissionCheck | None = None
+    # A new job's admission as statements the submission sends in its own one-query transaction (PostgreSQL), after
+    # the job's insert: the last fails that query with ``accounts.statements.UNMET_SQLSTATE`` where ``admit`` has to
+    # decide (a refusal, or a limit read under a lock); the submission then runs again in a transaction with
+    # ``admit``. None: ``admit`` decides this job. Only where ``admit`` is set too.
+    admit_in_query: AdmissionStatements | None = None
     # Before further work of a running job: extend its hold to cover ``gpu_ms`` of GPU time in total (and, credit
     # allowing, ``ahead_ms`` more, so the next steps need no call). A refusal stops the job before that work.
     reserve: ReserveWork | None = None
@@ -94,6 +102,7 @@ hooks = Hooks()
 def register(
     *,
     admit: AdmissionCheck | None = None,
+    admit_in_query: AdmissionStatements | None = None,
     reserve: ReserveWork | None = None,
     may_continue: HeartbeatCheck | None = None,
     attempt_finished: AttemptFinished | None = None,
@@ -104,6 +113,7 @@ def register(
     """Sets the hooks given (``Hooks`` says when each is called); one left out keeps what it was."""
     given = {
         "admit": admit,
+        "admit_in_query": admit_in_query,
         "reserve": reserve,
         "may_continue": may_continue,
         "attempt_finished": attempt_finished,

@@ -11,15 +11,15 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.utils import timezone
 
 from accounts import statements
 from accounts.errors import AppError
-from accounts.locking import retrying_atomic
+from accounts.locking import retrying, retrying_atomic
 from accounts.models import ApiKey, Organization
 from inference import files
-from inference.dispatch import dispatch_organization
+from inference.dispatch import dispatch_organization, dispatch_statement, lock_statement, send_once_committed
 from inference.hooks import Refusal, hooks
 from inference.inputs import is_storable_text, validate_input
 from inference.job_logs import log_line
@@ -128,7 +128,7 @@ def submit_job(
     if inline_image is not None:
         job_input["image_path"] = files.save_input_image(organization.pk, job_id, inline_image)
     try:
-        job = _insert_and_admit(
+        job = _queued(
             Job(
                 id=job_id,
                 organization=organization,
@@ -152,6 +152,58 @@ def submit_job(
             raise
         return earlier, False
     return job, True
+
+
+def _queued(job: Job) -> Job:
+    """The job inserted, admitted and dispatched: in one query of its own where it can (``_in_one_query``), else in
+    a transaction (``_insert_and_admit``), which also decides what the one query left to billing's ``admit``."""
+    admission = _admission_in_query(job)
+    if admission is not None:
+        try:
+            dispatched = _in_one_query(job, admission)
+        except DatabaseError as error:
+            if not statements.was_unmet(error):
+                raise
+            # Rolled back whole: billing decides under the account's lock (a refusal, a budget, a key's limit).
+        else:
+            statements.written(job, job.pk)
+            send_once_committed(dispatched)
+            return job
+    return _insert_and_admit(job)
+
+
+def _admission_in_query(job: Job) -> list[statements.Statement] | None:
+    """Billing's admission of ``job`` as statements of the submission's own query (none without billing), or None
+    where the submission runs in a transaction: inside a caller's transaction, on SQLite, with statements sent one
+    per query (``server_side_binding``), or where billing decides the job with ``admit``."""
+    if not (statements.in_one_query(connection) and connection.get_autocommit()):
+        return None
+    if hooks.admit is None:
+        return []
+    if hooks.admit_in_query is None:
+        return None
+    return hooks.admit_in_query(job)
+
+
+@retrying
+def _in_one_query(job: Job, admission: list[statements.Statement]) -> list[tuple[Any, ...]]:
+    """The submission as one query with no transaction open, which PostgreSQL runs as a transaction of its own,
+    committed as it ends: the organization's lock (dispatch's, taken first: the lock order), the job's insert with its
+    first log line, billing's admission, then the dispatch of the organization's queued jobs, this one among them
+    while the organization is under its concurrency limit. One round trip where a transaction took five (BEGIN, the
+    insert, the admission, COMMIT, then the dispatch's own), and no lock is held across a round trip of the client's.
+    A statement that fails (billing's admission when it must decide under a lock, a reused Idempotency-Key) rolls all
+    of it back. The dispatched jobs' rows."""
+    organization_id = job.organization_id
+    with connection.cursor() as cursor:
+        statements.in_turn(
+            cursor,
+            lock_statement(organization_id),
+            statements.insertion(job, along=log_line(job.id, f"Request queued for {job.endpoint.endpoint_id}.")),
+            *admission,
+            dispatch_statement(organization_id),
+        )
+        return cursor.fetchall()
 
 
 @retrying_atomic

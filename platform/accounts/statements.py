@@ -13,6 +13,7 @@ of a multi-table model. A table needing any of those goes through the ORM.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from functools import cache
 from typing import Any
@@ -56,10 +57,16 @@ def insert(instance: Model, *, want_pk: bool = True, along: Model | None = None)
     _saved(instance, db)
 
 
-def insertion(instance: Model) -> tuple[str, list[Any]]:
+def insertion(instance: Model, *, along: Model | None = None) -> tuple[str, list[Any]]:
     """The statement ``insert`` sends, returning the new row's key (PostgreSQL), for a caller that makes it part of a
-    larger statement; ``written(instance, key)`` once that has run."""
-    sql, values, _ = _insertion(connections[DEFAULT_DB_ALIAS], instance, want_pk=True)
+    larger statement; ``written(instance, key)`` once that has run. ``along``: as for ``update`` (PostgreSQL only
+    here: elsewhere it would be inserted at once)."""
+    db = connections[DEFAULT_DB_ALIAS]
+    sql, values, _ = _insertion(db, instance, want_pk=True)
+    if along is not None:
+        if db.vendor != "postgresql":
+            raise ValueError("A row along an insertion needs PostgreSQL's data-modifying WITH.")
+        sql, values = _with(db, along, sql, values)
     return sql, values
 
 
@@ -123,6 +130,45 @@ def in_one_query(db: BaseDatabaseWrapper) -> bool:
     return db.vendor == "postgresql" and not db.settings_dict["OPTIONS"].get("server_side_binding")
 
 
+# The SQLSTATE of ``platform_condition_unmet()`` (accounts migration 0008).
+UNMET_SQLSTATE = "PU001"
+
+
+def or_unmet(statement: Statement) -> Statement:
+    """``statement``, an UPDATE, INSERT or DELETE, made to fail with ``UNMET_SQLSTATE`` when it changes no row: sent as
+    the part of an ``in_turn`` query that is a transaction of its own, it ends that transaction, and PostgreSQL rolls
+    back every statement of the query (``was_unmet`` tells that failure from others). PostgreSQL only."""
+    sql, values = statement
+    return (
+        f"WITH changed AS ({sql} RETURNING 1) "  # noqa: S608 - the caller's statement, written out
+        "SELECT platform_condition_unmet() WHERE NOT EXISTS (SELECT 1 FROM changed)",
+        values,
+    )
+
+
+def was_unmet(error: BaseException) -> bool:
+    """Whether ``error`` is the failure of an ``or_unmet`` statement (as Django raises it, or psycopg)."""
+    cause = error.__cause__ if error.__cause__ is not None else error
+    return getattr(cause, "sqlstate", None) == UNMET_SQLSTATE
+
+
+_NAMED = re.compile(r"%\((\w+)\)s")
+
+
+@cache
+def _positional_sql(sql: str) -> tuple[str, tuple[str, ...]]:
+    return _NAMED.sub("%s", sql), tuple(_NAMED.findall(sql))
+
+
+def _positional(statement: Statement) -> Statement:
+    """A statement with named parameters written with positional ones, its values in their order."""
+    sql, values = statement
+    if not isinstance(values, Mapping):
+        return statement
+    positional_sql, names = _positional_sql(sql)
+    return positional_sql, [values[name] for name in names]
+
+
 def in_turn(cursor: Any, first: Statement, *then: Statement) -> None:
     """Runs ``first``, then each of ``then`` in order, each reading the database as it is once those before it have
     run: after the lock ``first`` took (and may have waited for), so what follows sees what that lock's holder
@@ -147,7 +193,8 @@ def in_turn(cursor: Any, first: Statement, *then: Statement) -> None:
                         raise ValueError(f"Two statements name the parameter {name!r} with different values.")
                     merged[name] = value
             values = merged
-        else:
+        else:  # positional, or both kinds: the named ones written with positional parameters
+            sent = tuple(_positional(statement) for statement in sent)
             values = [value for _, statement_values in sent for value in statement_values]
         cursor.execute("; ".join(sql for sql, _ in sent), values)
         for _ in then:

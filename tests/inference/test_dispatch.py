@@ -66,7 +66,11 @@ def test_a_dispatch_outside_a_transaction_is_one_query_committed_as_it_returns(
 
     grant_credits(organization=tenant["organization"], amount_micros=100_000_000, reason="dispatch test")
     set_concurrency_limit(organization=tenant["organization"], limit=2)
-    with patch.object(submission, "dispatch_organization"):  # the submissions' own dispatch left for the test's
+    # The submissions' own dispatch left for the test's: they run in a transaction, which dispatches after it.
+    with (
+        patch.object(submission, "_admission_in_query", return_value=None),
+        patch.object(submission, "dispatch_organization"),
+    ):
         jobs = [submit_as(tenant, builtin_endpoint) for _ in range(3)]
     params = connection.get_connection_params()
     conninfo = {key: params[key] for key in ("dbname", "user", "password", "host", "port") if params.get(key)}

@@ -15,6 +15,7 @@ def test_billing_answers_every_hook() -> None:
     registered = {field.name: getattr(seam.hooks, field.name) for field in dataclasses.fields(seam.Hooks)}
     assert registered == {
         "admit": admission.admit,
+        "admit_in_query": admission.admit_in_query,
         "reserve": admission.reserve,
         "may_continue": admission.may_continue,
         "attempt_finished": metering.record_attempt,
