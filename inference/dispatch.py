@@ -147,7 +147,7 @@ def _dispatched_by_one_query(parameters: dict[str, Any]) -> list[tuple[Any, ...]
     own (``accounts.locking.retrying``), so a submission's dispatch is one round trip, not BEGIN, the query and
     COMMIT, and the organization's lock is held for no round trip of the client's."""
     with connection.cursor() as cursor:
-        statements.in_turn(cursor, (_LOCK, parameters), (_DISPATCH, parameters))
+        statements.in_turn(cursor, (_LOCK, parameters), (_DISPATCH, parameters), plan_once=True)
         return cursor.fetchall()
 
 

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 from django.db import DEFAULT_DB_ALIAS, connection, connections
 from django.http import HttpRequest
 
+from accounts import statements
 from inference.hooks import Usage, hooks
 from inference.models import Job, JobLog, JobStatus
 
@@ -66,7 +67,7 @@ def queue_position(job: Job) -> int:
         "dispatched": _JOB_FIELDS["status"].get_db_prep_value(JobStatus.DISPATCHED, database),
     }
     with database.cursor() as cursor:
-        cursor.execute(sql, parameters)
+        statements.in_turn(cursor, (sql, parameters), plan_once=True)  # planned once per connection on PostgreSQL
         (count,) = cursor.fetchone()
     return int(count)
 

@@ -202,6 +202,7 @@ def _in_one_query(job: Job, admission: list[statements.Statement]) -> list[tuple
             statements.insertion(job, along=log_line(job.id, f"Request queued for {job.endpoint.endpoint_id}.")),
             *admission,
             dispatch_statement(organization_id),
+            plan_once=True,
         )
         return cursor.fetchall()
 

@@ -13,11 +13,14 @@ of a multi-table model. A table needing any of those goes through the ORM.
 
 from __future__ import annotations
 
+import hashlib
 import re
+import weakref
 from collections.abc import Mapping, Sequence
 from functools import cache
 from typing import Any
 
+from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Field, Model
@@ -169,7 +172,41 @@ def _positional(statement: Statement) -> Statement:
     return positional_sql, [values[name] for name in names]
 
 
-def in_turn(cursor: Any, first: Statement, *then: Statement) -> None:
+_PLACEHOLDER = re.compile(r"%%|%s")
+# Per server connection (psycopg's connection object), the names of the statements prepared on it.
+_prepared: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+
+@cache
+def _preparation(sql: str) -> tuple[str, str]:
+    """The name of ``sql`` (positional parameters) prepared, and the PREPARE that plans it: ``$1``... for ``%s``."""
+    numbers = iter(range(1, sql.count("%s") + 1))
+    numbered = _PLACEHOLDER.sub(lambda match: "%" if match.group() == "%%" else f"${next(numbers)}", sql)
+    name = "platform_" + hashlib.sha1(sql.encode(), usedforsecurity=False).hexdigest()[:20]
+    return name, f"PREPARE {name} AS {numbered}"
+
+
+def _planned_once(cursor: Any, statement: Statement) -> Statement:
+    """``statement`` as an EXECUTE of it prepared on the cursor's server connection, preparing it there first if
+    this connection has not (one round trip, once per connection and statement)."""
+    sql, values = _positional(statement)
+    name, prepare = _preparation(sql)
+    raw = cursor.db.connection
+    names = _prepared.setdefault(raw, set())
+    if name not in names:
+        cursor.execute(prepare)
+        names.add(name)
+    count = len(values)
+    return (f"EXECUTE {name}({', '.join(['%s'] * count)})" if count else f"EXECUTE {name}"), values
+
+
+def plans_once(db: BaseDatabaseWrapper) -> bool:
+    """Whether ``in_turn(..., plan_once=True)`` prepares its statements: one query of several, and a server
+    connection that stays this connection's (not behind a pooler that hands each transaction another)."""
+    return in_one_query(db) and not getattr(settings, "DATABASE_TRANSACTION_POOLING", False)
+
+
+def in_turn(cursor: Any, first: Statement, *then: Statement, plan_once: bool = False) -> None:
     """Runs ``first``, then each of ``then`` in order, each reading the database as it is once those before it have
     run: after the lock ``first`` took (and may have waited for), so what follows sees what that lock's holder
     committed. The cursor is left on the last statement's result.
@@ -181,8 +218,33 @@ def in_turn(cursor: Any, first: Statement, *then: Statement) -> None:
     (``tests/accounts/test_statements.py`` shows the difference). Sent as one query with no transaction open, they
     are a transaction of their own, committed as the query ends (``accounts.locking.retrying``; only where
     ``in_one_query``). Elsewhere, one execute each.
+
+    ``plan_once``: the statements, each always the same text, are prepared on the server connection the first time
+    it runs them (``PREPARE``, one round trip) and executed by name from then on: PostgreSQL plans each once per
+    connection instead of on every call (the dispatch statement took 0.6 ms to plan and 0.4 ms to run). Not behind
+    a pooler that hands each transaction another server connection (``DATABASE_TRANSACTION_POOLING``).
     """
-    sent = (first, *then)
+    if plan_once and plans_once(cursor.db):
+        try:
+            _in_turn(cursor, tuple(_planned_once(cursor, statement) for statement in (first, *then)))
+        except DatabaseError as error:
+            if getattr(error.__cause__, "sqlstate", None) != _NO_SUCH_PREPARED_STATEMENT:
+                raise
+            # Deallocated on the server (DEALLOCATE ALL, DISCARD ALL): prepared again. Sent with no transaction open
+            # the failed query took nothing with it; inside one, the caller's transaction has failed and says so.
+            _prepared.pop(cursor.db.connection, None)
+            if not cursor.db.get_autocommit():
+                raise
+            _in_turn(cursor, tuple(_planned_once(cursor, statement) for statement in (first, *then)))
+        return
+    _in_turn(cursor, (first, *then))
+
+
+_NO_SUCH_PREPARED_STATEMENT = "26000"  # invalid_sql_statement_name
+
+
+def _in_turn(cursor: Any, sent: tuple[Statement, ...]) -> None:
+    then = sent[1:]
     if in_one_query(cursor.db):
         values: Sequence[Any] | Mapping[str, Any]
         if all(isinstance(statement_values, Mapping) for _, statement_values in sent):

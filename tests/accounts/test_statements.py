@@ -201,3 +201,60 @@ def test_a_statement_in_turn_reads_what_the_lock_it_waited_for_committed() -> No
     finally:
         with connection.cursor() as cursor:
             cursor.execute("DROP TABLE IF EXISTS turn_lock; DROP TABLE IF EXISTS turn_rows")
+
+
+def _plans_once_here() -> None:
+    if connection.vendor != "postgresql":
+        pytest.skip("prepared statements: PostgreSQL")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_statements_planned_once_are_prepared_once_per_connection_and_answer_as_sent_plain(
+    tenant: dict[str, Any], builtin_endpoint: Any
+) -> None:
+    _plans_once_here()
+    from inference.models import Job
+
+    job = _job(tenant, builtin_endpoint)
+    statements.insert(job)
+    count = (f"SELECT count(*) FROM {Job._meta.db_table} WHERE organization_id = %s AND input ->> 'seed' = %s", [  # noqa: S608
+        tenant["organization"].pk, "7"])  # fmt: skip
+    named = ("SELECT %(word)s || '%%' || %(word)s, %(number)s::int + 1", {"word": "it's", "number": 41})
+    answers = []
+    for _ in range(3):
+        with CaptureQueriesContext(connection) as sent, connection.cursor() as cursor:
+            statements.in_turn(cursor, count, named, plan_once=True)
+            answers.append(cursor.fetchall())
+        answers.append([query["sql"].split(" ", 1)[0] for query in sent.captured_queries])
+    assert answers[0] == answers[2] == answers[4] == [("it's%it's", 42)]
+    assert answers[1] == ["PREPARE", "PREPARE", "EXECUTE"]  # each statement prepared, then both in one query
+    assert answers[3] == answers[5] == ["EXECUTE"]
+    with connection.cursor() as cursor:
+        statements.in_turn(cursor, count)
+        assert cursor.fetchall() == [(1,)]
+    connection.close()  # back to the pool: the next connection (maybe this one again) prepares what it lacks
+    with connection.cursor() as cursor:
+        statements.in_turn(cursor, count, plan_once=True)
+        assert cursor.fetchall() == [(1,)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_statement_deallocated_on_the_server_is_prepared_again() -> None:
+    _plans_once_here()
+    statement = ("SELECT %s::int * 2", [21])
+    with connection.cursor() as cursor:
+        statements.in_turn(cursor, statement, plan_once=True)
+        assert cursor.fetchall() == [(42,)]
+        cursor.execute("DEALLOCATE ALL")  # as DISCARD ALL or a session pooler's reset does
+        statements.in_turn(cursor, statement, plan_once=True)
+        assert cursor.fetchall() == [(42,)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_behind_a_transaction_pooler_nothing_is_prepared(settings: Any) -> None:
+    _plans_once_here()
+    settings.DATABASE_TRANSACTION_POOLING = True
+    with CaptureQueriesContext(connection) as sent, connection.cursor() as cursor:
+        statements.in_turn(cursor, ("SELECT %s::int + 1", [1]), ("SELECT %s::int + 2", [1]), plan_once=True)
+        assert cursor.fetchall() == [(3,)]
+    assert [query["sql"] for query in sent.captured_queries] == ["SELECT 1::int + 1; SELECT 1::int + 2"]

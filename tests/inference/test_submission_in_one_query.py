@@ -42,10 +42,10 @@ def queries(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, str]]:
     sent: list[tuple[bool, str]] = []
     in_turn = statements.in_turn
 
-    def recorded(cursor: Any, first: Any, *then: Any) -> None:
+    def recorded(cursor: Any, first: Any, *then: Any, **kwargs: Any) -> None:
         in_autocommit = connection.get_autocommit()
         try:
-            in_turn(cursor, first, *then)
+            in_turn(cursor, first, *then, **kwargs)
         except DatabaseError as error:
             sent.append((in_autocommit, "unmet" if statements.was_unmet(error) else type(error).__name__))
             raise
