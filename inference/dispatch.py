@@ -109,18 +109,6 @@ def _parameters(organization_id: uuid.UUID) -> dict[str, Any]:
     }
 
 
-def lock_statement(organization_id: uuid.UUID) -> statements.Statement:
-    """The organization's lock, for a one-query transaction that dispatches (``dispatch_statement``) after more work
-    than the dispatch: the lock first (the lock order, ``accounts.locking``)."""
-    return _LOCK, {"organization": _FIELDS["organization"].get_db_prep_value(organization_id, connection)}
-
-
-def dispatch_statement(organization_id: uuid.UUID) -> statements.Statement:
-    """The dispatch, for a one-query transaction that took the organization's lock (``lock_statement``) before it;
-    its rows go to ``send_once_committed``."""
-    return _DISPATCH, _parameters(organization_id)
-
-
 def _dispatch(organization_id: uuid.UUID) -> list[tuple[str, int, str]]:
     parameters = _parameters(organization_id)
     # No transaction open (not only no atomic block: Django's manual transactions turn autocommit off too).
@@ -128,11 +116,11 @@ def _dispatch(organization_id: uuid.UUID) -> list[tuple[str, int, str]]:
         dispatched = _dispatched_by_one_query(parameters)  # committed as it returns
     else:
         dispatched = _dispatched_in_a_transaction(parameters)
-    return send_once_committed(dispatched)
+    return _send_once_committed(dispatched)
 
 
-def send_once_committed(dispatched: list[tuple[Any, ...]]) -> list[tuple[str, int, str]]:
-    """The jobs a dispatch statement returned, handed to the broker once its transaction commits (at once where it
+def _send_once_committed(dispatched: list[tuple[Any, ...]]) -> list[tuple[str, int, str]]:
+    """The jobs the dispatch statement returned, handed to the broker once its transaction commits (at once where it
     has), in the order they were queued."""
     dispatched.sort(key=lambda row: (row[3], row[0]))
     to_send = [(str(uuid.UUID(str(job_id))), attempt, gpu_class) for job_id, attempt, gpu_class, _ in dispatched]

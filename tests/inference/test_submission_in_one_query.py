@@ -1,6 +1,6 @@
-"""A submission with no transaction open is one query on PostgreSQL, its own transaction: the organization's lock,
-the job's insert, billing's admission and the dispatch. Where billing must decide under a lock, nothing of that query
-stays and the submission runs again in a transaction, deciding exactly as it did before.
+"""A submission with no transaction open is one query on PostgreSQL, its own transaction (the job's insert and
+billing's admission), then the dispatch's own query. Where billing must decide under a lock, nothing of the first
+query stays and the submission runs again in a transaction, deciding exactly as it did before.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def postgresql_only() -> None:
 
 @pytest.fixture
 def queries(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, str]]:
-    """Each one-query transaction a submission sends: (whether it was sent with no transaction open, how it ended)."""
+    """Each one-query transaction a submission sends (its own, then the dispatch's): whether it was sent with no
+    transaction open, and how it ended."""
     sent: list[tuple[bool, str]] = []
     in_turn = statements.in_turn
 
@@ -93,7 +94,8 @@ def test_a_submission_is_one_query_committed_before_its_message_goes(
 
     monkeypatch.setattr(dispatch, "send_run_message", sent)
     job = submit_as(tenant, builtin_endpoint)
-    assert queries == [(True, "committed")]  # one query, no BEGIN before it nor COMMIT after it
+    # The submission's query, then the dispatch's: each sent with no BEGIN before it nor COMMIT after it.
+    assert queries == [(True, "committed")] * 2
     assert seen == [(JobStatus.DISPATCHED, 1, 1, 1)]
     job.refresh_from_db()
     assert (job.status, job.attempt) == (JobStatus.DISPATCHED, 1)
@@ -189,7 +191,7 @@ def test_jobs_over_the_concurrency_limit_are_admitted_and_wait(
     grant_credits(organization=organization, amount_micros=100_000_000, reason="limit test")
     set_concurrency_limit(organization=organization, limit=2)
     jobs = [submit_as(tenant, builtin_endpoint) for _ in range(3)]
-    assert queries == [(True, "committed")] * 3
+    assert queries == [(True, "committed")] * 6
     statuses = [Job.objects.get(pk=job.pk).status for job in jobs]
     assert statuses == [JobStatus.DISPATCHED, JobStatus.DISPATCHED, JobStatus.QUEUED]
     assert Hold.objects.filter(job__in=jobs, released_at=None).count() == 3
