@@ -21,7 +21,10 @@ key's limit is read behind a share lock on the key, which a new limit takes excl
 (``billing.locks.share_key``). A submission's job with no end user tag, the common case, is admitted in one round
 trip on PostgreSQL (``_held_at_once``): the key's share lock, the hold's insert, then the account's conditional
 UPDATE which also requires that the key has no limit (read once the share lock is granted); where that changed
-nothing the decision is made under the lock as above. Those statements are written out once, not built by the ORM
+nothing the decision is made under the lock as above. With no transaction open (an API request), they ride in the
+submission's own one-query transaction after the job's insert (``admit_in_query``), the UPDATE made to fail that
+query where it changes nothing, so the account's lock is held to the query's end, never across a client's COMMIT, and
+the submission is then decided in a transaction as above. Those statements are written out once, not built by the ORM
 per admission: built per call they cost more of the web process's CPU than the database's work. Weighed and not
 taken: the credit split over sub-rows (every refusal and budget check would sum them), the held amount kept in Redis
 (the database would no longer be the truth for money).
