@@ -22,11 +22,13 @@ from inference import files
 from inference.dispatch import dispatch_organization
 from inference.hooks import Refusal, hooks
 from inference.inputs import is_storable_text, validate_input
+from inference.job_events import publish_on_commit
 from inference.job_logs import log_line
 from inference.models import (
     END_USER_MAX_LENGTH,
     Endpoint,
     Job,
+    JobLog,
 )
 from inference.previews import PREVIEWS_FLAG
 from inference.webhooks import WebhookUrlError, check_webhook_url
@@ -168,7 +170,11 @@ def _queued(job: Job) -> Job:
             # Rolled back whole: billing decides under the account's lock (a refusal, a budget, a key's limit).
         else:
             statements.written(job, job.pk)
-            dispatch_organization(job.organization_id)  # committed: one query of its own too
+            publish_on_commit(job.id)  # committed: the job's waiters told, as the log line's transaction would
+            # Committed: the dispatch, one query of its own too, whose failure (a lost connection) leaves the queued
+            # job to the sweep and the request answered, as a transaction's on-commit dispatch does.
+            organization_id = job.organization_id
+            transaction.on_commit(lambda: dispatch_organization(organization_id), robust=True)
             return job
     return _insert_and_admit(job)
 
@@ -201,10 +207,16 @@ def _inserted_in_one_query(job: Job, admission: list[statements.Statement]) -> N
     with connection.cursor() as cursor:
         statements.in_turn(
             cursor,
-            statements.insertion(job, along=log_line(job.id, f"Request queued for {job.endpoint.endpoint_id}.")),
+            statements.insertion(job, along=_first_line(job)),
             *admission,
             plan_once=True,
         )
+
+
+def _first_line(job: Job) -> JobLog:
+    """The job's first log line, written with its insert (its waiters are told once that commits)."""
+    return JobLog(job_id=job.id, message=f"Request queued for {job.endpoint.endpoint_id}.", level="INFO",
+                  source="platform")  # fmt: skip
 
 
 @retrying_atomic

@@ -14,6 +14,7 @@ of a multi-table model. A table needing any of those goes through the ORM.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import weakref
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,8 @@ from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Field, Model
+
+logger = logging.getLogger(__name__)
 
 # A statement and its parameters, positional or named.
 Statement = tuple[str, Sequence[Any] | Mapping[str, Any]]
@@ -142,6 +145,8 @@ def or_unmet(statement: Statement) -> Statement:
     the part of an ``in_turn`` query that is a transaction of its own, it ends that transaction, and PostgreSQL rolls
     back every statement of the query (``was_unmet`` tells that failure from others). PostgreSQL only."""
     sql, values = statement
+    if "RETURNING" in sql.upper():
+        raise ValueError("or_unmet adds its own RETURNING: the statement must have none.")
     return (
         f"WITH changed AS ({sql} RETURNING 1) "  # noqa: S608 - the caller's statement, written out
         "SELECT platform_condition_unmet() WHERE NOT EXISTS (SELECT 1 FROM changed)",
@@ -186,13 +191,26 @@ def _preparation(sql: str) -> tuple[str, str]:
     return name, f"PREPARE {name} AS {numbered}"
 
 
+_PREPARED_ON_THE_SERVER = "SELECT name FROM pg_prepared_statements"
+
+
+def is_preparation(sql: str) -> bool:
+    """Whether ``sql`` is what ``in_turn``'s ``plan_once`` sends once per connection and statement, not per call."""
+    return sql.startswith("PREPARE ") or sql == _PREPARED_ON_THE_SERVER
+
+
 def _planned_once(cursor: Any, statement: Statement) -> Statement:
     """``statement`` as an EXECUTE of it prepared on the cursor's server connection, preparing it there first if
     this connection has not (one round trip, once per connection and statement)."""
     sql, values = _positional(statement)
     name, prepare = _preparation(sql)
     raw = cursor.db.connection
-    names = _prepared.setdefault(raw, set())
+    names = _prepared.get(raw)
+    if names is None:
+        # What the server connection holds already: a statement prepared before the client lost track of it (a
+        # failure between the PREPARE and its record) would otherwise be prepared again, and refused.
+        cursor.execute(_PREPARED_ON_THE_SERVER)
+        names = _prepared[raw] = {row[0] for row in cursor.fetchall()}
     if name not in names:
         cursor.execute(prepare)
         names.add(name)
@@ -203,7 +221,7 @@ def _planned_once(cursor: Any, statement: Statement) -> Statement:
 def plans_once(db: BaseDatabaseWrapper) -> bool:
     """Whether ``in_turn(..., plan_once=True)`` prepares its statements: one query of several, and a server
     connection that stays this connection's (not behind a pooler that hands each transaction another)."""
-    return in_one_query(db) and not getattr(settings, "DATABASE_TRANSACTION_POOLING", False)
+    return in_one_query(db) and _preparing and not getattr(settings, "DATABASE_TRANSACTION_POOLING", False)
 
 
 def in_turn(cursor: Any, first: Statement, *then: Statement, plan_once: bool = False) -> None:
@@ -222,25 +240,50 @@ def in_turn(cursor: Any, first: Statement, *then: Statement, plan_once: bool = F
     ``plan_once``: the statements, each always the same text, are prepared on the server connection the first time
     it runs them (``PREPARE``, one round trip) and executed by name from then on: PostgreSQL plans each once per
     connection instead of on every call (the dispatch statement took 0.6 ms to plan and 0.4 ms to run). Not behind
-    a pooler that hands each transaction another server connection (``DATABASE_TRANSACTION_POOLING``).
+    a pooler that hands each transaction another server connection (``DATABASE_TRANSACTION_POOLING``). A statement
+    gone or stale on the server (deallocated, or a table it reads altered by a migration while the process ran) is
+    prepared afresh and the query sent again, where no transaction was open (inside one, the caller's transaction
+    fails and its retry prepares afresh); if that fails the same way, the process stops preparing.
     """
     if plan_once and plans_once(cursor.db):
         try:
             _in_turn(cursor, tuple(_planned_once(cursor, statement) for statement in (first, *then)))
+            return
         except DatabaseError as error:
-            if getattr(error.__cause__, "sqlstate", None) != _NO_SUCH_PREPARED_STATEMENT:
+            if getattr(error.__cause__, "sqlstate", None) not in _STALE_PREPARED:
                 raise
-            # Deallocated on the server (DEALLOCATE ALL, DISCARD ALL): prepared again. Sent with no transaction open
-            # the failed query took nothing with it; inside one, the caller's transaction has failed and says so.
-            _prepared.pop(cursor.db.connection, None)
+            _prepared.pop(cursor.db.connection, None)  # read from the server again at the next use
             if not cursor.db.get_autocommit():
-                raise
+                raise  # the caller's transaction has failed, and says so; its retry prepares afresh
+        # Sent with no transaction open, the failed query took nothing with it: every statement prepared afresh.
+        cursor.execute("DEALLOCATE ALL")
+        try:
             _in_turn(cursor, tuple(_planned_once(cursor, statement) for statement in (first, *then)))
-        return
+            return
+        except DatabaseError as error:
+            if getattr(error.__cause__, "sqlstate", None) not in _STALE_PREPARED:
+                raise
+            _prepared.pop(cursor.db.connection, None)
+            _stop_preparing()
     _in_turn(cursor, (first, *then))
 
 
-_NO_SUCH_PREPARED_STATEMENT = "26000"  # invalid_sql_statement_name
+# What a prepared statement that is gone or stale answers: deallocated on the server (DEALLOCATE or DISCARD ALL), a
+# table it reads changed (0A000, "cached plan must not change result type"), or prepared already where the client
+# had no record of it.
+_STALE_PREPARED = frozenset({"26000", "0A000", "42P05"})
+_preparing = True
+
+
+def _stop_preparing() -> None:
+    """Prepared statements that vanish between two queries on one connection: a pooler that hands each transaction
+    another server connection, undeclared. The process stops preparing, and says so."""
+    global _preparing
+    _preparing = False
+    logger.error(
+        "prepared statements vanish between queries on one connection: is DATABASE_URL a pooler in transaction mode? "
+        "Set DATABASE_TRANSACTION_POOLING=1. This process no longer prepares statements."
+    )
 
 
 def _in_turn(cursor: Any, sent: tuple[Statement, ...]) -> None:

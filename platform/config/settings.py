@@ -179,8 +179,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_boo
     }
 # Behind PgBouncer in transaction mode (deploy/k8s/components/pgbouncer) each transaction may run on another server
 # connection, so nothing may outlive a transaction on one: no server-side cursors (QuerySet.iterator() would open a
-# named cursor and read it in later round trips). Prepared statements are off already: Django's psycopg backend sets
-# prepare_threshold to None and binds parameters client-side.
+# named cursor and read it in later round trips), and no statement prepared on a server connection (elsewhere the hot
+# path's statements are, once per connection: accounts.statements.in_turn's plan_once; Django's psycopg backend itself
+# sets prepare_threshold to None and binds parameters client-side).
 DATABASE_TRANSACTION_POOLING = env_bool("DATABASE_TRANSACTION_POOLING", False)
 if DATABASE_TRANSACTION_POOLING:
     DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = True

@@ -225,7 +225,9 @@ def test_statements_planned_once_are_prepared_once_per_connection_and_answer_as_
         with CaptureQueriesContext(connection) as sent, connection.cursor() as cursor:
             statements.in_turn(cursor, count, named, plan_once=True)
             answers.append(cursor.fetchall())
-        answers.append([query["sql"].split(" ", 1)[0] for query in sent.captured_queries])
+        # Besides, once per connection, what the server holds prepared already (statements.is_preparation).
+        sql = [query["sql"] for query in sent.captured_queries if query["sql"] != statements._PREPARED_ON_THE_SERVER]
+        answers.append([text.split(" ", 1)[0] for text in sql])
     assert answers[0] == answers[2] == answers[4] == [("it's%it's", 42)]
     assert answers[1] == ["PREPARE", "PREPARE", "EXECUTE"]  # each statement prepared, then both in one query
     assert answers[3] == answers[5] == ["EXECUTE"]
@@ -258,3 +260,55 @@ def test_behind_a_transaction_pooler_nothing_is_prepared(settings: Any) -> None:
         statements.in_turn(cursor, ("SELECT %s::int + 1", [1]), ("SELECT %s::int + 2", [1]), plan_once=True)
         assert cursor.fetchall() == [(3,)]
     assert [query["sql"] for query in sent.captured_queries] == ["SELECT 1::int + 1; SELECT 1::int + 2"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_statement_gone_stale_or_half_deallocated_is_prepared_afresh() -> None:
+    _plans_once_here()
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE statements_stale (x integer)")
+        try:
+            cursor.execute("INSERT INTO statements_stale VALUES (7)")
+            read = ("SELECT x FROM statements_stale WHERE x > %s", [0])
+            other = ("SELECT %s::int + 1", [1])
+            statements.in_turn(cursor, read, plan_once=True)
+            assert cursor.fetchall() == [(7,)]
+            # A migration changes what the prepared statement returns ("cached plan must not change result type").
+            cursor.execute("ALTER TABLE statements_stale ALTER COLUMN x TYPE bigint")
+            statements.in_turn(cursor, read, plan_once=True)
+            assert cursor.fetchall() == [(7,)]
+            # One of two statements deallocated: the other, still there, is not prepared twice.
+            statements.in_turn(cursor, read, other, plan_once=True)
+            name, _ = statements._preparation(statements._positional(read)[0])
+            cursor.execute(f"DEALLOCATE {name}")
+            for _ in range(2):
+                statements.in_turn(cursor, read, other, plan_once=True)
+                assert cursor.fetchall() == [(2,)]
+        finally:
+            cursor.execute("DROP TABLE statements_stale")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_prepared_statements_that_keep_vanishing_turn_preparing_off(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What an undeclared transaction pooler does: the next query runs on a server connection without the statement.
+    _plans_once_here()
+    monkeypatch.setattr(statements, "_preparing", True)
+    sent = statements._in_turn
+
+    def on_another_server_connection(cursor: Any, statements_sent: Any) -> None:
+        if statements_sent[0][0].startswith("EXECUTE "):
+            cursor.execute("DEALLOCATE ALL")
+        sent(cursor, statements_sent)
+
+    monkeypatch.setattr(statements, "_in_turn", on_another_server_connection)
+    with connection.cursor() as cursor:
+        statements.in_turn(cursor, ("SELECT %s::int * 3", [5]), plan_once=True)
+        assert cursor.fetchall() == [(15,)]
+    assert statements._preparing is False
+    assert "DATABASE_TRANSACTION_POOLING" in caplog.text
+    with CaptureQueriesContext(connection) as after, connection.cursor() as cursor:
+        statements.in_turn(cursor, ("SELECT %s::int * 3", [5]), plan_once=True)
+        assert cursor.fetchall() == [(15,)]
+    assert [query["sql"] for query in after.captured_queries] == ["SELECT 5::int * 3"]

@@ -99,7 +99,7 @@ def test_a_dispatch_outside_a_transaction_is_one_query_committed_as_it_returns(
     with CaptureQueriesContext(connection) as sent_queries:
         assert dispatch.dispatch_organization(tenant["organization"].pk) == 2
     # Besides, the first time this connection sends them, the statements' preparation (statements.in_turn).
-    sent_sql = [query["sql"] for query in sent_queries.captured_queries if not query["sql"].startswith("PREPARE ")]
+    sent_sql = [query["sql"] for query in sent_queries.captured_queries if not statements.is_preparation(query["sql"])]
     assert len(sent_sql) == 1, sent_sql
     assert in_autocommit == [True]
     assert seen_at_send == [([JobStatus.DISPATCHED], 1)] * 2

@@ -19,6 +19,7 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
+from accounts import statements as prepared
 from billing.ledger import grant_credits
 from billing.models import Hold, UsageRecord
 from billing.money import gpu_ms_within
@@ -78,7 +79,7 @@ def test_each_step_of_a_job_sends_no_more_statements_than_it_does_today(
         # A statement planned once (accounts.statements.in_turn's plan_once) is prepared the first time a connection
         # sends it: once per connection, not per job.
         sent = [query["sql"] for query in queries.captured_queries]
-        statements[step] = [sql for sql in sent if not sql.startswith("PREPARE ")]
+        statements[step] = [sql for sql in sent if not prepared.is_preparation(sql)]
 
     # Submit: the insert and billing's admission (the hold) in one transaction; on commit it dispatches.
     with django_capture_on_commit_callbacks() as on_submit_commit, CaptureQueriesContext(connection) as submit:

@@ -256,3 +256,24 @@ def test_one_query_decides_every_submission_as_the_transaction_does(
 
     assert state(one_query) == state(in_transaction)
     assert Job.objects.filter(organization=one_query).count() == answers.count("queued")
+
+
+def test_a_dispatch_that_fails_after_the_submission_committed_leaves_the_job_to_the_sweep(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The job and its hold are committed before the dispatch's own query: a dispatch that fails (a lost connection)
+    # must not fail the request, or a client retrying without an Idempotency-Key would pay for two jobs.
+    from django.db import OperationalError
+
+    grant_credits(organization=tenant["organization"], amount_micros=100_000_000, reason="dispatch failure test")
+
+    def lost(*args: Any) -> Any:
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(dispatch, "_dispatched_by_one_query", lost)
+    job = submit_as(tenant, builtin_endpoint)
+    job.refresh_from_db()
+    assert job.status == JobStatus.QUEUED
+    assert Hold.objects.filter(job=job, released_at=None).exists()
+    monkeypatch.undo()
+    assert dispatch.dispatch_organization(tenant["organization"].pk) == 1  # what the sweep does
