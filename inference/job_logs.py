@@ -31,6 +31,12 @@ def log_line(job_id: uuid.UUID | str, message: str, *, level: str = "INFO", sour
     """The line ``log_job`` writes, for its caller to write (with the job's own update: ``statements.update``'s
     ``along``); once the transaction commits, the job's waiters are told to look again, as ``log_job``'s are."""
     publish_on_commit(job_id)
+    return line(job_id, message, level=level, source=source)
+
+
+def line(job_id: uuid.UUID | str, message: str, *, level: str = "INFO", source: str = "platform") -> JobLog:
+    """A log line, for a caller that writes it and tells the job's waiters itself (``job_events.publish_on_commit``)
+    once that has committed."""
     return JobLog(job_id=job_id, message=message, level=level, source=source)
 
 

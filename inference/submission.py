@@ -18,12 +18,11 @@ from accounts import statements
 from accounts.errors import AppError
 from accounts.locking import retrying, retrying_atomic
 from accounts.models import ApiKey, Organization
-from inference import files
+from inference import files, job_logs
 from inference.dispatch import dispatch_organization
 from inference.hooks import Refusal, hooks
 from inference.inputs import is_storable_text, validate_input
 from inference.job_events import publish_on_commit
-from inference.job_logs import log_line
 from inference.models import (
     END_USER_MAX_LENGTH,
     Endpoint,
@@ -215,14 +214,14 @@ def _inserted_in_one_query(job: Job, admission: list[statements.Statement]) -> N
 
 def _first_line(job: Job) -> JobLog:
     """The job's first log line, written with its insert (its waiters are told once that commits)."""
-    return JobLog(job_id=job.id, message=f"Request queued for {job.endpoint.endpoint_id}.", level="INFO",
-                  source="platform")  # fmt: skip
+    return job_logs.line(job.id, f"Request queued for {job.endpoint.endpoint_id}.")
 
 
 @retrying_atomic
 def _insert_and_admit(job: Job) -> Job:
     # The job and its first log line: one statement on PostgreSQL (``accounts.statements``).
-    statements.insert(job, along=log_line(job.id, f"Request queued for {job.endpoint.endpoint_id}."))
+    statements.insert(job, along=_first_line(job))
+    publish_on_commit(job.id)
     if hooks.admit is not None:
         # Last: billing locks the organization's account, which every submission and settlement of the organization
         # waits for, until this commits. After the insert, so it can hold credit against the job; a refusal rolls

@@ -246,26 +246,31 @@ def in_turn(cursor: Any, first: Statement, *then: Statement, plan_once: bool = F
     fails and its retry prepares afresh); if that fails the same way, the process stops preparing.
     """
     if plan_once and plans_once(cursor.db):
-        try:
-            _in_turn(cursor, tuple(_planned_once(cursor, statement) for statement in (first, *then)))
+        sent = (first, *then)
+        if _sent_prepared(cursor, sent):
             return
-        except DatabaseError as error:
-            if getattr(error.__cause__, "sqlstate", None) not in _STALE_PREPARED:
-                raise
-            _prepared.pop(cursor.db.connection, None)  # read from the server again at the next use
-            if not cursor.db.get_autocommit():
-                raise  # the caller's transaction has failed, and says so; its retry prepares afresh
         # Sent with no transaction open, the failed query took nothing with it: every statement prepared afresh.
         cursor.execute("DEALLOCATE ALL")
-        try:
-            _in_turn(cursor, tuple(_planned_once(cursor, statement) for statement in (first, *then)))
+        if _sent_prepared(cursor, sent):
             return
-        except DatabaseError as error:
-            if getattr(error.__cause__, "sqlstate", None) not in _STALE_PREPARED:
-                raise
-            _prepared.pop(cursor.db.connection, None)
-            _stop_preparing()
+        _stop_preparing()
     _in_turn(cursor, (first, *then))
+
+
+def _sent_prepared(cursor: Any, sent: tuple[Statement, ...]) -> bool:
+    """``sent`` as EXECUTEs of statements prepared on the connection. False: one was gone or stale, and no transaction
+    was open (the connection's record of them is read from the server again at the next use); inside a transaction
+    that error is raised: the caller's transaction has failed, and its retry prepares afresh."""
+    try:
+        _in_turn(cursor, tuple(_planned_once(cursor, statement) for statement in sent))
+    except DatabaseError as error:
+        if getattr(error.__cause__, "sqlstate", None) not in _STALE_PREPARED:
+            raise
+        _prepared.pop(cursor.db.connection, None)
+        if not cursor.db.get_autocommit():
+            raise
+        return False
+    return True
 
 
 # What a prepared statement that is gone or stale answers: deallocated on the server (DEALLOCATE or DISCARD ALL), a
