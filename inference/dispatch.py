@@ -99,29 +99,20 @@ _DISPATCH = (
 )
 
 
-def _parameters(organization_id: uuid.UUID) -> dict[str, Any]:
-    return {
+def _dispatch(organization_id: uuid.UUID) -> list[tuple[str, int, str]]:
+    parameters = {
         "dispatched": JobStatus.DISPATCHED.value,
         "queued": JobStatus.QUEUED.value,
         "now": _FIELDS["dispatched_at"].get_db_prep_value(timezone.now(), connection),
         "organization": _FIELDS["organization"].get_db_prep_value(organization_id, connection),
         **{f"active_{index}": status for index, status in enumerate(ACTIVE_STATUSES)},
     }
-
-
-def _dispatch(organization_id: uuid.UUID) -> list[tuple[str, int, str]]:
-    parameters = _parameters(organization_id)
     # No transaction open (not only no atomic block: Django's manual transactions turn autocommit off too).
     if statements.in_one_query(connection) and connection.get_autocommit():
         dispatched = _dispatched_by_one_query(parameters)  # committed as it returns
     else:
         dispatched = _dispatched_in_a_transaction(parameters)
-    return _send_once_committed(dispatched)
-
-
-def _send_once_committed(dispatched: list[tuple[Any, ...]]) -> list[tuple[str, int, str]]:
-    """The jobs the dispatch statement returned, handed to the broker once its transaction commits (at once where it
-    has), in the order they were queued."""
+    # To the broker in the order they were queued, once committed.
     dispatched.sort(key=lambda row: (row[3], row[0]))
     to_send = [(str(uuid.UUID(str(job_id))), attempt, gpu_class) for job_id, attempt, gpu_class, _ in dispatched]
     if to_send:

@@ -170,10 +170,7 @@ def _queued(job: Job) -> Job:
         else:
             statements.written(job, job.pk)
             publish_on_commit(job.id)  # committed: the job's waiters told, as the log line's transaction would
-            # Committed: the dispatch, one query of its own too, whose failure (a lost connection) leaves the queued
-            # job to the sweep and the request answered, as a transaction's on-commit dispatch does.
-            organization_id = job.organization_id
-            transaction.on_commit(lambda: dispatch_organization(organization_id), robust=True)
+            _dispatch_once_committed(job)  # at once: one query of its own too
             return job
     return _insert_and_admit(job)
 
@@ -229,9 +226,15 @@ def _insert_and_admit(job: Job) -> Job:
         refusal = hooks.admit(job, new=True)
         if refusal is not None:
             raise SubmissionRefused.of(refusal)
+    _dispatch_once_committed(job)
+    return job
+
+
+def _dispatch_once_committed(job: Job) -> None:
+    """The organization dispatched once the submission has committed; a dispatch that fails (a lost connection) is
+    logged and leaves the queued job to the sweep, the request answered with it."""
     organization_id = job.organization_id
     transaction.on_commit(lambda: dispatch_organization(organization_id), robust=True)
-    return job
 
 
 def _same_key(organization: Organization, idempotency_key: str, fingerprint: str) -> Job | None:
