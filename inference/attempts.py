@@ -6,17 +6,22 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from functools import cache
+from typing import Any, cast
 
 from django.conf import settings
-from django.db.models import F, Q, Value
+from django.db import connection
+from django.db.models import Exists, F, OuterRef, Q, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from accounts import statements
-from accounts.locking import retrying_atomic
+from accounts.locking import retrying, retrying_atomic
+from accounts.models import Organization
+from inference import endpoints
 from inference.hooks import Refusal, Reservation, hooks
 from inference.job_events import publish
+from inference.job_logs import line as job_line
 from inference.job_logs import log_line
 from inference.models import (
     AttemptOutcome,
@@ -33,10 +38,21 @@ def lease_deadline() -> Any:
 
 
 def claim_job(*, job_id: str, attempt: int, worker: str) -> Job | None:
-    """The job, now RUNNING on this worker, or None if another message (or a cancel) got there first."""
+    """The job, now RUNNING on this worker (with its endpoint and organization), or None if another message (or a
+    cancel) got there first. One query with no transaction open on PostgreSQL (``_claimed_by_one_query``).
+
+    The job's ``company_waiting``: whether another job of its endpoint and GPU class was dispatched and not yet
+    claimed as it was claimed, one its batch could take along (``inference.worker.gather_companions``)."""
+    if statements.in_one_query(connection) and connection.get_autocommit():
+        return _claimed_by_one_query(job_id, attempt, worker)
     if not _claim(job_id, attempt, worker):
         return None
-    return Job.objects.select_related("endpoint", "organization").get(pk=job_id)
+    others = Job.objects.filter(
+        endpoint_id=OuterRef("endpoint_id"), gpu_class=OuterRef("gpu_class"), status=JobStatus.DISPATCHED
+    ).exclude(pk=OuterRef("pk"))
+    return (
+        Job.objects.select_related("endpoint", "organization").annotate(company_waiting=Exists(others)).get(pk=job_id)
+    )
 
 
 @retrying_atomic
@@ -64,6 +80,68 @@ def _claim(job_id: str, attempt: int, worker: str) -> bool:
         started, want_pk=False, along=log_line(job_id, f"Attempt {attempt} started on {worker}.", source="worker")
     )
     return True
+
+
+@retrying
+def _claimed_by_one_query(job_id: str, attempt: int, worker: str) -> Job | None:
+    """``_claim`` and the read of the job as one statement with no transaction open, a transaction of its own: the
+    job's conditional UPDATE, its attempt and log line inserted for each row it changed (one or none), and the job
+    as changed with its organization. One round trip where a transaction took six (BEGIN, the UPDATE, the attempt,
+    COMMIT, the read), all of it between a job's message and the start of its work; the endpoint comes from this
+    process's memory (``inference.endpoints``)."""
+
+    now = timezone.now()
+    started = JobAttempt(job_id=job_id, number=attempt, worker=worker, started_at=now, heartbeat_at=now)
+    line = job_line(job_id, f"Attempt {attempt} started on {worker}.", source="worker")
+    attempt_sql, attempt_values = statements.insertion_for_each(started, "claimed")
+    line_sql, line_values = statements.insertion_for_each(line, "claimed")
+    datetime_field = Job._meta.get_field("started_at")
+    claim_values = [
+        JobStatus.RUNNING.value,
+        worker,
+        datetime_field.get_db_prep_value(lease_deadline(), connection),
+        datetime_field.get_db_prep_value(now, connection),
+        Job._meta.pk.get_db_prep_value(job_id, connection),
+        JobStatus.DISPATCHED.value,
+        attempt,
+        datetime_field.get_db_prep_value(now, connection),
+    ]
+    with connection.cursor() as cursor:
+        statements.in_turn(
+            cursor,
+            (
+                _claim_statement(attempt_sql, line_sql),
+                [*claim_values, *attempt_values, *line_values, JobStatus.DISPATCHED.value],
+            ),
+            plan_once=True,
+        )
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    publish(job_id)  # committed: the job's waiters see it running
+    width = statements.width(Job)
+    job = cast(Job, statements.built(Job, row[:width]))
+    job.organization = cast(Organization, statements.built(Organization, row[width:-1]))
+    job.company_waiting = row[-1]
+    job.endpoint = endpoints.by_id(job.endpoint_id)
+    return job
+
+
+@cache
+def _claim_statement(attempt_sql: str, line_sql: str) -> str:
+    job_table, organization_table = Job._meta.db_table, Organization._meta.db_table
+    # A request whose start deadline has passed is not started: the sweep (or its waiting sync run) ends it.
+    return (
+        f"WITH claimed AS (UPDATE {job_table} SET status = %s, worker = %s, lease_expires_at = %s, "  # noqa: S608
+        "started_at = COALESCE(started_at, %s), progress_step = 0, progress_total = 0 "
+        "WHERE id = %s AND status = %s AND attempt = %s AND (start_deadline IS NULL OR start_deadline > %s) "
+        f"RETURNING {statements.columns(Job)}), "
+        f"started AS ({attempt_sql}), line AS ({line_sql}) "
+        f"SELECT {statements.columns(Job, 'claimed')}, {statements.columns(Organization, 'o')}, "
+        f"EXISTS (SELECT 1 FROM {job_table} other WHERE other.status = %s AND other.gpu_class = claimed.gpu_class "
+        "AND other.endpoint_id = claimed.endpoint_id AND other.id <> claimed.id) "
+        f"FROM claimed JOIN {organization_table} o ON o.id = claimed.organization_id"
+    )
 
 
 def claim_batch_companions(

@@ -251,6 +251,10 @@ class Job(TenantModel):
             )
         ]
 
+    # Set on the job a worker claimed (``inference.attempts.claim_job``): another job of its endpoint and GPU class
+    # was dispatched and not yet claimed then. Not a column.
+    company_waiting: bool
+
     def __str__(self) -> str:
         return f"{self.id} {self.status}"
 

@@ -29,6 +29,7 @@ from django.db import close_old_connections, connection
 
 from accounts.errors import AppError
 from inference import attempts, closing, files
+from inference.batch_pace import ArrivalPace
 from inference.engine import (
     AnyEngine,
     BatchMeter,
@@ -72,6 +73,10 @@ STEP_LOG_LINES = 20
 # The time one image's denoising step last took here, per (endpoint, width, height): a job's first step is
 # reserved from it (from the admission estimate alone on a worker that never ran that shape).
 _step_ms_per_image: dict[tuple[Any, Any, Any], float] = {}
+
+# How fast requests reach this worker against how long its pipeline calls take, per endpoint: whether a job waits for
+# company (`gather_companions`).
+_pace = ArrivalPace()
 
 _cache: PipelineCache | None = None
 _cache_lock = threading.Lock()
@@ -331,6 +336,7 @@ def execute(job_id: str, attempt: int) -> None:
 
     Safe to call twice with the same message: only one claim wins.
     """
+
     close_old_connections()
     job = attempts.claim_job(job_id=job_id, attempt=attempt, worker=worker_name())
     if job is None:
@@ -382,10 +388,12 @@ def _run(leader: Member, heartbeat: Heartbeat) -> None:
             configure_compile_cache(Path(settings.DATA_DIR) / "compile-cache")
         loaded = pipeline_cache().get(weights_source(job.endpoint), job.endpoint.kind, options=options)
         leader.cold_start_ms = loaded.load_ms
+
         if not loaded.cache_hit:
             leader.cold_start_ms += warm_up(loaded.engine, job.endpoint, profile)
             log_job(job.id, f"Model loaded in {leader.cold_start_ms} ms (cold start).", source="worker")
         requests = [generation_request(job)]
+        _pace.arrived(job.endpoint_id, job.created_at)
         members += gather_companions(job, requests[0], profile)
         heartbeat.add(members[1:])
         requests += [generation_request(member.job) for member in members[1:]]
@@ -396,6 +404,7 @@ def _run(leader: Member, heartbeat: Heartbeat) -> None:
         def on_cancelled(index: int, cancelled: Cancelled) -> None:
             _close_cancelled(members[index], heartbeat, cancelled)
 
+        called = time.monotonic()
         outcomes = loaded.engine.run_batch(
             requests,
             options=RunOptions.of(profile),
@@ -404,6 +413,7 @@ def _run(leader: Member, heartbeat: Heartbeat) -> None:
             on_cancelled=on_cancelled,
             previews=preview_options(members, heartbeat),
         )
+        _pace.ran(job.endpoint_id, (time.monotonic() - called) * 1000)
         for member, outcome in zip(members, outcomes, strict=True):
             if isinstance(outcome, GenerationResult):
                 _store_or_fail(member, outcome, heartbeat, batch_size=len(members))
@@ -531,12 +541,20 @@ def _encoded_output(job: Job, result: GenerationResult) -> dict[str, Any]:
 
 
 def gather_companions(job: Job, request: GenerationRequest, profile: OptimizationProfile) -> list[Member]:
-    """Compatible dispatched jobs to run with `job`, waiting at most the profile's `batch_wait_ms` for them."""
+    """Compatible dispatched jobs to run with `job`: those dispatched already (if its claim saw any:
+    `attempts.claim_job`'s `company_waiting`), and those dispatched within the profile's `batch_wait_ms` while
+    requests reach this worker faster than it runs them (`inference.batch_pace`)."""
     key = batch_key(request)
     room = profile.max_batch_size - len(request.seeds)
     if key is None or room <= 0:
         return []
-    deadline = time.monotonic() + profile.batch_wait_ms / 1000
+    if _pace.company_expected(job.endpoint_id):
+        wait_ms = profile.batch_wait_ms
+    elif getattr(job, "company_waiting", True):
+        wait_ms = 0  # those dispatched already, no wait
+    else:
+        return []  # none dispatched when the job was claimed, and none expected soon: not even a look
+    deadline = time.monotonic() + wait_ms / 1000
 
     def compatible(job_input: dict[str, Any]) -> bool:
         try:
@@ -547,6 +565,8 @@ def gather_companions(job: Job, request: GenerationRequest, profile: Optimizatio
     companions: list[Job] = []
     while room > 0:
         found = attempts.claim_batch_companions(job=job, worker=worker_name(), room=room, compatible=compatible)
+        for companion in found:
+            _pace.arrived(companion.endpoint_id, companion.created_at)
         companions += found
         room -= sum(len(companion.input["seeds"]) for companion in found)
         remaining = deadline - time.monotonic()

@@ -39,7 +39,8 @@ DESCRIPTIONS: Mapping[str, str] = {
     "cuda_graphs": "replay the UNet as a captured CUDA graph per shape (CUDA only; ignored on CPU)",
     "prompt_cache": "keep text-encoder outputs of recent prompts (entries; 0: off); lossless",
     "max_batch_size": "images of compatible queued requests run as one pipeline call (1: no batching)",
-    "batch_wait_ms": "how long a request waits for company before its batch starts",
+    "batch_wait_ms": "how long a request waits for company before its batch starts, at most: only while requests "
+    "arrive faster than a batch runs",
     "feature_cache_interval": "LOSSY: reuse the UNet's deep features, recomputing them every k steps "
     "(DeepCache); 0: off",
 }

@@ -76,6 +76,24 @@ def insertion(instance: Model, *, along: Model | None = None) -> tuple[str, list
     return sql, values
 
 
+def insertion_for_each(instance: Model, source: str) -> Statement:
+    """``instance`` INSERTed once for each row of ``source`` (a ``WITH`` query of the same statement, usually one row
+    or none): a row written only if the statement's own change happened, in that statement. Its values as ``insert``
+    converts them; PostgreSQL types each from its column. ``instance`` takes no key back (``want_pk=False``)."""
+    db = connections[DEFAULT_DB_ALIAS]
+    if db.vendor != "postgresql":
+        raise ValueError("A row inserted for each row of a WITH query needs PostgreSQL's data-modifying WITH.")
+    _, values, _ = _insertion(db, instance, want_pk=False)
+    return _insert_for_each_statement(type(instance), source), values
+
+
+@cache
+def _insert_for_each_statement(model: type[Model], source: str) -> str:
+    sql, fields = _insert_statement(model, "postgresql", False)
+    head = sql[: sql.index(" VALUES (")]
+    return f"{head} SELECT {', '.join(['%s'] * len(fields))} FROM {source}"  # noqa: S608 - names only
+
+
 def written(instance: Model, pk: Any) -> None:
     instance.pk = instance._meta.pk.to_python(pk)
     _saved(instance, connections[DEFAULT_DB_ALIAS])
