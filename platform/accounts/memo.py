@@ -75,6 +75,11 @@ class GenerationMemo(Generic[Value]):
             self._entries[key] = kept
         return value
 
+    def forget(self, key: Hashable) -> None:
+        """Drops what is kept for ``key``: the next call loads it."""
+        with self._lock:
+            self._entries.pop(key, None)
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()

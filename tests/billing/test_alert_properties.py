@@ -19,7 +19,6 @@ from unittest import mock
 
 import hypothesis
 import pytest
-from django.core.cache import cache
 from django.db import transaction
 from django.test import TestCase
 from hypothesis import HealthCheck
@@ -34,7 +33,7 @@ from hypothesis.stateful import (
 )
 
 from accounts.models import ApiKey, Organization
-from billing import alerts, controls
+from billing import alerts, controls, pricing
 from billing.admission import spent_this_month
 from billing.ledger import grant_credits
 from billing.models import Account, AlertScope, EntryKind, SpendAlert, UsageRecord
@@ -61,7 +60,7 @@ class Alerting(RuleBasedStateMachine):
     def open_books(
         self, budget: int, key_limit: int | None, budget_thresholds: list[int], key_thresholds: list[int]
     ) -> None:
-        cache.delete(f"billing:ms-per-work:{self.endpoint.pk}")
+        pricing.forget_measurement(self.endpoint.pk)
         self.example = transaction.atomic()
         self.example.__enter__()
         self.emails: list[int] = []

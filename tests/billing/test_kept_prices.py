@@ -170,3 +170,38 @@ def test_a_price_line_rolled_back_is_never_kept(shared_cache: None, builtin_endp
         transaction.set_rollback(True)  # the operator's save failed after the line was written
     assert not Price.objects.filter(pk=line.pk).exists()
     assert pricing.price_for(builtin_endpoint, timezone.now()) == before
+
+
+def test_a_measured_gpu_time_is_kept_in_memory_and_an_unmeasured_one_never(
+    generations: list[int], builtin_endpoint: Endpoint, tenant: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Admission's measured GPU ms per work unit: read from the cache or the rollups once, then from this process's
+    memory; an endpoint with no usage yet gets its class's bound, and its first usage is measured at the next call."""
+    from django.core.cache import cache
+
+    from billing.models import Granularity, UsageRollup
+    from billing.periods import day_start
+
+    pricing.forget_measurement(builtin_endpoint.pk)
+    reads: list[str] = []
+    real_get = cache.get
+    monkeypatch.setattr(cache, "get", lambda key, *args, **kwargs: reads.append(key) or real_get(key, *args, **kwargs))
+    bound = pricing.ms_per_work_unit(builtin_endpoint)
+    assert pricing.ms_per_work_unit(builtin_endpoint) == bound
+    assert len(reads) == 2  # not kept: asked again each time
+    UsageRollup.objects.create(
+        granularity=Granularity.DAY, bucket_start=day_start(timezone.now()), organization=tenant["organization"],
+        endpoint=builtin_endpoint, gpu_class=builtin_endpoint.gpu_class, gpu_ms=12_345, work_units=1_000,
+    )  # fmt: skip
+    assert pricing.ms_per_work_unit(builtin_endpoint) == 12.345  # the first usage, at the next call
+    reads.clear()
+    assert pricing.ms_per_work_unit(builtin_endpoint) == 12.345
+    assert reads == []  # kept in memory: no round trip to the cache
+    UsageRollup.objects.update(gpu_ms=20_000)
+    assert pricing.ms_per_work_unit(builtin_endpoint) == 12.345  # a minute's measurement stands
+    pricing.forget_measurement(builtin_endpoint.pk)
+    assert pricing.ms_per_work_unit(builtin_endpoint) == 20.0
+    generations[0] += 1  # an endpoint or price changed: nothing kept is used
+    cache.delete(f"billing:ms-per-work:{builtin_endpoint.pk}")
+    UsageRollup.objects.update(gpu_ms=30_000)
+    assert pricing.ms_per_work_unit(builtin_endpoint) == 30.0

@@ -12,7 +12,6 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from django.core.cache import cache
 from django.db import transaction
 from django.db.models import OuterRef, Subquery, Sum
 from django.db.models.functions import Coalesce
@@ -29,6 +28,7 @@ from hypothesis.stateful import (
 )
 
 from accounts.models import Organization
+from billing import pricing
 from billing.ledger import BillingError, grant_credits, refund_job
 from billing.models import Account, CreditEntry, EntryKind, Hold, Price, PriceUnit, UsageRecord
 from billing.reconciliation import run_reconciliation
@@ -70,7 +70,7 @@ class Books(RuleBasedStateMachine):
         # Each example runs in a savepoint of the test's transaction and is rolled back at teardown. What the cache
         # keeps (admission's measured GPU time per work unit) outlives it: each example starts without it.
         for endpoint in self.endpoints:
-            cache.delete(f"billing:ms-per-work:{endpoint.pk}")
+            pricing.forget_measurement(endpoint.pk)
         self.example = transaction.atomic()
         self.example.__enter__()
         self.jobs: list[Any] = []

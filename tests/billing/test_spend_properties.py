@@ -21,7 +21,6 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from django.core.cache import cache
 from django.db import transaction
 from django.db.models import Sum
 from django.utils import timezone
@@ -37,7 +36,7 @@ from hypothesis.stateful import (
 )
 
 from accounts.models import ApiKey, Organization
-from billing import controls, end_users
+from billing import controls, end_users, pricing
 from billing.admission import month_start, spent_this_month
 from billing.ledger import grant_credits
 from billing.models import Account, CreditEntry, EntryKind, Hold, Price, UsageRecord
@@ -67,7 +66,7 @@ class Spending(RuleBasedStateMachine):
     ) -> None:
         # What the cache keeps (admission's measured GPU time per work unit) outlives the rolled-back example: each
         # example starts without it, so a replay of an example decides exactly as the example did.
-        cache.delete(f"billing:ms-per-work:{self.endpoint.pk}")
+        pricing.forget_measurement(self.endpoint.pk)
         self.example = transaction.atomic()
         self.example.__enter__()
         account = Account.objects.get(pk=self.organization.pk)

@@ -9,7 +9,6 @@ import uuid
 from typing import Any
 
 import pytest
-from django.core.cache import cache
 from django.db import DatabaseError, connection
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,7 +16,7 @@ from hypothesis import strategies as st
 from accounts import statements
 from accounts.models import Organization
 from accounts.services import set_concurrency_limit
-from billing import controls
+from billing import controls, pricing
 from billing.ledger import grant_credits
 from billing.models import Account, EntryKind, Hold
 from inference import dispatch, submission
@@ -224,7 +223,7 @@ def test_one_query_decides_every_submission_as_the_transaction_does(
 ) -> None:  # fmt: skip
     """The same submissions against two organizations with the same books, one submitted in one query where it can
     and the other always in a transaction: the same answers, the same holds, the same held amounts."""
-    cache.delete(f"billing:ms-per-work:{builtin_endpoint.pk}")
+    pricing.forget_measurement(builtin_endpoint.pk)
     books = []
     for _ in range(2):
         user = make_user(email=f"books-{uuid.uuid4().hex[:10]}@example.com")
