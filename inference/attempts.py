@@ -17,7 +17,6 @@ from django.utils import timezone
 
 from accounts import statements
 from accounts.locking import retrying, retrying_atomic
-from accounts.models import Organization
 from inference import endpoints
 from inference.hooks import Refusal, Reservation, hooks
 from inference.job_events import publish
@@ -38,7 +37,7 @@ def lease_deadline() -> Any:
 
 
 def claim_job(*, job_id: str, attempt: int, worker: str) -> Job | None:
-    """The job, now RUNNING on this worker (with its endpoint and organization), or None if another message (or a
+    """The job, now RUNNING on this worker (with its endpoint), or None if another message (or a
     cancel) got there first. One query with no transaction open on PostgreSQL (``_claimed_by_one_query``).
 
     The job's ``company_waiting``: whether another job of its endpoint and GPU class was dispatched and not yet
@@ -86,10 +85,9 @@ def _claim(job_id: str, attempt: int, worker: str) -> bool:
 def _claimed_by_one_query(job_id: str, attempt: int, worker: str) -> Job | None:
     """``_claim`` and the read of the job as one statement with no transaction open, a transaction of its own: the
     job's conditional UPDATE, its attempt and log line inserted for each row it changed (one or none), and the job
-    as changed with its organization. One round trip where a transaction took six (BEGIN, the UPDATE, the attempt,
-    COMMIT, the read), all of it between a job's message and the start of its work; the endpoint comes from this
-    process's memory (``inference.endpoints``)."""
-
+    as changed. One round trip where a transaction took five (BEGIN, the UPDATE, the attempt, COMMIT, the read), all
+    of it between a job's message and the start of its work; the endpoint comes from this process's memory
+    (``inference.endpoints``)."""
     now = timezone.now()
     started = JobAttempt(job_id=job_id, number=attempt, worker=worker, started_at=now, heartbeat_at=now)
     line = job_line(job_id, f"Attempt {attempt} started on {worker}.", source="worker")
@@ -121,7 +119,6 @@ def _claimed_by_one_query(job_id: str, attempt: int, worker: str) -> Job | None:
     publish(job_id)  # committed: the job's waiters see it running
     width = statements.width(Job)
     job = cast(Job, statements.built(Job, row[:width]))
-    job.organization = cast(Organization, statements.built(Organization, row[width:-1]))
     job.company_waiting = row[-1]
     job.endpoint = endpoints.by_id(job.endpoint_id)
     return job
@@ -129,7 +126,7 @@ def _claimed_by_one_query(job_id: str, attempt: int, worker: str) -> Job | None:
 
 @cache
 def _claim_statement(attempt_sql: str, line_sql: str) -> str:
-    job_table, organization_table = Job._meta.db_table, Organization._meta.db_table
+    job_table = Job._meta.db_table
     # A request whose start deadline has passed is not started: the sweep (or its waiting sync run) ends it.
     return (
         f"WITH claimed AS (UPDATE {job_table} SET status = %s, worker = %s, lease_expires_at = %s, "  # noqa: S608
@@ -137,10 +134,10 @@ def _claim_statement(attempt_sql: str, line_sql: str) -> str:
         "WHERE id = %s AND status = %s AND attempt = %s AND (start_deadline IS NULL OR start_deadline > %s) "
         f"RETURNING {statements.columns(Job)}), "
         f"started AS ({attempt_sql}), line AS ({line_sql}) "
-        f"SELECT {statements.columns(Job, 'claimed')}, {statements.columns(Organization, 'o')}, "
+        f"SELECT {statements.columns(Job, 'claimed')}, "
         f"EXISTS (SELECT 1 FROM {job_table} other WHERE other.status = %s AND other.gpu_class = claimed.gpu_class "
         "AND other.endpoint_id = claimed.endpoint_id AND other.id <> claimed.id) "
-        f"FROM claimed JOIN {organization_table} o ON o.id = claimed.organization_id"
+        "FROM claimed"
     )
 
 

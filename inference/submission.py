@@ -22,7 +22,6 @@ from inference import files, job_logs
 from inference.dispatch import dispatch_organization
 from inference.hooks import Refusal, hooks
 from inference.inputs import is_storable_text, validate_input
-from inference.job_events import publish_on_commit
 from inference.models import (
     END_USER_MAX_LENGTH,
     Endpoint,
@@ -169,7 +168,6 @@ def _queued(job: Job) -> Job:
             # Rolled back whole: billing decides under the account's lock (a refusal, a budget, a key's limit).
         else:
             statements.written(job, job.pk)
-            publish_on_commit(job.id)  # committed: the job's waiters told, as the log line's transaction would
             _dispatch_once_committed(job)  # at once: one query of its own too
             return job
     return _insert_and_admit(job)
@@ -210,7 +208,9 @@ def _inserted_in_one_query(job: Job, admission: list[statements.Statement]) -> N
 
 
 def _first_line(job: Job) -> JobLog:
-    """The job's first log line, written with its insert (its waiters are told once that commits)."""
+    """The job's first log line, written with its insert. No one is told of it (``job_events``): no one can wait on
+    a job before its id is answered, and a waiter reads the job when it starts (``job_events.watching``). Telling
+    cost every submission a Redis round trip."""
     return job_logs.line(job.id, f"Request queued for {job.endpoint.endpoint_id}.")
 
 
@@ -218,7 +218,6 @@ def _first_line(job: Job) -> JobLog:
 def _insert_and_admit(job: Job) -> Job:
     # The job and its first log line: one statement on PostgreSQL (``accounts.statements``).
     statements.insert(job, along=_first_line(job))
-    publish_on_commit(job.id)
     if hooks.admit is not None:
         # Last: billing locks the organization's account, which every submission and settlement of the organization
         # waits for, until this commits. After the insert, so it can hold credit against the job; a refusal rolls

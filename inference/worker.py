@@ -12,6 +12,7 @@ starts to the moment the outputs are stored (docs/lifecycle.md); in a batch each
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -322,6 +323,12 @@ class Heartbeat(threading.Thread):
         self.join(timeout=10)
 
 
+@functools.cache
+def _keep_compiled_code(folder: Path) -> None:
+    """Once per folder and process: what it sets stays in the environment for every later compile."""
+    configure_compile_cache(folder)
+
+
 def endpoint_profile(endpoint: Endpoint) -> OptimizationProfile:
     """The endpoint's profile on this worker's device. Raises ProfileError for a stored profile that is invalid."""
     return resolve(endpoint.optimization_profile, device=default_device())
@@ -336,7 +343,6 @@ def execute(job_id: str, attempt: int) -> None:
 
     Safe to call twice with the same message: only one claim wins.
     """
-
     close_old_connections()
     job = attempts.claim_job(job_id=job_id, attempt=attempt, worker=worker_name())
     if job is None:
@@ -385,10 +391,9 @@ def _run(leader: Member, heartbeat: Heartbeat) -> None:
         options = load_options(profile)
         if profile.compile != "off" or profile.small_head_attention:
             # Compiled code, and the attention kernel built beside it, kept with the platform's data.
-            configure_compile_cache(Path(settings.DATA_DIR) / "compile-cache")
+            _keep_compiled_code(Path(settings.DATA_DIR) / "compile-cache")
         loaded = pipeline_cache().get(weights_source(job.endpoint), job.endpoint.kind, options=options)
         leader.cold_start_ms = loaded.load_ms
-
         if not loaded.cache_hit:
             leader.cold_start_ms += warm_up(loaded.engine, job.endpoint, profile)
             log_job(job.id, f"Model loaded in {leader.cold_start_ms} ms (cold start).", source="worker")

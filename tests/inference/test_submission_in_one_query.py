@@ -19,7 +19,7 @@ from accounts.services import set_concurrency_limit
 from billing import controls, pricing
 from billing.ledger import grant_credits
 from billing.models import Account, EntryKind, Hold
-from inference import dispatch, submission
+from inference import dispatch, job_events, submission
 from inference.models import Endpoint, Job, JobLog, JobStatus
 from tests.lifecycle import SMALL, submit_as
 
@@ -92,7 +92,10 @@ def test_a_submission_is_one_query_committed_before_its_message_goes(
         return True
 
     monkeypatch.setattr(dispatch, "send_run_message", sent)
+    told: list[Any] = []
+    monkeypatch.setattr(job_events, "publish", told.append)
     job = submit_as(tenant, builtin_endpoint)
+    assert told == []  # no one can wait on a job whose id is not answered yet: no Redis round trip for it
     # The submission's query, then the dispatch's: each sent with no BEGIN before it nor COMMIT after it.
     assert queries == [(True, "committed")] * 2
     assert seen == [(JobStatus.DISPATCHED, 1, 1, 1)]
