@@ -199,9 +199,11 @@ def ms_per_work_unit(endpoint: Endpoint) -> float:
     """GPU ms per work unit of this endpoint: measured over the last week, else the class's conservative bound.
 
     A measurement is kept in the cache for a minute, and in this process's memory for a minute from when it was
-    read (every admission asks: the cache's round trip was about 0.3 ms of a submission). The bound is not kept: the
-    first usage recorded replaces it at the next admission (a default cached before any usage existed held a
-    fraction of what jobs then cost).
+    read (every admission asks: the cache's round trip was about 0.3 ms of a submission), so an admission's estimate
+    may be up to two minutes old: an estimate, which the hold's margin covers and settlement corrects (a job is
+    billed for what it used, within its hold, and a running job's hold grows before each step). The bound is not
+    kept: the first usage recorded replaces it at the next admission (a default cached before any usage existed held
+    a fraction of what jobs then cost).
     """
     measured = _measured_here.get(endpoint.pk, lambda _kept: _measured(endpoint), valid=lambda kept: kept is not None)
     if measured is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import cache
@@ -43,15 +43,20 @@ def claim_job(*, job_id: str, attempt: int, worker: str) -> Job | None:
     The job's ``company_waiting``: whether another job of its endpoint and GPU class was dispatched and not yet
     claimed as it was claimed, one its batch could take along (``inference.worker.gather_companions``)."""
     if statements.in_one_query(connection) and connection.get_autocommit():
-        return _claimed_by_one_query(job_id, attempt, worker)
+        row = _claimed_by_one_query(job_id, attempt, worker)
+        if row is None:
+            return None
+        publish(job_id)  # committed: the job's waiters see it running
+        job = cast(Job, statements.built(Job, row[:-1]))
+        job.company_waiting = row[-1]
+        job.endpoint = endpoints.by_id(job.endpoint_id)
+        return job
     if not _claim(job_id, attempt, worker):
         return None
     others = Job.objects.filter(
         endpoint_id=OuterRef("endpoint_id"), gpu_class=OuterRef("gpu_class"), status=JobStatus.DISPATCHED
     ).exclude(pk=OuterRef("pk"))
-    return (
-        Job.objects.select_related("endpoint", "organization").annotate(company_waiting=Exists(others)).get(pk=job_id)
-    )
+    return Job.objects.select_related("endpoint").annotate(company_waiting=Exists(others)).get(pk=job_id)
 
 
 @retrying_atomic
@@ -82,12 +87,12 @@ def _claim(job_id: str, attempt: int, worker: str) -> bool:
 
 
 @retrying
-def _claimed_by_one_query(job_id: str, attempt: int, worker: str) -> Job | None:
+def _claimed_by_one_query(job_id: str, attempt: int, worker: str) -> Sequence[Any] | None:
     """``_claim`` and the read of the job as one statement with no transaction open, a transaction of its own: the
     job's conditional UPDATE, its attempt and log line inserted for each row it changed (one or none), and the job
-    as changed. One round trip where a transaction took five (BEGIN, the UPDATE, the attempt, COMMIT, the read), all
-    of it between a job's message and the start of its work; the endpoint comes from this process's memory
-    (``inference.endpoints``)."""
+    as changed (its columns, then ``company_waiting``). One round trip where a transaction took five (BEGIN, the
+    UPDATE, the attempt, COMMIT, the read), all of it between a job's message and the start of its work. Retried
+    alone when it loses a lock race: what follows its commit is the caller's."""
     now = timezone.now()
     started = JobAttempt(job_id=job_id, number=attempt, worker=worker, started_at=now, heartbeat_at=now)
     line = job_line(job_id, f"Attempt {attempt} started on {worker}.", source="worker")
@@ -113,15 +118,8 @@ def _claimed_by_one_query(job_id: str, attempt: int, worker: str) -> Job | None:
             ),
             plan_once=True,
         )
-        row = cursor.fetchone()
-    if row is None:
-        return None
-    publish(job_id)  # committed: the job's waiters see it running
-    width = statements.width(Job)
-    job = cast(Job, statements.built(Job, row[:width]))
-    job.company_waiting = row[-1]
-    job.endpoint = endpoints.by_id(job.endpoint_id)
-    return job
+        row: Sequence[Any] | None = cursor.fetchone()
+    return row
 
 
 @cache
@@ -209,7 +207,9 @@ def _renewed(job_id: str, attempt: int, step: int, total: int) -> Job | None:
             JobStatus.RUNNING.value, attempt,
         ]  # fmt: skip
         with connection.cursor() as cursor:
-            statements.in_turn(cursor, (_heartbeat_statement(), values), plan_once=True)
+            # Planned once where a stale plan can be prepared afresh and sent again: with no transaction open, as a
+            # worker's heartbeat thread runs.
+            statements.in_turn(cursor, (_heartbeat_statement(), values), plan_once=connection.get_autocommit())
             row = cursor.fetchone()
         return None if row is None else cast(Job, statements.built(Job, row))
     JobAttempt.objects.filter(job_id=job_id, number=attempt, outcome=AttemptOutcome.RUNNING).update(heartbeat_at=now)

@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -397,8 +398,10 @@ def _run(leader: Member, heartbeat: Heartbeat) -> None:
         if not loaded.cache_hit:
             leader.cold_start_ms += warm_up(loaded.engine, job.endpoint, profile)
             log_job(job.id, f"Model loaded in {leader.cold_start_ms} ms (cold start).", source="worker")
+        if not loaded.cache_hit:
+            job.company_waiting = True  # the claim's look is older than the load: look again (without a wait)
         requests = [generation_request(job)]
-        _pace.arrived(job.endpoint_id, job.created_at)
+        _pace.arrived(job.endpoint_id, arrival(job))
         members += gather_companions(job, requests[0], profile)
         heartbeat.add(members[1:])
         requests += [generation_request(member.job) for member in members[1:]]
@@ -545,6 +548,11 @@ def _encoded_output(job: Job, result: GenerationResult) -> dict[str, Any]:
     }
 
 
+def arrival(job: Job) -> datetime:
+    """When the job reached the workers: its dispatch (after a wait for its organization's slot, or a retry)."""
+    return job.dispatched_at or job.created_at
+
+
 def gather_companions(job: Job, request: GenerationRequest, profile: OptimizationProfile) -> list[Member]:
     """Compatible dispatched jobs to run with `job`: those dispatched already (if its claim saw any:
     `attempts.claim_job`'s `company_waiting`), and those dispatched within the profile's `batch_wait_ms` while
@@ -571,7 +579,7 @@ def gather_companions(job: Job, request: GenerationRequest, profile: Optimizatio
     while room > 0:
         found = attempts.claim_batch_companions(job=job, worker=worker_name(), room=room, compatible=compatible)
         for companion in found:
-            _pace.arrived(companion.endpoint_id, companion.created_at)
+            _pace.arrived(companion.endpoint_id, arrival(companion))
         companions += found
         room -= sum(len(companion.input["seeds"]) for companion in found)
         remaining = deadline - time.monotonic()

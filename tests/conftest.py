@@ -51,8 +51,10 @@ def _fresh_cache() -> None:
     from django.core.cache.backends.locmem import LocMemCache
 
     from accounts import limits
+    from inference import batch_pace
 
     memo.clear_all()  # rows kept in process memory under a generation that outlives the test's tables
+    batch_pace.forget_all()  # a worker's pace of requests per endpoint, by endpoint ids the next test reuses
     limits.forget_leases()  # requests leased from counters this fixture clears
     cache = caches["default"]  # the backend itself (``django.core.cache.cache`` is a proxy to it)
     if isinstance(cache, LocMemCache):

@@ -50,6 +50,23 @@ def test_one_request_after_another_stops_waiting_and_a_burst_starts_again() -> N
     assert pace.company_expected(2)  # another endpoint: nothing known
 
 
+def test_an_hour_of_quiet_weighs_no_more_than_a_few_calls() -> None:
+    pace = ArrivalPace()
+    pace.ran(1, 3000)
+    _arrivals(pace, [10] * 5)
+    assert pace.company_expected(1)
+    at = START + timedelta(milliseconds=50)
+    for _ in range(10):  # ten hours, a request an hour
+        at += timedelta(hours=1)
+        pace.arrived(1, at)
+    assert not pace.company_expected(1)
+    for count in range(1, 4):
+        pace.arrived(1, at + timedelta(milliseconds=10 * count))
+        assert not pace.company_expected(1)
+    pace.arrived(1, at + timedelta(milliseconds=40))
+    assert pace.company_expected(1)  # the fourth request of a burst: waits start again
+
+
 def test_requests_taken_out_of_order_mean_the_worker_is_behind() -> None:
     pace = ArrivalPace()
     pace.ran(1, 50)
@@ -110,6 +127,7 @@ def looks(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
 
 def _gather(*, company_waiting: bool, wait_ms: int = 20) -> list[Any]:
+    """``gather_companions`` for a job of endpoint 7 whose claim saw (or did not see) another job dispatched."""
     job = SimpleNamespace(endpoint_id=7, company_waiting=company_waiting)
     request = GenerationRequest(prompts=["a lighthouse"], seeds=[1], width=64, height=64, num_inference_steps=2)
     return worker.gather_companions(job, request, OptimizationProfile(batch_wait_ms=wait_ms))  # type: ignore[arg-type]
@@ -131,3 +149,11 @@ def test_a_quiet_endpoint_takes_what_waits_without_waiting_and_looks_for_nothing
     looks.clear()
     assert _gather(company_waiting=False) == []
     assert looks == []  # nothing was dispatched at the claim, and nothing is expected
+
+
+def test_a_request_arrives_when_it_is_dispatched_not_when_it_was_made() -> None:
+    made = START
+    backlog = [SimpleNamespace(created_at=made, dispatched_at=made + timedelta(seconds=n)) for n in range(4)]
+    assert [worker.arrival(job) for job in backlog] == [job.dispatched_at for job in backlog]  # type: ignore[arg-type]
+    never_dispatched = SimpleNamespace(created_at=made, dispatched_at=None)
+    assert worker.arrival(never_dispatched) == made  # type: ignore[arg-type]

@@ -5,6 +5,8 @@ Transactional: the heartbeat renews leases from its own thread and database conn
 
 from __future__ import annotations
 
+import dataclasses
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -215,3 +217,31 @@ def test_a_stop_that_arrives_after_the_last_step_still_delivers_the_output(
     assert delivered.cancel_requested_at is not None
     assert len(delivered.result["images"]) == 1
     assert attempt_of(delivered).outcome == AttemptOutcome.SUCCEEDED
+
+
+def test_a_job_whose_model_was_loaded_takes_along_what_was_dispatched_meanwhile(
+    dispatch: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its claim saw no other job and its endpoint is quiet, but the model took time to load: it looks again (without
+    waiting) and takes the job dispatched during the load."""
+    first = dispatch(seed=1)
+    worker.execute(str(first.id), first.attempt)  # the model is loaded, and the endpoint's pace is known
+    pace = worker._pace
+    pace.ran(first.endpoint_id, 60_000)  # its calls take a minute...
+    pace.arrived(first.endpoint_id, Job.objects.get(pk=first.pk).created_at + timedelta(hours=5))  # ...hours apart
+    alone, meanwhile = dispatch(seed=2), []
+    real_cache = worker.pipeline_cache()
+
+    class Reloading:
+        """The pipeline cache, as if it had evicted the model and loaded it again while a job was dispatched."""
+
+        def get(self, *args: Any, **kwargs: Any) -> Any:
+            meanwhile.append(dispatch(seed=3))
+            return dataclasses.replace(real_cache.get(*args, **kwargs), cache_hit=False)
+
+    monkeypatch.setattr(worker, "pipeline_cache", Reloading)
+    assert not pace.company_expected(first.endpoint_id)
+    worker.execute(str(alone.id), alone.attempt)  # its claim sees no other job dispatched
+    [companion] = meanwhile
+    assert Job.objects.get(pk=companion.pk).status == JobStatus.COMPLETED
+    assert Job.objects.get(pk=alone.pk).logs.filter(message__contains="Shared a pipeline call with 1 other").exists()
