@@ -222,8 +222,10 @@ def cancel_job(*, job: Job) -> str:
     finish, a retry or a reap is either recorded before it (and every closing path then honours it: no requeue,
     no second run) or sees the job final. Once accepted, ``cancel_requested_at`` stays set.
     """
-    now = timezone.now()
     locked_job = lock_job(job.pk)
+    # The moment it was accepted: read once the lock is held, so it follows whatever committed before (a worker's
+    # claim that won the race starts before it; reconciliation checks that no attempt starts after a cancel).
+    now = timezone.now()
     if locked_job is None or locked_job.is_final:
         return "ALREADY_COMPLETED"
     if locked_job.status == JobStatus.RUNNING:

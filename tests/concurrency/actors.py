@@ -74,6 +74,17 @@ def finish(*, job_id: str, attempt: int, outcome: str = AttemptOutcome.SUCCEEDED
     return act
 
 
+def claim(*, job_id: str, attempt: int, worker: str) -> Act:
+    """A worker taking the job's message: ``claim_job`` as ``inference.worker.execute`` calls it (no transaction
+    open: one statement on PostgreSQL)."""
+
+    def act() -> dict[str, Any]:
+        claimed = attempts.claim_job(job_id=job_id, attempt=attempt, worker=worker)
+        return {"claimed": claimed is not None, "worker": worker}
+
+    return act
+
+
 def reap() -> Act:
     """The sweep's reaper: closes the attempts whose lease expired and retries or fails their jobs."""
     return lambda: {"reaped": closing.reap_expired_leases()}
@@ -162,6 +173,7 @@ ACTORS: dict[str, Any] = {
     "cancel": cancel,
     "finish": finish,
     "reap": reap,
+    "claim": claim,
     "submit": submit,
     "dispatch": dispatch,
     "refund": refund,

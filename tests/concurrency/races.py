@@ -42,6 +42,7 @@ from billing.admission import END_USER_OVER_LIMIT, INSUFFICIENT, OVER_LIMIT, mon
 from billing.ledger import grant_credits
 from billing.models import Account, CreditEntry, EntryKind, Hold, SpendAlert, UsageRecord
 from inference import attempts, closing
+from inference.dispatch import dispatch_organization
 from inference.models import ACTIVE_STATUSES, FINAL_STATUSES, AttemptOutcome, Endpoint, Job, JobStatus, WebhookDelivery
 from inference.webhooks import deliver, webhook_secret_for
 from tests.concurrency.harness import (
@@ -247,6 +248,24 @@ def cancel_problems(job: Job, cancels: list[Outcome], *, must_end: bool) -> list
     return list(dict.fromkeys(found))
 
 
+def claim_problems(job: Job, claims: list[Outcome]) -> list[str]:
+    """One message claimed twice, racing cancels (``job`` read after the round): at most one claim wins; the job runs
+    on the winner's worker with one attempt, or it was cancelled before any claim and nothing of one was written."""
+    found: list[str] = []
+    won = [outcome.answer["worker"] for outcome in claims if outcome.ok and outcome.answer["claimed"]]
+    started = list(job.attempts.values_list("worker", flat=True))
+    lines = job.logs.filter(message__startswith="Attempt ").count()
+    if len(won) > 1:
+        found.append(f"two workers claimed job {job.pk}: {won}")
+    if started != won[:1] or lines != len(started):
+        found.append(f"job {job.pk}: claims won by {won}, attempts {started}, {lines} start line(s)")
+    if won and (job.status != JobStatus.RUNNING or job.worker != won[0]):
+        found.append(f"job {job.pk} was claimed by {won[0]} and is {job.status} on {job.worker!r}")
+    if not won and job.status != JobStatus.CANCELLED:
+        found.append(f"job {job.pk} was claimed by no one and is {job.status}, not cancelled")
+    return found
+
+
 def finish_problems(job: Job, outcome: Outcome) -> list[str]:
     """A worker's successful ``finish_attempt`` of a job nothing else closes: it answers, and the job's output is
     delivered (COMPLETED, whatever cancel arrived meanwhile) with its usage record, all committed."""
@@ -269,7 +288,7 @@ def active_jobs(organization: Organization) -> int:
 # --- a. Cancel against finish, fail-and-retry and reap -------------------------------------------------------
 
 CANCELLERS = 3
-CANCEL_RIVALS = ("finish", "retry", "reap")
+CANCEL_RIVALS = ("finish", "retry", "reap", "claim")
 
 
 def cancel_round(
@@ -282,13 +301,20 @@ def cancel_round(
     inside_rival: bool = False,
 ) -> RoundReport:
     """Three cancels of a running job against its worker finishing it (``finish``), its worker failing with a retry
-    (``retry``), or the reaper taking it back after its lease expired (``reap``).
+    (``retry``), or the reaper taking it back after its lease expired (``reap``); or of a dispatched job against two
+    workers claiming it (``claim``: its message delivered twice).
 
     ``inside_rival``: the cancels start once the rival's transaction has locked rows, so they meet it open (the
     interleaving that lost cancels); otherwise all four start together and the machine decides the order.
     """
     organization = new_organization()
-    job = start(submit(organization, endpoint))
+    if rival == "claim":
+        job = submit(organization, endpoint)
+        dispatch_organization(organization.pk)
+        job.refresh_from_db()
+        assert job.status == JobStatus.DISPATCHED, "setup: the job is not dispatched"
+    else:
+        job = start(submit(organization, endpoint))
     job_id = str(job.pk)
     if rival == "reap":
         # Its worker died: the lease ran out without a heartbeat.
@@ -299,13 +325,23 @@ def cancel_round(
             "finish", {"job_id": job_id, "attempt": job.attempt, "outcome": AttemptOutcome.ERRORED.value, "retry": True}
         ),
         "reap": Call("reap"),
+        "claim": Call("claim", {"job_id": job_id, "attempt": job.attempt, "worker": "worker-a"}),
     }[rival]
     rival_call = replace(rival_call, signals_lock=inside_rival)
     cancel_call = Call("cancel", {"job_id": job_id}, awaits_lock=inside_rival)
-    outcomes = pool.run_round([cancel_call] * CANCELLERS + [rival_call])
+    rival_calls = [rival_call]
+    if rival == "claim":  # the same message taken by a second worker, free to run when it will
+        rival_calls.append(Call("claim", {"job_id": job_id, "attempt": job.attempt, "worker": "worker-b"}))
+    outcomes = pool.run_round([cancel_call] * CANCELLERS + rival_calls)
     report = RoundReport()
     report.record_errors(outcomes)
     cancels, rival_outcome = outcomes[:CANCELLERS], outcomes[CANCELLERS]
+    if rival == "claim":
+        job.refresh_from_db()
+        report.lost_cancels += cancel_problems(job, cancels, must_end=False)  # no worker runs it to its end here
+        report.other_errors += claim_problems(job, outcomes[CANCELLERS:])
+        report.drift += hold_problems(job) + books.problems([organization.pk])
+        return report
     if rival == "reap":
         # The next sweep: takes the job back if the racing reaper dropped it (reported as an error).
         closing.reap_expired_leases()
