@@ -37,8 +37,8 @@ def lease_deadline() -> Any:
 
 
 def claim_job(*, job_id: str, attempt: int, worker: str) -> Job | None:
-    """The job, now RUNNING on this worker (with its endpoint), or None if another message (or a
-    cancel) got there first. One query with no transaction open on PostgreSQL (``_claimed_by_one_query``).
+    """The job, now RUNNING on this worker (with its endpoint), or None if another message (or a cancel) got there
+    first. One query with no transaction open on PostgreSQL (``_claimed_by_one_query``).
 
     The job's ``company_waiting``: whether another job of its endpoint and GPU class was dispatched and not yet
     claimed as it was claimed, one its batch could take along (``inference.worker.gather_companions``)."""

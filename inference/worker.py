@@ -398,7 +398,6 @@ def _run(leader: Member, heartbeat: Heartbeat) -> None:
         if not loaded.cache_hit:
             leader.cold_start_ms += warm_up(loaded.engine, job.endpoint, profile)
             log_job(job.id, f"Model loaded in {leader.cold_start_ms} ms (cold start).", source="worker")
-        if not loaded.cache_hit:
             job.company_waiting = True  # the claim's look is older than the load: look again (without a wait)
         requests = [generation_request(job)]
         _pace.arrived(job.endpoint_id, arrival(job))
