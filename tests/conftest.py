@@ -81,6 +81,18 @@ def _key_subscription_stopped() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
+def _no_subscription_left_to_a_cache_gone() -> Iterator[None]:
+    """A test that gave the platform a Redis cache of its own (an outage test) leaves no subscription thread behind
+    reconnecting to it every few seconds for the rest of the session (the next use of a cache subscribes to it)."""
+    from django.core.cache import caches
+
+    yield
+    subscription = key_cache._subscription
+    if subscription is not None and subscription.cache is not caches["default"]:
+        key_cache.stop_listening()
+
+
+@pytest.fixture(autouse=True)
 def _fast_password_hashing(settings: Any) -> None:
     # PBKDF2 at production strength dominates a suite that makes hundreds of users.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

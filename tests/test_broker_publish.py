@@ -13,6 +13,7 @@ import multiprocessing
 import signal
 import ssl
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -83,12 +84,16 @@ def sent_numbers(client: redis.Redis, key: str = QUEUE) -> list[int]:
 
 @pytest.fixture
 def redis_inits(monkeypatch: pytest.MonkeyPatch) -> list[redis.Redis]:
-    """Every redis.Redis (and subclass, such as kombu's prefixed one) constructed from now on."""
+    """Every redis.Redis (and subclass, such as kombu's prefixed one) constructed from now on by the test's thread,
+    which is the one that publishes: a daemon thread another test left behind (the API key cache's subscription,
+    reconnecting to a Redis that test stopped) makes clients of its own at any moment."""
     made: list[redis.Redis] = []
     constructor = redis.Redis.__init__
+    publisher = threading.get_ident()
 
     def counting(self: redis.Redis, *args: Any, **kwargs: Any) -> None:
-        made.append(self)
+        if threading.get_ident() == publisher:
+            made.append(self)
         constructor(self, *args, **kwargs)
 
     monkeypatch.setattr(redis.Redis, "__init__", counting)
