@@ -12,9 +12,9 @@ from __future__ import annotations
 import uuid
 
 from django.db import connection
-from django.db.models import F
 from django.utils import timezone
 
+from accounts import statements
 from billing.models import Account, Hold
 
 
@@ -61,5 +61,19 @@ def release(*, job_id: uuid.UUID) -> int:
 def take_off_held(*, organization_id: uuid.UUID, amount_micros: int) -> None:
     """Takes a released hold off the account's held amount: one UPDATE, the statement that locks the account (no
     limit can refuse credit given back, so nothing is read under the lock first)."""
-    if amount_micros:
-        Account.objects.filter(pk=organization_id).update(held_micros=F("held_micros") - amount_micros)
+    with connection.cursor() as cursor:
+        for sql, values in taking_off_held(organization_id=organization_id, amount_micros=amount_micros):
+            cursor.execute(sql, values)
+
+
+def taking_off_held(*, organization_id: uuid.UUID, amount_micros: int) -> list[statements.Statement]:
+    """``take_off_held``'s UPDATE as a statement to send with others (none where nothing was released)."""
+    if not amount_micros:
+        return []
+    columns = {field.name: field.column for field in Account._meta.concrete_fields}
+    key = Account._meta.get_field("organization")
+    sql = (
+        f"UPDATE {Account._meta.db_table} SET {columns['held_micros']} = {columns['held_micros']} - %s "  # noqa: S608
+        f"WHERE {columns['organization']} = %s"
+    )
+    return [(sql, [amount_micros, key.get_db_prep_value(organization_id, connection)])]

@@ -158,8 +158,10 @@ def debit_usage(
 
     ``along(usage_record, only_where=...)``: further upserts summarising the debit (the usage rollups, and an end
     user's), written under the same lock and only if the debit is made. On PostgreSQL the record's insert, the UPDATE,
-    the entry and those upserts are one statement, so the lock is held for the rest of that statement and the COMMIT,
-    no client round trip; elsewhere (SQLite, one writer at a time) they are one statement each.
+    the entry and those upserts are one statement, so the lock is held for the rest of that statement and the COMMIT;
+    where the statement is the transaction's last (``accounts.statements.commits_along``: a worker's finish, a reap)
+    the COMMIT goes in the same query, and no round trip of the client's falls inside the lock. Elsewhere (SQLite,
+    one writer at a time) they are one statement each.
 
     The entry is stamped with the record's ``recorded_at``, the instant the rollups are bucketed by, not with the
     moment of this statement: stamped apart, a settlement that straddles midnight would put its cost in one month's
@@ -209,6 +211,11 @@ def debit_usage(
             sql += f", summary_{number} AS ({summary})"
             parameters += summary_parameters
         sql += f" SELECT {record_id}, debited.* FROM (SELECT 1) AS settled LEFT JOIN debited ON true"  # noqa: S608
+        if statements.commits_along(connection):
+            # The settlement's last statement, carrying its COMMIT: the account's lock is held to the end of this
+            # query. A debit the balance does not cover fails it (the transaction runs again, deciding under the
+            # lock) rather than commit the record without it.
+            sql = statements.with_commit(f"{sql} WHERE {statements.unless_unmet(f'debited.{balance} IS NOT NULL')}")
         with connection.cursor() as cursor:
             cursor.execute(sql, parameters)
             record_pk, *row = cursor.fetchone()

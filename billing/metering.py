@@ -102,8 +102,14 @@ def record_attempt(job: Job, attempt: JobAttempt) -> UsageRecord:
     description = f"{job.endpoint.endpoint_id}: {units} {quote.unit}"
     if not cost:
         statements.insert(record)
-        holds.take_off_held(organization_id=job.organization_id, amount_micros=released)
-        add_to_rollups(record)
+        # The account's lock first, then the rollups' (the lock order), and the COMMIT with them where this is the
+        # transaction's last statement (``accounts.statements.commits_along``; nothing here can be unmet).
+        settled = [*holds.taking_off_held(organization_id=job.organization_id, amount_micros=released)]
+        settled += summaries(record)
+        if statements.commits_along(connection):
+            settled.append(("COMMIT", []))
+        with connection.cursor() as cursor:
+            statements.in_turn(cursor, *settled)
         return record
     # The record is inserted by the debit's own statement (PostgreSQL), whether or not the debit is made.
     account = debit_usage(

@@ -120,7 +120,11 @@ def _close(
     # The job's move and the line telling of it: one statement on PostgreSQL.
     statements.update(job, [*changed, "cold_start_ms"], along=line)
     if hooks.attempt_finished is not None:
-        hooks.attempt_finished(job, attempt_row)
+        # Billing's settlement writes the transaction's last rows: the statement of it that locks the organization's
+        # account may carry the COMMIT (``accounts.statements.commits_along``), so no round trip of this process's
+        # falls inside that lock, which every submission and finish of the organization takes.
+        with statements.last_of_the_transaction():
+            hooks.attempt_finished(job, attempt_row)
     organization_id = job.organization_id
     final = job.is_final
     job_id = job.id

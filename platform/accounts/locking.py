@@ -39,6 +39,13 @@ its own to share (``billing.locks.lock_organization_exclusively``).
 deadlock or a serialization conflict (or SQLite finds its database locked), the whole transaction is run again,
 so the finished work it carried (a job's output and usage) is never dropped. Nested in a caller's transaction
 it is a plain savepoint: only the outermost transaction can be retried, and the caller's own retry covers it.
+
+**The COMMIT along with the last statement.** At the top of an action (no caller's transaction around it) on
+PostgreSQL, the statement that takes a transaction's most contended lock last (settlement's debit of the account,
+7 above) may carry the COMMIT in its own query (``accounts.statements.commits_along``): that lock is then held to
+the end of the statement and the COMMIT, for no round trip of the client's. Such a statement fails where its
+condition is unmet rather than commit a transaction that had more to decide, and ``retrying_atomic`` runs the
+transaction again the way it went before, deciding under the locks it takes.
 """
 
 from __future__ import annotations
@@ -50,9 +57,10 @@ import time
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
-from django.db import OperationalError, connection, transaction
+from django.db import DatabaseError, OperationalError, connection, transaction
 from django.db.models import Model, QuerySet
 
+from accounts import statements
 from accounts.models import Organization
 
 logger = logging.getLogger(__name__)
@@ -99,7 +107,15 @@ def retrying_atomic(function: Callable[P, R]) -> Callable[P, R]:
             with transaction.atomic():
                 return function(*args, **kwargs)
 
-        return _again_after_a_lost_race(function.__qualname__, in_a_transaction)
+        try:
+            return _again_after_a_lost_race(function.__qualname__, in_a_transaction)
+        except DatabaseError as error:
+            if not statements.was_unmet(error):
+                raise
+        # A statement that was to carry the COMMIT found its condition unmet (``statements.commits_along``): the
+        # transaction was rolled back whole, and runs again deciding under its locks.
+        with statements.no_commit_along():
+            return _again_after_a_lost_race(function.__qualname__, in_a_transaction)
 
     return run
 

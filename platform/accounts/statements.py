@@ -17,7 +17,9 @@ import hashlib
 import logging
 import re
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import cache
 from typing import Any
 
@@ -176,6 +178,72 @@ def was_unmet(error: BaseException) -> bool:
     """Whether ``error`` is the failure of an ``or_unmet`` statement (as Django raises it, or psycopg)."""
     cause = error.__cause__ if error.__cause__ is not None else error
     return getattr(cause, "sqlstate", None) == UNMET_SQLSTATE
+
+
+# Inside ``last_of_the_transaction``: what is sent writes the last rows of the transaction open.
+_last_writes: ContextVar[bool] = ContextVar("platform_last_writes", default=False)
+# Inside ``no_commit_along``: a transaction run again after a statement that was to commit it found its condition
+# unmet, deciding under its locks as before.
+_commit_along_refused: ContextVar[bool] = ContextVar("platform_commit_along_refused", default=False)
+
+
+@contextmanager
+def last_of_the_transaction() -> Iterator[None]:
+    """The code inside writes the last rows of the transaction that is open: its caller writes nothing after it (it
+    may still read, and register ``on_commit`` callbacks). Where ``commits_along`` allows, the statement of it that
+    takes the most contended lock carries the transaction's COMMIT with it."""
+    token = _last_writes.set(True)
+    try:
+        yield
+    finally:
+        _last_writes.reset(token)
+
+
+@contextmanager
+def no_commit_along() -> Iterator[None]:
+    """No statement sent inside carries a COMMIT (``accounts.locking.retrying_atomic``'s second run)."""
+    token = _commit_along_refused.set(True)
+    try:
+        yield
+    finally:
+        _commit_along_refused.reset(token)
+
+
+def commits_along(db: BaseDatabaseWrapper) -> bool:
+    """Whether the statement about to be sent may end the transaction: ``COMMIT`` sent after it in the same query
+    (``with_commit``), so the locks it takes are held to the end of that query and the COMMIT, and for no round trip
+    of the client's (the answer, the client's scheduling on a busy machine, its COMMIT's own trip) after it.
+
+    Only inside ``last_of_the_transaction``, on PostgreSQL's one-query path, in the connection's one atomic block
+    that began the transaction (Django's outermost, no caller's transaction around it and no savepoint: the
+    platform's ``retrying_atomic`` at the top of an action), and not in ``no_commit_along``. Django's COMMIT at the
+    end of the block then finds the transaction ended and sends nothing (psycopg commits only a transaction that is
+    open); its ``on_commit`` callbacks run as usual. A statement sent this way must fail where its condition is
+    unmet (``or_unmet``'s ``platform_condition_unmet()``), never commit a transaction that should have gone on:
+    ``retrying_atomic`` then runs the transaction again with ``no_commit_along``."""
+    return (
+        _last_writes.get()
+        and not _commit_along_refused.get()
+        and in_one_query(db)
+        and db.in_atomic_block
+        and db.commit_on_exit
+        and len(db.atomic_blocks) == 1
+        and not db.savepoint_ids
+        and not db.needs_rollback
+    )
+
+
+def with_commit(sql: str) -> str:
+    """``sql`` (one statement) followed by COMMIT in the same query (``commits_along``). PostgreSQL runs them in
+    turn; a failing statement ends the query before the COMMIT, and the transaction is rolled back as any failed
+    one. The cursor is left on the statement's result."""
+    return f"{sql}; COMMIT"
+
+
+def unless_unmet(condition: str) -> str:
+    """A SQL expression true where ``condition`` is, that fails the statement with ``UNMET_SQLSTATE`` where it is
+    not (``CASE`` evaluates the function only in the branch taken)."""
+    return f"CASE WHEN {condition} THEN true ELSE platform_condition_unmet() = 0 END"
 
 
 _NAMED = re.compile(r"%\((\w+)\)s")

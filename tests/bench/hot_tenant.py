@@ -171,7 +171,16 @@ class _Meter:
         locks = verb == "lock" or (verb in ("update", "upsert") and table in ORGANIZATION_ROWS)
         if locks and context["connection"].in_atomic_block:
             self.locked_at.setdefault(table, ended)
+        if sql.rstrip().endswith("; COMMIT"):  # the COMMIT sent along (accounts.statements.commits_along)
+            self.released(ended)
         return result
+
+    def released(self, at: float) -> None:
+        """The transaction under way committed at ``at``: the locks it held were held until then."""
+        for table, locked_at in self.locked_at.items():
+            self.held[table] += at - locked_at
+            self.holds[table] += 1
+        self.locked_at.clear()
 
     @contextmanager
     def installed(self) -> Iterator[None]:
@@ -187,10 +196,7 @@ class _Meter:
             finally:
                 ended = time.perf_counter()
                 self.pending["COMMIT"] += ended - started
-                for table, locked_at in self.locked_at.items():
-                    self.held[table] += ended - locked_at
-                    self.holds[table] += 1
-                self.locked_at.clear()
+                self.released(ended)
 
         def forgetting_rollback() -> None:
             self.locked_at.clear()  # a lost lock race: its transaction runs again and is timed then
