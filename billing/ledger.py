@@ -211,13 +211,15 @@ def debit_usage(
             sql += f", summary_{number} AS ({summary})"
             parameters += summary_parameters
         sql += f" SELECT {record_id}, debited.* FROM (SELECT 1) AS settled LEFT JOIN debited ON true"  # noqa: S608
-        if statements.commits_along(connection):
-            # The settlement's last statement, carrying its COMMIT: the account's lock is held to the end of this
-            # query. A debit the balance does not cover fails it (the transaction runs again, deciding under the
-            # lock) rather than commit the record without it.
-            sql = statements.with_commit(f"{sql} WHERE {statements.unless_unmet(f'debited.{balance} IS NOT NULL')}")
         with connection.cursor() as cursor:
-            cursor.execute(sql, parameters)
+            if statements.commits_along(connection):
+                # The settlement's last statement, carrying its COMMIT: the account's lock is held to the end of this
+                # query. A debit the balance does not cover fails it (the transaction runs again, deciding under the
+                # lock) rather than commit the record without it.
+                unless = statements.unless_unmet(f"debited.{balance} IS NOT NULL")
+                statements.commit_along(cursor, (f"{sql} WHERE {unless}", parameters))
+            else:
+                cursor.execute(sql, parameters)
             record_pk, *row = cursor.fetchone()
         statements.written(usage_record, record_pk)
         if row[0] is None:  # the balance, never NULL where the debit was made

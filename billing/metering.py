@@ -106,10 +106,11 @@ def record_attempt(job: Job, attempt: JobAttempt) -> UsageRecord:
         # transaction's last statement (``accounts.statements.commits_along``; nothing here can be unmet).
         settled = [*holds.taking_off_held(organization_id=job.organization_id, amount_micros=released)]
         settled += summaries(record)
-        if statements.commits_along(connection):
-            settled.append(("COMMIT", []))
         with connection.cursor() as cursor:
-            statements.in_turn(cursor, *settled)
+            if statements.commits_along(connection):
+                statements.commit_along(cursor, *settled)
+            else:
+                statements.in_turn(cursor, *settled)
         return record
     # The record is inserted by the debit's own statement (PostgreSQL), whether or not the debit is made.
     account = debit_usage(

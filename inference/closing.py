@@ -119,17 +119,19 @@ def _close(
         line = log_line(job.id, _final_line(job), level="INFO" if job.status == JobStatus.COMPLETED else "ERROR")
     # The job's move and the line telling of it: one statement on PostgreSQL.
     statements.update(job, [*changed, "cold_start_ms"], along=line)
+    organization_id = job.organization_id
+    final = job.is_final
+    job_id = job.id
+    has_webhook = bool(job.webhook_url)
+    # Before the settlement: what raises once its statement has committed (a time limit) still leaves this to run
+    # (``accounts.locking.retrying_atomic``).
+    transaction.on_commit(lambda: _after_attempt(organization_id, job_id, final, has_webhook=has_webhook), robust=True)
     if hooks.attempt_finished is not None:
         # Billing's settlement writes the transaction's last rows: the statement of it that locks the organization's
         # account may carry the COMMIT (``accounts.statements.commits_along``), so no round trip of this process's
         # falls inside that lock, which every submission and finish of the organization takes.
         with statements.last_of_the_transaction():
             hooks.attempt_finished(job, attempt_row)
-    organization_id = job.organization_id
-    final = job.is_final
-    job_id = job.id
-    has_webhook = bool(job.webhook_url)
-    transaction.on_commit(lambda: _after_attempt(organization_id, job_id, final, has_webhook=has_webhook), robust=True)
 
 
 def _may_retry(job: Job, now: Any) -> bool:

@@ -104,20 +104,42 @@ def retrying_atomic(function: Callable[P, R]) -> Callable[P, R]:
                 return function(*args, **kwargs)
 
         def in_a_transaction() -> R:
-            with transaction.atomic():
-                return function(*args, **kwargs)
+            committed: list[Callable[[], Any]] = []
+            try:
+                with transaction.atomic(), statements.at_the_top():
+                    statements.forget_along(connection)
+                    try:
+                        return function(*args, **kwargs)
+                    except BaseException:
+                        if statements.along(connection) == statements.COMMITTED:
+                            # Raised after a statement committed the transaction (a time limit, a signal): Django's
+                            # rollback would find nothing to undo and drop what waits for the commit. Each entry:
+                            # its savepoints, the callback, whether it is robust.
+                            committed = [entry[1] for entry in connection.run_on_commit]
+                        raise
+            finally:
+                _run_committed(function.__qualname__, committed)
 
         try:
             return _again_after_a_lost_race(function.__qualname__, in_a_transaction)
         except DatabaseError as error:
-            if not statements.was_unmet(error):
+            if not (statements.was_unmet(error) and statements.along(connection) == statements.SENT):
                 raise
-        # A statement that was to carry the COMMIT found its condition unmet (``statements.commits_along``): the
+        # The statement that was to carry the COMMIT found its condition unmet (``statements.commits_along``): the
         # transaction was rolled back whole, and runs again deciding under its locks.
         with statements.no_commit_along():
             return _again_after_a_lost_race(function.__qualname__, in_a_transaction)
 
     return run
+
+
+def _run_committed(name: str, callbacks: list[Callable[[], Any]]) -> None:
+    """The ``on_commit`` callbacks of a transaction that committed before its function raised: run, each on its own."""
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:
+            logger.exception("%s: a callback of its committed transaction failed", name)
 
 
 def retrying(function: Callable[P, R]) -> Callable[P, R]:

@@ -182,47 +182,57 @@ def was_unmet(error: BaseException) -> bool:
 
 # Inside ``last_of_the_transaction``: what is sent writes the last rows of the transaction open.
 _last_writes: ContextVar[bool] = ContextVar("platform_last_writes", default=False)
-# Inside ``no_commit_along``: a transaction run again after a statement that was to commit it found its condition
-# unmet, deciding under its locks as before.
+# Inside ``at_the_top``: the transaction open is the one ``accounts.locking.retrying_atomic`` began, and runs again
+# where a statement that was to commit it found its condition unmet.
+_at_the_top: ContextVar[bool] = ContextVar("platform_at_the_top", default=False)
+# Inside ``no_commit_along``: that second run, deciding under its locks as before.
 _commit_along_refused: ContextVar[bool] = ContextVar("platform_commit_along_refused", default=False)
+# What ``commit_along`` did in the transaction under way, kept on the connection: sent its query, or committed.
+SENT, COMMITTED = "sent", "committed"
+_ALONG = "platform_commit_along"
 
 
 @contextmanager
-def last_of_the_transaction() -> Iterator[None]:
+def _set(variable: ContextVar[bool]) -> Iterator[None]:
+    token = variable.set(True)
+    try:
+        yield
+    finally:
+        variable.reset(token)
+
+
+def last_of_the_transaction() -> Any:
     """The code inside writes the last rows of the transaction that is open: its caller writes nothing after it (it
     may still read, and register ``on_commit`` callbacks). Where ``commits_along`` allows, the statement of it that
     takes the most contended lock carries the transaction's COMMIT with it."""
-    token = _last_writes.set(True)
-    try:
-        yield
-    finally:
-        _last_writes.reset(token)
+    return _set(_last_writes)
 
 
-@contextmanager
-def no_commit_along() -> Iterator[None]:
+def at_the_top() -> Any:
+    """The transaction open is the outermost, begun by ``accounts.locking.retrying_atomic``, which runs it again
+    with ``no_commit_along`` where a statement sent by ``commit_along`` failed with its condition unmet."""
+    return _set(_at_the_top)
+
+
+def no_commit_along() -> Any:
     """No statement sent inside carries a COMMIT (``accounts.locking.retrying_atomic``'s second run)."""
-    token = _commit_along_refused.set(True)
-    try:
-        yield
-    finally:
-        _commit_along_refused.reset(token)
+    return _set(_commit_along_refused)
 
 
 def commits_along(db: BaseDatabaseWrapper) -> bool:
     """Whether the statement about to be sent may end the transaction: ``COMMIT`` sent after it in the same query
-    (``with_commit``), so the locks it takes are held to the end of that query and the COMMIT, and for no round trip
+    (``commit_along``), so the locks it takes are held to the end of that query and the COMMIT, and for no round trip
     of the client's (the answer, the client's scheduling on a busy machine, its COMMIT's own trip) after it.
 
-    Only inside ``last_of_the_transaction``, on PostgreSQL's one-query path, in the connection's one atomic block
-    that began the transaction (Django's outermost, no caller's transaction around it and no savepoint: the
-    platform's ``retrying_atomic`` at the top of an action), and not in ``no_commit_along``. Django's COMMIT at the
-    end of the block then finds the transaction ended and sends nothing (psycopg commits only a transaction that is
-    open); its ``on_commit`` callbacks run as usual. A statement sent this way must fail where its condition is
-    unmet (``or_unmet``'s ``platform_condition_unmet()``), never commit a transaction that should have gone on:
-    ``retrying_atomic`` then runs the transaction again with ``no_commit_along``."""
+    Only inside ``last_of_the_transaction`` and ``at_the_top`` (``retrying_atomic``'s own transaction, Django's
+    outermost atomic block: no caller's transaction around it and no savepoint), on PostgreSQL's one-query path, and
+    not in ``no_commit_along``. Django's COMMIT at the end of the block then finds the transaction ended and sends
+    nothing (psycopg commits only a transaction that is open); its ``on_commit`` callbacks run as usual. A statement
+    sent this way must fail where its condition is unmet (``unless_unmet``), never commit a transaction that should
+    have gone on: ``retrying_atomic`` then runs the transaction again with ``no_commit_along``."""
     return (
         _last_writes.get()
+        and _at_the_top.get()
         and not _commit_along_refused.get()
         and in_one_query(db)
         and db.in_atomic_block
@@ -233,11 +243,25 @@ def commits_along(db: BaseDatabaseWrapper) -> bool:
     )
 
 
-def with_commit(sql: str) -> str:
-    """``sql`` (one statement) followed by COMMIT in the same query (``commits_along``). PostgreSQL runs them in
-    turn; a failing statement ends the query before the COMMIT, and the transaction is rolled back as any failed
-    one. The cursor is left on the statement's result."""
-    return f"{sql}; COMMIT"
+def commit_along(cursor: Any, *sent: Statement) -> None:
+    """Sends ``sent`` and ``COMMIT`` after them as one query (``commits_along`` must hold). PostgreSQL runs them in
+    turn; a failing statement ends the query before the COMMIT, and the transaction is rolled back as any failed one.
+    The cursor is left on the first statement's result."""
+    joined = tuple(_positional(statement) for statement in sent)
+    db = cursor.db
+    setattr(db, _ALONG, SENT)
+    cursor.execute("; ".join([*(sql for sql, _ in joined), "COMMIT"]), [v for _, values in joined for v in values])
+    setattr(db, _ALONG, COMMITTED)
+
+
+def along(db: BaseDatabaseWrapper) -> str | None:
+    """What ``commit_along`` did in the transaction under way on ``db``: ``SENT``, ``COMMITTED`` or None."""
+    return getattr(db, _ALONG, None)
+
+
+def forget_along(db: BaseDatabaseWrapper) -> None:
+    """A transaction begins on ``db``: nothing sent along yet (``retrying_atomic``)."""
+    setattr(db, _ALONG, None)
 
 
 def unless_unmet(condition: str) -> str:

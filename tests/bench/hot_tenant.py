@@ -113,6 +113,8 @@ class Report:
 # --- Kinds of statement ------------------------------------------------------------------------------------
 
 _TABLE_AFTER = re.compile(r'(?:FROM|UPDATE|INTO)\s+"?(\w+)"?')
+# The tables a query writes with an UPDATE or an upsert (INSERT … ON CONFLICT … DO UPDATE), in any of its parts.
+_WRITTEN = re.compile(r'\bUPDATE\s+"?(\w+)"?|\bINSERT\s+INTO\s+"?(\w+)"?(?:(?!\bINSERT\b)[^;])*?\bON\s+CONFLICT')
 
 
 def statement_kind(sql: str) -> str:
@@ -166,13 +168,20 @@ class _Meter:
             ended = time.perf_counter()
             self.pending[kind] += ended - started
             self.count += 1
-        # A row lock is taken by a locking read, or by the UPDATE or upsert that writes the row.
+        # A row lock is taken by a locking read, or by an UPDATE or upsert that writes the row, in any statement or
+        # data-modifying WITH of the query (a settlement's debit locks the account and its rollups).
         verb, _, table = kind.partition(" ")
-        locks = verb == "lock" or (verb in ("update", "upsert") and table in ORGANIZATION_ROWS)
-        if locks and context["connection"].in_atomic_block:
-            self.locked_at.setdefault(table, ended)
-        if sql.rstrip().endswith("; COMMIT"):  # the COMMIT sent along (accounts.statements.commits_along)
+        locked = {table} if verb == "lock" else set()
+        locked |= {update or upsert for update, upsert in _WRITTEN.findall(sql)} & set(ORGANIZATION_ROWS)
+        if sql.rstrip().endswith("; COMMIT"):
+            # The COMMIT sent along (accounts.statements.commits_along): its locks were held within the query, at
+            # most from its start.
+            for table in locked:
+                self.locked_at.setdefault(table, started)
             self.released(ended)
+        elif context["connection"].in_atomic_block:
+            for table in locked:
+                self.locked_at.setdefault(table, ended)
         return result
 
     def released(self, at: float) -> None:

@@ -22,7 +22,7 @@ from accounts import statements
 from accounts.services import set_concurrency_limit
 from billing import metering, pricing, topups
 from billing.ledger import grant_credits
-from billing.models import Account, CreditEntry, EntryKind, Granularity, Hold, UsageRecord, UsageRollup
+from billing.models import Account, CreditEntry, EndUserRollup, EntryKind, Granularity, Hold, UsageRecord, UsageRollup
 from billing.money import cost_within
 from inference import attempts, closing
 from inference.models import AttemptOutcome, Endpoint, Job, JobStatus
@@ -125,6 +125,9 @@ def test_a_finish_commits_with_its_debit_and_frees_the_account_before_it_returns
     assert looking.seen == {"locked": True, "status": JobStatus.COMPLETED.value}
     assert len(_committing(sent)) == 1
     assert "billing_account" in _committing(sent)[0]
+    # Nothing is sent between it and the end of the transaction (Django logs its COMMIT, which psycopg skips).
+    logged = [query["sql"] for query in sent.captured_queries]
+    assert logged[logged.index(_committing(sent)[0]) + 1] == "COMMIT"
     record = UsageRecord.objects.get(job=job)
     assert record.cost_micros > 0
     after = Account.objects.get(pk=organization.pk)
@@ -139,6 +142,26 @@ def test_a_finish_commits_with_its_debit_and_frees_the_account_before_it_returns
         -record.cost_micros
     ]
     # What waits for the COMMIT ran: the slot the job freed went to the request behind it.
+    assert Job.objects.get(pk=waiting.pk).status == JobStatus.DISPATCHED
+
+
+def test_what_waits_for_the_commit_runs_when_the_finish_raises_after_its_debit_committed(
+    funded: dict[str, Any], builtin_endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A time limit or a signal raised between the debit's query and the end of the transaction: the job's end and
+    its money are committed, and what waits for that commit (the freed slot's dispatch, the webhook) still runs."""
+    set_concurrency_limit(organization=funded["organization"], limit=1)
+    job = lifecycle.start(lifecycle.submit_as(funded, builtin_endpoint))
+    waiting = lifecycle.submit_as(funded, builtin_endpoint)
+
+    def interrupted(account: Account) -> bool:
+        raise RuntimeError("soft time limit")
+
+    monkeypatch.setattr(topups, "schedule_if_low", interrupted)
+    with pytest.raises(RuntimeError, match="soft time limit"):
+        lifecycle.finish(job, gpu_ms=1_000)
+    assert Job.objects.get(pk=job.pk).status == JobStatus.COMPLETED
+    assert UsageRecord.objects.get(job=job).cost_micros > 0
     assert Job.objects.get(pk=waiting.pk).status == JobStatus.DISPATCHED
 
 
@@ -226,6 +249,7 @@ _FINISHES = st.fixed_dictionaries(
             [AttemptOutcome.SUCCEEDED, AttemptOutcome.FAILED, AttemptOutcome.ERRORED, AttemptOutcome.CANCELLED]
         ),
         "retry": st.booleans(),
+        "end_user": st.sampled_from(["", "customer-7"]),
     }
 )
 
@@ -239,7 +263,12 @@ def test_a_finish_that_commits_along_writes_what_one_committing_on_its_own_write
     (its COMMIT with its last statement), one with that refused (``no_commit_along``, the way it went before)."""
     organization = funded["organization"]
     _set_balance(organization.pk, 10**9)  # an earlier example may have left it at anything
-    jobs = [lifecycle.start(lifecycle.submit_as(funded, builtin_endpoint)) for _ in range(2)]
+    jobs = [
+        lifecycle.start(
+            lifecycle.submit(organization, builtin_endpoint, api_key=funded["api_key"], end_user=finish["end_user"])
+        )
+        for _ in range(2)
+    ]
     for job in jobs:
         attempts.reserve_work(job=job, gpu_ms=finish["reserved_ms"])
     hold = Hold.objects.get(job=jobs[0]).amount_micros
@@ -307,8 +336,29 @@ def _finish(job: Job, finish: dict[str, Any]) -> None:
     assert closed is not None
 
 
-def _rolled_up(organization_id: Any) -> tuple[int, int, int]:
-    totals = UsageRollup.objects.filter(organization_id=organization_id, granularity=Granularity.DAY).aggregate(
-        attempts=Sum("attempts"), gpu_ms=Sum("gpu_ms"), cost=Sum("cost_micros")
-    )
-    return (int(totals["attempts"] or 0), int(totals["gpu_ms"] or 0), int(totals["cost"] or 0))
+def _rolled_up(organization_id: Any) -> tuple[int, ...]:
+    """The day's rollups and end users' day rows of the organization, summed."""
+    totals = []
+    for rows in (
+        UsageRollup.objects.filter(organization_id=organization_id, granularity=Granularity.DAY),
+        EndUserRollup.objects.filter(organization_id=organization_id),
+    ):
+        summed = rows.aggregate(attempts=Sum("attempts"), gpu_ms=Sum("gpu_ms"), cost=Sum("cost_micros"))
+        totals += [int(summed["attempts"] or 0), int(summed["gpu_ms"] or 0), int(summed["cost"] or 0)]
+    return tuple(totals)
+
+
+def test_only_the_top_of_an_action_lets_a_statement_carry_the_commit() -> None:
+    """``retrying_atomic``'s own transaction (which runs again where the statement's condition is unmet), not a plain
+    atomic block, nor a savepoint inside one, nor the second run."""
+    assert not statements.commits_along(connection)  # no transaction open
+    with transaction.atomic(), statements.last_of_the_transaction():
+        assert not statements.commits_along(connection)  # a plain atomic block cannot run again
+        with statements.at_the_top():
+            assert statements.commits_along(connection)
+            with statements.no_commit_along():
+                assert not statements.commits_along(connection)
+            with transaction.atomic():
+                assert not statements.commits_along(connection)  # a savepoint
+    with transaction.atomic(), statements.at_the_top():
+        assert not statements.commits_along(connection)  # not declared the last writes
