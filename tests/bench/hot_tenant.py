@@ -108,6 +108,7 @@ class Report:
     lost_claims: int = 0
     errors: int = 0
     first_error: str = ""
+    prepared: dict[str, str] = field(default_factory=dict)  # the kinds of the statements it prepared, by name
 
 
 # --- Kinds of statement ------------------------------------------------------------------------------------
@@ -117,9 +118,19 @@ _TABLE_AFTER = re.compile(r'(?:FROM|UPDATE|INTO)\s+"?(\w+)"?')
 _WRITTEN = re.compile(r'\bUPDATE\s+"?(\w+)"?|\bINSERT\s+INTO\s+"?(\w+)"?(?:(?!\bINSERT\b)[^;])*?\bON\s+CONFLICT')
 
 
+# The kinds of the statements prepared by name (``accounts.statements.in_turn``'s plan_once), by that name: each
+# process learns its own from the PREPAREs it sends, and the parent from the processes' reports.
+PREPARED: dict[str, str] = {}
+_EXECUTED = re.compile(r"EXECUTE\s+(\w+)")
+
+
 def statement_kind(sql: str) -> str:
-    """``lock billing_account``, ``upsert billing_usagerollup``, ``select inference_job``, ``SAVEPOINT``..."""
+    """``lock billing_account``, ``upsert billing_usagerollup``, ``select inference_job``, ``SAVEPOINT``...; a query
+    of prepared statements, the kinds of its parts (``insert inference_job + update billing_account``)."""
     text = sql.lstrip()
+    if text.startswith("EXECUTE "):
+        parts = dict.fromkeys(PREPARED.get(name, "EXECUTE") for name in _EXECUTED.findall(text))
+        return " + ".join(parts)
     verb = text.split(None, 1)[0].upper() if text else ""
     if verb == "WITH" and "(" in text:  # named by the statement of its first part, such as an UPDATE
         verb = text.split("(", 1)[1].split(None, 1)[0].upper()
@@ -156,6 +167,9 @@ class _Meter:
     def __call__(self, execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any) -> Any:
         from tests.concurrency.harness import CONCURRENCY_SQLSTATES, sqlstate_of
 
+        if sql.startswith("PREPARE "):
+            name, _, body = sql.removeprefix("PREPARE ").partition(" AS ")
+            PREPARED[name] = statement_kind(body)
         kind = statement_kind(sql)
         started = time.perf_counter()
         try:
@@ -269,6 +283,7 @@ def _serve(role: str, slot: int, env: dict[str, str], tasks: Any, results: Any, 
         except BaseException as exc:
             results.put(("failed", role, slot, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
             raise
+        report.prepared = dict(PREPARED)
         results.put(("report", role, slot, asdict(report)))
 
 
@@ -453,7 +468,8 @@ class PhaseResult:
     organizations: int
     seconds: float = 0.0
     reports: list[Report] = field(default_factory=list)
-    samples: dict[str, Counter[str]] = field(default_factory=lambda: {role: Counter() for role in ROLES})
+    # By role: a state, or a lock wait's (query, the role and query of the backend it waits for): ``waiting_label``.
+    samples: dict[str, Counter[Any]] = field(default_factory=lambda: {role: Counter() for role in ROLES})
 
     def of(self, role: str) -> list[Report]:
         return [report for report in self.reports if report.role == role]
@@ -462,17 +478,29 @@ class PhaseResult:
         return sum(report.calls for report in self.of(role)) / self.seconds
 
 
-def sample_state(state: str, wait_type: str | None, wait_event: str | None, query: str) -> str:
-    """What a backend was doing at one sample: ``row lock: <table>``, ``PostgreSQL working``..."""
+def sample_state(
+    state: str, wait_type: str | None, wait_event: str | None, query: str, blocker: tuple[str, str] | None = None
+) -> str | tuple[str, str, str]:
+    """What a backend was doing at one sample: ``PostgreSQL working``...; waiting on a lock, its query and the first
+    backend it waits for (its role, its query), named once every process has said what its prepared statements are
+    (``waiting_label``)."""
     if state == "active":
         if wait_type == "Lock":
-            return f"waiting on a row lock: {statement_kind(query)}"
+            return (query, *(blocker or ("", "")))
         if wait_type:
             return f"PostgreSQL waiting on itself ({wait_type})"
         return "PostgreSQL working"
     if state.startswith("idle in transaction"):
         return "client inside a transaction (locks held)"
     return "client outside a transaction"
+
+
+def waiting_label(sample: str | tuple[str, str, str]) -> str:
+    if isinstance(sample, str):
+        return sample
+    query, role, held_by = sample
+    holder = f", behind a {role} ({statement_kind(held_by)})" if role else ""
+    return f"waiting on a lock: {statement_kind(query)}{holder}"
 
 
 def run_window(
@@ -506,18 +534,23 @@ def run_window(
             """Samples what the backends are doing (in the window), then takes the reports in; True once all are."""
             if in_window():
                 rows = sampler.execute(
-                    "SELECT application_name, state, wait_event_type, wait_event, query FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND application_name LIKE %s",
+                    "SELECT a.application_name, a.state, a.wait_event_type, a.wait_event, a.query,"
+                    " b.application_name, b.query FROM pg_stat_activity a LEFT JOIN LATERAL (SELECT * FROM"
+                    " pg_stat_activity h WHERE a.wait_event_type = 'Lock' AND h.pid = (pg_blocking_pids(a.pid))[1])"
+                    " b ON true WHERE a.datname = current_database() AND a.application_name LIKE %s",
                     (f"{APP_PREFIX}%",),
                 ).fetchall()
-                for application, state, wait_type, wait_event, query_text in rows:
+                for application, state, wait_type, wait_event, query_text, holder, held_by in rows:
                     role = application.removeprefix(APP_PREFIX).split("-")[0]
-                    samples[role][sample_state(state or "", wait_type, wait_event, query_text or "")] += 1
+                    blocker = None if holder is None else (holder.removeprefix(APP_PREFIX).split("-")[0], held_by)
+                    sample = sample_state(state or "", wait_type, wait_event, query_text or "", blocker)
+                    samples[role][sample] += 1
             while (result := pool.poll()) is not None:
                 kind, role, slot, payload = result
                 if kind == "failed":
                     raise SystemExit(f"the {role} process {slot} failed: {payload}")
                 reports.append(Report(**payload))
+                PREPARED.update(payload.get("prepared", {}))
             return len(reports) >= expected
 
         wait_until(
@@ -664,15 +697,16 @@ def print_results(one: PhaseResult, many: PhaseResult, args: argparse.Namespace,
 
     print(f"\nwhat the processes' PostgreSQL backends were doing (pg_stat_activity every {args.sample_ms} ms):")
     for role in ROLES:
-        one_total = sum(one.samples[role].values()) or 1
-        many_total = sum(many.samples[role].values()) or 1
-        print(f"  {role + ' processes':52}{'one org':>9}{f'{n} orgs':>9}")
-        states = sorted(set(one.samples[role]) | set(many.samples[role]), key=lambda state: -one.samples[role][state])
-        for state in states:
-            print(
-                f"    {state:50}{one.samples[role][state] / one_total:9.1%}"
-                f"{many.samples[role][state] / many_total:9.1%}"
-            )
+        one_samples, many_samples = Counter[str](), Counter[str]()
+        for labelled, sampled in ((one_samples, one.samples[role]), (many_samples, many.samples[role])):
+            for sample, count in sampled.items():
+                labelled[waiting_label(sample)] += count
+        one_total = sum(one_samples.values()) or 1
+        many_total = sum(many_samples.values()) or 1
+        width = max([50, *(len(state) for state in one_samples | many_samples)])
+        print(f"  {role + ' processes':{width + 2}}{'one org':>9}{f'{n} orgs':>9}")
+        for state in sorted(set(one_samples) | set(many_samples), key=lambda state: -one_samples[state]):
+            print(f"    {state:{width}}{one_samples[state] / one_total:9.1%}{many_samples[state] / many_total:9.1%}")
 
 
 def main() -> None:
