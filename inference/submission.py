@@ -19,7 +19,7 @@ from accounts.errors import AppError
 from accounts.locking import retrying, retrying_atomic
 from accounts.models import ApiKey, Organization
 from inference import files, job_logs
-from inference.dispatch import dispatch_organization
+from inference.dispatch import dispatch_organization, dispatch_statements, send_dispatched
 from inference.hooks import Refusal, hooks
 from inference.inputs import is_storable_text, validate_input
 from inference.models import (
@@ -161,14 +161,17 @@ def _queued(job: Job) -> Job:
     admission = _admission_in_query(job)
     if admission is not None:
         try:
-            _inserted_in_one_query(job, admission)
+            dispatched = _inserted_in_one_query(job, admission)
         except DatabaseError as error:
             if not statements.was_unmet(error):
                 raise
             # Rolled back whole: billing decides under the account's lock (a refusal, a budget, a key's limit).
         else:
             statements.written(job, job.pk)
-            _dispatch_once_committed(job)  # at once: one query of its own too
+            if dispatched is None:
+                _dispatch_once_committed(job)  # the query's dispatch failed: again, in a query of its own
+            else:
+                send_dispatched(dispatched)
             return job
     return _insert_and_admit(job)
 
@@ -187,24 +190,42 @@ def _admission_in_query(job: Job) -> list[statements.Statement] | None:
 
 
 @retrying
-def _inserted_in_one_query(job: Job, admission: list[statements.Statement]) -> None:
-    """The job's insert with its first log line, then billing's admission, as one query with no transaction open,
-    which PostgreSQL runs as a transaction of its own, committed as it ends: one round trip where a transaction took
-    four (BEGIN, the insert, the admission, COMMIT), and the account's lock, which billing's last statement takes, is
-    held to the end of the query, not across a round trip of the client's. A statement that fails (billing's
-    admission where it must decide under a lock, a reused Idempotency-Key) rolls all of it back.
+def _inserted_in_one_query(job: Job, admission: list[statements.Statement]) -> list[tuple[Any, ...]] | None:
+    """The job's insert with its first log line, then billing's admission, COMMIT, then the organization's dispatch,
+    as one query with no transaction open; the dispatch's rows, or None where the submission committed and its
+    dispatch failed.
 
-    The dispatch stays a query of its own, after this one (``dispatch_organization``): sent in this one, the
-    organization's lock would come first (the lock order) and be held for the whole submission, and one
-    organization's submissions would queue behind each other on it (``make bench-tenants``: one organization against
-    four fell from 0.85-0.95x to 0.72-0.75x), for a round trip saved."""
+    PostgreSQL runs the statements before the COMMIT as a transaction, committed as the COMMIT runs: one round trip
+    where a transaction took four (BEGIN, the insert, the admission, COMMIT), and the account's lock, which billing's
+    last statement takes, is held to the end of that transaction, not across a round trip of the client's. A
+    statement of it that fails (billing's admission where it must decide under a lock, a reused Idempotency-Key)
+    rolls all of it back, and nothing after it runs. The dispatch's two statements after the COMMIT are a transaction
+    of their own, committed as the query ends (``inference.dispatch.dispatch_statements``): the organization's lock is
+    taken after the account's is let go, as the lock order has it, and held for the dispatch alone (sent within the
+    submission's own transaction, it would come first and be held for the whole submission, and one organization's
+    submissions would queue behind each other on it: ``make bench-tenants``, one organization against four fell from
+    0.85-0.95x to 0.72-0.75x). So a submission is one round trip to the database, not two, before its message goes.
+
+    A failure after the COMMIT (a lost lock race in the dispatch, a connection lost on the way back) leaves the
+    submission committed: its job is there, and its dispatch is sent again on its own."""
+    dispatch_lock, dispatch_update = dispatch_statements(job.organization_id)
     with connection.cursor() as cursor:
-        statements.in_turn(
-            cursor,
-            statements.insertion(job, along=_first_line(job)),
-            *admission,
-            plan_once=True,
-        )
+        try:
+            statements.in_turn(
+                cursor,
+                statements.insertion(job, along=_first_line(job)),
+                *admission,
+                statements.COMMIT,
+                dispatch_lock,
+                dispatch_update,
+                plan_once=True,
+            )
+        except DatabaseError:
+            if not Job.objects.filter(pk=job.pk).exists():
+                raise  # nothing of it stayed: decided, or run again, as any failed transaction
+            logger.warning("submission %s committed, its dispatch failed: dispatching it again", job.pk, exc_info=True)
+            return None
+        return cursor.fetchall()
 
 
 def _first_line(job: Job) -> JobLog:

@@ -313,6 +313,8 @@ def _planned_once(cursor: Any, statement: Statement) -> Statement:
     """``statement`` as an EXECUTE of it prepared on the cursor's server connection, preparing it there first if
     this connection has not (one round trip, once per connection and statement)."""
     sql, values = _positional(statement)
+    if sql == COMMIT[0]:
+        return sql, values  # not a statement PREPARE takes
     name, prepare = _preparation(sql)
     raw = cursor.db.connection
     names = _prepared.get(raw)
@@ -332,6 +334,14 @@ def plans_once(db: BaseDatabaseWrapper) -> bool:
     """Whether ``in_turn(..., plan_once=True)`` prepares its statements: one query of several, and a server
     connection that stays this connection's (not behind a pooler that hands each transaction another)."""
     return in_one_query(db) and _preparing and not getattr(settings, "DATABASE_TRANSACTION_POOLING", False)
+
+
+# Among ``in_turn``'s statements on PostgreSQL's one-query path with no transaction open: the statements before it
+# are committed as it runs, and those after it are a transaction of their own, committed as the query ends (or
+# rolled back, alone, if one of them fails). What follows a COMMIT must read only tables that statements before it
+# read or write, so that a prepared statement gone stale fails before anything has committed, and the query can be
+# sent again whole.
+COMMIT: Statement = ("COMMIT", ())
 
 
 def in_turn(cursor: Any, first: Statement, *then: Statement, plan_once: bool = False) -> None:

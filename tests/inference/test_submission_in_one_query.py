@@ -96,8 +96,8 @@ def test_a_submission_is_one_query_committed_before_its_message_goes(
     monkeypatch.setattr(job_events, "publish", told.append)
     job = submit_as(tenant, builtin_endpoint)
     assert told == []  # no one can wait on a job whose id is not answered yet: no Redis round trip for it
-    # The submission's query, then the dispatch's: each sent with no BEGIN before it nor COMMIT after it.
-    assert queries == [(True, "committed")] * 2
+    # One query, the dispatch's transaction after the submission's: sent with no BEGIN before it nor COMMIT after it.
+    assert queries == [(True, "committed")]
     assert seen == [(JobStatus.DISPATCHED, 1, 1, 1)]
     job.refresh_from_db()
     assert (job.status, job.attempt) == (JobStatus.DISPATCHED, 1)
@@ -193,7 +193,7 @@ def test_jobs_over_the_concurrency_limit_are_admitted_and_wait(
     grant_credits(organization=organization, amount_micros=100_000_000, reason="limit test")
     set_concurrency_limit(organization=organization, limit=2)
     jobs = [submit_as(tenant, builtin_endpoint) for _ in range(3)]
-    assert queries == [(True, "committed")] * 6
+    assert queries == [(True, "committed")] * 3
     statuses = [Job.objects.get(pk=job.pk).status for job in jobs]
     assert statuses == [JobStatus.DISPATCHED, JobStatus.DISPATCHED, JobStatus.QUEUED]
     assert Hold.objects.filter(job__in=jobs, released_at=None).count() == 3
@@ -259,12 +259,47 @@ def test_one_query_decides_every_submission_as_the_transaction_does(
     assert state(one_query) == state(in_transaction)
     assert Job.objects.filter(organization=one_query).count() == answers.count("queued")
 
+    def statuses(organization: Organization) -> list[str]:
+        return list(
+            Job.objects.filter(organization=organization).order_by("created_at").values_list("status", flat=True)
+        )
+
+    assert statuses(one_query) == statuses(in_transaction)  # dispatched in the query as after the transaction
+
+
+def _failing_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dispatch's statements in the submission's query fail, after its COMMIT (a lost lock race, a timeout)."""
+    real = dispatch.dispatch_statements
+
+    def failing(organization_id: Any) -> Any:
+        _lock, update = real(organization_id)
+        return ("SELECT 1 / 0", ()), update
+
+    monkeypatch.setattr(submission, "dispatch_statements", failing)
+
+
+def test_a_dispatch_that_fails_in_the_submission_s_query_is_sent_again_on_its_own(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch,
+    queries: list[tuple[bool, str]],
+) -> None:  # fmt: skip
+    sent: list[str] = []
+    monkeypatch.setattr(dispatch, "send_run_message", lambda job_id, attempt, queue: sent.append(job_id) or True)
+    grant_credits(organization=tenant["organization"], amount_micros=100_000_000, reason="dispatch failure test")
+    _failing_dispatch(monkeypatch)
+    job = submit_as(tenant, builtin_endpoint)
+    # The submission's query failed after its COMMIT, and was not run again (one job, one hold); the dispatch's own.
+    assert queries == [(True, "DataError"), (True, "committed")]
+    job.refresh_from_db()
+    assert (job.status, sent) == (JobStatus.DISPATCHED, [str(job.pk)])
+    assert Job.objects.filter(organization=tenant["organization"]).count() == 1
+    assert Hold.objects.filter(job=job, released_at=None).count() == 1
+
 
 def test_a_dispatch_that_fails_after_the_submission_committed_leaves_the_job_to_the_sweep(
     tenant: dict[str, Any], builtin_endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The job and its hold are committed before the dispatch's own query: a dispatch that fails (a lost connection)
-    # must not fail the request, or a client retrying without an Idempotency-Key would pay for two jobs.
+    # The job and its hold are committed before the dispatch: a dispatch that fails (a lost connection) must not fail
+    # the request, or a client retrying without an Idempotency-Key would pay for two jobs.
     from django.db import OperationalError
 
     grant_credits(organization=tenant["organization"], amount_micros=100_000_000, reason="dispatch failure test")
@@ -272,6 +307,7 @@ def test_a_dispatch_that_fails_after_the_submission_committed_leaves_the_job_to_
     def lost(*args: Any) -> Any:
         raise OperationalError("server closed the connection unexpectedly")
 
+    _failing_dispatch(monkeypatch)
     monkeypatch.setattr(dispatch, "_dispatched_by_one_query", lost)
     job = submit_as(tenant, builtin_endpoint)
     job.refresh_from_db()
