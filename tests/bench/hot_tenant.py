@@ -10,11 +10,12 @@ default, measures a tenant's real limit instead). REDIS_URL, when set, is the ca
 in production; nothing reaches a broker.
 
 ``--processes`` N submitting processes call ``inference.submission.submit_job`` in a loop (the insert, billing's
-admission and, on commit, the organization's dispatch), and N finishing processes do what a GPU worker does with
-each message: ``inference.attempts.claim_job``, one ``reserve_work`` and ``inference.closing.finish_attempt`` with a
-small result (billing's settlement inside). ``inference.dispatch.send_run_message`` is patched in every process to
-put the message on an in-memory queue of the organization (a multiprocessing queue standing in for the broker) and
-answer True. Two configurations, ``--seconds`` counted for each:
+admission, COMMIT, then the organization's dispatch, in one query), and N finishing processes do what a GPU worker
+does with each message: ``inference.attempts.claim_job``, one ``reserve_work`` and
+``inference.closing.finish_attempt`` with a small result (billing's settlement inside).
+``inference.dispatch.send_run_message`` is patched in every process to put the message on an in-memory queue of the
+organization (a multiprocessing queue standing in for the broker) and answer True. Two configurations, ``--seconds``
+counted for each:
 
 - one organization: every process works for it;
 - N organizations: submitter i and finisher i work for organization i.
