@@ -247,10 +247,9 @@ def commit_along(cursor: Any, *sent: Statement) -> None:
     """Sends ``sent`` and ``COMMIT`` after them as one query (``commits_along`` must hold). PostgreSQL runs them in
     turn; a failing statement ends the query before the COMMIT, and the transaction is rolled back as any failed one.
     The cursor is left on the first statement's result."""
-    joined = tuple(_positional(statement) for statement in sent)
     db = cursor.db
     setattr(db, _ALONG, SENT)
-    cursor.execute("; ".join([*(sql for sql, _ in joined), "COMMIT"]), [v for _, values in joined for v in values])
+    _in_turn(cursor, (*sent, COMMIT), on_first=True)
     setattr(db, _ALONG, COMMITTED)
 
 
@@ -411,8 +410,10 @@ def _stop_preparing() -> None:
     )
 
 
-def _in_turn(cursor: Any, sent: tuple[Statement, ...]) -> None:
-    then = sent[1:]
+def _in_turn(cursor: Any, sent: tuple[Statement, ...], *, on_first: bool = False) -> None:
+    """``sent`` as one query where ``in_one_query``, the cursor left on the last statement's result (on the first's
+    with ``on_first``, which only one query can do), else one execute each."""
+    then = () if on_first else sent[1:]
     if in_one_query(cursor.db):
         values: Sequence[Any] | Mapping[str, Any]
         if all(isinstance(statement_values, Mapping) for _, statement_values in sent):
@@ -430,6 +431,8 @@ def _in_turn(cursor: Any, sent: tuple[Statement, ...]) -> None:
         for _ in then:
             cursor.nextset()
         return
+    if on_first:
+        raise ValueError("Only statements sent as one query can leave the cursor on the first's result.")
     for sql, statement_values in sent:
         cursor.execute(sql, statement_values)
 
