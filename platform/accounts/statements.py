@@ -337,9 +337,9 @@ def plans_once(db: BaseDatabaseWrapper) -> bool:
 
 # Among ``in_turn``'s statements on PostgreSQL's one-query path with no transaction open: the statements before it
 # are committed as it runs, and those after it are a transaction of their own, committed as the query ends (or
-# rolled back, alone, if one of them fails). What follows a COMMIT must read only tables that statements before it
-# read or write, so that a prepared statement gone stale fails before anything has committed, and the query can be
-# sent again whole.
+# rolled back, alone, if one of them fails). On a failure the caller must tell whether the part before the COMMIT
+# committed (``inference.submission`` looks for its job): with ``plan_once`` a prepared statement found gone or stale
+# sends the whole query again, so the failure may also be the repeat of what had committed.
 COMMIT: Statement = ("COMMIT", ())
 
 
