@@ -23,20 +23,33 @@ bench-tenants``): on cores the processes keep busy, a backend waiting for the lo
 and the gate's own work (a round trip for each dispatch that found it held, the holder's second look) took what the
 wait gave back. Not kept. Concurrency slots kept in Redis or on a counter row would have to be kept in step
 by every way a job ends; committing dispatch without waiting for the WAL (a lost dispatch is redone by the sweep)
-saved under 1 ms of the 5. A submission with no transaction open sends the lock and the dispatch in its own query,
+saved under 1 ms of the 5 (a submission's own dispatch now commits that way, for its latency:
+``dispatch_statements``). A submission with no transaction open sends the lock and the dispatch in its own query,
 after its COMMIT (``dispatch_statements``, ``inference.submission``): one round trip for both.
+
+**A job's message ahead of its commit.** Where its organization had room the last time this process looked, a
+submission sends its job's message while its query runs (``send_ahead``), not after: the broker's trip and the
+worker's start overlap the query instead of following it. The order of the lifecycle is kept where it matters: a
+worker runs only a job that is dispatched and committed. The submission holds a lock named by the job from before
+the message goes until its dispatch has committed or rolled back, and a claim that finds the job not (yet)
+dispatched waits for that lock and looks once more (``inference.attempts.claim_message``); a message whose job was
+not dispatched (no room after all, refused, rolled back) is dropped as a stale one is. Measured
+(``tests/bench/queue_overhead.py``, README): submit to worker start went from 2.1-2.3x the bare Celery figure to
+1.7-1.8x. Where a job's message is lost with a worker killed while it waits, the sweep sends it again, as any lost
+message (``redispatch_stale``).
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
 from celery import current_app
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 
 from accounts import statements
@@ -125,13 +138,18 @@ def _parameters(organization_id: uuid.UUID) -> dict[str, Any]:
     }
 
 
-def dispatch_statements(organization_id: uuid.UUID) -> tuple[statements.Statement, statements.Statement]:
+def dispatch_statements(organization_id: uuid.UUID) -> tuple[statements.Statement, ...]:
     """The organization's dispatch as the last statements of a caller's one query (``accounts.statements.in_turn``),
     after a COMMIT of what came before them, so they are a transaction of their own and the organization's lock is
     taken after the caller's locks are let go (``inference.submission``): its lock, then the dispatch, whose rows go
-    to ``send_dispatched``."""
+    to ``send_dispatched``.
+
+    Its COMMIT does not wait for the disk (``accounts.statements.NO_WAIT_FOR_DISK``): a dispatch lost in a crash
+    leaves its jobs QUEUED, which the sweep dispatches again (a message already sent for one finds it not dispatched,
+    or dispatched again under the same attempt, and only one claim wins), and the claim that starts a job commits
+    durably, taking the dispatch before it to the disk. The submission's own COMMIT, before it, waits as ever."""
     parameters = _parameters(organization_id)
-    return (_LOCK, parameters), (_DISPATCH, parameters)
+    return statements.NO_WAIT_FOR_DISK, (_LOCK, parameters), (_DISPATCH, parameters)
 
 
 def send_dispatched(dispatched: list[tuple[Any, ...]]) -> list[tuple[str, int, str]]:
@@ -191,6 +209,12 @@ def send_run_message(job_id: str, attempt: int, queue: str) -> bool:
     return True
 
 
+def unsent(dispatched: list[tuple[Any, ...]]) -> None:
+    """The jobs a dispatch statement returned, back to the queue unsent (the broker is down): the sweep sends them."""
+    for job_id, attempt, _, _ in dispatched:
+        _back_to_queue(str(job_id), attempt)
+
+
 def _back_to_queue(job_id: str, attempt: int) -> None:
     Job.objects.filter(pk=job_id, status=JobStatus.DISPATCHED, attempt=attempt).update(
         status=JobStatus.QUEUED, attempt=attempt - 1, dispatched_at=None, sent_at=None
@@ -211,3 +235,90 @@ def redispatch_stale() -> int:
         if not send_run_message(str(job_id), attempt, gpu_class):
             break  # the broker is down: the rest stay dispatched for the next sweep
     return len(stale)
+
+
+# A message sent ahead of its job's commit. A submission that expects its job to be dispatched at once (its
+# organization had room the last time this process looked) takes a lock named by the job, sends the job's message
+# while its query runs, and lets the lock go as its dispatch commits; the worker that takes the message waits for the
+# lock before its claim (``inference.attempts.await_submission``), so the claim reads the submission's outcome: the
+# job dispatched (claimed and run), or not (over the limit, refused, rolled back: the message is dropped, as a stale
+# one). The broker's trip and the worker's start run alongside the submission's query instead of after it.
+#
+# The lock is PostgreSQL's session-level advisory lock, taken in a round trip of its own before the message goes (a
+# worker must never find it free before the submission has begun), and handed over within the query: after the
+# submission's COMMIT, the dispatch's transaction takes it again at transaction level and lets the session's hold go
+# (``ahead_statements``), so it is free once the dispatch has committed or rolled back. Not behind a pooler that hands
+# each transaction another server connection (a session's lock would stay on a connection the process no longer has).
+AHEAD_KEY_SPACE = 0x6A6F62  # ``pg_advisory_lock(int, int)``'s first key: jobs' locks, apart from any other use
+_ahead_room: dict[uuid.UUID, bool] = {}  # organization -> whether its last submission here was dispatched at once
+_AHEAD_ROOM_KEPT = 10_000
+_sender: ThreadPoolExecutor | None = None
+
+
+def ahead_key(job_id: uuid.UUID | str) -> tuple[int, int]:
+    """The advisory lock of a job whose message goes ahead of its commit: the key space, then 32 bits of its id (two
+    jobs in flight at once that share them wait for each other's submission, no more)."""
+    return AHEAD_KEY_SPACE, int.from_bytes(uuid.UUID(str(job_id)).bytes[-4:], "big", signed=True)
+
+
+def sends_ahead(organization_id: uuid.UUID) -> bool:
+    """Whether a submission of this organization sends its job's message ahead of its commit: on PostgreSQL with no
+    pooler between (``DATABASE_TRANSACTION_POOLING`` off), ``JOB_MESSAGE_AHEAD`` on, and the organization's last
+    submission in this process dispatched at once (unknown: yes)."""
+    return (
+        settings.JOB_MESSAGE_AHEAD
+        and statements.in_one_query(connection)
+        and not getattr(settings, "DATABASE_TRANSACTION_POOLING", False)
+        and _ahead_room.get(organization_id, True)
+    )
+
+
+def hold_ahead(job_id: uuid.UUID) -> None:
+    """The job's lock taken for this session (one round trip), before its message may go."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_lock(%s, %s)", ahead_key(job_id))
+
+
+def release_ahead(job_id: uuid.UUID) -> None:
+    """The session's hold of the job's lock let go, where its query did not (it failed before the hand-over). A hold
+    already let go answers false, with a warning from PostgreSQL; a connection that is gone took the hold with it."""
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_unlock(%s, %s)", ahead_key(job_id))
+    except DatabaseError:
+        logger.warning("could not let go of the lock of job %s: its connection is gone, and the lock with it", job_id)
+
+
+def ahead_statements(job_id: uuid.UUID) -> tuple[statements.Statement, statements.Statement]:
+    """The hand-over, first in the dispatch's transaction of the submission's query: the job's lock taken at
+    transaction level (at once: the session holds it), then the session's hold let go."""
+    key = list(ahead_key(job_id))
+    return ("SELECT pg_advisory_xact_lock(%s, %s)", key), ("SELECT pg_advisory_unlock(%s, %s)", key)
+
+
+def send_ahead(job_id: uuid.UUID, queue: str) -> Future[bool]:
+    """The job's first message (attempt 1, ``ahead``), sent on a thread of its own while the caller's query runs: the
+    query waits on PostgreSQL with Python's lock let go, so the two overlap. Its result: whether the broker took it."""
+    global _sender
+    if _sender is None:
+        _sender = ThreadPoolExecutor(max_workers=2, thread_name_prefix="message-ahead")
+    return _sender.submit(send_ahead_message, str(job_id), queue)
+
+
+def send_ahead_message(job_id: str, queue: str) -> bool:
+    """The message of a job sent ahead of its commit, on the broker; False if the broker refused it."""
+    try:
+        current_app.send_task(
+            RUN_TASK, args=[job_id, 1], kwargs={"ahead": True}, queue=queue, retry=False, ignore_result=True
+        )
+    except Exception as exc:
+        logger.warning("broker refused job %s's message ahead of its commit: %s", job_id, exc)
+        return False
+    return True
+
+
+def note_room(organization_id: uuid.UUID, job_id: uuid.UUID, dispatched: list[tuple[Any, ...]]) -> None:
+    """Whether a submission's dispatch sent its own job, kept for the organization's next submission here."""
+    if len(_ahead_room) >= _AHEAD_ROOM_KEPT and organization_id not in _ahead_room:
+        _ahead_room.clear()
+    _ahead_room[organization_id] = any(row[0] == job_id for row in dispatched)

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import uuid
+from concurrent.futures import Future
 from datetime import timedelta
 from typing import Any
 
@@ -18,7 +19,7 @@ from accounts import statements
 from accounts.errors import AppError
 from accounts.locking import retrying, retrying_atomic
 from accounts.models import ApiKey, Organization
-from inference import files, job_logs
+from inference import dispatch, files, job_logs
 from inference.dispatch import dispatch_organization, dispatch_statements, send_dispatched
 from inference.hooks import Refusal, hooks
 from inference.inputs import is_storable_text, validate_input
@@ -159,21 +160,38 @@ def _queued(job: Job) -> Job:
     can (``_inserted_in_one_query``), else in a transaction (``_insert_and_admit``), which also decides what the one
     query left to billing's ``admit``."""
     admission = _admission_in_query(job)
-    if admission is not None:
-        try:
-            dispatched = _inserted_in_one_query(job, admission)
-        except DatabaseError as error:
-            if not statements.was_unmet(error):
-                raise
-            # Rolled back whole: billing decides under the account's lock (a refusal, a budget, a key's limit).
-        else:
-            statements.written(job, job.pk)
-            if dispatched is None:
-                _dispatch_once_committed(job)  # the query's dispatch failed: again, in a query of its own
-            else:
-                send_dispatched(dispatched)
-            return job
-    return _insert_and_admit(job)
+    if admission is None:
+        return _insert_and_admit(job)
+    message: Future[bool] | None = None
+    ahead = dispatch.sends_ahead(job.organization_id)
+    # Built first: the message's thread runs while this one waits on the query, not while it builds it.
+    sent = _submission_query(job, admission, ahead=ahead)
+    try:
+        if ahead:
+            dispatch.hold_ahead(job.pk)
+            message = dispatch.send_ahead(job.pk, job.gpu_class)
+        dispatched = _inserted_in_one_query(job, sent)
+    except BaseException as error:
+        if message is not None:
+            dispatch.release_ahead(job.pk)  # the query failed before its hand-over, or during it
+        if not (isinstance(error, DatabaseError) and statements.was_unmet(error)):
+            raise
+        # Rolled back whole: billing decides under the account's lock (a refusal, a budget, a key's limit).
+        return _insert_and_admit(job)
+    statements.written(job, job.pk)
+    if dispatched is None:
+        if message is not None:
+            dispatch.release_ahead(job.pk)
+        _dispatch_once_committed(job)  # the query's dispatch failed: again, in a query of its own
+        return job
+    dispatch.note_room(job.organization_id, job.pk, dispatched)
+    if message is None:
+        send_dispatched(dispatched)
+    elif message.result():
+        send_dispatched([row for row in dispatched if row[0] != job.pk])  # its message is on its way
+    else:
+        dispatch.unsent(dispatched)  # the broker refused its message a moment ago: it would refuse theirs
+    return job
 
 
 def _admission_in_query(job: Job) -> list[statements.Statement] | None:
@@ -189,8 +207,22 @@ def _admission_in_query(job: Job) -> list[statements.Statement] | None:
     return hooks.admit_in_query(job)
 
 
+def _submission_query(
+    job: Job, admission: list[statements.Statement], *, ahead: bool
+) -> tuple[statements.Statement, ...]:
+    """The statements of ``_inserted_in_one_query``; ``ahead``: with the hand-over of the job's lock, its message sent
+    ahead of them (``inference.dispatch.send_ahead``)."""
+    return (
+        statements.insertion(job, along=_first_line(job)),
+        *admission,
+        statements.COMMIT,
+        *(dispatch.ahead_statements(job.pk) if ahead else ()),
+        *dispatch_statements(job.organization_id),
+    )
+
+
 @retrying
-def _inserted_in_one_query(job: Job, admission: list[statements.Statement]) -> list[tuple[Any, ...]] | None:
+def _inserted_in_one_query(job: Job, sent: tuple[statements.Statement, ...]) -> list[tuple[Any, ...]] | None:
     """The job's insert with its first log line, then billing's admission, COMMIT, then the organization's dispatch,
     as one query with no transaction open; the dispatch's rows, or None where the submission committed and its
     dispatch failed.
@@ -208,18 +240,9 @@ def _inserted_in_one_query(job: Job, admission: list[statements.Statement]) -> l
 
     A failure after the COMMIT (a lost lock race in the dispatch, a connection lost on the way back) leaves the
     submission committed: its job is there, and its dispatch is sent again on its own."""
-    dispatch_lock, dispatch_update = dispatch_statements(job.organization_id)
     with connection.cursor() as cursor:
         try:
-            statements.in_turn(
-                cursor,
-                statements.insertion(job, along=_first_line(job)),
-                *admission,
-                statements.COMMIT,
-                dispatch_lock,
-                dispatch_update,
-                plan_once=True,
-            )
+            statements.in_turn(cursor, *sent, plan_once=True)
         except DatabaseError:
             if not Job.objects.filter(pk=job.pk).exists():
                 raise  # nothing of it stayed: decided, or run again, as any failed transaction

@@ -133,6 +133,7 @@ def priced_without_broker(monkeypatch: pytest.MonkeyPatch) -> None:
     from inference import dispatch
 
     monkeypatch.setattr(dispatch, "send_run_message", lambda *args: True)
+    monkeypatch.setattr(dispatch, "send_ahead_message", lambda *args: True)
     ensure_opening_prices(Price)
 
 

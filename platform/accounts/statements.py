@@ -312,7 +312,7 @@ def _planned_once(cursor: Any, statement: Statement) -> Statement:
     """``statement`` as an EXECUTE of it prepared on the cursor's server connection, preparing it there first if
     this connection has not (one round trip, once per connection and statement)."""
     sql, values = _positional(statement)
-    if sql == COMMIT[0]:
+    if sql in _NOT_PREPARED:
         return sql, values  # not a statement PREPARE takes
     name, prepare = _preparation(sql)
     raw = cursor.db.connection
@@ -341,6 +341,11 @@ def plans_once(db: BaseDatabaseWrapper) -> bool:
 # committed (``inference.submission`` looks for its job): with ``plan_once`` a prepared statement found gone or stale
 # sends the whole query again, so the failure may also be the repeat of what had committed.
 COMMIT: Statement = ("COMMIT", ())
+# Among ``in_turn``'s statements, first in a transaction whose loss in a crash costs nothing the rest of the system
+# relies on: its COMMIT does not wait for the WAL to reach the disk (it is durable once anything after it commits
+# durably, the WAL being written in order). For what is redone if lost (``inference.dispatch.dispatch_statements``).
+NO_WAIT_FOR_DISK: Statement = ("SET LOCAL synchronous_commit = off", ())
+_NOT_PREPARED = {COMMIT[0], NO_WAIT_FOR_DISK[0]}
 
 
 def in_turn(cursor: Any, first: Statement, *then: Statement, plan_once: bool = False) -> None:

@@ -109,6 +109,33 @@ def submit(*, organization_id: str, endpoint_id: int, api_key_id: str | None = N
     return act
 
 
+def submit_ahead(*, organization_id: str, endpoint_id: int, job_id: str) -> Act:
+    """``submit`` whose job takes the id ``job_id`` (known to the round's workers beforehand, as its message will
+    make it known to them): its message goes ahead of its commit where the organization has room."""
+    act = submit(organization_id=organization_id, endpoint_id=endpoint_id)
+    chosen = uuid.UUID(job_id)
+
+    def with_its_id() -> dict[str, Any]:
+        real = submission.uuid.uuid4
+        submission.uuid.uuid4 = lambda: chosen  # type: ignore[assignment]  # the one new id this call makes
+        try:
+            return act()
+        finally:
+            submission.uuid.uuid4 = real  # type: ignore[assignment]
+
+    return with_its_id
+
+
+def claim_ahead(*, job_id: str, worker: str) -> Act:
+    """A worker taking a job's message sent ahead of its submission's commit, as ``inference.worker.execute`` does."""
+
+    def act() -> dict[str, Any]:
+        claimed = attempts.claim_message(job_id=job_id, attempt=1, worker=worker, ahead=True)
+        return {"claimed": claimed is not None, "worker": worker}
+
+    return act
+
+
 def dispatch(*, organization_id: str) -> Act:
     """The dispatcher (as the sweep and every on-commit hand-off call it)."""
 
@@ -175,6 +202,8 @@ ACTORS: dict[str, Any] = {
     "reap": reap,
     "claim": claim,
     "submit": submit,
+    "submit_ahead": submit_ahead,
+    "claim_ahead": claim_ahead,
     "dispatch": dispatch,
     "refund": refund,
     "grant": grant,

@@ -49,8 +49,9 @@ class Call:
 
     Released by the barrier, the actors run in whatever order the machine gives them. To make one interleaving
     certain rather than likely, one actor of the round ``signals_lock``: it signals once a statement of its
-    transaction has locked rows (and at the latest when its call returns); the actors that ``await_lock`` start
-    only then, so their statements meet its open transaction.
+    transaction has locked rows, or a submission has taken its job's lock before sending the job's message ahead
+    (and at the latest when its call returns); the actors that ``await_lock`` start only then, so their statements
+    meet its open transaction (or, for the job's lock, the workers its message may reach from then on).
     """
 
     actor: str
@@ -121,6 +122,12 @@ def _locks_rows(sql: str) -> bool:
     return statement.startswith(("UPDATE", "DELETE")) or " FOR UPDATE" in statement or " FOR NO KEY UPDATE" in statement
 
 
+def _takes_a_job_s_lock(sql: str) -> bool:
+    """A submission taking its job's lock before the job's message goes ahead (``inference.dispatch.hold_ahead``):
+    from then on a worker may hold the message."""
+    return sql.lstrip().upper().startswith("SELECT PG_ADVISORY_LOCK(")
+
+
 class _Statements:
     """A database execute wrapper: notes each statement killed by a deadlock or serialization failure and, given
     ``lock_signal``, sets it once a statement inside a transaction has locked rows."""
@@ -137,7 +144,9 @@ class _Statements:
             if state in CONCURRENCY_SQLSTATES:
                 self.sqlstates.append(state)
             raise
-        if self.lock_signal is not None and context["connection"].in_atomic_block and _locks_rows(sql):
+        if self.lock_signal is not None and (
+            (context["connection"].in_atomic_block and _locks_rows(sql)) or _takes_a_job_s_lock(sql)
+        ):
             self.lock_signal.set()
             self.lock_signal = None
         return result
@@ -182,6 +191,7 @@ def _serve(
         from tests.concurrency.actors import ACTORS
 
         dispatch.send_run_message = lambda *message: True
+        dispatch.send_ahead_message = lambda *message: True
         root = logging.getLogger()
         for handler in list(root.handlers):
             root.removeHandler(handler)  # what matters comes back in the outcome, not as noise on stderr

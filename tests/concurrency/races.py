@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
+from django.db import connection
 from django.db.models import Sum
 from django.utils import timezone
 from standardwebhooks import Webhook
@@ -649,6 +650,65 @@ def alert_round(
             arrived.append((request.headers["webhook-id"], event["data"]["threshold_percent"]))
     if sorted(arrived) != sorted((f"msg_alert_{pk}", threshold) for threshold, pk in recorded):
         report.drift.append(f"the receiver got {sorted(arrived)} for alerts at {thresholds}%")
+    report.drift += books.problems([organization.pk])
+    return report
+
+
+# --- g. A job's message sent ahead of its submission's commit, taken by workers meanwhile -------------------
+
+AHEAD_WORKERS = 3  # the message delivered to three workers (the broker's redelivery, a duplicate)
+AHEAD_CASES = ("room", "full", "refused")
+
+
+def ahead_round(
+    pool: ActorPool, books: Books, *, new_organization: NewOrganization, endpoint: Endpoint, case: str
+) -> RoundReport:
+    """A submission whose job's message goes ahead of its commit, and three workers taking that message as soon as
+    the submission holds the job's lock (the earliest a message can reach one), their claims meeting its query.
+
+    ``room``: the organization is under its limit: exactly one worker runs the job. ``full``: it is at its limit:
+    the job waits QUEUED and no worker runs it. ``refused``: it has no credit: nothing is stored and no worker runs
+    anything. In every case no lock outlives the round."""
+    organization = new_organization()
+    set_concurrency_limit(organization=organization, limit=1)
+    if case == "refused":
+        account = Account.objects.get(pk=organization.pk)
+        grant_credits(organization=organization, amount_micros=-account.balance_micros, reason="race setup",
+                      kind=EntryKind.ADJUSTMENT)  # fmt: skip
+    else:
+        grant_credits(organization=organization, amount_micros=SETUP_CREDITS_MICROS, reason="race setup")
+    if case == "full":
+        submit(organization, endpoint)  # dispatched: the one slot taken
+    job_id = str(uuid.uuid4())
+    calls = [Call("submit_ahead", {"organization_id": str(organization.pk), "endpoint_id": endpoint.pk,
+                                   "job_id": job_id}, signals_lock=True)]  # fmt: skip
+    calls += [Call("claim_ahead", {"job_id": job_id, "worker": f"worker-{n}"}, awaits_lock=True)
+              for n in range(AHEAD_WORKERS)]  # fmt: skip
+    outcomes = pool.run_round(calls)
+    report = RoundReport()
+    report.record_errors(outcomes)
+    submitted = next(outcome for outcome in outcomes if outcome.actor == "submit_ahead")
+    won = [outcome.answer["worker"] for outcome in outcomes
+           if outcome.actor == "claim_ahead" and outcome.ok and outcome.answer["claimed"]]  # fmt: skip
+    job = Job.objects.filter(pk=job_id).first()
+    answer = submitted.answer or {}
+    if case == "refused":
+        if answer.get("refused") != INSUFFICIENT or job is not None:
+            report.other_errors.append(f"a submission with no credit answered {answer}, its job {job}")
+    elif answer.get("job_id") != job_id:
+        report.other_errors.append(f"the submission answered {answer}, not job {job_id}")
+    if case == "room" and job is not None:
+        if len(won) != 1 or job.status != JobStatus.RUNNING or job.worker != won[0] or job.attempts.count() != 1:
+            report.lost_work.append(f"job {job_id} with room: claims won by {won}, {job.status} on {job.worker!r}")
+    elif won:
+        report.over_limit.append(f"job {job_id} ({case}) was claimed by {won}, and is {job and job.status}")
+    if case == "full" and job is not None and job.status != JobStatus.QUEUED:
+        report.over_limit.append(f"job {job_id} over the limit is {job.status}")
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
+        (locks,) = cursor.fetchone()
+    if locks:
+        report.other_errors.append(f"{locks} advisory lock(s) held after the round")
     report.drift += books.problems([organization.pk])
     return report
 

@@ -16,8 +16,10 @@ from django.conf import settings
 from inference.models import Endpoint
 from tests.concurrency.harness import ActorPool
 from tests.concurrency.races import (
+    AHEAD_CASES,
     CANCEL_RIVALS,
     admission_round,
+    ahead_round,
     alert_round,
     cancel_round,
     end_user_admission_round,
@@ -132,4 +134,18 @@ def test_settlements_crossing_alert_thresholds_together_tell_each_one_once(
                 actor_pool, books, new_organization=new_organization, endpoint=builtin_endpoint, receiver=receiver
             ),
         )
+    assert tally.findings == 0, tally.summary()
+
+
+@pytest.mark.parametrize("case", AHEAD_CASES)
+def test_a_message_sent_ahead_of_its_commit_runs_its_job_once_and_only_if_it_was_dispatched(
+    case: str, actor_pool: ActorPool, new_organization: Callable[[], Any], builtin_endpoint: Endpoint
+) -> None:
+    tally = run_race(
+        f"message ahead, {case}",
+        repetitions(),
+        lambda books, _: ahead_round(
+            actor_pool, books, new_organization=new_organization, endpoint=builtin_endpoint, case=case
+        ),
+    )
     assert tally.findings == 0, tally.summary()

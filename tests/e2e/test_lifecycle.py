@@ -639,6 +639,64 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_billed_once(stack: Stac
     assert job.error == ""
 
 
+# 6b. A worker killed while its claim waits for the submission its message was sent ahead of.
+
+
+def test_a_worker_killed_while_waiting_for_a_submission_leaves_its_job_to_the_sweep(
+    stack: Stack, e2e_tenant: dict[str, Any]
+) -> None:
+    """The submission's dispatch is held up (this test holds its organization's row), so the GPU worker that took
+    the job's message, sent ahead of the commit, waits on the job's lock. Killed there, it took the message with it:
+    the submission still answers, its job is dispatched, and the sweep sends it again to the new worker, which runs
+    it once."""
+    import psycopg
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("a message goes ahead of its commit on PostgreSQL only")
+    params = connection.get_connection_params()
+    conninfo = {key: params[key] for key in ("dbname", "user", "password", "host", "port") if params.get(key)}
+    answers: list[httpx.Response] = []
+
+    def waiting_claims() -> int:
+        with psycopg.connect(**conninfo, autocommit=True) as other:
+            row = other.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND mode = 'ShareLock' AND NOT granted"
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    with stack.client(e2e_tenant["key"]) as client, psycopg.connect(**conninfo) as blocker:
+        blocker.execute(
+            "SELECT 1 FROM accounts_organization WHERE id = %s FOR NO KEY UPDATE", [e2e_tenant["organization"].pk]
+        )
+        poster = threading.Thread(target=lambda: answers.append(client.post(f"/queue/{APP}", json=QUICK)))
+        poster.start()
+        try:
+            wait_until(
+                lambda: waiting_claims() == 1,
+                timeout=60,
+                message=lambda: f"the GPU worker's claim to wait for the submission\n{stack.log_tail('gpu')}",
+            )
+            stack.kill("gpu")
+        finally:
+            blocker.rollback()  # the submission's dispatch goes on
+            poster.join(60)
+            ensure_gpu_worker(stack)
+        assert len(answers) == 1
+        assert answers[0].status_code == 200, answers[0].text
+        request_id = answers[0].json()["request_id"]
+        job = wait_final(stack, request_id, timeout=90)
+        status = fal_status(client, request_id)
+    assert job.status == "COMPLETED", job.error
+    assert status["status"] == "COMPLETED"
+    assert [(attempt.number, attempt.outcome) for attempt in attempts_of(request_id)] == [(1, "succeeded")]
+    assert job.attempt == 1
+    # The sweep sent it again: the killed worker took its message unacknowledged, and the broker gives such a message
+    # back only after its visibility timeout (an hour).
+    assert job.sent_at > job.dispatched_at
+    assert waiting_claims() == 0
+
+
 # 7. The broker down when a request comes in.
 
 
