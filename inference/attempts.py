@@ -38,14 +38,16 @@ def lease_deadline() -> Any:
     return timezone.now() + timedelta(seconds=settings.JOB_LEASE_SECONDS)
 
 
-def claim_message(*, job_id: str, attempt: int, worker: str, ahead: bool = False) -> Job | None:
+def claim_message(
+    *, job_id: str, attempt: int, worker: str, ahead: bool = False, tell_waiters: bool = True
+) -> Job | None:
     """``claim_job`` for a worker's message. ``ahead``: the message was sent before its job's submission committed
     (``inference.dispatch.send_ahead``): a claim that finds the job not (yet) dispatched waits for the submission's
     query to end (``await_submission``) and claims once more, reading its outcome. Where the submission had ended
     already, as it mostly has by the time a worker takes the message, the first claim is the only round trip."""
-    job = claim_job(job_id=job_id, attempt=attempt, worker=worker)
+    job = claim_job(job_id=job_id, attempt=attempt, worker=worker, tell_waiters=tell_waiters)
     if job is None and ahead and await_submission(job_id):
-        job = claim_job(job_id=job_id, attempt=attempt, worker=worker)
+        job = claim_job(job_id=job_id, attempt=attempt, worker=worker, tell_waiters=tell_waiters)
     return job
 
 
@@ -73,9 +75,11 @@ def await_submission(job_id: str) -> bool:
     return True
 
 
-def claim_job(*, job_id: str, attempt: int, worker: str) -> Job | None:
+def claim_job(*, job_id: str, attempt: int, worker: str, tell_waiters: bool = True) -> Job | None:
     """The job, now RUNNING on this worker (with its endpoint), or None if another message (or a cancel) got there
-    first. One query with no transaction open on PostgreSQL (``_claimed_by_one_query``).
+    first. One query with no transaction open on PostgreSQL (``_claimed_by_one_query``). ``tell_waiters``: its
+    waiters are told it runs (``job_events``) before this returns; the worker tells them from its heartbeat's thread
+    instead, while the work starts (a Redis round trip less before it).
 
     The job's ``company_waiting``: whether another job of its endpoint and GPU class was dispatched and not yet
     claimed as it was claimed, one its batch could take along (``inference.worker.gather_companions``)."""
@@ -83,7 +87,8 @@ def claim_job(*, job_id: str, attempt: int, worker: str) -> Job | None:
         row = _claimed_by_one_query(job_id, attempt, worker)
         if row is None:
             return None
-        publish(job_id)  # committed: the job's waiters see it running
+        if tell_waiters:
+            publish(job_id)  # committed: the job's waiters see it running
         job = cast(Job, statements.built(Job, row[:-1]))
         job.company_waiting = row[-1]
         job.endpoint = endpoints.by_id(job.endpoint_id)

@@ -58,6 +58,7 @@ from inference.engine import (
 )
 from inference.hooks import Refusal
 from inference.inputs import image_pixels_problem, output_size_for_image
+from inference.job_events import publish
 from inference.job_logs import log_job
 from inference.media_inputs import video_size_for_image
 from inference.models import IMAGE_INPUT_KINDS, AttemptOutcome, Endpoint, Job, PipelineKind
@@ -277,6 +278,8 @@ class Heartbeat(threading.Thread):
         interval = settings.JOB_HEARTBEAT_SECONDS
         last_renewed = time.monotonic()
         try:
+            for member in list(self.members):
+                publish(member.job_id)  # claimed: its waiters see it running, told here while the work starts
             while not self._done.is_set():
                 self._wake.wait(interval)
                 self._wake.clear()
@@ -346,7 +349,7 @@ def execute(job_id: str, attempt: int, *, ahead: bool = False) -> None:
     submission committed (``attempts.claim_message``).
     """
     close_old_connections()
-    job = attempts.claim_message(job_id=job_id, attempt=attempt, worker=worker_name(), ahead=ahead)
+    job = attempts.claim_message(job_id=job_id, attempt=attempt, worker=worker_name(), ahead=ahead, tell_waiters=False)
     if job is None:
         logger.info("job %s attempt %s was not ours to run (claimed, cancelled or stale)", job_id, attempt)
         return

@@ -5,6 +5,7 @@ is what the claim in a transaction writes and answers, whatever state the job is
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 from typing import Any
 
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from accounts import statements
 from accounts.services import set_concurrency_limit
 from billing.ledger import grant_credits
-from inference import attempts, endpoints, job_events
+from inference import attempts, endpoints, job_events, worker
 from inference.models import Endpoint, Job, JobAttempt, JobLog, JobStatus
 from tests.lifecycle import submit_as
 
@@ -46,6 +47,30 @@ def dispatched(tenant: dict[str, Any], builtin_endpoint: Endpoint) -> Any:
         return job
 
     return make
+
+
+def test_the_worker_tells_a_job_s_waiters_it_runs_from_its_heartbeat_s_thread(
+    dispatched: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not before its work starts: the claim's answer goes straight to the work, and the heartbeat's thread, started
+    with it, publishes first thing (a Redis round trip off the path to the GPU)."""
+    job = dispatched()
+    told: list[tuple[str, str]] = []
+
+    def publish(job_id: Any) -> None:
+        told.append((str(job_id), threading.current_thread().name))
+
+    for module in (job_events, attempts, worker):
+        monkeypatch.setattr(module, "publish", publish)
+    worker.execute(str(job.pk), 1)
+    job.refresh_from_db()
+    assert job.status == JobStatus.COMPLETED, job.error
+    assert told[0] == (str(job.pk), f"heartbeat-{job.pk}")  # the first word of it: from the heartbeat's thread
+    # The claim the worker makes tells no one itself (its end does, from the work's thread, once the job is done).
+    other = dispatched()
+    told.clear()
+    assert attempts.claim_message(job_id=str(other.pk), attempt=1, worker="gpu-1", tell_waiters=False) is not None
+    assert told == []
 
 
 def _attempt_lines(job: Job) -> list[str]:
