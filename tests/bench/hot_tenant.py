@@ -11,10 +11,11 @@ in production; nothing reaches a broker.
 
 ``--processes`` N submitting processes call ``inference.submission.submit_job`` in a loop (the insert, billing's
 admission, COMMIT, then the organization's dispatch, in one query), and N finishing processes do what a GPU worker
-does with each message: ``inference.attempts.claim_job``, one ``reserve_work`` and
-``inference.closing.finish_attempt`` with a small result (billing's settlement inside).
-``inference.dispatch.send_run_message`` is patched in every process to put the message on an in-memory queue of the
-organization (a multiprocessing queue standing in for the broker) and answer True. Two configurations, ``--seconds``
+does with each message: ``inference.attempts.claim_message`` (which waits for the submission of a message sent
+ahead of its commit), one ``reserve_work`` and ``inference.closing.finish_attempt`` with a small result (billing's
+settlement inside). ``inference.dispatch.send_run_message`` and ``send_ahead_message`` are patched in every process
+to put the message on an in-memory queue of the organization (a multiprocessing queue standing in for the broker)
+and answer True. Two configurations, ``--seconds``
 counted for each:
 
 - one organization: every process works for it;
@@ -266,10 +267,15 @@ def _serve(role: str, slot: int, env: dict[str, str], tasks: Any, results: Any, 
         current: dict[str, Any] = {}
 
         def send_run_message(job_id: str, attempt: int, queue_name: str) -> bool:
-            current["queue"].put((job_id, attempt))
+            current["queue"].put((job_id, attempt, False))
+            return True
+
+        def send_ahead_message(job_id: str, queue_name: str) -> bool:
+            current["queue"].put((job_id, 1, True))
             return True
 
         dispatch.send_run_message = send_run_message
+        dispatch.send_ahead_message = send_ahead_message
         for messages in queues:
             messages.cancel_join_thread()  # messages left over at the end are dropped, not waited on at exit
     except BaseException as exc:
@@ -332,7 +338,7 @@ def _finish(slot: int, phase: Phase, messages: Any) -> Report:
     with meter.installed():
         while (waited_from := time.monotonic()) < phase.end:
             try:
-                job_id, attempt = messages.get(timeout=min(0.05, phase.end - waited_from))
+                job_id, attempt, ahead = messages.get(timeout=min(0.05, phase.end - waited_from))
             except queue.Empty:
                 job_id = None
             started = time.monotonic()
@@ -341,7 +347,7 @@ def _finish(slot: int, phase: Phase, messages: Any) -> Report:
                 continue
             finished = False
             try:
-                job = attempts.claim_job(job_id=job_id, attempt=attempt, worker=f"hot-tenant-{slot}")
+                job = attempts.claim_message(job_id=job_id, attempt=attempt, worker=f"hot-tenant-{slot}", ahead=ahead)
                 if job is None:
                     report.lost_claims += 1
                 else:
