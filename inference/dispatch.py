@@ -41,6 +41,7 @@ message (``redispatch_stale``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -239,10 +240,10 @@ def redispatch_stale() -> int:
 
 # A message sent ahead of its job's commit. A submission that expects its job to be dispatched at once (its
 # organization had room the last time this process looked) takes a lock named by the job, sends the job's message
-# while its query runs, and lets the lock go as its dispatch commits; the worker that takes the message waits for the
-# lock before its claim (``inference.attempts.await_submission``), so the claim reads the submission's outcome: the
-# job dispatched (claimed and run), or not (over the limit, refused, rolled back: the message is dropped, as a stale
-# one). The broker's trip and the worker's start run alongside the submission's query instead of after it.
+# while its query runs, and lets the lock go as its dispatch commits; a worker whose claim finds the job not (yet)
+# dispatched waits for the lock and claims once more (``inference.attempts.claim_message``), reading the submission's
+# outcome: the job dispatched (claimed and run), or not (over the limit, refused, rolled back: the message is dropped,
+# as a stale one). The broker's trip and the worker's start run alongside the submission's query instead of after it.
 #
 # The lock is PostgreSQL's session-level advisory lock, taken in a round trip of its own before the message goes (a
 # worker must never find it free before the submission has begun), and handed over within the query: after the
@@ -252,7 +253,6 @@ def redispatch_stale() -> int:
 AHEAD_KEY_SPACE = 0x6A6F62  # ``pg_advisory_lock(int, int)``'s first key: jobs' locks, apart from any other use
 _ahead_room: dict[uuid.UUID, bool] = {}  # organization -> whether its last submission here was dispatched at once
 _AHEAD_ROOM_KEPT = 10_000
-_sender: ThreadPoolExecutor | None = None
 
 
 def ahead_key(job_id: uuid.UUID | str) -> tuple[int, int]:
@@ -299,10 +299,13 @@ def ahead_statements(job_id: uuid.UUID) -> tuple[statements.Statement, statement
 def send_ahead(job_id: uuid.UUID, queue: str) -> Future[bool]:
     """The job's first message (attempt 1, ``ahead``), sent on a thread of its own while the caller's query runs: the
     query waits on PostgreSQL with Python's lock let go, so the two overlap. Its result: whether the broker took it."""
-    global _sender
-    if _sender is None:
-        _sender = ThreadPoolExecutor(max_workers=2, thread_name_prefix="message-ahead")
-    return _sender.submit(send_ahead_message, str(job_id), queue)
+    return _sender().submit(send_ahead_message, str(job_id), queue)
+
+
+@functools.cache
+def _sender() -> ThreadPoolExecutor:
+    """The process's message thread, made on its first use (after any fork: a thread does not survive one)."""
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="message-ahead")
 
 
 def send_ahead_message(job_id: str, queue: str) -> bool:

@@ -14,9 +14,11 @@ import psycopg
 import pytest
 from celery import current_app
 from django.db import connection, connections
+from django.test.utils import CaptureQueriesContext
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from accounts import statements
 from accounts.models import Organization
 from accounts.services import set_concurrency_limit
 from billing.ledger import grant_credits
@@ -130,6 +132,26 @@ def test_the_message_goes_while_the_submission_holds_the_job_s_lock(
     claimed = _claim_as_a_worker(str(job.pk))
     assert claimed is not None
     assert claimed.status == JobStatus.RUNNING
+
+
+def test_a_submission_that_sends_ahead_is_two_round_trips(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, messages: dict[str, list[str]]
+) -> None:
+    """The job's lock, then the submission's one query (its insert, admission, COMMIT, the lock's hand-over and the
+    dispatch): one round trip more than a submission that sends its message after, the price of the overlap."""
+    _funded(tenant)
+    submit_as(tenant, builtin_endpoint)  # the endpoint's measured time cached, the statements prepared
+    with CaptureQueriesContext(connection) as sent:
+        job = submit_as(tenant, builtin_endpoint)
+    # Not counted: the endpoint's measured GPU time, read at every admission until the endpoint has usage.
+    queries = [
+        sql
+        for sql in (query["sql"] for query in sent.captured_queries)
+        if not statements.is_preparation(sql) and "billing_usagerollup" not in sql
+    ]
+    assert len(queries) == 2, queries
+    assert queries[0].startswith("SELECT pg_advisory_lock(")
+    assert messages["ahead"][-1] == str(job.pk)
 
 
 def test_a_claim_that_comes_before_the_dispatch_waits_for_it_and_runs_the_job(
