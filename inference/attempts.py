@@ -134,7 +134,13 @@ def _claimed_by_one_query(job_id: str, attempt: int, worker: str) -> Sequence[An
     job's conditional UPDATE, its attempt and log line inserted for each row it changed (one or none), and the job
     as changed (its columns, then ``company_waiting``). One round trip where a transaction took five (BEGIN, the
     UPDATE, the attempt, COMMIT, the read), all of it between a job's message and the start of its work. Retried
-    alone when it loses a lock race: what follows its commit is the caller's."""
+    alone when it loses a lock race: what follows its commit is the caller's.
+
+    Its COMMIT does not wait for the disk (``accounts.statements.NO_WAIT_FOR_DISK``), as its dispatch's did not: the
+    worker's next durable commit (its first reserve or heartbeat, or any session's, or PostgreSQL's WAL writer within
+    a fraction of a second) takes both there, the WAL being written in order. A claim lost in a crash leaves the job
+    as its dispatch did (or QUEUED, the dispatch lost too), to be sent again by the sweep; the worker that ran it
+    finds its lease gone at its next heartbeat and stops, and its finish finds no attempt to close: nothing billed."""
     now = timezone.now()
     started = JobAttempt(job_id=job_id, number=attempt, worker=worker, started_at=now, heartbeat_at=now)
     line = job_line(job_id, f"Attempt {attempt} started on {worker}.", source="worker")
@@ -154,6 +160,7 @@ def _claimed_by_one_query(job_id: str, attempt: int, worker: str) -> Sequence[An
     with connection.cursor() as cursor:
         statements.in_turn(
             cursor,
+            statements.NO_WAIT_FOR_DISK,
             (
                 _claim_statement(attempt_sql, line_sql),
                 [*claim_values, *attempt_values, *line_values, JobStatus.DISPATCHED.value],

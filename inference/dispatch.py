@@ -147,8 +147,9 @@ def dispatch_statements(organization_id: uuid.UUID) -> tuple[statements.Statemen
 
     Its COMMIT does not wait for the disk (``accounts.statements.NO_WAIT_FOR_DISK``): a dispatch lost in a crash
     leaves its jobs QUEUED, which the sweep dispatches again (a message already sent for one finds it not dispatched,
-    or dispatched again under the same attempt, and only one claim wins), and the claim that starts a job commits
-    durably, taking the dispatch before it to the disk. The submission's own COMMIT, before it, waits as ever."""
+    or dispatched again under the same attempt, and only one claim wins), and the next durable commit (the worker's
+    first reserve or heartbeat, any session's, or PostgreSQL's WAL writer within a fraction of a second) takes it to
+    the disk, the WAL being written in order. The submission's own COMMIT, before it, waits as ever."""
     parameters = _parameters(organization_id)
     return statements.NO_WAIT_FOR_DISK, (_LOCK, parameters), (_DISPATCH, parameters)
 
