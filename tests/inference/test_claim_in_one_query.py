@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 from accounts import statements
 from accounts.services import set_concurrency_limit
 from billing.ledger import grant_credits
-from inference import attempts, endpoints, job_events, worker
-from inference.models import Endpoint, Job, JobAttempt, JobLog, JobStatus
-from tests.lifecycle import submit_as
+from billing.models import UsageRecord
+from inference import attempts, closing, endpoints, job_events, worker
+from inference.models import AttemptOutcome, Endpoint, Job, JobAttempt, JobLog, JobStatus
+from tests.lifecycle import finish, submit_as
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -71,6 +72,31 @@ def test_the_worker_tells_a_job_s_waiters_it_runs_from_its_heartbeat_s_thread(
     told.clear()
     assert attempts.claim_message(job_id=str(other.pk), attempt=1, worker="gpu-1", tell_waiters=False) is not None
     assert told == []
+
+
+def test_a_claim_lost_in_a_crash_stops_its_worker_bills_nothing_and_runs_again_once(dispatched: Any) -> None:
+    """The claim's COMMIT does not wait for the disk: a crash may lose it while its worker runs the job. The job is
+    then as its dispatch left it; the worker's next heartbeat finds its attempt gone and stops, its finish closes
+    nothing, and the job, sent again by the sweep, runs once and is billed once."""
+    job = dispatched()
+    running = attempts.claim_job(job_id=str(job.pk), attempt=1, worker="gpu-1")
+    assert running is not None
+    # The crash: the claim's rows as if they had never reached the disk.
+    JobAttempt.objects.filter(job=job).delete()
+    JobLog.objects.filter(job=job, message__startswith="Attempt ").delete()
+    Job.objects.filter(pk=job.pk).update(status=JobStatus.DISPATCHED, worker="", lease_expires_at=None, started_at=None)
+    answer = attempts.heartbeat(job_id=str(job.pk), attempt=1, step=1, total=2, gpu_ms=50)
+    assert (answer.keep_going, answer.error_type) == (False, "lost")
+    closed = closing.finish_attempt(job_id=str(job.pk), attempt=1, outcome=AttemptOutcome.SUCCEEDED, gpu_ms=50,
+                                    result={"images": [], "seed": 1})  # fmt: skip
+    assert closed is None
+    assert not UsageRecord.objects.filter(job=job).exists()
+    again = attempts.claim_job(job_id=str(job.pk), attempt=1, worker="gpu-2")  # the sweep's message
+    assert again is not None
+    finished = finish(again)
+    assert finished.status == JobStatus.COMPLETED
+    assert UsageRecord.objects.filter(job=job).count() == 1
+    assert list(JobAttempt.objects.filter(job=job).values_list("worker", flat=True)) == ["gpu-2"]
 
 
 def _attempt_lines(job: Job) -> list[str]:
