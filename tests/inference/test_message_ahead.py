@@ -12,7 +12,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from celery import current_app
 from django.db import connection, connections
 from django.test.utils import CaptureQueriesContext
 from hypothesis import HealthCheck, given, settings
@@ -382,15 +381,15 @@ def test_every_dispatched_job_is_claimed_once_and_nothing_else_runs(
     broker_up = [True]
     claims: dict[str, int] = {}
 
-    def send_task(name: str, args: list[Any], **options: Any) -> None:
+    def publish_run(job_id: str, attempt: int, queue: str, *, ahead: bool = False) -> None:
         if not broker_up[0]:
             raise ConnectionError("the broker is down")
-        on_the_broker.append((args[0], args[1], bool(options.get("kwargs", {}).get("ahead"))))
+        on_the_broker.append((job_id, attempt, ahead))
 
     # The real senders (the suite's fixture answers True without sending), over a broker this test plays.
     monkeypatch.setattr(dispatch, "send_ahead_message", SEND_AHEAD_MESSAGE)
     monkeypatch.setattr(dispatch, "send_run_message", SEND_RUN_MESSAGE)
-    monkeypatch.setattr(current_app, "send_task", send_task)
+    monkeypatch.setattr(dispatch, "publish_run", publish_run)
 
     def deliver() -> None:
         order.shuffle(on_the_broker)
