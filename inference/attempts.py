@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -10,7 +11,7 @@ from functools import cache
 from typing import Any, cast
 
 from django.conf import settings
-from django.db import OperationalError, connection
+from django.db import connection
 from django.db.models import Exists, F, OuterRef, Q, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -31,48 +32,25 @@ from inference.models import (
 
 logger = logging.getLogger(__name__)
 
-LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE for a lock not granted within lock_timeout
-
 
 def lease_deadline() -> Any:
     return timezone.now() + timedelta(seconds=settings.JOB_LEASE_SECONDS)
 
 
 def claim_message(
-    *, job_id: str, attempt: int, worker: str, ahead: bool = False, tell_waiters: bool = True
+    *, job_id: str, attempt: int, worker: str, ahead: float | bool = False, tell_waiters: bool = True
 ) -> Job | None:
     """``claim_job`` for a worker's message. ``ahead``: the message was sent before its job's submission committed
-    (``inference.dispatch.send_ahead``): a claim that finds the job not (yet) dispatched waits for the submission's
-    query to end (``await_submission``) and claims once more, reading its outcome. Where the submission had ended
-    already, as it mostly has by the time a worker takes the message, the first claim is the only round trip."""
+    (``inference.dispatch.send_ahead``), at that time (seconds since the epoch; True: now): a claim that finds the job
+    not (yet) dispatched waits for the submission's end signal (``inference.dispatch.await_end``) and claims once
+    more, reading its outcome. Where the submission had ended already, as it mostly has by the time a worker takes the
+    message, the first claim is the only round trip; where it had ended without dispatching the job, the second claim
+    finds nothing either and the message is dropped."""
     job = claim_job(job_id=job_id, attempt=attempt, worker=worker, tell_waiters=tell_waiters)
-    if job is None and ahead and await_submission(job_id):
+    if job is None and ahead:
+        dispatch.await_end(job_id, time.time() if ahead is True else float(ahead))
         job = claim_job(job_id=job_id, attempt=attempt, worker=worker, tell_waiters=tell_waiters)
     return job
-
-
-def await_submission(job_id: str) -> bool:
-    """Waits, for a message sent ahead of its job's commit, until the job's submission has ended: its lock
-    (``inference.dispatch.ahead_key``) is free once the submission's dispatch has committed or rolled back, so the
-    claim that follows reads its outcome. False if it did not end within ``JOB_AHEAD_WAIT_MS``: the message is
-    dropped, and a job that was dispatched meanwhile is sent again by the sweep (``redispatch_stale``)."""
-    if connection.vendor != "postgresql":
-        return True  # no message goes ahead there
-    with connection.cursor() as cursor:
-        try:
-            # One query, one transaction: the wait bounded, the lock taken and at once let go as it commits.
-            cursor.execute(
-                f"SET LOCAL lock_timeout = {int(settings.JOB_AHEAD_WAIT_MS)}; "
-                "SELECT pg_advisory_xact_lock_shared(%s, %s)",
-                dispatch.ahead_key(job_id),
-            )
-        except OperationalError as error:
-            if getattr(error.__cause__, "sqlstate", None) != LOCK_NOT_AVAILABLE:
-                raise
-            logger.warning("job %s's submission did not end within %s ms: its message is dropped", job_id,
-                           settings.JOB_AHEAD_WAIT_MS)  # fmt: skip
-            return False
-    return True
 
 
 def claim_job(*, job_id: str, attempt: int, worker: str, tell_waiters: bool = True) -> Job | None:

@@ -30,13 +30,16 @@ after its COMMIT (``dispatch_statements``, ``inference.submission``): one round 
 **A job's message ahead of its commit.** Where its organization had room the last time this process looked, a
 submission sends its job's message while its query runs (``send_ahead``), not after: the broker's trip and the
 worker's start overlap the query instead of following it. The order of the lifecycle is kept where it matters: a
-worker runs only a job that is dispatched and committed. The submission holds a lock named by the job from before
-the message goes until its dispatch has committed or rolled back, and a claim that finds the job not (yet)
-dispatched waits for that lock and looks once more (``inference.attempts.claim_message``); a message whose job was
-not dispatched (no room after all, refused, rolled back) is dropped as a stale one is. Measured
-(``tests/bench/queue_overhead.py``, README): submit to worker start went from 2.1-2.3x the bare Celery figure to
-1.7-1.8x. Where a job's message is lost with a worker killed while it waits, the sweep sends it again, as any lost
-message (``redispatch_stale``).
+worker runs only a job that is dispatched and committed. The message says when it was sent; once its query has
+ended, the submission leaves an end signal for the job in Redis, and a claim that finds the job not (yet) dispatched
+waits for that signal, ``JOB_AHEAD_WAIT_MS`` after the message at most, and looks once more
+(``inference.attempts.claim_message``); a message whose job was not dispatched (no room after all, refused, rolled
+back) is dropped as a stale one is. Measured (``tests/bench/queue_overhead.py``, README): submit to worker start went
+from 2.1-2.3x the bare Celery figure to 1.7-1.8x with the wait on a PostgreSQL advisory lock, taken in a round trip
+before the message went, and to 1.45-1.51x with the end signal in Redis, which costs the submission no round trip to the
+database but its query.
+Where a job's message is lost with a worker killed while it waits, the sweep sends it again, as any lost message
+(``redispatch_stale``).
 """
 
 from __future__ import annotations
@@ -44,14 +47,16 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
+import redis
 from celery import Celery, current_app
 from django.conf import settings
-from django.db import DatabaseError, connection, transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from accounts import statements
@@ -219,7 +224,7 @@ def publish_run(job_id: str, attempt: int, queue: str, *, ahead: bool = False, a
     producer pool, once, with no retry (``CELERY_BROKER_TRANSPORT_OPTIONS``: a broker that is down refuses at once).
     What ``send_task`` adds on top is left out, because nothing on this path needs it: the router (the queue is
     named), the merge of the task's options with the settings, looked up through Django's settings on every call,
-    and the argument reprs built by ``saferepr`` (the arguments are two ids and a flag). No result is asked for (with
+    and the argument reprs built by ``saferepr`` (the arguments are two ids and a time). No result is asked for (with
     a result backend set, as the benchmarks set one, Celery would otherwise name a reply queue). A worker cannot tell
     it from ``send_task``'s; the one difference is that a message sent from inside a task does not name that task
     as its parent. Measured on its own (local Redis, a quiet process): 0.29 ms a message against ``send_task``'s
@@ -227,7 +232,7 @@ def publish_run(job_id: str, attempt: int, queue: str, *, ahead: bool = False, a
     interpreter, the difference is larger (README, "The job's message without send_task")."""
     app = app or current_app
     arguments = [job_id, attempt]
-    keywords = {"ahead": True} if ahead else {}
+    keywords = {"ahead": time.time()} if ahead else {}  # when it was sent: how long a worker may wait on its job
     message = app.amqp.create_task_message(
         str(uuid.uuid4()), RUN_TASK, arguments, keywords, ignore_result=True, origin=_origin(os.getpid()),
         argsrepr=repr(arguments), kwargsrepr=repr(keywords),
@@ -275,66 +280,72 @@ def redispatch_stale() -> int:
 
 
 # A message sent ahead of its job's commit. A submission that expects its job to be dispatched at once (its
-# organization had room the last time this process looked) takes a lock named by the job, sends the job's message
-# while its query runs, and lets the lock go as its dispatch commits; a worker whose claim finds the job not (yet)
-# dispatched waits for the lock and claims once more (``inference.attempts.claim_message``), reading the submission's
-# outcome: the job dispatched (claimed and run), or not (over the limit, refused, rolled back: the message is dropped,
-# as a stale one). The broker's trip and the worker's start run alongside the submission's query instead of after it.
+# organization had room the last time this process looked) sends the job's message while its query runs, the message
+# saying when it was sent; once the query has ended (the job dispatched and committed, or not) the submission leaves
+# an end signal for the job in Redis. A worker whose claim finds the job not (yet) dispatched waits for that signal,
+# at most until ``JOB_AHEAD_WAIT_MS`` after the message was sent, and claims once more
+# (``inference.attempts.claim_message``), reading the submission's outcome: the job dispatched (claimed and run), or
+# not (over the limit, refused, rolled back: the message is dropped, as a stale one). The broker's trip and the
+# worker's start run alongside the submission's query instead of after it.
 #
-# The lock is PostgreSQL's session-level advisory lock, taken in a round trip of its own before the message goes (a
-# worker must never find it free before the submission has begun), and handed over within the query: after the
-# submission's COMMIT, the dispatch's transaction takes it again at transaction level and lets the session's hold go
-# (``ahead_statements``), so it is free once the dispatch has committed or rolled back. Not behind a pooler that hands
-# each transaction another server connection (a session's lock would stay on a connection the process no longer has).
-AHEAD_KEY_SPACE = 0x6A6F62  # ``pg_advisory_lock(int, int)``'s first key: jobs' locks, apart from any other use
+# The end signal (``end_ahead``) is one element pushed on the job's end list, kept ``JOB_AHEAD_WAIT_MS``: a worker
+# finds it however late its wait comes (a BLMOVE of the list onto itself, which leaves the element for the next
+# worker a message delivered twice brings), and a message that comes later than that finds its submission ended
+# long since and does not wait. The wait is Redis's, not the database's: nothing before the message goes, no round
+# trip of the submission's to the database but its query (a PostgreSQL advisory lock, taken before the message went
+# and handed over inside the query, cost one, and a mark set in Redis first cost the message a round trip: README,
+# "The end of a submission in Redis"), and nothing that outlives a transaction, so a message goes ahead behind a
+# transaction pooler too. A submission whose end could not be said (Redis down) sends nothing ahead for
+# ``_AHEAD_BREAKER_SECONDS``: a worker that took such a message would wait for nothing.
+AHEAD_END_PREFIX = "job-ahead-end:"
 _ahead_room: dict[uuid.UUID, bool] = {}  # organization -> whether its last submission here was dispatched at once
 _AHEAD_ROOM_KEPT = 10_000
+_REDIS_CONNECT_SECONDS = 0.5
+_AHEAD_BREAKER_SECONDS = 5.0
+_ahead_off_until = 0.0
 
 
-def ahead_key(job_id: uuid.UUID | str) -> tuple[int, int]:
-    """The advisory lock of a job whose message goes ahead of its commit: the key space, then 32 bits of its id (two
-    jobs in flight at once that share them wait for each other's submission, no more)."""
-    return AHEAD_KEY_SPACE, int.from_bytes(uuid.UUID(str(job_id)).bytes[-4:], "big", signed=True)
+def ahead_end(job_id: uuid.UUID | str) -> str:
+    """The Redis list that holds the end signal of a job's submission, for a worker that waits on it."""
+    return f"{AHEAD_END_PREFIX}{job_id}"
 
 
 def sends_ahead(organization_id: uuid.UUID) -> bool:
-    """Whether a submission of this organization sends its job's message ahead of its commit: on PostgreSQL with no
-    pooler between (``DATABASE_TRANSACTION_POOLING`` off), ``JOB_MESSAGE_AHEAD`` on, and the organization's last
-    submission in this process dispatched at once (unknown: yes)."""
+    """Whether a submission of this organization sends its job's message ahead of its commit: on PostgreSQL's
+    one-query path, with Redis (``REDIS_URL``) for the end signal (and not within ``_AHEAD_BREAKER_SECONDS`` of one
+    that failed), ``JOB_MESSAGE_AHEAD`` on, and the organization's last submission in this process dispatched at once
+    (unknown: yes)."""
     return (
         settings.JOB_MESSAGE_AHEAD
+        and bool(settings.REDIS_URL)
         and statements.in_one_query(connection)
-        and not getattr(settings, "DATABASE_TRANSACTION_POOLING", False)
         and _ahead_room.get(organization_id, True)
+        and time.monotonic() >= _ahead_off_until
     )
 
 
-def hold_ahead(job_id: uuid.UUID) -> None:
-    """The job's lock taken for this session (one round trip), before its message may go."""
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_advisory_lock(%s, %s)", ahead_key(job_id))
+@functools.cache
+def _signal_client(pid: int) -> redis.Redis:
+    """The process's Redis client for end signals (one per process: the pid is part of the key)."""
+    return redis.Redis.from_url(
+        str(settings.REDIS_URL), socket_connect_timeout=_REDIS_CONNECT_SECONDS, socket_timeout=_REDIS_CONNECT_SECONDS
+    )
 
 
-def release_ahead(job_id: uuid.UUID) -> None:
-    """The session's hold of the job's lock let go, where its query did not (it failed before the hand-over). A hold
-    already let go answers false, with a warning from PostgreSQL; a connection that is gone took the hold with it."""
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_unlock(%s, %s)", ahead_key(job_id))
-    except DatabaseError:
-        logger.warning("could not let go of the lock of job %s: its connection is gone, and the lock with it", job_id)
-
-
-def ahead_statements(job_id: uuid.UUID) -> tuple[statements.Statement, statements.Statement]:
-    """The hand-over, first in the dispatch's transaction of the submission's query: the job's lock taken at
-    transaction level (at once: the session holds it), then the session's hold let go."""
-    key = list(ahead_key(job_id))
-    return ("SELECT pg_advisory_xact_lock(%s, %s)", key), ("SELECT pg_advisory_unlock(%s, %s)", key)
+@functools.cache
+def _waiting_client(pid: int, wait_ms: int) -> redis.Redis:
+    """The process's Redis client for a worker's wait on an end signal: its reads wait as long as the wait may."""
+    return redis.Redis.from_url(
+        str(settings.REDIS_URL),
+        socket_connect_timeout=_REDIS_CONNECT_SECONDS,
+        socket_timeout=wait_ms / 1000 + _REDIS_CONNECT_SECONDS,
+    )
 
 
 def send_ahead(job_id: uuid.UUID, queue: str) -> Future[bool]:
-    """The job's first message (attempt 1, ``ahead``), sent on a thread of its own while the caller's query runs: the
-    query waits on PostgreSQL with Python's lock let go, so the two overlap. Its result: whether the broker took it."""
+    """The job's first message (attempt 1, ``ahead``: when it was sent), sent on a thread of its own while the
+    caller's query runs: the query waits on PostgreSQL with Python's lock let go, so the two overlap. Its result:
+    whether the broker took it."""
     return _sender().submit(send_ahead_message, str(job_id), queue)
 
 
@@ -352,6 +363,57 @@ def send_ahead_message(job_id: str, queue: str) -> bool:
         logger.warning("broker refused job %s's message ahead of its commit: %s", job_id, exc)
         return False
     return True
+
+
+def ended_ahead(job_id: uuid.UUID, message: Future[bool]) -> Future[None]:
+    """The end of a submission whose job's message went ahead, said once its query has ended whatever the outcome:
+    on the message's thread (``end_ahead``), after the message, so the request is answered without waiting for it."""
+    return _sender().submit(end_ahead, job_id, message)
+
+
+def end_ahead(job_id: uuid.UUID, message: Future[bool]) -> None:
+    """The end signal left for a worker that waits on the job, in one round trip, where its message went (``message``
+    is done: it was queued on the thread before). Never raises: a worker that waits on an end that does not come
+    gives up ``JOB_AHEAD_WAIT_MS`` after the message was sent and drops it, and the sweep sends a dispatched job
+    again."""
+    global _ahead_off_until
+    if message.exception() is not None or not message.result():
+        return  # no message went: no worker waits
+    end = ahead_end(job_id)
+    try:
+        with _signal_client(os.getpid()).pipeline(transaction=False) as pipe:
+            pipe.rpush(end, b"1")
+            pipe.pexpire(end, settings.JOB_AHEAD_WAIT_MS)
+            pipe.execute()
+    except (redis.RedisError, OSError) as exc:
+        _ahead_off_until = time.monotonic() + _AHEAD_BREAKER_SECONDS
+        logger.warning("job %s's submission could not say it has ended (nothing goes ahead for %s s): %s", job_id,
+                       _AHEAD_BREAKER_SECONDS, exc)  # fmt: skip
+
+
+def await_end(job_id: str, sent_at: float) -> bool:
+    """For a worker whose claim of a message sent ahead (at ``sent_at``, seconds since the epoch) found the job not
+    dispatched: waits for its submission's end signal, at most until ``JOB_AHEAD_WAIT_MS`` after the message was
+    sent. False if none came by then, or Redis could not say: the claim that follows is the last (a job dispatched
+    meanwhile is sent again by the sweep)."""
+    wait_ms = settings.JOB_AHEAD_WAIT_MS
+    left = min(wait_ms / 1000, sent_at + wait_ms / 1000 - time.time())
+    if left <= 0:
+        return False  # a message that waited in the queue longer than that: its submission ended long since
+    end = ahead_end(job_id)
+    try:
+        # The element moved from the list's head back to its tail, not taken: every worker that waits on the job
+        # (a message delivered twice) wakes on it. Redis takes a fraction of a second (from 6.0, not 0: for ever);
+        # redis-py's stub says int.
+        client = _waiting_client(os.getpid(), wait_ms)
+        if client.blmove(end, end, max(left, 0.001), "LEFT", "RIGHT") is not None:  # type: ignore[arg-type]
+            return True
+    except (redis.RedisError, OSError) as exc:
+        logger.warning("job %s's submission's end could not be read: %s", job_id, exc)
+        return False
+    logger.warning("job %s's submission did not end within %s ms of its message: the message is dropped", job_id,
+                   wait_ms)  # fmt: skip
+    return False
 
 
 def note_room(organization_id: uuid.UUID, job_id: uuid.UUID, dispatched: list[tuple[Any, ...]]) -> None:

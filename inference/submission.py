@@ -162,26 +162,28 @@ def _queued(job: Job) -> Job:
     admission = _admission_in_query(job)
     if admission is None:
         return _insert_and_admit(job)
-    message: Future[bool] | None = None
-    ahead = dispatch.sends_ahead(job.organization_id)
     # Built first: the message's thread runs while this one waits on the query, not while it builds it.
-    sent = _submission_query(job, admission, ahead=ahead)
+    sent = _submission_query(job, admission)
+    if not dispatch.sends_ahead(job.organization_id):
+        return _inserted(job, sent, None)
+    message = dispatch.send_ahead(job.pk, job.gpu_class)
     try:
-        if ahead:
-            dispatch.hold_ahead(job.pk)
-            message = dispatch.send_ahead(job.pk, job.gpu_class)
+        return _inserted(job, sent, message)
+    finally:
+        dispatch.ended_ahead(job.pk, message)  # whatever the outcome: a worker that waits on it reads it
+
+
+def _inserted(job: Job, sent: tuple[statements.Statement, ...], message: Future[bool] | None) -> Job:
+    """``_queued``'s query and what follows it; ``message``: the job's message sent ahead (``dispatch.send_ahead``)."""
+    try:
         dispatched = _inserted_in_one_query(job, sent)
-    except BaseException as error:
-        if message is not None:
-            dispatch.release_ahead(job.pk)  # the query failed before its hand-over, or during it
-        if not (isinstance(error, DatabaseError) and statements.was_unmet(error)):
+    except DatabaseError as error:
+        if not statements.was_unmet(error):
             raise
         # Rolled back whole: billing decides under the account's lock (a refusal, a budget, a key's limit).
         return _insert_and_admit(job)
     statements.written(job, job.pk)
     if dispatched is None:
-        if message is not None:
-            dispatch.release_ahead(job.pk)
         _dispatch_once_committed(job)  # the query's dispatch failed: again, in a query of its own
         return job
     dispatch.note_room(job.organization_id, job.pk, dispatched)
@@ -207,16 +209,12 @@ def _admission_in_query(job: Job) -> list[statements.Statement] | None:
     return hooks.admit_in_query(job)
 
 
-def _submission_query(
-    job: Job, admission: list[statements.Statement], *, ahead: bool
-) -> tuple[statements.Statement, ...]:
-    """The statements of ``_inserted_in_one_query``; ``ahead``: with the hand-over of the job's lock, its message sent
-    ahead of them (``inference.dispatch.send_ahead``)."""
+def _submission_query(job: Job, admission: list[statements.Statement]) -> tuple[statements.Statement, ...]:
+    """The statements of ``_inserted_in_one_query``."""
     return (
         statements.insertion(job, along=_first_line(job)),
         *admission,
         statements.COMMIT,
-        *(dispatch.ahead_statements(job.pk) if ahead else ()),
         *dispatch_statements(job.organization_id),
     )
 

@@ -14,7 +14,7 @@ from inference import file_tasks, webhook_tasks  # noqa: F401  (their tasks regi
 # run_job takes both limits from CELERY_TASK_TIME_LIMIT / CELERY_TASK_SOFT_TIME_LIMIT: they are a GPU job's deadline.
 # The scheduled tasks below set their own pair, so tuning that deadline never leaves beat a soft limit above a hard one.
 @shared_task(name="inference.run_job", ignore_result=True, acks_late=True, reject_on_worker_lost=True)
-def run_job(job_id: str, attempt: int, ahead: bool = False) -> None:
+def run_job(job_id: str, attempt: int, ahead: float | bool = False) -> None:
     from inference.worker import execute
 
     execute(job_id, attempt, ahead=ahead)

@@ -342,11 +342,11 @@ def load_options(profile: OptimizationProfile) -> LoadOptions:
     return LoadOptions(device=default_device(), dtype=profile.precision, optimizations=ModuleOptimizations.of(profile))
 
 
-def execute(job_id: str, attempt: int, *, ahead: bool = False) -> None:
+def execute(job_id: str, attempt: int, *, ahead: float | bool = False) -> None:
     """Runs one dispatched attempt, with any compatible dispatched jobs as company in the same pipeline call.
 
     Safe to call twice with the same message: only one claim wins. ``ahead``: the message was sent before its job's
-    submission committed (``attempts.claim_message``).
+    submission committed, at that time (``attempts.claim_message``).
     """
     close_old_connections()
     job = attempts.claim_message(job_id=job_id, attempt=attempt, worker=worker_name(), ahead=ahead, tell_waiters=False)

@@ -14,6 +14,7 @@ import signal
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -107,12 +108,19 @@ def test_a_job_message_is_the_one_send_task_makes(
 ) -> None:
     """``inference.dispatch.publish_run`` leaves out ``send_task``'s routing and settings lookups, not anything a worker
     reads: the same envelope, headers, properties and body, but for the ids every message has of its own and the reply
-    queue."""
+    queue. A message sent ahead of its job's commit says when it was sent."""
     app = make_app(redis_server.url)
-    dispatch.publish_run("job-1", 2, QUEUE, ahead=ahead, app=app)
-    app.send_task(TASK, args=["job-1", 2], kwargs={"ahead": True} if ahead else {}, queue=QUEUE, retry=False,
-                  ignore_result=True)  # fmt: skip
     reader = redis.Redis.from_url(redis_server.url)
+    before = time.time()
+    dispatch.publish_run("job-1", 2, QUEUE, ahead=ahead, app=app)
+    (arguments, keywords, _embed) = waiting_bodies(reader)[0]
+    assert arguments == ["job-1", 2]
+    if ahead:
+        assert list(keywords) == ["ahead"]
+        assert before <= keywords["ahead"] <= time.time()
+    else:
+        assert keywords == {}
+    app.send_task(TASK, args=arguments, kwargs=keywords, queue=QUEUE, retry=False, ignore_result=True)
     published, sent = (json.loads(raw) for raw in reversed(reader.lrange(QUEUE, 0, -1)))
     for message in (published, sent):
         message_id = message["headers"]["id"]
@@ -123,7 +131,6 @@ def test_a_job_message_is_the_one_send_task_makes(
     assert published["properties"].pop("reply_to") == ""
     sent["properties"].pop("reply_to")
     assert published == sent
-    assert json.loads(base64.b64decode(published["body"]))[:2] == [["job-1", 2], {"ahead": True} if ahead else {}]
 
 
 def test_the_platform_app_takes_the_shared_client_transport_for_redis_urls_only() -> None:

@@ -363,8 +363,9 @@ JOB_LEASE_SECONDS = env_int("JOB_LEASE_SECONDS", 30, minimum=2)
 JOB_HEARTBEAT_SECONDS = float(env_int("JOB_HEARTBEAT_MS", 1000, minimum=50)) / 1000
 JOB_MAX_ATTEMPTS = env_int("JOB_MAX_ATTEMPTS", 3, minimum=1)
 JOB_REDISPATCH_AFTER_SECONDS = env_int("JOB_REDISPATCH_AFTER_SECONDS", 60, minimum=1)
-# A submission whose organization has room sends its job's message while its query runs, the worker's claim waiting
-# for it (inference.dispatch.send_ahead), at most JOB_AHEAD_WAIT_MS; off: the message goes once the job is dispatched.
+# A submission whose organization has room sends its job's message while its query runs, a worker's claim that comes
+# first waiting for its end signal in Redis (inference.dispatch.send_ahead), at most JOB_AHEAD_WAIT_MS after the
+# message was sent; off: the message goes once the job is dispatched.
 JOB_MESSAGE_AHEAD = env_bool("JOB_MESSAGE_AHEAD", True)
 JOB_AHEAD_WAIT_MS = env_int("JOB_AHEAD_WAIT_MS", 10_000, minimum=1)
 JOB_SWEEP_SECONDS = env_int("JOB_SWEEP_SECONDS", 5, minimum=1)

@@ -271,7 +271,7 @@ def _serve(role: str, slot: int, env: dict[str, str], tasks: Any, results: Any, 
             return True
 
         def send_ahead_message(job_id: str, queue_name: str) -> bool:
-            current["queue"].put((job_id, 1, True))
+            current["queue"].put((job_id, 1, time.time()))  # as publish_run says when it was sent
             return True
 
         dispatch.send_run_message = send_run_message

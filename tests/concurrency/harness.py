@@ -122,12 +122,6 @@ def _locks_rows(sql: str) -> bool:
     return statement.startswith(("UPDATE", "DELETE")) or " FOR UPDATE" in statement or " FOR NO KEY UPDATE" in statement
 
 
-def _takes_a_job_s_lock(sql: str) -> bool:
-    """A submission taking its job's lock before the job's message goes ahead (``inference.dispatch.hold_ahead``):
-    from then on a worker may hold the message."""
-    return sql.lstrip().upper().startswith("SELECT PG_ADVISORY_LOCK(")
-
-
 class _Statements:
     """A database execute wrapper: notes each statement killed by a deadlock or serialization failure and, given
     ``lock_signal``, sets it once a statement inside a transaction has locked rows."""
@@ -135,6 +129,12 @@ class _Statements:
     def __init__(self, lock_signal: Any = None) -> None:
         self.sqlstates: list[str] = []
         self.lock_signal = lock_signal
+
+    def signal(self) -> None:
+        """The signal set now, once (a job's message sent ahead of its commit: from then on a worker may hold it)."""
+        if self.lock_signal is not None:
+            self.lock_signal.set()
+            self.lock_signal = None
 
     def __call__(self, execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any) -> Any:
         try:
@@ -144,11 +144,8 @@ class _Statements:
             if state in CONCURRENCY_SQLSTATES:
                 self.sqlstates.append(state)
             raise
-        if self.lock_signal is not None and (
-            (context["connection"].in_atomic_block and _locks_rows(sql)) or _takes_a_job_s_lock(sql)
-        ):
-            self.lock_signal.set()
-            self.lock_signal = None
+        if context["connection"].in_atomic_block and _locks_rows(sql):
+            self.signal()
         return result
 
 
@@ -191,7 +188,14 @@ def _serve(
         from tests.concurrency.actors import ACTORS
 
         dispatch.send_run_message = lambda *message: True
-        dispatch.send_ahead_message = lambda *message: True
+        current: list[_Statements] = []
+
+        def send_ahead_message(job_id: str, queue: str) -> bool:
+            """In place of the message sent ahead of its job's commit, the signal: from now on a worker may hold it."""
+            current[-1].signal()
+            return True
+
+        dispatch.send_ahead_message = send_ahead_message
         root = logging.getLogger()
         for handler in list(root.handlers):
             root.removeHandler(handler)  # what matters comes back in the outcome, not as noise on stderr
@@ -221,6 +225,7 @@ def _serve(
             act = None
         swallowed.records.clear()
         statements = _Statements(lock_signal if call.signals_lock else None)
+        current[:] = [statements]
         if act is not None and call.awaits_lock and not lock_signal.wait(barrier_timeout):
             outcome.error, outcome.detail = "TimeoutError", "the actor that signals its lock never did"
             act = None

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
-from django.db import connection
+import redis
+from django.conf import settings
 from django.db.models import Sum
 from django.utils import timezone
 from standardwebhooks import Webhook
@@ -42,7 +43,7 @@ from billing import controls, end_users, reconciliation
 from billing.admission import END_USER_OVER_LIMIT, INSUFFICIENT, OVER_LIMIT, month_start, spent_this_month
 from billing.ledger import grant_credits
 from billing.models import Account, CreditEntry, EntryKind, Hold, SpendAlert, UsageRecord
-from inference import attempts, closing
+from inference import attempts, closing, dispatch
 from inference.dispatch import dispatch_organization
 from inference.models import ACTIVE_STATUSES, FINAL_STATUSES, AttemptOutcome, Endpoint, Job, JobStatus, WebhookDelivery
 from inference.webhooks import deliver, webhook_secret_for
@@ -664,11 +665,11 @@ def ahead_round(
     pool: ActorPool, books: Books, *, new_organization: NewOrganization, endpoint: Endpoint, case: str
 ) -> RoundReport:
     """A submission whose job's message goes ahead of its commit, and three workers taking that message as soon as
-    the submission holds the job's lock (the earliest a message can reach one), their claims meeting its query.
+    it is sent (the earliest a message can reach one), their claims meeting the submission's query.
 
     ``room``: the organization is under its limit: exactly one worker runs the job. ``full``: it is at its limit:
     the job waits QUEUED and no worker runs it. ``refused``: it has no credit: nothing is stored and no worker runs
-    anything. In every case no lock outlives the round."""
+    anything. In every case the submission says it has ended, for a worker that waits."""
     organization = new_organization()
     set_concurrency_limit(organization=organization, limit=1)
     if case == "refused":
@@ -704,11 +705,8 @@ def ahead_round(
         report.over_limit.append(f"job {job_id} ({case}) was claimed by {won}, and is {job and job.status}")
     if case == "full" and job is not None and job.status != JobStatus.QUEUED:
         report.over_limit.append(f"job {job_id} over the limit is {job.status}")
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
-        (locks,) = cursor.fetchone()
-    if locks:
-        report.other_errors.append(f"{locks} advisory lock(s) held after the round")
+    if settings.REDIS_URL and not redis.Redis.from_url(settings.REDIS_URL).exists(dispatch.ahead_end(job_id)):
+        report.other_errors.append(f"job {job_id}'s submission did not say it had ended")
     report.drift += books.problems([organization.pk])
     return report
 

@@ -646,24 +646,24 @@ def test_a_worker_killed_while_waiting_for_a_submission_leaves_its_job_to_the_sw
     stack: Stack, e2e_tenant: dict[str, Any]
 ) -> None:
     """The submission's dispatch is held up (this test holds its organization's row), so the GPU worker that took
-    the job's message, sent ahead of the commit, waits on the job's lock. Killed there, it took the message with it:
-    the submission still answers, its job is dispatched, and the sweep sends it again to the new worker, which runs
-    it once."""
+    the job's message, sent ahead of the commit, waits on the submission's end. Killed there, it took the message
+    with it: the submission still answers, its job is dispatched, and the sweep sends it again to the new worker,
+    which runs it once."""
     import psycopg
+    import redis
     from django.db import connection
 
-    if connection.vendor != "postgresql":
-        pytest.skip("a message goes ahead of its commit on PostgreSQL only")
+    redis_url = stack.env.get("REDIS_URL")
+    if connection.vendor != "postgresql" or not redis_url:
+        pytest.skip("a message goes ahead of its commit on PostgreSQL, with Redis for its mark")
     params = connection.get_connection_params()
     conninfo = {key: params[key] for key in ("dbname", "user", "password", "host", "port") if params.get(key)}
     answers: list[httpx.Response] = []
 
     def waiting_claims() -> int:
-        with psycopg.connect(**conninfo, autocommit=True) as other:
-            row = other.execute(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND mode = 'ShareLock' AND NOT granted"
-            ).fetchone()
-        return int(row[0]) if row else 0
+        """Clients waiting on a submission's end (``inference.dispatch.await_end``), in the stack's Redis."""
+        clients = redis.Redis.from_url(redis_url).client_list()
+        return sum(1 for client in clients if client.get("cmd") == "blmove" and "b" in client["flags"])
 
     with stack.client(e2e_tenant["key"]) as client, psycopg.connect(**conninfo) as blocker:
         blocker.execute(
