@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -11,7 +11,7 @@ from functools import cache
 from typing import Any, cast
 
 from django.conf import settings
-from django.db import connection
+from django.db import OperationalError, connection
 from django.db.models import Exists, F, OuterRef, Q, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -41,16 +41,47 @@ def claim_message(
     *, job_id: str, attempt: int, worker: str, ahead: float | bool = False, tell_waiters: bool = True
 ) -> Job | None:
     """``claim_job`` for a worker's message. ``ahead``: the message was sent before its job's submission committed
-    (``inference.dispatch.send_ahead``), at that time (seconds since the epoch; True: now): a claim that finds the job
-    not (yet) dispatched waits for the submission's end signal (``inference.dispatch.await_end``) and claims once
-    more, reading its outcome. Where the submission had ended already, as it mostly has by the time a worker takes the
-    message, the first claim is the only round trip; where it had ended without dispatching the job, the second claim
-    finds nothing either and the message is dropped."""
+    (``inference.dispatch.send_ahead``), at that time (seconds since the epoch; True: by the release before, which
+    held a lock for it, ``_await_locked_submission``): a claim that finds the job not (yet) dispatched waits for the
+    submission's end signal (``inference.dispatch.await_end``) and claims once more, reading its outcome. Where the
+    submission had ended already, as it mostly has by the time a worker takes the message, the first claim is the
+    only round trip; where it had ended without dispatching the job, the second claim finds nothing either and the
+    message is dropped."""
     job = claim_job(job_id=job_id, attempt=attempt, worker=worker, tell_waiters=tell_waiters)
     if job is None and ahead:
-        dispatch.await_end(job_id, time.time() if ahead is True else float(ahead))
+        if ahead is True:
+            _await_locked_submission(job_id)
+        else:
+            dispatch.await_end(job_id, float(ahead))
         job = claim_job(job_id=job_id, attempt=attempt, worker=worker, tell_waiters=tell_waiters)
     return job
+
+
+# A message sent ahead by a web process of the release before 2026-12-07 says ``ahead=True``: its submission held a
+# PostgreSQL advisory lock named by the job until its dispatch had committed, and says no end in Redis. A worker waits
+# on that lock, as that release's workers did, while web processes of both releases run side by side during an
+# upgrade (workers go first: a worker of the release before would not wait on the end signal). To be removed once no
+# web process of that release runs.
+_LEGACY_KEY_SPACE = 0x6A6F62
+_LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE for a lock not granted within lock_timeout
+
+
+def _await_locked_submission(job_id: str) -> None:
+    if connection.vendor != "postgresql":
+        return
+    key = (_LEGACY_KEY_SPACE, int.from_bytes(uuid.UUID(job_id).bytes[-4:], "big", signed=True))
+    with connection.cursor() as cursor:
+        try:
+            cursor.execute(
+                f"SET LOCAL lock_timeout = {int(settings.JOB_AHEAD_WAIT_MS)}; "
+                "SELECT pg_advisory_xact_lock_shared(%s, %s)",
+                key,
+            )
+        except OperationalError as error:
+            if getattr(error.__cause__, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
+                raise
+            logger.warning("job %s's submission did not end within %s ms: its message is dropped", job_id,
+                           settings.JOB_AHEAD_WAIT_MS)  # fmt: skip
 
 
 def claim_job(*, job_id: str, attempt: int, worker: str, tell_waiters: bool = True) -> Job | None:

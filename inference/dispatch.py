@@ -346,12 +346,13 @@ def send_ahead(job_id: uuid.UUID, queue: str) -> Future[bool]:
     """The job's first message (attempt 1, ``ahead``: when it was sent), sent on a thread of its own while the
     caller's query runs: the query waits on PostgreSQL with Python's lock let go, so the two overlap. Its result:
     whether the broker took it."""
-    return _sender().submit(send_ahead_message, str(job_id), queue)
+    return _sender(os.getpid()).submit(send_ahead_message, str(job_id), queue)
 
 
 @functools.cache
-def _sender() -> ThreadPoolExecutor:
-    """The process's message thread, made on its first use (after any fork: a thread does not survive one)."""
+def _sender(pid: int) -> ThreadPoolExecutor:
+    """The process's message threads, made on their first use in each process (the pid is part of the key: a forked
+    child has none of its parent's threads)."""
     return ThreadPoolExecutor(max_workers=2, thread_name_prefix="message-ahead")
 
 
@@ -368,7 +369,7 @@ def send_ahead_message(job_id: str, queue: str) -> bool:
 def ended_ahead(job_id: uuid.UUID, message: Future[bool]) -> Future[None]:
     """The end of a submission whose job's message went ahead, said once its query has ended whatever the outcome:
     on the message's thread (``end_ahead``), after the message, so the request is answered without waiting for it."""
-    return _sender().submit(end_ahead, job_id, message)
+    return _sender(os.getpid()).submit(end_ahead, job_id, message)
 
 
 def end_ahead(job_id: uuid.UUID, message: Future[bool]) -> None:
@@ -381,7 +382,7 @@ def end_ahead(job_id: uuid.UUID, message: Future[bool]) -> None:
         return  # no message went: no worker waits
     end = ahead_end(job_id)
     try:
-        with _signal_client(os.getpid()).pipeline(transaction=False) as pipe:
+        with _signal_client(os.getpid()).pipeline(transaction=True) as pipe:  # the push never without its expiry
             pipe.rpush(end, b"1")
             pipe.pexpire(end, settings.JOB_AHEAD_WAIT_MS)
             pipe.execute()
@@ -397,9 +398,14 @@ def await_end(job_id: str, sent_at: float) -> bool:
     sent. False if none came by then, or Redis could not say: the claim that follows is the last (a job dispatched
     meanwhile is sent again by the sweep)."""
     wait_ms = settings.JOB_AHEAD_WAIT_MS
+    # The web process's clock against this one's: hosts that agree to well within JOB_AHEAD_WAIT_MS (NTP keeps them
+    # within milliseconds). A clock ahead by more would drop early messages, their jobs sent again by the sweep.
     left = min(wait_ms / 1000, sent_at + wait_ms / 1000 - time.time())
     if left <= 0:
         return False  # a message that waited in the queue longer than that: its submission ended long since
+    if not settings.REDIS_URL:
+        logger.warning("job %s's message was sent ahead, and this process has no REDIS_URL to wait on", job_id)
+        return False
     end = ahead_end(job_id)
     try:
         # The element moved from the list's head back to its tail, not taken: every worker that waits on the job

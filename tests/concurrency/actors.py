@@ -9,6 +9,7 @@ Imported only in actor processes, after ``django.setup()``.
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -130,7 +131,8 @@ def claim_ahead(*, job_id: str, worker: str) -> Act:
     """A worker taking a job's message sent ahead of its submission's commit, as ``inference.worker.execute`` does."""
 
     def act() -> dict[str, Any]:
-        claimed = attempts.claim_message(job_id=job_id, attempt=1, worker=worker, ahead=True)
+        # Released as the message is sent: when it was sent, as the message says.
+        claimed = attempts.claim_message(job_id=job_id, attempt=1, worker=worker, ahead=time.time())
         return {"claimed": claimed is not None, "worker": worker}
 
     return act

@@ -7,6 +7,7 @@ submission whose message went ahead says it has ended.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -48,9 +49,10 @@ def postgresql_only() -> None:
 
 
 @pytest.fixture(autouse=True)
-def room_unknown() -> Any:
-    """Each test starts with no organization's room remembered in this process."""
+def room_unknown(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Each test starts with no organization's room remembered in this process, and nothing holding messages back."""
     dispatch._ahead_room.clear()
+    monkeypatch.setattr(dispatch, "_ahead_off_until", 0.0)
     yield
     dispatch._ahead_room.clear()
 
@@ -80,7 +82,7 @@ def _redis() -> redis.Redis:
 def _ended(*job_ids: Any) -> list[str]:
     """The jobs among ``job_ids`` whose submission left its end signal (on the message's thread: a submission that
     has returned has queued it there; the threads are let finish, and made anew on the next use)."""
-    dispatch._sender().shutdown(wait=True)
+    dispatch._sender(os.getpid()).shutdown(wait=True)
     dispatch._sender.cache_clear()
     client = _redis()
     return [str(job_id) for job_id in job_ids if client.lrange(dispatch.ahead_end(job_id), 0, -1) == [b"1"]]
@@ -106,7 +108,7 @@ def _funded(tenant: dict[str, Any]) -> Organization:
 
 def _claim_as_a_worker(job_id: str, worker: str = "worker-1") -> Job | None:
     """What ``inference.worker.execute`` does with a message sent ahead, up to the start of the work."""
-    return attempts.claim_message(job_id=job_id, attempt=1, worker=worker, ahead=True)
+    return attempts.claim_message(job_id=job_id, attempt=1, worker=worker, ahead=time.time())
 
 
 def test_the_message_goes_before_the_dispatch_and_the_end_is_said_once_it_has_committed(
@@ -334,11 +336,11 @@ def test_a_claim_that_waits_too_long_drops_the_message_and_the_sweep_sends_it(
 ) -> None:  # fmt: skip
     """A submission that did not say it had ended (its process died): a worker waits ``JOB_AHEAD_WAIT_MS`` from when
     the message was sent, no longer; a message that comes later than that does not wait at all."""
-    settings.JOB_AHEAD_WAIT_MS = 200
     settings.JOB_REDISPATCH_AFTER_SECONDS = 1
     job = submit_as(_funded_tenant(tenant), builtin_endpoint)
     assert _ended(job.pk) == [str(job.pk)]
     assert dispatch.await_end(str(job.pk), time.time()) is True  # an end said is read at once
+    settings.JOB_AHEAD_WAIT_MS = 200
     silent = str(uuid.uuid4())  # a job whose submission never says it has ended
     started = time.monotonic()
     assert dispatch.await_end(silent, time.time()) is False
@@ -349,6 +351,62 @@ def test_a_claim_that_waits_too_long_drops_the_message_and_the_sweep_sends_it(
     Job.objects.filter(pk=job.pk).update(sent_at=Job.objects.get(pk=job.pk).sent_at.replace(year=2000))
     sweep.sweep()
     assert messages["after"] == [str(job.pk)]  # sent again: the job was dispatched, its message dropped
+
+
+def test_a_message_older_than_its_wait_finds_its_job_not_dispatched_and_is_dropped_at_once(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, messages: dict[str, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message that waited in the broker longer than ``JOB_AHEAD_WAIT_MS`` (its organization had no room after all)
+    does not wait on its submission, which ended long since: nothing is asked of Redis."""
+    organization = _funded(tenant)
+    set_concurrency_limit(organization=organization, limit=1)
+    submit_as(tenant, builtin_endpoint)
+    waiting = submit_as(tenant, builtin_endpoint)  # no room: QUEUED, its message ahead on the broker
+    monkeypatch.setattr(dispatch, "_waiting_client", lambda *args: pytest.fail("an old message waited"))
+    sent_at = time.time() - django_settings.JOB_AHEAD_WAIT_MS / 1000 - 1
+    assert attempts.claim_message(job_id=str(waiting.pk), attempt=1, worker="w", ahead=sent_at) is None
+    assert Job.objects.get(pk=waiting.pk).status == JobStatus.QUEUED
+
+
+def test_a_message_of_the_release_before_waits_on_its_submission_s_lock(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, messages: dict[str, list[str]]
+) -> None:
+    """During an upgrade a web process of the release before sends ``ahead=True`` and holds a lock named by the job
+    until its dispatch commits: a worker's claim that finds the job not dispatched waits on that lock, then claims."""
+    organization = _funded(tenant)
+    set_concurrency_limit(organization=organization, limit=1)
+    running = submit_as(tenant, builtin_endpoint)
+    job = submit_as(tenant, builtin_endpoint)  # QUEUED: the old submission's dispatch is still to come
+    key = (0x6A6F62, int.from_bytes(job.pk.bytes[-4:], "big", signed=True))
+    claimed: list[Job | None] = []
+
+    def worker() -> None:
+        try:
+            claimed.append(attempts.claim_message(job_id=str(job.pk), attempt=1, worker="w", ahead=True))
+        finally:
+            connections.close_all()
+
+    def waiting_on_the_lock() -> bool:
+        with _other() as other:
+            row = other.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND mode = 'ShareLock'"
+            ).fetchone()
+        return row is not None and row[0] == 1
+
+    with _other() as old_web:
+        old_web.execute("SELECT pg_advisory_lock(%s, %s)", key)
+        thread = threading.Thread(target=worker)
+        thread.start()
+        try:
+            wait_until(waiting_on_the_lock, timeout=30, message="the claim to wait on the old submission's lock")
+            Job.objects.filter(pk=running.pk).update(status=JobStatus.CANCELLED)  # room: the old dispatch takes it
+            assert dispatch.dispatch_organization(organization.pk) == 1
+        finally:
+            old_web.execute("SELECT pg_advisory_unlock(%s, %s)", key)
+            thread.join(60)
+    assert len(claimed) == 1
+    assert claimed[0] is not None
+    assert (claimed[0].pk, claimed[0].status) == (job.pk, JobStatus.RUNNING)
 
 
 def _funded_tenant(tenant: dict[str, Any]) -> dict[str, Any]:
@@ -431,18 +489,18 @@ def test_every_dispatched_job_is_claimed_once_and_nothing_else_runs(
     set_concurrency_limit(organization=organization, limit=limit)
     organization.refresh_from_db()
     dispatch._ahead_room.clear()
-    on_the_broker: list[tuple[str, int, bool]] = []  # the messages: job id, attempt, sent ahead
+    on_the_broker: list[tuple[str, int, float | bool]] = []  # the messages: job id, attempt, sent ahead (when)
     broker_up = [True]
     claims: dict[str, int] = {}
 
     went_ahead: set[str] = set()
     # Every end said is kept for the whole example, however slow the machine.
-    monkeypatch.setattr(django_settings, "JOB_AHEAD_WAIT_MS", 600_000)
+    monkeypatch.setattr(django_settings, "JOB_AHEAD_WAIT_MS", 60_000)
 
     def publish_run(job_id: str, attempt: int, queue: str, *, ahead: bool = False) -> None:
         if not broker_up[0]:
             raise ConnectionError("the broker is down")
-        on_the_broker.append((job_id, attempt, ahead))
+        on_the_broker.append((job_id, attempt, time.time() if ahead else False))  # as the message says
         if ahead:
             went_ahead.add(job_id)
 
