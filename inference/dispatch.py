@@ -36,8 +36,8 @@ waits for that signal, ``JOB_AHEAD_WAIT_MS`` after the message at most, and look
 (``inference.attempts.claim_message``); a message whose job was not dispatched (no room after all, refused, rolled
 back) is dropped as a stale one is. Measured (``tests/bench/queue_overhead.py``, README): submit to worker start went
 from 2.1-2.3x the bare Celery figure to 1.7-1.8x with the wait on a PostgreSQL advisory lock, taken in a round trip
-before the message went, and to 1.45-1.51x with the end signal in Redis, which costs the submission no round trip to the
-database but its query.
+before the message went, and to 1.36-1.54x (median 1.49x in nine runs) with the end signal in Redis, which costs the
+submission no round trip to the database but its query.
 Where a job's message is lost with a worker killed while it waits, the sweep sends it again, as any lost message
 (``redispatch_stale``).
 """
