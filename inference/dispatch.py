@@ -3,10 +3,10 @@
 **The organization's lock, held for one statement.** Every submission of an organization dispatches it when it
 commits, so the organization's row lock, which makes concurrent dispatchers count one after another, is what a busy
 tenant's submissions queue for; it is held from the statement that takes it to COMMIT. So the lock is followed by
-one statement (``_DISPATCH``) that counts the active jobs, picks the oldest queued ones that fit under the limit,
-moves them to DISPATCHED and returns them, and then COMMIT. The count cannot be part of a statement that takes the
-lock itself: PostgreSQL would read it in the snapshot taken before the statement waited for the lock, and miss what
-the dispatcher it waited for had just dispatched. The two statements go in one round trip as one query
+one statement (``_dispatch_statement``) that reads the active jobs, picks the oldest queued ones that fit under the
+limit, moves them to DISPATCHED and returns them, and then COMMIT. The read cannot be part of a statement that takes
+the lock itself: PostgreSQL would read it in the snapshot taken before the statement waited for the lock, and miss
+what the dispatcher it waited for had just dispatched. The two statements go in one round trip as one query
 (``accounts.statements.in_turn``: each statement of it takes its own snapshot), and the limit and suspension are
 read by the second from the organization's row. Sent with no transaction open (a submission's or a finish's dispatch,
 once that has committed), the query is a transaction of its own: PostgreSQL commits it as it ends, so a dispatch is
@@ -21,11 +21,25 @@ again, all of it in the look's one query): one organization's submissions no lon
 faster (one organization against four 0.77-1.01x against 0.82-1.07x in seven alternating runs of ``make
 bench-tenants``): on cores the processes keep busy, a backend waiting for the lock leaves its core to the others,
 and the gate's own work (a round trip for each dispatch that found it held, the holder's second look) took what the
-wait gave back. Not kept. Concurrency slots kept in Redis or on a counter row would have to be kept in step
-by every way a job ends; committing dispatch without waiting for the WAL (a lost dispatch is redone by the sweep)
+wait gave back. Not kept. Committing dispatch without waiting for the WAL (a lost dispatch is redone by the sweep)
 saved under 1 ms of the 5 (a submission's own dispatch now commits that way, for its latency:
 ``dispatch_statements``). A submission with no transaction open sends the lock and the dispatch in its own query,
 after its COMMIT (``dispatch_statements``, ``inference.submission``): one round trip for both.
+
+**The active jobs summed, not counted** (PostgreSQL). A dispatch counted the organization's DISPATCHED and RUNNING
+jobs under its lock, so the lock was held longer the more jobs a tenant had running: a tenant with a high limit, or
+the hot-tenant benchmark's backlog of thousands, made every one of its dispatches (one per submission and per finish)
+slower, and four tenants with a quarter of the jobs each did not pay it. The count is now the sum of a few rows
+(``inference.models.ActiveJobCount``) that triggers on the jobs table keep in the transaction of every change of a
+job's status, whatever path makes it (a dispatch, a claim, a finish, a cancel, the reaper's requeue, the sweep's
+expiry, an operator's requeue or SQL, a deletion): one added to shard 0 when a job becomes active (in practice by a
+dispatch, which holds the organization's lock), one taken from a shard of the backend's own when it stops being
+active, so concurrent finishes of one organization rarely meet on a row. A snapshot sees the sum its jobs would
+count: a finish not yet committed still counts its job, as the count did. Kept in step by the database, not by each
+path of the lifecycle (Redis, or a counter each path writes, would be as right as its least careful writer);
+``tests/inference/test_active_job_count.py`` checks the sum against the count over any sequence of those paths, and
+the race suite after every round. Measured (``make bench-tenants``, README): one organization's submissions 336 →
+358-362/s, one organization against four 0.82-0.86x → 0.85-0.90x. SQLite (one writer, the embedded default) counts.
 
 **A job's message ahead of its commit.** Where its organization had room the last time this process looked, a
 submission sends its job's message while its query runs (``send_ahead``), not after: the broker's trip and the
@@ -64,6 +78,7 @@ from accounts.locking import retrying, retrying_atomic
 from accounts.models import Organization
 from inference.models import (
     ACTIVE_STATUSES,
+    ActiveJobCount,
     Job,
     JobStatus,
 )
@@ -102,27 +117,48 @@ _LOCK = (
     f"SELECT 1 FROM {Organization._meta.db_table} WHERE {_organization_column('id')} = %(organization)s "  # noqa: S608
     "FOR NO KEY UPDATE"
 )
-# After the organization's lock, in one statement (PostgreSQL, and SQLite from 3.35): its jobs that count against
-# the limit counted, the oldest queued ones that fit picked (not those past their start deadline: the sweep ends
-# them, they take no slot), moved to DISPATCHED and returned. The limit is the organization's row as committed when
-# the lock was granted (none for a suspended or missing organization).
-_DISPATCH = (
-    f"UPDATE {Job._meta.db_table} SET {_column('status')} = %(dispatched)s, {_column('attempt')} = "  # noqa: S608
-    f"{_column('attempt')} + 1, {_column('dispatched_at')} = %(now)s, {_column('sent_at')} = %(now)s "
-    f"WHERE {_column('status')} = %(queued)s AND {_column('id')} IN ("
-    f"SELECT {_column('id')} FROM {Job._meta.db_table} WHERE {_column('organization')} = %(organization)s "
-    f"AND {_column('status')} = %(queued)s "
-    f"AND ({_column('start_deadline')} IS NULL OR {_column('start_deadline')} > %(now)s) "
-    f"ORDER BY {_column('created_at')}, {_column('id')} "
-    f"LIMIT COALESCE((SELECT CASE WHEN {_organization_column('suspended_at')} IS NULL "
-    f"AND active.running < {_organization_column('concurrency_limit')} "
-    f"THEN {_organization_column('concurrency_limit')} - active.running ELSE 0 END "
-    f"FROM {Organization._meta.db_table}, (SELECT COUNT(*) AS running "
-    f"FROM {Job._meta.db_table} WHERE {_column('organization')} = %(organization)s "
-    f"AND {_column('status')} IN ({', '.join(f'%(active_{index})s' for index in range(len(ACTIVE_STATUSES)))})"
-    f") AS active WHERE {Organization._meta.db_table}.{_organization_column('id')} = %(organization)s), 0))"
-    f" RETURNING {_column('id')}, {_column('attempt')}, {_column('gpu_class')}, {_column('created_at')}"
+# The organization's jobs that count against its limit: on PostgreSQL the sum of its rows that the jobs table's
+# triggers keep (``ActiveJobCount``: a few rows, however many jobs are active), elsewhere the jobs counted.
+_SUMMED = (
+    f"SELECT COALESCE(SUM({ActiveJobCount._meta.get_field('jobs').column}), 0) AS running "  # noqa: S608
+    f"FROM {ActiveJobCount._meta.db_table} "
+    f"WHERE {ActiveJobCount._meta.get_field('organization_id').column} = %(organization)s"
 )
+_COUNTED = (
+    f"SELECT COUNT(*) AS running FROM {Job._meta.db_table} "  # noqa: S608
+    f"WHERE {_column('organization')} = %(organization)s "
+    f"AND {_column('status')} IN ({', '.join(f'%(active_{index})s' for index in range(len(ACTIVE_STATUSES)))})"
+)
+
+
+def _dispatch_statement(running: str) -> str:
+    """After the organization's lock, in one statement (PostgreSQL, and SQLite from 3.35): its active jobs
+    (``running``), the oldest queued ones that fit picked (not those past their start deadline: the sweep ends them,
+    they take no slot), moved to DISPATCHED and returned. The limit is the organization's row as committed when the
+    lock was granted (none for a suspended or missing organization)."""
+    return (
+        f"UPDATE {Job._meta.db_table} SET {_column('status')} = %(dispatched)s, {_column('attempt')} = "  # noqa: S608
+        f"{_column('attempt')} + 1, {_column('dispatched_at')} = %(now)s, {_column('sent_at')} = %(now)s "
+        f"WHERE {_column('status')} = %(queued)s AND {_column('id')} IN ("
+        f"SELECT {_column('id')} FROM {Job._meta.db_table} WHERE {_column('organization')} = %(organization)s "
+        f"AND {_column('status')} = %(queued)s "
+        f"AND ({_column('start_deadline')} IS NULL OR {_column('start_deadline')} > %(now)s) "
+        f"ORDER BY {_column('created_at')}, {_column('id')} "
+        f"LIMIT COALESCE((SELECT CASE WHEN {_organization_column('suspended_at')} IS NULL "
+        f"AND active.running < {_organization_column('concurrency_limit')} "
+        f"THEN {_organization_column('concurrency_limit')} - active.running ELSE 0 END "
+        f"FROM {Organization._meta.db_table}, ({running}) AS active "
+        f"WHERE {Organization._meta.db_table}.{_organization_column('id')} = %(organization)s), 0))"
+        f" RETURNING {_column('id')}, {_column('attempt')}, {_column('gpu_class')}, {_column('created_at')}"
+    )
+
+
+_DISPATCH_SUMMED = _dispatch_statement(_SUMMED)
+_DISPATCH_COUNTED = _dispatch_statement(_COUNTED)
+
+
+def _dispatch_sql() -> str:
+    return _DISPATCH_SUMMED if connection.vendor == "postgresql" else _DISPATCH_COUNTED
 
 
 def _dispatch(organization_id: uuid.UUID) -> list[tuple[str, int, str]]:
@@ -157,7 +193,7 @@ def dispatch_statements(organization_id: uuid.UUID) -> tuple[statements.Statemen
     first reserve or heartbeat, any session's, or PostgreSQL's WAL writer within a fraction of a second) takes it to
     the disk, the WAL being written in order. The submission's own COMMIT, before it, waits as ever."""
     parameters = _parameters(organization_id)
-    return statements.NO_WAIT_FOR_DISK, (_LOCK, parameters), (_DISPATCH, parameters)
+    return statements.NO_WAIT_FOR_DISK, (_LOCK, parameters), (_dispatch_sql(), parameters)
 
 
 def send_dispatched(dispatched: list[tuple[Any, ...]]) -> list[tuple[str, int, str]]:
@@ -175,7 +211,7 @@ def _dispatched_by_one_query(parameters: dict[str, Any]) -> list[tuple[Any, ...]
     own (``accounts.locking.retrying``), so a submission's dispatch is one round trip, not BEGIN, the query and
     COMMIT, and the organization's lock is held for no round trip of the client's."""
     with connection.cursor() as cursor:
-        statements.in_turn(cursor, (_LOCK, parameters), (_DISPATCH, parameters), plan_once=True)
+        statements.in_turn(cursor, (_LOCK, parameters), (_dispatch_sql(), parameters), plan_once=True)
         return cursor.fetchall()
 
 
@@ -185,9 +221,9 @@ def _dispatched_in_a_transaction(parameters: dict[str, Any]) -> list[tuple[Any, 
     per query (``server_side_binding``)."""
     with connection.cursor() as cursor:
         if connection.features.has_select_for_update:
-            statements.in_turn(cursor, (_LOCK, parameters), (_DISPATCH, parameters))
+            statements.in_turn(cursor, (_LOCK, parameters), (_dispatch_sql(), parameters))
         else:
-            cursor.execute(_DISPATCH, parameters)
+            cursor.execute(_dispatch_sql(), parameters)
         return cursor.fetchall()
 
 

@@ -350,6 +350,33 @@ class TenantSettings(models.Model):
         return f"settings of {self.organization_id}"
 
 
+class ActiveJobCount(models.Model):
+    """An organization's jobs that count against its concurrency limit (DISPATCHED or RUNNING), kept as the sum of a
+    few rows so that a dispatch reads its count without counting the jobs (``inference.dispatch``).
+
+    Kept by PostgreSQL's triggers on the jobs table (migration 0011): a job that becomes active adds one to shard 0,
+    which only a dispatch writes in practice (and it holds the organization's lock); a job that stops being active,
+    whichever way (finished, cancelled, requeued, put back, deleted), takes one from shard 1 + its backend's pid mod 16,
+    so concurrent finishes of one organization rarely meet on a row. Every change is in the
+    transaction of the job's own, so the sum is the count of the jobs as any snapshot sees them. SQLite (one writer,
+    the embedded default) counts the jobs instead, and has no rows here.
+
+    No foreign key: a job deleted with its organization takes one from a row of an organization that is going
+    (nothing else reads it)."""
+
+    organization_id = models.UUIDField()
+    shard = models.SmallIntegerField()
+    jobs = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["organization_id", "shard"], name="active_job_count_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.organization_id}/{self.shard}: {self.jobs}"
+
+
 class WebhookStatus(models.TextChoices):
     PENDING = "pending"
     DELIVERED = "delivered"

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.db import connection
+from django.db.models import Sum
+
 from accounts.models import ApiKey, Organization
 from inference import attempts, closing, dispatch, submission
-from inference.models import AttemptOutcome, Endpoint, Job
+from inference.models import ACTIVE_STATUSES, ActiveJobCount, AttemptOutcome, Endpoint, Job
 
 SMALL = {"prompt": "a lighthouse", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 2}
 
@@ -70,3 +73,13 @@ def run(organization: Organization, endpoint: Endpoint, *, api_key: ApiKey | Non
 def run_as(tenant: dict[str, Any], endpoint: Endpoint, **kwargs: Any) -> Job:
     """``run`` with the tenant's organization and API key."""
     return run(tenant["organization"], endpoint, api_key=tenant["api_key"], **kwargs)
+
+
+def active_counts(organization_id: Any) -> tuple[int, int]:
+    """The organization's active jobs as the dispatch reads them (on PostgreSQL the sum of the rows the jobs table's
+    triggers keep; elsewhere the count) and as the jobs count them: the two must agree."""
+    counted = Job.objects.filter(organization_id=organization_id, status__in=ACTIVE_STATUSES).count()
+    if connection.vendor != "postgresql":
+        return counted, counted
+    summed = ActiveJobCount.objects.filter(organization_id=organization_id).aggregate(total=Sum("jobs"))["total"]
+    return int(summed or 0), counted

@@ -26,3 +26,16 @@ class AddIndexConcurrentlyOnPostgreSQL(AddIndexConcurrently):
             super().database_backwards(app_label, schema_editor, from_state, to_state)
         else:
             migrations.AddIndex.database_backwards(self, app_label, schema_editor, from_state, to_state)
+
+
+class RunSQLOnPostgreSQL(migrations.RunSQL):
+    """SQL run on PostgreSQL only (functions, triggers): elsewhere (SQLite) the operation does nothing, and what the
+    SQL provides is done another way there."""
+
+    def database_forwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
+        if schema_editor.connection.vendor == "postgresql":
+            super().database_forwards(app_label, schema_editor, from_state, to_state)
+
+    def database_backwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
+        if schema_editor.connection.vendor == "postgresql":
+            super().database_backwards(app_label, schema_editor, from_state, to_state)

@@ -56,7 +56,7 @@ from tests.concurrency.harness import (
     Outcome,
 )
 from tests.inference.local_http import LocalServer
-from tests.lifecycle import run, start, submit
+from tests.lifecycle import active_counts, run, start, submit
 from tests.waiting import wait_until
 
 SPEND_REFUSALS = (INSUFFICIENT, OVER_LIMIT)
@@ -193,6 +193,10 @@ class Books:
             ledger = int(entries.aggregate(total=Sum("amount_micros"))["total"] or 0)
             if account.balance_micros != ledger:
                 found.append(f"balance_micros is {account.balance_micros} but the ledger adds up to {ledger}")
+        for organization_id in organization_ids:
+            summed, counted = active_counts(organization_id)
+            if summed != counted:
+                found.append(f"the dispatch reads {summed} active jobs where {counted} are")
         for drift in reconciliation.run_reconciliation(full=True).drift:
             kind = f"{drift['check']}.{drift['kind']}"
             if drift["count"] > self._reported.get(kind, 0):

@@ -26,6 +26,7 @@ from standardwebhooks import Webhook
 
 from inference.models import Job, JobAttempt
 from tests.e2e.conftest import Stack
+from tests.lifecycle import active_counts
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -637,6 +638,9 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_billed_once(stack: Stac
     assert job.attempt == 2
     assert job.gpu_ms == second.gpu_ms > 0
     assert job.error == ""
+    # The reaper's requeue and the rerun's finish kept the count the dispatch reads.
+    summed, counted = active_counts(e2e_tenant["organization"].pk)
+    assert summed == counted
 
 
 # 6b. A worker killed while its claim waits for the submission its message was sent ahead of.

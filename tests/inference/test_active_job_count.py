@@ -1,0 +1,208 @@
+"""An organization's active jobs as the dispatch reads them: on PostgreSQL the sum of the rows the jobs table's
+triggers keep (``inference.models.ActiveJobCount``), which must be the jobs counted whatever way a job moves."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.db import connection, connections, transaction
+from django.db.models import ProtectedError, Sum
+from django.utils import timezone
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from accounts.services import set_concurrency_limit
+from billing.ledger import grant_credits
+from inference import attempts, closing, dispatch
+from inference.models import ACTIVE_STATUSES, ActiveJobCount, AttemptOutcome, Endpoint, Job, JobStatus
+from inference.requeue import requeue_job
+from tests.lifecycle import finish, submit_as
+from tests.waiting import wait_until
+
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("priced_without_broker")]
+
+
+@pytest.fixture(autouse=True)
+def postgresql_only() -> None:
+    if connection.vendor != "postgresql":
+        pytest.skip("the jobs table's triggers keep the count on PostgreSQL; SQLite counts the jobs")
+
+
+def summed(organization_id: Any) -> int:
+    rows = ActiveJobCount.objects.filter(organization_id=organization_id)
+    return int(rows.aggregate(total=Sum("jobs"))["total"] or 0)
+
+
+def counted(organization_id: Any) -> int:
+    return Job.objects.filter(organization_id=organization_id, status__in=ACTIVE_STATUSES).count()
+
+
+def _pick(organization_id: Any, statuses: tuple[str, ...], index: int) -> Job | None:
+    jobs = list(Job.objects.filter(organization_id=organization_id, status__in=statuses).order_by("created_at", "id"))
+    return jobs[index % len(jobs)] if jobs else None
+
+
+def _claimed(job: Job) -> None:
+    attempts.claim_job(job_id=str(job.pk), attempt=job.attempt, worker="worker-1")
+
+
+def _reaped(job: Job) -> None:
+    Job.objects.filter(pk=job.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    closing.reap_expired_leases()
+
+
+def _expired(job: Job) -> None:
+    Job.objects.filter(pk=job.pk).update(start_deadline=timezone.now() - timedelta(seconds=1))
+    closing.expire_unstarted(job_id=job.pk)
+
+
+def _deleted(job: Job) -> None:
+    """Deleted as an operator would (its organization's deletion cascades the same way), unless the books keep it."""
+    try:
+        with transaction.atomic():
+            Job.objects.filter(pk=job.pk).delete()
+    except ProtectedError:
+        pass  # billed: its usage record keeps it
+
+
+# Each step: what it does, and the statuses of the job it picks (none: it picks no job).
+STEPS: dict[str, tuple[tuple[str, ...], Any]] = {
+    "submit": ((), None),
+    "dispatch": ((), None),
+    "claim": ((JobStatus.DISPATCHED,), _claimed),
+    "finish": ((JobStatus.RUNNING,), lambda job: finish(job)),
+    "fail and retry": ((JobStatus.RUNNING,), lambda job: finish(job, AttemptOutcome.FAILED, retry=True)),
+    "fail": ((JobStatus.RUNNING,), lambda job: finish(job, AttemptOutcome.FAILED, error_type="internal_error")),
+    "cancel": ((JobStatus.QUEUED, JobStatus.DISPATCHED, JobStatus.RUNNING), lambda job: closing.cancel_job(job=job)),
+    "reap": ((JobStatus.RUNNING,), _reaped),
+    "back to the queue": ((JobStatus.DISPATCHED,), lambda job: dispatch._back_to_queue(str(job.pk), job.attempt)),
+    "start deadline": ((JobStatus.QUEUED, JobStatus.DISPATCHED), _expired),
+    "operator requeue": ((JobStatus.FAILED, JobStatus.CANCELLED), lambda job: requeue_job(job=job)),
+    "deleted": (tuple(JobStatus.values), _deleted),
+    "status written by hand": (tuple(JobStatus.values), None),
+}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from([*sorted(STEPS), "submit", "dispatch", "claim", "claim", "finish"]),  # the common ones more
+            st.integers(0, 1),  # which organization
+            st.integers(0, 50),  # which of its jobs
+            st.sampled_from(list(JobStatus.values)),  # the status written by hand
+        ),
+        max_size=40,
+    ),
+    limits=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+)
+def test_the_sum_is_the_count_whatever_way_jobs_move(
+    steps: list[tuple[str, int, int, str]],
+    limits: tuple[int, int],
+    tenant: dict[str, Any],
+    other_tenant: dict[str, Any],
+    builtin_endpoint: Endpoint,
+) -> None:
+    """Submitted, dispatched, claimed, finished, failed and retried, cancelled, reaped, put back, expired, requeued
+    by an operator, deleted, or given a status by hand (an operator's SQL): after every step each organization's sum
+    is its jobs counted, and a dispatch never takes an organization past its limit."""
+    with transaction.atomic():  # each example from the fixtures' state: rolled back at its end
+        _run(steps, limits, (tenant, other_tenant), builtin_endpoint)
+        transaction.set_rollback(True)
+
+
+def _run(
+    steps: list[tuple[str, int, int, str]],
+    limits: tuple[int, int],
+    tenants: tuple[dict[str, Any], dict[str, Any]],
+    builtin_endpoint: Endpoint,
+) -> None:
+    for each, limit in zip(tenants, limits, strict=True):
+        grant_credits(organization=each["organization"], amount_micros=10**10, reason="active count")
+        set_concurrency_limit(organization=each["organization"], limit=limit)
+        for _ in range(3):
+            submit_as(each, builtin_endpoint)
+        dispatch.dispatch_organization(each["organization"].pk)
+    by_hand: set[Any] = set()  # jobs given a status by hand: the lifecycle's paths may refuse them from then on
+    for name, which, index, status in steps:
+        each = tenants[which]
+        organization_id = each["organization"].pk
+        statuses, act = STEPS[name]
+        if name == "submit":
+            submit_as(each, builtin_endpoint)
+        elif name == "dispatch":
+            before = counted(organization_id)
+            dispatch.dispatch_organization(organization_id)
+            assert counted(organization_id) <= max(before, limits[which])
+        else:
+            job = _pick(organization_id, statuses, index)
+            if job is None:
+                continue
+            if act is None:
+                Job.objects.filter(pk=job.pk).update(status=status)
+                by_hand.add(job.pk)
+                continue
+            try:
+                with transaction.atomic():
+                    act(job)
+            except Exception:
+                if job.pk not in by_hand:
+                    raise
+        for other in tenants:
+            assert summed(other["organization"].pk) == counted(other["organization"].pk), (name, status)
+
+
+def test_a_dispatch_reads_the_sum_not_the_jobs(tenant: dict[str, Any], builtin_endpoint: Endpoint) -> None:
+    """The limit is measured against the rows: a count they say is full holds the queue back, whatever the jobs."""
+    grant_credits(organization=tenant["organization"], amount_micros=10**9, reason="active count")
+    set_concurrency_limit(organization=tenant["organization"], limit=2)
+    jobs = [submit_as(tenant, builtin_endpoint) for _ in range(3)]
+    assert dispatch.dispatch_organization(tenant["organization"].pk) == 2
+    assert summed(tenant["organization"].pk) == 2
+    ActiveJobCount.objects.filter(organization_id=tenant["organization"].pk, shard=0).update(jobs=0)
+    assert dispatch.dispatch_organization(tenant["organization"].pk) == 1  # the rows said none was active
+    assert {job.status for job in Job.objects.filter(pk__in=[job.pk for job in jobs])} == {JobStatus.DISPATCHED}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_finishes_and_dispatches_keep_the_sum(tenant: dict[str, Any], builtin_endpoint: Endpoint) -> None:
+    """Finishes of one organization's jobs on four connections at once, and dispatches in between: the rows each
+    finish takes one from are its backend's, and every change commits with its job's."""
+    organization_id = tenant["organization"].pk
+    grant_credits(organization=tenant["organization"], amount_micros=10**10, reason="active count")
+    set_concurrency_limit(organization=tenant["organization"], limit=1000)
+    for _ in range(24):
+        submit_as(tenant, builtin_endpoint)
+    assert summed(organization_id) == counted(organization_id) == 24  # each submission dispatched itself
+    running = list(Job.objects.filter(organization_id=organization_id))
+    for job in running:
+        _claimed(job)
+    errors: list[BaseException] = []
+
+    def finisher(jobs: list[Job]) -> None:
+        try:
+            for job in jobs:
+                job.refresh_from_db()
+                finish(job)
+                with transaction.atomic():
+                    submit_as(tenant, builtin_endpoint)
+                dispatch.dispatch_organization(organization_id)
+        except BaseException as error:
+            errors.append(error)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=finisher, args=(running[index::4],)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    wait_until(lambda: counted(organization_id) == 24, timeout=30, message="the new submissions dispatched")
+    assert summed(organization_id) == counted(organization_id) == 24
+    shards = set(ActiveJobCount.objects.filter(organization_id=organization_id).values_list("shard", flat=True))
+    assert 0 in shards
+    assert len(shards) > 1
