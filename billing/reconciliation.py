@@ -45,6 +45,8 @@ of an old row, which no writer makes, is what the weekly full run is for):
   entries, so every account's cached balance is compared with its latest entry (one indexed lookup per account):
   this catches a balance overwritten without any entry, which no window on the entries would. The sum of all
   entries itself is a full run's;
+- active jobs: every organization's active jobs as its dispatch reads them against its jobs counted (a job's
+  lifecycle, not money: a disagreement would hold a queue back or pass a concurrency limit);
 - holds: every account's held amount against its open holds, every open hold (few: jobs in flight), and the holds
   placed since (``created_at``, set again on a requeue's new hold);
 - rollups: the UTC days of the usage records stamped since, each compared in full (raw records of those days
@@ -106,7 +108,17 @@ from billing.models import (
 from billing.money import MICROS_PER_CENT, cents_to_micros
 from billing.stripe_client import field as stripe_field
 from billing.stripe_client import object_id, stripe_client
-from inference.models import BILLABLE_OUTCOMES, FINAL_STATUSES, AttemptOutcome, Endpoint, Job, JobAttempt, JobStatus
+from inference import active_jobs
+from inference.models import (
+    BILLABLE_OUTCOMES,
+    FINAL_STATUSES,
+    ActiveJobCount,
+    AttemptOutcome,
+    Endpoint,
+    Job,
+    JobAttempt,
+    JobStatus,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -497,6 +509,19 @@ def check_holds(scope: Scope = FULL) -> Check:
         "organization_id",
         "job_organization_id",
     )
+    return check
+
+
+def check_active_jobs(scope: Scope = FULL) -> Check:
+    """Every organization's active jobs as its dispatch reads them (the rows the jobs table's triggers keep, on
+    PostgreSQL) are its DISPATCHED and RUNNING jobs counted (``inference.active_jobs``): a sum above the count would
+    hold its queue back, below it let the dispatch pass its concurrency limit. Every run, whatever its window (the
+    jobs in flight are few). ``manage.py recount_active_jobs`` puts a disagreement right."""
+    check = Check("active_jobs")
+    if active_jobs.kept():
+        check.checked = ActiveJobCount.objects.values("organization_id").distinct().count()
+    found = active_jobs.disagreements()
+    check.found("sum_not_count", len(found), found)
     return check
 
 
@@ -996,6 +1021,7 @@ DATABASE_CHECKS: tuple[Callable[[Scope], Check], ...] = (
     check_balances,
     check_ledger_chain,
     check_holds,
+    check_active_jobs,
     check_rollups,
     check_end_user_rollups,
     check_payments,

@@ -32,7 +32,7 @@ from billing.models import (
     UsageRollup,
 )
 from inference import closing
-from inference.models import AttemptOutcome, Endpoint, Job, JobAttempt, JobStatus
+from inference.models import ACTIVE_STATUSES, ActiveJobCount, AttemptOutcome, Endpoint, Job, JobAttempt, JobStatus
 from tests.lifecycle import finish, run, start, submit
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("quiet_books")]
@@ -95,8 +95,8 @@ def test_clean_books_have_no_drift_and_stripe_is_recorded_as_skipped(books: dict
     assert run_.finished_at is not None
     checked = run_.checked
     assert set(checked) == {
-        "jobs", "attempts", "usage_records", "usage_debits", "balances", "ledger_chain", "holds", "rollups",
-        "end_user_rollups",
+        "jobs", "attempts", "usage_records", "usage_debits", "balances", "ledger_chain", "holds", "active_jobs",
+        "rollups", "end_user_rollups",
         "payments", "receipts", "statements", "stripe",
     }  # fmt: skip
     assert all(summary["drift"] == 0 for summary in checked.values())
@@ -474,9 +474,14 @@ def test_an_incremental_run_checks_only_what_was_written_since_the_last_proven_r
     # Nothing written since: nothing to look at but the accounts and what is open.
     quiet = reconciliation.run_reconciliation()
     assert quiet.since == run_.watermark
-    assert {name: count for name, count in rows_checked(quiet).items() if count} == {
+    expected = {
         "balances": Account.objects.count(),
         "holds": Account.objects.count() + Hold.objects.filter(released_at__isnull=True).count(),
+        # The organizations whose dispatch reads a sum of rows (PostgreSQL), every run.
+        "active_jobs": ActiveJobCount.objects.values("organization_id").distinct().count(),
+    }
+    assert {name: count for name, count in rows_checked(quiet).items() if count} == {
+        name: count for name, count in expected.items() if count
     }
 
 
@@ -702,3 +707,30 @@ def test_the_run_rate_page_says_what_the_latest_runs_covered(
     assert "incremental: rows written since" in body
     assert "no drift. Latest full run:" in body
     assert "1 drift(s)" in body
+
+
+def test_active_jobs_the_dispatch_reads_against_the_jobs_and_put_right(books: dict[str, Any]) -> None:
+    """A sum of the triggers' rows that is not the jobs counted (rows loaded around the triggers) is drift, and
+    ``manage.py recount_active_jobs`` puts it right."""
+    if connection.vendor != "postgresql":
+        pytest.skip("the sum is kept on PostgreSQL; SQLite's dispatch counts the jobs")
+    organization = books["still_running"].organization
+    running = Job.objects.filter(organization=organization, status__in=ACTIVE_STATUSES).count()
+    assert running == 1
+    assert reconciliation.run_reconciliation().ok
+    ActiveJobCount.objects.filter(organization_id=organization.pk, shard=0).update(jobs=F("jobs") + 3)
+    drifted = reconciliation.run_reconciliation()
+    assert kinds(drifted) == {"active_jobs.sum_not_count"}
+    assert drift_of(drifted, "active_jobs.sum_not_count")["examples"] == [
+        {"organization_id": str(organization.pk), "summed": running + 3, "counted": running}
+    ]
+    out = io.StringIO()
+    call_command("recount_active_jobs", stdout=out)
+    assert out.getvalue() == f"{organization.pk}: the dispatch read {running + 3} active jobs, {running} are\n"
+    assert list(ActiveJobCount.objects.filter(organization_id=organization.pk).values_list("shard", "jobs")) == [
+        (0, running)
+    ]
+    assert reconciliation.run_reconciliation().ok
+    out = io.StringIO()
+    call_command("recount_active_jobs", stdout=out)
+    assert out.getvalue() == "Every organization's active jobs agree with its jobs.\n"

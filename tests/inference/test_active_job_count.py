@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from accounts.services import set_concurrency_limit
 from billing.ledger import grant_credits
-from inference import attempts, closing, dispatch
+from inference import active_jobs, attempts, closing, dispatch
 from inference.models import ACTIVE_STATUSES, ActiveJobCount, AttemptOutcome, Endpoint, Job, JobStatus
 from inference.requeue import requeue_job
 from tests.lifecycle import finish, submit_as
@@ -206,3 +206,50 @@ def test_concurrent_finishes_and_dispatches_keep_the_sum(tenant: dict[str, Any],
     shards = set(ActiveJobCount.objects.filter(organization_id=organization_id).values_list("shard", flat=True))
     assert 0 in shards
     assert len(shards) > 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_recount_while_a_job_stops_being_active_is_exact(tenant: dict[str, Any], builtin_endpoint: Endpoint) -> None:
+    """Rows that disagree with the jobs (loaded around the triggers) recounted while another transaction is taking a
+    job out of the active ones: the recount waits for it, and the sum is the count once both have committed."""
+    import psycopg
+
+    organization_id = tenant["organization"].pk
+    grant_credits(organization=tenant["organization"], amount_micros=10**9, reason="active count")
+    set_concurrency_limit(organization=tenant["organization"], limit=10)
+    jobs = [submit_as(tenant, builtin_endpoint) for _ in range(3)]  # each dispatched as it committed
+    assert summed(organization_id) == counted(organization_id) == 3
+    ActiveJobCount.objects.filter(organization_id=organization_id, shard=0).update(jobs=8)
+    params = connection.get_connection_params()
+    conninfo = {key: params[key] for key in ("dbname", "user", "password", "host", "port") if params.get(key)}
+    outcome: list[Any] = []
+
+    def recounting() -> None:
+        try:
+            outcome.append(active_jobs.recount(organization_id))
+        except BaseException as error:
+            outcome.append(error)
+        finally:
+            connections.close_all()
+
+    # The watcher reads pg_stat_activity with no transaction open: inside one, PostgreSQL keeps its first snapshot.
+    with psycopg.connect(**conninfo) as other, psycopg.connect(**conninfo, autocommit=True) as watcher:
+        other.execute("UPDATE inference_job SET status = 'CANCELLED' WHERE id = %s", [jobs[0].pk])  # not committed
+        recounter = threading.Thread(target=recounting)
+        recounter.start()
+        wait_until(
+            lambda: (
+                watcher.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                    ["%inference_job%"],
+                ).fetchone()[0]
+                == 1
+            ),
+            timeout=30,
+            message="the recount to wait for the job's row",
+        )
+        assert not outcome
+        other.commit()
+    recounter.join(30)
+    assert outcome == [(8 - 1, 2)]  # the rows said 8, less the cancel's change; 2 jobs are active
+    assert summed(organization_id) == counted(organization_id) == 2

@@ -1,0 +1,27 @@
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandParser
+
+from inference import active_jobs
+
+
+class Command(BaseCommand):
+    help = (
+        "Put right the active jobs each organization's dispatch reads (PostgreSQL) where they disagree with its jobs "
+        "counted, as reconciliation's active_jobs check reports: all such organizations, or those named."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--organization", action="append", default=None, help="an organization's id (repeatable)")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        if not active_jobs.kept():
+            self.stdout.write("Nothing to recount: this database's dispatch counts the jobs.")
+            return
+        named = options["organization"]
+        organization_ids = named or [row["organization_id"] for row in active_jobs.disagreements()]
+        for organization_id in organization_ids:
+            summed, counted = active_jobs.recount(organization_id)
+            self.stdout.write(f"{organization_id}: the dispatch read {summed} active jobs, {counted} are")
+        if not organization_ids:
+            self.stdout.write("Every organization's active jobs agree with its jobs.")
