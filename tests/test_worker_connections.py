@@ -10,6 +10,7 @@ from django.conf import settings
 from django.db import connection
 
 from config.celery import app
+from tests import sessions
 from tests.waiting import wait_until
 
 
@@ -67,8 +68,7 @@ def test_a_task_after_the_database_ended_the_pool_s_idle_connections_runs() -> N
         pool.putconn(idle)
     task_prerun.send(sender=None, task_id="t1", task=None, args=(), kwargs={})
     connection.close()  # the task's connection back: every connection this process has is idle in the pool
-    params = connection.get_connection_params()
-    conninfo = {key: params[key] for key in ("dbname", "user", "password", "host", "port") if params.get(key)}
+    conninfo = sessions.conninfo()
     # Every connection this process's pool keeps idle, and only those: other processes (a test's servers) share the
     # database. (The pool's own list of idle connections: psycopg_pool has no public one.)
     ended = {idle.info.backend_pid for idle in pool._pool}
@@ -100,8 +100,7 @@ def test_a_task_starts_on_a_live_idle_connection_without_a_round_trip() -> None:
     task_prerun.send(sender=None, task_id="t1", task=None, args=(), kwargs={})
     connection.close()
     idle = {conn.info.backend_pid for conn in connection.pool._pool}  # psycopg_pool has no public list of them
-    params = connection.get_connection_params()
-    conninfo = {key: params[key] for key in ("dbname", "user", "password", "host", "port") if params.get(key)}
+    conninfo = sessions.conninfo()
     with psycopg.connect(**conninfo, autocommit=True) as admin:
         before = {pid: _last_statement_at(pid, admin) for pid in idle}
         task_prerun.send(sender=None, task_id="t2", task=None, args=(), kwargs={})

@@ -13,6 +13,7 @@ from django.db.models import Model
 from django.test.utils import CaptureQueriesContext
 
 from accounts import statements
+from tests import sessions
 from tests.waiting import wait_until
 
 
@@ -155,8 +156,7 @@ def test_a_statement_in_turn_reads_what_the_lock_it_waited_for_committed() -> No
     import psycopg
     from django.db import transaction
 
-    params = connection.get_connection_params()
-    conninfo = {key: params[key] for key in ("dbname", "user", "password", "host", "port") if params.get(key)}
+    conninfo = sessions.conninfo()
     with connection.cursor() as cursor:
         cursor.execute("CREATE TABLE turn_lock (id int PRIMARY KEY); CREATE TABLE turn_rows (id int)")
         cursor.execute("INSERT INTO turn_lock VALUES (1)")

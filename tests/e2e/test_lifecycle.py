@@ -25,6 +25,7 @@ from django.utils import timezone
 from standardwebhooks import Webhook
 
 from inference.models import Job, JobAttempt
+from tests import sessions
 from tests.e2e.conftest import Stack
 from tests.lifecycle import active_counts
 from tests.waiting import wait_until
@@ -660,8 +661,7 @@ def test_a_worker_killed_while_waiting_for_a_submission_leaves_its_job_to_the_sw
     redis_url = stack.env.get("REDIS_URL")
     if connection.vendor != "postgresql" or not redis_url:
         pytest.skip("a message goes ahead of its commit on PostgreSQL, with Redis for its mark")
-    params = connection.get_connection_params()
-    conninfo = {key: params[key] for key in ("dbname", "user", "password", "host", "port") if params.get(key)}
+    conninfo = sessions.conninfo()
     answers: list[httpx.Response] = []
 
     def waiting_claims() -> int:

@@ -19,6 +19,7 @@ from billing.ledger import grant_credits
 from inference import active_jobs, attempts, closing, dispatch
 from inference.models import ACTIVE_STATUSES, ActiveJobCount, AttemptOutcome, Endpoint, Job, JobStatus
 from inference.requeue import requeue_job
+from tests import sessions
 from tests.lifecycle import finish, submit_as
 from tests.waiting import wait_until
 
@@ -220,8 +221,7 @@ def test_a_recount_while_a_job_stops_being_active_is_exact(tenant: dict[str, Any
     jobs = [submit_as(tenant, builtin_endpoint) for _ in range(3)]  # each dispatched as it committed
     assert summed(organization_id) == counted(organization_id) == 3
     ActiveJobCount.objects.filter(organization_id=organization_id, shard=0).update(jobs=8)
-    params = connection.get_connection_params()
-    conninfo = {key: params[key] for key in ("dbname", "user", "password", "host", "port") if params.get(key)}
+    conninfo = sessions.conninfo()
     outcome: list[Any] = []
 
     def recounting() -> None:

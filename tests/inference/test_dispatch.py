@@ -15,6 +15,7 @@ from accounts.services import set_concurrency_limit, set_organization_suspended
 from billing.ledger import grant_credits
 from inference import dispatch, submission
 from inference.models import Endpoint, Job, JobStatus
+from tests import sessions
 from tests.lifecycle import start, submit_as
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("priced_without_broker")]
@@ -72,8 +73,7 @@ def test_a_dispatch_outside_a_transaction_is_one_query_committed_as_it_returns(
         patch.object(submission, "dispatch_organization"),
     ):
         jobs = [submit_as(tenant, builtin_endpoint) for _ in range(3)]
-    params = connection.get_connection_params()
-    conninfo = {key: params[key] for key in ("dbname", "user", "password", "host", "port") if params.get(key)}
+    conninfo = sessions.conninfo()
     seen_at_send: list[tuple[list[str], int]] = []
 
     def sent(job_id: str, attempt: int, queue: str) -> bool:

@@ -29,6 +29,7 @@ from billing.ledger import grant_credits
 from billing.models import Account, EntryKind
 from inference import attempts, dispatch, submission, sweep
 from inference.models import ACTIVE_STATUSES, Endpoint, Job, JobStatus
+from tests import sessions
 from tests.lifecycle import SMALL, finish, submit_as
 from tests.waiting import wait_until
 
@@ -70,8 +71,7 @@ def messages(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
 
 
 def _other() -> psycopg.Connection[Any]:
-    params = connection.get_connection_params()
-    conninfo = {key: params[key] for key in ("dbname", "user", "password", "host", "port") if params.get(key)}
+    conninfo = sessions.conninfo()
     return psycopg.connect(**conninfo, autocommit=True)
 
 

@@ -21,6 +21,7 @@ from billing.ledger import grant_credits
 from billing.models import Account, EntryKind, Hold
 from inference import dispatch, job_events, submission
 from inference.models import Endpoint, Job, JobLog, JobStatus
+from tests import sessions
 from tests.lifecycle import SMALL, submit_as
 
 pytestmark = [
@@ -55,11 +56,6 @@ def queries(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, str]]:
     return sent
 
 
-def _conninfo() -> dict[str, Any]:
-    params = connection.get_connection_params()
-    return {key: params[key] for key in ("dbname", "user", "password", "host", "port") if params.get(key)}
-
-
 def _held(organization: Organization) -> int:
     return Account.objects.get(pk=organization.pk).held_micros
 
@@ -80,7 +76,7 @@ def test_a_submission_is_one_query_committed_before_its_message_goes(
 
     def sent(job_id: str, attempt: int, queue: str) -> bool:
         # What another connection sees as the message goes out: all of the submission, and no lock left held.
-        with psycopg.connect(**_conninfo(), autocommit=True) as other:
+        with psycopg.connect(**sessions.conninfo(), autocommit=True) as other:
             status = other.execute(f"SELECT status FROM {Job._meta.db_table} WHERE id = %s", [job_id]).fetchone()  # noqa: S608
             holds = other.execute(f"SELECT count(*) FROM {Hold._meta.db_table} WHERE job_id = %s", [job_id]).fetchone()  # noqa: S608
             unlocked = []
