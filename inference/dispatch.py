@@ -76,6 +76,7 @@ from django.utils import timezone
 from accounts import statements
 from accounts.locking import retrying, retrying_atomic
 from accounts.models import Organization
+from inference import job_events
 from inference.models import (
     ACTIVE_STATUSES,
     ActiveJobCount,
@@ -360,12 +361,9 @@ def sends_ahead(organization_id: uuid.UUID) -> bool:
     )
 
 
-@functools.cache
-def _signal_client(pid: int) -> redis.Redis:
-    """The process's Redis client for end signals (one per process: the pid is part of the key)."""
-    return redis.Redis.from_url(
-        str(settings.REDIS_URL), socket_connect_timeout=_REDIS_CONNECT_SECONDS, socket_timeout=_REDIS_CONNECT_SECONDS
-    )
+def _signal_client() -> redis.Redis | None:
+    """Where a submission's end is said: the process's client for short signals (``job_events.publishing_client``)."""
+    return job_events.publishing_client()
 
 
 @functools.cache
@@ -417,8 +415,11 @@ def end_ahead(job_id: uuid.UUID, message: Future[bool]) -> None:
     if message.exception() is not None or not message.result():
         return  # no message went: no worker waits
     end = ahead_end(job_id)
+    client = _signal_client()
+    if client is None:
+        return  # no Redis: nothing went ahead (``sends_ahead``)
     try:
-        with _signal_client(os.getpid()).pipeline(transaction=True) as pipe:  # the push never without its expiry
+        with client.pipeline(transaction=True) as pipe:  # the push never without its expiry
             pipe.rpush(end, b"1")
             pipe.pexpire(end, settings.JOB_AHEAD_WAIT_MS)
             pipe.execute()

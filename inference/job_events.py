@@ -54,7 +54,10 @@ _publisher: redis.Redis | None = None
 _skip_until = 0.0
 
 
-def _publishing_client() -> redis.Redis | None:
+def publishing_client() -> redis.Redis | None:
+    """The process's Redis client for short signals, made on first use: job events, and the end of a submission whose
+    job's message went ahead (``inference.dispatch.end_ahead``). Its reads and connects give up after half a second.
+    None without ``REDIS_URL``."""
     global _publisher
     if not settings.REDIS_URL:
         return None
@@ -70,7 +73,7 @@ def _publishing_client() -> redis.Redis | None:
 def publish(job_id: uuid.UUID | str) -> None:
     """Tells the waiters of this job to look at it now; never raises."""
     global _skip_until
-    client = _publishing_client()
+    client = publishing_client()
     if client is None or time.monotonic() < _skip_until:
         return
     try:

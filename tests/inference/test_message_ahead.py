@@ -439,7 +439,7 @@ def test_an_end_redis_does_not_take_stops_messages_going_ahead_for_a_while(
     the process sends nothing ahead for a while (its messages go once the job is dispatched), and the request is
     answered as ever."""
     nowhere = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
-    monkeypatch.setattr(dispatch, "_signal_client", lambda pid: nowhere)
+    monkeypatch.setattr(dispatch, "_signal_client", lambda: nowhere)
     monkeypatch.setattr(dispatch, "_ahead_off_until", 0.0)
     organization = _funded(tenant)
     first = submit_as(tenant, builtin_endpoint)
