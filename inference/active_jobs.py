@@ -21,10 +21,38 @@ from django.db.models import Count, Sum
 from accounts.locking import lock_organization, locked, retrying_atomic
 from inference.models import ACTIVE_STATUSES, ActiveJobCount, Job
 
+# The jobs table's triggers that keep the rows (migration 0011).
+TRIGGERS = (
+    "inference_job_active_inserted",
+    "inference_job_active_changed",
+    "inference_job_active_deleted",
+    "inference_job_active_truncated",
+)
+_in_place: dict[str, bool] = {}  # database alias -> the triggers were found in place (looked up once per process)
+
 
 def kept() -> bool:
-    """Whether this database keeps the sum (PostgreSQL's triggers) for the dispatch to read."""
-    return connection.vendor == "postgresql"
+    """Whether the dispatch reads the sum: PostgreSQL, with the triggers that keep it in place, as this process found
+    them the first time it looked. A schema built without the migrations, or triggers dropped or disabled by hand,
+    leave the dispatch counting the jobs (slower, never wrong) rather than reading rows that nothing keeps; and
+    reconciliation reports them missing (``triggers_in_place``)."""
+    if connection.vendor != "postgresql":
+        return False
+    alias = connection.alias
+    if alias not in _in_place:
+        _in_place[alias] = triggers_in_place()
+    return _in_place[alias]
+
+
+def triggers_in_place() -> bool:
+    """Whether every trigger that keeps the sum is on the jobs table and enabled, as the database says now."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = %s::regclass AND tgname = ANY(%s) AND tgenabled <> 'D'",
+            [Job._meta.db_table, list(TRIGGERS)],
+        )
+        row = cursor.fetchone()
+    return bool(row) and row[0] == len(TRIGGERS)
 
 
 def disagreements(organization_ids: list[uuid.UUID] | None = None) -> list[dict[str, Any]]:
@@ -57,17 +85,21 @@ def recount(organization_id: uuid.UUID) -> tuple[int, int]:
     """The organization's rows replaced by one that holds its active jobs counted; (the sum before, the count).
 
     Exact while jobs move: the organization's lock (the dispatch's) keeps any job from becoming active, and every
-    active job is share-locked before it is counted, so one that stops being active either committed first (not
+    active job is locked before it is counted, so one that stops being active either committed first (not
     counted, and its row change is among the rows replaced) or waits for this to commit (counted, and its change
     applies to the new row)."""
     if not kept():
         counted = Job.objects.filter(organization_id=organization_id, status__in=ACTIVE_STATUSES).count()
         return counted, counted
-    lock_organization(organization_id)
+    if lock_organization(organization_id) is None:
+        return 0, 0  # no such organization: nothing to put right
     active = Job.objects.filter(organization_id=organization_id, status__in=ACTIVE_STATUSES).order_by("pk")
-    counted = len(locked(active).values_list("pk", flat=True))
+    list(locked(active).values_list("pk", flat=True))  # none of them stops being active until this commits
     rows = ActiveJobCount.objects.filter(organization_id=organization_id)
     summed = sum(locked(rows.order_by("shard")).values_list("jobs", flat=True))
+    # Counted again once the rows are locked: a job made active without the organization's lock (an operator's SQL)
+    # by a transaction that wrote its row after the jobs above were read has committed by now, and is counted.
+    counted = active.count()
     rows.delete()
     ActiveJobCount.objects.create(organization_id=organization_id, shard=0, jobs=counted)
     return summed, counted

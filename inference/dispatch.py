@@ -76,7 +76,7 @@ from django.utils import timezone
 from accounts import statements
 from accounts.locking import retrying, retrying_atomic
 from accounts.models import Organization
-from inference import job_events
+from inference import active_jobs, job_events
 from inference.models import (
     ACTIVE_STATUSES,
     ActiveJobCount,
@@ -159,7 +159,7 @@ _DISPATCH_COUNTED = _dispatch_statement(_COUNTED)
 
 
 def _dispatch_sql() -> str:
-    return _DISPATCH_SUMMED if connection.vendor == "postgresql" else _DISPATCH_COUNTED
+    return _DISPATCH_SUMMED if active_jobs.kept() else _DISPATCH_COUNTED
 
 
 def _dispatch(organization_id: uuid.UUID) -> list[tuple[str, int, str]]:
@@ -408,7 +408,8 @@ def ended_ahead(job_id: uuid.UUID, message: Future[bool]) -> Future[None]:
     "The end said on the request's thread"), submit to worker start 1.44-1.68x the bare Celery figure (median 1.55x)
     became 1.44-1.54x (median 1.46x), end to end 1.48-1.73x became 1.36-1.46x, for one round trip to Redis in the
     request (sustained submits over HTTP, one web process: median 226 against 213/s). A Redis that does not answer
-    holds the request up to its 0.5 s timeout once, then nothing goes ahead for ``_AHEAD_BREAKER_SECONDS``."""
+    holds each request that reaches it up to its timeouts (0.5 s to connect, 0.5 s to read) until the first such
+    failure stops messages going ahead for ``_AHEAD_BREAKER_SECONDS``."""
     if message.done():
         end_ahead(job_id, message)
         said: Future[None] = Future()

@@ -2,7 +2,9 @@
 
 PostgreSQL only: the triggers on the jobs table, and the rows for the jobs active when they are made. ``CREATE
 TRIGGER`` locks the jobs table against writes until this migration commits, so the rows counted here and the changes
-the triggers count after it meet exactly. SQLite counts the jobs at each dispatch and has no rows.
+the triggers count after it meet exactly. It waits at most 5 s for that lock (``lock_timeout``): a long transaction or
+an anti-wraparound vacuum on the table fails the migration, to be run again, rather than holding every job's writes
+back behind its wait. SQLite counts the jobs at each dispatch and has no rows.
 """
 
 from __future__ import annotations
@@ -15,8 +17,14 @@ ACTIVE = "('DISPATCHED', 'RUNNING')"
 SHARDS = 16  # the shards a job that stops being active is taken from (inference.models.ActiveJobCount)
 
 CREATE = f"""
+SET LOCAL lock_timeout = '5s';
 CREATE OR REPLACE FUNCTION inference_active_job_counted() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    -- The jobs emptied at once (TRUNCATE fires no row trigger): none is active.
+    IF TG_OP = 'TRUNCATE' THEN
+        DELETE FROM inference_activejobcount;
+        RETURN NULL;
+    END IF;
     -- A job that stops being active: one taken from a shard of its backend's (concurrent finishes meet rarely).
     IF TG_OP <> 'INSERT' AND OLD.status IN {ACTIVE}
        AND (TG_OP = 'DELETE' OR NEW.status NOT IN {ACTIVE} OR NEW.organization_id <> OLD.organization_id) THEN
@@ -42,6 +50,8 @@ CREATE TRIGGER inference_job_active_changed AFTER UPDATE OF status, organization
     EXECUTE FUNCTION inference_active_job_counted();
 CREATE TRIGGER inference_job_active_deleted AFTER DELETE ON inference_job FOR EACH ROW
     WHEN (OLD.status IN {ACTIVE}) EXECUTE FUNCTION inference_active_job_counted();
+CREATE TRIGGER inference_job_active_truncated AFTER TRUNCATE ON inference_job FOR EACH STATEMENT
+    EXECUTE FUNCTION inference_active_job_counted();
 INSERT INTO inference_activejobcount (organization_id, shard, jobs)
     SELECT organization_id, 0, COUNT(*) FROM inference_job WHERE status IN {ACTIVE} GROUP BY organization_id;
 """
@@ -49,6 +59,7 @@ DROP = """
 DROP TRIGGER IF EXISTS inference_job_active_inserted ON inference_job;
 DROP TRIGGER IF EXISTS inference_job_active_changed ON inference_job;
 DROP TRIGGER IF EXISTS inference_job_active_deleted ON inference_job;
+DROP TRIGGER IF EXISTS inference_job_active_truncated ON inference_job;
 DROP FUNCTION IF EXISTS inference_active_job_counted();
 DELETE FROM inference_activejobcount;
 """
