@@ -28,27 +28,29 @@ TRIGGERS = (
     "inference_job_active_deleted",
     "inference_job_active_truncated",
 )
-_in_place: dict[str, bool] = {}  # database alias -> the triggers were found in place (looked up once per process)
+_in_place: set[str] = set()  # the database aliases whose triggers this process found in place
 
 
 def kept() -> bool:
-    """Whether the dispatch reads the sum: PostgreSQL, with the triggers that keep it in place, as this process found
-    them the first time it looked. A schema built without the migrations, or triggers dropped or disabled by hand,
-    leave the dispatch counting the jobs (slower, never wrong) rather than reading rows that nothing keeps; and
-    reconciliation reports them missing (``triggers_in_place``)."""
+    """Whether the dispatch reads the sum: PostgreSQL, with the triggers that keep it in place. Found in place once,
+    they are taken to stay (no look per dispatch); until then every call looks. A schema built without the
+    migrations (or before this one ran), or triggers dropped or disabled by hand, leave the dispatch counting the jobs
+    (slower, never wrong) rather than reading rows that nothing keeps; reconciliation reports them missing
+    (``triggers_in_place``)."""
     if connection.vendor != "postgresql":
         return False
-    alias = connection.alias
-    if alias not in _in_place:
-        _in_place[alias] = triggers_in_place()
-    return _in_place[alias]
+    if connection.alias not in _in_place:
+        if not triggers_in_place():
+            return False
+        _in_place.add(connection.alias)
+    return True
 
 
 def triggers_in_place() -> bool:
     """Whether every trigger that keeps the sum is on the jobs table and enabled, as the database says now."""
     with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(*) FROM pg_trigger WHERE tgrelid = %s::regclass AND tgname = ANY(%s) AND tgenabled <> 'D'",
+        cursor.execute(  # to_regclass: no table yet (before the migrations) is none of its triggers
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass(%s) AND tgname = ANY(%s) AND tgenabled <> 'D'",
             [Job._meta.db_table, list(TRIGGERS)],
         )
         row = cursor.fetchone()
