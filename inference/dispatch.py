@@ -400,7 +400,7 @@ def send_ahead_message(job_id: str, queue: str) -> bool:
     return True
 
 
-def ended_ahead(job_id: uuid.UUID, message: Future[bool]) -> Future[None]:
+def ended_ahead(job_id: uuid.UUID, message: Future[bool]) -> None:
     """The end of a submission whose job's message went ahead, said once its query has ended whatever the outcome
     (``end_ahead``): at once on the request's thread where the message has gone, else on the message's thread, after
     the message. Said on a thread of its own, the end waited for the interpreter while the request's answer was
@@ -412,10 +412,8 @@ def ended_ahead(job_id: uuid.UUID, message: Future[bool]) -> Future[None]:
     failure stops messages going ahead for ``_AHEAD_BREAKER_SECONDS``."""
     if message.done():
         end_ahead(job_id, message)
-        said: Future[None] = Future()
-        said.set_result(None)
-        return said
-    return _sender(os.getpid()).submit(end_ahead, job_id, message)
+    else:
+        _sender(os.getpid()).submit(end_ahead, job_id, message)
 
 
 def end_ahead(job_id: uuid.UUID, message: Future[bool]) -> None:
