@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from django.db import connection, connections, transaction
-from django.db.models import ProtectedError, Sum
+from django.db.models import ProtectedError
 from django.utils import timezone
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,7 +20,7 @@ from inference import active_jobs, attempts, closing, dispatch
 from inference.models import ACTIVE_STATUSES, ActiveJobCount, AttemptOutcome, Endpoint, Job, JobStatus
 from inference.requeue import requeue_job
 from tests import sessions
-from tests.lifecycle import finish, submit_as
+from tests.lifecycle import finish, submit_as, summed_active
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("priced_without_broker")]
@@ -30,11 +30,6 @@ pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("priced_without_bro
 def postgresql_only() -> None:
     if connection.vendor != "postgresql":
         pytest.skip("the jobs table's triggers keep the count on PostgreSQL; SQLite counts the jobs")
-
-
-def summed(organization_id: Any) -> int:
-    rows = ActiveJobCount.objects.filter(organization_id=organization_id)
-    return int(rows.aggregate(total=Sum("jobs"))["total"] or 0)
 
 
 def counted(organization_id: Any) -> int:
@@ -167,7 +162,7 @@ def _run(
                 if job.pk not in by_hand:
                     raise
         for other in tenants:
-            assert summed(other["organization"].pk) == counted(other["organization"].pk), (name, status)
+            assert summed_active(other["organization"].pk) == counted(other["organization"].pk), (name, status)
 
 
 def test_a_dispatch_reads_the_sum_not_the_jobs(tenant: dict[str, Any], builtin_endpoint: Endpoint) -> None:
@@ -176,7 +171,7 @@ def test_a_dispatch_reads_the_sum_not_the_jobs(tenant: dict[str, Any], builtin_e
     set_concurrency_limit(organization=tenant["organization"], limit=2)
     jobs = [submit_as(tenant, builtin_endpoint) for _ in range(3)]
     assert dispatch.dispatch_organization(tenant["organization"].pk) == 2
-    assert summed(tenant["organization"].pk) == 2
+    assert summed_active(tenant["organization"].pk) == 2
     ActiveJobCount.objects.filter(organization_id=tenant["organization"].pk, shard=0).update(jobs=0)
     assert dispatch.dispatch_organization(tenant["organization"].pk) == 1  # the rows said none was active
     assert {job.status for job in Job.objects.filter(pk__in=[job.pk for job in jobs])} == {JobStatus.DISPATCHED}
@@ -191,7 +186,7 @@ def test_concurrent_finishes_and_dispatches_keep_the_sum(tenant: dict[str, Any],
     set_concurrency_limit(organization=tenant["organization"], limit=1000)
     for _ in range(24):
         submit_as(tenant, builtin_endpoint)
-    assert summed(organization_id) == counted(organization_id) == 24  # each submission dispatched itself
+    assert summed_active(organization_id) == counted(organization_id) == 24  # each submission dispatched itself
     running = list(Job.objects.filter(organization_id=organization_id))
     for job in running:
         _claimed(job)
@@ -217,7 +212,7 @@ def test_concurrent_finishes_and_dispatches_keep_the_sum(tenant: dict[str, Any],
         thread.join()
     assert not errors, errors
     wait_until(lambda: counted(organization_id) == 24, timeout=30, message="the new submissions dispatched")
-    assert summed(organization_id) == counted(organization_id) == 24
+    assert summed_active(organization_id) == counted(organization_id) == 24
     shards = set(ActiveJobCount.objects.filter(organization_id=organization_id).values_list("shard", flat=True))
     assert 0 in shards  # the dispatches'
     assert len(shards - {0}) >= 2  # the finishes', on their backends' shards (four connections)
@@ -233,7 +228,7 @@ def test_a_recount_while_a_job_stops_being_active_is_exact(tenant: dict[str, Any
     grant_credits(organization=tenant["organization"], amount_micros=10**9, reason="active count")
     set_concurrency_limit(organization=tenant["organization"], limit=10)
     jobs = [submit_as(tenant, builtin_endpoint) for _ in range(3)]  # each dispatched as it committed
-    assert summed(organization_id) == counted(organization_id) == 3
+    assert summed_active(organization_id) == counted(organization_id) == 3
     ActiveJobCount.objects.filter(organization_id=organization_id, shard=0).update(jobs=8)
     conninfo = sessions.conninfo()
     outcome: list[Any] = []
@@ -266,7 +261,7 @@ def test_a_recount_while_a_job_stops_being_active_is_exact(tenant: dict[str, Any
         other.commit()
     recounter.join(30)
     assert outcome == [(8 - 1, 2)]  # the rows said 8, less the cancel's change; 2 jobs are active
-    assert summed(organization_id) == counted(organization_id) == 2
+    assert summed_active(organization_id) == counted(organization_id) == 2
 
 
 def test_without_its_triggers_the_dispatch_counts_and_reconciliation_says_so(
@@ -299,7 +294,7 @@ def test_the_jobs_truncated_leave_no_active_count(tenant: dict[str, Any], builti
     grant_credits(organization=tenant["organization"], amount_micros=10**9, reason="active count")
     submit_as(tenant, builtin_endpoint)
     dispatch.dispatch_organization(tenant["organization"].pk)
-    assert summed(tenant["organization"].pk) == 1
+    assert summed_active(tenant["organization"].pk) == 1
     with connection.cursor() as cursor:
         cursor.execute("TRUNCATE inference_job CASCADE")
     assert not ActiveJobCount.objects.exists()
