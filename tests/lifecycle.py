@@ -78,10 +78,16 @@ def run_as(tenant: dict[str, Any], endpoint: Endpoint, **kwargs: Any) -> Job:
 def active_counts(organization_id: Any) -> tuple[int, int]:
     """The organization's active jobs as the dispatch reads them (on PostgreSQL the sum of the rows the jobs table's
     triggers keep; elsewhere the count) and as the jobs count them: the two must agree."""
-    counted = Job.objects.filter(organization_id=organization_id, status__in=ACTIVE_STATUSES).count()
+    counted = counted_active(organization_id)
     if connection.vendor != "postgresql":
         return counted, counted
     return summed_active(organization_id), counted
+
+
+def counted_active(organization_id: Any) -> int:
+    """The organization's jobs that count against its concurrency limit (DISPATCHED, RUNNING), counted in one
+    statement (one snapshot)."""
+    return Job.objects.filter(organization_id=organization_id, status__in=ACTIVE_STATUSES).count()
 
 
 def summed_active(organization_id: Any) -> int:

@@ -18,14 +18,9 @@ from billing import controls, end_users
 from billing.ledger import BillingError, grant_credits, refund_job
 from inference import attempts, closing, submission
 from inference.dispatch import dispatch_organization
-from inference.models import ACTIVE_STATUSES, AttemptOutcome, Endpoint, Job
+from inference.models import AttemptOutcome, Endpoint, Job
 from tests.concurrency.harness import Act
-from tests.lifecycle import SMALL
-
-
-def active_jobs(organization_id: Any) -> int:
-    """The organization's jobs that count against its concurrency limit, in one statement (one snapshot)."""
-    return Job.objects.filter(organization_id=organization_id, status__in=ACTIVE_STATUSES).count()
+from tests.lifecycle import SMALL, counted_active
 
 
 def idle() -> Act:
@@ -45,7 +40,7 @@ def cancel(*, job_id: str) -> Act:
             "seen_status": seen["status"],
             "seen_attempt": seen["attempt"],
             "seen_cancel_requested": seen["cancel_requested_at"] is not None,
-            "active_after": active_jobs(job.organization_id),
+            "active_after": counted_active(job.organization_id),
         }
 
     return act
@@ -69,7 +64,7 @@ def finish(*, job_id: str, attempt: int, outcome: str = AttemptOutcome.SUCCEEDED
         return {
             "closed": closed is not None,
             "status": closed.status if closed is not None else None,
-            "active_after": active_jobs(job.organization_id),
+            "active_after": counted_active(job.organization_id),
         }
 
     return act
@@ -104,8 +99,8 @@ def submit(*, organization_id: str, endpoint_id: int, api_key_id: str | None = N
                 organization=organization, api_key=api_key, endpoint=endpoint, payload=SMALL, end_user=end_user
             )
         except submission.SubmissionRefused as refused:
-            return {"refused": refused.error_type, "active_after": active_jobs(organization_id)}
-        return {"job_id": str(job.pk), "active_after": active_jobs(organization_id)}
+            return {"refused": refused.error_type, "active_after": counted_active(organization_id)}
+        return {"job_id": str(job.pk), "active_after": counted_active(organization_id)}
 
     return act
 
@@ -143,7 +138,7 @@ def dispatch(*, organization_id: str) -> Act:
 
     def act() -> dict[str, Any]:
         sent = dispatch_organization(uuid.UUID(organization_id))
-        return {"dispatched": sent, "active_after": active_jobs(organization_id)}
+        return {"dispatched": sent, "active_after": counted_active(organization_id)}
 
     return act
 

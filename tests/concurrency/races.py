@@ -45,7 +45,7 @@ from billing.ledger import grant_credits
 from billing.models import Account, CreditEntry, EntryKind, Hold, SpendAlert, UsageRecord
 from inference import attempts, closing, dispatch
 from inference.dispatch import dispatch_organization
-from inference.models import ACTIVE_STATUSES, FINAL_STATUSES, AttemptOutcome, Endpoint, Job, JobStatus, WebhookDelivery
+from inference.models import FINAL_STATUSES, AttemptOutcome, Endpoint, Job, JobStatus, WebhookDelivery
 from inference.webhooks import deliver, webhook_secret_for
 from tests.concurrency.harness import (
     CONCURRENCY_SQLSTATES,
@@ -56,7 +56,7 @@ from tests.concurrency.harness import (
     Outcome,
 )
 from tests.inference.local_http import LocalServer
-from tests.lifecycle import active_counts, run, start, submit
+from tests.lifecycle import active_counts, counted_active, run, start, submit
 from tests.waiting import wait_until
 
 SPEND_REFUSALS = (INSUFFICIENT, OVER_LIMIT)
@@ -288,10 +288,6 @@ def finish_problems(job: Job, outcome: Outcome) -> list[str]:
     return []
 
 
-def active_jobs(organization: Organization) -> int:
-    return Job.objects.filter(organization=organization, status__in=ACTIVE_STATUSES).count()
-
-
 # --- a. Cancel against finish, fail-and-retry and reap -------------------------------------------------------
 
 CANCELLERS = 3
@@ -427,7 +423,7 @@ def lifecycle_round(
     seen_active = [
         outcome.answer["active_after"] for outcome in outcomes if outcome.ok and isinstance(outcome.answer, dict)
     ]
-    seen_active.append(active_jobs(organization))
+    seen_active.append(counted_active(organization.pk))
     if max(seen_active) > limit:
         report.over_limit.append(f"{max(seen_active)} jobs dispatched or running at once, limit {limit}")
     report.drift += books.problems([organization.pk])
