@@ -182,7 +182,7 @@ class TakenBack:
             cents=int(refund.amount),
             standing=standing,
             description="Refunded to the card",
-            reversal="Refund to the card failed",
+            reversal="Refund canceled" if refund.status == "canceled" else "Refund to the card failed",
         )
 
     @classmethod
@@ -204,26 +204,36 @@ class TakenBack:
 
 
 def _post_taken_back(account: Account, payment: Payment, taken_back: TakenBack) -> bool:
-    """Posts the entry ``taken_back`` stands for now on the locked account; answers whether it took the money
-    away just now (the first time it was seen taken)."""
-    if taken_back.standing is Standing.TAKEN:
-        sign, entry_key, text = -1, taken_back.key, taken_back.description
-    elif (
-        taken_back.standing is Standing.GIVEN_BACK
-        and CreditEntry.objects.filter(idempotency_key=taken_back.key).exists()
-    ):
-        sign, entry_key, text = 1, f"{taken_back.key}-reversed", taken_back.reversal
-    else:
+    """Posts the entries ``taken_back`` stands for now on the locked account; answers whether it took the money
+    away just now (the first time it was seen taken).
+
+    Stripe moves a refund or a dispute one way only: taken, then perhaps given back (a refund that failed, a dispute
+    won), never taken again. But each event reads Stripe before it takes the payment's lock (``stripe_events``), so
+    a state read before another event's newer one was applied can be applied after it. The books move one way too:
+    "given back" posts the taken entry where it is missing and its reversal (they net to zero, and say what happened
+    at Stripe), so a "taken" read earlier and applied later finds its key used and changes nothing."""
+    if taken_back.standing is Standing.NEITHER:
         return False
-    _, posted = post_entry(
+    amount = cents_to_micros(taken_back.cents)
+    _, taken = post_entry(
         account=account,
         kind=taken_back.kind,
-        amount_micros=sign * cents_to_micros(taken_back.cents),
-        idempotency_key=entry_key,
-        description=text,
+        amount_micros=-amount,
+        idempotency_key=taken_back.key,
+        description=taken_back.description,
         payment=payment,
     )
-    return posted and taken_back.standing is Standing.TAKEN
+    if taken_back.standing is Standing.TAKEN:
+        return taken
+    post_entry(
+        account=account,
+        kind=taken_back.kind,
+        amount_micros=amount,
+        idempotency_key=f"{taken_back.key}-reversed",
+        description=taken_back.reversal,
+        payment=payment,
+    )
+    return False
 
 
 @transaction.atomic
