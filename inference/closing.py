@@ -123,6 +123,8 @@ def _close(
     final = job.is_final
     job_id = job.id
     has_webhook = bool(job.webhook_url)
+    if final and has_webhook:
+        _record_webhook(job)
     # Before the settlement: what raises once its statement has committed (a time limit) still leaves this to run
     # (``accounts.locking.retrying_atomic``).
     transaction.on_commit(lambda: _after_attempt(organization_id, job_id, final, has_webhook=has_webhook), robust=True)
@@ -154,15 +156,23 @@ def _final_line(job: Job) -> str:
     return f"Failed: {job.error}"
 
 
+def _record_webhook(job: Job) -> None:
+    """The webhook's delivery of a job this transaction ends, written with its end (``webhooks.record_delivery``)."""
+    from inference.webhooks import record_delivery
+
+    record_delivery(job)
+
+
 def _after_attempt(organization_id: uuid.UUID, job_id: uuid.UUID, final: bool, *, has_webhook: bool = True) -> None:
-    """On commit of a job's move: its webhook if it ended, and the organization's waiting jobs into the freed slot.
+    """On commit of a job's move: its webhook's first try if it ended, and the organization's waiting jobs into the
+    freed slot.
 
     ``has_webhook=False``: the caller read the job (its ``webhook_url`` never changes) and it has none to send.
     """
-    from inference.webhooks import schedule_webhook
+    from inference.webhooks import send_first_try
 
     if final and has_webhook:
-        schedule_webhook(job_id)
+        send_first_try(job_id)
     # Most finishes leave nothing waiting: one indexed read instead of locking the organization to find none. A job
     # queued after this read dispatches itself when its own transaction commits (submission, requeue, retry) or at
     # the sweep, as it would had it been queued just after dispatch_organization's own read.
@@ -254,10 +264,13 @@ def _end_unstarted(job: Job, now: Any, *, error: str, error_type: str, **also: A
         ending["outputs_expire_at"] = now + timedelta(seconds=files.retention_seconds(job))
     Job.objects.filter(pk=job.pk).update(**ending, **also)
     log_job(job.pk, error)
+    has_webhook = bool(job.webhook_url)
+    if has_webhook:
+        _record_webhook(job)
     if hooks.ended_unstarted is not None:
         hooks.ended_unstarted(Job.objects.get(pk=job.pk))
     organization_id, job_id = job.organization_id, job.pk
-    transaction.on_commit(lambda: _after_attempt(organization_id, job_id, True), robust=True)
+    transaction.on_commit(lambda: _after_attempt(organization_id, job_id, True, has_webhook=has_webhook), robust=True)
 
 
 def expire_unstarted(now: Any = None, *, job_id: uuid.UUID | None = None) -> int:

@@ -1,9 +1,10 @@
 """Customer webhooks: fal's body, signed twice (Standard Webhooks, and fal's ED25519 headers), retried with backoff.
 
-A finished request with a ``webhook_url`` gets one ``WebhookDelivery`` row; every try is a
-``WebhookAttempt`` row (the delivery log developers read in the API). The row drives retries:
-a try is claimed with a conditional UPDATE (no lock is held during the HTTP call), and the
-periodic ``deliver_due_webhooks`` sweep picks up whatever is due, including messages the broker lost.
+A finished request with a ``webhook_url`` gets one ``WebhookDelivery`` row, written by the transaction that ends the
+request (``record_delivery``: an outbox, so no crash or error after that COMMIT can end a request without its
+webhook); every try is a ``WebhookAttempt`` row (the delivery log developers read in the API). The row drives
+retries: a try is claimed with a conditional UPDATE (no lock is held during the HTTP call), and the periodic
+``deliver_due_webhooks`` sweep picks up whatever is due, including first tries whose message never went.
 
 An organization's events (``schedule_event``: billing's spend alerts) travel the same way: a row with the event's
 body, signed with the same two schemes (fal's request id header carries the event's message id), retried alike.
@@ -86,28 +87,46 @@ def message_id_for(job_id: uuid.UUID, attempt: int = 0) -> str:
     return f"msg_{job_id.hex}" if attempt <= 1 else f"msg_{job_id.hex}_{attempt}"
 
 
-def schedule_webhook(job_id: uuid.UUID | str) -> WebhookDelivery | None:
-    """Creates the delivery of a finished request's webhook (once) and queues its first try.
+def record_delivery(job: Job) -> None:
+    """The delivery of the webhook of ``job``, which the caller's transaction ends (``inference.closing``), written in
+    that transaction and due at once: one statement, and nothing if the job has one already.
 
-    Called on commit of the job's final state. If the broker is down the delivery still exists
-    and is due now, so the ``deliver_due_webhooks`` sweep sends it.
-    """
+    Written anywhere after that COMMIT (it was written on commit, until 2026-12-07), it was lost for good to a worker
+    killed between the COMMIT and its on-commit callbacks (a time limit, the OOM killer, an eviction) or to a database
+    error in them, which the callbacks log and swallow: nothing looks for a final request without its delivery. In
+    the same transaction the request ends with its delivery or not at all; its first try is queued once it commits
+    (``send_first_try``), and if that message never goes, the ``deliver_due_webhooks`` sweep finds the delivery due.
+    The organization's signing secret is made at the first signature if it is not there yet (``deliver``)."""
+    delivery = WebhookDelivery(
+        job_id=job.pk,
+        url=job.webhook_url,
+        message_id=message_id_for(job.pk, job.attempt),
+        next_attempt_at=timezone.now(),
+    )
+    WebhookDelivery.objects.bulk_create([delivery], ignore_conflicts=True)
+
+
+def send_first_try(job_id: uuid.UUID | str) -> None:
+    """Queues the first try of the webhook of a request whose end has committed (its delivery not tried yet)."""
+    pending = WebhookDelivery.objects.filter(job_id=job_id, status=WebhookStatus.PENDING, attempts=0)
+    delivery_id = pending.values_list("pk", flat=True).first()
+    if delivery_id is not None:
+        enqueue_delivery(delivery_id)
+
+
+def schedule_webhook(job_id: uuid.UUID | str) -> WebhookDelivery | None:
+    """The delivery of a finished request's webhook, written if it is missing (``record_delivery``), its first try
+    queued once the caller's transaction commits (at once outside one); None for a request not finished or with no
+    webhook. The request's own end writes it (``inference.closing``): this is for a delivery written by hand."""
     job = Job.objects.filter(pk=job_id).only("id", "organization_id", "status", "webhook_url", "attempt").first()
     if job is None or not job.webhook_url or not job.is_final:
         return None
-    webhook_secret_for(job.organization_id)  # so the secret exists before the first signature
-    delivery, created = WebhookDelivery.objects.get_or_create(
-        job=job,
-        defaults={
-            "url": job.webhook_url,
-            "message_id": message_id_for(job.id, job.attempt),
-            "next_attempt_at": timezone.now(),
-        },
-    )
-    if created:
-        delivery_id = delivery.pk
-        transaction.on_commit(lambda: enqueue_delivery(delivery_id))
-    return delivery
+    existing = WebhookDelivery.objects.filter(job_id=job.pk).first()
+    if existing is not None:
+        return existing
+    record_delivery(job)
+    transaction.on_commit(lambda: send_first_try(job.pk))
+    return WebhookDelivery.objects.get(job_id=job.pk)
 
 
 def schedule_event(
