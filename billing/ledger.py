@@ -24,7 +24,7 @@ from accounts.models import AuditAction, Organization
 from accounts.services import SYSTEM, Actor, record_audit
 from billing.locks import locked_account
 from billing.models import Account, CreditEntry, EntryKind, Payment, UsageRecord
-from inference.models import Job
+from inference.models import FINAL_STATUSES, Job
 
 
 class BillingError(AppError):
@@ -295,12 +295,22 @@ def grant_credits(
 
 
 @transaction.atomic
+@transaction.atomic
 def refund_job(*, job: Job, actor: Actor = SYSTEM, reason: str = "") -> CreditEntry:
-    """Gives back what a request cost, once (the usage records stay: the refund is a new entry)."""
-    charged = sum(record.cost_micros for record in job.usage_records.filter(billable=True))
+    """Gives back what a finished request cost, once (the usage records stay: the refund is a new entry).
+
+    Decided under the organization's account lock, which every settlement takes to write a usage record: what it
+    sums cannot grow until it commits. A request not finished (queued, running, or requeued by an operator) is
+    refused: usage billed after the refund could never be refunded, its one refund spent."""
+    account = locked_account(job.organization_id)
+    status = Job.objects.filter(pk=job.pk).values_list("status", flat=True).first()
+    if status not in FINAL_STATUSES:
+        raise BillingError("This request has not finished: refund it once it has.")
+    # Written after the job was created: the bound prunes earlier months' partitions (billing.partitions).
+    billed = UsageRecord.objects.filter(job_id=job.pk, billable=True, recorded_at__gte=job.created_at)
+    charged = sum(billed.values_list("cost_micros", flat=True))
     if charged == 0:
         raise BillingError("This request cost nothing; there is nothing to refund.")
-    account = locked_account(job.organization_id)
     entry, created = post_entry(
         account=account,
         kind=EntryKind.REFUND,

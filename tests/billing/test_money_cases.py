@@ -949,3 +949,21 @@ def test_the_usage_of_a_job_whose_last_attempt_was_not_billed_shows_the_price_it
         "gpu_class": "cpu", "gpu_ms": 500, "billable_units": 0.5, "unit": "gpu_second", "unit_price_micros": 100,
         "cost_micros": 50,
     }  # fmt: skip
+
+
+def test_a_request_not_finished_is_not_refunded(tenant: dict[str, Any], builtin_endpoint: Endpoint) -> None:
+    """Refunded while requeued and running again, the usage of its new run could never be refunded (its one refund
+    spent): a refund waits for the request's end, and then gives back every run's cost."""
+    job = start(submit(tenant["organization"], builtin_endpoint, api_key=tenant["api_key"]))
+    closing.cancel_job(job=job)
+    finish(job, AttemptOutcome.CANCELLED, gpu_ms=500, error="Cancelled by request.", error_type="cancelled")
+    assert requeue.requeue_job(job=job)
+    job = start(Job.objects.get(pk=job.pk))
+    with pytest.raises(BillingError, match="has not finished"):
+        refund_job(job=job)
+    assert not CreditEntry.objects.filter(kind=EntryKind.REFUND, job=job).exists()
+    finish(job, gpu_ms=1_000)
+    billed = sum(UsageRecord.objects.filter(job=job).values_list("cost_micros", flat=True))
+    assert refund_job(job=job).amount_micros == billed > 0
+    with pytest.raises(BillingError, match="already been refunded"):
+        refund_job(job=job)
