@@ -54,8 +54,12 @@ class PaymentInProgress(PaymentError):
 
 
 def payment_error(exc: stripe.StripeError) -> PaymentError:
-    """The API's answer to an error of Stripe's SDK."""
-    if isinstance(exc, stripe.IdempotencyError):
+    """The API's answer to an error of Stripe's SDK.
+
+    A 409 is Stripe's answer to a request whose idempotency key another request is still executing (a re-send that
+    overlaps the first send's retries): the SDK raises it as a plain ``APIError`` unless Stripe typed it
+    ``idempotency_error``. Never a refusal: the first send may still charge the card."""
+    if isinstance(exc, stripe.IdempotencyError) or exc.http_status == 409:
         return PaymentInProgress()
     intent_id = object_id(exc.error.payment_intent) if exc.error is not None else None
     if isinstance(exc, stripe.CardError):

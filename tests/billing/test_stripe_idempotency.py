@@ -365,3 +365,21 @@ def test_a_purchase_whose_answers_and_webhook_were_lost_is_settled_from_stripe_n
     assert credited(payment) == [(EntryKind.PURCHASE, DOLLARS_20, f"payment-{payment.pk}")]
     assert Account.objects.get(pk=organization.pk).balance_micros == before + DOLLARS_20
     assert [intent.id for intent in intents_of(customer_id)] == [charged.id]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        stripe.IdempotencyError("Keys for idempotent requests can only be used with the same parameters."),
+        # Another request with the same key still executing: Stripe answers 409, which the SDK raises as a plain
+        # APIError unless the body types it idempotency_error.
+        stripe.APIError("There is currently another in-progress request using this Idempotent Key.", http_status=409),
+    ],
+)
+def test_a_key_stripe_is_still_settling_is_in_progress_never_refused(error: stripe.StripeError) -> None:
+    from billing.stripe_errors import PaymentInProgress, payment_error
+
+    answer = payment_error(error)
+    assert isinstance(answer, PaymentInProgress)
+    assert not answer.refused  # the first send may still charge the card: the payment is not marked failed
+    assert (answer.status_code, answer.error_type) == (409, "payment_in_progress")
