@@ -8,6 +8,7 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from django.db import connection, transaction
 from django.utils import timezone
 
@@ -205,6 +206,8 @@ def reap_expired_leases() -> int:
     ):
         try:
             reaped += _reap(job_id, attempt, now)
+        except SoftTimeLimitExceeded:
+            raise  # the sweep's time is up: it stops here (the next one starts over), not at the hard kill
         except Exception:  # one bad row must not stop the reaper for everyone else
             logger.exception("could not reap job %s attempt %s", job_id, attempt)
     return reaped
@@ -288,6 +291,8 @@ def expire_unstarted(now: Any = None, *, job_id: uuid.UUID | None = None) -> int
     for expiring_id in waiting.order_by("start_deadline").values_list("id", flat=True)[:EXPIRE_BATCH_SIZE]:
         try:
             expired += _expire(expiring_id, now)
+        except SoftTimeLimitExceeded:
+            raise  # the sweep's time is up: it stops here (the next one starts over), not at the hard kill
         except Exception:  # one bad row must not stop the sweep for everyone else
             logger.exception("could not expire job %s", expiring_id)
     return expired

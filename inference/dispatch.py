@@ -71,6 +71,7 @@ import redis
 from celery import Celery, current_app
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from accounts import statements
@@ -301,10 +302,20 @@ def _back_to_queue(job_id: str, attempt: int) -> None:
 
 
 def redispatch_stale() -> int:
-    """Re-sends dispatched jobs no worker has claimed for a while: the broker may have lost them."""
+    """Re-sends dispatched jobs no worker has claimed for a while: the broker may have lost them.
+
+    A job's message went out at ``sent_at``. A dispatched job without one (dispatched before the column existed, or
+    set DISPATCHED by an operator or by SQL) counts from when it was dispatched, else from when it was submitted: left
+    out, a lost message of such a job would never be sent again, and the job would hold a slot of its organization
+    for ever. Read through ``job_status_sent`` (status, sent_at), whose DISPATCHED rows are only the jobs waiting
+    for a worker's claim (each holds a slot of its organization): few, whatever the table holds.
+    """
     cutoff = timezone.now() - timedelta(seconds=settings.JOB_REDISPATCH_AFTER_SECONDS)
+    never_sent = Q(sent_at__isnull=True) & (
+        Q(dispatched_at__lt=cutoff) | Q(dispatched_at__isnull=True, created_at__lt=cutoff)
+    )
     stale = list(
-        Job.objects.filter(status=JobStatus.DISPATCHED, sent_at__lt=cutoff)
+        Job.objects.filter(Q(sent_at__lt=cutoff) | never_sent, status=JobStatus.DISPATCHED)
         .order_by("dispatched_at", "created_at")  # oldest first, as they were queued
         .values_list("id", "attempt", "gpu_class")
     )

@@ -19,7 +19,9 @@ Retention: a completed job's ``outputs_expire_at`` comes from ``retention_second
 API shows no URL, and ``purge_expired_outputs`` deletes the files and marks the result purged:
 each stored image keeps its metadata with ``path: None`` (so it renders as ``url: null``), inline
 data URIs are dropped the same way, and the result gains ``"outputs_purged": true``. Uploads expire the same way
-(``Upload.expires_at``, from the same retention), and the same purge deletes them.
+(``Upload.expires_at``, from the same retention), and the same hourly task deletes them (``purge_expired_uploads``).
+Files that cannot be deleted (a file we may not remove, a bucket that refuses) are logged, counted and left for the
+next run, expired to the API meanwhile; the rest of the backlog is purged past them (``PurgeBatch``).
 """
 
 from __future__ import annotations
@@ -35,13 +37,16 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import FileSystemStorage, InMemoryStorage, Storage, default_storage
+from django.db.models import Q
 from django.http import FileResponse, HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.http.request import validate_host
 from django.http.response import HttpResponseBase
@@ -573,25 +578,58 @@ def _delete_job_files(job: Job) -> None:
                 os.rmdir(storage.path(folder))
 
 
-def purge_expired_outputs(now: datetime | None = None, *, limit: int = PURGE_BATCH_SIZE) -> int:
-    """Deletes the files of up to ``limit`` jobs and ``limit`` uploads past their retention; returns how many of
-    them it purged.
+@dataclass(frozen=True)
+class PurgeBatch:
+    """What one batch of the purge did.
 
-    Files go first, then the row (a conditional UPDATE): a crash in between leaves the job to the next
-    run, which deletes again (a missing file is no error). Purging clears ``outputs_expire_at``, so
-    each job is purged once; an upload is marked expired.
+    ``looked_at``: the rows it took up, purged or not; fewer than its limit means none were left, which is how a run
+    knows it is done (not ``purged``: a row whose files could not be deleted is taken up and left). ``failed``: the
+    rows whose files could not be deleted, each logged with its error and tried again by the next run. ``last``: the
+    sort key of the last row taken up, where the next batch of the same run starts, so rows that failed are tried
+    once a run instead of heading every batch of it.
+    """
+
+    looked_at: int = 0
+    purged: int = 0
+    failed: int = 0
+    last: tuple[datetime, uuid.UUID] | None = None
+
+
+def _after(field: str, last: tuple[datetime, uuid.UUID] | None) -> Q:
+    """Rows past ``last`` in the purge's order (``field``, then id): where a run's previous batch stopped."""
+    if last is None:
+        return Q()
+    moment, row_id = last
+    return Q(**{f"{field}__gt": moment}) | Q(**{field: moment, "id__gt": row_id})
+
+
+def purge_expired_outputs(
+    now: datetime | None = None, *, limit: int = PURGE_BATCH_SIZE, after: tuple[datetime, uuid.UUID] | None = None
+) -> PurgeBatch:
+    """Deletes the files of up to ``limit`` jobs past their retention, oldest expiry first (past ``after``, the
+    ``last`` of a previous batch of the same run).
+
+    Files go first, then the row (a conditional UPDATE): a crash in between leaves the job to the next run, which
+    deletes again (a missing file is no error). Purging clears ``outputs_expire_at``, so each job is purged once. A
+    job whose files could not be deleted (a file we may not remove, a bucket that refuses) keeps its expiry, so the
+    next run tries again, and the API shows it expired meanwhile (``_outputs_gone``); it is logged and counted in
+    ``failed``, and the run goes on past it (``PurgeBatch``). Celery's soft time limit stops the batch: the rows it
+    has purged stay purged.
     """
     now = now or timezone.now()
     expired = list(
-        Job.objects.filter(outputs_expire_at__isnull=False, outputs_expire_at__lte=now).order_by(
-            "outputs_expire_at", "id"
-        )[:limit]
+        Job.objects.filter(
+            _after("outputs_expire_at", after), outputs_expire_at__isnull=False, outputs_expire_at__lte=now
+        ).order_by("outputs_expire_at", "id")[:limit]
     )
-    purged = 0
+    purged = failed = 0
     for job in expired:
         try:
             _delete_job_files(job)
+        except SoftTimeLimitExceeded:
+            raise
         except Exception:
+            failed += 1
             logger.exception("could not delete the stored files of job %s; the next purge tries again", job.pk)
             continue
         purged += Job.objects.filter(pk=job.pk, outputs_expire_at=job.outputs_expire_at).update(
@@ -599,28 +637,39 @@ def purge_expired_outputs(now: datetime | None = None, *, limit: int = PURGE_BAT
         )
     if purged:
         logger.info("purged the outputs of %d jobs past their retention", purged)
-    return purged + purge_expired_uploads(now, limit=limit)
+    tail = expired[-1] if expired else None
+    last = (tail.outputs_expire_at, tail.pk) if tail is not None and tail.outputs_expire_at is not None else None
+    return PurgeBatch(looked_at=len(expired), purged=purged, failed=failed, last=last)
 
 
-def purge_expired_uploads(now: datetime, *, limit: int = PURGE_BATCH_SIZE) -> int:
-    """Deletes the files of up to ``limit`` uploads past their retention (completed or not) and marks them expired."""
+def purge_expired_uploads(
+    now: datetime | None = None, *, limit: int = PURGE_BATCH_SIZE, after: tuple[datetime, uuid.UUID] | None = None
+) -> PurgeBatch:
+    """Deletes the files of up to ``limit`` uploads past their retention (completed or not), oldest expiry first (past
+    ``after``), and marks them expired. One whose files could not be deleted stays as it is (its ``expires_at``
+    already refuses it everywhere) for the next run, logged and counted in ``failed``, as a job's."""
+    now = now or timezone.now()
     expired = list(
-        Upload.objects.filter(status__in=(UploadStatus.PENDING, UploadStatus.READY), expires_at__lte=now).order_by(
-            "expires_at", "id"
-        )[:limit]
+        Upload.objects.filter(
+            _after("expires_at", after), status__in=(UploadStatus.PENDING, UploadStatus.READY), expires_at__lte=now
+        ).order_by("expires_at", "id")[:limit]
     )
-    purged = 0
+    purged = failed = 0
     for upload in expired:
         try:
             delete_upload_files(upload)
+        except SoftTimeLimitExceeded:
+            raise
         except Exception:
+            failed += 1
             logger.exception("could not delete the files of upload %s; the next purge tries again", upload.pk)
             continue
         purged += Upload.objects.filter(pk=upload.pk, status=upload.status).update(status=UploadStatus.EXPIRED)
         UploadPart.objects.filter(upload=upload).delete()
     if purged:
         logger.info("purged %d uploads past their retention", purged)
-    return purged
+    last = (expired[-1].expires_at, expired[-1].pk) if expired else None
+    return PurgeBatch(looked_at=len(expired), purged=purged, failed=failed, last=last)
 
 
 def delete_upload_files(upload: Upload) -> None:

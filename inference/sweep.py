@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from celery.exceptions import SoftTimeLimitExceeded
 from django.db.models import Min
 
 from inference.closing import expire_unstarted, reap_expired_leases
@@ -33,6 +34,8 @@ def sweep() -> dict[str, int]:
     for row in waiting:
         try:
             dispatched += dispatch_organization(row["organization_id"])
+        except SoftTimeLimitExceeded:
+            raise  # the task's time is up: it stops here, and the next sweep starts over, not the hard kill
         except Exception:
             logger.exception("could not dispatch for organization %s", row["organization_id"])
     return {"reaped": reaped, "expired": expired, "resent": resent, "dispatched": dispatched}

@@ -255,9 +255,9 @@ def test_purge_deletes_files_and_is_idempotent(media: Path, job: Job, client: Cl
     stored_paths = [entry["path"] for entry in job.result["images"]] + [job.input["image_path"]]  # type: ignore[index]
     url = files.signed_url(stored_paths[0], base_url=BASE)
     (media / stored_paths[1]).unlink()  # already gone: not an error
-    assert files.purge_expired_outputs() == 0  # not yet expired
+    assert files.purge_expired_outputs().looked_at == 0  # not yet expired
 
-    assert files.purge_expired_outputs(now=timezone.now() + timedelta(seconds=61)) == 1
+    assert files.purge_expired_outputs(now=timezone.now() + timedelta(seconds=61)).purged == 1
     assert not any((media / path).exists() for path in stored_paths)
     assert not (media / "outputs" / str(job.organization_id) / str(job.pk)).exists()
     job.refresh_from_db()
@@ -274,7 +274,7 @@ def test_purge_deletes_files_and_is_idempotent(media: Path, job: Job, client: Cl
     assert "path" not in str(rendered)
     assert fetch(client, url).status_code == 404
 
-    assert files.purge_expired_outputs(now=timezone.now() + timedelta(days=365)) == 0
+    assert files.purge_expired_outputs(now=timezone.now() + timedelta(days=365)).looked_at == 0
     job.refresh_from_db()
     assert job.result is not None
     assert job.result["outputs_purged"] is True
@@ -288,9 +288,9 @@ def test_purge_runs_in_bounded_batches(media: Path, job: Job) -> None:
         )
         complete(other, [image()], expires_in=timedelta(seconds=-1))
     assert Job.objects.filter(outputs_expire_at__lte=past + timedelta(seconds=2)).count() == 3
-    assert files.purge_expired_outputs(limit=2) == 2
-    assert purge_expired_outputs_task() == 1
-    assert purge_expired_outputs_task() == 0
+    assert files.purge_expired_outputs(limit=2).purged == 2
+    assert purge_expired_outputs_task() == {"jobs": 1, "jobs_failed": 0, "uploads": 0, "uploads_failed": 0}
+    assert purge_expired_outputs_task()["jobs"] == 0
 
 
 def test_purge_drops_inline_outputs_and_inputs_of_failed_jobs(media: Path, job: Job) -> None:
@@ -300,7 +300,7 @@ def test_purge_drops_inline_outputs_and_inputs_of_failed_jobs(media: Path, job: 
     )
     job.outputs_expire_at = timezone.now() - timedelta(seconds=1)
     job.save()
-    assert files.purge_expired_outputs() == 1
+    assert files.purge_expired_outputs().purged == 1
     job.refresh_from_db()
     assert job.result == {"images": [{**job.result["images"][0], "url": None}], "outputs_purged": True}
     assert not (media / job.input["image_path"]).exists()

@@ -305,9 +305,9 @@ def test_the_purge_deletes_a_video_its_poster_and_a_clip_after_their_retention(
     links = [before[key]["url"]] + ([before[key]["poster"]["url"]] if key == "video" else [])
     client = Client()
     assert [fetch(client, url).status_code for url in links] == [200] * len(links)
-    assert files.purge_expired_outputs() == 0  # not yet expired
+    assert files.purge_expired_outputs().looked_at == 0  # not yet expired
 
-    assert files.purge_expired_outputs(now=job.outputs_expire_at + timedelta(seconds=1)) == 1
+    assert files.purge_expired_outputs(now=job.outputs_expire_at + timedelta(seconds=1)).purged == 1
 
     assert not folder.exists()
     assert [path for path in media.rglob("*") if path.is_file()] == []
@@ -333,7 +333,7 @@ def test_the_purge_deletes_a_video_its_poster_and_a_clip_after_their_retention(
     assert answer.status_code == 200, answer.content
     assert answer.json()[key]["url"] is None
     assert [fetch(client, url).status_code for url in links] == [404] * len(links)
-    assert files.purge_expired_outputs(now=timezone.now() + timedelta(days=365)) == 0
+    assert files.purge_expired_outputs(now=timezone.now() + timedelta(days=365)).looked_at == 0
 
 
 @pytest.mark.django_db(transaction=True)

@@ -470,7 +470,7 @@ def test_purge_deletes_expired_uploads(tenant: dict[str, Any], media: Path, pric
     gone_upload = Upload.objects.get(file_name="gone.png")
     assert (media / gone_upload.storage_name).exists()
 
-    assert files.purge_expired_outputs() == 2
+    assert files.purge_expired_uploads().purged == 2
     assert set(Upload.objects.values_list("file_name", "status")) == {
         ("kept.png", UploadStatus.READY),
         ("gone.png", UploadStatus.EXPIRED),
@@ -480,7 +480,7 @@ def test_purge_deletes_expired_uploads(tenant: dict[str, Any], media: Path, pric
     assert fetch_file(gone).status_code == 404
     assert fetch_file(kept).status_code == 200
     assert refusal_of(submit(tenant, {"image_url": gone}))["type"] == "file_expired"
-    assert files.purge_expired_outputs() == 0
+    assert files.purge_expired_uploads().looked_at == 0
 
 
 def test_an_output_url_is_an_input_of_its_organization(
