@@ -64,7 +64,7 @@ import os
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import redis
@@ -301,6 +301,19 @@ def _back_to_queue(job_id: str, attempt: int) -> None:
     )
 
 
+REDISPATCH_BACKOFF_CAP = 16  # the longest wait between two sends of a dispatched job: this many times the first
+
+
+def _due_again(dispatched_at: datetime | None, sent_at: datetime | None, now: datetime, after: timedelta) -> bool:
+    """Whether a dispatched job's message is due to be sent again: ``after`` past its last send at first, then as long
+    as it had waited from its dispatch to that send (1, 2, 4, 8... times ``after``), at most
+    ``REDISPATCH_BACKOFF_CAP`` times ``after``. Never sent: due (its times were checked against ``after``)."""
+    if sent_at is None or dispatched_at is None:
+        return True
+    wait = min(max(after, sent_at - dispatched_at), after * REDISPATCH_BACKOFF_CAP)
+    return now - sent_at >= wait
+
+
 def redispatch_stale() -> int:
     """Re-sends dispatched jobs no worker has claimed for a while: the broker may have lost them.
 
@@ -309,16 +322,28 @@ def redispatch_stale() -> int:
     out, a lost message of such a job would never be sent again, and the job would hold a slot of its organization
     for ever. Read through ``job_status_sent`` (status, sent_at), whose DISPATCHED rows are only the jobs waiting
     for a worker's claim (each holds a slot of its organization): few, whatever the table holds.
+
+    A job sent again waits twice as long as it had waited before the next time (``_due_again``): a message that
+    waits behind a worker's backlog is not lost, and a copy of it every minute would grow the class's queue, which
+    KEDA scales the GPU workers on, by the backlog's length each minute. The wait is capped at
+    ``REDISPATCH_BACKOFF_CAP`` times the first, so a message lost late in a long wait is sent again within that.
     """
-    cutoff = timezone.now() - timedelta(seconds=settings.JOB_REDISPATCH_AFTER_SECONDS)
+    now = timezone.now()
+    after = timedelta(seconds=settings.JOB_REDISPATCH_AFTER_SECONDS)
+    cutoff = now - after
     never_sent = Q(sent_at__isnull=True) & (
         Q(dispatched_at__lt=cutoff) | Q(dispatched_at__isnull=True, created_at__lt=cutoff)
     )
-    stale = list(
+    candidates = (
         Job.objects.filter(Q(sent_at__lt=cutoff) | never_sent, status=JobStatus.DISPATCHED)
         .order_by("dispatched_at", "created_at")  # oldest first, as they were queued
-        .values_list("id", "attempt", "gpu_class")
+        .values_list("id", "attempt", "gpu_class", "dispatched_at", "sent_at")
     )
+    stale = [
+        (job_id, attempt, gpu_class)
+        for job_id, attempt, gpu_class, dispatched_at, sent_at in candidates
+        if _due_again(dispatched_at, sent_at, now, after)
+    ]
     for job_id, attempt, gpu_class in stale:
         # dispatched_at keeps the job's place in line (queue_position); sent_at says when it last went out.
         Job.objects.filter(pk=job_id, status=JobStatus.DISPATCHED, attempt=attempt).update(sent_at=timezone.now())

@@ -143,3 +143,28 @@ def test_the_soft_time_limit_stops_the_reaper_and_the_expiry(
     with pytest.raises(SoftTimeLimitExceeded):
         closing.reap_expired_leases() if net == "reap" else closing.expire_unstarted(now)
     assert len(rows) == 1  # stopped at the first row, not carried on to the next
+
+
+def test_a_job_sent_again_waits_twice_as_long_before_the_next_copy(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, sent: list[tuple[str, int, str]], settings: Any
+) -> None:
+    """A message waiting behind a worker's backlog is not lost: a copy every minute would grow the queue KEDA scales
+    on by the backlog each minute. Sent again after 1, 2, 4, 8... times the first wait, at most 16 times it."""
+    after = timedelta(seconds=settings.JOB_REDISPATCH_AFTER_SECONDS)
+    now = timezone.now()
+
+    def waiting(dispatched_ago: timedelta, sent_ago: timedelta) -> Job:
+        job = dispatched_without_sent_at(tenant, builtin_endpoint, dispatched_at=now - dispatched_ago)
+        Job.objects.filter(pk=job.pk).update(sent_at=now - sent_ago)
+        return job
+
+    first = waiting(after + timedelta(seconds=5), after + timedelta(seconds=5))  # sent once, a first wait ago: due
+    twice = waiting(after * 2, after)  # sent again after one wait, one wait ago: due (waits 1, then 1)
+    doubled = waiting(after * 3, after)  # sent again after two waits: waits two before the next copy
+    halfway = waiting(after * 8, after * 3)  # sent again after five waits, three ago: waits five
+    capped = waiting(after * 100, after * 16)  # sent again after 84 waits: the next copy after 16, not 84
+    not_yet = waiting(after * 100, after * 15)
+
+    assert dispatch.redispatch_stale() == 3
+    assert {job_id for job_id, _, _ in sent} == {str(first.pk), str(twice.pk), str(capped.pk)}
+    assert {doubled.pk, halfway.pk, not_yet.pk}.isdisjoint({job_id for job_id, _, _ in sent})
