@@ -142,16 +142,31 @@ class UsageView(BillingView):
         return Response(report)
 
 
+# A cell a spreadsheet would read as a formula (OWASP "CSV Injection"): a key's name is whatever a member typed.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_text(value: Any) -> Any:
+    """A text cell that starts like a formula, prefixed with ``'`` so spreadsheets show it as text; numbers (a
+    negative amount included) and other text as they are."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return f"'{value}"
+    return value
+
+
 def usage_csv(report: dict[str, Any], *, filename: str) -> HttpResponse:
+    """The usage report as CSV: the one place its rows are written, for ``/v1/usage`` and the dashboard alike."""
     columns: list[str] = []
     for dimension in report["group_by"]:
         columns += {"key": ["key_id", "key_name"]}.get(dimension, [dimension])
     columns += ["requests", "attempts", "gpu_ms", "gpu_seconds", "unbilled_gpu_ms", "cost_micros"]
     columns += ["video_seconds", "audio_seconds"]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    # Lines end in CRLF (RFC 4180), so a cell holding a CR or LF is quoted: with "\n" the csv module leaves a lone CR
+    # bare, and spreadsheets start a new row there, whose first cell is whatever text followed it.
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\r\n")
     writer.writeheader()
-    writer.writerows(report["data"])
+    writer.writerows({column: spreadsheet_text(value) for column, value in row.items()} for row in report["data"])
     response = HttpResponse(buffer.getvalue(), content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="{filename}"'
     return response

@@ -2,6 +2,12 @@
 
 The organization a person works in is kept in their session; every page reads it through
 ``dashboard_view``, which also checks the role. Nothing outside a membership is ever shown.
+
+A suspended organization (``accounts.services.set_organization_suspended``) is read, not changed: its members
+still read every page their role shows (requests, usage and its CSV, statements, receipts), and every other
+request is refused with 403, as its API keys are (``organization_suspended``), so nothing is run, bought, made or
+granted in it until an operator unsuspends it. The few views that only take access away (revoking a key,
+removing a member) or only hide a notice say so with ``while_suspended=True``.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from typing import Any
 
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils.functional import SimpleLazyObject
 
 from accounts import policy
@@ -21,6 +27,11 @@ from accounts.models import Membership, Organization, User
 from billing import alerts
 
 SESSION_KEY = "organization_id"
+
+# What a suspended organization's members may still do: read (requests that change nothing).
+READING_METHODS = frozenset({"GET", "HEAD"})
+# As key authentication words it (accounts.authentication.OrganizationSuspended).
+SUSPENDED_DETAIL = "This organization is suspended. Contact support."
 
 # The dashboard asks the one policy every door asks (accounts.policy); a capability is one of its actions.
 CAPABILITIES: tuple[str, ...] = policy.ACTIONS
@@ -42,6 +53,10 @@ class Context:
         return policy.role_can(self.membership.role, capability)
 
     @property
+    def suspended(self) -> bool:
+        return self.organization.is_suspended
+
+    @property
     def grantable_scopes(self) -> frozenset[str]:
         return policy.grantable_scopes(self.membership.role)
 
@@ -50,6 +65,7 @@ class Context:
         return {
             "current": self,
             "can": {name: self.can(name) for name in CAPABILITIES},
+            "suspended": self.suspended,  # the banner on top of every page
             # The spend alerts every page shows on top, read only when a page renders them.
             "spend_alerts": SimpleLazyObject(lambda: alerts.recent_alerts(organization_id)),
         }
@@ -70,8 +86,14 @@ def resolve(request: HttpRequest) -> Context | None:
     return Context(user=user, membership=current, memberships=memberships)
 
 
-def dashboard_view(capability: str = "view") -> Callable[[Callable[..., HttpResponse]], Callable[..., HttpResponse]]:
-    """Signed in, a member of an organization, and allowed ``capability`` there; else login or 403."""
+def dashboard_view(
+    capability: str = "view", *, while_suspended: bool = False
+) -> Callable[[Callable[..., HttpResponse]], Callable[..., HttpResponse]]:
+    """Signed in, a member of an organization, and allowed ``capability`` there; else login or 403.
+
+    While the organization is suspended only reading passes (GET and HEAD), unless ``while_suspended``: a view
+    that may run then only takes access away or hides a notice.
+    """
 
     def decorate(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
         @functools.wraps(view)
@@ -83,8 +105,17 @@ def dashboard_view(capability: str = "view") -> Callable[[Callable[..., HttpResp
                 raise PermissionDenied("You are not a member of any organization.")
             if not context.can(capability):
                 raise PermissionDenied(f"Your role ({context.membership.get_role_display()}) cannot do this here.")
+            if context.suspended and not while_suspended and request.method not in READING_METHODS:
+                return refused_while_suspended(request)
             return view(request, context, *args, **kwargs)
 
         return wrapped
 
     return decorate
+
+
+def refused_while_suspended(request: HttpRequest) -> HttpResponse:
+    """403: JSON to the playground's script (it sends JSON and shows ``detail``), the error page to a form."""
+    if request.content_type == "application/json":
+        return JsonResponse({"detail": SUSPENDED_DETAIL, "error_type": "organization_suspended"}, status=403)
+    raise PermissionDenied(SUSPENDED_DETAIL)

@@ -99,9 +99,15 @@ def submit_job(
     ``end_user``: the end user or project the request is for (``X-Fal-End-User``); billing groups usage by it and
     holds it to the tag's monthly limit. Empty: untagged.
 
-    Raises ``InputError`` (422/413) or ``SubmissionRefused`` (402, 422...). Nothing is stored
+    Raises ``InputError`` (422/413) or ``SubmissionRefused`` (402, 403, 422...). Nothing is stored
     for a refused request.
     """
+    if organization.is_suspended:
+        # Every door (an API key, the dashboard's playground) ends here: dispatch would skip the job, and it would
+        # wait in the queue holding credit until the organization is unsuspended. Worded as key authentication is.
+        raise SubmissionRefused(
+            "This organization is suspended. Contact support.", error_type="organization_suspended", status_code=403
+        )
     if end_user and not valid_end_user(end_user):
         raise SubmissionRefused(f"The end user tag must be {END_USER_RULE}", error_type="invalid_end_user",
                                 status_code=422)  # fmt: skip

@@ -233,7 +233,7 @@ def end_user_limit(request: HttpRequest, context: Context) -> HttpResponse:
 
 
 @require_POST
-@dashboard_view("manage_billing")
+@dashboard_view("manage_billing", while_suspended=True)  # hides a notice, nothing more
 def dismiss_alert(request: HttpRequest, context: Context, alert_id: int) -> HttpResponse:
     alerts.dismiss(organization_id=context.organization.pk, alert_id=alert_id)
     back = request.POST.get("next", "")

@@ -101,7 +101,7 @@ def change_role(request: HttpRequest, context: Context, membership_id: int) -> H
 
 
 @require_POST
-@dashboard_view("manage_members")
+@dashboard_view("manage_members", while_suspended=True)  # takes access away: allowed while suspended
 def remove(request: HttpRequest, context: Context, membership_id: int) -> HttpResponse:
     membership = get_object_or_404(Membership, pk=membership_id, organization=context.organization)
     try:
@@ -145,7 +145,7 @@ def keys(request: HttpRequest, context: Context) -> HttpResponse:
 
 
 @require_POST
-@dashboard_view("manage_keys")
+@dashboard_view("manage_keys", while_suspended=True)  # takes access away: allowed while suspended
 def revoke_key(request: HttpRequest, context: Context, key_id: str) -> HttpResponse:
     api_key = get_object_or_404(ApiKey, pk=key_id, organization=context.organization)
     revoke_api_key(api_key=api_key, actor=actor_of(request, context))

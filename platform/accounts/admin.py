@@ -150,6 +150,10 @@ class MembershipOfUserInline(_MembershipOfUserInlineBase):
         return False
 
 
+# What only a superuser may set on a person: the power to do anything, and the groups and permissions that grant it.
+SUPERUSER_ONLY_FIELDS = ("is_superuser", "groups", "user_permissions")
+
+
 @admin.register(User)
 class UserAdmin(FormViewsAdmin, _UserAdminBase):
     """A person's own columns are edited on Django's user page. Adding someone (``sign_up``, which makes their
@@ -186,6 +190,26 @@ class UserAdmin(FormViewsAdmin, _UserAdminBase):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # people are added by the sign-up form view
+
+    def get_readonly_fields(self, request: HttpRequest, obj: User | None = None) -> tuple[str, ...]:
+        # Only a superuser grants power: with "change user" alone an operator could tick is_superuser, or give
+        # anyone (themselves included) any group or permission.
+        readonly = tuple(super().get_readonly_fields(request, obj))
+        if request.user.is_superuser:
+            return readonly
+        return (*readonly, *SUPERUSER_ONLY_FIELDS)
+
+    def has_change_permission(self, request: HttpRequest, obj: User | None = None) -> bool:
+        # Nor may they change a superuser (their address, their password on Django's password page): either would
+        # let them log in as one.
+        if obj is not None and obj.is_superuser and not request.user.is_superuser:
+            return False
+        return super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request: HttpRequest, obj: User | None = None) -> bool:
+        if obj is not None and obj.is_superuser and not request.user.is_superuser:
+            return False
+        return super().has_delete_permission(request, obj)
 
     def get_list_tools(self, request: HttpRequest) -> list[Tool]:
         return [Tool("Add user", self.form_view_url("sign_up"))] if self.has_create_permission(request) else []
@@ -225,6 +249,8 @@ class UserAdmin(FormViewsAdmin, _UserAdminBase):
 
     def deactivate_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
         user: User = self.object_to_operate(request, object_id)
+        if not self.has_change_permission(request, user):
+            raise PermissionDenied  # a superuser, and the operator is not one
         if request.method == "POST":
             if not user.is_active:
                 self.message_user(request, f"{user} is already inactive.", messages.INFO)
@@ -258,9 +284,20 @@ class UserAdmin(FormViewsAdmin, _UserAdminBase):
         # Keys belong to organizations, so an ownerless one would keep working with nobody to answer for it.
         return deleted, counts, perms_needed, [*protected, *_orphaning_removals(ownerships)]
 
+    def _changeable(self, request: HttpRequest, queryset: QuerySet[User]) -> QuerySet[User]:
+        """The selected people this operator may change: superusers are left out, and said so, unless they are one."""
+        if request.user.is_superuser:
+            return queryset
+        skipped = queryset.filter(is_superuser=True).count()
+        if skipped:
+            note = f"{skipped} superuser(s) left as they are: only a superuser changes one."
+            self.message_user(request, note, messages.WARNING)
+        return queryset.filter(is_superuser=False)
+
     @admin.action(description="Deactivate selected users", permissions=["operate"])
     def deactivate_selected(self, request: HttpRequest, queryset: QuerySet[User]) -> None:
         actor = request_actor(request)
+        queryset = self._changeable(request, queryset)
         candidates = list(queryset.filter(is_active=True))
         deactivated = 0
         for user in candidates:
@@ -277,6 +314,7 @@ class UserAdmin(FormViewsAdmin, _UserAdminBase):
     @admin.action(description="Reactivate selected users", permissions=["operate"])
     def reactivate_selected(self, request: HttpRequest, queryset: QuerySet[User]) -> None:
         # They may log in again; organizations suspended with them stay suspended until unsuspended.
+        queryset = self._changeable(request, queryset)
         to_change = list(queryset.filter(is_active=False))
         User.objects.filter(pk__in=[user.pk for user in to_change]).update(is_active=True)
         key_cache.forget_all()  # their keys work again

@@ -3,13 +3,13 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib.auth.signals import user_login_failed
-from django.db.models.signals import post_delete, post_save
+from django.db.models.signals import post_delete, post_save, pre_delete
 from django.dispatch import receiver
 from django.http import HttpRequest
 
 from accounts import key_cache
 from accounts.models import ApiKey, AuditAction, Membership, Organization, User
-from accounts.services import Actor, record_audit
+from accounts.services import Actor, record_audit, revoke_api_key
 
 
 @receiver([post_save, post_delete], sender=ApiKey)
@@ -25,6 +25,18 @@ def forget_verified_keys(sender: Any, instance: Any, created: bool = False, **kw
     if update_fields is not None and set(update_fields) <= {"last_login", "last_used_at"}:
         return
     key_cache.forget_all()
+
+
+@receiver(pre_delete, sender=User)
+def revoke_keys_of_deleted_person(sender: Any, instance: User, **kwargs: Any) -> None:
+    """A person's keys go before the person does. Deleting the row empties their keys' ``created_by``
+    (``SET_NULL``), and an empty maker means a key made by no one, which keeps every scope it stores and skips the
+    maker checks (accounts.policy): a departed or demoted member's key would come back with its full scopes.
+    Revoked through the service, so every process stops answering from a kept key; inside the deletion's
+    transaction, so a deletion that fails revokes nothing."""
+    made = ApiKey.objects.filter(created_by_id=instance.pk, revoked_at__isnull=True).select_related("organization")
+    for api_key in made.order_by("pk"):
+        revoke_api_key(api_key=api_key)
 
 
 @receiver(user_login_failed)
