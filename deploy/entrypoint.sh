@@ -4,7 +4,10 @@
 #
 #   web                    gunicorn with uvicorn workers (deploy/gunicorn.conf.py), the ASGI app on $BIND
 #   worker CLASS           a GPU worker for one GPU class: the Celery queue named after it, one job at a time
-#   housekeeping           a Celery worker on the `default` queue: sweeps, webhooks, Stripe, reconciliation
+#   housekeeping           a Celery worker on the `default` queue: the frequent safety nets (the dispatcher's sweep and
+#                          lease reaper, webhooks, Stripe's events and sweep, alert emails, model sync)
+#   batch                  a Celery worker on the `batch` queue, one task at a time: the long periodic tasks
+#                          (reconciliation, statements, output purge, log prune, archive, partitions)
 #   beat                   the scheduler; exactly one in the whole deployment
 #   migrate                applies the database migrations
 #   wait-for-migrations    waits until no migration is left to apply (the other pods' init container), at most
@@ -12,13 +15,13 @@
 #   manage ARGS...         any manage.py command (reconcile, replay_stripe_events, createsuperuser, ...)
 #
 # Every process type also runs in a check mode, which tests/deploy/test_image.py uses: `web --check-config`,
-# `worker CLASS --help`, `housekeeping --help`, `beat --help`, `migrate --plan`.
+# `worker CLASS --help`, `housekeeping --help`, `batch --help`, `beat --help`, `migrate --plan`.
 set -eu
 
 cd "$(dirname "$0")/.."
 
 usage() {
-    echo "usage: $0 web|worker CLASS|housekeeping|beat|migrate|wait-for-migrations|manage ARGS... [ARGS...]" >&2
+    echo "usage: $0 web|worker CLASS|housekeeping|batch|beat|migrate|wait-for-migrations|manage ARGS... [ARGS...]" >&2
     exit 64
 }
 
@@ -49,6 +52,13 @@ case "$process" in
     housekeeping)
         set -- celery --app config worker --queues default --concurrency 2 --prefetch-multiplier 1 \
             --hostname "housekeeping@%h" --without-gossip --without-mingle --loglevel INFO "$@"
+        ;;
+    batch)
+        # The long periodic tasks (settings' CELERY_TASK_ROUTES), one at a time, apart from the safety nets on
+        # `default`. No prefetch: the next one waits in Redis, where another batch worker could take it, not behind
+        # an hour-long reconciliation in this one's hands.
+        set -- celery --app config worker --queues batch --concurrency 1 --prefetch-multiplier 1 \
+            --hostname "batch@%h" --without-gossip --without-mingle --loglevel INFO "$@"
         ;;
     beat)
         set -- celery --app config beat --schedule "${PLATFORM_DATA_DIR:-var}/celerybeat-schedule" --loglevel INFO "$@"

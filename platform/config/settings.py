@@ -477,18 +477,52 @@ BILLING_ISSUER_NAME = env_str("BILLING_ISSUER_NAME") or "Generative Media Platfo
 BILLING_ISSUER_ADDRESS = (env_str("BILLING_ISSUER_ADDRESS") or "").replace("\\n", "\n")
 BILLING_ISSUER_TAX_ID = env_str("BILLING_ISSUER_TAX_ID") or ""
 
+# Three kinds of queue, each consumed by its own process type (deploy/entrypoint.sh; the embedded run starts one
+# worker for each, accounts/management/commands/runplatform.py): a GPU class's queue for the jobs (``run_job`` is
+# sent to its endpoint's class; ``cpu`` is only the fallback), ``default`` for the short, frequent safety nets (the
+# dispatcher's sweep and lease reaper, webhooks, Stripe's events and sweep, alert emails, model sync) and ``batch``
+# for the long periodic tasks, one at a time, so a reconciliation (up to an hour) or the hourly retention tasks never
+# hold the workers the sweep needs. Celery looks up an exact task name before any glob, whatever the order here
+# (celery.app.routes.MapRoute; tests/test_beat_schedule.py checks every task's queue).
 CELERY_TASK_ROUTES = {
     "inference.run_job": {"queue": "cpu"},
+    "inference.purge_expired_outputs": {"queue": "batch"},
+    "inference.prune_job_logs": {"queue": "batch"},
+    "inference.archive_old_jobs": {"queue": "batch"},
+    "billing.reconcile": {"queue": "batch"},
+    "billing.issue_statements": {"queue": "batch"},
+    "billing.create_partitions_ahead": {"queue": "batch"},
     "inference.*": {"queue": "default"},
     "billing.*": {"queue": "default"},
 }
+# An interval entry's message expires after one interval (``options.expires``): a worker drops one that waited longer
+# (behind a stall, a restart, a busy pool) instead of running it and the ones after it back to back, since a newer
+# one is already on its way. The expiry is a timestamp beat writes and the worker reads, so their clocks must agree
+# within a fraction of the shortest interval (NTP). Crontab entries (daily and nightly runs) never expire: the next
+# one is a day away.
 CELERY_BEAT_SCHEDULE = {
-    "inference-sweep": {"task": "inference.sweep", "schedule": float(JOB_SWEEP_SECONDS)},
-    "inference-webhooks": {"task": "inference.deliver_due_webhooks", "schedule": 5.0},
-    "inference-purge-outputs": {"task": "inference.purge_expired_outputs", "schedule": 3600.0},
-    "inference-prune-job-logs": {"task": "inference.prune_job_logs", "schedule": 3600.0},
-    "inference-archive-jobs": {"task": "inference.archive_old_jobs", "schedule": 3600.0},
-    "inference-sync-models": {"task": "inference.sync_models", "schedule": 60.0},
+    "inference-sweep": {
+        "task": "inference.sweep",
+        "schedule": float(JOB_SWEEP_SECONDS),
+        "options": {"expires": float(JOB_SWEEP_SECONDS)},
+    },
+    "inference-webhooks": {"task": "inference.deliver_due_webhooks", "schedule": 5.0, "options": {"expires": 5.0}},
+    "inference-purge-outputs": {
+        "task": "inference.purge_expired_outputs",
+        "schedule": 3600.0,
+        "options": {"expires": 3600.0},
+    },
+    "inference-prune-job-logs": {
+        "task": "inference.prune_job_logs",
+        "schedule": 3600.0,
+        "options": {"expires": 3600.0},
+    },
+    "inference-archive-jobs": {
+        "task": "inference.archive_old_jobs",
+        "schedule": 3600.0,
+        "options": {"expires": 3600.0},
+    },
+    "inference-sync-models": {"task": "inference.sync_models", "schedule": 60.0, "options": {"expires": 60.0}},
     # The books' nightly proof (billing.reconciliation), at 03:00 UTC (Celery keeps UTC): what was written since the
     # last proven run on weeknights and Saturday, everything on Sunday (old rows an incremental run cannot see).
     "billing-reconcile": {
@@ -500,14 +534,18 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": crontab(hour=3, minute=0, day_of_week="sun"),
         "kwargs": {"full": True},
     },
-    "billing-stripe-sweep": {"task": "billing.stripe_sweep", "schedule": 60.0},
+    "billing-stripe-sweep": {"task": "billing.stripe_sweep", "schedule": 60.0, "options": {"expires": 60.0}},
     # Spend alert emails whose task the broker lost, or whose worker died (billing.alerts).
-    "billing-alert-emails": {"task": "billing.send_due_alert_emails", "schedule": 60.0},
+    "billing-alert-emails": {"task": "billing.send_due_alert_emails", "schedule": 60.0, "options": {"expires": 60.0}},
     # Statements of the month just closed, for every organization with activity in it (billing.statements).
     "billing-issue-statements": {"task": "billing.issue_statements", "schedule": crontab(hour=2, minute=0)},
     # The usage records' monthly partitions, this month's and the next three (billing.partitions); every hour so a
     # run that gave up on its lock, or a beat that was down, is made up long before a month needs its partition.
-    "billing-create-partitions": {"task": "billing.create_partitions_ahead", "schedule": 3600.0},
+    "billing-create-partitions": {
+        "task": "billing.create_partitions_ahead",
+        "schedule": 3600.0,
+        "options": {"expires": 3600.0},
+    },
 }
 
 REST_FRAMEWORK = {

@@ -345,9 +345,10 @@ def test_embedded_run_starts_the_worker_and_stops_cleanly(start_embedded: Any) -
     commands = process_group(run.process.pid).values()
     assert any("uvicorn" in command for command in commands)
     assert any("celery" in command and " worker" in command and "--beat" in command for command in commands)
-    url = assert_children_share_its_redis(run, expected=4)  # two web servers, two workers
+    url = assert_children_share_its_redis(run, expected=5)  # two web servers, three workers
     with redis.Redis.from_url(url) as client:
-        assert client.exists("_kombu.binding.cpu", "_kombu.binding.default") == 2  # both workers' queues
+        # The three workers' queues: the GPU's, the safety nets', the long batch tasks'.
+        assert client.exists("_kombu.binding.cpu", "_kombu.binding.default", "_kombu.binding.batch") == 3
     redis_pid = run.redis_server()
     assert run.terminate() == 0, run.log_text()
     assert_group_ends(run.process.pid)

@@ -18,6 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 ENTRYPOINT = ROOT / "deploy" / "entrypoint.sh"
+PROCFILE = ROOT / "deploy" / "Procfile"
 BIN = Path(sys.executable).parent
 TEST_VARIABLES = ("DATABASE_URL", "REDIS_URL", "BROKER_URL", "STATIC_MANIFEST", "PLATFORM_DATA_DIR")
 # Prints its name and arguments as JSON, and exits with $STAND_IN_EXIT (0 unless set).
@@ -89,6 +90,26 @@ def test_housekeeping_serves_the_default_queue_and_takes_a_later_concurrency(sta
     assert argv[-2:] == ["--concurrency", "4"]  # after the default 2: Click keeps the last
 
 
+def test_batch_serves_the_batch_queue_one_task_at_a_time(stand_in_env: dict[str, str]) -> None:
+    """The long periodic tasks (settings' CELERY_TASK_ROUTES, tests/test_beat_schedule.py), apart from housekeeping."""
+    argv = command_line("batch", env=stand_in_env)
+    assert argv[:4] == ["celery", "--app", "config", "worker"]
+    options = dict(zip(argv[4::2], argv[5::2], strict=False))
+    assert options["--queues"] == "batch"
+    assert options["--concurrency"] == "1"
+    assert options["--prefetch-multiplier"] == "1"  # the next task waits in Redis, not behind a long one here
+    assert options["--hostname"] == "batch@%h"
+    assert {"--without-gossip", "--without-mingle"} <= set(argv)
+
+
+def test_the_procfile_runs_every_long_running_process_type() -> None:
+    lines = [line for line in PROCFILE.read_text().splitlines() if line and not line.startswith("#")]
+    commands = dict(line.split(": ", 1) for line in lines)
+    started = {command.split()[1] for command in commands.values()}
+    assert {"web", "worker", "housekeeping", "batch", "beat", "migrate"} <= started
+    assert commands["batch"] == "deploy/entrypoint.sh batch"
+
+
 def test_beat_keeps_its_schedule_in_the_data_directory(stand_in_env: dict[str, str]) -> None:
     argv = command_line("beat", env=stand_in_env)
     assert argv[:4] == ["celery", "--app", "config", "beat"]
@@ -122,7 +143,7 @@ def test_web_check_config_loads_the_asgi_application(real_env: dict[str, str]) -
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("args", [("worker", "gpu-h100"), ("worker", "cpu"), ("housekeeping",), ("beat",)])
+@pytest.mark.parametrize("args", [("worker", "gpu-h100"), ("worker", "cpu"), ("housekeeping",), ("batch",), ("beat",)])
 def test_celery_accepts_every_option_the_entrypoint_passes(args: tuple[str, ...], real_env: dict[str, str]) -> None:
     result = entrypoint(*args, "--help", env=real_env)
     assert result.returncode == 0, result.stderr

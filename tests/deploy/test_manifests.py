@@ -2,7 +2,8 @@
 object passes the Kubernetes schemas strictly (kubernetes-validate) and every KEDA object KEDA's models strictly
 (npm's @kubernetes-models/keda, pinned in tests/deploy/keda: their schema check and TypeScript's), every YAML file
 passes yamllint, and the objects keep the promises deploy/k8s/README.md makes: the KEDA trigger's SQL is
-deploy/keda/inflight.sql, workers outlive their longest task, beat is alone, pods wait for migrations.
+deploy/keda/inflight.sql, workers outlive their longest task (the batch worker its longest batch task), beat is
+alone, pods wait for migrations.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from tests.deploy.manifests import (
 ENTRYPOINT = ROOT / "deploy" / "entrypoint.sh"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 GUNICORN_CONF = ROOT / "deploy" / "gunicorn.conf.py"
-APP_COMPONENTS = ("web", "beat", "housekeeping", "worker")
+APP_COMPONENTS = ("web", "beat", "housekeeping", "batch", "worker")
 FORMULA = re.compile(r"max\(in_flight, queued\) \+ (\d+)")
 
 # Each promise is checked on every overlay.
@@ -290,10 +291,17 @@ def test_every_container_runs_unprivileged_as_the_images_user(overlay: str) -> N
 @per_overlay
 def test_every_process_type_is_one_the_entrypoint_knows(overlay: str) -> None:
     known = set(re.findall(r"^    ([a-z-]+)\)$", ENTRYPOINT.read_text(), re.MULTILINE))
-    assert {"web", "worker", "housekeeping", "beat", "migrate", "wait-for-migrations"} <= known
-    for workload in app_workloads(render(overlay)):
+    assert {"web", "worker", "housekeeping", "batch", "beat", "migrate", "wait-for-migrations"} <= known
+    objects = render(overlay)
+    for workload in app_workloads(objects):
         for container in containers(workload):
             assert container["args"][0] in known, container["args"]
+    # Every component runs: each long-running process type has a Deployment (a worker class per overlay).
+    running = {main_container(each)["args"][0] for each in of_kind(objects, "Deployment")}
+    assert {"web", "worker", "housekeeping", "batch", "beat"} <= running
+    for deployment in of_kind(objects, "Deployment"):
+        component = deployment["metadata"]["labels"]["app.kubernetes.io/component"]
+        assert component in (*APP_COMPONENTS, "pgbouncer"), f"{deployment['metadata']['name']}: {component}"
 
 
 @per_overlay
@@ -419,6 +427,45 @@ def test_housekeeping_scales_on_its_queue(overlay: str) -> None:
     [trigger] = scaled["spec"]["triggers"]
     assert trigger["type"] == "redis"
     assert trigger["metadata"]["listName"] == "default"  # CELERY_TASK_DEFAULT_QUEUE
+
+
+def batch_task_limits(objects: tuple[dict[str, Any], ...]) -> dict[str, int]:
+    """The hard time limit of every task settings' CELERY_TASK_ROUTES sends to the batch queue, as the pods get it (a
+    task without its own takes the ConfigMap's CELERY_TASK_TIME_LIMIT)."""
+    from config.celery import app
+
+    app.loader.import_default_modules()
+    default = int(config_value(objects, "CELERY_TASK_TIME_LIMIT") or 900)
+    limits = {
+        name: int(getattr(task, "time_limit", None) or default)
+        for name, task in app.tasks.items()
+        if app.amqp.router.route({}, name)["queue"].name == "batch"
+    }
+    assert "billing.reconcile" in limits
+    return limits
+
+
+@per_overlay
+def test_batch_is_one_worker_that_outlives_its_longest_task(overlay: str) -> None:
+    """The long periodic tasks' worker: exactly one, never autoscaled, and stopping it (a rollout, a node drain) lets
+    the task it runs finish, however long the longest may last (billing.reconcile's hard limit, 3600 s)."""
+    objects = render(overlay)
+    deployment = named(objects, "Deployment", "platform-batch")
+    assert main_container(deployment)["args"] == ["batch"]
+    assert deployment["spec"]["replicas"] == 1
+    targets = {each["spec"]["scaleTargetRef"]["name"] for each in of_kind(objects, "HorizontalPodAutoscaler")}
+    targets |= {each["spec"]["scaleTargetRef"]["name"] for each in of_kind(objects, "ScaledObject")}
+    assert "platform-batch" not in targets
+    assert [each for each in app_workloads(objects) if main_container(each)["args"][0] == "batch"] == [deployment]
+    limits = batch_task_limits(objects)
+    longest = max(limits.values())
+    assert pod_spec(deployment)["terminationGracePeriodSeconds"] > longest, limits
+    template = deployment["spec"]["template"]
+    assert template["metadata"]["annotations"]["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    # Its documented grace period is the one it has.
+    grace = pod_spec(deployment)["terminationGracePeriodSeconds"]
+    assert f"grace period ({grace} s)" in (K8S / "README.md").read_text()
 
 
 @per_overlay

