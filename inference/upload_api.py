@@ -19,6 +19,7 @@ Errors are the API's: ``{detail, error_type}``, a located ``detail`` list on eve
 
 from __future__ import annotations
 
+import math
 import uuid
 from typing import Any
 
@@ -34,6 +35,7 @@ from rest_framework.views import APIView
 
 from accounts.authentication import ApiKeyPrincipal
 from accounts.errors import InvalidInput, problem
+from accounts.limits import check_rate
 from accounts.models import ApiKey, Scope
 from accounts.parsers import query_params
 from accounts.permissions import HasScope, request_api_key
@@ -193,16 +195,27 @@ class CorsView(APIView):
 
 
 class SignedUploadView(CorsView):
-    """The upload URLs: the signature in the query is the authority, so no key (a key sent anyway is ignored)."""
+    """The upload URLs: the signature in the query is the authority, so no key (a key sent anyway is ignored).
+
+    Each request on one still counts against the rate limit of the key that initiated the upload: a URL may be PUT
+    again until it expires (a bucket's semantics), and each PUT reads and decodes up to ``UPLOAD_MAX_BYTES`` of
+    image, so without it one initiated upload was a way past the key's limit."""
 
     authentication_classes = ()
     permission_classes = (AllowAny,)
     throttle_classes = ()
 
     def signed(self, request: Request, upload_id: uuid.UUID) -> Upload:
-        return uploads.signed_upload(
+        upload = uploads.signed_upload(
             upload_id, request.query_params.get("expires", ""), request.query_params.get("signature", "")
         )
+        if upload.api_key_id is not None:
+            maker = ApiKey.objects.filter(pk=upload.api_key_id).only("requests_per_minute").first()
+            limit = maker.rate_limit_per_minute if maker else settings.API_KEY_DEFAULT_REQUESTS_PER_MINUTE
+            wait = check_rate(bucket=f"key:{upload.api_key_id}", limit=limit)
+            if wait:
+                raise exceptions.Throttled(wait=math.ceil(wait))
+        return upload
 
 
 class SignedPutView(SignedUploadView):

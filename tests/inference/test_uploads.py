@@ -604,3 +604,26 @@ def _encoded(data: bytes) -> EncodedImage:
     with Image.open(io.BytesIO(data)) as image:
         width, height = image.size
     return EncodedImage(data=data, content_type="image/png", width=width, height=height)
+
+
+def test_an_upload_url_is_held_to_its_keys_rate_limit(make_user: Any, make_key: Any) -> None:
+    """An upload URL may be PUT again until it expires, each PUT decoding up to the size cap: the requests on it
+    count against the limit of the key that initiated it, so one initiated upload is no way past that limit."""
+    from tests.conftest import personal_organization
+
+    organization = personal_organization(make_user())
+    _, token = make_key(organization, requests_per_minute=3)
+    keyed = APIClient()
+    keyed.credentials(HTTP_AUTHORIZATION=f"Key {token}")
+    answer = keyed.post("/storage/upload/initiate", {"content_type": "image/png"}, format="json")
+    assert answer.status_code == 200, answer.content
+    path, query = path_and_query(answer.json()["upload_url"])
+    data = png()
+    codes = [
+        anonymous().generic("PUT", with_query(path, query), data=data, content_type="image/png").status_code
+        for _ in range(4)
+    ]
+    assert codes == [200, 200, 429, 429]  # the initiate and two PUTs: the key's three a minute
+    refused = anonymous().generic("PUT", with_query(path, query), data=data, content_type="image/png")
+    assert int(refused["Retry-After"]) >= 1
+    assert keyed.post("/storage/upload/initiate", {"content_type": "image/png"}, format="json").status_code == 429
