@@ -147,6 +147,12 @@ class Member:
     stop_error_type: str = ""
     cancelled: threading.Event = field(default_factory=threading.Event)
     done: bool = False
+    # Billing's reserve of its next step raised (a statement timeout, a lost deadlock): it leaves the batch ERRORED
+    # and runs again, and the error stays its own, not its companions' (`Heartbeat.should_cancel`).
+    fault: Exception | None = None
+    # Nothing more for this worker to close: its attempt is closed, or left to the reaper (a lost lease, a close
+    # that raised).
+    settled: bool = False
     # GPU time the job's hold covers (None: no limit; -1: not asked yet). See `Heartbeat.covers_next_step`.
     covered_ms: int | None = -1
     # The latest preview not yet published (streamed jobs only), and the last step written to the job's logs.
@@ -231,9 +237,25 @@ class Heartbeat(threading.Thread):
             logger.exception("progress report of job %s failed", member.job_id)
 
     def should_cancel(self, index: int) -> bool:
-        """Asked by the engine before each further step of a job: stop it here?"""
+        """Asked by the engine before each further step of a job: stop it here?
+
+        An error asking billing (a statement timeout, a deadlock lost after the retries, a bug in one tenant's
+        account) is that job's alone: it stops here and leaves the batch as a refusal would, closed ERRORED and run
+        again (`_close_cancelled`), while its companions go on. Celery's soft time limit is the whole task's: it
+        goes on up.
+        """
         member = self.members[index]
-        return member.cancelled.is_set() or not self.covers_next_step(member)
+        if member.cancelled.is_set():
+            return True
+        try:
+            return not self.covers_next_step(member)
+        except SoftTimeLimitExceeded:
+            raise
+        except Exception as exc:
+            logger.exception("job %s attempt %s: its next step could not be reserved", member.job_id, member.attempt)
+            member.fault = exc
+            _recover_connection()
+            return True
 
     def covers_next_step(self, member: Member) -> bool:
         """Is the job's next step paid for? Work is reserved before it is done (docs/money.md).
@@ -374,8 +396,11 @@ def _finish_all(
 
     `gpu_ms`: record this instead of their shares (0 when the failure is no GPU work's fault).
     """
-    open_members = [member for member in members if not member.done]
-    shares = heartbeat.meter.leave(member.index for member in open_members)
+    open_members = [member for member in members if not member.settled]
+    # One that left the meter already (a soft time limit cut its close short) keeps the share it was given then.
+    still_in = set(heartbeat.meter.active)
+    heartbeat.meter.leave(member.index for member in open_members if member.index in still_in)
+    shares = heartbeat.meter.allocated
     for member in open_members:
         heartbeat.release(member)
         closing.finish_attempt(
@@ -386,6 +411,7 @@ def _finish_all(
             cold_start_ms=member.cold_start_ms,
             **fields,
         )
+        member.settled = True
 
 
 def _run(leader: Member, heartbeat: Heartbeat) -> None:
@@ -413,7 +439,7 @@ def _run(leader: Member, heartbeat: Heartbeat) -> None:
         heartbeat.meter.start()
 
         def on_cancelled(index: int, cancelled: Cancelled) -> None:
-            _close_cancelled(members[index], heartbeat, cancelled)
+            _leave_batch(members[index], heartbeat, cancelled)
 
         called = time.monotonic()
         outcomes = loaded.engine.run_batch(
@@ -424,10 +450,16 @@ def _run(leader: Member, heartbeat: Heartbeat) -> None:
             on_cancelled=on_cancelled,
             previews=preview_options(members, heartbeat),
         )
-        _pace.ran(job.endpoint_id, (time.monotonic() - called) * 1000)
+        ran_ms = (time.monotonic() - called) * 1000
+        # Past the last step every job's work is done and in memory: each is stored whatever stop comes now (a soft
+        # time limit leaves a minute before the hard one, time enough to store), each on its own.
+        timed_out = False
         for member, outcome in zip(members, outcomes, strict=True):
             if isinstance(outcome, GenerationResult):
-                _store_or_fail(member, outcome, heartbeat, batch_size=len(members))
+                timed_out = _store_or_fail(member, outcome, heartbeat, batch_size=len(members)) or timed_out
+        if timed_out:
+            logger.warning("job %s: the soft time limit came while the batch's outputs were stored; stored", job.id)
+        _pace.ran(job.endpoint_id, ran_ms)
     except InputProblem as problem:
         _finish_all(members, heartbeat, AttemptOutcome.FAILED, error=str(problem), error_type=problem.error_type)
     except SoftTimeLimitExceeded:
@@ -473,14 +505,49 @@ def preview_options(members: list[Member], heartbeat: Heartbeat) -> PreviewOptio
     return PreviewOptions(every=every, members=wanted, on_preview=heartbeat.preview)
 
 
+def _leave_batch(member: Member, heartbeat: Heartbeat, cancelled: Cancelled) -> None:
+    """A job leaving its batch at a step boundary, from inside the engine's loop: an error closing it is its own.
+
+    Its companions go on. It stays RUNNING with no more heartbeats, so its lease runs out and the reaper takes it
+    back (`closing.reap_expired_leases`), as it would had this worker died. Celery's soft time limit goes on up.
+    """
+    try:
+        _close_cancelled(member, heartbeat, cancelled)
+    except SoftTimeLimitExceeded:
+        raise
+    except Exception:
+        _leave_to_the_reaper(member, heartbeat)
+
+
+def _leave_to_the_reaper(member: Member, heartbeat: Heartbeat) -> None:
+    """A job whose close raised (a dropped connection, a settlement that failed): no more heartbeats for it, so its
+    lease runs out and the reaper closes it, unbilled, and runs it again."""
+    logger.exception("job %s attempt %s could not be closed; left to the reaper", member.job_id, member.attempt)
+    heartbeat.release(member)
+    member.settled = True
+    _recover_connection()
+
+
+def _recover_connection() -> None:
+    """After a database error of one job: a connection the server dropped is closed, so the next query (its
+    companions') opens a new one, as Django does not reconnect by itself (Django's own check: a usable one is kept
+    unless past CONN_MAX_AGE, which costs a reconnect)."""
+    connection.close_if_unusable_or_obsolete()
+
+
 def _close_cancelled(member: Member, heartbeat: Heartbeat, cancelled: Cancelled) -> None:
     """A job that left its batch at a step boundary: closed at once with its share of the time so far."""
+    if member.fault is not None:
+        # Billing could not be asked for its next step: the platform's fault, not billed, and run again.
+        _finish(member, heartbeat, AttemptOutcome.ERRORED, **_platform_fault(member.fault))
+        return
     error_type = member.stop_error_type or "cancelled"
     reason = member.stop_reason or "Cancelled by request."
     if error_type == "lost":
         logger.warning("job %s attempt %s lost its lease; dropping its work", member.job_id, member.attempt)
         heartbeat.meter.leave([member.index])  # its share goes with its work
         heartbeat.release(member)
+        member.settled = True
         return
     _finish(
         member,
@@ -491,15 +558,41 @@ def _close_cancelled(member: Member, heartbeat: Heartbeat, cancelled: Cancelled)
     )
 
 
-def _store_or_fail(member: Member, result: GenerationResult, heartbeat: Heartbeat, *, batch_size: int) -> None:
-    """Stores one job's images; a failure there fails that job alone (retried), not the rest of its batch."""
+def _store_or_fail(member: Member, result: GenerationResult, heartbeat: Heartbeat, *, batch_size: int) -> bool:
+    """Stores one job's images; a failure there fails that job alone (retried), not the rest of its batch.
+
+    Returns whether Celery's soft time limit fired meanwhile. The work is done and the hard limit a minute away:
+    the job is stored again rather than thrown away. Storing twice is safe: a second file of the same name gets a
+    free name (the purge clears the whole job folder), and an attempt closes once (`closing.finish_attempt`
+    answers None for one the limit caught after its commit). If the second try fails too, the job is closed
+    ERRORED and run again, as for any store that failed.
+    """
     try:
         _store(member, result, heartbeat, batch_size=batch_size)
+        return False
     except SoftTimeLimitExceeded:
-        raise
+        logger.warning("job %s attempt %s: the soft time limit came while it was stored", member.job_id, member.attempt)
     except Exception as exc:
-        logger.exception("job %s attempt %s: its outputs could not be stored", member.job_id, member.attempt)
-        _finish(member, heartbeat, AttemptOutcome.ERRORED, **_platform_fault(exc))
+        _fail_store(member, heartbeat, exc)
+        return False
+    try:
+        _store(member, result, heartbeat, batch_size=batch_size)
+    except Exception as exc:  # a soft time limit included: Celery sends it once, but storing must come to an end
+        _fail_store(member, heartbeat, exc)
+    return True
+
+
+def _fail_store(member: Member, heartbeat: Heartbeat, exc: Exception) -> None:
+    """Closes a job whose outputs could not be stored as the platform's fault; if even that raises, it is left to
+    the reaper rather than fail its companions' outputs, still to be stored."""
+    logger.error("job %s attempt %s: its outputs could not be stored", member.job_id, member.attempt, exc_info=exc)
+    fault = _platform_fault(exc)
+    if isinstance(exc, SoftTimeLimitExceeded):
+        fault.update(error="Its outputs could not be stored within the worker's time limit.", error_type="timeout")
+    try:
+        _finish(member, heartbeat, AttemptOutcome.ERRORED, **fault)
+    except Exception:  # a soft time limit included: the others' outputs are still to be stored
+        _leave_to_the_reaper(member, heartbeat)
 
 
 def _platform_fault(exc: Exception) -> dict[str, Any]:
@@ -510,7 +603,8 @@ def _platform_fault(exc: Exception) -> dict[str, Any]:
 def _store(member: Member, result: GenerationResult, heartbeat: Heartbeat, *, batch_size: int) -> None:
     """Encodes and stores one job's outputs (its own time, not shared) and closes it as succeeded."""
     job = member.job
-    heartbeat.meter.exclusive(member.index)
+    if member.index in heartbeat.meter.active:  # (not when a time limit cut its close short after it left)
+        heartbeat.meter.exclusive(member.index)
     heartbeat.report(member)  # its last preview and step, before the line that says the job completed
     output = _encoded_output(job, result)
     if batch_size > 1:

@@ -1,0 +1,197 @@
+"""A fault of one job of a batch is that job's alone: its companions keep their work, their attempt and their bill.
+
+And work that is done is delivered: past the batch's last step every job is stored, whatever stop comes meanwhile.
+Transactional: the heartbeat renews leases from its own thread and database connection, which must see the jobs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from celery.exceptions import SoftTimeLimitExceeded
+from django.db import OperationalError
+
+from billing.models import UsageRecord
+from inference import attempts, closing, worker
+from inference import dispatch as dispatching
+from inference.dispatch import dispatch_organization
+from inference.models import AttemptOutcome, Endpoint, Job, JobAttempt, JobStatus
+from tests.lifecycle import submit_as
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+REQUEUED = (JobStatus.QUEUED, JobStatus.DISPATCHED)
+
+
+@pytest.fixture
+def dispatch(tenant: dict[str, Any], builtin_endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Submits jobs and dispatches them at once (no broker: the messages are only recorded)."""
+    monkeypatch.setattr(dispatching, "send_run_message", lambda *message: True)
+    organization = tenant["organization"]
+    type(organization).objects.filter(pk=organization.pk).update(concurrency_limit=20)
+
+    def submit(**payload: Any) -> Job:
+        job = submit_as(tenant, builtin_endpoint, **payload)
+        dispatch_organization(organization.pk)
+        return Job.objects.get(pk=job.pk)
+
+    return submit
+
+
+def states(jobs: list[Job]) -> list[tuple[str, str, list[str]]]:
+    """Each job's status, error type and its attempts' outcomes."""
+    return [
+        (str(job.status), job.error_type, [a.outcome for a in JobAttempt.objects.filter(job=job).order_by("number")])
+        for job in (Job.objects.get(pk=job.pk) for job in jobs)
+    ]
+
+
+def assert_billed_once(jobs: list[Job]) -> None:
+    for job in jobs:
+        [record] = UsageRecord.objects.filter(job=job)
+        assert record.billable
+        assert record.gpu_ms == Job.objects.get(pk=job.pk).gpu_ms > 0
+
+
+def test_a_database_error_reserving_one_companions_step_fails_that_one_alone(
+    dispatch: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = [dispatch(seed=seed, num_inference_steps=6) for seed in (1, 2, 3)]
+    real_reserve, asked = attempts.reserve_work, {"n": 0}
+
+    def reserve(*, job: Job, gpu_ms: int, ahead_ms: int = 0) -> Any:
+        if job.pk == jobs[1].pk:
+            asked["n"] += 1
+            if asked["n"] == 2:
+                raise OperationalError("canceling statement due to statement timeout")
+        return real_reserve(job=job, gpu_ms=gpu_ms, ahead_ms=ahead_ms)
+
+    real_covers = worker.Heartbeat.covers_next_step
+
+    def covers(self: worker.Heartbeat, member: worker.Member) -> bool:
+        if member.covered_ms != -1:
+            member.covered_ms = 0  # the hold falls short every step: billing is asked before each
+        return real_covers(self, member)
+
+    monkeypatch.setattr(attempts, "reserve_work", reserve)
+    monkeypatch.setattr(worker.Heartbeat, "covers_next_step", covers)
+    worker.execute(str(jobs[0].id), jobs[0].attempt)
+
+    healthy = [jobs[0], jobs[2]]
+    assert states(healthy) == [(JobStatus.COMPLETED, "", [AttemptOutcome.SUCCEEDED])] * 2
+    assert_billed_once(healthy)
+    # The faulty one leaves the batch ERRORED (not cancelled), unbilled, and is queued to run again.
+    [(status, _, outcomes)] = states([jobs[1]])
+    assert (status in REQUEUED, outcomes) == (True, [AttemptOutcome.ERRORED])
+    [record] = UsageRecord.objects.filter(job=jobs[1])
+    assert not record.billable
+
+
+def test_a_soft_time_limit_reserving_a_step_still_stops_the_whole_batch(
+    dispatch: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = [dispatch(seed=seed, num_inference_steps=4) for seed in (1, 2)]
+    real_reserve = attempts.reserve_work
+
+    def reserve(*, job: Job, gpu_ms: int, ahead_ms: int = 0) -> Any:
+        if job.pk == jobs[1].pk:
+            raise SoftTimeLimitExceeded()
+        return real_reserve(job=job, gpu_ms=gpu_ms, ahead_ms=ahead_ms)
+
+    monkeypatch.setattr(attempts, "reserve_work", reserve)
+    worker.execute(str(jobs[0].id), jobs[0].attempt)
+
+    assert [state[1:] for state in states(jobs)] == [("timeout", [AttemptOutcome.ERRORED])] * 2
+
+
+def test_a_failing_close_of_a_cancelled_companion_leaves_it_to_the_reaper(
+    dispatch: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = [dispatch(seed=seed, num_inference_steps=8) for seed in (1, 2, 3)]
+    real_claim, real_finish, real_heartbeat = (
+        attempts.claim_batch_companions,
+        closing.finish_attempt,
+        attempts.heartbeat,
+    )
+    beats: list[str] = []
+    closes_tried: list[int] = []
+
+    def claim_then_cancel_one(**kwargs: Any) -> list[Job]:
+        companions = real_claim(**kwargs)
+        for companion in companions:
+            if companion.pk == jobs[1].pk:
+                assert closing.cancel_job(job=companion) == "CANCELLATION_REQUESTED"
+        return companions
+
+    def finish(**kwargs: Any) -> Any:
+        if kwargs["job_id"] == str(jobs[1].pk):
+            closes_tried.append(len(beats))
+            raise OperationalError("server closed the connection unexpectedly")
+        return real_finish(**kwargs)
+
+    def heartbeat(**kwargs: Any) -> Any:
+        beats.append(kwargs["job_id"])
+        return real_heartbeat(**kwargs)
+
+    monkeypatch.setattr(attempts, "claim_batch_companions", claim_then_cancel_one)
+    monkeypatch.setattr(closing, "finish_attempt", finish)
+    monkeypatch.setattr(attempts, "heartbeat", heartbeat)
+    worker.execute(str(jobs[0].id), jobs[0].attempt)
+
+    healthy = [jobs[0], jobs[2]]
+    assert states(healthy) == [(JobStatus.COMPLETED, "", [AttemptOutcome.SUCCEEDED])] * 2
+    assert_billed_once(healthy)
+    # Still running, its attempt open: its lease is no longer renewed, so it runs out and the reaper takes it.
+    assert states([jobs[1]]) == [(JobStatus.RUNNING, "", [AttemptOutcome.RUNNING])]
+    [tried] = closes_tried
+    assert str(jobs[1].pk) not in beats[tried:]
+    assert not UsageRecord.objects.filter(job=jobs[1]).exists()
+
+
+@pytest.mark.parametrize("fires", [1, 2], ids=["once", "again on the second try"])
+def test_a_soft_time_limit_while_one_member_stores_keeps_its_companions_finished_outputs(
+    dispatch: Any, monkeypatch: pytest.MonkeyPatch, fires: int
+) -> None:
+    jobs = [dispatch(seed=seed, num_inference_steps=4) for seed in (1, 2, 3)]
+    real_encoded, fired = worker._encoded_output, {"n": 0}
+
+    def encoded(job: Job, result: Any) -> dict[str, Any]:
+        if job.pk == jobs[0].pk and fired["n"] < fires:
+            fired["n"] += 1
+            raise SoftTimeLimitExceeded()
+        return real_encoded(job, result)
+
+    monkeypatch.setattr(worker, "_encoded_output", encoded)
+    worker.execute(str(jobs[0].id), jobs[0].attempt)
+
+    assert states(jobs[1:]) == [(JobStatus.COMPLETED, "", [AttemptOutcome.SUCCEEDED])] * 2
+    assert_billed_once(jobs[1:])
+    if fires == 1:
+        # Its work was done: it is stored again, and delivered.
+        assert states(jobs[:1]) == [(JobStatus.COMPLETED, "", [AttemptOutcome.SUCCEEDED])]
+        assert_billed_once(jobs[:1])
+    else:
+        # Its store could not be completed: the platform's fault, unbilled, and run again.
+        [(status, _, outcomes)] = states(jobs[:1])
+        assert (status in REQUEUED, outcomes) == (True, [AttemptOutcome.ERRORED])
+        assert not UsageRecord.objects.get(job=jobs[0]).billable
+
+
+def test_a_soft_time_limit_cutting_short_a_single_jobs_close_still_closes_it(
+    dispatch: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = dispatch(seed=1, num_inference_steps=4)
+    real_finish, fired = closing.finish_attempt, {"n": 0}
+
+    def finish(**kwargs: Any) -> Any:
+        if not fired["n"]:
+            fired["n"] += 1
+            raise SoftTimeLimitExceeded()  # after the job left its batch's meter, before its attempt closed
+        return real_finish(**kwargs)
+
+    monkeypatch.setattr(closing, "finish_attempt", finish)
+    worker.execute(str(job.id), job.attempt)
+
+    assert states([job]) == [(JobStatus.COMPLETED, "", [AttemptOutcome.SUCCEEDED])]
+    assert_billed_once([job])
