@@ -37,7 +37,7 @@ from inference import endpoints, files, job_events
 from inference.closing import cancel_job, expire_unstarted
 from inference.files import MAX_RETENTION_SECONDS
 from inference.hooks import hooks
-from inference.inputs import InputError, input_schema
+from inference.inputs import InputError, input_schema, lifecycle_header_object
 from inference.models import Endpoint, Job, JobStatus
 from inference.presenters import (
     FAL_STATUS,
@@ -96,10 +96,10 @@ def lifecycle_seconds(header: str | None) -> int | None:
     if not header:
         return None
     try:
-        seconds = json.loads(header).get("expiration_duration_seconds")
-    except (ValueError, AttributeError):
+        seconds = lifecycle_header_object(header).get("expiration_duration_seconds")
+    except ValueError as refusal:
         raise InputError(
-            [{"loc": ["header", "X-Fal-Object-Lifecycle-Preference"], "msg": "Invalid JSON.", "type": "json"}]
+            [{"loc": ["header", "X-Fal-Object-Lifecycle-Preference"], "msg": str(refusal), "type": "json"}]
         ) from None
     if seconds is None:
         return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import re
 import secrets
 import warnings
@@ -53,6 +54,28 @@ def is_storable_text(value: str) -> bool:
 
 class InputError(InvalidInput):
     """The request's input is invalid: 422 (413 for an oversized image) with every problem listed."""
+
+
+# fal's object lifecycle headers hold one small object, {"expiration_duration_seconds": N}: a few dozen characters.
+MAX_LIFECYCLE_HEADER_CHARS = 512
+
+
+def lifecycle_header_object(value: str) -> dict[str, Any]:
+    """The JSON object of an ``X-Fal-Object-Lifecycle`` (or ``-Preference``) header, for submissions and uploads
+    alike; raises ``ValueError`` with the message a client is shown.
+
+    Bounded before it is parsed: json.loads raises RecursionError, not ValueError, on "[" nested a thousand deep,
+    and a header is the caller's to make as deep as the server lets it.
+    """
+    if len(value) > MAX_LIFECYCLE_HEADER_CHARS:
+        raise ValueError(f"Should be a JSON object of at most {MAX_LIFECYCLE_HEADER_CHARS} characters.")
+    try:
+        parsed = json.loads(value)
+    except (ValueError, RecursionError):
+        raise ValueError("Invalid JSON.") from None
+    if not isinstance(parsed, dict):
+        raise ValueError("Invalid JSON.")
+    return parsed
 
 
 class ValidatedInput(Protocol):
@@ -128,6 +151,7 @@ def _int(c: _Collector, payload: dict[str, Any], name: str, default: int, low: i
             return default
     if not low <= value <= high:
         c.add(name, f"Input should be between {low} and {high}.", "out_of_range")
+        return default  # refused: no caller computes with it on the way to the 422
     return int(value)
 
 
@@ -138,8 +162,11 @@ def _float(c: _Collector, payload: dict[str, Any], name: str, default: float, lo
     if isinstance(value, bool) or not isinstance(value, int | float):
         c.add(name, "Input should be a valid number.", "float_type")
         return default
-    if not low <= float(value) <= high:
+    # A JSON integer has no bound: float() of 1 followed by 400 zeros raises OverflowError, so the range is checked
+    # on the number as given (Python compares an int with a float exactly); inf and nan never pass it.
+    if not low <= value <= high:
         c.add(name, f"Input should be between {low} and {high}.", "out_of_range")
+        return default  # refused: no caller computes with it (round(inf) raises) on the way to the 422
     return float(value)
 
 
@@ -214,8 +241,13 @@ def _image_url(
             c.add("image_url", f"The image is larger than {endpoint.max_input_image_bytes} bytes.", "too_large")
             return None, None
         return None, _check_image(c, data, "The data URI does not hold a readable image.")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(value)
+        hostname = parts.hostname  # parsed lazily: an unclosed or bad [IPv6] literal raises here, not above
+    except ValueError:
+        c.add("image_url", "Input should be an http(s) URL or a data URI.", "url_parsing")
+        return None, None
+    if parts.scheme not in ("http", "https") or not hostname:
         c.add("image_url", "Input should be an http(s) URL or a data URI.", "url_scheme")
         return None, None
     try:

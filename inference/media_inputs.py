@@ -45,8 +45,11 @@ ASPECT_RATIOS: dict[str, tuple[int, int]] = {
 }
 AUTO = "auto"  # image to video: the start image's aspect ratio
 # The shorter side and "p": the schema's pattern, which JSON Schema and browsers read as ECMAScript, and ours.
-RESOLUTION_PATTERN = r"^[1-9][0-9]{1,4}p$"
-RESOLUTION = re.compile(RESOLUTION_PATTERN)
+_SHORT_SIDE = r"[1-9][0-9]{1,4}"
+RESOLUTION_PATTERN = rf"^{_SHORT_SIDE}p$"
+# Ours matched whole (fullmatch), not by the schema's anchors: Python's $ also matches before a trailing newline, and
+# "64p\n" passed, to fail in int() later. The group is the number.
+RESOLUTION = re.compile(rf"({_SHORT_SIDE})p")
 AUDIO_FORMATS = ("wav", "mp3")
 
 
@@ -148,7 +151,10 @@ def _frames(c: _Collector, payload: dict[str, Any], endpoint: Endpoint, fps: int
         c.add("duration", "Give num_frames or duration, not both.", "value_error")
         return endpoint.default_num_frames
     longest = endpoint.max_frames / fps
+    refused = len(c.errors)
     duration = _float(c, payload, "duration", 0.0, 0.0, longest)
+    if len(c.errors) > refused:
+        return endpoint.default_num_frames  # told once, as out of range or not a number
     frames = round(duration * fps)
     if 0 < duration <= longest and frames < 1:
         c.add("duration", f"At {fps} fps that is less than one frame.", "out_of_range")
@@ -170,11 +176,11 @@ def _video_size(
     short_side = default_short
     resolution = payload.get("resolution")
     if resolution is not None:
-        match = RESOLUTION.match(resolution) if isinstance(resolution, str) else None
+        match = RESOLUTION.fullmatch(resolution) if isinstance(resolution, str) else None
         if match is None:
             c.add("resolution", "Input should be the shorter side in pixels followed by p, like 480p.", "pattern")
         else:
-            short_side = int(resolution.removesuffix("p"))
+            short_side = int(match.group(1))
             largest = min(endpoint.max_width, endpoint.max_height)
             if short_side % VIDEO_SIZE_MULTIPLE or not VIDEO_SIZE_MULTIPLE <= short_side <= largest:
                 c.add(
@@ -284,7 +290,10 @@ def _seconds_total(c: _Collector, payload: dict[str, Any], endpoint: Endpoint) -
     value = payload.get("seconds_total")
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    # Only a float can be inf or nan; math.isfinite of an int beyond a float's range raises OverflowError, and the
+    # range check below refuses such an int as it is.
+    not_finite = isinstance(value, float) and not math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not_finite:
         c.add("seconds_total", "Input should be a valid number.", "float_type")
         return default
     longest = endpoint.max_audio_seconds

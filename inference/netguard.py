@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import logging
 import os
 import socket
 import ssl
@@ -27,6 +28,8 @@ import httpx
 from django.conf import settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+logger = logging.getLogger(__name__)
 
 ALLOWED_SCHEMES = ("http", "https")
 # Names that mean "this machine" without asking DNS (RFC 6761 reserves all of *.localhost).
@@ -78,10 +81,21 @@ def forbidden_reason(address: IPAddress) -> str | None:
     return next((reason for failed, reason in checks if failed), None)
 
 
+# Every refusal of a host reads the same to the caller: "could not be resolved" against "resolves to 10.96.14.7, a
+# private address" would make us an oracle for how our internal names resolve (a webhook URL naming
+# postgres.default.svc.cluster.local answered with its address). Why, and the address, go to our log only.
+HOST_REFUSED = "The host is not reachable at a public address."
+
+
+def _refuse_host(host: str, why: str) -> UnsafeUrl:
+    logger.info("outbound request to host %r refused: %s", host, why)
+    return UnsafeUrl(HOST_REFUSED)
+
+
 def _check_name(host: str) -> None:
     name = host.lower().rstrip(".")
     if name in LOCAL_NAMES or name.endswith(".localhost"):
-        raise UnsafeUrl(f"Host {host!r} refers to this machine; use a public address.")
+        raise _refuse_host(host, "it refers to this machine")
 
 
 def resolve(host: str, port: int, *, allow_private: bool) -> list[str]:
@@ -94,7 +108,7 @@ def resolve(host: str, port: int, *, allow_private: bool) -> list[str]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
-        raise UnsafeUrl(f"Host {host!r} could not be resolved ({exc}).") from None
+        raise _refuse_host(host, f"it could not be resolved ({exc})") from None
     addresses: list[str] = []
     for _family, _type, _proto, _canonname, sockaddr in infos:
         text = str(sockaddr[0])
@@ -104,10 +118,10 @@ def resolve(host: str, port: int, *, allow_private: bool) -> list[str]:
             # Scoped IPv6 literals (fe80::1%eth0) are link-local; ipaddress keeps the scope.
             reason = forbidden_reason(ipaddress.ip_address(text))
             if reason:
-                raise UnsafeUrl(f"Host {host!r} resolves to {text}, {reason}; only public addresses are allowed.")
+                raise _refuse_host(host, f"it resolves to {text}, {reason}")
         addresses.append(text)
     if not addresses:
-        raise UnsafeUrl(f"Host {host!r} has no address.")
+        raise _refuse_host(host, "it has no address")
     return addresses
 
 
@@ -118,18 +132,21 @@ def check_url(url: str, *, allow_private: bool | None = None) -> None:
     """
     try:
         parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError) as exc:
+        host = parsed.host
+    except (httpx.InvalidURL, TypeError, ValueError) as exc:
+        # ValueError: httpx decodes the host lazily, and idna's errors (UnicodeError) for a bad A-label such as
+        # xn--a.com are not httpx's own.
         raise UnsafeUrl(f"Not a valid URL: {exc}.") from None
     if parsed.scheme not in ALLOWED_SCHEMES:
         raise UnsafeUrl("Only http and https URLs are allowed.")
-    if not parsed.host:
+    if not host:
         raise UnsafeUrl("The URL has no host.")
     if parsed.userinfo:
         raise UnsafeUrl("Credentials in the URL are not allowed.")
     if _allow_private(allow_private):
         return
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    resolve(parsed.host, port, allow_private=False)
+    resolve(host, port, allow_private=False)
 
 
 class _GuardedBackend(httpcore.NetworkBackend):

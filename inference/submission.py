@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 import uuid
 from concurrent.futures import Future
@@ -12,6 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
+from django.core.files.storage import FileSystemStorage, default_storage
 from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.utils import timezone
 
@@ -132,8 +135,9 @@ def submit_job(
         job_input["retention_seconds"] = retention_seconds
     if previews:
         job_input[PREVIEWS_FLAG] = True
+    saved_image: str | None = None
     if inline_image is not None:
-        job_input["image_path"] = files.save_input_image(organization.pk, job_id, inline_image)
+        saved_image = job_input["image_path"] = files.save_input_image(organization.pk, job_id, inline_image)
     try:
         job = _queued(
             Job(
@@ -153,12 +157,48 @@ def submit_job(
             )
         )
     except IntegrityError:
-        # Another request with the same Idempotency-Key won the race: answer with its job.
+        # Another request with the same Idempotency-Key won the race: answer with its job. Ours was not stored, so
+        # neither is its image (the earlier job has its own).
+        if saved_image is not None:
+            _discard_input(saved_image)
         earlier = _same_key(organization, idempotency_key, fingerprint) if idempotency_key else None
         if earlier is None:
             raise
         return earlier, False
+    except SubmissionRefused:
+        # Refused (no credit, a spend limit, a key's limit): rolled back whole, the job is not there to purge it.
+        if saved_image is not None:
+            _discard_input(saved_image)
+        raise
+    except BaseException:
+        if saved_image is not None and not _stored(job_id):
+            _discard_input(saved_image)
+        raise
     return job, True
+
+
+def _stored(job_id: uuid.UUID) -> bool:
+    """Whether the job is in the database after ``_queued`` failed: a failure after the commit (a lost connection
+    on the way back) leaves it there, its input with it. Where that cannot be read, it may be: its input is kept,
+    as a stray file costs less than a job whose input is gone."""
+    try:
+        return Job.objects.filter(pk=job_id).exists()
+    except Exception:  # a broken connection or transaction: the error being raised is the one to tell
+        return True
+
+
+def _discard_input(name: str) -> None:
+    """Deletes the input image saved for a job that was not stored: no job points at it, so the purge, which goes by
+    jobs, would never reach it. Its folder too where the storage keeps folders, as the purge does
+    (``files._delete_job_files``)."""
+    storage = default_storage
+    try:
+        storage.delete(name)
+        if isinstance(storage, FileSystemStorage):
+            with contextlib.suppress(OSError):  # not empty, or already gone
+                os.rmdir(os.path.dirname(storage.path(name)))
+    except Exception:  # the request's own answer matters more than a stray file
+        logger.warning("could not delete the input %s of a submission that was not stored", name, exc_info=True)
 
 
 def _queued(job: Job) -> Job:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import re
 import uuid
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from accounts.models import ApiKey, Scope
 from accounts.policy import maker_role
 from inference import files
 from inference.files import MAX_RETENTION_SECONDS
-from inference.inputs import image_pixels_problem
+from inference.inputs import image_pixels_problem, lifecycle_header_object
 from inference.models import Upload, UploadPart, UploadStatus
 
 # What an upload may hold: images, the one kind of file the endpoints take (Pillow reads each of them).
@@ -121,9 +120,9 @@ def lifecycle_seconds(headers: Any) -> int | None:
         if not value:
             continue
         try:
-            seconds = json.loads(value).get("expiration_duration_seconds")
-        except (ValueError, AttributeError):
-            raise InvalidInput([problem(["header", name], "Invalid JSON.", "json")]) from None
+            seconds = lifecycle_header_object(value).get("expiration_duration_seconds")
+        except ValueError as refusal:
+            raise InvalidInput([problem(["header", name], str(refusal), "json")]) from None
         if seconds is None:
             return None
         if isinstance(seconds, bool) or not isinstance(seconds, int) or not 60 <= seconds <= MAX_RETENTION_SECONDS:
