@@ -70,10 +70,24 @@ def valid_end_user(tag: str) -> bool:
     return END_USER_PATTERN.fullmatch(tag) is not None
 
 
-def _fingerprint(endpoint: Endpoint, payload: Any, webhook_url: str, end_user: str = "") -> str:
+def _fingerprint(
+    endpoint: Endpoint,
+    payload: Any,
+    webhook_url: str,
+    end_user: str = "",
+    *,
+    retention_seconds: int | None = None,
+    start_timeout: float | None = None,
+) -> str:
+    """What an Idempotency-Key stands for: the same key with another request is refused, never answered with the
+    first request's job. The output retention and the start timeout (headers) are part of the request: a replay that
+    asks for others would otherwise get a job that keeps its outputs, or waits to start, other than it asked."""
     request: list[Any] = [endpoint.endpoint_id, payload, webhook_url]
     if end_user:  # only then: the fingerprints of untagged requests stay what they were
         request.append(end_user)
+    options = {"retention_seconds": retention_seconds, "start_timeout": start_timeout}
+    if any(value is not None for value in options.values()):  # only then, as for the tag
+        request.append({name: value for name, value in options.items() if value is not None})
     canonical = json.dumps(request, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -114,7 +128,9 @@ def submit_job(
     if end_user and not valid_end_user(end_user):
         raise SubmissionRefused(f"The end user tag must be {END_USER_RULE}", error_type="invalid_end_user",
                                 status_code=422)  # fmt: skip
-    fingerprint = _fingerprint(endpoint, payload, webhook_url, end_user)
+    fingerprint = _fingerprint(
+        endpoint, payload, webhook_url, end_user, retention_seconds=retention_seconds, start_timeout=start_timeout
+    )
     if idempotency_key:
         earlier = _same_key(organization, idempotency_key, fingerprint)
         if earlier is not None:

@@ -343,3 +343,20 @@ def test_each_operation_documents_its_own_refusals(openapi: dict[str, Any]) -> N
     assert "text/csv" in paths["/v1/usage"]["get"]["responses"]["200"]["content"]
     limit = next(p for p in paths["/v1/keys"]["get"]["parameters"] if p["name"] == "limit")
     assert limit["schema"] == {"type": "integer", "minimum": 1, "maximum": 200}
+
+
+def test_a_reused_idempotency_key_with_other_headers_is_refused(submitting: APIClient) -> None:
+    """The output retention and the start timeout are part of the request: the same key asking for others is refused,
+    not answered with a job that keeps its outputs, or waits to start, other than it asked; the same headers again
+    are a replay."""
+    body = {"prompt": "a lighthouse"}
+    first = submitting.post("/queue/platform/tiny-sd", body, format="json", HTTP_IDEMPOTENCY_KEY="headers",
+                            HTTP_X_FAL_REQUEST_TIMEOUT="30")  # fmt: skip
+    assert first.status_code == 200, first.content
+    again = submitting.post("/queue/platform/tiny-sd", body, format="json", HTTP_IDEMPOTENCY_KEY="headers",
+                            HTTP_X_FAL_REQUEST_TIMEOUT="30")  # fmt: skip
+    assert again.json()["request_id"] == first.json()["request_id"]
+    for other in ({"HTTP_X_FAL_REQUEST_TIMEOUT": "60"}, {}):
+        reused = submitting.post("/queue/platform/tiny-sd", body, format="json", HTTP_IDEMPOTENCY_KEY="headers",
+                                 **other)  # fmt: skip
+        assert reused.json()["error_type"] == "idempotency_key_reused", other
