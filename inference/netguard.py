@@ -125,6 +125,9 @@ def resolve(host: str, port: int, *, allow_private: bool) -> list[str]:
     return addresses
 
 
+MAX_PORT = 65535
+
+
 def check_url(url: str, *, allow_private: bool | None = None) -> None:
     """Raises ``UnsafeUrl`` unless ``url`` is http(s) with a host whose every address is public.
 
@@ -143,6 +146,9 @@ def check_url(url: str, *, allow_private: bool | None = None) -> None:
         raise UnsafeUrl("The URL has no host.")
     if parsed.userinfo:
         raise UnsafeUrl("Credentials in the URL are not allowed.")
+    if parsed.port is not None and not 0 < parsed.port <= MAX_PORT:
+        # httpx keeps 99999 as it is, and a socket would take it modulo 65536: another port than the one written.
+        raise UnsafeUrl(f"The port must be from 1 to {MAX_PORT}.")
     if _allow_private(allow_private):
         return
     port = parsed.port or (443 if parsed.scheme == "https" else 80)

@@ -293,3 +293,10 @@ def test_fetch_bytes_reports_a_refused_connection() -> None:
 def test_errors_are_value_errors() -> None:
     errors: list[Callable[..., Exception]] = [UnsafeUrl, TooLarge, OutboundError]
     assert all(issubclass(error, ValueError) for error in errors)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("url", ["http://93.184.215.14:99999/hook", "https://example.com:65536/", "http://a.com:0/"])
+def test_refuses_a_port_out_of_range(url: str) -> None:
+    """httpx keeps a port as written and a socket would take it modulo 65536: another port than the one asked."""
+    with pytest.raises(UnsafeUrl, match="port must be from 1 to 65535"):
+        check_url(url, allow_private=True)
