@@ -295,7 +295,6 @@ def grant_credits(
 
 
 @transaction.atomic
-@transaction.atomic
 def refund_job(*, job: Job, actor: Actor = SYSTEM, reason: str = "") -> CreditEntry:
     """Gives back what a finished request cost, once (the usage records stay: the refund is a new entry).
 

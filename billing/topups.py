@@ -18,6 +18,7 @@ from django.db import transaction
 from django.db.models import F, QuerySet
 from django.utils import timezone
 
+from accounts.models import Organization
 from billing.locks import locked_account
 from billing.models import Account, Payment, PaymentKind, PaymentStatus
 from billing.stripe_errors import PaymentError
@@ -80,13 +81,17 @@ def auto_top_up(*, organization_id: uuid.UUID) -> Payment | None:
     """Charges the default card off-session when the balance is below the threshold, at most one at a time.
 
     The payment is created under the account's lock after checking that none is pending (and a unique
-    constraint backs that), and not within ``BILLING_AUTO_TOP_UP_RETRY_SECONDS`` of a declined one.
+    constraint backs that), and not within ``BILLING_AUTO_TOP_UP_RETRY_SECONDS`` of a declined one. A suspended
+    organization's card is never charged unattended: its members cannot turn auto top-up off while it is suspended
+    (the dashboard is read-only for it), and it runs nothing that needs the credit.
     """
     from billing.charges import charge  # imported here: charging imports ``controls``, which imports this module
 
     with transaction.atomic(durable=True):
         account = locked_account(organization_id)
         if not needs_top_up(account):
+            return None
+        if Organization.objects.filter(pk=organization_id, suspended_at__isnull=False).exists():
             return None
         mine = Payment.objects.filter(organization_id=organization_id, kind=PaymentKind.AUTO_TOP_UP)
         if mine.filter(status=PaymentStatus.PENDING).exists():

@@ -294,6 +294,8 @@ def test_frequent_entries_expire_after_their_interval(report: dict[str, Any]) ->
             continue  # a crontab entry: daily or nightly, never superseded before it runs
         expires_in = outcome["expires_in"]
         assert expires_in is not None, f"{name} (every {every:g} s) is sent without an expiry"
-        assert every / 2 < expires_in <= every, f"{name} (every {every:g} s) expires in {expires_in:g} s"
+        # One interval, and never sooner than a minute (a 5 s sweep waiting behind two slow webhook deliveries runs).
+        lifetime = max(every, 60.0)
+        assert lifetime / 2 < expires_in <= lifetime, f"{name} (every {every:g} s) expires in {expires_in:g} s"
         if name in frequent:
             assert outcome["queue"] == "default", f"{name} runs every {every:g} s on {outcome['queue']}"

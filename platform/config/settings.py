@@ -495,18 +495,24 @@ CELERY_TASK_ROUTES = {
     "inference.*": {"queue": "default"},
     "billing.*": {"queue": "default"},
 }
-# An interval entry's message expires after one interval (``options.expires``): a worker drops one that waited longer
-# (behind a stall, a restart, a busy pool) instead of running it and the ones after it back to back, since a newer
-# one is already on its way. The expiry is a timestamp beat writes and the worker reads, so their clocks must agree
-# within a fraction of the shortest interval (NTP). Crontab entries (daily and nightly runs) never expire: the next
-# one is a day away.
+# An interval entry's message expires after one interval, and never sooner than a minute (``options.expires``): a
+# worker drops one that waited longer (behind a stall, a restart) instead of running it and the ones after it back to
+# back, since a newer one is on its way. Not sooner than a minute: a sweep due every 5 s that waits behind two slow
+# webhook deliveries (15 s each) must still run, or none would run while the wait lasts (nothing reaped, nothing sent
+# again); and beat writes the expiry as a moment the worker reads, so their clocks need only agree within a minute.
+# Crontab entries (daily and nightly runs) never expire: the next one is a day away.
+BEAT_EXPIRY_FLOOR_SECONDS = 60.0
 CELERY_BEAT_SCHEDULE = {
     "inference-sweep": {
         "task": "inference.sweep",
         "schedule": float(JOB_SWEEP_SECONDS),
-        "options": {"expires": float(JOB_SWEEP_SECONDS)},
+        "options": {"expires": max(float(JOB_SWEEP_SECONDS), BEAT_EXPIRY_FLOOR_SECONDS)},
     },
-    "inference-webhooks": {"task": "inference.deliver_due_webhooks", "schedule": 5.0, "options": {"expires": 5.0}},
+    "inference-webhooks": {
+        "task": "inference.deliver_due_webhooks",
+        "schedule": 5.0,
+        "options": {"expires": BEAT_EXPIRY_FLOOR_SECONDS},
+    },
     "inference-purge-outputs": {
         "task": "inference.purge_expired_outputs",
         "schedule": 3600.0,

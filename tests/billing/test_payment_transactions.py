@@ -72,3 +72,23 @@ def test_an_auto_top_up_inside_another_transaction_fails_before_stripe_is_asked(
     assert intents_of(customer_id) == []
     assert topups.auto_top_up(organization_id=organization.pk) is not None  # on its own, it charges
     assert len(intents_of(customer_id)) == 1
+
+
+def test_a_suspended_organizations_card_is_not_charged_unattended(
+    fake_stripe: FakeStripe, tenant: dict[str, Any], sent_tasks: list[Any]
+) -> None:
+    """Its members cannot turn auto top-up off while it is suspended (the dashboard is read-only for it), and it
+    runs nothing that needs the credit: no unattended charge until an operator lifts the suspension."""
+    from accounts.services import set_organization_suspended
+
+    organization = tenant["organization"]
+    cards.attach_payment_method(organization=organization, payment_method_id="pm_card_visa")
+    customer_id = Account.objects.get(pk=organization.pk).stripe_customer_id
+    threshold = Account.objects.get(pk=organization.pk).available_micros + 1
+    controls.set_auto_top_up(organization=organization, enabled=True, threshold_micros=threshold, amount_cents=2_000)
+    set_organization_suspended(organization=organization, suspended=True)
+    assert topups.auto_top_up(organization_id=organization.pk) is None
+    assert intents_of(customer_id) == []
+    set_organization_suspended(organization=organization, suspended=False)
+    assert topups.auto_top_up(organization_id=organization.pk) is not None
+    assert len(intents_of(customer_id)) == 1
