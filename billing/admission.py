@@ -326,21 +326,35 @@ def reserve(job: Job, gpu_ms: int, ahead_ms: int) -> Reservation | Refusal:
     # Settlement prices the job at the price in force when it started, which may differ from the admission's.
     quote = pricing.price_for(job.endpoint, job.started_at or timezone.now(), job.organization_id)
     coverage = _coverage(hold.amount_micros, quote)
-    if coverage.covered_gpu_ms is None or gpu_ms <= coverage.covered_gpu_ms:
+    if coverage.covered_gpu_ms is None:
+        # Priced by output (or free): held whole at admission, at the price then. Where the price at the start asks
+        # more (a new version took effect while the job waited), the hold grows to the asked outputs' cost at it
+        # before any work, within the same limits, or the job stops here: settlement bills at the start's price,
+        # capped at the hold, and would otherwise bill fewer outputs than it delivered.
+        asked = pricing.hold_micros(job.endpoint, job.input, quote)
+        if asked <= hold.amount_micros:
+            return coverage
+        return _grow(job, quote, needed_micros=asked, wanted_micros=asked)
+    if gpu_ms <= coverage.covered_gpu_ms:
         return coverage
-    return _extend(job, quote, gpu_ms, ahead_ms)
+    price = quote.unit_price_micros
+    return _grow(
+        job, quote, needed_micros=gpu_cost_micros(gpu_ms, price),
+        wanted_micros=gpu_cost_micros(gpu_ms + max(ahead_ms, 0), price),
+    )  # fmt: skip
 
 
 @retrying_atomic
-def _extend(job: Job, quote: pricing.Quote, gpu_ms: int, ahead_ms: int) -> Reservation | Refusal:
+def _grow(job: Job, quote: pricing.Quote, *, needed_micros: int, wanted_micros: int) -> Reservation | Refusal:
+    """The job's hold grown to ``needed_micros`` at least and ``wanted_micros`` where the limits leave room, decided
+    on its locked hold and account; the refusal of the tightest limit where even ``needed_micros`` does not fit."""
     hold = locked_open_hold(job.pk)  # the job's hold, then its account (the lock order)
     if hold is None:
         return UNLIMITED
-    price = quote.unit_price_micros
-    needed = gpu_cost_micros(gpu_ms, price) - hold.amount_micros
+    needed = needed_micros - hold.amount_micros
     if needed <= 0:
         return _coverage(hold.amount_micros, quote)
-    wanted = gpu_cost_micros(gpu_ms + max(ahead_ms, 0), price) - hold.amount_micros
+    wanted = wanted_micros - hold.amount_micros
     account = locked_account(job.organization_id)
     limit = KeySpendLimit.objects.filter(api_key_id=job.api_key_id).first() if job.api_key_id is not None else None
     end_user_limit = end_users.limit_of(job.organization_id, job.end_user) if job.end_user else None

@@ -967,3 +967,32 @@ def test_a_request_not_finished_is_not_refunded(tenant: dict[str, Any], builtin_
     assert refund_job(job=job).amount_micros == billed > 0
     with pytest.raises(BillingError, match="already been refunded"):
         refund_job(job=job)
+
+
+@pytest.mark.parametrize("credit_after", [None, 12_000])
+def test_a_per_output_price_raised_while_the_job_waits_is_held_at_the_start(
+    tenant: dict[str, Any], per_image: Endpoint, credit_after: int | None
+) -> None:
+    """Settlement bills at the price in force when the job started, capped at its hold: held at the admission's
+    lower price, three images delivered were billed as one. The hold grows to the asked outputs' cost at the start's
+    price before any work, within the credit; where the credit does not cover it, the job stops before it runs."""
+    organization, key = tenant["organization"], tenant["api_key"]
+    job = submit(organization, per_image, api_key=key, num_images=3)
+    assert Hold.objects.get(job=job).amount_micros == 3 * IMAGE_PRICE
+    Price.objects.create(endpoint=per_image, unit=PriceUnit.IMAGE, unit_price_micros=2 * IMAGE_PRICE,
+                         effective_from=datetime.now(UTC))  # fmt: skip
+    job = start(job)
+    if credit_after is not None:
+        set_balance(organization, credit_after)  # less than three images at the new price
+        answer = attempts.reserve_work(job=job, gpu_ms=1)
+        assert isinstance(answer, Refusal)
+        assert answer.error_type == "insufficient_credits"
+        assert Hold.objects.get(job=job).amount_micros == 3 * IMAGE_PRICE  # unchanged: nothing ran
+        return
+    assert attempts.reserve_work(job=job, gpu_ms=1) == Reservation(covered_gpu_ms=None)
+    assert Hold.objects.get(job=job).amount_micros == 6 * IMAGE_PRICE
+    assert books(organization).held_micros == 6 * IMAGE_PRICE
+    finish(job, gpu_ms=1_800, reserve=False)
+    record = UsageRecord.objects.get(job=job)
+    assert (record.billable_units, record.cost_micros) == (Decimal(3), 6 * IMAGE_PRICE)
+    assert books(organization).held_micros == 0
