@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -39,12 +40,22 @@ class ChoosePasswordForm(forms.Form):
         return password
 
 
+def _folded(email: str) -> str:
+    return unicodedata.normalize("NFKC", email).casefold()
+
+
 class PasswordResetForm(auth_forms.PasswordResetForm):
-    """Django's, with the emails to any one address capped (silently: the page answers the same)."""
+    """Django's, with the emails to any one address capped (silently: the page answers the same), and sent to an
+    account with no password yet: a person invited to an organization (``dashboard.views.team.invite``) who lost
+    the invitation or let its link expire claims the address this way. Django's leaves such accounts out (it takes
+    "no usable password" to mean "signs in another way"), and nothing else here could ever reach them: the
+    address would be held for good by whoever invited it."""
 
     def get_users(self, email: str) -> Iterator[Any]:
-        for user in super().get_users(email):
-            if may_email(email):
+        people = User.objects.filter(email__iexact=email, is_active=True)
+        for user in people:
+            # The same address, not one the database's case-insensitive match merely finds alike (as Django compares).
+            if _folded(email) == _folded(user.email) and may_email(email):
                 yield user
 
 

@@ -13,6 +13,7 @@ from django.utils.encoding import force_bytes
 from django.utils.http import urlsafe_base64_encode
 from django.views.decorators.http import require_POST
 
+from accounts.login_protection import HOUR, Throttle, may_email
 from accounts.models import ApiKey, Membership, User
 from accounts.services import (
     AccountsError,
@@ -65,6 +66,18 @@ def send_invitation(request: HttpRequest, user: User, context: Context) -> None:
     )
 
 
+# Invitations that make an account and send an email, per organization an hour: an organization's name is in the
+# email, so without a cap anyone who signs up could mail any number of addresses through us.
+INVITATIONS_PER_HOUR = 20
+
+
+def _may_invite(context: Context, email: str) -> bool:
+    """Whether one more invitation to a new address may go out: the organization's hourly cap, and the cap on
+    emails to any one address that sign-up and password resets share (``may_email``)."""
+    invitations = Throttle("invite-organization", INVITATIONS_PER_HOUR, HOUR)
+    return invitations.count(str(context.organization.pk)) <= INVITATIONS_PER_HOUR and may_email(email)
+
+
 @require_POST
 @dashboard_view("manage_members")
 def invite(request: HttpRequest, context: Context) -> HttpResponse:
@@ -74,6 +87,9 @@ def invite(request: HttpRequest, context: Context) -> HttpResponse:
         return redirect("dashboard:members")
     email, actor = form.cleaned_data["email"].lower(), actor_of(request, context)
     user = User.objects.filter(email__iexact=email).first()
+    if user is None and not _may_invite(context, email):
+        messages.error(request, "Too many invitations to new addresses this hour: try again later.")
+        return redirect("dashboard:members")
     try:
         if user is None:
             user = sign_up(email=email, password=None, actor=actor)

@@ -11,7 +11,7 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
-from accounts.models import ApiKey, Membership, Role
+from accounts.models import ApiKey, Membership, Role, User
 from accounts.services import add_member
 from inference.models import Endpoint, Job
 from tests.conftest import TEST_PASSWORD
@@ -225,3 +225,39 @@ def test_usage_page_and_csv(tenant: dict[str, Any], builtin_endpoint: Endpoint) 
     assert export["Content-Type"].startswith("text/csv")
     assert "platform/tiny-sd" in export.content.decode()
     assert client.get("/dashboard/usage", {"start": "2026-02-01", "end": "2026-01-01"}).status_code == 200
+
+
+def test_invitations_to_new_addresses_are_capped_per_organization(tenant: dict[str, Any]) -> None:
+    """An organization's name is in the invitation: without a cap anyone who signs up could mail any number of
+    addresses through us (each also made an account)."""
+    from dashboard.views.team import INVITATIONS_PER_HOUR
+
+    client = browser(tenant["user"])
+    token = csrf(client, "/dashboard/members")
+    for number in range(INVITATIONS_PER_HOUR + 3):
+        invitation = {"email": f"invitee{number}@example.com", "role": "developer", "csrfmiddlewaretoken": token}
+        client.post("/dashboard/members/invite", invitation)
+    assert len(mail.outbox) == INVITATIONS_PER_HOUR
+    assert not User.objects.filter(email=f"invitee{INVITATIONS_PER_HOUR}@example.com").exists()
+
+
+def test_an_invited_person_who_lost_the_invitation_claims_the_address_by_a_password_reset(
+    tenant: dict[str, Any], client: Client
+) -> None:
+    """The invitation makes an account with no password; its link expires. A reset reaches such an account (Django's
+    leaves it out), or the address would be held for good by whoever invited it."""
+    inviter = browser(tenant["user"])
+    token = csrf(inviter, "/dashboard/members")
+    inviter.post("/dashboard/members/invite",
+                 {"email": "lost@example.com", "role": "developer", "csrfmiddlewaretoken": token})  # fmt: skip
+    assert not User.objects.get(email="lost@example.com").has_usable_password()
+    mail.outbox.clear()
+    client.post("/auth/password-reset", {"email": "LOST@example.com"})
+    [message] = mail.outbox
+    link = re.search(r"https?://[^/]+(/auth/password-reset/\S+)", message.body)
+    assert link is not None
+    chosen = client.get(link.group(1), follow=True)
+    form_url = chosen.redirect_chain[-1][0] if chosen.redirect_chain else link.group(1)
+    chosen_password = "a long enough passphrase 42"
+    client.post(form_url, {"new_password1": chosen_password, "new_password2": chosen_password})
+    assert User.objects.get(email="lost@example.com").check_password(chosen_password)
