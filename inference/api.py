@@ -28,6 +28,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from accounts.authentication import authenticate_token
 from accounts.errors import InvalidInput, problem
 from accounts.models import ApiKey, Scope
 from accounts.permissions import HasScope, request_api_key
@@ -574,10 +575,29 @@ async def status_stream(request: HttpRequest, owner: str, model: str, request_id
     if found.status_code != 200:
         return found
     job = await look_in_shared_threads(_load_job)(uuid.UUID(found.data["request_id"]))
-    return status_event_stream(job, request, with_logs=wants_logs(request))
+    return status_event_stream(job, request, with_logs=wants_logs(request), still_allowed=_key_still_accepted(request))
 
 
-def status_event_stream(job: Job, request: HttpRequest, *, with_logs: bool) -> StreamingHttpResponse:
+def _key_still_accepted(request: HttpRequest) -> Callable[[], bool]:
+    """Whether the key the stream was opened with would still be let in (not revoked, not expired, its organization
+    not suspended, its maker still a member: ``authenticate_token``, from the key cache as any request)."""
+    token = request.META.get("HTTP_AUTHORIZATION", "").partition(" ")[2]
+
+    def accepted() -> bool:
+        try:
+            authenticate_token(token)
+            return True
+        except exceptions.APIException:
+            return False
+        finally:
+            release_connection()
+
+    return accepted
+
+
+def status_event_stream(
+    job: Job, request: HttpRequest, *, with_logs: bool, still_allowed: Callable[[], bool] | None = None
+) -> StreamingHttpResponse:
     """The SSE response of a request's status, shared by the queue API and the dashboard.
 
     An event is sent when the status changes or new log lines come, and carries only the lines that are new since
@@ -587,6 +607,10 @@ def status_event_stream(job: Job, request: HttpRequest, *, with_logs: bool) -> S
     The view gives its connection back before it returns this (``release_connection``). The stream hands the
     request's thread back as it begins, once the middleware has run there too (the dashboard's session and messages
     hop to it after the view): while the page stays open it holds neither.
+
+    ``still_allowed``: asked again every ``STREAM_KEEP_ALIVE_SECONDS`` while the stream is open (the caller's key
+    or session checked once, at its start, would otherwise go on being answered after it was revoked, for as long
+    as the request waits); the stream ends when it says no, and the client's next request is refused as usual.
     """
 
     async def events() -> AsyncIterator[bytes]:
@@ -598,9 +622,13 @@ def status_event_stream(job: Job, request: HttpRequest, *, with_logs: bool) -> S
     async def looks(watch: job_events.Watch) -> AsyncIterator[bytes]:
         last = ""
         last_log_id = 0
-        quiet_since = time.monotonic()
+        quiet_since = checked_at = time.monotonic()
         current = job
         while True:
+            if still_allowed is not None and time.monotonic() - checked_at >= STREAM_KEEP_ALIVE_SECONDS:
+                checked_at = time.monotonic()
+                if not await look_in_shared_threads(still_allowed)():
+                    return
             payload, last_log_id = await look_in_shared_threads(_status_now)(current, request, with_logs, last_log_id)
             state = json.dumps({**payload, "logs": None}, separators=(",", ":"))
             if state != last or payload["logs"]:

@@ -16,6 +16,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from accounts.errors import AppError
+from accounts.models import Membership
 from billing.models import UsageRecord
 from dashboard.access import Context, dashboard_view, resolve
 from inference import files
@@ -96,7 +97,20 @@ async def request_events(request: HttpRequest, request_id: uuid.UUID) -> HttpRes
     job = await sync_to_async(find)()
     if job is None:
         return JsonResponse({"detail": "Request not found.", "error_type": "request_not_found"}, status=404)
-    return status_event_stream(job, request, with_logs=False)
+    session_key = request.session.session_key
+
+    def still_a_member() -> bool:
+        """The session not logged out and the person still an active member: asked again while the page is open."""
+        try:
+            signed_in = session_key is not None and request.session.exists(session_key)
+            member = Membership.objects.filter(
+                user_id=user.pk, user__is_active=True, organization_id=job.organization_id
+            ).exists()
+            return signed_in and member
+        finally:
+            release_connection()
+
+    return status_event_stream(job, request, with_logs=False, still_allowed=still_a_member)
 
 
 def with_cost(jobs: Any) -> Any:

@@ -1,0 +1,101 @@
+"""An open status stream stops answering once whatever let it in would no longer: its API key revoked, or the
+dashboard's session logged out. Checked at its start only, it went on answering for as long as its request waited
+(a queued job with no start deadline can wait for ever)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.db import connection
+from django.test import AsyncClient, Client
+
+from accounts.services import revoke_api_key
+from billing.ledger import grant_credits
+from inference import api
+from inference.models import Endpoint
+from tests.lifecycle import submit_as
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("priced_without_broker")]
+
+KEEP_ALIVE_SECONDS = 0.05
+
+
+def _closing(action: Any) -> Any:
+    def run(*args: Any) -> Any:
+        try:
+            return action(*args)
+        finally:
+            connection.close()
+
+    return run
+
+
+async def _chunks_after(response: Any, then: Any, *, most: int = 200) -> tuple[list[bytes], bool]:
+    """The first chunk, then ``then()``, then the chunks that follow: all of them, and whether the stream ended
+    (before ``most`` more)."""
+    chunks = [await asyncio.wait_for(response.streaming_content.__anext__(), 10)]
+    await then()
+    ended = False
+    for _ in range(most):
+        try:
+            chunks.append(await asyncio.wait_for(response.streaming_content.__anext__(), 10))
+        except StopAsyncIteration:
+            ended = True
+            break
+    return chunks, ended
+
+
+def test_a_status_stream_ends_once_its_key_is_revoked(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(api, "STREAM_KEEP_ALIVE_SECONDS", KEEP_ALIVE_SECONDS)
+    grant_credits(organization=tenant["organization"], amount_micros=10_000_000, reason="test")
+    job = submit_as(tenant, builtin_endpoint)  # no broker: it waits in its queue for ever
+    path = f"/queue/platform/tiny-sd/requests/{job.pk}/status/stream"
+    headers = {"Authorization": f"Key {tenant['token']}"}
+
+    async def scenario() -> tuple[list[bytes], bool, int]:
+        response = await AsyncClient().get(path, headers=headers)
+        assert response.status_code == 200
+
+        async def revoke() -> None:
+            await sync_to_async(_closing(lambda: revoke_api_key(api_key=tenant["api_key"])), thread_sensitive=False)()
+
+        chunks, ended = await _chunks_after(response, revoke)
+        again = await AsyncClient().get(path, headers=headers)
+        return chunks, ended, again.status_code
+
+    chunks, ended, refused = asyncio.run(scenario())
+    assert chunks[0].startswith(b"data: ")
+    assert ended, f"the stream went on after its key was revoked: {len(chunks)} chunks"
+    assert refused == 401
+
+
+def test_a_dashboard_status_stream_ends_once_its_session_is_logged_out(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(api, "STREAM_KEEP_ALIVE_SECONDS", KEEP_ALIVE_SECONDS)
+    job = submit_as(tenant, builtin_endpoint)
+    browser = Client()
+    browser.force_login(tenant["user"])
+    session_key = browser.session.session_key
+
+    async def scenario() -> tuple[list[bytes], bool]:
+        client = AsyncClient()
+        client.cookies = browser.cookies
+        response = await client.get(f"/dashboard/requests/{job.pk}/events")
+        assert response.status_code == 200, response.content
+
+        async def log_out() -> None:
+            from django.contrib.sessions.backends.db import SessionStore
+
+            await sync_to_async(_closing(lambda: SessionStore(session_key=session_key).delete()),
+                                thread_sensitive=False)()  # fmt: skip
+
+        return await _chunks_after(response, log_out)
+
+    chunks, ended = asyncio.run(scenario())
+    assert ended, f"the stream went on after its session was logged out: {len(chunks)} chunks"
