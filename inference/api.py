@@ -575,10 +575,10 @@ async def status_stream(request: HttpRequest, owner: str, model: str, request_id
     if found.status_code != 200:
         return found
     job = await look_in_shared_threads(_load_job)(uuid.UUID(found.data["request_id"]))
-    return status_event_stream(job, request, with_logs=wants_logs(request), still_allowed=_key_still_accepted(request))
+    return status_event_stream(job, request, with_logs=wants_logs(request), still_allowed=key_still_accepted(request))
 
 
-def _key_still_accepted(request: HttpRequest) -> Callable[[], bool]:
+def key_still_accepted(request: HttpRequest) -> Callable[[], bool]:
     """Whether the key the stream was opened with would still be let in (not revoked, not expired, its organization
     not suspended, its maker still a member: ``authenticate_token``, from the key cache as any request)."""
     token = request.META.get("HTTP_AUTHORIZATION", "").partition(" ")[2]

@@ -47,6 +47,7 @@ from inference.api import (
     SubmitView,
     find_endpoint,
     handle_payload,
+    key_still_accepted,
     look_in_shared_threads,
     result_body,
     run_before_waiting,
@@ -160,9 +161,16 @@ async def _events(job_id: uuid.UUID, request: HttpRequest) -> AsyncIterator[byte
 
 
 async def _looks(job_id: uuid.UUID, request: HttpRequest, watch: job_events.Watch) -> AsyncIterator[bytes]:
+    """The stream's events until the request ends; or until the key it was opened with would no longer be let in,
+    asked again every ``KEEP_ALIVE_SECONDS`` (``inference.api.status_event_stream``'s ``still_allowed``)."""
     last_log_id, state, preview_step = 0, "", 0
-    quiet_since = time.monotonic()
+    quiet_since = checked_at = time.monotonic()
+    still_allowed = key_still_accepted(request)
     while True:
+        if time.monotonic() - checked_at >= KEEP_ALIVE_SECONDS:
+            checked_at = time.monotonic()
+            if not await look_in_shared_threads(still_allowed)():
+                return
         look = await look_in_shared_threads(_look)(
             job_id, request, last_log_id=last_log_id, state=state, preview_step=preview_step
         )

@@ -99,3 +99,27 @@ def test_a_dashboard_status_stream_ends_once_its_session_is_logged_out(
 
     chunks, ended = asyncio.run(scenario())
     assert ended, f"the stream went on after its session was logged out: {len(chunks)} chunks"
+
+
+def test_a_run_stream_ends_once_its_key_is_revoked(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from inference import streaming
+
+    monkeypatch.setattr(streaming, "KEEP_ALIVE_SECONDS", KEEP_ALIVE_SECONDS)
+    grant_credits(organization=tenant["organization"], amount_micros=10_000_000, reason="test")
+    headers = {"Authorization": f"Key {tenant['token']}"}
+    body = {"prompt": "a lighthouse", "num_inference_steps": 2}
+
+    async def scenario() -> tuple[list[bytes], bool]:
+        response = await AsyncClient().post("/run/platform/tiny-sd/stream", body, content_type="application/json",
+                                            headers=headers)  # fmt: skip
+        assert response.status_code == 200, response.content
+
+        async def revoke() -> None:
+            await sync_to_async(_closing(lambda: revoke_api_key(api_key=tenant["api_key"])), thread_sensitive=False)()
+
+        return await _chunks_after(response, revoke)
+
+    chunks, ended = asyncio.run(scenario())
+    assert ended, f"the stream went on after its key was revoked: {len(chunks)} chunks"
