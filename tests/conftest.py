@@ -34,6 +34,32 @@ if TYPE_CHECKING:
 TEST_PASSWORD = "correct horse battery"
 
 
+def _flush_again_after_a_lost_race() -> None:
+    """A transactional test's teardown empties every table with one TRUNCATE, which takes each table's exclusive
+    lock in turn; the platform's own processes (the session's ``stack``: its worker still taking a leftover message,
+    its housekeeping's sweep) may hold one of them and wait for another, and PostgreSQL ends the deadlock by failing
+    the TRUNCATE. Its transaction rolled back, it is run again (the processes' statement is short) instead of failing
+    the test that had passed."""
+    from django.db import OperationalError
+    from django.db.backends.base.operations import BaseDatabaseOperations
+
+    flush = BaseDatabaseOperations.execute_sql_flush
+
+    def execute_sql_flush(self: BaseDatabaseOperations, sql_list: list[str]) -> None:
+        for attempt in range(5):
+            try:
+                flush(self, sql_list)
+                return
+            except OperationalError as error:
+                if getattr(error.__cause__, "sqlstate", None) != "40P01" or attempt == 4:  # deadlock_detected
+                    raise
+
+    BaseDatabaseOperations.execute_sql_flush = execute_sql_flush  # type: ignore[method-assign,assignment]
+
+
+_flush_again_after_a_lost_race()
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The tests that run the platform's own processes (the session's ``stack``) go last, after pytest-django's
