@@ -14,29 +14,11 @@ from django.db import OperationalError
 
 from billing.models import UsageRecord
 from inference import attempts, closing, worker
-from inference import dispatch as dispatching
-from inference.dispatch import dispatch_organization
-from inference.models import AttemptOutcome, Endpoint, Job, JobAttempt, JobStatus
-from tests.lifecycle import submit_as
+from inference.models import AttemptOutcome, Job, JobAttempt, JobStatus
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 REQUEUED = (JobStatus.QUEUED, JobStatus.DISPATCHED)
-
-
-@pytest.fixture
-def dispatch(tenant: dict[str, Any], builtin_endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Submits jobs and dispatches them at once (no broker: the messages are only recorded)."""
-    monkeypatch.setattr(dispatching, "send_run_message", lambda *message: True)
-    organization = tenant["organization"]
-    type(organization).objects.filter(pk=organization.pk).update(concurrency_limit=20)
-
-    def submit(**payload: Any) -> Job:
-        job = submit_as(tenant, builtin_endpoint, **payload)
-        dispatch_organization(organization.pk)
-        return Job.objects.get(pk=job.pk)
-
-    return submit
 
 
 def states(jobs: list[Job]) -> list[tuple[str, str, list[str]]]:

@@ -30,19 +30,6 @@ def _credit_for_every_request(tenant: dict[str, Any]) -> None:
     grant_credits(organization=tenant["organization"], amount_micros=100_000_000, reason="Dispatch tests")
 
 
-@pytest.fixture
-def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, str]]:
-    """What the dispatcher hands to the broker, in order (no broker needed)."""
-    messages: list[tuple[str, int, str]] = []
-
-    def record(job_id: str, attempt: int, queue: str) -> bool:
-        messages.append((job_id, attempt, queue))
-        return True
-
-    monkeypatch.setattr(dispatch, "send_run_message", record)
-    return messages
-
-
 def test_dispatch_sends_the_oldest_first_and_positions_are_distinct(
     tenant: dict[str, Any],
     builtin_endpoint: Endpoint,

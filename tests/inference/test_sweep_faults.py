@@ -19,19 +19,6 @@ from inference.models import Endpoint, Job, JobStatus
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, str]]:
-    """What the sweep hands to the broker, in order (no broker needed)."""
-    messages: list[tuple[str, int, str]] = []
-
-    def record(job_id: str, attempt: int, queue: str) -> bool:
-        messages.append((job_id, attempt, queue))
-        return True
-
-    monkeypatch.setattr(dispatch, "send_run_message", record)
-    return messages
-
-
 def dispatched_without_sent_at(tenant: dict[str, Any], endpoint: Endpoint, **times: Any) -> Job:
     """A job set DISPATCHED as an operator's SQL (or a row older than ``sent_at``) leaves it: no ``sent_at``."""
     job = Job.objects.create(

@@ -12,28 +12,10 @@ from typing import Any
 import pytest
 
 from inference import attempts, closing, worker
-from inference import dispatch as dispatching
-from inference.dispatch import dispatch_organization
 from inference.engine import BatchMeter
 from inference.models import AttemptOutcome, Endpoint, Job, JobAttempt, JobStatus
-from tests.lifecycle import submit_as
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def dispatch(tenant: dict[str, Any], builtin_endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Submits jobs and dispatches them at once (no broker: the messages are only recorded)."""
-    monkeypatch.setattr(dispatching, "send_run_message", lambda *message: True)
-    organization = tenant["organization"]
-    type(organization).objects.filter(pk=organization.pk).update(concurrency_limit=20)
-
-    def submit(**payload: Any) -> Job:
-        job = submit_as(tenant, builtin_endpoint, **payload)
-        dispatch_organization(organization.pk)
-        return Job.objects.get(pk=job.pk)
-
-    return submit
 
 
 @pytest.fixture

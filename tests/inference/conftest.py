@@ -1,0 +1,40 @@
+"""Fixtures the inference tests share: jobs dispatched at once, and the messages handed to the broker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from inference import dispatch as dispatching
+from inference.dispatch import dispatch_organization
+from inference.models import Endpoint, Job
+from tests.lifecycle import submit_as
+
+
+@pytest.fixture
+def dispatch(tenant: dict[str, Any], builtin_endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Submits jobs and dispatches them at once (no broker: the messages are only recorded)."""
+    monkeypatch.setattr(dispatching, "send_run_message", lambda *message: True)
+    organization = tenant["organization"]
+    type(organization).objects.filter(pk=organization.pk).update(concurrency_limit=20)
+
+    def submit(**payload: Any) -> Job:
+        job = submit_as(tenant, builtin_endpoint, **payload)
+        dispatch_organization(organization.pk)
+        return Job.objects.get(pk=job.pk)
+
+    return submit
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, str]]:
+    """What the dispatcher and the sweep hand to the broker, in order (no broker needed)."""
+    messages: list[tuple[str, int, str]] = []
+
+    def record(job_id: str, attempt: int, queue: str) -> bool:
+        messages.append((job_id, attempt, queue))
+        return True
+
+    monkeypatch.setattr(dispatching, "send_run_message", record)
+    return messages
