@@ -159,6 +159,10 @@ class Member:
     pending_preview: Preview | None = None
     logged_step: int = 0
     log_lock: threading.Lock = field(default_factory=threading.Lock)
+    # When its lease was last renewed, by this process's monotonic clock: its claim (the member is made just after),
+    # then each heartbeat that went through, from when it was asked. Each member's own: one job's failing heartbeats
+    # must not make its companions' leases look lapsed (`Heartbeat._beat`).
+    renewed_at: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         if self.total < 0:
@@ -298,7 +302,6 @@ class Heartbeat(threading.Thread):
 
     def run(self) -> None:
         interval = settings.JOB_HEARTBEAT_SECONDS
-        last_renewed = time.monotonic()
         try:
             for member in list(self.members):
                 publish(member.job_id)  # claimed: its waiters see it running, told here while the work starts
@@ -309,19 +312,17 @@ class Heartbeat(threading.Thread):
                     break
                 with self._members_lock:
                     members = [member for member in self.members if not member.done]
-                renewed = True
                 for member in members:
-                    renewed = self._beat(member, last_renewed) and renewed
+                    self._beat(member)
                     self.report(member)
-                if renewed:
-                    last_renewed = time.monotonic()
                 # Progress may come faster than the database needs it: at most one write per 0.25 s.
                 # (Waiting on the stop event, not sleeping, so a finished job frees the worker at once.)
                 self._done.wait(min(interval, 0.25))
         finally:
             connection.close()
 
-    def _beat(self, member: Member, last_renewed: float) -> bool:
+    def _beat(self, member: Member) -> None:
+        asked = time.monotonic()
         try:
             answer = attempts.heartbeat(
                 job_id=member.job_id,
@@ -335,13 +336,14 @@ class Heartbeat(threading.Thread):
             # lapsed the reaper owns it, and this attempt stops rather than run as a twin.
             logger.exception("heartbeat of job %s failed", member.job_id)
             connection.close()
-            if time.monotonic() - last_renewed <= settings.JOB_LEASE_SECONDS:
-                return False
+            if time.monotonic() - member.renewed_at <= settings.JOB_LEASE_SECONDS:
+                return
             answer = attempts.HeartbeatAnswer(False, "The lease could not be renewed.", "lost")
+        else:
+            member.renewed_at = asked
         if not answer.keep_going and not member.cancelled.is_set():
             member.stop_reason, member.stop_error_type = answer.reason, answer.error_type
             member.cancelled.set()
-        return True
 
     def stop(self) -> None:
         self._done.set()

@@ -6,6 +6,8 @@ Transactional: the heartbeat renews leases from its own thread and database conn
 
 from __future__ import annotations
 
+import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,6 +17,7 @@ from django.db import OperationalError
 from billing.models import UsageRecord
 from inference import attempts, closing, worker
 from inference.models import AttemptOutcome, Job, JobAttempt, JobStatus
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -177,3 +180,44 @@ def test_a_soft_time_limit_cutting_short_a_single_jobs_close_still_closes_it(
 
     assert states([job]) == [(JobStatus.COMPLETED, "", [AttemptOutcome.SUCCEEDED])]
     assert_billed_once([job])
+
+
+def test_one_members_failing_heartbeats_do_not_make_its_companions_leases_look_lapsed(
+    dispatch: Any, monkeypatch: pytest.MonkeyPatch, settings: Any
+) -> None:
+    """Each member's lease is its own: one job whose heartbeat keeps failing (its row locked by an operator's
+    statement, a bug in one tenant's account) is stopped once its own lease has surely lapsed, while a companion
+    renewed a few seconds ago rides out a passing hiccup. With the batch's one "last renewed" clock, held back by the
+    failing job, the companion's hiccup as that lease lapsed stopped its paid work as lost."""
+    settings.JOB_HEARTBEAT_SECONDS = 0.01
+    settings.JOB_LEASE_SECONDS = 30
+    failing, healthy = (worker.Member(index=index, job=dispatch(seed=index + 1), attempt=1) for index in range(2))
+    start = time.monotonic()
+    clock = {"now": start}  # the worker's clock, and only the worker's: five seconds a round of heartbeats
+    monkeypatch.setattr(worker, "time", SimpleNamespace(monotonic=lambda: clock["now"]))
+    healthy_beats: list[bool] = []
+
+    def beat(*, job_id: str, **_: Any) -> attempts.HeartbeatAnswer:
+        if job_id == failing.job_id:
+            raise OperationalError("could not obtain lock on row")
+        clock["now"] += 5
+        # Two hiccups as the failing job's lease lapses, 30 s on: the healthy job's was renewed 5 s before.
+        went_through = clock["now"] - start <= settings.JOB_LEASE_SECONDS or healthy_beats.count(False) >= 2
+        healthy_beats.append(went_through)
+        if not went_through:
+            raise OperationalError("server closed the connection unexpectedly")
+        return attempts.HeartbeatAnswer(True, "", "")
+
+    monkeypatch.setattr(attempts, "heartbeat", beat)
+    heartbeat = worker.Heartbeat([failing, healthy])
+    heartbeat.start()
+    try:
+        wait_until(
+            lambda: failing.cancelled.is_set() and healthy_beats[-2:] == [True, True],
+            timeout=30,
+            message=lambda: f"the failing member stopped, the healthy one through its hiccups: {healthy_beats}",
+        )
+    finally:
+        heartbeat.stop()
+    assert failing.stop_error_type == "lost"
+    assert not healthy.cancelled.is_set(), healthy.stop_reason
