@@ -21,6 +21,7 @@ from rest_framework.response import Response
 
 from accounts.api import request_actor
 from accounts.errors import InvalidInput, problem
+from accounts.models import Scope
 from accounts.parsers import StrictCursorPagination
 from accounts.permissions import request_organization
 from accounts.schema import error
@@ -80,9 +81,28 @@ class AttachPaymentMethod(serializers.Serializer[Any]):
 
 
 class PaymentMethodsView(StripeMoneyView):
+    """The organization's saved cards: listing them, like saving one, needs the ``admin`` scope, the one scope that
+    manages billing (accounts.policy), as the dashboard shows cards only to the members who manage billing. A
+    ``usage:read`` key is answered 403 ``insufficient_scope``: it reads usage, the balance and payments, not what pays.
+    """
+
+    def get_permissions(self) -> Any:
+        permissions = super().get_permissions()
+        self.required_scope = Scope.ADMIN  # reading too (MoneyView lets usage:read read)
+        return permissions
+
     @extend_schema(
-        responses={200: OpenApiTypes.OBJECT, **PAYMENT_ERRORS},
-        summary="Saved cards, the default one, and the publishable key for Stripe.js",
+        responses={
+            200: OpenApiTypes.OBJECT,
+            403: error("The key lacks the `admin` scope (`insufficient_scope`), or its organization is suspended."),
+            **PAYMENT_ERRORS,
+        },
+        summary="Saved cards, the default one, and the publishable key for Stripe.js (admin scope)",
+        description=(
+            "Each saved card's brand, last four digits and expiry, which is the default, and the publishable key for "
+            "Stripe.js. Needs the `admin` scope, as saving or removing a card does: a `usage:read` key is answered "
+            "403 `insufficient_scope`."
+        ),
     )
     def get(self, request: Request) -> Response:
         organization = request_organization(request)

@@ -44,12 +44,18 @@ def _folded(email: str) -> str:
     return unicodedata.normalize("NFKC", email).casefold()
 
 
+RESET_EMAIL_TEMPLATE = "dashboard/auth/password_reset_email.txt"
+
+
 class PasswordResetForm(auth_forms.PasswordResetForm):
     """Django's, with the emails to any one address capped (silently: the page answers the same), and sent to an
     account with no password yet: a person invited to an organization (``dashboard.views.team.invite``) who lost
     the invitation or let its link expire claims the address this way. Django's leaves such accounts out (it takes
     "no usable password" to mean "signs in another way"), and nothing else here could ever reach them: the
-    address would be held for good by whoever invited it."""
+    address would be held for good by whoever invited it.
+
+    The page only checks the address; a worker looks it up and sends the link (``send_password_reset_email``), so
+    the request takes as long for an address with an account as for one without."""
 
     def get_users(self, email: str) -> Iterator[Any]:
         people = User.objects.filter(email__iexact=email, is_active=True)
@@ -57,6 +63,14 @@ class PasswordResetForm(auth_forms.PasswordResetForm):
             # The same address, not one the database's case-insensitive match merely finds alike (as Django compares).
             if _folded(email) == _folded(user.email) and may_email(email):
                 yield user
+
+
+def send_password_reset_email(*, email: str, domain: str, use_https: bool) -> None:
+    """The worker's half of a password reset (``dashboard.tasks``): looks the address up and emails each account that
+    has it a link on ``domain``, the host the reset was asked on; nothing for an address with no account."""
+    form = PasswordResetForm({"email": email})
+    if form.is_valid():
+        form.save(domain_override=domain, use_https=use_https, email_template_name=RESET_EMAIL_TEMPLATE)
 
 
 class InviteForm(forms.Form):

@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from dashboard.views import auth, billing, requests, team, usage
+from dashboard.views import auth, billing, invitations, requests, team, usage
 
 app_name = "dashboard"
 
@@ -19,6 +19,7 @@ urlpatterns = [
     path("keys/<uuid:key_id>/revoke", team.revoke_key, name="revoke-key"),
     path("members", team.members, name="members"),
     path("members/invite", team.invite, name="invite"),
+    path("members/invitations/<int:invitation_id>/revoke", team.revoke_invitation_view, name="revoke-invitation"),
     path("members/<int:membership_id>/role", team.change_role, name="change-role"),
     path("members/<int:membership_id>/remove", team.remove, name="remove-member"),
     path("billing", billing.billing, name="billing"),
@@ -39,6 +40,7 @@ auth_urlpatterns = [
     path("signup", auth.signup, name="signup"),
     path("signup/sent", auth.signup_sent, name="signup_sent"),
     path("signup/confirm/<str:token>", auth.signup_confirm, name="signup_confirm"),
+    path("invitation/<str:secret>", invitations.invitation, name="invitation"),
     path("login", auth.LoginView.as_view(), name="login"),
     path("logout", auth_views.LogoutView.as_view(), name="logout"),
     path("password-reset", auth.PasswordResetView.as_view(), name="password_reset"),

@@ -3,13 +3,16 @@
 Log in and password reset are Django's views with throttled forms (accounts/login_protection.py). Sign-up
 proves the address before anything is created: the form only sends an email, the same page follows whether
 or not the address has an account (a link to choose a password, or a note to the owner that someone tried),
-so neither sign-up nor password reset tells anyone which addresses have accounts.
+so neither sign-up nor password reset tells anyone which addresses have accounts. A password reset does not tell by
+its time either: the request hands the address to a worker (``dashboard.tasks``), which looks it up and sends the link.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from celery import current_app
 from django.conf import settings
 from django.contrib.auth import login
 from django.contrib.auth import views as auth_views
@@ -34,6 +37,9 @@ from accounts.models import User
 from accounts.services import AccountsError, Actor, sign_up
 from dashboard.access import SESSION_KEY, resolve
 from dashboard.forms import ChoosePasswordForm, PasswordResetForm, SignUpForm
+from dashboard.tasks import RESET_TASK
+
+logger = logging.getLogger(__name__)
 
 SIGNUP_SALT = "dashboard.signup"
 
@@ -48,9 +54,17 @@ class LoginView(auth_views.LoginView):
 
 class PasswordResetView(auth_views.PasswordResetView):
     template_name = "dashboard/auth/password_reset_form.html"
-    email_template_name = "dashboard/auth/password_reset_email.txt"
     form_class = PasswordResetForm
     success_url = reverse_lazy("password_reset_done")
+
+    def form_valid(self, form: Any) -> HttpResponse:
+        """Hands the address to a worker and answers at once, whether or not an account has it: looking it up, making
+        the token and sending the email (Django's does them here) would make the answer slower for an address that
+        has an account than for one that has none."""
+        request_password_reset(
+            email=form.cleaned_data["email"], domain=self.request.get_host(), use_https=self.request.is_secure()
+        )
+        return HttpResponseRedirect(self.get_success_url())
 
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         refusal = check_form_post(request, "password-reset")
@@ -60,6 +74,15 @@ class PasswordResetView(auth_views.PasswordResetView):
         form.is_valid()
         form.add_error(None, refusal)
         return refused_with_retry_after(self.form_invalid(form), refusal.retry_after)
+
+
+def request_password_reset(*, email: str, domain: str, use_https: bool) -> None:
+    """One message for the worker, the same for every address. A broker that is down loses it (logged): the page
+    answers the same, and the visitor asks again."""
+    try:
+        current_app.send_task(RESET_TASK, args=[email, domain, use_https], retry=False)
+    except Exception as exc:
+        logger.warning("broker refused a password reset email: %s; it is not sent", exc)
 
 
 class PasswordResetConfirmView(auth_views.PasswordResetConfirmView):

@@ -4,31 +4,29 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.contrib import messages
-from django.contrib.auth.tokens import default_token_generator
 from django.core.mail import send_mail
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
-from django.utils.encoding import force_bytes
-from django.utils.http import urlsafe_base64_encode
 from django.views.decorators.http import require_POST
 
 from accounts.login_protection import HOUR, Throttle, may_email
-from accounts.models import ApiKey, Membership, User
+from accounts.models import ApiKey, Invitation, Membership
 from accounts.services import (
     AccountsError,
     Actor,
-    add_member,
     change_member_role,
     create_api_key,
+    invite_member,
     remove_member,
     revoke_api_key,
-    sign_up,
+    revoke_invitation,
 )
 from billing.api import key_spend_this_month
 from billing.models import KeySpendLimit
 from dashboard.access import Context, dashboard_view
 from dashboard.forms import InviteForm, KeyForm, RoleForm
+from dashboard.views.invitations import pending_invitations
 
 
 def actor_of(request: HttpRequest, context: Context) -> Actor:
@@ -38,42 +36,47 @@ def actor_of(request: HttpRequest, context: Context) -> Actor:
 @dashboard_view()
 def members(request: HttpRequest, context: Context) -> HttpResponse:
     rows = Membership.objects.filter(organization=context.organization).select_related("user").order_by("user__email")
+    waiting = pending_invitations(context.organization.pk) if context.can("manage_members") else []
     return render(
         request,
         "dashboard/members.html",
-        {**context.as_template(), "members": rows, "invite_form": InviteForm(), "role_form": RoleForm()},
+        {
+            **context.as_template(),
+            "members": rows,
+            "invitations": waiting,
+            "invite_form": InviteForm(),
+            "role_form": RoleForm(),
+        },
     )
 
 
-def send_invitation(request: HttpRequest, user: User, context: Context) -> None:
-    link = request.build_absolute_uri(
-        reverse(
-            "password_reset_confirm",
-            kwargs={
-                "uidb64": urlsafe_base64_encode(force_bytes(user.pk)),
-                "token": default_token_generator.make_token(user),
-            },
-        )
-    )
+def send_invitation(request: HttpRequest, invitation: Invitation, secret: str, context: Context) -> None:
+    """The link that joins: it shows the organization, the role and who invites, and joins only when the person
+    signed in with the address says so (``dashboard.views.invitations``)."""
+    link = request.build_absolute_uri(reverse("invitation", args=[secret]))
+    days = max(settings.INVITATION_MAX_AGE_SECONDS // 86400, 1)
     send_mail(
         subject=f"You are invited to {context.organization.name}",
         message=(
-            f"{context.user.email} invited you to the organization {context.organization.name}.\n\n"
-            f"Choose a password to start: {link}\n"
+            f"{context.user.email} invited you to the organization {context.organization.name} "
+            f"as {invitation.get_role_display().lower()}.\n\n"
+            f"To accept (or decline), open: {link}\n\n"
+            f"The link works for {days} day{'s' if days != 1 else ''}. If you do not know this organization, "
+            "ignore this email: nothing happens unless you accept.\n"
         ),
         from_email=settings.DEFAULT_FROM_EMAIL,
-        recipient_list=[user.email],
+        recipient_list=[invitation.email],
     )
 
 
-# Invitations that make an account and send an email, per organization an hour: an organization's name is in the
-# email, so without a cap anyone who signs up could mail any number of addresses through us.
+# Invitations emailed per organization an hour: an organization's name is in the email, so without a cap anyone
+# who signs up could mail any number of addresses through us.
 INVITATIONS_PER_HOUR = 20
 
 
 def _may_invite(context: Context, email: str) -> bool:
-    """Whether one more invitation to a new address may go out: the organization's hourly cap, and the cap on
-    emails to any one address that sign-up and password resets share (``may_email``)."""
+    """Whether one more invitation may go out: the organization's hourly cap, and the cap on emails to any one
+    address that sign-up and password resets share (``may_email``)."""
     invitations = Throttle("invite-organization", INVITATIONS_PER_HOUR, HOUR)
     return invitations.count(str(context.organization.pk)) <= INVITATIONS_PER_HOUR and may_email(email)
 
@@ -86,19 +89,30 @@ def invite(request: HttpRequest, context: Context) -> HttpResponse:
         messages.error(request, "Give a valid email address and a role.")
         return redirect("dashboard:members")
     email, actor = form.cleaned_data["email"].lower(), actor_of(request, context)
-    user = User.objects.filter(email__iexact=email).first()
-    if user is None and not _may_invite(context, email):
-        messages.error(request, "Too many invitations to new addresses this hour: try again later.")
+    if Membership.objects.filter(organization=context.organization, user__email__iexact=email).exists():
+        messages.error(request, f"{email} is already a member.")
+        return redirect("dashboard:members")
+    if not _may_invite(context, email):
+        messages.error(request, "Too many invitations this hour: try again later.")
         return redirect("dashboard:members")
     try:
-        if user is None:
-            user = sign_up(email=email, password=None, actor=actor)
-            send_invitation(request, user, context)
-        add_member(organization=context.organization, user=user, role=form.cleaned_data["role"], actor=actor)
+        invitation, secret = invite_member(
+            organization=context.organization, email=email, role=form.cleaned_data["role"], actor=actor
+        )
     except AccountsError as exc:
         messages.error(request, str(exc))
-    else:
-        messages.success(request, f"{email} is now a member ({form.cleaned_data['role']}).")
+        return redirect("dashboard:members")
+    send_invitation(request, invitation, secret, context)
+    messages.success(request, f"Invitation sent to {email}: they join when they accept it.")
+    return redirect("dashboard:members")
+
+
+@require_POST
+@dashboard_view("manage_members", while_suspended=True)  # takes access away: allowed while suspended
+def revoke_invitation_view(request: HttpRequest, context: Context, invitation_id: int) -> HttpResponse:
+    invitation = get_object_or_404(Invitation, pk=invitation_id, organization=context.organization)
+    revoke_invitation(invitation=invitation, actor=actor_of(request, context))
+    messages.success(request, f"The invitation to {invitation.email} was withdrawn.")
     return redirect("dashboard:members")
 
 

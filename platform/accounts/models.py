@@ -151,6 +151,40 @@ class Membership(models.Model):
         return f"{self.user} in {self.organization} ({self.role})"
 
 
+class Invitation(models.Model):
+    """An invitation to join an organization, waiting for the invited person to accept it.
+
+    Nobody becomes a member of an organization without saying so: an invitation names an email address and a role,
+    and only the person who signs in with that address (or makes the account from the emailed link, which proves
+    it) turns it into a membership (``accounts.services.accept_invitation``). Until then the organization sees
+    nothing of them and they nothing of it. The link carries a random secret; only its SHA-256 is kept, as for
+    API keys. One waiting invitation per organization and address: inviting again replaces its secret and expiry.
+    """
+
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="invitations")
+    email = models.EmailField(max_length=254)
+    role = models.CharField(max_length=16, choices=Role.choices)
+    invited_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    secret_hash = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(Lower("email"), "organization", name="invitation_unique_address"),
+        ]
+        ordering = ("organization", "email")
+
+    def __str__(self) -> str:
+        return f"{self.email} to {self.organization} ({self.role})"
+
+    @property
+    def expired(self) -> bool:
+        return self.expires_at <= timezone.now()
+
+
 class Scope(models.TextChoices):
     INFERENCE = "inference", "Run models"
     USAGE_READ = "usage:read", "Read usage and billing"
@@ -245,6 +279,8 @@ class AuditAction(models.TextChoices):
     ROLE_CHANGED = "membership.role_changed", "Role changed"
     MEMBER_ADDED = "membership.added", "Member added"
     MEMBER_REMOVED = "membership.removed", "Member removed"
+    MEMBER_INVITED = "membership.invited", "Member invited"
+    INVITATION_REVOKED = "membership.invitation_revoked", "Invitation revoked"
     ORG_SUSPENDED = "organization.suspended", "Organization suspended"
     ORG_UNSUSPENDED = "organization.unsuspended", "Organization unsuspended"
     LIMITS_CHANGED = "organization.limits_changed", "Limits changed"

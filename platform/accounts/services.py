@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 from django.conf import settings
@@ -24,6 +24,7 @@ from accounts.models import (
     ApiKey,
     AuditAction,
     AuditEvent,
+    Invitation,
     Membership,
     Organization,
     Role,
@@ -380,6 +381,85 @@ def add_member(*, organization: Organization, user: User, role: str, actor: Acto
         metadata={"role": role},
     )
     return membership
+
+
+class InvitationUnusable(AccountsError):
+    """The invitation link is unknown, expired, already used or withdrawn, or names another address."""
+
+    error_type = "invitation_unusable"
+
+
+def _invitation_by_secret(secret: str) -> Invitation | None:
+    return Invitation.objects.select_related("organization").filter(secret_hash=hash_secret(secret)).first()
+
+
+@transaction.atomic
+def invite_member(
+    *, organization: Organization, email: str, role: str, actor: Actor = SYSTEM
+) -> tuple[Invitation, str]:
+    """An invitation for ``email`` to join ``organization`` as ``role``, and the secret of its link (shown once, in
+    the email). Nobody is added until the person accepts (``accept_invitation``); no account is made for a new
+    address either: the link proves the address, and the account is made when it is accepted. Inviting an address
+    again while its invitation waits gives it a new secret, role and expiry (the old link stops working)."""
+    _validate_role(role)
+    email = User.objects.normalize_email(email).lower()
+    lock_organization(organization.pk)  # one organization's invitations in turn: the unique address stays one row
+    if Membership.objects.filter(organization=organization, user__email__iexact=email).exists():
+        raise AccountsError(f"{email} is already a member of {organization}.")
+    secret = secrets.token_urlsafe(32)
+    invitation, _ = Invitation.objects.update_or_create(
+        organization=organization,
+        email=email,
+        defaults={
+            "role": role,
+            "invited_by": actor.user,
+            "secret_hash": hash_secret(secret),
+            "created_at": timezone.now(),
+            "expires_at": timezone.now() + timedelta(seconds=settings.INVITATION_MAX_AGE_SECONDS),
+        },
+    )
+    record_audit(
+        action=AuditAction.MEMBER_INVITED,
+        actor=actor,
+        organization=organization,
+        metadata={"email": email, "role": role},
+    )
+    return invitation, secret
+
+
+def waiting_invitation(secret: str) -> Invitation:
+    """The invitation a link's secret names, while it can still be accepted; else ``InvitationUnusable``."""
+    invitation = _invitation_by_secret(secret)
+    if invitation is None or invitation.expired:
+        raise InvitationUnusable("This invitation link is not valid any more: ask for a new invitation.")
+    return invitation
+
+
+@transaction.atomic
+def accept_invitation(*, secret: str, user: User, actor: Actor = SYSTEM) -> Membership:
+    """``user`` joins the organization of the invitation whose link carries ``secret``, with its role, if the
+    invitation is for ``user``'s email address and can still be used; the invitation is used up. Raises
+    ``InvitationUnusable`` otherwise (a link used twice at once: one of the two joins)."""
+    found = _invitation_by_secret(secret)
+    invitation = Invitation.objects.select_for_update().filter(pk=found.pk).first() if found else None
+    if invitation is None or invitation.expired or invitation.secret_hash != hash_secret(secret):
+        raise InvitationUnusable("This invitation link is not valid any more: ask for a new invitation.")
+    if invitation.email.lower() != user.email.lower():
+        raise InvitationUnusable(f"This invitation is for {invitation.email}: sign in with that address to accept it.")
+    invitation.delete()
+    return add_member(organization=invitation.organization, user=user, role=invitation.role, actor=actor)
+
+
+@transaction.atomic
+def revoke_invitation(*, invitation: Invitation, actor: Actor = SYSTEM) -> None:
+    deleted, _ = Invitation.objects.filter(pk=invitation.pk).delete()
+    if deleted:
+        record_audit(
+            action=AuditAction.INVITATION_REVOKED,
+            actor=actor,
+            organization=invitation.organization,
+            metadata={"email": invitation.email, "role": invitation.role},
+        )
 
 
 @transaction.atomic

@@ -103,6 +103,8 @@ AUTH_FORM_POSTS_PER_ADDRESS = env_int("AUTH_FORM_POSTS_PER_ADDRESS", 20, minimum
 AUTH_EMAILS_PER_RECIPIENT = env_int("AUTH_EMAILS_PER_RECIPIENT", 3, minimum=1)
 # A sign-up is confirmed from the emailed link within this time.
 SIGNUP_LINK_MAX_AGE_SECONDS = env_int("SIGNUP_LINK_MAX_AGE_SECONDS", 24 * 3600, minimum=60)
+# An invitation to an organization is accepted from the emailed link within this time.
+INVITATION_MAX_AGE_SECONDS = env_int("INVITATION_MAX_AGE_SECONDS", 7 * 24 * 3600, minimum=60)
 
 INSTALLED_APPS = [
     "config.apps.PlatformAdminConfig",  # django.contrib.admin with the operators' pages

@@ -109,7 +109,7 @@ def test_saving_listing_choosing_and_removing_cards(
     _, token = make_key(tenant["organization"], scopes=[Scope.USAGE_READ])
     reader = APIClient()
     reader.credentials(HTTP_AUTHORIZATION=f"Key {token}")
-    assert reader.get("/v1/billing/payment-methods").status_code == 200
+    assert reader.get("/v1/billing/payment-methods").status_code == 403  # cards: admin scope only
     assert reader.get("/v1/billing/purchases").status_code == 200
     card = {"payment_method": "pm_card_visa"}
     assert reader.post("/v1/billing/payment-methods", card, format="json").status_code == 403
