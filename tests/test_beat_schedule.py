@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OUR_APPS = ("billing.", "inference.")
+OUR_APPS = ("billing.", "dashboard.", "inference.")
 LIMIT_VARIABLES = ("CELERY_TASK_TIME_LIMIT", "CELERY_TASK_SOFT_TIME_LIMIT")
 # The long periodic tasks: minutes to an hour each, all due at about the same time. On the batch worker, one at a time.
 LONG_TASKS = {
