@@ -13,7 +13,8 @@ from typing import Any, cast
 from django.conf import settings
 from django.db import OperationalError, connection
 from django.db.models import Exists, F, OuterRef, Q, Value
-from django.db.models.functions import Coalesce
+from django.db.models.expressions import CombinedExpression
+from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
 from accounts import statements
@@ -33,8 +34,34 @@ from inference.models import (
 logger = logging.getLogger(__name__)
 
 
-def lease_deadline() -> Any:
-    return timezone.now() + timedelta(seconds=settings.JOB_LEASE_SECONDS)
+# The database's clock in the statements written out here (PostgreSQL's, as Django's ``Now()`` writes it there), and
+# a lease taken or renewed by such a statement: ``JOB_LEASE_SECONDS`` past it, the seconds a parameter of its own so
+# that a prepared statement's text stays the same whatever the setting (``accounts.statements.in_turn``).
+DATABASE_NOW = "statement_timestamp()"
+LEASE_SQL = f"{DATABASE_NOW} + make_interval(secs => %s)"
+
+
+def lease_deadline() -> CombinedExpression:
+    """When a lease taken or renewed now lapses: ``JOB_LEASE_SECONDS`` past the database's clock, an expression for
+    the ORM's UPDATE (the statements written out send ``LEASE_SQL``).
+
+    Which clock. A lease is written by the worker that holds it and compared by the housekeeping process that reaps
+    it (``inference.closing.reap_expired_leases``); a start deadline is written by a web host and compared by the
+    worker that claims the job, the worker or reaper that decides on a retry, and the sweep that ends the request.
+    Every such write and comparison goes by the one clock all of them share, the database's (``Now()``: PostgreSQL's
+    ``statement_timestamp()``, SQLite's own clock on the one machine it serves): with each process's own clock, a
+    worker 40 s behind the reaper would have every live job reaped (its paid work thrown away and run again), and one
+    40 s ahead would keep a dead worker's job 40 s longer.
+
+    The stamps that record when something happened stay on the clock of the process that did it: an attempt's
+    ``started_at`` and ``heartbeat_at`` (the worker's), a job's ``started_at`` and ``finished_at``. A reap records
+    the GPU time an attempt held unbilled as ``heartbeat_at - started_at``, two readings of its worker's clock that a
+    stamp of another clock on either side would move by the skew; the GPU time billed is the worker's monotonic
+    clock's. No lease or deadline is compared with them. The one comparison of such stamps across machines,
+    reconciliation's check that no attempt started after its cancel was accepted (a worker's ``started_at`` against
+    a web host's ``cancel_requested_at``), can report a false drift under a skew, and changes nothing that runs or
+    is billed."""
+    return Now() + timedelta(seconds=settings.JOB_LEASE_SECONDS)
 
 
 def claim_message(
@@ -113,9 +140,10 @@ def claim_job(*, job_id: str, attempt: int, worker: str, tell_waiters: bool = Tr
 @retrying_atomic
 def _claim(job_id: str, attempt: int, worker: str) -> bool:
     now = timezone.now()
-    # A request whose start deadline has passed is not started: the sweep (or its waiting sync run) ends it.
+    # A request whose start deadline has passed (by the database's clock: ``lease_deadline``) is not started: the
+    # sweep (or its waiting sync run) ends it.
     claimed = Job.objects.filter(
-        Q(start_deadline__isnull=True) | Q(start_deadline__gt=now),
+        Q(start_deadline__isnull=True) | Q(start_deadline__gt=Now()),
         pk=job_id,
         status=JobStatus.DISPATCHED,
         attempt=attempt,
@@ -159,12 +187,11 @@ def _claimed_by_one_query(job_id: str, attempt: int, worker: str) -> Sequence[An
     claim_values = [
         JobStatus.RUNNING.value,
         worker,
-        datetime_field.get_db_prep_value(lease_deadline(), connection),
+        settings.JOB_LEASE_SECONDS,
         datetime_field.get_db_prep_value(now, connection),
         Job._meta.pk.get_db_prep_value(job_id, connection),
         JobStatus.DISPATCHED.value,
         attempt,
-        datetime_field.get_db_prep_value(now, connection),
     ]
     with connection.cursor() as cursor:
         statements.in_turn(
@@ -183,11 +210,12 @@ def _claimed_by_one_query(job_id: str, attempt: int, worker: str) -> Sequence[An
 @cache
 def _claim_statement(attempt_sql: str, line_sql: str) -> str:
     job_table = Job._meta.db_table
-    # A request whose start deadline has passed is not started: the sweep (or its waiting sync run) ends it.
+    # The lease, and whether the start deadline has passed, by the database's clock (``lease_deadline``).
     return (
-        f"WITH claimed AS (UPDATE {job_table} SET status = %s, worker = %s, lease_expires_at = %s, "  # noqa: S608
+        f"WITH claimed AS (UPDATE {job_table} SET status = %s, worker = %s, lease_expires_at = {LEASE_SQL}, "  # noqa: S608
         "started_at = COALESCE(started_at, %s), progress_step = 0, progress_total = 0 "
-        "WHERE id = %s AND status = %s AND attempt = %s AND (start_deadline IS NULL OR start_deadline > %s) "
+        "WHERE id = %s AND status = %s AND attempt = %s "
+        f"AND (start_deadline IS NULL OR start_deadline > {DATABASE_NOW}) "
         f"RETURNING {statements.columns(Job)}), "
         f"started AS ({attempt_sql}), line AS ({line_sql}) "
         f"SELECT {statements.columns(Job, 'claimed')}, "
@@ -261,8 +289,7 @@ def _renewed(job_id: str, attempt: int, step: int, total: int) -> Job | None:
         job_key = Job._meta.pk.get_db_prep_value(job_id, connection)
         values = [
             datetime_field.get_db_prep_value(now, connection), job_key, attempt, AttemptOutcome.RUNNING.value,
-            datetime_field.get_db_prep_value(lease_deadline(), connection), step, total, job_key,
-            JobStatus.RUNNING.value, attempt,
+            settings.JOB_LEASE_SECONDS, step, total, job_key, JobStatus.RUNNING.value, attempt,
         ]  # fmt: skip
         with connection.cursor() as cursor:
             # Planned once where a stale plan can be prepared afresh and sent again: with no transaction open, as a
@@ -282,7 +309,7 @@ def _heartbeat_statement() -> str:
     return (
         f"WITH beat AS (UPDATE {JobAttempt._meta.db_table} SET heartbeat_at = %s "  # noqa: S608 - names only
         "WHERE job_id = %s AND number = %s AND outcome = %s) "
-        f"UPDATE {Job._meta.db_table} SET lease_expires_at = %s, progress_step = %s, progress_total = %s "
+        f"UPDATE {Job._meta.db_table} SET lease_expires_at = {LEASE_SQL}, progress_step = %s, progress_total = %s "
         f"WHERE id = %s AND status = %s AND attempt = %s RETURNING {statements.columns(Job)}"
     )
 

@@ -10,6 +10,8 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.db import connection, transaction
+from django.db.models import Func, Value
+from django.db.models.functions import Greatest, Now
 from django.utils import timezone
 
 from accounts import statements
@@ -96,7 +98,7 @@ def _close(
     """Moves ``job`` (locked by ``lock_running_job``) on from its attempt ``attempt_row``, closed at ``now``."""
     job.cold_start_ms += cold_start_ms
     # Only what the move writes is saved: the row's input (and whatever else) stays as it is under the lock.
-    if retry and _may_retry(job, now):
+    if retry and _may_retry(job):
         changed = transitions.assign(job, transitions.retried())
         again = f"Attempt {job.attempt} failed ({error}); the request is queued again."
         line = log_line(job.id, again, level="WARNING")
@@ -137,13 +139,17 @@ def _close(
             hooks.attempt_finished(job, attempt_row)
 
 
-def _may_retry(job: Job, now: Any) -> bool:
+def _may_retry(job: Job) -> bool:
     """Whether the platform runs a failed attempt again: attempts remain, the customer has not asked to stop, and the
     request's start deadline (X-Fal-Request-Timeout) has not passed. As on fal, the start timeout covers retries
-    too: once it is reached no further attempt starts, and the attempt's own failure is the request's outcome."""
+    too: once it is reached no further attempt starts, and the attempt's own failure is the request's outcome.
+
+    The deadline by the database's clock, as the claim and the sweep read it (``attempts.lease_deadline``), not by
+    the clock of the worker or reaper closing the attempt: one read, only for a request with a start deadline that
+    could run again."""
     if job.attempt >= job.max_attempts or job.cancel_requested_at is not None:
         return False
-    if job.start_deadline is not None and job.start_deadline <= now:
+    if job.start_deadline is not None and Job.objects.filter(pk=job.pk, start_deadline__lte=Now()).exists():
         log_job(job.id, "Its start timeout has passed: the request is not retried.", level="WARNING")
         return False
     return True
@@ -198,14 +204,17 @@ def _has_queued_jobs(organization_id: uuid.UUID) -> bool:
 
 
 def reap_expired_leases() -> int:
-    """Jobs whose worker stopped renewing its lease: close the attempt (unbilled) and retry or fail."""
-    now = timezone.now()
+    """Jobs whose worker stopped renewing its lease: close the attempt (unbilled) and retry or fail.
+
+    A lease has lapsed once the database's clock has passed it, the clock it was written by
+    (``attempts.lease_deadline``), whatever this process's clock says. That clock is read with the rows, and each
+    reap takes its job only if, once it is locked, its lease still lapsed before that reading: a heartbeat since
+    keeps it."""
     reaped = 0
-    for job_id, attempt in Job.objects.filter(status=JobStatus.RUNNING, lease_expires_at__lt=now).values_list(
-        "id", "attempt"
-    ):
+    expired = Job.objects.filter(status=JobStatus.RUNNING, lease_expires_at__lt=Now()).annotate(database_now=Now())
+    for job_id, attempt, database_now in expired.values_list("id", "attempt", "database_now"):
         try:
-            reaped += _reap(job_id, attempt, now)
+            reaped += _reap(job_id, attempt, database_now)
         except SoftTimeLimitExceeded:
             raise  # the sweep's time is up: it stops here (the next one starts over), not at the hard kill
         except Exception:  # one bad row must not stop the reaper for everyone else
@@ -214,10 +223,11 @@ def reap_expired_leases() -> int:
 
 
 @retrying_atomic
-def _reap(job_id: uuid.UUID, attempt: int, now: Any) -> int:
-    running = lock_running_job(job_id, attempt, lease_expired_before=now)
+def _reap(job_id: uuid.UUID, attempt: int, expired_before: datetime) -> int:
+    running = lock_running_job(job_id, attempt, lease_expired_before=expired_before)
     if running is None:
         return 0
+    now = timezone.now()  # the attempt's and the job's end, stamped as every stamp is (``attempts.lease_deadline``)
     attempt_row = lock_attempt(job_id, attempt)
     # The GPU was held at least until the last heartbeat; record that, unbilled.
     held_ms = max(0, math.ceil((attempt_row.heartbeat_at - attempt_row.started_at).total_seconds() * 1000))
@@ -276,21 +286,29 @@ def _end_unstarted(job: Job, now: Any, *, error: str, error_type: str, **also: A
     transaction.on_commit(lambda: _after_attempt(organization_id, job_id, True, has_webhook=has_webhook), robust=True)
 
 
-def expire_unstarted(now: Any = None, *, job_id: uuid.UUID | None = None) -> int:
+def expire_unstarted(now: datetime | None = None, *, job_id: uuid.UUID | None = None) -> int:
     """Requests whose start deadline (``X-Fal-Request-Timeout``) passed before a worker started them: ended as
     CANCELLED with ``error_type: timeout``, never billed. The sweep calls it for all of them; a sync run waiting on
     one calls it for that one, the moment its deadline passes. A claim made before the deadline wins: a started
-    request runs as long as it needs."""
-    now = now or timezone.now()
+    request runs as long as it needs.
+
+    Passed by the database's clock, as the claim reads the deadline (``attempts.lease_deadline``): a request the
+    sweep leaves is one a worker may still start. For one request (``job_id``, its waiting sync run's) also by the
+    caller's clock (this process's): the run asks the moment the deadline passes by that clock, which wrote it at
+    the submission, and would ask again at once, in a loop, while the database's clock is behind. ``now``: also
+    passed by then (the caller's own moment); the requests ended are stamped with it."""
+    passed: Func = Now()
+    if now is not None or job_id is not None:
+        passed = Greatest(Now(), Value(now or timezone.now()))
     waiting = Job.objects.filter(
-        status__in=(JobStatus.QUEUED, JobStatus.DISPATCHED), start_deadline__isnull=False, start_deadline__lte=now
+        status__in=(JobStatus.QUEUED, JobStatus.DISPATCHED), start_deadline__isnull=False, start_deadline__lte=passed
     )
     if job_id is not None:
         waiting = waiting.filter(pk=job_id)
     expired = 0
     for expiring_id in waiting.order_by("start_deadline").values_list("id", flat=True)[:EXPIRE_BATCH_SIZE]:
         try:
-            expired += _expire(expiring_id, now)
+            expired += _expire(expiring_id, passed, now)
         except SoftTimeLimitExceeded:
             raise  # the sweep's time is up: it stops here (the next one starts over), not at the hard kill
         except Exception:  # one bad row must not stop the sweep for everyone else
@@ -299,12 +317,12 @@ def expire_unstarted(now: Any = None, *, job_id: uuid.UUID | None = None) -> int
 
 
 @retrying_atomic
-def _expire(job_id: uuid.UUID, now: Any) -> int:
-    job = lock_job(job_id)
-    if job is None or job.status not in (JobStatus.QUEUED, JobStatus.DISPATCHED):
+def _expire(job_id: uuid.UUID, passed: Func, now: datetime | None) -> int:
+    # Still unstarted, and its deadline passed, once the lock is held: a claim that got there first wins.
+    job = lock_job(job_id, status__in=(JobStatus.QUEUED, JobStatus.DISPATCHED), start_deadline__lte=passed)
+    if job is None or job.start_deadline is None:
         return 0
-    if job.start_deadline is None or job.start_deadline > now:
-        return 0
+    now = now or timezone.now()
     seconds = f"{round((job.start_deadline - job.created_at).total_seconds(), 1):g} s"
     # A retried request (started before, failed by the platform) is not started again past the deadline either.
     error = (

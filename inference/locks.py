@@ -27,7 +27,8 @@ class RunningJob(NamedTuple):
 
 def lock_running_job(job_id: Any, attempt: int, *, lease_expired_before: datetime | None = None) -> RunningJob | None:
     """The job while it runs ``attempt`` (and, given ``lease_expired_before``, only if its lease expired before
-    then), locked, with what closing it reads: its endpoint (kept in memory, ``inference.endpoints``: billing prices
+    then: a reading of the database's clock, the one leases are written by, ``inference.attempts.lease_deadline``),
+    locked, with what closing it reads: its endpoint (kept in memory, ``inference.endpoints``: billing prices
     by it) and its organization's own output retention. None once the job no longer runs that attempt.
 
     One statement, written out: the ORM's form of it (the job with its endpoint joined, then the organization's

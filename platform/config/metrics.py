@@ -41,6 +41,7 @@ from typing import Any
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Count, DurationField, ExpressionWrapper, F, Max, Min, Q, Sum
+from django.db.models.functions import Now
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from django.views.decorators.http import require_GET
@@ -116,7 +117,11 @@ def _age(now: datetime, since: datetime | None) -> float:
 
 
 def job_states(now: datetime) -> Iterator[Metric]:
-    """Jobs waiting and in flight per GPU class, from the unfinished jobs only (the status index)."""
+    """Jobs waiting and in flight per GPU class, from the unfinished jobs only (the status index).
+
+    A lease has lapsed by the database's clock, the one leases are written and reaped by
+    (``inference.attempts.lease_deadline``), not by this process's ``now``: the figure is the jobs the reaper will
+    take at its next pass, whatever this host's clock says. The ages are this host's ``now`` less the stamps."""
     rows = (
         Job.objects.filter(status__in=UNFINISHED)
         .order_by()
@@ -125,7 +130,7 @@ def job_states(now: datetime) -> Iterator[Metric]:
             jobs=Count("pk"),
             oldest_created=Min("created_at"),
             oldest_dispatched=Min("dispatched_at"),
-            lease_lapsed=Count("pk", filter=Q(lease_expires_at__lt=now)),
+            lease_lapsed=Count("pk", filter=Q(lease_expires_at__lt=Now())),
         )
     )
     found: dict[tuple[str, str], dict[str, Any]] = {(row["gpu_class"], row["status"]): row for row in rows}

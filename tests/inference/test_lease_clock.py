@@ -1,0 +1,299 @@
+"""Leases and start deadlines go by the database's clock, whatever the clocks of the machines that write and read
+them: a GPU worker's clock behind the housekeeping host's must not get its live jobs reaped (paid work thrown away
+and run again), nor one ahead keep a dead worker's job; a start deadline means the same to the worker that claims,
+the worker that fails an attempt, the sweep and the reaper.
+
+Each machine's clock is ``django.utils.timezone.now`` as the calls it makes see it, set off from the true time by a
+skew; the database's is the true time (the tests' database runs on this machine).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any
+from unittest import mock
+
+import pytest
+from django.db.models.functions import Now
+from django.utils import timezone
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from accounts import statements
+from accounts.services import set_concurrency_limit
+from billing.ledger import grant_credits
+from config import metrics
+from inference import attempts, closing
+from inference.models import AttemptOutcome, Endpoint, Job, JobAttempt, JobStatus
+from tests.lifecycle import finish, submit_as
+
+pytestmark = [
+    # No transaction of the test's around the calls: a worker's claim then takes its one query (PostgreSQL).
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("priced_without_broker"),
+]
+
+_true_now = timezone.now
+SKEWS = st.integers(-300, 300)
+PROPERTY = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@contextmanager
+def clock(skew_seconds: float) -> Iterator[None]:
+    """The calls made inside run on a machine whose clock is ``skew_seconds`` off the true time."""
+
+    def skewed() -> datetime:
+        return _true_now() + timedelta(seconds=skew_seconds)
+
+    with mock.patch.object(timezone, "now", skewed):
+        yield
+
+
+@contextmanager
+def worker(skew_seconds: float, *, one_query: bool) -> Iterator[None]:
+    """A GPU worker's calls: its clock, and its claim in one query (PostgreSQL) or in a transaction (as SQLite's, or
+    a claim made inside a caller's transaction)."""
+    with clock(skew_seconds):
+        if one_query:
+            yield
+            return
+        with mock.patch.object(statements, "in_one_query", return_value=False):
+            yield
+
+
+@pytest.fixture
+def dispatched(tenant: dict[str, Any], builtin_endpoint: Endpoint) -> Callable[[], Job]:
+    grant_credits(organization=tenant["organization"], amount_micros=10**9, reason="lease clock test")
+    set_concurrency_limit(organization=tenant["organization"], limit=10_000)
+
+    def make() -> Job:
+        job = submit_as(tenant, builtin_endpoint)
+        job.refresh_from_db()
+        assert (job.status, job.attempt) == (JobStatus.DISPATCHED, 1)
+        return job
+
+    return make
+
+
+def claimed(job: Job, worker_name: str = "gpu-1") -> Job:
+    running = attempts.claim_job(job_id=str(job.pk), attempt=job.attempt, worker=worker_name)
+    assert running is not None
+    return running
+
+
+def beat(job: Job, step: int) -> None:
+    answer = attempts.heartbeat(job_id=str(job.pk), attempt=job.attempt, step=step, total=10, gpu_ms=step * 100)
+    assert answer.keep_going, answer
+
+
+def reaped(job: Job) -> bool:
+    """Whether the job's attempt was taken from its worker (closed LOST by the reaper)."""
+    return JobAttempt.objects.get(job_id=job.pk, number=job.attempt).outcome == AttemptOutcome.LOST
+
+
+def lapsed_by_the_database(job: Job, *, within: float) -> bool:
+    """Waits (up to ``within`` seconds) for the database's clock to pass the job's lease."""
+    give_up = time.monotonic() + within
+    while time.monotonic() < give_up:
+        if Job.objects.filter(pk=job.pk, lease_expires_at__lt=Now()).exists():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@PROPERTY
+@given(worker_skew=SKEWS, housekeeping_skew=SKEWS, beats=st.integers(0, 3), one_query=st.booleans())
+@example(worker_skew=-60, housekeeping_skew=0, beats=1, one_query=True)
+@example(worker_skew=60, housekeeping_skew=0, beats=1, one_query=False)
+@example(worker_skew=0, housekeeping_skew=60, beats=0, one_query=True)
+def test_a_worker_that_beats_on_time_is_never_reaped_whatever_the_clocks(
+    dispatched: Callable[[], Job], worker_skew: int, housekeeping_skew: int, beats: int, one_query: bool
+) -> None:
+    job = dispatched()
+    with worker(worker_skew, one_query=one_query):
+        running = claimed(job)
+    for step in range(beats + 1):
+        with clock(housekeeping_skew):
+            closing.reap_expired_leases()
+        assert not reaped(running), (worker_skew, housekeeping_skew, step)
+        assert Job.objects.get(pk=job.pk).status == JobStatus.RUNNING
+        with worker(worker_skew, one_query=one_query):
+            beat(running, step + 1)
+    with worker(worker_skew, one_query=one_query):
+        assert finish(running).status == JobStatus.COMPLETED  # paid work delivered, billed once
+
+
+LEASE_SECONDS = 0.3
+
+
+@PROPERTY
+@given(worker_skew=SKEWS, housekeeping_skew=SKEWS, beats=st.integers(0, 2), one_query=st.booleans())
+@example(worker_skew=60, housekeeping_skew=0, beats=1, one_query=True)
+@example(worker_skew=-60, housekeeping_skew=0, beats=1, one_query=False)
+@example(worker_skew=0, housekeeping_skew=-60, beats=0, one_query=True)
+def test_a_worker_that_stopped_beating_is_reaped_once_its_lease_lapses_by_the_database_clock(
+    dispatched: Callable[[], Job],
+    settings: Any,
+    worker_skew: int,
+    housekeeping_skew: int,
+    beats: int,
+    one_query: bool,
+) -> None:
+    settings.JOB_LEASE_SECONDS = LEASE_SECONDS
+    job = dispatched()
+    with worker(worker_skew, one_query=one_query):
+        running = claimed(job)
+        for step in range(beats):
+            beat(running, step + 1)
+    # The worker died here. Its lease runs out LEASE_SECONDS later by the database's clock, whatever the worker's.
+    assert lapsed_by_the_database(running, within=LEASE_SECONDS + 3), Job.objects.get(pk=job.pk).lease_expires_at
+    with clock(housekeeping_skew):
+        closing.reap_expired_leases()
+    assert reaped(running), (worker_skew, housekeeping_skew)
+    again = Job.objects.get(pk=job.pk)
+    assert (again.status, again.attempt) == (JobStatus.DISPATCHED, 2)  # queued again and sent at once
+
+
+def test_the_lease_is_the_lease_length_past_the_database_s_clock(dispatched: Callable[[], Job], settings: Any) -> None:
+    """Written by the claim and by each heartbeat, on either path, from the database's clock: a worker's clock an
+    hour off moves it not at all."""
+    lease = timedelta(seconds=settings.JOB_LEASE_SECONDS)
+    for one_query in (True, False):
+        for skew in (-3600, 3600):
+            job = dispatched()
+            before = Job.objects.annotate(now=Now()).values_list("now", flat=True).get(pk=job.pk)
+            with worker(skew, one_query=one_query):
+                running = claimed(job)
+            after = Job.objects.annotate(now=Now()).values_list("now", flat=True).get(pk=job.pk)
+            assert before + lease <= Job.objects.get(pk=job.pk).lease_expires_at <= after + lease
+            with worker(skew, one_query=one_query):
+                beat(running, 1)
+            renewed = Job.objects.get(pk=job.pk).lease_expires_at
+            assert after + lease <= renewed <= Job.objects.annotate(now=Now()).get(pk=job.pk).now + lease
+            with worker(skew, one_query=one_query):
+                finish(running)
+
+
+# How far the start deadline is from the true time (the database's), before or after it.
+MARGINS = st.integers(5, 300)
+DEADLINE_PROPERTY = given(
+    worker_skew=SKEWS, housekeeping_skew=SKEWS, margin=MARGINS, passed=st.booleans(), one_query=st.booleans()
+)
+# A retried request is queued again, and sent at once where its dispatch (which reads the start deadline by its own
+# process's clock, ``inference.dispatch``) finds its deadline to come.
+RETRIED = (JobStatus.QUEUED, JobStatus.DISPATCHED)
+
+
+def with_start_deadline(job: Job, *, margin: int, passed: bool) -> Job:
+    """The job's start deadline ``margin`` seconds before or after the true time, as a web host on it wrote it."""
+    Job.objects.filter(pk=job.pk).update(start_deadline=_true_now() + timedelta(seconds=-margin if passed else margin))
+    job.refresh_from_db()
+    return job
+
+
+def out_of_later_sweeps(job: Job) -> None:
+    Job.objects.filter(pk=job.pk).update(start_deadline=None)
+
+
+@PROPERTY
+@DEADLINE_PROPERTY
+@example(worker_skew=60, housekeeping_skew=0, margin=30, passed=False, one_query=True)
+@example(worker_skew=-60, housekeeping_skew=0, margin=30, passed=True, one_query=False)
+def test_a_worker_claims_a_request_before_its_start_deadline_only_whatever_its_clock(
+    dispatched: Callable[[], Job], worker_skew: int, housekeeping_skew: int, margin: int, passed: bool, one_query: bool
+) -> None:
+    waiting = with_start_deadline(dispatched(), margin=margin, passed=passed)
+    with worker(worker_skew, one_query=one_query):
+        started = attempts.claim_job(job_id=str(waiting.pk), attempt=1, worker="gpu-1")
+    assert (started is None) == passed, (worker_skew, margin, passed)
+    if started is not None:
+        with worker(worker_skew, one_query=one_query):
+            finish(started)
+    out_of_later_sweeps(waiting)
+
+
+@PROPERTY
+@DEADLINE_PROPERTY
+@example(worker_skew=0, housekeeping_skew=60, margin=30, passed=False, one_query=True)
+@example(worker_skew=0, housekeeping_skew=-60, margin=30, passed=True, one_query=True)
+def test_the_sweep_ends_an_unstarted_request_once_its_start_deadline_passed_whatever_its_clock(
+    dispatched: Callable[[], Job], worker_skew: int, housekeeping_skew: int, margin: int, passed: bool, one_query: bool
+) -> None:
+    unstarted = with_start_deadline(dispatched(), margin=margin, passed=passed)
+    with clock(housekeeping_skew):
+        closing.expire_unstarted()
+    unstarted.refresh_from_db()
+    assert unstarted.status == (JobStatus.CANCELLED if passed else JobStatus.DISPATCHED), (housekeeping_skew, margin)
+    if passed:
+        assert unstarted.error_type == "timeout"
+    out_of_later_sweeps(unstarted)
+
+
+@PROPERTY
+@DEADLINE_PROPERTY
+@example(worker_skew=60, housekeeping_skew=0, margin=30, passed=False, one_query=True)
+@example(worker_skew=-60, housekeeping_skew=0, margin=30, passed=True, one_query=False)
+def test_a_worker_s_failed_attempt_runs_again_before_the_start_deadline_only_whatever_its_clock(
+    dispatched: Callable[[], Job], worker_skew: int, housekeeping_skew: int, margin: int, passed: bool, one_query: bool
+) -> None:
+    with worker(worker_skew, one_query=one_query):
+        failing = claimed(dispatched())
+    failing = with_start_deadline(failing, margin=margin, passed=passed)
+    with worker(worker_skew, one_query=one_query):
+        finish(failing, AttemptOutcome.ERRORED, reserve=False, error="worker lost its GPU", retry=True)
+    failing.refresh_from_db()
+    assert failing.status in ((JobStatus.FAILED,) if passed else RETRIED), (worker_skew, margin, passed)
+    out_of_later_sweeps(failing)
+
+
+@PROPERTY
+@DEADLINE_PROPERTY
+@example(worker_skew=0, housekeeping_skew=60, margin=30, passed=False, one_query=True)
+@example(worker_skew=0, housekeeping_skew=-60, margin=30, passed=True, one_query=False)
+def test_a_reaped_attempt_runs_again_before_the_start_deadline_only_whatever_the_clocks(
+    dispatched: Callable[[], Job], worker_skew: int, housekeeping_skew: int, margin: int, passed: bool, one_query: bool
+) -> None:
+    with worker(worker_skew, one_query=one_query):
+        lost = claimed(dispatched())
+    lost = with_start_deadline(lost, margin=margin, passed=passed)
+    Job.objects.filter(pk=lost.pk).update(lease_expires_at=_true_now() - timedelta(seconds=1))  # its worker died
+    with clock(housekeeping_skew):
+        closing.reap_expired_leases()
+    assert reaped(lost)
+    lost.refresh_from_db()
+    assert lost.status in ((JobStatus.FAILED,) if passed else RETRIED), (housekeeping_skew, margin, passed)
+    out_of_later_sweeps(lost)
+
+
+def test_a_sync_run_whose_own_clock_says_its_deadline_passed_ends_its_request_at_once(
+    dispatched: Callable[[], Job],
+) -> None:
+    """A sync run waiting on its request asks for it to be ended the moment its deadline passes by its own clock,
+    the clock that wrote the deadline; were that refused while the database's clock is behind, it would ask again at
+    once, in a loop, until the database's clock caught up. The sweep goes by the database's clock alone."""
+    web_skew = 60
+    job = dispatched()
+    with clock(web_skew):
+        Job.objects.filter(pk=job.pk).update(start_deadline=timezone.now() - timedelta(seconds=1))
+    assert closing.expire_unstarted() == 0  # by the database's clock it has 59 s to go
+    assert Job.objects.get(pk=job.pk).status == JobStatus.DISPATCHED
+    with clock(web_skew):
+        assert closing.expire_unstarted(job_id=job.pk) == 1
+    ended = Job.objects.get(pk=job.pk)
+    assert (ended.status, ended.error_type) == (JobStatus.CANCELLED, "timeout")
+
+
+@pytest.mark.parametrize("scrape_skew", [-120, 120])
+def test_the_metrics_count_a_lease_lapsed_by_the_database_s_clock(
+    dispatched: Callable[[], Job], scrape_skew: int
+) -> None:
+    live = claimed(dispatched())
+    dead = claimed(dispatched())
+    Job.objects.filter(pk=dead.pk).update(lease_expires_at=_true_now() - timedelta(seconds=1))
+    with clock(scrape_skew):
+        families = {family.name: family for family in metrics.job_states(timezone.now())}
+    lapsed = {sample.labels["gpu_class"]: sample.value for sample in families["platform_jobs_lease_expired"].samples}
+    assert lapsed[live.gpu_class] == 1  # the dead worker's, not the live one's
