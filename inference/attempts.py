@@ -11,7 +11,7 @@ from functools import cache
 from typing import Any, cast
 
 from django.conf import settings
-from django.db import OperationalError, connection
+from django.db import DatabaseError, OperationalError, connection
 from django.db.models import Exists, F, OuterRef, Q, Value
 from django.db.models.expressions import CombinedExpression
 from django.db.models.functions import Coalesce, Now
@@ -246,7 +246,14 @@ def claim_batch_companions(
         count = len(job_input.get("seeds") or ())
         if not count or count > room or not compatible(job_input):
             continue
-        claimed = claim_job(job_id=str(companion_id), attempt=attempt, worker=worker)
+        try:
+            claimed = claim_job(job_id=str(companion_id), attempt=attempt, worker=worker)
+        except DatabaseError:
+            # Those claimed so far are this worker's and run (left out, they would wait for the reaper with an
+            # attempt spent); the rest stay dispatched, for their own messages.
+            logger.exception("job %s: claiming companion %s failed; the batch runs without it", job.pk, companion_id)
+            connection.close_if_unusable_or_obsolete()
+            break
         if claimed is None:
             continue  # another worker (or a cancel) got there first
         companions.append(claimed)

@@ -27,7 +27,7 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import close_old_connections, connection
+from django.db import DatabaseError, close_old_connections, connection
 
 from accounts.errors import AppError
 from inference import attempts, closing, files
@@ -676,7 +676,13 @@ def gather_companions(job: Job, request: GenerationRequest, profile: Optimizatio
 
     companions: list[Job] = []
     while room > 0:
-        found = attempts.claim_batch_companions(job=job, worker=worker_name(), room=room, compatible=compatible)
+        try:
+            found = attempts.claim_batch_companions(job=job, worker=worker_name(), room=room, compatible=compatible)
+        except DatabaseError:
+            # Company is an optimization: the job (and those claimed already) run without more.
+            logger.exception("job %s: looking for company failed; it runs with what it has", job.pk)
+            _recover_connection()
+            break
         for companion in found:
             _pace.arrived(companion.endpoint_id, arrival(companion))
         companions += found

@@ -221,3 +221,40 @@ def test_one_members_failing_heartbeats_do_not_make_its_companions_leases_look_l
         heartbeat.stop()
     assert failing.stop_error_type == "lost"
     assert not healthy.cancelled.is_set(), healthy.stop_reason
+
+
+@pytest.mark.parametrize("fails", ["a companion's claim", "the look for company"])
+def test_a_database_error_gathering_company_runs_the_job_with_those_claimed_so_far(
+    dispatch: Any, monkeypatch: pytest.MonkeyPatch, fails: str
+) -> None:
+    """Company is an optimization: an error claiming the second companion (a lost deadlock after the retries, a
+    statement timeout) or looking for company used to fail the whole job ERRORED, and left the companions it had
+    claimed RUNNING with no heartbeat, for the reaper to find a lease later, an attempt of theirs spent."""
+    leader, first, second = (dispatch(seed=seed) for seed in (1, 2, 3))
+    timeout = OperationalError("canceling statement due to statement timeout")
+    if fails == "a companion's claim":
+        real_claim = attempts.claim_job
+
+        def claim(*, job_id: str, **kwargs: Any) -> Any:
+            if job_id == str(second.pk):
+                raise timeout
+            return real_claim(job_id=job_id, **kwargs)
+
+        monkeypatch.setattr(attempts, "claim_job", claim)
+        ran_along = [first]
+    else:
+
+        def look(**kwargs: Any) -> Any:
+            raise timeout
+
+        monkeypatch.setattr(attempts, "claim_batch_companions", look)
+        ran_along = []
+
+    worker.execute(str(leader.id), leader.attempt)
+
+    ran = [leader, *ran_along]
+    assert states(ran) == [(JobStatus.COMPLETED, "", [AttemptOutcome.SUCCEEDED])] * len(ran)
+    assert_billed_once(ran)
+    for waiting in {first, second} - set(ran):
+        assert Job.objects.get(pk=waiting.pk).status == JobStatus.DISPATCHED  # its own message runs it
+        assert not JobAttempt.objects.filter(job=waiting).exists()
