@@ -10,7 +10,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -34,7 +34,7 @@ from accounts.models import ApiKey, Scope
 from accounts.permissions import HasScope, request_api_key
 from accounts.schema import ApiAutoSchema, error, validation_error
 from config.request_threads import hand_back
-from inference import endpoints, files, job_events
+from inference import endpoints, files, job_events, stream_limits
 from inference.closing import cancel_job, expire_unstarted
 from inference.files import MAX_RETENTION_SECONDS
 from inference.hooks import hooks
@@ -575,7 +575,12 @@ async def status_stream(request: HttpRequest, owner: str, model: str, request_id
     if found.status_code != 200:
         return found
     job = await look_in_shared_threads(_load_job)(uuid.UUID(found.data["request_id"]))
-    return status_event_stream(job, request, with_logs=wants_logs(request), still_allowed=key_still_accepted(request))
+    slot = await stream_limits.open_slot(stream_limits.api_key_holder_of(request))
+    if not isinstance(slot, stream_limits.Slot):
+        return slot  # 429: the key holds its most streams
+    return status_event_stream(
+        job, request, with_logs=wants_logs(request), still_allowed=key_still_accepted(request), slot=slot
+    )
 
 
 def key_still_accepted(request: HttpRequest) -> Callable[[], bool]:
@@ -596,7 +601,12 @@ def key_still_accepted(request: HttpRequest) -> Callable[[], bool]:
 
 
 def status_event_stream(
-    job: Job, request: HttpRequest, *, with_logs: bool, still_allowed: Callable[[], bool] | None = None
+    job: Job,
+    request: HttpRequest,
+    *,
+    with_logs: bool,
+    slot: stream_limits.Slot,
+    still_allowed: Callable[[], bool] | None = None,
 ) -> StreamingHttpResponse:
     """The SSE response of a request's status, shared by the queue API and the dashboard.
 
@@ -611,9 +621,12 @@ def status_event_stream(
     ``still_allowed``: asked again every ``STREAM_KEEP_ALIVE_SECONDS`` while the stream is open (the caller's key
     or session checked once, at its start, would otherwise go on being answered after it was revoked, for as long
     as the request waits); the stream ends when it says no, and the client's next request is refused as usual.
+
+    ``slot``: the stream's place under its caller's cap of open streams, given back when it ends; it ends at the
+    latest at ``STREAM_MAX_SECONDS``, with a ``reconnect`` event (``inference.stream_limits``).
     """
 
-    async def events() -> AsyncIterator[bytes]:
+    async def events() -> AsyncGenerator[bytes, None]:
         hand_back()
         async with job_events.watching(job.id) as watch:
             async for event in looks(watch):
@@ -643,7 +656,8 @@ def status_event_stream(
             await watch.changed(STREAM_KEEP_ALIVE_SECONDS)
             current = await look_in_shared_threads(_load_job)(current.id)
 
-    response = StreamingHttpResponse(events(), content_type="text/event-stream")
+    bounded = stream_limits.bounded(events(), slot=slot, job_id=job.id, request=request)
+    response = StreamingHttpResponse(bounded, content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     response["x-fal-request-id"] = str(job.id)

@@ -128,10 +128,29 @@ def resolve(host: str, port: int, *, allow_private: bool) -> list[str]:
 MAX_PORT = 65535
 
 
-def check_url(url: str, *, allow_private: bool | None = None) -> None:
-    """Raises ``UnsafeUrl`` unless ``url`` is http(s) with a host whose every address is public.
+def literal_address(host: str) -> IPAddress | None:
+    """The address ``host`` writes out, or None for a name: parsed here, never looked up.
 
-    With private addresses allowed only the shape is checked (no DNS lookup).
+    Beside the usual forms, the ones a resolver reads as IPv4 without asking DNS (``inet_aton``'s: ``127.1``,
+    ``0x7f.1``, ``2130706433``), so that no spelling of a forbidden address passes for a name.
+    """
+    try:
+        return ipaddress.ip_address(host)  # IPv6 comes without its brackets from httpx, a zone index kept
+    except ValueError:
+        pass
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except (OSError, UnicodeError, ValueError):
+        return None
+
+
+def check_url_offline(url: str, *, allow_private: bool | None = None) -> tuple[str, int]:
+    """Raises ``UnsafeUrl`` unless ``url`` is http(s) with a host that may be public, judged without the network:
+    its shape, its port, a host that names this machine, an address written out in a forbidden range. A name is not
+    resolved: the client of ``open_client`` checks every address it resolves to when it connects. Returns the host
+    and the port to connect to.
+
+    For a request's thread (a submission's webhook URL): a name that resolves slowly cannot hold it.
     """
     try:
         parsed = httpx.URL(url)
@@ -149,10 +168,25 @@ def check_url(url: str, *, allow_private: bool | None = None) -> None:
     if parsed.port is not None and not 0 < parsed.port <= MAX_PORT:
         # httpx keeps 99999 as it is, and a socket would take it modulo 65536: another port than the one written.
         raise UnsafeUrl(f"The port must be from 1 to {MAX_PORT}.")
-    if _allow_private(allow_private):
-        return
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    resolve(host, port, allow_private=False)
+    if not _allow_private(allow_private):
+        _check_name(host)
+        address = literal_address(host)
+        reason = forbidden_reason(address) if address is not None else None
+        if reason:
+            raise _refuse_host(host, f"it is {address}, {reason}")
+    return host, port
+
+
+def check_url(url: str, *, allow_private: bool | None = None) -> None:
+    """Raises ``UnsafeUrl`` unless ``url`` is http(s) with a host whose every address is public: ``check_url_offline``,
+    then the name resolved (a DNS lookup, for as long as the resolver takes: not on a request's thread).
+
+    With private addresses allowed only the shape is checked (no DNS lookup).
+    """
+    host, port = check_url_offline(url, allow_private=allow_private)
+    if not _allow_private(allow_private):
+        resolve(host, port, allow_private=False)
 
 
 class _GuardedBackend(httpcore.NetworkBackend):

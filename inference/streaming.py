@@ -19,6 +19,10 @@ server-sent events, one JSON object per ``data:`` line, until the request is fin
   ``{"type": "error", ...the COMPLETED status object (error, error_type, usage), "detail", "status_code"}``, with the
   body and HTTP status its result URL answers. Neither client raises on an event: a caller checks ``type``.
 
+A key holds at most ``STREAMS_PER_API_KEY`` streams open at once (this and the status stream together): one more is
+refused 429 ``too_many_streams`` before its request is submitted. A stream open for ``STREAM_MAX_SECONDS`` ends with
+one last event, ``{"type": "reconnect", ...the status object}``, its request going on (``inference.stream_limits``).
+
 A client that disconnects leaves the request running (and billed, as a sync run's is); its result stays at its
 queue URLs. The view waits without holding a thread: it looks at the job at each of its moves (``job_events``), on the
 event loop's shared threads (``inference.api.run_before_waiting``).
@@ -29,7 +33,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +46,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from accounts.permissions import request_api_key
-from inference import job_events
+from inference import job_events, stream_limits
 from inference.api import (
     SubmitView,
     find_endpoint,
@@ -79,11 +83,26 @@ class StreamSubmitView(SubmitView):
 
     def post(self, request: Request, owner: str, model: str, path: str = "") -> HttpResponse:
         endpoint = find_endpoint(owner, model, path)
-        job, created = submit_from_request(request, request_api_key(request), endpoint, request.data, previews=True)
-        response = Response(handle_payload(job, request))
+        api_key = request_api_key(request)
+        # Before anything is submitted: a stream refused for the key's cap leaves no request running unwatched.
+        slot = stream_limits.take_slot(stream_limits.api_key_holder(api_key))
+        try:
+            job, created = submit_from_request(request, api_key, endpoint, request.data, previews=True)
+        except BaseException:
+            slot.release()
+            raise
+        response = Submitted(handle_payload(job, request), slot=slot)
         if not created:
             response["Idempotent-Replayed"] = "true"
         return with_request_id(response, job)
+
+
+class Submitted(Response):
+    """The stream's submission, with the slot its stream holds under the key's cap."""
+
+    def __init__(self, data: dict[str, Any], *, slot: stream_limits.Slot) -> None:
+        super().__init__(data)
+        self.slot = slot
 
 
 stream_submit_view = StreamSubmitView.as_view()
@@ -93,10 +112,11 @@ stream_submit_view = StreamSubmitView.as_view()
 async def run_stream(request: HttpRequest, owner: str, model: str, path: str = "") -> HttpResponseBase:
     """Submits the request, then streams its progress, previews and output (see the module's docstring)."""
     submitted = await run_before_waiting(stream_submit_view, request, owner=owner, model=model, path=path)
-    if submitted.status_code != 200:
+    if submitted.status_code != 200 or not isinstance(submitted, Submitted):
         return submitted
     job_id = uuid.UUID(submitted.data["request_id"])
-    response = StreamingHttpResponse(_events(job_id, request), content_type="text/event-stream")
+    events = stream_limits.bounded(_events(job_id, request), slot=submitted.slot, job_id=job_id, request=request)
+    response = StreamingHttpResponse(events, content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     response["x-fal-request-id"] = str(job_id)
@@ -154,13 +174,13 @@ def _look(job_id: uuid.UUID, request: HttpRequest, *, last_log_id: int, state: s
         connection.close()
 
 
-async def _events(job_id: uuid.UUID, request: HttpRequest) -> AsyncIterator[bytes]:
+async def _events(job_id: uuid.UUID, request: HttpRequest) -> AsyncGenerator[bytes, None]:
     async with job_events.watching(job_id) as watch:
         async for event in _looks(job_id, request, watch):
             yield event
 
 
-async def _looks(job_id: uuid.UUID, request: HttpRequest, watch: job_events.Watch) -> AsyncIterator[bytes]:
+async def _looks(job_id: uuid.UUID, request: HttpRequest, watch: job_events.Watch) -> AsyncGenerator[bytes, None]:
     """The stream's events until the request ends; or until the key it was opened with would no longer be let in,
     asked again every ``KEEP_ALIVE_SECONDS`` (``inference.api.status_event_stream``'s ``still_allowed``)."""
     last_log_id, state, preview_step = 0, "", 0

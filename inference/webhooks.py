@@ -56,10 +56,13 @@ class WebhookUrlError(ValueError):
 
 
 def check_webhook_url(url: str) -> None:
+    """Whether ``url`` may be a webhook's, as far as can be told without the network (it runs on request threads:
+    a name that resolves slowly must not hold them). Its name is resolved, and every address checked, by each
+    delivery when it connects (``deliver``)."""
     if len(url) > MAX_URL_LENGTH:
         raise WebhookUrlError(f"The webhook URL is longer than {MAX_URL_LENGTH} characters.")
     try:
-        netguard.check_url(url)
+        netguard.check_url_offline(url)
     except netguard.UnsafeUrl as exc:
         raise WebhookUrlError(f"Invalid webhook URL: {exc}") from None
 

@@ -19,7 +19,7 @@ from accounts.errors import AppError
 from accounts.models import Membership
 from billing.models import UsageRecord
 from dashboard.access import Context, dashboard_view, resolve
-from inference import files
+from inference import files, stream_limits
 from inference.api import release_connection, status_event_stream
 from inference.inputs import input_schema
 from inference.models import Endpoint, Job, JobStatus
@@ -97,6 +97,10 @@ async def request_events(request: HttpRequest, request_id: uuid.UUID) -> HttpRes
     job = await sync_to_async(find)()
     if job is None:
         return JsonResponse({"detail": "Request not found.", "error_type": "request_not_found"}, status=404)
+    # Counted per person, whichever session or tab opens it: 429 ``too_many_streams`` past the cap.
+    slot = await stream_limits.open_slot(stream_limits.dashboard_holder(user.pk))
+    if not isinstance(slot, stream_limits.Slot):
+        return slot
     session_key = request.session.session_key
 
     def still_a_member() -> bool:
@@ -110,7 +114,7 @@ async def request_events(request: HttpRequest, request_id: uuid.UUID) -> HttpRes
         finally:
             release_connection()
 
-    return status_event_stream(job, request, with_logs=False, still_allowed=still_a_member)
+    return status_event_stream(job, request, with_logs=False, slot=slot, still_allowed=still_a_member)
 
 
 def with_cost(jobs: Any) -> Any:

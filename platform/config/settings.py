@@ -375,6 +375,14 @@ JOB_SWEEP_SECONDS = env_int("JOB_SWEEP_SECONDS", 5, minimum=1)
 SYNC_RUN_TIMEOUT_SECONDS = env_int("SYNC_RUN_TIMEOUT_SECONDS", 3600, minimum=1)
 # A request submitted through a /stream route gets a preview of its latents every this many steps (0: none).
 STREAM_PREVIEW_EVERY_STEPS = env_int("STREAM_PREVIEW_EVERY_STEPS", 2, minimum=0)
+# Event streams (status and run streams, the dashboard's) open at once per API key and per dashboard user; one more
+# is a 429 too_many_streams (inference/stream_limits.py). Each open stream looks at its job every few seconds: 20
+# streams look about as often as the default rate limit lets a key poll.
+STREAMS_PER_API_KEY = env_int("STREAMS_PER_API_KEY", 20, minimum=1)
+STREAMS_PER_DASHBOARD_USER = env_int("STREAMS_PER_DASHBOARD_USER", 10, minimum=1)
+# The longest an event stream stays open: then it ends with a "reconnect" event, its request going on. By default
+# as long as a sync run waits.
+STREAM_MAX_SECONDS = env_int("STREAM_MAX_SECONDS", SYNC_RUN_TIMEOUT_SECONDS, minimum=1)
 OUTPUT_URL_TTL_SECONDS = env_int("OUTPUT_URL_TTL_SECONDS", 24 * 3600, minimum=60)
 OUTPUT_RETENTION_SECONDS = env_int("OUTPUT_RETENTION_SECONDS", 30 * 24 * 3600, minimum=60)
 # Days a finished job's log lines are kept (inference/job_logs.py); its usage and money records are kept regardless.

@@ -1,0 +1,371 @@
+"""Open event streams are bounded (inference/stream_limits.py): one API key holds at most ``STREAMS_PER_API_KEY`` at
+once, status and run streams together, and each ends at ``STREAM_MAX_SECONDS`` with a ``reconnect`` event. Unbounded,
+one key could open thousands, each looking at the database every few seconds, and starve the web processes.
+
+The streams are served as the web process serves them: the ASGI application (Django's handler behind
+``config.request_threads.RequestThreads``) driven as a server drives it, a client that leaves sending
+``http.disconnect``. Transactional: the streams look at the jobs from other threads."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import pytest
+from django.conf import settings as django_settings
+
+from billing.ledger import grant_credits
+from config.asgi import django_application
+from config.request_threads import RequestThreads
+from inference import api, stream_limits, streaming
+from inference.models import Endpoint, Job
+from tests.lifecycle import submit_as
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("priced_without_broker")]
+
+APP = "platform/tiny-sd"
+TIMEOUT = 30
+CLOSED_PORT = "redis://127.0.0.1:1/0"
+T = TypeVar("T")
+
+
+class Stream:
+    """One request to a stream through the ASGI application, as a server makes it: ``open`` waits for the answer's
+    start, ``leave`` hangs up (``http.disconnect``) and waits for the application to be done with it."""
+
+    def __init__(
+        self, path: str, headers: list[tuple[bytes, bytes]], *, method: str = "GET", body: bytes = b""
+    ) -> None:
+        self.path, self.headers, self.method, self.body = path, headers, method, body
+        self.sent: list[dict[str, Any]] = []
+        self.task: asyncio.Task[None] | None = None
+        self._gone = asyncio.Event()
+        self._started = asyncio.Event()
+        self._first_call = True
+
+    async def _receive(self) -> dict[str, Any]:
+        if self._first_call:
+            self._first_call = False
+            return {"type": "http.request", "body": self.body, "more_body": False}
+        await self._gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        self.sent.append(message)
+        if message["type"] == "http.response.start":
+            self._started.set()
+
+    def _scope(self) -> dict[str, Any]:
+        path, _, query = self.path.partition("?")
+        return {
+            "type": "http",
+            "method": self.method,
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": query.encode(),
+            "headers": [(b"host", b"testserver"), *self.headers],
+            "server": ("testserver", 80),
+            "client": ("127.0.0.1", 1234),
+            "scheme": "http",
+            "root_path": "",
+            "http_version": "1.1",
+            "asgi": {"version": "3.0"},
+        }
+
+    async def open(self) -> int:
+        app = RequestThreads(django_application)
+        self.task = asyncio.ensure_future(app(self._scope(), self._receive, self._send))
+        await asyncio.wait_for(self._started.wait(), TIMEOUT)
+        return self.status
+
+    async def leave(self) -> None:
+        self._gone.set()
+        assert self.task is not None
+        await asyncio.wait_for(self.task, TIMEOUT)
+
+    async def ended(self) -> bytes:
+        """Waits for the stream to end by itself; its whole body."""
+        assert self.task is not None
+        await asyncio.wait_for(asyncio.shield(self.task), TIMEOUT)
+        return self.content
+
+    @property
+    def status(self) -> int:
+        return int(next(message["status"] for message in self.sent if message["type"] == "http.response.start"))
+
+    @property
+    def response_headers(self) -> dict[str, str]:
+        start = next(message for message in self.sent if message["type"] == "http.response.start")
+        return {name.decode().lower(): value.decode() for name, value in start["headers"]}
+
+    @property
+    def content(self) -> bytes:
+        return b"".join(message.get("body", b"") for message in self.sent if message["type"] == "http.response.body")
+
+
+def run(scenario: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(scenario)``, the tasks it leaves (the job events listener) cancelled until they have ended: the
+    listener's pub/sub read (redis-py) can swallow a cancellation and read again, and ``asyncio.run``, which cancels
+    each task once, then waits for ever."""
+
+    async def main() -> T:
+        try:
+            return await scenario
+        finally:
+            current = asyncio.current_task()
+            for _ in range(100):
+                rest = [task for task in asyncio.all_tasks() if task is not current and not task.done()]
+                if not rest:
+                    break
+                for task in rest:
+                    task.cancel()
+                await asyncio.wait(rest, timeout=0.1)
+
+    return asyncio.run(main())
+
+
+def with_key(token: str) -> list[tuple[bytes, bytes]]:
+    return [(b"authorization", f"Key {token}".encode())]
+
+
+def status_stream(tenant: dict[str, Any], job: Job) -> Stream:
+    return Stream(f"/queue/{APP}/requests/{job.pk}/status/stream", with_key(tenant["token"]))
+
+
+def run_stream(tenant: dict[str, Any]) -> Stream:
+    body = json.dumps({"prompt": "a lighthouse", "num_inference_steps": 2}).encode()
+    headers = [
+        *with_key(tenant["token"]),
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    return Stream(f"/run/{APP}/stream", headers, method="POST", body=body)
+
+
+async def leave_all(streams: list[Stream]) -> None:
+    for stream in streams:
+        if stream.task is not None and not stream.task.done():
+            await stream.leave()
+
+
+def refused_for_too_many(stream: Stream) -> None:
+    assert stream.status == 429, stream.content
+    body = json.loads(stream.content)
+    assert body["error_type"] == "too_many_streams"
+    assert "at most" in body["detail"]
+    assert int(stream.response_headers["retry-after"]) >= 1
+
+
+def events_of(content: bytes) -> list[tuple[str, dict[str, Any]]]:
+    """The stream's events: (their name, "message" if none; their data)."""
+    found = []
+    for block in content.decode().split("\n\n"):
+        lines = [line for line in block.split("\n") if line and not line.startswith(":")]
+        if not lines:
+            continue
+        name = next((line[len("event: ") :] for line in lines if line.startswith("event: ")), "message")
+        data = "".join(line[len("data: ") :] for line in lines if line.startswith("data: "))
+        found.append((name, json.loads(data)))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _no_slots_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with no slot held in this process's memory (those in Redis go with the test's cache keys)."""
+    monkeypatch.setattr(stream_limits, "_slots", stream_limits._Slots())
+
+
+@pytest.fixture
+def credited(tenant: dict[str, Any], other_tenant: dict[str, Any]) -> None:
+    for each in (tenant, other_tenant):
+        grant_credits(organization=each["organization"], amount_micros=10_000_000, reason="Stream tests")
+
+
+@pytest.mark.usefixtures("credited")
+def test_a_key_holds_at_most_its_cap_of_streams_and_a_closed_one_frees_its_slot(
+    tenant: dict[str, Any], other_tenant: dict[str, Any], builtin_endpoint: Endpoint, settings: Any
+) -> None:
+    settings.STREAMS_PER_API_KEY = 2
+    job = submit_as(tenant, builtin_endpoint)  # no broker: it waits in its queue for ever
+    other_job = submit_as(other_tenant, builtin_endpoint)
+
+    async def scenario() -> None:
+        streams = [status_stream(tenant, job) for _ in range(2)]
+        try:
+            assert [await stream.open() for stream in streams] == [200, 200]
+            over = status_stream(tenant, job)
+            await over.open()
+            refused_for_too_many(over)
+            # A run stream counts against the same cap, and is refused before anything is submitted.
+            run = run_stream(tenant)
+            await run.open()
+            refused_for_too_many(run)
+            # Another key is not held by this one's streams.
+            other = status_stream(other_tenant, other_job)
+            streams.append(other)
+            assert await other.open() == 200
+            # A client that hangs up gives its slot back at once.
+            await streams[0].leave()
+            again = status_stream(tenant, job)
+            streams.append(again)
+            assert await again.open() == 200, again.content
+        finally:
+            await leave_all(streams)
+
+    run(scenario())
+    assert Job.objects.filter(organization=tenant["organization"]).count() == 1
+
+
+@pytest.mark.usefixtures("credited")
+def test_the_slot_of_a_stream_whose_process_died_lapses_by_itself(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.STREAMS_PER_API_KEY = 1
+    monkeypatch.setattr(stream_limits, "SLOT_SECONDS", 1.0)
+    job = submit_as(tenant, builtin_endpoint)
+
+    async def scenario() -> None:
+        dead = status_stream(tenant, job)
+        assert await dead.open() == 200
+        with monkeypatch.context() as dying:
+            # The process dies: nothing gives the slot back, nothing renews it.
+            dying.setattr(stream_limits.Slot, "release", lambda self: None)
+            dying.setattr(stream_limits.Slot, "renew", lambda self: None)
+            await dead.leave()
+        held = status_stream(tenant, job)
+        await held.open()
+        refused_for_too_many(held)
+        await asyncio.sleep(1.2)
+        lapsed = status_stream(tenant, job)
+        assert await lapsed.open() == 200, lapsed.content
+        await lapsed.leave()
+
+    run(scenario())
+
+
+@pytest.mark.usefixtures("credited")
+def test_an_open_stream_keeps_its_slot_while_it_runs(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream renews its slot as it goes: it does not lapse under a live stream, which would let one more in."""
+    settings.STREAMS_PER_API_KEY = 1
+    monkeypatch.setattr(stream_limits, "SLOT_SECONDS", 1.0)
+    monkeypatch.setattr(api, "STREAM_KEEP_ALIVE_SECONDS", 0.05)  # an event at least every 0.05 s
+    job = submit_as(tenant, builtin_endpoint)
+
+    async def scenario() -> None:
+        live = status_stream(tenant, job)
+        assert await live.open() == 200
+        try:
+            await asyncio.sleep(2.5)
+            held = status_stream(tenant, job)
+            await held.open()
+            refused_for_too_many(held)
+        finally:
+            await live.leave()
+
+    run(scenario())
+
+
+@pytest.mark.usefixtures("credited")
+def test_a_status_stream_ends_at_its_longest_life_telling_the_client_to_come_back(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, settings: Any
+) -> None:
+    settings.STREAM_MAX_SECONDS = 1
+    settings.STREAMS_PER_API_KEY = 1
+    job = submit_as(tenant, builtin_endpoint)
+
+    async def scenario() -> bytes:
+        stream = status_stream(tenant, job)
+        assert await stream.open() == 200
+        content = await stream.ended()
+        # Its slot was given back as it ended.
+        again = status_stream(tenant, job)
+        assert await again.open() == 200, again.content
+        await again.leave()
+        return content
+
+    events = events_of(run(scenario()))
+    assert events[0][1]["status"] == "IN_QUEUE"
+    name, last = events[-1]
+    assert name == "reconnect"
+    assert last["type"] == "reconnect"
+    assert last["reason"] == "stream_max_duration"
+    assert last["status"] == "IN_QUEUE"  # the request goes on
+    assert last["request_id"] == str(job.pk)
+    assert last["status_url"].endswith(f"/requests/{job.pk}/status")
+    job.refresh_from_db()
+    assert not job.is_final
+
+
+@pytest.mark.usefixtures("credited")
+def test_a_run_stream_ends_at_its_longest_life_and_its_request_goes_on(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.STREAM_MAX_SECONDS = 1
+    monkeypatch.setattr(streaming, "KEEP_ALIVE_SECONDS", 0.05)
+
+    async def scenario() -> bytes:
+        stream = run_stream(tenant)
+        assert await stream.open() == 200, stream.content
+        return await stream.ended()
+
+    events = events_of(run(scenario()))
+    name, last = events[-1]
+    assert (name, last["type"], last["reason"]) == ("reconnect", "reconnect", "stream_max_duration")
+    job = Job.objects.get(pk=last["request_id"])
+    assert not job.is_final
+    assert last["response_url"].endswith(f"/requests/{job.pk}")
+
+
+@pytest.mark.usefixtures("credited")
+def test_streams_still_open_while_redis_is_down(
+    tenant: dict[str, Any],
+    builtin_endpoint: Endpoint,
+    settings: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The slots' Redis refusing every connection: the stream opens (the cap is counted in the process's memory,
+    as the rate limit is), and the outage is logged."""
+    settings.REDIS_URL = CLOSED_PORT
+    settings.STREAMS_PER_API_KEY = 1
+    caplog.set_level(logging.WARNING, logger="inference.stream_limits")
+    job = submit_as(tenant, builtin_endpoint)
+
+    async def scenario() -> None:
+        stream = status_stream(tenant, job)
+        assert await stream.open() == 200, stream.content
+        try:
+            over = status_stream(tenant, job)
+            await over.open()
+            refused_for_too_many(over)  # still one per key, in this process
+        finally:
+            await stream.leave()
+        again = status_stream(tenant, job)
+        assert await again.open() == 200, again.content
+        await again.leave()
+
+    run(scenario())
+    assert "stream slots not kept in Redis" in caplog.text
+
+
+@pytest.mark.skipif(not django_settings.REDIS_URL, reason="the slots are shared through Redis")
+@pytest.mark.usefixtures("credited")
+def test_the_slots_are_shared_by_every_web_process(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slot taken by another web process (another process's view: its own memory, the same Redis) counts."""
+    settings.STREAMS_PER_API_KEY = 1
+    job = submit_as(tenant, builtin_endpoint)
+    elsewhere = stream_limits._Slots()
+    elsewhere.take(stream_limits.api_key_holder(tenant["api_key"]), "another-process-stream")
+
+    async def scenario() -> None:
+        stream = status_stream(tenant, job)
+        await stream.open()
+        refused_for_too_many(stream)
+
+    run(scenario())
