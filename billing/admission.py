@@ -45,7 +45,16 @@ from accounts import statements
 from accounts.locking import retrying_atomic
 from billing import end_users, holds, pricing
 from billing.locks import key_share_lock, locked_account, locked_open_hold, share_key
-from billing.models import Account, Granularity, Hold, KeySpendLimit, PriceUnit, UsageRecord, UsageRollup
+from billing.models import (
+    Account,
+    Granularity,
+    Hold,
+    KeySpendLimit,
+    PriceUnit,
+    UsageRecord,
+    UsageRollup,
+    net_spend,
+)
 from billing.money import format_micros, gpu_cost_micros, gpu_ms_within
 from billing.periods import month_bounds, month_start
 from inference.deliveries import asked
@@ -59,11 +68,11 @@ UNLIMITED = Reservation(covered_gpu_ms=None)
 
 
 def spent_this_month(*, organization_id: Any, key_id: Any = None) -> int:
-    """Cost recorded in this UTC month, from the daily rollups (one indexed query)."""
+    """Cost recorded in this UTC month less what refunds gave back of it, from the daily rollups (one indexed query)."""
     start, end = month_bounds()
     rows = UsageRollup.objects.filter(granularity=Granularity.DAY, bucket_start__gte=start, bucket_start__lt=end)
     rows = rows.filter(key_id=key_id) if key_id is not None else rows.filter(organization_id=organization_id)
-    return int(rows.aggregate(total=Sum("cost_micros"))["total"] or 0)
+    return int(rows.aggregate(total=net_spend())["total"] or 0)
 
 
 def _key_held(key_id: Any, *, besides_job_id: Any = None) -> int:

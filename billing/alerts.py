@@ -5,8 +5,11 @@ budget and of each API key's monthly limit (50, 80 and 100% unless set), and a f
 A percentage below 100 is ``billing.threshold_reached``. The 100% one is ``billing.budget_exhausted`` (for a key's
 limit too, with ``scope: key``): reached when the month's spend is the whole budget, or when what is left of it no
 longer covers the hold of the request that just settled, so admission would refuse a request like it (admission
-holds each request's estimate, so spend seldom meets a budget to the micro-dollar). The floor is
-``billing.credits_low``, once per refill: its period is the last ledger entry that added credit.
+holds each request's estimate, so spend seldom meets a budget to the micro-dollar). Spend is what admission counts
+against the same limits: the month's usage less what refunds gave back of it (``billing.models.net_spend``). The
+floor is ``billing.credits_low``, once each time the credit goes below the floor: its period is the last ledger entry
+that added credit and left the balance at or above the floor (``credit_period``), so credit added that leaves it
+below (a refund, a dispute won back) does not tell it again.
 
 **When.** Crossing is found after a settlement commits (``look_after_settlement``, on commit of the transaction
 that closed the attempt), never by polling. Each look is a level, not an edge: it finds every threshold the
@@ -40,7 +43,7 @@ from celery import current_app
 from django.conf import settings
 from django.core.mail import send_mail
 from django.db import connection, transaction
-from django.db.models import Q, Sum
+from django.db.models import Q
 from django.utils import timezone
 
 from accounts import policy
@@ -57,6 +60,7 @@ from billing.models import (
     SpendAlert,
     UsageRecord,
     UsageRollup,
+    net_spend,
 )
 from billing.money import format_micros
 from billing.periods import month_bounds, month_start
@@ -165,11 +169,12 @@ def _percent_events(
 
 
 def spent_in_month(*, organization_id: Any, month: datetime, key_id: Any = None) -> int:
-    """Cost recorded in the UTC month of ``month``, from the daily rollups (one indexed query)."""
+    """Cost recorded in the UTC month of ``month`` less what refunds gave back of it, from the daily rollups (one
+    indexed query): what the budget and a key's limit count (``billing.admission.spent_this_month``)."""
     start, end = month_bounds(month)
     rows = UsageRollup.objects.filter(granularity=Granularity.DAY, bucket_start__gte=start, bucket_start__lt=end)
     rows = rows.filter(key_id=key_id) if key_id is not None else rows.filter(organization_id=organization_id)
-    return int(rows.aggregate(total=Sum("cost_micros"))["total"] or 0)
+    return int(rows.aggregate(total=net_spend())["total"] or 0)
 
 
 def reached_thresholds(*, organization_id: Any, api_key_id: Any, at: datetime, hold_micros: int) -> list[Reached]:
@@ -203,18 +208,12 @@ def reached_thresholds(*, organization_id: Any, api_key_id: Any, at: datetime, h
             )  # fmt: skip
     floor = watched.credit_floor_micros
     if floor is not None and available < floor:
-        refill = (
-            CreditEntry.objects.filter(organization_id=organization_id, amount_micros__gt=0)
-            .order_by("-id")
-            .values_list("id", flat=True)
-            .first()
-        )
         reached.append(
             Reached(
                 scope=AlertScope.CREDITS,
                 subject="",
                 threshold=floor,
-                period=f"credit-{refill or 0}",
+                period=credit_period(organization_id, floor),
                 event_type=AlertEvent.CREDITS_LOW,
                 spent_micros=0,
                 limit_micros=None,
@@ -222,6 +221,29 @@ def reached_thresholds(*, organization_id: Any, api_key_id: Any, at: datetime, h
             )
         )
     return reached
+
+
+def credit_period(organization_id: Any, floor: int) -> str:
+    """The period of a low-credit alert: the last entry that added credit and left the balance at or above the floor
+    (``credit-<entry id>``; ``credit-0`` before any).
+
+    So the alert is told once each time credit goes below the floor after a refill brought it back to the floor or
+    above. Credit added that leaves the balance below the floor (a request's refund, a dispute won back, a small
+    grant) starts no new period: the balance never left the low it was told about. Usage only lowers the balance
+    (its entries are never the period), and holds coming and going are no refill; the ledger records balances, not
+    holds, so credit added that leaves the balance at or above the floor is a refill even while running requests
+    hold the available credit below it (as any credit added was before). One index range
+    (``credit_entry_added``), read back from the newest entry that added credit: the entries after the refill,
+    which all left the balance below the floor, are the only ones passed over."""
+    refill = (
+        CreditEntry.objects.filter(
+            organization_id=organization_id, amount_micros__gt=0, balance_after_micros__gte=floor
+        )
+        .order_by("-id")
+        .values_list("id", flat=True)
+        .first()
+    )
+    return f"credit-{refill or 0}"
 
 
 def record_alerts(organization_id: Any, reached: list[Reached]) -> list[int]:

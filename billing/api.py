@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from datetime import timedelta
 from typing import Any
 
-from django.db.models import Sum
 from django.http import HttpResponse
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
@@ -39,8 +36,10 @@ from billing.models import (
     KeySpendLimit,
     SpendAlert,
     UsageRollup,
+    net_spend,
 )
 from billing.periods import month_bounds
+from billing.spreadsheets import csv_records
 from inference.models import END_USER_MAX_LENGTH, Endpoint
 from inference.submission import END_USER_RULE, valid_end_user
 from inference.webhooks import WebhookUrlError, check_webhook_url
@@ -142,18 +141,6 @@ class UsageView(BillingView):
         return Response(report)
 
 
-# A cell a spreadsheet would read as a formula (OWASP "CSV Injection"): a key's name is whatever a member typed.
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-
-
-def spreadsheet_text(value: Any) -> Any:
-    """A text cell that starts like a formula, prefixed with ``'`` so spreadsheets show it as text; numbers (a
-    negative amount included) and other text as they are."""
-    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
-        return f"'{value}"
-    return value
-
-
 def usage_csv(report: dict[str, Any], *, filename: str) -> HttpResponse:
     """The usage report as CSV: the one place its rows are written, for ``/v1/usage`` and the dashboard alike."""
     columns: list[str] = []
@@ -161,13 +148,8 @@ def usage_csv(report: dict[str, Any], *, filename: str) -> HttpResponse:
         columns += {"key": ["key_id", "key_name"]}.get(dimension, [dimension])
     columns += ["requests", "attempts", "gpu_ms", "gpu_seconds", "unbilled_gpu_ms", "cost_micros"]
     columns += ["video_seconds", "audio_seconds"]
-    buffer = io.StringIO()
-    # Lines end in CRLF (RFC 4180), so a cell holding a CR or LF is quoted: with "\n" the csv module leaves a lone CR
-    # bare, and spreadsheets start a new row there, whose first cell is whatever text followed it.
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\r\n")
-    writer.writeheader()
-    writer.writerows({column: spreadsheet_text(value) for column, value in row.items()} for row in report["data"])
-    response = HttpResponse(buffer.getvalue(), content_type="text/csv; charset=utf-8")
+    # A key's name and an end user's tag are whatever someone typed: written so no spreadsheet runs them.
+    response = HttpResponse(csv_records(columns, report["data"]), content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="{filename}"'
     return response
 
@@ -323,7 +305,7 @@ def key_spend_this_month(organization_id: Any) -> dict[str, int]:
     rows = UsageRollup.objects.filter(
         organization_id=organization_id, granularity=Granularity.DAY, bucket_start__gte=start, bucket_start__lt=end
     )
-    grouped = rows.values("key_id").annotate(total=Sum("cost_micros")).order_by()
+    grouped = rows.values("key_id").annotate(total=net_spend()).order_by()
     return {str(row["key_id"]): int(row["total"] or 0) for row in grouped}
 
 
@@ -331,7 +313,7 @@ def end_user_spend_this_month(organization_id: Any) -> dict[str, int]:
     """Each end user tag's cost this month, from the tags' day rows in one grouped query."""
     start, end = month_bounds()
     rows = EndUserRollup.objects.filter(organization_id=organization_id, bucket_start__gte=start, bucket_start__lt=end)
-    grouped = rows.values("end_user").annotate(total=Sum("cost_micros")).order_by()
+    grouped = rows.values("end_user").annotate(total=net_spend()).order_by()
     return {row["end_user"]: int(row["total"] or 0) for row in grouped}
 
 

@@ -27,7 +27,7 @@ from accounts.models import AuditAction, Organization
 from accounts.services import SYSTEM, Actor, record_audit
 from billing.ledger import BillingError
 from billing.locks import lock_organization_exclusively
-from billing.models import EndUserLimit, EndUserRollup, Hold
+from billing.models import EndUserLimit, EndUserRollup, Hold, net_spend
 from billing.periods import month_bounds
 from inference.submission import END_USER_RULE, valid_end_user
 
@@ -68,13 +68,13 @@ def limit_of(organization_id: Any, end_user: str) -> int | None:
 
 
 def spent_in_month(*, organization_id: Any, end_user: str, month: datetime) -> int:
-    """Cost of the tag's requests recorded in the UTC month of ``month``, from its day rows: bounded at both ends,
-    so a past month's spend is that month's alone, not everything since it began."""
+    """Cost of the tag's requests recorded in the UTC month of ``month`` less what refunds gave back of it, from its
+    day rows: bounded at both ends, so a past month's spend is that month's alone, not everything since it began."""
     start, end = month_bounds(month)
     rows = EndUserRollup.objects.filter(
         organization_id=organization_id, end_user=end_user, bucket_start__gte=start, bucket_start__lt=end
     )
-    return int(rows.aggregate(total=Sum("cost_micros"))["total"] or 0)
+    return int(rows.aggregate(total=net_spend())["total"] or 0)
 
 
 def held(organization_id: Any, end_user: str, *, besides_job_id: Any = None) -> int:

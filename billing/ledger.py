@@ -296,18 +296,22 @@ def grant_credits(
 
 @transaction.atomic
 def refund_job(*, job: Job, actor: Actor = SYSTEM, reason: str = "") -> CreditEntry:
-    """Gives back what a finished request cost, once (the usage records stay: the refund is a new entry).
+    """Gives back what a finished request cost, once (the usage records stay: the refund is a new entry), and takes it
+    off the spend its budget, its key's and its end user's limits count, in the month each record was recorded in
+    (``billing.metering.count_as_refunded``, in the same transaction: with the entry, so once).
 
     Decided under the organization's account lock, which every settlement takes to write a usage record: what it
     sums cannot grow until it commits. A request not finished (queued, running, or requeued by an operator) is
     refused: usage billed after the refund could never be refunded, its one refund spent."""
+    from billing import metering  # lazily: metering debits through the ledger
+
     account = locked_account(job.organization_id)
     status = Job.objects.filter(pk=job.pk).values_list("status", flat=True).first()
     if status not in FINAL_STATUSES:
         raise BillingError("This request has not finished: refund it once it has.")
     # Written after the job was created: the bound prunes earlier months' partitions (billing.partitions).
-    billed = UsageRecord.objects.filter(job_id=job.pk, billable=True, recorded_at__gte=job.created_at)
-    charged = sum(billed.values_list("cost_micros", flat=True))
+    billed = list(UsageRecord.objects.filter(job_id=job.pk, billable=True, recorded_at__gte=job.created_at))
+    charged = sum(record.cost_micros for record in billed)
     if charged == 0:
         raise BillingError("This request cost nothing; there is nothing to refund.")
     entry, created = post_entry(
@@ -321,6 +325,7 @@ def refund_job(*, job: Job, actor: Actor = SYSTEM, reason: str = "") -> CreditEn
     )
     if not created:
         raise BillingError("This request has already been refunded.")
+    metering.count_as_refunded(billed)
     record_audit(
         action=AuditAction.JOB_REFUNDED,
         actor=actor,

@@ -19,13 +19,17 @@ the locked account as before and the record corrected to the smaller cost.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from django.db import connection
+from django.db.models import Exists, F, OuterRef, QuerySet
 
 from accounts import statements
+from accounts.models import ApiKey
 from billing import alerts, holds, pricing
 from billing.ledger import debit_usage, post_entry
 from billing.locks import locked_account
@@ -44,6 +48,8 @@ from billing.money import cost_within
 from billing.periods import day_start, hour_start
 from inference.deliveries import NOTHING, asked, delivered
 from inference.models import Job, JobAttempt
+
+logger = logging.getLogger(__name__)
 
 
 def record_attempt(job: Job, attempt: JobAttempt) -> UsageRecord:
@@ -317,3 +323,65 @@ def _rollups_statement(
         }
         parameters += [fields[column].get_db_prep_value(values[column], connection) for column in columns]
     return sql, parameters
+
+
+def count_as_refunded(records: Iterable[UsageRecord]) -> None:
+    """Gives back ``records``' cost in the rollup rows their settlements added it to: their hour's and day's rows, and
+    their end user's day row if tagged (``refunded_micros``). What budgets, keys' and end users' limits and the
+    budget alerts count (``billing.models.net_spend``) is then usage less refunds.
+
+    ``billing.ledger.refund_job`` calls it once per request, with the refund's one entry, under the organization's
+    account lock: refunds are one at a time, and what each reads of a row's refunded amount cannot change under it
+    (every settlement that adds cost to these rows holds that lock too; one that adds none changes no cost).
+
+    **The month the usage was recorded in.** A refund gives back in the rows of each record's own hour and day, as
+    the statements put its cost in that month: refunded in May, April's usage comes off April's spend, and May's
+    budget stays as May's usage has spent it. The refund is no new room to spend in May: April's budget is history,
+    and a refund counted in the month it is made would let a tenant refunded at the start of a month spend more than
+    its budget in that month.
+
+    A record's key is its rows' key. A record with none was made without a key, or its key was deleted since (the
+    record forgets it, the rows keep its id): its cost is given back in any row of its hour (or day) whose key is not
+    an existing key, as far as each row's cost leaves room, so no row gives back more than it counted. Together those
+    rows hold at least what their records not yet refunded cost, so there is always room for it."""
+    for record in records:
+        if not record.cost_micros:
+            continue
+        for granularity in (Granularity.HOUR, Granularity.DAY):
+            rows = UsageRollup.objects.filter(
+                granularity=granularity,
+                bucket_start=bucket_start(record.recorded_at, granularity),
+                organization_id=record.organization_id,
+                endpoint_id=record.endpoint_id,
+                gpu_class=record.gpu_class,
+            )
+            if record.api_key_id is not None:
+                rows = rows.filter(key_id=record.api_key_id)
+            else:
+                rows = rows.exclude(Exists(ApiKey.objects.filter(pk=OuterRef("key_id"))))
+            _give_back(rows, record.cost_micros, record)
+        if record.end_user:
+            tag_day = EndUserRollup.objects.filter(
+                organization_id=record.organization_id,
+                end_user=record.end_user,
+                bucket_start=bucket_start(record.recorded_at, Granularity.DAY),
+                endpoint_id=record.endpoint_id,
+            )
+            _give_back(tag_day, record.cost_micros, record)
+
+
+def _give_back(rows: QuerySet[Any], amount_micros: int, record: UsageRecord) -> None:
+    """Adds ``amount_micros`` to the refunded amount of ``rows``, in order, each up to what its cost leaves."""
+    left = amount_micros
+    rooms = rows.annotate(room=F("cost_micros") - F("refunded_micros")).filter(room__gt=0).order_by("pk")
+    for pk, room in rooms.values_list("pk", "room"):
+        taken = min(room, left)
+        rows.model.objects.filter(pk=pk).update(refunded_micros=F("refunded_micros") + taken)
+        left -= taken
+        if not left:
+            return
+    # The rollups no longer hold the record's cost (reconciliation's rollup checks report them): the rest of it was
+    # never counted there, and giving it back would count less than nothing.
+    logger.error(
+        "%s µ$ of usage record %s refunded had no %s row to come off", left, record.pk, rows.model._meta.model_name
+    )

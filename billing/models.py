@@ -14,7 +14,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
-from django.db.models import Q
+from django.db.models import F, Q, Sum
 from django.utils import timezone
 
 from accounts import key_cache
@@ -303,11 +303,23 @@ class Granularity(models.TextChoices):
     DAY = "day", "Day"
 
 
+REFUNDED_HELP = "What was given back of this row's cost by refunds of the requests (billing.ledger.refund_job)."
+
+
+def net_spend() -> Sum:
+    """The spend that budgets, keys' and end users' limits and their alerts count of rollup rows: what they cost less
+    what was refunded of it (``refunded_micros``, never more than ``cost_micros`` on a row)."""
+    return Sum(F("cost_micros") - F("refunded_micros"), output_field=models.BigIntegerField())
+
+
 class UsageRollup(models.Model):
     """Usage summed per hour and per day (UTC), organization, endpoint, key and GPU class.
 
     Maintained by an upsert in the transaction that writes each usage record, so pages and
-    admission read these instead of scanning raw usage.
+    admission read these instead of scanning raw usage. ``cost_micros`` is what the usage cost, as its records say;
+    ``refunded_micros`` what refunds of those records gave back, added by the refund to the rows the records were
+    added to (``billing.metering.count_as_refunded``), so a limit counts ``net_spend()`` in the month the usage was
+    recorded in.
     """
 
     granularity = models.CharField(max_length=4, choices=Granularity.choices)
@@ -321,6 +333,11 @@ class UsageRollup(models.Model):
     gpu_ms = models.PositiveBigIntegerField(default=0)
     unbilled_gpu_ms = models.PositiveBigIntegerField(default=0)
     cost_micros = models.PositiveBigIntegerField(default=0)
+    # A default in the database too: the settlements' upserts (billing.metering) name only the columns they add to.
+    # Signed, with no CHECK: added to a large table with a constant default, the column is then written into the
+    # catalogue alone on PostgreSQL, where a CHECK would be validated by a scan under the table's exclusive lock
+    # (every settlement upserts these rows). Only refunds add to it, and only what a row's cost holds.
+    refunded_micros = models.BigIntegerField(default=0, db_default=0, help_text=REFUNDED_HELP)
     work_units = models.PositiveBigIntegerField(default=0)
     video_ms = models.PositiveBigIntegerField(default=0)
     audio_ms = models.PositiveBigIntegerField(default=0)
@@ -347,7 +364,8 @@ class EndUserRollup(models.Model):
     """Usage of tagged requests summed per UTC day, organization, end user tag and endpoint.
 
     Apart from ``UsageRollup``, so a reseller's many tags never multiply the rows a budget check sums. Upserted with
-    the usage rollups by the settlement of each tagged attempt; an end user's limit reads its month from here.
+    the usage rollups by the settlement of each tagged attempt; an end user's limit reads its month from here
+    (``net_spend()``: a refund gives back to the tag's day row as to the usage rollups).
     """
 
     bucket_start = models.DateTimeField(help_text="The UTC day.")
@@ -359,6 +377,7 @@ class EndUserRollup(models.Model):
     gpu_ms = models.PositiveBigIntegerField(default=0)
     unbilled_gpu_ms = models.PositiveBigIntegerField(default=0)
     cost_micros = models.PositiveBigIntegerField(default=0)
+    refunded_micros = models.BigIntegerField(default=0, db_default=0, help_text=REFUNDED_HELP)  # as UsageRollup's
     work_units = models.PositiveBigIntegerField(default=0)
     video_ms = models.PositiveBigIntegerField(default=0, help_text="Seconds of video delivered, in ms.")
     audio_ms = models.PositiveBigIntegerField(default=0, help_text="Seconds of audio delivered, in ms.")
@@ -519,7 +538,8 @@ class CreditEntry(models.Model):
             models.Index(fields=["organization", "-id"]),
             # A balance before a moment (statements, their reconciliation): the entries stamped around it, one range.
             models.Index(fields=["organization", "created_at"], name="credit_entry_stamped"),
-            # The last entry that added credit: the period of a low-credit alert (billing.alerts), one index lookup.
+            # The entries that added credit, newest first: the period of a low-credit alert is the last that left the
+            # balance at or above the floor (billing.alerts.credit_period), one index range.
             models.Index(fields=["organization", "-id"], condition=Q(amount_micros__gt=0), name="credit_entry_added"),
             # Request refunds by day, which the revenue metrics net against usage; a few rows among millions.
             models.Index(
@@ -782,8 +802,9 @@ class SpendAlert(models.Model):
 
     One row per (organization, scope, subject, threshold, period), by a unique constraint: whichever settlements see
     a threshold reached, however many at once, one inserts the row and only that one notifies. ``period`` is the UTC
-    month (``2026-12``) of a budget or a key's limit, and for the credit floor the last entry that added credit
-    (``credit-<entry id>``): low once per refill.
+    month (``2026-12``) of a budget or a key's limit, and for the credit floor the last entry that added credit and
+    left the balance at or above the floor (``credit-<entry id>``, ``billing.alerts.credit_period``): low once each
+    time the credit goes below the floor from the floor or above.
     """
 
     organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")

@@ -15,8 +15,6 @@ ledger. The beat schedule issues last month's every night (``issue_due_statement
 
 from __future__ import annotations
 
-import csv
-import io
 import re
 import uuid
 from datetime import UTC, date, datetime, timedelta
@@ -34,6 +32,7 @@ from billing.documents import DocumentPdf, allocate_number, billed_to, issuer_li
 from billing.ledger import BillingError
 from billing.models import CreditEntry, EntryKind, Granularity, Payment, PaymentStatus, Receipt, Statement, UsageRollup
 from billing.money import format_micros
+from billing.spreadsheets import csv_rows
 from billing.stripe_client import is_test_mode
 from inference.models import Endpoint
 
@@ -381,19 +380,20 @@ def statement_index(organization: Organization, *, now: datetime | None = None) 
 
 def statement_csv(statement: dict[str, Any]) -> str:
     """One row per line of the statement: ``section, item, attempts, gpu_ms, amount_micros, debited_micros``; a usage
-    row's amount is its cost at price and ``debited_micros`` what the ledger took for it."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["section", "item", "attempts", "gpu_ms", "amount_micros", "debited_micros"])
-    writer.writerow(["balance", "opening", "", "", statement["opening_balance_micros"], ""])
-    for name, amount in statement["movements"].items():
-        writer.writerow(["movement", name.removesuffix("_micros"), "", "", amount, ""])
-    for row in statement["usage"]:
-        writer.writerow(
-            ["usage", row["endpoint"], row["attempts"], row["gpu_ms"], row["cost_micros"], row["debited_micros"]]
-        )
-    writer.writerow(["balance", "closing", "", "", statement["closing_balance_micros"], ""])
-    return buffer.getvalue()
+    row's amount is its cost at price and ``debited_micros`` what the ledger took for it. Written as every billing CSV
+    is (``billing.spreadsheets``): an endpoint's name that starts like a formula is text to a spreadsheet."""
+    rows: list[list[Any]] = [["section", "item", "attempts", "gpu_ms", "amount_micros", "debited_micros"]]
+    rows.append(["balance", "opening", "", "", statement["opening_balance_micros"], ""])
+    rows += [
+        ["movement", name.removesuffix("_micros"), "", "", amount, ""]
+        for name, amount in statement["movements"].items()
+    ]
+    rows += [
+        ["usage", row["endpoint"], row["attempts"], row["gpu_ms"], row["cost_micros"], row["debited_micros"]]
+        for row in statement["usage"]
+    ]
+    rows.append(["balance", "closing", "", "", statement["closing_balance_micros"], ""])
+    return csv_rows(rows)
 
 
 def statement_pdf(statement: dict[str, Any]) -> bytes:

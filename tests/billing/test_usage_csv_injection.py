@@ -12,8 +12,8 @@ from django.test import Client
 
 from accounts.models import Scope
 from accounts.services import create_api_key
-from billing.api import spreadsheet_text
 from billing.ledger import grant_credits
+from billing.spreadsheets import spreadsheet_text
 from inference.models import Endpoint
 from tests.lifecycle import run
 
