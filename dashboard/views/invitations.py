@@ -33,10 +33,24 @@ from dashboard.access import SESSION_KEY
 from dashboard.forms import ChoosePasswordForm
 
 TEMPLATE = "dashboard/auth/invitation.html"
+# The link's secret, kept in the session once the link is opened: the page that follows has a URL without it, so
+# the secret is not in the access logs, the browser's history or a Referer after the first request (Django's
+# password reset does the same with its token).
+SESSION_SECRET = "_invitation_secret"  # noqa: S105 - a session key's name
+
+
+def open_link(request: HttpRequest, secret: str) -> HttpResponse:
+    """The emailed link: its secret goes to the session, and the browser to the invitation's page."""
+    request.session[SESSION_SECRET] = secret
+    return redirect("invitation")
 
 
 @never_cache
-def invitation(request: HttpRequest, secret: str) -> HttpResponse:
+def invitation(request: HttpRequest) -> HttpResponse:
+    secret = str(request.session.get(SESSION_SECRET, ""))
+    if not secret:  # a new session (signed out since, another browser): the link again
+        reason = "Open the link in your invitation email to see the invitation."
+        return render(request, TEMPLATE, {"state": "unusable", "reason": reason}, status=404)
     try:
         waiting = waiting_invitation(secret)
     except InvitationUnusable as exc:
@@ -51,12 +65,13 @@ def invitation(request: HttpRequest, secret: str) -> HttpResponse:
         if request.method == "POST":
             if request.POST.get("answer") == "decline":
                 revoke_invitation(invitation=waiting, actor=actor)
+                request.session.pop(SESSION_SECRET, None)
                 messages.info(request, f"You declined the invitation to {waiting.organization.name}.")
                 return redirect("dashboard:home")
             return _joined(request, secret, request.user, actor)
         return render(request, TEMPLATE, {**page, "state": "signed_in"})
     if User.objects.filter(email__iexact=waiting.email).exists():
-        login_url = f"{reverse('login')}?next={reverse('invitation', args=[secret])}"
+        login_url = f"{reverse('login')}?next={reverse('invitation')}"
         return render(request, TEMPLATE, {**page, "state": "sign_in", "login_url": login_url})
     form = ChoosePasswordForm(request.POST or None, email=waiting.email, name="")
     if request.method == "POST":
@@ -70,7 +85,7 @@ def invitation(request: HttpRequest, secret: str) -> HttpResponse:
             try:
                 user = sign_up(email=waiting.email, password=form.cleaned_data["password"], actor=actor)
             except AccountsError:  # the address got an account meanwhile (this link used twice at once)
-                return redirect("invitation", secret=secret)
+                return redirect("invitation")
             login(request, user, backend="django.contrib.auth.backends.ModelBackend")
             return _joined(request, secret, user, Actor(user=user, ip_address=actor.ip_address))
     return render(request, TEMPLATE, {**page, "state": "new_account", "form": form})
@@ -81,6 +96,7 @@ def _joined(request: HttpRequest, secret: str, user: User, actor: Actor) -> Http
         membership = accept_invitation(secret=secret, user=user, actor=actor)
     except AccountsError as exc:  # used or withdrawn meanwhile, or already a member
         return render(request, TEMPLATE, {"state": "unusable", "reason": str(exc)}, status=409)
+    request.session.pop(SESSION_SECRET, None)
     request.session[SESSION_KEY] = str(membership.organization_id)
     messages.success(request, f"You joined {membership.organization.name} ({membership.get_role_display()}).")
     return redirect("dashboard:home")

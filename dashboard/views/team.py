@@ -53,7 +53,7 @@ def members(request: HttpRequest, context: Context) -> HttpResponse:
 def send_invitation(request: HttpRequest, invitation: Invitation, secret: str, context: Context) -> None:
     """The link that joins: it shows the organization, the role and who invites, and joins only when the person
     signed in with the address says so (``dashboard.views.invitations``)."""
-    link = request.build_absolute_uri(reverse("invitation", args=[secret]))
+    link = request.build_absolute_uri(reverse("invitation_link", args=[secret]))
     days = max(settings.INVITATION_MAX_AGE_SECONDS // 86400, 1)
     send_mail(
         subject=f"You are invited to {context.organization.name}",

@@ -182,6 +182,7 @@ def deactivate_user(*, user: User, actor: Actor = SYSTEM) -> User:
     user.is_active = False
     if not updated:
         return user  # deactivated meanwhile by someone else, who did the rest
+    _withdraw_invitations_of(user)
     # Keys belong to organizations: one with no other member would keep working with nobody to answer for it.
     for organization in sorted(solo, key=lambda o: str(o.pk)):
         set_organization_suspended(organization=organization, suspended=True, actor=actor)
@@ -427,27 +428,67 @@ def invite_member(
     return invitation, secret
 
 
+def _check_usable(invitation: Invitation | None, *, inviter: Membership | None) -> Invitation:
+    """``invitation`` if it can be accepted now, else ``InvitationUnusable`` saying why.
+
+    An invitation is a grant its sender makes with their own power, as a key is (``accounts.policy``): it holds only
+    while its sender is still an active member who may manage members (``inviter``: their membership as it stands
+    now). An admin removed, demoted or deactivated after inviting someone as owner does not make them owner later.
+    A suspended organization grants nothing until an operator unsuspends it: the invitation waits meanwhile."""
+    if invitation is None or invitation.expired:
+        raise InvitationUnusable("This invitation link is not valid any more: ask for a new invitation.")
+    if inviter is None or not inviter.user.is_active or not policy.role_can(inviter.role, policy.MANAGE_MEMBERS):
+        raise InvitationUnusable("Whoever sent this invitation can no longer invite members: ask for a new one.")
+    if invitation.organization.is_suspended:
+        raise InvitationUnusable(
+            f"{invitation.organization.name} is suspended: the invitation can be accepted once it is active again."
+        )
+    return invitation
+
+
+def _inviter(invitation: Invitation, *, lock: bool = False) -> Membership | None:
+    if invitation.invited_by_id is None:  # the person who sent it was deleted
+        return None
+    members = Membership.objects.select_related("user")
+    if lock:
+        members = members.select_for_update(of=("self",))
+    return members.filter(organization_id=invitation.organization_id, user_id=invitation.invited_by_id).first()
+
+
 def waiting_invitation(secret: str) -> Invitation:
     """The invitation a link's secret names, while it can still be accepted; else ``InvitationUnusable``."""
     invitation = _invitation_by_secret(secret)
-    if invitation is None or invitation.expired:
-        raise InvitationUnusable("This invitation link is not valid any more: ask for a new invitation.")
-    return invitation
+    return _check_usable(invitation, inviter=_inviter(invitation) if invitation else None)
 
 
 @transaction.atomic
 def accept_invitation(*, secret: str, user: User, actor: Actor = SYSTEM) -> Membership:
     """``user`` joins the organization of the invitation whose link carries ``secret``, with its role, if the
-    invitation is for ``user``'s email address and can still be used; the invitation is used up. Raises
-    ``InvitationUnusable`` otherwise (a link used twice at once: one of the two joins)."""
+    invitation is for ``user``'s email address and can still be used (``_check_usable``); the invitation is used
+    up. Raises ``InvitationUnusable`` otherwise (a link used twice at once: one of the two joins). The sender's
+    membership is locked while it is checked: a removal or demotion of theirs waits, or is seen."""
     found = _invitation_by_secret(secret)
-    invitation = Invitation.objects.select_for_update().filter(pk=found.pk).first() if found else None
-    if invitation is None or invitation.expired or invitation.secret_hash != hash_secret(secret):
-        raise InvitationUnusable("This invitation link is not valid any more: ask for a new invitation.")
+    invitation = (
+        Invitation.objects.select_for_update(of=("self",)).select_related("organization").filter(pk=found.pk).first()
+        if found
+        else None
+    )
+    if invitation is not None and invitation.secret_hash != hash_secret(secret):
+        invitation = None  # invited again meanwhile: this link's secret was replaced
+    invitation = _check_usable(invitation, inviter=_inviter(invitation, lock=True) if invitation else None)
     if invitation.email.lower() != user.email.lower():
         raise InvitationUnusable(f"This invitation is for {invitation.email}: sign in with that address to accept it.")
     invitation.delete()
     return add_member(organization=invitation.organization, user=user, role=invitation.role, actor=actor)
+
+
+def _withdraw_invitations_of(user: User, *, organization_ids: list[Any] | None = None) -> None:
+    """The invitations ``user`` sent (in ``organization_ids``, or anywhere), once they may no longer invite: they
+    could not be accepted any more (``_check_usable``); gone, they no longer show as waiting."""
+    sent = Invitation.objects.filter(invited_by=user)
+    if organization_ids is not None:
+        sent = sent.filter(organization_id__in=organization_ids)
+    sent.delete()
 
 
 @transaction.atomic
@@ -471,6 +512,7 @@ def remove_member(*, membership: Membership, actor: Actor = SYSTEM) -> None:
             "An organization needs at least one owner; make someone else owner first, or delete the organization."
         )
     Membership.objects.filter(pk=current.pk).delete()
+    _withdraw_invitations_of(current.user, organization_ids=[current.organization_id])
     record_audit(
         action=AuditAction.MEMBER_REMOVED,
         actor=actor,
@@ -492,6 +534,8 @@ def change_member_role(*, membership: Membership, role: str, actor: Actor = SYST
         raise AccountsError("An organization needs at least one owner; make someone else owner first.")
     current.role = role
     current.save(update_fields=["role"])
+    if not policy.role_can(role, policy.MANAGE_MEMBERS):
+        _withdraw_invitations_of(current.user, organization_ids=[current.organization_id])
     record_audit(
         action=AuditAction.ROLE_CHANGED,
         actor=actor,

@@ -12,7 +12,16 @@ from django.test import Client
 from django.utils import timezone
 
 from accounts.models import AuditAction, AuditEvent, Invitation, Membership, Role, User
-from accounts.services import InvitationUnusable, accept_invitation, invite_member
+from accounts.services import (
+    Actor,
+    InvitationUnusable,
+    accept_invitation,
+    change_member_role,
+    deactivate_user,
+    invite_member,
+    remove_member,
+    set_organization_suspended,
+)
 from dashboard.access import SESSION_KEY
 from tests.conftest import TEST_PASSWORD
 from tests.dashboard.test_pages import browser, csrf
@@ -36,6 +45,16 @@ def emailed_link(to: str) -> str:
     return link.group(1)
 
 
+PAGE = "/auth/invitation"  # where the link leads, its secret kept in the session
+
+
+def opened(client: Client, link: str) -> Any:
+    """The invitation's page as the link leads to it (the secret goes to the session, the URL loses it)."""
+    answer = client.get(link, follow=True)
+    assert answer.redirect_chain == [(PAGE, 302)]
+    return answer
+
+
 def member(tenant: dict[str, Any], user: User) -> Membership | None:
     return Membership.objects.filter(organization=tenant["organization"], user=user).first()
 
@@ -50,24 +69,25 @@ def test_an_existing_person_is_not_added_until_they_accept(tenant: dict[str, Any
     assert tenant["organization"].name in mail.outbox[0].body
 
     anonymous = Client()
-    page = anonymous.get(link)
+    page = opened(anonymous, link)
     assert page.status_code == 200
     assert "sign in" in page.content.decode()
     assert member(tenant, person) is None
 
     invited = browser(person)
-    page = invited.get(link)
+    page = opened(invited, link)
     assert page.status_code == 200
     assert tenant["organization"].name in page.content.decode()
+    assert link.rsplit("/", 1)[1] not in page.content.decode()
     assert member(tenant, person) is None  # looking is not accepting
-    answer = invited.post(link, {"answer": "accept", "csrfmiddlewaretoken": invited.cookies["csrftoken"].value})
+    answer = invited.post(PAGE, {"answer": "accept", "csrfmiddlewaretoken": invited.cookies["csrftoken"].value})
     assert answer.status_code == 302
     joined = member(tenant, person)
     assert joined is not None
     assert joined.role == Role.ADMIN
     assert invited.session[SESSION_KEY] == str(tenant["organization"].pk)
     assert not Invitation.objects.filter(organization=tenant["organization"]).exists()
-    assert Client().get(link).status_code == 404  # used up
+    assert opened(Client(), link).status_code == 404  # used up
     actions = set(AuditEvent.objects.filter(organization=tenant["organization"]).values_list("action", flat=True))
     assert {AuditAction.MEMBER_INVITED, AuditAction.MEMBER_ADDED} <= actions
 
@@ -78,10 +98,10 @@ def test_someone_signed_in_with_another_address_joins_nothing(tenant: dict[str, 
     link = emailed_link("invited@example.com")
     intruder = make_user("intruder@example.com")
     client = browser(intruder)
-    page = client.get(link)
+    page = opened(client, link)
     assert page.status_code == 403
     assert "invited@example.com" in page.content.decode()
-    refused = client.post(link, {"answer": "accept", "csrfmiddlewaretoken": client.cookies["csrftoken"].value})
+    refused = client.post(PAGE, {"answer": "accept", "csrfmiddlewaretoken": client.cookies["csrftoken"].value})
     assert refused.status_code == 403
     assert member(tenant, intruder) is None
     assert Invitation.objects.filter(email="invited@example.com").exists()  # still waiting for its person
@@ -94,13 +114,13 @@ def test_a_new_address_gets_no_account_until_it_accepts(tenant: dict[str, Any]) 
     assert not User.objects.filter(email="newcomer@example.com").exists()
     link = emailed_link("newcomer@example.com")
     client = Client()
-    form = client.get(link)
+    form = opened(client, link)
     assert form.status_code == 200
     assert "Choose a password" in form.content.decode()
-    weak = client.post(link, {"password": "123"})
+    weak = client.post(PAGE, {"password": "123"})
     assert weak.status_code == 200
     assert not User.objects.filter(email="newcomer@example.com").exists()
-    client.post(link, {"password": PASSWORD})
+    client.post(PAGE, {"password": PASSWORD})
     newcomer = User.objects.get(email="newcomer@example.com")
     assert newcomer.check_password(PASSWORD)
     joined = member(tenant, newcomer)
@@ -119,14 +139,14 @@ def test_declining_withdrawing_reinviting_and_expiry_end_a_link(tenant: dict[str
     invite(tenant, "maybe@example.com", Role.BILLING)  # again: a new link, the first one stops working
     second = emailed_link("maybe@example.com")
     assert first != second
-    assert Client().get(first).status_code == 404
+    assert opened(Client(), first).status_code == 404
     assert Invitation.objects.get(email="maybe@example.com").role == Role.BILLING
 
     client = browser(person)
-    client.get(second)
-    client.post(second, {"answer": "decline", "csrfmiddlewaretoken": client.cookies["csrftoken"].value})
+    opened(client, second)
+    client.post(PAGE, {"answer": "decline", "csrfmiddlewaretoken": client.cookies["csrftoken"].value})
     assert member(tenant, person) is None
-    assert client.get(second).status_code == 404
+    assert opened(client, second).status_code == 404
 
     mail.outbox.clear()
     invite(tenant, "maybe@example.com")
@@ -137,11 +157,11 @@ def test_declining_withdrawing_reinviting_and_expiry_end_a_link(tenant: dict[str
     invitation = Invitation.objects.get(email="maybe@example.com")
     token = owner.cookies["csrftoken"].value
     owner.post(f"/dashboard/members/invitations/{invitation.pk}/revoke", {"csrfmiddlewaretoken": token})
-    assert client.get(third).status_code == 404
+    assert opened(client, third).status_code == 404
 
     _, secret = invite_member(organization=tenant["organization"], email="maybe@example.com", role=Role.DEVELOPER)
     Invitation.objects.filter(email="maybe@example.com").update(expires_at=timezone.now() - timedelta(seconds=1))
-    assert client.get(f"/auth/invitation/{secret}").status_code == 404
+    assert opened(client, f"/auth/invitation/{secret}").status_code == 404
     with pytest.raises(InvitationUnusable):
         accept_invitation(secret=secret, user=person)
     assert member(tenant, person) is None
@@ -182,12 +202,97 @@ def test_signing_in_from_the_link_comes_back_to_it(tenant: dict[str, Any], make_
     invite(tenant, "returning@example.com")
     link = emailed_link("returning@example.com")
     client = Client()
-    page = client.get(link).content.decode()
+    page = opened(client, link).content.decode()
     login_url = re.search(r'href="(/auth/login\?next=[^"]+)"', page)
     assert login_url is not None
     signed_in = client.post(login_url.group(1), {"username": person.email, "password": TEST_PASSWORD})
     assert signed_in.status_code == 302
-    assert signed_in["Location"] == link
-    assert client.get(link).status_code == 200
-    client.post(link, {"answer": "accept"})
+    assert signed_in["Location"] == PAGE
+    assert client.get(PAGE).status_code == 200
+    client.post(PAGE, {"answer": "accept"})
     assert member(tenant, person) is not None
+
+
+def sent_by_admin(tenant: dict[str, Any], make_user: Any, role: str = Role.OWNER) -> tuple[Membership, str]:
+    """An admin of the tenant invites an address they hold, as ``role``: the invitation's secret."""
+    from accounts.services import add_member
+
+    admin = add_member(organization=tenant["organization"], user=make_user(), role=Role.ADMIN)
+    _, secret = invite_member(
+        organization=tenant["organization"], email="accomplice@example.com", role=role, actor=Actor(user=admin.user)
+    )
+    return admin, secret
+
+
+@pytest.mark.parametrize("fate", ["removed", "deactivated", "demoted"])
+def test_an_invitation_holds_only_while_its_sender_may_still_invite(
+    tenant: dict[str, Any], make_user: Any, fate: str
+) -> None:
+    """Found in review: an admin invited an address of their own as owner, was removed (or deactivated, or made a
+    developer), and the invitation still made that address an owner. An invitation is a grant made with its sender's
+    power, as a key is: it ends when that power does."""
+    admin, secret = sent_by_admin(tenant, make_user)
+    accomplice = make_user("accomplice@example.com")
+    if fate == "removed":
+        remove_member(membership=admin)
+    elif fate == "deactivated":
+        deactivate_user(user=admin.user)
+    else:
+        change_member_role(membership=admin, role=Role.DEVELOPER)
+    assert not Invitation.objects.filter(organization=tenant["organization"]).exists()  # withdrawn with the power
+    with pytest.raises(InvitationUnusable):
+        accept_invitation(secret=secret, user=accomplice)
+    assert member(tenant, accomplice) is None
+
+
+def test_an_invitation_whose_sender_lost_the_power_by_other_means_is_refused_at_acceptance(
+    tenant: dict[str, Any], make_user: Any
+) -> None:
+    """Whatever way the sender's power went (an operator's SQL, a role changed in the admin console), acceptance
+    checks the sender as they stand then, under a lock."""
+    admin, secret = sent_by_admin(tenant, make_user)
+    accomplice = make_user("accomplice@example.com")
+    Membership.objects.filter(pk=admin.pk).update(role=Role.BILLING)
+    client = browser(accomplice)
+    page = opened(client, f"/auth/invitation/{secret}")
+    assert page.status_code == 404
+    assert "can no longer invite" in page.content.decode()
+    with pytest.raises(InvitationUnusable):
+        accept_invitation(secret=secret, user=accomplice)
+    User.objects.filter(pk=admin.user.pk).delete()  # the sender gone altogether
+    with pytest.raises(InvitationUnusable):
+        accept_invitation(secret=secret, user=accomplice)
+    assert member(tenant, accomplice) is None
+
+
+def test_a_suspended_organization_takes_nobody_in_until_it_is_active_again(tenant: dict[str, Any]) -> None:
+    """Found in review: an invitation sent before a suspension was accepted during it (and, for a new address, made
+    an account and an owner). Now it waits: refused while suspended, no account made, accepted once unsuspended."""
+    invite(tenant, "patient@example.com", Role.OWNER)
+    link = emailed_link("patient@example.com")
+    set_organization_suspended(organization=tenant["organization"], suspended=True)
+    client = Client()
+    page = opened(client, link)
+    assert page.status_code == 404
+    assert "suspended" in page.content.decode()
+    client.post(PAGE, {"password": PASSWORD})
+    assert not User.objects.filter(email="patient@example.com").exists()
+    assert Invitation.objects.filter(email="patient@example.com").exists()  # it waits
+    set_organization_suspended(organization=tenant["organization"], suspended=False)
+    client.post(PAGE, {"password": PASSWORD})
+    patient = User.objects.get(email="patient@example.com")
+    joined = member(tenant, patient)
+    assert joined is not None
+    assert joined.role == Role.OWNER
+
+
+def test_the_links_secret_leaves_the_url_at_once(tenant: dict[str, Any]) -> None:
+    """Found in review: the secret was in the path of every request of the page (access logs, a Referer, history).
+    The link now puts it in the session and redirects to a URL without it, as Django's password reset does."""
+    invite(tenant, "private@example.com")
+    link = emailed_link("private@example.com")
+    client = Client()
+    first = client.get(link)
+    assert first.status_code == 302
+    assert first["Location"] == PAGE
+    assert Client().get(PAGE).status_code == 404  # another browser, no link opened: nothing to show

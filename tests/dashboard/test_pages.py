@@ -167,7 +167,8 @@ def test_members_invite_change_role_and_remove(tenant: dict[str, Any], make_user
     link = re.search(r"https?://[^/]+(/auth/invitation/\S+)", invitation.body)
     assert link is not None
     colleague = Client()
-    colleague.post(link.group(1), {"password": "a long enough passphrase 42"})
+    colleague.get(link.group(1), follow=True)  # the secret to the session, the page at /auth/invitation
+    colleague.post("/auth/invitation", {"password": "a long enough passphrase 42"})
     membership = Membership.objects.get(organization=tenant["organization"], user__email="colleague@example.com")
     assert membership.role == Role.BILLING
     client.post(f"/dashboard/members/{membership.pk}/role", {"role": "developer", "csrfmiddlewaretoken": token})
