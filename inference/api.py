@@ -656,8 +656,7 @@ def status_event_stream(
             await watch.changed(STREAM_KEEP_ALIVE_SECONDS)
             current = await look_in_shared_threads(_load_job)(current.id)
 
-    bounded = stream_limits.bounded(events(), slot=slot, job_id=job.id, request=request)
-    response = StreamingHttpResponse(bounded, content_type="text/event-stream")
+    response = stream_limits.EventStream(events(), slot=slot, job_id=job.id, request=request)
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     response["x-fal-request-id"] = str(job.id)

@@ -12,6 +12,12 @@ failure, publishing is skipped for ``BREAKER_SECONDS`` so an outage costs a move
 Listening: one connection per web process and event loop, ``PSUBSCRIBE job-events:*``, and a table
 of local waiters. Every web process hears every job's moves: a few bytes per move, and no subscribe
 traffic per waiter however many requests wait. Waiting holds no thread: it is an ``asyncio.Event``.
+
+Cancelling a waiter (its client hung up) or the listener (its event loop closing) ends it wherever the cancellation
+lands. On Python 3.11, ``asyncio.wait_for`` loses a cancellation that arrives after the awaitable it wraps has finished
+but before the waiting task runs again (CPython gh-86296, fixed in 3.12 only), so nothing here waits through it: waits
+are bounded with ``asyncio.timeout``, and the listener's connection has no socket timeout, under which redis-py 8 wraps
+every write in ``wait_for`` (``Connection.send_packed_command``).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import os
 import threading
 import time
 import uuid
@@ -30,6 +37,8 @@ import redis
 import redis.asyncio as aioredis
 from django.conf import settings
 from django.db import transaction
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +50,9 @@ POLL_FIRST_SECONDS = 0.02
 POLL_MAX_SECONDS = 0.25
 BREAKER_SECONDS = 1.5
 _SOCKET_SECONDS = 0.5
+# The listener's longest read (it reads again after it), and the most its connect and subscribe may take, together.
+_READ_SECONDS = 30.0
+_CONNECT_SECONDS = 5.0
 
 
 def channel_of(job_id: uuid.UUID | str) -> str:
@@ -106,25 +118,34 @@ class _Listener:
     async def _run(self) -> None:
         backoff = 0.1
         while True:
+            _raise_if_cancelled()
             client = aioredis.Redis.from_url(
-                str(settings.REDIS_URL), socket_connect_timeout=_SOCKET_SECONDS, socket_keepalive=True
+                str(settings.REDIS_URL),
+                socket_connect_timeout=_SOCKET_SECONDS,
+                socket_timeout=None,  # bounded below with asyncio.timeout instead (see the module's docstring)
+                socket_keepalive=True,
+                retry=Retry(NoBackoff(), 0),  # this loop reconnects, and has the waiters poll meanwhile
+                client_name=listener_client_name(),
             )
             pubsub = client.pubsub()
             try:
-                await pubsub.psubscribe(f"{CHANNEL_PREFIX}*")
+                async with asyncio.timeout(_CONNECT_SECONDS):
+                    await pubsub.psubscribe(f"{CHANNEL_PREFIX}*")
+                _raise_if_cancelled()
                 self.live = True
                 backoff = 0.1
                 self._wake_all()  # anything published while we were not listening: look now
                 while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=30.0)
+                    # A read that fails reconnects once inside redis-py before it raises: bounded as a connect.
+                    async with asyncio.timeout(_READ_SECONDS + _CONNECT_SECONDS):
+                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=_READ_SECONDS)
+                    _raise_if_cancelled()
                     if message is None:
                         continue
                     channel = message["channel"]
                     name = channel.decode() if isinstance(channel, bytes) else str(channel)
                     for event in self.waiters.get(name, ()):
                         event.set()
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:  # Redis down or gone: waiters poll until we are back
                 if self.live:
                     logger.info("job events listener lost Redis: %s", exc)
@@ -135,14 +156,29 @@ class _Listener:
             finally:
                 self.live = False
                 # Bounded: when the loop itself is closing (a per-call loop of async_to_sync), this task is
-                # cancelled, and a close that waits on the cancelled read must not hold the loop's shutdown.
+                # cancelled, and a close that waits on the cancelled read must not hold the loop's shutdown. The
+                # socket is closed before the close's first wait, so an interrupted close still lets go of it.
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(_close(pubsub, client), _SOCKET_SECONDS)
+                    async with asyncio.timeout(_SOCKET_SECONDS):
+                        await _close(pubsub, client)
 
     def _wake_all(self) -> None:
         for events in self.waiters.values():
             for event in events:
                 event.set()
+
+
+def listener_client_name() -> str:
+    """The name of this process's listener connections, as Redis lists them (``CLIENT LIST``)."""
+    return f"job-events-listener-{os.getpid()}"
+
+
+def _raise_if_cancelled() -> None:
+    """Ends the listener when a cancellation asked of it was lost below it: the task still counts it
+    (``Task.cancelling``), as a library that really meant to suppress one would have taken it back (``uncancel``)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def _close(pubsub: aioredis.client.PubSub, client: aioredis.Redis) -> None:
@@ -181,7 +217,8 @@ class Watch:
         if self.listener is not None and self.listener.live:
             self._poll = POLL_FIRST_SECONDS
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.event.wait(), min(timeout, FALLBACK_SECONDS))
+                async with asyncio.timeout(min(timeout, FALLBACK_SECONDS)):
+                    await self.event.wait()
         else:
             await asyncio.sleep(min(timeout, self._poll))
             self._poll = min(self._poll * 1.5, POLL_MAX_SECONDS)

@@ -14,11 +14,26 @@ processes for everyone. So:
   fal's clients read any ``data:`` line, so ``type`` tells them the stream ended without an end of the request.
 
 The slots are kept in Redis, shared by every web process: one sorted set per key or user, of the stream ids open
-under it, each scored with the moment its slot lapses. An open stream moves that moment on as it runs (at its first
-event once a quarter of ``SLOT_SECONDS`` has passed: a stream sends one every keep-alive at least, 10 to 15 s), and
-gives its slot back when it ends, whichever way (its end, the client gone, the lifetime); a slot whose process died
-lapses by itself after ``SLOT_SECONDS``. Taking a slot is one Lua script (drop lapsed slots, count, add), so two
-processes never both take the last one.
+under it, each scored with the moment its slot lapses, by Redis's own clock (``TIME``, read inside the scripts): web
+hosts whose clocks disagree would otherwise take each other's live slots for lapsed, or keep dead ones. An open stream
+moves that moment on as it runs (at its first event once a quarter of ``SLOT_SECONDS`` has passed: a stream sends one
+every keep-alive at least, 10 to 15 s), and gives its slot back when it ends, whichever way (its end, the client gone,
+the lifetime); a slot whose process died lapses by itself after ``SLOT_SECONDS``. Taking a slot is one Lua script (drop
+lapsed slots, count, add), so two processes never both take the last one.
+
+A slot is given back however the request ends, the client gone at any moment included:
+
+- gone while the slot is being taken (in a thread; the run stream takes it in its submission's thread): the view is
+  cancelled but the thread goes on, so the taking is shielded from the cancellation and what it took is given back
+  as it returns (``finish_or_undo``);
+- gone before the body's first event (Django's handler cancels its send of the answer's start, and never starts the
+  body's iterator, so nothing inside the body runs): the response gives it back when Django's handler closes it
+  (``EventStream.close``), which it does for every response it got from the view, whatever server runs it;
+- gone while the slot is renewed: the release waits for the renewal in flight, and a renewal only moves the lapse of
+  a slot still in its set (as ``ZADD XX``), so a renewal never takes a given-back slot again.
+
+One window is left to the lapse: a dashboard client gone while the response goes back through the session and
+messages middleware (their thread hops after the view), where the response is dropped before the handler has it.
 
 While Redis cannot be reached (or without ``REDIS_URL``) the slots are kept in this process's memory, as the rate limit
 counts there (``accounts.limits``): a stream still opens, and a key is held to the cap per process (counting the streams
@@ -29,22 +44,23 @@ Chosen over refusing every stream (failing closed) and over lifting the cap at o
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.cache import cache
 from django.db import connection
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
 from rest_framework import exceptions, status
 
 from accounts.models import ApiKey
@@ -52,6 +68,8 @@ from inference.models import Job
 from inference.presenters import status_payload
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # A slot its stream has not renewed for this long is free again: the stream's process died without giving it back.
 # A stream renews it at a quarter of this, between two of its events (keep-alives come every 10 to 15 s).
@@ -63,18 +81,44 @@ BREAKER_SECONDS = 1.5
 LOG_EVERY_SECONDS = 30.0
 _SOCKET_SECONDS = 0.5
 
-# KEYS[1]: the holder's sorted set. ARGV: now, the new slot's lapse, the cap, the stream id, the set's own expiry.
-# Returns {1} for a slot taken, or {0, the lapse of the slot that lapses first} when the cap is reached.
-TAKE_SLOT = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+# The scripts score slots by Redis's clock, the one every web host reads alike (a number: Lua would cut an integer
+# reply's fraction, so the seconds until a lapse come back as a string).
+_NOW = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+"""
+
+# KEYS[1]: the holder's sorted set. ARGV: the slot's life in seconds, the cap, the stream id, the set's own expiry.
+# Returns {1} for a slot taken, or {0, the seconds until the first slot lapses} when the cap is reached.
+TAKE_SLOT = (
+    _NOW
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
     local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-    return {0, first[2]}
+    return {0, tostring(tonumber(first[2]) - now)}
 end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
 return {1}
 """
+)
+
+# KEYS[1]: the holder's sorted set. ARGV: the stream id, the slot's life in seconds, the set's own expiry, and "1" to
+# add the slot if it is not in the set (one taken in a process's memory while Redis was down).
+# Returns 1 when the slot is in the set with its new lapse, 0 when it was not there and is not added: it was given
+# back (or lapsed), and a renewal never takes a slot again.
+RENEW_SLOT = (
+    _NOW
+    + """
+if ARGV[4] ~= '1' and not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+    return 0
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+)
 
 
 @dataclass(frozen=True)
@@ -130,20 +174,26 @@ class Slot:
     stream_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     renewed_at: float = field(default_factory=time.monotonic)
     released: bool = False
+    # Held through a renewal's round trip: a release waits for the renewal in flight, so the renewal never lands
+    # after the release (the stream's end runs in another thread than its renewal, as the client goes mid-renewal).
+    _renewing: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def renewal_due(self) -> bool:
         return time.monotonic() - self.renewed_at >= SLOT_SECONDS / 4
 
     def renew(self) -> None:
-        self.renewed_at = time.monotonic()
-        if not self.released:  # a renewal still running when its stream ended must not take the slot again
-            _slots.renew(self.holder.bucket, self.stream_id)
+        with self._renewing:
+            self.renewed_at = time.monotonic()
+            if not self.released:
+                _slots.renew(self.holder.bucket, self.stream_id)
 
     def release(self) -> None:
-        if not self.released:
+        with self._renewing:
+            if self.released:
+                return
             self.released = True
-            _slots.release(self.holder.bucket, self.stream_id)
+        _slots.release(self.holder.bucket, self.stream_id)
 
 
 class _Slots:
@@ -153,7 +203,8 @@ class _Slots:
         self._lock = threading.Lock()
         self._local: dict[str, dict[str, float]] = {}  # bucket -> stream id -> lapse (time.monotonic())
         self._clients: dict[str, redis.Redis] = {}
-        self._script: Any = None
+        self._take_script: Any = None
+        self._renew_script: Any = None
         self._skip_until = 0.0
         self._down_since: float | None = None
         self._last_logged = 0.0
@@ -199,31 +250,34 @@ class _Slots:
         client = self._client()
         if client is not None:
             try:
-                if self._script is None:
-                    self._script = client.register_script(TAKE_SLOT)
-                now = time.time()
-                answer = self._script(
+                if self._take_script is None:
+                    self._take_script = client.register_script(TAKE_SLOT)
+                answer = self._take_script(
                     keys=[self._key(holder.bucket)],
-                    args=[repr(now), repr(now + SLOT_SECONDS), holder.limit, stream_id, math.ceil(SLOT_SECONDS) + 1],
+                    args=[repr(SLOT_SECONDS), holder.limit, stream_id, math.ceil(SLOT_SECONDS) + 1],
                     client=client,
                 )
             except (redis.RedisError, OSError) as exc:
                 self._failed("take", exc)
             else:
                 self._answered()
-                return 0.0 if int(answer[0]) else max(float(answer[1]) - now, 0.001)
+                return 0.0 if int(answer[0]) else max(float(answer[1]), 0.001)
         return self._take_locally(holder, stream_id)
 
     def renew(self, bucket: str, stream_id: str) -> None:
+        with self._lock:
+            # Taken (or renewed) in memory while Redis was down: it is open, so it counts in Redis too once it is back.
+            kept_here = stream_id in self._local.get(bucket, {})
         client = self._client()
         if client is not None:
             try:
-                key = self._key(bucket)
-                with client.pipeline(transaction=False) as pipe:
-                    # Added again if it lapsed or was taken during an outage: it is open, so it counts.
-                    pipe.zadd(key, {stream_id: time.time() + SLOT_SECONDS})
-                    pipe.expire(key, math.ceil(SLOT_SECONDS) + 1)
-                    pipe.execute()
+                if self._renew_script is None:
+                    self._renew_script = client.register_script(RENEW_SLOT)
+                self._renew_script(
+                    keys=[self._key(bucket)],
+                    args=[stream_id, repr(SLOT_SECONDS), math.ceil(SLOT_SECONDS) + 1, "1" if kept_here else "0"],
+                    client=client,
+                )
             except (redis.RedisError, OSError) as exc:
                 self._failed("renew", exc)
             else:
@@ -282,11 +336,35 @@ def take_slot(holder: Holder) -> Slot:
 
 
 async def open_slot(holder: Holder) -> Slot | JsonResponse:
-    """``take_slot`` for an async view: the slot, or the 429 to answer."""
+    """``take_slot`` for an async view: the slot, or the 429 to answer. A view cancelled while the slot is being
+    taken (its client gone) leaves no slot held: it is given back as the taking ends (``finish_or_undo``)."""
     try:
-        return await sync_to_async(take_slot, thread_sensitive=False)(holder)
+        return await finish_or_undo(sync_to_async(take_slot, thread_sensitive=False)(holder), undo=Slot.release)
     except TooManyStreams as refused:
         return refused.response()
+
+
+async def finish_or_undo(work: Awaitable[T], *, undo: Callable[[T], None]) -> T:
+    """``await work``; the caller cancelled meanwhile (its client gone), ``work`` is left to end (a thread it runs in
+    ends anyway, as ``sync_to_async`` lets it) and ``undo`` is called with what it made, in a thread, as soon as it
+    has made it: a slot it took is given back rather than dropped where no one can give it back."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        # Also when ``work`` had ended and the cancellation came before the caller ran again: undone at once.
+        task.add_done_callback(functools.partial(_undo_when_done, undo))
+        raise
+
+
+def _undo_when_done(undo: Callable[[T], None], task: asyncio.Future[T]) -> None:
+    if task.cancelled() or task.exception() is not None:
+        return  # nothing made (a refusal, an error): nothing to undo
+    made = task.result()
+    try:
+        task.get_loop().run_in_executor(None, undo, made)
+    except RuntimeError:  # the loop's threads are shut down (the process is stopping): undone here
+        undo(made)
 
 
 def _end_event(job_id: uuid.UUID, request: HttpRequest) -> bytes:
@@ -307,6 +385,26 @@ def _end_event(job_id: uuid.UUID, request: HttpRequest) -> bytes:
         **payload,
     }
     return f"event: reconnect\ndata: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
+
+
+class EventStream(StreamingHttpResponse):
+    """A stream's response: ``events`` bounded (``bounded``), its slot given back when Django is done with it.
+
+    Django closes every response it has sent (``close()``, on a request thread), the client gone or not, even one
+    whose body it never started: it starts the body only once the answer's start is sent, and a client gone then
+    cancels that send. An async generator never started runs nothing, its ``finally`` neither; ``close()`` runs."""
+
+    def __init__(
+        self, events: AsyncGenerator[bytes, None], *, slot: Slot, job_id: uuid.UUID, request: HttpRequest
+    ) -> None:
+        super().__init__(bounded(events, slot=slot, job_id=job_id, request=request), content_type="text/event-stream")
+        self.slot = slot
+
+    def close(self) -> None:
+        try:
+            self.slot.release()  # at once when the body's end gave it back already
+        finally:
+            super().close()
 
 
 async def bounded(

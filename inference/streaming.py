@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.db import connection
-from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.renderers import BaseRenderer
@@ -88,10 +88,10 @@ class StreamSubmitView(SubmitView):
         slot = stream_limits.take_slot(stream_limits.api_key_holder(api_key))
         try:
             job, created = submit_from_request(request, api_key, endpoint, request.data, previews=True)
+            response = Submitted(handle_payload(job, request), slot=slot)
         except BaseException:
             slot.release()
             raise
-        response = Submitted(handle_payload(job, request), slot=slot)
         if not created:
             response["Idempotent-Replayed"] = "true"
         return with_request_id(response, job)
@@ -105,18 +105,26 @@ class Submitted(Response):
         self.slot = slot
 
 
+def _release_slot_of(submitted: HttpResponseBase) -> None:
+    """A submission whose stream will never be sent (its client went while it ran) gives its slot back."""
+    if isinstance(submitted, Submitted):
+        submitted.slot.release()
+
+
 stream_submit_view = StreamSubmitView.as_view()
 
 
 @csrf_exempt
 async def run_stream(request: HttpRequest, owner: str, model: str, path: str = "") -> HttpResponseBase:
     """Submits the request, then streams its progress, previews and output (see the module's docstring)."""
-    submitted = await run_before_waiting(stream_submit_view, request, owner=owner, model=model, path=path)
+    # The submission takes the stream's slot: a client gone while it runs does not leave the slot held.
+    submitted = await stream_limits.finish_or_undo(
+        run_before_waiting(stream_submit_view, request, owner=owner, model=model, path=path), undo=_release_slot_of
+    )
     if submitted.status_code != 200 or not isinstance(submitted, Submitted):
         return submitted
     job_id = uuid.UUID(submitted.data["request_id"])
-    events = stream_limits.bounded(_events(job_id, request), slot=submitted.slot, job_id=job_id, request=request)
-    response = StreamingHttpResponse(events, content_type="text/event-stream")
+    response = stream_limits.EventStream(_events(job_id, request), slot=submitted.slot, job_id=job_id, request=request)
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     response["x-fal-request-id"] = str(job_id)

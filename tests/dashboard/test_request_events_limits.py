@@ -5,6 +5,7 @@ it again by itself). Served through the ASGI application as the web process serv
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -15,7 +16,7 @@ from django.test import Client
 from billing.ledger import grant_credits
 from inference import stream_limits
 from inference.models import Endpoint, Job
-from tests.inference.test_stream_limits import Stream, events_of, refused_for_too_many, run, status_stream
+from tests.inference.test_stream_limits import Stream, events_of, refused_for_too_many, status_stream
 from tests.lifecycle import submit_as
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("priced_without_broker")]
@@ -73,7 +74,7 @@ def test_a_person_holds_at_most_their_cap_of_dashboard_streams(
                 if stream.task is not None and not stream.task.done():
                     await stream.leave()
 
-    run(scenario())
+    asyncio.run(scenario())
 
 
 def test_a_dashboard_stream_ends_at_its_longest_life(tenant: dict[str, Any], queued_job: Job, settings: Any) -> None:
@@ -86,7 +87,7 @@ def test_a_dashboard_stream_ends_at_its_longest_life(tenant: dict[str, Any], que
         assert await stream.open() == 200
         return await stream.ended()
 
-    events = events_of(run(scenario()))
+    events = events_of(asyncio.run(scenario()))
     assert events[0] == ("message", events[0][1])
     name, last = events[-1]
     assert (name, last["type"], last["status"]) == ("reconnect", "reconnect", "IN_QUEUE")

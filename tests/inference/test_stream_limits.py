@@ -9,12 +9,16 @@ The streams are served as the web process serves them: the ASGI application (Dja
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
+import redis
 from django.conf import settings as django_settings
 
 from billing.ledger import grant_credits
@@ -29,7 +33,6 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("
 APP = "platform/tiny-sd"
 TIMEOUT = 30
 CLOSED_PORT = "redis://127.0.0.1:1/0"
-T = TypeVar("T")
 
 
 class Stream:
@@ -37,7 +40,13 @@ class Stream:
     start, ``leave`` hangs up (``http.disconnect``) and waits for the application to be done with it."""
 
     def __init__(
-        self, path: str, headers: list[tuple[bytes, bytes]], *, method: str = "GET", body: bytes = b""
+        self,
+        path: str,
+        headers: list[tuple[bytes, bytes]],
+        *,
+        method: str = "GET",
+        body: bytes = b"",
+        gone_at_start: bool = False,
     ) -> None:
         self.path, self.headers, self.method, self.body = path, headers, method, body
         self.sent: list[dict[str, Any]] = []
@@ -45,6 +54,8 @@ class Stream:
         self._gone = asyncio.Event()
         self._started = asyncio.Event()
         self._first_call = True
+        # The client hangs up as the answer starts: the server's send of its first message is where it notices.
+        self._gone_at_start = gone_at_start
 
     async def _receive(self) -> dict[str, Any]:
         if self._first_call:
@@ -57,6 +68,9 @@ class Stream:
         self.sent.append(message)
         if message["type"] == "http.response.start":
             self._started.set()
+            if self._gone_at_start:
+                self._gone.set()
+                await asyncio.Event().wait()  # until the application, told of the hang-up, cancels this send
 
     def _scope(self) -> dict[str, Any]:
         path, _, query = self.path.partition("?")
@@ -75,9 +89,13 @@ class Stream:
             "asgi": {"version": "3.0"},
         }
 
-    async def open(self) -> int:
+    def start(self) -> None:
+        """Sends the request without waiting for anything (the task copies the caller's context: its host)."""
         app = RequestThreads(django_application)
         self.task = asyncio.ensure_future(app(self._scope(), self._receive, self._send))
+
+    async def open(self) -> int:
+        self.start()
         await asyncio.wait_for(self._started.wait(), TIMEOUT)
         return self.status
 
@@ -104,27 +122,6 @@ class Stream:
     @property
     def content(self) -> bytes:
         return b"".join(message.get("body", b"") for message in self.sent if message["type"] == "http.response.body")
-
-
-def run(scenario: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run(scenario)``, the tasks it leaves (the job events listener) cancelled until they have ended: the
-    listener's pub/sub read (redis-py) can swallow a cancellation and read again, and ``asyncio.run``, which cancels
-    each task once, then waits for ever."""
-
-    async def main() -> T:
-        try:
-            return await scenario
-        finally:
-            current = asyncio.current_task()
-            for _ in range(100):
-                rest = [task for task in asyncio.all_tasks() if task is not current and not task.done()]
-                if not rest:
-                    break
-                for task in rest:
-                    task.cancel()
-                await asyncio.wait(rest, timeout=0.1)
-
-    return asyncio.run(main())
 
 
 def with_key(token: str) -> list[tuple[bytes, bytes]]:
@@ -156,7 +153,28 @@ def refused_for_too_many(stream: Stream) -> None:
     body = json.loads(stream.content)
     assert body["error_type"] == "too_many_streams"
     assert "at most" in body["detail"]
-    assert int(stream.response_headers["retry-after"]) >= 1
+    assert 1 <= int(stream.response_headers["retry-after"]) <= stream_limits.SLOT_SECONDS + 1
+
+
+def held_slots(tenant: dict[str, Any]) -> set[str]:
+    """The stream ids holding a slot under the tenant's key: in Redis's set, or in this process's memory without
+    Redis."""
+    bucket = stream_limits.api_key_holder(tenant["api_key"]).bucket
+    if not django_settings.REDIS_URL:
+        return set(stream_limits._slots._local.get(bucket, {}))
+    with redis.Redis.from_url(django_settings.REDIS_URL) as client:
+        return {member.decode() for member in client.zrange(stream_limits._Slots._key(bucket), 0, -1)}
+
+
+async def eventually(check: Callable[[], bool], what: str, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, f"not within {within} s: {what}"
+        await asyncio.sleep(0.02)
+
+
+async def set_in_thread(event: threading.Event) -> None:
+    assert await asyncio.to_thread(event.wait, TIMEOUT)
 
 
 def events_of(content: bytes) -> list[tuple[str, dict[str, Any]]]:
@@ -215,7 +233,7 @@ def test_a_key_holds_at_most_its_cap_of_streams_and_a_closed_one_frees_its_slot(
         finally:
             await leave_all(streams)
 
-    run(scenario())
+    asyncio.run(scenario())
     assert Job.objects.filter(organization=tenant["organization"]).count() == 1
 
 
@@ -243,7 +261,7 @@ def test_the_slot_of_a_stream_whose_process_died_lapses_by_itself(
         assert await lapsed.open() == 200, lapsed.content
         await lapsed.leave()
 
-    run(scenario())
+    asyncio.run(scenario())
 
 
 @pytest.mark.usefixtures("credited")
@@ -267,7 +285,7 @@ def test_an_open_stream_keeps_its_slot_while_it_runs(
         finally:
             await live.leave()
 
-    run(scenario())
+    asyncio.run(scenario())
 
 
 @pytest.mark.usefixtures("credited")
@@ -288,7 +306,7 @@ def test_a_status_stream_ends_at_its_longest_life_telling_the_client_to_come_bac
         await again.leave()
         return content
 
-    events = events_of(run(scenario()))
+    events = events_of(asyncio.run(scenario()))
     assert events[0][1]["status"] == "IN_QUEUE"
     name, last = events[-1]
     assert name == "reconnect"
@@ -313,7 +331,7 @@ def test_a_run_stream_ends_at_its_longest_life_and_its_request_goes_on(
         assert await stream.open() == 200, stream.content
         return await stream.ended()
 
-    events = events_of(run(scenario()))
+    events = events_of(asyncio.run(scenario()))
     name, last = events[-1]
     assert (name, last["type"], last["reason"]) == ("reconnect", "reconnect", "stream_max_duration")
     job = Job.objects.get(pk=last["request_id"])
@@ -348,7 +366,7 @@ def test_streams_still_open_while_redis_is_down(
         assert await again.open() == 200, again.content
         await again.leave()
 
-    run(scenario())
+    asyncio.run(scenario())
     assert "stream slots not kept in Redis" in caplog.text
 
 
@@ -368,4 +386,153 @@ def test_the_slots_are_shared_by_every_web_process(
         await stream.open()
         refused_for_too_many(stream)
 
-    run(scenario())
+    asyncio.run(scenario())
+
+
+def slowed(monkeypatch: pytest.MonkeyPatch, operation: str, before: Callable[[], None]) -> threading.Event:
+    """``_Slots.<operation>`` with ``before()`` run first in its thread; the event is set once it has returned."""
+    done = threading.Event()
+    original = getattr(stream_limits._Slots, operation)
+
+    def slow(self: stream_limits._Slots, *args: Any, **kwargs: Any) -> Any:
+        before()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            done.set()
+
+    monkeypatch.setattr(stream_limits._Slots, operation, slow)
+    return done
+
+
+@pytest.mark.parametrize("kind", ["status", "run"])
+@pytest.mark.usefixtures("credited")
+def test_a_client_gone_while_its_slot_is_taken_leaves_no_slot_held(
+    kind: str, tenant: dict[str, Any], builtin_endpoint: Endpoint, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The view is cancelled at the hang-up while the slot is being taken in a thread (the run stream's submission
+    takes it): the take still ends, and its slot is given back at once instead of lapsing a minute later."""
+    settings.STREAMS_PER_API_KEY = 1
+    job = submit_as(tenant, builtin_endpoint)
+    taking = threading.Event()
+
+    def take_slowly() -> None:
+        taking.set()
+        time.sleep(0.5)
+
+    taken = slowed(monkeypatch, "take", take_slowly)
+
+    async def scenario() -> None:
+        stream = status_stream(tenant, job) if kind == "status" else run_stream(tenant)
+        stream.start()
+        await set_in_thread(taking)
+        await stream.leave()
+        assert not stream.sent  # gone before any answer
+        await set_in_thread(taken)
+        await eventually(lambda: not held_slots(tenant), "the slot given back")
+        again = status_stream(tenant, job)
+        assert await again.open() == 200, again.content
+        await again.leave()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("kind", ["status", "run"])
+@pytest.mark.usefixtures("credited")
+def test_a_client_gone_before_its_stream_sends_an_event_leaves_no_slot_held(
+    kind: str, tenant: dict[str, Any], builtin_endpoint: Endpoint, settings: Any
+) -> None:
+    """Django's handler is told of the hang-up while it sends the answer's start: the body's iterator never starts,
+    so nothing inside it runs (its ``finally`` neither); the handler still closes the response."""
+    settings.STREAMS_PER_API_KEY = 1
+    job = submit_as(tenant, builtin_endpoint)
+
+    async def scenario() -> None:
+        if kind == "status":
+            gone = Stream(status_stream(tenant, job).path, with_key(tenant["token"]), gone_at_start=True)
+        else:
+            template = run_stream(tenant)
+            gone = Stream(template.path, template.headers, method="POST", body=template.body, gone_at_start=True)
+        assert await gone.open() == 200
+        await gone.leave()
+        assert not gone.content
+        await eventually(lambda: not held_slots(tenant), "the slot given back")
+        again = status_stream(tenant, job)
+        assert await again.open() == 200, again.content
+        await again.leave()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.usefixtures("credited")
+def test_a_renewal_racing_the_streams_end_does_not_take_its_slot_again(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client hangs up while the stream renews its slot: the slot given back as the stream ends stays given
+    back, even where the renewal reaches the slots after the release."""
+    settings.STREAMS_PER_API_KEY = 1
+    monkeypatch.setattr(stream_limits, "SLOT_SECONDS", 2.0)  # a renewal due after 0.5 s
+    monkeypatch.setattr(api, "STREAM_KEEP_ALIVE_SECONDS", 0.05)  # an event at least every 0.05 s
+    job = submit_as(tenant, builtin_endpoint)
+    renewing, releasing = threading.Event(), threading.Event()
+
+    def renew_once_the_release_has_begun() -> None:
+        renewing.set()
+        releasing.wait(1.0)  # where the release waits for the renewal to end, nothing comes
+
+    renewed = slowed(monkeypatch, "renew", renew_once_the_release_has_begun)
+    released = slowed(monkeypatch, "release", releasing.set)
+
+    async def scenario() -> None:
+        stream = status_stream(tenant, job)
+        assert await stream.open() == 200
+        await set_in_thread(renewing)
+        await stream.leave()
+        await set_in_thread(renewed)
+        await set_in_thread(released)
+        assert not held_slots(tenant)
+        again = status_stream(tenant, job)
+        assert await again.open() == 200, again.content
+        await again.leave()
+
+    asyncio.run(scenario())
+
+
+HOST_CLOCK_AHEAD: contextvars.ContextVar[float] = contextvars.ContextVar("host_clock_ahead", default=0.0)
+
+
+@pytest.mark.skipif(not django_settings.REDIS_URL, reason="the slots are shared through Redis")
+@pytest.mark.parametrize("ahead", [90.0, -90.0])
+@pytest.mark.usefixtures("credited")
+def test_web_hosts_whose_clocks_disagree_neither_drop_each_others_slots_nor_pass_the_cap(
+    ahead: float, tenant: dict[str, Any], builtin_endpoint: Endpoint, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two web hosts, one's clock ``ahead`` of the other's (each request reads its own host's ``time.time()``),
+    serving one key's streams: neither takes the other's live slots for lapsed, and the key stays at its cap."""
+    settings.STREAMS_PER_API_KEY = 2
+    job = submit_as(tenant, builtin_endpoint)
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + HOST_CLOCK_AHEAD.get())
+
+    async def open_on(host_ahead: float) -> Stream:
+        stream = status_stream(tenant, job)
+        on_host = HOST_CLOCK_AHEAD.set(host_ahead)
+        try:
+            await stream.open()  # its task, and the threads it calls, keep this host's clock
+        finally:
+            HOST_CLOCK_AHEAD.reset(on_host)
+        return stream
+
+    async def scenario() -> None:
+        streams = [await open_on(0.0), await open_on(ahead)]
+        try:
+            assert [stream.status for stream in streams] == [200, 200]
+            for host in (ahead, 0.0):
+                over = await open_on(host)
+                streams.append(over)
+                refused_for_too_many(over)
+            assert len(held_slots(tenant)) == 2
+        finally:
+            await leave_all(streams)
+
+    asyncio.run(scenario())
