@@ -485,7 +485,7 @@ class UsageRecordAdmin(_HistoryAdmin):
 class UsageRollupAdmin(_HistoryAdmin):
     list_display = (
         "bucket_start", "granularity", "organization", "endpoint", "gpu_class", "attempts", "billable_attempts",
-        "gpu_ms", "unbilled_gpu_ms", "cost",
+        "gpu_ms", "unbilled_gpu_ms", "cost", "refunded",
     )  # fmt: skip
     list_filter = ("granularity", "gpu_class")
     list_select_related = ("organization", "endpoint")
@@ -493,6 +493,11 @@ class UsageRollupAdmin(_HistoryAdmin):
     @admin.display(description="cost", ordering="cost_micros")
     def cost(self, rollup: UsageRollup) -> str:
         return format_micros(rollup.cost_micros)
+
+    # What refunds of its requests gave back of the cost: budgets and limits count the cost less it (net_spend).
+    @admin.display(description="refunded", ordering="refunded_micros")
+    def refunded(self, rollup: UsageRollup) -> str:
+        return format_micros(rollup.refunded_micros)
 
 
 # --- The credit ledger and holds ----------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.db import connection
-from django.db.models import Exists, F, OuterRef, QuerySet
+from django.db.models import BigIntegerField, Exists, F, OuterRef, QuerySet, Subquery, Sum
 
 from accounts import statements
 from accounts.models import ApiKey
@@ -36,6 +36,7 @@ from billing.locks import locked_account
 from billing.models import (
     NO_KEY,
     Account,
+    CreditEntry,
     EndUserRollup,
     EntryKind,
     Granularity,
@@ -323,6 +324,42 @@ def _rollups_statement(
         }
         parameters += [fields[column].get_db_prep_value(values[column], connection) for column in columns]
     return sql, parameters
+
+
+def refunded_records(records: QuerySet[UsageRecord]) -> QuerySet[UsageRecord]:
+    """Of ``records``, those whose cost a refund of their request gave back (``count_as_refunded``): each refunded
+    request's billed records that cost something, in the order of their attempts, as far as they add up to its
+    refund's amount.
+
+    ``billing.ledger.refund_job`` refunds all that its request was billed until then, so at the refund these are all
+    of its records. An operator may run a refunded request again (``inference.requeue``), and its later attempts are
+    billed again: their records come after the refund's amount is used up, and were not refunded (the request's one
+    refund is spent). Migration 0016 gave back the refunds made before the rollups counted them by this rule, in a
+    copy of its own (a migration keeps the code it ran with); reconciliation proves the rollups' ``refunded_micros``
+    against it (``billing.reconciliation.check_refunded_rollups``).
+
+    One query however many records: a record of a refunded request (a semi-join on the request refunds) is compared
+    with its refund's amount and with what its request's records cost up to its attempt, two correlated subqueries
+    on the entries' and the records' index of the job. The request's refund is one entry (its idempotency key)."""
+    refund = CreditEntry.objects.filter(kind=EntryKind.REFUND, job_id=OuterRef("job_id")).order_by()
+    billed_through = (
+        UsageRecord.objects.filter(
+            job_id=OuterRef("job_id"), billable=True, cost_micros__gt=0, attempt_number__lte=OuterRef("attempt_number")
+        )
+        .order_by()
+        .values("job_id")
+        .annotate(total=Sum("cost_micros"))
+        .values("total")
+    )
+    refunded_jobs = CreditEntry.objects.filter(kind=EntryKind.REFUND, job__isnull=False).values("job_id")
+    return (
+        records.filter(billable=True, cost_micros__gt=0, job_id__in=refunded_jobs)
+        .alias(
+            refund_micros=Subquery(refund.values("amount_micros")[:1], output_field=BigIntegerField()),
+            billed_through_micros=Subquery(billed_through, output_field=BigIntegerField()),
+        )
+        .filter(billed_through_micros__lte=F("refund_micros"))
+    )
 
 
 def count_as_refunded(records: Iterable[UsageRecord]) -> None:

@@ -51,6 +51,9 @@ of an old row, which no writer makes, is what the weekly full run is for):
   placed since (``created_at``, set again on a requeue's new hold);
 - rollups: the UTC days of the usage records stamped since, each compared in full (raw records of those days
   against their day rollups, their hour rollups against those days); the end user tags' day rows likewise;
+- what the rollups say refunds gave back: the request refunds posted since, each against its records, and each
+  organization's UTC days that its usage records stamped since were added to or those refunds gave back in (the days
+  of the refunded requests' records, however old), each organization's day whole;
 - payments: those created, paid (``succeeded_at``) or credited, refunded or disputed (an entry) since, and every
   pending one;
 - receipts: the payments paid since (each has its receipt) and the receipts issued since (each matches its payment);
@@ -89,7 +92,10 @@ from django.db.models import (
 from django.db.models.functions import Coalesce, Lag, TruncDay, TruncMonth
 from django.utils import timezone
 
+from accounts.models import ApiKey
+from billing import metering
 from billing.models import (
+    NO_KEY,
     Account,
     CreditEntry,
     EndUserRollup,
@@ -688,6 +694,273 @@ def check_end_user_rollups(scope: Scope = FULL) -> Check:
     return check
 
 
+# --- Refunds given back in the rollups --------------------------------------------------------------------
+
+REFUND_BUCKET = ("organization_id", "day", "endpoint_id", "gpu_class", "key_id")
+TAG_REFUND_BUCKET = ("organization_id", "day", "end_user", "endpoint_id")
+
+
+def check_refunded_rollups(scope: Scope = FULL) -> Check:
+    """What the rollups say refunds gave back of their cost (``refunded_micros``, which budgets and keys' and end users'
+    limits take off spend: ``billing.models.net_spend``) is what the refunded usage cost, by the refunds' own
+    definition of the records they gave back (``billing.metering.refunded_records``):
+
+    - each request's refund (a refund entry with its job) is what its refunded records cost: all its request was billed
+      until the refund, nothing an operator's run again billed after it;
+    - per organization, UTC day, endpoint, GPU class and key, the day rows gave back what the refunded records of that
+      day cost. A record without a key (made without one, or its key deleted since) comes off any row of its bucket
+      whose key is not an existing key (``count_as_refunded``): those rows are compared together, as all zeros;
+    - the hour rows of each day gave back what its day rows did, key by key alike;
+    - per organization, UTC day, end user tag and endpoint, the tag's day row gave back what its refunded records
+      cost: the same records as the usage rows', so the tags' rows agree with the organization's on tagged usage;
+    - no row gave back less than nothing or more than it cost;
+    - full runs: per organization, its request refunds add up to what its day rows gave back.
+
+    Only the rows that gave something back are read, and the records of refunded requests (a semi-join on the
+    request refunds): a row that gave back nothing is right wherever none of its records was refunded, which the
+    records' side says. An incremental run compares each organization's UTC days that its window's usage records
+    were added to, and those its window's refunds gave back in (the days of the refunded requests' records, however
+    old), each organization's day whole; and the refunds posted in its window. An edit of another row is the weekly
+    full run's.
+    """
+    check = Check("refunded_rollups")
+    request_refunds = CreditEntry.objects.filter(kind=EntryKind.REFUND, job__isnull=False).order_by()
+    refunds = scope.written(request_refunds, "created_at")
+    records = UsageRecord.objects.order_by()
+    rollups = UsageRollup.objects.order_by().exclude(refunded_micros=0)
+    tag_rows = EndUserRollup.objects.order_by().exclude(refunded_micros=0)
+    if not scope.full:
+        touched = _organization_days_touched(scope, refunds)
+        check.figures["days"] = [day.isoformat() for day in sorted(touched)]
+        check.figures["organization_days"] = sum(len(organizations) for organizations in touched.values())
+        records = records.filter(_on_organization_days("recorded_at", touched))
+        rollups = rollups.filter(_on_organization_days("bucket_start", touched))
+        tag_rows = tag_rows.filter(_on_organization_days("bucket_start", touched))
+
+    covered = (
+        metering.refunded_records(UsageRecord.objects.filter(job_id=OuterRef("job_id")))
+        .order_by()
+        .values("job_id")
+        .annotate(total=Sum("cost_micros"))
+        .values("total")
+    )
+    compared = refunds.annotate(
+        records_micros=Coalesce(
+            Subquery(covered, output_field=BigIntegerField()), Value(0), output_field=BigIntegerField()
+        )
+    )
+    check.checked = refunds.count()
+    check.found_in(
+        "refund_differs_from_its_records",
+        compared.exclude(amount_micros=F("records_micros")).order_by("pk"),
+        *("id", "job_id", "organization_id", "created_at", "amount_micros", "records_micros"),
+    )
+
+    refunded: list[Any] = list(
+        metering.refunded_records(records)
+        .annotate(day=TruncDay("recorded_at", tzinfo=UTC))
+        .values("organization_id", "day", "endpoint_id", "gpu_class", "api_key_id", "end_user")
+        .annotate(micros=_total("cost_micros"), records=Count("id"))
+    )
+    given_back = {"refunded_micros": _total("refunded_micros"), "rows": Count("id")}
+    days: list[Any] = list(
+        rollups.filter(granularity=Granularity.DAY)
+        .annotate(day=F("bucket_start"))
+        .values("organization_id", "day", "endpoint_id", "gpu_class", "key_id")
+        .annotate(**given_back)
+    )
+    hours: list[Any] = list(
+        rollups.filter(granularity=Granularity.HOUR)
+        .annotate(day=TruncDay("bucket_start", tzinfo=UTC))
+        .values("organization_id", "day", "endpoint_id", "gpu_class", "key_id")
+        .annotate(**given_back)
+    )
+    tag_days: list[Any] = list(
+        tag_rows.annotate(day=F("bucket_start"))
+        .values("organization_id", "day", "end_user", "endpoint_id")
+        .annotate(**given_back)
+    )
+    check.checked += sum(row["records"] for row in refunded) + sum(row["rows"] for row in [*days, *hours, *tag_days])
+
+    live = _live_keys([row["api_key_id"] for row in refunded] + [row["key_id"] for row in [*days, *hours]])
+    records_by_bucket: dict[tuple[Any, ...], int] = {}
+    records_by_tag: dict[tuple[Any, ...], int] = {}
+    for row in refunded:
+        bucket = _refund_bucket(row, row["api_key_id"], live)
+        records_by_bucket[bucket] = records_by_bucket.get(bucket, 0) + int(row["micros"])
+        if row["end_user"]:
+            tag = (row["organization_id"], _on_day(row["day"]), row["end_user"], row["endpoint_id"])
+            records_by_tag[tag] = records_by_tag.get(tag, 0) + int(row["micros"])
+    day_sums: dict[tuple[Any, ...], int] = {}
+    hour_sums: dict[tuple[Any, ...], int] = {}
+    for rows, sums in ((days, day_sums), (hours, hour_sums)):
+        for row in rows:
+            bucket = _refund_bucket(row, row["key_id"], live)
+            sums[bucket] = sums.get(bucket, 0) + int(row["refunded_micros"])
+    tag_sums = {
+        (row["organization_id"], _on_day(row["day"]), row["end_user"], row["endpoint_id"]): int(row["refunded_micros"])
+        for row in tag_days
+    }
+
+    differences = _amount_differences(records_by_bucket, day_sums, REFUND_BUCKET, "refunded_records", "day_rollups")
+    check.found("day_rollups_refunded_differ_from_refunds", len(differences), _refunds_and_rows(differences, live))
+    differences = _amount_differences(day_sums, hour_sums, REFUND_BUCKET, "day_rollups", "hour_rollups")
+    check.found("hour_rollups_refunded_differ_from_day", len(differences), differences)
+    differences = _amount_differences(records_by_tag, tag_sums, TAG_REFUND_BUCKET, "refunded_records", "tag_rollups")
+    check.found("end_user_rollups_refunded_differ_from_refunds", len(differences), _refunds_and_rows(differences))
+
+    row_fields = ("id", "organization_id", "bucket_start", "endpoint_id", "cost_micros", "refunded_micros")
+    outside = Q(refunded_micros__lt=0) | Q(refunded_micros__gt=F("cost_micros"))
+    check.found_in(
+        "rollup_refunded_outside_its_cost",
+        rollups.filter(outside).order_by("pk"),
+        *row_fields,
+        "granularity",
+        "gpu_class",
+        "key_id",
+    )
+    check.found_in(
+        "end_user_rollup_refunded_outside_its_cost", tag_rows.filter(outside).order_by("pk"), *row_fields, "end_user"
+    )
+
+    if scope.full:
+        refunded_by_organization = dict(
+            request_refunds.values_list("organization_id").annotate(total=_total("amount_micros"))
+        )
+        given_by_organization: dict[Any, int] = {}
+        for (organization_id, *_), micros in day_sums.items():
+            given_by_organization[organization_id] = given_by_organization.get(organization_id, 0) + micros
+        differences = _amount_differences(
+            {(organization_id,): int(total) for organization_id, total in refunded_by_organization.items()},
+            {(organization_id,): total for organization_id, total in given_by_organization.items()},
+            ("organization_id",),
+            "refund_entries",
+            "day_rollups",
+        )
+        check.found("organization_refunds_differ_from_rollups", len(differences), differences)
+    return check
+
+
+def _organization_days_touched(scope: Scope, refunds: QuerySet[Any]) -> dict[date, set[Any]]:
+    """An incremental run's UTC days, each with the organizations whose rows of it were written in its window: those
+    its usage records were added to, and those its request refunds gave back in (their requests' billed records'
+    days, however old)."""
+    touched: dict[date, set[Any]] = {}
+    stamped = scope.written(UsageRecord.objects.order_by(), "recorded_at")
+    refunded = UsageRecord.objects.order_by().filter(
+        job_id__in=refunds.values("job_id"), billable=True, cost_micros__gt=0
+    )
+    for rows in (stamped, refunded):
+        days = rows.annotate(day=TruncDay("recorded_at", tzinfo=UTC)).values_list("organization_id", "day").distinct()
+        for organization_id, day in days:
+            touched.setdefault(_on_day(day), set()).add(organization_id)
+    return touched
+
+
+def _on_organization_days(column: str, touched: Mapping[date, set[Any]]) -> Q:
+    """``column`` falls on one of these UTC days, for one of that day's organizations: a range of the organization's
+    index on the moment per day (none: no row)."""
+    within = Q(pk__in=[])
+    for day, organizations in sorted(touched.items()):
+        start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        within |= Q(
+            organization_id__in=sorted(organizations, key=str),
+            **{f"{column}__gte": start, f"{column}__lt": start + timedelta(days=1)},
+        )
+    return within
+
+
+def _live_keys(key_ids: Iterable[Any]) -> set[Any]:
+    """Those of ``key_ids`` that are existing API keys."""
+    wanted = {key_id for key_id in key_ids if key_id is not None and key_id != NO_KEY}
+    return set(ApiKey.objects.filter(pk__in=wanted).values_list("pk", flat=True)) if wanted else set()
+
+
+def _refund_bucket(row: Mapping[str, Any], key_id: Any, live: set[Any]) -> tuple[Any, ...]:
+    """The bucket a refund comes off in: a row's or a record's organization, UTC day, endpoint, GPU class and key, the
+    key all zeros for none or one deleted since (``billing.metering.count_as_refunded``)."""
+    key = key_id if key_id in live else NO_KEY
+    return (row["organization_id"], _on_day(row["day"]), row["endpoint_id"], row["gpu_class"], key)
+
+
+def _amount_differences(
+    expected: Mapping[tuple[Any, ...], int],
+    actual: Mapping[tuple[Any, ...], int],
+    key_names: tuple[str, ...],
+    expected_name: str,
+    actual_name: str,
+) -> list[dict[str, Any]]:
+    found = []
+    for key in sorted(expected.keys() | actual.keys(), key=str):
+        want, have = expected.get(key, 0), actual.get(key, 0)
+        if want != have:
+            found.append(
+                {
+                    **dict(zip(key_names, key, strict=True)),
+                    f"{expected_name}_micros": want,
+                    f"{actual_name}_micros": have,
+                    "difference_micros": have - want,
+                }
+            )
+    return found
+
+
+def _refunds_and_rows(differences: list[dict[str, Any]], live: set[Any] | None = None) -> list[dict[str, Any]]:
+    """The examples shown of buckets that gave back other than their refunded records cost, each with the refunded
+    requests whose records fall in it (``jobs``) and its day rows (``rows``, what to put right), in two queries for
+    them all. ``live``: the existing API keys, for the usage rows' buckets (by key); None for the end user tags'."""
+    shown = [dict(difference) for difference in differences[:EXAMPLES_PER_KIND]]
+    if not shown:
+        return shown
+    in_records, in_rows = Q(pk__in=[]), Q(pk__in=[])
+    for example in shown:
+        start = datetime(example["day"].year, example["day"].month, example["day"].day, tzinfo=UTC)
+        where = {"organization_id": example["organization_id"], "endpoint_id": example["endpoint_id"]}
+        where |= {"end_user": example["end_user"]} if live is None else {"gpu_class": example["gpu_class"]}
+        in_records |= Q(**where, recorded_at__gte=start, recorded_at__lt=start + timedelta(days=1))
+        in_rows |= Q(**where, bucket_start=start)
+    records: list[Any] = list(
+        metering.refunded_records(UsageRecord.objects.filter(in_records))
+        .order_by("job_id")
+        .annotate(day=TruncDay("recorded_at", tzinfo=UTC), key_id=F("api_key_id"))
+        .values("job_id", "organization_id", "day", "endpoint_id", "end_user", "gpu_class", "key_id")
+    )
+    shown_columns: tuple[str, ...] = ("id", "cost_micros", "refunded_micros")
+    rows: list[Any]
+    if live is None:
+        tag_rows = EndUserRollup.objects.filter(in_rows).order_by("pk").annotate(day=F("bucket_start"))
+        rows = list(tag_rows.values("organization_id", "day", "end_user", "endpoint_id", *shown_columns))
+    else:
+        day_rows = UsageRollup.objects.filter(in_rows, granularity=Granularity.DAY).order_by("pk")
+        shown_columns = ("id", "key_id", "cost_micros", "refunded_micros")
+        rows = list(
+            day_rows.annotate(day=F("bucket_start")).values(
+                "organization_id", "day", "endpoint_id", "gpu_class", *shown_columns
+            )
+        )
+        live = live | _live_keys(row["key_id"] for row in rows)
+
+    def bucket_of(row: Mapping[str, Any]) -> tuple[Any, ...]:
+        if live is None:
+            return (row["organization_id"], _on_day(row["day"]), row["end_user"], row["endpoint_id"])
+        return _refund_bucket(row, row["key_id"], live)
+
+    jobs: dict[tuple[Any, ...], list[Any]] = {}
+    for record in records:
+        bucket_jobs = jobs.setdefault(bucket_of(record), [])
+        if record["job_id"] not in bucket_jobs:
+            bucket_jobs.append(record["job_id"])
+    found_rows: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        found_rows.setdefault(bucket_of(row), []).append({column: row[column] for column in shown_columns})
+    key_names = TAG_REFUND_BUCKET if live is None else REFUND_BUCKET
+    for example in shown:
+        bucket = tuple(example[name] for name in key_names)
+        example["jobs"] = jobs.get(bucket, [])
+        example["rows"] = found_rows.get(bucket, [])
+    return shown
+
+
 # --- Payments ---------------------------------------------------------------------------------------------
 
 
@@ -1030,6 +1303,7 @@ DATABASE_CHECKS: tuple[Callable[[Scope], Check], ...] = (
     check_active_jobs,
     check_rollups,
     check_end_user_rollups,
+    check_refunded_rollups,
     check_payments,
     check_receipts,
     check_statements,

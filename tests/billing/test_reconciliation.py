@@ -96,7 +96,7 @@ def test_clean_books_have_no_drift_and_stripe_is_recorded_as_skipped(books: dict
     checked = run_.checked
     assert set(checked) == {
         "jobs", "attempts", "usage_records", "usage_debits", "balances", "ledger_chain", "holds", "active_jobs",
-        "rollups", "end_user_rollups",
+        "rollups", "end_user_rollups", "refunded_rollups",
         "payments", "receipts", "statements", "stripe",
     }  # fmt: skip
     assert all(summary["drift"] == 0 for summary in checked.values())
@@ -262,7 +262,14 @@ def test_an_hour_rollup_moved_to_another_hour_of_the_same_day_is_no_drift(books:
 def test_a_missing_rollup_row(books: dict[str, Any]) -> None:
     UsageRollup.objects.filter(granularity=Granularity.DAY, organization=books["organization"]).delete()
     run_ = reconciliation.run_reconciliation()
-    assert kinds(run_) == {"rollups.day_rollup_differs_from_usage", "rollups.hour_rollups_differ_from_day"}
+    assert kinds(run_) == {
+        "rollups.day_rollup_differs_from_usage",
+        "rollups.hour_rollups_differ_from_day",
+        # The refunded request's day row went with them, and what its refund gave back there.
+        "refunded_rollups.day_rollups_refunded_differ_from_refunds",
+        "refunded_rollups.hour_rollups_refunded_differ_from_day",
+        "refunded_rollups.organization_refunds_differ_from_rollups",
+    }
 
 
 def test_payments_and_their_credit(books: dict[str, Any]) -> None:
