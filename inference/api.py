@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection
+from django.db.models.functions import Now
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
@@ -444,8 +445,11 @@ def look_in_shared_threads(func: Callable[..., T]) -> Callable[..., Awaitable[T]
 
 
 def _load_job(job_id: uuid.UUID) -> Job:
+    """The job, with a reading of the database's clock taken in the same query (``database_now``): its start deadline
+    is written and compared by that clock (``inference.submission._start_deadline``), so a wait measures the time
+    left to it against that reading, not this host's clock."""
     try:
-        return Job.objects.select_related("endpoint").get(pk=job_id)
+        return Job.objects.select_related("endpoint").annotate(database_now=Now()).get(pk=job_id)
     finally:
         release_connection()
 
@@ -480,7 +484,12 @@ def wait_deadline(job: Job, ceiling: float) -> float:
     end = latest_end(job)
     if end is None:
         return ceiling
-    return min(ceiling, time.monotonic() + (end - timezone.now()).total_seconds())
+    return min(ceiling, time.monotonic() + (end - _database_now(job)).total_seconds())
+
+
+def _database_now(job: Job) -> datetime:
+    """The database's clock as ``_load_job`` read it with ``job`` (this host's where it was loaded otherwise)."""
+    return getattr(job, "database_now", None) or timezone.now()
 
 
 async def wait_until_final(job_id: uuid.UUID, ceiling: float) -> Job:
@@ -496,7 +505,7 @@ async def wait_until_final(job_id: uuid.UUID, ceiling: float) -> Job:
         while not job.is_final and time.monotonic() < deadline:
             wake_at = deadline
             if job.start_deadline is not None and job.status in (JobStatus.QUEUED, JobStatus.DISPATCHED):
-                until_start_deadline = (job.start_deadline - timezone.now()).total_seconds()
+                until_start_deadline = (job.start_deadline - _database_now(job)).total_seconds()
                 if until_start_deadline <= 0:
                     await look_in_shared_threads(_expire_now)(job_id)
                     job = await look_in_shared_threads(_load_job)(job_id)

@@ -133,18 +133,25 @@ _COUNTED = (
 )
 
 
-def _dispatch_statement(running: str) -> str:
+@functools.cache
+def _dispatch_statement(running: str, database_now: str) -> str:
     """After the organization's lock, in one statement (PostgreSQL, and SQLite from 3.35): its active jobs
     (``running``), the oldest queued ones that fit picked (not those past their start deadline: the sweep ends them,
     they take no slot), moved to DISPATCHED and returned. The limit is the organization's row as committed when the
-    lock was granted (none for a suspended or missing organization)."""
+    lock was granted (none for a suspended or missing organization).
+
+    A start deadline has passed by the database's clock (``database_now``, as Django's ``Now()`` writes it), the one
+    it is written by (``inference.submission``) and a worker's claim reads it by: a dispatcher whose clock is behind
+    would send jobs no worker may start, each holding a slot of its organization until the sweep ends it, and one
+    ahead would leave startable jobs queued until they expire. ``dispatched_at`` and ``sent_at`` stay this process's
+    stamps (``%(now)s``), as ``redispatch_stale`` writes and reads them: when it sent the job, not a deadline."""
     return (
         f"UPDATE {Job._meta.db_table} SET {_column('status')} = %(dispatched)s, {_column('attempt')} = "  # noqa: S608
         f"{_column('attempt')} + 1, {_column('dispatched_at')} = %(now)s, {_column('sent_at')} = %(now)s "
         f"WHERE {_column('status')} = %(queued)s AND {_column('id')} IN ("
         f"SELECT {_column('id')} FROM {Job._meta.db_table} WHERE {_column('organization')} = %(organization)s "
         f"AND {_column('status')} = %(queued)s "
-        f"AND ({_column('start_deadline')} IS NULL OR {_column('start_deadline')} > %(now)s) "
+        f"AND ({_column('start_deadline')} IS NULL OR {_column('start_deadline')} > {database_now}) "
         f"ORDER BY {_column('created_at')}, {_column('id')} "
         f"LIMIT COALESCE((SELECT CASE WHEN {_organization_column('suspended_at')} IS NULL "
         f"AND active.running < {_organization_column('concurrency_limit')} "
@@ -155,12 +162,8 @@ def _dispatch_statement(running: str) -> str:
     )
 
 
-_DISPATCH_SUMMED = _dispatch_statement(_SUMMED)
-_DISPATCH_COUNTED = _dispatch_statement(_COUNTED)
-
-
 def _dispatch_sql() -> str:
-    return _DISPATCH_SUMMED if active_jobs.kept() else _DISPATCH_COUNTED
+    return _dispatch_statement(_SUMMED if active_jobs.kept() else _COUNTED, statements.now_sql(connection.vendor))
 
 
 def _dispatch(organization_id: uuid.UUID) -> list[tuple[str, int, str]]:

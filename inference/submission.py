@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -16,7 +17,7 @@ from typing import Any
 from django.conf import settings
 from django.core.files.storage import FileSystemStorage, default_storage
 from django.db import DatabaseError, IntegrityError, connection, transaction
-from django.utils import timezone
+from django.utils.duration import duration_microseconds
 
 from accounts import statements
 from accounts.errors import AppError
@@ -109,7 +110,8 @@ def submit_job(
     """The job for this request and whether it is new (False: an earlier one with the same key).
 
     ``start_timeout`` (fal's ``X-Fal-Request-Timeout``): seconds from now by which a worker must have started the
-    request, or it ends unbilled with ``error_type: timeout``; once started it runs as long as it needs.
+    request, or it ends unbilled with ``error_type: timeout``; once started it runs as long as it needs. Now by the
+    database's clock, which writes the deadline (``_start_deadline``); the job answered holds what it wrote.
 
     ``previews``: the worker draws previews of it while it runs (a request submitted through a stream).
 
@@ -169,8 +171,8 @@ def submit_job(
                 idempotency_key=idempotency_key or None,
                 request_fingerprint=fingerprint,
                 max_attempts=settings.JOB_MAX_ATTEMPTS,
-                start_deadline=None if start_timeout is None else timezone.now() + timedelta(seconds=start_timeout),
-            )
+            ),
+            _start_deadline(start_timeout),
         )
     except IntegrityError:
         # Another request with the same Idempotency-Key won the race: answer with its job. Ours was not stored, so
@@ -217,33 +219,62 @@ def _discard_input(name: str) -> None:
         logger.warning("could not delete the input %s of a submission that was not stored", name, exc_info=True)
 
 
-def _queued(job: Job) -> Job:
+def _start_deadline(start_timeout: float | None) -> statements.FromDatabase:
+    """The job's start deadline as its insert writes it: ``start_timeout`` seconds past the database's clock (none
+    without one).
+
+    By the database's clock, the one every process that compares the deadline shares: the dispatch, the worker's
+    claim, a retry, the sweep (``inference.attempts.lease_deadline``). By the web host's clock, a host 40 s behind the
+    database would give a request with a 30 s timeout a deadline already passed (dispatched, never claimable, ended
+    by the sweep as a timeout), and one ahead would keep it startable that much longer. The expression's text is the
+    same with a timeout or without (NULL seconds make a NULL deadline), so the insert stays one prepared statement;
+    its ``RETURNING`` hands the value back, for the job answered and waited on."""
+    if connection.vendor == "postgresql":
+        seconds: Any = start_timeout
+    else:
+        seconds = None if start_timeout is None else duration_microseconds(timedelta(seconds=start_timeout))
+    return statements.FromDatabase("start_deadline", _start_deadline_sql(connection.vendor), (seconds,))
+
+
+@functools.cache
+def _start_deadline_sql(vendor: str) -> str:
+    """Seconds (``%s``) past the database's clock, as Django's ``Now()`` reads it: on PostgreSQL with
+    ``make_interval``, which takes NULL; on SQLite, microseconds added as Django adds a duration there."""
+    now = statements.now_sql(vendor)
+    if vendor == "postgresql":
+        return f"{now} + make_interval(secs => %s)"
+    return str(connection.ops.combine_duration_expression("+", [now, "%s"]))
+
+
+def _queued(job: Job, deadline: statements.FromDatabase) -> Job:
     """The job inserted and admitted, then its organization dispatched: the first in one query of its own where it
     can (``_inserted_in_one_query``), else in a transaction (``_insert_and_admit``), which also decides what the one
-    query left to billing's ``admit``."""
+    query left to billing's ``admit``. ``deadline``: its start deadline, written by the insert (``_start_deadline``)."""
     admission = _admission_in_query(job)
     if admission is None:
-        return _insert_and_admit(job)
+        return _insert_and_admit(job, deadline)
     # Built first: the message's thread runs while this one waits on the query, not while it builds it.
-    sent = _submission_query(job, admission)
+    sent = _submission_query(job, admission, deadline)
     if not dispatch.sends_ahead(job.organization_id):
-        return _inserted(job, sent, None)
+        return _inserted(job, sent, None, deadline)
     message = dispatch.send_ahead(job.pk, job.gpu_class)
     try:
-        return _inserted(job, sent, message)
+        return _inserted(job, sent, message, deadline)
     finally:
         dispatch.ended_ahead(job.pk, message)  # whatever the outcome: a worker that waits on it reads it
 
 
-def _inserted(job: Job, sent: tuple[statements.Statement, ...], message: Future[bool] | None) -> Job:
+def _inserted(
+    job: Job, sent: tuple[statements.Statement, ...], message: Future[bool] | None, deadline: statements.FromDatabase
+) -> Job:
     """``_queued``'s query and what follows it; ``message``: the job's message sent ahead (``dispatch.send_ahead``)."""
     try:
-        dispatched = _inserted_in_one_query(job, sent)
+        dispatched = _inserted_in_one_query(job, sent, deadline)
     except DatabaseError as error:
         if not statements.was_unmet(error):
             raise
         # Rolled back whole: billing decides under the account's lock (a refusal, a budget, a key's limit).
-        return _insert_and_admit(job)
+        return _insert_and_admit(job, deadline)
     statements.written(job, job.pk)
     if dispatched is None:
         _dispatch_once_committed(job)  # the query's dispatch failed: again, in a query of its own
@@ -271,10 +302,12 @@ def _admission_in_query(job: Job) -> list[statements.Statement] | None:
     return hooks.admit_in_query(job)
 
 
-def _submission_query(job: Job, admission: list[statements.Statement]) -> tuple[statements.Statement, ...]:
+def _submission_query(
+    job: Job, admission: list[statements.Statement], deadline: statements.FromDatabase
+) -> tuple[statements.Statement, ...]:
     """The statements of ``_inserted_in_one_query``."""
     return (
-        statements.insertion(job, along=_first_line(job)),
+        statements.insertion(job, along=_first_line(job), from_database=(deadline,)),
         *admission,
         statements.COMMIT,
         *dispatch_statements(job.organization_id),
@@ -282,10 +315,13 @@ def _submission_query(job: Job, admission: list[statements.Statement]) -> tuple[
 
 
 @retrying
-def _inserted_in_one_query(job: Job, sent: tuple[statements.Statement, ...]) -> list[tuple[Any, ...]] | None:
+def _inserted_in_one_query(
+    job: Job, sent: tuple[statements.Statement, ...], deadline: statements.FromDatabase
+) -> list[tuple[Any, ...]] | None:
     """The job's insert with its first log line, then billing's admission, COMMIT, then the organization's dispatch,
     as one query with no transaction open; the dispatch's rows, or None where the submission committed and its
-    dispatch failed.
+    dispatch failed. The job takes the start deadline its insert wrote (``deadline``), read from the insert's own
+    result on the way to the dispatch's.
 
     PostgreSQL runs the statements before the COMMIT as a transaction, committed as the COMMIT runs: one round trip
     where a transaction took four (BEGIN, the insert, the admission, COMMIT), and the account's lock, which billing's
@@ -300,14 +336,18 @@ def _inserted_in_one_query(job: Job, sent: tuple[statements.Statement, ...]) -> 
 
     A failure after the COMMIT (a lost lock race in the dispatch, a connection lost on the way back) leaves the
     submission committed: its job is there, and its dispatch is sent again on its own."""
+    written: list[Any] = []
     with connection.cursor() as cursor:
         try:
-            statements.in_turn(cursor, *sent, plan_once=True)
+            statements.in_turn(cursor, *sent, plan_once=True, first_rows=written)
         except DatabaseError:
-            if not Job.objects.filter(pk=job.pk).exists():
+            stored = Job.objects.filter(pk=job.pk).values_list("start_deadline").first()
+            if stored is None:
                 raise  # nothing of it stayed: decided, or run again, as any failed transaction
+            job.start_deadline = stored[0]
             logger.warning("submission %s committed, its dispatch failed: dispatching it again", job.pk, exc_info=True)
             return None
+        statements.returned(job, next(iter(written), None), (deadline,))
         return cursor.fetchall()
 
 
@@ -319,9 +359,10 @@ def _first_line(job: Job) -> JobLog:
 
 
 @retrying_atomic
-def _insert_and_admit(job: Job) -> Job:
-    # The job and its first log line: one statement on PostgreSQL (``accounts.statements``).
-    statements.insert(job, along=_first_line(job))
+def _insert_and_admit(job: Job, deadline: statements.FromDatabase) -> Job:
+    # The job and its first log line: one statement on PostgreSQL (``accounts.statements``); its start deadline by
+    # the database's clock, as the insert wrote it (``_start_deadline``).
+    statements.insert(job, along=_first_line(job), from_database=(deadline,))
     if hooks.admit is not None:
         # Last: billing locks the organization's account, which every submission and settlement of the organization
         # waits for, until this commits. After the insert, so it can hold credit against the job; a refusal rolls

@@ -21,12 +21,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Field, Model
+from django.db.models.functions import Now
+from django.db.models.sql import Query
 
 logger = logging.getLogger(__name__)
 
@@ -34,48 +36,112 @@ logger = logging.getLogger(__name__)
 Statement = tuple[str, Sequence[Any] | Mapping[str, Any]]
 
 
+class FromDatabase(NamedTuple):
+    """A column an insert writes as an SQL expression of the database's own, not from the instance's value: a moment by
+    the database's clock (``now_sql``), which every process that compares it shares. ``sql`` takes ``values`` for its
+    ``%s`` placeholders, and its text stays the same whatever they are, so the statement's does (a prepared statement's
+    must). The insert returns what it wrote, and the instance holds that (``returned``)."""
+
+    field: str
+    sql: str
+    values: tuple[Any, ...] = ()
+
+
 @cache
-def _insert_statement(model: type[Model], vendor: str, returning: bool) -> tuple[str, tuple[Field[Any, Any], ...]]:
+def now_sql(vendor: str) -> str:
+    """The database's clock in a statement written out, as Django's ``Now()`` writes it for ``vendor``: PostgreSQL's
+    ``STATEMENT_TIMESTAMP()``, SQLite's own clock (``STRFTIME(..., 'NOW')``, its ``%`` doubled as a statement with
+    parameters takes it)."""
+    db = connections[DEFAULT_DB_ALIAS]
+    if db.vendor != vendor:
+        raise ValueError(f"The default database is {db.vendor}, not {vendor}.")
+    sql, parameters = Query(None).get_compiler(connection=db).compile(Now())
+    if parameters:
+        raise ValueError(f"Now() takes parameters on {vendor}: {parameters}")
+    return str(sql)
+
+
+@cache
+def _insert_statement(
+    model: type[Model], vendor: str, returning: bool, from_database: tuple[tuple[str, str], ...] = ()
+) -> tuple[str, tuple[Field[Any, Any], ...]]:
+    """The INSERT of ``model``'s row and its fields, in order; ``from_database``: the fields written by SQL expressions
+    of their own (``FromDatabase``, as name and expression), which take their own values, returned after the key."""
     meta = model._meta
     fields = tuple(
         field for field in meta.local_concrete_fields if not field.generated and field is not meta.auto_field
     )
+    expressions = dict(from_database)
     quote = connections[DEFAULT_DB_ALIAS].ops.quote_name
     sql = (
         f"INSERT INTO {quote(meta.db_table)} ({', '.join(quote(str(field.column)) for field in fields)}) "  # noqa: S608
-        f"VALUES ({', '.join(['%s'] * len(fields))})"
+        f"VALUES ({', '.join(expressions.get(field.name, '%s') for field in fields)})"
     )
-    if returning:
-        sql += f" RETURNING {quote(str(meta.pk.column))}"
+    by_name = {field.name: field for field in fields}
+    returned = [str(meta.pk.column)] if returning else []
+    returned += [str(by_name[name].column) for name in expressions]
+    if returned:
+        sql += f" RETURNING {', '.join(quote(column) for column in returned)}"
     return sql, fields
 
 
-def insert(instance: Model, *, want_pk: bool = True, along: Model | None = None) -> None:
+def insert(
+    instance: Model, *, want_pk: bool = True, along: Model | None = None, from_database: Sequence[FromDatabase] = ()
+) -> None:
     """INSERTs ``instance`` as ``save()`` would (its defaults, ``auto_now_add`` and field conversions) and gives it
     the primary key the database chose. ``want_pk=False``: a row no one reads back by its key (a log line), and the
-    statement returns nothing. ``along``: as for ``update``."""
+    statement returns nothing. ``along``: as for ``update``. ``from_database``: columns written by the database's
+    expressions (``FromDatabase``), set on the instance as the database wrote them."""
     db = connections[DEFAULT_DB_ALIAS]
-    sql, values, returning = _insertion(db, instance, want_pk=want_pk)
+    sql, values, returning = _insertion(db, instance, want_pk=want_pk, from_database=from_database)
     sql, values = _with(db, along, sql, values)
     with db.cursor() as cursor:
         cursor.execute(sql, values)
+        row: Sequence[Any] = (cursor.fetchone() or ()) if returning or from_database else ()
         if want_pk and instance._meta.auto_field is not None:
-            written(instance, cursor.fetchone()[0] if returning else cursor.lastrowid)
-            return
+            written(instance, row[0] if returning else cursor.lastrowid)
+    returned(instance, row[1:] if returning else row, from_database)
     _saved(instance, db)
 
 
-def insertion(instance: Model, *, along: Model | None = None) -> tuple[str, list[Any]]:
+def insertion(
+    instance: Model, *, along: Model | None = None, from_database: Sequence[FromDatabase] = ()
+) -> tuple[str, list[Any]]:
     """The statement ``insert`` sends, returning the new row's key (PostgreSQL), for a caller that makes it part of a
     larger statement; ``written(instance, key)`` once that has run. ``along``: as for ``update`` (PostgreSQL only
-    here: elsewhere it would be inserted at once)."""
+    here: elsewhere it would be inserted at once). ``from_database``: as for ``insert``; the statement returns those
+    columns, for ``returned``."""
     db = connections[DEFAULT_DB_ALIAS]
-    sql, values, _ = _insertion(db, instance, want_pk=True)
+    sql, values, _ = _insertion(db, instance, want_pk=True, from_database=from_database)
     if along is not None:
         if db.vendor != "postgresql":
             raise ValueError("A row along an insertion needs PostgreSQL's data-modifying WITH.")
         sql, values = _with(db, along, sql, values)
     return sql, values
+
+
+def returned(instance: Model, row: Sequence[Any] | None, from_database: Sequence[FromDatabase]) -> None:
+    """The values of ``from_database``'s columns an insert returned (``row``, in their order), set on ``instance``
+    as the ORM converts them (SQLite's text made a datetime)."""
+    if not from_database:
+        return
+    if not row:
+        raise DatabaseError(f"The insert of {instance._meta.label} {instance.pk} returned nothing.")
+    db = connections[DEFAULT_DB_ALIAS]
+    for computed, value in zip(from_database, row, strict=True):
+        attname, converters, column = _returned_field(type(instance), computed.field, db.vendor)
+        for converter in converters:
+            value = converter(value, column, db)
+        setattr(instance, attname, value)
+
+
+@cache
+def _returned_field(model: type[Model], name: str, vendor: str) -> tuple[str, tuple[Any, ...], Any]:
+    """A field's attribute name, and the converters the ORM runs on a value of its column read back, with the column."""
+    db = connections[DEFAULT_DB_ALIAS]
+    field = model._meta.get_field(name)
+    column = field.get_col(model._meta.db_table)  # type: ignore[union-attr]
+    return field.attname, tuple(db.ops.get_db_converters(column) + column.get_db_converters(db)), column  # type: ignore[union-attr]
 
 
 def insertion_for_each(instance: Model, source: str) -> Statement:
@@ -101,14 +167,29 @@ def written(instance: Model, pk: Any) -> None:
     _saved(instance, connections[DEFAULT_DB_ALIAS])
 
 
-def _insertion(db: BaseDatabaseWrapper, instance: Model, *, want_pk: bool) -> tuple[str, list[Any], bool]:
+def _insertion(
+    db: BaseDatabaseWrapper, instance: Model, *, want_pk: bool, from_database: Sequence[FromDatabase] = ()
+) -> tuple[str, list[Any], bool]:
     meta = instance._meta
     auto = meta.auto_field is not None
     if auto and instance.pk is not None:
         raise ValueError(f"{meta.label} already has a primary key: an explicit key goes through save()")
+    if from_database and not db.features.can_return_columns_from_insert:
+        raise ValueError(f"Columns written by the database need an INSERT that returns them, which {db.vendor} lacks.")
     returning = want_pk and auto and db.features.can_return_columns_from_insert
-    sql, fields = _insert_statement(type(instance), db.vendor, returning)
-    return sql, [field.get_db_prep_save(field.pre_save(instance, True), db) for field in fields], returning
+    expressions = tuple((computed.field, computed.sql) for computed in from_database)
+    sql, fields = _insert_statement(type(instance), db.vendor, returning, expressions)
+    if not from_database:
+        return sql, [field.get_db_prep_save(field.pre_save(instance, True), db) for field in fields], returning
+    by_field = {computed.field: computed for computed in from_database}
+    values: list[Any] = []
+    for field in fields:  # each expression's values where its column's value would be
+        computed = by_field.get(field.name)
+        if computed is None:
+            values.append(field.get_db_prep_save(field.pre_save(instance, True), db))
+        else:
+            values.extend(computed.values)
+    return sql, values, returning
 
 
 def _saved(instance: Model, db: BaseDatabaseWrapper) -> None:
@@ -348,7 +429,9 @@ NO_WAIT_FOR_DISK: Statement = ("SET LOCAL synchronous_commit = off", ())
 _NOT_PREPARED = {COMMIT[0], NO_WAIT_FOR_DISK[0]}
 
 
-def in_turn(cursor: Any, first: Statement, *then: Statement, plan_once: bool = False) -> None:
+def in_turn(
+    cursor: Any, first: Statement, *then: Statement, plan_once: bool = False, first_rows: list[Any] | None = None
+) -> None:
     """Runs ``first``, then each of ``then`` in order, each reading the database as it is once those before it have
     run: after the lock ``first`` took (and may have waited for), so what follows sees what that lock's holder
     committed. The cursor is left on the last statement's result.
@@ -368,25 +451,27 @@ def in_turn(cursor: Any, first: Statement, *then: Statement, plan_once: bool = F
     gone or stale on the server (deallocated, or a table it reads altered by a migration while the process ran) is
     prepared afresh and the query sent again, where no transaction was open (inside one, the caller's transaction
     fails and its retry prepares afresh); if that fails the same way, the process stops preparing.
+
+    ``first_rows``: filled with the rows ``first`` returns (an insert's ``RETURNING``), read on the way past it.
     """
     if plan_once and plans_once(cursor.db):
         sent = (first, *then)
-        if _sent_prepared(cursor, sent):
+        if _sent_prepared(cursor, sent, first_rows):
             return
         # Sent with no transaction open, the failed query took nothing with it: every statement prepared afresh.
         cursor.execute("DEALLOCATE ALL")
-        if _sent_prepared(cursor, sent):
+        if _sent_prepared(cursor, sent, first_rows):
             return
         _stop_preparing()
-    _in_turn(cursor, (first, *then))
+    _in_turn(cursor, (first, *then), first_rows=first_rows)
 
 
-def _sent_prepared(cursor: Any, sent: tuple[Statement, ...]) -> bool:
+def _sent_prepared(cursor: Any, sent: tuple[Statement, ...], first_rows: list[Any] | None = None) -> bool:
     """``sent`` as EXECUTEs of statements prepared on the connection. False: one was gone or stale, and no transaction
     was open (the connection's record of them is read from the server again at the next use); inside a transaction
     that error is raised: the caller's transaction has failed, and its retry prepares afresh."""
     try:
-        _in_turn(cursor, tuple(_planned_once(cursor, statement) for statement in sent))
+        _in_turn(cursor, tuple(_planned_once(cursor, statement) for statement in sent), first_rows=first_rows)
     except DatabaseError as error:
         if getattr(error.__cause__, "sqlstate", None) not in _STALE_PREPARED:
             raise
@@ -415,9 +500,11 @@ def _stop_preparing() -> None:
     )
 
 
-def _in_turn(cursor: Any, sent: tuple[Statement, ...], *, on_first: bool = False) -> None:
+def _in_turn(
+    cursor: Any, sent: tuple[Statement, ...], *, on_first: bool = False, first_rows: list[Any] | None = None
+) -> None:
     """``sent`` as one query where ``in_one_query``, the cursor left on the last statement's result (on the first's
-    with ``on_first``, which only one query can do), else one execute each."""
+    with ``on_first``, which only one query can do), else one execute each; ``first_rows``: as for ``in_turn``."""
     then = () if on_first else sent[1:]
     if in_one_query(cursor.db):
         # Each statement bound on its own, the query sent with no parameters of its own: psycopg keeps the parsed
@@ -428,13 +515,17 @@ def _in_turn(cursor: Any, sent: tuple[Statement, ...], *, on_first: bool = False
         with cursor.db.wrap_database_errors:  # a value psycopg cannot bind raises as the execute would
             query = "; ".join(bind(sql, values) for sql, values in sent)
         cursor.execute(query)
+        if first_rows is not None:
+            first_rows[:] = cursor.fetchall()
         for _ in then:
             cursor.nextset()
         return
     if on_first:
         raise ValueError("Only statements sent as one query can leave the cursor on the first's result.")
-    for sql, statement_values in sent:
+    for index, (sql, statement_values) in enumerate(sent):
         cursor.execute(sql, statement_values)
+        if index == 0 and first_rows is not None:
+            first_rows[:] = cursor.fetchall()
 
 
 def _with(db: BaseDatabaseWrapper, along: Model | None, sql: str, values: list[Any]) -> tuple[str, list[Any]]:

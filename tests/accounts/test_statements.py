@@ -146,6 +146,43 @@ def test_a_row_along_lands_with_its_statement_in_one_round_trip_on_postgresql(
     assert [line.message for line in lines] == ["Request queued.", "Cancelled."]
 
 
+@pytest.mark.django_db
+def test_a_column_written_by_the_database_s_expression_is_returned_to_the_instance(
+    tenant: dict[str, Any], builtin_endpoint: Any
+) -> None:
+    """``FromDatabase``: the column takes the database's value (here its clock), not the instance's, in the same
+    statement, and the instance holds what was written: by ``insert``, and by ``insertion`` sent first in ``in_turn``
+    (its rows read on the way to the last statement's)."""
+    from django.db.models.functions import Now
+
+    from inference.models import Job
+
+    def database_now() -> datetime:
+        return type(builtin_endpoint).objects.annotate(now=Now()).values_list("now", flat=True)[:1].get()
+
+    stamped = statements.FromDatabase("start_deadline", statements.now_sql(connection.vendor))
+    job = _job(tenant, builtin_endpoint, start_deadline=datetime(2000, 1, 1, tzinfo=UTC))  # not what is written
+    before = database_now()
+    with CaptureQueriesContext(connection) as sent:
+        statements.insert(job, from_database=[stamped])
+    assert len(sent) == 1
+    stored = Job.objects.get(pk=job.pk).start_deadline
+    assert job.start_deadline == stored
+    assert before <= stored <= database_now()
+
+    other = _job(tenant, builtin_endpoint)
+    first_rows: list[Any] = []
+    with connection.cursor() as cursor:
+        statements.in_turn(
+            cursor, statements.insertion(other, from_database=[stamped]), ("SELECT 7", ()), first_rows=first_rows
+        )
+        assert cursor.fetchall() == [(7,)]
+    statements.written(other, other.pk)
+    statements.returned(other, first_rows[0], [stamped])
+    assert other.start_deadline == Job.objects.get(pk=other.pk).start_deadline
+    assert stored <= other.start_deadline <= database_now()
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_statement_in_turn_reads_what_the_lock_it_waited_for_committed() -> None:
     """``in_turn``: the second statement sees what the holder of the lock the first waited for committed (one round
@@ -297,10 +334,10 @@ def test_prepared_statements_that_keep_vanishing_turn_preparing_off(
     monkeypatch.setattr(statements, "_preparing", True)
     sent = statements._in_turn
 
-    def on_another_server_connection(cursor: Any, statements_sent: Any) -> None:
+    def on_another_server_connection(cursor: Any, statements_sent: Any, **options: Any) -> None:
         if statements_sent[0][0].startswith("EXECUTE "):
             cursor.execute("DEALLOCATE ALL")
-        sent(cursor, statements_sent)
+        sent(cursor, statements_sent, **options)
 
     monkeypatch.setattr(statements, "_in_turn", on_another_server_connection)
     with connection.cursor() as cursor:

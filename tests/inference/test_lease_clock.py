@@ -1,7 +1,9 @@
 """Leases and start deadlines go by the database's clock, whatever the clocks of the machines that write and read
 them: a GPU worker's clock behind the housekeeping host's must not get its live jobs reaped (paid work thrown away
 and run again), nor one ahead keep a dead worker's job; a start deadline means the same to the worker that claims,
-the worker that fails an attempt, the sweep and the reaper.
+the worker that fails an attempt, the sweep and the reaper, and it is written by the database's clock too: a web host
+behind the database must not submit a request that can never start, nor one ahead give it longer than it asked, and a
+dispatcher's clock must not send jobs no worker may claim, nor hold back jobs that could still start.
 
 Each machine's clock is ``django.utils.timezone.now`` as the calls it makes see it, set off from the true time by a
 skew; the database's is the true time (the tests' database runs on this machine).
@@ -26,9 +28,9 @@ from accounts import statements
 from accounts.services import set_concurrency_limit
 from billing.ledger import grant_credits
 from config import metrics
-from inference import attempts, closing
+from inference import attempts, closing, dispatch, submission
 from inference.models import AttemptOutcome, Endpoint, Job, JobAttempt, JobStatus
-from tests.lifecycle import finish, submit_as
+from tests.lifecycle import SMALL, finish, submit_as
 
 pytestmark = [
     # No transaction of the test's around the calls: a worker's claim then takes its one query (PostgreSQL).
@@ -55,7 +57,7 @@ def clock(skew_seconds: float) -> Iterator[None]:
 @contextmanager
 def worker(skew_seconds: float, *, one_query: bool) -> Iterator[None]:
     """A GPU worker's calls: its clock, and its claim in one query (PostgreSQL) or in a transaction (as SQLite's, or
-    a claim made inside a caller's transaction)."""
+    a claim made inside a caller's transaction). A web host's submissions and a dispatcher's dispatch likewise."""
     with clock(skew_seconds):
         if one_query:
             yield
@@ -182,8 +184,8 @@ MARGINS = st.integers(5, 300)
 DEADLINE_PROPERTY = given(
     worker_skew=SKEWS, housekeeping_skew=SKEWS, margin=MARGINS, passed=st.booleans(), one_query=st.booleans()
 )
-# A retried request is queued again, and sent at once where its dispatch (which reads the start deadline by its own
-# process's clock, ``inference.dispatch``) finds its deadline to come.
+# A retried request is queued again, and sent at once where its dispatch (which reads the start deadline by the
+# database's clock too, ``inference.dispatch``) finds its deadline to come.
 RETRIED = (JobStatus.QUEUED, JobStatus.DISPATCHED)
 
 
@@ -266,6 +268,148 @@ def test_a_reaped_attempt_runs_again_before_the_start_deadline_only_whatever_the
     lost.refresh_from_db()
     assert lost.status in ((JobStatus.FAILED,) if passed else RETRIED), (housekeeping_skew, margin, passed)
     out_of_later_sweeps(lost)
+
+
+def database_now() -> datetime:
+    """A reading of the database's clock (``Now()``)."""
+    return Endpoint.objects.annotate(now=Now()).values_list("now", flat=True)[:1].get()
+
+
+def submitted_with_timeout(tenant: dict[str, Any], endpoint: Endpoint, start_timeout: float) -> Job:
+    job, new = submission.submit_job(
+        organization=tenant["organization"], api_key=tenant["api_key"], endpoint=endpoint, payload=dict(SMALL),
+        start_timeout=start_timeout,
+    )  # fmt: skip
+    assert new
+    return job
+
+
+def passed_by_the_database(moment: datetime, *, within: float) -> bool:
+    """Waits (up to ``within`` seconds) for the database's clock to pass ``moment``."""
+    give_up = time.monotonic() + within
+    while time.monotonic() < give_up:
+        if database_now() > moment:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+WEB_SKEWS = [-40, 40]  # the reviewer's web host, 40 s behind the database; and one as far ahead
+
+
+@pytest.mark.parametrize("one_query", [True, False], ids=["one query", "in a transaction"])
+@pytest.mark.parametrize("web_skew", WEB_SKEWS)
+def test_a_submission_s_start_deadline_is_its_timeout_past_the_database_s_clock(
+    dispatched: Callable[[], Job], tenant: dict[str, Any], builtin_endpoint: Endpoint, web_skew: int, one_query: bool
+) -> None:
+    """``X-Fal-Request-Timeout: 30`` from a web host 40 s behind the database wrote a deadline 10 s past already by
+    the database's clock: dispatched, never claimable, ended by the sweep as a timeout. Written by the database's
+    clock, on either path of the submission, the request has its 30 s whatever the web host's clock, and the job
+    the API answers with (and a sync run waits on) holds the deadline the database wrote."""
+    timeout = 30
+    before = database_now()
+    with worker(web_skew, one_query=one_query):  # the web host: its submission, and the dispatch that follows it
+        job = submitted_with_timeout(tenant, builtin_endpoint, timeout)
+    after = database_now()
+    stored = Job.objects.get(pk=job.pk)
+    assert job.start_deadline == stored.start_deadline
+    assert before + timedelta(seconds=timeout) <= stored.start_deadline <= after + timedelta(seconds=timeout)
+    assert (stored.status, stored.attempt) == (JobStatus.DISPATCHED, 1)
+    for worker_skew in (0, -web_skew):
+        with worker(worker_skew, one_query=one_query):
+            assert closing.expire_unstarted() == 0  # the sweep leaves it: by the database's clock it has ~30 s
+    with worker(-web_skew, one_query=one_query):
+        started = attempts.claim_job(job_id=str(job.pk), attempt=1, worker="gpu-1")
+    assert started is not None, (web_skew, stored.start_deadline, database_now())
+    with worker(0, one_query=one_query):
+        finish(started)
+
+
+@pytest.mark.parametrize("web_skew", WEB_SKEWS)
+def test_a_request_not_started_within_its_timeout_by_the_database_s_clock_is_not_started_and_is_ended(
+    dispatched: Callable[[], Job], tenant: dict[str, Any], builtin_endpoint: Endpoint, web_skew: int
+) -> None:
+    """A web host 40 s ahead wrote a deadline its timeout plus 40 s away: a worker could still start the request 40 s
+    after the time it asked for. By the database's clock, once its timeout has passed no worker starts it, whatever
+    the worker's clock, and the sweep ends it as a timeout, whatever the sweep host's."""
+    timeout = 1.5
+    with clock(web_skew):
+        job = submitted_with_timeout(tenant, builtin_endpoint, timeout)
+    submitted = database_now()  # the insert's reading of the database's clock came before this one
+    assert Job.objects.get(pk=job.pk).status == JobStatus.DISPATCHED
+    assert passed_by_the_database(submitted + timedelta(seconds=timeout), within=timeout + 5)
+    for worker_skew, one_query in ((0, True), (-web_skew, False), (-web_skew, True)):
+        with worker(worker_skew, one_query=one_query):
+            assert attempts.claim_job(job_id=str(job.pk), attempt=1, worker="gpu-1") is None, (web_skew, worker_skew)
+    with clock(-web_skew):
+        assert closing.expire_unstarted() == 1
+    ended = Job.objects.get(pk=job.pk)
+    assert (ended.status, ended.error_type) == (JobStatus.CANCELLED, "timeout")
+
+
+@pytest.fixture
+def queued(tenant: dict[str, Any], builtin_endpoint: Endpoint) -> Callable[[], Job]:
+    """Jobs submitted and left QUEUED: their submission's own dispatch held back, for the dispatcher under test."""
+    grant_credits(organization=tenant["organization"], amount_micros=10**9, reason="dispatch clock test")
+    set_concurrency_limit(organization=tenant["organization"], limit=10_000)
+
+    def make() -> Job:
+        with (
+            mock.patch.object(submission, "_admission_in_query", return_value=None),  # submitted in a transaction
+            mock.patch.object(submission, "dispatch_organization"),  # whose dispatch, once committed, is held back
+        ):
+            job = submit_as(tenant, builtin_endpoint)
+        assert Job.objects.get(pk=job.pk).status == JobStatus.QUEUED
+        return job
+
+    return make
+
+
+@PROPERTY
+@given(dispatcher_skew=SKEWS, margin=MARGINS, one_query=st.booleans())
+@example(dispatcher_skew=60, margin=30, one_query=True)
+@example(dispatcher_skew=-60, margin=30, one_query=False)
+@example(dispatcher_skew=-40, margin=10, one_query=True)
+@example(dispatcher_skew=40, margin=10, one_query=False)
+def test_a_dispatcher_sends_exactly_the_jobs_whose_start_deadline_is_to_come_by_the_database_s_clock(
+    queued: Callable[[], Job], dispatcher_skew: int, margin: int, one_query: bool
+) -> None:
+    """A dispatcher behind the database sent jobs no worker would claim, each holding a slot of its organization
+    until the sweep ended it; one ahead left jobs that could still start QUEUED until they expired."""
+    to_come = with_start_deadline(queued(), margin=margin, passed=False)
+    passed = with_start_deadline(queued(), margin=margin, passed=True)
+    without = queued()
+    with worker(dispatcher_skew, one_query=one_query):
+        sent = dispatch.dispatch_organization(to_come.organization_id)
+    statuses = {job.pk: Job.objects.get(pk=job.pk).status for job in (to_come, passed, without)}
+    assert statuses == {
+        to_come.pk: JobStatus.DISPATCHED,
+        passed.pk: JobStatus.QUEUED,  # the sweep ends it; it took no slot
+        without.pk: JobStatus.DISPATCHED,
+    }, (dispatcher_skew, margin)
+    assert sent == 2
+    # Out of the next example's dispatch and of later sweeps.
+    Job.objects.filter(pk__in=[to_come.pk, passed.pk, without.pk]).update(status=JobStatus.CANCELLED)
+
+
+@pytest.mark.parametrize("web_skew", WEB_SKEWS)
+def test_a_sync_run_waits_for_its_request_s_start_deadline_by_the_database_s_clock(
+    dispatched: Callable[[], Job], tenant: dict[str, Any], settings: Any, web_skew: int
+) -> None:
+    """A sync run measures the time left to its request's start deadline against the database's clock, which wrote
+    it: by its own clock, a web host 40 s ahead would find a 30 s deadline passed at once and end the request."""
+    from rest_framework.test import APIClient
+
+    settings.SYNC_RUN_TIMEOUT_SECONDS = 2  # the run's own ceiling, long before the request's deadline
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Key {tenant['token']}")
+    with clock(web_skew):
+        response = client.post("/run/platform/tiny-sd", dict(SMALL), format="json", HTTP_X_FAL_REQUEST_TIMEOUT="30")
+    assert response.status_code == 504, response.content
+    assert "did not finish within the 2 s" in response.json()["detail"], (web_skew, response.json())
+    waiting = Job.objects.get(pk=response["x-fal-request-id"])
+    assert waiting.status in (JobStatus.QUEUED, JobStatus.DISPATCHED), (web_skew, waiting.status, waiting.error_type)
+    out_of_later_sweeps(waiting)
 
 
 def test_a_sync_run_whose_own_clock_says_its_deadline_passed_ends_its_request_at_once(
