@@ -10,8 +10,8 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.db import connection, transaction
-from django.db.models import Func, Value
-from django.db.models.functions import Greatest, Now
+from django.db.models import Func
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from accounts import statements
@@ -286,20 +286,16 @@ def _end_unstarted(job: Job, now: Any, *, error: str, error_type: str, **also: A
     transaction.on_commit(lambda: _after_attempt(organization_id, job_id, True, has_webhook=has_webhook), robust=True)
 
 
-def expire_unstarted(now: datetime | None = None, *, job_id: uuid.UUID | None = None) -> int:
+def expire_unstarted(*, job_id: uuid.UUID | None = None) -> int:
     """Requests whose start deadline (``X-Fal-Request-Timeout``) passed before a worker started them: ended as
     CANCELLED with ``error_type: timeout``, never billed. The sweep calls it for all of them; a sync run waiting on
-    one calls it for that one, the moment its deadline passes. A claim made before the deadline wins: a started
-    request runs as long as it needs.
+    one calls it for that one (``job_id``), the moment its deadline passes. A claim made before the deadline wins: a
+    started request runs as long as it needs.
 
-    Passed by the database's clock, as the claim reads the deadline (``attempts.lease_deadline``): a request the
-    sweep leaves is one a worker may still start. For one request (``job_id``, its waiting sync run's) also by the
-    caller's clock (this process's): the run asks the moment the deadline passes by that clock, which wrote it at
-    the submission, and would ask again at once, in a loop, while the database's clock is behind. ``now``: also
-    passed by then (the caller's own moment); the requests ended are stamped with it."""
+    Passed by the database's clock alone, the clock that wrote the deadline (``submission``), that the claim reads it
+    by (``attempts.lease_deadline``) and that a waiting sync run measures its wait by: a request left here is one a
+    worker may still start, whatever any caller's own clock says."""
     passed: Func = Now()
-    if now is not None or job_id is not None:
-        passed = Greatest(Now(), Value(now or timezone.now()))
     waiting = Job.objects.filter(
         status__in=(JobStatus.QUEUED, JobStatus.DISPATCHED), start_deadline__isnull=False, start_deadline__lte=passed
     )
@@ -308,7 +304,7 @@ def expire_unstarted(now: datetime | None = None, *, job_id: uuid.UUID | None = 
     expired = 0
     for expiring_id in waiting.order_by("start_deadline").values_list("id", flat=True)[:EXPIRE_BATCH_SIZE]:
         try:
-            expired += _expire(expiring_id, passed, now)
+            expired += _expire(expiring_id, passed)
         except SoftTimeLimitExceeded:
             raise  # the sweep's time is up: it stops here (the next one starts over), not at the hard kill
         except Exception:  # one bad row must not stop the sweep for everyone else
@@ -317,12 +313,12 @@ def expire_unstarted(now: datetime | None = None, *, job_id: uuid.UUID | None = 
 
 
 @retrying_atomic
-def _expire(job_id: uuid.UUID, passed: Func, now: datetime | None) -> int:
+def _expire(job_id: uuid.UUID, passed: Func) -> int:
     # Still unstarted, and its deadline passed, once the lock is held: a claim that got there first wins.
     job = lock_job(job_id, status__in=(JobStatus.QUEUED, JobStatus.DISPATCHED), start_deadline__lte=passed)
     if job is None or job.start_deadline is None:
         return 0
-    now = now or timezone.now()
+    now = timezone.now()
     seconds = f"{round((job.start_deadline - job.created_at).total_seconds(), 1):g} s"
     # A retried request (started before, failed by the platform) is not started again past the deadline either.
     error = (

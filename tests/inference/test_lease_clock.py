@@ -412,24 +412,6 @@ def test_a_sync_run_waits_for_its_request_s_start_deadline_by_the_database_s_clo
     out_of_later_sweeps(waiting)
 
 
-def test_a_sync_run_whose_own_clock_says_its_deadline_passed_ends_its_request_at_once(
-    dispatched: Callable[[], Job],
-) -> None:
-    """A sync run waiting on its request asks for it to be ended the moment its deadline passes by its own clock,
-    the clock that wrote the deadline; were that refused while the database's clock is behind, it would ask again at
-    once, in a loop, until the database's clock caught up. The sweep goes by the database's clock alone."""
-    web_skew = 60
-    job = dispatched()
-    with clock(web_skew):
-        Job.objects.filter(pk=job.pk).update(start_deadline=timezone.now() - timedelta(seconds=1))
-    assert closing.expire_unstarted() == 0  # by the database's clock it has 59 s to go
-    assert Job.objects.get(pk=job.pk).status == JobStatus.DISPATCHED
-    with clock(web_skew):
-        assert closing.expire_unstarted(job_id=job.pk) == 1
-    ended = Job.objects.get(pk=job.pk)
-    assert (ended.status, ended.error_type) == (JobStatus.CANCELLED, "timeout")
-
-
 @pytest.mark.parametrize("scrape_skew", [-120, 120])
 def test_the_metrics_count_a_lease_lapsed_by_the_database_s_clock(
     dispatched: Callable[[], Job], scrape_skew: int

@@ -128,7 +128,7 @@ def test_the_soft_time_limit_stops_the_reaper_and_the_expiry(
 
     monkeypatch.setattr(closing, "_reap" if net == "reap" else "_expire", out_of_time)
     with pytest.raises(SoftTimeLimitExceeded):
-        closing.reap_expired_leases() if net == "reap" else closing.expire_unstarted(now)
+        closing.reap_expired_leases() if net == "reap" else closing.expire_unstarted()
     assert len(rows) == 1  # stopped at the first row, not carried on to the next
 
 

@@ -48,7 +48,8 @@ def _ended(path: str, tenant: dict[str, Any], endpoint: Endpoint) -> Job:
     now = timezone.now()
     if path == "start_timeout":
         job = _submitted(tenant, endpoint, start_timeout=30)
-        assert closing.expire_unstarted(now + timedelta(seconds=31), job_id=job.pk) == 1
+        Job.objects.filter(pk=job.pk).update(start_deadline=now - timedelta(seconds=1))  # its 30 s have passed
+        assert closing.expire_unstarted(job_id=job.pk) == 1
     elif path == "cancelled_in_queue":
         job = _submitted(tenant, endpoint)
         assert closing.cancel_job(job=job) == "CANCELLATION_REQUESTED"
