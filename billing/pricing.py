@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
+from time import monotonic
 from typing import Any
 
 from django.conf import settings
@@ -201,17 +202,29 @@ def ms_per_work_unit(endpoint: Endpoint) -> float:
     A measurement is kept in the cache for a minute, and in this process's memory for a minute from when it was
     read (every admission asks: the cache's round trip was about 0.3 ms of a submission), so an admission's estimate
     may be up to two minutes old: an estimate, which the hold's margin covers and settlement corrects (a job is
-    billed for what it used, within its hold, and a running job's hold grows before each step). The bound is not
-    kept: the first usage recorded replaces it at the next admission (a default cached before any usage existed held
-    a fraction of what jobs then cost).
+    billed for what it used, within its hold, and a running job's hold grows before each step). That an endpoint has
+    no measurement yet is kept in this process's memory for ``UNMEASURED_RECHECK_SECONDS`` only, and not in the
+    cache: the first usage recorded replaces the bound within that second (a default cached for a minute before any
+    usage existed held a fraction of what jobs then cost), and a burst of submissions to a new model does not read
+    the rollups and the cache on each one (0.5 ms of the web process's CPU and two round trips per submission).
     """
-    measured = _measured_here.get(endpoint.pk, lambda _kept: _measured(endpoint), valid=lambda kept: kept is not None)
+    measured, _ = _measured_here.get(endpoint.pk, lambda _kept: (_measured(endpoint), monotonic()), valid=_still_valid)
     if measured is None:
         return float(settings.BILLING_UNMEASURED_MS_PER_WORK_UNIT.get(endpoint.gpu_class, UNMEASURED_FALLBACK_MS))
     return measured
 
 
-_measured_here: GenerationMemo[float | None] = GenerationMemo(
+# How long this process takes an endpoint to have no measurement before it reads the rollups again.
+UNMEASURED_RECHECK_SECONDS = 1.0
+
+
+def _still_valid(kept: tuple[float | None, float]) -> bool:
+    measured, read_at = kept
+    return measured is not None or monotonic() - read_at < UNMEASURED_RECHECK_SECONDS
+
+
+# An endpoint's measurement (None: none yet), and when this process read it (time.monotonic).
+_measured_here: GenerationMemo[tuple[float | None, float]] = GenerationMemo(
     "measured GPU ms per work unit", seconds=MEASURED_CACHE_SECONDS
 )
 

@@ -172,11 +172,12 @@ def test_a_price_line_rolled_back_is_never_kept(shared_cache: None, builtin_endp
     assert pricing.price_for(builtin_endpoint, timezone.now()) == before
 
 
-def test_a_measured_gpu_time_is_kept_in_memory_and_an_unmeasured_one_never(
+def test_a_measured_gpu_time_is_kept_in_memory_and_an_unmeasured_one_for_a_second(
     generations: list[int], builtin_endpoint: Endpoint, tenant: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Admission's measured GPU ms per work unit: read from the cache or the rollups once, then from this process's
-    memory; an endpoint with no usage yet gets its class's bound, and its first usage is measured at the next call."""
+    memory; an endpoint with no usage yet gets its class's bound, read again once a second, and its first usage is
+    measured at the first call after that."""
     from django.core.cache import cache
 
     from billing.models import Granularity, UsageRollup
@@ -186,14 +187,20 @@ def test_a_measured_gpu_time_is_kept_in_memory_and_an_unmeasured_one_never(
     reads: list[str] = []
     real_get = cache.get
     monkeypatch.setattr(cache, "get", lambda key, *args, **kwargs: reads.append(key) or real_get(key, *args, **kwargs))
+    clock = [1_000.0]
+    monkeypatch.setattr(pricing, "monotonic", lambda: clock[0])
     bound = pricing.ms_per_work_unit(builtin_endpoint)
     assert pricing.ms_per_work_unit(builtin_endpoint) == bound
-    assert len(reads) == 2  # not kept: asked again each time
+    assert len(reads) == 1  # kept in memory for a second
     UsageRollup.objects.create(
         granularity=Granularity.DAY, bucket_start=day_start(timezone.now()), organization=tenant["organization"],
         endpoint=builtin_endpoint, gpu_class=builtin_endpoint.gpu_class, gpu_ms=12_345, work_units=1_000,
     )  # fmt: skip
-    assert pricing.ms_per_work_unit(builtin_endpoint) == 12.345  # the first usage, at the next call
+    clock[0] += pricing.UNMEASURED_RECHECK_SECONDS * 0.9
+    assert pricing.ms_per_work_unit(builtin_endpoint) == bound  # within its second
+    assert len(reads) == 1
+    clock[0] += pricing.UNMEASURED_RECHECK_SECONDS * 0.1
+    assert pricing.ms_per_work_unit(builtin_endpoint) == 12.345  # the first usage, once the second is over
     reads.clear()
     assert pricing.ms_per_work_unit(builtin_endpoint) == 12.345
     assert reads == []  # kept in memory: no round trip to the cache

@@ -6,7 +6,7 @@ the ceilings are the counts measured when this test was written; lower one when 
 The test runs inside pytest-django's transaction, so each top-level transaction of a step is a savepoint and its
 release here, where production sends BEGIN and COMMIT: the same number of round trips. The shared cache starts
 empty: admission reads the endpoint's measured GPU time from the rollups (production reads it once a minute per
-endpoint once the endpoint has usage, and at every admission before it has any).
+endpoint once the endpoint has usage, and once a second per process before it has any).
 """
 
 from __future__ import annotations
