@@ -216,7 +216,7 @@ def handle_payload(job: Job, request: HttpRequest) -> dict[str, Any]:
         "gateway_request_id": str(job.id),
         **handle_urls(job, request),
         "status": FAL_STATUS[JobStatus(job.status)],
-        "queue_position": queue_position(job),
+        "queue_position": queue_position(job) if job.position_when_submitted is None else job.position_when_submitted,
     }
 
 

@@ -215,6 +215,10 @@ class Job(TenantModel):
         help_text="Past JOB_RETENTION_DAYS its input was cut to its settings (inference/archive.py).",
     )
 
+    # Not stored: its queue position as its submission's own query read it, once dispatched (``inference.submission``),
+    # for the submission's answer; None where the submission did not read it.
+    position_when_submitted: int | None = None
+
     class Meta:
         ordering = ("-created_at",)
         indexes = [

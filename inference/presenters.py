@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, connection, connections
 from django.http import HttpRequest
@@ -35,76 +35,67 @@ RESULT_ERROR_STATUS = {
 
 
 def queue_position(job: Job) -> int:
-    """0-based: the jobs that will start before this one on its GPU class.
+    """0-based: the jobs that will start before this one on its GPU class, by its row as the database has it now.
 
     DISPATCHED: the jobs of its class dispatched before it; jobs dispatched together share ``dispatched_at`` and went
     to the broker in queue order, so ``created_at`` breaks the tie. QUEUED: its organization's queued jobs created
-    before it, and every dispatched job of its class. Any other status: 0. Never the job itself: a submission answers
-    with the job it inserted, which the dispatcher may have sent on (DISPATCHED in the database) by the time this
-    counts.
+    before it, and every dispatched job of its class. Any other status: 0. Never the job itself. ``job``'s own status
+    only says whether to ask: a job read as waiting may have been dispatched, or started, since it was read.
 
-    Every submission and every status read of a waiting request asks this, so each count is SQL written once per
-    database vendor (``_position_counts``) and only its parameters are prepared per call. Built with the ORM on each
-    call (Q objects, ``exclude``, compiling), the same count took about 17% of the web process's CPU per submission
-    (py-spy --gil, PostgreSQL), nearly all of it in Python, not in the database: about 1 to 1.7 ms of CPU per call,
-    against 0.15 to 0.3 ms as SQL (a few hundred jobs dispatched to the class).
+    Every status read of a waiting request asks this (a submission reads it in its own query:
+    ``position_statement``), so the count is SQL written once per database vendor (``_position_sql``) and only its
+    parameters are prepared per call. Built with the ORM on each call (Q objects, ``exclude``, compiling), the same
+    count took about 17% of the web process's CPU per submission (py-spy --gil, PostgreSQL), nearly all of it in
+    Python, not in the database: about 1 to 1.7 ms of CPU per call, against 0.15 to 0.3 ms as SQL (a few hundred jobs
+    dispatched to the class).
     """
-    database = connections[DEFAULT_DB_ALIAS]  # looked up once: ``connection`` looks it up again on each use
-    counts = _position_counts(database.vendor)
-    if job.status == JobStatus.DISPATCHED:
-        sql = counts.dispatched
-    elif job.status == JobStatus.QUEUED:
-        sql = counts.queued
-    else:
+    if job.status not in (JobStatus.QUEUED, JobStatus.DISPATCHED):
         return 0
+    with connections[DEFAULT_DB_ALIAS].cursor() as cursor:
+        statements.in_turn(cursor, position_statement(job.pk), plan_once=True)  # planned once per connection
+        found = cursor.fetchone()
+    return 0 if found is None else int(found[0])
+
+
+def position_statement(job_id: Any) -> statements.Statement:
+    """``queue_position``'s count for the job ``job_id`` as a statement of a caller's query (``accounts.statements``):
+    one row, its position (none if the job is gone)."""
+    database = connections[DEFAULT_DB_ALIAS]  # looked up once: ``connection`` looks it up again on each use
     parameters = {
-        "job": _JOB_FIELDS["id"].get_db_prep_value(job.pk, database),
-        "organization": _JOB_FIELDS["organization"].get_db_prep_value(job.organization_id, database),
-        "gpu_class": _JOB_FIELDS["gpu_class"].get_db_prep_value(job.gpu_class, database),
-        "created_at": _JOB_FIELDS["created_at"].get_db_prep_value(job.created_at, database),
-        "dispatched_at": _JOB_FIELDS["dispatched_at"].get_db_prep_value(job.dispatched_at, database),
+        "job": _JOB_FIELDS["id"].get_db_prep_value(job_id, database),
         "queued": _JOB_FIELDS["status"].get_db_prep_value(JobStatus.QUEUED, database),
         "dispatched": _JOB_FIELDS["status"].get_db_prep_value(JobStatus.DISPATCHED, database),
     }
-    with database.cursor() as cursor:
-        statements.in_turn(cursor, (sql, parameters), plan_once=True)  # planned once per connection on PostgreSQL
-        (count,) = cursor.fetchone()
-    return int(count)
+    return _position_sql(database.vendor), parameters
 
 
 _JOB_FIELDS = {field.name: field for field in Job._meta.concrete_fields}
 
-
-class _PositionCounts(NamedTuple):
-    dispatched: str
-    queued: str
-
-
-# Names in braces are Job's table and columns (``_position_counts`` fills them in); %(...)s are parameters. The
-# DISPATCHED count's ``dispatched_at <=`` follows from its OR; it lets PostgreSQL read one range of the
-# (status, gpu_class, dispatched_at) index instead of OR-ing two scans of it.
-_DISPATCHED_AHEAD = (
-    "SELECT COUNT(*) FROM {table} WHERE {status} = %(dispatched)s AND {gpu_class} = %(gpu_class)s "
-    "AND {dispatched_at} <= %(dispatched_at)s AND ({dispatched_at} < %(dispatched_at)s "
-    "OR ({dispatched_at} = %(dispatched_at)s AND {created_at} < %(created_at)s)) "
-    "AND {id} <> %(job)s"
-)
-# The two sets (QUEUED, DISPATCHED) never share a job: one count of either is their sum.
-_QUEUED_AHEAD = (
-    "SELECT COUNT(*) FROM {table} "
-    "WHERE (({organization} = %(organization)s AND {status} = %(queued)s AND {created_at} < %(created_at)s) "
-    "OR ({status} = %(dispatched)s AND {gpu_class} = %(gpu_class)s)) "
-    "AND {id} <> %(job)s"
+# Names in braces are Job's table and columns (``_position_sql`` fills them in); %(...)s are parameters; ``j`` is the
+# job, ``o`` the others. The DISPATCHED count's ``dispatched_at <=`` follows from its OR; it lets PostgreSQL read one
+# range of the (status, gpu_class, dispatched_at) index instead of OR-ing two scans of it. The QUEUED count: the two
+# sets (QUEUED, DISPATCHED) never share a job, so one count of either is their sum. Only the branch of the job's
+# status is counted.
+_POSITION = (
+    "SELECT CASE j.{status} "
+    "WHEN %(dispatched)s THEN (SELECT COUNT(*) FROM {table} o WHERE o.{status} = %(dispatched)s "
+    "AND o.{gpu_class} = j.{gpu_class} AND o.{dispatched_at} <= j.{dispatched_at} "
+    "AND (o.{dispatched_at} < j.{dispatched_at} OR (o.{dispatched_at} = j.{dispatched_at} "
+    "AND o.{created_at} < j.{created_at})) AND o.{id} <> j.{id}) "
+    "WHEN %(queued)s THEN (SELECT COUNT(*) FROM {table} o "
+    "WHERE ((o.{organization} = j.{organization} AND o.{status} = %(queued)s AND o.{created_at} < j.{created_at}) "
+    "OR (o.{status} = %(dispatched)s AND o.{gpu_class} = j.{gpu_class})) AND o.{id} <> j.{id}) "
+    "ELSE 0 END FROM {table} j WHERE j.{id} = %(job)s"
 )
 
 
 @functools.cache
-def _position_counts(vendor: str) -> _PositionCounts:
-    """``queue_position``'s two counts in this vendor's SQL (every connection of a vendor quotes names alike)."""
+def _position_sql(vendor: str) -> str:
+    """``queue_position``'s count in this vendor's SQL (every connection of a vendor quotes names alike)."""
     quote = connection.ops.quote_name
     names = {name: quote(str(field.column)) for name, field in _JOB_FIELDS.items()}  # concrete: never None
     names["table"] = quote(Job._meta.db_table)
-    return _PositionCounts(dispatched=_DISPATCHED_AHEAD.format(**names), queued=_QUEUED_AHEAD.format(**names))
+    return _POSITION.format(**names)
 
 
 def base_url(request: HttpRequest) -> str:

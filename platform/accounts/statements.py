@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 # A statement and its parameters, positional or named.
 Statement = tuple[str, Sequence[Any] | Mapping[str, Any]]
+# ``in_turn``'s rows to keep: by a statement's index among those sent (negative: from the end), the list to fill.
+Rows = Mapping[int, list[Any]]
 
 
 class FromDatabase(NamedTuple):
@@ -429,9 +431,7 @@ NO_WAIT_FOR_DISK: Statement = ("SET LOCAL synchronous_commit = off", ())
 _NOT_PREPARED = {COMMIT[0], NO_WAIT_FOR_DISK[0]}
 
 
-def in_turn(
-    cursor: Any, first: Statement, *then: Statement, plan_once: bool = False, first_rows: list[Any] | None = None
-) -> None:
+def in_turn(cursor: Any, first: Statement, *then: Statement, plan_once: bool = False, rows: Rows | None = None) -> None:
     """Runs ``first``, then each of ``then`` in order, each reading the database as it is once those before it have
     run: after the lock ``first`` took (and may have waited for), so what follows sees what that lock's holder
     committed. The cursor is left on the last statement's result.
@@ -452,26 +452,27 @@ def in_turn(
     prepared afresh and the query sent again, where no transaction was open (inside one, the caller's transaction
     fails and its retry prepares afresh); if that fails the same way, the process stops preparing.
 
-    ``first_rows``: filled with the rows ``first`` returns (an insert's ``RETURNING``), read on the way past it.
+    ``rows``: by the index of a statement among them (negative: from the end), a list filled with the rows that
+    statement returns (an insert's ``RETURNING``, a dispatch's before a last read), read on the way past it.
     """
     if plan_once and plans_once(cursor.db):
         sent = (first, *then)
-        if _sent_prepared(cursor, sent, first_rows):
+        if _sent_prepared(cursor, sent, rows):
             return
         # Sent with no transaction open, the failed query took nothing with it: every statement prepared afresh.
         cursor.execute("DEALLOCATE ALL")
-        if _sent_prepared(cursor, sent, first_rows):
+        if _sent_prepared(cursor, sent, rows):
             return
         _stop_preparing()
-    _in_turn(cursor, (first, *then), first_rows=first_rows)
+    _in_turn(cursor, (first, *then), rows=rows)
 
 
-def _sent_prepared(cursor: Any, sent: tuple[Statement, ...], first_rows: list[Any] | None = None) -> bool:
+def _sent_prepared(cursor: Any, sent: tuple[Statement, ...], rows: Rows | None = None) -> bool:
     """``sent`` as EXECUTEs of statements prepared on the connection. False: one was gone or stale, and no transaction
     was open (the connection's record of them is read from the server again at the next use); inside a transaction
     that error is raised: the caller's transaction has failed, and its retry prepares afresh."""
     try:
-        _in_turn(cursor, tuple(_planned_once(cursor, statement) for statement in sent), first_rows=first_rows)
+        _in_turn(cursor, tuple(_planned_once(cursor, statement) for statement in sent), rows=rows)
     except DatabaseError as error:
         if getattr(error.__cause__, "sqlstate", None) not in _STALE_PREPARED:
             raise
@@ -500,12 +501,10 @@ def _stop_preparing() -> None:
     )
 
 
-def _in_turn(
-    cursor: Any, sent: tuple[Statement, ...], *, on_first: bool = False, first_rows: list[Any] | None = None
-) -> None:
+def _in_turn(cursor: Any, sent: tuple[Statement, ...], *, on_first: bool = False, rows: Rows | None = None) -> None:
     """``sent`` as one query where ``in_one_query``, the cursor left on the last statement's result (on the first's
-    with ``on_first``, which only one query can do), else one execute each; ``first_rows``: as for ``in_turn``."""
-    then = () if on_first else sent[1:]
+    with ``on_first``, which only one query can do), else one execute each; ``rows``: as for ``in_turn``."""
+    wanted = {index % len(sent): kept for index, kept in (rows or {}).items()}
     if in_one_query(cursor.db):
         # Each statement bound on its own, the query sent with no parameters of its own: psycopg keeps the parsed
         # form of a statement with at most 50 parameters (``psycopg._queries``), not that of a whole query with more,
@@ -515,17 +514,18 @@ def _in_turn(
         with cursor.db.wrap_database_errors:  # a value psycopg cannot bind raises as the execute would
             query = "; ".join(bind(sql, values) for sql, values in sent)
         cursor.execute(query)
-        if first_rows is not None:
-            first_rows[:] = cursor.fetchall()
-        for _ in then:
-            cursor.nextset()
+        for index in range(1 if on_first else len(sent)):
+            if index:
+                cursor.nextset()
+            if index in wanted:
+                wanted[index][:] = cursor.fetchall()
         return
     if on_first:
         raise ValueError("Only statements sent as one query can leave the cursor on the first's result.")
     for index, (sql, statement_values) in enumerate(sent):
         cursor.execute(sql, statement_values)
-        if index == 0 and first_rows is not None:
-            first_rows[:] = cursor.fetchall()
+        if index in wanted:
+            wanted[index][:] = cursor.fetchall()
 
 
 def _with(db: BaseDatabaseWrapper, along: Model | None, sql: str, values: list[Any]) -> tuple[str, list[Any]]:

@@ -174,7 +174,7 @@ def test_a_column_written_by_the_database_s_expression_is_returned_to_the_instan
     first_rows: list[Any] = []
     with connection.cursor() as cursor:
         statements.in_turn(
-            cursor, statements.insertion(other, from_database=[stamped]), ("SELECT 7", ()), first_rows=first_rows
+            cursor, statements.insertion(other, from_database=[stamped]), ("SELECT 7", ()), rows={0: first_rows}
         )
         assert cursor.fetchall() == [(7,)]
     statements.written(other, other.pk)
@@ -275,6 +275,20 @@ def test_statements_planned_once_are_prepared_once_per_connection_and_answer_as_
     with connection.cursor() as cursor:
         statements.in_turn(cursor, count, plan_once=True)
         assert cursor.fetchall() == [(1,)]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("plan_once", [False, True])
+def test_in_turn_keeps_the_rows_of_the_statements_asked_for_by_index(plan_once: bool) -> None:
+    """A dispatch's rows read on the way to a last statement (``inference.submission``): by index, from either end,
+    on one query or one execute each, prepared or not."""
+    sent = [(f"SELECT %s * {n} UNION ALL SELECT %s * {n}", [1, 2]) for n in (1, 10, 100, 1000)]
+    first: list[Any] = []
+    third: list[Any] = []
+    with connection.cursor() as cursor:
+        statements.in_turn(cursor, *sent, plan_once=plan_once, rows={0: first, -2: third})
+        assert cursor.fetchall() == [(1000,), (2000,)]  # left on the last
+    assert (first, third) == ([(1,), (2,)], [(100,), (200,)])
 
 
 @pytest.mark.django_db(transaction=True)

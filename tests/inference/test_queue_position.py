@@ -1,6 +1,6 @@
 """``queue_position`` (inference/presenters.py) is SQL written once per database vendor; it counts exactly what the ORM
-definition kept here counts, for any mix of jobs: statuses, GPU classes, organizations, and ties on ``dispatched_at``
-and ``created_at``."""
+definition kept here counts of the job as stored, for any mix of jobs: statuses, GPU classes, organizations, and ties
+on ``dispatched_at`` and ``created_at``."""
 
 from __future__ import annotations
 
@@ -77,10 +77,11 @@ def test_queue_position_counts_what_the_orm_definition_counts(
             )
             for job in Job.objects.all():
                 assert queue_position(job) == orm_queue_position(job), job
-                # A submission counts with the job it inserted (QUEUED) after the dispatcher may have sent it on.
-                as_submitted = copy.copy(job)
-                as_submitted.status, as_submitted.dispatched_at = JobStatus.QUEUED, None
-                assert queue_position(as_submitted) == orm_queue_position(as_submitted), job
+                # A job read as waiting that the dispatcher has sent on, or a worker started, since: counted as the
+                # database has it now.
+                as_read = copy.copy(job)
+                as_read.status, as_read.dispatched_at = JobStatus.QUEUED, None
+                assert queue_position(as_read) == orm_queue_position(job), job
             transaction.set_rollback(True)
 
     check()
