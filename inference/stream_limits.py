@@ -21,19 +21,22 @@ every keep-alive at least, 10 to 15 s), and gives its slot back when it ends, wh
 the lifetime); a slot whose process died lapses by itself after ``SLOT_SECONDS``. Taking a slot is one Lua script (drop
 lapsed slots, count, add), so two processes never both take the last one.
 
-A slot is given back however the request ends, the client gone at any moment included:
+A slot is given back once, when its request ends, however it ends: a slot taken is handed to the request's end
+(``config.request_threads.at_request_end``), which the web process's outermost ASGI layer runs whatever became of the
+response. That covers a response Django's handler never gets, which nothing else could close: a client gone while it
+passes back through the session and messages middleware (their thread hops after the view; the handler cancels the
+view's task there and drops what the hop returns), a middleware raising on it (an error page answered instead), the
+application's task cancelled. Each way a stream ends gives it back as it happens too, the request's end then finding
+it given back:
 
+- the body's end, or the client gone while it runs (Django cancels the body): ``bounded``'s ``finally``;
+- gone before the body's first event (Django's handler cancels its send of the answer's start, and never starts the
+  body's iterator, so nothing inside the body runs): when Django's handler closes the response (``EventStream.close``);
 - gone while the slot is being taken (in a thread; the run stream takes it in its submission's thread): the view is
   cancelled but the thread goes on, so the taking is shielded from the cancellation and what it took is given back
-  as it returns (``finish_or_undo``);
-- gone before the body's first event (Django's handler cancels its send of the answer's start, and never starts the
-  body's iterator, so nothing inside the body runs): the response gives it back when Django's handler closes it
-  (``EventStream.close``), which it does for every response it got from the view, whatever server runs it;
+  as it returns (``finish_or_undo``; a take that ends after its request is given back by ``at_request_end`` at once);
 - gone while the slot is renewed: the release waits for the renewal in flight, and a renewal only moves the lapse of
   a slot still in its set (as ``ZADD XX``), so a renewal never takes a given-back slot again.
-
-One window is left to the lapse: a dashboard client gone while the response goes back through the session and
-messages middleware (their thread hops after the view), where the response is dropped before the handler has it.
 
 While Redis cannot be reached (or without ``REDIS_URL``) the slots are kept in this process's memory, as the rate limit
 counts there (``accounts.limits``): a stream still opens, and a key is held to the cap per process (counting the streams
@@ -64,6 +67,7 @@ from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
 from rest_framework import exceptions, status
 
 from accounts.models import ApiKey
+from config.request_threads import at_request_end
 from inference.models import Job
 from inference.presenters import status_payload
 
@@ -327,11 +331,13 @@ def forget_local_slots() -> None:
 
 
 def take_slot(holder: Holder) -> Slot:
-    """A slot under ``holder``'s cap for a stream about to open; raises ``TooManyStreams`` when none is free."""
+    """A slot under ``holder``'s cap for a stream about to open; raises ``TooManyStreams`` when none is free. The slot
+    is given back when the request that takes it ends, at the latest."""
     slot = Slot(holder)
     wait = _slots.take(holder, slot.stream_id)
     if wait > 0:
         raise TooManyStreams(holder, wait=max(1, math.ceil(wait)))
+    at_request_end(lambda: slot.release())  # ``Slot.release`` as it is then: a test's dying process stubs it
     return slot
 
 

@@ -77,10 +77,11 @@ def _fresh_cache() -> None:
     from django.core.cache.backends.locmem import LocMemCache
 
     from accounts import limits
-    from inference import batch_pace
+    from inference import batch_pace, stream_limits
 
     memo.clear_all()  # rows kept in process memory under a generation that outlives the test's tables
     batch_pace.forget_all()  # a worker's pace of requests per endpoint, by endpoint ids the next test reuses
+    stream_limits.forget_local_slots()  # streams' slots kept in memory without Redis, by user ids the next test reuses
     limits.forget_leases()  # requests leased from counters this fixture clears
     cache = caches["default"]  # the backend itself (``django.core.cache.cache`` is a proxy to it)
     if isinstance(cache, LocMemCache):

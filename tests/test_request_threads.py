@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
 
-from config.request_threads import RequestThread, RequestThreads, ThreadPool, hand_back
+from config.request_threads import RequestThread, RequestThreads, ThreadPool, at_request_end, hand_back
 from tests.waiting import wait_until
 
 
@@ -311,3 +311,48 @@ def test_a_cancelled_requests_thread_left_inside_a_transaction_serves_no_other_r
     asyncio.run(request(after))
     assert pool.started == 2  # a new thread, with no transaction in it
     wait_until(lambda: pool.idle == 1, timeout=30, message="the clean thread to be pooled")
+
+
+def test_what_a_request_leaves_for_its_end_is_done_once_as_it_ends_however_it_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``at_request_end``: done, in a thread, once the request has ended, answered or cancelled; a callback that fails
+    is logged and the next still runs; one left after the request's end (by a thread it no longer waits for) is done
+    at once; outside a request nothing is kept."""
+    done: list[str] = []
+    running, late = threading.Event(), threading.Event()
+
+    def fails() -> None:
+        raise RuntimeError("this one fails")
+
+    def leave(what: str) -> None:
+        at_request_end(fails)
+        at_request_end(lambda: done.append(what))
+
+    class Leaves:
+        async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+            await sync_to_async(leave, thread_sensitive=True)("answered")
+            assert done == []  # not before the request's end
+
+    class LeavesLate:
+        async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+            def leave_once_cancelled() -> None:
+                running.set()
+                assert late.wait(30)
+                leave("late")
+
+            await sync_to_async(leave_once_cancelled, thread_sensitive=False)()
+
+    async def requests() -> None:
+        await request(RequestThreads(Leaves(), ThreadPool()))
+        assert done == ["answered"]
+        await cancel_once_running(RequestThreads(LeavesLate(), ThreadPool()), running)
+        late.set()
+        await asyncio.to_thread(wait_until, lambda: "late" in done, timeout=30, message="the late one done")
+
+    asyncio.run(requests())
+    assert done == ["answered", "late"]
+    failed = [record for record in caplog.records if record.exc_info and "this one fails" in str(record.exc_info[1])]
+    assert len(failed) == 2
+    at_request_end(lambda: done.append("outside"))
+    assert done == ["answered", "late"]

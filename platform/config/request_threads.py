@@ -18,10 +18,18 @@ A thread goes back to the pool only once everything the request sent it has fini
 sync call still runs, a client gone, does not hand on a busy thread), and with its database connections given back
 (one left inside a transaction ends the thread instead). A waiting view hands its thread back before it
 waits (``hand_back``), so a waiting request holds no thread; a later sync call of that request takes one again.
+
+``RequestThreads`` also sees every HTTP request end, however it ends: what a request holds beyond it (a stream's slot
+under its caller's cap) is given back then through ``at_request_end``. Django's handler closes the responses it gets,
+but a response can be lost before it gets it: its view's task cancelled by a client gone while the response passes
+back through a middleware's thread hop (``ASGIHandler.handle`` then only sends ``request_finished``), a middleware
+that raises on it (an error page answered in its place), the application's task itself cancelled.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import functools
 import logging
 import threading
@@ -31,7 +39,7 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 
 import django.core.handlers.asgi
-from asgiref.sync import SyncToAsync, ThreadSensitiveContext, iscoroutinefunction
+from asgiref.sync import SyncToAsync, ThreadSensitiveContext, iscoroutinefunction, sync_to_async
 from django.db import connections
 
 logger = logging.getLogger(__name__)
@@ -144,12 +152,66 @@ class RequestThreads:
             await self.app(scope, receive, send)
             return
         thread = RequestThread(self.pool)
+        end = RequestEnd()
+        ending = _request_end.set(end)
         try:
             # Django's handler enters its own ThreadSensitiveContext inside this one, which then changes nothing.
             async with ThreadSensitiveContext(executor=thread):
                 await self.app(scope, receive, send)
         finally:
+            _request_end.reset(ending)
             thread.release()
+            await end.run()
+
+
+class RequestEnd:
+    """What is to be done once an HTTP request has ended (``at_request_end``), done by ``RequestThreads`` as it ends."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], object]] = []
+        self._ended = False
+
+    def add(self, callback: Callable[[], object]) -> bool:
+        """Keeps ``callback`` for the request's end; False if the request has ended already."""
+        with self._lock:
+            if not self._ended:
+                self._callbacks.append(callback)
+            return not self._ended
+
+    async def run(self) -> None:
+        with self._lock:
+            self._ended = True
+            callbacks, self._callbacks = self._callbacks, []
+        if callbacks:
+            # In a thread: a callback may wait on the network. Shielded: a cancellation of the request's task while
+            # they run cancels only the wait for them.
+            await asyncio.shield(sync_to_async(_call_each, thread_sensitive=False)(callbacks))
+
+
+def _call_each(callbacks: list[Callable[[], object]]) -> None:
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:
+            logger.exception("a request's end could not do %r", callback)
+
+
+_request_end: contextvars.ContextVar[RequestEnd | None] = contextvars.ContextVar("request_end", default=None)
+
+
+def at_request_end(callback: Callable[[], object]) -> None:
+    """Has ``callback`` called, once, when the HTTP request in progress ends, however it ends (see the module's doc),
+    in a thread: for what a request holds that must not outlive it, whether or not anything gets to close its
+    response. Called where the request has already ended (a thread it no longer waits for: its view was cancelled
+    meanwhile), it calls ``callback`` at once, here; so call it from sync code.
+
+    Outside a request served behind ``RequestThreads`` (Django's test clients, WSGI) it does nothing: the caller's own
+    way of letting go (closing the response) is then the only one.
+    """
+    end = _request_end.get()
+    if end is not None and not end.add(callback):
+        _call_each([callback])
 
 
 def hand_back() -> None:
