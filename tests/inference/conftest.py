@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from accounts.services import set_concurrency_limit
+from billing.ledger import grant_credits
 from inference import dispatch as dispatching
 from inference.dispatch import dispatch_organization
-from inference.models import Endpoint, Job
+from inference.models import Endpoint, Job, JobStatus
 from tests.lifecycle import submit_as
 
 
@@ -25,6 +28,27 @@ def dispatch(tenant: dict[str, Any], builtin_endpoint: Endpoint, monkeypatch: py
         return Job.objects.get(pk=job.pk)
 
     return submit
+
+
+@pytest.fixture
+def room_to_run(tenant: dict[str, Any]) -> None:
+    """The tenant's organization with more credit and a higher concurrency limit than any test here comes near."""
+    grant_credits(organization=tenant["organization"], amount_micros=10**9, reason="room to run")
+    set_concurrency_limit(organization=tenant["organization"], limit=10_000)
+
+
+@pytest.fixture
+def dispatched(tenant: dict[str, Any], builtin_endpoint: Endpoint, room_to_run: None) -> Callable[[], Job]:
+    """Makes jobs submitted with the tenant's key and dispatched by their own submission, on their first attempt
+    (the test's module puts a price in force with no broker: ``priced_without_broker``)."""
+
+    def make() -> Job:
+        job = submit_as(tenant, builtin_endpoint)
+        job.refresh_from_db()
+        assert (job.status, job.attempt) == (JobStatus.DISPATCHED, 1)
+        return job
+
+    return make
 
 
 @pytest.fixture

@@ -17,12 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from accounts import statements
-from accounts.services import set_concurrency_limit
-from billing.ledger import grant_credits
 from billing.models import UsageRecord
 from inference import attempts, closing, endpoints, job_events, worker
 from inference.models import AttemptOutcome, Endpoint, Job, JobAttempt, JobLog, JobStatus
-from tests.lifecycle import finish, submit_as
+from tests.lifecycle import finish
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -34,20 +32,6 @@ pytestmark = [
 def postgresql_only() -> None:
     if connection.vendor != "postgresql":
         pytest.skip("SQLite claims in a transaction of Django's")
-
-
-@pytest.fixture
-def dispatched(tenant: dict[str, Any], builtin_endpoint: Endpoint) -> Any:
-    grant_credits(organization=tenant["organization"], amount_micros=10**9, reason="claim test")
-    set_concurrency_limit(organization=tenant["organization"], limit=1000)
-
-    def make() -> Job:
-        job = submit_as(tenant, builtin_endpoint)
-        job.refresh_from_db()
-        assert (job.status, job.attempt) == (JobStatus.DISPATCHED, 1)
-        return job
-
-    return make
 
 
 def test_the_worker_tells_a_job_s_waiters_it_runs_from_its_heartbeat_s_thread(

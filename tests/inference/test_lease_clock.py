@@ -25,8 +25,6 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from accounts import statements
-from accounts.services import set_concurrency_limit
-from billing.ledger import grant_credits
 from config import metrics
 from inference import attempts, closing, dispatch, submission
 from inference.models import AttemptOutcome, Endpoint, Job, JobAttempt, JobStatus
@@ -64,20 +62,6 @@ def worker(skew_seconds: float, *, one_query: bool) -> Iterator[None]:
             return
         with mock.patch.object(statements, "in_one_query", return_value=False):
             yield
-
-
-@pytest.fixture
-def dispatched(tenant: dict[str, Any], builtin_endpoint: Endpoint) -> Callable[[], Job]:
-    grant_credits(organization=tenant["organization"], amount_micros=10**9, reason="lease clock test")
-    set_concurrency_limit(organization=tenant["organization"], limit=10_000)
-
-    def make() -> Job:
-        job = submit_as(tenant, builtin_endpoint)
-        job.refresh_from_db()
-        assert (job.status, job.attempt) == (JobStatus.DISPATCHED, 1)
-        return job
-
-    return make
 
 
 def claimed(job: Job, worker_name: str = "gpu-1") -> Job:
@@ -348,10 +332,8 @@ def test_a_request_not_started_within_its_timeout_by_the_database_s_clock_is_not
 
 
 @pytest.fixture
-def queued(tenant: dict[str, Any], builtin_endpoint: Endpoint) -> Callable[[], Job]:
+def queued(tenant: dict[str, Any], builtin_endpoint: Endpoint, room_to_run: None) -> Callable[[], Job]:
     """Jobs submitted and left QUEUED: their submission's own dispatch held back, for the dispatcher under test."""
-    grant_credits(organization=tenant["organization"], amount_micros=10**9, reason="dispatch clock test")
-    set_concurrency_limit(organization=tenant["organization"], limit=10_000)
 
     def make() -> Job:
         with (
