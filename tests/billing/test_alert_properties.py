@@ -17,22 +17,12 @@ from __future__ import annotations
 from typing import Any
 from unittest import mock
 
-import hypothesis
 import pytest
 from django.db import transaction
 from django.test import TestCase
-from hypothesis import HealthCheck
 from hypothesis import strategies as st
-from hypothesis.stateful import (
-    RuleBasedStateMachine,
-    initialize,
-    invariant,
-    precondition,
-    rule,
-    run_state_machine_as_test,
-)
+from hypothesis.stateful import initialize, invariant, precondition, rule
 
-from accounts.models import ApiKey, Organization
 from billing import alerts, controls, pricing
 from billing.admission import spent_this_month
 from billing.ledger import grant_credits
@@ -40,17 +30,14 @@ from billing.models import Account, AlertScope, EntryKind, SpendAlert, UsageReco
 from inference.models import Endpoint, WebhookDelivery
 from inference.submission import SubmissionRefused
 from tests import lifecycle
+from tests.billing.conftest import OneOrganization
 
 pytestmark = pytest.mark.django_db
 
 THRESHOLDS = st.lists(st.integers(1, 100), min_size=0, max_size=4, unique=True)
 
 
-class Alerting(RuleBasedStateMachine):
-    organization: Organization
-    api_key: ApiKey
-    endpoint: Endpoint
-
+class Alerting(OneOrganization):
     @initialize(
         budget=st.integers(500, 4_000),
         key_limit=st.one_of(st.none(), st.integers(300, 3_000)),
@@ -196,17 +183,5 @@ def test_spend_alerts_are_exactly_once(
     tenant: dict[str, Any], builtin_endpoint: Endpoint, quiet_books: None, settings: Any
 ) -> None:
     settings.OUTBOUND_ALLOW_PRIVATE = True
-    organization = tenant["organization"]
-    Organization.objects.filter(pk=organization.pk).update(concurrency_limit=1_000)
-    grant_credits(organization=organization, amount_micros=1_000_000, reason="property test")
-    Alerting.organization, Alerting.api_key, Alerting.endpoint = organization, tenant["api_key"], builtin_endpoint
-    run_state_machine_as_test(
-        Alerting,
-        settings=hypothesis.settings(
-            max_examples=30,
-            stateful_step_count=20,
-            deadline=None,
-            database=None,
-            suppress_health_check=[HealthCheck.too_slow],
-        ),
-    )
+    grant_credits(organization=tenant["organization"], amount_micros=1_000_000, reason="property test")
+    Alerting.run_for(tenant, builtin_endpoint, max_examples=30, steps=20)

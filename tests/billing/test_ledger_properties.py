@@ -16,7 +16,7 @@ from django.db import transaction
 from django.db.models import OuterRef, Subquery, Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -29,12 +29,13 @@ from hypothesis.stateful import (
 
 from accounts.models import Organization
 from billing import pricing
-from billing.ledger import BillingError, grant_credits, refund_job
+from billing.ledger import grant_credits
 from billing.models import Account, CreditEntry, EntryKind, Hold, Price, PriceUnit, UsageRecord
 from billing.reconciliation import run_reconciliation
 from inference import closing, submission
 from inference.models import FINAL_STATUSES, AttemptOutcome, Endpoint, Job, JobStatus
 from tests import lifecycle
+from tests.billing.conftest import STATE_MACHINES, refund_once, total
 
 pytestmark = pytest.mark.django_db
 
@@ -42,10 +43,6 @@ OUTCOMES = [outcome.value for outcome in AttemptOutcome if outcome != AttemptOut
 NOT_FINAL = (JobStatus.QUEUED, JobStatus.DISPATCHED, JobStatus.RUNNING)
 # How an attempt ends: its outcome, GPU ms, cold start ms, and whether the platform may retry it.
 ATTEMPTS = st.tuples(st.sampled_from(OUTCOMES), st.integers(0, 120_000), st.sampled_from([0, 0, 1_500]), st.booleans())
-
-
-def total(queryset: Any, column: str) -> int:
-    return int(queryset.aggregate(total=Sum(column))["total"] or 0)
 
 
 @pytest.fixture
@@ -204,15 +201,7 @@ class Books(RuleBasedStateMachine):
     @precondition(lambda self: self.any_in(*FINAL_STATUSES))
     @rule(data=st.data())
     def refund(self, data: st.DataObject) -> None:
-        job = self.pick(data, FINAL_STATUSES)
-        charged = total(UsageRecord.objects.filter(job=job, billable=True), "cost_micros")
-        if charged == 0 or job.pk in self.refunded:
-            with pytest.raises(BillingError):
-                refund_job(job=job, reason="property test")
-            return
-        entry = refund_job(job=job, reason="property test")
-        assert (entry.kind, entry.amount_micros) == (EntryKind.REFUND, charged)
-        self.refunded.add(job.pk)
+        refund_once(self.pick(data, FINAL_STATUSES), refunded=self.refunded)
 
     @rule(micros=st.integers(0, 5_000))
     def change_the_cpu_price(self, micros: int) -> None:
@@ -271,11 +260,5 @@ def test_the_books_balance_under_any_sequence_of_operations(world: tuple[list[Or
     Books.organizations, Books.endpoints = world
     run_state_machine_as_test(
         Books,
-        settings=settings(
-            max_examples=25,
-            stateful_step_count=15,
-            deadline=None,
-            database=None,
-            suppress_health_check=[HealthCheck.too_slow],
-        ),
+        settings=settings(STATE_MACHINES, max_examples=25, stateful_step_count=15),
     )

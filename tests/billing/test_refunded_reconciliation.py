@@ -17,9 +17,8 @@ from django.db import transaction
 from django.db.models import F, Sum
 from django.test import Client
 from django.utils import timezone
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import invariant, precondition, rule
 
 from accounts.models import ApiKey, Organization, User
 from billing import metering, reconciliation
@@ -66,39 +65,48 @@ def cost_of(job: Job) -> int:
     return int(UsageRecord.objects.filter(job=job, billable=True).aggregate(total=Sum("cost_micros"))["total"] or 0)
 
 
-def day_row(job: Job) -> UsageRollup:
-    """The day row its (one) usage record was added to."""
+def recorded_in(record: UsageRecord, granularity: str) -> datetime:
+    """The start of the UTC hour or day the record was recorded in."""
+    hour = record.recorded_at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    return hour.replace(hour=0) if granularity == Granularity.DAY else hour
+
+
+def rollup_row(job: Job, granularity: str) -> UsageRollup:
+    """The hour or day row its (one) usage record was added to."""
     record = UsageRecord.objects.get(job=job)
     return UsageRollup.objects.get(
-        granularity=Granularity.DAY,
-        bucket_start=record.recorded_at.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0),
+        granularity=granularity,
+        bucket_start=recorded_in(record, granularity),
         organization_id=record.organization_id,
         endpoint_id=record.endpoint_id,
         gpu_class=record.gpu_class,
         key_id=record.api_key_id or NO_KEY,
     )
+
+
+def day_row(job: Job) -> UsageRollup:
+    return rollup_row(job, Granularity.DAY)
 
 
 def hour_row(job: Job) -> UsageRollup:
-    record = UsageRecord.objects.get(job=job)
-    return UsageRollup.objects.get(
-        granularity=Granularity.HOUR,
-        bucket_start=record.recorded_at.astimezone(UTC).replace(minute=0, second=0, microsecond=0),
-        organization_id=record.organization_id,
-        endpoint_id=record.endpoint_id,
-        gpu_class=record.gpu_class,
-        key_id=record.api_key_id or NO_KEY,
-    )
+    return rollup_row(job, Granularity.HOUR)
 
 
 def tag_row(job: Job) -> EndUserRollup:
+    """The end user's day row its (one) usage record was added to."""
     record = UsageRecord.objects.get(job=job)
     return EndUserRollup.objects.get(
         organization_id=record.organization_id,
         end_user=record.end_user,
-        bucket_start=record.recorded_at.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0),
+        bucket_start=recorded_in(record, Granularity.DAY),
         endpoint_id=record.endpoint_id,
     )
+
+
+def with_room_to_spend(organization: Organization) -> Organization:
+    """The organization, granted more credit than its requests here cost."""
+    grant_credits(organization=organization, amount_micros=10 * MICROS_PER_DOLLAR, reason="room to spend")
+    return organization
 
 
 def settled_days_ago(organization: Organization, endpoint: Endpoint, days: int, **submitted: Any) -> Job:
@@ -135,7 +143,7 @@ def refunded_books(
     other = other_tenant["organization"]
     Organization.objects.filter(pk__in=[organization.pk, other.pk]).update(concurrency_limit=50)
     for each in (organization, other):
-        grant_credits(organization=each, amount_micros=10 * MICROS_PER_DOLLAR, reason="room to spend")
+        with_room_to_spend(each)
     deleted_after, _ = make_key(organization, name="deleted after its refund")
     deleted_before, _ = make_key(organization, name="deleted before its refund")
     jobs = {
@@ -217,8 +225,7 @@ def test_the_shared_definition_gives_back_what_each_refund_refunded(refunded_boo
 def test_an_incremental_run_compares_the_days_its_refunds_gave_back_in_however_old(
     tenant: dict[str, Any], builtin_endpoint: Endpoint
 ) -> None:
-    organization = tenant["organization"]
-    grant_credits(organization=organization, amount_micros=10 * MICROS_PER_DOLLAR, reason="room to spend")
+    organization = with_room_to_spend(tenant["organization"])
     old = settled_days_ago(organization, builtin_endpoint, 40, api_key=tenant["api_key"], end_user="alice")
     old_day = UsageRecord.objects.get(job=old).recorded_at.astimezone(UTC).date()
     assert reconciliation.run_reconciliation().ok
@@ -361,8 +368,7 @@ def test_a_refund_whose_give_back_was_lost_is_found(refunded_books: dict[str, An
 def test_a_lost_give_back_of_an_old_requests_refund_is_found_by_the_incremental_run(
     tenant: dict[str, Any], builtin_endpoint: Endpoint
 ) -> None:
-    organization = tenant["organization"]
-    grant_credits(organization=organization, amount_micros=10 * MICROS_PER_DOLLAR, reason="room to spend")
+    organization = with_room_to_spend(tenant["organization"])
     old = settled_days_ago(organization, builtin_endpoint, 12)
     assert reconciliation.run_reconciliation().ok
     with mock.patch.object(metering, "count_as_refunded"):
@@ -516,17 +522,4 @@ class ReconciledRefunds(RefundedSpend):
 def test_reconciliation_proves_the_refunds_of_any_sequence(
     tenant: dict[str, Any], builtin_endpoint: Endpoint, quiet_books: None
 ) -> None:
-    organization = tenant["organization"]
-    Organization.objects.filter(pk=organization.pk).update(concurrency_limit=1_000)
-    ReconciledRefunds.organization, ReconciledRefunds.api_key = organization, tenant["api_key"]
-    ReconciledRefunds.endpoint = builtin_endpoint
-    run_state_machine_as_test(
-        ReconciledRefunds,
-        settings=settings(
-            max_examples=15,
-            stateful_step_count=20,
-            deadline=None,
-            database=None,
-            suppress_health_check=[HealthCheck.too_slow],
-        ),
-    )
+    ReconciledRefunds.run_for(tenant, builtin_endpoint, max_examples=15, steps=20)

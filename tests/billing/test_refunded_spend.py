@@ -20,24 +20,16 @@ from unittest import mock
 
 import pytest
 from django.db import transaction
-from django.db.models import F, Sum
+from django.db.models import F
 from django.utils import timezone
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (
-    RuleBasedStateMachine,
-    initialize,
-    invariant,
-    precondition,
-    rule,
-    run_state_machine_as_test,
-)
+from hypothesis.stateful import initialize, invariant, precondition, rule
 
 from accounts.models import ApiKey, Organization, Scope
 from accounts.services import create_api_key
 from billing import admission, alerts, controls, end_users, periods, pricing
 from billing.admission import END_USER_OVER_LIMIT, OVER_LIMIT
-from billing.ledger import BillingError, grant_credits, refund_job
+from billing.ledger import grant_credits, refund_job
 from billing.models import (
     NO_KEY,
     Account,
@@ -52,6 +44,7 @@ from billing.money import MICROS_PER_DOLLAR
 from inference import closing, requeue, submission
 from inference.models import FINAL_STATUSES, AttemptOutcome, Endpoint, Job, JobStatus
 from tests import lifecycle
+from tests.billing.conftest import OneOrganization, refund_once, total
 
 pytestmark = pytest.mark.django_db
 
@@ -59,10 +52,6 @@ QUEUE = "/queue/platform/tiny-sd"
 TAGS = ("", "alice", "bob")
 MONTHS = 3  # the month the test starts in and the two after it
 OUTCOMES = [AttemptOutcome.SUCCEEDED, AttemptOutcome.FAILED, AttemptOutcome.ERRORED, AttemptOutcome.CANCELLED]
-
-
-def total(queryset: Any, column: str) -> int:
-    return int(queryset.aggregate(total=Sum(column))["total"] or 0)
 
 
 class MonthsClock:
@@ -84,11 +73,7 @@ class MonthsClock:
         return self.months[self.ahead] + timedelta(days=10) + (now - self.started)
 
 
-class RefundedSpend(RuleBasedStateMachine):
-    organization: Organization
-    api_key: ApiKey
-    endpoint: Endpoint
-
+class RefundedSpend(OneOrganization):
     @initialize()
     def open_books(self) -> None:
         pricing.forget_measurement(self.endpoint.pk)
@@ -208,16 +193,9 @@ class RefundedSpend(RuleBasedStateMachine):
         self.refund(data.draw(st.sampled_from(self.billed_unrefunded())))
 
     def refund(self, job: Job) -> None:
-        billed = UsageRecord.objects.filter(job=job, billable=True)
-        charged = total(billed, "cost_micros")
-        if charged == 0 or job.pk in self.refunded:
-            with pytest.raises(BillingError):
-                refund_job(job=job, reason="property test")
-            return
-        entry = refund_job(job=job, reason="property test")
-        assert (entry.kind, entry.amount_micros) == (EntryKind.REFUND, charged)
-        self.refunded.add(job.pk)
-        self.refunded_records |= set(billed.values_list("pk", flat=True))
+        if refund_once(job, refunded=self.refunded):
+            billed = UsageRecord.objects.filter(job=job, billable=True)
+            self.refunded_records |= set(billed.values_list("pk", flat=True))
 
     @precondition(lambda self: hasattr(self, "jobs"))
     @rule(scope=st.sampled_from(["budget", "key", *TAGS[1:]]), slack=st.sampled_from([-1, 0, 1]))
@@ -315,20 +293,7 @@ class RefundedSpend(RuleBasedStateMachine):
 def test_the_limits_count_usage_less_refunds_under_any_sequence(
     tenant: dict[str, Any], builtin_endpoint: Endpoint, quiet_books: None
 ) -> None:
-    organization = tenant["organization"]
-    Organization.objects.filter(pk=organization.pk).update(concurrency_limit=1_000)
-    RefundedSpend.organization, RefundedSpend.api_key = organization, tenant["api_key"]
-    RefundedSpend.endpoint = builtin_endpoint
-    run_state_machine_as_test(
-        RefundedSpend,
-        settings=settings(
-            max_examples=25,
-            stateful_step_count=20,
-            deadline=None,
-            database=None,
-            suppress_health_check=[HealthCheck.too_slow],
-        ),
-    )
+    RefundedSpend.run_for(tenant, builtin_endpoint, max_examples=25, steps=20)
 
 
 # --- Through the real admission path ---------------------------------------------------------------------------

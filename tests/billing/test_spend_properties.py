@@ -24,18 +24,9 @@ import pytest
 from django.db import transaction
 from django.db.models import Sum
 from django.utils import timezone
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (
-    RuleBasedStateMachine,
-    initialize,
-    invariant,
-    precondition,
-    rule,
-    run_state_machine_as_test,
-)
+from hypothesis.stateful import initialize, invariant, precondition, rule
 
-from accounts.models import ApiKey, Organization
 from billing import controls, end_users, pricing
 from billing.admission import month_start, spent_this_month
 from billing.ledger import grant_credits
@@ -44,17 +35,14 @@ from inference import attempts, closing, submission
 from inference.hooks import Refusal
 from inference.models import AttemptOutcome, Endpoint, Job, JobStatus
 from tests import lifecycle
+from tests.billing.conftest import OneOrganization
 
 pytestmark = pytest.mark.django_db
 
 TAGS = ("alice", "bob")
 
 
-class Spending(RuleBasedStateMachine):
-    organization: Organization
-    api_key: ApiKey
-    endpoint: Endpoint
-
+class Spending(OneOrganization):
     @initialize(
         credit=st.integers(0, 60_000),
         budget=st.one_of(st.none(), st.integers(0, 80_000)),
@@ -260,16 +248,4 @@ class Spending(RuleBasedStateMachine):
 def test_usage_stays_within_credit_holds_budget_and_key_limit(
     tenant: dict[str, Any], builtin_endpoint: Endpoint, quiet_books: None
 ) -> None:
-    organization = tenant["organization"]
-    Organization.objects.filter(pk=organization.pk).update(concurrency_limit=1_000)
-    Spending.organization, Spending.api_key, Spending.endpoint = organization, tenant["api_key"], builtin_endpoint
-    run_state_machine_as_test(
-        Spending,
-        settings=settings(
-            max_examples=40,
-            stateful_step_count=25,
-            deadline=None,
-            database=None,
-            suppress_health_check=[HealthCheck.too_slow],
-        ),
-    )
+    Spending.run_for(tenant, builtin_endpoint, max_examples=40, steps=25)
