@@ -27,8 +27,9 @@ from config.request_threads import RequestThreads
 from inference import api, stream_limits, streaming
 from inference.models import Endpoint, Job
 from tests.lifecycle import submit_as
+from tests.waiting import wait_until_async
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("priced_without_broker")]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("priced_without_broker", "credited")]
 
 APP = "platform/tiny-sd"
 TIMEOUT = 30
@@ -156,6 +157,18 @@ def refused_for_too_many(stream: Stream) -> None:
     assert 1 <= int(stream.response_headers["retry-after"]) <= stream_limits.SLOT_SECONDS + 1
 
 
+async def open_refused(stream: Stream) -> None:
+    """Opens the stream, which is refused: its key holds all the streams it may."""
+    await stream.open()
+    refused_for_too_many(stream)
+
+
+async def open_and_leave(stream: Stream) -> None:
+    """Opens the stream, which is let in (its key had a slot free), and hangs up."""
+    assert await stream.open() == 200, stream.content
+    await stream.leave()
+
+
 def held_slots(tenant: dict[str, Any]) -> set[str]:
     """The stream ids holding a slot under the tenant's key: in Redis's set, or in this process's memory without
     Redis."""
@@ -164,13 +177,6 @@ def held_slots(tenant: dict[str, Any]) -> set[str]:
         return set(stream_limits._slots._local.get(bucket, {}))
     with redis.Redis.from_url(django_settings.REDIS_URL) as client:
         return {member.decode() for member in client.zrange(stream_limits._Slots._key(bucket), 0, -1)}
-
-
-async def eventually(check: Callable[[], bool], what: str, within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, f"not within {within} s: {what}"
-        await asyncio.sleep(0.02)
 
 
 async def set_in_thread(event: threading.Event) -> None:
@@ -202,7 +208,6 @@ def credited(tenant: dict[str, Any], other_tenant: dict[str, Any]) -> None:
         grant_credits(organization=each["organization"], amount_micros=10_000_000, reason="Stream tests")
 
 
-@pytest.mark.usefixtures("credited")
 def test_a_key_holds_at_most_its_cap_of_streams_and_a_closed_one_frees_its_slot(
     tenant: dict[str, Any], other_tenant: dict[str, Any], builtin_endpoint: Endpoint, settings: Any
 ) -> None:
@@ -214,13 +219,9 @@ def test_a_key_holds_at_most_its_cap_of_streams_and_a_closed_one_frees_its_slot(
         streams = [status_stream(tenant, job) for _ in range(2)]
         try:
             assert [await stream.open() for stream in streams] == [200, 200]
-            over = status_stream(tenant, job)
-            await over.open()
-            refused_for_too_many(over)
+            await open_refused(status_stream(tenant, job))
             # A run stream counts against the same cap, and is refused before anything is submitted.
-            run = run_stream(tenant)
-            await run.open()
-            refused_for_too_many(run)
+            await open_refused(run_stream(tenant))
             # Another key is not held by this one's streams.
             other = status_stream(other_tenant, other_job)
             streams.append(other)
@@ -237,7 +238,6 @@ def test_a_key_holds_at_most_its_cap_of_streams_and_a_closed_one_frees_its_slot(
     assert Job.objects.filter(organization=tenant["organization"]).count() == 1
 
 
-@pytest.mark.usefixtures("credited")
 def test_the_slot_of_a_stream_whose_process_died_lapses_by_itself(
     tenant: dict[str, Any], builtin_endpoint: Endpoint, settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -253,18 +253,13 @@ def test_the_slot_of_a_stream_whose_process_died_lapses_by_itself(
             dying.setattr(stream_limits.Slot, "release", lambda self: None)
             dying.setattr(stream_limits.Slot, "renew", lambda self: None)
             await dead.leave()
-        held = status_stream(tenant, job)
-        await held.open()
-        refused_for_too_many(held)
+        await open_refused(status_stream(tenant, job))
         await asyncio.sleep(1.2)
-        lapsed = status_stream(tenant, job)
-        assert await lapsed.open() == 200, lapsed.content
-        await lapsed.leave()
+        await open_and_leave(status_stream(tenant, job))  # the dead stream's slot lapsed
 
     asyncio.run(scenario())
 
 
-@pytest.mark.usefixtures("credited")
 def test_an_open_stream_keeps_its_slot_while_it_runs(
     tenant: dict[str, Any], builtin_endpoint: Endpoint, settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -279,16 +274,13 @@ def test_an_open_stream_keeps_its_slot_while_it_runs(
         assert await live.open() == 200
         try:
             await asyncio.sleep(2.5)
-            held = status_stream(tenant, job)
-            await held.open()
-            refused_for_too_many(held)
+            await open_refused(status_stream(tenant, job))
         finally:
             await live.leave()
 
     asyncio.run(scenario())
 
 
-@pytest.mark.usefixtures("credited")
 def test_a_status_stream_ends_at_its_longest_life_telling_the_client_to_come_back(
     tenant: dict[str, Any], builtin_endpoint: Endpoint, settings: Any
 ) -> None:
@@ -300,10 +292,7 @@ def test_a_status_stream_ends_at_its_longest_life_telling_the_client_to_come_bac
         stream = status_stream(tenant, job)
         assert await stream.open() == 200
         content = await stream.ended()
-        # Its slot was given back as it ended.
-        again = status_stream(tenant, job)
-        assert await again.open() == 200, again.content
-        await again.leave()
+        await open_and_leave(status_stream(tenant, job))  # its slot was given back as it ended
         return content
 
     events = events_of(asyncio.run(scenario()))
@@ -319,7 +308,6 @@ def test_a_status_stream_ends_at_its_longest_life_telling_the_client_to_come_bac
     assert not job.is_final
 
 
-@pytest.mark.usefixtures("credited")
 def test_a_run_stream_ends_at_its_longest_life_and_its_request_goes_on(
     tenant: dict[str, Any], builtin_endpoint: Endpoint, settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -339,7 +327,6 @@ def test_a_run_stream_ends_at_its_longest_life_and_its_request_goes_on(
     assert last["response_url"].endswith(f"/requests/{job.pk}")
 
 
-@pytest.mark.usefixtures("credited")
 def test_streams_still_open_while_redis_is_down(
     tenant: dict[str, Any],
     builtin_endpoint: Endpoint,
@@ -357,21 +344,16 @@ def test_streams_still_open_while_redis_is_down(
         stream = status_stream(tenant, job)
         assert await stream.open() == 200, stream.content
         try:
-            over = status_stream(tenant, job)
-            await over.open()
-            refused_for_too_many(over)  # still one per key, in this process
+            await open_refused(status_stream(tenant, job))  # still one per key, in this process
         finally:
             await stream.leave()
-        again = status_stream(tenant, job)
-        assert await again.open() == 200, again.content
-        await again.leave()
+        await open_and_leave(status_stream(tenant, job))
 
     asyncio.run(scenario())
     assert "stream slots not kept in Redis" in caplog.text
 
 
 @pytest.mark.skipif(not django_settings.REDIS_URL, reason="the slots are shared through Redis")
-@pytest.mark.usefixtures("credited")
 def test_the_slots_are_shared_by_every_web_process(
     tenant: dict[str, Any], builtin_endpoint: Endpoint, settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -381,12 +363,7 @@ def test_the_slots_are_shared_by_every_web_process(
     elsewhere = stream_limits._Slots()
     elsewhere.take(stream_limits.api_key_holder(tenant["api_key"]), "another-process-stream")
 
-    async def scenario() -> None:
-        stream = status_stream(tenant, job)
-        await stream.open()
-        refused_for_too_many(stream)
-
-    asyncio.run(scenario())
+    asyncio.run(open_refused(status_stream(tenant, job)))
 
 
 def slowed(monkeypatch: pytest.MonkeyPatch, operation: str, before: Callable[[], None]) -> threading.Event:
@@ -406,7 +383,6 @@ def slowed(monkeypatch: pytest.MonkeyPatch, operation: str, before: Callable[[],
 
 
 @pytest.mark.parametrize("kind", ["status", "run"])
-@pytest.mark.usefixtures("credited")
 def test_a_client_gone_while_its_slot_is_taken_leaves_no_slot_held(
     kind: str, tenant: dict[str, Any], builtin_endpoint: Endpoint, settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -429,16 +405,13 @@ def test_a_client_gone_while_its_slot_is_taken_leaves_no_slot_held(
         await stream.leave()
         assert not stream.sent  # gone before any answer
         await set_in_thread(taken)
-        await eventually(lambda: not held_slots(tenant), "the slot given back")
-        again = status_stream(tenant, job)
-        assert await again.open() == 200, again.content
-        await again.leave()
+        await wait_until_async(lambda: not held_slots(tenant), timeout=5, message="the slot given back")
+        await open_and_leave(status_stream(tenant, job))
 
     asyncio.run(scenario())
 
 
 @pytest.mark.parametrize("kind", ["status", "run"])
-@pytest.mark.usefixtures("credited")
 def test_a_client_gone_before_its_stream_sends_an_event_leaves_no_slot_held(
     kind: str, tenant: dict[str, Any], builtin_endpoint: Endpoint, settings: Any
 ) -> None:
@@ -456,15 +429,12 @@ def test_a_client_gone_before_its_stream_sends_an_event_leaves_no_slot_held(
         assert await gone.open() == 200
         await gone.leave()
         assert not gone.content
-        await eventually(lambda: not held_slots(tenant), "the slot given back")
-        again = status_stream(tenant, job)
-        assert await again.open() == 200, again.content
-        await again.leave()
+        await wait_until_async(lambda: not held_slots(tenant), timeout=5, message="the slot given back")
+        await open_and_leave(status_stream(tenant, job))
 
     asyncio.run(scenario())
 
 
-@pytest.mark.usefixtures("credited")
 def test_a_renewal_racing_the_streams_end_does_not_take_its_slot_again(
     tenant: dict[str, Any], builtin_endpoint: Endpoint, settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -491,9 +461,7 @@ def test_a_renewal_racing_the_streams_end_does_not_take_its_slot_again(
         await set_in_thread(renewed)
         await set_in_thread(released)
         assert not held_slots(tenant)
-        again = status_stream(tenant, job)
-        assert await again.open() == 200, again.content
-        await again.leave()
+        await open_and_leave(status_stream(tenant, job))
 
     asyncio.run(scenario())
 
@@ -503,7 +471,6 @@ HOST_CLOCK_AHEAD: contextvars.ContextVar[float] = contextvars.ContextVar("host_c
 
 @pytest.mark.skipif(not django_settings.REDIS_URL, reason="the slots are shared through Redis")
 @pytest.mark.parametrize("ahead", [90.0, -90.0])
-@pytest.mark.usefixtures("credited")
 def test_web_hosts_whose_clocks_disagree_neither_drop_each_others_slots_nor_pass_the_cap(
     ahead: float, tenant: dict[str, Any], builtin_endpoint: Endpoint, settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
