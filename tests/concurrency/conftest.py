@@ -1,4 +1,5 @@
-"""One pool of actor processes per module, on the test database; organizations made as the suite makes them."""
+"""One pool of actor processes per module, on the test database; organizations made as the suite makes them; a race
+played with both."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from inference.models import Endpoint
 from tests.concurrency.harness import ActorPool, database_url
-from tests.concurrency.races import lifecycle_actors
+from tests.concurrency.races import Books, RoundReport, lifecycle_actors, repetitions, run_race
 from tests.conftest import personal_organization
 
 ROUND_TIMEOUT_SECONDS = 120
@@ -46,3 +48,24 @@ def new_organization(make_user: Callable[..., Any], settings: Any) -> Callable[[
         return personal_organization(make_user(password=None))
 
     return make
+
+
+@pytest.fixture
+def race(actor_pool: ActorPool, new_organization: Callable[[], Any], builtin_endpoint: Endpoint) -> Callable[..., None]:
+    """Plays a race ``repetitions()`` times and fails with the tally of every round that broke the contract.
+
+    ``race(name, round_, **options)`` calls ``round_(actor_pool, books, new_organization=..., endpoint=...,
+    **options)`` each round: the module's actors, a new organization each round, the built-in endpoint.
+    ``every_other`` names an option that is true in the even rounds only (the odd ones are free-for-all)."""
+
+    def play(name: str, round_: Callable[..., RoundReport], *, every_other: str = "", **options: Any) -> None:
+        def one_round(books: Books, round_number: int) -> RoundReport:
+            this_round = {every_other: round_number % 2 == 0} if every_other else {}
+            return round_(
+                actor_pool, books, new_organization=new_organization, endpoint=builtin_endpoint, **options, **this_round
+            )
+
+        tally = run_race(name, repetitions(), one_round)
+        assert tally.findings == 0, tally.summary()
+
+    return play

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
+import pytest
 import redis
 from django.conf import settings
 from django.db.models import Sum
@@ -717,6 +718,17 @@ def ahead_round(
 
 
 # --- Running a race ----------------------------------------------------------------------------------------
+
+# The marks of a module of race tests.
+RACE_MARKS = [
+    pytest.mark.slow,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("priced_without_broker"),
+    pytest.mark.skipif(
+        settings.DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql",
+        reason="races need PostgreSQL (DATABASE_URL): SQLite runs one writer at a time, so they cannot happen there",
+    ),
+]
 
 
 def repetitions() -> int:
