@@ -62,7 +62,8 @@ def record_attempt(job: Job, attempt: JobAttempt) -> UsageRecord:
 
     The debit is never more than the job's hold, nor more than the balance (so usage never takes it below zero):
     GPU time beyond what the hold covers is recorded unbilled. The worker extends the hold before each step, so
-    this ceiling binds only when a measurement outruns the reservation (or a refund took the balance away).
+    this ceiling binds only when a measurement outruns the reservation (or a refund took the balance away). The
+    attempt's cold start and its batch's wasted time (``JobAttempt.wasted_ms``) are recorded unbilled too.
     """
     started_at = job.started_at or attempt.started_at
     billable = attempt.billable
@@ -92,7 +93,7 @@ def record_attempt(job: Job, attempt: JobAttempt) -> UsageRecord:
         outcome=attempt.outcome,
         billable=billable,
         gpu_ms=billed_ms,
-        unbilled_gpu_ms=attempt.cold_start_ms + attempt.gpu_ms - billed_ms,
+        unbilled_gpu_ms=attempt.cold_start_ms + attempt.wasted_ms + attempt.gpu_ms - billed_ms,
         price=quote.price,
         unit=quote.unit,
         billable_units=units,

@@ -233,8 +233,9 @@ class EndUserLimit(models.Model):
 class UsageRecord(models.Model):
     """What one closed attempt of a job used: exactly one row per attempt, billable or not.
 
-    Unbilled attempts (the platform's fault) and cold starts are kept as ``unbilled_gpu_ms`` at zero
-    cost, so the margin is honest. Written in the transaction that closes the attempt.
+    Unbilled attempts (the platform's fault), cold starts and the attempt's part of its batch's wasted time
+    (``JobAttempt.wasted_ms``) are kept as ``unbilled_gpu_ms`` at zero cost, so the margin is honest. Written in
+    the transaction that closes the attempt.
     """
 
     organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="+")

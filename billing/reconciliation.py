@@ -291,6 +291,7 @@ def check_usage_records(scope: Scope = FULL) -> Check:
         attempt_outcome=F("attempt__outcome"),
         attempt_gpu_ms=F("attempt__gpu_ms"),
         attempt_cold_start_ms=F("attempt__cold_start_ms"),
+        attempt_wasted_ms=F("attempt__wasted_ms"),
         job_organization_id=F("job__organization_id"),
         total_ms=F("gpu_ms") + F("unbilled_gpu_ms"),
     )
@@ -304,8 +305,8 @@ def check_usage_records(scope: Scope = FULL) -> Check:
         | ~Q(outcome=F("attempt_outcome"))
         | (Q(billable=True) & ~attempt_billable)
         | (Q(billable=False) & attempt_billable)
-        # GPU time is conserved: billed plus unbilled is the attempt's whole time, cold start included...
-        | ~Q(total_ms=F("attempt_gpu_ms") + F("attempt_cold_start_ms"))
+        # GPU time is conserved: billed plus unbilled is the attempt's whole time, cold start and waste included...
+        | ~Q(total_ms=F("attempt_gpu_ms") + F("attempt_cold_start_ms") + F("attempt_wasted_ms"))
         # ...and a billable attempt is billed for no more than its time (less where its hold ran out first).
         | (Q(billable=True) & Q(gpu_ms__gt=F("attempt_gpu_ms")))
     )
@@ -317,6 +318,7 @@ def check_usage_records(scope: Scope = FULL) -> Check:
         "attempt_outcome",
         "attempt_gpu_ms",
         "attempt_cold_start_ms",
+        "attempt_wasted_ms",
     )
     return check
 

@@ -260,6 +260,7 @@ ATTEMPT_FIELDS = (
     "worker",
     "gpu_ms",
     "cold_start_ms",
+    "wasted_ms",
     "billable",
     "started_at",
     "heartbeat_at",

@@ -48,6 +48,7 @@ def finish_attempt(
     outcome: AttemptOutcome,
     gpu_ms: int,
     cold_start_ms: int = 0,
+    wasted_ms: int = 0,
     result: dict[str, Any] | None = None,
     error: str = "",
     error_type: str = "",
@@ -55,24 +56,35 @@ def finish_attempt(
 ) -> Job | None:
     """Closes the attempt and moves the job on, in one transaction with billing's hook.
 
-    ``retry``: the platform failed and the job may run again if attempts remain. Returns None if
-    the attempt had already been closed (its lease expired and the reaper took the job back).
+    ``gpu_ms``: its GPU time (in a batch, its share); ``wasted_ms``: its batch's time that did no job's work, written
+    to it to be recorded, never billed (``inference.engine.batch_shares``). ``retry``: the platform failed and the
+    job may run again if attempts remain. Returns None if the attempt had already been closed (its lease expired and
+    the reaper took the job back).
     """
     return _finish_locked(
-        job_id, attempt, outcome=outcome, gpu_ms=gpu_ms, cold_start_ms=cold_start_ms, result=result, error=error,
-        error_type=error_type, retry=retry,
+        job_id, attempt, outcome=outcome, gpu_ms=gpu_ms, cold_start_ms=cold_start_ms, wasted_ms=wasted_ms,
+        result=result, error=error, error_type=error_type, retry=retry,
     )  # fmt: skip
 
 
 @retrying_atomic
 def _finish_locked(
-    job_id: str, attempt: int, *, outcome: AttemptOutcome, gpu_ms: int, cold_start_ms: int, error: str, **closing: Any
+    job_id: str,
+    attempt: int,
+    *,
+    outcome: AttemptOutcome,
+    gpu_ms: int,
+    cold_start_ms: int,
+    wasted_ms: int,
+    error: str,
+    **closing: Any,
 ) -> Job | None:
     now = timezone.now()
     # The job's lock and the attempt's close: one statement (``inference.locks``).
     closed = lock_and_close_attempt(
-        job_id, attempt, outcome=outcome, gpu_ms=gpu_ms, cold_start_ms=cold_start_ms, error=error, finished_at=now
-    )
+        job_id, attempt, outcome=outcome, gpu_ms=gpu_ms, cold_start_ms=cold_start_ms, wasted_ms=wasted_ms,
+        error=error, finished_at=now,
+    )  # fmt: skip
     if closed is None:
         return None
     running, attempt_row = closed

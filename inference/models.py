@@ -278,6 +278,11 @@ class AttemptOutcome(models.TextChoices):
 
 BILLABLE_OUTCOMES = (AttemptOutcome.SUCCEEDED, AttemptOutcome.FAILED, AttemptOutcome.CANCELLED)
 
+WASTED_MS_HELP = (
+    "GPU time of its batch that did no request's work, recorded with it and never billed "
+    "(inference.engine.batch_shares)."
+)
+
 
 class JobAttempt(models.Model):
     """One try of a job on a worker. GPU time is measured per attempt; billing reads it from here."""
@@ -288,6 +293,7 @@ class JobAttempt(models.Model):
     outcome = models.CharField(max_length=16, choices=AttemptOutcome.choices, default=AttemptOutcome.RUNNING)
     gpu_ms = models.PositiveBigIntegerField(default=0)
     cold_start_ms = models.PositiveBigIntegerField(default=0)
+    wasted_ms = models.BigIntegerField(db_default=0, default=0, help_text=WASTED_MS_HELP)
     error = models.TextField(blank=True)
     started_at = models.DateTimeField(default=timezone.now)
     heartbeat_at = models.DateTimeField(default=timezone.now)

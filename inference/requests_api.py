@@ -149,6 +149,7 @@ class RequestDetailView(APIView):
                         "worker": attempt.worker,
                         "gpu_ms": attempt.gpu_ms,
                         "cold_start_ms": attempt.cold_start_ms,
+                        "wasted_ms": attempt.wasted_ms,
                         "billable": attempt.billable,
                         "started_at": attempt.started_at,
                         "finished_at": attempt.finished_at,

@@ -6,8 +6,9 @@ keeps everything it has alone: its own claim, lease, heartbeat, cancel and final
 
 GPU time is measured here with a monotonic clock, in milliseconds, from the moment the pipeline
 starts to the moment the outputs are stored (docs/lifecycle.md); in a batch each job gets its share
-(`inference.engine.batch_shares`), and the shares add up to exactly the batch's time. Loading a model
-(and compiling it) is cold-start time, recorded apart and never billed.
+(`inference.engine.batch_shares`): the time of its own rows. Time no job's work used (the rows of a job that left
+while the engine computes them on) is wasted, recorded unbilled with the jobs still in; shares and waste add up to
+exactly the batch's time. Loading a model (and compiling it) is cold-start time, recorded apart and never billed.
 """
 
 from __future__ import annotations
@@ -392,17 +393,24 @@ def _finish(member: Member, heartbeat: Heartbeat, outcome: AttemptOutcome, **fie
 
 
 def _finish_all(
-    members: list[Member], heartbeat: Heartbeat, outcome: AttemptOutcome, *, gpu_ms: int | None = None, **fields: Any
+    members: list[Member],
+    heartbeat: Heartbeat,
+    outcome: AttemptOutcome,
+    *,
+    gpu_ms: int | None = None,
+    rows_stay: bool = False,
+    **fields: Any,
 ) -> None:
     """Closes every job still open at once: they leave the batch together and share what is left of its time.
 
-    `gpu_ms`: record this instead of their shares (0 when the failure is no GPU work's fault).
+    `gpu_ms`: record this instead of their shares (0 when the failure is no GPU work's fault). `rows_stay`: the
+    engine computes their rows on, unused (`Cancelled.rows_stay`): that time is its companions' waste, not their bill.
     """
     open_members = [member for member in members if not member.settled]
     # One that left the meter already (a soft time limit cut its close short) keeps the share it was given then.
     still_in = set(heartbeat.meter.active)
-    heartbeat.meter.leave(member.index for member in open_members if member.index in still_in)
-    shares = heartbeat.meter.allocated
+    heartbeat.meter.leave((member.index for member in open_members if member.index in still_in), rows_stay=rows_stay)
+    shares, wasted = heartbeat.meter.allocated, heartbeat.meter.wasted
     for member in open_members:
         heartbeat.release(member)
         closing.finish_attempt(
@@ -410,6 +418,7 @@ def _finish_all(
             attempt=member.attempt,
             outcome=outcome,
             gpu_ms=shares[member.index] if gpu_ms is None else gpu_ms,
+            wasted_ms=wasted[member.index] if gpu_ms is None else 0,
             cold_start_ms=member.cold_start_ms,
             **fields,
         )
@@ -453,6 +462,7 @@ def _run(leader: Member, heartbeat: Heartbeat) -> None:
             previews=preview_options(members, heartbeat),
         )
         ran_ms = (time.monotonic() - called) * 1000
+        heartbeat.meter.free_rows()  # the rows of jobs that left run no more
         # Past the last step every job's work is done and in memory: each is stored whatever stop comes now (a soft
         # time limit leaves a minute before the hard one, time enough to store), each on its own.
         timed_out = False
@@ -539,15 +549,16 @@ def _recover_connection() -> None:
 
 def _close_cancelled(member: Member, heartbeat: Heartbeat, cancelled: Cancelled) -> None:
     """A job that left its batch at a step boundary: closed at once with its share of the time so far."""
+    rows_stay = cancelled.rows_stay
     if member.fault is not None:
         # Billing could not be asked for its next step: the platform's fault, not billed, and run again.
-        _finish(member, heartbeat, AttemptOutcome.ERRORED, **_platform_fault(member.fault))
+        _finish(member, heartbeat, AttemptOutcome.ERRORED, rows_stay=rows_stay, **_platform_fault(member.fault))
         return
     error_type = member.stop_error_type or "cancelled"
     reason = member.stop_reason or "Cancelled by request."
     if error_type == "lost":
         logger.warning("job %s attempt %s lost its lease; dropping its work", member.job_id, member.attempt)
-        heartbeat.meter.leave([member.index])  # its share goes with its work
+        heartbeat.meter.leave([member.index], rows_stay=rows_stay)  # its share goes with its work
         heartbeat.release(member)
         member.settled = True
         return
@@ -555,6 +566,7 @@ def _close_cancelled(member: Member, heartbeat: Heartbeat, cancelled: Cancelled)
         member,
         heartbeat,
         AttemptOutcome.CANCELLED,
+        rows_stay=rows_stay,
         error=f"{reason} Stopped after step {cancelled.steps_done} of {cancelled.total_steps}.",
         error_type=error_type,
     )

@@ -358,11 +358,14 @@ class _TextToImageRun(BatchRun):
         # A captured graph has fixed shapes (feature caching runs without graphs): its rows stay to the end.
         replays_graphs = engine.replays_graphs and options.feature_cache_interval < 2
         self.drop_rows = type(self.pipe.scheduler).__name__ in ROW_INDEPENDENT_SCHEDULERS and not replays_graphs
+        self.rows_stay = not self.drop_rows
 
     def run(self) -> list[GenerationResult | Cancelled]:
         if self._leave_if_cancelled(steps_done=0) and not self.active:
             return self._outcomes()
         rows, timesteps = self._start()
+        if self.drop_rows and len(self.active) < len(self.requests):
+            rows.keep(rows.of(self.active))  # requests that left before the first step: no step for their rows
         for step_index, timestep in enumerate(timesteps):
             denoised = self._step(rows, step_index, timestep)
             if self.on_step is not None:

@@ -300,6 +300,7 @@ class _MediaRun(BatchRun):
         self.engine = engine
         self.keep = keep
         self.first = requests[0]
+        self.rows_stay = True  # one call of diffusers' pipeline: its batch keeps every row to the end
 
     def run(self, inference_mode: bool) -> list[GenerationResult | Cancelled]:
         if self._leave_if_cancelled(steps_done=0) and not self.active:

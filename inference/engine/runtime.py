@@ -29,13 +29,18 @@ class BatchIncompatible(ValueError):
 
 
 class Cancelled(Exception):
-    """The run stopped because `should_cancel()` answered True; `steps_done` denoising steps had run."""
+    """The run stopped because `should_cancel()` answered True; `steps_done` denoising steps had run.
 
-    def __init__(self, *, steps_done: int, total_steps: int, elapsed_ms: int) -> None:
+    `rows_stay`: the request left a batch that goes on, and its rows run on in it, unused, to the end of the call
+    (the engine could not drop them): the time they take is no one's work (`inference.engine.batch_shares`).
+    """
+
+    def __init__(self, *, steps_done: int, total_steps: int, elapsed_ms: int, rows_stay: bool = False) -> None:
         super().__init__(f"cancelled after {steps_done} of {total_steps} steps")
         self.steps_done = steps_done
         self.total_steps = total_steps
         self.elapsed_ms = elapsed_ms
+        self.rows_stay = rows_stay
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -220,6 +225,8 @@ class BatchRun:
         self.outcomes: list[GenerationResult | Cancelled | None] = [None] * len(requests)
         self.active = list(range(len(requests)))
         self.started = time.perf_counter()
+        # Whether the rows of a request that leaves run on to the end of the call, unused (`Cancelled.rows_stay`).
+        self.rows_stay = False
 
     def elapsed_ms(self) -> int:
         return math.ceil((time.perf_counter() - self.started) * 1000)
@@ -230,7 +237,12 @@ class BatchRun:
         leaving = [member for member in self.active if self.should_cancel(member)]
         for member in leaving:
             self.active.remove(member)
-            cancelled = Cancelled(steps_done=steps_done, total_steps=self.total_steps, elapsed_ms=self.elapsed_ms())
+            cancelled = Cancelled(
+                steps_done=steps_done,
+                total_steps=self.total_steps,
+                elapsed_ms=self.elapsed_ms(),
+                rows_stay=self.rows_stay and bool(self.active),
+            )
             self.outcomes[member] = cancelled
             if self.on_cancelled is not None:
                 self.on_cancelled(member, cancelled)

@@ -43,9 +43,10 @@ def books(tenant: dict[str, Any], other_tenant: dict[str, Any], builtin_endpoint
     """Two organizations' worth of every path: billed, retried, failed, cancelled running and queued, refunded."""
     organization = tenant["organization"]
     Organization.objects.filter(pk__in=[organization.pk, other_tenant["organization"].pk]).update(concurrency_limit=50)
-    billed = run(organization, builtin_endpoint, gpu_ms=1_235, cold_start_ms=300)
+    # Its cold start and its part of its batch's wasted time recorded with it, unbilled.
+    billed = run(organization, builtin_endpoint, gpu_ms=1_235, cold_start_ms=300, wasted_ms=45)
     retried = start(submit(organization, builtin_endpoint, api_key=tenant["api_key"]))
-    finish(retried, AttemptOutcome.ERRORED, gpu_ms=700, error="out of memory", retry=True)
+    finish(retried, AttemptOutcome.ERRORED, gpu_ms=700, wasted_ms=20, error="out of memory", retry=True)
     retried = finish(start(retried), gpu_ms=2_000)
     failed = run(organization, builtin_endpoint, outcome=AttemptOutcome.FAILED, gpu_ms=400, error="bad input")
     running = start(submit(organization, builtin_endpoint))
@@ -147,14 +148,15 @@ def test_a_usage_record_without_its_attempt(books: dict[str, Any]) -> None:
 def test_a_usage_record_that_disagrees_with_its_attempt(books: dict[str, Any]) -> None:
     JobAttempt.objects.filter(job=books["retried"], number=2).update(gpu_ms=F("gpu_ms") + 1)
     JobAttempt.objects.filter(job=books["retried"], number=1).update(outcome=AttemptOutcome.LOST)
+    JobAttempt.objects.filter(job=books["failed"]).update(wasted_ms=F("wasted_ms") + 1)  # time the record lost
     run_ = reconciliation.run_reconciliation()
     assert kinds(run_) == {"usage_records.usage_disagrees_with_attempt"}
     item = drift_of(run_, "usage_records.usage_disagrees_with_attempt")
-    assert item["count"] == 2
-    assert {(e["attempt_number"], e["attempt_outcome"], e["attempt_gpu_ms"]) for e in item["examples"]} == {
-        (1, "lost", 700),
-        (2, "succeeded", 2_001),
-    }
+    assert item["count"] == 3
+    assert {
+        (e["attempt_number"], e["attempt_outcome"], e["attempt_gpu_ms"], e["attempt_wasted_ms"])
+        for e in item["examples"]
+    } == {(1, "lost", 700, 20), (2, "succeeded", 2_001, 0), (1, "failed", 400, 1)}
 
 
 def test_billable_usage_without_its_debit(books: dict[str, Any]) -> None:

@@ -91,6 +91,47 @@ def test_a_member_that_leaves_while_storing_gives_the_time_back_to_the_others() 
         meter.exclusive(0)
 
 
+def test_rows_left_behind_by_a_leaver_are_wasted_not_billed_to_those_still_in() -> None:
+    clock = Clock()
+    meter = BatchMeter([1, 1, 2], clock=clock)  # four images
+    clock.advance(0.0625)  # 62.5 ms, 15.625 an image
+    assert meter.leave([1], rows_stay=True) == {1: 15}  # its row runs on, unused, to the end of the engine's call
+    assert meter.wasted == {1: 0}
+    clock.advance(0.125)  # 125 ms over four rows: 31.25 to member 0, 62.5 to member 2, 31.25 to the vacated row
+    assert (meter.running_ms(0), meter.running_ms(2)) == (47, 94)  # 15.625 + 31.25, 31.25 + 62.5: their own rows
+    meter.free_rows()
+    clock.advance(0.0625)  # 62.5 ms over their three rows: 20.833 and 41.667
+    # Member 0: 67.708 of its own, 10.417 of the vacated row's time (a third: its images among those still in).
+    assert meter.leave([0]) == {0: 67}
+    assert meter.wasted[0] == 11  # floor(67.708 + 10.417) - 67
+    # The batch took 250 ms; 157 are left for member 2: 135.417 its own, 20.833 wasted -> 136 billed (rounded down).
+    assert meter.leave([2]) == {2: 136}
+    assert meter.allocated == {0: 67, 1: 15, 2: 136}
+    assert meter.wasted == {0: 11, 1: 0, 2: 21}
+    assert meter.total_ms() == 250 == sum(meter.allocated.values()) + sum(meter.wasted.values())
+
+
+def test_rows_dropped_with_their_leaver_waste_nothing() -> None:
+    clock = Clock()
+    meter = BatchMeter([1, 1], clock=clock)
+    clock.advance(0.0625)
+    assert meter.leave([0]) == {0: 31}
+    clock.advance(0.0625)  # member 1 alone: 31.25 + 62.5
+    assert meter.leave([1]) == {1: 94}  # ceil(125) - 31
+    assert meter.wasted == {0: 0, 1: 0}
+
+
+def test_the_last_member_out_ends_the_vacated_rows_with_the_batch() -> None:
+    clock = Clock()
+    meter = BatchMeter([1, 1], clock=clock)
+    clock.advance(0.0625)
+    meter.leave([0], rows_stay=True)
+    # The last member leaving, its rows staying or not: the batch is over, nothing more is computed.
+    assert meter.leave([1], rows_stay=True) == {1: 32}
+    assert meter.wasted == {0: 0, 1: 0}
+    assert meter.total_ms() == 63
+
+
 def test_a_second_of_batch_time_is_a_thousand_milliseconds() -> None:
     clock = Clock()
     meter = BatchMeter([3], clock=clock)
@@ -252,10 +293,13 @@ def test_joins_and_starts_that_make_no_sense_are_refused() -> None:
 
 
 class BatchLife(RuleBasedStateMachine):
-    """A batch under any sequence of joins, its start, time passing, outputs stored, cancels and finishes.
+    """A batch under any sequence of joins, its start, time passing, outputs stored, cancels and finishes, with the
+    rows of members that leave dropped by the engine or left to run on, unused, until its call ends.
 
-    Its members' shares are checked against their exact share of the time (kept here in parallel, in sixteenths of
-    a second so no rounding creeps in), and once the batch is over they add up to exactly its measured time.
+    Kept here in parallel, in sixteenths of a second so no rounding creeps in: the exact time of each member's own
+    rows (its images' part of the rows the engine computes, or all of it while its outputs are stored) and of the
+    vacated rows while it was in. Each member is billed its own rows' time, no more (within the whole-millisecond
+    rounding), and once the batch is over the shares and the wasted milliseconds add up to exactly its measured time.
     """
 
     def __init__(self) -> None:
@@ -264,8 +308,11 @@ class BatchLife(RuleBasedStateMachine):
         self.meter = BatchMeter(clock=self.clock)
         self.weights: dict[int, int] = {}
         self.exact_ms: dict[int, float] = {}
+        self.wasted_exact_ms: dict[int, float] = {}
         self.active: set[int] = set()
         self.shares: dict[int, int] = {}
+        self.wasted: dict[int, int] = {}
+        self.vacated = 0  # images of members that left whose rows the engine still computes
         self.started: float | None = None
         self.batch_ms = 0  # once it is over
         self.storing: int | None = None
@@ -278,7 +325,7 @@ class BatchLife(RuleBasedStateMachine):
     def join(self, weight: int) -> None:
         member = len(self.weights)
         self.meter.join(member, weight)
-        self.weights[member], self.exact_ms[member] = weight, 0.0
+        self.weights[member], self.exact_ms[member], self.wasted_exact_ms[member] = weight, 0.0, 0.0
         self.active.add(member)
 
     @precondition(lambda self: self.started is None and self.active)
@@ -297,8 +344,15 @@ class BatchLife(RuleBasedStateMachine):
             self.exact_ms[self.storing] += elapsed_ms
             return
         weight = sum(self.weights[member] for member in self.active)
+        rows = weight + self.vacated
         for member in self.active:
-            self.exact_ms[member] += elapsed_ms * self.weights[member] / weight
+            self.exact_ms[member] += elapsed_ms * self.weights[member] / rows
+            self.wasted_exact_ms[member] += elapsed_ms * self.vacated / rows * self.weights[member] / weight
+
+    @rule()
+    def engine_call_ends(self) -> None:
+        self.meter.free_rows()
+        self.vacated = 0
 
     @precondition(lambda self: self.active)
     @rule(data=st.data())
@@ -314,40 +368,57 @@ class BatchLife(RuleBasedStateMachine):
         self.storing = None
 
     @precondition(lambda self: self.active)
-    @rule(data=st.data())
-    def leave(self, data: st.DataObject) -> None:
-        """Members cancelled, failed, lost or finished: one, several together, or all that are left."""
+    @rule(data=st.data(), rows_stay=st.booleans())
+    def leave(self, data: st.DataObject, rows_stay: bool) -> None:
+        """Members cancelled, failed, lost or finished: one, several together, or all that are left; their rows
+        dropped or left to run on."""
         leaving = data.draw(st.sets(st.sampled_from(sorted(self.active)), min_size=1))
-        given_before = sum(self.shares.values())
-        shares = self.meter.leave(leaving)
+        given_before = sum(self.shares.values()) + sum(self.wasted.values())
+        shares = self.meter.leave(leaving, rows_stay=rows_stay)
+        wasted = {member: self.meter.wasted[member] for member in leaving}
         assert sorted(shares) == sorted(leaving)
         self.active -= leaving
         if self.storing in leaving:
             self.storing = None
         if self.started is None:
-            assert set(shares.values()) == {0}
+            assert set(shares.values()) == set(wasted.values()) == {0}
         elif self.active:
-            for member, share in shares.items():  # rounded down
+            for member, share in shares.items():  # rounded down, its own rows and its time in all
+                whole_exact = self.exact_ms[member] + self.wasted_exact_ms[member]
                 assert self.exact_ms[member] - 1 < share <= self.exact_ms[member] + 1e-6
+                assert whole_exact - 1 < share + wasted[member] <= whole_exact + 1e-6
+            if rows_stay:
+                self.vacated += sum(self.weights[member] for member in leaving)
         else:
             total_ms = math.ceil((self.clock.now - self.started) * 1000)
-            assert sum(shares.values()) == total_ms - given_before
+            assert sum(shares.values()) + sum(wasted.values()) == total_ms - given_before
             self.batch_ms = total_ms
-            left_exact = sum(self.exact_ms[member] for member in leaving)
+            exact = {member: self.exact_ms[member] + self.wasted_exact_ms[member] for member in leaving}
+            left_exact = sum(exact.values())
             for member, share in shares.items():
-                ideal = (total_ms - given_before) * (
-                    self.exact_ms[member] / left_exact if left_exact else 1 / len(leaving)
-                )
-                assert abs(share - ideal) < 1 + 1e-6
+                ideal = (total_ms - given_before) * (exact[member] / left_exact if left_exact else 1 / len(leaving))
+                assert abs(share + wasted[member] - ideal) < 1 + 1e-6
+                # Billed for no more than its own rows' part of its time.
+                if exact[member]:
+                    assert share <= (share + wasted[member]) * self.exact_ms[member] / exact[member] + 1e-6
+            self.vacated = 0
+        # Billed for its own rows, within the rounding: the last ones take what the earlier ones' rounding left,
+        # under a millisecond each, and the batch's rounding up.
+        for member, share in shares.items():
+            assert share < self.exact_ms[member] + len(self.weights) + 1
         self.shares.update(shares)
+        self.wasted.update(wasted)
 
     @invariant()
     def shares_add_up(self) -> None:
         assert self.meter.active == sorted(self.active)
         assert self.meter.allocated == self.shares
-        assert all(share >= 0 for share in self.shares.values())
+        assert self.meter.wasted == self.wasted
+        assert all(share >= 0 for share in (*self.shares.values(), *self.wasted.values()))
+        # Nothing wasted where no vacated rows ran while the member was in.
+        assert all(self.wasted[member] == 0 for member in self.wasted if not self.wasted_exact_ms[member])
         if self.over():
-            assert sum(self.shares.values()) == self.meter.total_ms() == self.batch_ms
+            assert sum(self.shares.values()) + sum(self.wasted.values()) == self.meter.total_ms() == self.batch_ms
         elif self.started is None:
             assert self.meter.total_ms() == 0
         else:
@@ -361,7 +432,7 @@ class BatchLife(RuleBasedStateMachine):
             return
         self.meter.leave(self.active)
         total_ms = math.ceil((self.clock.now - self.started) * 1000)
-        assert sum(self.meter.allocated.values()) == self.meter.total_ms() == total_ms
+        assert sum(self.meter.allocated.values()) + sum(self.meter.wasted.values()) == self.meter.total_ms() == total_ms
 
 
 def test_shares_add_up_to_the_batch_time_whatever_joins_leaves_and_cancels() -> None:

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import diffusers
 import numpy as np
@@ -358,7 +359,7 @@ def test_a_request_cancelled_in_a_batch_leaves_it_at_that_step_and_the_others_fi
         for seed, prompt in ((21, "a first prompt"), (22, "a second prompt"), (23, "a first prompt"))
     ]
     seen: list[int] = []
-    left: list[tuple[int, int, int]] = []
+    left: list[tuple[int, int, int, bool]] = []
     # Text tokens padded: their mask leaves the batch with the rows too.
     options = RunOptions(feature_cache_interval=feature_cache_interval, pad_text_tokens=True)
     outcomes = engine.run_batch(
@@ -366,10 +367,13 @@ def test_a_request_cancelled_in_a_batch_leaves_it_at_that_step_and_the_others_fi
         options=options,
         on_step=lambda step, _: seen.append(step),
         should_cancel=lambda member: member == 1 and 2 in seen,
-        on_cancelled=lambda member, cancelled: left.append((member, cancelled.steps_done, len(seen))),
+        on_cancelled=lambda member, cancelled: left.append(
+            (member, cancelled.steps_done, len(seen), cancelled.rows_stay)
+        ),
     )
-    # Told at once, at the step it was asked to stop at, while the batch goes on to its last step.
-    assert left == [(1, 2, 2)]
+    # Told at once, at the step it was asked to stop at, while the batch goes on to its last step; told too whether
+    # its rows run on, unused (their time is then no one's work: inference.engine.batch_shares).
+    assert left == [(1, 2, 2, scheduler == "PNDMScheduler")]
     assert isinstance(outcomes[1], Cancelled)
     for index in (0, 2):
         outcome = outcomes[index]
@@ -378,6 +382,36 @@ def test_a_request_cancelled_in_a_batch_leaves_it_at_that_step_and_the_others_fi
         assert seen == list(range(1, outcome.steps + 1)) == list(range(1, outcomes[1].total_steps + 1))
         alone = engine.run(requests[index], options=options).images[0]
         assert np.abs(pixels(outcome.images[0]) - pixels(alone)).max() <= 1
+
+
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "PNDMScheduler"])
+def test_a_request_that_leaves_before_the_first_step_takes_its_rows_along_where_they_can_go(scheduler: str) -> None:
+    engine = engine_for(LOSSLESS)
+    engine.base.scheduler = getattr(diffusers, scheduler).from_config(engine.base.scheduler.config)
+    rows: list[int] = []
+    real_predict = engine.predict_noise
+
+    def predict_noise(model_input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        rows.append(int(model_input.shape[0]))
+        return real_predict(model_input, *args, **kwargs)
+
+    engine.predict_noise = predict_noise  # type: ignore[method-assign]
+    left: list[bool] = []
+    outcomes = engine.run_batch(
+        [request(seeds=[1]), request(seeds=[2, 3], prompts=["a", "b"])],
+        should_cancel=lambda member: member == 1,
+        on_cancelled=lambda member, cancelled: left.append(cancelled.rows_stay),
+    )
+    assert isinstance(outcomes[1], Cancelled)
+    assert outcomes[1].steps_done == 0
+    assert not isinstance(outcomes[0], Cancelled)
+    assert len(outcomes[0].images) == 1
+    if scheduler == "DDIMScheduler":
+        # Never a step for its two images: only the other request's image, guided (two UNet rows), is computed.
+        assert (left, set(rows)) == ([False], {2})
+    else:
+        # A scheduler with per-row history keeps every row from the first step to the last.
+        assert (left, set(rows)) == ([True], {6})
 
 
 def test_a_request_leaving_a_batch_takes_its_own_guidance_and_noise_along() -> None:
