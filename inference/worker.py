@@ -40,6 +40,7 @@ from inference.engine import (
     GenerationRequest,
     GenerationResult,
     LoadOptions,
+    MeterReading,
     ModelSourceError,
     ModuleOptimizations,
     OptimizationProfile,
@@ -196,6 +197,8 @@ class Heartbeat(threading.Thread):
         self.members: list[Member] = []
         # Each job's share of the batch's GPU time (none before the work starts), for the spend check and its bill.
         self.meter = BatchMeter()
+        # What the jobs had been charged when the batch's last step ended: from there on it is decoded.
+        self.denoised: MeterReading | None = None
         self._members_lock = threading.Lock()
         self._wake = threading.Event()
         self._done = threading.Event()
@@ -210,7 +213,25 @@ class Heartbeat(threading.Thread):
     def progress(self, step: int, total: int) -> None:
         for member in self.members:
             member.step, member.total = step, total
+        if step == total:
+            self.denoised = self.meter.reading()
         self._wake.set()
+
+    def decode_again(self, exc: Exception) -> bool:
+        """Asked by the engine when an exception cuts short the decoding of the batch, past its last step: Celery's
+        soft time limit is answered yes, anything else goes on up.
+
+        The work is done, and the hard limit a minute away: it is decoded again and delivered rather than thrown
+        away, as outputs are stored again (`_store_or_fail`). The decode that was cut short did nothing anyone
+        receives: its time is wasted, recorded with the jobs and billed to none of them.
+        """
+        if not isinstance(exc, SoftTimeLimitExceeded):
+            return False
+        leader = self.members[0].job_id
+        logger.warning("job %s: the soft time limit came while its batch was decoded; decoded again", leader)
+        if self.denoised is not None:
+            self.meter.write_off(self.denoised)
+        return True
 
     def preview(self, index: int, preview: Preview) -> None:
         """A job's latest preview, from the engine's thread: encoded and published on this one (a newer preview
@@ -460,6 +481,7 @@ def _run(leader: Member, heartbeat: Heartbeat) -> None:
             should_cancel=heartbeat.should_cancel,
             on_cancelled=on_cancelled,
             previews=preview_options(members, heartbeat),
+            decode_again=heartbeat.decode_again,
         )
         ran_ms = (time.monotonic() - called) * 1000
         heartbeat.meter.free_rows()  # the rows of jobs that left run no more

@@ -8,7 +8,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from inference.engine.batch_shares import BatchMeter, largest_remainder
+    from inference.engine.batch_shares import BatchMeter, MeterReading, largest_remainder
     from inference.engine.cache import AnyEngine, LoadedPipeline, PipelineCache
     from inference.engine.engine import BatchIncompatible, Engine, RunOptions, batch_key
     from inference.engine.kinds import BUILTIN_MODELS, KINDS_OF_FAMILY, SUB_PATHS, Family, PipelineKind
@@ -51,6 +51,7 @@ _HOMES = {
     "RunOptions": "engine",
     "batch_key": "engine",
     "BatchMeter": "batch_shares",
+    "MeterReading": "batch_shares",
     "largest_remainder": "batch_shares",
     "ModuleOptimizations": "optimize",
     "configure_compile_cache": "optimize",
@@ -127,6 +128,7 @@ __all__ = [
     "LoadOptions",
     "LoadedPipeline",
     "MediaEngine",
+    "MeterReading",
     "ModelSourceError",
     "ModuleOptimizations",
     "OptimizationProfile",

@@ -17,7 +17,7 @@ history, a video or audio pipeline's call), they run on, unused, until the engin
 time did nothing for anyone: it is not the leaver's (closed already) nor its companions' (they never asked for it).
 Each member still in is charged only its own rows, and the part of the interval that went to the vacated rows is
 *wasted*, written to those members in proportion to their images so that it is recorded (unbilled) with their
-attempts.
+attempts. Likewise time the worker writes off (`write_off`: a decode cut short by its time limit, done again).
 
 So each member's billed share is the time of its own rows, and the shares and the wasted milliseconds are whole and
 always add up to exactly the batch's measured milliseconds.
@@ -28,7 +28,15 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MeterReading:
+    """What each member still in had been charged at one instant (`BatchMeter.reading`)."""
+
+    charged_ms: Mapping[int, float]
 
 
 class BatchMeter:
@@ -124,6 +132,23 @@ class BatchMeter:
         with self._lock:
             self._charge(self._clock())
             self._vacated = 0
+
+    def reading(self) -> MeterReading:
+        """What the members still in have been charged until now: see `write_off`."""
+        with self._lock:
+            self._charge(self._clock())
+            return MeterReading({member: self._exact_ms[member] for member in self._active})
+
+    def write_off(self, since: MeterReading) -> None:
+        """What the members still in were charged after `since` did nothing for them (work cut short, to be done
+        again): it is wasted instead, theirs to record, not to be billed."""
+        with self._lock:
+            self._charge(self._clock())
+            for member in self._active:
+                charged = self._exact_ms[member] - since.charged_ms.get(member, 0.0)
+                if charged > 0:
+                    self._exact_ms[member] -= charged
+                    self._wasted_exact_ms[member] += charged
 
     def leave(self, members: Iterable[int], *, rows_stay: bool = False) -> dict[int, int]:
         """Members that are done (finished, cancelled, failed, lost): their whole-millisecond shares, now final

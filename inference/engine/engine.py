@@ -41,6 +41,7 @@ from inference.engine.runtime import (
     BatchIncompatible,
     BatchRun,
     Cancelled,
+    DecodeAgain,
     GenerationRequest,
     GenerationResult,
     MemberCancelled,
@@ -174,6 +175,7 @@ class Engine:
         should_cancel: MemberCheck | None = None,
         on_cancelled: MemberCancelled | None = None,
         previews: PreviewOptions | None = None,
+        decode_again: DecodeAgain | None = None,
     ) -> list[GenerationResult | Cancelled]:
         """Each request's result, or the `Cancelled` that ended it, in order.
 
@@ -182,6 +184,9 @@ class Engine:
         decoded and delivered whatever comes); a request it answers True for leaves the batch there:
         `on_cancelled(member, cancelled)` is called at once, so its caller can close it while the others go on.
         `previews` (`inference.engine.previews`): the requests that want a picture of their latents every few steps.
+        `decode_again(exc)`: asked when an exception cuts short the decoding of a batch past its last step (a time
+        limit); answered True, the decoding starts over, once (text to image: the engine's own decode; diffusers'
+        image-to-image call decodes inside itself and is not asked).
         """
         if not requests:
             raise ValueError("an empty batch")
@@ -195,7 +200,9 @@ class Engine:
             raise BatchIncompatible("a batch needs one size, one number of steps and guidance on or off for all")
         grad_mode: AbstractContextManager[Any] = torch.inference_mode() if options.inference_mode else torch.no_grad()
         with self._lock, grad_mode, compiling(self.optimizations):
-            return _TextToImageRun(self, list(requests), options, on_step, should_cancel, on_cancelled, previews).run()
+            return _TextToImageRun(
+                self, list(requests), options, on_step, should_cancel, on_cancelled, previews, decode_again
+            ).run()
 
     def _image_to_image(
         self,
@@ -349,12 +356,14 @@ class _TextToImageRun(BatchRun):
         should_cancel: MemberCheck | None,
         on_cancelled: MemberCancelled | None,
         previews: PreviewOptions | None = None,
+        decode_again: DecodeAgain | None = None,
     ) -> None:
         super().__init__(requests, on_step, should_cancel, on_cancelled)
         self.engine = engine
         self.pipe = engine.base
         self.options = options
         self.previews = previews
+        self.decode_again = decode_again
         # A captured graph has fixed shapes (feature caching runs without graphs): its rows stay to the end.
         replays_graphs = engine.replays_graphs and options.feature_cache_interval < 2
         self.drop_rows = type(self.pipe.scheduler).__name__ in ROW_INDEPENDENT_SCHEDULERS and not replays_graphs
@@ -379,7 +388,19 @@ class _TextToImageRun(BatchRun):
                 return self._outcomes()
             if self.drop_rows:
                 rows.keep(rows.of(self.active))
+        return self._delivered(rows)
 
+    def _delivered(self, rows: _Rows) -> list[GenerationResult | Cancelled]:
+        """Past the last step the work is done: decoded and handed out. An exception that cuts it short is put to
+        `decode_again`; answered True (a soft time limit, with time left before the hard one), it starts over once."""
+        try:
+            return self._decoded(rows)
+        except Exception as exc:
+            if self.decode_again is None or not self.decode_again(exc):
+                raise
+        return self._decoded(rows)
+
+    def _decoded(self, rows: _Rows) -> list[GenerationResult | Cancelled]:
         images = self._decode(rows.latents, rows.generators)
         run_ms = self.elapsed_ms()
         for member in self.active:

@@ -46,6 +46,7 @@ from inference.engine.runtime import (
     BatchIncompatible,
     BatchRun,
     Cancelled,
+    DecodeAgain,
     GenerationRequest,
     GenerationResult,
     MemberCancelled,
@@ -210,11 +211,13 @@ class MediaEngine:
         should_cancel: MemberCheck | None = None,
         on_cancelled: MemberCancelled | None = None,
         previews: PreviewOptions | None = None,
+        decode_again: DecodeAgain | None = None,
     ) -> list[GenerationResult | Cancelled]:
         """Each request's result, or the `Cancelled` that ended it, in order (`Engine.run_batch`'s contract).
 
         `options` is the image engine's `RunOptions` (its `inference_mode` and `prompt_cache` apply here). Video and
-        audio have no previews: `previews` is accepted and ignored.
+        audio have no previews: `previews` is accepted and ignored. Their decode runs inside diffusers' call, which
+        cannot start it over: `decode_again` is accepted and never asked.
         """
         if not requests:
             raise ValueError("an empty batch")

@@ -203,6 +203,8 @@ def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
 
 MemberCheck = Callable[[int], bool]
 MemberCancelled = Callable[[int, Cancelled], None]
+# Asked when an exception cuts short the decoding of a batch past its last step: decode it once more?
+DecodeAgain = Callable[[Exception], bool]
 
 
 class BatchRun:

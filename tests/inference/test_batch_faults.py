@@ -6,9 +6,11 @@ Transactional: the heartbeat renews leases from its own thread and database conn
 
 from __future__ import annotations
 
+import math
 import time
 from types import SimpleNamespace
 from typing import Any
+from unittest import mock
 
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
@@ -16,7 +18,9 @@ from django.db import OperationalError
 
 from billing.models import UsageRecord
 from inference import attempts, closing, worker
+from inference.engine import engine as engine_module
 from inference.models import AttemptOutcome, Job, JobAttempt, JobStatus
+from tests.inference.test_batch_vacated_rows import metered_work
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -161,6 +165,66 @@ def test_a_soft_time_limit_while_one_member_stores_keeps_its_companions_finished
         [(status, _, outcomes)] = states(jobs[:1])
         assert (status in REQUEUED, outcomes) == (True, [AttemptOutcome.ERRORED])
         assert not UsageRecord.objects.get(job=jobs[0]).billable
+
+
+@pytest.mark.parametrize("interrupted", [1, 2], ids=["once", "again on the second try"])
+def test_a_soft_time_limit_while_the_batch_is_decoded_still_delivers_its_finished_work(
+    dispatch: Any, interrupted: int
+) -> None:
+    """Past its last step a batch's work is done. Celery's soft time limit landing in the VAE decode, a minute before
+    the hard one, ended every job of the batch as a timeout, undelivered and unbilled: the work thrown away. It is
+    decoded again and delivered, each job billed its own work; the decode the limit cut short did nothing anyone
+    receives, so its time is wasted, recorded unbilled with the jobs (the batch meter's clock here moves by the
+    work alone: `metered_work`)."""
+    jobs = [dispatch(seed=seed, num_inference_steps=3) for seed in (1, 2, 3)]
+    cut_short_ms = 62.5
+
+    with metered_work(keep_rows=False) as work:
+        metered_decode, tries = engine_module._TextToImageRun._decode, [0]
+
+        def decode(self: Any, latents: Any, generators: Any) -> Any:
+            tries[0] += 1
+            if tries[0] <= interrupted:
+                work.clock.spend(cut_short_ms)
+                raise SoftTimeLimitExceeded()
+            return metered_decode(self, latents, generators)
+
+        with mock.patch.object(engine_module._TextToImageRun, "_decode", decode):
+            worker.execute(str(jobs[0].id), jobs[0].attempt)
+
+    if interrupted == 2:
+        # Celery sends its soft limit once; anything that cuts the second decode short ends the batch as before.
+        assert [state[1:] for state in states(jobs)] == [("timeout", [AttemptOutcome.ERRORED])] * 3
+        return
+    assert states(jobs) == [(JobStatus.COMPLETED, "", [AttemptOutcome.SUCCEEDED])] * 3
+    assert_billed_once(jobs)
+    assert [len(Job.objects.get(pk=job.pk).result["images"]) for job in jobs] == [1, 1, 1]
+    closed = [JobAttempt.objects.get(job=job) for job in jobs]
+    # The batch's time is all there: billed, and the decode that was cut short wasted, a third to each job (within
+    # the rounding of whole milliseconds: under one for each job of the batch).
+    assert sum(attempt.gpu_ms + attempt.wasted_ms for attempt in closed) == math.ceil(work.clock.spent_ms)
+    assert abs(sum(attempt.wasted_ms for attempt in closed) - cut_short_ms) < len(jobs)
+    assert all(abs(attempt.wasted_ms - cut_short_ms / len(jobs)) < 2 for attempt in closed)
+    for job, attempt in zip(jobs, closed, strict=True):
+        record = UsageRecord.objects.get(job=job)
+        assert record.unbilled_gpu_ms == attempt.cold_start_ms + attempt.wasted_ms
+
+
+def test_a_soft_time_limit_in_the_last_step_still_ends_the_batch_as_a_timeout(dispatch: Any) -> None:
+    """Until its last step is done a batch's work is not: the time limit ends it there, as ever."""
+    jobs = [dispatch(seed=seed, num_inference_steps=3) for seed in (1, 2)]
+    real_predict = engine_module.Engine.predict_noise
+
+    def predict_noise(self: Any, *args: Any, step_index: int, **kwargs: Any) -> Any:
+        if step_index == 2:
+            raise SoftTimeLimitExceeded()
+        return real_predict(self, *args, step_index=step_index, **kwargs)
+
+    with mock.patch.object(engine_module.Engine, "predict_noise", predict_noise):
+        worker.execute(str(jobs[0].id), jobs[0].attempt)
+
+    assert [state[1:] for state in states(jobs)] == [("timeout", [AttemptOutcome.ERRORED])] * 2
+    assert not any(UsageRecord.objects.get(job=job).billable for job in jobs)
 
 
 def test_a_soft_time_limit_cutting_short_a_single_jobs_close_still_closes_it(

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-from inference.engine.batch_shares import BatchMeter, largest_remainder
+from inference.engine.batch_shares import BatchMeter, MeterReading, largest_remainder
 
 
 class Clock:
@@ -130,6 +130,21 @@ def test_the_last_member_out_ends_the_vacated_rows_with_the_batch() -> None:
     assert meter.leave([1], rows_stay=True) == {1: 32}
     assert meter.wasted == {0: 0, 1: 0}
     assert meter.total_ms() == 63
+
+
+def test_time_written_off_is_wasted_not_billed() -> None:
+    clock = Clock()
+    meter = BatchMeter([1, 3], clock=clock)
+    clock.advance(0.0625)  # 62.5 ms: 15.625 and 46.875
+    denoised = meter.reading()
+    clock.advance(0.125)  # a decode of 125 ms, cut short: 31.25 and 93.75
+    meter.write_off(denoised)
+    assert (meter.running_ms(0), meter.running_ms(1)) == (16, 47)  # back to what they were charged before it
+    clock.advance(0.0625)  # decoded again: 15.625 and 46.875
+    # 250 ms: 62.5 and 187.5 in all -> 63 and 187 (the tie to member 0), half of each billed, rounded down.
+    assert meter.leave([0, 1]) == {0: 31, 1: 93}
+    assert meter.wasted == {0: 32, 1: 94}
+    assert meter.total_ms() == 250
 
 
 def test_a_second_of_batch_time_is_a_thousand_milliseconds() -> None:
@@ -294,7 +309,8 @@ def test_joins_and_starts_that_make_no_sense_are_refused() -> None:
 
 class BatchLife(RuleBasedStateMachine):
     """A batch under any sequence of joins, its start, time passing, outputs stored, cancels and finishes, with the
-    rows of members that leave dropped by the engine or left to run on, unused, until its call ends.
+    rows of members that leave dropped by the engine or left to run on, unused, until its call ends, and work cut
+    short (time written off since a reading).
 
     Kept here in parallel, in sixteenths of a second so no rounding creeps in: the exact time of each member's own
     rows (its images' part of the rows the engine computes, or all of it while its outputs are stored) and of the
@@ -316,6 +332,8 @@ class BatchLife(RuleBasedStateMachine):
         self.started: float | None = None
         self.batch_ms = 0  # once it is over
         self.storing: int | None = None
+        # A reading of the meter, and what the members still in had been charged then.
+        self.reading: tuple[MeterReading, dict[int, float]] | None = None
 
     def over(self) -> bool:
         return self.started is not None and not self.active
@@ -348,6 +366,24 @@ class BatchLife(RuleBasedStateMachine):
         for member in self.active:
             self.exact_ms[member] += elapsed_ms * self.weights[member] / rows
             self.wasted_exact_ms[member] += elapsed_ms * self.vacated / rows * self.weights[member] / weight
+
+    @precondition(lambda self: self.active)
+    @rule()
+    def read(self) -> None:
+        self.reading = (self.meter.reading(), {member: self.exact_ms[member] for member in self.active})
+
+    @precondition(lambda self: self.reading is not None)
+    @rule()
+    def write_off(self) -> None:
+        """What the members still in were charged since the reading did nothing (a decode cut short)."""
+        assert self.reading is not None
+        reading, charged_then = self.reading
+        self.meter.write_off(reading)
+        for member in self.active:
+            charged = self.exact_ms[member] - charged_then.get(member, 0.0)
+            if charged > 0:
+                self.exact_ms[member] -= charged
+                self.wasted_exact_ms[member] += charged
 
     @rule()
     def engine_call_ends(self) -> None:
