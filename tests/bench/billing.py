@@ -464,20 +464,25 @@ def bulk_load_mode(models: Sequence[Any]) -> Iterator[None]:
     rows are in (a sorted build instead of 10M random insertions into each), and triggers off (the foreign keys'
     checks, queued to COMMIT, are 100M+ lookups at 10M records; the books are consistent by construction).
     ``session_replication_role`` needs a superuser, as the scratch database's owner is here. Elsewhere: nothing.
+
+    A partitioned table's index is dropped with its partitions' indexes and built again on every partition; the
+    tables and their partitions are then checked to have every index they had before, under the same names, valid.
     """
     from django.db import connection
 
     if connection.vendor != "postgresql":
         yield
         return
+    tables = [model._meta.db_table for model in models]
     with connection.cursor() as cursor:
+        before = index_definitions(cursor, tables)
         cursor.execute("SET LOCAL session_replication_role = replica")
         cursor.execute(
             "SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid) FROM pg_index "
             "WHERE indrelid = ANY(%s::regclass[]) "
             "AND NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conindid = indexrelid) "
             "AND NOT EXISTS (SELECT 1 FROM pg_inherits WHERE inhrelid = indexrelid)",
-            [[model._meta.db_table for model in models]],
+            [tables],
         )
         indexes = cursor.fetchall()
         for name, _ in indexes:
@@ -487,9 +492,39 @@ def bulk_load_mode(models: Sequence[Any]) -> Iterator[None]:
     with connection.cursor() as cursor:
         cursor.execute("SET LOCAL maintenance_work_mem = '512MB'")
         for _, definition in indexes:
-            cursor.execute(definition)
+            cursor.execute(on_every_partition(definition))
         cursor.execute("SET LOCAL session_replication_role = DEFAULT")
+        after = index_definitions(cursor, tables)
+    if after != before:
+        raise RuntimeError(
+            f"the bulk load left other indexes than it found: missing {sorted(before - after)}, "
+            f"new {sorted(after - before)}"
+        )
     print(f"  {len(indexes)} indexes built in {time.perf_counter() - started:.0f} s")
+
+
+def on_every_partition(definition: str) -> str:
+    """An index definition from ``pg_get_indexdef`` made to build the index on every partition of its table.
+
+    PostgreSQL writes a partitioned table's index as ``CREATE INDEX ... ON ONLY <table>``: the parent's index alone,
+    invalid until an index of each partition is attached to it. Run as it is, the partitions would be left without
+    it and every read of them would scan them; without ``ONLY`` it is made on each partition, under the name
+    PostgreSQL chose for it the first time, and attached. A plain table's definition has no ``ONLY``.
+    """
+    return definition.replace(" ON ONLY ", " ON ", 1)
+
+
+def index_definitions(cursor: Any, tables: Sequence[str]) -> set[tuple[str, str, str, bool, bool]]:
+    """Every index of ``tables`` and of their partitions: its table, name, columns, whether it is unique and whether
+    it is valid (a partitioned table's index is not until each partition has its own). Not the definition's text:
+    PostgreSQL may write a predicate built again from that text with other casts."""
+    cursor.execute(
+        "SELECT indrelid::regclass::text, indexrelid::regclass::text, indkey::text, indisunique, indisvalid "
+        "FROM pg_index WHERE indrelid = ANY(%s::regclass[]) OR indrelid IN "
+        "(SELECT tree.relid FROM unnest(%s::regclass[]) AS parent(relid), pg_partition_tree(parent.relid) AS tree)",
+        [list(tables), list(tables)],
+    )
+    return set(cursor.fetchall())
 
 
 def insert(model: Any, columns: Sequence[str], rows: Iterable[tuple[Any, ...]]) -> None:
