@@ -6,12 +6,28 @@
 # by the code that counts refunds (a release already serving) is counted once whichever commits first, running this
 # again changes nothing, and no row is locked longer than its organization's turn.
 
+from datetime import UTC, datetime
 from typing import Any
 
 from django.db import migrations, transaction
 from django.db.models import Exists, F, OuterRef
+from django.utils import timezone
 
-from billing.periods import day_start, hour_start
+
+# The UTC hour and day a record's rollup rows start at: billing.periods' cuts, copied (a migration keeps the code it
+# ran with, whatever that module becomes).
+def _in_utc(moment: datetime) -> datetime:
+    if timezone.is_naive(moment):
+        raise ValueError(f"{moment!r} has no time zone: its UTC day and month cannot be known.")
+    return moment.astimezone(UTC)
+
+
+def hour_start(moment: datetime) -> datetime:
+    return _in_utc(moment).replace(minute=0, second=0, microsecond=0)
+
+
+def day_start(moment: datetime) -> datetime:
+    return _in_utc(moment).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
 def _give_back(rows: Any, amount: int) -> None:
