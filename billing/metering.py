@@ -26,7 +26,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.db import connection
-from django.db.models import BigIntegerField, Exists, F, OuterRef, QuerySet, Subquery, Sum
+from django.db.models import BigIntegerField, Exists, F, Max, OuterRef, Q, QuerySet, Subquery, Sum
 
 from accounts import statements
 from accounts.models import ApiKey
@@ -339,27 +339,53 @@ def refunded_records(records: QuerySet[UsageRecord]) -> QuerySet[UsageRecord]:
     copy of its own (a migration keeps the code it ran with); reconciliation proves the rollups' ``refunded_micros``
     against it (``billing.reconciliation.check_refunded_rollups``).
 
-    One query however many records: a record of a refunded request (a semi-join on the request refunds) is compared
-    with its refund's amount and with what its request's records cost up to its attempt, two correlated subqueries
-    on the entries' and the records' index of the job. The request's refund is one entry (its idempotency key)."""
-    refund = CreditEntry.objects.filter(kind=EntryKind.REFUND, job_id=OuterRef("job_id")).order_by()
+    One query however many records: each record looks up its request's refund among its job's entries (its debits and
+    its refund: the entries' index of the job), and only a record that has one sums what its request's records cost
+    up to its attempt (the records' index of the job, from the job's creation on: a record is never written before
+    its job was created, and the bound spares PostgreSQL the partitions of the months before it,
+    ``billing.partitions``). That is a few index lookups per record of ``records`` and none per refund: whoever reads
+    many records among few refunds (a full reconciliation) narrows them to the refunded requests first
+    (``of_refunded_requests``). The request's refund is one entry (its idempotency key).
+
+    The kind is not a condition of the lookup: with it, PostgreSQL may read the partial index of every request refund
+    (``credit_entry_job_refunds``) for each record instead, and does where its statistics count few refunds."""
+    refund = (
+        CreditEntry.objects.filter(job_id=OuterRef("job_id"))
+        .order_by()
+        .values("job_id")
+        .annotate(amount=Max("amount_micros", filter=Q(kind=EntryKind.REFUND)))
+        .values("amount")
+    )
+    job_created = Job.objects.filter(pk=OuterRef(OuterRef("job_id"))).order_by().values("created_at")[:1]
     billed_through = (
         UsageRecord.objects.filter(
-            job_id=OuterRef("job_id"), billable=True, cost_micros__gt=0, attempt_number__lte=OuterRef("attempt_number")
+            job_id=OuterRef("job_id"),
+            recorded_at__gte=Subquery(job_created),
+            billable=True,
+            cost_micros__gt=0,
+            attempt_number__lte=OuterRef("attempt_number"),
         )
         .order_by()
         .values("job_id")
         .annotate(total=Sum("cost_micros"))
         .values("total")
     )
-    refunded_jobs = CreditEntry.objects.filter(kind=EntryKind.REFUND, job__isnull=False).values("job_id")
     return (
-        records.filter(billable=True, cost_micros__gt=0, job_id__in=refunded_jobs)
+        records.filter(billable=True, cost_micros__gt=0)
         .alias(
-            refund_micros=Subquery(refund.values("amount_micros")[:1], output_field=BigIntegerField()),
+            refund_micros=Subquery(refund, output_field=BigIntegerField()),
             billed_through_micros=Subquery(billed_through, output_field=BigIntegerField()),
         )
-        .filter(billed_through_micros__lte=F("refund_micros"))
+        # The lookup of the refund first (PostgreSQL evaluates the cheaper condition first): the sum only where one is.
+        .filter(refund_micros__isnull=False, billed_through_micros__lte=F("refund_micros"))
+    )
+
+
+def of_refunded_requests(records: QuerySet[UsageRecord]) -> QuerySet[UsageRecord]:
+    """Those of ``records`` whose request was refunded (a semi-join on the request refunds): what a reader of many
+    records among few refunds hands ``refunded_records``."""
+    return records.filter(
+        job_id__in=CreditEntry.objects.filter(kind=EntryKind.REFUND, job__isnull=False).order_by().values("job_id")
     )
 
 

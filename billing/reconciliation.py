@@ -718,12 +718,15 @@ def check_refunded_rollups(scope: Scope = FULL) -> Check:
     - no row gave back less than nothing or more than it cost;
     - full runs: per organization, its request refunds add up to what its day rows gave back.
 
-    Only the rows that gave something back are read, and the records of refunded requests (a semi-join on the
-    request refunds): a row that gave back nothing is right wherever none of its records was refunded, which the
-    records' side says. An incremental run compares each organization's UTC days that its window's usage records
-    were added to, and those its window's refunds gave back in (the days of the refunded requests' records, however
-    old), each organization's day whole; and the refunds posted in its window. An edit of another row is the weekly
-    full run's.
+    Only the rows that gave something back are read: a row that gave back nothing is right wherever none of its
+    records was refunded, which the records' side says. A full run reads the records of refunded requests (a
+    semi-join on the request refunds). An incremental run compares each organization's UTC days that its window's
+    usage records were added to, and those its window's refunds gave back in (the days of the refunded requests'
+    records, however old), each organization's day whole; and the refunds posted in its window. An edit of another
+    row is the weekly full run's. It reads every record of those days, each looking up its request's refund by its
+    job, and a refunded request's records from its job's creation on (the months' partitions before it are not
+    read): what it costs follows those days and that window, not the number of refunds made before
+    (``tests/bench/refunded_reconciliation.py``).
     """
     check = Check("refunded_rollups")
     request_refunds = CreditEntry.objects.filter(kind=EntryKind.REFUND, job__isnull=False).order_by()
@@ -731,7 +734,11 @@ def check_refunded_rollups(scope: Scope = FULL) -> Check:
     records = UsageRecord.objects.order_by()
     rollups = UsageRollup.objects.order_by().exclude(refunded_micros=0)
     tag_rows = EndUserRollup.objects.order_by().exclude(refunded_micros=0)
-    if not scope.full:
+    if scope.full:
+        records = metering.of_refunded_requests(records)  # a semi-join on every refund: few records among all
+    else:
+        # Every record of its days, each looking up its request's refund: what those days hold is read, whatever the
+        # number of refunds made before them.
         touched = _organization_days_touched(scope, refunds)
         check.figures["days"] = [day.isoformat() for day in sorted(touched)]
         check.figures["organization_days"] = sum(len(organizations) for organizations in touched.values())
@@ -740,7 +747,10 @@ def check_refunded_rollups(scope: Scope = FULL) -> Check:
         tag_rows = tag_rows.filter(_on_organization_days("bucket_start", touched))
 
     covered = (
-        metering.refunded_records(UsageRecord.objects.filter(job_id=OuterRef("job_id")))
+        metering.refunded_records(
+            # A record is never written before its job was created: the months' partitions before it are not read.
+            UsageRecord.objects.filter(job_id=OuterRef("job_id"), recorded_at__gte=OuterRef("job__created_at"))
+        )
         .order_by()
         .values("job_id")
         .annotate(total=Sum("cost_micros"))
@@ -764,7 +774,13 @@ def check_refunded_rollups(scope: Scope = FULL) -> Check:
         .values("organization_id", "day", "endpoint_id", "gpu_class", "api_key_id", "end_user")
         .annotate(micros=_total("cost_micros"), records=Count("id"))
     )
-    given_back = {"refunded_micros": _total("refunded_micros"), "rows": Count("id")}
+    # With each group, how many of its rows gave back less than nothing or more than they cost: the rows are read once.
+    outside = Q(refunded_micros__lt=0) | Q(refunded_micros__gt=F("cost_micros"))
+    given_back = {
+        "outside": Count("id", filter=outside),  # first: after it, "refunded_micros" names the sum, not the column
+        "refunded_micros": _total("refunded_micros"),
+        "rows": Count("id"),
+    }
     days: list[Any] = list(
         rollups.filter(granularity=Granularity.DAY)
         .annotate(day=F("bucket_start"))
@@ -812,17 +828,17 @@ def check_refunded_rollups(scope: Scope = FULL) -> Check:
     check.found("end_user_rollups_refunded_differ_from_refunds", len(differences), _refunds_and_rows(differences))
 
     row_fields = ("id", "organization_id", "bucket_start", "endpoint_id", "cost_micros", "refunded_micros")
-    outside = Q(refunded_micros__lt=0) | Q(refunded_micros__gt=F("cost_micros"))
-    check.found_in(
+    check.found(
         "rollup_refunded_outside_its_cost",
-        rollups.filter(outside).order_by("pk"),
-        *row_fields,
-        "granularity",
-        "gpu_class",
-        "key_id",
+        sum(row["outside"] for row in [*days, *hours]),
+        rollups.filter(outside)
+        .order_by("pk")
+        .values(*row_fields, "granularity", "gpu_class", "key_id")[:EXAMPLES_PER_KIND],
     )
-    check.found_in(
-        "end_user_rollup_refunded_outside_its_cost", tag_rows.filter(outside).order_by("pk"), *row_fields, "end_user"
+    check.found(
+        "end_user_rollup_refunded_outside_its_cost",
+        sum(row["outside"] for row in tag_days),
+        tag_rows.filter(outside).order_by("pk").values(*row_fields, "end_user")[:EXAMPLES_PER_KIND],
     )
 
     if scope.full:
@@ -849,8 +865,9 @@ def _organization_days_touched(scope: Scope, refunds: QuerySet[Any]) -> dict[dat
     days, however old)."""
     touched: dict[date, set[Any]] = {}
     stamped = scope.written(UsageRecord.objects.order_by(), "recorded_at")
+    # From each refund's job to its records, written after it was created: the months' partitions before are not read.
     refunded = UsageRecord.objects.order_by().filter(
-        job_id__in=refunds.values("job_id"), billable=True, cost_micros__gt=0
+        job_id__in=refunds.values("job_id"), recorded_at__gte=F("job__created_at"), billable=True, cost_micros__gt=0
     )
     for rows in (stamped, refunded):
         days = rows.annotate(day=TruncDay("recorded_at", tzinfo=UTC)).values_list("organization_id", "day").distinct()
@@ -1324,6 +1341,9 @@ def _snapshot(scope: Scope) -> Iterator[None]:
     the default costs PostgreSQL prices a scan of the whole other table below that many index lookups until the
     window is a small fraction of a percent of it (a hash join against all 1M attempts for 10k new jobs), which
     brings back the rescan of history this run exists to avoid; so hash and merge joins are off for its snapshot.
+    So is JIT compilation: PostgreSQL prices a per-row subquery as if it ran on every row a scan reads, and the price
+    of a few thousand index lookups in milliseconds then calls for seconds of compiling (the refund check's records
+    of its days: 55 ms to run, 2.4 s to compile, ``tests/bench/refunded_reconciliation.py``).
     """
     if connection.vendor != "postgresql" or connection.in_atomic_block:
         yield
@@ -1334,6 +1354,7 @@ def _snapshot(scope: Scope) -> Iterator[None]:
             if not scope.full:
                 cursor.execute("SET LOCAL enable_hashjoin = off")
                 cursor.execute("SET LOCAL enable_mergejoin = off")
+                cursor.execute("SET LOCAL jit = off")
         yield
 
 

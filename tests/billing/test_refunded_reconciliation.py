@@ -7,21 +7,23 @@ full runs and in the incremental runs whose window touched them (``billing.recon
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from unittest import mock
 
 import pytest
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F, Sum
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from hypothesis import strategies as st
 from hypothesis.stateful import invariant, precondition, rule
 
 from accounts.models import ApiKey, Organization, User
-from billing import metering, reconciliation
+from billing import metering, partitions, periods, reconciliation
 from billing.ledger import grant_credits, post_entry, refund_job
 from billing.locks import locked_account
 from billing.models import (
@@ -471,6 +473,48 @@ def test_an_incremental_run_leaves_rows_it_did_not_touch_to_the_full_run(refunde
     full = reconcile("full")
     assert kinds(full) == {DAY_DIFFERS, HOUR_DIFFERS, ORGANIZATION_DIFFERS}
     assert drift_of(full, DAY_DIFFERS)["examples"][0]["jobs"] == [str(old.pk)]
+
+
+PARTITION_READ = re.compile(r" on (billing_usagerecord_\w+)(?: \w+)?\s+\(actual time=\S+ rows=\d+ loops=(\d+)\)")
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="partitions are PostgreSQL's")
+@pytest.mark.usefixtures("no_overlap")
+def test_an_incremental_run_reads_no_month_before_its_refunded_requests_were_created(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint
+) -> None:
+    """A request's records are read from its job's creation on (none is written before): the monthly partitions of
+    the months before it are never read, by any of the check's queries (each one explained as it ran)."""
+    months = [periods.month_start()]
+    with connection.cursor() as cursor:
+        for _ in range(6):  # half a year of history, as a platform that has run that long has its months
+            months.insert(0, periods.month_start(months[0] - timedelta(days=1)))
+            partitions.create_month_partition(cursor, "billing_usagerecord", "recorded_at", months[0])
+    organization = tenant["organization"]
+    grant_credits(organization=organization, amount_micros=10 * MICROS_PER_DOLLAR, reason="room to spend")
+    old = settled_days_ago(organization, builtin_endpoint, 40)
+    created = periods.month_start(old.created_at)
+    assert created > months[0]
+    before_it = {partitions.partition_name("billing_usagerecord", month) for month in months if month < created}
+    its_own = partitions.partition_name("billing_usagerecord", periods.month_start(old.finished_at))
+    assert reconciliation.run_reconciliation().ok
+    refund_job(job=old)
+    scope = reconciliation.scope_of_next_run()
+    assert not scope.full
+
+    with CaptureQueriesContext(connection) as captured:
+        check = reconciliation.check_refunded_rollups(scope)
+
+    assert check.drift == []
+    assert check.checked == 1 + 1 + 2  # the refund, its record, its hour and day rows
+    read: set[str] = set()
+    with connection.cursor() as cursor:
+        for query in captured.captured_queries:
+            cursor.execute(f"EXPLAIN (ANALYZE, COSTS OFF) {query['sql']}")
+            plan = "\n".join(line for (line,) in cursor.fetchall())
+            read |= {name for name, loops in PARTITION_READ.findall(plan) if int(loops)}
+    assert its_own in read
+    assert not read & before_it, sorted(read & before_it)
 
 
 def test_the_rollup_admin_shows_what_was_refunded(refunded_books: dict[str, Any]) -> None:
