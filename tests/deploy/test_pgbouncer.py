@@ -162,7 +162,9 @@ def test_the_job_lifecycle_and_the_books_through_pgbouncer(postgresql: None, tmp
             ]
             assert {pool["pool_mode"] for pool in pools} == {"transaction"}
             stats = [row for row in bouncer.admin("SHOW STATS") if row["database"] == connection.settings_dict["NAME"]]
-            assert sum(int(row["total_xact_count"]) for row in stats) > 20 * len(submitted)
+            # At least a job's submission, dispatch, claim, heartbeat and finish each (more round trips than that: its
+            # reads, reservations and the workers' own).
+            assert sum(int(row["total_xact_count"]) for row in stats) > 5 * len(submitted)
             assert not any(pods.log_tail(name).count("does not exist") for name in pods.logs)
 
 
