@@ -428,7 +428,7 @@ class EndUserLimitAdmin(_HistoryAdmin):
 
 @admin.register(SpendAlert)
 class SpendAlertAdmin(_HistoryAdmin):
-    """Recorded once per threshold and period by the settlements that reached them (billing.alerts)."""
+    """Recorded once per threshold, period and limit by the settlements that reached them (billing.alerts)."""
 
     list_display = ("created_at", "organization", "event_type", "scope", "threshold", "period", "emailed_at")
     list_filter = ("event_type", "scope")

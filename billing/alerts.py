@@ -1,4 +1,4 @@
-"""Spend alerts: an organization is told, once per period, when its spend reaches a threshold it watches.
+"""Spend alerts: an organization is told, once per period and limit, when its spend reaches a threshold it watches.
 
 **What is watched** (``AlertSettings``, changed with ``controls.set_alert_settings``): percentages of the monthly
 budget and of each API key's monthly limit (50, 80 and 100% unless set), and a floor under the available credit.
@@ -11,6 +11,14 @@ floor is ``billing.credits_low``, once each time the credit goes below the floor
 that added credit and left the balance at or above the floor (``credit_period``), so credit added that leaves it
 below (a refund, a dispute won back) does not tell it again.
 
+**Per limit.** A percentage is told once per month for each budget (or key's limit) it is a percentage of: a budget
+changed during the month re-arms its percentages for the new figure. A customer who raised a used-up budget is told
+50%, 80% and used up again as the spend reaches them under the new one; thresholds the spend has already reached
+under a new budget when it is set (a budget lowered) are told at the next settlement, as any level is. A budget set
+back to a figure already told this month is not told again: its alerts are there. The period stays the UTC month,
+in the webhook's body and the API; the limit is the alert's ``limit_micros``. The credit floor's alert has no limit
+(its period is its own) and is not re-armed by a budget or a key's limit.
+
 **When.** Crossing is found after a settlement commits (``look_after_settlement``, on commit of the transaction
 that closed the attempt), never by polling. Each look is a level, not an edge: it finds every threshold the
 organization's committed spend has reached, not only those this settlement crossed. Settlements commit one after
@@ -20,9 +28,10 @@ look).
 
 **Exactly once.** Several settlements may see the same threshold reached at once. Each inserts its row with
 ``INSERT ... ON CONFLICT DO NOTHING RETURNING``, and the unique constraint on (organization, scope, subject,
-threshold, period) lets one of them have it: only the transaction that inserted the row creates its webhook
-delivery and queues its email, in the same transaction. A settlement of an organization that watches nothing pays
-nothing: ``Account.alerts_armed``, set once a budget, a key's limit or a floor is set, comes back with the debit.
+threshold, period, limit_key_micros) (``ONCE_PER``; the limit, 0 for the credit floor: a NULL never conflicts) lets
+one of them have it: only the transaction that inserted the row creates its webhook delivery and queues its email, in
+the same transaction. A settlement of an organization that watches nothing pays nothing: ``Account.alerts_armed``,
+set once a budget, a key's limit or a floor is set, comes back with the debit.
 
 **How it is told.** The row itself is the dashboard's notice; an email to every member who may manage billing
 (owners, admins, billing members: ``accounts.policy``), sent by a task with a claim on the row, and retried by
@@ -74,6 +83,8 @@ EMAIL_CLAIM_SECONDS = 600
 # The sweep leaves an alert's email this long to the task queued when the alert was made.
 EMAIL_SWEEP_AFTER_SECONDS = 30
 FULL = 100
+# What an alert is once for: the columns of its unique constraint (``spend_alert_once_per_limit``).
+ONCE_PER = ("organization", "scope", "subject", "threshold", "period", "limit_key_micros")
 
 
 @dataclass(frozen=True)
@@ -90,8 +101,15 @@ class Reached:
     available_micros: int
 
     @property
-    def key(self) -> tuple[str, str, int, str]:
-        return (self.scope, self.subject, self.threshold, self.period)
+    def limit_key_micros(self) -> int:
+        """The limit the alert is once for (``SpendAlert.limit_key_micros``): the budget or the key's limit, 0 for the
+        credit floor."""
+        return self.limit_micros if self.limit_micros is not None else 0
+
+    @property
+    def key(self) -> tuple[str, str, int, str, int]:
+        """What the alert is once for: its columns in the unique constraint, less the organization."""
+        return (self.scope, self.subject, self.threshold, self.period, self.limit_key_micros)
 
 
 def period_of(moment: datetime) -> str:
@@ -119,7 +137,8 @@ def look_after_settlement(record: UsageRecord, *, hold_micros: int) -> None:
 def look(
     *, organization_id: Any, api_key_id: Any = None, at: datetime | None = None, hold_micros: int = 0
 ) -> list[int]:
-    """Records an alert for every threshold reached and not yet recorded in its period; the ids of those it made."""
+    """Records an alert for every threshold reached and not yet recorded in its period for its limit; the ids of those
+    it made."""
     reached = reached_thresholds(
         organization_id=organization_id, api_key_id=api_key_id, at=at or timezone.now(), hold_micros=hold_micros
     )
@@ -127,7 +146,7 @@ def look(
         return []
     recorded = set(
         SpendAlert.objects.filter(organization_id=organization_id, period__in={item.period for item in reached})
-        .values_list("scope", "subject", "threshold", "period")
+        .values_list(*ONCE_PER[1:])
         .order_by()
     )
     new = [item for item in reached if item.key not in recorded]
@@ -255,22 +274,23 @@ def record_alerts(organization_id: Any, reached: list[Reached]) -> list[int]:
     """
     table = SpendAlert._meta.db_table
     fields = {field.name: field for field in SpendAlert._meta.concrete_fields}
-    names = ["organization", "scope", "subject", "threshold", "period", "event_type", "spent_micros", "limit_micros",
-             "available_micros", "created_at"]  # fmt: skip
+    names = ["organization", "scope", "subject", "threshold", "period", "limit_key_micros", "event_type",
+             "spent_micros", "limit_micros", "available_micros", "created_at"]  # fmt: skip
     now = timezone.now()
     rows: list[str] = []
     parameters: list[Any] = []
     for item in reached:
         values = {
             "organization": organization_id, "scope": item.scope, "subject": item.subject,
-            "threshold": item.threshold, "period": item.period, "event_type": item.event_type,
+            "threshold": item.threshold, "period": item.period, "limit_key_micros": item.limit_key_micros,
+            "event_type": item.event_type,
             "spent_micros": item.spent_micros, "limit_micros": item.limit_micros,
             "available_micros": item.available_micros, "created_at": now,
         }  # fmt: skip
         rows.append(f"({', '.join(['%s'] * len(names))})")
         parameters += [fields[name].get_db_prep_value(values[name], connection) for name in names]
     columns = {name: str(fields[name].column) for name in names}
-    unique = ", ".join(columns[name] for name in ("organization", "scope", "subject", "threshold", "period"))
+    unique = ", ".join(columns[name] for name in ONCE_PER)
     sql = (
         f"INSERT INTO {table} ({', '.join(columns.values())}) VALUES {', '.join(rows)} "  # noqa: S608
         f"ON CONFLICT ({unique}) DO NOTHING RETURNING {fields['id'].column}"

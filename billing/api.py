@@ -487,7 +487,7 @@ class AlertsView(ListAPIView[SpendAlert]):
     serializer_class = SpendAlertSerializer
     pagination_class = AlertPages
 
-    @extend_schema(summary="Spend alerts raised, newest first (each threshold once per period)")
+    @extend_schema(summary="Spend alerts raised, newest first (each threshold once per period and limit)")
     def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         return super().get(request, *args, **kwargs)
 

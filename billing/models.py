@@ -799,13 +799,17 @@ class AlertEvent(models.TextChoices):
 
 
 class SpendAlert(models.Model):
-    """One threshold an organization's spend reached in one period: the dashboard's notice, the email and the webhook.
+    """One threshold an organization's spend reached in one period under one limit: the dashboard's notice, the email
+    and the webhook.
 
-    One row per (organization, scope, subject, threshold, period), by a unique constraint: whichever settlements see
-    a threshold reached, however many at once, one inserts the row and only that one notifies. ``period`` is the UTC
-    month (``2026-12``) of a budget or a key's limit, and for the credit floor the last entry that added credit and
-    left the balance at or above the floor (``credit-<entry id>``, ``billing.alerts.credit_period``): low once each
-    time the credit goes below the floor from the floor or above.
+    One row per (organization, scope, subject, threshold, period, limit_key_micros), by a unique constraint: whichever
+    settlements see a threshold reached, however many at once, one inserts the row and only that one notifies.
+    ``period`` is the UTC month (``2026-12``) of a budget or a key's limit, and for the credit floor the last entry
+    that added credit and left the balance at or above the floor (``credit-<entry id>``,
+    ``billing.alerts.credit_period``): low once each time the credit goes below the floor from the floor or above.
+    ``limit_key_micros`` is the budget or the key's limit the threshold was reached under (0 for the credit floor):
+    a limit changed in the month is told its own thresholds, once each, and a limit it goes back to is not told again.
+    It is ``limit_micros`` made non-null, because NULLs never conflict in a unique constraint.
     """
 
     organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")
@@ -816,6 +820,9 @@ class SpendAlert(models.Model):
     event_type = models.CharField(max_length=32, choices=AlertEvent.choices)
     spent_micros = models.BigIntegerField(help_text="Spent in the period when it was reached (0 for credits).")
     limit_micros = models.BigIntegerField(null=True, blank=True, help_text="The budget or the key's limit.")
+    limit_key_micros = models.BigIntegerField(
+        default=0, help_text="The budget or the key's limit the alert is once for; 0 for the credit floor."
+    )
     available_micros = models.BigIntegerField(help_text="Available credit when it was reached.")
     created_at = models.DateTimeField(default=timezone.now)
     email_claimed_at = models.DateTimeField(null=True, blank=True)
@@ -826,7 +833,8 @@ class SpendAlert(models.Model):
         ordering = ("-created_at", "-id")
         constraints = [
             models.UniqueConstraint(
-                fields=["organization", "scope", "subject", "threshold", "period"], name="spend_alert_once_per_period"
+                fields=["organization", "scope", "subject", "threshold", "period", "limit_key_micros"],
+                name="spend_alert_once_per_limit",
             )
         ]
         indexes = [

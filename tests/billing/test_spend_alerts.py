@@ -1,6 +1,7 @@
-"""Spend alerts (billing/alerts.py): each threshold an organization watches is told once per period, by email to the
-people who manage its billing, by a signed webhook to its billing webhook URL and on the dashboard; found after a
-settlement commits; and set, audited, on the dashboard and through ``/v1/billing/alerts/settings``.
+"""Spend alerts (billing/alerts.py): each threshold an organization watches is told once per period and limit (a
+budget or key's limit changed in the month is told its own), by email to the people who manage its billing, by a
+signed webhook to its billing webhook URL and on the dashboard; found after a settlement commits; and set, audited,
+on the dashboard and through ``/v1/billing/alerts/settings``.
 
 Jobs run through the real services (tests/lifecycle.py) and their on-commit work runs as it would after COMMIT
 (``django_capture_on_commit_callbacks(execute=True)``); webhooks go to a real HTTP receiver on 127.0.0.1.
@@ -8,16 +9,20 @@ Jobs run through the real services (tests/lifecycle.py) and their on-commit work
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from collections.abc import Callable, Iterator
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from django.apps import apps as django_apps
 from django.core import mail
+from django.db import connection
 from django.test import Client
 from django.utils import timezone
 from rest_framework.test import APIClient
@@ -210,6 +215,184 @@ def test_a_keys_limit_is_watched_at_its_own_thresholds(
     for _ in range(16):
         settle({**tenant, "api_key": other}, builtin_endpoint)
     assert len(alert_rows(organization)) == 1
+
+
+def spend_until_refused(tenant: dict[str, Any], endpoint: Endpoint, settle: Callable[..., Job]) -> int:
+    """Settles the tenant's requests until admission refuses one for its spend limit; how many settled."""
+    settled = 0
+    refused = None
+    while refused is None:
+        try:
+            settle(tenant, endpoint)
+        except SubmissionRefused as exc:
+            refused = exc
+        else:
+            settled += 1
+    assert refused.error_type == "spend_limit_exceeded"
+    return settled
+
+
+def told(organization: Any) -> list[tuple[str, str, int, str, int | None]]:
+    """The alerts recorded, oldest first: scope, event, threshold, period and the limit each was told for."""
+    rows = SpendAlert.objects.filter(organization=organization).order_by("pk")
+    return list(rows.values_list("scope", "event_type", "threshold", "period", "limit_micros"))
+
+
+# Django's clock held in its hour: one month's spend even when the test crosses a month's end.
+def test_a_budget_changed_in_the_month_is_told_at_its_own_thresholds_once_each(
+    tenant: dict[str, Any],
+    builtin_endpoint: Endpoint,
+    settle: Callable[..., Job],
+    receiver: LocalServer,
+    sent_tasks: list[tuple[str, list[Any]]],
+    clock_held_in_the_hour: datetime,
+) -> None:
+    organization = tenant["organization"]
+    settle(tenant, builtin_endpoint)  # measured: admission now holds 240 µ$ for each of these requests
+    controls.set_monthly_budget(organization=organization, budget_micros=5 * JOB_COST)
+    controls.set_alert_settings(organization=organization, webhook_url=receiver.url("/billing-hooks"))
+    month = this_month()
+    exhausted, reached = AlertEvent.BUDGET_EXHAUSTED, AlertEvent.THRESHOLD_REACHED
+    budget = AlertScope.BUDGET
+    assert spend_until_refused(tenant, builtin_endpoint, settle) == 3  # 800 of 1,000: 200 left, under a hold
+    first = [(budget, reached, 50, month, 1_000), (budget, reached, 80, month, 1_000),
+             (budget, exhausted, 100, month, 1_000)]  # fmt: skip
+    assert told(organization) == first
+
+    # Raised: its thresholds are armed again, for the new budget, and told as the spend reaches them.
+    controls.set_monthly_budget(organization=organization, budget_micros=20 * JOB_COST)
+    settle(tenant, builtin_endpoint)
+    assert told(organization) == first  # 1,000 of 4,000: nothing of the new budget reached yet
+    assert spend_until_refused(tenant, builtin_endpoint, settle) == 14  # 3,800 of 4,000
+    second = [(budget, reached, 50, month, 4_000), (budget, reached, 80, month, 4_000),
+              (budget, exhausted, 100, month, 4_000)]  # fmt: skip
+    assert told(organization) == first + second
+
+    # Each told once, by webhook and by email, as any alert; the public period stays the month.
+    made = list(SpendAlert.objects.filter(organization=organization).order_by("pk"))
+    assert sorted(args[0] for name, args in sent_tasks if name == EMAIL_TASK) == [alert.pk for alert in made]
+    deliveries = {
+        delivery.message_id: delivery.pk for delivery in WebhookDelivery.objects.filter(organization=organization)
+    }
+    assert sorted(deliveries) == sorted(alerts.message_id_of(alert) for alert in made)
+    for alert in made[3:]:
+        assert deliver(deliveries[alerts.message_id_of(alert)])
+    bodies = [verify_standard_webhooks(organization.pk, request)["data"] for request in receiver.received]
+    assert sorted((data["threshold_percent"], data["period"], data["limit_micros"]) for data in bodies) == [
+        (50, month, 4_000), (80, month, 4_000), (100, month, 4_000)
+    ]  # fmt: skip
+    listed = tenant["client"].get("/v1/billing/alerts").json()["results"]
+    assert [(item["threshold_percent"], item["period"], item["limit_micros"]) for item in listed[:3]] == [
+        (100, month, 4_000), (80, month, 4_000), (50, month, 4_000)
+    ]  # fmt: skip
+
+    # Back to a budget already told this month, and up again: nothing is told twice.
+    for limit in (5 * JOB_COST, 20 * JOB_COST, 5 * JOB_COST):
+        controls.set_monthly_budget(organization=organization, budget_micros=limit)
+        with pytest.raises(SubmissionRefused):
+            settle(tenant, builtin_endpoint)
+        assert alerts.look(organization_id=organization.pk, hold_micros=240) == []
+    assert told(organization) == first + second
+    assert WebhookDelivery.objects.filter(organization=organization).count() == 6
+
+
+# Django's clock held in its hour: one month's spend even when the test crosses a month's end.
+def test_a_budget_lowered_under_the_spend_is_told_at_the_next_settlement(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, settle: Callable[..., Job], clock_held_in_the_hour: datetime
+) -> None:
+    organization = tenant["organization"]
+    settle(tenant, builtin_endpoint)
+    controls.set_monthly_budget(organization=organization, budget_micros=10 * JOB_COST)
+    for _ in range(4):
+        settle(tenant, builtin_endpoint)
+    assert [row[2:] for row in told(organization)] == [(50, this_month(), 2_000)]  # 1,000 of 2,000
+    controls.set_monthly_budget(organization=organization, budget_micros=8 * JOB_COST)
+    settle(tenant, builtin_endpoint)  # 1,200 of 1,600: the new budget's 50% was reached already, told now
+    assert [row[2:] for row in told(organization)] == [(50, this_month(), 2_000), (50, this_month(), 1_600)]
+
+
+# Django's clock held in its hour: one month's spend even when the test crosses a month's end.
+def test_a_keys_limit_changed_in_the_month_is_told_at_its_own_thresholds_once_each(
+    tenant: dict[str, Any],
+    builtin_endpoint: Endpoint,
+    settle: Callable[..., Job],
+    sent_tasks: list[tuple[str, list[Any]]],
+    django_capture_on_commit_callbacks: Callable[..., Any],
+    settings: Any,
+    clock_held_in_the_hour: datetime,
+) -> None:
+    settings.OUTBOUND_ALLOW_PRIVATE = True  # never called here: deliveries are only counted
+    organization, api_key = tenant["organization"], tenant["api_key"]
+    settle(tenant, builtin_endpoint)
+    controls.set_alert_settings(organization=organization, key_thresholds=[50, 100], webhook_url="http://127.0.0.1:9/")
+
+    def limit_key(limit: int) -> None:
+        with django_capture_on_commit_callbacks(execute=True):
+            controls.set_key_limit(api_key=api_key, monthly_limit_micros=limit)
+
+    limit_key(5 * JOB_COST)
+    month, key = this_month(), AlertScope.KEY
+    assert spend_until_refused(tenant, builtin_endpoint, settle) == 3
+    first = [
+        (key, AlertEvent.THRESHOLD_REACHED, 50, month, 1_000),
+        (key, AlertEvent.BUDGET_EXHAUSTED, 100, month, 1_000),
+    ]
+    assert told(organization) == first
+    limit_key(10 * JOB_COST)
+    assert spend_until_refused(tenant, builtin_endpoint, settle) == 5  # 1,800 of 2,000
+    second = [
+        (key, AlertEvent.THRESHOLD_REACHED, 50, month, 2_000),
+        (key, AlertEvent.BUDGET_EXHAUSTED, 100, month, 2_000),
+    ]
+    assert told(organization) == first + second
+    assert {alert.subject for alert in SpendAlert.objects.filter(organization=organization)} == {str(api_key.pk)}
+    made = list(SpendAlert.objects.filter(organization=organization).order_by("pk"))
+    assert sorted(args[0] for name, args in sent_tasks if name == EMAIL_TASK) == [alert.pk for alert in made]
+    assert sorted(WebhookDelivery.objects.filter(organization=organization).values_list("message_id", flat=True)) == (
+        sorted(alerts.message_id_of(alert) for alert in made)
+    )
+    for limit in (5 * JOB_COST, 10 * JOB_COST):  # limits already told this month: nothing new
+        limit_key(limit)
+        assert alerts.look(organization_id=organization.pk, api_key_id=api_key.pk, hold_micros=240) == []
+    assert told(organization) == first + second
+
+
+def test_the_credit_floor_is_told_once_whatever_the_budget_does(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, settle: Callable[..., Job]
+) -> None:
+    organization = tenant["organization"]
+    settle(tenant, builtin_endpoint)
+    account = Account.objects.get(pk=organization.pk)
+    grant_credits(organization=organization, amount_micros=2_000 - account.available_micros, reason="test",
+                  kind=EntryKind.ADJUSTMENT)  # fmt: skip
+    controls.set_alert_settings(organization=organization, credit_floor_micros=1_700, budget_thresholds=[])
+    settle(tenant, builtin_endpoint)
+    settle(tenant, builtin_endpoint)  # 1,600 available: below the floor
+    for budget in (10 * JOB_COST, 20 * JOB_COST, None, 10 * JOB_COST):
+        controls.set_monthly_budget(organization=organization, budget_micros=budget)
+        settle(tenant, builtin_endpoint)
+    low = SpendAlert.objects.filter(organization=organization, scope=AlertScope.CREDITS)
+    assert [(alert.threshold, alert.limit_micros, alert.limit_key_micros) for alert in low] == [(1_700, None, 0)]
+    assert low.get().period.startswith("credit-")
+
+
+def test_the_alerts_told_before_the_limit_was_their_key_keep_their_limit(tenant: dict[str, Any]) -> None:
+    """billing/migrations/0017 keys the alerts already told by the limit they were told for (0 for the credit floor), so
+    a budget or key's limit already told this month is not told again once it is released."""
+    migration = importlib.import_module("billing.migrations.0017_spend_alert_once_per_limit")
+    organization, month, key = tenant["organization"], this_month(), str(tenant["api_key"].pk)
+    told_before = [(AlertScope.BUDGET, "", 80, month, 1_000), (AlertScope.KEY, key, 100, month, 500),
+                   (AlertScope.CREDITS, "", 700, "credit-0", None)]  # fmt: skip
+    for scope, subject, threshold, period, limit in told_before:
+        SpendAlert.objects.create(
+            organization=organization, scope=scope, subject=subject, threshold=threshold, period=period,
+            event_type=AlertEvent.CREDITS_LOW, spent_micros=0, limit_micros=limit, available_micros=0,
+        )  # fmt: skip
+    migration.fill_limit_keys(django_apps, SimpleNamespace(connection=connection))
+    rows = SpendAlert.objects.filter(organization=organization).order_by("pk")
+    assert list(rows.values_list("scope", "limit_key_micros")) == [
+        (AlertScope.BUDGET, 1_000), (AlertScope.KEY, 500), (AlertScope.CREDITS, 0)
+    ]  # fmt: skip
 
 
 def test_low_credit_is_told_once_per_refill(
