@@ -323,8 +323,9 @@ def redispatch_stale() -> int:
     A job's message went out at ``sent_at``. A dispatched job without one (dispatched before the column existed, or
     set DISPATCHED by an operator or by SQL) counts from when it was dispatched, else from when it was submitted: left
     out, a lost message of such a job would never be sent again, and the job would hold a slot of its organization
-    for ever. Read through ``job_status_sent`` (status, sent_at), whose DISPATCHED rows are only the jobs waiting
-    for a worker's claim (each holds a slot of its organization): few, whatever the table holds.
+    for ever. Read through the index that starts with the status (``job_status_class_dispatched``), whose DISPATCHED
+    rows are only the jobs waiting for a worker's claim (each holds a slot of its organization): few, whatever the
+    table holds. ``sent_at`` has no index: a message sent again changes it alone, a HOT update.
 
     A job sent again waits twice as long as it had waited before the next time (``_due_again``): a message that
     waits behind a worker's backlog is not lost, and a copy of it every minute would grow the class's queue, which

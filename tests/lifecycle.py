@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from django.db import connection
 from django.db.models import Sum
 
@@ -94,3 +95,13 @@ def summed_active(organization_id: Any) -> int:
     """The sum of the organization's rows that the jobs table's triggers keep (PostgreSQL)."""
     total = ActiveJobCount.objects.filter(organization_id=organization_id).aggregate(total=Sum("jobs"))["total"]
     return int(total or 0)
+
+
+def on_postgresql_in_transactions(why_not_elsewhere: str) -> list[pytest.MarkDecorator]:
+    """A module's marks for tests of what runs on PostgreSQL alone (``why_not_elsewhere``: what SQLite does instead),
+    with transactions of their own (the code under test commits) and a price in force with no broker."""
+    return [
+        pytest.mark.django_db(transaction=True),
+        pytest.mark.usefixtures("priced_without_broker"),
+        pytest.mark.skipif(connection.vendor != "postgresql", reason=why_not_elsewhere),
+    ]

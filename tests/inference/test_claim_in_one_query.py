@@ -20,18 +20,9 @@ from accounts import statements
 from billing.models import UsageRecord
 from inference import attempts, closing, endpoints, job_events, worker
 from inference.models import AttemptOutcome, Endpoint, Job, JobAttempt, JobLog, JobStatus
-from tests.lifecycle import finish
+from tests.lifecycle import finish, on_postgresql_in_transactions
 
-pytestmark = [
-    pytest.mark.django_db(transaction=True),
-    pytest.mark.usefixtures("priced_without_broker"),
-]
-
-
-@pytest.fixture(autouse=True)
-def postgresql_only() -> None:
-    if connection.vendor != "postgresql":
-        pytest.skip("SQLite claims in a transaction of Django's")
+pytestmark = on_postgresql_in_transactions("SQLite claims in a transaction of Django's")
 
 
 def test_the_worker_tells_a_job_s_waiters_it_runs_from_its_heartbeat_s_thread(

@@ -22,18 +22,9 @@ from billing.models import Account, EntryKind, Hold
 from inference import dispatch, job_events, submission
 from inference.models import Endpoint, Job, JobLog, JobStatus
 from tests import sessions
-from tests.lifecycle import SMALL, submit_as
+from tests.lifecycle import SMALL, on_postgresql_in_transactions, submit_as
 
-pytestmark = [
-    pytest.mark.django_db(transaction=True),
-    pytest.mark.usefixtures("priced_without_broker"),
-]
-
-
-@pytest.fixture(autouse=True)
-def postgresql_only() -> None:
-    if connection.vendor != "postgresql":
-        pytest.skip("SQLite submits in a transaction of Django's (one writer at a time)")
+pytestmark = on_postgresql_in_transactions("SQLite submits in a transaction of Django's (one writer at a time)")
 
 
 @pytest.fixture

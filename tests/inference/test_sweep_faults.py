@@ -57,15 +57,18 @@ def test_with_neither_time_it_counts_from_its_submission(
 
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's plan")
-def test_the_stale_jobs_are_read_through_the_status_and_sent_at_index(sent: list[tuple[str, int, str]]) -> None:
+@pytest.mark.parametrize("look", [dispatch.redispatch_stale, closing.reap_expired_leases], ids=["resend", "reap"])
+def test_the_sweep_reads_its_jobs_through_the_index_by_status(look: Any, sent: list[tuple[str, int, str]]) -> None:
+    """The dispatched jobs not claimed, and the running ones whose lease lapsed: a range of the index that starts
+    with the status (few rows, whatever the table holds), none of its own on ``sent_at`` or ``lease_expires_at``."""
     with CaptureQueriesContext(connection) as queries:
-        dispatch.redispatch_stale()
+        look()
     (look,) = [query["sql"] for query in queries.captured_queries if query["sql"].startswith("SELECT")]
     with connection.cursor() as cursor:
         cursor.execute("SET LOCAL enable_seqscan = off")  # the table is nearly empty: only a usable index is taken
         cursor.execute(f"EXPLAIN {look}")
         plan = "\n".join(row[0] for row in cursor.fetchall())
-    assert "job_status_sent" in plan, plan
+    assert "job_status_class_dispatched" in plan, plan
     assert "Seq Scan" not in plan, plan
 
 
