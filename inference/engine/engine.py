@@ -4,8 +4,9 @@ Text to image runs through the engine's own denoising loop, which mirrors stock 
 operation (so with the lossless settings an image equals stock's up to float rounding, and in float32 on a CPU it is
 usually bit-identical), and adds what the stock loop cannot do: several requests in one call with their own seeds,
 prompts and guidance, prompt embeddings kept across requests, cancellation of one request in a batch (its rows leave
-the batch at the next step), feature caching and CUDA graphs. Image to image runs through diffusers' own pipeline on
-the same optimized modules, one request at a time.
+the batch at the next step), feature caching and CUDA graphs. Image to image runs through diffusers' own denoising loop
+on the same optimized modules, one request at a time. Both decode their latents in the engine's own code
+(`inference.engine.decoding`), so that a decode cut short by a time limit can start over.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from inference.engine.decoding import DecodeAgain, decode_images, decoded_once_more
 from inference.engine.feature_cache import FeatureCache, cached_unet_forward, check_supported
 from inference.engine.kinds import PipelineKind
 from inference.engine.loading import Pipeline, pipeline_for_kind
@@ -41,7 +43,6 @@ from inference.engine.runtime import (
     BatchIncompatible,
     BatchRun,
     Cancelled,
-    DecodeAgain,
     GenerationRequest,
     GenerationResult,
     MemberCancelled,
@@ -185,8 +186,7 @@ class Engine:
         `on_cancelled(member, cancelled)` is called at once, so its caller can close it while the others go on.
         `previews` (`inference.engine.previews`): the requests that want a picture of their latents every few steps.
         `decode_again(exc)`: asked when an exception cuts short the decoding of a batch past its last step (a time
-        limit); answered True, the decoding starts over, once (text to image: the engine's own decode; diffusers'
-        image-to-image call decodes inside itself and is not asked).
+        limit); answered True, the decoding starts over, once.
         """
         if not requests:
             raise ValueError("an empty batch")
@@ -194,7 +194,10 @@ class Engine:
         if requests[0].init_image is not None:
             if len(requests) > 1:
                 raise BatchIncompatible("image-to-image requests run one at a time")
-            return [self._image_to_image(requests[0], options, on_step, should_cancel, on_cancelled, previews)]
+            image_to_image = self._image_to_image(
+                requests[0], options, on_step, should_cancel, on_cancelled, previews, decode_again
+            )
+            return [image_to_image]
         keys = {batch_key(request) for request in requests}
         if len(keys) != 1:
             raise BatchIncompatible("a batch needs one size, one number of steps and guidance on or off for all")
@@ -212,6 +215,7 @@ class Engine:
         should_cancel: MemberCheck | None,
         on_cancelled: MemberCancelled | None,
         previews: PreviewOptions | None,
+        decode_again: DecodeAgain | None,
     ) -> GenerationResult | Cancelled:
         pipeline = self.pipeline(PipelineKind.IMAGE_TO_IMAGE)
         try:
@@ -223,6 +227,7 @@ class Engine:
                     should_cancel=None if should_cancel is None else (lambda: should_cancel(0)),
                     inference_mode=options.inference_mode,
                     previews=previews,
+                    decode_again=decode_again,
                 )
         except Cancelled as cancelled:
             if on_cancelled is not None:
@@ -393,12 +398,7 @@ class _TextToImageRun(BatchRun):
     def _delivered(self, rows: _Rows) -> list[GenerationResult | Cancelled]:
         """Past the last step the work is done: decoded and handed out. An exception that cuts it short is put to
         `decode_again`; answered True (a soft time limit, with time left before the hard one), it starts over once."""
-        try:
-            return self._decoded(rows)
-        except Exception as exc:
-            if self.decode_again is None or not self.decode_again(exc):
-                raise
-        return self._decoded(rows)
+        return decoded_once_more(lambda: self._decoded(rows), self.decode_again)
 
     def _decoded(self, rows: _Rows) -> list[GenerationResult | Cancelled]:
         images = self._decode(rows.latents, rows.generators)
@@ -555,11 +555,7 @@ class _TextToImageRun(BatchRun):
             image = vae.decode(latents, return_dict=False)[0]
             images: list[Image.Image] = pipe.image_processor.postprocess(image, output_type="pil")
             return images
-        image = vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=generators)[0]
-        decoded: list[Image.Image] = pipe.image_processor.postprocess(
-            image, output_type="pil", do_denormalize=[True] * image.shape[0]
-        )
-        return decoded
+        return decode_images(pipe, latents, generators)
 
 
 def sdxl_time_ids(

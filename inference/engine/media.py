@@ -14,6 +14,9 @@ the image engine adds around its loop, as far as these pipelines allow:
   Frame-level stops do not exist: every frame of a clip is denoised together at every step;
 - video frames delivered exactly as asked: LTX makes ``k * r + 1`` frames (``r`` its VAE's temporal compression),
   so the engine asks for the smallest such count that covers the request and drops the extra frames at the end;
+- the decode started over once when Celery's soft time limit cuts it short (``decode_again``), so that finished work
+  is delivered, not thrown away: the call stops at its latents and the engine decodes them itself, as the pipeline
+  would (`inference.engine.decoding`);
 - the optimization profile's keys that apply to these models: ``inference_mode``, ``precision``, ``compile``
   (the transformer: its repeated blocks, or whole), ``prompt_cache``, ``max_batch_size``, ``batch_wait_ms``, and
   ``small_head_attention`` (LTX-Video's attention heads of 8 or 16 channels in the engine's CPU kernel, the tiny
@@ -38,6 +41,7 @@ from diffusers.pipelines.ltx.pipeline_ltx import LTXPipeline
 from diffusers.pipelines.stable_audio.pipeline_stable_audio import StableAudioPipeline
 from PIL import Image, ImageOps
 
+from inference.engine.decoding import DecodeAgain, decode_audio, decode_video, decoded_once_more
 from inference.engine.kinds import Family, PipelineKind
 from inference.engine.loading import Pipeline, base_family, pipeline_for_kind
 from inference.engine.optimize import ModuleOptimizations, compiling
@@ -46,7 +50,6 @@ from inference.engine.runtime import (
     BatchIncompatible,
     BatchRun,
     Cancelled,
-    DecodeAgain,
     GenerationRequest,
     GenerationResult,
     MemberCancelled,
@@ -216,8 +219,8 @@ class MediaEngine:
         """Each request's result, or the `Cancelled` that ended it, in order (`Engine.run_batch`'s contract).
 
         `options` is the image engine's `RunOptions` (its `inference_mode` and `prompt_cache` apply here). Video and
-        audio have no previews: `previews` is accepted and ignored. Their decode runs inside diffusers' call, which
-        cannot start it over: `decode_again` is accepted and never asked.
+        audio have no previews: `previews` is accepted and ignored. `decode_again(exc)` is asked when an exception cuts
+        short the decoding of the batch past its last step; answered True, the decoding starts over, once.
         """
         if not requests:
             raise ValueError("an empty batch")
@@ -232,7 +235,8 @@ class MediaEngine:
         keep = int(getattr(options, "prompt_cache", 0))
         with self._lock, compiling(self.optimizations), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_TORCHSDE_WARNINGS)
-            return _MediaRun(self, list(requests), keep, on_step, should_cancel, on_cancelled).run(inference_mode)
+            run = _MediaRun(self, list(requests), keep, on_step, should_cancel, on_cancelled, decode_again)
+            return run.run(inference_mode)
 
     def encoded(self, prompt: str, negative_prompt: str, *, guided: bool, keep: int) -> _Encoded:
         """The text encoder's outputs for one prompt (and its negative, when guided), from the cache when `keep` > 0.
@@ -298,10 +302,12 @@ class _MediaRun(BatchRun):
         on_step: OnStep | None,
         should_cancel: MemberCheck | None,
         on_cancelled: MemberCancelled | None,
+        decode_again: DecodeAgain | None = None,
     ) -> None:
         super().__init__(requests, on_step, should_cancel, on_cancelled)
         self.engine = engine
         self.keep = keep
+        self.decode_again = decode_again
         self.first = requests[0]
         self.rows_stay = True  # one call of diffusers' pipeline: its batch keeps every row to the end
 
@@ -310,26 +316,46 @@ class _MediaRun(BatchRun):
             return self._outcomes()
         pipeline = self.engine.pipeline(self.first.kind)
         arguments = self._arguments()
-        try:
-            # Without inference mode this is the stock call: diffusers' pipelines run under no_grad.
-            with torch.inference_mode(inference_mode):
+        # Without inference mode this is the stock call: diffusers' pipelines (and the decode) run under no_grad.
+        with torch.inference_mode(inference_mode):
+            try:
                 output = pipeline(**arguments)
-        except _AllLeft:
-            return self._outcomes()
+            except _AllLeft:
+                return self._outcomes()
+            latents = output.audios if self.first.kind is PipelineKind.TEXT_TO_AUDIO else output.frames
+            # Past the last step the work is done: decoded and delivered, started over once if a time limit cuts it.
+            decoded = decoded_once_more(
+                lambda: self._decode(pipeline, latents, arguments["generator"]), self.decode_again
+            )
         run_ms = self.elapsed_ms()
         for member in self.active:
             if self.first.kind is PipelineKind.TEXT_TO_AUDIO:
-                clip = np.asarray(output.audios[member], dtype=np.float32)
+                clip = np.asarray(decoded[member], dtype=np.float32)
                 result = GenerationResult(
                     images=[], steps=self.total_steps, run_ms=run_ms, audios=[clip], sample_rate=self.engine.sample_rate
                 )
             else:
-                frames = to_uint8_frames(np.asarray(output.frames[member])[: self.requests[member].num_frames])
+                frames = to_uint8_frames(np.asarray(decoded[member])[: self.requests[member].num_frames])
                 result = GenerationResult(
                     images=[], steps=self.total_steps, run_ms=run_ms, videos=[frames], frame_rate=self.first.frame_rate
                 )
             self.outcomes[member] = result
         return self._outcomes()
+
+    def _decode(self, pipeline: Pipeline, latents: torch.Tensor, generators: list[torch.Generator]) -> np.ndarray:
+        """The batch's outputs from its final latents, one per row: a clip's frames (floats in [0, 1]), or its audio
+        samples cut to the length asked."""
+        first = self.first
+        if first.kind is PipelineKind.TEXT_TO_AUDIO:
+            return decode_audio(pipeline, latents, seconds=first.audio_seconds)
+        return decode_video(
+            pipeline,
+            latents,
+            num_frames=frames_to_generate(first.num_frames, self.engine.temporal_compression),
+            height=first.height,
+            width=first.width,
+            generators=generators,
+        )
 
     def _arguments(self) -> dict[str, Any]:
         """The pipeline call for the whole batch: one row per request, each with its own generator."""
@@ -342,7 +368,8 @@ class _MediaRun(BatchRun):
             "num_inference_steps": first.num_inference_steps,
             "guidance_scale": first.guidance_scale,
             "generator": generators,
-            "output_type": "np",
+            # Decoded by the engine (`_decode`), where a decode cut short can start over.
+            "output_type": "latent",
         }
         if self.keep:
             arguments.update(self._embeddings())

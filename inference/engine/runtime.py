@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from inference.engine.decoding import DecodeAgain, decode_images, decoded_once_more
 from inference.engine.kinds import PipelineKind
 from inference.engine.loading import Pipeline, pipeline_kind
 from inference.engine.previews import LatentProjection, PreviewOptions, make_preview
@@ -131,13 +132,16 @@ def run_pipeline(
     should_cancel: ShouldCancel | None = None,
     inference_mode: bool = True,
     previews: PreviewOptions | None = None,
+    decode_again: DecodeAgain | None = None,
 ) -> GenerationResult:
-    """Generate `request`'s images with diffusers' own pipeline call (the engine's loop is `Engine.run_batch`).
+    """Generate `request`'s images with diffusers' own denoising loop (the engine's loop is `Engine.run_batch`).
 
     `on_step(step, total)` is called after each denoising step (1..total). `should_cancel()` is asked before
     each step (before the first, and after each one but the last); when it answers True the run stops there and
     `Cancelled` is raised. `previews` asks for a picture of the current latents every few steps (the request is
-    member 0 of `previews.members`).
+    member 0 of `previews.members`). The pipeline stops at its latents and they are decoded here, as the pipeline
+    decodes them (`inference.engine.decoding`): `decode_again(exc)` is asked when an exception cuts the decode short;
+    answered True, the decode starts over, once.
     One run at a time per pipeline object: diffusers keeps per-call state on the pipeline.
     """
     if pipeline_kind(pipeline) is not request.kind:
@@ -179,7 +183,7 @@ def run_pipeline(
         "num_inference_steps": request.num_inference_steps,
         "guidance_scale": request.guidance_scale,
         "generator": generators,
-        "output_type": "pil",
+        "output_type": "latent",
         "callback_on_step_end": step_ended,
     }
     if request.init_image is None:
@@ -188,10 +192,11 @@ def run_pipeline(
         # The img2img pipeline takes its size from the image.
         arguments.update(image=_fit(request.init_image, request.width, request.height), strength=request.strength)
 
-    # Without inference mode this is the stock call: diffusers' pipelines run under no_grad.
+    # Without inference mode this is the stock call: diffusers' pipelines (and the decode) run under no_grad.
     with torch.inference_mode(inference_mode):
-        output = pipeline(**arguments)
-    return GenerationResult(images=list(output.images), steps=request.total_steps, run_ms=elapsed_ms())
+        latents = pipeline(**arguments).images
+        images = decoded_once_more(lambda: decode_images(pipeline, latents, generators), decode_again)
+    return GenerationResult(images=images, steps=request.total_steps, run_ms=elapsed_ms())
 
 
 def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -203,8 +208,6 @@ def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
 
 MemberCheck = Callable[[int], bool]
 MemberCancelled = Callable[[int, Cancelled], None]
-# Asked when an exception cuts short the decoding of a batch past its last step: decode it once more?
-DecodeAgain = Callable[[Exception], bool]
 
 
 class BatchRun:

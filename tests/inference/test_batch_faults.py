@@ -6,6 +6,8 @@ Transactional: the heartbeat renews leases from its own thread and database conn
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import time
 from types import SimpleNamespace
@@ -14,13 +16,20 @@ from unittest import mock
 
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.autoencoders.autoencoder_kl_ltx import AutoencoderKLLTXVideo
+from diffusers.models.autoencoders.autoencoder_oobleck import AutoencoderOobleck
 from django.db import OperationalError
 
 from billing.models import UsageRecord
 from inference import attempts, closing, worker
+from inference import dispatch as dispatching
+from inference.dispatch import dispatch_organization
+from inference.engine import BatchMeter
 from inference.engine import engine as engine_module
-from inference.models import AttemptOutcome, Job, JobAttempt, JobStatus
-from tests.inference.test_batch_vacated_rows import metered_work
+from inference.models import AttemptOutcome, Endpoint, Job, JobAttempt, JobStatus
+from tests.inference.test_batch_vacated_rows import Clock, metered_work
+from tests.inference.test_media_endpoints import png_data_uri
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -208,6 +217,101 @@ def test_a_soft_time_limit_while_the_batch_is_decoded_still_delivers_its_finishe
     for job, attempt in zip(jobs, closed, strict=True):
         record = UsageRecord.objects.get(job=job)
         assert record.unbilled_gpu_ms == attempt.cold_start_ms + attempt.wasted_ms
+
+
+# Every other kind the platform serves: the endpoint, a job's input, the VAE that decodes the batch, how many jobs share
+# one call (image to image and image to video run alone), and where a job's output is in its result.
+DECODED_KINDS: dict[str, tuple[str, dict[str, Any], type[Any], int, str]] = {
+    "text-to-video": (
+        "tiny-ltx-video",
+        {"prompt": "a lighthouse", "num_frames": 5, "num_inference_steps": 2},
+        AutoencoderKLLTXVideo,
+        2,
+        "video",
+    ),
+    "image-to-video": (
+        "tiny-ltx-video/image-to-video",
+        {"prompt": "a lighthouse", "image_url": png_data_uri((64, 64)), "num_frames": 5, "num_inference_steps": 2},
+        AutoencoderKLLTXVideo,
+        1,
+        "video",
+    ),
+    "text-to-audio": (
+        "tiny-stable-audio",
+        {"prompt": "rain", "seconds_total": 0.5, "steps": 2},
+        AutoencoderOobleck,
+        2,
+        "audio_file",
+    ),
+    "image-to-image": (
+        "tiny-sd/image-to-image",
+        {"prompt": "a red fox", "image_url": png_data_uri((64, 64)), "num_inference_steps": 4, "strength": 0.5},
+        AutoencoderKL,
+        1,
+        "images",
+    ),
+}
+STEP_MS = 31.25  # a denoising step of the whole batch, on the batch meter's clock
+DECODE_MS = 15.625  # a whole decode
+
+
+@pytest.mark.parametrize("interrupted", [1, 2], ids=["once", "again on the second try"])
+@pytest.mark.parametrize("kind", list(DECODED_KINDS))
+def test_a_soft_time_limit_while_a_video_audio_or_image_to_image_batch_is_decoded_still_delivers_it(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch, kind: str, interrupted: int
+) -> None:
+    """As an image batch: these pipelines decoded inside diffusers' own call, where a decode cut short could not start
+    over, so Celery's soft time limit landing in the VAE after the last step ended every job as a timeout, its work
+    thrown away unbilled. The engine decodes their latents itself now: decoded again and delivered, each job billed
+    its own work, the decode cut short wasted (the batch meter's clock moves by the steps and the decodes alone)."""
+    path, payload, vae_class, batch_size, output = DECODED_KINDS[kind]
+    monkeypatch.setattr(dispatching, "send_run_message", lambda *message: True)
+    organization = tenant["organization"]
+    type(organization).objects.filter(pk=organization.pk).update(concurrency_limit=20)
+    jobs = []
+    for seed in range(1, batch_size + 1):
+        response = tenant["client"].post(
+            f"/queue/platform/{path}", data=json.dumps({**payload, "seed": seed}), content_type="application/json"
+        )
+        assert response.status_code == 200, response.content
+        jobs.append(Job.objects.get(pk=response.json()["request_id"]))
+    dispatch_organization(organization.pk)
+    clock, cut_short_ms, tries = Clock(), 62.5, [0]
+    real_progress, real_decode = worker.Heartbeat.progress, vae_class.decode
+
+    def progress(self: worker.Heartbeat, step: int, total: int) -> None:
+        clock.spend(STEP_MS)
+        real_progress(self, step, total)
+
+    def decode(self: Any, *args: Any, **kwargs: Any) -> Any:
+        tries[0] += 1
+        if tries[0] <= interrupted:
+            clock.spend(cut_short_ms)
+            raise SoftTimeLimitExceeded()
+        clock.spend(DECODE_MS)
+        return real_decode(self, *args, **kwargs)
+
+    monkeypatch.setattr(worker, "BatchMeter", functools.partial(BatchMeter, clock=clock))
+    monkeypatch.setattr(worker.Heartbeat, "progress", progress)
+    monkeypatch.setattr(vae_class, "decode", decode)
+    worker.execute(str(jobs[0].id), jobs[0].attempt)
+
+    assert tries == [2]  # decoded again once, whatever cuts the second decode short
+    if interrupted == 2:
+        # Celery sends its soft limit once; anything that cuts the second decode short ends the batch as before.
+        assert [state[1:] for state in states(jobs)] == [("timeout", [AttemptOutcome.ERRORED])] * batch_size
+        assert not any(UsageRecord.objects.get(job=job).billable for job in jobs)
+        return
+    assert states(jobs) == [(JobStatus.COMPLETED, "", [AttemptOutcome.SUCCEEDED])] * batch_size
+    assert_billed_once(jobs)
+    assert all(Job.objects.get(pk=job.pk).result[output] for job in jobs)
+    closed = [JobAttempt.objects.get(job=job) for job in jobs]
+    # The batch's time is all there: billed, and the decode that was cut short wasted, shared by the jobs by images.
+    assert sum(attempt.gpu_ms + attempt.wasted_ms for attempt in closed) == math.ceil(clock.spent_ms)
+    assert abs(sum(attempt.wasted_ms for attempt in closed) - cut_short_ms) < batch_size
+    assert all(abs(attempt.wasted_ms - cut_short_ms / batch_size) < 2 for attempt in closed)
+    for job, attempt in zip(jobs, closed, strict=True):
+        assert UsageRecord.objects.get(job=job).unbilled_gpu_ms == attempt.cold_start_ms + attempt.wasted_ms
 
 
 def test_a_soft_time_limit_in_the_last_step_still_ends_the_batch_as_a_timeout(dispatch: Any) -> None:
