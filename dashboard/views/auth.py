@@ -4,12 +4,14 @@ Log in and password reset are Django's views with throttled forms (accounts/logi
 proves the address before anything is created: the form only sends an email, the same page follows whether
 or not the address has an account (a link to choose a password, or a note to the owner that someone tried),
 so neither sign-up nor password reset tells anyone which addresses have accounts. A password reset does not tell by
-its time either: the request hands the address to a worker (``dashboard.tasks``), which looks it up and sends the link.
+its time either: the request hands the address to a worker (``dashboard.tasks``), which looks it up and sends the link
+(a thread of the web process does, when the broker is down).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from celery import current_app
@@ -18,6 +20,7 @@ from django.contrib.auth import login
 from django.contrib.auth import views as auth_views
 from django.core import signing
 from django.core.mail import send_mail
+from django.db import connections
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import redirect, render
 from django.template.loader import render_to_string
@@ -36,7 +39,7 @@ from accounts.login_protection import (
 from accounts.models import User
 from accounts.services import AccountsError, Actor, sign_up
 from dashboard.access import SESSION_KEY, resolve
-from dashboard.forms import ChoosePasswordForm, PasswordResetForm, SignUpForm
+from dashboard.forms import ChoosePasswordForm, PasswordResetForm, SignUpForm, send_password_reset_email
 from dashboard.tasks import RESET_TASK
 
 logger = logging.getLogger(__name__)
@@ -77,12 +80,30 @@ class PasswordResetView(auth_views.PasswordResetView):
 
 
 def request_password_reset(*, email: str, domain: str, use_https: bool) -> None:
-    """One message for the worker, the same for every address. A broker that is down loses it (logged): the page
-    answers the same, and the visitor asks again."""
+    """One message for the worker, the same for every address. A broker that is down does not lose it: the email is
+    looked up and sent by a thread of this process instead (logged), after the answer as a worker would, so the
+    answer is still the same, in content and in time, for every address."""
     try:
         current_app.send_task(RESET_TASK, args=[email, domain, use_https], retry=False)
     except Exception as exc:
-        logger.warning("broker refused a password reset email: %s; it is not sent", exc)
+        logger.warning("broker refused a password reset email: %s; sending it from this process", exc)
+        threading.Thread(
+            target=_send_here,
+            kwargs={"email": email, "domain": domain, "use_https": use_https},
+            name="password-reset",
+            daemon=True,
+        ).start()
+
+
+def _send_here(*, email: str, domain: str, use_https: bool) -> None:
+    """The worker's half of a password reset, on a thread of the web process; its database connection closed at the
+    end (Django opens one per thread, and a thread's is never closed for it)."""
+    try:
+        send_password_reset_email(email=email, domain=domain, use_https=use_https)
+    except Exception:
+        logger.exception("a password reset email could not be sent")
+    finally:
+        connections.close_all()
 
 
 class PasswordResetConfirmView(auth_views.PasswordResetConfirmView):
