@@ -428,6 +428,14 @@ COMMIT: Statement = ("COMMIT", ())
 # relies on: its COMMIT does not wait for the WAL to reach the disk (it is durable once anything after it commits
 # durably, the WAL being written in order). For what is redone if lost (``inference.dispatch.dispatch_statements``).
 NO_WAIT_FOR_DISK: Statement = ("SET LOCAL synchronous_commit = off", ())
+# Among ``in_turn``'s statements on PostgreSQL, in a transaction after transactions that did not wait for the disk
+# (``NO_WAIT_FOR_DISK``): its COMMIT waits for the WAL to reach the disk, however little the transaction wrote, and
+# with it every earlier commit of the server, the WAL being flushed in order. A transactional logical decoding message
+# (a WAL record, and the transaction id that makes its COMMIT a commit record; any role may write one, at any
+# wal_level) with nothing in it. So a query can make its work visible to other sessions at once, without waiting for
+# the disk, and still end, and answer its caller, only once that work is durable: the wait comes after the work,
+# not in the middle of it (``inference.submission``).
+DURABLE_FROM_HERE: Statement = ("SELECT pg_logical_emit_message(true, 'platform', '')", ())
 _NOT_PREPARED = {COMMIT[0], NO_WAIT_FOR_DISK[0]}
 
 

@@ -306,3 +306,30 @@ def test_a_dispatch_that_fails_after_the_submission_committed_leaves_the_job_to_
     assert Hold.objects.filter(job=job, released_at=None).exists()
     monkeypatch.undo()
     assert dispatch.dispatch_organization(tenant["organization"].pk) == 1  # what the sweep does
+
+
+def test_the_submission_is_on_disk_when_it_is_answered_not_before_its_dispatch(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its two transactions commit without waiting for the disk, so the worker can see the dispatch at once; the
+    query's last transaction waits for the WAL's flush, which takes both with it, before the query ends."""
+    grant_credits(organization=tenant["organization"], amount_micros=100_000_000, reason="durability test")
+    in_turn, durable_at = statements.in_turn, []
+
+    def recorded(cursor: Any, *sent: Any, **kwargs: Any) -> None:
+        if statements.DURABLE_FROM_HERE in sent:
+            commits = [index for index, statement in enumerate(sent) if statement == statements.COMMIT]
+            marker = sent.index(statements.DURABLE_FROM_HERE)
+            assert sent[0] == statements.NO_WAIT_FOR_DISK  # the submission's own transaction
+            assert sent[commits[0] + 1] == statements.NO_WAIT_FOR_DISK  # the dispatch's
+            assert marker == commits[-1] + 1  # the last transaction, after both
+            kwargs["rows"] = {**kwargs.get("rows", {}), marker: durable_at}
+        in_turn(cursor, *sent, **kwargs)
+
+    monkeypatch.setattr(statements, "in_turn", recorded)
+    job = submit_as(tenant, builtin_endpoint)
+    [(message_lsn,)] = durable_at
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_current_wal_flush_lsn() >= %s::pg_lsn", [message_lsn])
+        assert cursor.fetchone() == (True,)
+    assert Job.objects.get(pk=job.pk).status == JobStatus.DISPATCHED
