@@ -43,7 +43,7 @@ from django.db import connection, transaction
 from django.db.backends.utils import CursorWrapper
 from django.utils import timezone
 
-from billing.periods import month_start, next_month  # migration 0013 reads them here too
+from billing.periods import month_start, next_month
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,9 @@
 """The opening rate card: what each GPU class costs per second before an operator changes it, and what the built-in
-video and audio endpoints cost per second of output (as fal bills video and audio)."""
+video and audio endpoints cost per second of output (as fal bills video and audio).
+
+Migrations 0002 and 0011 wrote these lines from copies of their own, so a change here reaches an existing database
+only through a migration of its own; tests that empty the database put them back with the functions below.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ OPENING_FROM = datetime(2020, 1, 1, tzinfo=UTC)
 
 
 def ensure_opening_prices(price_model: Any) -> None:
-    """Inserts the opening lines if missing (the migration passes its historical model)."""
+    """Inserts the opening lines if missing."""
     for gpu_class, micros in OPENING_PRICES.items():
         price_model.objects.get_or_create(
             gpu_class=gpu_class,

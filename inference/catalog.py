@@ -2,8 +2,9 @@
 (text to video, and its image-to-video sub-path) and a tiny Stable Audio Open (text to audio).
 
 Real diffusers classes with random weights built from config (nothing is downloaded): the outputs
-are noise, but every line of the real pipeline runs. Created by migrations 0002 (images) and 0008 (video and
-audio); tests that empty the database put them back with ``ensure_builtin_endpoints``.
+are noise, but every line of the real pipeline runs. Migrations 0002 (images) and 0009 (video and audio) created
+them from copies of these specs of their own, so a change here reaches an existing database only through a migration
+of its own; tests that empty the database put them back with ``ensure_builtin_endpoints``.
 """
 
 from __future__ import annotations
@@ -105,9 +106,9 @@ MEDIA_ENDPOINTS: list[dict[str, Any]] = [
 BUILTIN_ENDPOINTS = IMAGE_ENDPOINTS + MEDIA_ENDPOINTS
 
 
-def ensure_builtin_endpoints(endpoint_model: Any, specs: list[dict[str, Any]] | None = None) -> None:
-    """Creates the built-ins (or ``specs`` of them) if missing; an operator's later edits to them are kept."""
-    for spec in BUILTIN_ENDPOINTS if specs is None else specs:
+def ensure_builtin_endpoints(endpoint_model: Any) -> None:
+    """Creates the built-ins if missing; an operator's later edits to them are kept."""
+    for spec in BUILTIN_ENDPOINTS:
         identity = {key: spec[key] for key in ("owner", "name", "path")}
         defaults = {key: value for key, value in spec.items() if key not in identity}
         endpoint_model.objects.get_or_create(**identity, defaults=defaults)

@@ -4,13 +4,44 @@
 # per-output line, the seconds of video and audio each usage record and rollup counts, and the built-in video and
 # audio endpoints' opening lines (per second of output).
 
+from datetime import UTC, datetime
+from typing import Any
+
 from django.db import migrations, models
 
-from billing.rates import ensure_media_prices
+# The built-in video and audio endpoints' opening lines as billing.rates had them when this migration was written,
+# copied: a migration keeps the rows it wrote, whatever that module becomes. Per second of output delivered, by
+# endpoint (owner, name, path); the video lines priced by resolution tier.
+OPENING_FROM = datetime(2020, 1, 1, tzinfo=UTC)
+MEDIA_PRICES: dict[tuple[str, str, str], dict[str, Any]] = {
+    ("platform", "tiny-ltx-video", ""): {
+        "unit": "video_second",
+        "unit_price_micros": 20_000,
+        "resolution_tiers": [{"max_short_side": 64, "unit_price_micros": 10_000}],
+    },
+    ("platform", "tiny-ltx-video", "image-to-video"): {
+        "unit": "video_second",
+        "unit_price_micros": 20_000,
+        "resolution_tiers": [{"max_short_side": 64, "unit_price_micros": 10_000}],
+    },
+    ("platform", "tiny-stable-audio", ""): {"unit": "audio_second", "unit_price_micros": 1_000, "resolution_tiers": []},
+}
 
 
 def forwards(apps, schema_editor):
-    ensure_media_prices(apps.get_model("billing", "Price"), apps.get_model("inference", "Endpoint"))
+    """The lines, if missing (and if their endpoints exist)."""
+    Price = apps.get_model("billing", "Price")
+    Endpoint = apps.get_model("inference", "Endpoint")
+    for (owner, name, path), line in MEDIA_PRICES.items():
+        endpoint = Endpoint.objects.filter(owner=owner, name=name, path=path).first()
+        if endpoint is None:
+            continue
+        Price.objects.get_or_create(
+            endpoint=endpoint,
+            organization=None,
+            effective_from=OPENING_FROM,
+            defaults={**line, "gpu_class": "", "note": "Opening rate card: per second of output"},
+        )
 
 
 class Migration(migrations.Migration):

@@ -5,13 +5,38 @@ lock: the settlements wait for it, so run it at a quiet hour (10M records: see t
 plain table; the key model exists only in Django's state there.
 """
 
-from django.db import migrations, models
+from datetime import UTC, datetime
 
-from billing import partitions
+from django.db import migrations, models
 
 TABLE = "billing_usagerecord"
 OLD = "billing_usagerecord_unpartitioned"
 KEY = "billing_usagerecordkey"
+
+# The months as billing.partitions cut and named them when this migration was written, copied: a migration keeps the
+# schema it made, whatever that module becomes. One partition per UTC month (billing_usagerecord_p2026_12), from the
+# oldest record's month to the third after this one, and a default partition.
+MONTHS_AHEAD = 3
+DEFAULT_PARTITION = f"{TABLE}_default"
+
+
+def month_start(moment):
+    """The first instant of ``moment``'s UTC month."""
+    moment = moment.astimezone(UTC)
+    return datetime(moment.year, moment.month, 1, tzinfo=UTC)
+
+
+def next_month(start):
+    return datetime(start.year + start.month // 12, start.month % 12 + 1, 1, tzinfo=UTC)
+
+
+def create_month_partition(cursor, month):
+    # The partitioned table is new, made above in this transaction: no month has its partition yet, and its default
+    # partition holds no rows (they are copied in once every month is made), which billing.partitions checks for.
+    name = f"{TABLE}_p{month:%Y_%m}"
+    start, end = month.isoformat(), next_month(month).isoformat()
+    cursor.execute(f"CREATE TABLE \"{name}\" PARTITION OF \"{TABLE}\" FOR VALUES FROM ('{start}') TO ('{end}')")
+
 
 TRIGGERS = f"""
 CREATE FUNCTION billing_usage_record_key_insert() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -88,16 +113,16 @@ def partition_usage_records(apps, schema_editor):
             f"CREATE TABLE {TABLE} (LIKE {OLD} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING IDENTITY) "
             "PARTITION BY RANGE (recorded_at)"
         )
-        cursor.execute(f"CREATE TABLE {partitions.default_partition(TABLE)} PARTITION OF {TABLE} DEFAULT")
+        cursor.execute(f"CREATE TABLE {DEFAULT_PARTITION} PARTITION OF {TABLE} DEFAULT")
         cursor.execute(f"SELECT min(recorded_at) FROM {OLD}")
         (oldest,) = cursor.fetchone()
-        month = partitions.month_start(oldest or _now())
-        last = partitions.month_start(_now())
-        for _ in range(partitions.MONTHS_AHEAD):
-            last = partitions.next_month(last)
+        month = month_start(oldest or _now())
+        last = month_start(_now())
+        for _ in range(MONTHS_AHEAD):
+            last = next_month(last)
         while month <= last:
-            partitions.create_month_partition(cursor, TABLE, "recorded_at", month)
-            month = partitions.next_month(month)
+            create_month_partition(cursor, month)
+            month = next_month(month)
         cursor.execute(f"INSERT INTO {TABLE} SELECT * FROM {OLD}")
         cursor.execute(f"SELECT setval(pg_get_serial_sequence('{TABLE}', 'id'), coalesce(max(id), 0) + 1, false) FROM {OLD}")
 

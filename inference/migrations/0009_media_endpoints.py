@@ -8,17 +8,78 @@ from typing import Any
 import django.core.validators
 from django.db import migrations, models
 
-from inference.catalog import MEDIA_ENDPOINTS, ensure_builtin_endpoints
+# The built-in video and audio endpoints as inference.catalog had them when this migration was written, copied: a
+# migration keeps the rows it wrote, whatever that module becomes. Sizes and lengths stay small: LTX attends over
+# every latent pixel of every latent frame at once (a 128x128 clip of 33 frames is 9,216 tokens), which a CPU worker
+# must still finish in seconds.
+VIDEO: dict[str, Any] = {
+    "weights": "builtin:tiny-ltx-video",
+    "gpu_class": "cpu",
+    "max_width": 128,
+    "max_height": 128,
+    "max_steps": 50,
+    "max_images": 1,
+    "max_frames": 33,
+    "max_fps": 24,
+    "default_width": 64,
+    "default_height": 64,
+    "default_steps": 4,
+    "default_guidance_scale": 3.0,
+    "default_num_frames": 16,
+    "default_fps": 8,
+}
+
+MEDIA_ENDPOINTS: list[dict[str, Any]] = [
+    {
+        **VIDEO,
+        "owner": "platform",
+        "name": "tiny-ltx-video",
+        "path": "",
+        "kind": "text-to-video",
+        "title": "Tiny LTX-Video",
+        "description": "An LTX-Video pipeline at toy size with random weights: H.264 noise, billed per second.",
+    },
+    {
+        **VIDEO,
+        "owner": "platform",
+        "name": "tiny-ltx-video",
+        "path": "image-to-video",
+        "kind": "image-to-video",
+        "title": "Tiny LTX-Video, image to video",
+        "description": "The same tiny pipeline, starting from an input image as its first frame.",
+    },
+    {
+        "owner": "platform",
+        "name": "tiny-stable-audio",
+        "path": "",
+        "kind": "text-to-audio",
+        "title": "Tiny Stable Audio Open",
+        "description": "Stable Audio Open at toy size with random weights: 16 kHz stereo noise, billed per second.",
+        "weights": "builtin:tiny-stable-audio",
+        "gpu_class": "cpu",
+        "max_steps": 100,
+        "max_images": 1,
+        "max_audio_seconds": 8,
+        "default_steps": 8,
+        "default_guidance_scale": 7.0,
+        "default_audio_seconds": 2,
+    },
+]
+IDENTITY = ("owner", "name", "path")
 
 
 def create(apps: Any, schema_editor: Any) -> None:
-    ensure_builtin_endpoints(apps.get_model("inference", "Endpoint"), MEDIA_ENDPOINTS)
+    """The endpoints, if missing: an operator's edits to one are kept."""
+    Endpoint = apps.get_model("inference", "Endpoint")
+    for spec in MEDIA_ENDPOINTS:
+        defaults = {key: value for key, value in spec.items() if key not in IDENTITY}
+        Endpoint.objects.get_or_create(**{key: spec[key] for key in IDENTITY}, defaults=defaults)
 
 
 def remove(apps: Any, schema_editor: Any) -> None:
     Endpoint = apps.get_model("inference", "Endpoint")
     for spec in MEDIA_ENDPOINTS:
-        Endpoint.objects.filter(owner=spec["owner"], name=spec["name"], path=spec["path"]).delete()
+        Endpoint.objects.filter(**{key: spec[key] for key in IDENTITY}).delete()
 
 
 class Migration(migrations.Migration):

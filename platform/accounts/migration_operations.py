@@ -1,4 +1,9 @@
-"""Migration operations the apps' migrations share (platform core: every app may import it)."""
+"""Migration operations the apps' migrations share (platform core: every app may import it).
+
+Besides these, a migration imports no application code but the callables its fields and managers name (defaults,
+``UserManager``), as Django writes them. Each operation is generic (what it builds, the migration passes it), and every
+migration that uses one replays whatever it does now: a change must keep what each of them makes the same.
+"""
 
 from __future__ import annotations
 
