@@ -248,7 +248,11 @@ class UsageRecord(models.Model):
     outcome = models.CharField(max_length=16)
     billable = models.BooleanField()
     gpu_ms = models.PositiveBigIntegerField(help_text="Billed GPU time (0 when the attempt is not billable).")
-    unbilled_gpu_ms = models.PositiveBigIntegerField(help_text="Cold start, and all GPU time of unbilled attempts.")
+    unbilled_gpu_ms = models.PositiveBigIntegerField(
+        help_text="GPU time not billed: the cold start, the attempt's part of its batch's waste (JobAttempt.wasted_ms: "
+        "rows of a request that left, a decode cut short and done again), all GPU time of an unbilled attempt, and "
+        "what the job's hold or the balance did not cover."
+    )
     price = models.ForeignKey(Price, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
     unit = models.CharField(max_length=16, choices=PriceUnit.choices)
     billable_units = models.DecimalField(max_digits=20, decimal_places=6)
