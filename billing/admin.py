@@ -35,6 +35,7 @@ from billing.controls import set_monthly_budget
 from billing.ledger import BillingError, grant_credits, refund_job
 from billing.models import (
     Account,
+    AlertScope,
     CreditEntry,
     EndUserLimit,
     EntryKind,
@@ -430,9 +431,15 @@ class EndUserLimitAdmin(_HistoryAdmin):
 class SpendAlertAdmin(_HistoryAdmin):
     """Recorded once per threshold, period and limit by the settlements that reached them (billing.alerts)."""
 
-    list_display = ("created_at", "organization", "event_type", "scope", "threshold", "period", "emailed_at")
+    list_display = ("created_at", "organization", "event_type", "scope", "threshold", "limit", "period", "emailed_at")
     list_filter = ("event_type", "scope")
     list_select_related = ("organization",)
+
+    @admin.display(description="limit", ordering="limit_key_micros")
+    def limit(self, alert: SpendAlert) -> str:
+        """The budget or the key's limit the alert was told for ($0.00 for a budget of $0); none for the credit floor,
+        whose threshold is the floor itself."""
+        return "—" if alert.scope == AlertScope.CREDITS else format_micros(alert.limit_key_micros)
 
 
 # --- The usage ledger ---------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from accounts.models import AuditEvent, Organization, User
 from billing.ledger import grant_credits
 from billing.models import (
     Account,
+    AlertEvent,
+    AlertScope,
     CreditEntry,
     EntryKind,
     Granularity,
@@ -28,6 +30,7 @@ from billing.models import (
     Price,
     PriceUnit,
     ReconciliationRun,
+    SpendAlert,
     StripeEvent,
     UsageRecord,
     UsageRollup,
@@ -100,6 +103,31 @@ def test_every_billing_page_renders(operator: Client, organization: Organization
     index = operator.get("/admin/").content.decode()
     assert "Reconciliation runs" in index
     assert "Credit entries" in index
+
+
+def test_the_spend_alerts_list_shows_the_limit_each_was_told_for(operator: Client, organization: Organization) -> None:
+    """A budget changed in the month tells its thresholds again: the list tells them apart by the limit each was told
+    for, in dollars; the credit floor's has none."""
+    told = {"organization": organization, "spent_micros": 0, "available_micros": 0}
+    for limit in (25_000_000, 40_500_000):
+        SpendAlert.objects.create(
+            scope=AlertScope.BUDGET,
+            event_type=AlertEvent.THRESHOLD_REACHED,
+            threshold=50,
+            period="2026-12",
+            limit_micros=limit,
+            limit_key_micros=limit,
+            **told,
+        )
+    SpendAlert.objects.create(
+        scope=AlertScope.CREDITS, event_type=AlertEvent.CREDITS_LOW, threshold=5_000_000, period="credit-1", **told
+    )
+    listing = operator.get("/admin/billing/spendalert/")
+    assert listing.status_code == 200
+    page = listing.content.decode()
+    assert 'column-limit">' in page
+    cells = [cell.split("<")[0] for cell in page.split('<td class="field-limit">')[1:]]
+    assert sorted(cells) == ["$25.00", "$40.50", "—"]
 
 
 def test_ledger_lists_do_not_grow_queries_with_their_rows(
