@@ -13,6 +13,7 @@ import importlib
 import json
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
@@ -67,6 +68,41 @@ def settle(
     return run
 
 
+@dataclass(frozen=True)
+class WatchedBudget:
+    """A tenant whose monthly budget is watched: the built-in endpoint it runs, how one of its requests is settled, the
+    receiver of its alerts' webhooks and the Celery tasks sent."""
+
+    tenant: dict[str, Any]
+    endpoint: Endpoint
+    settle: Callable[..., Job]
+    receiver: LocalServer
+    sent_tasks: list[tuple[str, list[Any]]]
+
+
+@pytest.fixture
+def watch_budget(
+    tenant: dict[str, Any],
+    builtin_endpoint: Endpoint,
+    settle: Callable[..., Job],
+    receiver: LocalServer,
+    sent_tasks: list[tuple[str, list[Any]]],
+    clock_held_in_the_hour: datetime,
+) -> Callable[[int], WatchedBudget]:
+    """Gives the tenant a monthly budget of so many micro-dollars, watched at the default thresholds with its webhooks
+    sent to the receiver, once a request has measured the endpoint (admission then holds 240 µ$ for each request).
+    Django's clock held in its hour: one month's spend even when the test crosses a month's end."""
+
+    def watch(budget_micros: int) -> WatchedBudget:
+        organization = tenant["organization"]
+        settle(tenant, builtin_endpoint)
+        controls.set_monthly_budget(organization=organization, budget_micros=budget_micros)
+        controls.set_alert_settings(organization=organization, webhook_url=receiver.url("/billing-hooks"))
+        return WatchedBudget(tenant, builtin_endpoint, settle, receiver, sent_tasks)
+
+    return watch
+
+
 def alert_rows(organization: Any) -> list[tuple[str, str, int, str]]:
     rows = SpendAlert.objects.filter(organization=organization).order_by("scope", "threshold", "period")
     return list(rows.values_list("scope", "event_type", "threshold", "period"))
@@ -95,19 +131,12 @@ def this_month() -> str:
     return f"{timezone.now():%Y-%m}"
 
 
-# Django's clock held in its hour: one month's spend even when the test crosses a month's end.
 def test_the_budgets_thresholds_are_each_told_once_by_email_webhook_and_dashboard(
-    tenant: dict[str, Any],
-    builtin_endpoint: Endpoint,
-    settle: Callable[..., Job],
-    receiver: LocalServer,
-    sent_tasks: list[tuple[str, list[Any]]],
-    clock_held_in_the_hour: datetime,
+    watch_budget: Callable[[int], WatchedBudget],
 ) -> None:
-    organization = tenant["organization"]
-    settle(tenant, builtin_endpoint)  # measured: admission now holds 240 µ$ for each of these requests
-    controls.set_monthly_budget(organization=organization, budget_micros=10 * JOB_COST)
-    controls.set_alert_settings(organization=organization, webhook_url=receiver.url("/billing-hooks"))
+    watched = watch_budget(10 * JOB_COST)
+    tenant, builtin_endpoint, settle, receiver = watched.tenant, watched.endpoint, watched.settle, watched.receiver
+    organization, sent_tasks = tenant["organization"], watched.sent_tasks
     billing_member = add_member(
         organization=organization,
         user=tenant["user"].__class__.objects.create_user("books@example.com"),
@@ -238,19 +267,12 @@ def told(organization: Any) -> list[tuple[str, str, int, str, int | None]]:
     return list(rows.values_list("scope", "event_type", "threshold", "period", "limit_micros"))
 
 
-# Django's clock held in its hour: one month's spend even when the test crosses a month's end.
 def test_a_budget_changed_in_the_month_is_told_at_its_own_thresholds_once_each(
-    tenant: dict[str, Any],
-    builtin_endpoint: Endpoint,
-    settle: Callable[..., Job],
-    receiver: LocalServer,
-    sent_tasks: list[tuple[str, list[Any]]],
-    clock_held_in_the_hour: datetime,
+    watch_budget: Callable[[int], WatchedBudget],
 ) -> None:
-    organization = tenant["organization"]
-    settle(tenant, builtin_endpoint)  # measured: admission now holds 240 µ$ for each of these requests
-    controls.set_monthly_budget(organization=organization, budget_micros=5 * JOB_COST)
-    controls.set_alert_settings(organization=organization, webhook_url=receiver.url("/billing-hooks"))
+    watched = watch_budget(5 * JOB_COST)
+    tenant, builtin_endpoint, settle, receiver = watched.tenant, watched.endpoint, watched.settle, watched.receiver
+    organization, sent_tasks = tenant["organization"], watched.sent_tasks
     month = this_month()
     exhausted, reached = AlertEvent.BUDGET_EXHAUSTED, AlertEvent.THRESHOLD_REACHED
     budget = AlertScope.BUDGET
