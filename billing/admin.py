@@ -431,9 +431,16 @@ class EndUserLimitAdmin(_HistoryAdmin):
 class SpendAlertAdmin(_HistoryAdmin):
     """Recorded once per threshold, period and limit by the settlements that reached them (billing.alerts)."""
 
-    list_display = ("created_at", "organization", "event_type", "scope", "threshold", "limit", "period", "emailed_at")
+    list_display = (
+        "created_at", "organization", "event_type", "scope", "threshold_told", "limit", "period", "emailed_at",
+    )  # fmt: skip
     list_filter = ("event_type", "scope")
     list_select_related = ("organization",)
+
+    @admin.display(description="threshold", ordering="threshold")
+    def threshold_told(self, alert: SpendAlert) -> str:
+        """A percentage of the limit, or for the credit floor the floor itself, in dollars."""
+        return format_micros(alert.threshold) if alert.scope == AlertScope.CREDITS else f"{alert.threshold}%"
 
     @admin.display(description="limit", ordering="limit_key_micros")
     def limit(self, alert: SpendAlert) -> str:

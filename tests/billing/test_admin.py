@@ -105,7 +105,9 @@ def test_every_billing_page_renders(operator: Client, organization: Organization
     assert "Credit entries" in index
 
 
-def test_the_spend_alerts_list_shows_the_limit_each_was_told_for(operator: Client, organization: Organization) -> None:
+def test_the_spend_alerts_list_shows_the_limit_and_threshold_each_was_told_for(
+    operator: Client, organization: Organization
+) -> None:
     """A budget changed in the month tells its thresholds again: the list tells them apart by the limit each was told
     for, in dollars; the credit floor's has none."""
     told = {"organization": organization, "spent_micros": 0, "available_micros": 0}
@@ -128,6 +130,9 @@ def test_the_spend_alerts_list_shows_the_limit_each_was_told_for(operator: Clien
     assert 'column-limit">' in page
     cells = [cell.split("<")[0] for cell in page.split('<td class="field-limit">')[1:]]
     assert sorted(cells) == ["$25.00", "$40.50", "—"]
+    # The thresholds: a budget's percentage, the credit floor in dollars (it was micro-dollars: 5000000).
+    thresholds = [cell.split("<")[0] for cell in page.split('<td class="field-threshold_told">')[1:]]
+    assert sorted(thresholds) == ["$5.00", "50%", "50%"]
 
 
 def test_ledger_lists_do_not_grow_queries_with_their_rows(
