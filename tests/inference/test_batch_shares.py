@@ -147,6 +147,66 @@ def test_time_written_off_is_wasted_not_billed() -> None:
     assert meter.total_ms() == 250
 
 
+def test_the_end_of_the_engine_call_charges_the_vacated_rows_time_until_then_unread() -> None:
+    """Nothing reads the meter between a leave and the engine's call ending: the time in between still ran the
+    vacated rows, so its part of it is wasted, not billed to those still in."""
+    clock = Clock()
+    meter = BatchMeter([1, 1, 2], clock=clock)
+    clock.advance(0.0625)  # 15.625 an image
+    assert meter.leave([1], rows_stay=True) == {1: 15}
+    clock.advance(0.125)  # over four rows: 31.25 to member 0, 62.5 to member 2, 31.25 to the vacated row
+    meter.free_rows()
+    clock.advance(0.0625)  # over their three rows: 20.833 and 41.667
+    # The same figures as when a heartbeat read the shares before the call ended (billed 78 and 157 if this stretch
+    # were charged after the rows were freed: the vacated row's 31.25 ms billed to members 0 and 2).
+    assert meter.leave([0]) == {0: 67}
+    assert meter.leave([2]) == {2: 136}
+    assert meter.wasted == {0: 11, 1: 0, 2: 21}
+    assert meter.total_ms() == 250
+
+
+def test_several_vacated_rows_are_wasted_in_full() -> None:
+    clock = Clock()
+    meter = BatchMeter([2, 1, 1], clock=clock)
+    clock.advance(0.0625)  # 31.25, 15.625, 15.625
+    assert meter.leave([0], rows_stay=True) == {0: 31}  # its two rows run on, unused
+    clock.advance(0.125)  # 31.25 a row: members 1 and 2 31.25 each of their own, the two vacated rows' 62.5 halved
+    assert meter.leave([1]) == {1: 46}  # floor(15.625 + 31.25 = 46.875)
+    assert meter.wasted[1] == 32  # floor(46.875 + 31.25 = 78.125) - 46
+    clock.advance(0.0625)  # member 2 and the two vacated rows: 20.833 of its own, 41.667 wasted
+    # Member 2: 67.708 of its own, 72.917 wasted; 250 - 31 - 78 = 141 left for it, 67.885 of them billed.
+    assert meter.leave([2]) == {2: 67}
+    assert meter.wasted == {0: 0, 1: 32, 2: 74}
+    assert meter.total_ms() == 250
+
+
+def test_a_write_off_under_a_millisecond_is_wasted_too() -> None:
+    clock = Clock()
+    meter = BatchMeter([1, 1], clock=clock)
+    clock.advance(0.0625)  # 31.25 each
+    denoised = meter.reading()
+    clock.advance(1 / 512)  # a decode of 1.953 ms, cut short: 0.977 each
+    meter.write_off(denoised)
+    clock.advance(0.0625)  # decoded again: 62.5 each of their own, 0.977 wasted
+    # ceil(126.953) = 127: 64 and 63 (the tie to member 0), each billed 62.5 / 63.477 of it, rounded down.
+    assert meter.leave([0, 1]) == {0: 63, 1: 62}
+    assert meter.wasted == {0: 1, 1: 1}
+
+
+def test_the_last_member_is_not_billed_its_waste_under_a_millisecond() -> None:
+    clock = Clock()
+    meter = BatchMeter([1, 1], clock=clock)
+    clock.advance(0.0625)
+    assert meter.leave([0], rows_stay=True) == {0: 31}
+    clock.advance(1 / 512)  # 1.953 ms: 0.977 of member 1's own, 0.977 of the vacated row's
+    meter.free_rows()
+    clock.advance(0.0625)
+    # Member 1: 94.727 of its own, 0.977 wasted; 127 - 31 = 96 left for it, 95.020 of them billed.
+    assert meter.leave([1]) == {1: 95}
+    assert meter.wasted == {0: 0, 1: 1}
+    assert meter.total_ms() == 127
+
+
 def test_a_second_of_batch_time_is_a_thousand_milliseconds() -> None:
     clock = Clock()
     meter = BatchMeter([3], clock=clock)
@@ -201,39 +261,64 @@ def test_largest_remainder_shares_whole_units() -> None:
         largest_remainder({}, 1)
 
 
+# Time in 1024ths of a second (binary fractions keep the clock exact): sixteenths (62.5 ms), or a moment of a
+# millisecond or two, so that rounding meets shares and waste under a millisecond.
+TICKS = st.integers(min_value=0, max_value=40).map(lambda sixteenths: sixteenths * 64) | st.integers(1, 3)
+
+
 @settings(database=None, deadline=None)
 @given(
     weights=st.lists(st.integers(min_value=1, max_value=6), min_size=2, max_size=6),
-    # Sixteenths of a second: 62.5 ms steps keep the meter's arithmetic exact.
-    steps=st.lists(st.integers(min_value=0, max_value=40), min_size=1, max_size=8),
-    leavers=st.data(),
+    steps=st.lists(TICKS, min_size=1, max_size=8),
+    data=st.data(),
 )
-def test_early_shares_are_their_exact_share_rounded_down_and_all_add_up(
-    weights: list[int], steps: list[int], leavers: st.DataObject
+def test_early_shares_are_their_own_rows_rounded_down_and_all_add_up(
+    weights: list[int], steps: list[int], data: st.DataObject
 ) -> None:
+    """A member leaves after each step, its rows dropped or left to run on (several members' rows, of several
+    images, at once), and the engine's call may end after a step: each early leaver is billed its own rows' time
+    rounded down and its wasted time the rest of its time rounded down, to the millisecond.
+
+    The exact times are computed here as the meter computes them, interval by interval, so their floors compare
+    exactly."""
     clock = Clock()
     meter = BatchMeter(weights, clock=clock)
     exact = [0.0] * len(weights)
+    wasted_exact = [0.0] * len(weights)
     active = list(range(len(weights)))
-    for sixteenths in steps:
-        elapsed_ms = sixteenths * 62.5
-        clock.advance(sixteenths / 16)
+    vacated = 0
+    for ticks in steps:
+        elapsed_ms = ticks * 1000 / 1024
+        clock.advance(ticks / 1024)
         weight = sum(weights[member] for member in active)
+        rows = weight + vacated
         for member in active:
-            exact[member] += elapsed_ms * weights[member] / weight
+            exact[member] += elapsed_ms * weights[member] / rows
+            wasted_exact[member] += elapsed_ms * vacated / rows * weights[member] / weight
+        if vacated and data.draw(st.booleans(), label="the engine's call ends"):
+            meter.free_rows()  # nothing read the meter since the time passed
+            vacated = 0
         if len(active) > 1:
-            member = leavers.draw(st.sampled_from(active))
-            assert meter.leave([member]) == {member: math.floor(exact[member])}
+            member = data.draw(st.sampled_from(active), label="leaves")
+            rows_stay = data.draw(st.booleans(), label="its rows run on")
+            assert meter.leave([member], rows_stay=rows_stay) == {member: math.floor(exact[member])}
+            assert meter.wasted[member] == math.floor(exact[member] + wasted_exact[member]) - math.floor(exact[member])
             active.remove(member)
+            vacated += weights[member] if rows_stay else 0
     final = meter.leave(active)
-    total_ms = math.ceil(sum(steps) * 62.5)
-    assert sum(meter.allocated.values()) == meter.total_ms() == total_ms
-    # The last members share what the early ones were not given, each within a millisecond of its part of it.
-    remaining = total_ms - sum(share for member, share in meter.allocated.items() if member not in final)
-    left_exact = sum(exact[member] for member in final)
+    total_ms = math.ceil(sum(steps) * 1000 / 1024)
+    assert sum(meter.allocated.values()) + sum(meter.wasted.values()) == meter.total_ms() == total_ms
+    # The last members share what the early ones were not given, each within a millisecond of its part of it, and
+    # are billed its own rows' part of theirs, rounded down.
+    remaining = total_ms - sum(
+        share + meter.wasted[member] for member, share in meter.allocated.items() if member not in final
+    )
+    left_exact = sum(exact[member] + wasted_exact[member] for member in final)
     for member, share in final.items():
-        ideal = remaining * exact[member] / left_exact if left_exact else remaining / len(final)
-        assert abs(share - ideal) < 1 + 1e-9
+        whole_ms, whole_exact = share + meter.wasted[member], exact[member] + wasted_exact[member]
+        ideal = remaining * whole_exact / left_exact if left_exact else remaining / len(final)
+        assert abs(whole_ms - ideal) < 1 + 1e-9
+        assert share == (math.floor(whole_ms * exact[member] / whole_exact) if wasted_exact[member] else whole_ms)
 
 
 def test_members_join_a_waiting_batch_and_its_time_counts_from_the_start() -> None:
@@ -312,10 +397,13 @@ class BatchLife(RuleBasedStateMachine):
     rows of members that leave dropped by the engine or left to run on, unused, until its call ends, and work cut
     short (time written off since a reading).
 
-    Kept here in parallel, in sixteenths of a second so no rounding creeps in: the exact time of each member's own
-    rows (its images' part of the rows the engine computes, or all of it while its outputs are stored) and of the
-    vacated rows while it was in. Each member is billed its own rows' time, no more (within the whole-millisecond
-    rounding), and once the batch is over the shares and the wasted milliseconds add up to exactly its measured time.
+    Kept here in parallel, in 1024ths of a second (`TICKS`) so the clock is exact: the time of each member's own rows
+    (its images' part of the rows the engine computes, or all of it while its outputs are stored) and of the vacated
+    rows while it was in. Each member is billed its own rows' time, no more (within the whole-millisecond rounding),
+    and once the batch is over the shares and the wasted milliseconds add up to exactly its measured time.
+
+    The heartbeat's read of the running shares is a rule, not an invariant: each read charges the meter up to now,
+    so reading after every step would make up for a charge the meter forgot (when the engine's call ends, say).
     """
 
     def __init__(self) -> None:
@@ -352,12 +440,12 @@ class BatchLife(RuleBasedStateMachine):
         self.meter.start()
         self.started = self.clock.now
 
-    @rule(sixteenths=st.integers(min_value=0, max_value=40))
-    def time_passes(self, sixteenths: int) -> None:
-        self.clock.advance(sixteenths / 16)
+    @rule(ticks=TICKS)
+    def time_passes(self, ticks: int) -> None:
+        self.clock.advance(ticks / 1024)
         if self.started is None or not self.active:
             return
-        elapsed_ms = sixteenths * 62.5
+        elapsed_ms = ticks * 1000 / 1024
         if self.storing is not None:
             self.exact_ms[self.storing] += elapsed_ms
             return
@@ -366,6 +454,13 @@ class BatchLife(RuleBasedStateMachine):
         for member in self.active:
             self.exact_ms[member] += elapsed_ms * self.weights[member] / rows
             self.wasted_exact_ms[member] += elapsed_ms * self.vacated / rows * self.weights[member] / weight
+
+    @precondition(lambda self: self.active)
+    @rule()
+    def heartbeat(self) -> None:
+        """Each member's running share: its own rows' time so far, rounded up (0 before the work starts)."""
+        for member in self.active:
+            assert self.exact_ms[member] - 1e-6 <= self.meter.running_ms(member) < self.exact_ms[member] + 1 + 1e-6
 
     @precondition(lambda self: self.active)
     @rule()
@@ -459,8 +554,6 @@ class BatchLife(RuleBasedStateMachine):
             assert self.meter.total_ms() == 0
         else:
             assert self.meter.total_ms() == math.ceil((self.clock.now - self.started) * 1000)
-            for member in self.active:
-                assert self.exact_ms[member] - 1e-6 <= self.meter.running_ms(member) < self.exact_ms[member] + 1 + 1e-6
 
     def teardown(self) -> None:
         """Whatever happened, the batch ends: those still in it finish together and the shares are the batch's time."""
