@@ -250,6 +250,9 @@ _FINISHES = st.fixed_dictionaries(
         ),
         "retry": st.booleans(),
         "end_user": st.sampled_from(["", "customer-7"]),
+        # Admission's estimate (GPU ms per work unit) of both jobs: drawn, not measured, since the measurement moves
+        # as earlier examples record usage (an estimate read again between the two submissions held the jobs apart).
+        "estimate": st.sampled_from([0.0, 1.0, 37.5, 100.0, 5_000.0]),
     }
 )
 
@@ -257,11 +260,12 @@ _FINISHES = st.fixed_dictionaries(
 @settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(finish=_FINISHES)
 def test_a_finish_that_commits_along_writes_what_one_committing_on_its_own_writes(
-    funded: dict[str, Any], builtin_endpoint: Endpoint, finish: dict[str, Any]
+    funded: dict[str, Any], builtin_endpoint: Endpoint, finish: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two jobs in the same state, the same balance set before each finish: one finished at the top of the action
     (its COMMIT with its last statement), one with that refused (``no_commit_along``, the way it went before)."""
     organization = funded["organization"]
+    monkeypatch.setattr(pricing, "ms_per_work_unit", lambda endpoint: finish["estimate"])
     _set_balance(organization.pk, 10**9)  # an earlier example may have left it at anything
     jobs = [
         lifecycle.start(
@@ -271,7 +275,8 @@ def test_a_finish_that_commits_along_writes_what_one_committing_on_its_own_write
     ]
     for job in jobs:
         attempts.reserve_work(job=job, gpu_ms=finish["reserved_ms"])
-    hold = Hold.objects.get(job=jobs[0]).amount_micros
+    hold, other_hold = (Hold.objects.get(job=job).amount_micros for job in jobs)
+    assert hold == other_hold  # the same state: what the two finishes write may differ only by how they commit
     price = pricing.price_for(builtin_endpoint, jobs[0].started_at, organization.pk).unit_price_micros
     priced = cost_within(
         unit="gpu_second", unit_price_micros=price, gpu_ms=finish["gpu_ms"], images=0, pixels=0, ceiling_micros=hold
