@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.auth.admin import GroupAdmin as DjangoGroupAdmin
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
+from django.contrib.auth.models import Group, Permission
 from django.core.exceptions import PermissionDenied
-from django.db.models import Count, IntegerField, OuterRef, QuerySet, Subquery, Value
+from django.db.models import Count, IntegerField, OuterRef, Q, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.urls import NoReverseMatch, URLPattern, reverse
@@ -59,12 +61,14 @@ if TYPE_CHECKING:
     from django.forms.models import BaseInlineFormSet
 
     _UserAdminBase = DjangoUserAdmin[User]
+    _GroupAdminBase = DjangoGroupAdmin
     _MembershipOfUserInlineBase = admin.TabularInline[Membership, User]
     _MembershipOfOrganizationInlineBase = admin.TabularInline[Membership, Organization]
     _ApiKeyOfOrganizationInlineBase = admin.TabularInline[ApiKey, Organization]
 else:
     # The stubs make these generic; Django's classes take no type arguments at runtime.
     _UserAdminBase = DjangoUserAdmin
+    _GroupAdminBase = DjangoGroupAdmin
     _MembershipOfUserInlineBase = _MembershipOfOrganizationInlineBase = admin.TabularInline
     _ApiKeyOfOrganizationInlineBase = admin.TabularInline
 
@@ -154,6 +158,26 @@ class MembershipOfUserInline(_MembershipOfUserInlineBase):
 SUPERUSER_ONLY_FIELDS = ("is_superuser", "groups", "user_permissions")
 
 
+def _permissions_of(person: User) -> set[str]:
+    """Every permission ``person`` holds, their own and their groups', as ``app_label.codename``, whether or not they
+    are active now: Django's ``get_all_permissions`` answers nothing for an inactive person, whom an operator may
+    reactivate from the list."""
+    held = Permission.objects.filter(Q(user=person) | Q(group__user=person)).values_list(
+        "content_type__app_label", "codename"
+    )
+    return {f"{app_label}.{codename}" for app_label, codename in held}
+
+
+def outranks(person: User, operator: Any) -> bool:
+    """Whether ``person`` holds power ``operator`` lacks: a superuser, or a permission the operator has not.
+
+    An operator who could set such a person's password or address (then reset it) could log in as them and use that
+    power: "change user" alone would be every permission of every other operator."""
+    if operator.is_superuser:
+        return False
+    return person.is_superuser or not _permissions_of(person) <= operator.get_all_permissions()
+
+
 @admin.register(User)
 class UserAdmin(FormViewsAdmin, _UserAdminBase):
     """A person's own columns are edited on Django's user page. Adding someone (``sign_up``, which makes their
@@ -200,14 +224,14 @@ class UserAdmin(FormViewsAdmin, _UserAdminBase):
         return (*readonly, *SUPERUSER_ONLY_FIELDS)
 
     def has_change_permission(self, request: HttpRequest, obj: User | None = None) -> bool:
-        # Nor may they change a superuser (their address, their password on Django's password page): either would
-        # let them log in as one.
-        if obj is not None and obj.is_superuser and not request.user.is_superuser:
+        # Nor may they change anyone who holds power they lack, a superuser or another operator with more permissions
+        # (their address, their password on Django's password page): either would let them log in as that person.
+        if obj is not None and outranks(obj, request.user):
             return False
         return super().has_change_permission(request, obj)
 
     def has_delete_permission(self, request: HttpRequest, obj: User | None = None) -> bool:
-        if obj is not None and obj.is_superuser and not request.user.is_superuser:
+        if obj is not None and outranks(obj, request.user):
             return False
         return super().has_delete_permission(request, obj)
 
@@ -285,14 +309,19 @@ class UserAdmin(FormViewsAdmin, _UserAdminBase):
         return deleted, counts, perms_needed, [*protected, *_orphaning_removals(ownerships)]
 
     def _changeable(self, request: HttpRequest, queryset: QuerySet[User]) -> QuerySet[User]:
-        """The selected people this operator may change: superusers are left out, and said so, unless they are one."""
+        """The selected people this operator may change: those who hold power the operator lacks (``outranks``) are
+        left out, and said so, unless the operator is a superuser."""
         if request.user.is_superuser:
             return queryset
-        skipped = queryset.filter(is_superuser=True).count()
+        # Only someone with a permission or superuser status can outrank anyone.
+        empowered = queryset.filter(
+            Q(is_superuser=True) | Q(user_permissions__isnull=False) | Q(groups__permissions__isnull=False)
+        ).distinct()
+        skipped = [person.pk for person in empowered if outranks(person, request.user)]
         if skipped:
-            note = f"{skipped} superuser(s) left as they are: only a superuser changes one."
+            note = f"{len(skipped)} person(s) left as they are: they hold power you lack (a superuser may change them)."
             self.message_user(request, note, messages.WARNING)
-        return queryset.filter(is_superuser=False)
+        return queryset.exclude(pk__in=skipped)
 
     @admin.action(description="Deactivate selected users", permissions=["operate"])
     def deactivate_selected(self, request: HttpRequest, queryset: QuerySet[User]) -> None:
@@ -323,6 +352,21 @@ class UserAdmin(FormViewsAdmin, _UserAdminBase):
         unchanged = queryset.count() - len(to_change)
         note = f" ({unchanged} already active)" if unchanged else ""
         self.message_user(request, f"Reactivated {len(to_change)} user(s){note}.", messages.SUCCESS)
+
+
+if admin.site.is_registered(Group):
+    admin.site.unregister(Group)
+
+
+@admin.register(Group)
+class GroupAdmin(_GroupAdminBase):
+    """Django's, except that only a superuser sets a group's permissions: an operator with "change group" could
+    otherwise give a group they belong to any permission, themselves with it (the users' page already keeps
+    ``groups`` and ``user_permissions`` to superusers, ``SUPERUSER_ONLY_FIELDS``)."""
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Group | None = None) -> tuple[str, ...]:
+        readonly = tuple(super().get_readonly_fields(request, obj))
+        return readonly if request.user.is_superuser else (*readonly, "permissions")
 
 
 # --- Organizations ------------------------------------------------------------------------------------------
