@@ -23,7 +23,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils.functional import SimpleLazyObject
 
 from accounts import policy
-from accounts.models import Membership, Organization, User
+from accounts.models import ApiKey, Membership, Organization, User
 from billing import alerts
 
 SESSION_KEY = "organization_id"
@@ -59,6 +59,9 @@ class Context:
     @property
     def grantable_scopes(self) -> frozenset[str]:
         return policy.grantable_scopes(self.membership.role)
+
+    def may_revoke(self, api_key: ApiKey) -> bool:
+        return policy.may_revoke(self.membership.role, self.user.pk, api_key)
 
     def as_template(self) -> dict[str, Any]:
         organization_id = self.organization.pk

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.contrib import messages
+from django.core.exceptions import PermissionDenied
 from django.core.mail import send_mail
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -169,6 +170,7 @@ def keys(request: HttpRequest, context: Context) -> HttpResponse:
     for row in rows:
         row.spent_this_month = spend.get(str(row.pk), 0)  # type: ignore[attr-defined]
         row.monthly_limit = limits.get(row.pk)  # type: ignore[attr-defined]
+        row.revocable = context.may_revoke(row)  # type: ignore[attr-defined]
     return render(
         request, "dashboard/keys.html", {**context.as_template(), "keys": rows, "form": form, "created": created}
     )
@@ -177,7 +179,13 @@ def keys(request: HttpRequest, context: Context) -> HttpResponse:
 @require_POST
 @dashboard_view("manage_keys", while_suspended=True)  # takes access away: allowed while suspended
 def revoke_key(request: HttpRequest, context: Context, key_id: str) -> HttpResponse:
+    """A key the member made, or one their role could make (``accounts.policy.may_revoke``); 403 for the others."""
     api_key = get_object_or_404(ApiKey, pk=key_id, organization=context.organization)
+    if not context.may_revoke(api_key):
+        raise PermissionDenied(
+            f"Your role ({context.membership.get_role_display()}) cannot revoke a key with the scopes "
+            f"{', '.join(api_key.scopes)}: ask an owner or admin."
+        )
     revoke_api_key(api_key=api_key, actor=actor_of(request, context))
     messages.success(request, f"The key “{api_key.name}” is revoked; requests with it fail from now on.")
     return redirect("dashboard:keys")

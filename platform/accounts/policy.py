@@ -65,6 +65,15 @@ def scopes_beyond(role: str | None, scopes: list[str]) -> list[str]:
     return sorted(set(scopes) - grantable_scopes(role))
 
 
+def may_revoke(role: str | None, user_id: object, api_key: ApiKey) -> bool:
+    """Whether a member of ``role`` (the person ``user_id``) may revoke ``api_key``: a key they made, or one whose
+    scopes their role may grant. ``manage_keys`` alone would let a developer revoke the owners' ``admin`` keys and the
+    system's, keys they could never make (and that may run the organization's billing or deployments)."""
+    return (api_key.created_by_id is not None and api_key.created_by_id == user_id) or not scopes_beyond(
+        role, list(api_key.scopes)
+    )
+
+
 def effective_scopes(api_key: ApiKey) -> frozenset[str]:
     """The key's scopes (``admin`` standing for all) that its maker's current role still grants; all of its
     scopes for a key made by no one.

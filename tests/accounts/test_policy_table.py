@@ -212,3 +212,41 @@ def test_a_key_made_by_no_person_keeps_its_scopes(member_of: Any) -> None:
     _, organization = member_of(OWN)
     _, client = key_client(organization, None, [Scope.ADMIN])
     assert client.put("/v1/billing/limits", {"monthly_budget_micros": None}, format="json").status_code == 200
+
+
+def test_a_developer_revokes_only_keys_their_role_could_make(member_of: Any) -> None:
+    """Found in review: ``manage_keys`` let a developer revoke every key of the organization on the dashboard, the
+    owners' ``admin`` keys and the system's among them (a key they could never make, and the one that runs the
+    organization's billing or deployments). A member revokes the keys they made, and those whose scopes their role
+    may grant; the others are not offered, and a forged form is refused."""
+    developer, organization = member_of(D)
+    owner = Membership.objects.get(organization=organization, role=OWN).user
+    owners, _ = key_client(organization, owner, [Scope.ADMIN])
+    systems, _ = key_client(organization, None, [Scope.INFERENCE, Scope.ADMIN])
+    shared, _ = key_client(organization, owner, [Scope.INFERENCE])
+    client = Client()
+    client.force_login(developer)
+    client.post("/dashboard/organization", {"organization": str(organization.pk)})
+    page = client.get("/dashboard/keys").content.decode()
+    for api_key in (owners, systems):
+        assert f"/dashboard/keys/{api_key.pk}/revoke" not in page
+        assert client.post(f"/dashboard/keys/{api_key.pk}/revoke").status_code == 403
+        api_key.refresh_from_db()
+        assert api_key.revoked_at is None
+    # A key within their role (an inference key, whoever made it) and their own key are still theirs to revoke,
+    # their own even after a demotion left it broader than their role.
+    own, _ = key_client(organization, developer, [Scope.USAGE_READ])
+    ApiKey.objects.filter(pk=own.pk).update(scopes=[Scope.ADMIN])
+    page = client.get("/dashboard/keys").content.decode()
+    for api_key in (shared, own):
+        assert f"/dashboard/keys/{api_key.pk}/revoke" in page
+        assert client.post(f"/dashboard/keys/{api_key.pk}/revoke").status_code == 302
+        api_key.refresh_from_db()
+        assert api_key.revoked_at is not None
+    # An owner revokes any of them.
+    admin = Client()
+    admin.force_login(owner)
+    admin.post("/dashboard/organization", {"organization": str(organization.pk)})
+    assert admin.post(f"/dashboard/keys/{systems.pk}/revoke").status_code == 302
+    systems.refresh_from_db()
+    assert systems.revoked_at is not None
