@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any
 
 from django.db.models import QuerySet
@@ -14,6 +15,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from accounts.errors import InvalidInput, problem
 from accounts.models import ApiKey, Scope, User
 from accounts.parsers import StrictCursorPagination
 from accounts.permissions import HasScope, request_api_key, request_organization
@@ -67,6 +69,20 @@ def me_payload(api_key: ApiKey) -> dict[str, Any]:
     }
 
 
+def expiry_within(maker: ApiKey, serializer: ApiKeyCreateSerializer) -> datetime | None:
+    """The expiry of a key made through the API by ``maker``: no later than ``maker``'s own (by default the same), so
+    a key given for a day cannot make itself a successor that outlives the day; a later one is refused (422)."""
+    asked: datetime | None = serializer.validated_data["expires_at"]
+    if maker.expires_at is None:
+        return asked
+    if asked is None:
+        return maker.expires_at
+    if asked > maker.expires_at:
+        message = f"At most the expiry of the key making it ({maker.expires_at.isoformat()})."
+        raise InvalidInput([problem(["body", "expires_at"], message, "after_maker_expiry")])
+    return asked
+
+
 class MeView(APIView):
     permission_classes = (IsAuthenticated, HasScope)
     schema = ApiAutoSchema()
@@ -103,18 +119,22 @@ class ApiKeyViewSet(
         responses={
             201: ApiKeyCreatedSerializer,
             403: error("`insufficient_role`: a scope the key's maker's role may not grant (or `insufficient_scope`)."),
-            422: validation_error("Refused input, or `too_many_keys`: the organization has its most active keys."),
+            422: validation_error(
+                "Refused input (an `expires_at` later than the key making it expires), or `too_many_keys`: the "
+                "organization has its most active keys."
+            ),
         },
         summary="Create a key",
     )
     def create(self, request: Request) -> Response:
         serializer = ApiKeyCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
+        wanted = {**serializer.validated_data, "expires_at": expiry_within(request_api_key(request), serializer)}
         api_key, token = create_api_key(
             organization=request_organization(request),
             created_by=api_key_creator(request),
             actor=request_actor(request),
-            **serializer.validated_data,
+            **wanted,
         )
         payload: dict[str, Any] = dict(ApiKeyCreatedSerializer(api_key).data)
         payload["key"] = token

@@ -240,3 +240,25 @@ def test_me_matches_its_documented_serializer(tenant: dict[str, Any]) -> None:
     ).data
     answered = tenant["client"].get("/v1/me").json()
     assert answered == json.loads(json.dumps(documented, cls=DjangoJSONEncoder))
+
+
+def test_a_key_made_by_an_expiring_key_expires_with_it(tenant: dict[str, Any], make_key: Any) -> None:
+    """Found in review: an ``admin`` key given for a day (a contractor's, a CI run's) made a key that never expires,
+    attributed to the same person, and so kept its access past the day it was given for. A key made through the API
+    expires no later than the key that made it: by default with it, and a later expiry is refused."""
+    ends = timezone.now() + timedelta(days=1)
+    _, token = make_key(tenant["organization"], created_by=tenant["user"], expires_at=ends)
+    expiring = client_for(token)
+    later = (ends + timedelta(days=30)).isoformat()
+    refused = expiring.post("/v1/keys", {"name": "forever", "expires_at": later}, format="json")
+    assert refused.status_code == 422, refused.content
+    assert [item["loc"] for item in refused.json()["detail"]] == [["body", "expires_at"]]
+    made = expiring.post("/v1/keys", {"name": "forever", "scopes": ["admin"]}, format="json")
+    assert made.status_code == 201, made.content
+    assert ApiKey.objects.get(pk=made.json()["id"]).expires_at == ends
+    sooner = expiring.post(
+        "/v1/keys", {"name": "hour", "expires_at": (ends - timedelta(hours=23)).isoformat()}, format="json"
+    )
+    assert sooner.status_code == 201, sooner.content
+    # A key with no expiry still makes keys with none.
+    assert tenant["client"].post("/v1/keys", {"name": "open"}, format="json").json()["expires_at"] is None
