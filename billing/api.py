@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.http import HttpResponse
 from django.utils import timezone
@@ -20,7 +21,7 @@ from rest_framework.views import APIView
 from accounts.api import request_actor
 from accounts.models import ApiKey, Scope
 from accounts.parsers import StrictCursorPagination, query_params
-from accounts.permissions import HasScope, request_organization
+from accounts.permissions import HasScope, request_api_key, request_organization
 from accounts.schema import ApiAutoSchema, error
 from accounts.serializers import BoundedDateField, StrictBooleanField, StrictCharField, StrictIntegerField
 from billing import alerts, controls, end_users, selectors
@@ -427,22 +428,42 @@ class AlertSettingsStatus(serializers.Serializer[Any]):
     budget_thresholds = serializers.ListField(child=serializers.IntegerField())
     key_thresholds = serializers.ListField(child=serializers.IntegerField())
     credit_floor_micros = serializers.IntegerField(allow_null=True)
-    webhook_url = serializers.CharField(allow_blank=True)
+    webhook_url = serializers.CharField(
+        allow_blank=True,
+        help_text="In full for a key with the admin scope; for any other, its scheme and host followed by `/…` (its "
+        "path and query may hold a secret, as a chat service's incoming-webhook URL does). Empty: none set.",
+    )
 
 
-def alert_settings_payload(watched: AlertSettings) -> dict[str, Any]:
+def alert_settings_payload(watched: AlertSettings, *, in_full: bool) -> dict[str, Any]:
     return {
         "budget_thresholds": list(watched.budget_thresholds),
         "key_thresholds": list(watched.key_thresholds),
         "credit_floor_micros": watched.credit_floor_micros,
-        "webhook_url": watched.webhook_url,
+        "webhook_url": watched.webhook_url if in_full else where_it_goes(watched.webhook_url),
     }
+
+
+def where_it_goes(url: str) -> str:
+    """A webhook URL shown to a reader who may not change it (a developer's ``usage:read`` key): where it goes, not
+    what it says. Its path and query are often the secret itself (an incoming-webhook URL of a chat service posts to
+    the billing team's channel for anyone who has it), and a user and password in it always are; the dashboard shows
+    the URL to the members who manage billing only."""
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 address, as it is written in a URL
+    port = f":{parts.port}" if parts.port is not None else ""
+    return f"{parts.scheme}://{host}{port}/…"
 
 
 class AlertSettingsView(MoneyView):
     @extend_schema(responses=AlertSettingsStatus, summary="What spend alerts watch, and the billing webhook URL")
     def get(self, request: Request) -> Response:
-        return Response(alert_settings_payload(alerts.settings_of(request_organization(request).pk)))
+        watched = alerts.settings_of(request_organization(request).pk)
+        return Response(alert_settings_payload(watched, in_full=request_api_key(request).has_scope(Scope.ADMIN)))
 
     @extend_schema(
         request=AlertSettingsChange,
@@ -455,7 +476,7 @@ class AlertSettingsView(MoneyView):
         watched = controls.set_alert_settings(
             organization=request_organization(request), actor=request_actor(request), **body.validated_data
         )
-        return Response(alert_settings_payload(watched))
+        return Response(alert_settings_payload(watched, in_full=True))  # changing it takes the admin scope
 
 
 class SpendAlertSerializer(serializers.Serializer[Any]):

@@ -33,7 +33,7 @@ from accounts.models import AuditAction, AuditEvent, Membership, Role, Scope
 from accounts.services import add_member, create_api_key
 from billing import alerts, controls
 from billing.ledger import grant_credits
-from billing.models import Account, AlertEvent, AlertScope, EntryKind, Hold, SpendAlert
+from billing.models import Account, AlertEvent, AlertScope, AlertSettings, EntryKind, Hold, SpendAlert
 from inference import webhook_signing
 from inference.models import Endpoint, Job, WebhookDelivery
 from inference.submission import SubmissionRefused
@@ -509,6 +509,32 @@ def test_alert_settings_through_the_api_with_the_permission_model_and_audited(
     assert reading.get("/v1/billing/alerts/settings").status_code == 200
     assert reading.get("/v1/billing/alerts").json()["results"] == []
     assert reading.put("/v1/billing/alerts/settings", {"key_thresholds": [10]}, format="json").status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://hooks.chat.example/services/T0/B0/s3cr3t", "https://hooks.chat.example/…"),
+        ("https://bot:pa55@books.example:8443/alerts?token=s3cr3t", "https://books.example:8443/…"),
+        ("http://[2001:db8::1]/hook", "http://[2001:db8::1]/…"),
+    ],
+)
+def test_the_billing_webhook_url_is_read_in_full_only_by_a_key_that_may_change_it(
+    tenant: dict[str, Any], make_key: Callable[..., Any], url: str, shown: str
+) -> None:
+    """Its path, query and user are often the secret itself (a chat service's incoming webhook posts to the billing
+    channel for whoever has it); the dashboard shows it to the members who manage billing only, and a developer's
+    ``usage:read`` key reads where it goes."""
+    organization = tenant["organization"]
+    AlertSettings.objects.update_or_create(organization=organization, defaults={"webhook_url": url})
+    assert tenant["client"].get("/v1/billing/alerts/settings").json()["webhook_url"] == url  # an admin key
+    _, reader = make_key(organization, scopes=[Scope.USAGE_READ], created_by=tenant["user"])
+    reading = APIClient()
+    reading.credentials(HTTP_AUTHORIZATION=f"Key {reader}")
+    answer = reading.get("/v1/billing/alerts/settings").json()
+    assert answer["webhook_url"] == shown
+    assert "s3cr3t" not in str(answer)
+    assert "pa55" not in str(answer)
 
 
 def test_the_dashboard_sets_budget_alerts_and_limits_for_owners_and_billing_members_only(
