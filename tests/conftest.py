@@ -25,6 +25,14 @@ import pytest  # noqa: E402
 
 django.setup()  # so test modules can import models at the top; pytest-django takes it from here
 
+from hypothesis import settings as hypothesis_settings  # noqa: E402
+
+# No example is timed: Hypothesis's default deadline (200 ms an example) fails a test whose example the machine
+# paused for a moment (CI runs the suite on two loaded cores), a failure of the machine and not of the code; every
+# test that touches the database says ``deadline=None`` itself, and so now do those that leave it to the default.
+hypothesis_settings.register_profile("platform", deadline=None)
+hypothesis_settings.load_profile("platform")
+
 from accounts import key_cache, memo  # noqa: E402
 
 if TYPE_CHECKING:
