@@ -23,7 +23,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils.functional import SimpleLazyObject
 
 from accounts import policy
-from accounts.models import ApiKey, Membership, Organization, User
+from accounts.models import ApiKey, Membership, Organization, Role, User
 from billing import alerts
 
 SESSION_KEY = "organization_id"
@@ -59,6 +59,14 @@ class Context:
     @property
     def grantable_scopes(self) -> frozenset[str]:
         return policy.grantable_scopes(self.membership.role)
+
+    @property
+    def givable_roles(self) -> list[str]:
+        """The roles this member may make someone (``accounts.policy.may_give_role``), in the roles' order."""
+        return [role for role in Role.values if policy.may_give_role(self.membership.role, role)]
+
+    def may_manage_member(self, membership: Membership) -> bool:
+        return policy.may_manage_member(self.membership.role, membership.role)
 
     def may_revoke(self, api_key: ApiKey) -> bool:
         return policy.may_revoke(self.membership.role, self.user.pk, api_key)

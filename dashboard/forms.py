@@ -73,13 +73,30 @@ def send_password_reset_email(*, email: str, domain: str, use_https: bool) -> No
         form.save(domain_override=domain, use_https=use_https, email_template_name=RESET_EMAIL_TEMPLATE)
 
 
-class InviteForm(forms.Form):
-    email = forms.EmailField()
-    role = forms.ChoiceField(choices=Role.choices, initial=Role.DEVELOPER)
+class _RolesGiven(forms.Form):
+    """A form naming a role: offered, and accepted, only among ``roles`` (the roles the member filling it may give,
+    ``dashboard.access.Context.givable_roles``); all of them when not given."""
 
-
-class RoleForm(forms.Form):
     role = forms.ChoiceField(choices=Role.choices)
+
+    def __init__(self, *args: Any, roles: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if roles is not None:
+            field = cast(forms.ChoiceField, self.fields["role"])
+            field.choices = [(value, label) for value, label in Role.choices if value in roles]
+
+
+class InviteForm(_RolesGiven):
+    email = forms.EmailField()
+    field_order = ("email", "role")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["role"].initial = Role.DEVELOPER
+
+
+class RoleForm(_RolesGiven):
+    pass
 
 
 class KeyForm(forms.Form):

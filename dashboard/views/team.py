@@ -12,7 +12,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from accounts.login_protection import HOUR, Throttle, may_email
-from accounts.models import ApiKey, Invitation, Membership
+from accounts.models import ApiKey, Invitation, Membership, Role
 from accounts.services import (
     AccountsError,
     Actor,
@@ -36,7 +36,11 @@ def actor_of(request: HttpRequest, context: Context) -> Actor:
 
 @dashboard_view()
 def members(request: HttpRequest, context: Context) -> HttpResponse:
-    rows = Membership.objects.filter(organization=context.organization).select_related("user").order_by("user__email")
+    rows = list(
+        Membership.objects.filter(organization=context.organization).select_related("user").order_by("user__email")
+    )
+    for row in rows:
+        row.manageable = context.may_manage_member(row)  # type: ignore[attr-defined]
     waiting = pending_invitations(context.organization.pk) if context.can("manage_members") else []
     return render(
         request,
@@ -45,8 +49,8 @@ def members(request: HttpRequest, context: Context) -> HttpResponse:
             **context.as_template(),
             "members": rows,
             "invitations": waiting,
-            "invite_form": InviteForm(),
-            "role_form": RoleForm(),
+            "invite_form": InviteForm(roles=context.givable_roles),
+            "role_form": RoleForm(roles=context.givable_roles),
         },
     )
 
@@ -85,8 +89,10 @@ def _may_invite(context: Context, email: str) -> bool:
 @require_POST
 @dashboard_view("manage_members")
 def invite(request: HttpRequest, context: Context) -> HttpResponse:
-    form = InviteForm(request.POST)
+    form = InviteForm(request.POST, roles=context.givable_roles)
     if not form.is_valid():
+        if request.POST.get("role") in Role.values:  # a role there is, but not one this member may give
+            raise PermissionDenied(_cannot_give(context, request.POST["role"]))
         messages.error(request, "Give a valid email address and a role.")
         return redirect("dashboard:members")
     email, actor = form.cleaned_data["email"].lower(), actor_of(request, context)
@@ -120,8 +126,13 @@ def revoke_invitation_view(request: HttpRequest, context: Context, invitation_id
 @require_POST
 @dashboard_view("manage_members")
 def change_role(request: HttpRequest, context: Context, membership_id: int) -> HttpResponse:
+    """Within ``accounts.policy.may_manage_member`` and ``may_give_role``: an owner's role, and the owner role, are an
+    owner's to give; 403 for a member who may not (the page offers them no such choice)."""
     membership = get_object_or_404(Membership, pk=membership_id, organization=context.organization)
-    form = RoleForm(request.POST)
+    _may_manage(context, membership)
+    form = RoleForm(request.POST, roles=context.givable_roles)
+    if not form.is_valid() and request.POST.get("role") in Role.values:
+        raise PermissionDenied(_cannot_give(context, request.POST["role"]))
     if form.is_valid():
         try:
             change_member_role(membership=membership, role=form.cleaned_data["role"], actor=actor_of(request, context))
@@ -135,12 +146,24 @@ def change_role(request: HttpRequest, context: Context, membership_id: int) -> H
 @dashboard_view("manage_members", while_suspended=True)  # takes access away: allowed while suspended
 def remove(request: HttpRequest, context: Context, membership_id: int) -> HttpResponse:
     membership = get_object_or_404(Membership, pk=membership_id, organization=context.organization)
+    _may_manage(context, membership)
     try:
         remove_member(membership=membership, actor=actor_of(request, context))
         messages.success(request, f"{membership.user.email} was removed.")
     except AccountsError as exc:
         messages.error(request, str(exc))
     return redirect("dashboard:members")
+
+
+def _may_manage(context: Context, membership: Membership) -> None:
+    if not context.may_manage_member(membership):
+        raise PermissionDenied(
+            f"Your role ({context.membership.get_role_display()}) cannot change or remove an owner: ask an owner."
+        )
+
+
+def _cannot_give(context: Context, role: str) -> str:
+    return f"Your role ({context.membership.get_role_display()}) cannot make someone {Role(role).label.lower()}."
 
 
 @dashboard_view("manage_keys")

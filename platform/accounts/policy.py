@@ -65,6 +65,19 @@ def scopes_beyond(role: str | None, scopes: list[str]) -> list[str]:
     return sorted(set(scopes) - grantable_scopes(role))
 
 
+def may_give_role(role: str | None, given: str) -> bool:
+    """Whether a member of ``role`` may make someone ``given``, by an invitation or a change of role: only an owner
+    makes an owner (an admin who could would make an accomplice one, then remove the owners: ``may_manage_member``)."""
+    return role_can(role, MANAGE_MEMBERS) and (given != Role.OWNER or role == Role.OWNER)
+
+
+def may_manage_member(role: str | None, member_role: str) -> bool:
+    """Whether a member of ``role`` may change the role of, or remove, a member of ``member_role``: an owner is changed
+    or removed by an owner only. Owners and admins may do everything else alike; without this an admin could remove
+    every owner, or demote them, and hold the organization, its keys and its billing alone."""
+    return role_can(role, MANAGE_MEMBERS) and (member_role != Role.OWNER or role == Role.OWNER)
+
+
 def may_revoke(role: str | None, user_id: object, api_key: ApiKey) -> bool:
     """Whether a member of ``role`` (the person ``user_id``) may revoke ``api_key``: a key they made, or one whose
     scopes their role may grant. ``manage_keys`` alone would let a developer revoke the owners' ``admin`` keys and the

@@ -433,12 +433,19 @@ def _check_usable(invitation: Invitation | None, *, inviter: Membership | None) 
 
     An invitation is a grant its sender makes with their own power, as a key is (``accounts.policy``): it holds only
     while its sender is still an active member who may manage members (``inviter``: their membership as it stands
-    now). An admin removed, demoted or deactivated after inviting someone as owner does not make them owner later.
+    now), and may still give its role. An admin removed, demoted or deactivated after inviting someone as admin does
+    not make them admin later; an owner made an admin after inviting someone as owner does not make them owner.
     A suspended organization grants nothing until an operator unsuspends it: the invitation waits meanwhile."""
     if invitation is None or invitation.expired:
         raise InvitationUnusable("This invitation link is not valid any more: ask for a new invitation.")
     if inviter is None or not inviter.user.is_active or not policy.role_can(inviter.role, policy.MANAGE_MEMBERS):
         raise InvitationUnusable("Whoever sent this invitation can no longer invite members: ask for a new one.")
+    if not policy.may_give_role(inviter.role, invitation.role):
+        # An owner who invited someone as owner, then was made an admin (``accounts.policy.may_give_role``).
+        raise InvitationUnusable(
+            f"Whoever sent this invitation can no longer make someone {invitation.get_role_display().lower()}: "
+            "ask for a new one."
+        )
     if invitation.organization.is_suspended:
         raise InvitationUnusable(
             f"{invitation.organization.name} is suspended: the invitation can be accepted once it is active again."

@@ -250,3 +250,50 @@ def test_a_developer_revokes_only_keys_their_role_could_make(member_of: Any) -> 
     assert admin.post(f"/dashboard/keys/{systems.pk}/revoke").status_code == 302
     systems.refresh_from_db()
     assert systems.revoked_at is not None
+
+
+def test_only_an_owner_makes_changes_or_removes_an_owner(member_of: Any, make_user: Callable[..., User]) -> None:
+    """Found in review: owners and admins could do everything alike, so an admin could invite an accomplice as owner,
+    or demote or remove every owner, and hold the organization, its keys and its billing alone. An admin still
+    manages every other member; owner choices are not offered to them, and a forged form is refused (403)."""
+    admin, organization = member_of(A)
+    owner_membership = Membership.objects.get(organization=organization, role=OWN)
+    developer = Membership.objects.create(user=make_user(), organization=organization, role=D)
+    client = Client()
+    client.force_login(admin)
+    client.post("/dashboard/organization", {"organization": str(organization.pk)})
+    page = client.get("/dashboard/members").content.decode()
+    assert f"/dashboard/members/{owner_membership.pk}/role" not in page
+    assert f"/dashboard/members/{owner_membership.pk}/remove" not in page
+    assert f"/dashboard/members/{developer.pk}/role" in page
+    assert f'value="{OWN}"' not in page  # neither a role to change to nor one to invite as
+    refused = [
+        client.post(f"/dashboard/members/{owner_membership.pk}/role", {"role": A}),
+        client.post(f"/dashboard/members/{owner_membership.pk}/remove"),
+        client.post(f"/dashboard/members/{developer.pk}/role", {"role": OWN}),
+        client.post("/dashboard/members/invite", {"email": "accomplice@example.com", "role": OWN}),
+    ]
+    assert [answer.status_code for answer in refused] == [403] * 4
+    assert "cannot change or remove an owner" in refused[0].content.decode()
+    assert "cannot make someone owner" in refused[2].content.decode()
+    memberships = Membership.objects.filter(organization=organization)
+    assert dict(memberships.values_list("pk", "role")) == {
+        owner_membership.pk: OWN,
+        developer.pk: D,
+        Membership.objects.get(organization=organization, user=admin).pk: A,
+    }
+    assert not organization.invitations.exists()
+    # Every other member is still the admin's to manage.
+    assert client.post(f"/dashboard/members/{developer.pk}/role", {"role": B}).status_code == 302
+    assert client.post("/dashboard/members/invite", {"email": "admin2@example.com", "role": A}).status_code == 302
+    assert memberships.get(pk=developer.pk).role == B
+    # An owner does all four.
+    owner = Client()
+    owner.force_login(owner_membership.user)
+    owner.post("/dashboard/organization", {"organization": str(organization.pk)})
+    page = owner.get("/dashboard/members").content.decode()
+    assert f'value="{OWN}"' in page
+    assert owner.post(f"/dashboard/members/{developer.pk}/role", {"role": OWN}).status_code == 302
+    assert owner.post(f"/dashboard/members/{owner_membership.pk}/role", {"role": A}).status_code == 302
+    assert memberships.get(pk=developer.pk).role == OWN
+    assert memberships.get(pk=owner_membership.pk).role == A

@@ -213,7 +213,7 @@ def test_signing_in_from_the_link_comes_back_to_it(tenant: dict[str, Any], make_
     assert member(tenant, person) is not None
 
 
-def sent_by_admin(tenant: dict[str, Any], make_user: Any, role: str = Role.OWNER) -> tuple[Membership, str]:
+def sent_by_admin(tenant: dict[str, Any], make_user: Any, role: str = Role.ADMIN) -> tuple[Membership, str]:
     """An admin of the tenant invites an address they hold, as ``role``: the invitation's secret."""
     from accounts.services import add_member
 
@@ -228,9 +228,9 @@ def sent_by_admin(tenant: dict[str, Any], make_user: Any, role: str = Role.OWNER
 def test_an_invitation_holds_only_while_its_sender_may_still_invite(
     tenant: dict[str, Any], make_user: Any, fate: str
 ) -> None:
-    """Found in review: an admin invited an address of their own as owner, was removed (or deactivated, or made a
-    developer), and the invitation still made that address an owner. An invitation is a grant made with its sender's
-    power, as a key is: it ends when that power does."""
+    """Found in review: an admin invited an address of their own (as owner then; as admin since only an owner makes an
+    owner), was removed (or deactivated, or made a developer), and the invitation still made that address a member
+    with the power. An invitation is a grant made with its sender's power, as a key is: it ends when that power does."""
     admin, secret = sent_by_admin(tenant, make_user)
     accomplice = make_user("accomplice@example.com")
     if fate == "removed":
@@ -296,3 +296,22 @@ def test_the_links_secret_leaves_the_url_at_once(tenant: dict[str, Any]) -> None
     assert first.status_code == 302
     assert first["Location"] == PAGE
     assert Client().get(PAGE).status_code == 404  # another browser, no link opened: nothing to show
+
+
+def test_an_owner_made_an_admin_after_inviting_an_owner_makes_nobody_owner(
+    tenant: dict[str, Any], make_user: Any
+) -> None:
+    """Only an owner makes an owner (``accounts.policy.may_give_role``): an invitation as owner holds while its sender
+    is still one; as admin they could make the invited person an admin, not an owner."""
+    from accounts.services import add_member
+
+    sender = add_member(organization=tenant["organization"], user=make_user(), role=Role.OWNER)
+    organization, by_owner, OWNER = tenant["organization"], Actor(user=sender.user), Role.OWNER
+    _, secret = invite_member(organization=organization, email="accomplice@example.com", role=OWNER, actor=by_owner)
+    accomplice = make_user("accomplice@example.com")
+    change_member_role(membership=sender, role=Role.ADMIN)
+    with pytest.raises(InvitationUnusable, match="can no longer make someone owner"):
+        accept_invitation(secret=secret, user=accomplice)
+    assert member(tenant, accomplice) is None
+    change_member_role(membership=sender, role=Role.OWNER)  # an owner again: the invitation holds once more
+    assert accept_invitation(secret=secret, user=accomplice).role == Role.OWNER
