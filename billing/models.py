@@ -349,6 +349,10 @@ class UsageRollup(models.Model):
 
     class Meta:
         ordering = ("-bucket_start",)
+        # The operators' run-rate page (``dashboard.operator``), drawn from these rows: the platform's revenue and
+        # each organization's. Its own permission, not staff status, which an operator who may change people can
+        # give anyone.
+        permissions = [("view_revenue", "Can see the revenue run-rate page")]
         constraints = [
             models.UniqueConstraint(
                 fields=["granularity", "bucket_start", "organization", "endpoint", "key_id", "gpu_class"],

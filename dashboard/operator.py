@@ -1,4 +1,4 @@
-"""The operators' revenue run-rate page (staff only, inside the admin console)."""
+"""The operators' revenue run-rate page (inside the admin console, for operators with ``billing.view_revenue``)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,14 @@ from django.utils import timezone
 from billing import metrics
 from billing.models import ReconciliationRun, ReconciliationScope
 
+REVENUE_PERMISSION = "billing.view_revenue"
+
 
 def run_rate(request: HttpRequest, site: AdminSite) -> HttpResponse:
-    if not request.user.is_staff:
-        raise PermissionDenied
+    if not request.user.has_perm(REVENUE_PERMISSION):
+        # Staff status alone is not enough: an operator who may change people can make anyone staff, and this page
+        # is every organization's revenue.
+        raise PermissionDenied("Seeing the revenue run-rate takes the permission “Can see the revenue run-rate page”.")
     today = timezone.now().date()
     start = today - timedelta(days=metrics.TRAILING_DAYS - 1)
     trend = metrics.run_rate_trend(today, points=12, step_days=7)

@@ -6,10 +6,12 @@ import re
 from typing import Any
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
+from accounts.models import User
 from billing.ledger import refund_job
 from inference.models import Endpoint
 from tests.lifecycle import run_as
@@ -17,10 +19,26 @@ from tests.lifecycle import run_as
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("unhashed_static_files", "priced_without_broker")]
 
 
-def test_only_staff_see_the_run_rate(tenant: dict[str, Any], client: Client) -> None:
+def test_only_operators_with_the_revenue_permission_see_the_run_rate(
+    tenant: dict[str, Any], client: Client, admin_user: Any
+) -> None:
+    """Staff status is not enough (found in review): an operator who may change people can make anyone staff, a
+    customer among them, and the page is every organization's revenue."""
     assert client.get("/admin/run-rate/").status_code == 302
     client.force_login(tenant["user"])
     assert client.get("/admin/run-rate/").status_code == 302  # not staff: the admin login
+    User.objects.filter(pk=tenant["user"].pk).update(is_staff=True)
+    refused = client.get("/admin/run-rate/")
+    assert refused.status_code == 403
+    assert "revenue run-rate page" in refused.content.decode()
+    assert "/admin/run-rate/" not in client.get("/admin/").content.decode()
+    tenant["user"].user_permissions.add(
+        Permission.objects.get(codename="view_revenue", content_type__app_label="billing")
+    )
+    assert client.get("/admin/run-rate/").status_code == 200
+    assert "/admin/run-rate/" in client.get("/admin/").content.decode()
+    client.force_login(admin_user)  # a superuser holds every permission
+    assert client.get("/admin/run-rate/").status_code == 200
 
 
 def test_run_rate_figures_and_bounded_queries(
