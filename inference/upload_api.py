@@ -199,7 +199,9 @@ class SignedUploadView(CorsView):
 
     Each request on one still counts against the rate limit of the key that initiated the upload: a URL may be PUT
     again until it expires (a bucket's semantics), and each PUT reads and decodes up to ``UPLOAD_MAX_BYTES`` of
-    image, so without it one initiated upload was a way past the key's limit."""
+    image, so without it one initiated upload was a way past the key's limit. And each is refused once that key is
+    not usable (revoked, expired, deleted, its maker removed, its organization suspended: ``uploads.acting_key``), as
+    a CDN token is: the URL lives an hour, and revoking a leaked key must stop what it started."""
 
     authentication_classes = ()
     permission_classes = (AllowAny,)
@@ -209,13 +211,17 @@ class SignedUploadView(CorsView):
         upload = uploads.signed_upload(
             upload_id, request.query_params.get("expires", ""), request.query_params.get("signature", "")
         )
-        if upload.api_key_id is not None:
-            maker = ApiKey.objects.filter(pk=upload.api_key_id).only("requests_per_minute").first()
-            limit = maker.rate_limit_per_minute if maker else settings.API_KEY_DEFAULT_REQUESTS_PER_MINUTE
-            wait = check_rate(bucket=f"key:{upload.api_key_id}", limit=limit)
-            if wait:
-                raise exceptions.Throttled(wait=math.ceil(wait))
+        maker = uploads.acting_key(
+            upload.api_key_id, upload.organization_id, whose="that started this upload", refused=_key_unusable
+        )
+        wait = check_rate(bucket=f"key:{maker.pk}", limit=maker.rate_limit_per_minute)
+        if wait:
+            raise exceptions.Throttled(wait=math.ceil(wait))
         return upload
+
+
+def _key_unusable(detail: str) -> uploads.UploadRefused:
+    return uploads.UploadRefused(detail, error_type="api_key_unusable", status_code=403)
 
 
 class SignedPutView(SignedUploadView):

@@ -19,6 +19,7 @@ import hashlib
 import io
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -348,19 +349,32 @@ def api_key_of_cdn_token(token: str) -> ApiKey:
         raise InvalidCdnToken("The upload token has expired: get a new one from /storage/auth/token.") from None
     except signing.BadSignature:
         raise InvalidCdnToken("Invalid upload token: get one from /storage/auth/token.") from None
+    return acting_key(claims.get("key"), claims.get("org"), whose="this upload token was issued to",
+                      refused=InvalidCdnToken)  # fmt: skip
+
+
+def acting_key(
+    key_id: Any, organization_id: Any, *, whose: str, refused: Callable[[str], AppError] = InvalidCdnToken
+) -> ApiKey:
+    """The key an upload acts for (a CDN token's, or the one that started an upload whose signed URL is used), as it
+    stands now: not revoked, expired or deleted, its maker still a member, with the ``inference`` scope, of an
+    organization that is not suspended; else ``refused`` (the organization suspended: a 403 ``UploadRefused``).
+    Asked on every use: a URL or token lives up to an hour, and taking a key away stops what it started at once."""
     api_key = (
         ApiKey.objects.usable()
         .select_related("organization")
         .with_maker_role()
-        .filter(pk=claims.get("key"), organization_id=claims.get("org"))
+        .filter(pk=key_id, organization_id=organization_id)
         .first()
+        if key_id is not None
+        else None
     )
     if api_key is None or (api_key.created_by_id is not None and maker_role(api_key) is None):
-        raise InvalidCdnToken("The API key this upload token was issued to is no longer usable.")
+        raise refused(f"The API key {whose} is no longer usable.")
     if api_key.organization.is_suspended:
         raise UploadRefused(
             "This organization is suspended. Contact support.", error_type="organization_suspended", status_code=403
         )
     if not api_key.has_scope(Scope.INFERENCE):
-        raise InvalidCdnToken("The API key this upload token was issued to lacks the 'inference' scope.")
+        raise refused(f"The API key {whose} lacks the 'inference' scope.")
     return api_key

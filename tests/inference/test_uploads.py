@@ -24,8 +24,8 @@ from django.utils import timezone
 from PIL import Image
 from rest_framework.test import APIClient
 
-from accounts.models import Scope
-from accounts.services import revoke_api_key
+from accounts.models import Membership, Role, Scope
+from accounts.services import add_member, remove_member, revoke_api_key, set_organization_suspended
 from inference import files, uploads, worker
 from inference.engine.outputs import EncodedImage
 from inference.files import UnusableFile
@@ -238,6 +238,39 @@ def test_upload_urls_are_signed_and_expire(tenant: dict[str, Any]) -> None:
         return response if response.status_code == 403 else None
 
     assert wait_until(refused, timeout=10, message="the upload URL to expire").json()["error_type"] == "url_expired"
+
+
+@pytest.mark.parametrize("taken_away", ["revoked", "suspended", "deleted", "maker removed"])
+def test_an_upload_url_stops_with_the_key_that_started_it(
+    tenant: dict[str, Any], make_key: Any, make_user: Any, taken_away: str
+) -> None:
+    """Found in review: an upload URL took bytes for its hour whatever became of the key that started it (a leaked
+    key revoked, its organization suspended); each use now asks of the key what a CDN token's use asks."""
+    maker = make_user()
+    add_member(organization=tenant["organization"], user=maker, role=Role.DEVELOPER)
+    api_key, token = make_key(tenant["organization"], scopes=[Scope.INFERENCE], created_by=maker)
+    starter = {"client": APIClient()}
+    starter["client"].credentials(HTTP_AUTHORIZATION=f"Key {token}")
+    url = initiate(starter, {"content_type": "image/png", "file_name": "a.png"}).json()["upload_url"]
+    path, query = path_and_query(url)
+
+    def put() -> Any:
+        return anonymous().generic("PUT", with_query(path, query), data=png(), content_type="image/png")
+
+    assert put().status_code == 200  # the URL works while its key does
+    if taken_away == "revoked":
+        revoke_api_key(api_key=api_key)
+    elif taken_away == "suspended":
+        set_organization_suspended(organization=tenant["organization"], suspended=True)
+    elif taken_away == "deleted":
+        api_key.delete()
+    else:
+        remove_member(membership=Membership.objects.get(user=maker, organization=tenant["organization"]))
+    refused = put()
+    expected = "organization_suspended" if taken_away == "suspended" else "api_key_unusable"
+    assert (refused.status_code, refused.json()["error_type"]) == (403, expected)
+    stored = Upload.objects.get(file_name="a.png")
+    assert stored.size == len(png())  # the bytes of the first PUT, untouched
 
 
 def test_a_second_put_replaces_the_file(tenant: dict[str, Any], media: Path) -> None:
