@@ -23,9 +23,10 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import ProtectedError
+from django.db.models import ProtectedError, QuerySet
 from django.utils import timezone
 
+from accounts.locking import locked
 from inference.models import FINAL_STATUSES, Job, WebhookDelivery
 
 ARCHIVE_BATCH_SIZE = 1_000
@@ -65,48 +66,62 @@ def archive_old_jobs(now: datetime | None = None, *, limit: int = ARCHIVE_BATCH_
     """Archives (or deletes, if never started) up to ``limit`` jobs that ended before the retention period and whose
     outputs are purged; returns how many. Oldest first, through the index of jobs not yet archived."""
     now = now or timezone.now()
-    cutoff = now - timedelta(days=settings.JOB_RETENTION_DAYS)
-    due = list(
-        Job.objects.filter(
-            archived_at__isnull=True,
-            status__in=FINAL_STATUSES,
-            finished_at__lt=cutoff,
-            outputs_expire_at__isnull=True,  # an organization that keeps outputs longer keeps the request with them
-        )
-        .order_by("finished_at", "id")
-        .values_list("id", "started_at")[:limit]
-    )
+    due = list(_due(now).order_by("finished_at", "id").values_list("id", "started_at")[:limit])
     if not due:
         return 0
     never_started = [job_id for job_id, started_at in due if started_at is None]
-    deleted = _delete(never_started)
+    deleted = _delete(never_started, now)
     started = [job_id for job_id, started_at in due if started_at is not None or job_id not in deleted]
     return len(deleted) + sum(_archive(job_id, now) for job_id in started)
 
 
-def _delete(job_ids: list[Any]) -> set[Any]:
-    """Deletes the jobs that never started; returns the ids deleted. One the books point at after all is archived."""
+def _due(now: datetime) -> QuerySet[Job]:
+    """The jobs due for the archive at ``now``: ended before the retention period, their outputs purged, not archived.
+
+    Read once to pick a batch, and again on each job once it is locked (``_delete``, ``_archive``): an operator may
+    requeue one in between (``inference.requeue``), and a requeued job is QUEUED with a new hold and its input to
+    run. Deleted on the first reading, its hold went with it and the account's held amount never came down (that
+    credit unavailable for good); archived on it, it would run without its prompt."""
+    return Job.objects.filter(
+        archived_at__isnull=True,
+        status__in=FINAL_STATUSES,
+        finished_at__lt=now - timedelta(days=settings.JOB_RETENTION_DAYS),
+        outputs_expire_at__isnull=True,  # an organization that keeps outputs longer keeps the request with them
+    )
+
+
+def _delete(job_ids: list[Any], now: datetime) -> set[Any]:
+    """Deletes the jobs that never started and are still due once locked; returns the ids deleted. One the books point
+    at after all is archived. (Django's ``delete()`` reads the rows, then deletes them by id: the lock keeps a
+    requeue from committing in between.)"""
     if not job_ids:
         return set()
     try:
-        with transaction.atomic():
-            Job.objects.filter(pk__in=job_ids, started_at__isnull=True, archived_at__isnull=True).delete()
-        return set(job_ids)
+        return _delete_locked(job_ids, now)
     except ProtectedError:
-        deleted = set()
+        deleted: set[Any] = set()
         for job_id in job_ids:
             try:
-                with transaction.atomic():
-                    Job.objects.filter(pk=job_id, started_at__isnull=True, archived_at__isnull=True).delete()
-                deleted.add(job_id)
+                deleted |= _delete_locked([job_id], now)
             except ProtectedError:
                 continue
         return deleted
 
 
 @transaction.atomic
+def _delete_locked(job_ids: list[Any], now: datetime) -> set[Any]:
+    # Several jobs are locked in ``created_at, id`` order (``accounts.locking``).
+    due = locked(_due(now).filter(pk__in=job_ids, started_at__isnull=True)).order_by("created_at", "id")
+    locked_ids = set(due.values_list("id", flat=True))
+    if locked_ids:
+        Job.objects.filter(pk__in=locked_ids).delete()
+    return locked_ids
+
+
+@transaction.atomic
 def _archive(job_id: Any, now: datetime) -> int:
-    job = Job.objects.select_for_update().filter(pk=job_id, archived_at__isnull=True).only("id", "input").first()
+    """Archives the job if it is still due once locked (``_due``)."""
+    job = locked(_due(now).filter(pk=job_id)).only("id", "input").first()
     if job is None:
         return 0
     WebhookDelivery.objects.filter(job_id=job_id).delete()

@@ -159,3 +159,48 @@ def test_the_dashboard_says_a_request_was_archived(
     assert "after the retention period" in text
     assert lifecycle.SMALL["prompt"] not in text
     assert json.dumps(lifecycle.SMALL["num_inference_steps"]) in text
+
+
+@pytest.mark.django_db
+def test_a_request_requeued_as_its_archive_runs_is_neither_deleted_nor_stripped(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, priced_without_broker: None, settings: Any, monkeypatch: Any
+) -> None:
+    """An operator's requeue that commits between the archive's read of the due requests and its delete or archive
+    of them: the request runs again, so it keeps its row, its hold (and the account's held amount with it) and its
+    input. Forced by requeueing each job at the moment the archive reaches it."""
+    from billing.models import Account
+    from inference import archive
+
+    settings.JOB_RETENTION_DAYS = 90
+    never_started = lifecycle.submit_as(tenant, builtin_endpoint)
+    closing.cancel_job(job=never_started)
+    never_started = ended(never_started, days_ago=120, outputs_expire_at=None)
+    failed = ended(
+        lifecycle.run_as(tenant, builtin_endpoint, outcome=AttemptOutcome.FAILED, error="bad input"),
+        days_ago=95,
+        outputs_expire_at=None,
+    )
+    delete, archive_one = archive._delete, archive._archive
+
+    def requeued_then_deleted(job_ids: list[Any], *args: Any) -> set[Any]:
+        assert requeue_job(job=never_started)
+        return delete(job_ids, *args)
+
+    def requeued_then_archived(job_id: Any, now: Any) -> int:
+        if job_id == failed.pk:
+            assert requeue_job(job=failed)
+        return archive_one(job_id, now)
+
+    monkeypatch.setattr(archive, "_delete", requeued_then_deleted)
+    monkeypatch.setattr(archive, "_archive", requeued_then_archived)
+
+    assert archive_old_jobs() == 0
+    for job in (never_started, failed):
+        job.refresh_from_db()
+        assert job.status == JobStatus.QUEUED
+        assert job.archived_at is None
+        assert job.input["prompt"] == lifecycle.SMALL["prompt"]
+    open_holds = Hold.objects.filter(organization=tenant["organization"], released_at=None)
+    assert set(open_holds.values_list("job_id", flat=True)) == {never_started.pk, failed.pk}
+    account = Account.objects.get(pk=tenant["organization"].pk)
+    assert account.held_micros == sum(open_holds.values_list("amount_micros", flat=True))
