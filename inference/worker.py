@@ -650,7 +650,31 @@ def _store(member: Member, result: GenerationResult, heartbeat: Heartbeat, *, ba
             f"GPU time is this request's share ({heartbeat.meter.running_ms(member.index)} ms so far).",
             source="worker",
         )
-    _finish(member, heartbeat, AttemptOutcome.SUCCEEDED, result=output)
+    _close_stored(member, heartbeat, output)
+
+
+def _close_stored(member: Member, heartbeat: Heartbeat, output: dict[str, Any]) -> None:
+    """Closes a job whose outputs are stored as succeeded; a database error doing so (the connection dropped by a
+    server restart or a failover, a statement timeout) sends the close again on a fresh connection.
+
+    Its work is done and its outputs stored: closed as the store's failure instead (``_fail_store``), it would be run
+    again, or failed with its attempts spent, and the finished work thrown away. Sending the close again is safe
+    whether the lost one committed or not: an attempt closes once (``closing.finish_attempt`` answers None for one
+    already closed). Tried until the job's lease, last renewed before its close began, has surely lapsed: by then the
+    reaper owns it, and the error goes on to ``_fail_store`` as before."""
+    wait = 0.25
+    while True:
+        try:
+            _finish(member, heartbeat, AttemptOutcome.SUCCEEDED, result=output)
+            return
+        except DatabaseError:
+            if time.monotonic() + wait - member.renewed_at > settings.JOB_LEASE_SECONDS:
+                raise
+            logger.warning("job %s attempt %s: closing it failed; closing it again", member.job_id, member.attempt,
+                           exc_info=True)  # fmt: skip
+            _recover_connection()
+            time.sleep(wait)
+            wait = min(wait * 2, 2.0)
 
 
 def _encoded_output(job: Job, result: GenerationResult) -> dict[str, Any]:

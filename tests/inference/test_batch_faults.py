@@ -426,3 +426,30 @@ def test_a_database_error_gathering_company_runs_the_job_with_those_claimed_so_f
     for waiting in {first, second} - set(ran):
         assert Job.objects.get(pk=waiting.pk).status == JobStatus.DISPATCHED  # its own message runs it
         assert not JobAttempt.objects.filter(job=waiting).exists()
+
+
+@pytest.mark.parametrize("committed", [False, True], ids=["before its commit", "after its commit"])
+def test_a_connection_lost_closing_a_stored_success_still_delivers_and_bills_it_once(
+    dispatch: Any, monkeypatch: pytest.MonkeyPatch, committed: bool
+) -> None:
+    """The connection drops as the finished job's close is sent (a server restart, a failover): its outputs are stored
+    and its work done, so the close is sent again on a new connection rather than the job thrown back to be run again
+    (or failed, its attempts spent). Whether the lost close had committed or not, the job is closed once."""
+    jobs = [dispatch(seed=seed, num_inference_steps=4) for seed in (1, 2)]
+    real_finish, dropped = closing.finish_attempt, {"n": 0}
+
+    def finish(**kwargs: Any) -> Any:
+        if kwargs["job_id"] == str(jobs[0].pk) and kwargs["outcome"] == AttemptOutcome.SUCCEEDED and not dropped["n"]:
+            dropped["n"] += 1
+            if committed:
+                real_finish(**kwargs)
+            raise OperationalError("server closed the connection unexpectedly")
+        return real_finish(**kwargs)
+
+    monkeypatch.setattr(closing, "finish_attempt", finish)
+    worker.execute(str(jobs[0].id), jobs[0].attempt)
+
+    assert dropped["n"] == 1
+    assert states(jobs) == [(JobStatus.COMPLETED, "", [AttemptOutcome.SUCCEEDED])] * 2
+    assert_billed_once(jobs)
+    assert Job.objects.get(pk=jobs[0].pk).result["images"]
