@@ -3,15 +3,18 @@
 A Hypothesis state machine submits, starts, finishes (any outcome, any GPU time, retried or not), cancels
 queued and running jobs, lets leases expire, grants and adjusts credit, refunds requests and changes the
 price, all through the real services. After every step the ledger invariants hold; at the end, with
-every job brought to a final state, nothing is held and reconciliation finds no drift (Stripe skipped).
+every job brought to a final state, nothing is held and reconciliation finds no drift (Stripe skipped). Operators
+requeue failed and cancelled requests, also as the archive of old requests reaches them.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
 from typing import Any
+from unittest import mock
 
 import pytest
+from django.conf import settings as django_settings
 from django.db import transaction
 from django.db.models import OuterRef, Subquery, Sum
 from django.db.models.functions import Coalesce
@@ -32,8 +35,9 @@ from billing import pricing
 from billing.ledger import grant_credits
 from billing.models import Account, CreditEntry, EntryKind, Hold, Price, PriceUnit, UsageRecord
 from billing.reconciliation import run_reconciliation
-from inference import closing, submission
+from inference import archive, closing, submission
 from inference.models import FINAL_STATUSES, AttemptOutcome, Endpoint, Job, JobStatus
+from inference.requeue import RequeueRefused, requeue_job
 from tests import lifecycle
 from tests.billing.conftest import STATE_MACHINES, refund_once, total
 
@@ -202,6 +206,49 @@ class Books(RuleBasedStateMachine):
     @rule(data=st.data())
     def refund(self, data: st.DataObject) -> None:
         refund_once(self.pick(data, FINAL_STATUSES), refunded=self.refunded)
+
+    @precondition(lambda self: self.any_in(JobStatus.FAILED, JobStatus.CANCELLED))
+    @rule(data=st.data())
+    def requeue(self, data: st.DataObject) -> None:
+        """An operator's requeue of a failed or cancelled request (an archived one, or one the credit no longer covers,
+        is refused and left as it was)."""
+        job = self.pick(data, (JobStatus.FAILED, JobStatus.CANCELLED))
+        self.requeue_if_allowed(job)
+
+    def requeue_if_allowed(self, job: Job) -> None:
+        try:
+            requeue_job(job=job)
+        except RequeueRefused as refused:
+            if refused.error_type not in ("insufficient_credits", "request_archived"):
+                raise  # running out of credit, or an archived request, are the only refusals it may meet
+
+    @precondition(lambda self: self.any_in(*FINAL_STATUSES))
+    @rule(data=st.data(), requeue_as_it_runs=st.booleans())
+    def archive_old_requests(self, data: st.DataObject, requeue_as_it_runs: bool) -> None:
+        """The requests that ended are aged past the retention period and archived (those that never started,
+        deleted); ``requeue_as_it_runs``: an operator requeues one of them as the archive reaches it."""
+        aged = Job.objects.filter(pk__in=self.jobs, status__in=FINAL_STATUSES, archived_at__isnull=True)
+        ended_long_ago = timezone.now() - timedelta(days=django_settings.JOB_RETENTION_DAYS + 1)
+        aged.update(finished_at=ended_long_ago, outputs_expire_at=None)
+        requeueable = (JobStatus.FAILED, JobStatus.CANCELLED)
+        chosen = self.pick(data, requeueable) if requeue_as_it_runs and self.any_in(*requeueable) else None
+        delete, archive_one = archive._delete, archive._archive
+
+        def requeued_then_deleted(job_ids: list[Any], *args: Any) -> set[Any]:
+            if chosen is not None and chosen.pk in job_ids:
+                self.requeue_if_allowed(chosen)
+            return delete(job_ids, *args)
+
+        def requeued_then_archived(job_id: Any, *args: Any) -> int:
+            if chosen is not None and chosen.pk == job_id:
+                self.requeue_if_allowed(chosen)
+            return archive_one(job_id, *args)
+
+        with (
+            mock.patch.object(archive, "_delete", requeued_then_deleted),
+            mock.patch.object(archive, "_archive", requeued_then_archived),
+        ):
+            archive.archive_old_jobs()
 
     @rule(micros=st.integers(0, 5_000))
     def change_the_cpu_price(self, micros: int) -> None:
