@@ -20,6 +20,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from io import BytesIO
@@ -28,7 +29,7 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import DatabaseError, close_old_connections, connection
+from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections, connection
 
 from accounts.errors import AppError
 from inference import attempts, closing, files
@@ -434,16 +435,52 @@ def _finish_all(
     shares, wasted = heartbeat.meter.allocated, heartbeat.meter.wasted
     for member in open_members:
         heartbeat.release(member)
-        closing.finish_attempt(
-            job_id=member.job_id,
-            attempt=member.attempt,
-            outcome=outcome,
-            gpu_ms=shares[member.index] if gpu_ms is None else gpu_ms,
-            wasted_ms=wasted[member.index] if gpu_ms is None else 0,
-            cold_start_ms=member.cold_start_ms,
-            **fields,
+        _close_once(
+            member,
+            functools.partial(
+                closing.finish_attempt,
+                job_id=member.job_id,
+                attempt=member.attempt,
+                outcome=outcome,
+                gpu_ms=shares[member.index] if gpu_ms is None else gpu_ms,
+                wasted_ms=wasted[member.index] if gpu_ms is None else 0,
+                cold_start_ms=member.cold_start_ms,
+                **fields,
+            ),
         )
         member.settled = True
+
+
+def _close_once(member: Member, close: Callable[[], object]) -> None:
+    """A member's close (``closing.finish_attempt``), sent again on a fresh connection where the connection failed
+    under it (a server restart or failover, a statement timeout, a deadlock: ``OperationalError``,
+    ``InterfaceError``).
+
+    A close that raised went to the reaper (``_leave_to_the_reaper``) or, for a job whose outputs were stored, to the
+    store's failure (``_fail_store``): closed unbilled and run again, or failed with its attempts spent, the finished
+    work thrown away and a cancel or a credit stop undone. Sending it again is safe whether the lost one committed or
+    not: an attempt closes once (``closing.finish_attempt`` answers None for one already closed). Tried until the
+    job's lease, last renewed before its close began (its heartbeat is released), has surely lapsed: by then the
+    reaper owns it, and the error goes on as before. Any other error (the close's own data) is raised at once."""
+    wait = 0.25
+    while True:
+        try:
+            close()
+            return
+        except (OperationalError, InterfaceError):
+            if _close_clock() + wait - member.renewed_at > settings.JOB_LEASE_SECONDS:
+                raise
+            logger.warning("job %s attempt %s: closing it failed; closing it again", member.job_id, member.attempt,
+                           exc_info=True)  # fmt: skip
+            _recover_connection()
+            _close_pause(wait)
+            wait = min(wait * 2, 2.0)
+
+
+# The clock (``time.monotonic``, as ``Member.renewed_at``) and the pause of ``_close_once``: a test runs out a lease
+# with its own, without waiting for it.
+_close_clock: Callable[[], float] = time.monotonic
+_close_pause: Callable[[float], None] = time.sleep
 
 
 def _run(leader: Member, heartbeat: Heartbeat) -> None:
@@ -650,31 +687,7 @@ def _store(member: Member, result: GenerationResult, heartbeat: Heartbeat, *, ba
             f"GPU time is this request's share ({heartbeat.meter.running_ms(member.index)} ms so far).",
             source="worker",
         )
-    _close_stored(member, heartbeat, output)
-
-
-def _close_stored(member: Member, heartbeat: Heartbeat, output: dict[str, Any]) -> None:
-    """Closes a job whose outputs are stored as succeeded; a database error doing so (the connection dropped by a
-    server restart or a failover, a statement timeout) sends the close again on a fresh connection.
-
-    Its work is done and its outputs stored: closed as the store's failure instead (``_fail_store``), it would be run
-    again, or failed with its attempts spent, and the finished work thrown away. Sending the close again is safe
-    whether the lost one committed or not: an attempt closes once (``closing.finish_attempt`` answers None for one
-    already closed). Tried until the job's lease, last renewed before its close began, has surely lapsed: by then the
-    reaper owns it, and the error goes on to ``_fail_store`` as before."""
-    wait = 0.25
-    while True:
-        try:
-            _finish(member, heartbeat, AttemptOutcome.SUCCEEDED, result=output)
-            return
-        except DatabaseError:
-            if time.monotonic() + wait - member.renewed_at > settings.JOB_LEASE_SECONDS:
-                raise
-            logger.warning("job %s attempt %s: closing it failed; closing it again", member.job_id, member.attempt,
-                           exc_info=True)  # fmt: skip
-            _recover_connection()
-            time.sleep(wait)
-            wait = min(wait * 2, 2.0)
+    _finish(member, heartbeat, AttemptOutcome.SUCCEEDED, result=output)
 
 
 def _encoded_output(job: Job, result: GenerationResult) -> dict[str, Any]:

@@ -103,10 +103,16 @@ def test_a_soft_time_limit_reserving_a_step_still_stops_the_whole_batch(
     assert [state[1:] for state in states(jobs)] == [("timeout", [AttemptOutcome.ERRORED])] * 2
 
 
-def test_a_failing_close_of_a_cancelled_companion_leaves_it_to_the_reaper(
-    dispatch: Any, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("lost_closes", [2, None], ids=["twice, then closed", "until its lease lapsed"])
+def test_a_failing_close_of_a_cancelled_companion_is_sent_again_then_left_to_the_reaper(
+    dispatch: Any, monkeypatch: pytest.MonkeyPatch, lost_closes: int | None
 ) -> None:
+    """A close whose connection fails is sent again on a fresh one (``worker._close_once``): the cancel stands, as
+    it was asked. One that keeps failing until the job's lease has lapsed is left to the reaper."""
     jobs = [dispatch(seed=seed, num_inference_steps=8) for seed in (1, 2, 3)]
+    waited = [0.0]  # the pauses between tries, on a clock of the test's own: the lease runs out without waiting
+    monkeypatch.setattr(worker, "_close_clock", lambda: time.monotonic() + waited[0])
+    monkeypatch.setattr(worker, "_close_pause", lambda seconds: waited.__setitem__(0, waited[0] + seconds))
     real_claim, real_finish, real_heartbeat = (
         attempts.claim_batch_companions,
         closing.finish_attempt,
@@ -123,7 +129,7 @@ def test_a_failing_close_of_a_cancelled_companion_leaves_it_to_the_reaper(
         return companions
 
     def finish(**kwargs: Any) -> Any:
-        if kwargs["job_id"] == str(jobs[1].pk):
+        if kwargs["job_id"] == str(jobs[1].pk) and (lost_closes is None or len(closes_tried) < lost_closes):
             closes_tried.append(len(beats))
             raise OperationalError("server closed the connection unexpectedly")
         return real_finish(**kwargs)
@@ -140,10 +146,15 @@ def test_a_failing_close_of_a_cancelled_companion_leaves_it_to_the_reaper(
     healthy = [jobs[0], jobs[2]]
     assert states(healthy) == [(JobStatus.COMPLETED, "", [AttemptOutcome.SUCCEEDED])] * 2
     assert_billed_once(healthy)
+    assert str(jobs[1].pk) not in beats[closes_tried[0] :]  # no heartbeat of it once its close began
+    if lost_closes is not None:
+        assert len(closes_tried) == lost_closes
+        assert states([jobs[1]]) == [(JobStatus.CANCELLED, "cancelled", [AttemptOutcome.CANCELLED])]
+        assert UsageRecord.objects.filter(job=jobs[1]).count() == 1
+        return
     # Still running, its attempt open: its lease is no longer renewed, so it runs out and the reaper takes it.
+    assert len(closes_tried) > 1  # sent again, until the lease (on the test's clock) had lapsed
     assert states([jobs[1]]) == [(JobStatus.RUNNING, "", [AttemptOutcome.RUNNING])]
-    [tried] = closes_tried
-    assert str(jobs[1].pk) not in beats[tried:]
     assert not UsageRecord.objects.filter(job=jobs[1]).exists()
 
 
