@@ -211,14 +211,11 @@ def embedded_queues() -> dict[str, set[str]]:
     """The queues each worker of the embedded run (``manage.py runplatform``) consumes."""
     from accounts.management.commands.runplatform import celery_workers
 
-    return {
-        name: set(argv[argv.index("--queues") + 1].split(","))
-        for name, argv in celery_workers(Path("celerybeat-schedule")).items()
-    }
+    return {name: set(argv[argv.index("--queues") + 1].split(",")) for name, argv in celery_workers().items()}
 
 
 def test_the_processes_consume_default_batch_and_the_gpu_classes(tmp_path: Path) -> None:
-    from accounts.management.commands.runplatform import celery_workers
+    from accounts.management.commands.runplatform import celery_beat, celery_workers
     from inference.models import GpuClass
 
     production = production_queues(tmp_path)
@@ -227,8 +224,10 @@ def test_the_processes_consume_default_batch_and_the_gpu_classes(tmp_path: Path)
     for gpu_class in GpuClass.values:
         assert production[f"worker {gpu_class}"] == {gpu_class}
     assert embedded_queues() == {"gpu worker": {"cpu"}, "housekeeping worker": {"default"}, "batch worker": {"batch"}}
-    embedded = celery_workers(tmp_path / "celerybeat-schedule")
-    assert "--beat" in embedded["housekeeping worker"]  # the scheduler, once, beside the frequent tasks
+    embedded = celery_workers()
+    # The scheduler, once, in a process of its own as in production: not a worker's child, which outlived its worker.
+    assert not any("--beat" in argv or "-B" in argv for argv in embedded.values())
+    assert celery_beat(tmp_path / "celerybeat-schedule")[3:6] == ["--app", "config", "beat"]
     batch = embedded["batch worker"]
     assert batch[batch.index("--concurrency") + 1] == "1"
 

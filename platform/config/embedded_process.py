@@ -7,13 +7,18 @@ period, the kill after it) is made once.
 
 from __future__ import annotations
 
+import ctypes
+import signal
 import socket
 import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 STOP_TIMEOUT_SECONDS = 10.0
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -21,6 +26,23 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """On Linux, a ``preexec_fn`` that has the kernel stop the child (SIGTERM) when the process that started it
+    dies: a run killed on its own (SIGKILL, or any signal it cannot catch) leaves no server or worker behind to
+    hold its ports and its data directory, whatever process group or session the child sits in."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return hook
 
 
 class EmbeddedProcess:

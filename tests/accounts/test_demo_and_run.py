@@ -173,6 +173,7 @@ def is_alive(pid: int) -> bool:
 class EmbeddedRun:
     def __init__(self, process: subprocess.Popen[bytes], port: int, data_dir: Path, log: Path) -> None:
         self.process = process
+        self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
         self.data_dir = data_dir
         self.log = log
@@ -230,13 +231,20 @@ class EmbeddedRun:
 def start_embedded(tmp_path: Path) -> Iterator[Any]:
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(*extra: str, redis_url: str | None = None, **variables: str) -> EmbeddedRun:
-        port = free_port()
-        env = embedded_env(tmp_path)
+    def start(
+        *extra: str,
+        redis_url: str | None = None,
+        port: int | None = None,
+        data_dir: Path | None = None,
+        **variables: str,
+    ) -> EmbeddedRun:
+        port = port or free_port()
+        data_dir = data_dir or tmp_path
+        env = embedded_env(data_dir)
         if redis_url:
             env["REDIS_URL"] = redis_url
         env.update(variables)
-        log = tmp_path / "runplatform.log"
+        log = tmp_path / f"runplatform-{len(started)}.log"
         with log.open("wb") as log_file:
             process = subprocess.Popen(
                 [
@@ -256,7 +264,7 @@ def start_embedded(tmp_path: Path) -> Iterator[Any]:
                 start_new_session=True,  # its own process group: the cleanup below reaches the whole tree
             )
         started.append(process)
-        return EmbeddedRun(process, port, tmp_path, log)
+        return EmbeddedRun(process, port, data_dir, log)
 
     yield start
     for process in started:
@@ -344,8 +352,8 @@ def test_embedded_run_starts_the_worker_and_stops_cleanly(start_embedded: Any) -
     )
     commands = process_group(run.process.pid).values()
     assert any("uvicorn" in command for command in commands)
-    assert any("celery" in command and " worker" in command and "--beat" in command for command in commands)
-    url = assert_children_share_its_redis(run, expected=5)  # two web servers, three workers
+    assert sum("celery" in command and " beat " in command for command in commands) == 1  # the scheduler, once
+    url = assert_children_share_its_redis(run, expected=6)  # two web servers, three workers, the scheduler
     with redis.Redis.from_url(url) as client:
         # The three workers' queues: the GPU's, the safety nets', the long batch tasks'.
         assert client.exists("_kombu.binding.cpu", "_kombu.binding.default", "_kombu.binding.batch") == 3
@@ -385,6 +393,93 @@ def test_embedded_run_brings_its_redis_back_and_never_leaves_it_behind(start_emb
     os.killpg(run.process.pid, signal.SIGKILL)
     run.process.wait(timeout=STOP_TIMEOUT_SECONDS)
     assert_ends(second)
+
+
+def child_of(run: EmbeddedRun, role: str) -> int | None:
+    """The pid of the run's own process whose command line holds ``role`` (one at most), None if there is none."""
+    run.running()
+    found = [pid for pid, command in children(run.process.pid).items() if role in command]
+    assert len(found) <= 1, found
+    return found[0] if found else None
+
+
+def orphans(run: EmbeddedRun) -> dict[int, str]:
+    """Members of the run's process group that lost their parent: left behind by a process that died."""
+    members = {pid: parent for pid, parent, group, _ in live_processes() if group == run.process.pid}
+    return {
+        pid: command
+        for pid, command in process_group(run.process.pid).items()
+        if pid != run.process.pid and members.get(pid) not in members
+    }
+
+
+@pytest.mark.slow
+def test_embedded_run_starts_again_a_process_killed_and_leaves_nothing_of_it_behind(start_embedded: Any) -> None:
+    """A worker, the scheduler or the web server killed outright used to stop the whole run (and a housekeeping
+    worker killed took its scheduler's parent away: that scheduler ran on beside the new one's, and after the run)."""
+    run: EmbeddedRun = start_embedded()
+    run.wait_until_ready()
+    roles = {"gpu worker": "gpu@", "housekeeping worker": "housekeeping@", "beat": " beat "}
+    roles["web"] = f"--port {run.port} "
+    for name, role in roles.items():
+        first = wait_until(
+            lambda role=role: child_of(run, role), timeout=START_TIMEOUT_SECONDS, message=f"the run's {name}"
+        )
+        os.kill(first, signal.SIGKILL)
+        wait_until(
+            lambda role=role, first=first: child_of(run, role) not in (None, first),
+            timeout=START_TIMEOUT_SECONDS,
+            message=lambda name=name: f"the {name} to be started again\n{run.log_text()}",
+        )
+        assert f"runplatform: {name} exited with -9; starting it again" in run.log_text()
+    run.wait_until_ready()
+    with run.api_client() as client:
+        assert client.get("/v1/me").status_code == 200
+    wait_until(
+        lambda: not orphans(run), timeout=STOP_TIMEOUT_SECONDS, message=lambda: f"no orphans; still: {orphans(run)}"
+    )
+    assert sum(" beat " in command for command in process_group(run.process.pid).values()) == 1
+    assert run.terminate() == 0, run.log_text()
+    assert_group_ends(run.process.pid)
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_data_directory_or_port_refuses_to_start(start_embedded: Any, tmp_path: Path) -> None:
+    """A second run over the same SQLite file used to start: a second Redis, a second scheduler, rate limits and key
+    revocations that one run's processes never heard of."""
+    run: EmbeddedRun = start_embedded("--no-worker")
+    run.wait_until_ready()
+    same_data = start_embedded("--no-worker")
+    assert same_data.process.wait(timeout=START_TIMEOUT_SECONDS) == 1
+    assert f"another run (runplatform pid {run.process.pid}) is using the data directory" in same_data.log_text()
+    same_port = start_embedded("--no-worker", port=run.port, data_dir=tmp_path / "other")
+    assert same_port.process.wait(timeout=START_TIMEOUT_SECONDS) == 1
+    assert f"port {run.port} on 127.0.0.1 is in use by another process" in same_port.log_text()
+    assert httpx.get(f"{run.base_url}/readyz", timeout=10).status_code == 200
+    assert run.terminate() == 0, run.log_text()
+
+
+@pytest.mark.slow
+def test_embedded_run_stops_everything_on_sighup_and_nothing_outlives_it_killed(start_embedded: Any) -> None:
+    """SIGHUP (a closed terminal) used to end the run's own process only, and a run killed on its own left its web
+    servers and the fake Stripe running, holding the port: the next start failed."""
+    run: EmbeddedRun = start_embedded("--no-worker")
+    run.wait_until_ready()
+    redis_pid = run.redis_server()
+    run.process.send_signal(signal.SIGHUP)
+    assert run.process.wait(timeout=STOP_TIMEOUT_SECONDS) == 0, run.log_text()
+    assert_group_ends(run.process.pid)
+    assert_ends(redis_pid)
+    # Again at once, on the same port and data directory; then the run alone killed outright.
+    again: EmbeddedRun = start_embedded("--no-worker", port=run.port)
+    again.wait_until_ready()
+    started = children(again.process.pid)
+    assert len(started) == 4, started  # Redis, the fake Stripe, the two web servers
+    os.kill(again.process.pid, signal.SIGKILL)
+    again.process.wait(timeout=STOP_TIMEOUT_SECONDS)
+    for pid in started:
+        assert_ends(pid)
+    assert_group_ends(again.process.pid)
 
 
 @pytest.mark.slow

@@ -8,7 +8,8 @@ ports, reads the demo key and the developer's password from ``demo_credentials.j
 mixed traffic from a few client threads: queue submits followed by status polls and the result,
 sync runs through ``/run/``, cancels, ``GET /v1/me``, dashboard pages (logged in), and idle gaps,
 short ones per client and, every few minutes, a minute or two with no traffic at all (the run used
-to die idle). runplatform exits when any of its processes does, so it is watched the whole time.
+to die idle). runplatform starts again any of its processes that exits (and says so in its log),
+and stops when one exits too often, so both its log and runplatform itself are watched.
 
 At the end it stops the run as a person would and prints the requests sent by kind, the answers by
 status code, every request left unanswered or answered 5xx, the jobs completed, and whether any
@@ -73,6 +74,8 @@ ALARMS = {
     "unrecoverable": re.compile(r"Unrecoverable error"),
     "traceback": re.compile(r"^Traceback \(most recent call last\)", re.MULTILINE),
     "redis restarted": re.compile(r"Redis exited with"),
+    # Any process of the run, Redis included, that exited and was started again: a death all the same.
+    "process restarted": re.compile(r"^runplatform: .+ exited with \S+; starting it again", re.MULTILINE),
     "run stopped itself": re.compile(r"stopping the run"),
 }
 
@@ -399,10 +402,13 @@ def main() -> None:
     if died_at is not None:
         print(f"PROCESS DIED: runplatform exited with {exit_code} after {died_at / 60:.1f} min; its log ends:")
         print(tail(log))
+    elif alarms["process restarted"]:
+        print(f"PROCESS DIED: {alarms['process restarted']} of runplatform's processes exited and were started again")
     else:
         how = "cleanly (exit 0)" if exit_code == 0 else f"with {exit_code}"
         print(f"processes: none exited during the soak; runplatform stopped {how} when asked")
     failed = died_at is not None or exit_code != 0 or bool(tally.unanswered) or bool(tally.server_errors)
+    failed = failed or bool(alarms["process restarted"])
     print(
         json.dumps(
             {

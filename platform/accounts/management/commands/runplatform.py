@@ -13,19 +13,31 @@ every page, receipt and statement then says test mode. With a real key (sk_test_
 
 If the private Redis dies, it is started again on the same port: nothing in it has to survive (the
 job rows are the truth, the dispatcher's sweep re-sends lost messages, a cache miss reads the
-database, and the workers reconnect by themselves). More than a few deaths in a minute stop the run,
-with a message, instead of a loop. Any other process that exits stops the run too.
+database, and the workers reconnect by themselves). Any other process that exits is started again
+too, as production's orchestrator would (a worker's unfinished job goes back to the queue when its
+lease lapses; the fake Stripe comes back empty, as on a new run). More than a few exits of one
+process in a minute stop the run, with a message, instead of a loop.
+
+One run holds its data directory (a lock on ``runplatform.lock`` there, which dies with it): a second
+run on the same directory, or on a port already taken, refuses to start and says why. SIGTERM, SIGINT
+and SIGHUP (a closed terminal) stop every process, and each child dies with the run if it is killed
+outright, so nothing is left behind holding the ports or the data directory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +45,14 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
+from config.embedded_process import die_with_parent
 from config.embedded_redis import EmbeddedRedis, RedisUnavailable
 from config.embedded_stripe import EmbeddedStripe, StripeUnavailable
 
-# A Redis that dies more often than this is not a hiccup: stop the run and say so.
-REDIS_RESTARTS_PER_MINUTE = 3
+# A process (Redis, a worker, a web server, the fake Stripe) that exits more often than this is not a hiccup: stop
+# the run and say so.
+RESTARTS_PER_MINUTE = 3
+LOCK_FILE = "runplatform.lock"
 
 
 class Command(BaseCommand):
@@ -61,6 +76,13 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        with hold_data_dir(Path(settings.DATA_DIR)):
+            for port in (options["port"], options["tls_port"]):
+                if port:
+                    refuse_a_taken_port(options["host"], port)
+            self.serve(options)
+
+    def serve(self, options: dict[str, Any]) -> None:
         redis_server = None
         if not os.environ.get("REDIS_URL"):
             try:
@@ -101,7 +123,8 @@ class Command(BaseCommand):
                 f" (trust it with SSL_CERT_FILE={ca})\n"
             )
         if not options["no_worker"]:
-            commands |= celery_workers(Path(settings.DATA_DIR) / "celerybeat-schedule")
+            schedule = Path(settings.DATA_DIR) / "celerybeat-schedule"
+            commands |= celery_workers() | {"beat": celery_beat(schedule)}
         # Webhooks and other links the workers write point back at this server.
         env = {**os.environ, "PUBLIC_BASE_URL": os.environ.get("PUBLIC_BASE_URL", base)}
         if redis_server is not None:
@@ -111,12 +134,13 @@ class Command(BaseCommand):
                 raise CommandError(str(exc)) from None
             env["REDIS_URL"] = redis_server.url
             self.stdout.write(f"Redis (broker, cache, pub/sub): {redis_server.describe()}\n")
-        processes: dict[str, subprocess.Popen[bytes]] = {}
+        starters: dict[str, Callable[[], subprocess.Popen[bytes]]] = {}
+        if fake_stripe is not None:
+            starters["fake Stripe"] = lambda: self.start_fake_stripe(fake_stripe, env, base)  # first: env gets its keys
+        for name, command in commands.items():
+            starters[name] = starter(command, env)
         try:
-            if fake_stripe is not None:
-                processes["fake Stripe"] = self.start_fake_stripe(fake_stripe, env, base)
-            processes.update({name: subprocess.Popen(command, env=env) for name, command in commands.items()})
-            self.supervise(processes, redis_server)
+            self.supervise(starters, redis_server)
         finally:
             if fake_stripe is not None:
                 fake_stripe.stop()
@@ -141,11 +165,15 @@ class Command(BaseCommand):
         )
         return process
 
-    def supervise(self, processes: dict[str, subprocess.Popen[bytes]], redis_server: EmbeddedRedis | None) -> None:
-        """Wait until a signal or a process ends the run, bringing Redis back if it dies; then stop them all."""
+    def supervise(
+        self, starters: dict[str, Callable[[], subprocess.Popen[bytes]]], redis_server: EmbeddedRedis | None
+    ) -> None:
+        """Start the processes and wait until a signal ends the run, starting again any process (Redis included) that
+        exits on its own, unless it does so too often; then stop them all."""
         stopping = False
         failure = ""
-        redis_restarts: deque[float] = deque(maxlen=REDIS_RESTARTS_PER_MINUTE)
+        processes: dict[str, subprocess.Popen[bytes]] = {}
+        restarts: dict[str, deque[float]] = {name: deque(maxlen=RESTARTS_PER_MINUTE) for name in (*starters, "Redis")}
 
         def stop(*_: Any) -> None:
             nonlocal stopping
@@ -156,17 +184,25 @@ class Command(BaseCommand):
                 if process.poll() is None:
                     process.send_signal(signal.SIGTERM)
 
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+        for ending in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(ending, stop)
         try:
+            for name, start in starters.items():
+                if stopping:
+                    break
+                processes[name] = start()
             while not stopping:
                 ended = [name for name, process in processes.items() if process.poll() is not None]
-                if ended:
-                    exits = ", ".join(f"{name} with {processes[name].returncode}" for name in ended)
-                    failure = f"{exits} exited; stopping the run"
+                for name in ended:
+                    if stopping:
+                        break
+                    failure = self.restart(name, processes, starters[name], restarts[name])
+                    if failure:
+                        break
+                if failure:
                     break
-                if redis_server is not None and not redis_server.alive():
-                    failure = self.restart_redis(redis_server, redis_restarts)
+                if not stopping and redis_server is not None and not redis_server.alive():
+                    failure = self.restart_redis(redis_server, restarts["Redis"])
                     if failure:
                         break
                 time.sleep(0.5)
@@ -177,22 +213,39 @@ class Command(BaseCommand):
                     process.wait(timeout=15)
                 except subprocess.TimeoutExpired:
                     process.kill()
+                    process.wait()
         if failure:
             self.stderr.write(f"runplatform: {failure}")
         codes = [process.returncode for process in processes.values()]
-        if failure or any(code not in (0, -signal.SIGTERM, -signal.SIGINT) for code in codes):
+        if failure or any(code not in (0, -signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP) for code in codes):
             raise SystemExit(1)
+
+    def restart(
+        self,
+        name: str,
+        processes: dict[str, subprocess.Popen[bytes]],
+        start: Callable[[], subprocess.Popen[bytes]],
+        restarts: deque[float],
+    ) -> str:
+        """Start the process ``name`` again, in place of the one that exited; the reason to stop instead, if any."""
+        code = processes[name].returncode
+        if too_often(restarts):
+            return f"{name} exited {len(restarts) + 1} times within a minute (last with {code}); stopping the run"
+        self.stderr.write(f"runplatform: {name} exited with {code}; starting it again")
+        try:
+            processes[name] = start()
+        except (CommandError, OSError) as exc:
+            return f"{name} exited with {code} and could not be started again: {exc}; stopping the run"
+        return ""
 
     def restart_redis(self, redis_server: EmbeddedRedis, restarts: deque[float]) -> str:
         """Start the dead Redis again on its port; the reason to stop instead, if there is one."""
         code = redis_server.process.returncode if redis_server.process else None
-        now = time.monotonic()
-        if len(restarts) == restarts.maxlen and now - restarts[0] < 60:
+        if too_often(restarts):
             return (
                 f"Redis exited {len(restarts) + 1} times within a minute (last with {code}); "
                 f"stopping the run (see {redis_server.log_file})"
             )
-        restarts.append(now)
         self.stderr.write(f"runplatform: Redis exited with {code}; starting it again on port {redis_server.port}")
         try:
             redis_server.start()
@@ -201,21 +254,85 @@ class Command(BaseCommand):
         return ""
 
 
-def celery_workers(beat_schedule: Path) -> dict[str, list[str]]:
+def starter(command: list[str], env: dict[str, str]) -> Callable[[], subprocess.Popen[bytes]]:
+    """Starts ``command`` as a child that dies with the run; ``env`` is read at each start (the fake Stripe's keys)."""
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(command, env=env, preexec_fn=die_with_parent())
+
+    return start
+
+
+def too_often(restarts: deque[float]) -> bool:
+    """Whether one more restart would pass RESTARTS_PER_MINUTE; if not, it is counted."""
+    now = time.monotonic()
+    if len(restarts) == restarts.maxlen and now - restarts[0] < 60:
+        return True
+    restarts.append(now)
+    return False
+
+
+@contextlib.contextmanager
+def hold_data_dir(data_dir: Path) -> Iterator[None]:
+    """Holds the data directory for one run: a second run there would start a second scheduler and a second Redis
+    over the same SQLite database and beat schedule, so it is refused, naming the run that holds it. The lock is the
+    kernel's (flock): it goes with the process that held it, however that process ended, so no stale file blocks
+    the next start."""
+    path = data_dir / LOCK_FILE
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        lock = path.open("a+")
+    except OSError as exc:
+        raise CommandError(f"cannot use the data directory {data_dir}: {exc}") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise CommandError(
+                f"another run ({holder}) is using the data directory {data_dir}: stop it first, or give this one a "
+                "PLATFORM_DATA_DIR of its own"
+            ) from None
+        with contextlib.suppress(OSError):  # who holds it, for the message above; a full disk only loses that
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"runplatform pid {os.getpid()}")
+            lock.flush()
+        yield
+
+
+def refuse_a_taken_port(host: str, port: int) -> None:
+    """Fails now, naming the port, when another process listens there (the web server would exit at once)."""
+    with socket.socket() as probe:
+        # As uvicorn binds it: a socket closed a moment ago (TIME_WAIT) holds it for nobody.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            reason = "is in use by another process" if exc.errno == errno.EADDRINUSE else f"cannot be used: {exc}"
+            raise CommandError(f"port {port} on {host} {reason} (choose others with --port and --tls-port)") from None
+
+
+def celery_workers() -> dict[str, list[str]]:
     """The embedded run's Celery workers, one per kind of queue (settings' CELERY_TASK_ROUTES), as production's process
-    types (deploy/entrypoint.sh): a GPU worker on the cpu queue, the scheduler (-B) in a small worker on the default
-    queue, so a sweep or a webhook never waits behind a long generation, and one on the batch queue, so neither waits
-    behind a reconciliation or the hourly retention tasks either."""
+    types (deploy/entrypoint.sh): a GPU worker on the cpu queue, a small worker on the default queue, so a sweep or a
+    webhook never waits behind a long generation, and one on the batch queue, so neither waits behind a
+    reconciliation or the hourly retention tasks either."""
     celery = [sys.executable, "-m", "celery", "--app", "config", "worker", "--loglevel", "INFO"]
     one_at_a_time = ["--concurrency", "1", "--prefetch-multiplier", "1"]
     return {
         "gpu worker": [*celery, "--queues", "cpu", *one_at_a_time, "-n", "gpu@%h"],
-        "housekeeping worker": [
-            *celery, "--queues", "default", "--concurrency", "1", "-n", "housekeeping@%h",
-            "--beat", "--schedule", str(beat_schedule),
-        ],
+        "housekeeping worker": [*celery, "--queues", "default", "--concurrency", "1", "-n", "housekeeping@%h"],
         "batch worker": [*celery, "--queues", "batch", *one_at_a_time, "-n", "batch@%h"],
-    }  # fmt: skip
+    }
+
+
+def celery_beat(schedule: Path) -> list[str]:
+    """The scheduler, exactly one, as production's beat process type: a process of its own, which the run watches and
+    stops like the others. Inside a worker (``--beat``) it was that worker's child, and a worker killed outright left it
+    running: a second scheduler beside the restarted worker's, and one more process alive after the run."""
+    return [sys.executable, "-m", "celery", "--app", "config", "beat", "--loglevel", "INFO", "-s", str(schedule)]
 
 
 def local_tls_files(folder: Path, host: str) -> tuple[Path, Path, Path]:
