@@ -45,6 +45,8 @@ class EmbeddedStripe(EmbeddedProcess):
         self.publishable_key = "pk_test_fake"
         self.webhook_secret = f"whsec_fake_{secrets.token_hex(16)}"
         self.log_file = self.data_dir / "fake-stripe.log"
+        # Its customers, cards and payments outlive it, as Stripe's outlive a run: the database names them.
+        self.store_file = self.data_dir / "fake-stripe.pickle"
         self.process: subprocess.Popen[bytes] | None = None
 
     @staticmethod
@@ -77,7 +79,7 @@ class EmbeddedStripe(EmbeddedProcess):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with self.log_file.open("ab") as log:
             self.process = subprocess.Popen(  # noqa: S603  (our own interpreter and module)
-                [sys.executable, "-m", "config.fake_stripe", "--port", str(self.port)],
+                [sys.executable, "-m", "config.fake_stripe", "--port", str(self.port), "--store", str(self.store_file)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 preexec_fn=die_with_parent(),  # prctl only, between fork and exec

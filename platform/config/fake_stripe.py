@@ -5,8 +5,10 @@ The tests run it (tests/stripe_support.py), and so does the embedded run when it
 here, in the project's wiring, because the embedded run starts it; localstripe is a development dependency, which
 ``make install`` installs. Run as ``python -m config.fake_stripe --port N``. What is added or changed, and why:
 
-- The store stays in memory: localstripe pickles it to ``/tmp/localstripe.pickle`` on every write,
-  one file shared by every process on the machine.
+- The store stays in memory, or with ``--store PATH`` is kept in that file after every request that writes
+  (the embedded run's data directory): localstripe pickles it to ``/tmp/localstripe.pickle`` on every write,
+  one file shared by every process on the machine. A fake that started empty again forgot the customers the
+  run's database names, and refused every purchase after the run or the fake was restarted.
 - PaymentIntents carry ``amount_received`` and can be listed with the ``customer`` and
   ``created[gt|gte|lt|lte]`` filters, newest first, as Stripe does (localstripe refuses any filter).
 - A refund sends ``charge.refunded`` (localstripe sends no event for refunds).
@@ -36,9 +38,13 @@ Stripe's real behaviour is the reference for each; only the fields our code read
 from __future__ import annotations
 
 import argparse
+import contextlib
 import html
+import os
+import pickle
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -46,7 +52,30 @@ from aiohttp import web
 from localstripe import resources, server
 from localstripe.errors import UserError
 
-resources.Store.dump_to_disk = lambda self: None
+# Where the store is kept (``--store``); None: in memory only. localstripe saves it after every request that writes.
+STORE_FILE: Path | None = None
+
+
+def _dump_store(store: Any) -> None:
+    if STORE_FILE is None:
+        return
+    partial = STORE_FILE.with_name(STORE_FILE.name + ".partial")
+    with partial.open("wb") as file:
+        pickle.dump(dict(store), file, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(partial, STORE_FILE)  # whole or not at all: a fake killed while saving keeps the last store
+
+
+def _load_store(store: Any) -> None:
+    if STORE_FILE is None:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        store.update(pickle.loads(STORE_FILE.read_bytes()))  # noqa: S301  (our own file, in the run's data directory)
+
+
+resources.Store.dump_to_disk = _dump_store
+# Each object written saved the whole store again; the request's end saves it once (server.save_store_middleware).
+resources.Store.__setitem__ = dict.__setitem__
+resources.Store.__delitem__ = dict.__delitem__
 
 # Where this fake answers (``main`` sets it): the base of the Checkout pages' URLs.
 PUBLIC_URL = "http://127.0.0.1"
@@ -424,12 +453,20 @@ def add_routes(app: web.Application) -> None:
     app.router.add_route("DELETE", "/_test/faults", _clear_faults)
 
 
+def set_store_file(path: Path | None) -> None:
+    global STORE_FILE
+    STORE_FILE = path
+    _load_store(server.store)
+
+
 def main() -> None:
     global PUBLIC_URL
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--store", type=Path, help="Keep the store in this file (default: in memory only).")
     args = parser.parse_args()
     PUBLIC_URL = f"http://127.0.0.1:{args.port}"
+    set_store_file(args.store)
     add_routes(server.app)
     add_middlewares(server.app)
     web.run_app(server.app, host="127.0.0.1", port=args.port, access_log=None, print=None)

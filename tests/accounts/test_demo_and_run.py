@@ -25,6 +25,7 @@ from rest_framework.test import APIClient
 from accounts.models import Organization, Scope, User
 from config.embedded_process import free_port
 from config.embedded_redis import EmbeddedRedis
+from config.embedded_stripe import EmbeddedStripe
 from tests.waiting import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -535,3 +536,17 @@ def test_embedded_run_with_a_stripe_key_starts_nothing_fake(start_embedded: Any)
     assert "payments go to Stripe in test mode" in login
     assert "fake Stripe" not in login
     assert run.terminate() == 0, run.log_text()
+
+
+@pytest.mark.slow
+def test_the_fake_stripe_keeps_its_customers_when_it_is_started_again(tmp_path: Path) -> None:
+    """A fake that came back empty (its process killed and started again, or the run restarted) forgot the customer
+    the database names for the organization, and every purchase after that was refused (400 payment_refused)."""
+    fake = EmbeddedStripe(tmp_path)
+    with fake:
+        customer = fake.request("POST", "/v1/customers")
+        assert isinstance(customer, dict)
+    with fake:
+        again = fake.request("GET", f"/v1/customers/{customer['id']}")
+        assert isinstance(again, dict)
+        assert again["id"] == customer["id"]
