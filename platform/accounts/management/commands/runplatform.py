@@ -15,8 +15,8 @@ If the private Redis dies, it is started again on the same port: nothing in it h
 job rows are the truth, the dispatcher's sweep re-sends lost messages, a cache miss reads the
 database, and the workers reconnect by themselves). Any other process that exits is started again
 too, as production's orchestrator would (a worker's unfinished job goes back to the queue when its
-lease lapses; the fake Stripe comes back empty, as on a new run). More than a few exits of one
-process in a minute stop the run, with a message, instead of a loop.
+lease lapses; the fake Stripe reads its customers back from the data directory). More than a few
+exits of one process in a minute stop the run, with a message, instead of a loop.
 
 One run holds its data directory (a lock on ``runplatform.lock`` there, which dies with it): a second
 run on the same directory, or on a port already taken, refuses to start and says why. SIGTERM, SIGINT
