@@ -187,6 +187,16 @@ def test_embedded_run_keeps_a_generated_secret_key_private_and_stable(tmp_path: 
     assert first.stdout.strip() == hashlib.sha256(stored.encode()).hexdigest()
 
 
+def test_an_empty_key_file_left_by_a_full_disk_is_replaced(tmp_path: Path) -> None:
+    """The key file was made, then written: a full disk left it empty, and every later start failed on an empty
+    SECRET_KEY. It is written whole or not at all now, and an empty one left before is replaced."""
+    (tmp_path / "secret_key").touch(mode=0o600)
+    result = run_python("-c", SHOW_SECURITY, env=clean_env(tmp_path, PLATFORM_EMBEDDED="1"))
+    assert result.returncode == 0, result.stderr
+    assert len((tmp_path / "secret_key").read_text().strip()) >= 50
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".secret_key")] == []
+
+
 # config.env, the readers behind every setting.
 
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import os
 import secrets
+import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,16 +35,33 @@ def _secret_key() -> str:
     if key:
         return key
     if EMBEDDED:
-        # Generated once and kept, so sessions and signed URLs survive a restart.
-        path = DATA_DIR / "secret_key"
-        if not path.exists():
-            DATA_DIR.mkdir(parents=True, exist_ok=True)
-            path.touch(mode=0o600)
-            path.write_text(secrets.token_urlsafe(50))
-        return path.read_text().strip()
+        return _kept_secret_key(DATA_DIR / "secret_key")
     if DEBUG:
         return "insecure-debug-only-" + "x" * 40
     raise ImproperlyConfigured("SECRET_KEY is required when DEBUG is off (or run embedded: PLATFORM_EMBEDDED=1).")
+
+
+def _kept_secret_key(path: Path) -> str:
+    """The embedded run's key: generated once and kept, so sessions and signed URLs survive a restart. Written whole
+    or not at all (a file of its own, then renamed): a key file left empty by a full disk made every later start fail
+    on an empty SECRET_KEY, space freed or not; an empty one (written so before) is replaced."""
+    kept = path.read_text().strip() if path.exists() else ""
+    if kept:
+        return kept
+    key = secrets.token_urlsafe(50)
+    temporary = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".secret_key.")  # readable by its owner only
+        with os.fdopen(handle, "w") as out:
+            out.write(key)
+        os.replace(temporary, path)
+    except OSError as exc:
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+        raise ImproperlyConfigured(f"Cannot keep the embedded run's secret key in {path.parent}: {exc}") from None
+    return key
 
 
 SECRET_KEY = _secret_key()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -19,9 +20,12 @@ import httpx
 import pytest
 import redis
 from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.db import OperationalError
 from django.test import Client
 from rest_framework.test import APIClient
 
+from accounts.management.commands import runplatform
 from accounts.models import Organization, Scope, User
 from config.embedded_process import free_port
 from config.embedded_redis import EmbeddedRedis
@@ -550,3 +554,21 @@ def test_the_fake_stripe_keeps_its_customers_when_it_is_started_again(tmp_path: 
         again = fake.request("GET", f"/v1/customers/{customer['id']}")
         assert isinstance(again, dict)
         assert again["id"] == customer["id"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        OperationalError("database or disk is full"),  # SQLite's words
+    ],
+    ids=["the file system", "SQLite"],
+)
+def test_a_full_disk_while_the_run_sets_up_is_one_line_saying_so(tmp_path: Path, error: Exception) -> None:
+    """A full disk at the migrations (seen on a 2 MB tmpfs) was a traceback from deep in SQLite: the run now stops
+    with one line naming the cause and the data directory. Any other error goes up as it is."""
+    said = r"no room left to set up the platform .*" + re.escape(str(tmp_path))
+    with pytest.raises(CommandError, match=said), runplatform.room_to_set_up(tmp_path):
+        raise error
+    with pytest.raises(OperationalError, match="no such table"), runplatform.room_to_set_up(tmp_path):
+        raise OperationalError("no such table: inference_job")

@@ -44,6 +44,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
+from django.db import DatabaseError
 
 from config.embedded_process import die_with_parent
 from config.embedded_redis import EmbeddedRedis, RedisUnavailable
@@ -95,12 +96,15 @@ class Command(BaseCommand):
                 fake_stripe = EmbeddedStripe(Path(settings.DATA_DIR))
             else:
                 self.stdout.write("No STRIPE_SECRET_KEY and no localstripe to fake it with: card payments are off.\n")
-        call_command("migrate", interactive=False, verbosity=0)
-        call_command("collectstatic", interactive=False, verbosity=0)
-        call_command("bootstrap_demo")
-        # The demo organization starts with enough credit to try everything (granted once).
-        demo = json.loads((settings.DATA_DIR / "demo_credentials.json").read_text())["organization"]
-        call_command("grant_credits", demo, "25", reason="Demo credits", idempotency_key=f"demo-{demo}", verbosity=0)
+        with room_to_set_up(Path(settings.DATA_DIR)):
+            call_command("migrate", interactive=False, verbosity=0)
+            call_command("collectstatic", interactive=False, verbosity=0)
+            call_command("bootstrap_demo")
+            # The demo organization starts with enough credit to try everything (granted once).
+            demo = json.loads((settings.DATA_DIR / "demo_credentials.json").read_text())["organization"]
+            call_command(
+                "grant_credits", demo, "25", reason="Demo credits", idempotency_key=f"demo-{demo}", verbosity=0
+            )
         base = f"http://{options['host']}:{options['port']}"
         self.stdout.write(
             f"\nServing {base}\n  dashboard {base}/dashboard/  (the developer above)\n"
@@ -270,6 +274,31 @@ def too_often(restarts: deque[float]) -> bool:
         return True
     restarts.append(now)
     return False
+
+
+# PostgreSQL's SQLSTATE for a full disk (disk_full), where DATABASE_URL names one.
+_DISK_FULL = "53100"
+
+
+@contextlib.contextmanager
+def room_to_set_up(data_dir: Path) -> Iterator[None]:
+    """The run's set-up (migrations, static files, the demo account), failing on a full disk with one line that says
+    so and where, not a traceback from deep in SQLite or the file system: nothing is served yet, and the run stops
+    (its Redis with it). Any other error goes up as it is."""
+    try:
+        yield
+    except (OSError, DatabaseError) as exc:
+        full = (
+            (isinstance(exc, OSError) and exc.errno == errno.ENOSPC)
+            or "disk is full" in str(exc)  # SQLite: "database or disk is full"
+            or getattr(exc.__cause__, "sqlstate", None) == _DISK_FULL
+        )
+        if not full:
+            raise
+        raise CommandError(
+            f"no room left to set up the platform ({exc}): free some space where its data goes ({data_dir}, or the "
+            "database's disk), or give it a PLATFORM_DATA_DIR elsewhere"
+        ) from None
 
 
 @contextlib.contextmanager
