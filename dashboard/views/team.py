@@ -89,10 +89,9 @@ def _may_invite(context: Context, email: str) -> bool:
 @require_POST
 @dashboard_view("manage_members")
 def invite(request: HttpRequest, context: Context) -> HttpResponse:
+    _may_give(context, request.POST.get("role"))
     form = InviteForm(request.POST, roles=context.givable_roles)
     if not form.is_valid():
-        if request.POST.get("role") in Role.values:  # a role there is, but not one this member may give
-            raise PermissionDenied(_cannot_give(context, request.POST["role"]))
         messages.error(request, "Give a valid email address and a role.")
         return redirect("dashboard:members")
     email, actor = form.cleaned_data["email"].lower(), actor_of(request, context)
@@ -130,9 +129,8 @@ def change_role(request: HttpRequest, context: Context, membership_id: int) -> H
     owner's to give; 403 for a member who may not (the page offers them no such choice)."""
     membership = get_object_or_404(Membership, pk=membership_id, organization=context.organization)
     _may_manage(context, membership)
+    _may_give(context, request.POST.get("role"))
     form = RoleForm(request.POST, roles=context.givable_roles)
-    if not form.is_valid() and request.POST.get("role") in Role.values:
-        raise PermissionDenied(_cannot_give(context, request.POST["role"]))
     if form.is_valid():
         try:
             change_member_role(membership=membership, role=form.cleaned_data["role"], actor=actor_of(request, context))
@@ -162,8 +160,12 @@ def _may_manage(context: Context, membership: Membership) -> None:
         )
 
 
-def _cannot_give(context: Context, role: str) -> str:
-    return f"Your role ({context.membership.get_role_display()}) cannot make someone {Role(role).label.lower()}."
+def _may_give(context: Context, role: str | None) -> None:
+    """403 for a role there is that this member may not give (``accounts.policy.may_give_role``); an unknown one is
+    the form's to refuse."""
+    if role in Role.values and role not in context.givable_roles:
+        label = Role(role).label.lower()
+        raise PermissionDenied(f"Your role ({context.membership.get_role_display()}) cannot make someone {label}.")
 
 
 @dashboard_view("manage_keys")

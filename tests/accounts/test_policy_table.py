@@ -297,3 +297,15 @@ def test_only_an_owner_makes_changes_or_removes_an_owner(member_of: Any, make_us
     assert owner.post(f"/dashboard/members/{owner_membership.pk}/role", {"role": A}).status_code == 302
     assert memberships.get(pk=developer.pk).role == OWN
     assert memberships.get(pk=owner_membership.pk).role == A
+
+
+def test_an_admins_invitation_with_a_bad_address_is_the_forms_error_not_a_refusal(member_of: Any) -> None:
+    """Found in review of the owner rule: an invitation with a mistyped address and a role the admin may give was
+    answered 403 "cannot make someone developer"; it is the form's error, as before."""
+    admin, organization = member_of(A)
+    client = Client()
+    client.force_login(admin)
+    client.post("/dashboard/organization", {"organization": str(organization.pk)})
+    answer = client.post("/dashboard/members/invite", {"email": "not an address", "role": D}, follow=True)
+    assert answer.status_code == 200
+    assert "Give a valid email address and a role." in answer.content.decode()
