@@ -353,9 +353,7 @@ def api_key_of_cdn_token(token: str) -> ApiKey:
                       refused=InvalidCdnToken)  # fmt: skip
 
 
-def acting_key(
-    key_id: Any, organization_id: Any, *, whose: str, refused: Callable[[str], AppError] = InvalidCdnToken
-) -> ApiKey:
+def acting_key(key_id: Any, organization_id: Any, *, whose: str, refused: Callable[[str], AppError]) -> ApiKey:
     """The key an upload acts for (a CDN token's, or the one that started an upload whose signed URL is used), as it
     stands now: not revoked, expired or deleted, its maker still a member, with the ``inference`` scope, of an
     organization that is not suspended; else ``refused`` (the organization suspended: a 403 ``UploadRefused``).
