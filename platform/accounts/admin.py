@@ -737,7 +737,11 @@ class ApiKeyAdmin(OperableAdmin):
         return [self.form_view_path("<path:object_id>/edit/", self.edit_view, "edit"), *super().get_urls()]
 
     def has_delete_permission(self, request: HttpRequest, obj: ApiKey | None = None) -> bool:
-        return self.has_model_permission(request, "delete")
+        """Nobody deletes a key: it is revoked. Its jobs, holds, usage records and audit entries name it (which key
+        spent what), its spend limit and its month's spend are read through it, and a delete while one of its jobs
+        settles fails one of the two on the foreign key (or, won by the delete, the running job loses its key's
+        limit at its next step). A revoked key stops working on its next request, on every process."""
+        return False
 
     def get_object_tools(self, request: HttpRequest, obj: ApiKey) -> list[Tool]:
         if not self.has_operate_permission(request):

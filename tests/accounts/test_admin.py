@@ -95,6 +95,11 @@ def test_rows_with_a_rule_are_not_added_or_edited_on_the_admins_own_forms(
     assert ApiKey.objects.get(pk=api_key.pk).name == api_key.name
     # A membership is removed through the service, never deleted past it.
     assert operator.get(f"/admin/accounts/membership/{membership.pk}/delete/").status_code == 403
+    # A key is revoked, never deleted, even by a superuser: its usage and audit rows name it.
+    assert operator.get(f"/admin/accounts/apikey/{api_key.pk}/delete/").status_code == 403
+    assert operator.post(f"/admin/accounts/apikey/{api_key.pk}/delete/", {"post": "yes"}).status_code == 403
+    assert "delete_selected" not in operator.get("/admin/accounts/apikey/").content.decode()
+    assert ApiKey.objects.filter(pk=api_key.pk).exists()
 
 
 def test_a_person_added_in_the_console_is_signed_up(operator: Client) -> None:
