@@ -593,14 +593,15 @@ async def status_stream(request: HttpRequest, owner: str, model: str, request_id
 
 
 def key_still_accepted(request: HttpRequest) -> Callable[[], bool]:
-    """Whether the key the stream was opened with would still be let in (not revoked, not expired, its organization
-    not suspended, its maker still a member: ``authenticate_token``, from the key cache as any request)."""
+    """Whether the key the stream was opened with would still be let into the view that opened it: not revoked, not
+    expired, its organization not suspended, its maker still a member (``authenticate_token``, from the key cache as
+    any request), and the view's ``inference`` scope still granted by its maker's role (a developer made a billing
+    member keeps their keys, but not the power to run models or watch requests with them)."""
     token = request.META.get("HTTP_AUTHORIZATION", "").partition(" ")[2]
 
     def accepted() -> bool:
         try:
-            authenticate_token(token)
-            return True
+            return authenticate_token(token).has_scope(InferenceView.required_scope)
         except exceptions.APIException:
             return False
         finally:

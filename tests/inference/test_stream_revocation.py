@@ -1,6 +1,6 @@
-"""An open status stream stops answering once whatever let it in would no longer: its API key revoked, or the
-dashboard's session logged out. Checked at its start only, it went on answering for as long as its request waited
-(a queued job with no start deadline can wait for ever)."""
+"""An open status stream stops answering once whatever let it in would no longer: its API key revoked, or its maker
+demoted to a role that does not grant the key's ``inference`` scope, or the dashboard's session logged out. Checked at its start only, it went on answering for as long as its request waited (a
+queued job with no start deadline can wait for ever)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ from asgiref.sync import sync_to_async
 from django.db import connection
 from django.test import AsyncClient, Client
 
-from accounts.services import revoke_api_key
+from accounts.models import Membership, Role, Scope
+from accounts.services import add_member, change_member_role, create_api_key, revoke_api_key
 from billing.ledger import grant_credits
 from inference import api
 from inference.models import Endpoint
-from tests.lifecycle import submit_as
+from tests.lifecycle import submit, submit_as
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("priced_without_broker")]
 
@@ -123,3 +124,50 @@ def test_a_run_stream_ends_once_its_key_is_revoked(
 
     chunks, ended = asyncio.run(scenario())
     assert ended, f"the stream went on after its key was revoked: {len(chunks)} chunks"
+
+
+@pytest.mark.parametrize("stream", ["status", "run"])
+def test_an_api_stream_ends_once_its_key_loses_the_inference_scope(
+    stream: str, tenant: dict[str, Any], builtin_endpoint: Endpoint, make_user: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A developer's key, its maker made a billing member (who may not run models): new requests with it are refused
+    403 ``insufficient_scope``, and so is the stream opened with it before."""
+    from inference import streaming
+
+    monkeypatch.setattr(api, "STREAM_KEEP_ALIVE_SECONDS", KEEP_ALIVE_SECONDS)
+    monkeypatch.setattr(streaming, "KEEP_ALIVE_SECONDS", KEEP_ALIVE_SECONDS)
+    organization = tenant["organization"]
+    grant_credits(organization=organization, amount_micros=10_000_000, reason="test")
+    developer = make_user()
+    add_member(organization=organization, user=developer, role=Role.DEVELOPER)
+    api_key, token = create_api_key(
+        organization=organization, name="dev", scopes=[Scope.INFERENCE], created_by=developer
+    )
+    headers = {"Authorization": f"Key {token}"}
+    job = submit(organization, builtin_endpoint, api_key=api_key)  # no broker: it waits in its queue for ever
+    status_path = f"/queue/platform/tiny-sd/requests/{job.pk}/status/stream"
+    body = {"prompt": "a lighthouse", "num_inference_steps": 2}
+
+    async def scenario() -> tuple[list[bytes], bool, int]:
+        if stream == "status":
+            response = await AsyncClient().get(status_path, headers=headers)
+        else:
+            response = await AsyncClient().post("/run/platform/tiny-sd/stream", body, content_type="application/json",
+                                                headers=headers)  # fmt: skip
+        assert response.status_code == 200, response.content
+
+        async def demote() -> None:
+            def make_billing() -> None:
+                membership = Membership.objects.get(organization=organization, user=developer)
+                change_member_role(membership=membership, role=Role.BILLING)
+
+            await sync_to_async(_closing(make_billing), thread_sensitive=False)()
+
+        chunks, ended = await _chunks_after(response, demote)
+        again = await AsyncClient().get(status_path, headers=headers)
+        return chunks, ended, again.status_code
+
+    chunks, ended, refused = asyncio.run(scenario())
+    assert refused == 403  # what the stream is held to: a new request with the key
+    assert ended, f"the stream went on after its key lost the inference scope: {len(chunks)} chunks"
+
