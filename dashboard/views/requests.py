@@ -7,16 +7,19 @@ import uuid
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from django.contrib import auth
+from django.contrib.sessions.backends.base import SessionBase
 from django.core.paginator import Paginator
 from django.db.models import IntegerField, OuterRef, Subquery, Sum
 from django.db.models.functions import Coalesce
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
 from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
+from django.utils.crypto import constant_time_compare
 from django.views.decorators.http import require_POST
 
 from accounts.errors import AppError
-from accounts.models import Membership
+from accounts.models import Membership, User
 from billing.models import UsageRecord
 from dashboard.access import Context, dashboard_view, resolve
 from inference import files, stream_limits
@@ -102,19 +105,35 @@ async def request_events(request: HttpRequest, request_id: uuid.UUID) -> HttpRes
     if not isinstance(slot, stream_limits.Slot):
         return slot
     session_key = request.session.session_key
+    session_store = type(request.session)
 
     def still_a_member() -> bool:
-        """The session not logged out and the person still an active member: asked again while the page is open."""
+        """The session still signs the person in and they are still a member: asked again while the page is open."""
         try:
-            signed_in = session_key is not None and request.session.exists(session_key)
-            member = Membership.objects.filter(
-                user_id=user.pk, user__is_active=True, organization_id=job.organization_id
-            ).exists()
-            return signed_in and member
+            return (
+                session_key is not None
+                and still_signed_in(session_store(session_key=session_key), user.pk)
+                and Membership.objects.filter(user_id=user.pk, organization_id=job.organization_id).exists()
+            )
         finally:
             release_connection()
 
     return status_event_stream(job, request, with_logs=False, slot=slot, still_allowed=still_a_member)
+
+
+def still_signed_in(session: SessionBase, user_id: Any) -> bool:
+    """Whether the stored ``session`` still signs in the person ``user_id`` as Django's ``get_user`` judges it at each
+    request: not logged out (the row is there), an active person, and the hash of their password as it is now (a new
+    password signs out every session that was opened with the old one). Read only: what to do with a session that no
+    longer signs in is the next request's to decide, as it is for every page."""
+    if str(session.get(auth.SESSION_KEY)) != str(user_id):
+        return False
+    person = User.objects.filter(pk=user_id, is_active=True).first()
+    session_hash = session.get(auth.HASH_SESSION_KEY)
+    if person is None or not session_hash:
+        return False
+    hashes = [person.get_session_auth_hash(), *person.get_session_auth_fallback_hash()]
+    return any(constant_time_compare(session_hash, current) for current in hashes)
 
 
 def with_cost(jobs: Any) -> Any:

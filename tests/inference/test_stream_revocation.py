@@ -1,5 +1,6 @@
 """An open status stream stops answering once whatever let it in would no longer: its API key revoked, or its maker
-demoted to a role that does not grant the key's ``inference`` scope, or the dashboard's session logged out. Checked at its start only, it went on answering for as long as its request waited (a
+demoted to a role that does not grant the key's ``inference`` scope, or the dashboard's session logged out or
+invalidated by a new password. Checked at its start only, it went on answering for as long as its request waited (a
 queued job with no start deadline can wait for ever)."""
 
 from __future__ import annotations
@@ -171,3 +172,34 @@ def test_an_api_stream_ends_once_its_key_loses_the_inference_scope(
     assert refused == 403  # what the stream is held to: a new request with the key
     assert ended, f"the stream went on after its key lost the inference scope: {len(chunks)} chunks"
 
+
+def test_a_dashboard_status_stream_ends_once_a_new_password_signs_its_session_out(
+    tenant: dict[str, Any], builtin_endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A password reset signs out every session of the person (Django checks each session's password hash at its
+    next request): a stream opened by one of them ends too, though its session row is still there."""
+    monkeypatch.setattr(api, "STREAM_KEEP_ALIVE_SECONDS", KEEP_ALIVE_SECONDS)
+    job = submit_as(tenant, builtin_endpoint)
+    browser = Client()
+    browser.force_login(tenant["user"])
+
+    async def scenario() -> tuple[list[bytes], bool]:
+        client = AsyncClient()
+        client.cookies = browser.cookies
+        response = await client.get(f"/dashboard/requests/{job.pk}/events")
+        assert response.status_code == 200, response.content
+
+        async def new_password() -> None:
+            def reset() -> None:
+                user = type(tenant["user"]).objects.get(pk=tenant["user"].pk)
+                user.set_password("another long enough passphrase 43")
+                user.save()
+
+            await sync_to_async(_closing(reset), thread_sensitive=False)()
+
+        return await _chunks_after(response, new_password)
+
+    chunks, ended = asyncio.run(scenario())
+    # What the stream is held to: the same session's next request.
+    assert browser.get(f"/dashboard/requests/{job.pk}/events").status_code == 401
+    assert ended, f"the stream went on after a new password signed its session out: {len(chunks)} chunks"
