@@ -16,13 +16,14 @@ from typing import Any
 
 from django.conf import settings
 from django.core.files.storage import FileSystemStorage, default_storage
-from django.db import DatabaseError, IntegrityError, connection, transaction
+from django.db import DatabaseError, IntegrityError, InterfaceError, OperationalError, connection, transaction
 from django.utils.duration import duration_microseconds
 
 from accounts import statements
 from accounts.errors import AppError
 from accounts.locking import retrying, retrying_atomic
 from accounts.models import ApiKey, Organization
+from accounts.outages import ServiceUnavailable, connection_broken, on_a_new_connection
 from inference import dispatch, files, job_logs
 from inference.dispatch import dispatch_organization, dispatch_statements, send_dispatched
 from inference.hooks import Refusal, hooks
@@ -121,6 +122,10 @@ def submit_job(
 
     Raises ``InputError`` (422/413) or ``SubmissionRefused`` (402, 403, 422...). Nothing is stored
     for a refused request.
+
+    A database that fails while the job is stored (a connection lost, a server gone, a full disk) may have committed
+    it all the same: the job is looked for on a new connection and answered when it is there
+    (``_stored_after_an_outage``); when it is not, ``ServiceUnavailable`` (503) says nothing was queued or charged.
     """
     if organization.is_suspended:
         # Every door (an API key, the dashboard's playground) ends here: dispatch would skip the job, and it would
@@ -189,11 +194,56 @@ def submit_job(
         if saved_image is not None:
             _discard_input(saved_image)
         raise
+    except (OperationalError, InterfaceError) as error:
+        if connection.in_atomic_block:  # the caller's transaction decides, and its connection cannot be replaced
+            raise
+        stored = _stored_after_an_outage(job_id, endpoint, error)
+        if stored is None:
+            if saved_image is not None:
+                _discard_input(saved_image)
+            raise ServiceUnavailable(NOT_ACCEPTED) from error
+        return stored, True
     except BaseException:
         if saved_image is not None and not _stored(job_id):
             _discard_input(saved_image)
         raise
     return job, True
+
+
+NOT_ACCEPTED = (
+    "The database failed while this request was being stored, and it was not: nothing was queued or charged. Send it "
+    "again shortly."
+)
+
+
+def _stored_after_an_outage(job_id: uuid.UUID, endpoint: Endpoint, error: BaseException) -> Job | None:
+    """The job of a submission whose database failed under it (a connection lost, a server gone, a full disk), as a
+    new connection finds it: the COMMIT may have reached the server with its answer lost on the way back, and the
+    job's id was chosen before the insert, so its row says which. Found: the submission stands (its job and its hold
+    committed together), and its organization is dispatched again, as its own dispatch may not have run (the sweep
+    would otherwise send it within ``JOB_SWEEP_SECONDS``); a message sent ahead of the commit finds the job either way.
+    None: nothing of it was stored. Raises ``ServiceUnavailable`` naming the job's id when the database does not answer
+    again: the client then looks the request up by that id before it sends it again."""
+    try:
+        stored = on_a_new_connection(lambda: Job.objects.filter(pk=job_id).first())
+    except DatabaseError as again:
+        logger.error("submission %s: its database failed (%s) and does not answer again", job_id, error, exc_info=again)
+        raise ServiceUnavailable(
+            "The database failed while this request was being stored, and cannot be reached to tell whether it was. "
+            "Look it up by its request_id before sending it again, or send it again with the same Idempotency-Key.",
+            request_id=str(job_id),
+        ) from error
+    if stored is None:
+        logger.warning("submission %s was not stored: its database failed (%s)", job_id, error)
+        return None
+    logger.warning("submission %s committed, then its connection failed (%s): answered as stored", job_id, error)
+    try:
+        dispatch_organization(stored.organization_id)
+        stored.refresh_from_db(fields=["status", "attempt"])
+    except Exception:  # the job is queued and holds its credit: the sweep dispatches it
+        logger.exception("submission %s: could not dispatch it again; the sweep will", job_id)
+    stored.endpoint = endpoint
+    return stored
 
 
 def _stored(job_id: uuid.UUID) -> bool:
@@ -350,14 +400,18 @@ def _inserted_in_one_query(
     the dispatch. A crash before that flush loses the submission whole, never answered (its job, its hold, its
     dispatch and any claim of it: the WAL is replayed in order), as a crash before its COMMIT did.
 
-    A failure after the COMMIT (a lost lock race in the dispatch, a connection lost on the way back) leaves the
-    submission committed: its job is there, and its dispatch is sent again on its own."""
+    A failure after the COMMIT (a lost lock race in the dispatch, a statement timeout) leaves the submission
+    committed: its job is there, and its dispatch is sent again on its own. A connection lost on the way (before the
+    COMMIT or after it) answers nothing more: ``submit_job`` looks for the job on a new one
+    (``_stored_after_an_outage``)."""
     written: list[Any] = []
     dispatched: list[tuple[Any, ...]] = []
     with connection.cursor() as cursor:
         try:
             statements.in_turn(cursor, *sent, plan_once=True, rows={1: written, -4: dispatched})
         except DatabaseError:
+            if connection_broken():
+                raise  # no answer comes on this connection: ``submit_job`` looks on a new one
             stored = Job.objects.filter(pk=job.pk).values_list("start_deadline").first()
             if stored is None:
                 raise  # nothing of it stayed: decided, or run again, as any failed transaction

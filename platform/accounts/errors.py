@@ -57,6 +57,10 @@ class AppError(Exception):
             detail = [problem(["body"], detail, self.error_type)]
         return {"detail": detail, "error_type": self.error_type}
 
+    def headers(self) -> dict[str, str]:
+        """Headers its answer carries besides the body (a 503's ``Retry-After``)."""
+        return {}
+
 
 class PayloadTooLarge(exceptions.APIException):
     status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
@@ -121,8 +125,11 @@ def _full_details(detail: Any) -> Any:
 
 
 def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
-    # Imported here: rest_framework.views reads the API settings, whose parsers import this module.
+    # Imported here: rest_framework.views reads the API settings, whose parsers import this module; accounts.outages
+    # imports this module.
     from rest_framework.views import exception_handler
+
+    from accounts.outages import is_outage, unavailable
 
     if isinstance(exc, RequestDataTooBig):
         exc = PayloadTooLarge()
@@ -131,8 +138,11 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     elif isinstance(exc, DjangoPermissionDenied):
         exc = exceptions.PermissionDenied()
 
+    if is_outage(exc):
+        # A database or broker out of reach (accounts.outages): 503 with Retry-After, its cause in the log only.
+        exc = unavailable(exc, where=str(context.get("view")))
     if isinstance(exc, AppError):
-        return Response(exc.body(), status=exc.status_code)
+        return Response(exc.body(), status=exc.status_code, headers=exc.headers())
     if isinstance(exc, exceptions.ValidationError):
         # Raised from a view's body serializer: a query, path or header is parsed through InvalidInput.
         detail = validation_detail(_full_details(exc.get_full_details()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from django.core.cache import caches
@@ -10,6 +11,7 @@ from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.http import require_GET
 
+from accounts.outages import GENERIC_DETAIL, RETRY_AFTER_SECONDS, is_outage
 from config.cache import FailSoftRedisCache
 
 logger = logging.getLogger(__name__)
@@ -83,7 +85,30 @@ def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpR
     return page_not_found(request, exception or Exception())
 
 
+# Written out, not a template: the page must render while the database (which a template's context may read) is down.
+UNAVAILABLE_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Service unavailable</title></head>
+<body><h1>Service temporarily unavailable</h1>
+<p>The platform could not reach one of its services (the database or the message broker). Reload this page in a few
+seconds. If you had just submitted something, look for it before you send it again.</p>
+</body></html>
+"""
+
+
 def server_error(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+    """Django's answer to an exception no view caught, called while it is being handled: an outage of a service
+    (``accounts.outages.is_outage``) is 503 with ``Retry-After``, JSON on the API and a page elsewhere; anything else
+    is 500. Django logs either with its traceback (``django.request``); the client sees neither."""
+    error = sys.exc_info()[1]
+    if error is not None and is_outage(error):
+        unavailable: HttpResponse
+        if _wants_json(request):
+            body = {"detail": GENERIC_DETAIL, "error_type": "service_unavailable"}
+            unavailable = JsonResponse(body, status=503)
+        else:
+            unavailable = HttpResponse(UNAVAILABLE_PAGE, status=503, content_type="text/html; charset=utf-8")
+        unavailable["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return unavailable
     if _wants_json(request):
         return JsonResponse({"detail": "Internal server error.", "error_type": "internal_error"}, status=500)
     from django.views.defaults import server_error as html
