@@ -403,7 +403,8 @@ class JobAdmin(OperableAdmin):
         for job in queryset.select_related("organization", "endpoint"):
             with transaction.atomic():
                 outcome = cancel_job(job=job)
-                if outcome == "CANCELLATION_REQUESTED":
+                # A job cancelled before answers CANCELLATION_REQUESTED again: only this action's own cancel is audited.
+                if outcome == "CANCELLATION_REQUESTED" and job.cancel_requested_at is None:
                     record_audit(
                         action=AuditAction.JOB_CANCELLED_BY_OPERATOR,
                         actor=actor,

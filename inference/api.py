@@ -7,6 +7,7 @@ the sync run) are async views, so a waiting client holds no worker thread.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 import uuid
@@ -16,7 +17,7 @@ from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import connection
+from django.db import InterfaceError, OperationalError, connection
 from django.db.models.functions import Now
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
@@ -32,6 +33,7 @@ from rest_framework.views import APIView
 from accounts.authentication import authenticate_token
 from accounts.errors import InvalidInput, problem
 from accounts.models import ApiKey, Scope
+from accounts.outages import OUTAGES, RETRY_AFTER_SECONDS, on_a_new_connection
 from accounts.permissions import HasScope, request_api_key
 from accounts.schema import ApiAutoSchema, error, validation_error
 from config.request_threads import hand_back
@@ -54,6 +56,8 @@ from inference.presenters import (
 from inference.submission import END_USER_RULE, SubmissionRefused, submit_job, valid_end_user
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 MAX_IDEMPOTENCY_KEY = 255
 STREAM_KEEP_ALIVE_SECONDS = 15.0
@@ -384,8 +388,12 @@ class CancelView(InferenceView):
     @extend_schema(
         request=None,
         responses={
-            202: CancelOutcome,
-            400: OpenApiResponse(CancelOutcome, description="`ALREADY_COMPLETED`."),
+            202: OpenApiResponse(
+                CancelOutcome,
+                description="`CANCELLATION_REQUESTED`, for the first cancel of it and every one after (a retry whose "
+                "first answer was lost hears the same).",
+            ),
+            400: OpenApiResponse(CancelOutcome, description="`ALREADY_COMPLETED`: it ended with no cancel."),
             404: error("`status: NOT_FOUND` for an unknown request, besides `detail` and `error_type`."),
         },
         summary="Cancel a request",
@@ -397,7 +405,14 @@ class CancelView(InferenceView):
             return JsonResponse(
                 {"status": "NOT_FOUND", "detail": "Request not found.", "error_type": "request_not_found"}, status=404
             )
-        outcome = cancel_job(job=job)
+        try:
+            outcome = cancel_job(job=job)
+        except (OperationalError, InterfaceError):
+            if connection.in_atomic_block:
+                raise
+            # It may have committed with its answer lost: sent again on a new connection, a cancel answers as the
+            # first did (``cancel_job``), and does it where the first did not. A database still gone answers 503.
+            outcome = on_a_new_connection(lambda: cancel_job(job=job))
         return with_request_id(
             JsonResponse({"status": outcome}, status=202 if outcome == "CANCELLATION_REQUESTED" else 400), job
         )
@@ -555,18 +570,43 @@ async def run_sync(request: HttpRequest, owner: str, model: str, path: str = "")
     ``{detail, error_type: "timeout", request_id}``: the request goes on, is billed as usual, and its result stays at
     the queue's response URL. A client that disconnects changes nothing either. A request with
     ``X-Fal-Request-Timeout`` that has not started by its deadline ends unbilled. Both 504s carry
-    ``X-Fal-Request-Timeout-Type: user``, so fal's clients never resend the request.
+    ``X-Fal-Request-Timeout-Type: user``, so fal's clients never resend the request. A database or Redis that fails
+    while it waits answers 503 ``service_unavailable`` naming the request, which goes on (``lost_while_waiting``).
     """
     submitted = await run_before_waiting(submit_view, request, owner=owner, model=model, path=path)
     if submitted.status_code != 200:
         return submitted
     began = time.monotonic()
-    job = await wait_until_final(uuid.UUID(submitted.data["request_id"]), began + settings.SYNC_RUN_TIMEOUT_SECONDS)
-    if job.is_final:
-        response = await look_in_shared_threads(_answer_final)(job, request)
-    else:
-        response = timed_out(job, request, time.monotonic() - began)
+    try:
+        job = await wait_until_final(uuid.UUID(submitted.data["request_id"]), began + settings.SYNC_RUN_TIMEOUT_SECONDS)
+        if job.is_final:
+            response = await look_in_shared_threads(_answer_final)(job, request)
+        else:
+            response = timed_out(job, request, time.monotonic() - began)
+    except OUTAGES as error:
+        return lost_while_waiting(submitted.data, error)
     return with_request_id(response, job)
+
+
+def lost_while_waiting(handle: dict[str, Any], error: BaseException) -> JsonResponse:
+    """A sync run's answer when the database or Redis failed while it waited: the request was accepted and goes on
+    (billed as usual), so the answer names it and where its result will be, and says not to send it again. 503 with
+    ``Retry-After`` for the result URL; it carries ``x-fal-request-id``, which fal's clients read as the server's own
+    answer, never resent."""
+    logger.error("sync run %s: lost its database while waiting: %s", handle["request_id"], error, exc_info=error)
+    response = JsonResponse(
+        {
+            "detail": "The request was accepted and goes on, but a service this run waits through could not be "
+            "reached. Do not send it again: its result will be at response_url.",
+            "error_type": "service_unavailable",
+            "request_id": handle["request_id"],
+            **{name: handle[name] for name in ("response_url", "status_url", "cancel_url")},
+        },
+        status=503,
+    )
+    response["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    response["x-fal-request-id"] = handle["request_id"]
+    return response
 
 
 def _answer_final(job: Job, request: HttpRequest) -> JsonResponse:

@@ -261,18 +261,23 @@ def cancel_job(*, job: Job) -> str:
 
     The job's row is locked first, so the answer is decided on its state as last committed: a cancel racing a
     finish, a retry or a reap is either recorded before it (and every closing path then honours it: no requeue,
-    no second run) or sees the job final. Once accepted, ``cancel_requested_at`` stays set.
+    no second run) or sees the job final. Once accepted, ``cancel_requested_at`` stays set, and every cancel of the
+    job after it answers CANCELLATION_REQUESTED as the first did, whatever the job became since: a client whose
+    answer was lost (the cancel committed, its connection died on the way back) sends it again and hears the same.
     """
     locked_job = lock_job(job.pk)
     # The moment it was accepted: read once the lock is held, so it follows whatever committed before (a worker's
     # claim that won the race starts before it; reconciliation checks that no attempt starts after a cancel).
     now = timezone.now()
-    if locked_job is None or locked_job.is_final:
+    if locked_job is None:
+        return "ALREADY_COMPLETED"
+    if locked_job.cancel_requested_at is not None:
+        return "CANCELLATION_REQUESTED"  # accepted before: answered again as it was then
+    if locked_job.is_final:
         return "ALREADY_COMPLETED"
     if locked_job.status == JobStatus.RUNNING:
-        if locked_job.cancel_requested_at is None:
-            Job.objects.filter(pk=job.pk).update(cancel_requested_at=now)
-            log_job(job.pk, "Cancellation requested; the request stops at its next step.")
+        Job.objects.filter(pk=job.pk).update(cancel_requested_at=now)
+        log_job(job.pk, "Cancellation requested; the request stops at its next step.")
         return "CANCELLATION_REQUESTED"
     # Queued, or dispatched but not claimed: a claim is a conditional UPDATE on DISPATCHED, so none can follow.
     _end_unstarted(

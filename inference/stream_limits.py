@@ -12,6 +12,9 @@ processes for everyone. So:
   (its ``status_url`` and ``response_url`` among it). The request goes on: the client opens the stream again or polls.
   A browser's ``EventSource`` reconnects by itself when a stream ends (a named event does not reach ``onmessage``);
   fal's clients read any ``data:`` line, so ``type`` tells them the stream ended without an end of the request.
+- **An outage ends it too**: a database or Redis that fails under one of its looks ends the stream with
+  ``event: error``, data ``{"type": "error", "detail", "error_type": "service_unavailable", "request_id"}``; the
+  request goes on.
 
 The slots are kept in Redis, shared by every web process: one sorted set per key or user, of the stream ids open
 under it, each scored with the moment its slot lapses, by Redis's own clock (``TIME``, read inside the scripts): web
@@ -67,6 +70,7 @@ from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
 from rest_framework import exceptions, status
 
 from accounts.models import ApiKey
+from accounts.outages import OUTAGES
 from config.request_threads import at_request_end
 from inference.models import Job
 from inference.presenters import status_payload
@@ -393,6 +397,19 @@ def _end_event(job_id: uuid.UUID, request: HttpRequest) -> bytes:
     return f"event: reconnect\ndata: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
 
 
+def _unavailable_event(job_id: uuid.UUID) -> bytes:
+    """The last event of a stream whose database or Redis failed: ``{type, detail, error_type, request_id}``, written
+    from nothing the failed service holds."""
+    event = {
+        "type": "error",
+        "detail": "A service this stream reads could not be reached; the request goes on. Open the stream again "
+        "shortly, or poll status_url.",
+        "error_type": "service_unavailable",
+        "request_id": str(job_id),
+    }
+    return f"event: error\ndata: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
+
+
 class EventStream(StreamingHttpResponse):
     """A stream's response: ``events`` bounded (``bounded``), its slot given back when Django is done with it.
 
@@ -426,6 +443,12 @@ async def bounded(
                 async with asyncio.timeout_at(ends_at) as lifetime:
                     chunk = await anext(events)
             except StopAsyncIteration:
+                return
+            except OUTAGES as error:
+                # The database or Redis failed under a look: the stream ends with an event that says so, not cut
+                # off mid-answer; the request goes on, and the client opens the stream again or polls status_url.
+                logger.error("stream of %s: a service failed under it: %s", job_id, error, exc_info=error)
+                yield _unavailable_event(job_id)
                 return
             except TimeoutError:
                 if not lifetime.expired():

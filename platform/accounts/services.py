@@ -6,13 +6,15 @@ Each is atomic and writes its audit row in the same transaction (Zulip's ``do_*`
 from __future__ import annotations
 
 import enum
+import logging
 import secrets
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, InterfaceError, OperationalError, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 from django.utils.text import slugify
@@ -32,6 +34,9 @@ from accounts.models import (
     User,
     hash_secret,
 )
+from accounts.outages import ServiceUnavailable, on_a_new_connection
+
+logger = logging.getLogger(__name__)
 
 
 class AccountsError(AppError):
@@ -225,7 +230,6 @@ def validate_requests_per_minute(requests_per_minute: int | None) -> int | None:
     return requests_per_minute
 
 
-@transaction.atomic
 def create_api_key(
     *,
     organization: Organization,
@@ -240,7 +244,54 @@ def create_api_key(
 
     A key made by a person carries only scopes their role grants (``InsufficientRole`` otherwise);
     ``created_by=None`` makes a system key, which the policy leaves as asked.
+
+    A database that fails under it (a connection lost as the COMMIT went) may have made the key all the same: its id
+    and secret are chosen first, so a new connection tells which, and the key is answered with its token when it is
+    there (else it would count against the organization's keys with a secret no one has); ``ServiceUnavailable``
+    (503) when it is not, or when the database cannot tell.
     """
+    key_id, secret = uuid.uuid4(), secrets.token_hex(32)
+    try:
+        api_key = _create_api_key(
+            key_id=key_id, secret=secret, organization=organization, name=name, scopes=scopes, created_by=created_by,
+            expires_at=expires_at, requests_per_minute=requests_per_minute, actor=actor,
+        )  # fmt: skip
+    except (OperationalError, InterfaceError) as error:
+        if connection.in_atomic_block:  # the caller's transaction decides
+            raise
+        api_key = _stored_key(key_id, error)
+    return api_key, f"{api_key.id}:{secret}"
+
+
+def _stored_key(key_id: uuid.UUID, error: BaseException) -> ApiKey:
+    """The key ``key_id`` after its creation's database failed, as a new connection finds it."""
+    try:
+        stored = on_a_new_connection(lambda: ApiKey.objects.filter(pk=key_id).first())
+    except DatabaseError:
+        logger.error("key %s: its database failed (%s) and does not answer again", key_id, error)
+        raise ServiceUnavailable(
+            f"The database failed while the key was being made and cannot tell whether it was. If key {key_id} is in "
+            "the organization's list, revoke it (its secret cannot be shown again), then make another."
+        ) from error
+    if stored is None:
+        raise ServiceUnavailable("The database failed while the key was being made; no key was made.") from error
+    logger.warning("key %s was made, then its connection failed (%s): answered as made", key_id, error)
+    return stored
+
+
+@transaction.atomic
+def _create_api_key(
+    *,
+    key_id: uuid.UUID,
+    secret: str,
+    organization: Organization,
+    name: str,
+    scopes: list[str],
+    created_by: User | None,
+    expires_at: datetime | None,
+    requests_per_minute: int | None,
+    actor: Actor,
+) -> ApiKey:
     scopes = validate_scopes(scopes)
     if created_by is not None:
         role = (
@@ -258,8 +309,8 @@ def create_api_key(
     lock_organization(organization.pk)  # two concurrent creations cannot both take the last place
     if ApiKey.objects.filter(organization=organization).usable().count() >= limit:
         raise TooManyKeys(f"An organization has at most {limit} active keys: revoke one first.")
-    secret = secrets.token_hex(32)
     api_key = ApiKey.objects.create(
+        id=key_id,
         organization=organization,
         created_by=created_by,
         name=validate_key_name(name),
@@ -276,7 +327,7 @@ def create_api_key(
         target=api_key,
         metadata={"name": name, "scopes": api_key.scopes},
     )
-    return api_key, f"{api_key.id}:{secret}"
+    return api_key
 
 
 class _Unchanged(enum.Enum):

@@ -27,13 +27,13 @@ from billing.models import Account, Hold
 from inference import dispatch, submission
 from inference.models import Endpoint, Job, JobStatus
 from tests.lifecycle import SMALL
+from tests.outages import KILL_MYSELF, commit_lost
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("priced_without_broker")]
 
 on_postgresql = pytest.mark.skipif(
     "connections['default'].vendor != 'postgresql'", reason="SQLite submits in a transaction of Django's"
 )
-KILL_MYSELF = ("SELECT pg_terminate_backend(pg_backend_pid())", ())
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ def _one_query_killed(monkeypatch: pytest.MonkeyPatch, *, after_commit: bool) ->
     def killing(cursor: Any, *sent: Any, **kwargs: Any) -> Any:
         if statements.COMMIT in sent:
             at = sent.index(statements.COMMIT) + (1 if after_commit else 0)
-            sent = (*sent[:at], KILL_MYSELF, *sent[at:])
+            sent = (*sent[:at], (KILL_MYSELF, ()), *sent[at:])
             monkeypatch.setattr(statements, "in_turn", real)  # once
         return real(cursor, *sent, **kwargs)
 
@@ -78,35 +78,11 @@ def _one_query_killed(monkeypatch: pytest.MonkeyPatch, *, after_commit: bool) ->
     monkeypatch.setattr(statements, "in_turn", real)
 
 
-def _lose_the_connection(wrapper: Any) -> None:
-    """What the client sees when its connection dies: PostgreSQL's backend ended (the error psycopg raises on it),
-    SQLite's OperationalError for a disk with no room."""
-    if wrapper.vendor == "postgresql":
-        with wrapper.wrap_database_errors:
-            wrapper.connection.execute(KILL_MYSELF[0])
-    raise OperationalError("database or disk is full")
-
-
-@contextmanager
-def _commit_lost(monkeypatch: pytest.MonkeyPatch, organization: Organization, *, after_commit: bool) -> Iterator[None]:
-    """The COMMIT of the transaction that inserted the organization's job: the connection dies just before it (the
-    transaction is rolled back) or just after it (committed, its answer lost)."""
-    wrapper = connections["default"]
-    real = wrapper._commit
-
-    def commit() -> Any:
-        inserted = wrapper.in_atomic_block is False and Job.objects.filter(organization=organization).exists()
-        if not inserted:
-            return real()
-        monkeypatch.setattr(wrapper, "_commit", real)  # once
-        if after_commit:
-            real()
-        _lose_the_connection(wrapper)
-        return None
-
-    monkeypatch.setattr(wrapper, "_commit", commit)
-    yield
-    monkeypatch.setattr(wrapper, "_commit", real)
+def _commit_lost(monkeypatch: pytest.MonkeyPatch, organization: Organization, *, after_commit: bool) -> Any:
+    """The COMMIT of the transaction that inserted the organization's job, lost before or after it."""
+    return commit_lost(
+        monkeypatch, lambda: Job.objects.filter(organization=organization).exists(), after_commit=after_commit
+    )
 
 
 def _in_a_transaction(monkeypatch: pytest.MonkeyPatch) -> None:
