@@ -24,11 +24,12 @@ from typing import Any
 
 import stripe
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
 from accounts.errors import problem
 from accounts.models import Organization
+from accounts.outages import ServiceUnavailable, on_a_new_connection
 from accounts.services import SYSTEM, Actor
 from billing.cards import ensure_customer, own_method
 from billing.ledger import BillingError, account_of
@@ -161,6 +162,12 @@ def new_purchase(
         if earlier is None:
             raise
         return earlier, False
+    except (OperationalError, InterfaceError) as error:
+        # Stripe has not been called: whatever became of the row (a pending payment Stripe never saw is marked failed
+        # by the sweep), nothing was charged.
+        raise ServiceUnavailable(
+            "The database failed before the payment was sent to Stripe: nothing was charged. Try again shortly."
+        ) from error
     return payment, True
 
 
@@ -218,9 +225,32 @@ def charge(payment: Payment) -> Charged:
 
 
 def _charged(payment: Payment, intent: stripe.PaymentIntent) -> Charged:
-    settled = apply_payment_intent(intent) or payment
+    try:
+        settled = apply_payment_intent(intent) or payment
+    except (OperationalError, InterfaceError) as error:
+        if connection.in_atomic_block:
+            raise
+        settled = _applied_after_an_outage(payment, intent, error)
     waiting = intent.status == "requires_action"
     return Charged(payment=settled, client_secret=intent.client_secret if waiting else None)
+
+
+def _applied_after_an_outage(payment: Payment, intent: stripe.PaymentIntent, error: BaseException) -> Payment:
+    """Stripe's answer applied after the database failed under it (a connection lost before the COMMIT or after):
+    applied again on a new connection, which credits the ledger once however often it runs (``apply_payment_intent``).
+    Where the database does not answer again, a 503 tells the truth: Stripe has the payment, its credit follows once
+    the database is back (the webhook and the sweep apply it), and buying again would pay twice."""
+    try:
+        return on_a_new_connection(lambda: apply_payment_intent(intent)) or payment
+    except DatabaseError:
+        logger.error("payment-%s: Stripe answered %s (%s), the database cannot record it", payment.pk, intent.id,
+                     intent.status, exc_info=error)  # fmt: skip
+        raise ServiceUnavailable(
+            f"The payment was sent to Stripe (payment {payment.pk}: {intent.status}), but the database could not "
+            "record it. Its credit is added once the database is back: do not buy again, look for it in your "
+            "purchases.",
+            payment_id=payment.pk,
+        ) from error
 
 
 def _charged_before(payment: Payment, in_progress: PaymentInProgress) -> Charged:

@@ -22,6 +22,7 @@ from rest_framework.response import Response
 from accounts.api import request_actor
 from accounts.errors import InvalidInput, problem
 from accounts.models import Scope
+from accounts.outages import ServiceUnavailable, is_outage
 from accounts.parsers import StrictCursorPagination
 from accounts.permissions import request_organization
 from accounts.schema import error
@@ -268,7 +269,11 @@ def stripe_webhook(request: HttpRequest) -> HttpResponse:
         return JsonResponse(
             {"detail": "Invalid Stripe signature or payload.", "error_type": "invalid_signature"}, status=400
         )
-    except DatabaseError:
+    except DatabaseError as error:
+        # Any non-2xx makes Stripe deliver it again; an outage says so, as every answer to one does.
         logger.exception("could not store a Stripe event")
+        if is_outage(error):
+            unavailable = ServiceUnavailable("Could not store the event: the database could not be reached.")
+            return JsonResponse(unavailable.body(), status=503, headers=unavailable.headers())
         return JsonResponse({"detail": "Could not store the event.", "error_type": "internal_error"}, status=500)
     return JsonResponse({"id": event.id, "duplicate": not created})
