@@ -7,7 +7,7 @@ from typing import Any
 from celery import shared_task
 
 # A full pass scans raw usage once; give it longer than the default task limit on a large ledger.
-RECONCILE_TIME_LIMIT_SECONDS = 3600
+RECONCILE_TIME_LIMIT_SECONDS = 3600  # settings.LONGEST_OWN_TASK_LIMIT_SECONDS: the broker outlasts it
 
 
 @shared_task(

@@ -114,6 +114,9 @@ def beat_report() -> None:
                 "task_limits": limits,
                 "task_queues": queues,
                 "beat_schedule": sorted(app.conf.beat_schedule),
+                "visibility_timeout": app.conf.broker_transport_options.get("visibility_timeout"),
+                # What a task without limits of its own is given (run_job): the app's defaults.
+                "default_limits": [app.conf.task_time_limit, app.conf.task_soft_time_limit],
             }
         )
     )
@@ -169,6 +172,15 @@ def test_every_beat_entry_is_sent_and_every_task_has_a_soft_limit_below_its_hard
     assert {"billing.process_stripe_event", "billing.auto_top_up", "inference.run_job"} <= set(task_limits)
     wrong = {name: pair for name, pair in task_limits.items() if not consistent(*pair)}
     assert not wrong, f"tasks whose effective [hard, soft] limits are not ordered: {wrong}"
+
+    # A message is unacknowledged while its task runs (late acks); Redis gives one back to the queue once it has been
+    # out longer than the visibility timeout, and a second worker runs it beside the first. No task may run that long.
+    longest = max(hard for hard, _ in [*task_limits.values(), report["default_limits"]])
+    assert longest >= settings.LONGEST_OWN_TASK_LIMIT_SECONDS
+    assert report["visibility_timeout"] >= longest + 600, (
+        f"the broker gives a running task's message to another worker after {report['visibility_timeout']} s, "
+        f"and a task may run {longest} s"
+    )
 
 
 # Queues: which process runs what.

@@ -250,7 +250,6 @@ else:
 # them: unit tests call task functions themselves, and whatever runs workers (the embedded run, the
 # end-to-end tests) starts a Redis first.
 CELERY_BROKER_URL = env_str("BROKER_URL") or REDIS_URL or "memory://"
-CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {"visibility_timeout": 3600}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_IGNORE_RESULT = True
 # Only benchmarks read task results (a bare Celery round trip as their baseline).
@@ -273,6 +272,19 @@ if CELERY_TASK_SOFT_TIME_LIMIT >= CELERY_TASK_TIME_LIMIT:
     # Celery refuses to send a task whose soft limit passes its hard one: fail at start, not at every send.
     raise ImproperlyConfigured("CELERY_TASK_SOFT_TIME_LIMIT must be below CELERY_TASK_TIME_LIMIT.")
 CELERY_TASK_DEFAULT_QUEUE = "default"
+# The longest hard time limit a task sets for itself: the nightly reconciliation's (billing/reconciliation_tasks.py
+# RECONCILE_TIME_LIMIT_SECONDS). tests/test_beat_schedule.py checks it against every registered task.
+LONGEST_OWN_TASK_LIMIT_SECONDS = 3600
+# With late acks a message stays unacknowledged while its task runs, and Redis' transport puts back on its queue any
+# message left unacknowledged longer than the visibility timeout (kombu's ``restore_visible``, run by every consumer):
+# a task still running would be delivered again and run a second time beside itself (a reconciliation twice over, a
+# job's message to a second GPU worker). So it outlasts every task's hard limit, with room for the wait between a
+# worker taking a message and starting it. A dead worker's messages come back only after it: each has a safety net
+# that is quicker (the sweep sends a job again, beat sends a periodic task again, the Stripe and alert sweeps).
+BROKER_VISIBILITY_MARGIN_SECONDS = 900
+CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {
+    "visibility_timeout": max(CELERY_TASK_TIME_LIMIT, LONGEST_OWN_TASK_LIMIT_SECONDS) + BROKER_VISIBILITY_MARGIN_SECONDS
+}
 # A request that publishes while the broker is down must fail fast: the job stays QUEUED and the sweep
 # sends it later. kombu otherwise reconnects inside the publish (measured: send_task(retry=False) took
 # 6 s per call with Redis killed, 2 ms with max_retries 0) and waits forever on a Redis that hangs.
