@@ -226,6 +226,14 @@ def embedded_queues() -> dict[str, set[str]]:
     return {name: set(argv[argv.index("--queues") + 1].split(",")) for name, argv in celery_workers().items()}
 
 
+def stack_queues(tmp_path: Path) -> dict[str, set[str]]:
+    """The queues each worker of the end-to-end tests' stack (tests/e2e/conftest.py) consumes."""
+    from tests.stack_processes import celery_processes
+
+    processes = celery_processes(tmp_path / "beat-schedule")
+    return {name: set(argv[argv.index("--queues") + 1].split(",")) for name, argv in processes.items()}
+
+
 def test_the_processes_consume_default_batch_and_the_gpu_classes(tmp_path: Path) -> None:
     from accounts.management.commands.runplatform import celery_beat, celery_workers
     from inference.models import GpuClass
@@ -247,11 +255,16 @@ def test_the_processes_consume_default_batch_and_the_gpu_classes(tmp_path: Path)
 def test_every_task_and_beat_entry_goes_to_a_queue_that_a_process_consumes(
     report: dict[str, Any], tmp_path: Path
 ) -> None:
-    """In production and in the embedded run alike: a message on a queue nobody consumes waits for ever, unnoticed.
-    And only a job goes to a GPU class's queue."""
+    """In production, in the embedded run and in the end-to-end tests' stack alike: a message on a queue nobody
+    consumes waits for ever, unnoticed (and a test of the stack would never see the task run). And only a job goes to a
+    GPU class's queue."""
     from inference.models import GpuClass
 
-    for where, consumers in (("production", production_queues(tmp_path)), ("the embedded run", embedded_queues())):
+    for where, consumers in (
+        ("production", production_queues(tmp_path)),
+        ("the embedded run", embedded_queues()),
+        ("the end-to-end tests' stack", stack_queues(tmp_path)),
+    ):
         consumed = set().union(*consumers.values())
         routed = {f"task {task}": queue for task, queue in report["task_queues"].items()}
         routed |= {f"beat entry {name}": outcome["queue"] for name, outcome in report["entries"].items()}
@@ -310,3 +323,36 @@ def test_frequent_entries_expire_after_their_interval(report: dict[str, Any]) ->
         assert lifetime / 2 < expires_in <= lifetime, f"{name} (every {every:g} s) expires in {expires_in:g} s"
         if name in frequent:
             assert outcome["queue"] == "default", f"{name} runs every {every:g} s on {outcome['queue']}"
+
+
+def test_a_starting_beat_sends_every_interval_entry_at_once_and_then_keeps_its_record(tmp_path: Path) -> None:
+    """Celery dates an entry it has no record of as run just now: with production's schedule file lost at each restart
+    (an emptyDir), the hourly tasks came an hour after every restart, and never under frequent ones. Ours are due as a
+    fresh beat starts; one recorded as run stays not due after a restart; a crontab entry waits for its time of day."""
+    from celery.schedules import crontab
+    from django.conf import settings
+
+    from config.beat import Scheduler
+    from config.celery import app
+
+    assert settings.CELERY_BEAT_SCHEDULER == "config.beat:Scheduler"
+    interval_entries = {
+        name for name, entry in settings.CELERY_BEAT_SCHEDULE.items() if not isinstance(entry["schedule"], crontab)
+    }
+    assert {"inference-archive-jobs", "billing-create-partitions", "inference-sweep"} <= interval_entries
+    filename = str(tmp_path / "celerybeat-schedule")
+
+    fresh = Scheduler(app, schedule_filename=filename, lazy=False)
+    due = {name for name, entry in fresh.schedule.items() if entry.is_due().is_due}
+    assert due & set(settings.CELERY_BEAT_SCHEDULE) == interval_entries
+    fresh.reserve(fresh.schedule["inference-archive-jobs"])  # what beat records as it sends one
+    fresh.close()
+
+    again = Scheduler(app, schedule_filename=filename, lazy=False)
+    try:
+        archive = again.schedule["inference-archive-jobs"]
+        assert not archive.is_due().is_due
+        assert 3500 < archive.is_due().next <= 3600  # next in an hour, from the recorded run
+        assert again.schedule["billing-create-partitions"].is_due().is_due  # never recorded as sent: still due
+    finally:
+        again.close()

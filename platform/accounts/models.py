@@ -323,3 +323,22 @@ class AuditEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.action}"
+
+
+class ScheduledTask(models.Model):
+    """When each task of beat's schedule last ran to the end, one row per task name: whether the safety nets run.
+
+    Written by the processes that run them, not by the tasks (``config.scheduled_runs``): beat, as it starts, records
+    since when it schedules each task; a worker, as one ends, when it succeeded or failed. ``/metrics`` reads them
+    (``platform_scheduled_task_last_success_timestamp_seconds``), and an alert fires on a task that has not succeeded
+    for a few of its intervals: beat down, no worker on its queue, or the task failing every time."""
+
+    name = models.CharField(max_length=200, primary_key=True)
+    # When a beat first scheduled it against this database: a task that never ran counts as late from here.
+    scheduled_since = models.DateTimeField(null=True, blank=True)
+    last_succeeded_at = models.DateTimeField(null=True, blank=True)
+    last_failed_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+
+    def __str__(self) -> str:
+        return self.name

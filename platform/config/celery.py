@@ -10,6 +10,7 @@ from celery import Celery
 from celery.signals import task_prerun
 from django.db import close_old_connections, connection
 
+from config import scheduled_runs  # noqa: F401  (its signal handlers record each scheduled task's runs)
 from config.broker import AMQP
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")

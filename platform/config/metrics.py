@@ -2,7 +2,8 @@
 
 What is exposed (README "Metrics" says what each means and how to alert on it): jobs waiting and in flight per GPU
 class, submit-to-start and submit-to-end latency, GPU seconds billed and unbilled, the webhook and Stripe event
-backlogs, the last reconciliation's result, and the heartbeat of every worker running a job.
+backlogs, the last reconciliation's result, the heartbeat of every worker running a job, and when each task of beat's
+schedule last succeeded.
 
 **Computed from the database, not counted in process memory.** The web tier is several gunicorn/uvicorn worker
 processes on several machines, and the work happens in Celery workers, other processes again: a counter kept in
@@ -54,8 +55,10 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from accounts.models import ScheduledTask
 from billing.metering import bucket_start
 from billing.models import Granularity, ReconciliationRun, StripeEvent, StripeEventStatus, UsageRollup
+from config.scheduled_runs import scheduled_tasks
 from inference.models import (
     AttemptOutcome,
     GpuClass,
@@ -103,6 +106,7 @@ def collect(now: datetime) -> Snapshot:
             *stripe_backlog(now),
             *last_reconciliation(),
             *worker_heartbeats(),
+            *scheduled_task_runs(),
         ]
     return Snapshot(tuple(families))
 
@@ -404,6 +408,44 @@ def worker_heartbeats() -> Iterator[Metric]:
         last.add_metric([row["worker"]], row["last"].timestamp())
         running.add_metric([row["worker"]], row["attempts"])
     yield from (last, running)
+
+
+def scheduled_task_runs() -> Iterator[Metric]:
+    """Every task of beat's schedule, each with a series whether it ever ran or not (``config.scheduled_runs``): when
+    it last succeeded, when it last failed, and the longest it may go between two runs. A task that never succeeded
+    counts from when beat first scheduled it; one no beat ever scheduled against this database, from 0 (Unix time):
+    an alert on the first series fires for a beat that never started, a queue nobody consumes, a task failing each
+    time."""
+    intervals = scheduled_tasks()
+    rows = {
+        row["name"]: row
+        for row in ScheduledTask.objects.filter(name__in=intervals).values(
+            "name", "scheduled_since", "last_succeeded_at", "last_failed_at"
+        )
+    }
+    succeeded = GaugeMetricFamily(
+        "platform_scheduled_task_last_success_timestamp_seconds",
+        "When each scheduled task last succeeded (Unix time); if never, when beat first scheduled it; else 0.",
+        labels=["task"],
+    )
+    failed = GaugeMetricFamily(
+        "platform_scheduled_task_last_failure_timestamp_seconds",
+        "When each scheduled task last failed (Unix time); 0 if never.",
+        labels=["task"],
+    )
+    interval = GaugeMetricFamily(
+        "platform_scheduled_task_interval_seconds",
+        "The longest each scheduled task may go between two runs by beat's schedule, in seconds.",
+        labels=["task"],
+    )
+    for name, seconds in sorted(intervals.items()):
+        row: Mapping[str, Any] = rows.get(name, {})
+        since: datetime | None = row.get("last_succeeded_at") or row.get("scheduled_since")
+        last_failed: datetime | None = row.get("last_failed_at")
+        succeeded.add_metric([name], since.timestamp() if since else 0)
+        failed.add_metric([name], last_failed.timestamp() if last_failed else 0)
+        interval.add_metric([name], seconds)
+    yield from (succeeded, failed, interval)
 
 
 def _authorized(request: HttpRequest, token: str) -> bool:

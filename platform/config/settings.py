@@ -544,6 +544,8 @@ CELERY_TASK_ROUTES = {
 # again); and beat writes the expiry as a moment the worker reads, so their clocks need only agree within a minute.
 # Crontab entries (daily and nightly runs) never expire: the next one is a day away.
 BEAT_EXPIRY_FLOOR_SECONDS = 60.0
+# Celery's file-backed scheduler, but an interval entry it has never run is sent as beat starts (config/beat.py).
+CELERY_BEAT_SCHEDULER = "config.beat:Scheduler"
 CELERY_BEAT_SCHEDULE = {
     "inference-sweep": {
         "task": "inference.sweep",

@@ -25,12 +25,14 @@ TOKEN = "monitoring-test-token-" + "t" * 20
 # Labels Prometheus adds to every scraped series, and the histogram's bucket bound.
 TARGET_LABELS = {"job", "instance", "le"}
 DURATION = re.compile(r"\d+[smhdw]")
-# The alerts the deployment promises (issue: stuck jobs, growing backlog, reconciliation drift, failed Stripe events).
+# The alerts the deployment promises (issue: stuck jobs, growing backlog, reconciliation drift, failed Stripe events;
+# and a task of beat's schedule that stopped succeeding: a safety net that does not run).
 PROMISED_ALERTS = {
     "PlatformJobsStuckDispatched",
     "PlatformBacklogGrowing",
     "PlatformReconciliationDrift",
     "PlatformStripeEventsFailed",
+    "PlatformScheduledTaskLate",
 }
 
 pytestmark = pytest.mark.django_db

@@ -24,6 +24,7 @@ import trustme
 
 from config.embedded_process import free_port
 from config.embedded_redis import EmbeddedRedis
+from tests.stack_processes import celery_processes
 from tests.stripe_support import PUBLISHABLE_KEY, SECRET_KEY, WEBHOOK_SECRET, FakeStripe, running_fake_stripe
 from tests.waiting import wait_until
 
@@ -106,20 +107,18 @@ class Stack:
         return True
 
     def start_gpu_worker(self) -> None:
-        self._start(
-            "gpu",
-            [sys.executable, "-m", "celery", "--app", "config", "worker", "--queues", "cpu", "--concurrency", "1",
-             "--prefetch-multiplier", "1", "-n", f"gpu-{os.getpid()}@%h", "--without-gossip", "--without-mingle",
-             "--loglevel", "INFO"],
-        )  # fmt: skip
+        self._start("gpu", celery_processes(self.beat_schedule)["gpu"])
 
     def start_housekeeping(self) -> None:
-        self._start(
-            "housekeeping",
-            [sys.executable, "-m", "celery", "--app", "config", "worker", "--queues", "default", "--concurrency", "1",
-             "-n", f"housekeeping-{os.getpid()}@%h", "--without-gossip", "--without-mingle", "--beat",
-             "--schedule", str(self.data_dir / "beat-schedule"), "--loglevel", "INFO"],
-        )  # fmt: skip
+        """The housekeeping worker with beat inside it, on a schedule of its own: a beat that starts sends every
+        interval task at once, as production's (whose schedule file is lost with its pod)."""
+        for stale in self.data_dir.glob(f"{self.beat_schedule.name}*"):
+            stale.unlink()
+        self._start("housekeeping", celery_processes(self.beat_schedule)["housekeeping"])
+
+    @property
+    def beat_schedule(self) -> Path:
+        return self.data_dir / "beat-schedule"
 
     def kill(self, name: str) -> None:
         """SIGKILL the process and its children (the prefork pool), as a crashed machine would."""
