@@ -49,6 +49,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from celery import current_app
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.core.mail import send_mail
 from django.db import connection, transaction
@@ -444,7 +445,12 @@ def send_due_alert_emails(limit: int = 100) -> int:
     )
     sent = 0
     for alert_id in due.order_by("created_at").values_list("pk", flat=True)[:limit]:
-        sent += send_alert_email(alert_id)
+        try:
+            sent += send_alert_email(alert_id)
+        except SoftTimeLimitExceeded:
+            raise  # the task's time is up: the rest wait for the next sweep
+        except Exception:  # one alert the mail server refuses must not keep the others unsent
+            logger.exception("could not send the email of spend alert %s; the sweep tries again", alert_id)
     return sent
 
 

@@ -634,3 +634,34 @@ def test_alerts_are_listed_in_the_api(
     assert listed[0]["limit_micros"] == 4 * JOB_COST
     assert json.dumps(listed[0])  # plain JSON
     assert Hold.objects.filter(organization=organization, released_at=None).count() == 0
+
+
+def test_the_email_sweep_goes_past_an_alert_the_mail_server_refuses(
+    tenant: dict[str, Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One alert whose email raises (the mail server refusing it, a bad address) is logged and left for the next
+    sweep; the alerts after it are still sent, not held behind it every time its claim lapses."""
+    organization = tenant["organization"]
+    long_ago = timezone.now() - timezone.timedelta(seconds=alerts.EMAIL_SWEEP_AFTER_SECONDS + 60)
+    made = []
+    for threshold in (50, 80):
+        alert = SpendAlert.objects.create(
+            organization=organization, scope=AlertScope.BUDGET, subject="", threshold=threshold, period=this_month(),
+            event_type=AlertEvent.THRESHOLD_REACHED, spent_micros=0, limit_micros=1_000, available_micros=0,
+        )  # fmt: skip
+        made.append(alert)
+    SpendAlert.objects.filter(pk__in=[alert.pk for alert in made]).update(created_at=long_ago)
+    real_send_mail = alerts.send_mail
+
+    def refusing(*, subject: str, **fields: Any) -> int:
+        if "50%" in subject:
+            raise ConnectionRefusedError("the mail server refused it")
+        return real_send_mail(subject=subject, **fields)
+
+    monkeypatch.setattr(alerts, "send_mail", refusing)
+    with caplog.at_level("ERROR", logger="billing.alerts"):
+        assert alerts.send_due_alert_emails() == 1
+    assert [email.subject for email in mail.outbox] == [f"[{organization.name}] 80% of your spend limit reached"]
+    assert SpendAlert.objects.get(pk=made[0].pk).emailed_at is None  # tried again once its claim lapses
+    assert SpendAlert.objects.get(pk=made[1].pk).emailed_at is not None
+    assert any(f"spend alert {made[0].pk}" in record.getMessage() for record in caplog.records)
