@@ -24,10 +24,18 @@ from billing.stripe_errors import PaymentError, catch_stripe_errors
 
 @catch_stripe_errors()
 def ensure_customer(organization: Organization) -> str:
-    """The organization's Stripe customer id, creating the customer on first use (once, however often called)."""
+    """The organization's Stripe customer id, creating the customer on first use (once, however often called).
+
+    The customer is looked up at Stripe first: one deleted there (by an operator in Stripe's dashboard) is forgotten
+    (``forget_deleted_customer``) and a new one made, so the organization can save a card and pay again."""
     account = account_of(organization)
     if account.stripe_customer_id:
-        return account.stripe_customer_id
+        if not deleted_at_stripe(account.stripe_customer_id):
+            return account.stripe_customer_id
+        forgotten = forget_deleted_customer(customer_id=account.stripe_customer_id)
+        account = forgotten if forgotten is not None else account_of(organization)
+        if account.stripe_customer_id:  # another request made the new one first
+            return account.stripe_customer_id
     params: dict[str, Any] = {"name": organization.name, "metadata": {"organization_id": str(organization.pk)}}
     owner = (
         Membership.objects.filter(organization=organization, role=Role.OWNER)
@@ -39,7 +47,7 @@ def ensure_customer(organization: Organization) -> str:
         params["email"] = owner.user.email
     customer = stripe_client().v1.customers.create(
         params=params,  # type: ignore[arg-type]
-        options=idempotency(f"customer-{organization.pk}"),
+        options=idempotency(customer_idempotency_key(organization.pk, deleted=account.stripe_customers_deleted)),
     )
     with transaction.atomic(durable=True):
         account = locked_account(organization.pk)
@@ -48,6 +56,64 @@ def ensure_customer(organization: Organization) -> str:
             account.updated_at = timezone.now()
             account.save(update_fields=["stripe_customer_id", "updated_at"])
     return account.stripe_customer_id
+
+
+def customer_idempotency_key(organization_id: Any, *, deleted: int) -> str:
+    """The key the organization's Stripe customer is made under: ``customer-<organization>`` for the first, and one
+    more suffix per customer deleted at Stripe (Stripe answers a key it has seen with what it made then, for a day:
+    the deleted customer). A retry after a crash reuses it: the count changes only when a customer is forgotten."""
+    return f"customer-{organization_id}" + (f"-{deleted}" if deleted else "")
+
+
+def deleted_at_stripe(customer_id: str) -> bool:
+    """Whether Stripe has deleted the customer (it answers a deleted one as ``deleted: true``, or not at all: 404).
+    Raises Stripe's error when Stripe could not say."""
+    try:
+        customer = stripe_client().v1.customers.retrieve(customer_id)
+    except stripe.InvalidRequestError as exc:
+        if exc.http_status == 404:
+            return True
+        raise
+    return bool(field(customer, "deleted"))
+
+
+def forget_deleted_customer(*, customer_id: str) -> Account | None:
+    """Forgets a Stripe customer deleted at Stripe, with the cards it held (Stripe deletes them with it): the account
+    has no customer and no default card, auto top-up is turned off (nothing is left to charge), and the next
+    ``ensure_customer`` makes a new customer under a key of its own. Audited as the default card's removal.
+
+    Answers the account as left, or ``None`` when no organization has this customer (one forgotten before, or never
+    ours). Payments made through the deleted customer keep it (``Payment.stripe_customer_id``): their refunds and
+    disputes still apply to them."""
+    organization_id = Account.objects.filter(stripe_customer_id=customer_id).values_list("pk", flat=True).first()
+    if organization_id is None:
+        return None
+    with transaction.atomic():
+        account = locked_account(organization_id)
+        if account.stripe_customer_id != customer_id:  # forgotten (and perhaps replaced) meanwhile
+            return None
+        removed_card = account.default_payment_method_id
+        account.stripe_customer_id = ""
+        account.default_payment_method_id = ""
+        account.stripe_customers_deleted += 1
+        account.updated_at = timezone.now()
+        account.save(
+            update_fields=["stripe_customer_id", "default_payment_method_id", "stripe_customers_deleted", "updated_at"]
+        )
+        organization = Organization.objects.get(pk=organization_id)
+        record_audit(
+            action=AuditAction.PAYMENT_METHOD_REMOVED,
+            organization=organization,
+            target=account,
+            metadata={
+                "payment_method_id": removed_card or None,
+                "stripe_customer_id": customer_id,
+                "reason": "The Stripe customer was deleted at Stripe, with its cards.",
+            },
+        )
+        if account.auto_top_up_enabled:
+            account = controls.set_auto_top_up(organization=organization, enabled=False)
+    return account
 
 
 def card_summary(method: stripe.PaymentMethod, *, default_id: str) -> dict[str, Any]:

@@ -177,6 +177,11 @@ class Account(models.Model):
     )
     stripe_customer_id = models.CharField(max_length=255, blank=True, db_index=True)
     default_payment_method_id = models.CharField(max_length=255, blank=True)
+    stripe_customers_deleted = models.PositiveIntegerField(
+        default=0,
+        help_text="How many of the organization's Stripe customers were deleted at Stripe (billing.cards): the next "
+        "one is made under an idempotency key of its own, not the deleted one's.",
+    )
     auto_top_up_enabled = models.BooleanField(default=False)
     auto_top_up_threshold_micros = models.PositiveBigIntegerField(
         default=5_000_000, help_text="Top up when the available balance falls below this."

@@ -1208,11 +1208,16 @@ def compare_with_stripe(*, since: datetime | None = None) -> tuple[dict[str, int
     Ours → Stripe: each succeeded payment created since ``since`` has a succeeded PaymentIntent of
     the same amount, currency and customer, its credit entry posted once with the right micros, and
     refund entries that add up to what Stripe refunded. Stripe → ours: every succeeded PaymentIntent
-    of our customers created since ``since`` is a succeeded payment of ours.
+    of our customers created since ``since`` is a succeeded payment of ours. Our customers are the accounts' and
+    those our payments since then were made for (a customer deleted at Stripe and replaced since,
+    ``cards.forget_deleted_customer``, is still the one its payments were made through).
     """
     since = since or timezone.now() - timedelta(days=settings.BILLING_STRIPE_RECONCILE_DAYS)
     client = stripe_client()
     customers = set(Account.objects.exclude(stripe_customer_id="").values_list("stripe_customer_id", flat=True))
+    # A day before: our row is made before Stripe's PaymentIntent, by Stripe's clock perhaps a little later.
+    made_for = Payment.objects.filter(created_at__gte=since - timedelta(days=1)).exclude(stripe_customer_id="")
+    customers |= set(made_for.values_list("stripe_customer_id", flat=True).distinct())
     listing = client.v1.payment_intents.list(
         params={"created": {"gte": int(since.timestamp())}, "limit": 100, "expand": ["data.latest_charge"]}
     )
@@ -1270,7 +1275,7 @@ def _compare_payment(client: stripe.StripeClient, payment: Payment, intents: dic
         except stripe.InvalidRequestError:
             report("intent_missing", payment, intent_id, "Stripe has no such PaymentIntent.")
             return 0
-    customer = payment.organization.billing_account.stripe_customer_id
+    customer = payment.stripe_customer_id or payment.organization.billing_account.stripe_customer_id
     received = int(stripe_field(intent, "amount_received") or 0)
     if intent.status != "succeeded":
         report("intent_not_succeeded", payment, intent_id, f"Stripe says {intent.status}.")

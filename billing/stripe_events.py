@@ -26,9 +26,9 @@ from django.utils import timezone
 
 from accounts.models import AuditAction
 from accounts.services import SYSTEM, Actor, record_audit
-from billing import stripe_state
+from billing import cards, stripe_state
 from billing.locks import locked_stripe_event
-from billing.models import Payment, StripeEvent, StripeEventStatus
+from billing.models import Account, Payment, StripeEvent, StripeEventStatus
 from billing.stripe_client import construct_event, field, object_id, stripe_client
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,8 @@ PENDING_GRACE = timedelta(seconds=60)
 # after the event arrived (2^20 minutes are two years), and a few more doublings overflow a datetime.
 BACKOFF_HORIZON = 20
 
-Apply = Callable[[], Payment | None]
+# Applies what was read from Stripe; answers what it changed (``None``: nothing of ours, the event is ignored).
+Apply = Callable[[], Payment | Account | None]
 
 
 def _payment_intent(intent_id: str) -> Apply:
@@ -87,6 +88,12 @@ def _dispute(dispute_id: str) -> Apply:
     return lambda: stripe_state.apply_dispute(dispute=dispute, intent=intent)
 
 
+def _customer(customer_id: str) -> Apply:
+    if not cards.deleted_at_stripe(customer_id):
+        return lambda: None  # a stale delivery: the customer is there
+    return lambda: cards.forget_deleted_customer(customer_id=customer_id)
+
+
 # Each handled event type, and how to read the current state of its object from Stripe.
 FETCHERS: dict[str, Callable[[str], Apply]] = {
     **dict.fromkeys(
@@ -120,6 +127,7 @@ FETCHERS: dict[str, Callable[[str], Apply]] = {
         ),
         _dispute,
     ),
+    "customer.deleted": _customer,
 }
 
 
@@ -244,8 +252,8 @@ def process_event(event_id: str, *, force: bool = False) -> StripeEvent:
             locked_event = locked_stripe_event(event_id)
             if locked_event.status in DONE and not force:
                 return locked_event
-            payment = apply() if apply is not None else None
-            locked_event.status = StripeEventStatus.PROCESSED if payment is not None else StripeEventStatus.IGNORED
+            changed = apply() if apply is not None else None
+            locked_event.status = StripeEventStatus.PROCESSED if changed is not None else StripeEventStatus.IGNORED
             locked_event.attempts += 1
             locked_event.error = ""
             locked_event.processed_at = timezone.now()

@@ -53,10 +53,14 @@ def _payment_for(
     return None
 
 
-def _check_customer(account: Account, customer: Any, what: str) -> None:
+def _check_customer(account: Account, payment: Payment, customer: Any, what: str) -> None:
+    """Refuses a Stripe object of another customer than the one ``payment`` was made for (the account's, for a
+    payment made before payments recorded it): the account's customer may have been replaced since
+    (``cards.forget_deleted_customer``), and the refunds and disputes of older payments still apply."""
     customer_id = object_id(customer)
-    if customer_id and account.stripe_customer_id and customer_id != account.stripe_customer_id:
-        raise BillingError(f"{what} belongs to customer {customer_id}, not {account.stripe_customer_id}.")
+    expected = payment.stripe_customer_id or account.stripe_customer_id
+    if customer_id and expected and customer_id != expected:
+        raise BillingError(f"{what} belongs to customer {customer_id}, not {expected}.")
 
 
 def _locked_payment_of(intent: stripe.PaymentIntent) -> tuple[Account, Payment] | None:
@@ -80,7 +84,7 @@ def apply_payment_intent(intent: stripe.PaymentIntent) -> Payment | None:
 
 def _apply_intent(account: Account, payment: Payment, intent: stripe.PaymentIntent) -> Payment:
     """``apply_payment_intent`` on the payment and account this transaction has locked."""
-    _check_customer(account, field(intent, "customer"), f"PaymentIntent {intent.id}")
+    _check_customer(account, payment, field(intent, "customer"), f"PaymentIntent {intent.id}")
     if payment.stripe_payment_intent_id and payment.stripe_payment_intent_id != intent.id:
         raise BillingError(f"payment-{payment.pk} is paid by {payment.stripe_payment_intent_id}, not {intent.id}.")
     payment.stripe_payment_intent_id = intent.id
@@ -132,7 +136,7 @@ def apply_checkout_session(session: Any, intent: stripe.PaymentIntent | None) ->
     if found is None:
         return None
     account, payment = locked_payment(found)
-    _check_customer(account, field(session, "customer"), f"Checkout Session {session.id}")
+    _check_customer(account, payment, field(session, "customer"), f"Checkout Session {session.id}")
     if payment.stripe_checkout_session_id not in (None, "", session.id):
         raise BillingError(f"payment-{payment.pk} is paid through {payment.stripe_checkout_session_id}.")
     payment.stripe_checkout_session_id = session.id
@@ -249,7 +253,7 @@ def apply_refunds(*, charge: Any, intent: stripe.PaymentIntent, refunds: Iterabl
     _apply_intent(account, payment, intent)
     if payment.status != PaymentStatus.SUCCEEDED:
         return payment
-    _check_customer(account, field(charge, "customer"), f"Charge {charge.id}")
+    _check_customer(account, payment, field(charge, "customer"), f"Charge {charge.id}")
     for refund in refunds:
         _post_taken_back(account, payment, TakenBack.refund(refund))
     payment.amount_refunded_cents = _cents_out(payment, EntryKind.REFUND)

@@ -11,6 +11,7 @@ import logging
 import uuid
 from datetime import timedelta
 
+import stripe
 from celery import current_app
 from django.conf import settings
 from django.core.cache import cache
@@ -38,6 +39,15 @@ def needs_top_up(account: Account) -> bool:
         and bool(account.stripe_customer_id)
         and account.available_micros < account.auto_top_up_threshold_micros
     )
+
+
+def charges_now(account: Account) -> bool:
+    """Whether the organization's card is charged unattended now: it needs a top-up and is not suspended (its members
+    cannot turn auto top-up off while it is, and it runs nothing that needs the credit). A top-up whose first send may
+    never have reached Stripe is sent again only while this holds (``stale_payments``)."""
+    if not needs_top_up(account):
+        return False
+    return not Organization.objects.filter(pk=account.organization_id, suspended_at__isnull=False).exists()
 
 
 def accounts_needing_top_up() -> QuerySet[Account]:
@@ -89,9 +99,7 @@ def auto_top_up(*, organization_id: uuid.UUID) -> Payment | None:
 
     with transaction.atomic(durable=True):
         account = locked_account(organization_id)
-        if not needs_top_up(account):
-            return None
-        if Organization.objects.filter(pk=organization_id, suspended_at__isnull=False).exists():
+        if not charges_now(account):
             return None
         mine = Payment.objects.filter(organization_id=organization_id, kind=PaymentKind.AUTO_TOP_UP)
         if mine.filter(status=PaymentStatus.PENDING).exists():
@@ -111,4 +119,18 @@ def auto_top_up(*, organization_id: uuid.UUID) -> Payment | None:
         return charge(payment).payment
     except PaymentError as exc:
         logger.warning("auto top-up payment-%s of %s: %s", payment.pk, organization_id, exc)
+        if exc.refused and exc.error_type != "card_declined":
+            _forget_customer_if_deleted(payment.stripe_customer_id)
         return payment  # as the failed charge left it (refreshed)
+
+
+def _forget_customer_if_deleted(customer_id: str) -> None:
+    """After Stripe refused a top-up for another reason than the card: a customer deleted at Stripe is forgotten
+    (``cards.forget_deleted_customer``, which turns auto top-up off), so it is not charged again and again."""
+    from billing import cards  # imported here: cards imports ``controls``, which imports this module
+
+    try:
+        if customer_id and cards.deleted_at_stripe(customer_id):
+            cards.forget_deleted_customer(customer_id=customer_id)
+    except stripe.StripeError as exc:
+        logger.warning("could not ask Stripe about customer %s: %s", customer_id, exc)
