@@ -9,6 +9,7 @@ import stripe
 from django.conf import settings
 from django.utils import timezone
 
+from billing import topups
 from billing.charges import RESEND_WITHIN, charge, find_payment_intent, mark_failed
 from billing.ledger import BillingError, account_of
 from billing.models import Payment, PaymentKind, PaymentStatus
@@ -23,7 +24,8 @@ def settle_stale_payments(*, older_than: timedelta | None = None, limit: int = 1
     """Settles payments still pending long after Stripe was called, from Stripe's own state.
 
     An auto top-up that never got Stripe's answer is re-sent, the identical request under the same
-    idempotency key (Stripe answers the first attempt's result, or makes it now). Any other payment
+    idempotency key (Stripe answers the first attempt's result, or makes it now), while the organization
+    would be charged unattended now (``topups.charges_now``); otherwise it is looked up. Any other payment
     with no PaymentIntent known is looked up at Stripe by its metadata (the answer and the webhook
     may both have been lost) and marked failed only if Stripe has none (a late success still
     credits it); a PaymentIntent left waiting for the customer a day is cancelled.
@@ -52,7 +54,10 @@ def _settle(client: stripe.StripeClient, payment: Payment, *, abandon: bool) -> 
         apply_checkout_session(session, client.v1.payment_intents.retrieve(intent_id) if intent_id else None)
         return
     resend = payment.kind == PaymentKind.AUTO_TOP_UP and payment.created_at >= timezone.now() - RESEND_WITHIN
-    if not payment.stripe_payment_intent_id and resend:
+    # A send that never reached Stripe would charge the card now: only while the organization would be charged now.
+    # Otherwise (auto top-up turned off, by its members or by a dispute; the balance topped up meanwhile; suspended)
+    # it is looked up at Stripe as a purchase is, and credited if the first send did charge.
+    if not payment.stripe_payment_intent_id and resend and topups.charges_now(account_of(payment.organization)):
         if not payment.stripe_customer_id:  # made before payments recorded their request: the best guess
             account = account_of(payment.organization)
             payment.stripe_customer_id = account.stripe_customer_id

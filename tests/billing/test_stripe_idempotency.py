@@ -269,8 +269,11 @@ def test_an_auto_top_up_resent_after_the_default_card_changed_still_settles_from
 
 
 def pending_top_up(organization: Any) -> Payment:
-    """An auto top-up row as ``auto_top_up`` commits it before calling Stripe, with the request it names."""
+    """An auto top-up row as ``auto_top_up`` commits it before calling Stripe, with the request it names, for an
+    organization whose auto top-up is on and due (the sweep sends again only what would be charged now)."""
     account = Account.objects.get(pk=organization.pk)
+    threshold = account.available_micros + 1
+    controls.set_auto_top_up(organization=organization, enabled=True, threshold_micros=threshold, amount_cents=2_000)
     return Payment.objects.create(
         organization=organization,
         kind=PaymentKind.AUTO_TOP_UP,
