@@ -12,6 +12,7 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
+from accounts.sweeps import each_apart
 from billing.documents import (
     DocumentPdf,
     allocate_number,
@@ -74,11 +75,8 @@ def issue_missing_receipts(*, limit: int = 1000) -> int:
     missing = Payment.objects.filter(status=PaymentStatus.SUCCEEDED, receipt__isnull=True).order_by(
         "succeeded_at", "pk"
     )
-    issued = 0
-    for payment in missing[:limit]:
-        receipt_of(payment)
-        issued += 1
-    return issued
+    # Each apart: a payment whose receipt fails (logged) leaves the others issued, and the task failed.
+    return each_apart(missing[:limit], receipt_of, name=lambda payment: f"the receipt of payment-{payment.pk}")
 
 
 def receipt_payload(receipt: Receipt) -> dict[str, Any]:

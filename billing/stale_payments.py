@@ -9,6 +9,7 @@ import stripe
 from django.conf import settings
 from django.utils import timezone
 
+from accounts.sweeps import each_apart
 from billing import topups
 from billing.charges import RESEND_WITHIN, charge, find_payment_intent, mark_failed
 from billing.ledger import BillingError, account_of
@@ -34,17 +35,19 @@ def settle_stale_payments(*, older_than: timedelta | None = None, limit: int = 1
     if older_than is None:
         older_than = timedelta(seconds=settings.BILLING_PAYMENT_SETTLE_AFTER_SECONDS)
     cutoff = now - older_than
-    settled = 0
     client = stripe_client()
-    for payment in Payment.objects.filter(status=PaymentStatus.PENDING, created_at__lt=cutoff).order_by("created_at")[
-        :limit
-    ]:
+
+    def settle(payment: Payment) -> bool:
         try:
             _settle(client, payment, abandon=payment.created_at < now - timedelta(days=1))
-            settled += 1
-        except (stripe.StripeError, BillingError) as exc:
+        except (stripe.StripeError, BillingError) as exc:  # Stripe's refusal or outage: the next sweep asks again
             logger.warning("could not settle payment-%s: %s", payment.pk, exc)
-    return settled
+            return False
+        return True
+
+    # Each apart: a payment that raises anything else (logged) leaves the others settled, and the sweep failed.
+    pending = Payment.objects.filter(status=PaymentStatus.PENDING, created_at__lt=cutoff).order_by("created_at")
+    return each_apart(pending[:limit], settle, name=lambda payment: f"settling payment-{payment.pk}")
 
 
 def _settle(client: stripe.StripeClient, payment: Payment, *, abandon: bool) -> None:

@@ -27,6 +27,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from accounts.models import Organization
+from accounts.sweeps import each_apart
 from billing import periods
 from billing.documents import DocumentPdf, allocate_number, billed_to, issuer_lines, series_for, utc_day
 from billing.ledger import BillingError
@@ -319,11 +320,12 @@ def issue_due_statements(*, now: datetime | None = None) -> int:
         ).values_list("organization_id", flat=True)
     )
     active -= set(Statement.objects.filter(month=month).values_list("organization_id", flat=True))
-    issued = 0
-    for organization in Organization.objects.filter(pk__in=active, created_at__lt=end).order_by("created_at"):
-        if issue_statement(organization=organization, month=month, now=now) is not None:
-            issued += 1
-    return issued
+    # Each apart: an organization whose statement fails (logged) leaves the others issued, and the task failed.
+    return each_apart(
+        Organization.objects.filter(pk__in=active, created_at__lt=end).order_by("created_at"),
+        lambda organization: issue_statement(organization=organization, month=month, now=now) is not None,
+        name=lambda organization: f"the statement of {organization.slug} for {month:%Y-%m}",
+    )
 
 
 def statement_for(*, organization: Organization, month: date, now: datetime | None = None) -> dict[str, Any]:

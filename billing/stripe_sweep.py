@@ -8,6 +8,7 @@ pending (``stale_payments.settle_stale_payments``), and the auto top-ups whose m
 
 from __future__ import annotations
 
+from accounts.sweeps import all_parts, each_apart
 from billing import stale_payments, stripe_events, topups
 from billing.stripe_client import payments_enabled
 
@@ -17,8 +18,15 @@ def sweep(*, limit: int = 200) -> dict[str, int]:
     lost message missed; how many of each. Nothing while payments are off."""
     if not payments_enabled():
         return {}
-    counts = {"events": stripe_events.process_due_events(limit=limit), "payments": 0, "top_ups": 0}
-    counts["payments"] = stale_payments.settle_stale_payments()
-    for organization_id in topups.accounts_needing_top_up().values_list("organization_id", flat=True)[:limit]:
-        counts["top_ups"] += topups.enqueue_top_up(str(organization_id))
-    return counts
+    # Each part whatever the others did: a payment that raises does not keep the top-ups a lost message missed unsent.
+    return all_parts(
+        {
+            "events": lambda: stripe_events.process_due_events(limit=limit),
+            "payments": stale_payments.settle_stale_payments,
+            "top_ups": lambda: each_apart(
+                topups.accounts_needing_top_up().values_list("organization_id", flat=True)[:limit],
+                lambda organization_id: topups.enqueue_top_up(str(organization_id)),
+                name=lambda organization_id: f"the auto top-up of organization {organization_id}",
+            ),
+        }
+    )

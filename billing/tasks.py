@@ -6,6 +6,8 @@ import uuid
 
 from celery import shared_task
 
+from accounts.sweeps import all_parts
+
 # A task that sets time_limit sets soft_time_limit below it too: a soft limit left unset is filled from
 # CELERY_TASK_SOFT_TIME_LIMIT, which may exceed this hard limit, and Celery then refuses to send the task
 # (beat logs "Couldn't apply scheduled task" and skips it). The soft limit leaves the task time to roll back.
@@ -39,7 +41,7 @@ def issue_statements() -> dict[str, int]:
     from billing.receipts import issue_missing_receipts
     from billing.statements import issue_due_statements
 
-    return {"statements": issue_due_statements(), "receipts": issue_missing_receipts()}
+    return all_parts({"statements": issue_due_statements, "receipts": issue_missing_receipts})
 
 
 @shared_task(name="billing.send_alert_email", ignore_result=True, acks_late=True, soft_time_limit=50, time_limit=60)

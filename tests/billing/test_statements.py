@@ -20,6 +20,7 @@ from pypdf import PdfReader
 
 from accounts import key_cache
 from accounts.models import Organization
+from accounts.sweeps import SweepIncomplete
 from billing import reconciliation, statements
 from billing.ledger import grant_credits, post_entry, refund_job
 from billing.locks import locked_account
@@ -309,6 +310,51 @@ def test_a_closed_month_is_issued_once_and_a_quiet_one_not_at_all(
         "/v1/billing/details", {"legal_name": "Later Name", "address": "", "tax_id": ""}, format="json"
     )
     assert tenant["client"].get(f"/v1/billing/statements/{month:%Y-%m}").json()["billed_to"] == first["billed_to"]
+
+
+def test_an_organization_whose_statement_fails_leaves_the_others_issued_and_the_task_failed(
+    priced_without_broker: None,
+    tenant: dict[str, Any],
+    other_tenant: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    for organization in (tenant["organization"], other_tenant["organization"]):
+        created_months_ago(organization, 3)
+        move_into(closed_month(), CreditEntry.objects.filter(organization=organization))
+    month = closed_month()
+    issue = statements.issue_statement
+    failing = tenant["organization"].pk
+
+    def failing_for_one(*, organization: Organization, **kwargs: Any) -> Statement | None:
+        if organization.pk == failing:
+            raise ValueError("a row no one foresaw")
+        return issue(organization=organization, **kwargs)
+
+    monkeypatch.setattr(statements, "issue_statement", failing_for_one)
+    with pytest.raises(SweepIncomplete, match=tenant["organization"].slug):
+        statements.issue_due_statements(now=just_after(month))
+    assert list(Statement.objects.values_list("organization_id", flat=True)) == [other_tenant["organization"].pk]
+    assert "a row no one foresaw" in caplog.text  # logged with its traceback where it failed
+
+    # The fault gone, the next night issues the one left.
+    monkeypatch.setattr(statements, "issue_statement", issue)
+    assert statements.issue_due_statements(now=just_after(month)) == 1
+    assert Statement.objects.count() == 2
+
+
+def test_the_nightly_task_issues_the_receipts_when_the_statements_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    from billing import receipts, tasks
+
+    def failing(**kwargs: Any) -> int:
+        raise SweepIncomplete(["the statement of acme for 2026-11"])
+
+    monkeypatch.setattr(statements, "issue_due_statements", failing)
+    monkeypatch.setattr(receipts, "issue_missing_receipts", lambda **kwargs: 3)
+    with pytest.raises(SweepIncomplete, match="statements"):
+        tasks.issue_statements()
+    monkeypatch.setattr(statements, "issue_due_statements", lambda **kwargs: 2)
+    assert tasks.issue_statements() == {"statements": 2, "receipts": 3}
 
 
 def test_a_test_mode_statement_says_so_and_is_made_out_to_the_billing_details(

@@ -18,6 +18,7 @@ import stripe
 from django.conf import settings
 from django.utils import timezone
 
+from accounts.sweeps import SweepIncomplete
 from billing import cards, charges, controls, stale_payments, topups
 from billing.models import Account, CreditEntry, EntryKind, Payment, PaymentKind, PaymentStatus
 from billing.stripe_client import stripe_client
@@ -340,6 +341,44 @@ def test_an_idempotency_error_with_no_payment_intent_found_leaves_the_payment_pe
     payment.refresh_from_db()
     assert (payment.status, payment.failure_message) == (PaymentStatus.FAILED, "No answer from the payment provider.")
     assert intents_of(customer_id) == []
+
+
+def test_a_payment_that_raises_leaves_the_others_settled_and_the_sweeps_top_ups_sent(
+    fake_stripe: FakeStripe,
+    tenant: dict[str, Any],
+    other_tenant: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One payment whose settling raises something no one foresaw (not Stripe's refusal) neither keeps the payments
+    after it pending nor the top-ups a lost message missed unsent; the sweep is recorded failed, naming it."""
+    save_card(tenant["organization"])
+    poisoned = pending_top_up(tenant["organization"])
+    save_card(other_tenant["organization"])
+    healthy = pending_top_up(other_tenant["organization"])
+    stale = timezone.now() - timedelta(seconds=settings.BILLING_PAYMENT_SETTLE_AFTER_SECONDS + 60)
+    Payment.objects.filter(pk=healthy.pk).update(created_at=stale)
+    Payment.objects.filter(pk=poisoned.pk).update(created_at=stale - timedelta(minutes=1))  # the sweep's first
+    settle = stale_payments._settle
+
+    def poisoned_first(client: Any, payment: Payment, **kwargs: Any) -> None:
+        if payment.pk == poisoned.pk:
+            raise KeyError("a field no one foresaw")
+        settle(client, payment, **kwargs)
+
+    monkeypatch.setattr(stale_payments, "_settle", poisoned_first)
+    queued: list[str] = []
+    monkeypatch.setattr(topups, "enqueue_top_up", lambda organization_id: queued.append(organization_id) or True)
+
+    with pytest.raises(SweepIncomplete, match="payments"):
+        stripe_sweep()
+
+    healthy.refresh_from_db()
+    assert healthy.status == PaymentStatus.SUCCEEDED
+    assert credited(healthy) == [(EntryKind.AUTO_TOP_UP, DOLLARS_20, f"payment-{healthy.pk}")]
+    assert Payment.objects.get(pk=poisoned.pk).status == PaymentStatus.PENDING
+    assert f"settling payment-{poisoned.pk} failed" in caplog.text
+    assert str(tenant["organization"].pk) in queued  # its top-up still due: sent by the sweep's last part
 
 
 def test_a_purchase_whose_answers_and_webhook_were_lost_is_settled_from_stripe_not_failed(
