@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 from django.conf import settings
 
 from accounts.errors import InvalidInput
-from inference import files
+from inference import files, netguard
 from inference.models import VIDEO_KINDS, Endpoint, PipelineKind
 
 IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
@@ -256,7 +256,14 @@ def _image_url(
         c.add("image_url", str(refusal), refusal.kind)
         return None, None
     if name is None:
-        return value, None  # someone else's URL: the worker downloads it
+        # Someone else's URL: the worker downloads it, connecting only to the public addresses its name resolves to
+        # (``netguard.open_client``). What can be told without the network is refused here, before anything is held.
+        try:
+            netguard.check_url_offline(value)
+        except netguard.UnsafeUrl as exc:
+            c.add("image_url", f"image_url is not allowed: {exc}", "url_not_allowed")
+            return None, None
+        return value, None
     if files.stored_size(name) > endpoint.max_input_image_bytes:
         c.too_large = True
         c.add("image_url", f"The image is larger than {endpoint.max_input_image_bytes} bytes.", "too_large")

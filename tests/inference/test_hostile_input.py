@@ -172,6 +172,39 @@ def test_an_unparsable_image_url_is_refused(tenant: dict[str, Any], url: str) ->
 
 
 @pytest.mark.usefixtures("priced_without_broker")
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://127.0.0.1:6379/a.png",
+        "http://2130706433/a.png",
+        "http://[::ffff:10.0.0.1]/a.png",
+        "http://localhost/a.png",
+        "https://user:secret@example.com/a.png",
+    ],
+)
+def test_an_image_url_that_can_never_be_fetched_is_refused_before_anything_is_held(
+    tenant: dict[str, Any], settings: Any, url: str
+) -> None:
+    """A literal private address, a host naming this machine, credentials: the worker's fetch would refuse them, the
+    request failing after it was queued and held; the submission refuses them (a name is still resolved and checked
+    by the fetch when it connects)."""
+    settings.OUTBOUND_ALLOW_PRIVATE = False
+    refused = post(tenant["client"], I2I, {"prompt": "a fox", "image_url": url})
+    assert refused.status_code == 422, refused.content
+    assert problems(refused) == {"image_url": "url_not_allowed"}
+    assert "image_url is not allowed" in json.dumps(refused.json())
+    assert not Job.objects.exists()
+
+
+@pytest.mark.usefixtures("priced_without_broker")
+def test_an_image_url_on_a_public_name_is_left_to_the_fetch(tenant: dict[str, Any], settings: Any) -> None:
+    settings.OUTBOUND_ALLOW_PRIVATE = False
+    accepted = post(tenant["client"], I2I, {"prompt": "a fox", "image_url": "https://images.example.com/a.png"})
+    assert accepted.status_code == 200, accepted.content
+
+
+@pytest.mark.usefixtures("priced_without_broker")
 @pytest.mark.parametrize("webhook", ["http://xn--a.com/hook", "https://xn--/hook"])
 def test_an_unparsable_webhook_url_is_refused(tenant: dict[str, Any], webhook: str) -> None:
     refused = post(tenant["client"], f"/queue/platform/tiny-sd?fal_webhook={webhook}", {"prompt": "a fox"})
