@@ -78,5 +78,8 @@ def _settle(client: stripe.StripeClient, payment: Payment, *, abandon: bool) -> 
         mark_failed(payment, message="No answer from the payment provider.")
         return
     if abandon and intent.status in ("requires_action", "requires_payment_method", "requires_confirmation"):
-        intent = client.v1.payment_intents.cancel(intent.id)
+        # Under a key of the payment's own, as every write to Stripe: a retry after a lost answer is answered the same.
+        intent = client.v1.payment_intents.cancel(
+            intent.id, options={"idempotency_key": f"{payment.idempotency_key}-cancel"}
+        )
     apply_payment_intent(intent)

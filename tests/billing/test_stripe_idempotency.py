@@ -381,6 +381,37 @@ def test_a_payment_that_raises_leaves_the_others_settled_and_the_sweeps_top_ups_
     assert str(tenant["organization"].pk) in queued  # its top-up still due: sent by the sweep's last part
 
 
+def test_a_purchase_left_waiting_for_the_customer_a_day_is_cancelled_at_stripe_under_a_key_of_its_own(
+    fake_stripe: FakeStripe, tenant: dict[str, Any], lost_answers: Any
+) -> None:
+    """A card that asks for authentication the customer never gives: after a day the sweep cancels its
+    PaymentIntent (under the payment's own key); a cancel whose every answer was lost is settled by the next sweep
+    from Stripe's state, never credited."""
+    card = stripe_client().v1.payment_methods.create(
+        params={"type": "card", "card": {"number": "4000002760003184", "exp_month": 12, "exp_year": 2030, "cvc": "123"}}
+    )
+    saved = tenant["client"].post("/v1/billing/payment-methods", {"payment_method": card.id}, format="json")
+    assert saved.status_code == 201, saved.json()
+    bought = tenant["client"].post("/v1/billing/purchases", {"amount_cents": 2_000}, format="json")
+    assert bought.status_code in (201, 202), bought.json()
+    payment = Payment.objects.get(pk=bought.json()["id"])
+    assert payment.status == PaymentStatus.PENDING
+    intent_id = payment.stripe_payment_intent_id
+    assert stripe_client().v1.payment_intents.retrieve(intent_id).status == "requires_action"
+
+    Payment.objects.filter(pk=payment.pk).update(created_at=timezone.now() - timedelta(days=1, minutes=1))
+    # Stripe cancels it; every answer, the SDK's retries' too, is lost.
+    lost_answers(f"{PAYMENT_INTENTS}/{intent_id}/cancel", count=settings.STRIPE_MAX_NETWORK_RETRIES + 1)
+    assert stripe_sweep()["payments"] == 0
+    assert Payment.objects.get(pk=payment.pk).status == PaymentStatus.PENDING
+    assert stripe_client().v1.payment_intents.retrieve(intent_id).status == "canceled"
+
+    assert stripe_sweep()["payments"] == 1
+    payment.refresh_from_db()
+    assert payment.status == PaymentStatus.CANCELED
+    assert not CreditEntry.objects.filter(payment=payment).exists()
+
+
 def test_a_purchase_whose_answers_and_webhook_were_lost_is_settled_from_stripe_not_failed(
     fake_stripe: FakeStripe, tenant: dict[str, Any], lost_answers: Any
 ) -> None:
