@@ -1,48 +1,51 @@
 """Spend control in real time: what inference asks billing before and while a job runs.
 
 Admission holds the job's estimated cost against the organization's available credit (balance less
-holds), its monthly budget and its key's monthly limit. Before each further unit of work the worker asks
-``reserve``: the hold grows to cover it, within the same three limits, or the job stops there. The end of a job
+holds), its monthly budget, its key's monthly limit and the monthly limit of the member who made the key (which
+every key that member made shares: ``MemberSpendLimit``). Before each further unit of work the worker asks
+``reserve``: the hold grows to cover it, within the same limits, or the job stops there. The end of a job
 settles (``billing.metering``), never debiting more than the hold. So usage never takes a prepaid balance below
-zero, nor spending past a budget or a key's limit.
+zero, nor spending past a budget, a key's limit or a member's.
 
-**One tenant's admissions do not queue behind each other for a whole transaction.** All of them write the
-organization's account row (its cached held amount), and its lock is held from the statement that takes it to
-COMMIT, so one organization's admissions and settlements (measured with ``make bench-tenants``) wait for each other
-on it for as long as each holds it. Admission takes it last, with one statement: everything else (the price, the
-estimate, the key's limit, the job's own hold row) is done first, and when the organization has no budget and the
-key no limit, ``_hold_within_credit`` is one conditional UPDATE, ``held += estimate`` where ``balance - held >=
-estimate`` and no budget is set. PostgreSQL checks that condition again on the row as committed when the UPDATE had
-to wait for its lock, and it reads only the row's own columns, so two admissions never take the same credit. A
-budget or a key's limit is checked through other rows (the month's spend in the rollups, the key's open holds),
-which that re-check would not see change: those admissions, and any the condition refuses (to word the refusal, or
-to find the credit a settlement just freed), are decided on the locked account (``_admit_under_the_lock``). The
-key's limit is read behind a share lock on the key, which a new limit takes exclusively
-(``billing.locks.share_key``). A submission's job with no end user tag, the common case, is admitted in one round
-trip on PostgreSQL (``_held_at_once``): the key's share lock, the hold's insert, then the account's conditional
-UPDATE which also requires that the key has no limit (read once the share lock is granted); where that changed
-nothing the decision is made under the lock as above. With no transaction open (an API request), they ride in the
-submission's own one-query transaction after the job's insert (``admit_in_query``), the UPDATE made to fail that
-query where it changes nothing, so the account's lock is held to the query's end, never across a client's COMMIT, and
-the submission is then decided in a transaction as above. Those statements are written out once, not built by the ORM
-per admission: built per call they cost more of the web process's CPU than the database's work. Weighed and not
-taken: the credit split over sub-rows (every refusal and budget check would sum them; its upper bound, admissions that
-never touch the account, measured on 2026-12-07: one organization's submissions +3-5%, its finishes -3-5% on two
-cores, the one / four ratio unmoved: README, "The credit split over sub-rows, measured and not kept"), the held
-amount kept in Redis (the database would no longer be the truth for money).
+**One tenant's admissions do not queue behind each other for a whole transaction.** All of them write the organization's
+account row (its cached held amount), and its lock is held from the statement that takes it to COMMIT, so one
+organization's admissions and settlements (measured with ``make bench-tenants``) wait for each other on it for as long
+as each holds it. Admission takes it last, with one statement: everything else (the price, the estimate, the key's
+limits, the job's own hold row) is done first, and when the organization has no budget and the key no limit,
+``_hold_within_credit`` is one conditional UPDATE, ``held += estimate`` where ``balance - held >= estimate`` and no
+budget is set. PostgreSQL checks that condition again on the row as committed when the UPDATE had to wait for its lock,
+and it reads only the row's own columns, so two admissions never take the same credit. A budget or a key's or member's
+limit is checked through other rows (the month's spend in the rollups, the open holds of the key or of the member's
+keys), which that re-check would not see change: those admissions, and any the condition refuses (to word the refusal,
+or to find the credit a settlement just freed), are decided on the locked account (``_admit_under_the_lock``). The key's
+limit and its maker's are read behind a share lock on the key, which a new limit on the key takes exclusively, and a new
+limit on the member takes on every key the member made (``billing.locks.share_key``, ``lock_member_keys``). A
+submission's job with no end user tag, the common case, is admitted in one round trip on PostgreSQL (``_held_at_once``):
+the key's share lock, the hold's insert, then the account's conditional UPDATE which also requires that neither the key
+nor its maker has a limit (read once the share lock is granted); where that changed nothing the decision is made under
+the lock as above. With no transaction open (an API request), they ride in the submission's own one-query transaction
+after the job's insert (``admit_in_query``), the UPDATE made to fail that query where it changes nothing, so the
+account's lock is held to the query's end, never across a client's COMMIT, and the submission is then decided in a
+transaction as above. Those statements are written out once, not built by the ORM per admission: built per call they
+cost more of the web process's CPU than the database's work. Weighed and not taken: the credit split over sub-rows
+(every refusal and budget check would sum them; its upper bound, admissions that never touch the account, measured on
+2026-12-07: one organization's submissions +3-5%, its finishes -3-5% on two cores, the one / four ratio unmoved: README,
+"The credit split over sub-rows, measured and not kept"), the held amount kept in Redis (the database would no longer be
+the truth for money).
 """
 
 from __future__ import annotations
 
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.db import connection
-from django.db.models import F, Sum
+from django.db.models import F, OuterRef, Subquery, Sum
 from django.utils import timezone
 
 from accounts import statements
 from accounts.locking import retrying_atomic
+from accounts.models import ApiKey
 from billing import end_users, holds, pricing
 from billing.locks import key_share_lock, locked_account, locked_open_hold, share_key
 from billing.models import (
@@ -50,6 +53,7 @@ from billing.models import (
     Granularity,
     Hold,
     KeySpendLimit,
+    MemberSpendLimit,
     PriceUnit,
     UsageRecord,
     UsageRollup,
@@ -75,42 +79,92 @@ def spent_this_month(*, organization_id: Any, key_id: Any = None) -> int:
     return int(rows.aggregate(total=net_spend())["total"] or 0)
 
 
+def member_spent_this_month(*, organization_id: Any, user_id: Any) -> int:
+    """What the API keys the member made in the organization spent this UTC month, less what refunds gave back of it,
+    from the daily rollups (one indexed query). The rollups keep spend per key: a deleted key's rollups keep its id,
+    but no key row says whose it was any more, so what it spent leaves the member's spend (never the organization's)."""
+    start, end = month_bounds()
+    keys = ApiKey.objects.filter(organization_id=organization_id, created_by_id=user_id).values("pk")
+    rows = UsageRollup.objects.filter(
+        granularity=Granularity.DAY, bucket_start__gte=start, bucket_start__lt=end, key_id__in=Subquery(keys)
+    )
+    return int(rows.aggregate(total=net_spend())["total"] or 0)
+
+
+def member_held(*, organization_id: Any, user_id: Any, besides_job_id: Any = None) -> int:
+    """What the open holds of jobs under the keys the member made in the organization add up to, less
+    ``besides_job_id``'s (the hold an admission is placing)."""
+    holds_of_member = Hold.objects.filter(
+        organization_id=organization_id, released_at=None, api_key__created_by_id=user_id
+    ).exclude(job_id=besides_job_id)
+    return int(holds_of_member.aggregate(total=Sum("amount_micros"))["total"] or 0)
+
+
 def _key_held(key_id: Any, *, besides_job_id: Any = None) -> int:
     """What the key's open holds add up to, less ``besides_job_id``'s (the hold an admission is placing)."""
     holds_of_key = Hold.objects.filter(api_key_id=key_id, released_at=None).exclude(job_id=besides_job_id)
     return int(holds_of_key.aggregate(total=Sum("amount_micros"))["total"] or 0)
 
 
-def _key_limit(job: Job) -> KeySpendLimit | None:
-    """The monthly limit of the job's API key, read behind the key's share lock (``billing.locks.share_key``)."""
+class KeyLimits(NamedTuple):
+    """The monthly limits over a job's API key: the key's own, and that of the member who made it (``maker_id``),
+    which every key that member made shares. None: no such limit."""
+
+    key_micros: int | None = None
+    member_micros: int | None = None
+    maker_id: Any = None
+
+    @property
+    def any(self) -> bool:
+        return self.key_micros is not None or self.member_micros is not None
+
+
+NO_LIMITS = KeyLimits()
+
+
+def _key_limits(job: Job) -> KeyLimits:
+    """The monthly limits over the job's API key, read behind the key's share lock (``billing.locks.share_key``)."""
     if job.api_key_id is None:
-        return None
+        return NO_LIMITS
     share_key(job.api_key_id)
-    return _read_key_limit(job)
+    return _read_key_limits(job)
 
 
-def _read_key_limit(job: Job) -> KeySpendLimit | None:
-    """The monthly limit of the job's API key; the caller holds the key's share lock."""
+def _read_key_limits(job: Job) -> KeyLimits:
+    """The monthly limits over the job's API key, its own and its maker's, in one query; the caller holds the key's
+    share lock (admission) or the account's lock (a reservation)."""
     if job.api_key_id is None:
-        return None
-    return KeySpendLimit.objects.filter(api_key_id=job.api_key_id).first()
+        return NO_LIMITS
+    members = MemberSpendLimit.objects.filter(
+        organization_id=OuterRef("organization_id"), user_id=OuterRef("created_by_id")
+    )
+    row = (
+        ApiKey.objects.filter(pk=job.api_key_id)
+        .annotate(member_limit=Subquery(members.values("monthly_limit_micros")[:1]))
+        .values_list("spend_limit__monthly_limit_micros", "member_limit", "created_by_id")
+        .first()
+    )
+    if row is None:
+        return NO_LIMITS  # the key is gone: its limits with it
+    return KeyLimits(key_micros=row[0], member_micros=row[1], maker_id=row[2])
 
 
 def _spend_room(
     account: Account,
     job: Job,
-    limit: KeySpendLimit | None,
+    limits: KeyLimits,
     *,
     end_user_limit: int | None = None,
     admitting: bool = False,
 ) -> tuple[int, Refusal]:
     """How much more the job may hold beyond what is held now, and the refusal that names the tightest limit.
 
-    Four limits, each less what is spent and held against it: the available credit (balance less every open hold
-    of the organization), the organization's monthly budget, ``limit``, the monthly limit of the job's API key, and
-    ``end_user_limit``, that of the job's end user tag. The credit's refusal is worded for a running job; admission
-    words its own, with the estimate. ``admitting``: the job's hold row already holds the new estimate (the account
-    does not yet), so the key's and the tag's holds leave it out.
+    Five limits, each less what is spent and held against it: the available credit (balance less every open hold
+    of the organization), the organization's monthly budget, ``limits``: the monthly limit of the job's API key and
+    that of the member who made the key (spent and held by all the keys they made), and ``end_user_limit``, that of
+    the job's end user tag. The credit's refusal is worded for a running job; admission words its own, with the
+    estimate. ``admitting``: the job's hold row already holds the new estimate (the account does not yet), so the
+    key's, the member's and the tag's holds leave it out.
     """
     room, refusal = account.available_micros, Refusal("Credits ran out while this request ran.", INSUFFICIENT)
     if account.monthly_budget_micros is not None:
@@ -125,16 +179,34 @@ def _spend_room(
                     OVER_LIMIT,
                 ),
             )
-    if limit is not None:
+    if limits.key_micros is not None:
         spent = spent_this_month(organization_id=account.organization_id, key_id=job.api_key_id)
         key_held = _key_held(job.api_key_id, besides_job_id=job.pk if admitting else None)
-        key_room = limit.monthly_limit_micros - spent - key_held
+        key_room = limits.key_micros - spent - key_held
         if key_room < room:
             room, refusal = (
                 key_room,
                 Refusal(
-                    f"This API key's monthly limit of {format_micros(limit.monthly_limit_micros)} is spent "
+                    f"This API key's monthly limit of {format_micros(limits.key_micros)} is spent "
                     f"({format_micros(spent)} used).",
+                    OVER_LIMIT,
+                ),
+            )
+    if limits.member_micros is not None:
+        spent = member_spent_this_month(organization_id=account.organization_id, user_id=limits.maker_id)
+        held = member_held(
+            organization_id=account.organization_id,
+            user_id=limits.maker_id,
+            besides_job_id=job.pk if admitting else None,
+        )
+        member_room = limits.member_micros - spent - held
+        if member_room < room:
+            room, refusal = (
+                member_room,
+                Refusal(
+                    f"The monthly member spend limit of {format_micros(limits.member_micros)} on the person who made "
+                    f"this API key, shared by every key they made, is spent ({format_micros(spent)} used, "
+                    f"{format_micros(held)} held by their running requests).",
                     OVER_LIMIT,
                 ),
             )
@@ -169,22 +241,23 @@ def admit(job: Job, *, new: bool = False) -> Refusal | None:
             return None
         # The hold row is in and the key share-locked; the account took nothing. Decided under its lock.
         return _admit_under_the_lock(
-            job, estimate=estimate, held_change=estimate, limit=_read_key_limit(job), end_user_limit=None
+            job, estimate=estimate, held_change=estimate, limits=_read_key_limits(job), end_user_limit=None
         )
-    # The end user's limit behind the organization's share lock, then the key's behind the key's (the lock order).
+    # The end user's limit behind the organization's share lock, then the key's and its maker's behind the key's (the
+    # lock order).
     end_user_limit = end_users.limit_for_admission(job.organization_id, job.end_user) if job.end_user else None
-    limit = _key_limit(job)
+    limits = _key_limits(job)
     # The job's own hold row first: no other transaction waits for it. A refusal rolls it back with the caller's
     # transaction (the hook's contract).
     held_change = holds.place(hold=hold, new=new)
     if (
-        limit is None
+        not limits.any
         and end_user_limit is None
         and _hold_within_credit(job.organization_id, estimate=estimate, held_change=held_change)
     ):
         return None
     return _admit_under_the_lock(
-        job, estimate=estimate, held_change=held_change, limit=limit, end_user_limit=end_user_limit
+        job, estimate=estimate, held_change=held_change, limits=limits, end_user_limit=end_user_limit
     )
 
 
@@ -206,12 +279,12 @@ def _hold_for(job: Job) -> Hold:
 
 
 def admit_in_query(job: Job) -> list[statements.Statement] | None:
-    """Inference's ``admit_in_query`` hook: a new job's admission on the common path (no end user tag) as the
-    statements of ``_held_at_once``, sent in the submission's own one-query transaction after the job's insert, the
-    account's conditional UPDATE made to fail that query where it changes nothing (``statements.or_unmet``): no
-    credit, a budget, a key's limit, no account. The submission then runs again in a transaction, where ``admit``
-    decides it under the account's lock. With no transaction of the client's around it, the account's lock is held
-    from that UPDATE to the end of the query, in the database: no round trip of the client's (COMMIT) inside it."""
+    """Inference's ``admit_in_query`` hook: a new job's admission on the common path (no end user tag) as the statements
+    of ``_held_at_once``, sent in the submission's own one-query transaction after the job's insert, the account's
+    conditional UPDATE made to fail that query where it changes nothing (``statements.or_unmet``): no credit, a budget,
+    a key's limit or its maker's, no account. The submission then runs again in a transaction, where ``admit`` decides
+    it under the account's lock. With no transaction of the client's around it, the account's lock is held from that
+    UPDATE to the end of the query, in the database: no round trip of the client's (COMMIT) inside it."""
     if job.end_user:
         return None
     held_at_once = _at_once(_hold_for(job))
@@ -220,12 +293,15 @@ def admit_in_query(job: Job) -> list[statements.Statement] | None:
 
 _ACCOUNT = {field.name: field for field in Account._meta.concrete_fields}
 _KEY_LIMIT = {field.name: field for field in KeySpendLimit._meta.concrete_fields}
+_MEMBER_LIMIT = {field.name: field.column for field in MemberSpendLimit._meta.concrete_fields}
+_KEY = {field.name: field.column for field in ApiKey._meta.concrete_fields}
 
 
 @cache
 def _within_credit(with_key: bool) -> str:
     """``_hold_within_credit``'s UPDATE written out (built once; the ORM's would be built anew for every admission),
-    with, when the job has a key, the condition that the key has no spend limit."""
+    with, when the job has a key, the conditions that the key has no spend limit and its maker no member limit in the
+    organization (two index lookups: the limit tables' keys; the key's id is given twice)."""
     column = {name: field.column for name, field in _ACCOUNT.items()}
     sql = (
         f"UPDATE {Account._meta.db_table} SET {column['held_micros']} = {column['held_micros']} + %s "  # noqa: S608
@@ -233,9 +309,13 @@ def _within_credit(with_key: bool) -> str:
         f"AND {column['balance_micros']} >= {column['held_micros']} + %s"
     )
     if with_key:
+        member, key = _MEMBER_LIMIT, _KEY
         sql += (
             f" AND NOT EXISTS (SELECT 1 FROM {KeySpendLimit._meta.db_table} "  # noqa: S608
             f"WHERE {_KEY_LIMIT['api_key'].column} = %s)"
+            f" AND NOT EXISTS (SELECT 1 FROM {MemberSpendLimit._meta.db_table} m "
+            f"JOIN {ApiKey._meta.db_table} k ON m.{member['user']} = k.{key['created_by']} "
+            f"AND m.{member['organization']} = k.{key['organization']} WHERE k.{key['id']} = %s)"
         )
     return sql
 
@@ -251,11 +331,12 @@ def _hold_within_credit(organization_id: Any, *, estimate: int, held_change: int
 
 
 def _held_at_once(hold: Hold) -> bool:
-    """A new job's admission on the common path, in one round trip on PostgreSQL: the key share-locked
-    (``share_key``), the hold's insert, then the account's conditional UPDATE, which adds the hold where the credit
-    covers it, no budget is set and the key has no spend limit (``accounts.statements.in_turn``: three statements of
-    one query, each in its own snapshot). The UPDATE's snapshot is taken once the key's share lock is granted, so it
-    sees any limit committed before it, and none can be committed after until this transaction commits; and the hold's
+    """A new job's admission on the common path, in one round trip on PostgreSQL: the key share-locked (``share_key``),
+    the hold's insert, then the account's conditional UPDATE, which adds the hold where the credit covers it, no budget
+    is set and neither the key nor its maker has a spend limit (``accounts.statements.in_turn``: three statements of one
+    query, each in its own snapshot). The UPDATE's snapshot is taken once the key's share lock is granted, so it sees
+    any limit of the key or of its maker committed before it, and none can be committed after until this transaction
+    commits (a member's limit locks every key the member made: ``billing.locks.lock_member_keys``); and the hold's
     insert (its foreign keys checked) is done before the UPDATE takes the account's lock, held from there to COMMIT.
     False: the hold row is in, the key share-locked, and the account unchanged.
     """
@@ -273,7 +354,8 @@ def _at_once(hold: Hold) -> list[statements.Statement]:
         hold.amount_micros,
     ]
     if key_id is not None:
-        values.append(_KEY_LIMIT["api_key"].get_db_prep_value(key_id, connection))
+        key = _KEY_LIMIT["api_key"].get_db_prep_value(key_id, connection)
+        values += [key, key]
     update = (_within_credit(key_id is not None), values)
     if key_id is not None and connection.features.has_select_for_update:
         return [key_share_lock(key_id), statements.insertion(hold), update]
@@ -281,12 +363,12 @@ def _at_once(hold: Hold) -> list[statements.Statement]:
 
 
 def _admit_under_the_lock(
-    job: Job, *, estimate: int, held_change: int, limit: KeySpendLimit | None, end_user_limit: int | None
+    job: Job, *, estimate: int, held_change: int, limits: KeyLimits, end_user_limit: int | None
 ) -> Refusal | None:
-    """Admission decided on the locked account: the budget's, the key's and the end user's spend and holds cannot
-    change under it."""
+    """Admission decided on the locked account: the budget's, the key's, the member's and the end user's spend and
+    holds cannot change under it."""
     account = locked_account(job.organization_id)
-    room, refusal = _spend_room(account, job, limit, end_user_limit=end_user_limit, admitting=True)
+    room, refusal = _spend_room(account, job, limits, end_user_limit=end_user_limit, admitting=True)
     if estimate > room:
         if refusal.error_type == INSUFFICIENT:
             refusal = Refusal(
@@ -323,8 +405,8 @@ def reserve(job: Job, gpu_ms: int, ahead_ms: int) -> Reservation | Refusal:
     """Inference's ``reserve`` hook: the job's hold grows before the work it pays for is done.
 
     The hold is extended to cover ``gpu_ms`` of GPU time in total, and up to ``ahead_ms`` more while the credit,
-    the budget and the key's limit leave room (so the next steps need no call). When even ``gpu_ms`` does not
-    fit, the job stops before that work. A hold that already covers ``gpu_ms`` is answered from three reads.
+    the budget, the key's limit and its maker's leave room (so the next steps need no call). When even ``gpu_ms`` does
+    not fit, the job stops before that work. A hold that already covers ``gpu_ms`` is answered from three reads.
     """
     hold = Hold.objects.filter(job_id=job.pk, released_at=None).first()
     if hold is None:
@@ -365,9 +447,9 @@ def _grow(job: Job, quote: pricing.Quote, *, needed_micros: int, wanted_micros: 
         return _coverage(hold.amount_micros, quote)
     wanted = wanted_micros - hold.amount_micros
     account = locked_account(job.organization_id)
-    limit = KeySpendLimit.objects.filter(api_key_id=job.api_key_id).first() if job.api_key_id is not None else None
+    limits = _read_key_limits(job)
     end_user_limit = end_users.limit_of(job.organization_id, job.end_user) if job.end_user else None
-    room, refusal = _spend_room(account, job, limit, end_user_limit=end_user_limit)
+    room, refusal = _spend_room(account, job, limits, end_user_limit=end_user_limit)
     if needed > room:
         return refusal
     extra = min(wanted, room)

@@ -1,5 +1,6 @@
-"""Settings a customer (or operator) changes: auto top-up, the monthly budget, per-key limits, spend alerts. Each
-audited. (An end user's limit is ``billing.end_users.set_end_user_limit``.)"""
+"""Settings a customer (or operator) changes: auto top-up, the monthly budget, per-key and per-member limits, spend
+alerts. Each audited. (An end user's limit is ``billing.end_users.set_end_user_limit``.) Who may change them is the
+door's to check: the dashboard's pages and the API let only members who may manage billing reach these."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
-from accounts.locking import locked
-from accounts.models import ApiKey, AuditAction, Organization
+from accounts.locking import lock_organization, locked
+from accounts.models import ApiKey, AuditAction, Membership, Organization, User
 from accounts.services import SYSTEM, Actor, record_audit
 from billing import topups
 from billing.ledger import BillingError
-from billing.locks import lock_key, locked_account
-from billing.models import Account, AlertSettings, KeySpendLimit
+from billing.locks import lock_key, lock_member_keys, locked_account
+from billing.models import Account, AlertSettings, KeySpendLimit, MemberSpendLimit
 from inference.webhooks import WebhookUrlError, check_webhook_url
 
 MAX_THRESHOLDS = 10
@@ -104,6 +105,49 @@ def set_key_limit(*, api_key: ApiKey, monthly_limit_micros: int | None, actor: A
         target=api_key,
         metadata={"monthly_limit_micros": monthly_limit_micros},
     )
+
+
+class NotAMember(BillingError):
+    """A member limit for someone who is not a member of the organization."""
+
+    status_code = 404
+    error_type = "not_found"
+
+
+@transaction.atomic
+def set_member_limit(
+    *, organization: Organization, user: User, monthly_limit_micros: int | None, actor: Actor = SYSTEM
+) -> MemberSpendLimit | None:
+    """Sets (None: removes) the monthly limit of a member of the organization, which every API key they made there
+    shares, keys they make later included (``MemberSpendLimit``); audited as a key's limit is. The row afterwards.
+
+    Locks the organization, as the making of a key does, then every key of the member (``lock_member_keys``): the
+    admissions that read the member's limit under one of those keys commit before this, the later ones read it.
+    """
+    if monthly_limit_micros is not None and monthly_limit_micros < 0:
+        raise BillingError("A limit cannot be negative.")
+    membership = Membership.objects.filter(organization=organization, user=user).first()
+    if membership is None:
+        raise NotAMember(f"{user.email} is not a member of {organization.name}.")
+    lock_organization(organization.pk)
+    lock_member_keys(organization.pk, user.pk)
+    limit: MemberSpendLimit | None = None
+    if monthly_limit_micros is None:
+        MemberSpendLimit.objects.filter(organization=organization, user=user).delete()
+    else:
+        limit, _ = MemberSpendLimit.objects.update_or_create(
+            organization=organization,
+            user=user,
+            defaults={"monthly_limit_micros": monthly_limit_micros, "updated_at": timezone.now()},
+        )
+    record_audit(
+        action=AuditAction.SPEND_LIMITS_CHANGED,
+        actor=actor,
+        organization=organization,
+        target=membership,
+        metadata={"member": user.email, "user_id": user.pk, "monthly_limit_micros": monthly_limit_micros},
+    )
+    return limit
 
 
 def _arm_alerts(organization_id: Any) -> None:

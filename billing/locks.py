@@ -11,6 +11,10 @@ PostgreSQL checks again on the row as committed when it had to wait for it. A de
 budget's or a key's spend, from the rollups and holds) is made under the lock (``locked_account``), where nothing
 it reads can change until it commits: every writer of a hold or of spend writes the account in the same
 transaction. A payment row is locked after the account, so each writer of a payment takes both in the same order.
+
+A spend limit on a key, or on a member (every key the member made), is read by admission behind the key's share lock
+and changed behind an exclusive lock on the key, or on every key of the member (``share_key``, ``lock_key``,
+``lock_member_keys``).
 """
 
 from __future__ import annotations
@@ -58,6 +62,22 @@ def key_share_lock(api_key_id: uuid.UUID) -> tuple[str, list[Any]]:
 def lock_key(api_key_id: uuid.UUID) -> None:
     """Locks the API key's row exclusively for this transaction, while its spend limit changes (``share_key``)."""
     list(ApiKey.objects.select_for_update(of=("self",)).filter(pk=api_key_id).values_list("pk", flat=True))
+
+
+def lock_member_keys(organization_id: uuid.UUID, user_id: Any) -> None:
+    """Locks every API key the member made in the organization exclusively for this transaction, while the member's
+    spend limit changes (``billing.controls.set_member_limit``).
+
+    The member's limit is read by an admission under any of those keys behind that key's share lock (``share_key``),
+    as the key's own limit is: the change waits for those admissions to commit, and the admissions after it wait for
+    the change, so every admission that read the old limit (or none) has its hold in the books the next one counts.
+    The caller first locks the organization (``accounts.locking.lock_organization``), which the making of a key takes
+    too (``accounts.services.create_api_key``): no key of the member is being made while this reads which keys are
+    theirs, and none is made until the change commits. Plain ``FOR UPDATE`` on the keys, in primary-key order, and
+    nothing else (step 5 of the lock order, after the organization).
+    """
+    keys = ApiKey.objects.select_for_update(of=("self",)).filter(organization_id=organization_id, created_by_id=user_id)
+    list(keys.order_by("pk").values_list("pk", flat=True))
 
 
 def lock_organization_exclusively(organization_id: uuid.UUID) -> None:

@@ -219,6 +219,30 @@ class KeySpendLimit(models.Model):
         return f"{self.api_key_id}: {self.monthly_limit_micros} µ$/month"
 
 
+class MemberSpendLimit(models.Model):
+    """A monthly spending cap on one member of an organization (UTC calendar month), shared by every API key the member
+    made there (``ApiKey.created_by``; a key made through the API by a key is its maker's), keys made later included.
+
+    Set by a member who may manage billing (``billing.controls.set_member_limit``), so a developer limited here cannot
+    escape it by making a new key. The member's spend is that of their keys, from the rollups, which keep spend per
+    key: a deleted key's rollups keep its id but no key row says whose it was, so its spend leaves the member's (it
+    stays in the organization's, which its budget counts). Kept when the member leaves the organization (their keys
+    stop authenticating then; should they come back, so does the limit); deleted with the person.
+    """
+
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    monthly_limit_micros = models.PositiveBigIntegerField()
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ("organization", "user")
+        constraints = [models.UniqueConstraint(fields=["organization", "user"], name="member_limit_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.user_id} in {self.organization_id}: {self.monthly_limit_micros} µ$/month"
+
+
 class EndUserLimit(models.Model):
     """A monthly spending cap on one end user tag of an organization (UTC calendar month), like a key's."""
 

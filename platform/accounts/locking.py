@@ -4,13 +4,15 @@
 goes back to an earlier kind once it holds a later one:
 
 1. the Stripe event being applied (``billing.locks.locked_stripe_event``),
-2. the organization (``lock_organization``: dispatch, limits; share-locked, ``FOR KEY SHARE``, by the admission of a
+2. the organization (``lock_organization``: dispatch, limits, the making of an API key, and a change of a member's
+   spend limit before it locks the member's keys, step 5; share-locked, ``FOR KEY SHARE``, by the admission of a
    request tagged with an end user before it reads the tag's limit, and locked ``FOR UPDATE`` by a new end user
    limit: ``billing.end_users``),
 3. jobs, in ``created_at, id`` order when several (``inference.locks.lock_job``),
 4. the job's attempt (``inference.locks.lock_attempt``, or ``close_attempt``: one UPDATE that locks and closes it;
    ``lock_and_close_attempt`` takes steps 3 and 4 in one statement, the job's lock a subquery the UPDATE waits for),
-5. the job's API key, shared (``billing.locks.share_key``: admission, before it reads the key's spending limit),
+5. the job's API key, shared (``billing.locks.share_key``: admission, before it reads the key's spending limit and
+   its maker's), or the keys whose limits change (``billing.locks.lock_key``, ``billing.locks.lock_member_keys``),
 6. the job's hold (written by admission, released by settlement, locked by a reservation:
    ``billing.locks.locked_open_hold``), the job's own row that no other job's transaction waits for,
 7. the organization's billing account (``billing.locks.locked_account``, or the conditional UPDATE that admission
@@ -26,14 +28,19 @@ job is locked (inference knows nothing of money, so it cannot lock an account fi
 billing the account comes after the job's own rows because it is the one row every admission and settlement of an
 organization writes: a transaction holds it from the statement that takes it to COMMIT, so it takes it last.
 
-Every lock names what it locks (``of=("self",)``: no join drags another table's rows in) and is
-``FOR NO KEY UPDATE``: none of these transactions changes a primary key, and a plain ``FOR UPDATE`` would also
-wait on (and make wait) every insert of a row that points at the locked one, such as a job's log line or an
-organization's usage record, whose foreign key check takes ``FOR KEY SHARE``. Two locks on an API key are the
-exception, on purpose: admission share-locks the key (``FOR KEY SHARE``) before reading its spending limit, and a
-new limit (``billing.locks.lock_key``, which locks nothing else) takes it with a plain ``FOR UPDATE`` so that it
-waits for exactly those admissions. The organization's row is the same for an end user's limit, which has no row of
-its own to share (``billing.locks.lock_organization_exclusively``).
+Every lock names what it locks (``of=("self",)``: no join drags another table's rows in) and is ``FOR NO KEY UPDATE``:
+none of these transactions changes a primary key, and a plain ``FOR UPDATE`` would also wait on (and make wait) every
+insert of a row that points at the locked one, such as a job's log line or an organization's usage record, whose foreign
+key check takes ``FOR KEY SHARE``. Two locks on an API key are the exception, on purpose: admission share-locks the key
+(``FOR KEY SHARE``) before reading its spending limit and that of the member who made it, and a new limit on the key
+(``billing.locks.lock_key``, which locks nothing else) takes it with a plain ``FOR UPDATE`` so that it waits for exactly
+those admissions; a new limit on a member takes every key the member made so (``billing.locks.lock_member_keys``), after
+the organization's ``FOR NO KEY UPDATE``, which the making of a key also takes, so that no key of the member is made
+unseen meanwhile. Neither waits for anything a settlement holds: a settlement's deferred foreign key checks at COMMIT
+share-lock the key and the organization, which conflicts with the key's lock only, so the limit waits for the settlement
+and never the other way round. A new end user's limit takes the organization's row with a plain ``FOR UPDATE`` for the
+same reason as a key's limit takes the key, having no row of its own to share
+(``billing.locks.lock_organization_exclusively``).
 
 **Retries.** A top-level action runs in ``retrying_atomic``: when PostgreSQL kills its transaction to break a
 deadlock or a serialization conflict (or SQLite finds its database locked), the whole transaction is run again,

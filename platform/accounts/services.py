@@ -306,7 +306,9 @@ def _create_api_key(
                 f"It may grant: {', '.join(sorted(policy.grantable_scopes(role))) or 'none'}."
             )
     limit = getattr(settings, "API_KEYS_PER_ORGANIZATION", DEFAULT_KEYS_PER_ORGANIZATION)
-    lock_organization(organization.pk)  # two concurrent creations cannot both take the last place
+    # Two concurrent creations cannot both take the last place; and a change of the maker's spend limit, which takes
+    # this lock before it locks the maker's keys (billing.locks.lock_member_keys), sees this key or none made meanwhile.
+    lock_organization(organization.pk)
     if ApiKey.objects.filter(organization=organization).usable().count() >= limit:
         raise TooManyKeys(f"An organization has at most {limit} active keys: revoke one first.")
     api_key = ApiKey.objects.create(
