@@ -6,6 +6,7 @@ from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
+from django.db.models import F, OuterRef, Subquery
 from django.http import HttpResponse
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
@@ -19,7 +20,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.api import request_actor
-from accounts.models import ApiKey, Scope
+from accounts.models import ApiKey, Membership, Scope, User
 from accounts.parsers import StrictCursorPagination, query_params
 from accounts.permissions import HasScope, request_api_key, request_organization
 from accounts.schema import ApiAutoSchema, error
@@ -35,6 +36,7 @@ from billing.models import (
     EndUserRollup,
     Granularity,
     KeySpendLimit,
+    MemberSpendLimit,
     SpendAlert,
     UsageRollup,
     net_spend,
@@ -270,9 +272,33 @@ class EndUserLimitChange(serializers.Serializer[Any]):
         return value
 
 
+class MemberLimitChange(serializers.Serializer[Any]):
+    user_id = StrictIntegerField(
+        min_value=1, required=False, help_text="The member's user id (``user.id`` of ``GET /v1/me``); or their email."
+    )
+    email = serializers.EmailField(required=False, help_text="The member's email address; or their user id.")
+    monthly_limit_micros = StrictIntegerField(min_value=0, max_value=MAX_MICROS, allow_null=True)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if ("user_id" in attrs) == ("email" in attrs):
+            raise serializers.ValidationError(
+                {"user_id": "Name the member by exactly one of user_id and email."}, code="one_of"
+            )
+        return attrs
+
+
 class LimitsSettings(serializers.Serializer[Any]):
     monthly_budget_micros = StrictIntegerField(min_value=0, max_value=MAX_MICROS, allow_null=True, required=False)
     keys = serializers.ListField(child=KeyLimit(), required=False, max_length=1000)
+    members = serializers.ListField(
+        child=MemberLimitChange(),
+        required=False,
+        max_length=1000,
+        help_text=(
+            "Monthly limits of members, each shared by every API key the member made, keys made later included; "
+            "null removes one."
+        ),
+    )
     end_users = serializers.ListField(
         child=EndUserLimitChange(),
         required=False,
@@ -287,6 +313,14 @@ class KeyLimitStatus(serializers.Serializer[Any]):
     spent_this_month_micros = serializers.IntegerField()
 
 
+class MemberLimitStatus(serializers.Serializer[Any]):
+    user_id = serializers.IntegerField()
+    email = serializers.EmailField()
+    monthly_limit_micros = serializers.IntegerField(allow_null=True)
+    spent_this_month_micros = serializers.IntegerField(help_text="What the keys the member made spent this month.")
+    held_micros = serializers.IntegerField(help_text="Held by the running requests under the member's keys.")
+
+
 class EndUserLimitStatus(serializers.Serializer[Any]):
     end_user = serializers.CharField()
     monthly_limit_micros = serializers.IntegerField()
@@ -297,6 +331,14 @@ class LimitsStatus(serializers.Serializer[Any]):
     monthly_budget_micros = serializers.IntegerField(allow_null=True)
     spent_this_month_micros = serializers.IntegerField()
     keys = KeyLimitStatus(many=True)
+    members = MemberLimitStatus(many=True)
+    member = MemberLimitStatus(
+        allow_null=True,
+        help_text=(
+            "The member who made the key asking (null for a key made by no one): their limit (null: none), what "
+            "their keys spent and hold now."
+        ),
+    )
     end_users = EndUserLimitStatus(many=True)
 
 
@@ -318,12 +360,43 @@ def end_user_spend_this_month(organization_id: Any) -> dict[str, int]:
     return {row["end_user"]: int(row["total"] or 0) for row in grouped}
 
 
+def member_limit_payload(user_id: Any, email: str, row: Any) -> dict[str, Any]:
+    """A member's limit as ``MemberLimitStatus`` describes it; ``row`` has the limit as ``monthly_limit`` and the
+    annotations of ``selectors.member_spending``."""
+    return {
+        "user_id": user_id,
+        "email": email,
+        "monthly_limit_micros": row.monthly_limit,
+        "spent_this_month_micros": row.spent_this_month,
+        "held_micros": row.held,
+    }
+
+
 class LimitsView(MoneyView):
     def payload(self, request: Request) -> dict[str, Any]:
         organization = request_organization(request)
         account = account_of(organization)
         limits = KeySpendLimit.objects.filter(api_key__organization=organization).order_by("api_key__created_at")
         key_spend = key_spend_this_month(organization.pk) if limits else {}
+        # Every member's limit, then the asking key's maker's (a member or not, with a limit or not): one query each.
+        member_limits = (
+            MemberSpendLimit.objects.filter(organization=organization)
+            .select_related("user")
+            .annotate(monthly_limit=F("monthly_limit_micros"), **selectors.member_spending())
+            .order_by("user__email")
+        )
+        maker_id = request_api_key(request).created_by_id
+        limit = MemberSpendLimit.objects.filter(organization=organization, user_id=OuterRef("pk"))
+        maker = (
+            User.objects.filter(pk=maker_id)
+            .annotate(
+                monthly_limit=Subquery(limit.values("monthly_limit_micros")[:1]),
+                **selectors.member_spending(organization=organization.pk, user="pk"),
+            )
+            .first()
+            if maker_id is not None
+            else None
+        )
         tag_limits = EndUserLimit.objects.filter(organization=organization).order_by("end_user")
         tag_spend = end_user_spend_this_month(organization.pk) if tag_limits else {}
         return {
@@ -337,6 +410,8 @@ class LimitsView(MoneyView):
                 }
                 for limit in limits
             ],
+            "members": [member_limit_payload(row.user_id, row.user.email, row) for row in member_limits],
+            "member": member_limit_payload(maker.pk, maker.email, maker) if maker is not None else None,
             "end_users": [
                 {
                     "end_user": limit.end_user,
@@ -347,14 +422,20 @@ class LimitsView(MoneyView):
             ],
         }
 
-    @extend_schema(responses=LimitsStatus, summary="The monthly budget and the keys' and end users' monthly limits")
+    @extend_schema(
+        responses=LimitsStatus,
+        summary="The monthly budget and the monthly limits of keys, members (the asking key's maker too) and end users",
+    )
     def get(self, request: Request) -> Response:
         return Response(self.payload(request))
 
     @extend_schema(
         request=LimitsSettings,
-        responses={200: LimitsStatus, 404: error("A key named is not one of this organization's.")},
-        summary="Change the monthly budget, key limits or end user limits (admin scope); each change is audited",
+        responses={200: LimitsStatus, 404: error("A key or member named is not one of this organization's.")},
+        summary=(
+            "Change the monthly budget, key, member or end user limits (admin scope, which only owners and admins "
+            "may give a key); each change is audited"
+        ),
     )
     def put(self, request: Request) -> Response:
         body = LimitsSettings(data=request.data)
@@ -365,6 +446,8 @@ class LimitsView(MoneyView):
         missing = [str(change["key_id"]) for change in changes if change["key_id"] not in keys]
         if missing:
             raise NotFound(f"No API key {', '.join(missing)} in this organization.")
+        member_changes = body.validated_data.get("members", [])
+        members = members_named(organization, member_changes)
         if "monthly_budget_micros" in body.validated_data:
             controls.set_monthly_budget(
                 organization=organization, budget_micros=body.validated_data["monthly_budget_micros"], actor=actor
@@ -372,6 +455,13 @@ class LimitsView(MoneyView):
         for change in changes:
             controls.set_key_limit(
                 api_key=keys[change["key_id"]], monthly_limit_micros=change["monthly_limit_micros"], actor=actor
+            )
+        for change, member in zip(member_changes, members, strict=True):
+            controls.set_member_limit(
+                organization=organization,
+                user=member,
+                monthly_limit_micros=change["monthly_limit_micros"],
+                actor=actor,
             )
         for change in body.validated_data.get("end_users", []):
             end_users.set_end_user_limit(
@@ -381,6 +471,24 @@ class LimitsView(MoneyView):
                 actor=actor,
             )
         return Response(self.payload(request))
+
+
+def members_named(organization: Any, changes: list[dict[str, Any]]) -> list[Any]:
+    """The members the changes name, in their order (one query); ``NotFound`` naming those who are not members, before
+    anything is changed."""
+    memberships = Membership.objects.filter(organization=organization).select_related("user")
+    by_id = {membership.user_id: membership.user for membership in memberships} if changes else {}
+    by_email = {user.email.lower(): user for user in by_id.values()}
+    found = [
+        by_id.get(change["user_id"]) if "user_id" in change else by_email.get(change["email"].lower())
+        for change in changes
+    ]
+    missing = [
+        str(change.get("user_id", change.get("email"))) for change, user in zip(changes, found, strict=True) if not user
+    ]
+    if missing:
+        raise NotFound(f"No member {', '.join(missing)} in this organization.")
+    return found
 
 
 # Spend alerts (billing.alerts).

@@ -6,10 +6,12 @@ from collections.abc import Sequence
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from django.db.models import Sum
+from django.db.models import BigIntegerField, OuterRef, Subquery, Sum
+from django.db.models.functions import Coalesce
 
 from accounts.models import ApiKey
-from billing.models import NO_KEY, EndUserRollup, Granularity, UsageRollup
+from billing.models import NO_KEY, EndUserRollup, Granularity, Hold, UsageRollup, net_spend
+from billing.periods import month_bounds
 from inference.models import Endpoint
 
 DIMENSIONS = ("day", "hour", "endpoint", "key", "gpu_class", "end_user")
@@ -143,3 +145,35 @@ def _endpoint_names(ids: set[int]) -> dict[int, str]:
 def _key_names(ids: set[Any]) -> dict[Any, str]:
     ids.discard(NO_KEY)
     return dict(ApiKey.objects.filter(pk__in=ids).values_list("pk", "name")) if ids else {}
+
+
+def member_spending(*, organization: Any = None, user: str = "user_id") -> dict[str, Coalesce]:
+    """Annotations of a queryset whose rows name a member (the field ``user``) of an organization (the rows'
+    ``organization_id``, or the id ``organization``): ``spent_this_month``, what the API keys the member made there
+    spent this UTC month less refunds, and ``held``, what the open holds of jobs under those keys add up to; what a
+    member's monthly limit counts (``billing.admission.member_spent_this_month``, ``member_held``), in the query of the
+    rows. A deleted key's spend is no one's: its rollups keep its id, no key row says whose it was."""
+    start, end = month_bounds()
+    of_rows = organization is None
+    keys = ApiKey.objects.filter(
+        organization_id=OuterRef(OuterRef("organization_id")) if of_rows else organization,
+        created_by_id=OuterRef(OuterRef(user)),
+    ).values("pk")
+    rollups = UsageRollup.objects.filter(
+        organization_id=OuterRef("organization_id") if of_rows else organization,
+        granularity=Granularity.DAY,
+        bucket_start__gte=start,
+        bucket_start__lt=end,
+        key_id__in=Subquery(keys),
+    )
+    spent = rollups.order_by().values("organization_id").annotate(total=net_spend()).values("total")
+    holds = Hold.objects.filter(
+        organization_id=OuterRef("organization_id") if of_rows else organization,
+        released_at=None,
+        api_key__created_by_id=OuterRef(user),
+    )
+    held = holds.order_by().values("organization_id").annotate(total=Sum("amount_micros")).values("total")
+    return {
+        "spent_this_month": Coalesce(Subquery(spent), 0, output_field=BigIntegerField()),
+        "held": Coalesce(Subquery(held), 0, output_field=BigIntegerField()),
+    }

@@ -193,6 +193,10 @@ class KeyLimitForm(forms.Form):
     limit_dollars = _dollars("Monthly limit ($)", "Empty for no limit.")
 
 
+class MemberLimitForm(forms.Form):
+    limit_dollars = _dollars("Monthly limit ($)", "Empty for no limit.")
+
+
 class EndUserLimitForm(forms.Form):
     end_user = forms.CharField(max_length=64, label="End user tag", help_text="The X-Fal-End-User value.")
     limit_dollars = _dollars("Monthly limit ($)", "Empty removes the limit.")

@@ -32,6 +32,7 @@ urlpatterns = [
     path("billing/details", billing.billing_details, name="billing-details"),
     path("billing/spend", billing.spend_settings, name="spend-settings"),
     path("billing/keys/<uuid:key_id>/limit", billing.key_limit, name="key-limit"),
+    path("billing/members/<int:user_id>/limit", billing.member_limit, name="member-limit"),
     path("billing/end-users/limit", billing.end_user_limit, name="end-user-limit"),
     path("billing/alerts/<int:alert_id>/dismiss", billing.dismiss_alert, name="dismiss-alert"),
 ]

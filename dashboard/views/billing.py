@@ -9,20 +9,20 @@ from typing import Any
 
 from django.contrib import messages
 from django.core.paginator import Paginator
-from django.db.models import F
+from django.db.models import F, OuterRef, Subquery
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from accounts.models import ApiKey
-from billing import alerts, charges, checkout, controls, end_users, statements
+from accounts.models import ApiKey, Membership
+from billing import alerts, charges, checkout, controls, end_users, selectors, statements
 from billing.api import end_user_spend_this_month, key_spend_this_month
 from billing.cards import detach_payment_method, list_payment_methods, set_default_payment_method
 from billing.documents import billing_details_of, set_billing_details
 from billing.ledger import BillingError, account_of
-from billing.models import CreditEntry, EndUserLimit, Payment, PaymentStatus, Receipt, SpendAlert
+from billing.models import CreditEntry, EndUserLimit, MemberSpendLimit, Payment, PaymentStatus, Receipt, SpendAlert
 from billing.money import MICROS_PER_DOLLAR, dollars_to_micros
 from billing.receipts import receipt_of, receipt_pdf
 from billing.stripe_client import payments_enabled
@@ -32,6 +32,7 @@ from dashboard.forms import (
     BuyCreditsForm,
     EndUserLimitForm,
     KeyLimitForm,
+    MemberLimitForm,
     SpendSettingsForm,
     TopUpForm,
 )
@@ -105,8 +106,40 @@ def as_micros(dollars: Decimal | None) -> int | None:
     return None if dollars is None else dollars_to_micros(dollars)
 
 
+def member_limits(context: Context) -> dict[str, Any]:
+    """The viewer's own monthly limit as a member, with what their keys spent this month and hold now (None: no
+    limit), so a refusal is explainable to them; and for those who may manage billing, every member's, with a form.
+    One query."""
+    limit = MemberSpendLimit.objects.filter(organization_id=OuterRef("organization_id"), user_id=OuterRef("user_id"))
+    members = (
+        Membership.objects.filter(organization=context.organization)
+        .select_related("user")
+        .annotate(limit=Subquery(limit.values("monthly_limit_micros")[:1]), **selectors.member_spending())
+        .order_by("user__email")
+    )
+    manages = context.can("manage_billing")
+    if not manages:
+        members = members.filter(user=context.user, limit__isnull=False)
+    rows: list[dict[str, Any]] = [
+        {
+            "membership": membership,
+            "limit": membership.limit,
+            "spent": membership.spent_this_month,  # type: ignore[attr-defined]
+            "held": membership.held,  # type: ignore[attr-defined]
+            "form": MemberLimitForm(
+                initial={"limit_dollars": as_dollars(membership.limit)},
+                prefix=f"member-{membership.user_id}",
+            ),
+        }
+        for membership in members
+    ]
+    own = next((row for row in rows if row["membership"].user_id == context.user.pk and row["limit"] is not None), None)
+    return {"own_member_limit": own, "member_limits": rows if manages else []}
+
+
 def spend_controls(context: Context, account: Any) -> dict[str, Any]:
-    """The budget, its alerts, the keys' and end users' limits with their spend this month, the alert history."""
+    """The budget, its alerts, the keys', members' and end users' limits with their spend this month, the alert
+    history."""
     organization = context.organization
     watched = alerts.settings_of(organization.pk)
     keys = list(
@@ -123,6 +156,7 @@ def spend_controls(context: Context, account: Any) -> dict[str, Any]:
         {"alert": alert, "message": alerts.describe(alert, key_name=names.get(alert.subject))} for alert in history
     ]
     return {
+        **member_limits(context),
         "spent_this_month": sum(key_spend.values()),
         "spend_form": SpendSettingsForm(
             initial={
@@ -206,6 +240,30 @@ def key_limit(request: HttpRequest, context: Context, key_id: str) -> HttpRespon
     controls.set_key_limit(api_key=api_key, monthly_limit_micros=limit, actor=actor_of(request, context))
     messages.success(request, f"The monthly limit of “{api_key.name}” is {'removed' if limit is None else 'saved'}.")
     return redirect("dashboard:keys" if request.POST.get("next") == "keys" else "dashboard:billing")
+
+
+@require_POST
+@dashboard_view("manage_billing")
+def member_limit(request: HttpRequest, context: Context, user_id: int) -> HttpResponse:
+    """A member's monthly limit, shared by every key they made (billing.controls.set_member_limit); only members who
+    may manage billing reach it, so a developer neither sets nor lifts their own."""
+    membership = Membership.objects.filter(organization=context.organization, user_id=user_id).select_related("user")
+    member = membership.first()
+    if member is None:
+        raise Http404("No such member.")
+    form = MemberLimitForm(request.POST, prefix=f"member-{user_id}")
+    if not form.is_valid():
+        messages.error(request, form_errors(form))
+        return redirect("dashboard:billing")
+    limit = as_micros(form.cleaned_data["limit_dollars"])
+    controls.set_member_limit(
+        organization=context.organization,
+        user=member.user,
+        monthly_limit_micros=limit,
+        actor=actor_of(request, context),
+    )
+    messages.success(request, f"The monthly limit of {member.user.email} is {'removed' if limit is None else 'saved'}.")
+    return redirect(f"{reverse('dashboard:billing')}#member-limits")
 
 
 @require_POST

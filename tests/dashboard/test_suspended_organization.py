@@ -12,6 +12,7 @@ from django.utils import timezone
 from accounts.models import ApiKey, Membership, Role
 from accounts.services import add_member, create_api_key, set_organization_suspended
 from billing.ledger import grant_credits
+from billing.models import MemberSpendLimit
 from inference.models import Endpoint, Job
 from inference.submission import SubmissionRefused, submit_job
 from tests.conftest import TEST_PASSWORD, personal_organization
@@ -102,6 +103,7 @@ def test_every_other_change_is_refused(suspended: dict[str, Any], make_user: Any
         "/dashboard/billing/details": {"legal_name": "Acme"},
         "/dashboard/billing/end-users/limit": {"end_user": "alice", "limit_dollars": "1"},
         f"/dashboard/billing/keys/{suspended['api_key'].pk}/limit": {f"{suspended['api_key'].pk}-limit_dollars": "1"},
+        f"/dashboard/billing/members/{other.pk}/limit": {f"member-{other.pk}-limit_dollars": "1"},
         "/dashboard/billing/cards/pm_card_visa": {"action": "remove"},
         "/dashboard/members/invite": {"email": "new@example.com", "role": Role.ADMIN},
         f"/dashboard/members/{membership.pk}/role": {"role": Role.ADMIN},
@@ -111,6 +113,7 @@ def test_every_other_change_is_refused(suspended: dict[str, Any], make_user: Any
         assert answer.status_code == 403, url
     membership.refresh_from_db()
     assert membership.role == Role.DEVELOPER
+    assert not MemberSpendLimit.objects.filter(organization=organization).exists()
     assert not Membership.objects.filter(organization=organization, user__email="new@example.com").exists()
 
 

@@ -118,16 +118,22 @@ def test_a_submission_refused_for_credit_stores_nothing(
     assert Account.objects.values_list("balance_micros", "held_micros").get(pk=organization.pk) == before
 
 
-@pytest.mark.parametrize("limit", ["key", "budget"])
-def test_a_key_s_limit_or_a_budget_is_decided_under_the_lock(
+def set_limit(tenant: dict[str, Any], limit: str, micros: int) -> None:
+    if limit == "key":
+        controls.set_key_limit(api_key=tenant["api_key"], monthly_limit_micros=micros)
+    elif limit == "member":  # on the person who made the key
+        controls.set_member_limit(organization=tenant["organization"], user=tenant["user"], monthly_limit_micros=micros)
+    else:
+        controls.set_monthly_budget(organization=tenant["organization"], budget_micros=micros)
+
+
+@pytest.mark.parametrize("limit", ["key", "member", "budget"])
+def test_a_key_s_limit_its_maker_s_or_a_budget_is_decided_under_the_lock(
     tenant: dict[str, Any], builtin_endpoint: Endpoint, queries: list[tuple[bool, str]], limit: str
 ) -> None:
     organization = tenant["organization"]
     grant_credits(organization=organization, amount_micros=100_000_000, reason="limit test")
-    if limit == "key":
-        controls.set_key_limit(api_key=tenant["api_key"], monthly_limit_micros=50_000_000)
-    else:
-        controls.set_monthly_budget(organization=organization, budget_micros=50_000_000)
+    set_limit(tenant, limit, 50_000_000)
     held_before = _held(organization)
     job = submit_as(tenant, builtin_endpoint)
     assert queries[0] == (True, "unmet")
@@ -136,10 +142,7 @@ def test_a_key_s_limit_or_a_budget_is_decided_under_the_lock(
     assert job.status == JobStatus.DISPATCHED  # the transaction's dispatch, once it committed
     assert Job.objects.filter(organization=organization).count() == 1
     # Over the limit: refused, nothing stored.
-    if limit == "key":
-        controls.set_key_limit(api_key=tenant["api_key"], monthly_limit_micros=0)
-    else:
-        controls.set_monthly_budget(organization=organization, budget_micros=0)
+    set_limit(tenant, limit, 0)
     with pytest.raises(submission.SubmissionRefused) as refused:
         submit_as(tenant, builtin_endpoint)
     assert refused.value.error_type == "spend_limit_exceeded"
@@ -208,12 +211,13 @@ def _submit_all(organization: Organization, api_key: Any, endpoint: Endpoint, si
     credit=st.integers(0, 40_000),
     budget=st.one_of(st.none(), st.integers(0, 40_000)),
     key_limit=st.one_of(st.none(), st.integers(0, 40_000)),
+    member_limit=st.one_of(st.none(), st.integers(0, 40_000)),
     with_key=st.booleans(),
     sizes=st.lists(st.integers(1, 8), min_size=1, max_size=6),
 )
 def test_one_query_decides_every_submission_as_the_transaction_does(
     make_user: Any, make_key: Any, builtin_endpoint: Endpoint, credit: int, budget: int | None,
-    key_limit: int | None, with_key: bool, sizes: list[int],
+    key_limit: int | None, member_limit: int | None, with_key: bool, sizes: list[int],
 ) -> None:  # fmt: skip
     """The same submissions against two organizations with the same books, one submitted in one query where it can
     and the other always in a transaction: the same answers, the same holds, the same held amounts."""
@@ -228,6 +232,7 @@ def test_one_query_decides_every_submission_as_the_transaction_does(
                       kind=EntryKind.ADJUSTMENT)  # fmt: skip
         controls.set_monthly_budget(organization=organization, budget_micros=budget)
         controls.set_key_limit(api_key=key, monthly_limit_micros=key_limit)
+        controls.set_member_limit(organization=organization, user=user, monthly_limit_micros=member_limit)
         books.append((organization, key if with_key else None))
     (one_query, one_key), (in_transaction, transaction_key) = books
     answers = _submit_all(one_query, one_key, builtin_endpoint, sizes)
