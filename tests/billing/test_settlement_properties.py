@@ -27,9 +27,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from accounts import statements
-from accounts.models import ApiKey, Organization
+from accounts.models import ApiKey, Organization, Scope
+from accounts.services import create_api_key
 from billing import admission, controls, metering, pricing
-from billing.admission import spent_this_month
+from billing.admission import member_held, member_spent_this_month, spent_this_month
 from billing.ledger import grant_credits
 from billing.models import Account, CreditEntry, EntryKind, Granularity, Hold, UsageRecord, UsageRollup
 from billing.money import cost_within
@@ -144,15 +145,23 @@ def world(tenant: dict[str, Any], builtin_endpoint: Endpoint, quiet_books: None)
     credit=st.integers(-3, 3),
     budget=st.one_of(st.none(), st.integers(-3, 3)),
     key_limit=st.one_of(st.none(), st.integers(-3, 3)),
-    with_key=st.booleans(),
+    member_limit=st.one_of(st.none(), st.integers(-3, 3)),
+    sent_with=st.sampled_from(["the key", "another key of its maker", "no key"]),
 )
 def test_admission_holds_and_refuses_exactly_as_under_the_lock(
-    world: dict[str, Any], credit: int, budget: int | None, key_limit: int | None, with_key: bool
+    world: dict[str, Any],
+    credit: int,
+    budget: int | None,
+    key_limit: int | None,
+    member_limit: int | None,
+    sent_with: str,
 ) -> None:
-    """Each of credit, budget and key limit leaves ``estimate + offset`` of room for one more job (another job of the
-    key already holds its estimate): it is admitted exactly when every offset is at least zero."""
+    """Each of credit, budget, key limit and the limit of the key's maker (shared by every key they made) leaves
+    ``estimate + offset`` of room for one more job (another job of the key already holds its estimate): it is
+    admitted exactly when every offset that applies to it is at least zero. The key's limit binds that key only; its
+    maker's binds another key the maker makes after it was set too, never a request without a key."""
     organization, api_key, endpoint = world["organization"], world["api_key"], world["endpoint"]
-    key: ApiKey | None = api_key if with_key else None
+    maker = api_key.created_by
     with rolled_back():
         running = lifecycle.submit(organization, endpoint, api_key=api_key)
         estimate = Hold.objects.get(job=running).amount_micros  # the same input: the same estimate
@@ -167,6 +176,20 @@ def test_admission_holds_and_refuses_exactly_as_under_the_lock(
             )
             spent = spent_this_month(organization_id=organization.pk, key_id=api_key.pk)
             controls.set_key_limit(api_key=api_key, monthly_limit_micros=spent + key_held + estimate + key_limit)
+        if member_limit is not None:
+            room = member_spent_this_month(organization_id=organization.pk, user_id=maker.pk) + member_held(
+                organization_id=organization.pk, user_id=maker.pk
+            )
+            controls.set_member_limit(
+                organization=organization, user=maker, monthly_limit_micros=room + estimate + member_limit
+            )
+        key: ApiKey | None = {
+            "the key": api_key,
+            "another key of its maker": create_api_key(
+                organization=organization, name="another", scopes=[Scope.INFERENCE], created_by=maker
+            )[0],
+            "no key": None,
+        }[sent_with]
 
         def submit() -> dict[str, Any]:
             try:
@@ -181,7 +204,10 @@ def test_admission_holds_and_refuses_exactly_as_under_the_lock(
     assert as_built["held"] == as_built["open_holds"]
     assert as_built["balance"] == as_built["ledger"]
     limits = (
-        [credit] + ([budget] if budget is not None else []) + ([key_limit] if key_limit is not None and key else [])
+        [credit]
+        + ([budget] if budget is not None else [])
+        + ([key_limit] if key_limit is not None and sent_with == "the key" else [])
+        + ([member_limit] if member_limit is not None and key is not None else [])
     )
     assert ("refused" not in as_built) == (min(limits) >= 0)
 

@@ -1,7 +1,9 @@
 """The money guarantee under any interleaving of one organization's jobs (docs/money.md).
 
 A Hypothesis state machine runs several jobs of one organization with little credit, a monthly budget, a key's
-monthly limit and end user tags with limits of their own (which the reseller raises), step by step as workers do:
+monthly limit, a monthly limit on the member who made the key (shared by every key they made, and they make more as
+it runs; a billing manager raises it) and end user tags with limits of their own (which the reseller raises), step
+by step as workers do:
 each step first asks billing to extend the job's hold (``attempts.reserve_work``) and stops the job where it is
 refused; a finished job may measure more GPU time than it reserved; operators grant credit or take it back (a
 refunded or disputed payment); prices change. After every step:
@@ -9,6 +11,8 @@ refunded or disputed payment); prices change. After every step:
 - usage never took the balance below zero (every usage debit leaves it >= 0);
 - no job was debited more than its hold;
 - spending stays within the budget and the key's limit;
+- the member's spend (over all their keys) plus what their keys' running requests hold stays within the member's
+  limit, however many keys they made and whichever of them each request was sent with;
 - each end user tag's spend plus what its running requests hold stays within the tag's limit (the hold invariant
   of a tag: admission and every reservation hold within it, and a settlement never debits beyond the hold);
 - what is held is the sum of open holds, and never more than the balance unless credit was taken back;
@@ -27,8 +31,10 @@ from django.utils import timezone
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant, precondition, rule
 
+from accounts.models import ApiKey, Scope, User
+from accounts.services import create_api_key
 from billing import controls, end_users, pricing
-from billing.admission import month_start, spent_this_month
+from billing.admission import member_held, member_spent_this_month, month_start, spent_this_month
 from billing.ledger import grant_credits
 from billing.models import Account, CreditEntry, EntryKind, Hold, Price, UsageRecord
 from inference import attempts, closing, submission
@@ -40,17 +46,26 @@ from tests.billing.conftest import OneOrganization
 pytestmark = pytest.mark.django_db
 
 TAGS = ("alice", "bob")
+MOST_KEYS = 4  # the member's keys, the one they start with included
 
 
 class Spending(OneOrganization):
+    member: User  # who made ``api_key``: the member whose limit the machine sets
+
     @initialize(
         credit=st.integers(0, 60_000),
         budget=st.one_of(st.none(), st.integers(0, 80_000)),
         key_limit=st.one_of(st.none(), st.integers(0, 80_000)),
+        member_limit=st.one_of(st.none(), st.integers(0, 20_000)),
         tag_limits=st.fixed_dictionaries({tag: st.one_of(st.none(), st.integers(0, 40_000)) for tag in TAGS}),
     )
     def open_books(
-        self, credit: int, budget: int | None, key_limit: int | None, tag_limits: dict[str, int | None]
+        self,
+        credit: int,
+        budget: int | None,
+        key_limit: int | None,
+        member_limit: int | None,
+        tag_limits: dict[str, int | None],
     ) -> None:
         # What the cache keeps (admission's measured GPU time per work unit) outlives the rolled-back example: each
         # example starts without it, so a replay of an example decides exactly as the example did.
@@ -68,6 +83,9 @@ class Spending(OneOrganization):
             )
         controls.set_monthly_budget(organization=self.organization, budget_micros=budget)
         controls.set_key_limit(api_key=self.api_key, monthly_limit_micros=key_limit)
+        controls.set_member_limit(organization=self.organization, user=self.member, monthly_limit_micros=member_limit)
+        self.keys: list[ApiKey] = [self.api_key]  # the member's keys (only the first has a limit of its own)
+        self.member_limit = member_limit
         for tag, limit in tag_limits.items():
             if limit is not None:
                 end_users.set_end_user_limit(organization=self.organization, end_user=tag, monthly_limit_micros=limit)
@@ -100,19 +118,20 @@ class Spending(OneOrganization):
 
     # --- What customers, workers and operators do ------------------------------------------------------------
 
-    @rule(steps=st.integers(1, 8), with_key=st.booleans(), end_user=st.sampled_from(["", *TAGS]))
-    def submit(self, steps: int, with_key: bool, end_user: str) -> None:
+    @precondition(lambda self: hasattr(self, "keys"))
+    @rule(steps=st.integers(1, 8), data=st.data(), end_user=st.sampled_from(["", *TAGS]))
+    def submit(self, steps: int, data: st.DataObject, end_user: str) -> None:
         try:
             job = lifecycle.submit(
                 self.organization,
                 self.endpoint,
-                api_key=self.api_key if with_key else None,
+                api_key=data.draw(st.sampled_from([None, *self.keys])),
                 end_user=end_user,
                 num_inference_steps=steps,
             )
         except submission.SubmissionRefused as refused:
             if refused.status_code != 402:
-                raise  # credit, budget, the key's or the tag's limit are the only refusals these requests may meet
+                raise  # credit, budget, the key's, the member's or the tag's limit: the only refusals these may meet
             return
         self.jobs.append(job.pk)
 
@@ -209,6 +228,31 @@ class Spending(OneOrganization):
         end_users.set_end_user_limit(organization=self.organization, end_user=tag, monthly_limit_micros=limit)
         self.tag_limits[tag] = limit
 
+    @precondition(lambda self: len(getattr(self, "keys", ())) < MOST_KEYS)
+    @rule()
+    def the_member_makes_another_key(self) -> None:
+        """The limited member makes a new key, with no limit of its own, to escape the limit (it must not)."""
+        key, _ = create_api_key(
+            organization=self.organization, name="another", scopes=[Scope.INFERENCE], created_by=self.member
+        )
+        self.keys.append(key)
+
+    @precondition(lambda self: hasattr(self, "member_limit"))
+    @rule(more=st.integers(0, 20_000))
+    def raise_the_member_s_limit(self, more: int) -> None:
+        """A billing manager gives the member more room (or a limit where there was none)."""
+        current = self.member_limit
+        if current is None:  # a limit where there was none starts from what the member already spends and holds
+            current = self.member_spent_and_held()
+        self.member_limit = current + more
+        controls.set_member_limit(
+            organization=self.organization, user=self.member, monthly_limit_micros=self.member_limit
+        )
+
+    def member_spent_and_held(self) -> int:
+        spent = member_spent_this_month(organization_id=self.organization.pk, user_id=self.member.pk)
+        return spent + member_held(organization_id=self.organization.pk, user_id=self.member.pk)
+
     @rule(micros=st.integers(0, 5_000))
     def change_the_price(self, micros: int) -> None:
         Price.objects.create(gpu_class="cpu", unit_price_micros=micros)
@@ -228,6 +272,11 @@ class Spending(OneOrganization):
             assert spent_this_month(organization_id=self.organization.pk, key_id=self.api_key.pk) <= self.key_limit
 
     @invariant()
+    def the_member_spends_and_holds_within_their_limit_over_all_their_keys(self) -> None:
+        if getattr(self, "member_limit", None) is not None:
+            assert self.member_spent_and_held() <= self.member_limit, (self.member_limit, len(self.keys))
+
+    @invariant()
     def each_tag_spends_and_holds_within_its_limit(self) -> None:
         month = month_start()
         for tag, limit in getattr(self, "tag_limits", {}).items():
@@ -245,7 +294,8 @@ class Spending(OneOrganization):
             assert account.balance_micros >= account.held_micros
 
 
-def test_usage_stays_within_credit_holds_budget_and_key_limit(
+def test_usage_stays_within_credit_holds_budget_key_and_member_limits(
     tenant: dict[str, Any], builtin_endpoint: Endpoint, quiet_books: None
 ) -> None:
+    Spending.member = tenant["user"]  # who made the tenant's key
     Spending.run_for(tenant, builtin_endpoint, max_examples=40, steps=25)
