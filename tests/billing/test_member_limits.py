@@ -83,6 +83,14 @@ def new_key_of(user: User, organization: Any, name: str = "another") -> ApiKey:
     return key
 
 
+def signed_in(user: User, organization: Any) -> Client:
+    """A browser of ``user``'s acting in ``organization`` (not their personal one)."""
+    client = Client()
+    client.force_login(user)
+    assert client.post("/dashboard/organization", {"organization": str(organization.pk)}).status_code == 302
+    return client
+
+
 # --- Admission and reservations ------------------------------------------------------------------------------------
 
 
@@ -282,11 +290,8 @@ def test_billing_members_set_member_limits_on_the_billing_page_and_the_developer
 ) -> None:
     organization, developer, books = team["organization"], team["developer"], team["books"]
     url, field = f"/dashboard/billing/members/{developer.pk}/limit", f"member-{developer.pk}-limit_dollars"
-    refused_client = Client()
-    refused_client.force_login(developer)
+    refused_client, books_client = signed_in(developer, organization), signed_in(books, organization)
     assert refused_client.post(url, {field: "1000"}).status_code == 403  # never their own limit
-    books_client = Client()
-    books_client.force_login(books)
     page = books_client.get("/dashboard/billing").content.decode()
     assert 'data-testid="member-limits"' in page
     assert developer.email in page
