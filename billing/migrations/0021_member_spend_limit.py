@@ -10,7 +10,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('accounts', '0009_invitation'),
-        ('billing', '0019_revenue_permission'),
+        ('billing', '0020_account_stripe_customers_deleted'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
