@@ -41,6 +41,7 @@ from billing.models import (
     EntryKind,
     Hold,
     KeySpendLimit,
+    MemberSpendLimit,
     Payment,
     Price,
     ReconciliationRun,
@@ -411,6 +412,20 @@ class KeySpendLimitAdmin(_HistoryAdmin):
 
     @admin.display(description="monthly limit", ordering="monthly_limit_micros")
     def limit(self, spend_limit: KeySpendLimit) -> str:
+        return format_micros(spend_limit.monthly_limit_micros)
+
+
+@admin.register(MemberSpendLimit)
+class MemberSpendLimitAdmin(_HistoryAdmin):
+    """Set by the organization's owners, admins and billing members in the dashboard or the API (audited there):
+    shared by every key the member made there."""
+
+    list_display = ("organization", "user", "limit", "updated_at")
+    list_select_related = ("organization", "user")
+    search_fields = ("user__email", "organization__name", "organization__slug")
+
+    @admin.display(description="monthly limit", ordering="monthly_limit_micros")
+    def limit(self, spend_limit: MemberSpendLimit) -> str:
         return format_micros(spend_limit.monthly_limit_micros)
 
 

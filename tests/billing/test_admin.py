@@ -25,6 +25,7 @@ from billing.models import (
     Granularity,
     Hold,
     KeySpendLimit,
+    MemberSpendLimit,
     Payment,
     PaymentKind,
     Price,
@@ -81,6 +82,9 @@ def audits(action: str) -> list[AuditEvent]:
 
 def test_every_billing_page_renders(operator: Client, organization: Organization, billed: Job, tenant: Any) -> None:
     KeySpendLimit.objects.create(api_key=tenant["api_key"], monthly_limit_micros=5_000_000)
+    member_limit = MemberSpendLimit.objects.create(
+        organization=tenant["organization"], user=tenant["user"], monthly_limit_micros=9_000_000
+    )
     payment = Payment.objects.create(organization=organization, kind=PaymentKind.PURCHASE, amount_cents=2_000)
     event = StripeEvent.objects.create(id="evt_1", type="payment_intent.succeeded", payload={"id": "evt_1"})
     reconciliation = ReconciliationRun.objects.create(checked={"jobs": {"checked": 1, "drift": 0}}, ok=True)
@@ -88,6 +92,7 @@ def test_every_billing_page_renders(operator: Client, organization: Organization
         "price": Price.objects.first().pk,  # type: ignore[union-attr]
         "account": organization.pk,
         "keyspendlimit": tenant["api_key"].pk,
+        "memberspendlimit": member_limit.pk,
         "usagerecord": UsageRecord.objects.get(job=billed).pk,
         "usagerollup": UsageRollup.objects.first().pk,  # type: ignore[union-attr]
         "creditentry": CreditEntry.objects.filter(organization=organization).first().pk,  # type: ignore[union-attr]
