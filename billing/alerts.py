@@ -1,43 +1,44 @@
 """Spend alerts: an organization is told, once per period and limit, when its spend reaches a threshold it watches.
 
-**What is watched** (``AlertSettings``, changed with ``controls.set_alert_settings``): percentages of the monthly
-budget and of each API key's monthly limit (50, 80 and 100% unless set), and a floor under the available credit.
-A percentage below 100 is ``billing.threshold_reached``. The 100% one is ``billing.budget_exhausted`` (for a key's
-limit too, with ``scope: key``): reached when the month's spend is the whole budget, or when what is left of it no
-longer covers the hold of the request that just settled, so admission would refuse a request like it (admission
-holds each request's estimate, so spend seldom meets a budget to the micro-dollar). Spend is what admission counts
-against the same limits: the month's usage less what refunds gave back of it (``billing.models.net_spend``). The
-floor is ``billing.credits_low``, once each time the credit goes below the floor: its period is the last ledger entry
-that added credit and left the balance at or above the floor (``credit_period``), so credit added that leaves it
-below (a refund, a dispute won back) does not tell it again.
+**What is watched** (``AlertSettings``, changed with ``controls.set_alert_settings``): percentages of the monthly budget
+and of each API key's monthly limit (50, 80 and 100% unless set), and a floor under the available credit. A member's
+monthly limit (``MemberSpendLimit``, shared by every key the member made) is watched at the key's percentages, with
+``scope: member`` and the member's user id as its subject. A percentage below 100 is ``billing.threshold_reached``. The
+100% one is ``billing.budget_exhausted`` (for a key's limit too, with ``scope: key``, and a member's, with ``scope:
+member``): reached when the month's spend is the whole budget, or when what is left of it no longer covers the hold of
+the request that just settled, so admission would refuse a request like it (admission holds each request's estimate, so
+spend seldom meets a budget to the micro-dollar). Spend is what admission counts against the same limits: the month's
+usage less what refunds gave back of it (``billing.models.net_spend``). The floor is ``billing.credits_low``, once each
+time the credit goes below the floor: its period is the last ledger entry that added credit and left the balance at or
+above the floor (``credit_period``), so credit added that leaves it below (a refund, a dispute won back) does not tell
+it again.
 
-**Per limit.** A percentage is told once per month for each budget (or key's limit) it is a percentage of: a budget
-changed during the month re-arms its percentages for the new figure. A customer who raised a used-up budget is told
-50%, 80% and used up again as the spend reaches them under the new one; thresholds the spend has already reached
-under a new budget when it is set (a budget lowered) are told at the next settlement, as any level is. A budget set
-back to a figure already told this month is not told again: its alerts are there. The period stays the UTC month,
-in the webhook's body and the API; the limit is the alert's ``limit_micros``. The credit floor's alert has no limit
-(its period is its own) and is not re-armed by a budget or a key's limit.
+**Per limit.** A percentage is told once per month for each budget (or key's or member's limit) it is a percentage of: a
+budget changed during the month re-arms its percentages for the new figure. A customer who raised a used-up budget is
+told 50%, 80% and used up again as the spend reaches them under the new one; thresholds the spend has already reached
+under a new budget when it is set (a budget lowered) are told at the next settlement, as any level is. A budget set back
+to a figure already told this month is not told again: its alerts are there. The period stays the UTC month, in the
+webhook's body and the API; the limit is the alert's ``limit_micros``. The credit floor's alert has no limit (its period
+is its own) and is not re-armed by a budget or a key's or member's limit.
 
-**When.** Crossing is found after a settlement commits (``look_after_settlement``, on commit of the transaction
-that closed the attempt), never by polling. Each look is a level, not an edge: it finds every threshold the
-organization's committed spend has reached, not only those this settlement crossed. Settlements commit one after
-another on the account's row, so the last to commit sees all of them: a threshold is never missed, and a look lost
-with its process is made good by the next settlement that costs something (a free one moves no spend, and does not
-look).
+**When.** Crossing is found after a settlement commits (``look_after_settlement``, on commit of the transaction that
+closed the attempt), never by polling; a member's limit is looked at after a settlement under any key the member made.
+Each look is a level, not an edge: it finds every threshold the organization's committed spend has reached, not only
+those this settlement crossed. Settlements commit one after another on the account's row, so the last to commit sees all
+of them: a threshold is never missed, and a look lost with its process is made good by the next settlement that costs
+something (a free one moves no spend, and does not look).
 
-**Exactly once.** Several settlements may see the same threshold reached at once. Each inserts its row with
-``INSERT ... ON CONFLICT DO NOTHING RETURNING``, and the unique constraint on (organization, scope, subject,
-threshold, period, limit_key_micros) (``ONCE_PER``; the limit, 0 for the credit floor: a NULL never conflicts) lets
-one of them have it: only the transaction that inserted the row creates its webhook delivery and queues its email, in
-the same transaction. A settlement of an organization that watches nothing pays nothing: ``Account.alerts_armed``,
-set once a budget, a key's limit or a floor is set, comes back with the debit.
+**Exactly once.** Several settlements may see the same threshold reached at once. Each inserts its row with ``INSERT ...
+ON CONFLICT DO NOTHING RETURNING``, and the unique constraint on (organization, scope, subject, threshold, period,
+limit_key_micros) (``ONCE_PER``; the limit, 0 for the credit floor: a NULL never conflicts) lets one of them have it:
+only the transaction that inserted the row creates its webhook delivery and queues its email, in the same transaction. A
+settlement of an organization that watches nothing pays nothing: ``Account.alerts_armed``, set once a budget, a key's or
+member's limit or a floor is set, comes back with the debit.
 
-**How it is told.** The row itself is the dashboard's notice; an email to every member who may manage billing
-(owners, admins, billing members: ``accounts.policy``), sent by a task with a claim on the row, and retried by
-``send_due_alert_emails`` until sent; and a signed webhook to the organization's billing webhook URL through
-inference's retrying delivery (``inference.webhooks.schedule_event``), whose ``webhook-id`` is the alert's.
-"""
+**How it is told.** The row itself is the dashboard's notice; an email to every member who may manage billing (owners,
+admins, billing members: ``accounts.policy``; for a member's limit, the member too), sent by a task with a claim on the
+row, and retried by ``send_due_alert_emails`` until sent; and a signed webhook to the organization's billing webhook URL
+through inference's retrying delivery (``inference.webhooks.schedule_event``), whose ``webhook-id`` is the alert's."""
 
 from __future__ import annotations
 
@@ -53,11 +54,11 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.core.mail import send_mail
 from django.db import connection, transaction
-from django.db.models import Q
+from django.db.models import OuterRef, Q, Subquery
 from django.utils import timezone
 
 from accounts import policy
-from accounts.models import ApiKey, Membership
+from accounts.models import ApiKey, Membership, User
 from billing.models import (
     DEFAULT_THRESHOLDS,
     Account,
@@ -66,7 +67,7 @@ from billing.models import (
     AlertSettings,
     CreditEntry,
     Granularity,
-    KeySpendLimit,
+    MemberSpendLimit,
     SpendAlert,
     UsageRecord,
     UsageRollup,
@@ -103,8 +104,8 @@ class Reached:
 
     @property
     def limit_key_micros(self) -> int:
-        """The limit the alert is once for (``SpendAlert.limit_key_micros``): the budget or the key's limit, 0 for the
-        credit floor."""
+        """The limit the alert is once for (``SpendAlert.limit_key_micros``): the budget or the key's or member's
+        limit, 0 for the credit floor."""
         return self.limit_micros if self.limit_micros is not None else 0
 
     @property
@@ -114,8 +115,8 @@ class Reached:
 
 
 def period_of(moment: datetime) -> str:
-    """The UTC month of ``moment``: the period of a budget's and a key's alerts (in UTC whatever zone ``moment`` is
-    written in, as the spend it counts is)."""
+    """The UTC month of ``moment``: the period of a budget's, a key's and a member's alerts (in UTC whatever zone
+    ``moment`` is written in, as the spend it counts is)."""
     return f"{month_start(moment):%Y-%m}"
 
 
@@ -188,12 +189,19 @@ def _percent_events(
     ]
 
 
-def spent_in_month(*, organization_id: Any, month: datetime, key_id: Any = None) -> int:
+def spent_in_month(*, organization_id: Any, month: datetime, key_id: Any = None, member_id: Any = None) -> int:
     """Cost recorded in the UTC month of ``month`` less what refunds gave back of it, from the daily rollups (one
-    indexed query): what the budget and a key's limit count (``billing.admission.spent_this_month``)."""
+    indexed query): what the budget, a key's limit (``key_id``) and a member's (``member_id``: every key the member made
+    in the organization) count (``billing.admission.spent_this_month``, ``member_spent_this_month``)."""
     start, end = month_bounds(month)
     rows = UsageRollup.objects.filter(granularity=Granularity.DAY, bucket_start__gte=start, bucket_start__lt=end)
-    rows = rows.filter(key_id=key_id) if key_id is not None else rows.filter(organization_id=organization_id)
+    if key_id is not None:
+        rows = rows.filter(key_id=key_id)
+    elif member_id is not None:
+        keys = ApiKey.objects.filter(organization_id=organization_id, created_by_id=member_id).values("pk")
+        rows = rows.filter(key_id__in=Subquery(keys))
+    else:
+        rows = rows.filter(organization_id=organization_id)
     return int(rows.aggregate(total=net_spend())["total"] or 0)
 
 
@@ -218,13 +226,28 @@ def reached_thresholds(*, organization_id: Any, api_key_id: Any, at: datetime, h
             period=period, available=available, hold_micros=hold_micros,
         )  # fmt: skip
     if api_key_id is not None:
-        limit = KeySpendLimit.objects.filter(api_key_id=api_key_id).values_list("monthly_limit_micros", flat=True)
-        key_limit = limit.first()
+        # The key's own limit and that of the member who made it, in one query (as admission reads them).
+        members = MemberSpendLimit.objects.filter(
+            organization_id=OuterRef("organization_id"), user_id=OuterRef("created_by_id")
+        )
+        row = (
+            ApiKey.objects.filter(pk=api_key_id)
+            .annotate(member_limit=Subquery(members.values("monthly_limit_micros")[:1]))
+            .values_list("spend_limit__monthly_limit_micros", "member_limit", "created_by_id")
+            .first()
+        )
+        key_limit, member_limit, maker_id = row if row is not None else (None, None, None)
         if key_limit is not None:
             spent = spent_in_month(organization_id=organization_id, month=month, key_id=api_key_id)
             reached += _percent_events(
                 scope=AlertScope.KEY, subject=str(api_key_id), thresholds=watched.key_thresholds, spent=spent,
                 limit=key_limit, period=period, available=available, hold_micros=hold_micros,
+            )  # fmt: skip
+        if member_limit is not None:
+            spent = spent_in_month(organization_id=organization_id, month=month, member_id=maker_id)
+            reached += _percent_events(
+                scope=AlertScope.MEMBER, subject=str(maker_id), thresholds=watched.key_thresholds, spent=spent,
+                limit=member_limit, period=period, available=available, hold_micros=hold_micros,
             )  # fmt: skip
     floor = watched.credit_floor_micros
     if floor is not None and available < floor:
@@ -323,9 +346,18 @@ def message_id_of(alert: SpendAlert) -> str:
 
 
 def key_names(alerts: Iterable[SpendAlert]) -> dict[str, str]:
+    """The names of the alerts' subjects, by subject: a key's name for a key's limit, the member's email for a member's
+    (a key's id is a UUID, a member's a number: one never reads as the other). One query per scope present."""
+    alerts = list(alerts)
     ids = {alert.subject for alert in alerts if alert.scope == AlertScope.KEY}
     valid = [key for key in ids if _is_uuid(key)]
-    return {str(pk): name for pk, name in ApiKey.objects.filter(pk__in=valid).values_list("pk", "name")}
+    names = (
+        {str(pk): name for pk, name in ApiKey.objects.filter(pk__in=valid).values_list("pk", "name")} if valid else {}
+    )
+    people = {int(alert.subject) for alert in alerts if alert.scope == AlertScope.MEMBER and alert.subject.isdigit()}
+    if people:
+        names.update({str(pk): email for pk, email in User.objects.filter(pk__in=people).values_list("pk", "email")})
+    return names
 
 
 def _is_uuid(value: str) -> bool:
@@ -337,9 +369,15 @@ def _is_uuid(value: str) -> bool:
 
 
 def event_body(alert: SpendAlert, key_name: str | None = None) -> dict[str, Any]:
-    """The webhook's body: Standard Webhooks' ``{type, timestamp, data}``."""
-    if alert.scope == AlertScope.KEY and key_name is None:
+    """The webhook's body: Standard Webhooks' ``{type, timestamp, data}``. ``key_name``: the key's name for a key's
+    limit, the member's email for a member's (read when not given)."""
+    if alert.scope in (AlertScope.KEY, AlertScope.MEMBER) and key_name is None:
         key_name = key_names([alert]).get(alert.subject, "")
+    member = (
+        {"user_id": int(alert.subject) if alert.subject.isdigit() else None, "email": key_name}
+        if alert.scope == AlertScope.MEMBER
+        else None
+    )
     return {
         "type": alert.event_type,
         "timestamp": alert.created_at.isoformat(),
@@ -348,6 +386,7 @@ def event_body(alert: SpendAlert, key_name: str | None = None) -> dict[str, Any]
             "organization_id": str(alert.organization_id),
             "scope": alert.scope,
             "api_key": {"id": alert.subject, "name": key_name} if alert.scope == AlertScope.KEY else None,
+            "member": member,
             "threshold_percent": alert.threshold if alert.scope != AlertScope.CREDITS else None,
             "credit_floor_micros": alert.threshold if alert.scope == AlertScope.CREDITS else None,
             "period": alert.period,
@@ -361,18 +400,20 @@ def event_body(alert: SpendAlert, key_name: str | None = None) -> dict[str, Any]
 
 
 def describe(alert: SpendAlert, *, key_name: str | None = None) -> str:
-    """The alert in one sentence, as the dashboard and the email say it."""
+    """The alert in one sentence, as the dashboard and the email say it. ``key_name``: the key's name for a key's limit,
+    the member's email for a member's."""
     if alert.scope == AlertScope.CREDITS:
         return (
             f"Available credit is {format_micros(alert.available_micros)}, below your alert floor of "
             f"{format_micros(alert.threshold)}."
         )
     limit = format_micros(alert.limit_micros or 0)
-    what = (
-        "the monthly budget"
-        if alert.scope == AlertScope.BUDGET
-        else f"the monthly limit of key “{key_name or alert.subject}”"
-    )
+    if alert.scope == AlertScope.BUDGET:
+        what = "the monthly budget"
+    elif alert.scope == AlertScope.MEMBER:
+        what = f"the monthly member limit of {key_name or f'user {alert.subject}'}"
+    else:
+        what = f"the monthly limit of key “{key_name or alert.subject}”"
     month = alert.period
     if alert.event_type == AlertEvent.BUDGET_EXHAUSTED:
         return (
@@ -394,10 +435,12 @@ def enqueue_email(alert_id: int) -> bool:
     return True
 
 
-def recipients_of(organization_id: Any) -> list[str]:
-    """Everyone who may manage the organization's billing: owners, admins and billing members, active."""
+def recipients_of(organization_id: Any, *, member_id: Any = None) -> list[str]:
+    """Everyone who may manage the organization's billing: owners, admins and billing members, active; with
+    ``member_id`` (a member's limit), that member too while an active member of the organization."""
     roles = [role for role in policy.ROLE_ACTIONS if policy.role_can(role, policy.MANAGE_BILLING)]
-    members = Membership.objects.filter(organization_id=organization_id, role__in=roles, user__is_active=True)
+    told = Q(role__in=roles) | Q(user_id=member_id) if member_id is not None else Q(role__in=roles)
+    members = Membership.objects.filter(told, organization_id=organization_id, user__is_active=True)
     return sorted(set(members.values_list("user__email", flat=True)))
 
 
@@ -417,9 +460,11 @@ def send_alert_email(alert_id: int) -> bool:
     if not claimed:
         return False
     alert = SpendAlert.objects.select_related("organization").get(pk=alert_id)
-    to = recipients_of(alert.organization_id)
+    limited = alert.scope == AlertScope.MEMBER and alert.subject.isdigit()
+    to = recipients_of(alert.organization_id, member_id=int(alert.subject) if limited else None)
     if to:
-        key_name = key_names([alert]).get(alert.subject) if alert.scope == AlertScope.KEY else None
+        named = alert.scope in (AlertScope.KEY, AlertScope.MEMBER)
+        key_name = key_names([alert]).get(alert.subject) if named else None
         subject = {
             AlertEvent.THRESHOLD_REACHED: f"{alert.threshold}% of your spend limit reached",
             AlertEvent.BUDGET_EXHAUSTED: "Spend limit used up",

@@ -592,6 +592,12 @@ class SpendAlertSerializer(serializers.Serializer[Any]):
     type = serializers.CharField(source="event_type", help_text="The webhook's event type.")
     scope = serializers.ChoiceField(choices=AlertScope.values)
     api_key_id = serializers.CharField(allow_null=True)
+    member_user_id = serializers.IntegerField(
+        allow_null=True, help_text="The limited member's user id, for a member's limit (scope member); else null."
+    )
+    member_email = serializers.CharField(
+        allow_null=True, help_text="The limited member's email, for a member's limit (scope member); else null."
+    )
     threshold_percent = serializers.IntegerField(allow_null=True)
     credit_floor_micros = serializers.IntegerField(allow_null=True)
     period = serializers.CharField(help_text="The UTC month (YYYY-MM), or credit-<entry id> for the credit floor.")
@@ -630,12 +636,14 @@ class AlertsView(ListAPIView[SpendAlert]):
 
 
 def alert_payload(alert: SpendAlert, key_names: dict[str, str]) -> dict[str, Any]:
-    floor = alert.scope == AlertScope.CREDITS
+    floor, member = alert.scope == AlertScope.CREDITS, alert.scope == AlertScope.MEMBER
     return {
         "id": alert.pk,
         "type": alert.event_type,
         "scope": alert.scope,
         "api_key_id": alert.subject if alert.scope == AlertScope.KEY else None,
+        "member_user_id": int(alert.subject) if member and alert.subject.isdigit() else None,
+        "member_email": key_names.get(alert.subject) if member else None,
         "threshold_percent": None if floor else alert.threshold,
         "credit_floor_micros": alert.threshold if floor else None,
         "period": alert.period,

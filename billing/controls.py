@@ -140,6 +140,11 @@ def set_member_limit(
             user=user,
             defaults={"monthly_limit_micros": monthly_limit_micros, "updated_at": timezone.now()},
         )
+        # Spend alerts watch the limit (``billing.alerts``): armed once this commits, by a statement of its own, as a
+        # key's limit arms them (``set_key_limit``): this transaction holds the member's keys, which a settlement
+        # share-locks at its COMMIT while it holds the account.
+        organization_id = organization.pk
+        transaction.on_commit(lambda: _arm_alerts(organization_id))
     record_audit(
         action=AuditAction.SPEND_LIMITS_CHANGED,
         actor=actor,

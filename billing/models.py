@@ -808,7 +808,8 @@ class AlertSettings(models.Model):
         default=default_thresholds, help_text="Percentages of the monthly budget that raise an alert."
     )
     key_thresholds = models.JSONField(
-        default=default_thresholds, help_text="Percentages of each API key's monthly limit that raise an alert."
+        default=default_thresholds,
+        help_text="Percentages of each API key's and each member's monthly limit that raise an alert.",
     )
     credit_floor_micros = models.PositiveBigIntegerField(
         null=True, blank=True, help_text="An alert when the available credit falls below this; empty: none."
@@ -826,6 +827,7 @@ class AlertSettings(models.Model):
 class AlertScope(models.TextChoices):
     BUDGET = "budget", "Monthly budget"
     KEY = "key", "API key's monthly limit"
+    MEMBER = "member", "Member's monthly limit"
     CREDITS = "credits", "Available credit"
 
 
@@ -851,7 +853,11 @@ class SpendAlert(models.Model):
 
     organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")
     scope = models.CharField(max_length=16, choices=AlertScope.choices)
-    subject = models.CharField(max_length=64, blank=True, help_text="The API key's id for a key's limit; else empty.")
+    subject = models.CharField(
+        max_length=64,
+        blank=True,
+        help_text="The API key's id for a key's limit, the member's user id for a member's; else empty.",
+    )
     threshold = models.PositiveBigIntegerField(help_text="A percentage, or the credit floor in micro-dollars.")
     period = models.CharField(max_length=32)
     event_type = models.CharField(max_length=32, choices=AlertEvent.choices)

@@ -177,7 +177,9 @@ class SpendSettingsForm(forms.Form):
         required=False, label="Alert at these % of the budget", help_text="e.g. 50, 80, 100; empty for none."
     )
     key_thresholds = ThresholdsField(
-        required=False, label="Alert at these % of a key's limit", help_text="e.g. 50, 80, 100; empty for none."
+        required=False,
+        label="Alert at these % of a key's or member's limit",
+        help_text="e.g. 50, 80, 100; empty for none.",
     )
     credit_floor_dollars = _dollars("Alert when available credit falls below ($)", "Empty for no alert.")
     webhook_url = forms.URLField(

@@ -665,3 +665,181 @@ def test_the_email_sweep_goes_past_an_alert_the_mail_server_refuses(
     assert SpendAlert.objects.get(pk=made[0].pk).emailed_at is None  # tried again once its claim lapses
     assert SpendAlert.objects.get(pk=made[1].pk).emailed_at is not None
     assert any(f"spend alert {made[0].pk}" in record.getMessage() for record in caplog.records)
+
+
+# --- A member's limit (``MemberSpendLimit``), shared by every key the member made ---------------------------------
+
+
+@pytest.fixture
+def limited_member(tenant: dict[str, Any], make_user: Callable[..., Any]) -> dict[str, Any]:
+    """A developer of the tenant's organization with two keys of their own ("dev 1", "dev 2"), and a billing member;
+    no concurrency limit in the way."""
+    organization = tenant["organization"]
+    organization.concurrency_limit = 1_000
+    organization.save(update_fields=["concurrency_limit"])
+    developer, books = make_user(), make_user()
+    add_member(organization=organization, user=developer, role=Role.DEVELOPER)
+    add_member(organization=organization, user=books, role=Role.BILLING)
+    keys = [
+        create_api_key(organization=organization, name=name, scopes=[Scope.INFERENCE], created_by=developer)[0]
+        for name in ("dev 1", "dev 2")
+    ]
+    return {"developer": developer, "books": books, "tenants": [{**tenant, "api_key": key} for key in keys]}
+
+
+def spend_under_keys_until_refused(
+    tenants: list[dict[str, Any]], endpoint: Endpoint, settle: Callable[..., Job]
+) -> int:
+    """Settles requests under each of the keys in turn until admission refuses one for its spend limit; how many
+    settled."""
+    settled = 0
+    refused = None
+    while refused is None:
+        try:
+            settle(tenants[settled % len(tenants)], endpoint)
+        except SubmissionRefused as exc:
+            refused = exc
+        else:
+            settled += 1
+    assert refused.error_type == "spend_limit_exceeded"
+    return settled
+
+
+# Django's clock held in its hour: one month's spend even when the test crosses a month's end.
+def test_a_members_limit_is_told_once_per_threshold_whichever_of_their_keys_spends(
+    tenant: dict[str, Any],
+    limited_member: dict[str, Any],
+    builtin_endpoint: Endpoint,
+    settle: Callable[..., Job],
+    receiver: LocalServer,
+    sent_tasks: list[tuple[str, list[Any]]],
+    django_capture_on_commit_callbacks: Callable[..., Any],
+    clock_held_in_the_hour: datetime,
+) -> None:
+    organization, developer = tenant["organization"], limited_member["developer"]
+    tenants = limited_member["tenants"]
+    settle(tenant, builtin_endpoint)  # measures the endpoint (admission then holds 240 µ$), under the owner's key
+    controls.set_alert_settings(organization=organization, webhook_url=receiver.url("/billing-hooks"))
+    assert not Account.objects.get(pk=organization.pk).alerts_armed
+    with django_capture_on_commit_callbacks(execute=True):  # the member's limit arms the alerts once it commits
+        controls.set_member_limit(organization=organization, user=developer, monthly_limit_micros=10 * JOB_COST)
+    assert Account.objects.get(pk=organization.pk).alerts_armed
+
+    assert spend_under_keys_until_refused(tenants, builtin_endpoint, settle) == 9  # 1,800 of 2,000: 200 left < 240
+    month, member = this_month(), AlertScope.MEMBER
+    assert told(organization) == [
+        (member, AlertEvent.THRESHOLD_REACHED, 50, month, 2_000),
+        (member, AlertEvent.THRESHOLD_REACHED, 80, month, 2_000),
+        (member, AlertEvent.BUDGET_EXHAUSTED, 100, month, 2_000),
+    ]
+    made = list(SpendAlert.objects.filter(organization=organization).order_by("pk"))
+    assert {alert.subject for alert in made} == {str(developer.pk)}
+    # Work under a key the member did not make does not count against their limit.
+    for _ in range(3):
+        settle(tenant, builtin_endpoint)
+    assert len(told(organization)) == 3
+    for key in tenants:  # every look under either key finds them told already
+        assert alerts.look(organization_id=organization.pk, api_key_id=key["api_key"].pk, hold_micros=240) == []
+
+    # Webhook: which member and their limit; the 100% one with scope member.
+    deliveries = list(WebhookDelivery.objects.filter(organization=organization).order_by("pk"))
+    assert [delivery.message_id for delivery in deliveries] == [alerts.message_id_of(alert) for alert in made]
+    for delivery in deliveries:
+        assert deliver(delivery.pk)
+    bodies = [verify_standard_webhooks(organization.pk, request) for request in receiver.received]
+    assert [(body["type"], body["data"]["scope"], body["data"]["threshold_percent"]) for body in bodies] == [
+        ("billing.threshold_reached", "member", 50),
+        ("billing.threshold_reached", "member", 80),
+        ("billing.budget_exhausted", "member", 100),
+    ]
+    for body in bodies:
+        assert body["data"]["member"] == {"user_id": developer.pk, "email": developer.email}
+        assert body["data"]["api_key"] is None
+        assert (body["data"]["limit_micros"], body["data"]["period"]) == (2_000, month)
+    assert f"the monthly member limit of {developer.email} ($0.002)" in bodies[1]["data"]["message"]
+
+    # Email: to the billing managers and to the limited member themself.
+    queued = [args[0] for name, args in sent_tasks if name == EMAIL_TASK]
+    assert sorted(queued) == [alert.pk for alert in made]
+    for alert_id in queued:
+        alerts.send_alert_email(alert_id)
+    assert len(mail.outbox) == 3
+    for email in mail.outbox:
+        assert sorted(email.to) == sorted([tenant["user"].email, limited_member["books"].email, developer.email])
+    assert f"The monthly member limit of {developer.email} ($0.002) is used up" in mail.outbox[2].body
+
+    # The API's list and the dashboard's notices say which member.
+    listed = tenant["client"].get("/v1/billing/alerts").json()["results"]
+    assert [(item["scope"], item["threshold_percent"], item["member_user_id"], item["member_email"],
+             item["api_key_id"]) for item in listed] == [
+        ("member", percent, developer.pk, developer.email, None) for percent in (100, 80, 50)
+    ]  # fmt: skip
+    page = Client()
+    page.force_login(tenant["user"])
+    overview = page.get("/dashboard/").content.decode()
+    assert f"80% of the monthly member limit of {developer.email} ($0.002) is spent" in overview
+
+
+# Django's clock held in its hour: one month's spend even when the test crosses a month's end.
+def test_a_members_limit_changed_in_the_month_is_told_at_its_own_thresholds_once_each(
+    tenant: dict[str, Any],
+    limited_member: dict[str, Any],
+    builtin_endpoint: Endpoint,
+    settle: Callable[..., Job],
+    django_capture_on_commit_callbacks: Callable[..., Any],
+    clock_held_in_the_hour: datetime,
+) -> None:
+    organization, developer, tenants = tenant["organization"], limited_member["developer"], limited_member["tenants"]
+    settle(tenant, builtin_endpoint)
+    controls.set_alert_settings(organization=organization, key_thresholds=[50, 100])
+
+    def limit_member(limit: int | None) -> None:
+        with django_capture_on_commit_callbacks(execute=True):
+            controls.set_member_limit(organization=organization, user=developer, monthly_limit_micros=limit)
+
+    limit_member(5 * JOB_COST)
+    month, member = this_month(), AlertScope.MEMBER
+    assert spend_under_keys_until_refused(tenants, builtin_endpoint, settle) == 4  # 800 of 1,000: 200 left < 240
+    first = [
+        (member, AlertEvent.THRESHOLD_REACHED, 50, month, 1_000),
+        (member, AlertEvent.BUDGET_EXHAUSTED, 100, month, 1_000),
+    ]
+    assert told(organization) == first
+    limit_member(10 * JOB_COST)
+    assert spend_under_keys_until_refused(tenants, builtin_endpoint, settle) == 5  # 1,800 of 2,000
+    second = [
+        (member, AlertEvent.THRESHOLD_REACHED, 50, month, 2_000),
+        (member, AlertEvent.BUDGET_EXHAUSTED, 100, month, 2_000),
+    ]
+    assert told(organization) == first + second
+    for limit in (5 * JOB_COST, 10 * JOB_COST):  # limits already told this month: nothing new
+        limit_member(limit)
+        for key in tenants:
+            assert alerts.look(organization_id=organization.pk, api_key_id=key["api_key"].pk, hold_micros=240) == []
+    limit_member(None)  # no limit any more: nothing watched, nothing told, whatever the member spends
+    for _ in range(4):
+        settle(tenants[0], builtin_endpoint)
+    assert told(organization) == first + second
+
+
+# Django's clock held in its hour: one month's spend even when the test crosses a month's end.
+def test_a_member_without_a_limit_is_told_nothing(
+    tenant: dict[str, Any],
+    limited_member: dict[str, Any],
+    builtin_endpoint: Endpoint,
+    settle: Callable[..., Job],
+    django_capture_on_commit_callbacks: Callable[..., Any],
+    clock_held_in_the_hour: datetime,
+) -> None:
+    """Another member's limit arms the organization's alerts: the spend of a member without one is told nothing."""
+    organization = tenant["organization"]
+    settle(tenant, builtin_endpoint)
+    with django_capture_on_commit_callbacks(execute=True):
+        controls.set_member_limit(
+            organization=organization, user=limited_member["books"], monthly_limit_micros=2 * JOB_COST
+        )
+    assert Account.objects.get(pk=organization.pk).alerts_armed
+    for index in range(8):
+        settle(limited_member["tenants"][index % 2], builtin_endpoint)
+        settle(tenant, builtin_endpoint)
+    assert told(organization) == []
