@@ -3,9 +3,9 @@
 **What is watched** (``AlertSettings``, changed with ``controls.set_alert_settings``): percentages of the monthly budget
 and of each API key's monthly limit (50, 80 and 100% unless set), and a floor under the available credit. A member's
 monthly limit (``MemberSpendLimit``, shared by every key the member made) is watched at the key's percentages, with
-``scope: member`` and the member's user id as its subject. A percentage below 100 is ``billing.threshold_reached``. The
-100% one is ``billing.budget_exhausted`` (for a key's limit too, with ``scope: key``, and a member's, with ``scope:
-member``): reached when the month's spend is the whole budget, or when what is left of it no longer covers the hold of
+scope ``member`` and the member's user id as its subject. A percentage below 100 is ``billing.threshold_reached``. The
+100% one is ``billing.budget_exhausted`` (for a key's limit too, with scope ``key``, and a member's, with scope
+``member``): reached when the month's spend is the whole budget, or when what is left of it no longer covers the hold of
 the request that just settled, so admission would refuse a request like it (admission holds each request's estimate, so
 spend seldom meets a budget to the micro-dollar). Spend is what admission counts against the same limits: the month's
 usage less what refunds gave back of it (``billing.models.net_spend``). The floor is ``billing.credits_low``, once each
