@@ -13,7 +13,8 @@ import time
 import uuid
 from typing import Any
 
-from accounts.models import ApiKey, Organization
+from accounts.models import ApiKey, Organization, Scope, User
+from accounts.services import create_api_key
 from billing import controls, end_users
 from billing.ledger import BillingError, grant_credits, refund_job
 from inference import attempts, closing, submission
@@ -168,6 +169,31 @@ def key_limit(*, api_key_id: str, monthly_limit_micros: int) -> Act:
     return act
 
 
+def member_limit(*, organization_id: str, user_id: int, monthly_limit_micros: int) -> Act:
+    """A billing manager setting the monthly limit of a member, which every key the member made shares."""
+    organization = Organization.objects.get(pk=organization_id)
+    user = User.objects.get(pk=user_id)
+
+    def act() -> dict[str, Any]:
+        controls.set_member_limit(organization=organization, user=user, monthly_limit_micros=monthly_limit_micros)
+        return {"monthly_limit_micros": monthly_limit_micros}
+
+    return act
+
+
+def new_key_submit(*, organization_id: str, endpoint_id: int, user_id: int) -> Act:
+    """A member making a new API key (in its own transaction, as the dashboard does) and submitting through it."""
+    organization = Organization.objects.get(pk=organization_id)
+    user = User.objects.get(pk=user_id)
+
+    def act() -> dict[str, Any]:
+        api_key, _ = create_api_key(organization=organization, name="new", scopes=[Scope.INFERENCE], created_by=user)
+        answer = submit(organization_id=organization_id, endpoint_id=endpoint_id, api_key_id=str(api_key.pk))()
+        return {**answer, "api_key_id": str(api_key.pk)}
+
+    return act
+
+
 def end_user_limit(*, organization_id: str, end_user: str, monthly_limit_micros: int) -> Act:
     """A reseller setting a monthly spending limit on one of its end user tags."""
     organization = Organization.objects.get(pk=organization_id)
@@ -206,4 +232,6 @@ ACTORS: dict[str, Any] = {
     "grant": grant,
     "key_limit": key_limit,
     "end_user_limit": end_user_limit,
+    "member_limit": member_limit,
+    "new_key_submit": new_key_submit,
 }

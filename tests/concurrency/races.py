@@ -38,10 +38,18 @@ from django.db.models import Sum
 from django.utils import timezone
 from standardwebhooks import Webhook
 
-from accounts.models import Organization, Scope
-from accounts.services import create_api_key, set_concurrency_limit
+from accounts.models import Organization, Role, Scope
+from accounts.services import add_member, create_api_key, set_concurrency_limit, sign_up
 from billing import controls, end_users, reconciliation
-from billing.admission import END_USER_OVER_LIMIT, INSUFFICIENT, OVER_LIMIT, month_start, spent_this_month
+from billing.admission import (
+    END_USER_OVER_LIMIT,
+    INSUFFICIENT,
+    OVER_LIMIT,
+    member_held,
+    member_spent_this_month,
+    month_start,
+    spent_this_month,
+)
 from billing.ledger import grant_credits
 from billing.models import Account, CreditEntry, EntryKind, Hold, SpendAlert, UsageRecord
 from inference import attempts, closing, dispatch
@@ -593,6 +601,85 @@ def end_user_admission_round(
     total += end_users.held(organization.pk, END_USER)
     if limit_first and total > limit:
         report.drift.append(f"the end user spent and holds {total} µ$, over the limit of {limit} set before")
+    report.drift += books.problems([organization.pk])
+    return report
+
+
+# --- e'. Admissions under several keys of one member at the edge of the member's new limit ------------------
+
+MEMBER_KEYS = 3
+MEMBER_ADMITTERS = 6
+
+
+def member_admission_round(
+    pool: ActorPool, books: Books, *, new_organization: NewOrganization, endpoint: Endpoint, limit_first: bool
+) -> RoundReport:
+    """Six submissions spread over three API keys one developer made (a job of the first key already running), a
+    billing manager lowering the developer's monthly limit (shared by every key they made) from room for three and a
+    half more estimates to room for one and a half, and the developer making a fourth key and submitting through it.
+    Nothing settles (a settlement gives back what its hold held beyond its cost, which would blunt the bound).
+
+    The limit is read by admission behind the share lock of the job's key; the change locks the organization, then
+    every key of the member, and the making of a key locks the organization: so every admission that read the old
+    limit commits before the change, and every one after it (through a key made after it too) reads the new one.
+    The member's spend this month plus open holds therefore never pass the old limit, never pass the new one once an
+    admission that started after the change committed was admitted (each admission that read it committed within it,
+    and every one after reads it too), and, ``limit_first`` (the submissions and the new key wait until the change
+    has locked rows), stay within the new one. No deadlock or serialization failure escapes; the books agree.
+    """
+    organization = new_organization()
+    set_concurrency_limit(organization=organization, limit=MEMBER_ADMITTERS + 3)
+    grant_credits(organization=organization, amount_micros=SETUP_CREDITS_MICROS, reason="race setup")
+    developer = sign_up(email=f"race-dev-{uuid.uuid4().hex[:10]}@example.com", password=None)
+    add_member(organization=organization, user=developer, role=Role.DEVELOPER)
+    keys = [
+        create_api_key(organization=organization, name=f"dev {n}", scopes=[Scope.INFERENCE], created_by=developer)[0]
+        for n in range(MEMBER_KEYS)
+    ]
+    queued = submit(organization, endpoint, api_key=keys[0])
+    estimate = Hold.objects.get(job=queued).amount_micros
+    running = start(queued)
+    spent = member_spent_this_month(organization_id=organization.pk, user_id=developer.pk)
+    base = spent + Hold.objects.get(job=running).amount_micros
+    old_limit = base + 3 * estimate + estimate // 2
+    new_limit = base + estimate + estimate // 2
+    controls.set_member_limit(organization=organization, user=developer, monthly_limit_micros=old_limit)
+
+    calls = [
+        Call(
+            "submit",
+            {
+                "organization_id": str(organization.pk),
+                "endpoint_id": endpoint.pk,
+                "api_key_id": str(keys[n % MEMBER_KEYS].pk),
+            },
+            awaits_lock=limit_first,
+        )
+        for n in range(MEMBER_ADMITTERS)
+    ]
+    limit_call = {"organization_id": str(organization.pk), "user_id": developer.pk, "monthly_limit_micros": new_limit}
+    calls.append(Call("member_limit", limit_call, signals_lock=limit_first))
+    new_key = {"organization_id": str(organization.pk), "endpoint_id": endpoint.pk, "user_id": developer.pk}
+    calls.append(Call("new_key_submit", new_key, awaits_lock=limit_first))
+    outcomes = pool.run_round(calls)
+    report = RoundReport()
+    report.record_errors(outcomes)
+    changed = next(outcome for outcome in outcomes if outcome.actor == "member_limit")
+    admitted_after_change = 0
+    for outcome in outcomes:
+        if outcome.actor in ("submit", "new_key_submit") and outcome.ok:
+            refused = outcome.answer.get("refused")
+            if refused not in (None, *SPEND_REFUSALS):
+                report.other_errors.append(f"a submission was refused: {refused}")
+            admitted_after_change += refused is None and changed.ok and outcome.started > changed.ended
+    total = member_spent_this_month(organization_id=organization.pk, user_id=developer.pk)
+    total += member_held(organization_id=organization.pk, user_id=developer.pk)
+    admitted = Job.objects.filter(organization=organization, api_key__created_by=developer).exclude(pk=running.pk)
+    seen = f"{admitted.count()} of {MEMBER_ADMITTERS + 1} admitted, estimates of {estimate} µ$"
+    if total > old_limit:
+        report.drift.append(f"the member spent and holds {total} µ$, over the old limit of {old_limit} ({seen})")
+    if (limit_first or admitted_after_change) and total > new_limit:
+        report.drift.append(f"the member spent and holds {total} µ$, over the new limit of {new_limit} ({seen})")
     report.drift += books.problems([organization.pk])
     return report
 

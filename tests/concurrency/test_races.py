@@ -23,6 +23,7 @@ from tests.concurrency.races import (
     end_user_admission_round,
     lifecycle_actors,
     lifecycle_round,
+    member_admission_round,
     refund_round,
 )
 from tests.inference.local_http import local_server
@@ -60,6 +61,15 @@ def test_admissions_at_the_edge_of_an_end_users_new_limit_never_hold_more_than_i
     race: Callable[..., None],
 ) -> None:
     race("tagged admissions vs an end user's new limit", end_user_admission_round, every_other="limit_first")
+
+
+def test_admissions_under_several_keys_of_a_member_and_a_new_key_never_pass_the_member_s_new_limit(
+    race: Callable[..., None],
+) -> None:
+    # Every other round the submissions and the new key start once the new limit has locked the member's keys.
+    race(
+        "admissions under a member's keys vs the member's new limit", member_admission_round, every_other="limit_first"
+    )
 
 
 def test_settlements_crossing_alert_thresholds_together_tell_each_one_once(
