@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from datetime import timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 from django.db.models import F, OuterRef, Subquery
 from django.http import HttpResponse
@@ -45,7 +44,7 @@ from billing.periods import month_bounds
 from billing.spreadsheets import csv_records
 from inference.models import END_USER_MAX_LENGTH, Endpoint
 from inference.submission import END_USER_RULE, valid_end_user
-from inference.webhooks import WebhookUrlError, check_webhook_url
+from inference.webhooks import WebhookUrlError, check_webhook_url, where_it_goes
 
 # The most money one setting may name: a billion dollars, far inside a 64-bit column.
 MAX_MICROS = 10**15
@@ -550,21 +549,6 @@ def alert_settings_payload(watched: AlertSettings, *, in_full: bool) -> dict[str
         "credit_floor_micros": watched.credit_floor_micros,
         "webhook_url": watched.webhook_url if in_full else where_it_goes(watched.webhook_url),
     }
-
-
-def where_it_goes(url: str) -> str:
-    """A webhook URL shown to a reader who may not change it (a developer's ``usage:read`` key): where it goes, not
-    what it says. Its path and query are often the secret itself (an incoming-webhook URL of a chat service posts to
-    the billing team's channel for anyone who has it), and a user and password in it always are; the dashboard shows
-    the URL to the members who manage billing only."""
-    if not url:
-        return ""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"  # an IPv6 address, as it is written in a URL
-    port = f":{parts.port}" if parts.port is not None else ""
-    return f"{parts.scheme}://{host}{port}/…"
 
 
 class AlertSettingsView(MoneyView):

@@ -16,7 +16,7 @@ from rest_framework.views import APIView
 
 from accounts.models import ApiKey, Scope
 from accounts.parsers import StrictCursorPagination, query_params
-from accounts.permissions import HasScope, request_organization
+from accounts.permissions import HasScope, request_api_key, request_organization
 from accounts.schema import ApiAutoSchema, error
 from inference import files
 from inference.models import END_USER_MAX_LENGTH, Job, JobStatus
@@ -108,6 +108,12 @@ class RequestListView(APIView):
         return paginator.get_paginated_response([summary(job) for job in page])
 
 
+def sent_it_or_admin(api_key: ApiKey, job: Job) -> bool:
+    """Whether ``api_key`` reads the request's webhook URL in full: the key that sent it, or one with the ``admin``
+    scope (any other key of the organization reads where it goes: ``inference.webhooks.where_it_goes``)."""
+    return job.api_key_id == api_key.pk or api_key.has_scope(Scope.ADMIN)
+
+
 class RequestDetailView(APIView):
     permission_classes = (IsAuthenticated, UsageOrInference)
     schema = ApiAutoSchema()
@@ -158,6 +164,6 @@ class RequestDetailView(APIView):
                     for attempt in job.attempts.order_by("number")
                 ],
                 "usage": usage_of(job),
-                "webhook": delivery_log(job),
+                "webhook": delivery_log(job, in_full=sent_it_or_admin(request_api_key(request), job)),
             }
         )

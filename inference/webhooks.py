@@ -20,6 +20,7 @@ import time
 import uuid
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from celery import current_app
@@ -346,14 +347,31 @@ def deliver_due_webhooks(limit: int = 100, *, budget_seconds: float = 120) -> in
     return tried
 
 
-def delivery_log(job: Job) -> dict[str, Any] | None:
-    """The request's webhook state and its tries, for the API; None if it has no webhook."""
+def where_it_goes(url: str) -> str:
+    """A webhook URL shown to a reader who did not set it and may not change it (the billing alerts' to a key without
+    the ``admin`` scope; a request's to a key or member other than the one that sent it and the organization's
+    admins): where it goes, not what it says. Its path and query are often the secret itself (an incoming-webhook URL
+    of a chat service posts to its channel for anyone who has it), and a user and password in it always are."""
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 address, as it is written in a URL
+    port = f":{parts.port}" if parts.port is not None else ""
+    return f"{parts.scheme}://{host}{port}/…"
+
+
+def delivery_log(job: Job, *, in_full: bool) -> dict[str, Any] | None:
+    """The request's webhook state and its tries, for the API; None if it has no webhook. ``in_full``: its URL as
+    it is (for the key that sent the request, or one with the ``admin`` scope), or only where it goes."""
     if not job.webhook_url:
         return None
+    shown = (lambda url: url) if in_full else where_it_goes
     delivery = WebhookDelivery.objects.filter(job=job).prefetch_related("log").first()
     if delivery is None:  # not finished yet: nothing sent
         return {
-            "url": job.webhook_url,
+            "url": shown(job.webhook_url),
             "status": WebhookStatus.PENDING.value,
             "attempts": 0,
             "next_attempt_at": None,
@@ -361,7 +379,7 @@ def delivery_log(job: Job) -> dict[str, Any] | None:
             "log": [],
         }
     return {
-        "url": delivery.url,
+        "url": shown(delivery.url),
         "status": delivery.status,
         "attempts": delivery.attempts,
         "next_attempt_at": _iso(delivery.next_attempt_at),

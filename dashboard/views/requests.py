@@ -19,7 +19,7 @@ from django.utils.crypto import constant_time_compare
 from django.views.decorators.http import require_POST
 
 from accounts.errors import AppError
-from accounts.models import Membership, User
+from accounts.models import Membership, Scope, User
 from billing.models import UsageRecord
 from dashboard.access import Context, dashboard_view, resolve
 from inference import files, stream_limits
@@ -28,6 +28,7 @@ from inference.inputs import input_schema
 from inference.models import Endpoint, Job, JobStatus
 from inference.presenters import base_url, usage_of
 from inference.submission import submit_job
+from inference.webhooks import where_it_goes
 
 PAGE_SIZE = 25
 
@@ -209,6 +210,15 @@ def request_list(request: HttpRequest, context: Context) -> HttpResponse:
     )
 
 
+def webhook_url_shown(context: Context, job: Job) -> str:
+    """The request's webhook URL in full for the member whose key sent it and the organization's owners and admins;
+    for any other member, where it goes (``inference.webhooks.where_it_goes``): its path and query may be a secret."""
+    sent_it = job.api_key is not None and job.api_key.created_by_id == context.user.pk
+    if sent_it or Scope.ADMIN in context.grantable_scopes:
+        return job.webhook_url
+    return where_it_goes(job.webhook_url)
+
+
 @dashboard_view()
 def request_detail(request: HttpRequest, context: Context, request_id: uuid.UUID) -> HttpResponse:
     job = org_job(context, request_id)
@@ -224,6 +234,7 @@ def request_detail(request: HttpRequest, context: Context, request_id: uuid.UUID
             "logs": job.logs.order_by("id"),
             "attempts": job.attempts.order_by("number"),
             "webhook": webhook,
+            "webhook_url": webhook_url_shown(context, job),
             "webhook_log": webhook.log.order_by("number") if webhook else [],
             "usage": usage_of(job),
         },
