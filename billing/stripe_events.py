@@ -19,6 +19,7 @@ from typing import Any
 
 import stripe
 from celery import current_app
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import F, Q
@@ -259,6 +260,8 @@ def process_event(event_id: str, *, force: bool = False) -> StripeEvent:
             locked_event.processed_at = timezone.now()
             locked_event.save(update_fields=["status", "attempts", "error", "processed_at"])
             return locked_event
+    except SoftTimeLimitExceeded:
+        raise  # the task's time is up: not the event's failure (it stays as it was, for the next sweep)
     except Exception as exc:
         logger.exception("Stripe event %s (%s) failed", event_id, event.type)
         error = f"{type(exc).__name__}: {exc}"[:4000]

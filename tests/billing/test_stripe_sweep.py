@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from celery.exceptions import SoftTimeLimitExceeded
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -97,3 +98,29 @@ def test_an_event_failed_past_the_backoff_horizon_is_left_to_an_operator(process
 
     assert stripe_events.process_due_events() == 1
     assert processed == ["evt_at_horizon"]
+
+
+def test_the_tasks_time_running_out_is_not_the_events_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Celery's soft time limit, raised inside an event's processing, stops the sweep: it is not recorded as the
+    event's failure (one attempt fewer before an operator is needed) and the events after it are not processed."""
+
+    def out_of_time(target: str) -> Any:
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setitem(stripe_events.FETCHERS, "payment_intent.succeeded", out_of_time)
+    now = timezone.now()
+    for n in range(2):
+        StripeEvent.objects.create(
+            id=f"evt_{n}",
+            type="payment_intent.succeeded",
+            payload={"data": {"object": {"id": f"pi_{n}"}}},
+            received_at=now - timedelta(minutes=5, seconds=n),
+        )
+
+    with pytest.raises(SoftTimeLimitExceeded):
+        stripe_events.process_due_events()
+
+    assert [(e.status, e.attempts, e.error) for e in StripeEvent.objects.order_by("id")] == [
+        (StripeEventStatus.PENDING, 0, ""),
+        (StripeEventStatus.PENDING, 0, ""),
+    ]
